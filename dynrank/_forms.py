@@ -1,0 +1,202 @@
+"""The three weight forms shared by every dynrank layer.
+
+A layer holds its weight in one of three forms (see DESIGN.md):
+
+    lowrank   y = f(x; factors)                 factors trainable, no dense weight
+    full      y = f(x; W)                       W trainable, no factors
+    adapter   y = f(x; W_f) + f(x; factors)     W_f frozen, factors trainable
+
+and moves between them only through the explicit methods :meth:`inflate`
+(lowrank/adapter → full: W ← W0 + merged factors) and :meth:`deflate`
+(full → adapter: W_f ← W, fresh factors).  Subclasses describe their factors;
+this base class owns the form bookkeeping, the form changes and loading a
+state dict saved in another form.
+"""
+
+import torch
+from torch import nn
+
+__all__ = ["FORMS", "DEFLATE_INITS", "FormLayer"]
+
+FORMS = ("lowrank", "full", "adapter")
+DEFLATE_INITS = ("zeros", "random", "svd")
+
+
+def check_form(form):
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+    return form
+
+
+class FormLayer(nn.Module):
+    """Base class of layers with lowrank / full / adapter forms.
+
+    Subclasses set ``self._rank`` and ``self._form`` in ``__init__`` (then
+    call :meth:`_become`) and implement:
+
+    - ``_factor_names(rank)``: names of the factor parameters, in order;
+    - ``_dense_shape()``: shape of the dense weight;
+    - ``_factor_shapes(rank)``: dict name → shape;
+    - ``_init_factors(rank, zero_output, device, dtype)``: dict name → tensor,
+      fresh random factors; with ``zero_output`` the merged product is exactly
+      zero (one factor zeroed) while gradients still reach every factor;
+    - ``_merge_into_(weight, alpha, factors)``: in place
+      ``weight += alpha * merged(factors)``;
+    - ``_fit_factors(weight, rank)``: dict of factors whose merged product is
+      the best rank-``rank`` approximation of ``weight`` (in the layer's scale);
+    - ``_check_rank(rank)``: validated rank (raises ValueError/TypeError);
+    - ``_rank_from_state(state_dict, prefix)``: the rank stored in a state dict.
+    """
+
+    weight_name = "weight"
+    _factor_param_names = ()
+
+    # -- form bookkeeping ---------------------------------------------------
+    @property
+    def form(self):
+        """Current form: ``"lowrank"``, ``"full"`` or ``"adapter"``."""
+        return self._form
+
+    @property
+    def rank(self):
+        """Rank of the factors (kept in full form: the rank ``deflate`` uses by default)."""
+        return self._rank
+
+    def factors(self):
+        """Dict name → factor parameter (empty in full form)."""
+        if self._form == "full":
+            return {}
+        return {name: getattr(self, name) for name in self._factor_names(self._rank)}
+
+    def _set_factors(self, factors):
+        for name in list(self._factor_param_names):
+            setattr(self, name, None)
+        self._factor_param_names = tuple(factors)
+        for name, value in factors.items():
+            setattr(self, name, nn.Parameter(value, requires_grad=True))
+
+    def _become(self, form, weight, factors, rank):
+        """Install ``weight`` (tensor or None) and ``factors`` (dict) for ``form``."""
+        self._form = form
+        self._rank = rank
+        if weight is None:
+            setattr(self, self.weight_name, None)
+        else:
+            trainable = form == "full"
+            if isinstance(weight, nn.Parameter):
+                weight.requires_grad_(trainable)
+                setattr(self, self.weight_name, weight)
+            else:
+                setattr(self, self.weight_name, nn.Parameter(weight, requires_grad=trainable))
+        self._set_factors(factors)
+        self._on_form_change()
+
+    def _on_form_change(self):
+        """Hook for subclasses that choose their forward per form."""
+
+    def _dense(self):
+        return getattr(self, self.weight_name)
+
+    def _reference_tensor(self):
+        ref = self._dense()
+        if ref is None:
+            ref = next(iter(self.factors().values()))
+        return ref
+
+    # -- form changes -------------------------------------------------------
+    @torch.no_grad()
+    def inflate(self):
+        """lowrank/adapter → full: W ← W0 + merged factors (W0 = 0 in lowrank, W_f in adapter).
+
+        Function-preserving up to rounding; the factors are released.  The merge
+        runs through the fused merge kernel on CUDA.
+
+        Returns:
+            self
+
+        Raises:
+            RuntimeError: if the layer is already in full form.
+        """
+        if self._form == "full":
+            raise RuntimeError(f"{type(self).__name__} is already in full form; inflate applies to "
+                               f"lowrank or adapter form")
+        ref = self._reference_tensor()
+        dense = self._dense()
+        if dense is None:
+            dense = torch.zeros(self._dense_shape(), device=ref.device, dtype=ref.dtype)
+        else:
+            dense = dense.detach()
+        self._merge_into_(dense, 1.0, self.factors())
+        self._become("full", dense, {}, self._rank)
+        return self
+
+    @torch.no_grad()
+    def deflate(self, rank=None, init="zeros"):
+        """full → adapter: freeze W as W_f and attach fresh factors of ``rank``.
+
+        Args:
+            rank: factor rank (default: the layer's rank).
+            init: ``"zeros"`` — the output-side factor is zero, the others random,
+                so the function is unchanged and gradients flow;
+                ``"random"`` — every factor random (the function changes);
+                ``"svd"`` — the top-``rank`` part of W moves into the factors and
+                W_f = W − merged factors (function unchanged).
+
+        Returns:
+            self
+
+        Raises:
+            RuntimeError: if the layer is not in full form.
+            ValueError: unknown ``init`` or invalid ``rank``.
+        """
+        if self._form != "full":
+            raise RuntimeError(f"{type(self).__name__} is in {self._form} form; deflate applies to "
+                               f"full form (call inflate() first)")
+        if init not in DEFLATE_INITS:
+            raise ValueError(f"init must be one of {', '.join(DEFLATE_INITS)}, got {init!r}")
+        rank = self._check_rank(self._rank if rank is None else rank)
+        weight = self._dense()
+        if init == "svd":
+            factors = self._fit_factors(weight.detach(), rank)
+            self._merge_into_(weight.data, -1.0, factors)
+        else:
+            factors = self._init_factors(rank, init == "zeros", weight.device, weight.dtype)
+        self._become("adapter", weight, factors, rank)
+        return self
+
+    # -- state dict across forms ---------------------------------------------
+    def _form_in_state(self, state_dict, prefix):
+        has_dense = prefix + self.weight_name in state_dict
+        factor_keys = [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]
+                       and k[len(prefix):] in self._all_factor_names()]
+        if not factor_keys:
+            return "full" if has_dense else None
+        return "adapter" if has_dense else "lowrank"
+
+    def _all_factor_names(self):
+        return set(self._factor_names(self._rank))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        form = self._form_in_state(state_dict, prefix)
+        if form is not None:
+            rank = self._rank if form == "full" else self._rank_from_state(state_dict, prefix)
+            if form != self._form or rank != self._rank:
+                self._allocate(form, rank)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    @torch.no_grad()
+    def _allocate(self, form, rank):
+        """Switch to ``form`` with uninitialized parameters of the right shapes (for loading)."""
+        ref = self._reference_tensor()
+        kw = dict(device=ref.device, dtype=ref.dtype)
+        if form == "full":
+            weight, factors = torch.empty(self._dense_shape(), **kw), {}
+        else:
+            dense = self._dense()
+            weight = None
+            if form == "adapter":
+                weight = dense if dense is not None else torch.empty(self._dense_shape(), **kw)
+            factors = {n: torch.empty(s, **kw) for n, s in self._factor_shapes(rank).items()}
+        self._become(form, weight, factors, rank)

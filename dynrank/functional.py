@@ -1,0 +1,180 @@
+"""Functional ops of dynrank: the fused low-rank linear and the in-place merge.
+
+Both dispatch on the tensors' device (see :mod:`dynrank._backend`): Triton
+kernels on CUDA, plain torch elsewhere.  The Triton path is registered as the
+custom ops ``dynrank::lowrank_linear`` and ``dynrank::lowrank_linear_backward``
+so ``torch.compile`` treats it as one opaque node instead of breaking the graph.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._backend import backend_for
+
+__all__ = ["lowrank_linear", "merge_"]
+
+
+def _check_operands(x, weight, A, B, bias):
+    """Validate user-facing operands of lowrank_linear; returns (N, K, R)."""
+    for name, t in (("x", x), ("A", A), ("B", B), ("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if A.dim() != 2 or B.dim() != 2:
+        raise ValueError(f"A and B must be 2-D, got A {tuple(A.shape)} and B {tuple(B.shape)}")
+    N, R = A.shape
+    K = B.shape[0]
+    if B.shape[1] != R:
+        raise ValueError(f"B must have shape ({K}, {R}) to match A {tuple(A.shape)}, got {tuple(B.shape)}")
+    if weight is not None and tuple(weight.shape) != (N, K):
+        raise ValueError(f"weight must have shape ({N}, {K}), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"input must have shape (..., {K}), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+    for name, t in (("A", A), ("B", B), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"input is on {x.device} but {name} is on {t.device}; move them to one device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"input has dtype {x.dtype} but {name} has {t.dtype}; cast them to one dtype "
+                            f"(or run under torch.autocast)")
+    return N, K, R
+
+
+# ---------------------------------------------------------------------------
+# Triton path as custom ops
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op("dynrank::lowrank_linear", mutates_args=())
+def _lowrank_linear_op(x: Tensor, weight: Optional[Tensor], A: Tensor, B: Tensor,
+                       bias: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
+    from .kernels import lowrank_linear_forward
+    return lowrank_linear_forward(x, weight, A, B, bias, scale)
+
+
+@_lowrank_linear_op.register_fake
+def _(x, weight, A, B, bias, scale):
+    return x.new_empty((x.shape[0], A.shape[0])), x.new_empty((x.shape[0], A.shape[1]))
+
+
+@torch.library.custom_op("dynrank::lowrank_linear_backward", mutates_args=())
+def _lowrank_linear_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], A: Tensor, B: Tensor,
+                                xbs: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    from .kernels import lowrank_linear_backward
+    return lowrank_linear_backward(dy, x, weight, A, B, xbs, scale)
+
+
+@_lowrank_linear_backward_op.register_fake
+def _(dy, x, weight, A, B, xbs, scale):
+    return x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, A, B, bias, scale = inputs
+    _, xbs = output
+    ctx.save_for_backward(x, weight, A, B, xbs)
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dxbs):
+    x, weight, A, B, xbs = ctx.saved_tensors
+    dy = dy.contiguous() if dy.stride(-1) != 1 and dy.stride(0) != 1 else dy
+    dx, dA, dB = _lowrank_linear_backward_op(dy, x, weight, A, B, xbs, ctx.scale)
+    dweight = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        # A trainable weight beside the factors (not the frozen-adapter case).
+        dweight = dy.t() @ x
+    dbias = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    return dx, dweight, dA, dB, dbias, None
+
+
+_lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# Public functional API
+# ---------------------------------------------------------------------------
+
+def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
+    """y = x·weightᵀ + scale·(x·B)·Aᵀ + bias, fused.
+
+    Args:
+        x: (..., in_features) input, any strides.
+        weight: (out_features, in_features) dense weight W_f, or None (lowrank form).
+        A: (out_features, rank).  B: (in_features, rank).
+        bias: (out_features,) or None.
+        scale: float multiplying the low-rank term (alpha / rank, or 1.0).
+
+    Returns:
+        (..., out_features) tensor in the input's dtype (the autocast dtype under
+        ``torch.autocast``).
+
+    Raises:
+        ValueError: shapes that do not fit, or operands on different devices.
+        TypeError: non-tensor operands or mismatched dtypes outside autocast.
+
+    Example:
+        >>> x = torch.randn(4, 16); A = torch.randn(8, 2); B = torch.randn(16, 2)
+        >>> lowrank_linear(x, None, A, B).shape
+        torch.Size([4, 8])
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
+        x, weight, A, B, bias = (cast(t) for t in (x, weight, A, B, bias))
+        with torch.autocast(device_type, enabled=False):
+            return lowrank_linear(x, weight, A, B, bias, scale)
+    N, K, _ = _check_operands(x, weight, A, B, bias)
+    if backend_for(x.device) == "torch":
+        xbs = x @ B if scale == 1.0 else (x @ B) * scale
+        y = torch.nn.functional.linear(xbs, A, bias)
+        return y if weight is None else torch.addmm(y.reshape(-1, N), x.reshape(-1, K), weight.t()).reshape(y.shape)
+    lead = x.shape[:-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
+    y, _ = _lowrank_linear_op(x2, weight, A, B, bias, float(scale))
+    return y.reshape(*lead, N)
+
+
+@torch.no_grad()
+def merge_(weight, A, B, alpha=1.0):
+    """In place ``weight += alpha * A @ B.T`` with fp32 accumulation; returns ``weight``.
+
+    The inflate-merge of dynrank: one pass over ``weight``, the product A·Bᵀ
+    never materialized (Triton on CUDA; ``addmm_`` elsewhere).
+
+    Args:
+        weight: (out_features, in_features), modified in place.
+        A: (out_features, rank).  B: (in_features, rank).  Same device.
+        alpha: scale of the product (negative to subtract).
+
+    Raises:
+        ValueError: shapes that do not fit or tensors on different devices.
+
+    Example:
+        >>> W = torch.zeros(3, 4); merge_(W, torch.ones(3, 1), torch.ones(4, 1)).sum().item()
+        12.0
+    """
+    if weight.dim() != 2 or A.dim() != 2 or B.dim() != 2:
+        raise ValueError(f"merge_ takes 2-D tensors, got weight {tuple(weight.shape)}, "
+                         f"A {tuple(A.shape)}, B {tuple(B.shape)}")
+    N, K = weight.shape
+    if A.shape[0] != N or B.shape[0] != K or A.shape[1] != B.shape[1]:
+        raise ValueError(f"A must have shape ({N}, R) and B ({K}, R) for weight ({N}, {K}), "
+                         f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
+    if A.device != weight.device or B.device != weight.device:
+        raise ValueError(f"weight, A and B must be on one device, got {weight.device}, {A.device}, {B.device}")
+    if backend_for(weight.device) == "triton":
+        from .kernels import merge_ as kernel_merge_
+        return kernel_merge_(weight, A, B, alpha)
+    if A.dtype == weight.dtype == B.dtype:
+        return weight.addmm_(A, B.t(), alpha=alpha)
+    return weight.add_(torch.mm(A.float(), B.float().t()).to(weight.dtype), alpha=alpha)

@@ -1,0 +1,207 @@
+"""FusedLowRankLinear: a drop-in ``nn.Linear`` with lowrank / full / adapter forms."""
+
+import math
+import numbers
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import functional as DF
+from ._forms import FormLayer, check_form
+
+__all__ = ["FusedLowRankLinear", "check_rank"]
+
+
+def check_rank(rank, limit, what="rank"):
+    """Validate an integer rank in [1, limit]; returns it as int."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {type(rank).__name__} ({rank!r})")
+    if not 1 <= rank <= limit:
+        raise ValueError(f"{what} must be in [1, {limit}], got {rank}")
+    return int(rank)
+
+
+class FusedLowRankLinear(FormLayer):
+    """Linear layer whose weight is low-rank, full, or frozen-full plus a low-rank adapter.
+
+    ============  ===================================  ================
+    form          forward                              trainable
+    ============  ===================================  ================
+    ``lowrank``   y = s·(x·B)·Aᵀ + bias                A, B
+    ``full``      y = x·Wᵀ + bias                      W
+    ``adapter``   y = x·W_fᵀ + s·(x·B)·Aᵀ + bias       A, B (W_f frozen)
+    ============  ===================================  ================
+
+    s = alpha / rank when ``alpha`` is given, else 1.  On CUDA the lowrank and
+    adapter forwards and backwards run as fused Triton kernels (the rank-k
+    term lands in the dense product's accumulator); elsewhere plain torch.
+
+    Args:
+        in_features, out_features: sizes as in ``nn.Linear``.
+        rank: factor rank, 1 ≤ rank ≤ min(in_features, out_features).
+        bias: learn an additive bias.
+        form: initial form.  ``"lowrank"`` draws A, B so that s·A·Bᵀ has the
+            variance of ``nn.Linear``'s default weight; ``"full"`` initializes W
+            like ``nn.Linear``; ``"adapter"`` does both with A = 0.
+        alpha: optional scale numerator of the low-rank term.
+        device, dtype: factory kwargs.
+
+    Attributes:
+        weight: W (full) or W_f (adapter), shape (out_features, in_features); None in lowrank.
+        A: (out_features, rank) or None in full.  B: (in_features, rank) or None in full.
+        bias: (out_features,) or None.
+
+    Shape:
+        input (..., in_features) → output (..., out_features).
+
+    Example:
+        >>> layer = FusedLowRankLinear(64, 32, rank=8)
+        >>> y = layer(torch.randn(4, 10, 64))           # lowrank
+        >>> layer.inflate().form                         # merge A·Bᵀ into W
+        'full'
+        >>> layer.deflate(init="zeros").form             # freeze W, fresh adapter
+        'adapter'
+    """
+
+    def __init__(self, in_features, out_features, rank, bias=True, form="lowrank", alpha=None,
+                 device=None, dtype=None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
+            raise TypeError(f"alpha must be a number or None, got {type(alpha).__name__}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.alpha = alpha
+        rank = self._check_rank(rank)
+        check_form(form)
+        kw = dict(device=device, dtype=dtype)
+        self.bias = nn.Parameter(torch.empty(self.out_features, **kw)) if bias else None
+        self.register_parameter("weight", None)
+        self._rank = rank
+        weight = None
+        if form != "lowrank":
+            weight = torch.empty(self.out_features, self.in_features, **kw)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        factors = {} if form == "full" else self._init_factors(rank, form == "adapter", **kw)
+        if form == "lowrank":
+            self._init_lowrank_(factors, rank)
+        self._become(form, weight, factors, rank)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    # -- factor description (FormLayer contract) ---------------------------------
+    def _check_rank(self, rank):
+        return check_rank(rank, min(self.in_features, self.out_features))
+
+    def scale_for(self, rank):
+        return 1.0 if self.alpha is None else self.alpha / rank
+
+    @property
+    def scale(self):
+        """Factor s multiplying the low-rank term: alpha / rank, or 1."""
+        return self.scale_for(self._rank)
+
+    def _factor_names(self, rank):
+        return ("A", "B")
+
+    def _dense_shape(self):
+        return (self.out_features, self.in_features)
+
+    def _factor_shapes(self, rank):
+        return {"A": (self.out_features, rank), "B": (self.in_features, rank)}
+
+    def _init_factors(self, rank, zero_output, device=None, dtype=None):
+        # Glorot-normal B so x·B keeps the input's scale; A zero (adapter: output
+        # unchanged, LoRA convention) or Glorot-normal.
+        B = torch.randn(self.in_features, rank, device=device, dtype=dtype) * math.sqrt(
+            2.0 / (self.in_features + rank))
+        if zero_output:
+            A = torch.zeros(self.out_features, rank, device=device, dtype=dtype)
+        else:
+            A = torch.randn(self.out_features, rank, device=device, dtype=dtype) * math.sqrt(
+                2.0 / (self.out_features + rank))
+        return {"A": A, "B": B}
+
+    @torch.no_grad()
+    def _init_lowrank_(self, factors, rank):
+        # Match nn.Linear's default weight variance 1/(3·in) for s·A·Bᵀ:
+        # Var = s²·rank·Var(A)·Var(B), with Var(B) = 1/in.
+        s = self.scale_for(rank)
+        factors["B"].normal_(0.0, 1.0 / math.sqrt(self.in_features))
+        factors["A"].normal_(0.0, 1.0 / (s * math.sqrt(3.0 * rank)))
+
+    def _merge_into_(self, weight, alpha, factors):
+        DF.merge_(weight, factors["A"], factors["B"], alpha * self.scale_for(factors["A"].shape[1]))
+
+    def _fit_factors(self, weight, rank):
+        A, B = svd_factors(weight, rank, self.scale_for(rank))
+        return {"A": A, "B": B}
+
+    def _rank_from_state(self, state_dict, prefix):
+        return state_dict[prefix + "A"].shape[1]
+
+    # -- construction from a dense layer ---------------------------------------
+    @classmethod
+    def from_dense(cls, linear, rank, form="lowrank", alpha=None):
+        """Build from an ``nn.Linear`` (or anything with ``weight`` (out, in) and ``bias``).
+
+        ``form="lowrank"``: A, B from the truncated SVD of the dense weight (the
+        best rank-``rank`` approximation, √σ split between A and B).
+        ``form="adapter"``: the dense weight becomes W_f with a zero-output adapter.
+        ``form="full"``: the dense weight is kept as W.
+
+        Raises:
+            TypeError: ``linear`` has no 2-D weight.
+            ValueError: invalid rank or form.
+        """
+        weight = getattr(linear, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(f"from_dense needs a module with a 2-D weight (nn.Linear), got {type(linear).__name__}")
+        check_form(form)
+        out_features, in_features = weight.shape
+        bias = getattr(linear, "bias", None)
+        layer = cls(in_features, out_features, rank, bias=bias is not None, form=form, alpha=alpha,
+                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            if bias is not None:
+                layer.bias.copy_(bias)
+            if form == "lowrank":
+                A, B = svd_factors(weight.detach(), layer.rank, layer.scale)
+                layer.A.copy_(A)
+                layer.B.copy_(B)
+            else:
+                layer.weight.copy_(weight)
+        return layer
+
+    # -- forward ------------------------------------------------------------
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+        if self._form == "full":
+            return F.linear(x, self.weight, self.bias)
+        return DF.lowrank_linear(x, self.weight, self.A, self.B, self.bias, self.scale)
+
+    def extra_repr(self):
+        alpha = "" if self.alpha is None else f", alpha={self.alpha}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}, "
+                f"form={self._form!r}, bias={self.bias is not None}{alpha}")
+
+
+@torch.no_grad()
+def svd_factors(weight, rank, scale=1.0):
+    """Best rank-``rank`` factors of a 2-D ``weight``: scale·A·Bᵀ ≈ weight.
+
+    The SVD runs in float64; √σ goes to each side, so A and B are balanced.
+    Returns (A (out, rank), B (in, rank)) in weight's dtype and device.
+    """
+    U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = (S[:rank] / scale).sqrt()
+    A = U[:, :rank] * root
+    B = Vh[:rank].t() * root
+    return A.to(weight.dtype), B.to(weight.dtype)

@@ -1,0 +1,16 @@
+"""Triton kernels of dynrank, installed as ``dynrank.kernels``.
+
+Each op lives in its own module with its host launcher and a plain-torch
+reference.  Users never import this package directly: ``dynrank.functional``
+dispatches to it on CUDA (or on CPU through Triton's interpreter when asked).
+"""
+
+from .lowrank_gemm import lowrank_gemm, reference_lowrank_gemm
+from .lowrank_linear import lowrank_linear_backward, lowrank_linear_forward, reference_lowrank_linear
+from .merge import merge_, reference_merge
+
+__all__ = [
+    "lowrank_gemm", "reference_lowrank_gemm",
+    "lowrank_linear_forward", "lowrank_linear_backward", "reference_lowrank_linear",
+    "merge_", "reference_merge",
+]

@@ -1,0 +1,222 @@
+"""The GEMM engine behind every dynrank linear kernel.
+
+One kernel computes, tile by tile,
+
+    out[M, N] = alpha * X[M, K] @ Wt[K, N] + beta * U[M, R] @ Vt[R, N] + bias[N] (+ out)
+
+with both products accumulated in the same fp32 accumulator and ``out`` written
+once.  Every operand is addressed through explicit strides, so transposed views
+(``W.t()``, ``A.t()``) need no copy.  The adapter forward, the adapter input
+gradient, the low-rank chain, the factor gradients and the in-place merge are
+all instances of it (see ``lowrank_linear.py`` and ``merge.py``).
+
+The rank ``R`` is a runtime argument (the rank loop steps by ``BLOCK_K``), so a
+new rank never triggers a recompilation.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import check_launchable, interpreting
+
+__all__ = ["lowrank_gemm", "reference_lowrank_gemm"]
+
+
+@triton.jit
+def _lowrank_gemm_kernel(
+    # pointers
+    x_ptr, wt_ptr, u_ptr, vt_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K, R,
+    # strides
+    stride_xm, stride_xk, stride_wk, stride_wn,
+    stride_um, stride_ur, stride_vr, stride_vn,
+    stride_om, stride_on,
+    # scalars
+    alpha, beta,
+    # meta-parameters
+    HAS_X: tl.constexpr, HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out = alpha·X·Wt + beta·U·Vt + bias (+ out).
+
+    X: (M, K), Wt: (K, N), U: (M, R), Vt: (R, N), bias: (N,), out: (M, N).
+    One program computes one (BLOCK_M, BLOCK_N) tile of ``out``; programs are
+    ordered in groups of GROUP_M row-tiles so neighbouring programs share
+    column tiles of Wt in L2.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # int64 offsets: M·stride can pass 2**31 on large token counts.
+    o_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, BLOCK_K)
+    m_m = o_m < M
+    m_n = o_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_X:
+        p_x = x_ptr + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk
+        p_w = wt_ptr + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn
+        for k0 in range(0, K, BLOCK_K):
+            m_k = (k0 + o_k) < K
+            b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
+            if DOT_FP32:
+                b_x = b_x.to(tl.float32)
+                b_w = b_w.to(tl.float32)
+            acc = tl.dot(b_x, b_w, acc, input_precision=INPUT_PRECISION)
+            p_x += BLOCK_K * stride_xk
+            p_w += BLOCK_K * stride_wk
+        acc = acc * alpha
+    if HAS_U:
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        p_u = u_ptr + o_m[:, None] * stride_um + o_k[None, :] * stride_ur
+        p_v = vt_ptr + o_k[:, None] * stride_vr + o_n[None, :] * stride_vn
+        for r0 in range(0, R, BLOCK_K):
+            m_r = (r0 + o_k) < R
+            b_u = tl.load(p_u, mask=m_m[:, None] & m_r[None, :], other=0.0)
+            b_v = tl.load(p_v, mask=m_r[:, None] & m_n[None, :], other=0.0)
+            if DOT_FP32:
+                b_u = b_u.to(tl.float32)
+                b_v = b_v.to(tl.float32)
+            acc_u = tl.dot(b_u, b_v, acc_u, input_precision=INPUT_PRECISION)
+            p_u += BLOCK_K * stride_ur
+            p_v += BLOCK_K * stride_vr
+        acc += acc_u * beta
+    if HAS_BIAS:
+        b_bias = tl.load(bias_ptr + o_n, mask=m_n, other=0.0)
+        acc += b_bias.to(tl.float32)[None, :]
+    p_o = out_ptr + o_m[:, None] * stride_om + o_n[None, :] * stride_on
+    m_o = m_m[:, None] & m_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(p_o, mask=m_o, other=0.0).to(tl.float32)
+    tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_o)
+
+
+def _native_config(M, N, dtype, accumulate):
+    """Tile shape for a compiled launch.
+
+    Large tiles with a deep pipeline for the big GEMMs; narrower tiles when
+    one side is small, so skinny problems (few tokens, factor gradients)
+    still spread over the SMs.  16-bit operands take BLOCK_K = 64, fp32 32,
+    which keeps every config within ~96 KB of shared memory.
+    """
+    block_k = 32 if dtype == torch.float32 else 64
+    if accumulate:
+        # The merge streams W once; it is memory bound, moderate tiles suffice.
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    if M >= 1024 and N >= 1024:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
+    if M <= 64 or N <= 64:
+        return dict(BLOCK_M=32 if M <= 32 else 64, BLOCK_N=64 if N <= 64 else 128, BLOCK_K=block_k,
+                    GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=4)
+
+
+# The interpreter pays per program, not per FLOP: few, large tiles.
+_INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+
+
+def _input_precision(dtype):
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta=1.0,
+                 out=None, accumulate=False, out_dtype=None):
+    """out = alpha·x·wt + beta·u·vt + bias (+ out when ``accumulate``).
+
+    Args:
+        x: (M, K) or None; wt: (K, N) or None (both or neither).
+        u: (M, R) or None; vt: (R, N) or None (both or neither).
+        bias: (N,) or None.
+        out: (M, N) to write into (required when ``accumulate``); any strides.
+        out_dtype: dtype of a newly allocated ``out`` (default: dtype of x or u).
+
+    Returns:
+        out, shape (M, N).
+
+    All operands are 2-D views with arbitrary strides on one device.  This is
+    the internal engine; its callers validate user-facing shapes and dtypes.
+    """
+    if (x is None) != (wt is None) or (u is None) != (vt is None):
+        raise ValueError("lowrank_gemm needs x with wt and u with vt")
+    if x is None and u is None:
+        raise ValueError("lowrank_gemm needs at least one product (x·wt or u·vt)")
+    first = x if x is not None else u
+    M = first.shape[0]
+    N = (wt if wt is not None else vt).shape[1]
+    K = x.shape[1] if x is not None else 0
+    R = u.shape[1] if u is not None else 0
+    if x is not None and (wt.shape[0] != K or x.shape[0] != M):
+        raise ValueError(f"x·wt shapes do not chain: {tuple(x.shape)} · {tuple(wt.shape)}")
+    if u is not None and (u.shape[0] != M or vt.shape != (R, N)):
+        raise ValueError(f"u·vt shapes do not match: {tuple(u.shape)} · {tuple(vt.shape)} for ({M}, {N})")
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs an existing out tensor")
+        out = torch.empty((M, N), device=first.device, dtype=out_dtype or first.dtype)
+    elif out.shape != (M, N):
+        raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
+    if M == 0 or N == 0:
+        return out
+
+    dummy = out  # stands in for absent operands; never dereferenced
+    x_, wt_ = (x, wt) if x is not None else (dummy, dummy)
+    u_, vt_ = (u, vt) if u is not None else (dummy, dummy)
+    sx = (x.stride(0), x.stride(1)) if x is not None else (0, 0)
+    sw = (wt.stride(0), wt.stride(1)) if wt is not None else (0, 0)
+    su = (u.stride(0), u.stride(1)) if u is not None else (0, 0)
+    sv = (vt.stride(0), vt.stride(1)) if vt is not None else (0, 0)
+    check_launchable(out)
+    interpreted = interpreting()
+    flags = dict(
+        HAS_X=x is not None and K > 0, HAS_U=u is not None and R > 0, HAS_BIAS=bias is not None,
+        ACCUMULATE=accumulate,
+        # Triton's interpreter multiplies bf16 tiles wrongly; fp32 tiles hold bf16 exactly.
+        DOT_FP32=interpreted and first.dtype == torch.bfloat16,
+        INPUT_PRECISION=_input_precision(first.dtype),
+    )
+    args = (x_, wt_, u_, vt_, bias if bias is not None else dummy, out,
+            M, N, K, R, *sx, *sw, *su, *sv, out.stride(0), out.stride(1),
+            float(alpha), float(beta))
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    if interpreted:
+        _lowrank_gemm_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG)
+    else:
+        config = _native_config(M, N, first.dtype, accumulate)
+        with torch.cuda.device(out.device):
+            _lowrank_gemm_kernel[grid](*args, **flags, **config)
+    return out
+
+
+def reference_lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta=1.0,
+                           out=None, accumulate=False):
+    """Plain-torch twin of :func:`lowrank_gemm` (returns a new tensor)."""
+    first = x if x is not None else u
+    N = (wt if wt is not None else vt).shape[1]
+    acc = torch.zeros(first.shape[0], N, dtype=torch.float64, device=first.device)
+    if x is not None:
+        acc += alpha * (x.double() @ wt.double())
+    if u is not None:
+        acc += beta * (u.double() @ vt.double())
+    if bias is not None:
+        acc += bias.double()
+    if accumulate:
+        acc += out.double()
+    return acc

@@ -1,0 +1,26 @@
+import sys
+
+from setuptools import setup
+
+install_requires = ["torch>=2.4", "numpy>=1.24", "tensorly>=0.8"]
+if sys.platform.startswith("linux"):
+    install_requires.append("triton>=3.0")
+
+setup(
+    name="dynrank",
+    version="0.1.0",
+    description="Dynamic-rank training: low-rank, full and adapter weight forms with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # The top-level kernels/ folder is installed as dynrank.kernels: a top-level
+    # package named "kernels" would shadow an existing PyPI package.
+    packages=["dynrank", "dynrank.kernels"],
+    package_dir={"dynrank": "dynrank", "dynrank.kernels": "kernels"},
+    install_requires=install_requires,
+    extras_require={
+        "dev": ["pytest>=7", "pytest-benchmark>=4"],
+        "plots": ["matplotlib>=3.5"],
+    },
+    entry_points={"console_scripts": []},
+)
