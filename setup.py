@@ -15,12 +15,12 @@ setup(
     python_requires=">=3.9",
     # The top-level kernels/ folder is installed as dynrank.kernels: a top-level
     # package named "kernels" would shadow an existing PyPI package.
-    packages=["dynrank", "dynrank.kernels"],
+    packages=["dynrank", "dynrank.train", "dynrank.kernels"],
     package_dir={"dynrank": "dynrank", "dynrank.kernels": "kernels"},
     install_requires=install_requires,
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark>=4"],
         "plots": ["matplotlib>=3.5"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["dynrank-train=dynrank.train.cli:main"]},
 )

@@ -1,0 +1,1 @@
+"""The dynrank-train command: models, data and the training loop."""
