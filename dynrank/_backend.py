@@ -10,7 +10,7 @@ switch it at run time:
   interpreter (slow: for testing kernels without a GPU).
 """
 
-import functools
+import importlib.util
 import os
 
 __all__ = ["backend_for", "BACKENDS"]
@@ -18,13 +18,12 @@ __all__ = ["backend_for", "BACKENDS"]
 BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=None)
+# find_spec locates the package without importing it (no import-time cost).
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def _triton_available():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_AVAILABLE
 
 
 def requested_backend():

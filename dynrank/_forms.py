@@ -69,7 +69,7 @@ class FormLayer(nn.Module):
         return {name: getattr(self, name) for name in self._factor_names(self._rank)}
 
     def _set_factors(self, factors):
-        for name in list(self._factor_param_names):
+        for name in set(self._factor_param_names) | set(self._factor_names(self._rank)):
             setattr(self, name, None)
         self._factor_param_names = tuple(factors)
         for name, value in factors.items():

@@ -127,7 +127,7 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
     if not isinstance(x, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
         x, weight, A, B, bias = (cast(t) for t in (x, weight, A, B, bias))

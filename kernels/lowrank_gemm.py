@@ -174,6 +174,8 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
         return out
 
     dummy = out  # stands in for absent operands; never dereferenced
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the kernel reads bias with unit stride; it is tiny
     x_, wt_ = (x, wt) if x is not None else (dummy, dummy)
     u_, vt_ = (u, vt) if u is not None else (dummy, dummy)
     sx = (x.stride(0), x.stride(1)) if x is not None else (0, 0)

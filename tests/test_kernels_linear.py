@@ -1,0 +1,132 @@
+"""Triton kernels of the fused low-rank linear against float64 references.
+
+On a CPU-only machine the kernels run through Triton's interpreter (small
+shapes); with CUDA they are compiled natively.  Every case first checks that
+the low-rank term changes the result, so it cannot pass vacuously.
+"""
+
+import pytest
+import torch
+
+from conftest import REL_TOL, kernel_devices, rel_err
+
+pytestmark = pytest.mark.skipif(not kernel_devices(), reason="no device can run Triton kernels here")
+
+DEVICES = kernel_devices()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (tokens M, in K, out N, rank R): odd sizes, rank 1 / 8 / 64 / min(in, out).
+SHAPES = [(1, 17, 5, 1), (17, 33, 123, 8), (123, 70, 65, 64), (9, 17, 23, 17)]
+
+
+def _operands(M, K, N, R, dtype, device, with_weight):
+    x = torch.randn(M, K, device=device).to(dtype)
+    weight = torch.randn(N, K, device=device).div(K ** 0.5).to(dtype) if with_weight else None
+    A = torch.randn(N, R, device=device).div(R ** 0.5).to(dtype)
+    B = torch.randn(K, R, device=device).div(K ** 0.5).to(dtype)
+    bias = torch.randn(N, device=device).to(dtype)
+    return x, weight, A, B, bias
+
+
+def _reference(x, weight, A, B, bias, scale, dy):
+    """Float64 forward and gradients by autograd through the plain formula."""
+    from dynrank.kernels import reference_lowrank_linear
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, A, B, bias)]
+    xr, wr, Ar, Br, br = leaves
+    y = reference_lowrank_linear(xr, wr, Ar, Br, br, scale)
+    y.backward(dy.double())
+    return y.detach(), xr.grad, Ar.grad, Br.grad, br.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_forward_backward_match_float64(device, dtype, shape, form):
+    from dynrank.kernels import lowrank_linear_backward, lowrank_linear_forward
+    M, K, N, R = shape
+    scale = 0.75
+    x, weight, A, B, bias = _operands(M, K, N, R, dtype, device, form == "adapter")
+    dy = torch.randn(M, N, device=device).to(dtype)
+
+    y, xbs = lowrank_linear_forward(x, weight, A, B, bias, scale)
+    dx, dA, dB = lowrank_linear_backward(dy, x, weight, A, B, xbs, scale)
+    y_ref, dx_ref, dA_ref, dB_ref, _ = _reference(x, weight, A, B, bias, scale, dy)
+
+    lowrank_term = scale * (x.double() @ B.double()) @ A.double().t()
+    assert lowrank_term.norm() > 1e-3 * y_ref.norm(), "low-rank term must matter in this case"
+    tol = REL_TOL[dtype]
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert rel_err(y, y_ref) < tol
+    assert rel_err(xbs, scale * x.double() @ B.double()) < tol
+    assert rel_err(dx, dx_ref) < tol
+    assert rel_err(dA, dA_ref) < tol
+    assert rel_err(dB, dB_ref) < tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_operands_need_no_copy(device):
+    """Transposed and sliced views are read through their strides."""
+    from dynrank.kernels import lowrank_gemm, reference_lowrank_gemm
+    M, K, N, R = 19, 24, 13, 5
+    x = torch.randn(K, 2 * M, device=device)[:, ::2].t()          # (M, K), both strides non-unit-ish
+    wt = torch.randn(N, K, device=device).t()                      # (K, N) transposed view
+    u = torch.randn(M, R + 3, device=device)[:, 1:R + 1]           # (M, R) slice
+    vt = torch.randn(N, R, device=device).t()                      # (R, N) transposed view
+    bias = torch.randn(2 * N, device=device)[::2]
+    out = lowrank_gemm(x, wt, u, vt, bias, alpha=0.5, beta=-2.0)
+    ref = reference_lowrank_gemm(x, wt, u, vt, bias, alpha=0.5, beta=-2.0)
+    assert rel_err(out, ref) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("alpha", [1.0, -0.5])
+@pytest.mark.parametrize("shape", [(23, 17, 1), (65, 123, 8), (40, 70, 40)], ids=str)
+def test_merge_in_place(device, dtype, alpha, shape):
+    from dynrank.kernels import merge_, reference_merge
+    N, K, R = shape
+    W = torch.randn(N, K, device=device).to(dtype)
+    A = torch.randn(N, R, device=device).to(dtype)
+    B = torch.randn(K, R, device=device).to(dtype)
+    expected = reference_merge(W, A, B, alpha)
+    ptr = W.data_ptr()
+    out = merge_(W, A, B, alpha)
+    assert out is W and W.data_ptr() == ptr
+    assert rel_err(W - W.new_zeros(()), expected) < REL_TOL[dtype]
+    # The product is not negligible next to W, so a no-op merge would fail.
+    assert (A.double() @ B.double().t()).norm() > 0.1 * expected.norm()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_into_transposed_view(device):
+    from dynrank.kernels import merge_, reference_merge
+    storage = torch.randn(31, 18, device=device)
+    W = storage.t()                                    # (18, 31), non-contiguous
+    A, B = torch.randn(18, 3, device=device), torch.randn(31, 3, device=device)
+    expected = reference_merge(W, A, B, 2.0)
+    merge_(W, A, B, 2.0)
+    assert rel_err(storage.t(), expected) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_engine_rejects_bad_shapes(device):
+    from dynrank.kernels import lowrank_gemm, merge_
+    with pytest.raises(ValueError, match="shapes"):
+        lowrank_gemm(torch.randn(4, 5, device=device), torch.randn(6, 3, device=device))
+    with pytest.raises(ValueError, match=r"out must have shape"):
+        merge_(torch.randn(4, 5, device=device), torch.randn(4, 2, device=device), torch.randn(6, 2, device=device))
+    with pytest.raises(ValueError, match="accumulate"):
+        lowrank_gemm(u=torch.randn(4, 2, device=device), vt=torch.randn(2, 3, device=device), accumulate=True)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="int64 offsets need > 2**31 elements: CUDA only")
+def test_int64_offsets_past_2_31():
+    from dynrank.kernels import lowrank_linear_forward
+    M, K, N, R = 2 ** 20 + 3, 2 ** 11 + 1, 64, 8        # x has > 2**31 elements
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    A = torch.randn(N, R, device="cuda", dtype=torch.bfloat16)
+    B = torch.randn(K, R, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+    y, _ = lowrank_linear_forward(x, None, A, B)
+    rows = torch.tensor([0, M // 2, M - 1], device="cuda")
+    ref = (x[rows].double() @ B.double()) @ A.double().t()
+    assert rel_err(y[rows], ref) < REL_TOL[torch.bfloat16]

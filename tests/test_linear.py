@@ -1,0 +1,322 @@
+"""FusedLowRankLinear: forms, form changes, state dicts, dispatch and bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REL_TOL, kernel_devices, rel_err
+from dynrank import FusedLowRankLinear
+from dynrank.kernels import reference_lowrank_linear
+
+BACKENDS = ["torch"] + (["triton"] if kernel_devices() else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("DYNRANK_BACKEND", request.param)
+    return request.param
+
+
+def _device():
+    return kernel_devices()[0] if kernel_devices() else "cpu"
+
+
+def _reference_forward(layer, x):
+    weight = None if layer.weight is None else layer.weight.double()
+    A = None if layer.A is None else layer.A.double()
+    B = None if layer.B is None else layer.B.double()
+    bias = None if layer.bias is None else layer.bias.double()
+    if layer.form == "full":
+        return x.double() @ weight.t() + (bias if bias is not None else 0)
+    return reference_lowrank_linear(x.double(), weight, A, B, bias, layer.scale)
+
+
+def _randomize_adapter(layer):
+    with torch.no_grad():
+        layer.A.normal_(0, 0.3)
+
+
+# -- forward in every form and dtype -----------------------------------------------
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead", [(7,), (2, 5)], ids=["2d", "3d"])
+def test_forward_and_gradients_every_form(backend, form, dtype, lead):
+    device = _device()
+    layer = FusedLowRankLinear(33, 17, rank=6, form=form, alpha=12.0, device=device, dtype=dtype)
+    if form == "adapter":
+        _randomize_adapter(layer)
+    x = torch.randn(*lead, 33, device=device, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*lead, 17) and y.dtype == dtype
+    ref = _reference_forward(layer, x.detach())
+    assert rel_err(y, ref) < REL_TOL[dtype]
+
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xr = x.detach().double().requires_grad_()
+    params = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().double() for n, p in layer.named_parameters() if not p.requires_grad}
+    allp = {**params, **frozen}
+    if form == "full":
+        yr = xr @ allp["weight"].t() + allp["bias"]
+    else:
+        yr = reference_lowrank_linear(xr, allp.get("weight"), allp["A"], allp["B"], allp["bias"], layer.scale)
+    yr.backward(dy.double())
+    assert rel_err(x.grad, xr.grad) < REL_TOL[dtype]
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p.grad, params[name].grad) < REL_TOL[dtype], name
+        else:
+            assert p.grad is None, f"frozen {name} must get no gradient"
+
+
+def test_non_contiguous_input(backend):
+    device = _device()
+    layer = FusedLowRankLinear(20, 12, rank=4, form="adapter", device=device)
+    _randomize_adapter(layer)
+    base = torch.randn(6, 40, 3, device=device)
+    x = base[:, ::2, 1]                    # (6, 20) with strides (120, 6)
+    assert not x.is_contiguous()
+    assert rel_err(layer(x), _reference_forward(layer, x)) < REL_TOL[torch.float32]
+    x3 = torch.randn(4, 20, 5, device=device).transpose(1, 2)   # (4, 5, 20)
+    assert rel_err(layer(x3), _reference_forward(layer, x3)) < REL_TOL[torch.float32]
+
+
+def test_backends_agree(monkeypatch):
+    if len(BACKENDS) < 2:
+        pytest.skip("Triton is not available")
+    device = _device()
+    layer = FusedLowRankLinear(24, 18, rank=5, form="adapter", device=device)
+    _randomize_adapter(layer)
+    x = torch.randn(3, 24, device=device)
+    outs = []
+    for name in BACKENDS:
+        monkeypatch.setenv("DYNRANK_BACKEND", name)
+        outs.append(layer(x))
+    assert rel_err(outs[1], outs[0].double()) < REL_TOL[torch.float32]
+
+
+def test_autocast_bf16_on_cpu(backend):
+    layer = FusedLowRankLinear(16, 8, rank=4, form="adapter")
+    _randomize_adapter(layer)
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, _reference_forward(layer, x)) < REL_TOL[torch.bfloat16]
+    y.float().sum().backward()
+    assert layer.A.grad is not None and layer.A.grad.dtype == torch.float32
+
+
+# -- form changes --------------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha", [None, 8.0])
+def test_inflate_preserves_function_and_releases_factors(backend, alpha):
+    device = _device()
+    layer = FusedLowRankLinear(30, 21, rank=7, alpha=alpha, device=device)
+    x = torch.randn(9, 30, device=device)
+    before = layer(x).detach()
+    layer.inflate()
+    assert layer.form == "full" and layer.A is None and layer.B is None
+    assert layer.weight.requires_grad and layer.weight.shape == (21, 30)
+    assert rel_err(layer(x), before) < 1e-5
+    assert {n for n, _ in layer.named_parameters()} == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("init", ["zeros", "svd"])
+def test_deflate_preserves_function(backend, init):
+    device = _device()
+    layer = FusedLowRankLinear(26, 19, rank=5, form="full", alpha=10.0, device=device)
+    x = torch.randn(8, 26, device=device)
+    before = layer(x).detach()
+    W = layer.weight.detach().clone()
+    layer.deflate(init=init)
+    assert layer.form == "adapter" and not layer.weight.requires_grad
+    assert layer.A.requires_grad and layer.B.requires_grad
+    assert rel_err(layer(x), before) < 1e-5
+    delta = layer.scale * layer.A.detach().double() @ layer.B.detach().double().t()
+    if init == "zeros":
+        assert torch.equal(layer.weight.detach(), W) and delta.abs().max() == 0
+        assert layer.B.detach().abs().max() > 0       # the other factor is random: gradients flow
+        layer(x).square().sum().backward()
+        assert layer.A.grad.abs().max() > 0
+    else:
+        U, S, Vh = torch.linalg.svd(W.double())
+        best = (U[:, :5] * S[:5]) @ Vh[:5]
+        assert rel_err(delta, best) < 1e-5             # top singular pairs moved into A, B
+        assert rel_err(layer.weight.double() + delta, W.double()) < 1e-6
+
+
+def test_deflate_random_changes_function_and_takes_rank():
+    layer = FusedLowRankLinear(12, 10, rank=3, form="full")
+    x = torch.randn(4, 12)
+    before = layer(x).detach()
+    layer.deflate(rank=6, init="random")
+    assert layer.rank == 6 and layer.A.shape == (10, 6) and layer.B.shape == (12, 6)
+    assert rel_err(layer(x), before) > 1e-3
+
+
+def test_round_trip_lowrank_full_adapter_full(backend):
+    device = _device()
+    layer = FusedLowRankLinear(18, 14, rank=4, device=device)
+    x = torch.randn(5, 18, device=device)
+    y0 = layer(x).detach()
+    layer.inflate()
+    layer.deflate(init="zeros")
+    _randomize_adapter(layer)          # train the adapter a little
+    y1 = layer(x).detach()
+    assert rel_err(y1, y0) > 1e-3
+    layer.inflate()
+    assert layer.form == "full"
+    assert rel_err(layer(x), y1) < 1e-5
+
+
+def test_form_changes_that_do_not_apply_raise():
+    layer = FusedLowRankLinear(8, 8, rank=2)
+    with pytest.raises(RuntimeError, match="deflate applies to full form"):
+        layer.deflate()
+    layer.inflate()
+    with pytest.raises(RuntimeError, match="already in full form"):
+        layer.inflate()
+    with pytest.raises(ValueError, match="init must be one of"):
+        layer.deflate(init="orthogonal")
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 8\]"):
+        layer.deflate(rank=9)
+    assert layer.form == "full"        # a failed change leaves the layer as it was
+
+
+# -- from_dense -----------------------------------------------------------------------
+
+def test_from_dense_lowrank_is_best_approximation():
+    dense = nn.Linear(20, 15)
+    layer = FusedLowRankLinear.from_dense(dense, rank=4)
+    W = dense.weight.detach().double()
+    U, S, Vh = torch.linalg.svd(W)
+    best = (U[:, :4] * S[:4]) @ Vh[:4]
+    merged = layer.A.detach().double() @ layer.B.detach().double().t()
+    assert rel_err(merged, best) < 1e-5
+    # √σ split: both factors carry the same column norms.
+    assert torch.allclose(layer.A.norm(dim=0), layer.B.norm(dim=0), rtol=1e-4)
+    assert torch.equal(layer.bias, dense.bias)
+
+
+def test_from_dense_full_rank_and_dense_forms_reproduce_layer():
+    dense = nn.Linear(9, 6)
+    x = torch.randn(4, 9)
+    expected = dense(x).detach()
+    for form, rank in [("lowrank", 6), ("full", 3), ("adapter", 3)]:
+        layer = FusedLowRankLinear.from_dense(dense, rank=rank, form=form)
+        assert layer.form == form
+        assert rel_err(layer(x), expected) < 1e-5, form
+
+
+def test_from_dense_rejects_non_linear():
+    with pytest.raises(TypeError, match="2-D weight"):
+        FusedLowRankLinear.from_dense(nn.Conv2d(3, 4, 3), rank=2)
+
+
+# -- state dicts across forms ------------------------------------------------------------
+
+@pytest.mark.parametrize("saved_form", ["full", "adapter", "lowrank"])
+@pytest.mark.parametrize("target_form", ["lowrank", "full"])
+def test_state_dict_loads_across_forms(saved_form, target_form):
+    src = FusedLowRankLinear(16, 12, rank=3)
+    if saved_form != "lowrank":
+        src.inflate()
+    if saved_form == "adapter":
+        src.deflate(rank=5)
+        _randomize_adapter(src)
+    x = torch.randn(4, 16)
+    expected = src(x).detach()
+    dst = FusedLowRankLinear(16, 12, rank=3, form=target_form)
+    dst.load_state_dict(src.state_dict())
+    assert dst.form == saved_form and dst.rank == src.rank
+    assert torch.equal(dst(x), expected)
+    if saved_form == "adapter":
+        assert not dst.weight.requires_grad and dst.A.requires_grad
+
+
+def test_plain_linear_state_dict_loads_as_full():
+    dense = nn.Linear(10, 4)
+    layer = FusedLowRankLinear(10, 4, rank=2)
+    layer.load_state_dict(dense.state_dict())
+    x = torch.randn(3, 10)
+    assert layer.form == "full" and torch.equal(layer(x), dense(x))
+
+
+def test_state_dict_inside_model_after_inflate_loads_into_fresh_lowrank_model():
+    def build():
+        torch.manual_seed(1)
+        return nn.Sequential(FusedLowRankLinear(8, 16, rank=2), nn.ReLU(), FusedLowRankLinear(16, 4, rank=2))
+    trained = build()
+    trained[0].inflate()
+    sd = trained.state_dict()
+    fresh = build()
+    fresh.load_state_dict(sd)
+    assert [m.form for m in fresh if isinstance(m, FusedLowRankLinear)] == ["full", "lowrank"]
+    x = torch.randn(2, 8)
+    assert torch.equal(fresh(x), trained(x))
+
+
+# -- torch.compile ---------------------------------------------------------------------
+
+def test_compiles_without_graph_break(backend):
+    device = _device()
+    layer = FusedLowRankLinear(12, 8, rank=3, form="adapter", device=device)
+    _randomize_adapter(layer)
+    x = torch.randn(4, 12, device=device, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    assert rel_err(y, _reference_forward(layer, x.detach())) < REL_TOL[torch.float32]
+    y.sum().backward()
+    assert layer.A.grad is not None and x.grad is not None
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rank, exc, message", [
+    (0, ValueError, r"rank must be in \[1, 6\]"),
+    (7, ValueError, r"rank must be in \[1, 6\]"),
+    (2.5, TypeError, "rank must be an int"),
+    (True, TypeError, "rank must be an int"),
+])
+def test_bad_rank(rank, exc, message):
+    with pytest.raises(exc, match=message):
+        FusedLowRankLinear(6, 9, rank=rank)
+
+
+def test_bad_form_and_sizes():
+    with pytest.raises(ValueError, match="form must be one of"):
+        FusedLowRankLinear(6, 9, rank=2, form="dense")
+    with pytest.raises(ValueError, match="in_features must be a positive int"):
+        FusedLowRankLinear(0, 9, rank=1)
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        FusedLowRankLinear(6, 9, rank=2, alpha="16")
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
+def test_wrong_last_dimension(backend, form):
+    layer = FusedLowRankLinear(6, 9, rank=2, form=form, device=_device())
+    with pytest.raises(ValueError, match=r"input must have shape \(\.\.\., 6\), got \(3, 5\)"):
+        layer(torch.randn(3, 5, device=_device()))
+
+
+def test_dtype_mismatch(backend):
+    layer = FusedLowRankLinear(6, 9, rank=2, form="adapter", device=_device())
+    with pytest.raises(TypeError, match="input has dtype torch.float16 but A has torch.float32"):
+        layer(torch.randn(3, 6, device=_device(), dtype=torch.float16))
+
+
+def test_device_mismatch():
+    from dynrank.functional import lowrank_linear
+    A, B = torch.randn(9, 2), torch.randn(6, 2)
+    with pytest.raises(ValueError, match="input is on meta but A is on cpu"):
+        lowrank_linear(torch.empty(3, 6, device="meta"), None, A, B)
+
+
+def test_unknown_backend(monkeypatch):
+    monkeypatch.setenv("DYNRANK_BACKEND", "cuda")
+    layer = FusedLowRankLinear(6, 9, rank=2)
+    with pytest.raises(ValueError, match="DYNRANK_BACKEND must be one of auto, torch, triton, got 'cuda'"):
+        layer(torch.randn(3, 6))
