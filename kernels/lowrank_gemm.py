@@ -104,6 +104,11 @@ def _lowrank_gemm_kernel(
     tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_o)
 
 
+def _fit(size, lo, hi):
+    """Smallest power of two >= size, clamped to [lo, hi]."""
+    return max(lo, min(hi, triton.next_power_of_2(size)))
+
+
 def _native_config(M, N, dtype, accumulate):
     """Tile shape for a compiled launch.
 
@@ -119,8 +124,10 @@ def _native_config(M, N, dtype, accumulate):
     if M >= 1024 and N >= 1024:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
     if M <= 64 or N <= 64:
-        return dict(BLOCK_M=32 if M <= 32 else 64, BLOCK_N=64 if N <= 64 else 128, BLOCK_K=block_k,
-                    GROUP_M=8, num_warps=4, num_stages=4)
+        # Skinny: size the small side to the problem (tensor-core minimum 16),
+        # e.g. x·B with N = rank = 16 runs 16-wide tiles, not 64-wide.
+        return dict(BLOCK_M=_fit(M, 16, 64 if N <= 64 else 128), BLOCK_N=_fit(N, 16, 64 if M <= 64 else 128),
+                    BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=4, num_stages=4)
 
 
