@@ -1,0 +1,234 @@
+"""Optimizer surgery for form changes: swap parameters in place, carry their state.
+
+A form change replaces a layer's trainable parameters (A, B → W on inflate,
+W → A, B on deflate, A, B → wider A, B on rank growth).  The optimizer must
+follow without being rebuilt, so that everything attached to it (an LR
+scheduler, a grad scaler, the user's own references) keeps working:
+
+- :func:`replace_params` removes the old parameters and their state from the
+  param group they were in and inserts the new ones at the same position, so
+  they share that group's hyperparameters and a freshly built optimizer that
+  goes through the same changes ends up with the same parameter order (which
+  is what makes ``optimizer.load_state_dict`` work after a resume).
+- :func:`pushforward_state` / :func:`pullback_state` derive the new
+  parameters' state from the old ones (``optimizer_state="carry"``).
+
+State entries are carried by kind.  Entries that are linear in the gradient
+(SGD's ``momentum_buffer``, Adam's ``exp_avg``, RMSprop's ``grad_avg``) map
+like velocities (inflate) or gradients (deflate).  Entries that are
+elementwise second moments (``exp_avg_sq``, ``max_exp_avg_sq``,
+``square_avg``, Adagrad's ``sum``) map under the assumption that the rank
+components are uncorrelated: (Σ_k a_k b_k)² is replaced by Σ_k a_k² b_k²,
+which keeps them non-negative and of the right scale.  Scalars (``step``)
+are copied.  A state holding any other parameter-shaped tensor cannot be
+mapped and the new parameter starts empty, as with ``"reset"``.
+"""
+
+import torch
+
+__all__ = ["replace_params", "optimizer_params", "pushforward_state", "pullback_state",
+           "LINEAR_STATE", "SQUARED_STATE"]
+
+LINEAR_STATE = frozenset({"momentum_buffer", "exp_avg", "grad_avg"})
+SQUARED_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
+
+
+def optimizer_params(optimizer):
+    """Set of ``id``s of every parameter held by ``optimizer``."""
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def _locate(optimizer, params):
+    """(group index, position) of the first of ``params`` held by the optimizer, or None."""
+    wanted = {id(p) for p in params}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) in wanted:
+                return g, i
+    return None
+
+
+def replace_params(optimizer, removed, added, states=None):
+    """Swap ``removed`` for ``added`` in ``optimizer``, in place.
+
+    The removed parameters leave every param group and their state is dropped;
+    the added ones are inserted where the first removed one sat, in the same
+    group (same lr, weight decay, ...).  If the optimizer holds none of the
+    removed parameters (the user left that layer out of it), nothing is added.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer``.
+        removed: parameters leaving the optimizer.
+        added: parameters joining it, in order.
+        states: optional dict ``param → state dict`` installed for added parameters.
+
+    Returns:
+        True if the optimizer was edited.
+    """
+    where = _locate(optimizer, removed)
+    if where is None:
+        return False
+    group_index, position = where
+    held = optimizer_params(optimizer)
+    removed_ids = {id(p) for p in removed}
+    fresh = [p for p in added if id(p) not in held or id(p) in removed_ids]
+    for g, group in enumerate(optimizer.param_groups):
+        params = group["params"]
+        if g == group_index:
+            before = [p for p in params[:position] if id(p) not in removed_ids]
+            after = [p for p in params[position:] if id(p) not in removed_ids]
+            params[:] = before + fresh + after
+        elif any(id(p) in removed_ids for p in params):
+            params[:] = [p for p in params if id(p) not in removed_ids]
+    for p in removed:
+        optimizer.state.pop(p, None)
+    for p in added:
+        if states is not None and states.get(p) is not None:
+            optimizer.state[p] = states[p]
+    return True
+
+
+# -- carrying state --------------------------------------------------------------
+def _split_state(state, shape):
+    """Return (tensor entries by name, scalar entries) or None if not carryable."""
+    tensors, scalars = {}, {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.shape == shape and value.dim() > 0:
+            if key not in LINEAR_STATE and key not in SQUARED_STATE:
+                return None
+            tensors[key] = value
+        elif isinstance(value, torch.Tensor):
+            scalars[key] = value.clone()
+        else:
+            scalars[key] = value
+    return tensors, scalars
+
+
+def _old_states(optimizer, params):
+    """Per-name split states of ``params`` (dict name → param); None if any is missing/odd."""
+    out = {}
+    for name, p in params.items():
+        state = optimizer.state.get(p)
+        if not state:
+            return None
+        split = _split_state(state, p.shape)
+        if split is None:
+            return None
+        out[name] = split
+    keys = {frozenset(t) for t, _ in out.values()}
+    if len(keys) != 1:
+        return None
+    return out
+
+
+def _differentiable_merge(layer, factors):
+    """s·merge(factors) in the dense weight's shape, through autograd; None if unknown layer type."""
+    from .linear import FusedLowRankLinear
+    if isinstance(layer, FusedLowRankLinear):
+        return layer.scale * (factors["A"] @ factors["B"].t())
+    dec = getattr(layer, "_dec", None)
+    if dec is None or not hasattr(dec, "operands"):
+        return None
+    # LowRankConv2d: merged kernel = s·U·V per group (see dynrank.conv_factorizations).
+    U, V = dec.operands(factors)
+    groups = layer.groups
+    U3 = U.reshape(groups, U.shape[0] // groups, U.shape[1])
+    V3 = V.reshape(groups, U.shape[1], -1)
+    return layer.scale * torch.bmm(U3, V3).reshape(layer._dense_shape())
+
+
+@torch.no_grad()
+def pushforward_state(optimizer, layer, old_factors, new_param):
+    """State for the dense weight after inflate, derived from the factors' state.
+
+    With W = W0 + s·merge(factors) multilinear in the factors, a factor update
+    δf_i moves W by s·merge(.., δf_i, ..) to first order.  Linear entries
+    (momentum, ``exp_avg``) are pushed forward the same way — inflate of an
+    SVD layer gives m_W = s·(m_A·Bᵀ + A·m_Bᵀ), so SGD's next step moves W
+    exactly as the low-rank momentum would have.  Second moments use the
+    uncorrelated-components rule: v_W = s²·(v_A·(B∘B)ᵀ + (A∘A)·v_Bᵀ).
+
+    Args:
+        optimizer: the optimizer holding the factors' state.
+        layer: the FormLayer (provides ``_merge_into_``, any multilinear merge works).
+        old_factors: dict name → factor parameter, values at the switch.
+        new_param: the dense weight parameter.
+
+    Returns:
+        a state dict for ``new_param``, or None (start empty).
+    """
+    old = _old_states(optimizer, old_factors)
+    if old is None:
+        return None
+    scale = float(layer.scale)  # inflate keeps the rank, so this is the factors' scale
+    first = next(iter(old.values()))
+    state = dict(first[1])
+    values = {n: f.detach() for n, f in old_factors.items()}
+    squares = {n: f * f for n, f in values.items()}
+    for key in first[0]:
+        out = torch.zeros_like(new_param)
+        squared = key in SQUARED_STATE
+        for name in old_factors:
+            subs = dict(squares if squared else values)
+            subs[name] = old[name][0][key]
+            layer._merge_into_(out, scale if squared else 1.0, subs)
+        if squared:
+            out.clamp_(min=0.0)
+        state[key] = out
+    return state
+
+
+def _pullback(layer, weight_state, squared, factors):
+    """(∂W/∂f)ᵀ·m for each factor f (squared: the uncorrelated-components rule); None if unsupported."""
+    leaves = {n: (f.detach() * f.detach() if squared else f.detach()).requires_grad_(True)
+              for n, f in factors.items()}
+    with torch.enable_grad():
+        merged = _differentiable_merge(layer, leaves)
+        if merged is None:
+            return None
+        grads = torch.autograd.grad(merged, list(leaves.values()), grad_outputs=weight_state.to(merged.dtype),
+                                    allow_unused=True)
+    scale = layer.scale if squared else 1.0
+    return {n: (torch.zeros_like(f) if g is None else (g * scale).to(f.dtype))
+            for (n, f), g in zip(factors.items(), grads)}
+
+
+@torch.no_grad()
+def pullback_state(optimizer, layer, old_weight, new_factors):
+    """States for fresh adapter factors after deflate, derived from the dense weight's state.
+
+    The factors' gradients are the pullback of W's gradient through the merge
+    (g_A = s·g_W·B, g_B = s·g_Wᵀ·A), so linear entries map the same way:
+    m_A = s·m_W·B, m_B = s·m_Wᵀ·A — what the factors' momentum would be had
+    they been trained with the other factor held at its fresh value.  Second
+    moments: v_A = s²·v_W·(B∘B), v_B = s²·v_Wᵀ·(A∘A).  A factor whose mapped
+    state is all zero (B after a zero-output deflate, where A = 0) starts
+    empty rather than with a late ``step`` count and zero moments, which would
+    make Adam's first bias-corrected steps about 3× too large.
+
+    The pullback runs through autograd of the merge (FusedLowRankLinear:
+    s·A·Bᵀ; LowRankConv2d: its decomposition's s·U·V); factors of other
+    layer types start empty.
+
+    Returns:
+        dict factor parameter → state dict (absent: start empty).
+    """
+    old = _old_states(optimizer, {"W": old_weight})
+    if old is None:
+        return {}
+    tensors, scalars = old["W"]
+    per_factor = {name: dict(scalars) for name in new_factors}
+    for key, value in tensors.items():
+        mapped = _pullback(layer, value, key in SQUARED_STATE, new_factors)
+        if mapped is None:
+            return {}
+        for name, tensor in mapped.items():
+            per_factor[name][key] = tensor.clamp_(min=0.0) if key in SQUARED_STATE else tensor
+    states = {}
+    for name, state in per_factor.items():
+        moments = [v for k, v in state.items() if k in tensors]
+        if moments and all(bool((m == 0).all()) for m in moments):
+            continue
+        states[new_factors[name]] = {k: (v.clone() if isinstance(v, torch.Tensor) and k not in tensors else v)
+                                     for k, v in state.items()}
+    return states

@@ -1,0 +1,306 @@
+"""convert_model: replace a model's nn.Linear / nn.Conv2d layers by dynrank layers, in place."""
+
+import fnmatch
+import numbers
+
+from torch import nn
+
+from ._forms import FORMS, FormLayer
+from .linear import FusedLowRankLinear
+
+__all__ = ["convert_model", "ConversionSummary", "DECOMPOSITIONS"]
+
+DECOMPOSITIONS = ("svd", "tucker", "cp", "tkd-cpd")
+INITS = ("dense", "fresh")
+# Name components of residual shortcuts (torchvision: "downsample"; CIFAR ResNets: "shortcut").
+SHORTCUT_NAMES = ("shortcut", "downsample")
+
+
+def _noop_pre_hook(module, args):
+    return None
+
+
+class ConversionSummary:
+    """What :func:`convert_model` did, one row per nn.Linear / nn.Conv2d found.
+
+    Attributes:
+        rows: list of dicts with keys ``name``, ``type``, ``shape`` (weight
+            shape), ``rank`` (None if kept dense), ``params_before``,
+            ``params_after`` (trainable parameters of that module),
+            ``converted`` (bool), ``note`` (why it was kept dense).
+        params_before, params_after: trainable parameters of the whole model.
+
+    ``str(summary)`` is a table; ``summary.converted`` / ``summary.skipped``
+    list names.
+    """
+
+    def __init__(self, rows, params_before, params_after):
+        self.rows = rows
+        self.params_before = params_before
+        self.params_after = params_after
+
+    @property
+    def converted(self):
+        """Names of the converted modules."""
+        return [r["name"] for r in self.rows if r["converted"]]
+
+    @property
+    def skipped(self):
+        """(name, reason) of the modules kept dense."""
+        return [(r["name"], r["note"]) for r in self.rows if not r["converted"]]
+
+    @property
+    def ratio(self):
+        """Trainable parameters after / before."""
+        return self.params_after / max(self.params_before, 1)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __str__(self):
+        header = ("module", "type", "weight", "rank", "params before", "params after", "note")
+        lines = [header]
+        for r in self.rows:
+            kind = r["type"] if not r["converted"] else f"{r['type']} → {r['new_type']}"
+            lines.append((r["name"], kind, "×".join(str(s) for s in r["shape"]),
+                          "-" if r["rank"] is None else str(r["rank"]), f"{r['params_before']:,}",
+                          f"{r['params_after']:,}", r["note"]))
+        lines.append(("total (model)", "", "", "", f"{self.params_before:,}", f"{self.params_after:,}",
+                      f"{self.ratio:.2f}× trainable, {len(self.converted)} of {len(self.rows)} converted"))
+        widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+        right = {3, 4, 5}
+
+        def fmt(row):
+            cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+            return "  ".join(cells).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        body = [fmt(row) for row in lines[1:-1]]
+        return "\n".join([fmt(lines[0]), rule, *body, rule, fmt(lines[-1])])
+
+    def __repr__(self):
+        return (f"ConversionSummary(converted={len(self.converted)}, skipped={len(self.skipped)}, "
+                f"params {self.params_before:,} → {self.params_after:,})")
+
+
+def _trainable_count(module):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _matches(patterns, name, module):
+    if patterns is None:
+        return False
+    if callable(patterns):
+        return bool(patterns(name, module))
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _named_exactly(patterns, name):
+    if patterns is None or callable(patterns):
+        return False
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return name in patterns
+
+
+def _check_patterns(value, what):
+    if value is None or callable(value) or isinstance(value, str):
+        return value
+    try:
+        items = list(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a name/glob, a list of them, a callable or None, "
+                        f"got {type(value).__name__}") from None
+    if not all(isinstance(i, str) for i in items):
+        raise TypeError(f"{what} must contain only strings (module names or globs), got {items!r}")
+    return items
+
+
+def _candidates(module, prefix=""):
+    """(name, parent, attr, child) for Linear/Conv2d, not descending into dynrank layers or MHA."""
+    for attr, child in module.named_children():
+        name = f"{prefix}.{attr}" if prefix else attr
+        if isinstance(child, FormLayer):
+            continue
+        if isinstance(child, nn.MultiheadAttention):
+            # MHA reads out_proj.weight directly in F.multi_head_attention_forward.
+            for sub, leaf in child.named_modules():
+                if isinstance(leaf, (nn.Linear, nn.Conv2d)):
+                    yield f"{name}.{sub}", None, None, leaf
+            continue
+        if isinstance(child, (nn.Linear, nn.Conv2d)):
+            yield name, module, attr, child
+        else:
+            yield from _candidates(child, name)
+
+
+def _weight_shape(child):
+    return tuple(child.weight.shape)
+
+
+def _matrix_sides(child):
+    """(rows, cols) of the weight's matrix view: out × in (Linear), out × in·kh·kw (Conv2d)."""
+    shape = _weight_shape(child)
+    cols = 1
+    for s in shape[1:]:
+        cols *= s
+    return shape[0], cols
+
+
+def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", include=None, exclude=None,
+                  min_features=8, init="dense", alpha=None, keep_last=True):
+    """Replace ``nn.Linear`` and ``nn.Conv2d`` modules of ``model`` by dynrank layers, in place.
+
+    Each converted Linear becomes a :class:`FusedLowRankLinear` of rank
+    r = max(1, int(ρ·out_features)) capped at min(in, out); each Conv2d a
+    ``LowRankConv2d`` with ``rank_ratio=ρ`` and ``decomposition`` (the authors'
+    r = int(ρ·out_channels)).  With ``init="dense"`` the new layer starts from
+    the existing weights (``from_dense``: truncated SVD/Tucker/CP in lowrank
+    form, the weight itself in full form, the weight as W_f plus a zero-output
+    adapter in adapter form); ``init="fresh"`` builds it with its own
+    initialization.  Biases are kept.
+
+    Kept dense by default (the authors' choices, see DESIGN.md): 1×1
+    convolutions inside a residual shortcut (a module named ``shortcut`` or
+    ``downsample``), the model's last ``nn.Linear`` in registration order
+    (the classifier / LM head; ``keep_last=False`` converts it), grouped
+    convolutions, layers whose weight matrix view (out × in, or
+    out × in·kh·kw) has a side smaller than ``min_features``, and the
+    projections inside ``nn.MultiheadAttention`` (it reads their weights
+    directly).  The first convolution is converted.  A module named exactly
+    in ``include`` is converted even when a default rule would keep it.
+    ``nn.TransformerEncoderLayer``\\ s whose linears are converted get a
+    no-op forward pre-hook (and their ``nn.TransformerEncoder`` has
+    ``use_nested_tensor`` turned off): torch's fused inference path reads
+    ``linear1.weight`` directly and would skip the low-rank factors.
+
+    Args:
+        model: any ``nn.Module``; modified in place.
+        rank_ratio: ρ in (0, 1].
+        decomposition: convolutions: ``"svd"``, ``"tucker"``, ``"cp"`` or ``"tkd-cpd"``.
+        form: ``"lowrank"`` (training from scratch), ``"full"`` (fine-tuning:
+            deflate later) or ``"adapter"``.
+        include: only modules matching these names/globs (``fnmatch``), or a
+            callable ``(name, module) -> bool``; None: all.
+        exclude: modules matching these are kept dense.
+        min_features: smallest side of the weight's matrix view to convert.
+        init: ``"dense"`` (from the existing weights) or ``"fresh"``.
+        alpha: optional adapter/low-rank scale numerator (s = alpha / rank).
+        keep_last: keep the model's last nn.Linear dense.
+
+    Returns:
+        :class:`ConversionSummary`; ``print(summary)`` shows a table.
+
+    Raises:
+        TypeError: ``model`` is not an nn.Module, bad include/exclude types.
+        ValueError: ρ outside (0, 1], unknown decomposition/form/init, or
+            nothing to convert.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        >>> summary = convert_model(model, rank_ratio=0.25)   # "0": rank 32; "2" is the classifier
+        >>> print(summary)                                   # one row per Linear/Conv2d + totals
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(rank_ratio, bool) or not isinstance(rank_ratio, numbers.Real):
+        raise TypeError(f"rank_ratio must be a float in (0, 1], got {type(rank_ratio).__name__}")
+    if not 0.0 < rank_ratio <= 1.0:
+        raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio}")
+    if decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition must be one of {', '.join(DECOMPOSITIONS)}, got {decomposition!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if isinstance(min_features, bool) or not isinstance(min_features, numbers.Integral) or min_features < 1:
+        raise ValueError(f"min_features must be a positive int, got {min_features!r}")
+    include = _check_patterns(include, "include")
+    exclude = _check_patterns(exclude, "exclude")
+
+    params_before = _trainable_count(model)
+    found = list(_candidates(model))
+    last_linear = next((name for name, parent, _, c in reversed(found)
+                        if parent is not None and isinstance(c, nn.Linear)), None)
+    rows, replaced = [], 0
+    for name, parent, attr, child in found:
+        row = {"name": name, "type": type(child).__name__, "shape": _weight_shape(child), "rank": None,
+               "params_before": _trainable_count(child), "converted": False, "note": "",
+               "new_type": None}
+        rows.append(row)
+        reason = _keep_reason(name, parent, child, include, exclude, min_features, last_linear, keep_last)
+        if reason:
+            row["params_after"] = row["params_before"]
+            row["note"] = reason
+            continue
+        new = _convert_one(child, rank_ratio, decomposition, form, init, alpha)
+        setattr(parent, attr, new)
+        replaced += 1
+        row.update(converted=True, rank=new.rank, params_after=_trainable_count(new),
+                   new_type=type(new).__name__)
+        if form == "lowrank" and row["params_after"] >= row["params_before"]:
+            row["note"] = "no parameter saving at this rank"
+    if replaced == 0:
+        raise ValueError("convert_model found nothing to convert: no nn.Linear/nn.Conv2d passed the rules "
+                         f"({len(rows)} candidates: " + "; ".join(f"{r['name']}: {r['note']}" for r in rows)
+                         + "); adjust include/exclude/min_features/keep_last")
+    _guard_transformer_fast_path(model)
+    return ConversionSummary(rows, params_before, _trainable_count(model))
+
+
+def _keep_reason(name, parent, child, include, exclude, min_features, last_linear, keep_last):
+    if parent is None:
+        return "inside nn.MultiheadAttention (reads weights directly)"
+    if _matches(exclude, name, child):
+        return "excluded"
+    if include is not None and not _matches(include, name, child):
+        return "not included"
+    if _named_exactly(include, name):
+        return ""
+    if isinstance(child, nn.Conv2d):
+        if child.groups != 1:
+            return "grouped convolution"
+        parts = name.split(".")
+        if tuple(child.kernel_size) == (1, 1) and any(p in SHORTCUT_NAMES for p in parts):
+            return "1×1 shortcut"
+    if keep_last and name == last_linear:
+        return "final classifier"
+    if min(_matrix_sides(child)) < min_features:
+        return f"smaller than min_features={min_features}"
+    return ""
+
+
+def _convert_one(child, rank_ratio, decomposition, form, init, alpha):
+    if isinstance(child, nn.Linear):
+        out_features, in_features = child.weight.shape
+        rank = min(max(1, int(rank_ratio * out_features)), in_features, out_features)
+        if init == "dense":
+            return FusedLowRankLinear.from_dense(child, rank, form=form, alpha=alpha)
+        return FusedLowRankLinear(in_features, out_features, rank, bias=child.bias is not None, form=form,
+                                  alpha=alpha, device=child.weight.device, dtype=child.weight.dtype)
+    from .conv import LowRankConv2d
+    if init == "dense":
+        return LowRankConv2d.from_dense(child, decomposition=decomposition, form=form, rank_ratio=rank_ratio,
+                                        alpha=alpha)
+    new = LowRankConv2d(child.in_channels, child.out_channels, child.kernel_size,
+                        decomposition=decomposition, stride=child.stride, padding=child.padding,
+                        dilation=child.dilation, groups=child.groups, bias=child.bias is not None,
+                        form=form, padding_mode=child.padding_mode, rank_ratio=rank_ratio, alpha=alpha)
+    return new.to(device=child.weight.device, dtype=child.weight.dtype)
+
+
+def _guard_transformer_fast_path(model):
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            if any(isinstance(m, FormLayer) for m in (module.linear1, module.linear2)):
+                if not getattr(module, "_dynrank_fast_path_off", False):
+                    module.register_forward_pre_hook(_noop_pre_hook)
+                    module._dynrank_fast_path_off = True
+        if isinstance(module, nn.TransformerEncoder):
+            if any(isinstance(m, FormLayer) for m in module.modules()):
+                module.use_nested_tensor = False

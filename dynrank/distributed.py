@@ -1,0 +1,144 @@
+"""Data-parallel training across form changes.
+
+A form change replaces parameters, and DistributedDataParallel registers its
+gradient hooks and buckets on the parameters it was built with, so after a
+change the model must be wrapped again.  Two pieces keep every rank identical:
+
+1. :class:`~dynrank.DynamicRankScheduler` given the DDP-wrapped model
+   broadcasts fresh adapter factors from rank 0 right after each deflate
+   (before any optimizer state is derived from them), so each rank's
+   optimizer holds the same parameters and state.
+2. :func:`rewrap_ddp` removes the old wrapper's hooks and builds a new
+   DistributedDataParallel with the same settings (its construction also
+   broadcasts parameters and buffers from rank 0).
+
+Loop::
+
+    model = DistributedDataParallel(net)
+    scheduler = DynamicRankScheduler(model, optimizer, I, D)
+    for epoch in range(epochs):
+        if scheduler.step(epoch):
+            model = rewrap_ddp(model)
+        ...
+
+FSDP (``fully_shard``, FSDP2): a form change creates and drops parameters,
+which FSDP cannot follow — it manages the parameters it found when
+``fully_shard`` ran, and has no way to un-shard a unit.  Supported wrapping
+(tested on CPU/gloo): shard everything else, keep the dynrank layers out of
+every unit and replicated, average their gradients yourself::
+
+    fully_shard(model.blocks[i]...)   # units that hold no dynrank layer
+    fully_shard(model, ignored_params=dynrank_params(model))
+    scheduler = DynamicRankScheduler(model, optimizer, I, D, sync_ranks=True)
+    for epoch ...:
+        scheduler.step(epoch)         # new factors broadcast from rank 0
+        loss.backward()
+        allreduce_grads(model)        # dynrank layers' gradients averaged
+        optimizer.step()
+
+Parameters created by later form changes are not FSDP's, so they stay plain
+replicated tensors too.  Sharding the dynrank layers themselves would need
+un-sharding and re-sharding a unit at each change, which FSDP2 does not
+offer; FSDP1 with ``use_orig_params=False`` additionally cannot hold frozen
+W_f and trainable factors in one flat parameter.
+"""
+
+import torch
+
+__all__ = ["rewrap_ddp", "broadcast_params", "dynrank_params", "allreduce_grads"]
+
+_DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+
+
+def broadcast_params(params, src=0, group=None):
+    """Broadcast ``params`` in place from rank ``src`` of ``group`` (no-op without a process group).
+
+    Args:
+        params: iterable of tensors/parameters, same shapes on every rank.
+        src: rank within ``group`` that holds the values to keep.
+        group: process group (default: WORLD).
+    """
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size(group) == 1:
+        return
+    global_src = src if group is None else dist.get_global_rank(group, src)
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=global_src, group=group)
+
+
+def dynrank_params(model):
+    """Set of every parameter of the model's dynrank layers (for ``fully_shard(ignored_params=...)``)."""
+    from .scheduler import form_layers
+    return {p for _, layer in form_layers(model) for p in layer.parameters()}
+
+
+def allreduce_grads(model, group=None):
+    """Average the gradients of the model's dynrank layers over ``group`` (no-op without one).
+
+    For dynrank layers kept out of FSDP units (see the module docstring): call
+    after ``backward()`` and before ``optimizer.step()``.  Parameters without a
+    gradient (frozen W_f) are skipped.
+    """
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    from .scheduler import form_layers
+    grads = [p.grad for _, layer in form_layers(model) for p in layer.parameters() if p.grad is not None]
+    for grad in grads:
+        dist.all_reduce(grad, group=group)
+        grad.div_(world)
+
+
+def rewrap_ddp(ddp_model, **overrides):
+    """Wrap ``ddp_model.module`` in a new DistributedDataParallel after a form change.
+
+    The old wrapper's autograd hooks are removed (else every backward would also
+    feed its stale reducer) and the new wrapper copies its settings:
+    ``device_ids``, ``output_device``, ``dim``, ``process_group``,
+    ``find_unused_parameters``, ``gradient_as_bucket_view``, ``static_graph``,
+    buffer broadcasting and a non-default bucket size.  Communication hooks
+    are not copied: register them again on the returned wrapper.  Its
+    construction broadcasts parameters and buffers from rank 0.
+
+    Args:
+        ddp_model: the current ``torch.nn.parallel.DistributedDataParallel``.
+        **overrides: DistributedDataParallel keyword arguments to change.
+
+    Returns:
+        a new DistributedDataParallel around the same module (the module and its
+        parameters are not copied; the optimizer stays valid).
+
+    Raises:
+        TypeError: ``ddp_model`` is not a DistributedDataParallel.
+
+    Example:
+        >>> if scheduler.step(epoch):
+        ...     model = rewrap_ddp(model)
+    """
+    from torch.nn.parallel import DistributedDataParallel
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(f"rewrap_ddp takes a DistributedDataParallel, got {type(ddp_model).__name__}")
+    kwargs = {"device_ids": ddp_model.device_ids, "output_device": ddp_model.output_device,
+              "dim": ddp_model.dim, "process_group": ddp_model.process_group,
+              "find_unused_parameters": ddp_model.find_unused_parameters,
+              "gradient_as_bucket_view": ddp_model.gradient_as_bucket_view,
+              "static_graph": bool(getattr(ddp_model, "static_graph", False))}
+    # torch renamed the buffer switch; keep whichever this version has.
+    if hasattr(ddp_model, "forward_sync_buffers"):
+        kwargs["forward_sync_buffers"] = ddp_model.forward_sync_buffers
+    elif hasattr(ddp_model, "broadcast_buffers"):
+        kwargs["broadcast_buffers"] = ddp_model.broadcast_buffers
+    bucket_bytes = getattr(ddp_model, "bucket_bytes_cap", _DEFAULT_BUCKET_BYTES)
+    if bucket_bytes != _DEFAULT_BUCKET_BYTES:
+        kwargs["bucket_cap_mb"] = bucket_bytes / (1024 * 1024)
+    kwargs.update(overrides)
+    remove_hooks = getattr(ddp_model, "_remove_autograd_hooks", None)
+    if callable(remove_hooks):
+        remove_hooks()
+    return DistributedDataParallel(ddp_model.module, **kwargs)

@@ -1,0 +1,307 @@
+"""InRank-style incremental rank: low-rank layers whose rank grows when their spectrum asks for it.
+
+An alternative to the inflate/deflate schedule with no full-rank phase
+(reference: InRank, Zhao et al.; see ``shared/reference/inrank.md``).  Each
+managed layer keeps a *discovered* rank r and trains r + ``buffer``
+components.  Every ``check_every`` steps after ``warmup_steps``, the singular
+values σ of the layer's low-rank product s·A·Bᵀ (the whole weight in lowrank
+form, the cumulative update in adapter form) are tested: the new r is the
+smallest k in [r, r + buffer) whose top-k spectrum explains the spectrum,
+
+    1 − var(σ − σ_top-k) / var(σ) > threshold,
+
+else r + buffer − 1; the layer then grows to r + buffer components.  Ranks
+never shrink during training.  Growth appends components whose A columns are
+zero and B columns random, so the layer's function is unchanged at the
+switch (with ``alpha`` set, the old A is rescaled to keep s·A·Bᵀ fixed) and
+the optimizer keeps the old components' state.
+"""
+
+import numbers
+
+import torch
+
+from ._optim import LINEAR_STATE, SQUARED_STATE, replace_params
+from .linear import FusedLowRankLinear, svd_factors
+from .scheduler import unwrap_model
+
+__all__ = ["IncrementalRankScheduler", "grow_rank_", "explained_rank"]
+
+
+def explained_rank(singular_values, current, buffer, threshold):
+    """InRank's rank rule: smallest k in [current, current+buffer) explaining ``threshold`` of the spectrum.
+
+    Args:
+        singular_values: 1-D tensor σ (any order; sorted descending here).
+        current: discovered rank so far.
+        buffer: how far past ``current`` to look.
+        threshold: explained-variance level in (0, 1).
+
+    Returns:
+        int: the new discovered rank (≥ ``current``; ``current + buffer − 1`` if none explains enough).
+    """
+    sigma = torch.sort(singular_values.detach().double().flatten(), descending=True).values
+    total = sigma.var(unbiased=False)
+    upper = min(current + buffer, sigma.numel())
+    if total <= 0:
+        return current
+    for k in range(current, upper):
+        tail = sigma.clone()
+        tail[:k] = 0.0
+        if 1.0 - (tail.var(unbiased=False) / total).item() > threshold:
+            return k
+    return max(current, upper - 1)
+
+
+def _lowrank_singular_values(layer):
+    A, B = layer.A.detach().double(), layer.B.detach().double()
+    _, ra = torch.linalg.qr(A)
+    _, rb = torch.linalg.qr(B)
+    return torch.linalg.svdvals(layer.scale * (ra @ rb.t()))
+
+
+def _pad_state(state, param, extra, ratio):
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() == 2:
+            if key in SQUARED_STATE:
+                value = value / (ratio * ratio)
+                fill = value.mean().expand(value.shape[0], extra)
+            elif key in LINEAR_STATE:
+                value = value / ratio
+                fill = torch.zeros(value.shape[0], extra, dtype=value.dtype, device=value.device)
+            else:
+                return None
+            out[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
+        else:
+            out[key] = value.clone() if isinstance(value, torch.Tensor) else value
+    return out
+
+
+@torch.no_grad()
+def grow_rank_(layer, new_rank, optimizer=None):
+    """Grow a FusedLowRankLinear (lowrank or adapter form) to ``new_rank`` components, in place.
+
+    New components: A columns zero, B columns Glorot-normal (the layer's own
+    zero-output init), so the output is unchanged; with ``alpha`` set the old
+    A is multiplied by new_rank/old_rank to keep s·A·Bᵀ fixed.  If
+    ``optimizer`` is given, the new A and B replace the old ones in place and
+    keep their state: old columns as they were (rescaled with A), new columns
+    with zero first moments and second moments at the old mean (so Adam's
+    first steps on them are not inflated by a late ``step`` count).
+
+    Args:
+        layer: FusedLowRankLinear in lowrank or adapter form.
+        new_rank: int, layer.rank ≤ new_rank ≤ min(in, out).
+        optimizer: optional ``torch.optim.Optimizer`` holding A and B.
+
+    Returns:
+        the layer.
+
+    Raises:
+        TypeError: not a FusedLowRankLinear.
+        ValueError: full form, or ``new_rank`` below the current rank or above the limit.
+
+    Example:
+        >>> grow_rank_(layer, layer.rank + 4, optimizer)
+    """
+    if not isinstance(layer, FusedLowRankLinear):
+        raise TypeError(f"grow_rank_ takes a FusedLowRankLinear, got {type(layer).__name__}")
+    if layer.form == "full":
+        raise ValueError("grow_rank_ applies to lowrank or adapter form, the layer is full")
+    old_rank = layer.rank
+    new_rank = layer._check_rank(new_rank)
+    if new_rank < old_rank:
+        raise ValueError(f"new_rank must be >= the current rank {old_rank} (ranks never shrink), got {new_rank}")
+    if new_rank == old_rank:
+        return layer
+    extra = new_rank - old_rank
+    old_A, old_B = layer.A, layer.B
+    ratio = layer.scale_for(old_rank) / layer.scale_for(new_rank)
+    fresh = layer._init_factors(extra, True, device=old_A.device, dtype=old_A.dtype)
+    A = torch.cat([old_A.detach() * ratio, fresh["A"]], dim=1)
+    B = torch.cat([old_B.detach(), fresh["B"]], dim=1)
+    layer._become(layer.form, layer.weight, {"A": A, "B": B}, new_rank)
+    if optimizer is not None:
+        states = {}
+        for old, new, r in ((old_A, layer.A, ratio), (old_B, layer.B, 1.0)):
+            state = optimizer.state.get(old)
+            if state:
+                padded = _pad_state(state, old, extra, r)
+                if padded is not None:
+                    states[new] = padded
+        replace_params(optimizer, [old_A, old_B], [layer.A, layer.B], states)
+    return layer
+
+
+@torch.no_grad()
+def _truncate_rank_(layer, rank, optimizer=None):
+    """Best rank-``rank`` factors of the current product (construction / loading only)."""
+    old = [layer.A, layer.B]
+    merged = torch.zeros(layer.out_features, layer.in_features, dtype=layer.A.dtype, device=layer.A.device)
+    layer._merge_into_(merged, 1.0, layer.factors())
+    A, B = svd_factors(merged, rank, layer.scale_for(rank))
+    layer._become(layer.form, layer.weight, {"A": A, "B": B}, rank)
+    if optimizer is not None:
+        replace_params(optimizer, old, [layer.A, layer.B])
+
+
+class IncrementalRankScheduler:
+    """Grow the rank of low-rank layers during training by InRank's explained-variance rule.
+
+    Manages every :class:`FusedLowRankLinear` of the model in lowrank or adapter
+    form.  At construction each layer is set to ``init_rank + buffer``
+    components (truncated SVD of its current product when that is fewer, zero-
+    output padding when more); with ``init_rank=None`` each layer keeps its
+    rank and its discovered rank starts at rank − buffer.  Call :meth:`step`
+    after every optimizer step.
+
+    Args:
+        model: the model (or a DistributedDataParallel around it).
+        optimizer: the ``torch.optim.Optimizer`` training it; edited in place.
+        init_rank: discovered rank to start from (InRank: 2), or None.
+        buffer: components trained beyond the discovered rank (InRank: 100;
+            scale it to your layer widths).
+        threshold: explained-variance level in (0, 1) (InRank: 0.9).
+        warmup_steps: steps before the first check (InRank: 200).
+        check_every: steps between checks (InRank: 25).
+        max_rank: cap on the trained components (default min(in, out)).
+        sync_ranks, process_group: broadcast new components from rank 0 under
+            data parallelism (default: when ``model`` is a DistributedDataParallel).
+
+    Raises:
+        TypeError / ValueError: bad arguments, or no FusedLowRankLinear in
+            lowrank/adapter form.
+
+    Example:
+        >>> convert_model(model, rank_ratio=0.1)
+        >>> growth = IncrementalRankScheduler(model, optimizer, init_rank=2, buffer=8)
+        >>> for step, batch in enumerate(loader):
+        ...     train_step(batch); growth.step(step + 1)
+    """
+
+    def __init__(self, model, optimizer, init_rank=2, buffer=8, threshold=0.9, warmup_steps=200,
+                 check_every=25, max_rank=None, sync_ranks=None, process_group=None):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        for what, value, low in (("buffer", buffer, 1), ("warmup_steps", warmup_steps, 0),
+                                 ("check_every", check_every, 1)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
+        if init_rank is not None and (isinstance(init_rank, bool) or not isinstance(init_rank, numbers.Integral)
+                                      or init_rank < 1):
+            raise ValueError(f"init_rank must be a positive int or None, got {init_rank!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        self.model = unwrap_model(model)
+        self.optimizer = optimizer
+        self.buffer, self.threshold = int(buffer), float(threshold)
+        self.warmup_steps, self.check_every = int(warmup_steps), int(check_every)
+        self._layers = [(n, m) for n, m in self.model.named_modules()
+                        if isinstance(m, FusedLowRankLinear) and m.form != "full"]
+        if not self._layers:
+            raise ValueError("model has no FusedLowRankLinear in lowrank or adapter form; "
+                             "convert it first with dynrank.convert_model(model)")
+        self.max_rank = {}
+        for name, layer in self._layers:
+            limit = min(layer.in_features, layer.out_features)
+            self.max_rank[name] = limit if max_rank is None else layer._check_rank(min(int(max_rank), limit))
+        from torch.nn.parallel import DistributedDataParallel
+        is_ddp = isinstance(model, DistributedDataParallel)
+        self.sync_ranks = is_ddp if sync_ranks is None else bool(sync_ranks)
+        self.process_group = model.process_group if process_group is None and is_ddp else process_group
+        self.current = {}
+        for name, layer in self._layers:
+            if init_rank is None:
+                self.current[name] = max(1, layer.rank - self.buffer)
+            else:
+                self.current[name] = min(int(init_rank), self.max_rank[name])
+                self._resize(layer, min(self.current[name] + self.buffer, self.max_rank[name]))
+        self.last_step = 0
+        self._callbacks = []
+
+    @property
+    def ranks(self):
+        """Dict name → trained components (discovered rank + buffer, capped)."""
+        return {name: layer.rank for name, layer in self._layers}
+
+    def add_callback(self, fn):
+        """Call ``fn(event)`` after a step that grew ranks; ``event`` as for DynamicRankScheduler plus
+        ``"rank_changes": [(name, old_rank, new_rank), ...]``.  Returns ``fn``."""
+        if not callable(fn):
+            raise TypeError(f"callback must be callable, got {type(fn).__name__}")
+        self._callbacks.append(fn)
+        return fn
+
+    def _resize(self, layer, rank):
+        if rank > layer.rank:
+            grow_rank_(layer, rank, self.optimizer)
+            self._sync(layer)
+        elif rank < layer.rank:
+            _truncate_rank_(layer, rank, self.optimizer)
+
+    def _sync(self, layer):
+        if self.sync_ranks:
+            from .distributed import broadcast_params
+            broadcast_params([layer.A, layer.B], group=self.process_group)
+
+    def step(self, step=None):
+        """Count one optimizer step (or set the count) and grow ranks when a check is due.
+
+        Args:
+            step: number of optimizer steps done so far (default: last + 1).
+
+        Returns:
+            list of (name, old_rank, new_rank) for the layers that grew.
+        """
+        step = self.last_step + 1 if step is None else step
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if step < self.last_step:
+            raise ValueError(f"steps must not go backwards: got {step} after {self.last_step}")
+        self.last_step = int(step)
+        if step < self.warmup_steps or (step - self.warmup_steps) % self.check_every != 0:
+            return []
+        grown = []
+        for name, layer in self._layers:
+            limit = self.max_rank[name]
+            if layer.rank >= limit:
+                continue
+            new_current = explained_rank(_lowrank_singular_values(layer), self.current[name],
+                                         self.buffer, self.threshold)
+            self.current[name] = max(self.current[name], new_current)
+            target = min(self.current[name] + self.buffer, limit)
+            if target > layer.rank:
+                old = layer.rank
+                self._resize(layer, target)
+                grown.append((name, old, target))
+        if grown:
+            forms = dict(self._layers)
+            event = {"epoch": None, "step": self.last_step,
+                     "changes": [(n, forms[n].form, forms[n].form) for n, _, _ in grown],
+                     "rank_changes": list(grown)}
+            for fn in list(self._callbacks):
+                fn(event)
+        return grown
+
+    def state_dict(self):
+        """Discovered and trained ranks, the step count and the settings."""
+        return {"last_step": self.last_step, "current": dict(self.current), "ranks": self.ranks,
+                "buffer": self.buffer, "threshold": self.threshold, "warmup_steps": self.warmup_steps,
+                "check_every": self.check_every, "max_rank": dict(self.max_rank)}
+
+    def load_state_dict(self, state_dict):
+        """Resize every layer to its saved rank (optimizer edited in place), then restore the counters.
+
+        Call it before ``model.load_state_dict`` and ``optimizer.load_state_dict``
+        (same order as :meth:`DynamicRankScheduler.load_state_dict`).
+        """
+        names = sorted(n for n, _ in self._layers)
+        if sorted(state_dict["ranks"]) != names:
+            raise ValueError(f"saved scheduler manages layers {sorted(state_dict['ranks'])}, this model {names}")
+        with torch.random.fork_rng(devices=[]):
+            for name, layer in self._layers:
+                self._resize(layer, int(state_dict["ranks"][name]))
+        for key in ("buffer", "threshold", "warmup_steps", "check_every", "max_rank", "current", "last_step"):
+            value = state_dict[key]
+            setattr(self, key, dict(value) if isinstance(value, dict) else value)

@@ -1,0 +1,141 @@
+"""schedule_from_lr against the paper's settings (appendix Tables 7 and 10) and bad input."""
+
+import math
+
+import pytest
+import torch
+
+from dynrank.schedules import finetune_schedule, midpoint_schedule, regime_boundary, schedule_from_lr
+
+PHIS = (0.1, 0.3, 0.5, 0.7, 0.9)
+# Appendix Table 10: (I, D) per φ.
+TABLE10_CIFAR10 = dict(zip(PHIS, [(92, 107), (75, 120), (60, 135), (45, 150), (15, 150)]))
+TABLE10_CIFAR100 = dict(zip(PHIS, [(140, 160), (120, 180), (100, 200), (60, 200), (20, 200)]))
+
+
+def lr_list(scheduler_factory, epochs, lr=0.1):
+    """Per-epoch learning rates produced by a real torch LR scheduler."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = scheduler_factory(opt)
+    out = []
+    for _ in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("phi", PHIS)
+def test_table10_cifar100_every_phi(phi):
+    assert schedule_from_lr(200, milestones=[150, 180], full_rank_fraction=phi) == TABLE10_CIFAR100[phi]
+
+
+@pytest.mark.parametrize("phi", [0.1, 0.7, 0.9])
+def test_table10_cifar10_unit_granularity(phi):
+    assert schedule_from_lr(150, milestones=[100, 130], full_rank_fraction=phi) == TABLE10_CIFAR10[phi]
+
+
+@pytest.mark.parametrize("phi", [0.3, 0.5, 0.7, 0.9])
+def test_table10_cifar10_five_epoch_grid(phi):
+    assert schedule_from_lr(150, milestones=[100, 130], full_rank_fraction=phi,
+                            granularity=5) == TABLE10_CIFAR10[phi]
+
+
+def test_table10_cifar10_documented_differences():
+    # The paper snapped φ = 0.3, 0.5 to its 5-epoch grid; the exact half-split gives 2 epochs later.
+    assert schedule_from_lr(150, milestones=[100, 130], full_rank_fraction=0.3) == (77, 122)
+    assert schedule_from_lr(150, milestones=[100, 130], full_rank_fraction=0.5) == (62, 137)
+    assert schedule_from_lr(150, milestones=[100, 130], full_rank_fraction=0.1, granularity=5) == (90, 105)
+
+
+@pytest.mark.parametrize("epochs, milestones, tuned", [
+    (150, [100, 130], (55, 120)),    # CIFAR-10
+    (200, [150, 180], (80, 170)),    # CIFAR-100
+    (100, [70, 90], (30, 80)),       # Tiny ImageNet
+])
+def test_table7_pairs_are_one_grid_step_from_the_regime_midpoints(epochs, milestones, tuned):
+    start = midpoint_schedule(epochs, milestones=milestones)
+    assert start == (milestones[0] // 2, (milestones[0] + epochs) // 2)
+    assert all(abs(a - b) <= 5 for a, b in zip(start, tuned))
+
+
+def test_paper_recommended_starting_point():
+    assert midpoint_schedule(150, milestones=[100]) == (50, 125)        # §4.3
+
+
+@pytest.mark.parametrize("epochs, milestones", [(150, [100, 130]), (200, [150, 180]), (90, [30, 60, 80])])
+def test_step_schedule_as_lr_list_gives_the_same_pair(epochs, milestones):
+    lrs = lr_list(lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones, 0.1), epochs)
+    assert regime_boundary(epochs, lrs=lrs) == milestones[0]
+    for phi in PHIS:
+        assert schedule_from_lr(epochs, lrs=lrs, full_rank_fraction=phi) == \
+            schedule_from_lr(epochs, milestones=milestones, full_rank_fraction=phi)
+
+
+@pytest.mark.parametrize("epochs", [50, 100, 150, 300])
+def test_cosine_boundary_is_where_lr_falls_to_peak_over_sqrt10(epochs):
+    lrs = lr_list(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, epochs), epochs)
+    # Closed form: (1 + cos(π t/E))/2 ≤ 1/√10  ⇔  t ≥ E·acos(2/√10 − 1)/π.
+    expected = math.ceil(epochs * math.acos(2 / math.sqrt(10) - 1) / math.pi - 1e-9)
+    assert regime_boundary(epochs, lrs=lrs) == expected
+    inflate, deflate = schedule_from_lr(epochs, lrs=lrs)
+    assert deflate - inflate == round(0.5 * epochs)
+
+
+def test_warmup_then_cosine_measures_from_the_peak():
+    epochs, warm = 100, 10
+    lrs = [0.1 * (e + 1) / warm if e < warm else
+           0.05 * (1 + math.cos(math.pi * (e - warm) / (epochs - warm))) for e in range(epochs)]
+    boundary = regime_boundary(epochs, lrs=lrs)
+    assert lrs[boundary] <= 0.1 / math.sqrt(10) < lrs[boundary - 1]
+    assert boundary > warm
+
+
+@pytest.mark.parametrize("epochs", [10, 37, 150, 400])
+@pytest.mark.parametrize("phi", [0.05, 0.25, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("where", [0.2, 0.5, 0.9])
+def test_budget_and_straddle_invariants(epochs, phi, where):
+    boundary = max(1, int(where * epochs))
+    inflate, deflate = schedule_from_lr(epochs, milestones=[boundary], full_rank_fraction=phi)
+    budget = max(1, min(epochs, math.floor(phi * epochs + 0.5)))
+    assert 0 <= inflate < deflate <= epochs
+    assert deflate - inflate == budget
+    if 0 < inflate and deflate < epochs:                       # not pushed against an end
+        assert abs((boundary - inflate) - (deflate - boundary)) <= 1
+    else:
+        assert inflate <= boundary <= deflate
+
+
+def test_finetune_preset_matches_the_glue_settings():
+    assert finetune_schedule(10) == (None, 5)                  # CoLA, RTE (Table 8)
+    assert finetune_schedule(5) == (None, 2)                   # QNLI, STS-B
+    assert finetune_schedule(3, deflate_fraction=0.1) == (None, 1)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="exactly one"):
+        schedule_from_lr(100)
+    with pytest.raises(ValueError, match="exactly one"):
+        schedule_from_lr(100, milestones=[50], lrs=[0.1] * 100)
+    with pytest.raises(ValueError, match=r"in \(0, 100\)"):
+        schedule_from_lr(100, milestones=[100])
+    with pytest.raises(ValueError, match="increasing"):
+        schedule_from_lr(100, milestones=[60, 50])
+    with pytest.raises(ValueError, match="one entry per epoch"):
+        schedule_from_lr(100, lrs=[0.1] * 99)
+    with pytest.raises(ValueError, match="never falls"):
+        schedule_from_lr(100, lrs=[0.1] * 100)
+    with pytest.raises(ValueError, match="finite"):
+        schedule_from_lr(3, lrs=[0.1, float("nan"), 0.0])
+    with pytest.raises(ValueError, match="full_rank_fraction"):
+        schedule_from_lr(100, milestones=[50], full_rank_fraction=0.0)
+    with pytest.raises(TypeError, match="full_rank_fraction"):
+        schedule_from_lr(100, milestones=[50], full_rank_fraction="half")
+    with pytest.raises(ValueError, match="granularity"):
+        schedule_from_lr(100, milestones=[50], granularity=0)
+    with pytest.raises(ValueError, match="epochs must be >= 2"):
+        schedule_from_lr(1, milestones=[1])
+    with pytest.raises(TypeError, match="epochs must be an int"):
+        schedule_from_lr(100.0, milestones=[50])
+    with pytest.raises(ValueError, match="deflate_fraction"):
+        finetune_schedule(10, deflate_fraction=1.0)
