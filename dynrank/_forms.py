@@ -124,9 +124,11 @@ class FormLayer(nn.Module):
         dense = self._dense()
         if dense is None:
             dense = torch.zeros(self._dense_shape(), device=ref.device, dtype=ref.dtype)
+            self._merge_into_(dense, 1.0, self.factors())
         else:
-            dense = dense.detach()
-        self._merge_into_(dense, 1.0, self.factors())
+            # Merge into W_f's storage and keep its Parameter object, so anything
+            # keyed on it (optimizer state, hooks) follows the layer.
+            self._merge_into_(dense.data, 1.0, self.factors())
         self._become("full", dense, {}, self._rank)
         return self
 

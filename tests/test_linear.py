@@ -320,3 +320,13 @@ def test_unknown_backend(monkeypatch):
     layer = FusedLowRankLinear(6, 9, rank=2)
     with pytest.raises(ValueError, match="DYNRANK_BACKEND must be one of auto, torch, triton, got 'cuda'"):
         layer(torch.randn(3, 6))
+
+
+def test_adapter_inflate_keeps_the_weight_parameter_object():
+    layer = FusedLowRankLinear(10, 7, rank=2, form="adapter")
+    _randomize_adapter(layer)
+    weight = layer.weight
+    layer.inflate()
+    assert layer.weight is weight and weight.requires_grad
+    layer.deflate()
+    assert layer.weight is weight and not weight.requires_grad

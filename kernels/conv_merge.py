@@ -1,0 +1,148 @@
+"""Fused conv-kernel merge: W[g] ← W[g] + alpha·U[g]·V[g], in place, per group.
+
+Every factorized convolution of dynrank (SVD, Tucker-2, CP, TKD-CPD) merges
+into its dense kernel as one low-rank product over the kernel's columns:
+
+    W (F, C/g, kh, kw)  viewed as  (F, C/g·kh·kw),
+    U (F, q/g)          the output-side operand,
+    V (q, C/g, kh, kw)  the input-side operand, viewed as (q, C/g·kh·kw),
+
+    W[f, :] += alpha · Σ_k U[f, k] · V[g(f)·q/g + k, :]      (g(f): group of row f)
+
+The decomposition-specific work — contracting a Tucker core with its input
+factor, forming a CP outer product — touches only the small (q, C/g·kh·kw)
+operand and happens before the launch (see ``dynrank.conv_factorizations``).
+The dense kernel itself is then read once and written once by the GEMM engine
+(``lowrank_gemm`` with ``accumulate=True``), with an fp32 accumulator and the
+product U·V never materialized.
+
+The weight is addressed through a matrix view of its own memory: contiguous
+kernels flatten as (c, i, j), channels-last kernels as (i, j, c) — V is
+permuted to the same column order, which is cheap because V is small.  A
+kernel with any other layout is merged through a contiguous copy.
+"""
+
+import torch
+
+from .lowrank_gemm import lowrank_gemm
+
+__all__ = ["conv_merge_", "reference_conv_merge", "reference_svd_kernel", "reference_tucker_kernel",
+           "reference_cp_kernel", "reference_tkd_cpd_kernel"]
+
+# Column orders of a (C, kh, kw) kernel slice that can be flattened without a copy:
+# (c, i, j) for contiguous kernels, (i, j, c) for channels-last ones.
+_COLUMN_ORDERS = ((1, 2, 3), (2, 3, 1))
+
+
+def _matrix_view(weight):
+    """(F, C·kh·kw) view of ``weight``'s memory and the column order it uses, or (None, None)."""
+    for order in _COLUMN_ORDERS:
+        try:
+            return weight.permute(0, *order).view(weight.shape[0], -1), order
+        except RuntimeError:
+            continue
+    return None, None
+
+
+def conv_merge_(weight, U, V, alpha=1.0, groups=1):
+    """In place ``weight += alpha · U·V`` per group, fp32 accumulation; returns ``weight``.
+
+    Args:
+        weight: (F, C/g, kh, kw) dense kernel, written in place.
+        U: (F, q/g) output-side operand.
+        V: (q, C/g, kh, kw) input-side operand.
+        alpha: float scale (negative to subtract).
+        groups: g, the convolution's groups; F and q must be multiples of g.
+
+    Returns:
+        ``weight``.
+
+    Raises:
+        ValueError: shapes that do not fit or tensors on different devices.
+
+    Example:
+        >>> W = torch.zeros(4, 3, 3, 3, device="cuda")
+        >>> conv_merge_(W, torch.ones(4, 2, device="cuda"), torch.ones(2, 3, 3, 3, device="cuda")).sum().item()
+        216.0
+    """
+    if weight.dim() != 4 or U.dim() != 2 or V.dim() != 4:
+        raise ValueError(f"conv_merge_ takes weight (F, C/g, kh, kw), U (F, q/g) and V (q, C/g, kh, kw), "
+                         f"got weight {tuple(weight.shape)}, U {tuple(U.shape)}, V {tuple(V.shape)}")
+    F_out = weight.shape[0]
+    qg = U.shape[1]
+    if F_out % groups or U.shape[0] != F_out or V.shape[0] != qg * groups or V.shape[1:] != weight.shape[1:]:
+        raise ValueError(f"for weight {tuple(weight.shape)} and groups={groups}, U must have shape "
+                         f"({F_out}, q) and V ({groups}·q, {', '.join(map(str, weight.shape[1:]))}), "
+                         f"got U {tuple(U.shape)} and V {tuple(V.shape)}")
+    if U.device != weight.device or V.device != weight.device:
+        raise ValueError(f"weight, U and V must be on one device, got {weight.device}, {U.device}, {V.device}")
+    if U.dtype != V.dtype:
+        # One dtype per tile product; fp32 holds every narrower float exactly.
+        U, V = U.float(), V.float()
+    W2, order = _matrix_view(weight)
+    if W2 is None:
+        dense = weight.contiguous()
+        conv_merge_(dense, U, V, alpha, groups)
+        return weight.copy_(dense)
+    V2 = V.permute(0, *order).reshape(V.shape[0], -1)
+    Fg = F_out // groups
+    for g in range(groups):
+        lowrank_gemm(u=U[g * Fg:(g + 1) * Fg], vt=V2[g * qg:(g + 1) * qg], beta=alpha,
+                     out=W2[g * Fg:(g + 1) * Fg], accumulate=True)
+    return weight
+
+
+def reference_conv_merge(weight, U, V, alpha=1.0, groups=1):
+    """Float64 result of :func:`conv_merge_` (a new tensor)."""
+    F_out, qg = U.shape
+    Fg = F_out // groups
+    U3 = U.double().reshape(groups, Fg, qg)
+    V3 = V.double().reshape(groups, qg, -1)
+    return weight.double() + alpha * torch.bmm(U3, V3).reshape(weight.shape)
+
+
+# -- dense kernels straight from each decomposition's factors (float64) -------------------
+# Written index by index, independently of the operand route the layer takes, so
+# tests can check a layer's merge and its chain of convolutions against them.
+
+def reference_svd_kernel(A, B, scale=1.0, groups=1):
+    """W[f, c, i, j] = scale·Σ_k A[f, k]·B[g(f)·r/g + k, c, i, j].
+
+    A: (F, r/g, 1, 1), B: (r, C/g, kh, kw).  Returns float64 (F, C/g, kh, kw).
+    """
+    F_out, rg = A.shape[:2]
+    Fg = F_out // groups
+    A3 = A.double().reshape(groups, Fg, rg)
+    B3 = B.double().reshape(groups, rg, *B.shape[1:])
+    return scale * torch.einsum("gfk,gkcij->gfcij", A3, B3).reshape(F_out, *B.shape[1:])
+
+
+def reference_tucker_kernel(B, core, A, scale=1.0):
+    """W[f, c, i, j] = scale·Σ_{p,q} A[f, p]·core[p, q, i, j]·B[q, c].
+
+    B: (r_in, C, 1, 1), core: (r_out, r_in, kh, kw), A: (F, r_out, 1, 1).
+    """
+    return scale * torch.einsum("fp,pqij,qc->fcij", A.double()[:, :, 0, 0], core.double(),
+                                B.double()[:, :, 0, 0])
+
+
+def reference_cp_kernel(B, Kh, Kw, A, scale=1.0):
+    """W[f, c, i, j] = scale·Σ_q A[f, q]·Kh[q, i]·Kw[q, j]·B[q, c].
+
+    B: (r, C, 1, 1), Kh: (r, 1, kh, 1), Kw: (r, 1, 1, kw), A: (F, r, 1, 1).
+    """
+    return scale * torch.einsum("fq,qi,qj,qc->fcij", A.double()[:, :, 0, 0], Kh.double()[:, 0, :, 0],
+                                Kw.double()[:, 0, 0, :], B.double()[:, :, 0, 0])
+
+
+def reference_tkd_cpd_kernel(B, core_in, Kh, Kw, core_out, A, scale=1.0):
+    """Tucker-2 kernel whose core is the CP tensor core_out ∘ Kh ∘ Kw ∘ core_in.
+
+    W[f, c, i, j] = scale·Σ_{p,s,q} A[f, p]·core_out[p, s]·Kh[s, i]·Kw[s, j]·core_in[s, q]·B[q, c].
+    B: (r_in, C, 1, 1), core_in: (R, r_in, 1, 1), Kh: (R, 1, kh, 1), Kw: (R, 1, 1, kw),
+    core_out: (r_out, R, 1, 1), A: (F, r_out, 1, 1).
+    """
+    return scale * torch.einsum("fp,ps,si,sj,sq,qc->fcij", A.double()[:, :, 0, 0],
+                                core_out.double()[:, :, 0, 0], Kh.double()[:, 0, :, 0],
+                                Kw.double()[:, 0, 0, :], core_in.double()[:, :, 0, 0],
+                                B.double()[:, :, 0, 0])

@@ -1,0 +1,352 @@
+"""LowRankConv2d: chains against nn.Conv2d, form changes, fits, state dicts and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import REL_TOL, rel_err
+from dynrank.conv import LowRankConv2d, adapter_costs, time_adapter_strategies
+from dynrank.kernels.conv_merge import (reference_cp_kernel, reference_svd_kernel, reference_tkd_cpd_kernel,
+                                        reference_tucker_kernel)
+
+F64 = torch.float64
+TOL = REL_TOL[F64]
+RANKS = {"svd": 3, "tucker": (2, 4), "cp": 4, "tkd-cpd": (2, 3, 4)}
+DECOMPOSITIONS = list(RANKS)
+
+# (kernel_size, stride, padding, dilation, padding_mode)
+GEOMETRIES = [
+    (1, 1, 0, 1, "zeros"),
+    (3, 1, 1, 1, "zeros"),
+    (3, 2, 1, 1, "zeros"),
+    (5, 2, 2, 2, "zeros"),
+    ((3, 5), (2, 1), (1, 2), (2, 1), "zeros"),
+    (3, 1, "same", 1, "reflect"),
+    (3, 2, 1, 1, "circular"),
+    (5, 1, (2, 1), 1, "replicate"),
+]
+
+
+def reference_kernel(dec, factors, scale=1.0, groups=1):
+    """Float64 dense kernel of ``factors`` (autograd flows back to them)."""
+    f = factors
+    if dec == "svd":
+        return reference_svd_kernel(f["A"], f["B"], scale, groups)
+    if dec == "tucker":
+        return reference_tucker_kernel(f["B"], f["core"], f["A"], scale)
+    if dec == "cp":
+        return reference_cp_kernel(f["B"], f["Kh"], f["Kw"], f["A"], scale)
+    return reference_tkd_cpd_kernel(f["B"], f["core_in"], f["Kh"], f["Kw"], f["core_out"], f["A"], scale)
+
+
+def reference_conv(layer):
+    """An nn.Conv2d with the layer's geometry; ``_conv_forward`` applies any given kernel."""
+    kh, kw = layer.kernel_size
+    return nn.Conv2d(layer.in_channels, layer.out_channels, (kh, kw), layer.stride, layer.padding,
+                     layer.dilation, layer.groups, padding_mode=layer.padding_mode, dtype=F64)
+
+
+def make(dec, geometry=(3, 1, 1, 1, "zeros"), form="lowrank", **kw):
+    k, s, p, d, mode = geometry
+    # A 1×1 tkd-cpd core (4, 2, 1, 1) has CP rank at most 2.
+    kw.setdefault("rank", (2, 2, 4) if dec == "tkd-cpd" and k == 1 else RANKS[dec])
+    return LowRankConv2d(5, 7, k, decomposition=dec, stride=s, padding=p, dilation=d, padding_mode=mode,
+                         form=form, dtype=F64, **kw)
+
+
+def randomize(layer):
+    with torch.no_grad():
+        for p in layer.factors().values():
+            p.normal_(0.0, 0.5)
+
+
+def check_against_reference(layer, x, groups=1):
+    """Output and every gradient of ``layer`` equal nn.Conv2d with the merged kernel (float64)."""
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    assert y.abs().max() > 0.1, "the factorized path must change the output"
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    xr = x.detach().clone().requires_grad_()
+    factors = {n: p.detach().clone().requires_grad_() for n, p in layer.factors().items()}
+    bias = layer.bias.detach().clone().requires_grad_()
+    kernel = reference_kernel(layer.decomposition, factors, layer.scale, groups)
+    if layer.weight is not None:
+        kernel = kernel + layer.weight.detach()
+    yr = reference_conv(layer)._conv_forward(xr, kernel, bias)
+    yr.backward(dy)
+    assert y.shape == yr.shape
+    assert rel_err(y, yr) < TOL
+    assert rel_err(x.grad, xr.grad) < TOL
+    assert rel_err(layer.bias.grad, bias.grad) < TOL
+    for name, p in layer.factors().items():
+        assert rel_err(p.grad, factors[name].grad) < TOL, name
+    if layer.weight is not None:
+        assert layer.weight.grad is None, "W_f is frozen"
+
+
+# -- every chain equals nn.Conv2d with its merged kernel -----------------------------------
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+def test_lowrank_chain_matches_dense_conv(dec, geometry):
+    layer = make(dec, geometry, alpha=3.0)
+    randomize(layer)
+    check_against_reference(layer, torch.randn(2, 5, 11, 8, dtype=F64))
+
+
+@pytest.mark.parametrize("strategy", ["chain", "merged"])
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+def test_adapter_strategies_match_dense_conv(dec, strategy):
+    layer = make(dec, ((3, 5), 2, (1, 2), (1, 2), "zeros"), form="adapter", alpha=2.0,
+                 adapter_strategy=strategy)
+    randomize(layer)
+    check_against_reference(layer, torch.randn(2, 5, 13, 10, dtype=F64))
+    assert layer.adapter_choice == strategy
+
+
+def test_svd_groups_match_grouped_dense_conv():
+    for form in ("lowrank", "adapter"):
+        layer = LowRankConv2d(6, 9, 3, rank=6, groups=3, padding=1, stride=2, form=form, dtype=F64)
+        randomize(layer)
+        x = torch.randn(2, 6, 9, 7, dtype=F64)
+        check_against_reference(layer, x, groups=3)
+        expected = reference_kernel("svd", {n: p.detach() for n, p in layer.factors().items()}, groups=3)
+        if form == "adapter":
+            expected = expected + layer.weight.detach()
+        y = layer(x)
+        layer.inflate()
+        assert layer.weight.shape == (9, 2, 3, 3) and rel_err(layer.weight, expected) < TOL
+        assert rel_err(layer(x), y) < TOL
+
+
+def test_unbatched_input():
+    layer = make("cp")
+    x = torch.randn(5, 6, 7, dtype=F64)
+    assert torch.allclose(layer(x), layer(x[None])[0])
+
+
+# -- from_dense ------------------------------------------------------------------------------
+
+def _dense_conv(weight, **kw):
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2:], dtype=F64, **kw)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    return conv
+
+
+def _exact_kernel(dec):
+    """A (7, 5, 3, 3) kernel that is exactly of the decomposition's rank RANKS[dec]."""
+    layer = make(dec)
+    randomize(layer)
+    return reference_kernel(dec, {n: p.detach() for n, p in layer.factors().items()})
+
+
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+def test_from_dense_reproduces_conv_at_full_rank(dec):
+    x = torch.randn(2, 5, 9, 8, dtype=F64)
+    # Full rank: svd min(F, C·kh·kw); tucker (C, F).  A CP rank that is exact
+    # for every kernel is known for 1×1 kernels (matrices): min(F, C).
+    k, rank = {"svd": (3, 7), "tucker": (3, (5, 7)), "cp": (1, 5), "tkd-cpd": (1, (5, 5, 7))}[dec]
+    conv = _dense_conv(torch.randn(7, 5, k, k, dtype=F64), padding=1, stride=2)
+    layer = LowRankConv2d.from_dense(conv, rank=rank, decomposition=dec, alpha=5.0)
+    assert layer.form == "lowrank" and layer.weight is None
+    assert rel_err(layer(x), conv(x)) < 1e-10
+    for form in ("full", "adapter"):
+        other = LowRankConv2d.from_dense(conv, rank=rank, decomposition=dec, form=form)
+        assert other.form == form and rel_err(other(x), conv(x)) < TOL
+
+
+def test_svd_init_is_best_rank_r_approximation():
+    weight = torch.randn(8, 3, 3, 3, dtype=F64)
+    conv = _dense_conv(weight)
+    r = 3
+    layer = LowRankConv2d.from_dense(conv, rank=r, alpha=4.0)
+    merged = layer.inflate().weight.detach().reshape(8, -1).numpy()
+    U, S, Vt = np.linalg.svd(weight.reshape(8, -1).numpy(), full_matrices=False)
+    best = (U[:, :r] * S[:r]) @ Vt[:r]
+    assert np.linalg.norm(merged - best) / np.linalg.norm(best) < TOL
+    assert abs(np.linalg.norm(merged - weight.reshape(8, -1).numpy()) - np.sqrt((S[r:] ** 2).sum())) < 1e-10
+
+
+@pytest.mark.parametrize("dec", ["tucker", "cp", "tkd-cpd"])
+def test_low_rank_fits_recover_a_noisy_low_rank_kernel(dec):
+    exact = _exact_kernel(dec)
+    weight = exact + 1e-3 * torch.randn(7, 5, 3, 3, dtype=F64)
+    layer = LowRankConv2d.from_dense(_dense_conv(weight), rank=RANKS[dec], decomposition=dec)
+    # A fit of the right rank is about as close as the noise-free kernel.
+    assert rel_err(layer.inflate().weight, weight) < 2 * rel_err(exact, weight)
+
+
+# -- form changes preserve the function ---------------------------------------------------
+
+@pytest.mark.parametrize("init", ["zeros", "svd", "random"])
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+def test_inflate_and_deflate_preserve_function(dec, init):
+    layer = make(dec, (3, 2, 1, 2, "zeros"), alpha=6.0)
+    randomize(layer)
+    x = torch.randn(2, 5, 12, 9, dtype=F64)
+    y0 = layer(x)
+    assert rel_err(layer.inflate()(x), y0) < TOL
+    deflate_rank = {"svd": 4, "tucker": (3, 2), "cp": 5, "tkd-cpd": (3, 2, 2)}[dec]
+    layer.deflate(rank=deflate_rank, init=init)
+    assert layer.form == "adapter" and layer.rank == deflate_rank
+    for strategy in ("chain", "merged"):
+        layer.adapter_strategy = strategy
+        if init == "random":
+            assert rel_err(layer(x), y0) > 1e-2, "a random adapter changes the function"
+        else:
+            assert rel_err(layer(x), y0) < TOL
+    y1 = layer(x)
+    assert rel_err(layer.inflate()(x), y1) < TOL
+
+
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+def test_round_trip_keeps_function_and_parameters(dec):
+    layer = make(dec, (3, 1, "same", 1, "circular"))
+    x = torch.randn(2, 5, 7, 6, dtype=F64)
+    y = layer(x)
+    layer.inflate()
+    W = layer.weight
+    assert W.requires_grad and set(layer.factors()) == set()
+    layer.deflate()
+    assert layer.weight is W and not W.requires_grad
+    assert set(layer.factors()) == set(layer._dec.factor_names)
+    zero = layer._dec.zero_factor
+    assert torch.count_nonzero(getattr(layer, zero)) == 0
+    assert all(torch.count_nonzero(p) > 0 for n, p in layer.factors().items() if n != zero)
+    assert rel_err(layer(x), y) < TOL
+    randomize(layer)
+    y2 = layer(x)
+    layer.inflate()
+    assert layer.weight.data_ptr() == W.data_ptr() and layer.weight.requires_grad   # merged in place
+    assert rel_err(layer(x), y2) < TOL
+
+
+# -- state dicts across forms -----------------------------------------------------------
+
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+def test_state_dict_across_forms(dec):
+    x = torch.randn(2, 5, 8, 8, dtype=F64)
+    src = make(dec)
+    src.inflate()
+    fresh = make(dec)
+    fresh.load_state_dict(src.state_dict())
+    assert fresh.form == "full" and rel_err(fresh(x), src(x)) < TOL
+
+    rank = {"svd": 2, "tucker": (3, 3), "cp": 2, "tkd-cpd": (3, 2, 3)}[dec]
+    src.deflate(rank=rank)
+    randomize(src)
+    fresh = make(dec)
+    fresh.load_state_dict(src.state_dict())
+    assert fresh.form == "adapter" and fresh.rank == rank and rel_err(fresh(x), src(x)) < TOL
+
+
+# -- rank, rank_ratio and the lowrank init --------------------------------------------
+
+def test_rank_ratio_as_the_authors():
+    assert LowRankConv2d(16, 32, 3, rank_ratio=0.5).rank == 16
+    assert LowRankConv2d(16, 32, 3, rank_ratio=0.5, decomposition="cp").rank == 16
+    # ResNet20's first conv: 3 → 16, ρ = 0.5 → r = 8, the input mode clipped to 3.
+    assert LowRankConv2d(3, 16, 3, rank_ratio=0.5, decomposition="tucker").rank == (3, 8)
+    assert LowRankConv2d(3, 16, 3, rank_ratio=0.5, decomposition="tkd-cpd").rank == (3, 8, 8)
+    assert LowRankConv2d(16, 16, 1, rank_ratio=0.5).rank == 8
+    assert LowRankConv2d(6, 10, 3, rank_ratio=0.5, groups=2).rank == 4     # int(5) → multiple of 2
+    assert LowRankConv2d(16, 16, 3, rank=5, decomposition="tucker").rank == (5, 5)
+
+
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+def test_lowrank_init_has_conv2d_variance(dec):
+    # The merged kernel's variance is right in expectation; one draw of a CP
+    # kernel scatters widely (few factor entries per term), so average 100 draws.
+    second_moments = []
+    for _ in range(100):
+        layer = LowRankConv2d(12, 16, 3, rank_ratio=0.5, decomposition=dec, alpha=8.0, dtype=F64)
+        kernel = reference_kernel(dec, {n: p.detach() for n, p in layer.factors().items()}, layer.scale)
+        second_moments.append(kernel.pow(2).mean().item())
+    expected = 1.0 / (3 * 12 * 9)            # nn.Conv2d's default: U(±1/sqrt(fan_in))
+    assert abs(np.mean(second_moments) / expected - 1) < 0.3
+
+
+# -- adapter strategy choice -----------------------------------------------------------
+
+def test_auto_strategy_uses_cost_model_on_cpu_and_caches():
+    layer = LowRankConv2d(16, 16, 3, rank=8, padding=1, form="adapter")
+    assert layer.adapter_choice is None
+    x = torch.randn(4, 16, 8, 8)
+    layer(x).sum().backward()
+    choice = layer.adapter_choice
+    assert choice in ("chain", "merged")
+    (key, record), = layer.adapter_choices.items()
+    assert record.method == "cost model" and record.strategy == choice
+    assert record.seconds == adapter_costs(layer, x)
+    layer(x)
+    assert len(layer.adapter_choices) == 1
+    with torch.no_grad():
+        layer(x)
+    assert len(layer.adapter_choices) == 2
+    layer.inflate()
+    layer.deflate()
+    assert layer.adapter_choices == {}
+
+
+def test_cost_model_follows_measured_preferences():
+    # Measured on CPU (torch 2.13, one thread, forward+backward): a 512-channel
+    # layer on 8×8 maps runs its CP chain in 82 ms against 131 ms merged; a
+    # 16-channel layer on 32×32 maps 86 ms chained against 34 ms merged.
+    wide = LowRankConv2d(512, 512, 3, rank_ratio=0.5, decomposition="cp", padding=1, form="adapter")
+    costs = adapter_costs(wide, torch.empty(16, 512, 8, 8, device="meta", requires_grad=True))
+    assert costs["chain"] < costs["merged"]
+    narrow = LowRankConv2d(16, 16, 3, rank_ratio=0.5, decomposition="cp", padding=1, form="adapter")
+    costs = adapter_costs(narrow, torch.empty(128, 16, 32, 32, device="meta", requires_grad=True))
+    assert costs["merged"] < costs["chain"]
+
+
+def test_timing_both_strategies_leaves_gradients_alone():
+    layer = LowRankConv2d(8, 8, 3, rank=4, padding=1, form="adapter")
+    times = time_adapter_strategies(layer, torch.randn(2, 8, 6, 6), repeats=1)
+    assert set(times) == {"chain", "merged"} and all(t > 0 for t in times.values())
+    assert all(p.grad is None for p in layer.parameters())
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(rank=8), ValueError, "rank must be in [1, 7]"),
+    (dict(rank=(2, 2)), TypeError, "must be an int"),
+    (dict(rank=(2, 9), decomposition="tucker"), ValueError, "r_out"),
+    (dict(rank=(2, 2), decomposition="tkd-cpd"), ValueError, "3-tuple"),
+    (dict(rank=10_000, decomposition="cp"), ValueError, "rank must be in"),
+    (dict(rank=2.5), TypeError, "must be an int"),
+    (dict(rank=2, decomposition="qr"), ValueError, "decomposition must be one of"),
+    (dict(rank=2, rank_ratio=0.5), ValueError, "exactly one of rank and rank_ratio"),
+    (dict(), ValueError, "exactly one of rank and rank_ratio"),
+    (dict(rank_ratio=-1.0), ValueError, "rank_ratio must be"),
+    (dict(rank=2, decomposition="tucker", groups=5, in_ch=5, out_ch=10), ValueError, "groups > 1 is supported"),
+    (dict(rank=3, groups=5, in_ch=5, out_ch=10), ValueError, "multiple of groups"),
+    (dict(rank=2, padding="same", stride=2), ValueError, "padding='same' needs stride 1"),
+    (dict(rank=2, padding_mode="mirror"), ValueError, "padding_mode must be one of"),
+    (dict(rank=2, adapter_strategy="fast"), ValueError, "adapter_strategy must be one of"),
+    (dict(rank=2, form="sparse"), ValueError, "form must be one of"),
+    (dict(rank=2, stride=0), ValueError, "stride must be"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, error, words):
+    in_ch, out_ch = kwargs.pop("in_ch", 5), kwargs.pop("out_ch", 7)
+    with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
+        LowRankConv2d(in_ch, out_ch, 3, **kwargs)
+
+
+def test_bad_forward_and_form_calls():
+    layer = make("svd")
+    with pytest.raises(ValueError, match=r"input must have shape \(N, 5, H, W\)"):
+        layer(torch.randn(2, 4, 8, 8, dtype=F64))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        layer([1.0])
+    with pytest.raises(RuntimeError, match="deflate applies to full form"):
+        layer.deflate()
+    with pytest.raises(ValueError, match="rank must be in"):
+        layer.inflate().deflate(rank=99)
+    with pytest.raises(TypeError, match="needs an nn.Conv2d"):
+        LowRankConv2d.from_dense(nn.Linear(3, 3), rank=1)

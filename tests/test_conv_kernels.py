@@ -1,0 +1,114 @@
+"""Conv-kernel merges through Triton (the interpreter on CPU) against float64 references."""
+
+import pytest
+import torch
+
+from conftest import REL_TOL, kernel_devices, rel_err
+from dynrank.conv import LowRankConv2d
+from dynrank.kernels.conv_merge import (conv_merge_, reference_conv_merge, reference_cp_kernel,
+                                        reference_svd_kernel, reference_tkd_cpd_kernel, reference_tucker_kernel)
+
+pytestmark = pytest.mark.skipif(not kernel_devices(), reason="Triton kernels cannot run here")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+RANKS = {"svd": 4, "tucker": (3, 5), "cp": 6, "tkd-cpd": (3, 4, 5)}
+
+
+def _device():
+    return kernel_devices()[0]
+
+
+def _layout(weight, layout):
+    if layout == "channels_last":
+        return weight.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        # (i, c, j) order in memory: no matrix view exists, the merge goes through a copy.
+        return weight.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    return weight
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv_merge_matches_reference(dtype, groups, layout):
+    device = _device()
+    F_out, Cg, kh, kw, q = 9, 5, 3, 2, 6
+    weight = _layout(torch.randn(F_out, Cg, kh, kw, device=device, dtype=dtype), layout)
+    U = torch.randn(F_out, q // groups, device=device, dtype=dtype)
+    V = torch.randn(q, Cg, kh, kw, device=device, dtype=dtype)
+    expected = reference_conv_merge(weight, U, V, -0.75, groups)
+    ptr = weight.data_ptr()
+    out = conv_merge_(weight, U, V, -0.75, groups)
+    assert out is weight and weight.data_ptr() == ptr
+    assert rel_err(weight, expected) < REL_TOL[dtype]
+
+
+def test_conv_merge_mixed_operand_dtypes_accumulate_in_fp32():
+    device = _device()
+    weight = torch.zeros(4, 3, 3, 3, device=device, dtype=torch.bfloat16)
+    U = torch.randn(4, 2, device=device, dtype=torch.bfloat16)
+    V = torch.randn(2, 3, 3, 3, device=device, dtype=torch.float32)
+    expected = reference_conv_merge(weight, U, V)
+    conv_merge_(weight, U, V)
+    assert rel_err(weight, expected) < REL_TOL[torch.bfloat16]
+
+
+def test_conv_merge_rejects_bad_shapes():
+    W = torch.zeros(6, 2, 3, 3, device=_device())
+    with pytest.raises(ValueError, match="U must have shape"):
+        conv_merge_(W, torch.zeros(5, 2, device=W.device), torch.zeros(2, 2, 3, 3, device=W.device))
+    with pytest.raises(ValueError, match="V"):
+        conv_merge_(W, torch.zeros(6, 2, device=W.device), torch.zeros(2, 2, 1, 3, device=W.device))
+    with pytest.raises(ValueError, match="takes weight"):
+        conv_merge_(W[0], torch.zeros(6, 2, device=W.device), torch.zeros(2, 2, 3, 3, device=W.device))
+
+
+def _reference(dec, f, scale, groups):
+    if dec == "svd":
+        return reference_svd_kernel(f["A"], f["B"], scale, groups)
+    if dec == "tucker":
+        return reference_tucker_kernel(f["B"], f["core"], f["A"], scale)
+    if dec == "cp":
+        return reference_cp_kernel(f["B"], f["Kh"], f["Kw"], f["A"], scale)
+    return reference_tkd_cpd_kernel(*(f[n] for n in ("B", "core_in", "Kh", "Kw", "core_out", "A")), scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dec", list(RANKS))
+def test_inflate_through_triton_matches_reference(triton_backend, dec, dtype):
+    groups = 3 if dec == "svd" else 1
+    rank = 6 if dec == "svd" else RANKS[dec]
+    layer = LowRankConv2d(6, 9, (3, 5), rank=rank, decomposition=dec, groups=groups, alpha=3.0,
+                          device=_device(), dtype=dtype)
+    factors = {n: p.detach().clone() for n, p in layer.factors().items()}
+    expected = _reference(dec, factors, layer.scale, groups)
+    layer.inflate()
+    assert rel_err(layer.weight, expected) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dec", list(RANKS))
+def test_merged_adapter_through_triton_matches_torch(monkeypatch, dec):
+    """Strategy "merged" on the Triton custom op: outputs and gradients equal the torch path."""
+    device = _device()
+    layer = LowRankConv2d(5, 7, 3, rank=RANKS[dec], decomposition=dec, stride=2, padding=1, form="adapter",
+                          alpha=2.0, adapter_strategy="merged", device=device)
+    with torch.no_grad():
+        for p in layer.factors().values():
+            p.normal_(0.0, 0.5)
+    x = torch.randn(2, 5, 9, 8, device=device)
+    dy = torch.randn(2, 7, 5, 4, device=device)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("DYNRANK_BACKEND", backend)
+        layer.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        y = layer(xx)
+        y.backward(dy)
+        results[backend] = (y, xx.grad, {n: p.grad.clone() for n, p in layer.factors().items()})
+    (y0, dx0, g0), (y1, dx1, g1) = results["torch"], results["triton"]
+    tol = REL_TOL[torch.float32]
+    assert y0.abs().max() > 0.1
+    assert rel_err(y1, y0) < tol and rel_err(dx1, dx0) < tol
+    for name in g0:
+        assert rel_err(g1[name], g0[name]) < tol, name
+    assert layer.weight.grad is None
