@@ -2,12 +2,27 @@
 
 Layers keep their weight in one of three forms — ``lowrank`` (A·Bᵀ), ``full``
 (W) or ``adapter`` (frozen W_f + A·Bᵀ) — and switch between them with
-``inflate()`` and ``deflate()``.
+``inflate()`` and ``deflate()``; :class:`DynamicRankScheduler` runs the
+paper's schedule of switches on a whole model.
 """
 
-from . import functional
+from . import distributed, functional
+from .conv import LowRankConv2d
+from .convert import ConversionSummary, convert_model
+from .distributed import rewrap_ddp
+from .inrank import IncrementalRankScheduler, grow_rank_
 from .linear import FusedLowRankLinear
+from .scheduler import DynamicRankScheduler, load_training_state, training_state
+from .schedules import finetune_schedule, midpoint_schedule, schedule_from_lr
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLowRankLinear", "functional", "__version__"]
+__all__ = [
+    "FusedLowRankLinear", "LowRankConv2d",
+    "convert_model", "ConversionSummary",
+    "DynamicRankScheduler", "training_state", "load_training_state",
+    "schedule_from_lr", "midpoint_schedule", "finetune_schedule",
+    "IncrementalRankScheduler", "grow_rank_",
+    "rewrap_ddp", "distributed", "functional",
+    "__version__",
+]
