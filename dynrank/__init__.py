@@ -6,12 +6,14 @@ Layers keep their weight in one of three forms — ``lowrank`` (A·Bᵀ), ``full
 paper's schedule of switches on a whole model.
 """
 
-from . import distributed, functional
+from . import cost, distributed, functional, metrics, regularizers
 from .conv import LowRankConv2d
 from .convert import ConversionSummary, convert_model
 from .distributed import rewrap_ddp
 from .inrank import IncrementalRankScheduler, grow_rank_
 from .linear import FusedLowRankLinear
+from .monitor import RankMonitor
+from .regularizers import SRIP, DoubleSoftOrthogonality, SoftOrthogonality
 from .scheduler import DynamicRankScheduler, load_training_state, training_state
 from .schedules import finetune_schedule, midpoint_schedule, schedule_from_lr
 
@@ -23,6 +25,7 @@ __all__ = [
     "DynamicRankScheduler", "training_state", "load_training_state",
     "schedule_from_lr", "midpoint_schedule", "finetune_schedule",
     "IncrementalRankScheduler", "grow_rank_",
-    "rewrap_ddp", "distributed", "functional",
+    "RankMonitor", "SoftOrthogonality", "DoubleSoftOrthogonality", "SRIP",
+    "rewrap_ddp", "distributed", "functional", "metrics", "regularizers", "cost",
     "__version__",
 ]

@@ -1,0 +1,364 @@
+"""Cost of a dynamic-rank schedule: the paper's parameter-count proxy and the measured ratio.
+
+**The paper's Comp. ratio (§5.2, Eq. 4–6).**  With d the number of trainable
+parameters of the full model and d_ρ that of the model whose factorized
+layers are in lowrank form (rank ratio ρ):
+
+    T_F  = E·d                                   (4)
+    T_ρ  = E·d_ρ                                 (5)
+    T_DR = (D − I)·d + (E − (D − I))·d_ρ          (6)
+    Comp. = T_DR / T_F
+
+Adapter epochs count as d_ρ: only the factors train, W_f is frozen.  d and d_ρ
+count *every* trainable parameter — BN, biases, the unfactorized shortcut
+convs and classifier — which only changes through the factorized layers:
+d − d_ρ = Σ over factorized layers of (dense weight − factor) parameters.
+
+For the paper's ResNet20 example (d = 272,762, d_ρ = 155,170) the 19
+factorized 3×3 convs with k = int(0.5·out_channels), SVD factors k×C×3×3 and
+F×k×1×1, give exactly d − d_ρ = 117,592.  The remaining 5,066 parameters are
+matched exactly by 1×1 projection shortcuts with BN in the first block of
+*each* of the three stages (16→16, 16→32, 32→64: 2,816 + 224), BN after every
+3×3 conv (1,376) and the 64→10 classifier with bias (650).  A ResNet20 with
+shortcut convs only at the two stage transitions has d = 272,474 and gives
+0.7842 instead of 0.7844.
+
+**Measured ratio.**  Parameter counts ignore that an adapter epoch still runs
+the dense W_f forward and backward, and that small low-rank GEMMs run below
+peak.  :func:`measured_comp_ratio` uses the per-form wall-clock epoch times
+that :class:`~dynrank.RankMonitor` records instead.
+"""
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ._forms import FormLayer
+
+__all__ = ["ParamCounts", "CostReport", "layer_param_counts", "param_counts", "comp_ratio",
+           "epoch_times", "measured_comp_ratio", "cost_report"]
+
+
+@dataclass
+class ParamCounts:
+    """Trainable-parameter counts of a model with every factorized layer dense or factored.
+
+    Attributes:
+        full: d — factorized layers dense (full form).
+        lowrank: d_ρ — factorized layers as factors (lowrank or adapter form).
+        other: trainable parameters outside the factorized weights (in both).
+        layers: list of (name, dense_params, factor_params) per factorized layer.
+    """
+
+    full: int
+    lowrank: int
+    other: int
+    layers: list = field(default_factory=list)
+
+
+def _count(shape):
+    return int(math.prod(int(s) for s in shape))
+
+
+def _int(value, what, minimum=0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{what} must be an int ≥ {minimum}, got {value!r}")
+    return int(value)
+
+
+def layer_param_counts(shape, rank=None, rank_ratio=0.5, decomposition="svd"):
+    """(dense, factor) parameter counts of one layer from its weight shape.
+
+    Args:
+        shape: (out, in) for a linear layer or (F, C, kh, kw) for a conv
+            (C per group is not modelled: pass groups=1 shapes).
+        rank: factor rank; default ``min(max(1, int(rank_ratio·out)), min(out, in·kh·kw))``
+            (the authors' k = int(ρ·out_channels)).  For Tucker an int or (r_out, r_in).
+        rank_ratio: ρ, used when ``rank`` is None.
+        decomposition: ``"svd"`` — linear k·(out + in); conv k×C×kh×kw then
+            F×k×1×1: k·C·kh·kw + F·k.  ``"tucker"`` (conv only) — 1×1 C→r_in,
+            kh×kw core r_in→r_out, 1×1 r_out→F: C·r_in + r_out·r_in·kh·kw + F·r_out.
+
+    Returns:
+        (dense_params, factor_params); biases are not included (they do not change).
+
+    Raises:
+        ValueError: bad shape, rank, ratio or decomposition.
+
+    Example:
+        >>> layer_param_counts((64, 64, 3, 3))          # k = 32
+        (36864, 20480)
+    """
+    shape = tuple(shape)
+    if len(shape) not in (2, 4) or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1
+                                       for s in shape):
+        raise ValueError(f"shape must be (out, in) or (F, C, kh, kw) of positive ints, got {shape!r}")
+    out, fan_in = shape[0], _count(shape[1:])
+    limit = min(out, fan_in)
+    if rank is None:
+        if isinstance(rank_ratio, bool) or not isinstance(rank_ratio, numbers.Real) or not 0 < rank_ratio <= 1:
+            raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio!r}")
+        rank = min(max(1, int(rank_ratio * out)), limit)
+    dense = _count(shape)
+    if decomposition == "svd":
+        k = _int(rank, "rank", 1)
+        if k > limit:
+            raise ValueError(f"rank must be at most min(out, in·kh·kw) = {limit}, got {k}")
+        return dense, k * fan_in + out * k
+    if decomposition == "tucker":
+        if len(shape) != 4:
+            raise ValueError(f"decomposition='tucker' needs a conv shape (F, C, kh, kw), got {shape!r}")
+        r_out, r_in = (rank, rank) if not isinstance(rank, (tuple, list)) else tuple(rank)
+        r_out, r_in = _int(r_out, "r_out", 1), _int(r_in, "r_in", 1)
+        F, C, kh, kw = shape
+        return dense, C * r_in + r_out * r_in * kh * kw + F * r_out
+    raise ValueError(f"decomposition must be 'svd' or 'tucker' for shape-based counts, got {decomposition!r} "
+                     f"(pass the model, or dicts with 'dense' and 'factored' counts)")
+
+
+def _from_model(model):
+    layers, factorized_ids = [], set()
+    for name, module in model.named_modules():
+        if not isinstance(module, FormLayer):
+            continue
+        dense = _count(module._dense_shape())
+        factored = sum(_count(s) for s in module._factor_shapes(module.rank).values())
+        layers.append((name, dense, factored))
+        tensors = [module._dense()] + list(module.factors().values())
+        factorized_ids.update(id(t) for t in tensors if t is not None)
+    other = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in factorized_ids)
+    return layers, other
+
+
+def _from_specs(specs, rank_ratio):
+    layers = []
+    for i, spec in enumerate(specs):
+        name = f"layer{i}"
+        if isinstance(spec, dict):
+            name = spec.get("name", name)
+            if "dense" in spec and "factored" in spec:
+                dense, factored = _int(spec["dense"], "dense"), _int(spec["factored"], "factored")
+            elif "shape" in spec:
+                dense, factored = layer_param_counts(spec["shape"], spec.get("rank"),
+                                                     spec.get("rank_ratio", rank_ratio),
+                                                     spec.get("decomposition", "svd"))
+            else:
+                raise ValueError(f"layer spec {i} must have 'shape' or both 'dense' and 'factored', got keys "
+                                 f"{sorted(spec)}")
+        elif isinstance(spec, (tuple, list, torch.Size)):
+            dense, factored = layer_param_counts(spec, rank_ratio=rank_ratio)
+        else:
+            raise TypeError(f"layer spec {i} must be a shape tuple or a dict, got {type(spec).__name__}")
+        layers.append((name, dense, factored))
+    return layers
+
+
+def param_counts(model_or_layers, rank_ratio=0.5, other_params=0):
+    """d and d_ρ of Eq. 4–6 from a model or from explicit layer shapes.
+
+    Args:
+        model_or_layers: an ``nn.Module`` whose factorized layers are dynrank
+            layers (their own dense and factor shapes are counted, at their
+            current rank; every other trainable parameter goes to ``other``);
+            or a list of layer specs: a weight shape tuple (rank from
+            ``rank_ratio``), a dict ``{"shape", "rank"?, "decomposition"?, "name"?}``,
+            or ``{"dense": int, "factored": int}``.
+        rank_ratio: ρ for shape specs without a rank.
+        other_params: trainable parameters outside the listed layers (BN,
+            biases, unfactorized layers); added to both counts.  Must be 0 for a model.
+
+    Returns:
+        :class:`ParamCounts`.
+
+    Raises:
+        TypeError/ValueError: bad specs or counts.
+
+    Example:
+        >>> c = param_counts([(64, 64, 3, 3)], other_params=100)
+        >>> c.full, c.lowrank
+        (36964, 20580)
+    """
+    other_params = _int(other_params, "other_params")
+    if isinstance(model_or_layers, nn.Module):
+        if other_params:
+            raise ValueError("other_params is only for explicit layer lists; a model's other parameters are "
+                             "counted from the model")
+        layers, other = _from_model(model_or_layers)
+    elif isinstance(model_or_layers, (list, tuple)):
+        layers, other = _from_specs(model_or_layers, rank_ratio), other_params
+    else:
+        raise TypeError(f"expected an nn.Module or a list of layer specs, got {type(model_or_layers).__name__}")
+    full = other + sum(d for _, d, _ in layers)
+    lowrank = other + sum(f for _, _, f in layers)
+    return ParamCounts(full=full, lowrank=lowrank, other=other, layers=layers)
+
+
+def _schedule(epochs, inflate_epoch, deflate_epoch):
+    E = _int(epochs, "epochs", 1)
+    I = E if inflate_epoch is None else _int(inflate_epoch, "inflate_epoch")
+    D = E if deflate_epoch is None else _int(deflate_epoch, "deflate_epoch")
+    if not I <= D <= E:
+        raise ValueError(f"need 0 ≤ inflate_epoch ≤ deflate_epoch ≤ epochs, got I={inflate_epoch}, "
+                         f"D={deflate_epoch}, E={epochs}")
+    return E, I, D
+
+
+def _counts(counts, rank_ratio=0.5):
+    return counts if isinstance(counts, ParamCounts) else param_counts(counts, rank_ratio)
+
+
+def comp_ratio(counts, epochs, inflate_epoch, deflate_epoch):
+    """The paper's Comp. = T_DR / T_F = ((D − I)·d + (E − (D − I))·d_ρ) / (E·d).
+
+    Args:
+        counts: :class:`ParamCounts`, or a model / layer list for :func:`param_counts`.
+        epochs: E.  inflate_epoch: I (None: never — plain low-rank training).
+        deflate_epoch: D (None: stay full to the end).
+
+    Returns:
+        float in (0, 1].
+
+    Raises:
+        ValueError: unless 0 ≤ I ≤ D ≤ E.
+
+    Example:
+        >>> comp_ratio(ParamCounts(full=272762, lowrank=155170, other=0), 150, 60, 135)   # doctest: +ELLIPSIS
+        0.7844...
+    """
+    c = _counts(counts)
+    E, I, D = _schedule(epochs, inflate_epoch, deflate_epoch)
+    return ((D - I) * c.full + (E - (D - I)) * c.lowrank) / (E * c.full)
+
+
+def _records(run):
+    if hasattr(run, "records"):
+        return run.records
+    if isinstance(run, (list, tuple)):
+        return list(run)
+    raise TypeError(f"expected a RankMonitor (or its list of epoch records), got {type(run).__name__}")
+
+
+def epoch_times(run, skip_first=0):
+    """Wall-clock seconds of the recorded epochs, grouped by the epoch's form.
+
+    Args:
+        run: a :class:`~dynrank.RankMonitor` (live or loaded) or its ``records``.
+        skip_first: drop this many epochs after each change of form (warm-up,
+            kernel compilation); 0 keeps every epoch (the real cost).
+
+    Returns:
+        dict form → list of seconds; forms are ``"lowrank"``, ``"full"``,
+        ``"adapter"``, ``"dense"`` (no dynrank layers) or ``"mixed"``.
+    """
+    skip_first = _int(skip_first, "skip_first")
+    out, last, since = {}, None, 0
+    for rec in _records(run):
+        form = rec.get("form")
+        since = since + 1 if form == last else 1
+        last = form
+        seconds = rec.get("wall_seconds")
+        if seconds is None or since <= skip_first:
+            continue
+        out.setdefault(form, []).append(float(seconds))
+    return out
+
+
+def measured_comp_ratio(run, epochs=None, inflate_epoch=None, deflate_epoch=None, full_epoch_seconds=None,
+                        skip_first=0):
+    """Wall-clock counterpart of :func:`comp_ratio`, from per-form epoch times.
+
+    With a schedule (``epochs`` given): (I·t_lowrank + (D − I)·t_full +
+    (E − D)·t_adapter) / (E·t_full), using the mean epoch time t of each form
+    in ``run`` (a form not needed by the schedule may be missing).  Without
+    one: Σ recorded epoch times / (number of epochs · t_full) — the run as
+    it happened.
+
+    Args:
+        run: RankMonitor or its records.
+        epochs, inflate_epoch, deflate_epoch: optional schedule E, I, D.
+        full_epoch_seconds: t_full from a separate full-rank run (a number or
+            its RankMonitor); default: this run's full-form epochs.
+        skip_first: see :func:`epoch_times`.
+
+    Returns:
+        float (can exceed 1 when low-rank epochs are slower than full ones).
+
+    Raises:
+        ValueError: a needed form has no recorded epoch, or a bad schedule.
+    """
+    times = epoch_times(run, skip_first)
+    mean = {form: sum(v) / len(v) for form, v in times.items() if v}
+    if full_epoch_seconds is None:
+        t_full = mean.get("full", mean.get("dense"))
+    elif isinstance(full_epoch_seconds, numbers.Real) and not isinstance(full_epoch_seconds, bool):
+        t_full = float(full_epoch_seconds)
+    else:
+        base = {form: sum(v) / len(v) for form, v in epoch_times(full_epoch_seconds, skip_first).items() if v}
+        t_full = base.get("full", base.get("dense"))
+    if not t_full:
+        raise ValueError("no full-form epoch time: record full-rank epochs or pass full_epoch_seconds")
+    if epochs is None:
+        total = sum(sum(v) for v in times.values())
+        return total / (sum(len(v) for v in times.values()) * t_full)
+    E, I, D = _schedule(epochs, inflate_epoch, deflate_epoch)
+    need = {"lowrank": I, "full": D - I, "adapter": E - D}
+    t = dict(mean, full=t_full)
+    missing = [form for form, n in need.items() if n > 0 and form not in t]
+    if missing:
+        raise ValueError(f"the schedule needs {missing} epochs but the run recorded none (recorded: {sorted(mean)})")
+    return sum(n * t[form] for form, n in need.items() if n > 0) / (E * t_full)
+
+
+@dataclass
+class CostReport:
+    """The paper's proxy and (optionally) the measured cost of one schedule."""
+
+    epochs: int
+    inflate_epoch: int
+    deflate_epoch: int
+    counts: ParamCounts
+    comp_ratio: float
+    lowrank_ratio: float
+    measured_ratio: Optional[float] = None
+    epoch_seconds: dict = field(default_factory=dict)
+
+    def __str__(self):
+        lines = [f"schedule E={self.epochs}, I={self.inflate_epoch}, D={self.deflate_epoch}",
+                 f"trainable parameters: full d={self.counts.full:,}, low-rank d_rho={self.counts.lowrank:,}",
+                 f"Comp. (paper, parameter counts): {self.comp_ratio:.4f}   (low-rank only: {self.lowrank_ratio:.4f})"]
+        if self.measured_ratio is not None:
+            per = ", ".join(f"{k} {v:.3g} s" for k, v in sorted(self.epoch_seconds.items()))
+            lines.append(f"measured (wall-clock per epoch: {per}): {self.measured_ratio:.4f}")
+        return "\n".join(lines)
+
+
+def cost_report(counts, epochs, inflate_epoch, deflate_epoch, run=None, full_epoch_seconds=None, skip_first=0):
+    """Both ratios side by side for one schedule.
+
+    Args:
+        counts: :class:`ParamCounts`, a model, or a layer list.
+        epochs, inflate_epoch, deflate_epoch: E, I, D.
+        run: optional RankMonitor whose epoch times give the measured ratio.
+        full_epoch_seconds, skip_first: see :func:`measured_comp_ratio`.
+
+    Returns:
+        :class:`CostReport` (``print`` it for a summary).
+
+    Example:
+        >>> c = ParamCounts(full=272762, lowrank=155170, other=0)
+        >>> print(cost_report(c, 150, 60, 135))          # doctest: +NORMALIZE_WHITESPACE
+        schedule E=150, I=60, D=135
+        trainable parameters: full d=272,762, low-rank d_rho=155,170
+        Comp. (paper, parameter counts): 0.7844   (low-rank only: 0.5689)
+    """
+    c = _counts(counts)
+    E, I, D = _schedule(epochs, inflate_epoch, deflate_epoch)
+    report = CostReport(E, I, D, c, comp_ratio(c, E, I, D), c.lowrank / c.full)
+    if run is not None:
+        report.measured_ratio = measured_comp_ratio(run, E, I, D, full_epoch_seconds, skip_first)
+        report.epoch_seconds = {k: sum(v) / len(v) for k, v in epoch_times(run, skip_first).items() if v}
+    return report

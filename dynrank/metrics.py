@@ -1,0 +1,511 @@
+"""Rank metrics of layer weights: singular values, spectral ratio λ, effective ranks.
+
+Every metric is a function of the singular values σ₁ ≥ … ≥ σ_p (p = min(m, n))
+of a layer's *effective* weight as an m × n matrix:
+
+==================  ======================================  =========================
+layer               matrix                                  how σ is computed
+==================  ======================================  =========================
+``nn.Linear``       W (out × in)                            dense
+``nn.Conv{1,2,3}d`` W reshaped to F × (C/groups·kh·kw)       dense
+FusedLowRankLinear  lowrank: s·A·Bᵀ                         σ(R_A·R_Bᵀ)·|s| from thin
+                                                            QR — never dense
+                    full: W;  adapter: W_f + s·A·Bᵀ          dense (the sum has no
+                                                            cheaper exact form)
+other FormLayer     ``layer.effective_weight()`` reshaped    dense
+                    to F × rest; without that method, W0 +
+                    merged factors (what ``inflate`` builds)
+==================  ======================================  =========================
+
+A lowrank product of rank k < p has p − k singular values that are exactly
+zero; they are returned as zeros, so the spectral ratio of such a layer is
+``math.inf`` — the paper's Table 2 reports ∞ for exactly this case.
+
+**Tolerance.**  A singular value counts as nonzero when σ > tol·σmax.  The
+default ``tol`` is the numerical-rank rule of LAPACK, numpy and
+``torch.linalg.matrix_rank``: max(m, n)·eps of the dtype the weight is stored in
+(float32: 768 × 3072 → 3.7e-4; 64 × 576 → 6.9e-5), capped at 1e-2 for 16-bit
+dtypes where that product exceeds one.  Below it a singular value cannot be
+told apart from the rounding of the stored weight.  With one tolerance for
+both, λ = ∞ exactly when the effective rank is below p, so the two never
+disagree.  Pass a larger ``tol`` (e.g. 1e-3) to count only singular values
+that are "significantly greater than zero" in a looser sense.
+
+All computation runs in float64 on the weights' device, without autograd.
+"""
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ._forms import FormLayer
+from .linear import FusedLowRankLinear
+
+__all__ = ["LayerMetrics", "default_tol", "singular_values", "spectral_ratio", "restricted_spectral_ratio",
+           "effective_rank", "entropy_effective_rank", "stable_rank", "layer_metrics", "model_metrics",
+           "monitored_layers", "METHODS"]
+
+METHODS = ("auto", "svd", "gram")
+_PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Gram eigenvalues resolve σ down to about sqrt(p·eps64)·σmax ≈ 3e-7·σmax (p = 768);
+# "auto" uses them only when the tolerance sits well above that floor.
+_GRAM_MIN_SIZE = 256
+_GRAM_MIN_TOL = 1e-5
+_BATCH_BYTES = 256 * 2 ** 20
+
+
+@dataclass
+class LayerMetrics:
+    """Rank metrics of one layer's effective weight (an m × n matrix).
+
+    Attributes:
+        form: ``"lowrank"``, ``"full"`` or ``"adapter"``; ``"dense"`` for a plain
+            ``nn.Linear``/``nn.Conv*d``.
+        rank: factor rank of a dynrank layer (an int, or a tuple for Tucker
+            convs; in full form the rank ``deflate`` would use); None for plain layers.
+        shape: (m, n).
+        sigma_max, sigma_min: largest and smallest of the p = min(m, n) singular values.
+        spectral_ratio: λ = σmax/σmin; ``math.inf`` when σmin ≤ tol·σmax.
+        restricted_spectral_ratio: σ₁/σ_r over the r = rank-bound leading
+            singular values (r = factor rank in lowrank form — the largest
+            entry of a tuple rank — and p otherwise) —
+            finite for a healthy lowrank layer whose λ is ∞ by construction.
+        effective_rank: number of σ > tol·σmax.
+        entropy_rank: exp of the Shannon entropy of σ/Σσ (Roy & Vetterli 2007).
+        stable_rank: ‖W‖²_F / σ²max.
+        tol: the relative tolerance used.
+    """
+
+    form: str
+    rank: object
+    shape: tuple
+    sigma_max: float
+    sigma_min: float
+    spectral_ratio: float
+    restricted_spectral_ratio: float
+    effective_rank: int
+    entropy_rank: float
+    stable_rank: float
+    tol: float
+
+    def as_dict(self):
+        """Plain dict (shape and tuple ranks as lists) for JSON/CSV."""
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        if isinstance(self.rank, tuple):
+            out["rank"] = list(self.rank)
+        return out
+
+
+# -- tolerances and scalar metrics of a σ vector ---------------------------------------
+
+def default_tol(shape, dtype):
+    """Default relative tolerance max(m, n)·eps(dtype), capped at 1e-2.
+
+    Args:
+        shape: (m, n) of the matrix.
+        dtype: floating dtype the weight is stored in.
+
+    Returns:
+        float in (0, 1e-2].
+
+    Example:
+        >>> default_tol((768, 3072), torch.float32)    # doctest: +ELLIPSIS
+        0.000366...
+    """
+    return min(max(shape) * torch.finfo(dtype).eps, 1e-2)
+
+
+def _check_tol(tol):
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"tol must be a float in [0, 1), got {type(tol).__name__} ({tol!r})")
+    if not 0.0 <= tol < 1.0:
+        raise ValueError(f"tol must be a relative tolerance in [0, 1), got {tol}")
+    return float(tol)
+
+
+def _as_sigma(sigma):
+    if not isinstance(sigma, torch.Tensor):
+        try:
+            sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"singular values must be a 1-D tensor or sequence of numbers, got "
+                            f"{type(sigma).__name__}") from exc
+    if sigma.dim() != 1 or sigma.numel() == 0:
+        raise ValueError(f"singular values must be a non-empty 1-D tensor, got shape {tuple(sigma.shape)}")
+    if not sigma.is_floating_point():
+        sigma = sigma.double()
+    return sigma.detach()
+
+
+def _resolve_tol(sigma, tol):
+    if tol is None:
+        return min(sigma.numel() * torch.finfo(sigma.dtype).eps, 1e-2)
+    return _check_tol(tol)
+
+
+def effective_rank(sigma, tol=None):
+    """Number of singular values above ``tol``·σmax.
+
+    Args:
+        sigma: 1-D singular values (any order), length p = min(m, n) — zeros included.
+        tol: relative tolerance; default p·eps(sigma.dtype) (use :func:`layer_metrics`
+            for the default based on the stored weight's shape and dtype).
+
+    Returns:
+        int in [0, p]; 0 for the zero matrix.
+
+    Raises:
+        ValueError/TypeError: empty or non-1-D ``sigma``, ``tol`` outside [0, 1).
+
+    Example:
+        >>> effective_rank(torch.tensor([3.0, 1.0, 0.0]))
+        2
+    """
+    sigma = _as_sigma(sigma)
+    tol = _resolve_tol(sigma, tol)
+    smax = sigma.max()
+    if smax <= 0:
+        return 0
+    return int((sigma > tol * smax).sum())
+
+
+def spectral_ratio(sigma, tol=None):
+    """λ = σmax / σmin (paper Eq. 1); ``math.inf`` for a rank-deficient matrix.
+
+    The matrix counts as rank deficient when σmin ≤ tol·σmax, i.e. when
+    :func:`effective_rank` < p.  λ is never a huge float or NaN.
+
+    Args:
+        sigma: all p = min(m, n) singular values, zeros included.
+        tol: relative tolerance (see :func:`effective_rank`).
+
+    Returns:
+        float ≥ 1, or ``math.inf``.
+
+    Example:
+        >>> spectral_ratio(torch.tensor([4.0, 2.0])), spectral_ratio(torch.tensor([4.0, 0.0]))
+        (2.0, inf)
+    """
+    sigma = _as_sigma(sigma)
+    tol = _resolve_tol(sigma, tol)
+    smax, smin = sigma.max(), sigma.min()
+    if smax <= 0 or smin <= tol * smax:
+        return math.inf
+    return float(smax / smin)
+
+
+def restricted_spectral_ratio(sigma, rank, tol=None):
+    """σ₁ / σ_rank: the spectral ratio within the ``rank`` leading singular values.
+
+    A lowrank layer of rank k < p has λ = ∞ by construction; this ratio shows
+    how spread its k live singular values are (what low-rank λ curves plot).
+
+    Args:
+        sigma: singular values; rank: int in [1, len(sigma)]; tol: as in :func:`spectral_ratio`.
+
+    Returns:
+        float ≥ 1, or ``math.inf`` when σ_rank ≤ tol·σmax.
+    """
+    sigma = _as_sigma(sigma)
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= sigma.numel():
+        raise ValueError(f"rank must be an int in [1, {sigma.numel()}], got {rank!r}")
+    top = torch.sort(sigma, descending=True).values[:int(rank)]
+    return spectral_ratio(top, _resolve_tol(sigma, tol))
+
+
+def entropy_effective_rank(sigma):
+    """exp(H(p)) with p_i = σ_i / Σσ and H the Shannon entropy (0·log 0 = 0).
+
+    Equals p for equal singular values, 1 for a rank-one matrix, 0 for the zero matrix.
+
+    Example:
+        >>> entropy_effective_rank(torch.ones(5))       # doctest: +ELLIPSIS
+        5.0...
+    """
+    sigma = _as_sigma(sigma).double().clamp_min(0.0)
+    total = sigma.sum()
+    if total <= 0:
+        return 0.0
+    p = sigma[sigma > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def stable_rank(sigma):
+    """‖W‖²_F / σ²max = Σσ² / σ²max; 0 for the zero matrix.
+
+    Example:
+        >>> stable_rank(torch.tensor([2.0, 1.0, 1.0]))
+        1.5
+    """
+    sigma = _as_sigma(sigma).double()
+    smax = sigma.abs().max()
+    if smax <= 0:
+        return 0.0
+    return float((sigma ** 2).sum() / smax ** 2)
+
+
+# -- from layers to matrices -------------------------------------------------------------
+
+def _scale(layer):
+    return float(getattr(layer, "scale", 1.0))
+
+
+class _Plan:
+    """How to get one layer's singular values: a (lazy) float64 matrix, padded to p."""
+
+    def __init__(self, shape, build, p, dtype, form, rank):
+        self.shape = tuple(shape)     # shape of the matrix ``build`` returns
+        self.build = build
+        self.p = p                    # number of singular values of the effective weight
+        self.dtype = dtype            # storage dtype, for the default tolerance
+        self.form = form
+        self.rank = rank
+        self.dense_shape = None       # (m, n) of the effective weight
+
+
+def _plan(layer):
+    """A _Plan for ``layer`` (or a 2-D / conv-shaped tensor)."""
+    if isinstance(layer, torch.Tensor):
+        if layer.dim() < 2:
+            raise ValueError(f"a weight tensor must have at least 2 dims, got shape {tuple(layer.shape)}")
+        t = layer.detach()
+        m, n = t.shape[0], t[0].numel()
+        plan = _Plan((m, n), lambda: t.reshape(m, n).double(), min(m, n), t.dtype, "dense", None)
+        plan.dense_shape = (m, n)
+        return plan
+    if isinstance(layer, FusedLowRankLinear):
+        return _plan_fused_linear(layer)
+    if isinstance(layer, FormLayer):
+        return _plan_form_layer(layer)
+    if isinstance(layer, _PLAIN):
+        return _plan(layer.weight)
+    effective = getattr(layer, "effective_weight", None)
+    if callable(effective):
+        return _plan(effective())
+    raise TypeError(f"expected a dynrank layer, nn.Linear, nn.Conv1d/2d/3d, a module with effective_weight() "
+                    f"or a weight tensor, got {type(layer).__name__}")
+
+
+def _plan_fused_linear(layer):
+    m, n, p = layer.out_features, layer.in_features, min(layer.out_features, layer.in_features)
+    form, rank, s = layer.form, layer.rank, _scale(layer)
+    if form == "full":
+        plan = _plan(layer.weight)
+    elif form == "lowrank":
+        A, B = layer.A.detach(), layer.B.detach()
+
+        def core():
+            # s·A·Bᵀ = Q_A (s·R_A R_Bᵀ) Q_Bᵀ with orthonormal Q's: same σ, k × k work.
+            R_A = torch.linalg.qr(A.double(), mode="r").R
+            R_B = torch.linalg.qr(B.double(), mode="r").R
+            return (R_A @ R_B.t()) * s
+
+        k = A.shape[1]
+        plan = _Plan((k, k), core, p, A.dtype, form, rank)
+    else:
+        W, A, B = layer.weight.detach(), layer.A.detach(), layer.B.detach()
+        plan = _Plan((m, n), lambda: torch.addmm(W.double(), A.double(), B.double().t(), alpha=s),
+                     p, W.dtype, form, rank)
+    plan.form, plan.rank, plan.dense_shape = form, rank, (m, n)
+    return plan
+
+
+def _plan_form_layer(layer):
+    effective = getattr(layer, "effective_weight", None)
+    if callable(effective):
+        weight = effective()
+    elif layer.form == "full":
+        weight = layer._dense()
+    else:
+        # Same merge inflate() performs (FormLayer contract), into a scratch copy.
+        ref = layer._reference_tensor()
+        dense = layer._dense()
+        weight = (torch.zeros(layer._dense_shape(), device=ref.device, dtype=ref.dtype) if dense is None
+                  else dense.detach().clone())
+        layer._merge_into_(weight, 1.0, {k: v.detach() for k, v in layer.factors().items()})
+    plan = _plan(weight)
+    plan.form, plan.rank = layer.form, layer.rank
+    return plan
+
+
+def _sigma_batch(mats, method):
+    """Singular values of a (b, m, n) float64 stack, descending, length min(m, n)."""
+    if mats.shape[-2] < mats.shape[-1]:
+        mats = mats.transpose(-2, -1)           # tall: LAPACK's QR-first path is faster
+    if method == "gram":
+        gram = mats.transpose(-2, -1) @ mats     # (b, n, n), the smaller side
+        eig = torch.linalg.eigvalsh(gram).clamp_min(0.0)
+        return eig.flip(-1).sqrt()
+    return torch.linalg.svdvals(mats)
+
+
+def _choose(method, shape, tol):
+    if method != "auto":
+        return method
+    return "gram" if min(shape) >= _GRAM_MIN_SIZE and tol >= _GRAM_MIN_TOL else "svd"
+
+
+def _check_method(method):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+def _run_plans(plans, tols, method):
+    """σ (float64, descending, padded with zeros to p) for every plan, batched by shape."""
+    groups = {}
+    for i, plan in enumerate(plans):
+        groups.setdefault((plan.shape, _choose(method, plan.shape, tols[i])), []).append(i)
+    out = [None] * len(plans)
+    for (shape, how), idx in groups.items():
+        per_chunk = max(1, _BATCH_BYTES // (8 * shape[0] * shape[1]))
+        for start in range(0, len(idx), per_chunk):
+            chunk = idx[start:start + per_chunk]
+            sig = _sigma_batch(torch.stack([plans[i].build() for i in chunk]), how)
+            for row, i in zip(sig, chunk):
+                pad = plans[i].p - row.numel()
+                out[i] = torch.cat([row, row.new_zeros(pad)]) if pad > 0 else row
+    return out
+
+
+@torch.no_grad()
+def singular_values(layer, method="auto"):
+    """Singular values of a layer's effective weight, float64, descending.
+
+    Args:
+        layer: a dynrank layer (any form), ``nn.Linear``, ``nn.Conv1d/2d/3d``, a
+            module with ``effective_weight()``, or a tensor (≥ 2-D: reshaped to
+            shape[0] × rest).
+        method: ``"svd"`` (exact ``svdvals``), ``"gram"`` (eigenvalues of the
+            smaller Gram matrix, float64; σ below ~1e-7·σmax are not resolved)
+            or ``"auto"`` (gram for p ≥ 256 when the default tolerance is
+            ≥ 1e-5, else svd).  A lowrank FusedLowRankLinear always takes its
+            k × k QR path.
+
+    Returns:
+        1-D float64 tensor of length min(m, n) on the weights' device; the
+        p − k exact zeros of a rank-k lowrank product included.
+
+    Raises:
+        TypeError: unsupported layer.  ValueError: unknown ``method``.
+
+    Example:
+        >>> layer = FusedLowRankLinear(32, 16, rank=4)
+        >>> s = singular_values(layer)
+        >>> s.shape, int((s > 0).sum())
+        (torch.Size([16]), 4)
+    """
+    _check_method(method)
+    plan = _plan(layer)
+    tol = default_tol(plan.dense_shape, plan.dtype)
+    return _run_plans([plan], [tol], method)[0]
+
+
+def _metrics_from(plan, sigma, tol):
+    p = plan.p
+    smax, smin = float(sigma[0]), float(sigma[-1])
+    live = p
+    if plan.form == "lowrank" and plan.rank is not None:
+        # Tuple ranks (Tucker convs): the largest entry bounds the matrix rank.
+        bound = max(plan.rank) if isinstance(plan.rank, (tuple, list)) else plan.rank
+        live = max(1, min(int(bound), p))
+    return LayerMetrics(
+        form=plan.form, rank=plan.rank, shape=tuple(plan.dense_shape), sigma_max=smax, sigma_min=smin,
+        spectral_ratio=spectral_ratio(sigma, tol), restricted_spectral_ratio=restricted_spectral_ratio(sigma, live, tol),
+        effective_rank=effective_rank(sigma, tol), entropy_rank=entropy_effective_rank(sigma),
+        stable_rank=stable_rank(sigma), tol=tol)
+
+
+@torch.no_grad()
+def layer_metrics(layer, tol=None, method="auto"):
+    """All rank metrics of one layer.
+
+    Args:
+        layer: as in :func:`singular_values`.
+        tol: relative tolerance (default: :func:`default_tol` of the effective
+            weight's shape and the stored dtype).
+        method: as in :func:`singular_values`.
+
+    Returns:
+        :class:`LayerMetrics`.
+
+    Raises:
+        TypeError: unsupported layer or ``tol``.  ValueError: ``tol`` outside [0, 1), unknown ``method``.
+
+    Example:
+        >>> m = layer_metrics(FusedLowRankLinear(32, 16, rank=4))
+        >>> m.spectral_ratio, m.effective_rank
+        (inf, 4)
+    """
+    return model_metrics({"layer": layer}, tol=tol, method=method)["layer"]
+
+
+def monitored_layers(model, layers=None):
+    """(name, module) pairs whose weights rank metrics cover.
+
+    Args:
+        model: an ``nn.Module``.
+        layers: None — every dynrank layer (FormLayer) and every plain
+            ``nn.Linear``/``nn.Conv1d/2d/3d`` not inside a dynrank layer;
+            or a list of module names; or a predicate ``fn(name, module) -> bool``
+            applied to the default set.
+
+    Returns:
+        list of (name, module) in ``named_modules`` order.
+
+    Raises:
+        TypeError: ``model`` is not a module.  ValueError: an unknown name.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    found, inside = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        if isinstance(module, FormLayer):
+            inside.append(name)
+            found.append((name, module))
+        elif isinstance(module, _PLAIN):
+            found.append((name, module))
+    if layers is None:
+        return found
+    if callable(layers):
+        return [(n, m) for n, m in found if layers(n, m)]
+    names = list(layers)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"layers {missing} are not modules of the model")
+    return [(n, modules[n]) for n in names]
+
+
+@torch.no_grad()
+def model_metrics(model, tol=None, method="auto", layers=None):
+    """Rank metrics of every monitored layer, with same-shape matrices batched.
+
+    Args:
+        model: an ``nn.Module`` (layers chosen by :func:`monitored_layers`), or a
+            dict name → layer.
+        tol: relative tolerance for every layer; default per layer (:func:`default_tol`).
+        method: as in :func:`singular_values`.
+        layers: passed to :func:`monitored_layers` (ignored for a dict).
+
+    Returns:
+        dict name → :class:`LayerMetrics`, in model order.
+
+    Example:
+        >>> model = nn.Sequential(FusedLowRankLinear(32, 32, rank=8), nn.ReLU(), nn.Linear(32, 10))
+        >>> {name: m.effective_rank for name, m in model_metrics(model).items()}
+        {'0': 8, '2': 10}
+    """
+    _check_method(method)
+    if tol is not None:
+        tol = _check_tol(tol)
+    pairs = list(model.items()) if isinstance(model, dict) else monitored_layers(model, layers)
+    plans = [_plan(layer) for _, layer in pairs]
+    tols = [default_tol(p.dense_shape, p.dtype) if tol is None else tol for p in plans]
+    sigmas = _run_plans(plans, tols, method)
+    return {name: _metrics_from(plan, sig, t) for (name, _), plan, sig, t in zip(pairs, plans, sigmas, tols)}

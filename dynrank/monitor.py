@@ -1,0 +1,502 @@
+"""RankMonitor: per-epoch rank metrics, forms, parameter counts and timings of a training run.
+
+Typical loop::
+
+    monitor = dynrank.RankMonitor(model, name="dynamic I=55 D=120").attach(scheduler)
+    for epoch in range(epochs):
+        scheduler.step(epoch)                  # switches reach the monitor by callback
+        with monitor.epoch(epoch):             # times the epoch, then measures every layer
+            train_one_epoch()
+        monitor.log(loss=val_loss, accuracy=val_acc)
+    monitor.save("runs/dynamic")               # runs/dynamic.json + .epochs/.layers/.switches.csv
+    monitor.plot_spectral_ratio("runs/dynamic_lambda.png")
+
+Each epoch record holds the epoch's wall time (the metric computation runs
+after the clock stops and is reported separately), its form (the form of the
+dynrank layers at the end of the epoch: ``lowrank``/``full``/``adapter``,
+``mixed`` if they differ, ``dense`` if the model has none), the form mix,
+trainable and total parameter counts, the user's scalars and, per layer, the
+metrics of :func:`dynrank.metrics.layer_metrics`.
+"""
+
+import contextlib
+import csv
+import json
+import math
+import numbers
+import os
+import time
+from collections.abc import Mapping
+
+import torch
+
+from ._forms import FORMS, FormLayer
+from .metrics import model_metrics, monitored_layers
+
+__all__ = ["RankMonitor", "read_csv"]
+
+_FORMAT = "dynrank.RankMonitor"
+_EPOCH_COLUMNS = ["epoch", "form", "wall_seconds", "metrics_seconds", "trainable_params", "total_params"] + \
+    [f"n_{form}" for form in FORMS]
+_LAYER_COLUMNS = ["epoch", "layer", "type", "form", "rank", "rows", "cols", "sigma_max", "sigma_min",
+                  "spectral_ratio", "restricted_spectral_ratio", "effective_rank", "entropy_rank", "stable_rank", "tol"]
+_SWITCH_COLUMNS = ["epoch", "step", "kind", "layer", "old_form", "new_form"]
+
+
+def _kind_of(changes):
+    kinds = set()
+    for _, old, new in changes:
+        if new == "full":
+            kinds.add("inflate")
+        elif old == "full" and new == "adapter":
+            kinds.add("deflate")
+        elif old == "lowrank" and new == "adapter":
+            kinds.update(("inflate", "deflate"))
+        else:
+            kinds.add("change")
+    return "+".join(k for k in ("inflate", "deflate", "change") if k in kinds)
+
+
+class RankMonitor:
+    """Records a training run epoch by epoch; saves, loads and plots it.
+
+    Args:
+        model: the ``nn.Module`` being trained (None only for loaded runs).
+        name: label of the run in plots and files (default ``"run"``).
+        tol: relative tolerance of the rank metrics (default per layer, see
+            :mod:`dynrank.metrics`).
+        method: singular-value method (``"auto"``, ``"svd"``, ``"gram"``).
+        layers: which layers to measure (see :func:`dynrank.metrics.monitored_layers`).
+        metrics_every: measure layers every this many epochs (1: every epoch).
+        scheduler: optional DynamicRankScheduler to :meth:`attach` to.
+
+    Attributes:
+        records: list of epoch dicts (see module docstring; ``layers`` maps
+            layer name → metric dict and is empty in epochs not measured).
+        switches: list of ``{"epoch", "step", "kind", "changes", "source"}``;
+            ``kind`` is ``"inflate"``, ``"deflate"`` or both joined by ``+``;
+            ``source`` is ``"scheduler"`` (callback) or ``"detected"`` (a form
+            change the monitor saw between epochs without a callback).
+
+    Raises:
+        TypeError/ValueError: bad arguments.
+
+    Example:
+        >>> model = torch.nn.Sequential(FusedLowRankLinear(16, 16, rank=4))
+        >>> monitor = RankMonitor(model, name="demo")
+        >>> with monitor.epoch():
+        ...     pass                                   # train here
+        >>> monitor.log(loss=0.5)
+        >>> monitor.records[0]["layers"]["0"]["spectral_ratio"]
+        inf
+    """
+
+    def __init__(self, model=None, name="run", *, tol=None, method="auto", layers=None, metrics_every=1,
+                 scheduler=None):
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(metrics_every, bool) or not isinstance(metrics_every, numbers.Integral) or metrics_every < 1:
+            raise ValueError(f"metrics_every must be an int ≥ 1, got {metrics_every!r}")
+        self.model = model
+        self.name = str(name)
+        self.tol = tol
+        self.method = method
+        self.layers = layers
+        self.metrics_every = int(metrics_every)
+        self.records = []
+        self.switches = []
+        self._open = None
+        self._known_forms = self._forms() if model is not None else {}
+        if model is not None:
+            monitored_layers(model, layers)          # fail now on unknown layer names
+        if scheduler is not None:
+            self.attach(scheduler)
+
+    # -- scheduler hook ------------------------------------------------------------------
+    def attach(self, scheduler):
+        """Register :meth:`on_switch` with ``scheduler.add_callback``; returns self.
+
+        Raises:
+            TypeError: ``scheduler`` has no ``add_callback``.
+        """
+        add = getattr(scheduler, "add_callback", None)
+        if not callable(add):
+            raise TypeError(f"scheduler must have an add_callback(fn) method (DynamicRankScheduler), got "
+                            f"{type(scheduler).__name__}")
+        add(self.on_switch)
+        return self
+
+    def on_switch(self, event):
+        """Record a form change: ``event = {"epoch", "step", "changes": [(name, old, new), ...]}``."""
+        if not isinstance(event, Mapping) or "changes" not in event:
+            raise TypeError(f"event must be a dict with 'changes', got {event!r}")
+        changes = [tuple(c) for c in event["changes"]]
+        if any(len(c) != 3 for c in changes):
+            raise ValueError(f"each change must be (module_name, old_form, new_form), got {changes!r}")
+        epoch = event.get("epoch")
+        if epoch is None:
+            epoch = self._open["epoch"] if self._open is not None else self._next_epoch()
+        self.switches.append({"epoch": int(epoch), "step": event.get("step"), "kind": _kind_of(changes),
+                              "changes": [list(c) for c in changes], "source": "scheduler"})
+        if self.model is not None:
+            self._known_forms = self._forms()
+
+    # -- epochs --------------------------------------------------------------------------
+    def _require_model(self):
+        if self.model is None:
+            raise RuntimeError("this RankMonitor has no model (it was loaded from files); it can be read, "
+                               "saved and plotted but not record new epochs")
+
+    def _next_epoch(self):
+        return self.records[-1]["epoch"] + 1 if self.records else 0
+
+    def _forms(self):
+        return {name: m.form for name, m in self.model.named_modules() if isinstance(m, FormLayer)}
+
+    def _detect(self, epoch):
+        now = self._forms()
+        changes = [(n, self._known_forms[n], f) for n, f in now.items()
+                   if n in self._known_forms and self._known_forms[n] != f]
+        if changes:
+            self.switches.append({"epoch": epoch, "step": None, "kind": _kind_of(changes),
+                                  "changes": [list(c) for c in changes], "source": "detected"})
+        self._known_forms = now
+
+    def _sync(self):
+        if torch.cuda.is_available() and any(p.is_cuda for p in self.model.parameters()):
+            torch.cuda.synchronize()     # wall time must include queued GPU work
+
+    def start_epoch(self, epoch=None):
+        """Start timing an epoch (default number: previous + 1, starting at 0).
+
+        Raises:
+            RuntimeError: an epoch is already open, or no model.
+        """
+        self._require_model()
+        if self._open is not None:
+            raise RuntimeError(f"epoch {self._open['epoch']} is still open; call end_epoch() first")
+        epoch = self._next_epoch() if epoch is None else epoch
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
+            raise TypeError(f"epoch must be an int, got {type(epoch).__name__}")
+        self._detect(int(epoch))
+        self._open = {"epoch": int(epoch), "scalars": {}}
+        self._sync()
+        self._open["_t0"] = time.perf_counter()
+
+    def end_epoch(self, **scalars):
+        """Stop the clock, measure the layers, store the record; returns it.
+
+        Args:
+            **scalars: numbers to log for this epoch (as :meth:`log`).
+
+        Raises:
+            RuntimeError: no open epoch.
+        """
+        if self._open is None:
+            raise RuntimeError("no open epoch; call start_epoch() first")
+        self._sync()
+        wall = time.perf_counter() - self._open.pop("_t0")
+        rec, self._open = self._open, None
+        self._detect(rec["epoch"])
+        forms = list(self._known_forms.values())
+        mix = {form: forms.count(form) for form in FORMS}
+        label = "dense" if not forms else (forms[0] if len(set(forms)) == 1 else "mixed")
+        params = list(self.model.parameters())
+        rec.update(form=label, wall_seconds=wall, metrics_seconds=None, form_mix=mix,
+                   trainable_params=sum(p.numel() for p in params if p.requires_grad),
+                   total_params=sum(p.numel() for p in params), layers={})
+        rec["scalars"].update(self._check_scalars(scalars))
+        if len(self.records) % self.metrics_every == 0:
+            t0 = time.perf_counter()
+            rec["layers"] = self.measure()
+            rec["metrics_seconds"] = time.perf_counter() - t0
+        self.records.append(rec)
+        return rec
+
+    @contextlib.contextmanager
+    def epoch(self, epoch=None):
+        """Context manager: ``start_epoch`` on entry, ``end_epoch`` on normal exit.
+
+        If the body raises, the epoch is discarded (not recorded) and the error propagates.
+        """
+        self.start_epoch(epoch)
+        try:
+            yield self
+        except BaseException:
+            self._open = None
+            raise
+        self.end_epoch()
+
+    def measure(self):
+        """Metrics of every monitored layer now: dict name → metric dict (no timing, nothing stored)."""
+        self._require_model()
+        modules = dict(self.model.named_modules())
+        out = {}
+        for name, m in model_metrics(self.model, tol=self.tol, method=self.method, layers=self.layers).items():
+            out[name] = dict(type=type(modules[name]).__name__, **m.as_dict())
+        return out
+
+    @staticmethod
+    def _check_scalars(scalars):
+        out = {}
+        for key, value in scalars.items():
+            if key in _EPOCH_COLUMNS:
+                raise ValueError(f"scalar name {key!r} clashes with a recorded column; choose another name")
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"scalar {key!r} must be a number or a 1-element tensor, got shape "
+                                     f"{tuple(value.shape)}")
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"scalar {key!r} must be a number, got {type(value).__name__}")
+            out[key] = float(value)
+        return out
+
+    def log(self, **scalars):
+        """Attach numbers (loss, accuracy, lr, …) to the open epoch, else to the last recorded one.
+
+        Raises:
+            RuntimeError: nothing recorded yet.  TypeError/ValueError: not a number, or a reserved name.
+        """
+        checked = self._check_scalars(scalars)
+        target = self._open if self._open is not None else (self.records[-1] if self.records else None)
+        if target is None:
+            raise RuntimeError("no epoch to log to; call start_epoch() (or use monitor.epoch()) first")
+        target["scalars"].update(checked)
+
+    # -- reading ---------------------------------------------------------------------------
+    @property
+    def epochs(self):
+        """Recorded epoch numbers."""
+        return [r["epoch"] for r in self.records]
+
+    def scalar(self, key):
+        """(epochs, values) of a logged scalar, over the epochs that have it."""
+        pairs = [(r["epoch"], r["scalars"][key]) for r in self.records if key in r["scalars"]]
+        return [e for e, _ in pairs], [v for _, v in pairs]
+
+    def scalar_names(self):
+        """Names of all logged scalars, in order of first appearance."""
+        names = []
+        for r in self.records:
+            names += [k for k in r["scalars"] if k not in names]
+        return names
+
+    def layer_names(self):
+        """Names of the measured layers, in model order."""
+        names = []
+        for r in self.records:
+            names += [k for k in r["layers"] if k not in names]
+        return names
+
+    def layer_series(self, metric="spectral_ratio"):
+        """dict layer → (epochs, values) of one per-layer metric (``math.inf`` kept)."""
+        out = {}
+        for r in self.records:
+            for name, m in r["layers"].items():
+                series = out.setdefault(name, ([], []))
+                series[0].append(r["epoch"])
+                series[1].append(m[metric])
+        return out
+
+    # -- files -----------------------------------------------------------------------------
+    def save(self, path):
+        """Write ``<stem>.json`` (everything) and three CSVs: ``<stem>.epochs.csv``,
+        ``<stem>.layers.csv``, ``<stem>.switches.csv``.
+
+        Args:
+            path: file stem, or a path ending in ``.json``; folders are created.
+
+        Returns:
+            dict kind → path written (``json``, ``epochs``, ``layers``, ``switches``).
+
+        Infinite values are written as ``inf`` in the CSVs and as the string
+        ``"inf"`` in the JSON (strict JSON has no infinity).
+        """
+        stem = _stem(path)
+        folder = os.path.dirname(stem)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        paths = {"json": stem + ".json", "epochs": stem + ".epochs.csv", "layers": stem + ".layers.csv",
+                 "switches": stem + ".switches.csv"}
+        doc = {"format": _FORMAT, "version": 1, "name": self.name, "records": self.records,
+               "switches": self.switches}
+        with open(paths["json"], "w", encoding="utf-8") as f:
+            json.dump(_encode(doc), f, indent=1, allow_nan=False)
+        scalar_names = self.scalar_names()
+        rows = []
+        for r in self.records:
+            row = {k: r.get(k) for k in _EPOCH_COLUMNS[:6]}
+            row.update({f"n_{form}": r["form_mix"].get(form, 0) for form in FORMS})
+            row.update({k: r["scalars"].get(k) for k in scalar_names})
+            rows.append(row)
+        _write_csv(paths["epochs"], _EPOCH_COLUMNS + scalar_names, rows)
+        rows = []
+        for r in self.records:
+            for name, m in r["layers"].items():
+                row = dict(m, epoch=r["epoch"], layer=name, rows=m["shape"][0], cols=m["shape"][1])
+                rows.append(row)
+        _write_csv(paths["layers"], _LAYER_COLUMNS, rows)
+        rows = [dict(epoch=s["epoch"], step=s["step"], kind=s["kind"], layer=c[0], old_form=c[1], new_form=c[2])
+                for s in self.switches for c in s["changes"]]
+        _write_csv(paths["switches"], _SWITCH_COLUMNS, rows)
+        return paths
+
+    @classmethod
+    def load(cls, path):
+        """Read a run written by :meth:`save` — from the JSON, or from the CSVs if no JSON.
+
+        Args:
+            path: the stem, the ``.json`` file, or any of the three CSVs.
+
+        Returns:
+            RankMonitor without a model (``records`` and ``switches`` filled).
+
+        Raises:
+            FileNotFoundError: nothing to read.  ValueError: not a RankMonitor file.
+        """
+        stem = _stem(path)
+        if os.path.exists(stem + ".json"):
+            with open(stem + ".json", encoding="utf-8") as f:
+                doc = _decode(json.load(f))
+            if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+                raise ValueError(f"{stem}.json is not a RankMonitor file")
+            monitor = cls(None, name=doc.get("name", "run"))
+            monitor.records, monitor.switches = doc["records"], doc["switches"]
+            return monitor
+        if not os.path.exists(stem + ".epochs.csv"):
+            raise FileNotFoundError(f"no {stem}.json or {stem}.epochs.csv")
+        return cls._from_csv(stem)
+
+    @classmethod
+    def _from_csv(cls, stem):
+        monitor = cls(None, name=os.path.basename(stem))
+        fixed = set(_EPOCH_COLUMNS)
+        by_epoch = {}
+        for row in read_csv(stem + ".epochs.csv"):
+            rec = {k: row[k] for k in _EPOCH_COLUMNS[:6]}
+            rec["form_mix"] = {form: row[f"n_{form}"] for form in FORMS}
+            rec["scalars"] = {k: v for k, v in row.items() if k not in fixed and v is not None}
+            rec["layers"] = {}
+            by_epoch[rec["epoch"]] = rec
+            monitor.records.append(rec)
+        if os.path.exists(stem + ".layers.csv"):
+            for row in read_csv(stem + ".layers.csv"):
+                m = {k: row[k] for k in _LAYER_COLUMNS[2:] if k not in ("rows", "cols")}
+                m["shape"] = [row["rows"], row["cols"]]
+                by_epoch[row["epoch"]]["layers"][row["layer"]] = m
+        if os.path.exists(stem + ".switches.csv"):
+            for row in read_csv(stem + ".switches.csv"):
+                last = monitor.switches[-1] if monitor.switches else None
+                if last is None or (last["epoch"], last["step"]) != (row["epoch"], row["step"]):
+                    last = {"epoch": row["epoch"], "step": row["step"], "kind": row["kind"], "changes": [],
+                            "source": "csv"}
+                    monitor.switches.append(last)
+                last["changes"].append([row["layer"], row["old_form"], row["new_form"]])
+        return monitor
+
+    # -- plots -----------------------------------------------------------------------------
+    def plot_spectral_ratio(self, path=None, **kwargs):
+        """λ per layer over epochs with switches marked; see :func:`dynrank.plots.plot_spectral_ratio`."""
+        from .plots import plot_spectral_ratio
+        return plot_spectral_ratio(self, path, **kwargs)
+
+    def plot_curves(self, path=None, **kwargs):
+        """Logged scalars over epochs; see :func:`dynrank.plots.plot_training_curves`."""
+        from .plots import plot_training_curves
+        return plot_training_curves([self], path, **kwargs)
+
+    def __repr__(self):
+        return (f"RankMonitor(name={self.name!r}, epochs={len(self.records)}, switches={len(self.switches)}, "
+                f"model={'None' if self.model is None else type(self.model).__name__})")
+
+
+# -- file helpers ----------------------------------------------------------------------------
+
+def _stem(path):
+    path = os.fspath(path)
+    for suffix in (".json", ".epochs.csv", ".layers.csv", ".switches.csv"):
+        if path.endswith(suffix):
+            return path[: -len(suffix)]
+    return path
+
+
+def _encode(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    return obj
+
+
+_SPECIAL = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def _decode(obj):
+    if isinstance(obj, str) and obj in _SPECIAL:
+        return _SPECIAL[obj]
+    if isinstance(obj, dict):
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(v) for v in value)       # Tucker ranks: "8x16"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else _encode(value)
+    return value
+
+
+def _write_csv(path, columns, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_cell(row.get(c)) for c in columns])
+
+
+def _parse(text):
+    if text == "":
+        return None
+    if text in _SPECIAL:
+        return _SPECIAL[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    parts = text.split("x")
+    if len(parts) > 1 and all(p.isdigit() for p in parts):
+        return [int(p) for p in parts]
+    return text
+
+
+_TEXT_COLUMNS = ("layer", "type", "form", "kind", "old_form", "new_form")
+
+
+def read_csv(path, text_columns=_TEXT_COLUMNS):
+    """Rows of a CSV written by :meth:`RankMonitor.save`, with typed values.
+
+    Empty cells become None, ``inf`` becomes ``math.inf``, integers and floats
+    are parsed, ``"8x16"`` becomes ``[8, 16]``; cells of ``text_columns``
+    (layer names such as ``"0"`` or ``"1.10"``, forms) stay strings.
+
+    Returns:
+        list of dicts column → value.
+
+    Example:
+        >>> rows = read_csv("runs/dynamic.layers.csv")            # doctest: +SKIP
+        >>> rows[0]["layer"], rows[0]["spectral_ratio"]           # doctest: +SKIP
+        ('conv1', inf)
+    """
+    text = set(text_columns)
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: (v if k in text and v != "" else _parse(v)) for k, v in row.items()}
+                for row in csv.DictReader(f)]

@@ -1,0 +1,295 @@
+"""Orthogonality regularizers that push weights back towards full effective rank.
+
+Three loss terms from the rank-recovery literature (paper Table 6), for any
+matrix W (m × n; conv kernels and conv factors reshaped to shape[0] × rest),
+with p = min(m, n) and G the p × p Gram matrix on the *smaller* side
+(WᵀW if m ≥ n, else WWᵀ):
+
+===========  ===================================  ====================================
+name         definition                           computed as
+===========  ===================================  ====================================
+SO           ‖WᵀW − I‖²_F                          ‖G − I_p‖²_F
+DSO          ‖WᵀW − I_n‖²_F + ‖WWᵀ − I_m‖²_F        2‖G − I_p‖²_F + |m − n|
+SRIP         σmax(WᵀW − I)                         power iteration on G − I_p
+===========  ===================================  ====================================
+
+Why the smaller side is enough: WᵀW and WWᵀ share their nonzero eigenvalues
+σ_i², and the larger one adds |m − n| zero eigenvalues.  So the two SO
+variants differ by the constant |m − n| (same gradient; the table's SO is the
+literal formula for tall W and WWᵀ for wide W), DSO is exactly
+2·SO + |m − n|, and SRIP on the smaller side is max_i |σ_i² − 1| — on the
+larger side the extra −1 eigenvalues would pin the norm at ≥ 1 and zero its
+gradient whenever every |σ_i² − 1| < 1.
+
+**Memory.**  Each regularized tensor adds one p × p Gram (p = min side) that
+autograd keeps until backward, plus a transient copy of the same size while
+G − I is formed: ResNet20 in full form keeps about 4·10⁴ floats for all convs
+(largest p = 64); a GPT-2-small-sized model in full form 48 × 768² ≈ 2.8·10⁷
+floats (113 MB in float32), where the larger-side Gram of a 768 × 3072 layer
+alone would be 3072² floats (38 MB).  Factors A (m × k), B (n × k) cost k² each.
+
+What gets regularized (:func:`regularized_tensors`): the *trainable* weights
+— a dynrank layer's factors in lowrank and adapter form (never the frozen
+W_f), its W in full form — and the weight of every plain ``nn.Linear`` /
+``nn.Conv1d/2d/3d``.  Biases are never included.
+"""
+
+import numbers
+
+import torch
+
+from ._forms import FormLayer
+from .metrics import monitored_layers
+
+__all__ = ["gram_small", "so_penalty", "dso_penalty", "srip_penalty", "regularized_tensors",
+           "OrthogonalityRegularizer", "SoftOrthogonality", "DoubleSoftOrthogonality", "SRIP"]
+
+
+def _matrix(weight):
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() < 2:
+        raise ValueError(f"weight must have at least 2 dims (matrix or conv kernel), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        weight = weight.float()       # a 16-bit Gram loses the deviation from I it measures
+    return weight.reshape(weight.shape[0], -1)
+
+
+def gram_small(weight):
+    """p × p Gram matrix on the smaller side of ``weight`` viewed as shape[0] × rest.
+
+    Args:
+        weight: tensor with ≥ 2 dims; 16-bit inputs are computed in float32.
+
+    Returns:
+        WᵀW (n × n) if m ≥ n, else WWᵀ (m × m); differentiable.
+
+    Example:
+        >>> gram_small(torch.randn(10, 3)).shape
+        torch.Size([3, 3])
+    """
+    W = _matrix(weight)
+    return W.t() @ W if W.shape[0] >= W.shape[1] else W @ W.t()
+
+
+def _deviation(weight):
+    G = gram_small(weight)
+    return G - torch.eye(G.shape[0], device=G.device, dtype=G.dtype)
+
+
+def so_penalty(weight):
+    """Soft orthogonality ‖G − I‖²_F with G the smaller-side Gram matrix.
+
+    Zero exactly when W has orthonormal columns (tall) or rows (wide).
+
+    Args:
+        weight: (m, n) matrix or (F, C, kh, kw) kernel (viewed as F × C·kh·kw).
+
+    Returns:
+        0-d tensor, differentiable w.r.t. ``weight``.
+
+    Raises:
+        TypeError/ValueError: not a floating tensor with ≥ 2 dims.
+
+    Example:
+        >>> float(so_penalty(torch.eye(4)[:, :3]))
+        0.0
+    """
+    return _deviation(weight).pow(2).sum()
+
+
+def dso_penalty(weight):
+    """Double soft orthogonality ‖WᵀW − I_n‖²_F + ‖WWᵀ − I_m‖²_F.
+
+    Computed from the smaller Gram only, as 2‖G − I_p‖²_F + |m − n| (module
+    docstring).  Its minimum |m − n| is reached by W with orthonormal rows or
+    columns; it is 0 only for square orthogonal W.
+
+    Returns:
+        0-d tensor, differentiable w.r.t. ``weight``.
+
+    Example:
+        >>> float(dso_penalty(torch.eye(4)[:, :3]))
+        1.0
+    """
+    W = _matrix(weight)
+    return 2.0 * _deviation(W).pow(2).sum() + abs(W.shape[0] - W.shape[1])
+
+
+def _unit(v):
+    return v / torch.linalg.vector_norm(v).clamp_min(torch.finfo(v.dtype).tiny)
+
+
+def srip_penalty(weight, n_power_iterations=10, start=None, return_vector=False):
+    """SRIP: spectral norm σmax(G − I) of the smaller-side Gram deviation.
+
+    Power iteration on the symmetric M = G − I runs without autograd; the
+    value ‖M·v‖ of the final iterate v is differentiable through M (v held
+    fixed), which at convergence is the gradient of the spectral norm.
+
+    Args:
+        weight: (m, n) matrix or conv kernel.
+        n_power_iterations: int ≥ 1, or None for the exact value from
+            ``eigvalsh`` (differentiable; slower for large p).
+        start: optional start vector of length p (warm start); default a
+            fixed-seed Gaussian vector, so results are reproducible.
+        return_vector: also return the final (detached) iterate, to pass as
+            ``start`` next time.
+
+    Returns:
+        0-d tensor ``value``, or ``(value, v)`` with ``return_vector``.
+
+    Raises:
+        TypeError/ValueError: bad ``weight``, ``n_power_iterations`` or ``start``.
+
+    Example:
+        >>> W = torch.diag(torch.tensor([2.0, 1.0, 0.5]))
+        >>> round(float(srip_penalty(W, n_power_iterations=50)), 6)     # |2² − 1|
+        3.0
+    """
+    M = _deviation(weight)
+    p = M.shape[0]
+    if n_power_iterations is None:
+        value = torch.linalg.eigvalsh(M).abs().max()
+        return (value, None) if return_vector else value
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral) \
+            or n_power_iterations < 1:
+        raise ValueError(f"n_power_iterations must be an int ≥ 1 or None, got {n_power_iterations!r}")
+    if start is None:
+        gen = torch.Generator().manual_seed(0)
+        start = torch.randn(p, generator=gen, dtype=torch.float64)
+    elif not isinstance(start, torch.Tensor) or tuple(start.shape) != (p,):
+        got = tuple(start.shape) if isinstance(start, torch.Tensor) else type(start).__name__
+        raise ValueError(f"start must be a tensor of shape ({p},), got {got}")
+    with torch.no_grad():
+        Md = M.detach()
+        v = _unit(start.to(device=M.device, dtype=M.dtype))
+        for _ in range(int(n_power_iterations)):
+            v = _unit(Md @ v)
+    value = torch.linalg.vector_norm(M @ v)
+    return (value, v) if return_vector else value
+
+
+def regularized_tensors(model, exclude=()):
+    """The trainable weights the regularizers act on, as (name, tensor) pairs.
+
+    Args:
+        model: an ``nn.Module``.
+        exclude: module names to skip (e.g. the first conv or the classifier).
+
+    Returns:
+        list of (``"<module>.<param>"``, parameter): factors of lowrank/adapter
+        dynrank layers, W of full-form ones and plain Linear/Conv weights;
+        parameters with ``requires_grad=False`` are left out.
+
+    Raises:
+        TypeError: ``model`` is not a module.  ValueError: an unknown name in ``exclude``.
+    """
+    layers = monitored_layers(model)
+    exclude = {exclude} if isinstance(exclude, str) else set(exclude)
+    modules = dict(model.named_modules())
+    unknown = sorted(n for n in exclude if n not in modules)
+    if unknown:
+        raise ValueError(f"exclude names {unknown} are not modules of the model")
+    out = []
+    for name, module in layers:
+        if name in exclude:
+            continue
+        if isinstance(module, FormLayer):
+            params = {module.weight_name: module._dense()} if module.form == "full" else module.factors()
+        else:
+            params = {"weight": module.weight}
+        for pname, param in params.items():
+            if param is not None and param.requires_grad:
+                out.append((f"{name}.{pname}" if name else pname, param))
+    return out
+
+
+_KINDS = ("so", "dso", "srip")
+
+
+class OrthogonalityRegularizer:
+    """coef · Σ penalty(W) over a model's trainable weights, as a loss term.
+
+    Works in every form: it looks up the current trainable tensors on each
+    call, so it follows ``inflate``/``deflate`` without being rebuilt.
+
+    Args:
+        coef: coefficient (paper Table 9: 5e-5 for SO/DSO, 5e-4 for SRIP).
+        kind: ``"so"``, ``"dso"`` or ``"srip"``.
+        exclude: module names to skip.
+        n_power_iterations: SRIP only; iterations per call.  The last vector
+            of each tensor is kept and warm-starts the next call (as
+            ``torch.nn.utils.spectral_norm`` does), so a few per step suffice.
+
+    Example:
+        >>> model = torch.nn.Sequential(FusedLowRankLinear(64, 32, rank=8), torch.nn.Linear(32, 10))
+        >>> reg = SoftOrthogonality(5e-5)
+        >>> loss = reg(model)             # add to the task loss before backward()
+        >>> loss.shape
+        torch.Size([])
+    """
+
+    def __init__(self, coef, kind="so", exclude=(), n_power_iterations=2):
+        if isinstance(coef, bool) or not isinstance(coef, numbers.Real) or coef < 0:
+            raise ValueError(f"coef must be a non-negative number, got {coef!r}")
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral) \
+                or n_power_iterations < 1:
+            raise ValueError(f"n_power_iterations must be an int ≥ 1, got {n_power_iterations!r}")
+        self.coef = float(coef)
+        self.kind = kind
+        self.exclude = tuple(exclude)
+        self.n_power_iterations = int(n_power_iterations)
+        self._vectors = {}
+
+    def penalty(self, name, weight):
+        """Unscaled penalty of one tensor (SRIP warm-starts from the vector stored under ``name``)."""
+        if self.kind == "so":
+            return so_penalty(weight)
+        if self.kind == "dso":
+            return dso_penalty(weight)
+        p = min(weight.shape[0], weight[0].numel())
+        start = self._vectors.get(name)
+        if start is not None and (start.shape[0] != p or start.device != weight.device):
+            start = None        # the tensor changed shape or device (a form change)
+        value, v = srip_penalty(weight, self.n_power_iterations, start=start, return_vector=True)
+        self._vectors[name] = v
+        return value
+
+    def __call__(self, model):
+        """coef · Σ penalty over :func:`regularized_tensors` (0-d tensor; 0.0 tensor if none)."""
+        total = None
+        for name, weight in regularized_tensors(model, self.exclude):
+            term = self.penalty(name, weight)
+            total = term if total is None else total + term.to(total.device)
+        if total is None:
+            return torch.zeros(())
+        return self.coef * total
+
+    def __repr__(self):
+        return f"{type(self).__name__}(coef={self.coef}, kind={self.kind!r}, exclude={list(self.exclude)})"
+
+
+class SoftOrthogonality(OrthogonalityRegularizer):
+    """SO loss term coef · Σ ‖G − I‖²_F (see :class:`OrthogonalityRegularizer`)."""
+
+    def __init__(self, coef, exclude=()):
+        super().__init__(coef, "so", exclude)
+
+
+class DoubleSoftOrthogonality(OrthogonalityRegularizer):
+    """DSO loss term coef · Σ (‖WᵀW − I‖²_F + ‖WWᵀ − I‖²_F)."""
+
+    def __init__(self, coef, exclude=()):
+        super().__init__(coef, "dso", exclude)
+
+
+class SRIP(OrthogonalityRegularizer):
+    """SRIP loss term coef · Σ σmax(G − I), by warm-started power iteration."""
+
+    def __init__(self, coef, exclude=(), n_power_iterations=2):
+        super().__init__(coef, "srip", exclude, n_power_iterations)

@@ -1,0 +1,244 @@
+"""Rank metrics against numpy float64 SVD of the dense effective weight."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import REL_TOL, rel_err
+from dynrank.linear import FusedLowRankLinear
+from dynrank.metrics import (default_tol, effective_rank, entropy_effective_rank, layer_metrics, model_metrics,
+                             monitored_layers, restricted_spectral_ratio, singular_values, spectral_ratio,
+                             stable_rank)
+
+TOL64 = REL_TOL[torch.float64]
+
+
+def np_sigma(matrix):
+    """Reference: numpy float64 singular values of a 2-D array-like, descending."""
+    return np.linalg.svd(np.asarray(matrix, dtype=np.float64), compute_uv=False)
+
+
+def with_sigma(m, n, sigma, dtype=torch.float64):
+    """m × n matrix with exactly the given singular values (orthogonal factors from QR)."""
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    U = torch.linalg.qr(torch.randn(m, len(sigma), generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, len(sigma), generator=g, dtype=torch.float64)).Q
+    return ((U * torch.tensor(sigma, dtype=torch.float64)) @ V.t()).to(dtype)
+
+
+def dense_of(layer):
+    """Independent float64 dense effective weight of a FusedLowRankLinear."""
+    s = layer.scale
+    if layer.form == "full":
+        return layer.weight.detach().double().numpy()
+    lowrank = s * layer.A.detach().double().numpy() @ layer.B.detach().double().numpy().T
+    if layer.form == "lowrank":
+        return lowrank
+    return layer.weight.detach().double().numpy() + lowrank
+
+
+# -- constructed matrices ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,n", [(17, 5), (5, 17), (123, 64), (1, 9)])
+def test_known_singular_values(m, n):
+    p = min(m, n)
+    sigma = sorted(np.geomspace(0.01, 10.0, p), reverse=True)
+    W = with_sigma(m, n, sigma)
+    got = singular_values(W, method="svd")
+    assert got.dtype == torch.float64 and got.shape == (p,)
+    assert rel_err(got, torch.tensor(sigma)) < TOL64
+    assert spectral_ratio(got) == pytest.approx(sigma[0] / sigma[-1], rel=1e-12)
+    assert effective_rank(got) == p
+
+
+@pytest.mark.parametrize("m,n,rank", [(17, 5, 3), (64, 123, 1), (40, 40, 39)])
+def test_exact_rank_deficiency_gives_inf(m, n, rank):
+    sigma = list(np.linspace(3.0, 1.0, rank)) + [0.0] * (min(m, n) - rank)
+    W = with_sigma(m, n, sigma[:rank])           # rank-`rank` matrix built from `rank` components
+    got = singular_values(W, method="svd")
+    lam = spectral_ratio(got)
+    assert lam == math.inf and isinstance(lam, float)
+    assert effective_rank(got) == rank
+    assert restricted_spectral_ratio(got, rank) == pytest.approx(sigma[0] / sigma[rank - 1], rel=1e-12)
+    m_ = layer_metrics(W)
+    assert m_.spectral_ratio == math.inf and m_.effective_rank == rank
+
+
+def test_scalar_metrics_against_direct_formulas():
+    W = torch.randn(31, 12, dtype=torch.float64)
+    ref = np_sigma(W)
+    got = singular_values(W, method="svd")
+    p = ref / ref.sum()
+    assert entropy_effective_rank(got) == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-12)
+    fro, two = np.linalg.norm(W.numpy(), "fro"), np.linalg.norm(W.numpy(), 2)
+    assert stable_rank(got) == pytest.approx(fro ** 2 / two ** 2, rel=1e-12)
+    assert spectral_ratio(got) == pytest.approx(ref[0] / ref[-1], rel=1e-12)
+    assert entropy_effective_rank(torch.ones(7)) == pytest.approx(7.0, rel=1e-14)
+    assert entropy_effective_rank(torch.tensor([5.0, 0.0, 0.0])) == pytest.approx(1.0, abs=1e-15)
+
+
+def test_tolerance_counts_and_zero_matrix():
+    sigma = torch.tensor([1.0, 1e-2, 1e-4, 1e-7], dtype=torch.float64)
+    assert effective_rank(sigma, tol=1e-3) == 2
+    assert effective_rank(sigma, tol=1e-5) == 3
+    assert spectral_ratio(sigma, tol=1e-3) == math.inf
+    assert spectral_ratio(sigma, tol=1e-8) == pytest.approx(1e7)
+    zero = layer_metrics(torch.zeros(6, 4))
+    assert (zero.spectral_ratio, zero.effective_rank, zero.entropy_rank, zero.stable_rank) == (math.inf, 0, 0.0, 0.0)
+
+
+def test_default_tolerance():
+    assert default_tol((768, 3072), torch.float32) == pytest.approx(3072 * torch.finfo(torch.float32).eps)
+    assert default_tol((768, 3072), torch.bfloat16) == 1e-2        # capped: 3072·2⁻⁸ > 1
+    assert layer_metrics(nn.Linear(40, 30)).tol == pytest.approx(40 * torch.finfo(torch.float32).eps)
+
+
+# -- layers -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(17, 5), (5, 17), (64, 123)])
+def test_plain_linear_and_methods(shape):
+    out_f, in_f = shape
+    lin = nn.Linear(in_f, out_f)
+    ref = torch.from_numpy(np_sigma(lin.weight.detach()))
+    assert rel_err(singular_values(lin, method="svd"), ref) < TOL64
+    gram = singular_values(lin, method="gram")
+    # Gram eigenvalues: absolute σ error ~ p·eps64·σmax²/σ, far below the default tolerance.
+    assert (gram - ref).abs().max() < 1e-9 * ref[0]
+    assert layer_metrics(lin).form == "dense" and layer_metrics(lin).rank is None
+
+
+def test_auto_uses_gram_on_large_layers_accurately():
+    lin = nn.Linear(300, 260, bias=False)
+    ref = torch.from_numpy(np_sigma(lin.weight.detach()))
+    got = singular_values(lin)                                        # auto → gram (p = 260)
+    assert (got - ref).abs().max() < 1e-9 * ref[0]
+    assert layer_metrics(lin).spectral_ratio == pytest.approx(float(ref[0] / ref[-1]), rel=1e-8)
+
+
+def test_conv_is_reshaped_to_out_by_rest():
+    conv = nn.Conv2d(3, 16, (3, 5))
+    ref = np_sigma(conv.weight.detach().reshape(16, 45))
+    got = singular_values(conv)
+    assert got.shape == (16,)
+    assert rel_err(got, torch.from_numpy(ref)) < TOL64
+    wide = nn.Conv2d(32, 4, 3)                                         # 4 × 288
+    assert rel_err(singular_values(wide), torch.from_numpy(np_sigma(wide.weight.detach().reshape(4, -1)))) < TOL64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("in_f,out_f,rank,alpha", [(5, 17, 3, None), (123, 64, 8, 16.0), (9, 9, 9, 4.0)])
+def test_fused_linear_every_form(in_f, out_f, rank, alpha, dtype):
+    layer = FusedLowRankLinear(in_f, out_f, rank, alpha=alpha, dtype=dtype)
+    p = min(in_f, out_f)
+    # lowrank: k×k QR path, exact zeros beyond the rank
+    got = singular_values(layer)
+    ref = np_sigma(dense_of(layer))
+    assert got.shape == (p,) and bool((got[rank:] == 0).all())
+    assert rel_err(got[:rank], torch.from_numpy(ref[:rank])) < TOL64
+    lm = layer_metrics(layer)
+    assert lm.form == "lowrank" and lm.rank == rank and lm.effective_rank == rank
+    assert (lm.spectral_ratio == math.inf) == (rank < p)
+    assert lm.restricted_spectral_ratio == pytest.approx(ref[0] / ref[rank - 1], rel=1e-10)
+    # full: the inflated A·Bᵀ is still rank `rank` up to rounding — the default tolerance sees that
+    layer.inflate()
+    full = layer_metrics(layer)
+    assert full.form == "full" and full.effective_rank == rank
+    assert (full.spectral_ratio == math.inf) == (rank < p)
+    with torch.no_grad():
+        layer.weight.add_(0.1 * torch.randn_like(layer.weight))        # "training" restores full rank
+    ref = np_sigma(dense_of(layer))
+    assert rel_err(singular_values(layer, method="svd"), torch.from_numpy(ref)) < TOL64
+    assert layer_metrics(layer).spectral_ratio == pytest.approx(ref[0] / ref[-1], rel=1e-10)
+    # adapter: W_f + s·A·Bᵀ with a non-zero adapter (must differ from W_f alone)
+    layer.deflate(init="random")
+    ref = np_sigma(dense_of(layer))
+    assert not np.allclose(ref, np_sigma(layer.weight.detach().double()))
+    assert rel_err(singular_values(layer, method="svd"), torch.from_numpy(ref)) < TOL64
+    assert layer_metrics(layer).form == "adapter"
+
+
+class _EffectiveOnly(nn.Module):
+    """Stand-in for a conv layer that exposes only effective_weight() (F, C, kh, kw)."""
+
+    def __init__(self):
+        super().__init__()
+        self.U = nn.Parameter(torch.randn(6, 2, dtype=torch.float64))
+        self.V = nn.Parameter(torch.randn(2, 4 * 3 * 3, dtype=torch.float64))
+
+    def effective_weight(self):
+        return (self.U @ self.V).reshape(6, 4, 3, 3)
+
+
+def test_module_with_effective_weight():
+    layer = _EffectiveOnly()
+    dense = (layer.U @ layer.V).detach().numpy()
+    got = singular_values(layer, method="svd")
+    assert rel_err(got[:2], torch.from_numpy(np_sigma(dense)[:2])) < TOL64
+    assert layer_metrics(layer).effective_rank == 2 and layer_metrics(layer).spectral_ratio == math.inf
+
+
+def test_lowrank_conv2d_every_form():
+    conv_mod = pytest.importorskip("dynrank.conv")
+    layer = conv_mod.LowRankConv2d(8, 12, 3, rank=4).double()
+    for step in ("lowrank", "full", "adapter"):
+        if step == "full":
+            layer.inflate()
+            with torch.no_grad():
+                layer.weight.add_(0.05 * torch.randn_like(layer.weight))
+        if step == "adapter":
+            layer.deflate(init="random")
+        # Reference dense kernel: what inflate() merges, on a copy (full form: the weight itself).
+        probe = copy.deepcopy(layer)
+        dense = (probe if step == "full" else probe.inflate()).weight.detach().reshape(12, -1)
+        ref = torch.from_numpy(np_sigma(dense))
+        got = singular_values(layer, method="svd")
+        k = 4 if step == "lowrank" else 12
+        assert got.shape == (12,) and rel_err(got[:k], ref[:k]) < 1e-10
+        assert layer_metrics(layer).form == step
+
+
+# -- models -----------------------------------------------------------------------------------
+
+def test_model_metrics_batches_same_shapes_like_single_calls():
+    model = nn.Sequential(*[FusedLowRankLinear(24, 24, 6) for _ in range(3)], nn.Linear(24, 24), nn.Linear(24, 24),
+                          nn.Conv2d(4, 24, 1), FusedLowRankLinear(24, 10, 4, form="full"))
+    model[1].inflate()
+    batched = model_metrics(model, method="svd")
+    assert list(batched) == ["0", "1", "2", "3", "4", "5", "6"]
+    for name, module in model.named_children():
+        single = layer_metrics(module, method="svd")
+        ref = np_sigma(dense_of(module) if isinstance(module, FusedLowRankLinear)
+                       else module.weight.detach().reshape(module.weight.shape[0], -1))
+        assert batched[name].sigma_max == pytest.approx(ref[0], rel=1e-12)
+        assert batched[name].as_dict() == single.as_dict()
+
+
+def test_monitored_layers_selection():
+    inner = nn.Sequential(nn.Linear(4, 4))
+    model = nn.Sequential(FusedLowRankLinear(8, 8, 2), nn.ReLU(), nn.Conv2d(3, 8, 3), inner)
+    assert [n for n, _ in monitored_layers(model)] == ["0", "2", "3.0"]
+    assert [n for n, _ in monitored_layers(model, ["2"])] == ["2"]
+    assert [n for n, _ in monitored_layers(model, lambda n, m: isinstance(m, nn.Conv2d))] == ["2"]
+    with pytest.raises(ValueError, match="not modules"):
+        monitored_layers(model, ["nope"])
+
+
+def test_bad_input_errors():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        layer_metrics(nn.ReLU())
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        layer_metrics(nn.Linear(3, 3), tol=1.5)
+    with pytest.raises(TypeError, match="tol must be a float"):
+        layer_metrics(nn.Linear(3, 3), tol="small")
+    with pytest.raises(ValueError, match="method must be one of"):
+        singular_values(nn.Linear(3, 3), method="lanczos")
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        spectral_ratio(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        singular_values(torch.ones(5))
+    with pytest.raises(ValueError, match="rank must be an int"):
+        restricted_spectral_ratio(torch.ones(3), 4)

@@ -1,0 +1,246 @@
+"""RankMonitor: records, scheduler hook, files written and read back, plots."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dynrank.linear import FusedLowRankLinear
+from dynrank.monitor import RankMonitor, read_csv
+
+
+class StandInScheduler:
+    """The agreed protocol only: add_callback(fn), fn(event) after each form change."""
+
+    def __init__(self, model):
+        self.model = model
+        self.callbacks = []
+
+    def add_callback(self, fn):
+        self.callbacks.append(fn)
+        return fn
+
+    def step(self, epoch, op):
+        changes = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, FusedLowRankLinear):
+                old = module.form
+                module.inflate() if op == "inflate" else module.deflate()
+                changes.append((name, old, module.form))
+        for fn in self.callbacks:
+            fn({"epoch": epoch, "step": None, "changes": changes})
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(FusedLowRankLinear(12, 16, 3), nn.ReLU(), FusedLowRankLinear(16, 16, 4, alpha=8.0),
+                         nn.Linear(16, 5))
+
+
+def perturb(model):
+    """Stand-in for an epoch of training: move every trainable tensor."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+
+
+def np_ratio(matrix):
+    s = np.linalg.svd(np.asarray(matrix, dtype=np.float64), compute_uv=False)
+    return s[0] / s[-1]
+
+
+def record_run(name="dynamic I=2 D=4", epochs=6, inflate=2, deflate=4):
+    model = make_model()
+    scheduler = StandInScheduler(model)
+    monitor = RankMonitor(model, name=name).attach(scheduler)
+    for epoch in range(epochs):
+        if epoch == inflate:
+            scheduler.step(epoch, "inflate")
+        if epoch == deflate:
+            scheduler.step(epoch, "deflate")
+        with monitor.epoch(epoch):
+            perturb(model)
+        monitor.log(loss=1.0 / (epoch + 1), accuracy=torch.tensor(50.0 + 5 * epoch))
+    return model, monitor
+
+
+def test_records_forms_params_and_metrics():
+    model, monitor = record_run()
+    assert monitor.epochs == list(range(6))
+    assert [r["form"] for r in monitor.records] == ["lowrank"] * 2 + ["full"] * 2 + ["adapter"] * 2
+    assert monitor.records[0]["form_mix"] == {"lowrank": 2, "full": 0, "adapter": 0}
+    assert monitor.records[3]["form_mix"] == {"lowrank": 0, "full": 2, "adapter": 0}
+    bias_and_plain = 16 + 16 + 16 * 5 + 5
+    trainable = {"lowrank": bias_and_plain + 3 * 28 + 4 * 32, "full": bias_and_plain + 12 * 16 + 16 * 16}
+    assert monitor.records[0]["trainable_params"] == trainable["lowrank"]
+    assert monitor.records[2]["trainable_params"] == trainable["full"]
+    assert monitor.records[5]["trainable_params"] == trainable["lowrank"]      # W_f frozen
+    assert monitor.records[5]["total_params"] == trainable["full"] + 3 * 28 + 4 * 32
+    assert all(r["wall_seconds"] >= 0 and r["metrics_seconds"] >= 0 for r in monitor.records)
+    layers = monitor.records[0]["layers"]
+    assert list(layers) == ["0", "2", "3"]
+    assert layers["0"]["spectral_ratio"] == math.inf and layers["0"]["effective_rank"] == 3
+    assert layers["3"]["type"] == "Linear" and layers["3"]["form"] == "dense"
+    # The last epoch's values against numpy on the dense effective weights now.
+    last = monitor.records[-1]["layers"]
+    layer = model[2]
+    dense = layer.weight.detach().double() + layer.scale * layer.A.detach().double() @ layer.B.detach().double().t()
+    assert last["2"]["spectral_ratio"] == pytest.approx(np_ratio(dense), rel=1e-10)
+    assert last["3"]["spectral_ratio"] == pytest.approx(np_ratio(model[3].weight.detach()), rel=1e-10)
+    assert monitor.scalar("accuracy") == (list(range(6)), [50.0 + 5 * e for e in range(6)])
+    assert monitor.scalar_names() == ["loss", "accuracy"]
+
+
+def test_scheduler_hook_records_switches():
+    _, monitor = record_run()
+    assert [(s["epoch"], s["kind"], s["source"]) for s in monitor.switches] == \
+        [(2, "inflate", "scheduler"), (4, "deflate", "scheduler")]
+    assert monitor.switches[0]["changes"] == [["0", "lowrank", "full"], ["2", "lowrank", "full"]]
+    monitor_no_epoch = RankMonitor(make_model())
+    with monitor_no_epoch.epoch(7):
+        monitor_no_epoch.on_switch({"epoch": None, "step": 123, "changes": [("0", "full", "adapter")]})
+    assert monitor_no_epoch.switches[0]["epoch"] == 7 and monitor_no_epoch.switches[0]["step"] == 123
+    with pytest.raises(TypeError, match="add_callback"):
+        RankMonitor(make_model()).attach(object())
+    with pytest.raises(TypeError, match="changes"):
+        monitor.on_switch({"epoch": 1})
+
+
+def test_switch_detected_without_callback():
+    model = make_model()
+    monitor = RankMonitor(model)
+    monitor.start_epoch()
+    monitor.end_epoch()
+    model[0].inflate()
+    with monitor.epoch():
+        pass
+    assert [(s["epoch"], s["kind"], s["source"]) for s in monitor.switches] == [(1, "inflate", "detected")]
+    assert monitor.records[1]["form"] == "mixed"
+
+
+def test_log_and_epoch_errors():
+    monitor = RankMonitor(make_model())
+    with pytest.raises(RuntimeError, match="no epoch to log"):
+        monitor.log(loss=1.0)
+    with pytest.raises(RuntimeError, match="start_epoch"):
+        monitor.end_epoch()
+    monitor.start_epoch(3)
+    with pytest.raises(RuntimeError, match="still open"):
+        monitor.start_epoch()
+    with pytest.raises(TypeError, match="must be a number"):
+        monitor.log(loss="low")
+    with pytest.raises(ValueError, match="clashes"):
+        monitor.log(epoch=1.0)
+    monitor.log(lr=0.1)
+    monitor.end_epoch(loss=2.0)
+    assert monitor.records[0]["scalars"] == {"lr": 0.1, "loss": 2.0}
+    with pytest.raises(ValueError, match="boom"):
+        with monitor.epoch():
+            raise ValueError("boom")
+    assert monitor.epochs == [3]                                          # the failed epoch is not recorded
+    with pytest.raises(RuntimeError, match="no model"):
+        RankMonitor(None).start_epoch()
+    with pytest.raises(ValueError, match="metrics_every"):
+        RankMonitor(make_model(), metrics_every=0)
+
+
+def test_metrics_every():
+    model = make_model()
+    monitor = RankMonitor(model, metrics_every=2, layers=["0"])
+    for _ in range(4):
+        with monitor.epoch():
+            pass
+    assert [list(r["layers"]) for r in monitor.records] == [["0"], [], ["0"], []]
+
+
+def test_files_written_and_read_back(tmp_path):
+    _, monitor = record_run()
+    paths = monitor.save(tmp_path / "runs" / "dyn")
+    assert all(os.path.getsize(p) > 0 for p in paths.values())
+    with open(paths["json"], encoding="utf-8") as f:                   # strict JSON: no Infinity tokens
+        json.load(f, parse_constant=lambda token: pytest.fail(f"non-standard JSON constant {token}"))
+    layers = read_csv(paths["layers"])
+    assert len(layers) == 6 * 3
+    first = layers[0]
+    assert (first["epoch"], first["layer"], first["form"], first["rank"]) == (0, "0", "lowrank", 3)
+    assert first["spectral_ratio"] == math.inf and (first["rows"], first["cols"]) == (16, 12)
+    rec = monitor.records[0]["layers"]["0"]
+    assert first["entropy_rank"] == rec["entropy_rank"]                # floats round-trip exactly
+    epochs = read_csv(paths["epochs"])
+    assert [e["form"] for e in epochs] == [r["form"] for r in monitor.records]
+    assert [e["accuracy"] for e in epochs] == [50.0 + 5 * e for e in range(6)]
+    assert [e["n_full"] for e in epochs] == [0, 0, 2, 2, 0, 0]
+    switches = read_csv(paths["switches"])
+    assert [(s["epoch"], s["kind"], s["layer"], s["new_form"]) for s in switches][:2] == \
+        [(2, "inflate", "0", "full"), (2, "inflate", "2", "full")]
+    loaded = RankMonitor.load(paths["json"])
+    assert loaded.model is None and loaded.name == monitor.name
+    assert loaded.records == json.loads(json.dumps(monitor.records, allow_nan=True))
+    assert loaded.switches == monitor.switches
+    os.remove(paths["json"])                                           # from the CSVs alone
+    from_csv = RankMonitor.load(paths["epochs"])
+    assert from_csv.epochs == monitor.epochs
+    assert from_csv.layer_series("spectral_ratio") == monitor.layer_series("spectral_ratio")
+    assert [(s["epoch"], s["kind"], s["changes"]) for s in from_csv.switches] == \
+        [(s["epoch"], s["kind"], s["changes"]) for s in monitor.switches]
+    assert from_csv.scalar("loss") == monitor.scalar("loss")
+    with pytest.raises(FileNotFoundError):
+        RankMonitor.load(tmp_path / "missing")
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_written(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from dynrank.plots import plot_spectral_ratio, plot_training_curves
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    # Read the raw setting: get_backend() itself would resolve it by importing pyplot.
+    backend = dict.__getitem__(matplotlib.rcParams, "backend")
+    _, dynamic = record_run()
+    _, late = record_run("dynamic I=3 D=5", inflate=3, deflate=5)
+    saved = dynamic.save(tmp_path / "dyn")["json"]
+    lam = tmp_path / "lambda.png"
+    fig = plot_spectral_ratio([saved, late], lam)
+    axes = fig.axes
+    assert axes[0].get_yscale() == "log" and "λ" in axes[0].get_ylabel() and axes[0].get_xlabel() == "epoch"
+    legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
+    assert "inflate before epoch 2" in legend and any("∞" in t for t in legend)
+    curves = tmp_path / "curves.png"
+    fig = plot_training_curves([dynamic, late], curves, keys=["accuracy", "loss"])
+    assert [ax.get_ylabel() for ax in fig.axes] == ["accuracy", "loss"]
+    for path in (lam, curves):
+        assert os.path.getsize(path) > 1000 and _is_png(path)
+        image = imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert dict.__getitem__(matplotlib.rcParams, "backend") == backend
+    assert had_pyplot or "matplotlib.pyplot" not in sys.modules
+    with pytest.raises(ValueError, match="no run logged"):
+        plot_training_curves([dynamic], keys=["bleu"])
+
+
+def test_plots_need_matplotlib_message(monkeypatch):
+    from dynrank.plots import plot_spectral_ratio
+    _, monitor = record_run(epochs=1)
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"dynrank\[plots\]"):
+        plot_spectral_ratio(monitor)
+
+
+def test_import_has_no_matplotlib_side_effect():
+    code = "import sys, dynrank.monitor, dynrank.plots; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
