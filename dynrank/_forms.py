@@ -13,6 +13,8 @@ this base class owns the form bookkeeping, the form changes and loading a
 state dict saved in another form.
 """
 
+import math
+
 import torch
 from torch import nn
 
@@ -45,11 +47,40 @@ class FormLayer(nn.Module):
     - ``_fit_factors(weight, rank)``: dict of factors whose merged product is
       the best rank-``rank`` approximation of ``weight`` (in the layer's scale);
     - ``_check_rank(rank)``: validated rank (raises ValueError/TypeError);
-    - ``_rank_from_state(state_dict, prefix)``: the rank stored in a state dict.
+    - ``_rank_from_state(state_dict, prefix)``: the rank stored in a state dict;
+    - ``_init_lowrank_(factors, rank)``: rescale fresh factors in place so the
+      merged product has the variance of the dense layer's default init.
+
+    Subclass ``__init__`` validates its arguments, then calls
+    :meth:`_build_parameters`.
     """
 
     weight_name = "weight"
     _factor_param_names = ()
+
+    def _build_parameters(self, form, rank, bias, device=None, dtype=None):
+        """Create bias, dense weight and factors for the initial ``form``.
+
+        The dense weight and bias follow PyTorch's default init for Linear and
+        Conv layers (Kaiming-uniform with a = √5, bias U(±1/√fan_in)).
+        """
+        check_form(form)
+        kw = dict(device=device, dtype=dtype)
+        shape = self._dense_shape()
+        self.bias = nn.Parameter(torch.empty(shape[0], **kw)) if bias else None
+        self.register_parameter(self.weight_name, None)
+        self._rank = rank
+        weight = None
+        if form != "lowrank":
+            weight = torch.empty(shape, **kw)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        factors = {} if form == "full" else self._init_factors(rank, form == "adapter", **kw)
+        if form == "lowrank":
+            self._init_lowrank_(factors, rank)
+        self._become(form, weight, factors, rank)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(math.prod(shape[1:]))
+            nn.init.uniform_(self.bias, -bound, bound)
 
     # -- form bookkeeping ---------------------------------------------------
     @property

@@ -363,24 +363,7 @@ class LowRankConv2d(FormLayer):
                 raise ValueError(f"rank_ratio must be a number > 0, got {rank_ratio!r}")
             rank = self._dec.rank_from_ratio(rank_ratio, self._kshape)
         self.rank_ratio = rank_ratio
-        rank = self._check_rank(rank)
-        check_form(form)
-
-        kw = dict(device=device, dtype=dtype)
-        self.bias = nn.Parameter(torch.empty(self.out_channels, **kw)) if bias else None
-        self.register_parameter("weight", None)
-        self._rank = rank
-        weight = None
-        if form != "lowrank":
-            weight = torch.empty(self._dense_shape(), **kw)
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        factors = {} if form == "full" else self._init_factors(rank, form == "adapter", **kw)
-        if form == "lowrank":
-            self._dec.init_lowrank_(factors, self.scale_for(rank))
-        self._become(form, weight, factors, rank)
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self._dense_shape()[1] * self.kernel_size[0] * self.kernel_size[1])
-            nn.init.uniform_(self.bias, -bound, bound)
+        self._build_parameters(form, self._check_rank(rank), bias, device, dtype)
 
     def _check_padding(self, padding):
         if isinstance(padding, str):
@@ -454,6 +437,9 @@ class LowRankConv2d(FormLayer):
             self._pad, self._conv_padding = self._padding_amounts(), (0, 0)
 
     # -- factor description (FormLayer contract) ---------------------------------
+    def _init_lowrank_(self, factors, rank):
+        self._dec.init_lowrank_(factors, self.scale_for(rank))
+
     def _check_rank(self, rank):
         return self._dec.check_rank(rank, self._kshape)
 

@@ -4,7 +4,6 @@ import math
 import numbers
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from . import functional as DF
@@ -75,23 +74,7 @@ class FusedLowRankLinear(FormLayer):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.alpha = alpha
-        rank = self._check_rank(rank)
-        check_form(form)
-        kw = dict(device=device, dtype=dtype)
-        self.bias = nn.Parameter(torch.empty(self.out_features, **kw)) if bias else None
-        self.register_parameter("weight", None)
-        self._rank = rank
-        weight = None
-        if form != "lowrank":
-            weight = torch.empty(self.out_features, self.in_features, **kw)
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        factors = {} if form == "full" else self._init_factors(rank, form == "adapter", **kw)
-        if form == "lowrank":
-            self._init_lowrank_(factors, rank)
-        self._become(form, weight, factors, rank)
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+        self._build_parameters(form, self._check_rank(rank), bias, device, dtype)
 
     # -- factor description (FormLayer contract) ---------------------------------
     def _check_rank(self, rank):

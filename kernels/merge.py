@@ -6,7 +6,6 @@ once and written once, the product A·Bᵀ never exists in memory.  A negative
 alpha subtracts (the SVD deflate: W_f = W − A·Bᵀ).
 """
 
-import torch
 
 from .lowrank_gemm import lowrank_gemm
 
