@@ -1,53 +1,33 @@
 """LowRankConv2d: a drop-in ``nn.Conv2d`` with lowrank / full / adapter forms and four factorizations."""
 
-import math
 import numbers
-import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ._forms import FormLayer, check_form
-from .conv_factorizations import KernelShape, _axis, get_factorization, merge_conv_, merged_kernel, run_chain
+from .conv_adapter import (
+    _ADAPTERS,
+    ADAPTER_STRATEGIES,
+    AdapterChoice,
+    _chain,
+    _dense_conv,
+    adapter_costs,
+    adapter_work,
+    time_adapter_strategies,
+)
+from .conv_factorizations import KernelShape, get_factorization, merge_conv_
 
 __all__ = ["LowRankConv2d", "ADAPTER_STRATEGIES", "PADDING_MODES", "AdapterChoice", "adapter_costs",
            "adapter_work", "time_adapter_strategies"]
 
-ADAPTER_STRATEGIES = ("auto", "chain", "merged")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 # ---------------------------------------------------------------------------
-# Forwards, one per form (and two for the adapter)
+# Forwards, one per form (the adapter's two strategies live in conv_adapter.py)
 # ---------------------------------------------------------------------------
-
-def _dense_conv(layer, x, weight, bias):
-    return F.conv2d(x, weight, bias, layer.stride, layer._conv_padding, layer.dilation, layer.groups)
-
-
-def _chain(layer, x, factors, bias):
-    steps = layer._dec.steps(factors, layer.scale_for(layer._dec.rank_of(factors)), layer.groups)
-    return run_chain(x, steps, bias, layer.stride, layer._conv_padding, layer.dilation)
-
-
-def _adapter_chain(layer, x, weight, factors, bias):
-    """Strategy "chain": frozen dense conv beside the factor chain."""
-    return _dense_conv(layer, x, weight, bias) + _chain(layer, x, factors, None)
-
-
-def _adapter_merged(layer, x, weight, factors, bias):
-    """Strategy "merged": one conv with W_f + ΔW, ΔW merged differentiably for this step."""
-    scale = layer.scale_for(layer._dec.rank_of(factors))
-    # The merged kernel is built in the parameters' dtype; under autocast only the conv is cast.
-    with torch.autocast(x.device.type, enabled=False):
-        U, V = layer._dec.operands(factors)
-        kernel = merged_kernel(weight, U, V, scale, layer.groups)
-    return _dense_conv(layer, x, kernel, bias)
-
-
-_ADAPTERS = {"chain": _adapter_chain, "merged": _adapter_merged}
-
 
 def _forward_full(layer, x):
     return _dense_conv(layer, x, layer.weight, layer.bias)
@@ -63,163 +43,6 @@ def _forward_adapter(layer, x):
 
 
 _FORWARDS = {"full": _forward_full, "lowrank": _forward_lowrank, "adapter": _forward_adapter}
-
-
-# ---------------------------------------------------------------------------
-# Choosing the adapter strategy: timing on CUDA, a cost model elsewhere
-# ---------------------------------------------------------------------------
-
-# Roofline constants per device type: (multiply-add throughput in FLOP/s,
-# memory bandwidth in B/s, fixed cost per launched op in s).  The CPU values
-# were fitted to the measured single-thread CPU time of both strategies (torch
-# 2.13 / oneDNN, 108 layers: C = 16..512, H = W = 8..32, batch 16..128, rank
-# ratio 1/64..1/2, all four decompositions): they pick the faster strategy in
-# all 108 and predict the time within 34 % (median).  There, time follows the
-# bytes moved: the dense conv's FLOPs are cheap next to the activation traffic
-# of a chain's small convs.  CUDA uses its values only where timing is
-# impossible (inside torch.compile or CUDA-graph capture).
-_MACHINE = {"cpu": (1.0e12, 1.5e9, 5.0e-6), "cuda": (2.0e14, 2.0e12, 5.0e-6)}
-
-
-def _out_size(size, k, s, p, d):
-    return size if p == "same" else (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def _conv_work(n, cin, h, w, kernel_shape, groups, stride, padding, dilation, elt):
-    """([flops, bytes moved, 1 op], output height, output width) of one conv pass."""
-    cout, cin_g, kh, kw = kernel_shape
-    pad = ("same", "same") if isinstance(padding, str) else padding
-    ho = _out_size(h, kh, stride[0], pad[0], dilation[0])
-    wo = _out_size(w, kw, stride[1], pad[1], dilation[1])
-    flops = 2.0 * n * ho * wo * cout * cin_g * kh * kw
-    moved = elt * (n * cin * h * w + n * cout * ho * wo + cout * cin_g * kh * kw)
-    return [flops, moved, 1.0], ho, wo
-
-
-def _add(total, work, times=1.0):
-    for i, v in enumerate(work):
-        total[i] += times * v
-
-
-def adapter_work(layer, x):
-    """Work of one adapter step per strategy: {"chain": [flops, bytes, ops], "merged": [...]}.
-
-    A step is the forward, plus — when grad mode is on — the backward: input
-    gradients (where ``x`` needs one) and factor gradients; a conv's input or
-    weight gradient costs what its forward costs.  "chain" pays the frozen conv
-    and every conv of the factor chain (forward, input and weight gradients)
-    and the sum of the two paths; "merged" pays the kernel merge and one dense
-    conv, and in the backward the dense conv's weight gradient (it feeds ΔW's
-    factors) and the two GEMMs of the merge's backward.
-
-    Raises:
-        RuntimeError: if the layer is not in adapter form.
-    """
-    if layer.form != "adapter":
-        raise RuntimeError(f"adapter_work needs a layer in adapter form, got {layer.form!r}")
-    elt = x.element_size()
-    n, _, h, w = x.shape
-    train = torch.is_grad_enabled()
-    dx = train and x.requires_grad
-    dense, ho, wo = _conv_work(n, layer.in_channels, h, w, layer.weight.shape, layer.groups, layer.stride,
-                               layer._conv_padding, layer.dilation, elt)
-    dense_passes = 1 + (1 if dx else 0)          # forward, input gradient (W_f is frozen)
-
-    chain = [0.0, 0.0, 0.0]
-    _add(chain, dense, dense_passes)
-    _add(chain, [0.0, 3.0 * elt * n * layer.out_channels * ho * wo, 1.0], 2 if train else 1)
-    # Walk the chain on meta tensors to get every conv's shape.
-    factors = {k: torch.empty(p.shape, device="meta") for k, p in layer.factors().items()}
-    cin, hh, ww = layer.in_channels, h, w
-    for i, (kernel, kind, groups) in enumerate(layer._dec.steps(factors, 1.0, layer.groups)):
-        if kind == "pointwise":
-            geom = ((1, 1), (0, 0), (1, 1))
-        elif kind == "spatial":
-            geom = (layer.stride, layer._conv_padding, layer.dilation)
-        else:
-            axis = 0 if kind == "h" else 1
-            geom = (_axis(layer.stride, axis, 1), _axis(layer._conv_padding, axis, 0),
-                    _axis(layer.dilation, axis, 1))
-        work, hh, ww = _conv_work(n, cin, hh, ww, kernel.shape, groups, *geom, elt)
-        _add(chain, work, 1 + ((2 if (i > 0 or dx) else 1) if train else 0))
-        cin = kernel.shape[0]
-
-    U, V = layer._dec.operands(factors)
-    merge = [2.0 * U.shape[0] * U.shape[1] * V[0].numel(),
-             elt * (2 * layer.weight.numel() + U.numel() + V.numel()), 2.0]
-    merged = [0.0, 0.0, 0.0]
-    _add(merged, merge, 3 if train else 1)
-    _add(merged, dense, dense_passes + (1 if train else 0))
-    return {"chain": chain, "merged": merged}
-
-
-def adapter_costs(layer, x):
-    """Roofline estimate (seconds) of one adapter step per strategy: {"chain": t, "merged": t}.
-
-    t = flops / throughput + bytes / bandwidth + ops · launch cost, with the
-    work from :func:`adapter_work` and the constants of ``x``'s device type.
-    """
-    flops_per_s, bytes_per_s, launch = _MACHINE.get(x.device.type, _MACHINE["cpu"])
-    return {k: f / flops_per_s + b / bytes_per_s + o * launch for k, (f, b, o) in adapter_work(layer, x).items()}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_adapter_strategies(layer, x, repeats=3):
-    """Measured seconds of one adapter step per strategy: {"chain": t, "merged": t}.
-
-    Runs each strategy once to warm up (cuDNN autotuning, kernel compilation),
-    then ``repeats`` times, and keeps the fastest.  A step is the forward and,
-    when grad mode is on, the backward.  The layer's parameters are used
-    through detached copies, so no ``.grad`` is touched.
-
-    Raises:
-        RuntimeError: if the layer is not in adapter form.
-    """
-    if layer.form != "adapter":
-        raise RuntimeError(f"time_adapter_strategies needs a layer in adapter form, got {layer.form!r}")
-    train = torch.is_grad_enabled()
-    weight = layer.weight.detach()
-    factors = {k: p.detach().requires_grad_(train) for k, p in layer.factors().items()}
-    bias = layer.bias
-    if bias is not None:
-        bias = bias.detach().requires_grad_(train and layer.bias.requires_grad)
-    xx = x.detach().requires_grad_(train and x.requires_grad)
-    leaves = [t for t in (xx, bias, *factors.values()) if t is not None and t.requires_grad]
-
-    def step(fn):
-        y = fn(layer, xx, weight, factors, bias)
-        if leaves:
-            torch.autograd.grad(y, leaves, torch.ones_like(y))
-
-    times = {}
-    for name, fn in _ADAPTERS.items():
-        step(fn)
-        best = math.inf
-        for _ in range(repeats):
-            _sync(x.device)
-            start = time.perf_counter()
-            step(fn)
-            _sync(x.device)
-            best = min(best, time.perf_counter() - start)
-        times[name] = best
-    return times
-
-
-class AdapterChoice:
-    """Which adapter strategy a layer picked for one input key, how, and on what evidence."""
-
-    __slots__ = ("strategy", "method", "seconds")
-
-    def __init__(self, strategy, method, seconds):
-        self.strategy, self.method, self.seconds = strategy, method, seconds
-
-    def __repr__(self):
-        est = ", ".join(f"{k}={v * 1e3:.3f} ms" for k, v in self.seconds.items())
-        return f"AdapterChoice({self.strategy!r} by {self.method}: {est})"
 
 
 def _check_pair(value, name, minimum):
