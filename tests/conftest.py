@@ -57,3 +57,17 @@ def torch_backend(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread for every test.
+
+    The tests use tiny shapes, where one thread is fastest and unaffected by a
+    busy machine, and the resume tests need the same reduction order in every
+    process.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

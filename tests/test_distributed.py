@@ -19,13 +19,6 @@ WORLD, EPOCHS, STEPS, INFLATE, DEFLATE = 2, 3, 2, 1, 2
 BATCH, D_IN, D_OUT = 8, 12, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def build(seed):
     torch.manual_seed(seed)

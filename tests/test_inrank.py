@@ -14,13 +14,6 @@ from dynrank.inrank import IncrementalRankScheduler, explained_rank, grow_rank_
 from dynrank.linear import FusedLowRankLinear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def reference_rank(sigma, current, buffer, threshold):
     """Straight from the definition, in numpy: smallest k with 1 − var(σ − σ_top-k)/var(σ) > threshold."""

@@ -18,15 +18,6 @@ from dynrank.scheduler import DynamicRankScheduler, load_training_state, trainin
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is fastest (and immune to a busy machine),
-    # and the resume test needs the same reduction order in both processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def mlp(seed=0, d_in=12, width=24):
     torch.manual_seed(seed)
