@@ -260,6 +260,10 @@ class LowRankConv2d(FormLayer):
             self._pad, self._conv_padding = self._padding_amounts(), (0, 0)
 
     # -- factor description (FormLayer contract) ---------------------------------
+    def rank_for_ratio(self, ratio):
+        """Rank of this layer's decomposition at rank ratio ρ (the authors' int(ρ·out_channels), clipped)."""
+        return self._dec.rank_from_ratio(ratio, self._kshape)
+
     def _init_lowrank_(self, factors, rank):
         self._dec.init_lowrank_(factors, self.scale_for(rank))
 

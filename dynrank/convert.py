@@ -6,7 +6,7 @@ import numbers
 from torch import nn
 
 from ._forms import FORMS, FormLayer
-from .linear import FusedLowRankLinear
+from .linear import FusedLowRankLinear, rank_from_ratio
 
 __all__ = ["convert_model", "ConversionSummary", "DECOMPOSITIONS"]
 
@@ -157,7 +157,9 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     """Replace ``nn.Linear`` and ``nn.Conv2d`` modules of ``model`` by dynrank layers, in place.
 
     Each converted Linear becomes a :class:`FusedLowRankLinear` of rank
-    r = max(1, int(ρ·out_features)) capped at min(in, out); each Conv2d a
+    r = max(1, int(ρ·min(in_features, out_features))) — ρ of the largest rank
+    the layer can have, so a 768→3072 projection at ρ = 0.25 gets rank 192
+    rather than a full-rank 768 — and each Conv2d a
     ``LowRankConv2d`` with ``rank_ratio=ρ`` and ``decomposition`` (the authors'
     r = int(ρ·out_channels)).  With ``init="dense"`` the new layer starts from
     the existing weights (``from_dense``: truncated SVD/Tucker/CP in lowrank
@@ -278,7 +280,7 @@ def _keep_reason(name, parent, child, include, exclude, min_features, last_linea
 def _convert_one(child, rank_ratio, decomposition, form, init, alpha):
     if isinstance(child, nn.Linear):
         out_features, in_features = child.weight.shape
-        rank = min(max(1, int(rank_ratio * out_features)), in_features, out_features)
+        rank = rank_from_ratio(rank_ratio, in_features, out_features)
         if init == "dense":
             return FusedLowRankLinear.from_dense(child, rank, form=form, alpha=alpha)
         return FusedLowRankLinear(in_features, out_features, rank, bias=child.bias is not None, form=form,

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ._forms import FormLayer
+from .linear import rank_from_ratio
 
 __all__ = ["ParamCounts", "CostReport", "layer_param_counts", "param_counts", "comp_ratio",
            "epoch_times", "measured_comp_ratio", "cost_report"]
@@ -76,7 +77,8 @@ def layer_param_counts(shape, rank=None, rank_ratio=0.5, decomposition="svd"):
     Args:
         shape: (out, in) for a linear layer or (F, C, kh, kw) for a conv
             (C per group is not modelled: pass groups=1 shapes).
-        rank: factor rank; default ``min(max(1, int(rank_ratio·out)), min(out, in·kh·kw))``
+        rank: factor rank; default for a linear shape ``max(1, int(ρ·min(out, in)))``
+            (as ``convert_model``), for a conv ``min(max(1, int(ρ·F)), min(F, C·kh·kw))``
             (the authors' k = int(ρ·out_channels)).  For Tucker an int or (r_out, r_in).
         rank_ratio: ρ, used when ``rank`` is None.
         decomposition: ``"svd"`` — linear k·(out + in); conv k×C×kh×kw then
@@ -102,7 +104,7 @@ def layer_param_counts(shape, rank=None, rank_ratio=0.5, decomposition="svd"):
     if rank is None:
         if isinstance(rank_ratio, bool) or not isinstance(rank_ratio, numbers.Real) or not 0 < rank_ratio <= 1:
             raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio!r}")
-        rank = min(max(1, int(rank_ratio * out)), limit)
+        rank = rank_from_ratio(rank_ratio, fan_in, out) if len(shape) == 2 else min(max(1, int(rank_ratio * out)), limit)
     dense = _count(shape)
     if decomposition == "svd":
         k = _int(rank, "rank", 1)

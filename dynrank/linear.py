@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from . import functional as DF
 from ._forms import FormLayer, check_form
 
-__all__ = ["FusedLowRankLinear", "check_rank"]
+__all__ = ["FusedLowRankLinear", "check_rank", "rank_from_ratio"]
 
 
 def check_rank(rank, limit, what="rank"):
@@ -19,6 +19,17 @@ def check_rank(rank, limit, what="rank"):
     if not 1 <= rank <= limit:
         raise ValueError(f"{what} must be in [1, {limit}], got {rank}")
     return int(rank)
+
+
+def rank_from_ratio(ratio, in_features, out_features):
+    """Rank of a linear layer at rank ratio ρ: max(1, int(ρ·min(in, out))).
+
+    ρ is a share of the largest rank the layer can have, so an expanding
+    projection (768→3072) at ρ = 0.25 gets rank 192, not a full-rank 768.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < ratio <= 1.0:
+        raise ValueError(f"rank ratio must be a number in (0, 1], got {ratio!r}")
+    return max(1, int(ratio * min(in_features, out_features)))
 
 
 class FusedLowRankLinear(FormLayer):
@@ -82,6 +93,10 @@ class FusedLowRankLinear(FormLayer):
 
     def scale_for(self, rank):
         return 1.0 if self.alpha is None else self.alpha / rank
+
+    def rank_for_ratio(self, ratio):
+        """Rank at rank ratio ρ (see :func:`rank_from_ratio`)."""
+        return rank_from_ratio(ratio, self.in_features, self.out_features)
 
     @property
     def scale(self):

@@ -59,13 +59,6 @@ def _trainable(layer):
     return [p for p in layer.parameters() if p.requires_grad]
 
 
-def _out_size(layer):
-    for attr in ("out_features", "out_channels"):
-        if hasattr(layer, attr):
-            return int(getattr(layer, attr))
-    raise TypeError(f"cannot size a rank ratio for {type(layer).__name__}: it has no out_features/out_channels")
-
-
 class DynamicRankScheduler:
     """Switch every dynrank layer lowrank → full → adapter at epoch (or step) boundaries.
 
@@ -103,7 +96,7 @@ class DynamicRankScheduler:
             ``"random"`` or ``"svd"``; see ``FormLayer.deflate``.
         optimizer_state: ``"reset"`` or ``"carry"``.
         deflate_rank: adapter rank: None (each layer's rank), an int, a float in
-            (0, 1] (ratio of output features/channels, r = max(1, int(ρ·out))),
+            (0, 1] (a rank ratio, each layer's ``rank_for_ratio``),
             or a dict name → int/float/None.
         unit: ``"epoch"`` or ``"step"``: what I, D and :meth:`step`'s argument count.
         epochs: optional total number of epochs (steps); I and D must lie in
@@ -210,7 +203,7 @@ class DynamicRankScheduler:
         if isinstance(spec, numbers.Real):
             if not 0.0 < spec <= 1.0:
                 raise ValueError(f"a float deflate_rank is a ratio in (0, 1], got {spec}")
-            return max(1, int(spec * _out_size(layer)))
+            return layer.rank_for_ratio(spec)
         raise TypeError(f"deflate_rank must be an int, a float ratio, a dict or None, got {type(spec).__name__}")
 
     # -- callbacks --------------------------------------------------------------------

@@ -54,19 +54,22 @@ def test_linear_model_ranks_classifier_and_counts():
     assert isinstance(summary, ConversionSummary)
     assert isinstance(model[0], FusedLowRankLinear) and isinstance(model[2], FusedLowRankLinear)
     assert type(model[4]) is nn.Linear                       # final classifier stays dense
-    assert model[0].rank == 20 and model[2].rank == 20       # int(0.5 · 40)
+    assert model[0].rank == 12 and model[2].rank == 20       # int(0.5 · min(in, out))
     assert model[0].form == "lowrank"
     assert summary.converted == ["0", "2"]
     assert summary.skipped == [("4", "final classifier")]
-    expected_after = (40 * 20 + 24 * 20 + 40) + (40 * 20 + 40 * 20 + 40) + (40 * 5 + 5)
+    expected_after = (40 * 12 + 24 * 12 + 40) + (40 * 20 + 40 * 20 + 40) + (40 * 5 + 5)
     assert summary.params_before == before
     assert summary.params_after == expected_after == n_params(model)
 
 
-def test_rank_capped_by_smaller_side():
+def test_linear_rank_is_a_ratio_of_the_smaller_side():
     model = nn.Sequential(nn.Linear(12, 64), nn.Linear(64, 3))
-    summary = convert_model(model, rank_ratio=0.5)
-    assert model[0].rank == 12                                # int(0.5·64) = 32 capped at min(12, 64)
+    convert_model(model, rank_ratio=0.5)
+    assert model[0].rank == 6                                 # int(0.5 · min(12, 64))
+    model = nn.Sequential(nn.Linear(12, 64), nn.Linear(64, 3))
+    summary = convert_model(model, rank_ratio=1.0)
+    assert model[0].rank == 12
     assert summary.rows[0]["note"] == "no parameter saving at this rank"
 
 
@@ -77,7 +80,7 @@ def test_summary_prints_a_table():
     assert lines[0].split()[:3] == ["module", "type", "weight"]
     assert set(lines[1]) <= {"-", " "}
     row = next(line for line in lines if line.startswith("0 "))
-    assert "FusedLowRankLinear" in row and "40×24" in row and " 10 " in row
+    assert "FusedLowRankLinear" in row and "40×24" in row and " 6 " in row    # int(0.25 · 24)
     assert "final classifier" in text and lines[-1].startswith("total")
     assert f"{n_params(model):,}" in lines[-1]
 

@@ -314,7 +314,7 @@ def test_step_unit_and_callback_event():
 
 
 def test_deflate_rank_options():
-    for spec, expected in ((2, [2, 2]), (0.5, [12, 12]), ({"0": 3}, [3, 6])):
+    for spec, expected in ((2, [2, 2]), (0.5, [6, 12]), ({"0": 3}, [3, 6])):  # ρ·min(in, out)
         model = mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         DynamicRankScheduler(model, opt, 0, 1, deflate_rank=spec).step(1)
