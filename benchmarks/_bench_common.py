@@ -1,0 +1,327 @@
+"""Shared pieces of the benchmark suites: device, versions, roofline, grids, bookkeeping.
+
+Every suite follows the same pattern:
+
+1. a setup factory builds one provider's callable for one shape (untimed);
+2. :func:`make_pass` turns it into the timed function of one pass (forward,
+   backward or forward+backward), which synchronizes CUDA before returning;
+3. :func:`describe` fills ``benchmark.extra_info`` and ``benchmark.group``
+   before the run, :func:`finish` adds the derived rates after it.
+
+Nothing here runs at import time: the roofline is measured lazily, once per
+(device, dtype) per session, and only when benchmarks are actually timed.
+"""
+
+import contextlib
+import functools
+import importlib
+import importlib.metadata
+import os
+import platform
+import time
+
+import torch
+
+__all__ = [
+    "DEVICE", "ON_CUDA", "PASSES", "grid_mode", "sync", "device_name", "versions", "roofline",
+    "describe", "finish", "make_pass", "warm_up", "optional_module", "require_module",
+    "compile_enabled", "dtype_name", "flops_of", "env_override", "cuda_only_param", "measured_rooflines",
+    "RESULTS",
+]
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_CUDA = DEVICE.type == "cuda"
+PASSES = ("forward", "backward", "fwd+bwd")
+GRIDS = ("cpu", "targets", "full")
+
+# Results of finished benchmarks in this session, by group (the epoch suite
+# keeps (mean, trainable params) of the full form for the later forms' ratios).
+RESULTS = {}
+
+
+def grid_mode():
+    """Shape grid of this session: ``cpu``, ``targets`` or ``full``.
+
+    ``DYNRANK_BENCH_GRID`` selects between ``targets`` (default on CUDA: the
+    shapes the targets of issue 7 are stated on, plus a few representatives)
+    and ``full`` (every shape).  Without CUDA the small ``cpu`` grid always
+    runs: the GPU shapes would take hours on a CPU.
+    """
+    if not ON_CUDA:
+        return "cpu"
+    value = os.environ.get("DYNRANK_BENCH_GRID", "targets").strip().lower() or "targets"
+    if value not in GRIDS[1:]:
+        raise ValueError(f"DYNRANK_BENCH_GRID must be 'targets' or 'full', got {value!r}")
+    return value
+
+
+def compile_enabled():
+    """Whether torch.compile providers run: on CUDA, or on CPU with DYNRANK_BENCH_COMPILE=1."""
+    return ON_CUDA or os.environ.get("DYNRANK_BENCH_COMPILE", "0") == "1"
+
+
+def sync(device=DEVICE):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device=DEVICE):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+
+
+def _dist_version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def versions():
+    """Versions that decide the numbers; triton's is read without importing it."""
+    info = {
+        "torch": torch.__version__,
+        "triton": _dist_version("triton"),
+        "dynrank": _dist_version("dynrank"),
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if ON_CUDA else None,
+    }
+    peft_version = _dist_version("peft")
+    if peft_version:
+        info["peft"] = peft_version
+    return info
+
+
+def optional_module(name):
+    """Import ``name`` or return None (modules other sessions may not have written yet)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def require_module(name, why, attr=None):
+    """Import ``name`` (and return its ``attr`` when given) or skip the calling test with a reason."""
+    import pytest
+
+    module = optional_module(name)
+    if module is None:
+        pytest.skip(f"{name} is not importable: {why}")
+    if attr is None:
+        return module
+    if not hasattr(module, attr):
+        pytest.skip(f"{name} has no {attr} yet: {why}")
+    return getattr(module, attr)
+
+
+@contextlib.contextmanager
+def env_override(**values):
+    """Temporarily set environment variables (dynrank reads DYNRANK_BACKEND per call)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def cuda_only_param(values, id_, reason):
+    """A parameter that exists in every grid but runs only on CUDA (visible skip elsewhere)."""
+    import pytest
+
+    marks = () if ON_CUDA else (pytest.mark.skip(reason=reason),)
+    return pytest.param(values, id=id_, marks=marks)
+
+
+# ---------------------------------------------------------------------------
+# Roofline: measured once per (device, dtype) and session
+# ---------------------------------------------------------------------------
+
+def _best_seconds(fn, device, repeats):
+    fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def roofline(device=DEVICE, dtype=torch.float32):
+    """Measured ceilings on ``device``: peak matmul TFLOP/s in ``dtype`` and copy GB/s.
+
+    Peak matmul: best of ten square GEMMs (8192² on CUDA, 1024² on CPU).
+    Copy: best of ten ``dst.copy_(src)`` of 1 GiB on CUDA (64 MiB on CPU),
+    counting the read and the write.  Small CPU shapes that stay in cache can
+    exceed this copy rate.  fp32 on CUDA follows
+    ``torch.backends.cuda.matmul.allow_tf32`` at measurement time.
+
+    Returns:
+        dict with ``peak_tflops``, ``copy_gbps`` and the sizes used.
+    """
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = _best_seconds(lambda: torch.mm(a, b), device, 10)
+    peak_tflops = 2.0 * n ** 3 / seconds / 1e12
+    numel = (1 << 30) // 4 if device.type == "cuda" else (64 << 20) // 4
+    src = torch.empty(numel, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    seconds = _best_seconds(lambda: dst.copy_(src), device, 10)
+    copy_gbps = 2.0 * numel * 4 / seconds / 1e9
+    result = {"peak_tflops": peak_tflops, "copy_gbps": copy_gbps, "matmul_n": n, "copy_bytes": numel * 4}
+    if device.type == "cuda" and dtype == torch.float32:
+        result["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    return result
+
+
+# (device, dtype) → ceilings measured in this session, for the JSON's machine_info.
+_ROOFLINE_SEEN = {}
+
+
+def measured_rooflines():
+    """Every roofline measured so far in this session, keyed ``device/dtype``."""
+    return {f"{device}/{dtype_name(dtype)}": value for (device, dtype), value in _ROOFLINE_SEEN.items()}
+
+
+# ---------------------------------------------------------------------------
+# Timed passes
+# ---------------------------------------------------------------------------
+
+def make_pass(pass_, forward, leaves, device=DEVICE):
+    """The timed function of one pass.
+
+    Args:
+        pass_: ``"forward"``, ``"backward"`` or ``"fwd+bwd"``.
+        forward: callable () → output tensor (builds the autograd graph).
+        leaves: tensors whose ``.grad`` a backward fills (input and trainable
+            parameters); set to None before each backward, like
+            ``zero_grad(set_to_none=True)``, so no timed backward accumulates.
+
+    The backward pass runs the forward once, untimed, and replays the backward
+    of that graph (``retain_graph=True``) on every call.
+    """
+    if pass_ == "forward":
+        def run():
+            out = forward()
+            sync(device)
+            return out
+        return run
+    if pass_ not in ("backward", "fwd+bwd"):
+        raise ValueError(f"pass must be one of {', '.join(PASSES)}, got {pass_!r}")
+    if pass_ == "backward":
+        out = forward()
+        grad_out = torch.randn_like(out)
+
+        def run():
+            for leaf in leaves:
+                leaf.grad = None
+            out.backward(grad_out, retain_graph=True)
+            sync(device)
+        return run
+    grad_out = torch.randn_like(forward().detach())
+
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        forward().backward(grad_out)
+        sync(device)
+    return run
+
+
+def warm_up(benchmark, fn, calls=3):
+    """Run ``fn`` untimed (compilation, autotuning, allocator) when timing is on."""
+    if benchmark.enabled:
+        for _ in range(calls):
+            fn()
+
+
+# ---------------------------------------------------------------------------
+# extra_info bookkeeping
+# ---------------------------------------------------------------------------
+
+def _plain(value):
+    """``value`` as something json can write (the JSON is dumped at the end of the session)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def describe(benchmark, *, suite, group, provider, form=None, pass_=None, dtype, shape, rank=None,
+             target=False, device=DEVICE, **more):
+    """Set ``benchmark.group`` and the descriptive part of ``benchmark.extra_info``."""
+    benchmark.group = group
+    info = benchmark.extra_info
+    rank, shape, more = _plain(rank), _plain(shape), _plain(more)
+    info.update({"suite": suite, "provider": provider, "form": form, "pass": pass_})
+    info.update(device=str(device),
+                device_name=device_name(device), dtype=dtype_name(dtype), shape=dict(shape), rank=rank,
+                target=bool(target), grid=grid_mode(), **versions())
+    info.update(more)
+
+
+def finish(benchmark, *, flops=None, bytes_moved=None, dtype=torch.float32, device=DEVICE):
+    """Record the work done per call and, when timed, the derived rates and ceilings.
+
+    ``flops`` / ``bytes_moved`` are the useful work of one call (the same for
+    every provider of a group), so rates compare like with like.  Rates use
+    the mean time; ``report.py`` can recompute them from any statistic.
+    """
+    info = benchmark.extra_info
+    if flops is not None:
+        info["flops"] = float(flops)
+    if bytes_moved is not None:
+        info["bytes"] = float(bytes_moved)
+    if benchmark.disabled or benchmark.stats is None:
+        return
+    mean = benchmark.stats.stats.mean
+    ceilings = roofline(device, dtype)
+    _ROOFLINE_SEEN[(str(device), dtype)] = ceilings
+    info["peak_tflops"] = ceilings["peak_tflops"]
+    info["copy_gbps"] = ceilings["copy_gbps"]
+    if flops:
+        info["tflops"] = flops / mean / 1e12
+        info["pct_of_peak_tflops"] = 100.0 * info["tflops"] / ceilings["peak_tflops"]
+    if bytes_moved:
+        info["gbps"] = bytes_moved / mean / 1e9
+        info["pct_of_copy_gbps"] = 100.0 * info["gbps"] / ceilings["copy_gbps"]
+    return mean
+
+
+def flops_of(fn, device=DEVICE):
+    """FLOPs of one call of ``fn`` counted by torch's FlopCounterMode.
+
+    dynrank's fused Triton ops are opaque to the counter, so the count runs on
+    dynrank's torch path (same math), selected through DYNRANK_BACKEND.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with env_override(DYNRANK_BACKEND="torch"), FlopCounterMode(display=False) as counter:
+        fn()
+    sync(device)
+    return counter.get_total_flops()

@@ -1,0 +1,385 @@
+"""Turn a pytest-benchmark JSON file into a markdown report and a PNG plot.
+
+    pytest benchmarks/ --benchmark-only --benchmark-json=results.json
+    python benchmarks/report.py results.json --out report.md --plot report.png
+    python benchmarks/report.py linear.json merge.json conv.json epoch.json   # one run per suite
+
+Every ratio is read within one group of one run (same device, same process):
+a speedup column ``vs X`` is time(X) / time(row), above 1 when the row is
+faster; the epoch suite's ``step / full`` is time(row) / time(full form), below
+1 when the form trains faster, and ``params / full`` the share of trainable
+parameters (the paper's "Comp." column).  Rates (TFLOP/s, GB/s) are
+recomputed from the FLOP and byte counts in ``extra_info`` and the chosen
+statistic; ``% peak`` / ``% copy`` are against the roofline measured in the
+same session.  The last section checks the targets of issue 7.
+
+matplotlib is optional: without it the plot is skipped with a note.
+"""
+
+import argparse
+import json
+import sys
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+
+__all__ = ["Row", "combine_runs", "load_rows", "add_ratios", "evaluate_targets", "render_markdown", "plot", "main"]
+
+STATS = ("mean", "median", "min")
+
+
+@dataclass
+class Row:
+    """One benchmark result with the numbers the report needs."""
+
+    group: str
+    suite: str
+    provider: str
+    form: str
+    pass_: str
+    time: float  # seconds, the chosen statistic
+    extra: dict
+    ratios: dict = field(default_factory=OrderedDict)
+
+    @property
+    def label(self):
+        redundant = not self.form or self.form in self.provider or self.form == self.suite
+        return self.provider if redundant else f"{self.provider} ({self.form})"
+
+    @property
+    def tflops(self):
+        flops = self.extra.get("flops")
+        return flops / self.time / 1e12 if flops and self.time > 0 else None
+
+    @property
+    def gbps(self):
+        moved = self.extra.get("bytes")
+        return moved / self.time / 1e9 if moved and self.time > 0 else None
+
+
+def combine_runs(runs):
+    """One report input from several parsed JSON files (e.g. one per suite).
+
+    Groups never mix runs: where a group appears in several files, the last
+    file's rows replace the earlier ones.  ``machine_info`` is the first
+    file's; ``devices`` lists every device seen, so a mixed set is visible.
+    """
+    if not runs:
+        raise ValueError("combine_runs needs at least one run")
+    by_group = OrderedDict()
+    devices = []
+    for run in runs:
+        name = ((run.get("machine_info") or {}).get("dynrank") or {}).get("device_name", "unknown device")
+        if name not in devices:
+            devices.append(name)
+        groups = OrderedDict()
+        for bench in run.get("benchmarks", []):
+            groups.setdefault(bench.get("group") or bench.get("name", "?"), []).append(bench)
+        by_group.update(groups)
+    combined = dict(runs[0])
+    combined["benchmarks"] = [b for members in by_group.values() for b in members]
+    combined["devices"] = devices
+    return combined
+
+
+def load_rows(data, stat="mean"):
+    """Rows of a parsed pytest-benchmark JSON (dict), timed by ``stat``."""
+    if stat not in STATS:
+        raise ValueError(f"stat must be one of {', '.join(STATS)}, got {stat!r}")
+    rows = []
+    for bench in data.get("benchmarks", []):
+        extra = bench.get("extra_info") or {}
+        stats = bench.get("stats") or {}
+        if stat not in stats:
+            continue
+        rows.append(Row(group=bench.get("group") or bench.get("name", "?"), suite=extra.get("suite", "other"),
+                        provider=extra.get("provider", bench.get("name", "?")), form=extra.get("form") or "",
+                        pass_=extra.get("pass") or "", time=float(stats[stat]), extra=extra))
+    return rows
+
+
+# Speedup columns per suite: (column, predicate(row, candidate) selecting the reference).
+REFERENCES = {
+    "linear": [
+        ("vs unfused", lambda r, o: o.provider == "torch_unfused" and o.form == r.form),
+        ("vs compiled", lambda r, o: o.provider == "torch_compile" and o.form == r.form),
+        ("vs dense frozen", lambda r, o: o.provider == "dense_frozen"),
+    ],
+    "merge": [("vs addmm_", lambda r, o: o.provider == "addmm_"),
+              ("vs unfused", lambda r, o: o.provider == "unfused")],
+    "conv_merge": [("vs tensorly", lambda r, o: o.provider == "tensorly")],
+    "conv": [("vs dense", lambda r, o: o.provider == "dense"),
+             ("vs dense frozen", lambda r, o: o.provider == "dense_frozen")],
+}
+
+
+def _groups(rows):
+    groups = OrderedDict()
+    for row in rows:
+        groups.setdefault(row.group, []).append(row)
+    return groups
+
+
+def add_ratios(rows):
+    """Fill ``row.ratios`` from the other rows of its group; returns ``rows``."""
+    for members in _groups(rows).values():
+        for row in members:
+            row.ratios.clear()
+            if row.suite == "epoch":
+                full = next((o for o in members if o.form == "full"), None)
+                if full is not None and row is not full:
+                    row.ratios["step / full"] = row.time / full.time
+                    mine, theirs = row.extra.get("trainable_params"), full.extra.get("trainable_params")
+                    if mine and theirs:
+                        row.ratios["params / full"] = mine / theirs
+                continue
+            for column, is_reference in REFERENCES.get(row.suite, []):
+                ref = next((o for o in members if o is not row and is_reference(row, o)), None)
+                if ref is not None:
+                    row.ratios[column] = ref.time / row.time
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Targets of issue 7
+# ---------------------------------------------------------------------------
+
+def _status(value, limit, higher_is_better):
+    if value is None:
+        return "no data"
+    met = value >= limit if higher_is_better else value <= limit
+    if met:
+        return "met"
+    gap = (limit - value) / limit if higher_is_better else (value - limit) / limit
+    return f"missed by {100 * gap:.1f} %"
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def _copy_fraction(row, members):
+    ceiling = row.extra.get("copy_gbps")
+    if not ceiling:
+        copy = next((o for o in members if o.provider == "copy"), None)
+        ceiling = copy.gbps if copy is not None else None
+    return row.gbps / ceiling if ceiling and row.gbps else None
+
+
+def evaluate_targets(rows):
+    """The targets of issue 7 against these rows: list of dicts (target, required, measured, status)."""
+    groups = _groups(rows)
+    linear = [r for r in rows if r.suite == "linear" and r.provider == "dynrank"]
+    headline = [r for r in linear if r.form == "adapter" and r.pass_ == "fwd+bwd" and r.extra.get("target")]
+    results = []
+
+    def add(target, required, value, limit, higher_is_better, fmt, detail=""):
+        measured = "—" if value is None else fmt.format(value) + (f" ({detail})" if detail else "")
+        results.append({"target": target, "required": required, "measured": measured,
+                        "status": _status(value, limit, higher_is_better)})
+
+    vals = [r.ratios["vs unfused"] for r in headline if "vs unfused" in r.ratios]
+    add("adapter fwd+bwd, target shapes: speedup over unfused torch (average)", "≥ 1.30×", _mean(vals), 1.30, True,
+        "{:.2f}×", f"{len(vals)} shapes" if vals else "")
+    vals = [r.ratios["vs compiled"] for r in headline if "vs compiled" in r.ratios]
+    add("adapter fwd+bwd, target shapes: speedup over torch.compile (average)", "≥ 1.10×", _mean(vals), 1.10, True,
+        "{:.2f}×", f"{len(vals)} shapes" if vals else "")
+    vals = [(1.0 / r.ratios["vs dense frozen"], r.group) for r in headline if "vs dense frozen" in r.ratios]
+    worst = max(vals) if vals else (None, "")
+    add("adapter fwd+bwd, target shapes: time over dense frozen-weight linear (worst)", "≤ 1.05×", worst[0], 1.05,
+        False, "{:.3f}×", worst[1])
+    vals = [(r.ratios["vs unfused"], f"{r.group}, {r.form}") for r in linear
+            if r.form in ("lowrank", "adapter") and "vs unfused" in r.ratios]
+    worst = min(vals) if vals else (None, "")
+    add("every linear shape and pass: speedup over unfused torch (worst)", "≥ 0.98×", worst[0], 0.98, True,
+        "{:.3f}×", worst[1])
+    merges = [r for r in rows if r.suite == "merge" and r.provider == "dynrank"]
+    vals = [(f, r.group) for r in merges for f in [_copy_fraction(r, groups[r.group])] if f is not None]
+    worst = min(vals) if vals else (None, "")
+    add("merge: share of measured copy bandwidth (worst)", "≥ 85 %", worst[0], 0.85, True, "{:.1%}", worst[1])
+    vals = [(r.ratios["vs addmm_"], r.group) for r in merges if "vs addmm_" in r.ratios]
+    worst = min(vals) if vals else (None, "")
+    add("merge: speedup over addmm_ (worst)", "≥ 1.00×", worst[0], 1.0, True, "{:.3f}×", worst[1])
+    vals = [r.ratios["step / full"] for r in rows if r.suite == "epoch" and r.extra.get("model") == "transformer"
+            and r.form == "lowrank" and r.extra.get("rank_ratio") == 0.25 and "step / full" in r.ratios]
+    add("transformer training step, lowrank ρ = 0.25, over full rank", "≤ 0.60×", vals[0] if vals else None, 0.60,
+        False, "{:.3f}×")
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------
+
+def format_time(seconds):
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def _num(value, fmt="{:.3g}"):
+    return "—" if value is None else fmt.format(value)
+
+
+PROVIDER_ORDER = ("dense", "dense_frozen", "copy", "tensorly", "unfused", "addmm_", "torch_unfused",
+                  "torch_compile", "peft", "dynrank")
+
+
+def _order(row):
+    key = PROVIDER_ORDER.index(row.provider) if row.provider in PROVIDER_ORDER else len(PROVIDER_ORDER)
+    return (key, row.form != "full", row.form, row.provider)
+
+
+def _suite_table(rows):
+    present = set(c for r in rows for c in r.ratios)
+    known = [c for c, _ in REFERENCES.get(rows[0].suite, [])] + ["step / full", "params / full"]
+    columns = [c for c in known if c in present] + sorted(present - set(known))
+    has_flops = any(r.tflops is not None for r in rows)
+    has_bytes = any(r.gbps is not None for r in rows)
+    header = ["group", "provider", "time"]
+    if has_flops:
+        header += ["TFLOP/s", "% peak"]
+    if has_bytes:
+        header += ["GB/s", "% copy"]
+    header += columns
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group, members in _groups(rows).items():
+        for row in sorted(members, key=_order):
+            cells = [group, row.label, format_time(row.time)]
+            if has_flops:
+                peak = row.extra.get("peak_tflops")
+                cells += [_num(row.tflops), _num(100 * row.tflops / peak if row.tflops and peak else None, "{:.0f}")]
+            if has_bytes:
+                copy = row.extra.get("copy_gbps")
+                cells += [_num(row.gbps), _num(100 * row.gbps / copy if row.gbps and copy else None, "{:.0f}")]
+            for column in columns:
+                value = row.ratios.get(column)
+                cells.append("—" if value is None else f"{value:.2f}×")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+SUITE_TITLES = OrderedDict([
+    ("linear", "Linear layer (per pass, shape, dtype)"),
+    ("merge", "Inflate merge W += α·A·Bᵀ"),
+    ("conv_merge", "Conv-kernel merges"),
+    ("conv", "Conv layers"),
+    ("epoch", "Training step per form"),
+])
+
+
+def render_markdown(data, rows, stat="mean"):
+    """The whole report as markdown text (rows must have their ratios)."""
+    machine = (data.get("machine_info") or {}).get("dynrank", {})
+    versions = machine.get("versions", {})
+    device = machine.get("device_name") or machine.get("device") or "unknown device"
+    lines = ["# dynrank benchmark report", ""]
+    lines.append(f"- Device: {device} (`{machine.get('device', '?')}`), grid `{machine.get('grid', '?')}`")
+    lines.append("- Versions: " + (", ".join(f"{k} {v}" for k, v in versions.items() if v) or "unknown"))
+    lines.append(f"- Date: {data.get('datetime', 'unknown')}; statistic: {stat}; {len(rows)} results")
+    if len(data.get("devices", [])) > 1:
+        lines.append("- Warning: these results come from runs on different devices (" + ", ".join(data["devices"])
+                     + "); ratios stay within one group of one run")
+    if machine.get("device") == "cpu" and machine.get("load_average_1m") is not None:
+        lines.append(f"- CPU: {machine.get('num_threads')} torch threads on {machine.get('cpu_count')} cpus, "
+                     f"load average {machine['load_average_1m']:.1f} when the results were saved")
+    for key, value in (machine.get("rooflines") or {}).items():
+        lines.append(f"- Roofline {key}: peak matmul {value['peak_tflops']:.3g} TFLOP/s, "
+                     f"copy {value['copy_gbps']:.3g} GB/s")
+    lines.append("- Speedup `vs X` = time(X) / time(row) within the group; `step / full` = time(row) / "
+                 "time(full form).")
+    suites = list(SUITE_TITLES) + sorted({r.suite for r in rows} - set(SUITE_TITLES))
+    for suite in suites:
+        members = [r for r in rows if r.suite == suite]
+        if not members:
+            continue
+        lines += ["", f"## {SUITE_TITLES.get(suite, suite)}", ""]
+        lines += _suite_table(members)
+    lines += ["", "## Targets of issue 7", ""]
+    if machine.get("device") != "cuda" and "cuda" not in str(machine.get("device", "")):
+        lines += ["The targets are stated for an H100/H200 in bf16; this run is not on CUDA, so the rows below "
+                  "are for reference only.", ""]
+    lines += ["| target | required | measured | status |", "|---|---|---|---|"]
+    for item in evaluate_targets(rows):
+        lines.append(f"| {item['target']} | {item['required']} | {item['measured']} | {item['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _primary_ratio(row):
+    """Speedup over the suite's first reference (epoch: over the full form), or None."""
+    if row.suite == "epoch":
+        value = row.ratios.get("step / full")
+        return 1.0 / value if value else None
+    references = REFERENCES.get(row.suite)
+    return row.ratios.get(references[0][0]) if references else None
+
+
+def plot(rows, path):
+    """Dot plot of each row's speedup over its suite's first reference; returns the path or None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib import ticker
+    except ImportError:
+        print("matplotlib is not installed: no plot written", file=sys.stderr)
+        return None
+    suites = [s for s in list(SUITE_TITLES) + sorted({r.suite for r in rows} - set(SUITE_TITLES))
+              if any(r.suite == s and _primary_ratio(r) is not None for r in rows)]
+    if not suites:
+        print("no ratios to plot", file=sys.stderr)
+        return None
+    heights = [max(2.0, 0.28 * len({r.group for r in rows if r.suite == s})) + 1.0 for s in suites]
+    fig, axes = plt.subplots(len(suites), 1, figsize=(10, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, suite in zip(axes[:, 0], suites):
+        members = [r for r in rows if r.suite == suite and _primary_ratio(r) is not None]
+        groups = list(OrderedDict.fromkeys(r.group for r in members))
+        by_label = defaultdict(list)
+        for r in members:
+            by_label[r.label].append((_primary_ratio(r), groups.index(r.group)))
+        for label, points in sorted(by_label.items()):
+            ax.scatter([p[0] for p in points], [p[1] for p in points], label=label, s=22)
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_yticks(range(len(groups)))
+        ax.set_yticklabels(groups, fontsize=7)
+        ax.invert_yaxis()
+        reference = "full form" if suite == "epoch" else REFERENCES.get(suite, [("reference",)])[0][0][3:]
+        ax.set_xlabel(f"speedup over {reference}, log scale (>1: faster)")
+        ax.set_title(SUITE_TITLES.get(suite, suite), fontsize=10)
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Markdown table and PNG plot from a --benchmark-json file.")
+    parser.add_argument("json", nargs="+", help="file(s) written by pytest --benchmark-json (one per suite is fine)")
+    parser.add_argument("--out", help="markdown file to write (default: print)")
+    parser.add_argument("--plot", help="PNG file to write (needs matplotlib)")
+    parser.add_argument("--stat", choices=STATS, default="mean", help="statistic for times and rates")
+    args = parser.parse_args(argv)
+    runs = []
+    for path in args.json:
+        with open(path, encoding="utf-8") as f:
+            runs.append(json.load(f))
+    data = combine_runs(runs)
+    rows = add_ratios(load_rows(data, args.stat))
+    text = render_markdown(data, rows, args.stat)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

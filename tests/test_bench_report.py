@@ -1,0 +1,170 @@
+"""benchmarks/report.py on a small synthetic pytest-benchmark JSON (no timing anywhere)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_REPORT_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("dynrank_bench_report", _REPORT_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench(group, suite, provider, form, pass_, mean, median=None, **extra):
+    info = {"suite": suite, "provider": provider, "form": form, "pass": pass_, **extra}
+    stats = {"mean": mean, "median": mean if median is None else median, "min": mean * 0.9, "rounds": 10}
+    return {"group": group, "name": f"test[{provider}-{form}]", "extra_info": info, "stats": stats}
+
+
+T1 = "linear fwd+bwd T2048-K4096-N4096-r16-bfloat16-target"
+T2 = "linear fwd+bwd T4096-K4096-N4096-r16-bfloat16-target"
+LR = "linear forward T4096-K4000-N4000-r16-bfloat16"
+MERGE = "merge N4096-K4096-r16-bfloat16-target"
+EPOCH = "epoch transformer batch8"
+
+
+@pytest.fixture
+def data():
+    peak = {"peak_tflops": 2.0, "copy_gbps": 1000.0}
+    benchmarks = [
+        # Target shape 1: dynrank 1.30× over unfused, 1.10× over compiled, 0.95× of dense frozen.
+        _bench(T1, "linear", "torch_unfused", "adapter", "fwd+bwd", 1.3e-3, target=True),
+        _bench(T1, "linear", "torch_compile", "adapter", "fwd+bwd", 1.1e-3, target=True),
+        _bench(T1, "linear", "dense_frozen", "full", "fwd+bwd", 0.95e-3, target=True),
+        _bench(T1, "linear", "dynrank", "adapter", "fwd+bwd", 1.0e-3, median=2.0e-3, target=True,
+               flops=1e9, **peak),
+        # Target shape 2: 1.50× and 1.20×, exactly as fast as dense frozen.
+        _bench(T2, "linear", "torch_unfused", "adapter", "fwd+bwd", 1.5e-3, target=True),
+        _bench(T2, "linear", "torch_compile", "adapter", "fwd+bwd", 1.2e-3, target=True),
+        _bench(T2, "linear", "dense_frozen", "full", "fwd+bwd", 1.0e-3, target=True),
+        _bench(T2, "linear", "dynrank", "adapter", "fwd+bwd", 1.0e-3, target=True),
+        # A non-target shape where dynrank's lowrank form is 5 % slower than unfused.
+        _bench(LR, "linear", "torch_unfused", "lowrank", "forward", 1.0e-4),
+        _bench(LR, "linear", "dynrank", "lowrank", "forward", 1.05e-4),
+        # Merge: 900 GB/s of a 1000 GB/s copy, 1.25× over addmm_.
+        _bench(MERGE, "merge", "copy", "merge", None, 1.5e-4, bytes=1.44e8, **peak),
+        _bench(MERGE, "merge", "addmm_", "merge", None, 2.0e-4, bytes=1.44e8, **peak),
+        _bench(MERGE, "merge", "dynrank", "merge", None, 1.6e-4, bytes=1.44e8, **peak),
+        # Epoch: lowrank ρ=0.25 at half the full step time with 30 % of its parameters.
+        _bench(EPOCH, "epoch", "full", "full", "step", 10e-3, model="transformer", rank_ratio=None,
+               trainable_params=100),
+        _bench(EPOCH, "epoch", "lowrank-rho0.25", "lowrank", "step", 5e-3, model="transformer",
+               rank_ratio=0.25, trainable_params=30),
+        _bench(EPOCH, "epoch", "adapter-rho0.5", "adapter", "step", 12e-3, model="transformer",
+               rank_ratio=0.5, trainable_params=40),
+    ]
+    machine = {"dynrank": {"device": "cuda", "device_name": "Test GPU", "grid": "targets",
+                           "versions": {"torch": "9.9", "triton": "9.8"},
+                           "rooflines": {"cuda/bfloat16": peak}}}
+    return {"machine_info": machine, "benchmarks": benchmarks, "datetime": "2030-01-01T00:00:00"}
+
+
+def _row(rows, group, provider, form):
+    return next(r for r in rows if r.group == group and r.provider == provider and r.form == form)
+
+
+def test_ratios_within_groups(report, data):
+    rows = report.add_ratios(report.load_rows(data))
+    row = _row(rows, T1, "dynrank", "adapter")
+    assert row.ratios["vs unfused"] == pytest.approx(1.3)
+    assert row.ratios["vs compiled"] == pytest.approx(1.1)
+    assert row.ratios["vs dense frozen"] == pytest.approx(0.95)
+    assert row.tflops == pytest.approx(1.0)
+    # A reference never compares with itself, and other forms are not references.
+    assert "vs unfused" not in _row(rows, T1, "torch_unfused", "adapter").ratios
+    assert _row(rows, LR, "dynrank", "lowrank").ratios == {"vs unfused": pytest.approx(1 / 1.05)}
+    merge = _row(rows, MERGE, "dynrank", "merge")
+    assert merge.gbps == pytest.approx(900.0)
+    assert merge.ratios["vs addmm_"] == pytest.approx(1.25)
+    lowrank = _row(rows, EPOCH, "lowrank-rho0.25", "lowrank")
+    assert lowrank.ratios["step / full"] == pytest.approx(0.5)
+    assert lowrank.ratios["params / full"] == pytest.approx(0.3)
+    assert _row(rows, EPOCH, "full", "full").ratios == {}
+
+
+def test_statistic_is_selectable(report, data):
+    rows = report.add_ratios(report.load_rows(data, stat="median"))
+    assert _row(rows, T1, "dynrank", "adapter").ratios["vs unfused"] == pytest.approx(0.65)
+    with pytest.raises(ValueError, match="stat must be one of"):
+        report.load_rows(data, stat="p99")
+
+
+def test_targets(report, data):
+    rows = report.add_ratios(report.load_rows(data))
+    targets = {t["target"]: t for t in report.evaluate_targets(rows)}
+    unfused = targets["adapter fwd+bwd, target shapes: speedup over unfused torch (average)"]
+    assert unfused["measured"].startswith("1.40×") and unfused["status"] == "met"
+    compiled = targets["adapter fwd+bwd, target shapes: speedup over torch.compile (average)"]
+    assert compiled["measured"].startswith("1.15×") and compiled["status"] == "met"
+    frozen = targets["adapter fwd+bwd, target shapes: time over dense frozen-weight linear (worst)"]
+    assert frozen["measured"].startswith("1.053×") and T1 in frozen["measured"]
+    assert frozen["status"] == "missed by 0.3 %"
+    every = targets["every linear shape and pass: speedup over unfused torch (worst)"]
+    assert every["measured"].startswith("0.952×") and every["status"] == "missed by 2.8 %"
+    assert targets["merge: share of measured copy bandwidth (worst)"]["measured"].startswith("90.0%")
+    assert targets["merge: share of measured copy bandwidth (worst)"]["status"] == "met"
+    assert targets["merge: speedup over addmm_ (worst)"]["status"] == "met"
+    step = targets["transformer training step, lowrank ρ = 0.25, over full rank"]
+    assert step["measured"] == "0.500×" and step["status"] == "met"
+
+
+def test_targets_without_data(report):
+    statuses = {t["status"] for t in report.evaluate_targets([])}
+    assert statuses == {"no data"}
+
+
+def test_markdown_tables(report, data):
+    rows = report.add_ratios(report.load_rows(data))
+    text = report.render_markdown(data, rows)
+    assert "- Device: Test GPU (`cuda`), grid `targets`" in text
+    assert "- Versions: torch 9.9, triton 9.8" in text
+    assert "peak matmul 2 TFLOP/s, copy 1e+03 GB/s" in text
+    assert f"| {T1} | dynrank (adapter) | 1 ms | 1 | 50 | 1.30× | 1.10× | 0.95× |" in text
+    assert f"| {MERGE} | dynrank | 160 µs | 900 | 90 | 1.25× |" in text
+    assert f"| {MERGE} | copy | 150 µs | 960 | 96 | 1.33× |" in text
+    assert f"| {EPOCH} | lowrank-rho0.25 | 5 ms | 0.50× | 0.30× |" in text
+    assert "| merge: speedup over addmm_ (worst) | ≥ 1.00× | 1.250× (" in text
+    assert "for reference only" not in text  # a CUDA run
+    # Columns in the suite's order; within a group, baselines first (full form first).
+    assert "| group | provider | time | TFLOP/s | % peak | vs unfused | vs compiled | vs dense frozen |" in text
+    assert text.index(f"| {T1} | dense_frozen") < text.index(f"| {T1} | dynrank")
+    assert text.index(f"| {EPOCH} | full |") < text.index(f"| {EPOCH} | adapter-rho0.5 |")
+
+
+def test_cli_and_plot(report, data, tmp_path):
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(data), encoding="utf-8")
+    out = tmp_path / "report.md"
+    png = tmp_path / "report.png"
+    assert report.main([str(src), "--out", str(out), "--plot", str(png)]) == 0
+    assert "## Targets of issue 7" in out.read_text(encoding="utf-8")
+    pytest.importorskip("matplotlib")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_run_is_marked_reference_only(report, data):
+    data["machine_info"]["dynrank"]["device"] = "cpu"
+    text = report.render_markdown(data, report.add_ratios(report.load_rows(data)))
+    assert "this run is not on CUDA, so the rows below are for reference only" in text
+
+
+def test_combining_runs_keeps_each_group_from_one_run(report, data):
+    rerun = {"machine_info": data["machine_info"],
+             "benchmarks": [_bench(MERGE, "merge", "addmm_", "merge", None, 4.0e-4),
+                            _bench(MERGE, "merge", "dynrank", "merge", None, 1.0e-4)]}
+    combined = report.combine_runs([data, rerun])
+    rows = report.add_ratios(report.load_rows(combined))
+    merge_rows = [r for r in rows if r.group == MERGE]
+    assert sorted(r.provider for r in merge_rows) == ["addmm_", "dynrank"]  # the rerun replaced the group
+    assert _row(rows, MERGE, "dynrank", "merge").ratios["vs addmm_"] == pytest.approx(4.0)
+    assert _row(rows, T1, "dynrank", "adapter").ratios["vs unfused"] == pytest.approx(1.3)  # untouched
+    other = dict(rerun, machine_info={"dynrank": {"device": "cuda", "device_name": "Other GPU"}})
+    text = report.render_markdown(report.combine_runs([data, other]), rows)
+    assert "different devices (Test GPU, Other GPU)" in text
