@@ -43,7 +43,7 @@ def grid_mode():
     """Shape grid of this session: ``cpu``, ``targets`` or ``full``.
 
     ``DYNRANK_BENCH_GRID`` selects between ``targets`` (default on CUDA: the
-    shapes the targets of issue 7 are stated on, plus a few representatives)
+    shapes the speed targets are stated on, plus a few representatives)
     and ``full`` (every shape).  Without CUDA the small ``cpu`` grid always
     runs: the GPU shapes would take hours on a CPU.
     """

@@ -23,7 +23,7 @@ import _bench_common as common  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "bench_target: a shape on which issue 7 states a target")
+    config.addinivalue_line("markers", "bench_target: a shape with a stated speed target")
 
 
 def pytest_report_header(config):

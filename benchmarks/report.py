@@ -11,7 +11,7 @@ faster; the epoch suite's ``step / full`` is time(row) / time(full form), below
 parameters (the paper's "Comp." column).  Rates (TFLOP/s, GB/s) are
 recomputed from the FLOP and byte counts in ``extra_info`` and the chosen
 statistic; ``% peak`` / ``% copy`` are against the roofline measured in the
-same session.  The last section checks the targets of issue 7.
+same session.  The last section checks the speed targets.
 
 matplotlib is optional: without it the plot is skipped with a note.
 """
@@ -140,7 +140,7 @@ def add_ratios(rows):
 
 
 # ---------------------------------------------------------------------------
-# Targets of issue 7
+# Speed targets
 # ---------------------------------------------------------------------------
 
 def _status(value, limit, higher_is_better):
@@ -295,7 +295,7 @@ def render_markdown(data, rows, stat="mean"):
             continue
         lines += ["", f"## {SUITE_TITLES.get(suite, suite)}", ""]
         lines += _suite_table(members)
-    lines += ["", "## Targets of issue 7", ""]
+    lines += ["", "## Speed targets", ""]
     if machine.get("device") != "cuda" and "cuda" not in str(machine.get("device", "")):
         lines += ["The targets are stated for an H100/H200 in bf16; this run is not on CUDA, so the rows below "
                   "are for reference only.", ""]

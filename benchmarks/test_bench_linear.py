@@ -58,7 +58,7 @@ def linear_cases(grid):
     if grid == "cpu":
         # Small enough for a 2-core CI run; 100 is not a multiple of 16.
         return [LinearCase(64, 64, 64, 4, f32), LinearCase(256, 192, 100, 32, f32)]
-    # Issue 7 targets: adapter fwd+bwd, K = N ∈ {4096, 8192}, rank 16, 2k–8k tokens, bf16.
+    # Speed targets: adapter fwd+bwd, K = N ∈ {4096, 8192}, rank 16, 2k–8k tokens, bf16.
     cases = [LinearCase(t, k, k, 16, bf16, target=True) for k in (4096, 8192) for t in (2048, 4096, 8192)]
     if grid == "full":
         cases += [LinearCase(4096, 4096, 4096, r, bf16) for r in (8, 32, 64, 128, 256, 512)]

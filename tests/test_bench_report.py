@@ -144,7 +144,7 @@ def test_cli_and_plot(report, data, tmp_path):
     out = tmp_path / "report.md"
     png = tmp_path / "report.png"
     assert report.main([str(src), "--out", str(out), "--plot", str(png)]) == 0
-    assert "## Targets of issue 7" in out.read_text(encoding="utf-8")
+    assert "## Speed targets" in out.read_text(encoding="utf-8")
     pytest.importorskip("matplotlib")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
