@@ -166,7 +166,7 @@ def _copy_fraction(row, members):
 
 
 def evaluate_targets(rows):
-    """The targets of issue 7 against these rows: list of dicts (target, required, measured, status)."""
+    """The speed targets checked against these rows: list of dicts (target, required, measured, status)."""
     groups = _groups(rows)
     linear = [r for r in rows if r.suite == "linear" and r.provider == "dynrank"]
     headline = [r for r in linear if r.form == "adapter" and r.pass_ == "fwd+bwd" and r.extra.get("target")]
