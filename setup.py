@@ -21,6 +21,7 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark>=4"],
         "plots": ["matplotlib>=3.5"],
+        "vision": ["pillow>=9"],
     },
     entry_points={"console_scripts": ["dynrank-train=dynrank.train.cli:main"]},
 )

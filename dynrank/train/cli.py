@@ -1,0 +1,364 @@
+"""``dynrank-train``: train full, low-rank and dynamic-rank models from the command line.
+
+With no arguments it runs the main job: a small byte-level transformer LM on
+Python's own standard-library sources, trained full rank, fixed low rank and
+dynamic rank (low rank → full → adapter), then a side-by-side table and the
+RankMonitor files and plots under ``runs/<timestamp>``.  Flags select the
+paper's experiments (``--preset cifar10-resnet20`` …) or any mix of model,
+data and schedule; see ``dynrank-train --help``.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+__all__ = ["main", "build_parser", "config_from_args", "PRESETS", "MAIN_JOB"]
+
+# Table 7 of the paper (SGD, momentum 0.9, lr 0.1, ρ = 0.5), plus the authors'
+# label smoothing on CIFAR-10 and WRN dropout 0.3.
+PRESETS = {
+    "cifar10-resnet20": dict(model="resnet20", data="cifar10", batch_size=128, lr=0.1, epochs=150,
+                             milestones=[100, 130], inflate_epoch=55, deflate_epoch=120, weight_decay=1e-4,
+                             rank_ratio=0.5, label_smoothing=0.1, optimizer="sgd", warmup_steps=0),
+    "cifar100-wrn28-10": dict(model="wrn28-10", data="cifar100", batch_size=128, lr=0.1, epochs=200,
+                              milestones=[150, 180], inflate_epoch=80, deflate_epoch=170, weight_decay=5e-4,
+                              rank_ratio=0.5, label_smoothing=0.0, optimizer="sgd", dropout=0.3, warmup_steps=0),
+    "tiny-imagenet-resnet50": dict(model="resnet50", data="tiny-imagenet", batch_size=64, lr=0.1, epochs=100,
+                                   milestones=[70, 90], inflate_epoch=30, deflate_epoch=80, weight_decay=5e-4,
+                                   rank_ratio=0.5, label_smoothing=0.0, optimizer="sgd", warmup_steps=0),
+}
+
+# The main job: sized to finish in a few minutes on a 2-core CPU, with the
+# full-rank phase straddling the LR decay as the paper prescribes.
+MAIN_JOB = dict(model="gpt", data="stdlib", schedule="compare", batch_size=32, lr=3e-3, epochs=8,
+                milestones=[5, 7], inflate_epoch=3, deflate_epoch=7, weight_decay=0.1, rank_ratio=0.5,
+                label_smoothing=0.0, optimizer="adamw", warmup_steps=50, context=64, dim=128, depth=2, heads=4,
+                steps_per_epoch=120, dropout=0.0)
+
+DATA_PRESET = {"cifar10": PRESETS["cifar10-resnet20"], "cifar100": PRESETS["cifar100-wrn28-10"],
+               "tiny-imagenet": PRESETS["tiny-imagenet-resnet50"], "stdlib": MAIN_JOB}
+MODEL_DATA = {"resnet20": "cifar10", "wrn28-10": "cifar100", "resnet50": "tiny-imagenet", "gpt": "stdlib"}
+DATA_MODEL = {data: model for model, data in MODEL_DATA.items()}
+GENERIC = dict(schedule="dynamic", decomposition="svd", seed=0, device="auto", lr_decay=0.1, deflate_init="zeros",
+               optimizer_state="carry", width=1.0, metrics_every=1, context=128, dim=128, depth=2, heads=4,
+               steps_per_epoch=None, dropout=None, data_dir="data", compile=False)
+
+
+_EPILOG = """\
+settings are resolved as: flags, then --preset, then the data set's defaults (its Table 7
+row; for stdlib the main job), then generic ones.  Changing --epochs rescales the preset's
+LR milestones; I and D then follow the paper's rule (schedule_from_lr, φ = 0.5) unless given.
+
+examples:
+  dynrank-train                                            the main job
+  dynrank-train --preset cifar10-resnet20 --data-dir data --schedule compare
+  dynrank-train --preset cifar100-wrn28-10 --data-dir data --decomposition tucker
+  dynrank-train --data cifar10 --download --epochs 30 --full-rank-fraction 0.3
+  dynrank-train --resume runs/20250101-120000              continue after Ctrl-C
+"""
+
+
+def _int_list(text):
+    try:
+        return [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 100,130, got {text!r}") from None
+
+
+def build_parser():
+    """The argparse parser of ``dynrank-train``."""
+    p = argparse.ArgumentParser(
+        prog="dynrank-train",
+        description="Dynamic-rank training. With no arguments: the main job (a byte-level GPT on the Python "
+                    "standard library trained full rank, fixed low rank and dynamic rank; a few minutes on a CPU).",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="the paper's Table 7 settings for one data set")
+    g.add_argument("--model", choices=("resnet20", "wrn28-10", "resnet50", "gpt"))
+    g.add_argument("--data", choices=("cifar10", "cifar100", "tiny-imagenet", "stdlib"),
+                   help="stdlib: Python's own standard-library sources as bytes (no download)")
+    g.add_argument("--data-dir", help="folder holding the data set (default: ./data)")
+    g.add_argument("--download", action="store_true", help="fetch the official archive into --data-dir")
+    g.add_argument("--cache-dir", help="keep decoded image trees here (default: ~/.cache/dynrank)")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--schedule", choices=("full", "lowrank", "dynamic", "compare"),
+                   help="compare: train full, lowrank and dynamic and print a table (default: dynamic; "
+                        "compare for the main job)")
+    g.add_argument("--rank-ratio", type=float,
+                   help="ρ, factor rank / weight rank (convs: int(ρ·out_channels), the authors' rule; "
+                        "GPT linears: int(ρ·min(in, out)))")
+    g.add_argument("--decomposition", choices=("svd", "tucker", "cp", "tkd-cpd"), help="for convolutions")
+    g.add_argument("--inflate-epoch", type=int, help="I: lowrank → full")
+    g.add_argument("--deflate-epoch", type=int, help="D: full → adapter")
+    g.add_argument("--full-rank-fraction", type=float,
+                   help="φ: choose I, D with φ·E full-rank epochs around the first LR decay")
+    g.add_argument("--deflate-init", choices=("zeros", "random", "svd"))
+    g.add_argument("--optimizer-state", choices=("carry", "reset"), help="optimizer state across a form change")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--milestones", type=_int_list, help="LR decay epochs, e.g. 100,130")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--lr-decay", type=float, help="LR factor at each milestone")
+    g.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"))
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--dropout", type=float, help="WRN / GPT dropout")
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("GPT size (--model gpt)")
+    g.add_argument("--dim", type=int)
+    g.add_argument("--depth", type=int)
+    g.add_argument("--heads", type=int)
+    g.add_argument("--context", type=int)
+    g.add_argument("--steps-per-epoch", type=int, help="batches per epoch (text; default: one pass)")
+    g = p.add_argument_group("running")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on with CUDA)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores not busy with other work)")
+    g.add_argument("--out", help="output folder (default: runs/<timestamp>)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its saved settings are used)")
+    g.add_argument("--metrics-every", type=int, help="measure λ every this many epochs")
+    g.add_argument("--width", type=float, help="channel multiplier of vision models (quick tests only)")
+    p.set_defaults(**{k: None for k in ("compile", "amp")})
+    return p
+
+
+def _explicit(args):
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+def config_from_args(args):
+    """Resolve flags, preset and per-data-set defaults into one configuration dict.
+
+    Order: explicit flags, then ``--preset``, then the defaults of the data
+    set (its Table 7 row, or the main job for ``stdlib``), then generic ones.
+
+    Raises:
+        ValueError: inconsistent settings (message says which).
+    """
+    from ..schedules import schedule_from_lr
+    given = _explicit(args)
+    preset = PRESETS[given["preset"]] if "preset" in given else {}
+    model = given.get("model", preset.get("model"))
+    data = given.get("data", preset.get("data"))
+    if data is None:
+        data = MODEL_DATA[model] if model else "stdlib"
+    if model is None:
+        model = DATA_MODEL[data]
+    base = DATA_PRESET[data]
+    cfg = dict(GENERIC)
+    cfg.update(base)
+    cfg.update(preset)
+    cfg.update(given)
+    cfg.update(model=model, data=data)
+    for key in ("context", "dim", "depth", "heads", "steps_per_epoch"):
+        if model != "gpt" and key in base and key not in given:
+            cfg[key] = GENERIC[key]
+    if (model == "gpt") != (data == "stdlib"):
+        raise ValueError(f"--model {model} cannot train on --data {data}: the GPT reads the stdlib text, "
+                         f"the vision models read cifar10, cifar100 or tiny-imagenet")
+    epochs = cfg["epochs"]
+    reference = preset or base
+    if "milestones" not in given and epochs != reference["epochs"]:
+        # Keep the decays at the same fractions of a shorter or longer run.
+        cfg["milestones"] = sorted({max(1, round(m * epochs / reference["epochs"])) for m in reference["milestones"]
+                                    if round(m * epochs / reference["epochs"]) < epochs})
+        if not cfg["milestones"] and epochs >= 2:
+            cfg["milestones"] = [epochs // 2]
+    for name in ("epochs", "batch_size"):
+        if cfg[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {cfg[name]}")
+    if not 0.0 < cfg["rank_ratio"] <= 1.0:
+        raise ValueError(f"--rank-ratio must be in (0, 1], got {cfg['rank_ratio']}")
+    bad = [m for m in cfg["milestones"] if not 0 < m < epochs]
+    if bad:
+        raise ValueError(f"--milestones must lie in (0, epochs={epochs}), got {cfg['milestones']}")
+    same_schedule = epochs == reference["epochs"] and cfg["milestones"] == reference["milestones"]
+    if "inflate_epoch" in given and "deflate_epoch" in given:
+        inflate, deflate = given["inflate_epoch"], given["deflate_epoch"]
+    elif same_schedule and "full_rank_fraction" not in given:
+        inflate, deflate = reference["inflate_epoch"], reference["deflate_epoch"]
+    elif not cfg["milestones"]:
+        raise ValueError("without LR milestones there is no decay to place the full-rank phase around; "
+                         "give --inflate-epoch and --deflate-epoch")
+    else:
+        inflate, deflate = schedule_from_lr(epochs, milestones=cfg["milestones"],
+                                            full_rank_fraction=given.get("full_rank_fraction", 0.5))
+    cfg["inflate_epoch"] = given.get("inflate_epoch", inflate)
+    cfg["deflate_epoch"] = given.get("deflate_epoch", deflate)
+    if not 0 <= cfg["inflate_epoch"] < cfg["deflate_epoch"] <= epochs:
+        raise ValueError(f"need 0 ≤ inflate epoch < deflate epoch ≤ epochs, got I={cfg['inflate_epoch']}, "
+                         f"D={cfg['deflate_epoch']}, epochs={epochs}")
+    if cfg["deflate_epoch"] == epochs:
+        cfg["deflate_epoch"] = None  # stays full to the end
+    cfg.pop("preset", None)
+    cfg.pop("resume", None)
+    return cfg
+
+
+def _resolve_device(cfg):
+    import torch
+    device = cfg["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for CUDA, but torch sees no GPU (torch {torch.__version__})")
+    cfg["device"] = device
+    cuda = device.startswith("cuda")
+    if not cuda:
+        threads = cfg.get("threads") or _idle_cores(torch.get_num_threads())
+        torch.set_num_threads(threads)
+        cfg["threads"] = threads
+    if cfg.get("amp") is None:
+        cfg["amp"] = bool(cuda and torch.cuda.is_bf16_supported())
+    cfg["channels_last"] = cuda
+    return cfg
+
+
+def _idle_cores(default):
+    """CPU threads worth using now: the cores not already busy with other work, at least one.
+
+    On a shared CPU, intra-op threads that outnumber the free cores wait on each
+    other at every op; one thread is then several times faster than two.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return default
+    return max(1, min(default, cores - round(load)))
+
+
+def load_data(cfg, log=print):
+    """The data object for ``cfg`` (TextData or VisionData) on ``cfg['device']``."""
+    from .augment import VisionData
+    from .data import DATASETS, download, load_vision
+    if cfg["data"] == "stdlib":
+        from .corpus import TextData, load_stdlib_corpus
+        train, val, _ = load_stdlib_corpus()
+        return TextData(train, val, cfg["context"], cfg["batch_size"], steps=cfg.get("steps_per_epoch"),
+                        device=cfg["device"], seed=cfg["seed"])
+    root = cfg.get("data_dir") or "data"
+    if cfg.get("download"):
+        log(f"downloading {cfg['data']} into {root} ...")
+        download(cfg["data"], root)
+    cache = cfg.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "dynrank")
+    started = time.perf_counter()
+    train_x, train_y, test_x, test_y, classes = load_vision(cfg["data"], root, cache_dir=cache)
+    log(f"loaded {cfg['data']} from {root} in {time.perf_counter() - started:.1f}s")
+    spec = DATASETS[cfg["data"]]
+    recipe = "tiny-imagenet" if cfg["data"] == "tiny-imagenet" else "cifar"
+    return VisionData(train_x, train_y, test_x, test_y, spec["mean"], spec["std"], cfg["batch_size"], recipe,
+                      device=cfg["device"], channels_last=cfg["channels_last"], seed=cfg["seed"], classes=classes,
+                      num_classes=spec["classes"])
+
+
+def _print_settings(cfg, log):
+    keys = ("model", "data", "schedule", "rank_ratio", "decomposition", "epochs", "milestones", "inflate_epoch",
+            "deflate_epoch", "optimizer", "lr", "batch_size", "weight_decay", "label_smoothing", "seed",
+            "device", "amp", "threads")
+    log("settings: " + ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg))
+
+
+def run_job(cfg, out_dir, resume=False, log=print):
+    """Run the schedules of ``cfg`` into ``out_dir``; print and return the compare table."""
+    from ..monitor import RankMonitor
+    from .data import DataError
+    from .loop import run_training
+    from .report import RunMonitor, compare_table, verdict, write_plots
+    try:
+        data = load_data(cfg, log)
+    except ValueError as err:   # e.g. a batch larger than the data set
+        raise DataError(str(err)) from None
+    log(f"data: {data.describe()}")
+    schedules = ("full", "lowrank", "dynamic") if cfg["schedule"] == "compare" else (cfg["schedule"],)
+    results = []
+    for schedule in schedules:
+        log(f"\n== {schedule} ==")
+        def factory(model, scheduler, name=schedule):
+            return RunMonitor(model, scheduler, name, cfg["metrics_every"])
+        result = run_training(cfg, schedule, data, os.path.join(out_dir, schedule), log=log, resume=resume,
+                              monitor_factory=factory)
+        if result.get("conversion"):
+            with open(os.path.join(out_dir, schedule, "conversion.txt"), "w", encoding="utf-8") as handle:
+                handle.write(result["conversion"] + "\n")
+        results.append(result)
+    converted = next((r["converted_layers"] for r in results if r.get("converted_layers")), None)
+    table = compare_table(results, kind=data.kind, converted_layers=converted)
+    with open(os.path.join(out_dir, "compare.txt"), "w", encoding="utf-8") as handle:
+        handle.write(table + "\n")
+    with open(os.path.join(out_dir, "compare.json"), "w", encoding="utf-8") as handle:
+        json.dump([{k: v for k, v in r.items() if k != "monitor_records"} for r in results], handle, indent=1)
+    monitors = [RankMonitor.load(os.path.join(out_dir, s, "monitor")) for s in schedules]
+    paths, note = write_plots(monitors, os.path.join(out_dir, "plots"), kind=data.kind)
+    log("\n" + table)
+    line = verdict(results, data.kind)
+    if line:
+        log(line)
+    if note:
+        log(note)
+    return table, results, paths
+
+
+def main(argv=None):
+    """Entry point of ``dynrank-train`` and ``python -m dynrank.train``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log = lambda *a: print(*a, flush=True)
+    from .data import DataError
+    from .loop import Interrupted
+    started = time.perf_counter()
+    out_dir = None
+    try:
+        if args.resume:
+            config_path = os.path.join(args.resume, "config.json")
+            if not os.path.isfile(config_path):
+                parser.error(f"--resume {args.resume}: no config.json there (not a dynrank-train output folder)")
+            with open(config_path, encoding="utf-8") as handle:
+                cfg = json.load(handle)
+            if args.device:
+                cfg["device"], cfg["amp"], cfg["threads"] = args.device, None, None
+            for key in ("amp", "threads"):
+                if getattr(args, key) is not None:
+                    cfg[key] = getattr(args, key)
+            ignored = sorted(k for k, v in _explicit(args).items()
+                             if k not in ("resume", "device", "amp", "threads", "download") and v is not False)
+            if ignored:
+                flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+                log(f"note: --resume uses the saved settings; ignoring {flags}")
+            out_dir = args.resume
+        else:
+            try:
+                cfg = config_from_args(args)
+            except ValueError as err:
+                parser.error(str(err))
+            out_dir = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        try:
+            cfg = _resolve_device(cfg)
+        except ValueError as err:
+            parser.error(str(err))
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(cfg, handle, indent=1)
+        log(f"dynrank-train: output in {out_dir}")
+        _print_settings(cfg, log)
+        _, _, plots = run_job(cfg, out_dir, resume=bool(args.resume), log=log)
+    except DataError as err:
+        print(f"dynrank-train: error: {err}", file=sys.stderr)
+        return 2
+    except Interrupted as err:
+        print(f"\ndynrank-train: stopped; checkpoint written to {err.checkpoint}\n"
+              f"continue with: dynrank-train --resume {out_dir}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        # A second Ctrl-C (or one outside the training loop): the last epoch's checkpoint stands.
+        print("\ndynrank-train: aborted" + (f"; dynrank-train --resume {out_dir} continues from the last "
+                                             f"saved epoch" if out_dir else ""), file=sys.stderr)
+        return 130
+    log(f"\nfinished in {time.perf_counter() - started:.0f}s; outputs in {out_dir}"
+        + (f" (plots: {os.path.join(out_dir, 'plots')})" if plots else ""))
+    return 0

@@ -1,0 +1,140 @@
+"""The embedded text corpus: Python's own standard-library source, as bytes.
+
+Every CPython install ships these files, so the main job needs no download.
+The corpus is a fixed, sorted list of pure-Python modules that exist in every
+CPython from 3.9 on (looked up under ``sysconfig``'s stdlib path, never through
+the import system, so a same-named file in the working directory cannot
+shadow them).  Each file is split by position: its first 90 % goes to the
+training stream, its last 10 % to validation — deterministic, and both
+streams see every file's style.
+
+The text differs between Python versions, so numbers are reproducible per
+installation, not across versions.
+"""
+
+import os
+import sysconfig
+
+import torch
+
+from .data import DataError
+
+__all__ = ["STDLIB_MODULES", "stdlib_files", "load_stdlib_corpus", "TextData"]
+
+# Pure-Python modules present (as a file or a package __init__) in CPython 3.9+.
+STDLIB_MODULES = (
+    "argparse", "ast", "calendar", "configparser", "contextlib", "csv", "dataclasses", "difflib",
+    "enum", "fractions", "ftplib", "functools", "gettext", "gzip", "heapq", "inspect", "ipaddress",
+    "mailbox", "optparse", "pdb", "pickle", "pprint", "random", "shutil", "smtplib", "statistics",
+    "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "tokenize", "traceback",
+    "typing", "uuid", "warnings", "weakref",
+)
+
+VAL_FRACTION = 0.1
+_MIN_BYTES = 200_000
+
+
+def stdlib_files(stdlib_dir=None):
+    """Sorted list of existing source paths of :data:`STDLIB_MODULES`."""
+    root = stdlib_dir or sysconfig.get_paths()["stdlib"]
+    found = []
+    for name in sorted(STDLIB_MODULES):
+        for candidate in (os.path.join(root, name + ".py"), os.path.join(root, name, "__init__.py")):
+            if os.path.isfile(candidate):
+                found.append(candidate)
+                break
+    return found
+
+
+def load_stdlib_corpus(stdlib_dir=None, val_fraction=VAL_FRACTION, max_bytes=None):
+    """Read the corpus and split it: returns ``(train, val, files)``.
+
+    ``train`` and ``val`` are 1-D uint8 tensors (bytes); files are joined with
+    a blank line.  ``max_bytes`` (for tests) truncates each file so the total
+    stays under it.
+
+    Raises:
+        DataError: the standard-library sources are missing (e.g. a stripped
+            install that ships only .pyc files).
+    """
+    files = stdlib_files(stdlib_dir)
+    per_file = None if max_bytes is None else max(64, max_bytes // max(1, len(files)))
+    train_parts, val_parts, total = [], [], 0
+    for path in files:
+        with open(path, "rb") as handle:
+            text = handle.read(per_file) if per_file else handle.read()
+        cut = int(len(text) * (1.0 - val_fraction))
+        train_parts.append(text[:cut] + b"\n\n")
+        val_parts.append(text[cut:] + b"\n\n")
+        total += len(text)
+    minimum = _MIN_BYTES if max_bytes is None else 0
+    if total <= minimum or not files:
+        root = stdlib_dir or sysconfig.get_paths()["stdlib"]
+        raise DataError(f"the standard-library sources under {root} are missing or too small "
+                        f"({len(files)} of {len(STDLIB_MODULES)} modules, {total} bytes); this Python "
+                        f"install ships no .py sources. Use --data cifar10 with --data-dir instead.")
+    to_tensor = lambda parts: torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
+    return to_tensor(train_parts), to_tensor(val_parts), files
+
+
+class TextData:
+    """Byte streams for next-byte prediction, resident on one device.
+
+    An epoch is ``steps`` batches of random windows of ``context + 1`` bytes from
+    the training stream; the window starts come from a generator seeded by
+    (seed, epoch), made on the host once per epoch, so an epoch is the same
+    whether or not the run was resumed.  Validation uses up to ``val_windows``
+    fixed, non-overlapping windows of the validation stream.
+
+    Args:
+        train, val: 1-D uint8 tensors.
+        context: window length fed to the model.
+        batch_size: windows per batch.
+        steps: batches per epoch (default: one pass over the train bytes).
+        device: where the streams live.
+        val_windows: at most this many validation windows.  eval_batch_size: windows per eval batch.
+        seed: base seed of the per-epoch window draws.
+    """
+
+    kind = "text"
+    num_classes = 256
+
+    def __init__(self, train, val, context, batch_size, steps=None, device="cpu", val_windows=512,
+                 seed=0, eval_batch_size=128):
+        if len(train) <= context + 1 or len(val) <= context + 1:
+            raise DataError(f"text streams must be longer than context + 1 = {context + 1} bytes, got "
+                            f"train {len(train)}, val {len(val)}")
+        self.context = context
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.device = torch.device(device)
+        self.train = train.to(self.device)
+        self.val = val.to(self.device)
+        self.steps = steps or max(1, len(train) // (batch_size * context))
+        count = min(val_windows, (len(val) - 1) // context)
+        starts = torch.arange(count) * ((len(val) - 1 - context) // max(1, count - 1) if count > 1 else 0)
+        self._val_index = (starts[:, None] + torch.arange(context + 1)).to(self.device)
+        self._offsets = torch.arange(context + 1, device=self.device)
+
+    def __len__(self):
+        return self.steps
+
+    def train_batches(self, epoch, start=0):
+        """Yield ``(inputs, targets)`` for batches ``start..steps-1`` of ``epoch``."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        starts = torch.randint(0, len(self.train) - self.context - 1, (self.steps, self.batch_size),
+                               generator=generator).to(self.device, non_blocking=True)
+        for step in range(start, self.steps):
+            window = self.train[starts[step, :, None] + self._offsets].long()
+            yield window[:, :-1], window[:, 1:]
+
+    def val_batches(self):
+        """Yield ``(inputs, targets)`` over the fixed validation windows."""
+        for first in range(0, len(self._val_index), self.eval_batch_size):
+            window = self.val[self._val_index[first:first + self.eval_batch_size]].long()
+            yield window[:, :-1], window[:, 1:]
+
+    def describe(self):
+        return (f"stdlib text: {len(self.train):,} train / {len(self.val):,} val bytes, "
+                f"{self.steps} batches of {self.batch_size}×{self.context} per epoch")

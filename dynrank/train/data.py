@@ -1,0 +1,388 @@
+"""Image data sets in the formats users have, decoded once into uint8 tensors.
+
+Accepted layouts (``--data-dir`` may point at the folder that holds them or at
+the data set folder itself):
+
+CIFAR-10 / CIFAR-100
+    - the pickled "python version": ``cifar-10-batches-py/`` (``data_batch_1..5``,
+      ``test_batch``) or ``cifar-100-python/`` (``train``, ``test``, ``meta``),
+      or the unextracted ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``;
+    - an image-folder tree ``train/<class>/*.png|jpg`` and ``test/<class>/*``
+      (``val/`` is accepted for ``test/``), extracted or inside a ``.tar``/``.tar.gz``.
+Tiny ImageNet
+    - ``tiny-imagenet-200/`` with ``wnids.txt``, ``train/<wnid>/images/*.JPEG``,
+      ``val/images/*.JPEG`` and ``val/val_annotations.txt``, or ``tiny-imagenet-200.zip``.
+
+Image files are decoded with pillow (the optional ``vision`` extra); the
+pickled CIFAR archives need nothing beyond numpy.  Augmentation and
+normalization run in torch on the training device (see :mod:`.augment`).
+"""
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+__all__ = ["DataError", "DATASETS", "load_vision", "download", "layouts_help"]
+
+
+class DataError(Exception):
+    """A data set is missing, unreadable or in an unknown layout (message says what to do)."""
+
+
+DATASETS = {
+    "cifar10": dict(classes=10, size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+                    pickled="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
+                    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                    md5="c58f30108f718f92721af3b95e74349a"),
+    "cifar100": dict(classes=100, size=32, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+                     pickled="cifar-100-python", archive="cifar-100-python.tar.gz",
+                     url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                     md5="eb9058c3a382ffc7106e4002c42a8d85"),
+    "tiny-imagenet": dict(classes=200, size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                          pickled=None, archive="tiny-imagenet-200.zip", folder="tiny-imagenet-200",
+                          url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+                          md5="90528d7ca1a48142e341f4ef8d21d0de"),
+}
+
+_IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def layouts_help(name, root):
+    """The message for a data set that is not where it was looked for."""
+    spec = DATASETS[name]
+    where = f"--data-dir {root}" if root else "--data-dir DIR"
+    if name == "tiny-imagenet":
+        layouts = ("  tiny-imagenet-200/  (wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG,\n"
+                   "                      val/val_annotations.txt)\n"
+                   "  tiny-imagenet-200.zip  (the official archive, read without extracting)")
+    else:
+        layouts = (f"  {spec['pickled']}/  (the pickled \"python version\" from {spec['url']})\n"
+                   f"  {spec['archive']}  (the same, not extracted)\n"
+                   f"  train/<class>/*.png|jpg and test/<class>/*  (an image-folder tree; also inside a .tar.gz)")
+    return (f"{name} not found ({where}). Put one of these in that folder:\n{layouts}\n"
+            f"or pass --download to fetch the official archive into it.")
+
+
+# -- decoding helpers ---------------------------------------------------------------
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading image files needs pillow: pip install pillow "
+                        "(or pip install dynrank[vision])") from None
+    return Image
+
+
+def _decode(blob, size):
+    """bytes of one image file → (3, size, size) uint8 array."""
+    image = _pil().open(io.BytesIO(blob)).convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), _pil().BILINEAR)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _decode_all(blobs, size):
+    if not blobs:
+        return np.zeros((0, 3, size, size), np.uint8)
+    # pillow releases the GIL while decoding, so threads use every core.
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        return np.stack(list(pool.map(lambda b: _decode(b, size), blobs, chunksize=256)))
+
+
+def _to_tensors(x, y):
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.as_tensor(np.asarray(y), dtype=torch.long)
+
+
+# -- pickled CIFAR ----------------------------------------------------------------------
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that builds only numpy arrays and plain containers (no arbitrary code)."""
+
+    _ALLOWED = frozenset({"_reconstruct", "ndarray", "dtype", "scalar"})
+
+    def find_class(self, module, name):
+        # _codecs.encode rebuilds bytes in protocol-2 pickles written by Python 3.
+        if (module.split(".")[0] == "numpy" and name in self._ALLOWED) or (module, name) == ("_codecs", "encode"):
+            return super().find_class(module, name)
+        raise DataError(f"refusing to unpickle {module}.{name}: a CIFAR archive holds only numpy arrays")
+
+
+def _unpickle(blob):
+    try:
+        return _ArrayUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise DataError(f"not a CIFAR pickle ({err})") from None
+
+
+def _class_names(read, member, key):
+    try:
+        meta = _unpickle(read(member))
+    except DataError:
+        return []  # the names are optional; labels are what training needs
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(key, [])]
+
+
+def _cifar_from_pickles(read, name):
+    """``read(member)`` → bytes; members named as in the official archive's folder."""
+    if name == "cifar10":
+        train = [_unpickle(read(f"data_batch_{i}")) for i in range(1, 6)]
+        test = [_unpickle(read("test_batch"))]
+        label_key = b"labels"
+        classes = _class_names(read, "batches.meta", b"label_names")
+    else:
+        train, test = [_unpickle(read("train"))], [_unpickle(read("test"))]
+        label_key = b"fine_labels"
+        classes = _class_names(read, "meta", b"fine_label_names")
+    out = []
+    for parts in (train, test):
+        try:
+            x = np.concatenate([np.asarray(p[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for p in parts])
+            y = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
+        except KeyError as err:
+            raise DataError(f"{name} pickle is missing the entry {err}; is this the {name} archive?") from None
+        out.extend(_to_tensors(x, y))
+    return (*out, classes)
+
+
+def _read_pickled_dir(folder, name):
+    def read(member):
+        path = os.path.join(folder, member)
+        if not os.path.isfile(path):
+            raise DataError(f"{path} is missing: the pickled {name} folder is incomplete")
+        with open(path, "rb") as handle:
+            return handle.read()
+    return _cifar_from_pickles(read, name)
+
+
+def _read_pickled_tar(path, name):
+    with tarfile.open(path) as tar:
+        members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+
+        def read(member):
+            if member not in members:
+                raise DataError(f"{path} has no member {member}: is this the {name} archive?")
+            return tar.extractfile(members[member]).read()
+        return _cifar_from_pickles(read, name)
+
+
+# -- image folders ---------------------------------------------------------------------
+def _split_of(parts):
+    """('train'|'test', class) of a path split in parts, or None."""
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i - 1] in ("train", "test", "val"):
+            return ("train" if parts[i - 1] == "train" else "test"), parts[i]
+    return None
+
+
+def _gather_tree(items, size, source):
+    """items: iterable of (path parts, loader) → tensors; classes from the train split."""
+    found = {"train": [], "test": []}
+    for parts, load in items:
+        if not parts[-1].lower().endswith(_IMAGE_EXT) or len(parts) < 3:
+            continue
+        split = _split_of(parts)
+        if split is not None:
+            found[split[0]].append((split[1], "/".join(parts), load))
+    if not found["train"] or not found["test"]:
+        return None
+    classes = sorted({c for c, _, _ in found["train"]})
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({c for c, _, _ in found["test"]} - set(index))
+    if unknown:
+        raise DataError(f"{source}: test classes {unknown[:5]} have no train folder")
+    out = []
+    for split in ("train", "test"):
+        entries = sorted(found[split], key=lambda e: e[1])
+        x = _decode_all([load() for _, _, load in entries], size)
+        out.extend(_to_tensors(x, [index[c] for c, _, _ in entries]))
+    return (*out, classes)
+
+
+def _read_file(path):
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _read_tree_dir(root, size):
+    def items():
+        for folder, _, files in os.walk(root):
+            rel = os.path.relpath(folder, root).split(os.sep)
+            for f in files:
+                path = os.path.join(folder, f)
+                yield rel + [f], (lambda p=path: _read_file(p))
+    return _gather_tree(items(), size, root)
+
+
+def _read_tree_tar(path, size):
+    with tarfile.open(path) as tar:
+        blobs = [(m.name.split("/"), tar.extractfile(m).read()) for m in tar.getmembers()
+                 if m.isfile() and m.name.lower().endswith(_IMAGE_EXT)]
+    return _gather_tree(((parts, (lambda b=blob: b)) for parts, blob in blobs), size, path)
+
+
+# -- Tiny ImageNet ---------------------------------------------------------------------
+def _tiny_imagenet(listing, read, source):
+    """``listing``: member names relative to tiny-imagenet-200/; ``read(name)`` → bytes."""
+    names = set(listing)
+    if "wnids.txt" not in names or "val/val_annotations.txt" not in names:
+        return None
+    wnids = read("wnids.txt").decode().split()
+    index = {w: i for i, w in enumerate(wnids)}
+    train = sorted(n for n in names if n.startswith("train/") and n.lower().endswith(".jpeg"))
+    train_labels = [index[n.split("/")[1]] for n in train]
+    annotations = {}
+    for line in read("val/val_annotations.txt").decode().splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 2:
+            annotations[fields[0]] = index[fields[1]]
+    val = sorted(n for n in names if n.startswith("val/images/") and os.path.basename(n) in annotations)
+    if not train or not val:
+        raise DataError(f"{source}: Tiny ImageNet layout found but train or val images are missing")
+    out = []
+    for files, labels in ((train, train_labels), (val, [annotations[os.path.basename(n)] for n in val])):
+        out.extend(_to_tensors(_decode_all([read(n) for n in files], 64), labels))
+    return (*out, wnids)
+
+
+def _read_tiny_dir(root):
+    listing = []
+    for folder, _, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        listing.extend(f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}" for f in files)
+
+    def read(name):
+        with open(os.path.join(root, name), "rb") as handle:
+            return handle.read()
+    return _tiny_imagenet(listing, read, root)
+
+
+def _read_tiny_zip(path):
+    with zipfile.ZipFile(path) as archive:
+        prefix = "tiny-imagenet-200/"
+        listing = [n[len(prefix):] for n in archive.namelist() if n.startswith(prefix) and not n.endswith("/")]
+        return _tiny_imagenet(listing, lambda name: archive.read(prefix + name), path)
+
+
+# -- entry point ------------------------------------------------------------------------
+def _candidates(root, name):
+    """Folders that may hold the data set: root itself and its usual subfolders."""
+    spec = DATASETS[name]
+    subfolders = [spec.get("pickled"), spec.get("folder"), name, name.replace("cifar", "cifar-")]
+    return [root] + [os.path.join(root, s) for s in subfolders if s]
+
+
+def _locate_and_read(root, name):
+    spec = DATASETS[name]
+    for folder in _candidates(root, name):
+        if not os.path.isdir(folder):
+            continue
+        if name == "tiny-imagenet":
+            if os.path.isfile(os.path.join(folder, "wnids.txt")):
+                return _read_tiny_dir(folder)
+            continue
+        marker = "data_batch_1" if name == "cifar10" else "train"
+        if os.path.isfile(os.path.join(folder, marker)):
+            return _read_pickled_dir(folder, name)
+        if os.path.isdir(os.path.join(folder, "train")) and any(
+                os.path.isdir(os.path.join(folder, s)) for s in ("test", "val")):
+            result = _read_tree_dir(folder, spec["size"])
+            if result is not None:
+                return result
+    archive = os.path.join(root, spec["archive"])
+    if os.path.isfile(archive):
+        return _read_tiny_zip(archive) if name == "tiny-imagenet" else _read_pickled_tar(archive, name)
+    if name != "tiny-imagenet":
+        for f in sorted(os.listdir(root)):
+            token = f.lower().replace("-", "").replace("_", "")
+            named = "cifar100" in token if name == "cifar100" else ("cifar10" in token and "cifar100" not in token)
+            if not (named and f.endswith((".tar", ".tar.gz", ".tgz"))):
+                continue
+            result = _read_tree_tar(os.path.join(root, f), spec["size"])
+            if result is not None:
+                return result
+    return None
+
+
+def _cache_key(root, name):
+    stamp = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        stamp.append((folder, len(files), max((os.path.getmtime(os.path.join(folder, f)) for f in files), default=0)))
+        if len(stamp) > 4096:
+            break
+    return hashlib.sha1(repr((os.path.abspath(root), name, stamp)).encode()).hexdigest()[:16]
+
+
+def load_vision(name, root, cache_dir=None):
+    """Load ``name`` from ``root``: returns ``(train_x, train_y, test_x, test_y, classes)``.
+
+    ``*_x`` are uint8 tensors (N, 3, H, W), ``*_y`` int64 (N,).  With
+    ``cache_dir`` the decoded tensors are kept there (keyed by the folder's
+    contents), so image trees are decoded once.
+
+    Raises:
+        DataError: unknown name, missing folder, or no accepted layout found
+            (the message lists the layouts).
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
+    if not root:
+        raise DataError(layouts_help(name, None))
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {os.path.abspath(root)} does not exist.\n" + layouts_help(name, root))
+    cache = None
+    if cache_dir:
+        cache = os.path.join(cache_dir, f"{name}-{_cache_key(root, name)}.pt")
+        if os.path.isfile(cache):
+            saved = torch.load(cache)
+            return saved["train_x"], saved["train_y"], saved["test_x"], saved["test_y"], saved["classes"]
+    result = _locate_and_read(root, name)
+    if result is None:
+        raise DataError(layouts_help(name, root))
+    train_x, train_y, test_x, test_y, classes = result
+    if cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save(dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes),
+                   cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    return train_x, train_y, test_x, test_y, classes
+
+
+def download(name, root):
+    """Fetch the official archive of ``name`` into ``root`` (checked by MD5); returns its path.
+
+    Raises:
+        DataError: the network is unreachable or the file is corrupt.
+    """
+    spec = DATASETS[name]
+    os.makedirs(root, exist_ok=True)
+    target = os.path.join(root, spec["archive"])
+    if os.path.isfile(target):
+        return target
+    partial = target + ".part"
+    try:
+        with urllib.request.urlopen(spec["url"], timeout=30) as response, open(partial, "wb") as out:
+            digest = hashlib.md5()
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                out.write(chunk)
+    except OSError as err:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise DataError(f"could not download {spec['url']} ({err}). Download it by hand and put "
+                        f"{spec['archive']} into {root}.") from None
+    if digest.hexdigest() != spec["md5"]:
+        os.remove(partial)
+        raise DataError(f"{spec['url']} downloaded with MD5 {digest.hexdigest()}, expected {spec['md5']}")
+    os.replace(partial, target)
+    return target

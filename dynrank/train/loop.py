@@ -1,0 +1,375 @@
+"""One training run: build, convert, train, evaluate, checkpoint, resume.
+
+:func:`run_training` trains one model under one schedule:
+
+- ``full``: the dense model;
+- ``lowrank``: every eligible layer factorized (``convert_model``) for the whole run;
+- ``dynamic``: factorized, inflated to full rank at epoch I and deflated to
+  adapters at D by :class:`dynrank.DynamicRankScheduler`.
+
+GPU habits: the data set lives on the device, losses and correct counts are
+summed on the device and read once per epoch (plus a few times per second for
+the progress line on a terminal), channels-last and bf16 autocast where they
+help.  A checkpoint is written after every epoch; Ctrl-C stops after the
+current batch and writes one at that exact batch, from which ``--resume``
+continues to the same final state as an uninterrupted run.
+"""
+
+import json
+import math
+import os
+import signal
+import time
+
+import torch
+from torch.nn import functional as F
+
+from ..convert import convert_model
+from ..scheduler import DynamicRankScheduler, load_training_state, training_state
+from .models import EXCLUDE, build_model, count_parameters
+from .progress import ProgressLine
+
+__all__ = ["run_training", "Interrupted", "SCHEDULES", "lr_at", "build_optimizer"]
+
+SCHEDULES = ("full", "lowrank", "dynamic")
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+
+
+class Interrupted(Exception):
+    """Training stopped on request (Ctrl-C); ``checkpoint`` is where it can resume from."""
+
+    def __init__(self, checkpoint):
+        super().__init__(f"interrupted; resumable checkpoint at {checkpoint}")
+        self.checkpoint = checkpoint
+
+
+class _StopFlag:
+    """SIGINT sets a flag read between batches; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.stop = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def lr_at(cfg, epoch, step=0, steps_per_epoch=1):
+    """Learning rate at ``step`` of ``epoch``: step decay ×``lr_decay`` at milestones, linear warm-up."""
+    lr = cfg["lr"] * cfg["lr_decay"] ** sum(epoch >= m for m in cfg["milestones"])
+    warmup = cfg.get("warmup_steps", 0)
+    done = epoch * steps_per_epoch + step
+    if warmup and done < warmup:
+        lr *= (done + 1) / warmup
+    return lr
+
+
+def build_optimizer(model, cfg):
+    """SGD with momentum 0.9 (vision, the paper's) or AdamW (GPT); no weight decay on 1-D params.
+
+    Factors and dense weights are ≥ 2-D and share the decayed group, so a
+    form change keeps a layer's parameters in the group they came from.
+    """
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95))
+    return torch.optim.SGD(groups, lr=cfg["lr"], momentum=0.9)
+
+
+def prepare_model(cfg, schedule, num_classes, device):
+    """Seeded model, converted for lowrank/dynamic schedules; returns (model, conversion summary)."""
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg["model"], num_classes=num_classes, width=cfg.get("width", 1.0),
+                        dropout=cfg.get("dropout"), context=cfg.get("context", 128), dim=cfg.get("dim", 128),
+                        depth=cfg.get("depth", 2), heads=cfg.get("heads", 4))
+    summary = None
+    if schedule != "full":
+        summary = convert_model(model, rank_ratio=cfg["rank_ratio"], decomposition=cfg["decomposition"],
+                                form="lowrank", exclude=EXCLUDE[cfg["model"]])
+    model = model.to(device)
+    if cfg.get("channels_last") and cfg["model"] != "gpt":
+        model = model.to(memory_format=torch.channels_last)
+    return model, summary
+
+
+def _loss_and_correct(logits, targets, label_smoothing):
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    targets = targets.reshape(-1)
+    loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    correct = (logits.argmax(-1) == targets).sum()
+    return loss, correct, targets.numel()
+
+
+@torch.no_grad()
+def evaluate(model, data, autocast):
+    """Mean loss and accuracy over ``data.val_batches()``; one host sync at the end."""
+    model.eval()
+    device = data.device
+    total, correct, count = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(3))
+    for inputs, targets in data.val_batches():
+        with autocast():
+            logits = model(inputs)
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        targets = targets.reshape(-1)
+        total += F.cross_entropy(logits, targets, reduction="sum")
+        correct += (logits.argmax(-1) == targets).sum()
+        count += targets.numel()
+    count = max(count.item(), 1.0)
+    return total.item() / count, correct.item() / count
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state, device):
+    # RNG states must be CPU byte tensors, wherever map_location put the checkpoint.
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _save(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _autocast_factory(cfg, device):
+    # bf16 keeps fp32's exponent range, so no loss scaling is needed.
+    enabled = bool(cfg.get("amp"))
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return autocast
+
+
+def write_metrics(out_dir, history):
+    """metrics.csv and metrics.json of per-epoch records."""
+    if not history:
+        return
+    keys = list(history[0])
+    with open(os.path.join(out_dir, "metrics.csv"), "w", encoding="utf-8") as handle:
+        handle.write(",".join(keys) + "\n")
+        handle.writelines(",".join("" if row.get(k) is None else str(row.get(k)) for k in keys) + "\n" for row in history)
+    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as handle:
+        json.dump(history, handle, indent=1)
+
+
+def _epoch_line(cfg, record, kind):
+    epochs = cfg["epochs"]
+    text = f"epoch {record['epoch'] + 1:>{len(str(epochs))}}/{epochs} {record['form']:<7}"
+    if kind == "text":
+        text += (f" train loss {record['train_loss']:.4f} | val loss {record['val_loss']:.4f}"
+                 f" ({record['val_bpb']:.3f} bpb, acc {100 * record['val_acc']:.1f}%)")
+    else:
+        text += (f" train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%"
+                 f" | val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}%")
+    text += (f" | lr {record['lr']:.3g} | {record['train_time']:.1f}s"
+             f" | {record['trainable_params']:,} params")
+    return text
+
+
+def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_factory=None,
+                 progress=None):
+    """Train one model under ``schedule`` and return its result dict.
+
+    Args:
+        cfg: configuration dict (see ``cli.config_from_args``): model, rank_ratio,
+            decomposition, epochs, inflate_epoch, deflate_epoch, milestones, lr,
+            lr_decay, optimizer, weight_decay, label_smoothing, seed, device,
+            amp, compile, ...
+        schedule: ``"full"``, ``"lowrank"`` or ``"dynamic"``.
+        data: a :class:`.augment.VisionData` or :class:`.corpus.TextData`.
+        out_dir: folder for checkpoint.pt, metrics.csv/json, result.json, model.pt.
+        log: where summary lines go.
+        resume: continue from ``out_dir/checkpoint.pt`` if present.
+        monitor_factory: ``fn(model, scheduler) -> monitor`` (a
+            :class:`.report.RunMonitor`), or None.
+        progress: a :class:`.progress.ProgressLine` (default: one on stderr).
+
+    Returns:
+        dict with ``schedule``, ``history`` (per-epoch records), ``final``
+        (last record), ``params`` (dense and low-rank counts), ``monitor``.
+
+    Raises:
+        Interrupted: after Ctrl-C, once the checkpoint is written.
+        ValueError: a schedule not in :data:`SCHEDULES`.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    device = torch.device(cfg["device"])
+    ckpt_path = os.path.join(out_dir, CHECKPOINT)
+    result_path = os.path.join(out_dir, RESULT)
+    if resume and os.path.isfile(result_path):
+        with open(result_path, encoding="utf-8") as handle:
+            log(f"[{schedule}] already finished: {result_path}")
+            return json.load(handle)
+
+    model, summary = prepare_model(cfg, schedule, data.num_classes, device)
+    if summary is not None and not resume:
+        log(f"[{schedule}] factorized {len(summary.converted)} of {len(summary.rows)} layers "
+            f"(ρ={cfg['rank_ratio']:g}, {cfg['decomposition'] if cfg['model'] != 'gpt' else 'svd'}): "
+            f"{summary.params_before:,} → {summary.params_after:,} trainable parameters")
+    dense_params = summary.params_before if summary is not None else count_parameters(model)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = None
+    if schedule == "dynamic":
+        scheduler = DynamicRankScheduler(model, optimizer, cfg["inflate_epoch"], cfg["deflate_epoch"],
+                                         deflate_init=cfg["deflate_init"], optimizer_state=cfg["optimizer_state"],
+                                         epochs=cfg["epochs"])
+    forward = torch.compile(model) if cfg.get("compile") else model
+    autocast = _autocast_factory(cfg, device)
+    history, start_epoch, start_step, partial, resumed_monitor = [], 0, 0, None, None
+
+    if resume and os.path.isfile(ckpt_path):
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if scheduler is not None:
+            load_training_state(checkpoint, model, optimizer, scheduler)
+        else:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        history = checkpoint["history"]
+        start_epoch, start_step, partial = checkpoint["epoch"], checkpoint["step"], checkpoint.get("partial")
+        _set_rng_state(checkpoint["rng"], device)
+        resumed_monitor = checkpoint.get("monitor")
+        log(f"[{schedule}] resuming at epoch {start_epoch + 1}, batch {start_step + 1} from {ckpt_path}")
+
+    # Built after a resume's form changes, so it sees the restored forms as its starting point.
+    monitor = monitor_factory(model, scheduler) if monitor_factory else None
+    if monitor is not None and resumed_monitor is not None:
+        monitor.load_state_dict(resumed_monitor)
+
+    def checkpoint_state(epoch, step, partial_state):
+        extra = dict(epoch=epoch, step=step, partial=partial_state, history=history, rng=_rng_state(device),
+                     config=cfg, schedule=schedule,
+                     monitor=monitor.state_dict() if monitor is not None else None)
+        if scheduler is not None:
+            return training_state(model, optimizer, scheduler, **extra)
+        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), **extra)
+
+    progress = progress or ProgressLine(cfg["epochs"])
+    steps = len(data)
+    kind = getattr(data, "kind", "vision")
+    with _StopFlag() as flag:
+        for epoch in range(start_epoch, cfg["epochs"]):
+            if scheduler is not None:
+                changes = scheduler.step(epoch)
+                if changes and cfg.get("channels_last") and cfg["model"] != "gpt":
+                    # Parameters made by inflate/deflate are contiguous; keep convs channels-last
+                    # (in place, so the optimizer keeps its references).
+                    model.to(memory_format=torch.channels_last)
+                if changes:
+                    forms = sorted({new for _, _, new in changes})
+                    log(f"[{schedule}] epoch {epoch + 1}: {len(changes)} layers → {'/'.join(forms)} "
+                        f"({count_parameters(model):,} trainable params)")
+            form = _model_form(model)
+            model.train()
+            first = start_step if epoch == start_epoch else 0
+            zeros = lambda: torch.zeros((), device=device, dtype=torch.float64)
+            loss_sum, correct_sum, count_sum = zeros(), zeros(), zeros()
+            elapsed = 0.0
+            if partial is not None and epoch == start_epoch:
+                loss_sum += partial["loss"]
+                correct_sum += partial["correct"]
+                count_sum += partial["count"]
+                elapsed = partial["time"]
+            progress.start_epoch(epoch, steps, first)
+            _sync(device)
+            started = time.perf_counter()
+            for step, (inputs, targets) in enumerate(data.train_batches(epoch, first), start=first):
+                lr = lr_at(cfg, epoch, step, steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with autocast():
+                    logits = forward(inputs)
+                loss, correct, count = _loss_and_correct(logits, targets, cfg["label_smoothing"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * count
+                correct_sum += correct
+                count_sum += count
+                progress.update(step, lambda s=loss_sum, c=count_sum: f"loss {s.item() / max(c.item(), 1):.4f}")
+                if flag.stop and step + 1 < steps:
+                    # Stop mid-epoch: save the exact position and the epoch's sums so far.
+                    _sync(device)
+                    progress.clear()
+                    partial_state = dict(loss=loss_sum.item(), correct=correct_sum.item(), count=count_sum.item(),
+                                         time=elapsed + time.perf_counter() - started)
+                    _save(ckpt_path, checkpoint_state(epoch, step + 1, partial_state))
+                    write_metrics(out_dir, history)
+                    raise Interrupted(ckpt_path)
+            _sync(device)
+            train_time = elapsed + time.perf_counter() - started
+            progress.clear()
+            history.append(_finish_epoch(cfg, model, data, autocast, epoch, form, lr_at(cfg, epoch, steps - 1, steps),
+                                         loss_sum, correct_sum, count_sum, train_time, kind, monitor, log))
+            _save(ckpt_path, checkpoint_state(epoch + 1, 0, None))
+            write_metrics(out_dir, history)
+            if flag.stop:
+                raise Interrupted(ckpt_path)
+
+    torch.save(model.state_dict(), os.path.join(out_dir, "model.pt"))
+    result = dict(schedule=schedule, history=history, final=history[-1] if history else None,
+                  params=dict(dense=dense_params, converted=summary.params_after if summary else None,
+                              rank_ratio=cfg["rank_ratio"] if schedule != "full" else 1.0),
+                  inflate_epoch=cfg["inflate_epoch"] if schedule == "dynamic" else None,
+                  deflate_epoch=cfg["deflate_epoch"] if schedule == "dynamic" else None,
+                  conversion=str(summary) if summary else None,
+                  converted_layers=summary.converted if summary else None, out_dir=out_dir)
+    if monitor is not None:
+        result["monitor_files"] = monitor.finish(out_dir)
+        result["monitor_records"] = monitor.state_dict()["records"]
+    with open(result_path, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1)
+    return result
+
+
+def _model_form(model):
+    forms = {m.form for m in model.modules() if hasattr(m, "inflate") and hasattr(m, "form")}
+    return "/".join(sorted(forms)) if forms else "full"
+
+
+def _finish_epoch(cfg, model, data, autocast, epoch, form, lr, loss_sum, correct_sum, count_sum, train_time,
+                  kind, monitor, log):
+    count = max(count_sum.item(), 1.0)
+    eval_started = time.perf_counter()
+    val_loss, val_acc = evaluate(model, data, autocast)
+    record = dict(epoch=epoch, form=form, lr=lr, train_loss=loss_sum.item() / count,
+                  train_acc=correct_sum.item() / count, val_loss=val_loss, val_acc=val_acc,
+                  val_bpb=val_loss / math.log(2) if kind == "text" else None,
+                  train_time=train_time, eval_time=time.perf_counter() - eval_started,
+                  trainable_params=count_parameters(model))
+    if monitor is not None:
+        monitor.record_epoch(epoch, record)
+    log(_epoch_line(cfg, record, kind))
+    return record
+

@@ -1,0 +1,82 @@
+"""A one-line progress display for epochs and batches, with no dependencies.
+
+On a terminal the line is redrawn in place (``\\r``) at most a few times per
+second: ``epoch 3/10 [████······] batch 120/390 [██████····] 45.1 it/s
+loss 1.234 eta 0:12``.  Anything extra shown (the running loss) is computed
+only when the line is redrawn, so a GPU run syncs with the host a few times
+per second rather than once per batch.  Off a terminal (logs, tests) nothing
+is drawn; the per-epoch summary lines are printed by the caller.
+"""
+
+import sys
+import time
+
+__all__ = ["ProgressLine", "format_seconds"]
+
+
+def format_seconds(seconds):
+    """``75.2`` → ``'1:15'``; ``3725`` → ``'1:02:05'``."""
+    seconds = round(max(0.0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _bar(fraction, width):
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "█" * filled + "·" * (width - filled)
+
+
+class ProgressLine:
+    """Draw ``epoch e/E [bar] batch b/B [bar] rate extra eta`` on one terminal line.
+
+    Args:
+        epochs: total epochs E.
+        stream: where to draw (default stderr).
+        enabled: draw at all (default: when ``stream`` is a terminal).
+        interval: minimum seconds between redraws.
+    """
+
+    def __init__(self, epochs, stream=None, enabled=None, interval=0.25):
+        self.stream = stream or sys.stderr
+        if enabled is None:
+            enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.enabled = enabled
+        self.epochs = epochs
+        self.interval = interval
+        self._last = None
+        self._width = 0
+
+    def start_epoch(self, epoch, batches, first=0):
+        """Begin epoch ``epoch`` (0-based) of ``batches`` batches, starting at batch ``first``."""
+        self.epoch, self.batches, self.first = epoch, batches, first
+        self._start = time.perf_counter()
+        self._last = None
+
+    def update(self, batch, extra=None):
+        """Batch ``batch`` (0-based) is done; ``extra()`` → text, called only on redraw."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        done = batch + 1
+        if self._last is not None and now - self._last < self.interval and done < self.batches:
+            return
+        self._last = now
+        elapsed = now - self._start
+        rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
+        eta = (self.batches - done) / rate if rate > 0 else 0.0
+        text = (f"epoch {self.epoch + 1}/{self.epochs} [{_bar((self.epoch + done / self.batches) / self.epochs, 10)}] "
+                f"batch {done}/{self.batches} [{_bar(done / self.batches, 20)}] {rate:.1f} it/s")
+        if extra is not None:
+            text += f" {extra()}"
+        text += f" eta {format_seconds(eta)}"
+        self.stream.write("\r" + text.ljust(self._width))
+        self.stream.flush()
+        self._width = len(text)
+
+    def clear(self):
+        """Erase the line (before a summary line is printed)."""
+        if self.enabled and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0

@@ -1,0 +1,212 @@
+"""Monitoring glue and the side-by-side table of the runs of one job.
+
+:class:`RunMonitor` wraps :class:`dynrank.RankMonitor` for the training loop
+(epoch timing of the training part only, scalars, resumable records, files and
+plots); :func:`compare_table` renders the runs of a ``--schedule compare`` job:
+final loss and accuracy (bits per byte for text), trainable parameters, the
+measured training time per epoch of each form, the paper's Comp. ratio (from
+parameter counts) next to the measured one (from epoch times), and a summary of
+the spectral ratio λ = σmax/σmin over the factorized layers.
+"""
+
+import importlib.util
+import math
+import os
+import statistics
+
+from ..cost import ParamCounts, comp_ratio, measured_comp_ratio
+from ..monitor import RankMonitor
+
+__all__ = ["RunMonitor", "compare_table", "verdict", "lambda_summary", "write_plots"]
+
+_SCALARS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_bpb", "lr")
+
+
+class RunMonitor:
+    """RankMonitor driven by :func:`.loop.run_training`.
+
+    Args:
+        model: the model being trained.
+        scheduler: the DynamicRankScheduler (or None).
+        name: run label (the schedule).
+        metrics_every: measure singular values every this many epochs.
+    """
+
+    def __init__(self, model, scheduler, name, metrics_every=1):
+        self.monitor = RankMonitor(model, name=name, metrics_every=metrics_every)
+        if scheduler is not None:
+            self.monitor.attach(scheduler)
+
+    def record_epoch(self, epoch, record):
+        """Record a finished epoch: forms, parameters, λ of every layer, the loop's scalars.
+
+        The epoch's wall time is the loop's own training time (evaluation left
+        out, and a resumed epoch's time before the interruption included).
+        """
+        self.monitor.start_epoch(epoch)
+        rec = self.monitor.end_epoch(**{k: record[k] for k in _SCALARS if record.get(k) is not None})
+        rec["wall_seconds"] = record["train_time"]
+
+    def state_dict(self):
+        return {"records": self.monitor.records, "switches": self.monitor.switches}
+
+    def load_state_dict(self, state):
+        self.monitor.records = list(state["records"])
+        self.monitor.switches = list(state["switches"])
+
+    def finish(self, out_dir):
+        """Save the monitor's JSON/CSV files into ``out_dir``; returns their paths."""
+        return self.monitor.save(os.path.join(out_dir, "monitor"))
+
+
+def _fmt_lambda(value):
+    return "∞" if value is None or math.isinf(value) else f"{value:.3g}"
+
+
+def lambda_summary(records, layers=None):
+    """λ over the given layers at the last measured epoch: ``'median 4.1, max 37'`` or ``'∞ in 12/12'``.
+
+    Args:
+        records: RankMonitor records (``layers`` maps name → metric dict).
+        layers: names to include (default: every measured layer).
+    """
+    measured = [r for r in records if r.get("layers")]
+    if not measured:
+        return "-"
+    metrics = measured[-1]["layers"]
+    names = [n for n in metrics if layers is None or n in layers]
+    values = [float(metrics[n]["spectral_ratio"]) for n in names]
+    if not values:
+        return "-"
+    finite = [v for v in values if not math.isinf(v)]
+    infinite = len(values) - len(finite)
+    parts = []
+    if finite:
+        parts.append(f"median {_fmt_lambda(statistics.median(finite))}, max {_fmt_lambda(max(finite))}")
+    if infinite:
+        restricted = [float(metrics[n]["restricted_spectral_ratio"]) for n in names
+                      if math.isinf(float(metrics[n]["spectral_ratio"]))]
+        restricted = [v for v in restricted if not math.isinf(v)]
+        text = f"∞ in {infinite}/{len(values)}"
+        if restricted:
+            text += f" (σ1/σk median {_fmt_lambda(statistics.median(restricted))})"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _form_times(history):
+    times = {}
+    for rec in history:
+        times.setdefault(rec["form"], []).append(rec["train_time"])
+    return {form: sum(v) / len(v) for form, v in times.items()}
+
+
+def _comp_paper(result, counts):
+    schedule, epochs = result["schedule"], len(result["history"])
+    if schedule == "full" or counts is None:
+        return 1.0
+    if schedule == "lowrank":
+        return comp_ratio(counts, epochs, None, None)
+    deflate = epochs if result["deflate_epoch"] is None else min(result["deflate_epoch"], epochs)
+    return comp_ratio(counts, epochs, result["inflate_epoch"], deflate)
+
+
+def compare_table(results, kind="text", converted_layers=None):
+    """The side-by-side table of ``results`` (dicts from :func:`.loop.run_training`).
+
+    Args:
+        results: list of run results; the ``full`` one (if any) is the time baseline.
+        kind: ``"text"`` (val loss and bits per byte) or ``"vision"`` (val loss and accuracy).
+        converted_layers: names of the factorized layers, for the λ summary.
+
+    Returns:
+        str, one row per run and a header.
+    """
+    by_name = {r["schedule"]: r for r in results}
+    dense = next((r["params"]["dense"] for r in results if r["params"].get("dense")), None)
+    lowrank = next((r["params"]["converted"] for r in results if r["params"].get("converted")), None)
+    counts = ParamCounts(full=dense, lowrank=lowrank, other=0) if dense and lowrank else None
+    full_time = None
+    if "full" in by_name:
+        full_time = statistics.mean(rec["train_time"] for rec in by_name["full"]["history"])
+    metric = "val bpb" if kind == "text" else "val acc"
+    header = ["schedule", "val loss", metric, "trainable params (end / mean)", "s/epoch by form",
+              "Comp. paper", "Comp. measured", "λ of factorized layers"]
+    rows = [header]
+    for r in results:
+        history = r["history"]
+        final = history[-1]
+        score = f"{final['val_bpb']:.4f}" if kind == "text" else f"{100 * final['val_acc']:.2f}%"
+        mean_params = statistics.mean(rec["trainable_params"] for rec in history)
+        times = _form_times(history)
+        per_form = ", ".join(f"{form} {t:.2f}" for form, t in times.items())
+        measured = "-"
+        baseline = full_time if full_time else times.get("full")
+        if baseline:
+            records = [{"form": rec["form"], "wall_seconds": rec["train_time"]} for rec in history]
+            measured = f"{measured_comp_ratio(records, full_epoch_seconds=baseline):.3f}"
+        label = r["schedule"]
+        if r["schedule"] == "dynamic":
+            label += f" (I={r['inflate_epoch']}, D={r['deflate_epoch']})"
+        elif r["schedule"] == "lowrank":
+            label += f" (ρ={r['params']['rank_ratio']:g})"
+        rows.append([label, f"{final['val_loss']:.4f}", score,
+                     f"{final['trainable_params']:,} / {mean_params:,.0f}", per_form,
+                     f"{_comp_paper(r, counts):.3f}", measured,
+                     lambda_summary(r.get("monitor_records", []), converted_layers)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def verdict(results, kind="text"):
+    """One line comparing dynamic with fixed low rank (and full), or None if either is missing."""
+    final = {r["schedule"]: r["final"] for r in results if r.get("final")}
+    if "dynamic" not in final or "lowrank" not in final:
+        return None
+    if kind == "text":
+        key, unit, sign, fmt = "val_bpb", "bits per byte", -1, (lambda v: f"{v:.4f}")
+    else:
+        key, unit, sign, fmt = "val_acc", "accuracy", 1, (lambda v: f"{100 * v:.2f}%")
+    dynamic, lowrank = final["dynamic"][key], final["lowrank"][key]
+    better = (dynamic - lowrank) * sign > 0
+    text = (f"dynamic rank {'beats' if better else 'does not beat'} fixed low rank: {unit} "
+            f"{fmt(dynamic)} vs {fmt(lowrank)}")
+    if "full" in final:
+        full = final["full"][key]
+        text += f" (full rank {fmt(full)}"
+        if (full - lowrank) * sign > 0:
+            text += f"; dynamic closes {100 * (dynamic - lowrank) / (full - lowrank):.0f}% of the low-rank gap"
+        text += ")"
+    return text
+
+
+def write_plots(monitors, out_dir, kind="text"):
+    """λ curves per run and loss/accuracy curves of all runs, as PNGs under ``out_dir``.
+
+    Args:
+        monitors: RankMonitors (live or loaded), one per run.
+        out_dir: folder for ``lambda_<run>.png`` and ``curves.png``.
+        kind: ``"text"`` (curves of loss and bits per byte) or ``"vision"`` (loss and accuracy).
+
+    Returns:
+        (list of paths written, note or None) — the note says why plots were skipped.
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        return [], "plots skipped: matplotlib is not installed (pip install matplotlib)"
+    try:
+        from ..plots import plot_training_curves
+    except ImportError as err:
+        return [], f"plots skipped: {err}"
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for monitor in monitors:
+        path = os.path.join(out_dir, f"lambda_{monitor.name}.png")
+        monitor.plot_spectral_ratio(path)
+        paths.append(path)
+    path = os.path.join(out_dir, "curves.png")
+    keys = ["train_loss", "val_loss", "val_bpb" if kind == "text" else "val_acc"]
+    plot_training_curves(monitors, path, keys=keys)
+    paths.append(path)
+    return paths, None

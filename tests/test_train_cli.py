@@ -1,0 +1,205 @@
+"""dynrank-train end to end at a tiny size: schedules, compare table, files, resume, data errors."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dynrank.schedules import schedule_from_lr
+from dynrank.train import cli
+from dynrank.train.corpus import TextData
+
+
+
+# A GPT small enough that a whole 3-schedule job takes seconds.
+TINY_GPT = ["--dim", "16", "--depth", "1", "--heads", "2", "--context", "16", "--batch-size", "4",
+            "--steps-per-epoch", "3", "--warmup-steps", "0", "--metrics-every", "1", "--threads", "1"]
+
+
+def _config(argv):
+    return cli.config_from_args(cli.build_parser().parse_args(argv))
+
+
+# -- configuration -------------------------------------------------------------------------------
+def test_no_arguments_is_the_main_job():
+    cfg = _config([])
+    assert (cfg["model"], cfg["data"], cfg["schedule"]) == ("gpt", "stdlib", "compare")
+    # The main job's (I, D) follow the paper's rule: half the epochs at full rank around the first decay.
+    assert (cfg["inflate_epoch"], cfg["deflate_epoch"]) == schedule_from_lr(cfg["epochs"], cfg["milestones"])
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("cifar10-resnet20", dict(model="resnet20", data="cifar10", batch_size=128, lr=0.1, epochs=150,
+                              milestones=[100, 130], inflate_epoch=55, deflate_epoch=120, weight_decay=1e-4,
+                              rank_ratio=0.5, label_smoothing=0.1)),
+    ("cifar100-wrn28-10", dict(model="wrn28-10", data="cifar100", batch_size=128, lr=0.1, epochs=200,
+                               milestones=[150, 180], inflate_epoch=80, deflate_epoch=170, weight_decay=5e-4,
+                               rank_ratio=0.5, dropout=0.3)),
+    ("tiny-imagenet-resnet50", dict(model="resnet50", data="tiny-imagenet", batch_size=64, lr=0.1, epochs=100,
+                                    milestones=[70, 90], inflate_epoch=30, deflate_epoch=80, weight_decay=5e-4,
+                                    rank_ratio=0.5)),
+])
+def test_presets_are_table_7(preset, expected):
+    cfg = _config(["--preset", preset])
+    assert {k: cfg[k] for k in expected} == expected
+    assert cfg["optimizer"] == "sgd" and cfg["schedule"] == "dynamic"
+
+
+def test_flags_override_a_preset_and_the_schedule_follows():
+    cfg = _config(["--preset", "cifar10-resnet20", "--epochs", "30", "--lr", "0.2"])
+    assert cfg["lr"] == 0.2 and cfg["milestones"] == [20, 26]          # decays kept at 100/150, 130/150
+    assert (cfg["inflate_epoch"], cfg["deflate_epoch"]) == schedule_from_lr(30, [20, 26])
+    cfg = _config(["--data", "cifar10", "--full-rank-fraction", "0.3"])
+    assert (cfg["inflate_epoch"], cfg["deflate_epoch"]) == schedule_from_lr(150, [100, 130], full_rank_fraction=0.3)
+    cfg = _config(["--model", "wrn28-10", "--inflate-epoch", "10", "--deflate-epoch", "20"])
+    assert cfg["data"] == "cifar100" and (cfg["inflate_epoch"], cfg["deflate_epoch"]) == (10, 20)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--inflate-epoch", "5", "--deflate-epoch", "3"], "inflate epoch < deflate epoch"),
+    (["--rank-ratio", "1.5"], "rank-ratio must be in"),
+    (["--epochs", "10", "--milestones", "12"], "milestones must lie in"),
+    (["--model", "gpt", "--data", "cifar10"], "cannot train on --data cifar10"),
+    (["--epochs", "10", "--milestones", ""], "give --inflate-epoch and --deflate-epoch"),
+])
+def test_bad_settings_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv + ["--out", "unused"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# -- end to end -------------------------------------------------------------------------------
+def test_compare_job_prints_table_and_writes_files(tmp_path, capsys):
+    out = tmp_path / "job"
+    code = cli.main(["--schedule", "compare", "--epochs", "3", "--milestones", "2", "--out", str(out)] + TINY_GPT)
+    assert code == 0
+    text = capsys.readouterr().out
+    assert f"output in {out}" in text and f"outputs in {out}" in text
+    table = (out / "compare.txt").read_text()
+    assert table.strip() in text
+    rows = table.splitlines()[2:]
+    assert [row.split()[0] for row in rows] == ["full", "lowrank", "dynamic"]
+    assert "Comp. paper" in table and "val bpb" in table and "λ" in table
+    assert "fixed low rank: bits per byte" in text and "factorized 4 of 5 layers" in text
+    results = json.loads((out / "compare.json").read_text())
+    full, lowrank, dynamic = results
+    assert lowrank["final"]["trainable_params"] < full["final"]["trainable_params"]
+    assert dynamic["final"]["form"] == "full" and dynamic["history"][0]["form"] == "lowrank"
+    for schedule in ("full", "lowrank", "dynamic"):
+        folder = out / schedule
+        for name in ("checkpoint.pt", "metrics.csv", "metrics.json", "model.pt", "result.json",
+                     "monitor.json", "monitor.epochs.csv", "monitor.layers.csv"):
+            assert (folder / name).is_file(), name
+        assert len((folder / "metrics.csv").read_text().splitlines()) == 1 + 3
+    assert (out / "lowrank" / "conversion.txt").read_text().count("FusedLowRankLinear") == 4
+    pytest.importorskip("matplotlib")
+    assert sorted(os.listdir(out / "plots")) == ["curves.png", "lambda_dynamic.png", "lambda_full.png",
+                                                 "lambda_lowrank.png"]
+
+
+def _write_tiny_cifar10(folder, per_batch=8, test=8):
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        n = test if name == "test_batch" else per_batch
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, n).tolist()}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "tucker", "cp", "tkd-cpd"])
+def test_vision_dynamic_run_on_pickled_cifar(tmp_path, capsys, decomposition):
+    _write_tiny_cifar10(str(tmp_path / "data" / "cifar-10-batches-py"))
+    out = tmp_path / "run"
+    code = cli.main(["--preset", "cifar10-resnet20", "--width", "0.5", "--data-dir", str(tmp_path / "data"),
+                     "--epochs", "3", "--inflate-epoch", "1", "--deflate-epoch", "2", "--batch-size", "8",
+                     "--decomposition", decomposition,
+                     "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    history = json.loads((out / "dynamic" / "metrics.json").read_text())
+    assert [h["form"] for h in history] == ["lowrank", "full", "adapter"]
+    assert history[0]["trainable_params"] == history[2]["trainable_params"] < history[1]["trainable_params"]
+    assert "val acc" in text and "dynamic (I=1, D=2)" in text and f"ρ=0.5, {decomposition}" in text
+
+
+def test_missing_data_gives_the_clear_message(tmp_path, capsys):
+    code = cli.main(["--data", "cifar10", "--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "cifar-10-batches-py" in err and "--download" in err
+
+
+def _state(folder):
+    return torch.load(os.path.join(folder, "dynamic", "model.pt"))
+
+
+def test_interrupted_run_resumes_to_the_same_final_state(tmp_path, monkeypatch, capsys):
+    argv = ["--schedule", "dynamic", "--epochs", "4", "--milestones", "2", "--inflate-epoch", "1",
+            "--deflate-epoch", "3", "--dropout", "0.1"] + TINY_GPT
+    assert cli.main(argv + ["--out", str(tmp_path / "straight")]) == 0
+
+    original = TextData.train_batches
+
+    def interrupted(self, epoch, start=0):
+        for step, batch in enumerate(original(self, epoch, start), start):
+            yield batch
+            if (epoch, step) == (1, 0):                  # Ctrl-C during the full-rank phase
+                signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(TextData, "train_batches", interrupted)
+    out = tmp_path / "interrupted"
+    assert cli.main(argv + ["--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"dynrank-train --resume {out}" in err
+    checkpoint = torch.load(out / "dynamic" / "checkpoint.pt", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 2)   # stopped after the batch in flight
+    monkeypatch.setattr(TextData, "train_batches", original)
+
+    assert cli.main(["--resume", str(out)]) == 0
+    straight, resumed = _state(tmp_path / "straight"), _state(out)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    a = json.loads((tmp_path / "straight" / "dynamic" / "metrics.json").read_text())
+    b = json.loads((out / "dynamic" / "metrics.json").read_text())
+    assert [(r["form"], r["train_loss"], r["val_loss"]) for r in a] == [(r["form"], r["train_loss"], r["val_loss"])
+                                                                       for r in b]
+    # A finished run is not trained again.
+    assert cli.main(["--resume", str(out)]) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_module_entry_point_help():
+    done = subprocess.run([sys.executable, "-m", "dynrank.train", "--help"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0
+    for flag in ("--preset", "--schedule", "--rank-ratio", "--full-rank-fraction", "--resume", "--download"):
+        assert flag in done.stdout
+
+
+def test_progress_line_draws_both_bars_and_calls_extra_only_on_redraw():
+    import io
+
+    from dynrank.train.progress import ProgressLine, format_seconds
+    stream = io.StringIO()
+    calls = []
+    line = ProgressLine(epochs=2, stream=stream, enabled=True, interval=3600.0)
+    line.start_epoch(1, batches=4)
+    for batch in range(4):
+        line.update(batch, extra=lambda: calls.append(1) or "loss 1.0")
+    # The first batch and the last one are drawn; the interval suppresses the two in between.
+    assert len(calls) == 2
+    last = stream.getvalue().split("\r")[-1]
+    assert last.startswith("epoch 2/2 [" + "█" * 10 + "] batch 4/4 [" + "█" * 20 + "]")
+    assert "loss 1.0" in last
+    line.clear()
+    assert stream.getvalue().endswith("\r")
+    silent = io.StringIO()
+    ProgressLine(epochs=1, stream=silent).update(0)        # a StringIO is no terminal: nothing drawn
+    assert silent.getvalue() == "" and format_seconds(3725) == "1:02:05"

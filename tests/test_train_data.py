@@ -1,0 +1,332 @@
+"""Loaders of dynrank-train on small archives written here, the corpus, and device-side augmentation."""
+
+import io
+import os
+import pickle
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from dynrank.train.augment import VisionData, hsv_jitter, pad_crop_flip
+from dynrank.train.corpus import (
+    STDLIB_MODULES,
+    TextData,
+    load_stdlib_corpus,
+    stdlib_files,
+)
+from dynrank.train.data import DataError, load_vision
+
+PIL = pytest.importorskip("PIL.Image")
+
+
+
+# -- writers of the official formats -------------------------------------------------------
+def _images(n, size, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 3, size, size), dtype=np.uint8), rng.integers(0, 10, size=n)
+
+
+def _smooth_image(size, seed):
+    """A smooth (3, size, size) uint8 image, so that JPEG keeps it close to the original."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0.0, 1.0, size)
+    a, b, c = rng.uniform(40, 200, size=3)
+    image = np.stack([a * np.add.outer(ramp, ramp) / 2, b * np.outer(ramp, 1 - ramp) + 30,
+                      np.full((size, size), c)])
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _pickled(x, y, label_key):
+    return pickle.dumps({b"data": x.reshape(len(x), -1), label_key: [int(v) for v in y],
+                         b"batch_label": b"test"}, protocol=2)
+
+
+def write_cifar10_pickles(folder, per_batch=4, test=6):
+    """cifar-10-batches-py/ with data_batch_1..5, test_batch, batches.meta; returns the arrays."""
+    os.makedirs(folder, exist_ok=True)
+    xs, ys = [], []
+    for i in range(1, 6):
+        x, y = _images(per_batch, 32, i)
+        xs.append(x)
+        ys.append(y)
+        with open(os.path.join(folder, f"data_batch_{i}"), "wb") as f:
+            f.write(_pickled(x, y, b"labels"))
+    tx, ty = _images(test, 32, 99)
+    with open(os.path.join(folder, "test_batch"), "wb") as f:
+        f.write(_pickled(tx, ty, b"labels"))
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, f, protocol=2)
+    return np.concatenate(xs), np.concatenate(ys), tx, ty
+
+
+def write_cifar100_pickles(folder):
+    os.makedirs(folder, exist_ok=True)
+    x, y = _images(8, 32, 1)
+    tx, ty = _images(3, 32, 2)
+    for name, (a, b) in (("train", (x, y * 7)), ("test", (tx, ty * 7))):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(_pickled(a, b, b"fine_labels"))
+    with open(os.path.join(folder, "meta"), "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f, protocol=2)
+    return x, y * 7, tx, ty * 7
+
+
+def _encode(array, fmt):
+    buffer = io.BytesIO()
+    PIL.fromarray(array.transpose(1, 2, 0)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_image_tree(root, fmt="PNG", classes=("cat", "dog", "frog"), per_class=2, size=32):
+    """root/train/<class>/i.png and root/test/<class>/i.png; returns {split: [(class, array)]}."""
+    written = {"train": [], "test": []}
+    ext = "png" if fmt == "PNG" else "jpg"
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(per_class):
+                x = _smooth_image(size, 100 * c + 10 * i + (split == "test"))
+                with open(os.path.join(root, split, name, f"{i:04d}.{ext}"), "wb") as f:
+                    f.write(_encode(x, fmt))
+                written[split].append((name, x))
+    return written
+
+
+# -- CIFAR pickles -----------------------------------------------------------------------------
+def test_cifar10_pickled_folder(tmp_path):
+    x, y, tx, ty = write_cifar10_pickles(str(tmp_path / "cifar-10-batches-py"))
+    train_x, train_y, test_x, test_y, classes = load_vision("cifar10", str(tmp_path))
+    assert train_x.dtype == torch.uint8 and tuple(train_x.shape) == (20, 3, 32, 32)
+    assert torch.equal(train_x, torch.from_numpy(x)) and torch.equal(train_y, torch.from_numpy(y).long())
+    assert torch.equal(test_x, torch.from_numpy(tx)) and torch.equal(test_y, torch.from_numpy(ty).long())
+    assert classes == [f"class{i}" for i in range(10)]
+
+
+def test_cifar10_pickled_tar_gz_and_folder_itself(tmp_path):
+    folder = tmp_path / "build" / "cifar-10-batches-py"
+    x, y, _, _ = write_cifar10_pickles(str(folder))
+    archive = tmp_path / "dl" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    from_tar = load_vision("cifar10", str(archive.parent))
+    from_dir = load_vision("cifar10", str(folder))     # --data-dir pointing at the folder itself
+    assert torch.equal(from_tar[0], torch.from_numpy(x)) and torch.equal(from_dir[1], torch.from_numpy(y).long())
+
+
+def test_cifar100_pickles_use_fine_labels(tmp_path):
+    x, y, _, ty = write_cifar100_pickles(str(tmp_path / "cifar-100-python"))
+    train_x, train_y, _, test_y, classes = load_vision("cifar100", str(tmp_path))
+    assert torch.equal(train_x, torch.from_numpy(x)) and torch.equal(train_y, torch.from_numpy(y).long())
+    assert torch.equal(test_y, torch.from_numpy(ty).long()) and len(classes) == 100
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar10_pickles(str(folder))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil()}))
+    with pytest.raises(DataError, match="refusing to unpickle"):
+        load_vision("cifar10", str(tmp_path))
+
+
+# -- image folders -----------------------------------------------------------------------------
+def test_png_tree_is_lossless_with_classes_sorted(tmp_path):
+    written = write_image_tree(str(tmp_path / "cifar10"), "PNG")
+    train_x, train_y, test_x, _, classes = load_vision("cifar10", str(tmp_path))
+    assert classes == ["cat", "dog", "frog"]
+    assert tuple(train_x.shape) == (6, 3, 32, 32) and tuple(test_x.shape) == (6, 3, 32, 32)
+    expected = sorted(written["train"], key=lambda e: e[0])     # files sorted by path: class, then index
+    for i, (name, array) in enumerate(expected):
+        assert classes[int(train_y[i])] == name
+        assert torch.equal(train_x[i], torch.from_numpy(array))
+
+
+def test_jpeg_tree_inside_tar_gz(tmp_path):
+    tree = tmp_path / "src" / "cifar10"
+    written = write_image_tree(str(tree), "JPEG", per_class=3)
+    archive = tmp_path / "data" / "cifar10-jpeg.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname="cifar10")
+    train_x, _, test_x, _, classes = load_vision("cifar10", str(archive.parent))
+    assert classes == ["cat", "dog", "frog"] and len(train_x) == 9 and len(test_x) == 9
+    # JPEG is lossy: each decode must be close to what was written, and closer than to other images.
+    expected = [torch.from_numpy(a).float() for _, a in sorted(written["test"], key=lambda e: e[0])]
+    for i, reference in enumerate(expected):
+        error = (test_x[i].float() - reference).abs().mean()
+        assert error < 4
+        assert all(error < (test_x[i].float() - other).abs().mean() for j, other in enumerate(expected) if j != i)
+
+
+def test_tree_images_of_other_size_are_resized(tmp_path):
+    write_image_tree(str(tmp_path), "PNG", per_class=1, size=40)
+    train_x = load_vision("cifar10", str(tmp_path))[0]
+    assert tuple(train_x.shape[1:]) == (3, 32, 32)
+
+
+def test_cache_returns_the_same_tensors(tmp_path):
+    write_image_tree(str(tmp_path / "data"), "PNG", per_class=1)
+    first = load_vision("cifar10", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    second = load_vision("cifar10", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    assert all(torch.equal(a, b) for a, b in zip(first[:4], second[:4]))
+
+
+# -- Tiny ImageNet -------------------------------------------------------------------------
+def _tiny_files():
+    wnids = ["n01443537", "n01629819"]
+    files = {"wnids.txt": "\n".join(wnids).encode()}
+    lines = []
+    for c, w in enumerate(wnids):
+        for i in range(2):
+            files[f"train/{w}/images/{w}_{i}.JPEG"] = _encode(_smooth_image(64, 10 * c + i), "JPEG")
+            files[f"train/{w}/{w}_boxes.txt"] = b""
+        files[f"val/images/val_{c}.JPEG"] = _encode(_smooth_image(64, 50 + c), "JPEG")
+        lines.append(f"val_{c}.JPEG\t{wnids[1 - c]}\t0\t0\t63\t63")
+    files["val/val_annotations.txt"] = "\n".join(lines).encode()
+    return wnids, files
+
+
+def test_tiny_imagenet_folder_and_zip(tmp_path):
+    wnids, files = _tiny_files()
+    root = tmp_path / "folder" / "tiny-imagenet-200"
+    for name, blob in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(blob)
+    (tmp_path / "zip").mkdir()
+    with zipfile.ZipFile(tmp_path / "zip" / "tiny-imagenet-200.zip", "w") as archive:
+        for name, blob in files.items():
+            archive.writestr("tiny-imagenet-200/" + name, blob)
+    for where in ("folder", "zip"):
+        train_x, train_y, _, test_y, classes = load_vision("tiny-imagenet", str(tmp_path / where))
+        assert classes == wnids
+        assert tuple(train_x.shape) == (4, 3, 64, 64) and train_y.tolist() == [0, 0, 1, 1]
+        assert test_y.tolist() == [1, 0]      # labels from val_annotations.txt, not the file order
+
+
+# -- clear messages ----------------------------------------------------------------------------
+def test_missing_folder_message(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_vision("cifar10", str(tmp_path / "nowhere"))
+    text = str(err.value)
+    assert "does not exist" in text and "cifar-10-batches-py" in text and "train/<class>" in text
+    assert "--download" in text
+
+
+def test_folder_without_layout_message(tmp_path):
+    (tmp_path / "readme.txt").write_text("nothing here")
+    with pytest.raises(DataError) as err:
+        load_vision("tiny-imagenet", str(tmp_path))
+    assert "tiny-imagenet not found" in str(err.value) and "wnids.txt" in str(err.value)
+
+
+def test_incomplete_pickled_folder_message(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar10_pickles(str(folder))
+    os.remove(folder / "data_batch_3")
+    with pytest.raises(DataError, match="data_batch_3 is missing"):
+        load_vision("cifar10", str(tmp_path))
+
+
+# -- augmentation ----------------------------------------------------------------------------
+def test_pad_crop_flip_matches_a_loop():
+    images = torch.randint(0, 256, (5, 3, 7, 9), dtype=torch.uint8)
+    rows = torch.tensor([0, 8, 3, 4, 1])
+    cols = torch.tensor([8, 0, 2, 4, 5])
+    flip = torch.tensor([False, True, True, False, True])
+    out = pad_crop_flip(images, rows, cols, flip)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for i in range(5):
+        crop = padded[i, :, rows[i]:rows[i] + 7, cols[i]:cols[i] + 9]
+        expected = crop.flip(-1) if flip[i] else crop
+        assert torch.equal(out[i], expected)
+    assert not torch.equal(out[1], images[1])     # the crop really moved the image
+
+
+def test_hsv_jitter_identity_and_hue_turn():
+    images = torch.rand(3, 3, 5, 5)
+    ones = torch.ones(3)
+    assert torch.allclose(hsv_jitter(images, torch.zeros(3), ones, ones), images, atol=1e-5)
+    # A hue shift of one third of a turn maps pure red to pure green.
+    red = torch.zeros(1, 3, 1, 1)
+    red[:, 0] = 1.0
+    green = hsv_jitter(red, torch.tensor([1 / 3]), torch.ones(1), torch.ones(1))
+    assert torch.allclose(green.flatten(), torch.tensor([0.0, 1.0, 0.0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["cifar", "tiny-imagenet"])
+def test_vision_data_epochs_are_reproducible_and_normalized(recipe):
+    size = 32 if recipe == "cifar" else 16
+    x = torch.randint(0, 256, (20, 3, size, size), dtype=torch.uint8)
+    y = torch.arange(20) % 4
+    data = VisionData(x, y, x[:6], y[:6], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), batch_size=8, recipe=recipe, seed=3)
+    assert len(data) == 2 and data.num_classes == 4
+    first = list(data.train_batches(1))
+    again = list(data.train_batches(1))
+    other = list(data.train_batches(2))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert not torch.equal(first[0][0], other[0][0])
+    resumed = list(data.train_batches(1, start=1))
+    assert len(resumed) == 1 and torch.equal(resumed[0][0], first[1][0])
+    images, _ = first[0]
+    assert images.dtype == torch.float32 and tuple(images.shape) == (8, 3, size, size)
+    val = list(data.val_batches())
+    expected = (x[:6].float() - 127.5) / 63.75
+    if recipe == "cifar":
+        assert torch.allclose(val[0][0], expected, atol=1e-4)
+    assert sum(len(b[1]) for b in val) == 6
+
+
+# -- the embedded corpus ---------------------------------------------------------------------
+def test_stdlib_corpus_is_deterministic_and_split_per_file():
+    files = stdlib_files()
+    assert len(files) >= len(STDLIB_MODULES) - 2 and files == sorted(files)
+    train, val, listed = load_stdlib_corpus()
+    train2, val2, _ = load_stdlib_corpus()
+    assert torch.equal(train, train2) and torch.equal(val, val2) and listed == files
+    assert train.dtype == torch.uint8 and 0.08 < len(val) / (len(train) + len(val)) < 0.12
+    # The start of the first file opens the train stream, its end opens the val stream.
+    with open(files[0], "rb") as f:
+        text = f.read()
+    assert bytes(train[:200].tolist()) == text[:200]
+    assert bytes(val[:50].tolist()) == text[int(len(text) * 0.9):][:50]
+
+
+def test_stdlib_corpus_missing_sources(tmp_path):
+    with pytest.raises(DataError, match="ships no .py sources"):
+        load_stdlib_corpus(stdlib_dir=str(tmp_path))
+
+
+def test_text_data_targets_are_inputs_shifted():
+    stream = torch.arange(1000) % 251
+    data = TextData(stream.to(torch.uint8), stream[:300].to(torch.uint8), context=16, batch_size=4, steps=3, seed=1)
+    batches = list(data.train_batches(0))
+    assert len(batches) == 3
+    inputs, targets = batches[0]
+    assert tuple(inputs.shape) == (4, 16) and inputs.dtype == torch.long
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    assert torch.equal((inputs + 1) % 251, targets)           # the stream counts up by one
+    again = list(data.train_batches(0, start=2))
+    assert torch.equal(again[0][0], batches[2][0])
+    val = list(data.val_batches())
+    assert sum(v[0].shape[0] for v in val) == (300 - 1) // 16
+
+
+def test_download_failure_is_a_clear_message(tmp_path, monkeypatch):
+    from dynrank.train import data as data_module
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(data_module.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError) as err:
+        data_module.download("cifar10", str(tmp_path))
+    text = str(err.value)
+    assert "cifar-10-python.tar.gz" in text and "network is unreachable" in text and str(tmp_path) in text
+    assert os.listdir(tmp_path) == []               # no partial file left behind

@@ -1,0 +1,146 @@
+"""Models of dynrank-train: parameter counts against the paper, one training step each."""
+
+import pytest
+import torch
+from torch import nn
+
+from dynrank import FusedLowRankLinear
+from dynrank.convert import convert_model
+from dynrank.train.models import (
+    EXCLUDE,
+    GPT,
+    CifarResNet,
+    build_model,
+    count_parameters,
+    resnet20,
+)
+
+
+
+# Paper §5.2: "ResNet20 contains 272,762 trainable parameters and the reparameterized
+# model with SVD (ρ = 0.5) has 155,170 parameters."
+PAPER_RESNET20_DENSE = 272_762
+PAPER_RESNET20_SVD = 155_170
+
+
+def _hand_count_resnet20(rank_ratio=None):
+    """ResNet20 trainable parameters counted by hand from the layer list (independent of the modules).
+
+    3×3 convs without bias; BN (γ, β) after every conv; 1×1-conv + BN projection shortcuts in the
+    first block of each stage; 64→10 classifier.  With ``rank_ratio`` each 3×3 conv C→F becomes
+    a 3×3 conv C→k plus a 1×1 conv k→F, k = int(ρ·F) (the authors' SVD conv).
+    """
+    convs = [(3, 16)] + [(16, 16)] * 6 + [(16, 32)] + [(32, 32)] * 5 + [(32, 64)] + [(64, 64)] * 5
+    shortcuts = [(16, 16), (16, 32), (32, 64)]
+    total = 0
+    for c, f in convs:
+        if rank_ratio is None:
+            total += c * f * 9
+        else:
+            k = int(rank_ratio * f)
+            total += c * k * 9 + k * f
+        total += 2 * f                               # BN after the conv
+    total += sum(c * f + 2 * f for c, f in shortcuts)
+    return total + 64 * 10 + 10
+
+
+def test_resnet20_dense_count_is_the_papers():
+    assert _hand_count_resnet20() == PAPER_RESNET20_DENSE
+    assert count_parameters(resnet20()) == PAPER_RESNET20_DENSE
+
+
+def test_resnet20_svd_half_rank_count_is_the_papers():
+    model = resnet20()
+    summary = convert_model(model, rank_ratio=0.5, decomposition="svd", exclude=EXCLUDE["resnet20"])
+    assert _hand_count_resnet20(0.5) == PAPER_RESNET20_SVD
+    assert summary.params_before == PAPER_RESNET20_DENSE
+    assert count_parameters(model) == PAPER_RESNET20_SVD
+    # The authors' exclusions: every 3×3 conv (the first included) factorized; shortcuts and fc dense.
+    assert len(summary.converted) == 19 and "conv1" in summary.converted
+    assert {name for name, _ in summary.skipped} == {"layer1.0.shortcut.0", "layer2.0.shortcut.0",
+                                                     "layer3.0.shortcut.0", "fc"}
+
+
+def test_wrn28_10_structure_and_exclusions():
+    model = build_model("wrn28-10", num_classes=100)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 24 + 3                  # stem, 12 blocks × 2, three 1×1 shortcuts
+    # 36.5 M parameters, the figure usually quoted for WRN-28-10.
+    assert 36_400_000 < count_parameters(model) < 36_600_000
+    small = build_model("wrn28-10", num_classes=100, width=0.1)
+    summary = convert_model(small, rank_ratio=0.5, exclude=EXCLUDE["wrn28-10"])
+    skipped = {name for name, _ in summary.skipped}
+    assert {"conv1", "fc", "layer1.0.shortcut", "layer2.0.shortcut", "layer3.0.shortcut"} <= skipped
+    assert len(summary.converted) == 24
+
+
+def test_resnet50_count():
+    model = build_model("resnet50", num_classes=200)
+    # torchvision's ResNet-50 has 25,557,032 with a 1000-way fc and a 7×7 stem; here a 200-way fc
+    # (2048·800 fewer weights + 800 biases) and a 3×3 stem (64·3·40 fewer) are used.
+    assert count_parameters(model) == 25_557_032 - 2048 * 800 - 800 - 64 * 3 * 40
+
+
+def _step(model, inputs, targets, steps=1):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(steps):
+        optimizer.zero_grad()
+        logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+    assert sum(changed) == len(changed)             # gradients reach every parameter
+    return logits
+
+
+@pytest.mark.parametrize("name,width,size,classes,schedule", [
+    ("resnet20", 0.5, 32, 10, "full"), ("resnet20", 0.5, 32, 10, "lowrank"),
+    ("wrn28-10", 0.05, 32, 100, "lowrank"), ("resnet50", 0.0625, 64, 200, "lowrank")])
+def test_vision_models_step(name, width, size, classes, schedule):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=classes, width=width)
+    if schedule == "lowrank":
+        summary = convert_model(model, rank_ratio=0.5, exclude=EXCLUDE[name])
+        assert summary.converted
+    x = torch.randn(2, 3, size, size)
+    # ResNet-50 zero-initializes each block's last BN scale: its branch trains from the second step on.
+    logits = _step(model.train(), x, torch.tensor([1, classes - 1]), steps=2 if name == "resnet50" else 1)
+    assert tuple(logits.shape) == (2, classes)
+
+
+@pytest.mark.parametrize("schedule", ["full", "lowrank"])
+def test_gpt_step_and_causality(schedule):
+    torch.manual_seed(0)
+    model = GPT(context=12, dim=32, depth=2, heads=4)
+    if schedule == "lowrank":
+        summary = convert_model(model, rank_ratio=0.5, exclude=EXCLUDE["gpt"])
+        assert "head" not in summary.converted
+        layers = [m for m in model.modules() if isinstance(m, FusedLowRankLinear)]
+        assert len(layers) == 8
+        # ρ is relative to the weight's own rank min(in, out): the expanding qkv (32→96) and
+        # MLP (32→128) layers get rank 16 like the others, not int(ρ·out) ≥ 32 (full rank).
+        assert {m.rank for m in layers} == {16}
+    tokens = torch.randint(0, 256, (3, 12))
+    logits = _step(model, tokens[:, :-1], tokens[:, 1:])
+    assert tuple(logits.shape) == (3, 11, 256)
+    model.eval()
+    with torch.no_grad():
+        changed = tokens.clone()
+        changed[:, 8] = (changed[:, 8] + 1) % 256
+        a, b = model(tokens), model(changed)
+    assert torch.allclose(a[:, :8], b[:, :8], atol=1e-5)    # no position sees the future
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="6n \\+ 2"):
+        CifarResNet(depth=21)
+    with pytest.raises(ValueError, match="model must be one of"):
+        build_model("vgg16")
+    with pytest.raises(ValueError, match="divisible by heads"):
+        GPT(dim=30, heads=4)
+    with pytest.raises(ValueError, match="T ≤ 8"):
+        GPT(context=8, dim=16, depth=1, heads=2)(torch.zeros(1, 9, dtype=torch.long))
