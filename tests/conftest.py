@@ -4,6 +4,7 @@ Without CUDA, Triton kernels run through Triton's interpreter; it is enabled
 here, before anything imports triton, because Triton reads the switch once at
 import.  With CUDA present the kernels are compiled natively and the CPU
 interpreter cases are skipped (Triton's interpreter is process-wide).
+Helpers for the test modules live in ``_helpers.py``.
 """
 
 import os
@@ -11,37 +12,8 @@ import os
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import triton  # noqa: F401
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def kernel_devices():
-    """Devices on which the Triton kernels can run in this process."""
-    if not HAS_TRITON:
-        return []
-    if INTERPRETING:
-        return ["cpu"]
-    return ["cuda"] if HAS_CUDA else []
-
-
-# Per-dtype tolerances on relative error (Frobenius norm of the difference over
-# the norm of the float64 reference).
-REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
-
-
-def rel_err(actual, expected):
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REL_TOL, rel_err
+from _helpers import REL_TOL, rel_err
 from dynrank.conv import LowRankConv2d, adapter_costs, time_adapter_strategies
 from dynrank.kernels.conv_merge import (reference_cp_kernel, reference_svd_kernel, reference_tkd_cpd_kernel,
                                         reference_tucker_kernel)

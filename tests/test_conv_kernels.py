@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import REL_TOL, kernel_devices, rel_err
+from _helpers import REL_TOL, kernel_devices, rel_err
 from dynrank.conv import LowRankConv2d
 from dynrank.kernels.conv_merge import (conv_merge_, reference_conv_merge, reference_cp_kernel,
                                         reference_svd_kernel, reference_tkd_cpd_kernel, reference_tucker_kernel)

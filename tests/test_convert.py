@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from _helpers import rel_err
 from dynrank.convert import ConversionSummary, convert_model
 from dynrank.linear import FusedLowRankLinear
 

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import rel_err
+from _helpers import rel_err
 from dynrank.convert import convert_model
 from dynrank.distributed import allreduce_grads, dynrank_params, rewrap_ddp
 from dynrank.scheduler import DynamicRankScheduler

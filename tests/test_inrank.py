@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import rel_err
+from _helpers import rel_err
 from dynrank.convert import convert_model
 from dynrank.inrank import IncrementalRankScheduler, explained_rank, grow_rank_
 from dynrank.linear import FusedLowRankLinear

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import HAS_TRITON
+from _helpers import HAS_TRITON
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -8,7 +8,7 @@ the low-rank term changes the result, so it cannot pass vacuously.
 import pytest
 import torch
 
-from conftest import REL_TOL, kernel_devices, rel_err
+from _helpers import REL_TOL, kernel_devices, rel_err
 
 pytestmark = pytest.mark.skipif(not kernel_devices(), reason="no device can run Triton kernels here")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REL_TOL, kernel_devices, rel_err
+from _helpers import REL_TOL, kernel_devices, rel_err
 from dynrank import FusedLowRankLinear
 from dynrank.kernels import reference_lowrank_linear
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REL_TOL, rel_err
+from _helpers import REL_TOL, rel_err
 from dynrank.linear import FusedLowRankLinear
 from dynrank.metrics import (default_tol, effective_rank, entropy_effective_rank, layer_metrics, model_metrics,
                              monitored_layers, restricted_spectral_ratio, singular_values, spectral_ratio,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REL_TOL, rel_err
+from _helpers import REL_TOL, rel_err
 from dynrank.linear import FusedLowRankLinear
 from dynrank.regularizers import (SRIP, DoubleSoftOrthogonality, OrthogonalityRegularizer, SoftOrthogonality,
                                   dso_penalty, gram_small, regularized_tensors, so_penalty, srip_penalty)

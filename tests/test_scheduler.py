@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import rel_err
+from _helpers import rel_err
 from dynrank.convert import convert_model
 from dynrank.scheduler import DynamicRankScheduler, load_training_state, training_state
 

@@ -1,0 +1,41 @@
+"""Shared test helpers: devices for the kernels, per-dtype tolerances, relative error.
+
+Imported by the test modules as ``from _helpers import ...`` (not from
+``conftest``: the benchmark suite has a conftest of its own, and with both
+directories collected in one run the name ``conftest`` is ambiguous).
+tests/conftest.py has already set ``TRITON_INTERPRET`` when this is imported.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_devices():
+    """Devices on which the Triton kernels can run in this process."""
+    if not HAS_TRITON:
+        return []
+    if INTERPRETING:
+        return ["cpu"]
+    return ["cuda"] if HAS_CUDA else []
+
+
+# Per-dtype tolerances on relative error (Frobenius norm of the difference over
+# the norm of the float64 reference).
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+
+
+def rel_err(actual, expected):
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
