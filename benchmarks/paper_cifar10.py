@@ -60,7 +60,7 @@ def run_all(args):
     deadline = time.monotonic() + args.budget_s
     for schedule, decomposition, seed in args.runs:
         folder = run_dir(args.out, schedule, decomposition, seed)
-        if os.path.isfile(os.path.join(folder, "result.json")):
+        if os.path.isfile(os.path.join(folder, schedule, "result.json")):   # dynrank-train: <out>/<schedule>/
             continue
         left = deadline - time.monotonic()
         if left < 30:
@@ -71,16 +71,19 @@ def run_all(args):
         else:
             argv = ["--preset", "cifar10-resnet20", "--data-dir", args.data_dir, "--schedule", schedule,
                     "--decomposition", decomposition, "--seed", str(seed), "--out", folder,
-                    "--device", args.device] + (["--epochs", str(args.epochs)] if args.epochs else [])
+                    "--device", args.device] + (["--epochs", str(args.epochs)] if args.epochs else []) + args.train_args
         print(f"== {folder} ({left:.0f} s left)", flush=True)
         _stop_after(left - 20)
         try:
             code = train(argv)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        if not os.path.isfile(os.path.join(folder, "result.json")):
-            print(f"stopped inside {folder} (exit {code}); the next call resumes it", flush=True)
+        if code == 130:
+            print(f"stopped inside {folder}; the next call resumes it", flush=True)
             return 3
+        if code != 0:
+            print(f"dynrank-train failed in {folder} (exit {code})", flush=True)
+            return code
     return 0
 
 
@@ -99,14 +102,14 @@ def _environment():
 def summarize(out):
     from dynrank.cost import ParamCounts, comp_ratio, measured_comp_ratio
     results = []
-    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-        path = os.path.join(out, name, "result.json")
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as handle:
-                result = json.load(handle)
-            with open(os.path.join(out, name, "config.json"), encoding="utf-8") as handle:
-                result["config"] = json.load(handle)
-            results.append(result)
+    for root, _, files in sorted(os.walk(out)):
+        if "result.json" not in files:
+            continue
+        with open(os.path.join(root, "result.json"), encoding="utf-8") as handle:
+            result = json.load(handle)
+        with open(os.path.join(os.path.dirname(root), "config.json"), encoding="utf-8") as handle:
+            result["config"] = json.load(handle)
+        results.append(result)
     full_times = [rec["train_time"] for r in results if r["schedule"] == "full" for rec in r["history"][1:]]
     full_epoch = statistics.median(full_times) if full_times else None
     rows = []
@@ -166,6 +169,8 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop launching and checkpoint before this")
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's 150 (for a dry run)")
     parser.add_argument("--runs", nargs="+", type=parse_run, default=[parse_run(r) for r in DEFAULT_RUNS])
+    parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
+                        help="further dynrank-train flags for new runs (last on the line), e.g. --batch-size 8")
     parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args(argv)
     code = 0 if args.summarize_only else run_all(args)
