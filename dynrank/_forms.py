@@ -134,6 +134,22 @@ class FormLayer(nn.Module):
             ref = next(iter(self.factors().values()))
         return ref
 
+    @torch.no_grad()
+    def _copy_from_dense_(self, weight, bias):
+        """Fill a freshly built layer from a dense weight and bias (for ``from_dense``).
+
+        lowrank form: the factors of the best rank-``rank`` fit of ``weight``
+        (``_fit_factors``); full and adapter forms: ``weight`` itself as W / W_f.
+        """
+        if bias is not None:
+            self.bias.copy_(bias)
+        if self._form == "lowrank":
+            for name, value in self._fit_factors(weight.detach(), self._rank).items():
+                getattr(self, name).copy_(value)
+        else:
+            self._dense().copy_(weight)
+        return self
+
     # -- form changes -------------------------------------------------------
     @torch.no_grad()
     def inflate(self):

@@ -332,15 +332,7 @@ class LowRankConv2d(FormLayer):
                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, form=form,
                     padding_mode=conv.padding_mode, rank_ratio=rank_ratio, alpha=alpha,
                     adapter_strategy=adapter_strategy, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-            if form == "lowrank":
-                for name, value in layer._fit_factors(weight, layer.rank).items():
-                    getattr(layer, name).copy_(value)
-            else:
-                layer.weight.copy_(weight)
-        return layer
+        return layer._copy_from_dense_(weight, conv.bias)
 
     # -- forward ------------------------------------------------------------
     def forward(self, x):

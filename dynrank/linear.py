@@ -164,16 +164,7 @@ class FusedLowRankLinear(FormLayer):
         bias = getattr(linear, "bias", None)
         layer = cls(in_features, out_features, rank, bias=bias is not None, form=form, alpha=alpha,
                     device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            if bias is not None:
-                layer.bias.copy_(bias)
-            if form == "lowrank":
-                A, B = svd_factors(weight.detach(), layer.rank, layer.scale)
-                layer.A.copy_(A)
-                layer.B.copy_(B)
-            else:
-                layer.weight.copy_(weight)
-        return layer
+        return layer._copy_from_dense_(weight, bias)
 
     # -- forward ------------------------------------------------------------
     def forward(self, x):
