@@ -64,14 +64,17 @@ def _(x, weight, A, B, bias, scale):
 
 @torch.library.custom_op("dynrank::lowrank_linear_backward", mutates_args=())
 def _lowrank_linear_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], A: Tensor, B: Tensor,
-                                xbs: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                                xbs: Tensor, scale: float, needs_dx: bool, needs_dA: bool,
+                                needs_dB: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from .kernels import lowrank_linear_backward
-    return lowrank_linear_backward(dy, x, weight, A, B, xbs, scale)
+    grads = lowrank_linear_backward(dy, x, weight, A, B, xbs, scale, needs_dx, needs_dA, needs_dB)
+    # A custom op returns tensors: a gradient that was not asked for comes back empty.
+    return tuple(g if g is not None else dy.new_empty(0) for g in grads)
 
 
 @_lowrank_linear_backward_op.register_fake
-def _(dy, x, weight, A, B, xbs, scale):
-    return x.new_empty(x.shape), A.new_empty(A.shape), B.new_empty(B.shape)
+def _(dy, x, weight, A, B, xbs, scale, needs_dx, needs_dA, needs_dB):
+    return tuple(t.new_empty(t.shape if needed else (0,)) for t, needed in ((x, needs_dx), (A, needs_dA), (B, needs_dB)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -84,14 +87,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dxbs):
     x, weight, A, B, xbs = ctx.saved_tensors
-    dy = dy.contiguous() if dy.stride(-1) != 1 and dy.stride(0) != 1 else dy
-    dx, dA, dB = _lowrank_linear_backward_op(dy, x, weight, A, B, xbs, ctx.scale)
+    needs = ctx.needs_input_grad
+    dx, dA, dB = _lowrank_linear_backward_op(dy, x, weight, A, B, xbs, ctx.scale, needs[0], needs[2], needs[3])
     dweight = None
-    if weight is not None and ctx.needs_input_grad[1]:
+    if weight is not None and needs[1]:
         # A trainable weight beside the factors (not the frozen-adapter case).
         dweight = dy.t() @ x
-    dbias = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
-    return dx, dweight, dA, dB, dbias, None
+    dbias = dy.sum(0) if ctx.has_bias and needs[4] else None
+    return (dx if needs[0] else None), dweight, (dA if needs[2] else None), (dB if needs[3] else None), dbias, None
 
 
 _lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)

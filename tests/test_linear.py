@@ -330,3 +330,19 @@ def test_adapter_inflate_keeps_the_weight_parameter_object():
     assert layer.weight is weight and weight.requires_grad
     layer.deflate()
     assert layer.weight is weight and not weight.requires_grad
+
+
+def test_gradients_only_where_needed(backend):
+    """An input that needs no gradient gets none, and the factors' gradients stay right."""
+    device = _device()
+    layer = FusedLowRankLinear(14, 9, rank=3, form="adapter", device=device)
+    _randomize_adapter(layer)
+    layer.B.requires_grad_(False)
+    x = torch.randn(5, 14, device=device)
+    layer(x).square().sum().backward()
+    assert layer.B.grad is None and layer.A.grad is not None
+    A = layer.A.detach().double().requires_grad_()
+    ref = reference_lowrank_linear(x.double(), layer.weight.double(), A, layer.B.double(), layer.bias.double(),
+                                   layer.scale)
+    ref.square().sum().backward()
+    assert rel_err(layer.A.grad, A.grad) < REL_TOL[torch.float32]
