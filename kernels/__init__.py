@@ -5,8 +5,8 @@ reference.  Users never import this package directly: ``dynrank.functional``
 dispatches to it on CUDA (or on CPU through Triton's interpreter when asked).
 """
 
-from .conv_merge import (conv_merge_, reference_conv_merge, reference_cp_kernel, reference_svd_kernel,
-                         reference_tkd_cpd_kernel, reference_tucker_kernel)
+from .conv_merge import (conv_merge_, reference_conv_merge, reference_cp_kernel, reference_kernel,
+                         reference_svd_kernel, reference_tkd_cpd_kernel, reference_tucker_kernel)
 from .lowrank_gemm import lowrank_gemm, reference_lowrank_gemm
 from .lowrank_linear import lowrank_linear_backward, lowrank_linear_forward, reference_lowrank_linear
 from .merge import merge_, reference_merge
@@ -16,5 +16,5 @@ __all__ = [
     "lowrank_linear_forward", "lowrank_linear_backward", "reference_lowrank_linear",
     "merge_", "reference_merge",
     "conv_merge_", "reference_conv_merge", "reference_svd_kernel", "reference_tucker_kernel",
-    "reference_cp_kernel", "reference_tkd_cpd_kernel",
+    "reference_cp_kernel", "reference_tkd_cpd_kernel", "reference_kernel",
 ]

@@ -146,3 +146,21 @@ def reference_tkd_cpd_kernel(B, core_in, Kh, Kw, core_out, A, scale=1.0):
                                 core_out.double()[:, :, 0, 0], Kh.double()[:, 0, :, 0],
                                 Kw.double()[:, 0, 0, :], core_in.double()[:, :, 0, 0],
                                 B.double()[:, :, 0, 0])
+
+
+def reference_kernel(decomposition, factors, scale=1.0, groups=1):
+    """Float64 dense kernel of a LowRankConv2d's ``factors`` dict, any decomposition.
+
+    Autograd flows back to the factors.  ``groups`` applies to ``"svd"`` only
+    (the one decomposition with grouped support).
+    """
+    f = factors
+    if decomposition == "svd":
+        return reference_svd_kernel(f["A"], f["B"], scale, groups)
+    if decomposition == "tucker":
+        return reference_tucker_kernel(f["B"], f["core"], f["A"], scale)
+    if decomposition == "cp":
+        return reference_cp_kernel(f["B"], f["Kh"], f["Kw"], f["A"], scale)
+    if decomposition == "tkd-cpd":
+        return reference_tkd_cpd_kernel(*(f[n] for n in ("B", "core_in", "Kh", "Kw", "core_out", "A")), scale)
+    raise ValueError(f"decomposition must be one of svd, tucker, cp, tkd-cpd, got {decomposition!r}")

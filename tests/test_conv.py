@@ -7,8 +7,7 @@ from torch import nn
 
 from _helpers import REL_TOL, rel_err
 from dynrank.conv import LowRankConv2d, adapter_costs, time_adapter_strategies
-from dynrank.kernels.conv_merge import (reference_cp_kernel, reference_svd_kernel, reference_tkd_cpd_kernel,
-                                        reference_tucker_kernel)
+from dynrank.kernels.conv_merge import reference_kernel
 
 F64 = torch.float64
 TOL = REL_TOL[F64]
@@ -26,18 +25,6 @@ GEOMETRIES = [
     (3, 2, 1, 1, "circular"),
     (5, 1, (2, 1), 1, "replicate"),
 ]
-
-
-def reference_kernel(dec, factors, scale=1.0, groups=1):
-    """Float64 dense kernel of ``factors`` (autograd flows back to them)."""
-    f = factors
-    if dec == "svd":
-        return reference_svd_kernel(f["A"], f["B"], scale, groups)
-    if dec == "tucker":
-        return reference_tucker_kernel(f["B"], f["core"], f["A"], scale)
-    if dec == "cp":
-        return reference_cp_kernel(f["B"], f["Kh"], f["Kw"], f["A"], scale)
-    return reference_tkd_cpd_kernel(f["B"], f["core_in"], f["Kh"], f["Kw"], f["core_out"], f["A"], scale)
 
 
 def reference_conv(layer):

@@ -5,8 +5,7 @@ import torch
 
 from _helpers import REL_TOL, kernel_devices, rel_err
 from dynrank.conv import LowRankConv2d
-from dynrank.kernels.conv_merge import (conv_merge_, reference_conv_merge, reference_cp_kernel,
-                                        reference_svd_kernel, reference_tkd_cpd_kernel, reference_tucker_kernel)
+from dynrank.kernels.conv_merge import conv_merge_, reference_conv_merge, reference_kernel
 
 pytestmark = pytest.mark.skipif(not kernel_devices(), reason="Triton kernels cannot run here")
 
@@ -63,16 +62,6 @@ def test_conv_merge_rejects_bad_shapes():
         conv_merge_(W[0], torch.zeros(6, 2, device=W.device), torch.zeros(2, 2, 3, 3, device=W.device))
 
 
-def _reference(dec, f, scale, groups):
-    if dec == "svd":
-        return reference_svd_kernel(f["A"], f["B"], scale, groups)
-    if dec == "tucker":
-        return reference_tucker_kernel(f["B"], f["core"], f["A"], scale)
-    if dec == "cp":
-        return reference_cp_kernel(f["B"], f["Kh"], f["Kw"], f["A"], scale)
-    return reference_tkd_cpd_kernel(*(f[n] for n in ("B", "core_in", "Kh", "Kw", "core_out", "A")), scale)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dec", list(RANKS))
 def test_inflate_through_triton_matches_reference(triton_backend, dec, dtype):
@@ -81,7 +70,7 @@ def test_inflate_through_triton_matches_reference(triton_backend, dec, dtype):
     layer = LowRankConv2d(6, 9, (3, 5), rank=rank, decomposition=dec, groups=groups, alpha=3.0,
                           device=_device(), dtype=dtype)
     factors = {n: p.detach().clone() for n, p in layer.factors().items()}
-    expected = _reference(dec, factors, layer.scale, groups)
+    expected = reference_kernel(dec, factors, layer.scale, groups)
     layer.inflate()
     assert rel_err(layer.weight, expected) < REL_TOL[dtype]
 
