@@ -129,7 +129,7 @@ def _differentiable_merge(layer, factors):
     dec = getattr(layer, "_dec", None)
     if dec is None or not hasattr(dec, "operands"):
         return None
-    # LowRankConv2d: merged kernel = s·U·V per group (see dynrank.conv_factorizations).
+    # LowRankConv2d: merged kernel = s·U·V per group (see dynrank.conv_merging).
     U, V = dec.operands(factors)
     groups = layer.groups
     U3 = U.reshape(groups, U.shape[0] // groups, U.shape[1])

@@ -17,7 +17,8 @@ from .conv_adapter import (
     adapter_work,
     time_adapter_strategies,
 )
-from .conv_factorizations import KernelShape, get_factorization, merge_conv_
+from .conv_factorizations import KernelShape, get_factorization
+from .conv_merging import merge_conv_
 
 __all__ = ["LowRankConv2d", "ADAPTER_STRATEGIES", "PADDING_MODES", "AdapterChoice", "adapter_costs",
            "adapter_work", "time_adapter_strategies"]

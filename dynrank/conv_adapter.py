@@ -12,7 +12,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-from .conv_factorizations import _axis, merged_kernel, run_chain
+from .conv_factorizations import _axis, run_chain
+from .conv_merging import merged_kernel
 
 __all__ = ["ADAPTER_STRATEGIES", "AdapterChoice", "adapter_costs", "adapter_work", "time_adapter_strategies"]
 

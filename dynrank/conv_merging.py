@@ -1,0 +1,87 @@
+"""Merging a factorized conv's factors into a dense kernel: dispatch and autograd.
+
+``W[g] += alpha·U[g]·V[g]`` per group, with U (F, q/g) and V (q, C/g, kh, kw)
+from ``Factorization.operands``: in place for ``inflate`` and the SVD deflate
+(:func:`merge_conv_`), and differentiably for the adapter's "merged" strategy
+(:func:`merged_kernel`).  Triton on CUDA (``dynrank.kernels.conv_merge``),
+torch elsewhere.
+"""
+
+import torch
+from torch import Tensor
+
+from ._backend import backend_for
+
+__all__ = ["merge_conv_", "merged_kernel"]
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _bmm_operands(U, V, groups):
+    F_out, qg = U.shape
+    return U.reshape(groups, F_out // groups, qg), V.reshape(groups, qg, -1)
+
+
+def _uses_triton(weight):
+    return backend_for(weight.device) == "triton" and weight.dtype in _TRITON_DTYPES
+
+
+@torch.no_grad()
+def merge_conv_(weight, U, V, alpha, groups):
+    """In place ``weight += alpha·U·V`` per group (see ``dynrank.kernels.conv_merge``).
+
+    Triton on CUDA (one pass over the kernel, fp32 accumulator); elsewhere a
+    torch bmm, accumulated in fp32 for 16-bit kernels.  float64 kernels always
+    take the torch path.
+    """
+    if _uses_triton(weight):
+        from .kernels.conv_merge import conv_merge_
+        return conv_merge_(weight, U, V, alpha, groups)
+    acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    U3, V3 = _bmm_operands(U.to(acc), V.to(acc), groups)
+    return weight.add_(torch.bmm(U3, V3).reshape(weight.shape).to(weight.dtype), alpha=alpha)
+
+
+@torch.library.custom_op("dynrank::conv_merged_kernel", mutates_args=())
+def _merged_kernel_op(weight: Tensor, U: Tensor, V: Tensor, alpha: float, groups: int) -> Tensor:
+    from .kernels.conv_merge import conv_merge_
+    return conv_merge_(weight.clone(), U, V, alpha, groups)
+
+
+@_merged_kernel_op.register_fake
+def _(weight, U, V, alpha, groups):
+    return torch.empty_like(weight)
+
+
+def _merged_setup_context(ctx, inputs, output):
+    _, U, V, alpha, groups = inputs
+    ctx.save_for_backward(U, V)
+    ctx.alpha, ctx.groups = alpha, groups
+
+
+def _merged_backward(ctx, grad):
+    # dW_eff → dU = alpha·dW·Vᵀ, dV = alpha·Uᵀ·dW per group: two small GEMMs
+    # (F × q × C/g·kh·kw), cuBLAS is the right engine for them.
+    U, V = ctx.saved_tensors
+    U3, V3 = _bmm_operands(U, V, ctx.groups)
+    G3 = grad.reshape(ctx.groups, U3.shape[1], -1).to(U.dtype)
+    dU = torch.bmm(G3, V3.transpose(1, 2)).reshape(U.shape) * ctx.alpha
+    dV = torch.bmm(U3.transpose(1, 2), G3).reshape(V.shape) * ctx.alpha
+    dW = grad if ctx.needs_input_grad[0] else None
+    return dW, dU, dV, None, None
+
+
+_merged_kernel_op.register_autograd(_merged_backward, setup_context=_merged_setup_context)
+
+
+def merged_kernel(weight, U, V, alpha, groups):
+    """Differentiable ``weight + alpha·U·V`` (per group) as a new dense kernel.
+
+    On the Triton path the merge is one kernel pass (custom op
+    ``dynrank::conv_merged_kernel``) and the backward maps the kernel's
+    gradient to U and V with two small GEMMs; elsewhere plain torch autograd.
+    """
+    if _uses_triton(weight):
+        return _merged_kernel_op(weight, U, V, float(alpha), int(groups))
+    U3, V3 = _bmm_operands(U, V, groups)
+    return weight + (torch.bmm(U3, V3).reshape(weight.shape) * alpha).to(weight.dtype)
