@@ -1,6 +1,5 @@
 """DynamicRankScheduler: forms per epoch, in-place optimizer surgery, state carry, checkpoints."""
 
-import copy
 import math
 import os
 import subprocess
@@ -11,43 +10,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from _helpers import rel_err
+from _scheduling import held, mlp, same_set, train_steps, trainable
 from dynrank.convert import convert_model
 from dynrank.scheduler import DynamicRankScheduler, load_training_state, training_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-
-
-def mlp(seed=0, d_in=12, width=24):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                          nn.Linear(width, 3))
-    convert_model(model, rank_ratio=0.25)
-    return model
-
-
-def trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def held(optimizer):
-    return [p for g in optimizer.param_groups for p in g["params"]]
-
-
-def same_set(a, b):
-    return sorted(map(id, a)) == sorted(map(id, b))
-
-
-def train_steps(model, optimizer, x, y, steps=3):
-    losses = []
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
 
 
 def test_forms_per_epoch_and_idempotent_step():
@@ -151,138 +119,6 @@ def test_any_optimizer_through_both_switches(opt_factory, policy):
         assert set(opt.state) <= set(held(opt))
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
-
-
-def _float64_model():
-    model = mlp().double()
-    return model, torch.randn(32, 12, dtype=torch.float64), torch.randint(0, 3, (32,))
-
-
-def _zero_grad_step(model, opt):
-    for p in held(opt):
-        p.grad = torch.zeros_like(p)
-    opt.step()
-
-
-def test_carry_inflate_matches_the_lowrank_momentum_to_first_order():
-    # With zero gradients, SGD moves by lr·μ·buffer.  Carried m_W must move W as
-    # the factors' momentum moves s·A·Bᵀ, up to O(lr²).
-    model, x, y = _float64_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sched = DynamicRankScheduler(model, opt, 1, 3, optimizer_state="carry")
-    sched.step(0)
-    train_steps(model, opt, x, y, steps=4)
-    lowrank, lowrank_opt = copy.deepcopy((model, opt))
-    merged = [(lowrank[i].A @ lowrank[i].B.t()).detach().clone() for i in (0, 2)]
-    for g in lowrank_opt.param_groups:
-        g["lr"] = 1e-6
-    _zero_grad_step(lowrank, lowrank_opt)
-    moved = [(lowrank[i].A @ lowrank[i].B.t()).detach() - m for i, m in zip((0, 2), merged)]
-    sched.step(1)
-    for g in opt.param_groups:
-        g["lr"] = 1e-6
-    weights = [model[i].weight.detach().clone() for i in (0, 2)]
-    _zero_grad_step(model, opt)
-    for i, w, reference in zip((0, 2), weights, moved):
-        assert rel_err(model[i].weight.detach() - w, reference) < 1e-4
-
-
-def test_carry_deflate_pulls_the_momentum_back():
-    model, x, y = _float64_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sched = DynamicRankScheduler(model, opt, 0, 1, optimizer_state="carry", deflate_init="random")
-    sched.step(0)
-    train_steps(model, opt, x, y, steps=3)
-    buffers = [opt.state[model[i].weight]["momentum_buffer"].clone() for i in (0, 2)]
-    sched.step(1)
-    for i, m_w in zip((0, 2), buffers):
-        layer = model[i]
-        # Reference: the momentum the factors accumulate from the gradients of
-        # W through W = s·A·Bᵀ (the buffer is linear in the gradients).
-        reference_a = layer.scale * m_w @ layer.B.detach()
-        reference_b = layer.scale * m_w.t() @ layer.A.detach()
-        assert rel_err(opt.state[layer.A]["momentum_buffer"], reference_a) < 1e-12
-        assert rel_err(opt.state[layer.B]["momentum_buffer"], reference_b) < 1e-12
-
-
-def _conv_model(decomposition):
-    pytest.importorskip("dynrank.conv")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 12, 3, stride=2),
-                          nn.Flatten(), nn.Linear(12 * 3 * 3, 3))
-    convert_model(model, rank_ratio=0.5, decomposition=decomposition)
-    model = model.double()
-    return model, torch.randn(8, 4, 8, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
-
-
-@pytest.mark.parametrize("decomposition", ["svd", "tucker", "cp", "tkd-cpd"])
-def test_carry_inflate_conv_first_order(decomposition):
-    model, x, y = _conv_model(decomposition)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sched = DynamicRankScheduler(model, opt, 1, 3, optimizer_state="carry")
-    sched.step(0)
-    train_steps(model, opt, x, y, steps=3)
-    lowrank, lowrank_opt = copy.deepcopy((model, opt))
-    kernels = [copy.deepcopy(lowrank[i]).inflate().weight.detach() for i in (0, 2)]
-    for g in lowrank_opt.param_groups:
-        g["lr"] = 1e-6
-    _zero_grad_step(lowrank, lowrank_opt)
-    moved = [copy.deepcopy(lowrank[i]).inflate().weight.detach() - k for i, k in zip((0, 2), kernels)]
-    sched.step(1)
-    for g in opt.param_groups:
-        g["lr"] = 1e-6
-    weights = [model[i].weight.detach().clone() for i in (0, 2)]
-    _zero_grad_step(model, opt)
-    for i, w, reference in zip((0, 2), weights, moved):
-        assert rel_err(model[i].weight.detach() - w, reference) < 1e-4
-
-
-@pytest.mark.parametrize("decomposition", ["svd", "tucker", "cp", "tkd-cpd"])
-def test_carry_deflate_conv_is_the_adjoint_of_the_merge(decomposition):
-    # Σ_f ⟨m_f, δf⟩ = ⟨m_W, Σ_f ∂W/∂f·δf⟩ for any δf; the right side uses the
-    # layer's own merge (multilinear: ∂W/∂f·δf = merge with f replaced by δf).
-    model, x, y = _conv_model(decomposition)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sched = DynamicRankScheduler(model, opt, 0, 1, optimizer_state="carry", deflate_init="random")
-    sched.step(0)
-    train_steps(model, opt, x, y, steps=2)
-    buffers = [opt.state[model[i].weight]["momentum_buffer"].clone() for i in (0, 2)]
-    sched.step(1)
-    for i, m_w in zip((0, 2), buffers):
-        layer = model[i]
-        factors = {n: f.detach() for n, f in layer.factors().items()}
-        left, right = 0.0, 0.0
-        for name, factor in factors.items():
-            direction = torch.randn_like(factor)
-            subs = dict(factors)
-            subs[name] = direction
-            tangent = torch.zeros_like(m_w)
-            layer._merge_into_(tangent, 1.0, subs)
-            right += (m_w * tangent).sum().item()
-            left += (opt.state[layer.factors()[name]]["momentum_buffer"] * direction).sum().item()
-        assert left == pytest.approx(right, rel=1e-10)
-
-
-def test_carry_adam_state_after_both_switches():
-    model = mlp()
-    x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = DynamicRankScheduler(model, opt, 1, 2, optimizer_state="carry")
-    sched.step(0)
-    train_steps(model, opt, x, y, steps=5)
-    sched.step(1)
-    for i in (0, 2):
-        state = opt.state[model[i].weight]
-        assert float(state["step"]) == 5.0
-        assert (state["exp_avg_sq"] >= 0).all() and state["exp_avg_sq"].abs().sum() > 0
-        assert state["exp_avg"].shape == model[i].weight.shape
-    train_steps(model, opt, x, y, steps=2)
-    sched.step(2)                                            # zero-output deflate: A = 0
-    for i in (0, 2):
-        layer = model[i]
-        assert float(opt.state[layer.A]["step"]) == 7.0 and opt.state[layer.A]["exp_avg"].abs().sum() > 0
-        assert layer.B not in opt.state                      # its pullback is zero: starts empty
-    assert all(math.isfinite(v) for v in train_steps(model, opt, x, y))
 
 
 def test_lr_scheduler_unchanged_by_switches():
