@@ -47,14 +47,23 @@ def test_carry_inflate_matches_the_lowrank_momentum_to_first_order():
         assert rel_err(model[i].weight.detach() - w, reference) < 1e-4
 
 
-def test_carry_deflate_pulls_the_momentum_back():
-    model, x, y = _float64_model()
+def _train_full_then_deflate(model, x, y, steps):
+    """Full-rank SGD steps with momentum, then a carry deflate of layers 0 and 2.
+
+    Returns the optimizer and the layers' weight momentum just before the deflate.
+    """
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = DynamicRankScheduler(model, opt, 0, 1, optimizer_state="carry", deflate_init="random")
     sched.step(0)
-    train_steps(model, opt, x, y, steps=3)
+    train_steps(model, opt, x, y, steps=steps)
     buffers = [opt.state[model[i].weight]["momentum_buffer"].clone() for i in (0, 2)]
     sched.step(1)
+    return opt, buffers
+
+
+def test_carry_deflate_pulls_the_momentum_back():
+    model, x, y = _float64_model()
+    opt, buffers = _train_full_then_deflate(model, x, y, steps=3)
     for i, m_w in zip((0, 2), buffers):
         layer = model[i]
         # Reference: the momentum the factors accumulate from the gradients of
@@ -102,12 +111,7 @@ def test_carry_deflate_conv_is_the_adjoint_of_the_merge(decomposition):
     # Σ_f ⟨m_f, δf⟩ = ⟨m_W, Σ_f ∂W/∂f·δf⟩ for any δf; the right side uses the
     # layer's own merge (multilinear: ∂W/∂f·δf = merge with f replaced by δf).
     model, x, y = _conv_model(decomposition)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sched = DynamicRankScheduler(model, opt, 0, 1, optimizer_state="carry", deflate_init="random")
-    sched.step(0)
-    train_steps(model, opt, x, y, steps=2)
-    buffers = [opt.state[model[i].weight]["momentum_buffer"].clone() for i in (0, 2)]
-    sched.step(1)
+    opt, buffers = _train_full_then_deflate(model, x, y, steps=2)
     for i, m_w in zip((0, 2), buffers):
         layer = model[i]
         factors = {n: f.detach() for n, f in layer.factors().items()}
