@@ -85,7 +85,34 @@ def replace_params(optimizer, removed, added, states=None):
     for p in added:
         if states is not None and states.get(p) is not None:
             optimizer.state[p] = states[p]
+        elif not optimizer.state.get(p):
+            initial = _initial_state(optimizer, group_index, p)
+            if initial:
+                optimizer.state[p] = initial
     return True
+
+
+def _initial_state(optimizer, group_index, param):
+    """The state ``optimizer``'s class gives a parameter at construction, or None.
+
+    Most optimizers create state lazily in ``step``; some create it in
+    ``__init__`` and fail on a parameter without it (``Adagrad`` before
+    torch 2.12 keeps ``sum`` and ``step`` that way).  A throwaway instance of
+    the same class with the group's hyperparameters shows which: first on a
+    one-element probe, then, only for such a class, on one of ``param``'s shape.
+    """
+    hyper = {k: v for k, v in optimizer.param_groups[group_index].items() if k != "params"}
+
+    def probe(shape):
+        dummy = torch.nn.Parameter(torch.zeros(shape, device=param.device, dtype=param.dtype))
+        try:
+            return type(optimizer)([{"params": [dummy], **hyper}], **optimizer.defaults).state.get(dummy)
+        except Exception:  # a class that cannot be rebuilt this way: leave its state to its step
+            return None
+
+    if not probe((1,) * max(param.dim(), 1)):
+        return None
+    return dict(probe(param.shape))
 
 
 # -- carrying state --------------------------------------------------------------

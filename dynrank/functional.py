@@ -1,7 +1,8 @@
 """Functional ops of dynrank: the fused low-rank linear and the in-place merge.
 
-Both dispatch on the tensors' device (see :mod:`dynrank._backend`): Triton
-kernels on CUDA, plain torch elsewhere.  The Triton path is registered as the
+Both dispatch per op and device (see :mod:`dynrank._backend`): the Triton
+kernels where ``DYNRANK_BACKEND`` or the measured ``auto`` choice picks them,
+plain torch (cuBLAS on CUDA) elsewhere.  The Triton path is registered as the
 custom ops ``dynrank::lowrank_linear`` and ``dynrank::lowrank_linear_backward``
 so ``torch.compile`` treats it as one opaque node instead of breaking the graph.
 """
@@ -14,6 +15,21 @@ from torch import Tensor
 from ._backend import backend_for
 
 __all__ = ["lowrank_linear", "merge_"]
+
+
+def _autocast_devices():
+    found = set()
+    for device_type in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu"):
+        try:
+            if torch.amp.is_autocast_available(device_type):
+                found.add(device_type)
+        except (RuntimeError, ValueError):
+            pass
+    return frozenset(found)
+
+
+# Read once: torch.compile cannot trace torch.amp.is_autocast_available in torch < 2.12.
+_AUTOCAST_DEVICES = _autocast_devices()
 
 
 def _check_operands(x, weight, A, B, bias):
@@ -130,14 +146,14 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
     if not isinstance(x, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
         x, weight, A, B, bias = (cast(t) for t in (x, weight, A, B, bias))
         with torch.autocast(device_type, enabled=False):
             return lowrank_linear(x, weight, A, B, bias, scale)
     N, K, _ = _check_operands(x, weight, A, B, bias)
-    if backend_for(x.device) == "torch":
+    if backend_for(x.device, "lowrank_linear") == "torch":
         xbs = x @ B if scale == 1.0 else (x @ B) * scale
         y = torch.nn.functional.linear(xbs, A, bias)
         return y if weight is None else torch.addmm(y.reshape(-1, N), x.reshape(-1, K), weight.t()).reshape(y.shape)
@@ -152,7 +168,7 @@ def merge_(weight, A, B, alpha=1.0):
     """In place ``weight += alpha * A @ B.T`` with fp32 accumulation; returns ``weight``.
 
     The inflate-merge of dynrank: one pass over ``weight``, the product A·Bᵀ
-    never materialized (Triton on CUDA; ``addmm_`` elsewhere).
+    never materialized (Triton kernel, or cuBLAS ``addmm_``: see :mod:`dynrank._backend`).
 
     Args:
         weight: (out_features, in_features), modified in place.
@@ -175,7 +191,7 @@ def merge_(weight, A, B, alpha=1.0):
                          f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
     if A.device != weight.device or B.device != weight.device:
         raise ValueError(f"weight, A and B must be on one device, got {weight.device}, {A.device}, {B.device}")
-    if backend_for(weight.device) == "triton":
+    if backend_for(weight.device, "merge") == "triton":
         from .kernels import merge_ as kernel_merge_
         return kernel_merge_(weight, A, B, alpha)
     if A.dtype == weight.dtype == B.dtype:

@@ -1,4 +1,4 @@
-"""Shared test helpers: devices for the kernels, per-dtype tolerances, relative error.
+"""Shared test helpers: devices for the kernels, per-dtype tolerances, relative error, scripts.
 
 Imported by the test modules as ``from _helpers import ...`` (not from
 ``conftest``: the benchmark suite has a conftest of its own, and with both
@@ -6,7 +6,9 @@ directories collected in one run the name ``conftest`` is ambiguous).
 tests/conftest.py has already set ``TRITON_INTERPRET`` when this is imported.
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -39,3 +41,12 @@ def rel_err(actual, expected):
     actual = actual.detach().double().cpu()
     expected = expected.detach().double().cpu()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def load_script(relative_path, module_name):
+    """Import a script of the checkout (e.g. ``benchmarks/report.py``) as a module."""
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from _helpers import REL_TOL, kernel_devices, rel_err
+from _helpers import INTERPRETING, REL_TOL, kernel_devices, rel_err
 from dynrank import FusedLowRankLinear
 from dynrank.kernels import reference_lowrank_linear
 
@@ -98,6 +98,8 @@ def test_backends_agree(monkeypatch):
 
 
 def test_autocast_bf16_on_cpu(backend):
+    if backend == "triton" and not INTERPRETING:
+        pytest.skip("Triton kernels run on CPU tensors only in the interpreter (off where CUDA is present)")
     layer = FusedLowRankLinear(16, 8, rank=4, form="adapter")
     _randomize_adapter(layer)
     x = torch.randn(5, 16)
@@ -320,6 +322,23 @@ def test_unknown_backend(monkeypatch):
     layer = FusedLowRankLinear(6, 9, rank=2)
     with pytest.raises(ValueError, match="DYNRANK_BACKEND must be one of auto, torch, triton, got 'cuda'"):
         layer(torch.randn(3, 6))
+
+
+def test_auto_backend_follows_the_measured_table(monkeypatch):
+    from dynrank import _backend
+    monkeypatch.delenv("DYNRANK_BACKEND", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(_backend, "_triton_available", lambda: True)
+    monkeypatch.setattr(_backend, "AUTO_TRITON_OPS", frozenset({"merge"}))
+    assert [_backend.backend_for(cuda, op) for op in _backend.OPS] == ["torch", "triton", "torch"]
+    assert {_backend.backend_for(cpu, op) for op in _backend.OPS} == {"torch"}
+    monkeypatch.setattr(_backend, "_triton_available", lambda: False)
+    assert _backend.backend_for(cuda, "merge") == "torch"
+    monkeypatch.setenv("DYNRANK_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        _backend.backend_for(cuda, "merge")
+    with pytest.raises(ValueError, match="op must be one of lowrank_linear, merge, conv_merge, got 'conv'"):
+        _backend.backend_for(cuda, "conv")
 
 
 def test_adapter_inflate_keeps_the_weight_parameter_object():

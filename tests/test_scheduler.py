@@ -96,6 +96,26 @@ def test_reset_drops_state_and_starts_empty():
     assert set(opt.state) <= set(held(opt))
 
 
+class _EagerStateOptimizer(torch.optim.Optimizer):
+    """Creates its state in ``__init__`` and fails on a parameter without it, as ``Adagrad`` did
+    before torch 2.12 (``KeyError: 'sum'`` after a form change)."""
+
+    def __init__(self, params, lr=0.05):
+        super().__init__(params, dict(lr=lr))
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["sum"] = torch.zeros_like(p)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    total = self.state[p]["sum"]       # KeyError for a parameter it never saw
+                    total += p.grad * p.grad
+                    p -= group["lr"] * p.grad / (total.sqrt() + 1e-10)
+
+
 @pytest.mark.parametrize("opt_factory", [
     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
     lambda p: torch.optim.AdamW(p, lr=1e-2),
@@ -104,7 +124,8 @@ def test_reset_drops_state_and_starts_empty():
     lambda p: torch.optim.Adagrad(p, lr=1e-2),
     lambda p: torch.optim.ASGD(p, lr=1e-2),
     lambda p: torch.optim.NAdam(p, lr=1e-2),
-], ids=["sgd", "adamw", "amsgrad", "rmsprop", "adagrad", "asgd", "nadam"])
+    lambda p: _EagerStateOptimizer(p),
+], ids=["sgd", "adamw", "amsgrad", "rmsprop", "adagrad", "asgd", "nadam", "eager-state"])
 @pytest.mark.parametrize("policy", ["reset", "carry"])
 def test_any_optimizer_through_both_switches(opt_factory, policy):
     model = mlp()
