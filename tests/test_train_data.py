@@ -4,6 +4,7 @@ import io
 import os
 import pickle
 import tarfile
+import threading
 import zipfile
 
 import numpy as np
@@ -177,6 +178,34 @@ def test_cache_returns_the_same_tensors(tmp_path):
     assert len(os.listdir(tmp_path / "cache")) == 1
     second = load_vision("cifar10", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
     assert all(torch.equal(a, b) for a, b in zip(first[:4], second[:4]))
+
+
+def test_runs_started_together_share_one_cache(tmp_path, monkeypatch):
+    # Every loader decodes and writes before any renames: each needs a temporary file of its own.
+    write_image_tree(str(tmp_path / "data"), "PNG", per_class=1)
+    loaders = 3
+    barrier = threading.Barrier(loaders, timeout=30)
+    save = torch.save
+
+    def save_then_wait(obj, path):
+        save(obj, path)
+        barrier.wait()
+    monkeypatch.setattr(torch, "save", save_then_wait)
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(load_vision("cifar10", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache")))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+    threads = [threading.Thread(target=load) for _ in range(loaders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(results) == loaders
+    assert os.listdir(tmp_path / "cache") == [next(iter(os.listdir(tmp_path / "cache")))]
+    assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(r[:4], results[0][:4]))
 
 
 # -- Tiny ImageNet -------------------------------------------------------------------------

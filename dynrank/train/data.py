@@ -23,6 +23,7 @@ import io
 import os
 import pickle
 import tarfile
+import threading
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -349,9 +350,11 @@ def load_vision(name, root, cache_dir=None):
     train_x, train_y, test_x, test_y, classes = result
     if cache:
         os.makedirs(cache_dir, exist_ok=True)
-        torch.save(dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes),
-                   cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
+        # A temporary name of this process's own: runs started together may all decode and write at
+        # once; each rename is atomic and they write the same tensors.
+        tmp = f"{cache}.{os.getpid()}-{threading.get_ident()}.tmp"
+        torch.save(dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes), tmp)
+        os.replace(tmp, cache)
     return train_x, train_y, test_x, test_y, classes
 
 
