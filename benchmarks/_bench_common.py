@@ -26,7 +26,7 @@ __all__ = [
     "DEVICE", "ON_CUDA", "PASSES", "grid_mode", "sync", "device_name", "versions", "roofline",
     "describe", "finish", "make_pass", "warm_up", "optional_module", "require_module",
     "compile_enabled", "dtype_name", "flops_of", "env_override", "cuda_only_param", "measured_rooflines",
-    "RESULTS",
+    "RESULTS", "triton_forced",
 ]
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,6 +141,24 @@ def env_override(**values):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def triton_forced(fn):
+    """``fn`` with dynrank's Triton kernels forced (``DYNRANK_BACKEND=triton``) for each call.
+
+    The provider ``dynrank_triton`` times the kernels beside ``dynrank`` (the
+    ``auto`` choice) on CUDA; the backward of a call follows its forward's
+    choice.  Skips off CUDA, where the kernels only run interpreted.
+    """
+    import pytest
+
+    if not ON_CUDA:
+        pytest.skip("the Triton kernels are timed on CUDA (off it they only run in the interpreter)")
+
+    def run(*args, **kwargs):
+        with env_override(DYNRANK_BACKEND="triton"):
+            return fn(*args, **kwargs)
+    return run
 
 
 def cuda_only_param(values, id_, reason):

@@ -222,7 +222,7 @@ def _num(value, fmt="{:.3g}"):
 
 
 PROVIDER_ORDER = ("dense", "dense_frozen", "copy", "tensorly", "unfused", "addmm_", "torch_unfused",
-                  "torch_compile", "peft", "dynrank")
+                  "torch_compile", "peft", "dynrank", "dynrank_triton")
 
 
 def _order(row):
@@ -366,8 +366,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     runs = []
     for path in args.json:
-        with open(path, encoding="utf-8") as f:
-            runs.append(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError) as err:
+            # An empty file is what a suite that selected nothing (or was stopped) leaves.
+            print(f"report.py: skipping {path}: not a pytest-benchmark JSON ({err})", file=sys.stderr)
+    if not runs:
+        parser.error("none of the files is a pytest-benchmark JSON")
     data = combine_runs(runs)
     rows = add_ratios(load_rows(data, args.stat))
     text = render_markdown(data, rows, args.stat)

@@ -16,6 +16,7 @@ torch_unfused      adapter   base ``F.linear`` + (x·Bᵀ)·Aᵀ·s, separate op
 torch_compile      adapter   the same function under ``torch.compile``
 peft               adapter   ``peft.tuners.lora.Linear`` around a frozen ``nn.Linear``
 dynrank            adapter   ``FusedLowRankLinear(form="adapter")``
+dynrank_triton     both      the same layers with the Triton kernels forced (CUDA)
 =================  ========  =====================================================
 
 FLOPs per call are the useful work of the form (same for every provider):
@@ -60,6 +61,11 @@ def linear_cases(grid):
         return [LinearCase(64, 64, 64, 4, f32), LinearCase(256, 192, 100, 32, f32)]
     # Speed targets: adapter fwd+bwd, K = N ∈ {4096, 8192}, rank 16, 2k–8k tokens, bf16.
     cases = [LinearCase(t, k, k, 16, bf16, target=True) for k in (4096, 8192) for t in (2048, 4096, 8192)]
+    # A few representatives of the rest: a non-multiple of 128, a large rank, a small layer, fp16.
+    representatives = [LinearCase(4096, 4000, 4000, 16, bf16), LinearCase(4096, 4096, 4096, 512, bf16),
+                       LinearCase(2048, 1024, 1024, 8, bf16), LinearCase(4096, 4096, 4096, 16, f16)]
+    if grid == "targets":
+        cases += representatives
     if grid == "full":
         cases += [LinearCase(4096, 4096, 4096, r, bf16) for r in (8, 32, 64, 128, 256, 512)]
         # In/out that are not multiples of 128.
@@ -77,6 +83,7 @@ PROVIDERS = [
     ("dense", "full"), ("dense_frozen", "full"), ("dynrank", "full"),
     ("torch_unfused", "lowrank"), ("torch_compile", "lowrank"), ("dynrank", "lowrank"),
     ("torch_unfused", "adapter"), ("torch_compile", "adapter"), ("peft", "adapter"), ("dynrank", "adapter"),
+    ("dynrank_triton", "lowrank"), ("dynrank_triton", "adapter"),
 ]
 
 
@@ -108,6 +115,18 @@ def _small_(t, std=0.02):
     return t
 
 
+def _peft_lora_kwargs(rank):
+    """Arguments of ``peft.tuners.lora.Linear``; newer peft (0.21 on the GPU machine) wants a ``LoraConfig``."""
+    import inspect
+
+    from peft.tuners import lora
+
+    settings = dict(r=rank, lora_alpha=ADAPTER_ALPHA, lora_dropout=0.0)
+    if "config" in inspect.signature(lora.Linear.__init__).parameters:
+        return dict(r=rank, lora_alpha=ADAPTER_ALPHA, config=lora.LoraConfig(**settings))
+    return settings
+
+
 def make_linear(provider, form, case, device=common.DEVICE):
     """Setup factory: (forward callable of x, trainable parameters) for one provider.
 
@@ -122,7 +141,7 @@ def make_linear(provider, form, case, device=common.DEVICE):
         layer.requires_grad_(provider == "dense")
         return layer, [p for p in layer.parameters() if p.requires_grad]
 
-    if provider == "dynrank":
+    if provider in ("dynrank", "dynrank_triton"):
         from dynrank import FusedLowRankLinear
 
         layer = FusedLowRankLinear(K, N, r, bias=True, form=form,
@@ -130,7 +149,8 @@ def make_linear(provider, form, case, device=common.DEVICE):
         if form == "adapter":
             _small_(layer.A)
             layer.bias.requires_grad_(False)  # frozen with W_f, as in LoRA fine-tuning
-        return layer, [p for p in layer.parameters() if p.requires_grad]
+        params = [p for p in layer.parameters() if p.requires_grad]
+        return (layer if provider == "dynrank" else common.triton_forced(layer)), params
 
     if provider in ("torch_unfused", "torch_compile"):
         # The usual LoRA layout: down (r, K), up (N, r), both as nn.Linear weights.
@@ -164,7 +184,7 @@ def make_linear(provider, form, case, device=common.DEVICE):
             pytest.skip("peft is not installed (optional provider)")
         base = nn.Linear(K, N, **kw)
         base.requires_grad_(False)
-        layer = peft_lora.Linear(base, "default", r=r, lora_alpha=ADAPTER_ALPHA, lora_dropout=0.0)
+        layer = peft_lora.Linear(base, "default", **_peft_lora_kwargs(r))
         layer.to(device=device, dtype=dtype)
         for name, p in layer.named_parameters():
             if "lora_" in name:

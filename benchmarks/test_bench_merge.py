@@ -56,7 +56,7 @@ def merge_cases(grid):
     return cases
 
 
-MERGE_PROVIDERS = ("copy", "unfused", "addmm_", "dynrank")
+MERGE_PROVIDERS = ("copy", "unfused", "addmm_", "dynrank", "dynrank_triton")
 MERGE_ALPHA = 0.5
 
 
@@ -74,10 +74,11 @@ def make_merge(provider, case, device=common.DEVICE):
         return lambda: W + MERGE_ALPHA * (A @ B.t())
     if provider == "addmm_":
         return lambda: W.addmm_(A, B.t(), alpha=MERGE_ALPHA)
-    if provider == "dynrank":
+    if provider in ("dynrank", "dynrank_triton"):
         from dynrank.functional import merge_
 
-        return lambda: merge_(W, A, B, MERGE_ALPHA)
+        run = lambda: merge_(W, A, B, MERGE_ALPHA)  # noqa: E731
+        return run if provider == "dynrank" else common.triton_forced(run)
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -164,13 +165,15 @@ def make_conv_merge(provider, decomposition, kernel, dtype, device=common.DEVICE
         W = layer.weight.detach().clone()
         factors = {name: f.detach() for name, f in layer.factors().items()}
         return lambda: layer._merge_into_(W, 1.0, factors)
+    if provider == "dynrank_triton":
+        return common.triton_forced(make_conv_merge("dynrank", decomposition, kernel, dtype, device))
     raise ValueError(f"unknown provider {provider!r}")
 
 
 @pytest.mark.parametrize("kernel", conv_merge_kernels(common.grid_mode()),
                          ids=lambda k: f"F{k[0]}-C{k[1]}-k{k[2]}")
 @pytest.mark.parametrize("decomposition", DECOMPOSITIONS)
-@pytest.mark.parametrize("provider", ("tensorly", "dynrank"))
+@pytest.mark.parametrize("provider", ("tensorly", "dynrank", "dynrank_triton"))
 def test_conv_merge(benchmark, provider, decomposition, kernel):
     import tensorly as tl
 

@@ -1,10 +1,11 @@
-"""Which engine runs an op: Triton kernels or plain torch.
+"""Which engine runs an op: Triton kernels or plain torch (cuBLAS on CUDA).
 
 ``DYNRANK_BACKEND`` selects it, read on every call so tests and users can
 switch it at run time:
 
-- ``auto`` (default): Triton for CUDA tensors when Triton is installed, torch
-  everywhere else;
+- ``auto`` (default): per op, the engine measured faster on CUDA
+  (:data:`AUTO_TRITON_OPS` lists the ops that take the Triton kernels there),
+  torch everywhere else;
 - ``torch``: always plain torch;
 - ``triton``: always Triton; on CPU tensors the kernels run in Triton's
   interpreter (slow: for testing kernels without a GPU).
@@ -13,9 +14,16 @@ switch it at run time:
 import importlib.util
 import os
 
-__all__ = ["backend_for", "BACKENDS"]
+__all__ = ["backend_for", "BACKENDS", "OPS", "AUTO_TRITON_OPS"]
 
 BACKENDS = ("auto", "torch", "triton")
+OPS = ("lowrank_linear", "merge", "conv_merge")
+
+# Ops for which ``auto`` runs the Triton kernels on CUDA, chosen by measurement
+# (benchmarks/KERNEL_NOTES.md).  On an H200 with Triton 3.6 the torch/cuBLAS
+# path was faster for every op on the benchmark grid, so none is listed;
+# DYNRANK_BACKEND=triton still runs the kernels for every op.
+AUTO_TRITON_OPS = frozenset()
 
 
 # find_spec locates the package without importing it (no import-time cost).
@@ -33,11 +41,14 @@ def requested_backend():
     return value
 
 
-def backend_for(device):
-    """Return ``"triton"`` or ``"torch"`` for tensors on ``device``."""
+def backend_for(device, op):
+    """Return ``"triton"`` or ``"torch"`` for ``op`` (one of :data:`OPS`) on ``device``."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
     value = requested_backend()
     if value == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        use_triton = device.type == "cuda" and op in AUTO_TRITON_OPS and _triton_available()
+        return "triton" if use_triton else "torch"
     if value == "triton" and not _triton_available():
         raise RuntimeError("DYNRANK_BACKEND=triton but Triton is not installed; "
                            "install triton or use DYNRANK_BACKEND=torch")

@@ -94,7 +94,7 @@ class LowRankConv2d(FormLayer):
     else 1.  Only svd supports groups > 1.
 
     ``inflate()`` merges the factors into the dense kernel with one fused pass
-    (Triton on CUDA) and is exactly function-preserving for any stride,
+    (Triton or cuBLAS, see ``dynrank._backend``) and is exactly function-preserving for any stride,
     padding, padding mode, dilation and kernel size: every chain places the
     stride, padding and dilation on its spatial convs, whose neighbours are
     bias-free 1×1 convs.  ``deflate(rank, init)`` freezes W as W_f and attaches

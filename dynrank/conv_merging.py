@@ -3,8 +3,8 @@
 ``W[g] += alpha·U[g]·V[g]`` per group, with U (F, q/g) and V (q, C/g, kh, kw)
 from ``Factorization.operands``: in place for ``inflate`` and the SVD deflate
 (:func:`merge_conv_`), and differentiably for the adapter's "merged" strategy
-(:func:`merged_kernel`).  Triton on CUDA (``dynrank.kernels.conv_merge``),
-torch elsewhere.
+(:func:`merged_kernel`).  Triton (``dynrank.kernels.conv_merge``) where
+``dynrank._backend.backend_for`` picks it, torch elsewhere.
 """
 
 import torch
@@ -23,15 +23,15 @@ def _bmm_operands(U, V, groups):
 
 
 def _uses_triton(weight):
-    return backend_for(weight.device) == "triton" and weight.dtype in _TRITON_DTYPES
+    return backend_for(weight.device, "conv_merge") == "triton" and weight.dtype in _TRITON_DTYPES
 
 
 @torch.no_grad()
 def merge_conv_(weight, U, V, alpha, groups):
     """In place ``weight += alpha·U·V`` per group (see ``dynrank.kernels.conv_merge``).
 
-    Triton on CUDA (one pass over the kernel, fp32 accumulator); elsewhere a
-    torch bmm, accumulated in fp32 for 16-bit kernels.  float64 kernels always
+    Triton where the backend picks it (one pass over the kernel, fp32
+    accumulator); otherwise a torch bmm, accumulated in fp32 for 16-bit kernels.  float64 kernels always
     take the torch path.
     """
     if _uses_triton(weight):

@@ -1,20 +1,15 @@
 """benchmarks/report.py on a small synthetic pytest-benchmark JSON (no timing anywhere)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_REPORT_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
+from _helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("dynrank_bench_report", _REPORT_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/report.py", "dynrank_bench_report")
 
 
 def _bench(group, suite, provider, form, pass_, mean, median=None, **extra):
@@ -147,6 +142,18 @@ def test_cli_and_plot(report, data, tmp_path):
     assert "## Speed targets" in out.read_text(encoding="utf-8")
     pytest.importorskip("matplotlib")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_skips_an_empty_file_and_refuses_when_nothing_is_left(report, data, tmp_path, capsys):
+    good, empty = tmp_path / "results.json", tmp_path / "empty.json"
+    good.write_text(json.dumps(data), encoding="utf-8")
+    empty.write_text("", encoding="utf-8")   # what a suite that selected nothing leaves behind
+    out = tmp_path / "report.md"
+    assert report.main([str(empty), str(good), "--out", str(out)]) == 0
+    assert "skipping" in capsys.readouterr().err and "## Speed targets" in out.read_text(encoding="utf-8")
+    with pytest.raises(SystemExit):
+        report.main([str(empty)])
+    assert "none of the files is a pytest-benchmark JSON" in capsys.readouterr().err
 
 
 def test_cpu_run_is_marked_reference_only(report, data):
