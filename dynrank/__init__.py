@@ -29,3 +29,13 @@ __all__ = [
     "rewrap_ddp", "distributed", "functional", "metrics", "regularizers", "cost",
     "__version__",
 ]
+
+import os as _os  # noqa: E402
+
+# The Triton kernels live in the checkout's top-level ``kernels/`` folder, which setup.py installs as
+# ``dynrank.kernels``.  Run from a source checkout (``python -m dynrank.train``, ``python -m pytest``),
+# the package is this folder, without them: let ``dynrank.kernels`` resolve to that folder then.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if (not _os.path.isdir(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "kernels"))
+        and _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py"))):
+    __path__.append(_checkout)

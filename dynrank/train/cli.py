@@ -217,6 +217,9 @@ def _resolve_device(cfg):
     if cfg.get("amp") is None:
         cfg["amp"] = bool(cuda and torch.cuda.is_bf16_supported())
     cfg["channels_last"] = cuda
+    if cuda:
+        # Fixed input shapes: let cuDNN time its algorithms once per shape and keep the fastest.
+        torch.backends.cudnn.benchmark = True
     return cfg
 
 

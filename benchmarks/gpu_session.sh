@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# A time-limited GPU session in two back-to-back calls, each inside the device's 10-minute limit.
+#
+#   bash benchmarks/gpu_session.sh bench [SECONDS]    # call 1
+#   bash benchmarks/gpu_session.sh collect SECONDS    # call 2, at once after call 1
+#
+# Call 1 has the GPU to itself for the benchmark suites and the report, then starts the CIFAR-10
+# paper runs in their own process session (so they outlive the call), sharing the GPU under MPS
+# when it starts, and runs the native kernel tests beside them.  Call 2 gives the runs a deadline
+# that fits its own limit, waits for them and packs the results; on a fresh machine (call 1's was
+# given back) it starts the runs itself.  Expects local/whl/tensorly-*.whl and
+# local/data/cifar10-jpeg.tar.gz (git-ignored, carried).  What comes back is under $OUT
+# (at most 8 files): bench.tgz and report.md from call 1; summary.md, paper.tgz, paper.log,
+# paper-checkpoints.tgz and tests-cuda.log from call 2.
+set -u
+PHASE=${1:?usage: gpu_session.sh bench|collect [seconds]}
+CALL_SECONDS=${2:-300}
+OUT=${OUT:-/tmp/dynrank-out}
+RES=/tmp/dynrank-res
+CACHE=/tmp/dynrank-cache
+RUNS=$RES/cifar10-resnet20
+DEADLINE_FILE=/tmp/dynrank-paper-deadline
+DEVICE=${SESSION_DEVICE:-cuda}      # cpu: a dry run of the whole script on a machine without a GPU
+PAPER_ARGS=${PAPER_ARGS:-}          # e.g. "--epochs 2 --train-args --width 0.25" for a dry run
+DATA=${SESSION_DATA:-local/data}
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1 CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+T0=$(date +%s)
+say() { echo "[$(($(date +%s) - T0))s] $*"; }
+left() { echo $((CALL_SECONDS - $(date +%s) + T0)); }
+min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+
+setup() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site local/whl/*.whl >/dev/null \
+        || { echo "tensorly install failed"; exit 1; }
+    export PYTHONPATH=/tmp/site
+    python3 - <<'EOF'
+import torch, triton, tensorly, dynrank, dynrank.kernels
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "| torch", torch.__version__, "| triton", triton.__version__,
+      "| cuda", torch.version.cuda, "| cudnn", torch.backends.cudnn.version(), "| tensorly", tensorly.__version__)
+EOF
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv,noheader \
+        2>/dev/null
+}
+
+decode_cifar() {   # once per machine: every run then loads the decoded tensors
+    ls "$CACHE"/cifar10-*.pt >/dev/null 2>&1 && return 0
+    python3 -c "from dynrank.train.data import load_vision; load_vision('cifar10', '$DATA', cache_dir='$CACHE')"
+}
+
+suite() {   # suite NAME CAP_SECONDS PYTEST_ARGS...: one benchmark file, inside the bench phase's time
+    local name=$1 cap=$2; shift 2
+    local t; t=$(min "$cap" $((BENCH_END - $(date +%s))))
+    [ "$t" -lt 15 ] && { say "skip $name (no time left)"; return; }
+    say "$name (≤ ${t}s)"
+    timeout -s INT -k 15 "$t" python3 -m pytest "$@" --benchmark-only --benchmark-warmup=off --benchmark-max-time=0.15 \
+        --benchmark-min-rounds=8 -q -p no:cacheprovider --benchmark-json="$RES/$name.json" 2>&1 | tail -n 2
+}
+
+bench() {
+    (decode_cifar > "$RES/decode.log" 2>&1 &)
+    BENCH_END=$(($(date +%s) + ${BENCH_SECONDS:-230}))
+    say "profile of the launch path"
+    timeout 60 python3 benchmarks/profile_ops.py --out "$RES/profile.txt" 2>&1 | head -n 5
+    suite linear 120 benchmarks/test_bench_linear.py \
+        -k "fwd and not (torch_compile and lowrank) and (target or not torch_compile)"
+    suite epoch 60 benchmarks/test_bench_epoch.py
+    suite merge 45 benchmarks/test_bench_merge.py
+    suite conv 50 benchmarks/test_bench_conv.py -k "fwd and (resnet20 or 56px)"
+    suite linear_split 40 benchmarks/test_bench_linear.py \
+        -k "(forward or backward) and target and (adapter or dense_frozen) and not torch_compile"
+    python3 benchmarks/report.py "$RES"/*.json --out "$RES/report.md" --plot "$RES/report.png" >/dev/null 2>&1
+    (cd "$RES" && tar -czf "$OUT/bench.tgz" ./*.json report.* profile.txt 2>/dev/null)
+    cp "$RES/report.md" "$OUT/" 2>/dev/null
+    say "benchmarks done"
+}
+
+conv_forms_check() {   # every decomposition through lowrank → full → adapter, on CUDA with the kernels
+    timeout 120 python3 - <<'EOF'
+import torch
+from dynrank import LowRankConv2d
+for d in ("svd", "tucker", "cp", "tkd-cpd"):
+    torch.manual_seed(0)
+    m = LowRankConv2d(16, 16, 3, padding=1, decomposition=d, rank_ratio=0.5, form="lowrank").cuda()
+    x = torch.randn(4, 16, 8, 8, device="cuda")
+    ref = m(x).detach()
+    m.inflate()
+    err = (m(x) - ref).abs().max().item()
+    m.deflate()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = m(x)
+    y.float().sum().backward()
+    torch.cuda.synchronize()
+    assert err < 1e-3, (d, err)
+print("conv forms ok on", torch.cuda.get_device_name())
+EOF
+}
+
+start_paper() {   # start_paper BUDGET_SECONDS: the runs, in their own session
+    decode_cifar || { echo "CIFAR-10 decode failed"; return 1; }
+    if [ "$DEVICE" = cuda ] && ! conv_forms_check; then
+        export DYNRANK_BACKEND=torch
+        say "the Triton conv path failed its check: the runs use DYNRANK_BACKEND=torch"
+    fi
+    local parallel=6
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if [ "$DEVICE" = cuda ] && nvidia-cuda-mps-control -d 2>/dev/null \
+        && timeout 40 python3 -c "import torch; assert torch.ones(4, device='cuda').sum().item() == 4"; then
+        parallel=9; say "MPS on"
+    else
+        echo quit | nvidia-cuda-mps-control 2>/dev/null
+        unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+        say "MPS unavailable: the runs take turns on the GPU"
+    fi
+    rm -f "$DEADLINE_FILE"
+    say "paper runs: $parallel at a time, budget $1 s"
+    setsid nohup python3 benchmarks/paper_cifar10.py --data-dir "$DATA" --cache-dir "$CACHE" --device "$DEVICE" \
+        --out "$RUNS" --budget-s "$1" --parallel "$parallel" --protect 3 --deadline-file "$DEADLINE_FILE" $PAPER_ARGS \
+        > "$RES/paper.log" 2>&1 < /dev/null &
+    echo $! > "$RES/paper.pid"
+}
+
+native_tests() {   # compiled kernels on CUDA, beside the runs (own session: they outlive call 1)
+    say "native tests started"
+    local workers; workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+    (unset DYNRANK_BACKEND; setsid nohup timeout 500 python3 -m pytest -q $workers -p no:cacheprovider \
+        tests/test_kernels_linear.py tests/test_linear.py tests/test_conv_kernels.py tests/test_conv.py \
+        tests/test_scheduler.py tests/test_convert.py tests/test_optimizer_state.py \
+        > "$RES/tests-cuda.log" 2>&1 < /dev/null &)
+}
+
+collect() {
+    if [ ! -f "$RES/paper.pid" ]; then
+        say "no runs on this machine: starting them"
+        start_paper $(($(left) - 60))
+    else
+        echo $(($(date +%s) + $(left) - 50)) > "$DEADLINE_FILE"
+    fi
+    local pid; pid=$(cat "$RES/paper.pid")
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 5
+        [ $(( ($(date +%s) - T0) % 60 )) -lt 5 ] && grep "^\[" "$RES/paper.log" | tail -n 1
+    done
+    cp "$RES/paper.log" "$OUT/"
+    cp "$RES/tests-cuda.log" "$OUT/" 2>/dev/null && tail -n 3 "$RES/tests-cuda.log"
+    cp "$RUNS/summary.md" "$OUT/" 2>/dev/null
+    (cd "$RES" && tar -czf "$OUT/paper.tgz" --exclude=checkpoint.pt --exclude=model.pt cifar10-resnet20)
+    local ckpts; ckpts=$(cd "$RES" && find cifar10-resnet20 -name checkpoint.pt ! -execdir test -f result.json \; -print)
+    [ -n "$ckpts" ] && (cd "$RES" && tar -czf "$OUT/paper-checkpoints.tgz" $ckpts)
+    grep -v "^\[" "$RES/paper.log" | tail -n 25
+}
+
+setup
+say "setup done"
+case "$PHASE" in
+    bench) bench; start_paper "${PAPER_BUDGET:-900}"; native_tests ;;
+    collect) collect ;;
+    *) echo "unknown phase $PHASE"; exit 2 ;;
+esac
+say "done"

@@ -1,0 +1,116 @@
+"""Where the time of dynrank's Triton path goes on a GPU: host-side launch cost and kernel time.
+
+The first H200 run (benchmarks/KERNEL_NOTES.md) found the Triton path about 1 ms slower per
+forward+backward than cuBLAS at every shape, small ones included, so the cost is per call rather
+than per FLOP.  This script separates the two:
+
+1. host time per launch (no synchronization inside the loop) of an empty Triton kernel, of the
+   engine ``lowrank_gemm`` on a tiny problem, and of ``torch.mm`` on the same problem;
+2. ``torch.profiler`` tables (CPU and CUDA time per op) of one adapter forward+backward through
+   the Triton path and through the cuBLAS path, at a target shape.
+
+    python benchmarks/profile_ops.py --out profile.txt      # needs CUDA
+
+Everything printed is also written to ``--out``.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+try:
+    import dynrank  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def host_microseconds(fn, calls=2000):
+    """Mean host time of one call, launches queued without synchronizing in between."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls
+    torch.cuda.synchronize()
+    return 1e6 * host
+
+
+def launch_costs(lines):
+    import triton
+
+    from dynrank.kernels.lowrank_gemm import lowrank_gemm
+
+    @triton.jit
+    def _empty(ptr):
+        pass
+
+    one = torch.empty(1, device="cuda")
+    x = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(64, 16, device="cuda", dtype=torch.bfloat16)
+    rows = [("empty Triton kernel", lambda: _empty[(1,)](one)),
+            ("lowrank_gemm 64×64·64×16 (engine)", lambda: lowrank_gemm(x, w)),
+            ("torch.mm 64×64·64×16 (cuBLAS)", lambda: torch.mm(x, w))]
+    lines.append("host time per launch (µs, mean of 2000 queued calls)")
+    for name, fn in rows:
+        lines.append(f"  {name:<40} {host_microseconds(fn):8.1f}")
+
+
+def profile_adapter(lines, tokens, features, rank):
+    from torch.profiler import ProfilerActivity, profile
+
+    from dynrank import FusedLowRankLinear
+
+    layer = FusedLowRankLinear(features, features, rank, form="adapter", alpha=16.0, device="cuda",
+                               dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.A.normal_(0, 0.02)
+    layer.bias.requires_grad_(False)
+    x = torch.randn(tokens, features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(tokens, features, device="cuda", dtype=torch.bfloat16)
+    for backend in ("triton", "torch"):
+        os.environ["DYNRANK_BACKEND"] = backend
+
+        def step():
+            x.grad = layer.A.grad = layer.B.grad = None
+            layer(x).backward(grad)
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                step()
+            torch.cuda.synchronize()
+        lines.append(f"\nadapter fwd+bwd T{tokens} K=N={features} r{rank} bf16, DYNRANK_BACKEND={backend}, "
+                     f"10 steps")
+        lines.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
+    os.environ.pop("DYNRANK_BACKEND", None)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="text file for the report (default: print only)")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--features", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=16)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("profile_ops.py profiles CUDA launches; torch sees no GPU here")
+    import triton
+    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"]
+    launch_costs(lines)
+    profile_adapter(lines, args.tokens, args.features, args.rank)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""benchmarks/paper_cifar10.py: parallel runs, deadline projection, stopping, resuming, summary.
+
+The runs are tiny (ResNet20 at width 0.25 on a 16-image pickled CIFAR-10) so the
+driver's bookkeeping is what is tested; nothing is timed against a target.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from _helpers import load_script
+from test_train_cli import _write_tiny_cifar10
+
+TINY = ["--width", "0.25", "--batch-size", "8", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def driver():
+    return load_script("benchmarks/paper_cifar10.py", "dynrank_paper_driver")
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    _write_tiny_cifar10(str(tmp_path / "data" / "cifar-10-batches-py"), per_batch=16, test=16)
+    return str(tmp_path / "data")
+
+
+def _main(driver, data_dir, out, *args, runs=("full:svd:0", "dynamic:svd:0")):
+    return driver.main(["--data-dir", data_dir, "--device", "cpu", "--out", str(out), "--cache-dir",
+                        str(Path(data_dir).parent / "cache"), "--poll-s", "0.2", "--status-every-s", "100",
+                        "--min-launch-s", "1", *args, "--runs", *runs, "--train-args", *TINY])
+
+
+def test_parallel_runs_finish_and_are_summarized(driver, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _main(driver, data_dir, out, "--epochs", "3", "--parallel", "2", "--budget-s", "300") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {(r["schedule"], r["decomposition"]): r for r in summary["runs"]}
+    assert set(rows) == {("full", None), ("dynamic", "svd")}
+    assert all(r["finished"] and r["epochs"] == 3 for r in rows.values())
+    assert set(rows[("dynamic", "svd")]["seconds_per_epoch"]) <= {"lowrank", "full", "adapter"}
+    assert rows[("full", None)]["comp_paper_formula"] == 1.0
+    assert rows[("dynamic", "svd")]["paper_accuracy"] == 92.13
+    orchestration = json.loads((out / "orchestration.json").read_text())
+    assert orchestration["parallel"] == 2 and orchestration["failed"] == []
+    assert [e["event"] for e in orchestration["events"]].count("start") == 2
+    assert summary["environment"] == orchestration["environment"]
+    # A second call finds both runs finished and starts nothing.
+    assert _main(driver, data_dir, out, "--epochs", "3", "--parallel", "2", "--budget-s", "300") == 0
+    assert json.loads((out / "orchestration.json").read_text())["events"] == []
+    assert "| full | - | 0 | 3 |" in capsys.readouterr().out
+
+
+def test_deadline_stops_with_a_checkpoint_and_the_next_call_resumes(driver, data_dir, tmp_path):
+    out = tmp_path / "out"
+    code = _main(driver, data_dir, out, "--epochs", "400", "--budget-s", "20", "--grace-s", "8",
+                 runs=("lowrank:svd:0",))
+    log = (out / "lowrank-svd-seed0.log").read_text()
+    assert code == 3, log                              # some run is left for a later call
+    folder = out / "lowrank-svd-seed0"
+    assert (folder / "lowrank" / "checkpoint.pt").is_file()
+    assert not (folder / "lowrank" / "result.json").exists()
+    done = len(json.loads((folder / "lowrank" / "metrics.json").read_text()))
+    assert 0 < done < 400
+    assert "of 400 (stopped)" in (out / "summary.md").read_text()
+    code = _main(driver, data_dir, out, "--budget-s", "10", "--grace-s", "5", runs=("lowrank:svd:0",))
+    log = (out / "lowrank-svd-seed0.log").read_text()
+    assert code == 3, log
+    assert "resuming at epoch" in log, log
+    assert len(json.loads((folder / "lowrank" / "metrics.json").read_text())) >= done   # nothing lost
+
+
+def _run(driver, schedule, cfg, samples):
+    run = driver._Run((schedule, "svd", 0), 0, SimpleNamespace(out="/nowhere"))
+    run.cfg, run.samples = cfg, samples
+    return run
+
+
+def test_projection_counts_the_full_rank_epochs_of_a_dynamic_run(driver):
+    cfg = dict(epochs=150, inflate_epoch=55, deflate_epoch=120)
+    samples = [(0.0, 0), (5.0, 1), (7.0, 2), (9.0, 3), (11.0, 4)]
+    dynamic = _run(driver, "dynamic", cfg, samples)
+    assert dynamic.seconds_per_epoch() == pytest.approx(2.0)
+    # 51 lowrank epochs at 2 s, 65 full at 2·1.5 s, 30 adapter at 2·1.5·1.2 s.
+    assert dynamic.seconds_left(2.0, 1.5) == pytest.approx(51 * 2 + 65 * 3 + 30 * 3.6)
+    assert _run(driver, "lowrank", cfg, samples).seconds_left(2.0, 1.5) == pytest.approx(146 * 2)
+    assert _run(driver, "dynamic", cfg, samples[:2]).seconds_per_epoch() is None
+
+
+def test_deadline_file_moves_the_deadline(driver, tmp_path):
+    path = tmp_path / "deadline"
+    assert driver._read_deadline(str(path), 42.0) == 42.0          # no file yet
+    path.write_text(str(time.time() + 100))
+    assert driver._read_deadline(str(path), 42.0) == pytest.approx(time.monotonic() + 100, abs=1.0)
+    path.write_text("soon")
+    assert driver._read_deadline(str(path), 42.0) == 42.0
+    assert driver._read_deadline(None, 7.0) == 7.0
+
+
+def test_bad_arguments(driver, capsys):
+    with pytest.raises(SystemExit):
+        driver.main(["--parallel", "0", "--summarize-only"])
+    assert "--parallel must be ≥ 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        driver.main(["--runs", "dynamic-svd-0"])
+    assert "a run is schedule:decomposition:seed" in capsys.readouterr().err
+
+
+def test_summary_of_nothing(driver, tmp_path):
+    os.makedirs(tmp_path / "empty")
+    summary = driver.summarize(str(tmp_path / "empty"))
+    assert summary["runs"] == [] and (tmp_path / "empty" / "summary.md").is_file()
