@@ -14,6 +14,8 @@ The rank ``R`` is a runtime argument (the rank loop steps by ``BLOCK_K``), so a
 new rank never triggers a recompilation.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -109,6 +111,7 @@ def _fit(size, lo, hi):
     return max(lo, min(hi, triton.next_power_of_2(size)))
 
 
+@functools.lru_cache(maxsize=1024)   # a few µs per launch otherwise; callers only read the dict
 def _native_config(M, N, dtype, accumulate):
     """Tile shape for a compiled launch.
 
