@@ -61,6 +61,32 @@ def test_flags_override_a_preset_and_the_schedule_follows():
     assert cfg["data"] == "cifar100" and (cfg["inflate_epoch"], cfg["deflate_epoch"]) == (10, 20)
 
 
+def test_compile_mode_implies_compile():
+    assert (_config([])["compile"], _config([])["compile_mode"]) == (False, "default")
+    cfg = _config(["--compile-mode", "reduce-overhead"])
+    assert cfg["compile"] is True and cfg["compile_mode"] == "reduce-overhead"
+    assert _config(["--no-compile", "--compile-mode", "max-autotune"])["compile"] is False
+
+
+def test_compile_mode_reaches_torch_compile_and_a_resume_may_change_it(tmp_path, monkeypatch, capsys):
+    modes = []
+
+    def fake_compile(model, mode=None):
+        modes.append(mode)
+        return model
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "run"
+    argv = ["--schedule", "full", "--epochs", "1", "--milestones", "", "--inflate-epoch", "0",
+            "--deflate-epoch", "1", "--out", str(out)] + TINY_GPT
+    assert cli.main(argv + ["--compile-mode", "reduce-overhead"]) == 0
+    assert modes == ["reduce-overhead"]
+    assert "compile=True, compile_mode=reduce-overhead" in capsys.readouterr().out
+    os.remove(out / "full" / "result.json")          # as if stopped before the end
+    assert cli.main(["--resume", str(out), "--compile-mode", "default"]) == 0
+    assert modes == ["reduce-overhead", None]
+    assert "ignoring" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--inflate-epoch", "5", "--deflate-epoch", "3"], "inflate epoch < deflate epoch"),
     (["--rank-ratio", "1.5"], "rank-ratio must be in"),

@@ -43,7 +43,8 @@ MODEL_DATA = {"resnet20": "cifar10", "wrn28-10": "cifar100", "resnet50": "tiny-i
 DATA_MODEL = {data: model for model, data in MODEL_DATA.items()}
 GENERIC = dict(schedule="dynamic", decomposition="svd", seed=0, device="auto", lr_decay=0.1, deflate_init="zeros",
                optimizer_state="carry", width=1.0, metrics_every=1, context=128, dim=128, depth=2, heads=4,
-               steps_per_epoch=None, dropout=None, data_dir="data", compile=False)
+               steps_per_epoch=None, dropout=None, data_dir="data", compile=False, compile_mode="default")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 _EPILOG = """\
@@ -118,6 +119,9 @@ def build_parser():
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on with CUDA)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    g.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, for "
+                        "small launch-bound models such as ResNet20 at batch 128")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default 1: the built-in models at CPU sizes run fastest on one, "
                         "and the same thread count gives the same losses on every rerun)")
     g.add_argument("--out", help="output folder (default: runs/<timestamp>)")
@@ -126,6 +130,10 @@ def build_parser():
     g.add_argument("--width", type=float, help="channel multiplier of vision models (quick tests only)")
     p.set_defaults(**{k: None for k in ("compile", "amp")})
     return p
+
+
+# How a run executes, not what it computes: a resumed run may change these.
+RESUME_OVERRIDES = ("amp", "threads", "compile", "compile_mode")
 
 
 def _explicit(args):
@@ -156,6 +164,8 @@ def config_from_args(args):
     cfg.update(preset)
     cfg.update(given)
     cfg.update(model=model, data=data)
+    if "compile_mode" in given and given.get("compile") is not False:
+        cfg["compile"] = True
     for key in ("context", "dim", "depth", "heads", "steps_per_epoch"):
         if model != "gpt" and key in base and key not in given:
             cfg[key] = GENERIC[key]
@@ -250,7 +260,7 @@ def load_data(cfg, log=print):
 def _print_settings(cfg, log):
     keys = ("model", "data", "schedule", "rank_ratio", "decomposition", "epochs", "milestones", "inflate_epoch",
             "deflate_epoch", "optimizer", "lr", "batch_size", "weight_decay", "label_smoothing", "seed",
-            "device", "amp", "threads")
+            "device", "amp", "threads", "compile", "compile_mode")
     log("settings: " + ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg))
 
 
@@ -312,11 +322,13 @@ def main(argv=None):
                 cfg = json.load(handle)
             if args.device:
                 cfg["device"], cfg["amp"], cfg["threads"] = args.device, None, None
-            for key in ("amp", "threads"):
+            for key in RESUME_OVERRIDES:
                 if getattr(args, key) is not None:
                     cfg[key] = getattr(args, key)
+            if args.compile_mode is not None and args.compile is not False:
+                cfg["compile"] = True
             ignored = sorted(k for k, v in _explicit(args).items()
-                             if k not in ("resume", "device", "amp", "threads", "download") and v is not False)
+                             if k not in ("resume", "device", "download", *RESUME_OVERRIDES) and v is not False)
             if ignored:
                 flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
                 log(f"note: --resume uses the saved settings; ignoring {flags}")

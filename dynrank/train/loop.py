@@ -204,7 +204,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
         cfg: configuration dict (see ``cli.config_from_args``): model, rank_ratio,
             decomposition, epochs, inflate_epoch, deflate_epoch, milestones, lr,
             lr_decay, optimizer, weight_decay, label_smoothing, seed, device,
-            amp, compile, ...
+            amp, compile, compile_mode, ...
         schedule: ``"full"``, ``"lowrank"`` or ``"dynamic"``.
         data: a :class:`.augment.VisionData` or :class:`.corpus.TextData`.
         out_dir: folder for checkpoint.pt, metrics.csv/json, result.json, model.pt.
@@ -245,7 +245,8 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
         scheduler = DynamicRankScheduler(model, optimizer, cfg["inflate_epoch"], cfg["deflate_epoch"],
                                          deflate_init=cfg["deflate_init"], optimizer_state=cfg["optimizer_state"],
                                          epochs=cfg["epochs"])
-    forward = torch.compile(model) if cfg.get("compile") else model
+    mode = cfg.get("compile_mode") or "default"
+    forward = torch.compile(model, mode=None if mode == "default" else mode) if cfg.get("compile") else model
     autocast = _autocast_factory(cfg, device)
     history, start_epoch, start_step, partial, resumed_monitor = [], 0, 0, None, None
 
