@@ -118,6 +118,10 @@ def _worker(rank, init_file, out_dir):
         torch.save(_fsdp_run(rank), os.path.join(out_dir, f"fsdp{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # torch 2.13's gloo sometimes aborts during interpreter shutdown ("terminate called without an
+    # active exception", after destroy_process_group, in about one run of ten on a 2-core machine).
+    # The results are saved by now: leave without the shutdown.
+    os._exit(0)
 
 
 def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
