@@ -24,6 +24,29 @@ def _zero_grad_step(model, opt):
     opt.step()
 
 
+def _tiny_zero_grad_step(model, opt):
+    for g in opt.param_groups:
+        g["lr"] = 1e-6
+    _zero_grad_step(model, opt)
+
+
+def _assert_inflate_moves_like_the_merged_factors(model, opt, sched, layers=(0, 2)):
+    """One tiny zero-gradient step after the carry-inflate (``sched.step(1)``) moves each W as the
+    same step without the inflate moves the merged factors, to first order in lr."""
+    lowrank, lowrank_opt = copy.deepcopy((model, opt))
+
+    def merged():
+        return [copy.deepcopy(lowrank[i]).inflate().weight.detach() for i in layers]
+    before = merged()
+    _tiny_zero_grad_step(lowrank, lowrank_opt)
+    moved = [after - b for after, b in zip(merged(), before)]
+    sched.step(1)
+    weights = [model[i].weight.detach().clone() for i in layers]
+    _tiny_zero_grad_step(model, opt)
+    for i, w, reference in zip(layers, weights, moved):
+        assert rel_err(model[i].weight.detach() - w, reference) < 1e-4
+
+
 def test_carry_inflate_matches_the_lowrank_momentum_to_first_order():
     # With zero gradients, SGD moves by lr·μ·buffer.  Carried m_W must move W as
     # the factors' momentum moves s·A·Bᵀ, up to O(lr²).
@@ -32,19 +55,7 @@ def test_carry_inflate_matches_the_lowrank_momentum_to_first_order():
     sched = DynamicRankScheduler(model, opt, 1, 3, optimizer_state="carry")
     sched.step(0)
     train_steps(model, opt, x, y, steps=4)
-    lowrank, lowrank_opt = copy.deepcopy((model, opt))
-    merged = [(lowrank[i].A @ lowrank[i].B.t()).detach().clone() for i in (0, 2)]
-    for g in lowrank_opt.param_groups:
-        g["lr"] = 1e-6
-    _zero_grad_step(lowrank, lowrank_opt)
-    moved = [(lowrank[i].A @ lowrank[i].B.t()).detach() - m for i, m in zip((0, 2), merged)]
-    sched.step(1)
-    for g in opt.param_groups:
-        g["lr"] = 1e-6
-    weights = [model[i].weight.detach().clone() for i in (0, 2)]
-    _zero_grad_step(model, opt)
-    for i, w, reference in zip((0, 2), weights, moved):
-        assert rel_err(model[i].weight.detach() - w, reference) < 1e-4
+    _assert_inflate_moves_like_the_merged_factors(model, opt, sched)
 
 
 def _train_full_then_deflate(model, x, y, steps):
@@ -91,19 +102,7 @@ def test_carry_inflate_conv_first_order(decomposition):
     sched = DynamicRankScheduler(model, opt, 1, 3, optimizer_state="carry")
     sched.step(0)
     train_steps(model, opt, x, y, steps=3)
-    lowrank, lowrank_opt = copy.deepcopy((model, opt))
-    kernels = [copy.deepcopy(lowrank[i]).inflate().weight.detach() for i in (0, 2)]
-    for g in lowrank_opt.param_groups:
-        g["lr"] = 1e-6
-    _zero_grad_step(lowrank, lowrank_opt)
-    moved = [copy.deepcopy(lowrank[i]).inflate().weight.detach() - k for i, k in zip((0, 2), kernels)]
-    sched.step(1)
-    for g in opt.param_groups:
-        g["lr"] = 1e-6
-    weights = [model[i].weight.detach().clone() for i in (0, 2)]
-    _zero_grad_step(model, opt)
-    for i, w, reference in zip((0, 2), weights, moved):
-        assert rel_err(model[i].weight.detach() - w, reference) < 1e-4
+    _assert_inflate_moves_like_the_merged_factors(model, opt, sched)
 
 
 @pytest.mark.parametrize("decomposition", ["svd", "tucker", "cp", "tkd-cpd"])
