@@ -73,7 +73,6 @@ class _Run:
         self.name = os.path.basename(self.folder)
         self.proc = None
         self.samples = []          # (time, epochs finished) each time the count changed
-        self.stopped_by = None
         self.cfg = None
 
     @property
@@ -108,9 +107,14 @@ class _Run:
         except OSError:
             return 0
 
+    @property
+    def done(self):
+        """Epochs finished when last polled."""
+        return self.samples[-1][1]
+
     def poll(self):
         done = self.epochs_done()
-        if done != self.samples[-1][1]:
+        if done != self.done:
             self.samples.append((time.monotonic(), done))
         if self.cfg is None:
             try:
@@ -118,7 +122,6 @@ class _Run:
                     self.cfg = json.load(handle)
             except (OSError, ValueError):
                 pass
-        return done
 
     def seconds_per_epoch(self):
         """Wall seconds per epoch over the last few epochs (None before two epochs were seen finish)."""
@@ -128,11 +131,12 @@ class _Run:
         (t0, e0), (t1, e1) = seen[max(0, len(seen) - 4)], seen[-1]
         return (t1 - t0) / (e1 - e0)
 
-    def seconds_left(self, rate, full_over_lowrank):
-        """Projected wall seconds to the end at ``rate`` s/epoch of the current form."""
+    def seconds_left(self, full_over_lowrank):
+        """Projected wall seconds to the end at the current form's recent rate (None before one is seen)."""
+        rate = self.seconds_per_epoch()
         if self.cfg is None or rate is None:
             return None
-        done, epochs = self.samples[-1][1], self.cfg["epochs"]
+        done, epochs = self.done, self.cfg["epochs"]
         if self.schedule != "dynamic":
             return rate * (epochs - done)
         inflate, deflate = self.cfg["inflate_epoch"], self.cfg["deflate_epoch"] or epochs
@@ -184,8 +188,8 @@ def run_all(args, log=print):
                 failed.append(run.name)
                 log(f"dynrank-train failed in {run.folder} (exit {code}); see {run.name}.log")
             events.append(dict(t=round(now - started, 1), run=run.name, event="exit", code=code,
-                               epochs=run.epochs_done()))
-        rates = [r.seconds_per_epoch() for r in runs if r.seconds_per_epoch()]
+                               epochs=run.done))
+        rates = [rate for rate in (r.seconds_per_epoch() for r in runs) if rate]
         typical = statistics.median(rates) if rates else None
         while pending and len(running) < args.parallel and deadline - now > args.min_launch_s:
             run = pending[0]
@@ -201,7 +205,6 @@ def run_all(args, log=print):
             break
         if now >= deadline - args.grace_s:
             for run in running:
-                run.stopped_by = "deadline"
                 run.proc.send_signal(signal.SIGINT)
             _wait(running, args.grace_s)
             events.append(dict(t=round(time.monotonic() - started, 1), event="deadline",
@@ -210,12 +213,11 @@ def run_all(args, log=print):
             break
         ratio = _full_over_lowrank(runs)
         late = [r for r in running
-                if (left := r.seconds_left(r.seconds_per_epoch(), ratio)) is not None
+                if (left := r.seconds_left(ratio)) is not None
                 and now + left > deadline - args.grace_s]
         droppable = [r for r in running if r.priority >= args.protect]
         if late and droppable and now >= next_drop:
             victim = max(droppable, key=lambda r: r.priority)
-            victim.stopped_by = "projection"
             victim.proc.send_signal(signal.SIGINT)
             next_drop = now + args.drop_cooldown_s
             events.append(dict(t=round(now - started, 1), run=victim.name, event="stop",
@@ -225,7 +227,7 @@ def run_all(args, log=print):
         if now - last_status > args.status_every_s:
             last_status = now
             log(f"[{now - started:5.0f}s] " + "  ".join(
-                f"{r.name} {r.epochs_done()}ep" + (f" {r.seconds_per_epoch():.2f}s/ep" if r.seconds_per_epoch() else "")
+                f"{r.name} {r.done}ep" + (f" {rate:.2f}s/ep" if (rate := r.seconds_per_epoch()) else "")
                 for r in running))
         time.sleep(args.poll_s)
     os.makedirs(args.out, exist_ok=True)

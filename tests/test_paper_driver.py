@@ -86,9 +86,10 @@ def test_projection_counts_the_full_rank_epochs_of_a_dynamic_run(driver):
     dynamic = _run(driver, "dynamic", cfg, samples)
     assert dynamic.seconds_per_epoch() == pytest.approx(2.0)
     # 51 lowrank epochs at 2 s, 65 full at 2·1.5 s, 30 adapter at 2·1.5·1.2 s.
-    assert dynamic.seconds_left(2.0, 1.5) == pytest.approx(51 * 2 + 65 * 3 + 30 * 3.6)
-    assert _run(driver, "lowrank", cfg, samples).seconds_left(2.0, 1.5) == pytest.approx(146 * 2)
-    assert _run(driver, "dynamic", cfg, samples[:2]).seconds_per_epoch() is None
+    assert dynamic.seconds_left(1.5) == pytest.approx(51 * 2 + 65 * 3 + 30 * 3.6)
+    assert _run(driver, "lowrank", cfg, samples).seconds_left(1.5) == pytest.approx(146 * 2)
+    early = _run(driver, "dynamic", cfg, samples[:2])
+    assert early.seconds_per_epoch() is None and early.seconds_left(1.5) is None
 
 
 def test_deadline_file_moves_the_deadline(driver, tmp_path):
