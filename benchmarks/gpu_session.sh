@@ -64,7 +64,7 @@ bench() {
     timeout 60 python3 benchmarks/profile_ops.py --out "$RES/profile.txt" 2>&1 | head -n 5
     suite linear 120 benchmarks/test_bench_linear.py \
         -k "fwd and not (torch_compile and lowrank) and (target or not torch_compile)"
-    suite epoch 60 benchmarks/test_bench_epoch.py
+    suite epoch 90 benchmarks/test_bench_epoch.py
     suite merge 45 benchmarks/test_bench_merge.py
     suite conv 50 benchmarks/test_bench_conv.py -k "fwd and (resnet20 or 56px)"
     suite linear_split 40 benchmarks/test_bench_linear.py \
@@ -96,11 +96,34 @@ print("conv forms ok on", torch.cuda.get_device_name())
 EOF
 }
 
+seed_runs() {   # unfinished runs resume from the checkpoints committed with the results (not in a CPU dry run)
+    [ "$DEVICE" = cuda ] && [ ! -d "$RUNS" ] || return 0
+    mkdir -p "$RUNS"
+    cp -r benchmarks/results/cifar10-resnet20/. "$RUNS/"
+    say "seeded $(find "$RUNS" -name checkpoint.pt | wc -l) checkpoints from benchmarks/results/cifar10-resnet20"
+}
+
+graphs_check() {   # real CUDA graphs train as eager steps do (fp32 and bf16): then the runs use them
+    [ "${SESSION_GRAPHS:-1}" = 1 ] && [ "$DEVICE" = cuda ] || return 1
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_train_steps.py -k real_cuda 2>&1 | tail -n 1
+    [ "${PIPESTATUS[0]}" = 0 ]
+}
+
 start_paper() {   # start_paper BUDGET_SECONDS: the runs, in their own session
     decode_cifar || { echo "CIFAR-10 decode failed"; return 1; }
+    seed_runs
     if [ "$DEVICE" = cuda ] && ! conv_forms_check; then
         export DYNRANK_BACKEND=torch
         say "the Triton conv path failed its check: the runs use DYNRANK_BACKEND=torch"
+    fi
+    if graphs_check; then
+        case "$PAPER_ARGS" in
+            *--train-args*) PAPER_ARGS="$PAPER_ARGS --cuda-graphs" ;;
+            *) PAPER_ARGS="$PAPER_ARGS --train-args --cuda-graphs" ;;
+        esac
+        say "CUDA graphs check passed: the runs replay graphed steps"
+    else
+        say "the runs take eager steps"
     fi
     local parallel=6
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
@@ -125,7 +148,7 @@ native_tests() {   # compiled kernels on CUDA, beside the runs (own session: the
     local workers; workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
     (unset DYNRANK_BACKEND; setsid nohup timeout 500 python3 -m pytest -q $workers -p no:cacheprovider \
         tests/test_kernels_linear.py tests/test_linear.py tests/test_conv_kernels.py tests/test_conv.py \
-        tests/test_scheduler.py tests/test_convert.py tests/test_optimizer_state.py \
+        tests/test_scheduler.py tests/test_convert.py tests/test_optimizer_state.py tests/test_train_steps.py \
         > "$RES/tests-cuda.log" 2>&1 < /dev/null &)
 }
 

@@ -84,7 +84,10 @@ class _Run:
 
     def argv(self, args):
         if os.path.isfile(os.path.join(self.folder, "config.json")):
-            return ["--resume", self.folder, "--device", args.device]
+            # A resume keeps the run's settings; of the train args it takes how the run executes
+            # (e.g. --cuda-graphs) and notes the rest as ignored.
+            return (["--resume", self.folder, "--device", args.device]
+                    + (["--cache-dir", args.cache_dir] if args.cache_dir else []) + args.train_args)
         return (["--preset", "cifar10-resnet20", "--data-dir", args.data_dir, "--schedule", self.schedule,
                  "--decomposition", self.decomposition, "--seed", str(self.seed), "--out", self.folder,
                  "--device", args.device] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
@@ -324,7 +327,8 @@ def summarize(out):
         decomposition = cfg.get("decomposition", "svd")
         forms = {}
         for rec in history[1:]:          # the first epoch carries start-up and cuDNN autotuning
-            forms.setdefault(rec["form"], []).append(rec["train_time"])
+            graphed = " (graphs)" if rec.get("graphed_steps") else ""
+            forms.setdefault(rec["form"] + graphed, []).append(rec["train_time"])
         measured = None
         if full_epoch and r["finished"]:
             records = [{"form": rec["form"], "wall_seconds": rec["train_time"]} for rec in history]

@@ -4,8 +4,12 @@ Two models, one group each, with every form side by side:
 
 - ``resnet20``: ResNet20 on CIFAR-10-sized batches (128 × 3 × 32 × 32 on CUDA,
   4 on CPU), SGD with momentum; low-rank forms through
-  ``dynrank.convert_model(decomposition="svd")`` (shortcuts and the classifier
-  stay dense), so they skip until ``dynrank.conv`` provides LowRankConv2d.
+  ``dynrank.convert_model`` (shortcuts and the classifier stay dense), with
+  SVD in every form and Tucker, CP and TKD-CPD in the lowrank form at ρ = 0.5
+  (the paper's CIFAR-10 runs).  Each form runs twice: as eager steps, and on
+  CUDA also as one replayed CUDA graph per step (``dynrank.train.steps.TrainStep``,
+  what ``dynrank-train --cuda-graphs`` does), in a group of its own so its
+  ``step / full`` compares graphed steps with graphed steps.
 - ``transformer``: a GPT-2-small-shaped LM (12 × 768, 12 heads, 1024 tokens,
   vocab 50257, batch 8 on CUDA; a 2-layer, 64-wide one on CPU), AdamW; its
   linears are ``FusedLowRankLinear`` in the form under test, rank
@@ -28,6 +32,7 @@ import _bench_models as models
 
 FORMS = [("full", None), ("lowrank", 0.25), ("lowrank", 0.5), ("adapter", 0.5)]
 MODELS = ("resnet20", "transformer")
+CONV_DECOMPOSITIONS = ("tucker", "cp", "tkd-cpd")   # lowrank at ρ = 0.5, beside SVD's every form
 CIFAR_TRAIN_IMAGES = 50_000
 
 
@@ -43,13 +48,14 @@ def _autocast():
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=common.ON_CUDA)
 
 
-def make_resnet20_step(form, rank_ratio, cfg, device=common.DEVICE):
-    """Setup factory: (step callable, model, source) for ResNet20 in ``form``."""
+def make_resnet20_step(form, rank_ratio, cfg, device=common.DEVICE, decomposition="svd", cuda_graphs=False):
+    """Setup factory: (step callable, model, source) for ResNet20 in ``form``, eager or graphed."""
+    from dynrank.train.steps import TrainStep
     model, source = models.resnet20(cfg["num_classes"])
     if form != "full":
         common.require_module("dynrank.conv", "the low-rank CNN forms need LowRankConv2d", "LowRankConv2d")
         convert_model = common.require_module("dynrank.convert", "the low-rank CNN forms need it", "convert_model")
-        convert_model(model, rank_ratio=rank_ratio, decomposition="svd", form=form, init="fresh")
+        convert_model(model, rank_ratio=rank_ratio, decomposition=decomposition, form=form, init="fresh")
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -60,13 +66,12 @@ def make_resnet20_step(form, rank_ratio, cfg, device=common.DEVICE):
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(cfg["num_classes"], (cfg["batch"],), device=device)
+    autocast = lambda cache=True: torch.autocast(device.type, dtype=torch.bfloat16, enabled=common.ON_CUDA,
+                                                 cache_enabled=cache)
+    train_step = TrainStep(model, optimizer, model, autocast, 0.1, cuda_graphs=cuda_graphs)
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast():
-            loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
-        loss.backward()
-        optimizer.step()
+        train_step(images, labels, 1e-3)
         common.sync(device)
     return step, model, source
 
@@ -96,26 +101,49 @@ def _form_id(form, rank_ratio):
     return form if rank_ratio is None else f"{form}-rho{rank_ratio}"
 
 
-CASES = [pytest.param(m, f, r, id=f"{m}-{_form_id(f, r)}") for m in MODELS for f, r in FORMS]
+def _case(model_name, form, rank_ratio, decomposition="svd", graphed=False):
+    name = f"{model_name}-{_form_id(form, rank_ratio)}" + ("" if decomposition == "svd" else f"-{decomposition}")
+    if not graphed:
+        return pytest.param(model_name, form, rank_ratio, decomposition, False, id=name)
+    marks = () if common.ON_CUDA else (pytest.mark.skip(reason="CUDA graphs need a CUDA device"),)
+    return pytest.param(model_name, form, rank_ratio, decomposition, True, id=name + "-cuda_graphs", marks=marks)
 
 
-@pytest.mark.parametrize("model_name,form,rank_ratio", CASES)
-def test_training_step(benchmark, model_name, form, rank_ratio):
+# ResNet20 also as graphed steps (dynrank-train --cuda-graphs serves its SGD runs).
+CASES = ([_case(m, f, r) for m in MODELS for f, r in FORMS]
+         + [_case("resnet20", "lowrank", 0.5, d) for d in CONV_DECOMPOSITIONS]
+         + [_case("resnet20", f, r, graphed=True) for f, r in FORMS]
+         + [_case("resnet20", "lowrank", 0.5, d, graphed=True) for d in CONV_DECOMPOSITIONS])
+
+
+@pytest.mark.parametrize("model_name,form,rank_ratio,decomposition,graphed", CASES)
+def test_training_step(benchmark, model_name, form, rank_ratio, decomposition, graphed):
     cfg = model_config(model_name)
-    make = make_resnet20_step if model_name == "resnet20" else make_transformer_step
-    step, model, source = make(form, rank_ratio, cfg)
+    if model_name == "resnet20":
+        step, model, source = make_resnet20_step(form, rank_ratio, cfg, decomposition=decomposition,
+                                                 cuda_graphs=graphed)
+    else:
+        step, model, source = make_transformer_step(form, rank_ratio, cfg)
     dtype = torch.bfloat16 if common.ON_CUDA else torch.float32
-    group = f"epoch {model_name} " + "-".join(f"{k}{v}" for k, v in cfg.items())
+    group = (f"epoch {model_name} " + "-".join(f"{k}{v}" for k, v in cfg.items())
+             + (" cuda-graphs" if graphed else ""))
+    provider = _form_id(form, rank_ratio) + ("" if decomposition == "svd" or form == "full" else f"-{decomposition}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     common.describe(
-        benchmark, suite="epoch", provider=_form_id(form, rank_ratio), form=form, pass_="step", dtype=dtype,
+        benchmark, suite="epoch", provider=provider, form=form, pass_="step", dtype=dtype,
         group=group, shape=cfg, rank=None, rank_ratio=rank_ratio, model=model_name, model_source=source,
         trainable_params=trainable, total_params=sum(p.numel() for p in model.parameters()),
-        autocast="bf16" if common.ON_CUDA else None,
+        autocast="bf16" if common.ON_CUDA else None, decomposition=decomposition if form != "full" else None,
+        cuda_graphs=graphed,
     )
     common.warm_up(benchmark, step)
     benchmark(step)
-    flops = common.flops_of(step) if benchmark.enabled else None
+    # A replayed graph dispatches no ops to count: a graphed step reuses its eager twin's count.
+    flops_key = ("flops", model_name, provider)
+    if graphed:
+        flops = common.RESULTS.get(flops_key)
+    else:
+        flops = common.RESULTS[flops_key] = common.flops_of(step) if benchmark.enabled else None
     mean = common.finish(benchmark, flops=flops, dtype=dtype)
     if mean is None:
         return

@@ -115,3 +115,20 @@ def test_summary_of_nothing(driver, tmp_path):
     os.makedirs(tmp_path / "empty")
     summary = driver.summarize(str(tmp_path / "empty"))
     assert summary["runs"] == [] and (tmp_path / "empty" / "summary.md").is_file()
+
+
+def test_a_resume_passes_the_train_args_and_graphed_epochs_are_timed_apart(driver, tmp_path):
+    args = SimpleNamespace(out=str(tmp_path), device="cuda", cache_dir="/tmp/cache", train_args=["--cuda-graphs"])
+    run = driver._Run(("lowrank", "tucker", 0), 0, args)
+    os.makedirs(os.path.join(run.folder, "lowrank"))
+    with open(os.path.join(run.folder, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(dict(epochs=150, seed=0, decomposition="tucker", inflate_epoch=55, deflate_epoch=120), handle)
+    assert run.argv(args) == ["--resume", run.folder, "--device", "cuda", "--cache-dir", "/tmp/cache", "--cuda-graphs"]
+    # Epochs of a run resumed with graphs: eager ones before, graphed ones after, timed apart.
+    history = [dict(epoch=e, form="lowrank", train_time=t, val_acc=0.5, graphed_steps=g)
+               for e, (t, g) in enumerate([(9.0, 0), (4.0, 0), (4.2, None), (1.5, 388), (1.7, 388)])]
+    with open(os.path.join(run.folder, "lowrank", "metrics.json"), "w", encoding="utf-8") as handle:
+        json.dump(history, handle)
+    (row,) = driver.summarize(str(tmp_path))["runs"]
+    assert row["seconds_per_epoch"] == {"lowrank": pytest.approx(4.1), "lowrank (graphs)": pytest.approx(1.6)}
+    assert "lowrank 4.10, lowrank (graphs) 1.60" in (tmp_path / "summary.md").read_text()

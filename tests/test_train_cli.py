@@ -82,9 +82,10 @@ def test_compile_mode_reaches_torch_compile_and_a_resume_may_change_it(tmp_path,
     assert modes == ["reduce-overhead"]
     assert "compile=True, compile_mode=reduce-overhead" in capsys.readouterr().out
     os.remove(out / "full" / "result.json")          # as if stopped before the end
-    assert cli.main(["--resume", str(out), "--compile-mode", "default"]) == 0
+    assert cli.main(["--resume", str(out), "--compile-mode", "default", "--cache-dir", str(tmp_path / "c")]) == 0
     assert modes == ["reduce-overhead", None]
     assert "ignoring" not in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["cache_dir"] == str(tmp_path / "c")
 
 
 @pytest.mark.parametrize("argv,message", [

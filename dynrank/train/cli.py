@@ -43,7 +43,7 @@ MODEL_DATA = {"resnet20": "cifar10", "wrn28-10": "cifar100", "resnet50": "tiny-i
 DATA_MODEL = {data: model for model, data in MODEL_DATA.items()}
 GENERIC = dict(schedule="dynamic", decomposition="svd", seed=0, device="auto", lr_decay=0.1, deflate_init="zeros",
                optimizer_state="carry", width=1.0, metrics_every=1, context=128, dim=128, depth=2, heads=4,
-               steps_per_epoch=None, dropout=None, data_dir="data", compile=False, compile_mode="default")
+               steps_per_epoch=None, dropout=None, data_dir="data", compile=False, compile_mode="default", cuda_graphs=False)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -122,18 +122,22 @@ def build_parser():
     g.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, for "
                         "small launch-bound models such as ResNet20 at batch 128")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                   help="capture each training step (forward, backward, SGD step) as a CUDA graph and replay it: "
+                        "one launch per batch instead of hundreds, for launch-bound models such as ResNet20 "
+                        "(CUDA and SGD only; not with --compile)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default 1: the built-in models at CPU sizes run fastest on one, "
                         "and the same thread count gives the same losses on every rerun)")
     g.add_argument("--out", help="output folder (default: runs/<timestamp>)")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its saved settings are used)")
     g.add_argument("--metrics-every", type=int, help="measure λ every this many epochs")
     g.add_argument("--width", type=float, help="channel multiplier of vision models (quick tests only)")
-    p.set_defaults(**{k: None for k in ("compile", "amp")})
+    p.set_defaults(**{k: None for k in ("compile", "amp", "cuda_graphs")})
     return p
 
 
 # How a run executes, not what it computes: a resumed run may change these.
-RESUME_OVERRIDES = ("amp", "threads", "compile", "compile_mode")
+RESUME_OVERRIDES = ("amp", "threads", "compile", "compile_mode", "cuda_graphs", "cache_dir")
 
 
 def _explicit(args):
@@ -230,6 +234,14 @@ def _resolve_device(cfg):
     if cuda:
         # Fixed input shapes: let cuDNN time its algorithms once per shape and keep the fastest.
         torch.backends.cudnn.benchmark = True
+    if cfg.get("cuda_graphs"):
+        if not cuda:
+            raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}")
+        if cfg.get("compile"):
+            raise ValueError("--cuda-graphs and --compile are alternatives (torch.compile's reduce-overhead mode "
+                             "makes its own graphs); give one of them")
+        if cfg["optimizer"] != "sgd":
+            raise ValueError(f"--cuda-graphs captures the SGD step; got --optimizer {cfg['optimizer']}")
     return cfg
 
 
@@ -260,7 +272,7 @@ def load_data(cfg, log=print):
 def _print_settings(cfg, log):
     keys = ("model", "data", "schedule", "rank_ratio", "decomposition", "epochs", "milestones", "inflate_epoch",
             "deflate_epoch", "optimizer", "lr", "batch_size", "weight_decay", "label_smoothing", "seed",
-            "device", "amp", "threads", "compile", "compile_mode")
+            "device", "amp", "threads", "compile", "compile_mode", "cuda_graphs")
     log("settings: " + ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg))
 
 

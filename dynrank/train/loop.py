@@ -28,6 +28,7 @@ from ..convert import convert_model
 from ..scheduler import DynamicRankScheduler, load_training_state, training_state
 from .models import EXCLUDE, build_model, count_parameters
 from .progress import ProgressLine
+from .steps import TrainStep
 
 __all__ = ["run_training", "Interrupted", "SCHEDULES", "lr_at", "build_optimizer"]
 
@@ -110,14 +111,6 @@ def prepare_model(cfg, schedule, num_classes, device):
     return model, summary
 
 
-def _loss_and_correct(logits, targets, label_smoothing):
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    targets = targets.reshape(-1)
-    loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-    correct = (logits.argmax(-1) == targets).sum()
-    return loss, correct, targets.numel()
-
-
 @torch.no_grad()
 def evaluate(model, data, autocast):
     """Mean loss and accuracy over ``data.val_batches()``; one host sync at the end."""
@@ -165,8 +158,8 @@ def _autocast_factory(cfg, device):
     # bf16 keeps fp32's exponent range, so no loss scaling is needed.
     enabled = bool(cfg.get("amp"))
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    def autocast(cache=True):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=cache)
     return autocast
 
 
@@ -174,7 +167,7 @@ def write_metrics(out_dir, history):
     """metrics.csv and metrics.json of per-epoch records."""
     if not history:
         return
-    keys = list(history[0])
+    keys = list(dict.fromkeys(k for row in history for k in row))   # records from older runs may lack some
     with open(os.path.join(out_dir, "metrics.csv"), "w", encoding="utf-8") as handle:
         handle.write(",".join(keys) + "\n")
         handle.writelines(",".join("" if row.get(k) is None else str(row.get(k)) for k in keys) + "\n" for row in history)
@@ -248,6 +241,8 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
     mode = cfg.get("compile_mode") or "default"
     forward = torch.compile(model, mode=None if mode == "default" else mode) if cfg.get("compile") else model
     autocast = _autocast_factory(cfg, device)
+    train_step = TrainStep(model, optimizer, forward, autocast, cfg["label_smoothing"],
+                           cuda_graphs=cfg.get("cuda_graphs", False), log=log)
     history, start_epoch, start_step, partial, resumed_monitor = [], 0, 0, None, None
 
     if resume and os.path.isfile(ckpt_path):
@@ -261,6 +256,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
         start_epoch, start_step, partial = checkpoint["epoch"], checkpoint["step"], checkpoint.get("partial")
         _set_rng_state(checkpoint["rng"], device)
         resumed_monitor = checkpoint.get("monitor")
+        write_metrics(out_dir, history)   # the files on disk describe the state training goes on from
         log(f"[{schedule}] resuming at epoch {start_epoch + 1}, batch {start_step + 1} from {ckpt_path}")
 
     # Built after a resume's form changes, so it sees the restored forms as its starting point.
@@ -303,19 +299,12 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
                 count_sum += partial["count"]
                 elapsed = partial["time"]
             progress.start_epoch(epoch, steps, first)
+            replays = train_step.replays
             _sync(device)
             started = time.perf_counter()
             for step, (inputs, targets) in enumerate(data.train_batches(epoch, first), start=first):
-                lr = lr_at(cfg, epoch, step, steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast():
-                    logits = forward(inputs)
-                loss, correct, count = _loss_and_correct(logits, targets, cfg["label_smoothing"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach() * count
+                loss, correct, count = train_step(inputs, targets, lr_at(cfg, epoch, step, steps))
+                loss_sum += loss * count
                 correct_sum += correct
                 count_sum += count
                 progress.update(step, lambda s=loss_sum, c=count_sum: f"loss {s.item() / max(c.item(), 1):.4f}")
@@ -332,7 +321,8 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
             train_time = elapsed + time.perf_counter() - started
             progress.clear()
             history.append(_finish_epoch(cfg, model, data, autocast, epoch, form, lr_at(cfg, epoch, steps - 1, steps),
-                                         loss_sum, correct_sum, count_sum, train_time, kind, monitor, log))
+                                         loss_sum, correct_sum, count_sum, train_time, kind, monitor, log,
+                                         graphed_steps=train_step.replays - replays))
             _save(ckpt_path, checkpoint_state(epoch + 1, 0, None))
             write_metrics(out_dir, history)
             if flag.stop:
@@ -360,7 +350,7 @@ def _model_form(model):
 
 
 def _finish_epoch(cfg, model, data, autocast, epoch, form, lr, loss_sum, correct_sum, count_sum, train_time,
-                  kind, monitor, log):
+                  kind, monitor, log, graphed_steps=0):
     count = max(count_sum.item(), 1.0)
     eval_started = time.perf_counter()
     val_loss, val_acc = evaluate(model, data, autocast)
@@ -368,7 +358,7 @@ def _finish_epoch(cfg, model, data, autocast, epoch, form, lr, loss_sum, correct
                   train_acc=correct_sum.item() / count, val_loss=val_loss, val_acc=val_acc,
                   val_bpb=val_loss / math.log(2) if kind == "text" else None,
                   train_time=train_time, eval_time=time.perf_counter() - eval_started,
-                  trainable_params=count_parameters(model))
+                  trainable_params=count_parameters(model), graphed_steps=graphed_steps)
     if monitor is not None:
         monitor.record_epoch(epoch, record)
     log(_epoch_line(cfg, record, kind))

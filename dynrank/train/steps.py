@@ -1,0 +1,167 @@
+"""One optimizer step on a batch, run eagerly or replayed from a CUDA graph.
+
+A ResNet20 step at batch 128 is a few hundred small kernels, so on a fast GPU
+its time is the host's time to launch them (about 8 ms on an H200, where the
+kernels need a fraction of that).  With ``cuda_graphs`` on, :class:`TrainStep`
+captures the whole step (forward, loss, backward, optimizer) once and then
+replays it with a single launch per batch: the batch is copied into the
+graph's fixed input buffers and the loss and correct count come back in fixed
+output buffers.
+
+A captured graph bakes in the parameter storage and the learning rate, so it
+is captured again whenever either changes (a form change at an epoch boundary
+replaces parameters; an LR decay changes the rate).  Before each capture the
+step runs eagerly ``warmup`` times with the new parameters or rate: the
+optimizer then holds its state (SGD's momentum buffers are created on a
+parameter's first step, which must not be what a graph records) and cuDNN has
+chosen its algorithms.  Those warm-up steps are real training steps on real
+batches, so training sees every batch exactly once either way.  A batch of
+another shape (the short last batch of an epoch) runs eagerly.  Should a
+capture fail, the run says so and carries on eagerly.
+"""
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["TrainStep", "loss_and_correct", "CudaGraphs"]
+
+
+def loss_and_correct(logits, targets, label_smoothing):
+    """Cross-entropy over the flattened batch, number of correct argmax predictions, element count."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    targets = targets.reshape(-1)
+    loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    correct = (logits.argmax(-1) == targets).sum()
+    return loss, correct, targets.numel()
+
+
+class CudaGraphs:
+    """Capture and replay through ``torch.cuda.CUDAGraph``, with warm-up on a side stream."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, got {self.device}")
+
+    def warmup(self, fn):
+        """Run ``fn`` on a side stream (as graph capture wants its warm-up iterations run)."""
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            result = fn()
+        current.wait_stream(side)
+        return result
+
+    def capture(self, fn, optimizer):
+        """Record ``fn`` (nothing runs yet) and return the graph's replay function.
+
+        The graph keeps ``optimizer``'s learning rates and the storage of its
+        parameters, gradients and state as they are now.
+        """
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
+
+class TrainStep:
+    """``step(inputs, targets, lr) -> (loss, correct, count)``: one training step, graphed where it can be.
+
+    Args:
+        model: the module whose parameters ``optimizer`` updates.
+        optimizer: an optimizer whose ``step`` can be captured (SGD; Adam/AdamW
+            only with ``capturable=True``).
+        forward: the callable that maps inputs to logits (``model`` or a compiled wrapper).
+        autocast: a factory of the autocast context, ``autocast(cache=True)`` (see :mod:`.loop`);
+            a capture calls it with ``cache=False``, as CUDA graphs require.
+        label_smoothing: for the cross-entropy.
+        cuda_graphs: capture and replay the step (CUDA only).
+        warmup: eager steps before each capture (≥ 1: the optimizer state must exist).
+        graphs: the capture backend, with ``warmup(fn)`` and ``capture(fn, optimizer)``
+            (default: :class:`CudaGraphs` on the model's device).
+        log: where the fallback message goes if a capture fails.
+
+    The returned ``loss`` and ``correct`` are tensors on the device; with graphs
+    they are the graph's output buffers, valid until the next call.
+    """
+
+    def __init__(self, model, optimizer, forward, autocast, label_smoothing, cuda_graphs=False, warmup=2,
+                 graphs=None, log=print):
+        if warmup < 1:
+            raise ValueError(f"warmup must be ≥ 1 (the optimizer state must exist before a capture), got {warmup}")
+        self.model, self.optimizer, self.forward = model, optimizer, forward
+        self.autocast, self.label_smoothing = autocast, label_smoothing
+        self.warmup, self.log = warmup, log
+        self.enabled = bool(cuda_graphs)
+        self.graphs = graphs
+        if self.enabled and graphs is None:
+            self.graphs = CudaGraphs(next(model.parameters()).device)
+        self.captures = 0          # graphs captured so far (each form and LR gets one)
+        self.replays = 0           # steps served by a replay
+        self._replay = None
+        self._key = None           # (lr, train mode, parameter storage) the current graph was captured for
+        self._shape = None         # (inputs, targets) layout every graphed batch must have
+        self._pending, self._seen = None, 0
+        self._static = None
+
+    def _run(self, inputs, targets, cache=True):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast(cache=cache):
+            logits = self.forward(inputs)
+        loss, correct, count = loss_and_correct(logits, targets, self.label_smoothing)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), correct, count
+
+    def __call__(self, inputs, targets, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if not self.enabled:
+            return self._run(inputs, targets)
+        shape = _layout(inputs) + _layout(targets)
+        if self._shape is None:
+            self._shape = shape
+        if shape != self._shape:       # the short last batch: eager, keeping the graph
+            return self._run(inputs, targets)
+        key = (lr, self.model.training, tuple(p.data_ptr() for group in self.optimizer.param_groups for p in group["params"]))
+        if self._replay is None or key != self._key:
+            self._replay = None
+            if key != self._pending:
+                self._pending, self._seen = key, 0
+            if self._seen < self.warmup:
+                self._seen += 1
+                return self.graphs.warmup(lambda: self._run(inputs, targets))
+            if not self._capture(inputs, targets, key):
+                return self._run(inputs, targets)
+        self._static[0].copy_(inputs)
+        self._static[1].copy_(targets)
+        self._replay()
+        self.replays += 1
+        return self._static[2], self._static[3], targets.numel()
+
+    def _capture(self, inputs, targets, key):
+        static_in, static_tg = torch.empty_like(inputs), torch.empty_like(targets)
+        static_in.copy_(inputs)
+        static_tg.copy_(targets)
+        out_loss = torch.zeros((), device=inputs.device, dtype=torch.float32)
+        out_correct = torch.zeros((), device=inputs.device, dtype=torch.int64)
+
+        def step():
+            loss, correct, _ = self._run(static_in, static_tg, cache=False)
+            out_loss.copy_(loss)
+            out_correct.copy_(correct)
+        try:
+            replay = self.graphs.capture(step, self.optimizer)
+        except RuntimeError as err:
+            self.enabled = False
+            self.log(f"note: CUDA graph capture failed, training on without graphs ({str(err).splitlines()[0]})")
+            return False
+        self._replay, self._key = replay, key
+        self._static = (static_in, static_tg, out_loss, out_correct)
+        self.captures += 1
+        return True
+
+
+def _layout(tensor):
+    return tensor.shape, tensor.stride(), tensor.dtype
