@@ -15,7 +15,10 @@ the device, versions and date.
     python benchmarks/paper_cifar10.py --summarize-only
 
 Runs are written ``schedule:decomposition:seed``, highest priority first (default: full, lowrank
-and dynamic with SVD, seed 0, then the other decompositions, dynamic before lowrank, then seed 1).
+and dynamic with SVD, seed 0, then the other decompositions, dynamic before lowrank, then seed 1,
+then the placement study).  A dynamic run may name its own full-rank phase as a fourth part,
+``dynamic:svd:0:25-75`` (inflate at 25, deflate at 75): the paper's Table 2 / Fig. 3 study of where
+the full-rank epochs go, summarized in a second table with the final λ of layers 0, 10 and 18.
 """
 
 import argparse
@@ -23,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -41,20 +45,44 @@ PAPER = {  # Table 4, CIFAR-10 / ResNet20, ρ = 0.5: accuracy (%) and the paper'
     ("lowrank", "cp"): (88.31, 0.31), ("dynamic", "cp"): (91.33, 0.61),
     ("lowrank", "tkd-cpd"): (87.99, 0.21), ("dynamic", "tkd-cpd"): (91.24, 0.55),
 }
+# Table 2 (SVD, LR decay at 100 and 130): (I, D) → (name, accuracy %, λ of layers 0, 10, 18).
+# "None" is the lowrank run; the paper's default (55, 120) straddles the decay.
+INF = float("inf")
+PLACEMENT_PAPER = {
+    None: ("None (lowrank)", 91.14, (INF, 7.58, INF)),
+    (0, 50): ("Early", 91.26, (59.32, 6.02, 76.47)),
+    (25, 75): ("Middle", 91.82, (39.29, 4.27, 74.18)),
+    (50, 100): ("Late: end of the high-noise regime", 91.87, (37.51, 4.19, 70.36)),
+    (55, 120): ("Default: straddles the decay", 92.13, None),
+    (100, 150): ("Low-noise regime only (Fig. 3)", None, None),
+}
+PLACEMENT_LAYERS = (0, 10, 18)     # indices among the 19 factorized 3×3 convs, input to output
 DEFAULT_RUNS = ([f"{s}:svd:0" for s in ("full", "lowrank", "dynamic")]
                 + [f"{s}:{d}:0" for d in ("tucker", "cp", "tkd-cpd") for s in ("dynamic", "lowrank")]
-                + [f"{s}:svd:1" for s in ("full", "lowrank", "dynamic")])
+                + [f"{s}:svd:1" for s in ("full", "lowrank", "dynamic")]
+                + [f"dynamic:svd:0:{i}-{d}" for (i, d) in ((0, 50), (25, 75), (50, 100), (100, 150))])
 
 
 def parse_run(text):
+    """``schedule:decomposition:seed[:I-D]`` → (schedule, decomposition, seed, (I, D) or None)."""
     parts = text.split(":")
+    placement = None
+    if len(parts) == 4 and parts[0] == "dynamic":
+        bounds = parts[3].split("-")
+        if len(bounds) == 2 and all(b.isdigit() for b in bounds) and int(bounds[0]) < int(bounds[1]):
+            placement = (int(bounds[0]), int(bounds[1]))
+            parts = parts[:3]
     if len(parts) != 3 or parts[0] not in ("full", "lowrank", "dynamic") or not parts[2].isdigit():
-        raise argparse.ArgumentTypeError(f"a run is schedule:decomposition:seed, e.g. dynamic:svd:0; got {text!r}")
-    return parts[0], parts[1], int(parts[2])
+        raise argparse.ArgumentTypeError(f"a run is schedule:decomposition:seed, e.g. dynamic:svd:0, or for a "
+                                         f"dynamic run with its own full-rank phase dynamic:svd:0:25-75 "
+                                         f"(inflate < deflate); got {text!r}")
+    return parts[0], parts[1], int(parts[2]), placement
 
 
-def run_dir(out, schedule, decomposition, seed):
+def run_dir(out, schedule, decomposition, seed, placement=None):
     name = "full" if schedule == "full" else f"{schedule}-{decomposition}"
+    if placement is not None:
+        name += f"-I{placement[0]}-D{placement[1]}"
     return os.path.join(out, f"{name}-seed{seed}")
 
 
@@ -67,7 +95,7 @@ class _Run:
     """One ``dynrank-train`` subprocess and the epochs it has finished so far."""
 
     def __init__(self, spec, priority, args):
-        self.schedule, self.decomposition, self.seed = spec
+        self.schedule, self.decomposition, self.seed, self.placement = spec
         self.priority = priority
         self.folder = run_dir(args.out, *spec)
         self.name = os.path.basename(self.folder)
@@ -91,7 +119,9 @@ class _Run:
         return (["--preset", "cifar10-resnet20", "--data-dir", args.data_dir, "--schedule", self.schedule,
                  "--decomposition", self.decomposition, "--seed", str(self.seed), "--out", self.folder,
                  "--device", args.device] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
-                + (["--epochs", str(args.epochs)] if args.epochs else []) + args.train_args)
+                + (["--epochs", str(args.epochs)] if args.epochs else [])
+                + (["--inflate-epoch", str(self.placement[0]), "--deflate-epoch", str(self.placement[1])]
+                   if self.placement else []) + args.train_args)
 
     def launch(self, args):
         os.makedirs(args.out, exist_ok=True)
@@ -196,7 +226,7 @@ def run_all(args, log=print):
         typical = statistics.median(rates) if rates else None
         while pending and len(running) < args.parallel and deadline - now > args.min_launch_s:
             run = pending[0]
-            epochs = args.epochs or 150
+            epochs = (args.epochs or 150) - run.epochs_done()   # a resumed run has fewer to go
             if typical and typical * epochs > deadline - now:
                 break                         # would not finish: leave the GPU to the others
             pending.pop(0)
@@ -292,13 +322,12 @@ def _load_runs(out):
         with open(os.path.join(root, name), encoding="utf-8") as handle:
             loaded = json.load(handle)
         if name == "result.json":
-            loaded["finished"] = True
-            loaded["config"] = cfg
+            loaded.update(finished=True, config=cfg, folder=root)
             runs.append(loaded)
         elif loaded:
             runs.append(dict(schedule=os.path.basename(root), history=loaded, config=cfg, finished=False,
                              params=None, inflate_epoch=cfg.get("inflate_epoch"),
-                             deflate_epoch=cfg.get("deflate_epoch")))
+                             deflate_epoch=cfg.get("deflate_epoch"), folder=root))
     return runs
 
 
@@ -313,6 +342,53 @@ def _paper_comp(r):
     if r["schedule"] == "lowrank":
         return comp_ratio(counts, epochs, None, None)
     return comp_ratio(counts, epochs, r["inflate_epoch"], min(r["deflate_epoch"] or epochs, epochs))
+
+
+def _placement(r):
+    """(I, D) of a dynamic run that named its own (``dynamic:svd:0:I-D``, so its folder says so), else None."""
+    match = re.search(r"-I(\d+)-D(\d+)-seed\d+$", os.path.basename(os.path.dirname(r["folder"])))
+    return (int(match.group(1)), int(match.group(2))) if match and r["schedule"] == "dynamic" else None
+
+
+def _final_lambdas(folder, schedule):
+    """λ = σmax/σmin of the factorized convs PLACEMENT_LAYERS at the last measured epoch, or None."""
+    import csv
+    path = os.path.join(folder, "monitor.layers.csv")
+    if schedule == "full" or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["type"] == "LowRankConv2d"]
+    if not rows:
+        return None
+    last = [row for row in rows if row["epoch"] == rows[-1]["epoch"]]
+    if len(last) <= max(PLACEMENT_LAYERS):
+        return None
+    return [float(last[i]["spectral_ratio"]) for i in PLACEMENT_LAYERS]
+
+
+def _epochs_cell(row):
+    return str(row["epochs"]) if row["finished"] else f"{row['epochs']} of {row['planned_epochs']} (stopped)"
+
+
+def _placement_table(rows):
+    """Table 2 / Fig. 3: SVD runs by where their full-rank epochs lie, with λ of layers 0, 10, 18."""
+    study = [r for r in rows if r["decomposition"] == "svd" and r["schedule"] in ("lowrank", "dynamic")]
+    if not any(r["placement"] for r in study):
+        return []
+    lam = lambda v: "∞" if v == INF else f"{v:.2f}"  # noqa: E731
+    lines = ["", "Placement of the full-rank epochs (the paper's Table 2 / Fig. 3; SVD, LR decay at 100 and 130):",
+             "", "| setting | I | D | seed | epochs | acc. % (final) | paper acc. % | λ⁰, λ¹⁰, λ¹⁸ (final) "
+             "| paper λ⁰, λ¹⁰, λ¹⁸ |", "|---|---|---|---|---|---|---|---|---|"]
+    def where(r):   # (I, D) of a dynamic run, D = the epoch count when it stays full to the end
+        return (r["inflate_epoch"], r["deflate_epoch"] or r["planned_epochs"]) if r["schedule"] == "dynamic" else None
+    for r in sorted(study, key=lambda r: (where(r) or (-1, -1), r["seed"])):
+        name, paper_acc, paper_lam = PLACEMENT_PAPER.get(where(r), ("-", None, None))
+        i, d = where(r) or ("-", "-")
+        mine = ", ".join(map(lam, r["final_lambda"])) if r["final_lambda"] else "-"
+        lines.append(f"| {name} | {i} | {d} | {r['seed']} | {_epochs_cell(r)} | {r['accuracy']:.2f} | "
+                     f"{'-' if paper_acc is None else f'{paper_acc:.2f}'} | {mine} | "
+                     f"{', '.join(map(lam, paper_lam)) if paper_lam else '-'} |")
+    return lines
 
 
 def summarize(out):
@@ -333,8 +409,11 @@ def summarize(out):
         if full_epoch and r["finished"]:
             records = [{"form": rec["form"], "wall_seconds": rec["train_time"]} for rec in history]
             measured = measured_comp_ratio(records, full_epoch_seconds=full_epoch)
+        placement = _placement(r)
         paper_acc, paper_table_comp = PAPER.get((r["schedule"], "svd" if r["schedule"] == "full" else decomposition),
                                                 (None, None))
+        if placement is not None:
+            paper_acc, paper_table_comp = PLACEMENT_PAPER.get(placement, (None, None, None))[1], None
         rows.append(dict(schedule=r["schedule"], decomposition=None if r["schedule"] == "full" else decomposition,
                          seed=cfg.get("seed"), finished=r["finished"], epochs=len(history),
                          planned_epochs=cfg.get("epochs"), accuracy=100 * history[-1]["val_acc"],
@@ -342,7 +421,8 @@ def summarize(out):
                          seconds_per_epoch={k: statistics.median(v) for k, v in forms.items()},
                          comp_paper_formula=_paper_comp(r) if r["finished"] else None, comp_measured=measured,
                          paper_accuracy=paper_acc, paper_comp=paper_table_comp,
-                         inflate_epoch=r["inflate_epoch"], deflate_epoch=r["deflate_epoch"]))
+                         inflate_epoch=r["inflate_epoch"], deflate_epoch=r["deflate_epoch"], placement=placement,
+                         final_lambda=_final_lambdas(r["folder"], r["schedule"])))
     summary = dict(environment=_environment(), runs=rows)
     orchestration = os.path.join(out, "orchestration.json")
     if os.path.isfile(orchestration):
@@ -361,11 +441,14 @@ def summarize(out):
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         per_form = ", ".join(f"{k} {v:.2f}" for k, v in row["seconds_per_epoch"].items())
-        epochs = str(row["epochs"]) if row["finished"] else f"{row['epochs']} of {row['planned_epochs']} (stopped)"
-        lines.append(f"| {row['schedule']} | {row['decomposition'] or '-'} | {row['seed']} | {epochs} | "
+        schedule = row["schedule"]
+        if row["placement"] is not None:
+            schedule += " I={} D={}".format(*row["placement"])
+        lines.append(f"| {schedule} | {row['decomposition'] or '-'} | {row['seed']} | {_epochs_cell(row)} | "
                      f"{row['accuracy']:.2f} | {fmt(row['paper_accuracy'], '.2f')} | {per_form} | "
                      f"{fmt(row['comp_paper_formula'], '.3f')} | {fmt(row['comp_measured'], '.3f')} | "
                      f"{fmt(row['paper_comp'], '.2f')} |")
+    lines += _placement_table(rows)
     if "orchestration" in summary:
         o = summary["orchestration"]
         lines += ["", f"Up to {o['parallel']} runs shared the GPU at a time (MPS {'on' if o['mps'] else 'off'}), "
@@ -404,6 +487,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.parallel < 1:
         parser.error(f"--parallel must be ≥ 1, got {args.parallel}")
+    if args.summarize_only and not os.path.isdir(args.out):
+        parser.error(f"--summarize-only: no run folder at {args.out}")
     code = 0 if args.summarize_only else run_all(args)
     summarize(args.out)
     return code

@@ -75,7 +75,7 @@ def test_deadline_stops_with_a_checkpoint_and_the_next_call_resumes(driver, data
 
 
 def _run(driver, schedule, cfg, samples):
-    run = driver._Run((schedule, "svd", 0), 0, SimpleNamespace(out="/nowhere"))
+    run = driver._Run((schedule, "svd", 0, None), 0, SimpleNamespace(out="/nowhere"))
     run.cfg, run.samples = cfg, samples
     return run
 
@@ -119,7 +119,7 @@ def test_summary_of_nothing(driver, tmp_path):
 
 def test_a_resume_passes_the_train_args_and_graphed_epochs_are_timed_apart(driver, tmp_path):
     args = SimpleNamespace(out=str(tmp_path), device="cuda", cache_dir="/tmp/cache", train_args=["--cuda-graphs"])
-    run = driver._Run(("lowrank", "tucker", 0), 0, args)
+    run = driver._Run(("lowrank", "tucker", 0, None), 0, args)
     os.makedirs(os.path.join(run.folder, "lowrank"))
     with open(os.path.join(run.folder, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(dict(epochs=150, seed=0, decomposition="tucker", inflate_epoch=55, deflate_epoch=120), handle)
@@ -132,3 +132,41 @@ def test_a_resume_passes_the_train_args_and_graphed_epochs_are_timed_apart(drive
     (row,) = driver.summarize(str(tmp_path))["runs"]
     assert row["seconds_per_epoch"] == {"lowrank": pytest.approx(4.1), "lowrank (graphs)": pytest.approx(1.6)}
     assert "lowrank 4.10, lowrank (graphs) 1.60" in (tmp_path / "summary.md").read_text()
+
+
+def test_placement_runs_are_named_launched_and_tabulated(driver, tmp_path):
+    assert driver.parse_run("dynamic:svd:0:25-75") == ("dynamic", "svd", 0, (25, 75))
+    assert driver.parse_run("lowrank:svd:1") == ("lowrank", "svd", 1, None)
+    for bad in ("dynamic:svd:0:75-25", "lowrank:svd:0:0-50", "dynamic:svd:0:a-b"):
+        with pytest.raises(Exception, match="inflate < deflate"):
+            driver.parse_run(bad)
+    args = SimpleNamespace(out=str(tmp_path), device="cpu", cache_dir=None, data_dir="d", epochs=None, train_args=[])
+    run = driver._Run(driver.parse_run("dynamic:svd:0:0-50"), 0, args)
+    assert run.folder == str(tmp_path / "dynamic-svd-I0-D50-seed0")
+    argv = run.argv(args)
+    assert argv[argv.index("--inflate-epoch") + 1] == "0" and argv[argv.index("--deflate-epoch") + 1] == "50"
+
+    def fake_run(name, schedule, inflate, deflate, acc, lambdas):
+        folder = tmp_path / name / schedule
+        folder.mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            dict(epochs=150, seed=0, decomposition="svd", inflate_epoch=inflate, deflate_epoch=deflate)))
+        (folder / "metrics.json").write_text(json.dumps(
+            [dict(epoch=e, form="lowrank", train_time=1.0, val_acc=acc) for e in range(3)]))
+        head = "epoch,layer,type,spectral_ratio\n"
+        rows = [f"{e},l{i},LowRankConv2d,{lambdas(i) if e == 2 else 1.0}\n" for e in range(3) for i in range(19)]
+        (folder / "monitor.layers.csv").write_text(head + "".join(rows) + "2,fc,Linear,3.0\n")
+    fake_run("lowrank-svd-seed0", "lowrank", 55, 120, 0.9, lambda i: "inf")
+    fake_run("dynamic-svd-seed0", "dynamic", 55, 120, 0.92, lambda i: 10.0 + i)
+    fake_run("dynamic-svd-I0-D50-seed0", "dynamic", 0, 50, 0.91, lambda i: 20.0 + i)
+    summary = driver.summarize(str(tmp_path))
+    rows = {(r["schedule"], r["placement"]): r for r in summary["runs"]}
+    assert rows[("dynamic", (0, 50))]["final_lambda"] == [20.0, 30.0, 38.0]
+    assert rows[("dynamic", (0, 50))]["paper_accuracy"] == 91.26
+    assert rows[("dynamic", None)]["paper_accuracy"] == 92.13
+    text = (tmp_path / "summary.md").read_text()
+    assert "| dynamic I=0 D=50 | svd | 0 | 3 of 150 (stopped) | 91.00 | 91.26 |" in text
+    table = text[text.index("Placement of the full-rank epochs"):]
+    assert table.index("None (lowrank)") < table.index("Early") < table.index("Default: straddles")
+    assert "| Early | 0 | 50 | 0 | 3 of 150 (stopped) | 91.00 | 91.26 | 20.00, 30.00, 38.00 | 59.32, 6.02, 76.47 |" in table
+    assert "| None (lowrank) | - | - | 0 | 3 of 150 (stopped) | 90.00 | 91.14 | ∞, ∞, ∞ | ∞, 7.58, ∞ |" in table
