@@ -352,18 +352,17 @@ def _placement(r):
 
 def _final_lambdas(folder, schedule):
     """λ = σmax/σmin of the factorized convs PLACEMENT_LAYERS at the last measured epoch, or None."""
-    import csv
+    from dynrank.monitor import read_csv
     path = os.path.join(folder, "monitor.layers.csv")
     if schedule == "full" or not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8", newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["type"] == "LowRankConv2d"]
+    rows = [row for row in read_csv(path) if row["type"] == "LowRankConv2d"]
     if not rows:
         return None
     last = [row for row in rows if row["epoch"] == rows[-1]["epoch"]]
     if len(last) <= max(PLACEMENT_LAYERS):
         return None
-    return [float(last[i]["spectral_ratio"]) for i in PLACEMENT_LAYERS]
+    return [last[i]["spectral_ratio"] for i in PLACEMENT_LAYERS]
 
 
 def _epochs_cell(row):

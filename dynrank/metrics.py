@@ -21,21 +21,12 @@ A lowrank product of rank k < p has p − k singular values that are exactly
 zero; they are returned as zeros, so the spectral ratio of such a layer is
 ``math.inf`` — the paper's Table 2 reports ∞ for exactly this case.
 
-**Tolerance.**  A singular value counts as nonzero when σ > tol·σmax.  The
-default ``tol`` is the numerical-rank rule of LAPACK, numpy and
-``torch.linalg.matrix_rank``: max(m, n)·eps of the dtype the weight is stored in
-(float32: 768 × 3072 → 3.7e-4; 64 × 576 → 6.9e-5), capped at 1e-2 for 16-bit
-dtypes where that product exceeds one.  Below it a singular value cannot be
-told apart from the rounding of the stored weight.  With one tolerance for
-both, λ = ∞ exactly when the effective rank is below p, so the two never
-disagree.  Pass a larger ``tol`` (e.g. 1e-3) to count only singular values
-that are "significantly greater than zero" in a looser sense.
+**Tolerance.**  A singular value counts as nonzero when σ > tol·σmax; the default and
+its reasoning are in :mod:`dynrank.spectra`, which holds the scalar metrics of σ.
 
 All computation runs in float64 on the weights' device, without autograd.
 """
 
-import math
-import numbers
 from dataclasses import asdict, dataclass
 
 import torch
@@ -43,6 +34,8 @@ from torch import nn
 
 from ._forms import FormLayer
 from .linear import FusedLowRankLinear
+from .spectra import (_check_tol, default_tol, effective_rank, entropy_effective_rank, restricted_spectral_ratio,
+                      spectral_ratio, stable_rank)
 
 __all__ = ["LayerMetrics", "default_tol", "singular_values", "spectral_ratio", "restricted_spectral_ratio",
            "effective_rank", "entropy_effective_rank", "stable_rank", "layer_metrics", "model_metrics",
@@ -98,154 +91,6 @@ class LayerMetrics:
         if isinstance(self.rank, tuple):
             out["rank"] = list(self.rank)
         return out
-
-
-# -- tolerances and scalar metrics of a σ vector ---------------------------------------
-
-def default_tol(shape, dtype):
-    """Default relative tolerance max(m, n)·eps(dtype), capped at 1e-2.
-
-    Args:
-        shape: (m, n) of the matrix.
-        dtype: floating dtype the weight is stored in.
-
-    Returns:
-        float in (0, 1e-2].
-
-    Example:
-        >>> default_tol((768, 3072), torch.float32)    # doctest: +ELLIPSIS
-        0.000366...
-    """
-    return min(max(shape) * torch.finfo(dtype).eps, 1e-2)
-
-
-def _check_tol(tol):
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-        raise TypeError(f"tol must be a float in [0, 1), got {type(tol).__name__} ({tol!r})")
-    if not 0.0 <= tol < 1.0:
-        raise ValueError(f"tol must be a relative tolerance in [0, 1), got {tol}")
-    return float(tol)
-
-
-def _as_sigma(sigma):
-    if not isinstance(sigma, torch.Tensor):
-        try:
-            sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"singular values must be a 1-D tensor or sequence of numbers, got "
-                            f"{type(sigma).__name__}") from exc
-    if sigma.dim() != 1 or sigma.numel() == 0:
-        raise ValueError(f"singular values must be a non-empty 1-D tensor, got shape {tuple(sigma.shape)}")
-    if not sigma.is_floating_point():
-        sigma = sigma.double()
-    return sigma.detach()
-
-
-def _resolve_tol(sigma, tol):
-    if tol is None:
-        return min(sigma.numel() * torch.finfo(sigma.dtype).eps, 1e-2)
-    return _check_tol(tol)
-
-
-def effective_rank(sigma, tol=None):
-    """Number of singular values above ``tol``·σmax.
-
-    Args:
-        sigma: 1-D singular values (any order), length p = min(m, n) — zeros included.
-        tol: relative tolerance; default p·eps(sigma.dtype) (use :func:`layer_metrics`
-            for the default based on the stored weight's shape and dtype).
-
-    Returns:
-        int in [0, p]; 0 for the zero matrix.
-
-    Raises:
-        ValueError/TypeError: empty or non-1-D ``sigma``, ``tol`` outside [0, 1).
-
-    Example:
-        >>> effective_rank(torch.tensor([3.0, 1.0, 0.0]))
-        2
-    """
-    sigma = _as_sigma(sigma)
-    tol = _resolve_tol(sigma, tol)
-    smax = sigma.max()
-    if smax <= 0:
-        return 0
-    return int((sigma > tol * smax).sum())
-
-
-def spectral_ratio(sigma, tol=None):
-    """λ = σmax / σmin (paper Eq. 1); ``math.inf`` for a rank-deficient matrix.
-
-    The matrix counts as rank deficient when σmin ≤ tol·σmax, i.e. when
-    :func:`effective_rank` < p.  λ is never a huge float or NaN.
-
-    Args:
-        sigma: all p = min(m, n) singular values, zeros included.
-        tol: relative tolerance (see :func:`effective_rank`).
-
-    Returns:
-        float ≥ 1, or ``math.inf``.
-
-    Example:
-        >>> spectral_ratio(torch.tensor([4.0, 2.0])), spectral_ratio(torch.tensor([4.0, 0.0]))
-        (2.0, inf)
-    """
-    sigma = _as_sigma(sigma)
-    tol = _resolve_tol(sigma, tol)
-    smax, smin = sigma.max(), sigma.min()
-    if smax <= 0 or smin <= tol * smax:
-        return math.inf
-    return float(smax / smin)
-
-
-def restricted_spectral_ratio(sigma, rank, tol=None):
-    """σ₁ / σ_rank: the spectral ratio within the ``rank`` leading singular values.
-
-    A lowrank layer of rank k < p has λ = ∞ by construction; this ratio shows
-    how spread its k live singular values are (what low-rank λ curves plot).
-
-    Args:
-        sigma: singular values; rank: int in [1, len(sigma)]; tol: as in :func:`spectral_ratio`.
-
-    Returns:
-        float ≥ 1, or ``math.inf`` when σ_rank ≤ tol·σmax.
-    """
-    sigma = _as_sigma(sigma)
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= sigma.numel():
-        raise ValueError(f"rank must be an int in [1, {sigma.numel()}], got {rank!r}")
-    top = torch.sort(sigma, descending=True).values[:int(rank)]
-    return spectral_ratio(top, _resolve_tol(sigma, tol))
-
-
-def entropy_effective_rank(sigma):
-    """exp(H(p)) with p_i = σ_i / Σσ and H the Shannon entropy (0·log 0 = 0).
-
-    Equals p for equal singular values, 1 for a rank-one matrix, 0 for the zero matrix.
-
-    Example:
-        >>> entropy_effective_rank(torch.ones(5))       # doctest: +ELLIPSIS
-        5.0...
-    """
-    sigma = _as_sigma(sigma).double().clamp_min(0.0)
-    total = sigma.sum()
-    if total <= 0:
-        return 0.0
-    p = sigma[sigma > 0] / total
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-def stable_rank(sigma):
-    """‖W‖²_F / σ²max = Σσ² / σ²max; 0 for the zero matrix.
-
-    Example:
-        >>> stable_rank(torch.tensor([2.0, 1.0, 1.0]))
-        1.5
-    """
-    sigma = _as_sigma(sigma).double()
-    smax = sigma.abs().max()
-    if smax <= 0:
-        return 0.0
-    return float((sigma ** 2).sum() / smax ** 2)
 
 
 # -- from layers to matrices -------------------------------------------------------------

@@ -20,9 +20,7 @@ metrics of :func:`dynrank.metrics.layer_metrics`.
 """
 
 import contextlib
-import csv
 import json
-import math
 import numbers
 import os
 import time
@@ -31,6 +29,7 @@ from collections.abc import Mapping
 import torch
 
 from ._forms import FORMS, FormLayer
+from ._records import decode, encode, read_csv, write_csv
 from .metrics import model_metrics, monitored_layers
 
 __all__ = ["RankMonitor", "read_csv"]
@@ -322,7 +321,7 @@ class RankMonitor:
         doc = {"format": _FORMAT, "version": 1, "name": self.name, "records": self.records,
                "switches": self.switches}
         with open(paths["json"], "w", encoding="utf-8") as f:
-            json.dump(_encode(doc), f, indent=1, allow_nan=False)
+            json.dump(encode(doc), f, indent=1, allow_nan=False)
         scalar_names = self.scalar_names()
         rows = []
         for r in self.records:
@@ -330,16 +329,16 @@ class RankMonitor:
             row.update({f"n_{form}": r["form_mix"].get(form, 0) for form in FORMS})
             row.update({k: r["scalars"].get(k) for k in scalar_names})
             rows.append(row)
-        _write_csv(paths["epochs"], _EPOCH_COLUMNS + scalar_names, rows)
+        write_csv(paths["epochs"], _EPOCH_COLUMNS + scalar_names, rows)
         rows = []
         for r in self.records:
             for name, m in r["layers"].items():
                 row = dict(m, epoch=r["epoch"], layer=name, rows=m["shape"][0], cols=m["shape"][1])
                 rows.append(row)
-        _write_csv(paths["layers"], _LAYER_COLUMNS, rows)
+        write_csv(paths["layers"], _LAYER_COLUMNS, rows)
         rows = [dict(epoch=s["epoch"], step=s["step"], kind=s["kind"], layer=c[0], old_form=c[1], new_form=c[2])
                 for s in self.switches for c in s["changes"]]
-        _write_csv(paths["switches"], _SWITCH_COLUMNS, rows)
+        write_csv(paths["switches"], _SWITCH_COLUMNS, rows)
         return paths
 
     @classmethod
@@ -358,7 +357,7 @@ class RankMonitor:
         stem = _stem(path)
         if os.path.exists(stem + ".json"):
             with open(stem + ".json", encoding="utf-8") as f:
-                doc = _decode(json.load(f))
+                doc = decode(json.load(f))
             if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
                 raise ValueError(f"{stem}.json is not a RankMonitor file")
             monitor = cls(None, name=doc.get("name", "run"))
@@ -419,84 +418,3 @@ def _stem(path):
         if path.endswith(suffix):
             return path[: -len(suffix)]
     return path
-
-
-def _encode(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _encode(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_encode(v) for v in obj]
-    return obj
-
-
-_SPECIAL = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
-
-
-def _decode(obj):
-    if isinstance(obj, str) and obj in _SPECIAL:
-        return _SPECIAL[obj]
-    if isinstance(obj, dict):
-        return {k: _decode(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v) for v in obj]
-    return obj
-
-
-def _cell(value):
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)):
-        return "x".join(str(v) for v in value)       # Tucker ranks: "8x16"
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else _encode(value)
-    return value
-
-
-def _write_csv(path, columns, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([_cell(row.get(c)) for c in columns])
-
-
-def _parse(text):
-    if text == "":
-        return None
-    if text in _SPECIAL:
-        return _SPECIAL[text]
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    parts = text.split("x")
-    if len(parts) > 1 and all(p.isdigit() for p in parts):
-        return [int(p) for p in parts]
-    return text
-
-
-_TEXT_COLUMNS = ("layer", "type", "form", "kind", "old_form", "new_form")
-
-
-def read_csv(path, text_columns=_TEXT_COLUMNS):
-    """Rows of a CSV written by :meth:`RankMonitor.save`, with typed values.
-
-    Empty cells become None, ``inf`` becomes ``math.inf``, integers and floats
-    are parsed, ``"8x16"`` becomes ``[8, 16]``; cells of ``text_columns``
-    (layer names such as ``"0"`` or ``"1.10"``, forms) stay strings.
-
-    Returns:
-        list of dicts column → value.
-
-    Example:
-        >>> rows = read_csv("runs/dynamic.layers.csv")            # doctest: +SKIP
-        >>> rows[0]["layer"], rows[0]["spectral_ratio"]           # doctest: +SKIP
-        ('conv1', inf)
-    """
-    text = set(text_columns)
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{k: (v if k in text and v != "" else _parse(v)) for k, v in row.items()}
-                for row in csv.DictReader(f)]

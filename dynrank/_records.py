@@ -1,0 +1,95 @@
+"""The record formats of :class:`dynrank.RankMonitor`: JSON with non-finite floats as strings, typed CSV.
+
+JSON has no ``inf`` or ``nan``, so they are written as the strings ``"inf"``,
+``"-inf"`` and ``"nan"`` and read back as floats; CSV cells are written plainly
+(Tucker's rank pairs as ``"8x16"``) and parsed back to int, float, list or None.
+"""
+
+import csv
+import math
+
+__all__ = ["read_csv", "encode", "decode", "write_csv"]
+
+
+def encode(obj):
+    """``obj`` (nested dicts, lists, tuples) with non-finite floats as ``"inf"``/``"-inf"``/``"nan"``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [encode(v) for v in obj]
+    return obj
+
+
+_SPECIAL = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def decode(obj):
+    """The inverse of :func:`encode` on what ``json.load`` returns."""
+    if isinstance(obj, str) and obj in _SPECIAL:
+        return _SPECIAL[obj]
+    if isinstance(obj, dict):
+        return {k: decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode(v) for v in obj]
+    return obj
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(v) for v in value)       # Tucker ranks: "8x16"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else encode(value)
+    return value
+
+
+def write_csv(path, columns, rows):
+    """Write ``rows`` (dicts) to ``path`` with a header of ``columns``; missing values are empty cells."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_cell(row.get(c)) for c in columns])
+
+
+def _parse(text):
+    if text == "":
+        return None
+    if text in _SPECIAL:
+        return _SPECIAL[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    parts = text.split("x")
+    if len(parts) > 1 and all(p.isdigit() for p in parts):
+        return [int(p) for p in parts]
+    return text
+
+
+_TEXT_COLUMNS = ("layer", "type", "form", "kind", "old_form", "new_form")
+
+
+def read_csv(path, text_columns=_TEXT_COLUMNS):
+    """Rows of a CSV written by :meth:`RankMonitor.save`, with typed values.
+
+    Empty cells become None, ``inf`` becomes ``math.inf``, integers and floats
+    are parsed, ``"8x16"`` becomes ``[8, 16]``; cells of ``text_columns``
+    (layer names such as ``"0"`` or ``"1.10"``, forms) stay strings.
+
+    Returns:
+        list of dicts column → value.
+
+    Example:
+        >>> rows = read_csv("runs/dynamic.layers.csv")            # doctest: +SKIP
+        >>> rows[0]["layer"], rows[0]["spectral_ratio"]           # doctest: +SKIP
+        ('conv1', inf)
+    """
+    text = set(text_columns)
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: (v if k in text and v != "" else _parse(v)) for k, v in row.items()}
+                for row in csv.DictReader(f)]
