@@ -22,11 +22,8 @@ the full-rank epochs go, summarized in a second table with the final λ of layer
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import signal
 import statistics
 import subprocess
@@ -37,26 +34,9 @@ try:
     import dynrank  # noqa: F401
 except ImportError:  # run from a checkout without installing: use the checkout's package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))     # paper_summary beside this file
+from paper_summary import environment, summarize  # noqa: E402
 
-PAPER = {  # Table 4, CIFAR-10 / ResNet20, ρ = 0.5: accuracy (%) and the paper's Comp.
-    ("full", "svd"): (92.15, 1.00),
-    ("lowrank", "svd"): (91.19, 0.57), ("dynamic", "svd"): (92.13, 0.76),
-    ("lowrank", "tucker"): (90.27, 0.41), ("dynamic", "tucker"): (92.10, 0.70),
-    ("lowrank", "cp"): (88.31, 0.31), ("dynamic", "cp"): (91.33, 0.61),
-    ("lowrank", "tkd-cpd"): (87.99, 0.21), ("dynamic", "tkd-cpd"): (91.24, 0.55),
-}
-# Table 2 (SVD, LR decay at 100 and 130): (I, D) → (name, accuracy %, λ of layers 0, 10, 18).
-# "None" is the lowrank run; the paper's default (55, 120) straddles the decay.
-INF = float("inf")
-PLACEMENT_PAPER = {
-    None: ("None (lowrank)", 91.14, (INF, 7.58, INF)),
-    (0, 50): ("Early", 91.26, (59.32, 6.02, 76.47)),
-    (25, 75): ("Middle", 91.82, (39.29, 4.27, 74.18)),
-    (50, 100): ("Late: end of the high-noise regime", 91.87, (37.51, 4.19, 70.36)),
-    (55, 120): ("Default: straddles the decay", 92.13, None),
-    (100, 150): ("Low-noise regime only (Fig. 3)", None, None),
-}
-PLACEMENT_LAYERS = (0, 10, 18)     # indices among the 19 factorized 3×3 convs, input to output
 DEFAULT_RUNS = ([f"{s}:svd:0" for s in ("full", "lowrank", "dynamic")]
                 + [f"{s}:{d}:0" for d in ("tucker", "cp", "tkd-cpd") for s in ("dynamic", "lowrank")]
                 + [f"{s}:svd:1" for s in ("full", "lowrank", "dynamic")]
@@ -265,7 +245,7 @@ def run_all(args, log=print):
         time.sleep(args.poll_s)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "orchestration.json"), "w", encoding="utf-8") as handle:
-        json.dump(dict(environment=_environment(), parallel=args.parallel, budget_s=args.budget_s,
+        json.dump(dict(environment=environment(), parallel=args.parallel, budget_s=args.budget_s,
                        mps=bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")), events=events, failed=failed),
                   handle, indent=1)
     if failed:
@@ -293,169 +273,6 @@ def _wait(running, seconds):
         except subprocess.TimeoutExpired:
             run.proc.kill()
             run.proc.wait()
-
-
-def _environment():
-    import torch
-    info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
-                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu")
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
-
-
-def _load_runs(out):
-    """Finished runs (result.json) and stopped ones (metrics.json so far) under ``out``."""
-    runs = []
-    for root, _, files in sorted(os.walk(out)):
-        name = "result.json" if "result.json" in files else "metrics.json" if "metrics.json" in files else None
-        if name is None:
-            continue
-        config_path = os.path.join(os.path.dirname(root), "config.json")
-        if not os.path.isfile(config_path):
-            continue
-        with open(config_path, encoding="utf-8") as handle:
-            cfg = json.load(handle)
-        with open(os.path.join(root, name), encoding="utf-8") as handle:
-            loaded = json.load(handle)
-        if name == "result.json":
-            loaded.update(finished=True, config=cfg, folder=root)
-            runs.append(loaded)
-        elif loaded:
-            runs.append(dict(schedule=os.path.basename(root), history=loaded, config=cfg, finished=False,
-                             params=None, inflate_epoch=cfg.get("inflate_epoch"),
-                             deflate_epoch=cfg.get("deflate_epoch"), folder=root))
-    return runs
-
-
-def _paper_comp(r):
-    """The paper's Comp. formula for a finished run (parameters × epochs relative to full)."""
-    from dynrank.cost import ParamCounts, comp_ratio
-    if r["schedule"] == "full" or not r.get("params"):
-        return 1.0 if r["schedule"] == "full" else None
-    dense, converted = r["params"]["dense"], r["params"]["converted"]
-    counts = ParamCounts(full=dense, lowrank=converted, other=0)
-    epochs = len(r["history"])
-    if r["schedule"] == "lowrank":
-        return comp_ratio(counts, epochs, None, None)
-    return comp_ratio(counts, epochs, r["inflate_epoch"], min(r["deflate_epoch"] or epochs, epochs))
-
-
-def _placement(r):
-    """(I, D) of a dynamic run that named its own (``dynamic:svd:0:I-D``, so its folder says so), else None."""
-    match = re.search(r"-I(\d+)-D(\d+)-seed\d+$", os.path.basename(os.path.dirname(r["folder"])))
-    return (int(match.group(1)), int(match.group(2))) if match and r["schedule"] == "dynamic" else None
-
-
-def _final_lambdas(folder, schedule):
-    """λ = σmax/σmin of the factorized convs PLACEMENT_LAYERS at the last measured epoch, or None."""
-    from dynrank.monitor import read_csv
-    path = os.path.join(folder, "monitor.layers.csv")
-    if schedule == "full" or not os.path.isfile(path):
-        return None
-    rows = [row for row in read_csv(path) if row["type"] == "LowRankConv2d"]
-    if not rows:
-        return None
-    last = [row for row in rows if row["epoch"] == rows[-1]["epoch"]]
-    if len(last) <= max(PLACEMENT_LAYERS):
-        return None
-    return [last[i]["spectral_ratio"] for i in PLACEMENT_LAYERS]
-
-
-def _epochs_cell(row):
-    return str(row["epochs"]) if row["finished"] else f"{row['epochs']} of {row['planned_epochs']} (stopped)"
-
-
-def _placement_table(rows):
-    """Table 2 / Fig. 3: SVD runs by where their full-rank epochs lie, with λ of layers 0, 10, 18."""
-    study = [r for r in rows if r["decomposition"] == "svd" and r["schedule"] in ("lowrank", "dynamic")]
-    if not any(r["placement"] for r in study):
-        return []
-    lam = lambda v: "∞" if v == INF else f"{v:.2f}"  # noqa: E731
-    lines = ["", "Placement of the full-rank epochs (the paper's Table 2 / Fig. 3; SVD, LR decay at 100 and 130):",
-             "", "| setting | I | D | seed | epochs | acc. % (final) | paper acc. % | λ⁰, λ¹⁰, λ¹⁸ (final) "
-             "| paper λ⁰, λ¹⁰, λ¹⁸ |", "|---|---|---|---|---|---|---|---|---|"]
-    def where(r):   # (I, D) of a dynamic run, D = the epoch count when it stays full to the end
-        return (r["inflate_epoch"], r["deflate_epoch"] or r["planned_epochs"]) if r["schedule"] == "dynamic" else None
-    for r in sorted(study, key=lambda r: (where(r) or (-1, -1), r["seed"])):
-        name, paper_acc, paper_lam = PLACEMENT_PAPER.get(where(r), ("-", None, None))
-        i, d = where(r) or ("-", "-")
-        mine = ", ".join(map(lam, r["final_lambda"])) if r["final_lambda"] else "-"
-        lines.append(f"| {name} | {i} | {d} | {r['seed']} | {_epochs_cell(r)} | {r['accuracy']:.2f} | "
-                     f"{'-' if paper_acc is None else f'{paper_acc:.2f}'} | {mine} | "
-                     f"{', '.join(map(lam, paper_lam)) if paper_lam else '-'} |")
-    return lines
-
-
-def summarize(out):
-    """Write ``summary.json`` and ``summary.md`` for every run under ``out`` and return the summary."""
-    from dynrank.cost import measured_comp_ratio
-    results = _load_runs(out)
-    full_times = [rec["train_time"] for r in results if r["schedule"] == "full" for rec in r["history"][1:]]
-    full_epoch = statistics.median(full_times) if full_times else None
-    rows = []
-    for r in results:
-        cfg, history = r["config"], r["history"]
-        decomposition = cfg.get("decomposition", "svd")
-        forms = {}
-        for rec in history[1:]:          # the first epoch carries start-up and cuDNN autotuning
-            graphed = " (graphs)" if rec.get("graphed_steps") else ""
-            forms.setdefault(rec["form"] + graphed, []).append(rec["train_time"])
-        measured = None
-        if full_epoch and r["finished"]:
-            records = [{"form": rec["form"], "wall_seconds": rec["train_time"]} for rec in history]
-            measured = measured_comp_ratio(records, full_epoch_seconds=full_epoch)
-        placement = _placement(r)
-        paper_acc, paper_table_comp = PAPER.get((r["schedule"], "svd" if r["schedule"] == "full" else decomposition),
-                                                (None, None))
-        if placement is not None:
-            paper_acc, paper_table_comp = PLACEMENT_PAPER.get(placement, (None, None, None))[1], None
-        rows.append(dict(schedule=r["schedule"], decomposition=None if r["schedule"] == "full" else decomposition,
-                         seed=cfg.get("seed"), finished=r["finished"], epochs=len(history),
-                         planned_epochs=cfg.get("epochs"), accuracy=100 * history[-1]["val_acc"],
-                         best_accuracy=100 * max(rec["val_acc"] for rec in history),
-                         seconds_per_epoch={k: statistics.median(v) for k, v in forms.items()},
-                         comp_paper_formula=_paper_comp(r) if r["finished"] else None, comp_measured=measured,
-                         paper_accuracy=paper_acc, paper_comp=paper_table_comp,
-                         inflate_epoch=r["inflate_epoch"], deflate_epoch=r["deflate_epoch"], placement=placement,
-                         final_lambda=_final_lambdas(r["folder"], r["schedule"])))
-    summary = dict(environment=_environment(), runs=rows)
-    orchestration = os.path.join(out, "orchestration.json")
-    if os.path.isfile(orchestration):
-        with open(orchestration, encoding="utf-8") as handle:
-            summary["orchestration"] = json.load(handle)
-        # The machine the runs ran on, not the one summarizing them.
-        summary["environment"] = summary["orchestration"].get("environment") or summary["environment"]
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=1)
-    env = summary["environment"]
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"# CIFAR-10 / ResNet20, ρ = 0.5 — {env['device']}, torch {env['torch']}, triton {env['triton']}, "
-             f"{env['date']}", "",
-             "| schedule | decomposition | seed | epochs | acc. % (final) | paper acc. % | s/epoch by form "
-             "| Comp. (paper formula) | Comp. measured | paper Comp. |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        per_form = ", ".join(f"{k} {v:.2f}" for k, v in row["seconds_per_epoch"].items())
-        schedule = row["schedule"]
-        if row["placement"] is not None:
-            schedule += " I={} D={}".format(*row["placement"])
-        lines.append(f"| {schedule} | {row['decomposition'] or '-'} | {row['seed']} | {_epochs_cell(row)} | "
-                     f"{row['accuracy']:.2f} | {fmt(row['paper_accuracy'], '.2f')} | {per_form} | "
-                     f"{fmt(row['comp_paper_formula'], '.3f')} | {fmt(row['comp_measured'], '.3f')} | "
-                     f"{fmt(row['paper_comp'], '.2f')} |")
-    lines += _placement_table(rows)
-    if "orchestration" in summary:
-        o = summary["orchestration"]
-        lines += ["", f"Up to {o['parallel']} runs shared the GPU at a time (MPS {'on' if o['mps'] else 'off'}), "
-                      f"so seconds per epoch are under that load; the epoch-speed benchmark gives them alone."]
-    with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return summary
 
 
 def main(argv=None):

@@ -170,3 +170,25 @@ def test_placement_runs_are_named_launched_and_tabulated(driver, tmp_path):
     assert table.index("None (lowrank)") < table.index("Early") < table.index("Default: straddles")
     assert "| Early | 0 | 50 | 0 | 3 of 150 (stopped) | 91.00 | 91.26 | 20.00, 30.00, 38.00 | 59.32, 6.02, 76.47 |" in table
     assert "| None (lowrank) | - | - | 0 | 3 of 150 (stopped) | 90.00 | 91.14 | ∞, ∞, ∞ | ∞, 7.58, ∞ |" in table
+
+
+def test_measured_comp_compares_only_runs_that_stepped_the_same_way(driver, tmp_path):
+    def finished(name, schedule, times, graphed):
+        folder = tmp_path / name / schedule
+        folder.mkdir(parents=True)
+        seed = int(name[-1])
+        (tmp_path / name / "config.json").write_text(json.dumps(dict(epochs=len(times), seed=seed, decomposition="svd")))
+        history = [dict(epoch=e, form=schedule if schedule != "dynamic" else "lowrank", train_time=t, val_acc=0.5,
+                        graphed_steps=g) for e, (t, g) in enumerate(zip(times, graphed))]
+        (folder / "result.json").write_text(json.dumps(dict(
+            schedule=schedule, history=history, params=dict(dense=100, converted=50, rank_ratio=0.5),
+            inflate_epoch=None, deflate_epoch=None)))
+    finished("full-seed0", "full", [5.0, 4.0, 4.0], [0, 0, 0])
+    finished("lowrank-svd-seed0", "lowrank", [5.0, 2.0, 2.0], [0, 0, 0])
+    finished("lowrank-svd-seed1", "lowrank", [5.0, 2.0, 1.0], [0, 0, 300])
+    rows = {r["seed"] if r["schedule"] != "full" else "full": r
+            for r in driver.summarize(str(tmp_path))["runs"]}
+    # Every epoch's time over epochs × the median full-rank epoch after the first (start-up) one.
+    assert rows["full"]["comp_measured"] == pytest.approx((5.0 + 4.0 + 4.0) / (3 * 4.0))
+    assert rows[0]["comp_measured"] == pytest.approx((5.0 + 2.0 + 2.0) / (3 * 4.0))
+    assert rows[1]["comp_measured"] is None                      # eager and graphed epochs mixed
