@@ -126,7 +126,7 @@ def test_training_step(benchmark, model_name, form, rank_ratio, decomposition, g
         step, model, source = make_transformer_step(form, rank_ratio, cfg)
     dtype = torch.bfloat16 if common.ON_CUDA else torch.float32
     group = (f"epoch {model_name} " + "-".join(f"{k}{v}" for k, v in cfg.items())
-             + (" cuda-graphs" if graphed else ""))
+             + (" cuda-graphs" if graphed else ""))     # report.py's GRAPHED_GROUP_SUFFIX
     provider = _form_id(form, rank_ratio) + ("" if decomposition == "svd" or form == "full" else f"-{decomposition}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     common.describe(

@@ -54,6 +54,11 @@ def data():
                rank_ratio=0.25, trainable_params=30),
         _bench(EPOCH, "epoch", "adapter-rho0.5", "adapter", "step", 12e-3, model="transformer",
                rank_ratio=0.5, trainable_params=40),
+        # The same steps replayed from CUDA graphs: full 4 ms, lowrank 2.5 ms (no adapter row).
+        _bench(EPOCH + " cuda-graphs", "epoch", "full", "full", "step", 4e-3, model="transformer",
+               rank_ratio=None, trainable_params=100, cuda_graphs=True),
+        _bench(EPOCH + " cuda-graphs", "epoch", "lowrank-rho0.25", "lowrank", "step", 2.5e-3, model="transformer",
+               rank_ratio=0.25, trainable_params=30, cuda_graphs=True),
     ]
     machine = {"dynrank": {"device": "cuda", "device_name": "Test GPU", "grid": "targets",
                            "versions": {"torch": "9.9", "triton": "9.8"},
@@ -82,6 +87,10 @@ def test_ratios_within_groups(report, data):
     assert lowrank.ratios["step / full"] == pytest.approx(0.5)
     assert lowrank.ratios["params / full"] == pytest.approx(0.3)
     assert _row(rows, EPOCH, "full", "full").ratios == {}
+    graphed = _row(rows, EPOCH + " cuda-graphs", "lowrank-rho0.25", "lowrank")
+    assert graphed.ratios["graphed / eager"] == pytest.approx(0.5)
+    assert graphed.ratios["step / full"] == pytest.approx(2.5 / 4)      # against the graphed full step
+    assert _row(rows, EPOCH + " cuda-graphs", "full", "full").ratios == {"graphed / eager": pytest.approx(0.4)}
 
 
 def test_statistic_is_selectable(report, data):
