@@ -168,7 +168,8 @@ def test_placement_runs_are_named_launched_and_tabulated(driver, tmp_path):
     assert "| dynamic I=0 D=50 | svd | 0 | 3 of 150 (stopped) | 91.00 | 91.26 |" in text
     table = text[text.index("Placement of the full-rank epochs"):]
     assert table.index("None (lowrank)") < table.index("Early") < table.index("Default: straddles")
-    assert "| Early | 0 | 50 | 0 | 3 of 150 (stopped) | 91.00 | 91.26 | 20.00, 30.00, 38.00 | 59.32, 6.02, 76.47 |" in table
+    assert ("| Early | 0 | 50 | 0 | 3 of 150 (stopped) | 91.00 | 91.26 | 20.00, 30.00, 38.00 "
+            "| 59.32, 6.02, 76.47 |") in table
     assert "| None (lowrank) | - | - | 0 | 3 of 150 (stopped) | 90.00 | 91.14 | ∞, ∞, ∞ | ∞, 7.58, ∞ |" in table
 
 
@@ -176,8 +177,8 @@ def test_measured_comp_compares_only_runs_that_stepped_the_same_way(driver, tmp_
     def finished(name, schedule, times, graphed):
         folder = tmp_path / name / schedule
         folder.mkdir(parents=True)
-        seed = int(name[-1])
-        (tmp_path / name / "config.json").write_text(json.dumps(dict(epochs=len(times), seed=seed, decomposition="svd")))
+        cfg = dict(epochs=len(times), seed=int(name[-1]), decomposition="svd")
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
         history = [dict(epoch=e, form=schedule if schedule != "dynamic" else "lowrank", train_time=t, val_acc=0.5,
                         graphed_steps=g) for e, (t, g) in enumerate(zip(times, graphed))]
         (folder / "result.json").write_text(json.dumps(dict(

@@ -124,7 +124,8 @@ class TrainStep:
             self._shape = shape
         if shape != self._shape:       # the short last batch: eager, keeping the graph
             return self._run(inputs, targets)
-        key = (lr, self.model.training, tuple(p.data_ptr() for group in self.optimizer.param_groups for p in group["params"]))
+        storage = tuple(p.data_ptr() for group in self.optimizer.param_groups for p in group["params"])
+        key = (lr, self.model.training, storage)
         if self._replay is None or key != self._key:
             self._replay = None
             if key != self._pending:
