@@ -121,26 +121,84 @@ def _backward(ctx, dy, _dxbs):
 _lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerLowRankLinear(torch.autograd.Function):
-    """The Triton path outside ``torch.compile``: the kernels called directly.
+def _scaled_mm(a, b, scale):
+    """scale·(a @ b) in one GEMM (cuBLAS's alpha), without a separate scaling pass."""
+    if scale == 1.0:
+        return a @ b
+    return torch.addmm(a.new_zeros(()), a, b, beta=0.0, alpha=scale)
 
-    The custom ops are what ``torch.compile`` needs; in eager mode their
-    dispatch layers (autograd wrapper, redispatch, dynamo-disable wrapper) cost
-    about 100 µs of host time per forward+backward on a CPU host, more than
-    the kernels themselves at small shapes.  Same kernels, same saved tensors.
+
+def _torch_forward(x, weight, A, B, bias, scale):
+    """The torch engine's forward (cuBLAS on CUDA): (y, xbs), as the kernels' ``lowrank_linear_forward``.
+
+    ``xbs = s·x·B``; ``y = xbs·Aᵀ + bias``; then ``y += x·W_fᵀ`` in place, so
+    the adapter's sum is the big GEMM's epilogue (its C input) rather than an
+    extra pass over y.
+    """
+    xbs = _scaled_mm(x, B, scale)
+    y = torch.nn.functional.linear(xbs, A, bias)
+    if weight is not None:
+        y.addmm_(x, weight.t())
+    return y, xbs
+
+
+def _torch_backward(dy, x, weight, A, B, xbs, scale, needs_dx, needs_dA, needs_dB):
+    """The torch engine's backward: (dx, dA, dB), as the kernels' ``lowrank_linear_backward``.
+
+    ``dyas = s·dy·A``; ``dx = dyas·Bᵀ``, then ``dx += dy·W_f`` in place (no
+    second T × K gradient to add, as autograd would); ``dA = dyᵀ·xbs``;
+    ``dB = xᵀ·dyas``.
+    """
+    dx = dA = dB = None
+    if torch.is_grad_enabled():
+        # A double backward (create_graph=True) differentiates through dA: form xbs from x and B
+        # here, where autograd sees it, not from the forward's saved copy.
+        xbs = _scaled_mm(x, B, scale)
+    dyas = _scaled_mm(dy, A, scale) if (needs_dx or needs_dB) else None
+    if needs_dx:
+        dx = dyas @ B.t()
+        if weight is not None:
+            dx.addmm_(dy, weight)
+    if needs_dA:
+        dA = dy.t() @ xbs
+    if needs_dB:
+        dB = x.t() @ dyas
+    return dx, dA, dB
+
+
+def _triton_engine():
+    from .kernels import lowrank_linear_backward, lowrank_linear_forward
+    return lowrank_linear_forward, lowrank_linear_backward
+
+
+_TORCH_ENGINE = (_torch_forward, _torch_backward)
+
+
+class _EagerLowRankLinear(torch.autograd.Function):
+    """The fused linear outside ``torch.compile``: one autograd node over an engine's forward and backward.
+
+    ``engine`` is (forward, backward): the Triton kernels or the torch ops
+    above.  One node instead of autograd's five or so keeps the host time
+    down, and the hand-written backward skips the passes autograd would add
+    (a second input gradient to sum, a scaling of the T × R gradient).  The
+    Triton path's custom ops are what ``torch.compile`` needs; in eager mode
+    their dispatch layers cost about 100 µs of host time per forward+backward
+    on a CPU host.  Same kernels, same saved tensors.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, A, B, bias, scale):
-        from .kernels import lowrank_linear_forward
-        y, xbs = lowrank_linear_forward(x, weight, A, B, bias, scale)
+    def forward(ctx, x, weight, A, B, bias, scale, engine):
+        y, xbs = engine[0](x, weight, A, B, bias, scale)
         _setup_context(ctx, (x, weight, A, B, bias, scale), (y, xbs))
+        ctx.engine_backward = engine[1]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        from .kernels import lowrank_linear_backward
-        return _gradients(ctx, dy, lowrank_linear_backward)
+        if torch.is_grad_enabled() and ctx.engine_backward is not _torch_backward:
+            raise RuntimeError("the Triton path of dynrank's low-rank linear has no double backward "
+                               "(create_graph=True); set DYNRANK_BACKEND=torch for higher-order gradients")
+        return (*_gradients(ctx, dy, ctx.engine_backward), None)
 
 
 # ---------------------------------------------------------------------------
@@ -180,7 +238,9 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
         with torch.autocast(device_type, enabled=False):
             return lowrank_linear(x, weight, A, B, bias, scale)
     N, K, _ = _check_operands(x, weight, A, B, bias)
-    if backend_for(x.device, "lowrank_linear") == "torch":
+    use_torch = backend_for(x.device, "lowrank_linear") == "torch"
+    if use_torch and torch.compiler.is_compiling():
+        # Plain ops: inductor fuses them its own way.
         xbs = x @ B if scale == 1.0 else (x @ B) * scale
         y = torch.nn.functional.linear(xbs, A, bias)
         return y if weight is None else torch.addmm(y.reshape(-1, N), x.reshape(-1, K), weight.t()).reshape(y.shape)
@@ -189,7 +249,8 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
     if torch.compiler.is_compiling():
         y, _ = _lowrank_linear_op(x2, weight, A, B, bias, float(scale))
     else:
-        y = _EagerLowRankLinear.apply(x2, weight, A, B, bias, float(scale))
+        engine = _TORCH_ENGINE if use_torch else _triton_engine()
+        y = _EagerLowRankLinear.apply(x2, weight, A, B, bias, float(scale), engine)
     return y.reshape(*lead, N)
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from _helpers import INTERPRETING, REL_TOL, kernel_devices, rel_err
 from dynrank import FusedLowRankLinear
+from dynrank import functional as F
 from dynrank.kernels import reference_lowrank_linear
 
 BACKENDS = ["torch"] + (["triton"] if kernel_devices() else [])
@@ -365,3 +366,40 @@ def test_gradients_only_where_needed(backend):
                                    layer.scale)
     ref.square().sum().backward()
     assert rel_err(layer.A.grad, A.grad) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("with_weight", [False, True], ids=["lowrank", "weight"])
+def test_torch_engine_gradients_by_finite_differences(monkeypatch, with_weight):
+    """The torch engine's hand-written backward (and its double backward) against finite differences."""
+    monkeypatch.setenv("DYNRANK_BACKEND", "torch")
+    gen = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()  # noqa: E731
+    x, A, B, bias = make(2, 3, 5), make(4, 2), make(5, 2), make(4)
+    weight = make(4, 5) if with_weight else None
+    inputs = (x, weight, A, B, bias) if with_weight else (x, A, B, bias)
+
+    def fn(*args):
+        if with_weight:
+            return F.lowrank_linear(*args, scale=0.7)
+        x_, A_, B_, b_ = args
+        return F.lowrank_linear(x_, None, A_, B_, b_, scale=0.7)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+    # Only some inputs need a gradient: the others get none, and nothing is formed for them.
+    x.requires_grad_(False)
+    bias.requires_grad_(False)
+    fn(*inputs).sum().backward()
+    assert x.grad is None and bias.grad is None and A.grad is not None and B.grad is not None
+
+
+@pytest.mark.skipif(not kernel_devices(), reason="no Triton device (CUDA or the interpreter)")
+def test_the_triton_path_refuses_a_double_backward(monkeypatch):
+    monkeypatch.setenv("DYNRANK_BACKEND", "triton")
+    device = _device()
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    A, B = torch.randn(6, 2, device=device, requires_grad=True), torch.randn(8, 2, device=device)
+    y = F.lowrank_linear(x, None, A, B)
+    (gx,) = torch.autograd.grad(y.sum(), x)                  # first order: fine
+    assert gx.shape == x.shape
+    with pytest.raises(RuntimeError, match="no double backward.*DYNRANK_BACKEND=torch"):
+        torch.autograd.grad(F.lowrank_linear(x, None, A, B).sum(), x, create_graph=True)
