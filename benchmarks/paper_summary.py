@@ -120,25 +120,72 @@ def _epochs_cell(row):
     return str(row["epochs"]) if row["finished"] else f"{row['epochs']} of {row['planned_epochs']} (stopped)"
 
 
-def _placement_table(rows):
-    """Table 2 / Fig. 3: SVD runs by where their full-rank epochs lie, with λ of layers 0, 10, 18."""
+def _study(rows):
+    """The SVD lowrank and dynamic runs, when the placement study is among them, by (I, D) then seed."""
     study = [r for r in rows if r["decomposition"] == "svd" and r["schedule"] in ("lowrank", "dynamic")]
     if not any(r["placement"] for r in study):
+        return []
+    return sorted(study, key=lambda r: (_where(r) or (-1, -1), r["seed"]))
+
+
+def _where(row):
+    """(I, D) of a dynamic run, D = the epoch count when it stays full to the end; None for lowrank."""
+    if row["schedule"] != "dynamic":
+        return None
+    return row["inflate_epoch"], row["deflate_epoch"] or row["planned_epochs"]
+
+
+def _placement_table(rows):
+    """Table 2 / Fig. 3: SVD runs by where their full-rank epochs lie, with λ of layers 0, 10, 18."""
+    study = _study(rows)
+    if not study:
         return []
     lam = lambda v: "∞" if v == INF else f"{v:.2f}"  # noqa: E731
     lines = ["", "Placement of the full-rank epochs (the paper's Table 2 / Fig. 3; SVD, LR decay at 100 and 130):",
              "", "| setting | I | D | seed | epochs | acc. % (final) | paper acc. % | λ⁰, λ¹⁰, λ¹⁸ (final) "
              "| paper λ⁰, λ¹⁰, λ¹⁸ |", "|---|---|---|---|---|---|---|---|---|"]
-    def where(r):   # (I, D) of a dynamic run, D = the epoch count when it stays full to the end
-        return (r["inflate_epoch"], r["deflate_epoch"] or r["planned_epochs"]) if r["schedule"] == "dynamic" else None
-    for r in sorted(study, key=lambda r: (where(r) or (-1, -1), r["seed"])):
-        name, paper_acc, paper_lam = PLACEMENT_PAPER.get(where(r), ("-", None, None))
-        i, d = where(r) or ("-", "-")
+    for r in study:
+        name, paper_acc, paper_lam = PLACEMENT_PAPER.get(_where(r), ("-", None, None))
+        i, d = _where(r) or ("-", "-")
         mine = ", ".join(map(lam, r["final_lambda"])) if r["final_lambda"] else "-"
         lines.append(f"| {name} | {i} | {d} | {r['seed']} | {_epochs_cell(r)} | {r['accuracy']:.2f} | "
                      f"{'-' if paper_acc is None else f'{paper_acc:.2f}'} | {mine} | "
                      f"{', '.join(map(lam, paper_lam)) if paper_lam else '-'} |")
     return lines
+
+
+def _placement_plot(out, rows):
+    """Fig. 3: validation accuracy over epochs of the study's runs, switches marked; the path, or None.
+
+    Needs matplotlib (``dynrank[plots]``); runs without readable monitor files are left out.
+    """
+    study = _study(rows)
+    if not study:
+        return None
+    try:
+        from dynrank.monitor import RankMonitor
+        from dynrank.plots import plot_training_curves
+        monitors = []
+        for r in study:
+            try:
+                monitor = RankMonitor.load(os.path.join(out, r["folder"], "monitor"))
+            except (OSError, ValueError, KeyError):
+                continue
+            where = _where(r)
+            known = PLACEMENT_PAPER.get(where, (None,))[0]
+            parts = [known.split(":")[0]] if known else []
+            parts += ["(I={}, D={})".format(*where)] if where else []
+            monitor.name = " ".join(parts) + f", seed {r['seed']}"
+            monitors.append(monitor)
+        if not monitors:
+            return None
+        path = os.path.join(out, "plots", "placement.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        plot_training_curves(monitors, path, keys=["val_acc"], labels={"val_acc": "validation accuracy"},
+                             title="Placement of the full-rank epochs — ResNet20 / CIFAR-10, SVD ρ = 0.5")
+        return os.path.relpath(path, out)
+    except ImportError:
+        return None
 
 
 def summarize(out):
@@ -178,8 +225,9 @@ def summarize(out):
                          comp_paper_formula=_paper_comp(r) if r["finished"] else None, comp_measured=measured,
                          paper_accuracy=paper_acc, paper_comp=paper_table_comp,
                          inflate_epoch=r["inflate_epoch"], deflate_epoch=r["deflate_epoch"], placement=placement,
-                         final_lambda=_final_lambdas(r["folder"], r["schedule"])))
-    summary = dict(environment=environment(), runs=rows)
+                         final_lambda=_final_lambdas(r["folder"], r["schedule"]),
+                         folder=os.path.relpath(r["folder"], out)))
+    summary = dict(environment=environment(), runs=rows, placement_plot=_placement_plot(out, rows))
     orchestration = os.path.join(out, "orchestration.json")
     if os.path.isfile(orchestration):
         with open(orchestration, encoding="utf-8") as handle:
@@ -205,6 +253,8 @@ def summarize(out):
                      f"{fmt(row['comp_paper_formula'], '.3f')} | {fmt(row['comp_measured'], '.3f')} | "
                      f"{fmt(row['paper_comp'], '.2f')} |")
     lines += _placement_table(rows)
+    if summary["placement_plot"]:
+        lines += ["", f"Validation accuracy of these runs over the epochs: `{summary['placement_plot']}`."]
     if "orchestration" in summary:
         o = summary["orchestration"]
         lines += ["", f"Up to {o['parallel']} runs shared the GPU at a time (MPS {'on' if o['mps'] else 'off'}), "

@@ -193,3 +193,33 @@ def test_measured_comp_compares_only_runs_that_stepped_the_same_way(driver, tmp_
     assert rows["full"]["comp_measured"] == pytest.approx((5.0 + 4.0 + 4.0) / (3 * 4.0))
     assert rows[0]["comp_measured"] == pytest.approx((5.0 + 2.0 + 2.0) / (3 * 4.0))
     assert rows[1]["comp_measured"] is None                      # eager and graphed epochs mixed
+
+
+def test_placement_study_plots_the_accuracy_curves(driver, tmp_path):
+    pytest.importorskip("matplotlib")
+    from dynrank import RankMonitor, convert_model
+    from dynrank.train.models import EXCLUDE, resnet20
+
+    for name, schedule, inflate, deflate in (("lowrank-svd-seed0", "lowrank", 55, 120),
+                                              ("dynamic-svd-I1-D2-seed0", "dynamic", 1, 2)):
+        folder = tmp_path / name / schedule
+        folder.mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            dict(epochs=3, seed=0, decomposition="svd", inflate_epoch=inflate, deflate_epoch=deflate)))
+        (folder / "metrics.json").write_text(json.dumps(
+            [dict(epoch=e, form="lowrank", train_time=1.0, val_acc=0.3 + 0.1 * e) for e in range(3)]))
+        model = resnet20(num_classes=4, width=0.25)
+        convert_model(model, rank_ratio=0.5, form="lowrank", exclude=EXCLUDE["resnet20"])
+        monitor = RankMonitor(model, name=schedule)
+        for epoch in range(3):
+            with monitor.epoch(epoch):
+                pass
+            monitor.log(val_acc=0.3 + 0.1 * epoch)
+        monitor.save(str(folder / "monitor"))
+    summary = driver.summarize(str(tmp_path))
+    assert summary["placement_plot"] == "plots/placement.png"
+    assert (tmp_path / "plots" / "placement.png").stat().st_size > 0
+    assert "`plots/placement.png`" in (tmp_path / "summary.md").read_text()
+    # Without the placement runs there is no study, so no plot.
+    os.rename(tmp_path / "dynamic-svd-I1-D2-seed0", tmp_path.parent / "moved-away")
+    assert driver.summarize(str(tmp_path))["placement_plot"] is None
