@@ -26,6 +26,27 @@ __all__ = ["lowrank_gemm", "reference_lowrank_gemm"]
 
 
 @triton.jit
+def _dot_loop(acc, p_a, p_b, size, step_a, step_b, o_k, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """acc += A·B over a reduction of ``size``: A tiles (rows, BLOCK_K) at p_a, B tiles (BLOCK_K, cols) at p_b.
+
+    ``step_a``/``step_b`` are the strides along the reduction; only that dimension is masked
+    (the caller wraps rows and columns into range).
+    """
+    for k0 in range(0, size, BLOCK_K):
+        m_k = (k0 + o_k) < size
+        b_a = tl.load(p_a, mask=m_k[None, :], other=0.0)
+        b_b = tl.load(p_b, mask=m_k[:, None], other=0.0)
+        if DOT_FP32:
+            b_a = b_a.to(tl.float32)
+            b_b = b_b.to(tl.float32)
+        acc = tl.dot(b_a, b_b, acc, input_precision=INPUT_PRECISION)
+        p_a += BLOCK_K * step_a
+        p_b += BLOCK_K * step_b
+    return acc
+
+
+@triton.jit
 def _lowrank_gemm_kernel(
     # pointers
     x_ptr, wt_ptr, u_ptr, vt_ptr, bias_ptr, out_ptr,
@@ -36,10 +57,11 @@ def _lowrank_gemm_kernel(
     stride_um, stride_ur, stride_vr, stride_vn,
     stride_om, stride_on,
     # scalars
-    alpha, beta,
+    alpha, beta_over_alpha, beta,
     # meta-parameters
     HAS_X: tl.constexpr, HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out = alpha·X·Wt + beta·U·Vt + bias (+ out).
@@ -47,7 +69,9 @@ def _lowrank_gemm_kernel(
     X: (M, K), Wt: (K, N), U: (M, R), Vt: (R, N), bias: (N,), out: (M, N).
     One program computes one (BLOCK_M, BLOCK_N) tile of ``out``; programs are
     ordered in groups of GROUP_M row-tiles so neighbouring programs share
-    column tiles of Wt in L2.
+    column tiles of Wt in L2.  Both products go into one fp32 accumulator: the
+    rank term first, rescaled by beta/alpha, then the X·Wt loop, then ×alpha
+    (the host passes beta/alpha; alpha ≠ 0 whenever there is an X).
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -59,55 +83,52 @@ def _lowrank_gemm_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    # int64 offsets: M·stride can pass 2**31 on large token counts.
-    o_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INDEX_64:   # only where some offset can pass 2**31 elements (the host checks)
+        pid_m = pid_m.to(tl.int64)
+        pid_n = pid_n.to(tl.int64)
+    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Operand loads wrap rows and columns past the edge back into range (their results land in
+    # rows and columns the store masks off), so the loops mask only the reduction dimension.
+    r_m = o_m % M
+    r_n = o_n % N
     o_k = tl.arange(0, BLOCK_K)
-    m_m = o_m < M
-    m_n = o_n < N
-
-    p_o = out_ptr + o_m[:, None] * stride_om + o_n[None, :] * stride_on
-    m_o = m_m[:, None] & m_n[None, :]
     if ACCUMULATE:
-        # Issued first: in the merge this tile is nearly all the bytes, and its load
-        # latency then overlaps the small operands' loads and the rank-R dot.
+        # In the merge the old tile is nearly all the bytes: issued first, its load latency
+        # overlaps the small operands' loads and the rank-R dot.
+        m_o = (o_m < M)[:, None] & (o_n < N)[None, :]
+        p_o = out_ptr + o_m[:, None] * stride_om + o_n[None, :] * stride_on
         prior = tl.load(p_o, mask=m_o, other=0.0)
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_X:
-        p_x = x_ptr + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk
-        p_w = wt_ptr + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn
-        for k0 in range(0, K, BLOCK_K):
-            m_k = (k0 + o_k) < K
-            b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
-            b_w = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
-            if DOT_FP32:
-                b_x = b_x.to(tl.float32)
-                b_w = b_w.to(tl.float32)
-            acc = tl.dot(b_x, b_w, acc, input_precision=INPUT_PRECISION)
-            p_x += BLOCK_K * stride_xk
-            p_w += BLOCK_K * stride_wk
-        acc = acc * alpha
     if HAS_U:
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        p_u = u_ptr + o_m[:, None] * stride_um + o_k[None, :] * stride_ur
-        p_v = vt_ptr + o_k[:, None] * stride_vr + o_n[None, :] * stride_vn
-        for r0 in range(0, R, BLOCK_K):
-            m_r = (r0 + o_k) < R
-            b_u = tl.load(p_u, mask=m_m[:, None] & m_r[None, :], other=0.0)
-            b_v = tl.load(p_v, mask=m_r[:, None] & m_n[None, :], other=0.0)
-            if DOT_FP32:
-                b_u = b_u.to(tl.float32)
-                b_v = b_v.to(tl.float32)
-            acc_u = tl.dot(b_u, b_v, acc_u, input_precision=INPUT_PRECISION)
-            p_u += BLOCK_K * stride_ur
-            p_v += BLOCK_K * stride_vr
-        acc += acc_u * beta
+        p_u = u_ptr + r_m[:, None] * stride_um + o_k[None, :] * stride_ur
+        p_v = vt_ptr + o_k[:, None] * stride_vr + r_n[None, :] * stride_vn
+        acc = _dot_loop(acc, p_u, p_v, R, stride_ur, stride_vr, o_k, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+        if HAS_X:
+            acc = acc * beta_over_alpha
+        else:
+            acc = acc * beta
+    if HAS_X:
+        p_x = x_ptr + r_m[:, None] * stride_xm + o_k[None, :] * stride_xk
+        p_w = wt_ptr + o_k[:, None] * stride_wk + r_n[None, :] * stride_wn
+        acc = _dot_loop(acc, p_x, p_w, K, stride_xk, stride_wk, o_k, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+        acc = acc * alpha
     if HAS_BIAS:
-        b_bias = tl.load(bias_ptr + o_n, mask=m_n, other=0.0)
+        b_bias = tl.load(bias_ptr + r_n)
         acc += b_bias.to(tl.float32)[None, :]
     if ACCUMULATE:
         acc += prior.to(tl.float32)
+    else:
+        # Formed only now: 64-bit addresses per element, not kept alive through the loops.
+        m_o = (o_m < M)[:, None] & (o_n < N)[None, :]
+        p_o = out_ptr + o_m[:, None] * stride_om + o_n[None, :] * stride_on
     tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_o)
+
+
+def _needs_int64(*tensors):
+    """True if an element offset of any operand can reach 2**31 (then the kernel indexes in int64)."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2 ** 31 for t in tensors)
 
 
 def _fit(size, lo, hi):
@@ -126,9 +147,11 @@ def _native_config(M, N, dtype, accumulate, R=0):
     """
     block_k = 32 if dtype == torch.float32 else 64
     if accumulate:
-        # The merge streams W once (memory bound): 128 × 128 tiles, 8 warps to keep many loads in
-        # flight, and the rank loop in as few steps as the rank allows (rarely more than one).
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=_fit(R, 16, block_k), GROUP_M=8, num_warps=8, num_stages=2)
+        # The merge streams W once (memory bound): 128 × 128 tiles (16-bit), 8 warps to keep many
+        # loads in flight, and the rank loop in as few steps as the rank allows (rarely more than one).
+        # fp32 tiles hold twice the bytes per element: half the rows keep the prefetched tile in registers.
+        return dict(BLOCK_M=128 if dtype != torch.float32 else 64, BLOCK_N=128, BLOCK_K=_fit(R, 16, block_k),
+                    GROUP_M=8, num_warps=8, num_stages=2)
     if M >= 1024 and N >= 1024:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
     if M <= 64 or N <= 64:
@@ -199,16 +222,17 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
     sv = (vt.stride(0), vt.stride(1)) if vt is not None else (0, 0)
     check_launchable(out)
     interpreted = interpreting()
+    has_x = x is not None and K > 0 and alpha != 0.0
     flags = dict(
-        HAS_X=x is not None and K > 0, HAS_U=u is not None and R > 0, HAS_BIAS=bias is not None,
-        ACCUMULATE=accumulate,
+        HAS_X=has_x, HAS_U=u is not None and R > 0, HAS_BIAS=bias is not None,
+        ACCUMULATE=accumulate, INDEX_64=_needs_int64(x_, wt_, u_, vt_, out),
         # Triton's interpreter multiplies bf16 tiles wrongly; fp32 tiles hold bf16 exactly.
         DOT_FP32=interpreted and first.dtype == torch.bfloat16,
         INPUT_PRECISION=_input_precision(first.dtype),
     )
     args = (x_, wt_, u_, vt_, bias if bias is not None else dummy, out,
             M, N, K, R, *sx, *sw, *su, *sv, out.stride(0), out.stride(1),
-            float(alpha), float(beta))
+            float(alpha), float(beta) / float(alpha) if has_x else 0.0, float(beta))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -7,11 +7,19 @@ dtype mismatches in ``tl.dot``, shared-memory overflow of a config — surface o
 a CPU-only machine.  Prints one line per variant; exits non-zero on the first
 failure.
 
+With the ptxas Triton ships, each line also reports the registers per thread
+and the bytes spilled to local memory (``regs=255 spills=884`` is a kernel that
+runs out of registers).
+
 Usage: python tests/_compile_for_gpu.py [capability ...]   (default: 90)
 """
 
 import inspect
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -21,45 +29,79 @@ from dynrank.kernels.lowrank_gemm import _lowrank_gemm_kernel, _native_config
 
 POINTERS = ("x_ptr", "wt_ptr", "u_ptr", "vt_ptr", "bias_ptr", "out_ptr")
 TORCH_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# (HAS_X, HAS_U, HAS_BIAS, ACCUMULATE): adapter forward/dx, low-rank chain, x·B, merge.
-ROLES = [(True, True, True, False), (False, True, True, False), (True, False, False, False),
-         (False, True, False, True)]
+# Each role: (HAS_X, HAS_U, HAS_BIAS, ACCUMULATE) and the strides that are 1 when
+# lowrank_linear.py and merge.py launch it on contiguous tensors (x, W_f (N, K), A (N, R),
+# B (K, R), out).  At run time Triton makes an int argument equal to 1 a constant and marks
+# pointers and ints that are multiples of 16 as such; the compile here does the same (with
+# every other size and stride a multiple of 16, as on the target shapes), so the tile loads,
+# the software pipeline and the register use are those of a real launch.
+ROLES = {
+    "adapter forward": ((True, True, True, False), ("stride_xk", "stride_wk", "stride_ur", "stride_vr", "stride_on")),
+    "adapter dx": ((True, True, False, False), ("stride_xk", "stride_wn", "stride_ur", "stride_vr", "stride_on")),
+    "lowrank chain": ((False, True, True, False), ("stride_ur", "stride_vr", "stride_on")),
+    "x·B": ((True, False, False, False), ("stride_xk", "stride_wn", "stride_on")),
+    "merge": ((False, True, False, True), ("stride_ur", "stride_vr", "stride_on")),
+}
 # (M, N) problem sizes that select each tile config of _native_config.
 SIZES = [(4096, 4096), (512, 512), (8192, 16), (16, 4096)]
 
 
-def compile_variant(capability, dtype, role, size):
+def compile_variant(capability, dtype, role, size, index_64=False):
     import torch
-    has_x, has_u, has_bias, accumulate = role
-    config = _native_config(*size, getattr(torch, TORCH_NAMES[dtype]), accumulate)
+    (has_x, has_u, has_bias, accumulate), unit_strides = ROLES[role]
+    config = _native_config(*size, getattr(torch, TORCH_NAMES[dtype]), accumulate, 16 if accumulate else 0)
     params = list(inspect.signature(_lowrank_gemm_kernel.fn).parameters)
     constexprs = dict(HAS_X=has_x, HAS_U=has_u, HAS_BIAS=has_bias, ACCUMULATE=accumulate, DOT_FP32=False,
-                      INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                      INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", INDEX_64=index_64,
                       **{k: v for k, v in config.items() if k.isupper()})
-    signature = {}
-    for name in params:
+    constexprs.update({name: 1 for name in unit_strides})
+    signature, attrs = {}, {}
+    for index, name in enumerate(params):
+        if name not in constexprs and name not in ("alpha", "beta", "beta_over_alpha"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in POINTERS:
             signature[name] = "*" + dtype
-        elif name in ("alpha", "beta"):
+        elif name in ("alpha", "beta", "beta_over_alpha"):
             signature[name] = "fp32"
         else:
-            signature[name] = "i64" if name.startswith("stride") else "i32"
-    source = ASTSource(fn=_lowrank_gemm_kernel, signature=signature, constexprs=constexprs)
+            # Triton types an int argument by its value: strides are i64 only on huge tensors.
+            signature[name] = "i64" if index_64 and name.startswith("stride") else "i32"
+    source = ASTSource(fn=_lowrank_gemm_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
+def register_use(kernel, capability):
+    """(registers per thread, spill-store bytes) from ptxas -v on the kernel's PTX, or (None, None)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(capability).path
+    except Exception:           # another Triton layout: the report is optional
+        return None, None
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(kernel.asm["ptx"])
+        proc = subprocess.run([ptxas, "-v", "--gpu-name", arch, path, "-o", os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", proc.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", proc.stderr)
+    return (int(regs.group(1)) if regs else None), (int(spills.group(1)) if spills else None)
+
+
 def main(argv):
     capabilities = [int(a) for a in argv] or [90]
+    variants = [(dtype, role, size, False) for dtype in ("bf16", "fp16", "fp32") for role in ROLES for size in SIZES]
+    variants.append(("bf16", "adapter forward", SIZES[0], True))       # int64 indexing, for huge operands
     for capability in capabilities:
-        for dtype in ("bf16", "fp16", "fp32"):
-            for role in ROLES:
-                for size in SIZES:
-                    kernel = compile_variant(capability, dtype, role, size)
-                    print(f"sm_{capability} {dtype} role={role} size={size} "
-                          f"shared={kernel.metadata.shared} B ok", flush=True)
+        for dtype, role, size, index_64 in variants:
+            kernel = compile_variant(capability, dtype, role, size, index_64)
+            regs, spills = register_use(kernel, capability)
+            print(f"sm_{capability} {dtype} role={role!r} size={size} int64={index_64} "
+                  f"shared={kernel.metadata.shared} B regs={regs} spills={spills} ok", flush=True)
     return 0
 
 

@@ -130,3 +130,37 @@ def test_int64_offsets_past_2_31():
     rows = torch.tensor([0, M // 2, M - 1], device="cuda")
     ref = (x[rows].double() @ B.double()) @ A.double().t()
     assert rel_err(y[rows], ref) < REL_TOL[torch.bfloat16]
+
+
+def test_int64_indexing_is_chosen_by_the_largest_offset():
+    from types import SimpleNamespace
+
+    from dynrank.kernels.lowrank_gemm import _needs_int64
+    view = lambda shape, stride: SimpleNamespace(shape=shape, stride=lambda: stride)  # noqa: E731
+    assert not _needs_int64(torch.empty(64, 32), view((2 ** 15, 2 ** 16), (2 ** 16, 1)))   # last offset 2**31 - 1
+    assert _needs_int64(torch.empty(2, 2), view((2 ** 15 + 1, 2 ** 16), (2 ** 16, 1)))
+    assert _needs_int64(view((3, 4), (2 ** 30, 2 ** 29)))                                  # strides alone
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_int64_kernel_variant_computes_the_same(device, monkeypatch):
+    """The INDEX_64 variant (huge operands) run on small ones, against the float64 reference."""
+    import sys
+
+    from dynrank.kernels import lowrank_gemm, reference_lowrank_gemm
+    module = sys.modules["dynrank.kernels.lowrank_gemm"]      # the package exports the function by that name
+    monkeypatch.setattr(module, "_needs_int64", lambda *tensors: True)
+    M, K, N, R = 37, 29, 71, 6
+    x, wt = torch.randn(M, K, device=device), torch.randn(K, N, device=device)
+    u, vt = torch.randn(M, R, device=device), torch.randn(R, N, device=device)
+    out = lowrank_gemm(x, wt, u, vt, alpha=0.75, beta=-1.5)
+    assert rel_err(out, reference_lowrank_gemm(x, wt, u, vt, alpha=0.75, beta=-1.5)) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_alpha_zero_drops_the_dense_product(device):
+    from dynrank.kernels import lowrank_gemm, reference_lowrank_gemm
+    x, wt = torch.randn(9, 20, device=device), torch.randn(20, 11, device=device)
+    u, vt = torch.randn(9, 3, device=device), torch.randn(3, 11, device=device)
+    out = lowrank_gemm(x, wt, u, vt, alpha=0.0, beta=2.0)
+    assert rel_err(out, reference_lowrank_gemm(x, wt, u, vt, alpha=0.0, beta=2.0)) < REL_TOL[torch.float32]
