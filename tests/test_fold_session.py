@@ -1,0 +1,77 @@
+"""benchmarks/fold_session.py: a GPU session's archives land where the next session resumes from."""
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from _helpers import load_script
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return load_script("benchmarks/fold_session.py", "dynrank_fold_session")
+
+
+def _tgz(path, files):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in files.items():
+            data = content if isinstance(content, bytes) else content.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _run_files(name, schedule, epochs, finished):
+    cfg = dict(epochs=3, seed=0, decomposition="svd", inflate_epoch=1, deflate_epoch=2)
+    history = [dict(epoch=e, form="lowrank", train_time=1.0, val_acc=0.5 + 0.1 * e) for e in range(epochs)]
+    files = {f"cifar10-resnet20/{name}/config.json": json.dumps(cfg),
+             f"cifar10-resnet20/{name}/{schedule}/metrics.json": json.dumps(history)}
+    if finished:
+        files[f"cifar10-resnet20/{name}/{schedule}/result.json"] = json.dumps(
+            dict(schedule=schedule, history=history, params=None, inflate_epoch=None, deflate_epoch=None))
+    return files
+
+
+def test_a_session_is_folded_into_the_results(folder, tmp_path):
+    session, results = tmp_path / "session", tmp_path / "results"
+    session.mkdir()
+    machine = {"dynrank": {"device_name": "NVIDIA H200", "device": "cuda"}}
+    _tgz(session / "bench.tgz", {"./linear.json": json.dumps({"machine_info": machine,
+                                                              "datetime": "2026-11-27T01:02:03", "benchmarks": []}),
+                                 "./report.md": "# report\n"})
+    _tgz(session / "paper.tgz", {**_run_files("full-seed0", "full", 3, True),
+                                 **_run_files("lowrank-svd-seed0", "lowrank", 2, False)})
+    _tgz(session / "paper-checkpoints.tgz", {"cifar10-resnet20/lowrank-svd-seed0/lowrank/checkpoint.pt": b"state"})
+    stale = results / "cifar10-resnet20" / "full-seed0" / "full" / "checkpoint.pt"     # from an earlier session
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    assert folder.main([str(session), "--results", str(results)]) == 0
+    bench = results / "gpu-h200-2026-11-27"
+    assert sorted(p.name for p in bench.iterdir()) == ["linear.json", "report.md"]
+    assert not (results / ".bench-staging").exists()
+    runs = results / "cifar10-resnet20"
+    assert (runs / "lowrank-svd-seed0" / "lowrank" / "checkpoint.pt").read_bytes() == b"state"
+    assert not stale.exists()                                     # finished: its checkpoint is dropped
+    summary = json.loads((runs / "summary.json").read_text())
+    assert {(r["schedule"], r["finished"]) for r in summary["runs"]} == {("full", True), ("lowrank", False)}
+
+
+def test_names_and_refusals(folder, tmp_path):
+    def bench_json(device):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps({"machine_info": {"dynrank": {"device_name": device}},
+                                    "datetime": "2026-01-02T00:00:00"}))
+        return str(path)
+    assert folder.bench_folder_name([bench_json("NVIDIA H100 80GB HBM3")]) == "gpu-h100-2026-01-02"
+    assert folder.bench_folder_name([bench_json("Some Accelerator")]) == "gpu-some-accelerator-2026-01-02"
+    with pytest.raises(ValueError, match="names its device"):
+        folder.bench_folder_name([])
+    evil = tmp_path / "evil.tgz"
+    _tgz(evil, {"../outside.txt": "x"})
+    with pytest.raises(ValueError, match="outside the target folder"):
+        folder._extract(str(evil), str(tmp_path / "t"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        folder.main([str(tmp_path / "empty"), "--results", str(tmp_path / "r")])
