@@ -194,14 +194,15 @@ def test_a_dynamic_run_with_graphs_matches_the_eager_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
-def test_real_cuda_graphs_match_eager_steps_on_cuda(amp, monkeypatch):
+@pytest.mark.parametrize("decomposition,amp", [("tucker", False), ("tucker", True), ("svd", True), ("cp", True),
+                                               ("tkd-cpd", True)])
+def test_real_cuda_graphs_match_eager_steps_on_cuda(decomposition, amp, monkeypatch):
     """On a GPU: captured and replayed steps train as eager ones do, through an LR decay and an inflate."""
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     runs = []
     for graphed in (False, True):
-        model = _model().cuda().to(memory_format=torch.channels_last)
+        model = _model(decomposition).cuda().to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         autocast = lambda cache=True: torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=cache)
         step = steps.TrainStep(model, optimizer, model, autocast, 0.1, cuda_graphs=graphed)
