@@ -1,8 +1,9 @@
 """One optimizer step on a batch, run eagerly or replayed from a CUDA graph.
 
-A ResNet20 step at batch 128 is a few hundred small kernels, so on a fast GPU
-its time is the host's time to launch them (about 8 ms on an H200, where the
-kernels need a fraction of that).  With ``cuda_graphs`` on, :class:`TrainStep`
+A ResNet20 step at batch 128 is a few hundred small kernels, and on a fast GPU
+it looks bound by the host's time to launch them (7.7 ms on an H200 at 4
+TFLOP/s; the factorized forms, with fewer FLOPs, take longer).  With
+``cuda_graphs`` on, :class:`TrainStep`
 captures the whole step (forward, loss, backward, optimizer) once and then
 replays it with a single launch per batch: the batch is copied into the
 graph's fixed input buffers and the loss and correct count come back in fixed
