@@ -43,15 +43,17 @@ class CudaGraphs:
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, got {self.device}")
+        self._side = None
 
     def warmup(self, fn):
         """Run ``fn`` on a side stream (as graph capture wants its warm-up iterations run)."""
+        if self._side is None:      # one stream for every warm-up: its memory stays in one pool
+            self._side = torch.cuda.Stream(self.device)
         current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
+        self._side.wait_stream(current)
+        with torch.cuda.stream(self._side):
             result = fn()
-        current.wait_stream(side)
+        current.wait_stream(self._side)
         return result
 
     def capture(self, fn, optimizer):
