@@ -173,7 +173,7 @@ def _input_precision(dtype):
 
 
 def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta=1.0,
-                 out=None, accumulate=False, out_dtype=None):
+                 out=None, accumulate=False, out_dtype=None, config=None):
     """out = alpha·x·wt + beta·u·vt + bias (+ out when ``accumulate``).
 
     Args:
@@ -182,6 +182,8 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
         bias: (N,) or None.
         out: (M, N) to write into (required when ``accumulate``); any strides.
         out_dtype: dtype of a newly allocated ``out`` (default: dtype of x or u).
+        config: tile config of a compiled launch (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
+            num_stages), for tuning (``benchmarks/sweep_tiles.py``); default: ``_native_config``.
 
     Returns:
         out, shape (M, N).
@@ -240,7 +242,7 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
     if interpreted:
         _lowrank_gemm_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG)
     else:
-        config = _native_config(M, N, first.dtype, accumulate, R if accumulate else 0)
+        config = config or _native_config(M, N, first.dtype, accumulate, R if accumulate else 0)
         with torch.cuda.device(out.device):
             _lowrank_gemm_kernel[grid](*args, **flags, **config)
     return out
