@@ -2,9 +2,10 @@
 
 The engine (``kernels/lowrank_gemm.py``) picks one tile config per problem shape without
 autotuning.  This times the adapter forward, ``y = x·W_fᵀ + xbs·Aᵀ + bias`` in one launch, under
-each candidate config at the adapter target shapes of issue 7 (bf16, rank 16), beside cuBLAS's
-dense ``x·W_fᵀ`` (the floor) and the cuBLAS path dynrank uses by default (``F.linear(xbs, A,
-bias)`` then ``addmm_``).  Each row gives the time, TFLOP/s of the dense part, and the time over
+each candidate config at the adapter target shapes of issue 7 (bf16, rank 16), through the
+pointer engine and through the experimental TMA-descriptor one (``kernels/lowrank_gemm_tma.py``),
+beside cuBLAS's dense ``x·W_fᵀ`` (the floor) and the cuBLAS path dynrank uses by default
+(``F.linear(xbs, A, bias)`` then ``addmm_``).  Each row gives the time, TFLOP/s of the dense part, and the time over
 cuBLAS's dense GEMM; the config in use today is marked.  Results are checked against the cuBLAS
 path before they are timed.
 
@@ -61,6 +62,7 @@ def sweep(shapes, configs, device, dtype, repeats=20, log=print):
 
     from dynrank.kernels import lowrank_gemm
     from dynrank.kernels.lowrank_gemm import _native_config
+    from dynrank.kernels.lowrank_gemm_tma import lowrank_gemm_tma
     rows = []
     for tokens, features in shapes:
         gen = torch.Generator(device=device).manual_seed(0)
@@ -80,16 +82,19 @@ def sweep(shapes, configs, device, dtype, repeats=20, log=print):
         current = _native_config(tokens, features, dtype, False)
         for entry in configs:
             config = _config(entry)
-            run = lambda c=config: lowrank_gemm(x, weight.t(), xbs, A.t(), bias, config=c)  # noqa: E731
-            try:
-                error = (run().float() - expected).abs().max().item()
-                seconds = _median_seconds(run, device, repeats)
-            except Exception as err:      # a config the device cannot hold (e.g. shared memory)
-                log(f"{shape} {entry}: {type(err).__name__}: {str(err).splitlines()[0]}")
-                continue
-            mark = " (current)" if config == current else ""
-            rows.append((shape, "engine " + "×".join(map(str, entry[:3])) + f" w{entry[3]} s{entry[4]}" + mark,
-                         seconds, error))
+            name = "×".join(map(str, entry[:3])) + f" w{entry[3]} s{entry[4]}"
+            engines = [("engine " + name + (" (current)" if config == current else ""),
+                        lambda c=config: lowrank_gemm(x, weight.t(), xbs, A.t(), bias, config=c)),
+                       ("engine+TMA " + name,
+                        lambda c=config: lowrank_gemm_tma(x, weight.t(), xbs, A.t(), bias, config=c))]
+            for provider, run in engines:
+                try:
+                    error = (run().float() - expected).abs().max().item()
+                    seconds = _median_seconds(run, device, repeats)
+                except Exception as err:      # a config the device cannot hold (e.g. shared memory)
+                    log(f"{shape} {provider}: {type(err).__name__}: {str(err).splitlines()[0]}")
+                    continue
+                rows.append((shape, provider, seconds, error))
     return rows
 
 
@@ -126,14 +131,17 @@ def main(argv=None):
     device = torch.device("cpu" if args.dry_run else "cuda")
     shapes = [(40, 48)] if args.dry_run else SHAPES
     configs = [(32, 32, 16, 4, 2)] if args.dry_run else CONFIGS
-    rows = sweep(shapes, configs, device, torch.bfloat16, args.repeats)
     name = "CPU dry run" if args.dry_run else torch.cuda.get_device_name()
-    text = render(rows, f"Engine tile configs, adapter forward, bf16, rank {RANK} — {name}, torch "
-                        f"{torch.__version__}, triton {triton.__version__}")
+    title = (f"Engine tile configs, adapter forward, bf16, rank {RANK} — {name}, torch {torch.__version__}, "
+             f"triton {triton.__version__}")
+    rows = []
+    for shape in shapes:     # the table is rewritten after every shape, so a cut-off run keeps what it has
+        rows += sweep([shape], configs, device, torch.bfloat16, args.repeats)
+        text = render(rows, title)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as handle:
+                handle.write(text)
     print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(text)
     bad = [r for r in rows if r[3] is not None and r[3] > 0.5]
     return 1 if bad else 0
 

@@ -73,6 +73,37 @@ def compile_variant(capability, dtype, role, size, index_64=False):
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
+# The experimental TMA engine (kernels/lowrank_gemm_tma.py): W_T / V_T of its two adapter roles.
+TMA_ROLES = {"adapter forward": (True, True), "adapter dx": (False, True)}
+
+
+def compile_tma_variant(capability, dtype, role, size):
+    import torch
+
+    from dynrank.kernels.lowrank_gemm_tma import _lowrank_gemm_tma_kernel
+    w_t, v_t = TMA_ROLES[role]
+    config = _native_config(*size, getattr(torch, TORCH_NAMES[dtype]), False)
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    constexprs = dict(HAS_X=True, HAS_U=True, HAS_BIAS=True, W_T=w_t, V_T=v_t, DOT_FP32=False,
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["GROUP_M"], stride_on=1)
+    blocks = {"x_desc": (bm, bk), "u_desc": (bm, bk), "w_desc": (bn, bk) if w_t else (bk, bn),
+              "v_desc": (bn, bk) if v_t else (bk, bn)}
+    signature, attrs = {}, {}
+    for index, name in enumerate(inspect.signature(_lowrank_gemm_tma_kernel.fn).parameters):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in blocks:
+            signature[name] = f"tensordesc<{dtype}[{blocks[name][0]}, {blocks[name][1]}]>"
+        elif name in ("alpha", "beta", "beta_over_alpha"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "*" + dtype if name.endswith("_ptr") else "i32"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=_lowrank_gemm_tma_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
 def register_use(kernel, capability):
     """(registers per thread, spill-store bytes) from ptxas -v on the kernel's PTX, or (None, None)."""
     try:
@@ -102,6 +133,15 @@ def main(argv):
             regs, spills = register_use(kernel, capability)
             print(f"sm_{capability} {dtype} role={role!r} size={size} int64={index_64} "
                   f"shared={kernel.metadata.shared} B regs={regs} spills={spills} ok", flush=True)
+        if capability < 90:
+            continue                  # tensor descriptors (TMA) start with Hopper
+        for dtype in ("bf16", "fp16"):
+            for role in TMA_ROLES:
+                for size in SIZES[:2]:
+                    kernel = compile_tma_variant(capability, dtype, role, size)
+                    regs, spills = register_use(kernel, capability)
+                    print(f"sm_{capability} {dtype} TMA role={role!r} size={size} "
+                          f"shared={kernel.metadata.shared} B regs={regs} spills={spills} ok", flush=True)
     return 0
 
 

@@ -27,7 +27,8 @@ def test_engine_compiles_for_sm90(tmp_path):
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.endswith(" ok")]
-    assert len(lines) == 3 * 5 * 4 + 1        # dtypes × roles × tile configs, and one with int64 indexing
+    # dtypes × roles × tile configs, one with int64 indexing, and the TMA engine's 2 dtypes × 2 roles × 2 configs
+    assert len(lines) == 3 * 5 * 4 + 1 + 2 * 2 * 2
     # Specialized as a real launch is, every variant keeps its accumulators and pipeline in
     # registers: a spill to local memory would cost every tile a round trip.
     spilled = [line for line in lines if "spills=None" not in line and "spills=0 " not in line]

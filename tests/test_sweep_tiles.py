@@ -12,7 +12,8 @@ def test_each_config_computes_the_adapter_forward():
     rows = sweep.sweep([(40, 48)], [(32, 32, 16, 4, 2), (16, 64, 32, 4, 2)], torch.device("cpu"), torch.bfloat16)
     providers = [r[1] for r in rows]
     assert providers[:2] == ["cuBLAS dense x·W_fᵀ", "cuBLAS path (default)"]
-    assert providers[2:] == ["engine 32×32×16 w4 s2", "engine 16×64×32 w4 s2"]
+    assert providers[2:] == ["engine 32×32×16 w4 s2", "engine+TMA 32×32×16 w4 s2",
+                             "engine 16×64×32 w4 s2", "engine+TMA 16×64×32 w4 s2"]
     # Each config against the cuBLAS path, at bf16 resolution of outputs of size ~1-3.
     assert all(error is not None and error < 0.1 for *_, error in rows[2:])
     table = sweep.render(rows, "t")
