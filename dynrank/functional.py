@@ -239,15 +239,13 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
             return lowrank_linear(x, weight, A, B, bias, scale)
     N, K, _ = _check_operands(x, weight, A, B, bias)
     use_torch = backend_for(x.device, "lowrank_linear") == "torch"
-    if use_torch and torch.compiler.is_compiling():
-        # Plain ops: inductor fuses them its own way.
-        xbs = x @ B if scale == 1.0 else (x @ B) * scale
-        y = torch.nn.functional.linear(xbs, A, bias)
-        return y if weight is None else torch.addmm(y.reshape(-1, N), x.reshape(-1, K), weight.t()).reshape(y.shape)
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if torch.compiler.is_compiling():
-        y, _ = _lowrank_linear_op(x2, weight, A, B, bias, float(scale))
+        # The torch engine's ops traced as they are (inductor fuses them its own way); the Triton
+        # kernels as the opaque custom op.
+        engine = _torch_forward if use_torch else _lowrank_linear_op
+        y, _ = engine(x2, weight, A, B, bias, float(scale))
     else:
         engine = _TORCH_ENGINE if use_torch else _triton_engine()
         y = _EagerLowRankLinear.apply(x2, weight, A, B, bias, float(scale), engine)

@@ -26,6 +26,18 @@ __all__ = ["lowrank_gemm", "reference_lowrank_gemm"]
 
 
 @triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program, in groups of GROUP_M row tiles that share column tiles in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + ((pid % num_pid_in_group) % group_size_m), (pid % num_pid_in_group) // group_size_m
+
+
+@triton.jit
 def _dot_loop(acc, p_a, p_b, size, step_a, step_b, o_k, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
               BLOCK_K: tl.constexpr):
     """acc += A·B over a reduction of ``size``: A tiles (rows, BLOCK_K) at p_a, B tiles (BLOCK_K, cols) at p_b.
@@ -73,16 +85,7 @@ def _lowrank_gemm_kernel(
     rank term first, rescaled by beta/alpha, then the X·Wt loop, then ×alpha
     (the host passes beta/alpha; alpha ≠ 0 whenever there is an X).
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if INDEX_64:   # only where some offset can pass 2**31 elements (the host checks)
         pid_m = pid_m.to(tl.int64)
         pid_n = pid_n.to(tl.int64)
