@@ -91,14 +91,13 @@ class _Run:
         return os.path.isfile(self.result_path)
 
     def argv(self, args):
+        running = ["--device", args.device] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
         if os.path.isfile(os.path.join(self.folder, "config.json")):
             # A resume keeps the run's settings; of the train args it takes how the run executes
             # (e.g. --cuda-graphs) and notes the rest as ignored.
-            return (["--resume", self.folder, "--device", args.device]
-                    + (["--cache-dir", args.cache_dir] if args.cache_dir else []) + args.train_args)
+            return ["--resume", self.folder] + running + args.train_args
         return (["--preset", "cifar10-resnet20", "--data-dir", args.data_dir, "--schedule", self.schedule,
-                 "--decomposition", self.decomposition, "--seed", str(self.seed), "--out", self.folder,
-                 "--device", args.device] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
+                 "--decomposition", self.decomposition, "--seed", str(self.seed), "--out", self.folder] + running
                 + (["--epochs", str(args.epochs)] if args.epochs else [])
                 + (["--inflate-epoch", str(self.placement[0]), "--deflate-epoch", str(self.placement[1])]
                    if self.placement else []) + args.train_args)

@@ -196,8 +196,9 @@ def summarize(out):
     # same way (all eager, or all replayed graphs).
     full_times = {}
     for r in results:
-        if r["schedule"] == "full" and _step_mode(r["history"]) is not None:
-            full_times.setdefault(_step_mode(r["history"]), []).extend(rec["train_time"] for rec in r["history"][1:])
+        mode = _step_mode(r["history"]) if r["schedule"] == "full" else None
+        if mode is not None:
+            full_times.setdefault(mode, []).extend(rec["train_time"] for rec in r["history"][1:])
     full_epoch = {mode: statistics.median(times) for mode, times in full_times.items() if times}
     rows = []
     for r in results:

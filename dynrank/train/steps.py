@@ -145,9 +145,7 @@ class TrainStep:
         return self._static[2], self._static[3], targets.numel()
 
     def _capture(self, inputs, targets, key):
-        static_in, static_tg = torch.empty_like(inputs), torch.empty_like(targets)
-        static_in.copy_(inputs)
-        static_tg.copy_(targets)
+        static_in, static_tg = torch.empty_like(inputs), torch.empty_like(targets)   # filled before each replay
         out_loss = torch.zeros((), device=inputs.device, dtype=torch.float32)
         out_correct = torch.zeros((), device=inputs.device, dtype=torch.int64)
 
