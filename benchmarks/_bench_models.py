@@ -6,7 +6,9 @@
 - :class:`TransformerLM`: a GPT-2-shaped pre-LN decoder whose four linears per
   block (qkv, attention out, MLP in, MLP out) come from a factory, so every
   form of :class:`dynrank.FusedLowRankLinear` can be dropped in directly.
-  The LM head stays a dense ``nn.Linear`` (the classifier is never factorized).
+  The LM head is a dense ``nn.Linear`` (the classifier is never factorized)
+  unless ``make_head`` gives it another form too: the epoch suite's
+  ``+head`` case, the transformer's rate once its largest GEMM shrinks as well.
 """
 
 import torch
@@ -28,9 +30,9 @@ def linear_factory(form, rank_ratio):
     from dynrank import FusedLowRankLinear
     from dynrank.linear import rank_from_ratio
 
-    def make(in_features, out_features):
+    def make(in_features, out_features, bias=True):
         rank = rank_from_ratio(rank_ratio or 0.5, in_features, out_features)
-        return FusedLowRankLinear(in_features, out_features, rank, bias=True, form=form)
+        return FusedLowRankLinear(in_features, out_features, rank, bias=bias, form=form)
     return make
 
 
@@ -66,15 +68,16 @@ class TransformerLM(nn.Module):
     """GPT-2-shaped causal LM: (N, T) int64 tokens → (N, T, vocab) logits.
 
     GPT-2 small is ``vocab=50257, context=1024, dim=768, depth=12, heads=12``.
+    ``make_head(dim, vocab, bias=False)`` builds the LM head (default: ``nn.Linear``).
     """
 
-    def __init__(self, make_linear, vocab=50257, context=1024, dim=768, depth=12, heads=12):
+    def __init__(self, make_linear, vocab=50257, context=1024, dim=768, depth=12, heads=12, make_head=nn.Linear):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.randn(context, dim) * 0.02)
         self.blocks = nn.Sequential(*[_TransformerBlock(dim, heads, make_linear) for _ in range(depth)])
         self.ln = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head = make_head(dim, vocab, bias=False)
 
     def forward(self, tokens):
         x = self.embed(tokens) + self.pos[: tokens.shape[1]]

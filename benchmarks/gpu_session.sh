@@ -131,11 +131,14 @@ start_paper() {   # start_paper BUDGET_SECONDS: the runs, in their own session
     else
         say "the runs take eager steps"
     fi
-    local parallel=6
+    # Under MPS each run is bound by its own host thread: stopping some barely speeds up the others
+    # (first H200 session), so every run goes as far as it can.  Without MPS they take turns, and
+    # stopping the least important ones lets the first three finish.
+    local parallel=6 protect=3
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     if [ "$DEVICE" = cuda ] && nvidia-cuda-mps-control -d 2>/dev/null \
         && timeout 40 python3 -c "import torch; assert torch.ones(4, device='cuda').sum().item() == 4"; then
-        parallel=9; say "MPS on"
+        parallel=9; protect=9; say "MPS on"
     else
         echo quit | nvidia-cuda-mps-control 2>/dev/null
         unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
@@ -144,7 +147,7 @@ start_paper() {   # start_paper BUDGET_SECONDS: the runs, in their own session
     rm -f "$DEADLINE_FILE"
     say "paper runs: $parallel at a time, budget $1 s"
     setsid nohup python3 benchmarks/paper_cifar10.py --data-dir "$DATA" --cache-dir "$CACHE" --device "$DEVICE" \
-        --out "$RUNS" --budget-s "$1" --parallel "$parallel" --protect 3 --deadline-file "$DEADLINE_FILE" $PAPER_ARGS \
+        --out "$RUNS" --budget-s "$1" --parallel "$parallel" --protect "$protect" --deadline-file "$DEADLINE_FILE" $PAPER_ARGS \
         > "$RES/paper.log" 2>&1 < /dev/null &
     echo $! > "$RES/paper.pid"
 }

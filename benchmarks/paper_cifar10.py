@@ -170,6 +170,23 @@ def _full_over_lowrank(runs):
     return FULL_OVER_LOWRANK
 
 
+def choose_stop(running, now, deadline, full_over_lowrank, protected=()):
+    """The run to stop so that a more important one can finish by ``deadline``, or None; and the late runs.
+
+    A run is late when its projection ends after the deadline.  Room is made only for a late run
+    that could still finish with the whole GPU to itself (its projected time over the number of
+    running runs): stopping others cannot save one that misses even then, and would only waste the
+    GPU.  The run stopped is the lowest-priority one below such a late run, never a protected one.
+    """
+    late = [r for r in running if (left := r.seconds_left(full_over_lowrank)) is not None
+            and now + left > deadline and now + left / len(running) <= deadline]
+    if not late:
+        return None, late
+    first = min(r.priority for r in late)
+    candidates = [r for r in running if r.priority > first and r.name not in protected]
+    return (max(candidates, key=lambda r: r.priority) if candidates else None), late
+
+
 def run_all(args, log=print):
     """Run ``args.runs`` as up to ``args.parallel`` concurrent subprocesses before the deadline.
 
@@ -177,14 +194,15 @@ def run_all(args, log=print):
     each running run has shown its epoch rate, a run projected to miss the
     deadline makes the lowest-priority running run stop (SIGINT: it
     checkpoints at the batch and resumes on a later call), which gives the
-    others its share of the GPU; the first ``--protect`` runs are never
-    stopped that way.  At the deadline every run still going is stopped the
+    others its share of the GPU (see :func:`choose_stop`); the first
+    ``--protect`` unfinished runs are never stopped that way.  At the deadline every run still going is stopped the
     same way.  Returns 0 when every run finished, 3 when some are left.
     """
     started = time.monotonic()
     deadline = started + args.budget_s
     runs = [_Run(spec, i, args) for i, spec in enumerate(args.runs)]
     pending = [r for r in runs if not r.finished()]
+    protected = {r.name for r in pending[:args.protect]}      # the first unfinished ones, not finished ones
     running, events, failed = [], [], []
     next_drop = last_status = 0.0
     while pending or running:
@@ -223,13 +241,8 @@ def run_all(args, log=print):
                                stopped=[r.name for r in running]))
             running = []
             break
-        ratio = _full_over_lowrank(runs)
-        late = [r for r in running
-                if (left := r.seconds_left(ratio)) is not None
-                and now + left > deadline - args.grace_s]
-        droppable = [r for r in running if r.priority >= args.protect]
-        if late and droppable and now >= next_drop:
-            victim = max(droppable, key=lambda r: r.priority)
+        victim, late = choose_stop(running, now, deadline - args.grace_s, _full_over_lowrank(runs), protected)
+        if victim is not None and now >= next_drop:
             victim.proc.send_signal(signal.SIGINT)
             next_drop = now + args.drop_cooldown_s
             events.append(dict(t=round(now - started, 1), run=victim.name, event="stop",
@@ -286,7 +299,7 @@ def main(argv=None):
                              "(for runs that outlive the call that started them)")
     parser.add_argument("--parallel", type=int, default=1, help="runs sharing the GPU at a time")
     parser.add_argument("--protect", type=int, default=3,
-                        help="the first this many runs are never stopped to make room for the others")
+                        help="the first this many unfinished runs are never stopped to make room for the others")
     parser.add_argument("--cache-dir", default=None, help="decoded-image cache shared by the runs")
     parser.add_argument("--grace-s", type=float, default=25.0, help="time a stopped run gets to checkpoint")
     parser.add_argument("--drop-cooldown-s", type=float, default=20.0,

@@ -110,10 +110,41 @@ def _final_lambdas(folder, schedule):
     return [last[i]["spectral_ratio"] for i in PLACEMENT_LAYERS]
 
 
-def _step_mode(history):
-    """True if every epoch after the first replayed CUDA graphs, False if none did, None if mixed."""
-    modes = {bool(rec.get("graphed_steps")) for rec in history[1:]}
-    return modes.pop() if len(modes) == 1 else None
+def _how(rec):
+    """How an epoch's steps ran: (device, replayed CUDA graphs).  Epoch times compare only within one."""
+    return rec.get("device"), bool(rec.get("graphed_steps"))
+
+
+def _main_way(history):
+    """The way most epochs after the first ran (the first carries start-up and cuDNN autotuning)."""
+    ways = [_how(rec) for rec in history[1:]]
+    # Most epochs; on a tie, the way of the later epochs.
+    return max(reversed(ways), key=ways.count) if ways else None
+
+
+def _measured_comp(r, full_epoch):
+    """Comp. from wall time: the run's mean epoch time per form, weighted by its schedule, over E × the
+    full-rank run's median epoch; both taken from epochs that ran the run's main way.  None when the
+    full-rank run has no such epochs or a form of the schedule has none."""
+    from dynrank.cost import measured_comp_ratio
+    way = _main_way(r["history"])
+    if way not in full_epoch or not r["finished"]:
+        return None
+    records = [{"form": rec["form"], "wall_seconds": rec["train_time"]} for rec in r["history"][1:]
+               if _how(rec) == way]
+    epochs = len(r["history"])
+    inflate, deflate = {"full": (0, epochs), "lowrank": (None, None)}.get(
+        r["schedule"], (r["inflate_epoch"], min(r["deflate_epoch"] or epochs, epochs)))
+    try:
+        return measured_comp_ratio(records, epochs, inflate, deflate, full_epoch_seconds=full_epoch[way])
+    except ValueError:
+        return None
+
+
+def _form_label(rec, home):
+    """``form``, `` (graphs)`` when its steps replayed CUDA graphs, `` on DEVICE`` when not on ``home``."""
+    device, graphed = _how(rec)
+    return rec["form"] + (" (graphs)" if graphed else "") + (f" on {device}" if device not in (None, home) else "")
 
 
 def _epochs_cell(row):
@@ -190,29 +221,33 @@ def _placement_plot(out, rows):
 
 def summarize(out):
     """Write ``summary.json`` and ``summary.md`` for every run under ``out`` and return the summary."""
-    from dynrank.cost import measured_comp_ratio
     results = _load_runs(out)
-    # Median full-rank epoch per step mode: epoch times compare only between runs whose steps ran the
-    # same way (all eager, or all replayed graphs).
+    summary = dict(environment=environment())
+    orchestration = os.path.join(out, "orchestration.json")
+    if os.path.isfile(orchestration):
+        with open(orchestration, encoding="utf-8") as handle:
+            summary["orchestration"] = json.load(handle)
+        # The machine the runs ran on, not the one summarizing them.
+        summary["environment"] = summary["orchestration"].get("environment") or summary["environment"]
+    home = summary["environment"]["device"]
+    # Median full-rank epoch per way of stepping (device, graphed or not).
     full_times = {}
     for r in results:
-        mode = _step_mode(r["history"]) if r["schedule"] == "full" else None
-        if mode is not None:
-            full_times.setdefault(mode, []).extend(rec["train_time"] for rec in r["history"][1:])
-    full_epoch = {mode: statistics.median(times) for mode, times in full_times.items() if times}
+        if r["schedule"] == "full":
+            for rec in r["history"][1:]:
+                full_times.setdefault(_how(rec), []).append(rec["train_time"])
+    full_epoch = {way: statistics.median(times) for way, times in full_times.items()}
     rows = []
     for r in results:
         cfg, history = r["config"], r["history"]
         decomposition = cfg.get("decomposition", "svd")
         forms = {}
         for rec in history[1:]:          # the first epoch carries start-up and cuDNN autotuning
-            graphed = " (graphs)" if rec.get("graphed_steps") else ""
-            forms.setdefault(rec["form"] + graphed, []).append(rec["train_time"])
-        measured = None
-        reference = full_epoch.get(_step_mode(history))
-        if reference and r["finished"]:
-            records = [{"form": rec["form"], "wall_seconds": rec["train_time"]} for rec in history]
-            measured = measured_comp_ratio(records, full_epoch_seconds=reference)
+            forms.setdefault(_form_label(rec, home), []).append(rec["train_time"])
+        elsewhere = {}                   # device → [first, last] epoch (1-based) of epochs not run on `home`
+        for rec in history:
+            if rec.get("device") not in (None, home):
+                elsewhere.setdefault(rec["device"], [rec["epoch"] + 1, rec["epoch"] + 1])[1] = rec["epoch"] + 1
         placement = _placement(r)
         paper_acc, paper_table_comp = PAPER.get((r["schedule"], "svd" if r["schedule"] == "full" else decomposition),
                                                 (None, None))
@@ -223,18 +258,13 @@ def summarize(out):
                          planned_epochs=cfg.get("epochs"), accuracy=100 * history[-1]["val_acc"],
                          best_accuracy=100 * max(rec["val_acc"] for rec in history),
                          seconds_per_epoch={k: statistics.median(v) for k, v in forms.items()},
-                         comp_paper_formula=_paper_comp(r) if r["finished"] else None, comp_measured=measured,
+                         comp_paper_formula=_paper_comp(r) if r["finished"] else None,
+                         comp_measured=_measured_comp(r, full_epoch), devices_elsewhere=elsewhere,
                          paper_accuracy=paper_acc, paper_comp=paper_table_comp,
                          inflate_epoch=r["inflate_epoch"], deflate_epoch=r["deflate_epoch"], placement=placement,
                          final_lambda=_final_lambdas(r["folder"], r["schedule"]),
                          folder=os.path.relpath(r["folder"], out)))
-    summary = dict(environment=environment(), runs=rows, placement_plot=_placement_plot(out, rows))
-    orchestration = os.path.join(out, "orchestration.json")
-    if os.path.isfile(orchestration):
-        with open(orchestration, encoding="utf-8") as handle:
-            summary["orchestration"] = json.load(handle)
-        # The machine the runs ran on, not the one summarizing them.
-        summary["environment"] = summary["orchestration"].get("environment") or summary["environment"]
+    summary.update(runs=rows, placement_plot=_placement_plot(out, rows))
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=1)
     env = summary["environment"]
@@ -260,8 +290,15 @@ def summarize(out):
         o = summary["orchestration"]
         lines += ["", f"Up to {o['parallel']} runs shared the GPU at a time (MPS {'on' if o['mps'] else 'off'}), "
                       f"so seconds per epoch are under that load; the epoch-speed benchmark gives them alone."]
-    lines += ["", "Epochs that replayed CUDA graphs (`--cuda-graphs`) are timed apart as \"(graphs)\"; the measured "
-                  "Comp. is given only where the run and the full-rank run took their steps the same way."]
+    moved = [f"{row['schedule']} {row['decomposition'] or ''} seed {row['seed']}: epochs {a}–{b} on {device}"
+             for row in rows for device, (a, b) in row["devices_elsewhere"].items()]
+    if moved:
+        lines += ["", f"Epochs not run on the {env['device']} (resumed from its checkpoints elsewhere; timed apart as "
+                      f"\"on DEVICE\"): " + "; ".join(moved) + "."]
+    lines += ["", "Epochs that replayed CUDA graphs (`--cuda-graphs`) are timed apart as \"(graphs)\". The measured "
+                  "Comp. weights the run's mean epoch time per form by its schedule, over E × the full-rank run's "
+                  "median epoch; both from epochs that ran on the same device and stepped the same way (the first "
+                  "epoch, with its start-up, left out)."]
     with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -50,6 +50,9 @@ def data():
         # Epoch: lowrank ρ=0.25 at half the full step time with 30 % of its parameters.
         _bench(EPOCH, "epoch", "full", "full", "step", 10e-3, model="transformer", rank_ratio=None,
                trainable_params=100),
+        # The same with the LM head factorized too: beside the target, not the target's row.
+        _bench(EPOCH, "epoch", "lowrank-rho0.25+head", "lowrank", "step", 3e-3, model="transformer",
+               rank_ratio=0.25, trainable_params=20, factorized_head=True),
         _bench(EPOCH, "epoch", "lowrank-rho0.25", "lowrank", "step", 5e-3, model="transformer",
                rank_ratio=0.25, trainable_params=30),
         _bench(EPOCH, "epoch", "adapter-rho0.5", "adapter", "step", 12e-3, model="transformer",

@@ -92,6 +92,43 @@ def test_projection_counts_the_full_rank_epochs_of_a_dynamic_run(driver):
     assert early.seconds_per_epoch() is None and early.seconds_left(1.5) is None
 
 
+def test_a_run_is_stopped_only_to_let_a_more_important_reachable_one_finish(driver):
+    cfg = dict(epochs=150, inflate_epoch=55, deflate_epoch=120)
+
+    def running(priority, rate, done):
+        run = _run(driver, "lowrank", cfg, [(0.0, done)] + [(10.0 + rate * i, done + i) for i in range(1, 4)])
+        run.priority, run.name = priority, f"run{priority}"
+        return run
+    # Each has 140 epochs to go: 140 s at 1 s/epoch, 280 s at 2 s/epoch.
+    a, b, c = running(0, 2.0, 10), running(1, 1.0, 10), running(2, 1.0, 10)
+    stop, late = driver.choose_stop([a, b, c], 0.0, 200.0, 1.3)
+    assert late == [a] and stop is c                       # a makes it with the others' share
+    assert driver.choose_stop([a, b, c], 0.0, 200.0, 1.3, protected={"run1", "run2"}) == (None, [a])
+    # a is late but is itself the least important: nothing is stopped for it.
+    a.priority, c.priority = 2, 0
+    assert driver.choose_stop([a, b, c], 0.0, 200.0, 1.3)[0] is None
+    # Hopeless: even alone on the GPU (280 s / 3 runs > 80 s) a would not finish; nothing is stopped
+    # (b and c, 50 epochs from the end, finish in time).
+    a.priority = 0
+    b, c = running(1, 1.0, 100), running(2, 1.0, 100)
+    assert driver.choose_stop([a, b, c], 0.0, 80.0, 1.3) == (None, [])
+    assert driver.choose_stop([a, b, c], 0.0, 95.0, 1.3)[0] is c           # 280 / 3 ≤ 95: worth it
+    assert driver.choose_stop([b, c], 0.0, 200.0, 1.3) == (None, [])      # nobody late
+
+
+def test_protection_goes_to_the_first_unfinished_runs(driver, data_dir, tmp_path, monkeypatch):
+    stops = []
+    monkeypatch.setattr(driver, "choose_stop", lambda running, now, deadline, ratio, protected=():
+                        stops.append(set(protected)) or (None, []))
+    out = tmp_path / "out"
+    finished = out / "full-seed0" / "full"
+    finished.mkdir(parents=True)
+    (finished / "result.json").write_text("{}")
+    _main(driver, data_dir, out, "--epochs", "1", "--budget-s", "120", "--protect", "1",
+          runs=("full:svd:0", "lowrank:svd:0", "dynamic:svd:0"))
+    assert stops and stops[0] == {"lowrank-svd-seed0"}
+
+
 def test_deadline_file_moves_the_deadline(driver, tmp_path):
     path = tmp_path / "deadline"
     assert driver._read_deadline(str(path), 42.0) == 42.0          # no file yet
@@ -173,26 +210,47 @@ def test_placement_runs_are_named_launched_and_tabulated(driver, tmp_path):
     assert "| None (lowrank) | - | - | 0 | 3 of 150 (stopped) | 90.00 | 91.14 | ∞, ∞, ∞ | ∞, 7.58, ∞ |" in table
 
 
-def test_measured_comp_compares_only_runs_that_stepped_the_same_way(driver, tmp_path):
-    def finished(name, schedule, times, graphed):
+def test_measured_comp_compares_only_epochs_that_ran_the_same_way(driver, tmp_path):
+    def finished(name, schedule, epochs, inflate=None, deflate=None):
+        """epochs: (form, seconds, graphed steps, device) per epoch."""
         folder = tmp_path / name / schedule
         folder.mkdir(parents=True)
-        cfg = dict(epochs=len(times), seed=int(name[-1]), decomposition="svd")
+        cfg = dict(epochs=len(epochs), seed=int(name[-1]), decomposition="svd")
         (tmp_path / name / "config.json").write_text(json.dumps(cfg))
-        history = [dict(epoch=e, form=schedule if schedule != "dynamic" else "lowrank", train_time=t, val_acc=0.5,
-                        graphed_steps=g) for e, (t, g) in enumerate(zip(times, graphed))]
+        history = [dict(epoch=e, form=f, train_time=t, val_acc=0.5, graphed_steps=g, device=d)
+                   for e, (f, t, g, d) in enumerate(epochs)]
         (folder / "result.json").write_text(json.dumps(dict(
             schedule=schedule, history=history, params=dict(dense=100, converted=50, rank_ratio=0.5),
-            inflate_epoch=None, deflate_epoch=None)))
-    finished("full-seed0", "full", [5.0, 4.0, 4.0], [0, 0, 0])
-    finished("lowrank-svd-seed0", "lowrank", [5.0, 2.0, 2.0], [0, 0, 0])
-    finished("lowrank-svd-seed1", "lowrank", [5.0, 2.0, 1.0], [0, 0, 300])
-    rows = {r["seed"] if r["schedule"] != "full" else "full": r
-            for r in driver.summarize(str(tmp_path))["runs"]}
-    # Every epoch's time over epochs × the median full-rank epoch after the first (start-up) one.
-    assert rows["full"]["comp_measured"] == pytest.approx((5.0 + 4.0 + 4.0) / (3 * 4.0))
-    assert rows[0]["comp_measured"] == pytest.approx((5.0 + 2.0 + 2.0) / (3 * 4.0))
-    assert rows[1]["comp_measured"] is None                      # eager and graphed epochs mixed
+            inflate_epoch=inflate, deflate_epoch=deflate)))
+    (tmp_path / "orchestration.json").write_text(json.dumps(dict(
+        environment=dict(date="2026-11-25", device="GPU A", torch="t", triton="tr"), parallel=1, mps=False)))
+    gpu = lambda form, t, g=0: (form, t, g, "GPU A")                                   # noqa: E731
+    finished("full-seed0", "full", [gpu("full", 5.0), gpu("full", 4.0), gpu("full", 4.0)])
+    finished("lowrank-svd-seed0", "lowrank", [gpu("lowrank", 5.0), gpu("lowrank", 2.0), gpu("lowrank", 2.0)])
+    # Eager and graphed epochs tie: the later (graphed) way has no full-rank reference.
+    finished("lowrank-svd-seed1", "lowrank", [gpu("lowrank", 5.0), gpu("lowrank", 2.0), gpu("lowrank", 1.0, 300)])
+    # Resumed on the CPU for its last epoch: timed apart, and left out of the measured Comp.
+    finished("lowrank-svd-seed2", "lowrank", [gpu("lowrank", 5.0), gpu("lowrank", 3.0), gpu("lowrank", 3.0),
+                                              ("lowrank", 90.0, 0, "cpu")])
+    # Dynamic, E = 6, I = 2, D = 4; the last epoch begun on the GPU and finished on the CPU.
+    finished("dynamic-svd-seed3", "dynamic", [gpu("lowrank", 9.0), gpu("lowrank", 2.0), gpu("full", 4.0),
+                                              gpu("full", 6.0), gpu("adapter", 5.0),
+                                              ("adapter", 80.0, 0, "GPU A+cpu")], 2, 4)
+    rows = {r["seed"] if r["schedule"] != "full" else "full": r for r in driver.summarize(str(tmp_path))["runs"]}
+    assert rows["full"]["comp_measured"] == pytest.approx(1.0)
+    assert rows[0]["comp_measured"] == pytest.approx(2.0 / 4.0)
+    assert rows[1]["comp_measured"] is None
+    assert rows[2]["comp_measured"] == pytest.approx(3.0 / 4.0)
+    assert rows[2]["seconds_per_epoch"] == {"lowrank": 3.0, "lowrank on cpu": 90.0}
+    assert rows[2]["devices_elsewhere"] == {"cpu": [4, 4]}
+    # Each form's mean epoch weighted by the schedule, the full-rank epochs at the full run's median.
+    assert rows[3]["comp_measured"] == pytest.approx((2 * 2.0 + 2 * 4.0 + 2 * 5.0) / (6 * 4.0))
+    assert rows[3]["seconds_per_epoch"] == {"lowrank": 2.0, "full": 5.0, "adapter": 5.0,
+                                            "adapter on GPU A+cpu": 80.0}
+    text = (tmp_path / "summary.md").read_text()
+    assert "GPU A" in text.splitlines()[0]
+    assert "lowrank svd seed 2: epochs 4–4 on cpu" in text
+    assert "dynamic svd seed 3: epochs 6–6 on GPU A+cpu" in text
 
 
 def test_placement_study_plots_the_accuracy_curves(driver, tmp_path):

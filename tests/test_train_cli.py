@@ -202,6 +202,37 @@ def test_interrupted_run_resumes_to_the_same_final_state(tmp_path, monkeypatch, 
     assert "already finished" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("saved", ["named", "older"])
+def test_a_run_resumed_elsewhere_names_the_device_of_each_epoch(tmp_path, monkeypatch, saved):
+    original = TextData.train_batches
+
+    def interrupted(self, epoch, start=0):
+        for step, batch in enumerate(original(self, epoch, start), start):
+            yield batch
+            if (epoch, step) == (1, 0):
+                signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(TextData, "train_batches", interrupted)
+    out = tmp_path / "run"
+    assert cli.main(["--schedule", "lowrank", "--epochs", "3", *TINY_GPT, "--out", str(out)]) == 130
+    monkeypatch.setattr(TextData, "train_batches", original)
+    path = out / "lowrank" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["device"] == "cpu" and checkpoint["partial"]["device"] == "cpu"
+    assert [r["device"] for r in checkpoint["history"]] == ["cpu"]
+    # As if the first epoch and a half had run on a GPU: a checkpoint naming it, or an older one
+    # that names no device, whose records then take the device of its saved settings.
+    if saved == "named":
+        checkpoint["device"] = checkpoint["partial"]["device"] = checkpoint["history"][0]["device"] = "GPU A"
+        before = "GPU A"
+    else:
+        del checkpoint["device"], checkpoint["partial"]["device"], checkpoint["history"][0]["device"]
+        checkpoint["config"]["device"] = before = "cuda"
+    torch.save(checkpoint, path)
+    assert cli.main(["--resume", str(out), "--device", "cpu"]) == 0
+    history = json.loads((out / "lowrank" / "metrics.json").read_text())
+    assert [r["device"] for r in history] == [before, f"{before}+cpu", "cpu"]
+
+
 def test_module_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "dynrank.train", "--help"], capture_output=True, text=True,
                           timeout=120, check=False)

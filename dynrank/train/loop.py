@@ -129,6 +129,12 @@ def evaluate(model, data, autocast):
     return total.item() / count, correct.item() / count
 
 
+def device_name(device):
+    """What an epoch record names as the machine it ran on: the GPU's name, or the device type."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -244,6 +250,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
     train_step = TrainStep(model, optimizer, forward, autocast, cfg["label_smoothing"],
                            cuda_graphs=cfg.get("cuda_graphs", False), log=log)
     history, start_epoch, start_step, partial, resumed_monitor = [], 0, 0, None, None
+    here = device_name(device)
 
     if resume and os.path.isfile(ckpt_path):
         checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -253,7 +260,13 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
         history = checkpoint["history"]
+        # Records from before epochs named their device ran where the checkpoint's run did.
+        saved_on = checkpoint.get("device") or checkpoint.get("config", {}).get("device")
+        for rec in history:
+            rec.setdefault("device", saved_on)
         start_epoch, start_step, partial = checkpoint["epoch"], checkpoint["step"], checkpoint.get("partial")
+        if partial is not None:
+            partial.setdefault("device", saved_on)
         _set_rng_state(checkpoint["rng"], device)
         resumed_monitor = checkpoint.get("monitor")
         write_metrics(out_dir, history)   # the files on disk describe the state training goes on from
@@ -266,6 +279,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
 
     def checkpoint_state(epoch, step, partial_state):
         extra = dict(epoch=epoch, step=step, partial=partial_state, history=history, rng=_rng_state(device),
+                     device=here,
                      config=cfg, schedule=schedule,
                      monitor=monitor.state_dict() if monitor is not None else None)
         if scheduler is not None:
@@ -292,12 +306,14 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
             first = start_step if epoch == start_epoch else 0
             zeros = lambda: torch.zeros((), device=device, dtype=torch.float64)
             loss_sum, correct_sum, count_sum = zeros(), zeros(), zeros()
-            elapsed = 0.0
+            elapsed, ran_on = 0.0, here
             if partial is not None and epoch == start_epoch:
                 loss_sum += partial["loss"]
                 correct_sum += partial["correct"]
                 count_sum += partial["count"]
                 elapsed = partial["time"]
+                if partial.get("device") not in (None, here):   # an epoch begun elsewhere: its time is mixed
+                    ran_on = f"{partial['device']}+{here}"
             progress.start_epoch(epoch, steps, first)
             replays = train_step.replays
             _sync(device)
@@ -313,7 +329,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
                     _sync(device)
                     progress.clear()
                     partial_state = dict(loss=loss_sum.item(), correct=correct_sum.item(), count=count_sum.item(),
-                                         time=elapsed + time.perf_counter() - started)
+                                         time=elapsed + time.perf_counter() - started, device=ran_on)
                     _save(ckpt_path, checkpoint_state(epoch, step + 1, partial_state))
                     write_metrics(out_dir, history)
                     raise Interrupted(ckpt_path)
@@ -322,7 +338,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
             progress.clear()
             history.append(_finish_epoch(cfg, model, data, autocast, epoch, form, lr_at(cfg, epoch, steps - 1, steps),
                                          loss_sum, correct_sum, count_sum, train_time, kind, monitor, log,
-                                         graphed_steps=train_step.replays - replays))
+                                         graphed_steps=train_step.replays - replays, device=ran_on))
             _save(ckpt_path, checkpoint_state(epoch + 1, 0, None))
             write_metrics(out_dir, history)
             if flag.stop:
@@ -350,7 +366,7 @@ def _model_form(model):
 
 
 def _finish_epoch(cfg, model, data, autocast, epoch, form, lr, loss_sum, correct_sum, count_sum, train_time,
-                  kind, monitor, log, graphed_steps=0):
+                  kind, monitor, log, graphed_steps=0, device=None):
     count = max(count_sum.item(), 1.0)
     eval_started = time.perf_counter()
     val_loss, val_acc = evaluate(model, data, autocast)
@@ -358,7 +374,7 @@ def _finish_epoch(cfg, model, data, autocast, epoch, form, lr, loss_sum, correct
                   train_acc=correct_sum.item() / count, val_loss=val_loss, val_acc=val_acc,
                   val_bpb=val_loss / math.log(2) if kind == "text" else None,
                   train_time=train_time, eval_time=time.perf_counter() - eval_started,
-                  trainable_params=count_parameters(model), graphed_steps=graphed_steps)
+                  trainable_params=count_parameters(model), graphed_steps=graphed_steps, device=device)
     if monitor is not None:
         monitor.record_epoch(epoch, record)
     log(_epoch_line(cfg, record, kind))
