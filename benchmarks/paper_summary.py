@@ -3,8 +3,9 @@
 :func:`summarize` reads every run folder under a results folder (finished runs'
 ``result.json``, stopped runs' ``metrics.json``) and writes ``summary.json`` and
 ``summary.md``: accuracy per run and seed, seconds per epoch of each form
-(graphed epochs apart), the paper's Comp. and the measured ratio, the paper's
-numbers beside them; and, when the placement runs of
+(graphed epochs and epochs run on another device apart), the paper's Comp. and
+the measured ratio, the paper's numbers beside them; λ and training curves of
+the SVD runs under ``plots/``; and, when the placement runs of
 ``benchmarks/paper_cifar10.py`` are there, the Table 2 / Fig. 3 comparison
 with the final λ of the factorized convs 0, 10 and 18.
 """
@@ -110,43 +111,6 @@ def _final_lambdas(folder, schedule):
     return [last[i]["spectral_ratio"] for i in PLACEMENT_LAYERS]
 
 
-def _how(rec):
-    """How an epoch's steps ran: (device, replayed CUDA graphs).  Epoch times compare only within one."""
-    return rec.get("device"), bool(rec.get("graphed_steps"))
-
-
-def _main_way(history):
-    """The way most epochs after the first ran (the first carries start-up and cuDNN autotuning)."""
-    ways = [_how(rec) for rec in history[1:]]
-    # Most epochs; on a tie, the way of the later epochs.
-    return max(reversed(ways), key=ways.count) if ways else None
-
-
-def _measured_comp(r, full_epoch):
-    """Comp. from wall time: the run's mean epoch time per form, weighted by its schedule, over E × the
-    full-rank run's median epoch; both taken from epochs that ran the run's main way.  None when the
-    full-rank run has no such epochs or a form of the schedule has none."""
-    from dynrank.cost import measured_comp_ratio
-    way = _main_way(r["history"])
-    if way not in full_epoch or not r["finished"]:
-        return None
-    records = [{"form": rec["form"], "wall_seconds": rec["train_time"]} for rec in r["history"][1:]
-               if _how(rec) == way]
-    epochs = len(r["history"])
-    inflate, deflate = {"full": (0, epochs), "lowrank": (None, None)}.get(
-        r["schedule"], (r["inflate_epoch"], min(r["deflate_epoch"] or epochs, epochs)))
-    try:
-        return measured_comp_ratio(records, epochs, inflate, deflate, full_epoch_seconds=full_epoch[way])
-    except ValueError:
-        return None
-
-
-def _form_label(rec, home):
-    """``form``, `` (graphs)`` when its steps replayed CUDA graphs, `` on DEVICE`` when not on ``home``."""
-    device, graphed = _how(rec)
-    return rec["form"] + (" (graphs)" if graphed else "") + (f" on {device}" if device not in (None, home) else "")
-
-
 def _epochs_cell(row):
     return str(row["epochs"]) if row["finished"] else f"{row['epochs']} of {row['planned_epochs']} (stopped)"
 
@@ -219,8 +183,40 @@ def _placement_plot(out, rows):
         return None
 
 
+def _table4_plots(out, rows):
+    """Fig. 1/5 and the curves: λ of every layer per run, and loss and accuracy of the SVD full,
+    lowrank and dynamic runs of the first seed, under ``plots/``; the paths written (relative to
+    ``out``).  Needs matplotlib; runs without readable monitor files are left out."""
+    from dynrank.monitor import RankMonitor
+    from dynrank.train.report import write_plots
+    trio = [r for r in rows if r["decomposition"] in (None, "svd") and r["placement"] is None]
+    if not trio:
+        return []
+    seed = min(r["seed"] for r in trio)
+    monitors = []
+    for schedule in ("full", "lowrank", "dynamic"):
+        for r in trio:
+            if (r["schedule"], r["seed"]) == (schedule, seed):
+                try:
+                    monitor = RankMonitor.load(os.path.join(out, r["folder"], "monitor"))
+                except (OSError, ValueError, KeyError):
+                    continue
+                monitor.name = schedule
+                monitors.append(monitor)
+    if not monitors:
+        return []
+    try:
+        paths, note = write_plots(monitors, os.path.join(out, "plots"), kind="vision")
+    except ValueError as err:        # e.g. monitor files without the scalars to plot
+        paths, note = [], f"plots skipped: {err}"
+    if note:
+        print(note)
+    return [os.path.relpath(p, out) for p in paths]
+
+
 def summarize(out):
     """Write ``summary.json`` and ``summary.md`` for every run under ``out`` and return the summary."""
+    from dynrank.train.report import form_label, full_epoch_seconds, measured_comp
     results = _load_runs(out)
     summary = dict(environment=environment())
     orchestration = os.path.join(out, "orchestration.json")
@@ -230,20 +226,16 @@ def summarize(out):
         # The machine the runs ran on, not the one summarizing them.
         summary["environment"] = summary["orchestration"].get("environment") or summary["environment"]
     home = summary["environment"]["device"]
-    # Median full-rank epoch per way of stepping (device, graphed or not).
-    full_times = {}
-    for r in results:
-        if r["schedule"] == "full":
-            for rec in r["history"][1:]:
-                full_times.setdefault(_how(rec), []).append(rec["train_time"])
-    full_epoch = {way: statistics.median(times) for way, times in full_times.items()}
+    # Median full-rank epoch per way of stepping (device, graphed or not), the first epoch left out.
+    full_history = [rec for r in results if r["schedule"] == "full" for rec in r["history"][1:]]
+    full_seconds = full_epoch_seconds(full_history, average=statistics.median)
     rows = []
     for r in results:
         cfg, history = r["config"], r["history"]
         decomposition = cfg.get("decomposition", "svd")
         forms = {}
         for rec in history[1:]:          # the first epoch carries start-up and cuDNN autotuning
-            forms.setdefault(_form_label(rec, home), []).append(rec["train_time"])
+            forms.setdefault(form_label(rec, home), []).append(rec["train_time"])
         elsewhere = {}                   # device → [first, last] epoch (1-based) of epochs not run on `home`
         for rec in history:
             if rec.get("device") not in (None, home):
@@ -259,12 +251,14 @@ def summarize(out):
                          best_accuracy=100 * max(rec["val_acc"] for rec in history),
                          seconds_per_epoch={k: statistics.median(v) for k, v in forms.items()},
                          comp_paper_formula=_paper_comp(r) if r["finished"] else None,
-                         comp_measured=_measured_comp(r, full_epoch), devices_elsewhere=elsewhere,
+                         comp_measured=measured_comp(history, r["schedule"], r["inflate_epoch"], r["deflate_epoch"],
+                                                     full_seconds, skip_first=1) if r["finished"] else None,
+                         devices_elsewhere=elsewhere,
                          paper_accuracy=paper_acc, paper_comp=paper_table_comp,
                          inflate_epoch=r["inflate_epoch"], deflate_epoch=r["deflate_epoch"], placement=placement,
                          final_lambda=_final_lambdas(r["folder"], r["schedule"]),
                          folder=os.path.relpath(r["folder"], out)))
-    summary.update(runs=rows, placement_plot=_placement_plot(out, rows))
+    summary.update(runs=rows, placement_plot=_placement_plot(out, rows), plots=_table4_plots(out, rows))
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=1)
     env = summary["environment"]
@@ -284,6 +278,9 @@ def summarize(out):
                      f"{fmt(row['comp_paper_formula'], '.3f')} | {fmt(row['comp_measured'], '.3f')} | "
                      f"{fmt(row['paper_comp'], '.2f')} |")
     lines += _placement_table(rows)
+    if summary["plots"]:
+        lines += ["", "λ = σmax/σmin of every layer over the epochs (the paper's Fig. 1/5) and the loss and accuracy "
+                      "curves of the SVD runs: " + ", ".join(f"`{p}`" for p in summary["plots"]) + "."]
     if summary["placement_plot"]:
         lines += ["", f"Validation accuracy of these runs over the epochs: `{summary['placement_plot']}`."]
     if "orchestration" in summary:

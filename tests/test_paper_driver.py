@@ -243,8 +243,8 @@ def test_measured_comp_compares_only_epochs_that_ran_the_same_way(driver, tmp_pa
     assert rows[2]["comp_measured"] == pytest.approx(3.0 / 4.0)
     assert rows[2]["seconds_per_epoch"] == {"lowrank": 3.0, "lowrank on cpu": 90.0}
     assert rows[2]["devices_elsewhere"] == {"cpu": [4, 4]}
-    # Each form's mean epoch weighted by the schedule, the full-rank epochs at the full run's median.
-    assert rows[3]["comp_measured"] == pytest.approx((2 * 2.0 + 2 * 4.0 + 2 * 5.0) / (6 * 4.0))
+    # Each form's mean epoch on the main way weighted by the schedule, over 6 × the full run's median.
+    assert rows[3]["comp_measured"] == pytest.approx((2 * 2.0 + 2 * 5.0 + 2 * 5.0) / (6 * 4.0))
     assert rows[3]["seconds_per_epoch"] == {"lowrank": 2.0, "full": 5.0, "adapter": 5.0,
                                             "adapter on GPU A+cpu": 80.0}
     text = (tmp_path / "summary.md").read_text()
@@ -272,9 +272,12 @@ def test_placement_study_plots_the_accuracy_curves(driver, tmp_path):
         for epoch in range(3):
             with monitor.epoch(epoch):
                 pass
-            monitor.log(val_acc=0.3 + 0.1 * epoch)
+            monitor.log(train_loss=1.0 - 0.1 * epoch, val_loss=1.1 - 0.1 * epoch, val_acc=0.3 + 0.1 * epoch)
         monitor.save(str(folder / "monitor"))
     summary = driver.summarize(str(tmp_path))
+    # λ per run and the curves of the SVD runs (here the lowrank one; the placement run is not among them).
+    assert summary["plots"] == ["plots/lambda_lowrank.png", "plots/curves.png"]
+    assert all((tmp_path / p).stat().st_size > 0 for p in summary["plots"])
     assert summary["placement_plot"] == "plots/placement.png"
     assert (tmp_path / "plots" / "placement.png").stat().st_size > 0
     assert "`plots/placement.png`" in (tmp_path / "summary.md").read_text()

@@ -130,6 +130,31 @@ def test_compare_job_prints_table_and_writes_files(tmp_path, capsys):
                                                  "lambda_lowrank.png"]
 
 
+def test_compare_table_times_each_way_of_stepping_apart():
+    from dynrank.train.report import compare_table
+
+    def result(schedule, epochs, inflate=None, deflate=None):
+        history = [dict(epoch=e, form=f, train_time=t, device=d, graphed_steps=g, val_loss=1.0, val_acc=0.5,
+                        trainable_params=10) for e, (f, t, d, g) in enumerate(epochs)]
+        return dict(schedule=schedule, history=history, final=history[-1], inflate_epoch=inflate,
+                    deflate_epoch=deflate, params=dict(dense=100, converted=50, rank_ratio=0.5))
+    full = result("full", [("full", 4.0, "GPU", 0), ("full", 6.0, "GPU", 0)])
+    lowrank = result("lowrank", [("lowrank", 3.0, "GPU", 0), ("lowrank", 2.0, "GPU", 0)])
+    # Dynamic, E = 5, I = 1, D = 3, resumed on the CPU for its last epoch: that epoch is timed apart
+    # and the adapter form's time comes from its GPU epoch only.
+    dynamic = result("dynamic", [("lowrank", 2.0, "GPU", 0), ("full", 4.0, "GPU", 0), ("full", 6.0, "GPU", 0),
+                                 ("adapter", 7.0, "GPU", 0), ("adapter", 90.0, "cpu", 0)], 1, 3)
+    rows = {line.split()[0]: line for line in compare_table([full, lowrank, dynamic], kind="vision").splitlines()}
+    assert "full 5.00" in rows["full"] and " 1.000 " in rows["full"]
+    assert "lowrank 2.50" in rows["lowrank"] and f" {2.5 / 5.0:.3f} " in rows["lowrank"]
+    assert "lowrank 2.00, full 5.00, adapter 7.00, adapter on cpu 90.00" in rows["dynamic"]
+    assert f" {(1 * 2.0 + 2 * 5.0 + 2 * 7.0) / (5 * 5.0):.3f} " in rows["dynamic"]
+    # Graphed epochs are labelled, and against an eager-only full run there is no measured Comp.
+    graphed = result("lowrank", [("lowrank", 1.0, "GPU", 300), ("lowrank", 1.0, "GPU", 300)])
+    row = compare_table([full, graphed], kind="vision").splitlines()[-1]
+    assert "lowrank (graphs) 1.00" in row and " - " in row
+
+
 def _write_tiny_cifar10(folder, per_batch=8, test=8):
     os.makedirs(folder)
     rng = np.random.default_rng(0)
@@ -228,9 +253,15 @@ def test_a_run_resumed_elsewhere_names_the_device_of_each_epoch(tmp_path, monkey
         del checkpoint["device"], checkpoint["partial"]["device"], checkpoint["history"][0]["device"]
         checkpoint["config"]["device"] = before = "cuda"
     torch.save(checkpoint, path)
+    config = json.loads((out / "config.json").read_text())
+    assert "resumes" not in config
+    config.update(device="cuda", amp=True, channels_last=True)        # as the run began
+    (out / "config.json").write_text(json.dumps(config))
     assert cli.main(["--resume", str(out), "--device", "cpu"]) == 0
     history = json.loads((out / "lowrank" / "metrics.json").read_text())
     assert [r["device"] for r in history] == [before, f"{before}+cpu", "cpu"]
+    (resume,) = json.loads((out / "config.json").read_text())["resumes"]
+    assert resume["changed"] == {"device": ["cuda", "cpu"], "amp": [True, False], "channels_last": [True, False]}
 
 
 def test_module_entry_point_help():

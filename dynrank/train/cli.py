@@ -216,6 +216,19 @@ def config_from_args(args):
     return cfg
 
 
+def _note_resume(saved, cfg):
+    """Keep in ``cfg["resumes"]`` what a resume changed of how the run executes (device, AMP, ...).
+
+    config.json holds the settings the run goes on with; ``resumes`` lists, per resume, each
+    setting it changed as [before, after], so how the run began stays on record.  The epoch
+    records name their device.
+    """
+    changed = {k: [saved.get(k), v] for k, v in cfg.items() if k != "resumes" and saved.get(k) != v}
+    if changed:
+        cfg["resumes"] = list(saved.get("resumes", [])) + [
+            dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), changed=changed)]
+
+
 def _resolve_device(cfg):
     import torch
     device = cfg["device"]
@@ -333,6 +346,7 @@ def main(argv=None):
                 parser.error(f"--resume {args.resume}: no config.json there (not a dynrank-train output folder)")
             with open(config_path, encoding="utf-8") as handle:
                 cfg = json.load(handle)
+            saved = dict(cfg)
             if args.device:
                 cfg["device"], cfg["amp"], cfg["threads"] = args.device, None, None
             for key in RESUME_OVERRIDES:
@@ -356,6 +370,8 @@ def main(argv=None):
             cfg = _resolve_device(cfg)
         except ValueError as err:
             parser.error(str(err))
+        if args.resume:
+            _note_resume(saved, cfg)
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(cfg, handle, indent=1)

@@ -14,10 +14,11 @@ import math
 import os
 import statistics
 
-from ..cost import ParamCounts, comp_ratio, measured_comp_ratio
+from ..cost import ParamCounts, comp_ratio
 from ..monitor import RankMonitor
 
-__all__ = ["RunMonitor", "compare_table", "verdict", "lambda_summary", "write_plots"]
+__all__ = ["RunMonitor", "compare_table", "verdict", "lambda_summary", "write_plots", "epoch_way", "main_way",
+           "form_label", "full_epoch_seconds", "measured_comp"]
 
 _SCALARS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_bpb", "lr")
 
@@ -94,11 +95,60 @@ def lambda_summary(records, layers=None):
     return "; ".join(parts)
 
 
-def _form_times(history):
+def epoch_way(rec):
+    """How an epoch's steps ran: (device, replayed CUDA graphs).  Epoch times compare only within one way."""
+    return rec.get("device"), bool(rec.get("graphed_steps"))
+
+
+def main_way(history, skip_first=0):
+    """The way most epochs of ``history[skip_first:]`` ran; on a tie, the later epochs' way."""
+    ways = [epoch_way(rec) for rec in history[skip_first:]]
+    return max(reversed(ways), key=ways.count) if ways else None
+
+
+def form_label(rec, home=None):
+    """``form``, plus `` (graphs)`` if its steps replayed CUDA graphs and `` on DEVICE`` if not on ``home``."""
+    device, graphed = epoch_way(rec)
+    return rec["form"] + (" (graphs)" if graphed else "") + (f" on {device}" if device not in (None, home) else "")
+
+
+def full_epoch_seconds(history, skip_first=0, average=statistics.mean):
+    """Way → ``average`` of a full-rank run's epoch times in that way (the baseline of Comp. measured)."""
     times = {}
-    for rec in history:
-        times.setdefault(rec["form"], []).append(rec["train_time"])
-    return {form: sum(v) / len(v) for form, v in times.items()}
+    for rec in history[skip_first:]:
+        times.setdefault(epoch_way(rec), []).append(rec["train_time"])
+    return {way: average(v) for way, v in times.items()}
+
+
+def measured_comp(history, schedule, inflate_epoch, deflate_epoch, full_seconds, skip_first=0):
+    """The measured counterpart of the paper's Comp. for a finished run, or None.
+
+    Each form's mean epoch time, from the epochs (after ``skip_first``) that ran the run's main way
+    (:func:`main_way`), weighted by how many epochs the schedule gives that form, over E × the
+    full-rank epoch time of that same way (``full_seconds``, from :func:`full_epoch_seconds`).  For
+    a run that ran one way throughout this is its total epoch time over E full-rank epochs; epochs
+    run elsewhere (a resume on another machine) or stepped otherwise are left out instead of mixed
+    in.  None when the full-rank run has no epochs of that way or a form of the schedule has none.
+    """
+    way = main_way(history, skip_first)
+    t_full = full_seconds.get(way)
+    epochs = len(history)
+    if not t_full or not epochs:
+        return None
+    if schedule == "dynamic":
+        inflate = min(inflate_epoch, epochs)
+        deflate = epochs if deflate_epoch is None else min(max(deflate_epoch, inflate), epochs)
+        counts = {"lowrank": inflate, "full": deflate - inflate, "adapter": epochs - deflate}
+    else:
+        counts = {"full" if schedule == "full" else "lowrank": epochs}
+    times = {}
+    for rec in history[skip_first:]:
+        if epoch_way(rec) == way:
+            times.setdefault(rec["form"], []).append(rec["train_time"])
+    counts = {form: n for form, n in counts.items() if n > 0}
+    if any(form not in times for form in counts):
+        return None
+    return sum(n * statistics.mean(times[form]) for form, n in counts.items()) / (epochs * t_full)
 
 
 def _comp_paper(result, counts):
@@ -126,9 +176,7 @@ def compare_table(results, kind="text", converted_layers=None):
     dense = next((r["params"]["dense"] for r in results if r["params"].get("dense")), None)
     lowrank = next((r["params"]["converted"] for r in results if r["params"].get("converted")), None)
     counts = ParamCounts(full=dense, lowrank=lowrank, other=0) if dense and lowrank else None
-    full_time = None
-    if "full" in by_name:
-        full_time = statistics.mean(rec["train_time"] for rec in by_name["full"]["history"])
+    full_seconds = full_epoch_seconds(by_name["full"]["history"]) if "full" in by_name else {}
     metric = "val bpb" if kind == "text" else "val acc"
     header = ["schedule", "val loss", metric, "trainable params (end / mean)", "s/epoch by form",
               "Comp. paper", "Comp. measured", "λ of factorized layers"]
@@ -138,13 +186,14 @@ def compare_table(results, kind="text", converted_layers=None):
         final = history[-1]
         score = f"{final['val_bpb']:.4f}" if kind == "text" else f"{100 * final['val_acc']:.2f}%"
         mean_params = statistics.mean(rec["trainable_params"] for rec in history)
-        times = _form_times(history)
-        per_form = ", ".join(f"{form} {t:.2f}" for form, t in times.items())
-        measured = "-"
-        baseline = full_time if full_time else times.get("full")
-        if baseline:
-            records = [{"form": rec["form"], "wall_seconds": rec["train_time"]} for rec in history]
-            measured = f"{measured_comp_ratio(records, full_epoch_seconds=baseline):.3f}"
+        home = (main_way(history) or (None,))[0]
+        times = {}
+        for rec in history:
+            times.setdefault(form_label(rec, home), []).append(rec["train_time"])
+        per_form = ", ".join(f"{label} {statistics.mean(t):.2f}" for label, t in times.items())
+        comp = measured_comp(history, r["schedule"], r.get("inflate_epoch"), r.get("deflate_epoch"),
+                             full_seconds or full_epoch_seconds([rec for rec in history if rec["form"] == "full"]))
+        measured = "-" if comp is None else f"{comp:.3f}"
         label = r["schedule"]
         if r["schedule"] == "dynamic":
             label += f" (I={r['inflate_epoch']}, D={r['deflate_epoch']})"
