@@ -66,6 +66,20 @@ def run_dir(out, schedule, decomposition, seed, placement=None):
     return os.path.join(out, f"{name}-seed{seed}")
 
 
+PRESET_EPOCHS = 150
+
+
+def scaled_placement(placement, epochs=None):
+    """(I, D) of a placement run for a run of ``epochs`` (None: the preset's 150): the switches at
+    the same fractions of the run, I < D ≤ epochs (a short dry run keeps the study's shape)."""
+    if placement is None:
+        return None, None
+    if not epochs or epochs == PRESET_EPOCHS:
+        return placement
+    inflate = min(placement[0] * epochs // PRESET_EPOCHS, epochs - 1)
+    return inflate, min(max(placement[1] * epochs // PRESET_EPOCHS, inflate + 1), epochs)
+
+
 # Step time of a full or adapter epoch over a lowrank one, until both are observed in this call.
 FULL_OVER_LOWRANK = 1.3
 ADAPTER_OVER_FULL = 1.2
@@ -96,11 +110,12 @@ class _Run:
             # A resume keeps the run's settings; of the train args it takes how the run executes
             # (e.g. --cuda-graphs) and notes the rest as ignored.
             return ["--resume", self.folder] + running + args.train_args
+        inflate, deflate = scaled_placement(self.placement, args.epochs)
         return (["--preset", "cifar10-resnet20", "--data-dir", args.data_dir, "--schedule", self.schedule,
                  "--decomposition", self.decomposition, "--seed", str(self.seed), "--out", self.folder] + running
                 + (["--epochs", str(args.epochs)] if args.epochs else [])
-                + (["--inflate-epoch", str(self.placement[0]), "--deflate-epoch", str(self.placement[1])]
-                   if self.placement else []) + args.train_args)
+                + (["--inflate-epoch", str(inflate), "--deflate-epoch", str(deflate)]
+                   if (inflate, deflate) != (None, None) else []) + args.train_args)
 
     def launch(self, args):
         os.makedirs(args.out, exist_ok=True)
@@ -223,7 +238,7 @@ def run_all(args, log=print):
         typical = statistics.median(rates) if rates else None
         while pending and len(running) < args.parallel and deadline - now > args.min_launch_s:
             run = pending[0]
-            epochs = (args.epochs or 150) - run.epochs_done()   # a resumed run has fewer to go
+            epochs = (args.epochs or PRESET_EPOCHS) - run.epochs_done()   # a resumed run has fewer to go
             if typical and typical * epochs > deadline - now:
                 break                         # would not finish: leave the GPU to the others
             pending.pop(0)

@@ -182,6 +182,13 @@ def test_placement_runs_are_named_launched_and_tabulated(driver, tmp_path):
     assert run.folder == str(tmp_path / "dynamic-svd-I0-D50-seed0")
     argv = run.argv(args)
     assert argv[argv.index("--inflate-epoch") + 1] == "0" and argv[argv.index("--deflate-epoch") + 1] == "50"
+    # A short (dry) run puts the switches at the same fractions of its epochs, I < D ≤ E.
+    assert [driver.scaled_placement(p, 3) for p in ((0, 50), (25, 75), (50, 100), (100, 150))] == [
+        (0, 1), (0, 1), (1, 2), (2, 3)]
+    assert driver.scaled_placement((25, 75), 30) == (5, 15) and driver.scaled_placement((25, 75)) == (25, 75)
+    assert driver.scaled_placement(None, 3) == (None, None)
+    argv = run.argv(SimpleNamespace(**{**vars(args), "epochs": 30}))
+    assert argv[argv.index("--inflate-epoch") + 1] == "0" and argv[argv.index("--deflate-epoch") + 1] == "10"
 
     def fake_run(name, schedule, inflate, deflate, acc, lambdas):
         folder = tmp_path / name / schedule
