@@ -212,3 +212,47 @@ def test_linear(benchmark, provider, form, pass_, case):
     benchmark(run)
     flops = linear_flops(case, form, pass_, benchmark.extra_info["trainable_weight"])
     common.finish(benchmark, flops=flops, dtype=case.dtype)
+
+
+@pytest.mark.parametrize("provider,form", PROVIDERS, ids=[f"{p}-{f}" for p, f in PROVIDERS])
+def test_each_provider_computes_its_form(provider, form):
+    """Not a benchmark: every provider does the work its row claims, so no ratio compares unequal work.
+
+    The layer's effective weight is read back by probing it with the unit vectors (it is affine in
+    x) and checked in float64: full rank for ``full``; rank r for ``lowrank``; for ``adapter``, a
+    frozen base plus a nonzero rank-r term (the base is what is left with the trainable factors
+    zeroed).  Every parameter a provider lists as trainable gets a nonzero gradient (the frozen
+    dense layer lists none).
+    """
+    case = LinearCase(6, 24, 20, 4, torch.float32)
+    layer, params = make_linear(provider, form, case)
+    probe = torch.cat([torch.zeros(1, case.in_features), torch.eye(case.in_features)]).to(common.DEVICE)
+
+    def effective_weight():
+        with torch.no_grad():
+            out = layer(probe).double().cpu()
+        return (out[1:] - out[:1]).T          # (N, K)
+
+    rank = lambda w: int(torch.linalg.matrix_rank(w, rtol=1e-4))     # noqa: E731
+    weight = effective_weight()
+    if form == "full":
+        assert rank(weight) == min(case.in_features, case.out_features)
+    elif form == "lowrank":
+        assert rank(weight) == case.rank
+    else:
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p in params:
+                p.zero_()
+        base = effective_weight()
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+        assert rank(base) == min(case.in_features, case.out_features)
+        assert rank(weight - base) == case.rank
+    if provider == "dense_frozen":                 # the adapter's floor: nothing trains
+        assert params == [] and not any(p.requires_grad for p in layer.parameters())
+        return
+    x = torch.randn(case.tokens, case.in_features, device=common.DEVICE)
+    layer(x).square().sum().backward()
+    assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
