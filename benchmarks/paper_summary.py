@@ -79,15 +79,11 @@ def _load_runs(out):
 
 def _paper_comp(r):
     """The paper's Comp. formula for a finished run (parameters × epochs relative to full)."""
-    from dynrank.cost import ParamCounts, comp_ratio
+    from dynrank.cost import ParamCounts
+    from dynrank.train.report import comp_paper
     if r["schedule"] == "full" or not r.get("params"):
         return 1.0 if r["schedule"] == "full" else None
-    dense, converted = r["params"]["dense"], r["params"]["converted"]
-    counts = ParamCounts(full=dense, lowrank=converted, other=0)
-    epochs = len(r["history"])
-    if r["schedule"] == "lowrank":
-        return comp_ratio(counts, epochs, None, None)
-    return comp_ratio(counts, epochs, r["inflate_epoch"], min(r["deflate_epoch"] or epochs, epochs))
+    return comp_paper(r, ParamCounts(full=r["params"]["dense"], lowrank=r["params"]["converted"], other=0))
 
 
 def _placement(r):
@@ -216,7 +212,7 @@ def _table4_plots(out, rows):
 
 def summarize(out):
     """Write ``summary.json`` and ``summary.md`` for every run under ``out`` and return the summary."""
-    from dynrank.train.report import form_label, full_epoch_seconds, measured_comp
+    from dynrank.train.report import epoch_seconds, form_label, full_epoch_seconds, measured_comp
     results = _load_runs(out)
     summary = dict(environment=environment())
     orchestration = os.path.join(out, "orchestration.json")
@@ -233,9 +229,8 @@ def summarize(out):
     for r in results:
         cfg, history = r["config"], r["history"]
         decomposition = cfg.get("decomposition", "svd")
-        forms = {}
-        for rec in history[1:]:          # the first epoch carries start-up and cuDNN autotuning
-            forms.setdefault(form_label(rec, home), []).append(rec["train_time"])
+        # The first epoch carries start-up and cuDNN autotuning.
+        forms = epoch_seconds(history, lambda rec: form_label(rec, home), skip_first=1)
         elsewhere = {}                   # device → [first, last] epoch (1-based) of epochs not run on `home`
         for rec in history:
             if rec.get("device") not in (None, home):
@@ -251,8 +246,7 @@ def summarize(out):
                          best_accuracy=100 * max(rec["val_acc"] for rec in history),
                          seconds_per_epoch={k: statistics.median(v) for k, v in forms.items()},
                          comp_paper_formula=_paper_comp(r) if r["finished"] else None,
-                         comp_measured=measured_comp(history, r["schedule"], r["inflate_epoch"], r["deflate_epoch"],
-                                                     full_seconds, skip_first=1) if r["finished"] else None,
+                         comp_measured=measured_comp(r, full_seconds, skip_first=1) if r["finished"] else None,
                          devices_elsewhere=elsewhere,
                          paper_accuracy=paper_acc, paper_comp=paper_table_comp,
                          inflate_epoch=r["inflate_epoch"], deflate_epoch=r["deflate_epoch"], placement=placement,

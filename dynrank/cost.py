@@ -40,7 +40,7 @@ from torch import nn
 from ._forms import FormLayer
 from .linear import rank_from_ratio
 
-__all__ = ["ParamCounts", "CostReport", "layer_param_counts", "param_counts", "comp_ratio",
+__all__ = ["ParamCounts", "CostReport", "layer_param_counts", "param_counts", "comp_ratio", "form_epochs",
            "epoch_times", "measured_comp_ratio", "cost_report"]
 
 
@@ -209,6 +209,16 @@ def _schedule(epochs, inflate_epoch, deflate_epoch):
     return E, I, D
 
 
+def form_epochs(epochs, inflate_epoch, deflate_epoch):
+    """Epochs a schedule spends in each form: {"lowrank": I, "full": D − I, "adapter": E − D}.
+
+    ``inflate_epoch`` None: never inflate (plain low-rank training); ``deflate_epoch`` None: stay
+    full to the end; so (0, None) is full-rank training.  Raises ValueError unless 0 ≤ I ≤ D ≤ E.
+    """
+    E, I, D = _schedule(epochs, inflate_epoch, deflate_epoch)
+    return {"lowrank": I, "full": D - I, "adapter": E - D}
+
+
 def _counts(counts, rank_ratio=0.5):
     return counts if isinstance(counts, ParamCounts) else param_counts(counts, rank_ratio)
 
@@ -306,13 +316,12 @@ def measured_comp_ratio(run, epochs=None, inflate_epoch=None, deflate_epoch=None
     if epochs is None:
         total = sum(sum(v) for v in times.values())
         return total / (sum(len(v) for v in times.values()) * t_full)
-    E, I, D = _schedule(epochs, inflate_epoch, deflate_epoch)
-    need = {"lowrank": I, "full": D - I, "adapter": E - D}
+    need = form_epochs(epochs, inflate_epoch, deflate_epoch)
     t = dict(mean, full=t_full)
     missing = [form for form, n in need.items() if n > 0 and form not in t]
     if missing:
         raise ValueError(f"the schedule needs {missing} epochs but the run recorded none (recorded: {sorted(mean)})")
-    return sum(n * t[form] for form, n in need.items() if n > 0) / (E * t_full)
+    return sum(n * t[form] for form, n in need.items() if n > 0) / (sum(need.values()) * t_full)
 
 
 @dataclass

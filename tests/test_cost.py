@@ -3,7 +3,7 @@
 import pytest
 from torch import nn
 
-from dynrank.cost import (ParamCounts, comp_ratio, cost_report, epoch_times, layer_param_counts,
+from dynrank.cost import (ParamCounts, comp_ratio, cost_report, epoch_times, form_epochs, layer_param_counts,
                           measured_comp_ratio, param_counts)
 from dynrank.linear import FusedLowRankLinear
 from dynrank.monitor import RankMonitor
@@ -115,6 +115,14 @@ def test_measured_ratio_from_epoch_times():
         measured_comp_ratio(_run([("lowrank", 1.0)]))
     with pytest.raises(ValueError, match="adapter"):
         measured_comp_ratio(_run([("lowrank", 1.0), ("full", 2.0)]), 10, 2, 8)
+
+
+def test_form_epochs_of_each_schedule():
+    assert form_epochs(150, 55, 120) == {"lowrank": 55, "full": 65, "adapter": 30}
+    assert form_epochs(150, None, None) == {"lowrank": 150, "full": 0, "adapter": 0}      # fixed low rank
+    assert form_epochs(150, 0, None) == {"lowrank": 0, "full": 150, "adapter": 0}         # full rank
+    with pytest.raises(ValueError, match="inflate_epoch ≤ deflate_epoch"):
+        form_epochs(150, 120, 55)
 
 
 def test_cost_report_shows_both():

@@ -14,11 +14,11 @@ import math
 import os
 import statistics
 
-from ..cost import ParamCounts, comp_ratio
+from ..cost import ParamCounts, comp_ratio, form_epochs
 from ..monitor import RankMonitor
 
 __all__ = ["RunMonitor", "compare_table", "verdict", "lambda_summary", "write_plots", "epoch_way", "main_way",
-           "form_label", "full_epoch_seconds", "measured_comp"]
+           "form_label", "epoch_seconds", "full_epoch_seconds", "schedule_bounds", "measured_comp", "comp_paper"]
 
 _SCALARS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_bpb", "lr")
 
@@ -112,15 +112,31 @@ def form_label(rec, home=None):
     return rec["form"] + (" (graphs)" if graphed else "") + (f" on {device}" if device not in (None, home) else "")
 
 
-def full_epoch_seconds(history, skip_first=0, average=statistics.mean):
-    """Way → ``average`` of a full-rank run's epoch times in that way (the baseline of Comp. measured)."""
+def epoch_seconds(history, key, skip_first=0):
+    """``key(record)`` → training seconds of the epochs of ``history[skip_first:]`` with that key."""
     times = {}
     for rec in history[skip_first:]:
-        times.setdefault(epoch_way(rec), []).append(rec["train_time"])
-    return {way: average(v) for way, v in times.items()}
+        times.setdefault(key(rec), []).append(rec["train_time"])
+    return times
 
 
-def measured_comp(history, schedule, inflate_epoch, deflate_epoch, full_seconds, skip_first=0):
+def full_epoch_seconds(history, skip_first=0, average=statistics.mean):
+    """Way → ``average`` of a full-rank run's epoch times in that way (the baseline of Comp. measured)."""
+    return {way: average(v) for way, v in epoch_seconds(history, epoch_way, skip_first).items()}
+
+
+def schedule_bounds(result):
+    """(I, D) of a run's schedule for :func:`dynrank.cost.form_epochs` / ``comp_ratio`` over its
+    recorded epochs: full (0, None), lowrank (None, None), dynamic its own with D at most E."""
+    epochs = len(result["history"])
+    if result["schedule"] != "dynamic":
+        return (0, None) if result["schedule"] == "full" else (None, None)
+    inflate = min(result["inflate_epoch"], epochs)
+    deflate = epochs if result["deflate_epoch"] is None else min(max(result["deflate_epoch"], inflate), epochs)
+    return inflate, deflate
+
+
+def measured_comp(result, full_seconds, skip_first=0):
     """The measured counterpart of the paper's Comp. for a finished run, or None.
 
     Each form's mean epoch time, from the epochs (after ``skip_first``) that ran the run's main way
@@ -130,35 +146,21 @@ def measured_comp(history, schedule, inflate_epoch, deflate_epoch, full_seconds,
     run elsewhere (a resume on another machine) or stepped otherwise are left out instead of mixed
     in.  None when the full-rank run has no epochs of that way or a form of the schedule has none.
     """
+    history = result["history"]
     way = main_way(history, skip_first)
     t_full = full_seconds.get(way)
-    epochs = len(history)
-    if not t_full or not epochs:
+    if not t_full:
         return None
-    if schedule == "dynamic":
-        inflate = min(inflate_epoch, epochs)
-        deflate = epochs if deflate_epoch is None else min(max(deflate_epoch, inflate), epochs)
-        counts = {"lowrank": inflate, "full": deflate - inflate, "adapter": epochs - deflate}
-    else:
-        counts = {"full" if schedule == "full" else "lowrank": epochs}
-    times = {}
-    for rec in history[skip_first:]:
-        if epoch_way(rec) == way:
-            times.setdefault(rec["form"], []).append(rec["train_time"])
-    counts = {form: n for form, n in counts.items() if n > 0}
+    counts = {form: n for form, n in form_epochs(len(history), *schedule_bounds(result)).items() if n > 0}
+    times = epoch_seconds(history, lambda rec: rec["form"] if epoch_way(rec) == way else None, skip_first)
     if any(form not in times for form in counts):
         return None
-    return sum(n * statistics.mean(times[form]) for form, n in counts.items()) / (epochs * t_full)
+    return sum(n * statistics.mean(times[form]) for form, n in counts.items()) / (len(history) * t_full)
 
 
-def _comp_paper(result, counts):
-    schedule, epochs = result["schedule"], len(result["history"])
-    if schedule == "full" or counts is None:
-        return 1.0
-    if schedule == "lowrank":
-        return comp_ratio(counts, epochs, None, None)
-    deflate = epochs if result["deflate_epoch"] is None else min(result["deflate_epoch"], epochs)
-    return comp_ratio(counts, epochs, result["inflate_epoch"], deflate)
+def comp_paper(result, counts):
+    """The paper's Comp. (parameters × epochs over full rank) of a run, from ``counts`` (1.0 if None)."""
+    return 1.0 if counts is None else comp_ratio(counts, len(result["history"]), *schedule_bounds(result))
 
 
 def compare_table(results, kind="text", converted_layers=None):
@@ -187,12 +189,9 @@ def compare_table(results, kind="text", converted_layers=None):
         score = f"{final['val_bpb']:.4f}" if kind == "text" else f"{100 * final['val_acc']:.2f}%"
         mean_params = statistics.mean(rec["trainable_params"] for rec in history)
         home = (main_way(history) or (None,))[0]
-        times = {}
-        for rec in history:
-            times.setdefault(form_label(rec, home), []).append(rec["train_time"])
+        times = epoch_seconds(history, lambda rec: form_label(rec, home))
         per_form = ", ".join(f"{label} {statistics.mean(t):.2f}" for label, t in times.items())
-        comp = measured_comp(history, r["schedule"], r.get("inflate_epoch"), r.get("deflate_epoch"),
-                             full_seconds or full_epoch_seconds([rec for rec in history if rec["form"] == "full"]))
+        comp = measured_comp(r, full_seconds or full_epoch_seconds([rec for rec in history if rec["form"] == "full"]))
         measured = "-" if comp is None else f"{comp:.3f}"
         label = r["schedule"]
         if r["schedule"] == "dynamic":
@@ -201,7 +200,7 @@ def compare_table(results, kind="text", converted_layers=None):
             label += f" (ρ={r['params']['rank_ratio']:g})"
         rows.append([label, f"{final['val_loss']:.4f}", score,
                      f"{final['trainable_params']:,} / {mean_params:,.0f}", per_form,
-                     f"{_comp_paper(r, counts):.3f}", measured,
+                     f"{comp_paper(r, counts):.3f}", measured,
                      lambda_summary(r.get("monitor_records", []), converted_layers)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
