@@ -145,6 +145,15 @@ def _placement_table(rows):
     return lines
 
 
+def _load_monitor(out, row):
+    """The RankMonitor a run saved (``monitor.*`` in its folder), or None when it cannot be read."""
+    from dynrank.monitor import RankMonitor
+    try:
+        return RankMonitor.load(os.path.join(out, row["folder"], "monitor"))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _placement_plot(out, rows):
     """Fig. 3: validation accuracy over epochs of the study's runs, switches marked; the path, or None.
 
@@ -154,13 +163,11 @@ def _placement_plot(out, rows):
     if not study:
         return None
     try:
-        from dynrank.monitor import RankMonitor
         from dynrank.plots import plot_training_curves
         monitors = []
         for r in study:
-            try:
-                monitor = RankMonitor.load(os.path.join(out, r["folder"], "monitor"))
-            except (OSError, ValueError, KeyError):
+            monitor = _load_monitor(out, r)
+            if monitor is None:
                 continue
             where = _where(r)
             known = PLACEMENT_PAPER.get(where, (None,))[0]
@@ -183,22 +190,18 @@ def _table4_plots(out, rows):
     """Fig. 1/5 and the curves: λ of every layer per run, and loss and accuracy of the SVD full,
     lowrank and dynamic runs of the first seed, under ``plots/``; the paths written (relative to
     ``out``).  Needs matplotlib; runs without readable monitor files are left out."""
-    from dynrank.monitor import RankMonitor
     from dynrank.train.report import write_plots
     trio = [r for r in rows if r["decomposition"] in (None, "svd") and r["placement"] is None]
     if not trio:
         return []
     seed = min(r["seed"] for r in trio)
+    order = ("full", "lowrank", "dynamic")
     monitors = []
-    for schedule in ("full", "lowrank", "dynamic"):
-        for r in trio:
-            if (r["schedule"], r["seed"]) == (schedule, seed):
-                try:
-                    monitor = RankMonitor.load(os.path.join(out, r["folder"], "monitor"))
-                except (OSError, ValueError, KeyError):
-                    continue
-                monitor.name = schedule
-                monitors.append(monitor)
+    for r in sorted((r for r in trio if r["seed"] == seed), key=lambda r: order.index(r["schedule"])):
+        monitor = _load_monitor(out, r)
+        if monitor is not None:
+            monitor.name = r["schedule"]
+            monitors.append(monitor)
     if not monitors:
         return []
     try:

@@ -47,8 +47,8 @@ def model_config(model_name):
     return {"batch": 2, "context": 64, "vocab": 256, "dim": 64, "depth": 2, "heads": 4}
 
 
-def _autocast():
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=common.ON_CUDA)
+def _autocast(cache=True):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=common.ON_CUDA, cache_enabled=cache)
 
 
 def make_resnet20_step(form, rank_ratio, cfg, device=common.DEVICE, decomposition="svd", cuda_graphs=False):
@@ -69,9 +69,7 @@ def make_resnet20_step(form, rank_ratio, cfg, device=common.DEVICE, decompositio
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(cfg["num_classes"], (cfg["batch"],), device=device)
-    autocast = lambda cache=True: torch.autocast(device.type, dtype=torch.bfloat16, enabled=common.ON_CUDA,
-                                                 cache_enabled=cache)
-    train_step = TrainStep(model, optimizer, model, autocast, 0.1, cuda_graphs=cuda_graphs)
+    train_step = TrainStep(model, optimizer, model, _autocast, 0.1, cuda_graphs=cuda_graphs)
 
     def step():
         train_step(images, labels, 1e-3)
@@ -101,13 +99,14 @@ def make_transformer_step(form, rank_ratio, cfg, device=common.DEVICE, factorize
     return step, model, "benchmarks._bench_models.TransformerLM"
 
 
-def _form_id(form, rank_ratio):
-    return form if rank_ratio is None else f"{form}-rho{rank_ratio}"
+def _provider(form, rank_ratio, decomposition="svd", head=False):
+    """The case's provider name: form, ρ, a decomposition other than SVD, ``+head``."""
+    return ((form if rank_ratio is None else f"{form}-rho{rank_ratio}")
+            + ("" if decomposition == "svd" else f"-{decomposition}") + ("+head" if head else ""))
 
 
 def _case(model_name, form, rank_ratio, decomposition="svd", graphed=False, head=False):
-    name = (f"{model_name}-{_form_id(form, rank_ratio)}" + ("" if decomposition == "svd" else f"-{decomposition}")
-            + ("+head" if head else ""))
+    name = f"{model_name}-{_provider(form, rank_ratio, decomposition, head)}"
     if not graphed:
         return pytest.param(model_name, form, rank_ratio, decomposition, False, head, id=name)
     marks = () if common.ON_CUDA else (pytest.mark.skip(reason="CUDA graphs need a CUDA device"),)
@@ -135,8 +134,7 @@ def test_training_step(benchmark, model_name, form, rank_ratio, decomposition, g
     dtype = torch.bfloat16 if common.ON_CUDA else torch.float32
     group = (f"epoch {model_name} " + "-".join(f"{k}{v}" for k, v in cfg.items())
              + (" cuda-graphs" if graphed else ""))     # report.py's GRAPHED_GROUP_SUFFIX
-    provider = (_form_id(form, rank_ratio) + ("" if decomposition == "svd" or form == "full" else f"-{decomposition}")
-                + ("+head" if head else ""))
+    provider = _provider(form, rank_ratio, decomposition, head)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     common.describe(
         benchmark, suite="epoch", provider=provider, form=form, pass_="step", dtype=dtype,

@@ -193,19 +193,25 @@ def _state(folder):
     return torch.load(os.path.join(folder, "dynamic", "model.pt"))
 
 
+def _ctrl_c_after(monkeypatch, epoch, step):
+    """Make TextData.train_batches raise SIGINT after batch ``step`` of ``epoch``; returns the original."""
+    original = TextData.train_batches
+
+    def interrupted(self, at_epoch, start=0):
+        for at_step, batch in enumerate(original(self, at_epoch, start), start):
+            yield batch
+            if (at_epoch, at_step) == (epoch, step):
+                signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(TextData, "train_batches", interrupted)
+    return original
+
+
 def test_interrupted_run_resumes_to_the_same_final_state(tmp_path, monkeypatch, capsys):
     argv = ["--schedule", "dynamic", "--epochs", "4", "--milestones", "2", "--inflate-epoch", "1",
             "--deflate-epoch", "3", "--dropout", "0.1"] + TINY_GPT
     assert cli.main(argv + ["--out", str(tmp_path / "straight")]) == 0
 
-    original = TextData.train_batches
-
-    def interrupted(self, epoch, start=0):
-        for step, batch in enumerate(original(self, epoch, start), start):
-            yield batch
-            if (epoch, step) == (1, 0):                  # Ctrl-C during the full-rank phase
-                signal.raise_signal(signal.SIGINT)
-    monkeypatch.setattr(TextData, "train_batches", interrupted)
+    original = _ctrl_c_after(monkeypatch, 1, 0)          # Ctrl-C during the full-rank phase
     out = tmp_path / "interrupted"
     assert cli.main(argv + ["--out", str(out)]) == 130
     err = capsys.readouterr().err
@@ -229,14 +235,7 @@ def test_interrupted_run_resumes_to_the_same_final_state(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("saved", ["named", "older"])
 def test_a_run_resumed_elsewhere_names_the_device_of_each_epoch(tmp_path, monkeypatch, saved):
-    original = TextData.train_batches
-
-    def interrupted(self, epoch, start=0):
-        for step, batch in enumerate(original(self, epoch, start), start):
-            yield batch
-            if (epoch, step) == (1, 0):
-                signal.raise_signal(signal.SIGINT)
-    monkeypatch.setattr(TextData, "train_batches", interrupted)
+    original = _ctrl_c_after(monkeypatch, 1, 0)
     out = tmp_path / "run"
     assert cli.main(["--schedule", "lowrank", "--epochs", "3", *TINY_GPT, "--out", str(out)]) == 130
     monkeypatch.setattr(TextData, "train_batches", original)
