@@ -85,9 +85,16 @@ def read_csv(path, text_columns=_TEXT_COLUMNS):
         list of dicts column → value.
 
     Example:
-        >>> rows = read_csv("runs/dynamic.layers.csv")            # doctest: +SKIP
-        >>> rows[0]["layer"], rows[0]["spectral_ratio"]           # doctest: +SKIP
-        ('conv1', inf)
+        >>> import torch
+        >>> from dynrank import FusedLowRankLinear, RankMonitor
+        >>> monitor = RankMonitor(torch.nn.Sequential(FusedLowRankLinear(16, 16, rank=4)))
+        >>> with monitor.epoch(0):
+        ...     pass                                          # train here
+        >>> monitor.save("demo")
+        {'json': 'demo.json', 'epochs': 'demo.epochs.csv', 'layers': 'demo.layers.csv', 'switches': 'demo.switches.csv'}
+        >>> rows = read_csv("demo.layers.csv")
+        >>> rows[0]["epoch"], rows[0]["layer"], rows[0]["form"], rows[0]["spectral_ratio"]
+        (0, '0', 'lowrank', inf)
     """
     text = set(text_columns)
     with open(path, newline="", encoding="utf-8") as f:

@@ -205,8 +205,14 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
 
     Example:
         >>> model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-        >>> summary = convert_model(model, rank_ratio=0.25)   # "0": rank 32; "2" is the classifier
+        >>> summary = convert_model(model, rank_ratio=0.25)   # "0": rank int(0.25·64); "2" is the classifier
         >>> print(summary)                                   # one row per Linear/Conv2d + totals
+        module         type                         weight  rank  params before  params after  note
+        -------------  ---------------------------  ------  ----  -------------  ------------  ---------------------------------
+        0              Linear → FusedLowRankLinear  128×64    16          8,320         3,200
+        2              Linear                       10×128     -          1,290         1,290  final classifier
+        -------------  ---------------------------  ------  ----  -------------  ------------  ---------------------------------
+        total (model)                                                     9,610         4,490  0.47× trainable, 1 of 2 converted
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

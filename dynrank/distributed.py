@@ -117,9 +117,11 @@ def rewrap_ddp(ddp_model, **overrides):
     Raises:
         TypeError: ``ddp_model`` is not a DistributedDataParallel.
 
-    Example:
-        >>> if scheduler.step(epoch):
-        ...     model = rewrap_ddp(model)
+    Example (in the epoch loop of each process; ``scheduler`` is the
+    :class:`~dynrank.DynamicRankScheduler` of the wrapped model)::
+
+        if scheduler.step(epoch):
+            model = rewrap_ddp(model)
     """
     from torch.nn.parallel import DistributedDataParallel
     if not isinstance(ddp_model, DistributedDataParallel):

@@ -103,7 +103,18 @@ def grow_rank_(layer, new_rank, optimizer=None):
         ValueError: full form, or ``new_rank`` below the current rank or above the limit.
 
     Example:
-        >>> grow_rank_(layer, layer.rank + 4, optimizer)
+        >>> import torch
+        >>> from dynrank import FusedLowRankLinear, grow_rank_
+        >>> layer = FusedLowRankLinear(32, 32, rank=4)
+        >>> optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        >>> x = torch.randn(8, 32)
+        >>> before = layer(x)
+        >>> layer = grow_rank_(layer, layer.rank + 4, optimizer)
+        >>> layer.rank, tuple(layer.A.shape), torch.allclose(layer(x), before, atol=1e-6)
+        (8, (32, 8), True)
+        >>> params = optimizer.param_groups[0]["params"]            # the optimizer trains the new factors
+        >>> any(p is layer.A for p in params) and any(p is layer.B for p in params)
+        True
     """
     if not isinstance(layer, FusedLowRankLinear):
         raise TypeError(f"grow_rank_ takes a FusedLowRankLinear, got {type(layer).__name__}")
@@ -174,10 +185,22 @@ class IncrementalRankScheduler:
             lowrank/adapter form.
 
     Example:
-        >>> convert_model(model, rank_ratio=0.1)
-        >>> growth = IncrementalRankScheduler(model, optimizer, init_rank=2, buffer=8)
-        >>> for step, batch in enumerate(loader):
-        ...     train_step(batch); growth.step(step + 1)
+        >>> import torch
+        >>> from torch import nn
+        >>> from dynrank import IncrementalRankScheduler, convert_model
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> _ = convert_model(model, rank_ratio=0.5)            # layer "0": rank 32; "2" stays dense
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        >>> growth = IncrementalRankScheduler(model, optimizer, init_rank=2, buffer=4, warmup_steps=0,
+        ...                                   check_every=1)
+        >>> model[0].rank                                        # init_rank + buffer components
+        6
+        >>> for step in range(3):
+        ...     loss = model(torch.randn(32, 64)).square().mean()
+        ...     optimizer.zero_grad(); loss.backward(); optimizer.step()
+        ...     grown = growth.step()                            # [(name, old rank, new rank), ...]
+        >>> 6 <= model[0].rank <= 32
+        True
     """
 
     def __init__(self, model, optimizer, init_rank=2, buffer=8, threshold=0.9, warmup_steps=200,

@@ -81,6 +81,8 @@ class RankMonitor:
         TypeError/ValueError: bad arguments.
 
     Example:
+        >>> import torch
+        >>> from dynrank import FusedLowRankLinear, RankMonitor
         >>> model = torch.nn.Sequential(FusedLowRankLinear(16, 16, rank=4))
         >>> monitor = RankMonitor(model, name="demo")
         >>> with monitor.epoch():

@@ -108,7 +108,18 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
         ImportError: matplotlib missing.  ValueError: nothing measured.
 
     Example:
-        >>> plot_spectral_ratio([low_rank_run, dynamic_run], "lambda.png")     # doctest: +SKIP
+        >>> import torch
+        >>> from dynrank import FusedLowRankLinear, RankMonitor
+        >>> layer = FusedLowRankLinear(16, 16, rank=4)
+        >>> run = RankMonitor(torch.nn.Sequential(layer), name="dynamic")
+        >>> for epoch in range(3):
+        ...     if epoch == 1:
+        ...         _ = layer.inflate()                        # the monitor records the switch
+        ...     with run.epoch(epoch):
+        ...         pass                                       # train here
+        ...     run.log(loss=1.0 / (epoch + 1))
+        >>> fig = plot_spectral_ratio(run, "lambda.png")       # λ = ∞ in epoch 0, finite after
+        >>> fig = plot_training_curves([run], "curves.png", keys=["loss"])
     """
     matplotlib, _, _ = _matplotlib()
     from matplotlib.cm import ScalarMappable
@@ -198,8 +209,7 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
     Raises:
         ImportError: matplotlib missing.  ValueError: no scalars / unknown key.
 
-    Example:
-        >>> plot_training_curves([run_a, run_b], "curves.png", keys=["accuracy", "loss"])   # doctest: +SKIP
+    Example: see :func:`plot_spectral_ratio`.
     """
     matplotlib, _, _ = _matplotlib()
     from matplotlib.ticker import MaxNLocator

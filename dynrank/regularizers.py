@@ -225,6 +225,8 @@ class OrthogonalityRegularizer:
             ``torch.nn.utils.spectral_norm`` does), so a few per step suffice.
 
     Example:
+        >>> import torch
+        >>> from dynrank import FusedLowRankLinear, SoftOrthogonality
         >>> model = torch.nn.Sequential(FusedLowRankLinear(64, 32, rank=8), torch.nn.Linear(32, 10))
         >>> reg = SoftOrthogonality(5e-5)
         >>> loss = reg(model)             # add to the task loss before backward()

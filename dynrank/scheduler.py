@@ -112,12 +112,20 @@ class DynamicRankScheduler:
             model with no dynrank layers.
 
     Example:
-        >>> convert_model(model, rank_ratio=0.5)
+        >>> import torch
+        >>> from torch import nn
+        >>> from dynrank import DynamicRankScheduler, convert_model
+        >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+        >>> _ = convert_model(model, rank_ratio=0.5)        # "0" lowrank; "2" is the classifier
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        >>> scheduler = DynamicRankScheduler(model, optimizer, inflate_epoch=55, deflate_epoch=120)
-        >>> for epoch in range(150):
-        ...     scheduler.step(epoch)      # [(name, "lowrank", "full"), ...] at epoch 55
-        ...     train_one_epoch()
+        >>> scheduler = DynamicRankScheduler(model, optimizer, inflate_epoch=2, deflate_epoch=4)
+        >>> for epoch in range(5):
+        ...     changes = scheduler.step(epoch)          # before the epoch's first batch
+        ...     if changes:
+        ...         print(epoch, changes)
+        ...     # train one epoch with optimizer here: it holds the trainable tensors of each form
+        2 [('0', 'lowrank', 'full')]
+        4 [('0', 'full', 'adapter')]
     """
 
     def __init__(self, model, optimizer, inflate_epoch, deflate_epoch, deflate_init="zeros",
@@ -380,9 +388,25 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
     checkpoint's extra items.
 
     Example:
-        >>> model = build(); convert_model(model); optimizer = SGD(model.parameters(), lr=0.1)
-        >>> scheduler = DynamicRankScheduler(model, optimizer, 55, 120)
-        >>> extra = load_training_state(torch.load(path), model, optimizer, scheduler)
+        >>> import io
+        >>> import torch
+        >>> from torch import nn
+        >>> from dynrank import DynamicRankScheduler, convert_model, load_training_state, training_state
+        >>> def build():                                   # the same model, optimizer and schedule each time
+        ...     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+        ...     _ = convert_model(model, rank_ratio=0.5)
+        ...     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        ...     return model, optimizer, DynamicRankScheduler(model, optimizer, 1, 3)
+        >>> model, optimizer, scheduler = build()
+        >>> _ = scheduler.step(1)                            # layer "0" inflated to full
+        >>> saved = io.BytesIO()
+        >>> torch.save(training_state(model, optimizer, scheduler, epoch=1), saved)
+        >>> model, optimizer, scheduler = build()            # a fresh start: layer "0" is lowrank
+        >>> _ = saved.seek(0)
+        >>> load_training_state(torch.load(saved), model, optimizer, scheduler)
+        {'epoch': 1}
+        >>> model[0].form
+        'full'
     """
     scheduler.load_state_dict(checkpoint["scheduler"])
     unwrap_model(model).load_state_dict(checkpoint["model"])

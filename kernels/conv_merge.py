@@ -60,9 +60,12 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
     Raises:
         ValueError: shapes that do not fit or tensors on different devices.
 
-    Example:
-        >>> W = torch.zeros(4, 3, 3, 3, device="cuda")
-        >>> conv_merge_(W, torch.ones(4, 2, device="cuda"), torch.ones(2, 3, 3, 3, device="cuda")).sum().item()
+    Example (CUDA tensors, or CPU ones with ``TRITON_INTERPRET=1`` set before triton is imported):
+        >>> import torch
+        >>> from dynrank.kernels import conv_merge_
+        >>> device = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> W = torch.zeros(4, 3, 3, 3, device=device)
+        >>> conv_merge_(W, torch.ones(4, 2, device=device), torch.ones(2, 3, 3, 3, device=device)).sum().item()
         216.0
     """
     if weight.dim() != 4 or U.dim() != 2 or V.dim() != 4:

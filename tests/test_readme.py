@@ -1,0 +1,160 @@
+"""The README's Python blocks run as printed.
+
+Self-contained blocks run in an empty namespace.  Blocks that continue the reader's own program get
+the few names they assume (``model``, ``loader``, ...) from a small CNN set up here, and run
+verbatim otherwise, the 150-epoch schedules included (one tiny batch per epoch).  Every ```python
+block of the README must be one of those listed here, so a new example cannot go untested.
+"""
+
+import copy
+import os
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dynrank
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def _blocks():
+    with open(README, encoding="utf-8") as f:
+        return re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.S | re.M)
+
+
+def _block(marker):
+    found = [code for code in _blocks() if marker in code]
+    assert len(found) == 1, f"expected one README block containing {marker!r}, found {len(found)}"
+    return found[0]
+
+
+QUICKSTART = "FusedLowRankLinear(512, 2048, rank=64)"
+CONV = "LowRankConv2d(64, 64, 3"
+OWN_MODEL = "schedule_from_lr(150"
+DDP = "DistributedDataParallel(net)"
+MEASURE = "RankMonitor(model"
+
+
+def test_every_python_block_is_run_here():
+    markers = (QUICKSTART, CONV, OWN_MODEL, DDP, MEASURE)
+    untested = [code.splitlines()[0] for code in _blocks() if not any(m in code for m in markers)]
+    assert not untested, f"README blocks with no test (first lines): {untested}"
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def _batch():
+    return torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+
+
+def _forms(model):
+    return sorted({m.form for m in model.modules() if hasattr(m, "inflate")})
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)       # blocks that save runs write them here
+
+
+def test_quickstart_block():
+    ns = {}
+    exec(_block(QUICKSTART), ns)
+    model = ns["model"]
+    assert [model[i].form for i in (0, 2)] == ["adapter", "adapter"]
+    x = torch.randn(2, 3, 512)
+    torch.testing.assert_close(model(x).double(), _reference_mlp(model, x), rtol=1e-4, atol=1e-4)
+
+
+def _reference_mlp(model, x):
+    """The adapter MLP in float64 from its tensors: W_f·x + s·A(Bᵀx) + b per layer."""
+    h = x.double()
+    for i, layer in enumerate((model[0], model[2])):
+        W = layer.weight.double() + layer.scale * layer.A.double() @ layer.B.double().T
+        h = h @ W.T + layer.bias.double()
+        if i == 0:
+            h = nn.functional.gelu(h)
+    return h
+
+
+def test_conv_block():
+    ns = {}
+    exec(_block(CONV), ns)
+    conv = ns["conv"]
+    assert (conv.form, conv.decomposition) == ("adapter", "cp")
+    x = torch.randn(2, 64, 6, 6)
+    dense = copy.deepcopy(conv)
+    dense.inflate()                                      # W = W_f + the adapter's kernel
+    expected = nn.functional.conv2d(x.double(), dense.weight.double(), dense.bias.double(), padding=1)
+    torch.testing.assert_close(conv(x).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_own_model_block(capsys):
+    x, y = _batch()
+    ns = {"model": _cnn()}
+
+    def train_one_epoch():
+        loss = nn.functional.cross_entropy(ns["model"](x), y)
+        ns["optimizer"].zero_grad()
+        loss.backward()
+        ns["optimizer"].step()
+
+    ns["train_one_epoch"] = train_one_epoch
+    exec(_block(OWN_MODEL), ns)
+    assert (ns["I"], ns["D"]) == (62, 137)             # the values the block's comment shows
+    table = capsys.readouterr().out                    # convert_model's summary, printed by the block
+    assert table.count("Conv2d → LowRankConv2d") == 2 and "final classifier" in table
+    assert _forms(ns["model"]) == ["adapter"]
+    assert ns["scheduler"].optimizer is ns["optimizer"]
+
+
+def test_ddp_block():
+    torch.manual_seed(0)
+    net = _cnn()
+    dynrank.convert_model(net, rank_ratio=0.5)
+    ns = {"net": net, "optimizer": torch.optim.SGD(net.parameters(), lr=0.1), "I": 1, "D": 3, "epochs": 4,
+          "DistributedDataParallel": nn.parallel.DistributedDataParallel, "DynamicRankScheduler":
+          dynrank.DynamicRankScheduler, "dynrank": dynrank}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        exec(_block(DDP), ns)
+        model = ns["model"]
+        assert isinstance(model, nn.parallel.DistributedDataParallel) and model.module is net
+        assert _forms(net) == ["adapter"]
+        trained = {id(p) for p in model.parameters() if p.requires_grad}
+        assert trained == {id(p) for p in net.parameters() if p.requires_grad}   # the new wrapper sees the adapters
+    finally:
+        dist.destroy_process_group()
+
+
+def test_measure_block(tmp_path):
+    torch.manual_seed(0)
+    x, y = _batch()
+    model = _cnn()
+    dynrank.convert_model(model, rank_ratio=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    lowrank = dynrank.RankMonitor(_converted_copy(), name="lowrank")
+    with lowrank.epoch(0):
+        pass
+    lowrank.log(loss=1.0, accuracy=0.5)
+    lowrank.save("runs/lowrank")
+    ns = {"model": model, "optimizer": optimizer, "loader": [(x, y)], "criterion": nn.CrossEntropyLoss(),
+          "scheduler": dynrank.DynamicRankScheduler(model, optimizer, 55, 120), "val_loss": 1.0, "val_acc": 0.5}
+    pytest.importorskip("matplotlib", reason="the block plots (dynrank[plots])")
+    exec(_block(MEASURE), ns)
+    monitor = ns["monitor"]
+    assert len(monitor.records) == 150
+    assert [s["kind"] for s in monitor.switches] == ["inflate", "deflate"]
+    for name in ("dynamic.json", "dynamic.layers.csv", "lambda.png", "curves.png"):
+        assert (tmp_path / "runs" / name).is_file(), name
+
+
+def _converted_copy():
+    model = _cnn()
+    dynrank.convert_model(model, rank_ratio=0.5)
+    return model
