@@ -284,7 +284,8 @@ def summarize(out):
         o = summary["orchestration"]
         lines += ["", f"Up to {o['parallel']} runs shared the GPU at a time (MPS {'on' if o['mps'] else 'off'}), "
                       f"so seconds per epoch are under that load; the epoch-speed benchmark gives them alone."]
-    moved = [f"{row['schedule']} {row['decomposition'] or ''} seed {row['seed']}: epochs {a}–{b} on {device}"
+    moved = [" ".join(filter(None, (row["schedule"], row["decomposition"], f"seed {row['seed']}:",
+                                    f"epoch {a}" if a == b else f"epochs {a}–{b}", f"on {device}")))
              for row in rows for device, (a, b) in row["devices_elsewhere"].items()]
     if moved:
         lines += ["", f"Epochs not run on the {env['device']} (resumed from its checkpoints elsewhere; timed apart as "

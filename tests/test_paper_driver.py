@@ -256,8 +256,8 @@ def test_measured_comp_compares_only_epochs_that_ran_the_same_way(driver, tmp_pa
                                             "adapter on GPU A+cpu": 80.0}
     text = (tmp_path / "summary.md").read_text()
     assert "GPU A" in text.splitlines()[0]
-    assert "lowrank svd seed 2: epochs 4–4 on cpu" in text
-    assert "dynamic svd seed 3: epochs 6–6 on GPU A+cpu" in text
+    assert "lowrank svd seed 2: epoch 4 on cpu" in text
+    assert "dynamic svd seed 3: epoch 6 on GPU A+cpu" in text
 
 
 def test_placement_study_plots_the_accuracy_curves(driver, tmp_path):
