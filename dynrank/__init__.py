@@ -30,12 +30,35 @@ __all__ = [
     "__version__",
 ]
 
+import importlib.abc as _importlib_abc  # noqa: E402
+import importlib.util as _importlib_util  # noqa: E402
 import os as _os  # noqa: E402
+import sys as _sys  # noqa: E402
 
-# The Triton kernels live in the checkout's top-level ``kernels/`` folder, which setup.py installs as
-# ``dynrank.kernels``.  Run from a source checkout (``python -m dynrank.train``, ``python -m pytest``),
-# the package is this folder, without them: let ``dynrank.kernels`` resolve to that folder then.
-_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if (not _os.path.isdir(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "kernels"))
-        and _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py"))):
-    __path__.append(_checkout)
+
+class _CheckoutKernels(_importlib_abc.MetaPathFinder):
+    """Finds ``dynrank.kernels`` in a source checkout's top-level ``kernels/`` folder.
+
+    setup.py installs that folder as ``dynrank.kernels``; run from a checkout (``python -m
+    dynrank.train``, ``python -m pytest``, an editable install without its finder) the package is
+    ``dynrank/`` alone.  This finder answers for that one name and nothing else, so the package's
+    ``__path__`` stays its own folder (tools that walk it, such as ``pkgutil.walk_packages`` or
+    doc generators, see only dynrank's modules).  Nothing is imported until ``dynrank.kernels`` is.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != __name__ + ".kernels":
+            return None
+        return _importlib_util.spec_from_file_location(fullname, _os.path.join(self.folder, "__init__.py"),
+                                                       submodule_search_locations=[self.folder])
+
+
+_here = _os.path.dirname(_os.path.abspath(__file__))
+_checkout_kernels = _os.path.join(_os.path.dirname(_here), "kernels")
+if (not _os.path.isdir(_os.path.join(_here, "kernels"))
+        and _os.path.isfile(_os.path.join(_checkout_kernels, "__init__.py"))
+        and not any(isinstance(f, _CheckoutKernels) for f in _sys.meta_path)):
+    _sys.meta_path.append(_CheckoutKernels(_checkout_kernels))

@@ -7,7 +7,6 @@ on CUDA, or in Triton's interpreter without it (``conftest.py`` switches it on).
 
 import doctest
 import importlib
-import os
 import pkgutil
 
 import pytest
@@ -19,12 +18,10 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
 def _modules():
-    # Each package's own folder: from a source checkout dynrank.__path__ also holds the checkout root
-    # (so that dynrank.kernels resolves to kernels/), which must not be walked.
     names = {"dynrank", "dynrank.kernels"}
     for package in (dynrank, dynrank.kernels):
-        folder = os.path.dirname(package.__file__)
-        names.update(info.name for info in pkgutil.walk_packages([folder], package.__name__ + "."))
+        names.update(info.name for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+                     if not info.name.endswith(".__main__"))
     return sorted(names)
 
 

@@ -275,13 +275,19 @@ def test_a_source_checkout_finds_its_kernels_without_an_install():
     # As `python -m ...` from the checkout with nothing installed: install-time finders removed.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
-            f"sys.path.insert(0, {root!r}); import dynrank, dynrank.kernels; "
-            "print(dynrank.__file__); print(dynrank.kernels.__file__)")
+            f"sys.path.insert(0, {root!r}); import pkgutil, dynrank, dynrank.kernels.merge; "
+            "print(dynrank.__file__); print(dynrank.kernels.__file__); print(*dynrank.__path__, sep='|'); "
+            "print(*sorted({m.name.split('.')[1] for m in pkgutil.walk_packages(dynrank.__path__, 'dynrank.')}), "
+            "sep='|')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    package, kernels = done.stdout.split()
+    package, kernels, path, walked = done.stdout.split()
     assert package == os.path.join(root, "dynrank", "__init__.py")
     assert kernels == os.path.join(root, "kernels", "__init__.py")
+    # The package's path is its own folder only: walking it finds dynrank's modules, not the checkout's.
+    assert path == os.path.join(root, "dynrank")
+    assert {"linear", "scheduler", "train"} <= set(walked.split("|"))
+    assert not {"dynrank", "tests", "benchmarks", "setup", "kernels"} & set(walked.split("|"))
 
 
 def test_progress_line_draws_both_bars_and_calls_extra_only_on_redraw():
