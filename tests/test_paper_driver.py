@@ -154,18 +154,29 @@ def test_summary_of_nothing(driver, tmp_path):
     assert summary["runs"] == [] and (tmp_path / "empty" / "summary.md").is_file()
 
 
+def _write_run(out, name, schedule, config, history, result=None):
+    """A run folder as the training CLI leaves it: ``config.json``, and in ``<schedule>/`` the
+    ``metrics.json`` of a run still going, or (``result`` given: its other keys) a finished run's
+    ``result.json``.  Returns ``<schedule>/``."""
+    folder = out / name / schedule
+    folder.mkdir(parents=True)
+    (out / name / "config.json").write_text(json.dumps(config))
+    if result is None:
+        (folder / "metrics.json").write_text(json.dumps(history))
+    else:
+        (folder / "result.json").write_text(json.dumps(dict(result, schedule=schedule, history=history)))
+    return folder
+
+
 def test_a_resume_passes_the_train_args_and_graphed_epochs_are_timed_apart(driver, tmp_path):
     args = SimpleNamespace(out=str(tmp_path), device="cuda", cache_dir="/tmp/cache", train_args=["--cuda-graphs"])
     run = driver._Run(("lowrank", "tucker", 0, None), 0, args)
-    os.makedirs(os.path.join(run.folder, "lowrank"))
-    with open(os.path.join(run.folder, "config.json"), "w", encoding="utf-8") as handle:
-        json.dump(dict(epochs=150, seed=0, decomposition="tucker", inflate_epoch=55, deflate_epoch=120), handle)
-    assert run.argv(args) == ["--resume", run.folder, "--device", "cuda", "--cache-dir", "/tmp/cache", "--cuda-graphs"]
     # Epochs of a run resumed with graphs: eager ones before, graphed ones after, timed apart.
     history = [dict(epoch=e, form="lowrank", train_time=t, val_acc=0.5, graphed_steps=g)
                for e, (t, g) in enumerate([(9.0, 0), (4.0, 0), (4.2, None), (1.5, 388), (1.7, 388)])]
-    with open(os.path.join(run.folder, "lowrank", "metrics.json"), "w", encoding="utf-8") as handle:
-        json.dump(history, handle)
+    _write_run(tmp_path, os.path.basename(run.folder), "lowrank",
+               dict(epochs=150, seed=0, decomposition="tucker", inflate_epoch=55, deflate_epoch=120), history)
+    assert run.argv(args) == ["--resume", run.folder, "--device", "cuda", "--cache-dir", "/tmp/cache", "--cuda-graphs"]
     (row,) = driver.summarize(str(tmp_path))["runs"]
     assert row["seconds_per_epoch"] == {"lowrank": pytest.approx(4.1), "lowrank (graphs)": pytest.approx(1.6)}
     assert "lowrank 4.10, lowrank (graphs) 1.60" in (tmp_path / "summary.md").read_text()
@@ -191,12 +202,9 @@ def test_placement_runs_are_named_launched_and_tabulated(driver, tmp_path):
     assert argv[argv.index("--inflate-epoch") + 1] == "0" and argv[argv.index("--deflate-epoch") + 1] == "10"
 
     def fake_run(name, schedule, inflate, deflate, acc, lambdas):
-        folder = tmp_path / name / schedule
-        folder.mkdir(parents=True)
-        (tmp_path / name / "config.json").write_text(json.dumps(
-            dict(epochs=150, seed=0, decomposition="svd", inflate_epoch=inflate, deflate_epoch=deflate)))
-        (folder / "metrics.json").write_text(json.dumps(
-            [dict(epoch=e, form="lowrank", train_time=1.0, val_acc=acc) for e in range(3)]))
+        folder = _write_run(tmp_path, name, schedule,
+                            dict(epochs=150, seed=0, decomposition="svd", inflate_epoch=inflate, deflate_epoch=deflate),
+                            [dict(epoch=e, form="lowrank", train_time=1.0, val_acc=acc) for e in range(3)])
         head = "epoch,layer,type,spectral_ratio\n"
         rows = [f"{e},l{i},LowRankConv2d,{lambdas(i) if e == 2 else 1.0}\n" for e in range(3) for i in range(19)]
         (folder / "monitor.layers.csv").write_text(head + "".join(rows) + "2,fc,Linear,3.0\n")
@@ -220,15 +228,11 @@ def test_placement_runs_are_named_launched_and_tabulated(driver, tmp_path):
 def test_measured_comp_compares_only_epochs_that_ran_the_same_way(driver, tmp_path):
     def finished(name, schedule, epochs, inflate=None, deflate=None):
         """epochs: (form, seconds, graphed steps, device) per epoch."""
-        folder = tmp_path / name / schedule
-        folder.mkdir(parents=True)
-        cfg = dict(epochs=len(epochs), seed=int(name[-1]), decomposition="svd")
-        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
         history = [dict(epoch=e, form=f, train_time=t, val_acc=0.5, graphed_steps=g, device=d)
                    for e, (f, t, g, d) in enumerate(epochs)]
-        (folder / "result.json").write_text(json.dumps(dict(
-            schedule=schedule, history=history, params=dict(dense=100, converted=50, rank_ratio=0.5),
-            inflate_epoch=inflate, deflate_epoch=deflate)))
+        _write_run(tmp_path, name, schedule, dict(epochs=len(epochs), seed=int(name[-1]), decomposition="svd"),
+                   history, result=dict(params=dict(dense=100, converted=50, rank_ratio=0.5),
+                                        inflate_epoch=inflate, deflate_epoch=deflate))
     (tmp_path / "orchestration.json").write_text(json.dumps(dict(
         environment=dict(date="2026-11-25", device="GPU A", torch="t", triton="tr"), parallel=1, mps=False)))
     gpu = lambda form, t, g=0: (form, t, g, "GPU A")                                   # noqa: E731
