@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 import dynrank
+from dynrank._forms import FormLayer
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -44,9 +45,13 @@ def test_every_python_block_is_run_here():
     assert not untested, f"README blocks with no test (first lines): {untested}"
 
 
-def _cnn():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+def _cnn(converted=False):
+    """A small CNN: two 3×3 convs and a classifier; ``converted``: through ``convert_model`` at ρ = 0.5."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    if converted:
+        dynrank.convert_model(model, rank_ratio=0.5)
+    return model
 
 
 def _batch():
@@ -54,7 +59,7 @@ def _batch():
 
 
 def _forms(model):
-    return sorted({m.form for m in model.modules() if hasattr(m, "inflate")})
+    return sorted({m.form for m in model.modules() if isinstance(m, FormLayer)})
 
 
 @pytest.fixture(autouse=True)
@@ -115,8 +120,7 @@ def test_own_model_block(capsys):
 
 def test_ddp_block():
     torch.manual_seed(0)
-    net = _cnn()
-    dynrank.convert_model(net, rank_ratio=0.5)
+    net = _cnn(converted=True)
     ns = {"net": net, "optimizer": torch.optim.SGD(net.parameters(), lr=0.1), "I": 1, "D": 3, "epochs": 4,
           "DistributedDataParallel": nn.parallel.DistributedDataParallel, "DynamicRankScheduler":
           dynrank.DynamicRankScheduler, "dynrank": dynrank}
@@ -133,28 +137,21 @@ def test_ddp_block():
 
 
 def test_measure_block(tmp_path):
+    pytest.importorskip("matplotlib", reason="the block plots (dynrank[plots])")
     torch.manual_seed(0)
     x, y = _batch()
-    model = _cnn()
-    dynrank.convert_model(model, rank_ratio=0.5)
+    model = _cnn(converted=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    lowrank = dynrank.RankMonitor(_converted_copy(), name="lowrank")
+    lowrank = dynrank.RankMonitor(_cnn(converted=True), name="lowrank")
     with lowrank.epoch(0):
         pass
     lowrank.log(loss=1.0, accuracy=0.5)
     lowrank.save("runs/lowrank")
     ns = {"model": model, "optimizer": optimizer, "loader": [(x, y)], "criterion": nn.CrossEntropyLoss(),
           "scheduler": dynrank.DynamicRankScheduler(model, optimizer, 55, 120), "val_loss": 1.0, "val_acc": 0.5}
-    pytest.importorskip("matplotlib", reason="the block plots (dynrank[plots])")
     exec(_block(MEASURE), ns)
     monitor = ns["monitor"]
     assert len(monitor.records) == 150
     assert [s["kind"] for s in monitor.switches] == ["inflate", "deflate"]
     for name in ("dynamic.json", "dynamic.layers.csv", "lambda.png", "curves.png"):
         assert (tmp_path / "runs" / name).is_file(), name
-
-
-def _converted_copy():
-    model = _cnn()
-    dynrank.convert_model(model, rank_ratio=0.5)
-    return model
