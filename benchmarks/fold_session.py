@@ -3,8 +3,9 @@
 ``benchmarks/gpu_session.sh`` returns up to five archives (see benchmarks/README.md).  This puts
 them where the repository keeps results, so the next session resumes from them:
 
-- ``bench.tgz`` (suite JSONs, report, profile) → ``benchmarks/results/gpu-<device>-<date>/``,
-  named from the JSONs' machine info;
+- ``bench.tgz`` (suite JSONs, report, profile, tile sweep, engine diagnosis) →
+  ``benchmarks/results/gpu-<device>-<date>/``, named from the JSONs' machine info, with the
+  session's ``tests-cuda.log`` (the native test run) beside them;
 - ``paper.tgz`` (run folders without checkpoints) and ``paper-checkpoints.tgz`` (unfinished runs'
   checkpoints) → over ``benchmarks/results/cifar10-resnet20/``; a run that has finished drops
   its old checkpoint;
@@ -18,6 +19,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import sys
 import tarfile
 
@@ -71,6 +73,10 @@ def fold(session_dir, results_dir, log=print):
         os.rmdir(staging)
         log(f"benchmarks: {len(names)} files → {target}")
         written.append(target)
+        tests_log = os.path.join(session_dir, "tests-cuda.log")
+        if os.path.isfile(tests_log):       # the native test run of the same session, kept beside its numbers
+            shutil.copyfile(tests_log, os.path.join(target, "tests-cuda.log"))
+            log(f"tests-cuda.log → {target}")
     runs = os.path.join(results_dir, PAPER_FOLDER)
     for name in ("paper.tgz", "paper-checkpoints.tgz"):
         archive = os.path.join(session_dir, name)

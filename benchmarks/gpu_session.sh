@@ -62,6 +62,9 @@ bench() {
     BENCH_END=$(($(date +%s) + ${BENCH_SECONDS:-260}))
     say "profile of the launch path"
     timeout 60 python3 benchmarks/profile_ops.py --out "$RES/profile.txt" 2>&1 | head -n 5
+    # The engine's wrong fp32 result of 2026-11-26 (tests/test_kernels_linear.py, 1×17×5 rank 1), taken apart.
+    say "engine diagnosis"
+    timeout 60 python3 benchmarks/diagnose_engine.py --out "$RES/diagnose.md" --budget-s 40 2>&1 | tail -n 2
     # Most needed first: the linear and merge targets, the engine's tile configs against cuBLAS,
     # the training steps (graphed too), the adapter's forward/backward split; the conv layers last
     # (their code did not change since v0).
@@ -76,7 +79,7 @@ bench() {
         -k "(forward or backward) and target and (adapter or dense_frozen) and not torch_compile"
     suite conv 50 benchmarks/test_bench_conv.py -k "fwd and (resnet20 or 56px)"
     python3 benchmarks/report.py "$RES"/*.json --out "$RES/report.md" --plot "$RES/report.png" >/dev/null 2>&1
-    (cd "$RES" && tar -czf "$OUT/bench.tgz" ./*.json report.* profile.txt sweep.md 2>/dev/null)
+    (cd "$RES" && tar -czf "$OUT/bench.tgz" ./*.json report.* profile.txt sweep.md diagnose.md 2>/dev/null)
     cp "$RES/report.md" "$OUT/" 2>/dev/null
     say "benchmarks done"
 }

@@ -41,6 +41,7 @@ def test_a_session_is_folded_into_the_results(folder, tmp_path):
     _tgz(session / "bench.tgz", {"./linear.json": json.dumps({"machine_info": machine,
                                                               "datetime": "2026-11-27T01:02:03", "benchmarks": []}),
                                  "./report.md": "# report\n"})
+    (session / "tests-cuda.log").write_text("345 passed\n")
     _tgz(session / "paper.tgz", {**_run_files("full-seed0", "full", 3, True),
                                  **_run_files("lowrank-svd-seed0", "lowrank", 2, False)})
     _tgz(session / "paper-checkpoints.tgz", {"cifar10-resnet20/lowrank-svd-seed0/lowrank/checkpoint.pt": b"state"})
@@ -49,7 +50,8 @@ def test_a_session_is_folded_into_the_results(folder, tmp_path):
     stale.write_bytes(b"old")
     assert folder.main([str(session), "--results", str(results)]) == 0
     bench = results / "gpu-h200-2026-11-27"
-    assert sorted(p.name for p in bench.iterdir()) == ["linear.json", "report.md"]
+    assert sorted(p.name for p in bench.iterdir()) == ["linear.json", "report.md", "tests-cuda.log"]
+    assert (bench / "tests-cuda.log").read_text() == "345 passed\n"
     assert not (results / ".bench-staging").exists()
     runs = results / "cifar10-resnet20"
     assert (runs / "lowrank-svd-seed0" / "lowrank" / "checkpoint.pt").read_bytes() == b"state"
