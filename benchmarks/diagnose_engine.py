@@ -7,11 +7,19 @@ the adapter forward of ``tests/test_kernels_linear.py`` at (tokens, in, out, ran
 fp32, and every other fp32 shape passed.  That launch is ``y = x·W_fᵀ + xbs·Aᵀ + bias`` with
 16×16×32 tiles, 4 warps, 4 stages, ``input_precision="ieee"``.  The interpreter computes it right.
 
-This script takes that launch apart, one change at a time, each checked against float64:
+The cause, read off the PTX that Triton 3.6 makes of that launch (compiled on a CPU host): with
+M == 1 specialized to a constant, its LLVM packed two 32-bit lanes, ``tid << 31`` and the
+column offset ``4·(tid % 8)``, into one 64-bit register, and the first lane's top bit spilled
+into the second, so the x tile and its mask were read at wrong columns.  Triton 3.9 makes the
+same kernel correctly.  The engine now never specializes M (``do_not_specialize``), and
+``tests/_compile_for_gpu.py`` fails on packed lanes in decode-sized launches.
 
-1. the failing launch as the layer makes it, then with one thing changed: the pipeline depth,
-   the tile sizes, the warps, each product alone, no bias, copies with ordinary strides,
-   tf32 instead of ieee;
+This script checks that on the GPU, each row against float64:
+
+1. the failing launch with the test's own operands and with others, then with one thing
+   changed: the pipeline depth, the tile sizes, the warps, each product alone, no bias,
+   copies with ordinary strides, tf32 instead of ieee; and the engine as it was, with M
+   specialized (a reproduction: wrong where the compiler has the fault, not counted);
 2. a grid of small shapes (every size 1, odd, 16, 17; ranks 1 to 16) in fp32 and bf16 through
    the default configs, so a wrong config shows up beyond the one shape the tests hold.
 
@@ -64,6 +72,22 @@ def _check(x=None, wt=None, u=None, vt=None, bias=None, config=None):
     if out.is_cuda:
         torch.cuda.synchronize()
     return _rel_err(out, reference_lowrank_gemm(x, wt, u, vt, bias)), REL_TOL[out.dtype]
+
+
+def _check_specialized_m(device, dtype=torch.float32):
+    """The failing launch through a twin of the engine that lets Triton specialize M (as before the fix)."""
+    import importlib
+
+    import triton
+    engine_module = importlib.import_module("dynrank.kernels.lowrank_gemm")   # the module, not its function
+    fixed = engine_module._lowrank_gemm_kernel
+    M, K, N, R = FAILING
+    x, weight, A, B, bias = _operands(M, K, N, R, dtype, device)
+    engine_module._lowrank_gemm_kernel = triton.jit(fixed.fn)
+    try:
+        return _check(x, weight.t(), x @ B * 0.75, A.t(), bias)
+    finally:
+        engine_module._lowrank_gemm_kernel = fixed
 
 
 def _default_config(M, N, dtype):
@@ -142,6 +166,9 @@ def main(argv=None):
         wrong += err >= tol
         shown = "default" if config is None else " ".join(f"{k}={v}" for k, v in config.items() if k != "GROUP_M")
         emit(f"| {label} | {shown} | {err:.2e} | {'ok' if err < tol else 'WRONG'} |")
+    err, tol = _check_specialized_m(device)
+    emit(f"| reproduction, not counted: M specialized to 1 (the engine before the fix) | default | {err:.2e} | "
+         f"{'ok: no fault here' if err < tol else 'WRONG: the fault, reproduced'} |")
     if device.type == "cuda":
         old = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -159,7 +159,7 @@ native_tests() {   # compiled kernels on CUDA, beside the runs (own session: the
     say "native tests started"
     local workers; workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
     (unset DYNRANK_BACKEND; setsid nohup timeout 500 python3 -m pytest -q $workers -p no:cacheprovider \
-        tests/test_kernels_linear.py tests/test_linear.py tests/test_conv_kernels.py tests/test_conv.py \
+        tests/test_kernels_linear.py tests/test_kernels_compile.py tests/test_linear.py tests/test_conv_kernels.py tests/test_conv.py \
         tests/test_scheduler.py tests/test_convert.py tests/test_optimizer_state.py tests/test_train_steps.py \
         benchmarks/test_bench_linear.py::test_each_provider_computes_its_form \
         > "$RES/tests-cuda.log" 2>&1 < /dev/null &)

@@ -58,7 +58,11 @@ def _dot_loop(acc, p_a, p_b, size, step_a, step_b, o_k, DOT_FP32: tl.constexpr, 
     return acc
 
 
-@triton.jit
+# M is never specialized (Triton would otherwise make M == 1 a constant).  With M == 1 a constant,
+# Triton 3.6's LLVM packed two lanes' integer offsets into one 64-bit register for the fp32
+# adapter forward at rank 1, and the top bit of one lane spilled into the next: the X tile was
+# read at wrong columns (found on an H200; tests/test_kernels_compile.py holds the check).
+@triton.jit(do_not_specialize=["M"])
 def _lowrank_gemm_kernel(
     # pointers
     x_ptr, wt_ptr, u_ptr, vt_ptr, bias_ptr, out_ptr,

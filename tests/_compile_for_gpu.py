@@ -11,6 +11,12 @@ With the ptxas Triton ships, each line also reports the registers per thread
 and the bytes spilled to local memory (``regs=255 spills=884`` is a kernel that
 runs out of registers).
 
+Decode-sized adapter launches (one token, small rank) are compiled as a real launch
+specializes them and fail if the PTX packs two 32-bit lanes into one 64-bit register:
+Triton 3.6's LLVM did so for the fp32 adapter forward at one token and rank 1 while M == 1
+was a constant, and computed wrong columns (see ``packed_lanes``).  Triton releases without
+that fault pass either way; run this script under Triton 3.6 to see the check bite.
+
 Usage: python tests/_compile_for_gpu.py [capability ...]   (default: 90)
 """
 
@@ -44,33 +50,92 @@ ROLES = {
 }
 # (M, N) problem sizes that select each tile config of _native_config.
 SIZES = [(4096, 4096), (512, 512), (8192, 16), (16, 4096)]
+STRIDES = ("stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_um", "stride_ur", "stride_vr", "stride_vn",
+           "stride_om", "stride_on")
+# (M, K, N, R) of decode-sized adapter launches: one token, rank 1 (the shape that failed on the H200), 2 and 16.
+DECODE_SHAPES = [(1, 17, 5, 1), (1, 40, 64, 1), (1, 4096, 4096, 1), (2, 17, 17, 1), (1, 17, 5, 2), (1, 64, 64, 16)]
+
+
+def _int_signature(params, values, constexprs, index_64=False):
+    """Signature and attributes of the engine's launch with these int arguments, as Triton specializes one.
+
+    An int equal to 1 becomes a constant and a multiple of 16 is marked as one, unless the kernel
+    declares the argument ``do_not_specialize``.  Pointers are left to the caller.
+    """
+    signature, attrs = {}, {}
+    for index, param in enumerate(params):
+        name = param.name
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in POINTERS:
+            continue                  # typed by the caller
+        elif name in ("alpha", "beta", "beta_over_alpha"):
+            signature[name] = "fp32"
+        else:
+            value = values[name]
+            if value == 1 and not param.do_not_specialize:
+                constexprs[name] = 1
+                signature[name] = "constexpr"
+                continue
+            # Triton types an int argument by its value: strides are i64 only on huge tensors.
+            signature[name] = "i64" if index_64 and name.startswith("stride") else "i32"
+            if value % 16 == 0 and not param.do_not_specialize:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def _compile(capability, dtype, flags, config, values, index_64=False):
+    constexprs = dict(flags, DOT_FP32=False, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", INDEX_64=index_64,
+                      **{k: v for k, v in config.items() if k.isupper()})
+    params = _lowrank_gemm_kernel.params
+    signature, attrs = _int_signature(params, values, constexprs, index_64)
+    for index, param in enumerate(params):
+        if param.name in POINTERS:
+            signature[param.name] = "*" + dtype
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=_lowrank_gemm_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def compile_variant(capability, dtype, role, size, index_64=False):
     import torch
     (has_x, has_u, has_bias, accumulate), unit_strides = ROLES[role]
     config = _native_config(*size, getattr(torch, TORCH_NAMES[dtype]), accumulate, 16 if accumulate else 0)
-    params = list(inspect.signature(_lowrank_gemm_kernel.fn).parameters)
-    constexprs = dict(HAS_X=has_x, HAS_U=has_u, HAS_BIAS=has_bias, ACCUMULATE=accumulate, DOT_FP32=False,
-                      INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", INDEX_64=index_64,
-                      **{k: v for k, v in config.items() if k.isupper()})
-    constexprs.update({name: 1 for name in unit_strides})
-    signature, attrs = {}, {}
-    for index, name in enumerate(params):
-        if name not in constexprs and name not in ("alpha", "beta", "beta_over_alpha"):
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in POINTERS:
-            signature[name] = "*" + dtype
-        elif name in ("alpha", "beta", "beta_over_alpha"):
-            signature[name] = "fp32"
-        else:
-            # Triton types an int argument by its value: strides are i64 only on huge tensors.
-            signature[name] = "i64" if index_64 and name.startswith("stride") else "i32"
-    source = ASTSource(fn=_lowrank_gemm_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    # Every size and stride a multiple of 16, as on the target shapes, except the unit strides.
+    values = {name: 16 * 256 for name in ("M", "N", "K", "R")}
+    values.update({name: 1 if name in unit_strides else 16 * 256 for name in STRIDES})
+    flags = dict(HAS_X=has_x, HAS_U=has_u, HAS_BIAS=has_bias, ACCUMULATE=accumulate)
+    return _compile(capability, dtype, flags, config, values, index_64)
+
+
+def compile_adapter_forward(capability, dtype, M, K, N, R):
+    """The adapter forward ``y = x·W_fᵀ + xbs·Aᵀ + bias`` of contiguous x (M, K), W_f (N, K), A (N, R)."""
+    import torch
+    config = _native_config(M, N, getattr(torch, TORCH_NAMES[dtype]), False)
+    values = dict(M=M, N=N, K=K, R=R, stride_xm=K, stride_xk=1, stride_wk=1, stride_wn=K, stride_um=R, stride_ur=1,
+                  stride_vr=1, stride_vn=R, stride_om=N, stride_on=1)
+    return _compile(capability, dtype, dict(HAS_X=True, HAS_U=True, HAS_BIAS=True, ACCUMULATE=False), config, values)
+
+
+def packed_lanes(ptx):
+    """True where the PTX splits a 64-bit register made by integer arithmetic into 32-bit lanes.
+
+    A 64-bit *load* split into two fp32 values is ordinary; a 64-bit value computed by
+    ``mul``/``shl``/``or``… and then split (``mov.b64 {_, %r}, %rd``) is two 32-bit lanes packed
+    into one register.  Triton 3.6's LLVM did that to the engine's offsets for the fp32 adapter
+    forward at one token and rank 1 while M == 1 was a constant, and one lane's top bit spilled
+    into the other (the H200's wrong result of 2026-11-26).
+    """
+    defined_by = {}
+    for line in ptx.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[1].startswith("%rd"):
+            defined_by[fields[1].rstrip(",;")] = fields[0]
+        unpack = re.match(r"\s*mov\.b64\s+\{[^}]*\},\s*(%rd\d+);", line)
+        if unpack and not defined_by.get(unpack.group(1), "ld.").startswith(("ld.", "cvt.", "mov.")):
+            return True
+    return False
 
 
 # The experimental TMA engine (kernels/lowrank_gemm_tma.py): W_T / V_T of its two adapter roles.
@@ -133,6 +198,16 @@ def main(argv):
             regs, spills = register_use(kernel, capability)
             print(f"sm_{capability} {dtype} role={role!r} size={size} int64={index_64} "
                   f"shared={kernel.metadata.shared} B regs={regs} spills={spills} ok", flush=True)
+        for dtype in ("fp32", "bf16"):
+            for shape in DECODE_SHAPES:
+                kernel = compile_adapter_forward(capability, dtype, *shape)
+                if packed_lanes(kernel.asm["ptx"]):
+                    print(f"sm_{capability} {dtype} adapter forward (M, K, N, R)={shape}: two 32-bit lanes packed "
+                          "in one 64-bit register (the miscompile of Triton 3.6's LLVM)", flush=True)
+                    return 1
+                regs, spills = register_use(kernel, capability)
+                print(f"sm_{capability} {dtype} adapter forward (M, K, N, R)={shape} lanes=separate "
+                      f"shared={kernel.metadata.shared} B regs={regs} spills={spills} ok", flush=True)
         if capability < 90:
             continue                  # tensor descriptors (TMA) start with Hopper
         for dtype in ("bf16", "fp16"):

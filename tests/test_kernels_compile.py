@@ -5,7 +5,8 @@ does not lower kernels; this test compiles every role and tile config of the
 engine to a cubin for sm_90 (H100/H200) in a fresh process with the
 interpreter off (``python tests/_compile_for_gpu.py 80 90`` checks more targets),
 specialized as a launch on contiguous tensors is, and checks with ptxas that no
-variant spills registers.
+variant spills registers, and that decode-sized launches keep their integer lanes apart
+(the miscompile Triton 3.6 made of the fp32 adapter forward at one token, rank 1).
 """
 
 import os
@@ -27,9 +28,26 @@ def test_engine_compiles_for_sm90(tmp_path):
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.endswith(" ok")]
-    # dtypes × roles × tile configs, one with int64 indexing, and the TMA engine's 2 dtypes × 2 roles × 2 configs
-    assert len(lines) == 3 * 5 * 4 + 1 + 2 * 2 * 2
+    # dtypes × roles × tile configs, one with int64 indexing, fp32 and bf16 decode-sized adapter
+    # forwards, and the TMA engine's 2 dtypes × 2 roles × 2 configs
+    assert len(lines) == 3 * 5 * 4 + 1 + 2 * 6 + 2 * 2 * 2
+    # One token at rank 1 keeps its 32-bit offsets in 32-bit registers (M is not specialized).
+    assert sum("lanes=separate" in line for line in lines) == 2 * 6
     # Specialized as a real launch is, every variant keeps its accumulators and pipeline in
     # registers: a spill to local memory would cost every tile a round trip.
     spilled = [line for line in lines if "spills=None" not in line and "spills=0 " not in line]
     assert not spilled, "\n".join(spilled)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_token_count_is_never_specialized():
+    """M stays a runtime int: specialized to the constant 1, Triton 3.6 miscompiled the fp32 adapter
+    forward at one token and rank 1 (wrong x columns on an H200), which only a GPU with that
+    compiler shows; under Triton 3.6 the compile check above fails without this.  Read from the
+    compiled kernel's parameters (the interpreter's wrapper keeps them elsewhere)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from dynrank.kernels.lowrank_gemm import _lowrank_gemm_kernel as k; "
+            "print(' '.join(p.name for p in k.params if p.do_not_specialize))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["M"]
