@@ -239,6 +239,12 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
             return lowrank_linear(x, weight, A, B, bias, scale)
     N, K, _ = _check_operands(x, weight, A, B, bias)
     use_torch = backend_for(x.device, "lowrank_linear") == "torch"
+    if use_torch and weight is None:
+        # The lowrank form runs the same GEMMs fused or not (x·B, then ·Aᵀ; dA, dB and dx from the
+        # same products), so autograd's own C++ nodes serve: a Python node costs the host more
+        # than it saves (KERNEL_NOTES.md, v0.3).
+        xb = x @ B
+        return torch.nn.functional.linear(xb if scale == 1.0 else xb * scale, A, bias)
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if torch.compiler.is_compiling():

@@ -370,7 +370,8 @@ def test_gradients_only_where_needed(backend):
 
 @pytest.mark.parametrize("with_weight", [False, True], ids=["lowrank", "weight"])
 def test_torch_engine_gradients_by_finite_differences(monkeypatch, with_weight):
-    """The torch engine's hand-written backward (and its double backward) against finite differences."""
+    """The torch path's backward (and double backward) against finite differences: the adapter's
+    hand-written one, and autograd's for the lowrank form."""
     monkeypatch.setenv("DYNRANK_BACKEND", "torch")
     gen = torch.Generator().manual_seed(0)
     make = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()  # noqa: E731
@@ -390,6 +391,29 @@ def test_torch_engine_gradients_by_finite_differences(monkeypatch, with_weight):
     bias.requires_grad_(False)
     fn(*inputs).sum().backward()
     assert x.grad is None and bias.grad is None and A.grad is not None and B.grad is not None
+
+
+def _graph_nodes(root):
+    seen, todo = [], [root]
+    while todo:
+        node = todo.pop()
+        if node is None or any(node is n for n in seen):
+            continue
+        seen.append(node)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return seen
+
+
+def test_torch_engine_graphs(monkeypatch):
+    """Lowrank: autograd's own nodes (the same GEMMs as a fused node, less host time); adapter: one Python node."""
+    monkeypatch.setenv("DYNRANK_BACKEND", "torch")
+    python_node = torch.autograd.function.BackwardCFunction
+    x = torch.randn(3, 8, requires_grad=True)
+    A, B, bias = torch.randn(6, 2, requires_grad=True), torch.randn(8, 2, requires_grad=True), torch.randn(6)
+    lowrank = _graph_nodes(F.lowrank_linear(x, None, A, B, bias, 0.5).grad_fn)
+    assert lowrank and not any(isinstance(node, python_node) for node in lowrank)
+    adapter = _graph_nodes(F.lowrank_linear(x, torch.randn(6, 8), A, B, bias, 0.5).grad_fn)
+    assert sum(isinstance(node, python_node) for node in adapter) == 1
 
 
 @pytest.mark.skipif(not kernel_devices(), reason="no Triton device (CUDA or the interpreter)")
