@@ -234,10 +234,16 @@ def summarize(out):
         decomposition = cfg.get("decomposition", "svd")
         # The first epoch carries start-up and cuDNN autotuning.
         forms = epoch_seconds(history, lambda rec: form_label(rec, home), skip_first=1)
-        elsewhere = {}                   # device → [first, last] epoch (1-based) of epochs not run on `home`
+        # device → [[first, last], …]: the stretches of consecutive epochs (1-based) not run on `home`
+        # (a run may leave the GPU, come back and leave again).
+        elsewhere = {}
         for rec in history:
             if rec.get("device") not in (None, home):
-                elsewhere.setdefault(rec["device"], [rec["epoch"] + 1, rec["epoch"] + 1])[1] = rec["epoch"] + 1
+                spans, epoch = elsewhere.setdefault(rec["device"], []), rec["epoch"] + 1
+                if spans and spans[-1][1] == epoch - 1:
+                    spans[-1][1] = epoch
+                else:
+                    spans.append([epoch, epoch])
         placement = _placement(r)
         paper_acc, paper_table_comp = PAPER.get((r["schedule"], "svd" if r["schedule"] == "full" else decomposition),
                                                 (None, None))
@@ -284,9 +290,12 @@ def summarize(out):
         o = summary["orchestration"]
         lines += ["", f"Up to {o['parallel']} runs shared the GPU at a time (MPS {'on' if o['mps'] else 'off'}), "
                       f"so seconds per epoch are under that load; the epoch-speed benchmark gives them alone."]
+    def stretches(spans):
+        one_epoch = len(spans) == 1 and spans[0][0] == spans[0][1]
+        return ("epoch " if one_epoch else "epochs ") + ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans)
     moved = [" ".join(filter(None, (row["schedule"], row["decomposition"], f"seed {row['seed']}:",
-                                    f"epoch {a}" if a == b else f"epochs {a}–{b}", f"on {device}")))
-             for row in rows for device, (a, b) in row["devices_elsewhere"].items()]
+                                    stretches(spans), f"on {device}")))
+             for row in rows for device, spans in row["devices_elsewhere"].items()]
     if moved:
         lines += ["", f"Epochs not run on the {env['device']} (resumed from its checkpoints elsewhere; timed apart as "
                       f"\"on DEVICE\"): " + "; ".join(moved) + "."]

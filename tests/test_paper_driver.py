@@ -247,13 +247,18 @@ def test_measured_comp_compares_only_epochs_that_ran_the_same_way(driver, tmp_pa
     finished("dynamic-svd-seed3", "dynamic", [gpu("lowrank", 9.0), gpu("lowrank", 2.0), gpu("full", 4.0),
                                               gpu("full", 6.0), gpu("adapter", 5.0),
                                               ("adapter", 80.0, 0, "GPU A+cpu")], 2, 4)
+    # Left the GPU twice: its CPU stretches are listed apart, not as one span over the GPU's epochs.
+    finished("lowrank-svd-seed4", "lowrank", [gpu("lowrank", 5.0), ("lowrank", 90.0, 0, "cpu"),
+                                              ("lowrank", 90.0, 0, "cpu"), gpu("lowrank", 3.0),
+                                              ("lowrank", 90.0, 0, "cpu")])
     rows = {r["seed"] if r["schedule"] != "full" else "full": r for r in driver.summarize(str(tmp_path))["runs"]}
     assert rows["full"]["comp_measured"] == pytest.approx(1.0)
     assert rows[0]["comp_measured"] == pytest.approx(2.0 / 4.0)
     assert rows[1]["comp_measured"] is None
     assert rows[2]["comp_measured"] == pytest.approx(3.0 / 4.0)
     assert rows[2]["seconds_per_epoch"] == {"lowrank": 3.0, "lowrank on cpu": 90.0}
-    assert rows[2]["devices_elsewhere"] == {"cpu": [4, 4]}
+    assert rows[2]["devices_elsewhere"] == {"cpu": [[4, 4]]}
+    assert rows[4]["devices_elsewhere"] == {"cpu": [[2, 3], [5, 5]]}
     # Each form's mean epoch on the main way weighted by the schedule, over 6 × the full run's median.
     assert rows[3]["comp_measured"] == pytest.approx((2 * 2.0 + 2 * 5.0 + 2 * 5.0) / (6 * 4.0))
     assert rows[3]["seconds_per_epoch"] == {"lowrank": 2.0, "full": 5.0, "adapter": 5.0,
@@ -262,6 +267,7 @@ def test_measured_comp_compares_only_epochs_that_ran_the_same_way(driver, tmp_pa
     assert "GPU A" in text.splitlines()[0]
     assert "lowrank svd seed 2: epoch 4 on cpu" in text
     assert "dynamic svd seed 3: epoch 6 on GPU A+cpu" in text
+    assert "lowrank svd seed 4: epochs 2–3, 5 on cpu" in text
 
 
 def test_placement_study_plots_the_accuracy_curves(driver, tmp_path):
