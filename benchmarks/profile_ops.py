@@ -95,7 +95,7 @@ def host_per_call(lines, tokens=64, features=256, rank=8):
         if backend:
             os.environ["DYNRANK_BACKEND"] = backend
         fwd = host_microseconds(forward, calls=500)
-        both = host_microseconds(lambda: forward().backward(grad), calls=500)
+        both = host_microseconds(lambda forward=forward: forward().backward(grad), calls=500)
         label = f"{name}" + (f" ({backend})" if backend else "")
         lines.append(f"  {label:<44} forward {fwd:8.1f}   forward+backward {both:8.1f}")
         os.environ.pop("DYNRANK_BACKEND", None)
