@@ -177,8 +177,9 @@ _TORCH_ENGINE = (_torch_forward, _torch_backward)
 class _EagerLowRankLinear(torch.autograd.Function):
     """The fused linear outside ``torch.compile``: one autograd node over an engine's forward and backward.
 
-    ``engine`` is (forward, backward): the Triton kernels or the torch ops
-    above.  One node instead of autograd's five or so keeps the host time
+    ``engine`` is (forward, backward): the Triton kernels, or the torch ops
+    above for the adapter form (the lowrank form on the torch path runs the
+    same GEMMs through autograd's own nodes, which cost the host less).  One node instead of autograd's five or so keeps the host time
     down, and the hand-written backward skips the passes autograd would add
     (a second input gradient to sum, a scaling of the T × R gradient).  The
     Triton path's custom ops are what ``torch.compile`` needs; in eager mode
