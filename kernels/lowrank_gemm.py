@@ -134,8 +134,16 @@ def _lowrank_gemm_kernel(
 
 
 def _needs_int64(*tensors):
-    """True if an element offset of any operand can reach 2**31 (then the kernel indexes in int64)."""
-    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2 ** 31 for t in tensors)
+    """True if an element offset of any 2-D operand can reach 2**31 (then the kernel indexes in int64)."""
+    for t in tensors:
+        (rows, cols), (row_stride, col_stride) = t.shape, t.stride()
+        if (rows - 1) * abs(row_stride) + (cols - 1) * abs(col_stride) >= 2 ** 31:
+            return True
+    return False
+
+
+def _cdiv(a, b):
+    return -(-a // b)   # plain ints: triton.cdiv called from the host costs a few µs per call
 
 
 def _fit(size, lo, hi):
@@ -229,12 +237,13 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
     sw = (wt.stride(0), wt.stride(1)) if wt is not None else (0, 0)
     su = (u.stride(0), u.stride(1)) if u is not None else (0, 0)
     sv = (vt.stride(0), vt.stride(1)) if vt is not None else (0, 0)
+    operands = [out] + ([x, wt] if x is not None else []) + ([u, vt] if u is not None else [])
     check_launchable(out)
     interpreted = interpreting()
     has_x = x is not None and K > 0 and alpha != 0.0
     flags = dict(
         HAS_X=has_x, HAS_U=u is not None and R > 0, HAS_BIAS=bias is not None,
-        ACCUMULATE=accumulate, INDEX_64=_needs_int64(x_, wt_, u_, vt_, out),
+        ACCUMULATE=accumulate, INDEX_64=_needs_int64(*operands),
         # Triton's interpreter multiplies bf16 tiles wrongly; fp32 tiles hold bf16 exactly.
         DOT_FP32=interpreted and first.dtype == torch.bfloat16,
         INPUT_PRECISION=_input_precision(first.dtype),
@@ -243,13 +252,16 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
             M, N, K, R, *sx, *sw, *su, *sv, out.stride(0), out.stride(1),
             float(alpha), float(beta) / float(alpha) if has_x else 0.0, float(beta))
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
     if interpreted:
-        _lowrank_gemm_kernel[grid](*args, **flags, **_INTERPRETER_CONFIG)
+        config = _INTERPRETER_CONFIG
     else:
         config = config or _native_config(M, N, first.dtype, accumulate, R if accumulate else 0)
+    grid = (_cdiv(M, config["BLOCK_M"]) * _cdiv(N, config["BLOCK_N"]),)
+    if interpreted:
+        _lowrank_gemm_kernel[grid](*args, **flags, **config)
+    elif out.device.index == torch.cuda.current_device():
+        _lowrank_gemm_kernel[grid](*args, **flags, **config)
+    else:
         with torch.cuda.device(out.device):
             _lowrank_gemm_kernel[grid](*args, **flags, **config)
     return out

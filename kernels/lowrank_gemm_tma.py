@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import check_launchable, interpreting
-from .lowrank_gemm import _grouped_tile
+from .lowrank_gemm import _cdiv, _grouped_tile
 
 __all__ = ["lowrank_gemm_tma", "tma_layout"]
 
@@ -131,7 +131,7 @@ def lowrank_gemm_tma(x, wt, u, vt, bias=None, *, alpha=1.0, beta=1.0, config):
         bias = bias.contiguous()
     interpreted = interpreting()
     has_x = K > 0 and alpha != 0.0
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    grid = (_cdiv(M, bm) * _cdiv(N, bn),)
     flags = dict(HAS_X=has_x, HAS_U=R > 0, HAS_BIAS=bias is not None, W_T=w_t, V_T=v_t, DOT_FP32=interpreted,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.get("GROUP_M", 8))
     if not interpreted:
