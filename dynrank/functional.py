@@ -256,7 +256,7 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
     else:
         engine = _TORCH_ENGINE if use_torch else _triton_engine()
         y = _EagerLowRankLinear.apply(x2, weight, A, B, bias, float(scale), engine)
-    return y.reshape(*lead, N)
+    return y if x.dim() == 2 else y.reshape(*lead, N)
 
 
 @torch.no_grad()
