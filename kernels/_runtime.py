@@ -5,9 +5,12 @@ Triton chooses between compiled and interpreted kernels when it is imported
 on, every launch runs on the CPU through numpy, CUDA tensors included.
 """
 
+import contextlib
 import os
 
-__all__ = ["interpreting", "check_launchable"]
+import torch
+
+__all__ = ["interpreting", "check_launchable", "launch_device"]
 
 
 def interpreting():
@@ -23,3 +26,14 @@ def check_launchable(tensor):
         f"dynrank's Triton kernels need CUDA tensors, got a tensor on {tensor.device}. "
         "To run them on the CPU through Triton's interpreter, set TRITON_INTERPRET=1 before "
         "Python imports triton; otherwise use DYNRANK_BACKEND=torch (the default off CUDA).")
+
+
+def launch_device(tensor):
+    """Context for a launch that writes ``tensor``: its CUDA device made current when it is not already.
+
+    The interpreter and a tensor on the current device need nothing (entering
+    ``torch.cuda.device`` costs host time on every launch).
+    """
+    if interpreting() or tensor.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import check_launchable, interpreting
+from ._runtime import check_launchable, interpreting, launch_device
 
 __all__ = ["lowrank_gemm", "reference_lowrank_gemm"]
 
@@ -257,13 +257,8 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
     else:
         config = config or _native_config(M, N, first.dtype, accumulate, R if accumulate else 0)
     grid = (_cdiv(M, config["BLOCK_M"]) * _cdiv(N, config["BLOCK_N"]),)
-    if interpreted:
+    with launch_device(out):
         _lowrank_gemm_kernel[grid](*args, **flags, **config)
-    elif out.device.index == torch.cuda.current_device():
-        _lowrank_gemm_kernel[grid](*args, **flags, **config)
-    else:
-        with torch.cuda.device(out.device):
-            _lowrank_gemm_kernel[grid](*args, **flags, **config)
     return out
 
 

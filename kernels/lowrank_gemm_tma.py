@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import check_launchable, interpreting
+from ._runtime import check_launchable, interpreting, launch_device
 from .lowrank_gemm import _cdiv, _grouped_tile
 
 __all__ = ["lowrank_gemm_tma", "tma_layout"]
@@ -138,9 +138,6 @@ def lowrank_gemm_tma(x, wt, u, vt, bias=None, *, alpha=1.0, beta=1.0, config):
         flags.update(num_warps=config["num_warps"], num_stages=config["num_stages"])
     args = (*descriptors, bias if bias is not None else out, out, M, N, K, R, out.stride(0), out.stride(1),
             float(alpha), float(beta) / float(alpha) if has_x else 0.0, float(beta))
-    if interpreted:
+    with launch_device(out):
         _lowrank_gemm_tma_kernel[grid](*args, **flags)
-    else:
-        with torch.cuda.device(out.device):
-            _lowrank_gemm_tma_kernel[grid](*args, **flags)
     return out

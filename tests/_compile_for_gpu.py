@@ -56,11 +56,11 @@ STRIDES = ("stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_um", "str
 DECODE_SHAPES = [(1, 17, 5, 1), (1, 40, 64, 1), (1, 4096, 4096, 1), (2, 17, 17, 1), (1, 17, 5, 2), (1, 64, 64, 16)]
 
 
-def _int_signature(params, values, constexprs, index_64=False):
+def _signature(params, dtype, values, constexprs, index_64=False):
     """Signature and attributes of the engine's launch with these int arguments, as Triton specializes one.
 
     An int equal to 1 becomes a constant and a multiple of 16 is marked as one, unless the kernel
-    declares the argument ``do_not_specialize``.  Pointers are left to the caller.
+    declares the argument ``do_not_specialize``; pointers are 16-byte aligned (fresh allocations).
     """
     signature, attrs = {}, {}
     for index, param in enumerate(params):
@@ -68,7 +68,8 @@ def _int_signature(params, values, constexprs, index_64=False):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in POINTERS:
-            continue                  # typed by the caller
+            signature[name] = "*" + dtype
+            attrs[(index,)] = [["tt.divisibility", 16]]
         elif name in ("alpha", "beta", "beta_over_alpha"):
             signature[name] = "fp32"
         else:
@@ -87,12 +88,7 @@ def _int_signature(params, values, constexprs, index_64=False):
 def _compile(capability, dtype, flags, config, values, index_64=False):
     constexprs = dict(flags, DOT_FP32=False, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", INDEX_64=index_64,
                       **{k: v for k, v in config.items() if k.isupper()})
-    params = _lowrank_gemm_kernel.params
-    signature, attrs = _int_signature(params, values, constexprs, index_64)
-    for index, param in enumerate(params):
-        if param.name in POINTERS:
-            signature[param.name] = "*" + dtype
-            attrs[(index,)] = [["tt.divisibility", 16]]
+    signature, attrs = _signature(_lowrank_gemm_kernel.params, dtype, values, constexprs, index_64)
     source = ASTSource(fn=_lowrank_gemm_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
