@@ -92,7 +92,7 @@ def _check_specialized_m(device, dtype=torch.float32):
 
 def _default_config(M, N, dtype):
     from dynrank.kernels.lowrank_gemm import _native_config
-    return dict(_native_config(M, N, dtype, False))
+    return dict(_native_config(M, N, dtype))
 
 
 def variants(device, dtype=torch.float32):

@@ -59,22 +59,24 @@ suite() {   # suite NAME CAP_SECONDS PYTEST_ARGS...: one benchmark file, inside 
 
 bench() {
     (decode_cifar > "$RES/decode.log" 2>&1 &)
-    BENCH_END=$(($(date +%s) + ${BENCH_SECONDS:-$([ "${BENCH_ALL:-0}" = 1 ] && echo 260 || echo 200)}))
+    BENCH_END=$(($(date +%s) + ${BENCH_SECONDS:-$([ "${BENCH_ALL:-0}" = 1 ] && echo 270 || echo 225)}))
     say "profile of the launch path"
     timeout 60 python3 benchmarks/profile_ops.py --out "$RES/profile.txt" 2>&1 | head -n 5
     # The engine's wrong fp32 result of 2026-11-26 (tests/test_kernels_linear.py, 1×17×5 rank 1), taken apart.
     say "engine diagnosis"
     timeout 60 python3 benchmarks/diagnose_engine.py --out "$RES/diagnose.md" --budget-s 40 2>&1 | tail -n 2
     # Most needed first: the linear targets (the lowrank form's new path), the training steps
-    # (graphed too), the adapter's forward/backward split.  The merges, the engine's tile sweep and
-    # the conv layers did not change since their numbers of 2026-11-26: only with BENCH_ALL=1.
+    # (graphed too), the adapter's forward/backward split, the target merges (the merge kernel of
+    # v0.4).  The conv merges, the engine's tile sweep and the conv layers: only with BENCH_ALL=1.
     suite linear 120 benchmarks/test_bench_linear.py \
         -k "fwd and not (torch_compile and lowrank) and (target or not torch_compile)"
     suite epoch 90 benchmarks/test_bench_epoch.py
     suite linear_split 40 benchmarks/test_bench_linear.py \
         -k "(forward or backward) and target and (adapter or dense_frozen) and not torch_compile"
-    if [ "${BENCH_ALL:-0}" = 1 ]; then
-        suite merge 45 benchmarks/test_bench_merge.py
+    if [ "${BENCH_ALL:-0}" != 1 ]; then
+        suite merge 25 benchmarks/test_bench_merge.py -k "test_merge and target"
+    else
+        suite merge 60 benchmarks/test_bench_merge.py
         local t; t=$(min 50 $((BENCH_END - $(date +%s))))
         [ "$t" -ge 15 ] && { say "tile sweep (≤ ${t}s)"; timeout "$t" python3 benchmarks/sweep_tiles.py \
             --out "$RES/sweep.md" 2>&1 | tail -n 3; }

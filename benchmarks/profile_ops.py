@@ -5,7 +5,8 @@ forward+backward than cuBLAS at every shape, small ones included, so the cost is
 than per FLOP.  This script separates the two:
 
 1. host time per launch (no synchronization inside the loop) of an empty Triton kernel, of the
-   engine ``lowrank_gemm`` on a tiny problem, and of ``torch.mm`` on the same problem;
+   engine ``lowrank_gemm`` on a tiny problem and of ``torch.mm`` on the same problem, and of the
+   merge kernel and ``addmm_`` on a tiny merge;
 2. host time per call of the lowrank and adapter forms, forward and forward+backward, through
    the torch engine, the Triton path and unfused torch, at a shape too small to keep the GPU busy;
 3. ``torch.profiler`` tables (CPU and CUDA time per op) of one adapter forward+backward through
@@ -45,6 +46,7 @@ def host_microseconds(fn, calls=2000):
 def launch_costs(lines):
     import triton
 
+    from dynrank.kernels import merge_
     from dynrank.kernels.lowrank_gemm import lowrank_gemm
 
     @triton.jit
@@ -54,12 +56,15 @@ def launch_costs(lines):
     one = torch.empty(1, device="cuda")
     x = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(64, 16, device="cuda", dtype=torch.bfloat16)
+    # The merge's own kernel binds 13 arguments where the engine binds 30.
     rows = [("empty Triton kernel", lambda: _empty[(1,)](one)),
             ("lowrank_gemm 64×64·64×16 (engine)", lambda: lowrank_gemm(x, w)),
-            ("torch.mm 64×64·64×16 (cuBLAS)", lambda: torch.mm(x, w))]
+            ("torch.mm 64×64·64×16 (cuBLAS)", lambda: torch.mm(x, w)),
+            ("merge_ 64×64 += 64×16·16×64 (merge kernel)", lambda: merge_(x, w, w, 1e-3)),
+            ("addmm_ 64×64 += 64×16·16×64 (cuBLAS)", lambda: x.addmm_(w, w.t(), alpha=1e-3))]
     lines.append("host time per launch (µs, mean of 2000 queued calls)")
     for name, fn in rows:
-        lines.append(f"  {name:<40} {host_microseconds(fn):8.1f}")
+        lines.append(f"  {name:<44} {host_microseconds(fn):8.1f}")
 
 
 def host_per_call(lines, tokens=64, features=256, rank=8):

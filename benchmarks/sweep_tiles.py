@@ -79,7 +79,7 @@ def sweep(shapes, configs, device, dtype, repeats=20, log=print):
         shape = f"T{tokens} K=N={features}"
         rows.append((shape, "cuBLAS dense x·W_fᵀ", _median_seconds(lambda: x @ weight.t(), device, repeats), None))
         rows.append((shape, "cuBLAS path (default)", _median_seconds(cublas_path, device, repeats), 0.0))
-        current = _native_config(tokens, features, dtype, False)
+        current = _native_config(tokens, features, dtype)
         for entry in configs:
             config = _config(entry)
             name = "×".join(map(str, entry[:3])) + f" w{entry[3]} s{entry[4]}"

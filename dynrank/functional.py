@@ -273,6 +273,7 @@ def merge_(weight, A, B, alpha=1.0):
 
     Raises:
         ValueError: shapes that do not fit or tensors on different devices.
+        TypeError: tensors that are not floating point.
 
     Example:
         >>> W = torch.zeros(3, 4); merge_(W, torch.ones(3, 1), torch.ones(4, 1)).sum().item()
@@ -287,6 +288,9 @@ def merge_(weight, A, B, alpha=1.0):
                          f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
     if A.device != weight.device or B.device != weight.device:
         raise ValueError(f"weight, A and B must be on one device, got {weight.device}, {A.device}, {B.device}")
+    for name, t in (("weight", weight), ("A", A), ("B", B)):
+        if not t.is_floating_point():
+            raise TypeError(f"merge_ needs floating-point tensors, got {name} of dtype {t.dtype}")
     if backend_for(weight.device, "merge") == "triton":
         from .kernels import merge_ as kernel_merge_
         return kernel_merge_(weight, A, B, alpha)

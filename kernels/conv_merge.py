@@ -12,9 +12,9 @@ into its dense kernel as one low-rank product over the kernel's columns:
 The decomposition-specific work — contracting a Tucker core with its input
 factor, forming a CP outer product — touches only the small (q, C/g·kh·kw)
 operand and happens before the launch (see ``dynrank.conv_factorizations``).
-The dense kernel itself is then read once and written once by the GEMM engine
-(``lowrank_gemm`` with ``accumulate=True``), with an fp32 accumulator and the
-product U·V never materialized.
+The dense kernel itself is then read once and written once by the linear
+merge's kernel (``merge.py``), with an fp32 accumulator and the product U·V
+never materialized.
 
 The weight is addressed through a matrix view of its own memory: contiguous
 kernels flatten as (c, i, j), channels-last kernels as (i, j, c) — V is
@@ -24,7 +24,7 @@ kernel with any other layout is merged through a contiguous copy.
 
 import torch
 
-from .lowrank_gemm import lowrank_gemm
+from .merge import merge_
 
 __all__ = ["conv_merge_", "reference_conv_merge", "reference_svd_kernel", "reference_tucker_kernel",
            "reference_cp_kernel", "reference_tkd_cpd_kernel"]
@@ -79,9 +79,6 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
                          f"got U {tuple(U.shape)} and V {tuple(V.shape)}")
     if U.device != weight.device or V.device != weight.device:
         raise ValueError(f"weight, U and V must be on one device, got {weight.device}, {U.device}, {V.device}")
-    if U.dtype != V.dtype:
-        # One dtype per tile product; fp32 holds every narrower float exactly.
-        U, V = U.float(), V.float()
     W2, order = _matrix_view(weight)
     if W2 is None:
         dense = weight.contiguous()
@@ -90,8 +87,7 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
     V2 = V.permute(0, *order).reshape(V.shape[0], -1)
     Fg = F_out // groups
     for g in range(groups):
-        lowrank_gemm(u=U[g * Fg:(g + 1) * Fg], vt=V2[g * qg:(g + 1) * qg], beta=alpha,
-                     out=W2[g * Fg:(g + 1) * Fg], accumulate=True)
+        merge_(W2[g * Fg:(g + 1) * Fg], U[g * Fg:(g + 1) * Fg], V2[g * qg:(g + 1) * qg].t(), alpha)
     return weight
 
 

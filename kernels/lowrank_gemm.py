@@ -2,13 +2,14 @@
 
 One kernel computes, tile by tile,
 
-    out[M, N] = alpha * X[M, K] @ Wt[K, N] + beta * U[M, R] @ Vt[R, N] + bias[N] (+ out)
+    out[M, N] = alpha * X[M, K] @ Wt[K, N] + beta * U[M, R] @ Vt[R, N] + bias[N]
 
 with both products accumulated in the same fp32 accumulator and ``out`` written
 once.  Every operand is addressed through explicit strides, so transposed views
 (``W.t()``, ``A.t()``) need no copy.  The adapter forward, the adapter input
-gradient, the low-rank chain, the factor gradients and the in-place merge are
-all instances of it (see ``lowrank_linear.py`` and ``merge.py``).
+gradient, the low-rank chain and the factor gradients are all instances of it
+(see ``lowrank_linear.py``).  The in-place merges stream W through their own
+kernel (``merge.py``).
 
 The rank ``R`` is a runtime argument (the rank loop steps by ``BLOCK_K``), so a
 new rank never triggers a recompilation.
@@ -76,11 +77,11 @@ def _lowrank_gemm_kernel(
     alpha, beta_over_alpha, beta,
     # meta-parameters
     HAS_X: tl.constexpr, HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out = alpha·X·Wt + beta·U·Vt + bias (+ out).
+    """out = alpha·X·Wt + beta·U·Vt + bias.
 
     X: (M, K), Wt: (K, N), U: (M, R), Vt: (R, N), bias: (N,), out: (M, N).
     One program computes one (BLOCK_M, BLOCK_N) tile of ``out``; programs are
@@ -100,12 +101,6 @@ def _lowrank_gemm_kernel(
     r_m = o_m % M
     r_n = o_n % N
     o_k = tl.arange(0, BLOCK_K)
-    if ACCUMULATE:
-        # In the merge the old tile is nearly all the bytes: issued first, its load latency
-        # overlaps the small operands' loads and the rank-R dot.
-        m_o = (o_m < M)[:, None] & (o_n < N)[None, :]
-        p_o = out_ptr + o_m[:, None] * stride_om + o_n[None, :] * stride_on
-        prior = tl.load(p_o, mask=m_o, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_U:
@@ -124,12 +119,9 @@ def _lowrank_gemm_kernel(
     if HAS_BIAS:
         b_bias = tl.load(bias_ptr + r_n)
         acc += b_bias.to(tl.float32)[None, :]
-    if ACCUMULATE:
-        acc += prior.to(tl.float32)
-    else:
-        # Formed only now: 64-bit addresses per element, not kept alive through the loops.
-        m_o = (o_m < M)[:, None] & (o_n < N)[None, :]
-        p_o = out_ptr + o_m[:, None] * stride_om + o_n[None, :] * stride_on
+    # Formed only now: 64-bit addresses per element, not kept alive through the loops.
+    m_o = (o_m < M)[:, None] & (o_n < N)[None, :]
+    p_o = out_ptr + o_m[:, None] * stride_om + o_n[None, :] * stride_on
     tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_o)
 
 
@@ -152,7 +144,7 @@ def _fit(size, lo, hi):
 
 
 @functools.lru_cache(maxsize=1024)   # a few µs per launch otherwise; callers only read the dict
-def _native_config(M, N, dtype, accumulate, R=0):
+def _native_config(M, N, dtype):
     """Tile shape for a compiled launch.
 
     Large tiles with a deep pipeline for the big GEMMs; narrower tiles when
@@ -161,12 +153,6 @@ def _native_config(M, N, dtype, accumulate, R=0):
     which keeps every config within ~96 KB of shared memory.
     """
     block_k = 32 if dtype == torch.float32 else 64
-    if accumulate:
-        # The merge streams W once (memory bound): 128 × 128 tiles (16-bit), 8 warps to keep many
-        # loads in flight, and the rank loop in as few steps as the rank allows (rarely more than one).
-        # fp32 tiles hold twice the bytes per element: half the rows keep the prefetched tile in registers.
-        return dict(BLOCK_M=128 if dtype != torch.float32 else 64, BLOCK_N=128, BLOCK_K=_fit(R, 16, block_k),
-                    GROUP_M=8, num_warps=8, num_stages=2)
     if M >= 1024 and N >= 1024:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
     if M <= 64 or N <= 64:
@@ -188,14 +174,14 @@ def _input_precision(dtype):
 
 
 def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta=1.0,
-                 out=None, accumulate=False, out_dtype=None, config=None):
-    """out = alpha·x·wt + beta·u·vt + bias (+ out when ``accumulate``).
+                 out=None, out_dtype=None, config=None):
+    """out = alpha·x·wt + beta·u·vt + bias.
 
     Args:
         x: (M, K) or None; wt: (K, N) or None (both or neither).
         u: (M, R) or None; vt: (R, N) or None (both or neither).
         bias: (N,) or None.
-        out: (M, N) to write into (required when ``accumulate``); any strides.
+        out: (M, N) to write into (default: a new tensor); any strides.
         out_dtype: dtype of a newly allocated ``out`` (default: dtype of x or u).
         config: tile config of a compiled launch (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
             num_stages), for tuning (``benchmarks/sweep_tiles.py``); default: ``_native_config``.
@@ -220,8 +206,6 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
     if u is not None and (u.shape[0] != M or vt.shape != (R, N)):
         raise ValueError(f"u·vt shapes do not match: {tuple(u.shape)} · {tuple(vt.shape)} for ({M}, {N})")
     if out is None:
-        if accumulate:
-            raise ValueError("accumulate=True needs an existing out tensor")
         out = torch.empty((M, N), device=first.device, dtype=out_dtype or first.dtype)
     elif out.shape != (M, N):
         raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
@@ -243,7 +227,7 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
     has_x = x is not None and K > 0 and alpha != 0.0
     flags = dict(
         HAS_X=has_x, HAS_U=u is not None and R > 0, HAS_BIAS=bias is not None,
-        ACCUMULATE=accumulate, INDEX_64=_needs_int64(*operands),
+        INDEX_64=_needs_int64(*operands),
         # Triton's interpreter multiplies bf16 tiles wrongly; fp32 tiles hold bf16 exactly.
         DOT_FP32=interpreted and first.dtype == torch.bfloat16,
         INPUT_PRECISION=_input_precision(first.dtype),
@@ -255,15 +239,14 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
     if interpreted:
         config = _INTERPRETER_CONFIG
     else:
-        config = config or _native_config(M, N, first.dtype, accumulate, R if accumulate else 0)
+        config = config or _native_config(M, N, first.dtype)
     grid = (_cdiv(M, config["BLOCK_M"]) * _cdiv(N, config["BLOCK_N"]),)
     with launch_device(out):
         _lowrank_gemm_kernel[grid](*args, **flags, **config)
     return out
 
 
-def reference_lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta=1.0,
-                           out=None, accumulate=False):
+def reference_lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta=1.0):
     """Plain-torch twin of :func:`lowrank_gemm` (returns a new tensor)."""
     first = x if x is not None else u
     N = (wt if wt is not None else vt).shape[1]
@@ -274,6 +257,4 @@ def reference_lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha
         acc += beta * (u.double() @ vt.double())
     if bias is not None:
         acc += bias.double()
-    if accumulate:
-        acc += out.double()
     return acc

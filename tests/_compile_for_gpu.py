@@ -1,4 +1,4 @@
-"""Compile the Triton GEMM engine ahead of time for an NVIDIA target, no GPU needed.
+"""Compile the Triton GEMM engine and the merge kernel ahead of time for an NVIDIA target, no GPU needed.
 
 Run as a script in a process where Triton's interpreter is off (the test suite
 enables it).  Triton lowers the kernel to PTX and assembles it with the ptxas it
@@ -32,21 +32,21 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from dynrank.kernels.lowrank_gemm import _lowrank_gemm_kernel, _native_config
+from dynrank.kernels.merge import _merge_config, _merge_kernel
 
-POINTERS = ("x_ptr", "wt_ptr", "u_ptr", "vt_ptr", "bias_ptr", "out_ptr")
+POINTERS = ("x_ptr", "wt_ptr", "u_ptr", "vt_ptr", "bias_ptr", "out_ptr", "w_ptr", "a_ptr", "b_ptr")
 TORCH_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# Each role: (HAS_X, HAS_U, HAS_BIAS, ACCUMULATE) and the strides that are 1 when
-# lowrank_linear.py and merge.py launch it on contiguous tensors (x, W_f (N, K), A (N, R),
+# Each role: (HAS_X, HAS_U, HAS_BIAS) and the strides that are 1 when
+# lowrank_linear.py launches it on contiguous tensors (x, W_f (N, K), A (N, R),
 # B (K, R), out).  At run time Triton makes an int argument equal to 1 a constant and marks
 # pointers and ints that are multiples of 16 as such; the compile here does the same (with
 # every other size and stride a multiple of 16, as on the target shapes), so the tile loads,
 # the software pipeline and the register use are those of a real launch.
 ROLES = {
-    "adapter forward": ((True, True, True, False), ("stride_xk", "stride_wk", "stride_ur", "stride_vr", "stride_on")),
-    "adapter dx": ((True, True, False, False), ("stride_xk", "stride_wn", "stride_ur", "stride_vr", "stride_on")),
-    "lowrank chain": ((False, True, True, False), ("stride_ur", "stride_vr", "stride_on")),
-    "x·B": ((True, False, False, False), ("stride_xk", "stride_wn", "stride_on")),
-    "merge": ((False, True, False, True), ("stride_ur", "stride_vr", "stride_on")),
+    "adapter forward": ((True, True, True), ("stride_xk", "stride_wk", "stride_ur", "stride_vr", "stride_on")),
+    "adapter dx": ((True, True, False), ("stride_xk", "stride_wn", "stride_ur", "stride_vr", "stride_on")),
+    "lowrank chain": ((False, True, True), ("stride_ur", "stride_vr", "stride_on")),
+    "x·B": ((True, False, False), ("stride_xk", "stride_wn", "stride_on")),
 }
 # (M, N) problem sizes that select each tile config of _native_config.
 SIZES = [(4096, 4096), (512, 512), (8192, 16), (16, 4096)]
@@ -85,33 +85,48 @@ def _signature(params, dtype, values, constexprs, index_64=False):
     return signature, attrs
 
 
-def _compile(capability, dtype, flags, config, values, index_64=False):
+def _compile(capability, dtype, flags, config, values, index_64=False, kernel=_lowrank_gemm_kernel):
     constexprs = dict(flags, DOT_FP32=False, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", INDEX_64=index_64,
                       **{k: v for k, v in config.items() if k.isupper()})
-    signature, attrs = _signature(_lowrank_gemm_kernel.params, dtype, values, constexprs, index_64)
-    source = ASTSource(fn=_lowrank_gemm_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    signature, attrs = _signature(kernel.params, dtype, values, constexprs, index_64)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def compile_variant(capability, dtype, role, size, index_64=False):
     import torch
-    (has_x, has_u, has_bias, accumulate), unit_strides = ROLES[role]
-    config = _native_config(*size, getattr(torch, TORCH_NAMES[dtype]), accumulate, 16 if accumulate else 0)
+    (has_x, has_u, has_bias), unit_strides = ROLES[role]
+    config = _native_config(*size, getattr(torch, TORCH_NAMES[dtype]))
     # Every size and stride a multiple of 16, as on the target shapes, except the unit strides.
     values = {name: 16 * 256 for name in ("M", "N", "K", "R")}
     values.update({name: 1 if name in unit_strides else 16 * 256 for name in STRIDES})
-    flags = dict(HAS_X=has_x, HAS_U=has_u, HAS_BIAS=has_bias, ACCUMULATE=accumulate)
+    flags = dict(HAS_X=has_x, HAS_U=has_u, HAS_BIAS=has_bias)
     return _compile(capability, dtype, flags, config, values, index_64)
 
 
 def compile_adapter_forward(capability, dtype, M, K, N, R):
     """The adapter forward ``y = x·W_fᵀ + xbs·Aᵀ + bias`` of contiguous x (M, K), W_f (N, K), A (N, R)."""
     import torch
-    config = _native_config(M, N, getattr(torch, TORCH_NAMES[dtype]), False)
+    config = _native_config(M, N, getattr(torch, TORCH_NAMES[dtype]))
     values = dict(M=M, N=N, K=K, R=R, stride_xm=K, stride_xk=1, stride_wk=1, stride_wn=K, stride_um=R, stride_ur=1,
                   stride_vr=1, stride_vn=R, stride_om=N, stride_on=1)
-    return _compile(capability, dtype, dict(HAS_X=True, HAS_U=True, HAS_BIAS=True, ACCUMULATE=False), config, values)
+    return _compile(capability, dtype, dict(HAS_X=True, HAS_U=True, HAS_BIAS=True), config, values)
+
+
+# Ranks of the merge: below, at and past the tensor-core minimum of 16, one rank-loop step (64)
+# and several (512).
+MERGE_RANKS = (8, 16, 64, 512)
+
+
+def compile_merge_variant(capability, dtype, rank, index_64=False):
+    """The in-place merge ``W += alpha·A·Bᵀ`` of contiguous W (4096, 4096), A (4096, R), B (4096, R)."""
+    import torch
+    # fp32 factors take the FMA path (IEEE precision, TF32 off as in torch's default), 16-bit ones tl.dot.
+    config = _merge_config(getattr(torch, TORCH_NAMES[dtype]), dtype == "fp32", rank)
+    values = dict(N=4096, K=4096, R=rank, stride_wn=4096, stride_wk=1, stride_an=rank, stride_ar=1,
+                  stride_bk=rank, stride_br=1)
+    return _compile(capability, dtype, {}, config, values, index_64, kernel=_merge_kernel)
 
 
 def packed_lanes(ptx):
@@ -143,7 +158,7 @@ def compile_tma_variant(capability, dtype, role, size):
 
     from dynrank.kernels.lowrank_gemm_tma import _lowrank_gemm_tma_kernel
     w_t, v_t = TMA_ROLES[role]
-    config = _native_config(*size, getattr(torch, TORCH_NAMES[dtype]), False)
+    config = _native_config(*size, getattr(torch, TORCH_NAMES[dtype]))
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     constexprs = dict(HAS_X=True, HAS_U=True, HAS_BIAS=True, W_T=w_t, V_T=v_t, DOT_FP32=False,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["GROUP_M"], stride_on=1)
@@ -188,11 +203,18 @@ def main(argv):
     capabilities = [int(a) for a in argv] or [90]
     variants = [(dtype, role, size, False) for dtype in ("bf16", "fp16", "fp32") for role in ROLES for size in SIZES]
     variants.append(("bf16", "adapter forward", SIZES[0], True))       # int64 indexing, for huge operands
+    merges = [(dtype, rank, False) for dtype in ("bf16", "fp16", "fp32") for rank in MERGE_RANKS]
+    merges.append(("bf16", 16, True))
     for capability in capabilities:
         for dtype, role, size, index_64 in variants:
             kernel = compile_variant(capability, dtype, role, size, index_64)
             regs, spills = register_use(kernel, capability)
             print(f"sm_{capability} {dtype} role={role!r} size={size} int64={index_64} "
+                  f"shared={kernel.metadata.shared} B regs={regs} spills={spills} ok", flush=True)
+        for dtype, rank, index_64 in merges:
+            kernel = compile_merge_variant(capability, dtype, rank, index_64)
+            regs, spills = register_use(kernel, capability)
+            print(f"sm_{capability} {dtype} merge rank={rank} int64={index_64} "
                   f"shared={kernel.metadata.shared} B regs={regs} spills={spills} ok", flush=True)
         for dtype in ("fp32", "bf16"):
             for shape in DECODE_SHAPES:

@@ -1,8 +1,8 @@
-"""The Triton GEMM engine compiles natively for NVIDIA GPUs, checked without one.
+"""The Triton GEMM engine and merge kernel compile natively for NVIDIA GPUs, checked without one.
 
 Triton's interpreter (which the rest of the suite uses on a CPU-only machine)
 does not lower kernels; this test compiles every role and tile config of the
-engine to a cubin for sm_90 (H100/H200) in a fresh process with the
+engine, and the merge kernel at each rank regime, to a cubin for sm_90 (H100/H200) in a fresh process with the
 interpreter off (``python tests/_compile_for_gpu.py 80 90`` checks more targets),
 specialized as a launch on contiguous tensors is, and checks with ptxas that no
 variant spills registers, and that decode-sized launches keep their integer lanes apart
@@ -29,8 +29,10 @@ def test_engine_compiles_for_sm90(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.endswith(" ok")]
     # dtypes × roles × tile configs, one with int64 indexing, fp32 and bf16 decode-sized adapter
-    # forwards, and the TMA engine's 2 dtypes × 2 roles × 2 configs
-    assert len(lines) == 3 * 5 * 4 + 1 + 2 * 6 + 2 * 2 * 2
+    # forwards, the merge's dtypes × ranks and one with int64 indexing, and the TMA engine's
+    # 2 dtypes × 2 roles × 2 configs
+    assert len(lines) == 3 * 4 * 4 + 1 + 2 * 6 + 3 * 4 + 1 + 2 * 2 * 2
+    assert sum(" merge rank=" in line for line in lines) == 3 * 4 + 1
     # One token at rank 1 keeps its 32-bit offsets in 32-bit registers (M is not specialized).
     assert sum("lanes=separate" in line for line in lines) == 2 * 6
     # Specialized as a real launch is, every variant keeps its accumulators and pipeline in

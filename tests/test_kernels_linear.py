@@ -109,14 +109,53 @@ def test_merge_into_transposed_view(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["rank past one rank step", "16-bit factors into fp32", "column-major fp16"])
+def test_merge_rank_loop_mixed_dtypes_and_layouts(device, case):
+    """Ranks that take several BLOCK_R steps, factors narrower than W, and a W stored column-major."""
+    from dynrank.kernels import merge_, reference_merge
+    N, K = 37, 90
+    R, w_dtype, f_dtype = {"rank past one rank step": (70, torch.float32, torch.float32),
+                           "16-bit factors into fp32": (9, torch.float32, torch.bfloat16),
+                           "column-major fp16": (5, torch.float16, torch.float16)}[case]
+    storage = torch.randn(K, N, device=device).to(w_dtype)
+    W = storage.t() if case == "column-major fp16" else storage.t().contiguous()
+    A = torch.randn(N, R, device=device).div(R ** 0.5).to(f_dtype)
+    B = torch.randn(K, R, device=device).to(f_dtype)
+    expected = reference_merge(W, A, B, -0.75)
+    assert (A.double() @ B.double().t()).norm() > 0.1 * expected.norm()
+    out = merge_(W, A, B, -0.75)
+    assert out is W and W.dtype == w_dtype
+    assert rel_err(W, expected) < REL_TOL[w_dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_int64_variant_and_empty_rank(device, monkeypatch):
+    """The INDEX_64 variant (huge weights) run on a small one; a rank-0 merge leaves W as it was."""
+    import sys
+
+    from dynrank.kernels import merge_, reference_merge
+    monkeypatch.setattr(sys.modules["dynrank.kernels.merge"], "_needs_int64", lambda *tensors: True)
+    W, A, B = torch.randn(65, 33, device=device), torch.randn(65, 4, device=device), torch.randn(33, 4, device=device)
+    expected = reference_merge(W, A, B, 1.5)
+    merge_(W, A, B, 1.5)
+    assert rel_err(W, expected) < REL_TOL[torch.float32]
+    before = W.clone()
+    merge_(W, A[:, :0], B[:, :0], 1.5)
+    assert torch.equal(W, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_engine_rejects_bad_shapes(device):
     from dynrank.kernels import lowrank_gemm, merge_
     with pytest.raises(ValueError, match="shapes"):
         lowrank_gemm(torch.randn(4, 5, device=device), torch.randn(6, 3, device=device))
-    with pytest.raises(ValueError, match=r"out must have shape"):
+    with pytest.raises(ValueError, match=r"out must have shape \(4, 3\)"):
+        lowrank_gemm(u=torch.randn(4, 2, device=device), vt=torch.randn(2, 3, device=device),
+                     out=torch.empty(3, 4, device=device))
+    with pytest.raises(ValueError, match=r"got weight \(4, 5\), A \(4, 2\) and B \(6, 2\)"):
         merge_(torch.randn(4, 5, device=device), torch.randn(4, 2, device=device), torch.randn(6, 2, device=device))
-    with pytest.raises(ValueError, match="accumulate"):
-        lowrank_gemm(u=torch.randn(4, 2, device=device), vt=torch.randn(2, 3, device=device), accumulate=True)
+    with pytest.raises(ValueError, match=r"weight \(N, K\).*got weight \(4, 5, 1\)"):
+        merge_(torch.randn(4, 5, 1, device=device), torch.randn(4, 2, device=device), torch.randn(5, 2, device=device))
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="int64 offsets need > 2**31 elements: CUDA only")

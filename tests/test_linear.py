@@ -318,6 +318,36 @@ def test_device_mismatch():
         lowrank_linear(torch.empty(3, 6, device="meta"), None, A, B)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float32, torch.bfloat16, torch.bfloat16),
+                                    (torch.float16, torch.float32, torch.float16)],
+                         ids=["fp32", "bf16-factors-into-fp32", "mixed-into-fp16"])
+def test_functional_merge_matches_float64(backend, dtypes):
+    """``merge_`` on either engine: W += alpha·A·Bᵀ in place, any mix of float dtypes, fp32 products."""
+    w_dtype, a_dtype, b_dtype = dtypes
+    device = _device()
+    W = torch.randn(33, 20, device=device).to(w_dtype)
+    A = torch.randn(33, 5, device=device).to(a_dtype)
+    B = torch.randn(20, 5, device=device).to(b_dtype)
+    expected = W.double() - 0.5 * (A.double() @ B.double().t())
+    assert (A.double() @ B.double().t()).norm() > 0.1 * expected.norm()
+    ptr = W.data_ptr()
+    assert F.merge_(W, A, B, alpha=-0.5) is W and W.data_ptr() == ptr and W.dtype == w_dtype
+    assert rel_err(W, expected) < REL_TOL[w_dtype]
+
+
+def test_functional_merge_rejects_bad_input(backend):
+    device = _device()
+    W, A, B = torch.randn(4, 5, device=device), torch.randn(4, 2, device=device), torch.randn(5, 2, device=device)
+    with pytest.raises(ValueError, match=r"A must have shape \(4, R\) and B \(5, R\).*got A \(4, 2\) and B \(6, 2\)"):
+        F.merge_(W, A, torch.randn(6, 2, device=device))
+    with pytest.raises(ValueError, match="2-D tensors"):
+        F.merge_(W[None], A, B)
+    with pytest.raises(TypeError, match="floating-point tensors, got A of dtype torch.int64"):
+        F.merge_(W, A.long(), B)
+    with pytest.raises(ValueError, match="one device"):
+        F.merge_(torch.empty(4, 5, device="meta"), A, B)
+
+
 def test_unknown_backend(monkeypatch):
     monkeypatch.setenv("DYNRANK_BACKEND", "cuda")
     layer = FusedLowRankLinear(6, 9, rank=2)
