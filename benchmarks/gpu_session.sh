@@ -61,7 +61,7 @@ bench() {
     (decode_cifar > "$RES/decode.log" 2>&1 &)
     BENCH_END=$(($(date +%s) + ${BENCH_SECONDS:-$([ "${BENCH_ALL:-0}" = 1 ] && echo 270 || echo 225)}))
     say "profile of the launch path"
-    timeout 60 python3 benchmarks/profile_ops.py --out "$RES/profile.txt" 2>&1 | head -n 5
+    timeout 90 python3 benchmarks/profile_ops.py --out "$RES/profile.txt" 2>&1 | head -n 5
     # The engine's wrong fp32 result of 2026-11-26 (tests/test_kernels_linear.py, 1×17×5 rank 1), taken apart.
     say "engine diagnosis"
     timeout 60 python3 benchmarks/diagnose_engine.py --out "$RES/diagnose.md" --budget-s 40 2>&1 | tail -n 2

@@ -10,7 +10,12 @@ than per FLOP.  This script separates the two:
 2. host time per call of the lowrank and adapter forms, forward and forward+backward, through
    the torch engine, the Triton path and unfused torch, at a shape too small to keep the GPU busy;
 3. ``torch.profiler`` tables (CPU and CUDA time per op) of one adapter forward+backward through
-   the Triton path and through the cuBLAS path, at a target shape.
+   the Triton path and through the cuBLAS path, at a target shape;
+4. where the GPT-2-small training step of the epoch suite spends its time per form (full,
+   lowrank ρ = 0.25, the same with the LM head factorized): wall time per step, GPU kernel time
+   per step by kind (GEMM, attention, optimizer, the rest) and kernels launched per step, so a
+   lowrank step that is not faster than full rank shows whether it is host-bound or which kernels
+   grew.
 
     python benchmarks/profile_ops.py --out profile.txt      # needs CUDA
 
@@ -19,6 +24,7 @@ Everything printed is also written to ``--out``.
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -137,6 +143,78 @@ def profile_adapter(lines, tokens, features, rank):
     os.environ.pop("DYNRANK_BACKEND", None)
 
 
+# Kinds of kernels, by name: cuBLAS/CUTLASS GEMMs (and aten's mm ops on a CPU), the fused
+# attention kernels, the optimizer's multi-tensor kernels; everything else is "rest".
+KERNEL_KINDS = (   # in this order: attention kernels may be CUTLASS ones too
+    ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|_lowrank_gemm|^aten::(mm|addmm|bmm|matmul|linear)$", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|adam|_foreach", re.I)),
+)
+
+
+def kernel_kind(name):
+    """``"gemm"``, ``"attention"``, ``"optimizer"`` or ``"rest"`` for a kernel (or CPU op) name."""
+    for kind, pattern in KERNEL_KINDS:
+        if pattern.search(name):
+            return kind
+    return "rest"
+
+
+def step_breakdown(events, steps):
+    """Per-step ms by kernel kind and kernels per step, from profiler events ``(name, device µs)``."""
+    kinds = {kind: 0.0 for kind in ("gemm", "attention", "optimizer", "rest")}
+    launches = 0
+    for name, microseconds in events:
+        kinds[kernel_kind(name)] += microseconds / 1e3 / steps
+        launches += 1
+    return kinds, launches / steps
+
+
+def _device_events(prof, device):
+    """(name, µs) of every GPU kernel in ``prof`` (on a CPU: every aten op, by its self time)."""
+    from torch.autograd import DeviceType
+    if device.type == "cuda":
+        # A kernel's own event: its time range is the kernel's run on the GPU.
+        return [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return [(e.name, e.self_cpu_time_total) for e in prof.events() if e.name.startswith("aten::")]
+
+
+def profile_lm_step(lines, device=None, steps=5):
+    """The epoch suite's GPT-2-small step per form under ``torch.profiler``: where a step's time goes."""
+    import statistics
+
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_bench_epoch as epoch
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = epoch.model_config("transformer")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    lines.append(f"\nGPT-2-shaped training step ({', '.join(f'{k} {v}' for k, v in cfg.items())}), {steps} steps "
+                 "per form; GPU kernel ms per step by kind" + ("" if device.type == "cuda" else " (CPU: aten ops)"))
+    lines.append(f"  {'form':<22} {'wall ms':>8} {'kernels ms':>10} {'gemm':>7} {'attention':>9} {'optimizer':>9} "
+                 f"{'rest':>7} {'launches':>8}")
+    for name, form, rank_ratio, head in (("full", "full", None, False), ("lowrank-rho0.25", "lowrank", 0.25, False),
+                                         ("lowrank-rho0.25+head", "lowrank", 0.25, True)):
+        step, model, _ = epoch.make_transformer_step(form, rank_ratio, cfg, device=device, factorize_head=head)
+        for _ in range(3):
+            step()
+        walls = []
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                start = time.perf_counter()
+                step()                       # synchronizes before it returns
+                walls.append(time.perf_counter() - start)
+        kinds, launches = step_breakdown(_device_events(prof, device), steps)
+        total = sum(kinds.values())
+        lines.append(f"  {name:<22} {1e3 * statistics.median(walls):8.2f} {total:10.2f} {kinds['gemm']:7.2f} "
+                     f"{kinds['attention']:9.2f} {kinds['optimizer']:9.2f} {kinds['rest']:7.2f} {launches:8.0f}")
+        del step, model, prof
+    lines.append("  (wall time under the profiler, which adds host time per op; kernels ms is GPU busy time: "
+                 "wall far above it means the step waits on the host)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="text file for the report (default: print only)")
@@ -148,14 +226,15 @@ def main(argv=None):
         parser.error("profile_ops.py profiles CUDA launches; torch sees no GPU here")
     import triton
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"]
-    launch_costs(lines)
-    host_per_call(lines)
-    profile_adapter(lines, args.tokens, args.features, args.rank)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(text)
+    sections = (launch_costs, host_per_call, lambda out: profile_adapter(out, args.tokens, args.features, args.rank),
+                profile_lm_step)
+    for section in sections:
+        start = len(lines)
+        section(lines)
+        print("\n".join(lines[start:]), flush=True)
+        if args.out:   # after every section: a run cut off by its time limit keeps what it measured
+            with open(args.out, "w", encoding="utf-8") as handle:
+                handle.write("\n".join(lines) + "\n")
     return 0
 
 

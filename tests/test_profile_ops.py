@@ -1,0 +1,50 @@
+"""benchmarks/profile_ops.py's step breakdown, on a CPU: kernel kinds by name, and a whole profile of the tiny LM."""
+
+import pytest
+
+from _helpers import load_script
+
+
+@pytest.fixture(scope="module")
+def profile_ops():
+    return load_script("benchmarks/profile_ops.py", "dynrank_profile_ops")
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNN", "gemm"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_tn_align8>", "gemm"),
+    ("_lowrank_gemm_kernel", "gemm"),
+    ("aten::addmm", "gemm"),
+    ("aten::mm", "gemm"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4>>", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("aten::_foreach_mul_", "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "rest"),
+    ("aten::mm_backward_helper", "rest"),            # only the GEMM ops themselves count as GEMM time
+    ("aten::native_layer_norm", "rest"),
+])
+def test_kernel_kinds(profile_ops, name, kind):
+    assert profile_ops.kernel_kind(name) == kind
+
+
+def test_step_breakdown_sums_per_step(profile_ops):
+    events = [("nvjet_tst_a", 300.0), ("flash_fwd_kernel", 100.0), ("multi_tensor_apply_kernel", 50.0),
+              ("elementwise_kernel", 50.0), ("nvjet_tst_b", 500.0)]
+    kinds, launches = profile_ops.step_breakdown(events, steps=2)
+    assert kinds == {"gemm": 0.4, "attention": 0.05, "optimizer": 0.025, "rest": 0.025}
+    assert launches == 2.5
+
+
+def test_lm_step_profile_on_cpu(profile_ops):
+    lines = []
+    profile_ops.profile_lm_step(lines, device="cpu", steps=2)
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:-1]}
+    assert set(rows) == {"full", "lowrank-rho0.25", "lowrank-rho0.25+head"}
+    for name, cells in rows.items():
+        wall, kernels, gemm, attention, optimizer, rest, launches = map(float, cells)
+        assert wall > 0 and gemm > 0 and launches > 0, name
+        assert kernels == pytest.approx(gemm + attention + optimizer + rest, abs=0.02)
+    # The lowrank forms run two GEMMs per linear: more GEMM ops per step than the full form.
+    assert float(rows["lowrank-rho0.25"][-1]) > float(rows["full"][-1])
