@@ -14,7 +14,9 @@ switch it at run time:
 import importlib.util
 import os
 
-__all__ = ["backend_for", "BACKENDS", "OPS", "AUTO_TRITON_OPS"]
+import torch
+
+__all__ = ["backend_for", "BACKENDS", "OPS", "AUTO_TRITON_OPS", "TRITON_DTYPES"]
 
 BACKENDS = ("auto", "torch", "triton")
 OPS = ("lowrank_linear", "merge", "conv_merge")
@@ -24,6 +26,9 @@ OPS = ("lowrank_linear", "merge", "conv_merge")
 # path was faster for every op on the benchmark grid, so none is listed;
 # DYNRANK_BACKEND=triton still runs the kernels for every op.
 AUTO_TRITON_OPS = frozenset()
+
+# What the merge kernels take; float64 always runs on the torch path (the kernels accumulate in fp32).
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # find_spec locates the package without importing it (no import-time cost).

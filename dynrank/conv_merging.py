@@ -10,11 +10,10 @@ from ``Factorization.operands``: in place for ``inflate`` and the SVD deflate
 import torch
 from torch import Tensor
 
-from ._backend import backend_for
+from ._backend import TRITON_DTYPES, backend_for
 
 __all__ = ["merge_conv_", "merged_kernel"]
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _bmm_operands(U, V, groups):
@@ -23,7 +22,7 @@ def _bmm_operands(U, V, groups):
 
 
 def _uses_triton(weight):
-    return backend_for(weight.device, "conv_merge") == "triton" and weight.dtype in _TRITON_DTYPES
+    return backend_for(weight.device, "conv_merge") == "triton" and weight.dtype in TRITON_DTYPES
 
 
 @torch.no_grad()

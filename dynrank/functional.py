@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._backend import backend_for
+from ._backend import TRITON_DTYPES, backend_for
 
 __all__ = ["lowrank_linear", "merge_"]
 
@@ -264,7 +264,8 @@ def merge_(weight, A, B, alpha=1.0):
     """In place ``weight += alpha * A @ B.T`` with fp32 accumulation; returns ``weight``.
 
     The inflate-merge of dynrank: one pass over ``weight``, the product A·Bᵀ
-    never materialized (Triton kernel, or cuBLAS ``addmm_``: see :mod:`dynrank._backend`).
+    never materialized (Triton kernel, or cuBLAS ``addmm_``: see :mod:`dynrank._backend`;
+    float64 tensors always take ``addmm_``).
 
     Args:
         weight: (out_features, in_features), modified in place.
@@ -291,7 +292,7 @@ def merge_(weight, A, B, alpha=1.0):
     for name, t in (("weight", weight), ("A", A), ("B", B)):
         if not t.is_floating_point():
             raise TypeError(f"merge_ needs floating-point tensors, got {name} of dtype {t.dtype}")
-    if backend_for(weight.device, "merge") == "triton":
+    if backend_for(weight.device, "merge") == "triton" and all(t.dtype in TRITON_DTYPES for t in (weight, A, B)):
         from .kernels import merge_ as kernel_merge_
         return kernel_merge_(weight, A, B, alpha)
     if A.dtype == weight.dtype == B.dtype:

@@ -319,10 +319,11 @@ def test_device_mismatch():
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float32, torch.bfloat16, torch.bfloat16),
-                                    (torch.float16, torch.float32, torch.float16)],
-                         ids=["fp32", "bf16-factors-into-fp32", "mixed-into-fp16"])
+                                    (torch.float16, torch.float32, torch.float16), (torch.float64,) * 3],
+                         ids=["fp32", "bf16-factors-into-fp32", "mixed-into-fp16", "fp64"])
 def test_functional_merge_matches_float64(backend, dtypes):
-    """``merge_`` on either engine: W += alpha·A·Bᵀ in place, any mix of float dtypes, fp32 products."""
+    """``merge_`` on either engine: W += alpha·A·Bᵀ in place, any mix of float dtypes, fp32 products
+    (float64 to float64 precision: it takes the torch path whatever the backend)."""
     w_dtype, a_dtype, b_dtype = dtypes
     device = _device()
     W = torch.randn(33, 20, device=device).to(w_dtype)
