@@ -27,7 +27,7 @@ OPS = ("lowrank_linear", "merge", "conv_merge")
 # DYNRANK_BACKEND=triton still runs the kernels for every op.
 AUTO_TRITON_OPS = frozenset()
 
-# What the merge kernels take; float64 always runs on the torch path (the kernels accumulate in fp32).
+# What the kernels take; float64 always runs on the torch path (the kernels accumulate in fp32).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -239,7 +239,8 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
         with torch.autocast(device_type, enabled=False):
             return lowrank_linear(x, weight, A, B, bias, scale)
     N, K, _ = _check_operands(x, weight, A, B, bias)
-    use_torch = backend_for(x.device, "lowrank_linear") == "torch"
+    # float64 always takes the torch path: the kernels accumulate in fp32.
+    use_torch = backend_for(x.device, "lowrank_linear") == "torch" or x.dtype not in TRITON_DTYPES
     if use_torch and weight is None:
         # The lowrank form runs the same GEMMs fused or not (x·B, then ·Aᵀ; dA, dB and dx from the
         # same products), so autograd's own C++ nodes serve: a Python node costs the host more

@@ -40,9 +40,10 @@ def _randomize_adapter(layer):
 # -- forward in every form and dtype -----------------------------------------------
 
 @pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("lead", [(7,), (2, 5)], ids=["2d", "3d"])
 def test_forward_and_gradients_every_form(backend, form, dtype, lead):
+    """Every form and dtype on either engine against float64 (float64 itself on the torch path whatever the backend)."""
     device = _device()
     layer = FusedLowRankLinear(33, 17, rank=6, form=form, alpha=12.0, device=device, dtype=dtype)
     if form == "adapter":
