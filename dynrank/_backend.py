@@ -27,7 +27,7 @@ OPS = ("lowrank_linear", "merge", "conv_merge")
 # DYNRANK_BACKEND=triton still runs the kernels for every op.
 AUTO_TRITON_OPS = frozenset()
 
-# What the kernels take; float64 always runs on the torch path (the kernels accumulate in fp32).
+# What the kernels take (see backend_for's dtypes).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -46,17 +46,23 @@ def requested_backend():
     return value
 
 
-def backend_for(device, op):
-    """Return ``"triton"`` or ``"torch"`` for ``op`` (one of :data:`OPS`) on ``device``."""
+def backend_for(device, op, *dtypes):
+    """Return ``"triton"`` or ``"torch"`` for ``op`` (one of :data:`OPS`) on ``device``.
+
+    ``dtypes`` are the operands' dtypes: one outside :data:`TRITON_DTYPES` (float64) sends the op
+    to torch whatever the backend, since the kernels accumulate in fp32.
+    """
     if op not in OPS:
         raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
     value = requested_backend()
     if value == "auto":
         use_triton = device.type == "cuda" and op in AUTO_TRITON_OPS and _triton_available()
-        return "triton" if use_triton else "torch"
-    if value == "triton" and not _triton_available():
+        value = "triton" if use_triton else "torch"
+    elif value == "triton" and not _triton_available():
         raise RuntimeError("DYNRANK_BACKEND=triton but Triton is not installed; "
                            "install triton or use DYNRANK_BACKEND=torch")
-    if value == "triton" and device.type not in ("cuda", "cpu"):
+    elif value == "triton" and device.type not in ("cuda", "cpu"):
         raise RuntimeError(f"the Triton backend runs on CUDA or (interpreted) CPU tensors, got {device}")
+    if value == "triton" and any(dtype not in TRITON_DTYPES for dtype in dtypes):
+        return "torch"
     return value

@@ -10,10 +10,9 @@ from ``Factorization.operands``: in place for ``inflate`` and the SVD deflate
 import torch
 from torch import Tensor
 
-from ._backend import TRITON_DTYPES, backend_for
+from ._backend import backend_for
 
 __all__ = ["merge_conv_", "merged_kernel"]
-
 
 
 def _bmm_operands(U, V, groups):
@@ -22,7 +21,7 @@ def _bmm_operands(U, V, groups):
 
 
 def _uses_triton(weight):
-    return backend_for(weight.device, "conv_merge") == "triton" and weight.dtype in TRITON_DTYPES
+    return backend_for(weight.device, "conv_merge", weight.dtype) == "triton"
 
 
 @torch.no_grad()

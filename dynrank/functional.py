@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._backend import TRITON_DTYPES, backend_for
+from ._backend import backend_for
 
 __all__ = ["lowrank_linear", "merge_"]
 
@@ -179,8 +179,9 @@ class _EagerLowRankLinear(torch.autograd.Function):
 
     ``engine`` is (forward, backward): the Triton kernels, or the torch ops
     above for the adapter form (the lowrank form on the torch path runs the
-    same GEMMs through autograd's own nodes, which cost the host less).  One node instead of autograd's five or so keeps the host time
-    down, and the hand-written backward skips the passes autograd would add
+    same GEMMs through autograd's own nodes, which cost the host less).  One
+    node instead of autograd's five or so keeps the host time down, and the
+    hand-written backward skips the passes autograd would add
     (a second input gradient to sum, a scaling of the T × R gradient).  The
     Triton path's custom ops are what ``torch.compile`` needs; in eager mode
     their dispatch layers cost about 100 µs of host time per forward+backward
@@ -239,8 +240,7 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
         with torch.autocast(device_type, enabled=False):
             return lowrank_linear(x, weight, A, B, bias, scale)
     N, K, _ = _check_operands(x, weight, A, B, bias)
-    # float64 always takes the torch path: the kernels accumulate in fp32.
-    use_torch = backend_for(x.device, "lowrank_linear") == "torch" or x.dtype not in TRITON_DTYPES
+    use_torch = backend_for(x.device, "lowrank_linear", x.dtype) == "torch"
     if use_torch and weight is None:
         # The lowrank form runs the same GEMMs fused or not (x·B, then ·Aᵀ; dA, dB and dx from the
         # same products), so autograd's own C++ nodes serve: a Python node costs the host more
@@ -293,7 +293,7 @@ def merge_(weight, A, B, alpha=1.0):
     for name, t in (("weight", weight), ("A", A), ("B", B)):
         if not t.is_floating_point():
             raise TypeError(f"merge_ needs floating-point tensors, got {name} of dtype {t.dtype}")
-    if backend_for(weight.device, "merge") == "triton" and all(t.dtype in TRITON_DTYPES for t in (weight, A, B)):
+    if backend_for(weight.device, "merge", weight.dtype, A.dtype, B.dtype) == "triton":
         from .kernels import merge_ as kernel_merge_
         return kernel_merge_(weight, A, B, alpha)
     if A.dtype == weight.dtype == B.dtype:

@@ -365,6 +365,13 @@ def test_auto_backend_follows_the_measured_table(monkeypatch):
     monkeypatch.setattr(_backend, "AUTO_TRITON_OPS", frozenset({"merge"}))
     assert [_backend.backend_for(cuda, op) for op in _backend.OPS] == ["torch", "triton", "torch"]
     assert {_backend.backend_for(cpu, op) for op in _backend.OPS} == {"torch"}
+    # An operand the kernels do not take (float64: they accumulate in fp32) sends the op to torch.
+    assert _backend.backend_for(cuda, "merge", torch.float32, torch.bfloat16) == "triton"
+    assert _backend.backend_for(cuda, "merge", torch.float32, torch.float64) == "torch"
+    monkeypatch.setenv("DYNRANK_BACKEND", "triton")
+    assert _backend.backend_for(cpu, "lowrank_linear", torch.float16) == "triton"
+    assert _backend.backend_for(cpu, "lowrank_linear", torch.float64) == "torch"
+    monkeypatch.delenv("DYNRANK_BACKEND")
     monkeypatch.setattr(_backend, "_triton_available", lambda: False)
     assert _backend.backend_for(cuda, "merge") == "torch"
     monkeypatch.setenv("DYNRANK_BACKEND", "triton")
