@@ -162,12 +162,10 @@ def kernel_kind(name):
 
 def step_breakdown(events, steps):
     """Per-step ms by kernel kind and kernels per step, from profiler events ``(name, device µs)``."""
-    kinds = {kind: 0.0 for kind in ("gemm", "attention", "optimizer", "rest")}
-    launches = 0
+    kinds = dict.fromkeys([kind for kind, _ in KERNEL_KINDS] + ["rest"], 0.0)
     for name, microseconds in events:
         kinds[kernel_kind(name)] += microseconds / 1e3 / steps
-        launches += 1
-    return kinds, launches / steps
+    return kinds, len(events) / steps
 
 
 def _device_events(prof, device):

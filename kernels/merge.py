@@ -102,14 +102,14 @@ def _merge_config(w_dtype, outer, R):
     fp32 FMA path takes 32 × 128 tiles (100 registers; 64 × 128 needs 179).
     """
     if outer:
-        return dict(OUTER=True, BLOCK_N=32, BLOCK_K=128, BLOCK_R=16, num_warps=8, num_stages=1)
-    return dict(OUTER=False, BLOCK_N=32 if w_dtype == torch.float32 else 64, BLOCK_K=128,
-                BLOCK_R=_fit(R, 16, 64), num_warps=8, num_stages=2)
+        return dict(BLOCK_N=32, BLOCK_K=128, BLOCK_R=16, num_warps=8, num_stages=1)
+    return dict(BLOCK_N=32 if w_dtype == torch.float32 else 64, BLOCK_K=128, BLOCK_R=_fit(R, 16, 64),
+                num_warps=8, num_stages=2)
 
 
-def _interpreter_config(outer, R):
+def _interpreter_config(R):
     # The interpreter pays per program, not per element: few, large tiles.
-    return dict(OUTER=outer, BLOCK_N=64, BLOCK_K=64, BLOCK_R=_fit(R, 16, 64))
+    return dict(BLOCK_N=64, BLOCK_K=64, BLOCK_R=_fit(R, 16, 64))
 
 
 def merge_(weight, A, B, alpha=1.0, config=None):
@@ -122,8 +122,8 @@ def merge_(weight, A, B, alpha=1.0, config=None):
             the product: A's when B matches it, fp32 otherwise).
         alpha: float scale (negative to subtract).
         config: tile config of a compiled launch (BLOCK_N, BLOCK_K, BLOCK_R, num_warps,
-            num_stages), for tuning; default: ``_merge_config``.  The path (``OUTER``) follows
-            the factors' dtype whatever the config says.
+            num_stages), for tuning; default: ``_merge_config``.  The product's path follows
+            the factors' dtype.
 
     Raises:
         ValueError: on shapes that do not fit.  Devices and dtypes are the caller's to check
@@ -157,16 +157,16 @@ def merge_(weight, A, B, alpha=1.0, config=None):
     # fp32 factors without TF32 take the FMA path (what an IEEE fp32 tl.dot would do, in fewer registers).
     outer = precision == "ieee"
     if interpreted:
-        config = _interpreter_config(outer, R)
+        config = _interpreter_config(R)
     else:
-        config = dict(config or _merge_config(W.dtype, outer, R), OUTER=outer)
+        config = config or _merge_config(W.dtype, outer, R)
     grid = (_cdiv(N, config["BLOCK_N"]) * _cdiv(K, config["BLOCK_K"]),)
     with launch_device(W):
         _merge_kernel[grid](
             W, A, B, N, K, R, W.stride(0), W.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
             float(alpha),
             # Triton's interpreter multiplies bf16 tiles wrongly; fp32 tiles hold bf16 exactly.
-            DOT_FP32=interpreted and A.dtype == torch.bfloat16, INPUT_PRECISION=precision,
+            DOT_FP32=interpreted and A.dtype == torch.bfloat16, INPUT_PRECISION=precision, OUTER=outer,
             INDEX_64=_needs_int64(W, A, B), **config)
     return weight
 

@@ -123,10 +123,11 @@ def compile_merge_variant(capability, dtype, rank, index_64=False):
     """The in-place merge ``W += alpha·A·Bᵀ`` of contiguous W (4096, 4096), A (4096, R), B (4096, R)."""
     import torch
     # fp32 factors take the FMA path (IEEE precision, TF32 off as in torch's default), 16-bit ones tl.dot.
-    config = _merge_config(getattr(torch, TORCH_NAMES[dtype]), dtype == "fp32", rank)
+    outer = dtype == "fp32"
+    config = _merge_config(getattr(torch, TORCH_NAMES[dtype]), outer, rank)
     values = dict(N=4096, K=4096, R=rank, stride_wn=4096, stride_wk=1, stride_an=rank, stride_ar=1,
                   stride_bk=rank, stride_br=1)
-    return _compile(capability, dtype, {}, config, values, index_64, kernel=_merge_kernel)
+    return _compile(capability, dtype, dict(OUTER=outer), config, values, index_64, kernel=_merge_kernel)
 
 
 def packed_lanes(ptx):
