@@ -213,6 +213,13 @@ def _table4_plots(out, rows):
     return [os.path.relpath(p, out) for p in paths]
 
 
+def _schedule_name(row):
+    """A summary row's schedule as the tables name it: a placement run with its own (I, D)."""
+    if row["placement"] is None:
+        return row["schedule"]
+    return "{} I={} D={}".format(row["schedule"], *row["placement"])
+
+
 def summarize(out):
     """Write ``summary.json`` and ``summary.md`` for every run under ``out`` and return the summary."""
     from dynrank.train.report import epoch_seconds, form_label, full_epoch_seconds, measured_comp
@@ -273,10 +280,7 @@ def summarize(out):
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         per_form = ", ".join(f"{k} {v:.2f}" for k, v in row["seconds_per_epoch"].items())
-        schedule = row["schedule"]
-        if row["placement"] is not None:
-            schedule += " I={} D={}".format(*row["placement"])
-        lines.append(f"| {schedule} | {row['decomposition'] or '-'} | {row['seed']} | {_epochs_cell(row)} | "
+        lines.append(f"| {_schedule_name(row)} | {row['decomposition'] or '-'} | {row['seed']} | {_epochs_cell(row)} | "
                      f"{row['accuracy']:.2f} | {fmt(row['paper_accuracy'], '.2f')} | {per_form} | "
                      f"{fmt(row['comp_paper_formula'], '.3f')} | {fmt(row['comp_measured'], '.3f')} | "
                      f"{fmt(row['paper_comp'], '.2f')} |")
@@ -293,7 +297,7 @@ def summarize(out):
     def stretches(spans):
         one_epoch = len(spans) == 1 and spans[0][0] == spans[0][1]
         return ("epoch " if one_epoch else "epochs ") + ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans)
-    moved = [" ".join(filter(None, (row["schedule"], row["decomposition"], f"seed {row['seed']}:",
+    moved = [" ".join(filter(None, (_schedule_name(row), row["decomposition"], f"seed {row['seed']}:",
                                     stretches(spans), f"on {device}")))
              for row in rows for device, spans in row["devices_elsewhere"].items()]
     if moved:

@@ -201,16 +201,20 @@ def test_placement_runs_are_named_launched_and_tabulated(driver, tmp_path):
     argv = run.argv(SimpleNamespace(**{**vars(args), "epochs": 30}))
     assert argv[argv.index("--inflate-epoch") + 1] == "0" and argv[argv.index("--deflate-epoch") + 1] == "10"
 
-    def fake_run(name, schedule, inflate, deflate, acc, lambdas):
+    def fake_run(name, schedule, inflate, deflate, acc, lambdas, last_device="GPU A"):
+        history = [dict(epoch=e, form="lowrank", train_time=1.0, val_acc=acc, device="GPU A") for e in range(3)]
+        history[-1]["device"] = last_device
         folder = _write_run(tmp_path, name, schedule,
                             dict(epochs=150, seed=0, decomposition="svd", inflate_epoch=inflate, deflate_epoch=deflate),
-                            [dict(epoch=e, form="lowrank", train_time=1.0, val_acc=acc) for e in range(3)])
+                            history)
         head = "epoch,layer,type,spectral_ratio\n"
         rows = [f"{e},l{i},LowRankConv2d,{lambdas(i) if e == 2 else 1.0}\n" for e in range(3) for i in range(19)]
         (folder / "monitor.layers.csv").write_text(head + "".join(rows) + "2,fc,Linear,3.0\n")
     fake_run("lowrank-svd-seed0", "lowrank", 55, 120, 0.9, lambda i: "inf")
     fake_run("dynamic-svd-seed0", "dynamic", 55, 120, 0.92, lambda i: 10.0 + i)
-    fake_run("dynamic-svd-I0-D50-seed0", "dynamic", 0, 50, 0.91, lambda i: 20.0 + i)
+    fake_run("dynamic-svd-I0-D50-seed0", "dynamic", 0, 50, 0.91, lambda i: 20.0 + i, last_device="cpu")
+    (tmp_path / "orchestration.json").write_text(json.dumps(dict(
+        environment=dict(date="2026-11-25", device="GPU A", torch="t", triton="tr"), parallel=1, mps=False)))
     summary = driver.summarize(str(tmp_path))
     rows = {(r["schedule"], r["placement"]): r for r in summary["runs"]}
     assert rows[("dynamic", (0, 50))]["final_lambda"] == [20.0, 30.0, 38.0]
@@ -218,6 +222,8 @@ def test_placement_runs_are_named_launched_and_tabulated(driver, tmp_path):
     assert rows[("dynamic", None)]["paper_accuracy"] == 92.13
     text = (tmp_path / "summary.md").read_text()
     assert "| dynamic I=0 D=50 | svd | 0 | 3 of 150 (stopped) | 91.00 | 91.26 |" in text
+    # Its epochs elsewhere are listed under the same name, not as the default dynamic run's.
+    assert "dynamic I=0 D=50 svd seed 0: epoch 3 on cpu." in text and "dynamic svd seed 0: epoch" not in text
     table = text[text.index("Placement of the full-rank epochs"):]
     assert table.index("None (lowrank)") < table.index("Early") < table.index("Default: straddles")
     assert ("| Early | 0 | 50 | 0 | 3 of 150 (stopped) | 91.00 | 91.26 | 20.00, 30.00, 38.00 "
