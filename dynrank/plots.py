@@ -68,8 +68,15 @@ def _finish(fig, path, dpi):
         folder = os.path.dirname(os.fspath(path))
         if folder:
             os.makedirs(folder, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+        # "tight": the image grows to hold a legend wider than the axes above it.
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return fig
+
+
+def _legend_below(ax, handles, labels):
+    """The legend under the axes: two columns of short entries, one column once an entry is long."""
+    ncol = 1 if max((len(label) for label in labels), default=0) > 48 else 2
+    ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, frameon=False)
 
 
 def _mark_switches(ax, run):
@@ -176,8 +183,7 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
             handles.append(Line2D([], [], linestyle="none", marker="^", color="gray", markeredgecolor="black"))
             labels.append("λ = ∞ (rank-deficient weight), drawn in the grey ∞ band")
         if handles:
-            ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
-                      frameon=False)
+            _legend_below(ax, handles, labels)
     most = max(len(s) for s in series)
     if most > 10:                        # too many layers for a legend: one colour bar for all panels
         bar = fig.colorbar(ScalarMappable(norm=Normalize(0, most - 1), cmap=cmap), ax=list(axes), pad=0.03,
@@ -250,7 +256,7 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
         ax.set_ylabel(pretty)
         ax.set_title(f"{pretty} per epoch", fontsize=11)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        _legend_below(ax, *ax.get_legend_handles_labels())
     fig.suptitle(title or "Training curves: " + ", ".join(run.name for run in runs)
                  + (" (vertical lines: rank switches)" if mark_switches and any(r.switches for r in runs) else ""),
                  fontsize=12)

@@ -224,6 +224,14 @@ def test_plots_written(tmp_path):
         assert os.path.getsize(path) > 1000 and _is_png(path)
         image = imread(path)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    # A legend wider than its axes (long run names, as the paper summary's) is saved whole, not cut.
+    late.name = ("dynamic rank with its full-rank phase between inflate epoch 3 and deflate epoch 5, "
+                 "a name longer than the figure is wide, seed 0")
+    wide = tmp_path / "wide.png"
+    fig = plot_training_curves([dynamic, late], wide, keys=["accuracy"], dpi=100)
+    legend = fig.axes[0].get_legend()
+    width = legend.get_window_extent(fig.canvas.get_renderer()).width * 100 / fig.dpi
+    assert width > fig.get_figwidth() * 100 and imread(wide).shape[1] >= width
     assert dict.__getitem__(matplotlib.rcParams, "backend") == backend
     assert had_pyplot or "matplotlib.pyplot" not in sys.modules
     with pytest.raises(ValueError, match="no run logged"):
