@@ -168,6 +168,12 @@ def _write_run(out, name, schedule, config, history, result=None):
     return folder
 
 
+def _write_orchestration(out):
+    """The driver's ``orchestration.json``: the runs ran on "GPU A", whatever this machine is."""
+    (out / "orchestration.json").write_text(json.dumps(dict(
+        environment=dict(date="2026-11-25", device="GPU A", torch="t", triton="tr"), parallel=1, mps=False)))
+
+
 def test_a_resume_passes_the_train_args_and_graphed_epochs_are_timed_apart(driver, tmp_path):
     args = SimpleNamespace(out=str(tmp_path), device="cuda", cache_dir="/tmp/cache", train_args=["--cuda-graphs"])
     run = driver._Run(("lowrank", "tucker", 0, None), 0, args)
@@ -213,8 +219,7 @@ def test_placement_runs_are_named_launched_and_tabulated(driver, tmp_path):
     fake_run("lowrank-svd-seed0", "lowrank", 55, 120, 0.9, lambda i: "inf")
     fake_run("dynamic-svd-seed0", "dynamic", 55, 120, 0.92, lambda i: 10.0 + i)
     fake_run("dynamic-svd-I0-D50-seed0", "dynamic", 0, 50, 0.91, lambda i: 20.0 + i, last_device="cpu")
-    (tmp_path / "orchestration.json").write_text(json.dumps(dict(
-        environment=dict(date="2026-11-25", device="GPU A", torch="t", triton="tr"), parallel=1, mps=False)))
+    _write_orchestration(tmp_path)
     summary = driver.summarize(str(tmp_path))
     rows = {(r["schedule"], r["placement"]): r for r in summary["runs"]}
     assert rows[("dynamic", (0, 50))]["final_lambda"] == [20.0, 30.0, 38.0]
@@ -239,8 +244,7 @@ def test_measured_comp_compares_only_epochs_that_ran_the_same_way(driver, tmp_pa
         _write_run(tmp_path, name, schedule, dict(epochs=len(epochs), seed=int(name[-1]), decomposition="svd"),
                    history, result=dict(params=dict(dense=100, converted=50, rank_ratio=0.5),
                                         inflate_epoch=inflate, deflate_epoch=deflate))
-    (tmp_path / "orchestration.json").write_text(json.dumps(dict(
-        environment=dict(date="2026-11-25", device="GPU A", torch="t", triton="tr"), parallel=1, mps=False)))
+    _write_orchestration(tmp_path)
     gpu = lambda form, t, g=0: (form, t, g, "GPU A")                                   # noqa: E731
     finished("full-seed0", "full", [gpu("full", 5.0), gpu("full", 4.0), gpu("full", 4.0)])
     finished("lowrank-svd-seed0", "lowrank", [gpu("lowrank", 5.0), gpu("lowrank", 2.0), gpu("lowrank", 2.0)])
