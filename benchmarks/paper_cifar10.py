@@ -105,7 +105,8 @@ class _Run:
         return os.path.isfile(self.result_path)
 
     def argv(self, args):
-        running = ["--device", args.device] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
+        running = (["--device", args.device] + (["--threads", str(args.threads)] if _on_cpu(args) else [])
+                   + (["--cache-dir", args.cache_dir] if args.cache_dir else []))
         if os.path.isfile(os.path.join(self.folder, "config.json")):
             # A resume keeps the run's settings; of the train args it takes how the run executes
             # (e.g. --cuda-graphs) and notes the rest as ignored.
@@ -272,12 +273,16 @@ def run_all(args, log=print):
         time.sleep(args.poll_s)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "orchestration.json"), "w", encoding="utf-8") as handle:
-        json.dump(dict(environment=environment(), parallel=args.parallel, budget_s=args.budget_s,
+        json.dump(dict(environment=environment(args.device, args.threads if _on_cpu(args) else None), parallel=args.parallel, budget_s=args.budget_s,
                        mps=bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")), events=events, failed=failed),
                   handle, indent=1)
     if failed:
         return 1
     return 0 if all(r.finished() for r in runs) else 3
+
+
+def _on_cpu(args):
+    return args.device.startswith("cpu")
 
 
 def _read_deadline(path, current):
@@ -307,6 +312,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", default="local/data", help="folder holding cifar10-jpeg.tar.gz or CIFAR-10")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "cifar10-resnet20"))
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run on a CPU device")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="wall seconds for this call: runs still going then are stopped with a checkpoint")
     parser.add_argument("--deadline-file", default=None,
@@ -330,6 +336,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.parallel < 1:
         parser.error(f"--parallel must be ≥ 1, got {args.parallel}")
+    if args.threads < 1:
+        parser.error(f"--threads must be ≥ 1, got {args.threads}")
     if args.summarize_only and not os.path.isdir(args.out):
         parser.error(f"--summarize-only: no run folder at {args.out}")
     code = 0 if args.summarize_only else run_all(args)

@@ -40,11 +40,15 @@ PLACEMENT_PAPER = {
 PLACEMENT_LAYERS = (0, 10, 18)     # indices among the 19 factorized 3×3 convs, input to output
 
 
-def environment():
-    """Date, Python, torch, triton and the device name of this machine."""
+def environment(device=None, threads=None):
+    """Date, Python, torch, triton and the device the runs train on, named as their epoch records
+    name it (:func:`dynrank.train.loop.device_name`); ``device`` defaults to CUDA where torch sees a
+    GPU, else the CPU, ``threads`` to torch's current count."""
     import torch
+    from dynrank.train.loop import device_name
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
-                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu")
+                device=device_name(device, threads))
     try:
         import triton
         info["triton"] = triton.__version__

@@ -24,6 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_engine_compiles_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")     # compile for real, not from a cache
+    # The checkout's dynrank, installed or not (a script's own folder, tests/, is all Python adds).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, os.path.join(HERE, "_compile_for_gpu.py"), "90"],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

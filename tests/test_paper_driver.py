@@ -49,6 +49,10 @@ def test_parallel_runs_finish_and_are_summarized(driver, data_dir, tmp_path, cap
     assert orchestration["parallel"] == 2 and orchestration["failed"] == []
     assert [e["event"] for e in orchestration["events"]].count("start") == 2
     assert summary["environment"] == orchestration["environment"]
+    # The runs' epochs name the device as the summary does (one thread each, the driver's default),
+    # so none is listed as run elsewhere.
+    assert orchestration["environment"]["device"] == "cpu (1 thread)"
+    assert all(r["devices_elsewhere"] == {} for r in rows.values())
     # A second call finds both runs finished and starts nothing.
     assert _main(driver, data_dir, out, "--epochs", "3", "--parallel", "2", "--budget-s", "300") == 0
     assert json.loads((out / "orchestration.json").read_text())["events"] == []
@@ -144,6 +148,9 @@ def test_bad_arguments(driver, capsys):
         driver.main(["--parallel", "0", "--summarize-only"])
     assert "--parallel must be ≥ 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        driver.main(["--threads", "0", "--summarize-only"])
+    assert "--threads must be ≥ 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         driver.main(["--runs", "dynamic-svd-0"])
     assert "a run is schedule:decomposition:seed" in capsys.readouterr().err
 
@@ -183,6 +190,9 @@ def test_a_resume_passes_the_train_args_and_graphed_epochs_are_timed_apart(drive
     _write_run(tmp_path, os.path.basename(run.folder), "lowrank",
                dict(epochs=150, seed=0, decomposition="tucker", inflate_epoch=55, deflate_epoch=120), history)
     assert run.argv(args) == ["--resume", run.folder, "--device", "cuda", "--cache-dir", "/tmp/cache", "--cuda-graphs"]
+    on_cpu = SimpleNamespace(**{**vars(args), "device": "cpu", "threads": 2})
+    assert run.argv(on_cpu) == ["--resume", run.folder, "--device", "cpu", "--threads", "2", "--cache-dir", "/tmp/cache",
+                                "--cuda-graphs"]
     (row,) = driver.summarize(str(tmp_path))["runs"]
     assert row["seconds_per_epoch"] == {"lowrank": pytest.approx(4.1), "lowrank (graphs)": pytest.approx(1.6)}
     assert "lowrank 4.10, lowrank (graphs) 1.60" in (tmp_path / "summary.md").read_text()
@@ -194,7 +204,7 @@ def test_placement_runs_are_named_launched_and_tabulated(driver, tmp_path):
     for bad in ("dynamic:svd:0:75-25", "lowrank:svd:0:0-50", "dynamic:svd:0:a-b"):
         with pytest.raises(Exception, match="inflate < deflate"):
             driver.parse_run(bad)
-    args = SimpleNamespace(out=str(tmp_path), device="cpu", cache_dir=None, data_dir="d", epochs=None, train_args=[])
+    args = SimpleNamespace(out=str(tmp_path), device="cpu", threads=1, cache_dir=None, data_dir="d", epochs=None, train_args=[])
     run = driver._Run(driver.parse_run("dynamic:svd:0:0-50"), 0, args)
     assert run.folder == str(tmp_path / "dynamic-svd-I0-D50-seed0")
     argv = run.argv(args)

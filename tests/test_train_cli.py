@@ -241,8 +241,9 @@ def test_a_run_resumed_elsewhere_names_the_device_of_each_epoch(tmp_path, monkey
     monkeypatch.setattr(TextData, "train_batches", original)
     path = out / "lowrank" / "checkpoint.pt"
     checkpoint = torch.load(path, weights_only=False)
-    assert checkpoint["device"] == "cpu" and checkpoint["partial"]["device"] == "cpu"
-    assert [r["device"] for r in checkpoint["history"]] == ["cpu"]
+    cpu = "cpu (1 thread)"                                              # TINY_GPT's --threads 1
+    assert checkpoint["device"] == cpu and checkpoint["partial"]["device"] == cpu
+    assert [r["device"] for r in checkpoint["history"]] == [cpu]
     # As if the first epoch and a half had run on a GPU: a checkpoint naming it, or an older one
     # that names no device, whose records then take the device of its saved settings.
     if saved == "named":
@@ -258,9 +259,32 @@ def test_a_run_resumed_elsewhere_names_the_device_of_each_epoch(tmp_path, monkey
     (out / "config.json").write_text(json.dumps(config))
     assert cli.main(["--resume", str(out), "--device", "cpu"]) == 0
     history = json.loads((out / "lowrank" / "metrics.json").read_text())
-    assert [r["device"] for r in history] == [before, f"{before}+cpu", "cpu"]
+    assert [r["device"] for r in history] == [before, f"{before}+{cpu}", cpu]
     (resume,) = json.loads((out / "config.json").read_text())["resumes"]
     assert resume["changed"] == {"device": ["cuda", "cpu"], "amp": [True, False], "channels_last": [True, False]}
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cpu_epochs_name_their_thread_count_and_are_timed_apart(tmp_path, monkeypatch, restore_threads):
+    from dynrank.train.report import epoch_seconds, epoch_way
+    original = _ctrl_c_after(monkeypatch, 1, 0)
+    out = tmp_path / "run"
+    assert cli.main(["--schedule", "lowrank", "--epochs", "3", *TINY_GPT, "--out", str(out)]) == 130
+    monkeypatch.setattr(TextData, "train_batches", original)
+    assert cli.main(["--resume", str(out), "--threads", "2"]) == 0
+    history = json.loads((out / "lowrank" / "metrics.json").read_text())
+    one, two = "cpu (1 thread)", "cpu (2 threads)"
+    # The epoch begun with one thread and finished with two names both: its time is neither's.
+    assert [r["device"] for r in history] == [one, f"{one}+{two}", two]
+    times = epoch_seconds(history, epoch_way)
+    assert sorted(times) == sorted([(one, False), (f"{one}+{two}", False), (two, False)])
+    assert [len(v) for v in times.values()] == [1, 1, 1]
 
 
 def test_module_entry_point_help():

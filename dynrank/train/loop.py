@@ -129,10 +129,20 @@ def evaluate(model, data, autocast):
     return total.item() / count, correct.item() / count
 
 
-def device_name(device):
-    """What an epoch record names as the machine it ran on: the GPU's name, or the device type."""
+def device_name(device, threads=None):
+    """What an epoch record names as the machine it ran on: the GPU's name, or the device type.
+
+    A CPU epoch's time depends on how many threads torch used (``threads``, default
+    ``torch.get_num_threads()``), so the CPU's name carries the count — ``"cpu (2 threads)"`` —
+    and epochs with different counts are timed apart.
+    """
     device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        threads = torch.get_num_threads() if threads is None else threads
+        return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
+    return device.type
 
 
 def _sync(device):
