@@ -105,8 +105,8 @@ class _Run:
         return os.path.isfile(self.result_path)
 
     def argv(self, args):
-        running = (["--device", args.device] + (["--threads", str(args.threads)] if _on_cpu(args) else [])
-                   + (["--cache-dir", args.cache_dir] if args.cache_dir else []))
+        threads = ["--threads", str(args.threads)] if args.device.startswith("cpu") else []
+        running = ["--device", args.device] + threads + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
         if os.path.isfile(os.path.join(self.folder, "config.json")):
             # A resume keeps the run's settings; of the train args it takes how the run executes
             # (e.g. --cuda-graphs) and notes the rest as ignored.
@@ -273,16 +273,14 @@ def run_all(args, log=print):
         time.sleep(args.poll_s)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "orchestration.json"), "w", encoding="utf-8") as handle:
-        json.dump(dict(environment=environment(args.device, args.threads if _on_cpu(args) else None), parallel=args.parallel, budget_s=args.budget_s,
-                       mps=bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")), events=events, failed=failed),
+        # device_name uses the thread count only for a CPU, as the runs' records do.
+        json.dump(dict(environment=environment(args.device, args.threads), parallel=args.parallel,
+                       budget_s=args.budget_s, mps=bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")), events=events,
+                       failed=failed),
                   handle, indent=1)
     if failed:
         return 1
     return 0 if all(r.finished() for r in runs) else 3
-
-
-def _on_cpu(args):
-    return args.device.startswith("cpu")
 
 
 def _read_deadline(path, current):
