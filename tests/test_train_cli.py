@@ -149,6 +149,11 @@ def test_compare_table_times_each_way_of_stepping_apart():
     assert "lowrank 2.50" in rows["lowrank"] and f" {2.5 / 5.0:.3f} " in rows["lowrank"]
     assert "lowrank 2.00, full 5.00, adapter 7.00, adapter on cpu 90.00" in rows["dynamic"]
     assert f" {(1 * 2.0 + 2 * 5.0 + 2 * 7.0) / (5 * 5.0):.3f} " in rows["dynamic"]
+    assert "own full-rank epochs" not in compare_table([full, lowrank, dynamic], kind="vision")
+    # A dynamic run alone is measured against its own full-rank epochs, and the table says so.
+    alone = compare_table([dynamic], kind="vision").splitlines()
+    assert f" {(1 * 2.0 + 2 * 5.0 + 2 * 7.0) / (5 * 5.0):.3f} " in alone[2]
+    assert alone[3] == "Comp. measured: against this run's own full-rank epochs (no full-rank run in this job)"
     # Graphed epochs are labelled, and against an eager-only full run there is no measured Comp.
     graphed = result("lowrank", [("lowrank", 1.0, "GPU", 300), ("lowrank", 1.0, "GPU", 300)])
     row = compare_table([full, graphed], kind="vision").splitlines()[-1]

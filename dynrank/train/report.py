@@ -172,7 +172,8 @@ def compare_table(results, kind="text", converted_layers=None):
         converted_layers: names of the factorized layers, for the λ summary.
 
     Returns:
-        str, one row per run and a header.
+        str, one row per run and a header.  Without a ``full`` run the measured Comp. of a run is
+        against its own full-rank epochs (a dynamic run's), and a last line says so.
     """
     by_name = {r["schedule"]: r for r in results}
     dense = next((r["params"]["dense"] for r in results if r["params"].get("dense")), None)
@@ -205,6 +206,8 @@ def compare_table(results, kind="text", converted_layers=None):
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if not full_seconds and any(row[6] != "-" for row in rows[1:]):
+        lines.append("Comp. measured: against this run's own full-rank epochs (no full-rank run in this job)")
     return "\n".join(lines)
 
 
