@@ -59,15 +59,11 @@ def make_resnet20_step(form, rank_ratio, cfg, device=common.DEVICE, decompositio
         common.require_module("dynrank.conv", "the low-rank CNN forms need LowRankConv2d", "LowRankConv2d")
         convert_model = common.require_module("dynrank.convert", "the low-rank CNN forms need it", "convert_model")
         convert_model(model, rank_ratio=rank_ratio, decomposition=decomposition, form=form, init="fresh")
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=torch.channels_last)   # as dynrank-train runs conv nets
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
     size = cfg["image_size"]
-    images = torch.randn(cfg["batch"], 3, size, size, device=device)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = torch.randn(cfg["batch"], 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(cfg["num_classes"], (cfg["batch"],), device=device)
     train_step = TrainStep(model, optimizer, model, _autocast, 0.1, cuda_graphs=cuda_graphs)
 

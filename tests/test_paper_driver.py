@@ -51,7 +51,7 @@ def test_parallel_runs_finish_and_are_summarized(driver, data_dir, tmp_path, cap
     assert summary["environment"] == orchestration["environment"]
     # The runs' epochs name the device as the summary does (one thread each, the driver's default),
     # so none is listed as run elsewhere.
-    assert orchestration["environment"]["device"] == "cpu (1 thread)"
+    assert orchestration["environment"]["device"] == "cpu (1 thread, channels-last)"
     assert all(r["devices_elsewhere"] == {} for r in rows.values())
     # A second call finds both runs finished and starts nothing.
     assert _main(driver, data_dir, out, "--epochs", "3", "--parallel", "2", "--budget-s", "300") == 0

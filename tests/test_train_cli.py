@@ -187,6 +187,33 @@ def test_vision_dynamic_run_on_pickled_cifar(tmp_path, capsys, decomposition):
     assert "val acc" in text and "dynamic (I=1, D=2)" in text and f"ρ=0.5, {decomposition}" in text
 
 
+def test_vision_run_trains_channels_last_on_the_cpu_and_resumes_after_a_switch_to_the_same_state(
+        tmp_path, monkeypatch):
+    from dynrank.train.augment import VisionData
+    _write_tiny_cifar10(str(tmp_path / "data" / "cifar-10-batches-py"))
+    argv = ["--preset", "cifar10-resnet20", "--width", "0.25", "--data-dir", str(tmp_path / "data"), "--epochs", "3",
+            "--inflate-epoch", "1", "--deflate-epoch", "2", "--batch-size", "8", "--decomposition", "tucker",
+            "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
+    assert cli.main(argv + ["--out", str(tmp_path / "straight")]) == 0
+    original = _ctrl_c_after(monkeypatch, 2, 1, VisionData)      # Ctrl-C in the adapter epoch
+    out = tmp_path / "interrupted"
+    assert cli.main(argv + ["--out", str(out)]) == 130
+    monkeypatch.setattr(VisionData, "train_batches", original)
+    assert cli.main(["--resume", str(out)]) == 0
+    # The restored adapters train channels-last as the uninterrupted run's did: the same end state,
+    # and the same layout (a saved tensor keeps its strides).
+    straight, resumed = _state(tmp_path / "straight"), _state(out)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    layout = lambda state: {k: v.is_contiguous(memory_format=torch.channels_last) for k, v in state.items()
+                            if v.dim() == 4}
+    assert all(layout(straight).values()) and layout(resumed) == layout(straight)
+    history = json.loads((out / "dynamic" / "metrics.json").read_text())
+    assert [r["form"] for r in history] == ["lowrank", "full", "adapter"]
+    assert {r["device"] for r in history} == {"cpu (1 thread, channels-last)"}
+    assert json.loads((out / "config.json").read_text())["channels_last"] is True
+
+
 def test_missing_data_gives_the_clear_message(tmp_path, capsys):
     code = cli.main(["--data", "cifar10", "--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
     assert code == 2
@@ -198,16 +225,16 @@ def _state(folder):
     return torch.load(os.path.join(folder, "dynamic", "model.pt"))
 
 
-def _ctrl_c_after(monkeypatch, epoch, step):
-    """Make TextData.train_batches raise SIGINT after batch ``step`` of ``epoch``; returns the original."""
-    original = TextData.train_batches
+def _ctrl_c_after(monkeypatch, epoch, step, data=TextData):
+    """Make ``data.train_batches`` raise SIGINT after batch ``step`` of ``epoch``; returns the original."""
+    original = data.train_batches
 
     def interrupted(self, at_epoch, start=0):
         for at_step, batch in enumerate(original(self, at_epoch, start), start):
             yield batch
             if (at_epoch, at_step) == (epoch, step):
                 signal.raise_signal(signal.SIGINT)
-    monkeypatch.setattr(TextData, "train_batches", interrupted)
+    monkeypatch.setattr(data, "train_batches", interrupted)
     return original
 
 

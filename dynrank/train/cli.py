@@ -244,7 +244,9 @@ def _resolve_device(cfg):
         cfg["threads"] = threads
     if cfg.get("amp") is None:
         cfg["amp"] = bool(cuda and torch.cuda.is_bf16_supported())
-    cfg["channels_last"] = cuda
+    # Conv nets train channels-last on every device: on a 2-core CPU a ResNet20 step is 1.15-1.6x
+    # faster than NCHW (full rank and every factorized form); on a GPU it always was the layout.
+    cfg["channels_last"] = cfg["model"] != "gpt"
     if cuda:
         # Fixed input shapes: let cuDNN time its algorithms once per shape and keep the fastest.
         torch.backends.cudnn.benchmark = True

@@ -106,9 +106,14 @@ def prepare_model(cfg, schedule, num_classes, device):
         summary = convert_model(model, rank_ratio=cfg["rank_ratio"], decomposition=cfg["decomposition"],
                                 form="lowrank", exclude=EXCLUDE[cfg["model"]])
     model = model.to(device)
-    if cfg.get("channels_last") and cfg["model"] != "gpt":
+    if _channels_last(cfg):
         model = model.to(memory_format=torch.channels_last)
     return model, summary
+
+
+def _channels_last(cfg):
+    """Whether the run's convs train channels-last (conv nets, where the settings ask for it)."""
+    return bool(cfg.get("channels_last")) and cfg["model"] != "gpt"
 
 
 @torch.no_grad()
@@ -129,19 +134,20 @@ def evaluate(model, data, autocast):
     return total.item() / count, correct.item() / count
 
 
-def device_name(device, threads=None):
+def device_name(device, threads=None, channels_last=False):
     """What an epoch record names as the machine it ran on: the GPU's name, or the device type.
 
     A CPU epoch's time depends on how many threads torch used (``threads``, default
-    ``torch.get_num_threads()``), so the CPU's name carries the count — ``"cpu (2 threads)"`` —
-    and epochs with different counts are timed apart.
+    ``torch.get_num_threads()``) and, for a conv net, on its memory layout, so the CPU's name
+    carries both — ``"cpu (2 threads)"``, ``"cpu (2 threads, channels-last)"`` — and epochs that
+    differ in either are timed apart.  (Conv nets have always trained channels-last on a GPU.)
     """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
         threads = torch.get_num_threads() if threads is None else threads
-        return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
+        return f"cpu ({threads} thread{'s' if threads != 1 else ''}{', channels-last' if channels_last else ''})"
     return device.type
 
 
@@ -260,12 +266,14 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
     train_step = TrainStep(model, optimizer, forward, autocast, cfg["label_smoothing"],
                            cuda_graphs=cfg.get("cuda_graphs", False), log=log)
     history, start_epoch, start_step, partial, resumed_monitor = [], 0, 0, None, None
-    here = device_name(device)
+    here = device_name(device, channels_last=_channels_last(cfg))
 
     if resume and os.path.isfile(ckpt_path):
         checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
         if scheduler is not None:
             load_training_state(checkpoint, model, optimizer, scheduler)
+            if _channels_last(cfg):   # parameters of the restored forms are made contiguous
+                model.to(memory_format=torch.channels_last)
         else:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -303,7 +311,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
         for epoch in range(start_epoch, cfg["epochs"]):
             if scheduler is not None:
                 changes = scheduler.step(epoch)
-                if changes and cfg.get("channels_last") and cfg["model"] != "gpt":
+                if changes and _channels_last(cfg):
                     # Parameters made by inflate/deflate are contiguous; keep convs channels-last
                     # (in place, so the optimizer keeps its references).
                     model.to(memory_format=torch.channels_last)
