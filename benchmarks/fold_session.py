@@ -11,7 +11,14 @@ them where the repository keeps results, so the next session resumes from them:
   its old checkpoint;
 - then the paper summary is written again from every run folder.
 
+A run continued elsewhere from a copy of its committed folder (``dynrank-train --resume COPY
+--device cpu ...``) folds back with ``--run COPY``: its settings, epoch records, monitor files,
+result and checkpoint replace the committed ones, its console output (``--output``) is appended to
+the run's ``.log`` under a ``--note`` line saying where and how it ran, and the summary is written
+again.
+
     python benchmarks/fold_session.py DIR_WITH_THE_ARCHIVES [--results benchmarks/results]
+    python benchmarks/fold_session.py --run COPY --output OUT.txt --note "resumed on ..."
 """
 
 import argparse
@@ -27,6 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from paper_summary import summarize  # noqa: E402
 
 PAPER_FOLDER = "cifar10-resnet20"
+# What a run folder keeps in the repository, per schedule (no model.pt, plots or compare tables).
+RUN_FILES = ("metrics.csv", "metrics.json", "result.json", "checkpoint.pt")
 
 
 def _extract(archive, target):
@@ -84,20 +93,69 @@ def fold(session_dir, results_dir, log=print):
             names = _extract(archive, results_dir)
             log(f"{name}: {len(names)} files → {results_dir}")
     if os.path.isdir(runs):
-        for root, _, files in os.walk(runs):
-            if "result.json" in files and "checkpoint.pt" in files:
-                os.remove(os.path.join(root, "checkpoint.pt"))
-                log(f"finished: dropped {os.path.join(root, 'checkpoint.pt')}")
-        summarize(runs)
+        _summarize(runs, log)
         written.append(runs)
     return written
 
 
+def _summarize(runs, log):
+    """Drop finished runs' checkpoints under ``runs`` and write the paper summary again."""
+    for root, _, files in os.walk(runs):
+        if "result.json" in files and "checkpoint.pt" in files:
+            os.remove(os.path.join(root, "checkpoint.pt"))
+            log(f"finished: dropped {os.path.join(root, 'checkpoint.pt')}")
+    summarize(runs)
+
+
+def fold_run(run_dir, results_dir, output, note, log=print):
+    """Fold ``run_dir``, a copy of a committed run folder trained further elsewhere, back into
+    ``results_dir``; its console ``output`` (a file) goes to the run's log under ``# note``.
+    Returns the committed folder."""
+    name = os.path.basename(os.path.normpath(run_dir))
+    runs = os.path.join(results_dir, PAPER_FOLDER)
+    target = os.path.join(runs, name)
+    if not os.path.isdir(target):
+        raise ValueError(f"{run_dir}: no run {name!r} in {runs} to fold it into (expected a copy of a committed run)")
+    schedules = sorted(d for d in os.listdir(run_dir) if os.path.isfile(os.path.join(run_dir, d, "metrics.json")))
+    if not os.path.isfile(os.path.join(run_dir, "config.json")) or not schedules:
+        raise ValueError(f"{run_dir}: expected config.json and a schedule folder with metrics.json "
+                         "(a dynrank-train output folder)")
+    with open(output, encoding="utf-8") as handle:
+        text = handle.read()
+    shutil.copyfile(os.path.join(run_dir, "config.json"), os.path.join(target, "config.json"))
+    for schedule in schedules:
+        source, dest = os.path.join(run_dir, schedule), os.path.join(target, schedule)
+        os.makedirs(dest, exist_ok=True)
+        for file in sorted(os.listdir(source)):
+            if file in RUN_FILES or (file.startswith("monitor.") and file.endswith(".csv")):
+                shutil.copyfile(os.path.join(source, file), os.path.join(dest, file))
+        log(f"{name}/{schedule} → {dest}")
+    with open(target + ".log", "a", encoding="utf-8") as handle:
+        handle.write(f"\n# {note.lstrip('# ')}\n{text}" + ("" if text.endswith("\n") else "\n"))
+    _summarize(runs, log)
+    return target
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("session_dir", help="folder holding bench.tgz, paper.tgz, paper-checkpoints.tgz")
+    parser.add_argument("session_dir", nargs="?", help="folder holding bench.tgz, paper.tgz, paper-checkpoints.tgz")
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--run", help="a copy of a committed run folder, trained further elsewhere, to fold back")
+    parser.add_argument("--output", help="with --run: the file holding its console output, for the run's log")
+    parser.add_argument("--note", help="with --run: the log's line on where and how it ran (device, threads, epochs)")
     args = parser.parse_args(argv)
+    if args.run is not None:
+        if args.session_dir is not None or not args.output or not args.note:
+            parser.error("--run takes --output and --note and no session folder")
+        if not os.path.isfile(args.output):
+            parser.error(f"--output {args.output}: no such file")
+        try:
+            fold_run(args.run, args.results, args.output, args.note)
+        except ValueError as err:
+            parser.error(str(err))
+        return 0
+    if args.session_dir is None:
+        parser.error("give a session folder, or --run with --output and --note")
     if not os.path.isdir(args.session_dir):
         parser.error(f"no folder {args.session_dir}")
     if not fold(args.session_dir, args.results):

@@ -77,3 +77,43 @@ def test_names_and_refusals(folder, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
         folder.main([str(tmp_path / "empty"), "--results", str(tmp_path / "r")])
+
+
+def test_a_run_continued_elsewhere_folds_back_into_its_committed_folder(folder, tmp_path):
+    results, copy = tmp_path / "results", tmp_path / "elsewhere"
+    for root, files in ((results, _run_files("lowrank-cp-seed0", "lowrank", 2, False)),
+                        (copy, _run_files("lowrank-cp-seed0", "lowrank", 3, True))):
+        for name, content in files.items():
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+    runs = results / "cifar10-resnet20"
+    committed = runs / "lowrank-cp-seed0"
+    (committed / "lowrank" / "checkpoint.pt").write_bytes(b"epoch 2")
+    (runs / "lowrank-cp-seed0.log").write_text("epoch 1\nepoch 2\n")
+    copy = copy / "cifar10-resnet20" / "lowrank-cp-seed0"
+    (copy / "lowrank" / "checkpoint.pt").write_bytes(b"epoch 3")
+    (copy / "lowrank" / "model.pt").write_bytes(b"weights")
+    (copy / "lowrank" / "monitor.layers.csv").write_text("epoch,layer\n")
+    (copy / "plots").mkdir()
+    output = tmp_path / "out.txt"
+    output.write_text("epoch 3\n")
+    argv = ["--run", str(copy), "--output", str(output), "--results", str(results)]
+    assert folder.main(argv + ["--note", "resumed on the CPU (2 threads)"]) == 0
+    assert sorted(p.name for p in (committed / "lowrank").iterdir()) == ["metrics.json", "monitor.layers.csv",
+                                                                        "result.json"]  # finished: no checkpoint
+    assert len(json.loads((committed / "lowrank" / "metrics.json").read_text())) == 3
+    assert not (committed / "plots").exists()
+    log = (runs / "lowrank-cp-seed0.log").read_text()
+    assert log == "epoch 1\nepoch 2\n\n# resumed on the CPU (2 threads)\nepoch 3\n"
+    summary = json.loads((runs / "summary.json").read_text())
+    assert [(r["schedule"], r["finished"], r["epochs"]) for r in summary["runs"]] == [("lowrank", True, 3)]
+    # Refusals: a folder that is no committed run, and --run without its note.
+    stray = tmp_path / "stray"
+    (stray / "lowrank").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        folder.main(["--run", str(stray), "--output", str(output), "--note", "x", "--results", str(results)])
+    with pytest.raises(ValueError, match="no run 'stray'"):
+        folder.fold_run(str(stray), str(results), str(output), "x")
+    with pytest.raises(SystemExit):
+        folder.main(argv)
