@@ -30,11 +30,7 @@ import subprocess
 import sys
 import time
 
-try:
-    import dynrank  # noqa: F401
-except ImportError:  # run from a checkout without installing: use the checkout's package
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))     # paper_summary beside this file
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))     # paper_summary (finds the checkout)
 from paper_summary import environment, summarize  # noqa: E402
 
 DEFAULT_RUNS = ([f"{s}:svd:0" for s in ("full", "lowrank", "dynamic")]

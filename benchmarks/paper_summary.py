@@ -16,6 +16,12 @@ import os
 import platform
 import re
 import statistics
+import sys
+
+try:
+    import dynrank  # noqa: F401
+except ImportError:  # run from a checkout without installing: use the checkout's package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 __all__ = ["summarize", "environment", "PAPER", "PLACEMENT_PAPER"]
 
