@@ -105,15 +105,20 @@ def prepare_model(cfg, schedule, num_classes, device):
     if schedule != "full":
         summary = convert_model(model, rank_ratio=cfg["rank_ratio"], decomposition=cfg["decomposition"],
                                 form="lowrank", exclude=EXCLUDE[cfg["model"]])
-    model = model.to(device)
-    if _channels_last(cfg):
-        model = model.to(memory_format=torch.channels_last)
-    return model, summary
+    return _to_layout(model.to(device), cfg), summary
 
 
 def _channels_last(cfg):
     """Whether the run's convs train channels-last (conv nets, where the settings ask for it)."""
     return bool(cfg.get("channels_last")) and cfg["model"] != "gpt"
+
+
+def _to_layout(model, cfg):
+    """Put ``model``'s convs channels-last where the run trains so, in place (an optimizer keeps its
+    references); parameters made by a form change (inflate, deflate, a restore) are contiguous."""
+    if _channels_last(cfg):
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 @torch.no_grad()
@@ -272,8 +277,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
         checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
         if scheduler is not None:
             load_training_state(checkpoint, model, optimizer, scheduler)
-            if _channels_last(cfg):   # parameters of the restored forms are made contiguous
-                model.to(memory_format=torch.channels_last)
+            _to_layout(model, cfg)
         else:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -311,11 +315,8 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
         for epoch in range(start_epoch, cfg["epochs"]):
             if scheduler is not None:
                 changes = scheduler.step(epoch)
-                if changes and _channels_last(cfg):
-                    # Parameters made by inflate/deflate are contiguous; keep convs channels-last
-                    # (in place, so the optimizer keeps its references).
-                    model.to(memory_format=torch.channels_last)
                 if changes:
+                    _to_layout(model, cfg)
                     forms = sorted({new for _, _, new in changes})
                     log(f"[{schedule}] epoch {epoch + 1}: {len(changes)} layers → {'/'.join(forms)} "
                         f"({count_parameters(model):,} trainable params)")

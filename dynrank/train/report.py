@@ -183,7 +183,7 @@ def compare_table(results, kind="text", converted_layers=None):
     metric = "val bpb" if kind == "text" else "val acc"
     header = ["schedule", "val loss", metric, "trainable params (end / mean)", "s/epoch by form",
               "Comp. paper", "Comp. measured", "λ of factorized layers"]
-    rows = [header]
+    rows, measured_any = [header], False
     for r in results:
         history = r["history"]
         final = history[-1]
@@ -194,6 +194,7 @@ def compare_table(results, kind="text", converted_layers=None):
         per_form = ", ".join(f"{label} {statistics.mean(t):.2f}" for label, t in times.items())
         comp = measured_comp(r, full_seconds or full_epoch_seconds([rec for rec in history if rec["form"] == "full"]))
         measured = "-" if comp is None else f"{comp:.3f}"
+        measured_any |= comp is not None
         label = r["schedule"]
         if r["schedule"] == "dynamic":
             label += f" (I={r['inflate_epoch']}, D={r['deflate_epoch']})"
@@ -206,7 +207,7 @@ def compare_table(results, kind="text", converted_layers=None):
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    if not full_seconds and any(row[6] != "-" for row in rows[1:]):
+    if not full_seconds and measured_any:
         lines.append("Comp. measured: against this run's own full-rank epochs (no full-rank run in this job)")
     return "\n".join(lines)
 
