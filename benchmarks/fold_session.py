@@ -15,10 +15,13 @@ A run continued elsewhere from a copy of its committed folder (``dynrank-train -
 --device cpu ...``) folds back with ``--run COPY``: its settings, epoch records, monitor files,
 result and checkpoint replace the committed ones, its console output (``--output``) is appended to
 the run's ``.log`` under a ``--note`` line saying where and how it ran, and the summary is written
-again.
+again.  A run started elsewhere that the repository does not hold yet (``dynrank-train --preset
+cifar10-resnet20 --out FOLDER ...`` with the driver's settings) folds in the same way with ``--new``;
+its folder must carry the driver's name for the run its ``config.json`` describes.
 
     python benchmarks/fold_session.py DIR_WITH_THE_ARCHIVES [--results benchmarks/results]
     python benchmarks/fold_session.py --run COPY --output OUT.txt --note "resumed on ..."
+    python benchmarks/fold_session.py --run FOLDER --new --output OUT.txt --note "started on ..."
 """
 
 import argparse
@@ -31,7 +34,10 @@ import sys
 import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from paper_summary import summarize  # noqa: E402
+from paper_summary import summarize  # noqa: E402  (before dynrank: it finds the checkout's)
+from paper_cifar10 import run_dir  # noqa: E402
+
+from dynrank.train.cli import PRESETS  # noqa: E402
 
 PAPER_FOLDER = "cifar10-resnet20"
 # What a run folder keeps in the repository, per schedule (no model.pt, plots or compare tables).
@@ -107,28 +113,51 @@ def _summarize(runs, log):
     summarize(runs)
 
 
-def fold_run(run_dir, results_dir, output, note, log=print):
-    """Fold ``run_dir``, a copy of a committed run folder trained further elsewhere, back into
-    ``results_dir``; its console ``output`` (a file) goes to the run's log under ``# note``.
-    Returns the committed folder."""
-    name = os.path.basename(os.path.normpath(run_dir))
+def _driver_names(config):
+    """The folder names the paper driver gives the run ``config`` describes: a dynamic run's name
+    carries its own full-rank phase (I, D), and may leave out the preset's."""
+    schedule, decomposition, seed = config.get("schedule"), config.get("decomposition"), config.get("seed")
+    plain = os.path.basename(run_dir("", schedule, decomposition, seed))
+    if schedule != "dynamic":
+        return {plain}
+    placement = (config.get("inflate_epoch"), config.get("deflate_epoch"))
+    names = {os.path.basename(run_dir("", schedule, decomposition, seed, placement))}
+    preset = PRESETS["cifar10-resnet20"]
+    return names | {plain} if placement == (preset["inflate_epoch"], preset["deflate_epoch"]) else names
+
+
+def fold_run(source, results_dir, output, note, new=False, log=print):
+    """Fold ``source``, a copy of a committed run folder trained further elsewhere (or with
+    ``new``, a run started elsewhere that is not committed yet), into ``results_dir``; its console
+    ``output`` (a file) goes to the run's log under ``# note``.  Returns the committed folder."""
+    name = os.path.basename(os.path.normpath(source))
     runs = os.path.join(results_dir, PAPER_FOLDER)
     target = os.path.join(runs, name)
-    if not os.path.isdir(target):
-        raise ValueError(f"{run_dir}: no run {name!r} in {runs} to fold it into (expected a copy of a committed run)")
-    schedules = sorted(d for d in os.listdir(run_dir) if os.path.isfile(os.path.join(run_dir, d, "metrics.json")))
-    if not os.path.isfile(os.path.join(run_dir, "config.json")) or not schedules:
-        raise ValueError(f"{run_dir}: expected config.json and a schedule folder with metrics.json "
+    if new and os.path.exists(target):
+        raise ValueError(f"{source}: {target} is already committed; fold a continued copy without --new")
+    if not new and not os.path.isdir(target):
+        raise ValueError(f"{source}: no run {name!r} in {runs} to fold it into (expected a copy of a committed "
+                         "run, or --new for a run started elsewhere)")
+    schedules = sorted(d for d in os.listdir(source) if os.path.isfile(os.path.join(source, d, "metrics.json")))
+    if not os.path.isfile(os.path.join(source, "config.json")) or not schedules:
+        raise ValueError(f"{source}: expected config.json and a schedule folder with metrics.json "
                          "(a dynrank-train output folder)")
+    if new:
+        with open(os.path.join(source, "config.json"), encoding="utf-8") as handle:
+            expected = _driver_names(json.load(handle))
+        if name not in expected:
+            raise ValueError(f"{source}: the paper driver names this run {' or '.join(sorted(expected))}, "
+                             f"not {name!r}; rename the folder")
+        os.makedirs(target)
     with open(output, encoding="utf-8") as handle:
         text = handle.read()
-    shutil.copyfile(os.path.join(run_dir, "config.json"), os.path.join(target, "config.json"))
+    shutil.copyfile(os.path.join(source, "config.json"), os.path.join(target, "config.json"))
     for schedule in schedules:
-        source, dest = os.path.join(run_dir, schedule), os.path.join(target, schedule)
+        folder, dest = os.path.join(source, schedule), os.path.join(target, schedule)
         os.makedirs(dest, exist_ok=True)
-        for file in sorted(os.listdir(source)):
+        for file in sorted(os.listdir(folder)):
             if file in RUN_FILES or (file.startswith("monitor.") and file.endswith(".csv")):
-                shutil.copyfile(os.path.join(source, file), os.path.join(dest, file))
+                shutil.copyfile(os.path.join(folder, file), os.path.join(dest, file))
         log(f"{name}/{schedule} → {dest}")
     with open(target + ".log", "a", encoding="utf-8") as handle:
         handle.write(f"\n# {note.lstrip('# ')}\n{text}" + ("" if text.endswith("\n") else "\n"))
@@ -141,19 +170,25 @@ def main(argv=None):
     parser.add_argument("session_dir", nargs="?", help="folder holding bench.tgz, paper.tgz, paper-checkpoints.tgz")
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--run", help="a copy of a committed run folder, trained further elsewhere, to fold back")
+    parser.add_argument("--new", action="store_true",
+                        help="with --run: the run was started elsewhere and is not committed yet")
     parser.add_argument("--output", help="with --run: the file holding its console output, for the run's log")
     parser.add_argument("--note", help="with --run: the log's line on where and how it ran (device, threads, epochs)")
     args = parser.parse_args(argv)
     if args.run is not None:
         if args.session_dir is not None or not args.output or not args.note:
             parser.error("--run takes --output and --note and no session folder")
+        if not os.path.isdir(args.run):
+            parser.error(f"--run {args.run}: no such folder")
         if not os.path.isfile(args.output):
             parser.error(f"--output {args.output}: no such file")
         try:
-            fold_run(args.run, args.results, args.output, args.note)
+            fold_run(args.run, args.results, args.output, args.note, new=args.new)
         except ValueError as err:
             parser.error(str(err))
         return 0
+    if args.new:
+        parser.error("--new goes with --run")
     if args.session_dir is None:
         parser.error("give a session folder, or --run with --output and --note")
     if not os.path.isdir(args.session_dir):

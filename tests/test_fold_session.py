@@ -117,3 +117,39 @@ def test_a_run_continued_elsewhere_folds_back_into_its_committed_folder(folder, 
         folder.fold_run(str(stray), str(results), str(output), "x")
     with pytest.raises(SystemExit):
         folder.main(argv)
+
+
+def test_a_run_started_elsewhere_folds_in_with_new_under_the_drivers_name(folder, tmp_path):
+    results, elsewhere = tmp_path / "results", tmp_path / "elsewhere"
+    name = "dynamic-svd-I1-D2-seed0"
+    for file, content in _run_files(name, "dynamic", 2, False).items():
+        path = elsewhere / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content = json.loads(content)
+        if file.endswith("config.json"):
+            content["schedule"] = "dynamic"
+        path.write_text(json.dumps(content))
+    run = elsewhere / "cifar10-resnet20" / name
+    (run / "dynamic" / "checkpoint.pt").write_bytes(b"epoch 2")
+    output = tmp_path / "out.txt"
+    output.write_text("epoch 1\nepoch 2\n")
+    argv = ["--run", str(run), "--output", str(output), "--results", str(results), "--note", "started on the CPU"]
+    # Without --new there is no committed run to continue.
+    with pytest.raises(ValueError, match="or --new for a run started elsewhere"):
+        folder.fold_run(str(run), str(results), str(output), "x")
+    assert folder.main(argv + ["--new"]) == 0
+    runs = results / "cifar10-resnet20"
+    assert sorted(p.name for p in (runs / name / "dynamic").iterdir()) == ["checkpoint.pt", "metrics.json"]
+    assert json.loads((runs / name / "config.json").read_text())["inflate_epoch"] == 1
+    assert (runs / f"{name}.log").read_text() == "\n# started on the CPU\nepoch 1\nepoch 2\n"
+    # A second --new would overwrite the committed run; a folder under another name than the
+    # driver's for its settings would hide it from the driver's resume.
+    with pytest.raises(ValueError, match="already committed"):
+        folder.fold_run(str(run), str(results), str(output), "x", new=True)
+    renamed = elsewhere / "cifar10-resnet20" / "dynamic-svd-seed0"
+    run.rename(renamed)
+    with pytest.raises(ValueError, match="names this run dynamic-svd-I1-D2-seed0, not 'dynamic-svd-seed0'"):
+        folder.fold_run(str(renamed), str(results), str(output), "x", new=True)
+    assert not (runs / "dynamic-svd-seed0").exists()
+    with pytest.raises(SystemExit):
+        folder.main(["--new", str(tmp_path)])

@@ -319,6 +319,17 @@ def test_cpu_epochs_name_their_thread_count_and_are_timed_apart(tmp_path, monkey
     assert [len(v) for v in times.values()] == [1, 1, 1]
 
 
+def test_cpu_epochs_under_bf16_autocast_say_so(tmp_path, restore_threads):
+    from dynrank.train.loop import device_name
+    out = tmp_path / "run"
+    assert cli.main(["--schedule", "lowrank", "--epochs", "2", *TINY_GPT, "--amp", "--out", str(out)]) == 0
+    history = json.loads((out / "lowrank" / "metrics.json").read_text())
+    assert [r["device"] for r in history] == ["cpu (1 thread, bf16)"] * 2
+    assert json.loads((out / "config.json").read_text())["amp"] is True
+    assert device_name("cpu", 2, channels_last=True, bf16=True) == "cpu (2 threads, channels-last, bf16)"
+    assert device_name("cpu", 2) == "cpu (2 threads)"
+
+
 def test_module_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "dynrank.train", "--help"], capture_output=True, text=True,
                           timeout=120, check=False)
