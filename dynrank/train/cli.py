@@ -118,7 +118,9 @@ def build_parser():
     g.add_argument("--steps-per-epoch", type=int, help="batches per epoch (text; default: one pass)")
     g = p.add_argument_group("running")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on with CUDA; on a CPU with AVX-512 BF16 or AMX it speeds conv nets up too)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast (default: on with CUDA; on a CPU with AVX-512 BF16 or AMX it speeds "
+                        "conv nets up too)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     g.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, for "

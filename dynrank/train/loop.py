@@ -144,7 +144,7 @@ def device_name(device, threads=None, channels_last=False, bf16=False):
 
     A CPU epoch's time depends on how many threads torch used (``threads``, default
     ``torch.get_num_threads()``), for a conv net on its memory layout, and on whether it ran
-    under bf16 autocast (``--amp``; 1.3–1.9× faster ResNet20 steps on a CPU with AVX-512 BF16), so
+    under bf16 autocast (``--amp``; 1.4–1.9× faster ResNet20 steps on a CPU with AVX-512 BF16), so
     the CPU's name carries all three — ``"cpu (2 threads)"``, ``"cpu (2 threads, channels-last)"``,
     ``"cpu (2 threads, channels-last, bf16)"`` — and epochs that differ in any are timed apart.
     (On a GPU, conv nets have always trained channels-last and bf16 autocast is the default.)
