@@ -57,6 +57,7 @@ def make_step(form, way, batch, seed=0):
     """A callable that takes one training step of ResNet20 in ``form``, stepped ``way``, and returns
     its loss; the model, batch and its order of random numbers depend on ``seed`` only."""
     from dynrank.convert import convert_model
+    from dynrank.train.loop import _autocast_factory
     from dynrank.train.models import resnet20
     from dynrank.train.steps import TrainStep
     torch.manual_seed(seed)
@@ -70,9 +71,7 @@ def make_step(form, way, batch, seed=0):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
                                 weight_decay=1e-4)
-
-    def autocast(cache=True):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=cache)
+    autocast = _autocast_factory({"amp": bf16}, torch.device("cpu"))      # what dynrank-train --amp uses
 
     images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
     if channels_last:
