@@ -3,6 +3,8 @@
 - :func:`resnet20`: ``dynrank.train.models.resnet20`` (16/32/64 channels, 3×3
   convs, 1×1-conv + BN projection shortcuts on the first block of every stage,
   which ``convert_model`` keeps dense).
+- :func:`resnet20_step`: one ResNet20 training step in a form, as
+  ``dynrank-train`` takes it; the epoch suite and ``cpu_steps.py`` time it.
 - :class:`TransformerLM`: a GPT-2-shaped pre-LN decoder whose four linears per
   block (qkv, attention out, MLP in, MLP out) come from a factory, so every
   form of :class:`dynrank.FusedLowRankLinear` can be dropped in directly.
@@ -16,13 +18,49 @@ from torch import nn
 from torch.nn import functional as F
 
 
-__all__ = ["resnet20", "TransformerLM", "linear_factory"]
+__all__ = ["resnet20", "resnet20_step", "TransformerLM", "linear_factory"]
 
 
 def resnet20(num_classes=10):
     """(model, source): the library's CIFAR ResNet20 (1×1-conv + BN shortcuts, as the authors')."""
     from dynrank.train.models import resnet20 as build
     return build(num_classes=num_classes), "dynrank.train.models.resnet20"
+
+
+def resnet20_step(form="full", decomposition="svd", rank_ratio=0.5, batch=128, image_size=32, num_classes=10,
+                  device="cpu", channels_last=True, amp=False, cuda_graphs=False, seed=0):
+    """(step, model): ``step(lr)`` takes one ResNet20 training step on a fixed random batch, returns its loss.
+
+    The step is ``dynrank.train.steps.TrainStep`` (forward, cross-entropy with label smoothing 0.1,
+    backward, SGD with momentum 0.9 and weight decay 1e-4), the one ``dynrank-train`` takes: low-rank
+    forms through ``convert_model`` at ``rank_ratio`` (``init="fresh"``), ``amp`` bf16 autocast as
+    under ``--amp`` (the same factory), ``channels_last`` the layout it gives conv nets, ``cuda_graphs``
+    one replayed graph per step.  The model, batch and labels depend on ``seed`` only, so two calls
+    that differ in layout or precision take the same step up to rounding.  The returned loss is the
+    step's device tensor (a graph's output buffer, valid until the next call).
+    """
+    from dynrank.convert import convert_model
+    from dynrank.train.loop import _autocast_factory
+    from dynrank.train.steps import TrainStep
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model, _ = resnet20(num_classes)
+    if form != "full":
+        convert_model(model, rank_ratio=rank_ratio, decomposition=decomposition, form=form, init="fresh")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device).to(memory_format=layout)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
+                                weight_decay=1e-4)
+    images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed + 1))
+    images = images.to(device).contiguous(memory_format=layout)
+    labels = torch.randint(num_classes, (batch,), generator=torch.Generator().manual_seed(seed + 2)).to(device)
+    train_step = TrainStep(model, optimizer, model, _autocast_factory({"amp": amp}, device), 0.1,
+                           cuda_graphs=cuda_graphs)
+
+    def step(lr=0.1):
+        return train_step(images, labels, lr)[0]
+    return step, model
 
 
 def linear_factory(form, rank_ratio):

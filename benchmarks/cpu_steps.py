@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from dynrank.train.loop import cpu_bf16_native  # noqa: E402
+
 FORMS = ("full", "lowrank-svd", "adapter-svd", "lowrank-tucker", "lowrank-cp", "lowrank-tkd-cpd")
 WAYS = ("nchw", "channels-last", "channels-last+bf16")
 RANK_RATIO = 0.5
@@ -45,43 +47,14 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def bf16_supported():
-    """Whether oneDNN has native bf16 on this CPU (AVX-512 BF16 or AMX), or None where torch won't say."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return None
-
-
 def make_step(form, way, batch, seed=0):
     """A callable that takes one training step of ResNet20 in ``form``, stepped ``way``, and returns
     its loss; the model, batch and its order of random numbers depend on ``seed`` only."""
-    from dynrank.convert import convert_model
-    from dynrank.train.loop import _autocast_factory
-    from dynrank.train.models import resnet20
-    from dynrank.train.steps import TrainStep
-    torch.manual_seed(seed)
-    model = resnet20(num_classes=10)
-    if form != "full":
-        kind, decomposition = form.split("-", 1)
-        convert_model(model, rank_ratio=RANK_RATIO, decomposition=decomposition, form=kind, init="fresh")
-    channels_last = way.startswith("channels-last")
-    bf16 = way.endswith("+bf16")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
-                                weight_decay=1e-4)
-    autocast = _autocast_factory({"amp": bf16}, torch.device("cpu"))      # what dynrank-train --amp uses
-
-    images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(10, (batch,), generator=torch.Generator().manual_seed(seed + 2))
-    train_step = TrainStep(model, optimizer, model, autocast, 0.1)
-
-    def step():
-        return float(train_step(images, labels, 0.1)[0])
-    return step
+    from _bench_models import resnet20_step
+    kind, _, decomposition = form.partition("-")
+    step, _ = resnet20_step(kind, decomposition or "svd", RANK_RATIO, batch, channels_last=way.startswith("channels-last"),
+                            amp=way.endswith("+bf16"), seed=seed)
+    return lambda: float(step())
 
 
 def time_step(step, steps, warmup):
@@ -147,7 +120,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     info = dict(cpu=cpu_model(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 python=platform.python_version(), threads=args.threads, batch=args.batch, steps=args.steps,
-                warmup=args.warmup, repeats=args.repeats, bf16_native=bf16_supported())
+                warmup=args.warmup, repeats=args.repeats, bf16_native=cpu_bf16_native())
     results = measure(args.forms, WAYS, args.batch, args.steps, args.warmup, args.repeats)
     report = table(results, WAYS, info)
     print(report)

@@ -52,25 +52,15 @@ def _autocast(cache=True):
 
 
 def make_resnet20_step(form, rank_ratio, cfg, device=common.DEVICE, decomposition="svd", cuda_graphs=False):
-    """Setup factory: (step callable, model, source) for ResNet20 in ``form``, eager or graphed."""
-    from dynrank.train.steps import TrainStep
-    model, source = models.resnet20(cfg["num_classes"])
-    if form != "full":
-        common.require_module("dynrank.conv", "the low-rank CNN forms need LowRankConv2d", "LowRankConv2d")
-        convert_model = common.require_module("dynrank.convert", "the low-rank CNN forms need it", "convert_model")
-        convert_model(model, rank_ratio=rank_ratio, decomposition=decomposition, form=form, init="fresh")
-    model = model.to(device).to(memory_format=torch.channels_last)   # as dynrank-train runs conv nets
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    size = cfg["image_size"]
-    images = torch.randn(cfg["batch"], 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(cfg["num_classes"], (cfg["batch"],), device=device)
-    train_step = TrainStep(model, optimizer, model, _autocast, 0.1, cuda_graphs=cuda_graphs)
+    """Setup factory: (step callable, model, source) for ResNet20 in ``form``, eager or graphed,
+    channels-last and (on CUDA) under bf16 autocast, as dynrank-train runs it."""
+    train_step, model = models.resnet20_step(form, decomposition, rank_ratio, cfg["batch"], cfg["image_size"],
+                                             cfg["num_classes"], device, amp=common.ON_CUDA, cuda_graphs=cuda_graphs)
 
     def step():
-        train_step(images, labels, 1e-3)
+        train_step(1e-3)
         common.sync(device)
-    return step, model, source
+    return step, model, "dynrank.train.models.resnet20"
 
 
 def make_transformer_step(form, rank_ratio, cfg, device=common.DEVICE, factorize_head=False):

@@ -191,7 +191,8 @@ def test_vision_run_trains_channels_last_on_the_cpu_and_resumes_after_a_switch_t
         tmp_path, monkeypatch):
     from dynrank.train.augment import VisionData
     _write_tiny_cifar10(str(tmp_path / "data" / "cifar-10-batches-py"))
-    argv = ["--preset", "cifar10-resnet20", "--width", "0.25", "--data-dir", str(tmp_path / "data"), "--epochs", "3",
+    # Width 0.5: its narrowest strided 1×1 conv has 8 input channels, enough to train channels-last.
+    argv = ["--preset", "cifar10-resnet20", "--width", "0.5", "--data-dir", str(tmp_path / "data"), "--epochs", "3",
             "--inflate-epoch", "1", "--deflate-epoch", "2", "--batch-size", "8", "--decomposition", "tucker",
             "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
     assert cli.main(argv + ["--out", str(tmp_path / "straight")]) == 0
@@ -212,6 +213,22 @@ def test_vision_run_trains_channels_last_on_the_cpu_and_resumes_after_a_switch_t
     assert [r["form"] for r in history] == ["lowrank", "full", "adapter"]
     assert {r["device"] for r in history} == {"cpu (1 thread, channels-last)"}
     assert json.loads((out / "config.json").read_text())["channels_last"] is True
+
+
+@pytest.mark.parametrize("model,width,expected", [("resnet20", 1.0, True), ("resnet20", 0.5, True),
+                                                  ("resnet20", 0.25, False), ("wrn28-10", 0.125, True),
+                                                  ("resnet50", 0.125, True), ("gpt", 1.0, False)])
+def test_narrow_conv_nets_train_nchw_on_the_cpu(model, width, expected, restore_threads):
+    from dynrank.train.models import build_model, narrowest_strided_pointwise
+    # ResNet20 at width 0.25 has a 4-channel stride-2 projection shortcut, whose channels-last backward
+    # crashed torch 2.13's CPU build on an AVX2 host; the others' narrowest have 8 channels or more.
+    with torch.device("meta"):
+        narrowest = narrowest_strided_pointwise(build_model(model, width=width))
+    assert narrowest == {("resnet20", 1.0): 16, ("resnet20", 0.5): 8, ("resnet20", 0.25): 4,
+                         ("wrn28-10", 0.125): 20, ("resnet50", 0.125): 32, ("gpt", 1.0): None}[model, width]
+    cfg = dict(model=model, width=width, device="cpu", amp=None, threads=1, cuda_graphs=False, compile=False,
+               optimizer="sgd")
+    assert cli._resolve_device(cfg)["channels_last"] is expected
 
 
 def test_missing_data_gives_the_clear_message(tmp_path, capsys):
@@ -319,15 +336,30 @@ def test_cpu_epochs_name_their_thread_count_and_are_timed_apart(tmp_path, monkey
     assert [len(v) for v in times.values()] == [1, 1, 1]
 
 
-def test_cpu_epochs_under_bf16_autocast_say_so(tmp_path, restore_threads):
+def test_cpu_epochs_under_bf16_autocast_say_so(tmp_path, restore_threads, monkeypatch, capsys):
+    from dynrank.train import loop
     from dynrank.train.loop import device_name
     out = tmp_path / "run"
+    monkeypatch.setattr(loop, "cpu_bf16_native", lambda: False)    # an AVX2-only host: bf16 is emulated
     assert cli.main(["--schedule", "lowrank", "--epochs", "2", *TINY_GPT, "--amp", "--out", str(out)]) == 0
+    assert "--amp on a CPU without native bf16" in capsys.readouterr().out
+    monkeypatch.setattr(loop, "cpu_bf16_native", lambda: True)
+    assert cli.main(["--schedule", "lowrank", "--epochs", "2", *TINY_GPT, "--amp", "--out", str(tmp_path / "b")]) == 0
+    assert "without native bf16" not in capsys.readouterr().out
     history = json.loads((out / "lowrank" / "metrics.json").read_text())
     assert [r["device"] for r in history] == ["cpu (1 thread, bf16)"] * 2
     assert json.loads((out / "config.json").read_text())["amp"] is True
     assert device_name("cpu", 2, channels_last=True, bf16=True) == "cpu (2 threads, channels-last, bf16)"
     assert device_name("cpu", 2) == "cpu (2 threads)"
+
+
+def test_gpu_epochs_without_bf16_autocast_say_so(monkeypatch):
+    from dynrank.train.loop import device_name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    # bf16 autocast is the GPU default: the records of every GPU run so far name the GPU alone.
+    assert device_name("cuda", channels_last=True, bf16=True) == "Test GPU"
+    assert device_name("cuda") == "Test GPU"
+    assert device_name("cuda", channels_last=True, bf16=False) == "Test GPU (fp32)"
 
 
 def test_module_entry_point_help():

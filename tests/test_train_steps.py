@@ -163,7 +163,7 @@ def test_a_dynamic_run_with_graphs_matches_the_eager_run(tmp_path, monkeypatch):
     x = torch.randint(0, 256, (36, 3, 8, 8), dtype=torch.uint8, generator=gen)
     y = torch.randint(0, 4, (36,), generator=gen)
     cfg = cli.config_from_args(cli.build_parser().parse_args(
-        ["--data", "cifar10", "--device", "cpu", "--width", "0.25", "--epochs", "4", "--milestones", "3",
+        ["--data", "cifar10", "--device", "cpu", "--width", "0.5", "--epochs", "4", "--milestones", "3",
          "--inflate-epoch", "1", "--deflate-epoch", "2", "--batch-size", "8", "--decomposition", "cp"]))
     cfg = cli._resolve_device(cfg)
     # As on CUDA: channels-last batches, and convs laid out again in place after each form change.

@@ -120,7 +120,7 @@ def build_parser():
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast (default: on with CUDA; on a CPU with AVX-512 BF16 or AMX it speeds "
-                        "conv nets up too)")
+                        "conv nets up too, on one without it slows them down several times)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     g.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, for "
@@ -231,6 +231,24 @@ def _note_resume(saved, cfg):
             dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), changed=changed)]
 
 
+# torch's CPU backward (oneDNN) of a channels-last 1×1 conv with stride 2 and fewer than 8 input
+# channels crashed the process (segmentation fault or abort) with torch 2.13.0 on a 2-core AVX2 EPYC
+# host, for 2 to 6 input channels; 8, 12 and 16 trained. A ResNet20 at width 0.25 has a 4-channel
+# projection shortcut, so conv nets that narrow train NCHW on a CPU.
+CPU_CHANNELS_LAST_MIN_CHANNELS = 8
+
+
+def _cpu_channels_last_safe(cfg):
+    """Whether ``cfg``'s conv net has no strided 1×1 conv narrower than
+    :data:`CPU_CHANNELS_LAST_MIN_CHANNELS` (built on the meta device: no memory, no time)."""
+    import torch
+    from .models import build_model, narrowest_strided_pointwise
+    with torch.device("meta"):
+        model = build_model(cfg["model"], width=cfg.get("width", 1.0))
+    narrowest = narrowest_strided_pointwise(model)
+    return narrowest is None or narrowest >= CPU_CHANNELS_LAST_MIN_CHANNELS
+
+
 def _resolve_device(cfg):
     import torch
     device = cfg["device"]
@@ -246,9 +264,10 @@ def _resolve_device(cfg):
         cfg["threads"] = threads
     if cfg.get("amp") is None:
         cfg["amp"] = bool(cuda and torch.cuda.is_bf16_supported())
-    # Conv nets train channels-last on every device: on a 2-core CPU a ResNet20 step is 1.15-1.6x
-    # faster than NCHW (full rank and every factorized form); on a GPU it always was the layout.
-    cfg["channels_last"] = cfg["model"] != "gpt"
+    # Conv nets train channels-last on every device: on the 2-core CPU hosts a ResNet20 step is
+    # 1.25-1.76x faster than NCHW (benchmarks/results/cpu-steps-*.md); on a GPU it always was the
+    # layout. On a CPU, nets with a strided 1x1 conv under 8 channels wide stay NCHW (above).
+    cfg["channels_last"] = cfg["model"] != "gpt" and (cuda or _cpu_channels_last_safe(cfg))
     if cuda:
         # Fixed input shapes: let cuDNN time its algorithms once per shape and keep the fastest.
         torch.backends.cudnn.benchmark = True
@@ -374,6 +393,11 @@ def main(argv=None):
             cfg = _resolve_device(cfg)
         except ValueError as err:
             parser.error(str(err))
+        if cfg["amp"] and not cfg["device"].startswith("cuda"):
+            from .loop import cpu_bf16_native
+            if cpu_bf16_native() is False:
+                log("note: --amp on a CPU without native bf16 (AVX-512 BF16 or AMX): oneDNN emulates it, "
+                    "and steps run several times slower than fp32 (--no-amp)")
         if args.resume:
             _note_resume(saved, cfg)
         os.makedirs(out_dir, exist_ok=True)

@@ -139,7 +139,7 @@ def evaluate(model, data, autocast):
     return total.item() / count, correct.item() / count
 
 
-def device_name(device, threads=None, channels_last=False, bf16=False):
+def device_name(device, threads=None, channels_last=False, bf16=None):
     """What an epoch record names as the machine it ran on: the GPU's name, or the device type.
 
     A CPU epoch's time depends on how many threads torch used (``threads``, default
@@ -147,11 +147,14 @@ def device_name(device, threads=None, channels_last=False, bf16=False):
     under bf16 autocast (``--amp``; 1.4–1.9× faster ResNet20 steps on a CPU with AVX-512 BF16), so
     the CPU's name carries all three — ``"cpu (2 threads)"``, ``"cpu (2 threads, channels-last)"``,
     ``"cpu (2 threads, channels-last, bf16)"`` — and epochs that differ in any are timed apart.
-    (On a GPU, conv nets have always trained channels-last and bf16 autocast is the default.)
+    On a GPU conv nets always train channels-last and bf16 autocast is the default, so only a GPU
+    epoch run without it (``bf16=False``, ``--no-amp``) says so: ``"NVIDIA H100 80GB HBM3 (fp32)"``.
+    ``bf16=None`` means the device's default.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        name = torch.cuda.get_device_name(device)
+        return f"{name} (fp32)" if bf16 is False else name
     if device.type == "cpu":
         threads = torch.get_num_threads() if threads is None else threads
         notes = [f"{threads} thread{'s' if threads != 1 else ''}"]
@@ -186,6 +189,18 @@ def _save(path, state):
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def cpu_bf16_native():
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX); None where torch won't say.
+
+    Without it bf16 autocast on the CPU is emulated: a ResNet20 step ran about 9x slower than fp32
+    (channels-last) on a 2-core AVX2 EPYC (``benchmarks/results/cpu-steps-2026-11-27-avx2.md``).
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _autocast_factory(cfg, device):

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = ["CifarResNet", "resnet20", "WideResNet", "wrn28_10", "ResNet50", "GPT", "build_model",
-           "MODELS", "EXCLUDE", "count_parameters"]
+           "MODELS", "EXCLUDE", "count_parameters", "narrowest_strided_pointwise"]
 
 MODELS = ("resnet20", "wrn28-10", "resnet50", "gpt")
 
@@ -355,3 +355,12 @@ def build_model(name, num_classes=10, width=1.0, dropout=None, context=128, dim=
     if name == "gpt":
         return GPT(256, context, dim, depth, heads, 0.0 if dropout is None else dropout)
     raise ValueError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
+
+
+def narrowest_strided_pointwise(model):
+    """The fewest input channels of any 1×1 conv with stride > 1 in ``model`` (a projection
+    shortcut), or None where it has none: what decides whether it can train channels-last on a CPU
+    (see ``dynrank.train.cli.CPU_CHANNELS_LAST_MIN_CHANNELS``)."""
+    widths = [m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)
+              and m.kernel_size == (1, 1) and max(m.stride) > 1]
+    return min(widths) if widths else None
