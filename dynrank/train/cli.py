@@ -231,10 +231,12 @@ def _note_resume(saved, cfg):
             dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), changed=changed)]
 
 
-# torch's CPU backward (oneDNN) of a channels-last 1×1 conv with stride 2 and fewer than 8 input
-# channels crashed the process (segmentation fault or abort) with torch 2.13.0 on a 2-core AVX2 EPYC
-# host, for 2 to 6 input channels; 8, 12 and 16 trained. A ResNet20 at width 0.25 has a 4-channel
-# projection shortcut, so conv nets that narrow train NCHW on a CPU.
+# torch's CPU backward (oneDNN's AVX2 1x1 kernel) of a channels-last 1×1 conv with stride 2 and
+# fewer than 8 input channels (its channel block) is broken in torch 2.13.0 on an AVX2-only EPYC host:
+# with 1 thread the process crashed (segmentation fault or abort), with 2 it returned wrong weight
+# gradients without a word (max error 66 and 77 against float64 at 4 and 7 channels; NCHW 2e-5);
+# 8, 9, 12, 16 and 20 channels were right. oneDNN tracks it as uxlfoundation/oneDNN#6035. A ResNet20
+# at width 0.25 has a 4-channel projection shortcut, so conv nets that narrow train NCHW on a CPU.
 CPU_CHANNELS_LAST_MIN_CHANNELS = 8
 
 
