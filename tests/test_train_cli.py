@@ -231,6 +231,20 @@ def test_narrow_conv_nets_train_nchw_on_the_cpu(model, width, expected, restore_
     assert cli._resolve_device(cfg)["channels_last"] is expected
 
 
+def test_a_narrow_conv_net_says_it_trains_nchw_on_the_cpu(tmp_path, capsys, restore_threads):
+    _write_tiny_cifar10(str(tmp_path / "data" / "cifar-10-batches-py"))
+    out = tmp_path / "run"
+    assert cli.main(["--preset", "cifar10-resnet20", "--width", "0.25", "--data-dir", str(tmp_path / "data"),
+                     "--schedule", "full", "--epochs", "2", "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"),
+                     "--threads", "1", "--out", str(out)]) == 0
+    assert "note: training NCHW, not channels-last" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["channels_last"] is False
+    state = _state(out, "full")
+    assert not any(v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
+                   for v in state.values() if v.dim() == 4)
+    assert {r["device"] for r in json.loads((out / "full" / "metrics.json").read_text())} == {"cpu (1 thread)"}
+
+
 def test_missing_data_gives_the_clear_message(tmp_path, capsys):
     code = cli.main(["--data", "cifar10", "--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
     assert code == 2
@@ -238,8 +252,8 @@ def test_missing_data_gives_the_clear_message(tmp_path, capsys):
     assert "does not exist" in err and "cifar-10-batches-py" in err and "--download" in err
 
 
-def _state(folder):
-    return torch.load(os.path.join(folder, "dynamic", "model.pt"))
+def _state(folder, schedule="dynamic"):
+    return torch.load(os.path.join(folder, schedule, "model.pt"))
 
 
 def _ctrl_c_after(monkeypatch, epoch, step, data=TextData):

@@ -395,11 +395,14 @@ def main(argv=None):
             cfg = _resolve_device(cfg)
         except ValueError as err:
             parser.error(str(err))
-        if cfg["amp"] and not cfg["device"].startswith("cuda"):
+        if not cfg["device"].startswith("cuda"):
             from .loop import cpu_bf16_native
-            if cpu_bf16_native() is False:
+            if cfg["amp"] and cpu_bf16_native() is False:
                 log("note: --amp on a CPU without native bf16 (AVX-512 BF16 or AMX): oneDNN emulates it, "
                     "and steps run several times slower than fp32 (--no-amp)")
+            if cfg["model"] != "gpt" and not cfg["channels_last"]:
+                log(f"note: training NCHW, not channels-last: the net has a strided 1x1 conv narrower than "
+                    f"{CPU_CHANNELS_LAST_MIN_CHANNELS} channels, whose channels-last CPU backward torch gets wrong")
         if args.resume:
             _note_resume(saved, cfg)
         os.makedirs(out_dir, exist_ok=True)
