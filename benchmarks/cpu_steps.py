@@ -88,7 +88,7 @@ def table(results, ways, info):
     """The Markdown report: step time per form and way, speed-up over the first way."""
     lines = [f"# ResNet20 training steps on the CPU — {info['cpu']}", "",
              f"{info['date']}; torch {info['torch']}, {info['threads']} thread(s), batch {info['batch']}, "
-             f"ρ = {RANK_RATIO}; oneDNN native bf16: {info['bf16_native']}. Median of {info['steps']} steps after "
+             f"ρ = {RANK_RATIO}; torch CPU capability: {info.get('capability')}; oneDNN native bf16: {info['bf16_native']}. Median of {info['steps']} steps after "
              f"{info['warmup']} warm-up steps, best of {info['repeats']} rounds, the ways taking turns.", "",
              "| form | " + " | ".join(f"{w} ms" for w in ways) + " | "
              + " | ".join(f"{w} speed-up" for w in ways[1:]) + " |",
@@ -120,7 +120,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     info = dict(cpu=cpu_model(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 python=platform.python_version(), threads=args.threads, batch=args.batch, steps=args.steps,
-                warmup=args.warmup, repeats=args.repeats, bf16_native=cpu_bf16_native())
+                warmup=args.warmup, repeats=args.repeats, bf16_native=cpu_bf16_native(),
+                capability=torch.backends.cpu.get_cpu_capability())      # "AVX2", "AVX512", ...
     results = measure(args.forms, WAYS, args.batch, args.steps, args.warmup, args.repeats)
     report = table(results, WAYS, info)
     print(report)

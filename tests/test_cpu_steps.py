@@ -40,6 +40,8 @@ def test_the_report_and_its_refusals(cpu_steps, tmp_path, restore_threads, capsy
     assert cpu_steps.main(argv + ["--out", str(out)]) == 0
     raw = json.loads(out.with_suffix(".json").read_text())
     assert (raw["threads"], raw["batch"], raw["torch"]) == (1, 2, torch.__version__)
+    assert raw["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"torch CPU capability: {raw['capability']}" in out.read_text()
     times = {way: r["seconds"] for way, r in raw["results"]["adapter-svd"].items()}
     row = next(line for line in out.read_text().splitlines() if line.startswith("| adapter-svd |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
