@@ -21,7 +21,7 @@ CACHE=/tmp/dynrank-cache
 RUNS=$RES/cifar10-resnet20
 DEADLINE_FILE=/tmp/dynrank-paper-deadline
 DEVICE=${SESSION_DEVICE:-cuda}      # cpu: a dry run of the whole script on a machine without a GPU
-PAPER_ARGS=${PAPER_ARGS:-}          # e.g. "--epochs 2 --train-args --width 0.25" for a dry run
+PAPER_ARGS=${PAPER_ARGS:-}          # e.g. "--epochs 2 --train-args --width 0.5" for a dry run
 DATA=${SESSION_DATA:-local/data}
 mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1 CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
