@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 import _bench_common as common
 import _bench_models as models
+from dynrank.train.loop import _autocast_factory
 
 FORMS = [("full", None), ("lowrank", 0.25), ("lowrank", 0.5), ("adapter", 0.5)]
 MODELS = ("resnet20", "transformer")
@@ -47,8 +48,8 @@ def model_config(model_name):
     return {"batch": 2, "context": 64, "vocab": 256, "dim": 64, "depth": 2, "heads": 4}
 
 
-def _autocast(cache=True):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=common.ON_CUDA, cache_enabled=cache)
+# bf16 autocast on CUDA, off on the CPU: the factory dynrank-train uses (and resnet20_step with amp).
+_autocast = _autocast_factory({"amp": common.ON_CUDA}, common.DEVICE)
 
 
 def make_resnet20_step(form, rank_ratio, cfg, device=common.DEVICE, decomposition="svd", cuda_graphs=False):
