@@ -30,7 +30,8 @@ def _run_files(name, schedule, epochs, finished):
              f"cifar10-resnet20/{name}/{schedule}/metrics.json": json.dumps(history)}
     if finished:
         files[f"cifar10-resnet20/{name}/{schedule}/result.json"] = json.dumps(
-            dict(schedule=schedule, history=history, params=None, inflate_epoch=None, deflate_epoch=None))
+            dict(schedule=schedule, history=history, params=None, inflate_epoch=None, deflate_epoch=None,
+                 monitor_records=[dict(epoch=e, layers={}) for e in range(epochs)]))
     return files
 
 
@@ -42,7 +43,10 @@ def test_a_session_is_folded_into_the_results(folder, tmp_path):
                                                               "datetime": "2026-11-27T01:02:03", "benchmarks": []}),
                                  "./report.md": "# report\n"})
     (session / "tests-cuda.log").write_text("345 passed\n")
-    _tgz(session / "paper.tgz", {**_run_files("full-seed0", "full", 3, True),
+    extras = {"cifar10-resnet20/full-seed0/compare.json": "{}", "cifar10-resnet20/full-seed0/plots/curves.png": b"png",
+              "cifar10-resnet20/full-seed0/full/monitor.json": "{}", "cifar10-resnet20/full-seed0/full/model.pt": b"w",
+              "cifar10-resnet20/full-seed0/full/monitor.layers.csv": "epoch,layer\n"}
+    _tgz(session / "paper.tgz", {**_run_files("full-seed0", "full", 3, True), **extras,
                                  **_run_files("lowrank-svd-seed0", "lowrank", 2, False)})
     _tgz(session / "paper-checkpoints.tgz", {"cifar10-resnet20/lowrank-svd-seed0/lowrank/checkpoint.pt": b"state"})
     stale = results / "cifar10-resnet20" / "full-seed0" / "full" / "checkpoint.pt"     # from an earlier session
@@ -56,6 +60,13 @@ def test_a_session_is_folded_into_the_results(folder, tmp_path):
     runs = results / "cifar10-resnet20"
     assert (runs / "lowrank-svd-seed0" / "lowrank" / "checkpoint.pt").read_bytes() == b"state"
     assert not stale.exists()                                     # finished: its checkpoint is dropped
+    # What the repository commits of a run: no compare tables, plots, monitor.json or model files,
+    # and a result.json without the monitor records its CSV tables hold.
+    assert sorted(p.name for p in (runs / "full-seed0").iterdir()) == ["config.json", "full"]
+    assert sorted(p.name for p in (runs / "full-seed0" / "full").iterdir()) == [
+        "metrics.json", "monitor.layers.csv", "result.json"]
+    result = json.loads((runs / "full-seed0" / "full" / "result.json").read_text())
+    assert "monitor_records" not in result and len(result["history"]) == 3
     summary = json.loads((runs / "summary.json").read_text())
     assert {(r["schedule"], r["finished"]) for r in summary["runs"]} == {("full", True), ("lowrank", False)}
 
@@ -103,6 +114,7 @@ def test_a_run_continued_elsewhere_folds_back_into_its_committed_folder(folder, 
     assert sorted(p.name for p in (committed / "lowrank").iterdir()) == ["metrics.json", "monitor.layers.csv",
                                                                         "result.json"]  # finished: no checkpoint
     assert len(json.loads((committed / "lowrank" / "metrics.json").read_text())) == 3
+    assert "monitor_records" not in json.loads((committed / "lowrank" / "result.json").read_text())
     assert not (committed / "plots").exists()
     log = (runs / "lowrank-cp-seed0.log").read_text()
     assert log == "epoch 1\nepoch 2\n\n# resumed on the CPU (2 threads)\nepoch 3\n"
