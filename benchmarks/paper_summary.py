@@ -303,7 +303,9 @@ def summarize(out):
     if "orchestration" in summary:
         o = summary["orchestration"]
         lines += ["", f"Up to {o['parallel']} runs shared the GPU at a time (MPS {'on' if o['mps'] else 'off'}), "
-                      f"so seconds per epoch are under that load; the epoch-speed benchmark gives them alone."]
+                      f"so seconds per epoch are under that load; the epoch-speed benchmark gives them alone. "
+                      f"Sessions differed in how many runs shared it, so a measured Comp. whose run and "
+                      f"full-rank reference ran in different sessions compares those loads too."]
     def stretches(spans):
         one_epoch = len(spans) == 1 and spans[0][0] == spans[0][1]
         return ("epoch " if one_epoch else "epochs ") + ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans)

@@ -121,11 +121,31 @@ def _backward(ctx, dy, _dxbs):
 _lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# (device, dtype) → a 0-dim zero: addmm's ``input`` where beta = 0 (torch then ignores its value).
+_BETA0_INPUTS = {}
+
+
+def _beta0_input(a):
+    """A 0-dim zero of ``a``'s device and dtype, made once per pair in eager mode.
+
+    ``a.new_zeros(())`` per call costs an allocation and a fill launch, twice per adapter
+    forward+backward; under ``torch.compile`` or a CUDA-graph capture a fresh one is made as before
+    (a tensor made during a capture is never filled).
+    """
+    if torch.compiler.is_compiling() or (a.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return a.new_zeros(())
+    key = (a.device, a.dtype)
+    zero = _BETA0_INPUTS.get(key)
+    if zero is None:
+        zero = _BETA0_INPUTS[key] = a.new_zeros(())
+    return zero
+
+
 def _scaled_mm(a, b, scale):
     """scale·(a @ b) in one GEMM (cuBLAS's alpha), without a separate scaling pass."""
     if scale == 1.0:
         return a @ b
-    return torch.addmm(a.new_zeros(()), a, b, beta=0.0, alpha=scale)
+    return torch.addmm(_beta0_input(a), a, b, beta=0.0, alpha=scale)
 
 
 def _torch_forward(x, weight, A, B, bias, scale):

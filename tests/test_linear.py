@@ -470,3 +470,20 @@ def test_the_triton_path_refuses_a_double_backward(monkeypatch):
     assert gx.shape == x.shape
     with pytest.raises(RuntimeError, match="no double backward.*DYNRANK_BACKEND=torch"):
         torch.autograd.grad(F.lowrank_linear(x, None, A, B).sum(), x, create_graph=True)
+
+
+def test_scaled_products_reuse_one_zero_per_device_and_dtype():
+    """s·(a·b) through addmm with beta = 0: its ignored input is one cached zero per (device, dtype)."""
+    a, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(F._scaled_mm(a, b, 0.5), 0.5 * (a @ b))
+    zero = F._BETA0_INPUTS[(a.device, torch.float64)]
+    torch.testing.assert_close(F._scaled_mm(a, b, 3.0), 3.0 * (a @ b))
+    assert F._BETA0_INPUTS[(a.device, torch.float64)] is zero
+    F._scaled_mm(a.float(), b.float(), 0.5)
+    assert F._BETA0_INPUTS[(a.device, torch.float32)] is not zero
+    # With beta = 0 the input's value is never read: a NaN there does not reach the product.
+    zero.fill_(float("nan"))
+    try:
+        torch.testing.assert_close(F._scaled_mm(a, b, 0.5), 0.5 * (a @ b))
+    finally:
+        zero.zero_()
