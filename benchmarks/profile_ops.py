@@ -8,7 +8,9 @@ than per FLOP.  This script separates the two:
    engine ``lowrank_gemm`` on a tiny problem and of ``torch.mm`` on the same problem, and of the
    merge kernel and ``addmm_`` on a tiny merge;
 2. host time per call of the lowrank and adapter forms, forward and forward+backward, through
-   the torch engine, the Triton path and unfused torch, at a shape too small to keep the GPU busy;
+   the torch engine, the Triton path and unfused torch, at a shape too small to keep the GPU busy,
+   and the kernel time per forward+backward of the lowrank form against unfused torch at two
+   target shapes (host or GPU: where the form's gap to unfused torch is);
 3. ``torch.profiler`` tables (CPU and CUDA time per op) of one adapter forward+backward through
    the Triton path and through the cuBLAS path, at a target shape;
 4. where the GPT-2-small training step of the epoch suite spends its time per form (full,
@@ -143,6 +145,50 @@ def profile_adapter(lines, tokens, features, rank):
     os.environ.pop("DYNRANK_BACKEND", None)
 
 
+def profile_lowrank_kernels(lines, shapes=((8192, 8192, 16), (4096, 4096, 512)), device=None, steps=5):
+    """Kernel time per forward+backward of the lowrank form: dynrank's (x·B with B (in, rank), then
+    ·Aᵀ) against unfused torch's two ``F.linear`` (``down`` (rank, in), then ``up``), same GEMMs.
+
+    The linear suite of 2026-11-27 had the lowrank form at 0.64–1.16× of unfused torch on an H200
+    (0.54× at rank 512). Equal kernel time here puts the gap on the host; more puts it on cuBLAS
+    running B's layout slower. On a CPU the kernels are the aten ops, by their own CPU time.
+    """
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from dynrank import FusedLowRankLinear
+
+    device = torch.device(device or "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    lines.append(f"\nlowrank form forward+backward, {dtype}, {steps} steps: kernel µs per step, kernels per step")
+    for tokens, features, rank in shapes:
+        kw = dict(device=device, dtype=dtype)
+        x = torch.randn(tokens, features, requires_grad=True, **kw)
+        grad = torch.randn(tokens, features, **kw)
+        layer = FusedLowRankLinear(features, features, rank, form="lowrank", **kw)
+        down = layer.B.detach().t().contiguous().requires_grad_()
+        up, bias = (p.detach().clone().requires_grad_() for p in (layer.A, layer.bias))
+        tensors = (x, down, up, bias, *layer.parameters())
+        for name, forward in (("unfused, two F.linear", lambda: F.linear(F.linear(x, down), up, bias)),
+                              ("dynrank lowrank", lambda: layer(x))):
+            def step():
+                for t in tensors:
+                    t.grad = None
+                forward().backward(grad)
+            for _ in range(3):
+                step()
+            sync()
+            with profile(activities=activities) as prof:
+                for _ in range(steps):
+                    step()
+                sync()
+            kinds, launches = step_breakdown(_device_events(prof, device), steps)
+            lines.append(f"  T{tokens} K=N={features} r{rank:<4} {name:<22} {1e3 * sum(kinds.values()):9.1f} µs "
+                         f"{launches:6.1f} kernels")
+
+
 # Kinds of kernels, by name: cuBLAS/CUTLASS GEMMs (and aten's mm ops on a CPU), the fused
 # attention kernels, the optimizer's multi-tensor kernels; everything else is "rest".
 KERNEL_KINDS = (   # in this order: attention kernels may be CUTLASS ones too
@@ -224,8 +270,8 @@ def main(argv=None):
         parser.error("profile_ops.py profiles CUDA launches; torch sees no GPU here")
     import triton
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"]
-    sections = (launch_costs, host_per_call, lambda out: profile_adapter(out, args.tokens, args.features, args.rank),
-                profile_lm_step)
+    sections = (launch_costs, host_per_call, profile_lowrank_kernels,
+                lambda out: profile_adapter(out, args.tokens, args.features, args.rank), profile_lm_step)
     for section in sections:
         start = len(lines)
         section(lines)

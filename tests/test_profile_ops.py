@@ -48,3 +48,13 @@ def test_lm_step_profile_on_cpu(profile_ops):
         assert kernels == pytest.approx(gemm + attention + optimizer + rest, abs=0.02)
     # The lowrank forms run two GEMMs per linear: more GEMM ops per step than the full form.
     assert float(rows["lowrank-rho0.25"][-1]) > float(rows["full"][-1])
+
+
+def test_lowrank_kernel_profile_on_cpu(profile_ops):
+    lines = []
+    profile_ops.profile_lowrank_kernels(lines, shapes=((8, 16, 2), (4, 8, 8)), device="cpu", steps=2)
+    rows = [line.split() for line in lines[1:]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("T8", "K=N=16", "r2")] * 2 + [("T4", "K=N=8", "r8")] * 2
+    assert [" ".join(r[3:-4]) for r in rows] == ["unfused, two F.linear", "dynrank lowrank"] * 2
+    for row in rows:
+        assert float(row[-4]) > 0 and float(row[-2]) > 0, row
