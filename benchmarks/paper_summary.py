@@ -48,13 +48,13 @@ PLACEMENT_LAYERS = (0, 10, 18)     # indices among the 19 factorized 3×3 convs,
 
 def environment(device=None, threads=None):
     """Date, Python, torch, triton and the device the runs train on, named as their epoch records
-    name it (:func:`dynrank.train.loop.device_name`; ResNet20 trains channels-last); ``device``
+    name it (:func:`dynrank.train.loop.device_name`, with ResNet20's layout there); ``device``
     defaults to CUDA where torch sees a GPU, else the CPU, ``threads`` to torch's current count."""
     import torch
-    from dynrank.train.loop import device_name
+    from dynrank.train.loop import device_name, trains_channels_last
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
-                device=device_name(device, threads, channels_last=True))
+                device=device_name(device, threads, channels_last=trains_channels_last("resnet20", device)))
     try:
         import triton
         info["triton"] = triton.__version__

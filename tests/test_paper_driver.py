@@ -16,7 +16,7 @@ from _helpers import load_script
 from test_train_cli import _write_tiny_cifar10
 
 # Width 0.5: the narrowest projection shortcut has 8 input channels, so the runs train channels-last
-# on a CPU as the full-width ones do (dynrank.train.cli.CPU_CHANNELS_LAST_MIN_CHANNELS).
+# on a CPU as the full-width ones do (dynrank.train.loop.CPU_CHANNELS_LAST_MIN_CHANNELS).
 TINY = ["--width", "0.5", "--batch-size", "8", "--threads", "1"]
 
 

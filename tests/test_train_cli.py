@@ -229,6 +229,9 @@ def test_narrow_conv_nets_train_nchw_on_the_cpu(model, width, expected, restore_
     cfg = dict(model=model, width=width, device="cpu", amp=None, threads=1, cuda_graphs=False, compile=False,
                optimizer="sgd")
     assert cli._resolve_device(cfg)["channels_last"] is expected
+    from dynrank.train.loop import trains_channels_last
+    assert trains_channels_last(model, "cpu", width) is expected
+    assert trains_channels_last(model, "cuda:0", width) is (model != "gpt")   # the rule is the CPU's only
 
 
 def test_a_narrow_conv_net_says_it_trains_nchw_on_the_cpu(tmp_path, capsys, restore_threads):

@@ -231,26 +231,6 @@ def _note_resume(saved, cfg):
             dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), changed=changed)]
 
 
-# torch's CPU backward (oneDNN's AVX2 1x1 kernel) of a channels-last 1×1 conv with stride 2 and
-# fewer than 8 input channels (its channel block) is broken in torch 2.13.0 on an AVX2-only EPYC host:
-# with 1 thread the process crashed (segmentation fault or abort), with 2 it returned wrong weight
-# gradients without a word (max error 66 and 77 against float64 at 4 and 7 channels; NCHW 2e-5);
-# 8, 9, 12, 16 and 20 channels were right. oneDNN tracks it as uxlfoundation/oneDNN#6035. A ResNet20
-# at width 0.25 has a 4-channel projection shortcut, so conv nets that narrow train NCHW on a CPU.
-CPU_CHANNELS_LAST_MIN_CHANNELS = 8
-
-
-def _cpu_channels_last_safe(cfg):
-    """Whether ``cfg``'s conv net has no strided 1×1 conv narrower than
-    :data:`CPU_CHANNELS_LAST_MIN_CHANNELS` (built on the meta device: no memory, no time)."""
-    import torch
-    from .models import build_model, narrowest_strided_pointwise
-    with torch.device("meta"):
-        model = build_model(cfg["model"], width=cfg.get("width", 1.0))
-    narrowest = narrowest_strided_pointwise(model)
-    return narrowest is None or narrowest >= CPU_CHANNELS_LAST_MIN_CHANNELS
-
-
 def _resolve_device(cfg):
     import torch
     device = cfg["device"]
@@ -266,10 +246,8 @@ def _resolve_device(cfg):
         cfg["threads"] = threads
     if cfg.get("amp") is None:
         cfg["amp"] = bool(cuda and torch.cuda.is_bf16_supported())
-    # Conv nets train channels-last on every device: on the 2-core CPU hosts a ResNet20 step is
-    # 1.25-1.76x faster than NCHW (benchmarks/results/cpu-steps-*.md); on a GPU it always was the
-    # layout. On a CPU, nets with a strided 1x1 conv under 8 channels wide stay NCHW (above).
-    cfg["channels_last"] = cfg["model"] != "gpt" and (cuda or _cpu_channels_last_safe(cfg))
+    from .loop import trains_channels_last
+    cfg["channels_last"] = trains_channels_last(cfg["model"], device, cfg.get("width", 1.0))
     if cuda:
         # Fixed input shapes: let cuDNN time its algorithms once per shape and keep the fastest.
         torch.backends.cudnn.benchmark = True
@@ -396,7 +374,7 @@ def main(argv=None):
         except ValueError as err:
             parser.error(str(err))
         if not cfg["device"].startswith("cuda"):
-            from .loop import cpu_bf16_native
+            from .loop import CPU_CHANNELS_LAST_MIN_CHANNELS, cpu_bf16_native
             if cfg["amp"] and cpu_bf16_native() is False:
                 log("note: --amp on a CPU without native bf16 (AVX-512 BF16 or AMX): oneDNN emulates it, "
                     "and steps run several times slower than fp32 (--no-amp)")

@@ -108,9 +108,40 @@ def prepare_model(cfg, schedule, num_classes, device):
     return _to_layout(model.to(device), cfg), summary
 
 
+# torch's CPU backward (oneDNN's AVX2 1x1 kernel) of a channels-last 1×1 conv with stride 2 and
+# fewer than 8 input channels (its channel block) is broken in torch 2.13.0 on an AVX2-only EPYC host:
+# with 1 thread the process crashed (segmentation fault or abort), with 2 it returned wrong weight
+# gradients without a word (max error 66 and 77 against float64 at 4 and 7 channels; NCHW 2e-5);
+# 8, 9, 12, 16 and 20 channels were right. oneDNN tracks it as uxlfoundation/oneDNN#6035. A ResNet20
+# at width 0.25 has a 4-channel projection shortcut, so conv nets that narrow train NCHW on a CPU.
+CPU_CHANNELS_LAST_MIN_CHANNELS = 8
+
+
+def trains_channels_last(model, device, width=1.0):
+    """Whether a run of the built-in ``model`` at ``width`` on ``device`` trains its convs channels-last.
+
+    The one place the layout is decided (``dynrank-train`` stores it in the run's settings as
+    ``channels_last``; the paper summary names its device from it). Conv nets train channels-last
+    on every device: on the 2-core CPU hosts a ResNet20 step is 1.25–1.76× faster than NCHW
+    (``benchmarks/results/cpu-steps-*.md``), and on a GPU it always was the layout. On a CPU, a net
+    with a strided 1×1 conv narrower than :data:`CPU_CHANNELS_LAST_MIN_CHANNELS` stays NCHW (found
+    on the meta device: no memory, no time). The transformer has no convs.
+    """
+    if model == "gpt":
+        return False
+    if str(device).startswith("cuda"):
+        return True
+    from .models import narrowest_strided_pointwise
+    with torch.device("meta"):
+        net = build_model(model, width=width)
+    narrowest = narrowest_strided_pointwise(net)
+    return narrowest is None or narrowest >= CPU_CHANNELS_LAST_MIN_CHANNELS
+
+
 def _channels_last(cfg):
-    """Whether the run's convs train channels-last (conv nets, where the settings ask for it)."""
-    return bool(cfg.get("channels_last")) and cfg["model"] != "gpt"
+    """Whether the run's convs train channels-last: its settings' ``channels_last``, which
+    ``dynrank-train`` sets from :func:`trains_channels_last`."""
+    return bool(cfg.get("channels_last"))
 
 
 def _to_layout(model, cfg):

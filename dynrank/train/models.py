@@ -360,7 +360,7 @@ def build_model(name, num_classes=10, width=1.0, dropout=None, context=128, dim=
 def narrowest_strided_pointwise(model):
     """The fewest input channels of any 1×1 conv with stride > 1 in ``model`` (a projection
     shortcut), or None where it has none: what decides whether it can train channels-last on a CPU
-    (see ``dynrank.train.cli.CPU_CHANNELS_LAST_MIN_CHANNELS``)."""
+    (see ``dynrank.train.loop.CPU_CHANNELS_LAST_MIN_CHANNELS``)."""
     widths = [m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)
               and m.kernel_size == (1, 1) and max(m.stride) > 1]
     return min(widths) if widths else None
