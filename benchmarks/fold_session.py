@@ -3,7 +3,7 @@
 ``benchmarks/gpu_session.sh`` returns up to five archives (see benchmarks/README.md).  This puts
 them where the repository keeps results, so the next session resumes from them:
 
-- ``bench.tgz`` (suite JSONs, report, profile, tile sweep, engine diagnosis) →
+- ``bench.tgz`` (suite JSONs, report, profile, tile sweeps, engine diagnosis) →
   ``benchmarks/results/gpu-<device>-<date>/``, named from the JSONs' machine info, with the
   session's ``tests-cuda.log`` (the native test run) beside them;
 - ``paper.tgz`` (run folders without checkpoints) and ``paper-checkpoints.tgz`` (unfinished runs'

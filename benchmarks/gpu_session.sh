@@ -2,16 +2,18 @@
 # A time-limited GPU session in two back-to-back calls, each inside the device's 10-minute limit.
 #
 #   bash benchmarks/gpu_session.sh bench [SECONDS]    # call 1
-#   bash benchmarks/gpu_session.sh collect SECONDS    # call 2, at once after call 1
+#   bash benchmarks/gpu_session.sh collect SECONDS    # call 2, at once after call 1 (PAPER=1 only)
 #
-# Call 1 has the GPU to itself for the benchmark suites and the report, then starts the CIFAR-10
-# paper runs in their own process session (so they outlive the call), sharing the GPU under MPS
-# when it starts, and runs the native kernel tests beside them.  Call 2 gives the runs a deadline
-# that fits its own limit, waits for them and packs the results; on a fresh machine (call 1's was
-# given back) it starts the runs itself.  Expects local/whl/tensorly-*.whl and
-# local/data/cifar10-jpeg.tar.gz (git-ignored, carried).  What comes back is under $OUT
-# (at most 8 files): bench.tgz and report.md from call 1; summary.md, paper.tgz, paper.log,
-# paper-checkpoints.tgz and tests-cuda.log from call 2.
+# Call 1 has the GPU to itself for the benchmark suites and the report.  Every CIFAR-10 paper run
+# is complete (2026-11-27), so by default (PAPER=0) it then runs the native kernel tests in the
+# same call and the session is that one call.  With PAPER=1 it starts the paper runs in their own
+# process session (so they outlive the call), sharing the GPU under MPS when it starts, and runs
+# the native tests beside them; call 2 gives the runs a deadline that fits its own limit, waits
+# for them and packs the results (on a fresh machine it starts the runs itself).  Expects
+# local/whl/tensorly-*.whl (and for PAPER=1 local/data/cifar10-jpeg.tar.gz), git-ignored and
+# carried.  What comes back is under $OUT (at most 8 files): bench.tgz, report.md and, with
+# PAPER=0, tests-cuda.log from call 1; summary.md, paper.tgz, paper.log, paper-checkpoints.tgz and
+# tests-cuda.log from call 2.
 set -u
 PHASE=${1:?usage: gpu_session.sh bench|collect [seconds]}
 CALL_SECONDS=${2:-300}
@@ -58,7 +60,7 @@ suite() {   # suite NAME CAP_SECONDS PYTEST_ARGS...: one benchmark file, inside 
 }
 
 bench() {
-    (decode_cifar > "$RES/decode.log" 2>&1 &)
+    [ "${PAPER:-0}" = 1 ] && (decode_cifar > "$RES/decode.log" 2>&1 &)
     BENCH_END=$(($(date +%s) + ${BENCH_SECONDS:-$([ "${BENCH_ALL:-0}" = 1 ] && echo 270 || echo 225)}))
     # The profiler's whole output goes to a file: a pipe into `head` would close early and kill it
     # with SIGPIPE before its later sections (the GPT-2 step breakdown of 2026-11-27 was lost so).
@@ -66,12 +68,16 @@ bench() {
     timeout 100 python3 benchmarks/profile_ops.py --out "$RES/profile.txt" > "$RES/profile.log" 2>&1
     tail -n 3 "$RES/profile.log"
     # Most needed first: the linear targets, the training steps (graphed too), the target merges,
-    # the adapter's forward/backward split.  The engine diagnosis (its fault of 2026-11-26 did not
-    # recur on 2026-11-27), the conv merges, the tile sweep and the conv layers: only with BENCH_ALL=1.
+    # the merge kernel's tile configs by GPU time, the adapter's forward/backward split.  The engine
+    # diagnosis (its fault of 2026-11-26 did not recur on 2026-11-27), the conv merges, the engine's
+    # tile sweep and the conv layers: only with BENCH_ALL=1.
     suite linear 120 benchmarks/test_bench_linear.py \
         -k "fwd and not (torch_compile and lowrank) and (target or not torch_compile)"
     suite epoch 90 benchmarks/test_bench_epoch.py
     [ "${BENCH_ALL:-0}" != 1 ] && suite merge 25 benchmarks/test_bench_merge.py -k "test_merge and target"
+    local tm; tm=$(min 60 $((BENCH_END - $(date +%s))))
+    [ "$tm" -ge 15 ] && { say "merge tile sweep (≤ ${tm}s)"; timeout "$tm" python3 benchmarks/sweep_merge.py \
+        --out "$RES/sweep-merge.md" 2>&1 | tail -n 2; }
     suite linear_split 40 benchmarks/test_bench_linear.py \
         -k "(forward or backward) and target and (adapter or dense_frozen) and not torch_compile"
     if [ "${BENCH_ALL:-0}" = 1 ]; then
@@ -84,7 +90,8 @@ bench() {
         suite conv 50 benchmarks/test_bench_conv.py -k "fwd and (resnet20 or 56px)"
     fi
     python3 benchmarks/report.py "$RES"/*.json --out "$RES/report.md" --plot "$RES/report.png" >/dev/null 2>&1
-    (cd "$RES" && tar -czf "$OUT/bench.tgz" ./*.json report.* profile.txt sweep.md diagnose.md 2>/dev/null)
+    (cd "$RES" && tar -czf "$OUT/bench.tgz" ./*.json report.* profile.txt sweep.md sweep-merge.md diagnose.md \
+        2>/dev/null)
     cp "$RES/report.md" "$OUT/" 2>/dev/null
     say "benchmarks done"
 }
@@ -160,15 +167,26 @@ start_paper() {   # start_paper BUDGET_SECONDS: the runs, in their own session
     echo $! > "$RES/paper.pid"
 }
 
+NATIVE_TESTS="tests/test_kernels_linear.py tests/test_kernels_compile.py tests/test_linear.py tests/test_conv_kernels.py
+    tests/test_conv.py tests/test_scheduler.py tests/test_convert.py tests/test_optimizer_state.py tests/test_train_steps.py
+    benchmarks/test_bench_linear.py::test_each_provider_computes_its_form"
+
 native_tests() {   # compiled kernels on CUDA, beside the runs (own session: they outlive call 1)
     # One process: under pytest-xdist (-n 4, 2026-11-27) three of four workers failed to import
     # tests/_helpers.py and nothing ran; alone they take about 130 s on the H200 machine.
     say "native tests started"
-    (unset DYNRANK_BACKEND; setsid nohup timeout 500 python3 -m pytest -q -p no:xdist -p no:cacheprovider \
-        tests/test_kernels_linear.py tests/test_kernels_compile.py tests/test_linear.py tests/test_conv_kernels.py tests/test_conv.py \
-        tests/test_scheduler.py tests/test_convert.py tests/test_optimizer_state.py tests/test_train_steps.py \
-        benchmarks/test_bench_linear.py::test_each_provider_computes_its_form \
+    (unset DYNRANK_BACKEND; setsid nohup timeout 500 python3 -m pytest -q -p no:xdist -p no:cacheprovider $NATIVE_TESTS \
         > "$RES/tests-cuda.log" 2>&1 < /dev/null &)
+}
+
+native_tests_now() {   # the same tests in this call, within its time left (PAPER=0)
+    local t; t=$(($(left) - 15))
+    [ "$t" -lt 30 ] && { say "no time left for the native tests"; return; }
+    say "native tests (≤ ${t}s)"
+    (unset DYNRANK_BACKEND; timeout -s INT -k 10 "$t" python3 -m pytest -q -p no:xdist -p no:cacheprovider $NATIVE_TESTS \
+        > "$RES/tests-cuda.log" 2>&1 < /dev/null)
+    tail -n 3 "$RES/tests-cuda.log"
+    cp "$RES/tests-cuda.log" "$OUT/"
 }
 
 collect() {
@@ -195,7 +213,8 @@ collect() {
 setup
 say "setup done"
 case "$PHASE" in
-    bench) bench; start_paper "${PAPER_BUDGET:-900}"; native_tests ;;
+    bench) bench
+        if [ "${PAPER:-0}" = 1 ]; then start_paper "${PAPER_BUDGET:-900}"; native_tests; else native_tests_now; fi ;;
     collect) collect ;;
     *) echo "unknown phase $PHASE"; exit 2 ;;
 esac

@@ -115,8 +115,13 @@ def render(rows, title):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_sweep_args(doc, script, argv=None):
+    """A sweep script's command line (``--out``, ``--repeats``, ``--dry-run``): (args, device, device name).
+
+    ``--dry-run`` sets ``TRITON_INTERPRET=1`` before triton is imported (tiny shapes on the CPU);
+    otherwise CUDA is required.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", help="markdown file for the table (default: print only)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dry-run", action="store_true",
@@ -125,13 +130,19 @@ def main(argv=None):
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    import triton
     if not args.dry_run and not torch.cuda.is_available():
-        parser.error("sweep_tiles.py times CUDA launches; torch sees no GPU here (--dry-run checks it on a CPU)")
-    device = torch.device("cpu" if args.dry_run else "cuda")
+        parser.error(f"{script} times CUDA kernels; torch sees no GPU here (--dry-run checks it on a CPU)")
+    if args.dry_run:
+        return args, torch.device("cpu"), "CPU dry run"
+    return args, torch.device("cuda"), torch.cuda.get_device_name()
+
+
+def main(argv=None):
+    args, device, name = parse_sweep_args(__doc__, "sweep_tiles.py", argv)
+    import torch
+    import triton
     shapes = [(40, 48)] if args.dry_run else SHAPES
     configs = [(32, 32, 16, 4, 2)] if args.dry_run else CONFIGS
-    name = "CPU dry run" if args.dry_run else torch.cuda.get_device_name()
     title = (f"Engine tile configs, adapter forward, bf16, rank {RANK} — {name}, torch {torch.__version__}, "
              f"triton {triton.__version__}")
     rows = []

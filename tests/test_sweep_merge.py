@@ -1,0 +1,34 @@
+"""benchmarks/sweep_merge.py on a CPU: every config merges right (interpreter) and the table reads its rows."""
+
+import pytest
+import torch
+
+from _helpers import INTERPRETING, load_script
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    return load_script("benchmarks/sweep_merge.py", "dynrank_sweep_merge")
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="the CPU check runs the kernel through Triton's interpreter")
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 1e-2), (torch.float32, 1e-6)])
+def test_each_config_merges_against_float64(sweep, dtype, tolerance):
+    configs = sweep.CONFIGS[str(dtype).split(".")[1]][:2]
+    rows = sweep.sweep([(40, 72)], configs, torch.device("cpu"), dtype)
+    providers = [r[1] for r in rows]
+    assert providers[:2] == ["copy of W", "addmm_ (cuBLAS)"]
+    # The first config of each list is the kernel's own (kernels/merge.py's _merge_config).
+    assert providers[2].endswith("(current)") and not providers[3].endswith("(current)")
+    # bf16: the merged W is rounded to bf16 (relative to its largest entry); fp32: exact to rounding.
+    assert all(error is not None and error < tolerance for *_, error in rows[2:])
+
+
+def test_table_rates_against_the_copy(sweep):
+    rows = [("4096×4096 r16", "copy of W", 20e-6, None), ("4096×4096 r16", "merge kernel 64×128 w8 s2", 40e-6, 1e-3),
+            ("4096×4096 r16", "addmm_ (cuBLAS)", None, None)]
+    table = sweep.render(rows, "t", element_bytes=2)
+    # 2 · 4096² · 2 bytes in 20 µs is 3355 GB/s; twice the time is half the rate, 50 % of the copy.
+    assert "| 4096×4096 r16 | copy of W | 20.0 µs | 3355 | 100 | - |" in table
+    assert "| 4096×4096 r16 | merge kernel 64×128 w8 s2 | 40.0 µs | 1678 | 50 | 0.001 |" in table
+    assert "| 4096×4096 r16 | addmm_ (cuBLAS) | - | - | - | - |" in table
