@@ -59,6 +59,13 @@ suite() {   # suite NAME CAP_SECONDS PYTEST_ARGS...: one benchmark file, inside 
         --benchmark-min-rounds=8 -q -p no:cacheprovider --benchmark-json="$RES/$name.json" 2>&1 | tail -n 2
 }
 
+sweep() {   # sweep SCRIPT CAP_SECONDS OUTFILE: a tile sweep script, inside the bench phase's time
+    local t; t=$(min "$2" $((BENCH_END - $(date +%s))))
+    [ "$t" -lt 15 ] && { say "skip $1 (no time left)"; return; }
+    say "$1 (≤ ${t}s)"
+    timeout "$t" python3 "benchmarks/$1" --out "$RES/$3" 2>&1 | tail -n 3
+}
+
 bench() {
     [ "${PAPER:-0}" = 1 ] && (decode_cifar > "$RES/decode.log" 2>&1 &)
     BENCH_END=$(($(date +%s) + ${BENCH_SECONDS:-$([ "${BENCH_ALL:-0}" = 1 ] && echo 270 || echo 225)}))
@@ -75,18 +82,14 @@ bench() {
         -k "fwd and not (torch_compile and lowrank) and (target or not torch_compile)"
     suite epoch 90 benchmarks/test_bench_epoch.py
     [ "${BENCH_ALL:-0}" != 1 ] && suite merge 25 benchmarks/test_bench_merge.py -k "test_merge and target"
-    local tm; tm=$(min 60 $((BENCH_END - $(date +%s))))
-    [ "$tm" -ge 15 ] && { say "merge tile sweep (≤ ${tm}s)"; timeout "$tm" python3 benchmarks/sweep_merge.py \
-        --out "$RES/sweep-merge.md" 2>&1 | tail -n 2; }
+    sweep sweep_merge.py 60 sweep-merge.md
     suite linear_split 40 benchmarks/test_bench_linear.py \
         -k "(forward or backward) and target and (adapter or dense_frozen) and not torch_compile"
     if [ "${BENCH_ALL:-0}" = 1 ]; then
         say "engine diagnosis"
         timeout 60 python3 benchmarks/diagnose_engine.py --out "$RES/diagnose.md" --budget-s 40 2>&1 | tail -n 2
         suite merge 60 benchmarks/test_bench_merge.py
-        local t; t=$(min 50 $((BENCH_END - $(date +%s))))
-        [ "$t" -ge 15 ] && { say "tile sweep (≤ ${t}s)"; timeout "$t" python3 benchmarks/sweep_tiles.py \
-            --out "$RES/sweep.md" 2>&1 | tail -n 3; }
+        sweep sweep_tiles.py 50 sweep.md
         suite conv 50 benchmarks/test_bench_conv.py -k "fwd and (resnet20 or 56px)"
     fi
     python3 benchmarks/report.py "$RES"/*.json --out "$RES/report.md" --plot "$RES/report.png" >/dev/null 2>&1

@@ -154,14 +154,11 @@ def profile_lowrank_kernels(lines, shapes=((8192, 8192, 16), (4096, 4096, 512)),
     running B's layout slower. On a CPU the kernels are the aten ops, by their own CPU time.
     """
     import torch.nn.functional as F
-    from torch.profiler import ProfilerActivity, profile
 
     from dynrank import FusedLowRankLinear
 
     device = torch.device(device or "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     lines.append(f"\nlowrank form forward+backward, {dtype}, {steps} steps: kernel µs per step, kernels per step")
     for tokens, features, rank in shapes:
         kw = dict(device=device, dtype=dtype)
@@ -177,16 +174,30 @@ def profile_lowrank_kernels(lines, shapes=((8192, 8192, 16), (4096, 4096, 512)),
                 for t in tensors:
                     t.grad = None
                 forward().backward(grad)
-            for _ in range(3):
-                step()
-            sync()
-            with profile(activities=activities) as prof:
-                for _ in range(steps):
-                    step()
-                sync()
-            kinds, launches = step_breakdown(_device_events(prof, device), steps)
+            kinds, launches, _ = profile_steps(step, device, steps)
             lines.append(f"  T{tokens} K=N={features} r{rank:<4} {name:<22} {1e3 * sum(kinds.values()):9.1f} µs "
                          f"{launches:6.1f} kernels")
+
+
+def profile_steps(step, device, steps, warmup=3):
+    """``step`` run ``warmup`` times, then ``steps`` times under ``torch.profiler``, each timed to its
+    end on ``device``: (ms per step by kernel kind, kernels per step, wall seconds per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    walls = []
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            sync()
+            walls.append(time.perf_counter() - start)
+    kinds, launches = step_breakdown(_device_events(prof, device), steps)
+    return kinds, launches, walls
 
 
 # Kinds of kernels, by name: cuBLAS/CUTLASS GEMMs (and aten's mm ops on a CPU), the fused
@@ -227,14 +238,11 @@ def profile_lm_step(lines, device=None, steps=5):
     """The epoch suite's GPT-2-small step per form under ``torch.profiler``: where a step's time goes."""
     import statistics
 
-    from torch.profiler import ProfilerActivity, profile
-
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import test_bench_epoch as epoch
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = epoch.model_config("transformer")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     lines.append(f"\nGPT-2-shaped training step ({', '.join(f'{k} {v}' for k, v in cfg.items())}), {steps} steps "
                  "per form; GPU kernel ms per step by kind" + ("" if device.type == "cuda" else " (CPU: aten ops)"))
     lines.append(f"  {'form':<22} {'wall ms':>8} {'kernels ms':>10} {'gemm':>7} {'attention':>9} {'optimizer':>9} "
@@ -242,19 +250,11 @@ def profile_lm_step(lines, device=None, steps=5):
     for name, form, rank_ratio, head in (("full", "full", None, False), ("lowrank-rho0.25", "lowrank", 0.25, False),
                                          ("lowrank-rho0.25+head", "lowrank", 0.25, True)):
         step, model, _ = epoch.make_transformer_step(form, rank_ratio, cfg, device=device, factorize_head=head)
-        for _ in range(3):
-            step()
-        walls = []
-        with profile(activities=activities) as prof:
-            for _ in range(steps):
-                start = time.perf_counter()
-                step()                       # synchronizes before it returns
-                walls.append(time.perf_counter() - start)
-        kinds, launches = step_breakdown(_device_events(prof, device), steps)
+        kinds, launches, walls = profile_steps(step, device, steps)
         total = sum(kinds.values())
         lines.append(f"  {name:<22} {1e3 * statistics.median(walls):8.2f} {total:10.2f} {kinds['gemm']:7.2f} "
                      f"{kinds['attention']:9.2f} {kinds['optimizer']:9.2f} {kinds['rest']:7.2f} {launches:8.0f}")
-        del step, model, prof
+        del step, model
     lines.append("  (wall time under the profiler, which adds host time per op; kernels ms is GPU busy time: "
                  "wall far above it means the step waits on the host)")
 

@@ -177,15 +177,17 @@ def _copy_fraction(row, members):
 
 
 def evaluate_targets(rows):
-    """The speed targets checked against these rows: list of dicts (target, required, measured, status)."""
+    """The speed targets checked against these rows: list of dicts (target, required, measured, reading,
+    status); ``reading`` is the measured value alone, ``measured`` adds where it came from."""
     groups = _groups(rows)
     linear = [r for r in rows if r.suite == "linear" and r.provider == "dynrank"]
     headline = [r for r in linear if r.form == "adapter" and r.pass_ == "fwd+bwd" and r.extra.get("target")]
     results = []
 
     def add(target, required, value, limit, higher_is_better, fmt, detail=""):
-        measured = "—" if value is None else fmt.format(value) + (f" ({detail})" if detail else "")
-        results.append({"target": target, "required": required, "measured": measured,
+        reading = "—" if value is None else fmt.format(value)
+        measured = reading + (f" ({detail})" if value is not None and detail else "")
+        results.append({"target": target, "required": required, "measured": measured, "reading": reading,
                         "status": _status(value, limit, higher_is_better)})
 
     vals = [r.ratios["vs unfused"] for r in headline if "vs unfused" in r.ratios]
@@ -314,8 +316,8 @@ def render_markdown(data, rows, stat="mean"):
     # At small shapes one call's time can be bimodal (host jitter), so the other statistics' readings
     # stand beside the chosen one's; the status is the chosen statistic's.
     others = [o for o in STATS if o != stat and all(o in b.get("stats", {}) for b in data.get("benchmarks", []))]
-    readings = {o: {t["target"]: t["measured"].split(" (")[0]
-                    for t in evaluate_targets(add_ratios(load_rows(data, o)))} for o in others}
+    readings = {o: {t["target"]: t["reading"] for t in evaluate_targets(add_ratios(load_rows(data, o)))}
+                for o in others}
     lines += ["| target | required | measured | " + "".join(f"by {o} | " for o in others) + "status |",
               "|---|---|---|" + "---|" * len(others) + "---|"]
     for item in evaluate_targets(rows):
