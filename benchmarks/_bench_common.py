@@ -23,7 +23,7 @@ import time
 import torch
 
 __all__ = [
-    "DEVICE", "ON_CUDA", "PASSES", "grid_mode", "sync", "device_name", "versions", "roofline",
+    "DEVICE", "ON_CUDA", "PASSES", "grid_mode", "sync", "cpu_model", "device_name", "versions", "roofline",
     "describe", "finish", "make_pass", "warm_up", "optional_module", "require_module",
     "compile_enabled", "dtype_name", "flops_of", "env_override", "cuda_only_param", "measured_rooflines",
     "RESULTS", "triton_forced",
@@ -69,17 +69,23 @@ def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
+def cpu_model():
+    """The CPU's model name where the system tells it (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @functools.lru_cache(maxsize=None)
 def device_name(device=DEVICE):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+    return f"CPU {cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def _dist_version(name):

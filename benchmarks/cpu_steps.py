@@ -28,23 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from _bench_common import cpu_model  # noqa: E402
 from dynrank.train.loop import cpu_bf16_native  # noqa: E402
 
 FORMS = ("full", "lowrank-svd", "adapter-svd", "lowrank-tucker", "lowrank-cp", "lowrank-tkd-cpd")
 WAYS = ("nchw", "channels-last", "channels-last+bf16")
 RANK_RATIO = 0.5
-
-
-def cpu_model():
-    """The CPU's model name where the system tells it (Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_step(form, way, batch, seed=0):

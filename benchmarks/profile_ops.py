@@ -20,11 +20,13 @@ than per FLOP.  This script separates the two:
    grew.
 
     python benchmarks/profile_ops.py --out profile.txt      # needs CUDA
+    python benchmarks/profile_ops.py --device cpu           # the host time per call only, on a CPU
 
 Everything printed is also written to ``--out``.
 """
 
 import argparse
+import datetime
 import os
 import re
 import sys
@@ -38,16 +40,21 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def host_microseconds(fn, calls=2000):
+def _synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def host_microseconds(fn, calls=2000, device="cuda"):
     """Mean host time of one call, launches queued without synchronizing in between."""
     for _ in range(20):
         fn()
-    torch.cuda.synchronize()
+    _synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     host = (time.perf_counter() - start) / calls
-    torch.cuda.synchronize()
+    _synchronize(device)
     return 1e6 * host
 
 
@@ -75,43 +82,70 @@ def launch_costs(lines):
         lines.append(f"  {name:<44} {host_microseconds(fn):8.1f}")
 
 
-def host_per_call(lines, tokens=64, features=256, rank=8):
+def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=500, rounds=1):
     """Host time of one forward+backward (and forward alone) per path, at a shape too small to keep the GPU busy.
 
     The linear suite found ``FusedLowRankLinear`` in the lowrank form 0.4–0.99× as fast as two
-    ``F.linear`` on the H200 although both run the same cuBLAS GEMMs, so the gap is host time.
+    ``F.linear`` on the H200 although both run the same cuBLAS GEMMs, so the gap is host time.  The
+    paths take turns within each of ``rounds`` rounds and each keeps its median round, so a CPU host's
+    drift reaches every path alike.  On a CPU (fp32, one thread) the time is the host's whole cost of
+    a call, its tiny math included.
     """
+    import statistics
+
     import torch.nn.functional as F
+    from torch import nn
 
     from dynrank import FusedLowRankLinear
 
-    kw = dict(device="cuda", dtype=torch.bfloat16)
+    device = torch.device(device)
+    kw = dict(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     x = torch.randn(tokens, features, requires_grad=True, **kw)
     grad = torch.randn(tokens, features, **kw)
     down = torch.randn(rank, features, requires_grad=True, **kw)
     up = torch.randn(features, rank, requires_grad=True, **kw)
     bias = torch.zeros(features, requires_grad=True, **kw)
     weight = torch.randn(features, features, **kw)
+    dense = nn.Linear(features, features, **kw)
+    two = nn.Sequential(nn.Linear(features, rank, bias=False, **kw), nn.Linear(rank, features, **kw))
+    full = FusedLowRankLinear(features, features, rank, form="full", **kw)
     lowrank = FusedLowRankLinear(features, features, rank, form="lowrank", **kw)
     adapter = FusedLowRankLinear(features, features, rank, form="adapter", alpha=16.0, **kw)
     adapter.bias.requires_grad_(False)
+    triton = device.type == "cuda"
     paths = [
+        ("nn.Linear", None, lambda: dense(x)),
+        ("FusedLowRankLinear full", None, lambda: full(x)),
         ("unfused lowrank, two F.linear", None, lambda: F.linear(F.linear(x, down), up, bias)),
+        ("two nn.Linear modules", None, lambda: two(x)),
         ("FusedLowRankLinear lowrank", "torch", lambda: lowrank(x)),
-        ("FusedLowRankLinear lowrank", "triton", lambda: lowrank(x)),
+        *([("FusedLowRankLinear lowrank", "triton", lambda: lowrank(x))] if triton else []),
         ("unfused adapter (LoRA)", None, lambda: F.linear(x, weight, bias) + F.linear(F.linear(x, down), up) * 2.0),
         ("FusedLowRankLinear adapter", "torch", lambda: adapter(x)),
-        ("FusedLowRankLinear adapter", "triton", lambda: adapter(x)),
+        *([("FusedLowRankLinear adapter", "triton", lambda: adapter(x))] if triton else []),
     ]
-    lines.append(f"\nhost time per call (µs, mean of 500 queued calls), T{tokens} K=N={features} r{rank} bf16")
-    for name, backend, forward in paths:
-        if backend:
-            os.environ["DYNRANK_BACKEND"] = backend
-        fwd = host_microseconds(forward, calls=500)
-        both = host_microseconds(lambda forward=forward: forward().backward(grad), calls=500)
+    times = {index: ([], []) for index in range(len(paths))}
+    saved = os.environ.pop("DYNRANK_BACKEND", None)
+    try:
+        for _ in range(rounds):
+            for index, (_, backend, forward) in enumerate(paths):
+                if backend:
+                    os.environ["DYNRANK_BACKEND"] = backend
+                times[index][0].append(host_microseconds(forward, calls, device))
+                times[index][1].append(host_microseconds(lambda forward=forward: forward().backward(grad), calls,
+                                                         device))
+                os.environ.pop("DYNRANK_BACKEND", None)
+    finally:
+        if saved is not None:
+            os.environ["DYNRANK_BACKEND"] = saved
+    what = "mean of {calls} queued calls" if device.type == "cuda" else "mean of {calls} calls"
+    lines.append(f"\nhost time per call (µs, {what.format(calls=calls)}"
+                 + (f", median of {rounds} rounds" if rounds > 1 else "")
+                 + f"), T{tokens} K=N={features} r{rank} {str(kw['dtype']).replace('torch.', '')} on {device.type}")
+    for index, (name, backend, _) in enumerate(paths):
+        fwd, both = (statistics.median(t) for t in times[index])
         label = f"{name}" + (f" ({backend})" if backend else "")
         lines.append(f"  {label:<44} forward {fwd:8.1f}   forward+backward {both:8.1f}")
-        os.environ.pop("DYNRANK_BACKEND", None)
 
 
 def profile_adapter(lines, tokens, features, rank):
@@ -265,13 +299,31 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--features", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: only the host time per call (section 2's first table), one thread")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of the host-time table (default 1 on CUDA, 15 on the CPU)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        parser.error("profile_ops.py profiles CUDA launches; torch sees no GPU here")
-    import triton
-    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"]
-    sections = (launch_costs, host_per_call, profile_lowrank_kernels,
-                lambda out: profile_adapter(out, args.tokens, args.features, args.rank), profile_lm_step)
+    if args.device == "cpu":
+        import platform
+
+        torch.set_num_threads(1)
+        rounds = args.rounds or 15
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _bench_common import cpu_model
+
+        lines = [f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
+                 f"Python {platform.python_version()}, one thread, {datetime.date.today().isoformat()}"]
+        sections = (lambda out: host_per_call(out, tokens=4, features=16, rank=2, device="cpu", calls=1000,
+                                              rounds=rounds),)
+    elif not torch.cuda.is_available():
+        parser.error("profile_ops.py profiles CUDA launches; torch sees no GPU here (--device cpu times the host only)")
+    else:
+        import triton
+        lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"]
+        rounds = args.rounds or 1
+        sections = (launch_costs, lambda out: host_per_call(out, rounds=rounds), profile_lowrank_kernels,
+                    lambda out: profile_adapter(out, args.tokens, args.features, args.rank), profile_lm_step)
     for section in sections:
         start = len(lines)
         section(lines)

@@ -21,6 +21,7 @@ from torch import nn
 __all__ = ["FORMS", "DEFLATE_INITS", "FormLayer"]
 
 FORMS = ("lowrank", "full", "adapter")
+_UNSET = object()
 DEFLATE_INITS = ("zeros", "random", "svd")
 
 
@@ -97,7 +98,17 @@ class FormLayer(nn.Module):
         """Dict name → factor parameter (empty in full form)."""
         if self._form == "full":
             return {}
-        return {name: getattr(self, name) for name in self._factor_names(self._rank)}
+        return {name: self._read(name) for name in self._factor_names(self._rank)}
+
+    def _read(self, name):
+        """Parameter ``name`` (or None) as a forward uses it.
+
+        Read from ``_parameters`` directly: ``nn.Module.__getattr__`` costs about
+        a µs per name on every call.  Where the name is not there (a plain
+        attribute, or a parametrization or hook has moved it), through ``getattr``.
+        """
+        value = self._parameters.get(name, _UNSET)
+        return getattr(self, name, None) if value is _UNSET else value
 
     def _set_factors(self, factors):
         for name in set(self._factor_param_names) | set(self._factor_names(self._rank)):
@@ -126,7 +137,7 @@ class FormLayer(nn.Module):
         """Hook for subclasses that choose their forward per form."""
 
     def _dense(self):
-        return getattr(self, self.weight_name)
+        return self._read(self.weight_name)
 
     def _reference_tensor(self):
         ref = self._dense()

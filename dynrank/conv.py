@@ -31,16 +31,16 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # ---------------------------------------------------------------------------
 
 def _forward_full(layer, x):
-    return _dense_conv(layer, x, layer.weight, layer.bias)
+    return _dense_conv(layer, x, layer._read("weight"), layer._read("bias"))
 
 
 def _forward_lowrank(layer, x):
-    return _chain(layer, x, layer.factors(), layer.bias)
+    return _chain(layer, x, layer.factors(), layer._read("bias"))
 
 
 def _forward_adapter(layer, x):
     strategy = layer._adapter_strategy_for(x)
-    return _ADAPTERS[strategy](layer, x, layer.weight, layer.factors(), layer.bias)
+    return _ADAPTERS[strategy](layer, x, layer._read("weight"), layer.factors(), layer._read("bias"))
 
 
 _FORWARDS = {"full": _forward_full, "lowrank": _forward_lowrank, "adapter": _forward_adapter}
@@ -343,19 +343,29 @@ class LowRankConv2d(FormLayer):
             raise ValueError(f"input must have shape (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
                              f"got {tuple(x.shape)}")
         ref = self._reference_tensor()
-        if x.device != ref.device:
-            raise ValueError(f"input is on {x.device} but the layer's parameters are on {ref.device}")
-        if x.dtype != ref.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"input has dtype {x.dtype} but the layer's parameters have {ref.dtype}; cast one "
-                            f"of them (or run under torch.autocast)")
+        if x.is_meta != ref.is_meta:
+            # torch's convs mix meta and real tensors silently (the result on one of them)
+            self._check_input_against(x, ref)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
         if self._pad is not None:
             # Non-zero padding modes pad once; every conv of the chain then runs unpadded.
             x = F.pad(x, self._pad, mode=self.padding_mode)
-        y = self._run(self, x)
+        try:
+            y = self._run(self, x)
+        except RuntimeError:
+            # torch's convs refuse another device or dtype: name the fault (other errors pass as they came)
+            self._check_input_against(x, ref)
+            raise
         return y.squeeze(0) if unbatched else y
+
+    def _check_input_against(self, x, ref):
+        if x.device != ref.device:
+            raise ValueError(f"input is on {x.device} but the layer's parameters are on {ref.device}")
+        if x.dtype != ref.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input has dtype {x.dtype} but the layer's parameters have {ref.dtype}; cast one "
+                            f"of them (or run under torch.autocast)")
 
     def extra_repr(self):
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}",

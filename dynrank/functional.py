@@ -52,14 +52,18 @@ def _check_operands(x, weight, A, B, bias):
     if not x.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
     for name, t in (("A", A), ("B", B), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.device != x.device:
-            raise ValueError(f"input is on {x.device} but {name} is on {t.device}; move them to one device")
-        if t.dtype != x.dtype:
-            raise TypeError(f"input has dtype {x.dtype} but {name} has {t.dtype}; cast them to one dtype "
-                            f"(or run under torch.autocast)")
+        if t is not None:
+            check_matches_input(x, name, t)
     return N, K, R
+
+
+def check_matches_input(x, name, t):
+    """Raise where operand ``name`` (tensor ``t``) is not on the input ``x``'s device or dtype."""
+    if t.device != x.device:
+        raise ValueError(f"input is on {x.device} but {name} is on {t.device}; move them to one device")
+    if t.dtype != x.dtype:
+        raise TypeError(f"input has dtype {x.dtype} but {name} has {t.dtype}; cast them to one dtype "
+                        f"(or run under torch.autocast)")
 
 
 # ---------------------------------------------------------------------------
@@ -148,37 +152,41 @@ def _scaled_mm(a, b, scale):
     return torch.addmm(_beta0_input(a), a, b, beta=0.0, alpha=scale)
 
 
-def _torch_forward(x, weight, A, B, bias, scale):
+def _torch_forward(x, weight, A, B, bias, scale, dense=None):
     """The torch engine's forward (cuBLAS on CUDA): (y, xbs), as the kernels' ``lowrank_linear_forward``.
 
-    ``xbs = s·x·B``; ``y = xbs·Aᵀ + bias``; then ``y += x·W_fᵀ`` in place, so
-    the adapter's sum is the big GEMM's epilogue (its C input) rather than an
-    extra pass over y.
+    ``y = x·W_fᵀ + bias`` first, then ``xbs = s·x·B`` and ``y += xbs·Aᵀ`` in
+    place.  The big GEMM is the first launch: on a GPU the host's work on the
+    two small ones (and, with ``dense`` launched by the caller, on the autograd
+    node) then overlaps it instead of delaying it.  ``dense`` is x·W_fᵀ + bias
+    already computed, used as y's storage.
     """
+    if weight is not None and dense is None:
+        dense = torch.nn.functional.linear(x, weight, bias)
     xbs = _scaled_mm(x, B, scale)
-    y = torch.nn.functional.linear(xbs, A, bias)
-    if weight is not None:
-        y.addmm_(x, weight.t())
-    return y, xbs
+    if weight is None:
+        return torch.nn.functional.linear(xbs, A, bias), xbs
+    return dense.addmm_(xbs, A.t()), xbs
 
 
 def _torch_backward(dy, x, weight, A, B, xbs, scale, needs_dx, needs_dA, needs_dB):
     """The torch engine's backward: (dx, dA, dB), as the kernels' ``lowrank_linear_backward``.
 
-    ``dyas = s·dy·A``; ``dx = dyas·Bᵀ``, then ``dx += dy·W_f`` in place (no
+    ``dx = dy·W_f`` first (the big GEMM, launched before the small ones as in
+    the forward), then ``dyas = s·dy·A`` and ``dx += dyas·Bᵀ`` in place (no
     second T × K gradient to add, as autograd would); ``dA = dyᵀ·xbs``;
     ``dB = xᵀ·dyas``.
     """
     dx = dA = dB = None
+    if needs_dx and weight is not None:
+        dx = dy @ weight
     if torch.is_grad_enabled():
         # A double backward (create_graph=True) differentiates through dA: form xbs from x and B
         # here, where autograd sees it, not from the forward's saved copy.
         xbs = _scaled_mm(x, B, scale)
     dyas = _scaled_mm(dy, A, scale) if (needs_dx or needs_dB) else None
     if needs_dx:
-        dx = dyas @ B.t()
-        if weight is not None:
-            dx.addmm_(dy, weight)
+        dx = dyas @ B.t() if dx is None else dx.addmm_(dyas, B.t())
     if needs_dA:
         dA = dy.t() @ xbs
     if needs_dB:
@@ -209,8 +217,11 @@ class _EagerLowRankLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, A, B, bias, scale, engine):
-        y, xbs = engine[0](x, weight, A, B, bias, scale)
+    def forward(ctx, x, weight, A, B, bias, scale, engine, launched=()):
+        # ``launched``: the torch engine's ``dense`` (x·W_fᵀ + bias), launched by the caller before
+        # this node was built.  It travels in a tuple so autograd does not take it for an input: it
+        # is the output's storage, not something to differentiate.
+        y, xbs = engine[0](x, weight, A, B, bias, scale, *launched)
         _setup_context(ctx, (x, weight, A, B, bias, scale), (y, xbs))
         ctx.engine_backward = engine[1]
         return y
@@ -220,7 +231,7 @@ class _EagerLowRankLinear(torch.autograd.Function):
         if torch.is_grad_enabled() and ctx.engine_backward is not _torch_backward:
             raise RuntimeError("the Triton path of dynrank's low-rank linear has no double backward "
                                "(create_graph=True); set DYNRANK_BACKEND=torch for higher-order gradients")
-        return (*_gradients(ctx, dy, ctx.engine_backward), None)
+        return (*_gradients(ctx, dy, ctx.engine_backward), None, None)
 
 
 # ---------------------------------------------------------------------------
@@ -259,34 +270,76 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
         x, weight, A, B, bias = (cast(t) for t in (x, weight, A, B, bias))
         with torch.autocast(device_type, enabled=False):
             return lowrank_linear(x, weight, A, B, bias, scale)
+    compiling = torch.compiler.is_compiling()
+    if (not compiling and _torch_would_catch(x, weight, A, B, bias)
+            and backend_for(x.device, "lowrank_linear", x.dtype) == "torch"):
+        try:
+            return _torch_lowrank_linear(x, weight, A, B, bias, scale)
+        except RuntimeError:
+            # torch refused the operands (shapes, dtypes, devices): say which one and why. An error
+            # that is not the operands' (out of memory, say) passes the checks and is raised as it came.
+            _check_operands(x, weight, A, B, bias)
+            raise
     N, K, _ = _check_operands(x, weight, A, B, bias)
     use_torch = backend_for(x.device, "lowrank_linear", x.dtype) == "torch"
-    if use_torch and weight is None:
-        # The lowrank form runs the same GEMMs fused or not (x·B, then ·Aᵀ; dA, dB and dx from the
-        # same products), so autograd's own C++ nodes serve: a Python node costs the host more
-        # than it saves (KERNEL_NOTES.md, v0.3).
-        xb = x @ B
-        return torch.nn.functional.linear(xb if scale == 1.0 else xb * scale, A, bias)
+    if use_torch and not compiling:
+        return _torch_lowrank_linear(x, weight, A, B, bias, scale)
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
-    if torch.compiler.is_compiling():
+    if compiling:
         # The torch engine's ops traced as they are (inductor fuses them its own way); the Triton
         # kernels as the opaque custom op.
         engine = _torch_forward if use_torch else _lowrank_linear_op
         y, _ = engine(x2, weight, A, B, bias, float(scale))
     else:
-        engine = _TORCH_ENGINE if use_torch else _triton_engine()
-        y = _EagerLowRankLinear.apply(x2, weight, A, B, bias, float(scale), engine)
+        y = _EagerLowRankLinear.apply(x2, weight, A, B, bias, float(scale), _triton_engine())
     return y if x.dim() == 2 else y.reshape(*lead, N)
 
 
-@torch.no_grad()
+def _torch_would_catch(x, weight, A, B, bias):
+    """True when every operand mistake left is one torch's own ops refuse.
+
+    Shapes that do not chain, mismatched dtypes and devices all make a torch op raise, and
+    :func:`lowrank_linear` then names the fault with :func:`_check_operands`; these are the mistakes
+    torch would accept silently: non-2-D factors (broadcast as batched products), a bias that
+    broadcasts, an integer input multiplied exactly, a meta tensor beside real ones (the product
+    comes back on meta); and a 0-d input, which the adapter's reshape would refuse with an IndexError.
+    """
+    return (isinstance(A, Tensor) and isinstance(B, Tensor) and A.dim() == 2 and B.dim() == 2
+            and (weight is None or (isinstance(weight, Tensor) and not weight.is_meta))
+            and x.dim() != 0 and x.is_floating_point() and not (x.is_meta or A.is_meta or B.is_meta)
+            and (bias is None or (isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == A.shape[0]
+                                  and not bias.is_meta)))
+
+
+def _torch_lowrank_linear(x, weight, A, B, bias, scale):
+    """``lowrank_linear`` on the torch engine, eager mode, operands not yet checked (see its caller)."""
+    if weight is None:
+        # The lowrank form runs the same GEMMs fused or not (x·B, then ·Aᵀ; dA, dB and dx from the
+        # same products), so autograd's own C++ nodes serve: a Python node costs the host more
+        # than it saves (KERNEL_NOTES.md, v0.3).
+        xb = x @ B
+        return torch.nn.functional.linear(xb if scale == 1.0 else xb * scale, A, bias)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        with torch.no_grad():
+            # The big GEMM launched before the autograd node is built (see _torch_forward).
+            dense = torch.nn.functional.linear(x2, weight, bias)
+        y = _EagerLowRankLinear.apply(x2, weight, A, B, bias, float(scale), _TORCH_ENGINE, (dense,))
+    else:
+        # Nothing to differentiate (inference, a frozen layer): the engine's ops without the node.
+        y, _ = _torch_forward(x2, weight, A, B, bias, float(scale))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def merge_(weight, A, B, alpha=1.0):
     """In place ``weight += alpha * A @ B.T`` with fp32 accumulation; returns ``weight``.
 
     The inflate-merge of dynrank: one pass over ``weight``, the product A·Bᵀ
     never materialized (Triton kernel, or cuBLAS ``addmm_``: see :mod:`dynrank._backend`;
-    float64 tensors always take ``addmm_``).
+    float64 tensors always take ``addmm_``).  Outside autograd: ``weight`` may
+    be a parameter that requires grad.
 
     Args:
         weight: (out_features, in_features), modified in place.
@@ -301,6 +354,31 @@ def merge_(weight, A, B, alpha=1.0):
         >>> W = torch.zeros(3, 4); merge_(W, torch.ones(3, 1), torch.ones(4, 1)).sum().item()
         12.0
     """
+    for name, t in (("weight", weight), ("A", A), ("B", B)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"merge_ takes tensors, got {name} of type {type(t).__name__}")
+    if torch.is_grad_enabled() and (weight.requires_grad or A.requires_grad or B.requires_grad):
+        with torch.no_grad():
+            return merge_(weight, A, B, alpha)
+    dtypes = (weight.dtype, A.dtype, B.dtype)
+    if (A.dtype == weight.dtype == B.dtype and weight.is_floating_point() and A.dim() == 2 and B.dim() == 2
+            and not (weight.is_meta or A.is_meta or B.is_meta) and backend_for(weight.device, "merge", *dtypes) == "torch"):
+        # Common case first: torch's addmm_ refuses every other mistake itself (see lowrank_linear).
+        try:
+            return weight.addmm_(A, B.t(), alpha=alpha)
+        except RuntimeError:
+            _check_merge_operands(weight, A, B)
+            raise
+    _check_merge_operands(weight, A, B)
+    if backend_for(weight.device, "merge", *dtypes) == "triton":
+        from .kernels import merge_ as kernel_merge_
+        return kernel_merge_(weight, A, B, alpha)
+    if A.dtype == weight.dtype == B.dtype:
+        return weight.addmm_(A, B.t(), alpha=alpha)
+    return weight.add_(torch.mm(A.float(), B.float().t()).to(weight.dtype), alpha=alpha)
+
+
+def _check_merge_operands(weight, A, B):
     if weight.dim() != 2 or A.dim() != 2 or B.dim() != 2:
         raise ValueError(f"merge_ takes 2-D tensors, got weight {tuple(weight.shape)}, "
                          f"A {tuple(A.shape)}, B {tuple(B.shape)}")
@@ -313,9 +391,3 @@ def merge_(weight, A, B, alpha=1.0):
     for name, t in (("weight", weight), ("A", A), ("B", B)):
         if not t.is_floating_point():
             raise TypeError(f"merge_ needs floating-point tensors, got {name} of dtype {t.dtype}")
-    if backend_for(weight.device, "merge", weight.dtype, A.dtype, B.dtype) == "triton":
-        from .kernels import merge_ as kernel_merge_
-        return kernel_merge_(weight, A, B, alpha)
-    if A.dtype == weight.dtype == B.dtype:
-        return weight.addmm_(A, B.t(), alpha=alpha)
-    return weight.add_(torch.mm(A.float(), B.float().t()).to(weight.dtype), alpha=alpha)

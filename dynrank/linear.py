@@ -168,13 +168,24 @@ class FusedLowRankLinear(FormLayer):
 
     # -- forward ------------------------------------------------------------
     def forward(self, x):
+        if self._form == "full":
+            weight, bias = self._read("weight"), self._read("bias")
+            try:
+                return F.linear(x, weight, bias)
+            except (RuntimeError, TypeError):
+                self._check_input(x, weight)  # names the fault where it is the input's
+                raise
+        # lowrank_linear checks the input against the factors.
+        return DF.lowrank_linear(x, self._read("weight"), self._read("A"), self._read("B"), self._read("bias"),
+                                 self.scale_for(self._rank))
+
+    def _check_input(self, x, weight):
+        """Raise the error that names what is wrong with ``x`` for the full form's ``weight``."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}")
-        if self._form == "full":
-            return F.linear(x, self.weight, self.bias)
-        return DF.lowrank_linear(x, self.weight, self.A, self.B, self.bias, self.scale)
+        DF.check_matches_input(x, "weight", weight)
 
     def extra_repr(self):
         alpha = "" if self.alpha is None else f", alpha={self.alpha}"

@@ -325,6 +325,30 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, words):
         LowRankConv2d(in_ch, out_ch, 3, **kwargs)
 
 
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+@pytest.mark.parametrize("dec", ["svd", "tucker"])
+def test_input_on_another_device_or_dtype_is_named(dec, form):
+    """torch's convs refuse a dtype or device mismatch and mix meta with real tensors silently; either
+    way the layer names the fault."""
+    layer = make(dec, form=form)
+    with pytest.raises(TypeError, match="input has dtype torch.float32 but the layer's parameters have torch.float64"):
+        layer(torch.randn(2, 5, 8, 8))
+    with pytest.raises(ValueError, match="input is on meta but the layer's parameters are on cpu"):
+        layer(torch.empty(2, 5, 8, 8, device="meta", dtype=F64))
+    with pytest.raises(ValueError, match="input is on cpu but the layer's parameters are on meta"):
+        layer.to("meta")(torch.randn(2, 5, 8, 8, dtype=F64))
+
+
+def test_a_conv_error_that_is_not_the_inputs_passes_through(monkeypatch):
+    layer = make("svd")
+
+    def out_of_memory(layer, x):
+        raise RuntimeError("out of memory (simulated)")
+    monkeypatch.setattr(layer, "_run", out_of_memory)
+    with pytest.raises(RuntimeError, match=r"out of memory \(simulated\)"):
+        layer(torch.randn(2, 5, 8, 8, dtype=F64))
+
+
 def test_bad_forward_and_form_calls():
     layer = make("svd")
     with pytest.raises(ValueError, match=r"input must have shape \(N, 5, H, W\)"):

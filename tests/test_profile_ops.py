@@ -1,6 +1,9 @@
-"""benchmarks/profile_ops.py's step breakdown, on a CPU: kernel kinds by name, and a whole profile of the tiny LM."""
+"""benchmarks/profile_ops.py on a CPU: kernel kinds by name, a whole profile of the tiny LM, the host time per call."""
+
+import os
 
 import pytest
+import torch
 
 from _helpers import load_script
 
@@ -58,3 +61,26 @@ def test_lowrank_kernel_profile_on_cpu(profile_ops):
     assert [" ".join(r[3:-4]) for r in rows] == ["unfused, two F.linear", "dynrank lowrank"] * 2
     for row in rows:
         assert float(row[-4]) > 0 and float(row[-2]) > 0, row
+
+
+def test_host_time_per_call_on_cpu(profile_ops, monkeypatch):
+    monkeypatch.setenv("DYNRANK_BACKEND", "auto")
+    lines = []
+    profile_ops.host_per_call(lines, tokens=4, features=8, rank=2, device="cpu", calls=3, rounds=2)
+    assert "median of 2 rounds" in lines[0] and lines[0].endswith("T4 K=N=8 r2 float32 on cpu")
+    labels = [line.split(" forward ")[0].strip() for line in lines[1:]]
+    assert labels == ["nn.Linear", "FusedLowRankLinear full", "unfused lowrank, two F.linear", "two nn.Linear modules",
+                      "FusedLowRankLinear lowrank (torch)", "unfused adapter (LoRA)", "FusedLowRankLinear adapter (torch)"]
+    for line in lines[1:]:
+        forward, both = (float(cell) for cell in line.split()[-3::2])
+        assert forward > 0 and both > 0, line
+    # The table switches the backend per path and puts the caller's setting back.
+    assert os.environ["DYNRANK_BACKEND"] == "auto"
+
+
+def test_cpu_run_writes_the_host_table(profile_ops, tmp_path):
+    out = tmp_path / "host.txt"
+    assert profile_ops.main(["--device", "cpu", "--rounds", "1", "--out", str(out)]) == 0
+    header, _, title, *rows = out.read_text(encoding="utf-8").splitlines()
+    assert "one thread" in header and torch.__version__ in header
+    assert title.startswith("host time per call") and len(rows) == 7

@@ -1,0 +1,239 @@
+"""The low-rank linear's eager torch path: operand mistakes named without up-front checks, the big
+GEMM launched first, no autograd node where nothing needs a gradient, the layer's parameter reads and
+the backend variable's reader."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from _helpers import REL_TOL, rel_err
+from dynrank import FusedLowRankLinear
+from dynrank import _backend
+from dynrank import functional as F
+from dynrank.kernels import reference_lowrank_linear
+
+T, K, N, R = 5, 7, 11, 3  # all different, so a GEMM is known by its shapes
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("DYNRANK_BACKEND", "torch")
+
+
+def _operands(with_weight, **changes):
+    gen = torch.Generator().manual_seed(0)
+    ops = dict(x=torch.randn(T, K, generator=gen), weight=torch.randn(N, K, generator=gen) if with_weight else None,
+               A=torch.randn(N, R, generator=gen), B=torch.randn(K, R, generator=gen), bias=torch.randn(N, generator=gen))
+    ops.update(changes)
+    return ops
+
+
+# Each mistake, and the error that names it.  torch's own ops refuse the first group (lowrank_linear
+# then says which operand is at fault); it would accept the second group silently, so those are
+# caught before any op runs.
+MISTAKES = [
+    ("A float64", dict(A=torch.randn(N, R, dtype=torch.float64)), TypeError,
+     "input has dtype torch.float32 but A has torch.float64"),
+    ("B float16", dict(B=torch.randn(K, R, dtype=torch.float16)), TypeError,
+     "input has dtype torch.float32 but B has torch.float16"),
+    ("bias float64", dict(bias=torch.randn(N, dtype=torch.float64)), TypeError,
+     "input has dtype torch.float32 but bias has torch.float64"),
+    ("input's last dim", dict(x=torch.randn(T, K + 1)), ValueError, rf"input must have shape \(\.\.\., {K}\)"),
+    ("B's rank", dict(B=torch.randn(K, R + 1)), ValueError, rf"B must have shape \({K}, {R}\)"),
+    ("0-d input", dict(x=torch.tensor(1.0)), ValueError, rf"input must have shape \(\.\.\., {K}\), got \(\)"),
+    # accepted silently by torch:
+    ("bias (1,)", dict(bias=torch.randn(1)), ValueError, rf"bias must have shape \({N},\), got \(1,\)"),
+    ("bias (T, N)", dict(bias=torch.randn(T, N)), ValueError, rf"bias must have shape \({N},\)"),
+    ("A 1-D", dict(A=torch.randn(N)), ValueError, "A and B must be 2-D"),
+    ("B 3-D", dict(B=torch.randn(2, K, R)), ValueError, "A and B must be 2-D"),
+    ("integer operands", dict(x=torch.ones(T, K, dtype=torch.long), A=torch.ones(N, R, dtype=torch.long),
+                              B=torch.ones(K, R, dtype=torch.long), bias=None),
+     TypeError, "input must be a floating-point tensor, got torch.int64"),
+    ("A on meta", dict(A=torch.empty(N, R, device="meta")), ValueError, "input is on cpu but A is on meta"),
+    ("bias on meta", dict(bias=torch.empty(N, device="meta")), ValueError, "input is on cpu but bias is on meta"),
+    ("A a list", dict(A=[[1.0] * R] * N), TypeError, "A must be a torch.Tensor, got list"),
+]
+
+
+@pytest.mark.parametrize("with_weight", [False, True], ids=["lowrank", "adapter"])
+@pytest.mark.parametrize("what, changes, exc, message", MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_operand_mistakes_are_named(with_weight, what, changes, exc, message):
+    ops = _operands(with_weight, **changes)
+    if ops["x"].is_floating_point():
+        ops["x"].requires_grad_()
+    with pytest.raises(exc, match=message):
+        F.lowrank_linear(ops["x"], ops["weight"], ops["A"], ops["B"], ops["bias"], 0.5)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(weight=torch.randn(N, K + 1)), rf"weight must have shape \({N}, {K}\), got \({N}, {K + 1}\)"),
+    (dict(weight=torch.randn(N, K, dtype=torch.float64)), "input has dtype torch.float32 but weight has torch.float64"),
+    (dict(weight=torch.empty(N, K, device="meta")), "input is on cpu but weight is on meta"),
+], ids=["shape", "dtype", "meta"])
+def test_adapter_weight_mistakes_are_named(changes, message):
+    ops = _operands(True, **changes)
+    with pytest.raises((ValueError, TypeError), match=message):
+        F.lowrank_linear(ops["x"].requires_grad_(), ops["weight"], ops["A"], ops["B"], ops["bias"], 0.5)
+
+
+@pytest.mark.parametrize("with_weight", [False, True], ids=["lowrank", "adapter"])
+def test_an_error_that_is_not_the_operands_passes_through(monkeypatch, with_weight):
+    """A failure with sound operands (out of memory, say) is raised as it came, not renamed."""
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(F, "_torch_lowrank_linear", out_of_memory)
+    ops = _operands(with_weight)
+    with pytest.raises(RuntimeError, match=r"out of memory \(simulated\)"):
+        F.lowrank_linear(ops["x"], ops["weight"], ops["A"], ops["B"], ops["bias"], 0.5)
+
+
+def test_all_meta_operands_run():
+    """Meta tensors throughout are a valid call (shape inference); only a mix of meta and real is refused."""
+    meta = {k: (None if v is None else v.to("meta")) for k, v in _operands(True).items()}
+    y = F.lowrank_linear(meta["x"], meta["weight"], meta["A"], meta["B"], meta["bias"], 0.5)
+    assert y.device.type == "meta" and y.shape == (T, N)
+
+
+class _GemmLog(TorchDispatchMode):
+    """The GEMMs dispatched while active: (first operand's shape, output's shape)."""
+
+    GEMMS = {"mm", "addmm", "addmm_"}
+
+    def __init__(self):
+        super().__init__()
+        self.gemms = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in self.GEMMS:
+            first = args[1] if name.startswith("addmm") else args[0]
+            self.gemms.append((tuple(first.shape), tuple(out.shape)))
+        return out
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_adapter_launches_the_big_gemm_first(grad):
+    """x·W_fᵀ is the forward's first GEMM and dy·W_f the backward's: on a GPU the host's work on the
+    small ones then overlaps the big one instead of delaying its launch."""
+    ops = _operands(True)
+    A = ops["A"].requires_grad_(grad)
+    B = ops["B"].requires_grad_(grad)
+    x = ops["x"].requires_grad_(grad)
+    with _GemmLog() as forward:
+        y = F.lowrank_linear(x, ops["weight"], A, B, ops["bias"], 0.5)
+    assert forward.gemms[0] == ((T, K), (T, N))
+    assert sorted(forward.gemms[1:]) == sorted([((T, K), (T, R)), ((T, R), (T, N))])
+    expected = reference_lowrank_linear(*(t.detach().double() for t in (x, ops["weight"], A, B, ops["bias"])), 0.5)
+    assert rel_err(y, expected) < REL_TOL[torch.float32]
+    if not grad:
+        assert y.grad_fn is None
+        return
+    with _GemmLog() as backward:
+        y.backward(torch.randn(T, N))
+    assert backward.gemms[0] == ((T, N), (T, K))
+    assert len(backward.gemms) == 5
+
+
+def test_inference_path_matches_the_training_path():
+    """With nothing to differentiate the adapter runs the engine's ops without the autograd node:
+    the same ops in the same order, so the same bits."""
+    ops = _operands(True)
+    A = ops["A"].requires_grad_()
+    trained = F.lowrank_linear(ops["x"], ops["weight"], A, ops["B"], ops["bias"], 0.5)
+    with torch.no_grad():
+        inferred = F.lowrank_linear(ops["x"], ops["weight"], A, ops["B"], ops["bias"], 0.5)
+    assert trained.grad_fn is not None and inferred.grad_fn is None
+    assert torch.equal(trained, inferred)
+
+
+# -- the layer's parameter reads ------------------------------------------------------------------
+
+class _Doubled(nn.Module):
+    def forward(self, t):
+        return 2.0 * t
+
+
+@pytest.mark.parametrize("form, name", [("lowrank", "A"), ("adapter", "B"), ("full", "weight"), ("lowrank", "bias")])
+def test_a_parametrized_parameter_is_the_one_used(form, name):
+    """A parametrization moves the parameter out of ``_parameters``: the forward then reads it through
+    the parametrization."""
+    layer = FusedLowRankLinear(K, N, rank=R, form=form, alpha=6.0)
+    if form == "adapter":
+        with torch.no_grad():
+            layer.A.normal_()
+    parametrize.register_parametrization(layer, name, _Doubled())
+    x = torch.randn(T, K)
+    double = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    operands = [double(getattr(layer, n)) for n in ("weight", "A", "B", "bias")]
+    if form == "full":
+        expected = x.double() @ operands[0].t() + operands[3]
+    else:
+        expected = reference_lowrank_linear(x.double(), *operands, layer.scale)
+    assert rel_err(layer(x), expected) < REL_TOL[torch.float32]
+    original = double(getattr(layer.parametrizations, name).original)
+    assert rel_err(operands[["weight", "A", "B", "bias"].index(name)], 2.0 * original) < 1e-12
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_every_form_reads_its_parameters(bias):
+    """The forward's parameter reads through a round of form changes, with and without a bias (a layer
+    without one holds ``bias`` as a plain attribute, not in ``_parameters``)."""
+    layer = FusedLowRankLinear(K, N, rank=R, bias=bias, form="lowrank", alpha=6.0)
+    x = torch.randn(T, K)
+    double = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    for change in (None, "inflate", "deflate", "inflate"):
+        if change == "deflate":
+            layer.deflate(init="random")
+        elif change:
+            layer.inflate()
+        weight, A, B, b = (double(getattr(layer, n)) for n in ("weight", "A", "B", "bias"))
+        if layer.form == "full":
+            expected = x.double() @ weight.t() + (0.0 if b is None else b)
+        else:
+            expected = reference_lowrank_linear(x.double(), weight, A, B, b, layer.scale)
+        assert rel_err(layer(x), expected) < REL_TOL[torch.float32], layer.form
+
+
+def test_full_form_names_input_mistakes():
+    layer = FusedLowRankLinear(K, N, rank=R, form="full")
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got list"):
+        layer([[1.0] * K])
+    with pytest.raises(TypeError, match="input has dtype torch.float64 but weight has torch.float32"):
+        layer(torch.randn(T, K, dtype=torch.float64))
+    with pytest.raises(ValueError, match="input is on meta but weight is on cpu"):
+        layer(torch.empty(T, K, device="meta"))
+
+
+# -- the backend variable's reader ----------------------------------------------------------------
+
+def test_the_environment_reader_sees_every_change(monkeypatch):
+    name = "DYNRANK_TEST_READER_VARIABLE"
+    monkeypatch.delenv(name, raising=False)
+    read = _backend._environ_reader(name)
+    assert read() is None
+    monkeypatch.setenv(name, "triton")
+    assert read() == "triton"
+    os.environ[name] = "tórch"          # non-ASCII round-trips as os.environ.get gives it
+    assert read() == os.environ.get(name) == "tórch"
+    del os.environ[name]
+    assert read() is None
+    # os.environ replaced (as some test helpers do): the reader follows the new mapping.
+    monkeypatch.setattr(os, "environ", {name: "auto"})
+    assert read() == "auto"
+
+
+def test_the_environment_reader_falls_back_without_cpythons_dict(monkeypatch):
+    class PlainMapping(dict):
+        """An environment without CPython's ``_data``/``encodekey``."""
+    name = "DYNRANK_TEST_READER_VARIABLE"
+    env = PlainMapping({name: "torch"})
+    monkeypatch.setattr(os, "environ", env)
+    read = _backend._environ_reader(name)
+    assert read() == "torch"
+    env[name] = "triton"
+    assert read() == "triton"
