@@ -87,6 +87,8 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
 
     The linear suite found ``FusedLowRankLinear`` in the lowrank form 0.4–0.99× as fast as two
     ``F.linear`` on the H200 although both run the same cuBLAS GEMMs, so the gap is host time.  The
+    conv layers follow, beside ``nn.Conv2d``, at a tiny image, and ``merge_`` beside a bare ``addmm_``
+    (a call, no backward).  The
     paths take turns within each of ``rounds`` rounds and each keeps its median round, so a CPU host's
     drift reaches every path alike.  On a CPU (fp32, one thread) the time is the host's whole cost of
     a call, its tiny math included.
@@ -96,7 +98,8 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
     import torch.nn.functional as F
     from torch import nn
 
-    from dynrank import FusedLowRankLinear
+    from dynrank import FusedLowRankLinear, LowRankConv2d
+    from dynrank.functional import merge_
 
     device = torch.device(device)
     kw = dict(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -112,6 +115,10 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
     lowrank = FusedLowRankLinear(features, features, rank, form="lowrank", **kw)
     adapter = FusedLowRankLinear(features, features, rank, form="adapter", alpha=16.0, **kw)
     adapter.bias.requires_grad_(False)
+    image = torch.randn(1, 8, 4, 4, requires_grad=True, **kw)
+    image_grad = torch.randn(1, 8, 4, 4, **kw)
+    conv = nn.Conv2d(8, 8, 3, padding=1, **kw)
+    convs = {form: LowRankConv2d(8, 8, 3, rank=2, padding=1, form=form, **kw) for form in ("full", "lowrank", "adapter")}
     triton = device.type == "cuda"
     paths = [
         ("nn.Linear", None, lambda: dense(x)),
@@ -123,7 +130,16 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
         ("unfused adapter (LoRA)", None, lambda: F.linear(x, weight, bias) + F.linear(F.linear(x, down), up) * 2.0),
         ("FusedLowRankLinear adapter", "torch", lambda: adapter(x)),
         *([("FusedLowRankLinear adapter", "triton", lambda: adapter(x))] if triton else []),
+        ("nn.Conv2d 8→8 3×3 on 1×8×4×4", None, lambda: conv(image)),
+        *((f"LowRankConv2d {form} (SVD, rank 2)", None, lambda layer=layer: layer(image))
+          for form, layer in convs.items()),
     ]
+    gradients = [image_grad if name.startswith(("nn.Conv2d", "LowRankConv2d")) else grad for name, _, _ in paths]
+    # The inflate-merge on the layer's weight (W += α·A·Bᵀ): no backward.
+    merge_target, A, B = weight.clone(), up.detach(), down.detach().t()
+    paths += [("W.addmm_(A, Bᵀ), bare", None, lambda: merge_target.addmm_(A, B.t(), alpha=1e-3)),
+              ("dynrank merge_", "torch", lambda: merge_(merge_target, A, B, 1e-3))]
+    gradients += [None, None]
     times = {index: ([], []) for index in range(len(paths))}
     saved = os.environ.pop("DYNRANK_BACKEND", None)
     try:
@@ -132,8 +148,9 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
                 if backend:
                     os.environ["DYNRANK_BACKEND"] = backend
                 times[index][0].append(host_microseconds(forward, calls, device))
-                times[index][1].append(host_microseconds(lambda forward=forward: forward().backward(grad), calls,
-                                                         device))
+                if gradients[index] is not None:
+                    times[index][1].append(host_microseconds(
+                        lambda forward=forward, grad=gradients[index]: forward().backward(grad), calls, device))
                 os.environ.pop("DYNRANK_BACKEND", None)
     finally:
         if saved is not None:
@@ -143,9 +160,9 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
                  + (f", median of {rounds} rounds" if rounds > 1 else "")
                  + f"), T{tokens} K=N={features} r{rank} {str(kw['dtype']).replace('torch.', '')} on {device.type}")
     for index, (name, backend, _) in enumerate(paths):
-        fwd, both = (statistics.median(t) for t in times[index])
+        fwd, both = (f"{statistics.median(t):8.1f}" if t else f"{'-':>8}" for t in times[index])
         label = f"{name}" + (f" ({backend})" if backend else "")
-        lines.append(f"  {label:<44} forward {fwd:8.1f}   forward+backward {both:8.1f}")
+        lines.append(f"  {label:<44} forward {fwd}   forward+backward {both}")
 
 
 def profile_adapter(lines, tokens, features, rank):

@@ -16,7 +16,9 @@ Two models, one group each, with every form side by side:
   ρ × min(in, out); embeddings, LayerNorms and the LM head stay dense, except
   in the ``lowrank-rho0.25+head`` case, whose 768 → 50257 head is lowrank at
   ρ = 0.25 too (the head alone is 29 % of the full step's multiply-adds, so
-  with it dense the ρ = 0.25 step cannot go below about 0.57× of full).
+  with it dense the ρ = 0.25 step cannot go below about 0.57× of full).  On
+  CUDA the full, ρ = 0.25 and ρ = 0.25 + head steps also run graphed, like
+  ResNet20's, with AdamW made capturable.
 
 Forms: ``full``, ``lowrank`` at ρ = 0.25 and 0.5, ``adapter`` at ρ = 0.5 (the
 rank a deflate after the ρ = 0.5 phase uses).  CUDA steps run under bf16
@@ -33,6 +35,7 @@ from torch.nn import functional as F
 import _bench_common as common
 import _bench_models as models
 from dynrank.train.loop import _autocast_factory
+from dynrank.train.steps import TrainStep
 
 FORMS = [("full", None), ("lowrank", 0.25), ("lowrank", 0.5), ("adapter", 0.5)]
 MODELS = ("resnet20", "transformer")
@@ -64,16 +67,33 @@ def make_resnet20_step(form, rank_ratio, cfg, device=common.DEVICE, decompositio
     return step, model, "dynrank.train.models.resnet20"
 
 
-def make_transformer_step(form, rank_ratio, cfg, device=common.DEVICE, factorize_head=False):
-    """Setup factory: (step callable, model, source) for the GPT-2-shaped LM in ``form``."""
+def make_transformer_step(form, rank_ratio, cfg, device=common.DEVICE, factorize_head=False, cuda_graphs=False,
+                          graphs=None):
+    """Setup factory: (step callable, model, source) for the GPT-2-shaped LM in ``form``.
+
+    Eager: forward, cross-entropy, backward and AdamW as plain calls.  ``cuda_graphs``: the same step
+    as ``dynrank.train.steps.TrainStep`` replays it (one captured graph, AdamW with
+    ``capturable=True``; the step also counts correct predictions, as dynrank-train's does), so the
+    host's launch time drops out and what is left is the GPU's.  ``graphs``: TrainStep's capture
+    backend (a stand-in lets a CPU test take the graphed path).
+    """
+    device = torch.device(device)
     make_linear = models.linear_factory(form, rank_ratio)
     model = models.TransformerLM(make_linear, vocab=cfg["vocab"], context=cfg["context"], dim=cfg["dim"],
                                  depth=cfg["depth"], heads=cfg["heads"],
                                  make_head=make_linear if factorize_head else torch.nn.Linear).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, capturable=cuda_graphs and device.type == "cuda")
     tokens = torch.randint(cfg["vocab"], (cfg["batch"], cfg["context"]), device=device)
     targets = torch.randint(cfg["vocab"], (cfg["batch"], cfg["context"]), device=device)
+    source = "benchmarks._bench_models.TransformerLM"
+    if cuda_graphs:
+        train_step = TrainStep(model, optimizer, model, _autocast, 0.0, cuda_graphs=True, graphs=graphs)
+
+        def graphed_step():
+            train_step(tokens, targets, 1e-4)
+            common.sync(device)
+        return graphed_step, model, source
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -83,7 +103,7 @@ def make_transformer_step(form, rank_ratio, cfg, device=common.DEVICE, factorize
         loss.backward()
         optimizer.step()
         common.sync(device)
-    return step, model, "benchmarks._bench_models.TransformerLM"
+    return step, model, source
 
 
 def _provider(form, rank_ratio, decomposition="svd", head=False):
@@ -101,12 +121,15 @@ def _case(model_name, form, rank_ratio, decomposition="svd", graphed=False, head
                         marks=marks)
 
 
-# ResNet20 also as graphed steps (dynrank-train --cuda-graphs serves its SGD runs).
+# Both models also as graphed steps (dynrank-train --cuda-graphs serves its SGD runs; the transformer's
+# graphed twins say how much of its eager step is the host's).
 CASES = ([_case(m, f, r) for m in MODELS for f, r in FORMS]
          + [_case("resnet20", "lowrank", 0.5, d) for d in CONV_DECOMPOSITIONS]
          + [_case("transformer", "lowrank", 0.25, head=True)]
          + [_case("resnet20", f, r, graphed=True) for f, r in FORMS]
-         + [_case("resnet20", "lowrank", 0.5, d, graphed=True) for d in CONV_DECOMPOSITIONS])
+         + [_case("resnet20", "lowrank", 0.5, d, graphed=True) for d in CONV_DECOMPOSITIONS]
+         + [_case("transformer", f, r, graphed=True) for f, r in (("full", None), ("lowrank", 0.25))]
+         + [_case("transformer", "lowrank", 0.25, graphed=True, head=True)])
 
 
 @pytest.mark.parametrize("model_name,form,rank_ratio,decomposition,graphed,head", CASES)
@@ -116,7 +139,7 @@ def test_training_step(benchmark, model_name, form, rank_ratio, decomposition, g
         step, model, source = make_resnet20_step(form, rank_ratio, cfg, decomposition=decomposition,
                                                  cuda_graphs=graphed)
     else:
-        step, model, source = make_transformer_step(form, rank_ratio, cfg, factorize_head=head)
+        step, model, source = make_transformer_step(form, rank_ratio, cfg, factorize_head=head, cuda_graphs=graphed)
         assert (getattr(model.head, "form", "dense") == form) == head, "the LM head is factorized only in +head"
     dtype = torch.bfloat16 if common.ON_CUDA else torch.float32
     group = (f"epoch {model_name} " + "-".join(f"{k}{v}" for k, v in cfg.items())
@@ -151,3 +174,33 @@ def test_training_step(benchmark, model_name, form, rank_ratio, decomposition, g
     elif full is not None:
         info["relative_to_full"] = mean / full[0]
         info["trainable_share"] = trainable / full[1]
+
+
+class _CallThroughGraphs:
+    """TrainStep's capture backend for a CPU: warm-up and capture run the step as a plain call."""
+
+    def warmup(self, fn):
+        return fn()
+
+    def capture(self, fn, optimizer):
+        return fn
+
+
+@pytest.mark.parametrize("form,rank_ratio", [("full", None), ("lowrank", 0.25)])
+def test_graphed_transformer_step_takes_the_eager_step(form, rank_ratio):
+    """The graphed transformer case steps as the eager one: same model, loss and AdamW, so after the
+    warm-up, capture and replays the weights agree (float32 on the CPU, the capture a plain call)."""
+    cfg = {"batch": 2, "context": 8, "vocab": 32, "dim": 16, "depth": 1, "heads": 2}
+    weights = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        step, model, _ = make_transformer_step(form, rank_ratio, cfg, device="cpu", cuda_graphs=graphed,
+                                               graphs=_CallThroughGraphs())
+        initial = [p.detach().clone() for p in model.parameters()]
+        for _ in range(4):      # two warm-ups, the capture, one replay
+            step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+        assert all(not torch.equal(p, q) for p, q in zip(weights[-1], initial) if p.requires_grad)
+    assert len(weights[0]) == len(weights[1])
+    for eager, graphed in zip(*weights):
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)

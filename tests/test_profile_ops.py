@@ -70,10 +70,15 @@ def test_host_time_per_call_on_cpu(profile_ops, monkeypatch):
     assert "median of 2 rounds" in lines[0] and lines[0].endswith("T4 K=N=8 r2 float32 on cpu")
     labels = [line.split(" forward ")[0].strip() for line in lines[1:]]
     assert labels == ["nn.Linear", "FusedLowRankLinear full", "unfused lowrank, two F.linear", "two nn.Linear modules",
-                      "FusedLowRankLinear lowrank (torch)", "unfused adapter (LoRA)", "FusedLowRankLinear adapter (torch)"]
-    for line in lines[1:]:
+                      "FusedLowRankLinear lowrank (torch)", "unfused adapter (LoRA)", "FusedLowRankLinear adapter (torch)",
+                      "nn.Conv2d 8→8 3×3 on 1×8×4×4", "LowRankConv2d full (SVD, rank 2)",
+                      "LowRankConv2d lowrank (SVD, rank 2)", "LowRankConv2d adapter (SVD, rank 2)",
+                      "W.addmm_(A, Bᵀ), bare", "dynrank merge_ (torch)"]
+    for line in lines[1:-2]:
         forward, both = (float(cell) for cell in line.split()[-3::2])
         assert forward > 0 and both > 0, line
+    for line in lines[-2:]:       # the merges: a call, no backward
+        assert float(line.split()[-3]) > 0 and line.split()[-1] == "-", line
     # The table switches the backend per path and puts the caller's setting back.
     assert os.environ["DYNRANK_BACKEND"] == "auto"
 
@@ -83,4 +88,4 @@ def test_cpu_run_writes_the_host_table(profile_ops, tmp_path):
     assert profile_ops.main(["--device", "cpu", "--rounds", "1", "--out", str(out)]) == 0
     header, _, title, *rows = out.read_text(encoding="utf-8").splitlines()
     assert "one thread" in header and torch.__version__ in header
-    assert title.startswith("host time per call") and len(rows) == 7
+    assert title.startswith("host time per call") and len(rows) == 13
