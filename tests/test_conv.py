@@ -361,3 +361,14 @@ def test_bad_forward_and_form_calls():
         layer.inflate().deflate(rank=99)
     with pytest.raises(TypeError, match="needs an nn.Conv2d"):
         LowRankConv2d.from_dense(nn.Linear(3, 3), rank=1)
+
+
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+def test_compiles_without_graph_break(form):
+    """The forward's error handling (checks after a failed op) traces whole under torch.compile."""
+    torch.manual_seed(0)
+    layer = make("svd", form=form)
+    randomize(layer)
+    x = torch.randn(2, 5, 8, 8, dtype=F64)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-12, atol=1e-12)

@@ -237,3 +237,29 @@ def test_the_environment_reader_falls_back_without_cpythons_dict(monkeypatch):
     assert read() == "torch"
     env[name] = "triton"
     assert read() == "triton"
+
+
+# -- merge_ -------------------------------------------------------------------------------------
+
+def test_merge_into_a_parameter_in_grad_mode():
+    """merge_ runs outside autograd whatever the mode: a trainable parameter is updated in place and
+    stays a leaf."""
+    gen = torch.Generator().manual_seed(0)
+    weight = nn.Parameter(torch.randn(N, K, generator=gen))
+    A, B = torch.randn(N, R, generator=gen, requires_grad=True), torch.randn(K, R, generator=gen)
+    expected = weight.detach().double() + 0.5 * A.detach().double() @ B.double().t()
+    assert F.merge_(weight, A, B, 0.5) is weight
+    assert weight.grad_fn is None and weight.requires_grad and torch.is_grad_enabled()
+    assert rel_err(weight, expected) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("args, exc, message", [
+    (([[0.0] * K] * N, torch.randn(N, R), torch.randn(K, R)), TypeError, "merge_ takes tensors, got weight of type list"),
+    ((torch.randn(N, K), torch.randn(N, R), None), TypeError, "got B of type NoneType"),
+    ((torch.randn(N, K), torch.randn(N, R), torch.randn(K + 1, R)), ValueError, r"A must have shape \(11, R\)"),
+    ((torch.randn(N, K), torch.randn(N, R, dtype=torch.float64), torch.randn(K, R, device="meta")), ValueError,
+     "one device"),
+], ids=["weight a list", "B None", "B's rows", "B on meta"])
+def test_merge_mistakes_are_named(args, exc, message):
+    with pytest.raises(exc, match=message):
+        F.merge_(*args)
