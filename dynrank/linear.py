@@ -170,6 +170,8 @@ class FusedLowRankLinear(FormLayer):
     def forward(self, x):
         if self._form == "full":
             weight, bias = self._read("weight"), self._read("bias")
+            if isinstance(x, torch.Tensor) and x.is_meta != weight.is_meta:
+                self._check_input(x, weight)   # torch mixes meta and real tensors silently
             try:
                 return F.linear(x, weight, bias)
             except (RuntimeError, TypeError):

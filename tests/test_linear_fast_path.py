@@ -207,6 +207,8 @@ def test_full_form_names_input_mistakes():
         layer(torch.randn(T, K, dtype=torch.float64))
     with pytest.raises(ValueError, match="input is on meta but weight is on cpu"):
         layer(torch.empty(T, K, device="meta"))
+    with pytest.raises(ValueError, match="input is on cpu but weight is on meta"):
+        layer.to("meta")(torch.randn(T, K))
 
 
 # -- the backend variable's reader ----------------------------------------------------------------
