@@ -88,9 +88,8 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
     The linear suite found ``FusedLowRankLinear`` in the lowrank form 0.4–0.99× as fast as two
     ``F.linear`` on the H200 although both run the same cuBLAS GEMMs, so the gap is host time.  The
     conv layers follow, beside ``nn.Conv2d``, at a tiny image, and ``merge_`` beside a bare ``addmm_``
-    (a call, no backward).  The
-    paths take turns within each of ``rounds`` rounds and each keeps its median round, so a CPU host's
-    drift reaches every path alike.  On a CPU (fp32, one thread) the time is the host's whole cost of
+    (a call, no backward).  The paths take turns within each of ``rounds`` rounds and each keeps its
+    median round, so a CPU host's drift reaches every path alike.  On a CPU (fp32, one thread) the time is the host's whole cost of
     a call, its tiny math included.
     """
     import statistics
@@ -120,37 +119,37 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
     conv = nn.Conv2d(8, 8, 3, padding=1, **kw)
     convs = {form: LowRankConv2d(8, 8, 3, rank=2, padding=1, form=form, **kw) for form in ("full", "lowrank", "adapter")}
     triton = device.type == "cuda"
-    paths = [
-        ("nn.Linear", None, lambda: dense(x)),
-        ("FusedLowRankLinear full", None, lambda: full(x)),
-        ("unfused lowrank, two F.linear", None, lambda: F.linear(F.linear(x, down), up, bias)),
-        ("two nn.Linear modules", None, lambda: two(x)),
-        ("FusedLowRankLinear lowrank", "torch", lambda: lowrank(x)),
-        *([("FusedLowRankLinear lowrank", "triton", lambda: lowrank(x))] if triton else []),
-        ("unfused adapter (LoRA)", None, lambda: F.linear(x, weight, bias) + F.linear(F.linear(x, down), up) * 2.0),
-        ("FusedLowRankLinear adapter", "torch", lambda: adapter(x)),
-        *([("FusedLowRankLinear adapter", "triton", lambda: adapter(x))] if triton else []),
-        ("nn.Conv2d 8→8 3×3 on 1×8×4×4", None, lambda: conv(image)),
-        *((f"LowRankConv2d {form} (SVD, rank 2)", None, lambda layer=layer: layer(image))
-          for form, layer in convs.items()),
-    ]
-    gradients = [image_grad if name.startswith(("nn.Conv2d", "LowRankConv2d")) else grad for name, _, _ in paths]
-    # The inflate-merge on the layer's weight (W += α·A·Bᵀ): no backward.
     merge_target, A, B = weight.clone(), up.detach(), down.detach().t()
-    paths += [("W.addmm_(A, Bᵀ), bare", None, lambda: merge_target.addmm_(A, B.t(), alpha=1e-3)),
-              ("dynrank merge_", "torch", lambda: merge_(merge_target, A, B, 1e-3))]
-    gradients += [None, None]
-    times = {index: ([], []) for index in range(len(paths))}
+    # (name, backend, call, gradient of its output: None where the call has no backward)
+    paths = [
+        ("nn.Linear", None, lambda: dense(x), grad),
+        ("FusedLowRankLinear full", None, lambda: full(x), grad),
+        ("unfused lowrank, two F.linear", None, lambda: F.linear(F.linear(x, down), up, bias), grad),
+        ("two nn.Linear modules", None, lambda: two(x), grad),
+        ("FusedLowRankLinear lowrank", "torch", lambda: lowrank(x), grad),
+        *([("FusedLowRankLinear lowrank", "triton", lambda: lowrank(x), grad)] if triton else []),
+        ("unfused adapter (LoRA)", None, lambda: F.linear(x, weight, bias) + F.linear(F.linear(x, down), up) * 2.0,
+         grad),
+        ("FusedLowRankLinear adapter", "torch", lambda: adapter(x), grad),
+        *([("FusedLowRankLinear adapter", "triton", lambda: adapter(x), grad)] if triton else []),
+        ("nn.Conv2d 8→8 3×3 on 1×8×4×4", None, lambda: conv(image), image_grad),
+        *((f"LowRankConv2d {form} (SVD, rank 2)", None, lambda layer=layer: layer(image), image_grad)
+          for form, layer in convs.items()),
+        # The inflate-merge on the layer's weight (W += α·A·Bᵀ).
+        ("W.addmm_(A, Bᵀ), bare", None, lambda: merge_target.addmm_(A, B.t(), alpha=1e-3), None),
+        ("dynrank merge_", "torch", lambda: merge_(merge_target, A, B, 1e-3), None),
+    ]
+    times = [([], []) for _ in paths]
     saved = os.environ.pop("DYNRANK_BACKEND", None)
     try:
         for _ in range(rounds):
-            for index, (_, backend, forward) in enumerate(paths):
+            for (_, backend, call, out_grad), (call_times, both_times) in zip(paths, times):
                 if backend:
                     os.environ["DYNRANK_BACKEND"] = backend
-                times[index][0].append(host_microseconds(forward, calls, device))
-                if gradients[index] is not None:
-                    times[index][1].append(host_microseconds(
-                        lambda forward=forward, grad=gradients[index]: forward().backward(grad), calls, device))
+                call_times.append(host_microseconds(call, calls, device))
+                if out_grad is not None:
+                    both_times.append(host_microseconds(
+                        lambda call=call, out_grad=out_grad: call().backward(out_grad), calls, device))
                 os.environ.pop("DYNRANK_BACKEND", None)
     finally:
         if saved is not None:
@@ -159,8 +158,8 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
     lines.append(f"\nhost time per call (µs, {what.format(calls=calls)}"
                  + (f", median of {rounds} rounds" if rounds > 1 else "")
                  + f"), T{tokens} K=N={features} r{rank} {str(kw['dtype']).replace('torch.', '')} on {device.type}")
-    for index, (name, backend, _) in enumerate(paths):
-        fwd, both = (f"{statistics.median(t):8.1f}" if t else f"{'-':>8}" for t in times[index])
+    for (name, backend, _, _), path_times in zip(paths, times):
+        fwd, both = (f"{statistics.median(t):8.1f}" if t else f"{'-':>8}" for t in path_times)
         label = f"{name}" + (f" ({backend})" if backend else "")
         lines.append(f"  {label:<44} forward {fwd}   forward+backward {both}")
 

@@ -21,8 +21,8 @@ from torch import nn
 __all__ = ["FORMS", "DEFLATE_INITS", "FormLayer"]
 
 FORMS = ("lowrank", "full", "adapter")
-_UNSET = object()
 DEFLATE_INITS = ("zeros", "random", "svd")
+_UNSET = object()   # FormLayer._read: a name not in _parameters
 
 
 def check_form(form):
