@@ -16,6 +16,7 @@ import contextlib
 import functools
 import importlib
 import importlib.metadata
+import itertools
 import os
 import platform
 import time
@@ -24,14 +25,18 @@ import torch
 
 __all__ = [
     "DEVICE", "ON_CUDA", "PASSES", "grid_mode", "sync", "cpu_model", "device_name", "versions", "roofline",
-    "describe", "finish", "make_pass", "warm_up", "optional_module", "require_module",
+    "describe", "finish", "make_pass", "warm_up", "TIMINGS", "QUEUED_CALLS", "benchmark_queued", "optional_module", "require_module",
     "compile_enabled", "dtype_name", "flops_of", "env_override", "cuda_only_param", "measured_rooflines",
-    "RESULTS", "triton_forced",
+    "RESULTS", "triton_forced", "node_forced",
 ]
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
 PASSES = ("forward", "backward", "fwd+bwd")
+# How a pass is timed: ``call`` synchronizes after every call (latency: the host's time up to the
+# first launch counts); ``queued`` queues QUEUED_CALLS calls and synchronizes once (throughput).
+TIMINGS = ("call", "queued")
+QUEUED_CALLS = 20
 GRIDS = ("cpu", "targets", "full")
 
 # Results of finished benchmarks in this session, by group (the epoch suite
@@ -167,6 +172,24 @@ def triton_forced(fn):
     return run
 
 
+def node_forced(fn):
+    """``fn`` with the adapter's one autograd node forced on dynrank's torch path, at every size.
+
+    The torch path runs adapters below ``dynrank.functional._NODE_MIN_WORK`` (tokens × in × out)
+    on autograd's own nodes; the provider ``dynrank_node`` and ``profile_ops.py`` time the node
+    beside that, which is what the threshold is set from.
+    """
+    from dynrank import functional
+
+    def run(*args, **kwargs):
+        saved, functional._NODE_MIN_WORK = functional._NODE_MIN_WORK, 0
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            functional._NODE_MIN_WORK = saved
+    return run
+
+
 def cuda_only_param(values, id_, reason):
     """A parameter that exists in every grid but runs only on CUDA (visible skip elsewhere)."""
     import pytest
@@ -233,7 +256,7 @@ def measured_rooflines():
 # Timed passes
 # ---------------------------------------------------------------------------
 
-def make_pass(pass_, forward, leaves, device=DEVICE):
+def make_pass(pass_, forward, leaves, device=DEVICE, synchronize=True):
     """The timed function of one pass.
 
     Args:
@@ -242,18 +265,21 @@ def make_pass(pass_, forward, leaves, device=DEVICE):
         leaves: tensors whose ``.grad`` a backward fills (input and trainable
             parameters); set to None before each backward, like
             ``zero_grad(set_to_none=True)``, so no timed backward accumulates.
+        synchronize: end every call with a CUDA synchronize (``call`` timing);
+            :func:`benchmark_queued` takes a pass made with False.
 
     The backward pass runs the forward once, untimed, and replays the backward
     of that graph (``retain_graph=True``) on every call.
     """
+    if pass_ not in PASSES:
+        raise ValueError(f"pass must be one of {', '.join(PASSES)}, got {pass_!r}")
+    finish_call = (lambda: sync(device)) if synchronize else (lambda: None)
     if pass_ == "forward":
         def run():
             out = forward()
-            sync(device)
+            finish_call()
             return out
         return run
-    if pass_ not in ("backward", "fwd+bwd"):
-        raise ValueError(f"pass must be one of {', '.join(PASSES)}, got {pass_!r}")
     if pass_ == "backward":
         out = forward()
         grad_out = torch.randn_like(out)
@@ -262,7 +288,7 @@ def make_pass(pass_, forward, leaves, device=DEVICE):
             for leaf in leaves:
                 leaf.grad = None
             out.backward(grad_out, retain_graph=True)
-            sync(device)
+            finish_call()
         return run
     grad_out = torch.randn_like(forward().detach())
 
@@ -270,8 +296,52 @@ def make_pass(pass_, forward, leaves, device=DEVICE):
         for leaf in leaves:
             leaf.grad = None
         forward().backward(grad_out)
-        sync(device)
+        finish_call()
     return run
+
+
+def benchmark_queued(benchmark, run, config, calls=QUEUED_CALLS, device=DEVICE):
+    """Time ``run`` (a pass made with ``synchronize=False``) as a training loop runs it: queued.
+
+    Each round queues ``calls`` calls back to back and synchronizes once, at its
+    end; pytest-benchmark records the round's time over ``calls``.  On a GPU the
+    host then prepares the next calls while the device works, so a call costs
+    about the larger of its host time and its device time, where ``call`` timing
+    (a synchronize after each call) adds the host's time up to the first launch
+    to every call.  The first round is untimed (allocator, autotuning) and sizes
+    the rest to ``--benchmark-max-time``, with at least ``--benchmark-min-rounds``.
+
+    Args:
+        config: pytest's config (the ``pytestconfig`` fixture), for those two options.
+        calls: calls per round, at least 1.
+
+    Returns:
+        the rounds timed (0 with ``--benchmark-disable``, where ``run`` is called once).
+    """
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+        raise ValueError(f"calls must be a positive int, got {calls!r}")
+    if not benchmark.enabled:
+        run()
+        sync(device)
+        return 0
+    count = itertools.count(1)
+
+    def queued():
+        run()
+        if next(count) % calls == 0:
+            sync(device)
+
+    start = time.perf_counter()
+    for _ in range(calls):
+        queued()
+    round_seconds = time.perf_counter() - start
+    max_time = float(config.getoption("benchmark_max_time"))
+    min_rounds = int(config.getoption("benchmark_min_rounds"))
+    rounds = max(min_rounds, min(1000, int(max_time / max(round_seconds, 1e-9))))
+    benchmark.pedantic(queued, rounds=rounds, iterations=calls)
+    # pedantic calls once more for a result after its rounds: that call is not timed.
+    sync(device)
+    return rounds
 
 
 def warm_up(benchmark, fn, calls=3):

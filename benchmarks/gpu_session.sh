@@ -75,7 +75,7 @@ bench() {
     timeout 100 python3 benchmarks/profile_ops.py --out "$RES/profile.txt" > "$RES/profile.log" 2>&1
     tail -n 3 "$RES/profile.log"
     # Most needed first: the linear targets, the adapter's forward/backward split (v0.6 launches its
-    # big GEMM first: the forward is where that shows), the training steps (graphed too, the
+    # big GEMM first: the forward is where that shows), the targets' layers queued, the training steps (graphed too, the
     # transformer's included), the target merges, the merge kernel's tile configs by GPU time.  The
     # engine diagnosis (its fault of 2026-11-26 did not recur on 2026-11-27), the conv merges, the
     # engine's tile sweep and the conv layers: only with BENCH_ALL=1.
@@ -83,6 +83,9 @@ bench() {
         -k "fwd and not (torch_compile and lowrank) and (target or not torch_compile)"
     suite linear_split 40 benchmarks/test_bench_linear.py \
         -k "(forward or backward) and target and (adapter or dense_frozen) and not torch_compile"
+    # The same layers queued as a training loop runs them (one synchronize per 20 calls): throughput.
+    suite linear_queued 50 benchmarks/test_bench_linear.py \
+        -k "queued and (target or r512) and (unfused or peft or dense_frozen or dynrank-lowrank or dynrank-adapter or dynrank_node)"
     suite epoch 110 benchmarks/test_bench_epoch.py
     [ "${BENCH_ALL:-0}" != 1 ] && suite merge 25 benchmarks/test_bench_merge.py -k "test_merge and target"
     sweep sweep_merge.py 60 sweep-merge.md

@@ -100,6 +100,9 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
     from dynrank import FusedLowRankLinear, LowRankConv2d
     from dynrank.functional import merge_
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _bench_common import node_forced
+
     device = torch.device(device)
     kw = dict(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     x = torch.randn(tokens, features, requires_grad=True, **kw)
@@ -131,6 +134,7 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
         ("unfused adapter (LoRA)", None, lambda: F.linear(x, weight, bias) + F.linear(F.linear(x, down), up) * 2.0,
          grad),
         ("FusedLowRankLinear adapter", "torch", lambda: adapter(x), grad),
+        ("FusedLowRankLinear adapter, one node", "torch", node_forced(lambda: adapter(x)), grad),
         *([("FusedLowRankLinear adapter", "triton", lambda: adapter(x), grad)] if triton else []),
         ("nn.Conv2d 8→8 3×3 on 1×8×4×4", None, lambda: conv(image), image_grad),
         *((f"LowRankConv2d {form} (SVD, rank 2)", None, lambda layer=layer: layer(image), image_grad)
@@ -176,20 +180,30 @@ def profile_adapter(lines, tokens, features, rank):
     layer.bias.requires_grad_(False)
     x = torch.randn(tokens, features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(tokens, features, device="cuda", dtype=torch.bfloat16)
-    for backend in ("triton", "torch"):
+    from dynrank import functional as DF
+
+    default_min_work = DF._NODE_MIN_WORK
+    # The torch path twice: as it runs at this size, and through its one autograd node.
+    for backend, node_min_work in (("triton", default_min_work), ("torch", default_min_work), ("torch", 0)):
         os.environ["DYNRANK_BACKEND"] = backend
+        DF._NODE_MIN_WORK = node_min_work
 
         def step():
             x.grad = layer.A.grad = layer.B.grad = None
             layer(x).backward(grad)
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
+        try:
+            for _ in range(5):
                 step()
             torch.cuda.synchronize()
-        lines.append(f"\nadapter fwd+bwd T{tokens} K=N={features} r{rank} bf16, DYNRANK_BACKEND={backend}, "
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    step()
+                torch.cuda.synchronize()
+        finally:
+            DF._NODE_MIN_WORK = default_min_work
+        path = ("" if backend == "triton" else ", one autograd node" if tokens * features * features >= node_min_work
+                else ", autograd's nodes")
+        lines.append(f"\nadapter fwd+bwd T{tokens} K=N={features} r{rank} bf16, DYNRANK_BACKEND={backend}{path}, "
                      f"10 steps")
         lines.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
     os.environ.pop("DYNRANK_BACKEND", None)

@@ -17,7 +17,12 @@ torch_compile      adapter   the same function under ``torch.compile``
 peft               adapter   ``peft.tuners.lora.Linear`` around a frozen ``nn.Linear``
 dynrank            adapter   ``FusedLowRankLinear(form="adapter")``
 dynrank_triton     both      the same layers with the Triton kernels forced (CUDA)
+dynrank_node       adapter   the adapter through its one autograd node at every size
 =================  ========  =====================================================
+
+``test_linear`` times each call to its synchronize (latency); ``test_linear_queued``
+times forward+backward with 20 calls queued per synchronize (throughput: see
+``_bench_common.benchmark_queued``), in groups ``linear fwd+bwd queued …``.
 
 FLOPs per call are the useful work of the form (same for every provider):
 forward 2TKN (dense) / 2Tr(K+N) (low-rank term); backward adds dx (2TKN),
@@ -83,7 +88,7 @@ PROVIDERS = [
     ("dense", "full"), ("dense_frozen", "full"), ("dynrank", "full"),
     ("torch_unfused", "lowrank"), ("torch_compile", "lowrank"), ("dynrank", "lowrank"),
     ("torch_unfused", "adapter"), ("torch_compile", "adapter"), ("peft", "adapter"), ("dynrank", "adapter"),
-    ("dynrank_triton", "lowrank"), ("dynrank_triton", "adapter"),
+    ("dynrank_triton", "lowrank"), ("dynrank_triton", "adapter"), ("dynrank_node", "adapter"),
 ]
 
 
@@ -141,7 +146,7 @@ def make_linear(provider, form, case, device=common.DEVICE):
         layer.requires_grad_(provider == "dense")
         return layer, [p for p in layer.parameters() if p.requires_grad]
 
-    if provider in ("dynrank", "dynrank_triton"):
+    if provider in ("dynrank", "dynrank_triton", "dynrank_node"):
         from dynrank import FusedLowRankLinear
 
         layer = FusedLowRankLinear(K, N, r, bias=True, form=form,
@@ -150,7 +155,9 @@ def make_linear(provider, form, case, device=common.DEVICE):
             _small_(layer.A)
             layer.bias.requires_grad_(False)  # frozen with W_f, as in LoRA fine-tuning
         params = [p for p in layer.parameters() if p.requires_grad]
-        return (layer if provider == "dynrank" else common.triton_forced(layer)), params
+        if provider == "dynrank_triton":
+            return common.triton_forced(layer), params
+        return (common.node_forced(layer) if provider == "dynrank_node" else layer), params
 
     if provider in ("torch_unfused", "torch_compile"):
         # The usual LoRA layout: down (r, K), up (N, r), both as nn.Linear weights.
@@ -194,24 +201,43 @@ def make_linear(provider, form, case, device=common.DEVICE):
     raise ValueError(f"unknown provider {provider!r}")
 
 
+def _time_linear(benchmark, provider, form, pass_, case, timing, pytestconfig=None):
+    """Build one provider's layer for ``case``, time ``pass_`` with ``timing`` and record it."""
+    fwd_layer, params = make_linear(provider, form, case)
+    x = torch.randn(case.tokens, case.in_features, device=common.DEVICE, dtype=case.dtype,
+                    requires_grad=True)
+    queued = timing == "queued"
+    run = common.make_pass(pass_, lambda: fwd_layer(x), [x, *params], synchronize=not queued)
+    common.describe(
+        benchmark, suite="linear", provider=provider, form=form, pass_=pass_, dtype=case.dtype,
+        group=f"linear {pass_}{' queued' if queued else ''} {case.id}", target=case.target,
+        shape={"tokens": case.tokens, "in_features": case.in_features, "out_features": case.out_features},
+        rank=case.rank, trainable_weight=provider == "dense" or (provider == "dynrank" and form == "full"),
+        timing=timing,
+    )
+    common.warm_up(benchmark, run)
+    if queued:
+        benchmark.extra_info["calls_per_round"] = common.QUEUED_CALLS
+        common.benchmark_queued(benchmark, run, pytestconfig)
+    else:
+        benchmark(run)
+    flops = linear_flops(case, form, pass_, benchmark.extra_info["trainable_weight"])
+    common.finish(benchmark, flops=flops, dtype=case.dtype)
+
+
 @pytest.mark.parametrize("case", _case_params())
 @pytest.mark.parametrize("pass_", common.PASSES)
 @pytest.mark.parametrize("provider,form", PROVIDERS, ids=[f"{p}-{f}" for p, f in PROVIDERS])
 def test_linear(benchmark, provider, form, pass_, case):
-    fwd_layer, params = make_linear(provider, form, case)
-    x = torch.randn(case.tokens, case.in_features, device=common.DEVICE, dtype=case.dtype,
-                    requires_grad=True)
-    run = common.make_pass(pass_, lambda: fwd_layer(x), [x, *params])
-    common.describe(
-        benchmark, suite="linear", provider=provider, form=form, pass_=pass_, dtype=case.dtype,
-        group=f"linear {pass_} {case.id}", target=case.target,
-        shape={"tokens": case.tokens, "in_features": case.in_features, "out_features": case.out_features},
-        rank=case.rank, trainable_weight=provider == "dense" or (provider == "dynrank" and form == "full"),
-    )
-    common.warm_up(benchmark, run)
-    benchmark(run)
-    flops = linear_flops(case, form, pass_, benchmark.extra_info["trainable_weight"])
-    common.finish(benchmark, flops=flops, dtype=case.dtype)
+    """Each call timed to its synchronize: latency, the host's time up to the first launch included."""
+    _time_linear(benchmark, provider, form, pass_, case, "call")
+
+
+@pytest.mark.parametrize("case", _case_params())
+@pytest.mark.parametrize("provider,form", PROVIDERS, ids=[f"{p}-{f}" for p, f in PROVIDERS])
+def test_linear_queued(benchmark, pytestconfig, provider, form, case):
+    """Forward+backward queued as a training loop runs it (one synchronize per round): throughput."""
+    _time_linear(benchmark, provider, form, "fwd+bwd", case, "queued", pytestconfig)
 
 
 @pytest.mark.parametrize("provider,form", PROVIDERS, ids=[f"{p}-{f}" for p, f in PROVIDERS])

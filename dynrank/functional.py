@@ -312,6 +312,31 @@ def _torch_would_catch(x, weight, A, B, bias):
                                   and not bias.is_meta)))
 
 
+# Tokens × in × out from which the adapter's eager torch path takes its one autograd node.  Below,
+# autograd's own nodes serve (_adapter_on_autograd): they cost the host about 80 µs less per
+# forward+backward on a CPU host, while the node's backward saves two T × K passes (the input
+# gradient summed in place).  On an H200 (4.1 TB/s, bf16) those passes take under 30 µs below this
+# size, less than the host time saved wherever the host is on the critical path, and the layer's
+# GEMMs take well under a millisecond there (KERNEL_NOTES.md, v0.7).
+_NODE_MIN_WORK = 1 << 37
+
+
+def _adapter_on_autograd(x, weight, A, B, bias, scale):
+    """The adapter form on autograd's own nodes: ``s·(x·B)·Aᵀ + bias``, then ``+= x·W_fᵀ`` in place.
+
+    The big GEMM is the forward's last op, so it is the backward's first (``dx = dy·W_f``), and
+    the scale rides on the small GEMM's alpha (its gradients are T × R and R × N): no pass over
+    a T × N tensor beyond the GEMMs' own.  ``x`` is 2-D.
+    """
+    xb = x @ B
+    if bias is None and scale == 1.0:
+        small = xb @ A.t()
+    else:
+        beta = 0.0 if bias is None else 1.0
+        small = torch.addmm(_beta0_input(xb) if bias is None else bias, xb, A.t(), beta=beta, alpha=scale)
+    return small.addmm_(x, weight.t())
+
+
 def _torch_lowrank_linear(x, weight, A, B, bias, scale):
     """``lowrank_linear`` on the torch engine, eager mode, operands not yet checked (see its caller)."""
     if weight is None:
@@ -321,8 +346,10 @@ def _torch_lowrank_linear(x, weight, A, B, bias, scale):
         xb = x @ B
         return torch.nn.functional.linear(xb if scale == 1.0 else xb * scale, A, bias)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if x2.shape[0] * weight.shape[0] * weight.shape[1] < _NODE_MIN_WORK:
+        y = _adapter_on_autograd(x2, weight, A, B, bias, float(scale))
+    elif torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or weight.requires_grad
+                                      or (bias is not None and bias.requires_grad)):
         with torch.no_grad():
             # The big GEMM launched before the autograd node is built (see _torch_forward).
             dense = torch.nn.functional.linear(x2, weight, bias)

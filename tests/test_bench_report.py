@@ -20,6 +20,7 @@ def _bench(group, suite, provider, form, pass_, mean, median=None, **extra):
 
 T1 = "linear fwd+bwd T2048-K4096-N4096-r16-bfloat16-target"
 T2 = "linear fwd+bwd T4096-K4096-N4096-r16-bfloat16-target"
+Q1 = "linear fwd+bwd queued T2048-K4096-N4096-r16-bfloat16-target"
 LR = "linear forward T4096-K4000-N4000-r16-bfloat16"
 MERGE = "merge N4096-K4096-r16-bfloat16-target"
 EPOCH = "epoch transformer batch8"
@@ -40,6 +41,10 @@ def data():
         _bench(T2, "linear", "torch_compile", "adapter", "fwd+bwd", 1.2e-3, target=True),
         _bench(T2, "linear", "dense_frozen", "full", "fwd+bwd", 1.0e-3, target=True),
         _bench(T2, "linear", "dynrank", "adapter", "fwd+bwd", 1.0e-3, target=True),
+        # Target shape 1 queued (one synchronize per round): 1.20× over unfused, 1.02× of dense frozen.
+        _bench(Q1, "linear", "torch_unfused", "adapter", "fwd+bwd", 1.2e-3, target=True, timing="queued"),
+        _bench(Q1, "linear", "dense_frozen", "full", "fwd+bwd", 0.98e-3, target=True, timing="queued"),
+        _bench(Q1, "linear", "dynrank", "adapter", "fwd+bwd", 1.0e-3, target=True, timing="queued"),
         # A non-target shape where dynrank's lowrank form is 5 % slower than unfused.
         _bench(LR, "linear", "torch_unfused", "lowrank", "forward", 1.0e-4),
         _bench(LR, "linear", "dynrank", "lowrank", "forward", 1.05e-4),
@@ -120,6 +125,17 @@ def test_targets(report, data):
     assert targets["merge: speedup over addmm_ (worst)"]["status"] == "met"
     step = targets["transformer training step, lowrank ρ = 0.25, over full rank"]
     assert step["measured"] == "0.500×" and step["status"] == "met"
+    graphed = targets["transformer training step (CUDA graphs), lowrank ρ = 0.25, over full rank"]
+    assert graphed["measured"] == "0.625×" and graphed["status"] == "missed by 4.2 %"
+    # Queued rows make their own targets, and never enter the per-call ones (those are the two
+    # shapes above: a queued row in them would change the average and the worst case).
+    queued = targets["adapter fwd+bwd queued, target shapes: speedup over unfused torch (average)"]
+    assert queued["measured"] == "1.20× (1 shape)" and queued["status"] == "missed by 7.7 %"
+    frozen = targets["adapter fwd+bwd queued, target shapes: time over dense frozen-weight linear (worst)"]
+    assert frozen["measured"].startswith("1.020×") and Q1 in frozen["measured"] and frozen["status"] == "met"
+    assert targets["adapter fwd+bwd queued, target shapes: speedup over torch.compile (average)"]["status"] == "no data"
+    every = targets["every linear shape and pass queued: speedup over unfused torch (worst)"]
+    assert every["measured"].startswith("1.200×") and every["status"] == "met"
 
 
 def test_targets_without_data(report):

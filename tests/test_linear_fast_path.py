@@ -116,32 +116,69 @@ class _GemmLog(TorchDispatchMode):
         return out
 
 
+@pytest.fixture(params=["autograd", "node"])
+def adapter_path(request, monkeypatch):
+    """Each of the adapter's two eager torch paths, whatever the operands' size: autograd's own nodes
+    (below ``_NODE_MIN_WORK``) or the one autograd node over the engine's ops."""
+    monkeypatch.setattr(F, "_NODE_MIN_WORK", 1 << 62 if request.param == "autograd" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
-def test_adapter_launches_the_big_gemm_first(grad):
-    """x·W_fᵀ is the forward's first GEMM and dy·W_f the backward's: on a GPU the host's work on the
-    small ones then overlaps the big one instead of delaying its launch."""
+def test_adapter_gemm_order(adapter_path, grad):
+    """dy·W_f is the backward's first GEMM on both paths.  The node's forward launches x·W_fᵀ first,
+    before the node is built; on autograd's nodes it is the forward's last op, which is what makes it
+    the backward's first.  On a GPU the host's work on the small GEMMs then overlaps a big one."""
     ops = _operands(True)
     A = ops["A"].requires_grad_(grad)
     B = ops["B"].requires_grad_(grad)
     x = ops["x"].requires_grad_(grad)
     with _GemmLog() as forward:
         y = F.lowrank_linear(x, ops["weight"], A, B, ops["bias"], 0.5)
-    assert forward.gemms[0] == ((T, K), (T, N))
-    assert sorted(forward.gemms[1:]) == sorted([((T, K), (T, R)), ((T, R), (T, N))])
+    big, small = ((T, K), (T, N)), [((T, K), (T, R)), ((T, R), (T, N))]
+    if adapter_path == "node":
+        assert forward.gemms[0] == big and sorted(forward.gemms[1:]) == sorted(small)
+    else:
+        assert forward.gemms == small + [big]
     expected = reference_lowrank_linear(*(t.detach().double() for t in (x, ops["weight"], A, B, ops["bias"])), 0.5)
     assert rel_err(y, expected) < REL_TOL[torch.float32]
     if not grad:
         assert y.grad_fn is None
         return
+    assert (type(y.grad_fn).__name__ == "_EagerLowRankLinearBackward") == (adapter_path == "node")
     with _GemmLog() as backward:
         y.backward(torch.randn(T, N))
     assert backward.gemms[0] == ((T, N), (T, K))
     assert len(backward.gemms) == 5
 
 
-def test_inference_path_matches_the_training_path():
-    """With nothing to differentiate the adapter runs the engine's ops without the autograd node:
-    the same ops in the same order, so the same bits."""
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_adapter_paths_agree_in_value_and_gradients(scale, with_bias, monkeypatch):
+    """Autograd's nodes and the one node give the float64 reference's output and gradients (bias
+    included), with and without a bias and a scale; float64 operands, so the two agree to rounding."""
+    ops = _operands(True, bias=torch.randn(N) if with_bias else None)
+    ops = {k: (None if v is None else v.double().requires_grad_(k != "weight")) for k, v in ops.items()}
+    dy = torch.randn(T, N, dtype=torch.float64)
+    results = {}
+    for path, limit in (("autograd", 1 << 62), ("node", 0)):
+        monkeypatch.setattr(F, "_NODE_MIN_WORK", limit)
+        y = F.lowrank_linear(ops["x"], ops["weight"], ops["A"], ops["B"], ops["bias"], scale)
+        leaves = [ops[k] for k in ("x", "A", "B", "bias") if ops[k] is not None]
+        results[path] = (y, *torch.autograd.grad(y, leaves, dy))
+    x, W, A, B, b = (ops[k] for k in ("x", "weight", "A", "B", "bias"))
+    expected = x @ W.T + scale * (x @ B) @ A.T + (0 if b is None else b)
+    grads = [dy @ W + scale * dy @ A @ B.T, scale * dy.T @ (x @ B), scale * x.T @ (dy @ A)]
+    grads += [dy.sum(0)] if b is not None else []
+    for path, (y, *got) in results.items():
+        assert torch.allclose(y, expected, rtol=1e-12, atol=1e-12), path
+        for g, e in zip(got, grads):
+            assert torch.allclose(g, e, rtol=1e-12, atol=1e-12), path
+
+
+def test_inference_path_matches_the_training_path(adapter_path):
+    """With nothing to differentiate the adapter runs the same ops in the same order without an
+    autograd graph, so the same bits."""
     ops = _operands(True)
     A = ops["A"].requires_grad_()
     trained = F.lowrank_linear(ops["x"], ops["weight"], A, ops["B"], ops["bias"], 0.5)
@@ -149,6 +186,19 @@ def test_inference_path_matches_the_training_path():
         inferred = F.lowrank_linear(ops["x"], ops["weight"], A, ops["B"], ops["bias"], 0.5)
     assert trained.grad_fn is not None and inferred.grad_fn is None
     assert torch.equal(trained, inferred)
+
+
+@pytest.mark.parametrize("tokens, path", [(8191, "autograd"), (8192, "node")])
+def test_the_adapter_takes_the_node_from_the_threshold(monkeypatch, tokens, path):
+    """T·K·N below ``_NODE_MIN_WORK`` runs on autograd's nodes, from it on the one node (the paths
+    replaced by stand-ins that say which ran: the choice is made from the shapes alone)."""
+    calls = []
+    monkeypatch.setattr(F, "_adapter_on_autograd", lambda *args: calls.append("autograd") or args[0] @ args[1].t())
+    monkeypatch.setattr(F._EagerLowRankLinear, "apply", lambda *args: calls.append("node") or args[0] @ args[1].t())
+    monkeypatch.setattr(F, "_NODE_MIN_WORK", 8192 * 4 * 2)
+    x = torch.randn(tokens, 4, requires_grad=True)
+    F.lowrank_linear(x, torch.randn(2, 4), torch.randn(2, 1), torch.randn(4, 1), None, 1.0)
+    assert calls == [path]
 
 
 # -- the layer's parameter reads ------------------------------------------------------------------

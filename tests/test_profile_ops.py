@@ -71,6 +71,7 @@ def test_host_time_per_call_on_cpu(profile_ops, monkeypatch):
     labels = [line.split(" forward ")[0].strip() for line in lines[1:]]
     assert labels == ["nn.Linear", "FusedLowRankLinear full", "unfused lowrank, two F.linear", "two nn.Linear modules",
                       "FusedLowRankLinear lowrank (torch)", "unfused adapter (LoRA)", "FusedLowRankLinear adapter (torch)",
+                      "FusedLowRankLinear adapter, one node (torch)",
                       "nn.Conv2d 8→8 3×3 on 1×8×4×4", "LowRankConv2d full (SVD, rank 2)",
                       "LowRankConv2d lowrank (SVD, rank 2)", "LowRankConv2d adapter (SVD, rank 2)",
                       "W.addmm_(A, Bᵀ), bare", "dynrank merge_ (torch)"]
@@ -88,4 +89,4 @@ def test_cpu_run_writes_the_host_table(profile_ops, tmp_path):
     assert profile_ops.main(["--device", "cpu", "--rounds", "1", "--out", str(out)]) == 0
     header, _, title, *rows = out.read_text(encoding="utf-8").splitlines()
     assert "one thread" in header and torch.__version__ in header
-    assert title.startswith("host time per call") and len(rows) == 13
+    assert title.startswith("host time per call") and len(rows) == 14

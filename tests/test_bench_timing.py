@@ -1,0 +1,100 @@
+"""The benchmarks' queued timing (``_bench_common.benchmark_queued``) under the real pytest-benchmark.
+
+A pytest run in a subprocess times a stand-in pass whose clock is the number of calls made so far
+(``--benchmark-timer``), so each recorded time says how many calls its round held, and nothing is
+timed for real.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _helpers import load_script
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+INNER = '''
+import json
+import sys
+
+sys.path.insert(0, {benchmarks!r})
+import _bench_common as common
+import callclock
+
+
+def test_queued(benchmark, pytestconfig):
+    events = []
+    common.sync = lambda device=common.DEVICE: events.append("sync")
+
+    def run():
+        callclock.CALLS += 1
+        events.append("call")
+
+    rounds = common.benchmark_queued(benchmark, run, pytestconfig, calls=4)
+    with open("events.json", "w") as handle:
+        json.dump({{"rounds": rounds, "events": events, "data": list(benchmark.stats.stats.data)}}, handle)
+'''
+
+
+def _run_inner(tmp_path, *options, timed=True):
+    """Run INNER under pytest with ``options``; returns what its test wrote."""
+    inner = INNER if timed else INNER.replace('"data": list(benchmark.stats.stats.data)', '"data": None')
+    (tmp_path / "callclock.py").write_text("CALLS = 0\n\n\ndef clock():\n    return float(CALLS)\n")
+    (tmp_path / "test_inner.py").write_text(inner.format(benchmarks=str(BENCHMARKS)))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_inner.py",
+                           "--benchmark-timer=callclock.clock", *options],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((tmp_path / "events.json").read_text())
+
+
+def test_each_round_queues_its_calls_and_synchronizes_once(tmp_path):
+    out = _run_inner(tmp_path, "--benchmark-only", "--benchmark-max-time=0", "--benchmark-min-rounds=3")
+    # An untimed first round, three timed rounds, pedantic's untimed result call and a last synchronize.
+    assert out["rounds"] == 3
+    one_round = ["call"] * 4 + ["sync"]
+    assert out["events"] == one_round * 4 + ["call", "sync"]
+    # The clock counts calls: every round held four, and the time recorded is per call.
+    assert out["data"] == [1.0, 1.0, 1.0]
+
+
+def test_disabled_benchmark_calls_once(tmp_path):
+    out = _run_inner(tmp_path, "--benchmark-disable", timed=False)
+    assert out == {"rounds": 0, "events": ["call", "sync"], "data": None}
+
+
+@pytest.fixture(scope="module")
+def common():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return load_script("benchmarks/_bench_common.py", "dynrank_bench_common")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.mark.parametrize("calls", [0, -2, 2.0, True, "4"])
+def test_queued_calls_must_be_a_positive_int(common, calls):
+    with pytest.raises(ValueError, match="calls must be a positive int"):
+        common.benchmark_queued(None, lambda: None, None, calls=calls)
+
+
+def test_make_pass_synchronizes_only_when_asked(common, monkeypatch):
+    import torch
+
+    syncs = []
+    monkeypatch.setattr(common, "sync", lambda device=None: syncs.append(device))
+    w = torch.randn(3, 3, requires_grad=True)
+    x = torch.randn(2, 3)
+    for pass_ in common.PASSES:
+        syncs.clear()
+        common.make_pass(pass_, lambda: x @ w, [w], synchronize=False)()
+        assert syncs == [], pass_
+        common.make_pass(pass_, lambda: x @ w, [w])()
+        assert len(syncs) == 1, pass_
+    with pytest.raises(ValueError, match="pass must be one of forward, backward, fwd\\+bwd, got 'both'"):
+        common.make_pass("both", lambda: x @ w, [w])
