@@ -206,11 +206,11 @@ class _EagerLowRankLinear(torch.autograd.Function):
     """The fused linear outside ``torch.compile``: one autograd node over an engine's forward and backward.
 
     ``engine`` is (forward, backward): the Triton kernels, or the torch ops
-    above for the adapter form (the lowrank form on the torch path runs the
-    same GEMMs through autograd's own nodes, which cost the host less).  One
-    node instead of autograd's five or so keeps the host time down, and the
-    hand-written backward skips the passes autograd would add
-    (a second input gradient to sum, a scaling of the T × R gradient).  The
+    above for adapters of ``_NODE_MIN_WORK`` and more (the lowrank form and
+    smaller adapters run on the torch path through autograd's own nodes, which
+    cost the host less).  The hand-written backward skips the passes autograd
+    would add (a second input gradient to sum, a scaling of the T × R
+    gradient), which is what large layers gain from it.  The
     Triton path's custom ops are what ``torch.compile`` needs; in eager mode
     their dispatch layers cost about 100 µs of host time per forward+backward
     on a CPU host.  Same kernels, same saved tensors.

@@ -1,5 +1,7 @@
 """LowRankConv2d: chains against nn.Conv2d, form changes, fits, state dicts and bad input."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -372,3 +374,38 @@ def test_compiles_without_graph_break(form):
     x = torch.randn(2, 5, 8, 8, dtype=F64)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["chain", "merged"])
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+@pytest.mark.parametrize("dec", ["svd", "tucker", "cp", "tkd-cpd"])
+def test_all_meta_forward_gives_the_shape(dec, form, strategy):
+    """A layer and input all on meta (shape inference, a model built without memory) run every form
+    and adapter strategy; the output has the shape a real forward gives."""
+    real = make(dec, form=form, adapter_strategy=strategy)
+    x = torch.randn(2, 5, 8, 8, dtype=F64)
+    y = real.to("meta")(x.to("meta"))
+    assert y.device.type == "meta" and y.shape == make(dec, form=form, adapter_strategy=strategy)(x).shape
+
+
+def test_merged_adapter_builds_its_kernel_in_the_parameters_dtype_under_autocast(monkeypatch):
+    """Under bf16 autocast the merged strategy forms W_f + ΔW in fp32 and only the conv runs in bf16."""
+    from dynrank import conv_adapter
+
+    built = []
+    merged_kernel = conv_adapter.merged_kernel
+    monkeypatch.setattr(conv_adapter, "merged_kernel", lambda *args: built.append(merged_kernel(*args)) or built[-1])
+    layer = LowRankConv2d(5, 7, 3, padding=1, rank=2, form="adapter", adapter_strategy="merged")
+    randomize(layer)
+    x = torch.randn(2, 5, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert [k.dtype for k in built] == [torch.float32] and y.dtype == torch.bfloat16
+    # Formed at fp32 precision (bf16 products would be off by about 1e-2), against float64.
+    layer64 = copy.deepcopy(layer).double()
+    U, V = layer64._dec.operands(layer64.factors())
+    exact = merged_kernel(layer64.weight, U, V, layer64.scale_for(layer64._dec.rank_of(layer64.factors())), 1)
+    assert rel_err(built[0], exact) < REL_TOL[torch.float32]
+    # The same layer in float64 without autocast (checked against nn.Conv2d by the tests above).
+    ref = layer64(x.double())
+    assert rel_err(y, ref) < REL_TOL[torch.bfloat16]
