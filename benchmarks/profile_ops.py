@@ -168,23 +168,28 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
         lines.append(f"  {label:<44} forward {fwd}   forward+backward {both}")
 
 
-def profile_adapter(lines, tokens, features, rank):
+def profile_adapter(lines, tokens, features, rank, device=None, steps=10):
+    """Profiler tables (ops by host time, kernels by GPU time) of the adapter's forward+backward:
+    the Triton kernels (CUDA only), the torch path as it runs at this size, and the torch path through
+    its one autograd node."""
     from torch.profiler import ProfilerActivity, profile
 
     from dynrank import FusedLowRankLinear
+    from dynrank import functional as DF
 
-    layer = FusedLowRankLinear(features, features, rank, form="adapter", alpha=16.0, device="cuda",
-                               dtype=torch.bfloat16)
+    device = torch.device(device or "cuda")
+    kw = dict(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    layer = FusedLowRankLinear(features, features, rank, form="adapter", alpha=16.0, **kw)
     with torch.no_grad():
         layer.A.normal_(0, 0.02)
     layer.bias.requires_grad_(False)
-    x = torch.randn(tokens, features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(tokens, features, device="cuda", dtype=torch.bfloat16)
-    from dynrank import functional as DF
-
+    x = torch.randn(tokens, features, requires_grad=True, **kw)
+    grad = torch.randn(tokens, features, **kw)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     default_min_work = DF._NODE_MIN_WORK
-    # The torch path twice: as it runs at this size, and through its one autograd node.
-    for backend, node_min_work in (("triton", default_min_work), ("torch", default_min_work), ("torch", 0)):
+    runs = ([("triton", default_min_work)] if device.type == "cuda" else []) + [("torch", default_min_work),
+                                                                                ("torch", 0)]
+    for backend, node_min_work in runs:
         os.environ["DYNRANK_BACKEND"] = backend
         DF._NODE_MIN_WORK = node_min_work
 
@@ -194,19 +199,19 @@ def profile_adapter(lines, tokens, features, rank):
         try:
             for _ in range(5):
                 step()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
+            _synchronize(device)
+            with profile(activities=activities) as prof:
+                for _ in range(steps):
                     step()
-                torch.cuda.synchronize()
+                _synchronize(device)
         finally:
             DF._NODE_MIN_WORK = default_min_work
+            os.environ.pop("DYNRANK_BACKEND", None)
         path = ("" if backend == "triton" else ", one autograd node" if tokens * features * features >= node_min_work
                 else ", autograd's nodes")
-        lines.append(f"\nadapter fwd+bwd T{tokens} K=N={features} r{rank} bf16, DYNRANK_BACKEND={backend}{path}, "
-                     f"10 steps")
+        lines.append(f"\nadapter fwd+bwd T{tokens} K=N={features} r{rank} {str(kw['dtype']).replace('torch.', '')}, "
+                     f"DYNRANK_BACKEND={backend}{path}, {steps} steps")
         lines.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
-    os.environ.pop("DYNRANK_BACKEND", None)
 
 
 def profile_lowrank_kernels(lines, shapes=((8192, 8192, 16), (4096, 4096, 512)), device=None, steps=5):

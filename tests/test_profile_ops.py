@@ -90,3 +90,17 @@ def test_cpu_run_writes_the_host_table(profile_ops, tmp_path):
     header, _, title, *rows = out.read_text(encoding="utf-8").splitlines()
     assert "one thread" in header and torch.__version__ in header
     assert title.startswith("host time per call") and len(rows) == 14
+
+
+def test_adapter_profile_on_cpu(profile_ops, monkeypatch):
+    """The adapter's profiler tables: on a CPU the torch path as it runs at this size (autograd's own
+    nodes) and through its one autograd node, whose Python backward shows in its table alone."""
+    monkeypatch.delenv("DYNRANK_BACKEND", raising=False)
+    lines = []
+    profile_ops.profile_adapter(lines, tokens=4, features=16, rank=2, device="cpu", steps=2)
+    titles, tables = lines[0::2], lines[1::2]
+    assert titles == ["\nadapter fwd+bwd T4 K=N=16 r2 float32, DYNRANK_BACKEND=torch, autograd's nodes, 2 steps",
+                      "\nadapter fwd+bwd T4 K=N=16 r2 float32, DYNRANK_BACKEND=torch, one autograd node, 2 steps"]
+    assert "_EagerLowRankLinear" not in tables[0] and "aten::addmm_" in tables[0]
+    assert "_EagerLowRankLinear" in tables[1]
+    assert "DYNRANK_BACKEND" not in os.environ
