@@ -25,7 +25,7 @@ import torch
 
 __all__ = [
     "DEVICE", "ON_CUDA", "PASSES", "grid_mode", "sync", "cpu_model", "device_name", "versions", "roofline",
-    "describe", "finish", "make_pass", "warm_up", "TIMINGS", "QUEUED_CALLS", "benchmark_queued", "optional_module", "require_module",
+    "describe", "finish", "make_pass", "warm_up", "TIMINGS", "QUEUED_CALLS", "benchmark_queued", "time_pass", "optional_module", "require_module",
     "compile_enabled", "dtype_name", "flops_of", "env_override", "cuda_only_param", "measured_rooflines",
     "RESULTS", "triton_forced", "node_forced",
 ]
@@ -342,6 +342,23 @@ def benchmark_queued(benchmark, run, config, calls=QUEUED_CALLS, device=DEVICE):
     # pedantic calls once more for a result after its rounds: that call is not timed.
     sync(device)
     return rounds
+
+
+def time_pass(benchmark, run, timing="call", config=None):
+    """Warm ``run`` up and time it by ``timing`` (one of :data:`TIMINGS`).
+
+    ``call``: pytest-benchmark's own loop, ``run`` synchronizing every call itself.  ``queued``:
+    :func:`benchmark_queued` (``run`` made without a synchronize; ``config`` is pytest's), and
+    ``extra_info["calls_per_round"]`` says how many calls a round queued.
+    """
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {', '.join(TIMINGS)}, got {timing!r}")
+    warm_up(benchmark, run)
+    if timing == "queued":
+        benchmark.extra_info["calls_per_round"] = QUEUED_CALLS
+        benchmark_queued(benchmark, run, config)
+    else:
+        benchmark(run)
 
 
 def warm_up(benchmark, fn, calls=3):

@@ -76,7 +76,7 @@ bench() {
     tail -n 3 "$RES/profile.log"
     # Most needed first: the linear targets, the adapter's forward/backward split (v0.6 launches its
     # big GEMM first: the forward is where that shows), the targets' layers queued, the training steps (graphed too, the
-    # transformer's included), the target merges, the merge kernel's tile configs by GPU time.  The
+    # transformer's included), the target merges (per call, then queued), the merge kernel's tile configs by GPU time.  The
     # engine diagnosis (its fault of 2026-11-26 did not recur on 2026-11-27), the conv merges, the
     # engine's tile sweep and the conv layers: only with BENCH_ALL=1.
     suite linear 120 benchmarks/test_bench_linear.py \
@@ -87,7 +87,8 @@ bench() {
     suite linear_queued 50 benchmarks/test_bench_linear.py \
         -k "queued and (target or r512) and (unfused or peft or dense_frozen or dynrank-lowrank or dynrank-adapter or dynrank_node)"
     suite epoch 110 benchmarks/test_bench_epoch.py
-    [ "${BENCH_ALL:-0}" != 1 ] && suite merge 25 benchmarks/test_bench_merge.py -k "test_merge and target"
+    [ "${BENCH_ALL:-0}" != 1 ] && suite merge 25 benchmarks/test_bench_merge.py -k "test_merge and target and not queued"
+    [ "${BENCH_ALL:-0}" != 1 ] && suite merge_queued 20 benchmarks/test_bench_merge.py -k "test_merge_queued and target"
     sweep sweep_merge.py 60 sweep-merge.md
     if [ "${BENCH_ALL:-0}" = 1 ]; then
         say "engine diagnosis"

@@ -215,12 +215,7 @@ def _time_linear(benchmark, provider, form, pass_, case, timing, pytestconfig=No
         rank=case.rank, trainable_weight=provider == "dense" or (provider == "dynrank" and form == "full"),
         timing=timing,
     )
-    common.warm_up(benchmark, run)
-    if queued:
-        benchmark.extra_info["calls_per_round"] = common.QUEUED_CALLS
-        common.benchmark_queued(benchmark, run, pytestconfig)
-    else:
-        benchmark(run)
+    common.time_pass(benchmark, run, timing, pytestconfig)
     flops = linear_flops(case, form, pass_, benchmark.extra_info["trainable_weight"])
     common.finish(benchmark, flops=flops, dtype=case.dtype)
 

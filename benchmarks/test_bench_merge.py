@@ -1,6 +1,7 @@
 """Inflate-merge throughput: W += alpha·A·Bᵀ, and the conv-kernel merges.
 
-Linear merge, one group per shape:
+Linear merge, one group per shape, each call timed to its synchronize (``test_merge``) and
+queued, 20 calls per synchronize (``test_merge_queued``, groups ``merge queued …``):
 
 - ``dynrank``: ``dynrank.functional.merge_`` (one fused pass over W on CUDA);
 - ``addmm_``: ``W.addmm_(A, B.T, alpha=alpha)``;
@@ -82,30 +83,47 @@ def make_merge(provider, case, device=common.DEVICE):
     raise ValueError(f"unknown provider {provider!r}")
 
 
-def _timed(fn):
+def _timed(fn, synchronize=True):
     def run():
         with torch.no_grad():
             out = fn()
-        common.sync()
+        if synchronize:
+            common.sync()
         return out
     return run
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=(pytest.mark.bench_target,) if c.target else ())
-                                  for c in merge_cases(common.grid_mode())])
-@pytest.mark.parametrize("provider", MERGE_PROVIDERS)
-def test_merge(benchmark, provider, case):
-    run = _timed(make_merge(provider, case))
+def _time_merge(benchmark, provider, case, timing, config=None):
+    """Time one provider's merge for ``case``, each call to its synchronize or queued, and record it."""
+    queued = timing == "queued"
+    run = _timed(make_merge(provider, case), synchronize=not queued)
     common.describe(benchmark, suite="merge", provider=provider, form="merge", dtype=case.dtype,
-                    group=f"merge {case.id}", target=case.target, rank=case.rank,
-                    shape={"out_features": case.out_features, "in_features": case.in_features})
-    common.warm_up(benchmark, run)
-    benchmark(run)
+                    group=f"merge{' queued' if queued else ''} {case.id}", target=case.target, rank=case.rank,
+                    shape={"out_features": case.out_features, "in_features": case.in_features}, timing=timing)
+    common.time_pass(benchmark, run, timing, config)
     elt = torch.empty((), dtype=case.dtype).element_size()
     N, K, r = case.out_features, case.in_features, case.rank
     # The copy moves the same bytes but does no arithmetic.
     common.finish(benchmark, flops=None if provider == "copy" else 2.0 * N * K * r,
                   bytes_moved=(2.0 * N * K + (N + K) * r) * elt, dtype=case.dtype)
+
+
+_MERGE_CASES = [pytest.param(c, id=c.id, marks=(pytest.mark.bench_target,) if c.target else ())
+                for c in merge_cases(common.grid_mode())]
+
+
+@pytest.mark.parametrize("case", _MERGE_CASES)
+@pytest.mark.parametrize("provider", MERGE_PROVIDERS)
+def test_merge(benchmark, provider, case):
+    """Each merge timed to its synchronize: the host's launch time is in it (as in an epoch's inflate)."""
+    _time_merge(benchmark, provider, case, "call")
+
+
+@pytest.mark.parametrize("case", _MERGE_CASES)
+@pytest.mark.parametrize("provider", MERGE_PROVIDERS)
+def test_merge_queued(benchmark, pytestconfig, provider, case):
+    """Merges queued, one synchronize per round: the device's own rate, what the bandwidth target is about."""
+    _time_merge(benchmark, provider, case, "queued", pytestconfig)
 
 
 # ---------------------------------------------------------------------------

@@ -98,3 +98,8 @@ def test_make_pass_synchronizes_only_when_asked(common, monkeypatch):
         assert len(syncs) == 1, pass_
     with pytest.raises(ValueError, match="pass must be one of forward, backward, fwd\\+bwd, got 'both'"):
         common.make_pass("both", lambda: x @ w, [w])
+
+
+def test_time_pass_names_an_unknown_timing(common):
+    with pytest.raises(ValueError, match="timing must be one of call, queued, got 'async'"):
+        common.time_pass(None, lambda: None, "async")
