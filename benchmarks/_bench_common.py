@@ -175,8 +175,8 @@ def triton_forced(fn):
 def node_forced(fn):
     """``fn`` with the adapter's one autograd node forced on dynrank's torch path, at every size.
 
-    The torch path runs adapters below ``dynrank.functional._NODE_MIN_WORK`` (tokens × in × out)
-    on autograd's own nodes; the provider ``dynrank_node`` and ``profile_ops.py`` time the node
+    The torch path runs adapters below the sizes of ``dynrank.functional._adapter_takes_node`` on
+    autograd's own nodes; the provider ``dynrank_node`` and ``profile_ops.py`` time the node
     beside that, which is what the threshold is set from.
     """
     from dynrank import functional

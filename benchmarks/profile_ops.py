@@ -192,6 +192,7 @@ def profile_adapter(lines, tokens, features, rank, device=None, steps=10):
     for backend, node_min_work in runs:
         os.environ["DYNRANK_BACKEND"] = backend
         DF._NODE_MIN_WORK = node_min_work
+        node = DF._adapter_takes_node(tokens, features, features)
 
         def step():
             x.grad = layer.A.grad = layer.B.grad = None
@@ -207,8 +208,7 @@ def profile_adapter(lines, tokens, features, rank, device=None, steps=10):
         finally:
             DF._NODE_MIN_WORK = default_min_work
             os.environ.pop("DYNRANK_BACKEND", None)
-        path = ("" if backend == "triton" else ", one autograd node" if tokens * features * features >= node_min_work
-                else ", autograd's nodes")
+        path = "" if backend == "triton" else ", one autograd node" if node else ", autograd's nodes"
         lines.append(f"\nadapter fwd+bwd T{tokens} K=N={features} r{rank} {str(kw['dtype']).replace('torch.', '')}, "
                      f"DYNRANK_BACKEND={backend}{path}, {steps} steps")
         lines.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))

@@ -206,8 +206,8 @@ class _EagerLowRankLinear(torch.autograd.Function):
     """The fused linear outside ``torch.compile``: one autograd node over an engine's forward and backward.
 
     ``engine`` is (forward, backward): the Triton kernels, or the torch ops
-    above for adapters of ``_NODE_MIN_WORK`` and more (the lowrank form and
-    smaller adapters run on the torch path through autograd's own nodes, which
+    above for adapters from the sizes of ``_adapter_takes_node`` on (the lowrank
+    form and smaller adapters run on the torch path through autograd's own nodes, which
     cost the host less).  The hand-written backward skips the passes autograd
     would add (a second input gradient to sum, a scaling of the T × R
     gradient), which is what large layers gain from it.  The
@@ -312,13 +312,21 @@ def _torch_would_catch(x, weight, A, B, bias):
                                   and not bias.is_meta)))
 
 
-# Tokens × in × out from which the adapter's eager torch path takes its one autograd node.  Below,
-# autograd's own nodes serve (_adapter_on_autograd): they cost the host about 80 µs less per
-# forward+backward on a CPU host, while the node's backward saves two T × K passes (the input
-# gradient summed in place).  On an H200 (4.1 TB/s, bf16) those passes take under 30 µs below this
-# size, less than the host time saved wherever the host is on the critical path, and the layer's
-# GEMMs take well under a millisecond there (KERNEL_NOTES.md, v0.7).
+# Sizes from which the adapter's eager torch path takes its one autograd node.  Below both,
+# autograd's own nodes serve (_adapter_on_autograd): they cost the host less (on a CPU host 47 µs
+# less per forward, 19-25 µs less per forward+backward), while the node's backward saves two passes
+# over the T × K input gradient (its two parts summed in place).  Tokens × in × out of 2³⁷ puts the
+# layer's GEMMs near a millisecond on an H200, where the host's work hides behind them; tokens × in
+# of 2²⁵ puts the two passes at 33 µs in bf16 (4.1 TB/s), more than the host time saved
+# (KERNEL_NOTES.md, v0.7).
 _NODE_MIN_WORK = 1 << 37
+_NODE_MIN_INPUT = 1 << 25
+
+
+def _adapter_takes_node(tokens, in_features, out_features):
+    """Whether an adapter of this size runs through the one autograd node on the eager torch path."""
+    tokens_in = tokens * in_features
+    return tokens_in >= _NODE_MIN_INPUT or tokens_in * out_features >= _NODE_MIN_WORK
 
 
 def _adapter_on_autograd(x, weight, A, B, bias, scale):
@@ -346,7 +354,7 @@ def _torch_lowrank_linear(x, weight, A, B, bias, scale):
         xb = x @ B
         return torch.nn.functional.linear(xb if scale == 1.0 else xb * scale, A, bias)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if x2.shape[0] * weight.shape[0] * weight.shape[1] < _NODE_MIN_WORK:
+    if not _adapter_takes_node(x2.shape[0], weight.shape[1], weight.shape[0]):
         y = _adapter_on_autograd(x2, weight, A, B, bias, float(scale))
     elif torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or weight.requires_grad
                                       or (bias is not None and bias.requires_grad)):

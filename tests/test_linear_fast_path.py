@@ -188,16 +188,22 @@ def test_inference_path_matches_the_training_path(adapter_path):
     assert torch.equal(trained, inferred)
 
 
-@pytest.mark.parametrize("tokens, path", [(8191, "autograd"), (8192, "node")])
-def test_the_adapter_takes_the_node_from_the_threshold(monkeypatch, tokens, path):
-    """T·K·N below ``_NODE_MIN_WORK`` runs on autograd's nodes, from it on the one node (the paths
-    replaced by stand-ins that say which ran: the choice is made from the shapes alone)."""
+@pytest.mark.parametrize("tokens, out_features, min_work, min_input, path", [
+    (8191, 2, 1 << 16, 1 << 20, "autograd"), (8192, 2, 1 << 16, 1 << 20, "node"),   # tokens × 4 × 2 at 2¹⁶
+    (255, 1, 1 << 16, 1 << 10, "autograd"), (256, 1, 1 << 16, 1 << 10, "node"),    # tokens × 4 at 2¹⁰
+])
+def test_the_adapter_takes_the_node_from_either_threshold(monkeypatch, tokens, out_features, min_work, min_input,
+                                                           path):
+    """The adapter runs on autograd's nodes below both ``_NODE_MIN_WORK`` (tokens × in × out) and
+    ``_NODE_MIN_INPUT`` (tokens × in), on the one node from either on (the paths replaced by
+    stand-ins that say which ran: the choice is made from the shapes alone)."""
     calls = []
     monkeypatch.setattr(F, "_adapter_on_autograd", lambda *args: calls.append("autograd") or args[0] @ args[1].t())
     monkeypatch.setattr(F._EagerLowRankLinear, "apply", lambda *args: calls.append("node") or args[0] @ args[1].t())
-    monkeypatch.setattr(F, "_NODE_MIN_WORK", 8192 * 4 * 2)
+    monkeypatch.setattr(F, "_NODE_MIN_WORK", min_work)
+    monkeypatch.setattr(F, "_NODE_MIN_INPUT", min_input)
     x = torch.randn(tokens, 4, requires_grad=True)
-    F.lowrank_linear(x, torch.randn(2, 4), torch.randn(2, 1), torch.randn(4, 1), None, 1.0)
+    F.lowrank_linear(x, torch.randn(out_features, 4), torch.randn(out_features, 1), torch.randn(4, 1), None, 1.0)
     assert calls == [path]
 
 
