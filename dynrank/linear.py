@@ -43,9 +43,11 @@ class FusedLowRankLinear(FormLayer):
     ``adapter``   y = x·W_fᵀ + s·(x·B)·Aᵀ + bias       A, B (W_f frozen)
     ============  ===================================  ================
 
-    s = alpha / rank when ``alpha`` is given, else 1.  On CUDA the lowrank and
-    adapter forwards and backwards run as fused Triton kernels (the rank-k
-    term lands in the dense product's accumulator); elsewhere plain torch.
+    s = alpha / rank when ``alpha`` is given, else 1.  ``DYNRANK_BACKEND``
+    picks the engine (:mod:`dynrank._backend`): the fused Triton kernels, where
+    the rank-k term lands in the dense product's accumulator, or torch (cuBLAS
+    on CUDA), which the default ``auto`` takes wherever it was measured faster
+    (on every shape so far).
 
     Args:
         in_features, out_features: sizes as in ``nn.Linear``.
