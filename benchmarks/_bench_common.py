@@ -25,7 +25,8 @@ import torch
 
 __all__ = [
     "DEVICE", "ON_CUDA", "PASSES", "grid_mode", "sync", "cpu_model", "device_name", "versions", "roofline",
-    "describe", "finish", "make_pass", "warm_up", "TIMINGS", "QUEUED_CALLS", "benchmark_queued", "time_pass", "optional_module", "require_module",
+    "describe", "finish", "make_pass", "warm_up", "TIMINGS", "QUEUED_CALLS", "benchmark_queued", "time_pass",
+    "optional_module", "require_module",
     "compile_enabled", "dtype_name", "flops_of", "env_override", "cuda_only_param", "measured_rooflines",
     "RESULTS", "triton_forced", "node_forced",
 ]
@@ -320,6 +321,8 @@ def benchmark_queued(benchmark, run, config, calls=QUEUED_CALLS, device=DEVICE):
     """
     if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
         raise ValueError(f"calls must be a positive int, got {calls!r}")
+    if config is None or not hasattr(config, "getoption"):
+        raise ValueError(f"queued timing needs pytest's config (the pytestconfig fixture), got {config!r}")
     if not benchmark.enabled:
         run()
         sync(device)

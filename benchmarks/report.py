@@ -12,7 +12,9 @@ parameters (the paper's "Comp." column); a step replayed from a CUDA graph
 also gets ``graphed / eager``, its time over the same form's eager step.  Rates (TFLOP/s, GB/s) are
 recomputed from the FLOP and byte counts in ``extra_info`` and the chosen
 statistic; ``% peak`` / ``% copy`` are against the roofline measured in the
-same session.  The last section checks the speed targets.
+same session.  The last section checks the speed targets: the linear and merge ones
+once per timing (each call to its synchronize, and queued: ``extra_info["timing"]``),
+the GPT-2 step's on eager and on graphed steps.
 
 matplotlib is optional: without it the plot is skipped with a note.
 """

@@ -103,3 +103,8 @@ def test_make_pass_synchronizes_only_when_asked(common, monkeypatch):
 def test_time_pass_names_an_unknown_timing(common):
     with pytest.raises(ValueError, match="timing must be one of call, queued, got 'async'"):
         common.time_pass(None, lambda: None, "async")
+
+
+def test_queued_timing_asks_for_pytests_config(common):
+    with pytest.raises(ValueError, match="queued timing needs pytest's config"):
+        common.benchmark_queued(None, lambda: None, None)
