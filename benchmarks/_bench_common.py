@@ -28,7 +28,7 @@ __all__ = [
     "describe", "finish", "make_pass", "warm_up", "TIMINGS", "QUEUED_CALLS", "benchmark_queued", "time_pass",
     "optional_module", "require_module",
     "compile_enabled", "dtype_name", "flops_of", "env_override", "cuda_only_param", "measured_rooflines",
-    "RESULTS", "triton_forced", "node_forced",
+    "RESULTS", "triton_forced", "inplace_adapter",
 ]
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,22 +173,11 @@ def triton_forced(fn):
     return run
 
 
-def node_forced(fn):
-    """``fn`` with the adapter's one autograd node forced on dynrank's torch path, at every size.
-
-    The torch path runs adapters below the sizes of ``dynrank.functional._adapter_takes_node`` on
-    autograd's own nodes; the provider ``dynrank_node`` and ``profile_ops.py`` time the node
-    beside that, which is what the threshold is set from.
-    """
-    from dynrank import functional
-
-    def run(*args, **kwargs):
-        saved, functional._NODE_MIN_WORK = functional._NODE_MIN_WORK, 0
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            functional._NODE_MIN_WORK = saved
-    return run
+def inplace_adapter(x, weight, down, up, bias, scale):
+    """The adapter's math as plain torch ops at their best: ``addmm(bias, x·downᵀ, upᵀ, alpha=scale)``,
+    then ``x·weightᵀ`` added in place (no pass over a T × N tensor of its own; autograd's nodes run its
+    backward: 8 kernels, against dynrank's node's 5).  ``down`` is (rank, in), ``up`` (out, rank)."""
+    return torch.addmm(bias, torch.nn.functional.linear(x, down), up.t(), alpha=scale).addmm_(x, weight.t())
 
 
 def cuda_only_param(values, id_, reason):

@@ -85,7 +85,7 @@ bench() {
         -k "(forward or backward) and target and (adapter or dense_frozen) and not torch_compile"
     # The same layers queued as a training loop runs them (one synchronize per 20 calls): throughput.
     suite linear_queued 50 benchmarks/test_bench_linear.py \
-        -k "queued and (target or r512) and (unfused or peft or dense_frozen or dynrank-lowrank or dynrank-adapter or dynrank_node)"
+        -k "queued and (target or r512) and (unfused or peft or dense_frozen or inplace or dynrank-lowrank or dynrank-adapter)"
     suite epoch 110 benchmarks/test_bench_epoch.py
     [ "${BENCH_ALL:-0}" != 1 ] && suite merge 25 benchmarks/test_bench_merge.py -k "test_merge and target and not queued"
     [ "${BENCH_ALL:-0}" != 1 ] && suite merge_queued 20 benchmarks/test_bench_merge.py -k "test_merge_queued and target"

@@ -101,7 +101,7 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
     from dynrank.functional import merge_
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _bench_common import node_forced
+    from _bench_common import inplace_adapter
 
     device = torch.device(device)
     kw = dict(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -134,7 +134,8 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
         ("unfused adapter (LoRA)", None, lambda: F.linear(x, weight, bias) + F.linear(F.linear(x, down), up) * 2.0,
          grad),
         ("FusedLowRankLinear adapter", "torch", lambda: adapter(x), grad),
-        ("FusedLowRankLinear adapter, one node", "torch", node_forced(lambda: adapter(x)), grad),
+        ("in-place adapter, autograd's nodes", None,
+         lambda: inplace_adapter(x, weight, down, up, bias, 2.0), grad),
         *([("FusedLowRankLinear adapter", "triton", lambda: adapter(x), grad)] if triton else []),
         ("nn.Conv2d 8→8 3×3 on 1×8×4×4", None, lambda: conv(image), image_grad),
         *((f"LowRankConv2d {form} (SVD, rank 2)", None, lambda layer=layer: layer(image), image_grad)
@@ -169,13 +170,15 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
 
 
 def profile_adapter(lines, tokens, features, rank, device=None, steps=10):
-    """Profiler tables (ops by host time, kernels by GPU time) of the adapter's forward+backward:
-    the Triton kernels (CUDA only), the torch path as it runs at this size, and the torch path through
-    its one autograd node."""
+    """Profiler tables (ops by host time, kernels by GPU time) of the adapter's forward+backward: the
+    Triton kernels (CUDA only), the torch path (one autograd node), and the same math in place on
+    autograd's own nodes (the linear suite's ``torch_inplace``), which launches more kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     from dynrank import FusedLowRankLinear
-    from dynrank import functional as DF
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _bench_common import inplace_adapter
 
     device = torch.device(device or "cuda")
     kw = dict(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -183,20 +186,22 @@ def profile_adapter(lines, tokens, features, rank, device=None, steps=10):
     with torch.no_grad():
         layer.A.normal_(0, 0.02)
     layer.bias.requires_grad_(False)
+    A, B, W, bias = layer.A, layer.B, layer.weight, layer.bias
+    scale = layer.scale_for(rank)
     x = torch.randn(tokens, features, requires_grad=True, **kw)
     grad = torch.randn(tokens, features, **kw)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    default_min_work = DF._NODE_MIN_WORK
-    runs = ([("triton", default_min_work)] if device.type == "cuda" else []) + [("torch", default_min_work),
-                                                                                ("torch", 0)]
-    for backend, node_min_work in runs:
-        os.environ["DYNRANK_BACKEND"] = backend
-        DF._NODE_MIN_WORK = node_min_work
-        node = DF._adapter_takes_node(tokens, features, features)
+    runs = ([("DYNRANK_BACKEND=triton", "triton", lambda: layer(x))] if device.type == "cuda" else []) + [
+        ("DYNRANK_BACKEND=torch", "torch", lambda: layer(x)),
+        ("in place on autograd's nodes", None, lambda: inplace_adapter(x, W, B.t(), A, bias, scale)),
+    ]
+    for title, backend, forward in runs:
+        if backend:
+            os.environ["DYNRANK_BACKEND"] = backend
 
         def step():
-            x.grad = layer.A.grad = layer.B.grad = None
-            layer(x).backward(grad)
+            x.grad = A.grad = B.grad = None
+            forward().backward(grad)
         try:
             for _ in range(5):
                 step()
@@ -206,11 +211,9 @@ def profile_adapter(lines, tokens, features, rank, device=None, steps=10):
                     step()
                 _synchronize(device)
         finally:
-            DF._NODE_MIN_WORK = default_min_work
             os.environ.pop("DYNRANK_BACKEND", None)
-        path = "" if backend == "triton" else ", one autograd node" if node else ", autograd's nodes"
         lines.append(f"\nadapter fwd+bwd T{tokens} K=N={features} r{rank} {str(kw['dtype']).replace('torch.', '')}, "
-                     f"DYNRANK_BACKEND={backend}{path}, {steps} steps")
+                     f"{title}, {steps} steps")
         lines.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
 
 

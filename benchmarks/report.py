@@ -105,6 +105,7 @@ REFERENCES = {
     "linear": [
         ("vs unfused", lambda r, o: o.provider == "torch_unfused" and o.form == r.form),
         ("vs compiled", lambda r, o: o.provider == "torch_compile" and o.form == r.form),
+        ("vs in-place", lambda r, o: o.provider == "torch_inplace" and o.form == r.form),
         ("vs dense frozen", lambda r, o: o.provider == "dense_frozen"),
     ],
     "merge": [("vs addmm_", lambda r, o: o.provider == "addmm_"),
@@ -250,7 +251,7 @@ def _num(value, fmt="{:.3g}"):
 
 
 PROVIDER_ORDER = ("dense", "dense_frozen", "copy", "tensorly", "unfused", "addmm_", "torch_unfused",
-                  "torch_compile", "peft", "dynrank", "dynrank_node", "dynrank_triton")
+                  "torch_compile", "torch_inplace", "peft", "dynrank", "dynrank_triton")
 
 
 def _order(row):

@@ -17,7 +17,8 @@ torch_compile      adapter   the same function under ``torch.compile``
 peft               adapter   ``peft.tuners.lora.Linear`` around a frozen ``nn.Linear``
 dynrank            adapter   ``FusedLowRankLinear(form="adapter")``
 dynrank_triton     both      the same layers with the Triton kernels forced (CUDA)
-dynrank_node       adapter   the adapter through its one autograd node at every size
+torch_inplace      adapter   addmm(bias, x·Bᵀ, Aᵀ, alpha=s), then += x·W_fᵀ in place: the same math
+                             on autograd's own nodes, with no pass over a T × N tensor of its own
 =================  ========  =====================================================
 
 ``test_linear`` times each call to its synchronize (latency); ``test_linear_queued``
@@ -88,7 +89,7 @@ PROVIDERS = [
     ("dense", "full"), ("dense_frozen", "full"), ("dynrank", "full"),
     ("torch_unfused", "lowrank"), ("torch_compile", "lowrank"), ("dynrank", "lowrank"),
     ("torch_unfused", "adapter"), ("torch_compile", "adapter"), ("peft", "adapter"), ("dynrank", "adapter"),
-    ("dynrank_triton", "lowrank"), ("dynrank_triton", "adapter"), ("dynrank_node", "adapter"),
+    ("torch_inplace", "adapter"), ("dynrank_triton", "lowrank"), ("dynrank_triton", "adapter"),
 ]
 
 
@@ -146,7 +147,7 @@ def make_linear(provider, form, case, device=common.DEVICE):
         layer.requires_grad_(provider == "dense")
         return layer, [p for p in layer.parameters() if p.requires_grad]
 
-    if provider in ("dynrank", "dynrank_triton", "dynrank_node"):
+    if provider in ("dynrank", "dynrank_triton"):
         from dynrank import FusedLowRankLinear
 
         layer = FusedLowRankLinear(K, N, r, bias=True, form=form,
@@ -155,9 +156,15 @@ def make_linear(provider, form, case, device=common.DEVICE):
             _small_(layer.A)
             layer.bias.requires_grad_(False)  # frozen with W_f, as in LoRA fine-tuning
         params = [p for p in layer.parameters() if p.requires_grad]
-        if provider == "dynrank_triton":
-            return common.triton_forced(layer), params
-        return (common.node_forced(layer) if provider == "dynrank_node" else layer), params
+        return (layer if provider == "dynrank" else common.triton_forced(layer)), params
+
+    if provider == "torch_inplace":
+        # The adapter as a careful torch user writes it (common.inplace_adapter).
+        down = _small_(torch.empty(r, K, **kw)).requires_grad_()
+        up = _small_(torch.empty(N, r, **kw)).requires_grad_()
+        bias = torch.zeros(N, **kw)
+        weight = torch.randn(N, K, **kw) / math.sqrt(K)
+        return (lambda x: common.inplace_adapter(x, weight, down, up, bias, scale)), [down, up]
 
     if provider in ("torch_unfused", "torch_compile"):
         # The usual LoRA layout: down (r, K), up (N, r), both as nn.Linear weights.

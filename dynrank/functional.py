@@ -152,21 +152,20 @@ def _scaled_mm(a, b, scale):
     return torch.addmm(_beta0_input(a), a, b, beta=0.0, alpha=scale)
 
 
-def _torch_forward(x, weight, A, B, bias, scale, dense=None):
+def _torch_forward(x, weight, A, B, bias, scale):
     """The torch engine's forward (cuBLAS on CUDA): (y, xbs), as the kernels' ``lowrank_linear_forward``.
 
     ``y = x·W_fᵀ + bias`` first, then ``xbs = s·x·B`` and ``y += xbs·Aᵀ`` in
     place.  The big GEMM is the first launch: on a GPU the host's work on the
-    two small ones (and, with ``dense`` launched by the caller, on the autograd
-    node) then overlaps it instead of delaying it.  ``dense`` is x·W_fᵀ + bias
-    already computed, used as y's storage.
+    two small ones (and on the autograd node) then overlaps it instead of
+    delaying it.
     """
-    if weight is not None and dense is None:
-        dense = torch.nn.functional.linear(x, weight, bias)
-    xbs = _scaled_mm(x, B, scale)
     if weight is None:
+        xbs = _scaled_mm(x, B, scale)
         return torch.nn.functional.linear(xbs, A, bias), xbs
-    return dense.addmm_(xbs, A.t()), xbs
+    y = torch.nn.functional.linear(x, weight, bias)
+    xbs = _scaled_mm(x, B, scale)
+    return y.addmm_(xbs, A.t()), xbs
 
 
 def _torch_backward(dy, x, weight, A, B, xbs, scale, needs_dx, needs_dA, needs_dB):
@@ -199,39 +198,58 @@ def _triton_engine():
     return lowrank_linear_forward, lowrank_linear_backward
 
 
-_TORCH_ENGINE = (_torch_forward, _torch_backward)
-
-
 class _EagerLowRankLinear(torch.autograd.Function):
-    """The fused linear outside ``torch.compile``: one autograd node over an engine's forward and backward.
+    """The Triton kernels outside ``torch.compile``: one autograd node over the engine's forward and backward.
 
-    ``engine`` is (forward, backward): the Triton kernels, or the torch ops
-    above for adapters from the sizes of ``_adapter_takes_node`` on (the lowrank
-    form and smaller adapters run on the torch path through autograd's own nodes, which
-    cost the host less).  The hand-written backward skips the passes autograd
-    would add (a second input gradient to sum, a scaling of the T × R
-    gradient), which is what large layers gain from it.  The
-    Triton path's custom ops are what ``torch.compile`` needs; in eager mode
-    their dispatch layers cost about 100 µs of host time per forward+backward
-    on a CPU host.  Same kernels, same saved tensors.
+    ``engine`` is (forward, backward), the kernels of :func:`_triton_engine`.
+    The Triton path's custom ops are what ``torch.compile`` needs; in eager
+    mode their dispatch layers cost about 100 µs of host time per
+    forward+backward on a CPU host.  Same kernels, same saved tensors.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, A, B, bias, scale, engine, launched=()):
-        # ``launched``: the torch engine's ``dense`` (x·W_fᵀ + bias), launched by the caller before
-        # this node was built.  It travels in a tuple so autograd does not take it for an input: it
-        # is the output's storage, not something to differentiate.
-        y, xbs = engine[0](x, weight, A, B, bias, scale, *launched)
+    def forward(ctx, x, weight, A, B, bias, scale, engine):
+        y, xbs = engine[0](x, weight, A, B, bias, scale)
         _setup_context(ctx, (x, weight, A, B, bias, scale), (y, xbs))
         ctx.engine_backward = engine[1]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        if torch.is_grad_enabled() and ctx.engine_backward is not _torch_backward:
+        if torch.is_grad_enabled():
             raise RuntimeError("the Triton path of dynrank's low-rank linear has no double backward "
                                "(create_graph=True); set DYNRANK_BACKEND=torch for higher-order gradients")
-        return (*_gradients(ctx, dy, ctx.engine_backward), None, None)
+        return (*_gradients(ctx, dy, ctx.engine_backward), None)
+
+
+class _TorchAdapterLinear(torch.autograd.Function):
+    """The adapter form on the torch engine (cuBLAS on CUDA) in eager mode: one autograd node.
+
+    Forward: :func:`_torch_forward`, 3 GEMMs.  Backward: :func:`_torch_backward`,
+    5 GEMMs, the scale on cuBLAS's alpha and the input gradient's two parts
+    summed in place.  Autograd's own nodes for the same math launch 11 kernels
+    (a mul per scaled gradient, the input gradient's two parts written apart and
+    then summed), unfused LoRA 12.  The node is kept lean (no arguments but the
+    operands, a direct backward): on a CPU host its forward+backward costs the
+    host what autograd's nodes do (KERNEL_NOTES.md, v0.7).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, A, B, bias, scale):
+        y, xbs = _torch_forward(x, weight, A, B, bias, scale)
+        ctx.save_for_backward(x, weight, A, B, xbs)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, A, B, xbs = ctx.saved_tensors
+        needs_x, needs_weight, needs_A, needs_B, needs_bias = ctx.needs_input_grad[:5]
+        dx, dA, dB = _torch_backward(dy, x, weight, A, B, xbs, ctx.scale, needs_x, needs_A, needs_B)
+        # A trainable weight beside the factors (not the frozen-adapter case), a trainable bias.
+        dweight = dy.t() @ x if needs_weight else None
+        dbias = dy.sum(0) if needs_bias else None
+        return dx, dweight, dA, dB, dbias, None
 
 
 # ---------------------------------------------------------------------------
@@ -312,39 +330,6 @@ def _torch_would_catch(x, weight, A, B, bias):
                                   and not bias.is_meta)))
 
 
-# Sizes from which the adapter's eager torch path takes its one autograd node.  Below both,
-# autograd's own nodes serve (_adapter_on_autograd): they cost the host less (on a CPU host 47 µs
-# less per forward, 19-25 µs less per forward+backward), while the node's backward saves two passes
-# over the T × K input gradient (its two parts summed in place).  Tokens × in × out of 2³⁷ puts the
-# layer's GEMMs near a millisecond on an H200, where the host's work hides behind them; tokens × in
-# of 2²⁵ puts the two passes at 33 µs in bf16 (4.1 TB/s), more than the host time saved
-# (KERNEL_NOTES.md, v0.7).
-_NODE_MIN_WORK = 1 << 37
-_NODE_MIN_INPUT = 1 << 25
-
-
-def _adapter_takes_node(tokens, in_features, out_features):
-    """Whether an adapter of this size runs through the one autograd node on the eager torch path."""
-    tokens_in = tokens * in_features
-    return tokens_in >= _NODE_MIN_INPUT or tokens_in * out_features >= _NODE_MIN_WORK
-
-
-def _adapter_on_autograd(x, weight, A, B, bias, scale):
-    """The adapter form on autograd's own nodes: ``s·(x·B)·Aᵀ + bias``, then ``+= x·W_fᵀ`` in place.
-
-    The big GEMM is the forward's last op, so it is the backward's first (``dx = dy·W_f``), and
-    the scale rides on the small GEMM's alpha (its gradients are T × R and R × N): no pass over
-    a T × N tensor beyond the GEMMs' own.  ``x`` is 2-D.
-    """
-    xb = x @ B
-    if bias is None and scale == 1.0:
-        small = xb @ A.t()
-    else:
-        beta = 0.0 if bias is None else 1.0
-        small = torch.addmm(_beta0_input(xb) if bias is None else bias, xb, A.t(), beta=beta, alpha=scale)
-    return small.addmm_(x, weight.t())
-
-
 def _torch_lowrank_linear(x, weight, A, B, bias, scale):
     """``lowrank_linear`` on the torch engine, eager mode, operands not yet checked (see its caller)."""
     if weight is None:
@@ -354,14 +339,9 @@ def _torch_lowrank_linear(x, weight, A, B, bias, scale):
         xb = x @ B
         return torch.nn.functional.linear(xb if scale == 1.0 else xb * scale, A, bias)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if not _adapter_takes_node(x2.shape[0], weight.shape[1], weight.shape[0]):
-        y = _adapter_on_autograd(x2, weight, A, B, bias, float(scale))
-    elif torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or weight.requires_grad
-                                      or (bias is not None and bias.requires_grad)):
-        with torch.no_grad():
-            # The big GEMM launched before the autograd node is built (see _torch_forward).
-            dense = torch.nn.functional.linear(x2, weight, bias)
-        y = _EagerLowRankLinear.apply(x2, weight, A, B, bias, float(scale), _TORCH_ENGINE, (dense,))
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        y = _TorchAdapterLinear.apply(x2, weight, A, B, bias, float(scale))
     else:
         # Nothing to differentiate (inference, a frozen layer): the engine's ops without the node.
         y, _ = _torch_forward(x2, weight, A, B, bias, float(scale))

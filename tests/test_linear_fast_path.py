@@ -99,86 +99,82 @@ def test_all_meta_operands_run():
 
 
 class _GemmLog(TorchDispatchMode):
-    """The GEMMs dispatched while active: (first operand's shape, output's shape)."""
+    """The ops dispatched while active that compute (views and detaches left out), and of those the
+    GEMMs: (first operand's shape, output's shape)."""
 
     GEMMS = {"mm", "addmm", "addmm_"}
+    VIEWS = {"t", "transpose", "view", "_unsafe_view", "reshape", "expand", "detach", "alias", "as_strided",
+             "permute", "unsqueeze", "squeeze"}
 
     def __init__(self):
         super().__init__()
         self.gemms = []
+        self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
+        if name not in self.VIEWS:
+            self.ops.append(name)
         if name in self.GEMMS:
             first = args[1] if name.startswith("addmm") else args[0]
             self.gemms.append((tuple(first.shape), tuple(out.shape)))
         return out
 
 
-@pytest.fixture(params=["autograd", "node"])
-def adapter_path(request, monkeypatch):
-    """Each of the adapter's two eager torch paths, whatever the operands' size: autograd's own nodes
-    (below ``_NODE_MIN_WORK``) or the one autograd node over the engine's ops."""
-    monkeypatch.setattr(F, "_NODE_MIN_WORK", 1 << 62 if request.param == "autograd" else 0)
-    return request.param
-
-
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
-def test_adapter_gemm_order(adapter_path, grad):
-    """dy·W_f is the backward's first GEMM on both paths.  The node's forward launches x·W_fᵀ first,
-    before the node is built; on autograd's nodes it is the forward's last op, which is what makes it
-    the backward's first.  On a GPU the host's work on the small GEMMs then overlaps a big one."""
+def test_adapter_launches_the_big_gemm_first(grad):
+    """x·W_fᵀ is the forward's first GEMM and dy·W_f the backward's: on a GPU the host's work on the
+    small ones then overlaps the big one instead of delaying its launch.  The backward is five GEMMs
+    and nothing else (autograd's own nodes would add a mul per scaled gradient and a sum)."""
     ops = _operands(True)
     A = ops["A"].requires_grad_(grad)
     B = ops["B"].requires_grad_(grad)
     x = ops["x"].requires_grad_(grad)
     with _GemmLog() as forward:
         y = F.lowrank_linear(x, ops["weight"], A, B, ops["bias"], 0.5)
-    big, small = ((T, K), (T, N)), [((T, K), (T, R)), ((T, R), (T, N))]
-    if adapter_path == "node":
-        assert forward.gemms[0] == big and sorted(forward.gemms[1:]) == sorted(small)
-    else:
-        assert forward.gemms == small + [big]
+    assert forward.gemms[0] == ((T, K), (T, N))
+    assert sorted(forward.gemms[1:]) == sorted([((T, K), (T, R)), ((T, R), (T, N))])
+    assert forward.ops == ["addmm", "addmm", "addmm_"]      # x·W_fᵀ + b, s·x·B, y += xbs·Aᵀ: nothing else
     expected = reference_lowrank_linear(*(t.detach().double() for t in (x, ops["weight"], A, B, ops["bias"])), 0.5)
     assert rel_err(y, expected) < REL_TOL[torch.float32]
     if not grad:
         assert y.grad_fn is None
         return
-    assert (type(y.grad_fn).__name__ == "_EagerLowRankLinearBackward") == (adapter_path == "node")
+    assert type(y.grad_fn).__name__ == "_TorchAdapterLinearBackward"
+    dy = torch.randn(T, N)
     with _GemmLog() as backward:
-        y.backward(torch.randn(T, N))
+        y.backward(dy)
     assert backward.gemms[0] == ((T, N), (T, K))
-    assert len(backward.gemms) == 5
+    assert len(backward.gemms) == 5 and len(backward.ops) == 5, backward.ops
 
 
 @pytest.mark.parametrize("scale", [0.5, 1.0])
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-def test_adapter_paths_agree_in_value_and_gradients(scale, with_bias, monkeypatch):
-    """Autograd's nodes and the one node give the float64 reference's output and gradients (bias
-    included), with and without a bias and a scale; float64 operands, so the two agree to rounding."""
+@pytest.mark.parametrize("with_bias, trainable", [(True, "factors"), (True, "factors+bias"),
+                                                  (True, "factors+bias+weight"), (False, "factors"),
+                                                  (False, "factors+weight")])
+def test_adapter_values_and_gradients(scale, with_bias, trainable):
+    """The torch path's adapter against float64 math: output and every gradient asked for, with and
+    without a bias and a scale, with a trainable bias and weight beside the factors."""
     ops = _operands(True, bias=torch.randn(N) if with_bias else None)
-    ops = {k: (None if v is None else v.double().requires_grad_(k != "weight")) for k, v in ops.items()}
+    trained = {"x", "A", "B"} | ({"bias"} if "bias" in trainable else set()) | ({"weight"} if "weight" in trainable
+                                                                                else set())
+    ops = {k: (None if v is None else v.double().requires_grad_(k in trained)) for k, v in ops.items()}
     dy = torch.randn(T, N, dtype=torch.float64)
-    results = {}
-    for path, limit in (("autograd", 1 << 62), ("node", 0)):
-        monkeypatch.setattr(F, "_NODE_MIN_WORK", limit)
-        y = F.lowrank_linear(ops["x"], ops["weight"], ops["A"], ops["B"], ops["bias"], scale)
-        leaves = [ops[k] for k in ("x", "A", "B", "bias") if ops[k] is not None]
-        results[path] = (y, *torch.autograd.grad(y, leaves, dy))
-    x, W, A, B, b = (ops[k] for k in ("x", "weight", "A", "B", "bias"))
-    expected = x @ W.T + scale * (x @ B) @ A.T + (0 if b is None else b)
-    grads = [dy @ W + scale * dy @ A @ B.T, scale * dy.T @ (x @ B), scale * x.T @ (dy @ A)]
-    grads += [dy.sum(0)] if b is not None else []
-    for path, (y, *got) in results.items():
-        assert torch.allclose(y, expected, rtol=1e-12, atol=1e-12), path
-        for g, e in zip(got, grads):
-            assert torch.allclose(g, e, rtol=1e-12, atol=1e-12), path
+    y = F.lowrank_linear(ops["x"], ops["weight"], ops["A"], ops["B"], ops["bias"], scale)
+    names = [k for k in ("x", "weight", "A", "B", "bias") if ops[k] is not None and k in trained]
+    got = dict(zip(names, torch.autograd.grad(y, [ops[k] for k in names], dy)))
+    x, W, A, B, b = (ops[k].detach() if ops[k] is not None else None for k in ("x", "weight", "A", "B", "bias"))
+    assert torch.allclose(y, x @ W.T + scale * (x @ B) @ A.T + (0 if b is None else b), rtol=1e-12, atol=1e-12)
+    expected = {"x": dy @ W + scale * dy @ A @ B.T, "weight": dy.T @ x, "A": scale * dy.T @ (x @ B),
+                "B": scale * x.T @ (dy @ A), "bias": dy.sum(0)}
+    for name, g in got.items():
+        assert torch.allclose(g, expected[name], rtol=1e-12, atol=1e-12), name
 
 
-def test_inference_path_matches_the_training_path(adapter_path):
-    """With nothing to differentiate the adapter runs the same ops in the same order without an
-    autograd graph, so the same bits."""
+def test_inference_path_matches_the_training_path():
+    """With nothing to differentiate the adapter runs the engine's ops without the autograd node:
+    the same ops in the same order, so the same bits."""
     ops = _operands(True)
     A = ops["A"].requires_grad_()
     trained = F.lowrank_linear(ops["x"], ops["weight"], A, ops["B"], ops["bias"], 0.5)
@@ -186,25 +182,6 @@ def test_inference_path_matches_the_training_path(adapter_path):
         inferred = F.lowrank_linear(ops["x"], ops["weight"], A, ops["B"], ops["bias"], 0.5)
     assert trained.grad_fn is not None and inferred.grad_fn is None
     assert torch.equal(trained, inferred)
-
-
-@pytest.mark.parametrize("tokens, out_features, min_work, min_input, path", [
-    (8191, 2, 1 << 16, 1 << 20, "autograd"), (8192, 2, 1 << 16, 1 << 20, "node"),   # tokens × 4 × 2 at 2¹⁶
-    (255, 1, 1 << 16, 1 << 10, "autograd"), (256, 1, 1 << 16, 1 << 10, "node"),    # tokens × 4 at 2¹⁰
-])
-def test_the_adapter_takes_the_node_from_either_threshold(monkeypatch, tokens, out_features, min_work, min_input,
-                                                           path):
-    """The adapter runs on autograd's nodes below both ``_NODE_MIN_WORK`` (tokens × in × out) and
-    ``_NODE_MIN_INPUT`` (tokens × in), on the one node from either on (the paths replaced by
-    stand-ins that say which ran: the choice is made from the shapes alone)."""
-    calls = []
-    monkeypatch.setattr(F, "_adapter_on_autograd", lambda *args: calls.append("autograd") or args[0] @ args[1].t())
-    monkeypatch.setattr(F._EagerLowRankLinear, "apply", lambda *args: calls.append("node") or args[0] @ args[1].t())
-    monkeypatch.setattr(F, "_NODE_MIN_WORK", min_work)
-    monkeypatch.setattr(F, "_NODE_MIN_INPUT", min_input)
-    x = torch.randn(tokens, 4, requires_grad=True)
-    F.lowrank_linear(x, torch.randn(out_features, 4), torch.randn(out_features, 1), torch.randn(4, 1), None, 1.0)
-    assert calls == [path]
 
 
 # -- the layer's parameter reads ------------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_host_time_per_call_on_cpu(profile_ops, monkeypatch):
     labels = [line.split(" forward ")[0].strip() for line in lines[1:]]
     assert labels == ["nn.Linear", "FusedLowRankLinear full", "unfused lowrank, two F.linear", "two nn.Linear modules",
                       "FusedLowRankLinear lowrank (torch)", "unfused adapter (LoRA)", "FusedLowRankLinear adapter (torch)",
-                      "FusedLowRankLinear adapter, one node (torch)",
+                      "in-place adapter, autograd's nodes",
                       "nn.Conv2d 8→8 3×3 on 1×8×4×4", "LowRankConv2d full (SVD, rank 2)",
                       "LowRankConv2d lowrank (SVD, rank 2)", "LowRankConv2d adapter (SVD, rank 2)",
                       "W.addmm_(A, Bᵀ), bare", "dynrank merge_ (torch)"]
@@ -93,14 +93,14 @@ def test_cpu_run_writes_the_host_table(profile_ops, tmp_path):
 
 
 def test_adapter_profile_on_cpu(profile_ops, monkeypatch):
-    """The adapter's profiler tables: on a CPU the torch path as it runs at this size (autograd's own
-    nodes) and through its one autograd node, whose Python backward shows in its table alone."""
+    """The adapter's profiler tables: on a CPU the torch path (one autograd node, whose Python
+    backward shows in its table) and the same math in place on autograd's own nodes."""
     monkeypatch.delenv("DYNRANK_BACKEND", raising=False)
     lines = []
     profile_ops.profile_adapter(lines, tokens=4, features=16, rank=2, device="cpu", steps=2)
     titles, tables = lines[0::2], lines[1::2]
-    assert titles == ["\nadapter fwd+bwd T4 K=N=16 r2 float32, DYNRANK_BACKEND=torch, autograd's nodes, 2 steps",
-                      "\nadapter fwd+bwd T4 K=N=16 r2 float32, DYNRANK_BACKEND=torch, one autograd node, 2 steps"]
-    assert "_EagerLowRankLinear" not in tables[0] and "aten::addmm_" in tables[0]
-    assert "_EagerLowRankLinear" in tables[1]
+    assert titles == ["\nadapter fwd+bwd T4 K=N=16 r2 float32, DYNRANK_BACKEND=torch, 2 steps",
+                      "\nadapter fwd+bwd T4 K=N=16 r2 float32, in place on autograd's nodes, 2 steps"]
+    assert "_TorchAdapterLinear" in tables[0]
+    assert "_TorchAdapterLinear" not in tables[1] and "aten::addmm_" in tables[1]
     assert "DYNRANK_BACKEND" not in os.environ
