@@ -157,8 +157,8 @@ def _torch_forward(x, weight, A, B, bias, scale):
 
     ``y = x·W_fᵀ + bias`` first, then ``xbs = s·x·B`` and ``y += xbs·Aᵀ`` in
     place.  The big GEMM is the first launch: on a GPU the host's work on the
-    two small ones (and on the autograd node) then overlaps it instead of
-    delaying it.
+    two small ones (and the autograd node's saves after them) then overlaps it
+    instead of delaying it.
     """
     if weight is None:
         xbs = _scaled_mm(x, B, scale)
