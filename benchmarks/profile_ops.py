@@ -110,6 +110,7 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
     down = torch.randn(rank, features, requires_grad=True, **kw)
     up = torch.randn(features, rank, requires_grad=True, **kw)
     bias = torch.zeros(features, requires_grad=True, **kw)
+    frozen_bias = bias.detach()   # the adapters' bias is frozen with W_f, as in the linear suite
     weight = torch.randn(features, features, **kw)
     dense = nn.Linear(features, features, **kw)
     two = nn.Sequential(nn.Linear(features, rank, bias=False, **kw), nn.Linear(rank, features, **kw))
@@ -131,11 +132,12 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
         ("two nn.Linear modules", None, lambda: two(x), grad),
         ("FusedLowRankLinear lowrank", "torch", lambda: lowrank(x), grad),
         *([("FusedLowRankLinear lowrank", "triton", lambda: lowrank(x), grad)] if triton else []),
-        ("unfused adapter (LoRA)", None, lambda: F.linear(x, weight, bias) + F.linear(F.linear(x, down), up) * 2.0,
+        ("unfused adapter (LoRA)", None,
+         lambda: F.linear(x, weight, frozen_bias) + F.linear(F.linear(x, down), up) * 2.0,
          grad),
         ("FusedLowRankLinear adapter", "torch", lambda: adapter(x), grad),
         ("in-place adapter, autograd's nodes", None,
-         lambda: inplace_adapter(x, weight, down, up, bias, 2.0), grad),
+         lambda: inplace_adapter(x, weight, down, up, frozen_bias, 2.0), grad),
         *([("FusedLowRankLinear adapter", "triton", lambda: adapter(x), grad)] if triton else []),
         ("nn.Conv2d 8→8 3×3 on 1×8×4×4", None, lambda: conv(image), image_grad),
         *((f"LowRankConv2d {form} (SVD, rank 2)", None, lambda layer=layer: layer(image), image_grad)

@@ -230,8 +230,9 @@ class _TorchAdapterLinear(torch.autograd.Function):
     summed in place.  Autograd's own nodes for the same math launch 11 kernels
     (a mul per scaled gradient, the input gradient's two parts written apart and
     then summed), unfused LoRA 12.  The node is kept lean (no arguments but the
-    operands, a direct backward): on a CPU host its forward+backward costs the
-    host what autograd's nodes do (KERNEL_NOTES.md, v0.7).
+    operands, a direct backward): on a CPU host, called bare, its
+    forward+backward costs the host what autograd's nodes for the same math do
+    (KERNEL_NOTES.md, v0.7).
     """
 
     @staticmethod
