@@ -39,22 +39,21 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+# The suites' helpers (and test_bench_epoch's models), as the suites import them.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_common import cpu_model, dtype_name, inplace_adapter, sync  # noqa: E402
 
 
 def host_microseconds(fn, calls=2000, device="cuda"):
     """Mean host time of one call, launches queued without synchronizing in between."""
     for _ in range(20):
         fn()
-    _synchronize(device)
+    sync(torch.device(device))
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     host = (time.perf_counter() - start) / calls
-    _synchronize(device)
+    sync(torch.device(device))
     return 1e6 * host
 
 
@@ -99,9 +98,6 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
 
     from dynrank import FusedLowRankLinear, LowRankConv2d
     from dynrank.functional import merge_
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _bench_common import inplace_adapter
 
     device = torch.device(device)
     kw = dict(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -164,7 +160,7 @@ def host_per_call(lines, tokens=64, features=256, rank=8, device="cuda", calls=5
     what = "mean of {calls} queued calls" if device.type == "cuda" else "mean of {calls} calls"
     lines.append(f"\nhost time per call (µs, {what.format(calls=calls)}"
                  + (f", median of {rounds} rounds" if rounds > 1 else "")
-                 + f"), T{tokens} K=N={features} r{rank} {str(kw['dtype']).replace('torch.', '')} on {device.type}")
+                 + f"), T{tokens} K=N={features} r{rank} {dtype_name(kw['dtype'])} on {device.type}")
     for (name, backend, _, _), path_times in zip(paths, times):
         fwd, both = (f"{statistics.median(t):8.1f}" if t else f"{'-':>8}" for t in path_times)
         label = f"{name}" + (f" ({backend})" if backend else "")
@@ -178,9 +174,6 @@ def profile_adapter(lines, tokens, features, rank, device=None, steps=10):
     from torch.profiler import ProfilerActivity, profile
 
     from dynrank import FusedLowRankLinear
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _bench_common import inplace_adapter
 
     device = torch.device(device or "cuda")
     kw = dict(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -207,14 +200,14 @@ def profile_adapter(lines, tokens, features, rank, device=None, steps=10):
         try:
             for _ in range(5):
                 step()
-            _synchronize(device)
+            sync(device)
             with profile(activities=activities) as prof:
                 for _ in range(steps):
                     step()
-                _synchronize(device)
+                sync(device)
         finally:
             os.environ.pop("DYNRANK_BACKEND", None)
-        lines.append(f"\nadapter fwd+bwd T{tokens} K=N={features} r{rank} {str(kw['dtype']).replace('torch.', '')}, "
+        lines.append(f"\nadapter fwd+bwd T{tokens} K=N={features} r{rank} {dtype_name(kw['dtype'])}, "
                      f"{title}, {steps} steps")
         lines.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
 
@@ -259,16 +252,15 @@ def profile_steps(step, device, steps, warmup=3):
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         step()
-    sync()
+    sync(device)
     walls = []
     with profile(activities=activities) as prof:
         for _ in range(steps):
             start = time.perf_counter()
             step()
-            sync()
+            sync(device)
             walls.append(time.perf_counter() - start)
     kinds, launches = step_breakdown(_device_events(prof, device), steps)
     return kinds, launches, walls
@@ -312,7 +304,6 @@ def profile_lm_step(lines, device=None, steps=5):
     """The epoch suite's GPT-2-small step per form under ``torch.profiler``: where a step's time goes."""
     import statistics
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import test_bench_epoch as epoch
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -349,9 +340,6 @@ def main(argv=None):
 
         torch.set_num_threads(1)
         rounds = args.rounds or 15
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from _bench_common import cpu_model
-
         lines = [f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
                  f"Python {platform.python_version()}, one thread, {datetime.date.today().isoformat()}"]
         sections = (lambda out: host_per_call(out, tokens=4, features=16, rank=2, device="cpu", calls=1000,

@@ -117,6 +117,8 @@ REFERENCES = {
 
 
 GRAPHED_GROUP_SUFFIX = " cuda-graphs"   # test_bench_epoch.py's groups of graphed steps
+# extra_info["timing"] of a linear or merge result (absent: "call"), and its targets' tag.
+TIMING_TAGS = (("call", ""), ("queued", " queued"))
 
 
 def _groups(rows):
@@ -196,7 +198,7 @@ def evaluate_targets(rows):
                         "status": _status(value, limit, higher_is_better)})
 
     # The linear targets by each timing: every call to its synchronize (latency), and queued (throughput).
-    for timing, tag in (("call", ""), ("queued", " queued")):
+    for timing, tag in TIMING_TAGS:
         linear = [r for r in rows if r.suite == "linear" and r.provider == "dynrank"
                   and r.extra.get("timing", "call") == timing]
         headline = [r for r in linear if r.form == "adapter" and r.pass_ == "fwd+bwd" and r.extra.get("target")]
@@ -215,7 +217,7 @@ def evaluate_targets(rows):
         worst = min(vals) if vals else (None, "")
         add(f"every linear shape and pass{tag}: speedup over unfused torch (worst)", "≥ 0.98×", worst[0], 0.98,
             True, "{:.3f}×", worst[1])
-    for timing, tag in (("call", ""), ("queued", " queued")):
+    for timing, tag in TIMING_TAGS:
         merges = [r for r in rows if r.suite == "merge" and r.provider == "dynrank"
                   and r.extra.get("timing", "call") == timing]
         vals = [(f, r.group) for r in merges for f in [_copy_fraction(r, groups[r.group])] if f is not None]
