@@ -155,17 +155,20 @@ def env_override(**values):
                 os.environ[key] = value
 
 
-def triton_forced(fn):
+def triton_forced(fn, timed=True):
     """``fn`` with dynrank's Triton kernels forced (``DYNRANK_BACKEND=triton``) for each call.
 
     The provider ``dynrank_triton`` times the kernels beside ``dynrank`` (the
     ``auto`` choice) on CUDA; the backward of a call follows its forward's
-    choice.  Skips off CUDA, where the kernels only run interpreted.
+    choice.  Skips off CUDA, where the kernels only run interpreted; with
+    ``timed=False`` (a correctness check, not a timing) it runs them there in
+    Triton's interpreter when ``TRITON_INTERPRET=1`` is set.
     """
     import pytest
 
-    if not ON_CUDA:
-        pytest.skip("the Triton kernels are timed on CUDA (off it they only run in the interpreter)")
+    if not ON_CUDA and (timed or os.environ.get("TRITON_INTERPRET", "0") != "1"):
+        pytest.skip("the Triton kernels are timed on CUDA (off it they only run in the interpreter)" if timed
+                    else "off CUDA the Triton kernels need TRITON_INTERPRET=1 (set before triton is imported)")
 
     def run(*args, **kwargs):
         with env_override(DYNRANK_BACKEND="triton"):
@@ -313,7 +316,7 @@ def benchmark_queued(benchmark, run, config, calls=QUEUED_CALLS, device=DEVICE):
     if config is None or not hasattr(config, "getoption"):
         raise ValueError(f"queued timing needs pytest's config (the pytestconfig fixture), got {config!r}")
     if not benchmark.enabled:
-        run()
+        benchmark(run)                # disabled: one plain call (through the fixture, which marks it used)
         sync(device)
         return 0
     count = itertools.count(1)

@@ -133,10 +133,11 @@ def _peft_lora_kwargs(rank):
     return settings
 
 
-def make_linear(provider, form, case, device=common.DEVICE):
+def make_linear(provider, form, case, device=common.DEVICE, timed=True):
     """Setup factory: (forward callable of x, trainable parameters) for one provider.
 
-    Skips (with the reason) providers that cannot run here.
+    Skips (with the reason) providers that cannot run here; ``timed=False`` (a correctness check)
+    lets ``dynrank_triton`` run in Triton's interpreter off CUDA.
     """
     K, N, r, dtype = case.in_features, case.out_features, case.rank, case.dtype
     kw = dict(device=device, dtype=dtype)
@@ -156,7 +157,7 @@ def make_linear(provider, form, case, device=common.DEVICE):
             _small_(layer.A)
             layer.bias.requires_grad_(False)  # frozen with W_f, as in LoRA fine-tuning
         params = [p for p in layer.parameters() if p.requires_grad]
-        return (layer if provider == "dynrank" else common.triton_forced(layer)), params
+        return (layer if provider == "dynrank" else common.triton_forced(layer, timed)), params
 
     if provider == "torch_inplace":
         # The adapter as a careful torch user writes it (common.inplace_adapter).
@@ -253,7 +254,7 @@ def test_each_provider_computes_its_form(provider, form):
     dense layer lists none).
     """
     case = LinearCase(6, 24, 20, 4, torch.float32)
-    layer, params = make_linear(provider, form, case)
+    layer, params = make_linear(provider, form, case, timed=False)
     probe = torch.cat([torch.zeros(1, case.in_features), torch.eye(case.in_features)]).to(common.DEVICE)
 
     def effective_weight():

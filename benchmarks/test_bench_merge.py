@@ -15,10 +15,12 @@ Conv merges, one group per (decomposition, kernel shape):
 
 - ``dynrank``: the merge of ``LowRankConv2d`` (``_merge_into_``, the layer
   contract every ``inflate()`` goes through);
-- ``tensorly``: the dense kernel reconstructed with ``tensorly.tucker_to_tensor``
-  / ``cp_to_tensor`` (plain matrix product for SVD), then added to W.
+- ``tensorly``: the same layer's factors, the dense kernel reconstructed with
+  ``tensorly.tucker_to_tensor`` / ``cp_to_tensor`` (plain matrix product for SVD),
+  then added to W.
 
-Conv GB/s counts the dense kernel's read and write.
+Conv GB/s counts the dense kernel's read and write.  Two tests that are not
+benchmarks check that every provider computes its merge (against float64).
 """
 
 from dataclasses import dataclass
@@ -61,13 +63,21 @@ MERGE_PROVIDERS = ("copy", "unfused", "addmm_", "dynrank", "dynrank_triton")
 MERGE_ALPHA = 0.5
 
 
-def make_merge(provider, case, device=common.DEVICE):
-    """Setup factory: the callable of one provider (W is modified in place where it applies)."""
+def merge_operands(case, device=common.DEVICE):
+    """W, A, B of one merge case."""
     kw = dict(device=device, dtype=case.dtype)
     W = torch.randn(case.out_features, case.in_features, **kw)
     # Small factors: thousands of timed in-place merges must not overflow fp16.
     A = torch.randn(case.out_features, case.rank, **kw) * 1e-3
     B = torch.randn(case.in_features, case.rank, **kw) * 1e-3
+    return W, A, B
+
+
+def make_merge(provider, case, device=common.DEVICE, operands=None, timed=True):
+    """Setup factory: the callable of one provider, returning the merged W (written in place where
+    the provider merges in place; ``copy`` returns W's copy).  ``operands``: (W, A, B) to use instead
+    of fresh ones; ``timed=False`` (a correctness check) lets ``dynrank_triton`` run interpreted."""
+    W, A, B = operands if operands is not None else merge_operands(case, device)
     if provider == "copy":
         dst = torch.empty_like(W)
         return lambda: dst.copy_(W)
@@ -79,7 +89,7 @@ def make_merge(provider, case, device=common.DEVICE):
         from dynrank.functional import merge_
 
         run = lambda: merge_(W, A, B, MERGE_ALPHA)  # noqa: E731
-        return run if provider == "dynrank" else common.triton_forced(run)
+        return run if provider == "dynrank" else common.triton_forced(run, timed)
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -144,48 +154,62 @@ def conv_merge_kernels(grid):
     return kernels
 
 
-def _tensorly_reconstruct(decomposition, F_out, C, k, rank, kw):
-    """Factors of the given decomposition and a callable W + reconstruct(factors)."""
+def conv_merge_operands(decomposition, kernel, dtype, device=common.DEVICE):
+    """W, the factors (all nonzero) and the scale of an adapter LowRankConv2d at rank ratio 0.5: the
+    operands both conv-merge providers work on."""
+    LowRankConv2d = common.require_module("dynrank.conv", "LowRankConv2d is being written", "LowRankConv2d")
+    F_out, C, k = kernel
+    layer = LowRankConv2d(C, F_out, k, decomposition=decomposition, padding=k // 2, bias=False,
+                          form="adapter", rank_ratio=CONV_RANK_RATIO).to(device=device, dtype=dtype)
+    factors = {name: f.detach() for name, f in layer.factors().items()}
+    with torch.no_grad():
+        for f in factors.values():
+            f.normal_(0.0, 0.1)                   # the adapter's zeroed factor too: a real product
+    return layer, layer.weight.detach().clone(), factors, float(layer.scale)
+
+
+def _tensorly_reconstruct(decomposition, W, f, scale):
+    """A callable W + scale·(the dense kernel of factors ``f``, rebuilt by tensorly), a new tensor.
+
+    The layer's factors in tensorly's terms: a Tucker core with channel factors, or CP factors
+    (plain matrix product for SVD); the formulas are those of ``dynrank.kernels.conv_merge``'s
+    references.
+    """
     import tensorly as tl
 
-    W = torch.randn(F_out, C, k, k, **kw)
-    eye = torch.eye(k, **kw)
+    k_h, k_w = W.shape[2:]
+    eye_h, eye_w = (torch.eye(n, device=W.device, dtype=W.dtype) for n in (k_h, k_w))
+    mat = lambda t: t.reshape(t.shape[0], -1)         # noqa: E731  (r, C, 1, 1) → (r, C)
     if decomposition == "svd":
-        U = torch.randn(F_out, rank, **kw) * 0.1
-        V = torch.randn(rank, C * k * k, **kw) * 0.1
-        return lambda: W + (U @ V).view(W.shape)
+        A, B = mat(f["A"]), mat(f["B"])
+        return lambda: W + scale * (A @ B).view(W.shape)
     if decomposition == "tucker":
-        core = torch.randn(rank, rank, k, k, **kw) * 0.1
-        factors = [torch.randn(F_out, rank, **kw) * 0.1, torch.randn(C, rank, **kw) * 0.1, eye, eye]
-        return lambda: W + tl.tucker_to_tensor((core, factors))
+        core, channel = f["core"], [mat(f["A"]), mat(f["B"]).t(), eye_h, eye_w]
+        return lambda: W + scale * tl.tucker_to_tensor((core, channel))
     if decomposition == "cp":
-        weights = torch.ones(rank, **kw)
-        factors = [torch.randn(n, rank, **kw) * 0.1 for n in (F_out, C, k, k)]
-        return lambda: W + tl.cp_to_tensor((weights, factors))
+        weights = torch.ones(f["A"].shape[1], device=W.device, dtype=W.dtype)
+        cp = [mat(f["A"]), mat(f["B"]).t(), mat(f["Kh"]).t(), mat(f["Kw"]).t()]
+        return lambda: W + scale * tl.cp_to_tensor((weights, cp))
     if decomposition == "tkd-cpd":
-        # Tucker-2 over channels whose (r_out, r_in, k, k) core is itself CP.
-        weights = torch.ones(rank, **kw)
-        core_factors = [torch.randn(n, rank, **kw) * 0.1 for n in (rank, rank, k, k)]
-        factors = [torch.randn(F_out, rank, **kw) * 0.1, torch.randn(C, rank, **kw) * 0.1, eye, eye]
-        return lambda: W + tl.tucker_to_tensor((tl.cp_to_tensor((weights, core_factors)), factors))
+        # Tucker-2 over channels whose (r_out, r_in, kh, kw) core is itself CP.
+        weights = torch.ones(f["Kh"].shape[0], device=W.device, dtype=W.dtype)
+        core_cp = [mat(f["core_out"]), mat(f["core_in"]).t(), mat(f["Kh"]).t(), mat(f["Kw"]).t()]
+        channel = [mat(f["A"]), mat(f["B"]).t(), eye_h, eye_w]
+        return lambda: W + scale * tl.tucker_to_tensor((tl.cp_to_tensor((weights, core_cp)), channel))
     raise ValueError(f"unknown decomposition {decomposition!r}")
 
 
-def make_conv_merge(provider, decomposition, kernel, dtype, device=common.DEVICE):
-    F_out, C, k = kernel
-    kw = dict(device=device, dtype=dtype)
-    if provider == "tensorly":
-        return _tensorly_reconstruct(decomposition, F_out, C, k, max(1, int(CONV_RANK_RATIO * F_out)), kw)
-    if provider == "dynrank":
-        LowRankConv2d = common.require_module("dynrank.conv", "LowRankConv2d is being written", "LowRankConv2d")
-        layer = LowRankConv2d(C, F_out, k, decomposition=decomposition, padding=k // 2, bias=False,
-                                   form="adapter", rank_ratio=CONV_RANK_RATIO).to(**kw)
-        W = layer.weight.detach().clone()
-        factors = {name: f.detach() for name, f in layer.factors().items()}
-        return lambda: layer._merge_into_(W, 1.0, factors)
+def make_conv_merge(provider, decomposition, kernel, dtype, device=common.DEVICE, timed=True):
+    """Setup factory: the callable of one provider, returning the merged kernel (a new tensor for
+    ``tensorly``, W merged in place for ``dynrank``)."""
     if provider == "dynrank_triton":
-        return common.triton_forced(make_conv_merge("dynrank", decomposition, kernel, dtype, device))
-    raise ValueError(f"unknown provider {provider!r}")
+        return common.triton_forced(make_conv_merge("dynrank", decomposition, kernel, dtype, device), timed)
+    if provider not in ("tensorly", "dynrank"):
+        raise ValueError(f"unknown provider {provider!r}")
+    layer, W, factors, scale = conv_merge_operands(decomposition, kernel, dtype, device)
+    if provider == "tensorly":
+        return _tensorly_reconstruct(decomposition, W, factors, scale)
+    return lambda: (layer._merge_into_(W, 1.0, factors), W)[1]
 
 
 @pytest.mark.parametrize("kernel", conv_merge_kernels(common.grid_mode()),
@@ -207,3 +231,39 @@ def test_conv_merge(benchmark, provider, decomposition, kernel):
         benchmark(run)
     common.finish(benchmark, bytes_moved=2.0 * F_out * C * k * k * torch.empty((), dtype=dtype).element_size(),
                   dtype=dtype)
+
+
+# ---------------------------------------------------------------------------
+# Not benchmarks: every provider does the merge its row claims
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("provider", MERGE_PROVIDERS)
+def test_each_merge_provider_computes_the_merge(provider):
+    """One call of each provider against W + alpha·A·Bᵀ in float64 (``copy``: W itself), so no ratio
+    of the merge suite compares unequal work."""
+    case = MergeCase(24, 20, 4, torch.float32)
+    W, A, B = merge_operands(case)
+    A, B = A * 1e3, B * 1e3                          # a product of the size of W: one the check sees
+    expected = W.double() if provider == "copy" else W.double() + MERGE_ALPHA * A.double() @ B.double().t()
+    with torch.no_grad():
+        out = make_merge(provider, case, operands=(W.clone(), A, B), timed=False)()
+    assert out.shape == W.shape
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("decomposition", DECOMPOSITIONS)
+@pytest.mark.parametrize("provider", ("tensorly", "dynrank", "dynrank_triton"))
+def test_each_conv_merge_provider_computes_the_merge(provider, decomposition):
+    """One call of each conv-merge provider against W + the float64 reference kernel of the same
+    factors: the tensorly reconstruction and the layer's merge do the same work."""
+    import tensorly as tl
+
+    from dynrank.kernels.conv_merge import reference_kernel
+
+    torch.manual_seed(0)
+    _, W, factors, scale = conv_merge_operands(decomposition, (8, 6, 3), torch.float32)
+    expected = W.double() + reference_kernel(decomposition, factors, scale)
+    torch.manual_seed(0)
+    with tl.backend_context("pytorch"), torch.no_grad():
+        out = make_conv_merge(provider, decomposition, (8, 6, 3), torch.float32, timed=False)()
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6

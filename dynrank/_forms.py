@@ -1,6 +1,6 @@
 """The three weight forms shared by every dynrank layer.
 
-A layer holds its weight in one of three forms (see DESIGN.md):
+A layer holds its weight in one of three forms (README.md, "The three forms"):
 
     lowrank   y = f(x; factors)                 factors trainable, no dense weight
     full      y = f(x; W)                       W trainable, no factors
@@ -46,7 +46,9 @@ class FormLayer(nn.Module):
     - ``_merge_into_(weight, alpha, factors)``: in place
       ``weight += alpha * merged(factors)``;
     - ``_fit_factors(weight, rank)``: dict of factors whose merged product is
-      the best rank-``rank`` approximation of ``weight`` (in the layer's scale);
+      the best rank-``rank`` approximation of ``weight`` (in the layer's scale;
+      called through :meth:`_fit`, with finite values that are not all zero);
+      ``_fit_name`` and ``weight_kind`` name the fit and the weight in errors;
     - ``_check_rank(rank)``: validated rank (raises ValueError/TypeError);
     - ``_rank_from_state(state_dict, prefix)``: the rank stored in a state dict;
     - ``_init_lowrank_(factors, rank)``: rescale fresh factors in place so the
@@ -57,6 +59,7 @@ class FormLayer(nn.Module):
     """
 
     weight_name = "weight"
+    weight_kind = "weight"
     _factor_param_names = ()
 
     def _build_parameters(self, form, rank, bias, device=None, dtype=None):
@@ -66,6 +69,8 @@ class FormLayer(nn.Module):
         Conv layers (Kaiming-uniform with a = √5, bias U(±1/√fan_in)).
         """
         check_form(form)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         kw = dict(device=device, dtype=dtype)
         shape = self._dense_shape()
         self.bias = nn.Parameter(torch.empty(shape[0], **kw)) if bias else None
@@ -155,11 +160,29 @@ class FormLayer(nn.Module):
         if bias is not None:
             self.bias.copy_(bias)
         if self._form == "lowrank":
-            for name, value in self._fit_factors(weight.detach(), self._rank).items():
+            for name, value in self._fit(weight.detach(), self._rank).items():
                 getattr(self, name).copy_(value)
         else:
             self._dense().copy_(weight)
         return self
+
+    def _fit(self, weight, rank):
+        """``_fit_factors`` where there is something to fit.
+
+        A meta weight has no values: factors of the right shapes (the fresh init).  A weight with
+        NaN or inf cannot be fitted (ValueError).  An all-zero weight's best fit is zero, but
+        all-zero factors never get a gradient: it gets the zero-output init of
+        ``deflate(init="zeros")`` instead, exactly zero and trainable.
+        """
+        if weight.is_meta:
+            return self._init_factors(rank, False, weight.device, weight.dtype)
+        finite = torch.isfinite(weight)
+        if not finite.all():
+            raise ValueError(f"cannot fit {self._fit_name} factors to a {self.weight_kind} with non-finite entries "
+                             f"({weight.numel() - int(finite.sum())} NaN/inf of {weight.numel()})")
+        if not weight.any():
+            return self._init_factors(rank, True, weight.device, weight.dtype)
+        return self._fit_factors(weight, rank)
 
     # -- form changes -------------------------------------------------------
     @torch.no_grad()
@@ -217,7 +240,7 @@ class FormLayer(nn.Module):
         rank = self._check_rank(self._rank if rank is None else rank)
         weight = self._dense()
         if init == "svd":
-            factors = self._fit_factors(weight.detach(), rank)
+            factors = self._fit(weight.detach(), rank)
             self._merge_into_(weight.data, -1.0, factors)
         else:
             factors = self._init_factors(rank, init == "zeros", weight.device, weight.dtype)
@@ -240,11 +263,46 @@ class FormLayer(nn.Module):
                               unexpected_keys, error_msgs):
         form = self._form_in_state(state_dict, prefix)
         if form is not None:
-            rank = self._rank if form == "full" else self._rank_from_state(state_dict, prefix)
+            rank, problem = self._state_rank_and_problem(state_dict, prefix, form)
+            if problem is not None:
+                # Nothing of this layer is touched: torch's load_state_dict raises with the message.
+                name = prefix[:-1] or type(self).__name__
+                error_msgs.append(f"{name}: {problem}; the layer is left as it was ({self._form} form, rank "
+                                  f"{self._rank})")
+                return
             if form != self._form or rank != self._rank:
                 self._allocate(form, rank)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _state_rank_and_problem(self, state_dict, prefix, form):
+        """(rank, None) when the state dict's tensors for this layer have the shapes of ``form`` at the
+        rank they give, else (None, what is wrong), so a bad checkpoint never half-loads a layer."""
+        rank = self._rank
+        if form != "full":
+            try:
+                rank = self._check_rank(self._rank_from_state(state_dict, prefix))
+            except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:
+                shapes = {n: tuple(state_dict[prefix + n].shape) for n in sorted(self._all_factor_names())
+                          if prefix + n in state_dict and isinstance(state_dict[prefix + n], torch.Tensor)}
+                why = f" ({e})" if isinstance(e, (TypeError, ValueError)) else ""
+                return None, f"the saved factors {shapes} give no valid rank{why}"
+        expected = dict(self._factor_shapes(rank)) if form != "full" else {}
+        if form != "lowrank":
+            expected[self.weight_name] = tuple(self._dense_shape())
+        if self.bias is not None:
+            expected["bias"] = tuple(self.bias.shape)
+        wrong = []
+        for name, shape in expected.items():
+            value = state_dict.get(prefix + name)
+            if value is None:
+                continue                     # a missing key: torch reports it under strict loading
+            if not isinstance(value, torch.Tensor):
+                wrong.append(f"{name} must be a tensor, got {type(value).__name__}")
+            elif tuple(value.shape) != tuple(shape):
+                where = f"{form} form" + ("" if form == "full" else f", rank {rank}")
+                wrong.append(f"{name} must have shape {tuple(shape)} ({where}), got {tuple(value.shape)}")
+        return (rank, None) if not wrong else (None, "; ".join(wrong))
 
     @torch.no_grad()
     def _allocate(self, form, rank):

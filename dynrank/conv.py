@@ -19,6 +19,7 @@ from .conv_adapter import (
 )
 from .conv_factorizations import KernelShape, get_factorization
 from .conv_merging import merge_conv_
+from .linear import check_alpha, check_ratio
 
 __all__ = ["LowRankConv2d", "ADAPTER_STRATEGIES", "PADDING_MODES", "AdapterChoice", "adapter_costs",
            "adapter_work", "time_adapter_strategies"]
@@ -168,8 +169,6 @@ class LowRankConv2d(FormLayer):
                              f"decomposition={decomposition!r} with groups={groups}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
-            raise TypeError(f"alpha must be a number or None, got {type(alpha).__name__}")
         self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
         self.kernel_size = _check_pair(kernel_size, "kernel_size", 1)
         self.stride = _check_pair(stride, "stride", 1)
@@ -177,15 +176,13 @@ class LowRankConv2d(FormLayer):
         self.padding = self._check_padding(padding)
         self.padding_mode = padding_mode
         self.decomposition = decomposition
-        self.alpha = alpha
+        self.alpha = check_alpha(alpha)
         self.adapter_strategy = adapter_strategy
         self._kshape = KernelShape(self.out_channels, self.in_channels, *self.kernel_size, self.groups)
         if (rank is None) == (rank_ratio is None):
             raise ValueError(f"give exactly one of rank and rank_ratio, got rank={rank!r}, rank_ratio={rank_ratio!r}")
         if rank_ratio is not None:
-            if isinstance(rank_ratio, bool) or not isinstance(rank_ratio, numbers.Real) or not rank_ratio > 0:
-                raise ValueError(f"rank_ratio must be a number > 0, got {rank_ratio!r}")
-            rank = self._dec.rank_from_ratio(rank_ratio, self._kshape)
+            rank = self.rank_for_ratio(rank_ratio)
         self.rank_ratio = rank_ratio
         self._build_parameters(form, self._check_rank(rank), bias, device, dtype)
 
@@ -263,7 +260,7 @@ class LowRankConv2d(FormLayer):
     # -- factor description (FormLayer contract) ---------------------------------
     def rank_for_ratio(self, ratio):
         """Rank of this layer's decomposition at rank ratio ρ (the authors' int(ρ·out_channels), clipped)."""
-        return self._dec.rank_from_ratio(ratio, self._kshape)
+        return self._dec.rank_from_ratio(check_ratio(ratio), self._kshape)
 
     def _init_lowrank_(self, factors, rank):
         self._dec.init_lowrank_(factors, self.scale_for(rank))
@@ -295,6 +292,12 @@ class LowRankConv2d(FormLayer):
         U, V = self._dec.operands(factors)
         merge_conv_(weight, U, V, alpha * self.scale_for(self._dec.rank_of(factors)), self.groups)
 
+    weight_kind = "kernel"
+
+    @property
+    def _fit_name(self):
+        return self.decomposition
+
     def _fit_factors(self, weight, rank):
         fit = self._dec.fit(weight.detach().double().cpu(), rank, self.scale_for(rank), self.groups)
         return {k: v.to(device=weight.device, dtype=weight.dtype) for k, v in fit.items()}
@@ -312,12 +315,20 @@ class LowRankConv2d(FormLayer):
         tensorly (svd: truncated SVD of the (F, C/g·kh·kw) matrix per group,
         the best rank-r approximation; tucker: HOOI ``partial_tucker`` over the
         channel modes; cp: ALS ``parafac``; tkd-cpd: Tucker-2, then ``parafac``
-        of the core), then cast to the kernel's dtype.  ``form="adapter"``: the
+        of the core), then cast to the kernel's dtype.  An all-zero kernel (its
+        best fit is zero, but all-zero factors never get a gradient) gets the
+        zero-output init of ``deflate(init="zeros")`` in every decomposition:
+        the output-side factor zero (tucker: the core; tkd-cpd: ``core_out``),
+        the others random.  A kernel on the meta device has no values: the
+        factors get the fresh init (shapes only).  ``form="adapter"``: the
         kernel becomes W_f with a zero adapter.  ``form="full"``: W is kept.
 
         Raises:
-            TypeError: ``conv`` is not an ``nn.Conv2d``.
-            ValueError: invalid rank, rank_ratio, decomposition or form.
+            TypeError: ``conv`` is not an ``nn.Conv2d``, or its kernel's dtype is
+                not floating-point.
+            ValueError: invalid rank, rank_ratio, decomposition or form; a kernel
+                with NaN/inf entries (lowrank form); a CP fit (cp, tkd-cpd) that
+                fails on a degenerate kernel (e.g. constant or one-hot).
 
         Example:
             >>> conv = nn.Conv2d(16, 32, 3, padding=1)
@@ -328,6 +339,9 @@ class LowRankConv2d(FormLayer):
             raise TypeError(f"from_dense needs an nn.Conv2d, got {type(conv).__name__}")
         check_form(form)
         weight = conv.weight
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"from_dense needs a floating-point kernel: dtype must be a floating-point dtype, "
+                            f"got {weight.dtype}")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank=rank,
                     decomposition=decomposition, stride=conv.stride, padding=conv.padding,
                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, form=form,

@@ -117,14 +117,26 @@ def _tensorly_numpy():
 
 
 def _parafac(tensor, rank):
-    """CP of a float64 numpy tensor: (weights, [factor (dim, rank) per mode])."""
+    """CP of a float64 numpy tensor: (weights, [factor (dim, rank) per mode]).
+
+    Raises:
+        ValueError: ALS failed (numpy's ``LinAlgError``, e.g. "Singular matrix"):
+            the tensor has too few independent terms for ``rank`` (a constant or
+            one-hot kernel, a kernel that is zero but for a few entries).
+    """
+    import numpy as np
     from tensorly.decomposition import parafac
-    with _tensorly_numpy():
-        # Line search: ALS on kernels swamps (slow error decrease); it buys a
-        # better fit per second here (kernel 64×64×3×3, rank 32: 0.879 vs 0.881
-        # relative error, 1.8 s vs 1.2 s).
-        cp = parafac(tensor, rank=rank, init="svd", normalize_factors=True, n_iter_max=100, tol=1e-10,
-                     linesearch=True, random_state=0)
+    try:
+        with _tensorly_numpy():
+            # Line search: ALS on kernels swamps (slow error decrease); it buys a
+            # better fit per second here (kernel 64×64×3×3, rank 32: 0.879 vs 0.881
+            # relative error, 1.8 s vs 1.2 s).
+            cp = parafac(tensor, rank=rank, init="svd", normalize_factors=True, n_iter_max=100, tol=1e-10,
+                         linesearch=True, random_state=0)
+    except np.linalg.LinAlgError as e:
+        raise ValueError(f"the CP fit (ALS) of a {'×'.join(map(str, tensor.shape))} tensor at CP rank {rank} "
+                         f"failed ({e}): the tensor is too degenerate for that rank (e.g. of lower rank); "
+                         f"use a smaller rank, decomposition 'svd' or 'tucker', or a fresh init") from e
     return cp.weights, cp.factors
 
 

@@ -3,10 +3,11 @@
 import fnmatch
 import numbers
 
+import torch
 from torch import nn
 
 from ._forms import FORMS, FormLayer
-from .linear import FusedLowRankLinear, rank_from_ratio
+from .linear import FusedLowRankLinear, check_alpha, check_ratio, rank_from_ratio
 
 __all__ = ["convert_model", "ConversionSummary", "DECOMPOSITIONS"]
 
@@ -27,7 +28,9 @@ class ConversionSummary:
         rows: list of dicts with keys ``name``, ``type``, ``shape`` (weight
             shape), ``rank`` (None if kept dense), ``params_before``,
             ``params_after`` (trainable parameters of that module),
-            ``converted`` (bool), ``note`` (why it was kept dense).
+            ``converted`` (bool), ``note`` (why it was kept dense),
+            ``aliases`` (the module's other names where it is registered at
+            several places; one row per module, under its first name).
         params_before, params_after: trainable parameters of the whole model.
 
     ``str(summary)`` is a table; ``summary.converted`` / ``summary.skipped``
@@ -65,9 +68,12 @@ class ConversionSummary:
         lines = [header]
         for r in self.rows:
             kind = r["type"] if not r["converted"] else f"{r['type']} → {r['new_type']}"
+            note = r["note"]
+            if r.get("aliases"):
+                note = "; ".join(filter(None, [note, "also at " + ", ".join(r["aliases"])]))
             lines.append((r["name"], kind, "×".join(str(s) for s in r["shape"]),
                           "-" if r["rank"] is None else str(r["rank"]), f"{r['params_before']:,}",
-                          f"{r['params_after']:,}", r["note"]))
+                          f"{r['params_after']:,}", note))
         lines.append(("total (model)", "", "", "", f"{self.params_before:,}", f"{self.params_after:,}",
                       f"{self.ratio:.2f}× trainable, {len(self.converted)} of {len(self.rows)} converted"))
         widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
@@ -90,22 +96,23 @@ def _trainable_count(module):
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def _matches(patterns, name, module):
+def _matches(patterns, names, module):
+    """Whether any of ``names`` (the places of one module) matches ``patterns``."""
     if patterns is None:
         return False
     if callable(patterns):
-        return bool(patterns(name, module))
+        return any(bool(patterns(name, module)) for name in names)
     if isinstance(patterns, str):
         patterns = [patterns]
-    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns for name in names)
 
 
-def _named_exactly(patterns, name):
+def _named_exactly(patterns, names):
     if patterns is None or callable(patterns):
         return False
     if isinstance(patterns, str):
         patterns = [patterns]
-    return name in patterns
+    return any(name in patterns for name in names)
 
 
 def _check_patterns(value, what):
@@ -121,15 +128,37 @@ def _check_patterns(value, what):
     return items
 
 
+def _check_patterns_match(patterns, names):
+    """Raise a ValueError for the name/glob patterns (not callables) that match none of ``names``."""
+    unmatched = []
+    for what, value in patterns:
+        if value is None or callable(value):
+            continue
+        for p in [value] if isinstance(value, str) else value:
+            if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names):
+                unmatched.append(f"{what} {p!r}")
+    if unmatched:
+        shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ValueError(f"convert_model: these patterns match no nn.Linear/nn.Conv2d of the model: "
+                         f"{'; '.join(unmatched)} (patterns are full module names or fnmatch globs such as "
+                         f"'enc.*'; the model's are: {shown or 'none'})")
+
+
 def _candidates(module, prefix=""):
-    """(name, parent, attr, child) for Linear/Conv2d, not descending into dynrank layers or MHA."""
-    for attr, child in module.named_children():
+    """(name, parent, attr, child) for every place a Linear/Conv2d is registered, repeats included.
+
+    Does not descend into dynrank layers; the leaves inside ``nn.MultiheadAttention``
+    come with parent None.  A module registered at several places comes once per place.
+    """
+    for attr, child in module._modules.items():
+        if child is None:
+            continue
         name = f"{prefix}.{attr}" if prefix else attr
         if isinstance(child, FormLayer):
             continue
         if isinstance(child, nn.MultiheadAttention):
             # MHA reads out_proj.weight directly in F.multi_head_attention_forward.
-            for sub, leaf in child.named_modules():
+            for sub, leaf in child.named_modules(remove_duplicate=False):
                 if isinstance(leaf, (nn.Linear, nn.Conv2d)):
                     yield f"{name}.{sub}", None, None, leaf
             continue
@@ -137,6 +166,32 @@ def _candidates(module, prefix=""):
             yield name, module, attr, child
         else:
             yield from _candidates(child, name)
+
+
+def _parameter_owners(model):
+    """id(parameter) → [(qualified name, owning module)], one entry per distinct owning module."""
+    owners = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod._parameters.items():
+            if p is None:
+                continue
+            entry = owners.setdefault(id(p), [])
+            if not any(m is mod for _, m in entry):
+                entry.append((f"{mname}.{pname}" if mname else pname, mod))
+    return owners
+
+
+def _tied_to(child, owners):
+    """(parameter name, other owners' names) of the first parameter of ``child`` that another module
+    also holds (a tied LM head), or None."""
+    for pname in ("weight", "bias"):
+        p = child._parameters.get(pname)
+        if p is None:
+            continue
+        others = [n for n, m in owners.get(id(p), []) if m is not child]
+        if others:
+            return pname, ", ".join(others)
+    return None
 
 
 def _weight_shape(child):
@@ -167,7 +222,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     adapter in adapter form); ``init="fresh"`` builds it with its own
     initialization.  Biases are kept.
 
-    Kept dense by default (the authors' choices, see DESIGN.md): 1×1
+    Kept dense by default (the choices of the paper's own implementation): 1×1
     convolutions inside a residual shortcut (a module named ``shortcut`` or
     ``downsample``), the model's last ``nn.Linear`` in registration order
     (the classifier / LM head; ``keep_last=False`` converts it), grouped
@@ -176,6 +231,21 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     projections inside ``nn.MultiheadAttention`` (it reads their weights
     directly).  The first convolution is converted.  A module named exactly
     in ``include`` is converted even when a default rule would keep it.
+
+    Always kept dense (named exactly in ``include``, they raise instead): a
+    layer whose weight (or bias) Parameter is shared with another module (a
+    tied LM head, ``head.weight is embedding.weight``: converting would untie
+    it), and in ``"lowrank"``/``"full"`` form a frozen layer
+    (``weight.requires_grad=False``), which so stays exactly as it was and out
+    of the scheduler's reach.  In ``"adapter"`` form a frozen layer is
+    converted: frozen W_f plus a fresh trainable adapter, i.e. LoRA on a frozen
+    base.  Every converted layer's bias keeps its ``requires_grad``.
+    A module registered at several places (``nn.Sequential(lin, act, lin)``)
+    is converted once and the same new module put at every place, so the
+    sharing is kept; its row in the summary is under its first name, its other
+    names in ``aliases`` ("also at ..." in the table).  Every replacement is
+    built before any is swapped in, so a call that raises leaves the model
+    as it was.
     ``nn.TransformerEncoderLayer``\\ s whose linears are converted get a
     no-op forward pre-hook (and their ``nn.TransformerEncoder`` has
     ``use_nested_tensor`` turned off): torch's fused inference path reads
@@ -188,8 +258,10 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
         form: ``"lowrank"`` (training from scratch), ``"full"`` (fine-tuning:
             deflate later) or ``"adapter"``.
         include: only modules matching these names/globs (``fnmatch``), or a
-            callable ``(name, module) -> bool``; None: all.
-        exclude: modules matching these are kept dense.
+            callable ``(name, module) -> bool``; None: all.  A name/glob must
+            match the full name of at least one nn.Linear/nn.Conv2d of the
+            model (a typo raises); a shared module matches by any of its names.
+        exclude: modules matching these are kept dense (same rules).
         min_features: smallest side of the weight's matrix view to convert.
         init: ``"dense"`` (from the existing weights) or ``"fresh"``.
         alpha: optional adapter/low-rank scale numerator (s = alpha / rank).
@@ -199,9 +271,15 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
         :class:`ConversionSummary`; ``print(summary)`` shows a table.
 
     Raises:
-        TypeError: ``model`` is not an nn.Module, bad include/exclude types.
-        ValueError: ρ outside (0, 1], unknown decomposition/form/init, or
-            nothing to convert.
+        TypeError: ``model`` is not an nn.Module, bad include/exclude types, or
+            a layer to convert whose weight is not floating-point (the message
+            names the layer).
+        ValueError: ρ outside (0, 1], unknown decomposition/form/init, an
+            include/exclude name or glob that matches no nn.Linear/nn.Conv2d,
+            a tied or (lowrank/full form) frozen layer named exactly in
+            ``include``, a fit that fails (e.g. CP on a degenerate kernel, a
+            NaN weight; the message names the layer and the decomposition), or
+            nothing to convert.  The model is unchanged whenever it raises.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
@@ -216,10 +294,8 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(rank_ratio, bool) or not isinstance(rank_ratio, numbers.Real):
-        raise TypeError(f"rank_ratio must be a float in (0, 1], got {type(rank_ratio).__name__}")
-    if not 0.0 < rank_ratio <= 1.0:
-        raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio}")
+    check_ratio(rank_ratio)
+    check_alpha(alpha)
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {', '.join(DECOMPOSITIONS)}, got {decomposition!r}")
     if form not in FORMS:
@@ -233,50 +309,92 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
 
     params_before = _trainable_count(model)
     found = list(_candidates(model))
-    last_linear = next((name for name, parent, _, c in reversed(found)
-                        if parent is not None and isinstance(c, nn.Linear)), None)
-    rows, replaced = [], 0
+    _check_patterns_match((("include", include), ("exclude", exclude)), [name for name, *_ in found])
+    # One entry per distinct module, with every place it is registered at (first place first).
+    modules = {}
     for name, parent, attr, child in found:
-        row = {"name": name, "type": type(child).__name__, "shape": _weight_shape(child), "rank": None,
+        modules.setdefault(id(child), (child, []))[1].append((name, parent, attr))
+    last_linear = next((c for name, parent, _, c in reversed(found)
+                        if parent is not None and isinstance(c, nn.Linear)), None)
+    owners = _parameter_owners(model)
+
+    # Build every replacement first: a failure leaves the model as it was.
+    rows, plans = [], []
+    for child, places in modules.values():
+        names = [name for name, _, _ in places]
+        row = {"name": names[0], "type": type(child).__name__, "shape": _weight_shape(child), "rank": None,
                "params_before": _trainable_count(child), "converted": False, "note": "",
-               "new_type": None}
+               "new_type": None, "aliases": names[1:]}
         rows.append(row)
-        reason = _keep_reason(name, parent, child, include, exclude, min_features, last_linear, keep_last)
+        reason = _keep_reason(names, places, child, include, exclude, min_features, last_linear, keep_last,
+                              owners, form)
         if reason:
             row["params_after"] = row["params_before"]
             row["note"] = reason
             continue
-        new = _convert_one(child, rank_ratio, decomposition, form, init, alpha)
-        setattr(parent, attr, new)
-        replaced += 1
+        try:
+            new = _convert_one(child, rank_ratio, decomposition, form, init, alpha)
+        except (ValueError, TypeError, torch.linalg.LinAlgError) as e:
+            how = f"decomposition={decomposition!r}" if isinstance(child, nn.Conv2d) else "truncated SVD"
+            error = TypeError if isinstance(e, TypeError) else ValueError
+            raise error(f"convert_model could not convert {names[0]!r} ({type(child).__name__}, weight "
+                        f"{'×'.join(map(str, row['shape']))}, {how}, form={form!r}, init={init!r}): {e}; "
+                        f"the model is left as it was") from e
+        if new.bias is not None:
+            new.bias.requires_grad_(child.bias.requires_grad)
+        plans.append((places, new))
         row.update(converted=True, rank=new.rank, params_after=_trainable_count(new),
                    new_type=type(new).__name__)
         if form == "lowrank" and row["params_after"] >= row["params_before"]:
             row["note"] = "no parameter saving at this rank"
-    if replaced == 0:
+    if not plans:
         raise ValueError("convert_model found nothing to convert: no nn.Linear/nn.Conv2d passed the rules "
                          f"({len(rows)} candidates: " + "; ".join(f"{r['name']}: {r['note']}" for r in rows)
                          + "); adjust include/exclude/min_features/keep_last")
+    swapped = []
+    try:
+        for places, new in plans:
+            for _, parent, attr in places:         # a shared module: the same new module at every place
+                swapped.append((parent, attr, parent._modules[attr]))
+                setattr(parent, attr, new)
+    except BaseException:
+        for parent, attr, old in reversed(swapped):
+            setattr(parent, attr, old)
+        raise
     _guard_transformer_fast_path(model)
     return ConversionSummary(rows, params_before, _trainable_count(model))
 
 
-def _keep_reason(name, parent, child, include, exclude, min_features, last_linear, keep_last):
-    if parent is None:
+def _keep_reason(names, places, child, include, exclude, min_features, last_linear, keep_last, owners, form):
+    if any(parent is None for _, parent, _ in places):
         return "inside nn.MultiheadAttention (reads weights directly)"
-    if _matches(exclude, name, child):
+    if _matches(exclude, names, child):
         return "excluded"
-    if include is not None and not _matches(include, name, child):
+    if include is not None and not _matches(include, names, child):
         return "not included"
-    if _named_exactly(include, name):
+    named = _named_exactly(include, names)
+    tied = _tied_to(child, owners)
+    if tied:
+        if named:
+            raise ValueError(f"convert_model: {names[0]!r} is named in include, but its {tied[0]} is tied to "
+                             f"{tied[1]}: the new layer would hold its own copy and untie them; untie them "
+                             f"first, or drop {names[0]!r} from include to keep it dense")
+        return f"{tied[0]} tied to {tied[1]}"
+    if form != "adapter" and not child.weight.requires_grad:
+        if named:
+            raise ValueError(f"convert_model: {names[0]!r} is named in include, but it is frozen "
+                             f"(weight.requires_grad=False) and form={form!r} would make it trainable; "
+                             f"unfreeze it first, or use form='adapter' (a trainable adapter beside the "
+                             f"frozen weight)")
+        return "frozen (requires_grad=False; form='adapter' trains an adapter on it)"
+    if named:
         return ""
     if isinstance(child, nn.Conv2d):
         if child.groups != 1:
             return "grouped convolution"
-        parts = name.split(".")
-        if tuple(child.kernel_size) == (1, 1) and any(p in SHORTCUT_NAMES for p in parts):
+        if tuple(child.kernel_size) == (1, 1) and any(p in SHORTCUT_NAMES for n in names for p in n.split(".")):
             return "1×1 shortcut"
-    if keep_last and name == last_linear:
+    if keep_last and child is last_linear:
         return "final classifier"
     if min(_matrix_sides(child)) < min_features:
         return f"smaller than min_features={min_features}"
@@ -284,13 +402,16 @@ def _keep_reason(name, parent, child, include, exclude, min_features, last_linea
 
 
 def _convert_one(child, rank_ratio, decomposition, form, init, alpha):
+    dtype = child.weight.dtype
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     if isinstance(child, nn.Linear):
         out_features, in_features = child.weight.shape
         rank = rank_from_ratio(rank_ratio, in_features, out_features)
         if init == "dense":
             return FusedLowRankLinear.from_dense(child, rank, form=form, alpha=alpha)
         return FusedLowRankLinear(in_features, out_features, rank, bias=child.bias is not None, form=form,
-                                  alpha=alpha, device=child.weight.device, dtype=child.weight.dtype)
+                                  alpha=alpha, device=child.weight.device, dtype=dtype)
     from .conv import LowRankConv2d
     if init == "dense":
         return LowRankConv2d.from_dense(child, decomposition=decomposition, form=form, rank_ratio=rank_ratio,
@@ -299,7 +420,7 @@ def _convert_one(child, rank_ratio, decomposition, form, init, alpha):
                         decomposition=decomposition, stride=child.stride, padding=child.padding,
                         dilation=child.dilation, groups=child.groups, bias=child.bias is not None,
                         form=form, padding_mode=child.padding_mode, rank_ratio=rank_ratio, alpha=alpha)
-    return new.to(device=child.weight.device, dtype=child.weight.dtype)
+    return new.to(device=child.weight.device, dtype=dtype)
 
 
 def _guard_transformer_fast_path(model):

@@ -31,6 +31,7 @@ that :class:`~dynrank.RankMonitor` records instead.
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,7 +39,8 @@ import torch
 from torch import nn
 
 from ._forms import FormLayer
-from .linear import rank_from_ratio
+from .conv_factorizations import DECOMPOSITIONS, KernelShape, get_factorization
+from .linear import check_rank, check_ratio, rank_from_ratio
 
 __all__ = ["ParamCounts", "CostReport", "layer_param_counts", "param_counts", "comp_ratio", "form_epochs",
            "epoch_times", "measured_comp_ratio", "cost_report"]
@@ -66,7 +68,9 @@ def _count(shape):
 
 
 def _int(value, what, minimum=0):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int ≥ {minimum}, got {type(value).__name__} ({value!r})")
+    if value < minimum:
         raise ValueError(f"{what} must be an int ≥ {minimum}, got {value!r}")
     return int(value)
 
@@ -74,52 +78,59 @@ def _int(value, what, minimum=0):
 def layer_param_counts(shape, rank=None, rank_ratio=0.5, decomposition="svd"):
     """(dense, factor) parameter counts of one layer from its weight shape.
 
+    Conv counts are those of a :class:`~dynrank.LowRankConv2d` (groups=1) with the
+    same kernel shape, rank and decomposition: its own rank check and factor shapes.
+
     Args:
         shape: (out, in) for a linear layer or (F, C, kh, kw) for a conv
             (C per group is not modelled: pass groups=1 shapes).
-        rank: factor rank; default for a linear shape ``max(1, int(ρ·min(out, in)))``
-            (as ``convert_model``), for a conv ``min(max(1, int(ρ·F)), min(F, C·kh·kw))``
-            (the authors' k = int(ρ·out_channels)).  For Tucker an int or (r_out, r_in).
-        rank_ratio: ρ, used when ``rank`` is None.
+        rank: factor rank, in the layer's convention: an int for ``"svd"`` and
+            ``"cp"``; for ``"tucker"`` an int r = (r, r) or (r_in, r_out); for
+            ``"tkd-cpd"`` an int or (r_in, cp_rank, r_out).  Default from
+            ``rank_ratio`` as the layers pick it: linear ``max(1, int(ρ·min(out, in)))``
+            (as ``convert_model``), conv ``LowRankConv2d.rank_for_ratio`` (for svd
+            ``min(max(1, int(ρ·F)), min(F, C·kh·kw))``, the authors' k = int(ρ·out_channels)).
+        rank_ratio: ρ in (0, 1], used when ``rank`` is None.
         decomposition: ``"svd"`` — linear k·(out + in); conv k×C×kh×kw then
-            F×k×1×1: k·C·kh·kw + F·k.  ``"tucker"`` (conv only) — 1×1 C→r_in,
-            kh×kw core r_in→r_out, 1×1 r_out→F: C·r_in + r_out·r_in·kh·kw + F·r_out.
+            F×k×1×1: k·C·kh·kw + F·k.  Conv only: ``"tucker"`` — 1×1 C→r_in,
+            kh×kw core r_in→r_out, 1×1 r_out→F: C·r_in + r_out·r_in·kh·kw + F·r_out;
+            ``"cp"`` and ``"tkd-cpd"`` — the factors listed in
+            :mod:`dynrank.conv_factorizations`.
 
     Returns:
         (dense_params, factor_params); biases are not included (they do not change).
 
     Raises:
-        ValueError: bad shape, rank, ratio or decomposition.
+        TypeError: a non-int rank or shape entry, a non-number ratio.
+        ValueError: bad shape, a rank out of the layer's bounds, a bad ratio or decomposition.
 
     Example:
         >>> layer_param_counts((64, 64, 3, 3))          # k = 32
         (36864, 20480)
     """
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"shape must be a tuple (out, in) or (F, C, kh, kw), got {type(shape).__name__} ({shape!r})")
     shape = tuple(shape)
     if len(shape) not in (2, 4) or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1
                                        for s in shape):
         raise ValueError(f"shape must be (out, in) or (F, C, kh, kw) of positive ints, got {shape!r}")
-    out, fan_in = shape[0], _count(shape[1:])
-    limit = min(out, fan_in)
-    if rank is None:
-        if isinstance(rank_ratio, bool) or not isinstance(rank_ratio, numbers.Real) or not 0 < rank_ratio <= 1:
-            raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio!r}")
-        rank = rank_from_ratio(rank_ratio, fan_in, out) if len(shape) == 2 else min(max(1, int(rank_ratio * out)), limit)
     dense = _count(shape)
-    if decomposition == "svd":
-        k = _int(rank, "rank", 1)
-        if k > limit:
-            raise ValueError(f"rank must be at most min(out, in·kh·kw) = {limit}, got {k}")
-        return dense, k * fan_in + out * k
-    if decomposition == "tucker":
-        if len(shape) != 4:
-            raise ValueError(f"decomposition='tucker' needs a conv shape (F, C, kh, kw), got {shape!r}")
-        r_out, r_in = (rank, rank) if not isinstance(rank, (tuple, list)) else tuple(rank)
-        r_out, r_in = _int(r_out, "r_out", 1), _int(r_in, "r_in", 1)
-        F, C, kh, kw = shape
-        return dense, C * r_in + r_out * r_in * kh * kw + F * r_out
-    raise ValueError(f"decomposition must be 'svd' or 'tucker' for shape-based counts, got {decomposition!r} "
-                     f"(pass the model, or dicts with 'dense' and 'factored' counts)")
+    if len(shape) == 2:
+        if decomposition != "svd":
+            raise ValueError(f"decomposition must be 'svd' for a linear shape (out, in), got {decomposition!r}")
+        out, fan_in = shape
+        if rank is None:
+            rank = rank_from_ratio(check_ratio(rank_ratio), fan_in, out)
+        k = check_rank(rank, min(out, fan_in))
+        return dense, k * (fan_in + out)
+    if not isinstance(decomposition, str) or decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition must be one of {', '.join(DECOMPOSITIONS)} for a conv shape, got "
+                         f"{decomposition!r}")
+    factorization, kshape = get_factorization(decomposition), KernelShape(*shape)
+    if rank is None:
+        rank = factorization.rank_from_ratio(check_ratio(rank_ratio), kshape)
+    rank = factorization.check_rank(rank, kshape)
+    return dense, sum(_count(s) for s in factorization.factor_shapes(rank, kshape).values())
 
 
 def _from_model(model):
@@ -201,8 +212,13 @@ def param_counts(model_or_layers, rank_ratio=0.5, other_params=0):
 
 def _schedule(epochs, inflate_epoch, deflate_epoch):
     E = _int(epochs, "epochs", 1)
-    I = E if inflate_epoch is None else _int(inflate_epoch, "inflate_epoch")
     D = E if deflate_epoch is None else _int(deflate_epoch, "deflate_epoch")
+    if inflate_epoch is None:
+        # DynamicRankScheduler's meaning: start full (I = 0).  Both None is no scheduler at all:
+        # plain low-rank training (I = D = E).
+        I = E if deflate_epoch is None else 0
+    else:
+        I = _int(inflate_epoch, "inflate_epoch")
     if not I <= D <= E:
         raise ValueError(f"need 0 ≤ inflate_epoch ≤ deflate_epoch ≤ epochs, got I={inflate_epoch}, "
                          f"D={deflate_epoch}, E={epochs}")
@@ -212,15 +228,31 @@ def _schedule(epochs, inflate_epoch, deflate_epoch):
 def form_epochs(epochs, inflate_epoch, deflate_epoch):
     """Epochs a schedule spends in each form: {"lowrank": I, "full": D − I, "adapter": E − D}.
 
-    ``inflate_epoch`` None: never inflate (plain low-rank training); ``deflate_epoch`` None: stay
-    full to the end; so (0, None) is full-rank training.  Raises ValueError unless 0 ≤ I ≤ D ≤ E.
+    None means what it means to :class:`~dynrank.DynamicRankScheduler`: ``inflate_epoch``
+    None starts full (I = 0, e.g. :func:`~dynrank.finetune_schedule`'s (None, D));
+    ``deflate_epoch`` None stays full to the end (D = E); so (0, None) is full-rank
+    training.  Both None (which the scheduler refuses) is plain low-rank training, as (E, E).
+
+    Raises:
+        TypeError: non-int epochs.  ValueError: unless 0 ≤ I ≤ D ≤ E.
     """
     E, I, D = _schedule(epochs, inflate_epoch, deflate_epoch)
     return {"lowrank": I, "full": D - I, "adapter": E - D}
 
 
 def _counts(counts, rank_ratio=0.5):
-    return counts if isinstance(counts, ParamCounts) else param_counts(counts, rank_ratio)
+    c = counts if isinstance(counts, ParamCounts) else param_counts(counts, rank_ratio)
+    for what in ("full", "lowrank", "other"):
+        value = getattr(c, what)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"counts.{what} must be a parameter count (int ≥ 0), got {type(value).__name__} "
+                            f"({value!r})")
+        if not 0 <= value < math.inf:
+            raise ValueError(f"counts.{what} must be a parameter count (int ≥ 0), got {value!r}")
+    if c.full <= 0:
+        raise ValueError(f"counts.full (d, the full model's trainable parameters) must be > 0 to divide by, got "
+                         f"{c.full} (a model without trainable parameters has no cost ratio)")
+    return c
 
 
 def comp_ratio(counts, epochs, inflate_epoch, deflate_epoch):
@@ -228,14 +260,18 @@ def comp_ratio(counts, epochs, inflate_epoch, deflate_epoch):
 
     Args:
         counts: :class:`ParamCounts`, or a model / layer list for :func:`param_counts`.
-        epochs: E.  inflate_epoch: I (None: never — plain low-rank training).
-        deflate_epoch: D (None: stay full to the end).
+        epochs: E.  inflate_epoch: I (None: start full, as the scheduler reads it).
+        deflate_epoch: D (None: stay full to the end); I and D both None: plain
+            low-rank training (see :func:`form_epochs`).  Takes the (I, D) of
+            :func:`~dynrank.schedule_from_lr`, :func:`~dynrank.midpoint_schedule`
+            and :func:`~dynrank.finetune_schedule` as they come.
 
     Returns:
-        float in (0, 1].
+        float ≥ 0; at most 1 unless d_ρ > d (a rank so high that the factors outweigh W).
 
     Raises:
-        ValueError: unless 0 ≤ I ≤ D ≤ E.
+        TypeError: non-int epochs or counts.  ValueError: unless 0 ≤ I ≤ D ≤ E; negative
+            counts, or d = 0 (nothing to divide by).
 
     Example:
         >>> comp_ratio(ParamCounts(full=272762, lowrank=155170, other=0), 150, 60, 135)   # doctest: +ELLIPSIS
@@ -246,36 +282,58 @@ def comp_ratio(counts, epochs, inflate_epoch, deflate_epoch):
     return ((D - I) * c.full + (E - (D - I)) * c.lowrank) / (E * c.full)
 
 
-def _records(run):
-    if hasattr(run, "records"):
-        return run.records
-    if isinstance(run, (list, tuple)):
-        return list(run)
-    raise TypeError(f"expected a RankMonitor (or its list of epoch records), got {type(run).__name__}")
+def _records(run, what="run"):
+    records = run.records if hasattr(run, "records") else run
+    if not isinstance(records, (list, tuple)):
+        raise TypeError(f"{what} must be a RankMonitor or its list of epoch records (dicts), got "
+                        f"{type(run).__name__}")
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping):
+            raise TypeError(f"{what} must be a RankMonitor or its list of epoch records (dicts); record {i} is "
+                            f"{type(rec).__name__} ({rec!r})")
+    return list(records)
+
+
+def _seconds(rec, i):
+    """The record's wall_seconds: None (not timed), else a finite number ≥ 0."""
+    seconds = rec.get("wall_seconds")
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0.0 <= seconds < math.inf:
+        where = f"record {i}" + (f" (epoch {rec['epoch']!r})" if "epoch" in rec else "")
+        raise ValueError(f"wall_seconds must be a finite number ≥ 0 or None, got {seconds!r} in {where}")
+    return float(seconds)
 
 
 def epoch_times(run, skip_first=0):
     """Wall-clock seconds of the recorded epochs, grouped by the epoch's form.
 
     Args:
-        run: a :class:`~dynrank.RankMonitor` (live or loaded) or its ``records``.
+        run: a :class:`~dynrank.RankMonitor` (live or loaded) or its ``records``
+            (dicts with ``"form"`` and ``"wall_seconds"``; epochs whose
+            ``wall_seconds`` is None are left out).
         skip_first: drop this many epochs after each change of form (warm-up,
             kernel compilation); 0 keeps every epoch (the real cost).
 
     Returns:
         dict form → list of seconds; forms are ``"lowrank"``, ``"full"``,
         ``"adapter"``, ``"dense"`` (no dynrank layers) or ``"mixed"``.
+
+    Raises:
+        TypeError: ``run`` is not a RankMonitor or a list of record dicts; a non-int ``skip_first``.
+        ValueError: a negative ``skip_first``; a ``wall_seconds`` that is negative, NaN, infinite or
+            not a number.
     """
     skip_first = _int(skip_first, "skip_first")
     out, last, since = {}, None, 0
-    for rec in _records(run):
+    for i, rec in enumerate(_records(run)):
         form = rec.get("form")
         since = since + 1 if form == last else 1
         last = form
-        seconds = rec.get("wall_seconds")
+        seconds = _seconds(rec, i)
         if seconds is None or since <= skip_first:
             continue
-        out.setdefault(form, []).append(float(seconds))
+        out.setdefault(form, []).append(seconds)
     return out
 
 
@@ -291,31 +349,47 @@ def measured_comp_ratio(run, epochs=None, inflate_epoch=None, deflate_epoch=None
 
     Args:
         run: RankMonitor or its records.
-        epochs, inflate_epoch, deflate_epoch: optional schedule E, I, D.
-        full_epoch_seconds: t_full from a separate full-rank run (a number or
-            its RankMonitor); default: this run's full-form epochs.
+        epochs, inflate_epoch, deflate_epoch: optional schedule E, I, D (None as
+            in :func:`form_epochs`).
+        full_epoch_seconds: t_full from a separate full-rank run (a finite number
+            > 0, or its RankMonitor); default: this run's full-form epochs.
         skip_first: see :func:`epoch_times`.
 
     Returns:
         float (can exceed 1 when low-rank epochs are slower than full ones).
 
     Raises:
-        ValueError: a needed form has no recorded epoch, or a bad schedule.
+        TypeError: ``run`` / ``full_epoch_seconds`` of the wrong type.
+        ValueError: no full-form epoch time (or one of 0 s), a ``full_epoch_seconds``
+            that is not a finite number > 0, a bad ``wall_seconds`` (see :func:`epoch_times`),
+            no timed epoch, a needed form has no recorded epoch, or a bad schedule.
     """
     times = epoch_times(run, skip_first)
     mean = {form: sum(v) / len(v) for form, v in times.items() if v}
     if full_epoch_seconds is None:
         t_full = mean.get("full", mean.get("dense"))
     elif isinstance(full_epoch_seconds, numbers.Real) and not isinstance(full_epoch_seconds, bool):
+        if not 0.0 < full_epoch_seconds < math.inf:
+            raise ValueError(f"full_epoch_seconds must be a finite number > 0 (seconds of one full-rank epoch), "
+                             f"got {full_epoch_seconds!r}")
         t_full = float(full_epoch_seconds)
     else:
-        base = {form: sum(v) / len(v) for form, v in epoch_times(full_epoch_seconds, skip_first).items() if v}
+        if not hasattr(full_epoch_seconds, "records") and not isinstance(full_epoch_seconds, (list, tuple)):
+            raise TypeError(f"full_epoch_seconds must be seconds (a number) or a full-rank run (a RankMonitor or "
+                            f"its records), got {type(full_epoch_seconds).__name__}")
+        base = {form: sum(v) / len(v)
+                for form, v in epoch_times(_records(full_epoch_seconds, "full_epoch_seconds"), skip_first).items()
+                if v}
         t_full = base.get("full", base.get("dense"))
-    if not t_full:
+    if t_full is None:
         raise ValueError("no full-form epoch time: record full-rank epochs or pass full_epoch_seconds")
+    if t_full <= 0.0:
+        raise ValueError(f"the full-form epochs took {t_full} s on average; a ratio over them is undefined")
     if epochs is None:
-        total = sum(sum(v) for v in times.values())
-        return total / (sum(len(v) for v in times.values()) * t_full)
+        count = sum(len(v) for v in times.values())
+        if not count:
+            raise ValueError("the run has no timed epochs (no record with wall_seconds)")
+        return sum(sum(v) for v in times.values()) / (count * t_full)
     need = form_epochs(epochs, inflate_epoch, deflate_epoch)
     t = dict(mean, full=t_full)
     missing = [form for form, n in need.items() if n > 0 and form not in t]

@@ -7,6 +7,8 @@ custom ops ``dynrank::lowrank_linear`` and ``dynrank::lowrank_linear_backward``
 so ``torch.compile`` treats it as one opaque node instead of breaking the graph.
 """
 
+import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -272,8 +274,8 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
         ``torch.autocast``).
 
     Raises:
-        ValueError: shapes that do not fit, or operands on different devices.
-        TypeError: non-tensor operands or mismatched dtypes outside autocast.
+        ValueError: shapes that do not fit, operands on different devices, a scale that is not finite.
+        TypeError: non-tensor operands, mismatched dtypes outside autocast, a scale that is not a number.
 
     Example:
         >>> x = torch.randn(4, 16); A = torch.randn(8, 2); B = torch.randn(16, 2)
@@ -282,6 +284,8 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if type(scale) is not float or not math.isfinite(scale):
+        scale = _check_scale(scale, "scale")
     device_type = x.device.type
     if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -363,8 +367,9 @@ def merge_(weight, A, B, alpha=1.0):
         alpha: scale of the product (negative to subtract).
 
     Raises:
-        ValueError: shapes that do not fit or tensors on different devices.
-        TypeError: tensors that are not floating point.
+        ValueError: shapes that do not fit, tensors on different devices, a weight whose elements share
+            memory (an expanded view), an alpha that is not finite.
+        TypeError: tensors that are not floating point, an alpha that is not a number.
 
     Example:
         >>> W = torch.zeros(3, 4); merge_(W, torch.ones(3, 1), torch.ones(4, 1)).sum().item()
@@ -373,6 +378,8 @@ def merge_(weight, A, B, alpha=1.0):
     for name, t in (("weight", weight), ("A", A), ("B", B)):
         if not isinstance(t, Tensor):
             raise TypeError(f"merge_ takes tensors, got {name} of type {type(t).__name__}")
+    if type(alpha) is not float or not math.isfinite(alpha):
+        alpha = _check_scale(alpha, "alpha")
     if torch.is_grad_enabled() and (weight.requires_grad or A.requires_grad or B.requires_grad):
         with torch.no_grad():
             return merge_(weight, A, B, alpha)
@@ -394,6 +401,16 @@ def merge_(weight, A, B, alpha=1.0):
     return weight.add_(torch.mm(A.float(), B.float().t()).to(weight.dtype), alpha=alpha)
 
 
+def _check_scale(value, name):
+    """A finite real number as float (``lowrank_linear``'s scale, ``merge_``'s alpha)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def _check_merge_operands(weight, A, B):
     if weight.dim() != 2 or A.dim() != 2 or B.dim() != 2:
         raise ValueError(f"merge_ takes 2-D tensors, got weight {tuple(weight.shape)}, "
@@ -407,3 +424,6 @@ def _check_merge_operands(weight, A, B):
     for name, t in (("weight", weight), ("A", A), ("B", B)):
         if not t.is_floating_point():
             raise TypeError(f"merge_ needs floating-point tensors, got {name} of dtype {t.dtype}")
+    if any(stride == 0 and size > 1 for stride, size in zip(weight.stride(), weight.shape)):
+        raise ValueError(f"merge_ writes weight in place, so its elements must not share memory, got an "
+                         f"expanded view (shape {tuple(weight.shape)}, strides {weight.stride()})")

@@ -18,12 +18,14 @@ the optimizer keeps the old components' state.
 """
 
 import numbers
+from collections.abc import Mapping
 
 import torch
+from torch import nn
 
 from ._optim import LINEAR_STATE, SQUARED_STATE, replace_params
 from .linear import FusedLowRankLinear, svd_factors
-from .scheduler import unwrap_model
+from .scheduler import check_finite, check_same_layers, check_sync, unwrap_model
 
 __all__ = ["IncrementalRankScheduler", "grow_rank_", "explained_rank"]
 
@@ -99,8 +101,10 @@ def grow_rank_(layer, new_rank, optimizer=None):
         the layer.
 
     Raises:
-        TypeError: not a FusedLowRankLinear.
+        TypeError: not a FusedLowRankLinear, a non-int ``new_rank``, or an
+            ``optimizer`` that is neither a ``torch.optim.Optimizer`` nor None.
         ValueError: full form, or ``new_rank`` below the current rank or above the limit.
+            Arguments are checked before the layer changes.
 
     Example:
         >>> import torch
@@ -118,6 +122,8 @@ def grow_rank_(layer, new_rank, optimizer=None):
     """
     if not isinstance(layer, FusedLowRankLinear):
         raise TypeError(f"grow_rank_ takes a FusedLowRankLinear, got {type(layer).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     if layer.form == "full":
         raise ValueError("grow_rank_ applies to lowrank or adapter form, the layer is full")
     old_rank = layer.rank
@@ -157,6 +163,17 @@ def _truncate_rank_(layer, rank, optimizer=None):
         replace_params(optimizer, old, [layer.A, layer.B])
 
 
+def _check_settings(buffer, threshold, warmup_steps, check_every):
+    """Validated (buffer, threshold, warmup_steps, check_every) of an IncrementalRankScheduler."""
+    for what, value, low in (("buffer", buffer, 1), ("warmup_steps", warmup_steps, 0),
+                             ("check_every", check_every, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+    return int(buffer), float(threshold), int(warmup_steps), int(check_every)
+
+
 class IncrementalRankScheduler:
     """Grow the rank of low-rank layers during training by InRank's explained-variance rule.
 
@@ -176,13 +193,18 @@ class IncrementalRankScheduler:
         threshold: explained-variance level in (0, 1) (InRank: 0.9).
         warmup_steps: steps before the first check (InRank: 200).
         check_every: steps between checks (InRank: 25).
-        max_rank: cap on the trained components (default min(in, out)).
+        max_rank: int cap on the trained components (default and upper bound min(in, out)).
         sync_ranks, process_group: broadcast new components from rank 0 under
-            data parallelism (default: when ``model`` is a DistributedDataParallel).
+            data parallelism: True/False (default None: when ``model`` is a
+            DistributedDataParallel) and a ``torch.distributed.ProcessGroup`` or
+            None, as for :class:`~dynrank.DynamicRankScheduler`.
 
     Raises:
-        TypeError / ValueError: bad arguments, or no FusedLowRankLinear in
-            lowrank/adapter form.
+        TypeError: a non-module model, a non-optimizer, a non-int ``max_rank``,
+            a non-bool ``sync_ranks``, a ``process_group`` that is not a ProcessGroup.
+        ValueError: other bad arguments, no FusedLowRankLinear in
+            lowrank/adapter form, or (``init_rank`` below a layer's rank) a layer
+            whose factors hold NaN/inf.  All checks run before any layer is resized.
 
     Example:
         >>> import torch
@@ -205,21 +227,24 @@ class IncrementalRankScheduler:
 
     def __init__(self, model, optimizer, init_rank=2, buffer=8, threshold=0.9, warmup_steps=200,
                  check_every=25, max_rank=None, sync_ranks=None, process_group=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        for what, value, low in (("buffer", buffer, 1), ("warmup_steps", warmup_steps, 0),
-                                 ("check_every", check_every, 1)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-                raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
+        buffer, threshold, warmup_steps, check_every = _check_settings(buffer, threshold, warmup_steps,
+                                                                       check_every)
         if init_rank is not None and (isinstance(init_rank, bool) or not isinstance(init_rank, numbers.Integral)
                                       or init_rank < 1):
             raise ValueError(f"init_rank must be a positive int or None, got {init_rank!r}")
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        if max_rank is not None:
+            if isinstance(max_rank, bool) or not isinstance(max_rank, numbers.Integral):
+                raise TypeError(f"max_rank must be an int or None, got {type(max_rank).__name__} ({max_rank!r})")
+            if max_rank < 1:
+                raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        sync_ranks, process_group = check_sync(model, sync_ranks, process_group)
         self.model = unwrap_model(model)
         self.optimizer = optimizer
-        self.buffer, self.threshold = int(buffer), float(threshold)
-        self.warmup_steps, self.check_every = int(warmup_steps), int(check_every)
+        self.buffer, self.threshold, self.warmup_steps, self.check_every = buffer, threshold, warmup_steps, check_every
         self._layers = [(n, m) for n, m in self.model.named_modules()
                         if isinstance(m, FusedLowRankLinear) and m.form != "full"]
         if not self._layers:
@@ -228,18 +253,20 @@ class IncrementalRankScheduler:
         self.max_rank = {}
         for name, layer in self._layers:
             limit = min(layer.in_features, layer.out_features)
-            self.max_rank[name] = limit if max_rank is None else layer._check_rank(min(int(max_rank), limit))
-        from torch.nn.parallel import DistributedDataParallel
-        is_ddp = isinstance(model, DistributedDataParallel)
-        self.sync_ranks = is_ddp if sync_ranks is None else bool(sync_ranks)
-        self.process_group = model.process_group if process_group is None and is_ddp else process_group
-        self.current = {}
+            self.max_rank[name] = limit if max_rank is None else min(int(max_rank), limit)
+        self.sync_ranks, self.process_group = sync_ranks, process_group
+        self.current, targets = {}, {}
         for name, layer in self._layers:
             if init_rank is None:
                 self.current[name] = max(1, layer.rank - self.buffer)
             else:
                 self.current[name] = min(int(init_rank), self.max_rank[name])
-                self._resize(layer, min(self.current[name] + self.buffer, self.max_rank[name]))
+                targets[name] = min(self.current[name] + self.buffer, self.max_rank[name])
+        check_finite([(n, m) for n, m in self._layers if targets.get(n, m.rank) < m.rank],
+                     "not resizing any layer to its starting rank")
+        for name, layer in self._layers:
+            if name in targets:
+                self._resize(layer, targets[name])
         self.last_step = 0
         self._callbacks = []
 
@@ -276,24 +303,33 @@ class IncrementalRankScheduler:
 
         Returns:
             list of (name, old_rank, new_rank) for the layers that grew.
+
+        Raises:
+            ValueError: a negative or non-int step, one earlier than the last,
+                or (at a check) a layer whose factors hold NaN/inf; every layer's
+                new rank is found before the first one grows, so a failed call
+                changes nothing.
         """
         step = self.last_step + 1 if step is None else step
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         if step < self.last_step:
             raise ValueError(f"steps must not go backwards: got {step} after {self.last_step}")
-        self.last_step = int(step)
         if step < self.warmup_steps or (step - self.warmup_steps) % self.check_every != 0:
+            self.last_step = int(step)
             return []
-        grown = []
-        for name, layer in self._layers:
-            limit = self.max_rank[name]
-            if layer.rank >= limit:
-                continue
+        due = [(name, layer) for name, layer in self._layers if layer.rank < self.max_rank[name]]
+        check_finite(due, f"not growing any layer at step {step}")
+        plans = []
+        for name, layer in due:
             new_current = explained_rank(_lowrank_singular_values(layer), self.current[name],
                                          self.buffer, self.threshold)
-            self.current[name] = max(self.current[name], new_current)
-            target = min(self.current[name] + self.buffer, limit)
+            current = max(self.current[name], new_current)
+            plans.append((name, layer, current, min(current + self.buffer, self.max_rank[name])))
+        self.last_step = int(step)
+        grown = []
+        for name, layer, current, target in plans:
+            self.current[name] = current
             if target > layer.rank:
                 old = layer.rank
                 self._resize(layer, target)
@@ -313,18 +349,67 @@ class IncrementalRankScheduler:
                 "buffer": self.buffer, "threshold": self.threshold, "warmup_steps": self.warmup_steps,
                 "check_every": self.check_every, "max_rank": dict(self.max_rank)}
 
+    _STATE_KEYS = ("last_step", "current", "ranks", "buffer", "threshold", "warmup_steps", "check_every",
+                   "max_rank")
+
+    def _checked_state(self, state_dict):
+        """``state_dict``'s values validated against this model; raises before anything is changed."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict from IncrementalRankScheduler.state_dict(), "
+                            f"got {type(state_dict).__name__}")
+        missing = [k for k in self._STATE_KEYS if k not in state_dict]
+        unknown = sorted((k for k in state_dict if k not in self._STATE_KEYS), key=repr)
+        if missing or unknown:
+            raise ValueError(f"not an IncrementalRankScheduler state dict: missing {missing}, unknown keys "
+                             f"{unknown}; expected {', '.join(self._STATE_KEYS)}")
+        names = [name for name, _ in self._layers]
+        try:
+            settings = dict(zip(("buffer", "threshold", "warmup_steps", "check_every"), _check_settings(
+                state_dict["buffer"], state_dict["threshold"], state_dict["warmup_steps"],
+                state_dict["check_every"])))
+            last = state_dict["last_step"]
+            if isinstance(last, bool) or not isinstance(last, numbers.Integral) or last < 0:
+                raise ValueError(f"last_step must be a non-negative int, got {last!r}")
+            settings["last_step"] = int(last)
+            for key in ("ranks", "current", "max_rank"):
+                values = state_dict[key]
+                check_same_layers(values, names, key)
+                checked = {}
+                for name, layer in self._layers:
+                    try:
+                        checked[name] = layer._check_rank(values[name])
+                    except (TypeError, ValueError) as e:
+                        raise type(e)(f"{key}[{name!r}] is not a valid rank of layer {name!r}: {e}") from None
+                settings[key] = checked
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"invalid IncrementalRankScheduler state dict: {e}") from None
+        for name, layer in self._layers:
+            if layer.form == "full":
+                raise ValueError(f"layer {name!r} is in full form; IncrementalRankScheduler resizes lowrank "
+                                 f"and adapter layers only")
+        return settings
+
     def load_state_dict(self, state_dict):
         """Resize every layer to its saved rank (optimizer edited in place), then restore the counters.
 
         Call it before ``model.load_state_dict`` and ``optimizer.load_state_dict``
-        (same order as :meth:`DynamicRankScheduler.load_state_dict`).
+        (same order as :meth:`DynamicRankScheduler.load_state_dict`).  The whole
+        state dict is checked before any layer is resized: a call that raises
+        leaves the layers, the optimizer and the scheduler as they were.
+
+        Raises:
+            TypeError: not a dict, or a value of the wrong type (e.g. a float rank).
+            ValueError: missing or unknown keys, settings the constructor would
+                reject, other layers than this model's, a rank outside
+                [1, min(in, out)], a managed layer now in full form, or a layer
+                to shrink whose factors hold NaN/inf.
         """
-        names = sorted(n for n, _ in self._layers)
-        if sorted(state_dict["ranks"]) != names:
-            raise ValueError(f"saved scheduler manages layers {sorted(state_dict['ranks'])}, this model {names}")
+        settings = self._checked_state(state_dict)
+        ranks = settings["ranks"]
+        check_finite([(n, m) for n, m in self._layers if ranks[n] < m.rank], "not loading any rank")
         with torch.random.fork_rng(devices=[]):
             for name, layer in self._layers:
-                self._resize(layer, int(state_dict["ranks"][name]))
-        for key in ("buffer", "threshold", "warmup_steps", "check_every", "max_rank", "current", "last_step"):
-            value = state_dict[key]
-            setattr(self, key, dict(value) if isinstance(value, dict) else value)
+                self._resize(layer, ranks[name])
+        del settings["ranks"]
+        for key, value in settings.items():
+            setattr(self, key, value)

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from . import functional as DF
 from ._forms import FormLayer, check_form
 
-__all__ = ["FusedLowRankLinear", "check_rank", "rank_from_ratio"]
+__all__ = ["FusedLowRankLinear", "check_alpha", "check_rank", "check_ratio", "rank_from_ratio"]
 
 
 def check_rank(rank, limit, what="rank"):
@@ -21,15 +21,33 @@ def check_rank(rank, limit, what="rank"):
     return int(rank)
 
 
+def check_ratio(ratio, what="rank_ratio"):
+    """Validate a rank ratio ρ in (0, 1]; returns it as float."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise TypeError(f"{what} must be a float in (0, 1], got {type(ratio).__name__} ({ratio!r})")
+    if not 0.0 < ratio <= 1.0:                      # NaN fails this too
+        raise ValueError(f"{what} must be in (0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def check_alpha(alpha):
+    """Validate a scale numerator: None, or a finite number > 0; returns it unchanged."""
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a number or None, got {type(alpha).__name__} ({alpha!r})")
+    if not 0.0 < alpha < math.inf:                  # NaN fails this too
+        raise ValueError(f"alpha must be a finite number > 0 (the scale is alpha / rank), got {alpha!r}")
+    return alpha
+
+
 def rank_from_ratio(ratio, in_features, out_features):
     """Rank of a linear layer at rank ratio ρ: max(1, int(ρ·min(in, out))).
 
     ρ is a share of the largest rank the layer can have, so an expanding
     projection (768→3072) at ρ = 0.25 gets rank 192, not a full-rank 768.
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < ratio <= 1.0:
-        raise ValueError(f"rank ratio must be a number in (0, 1], got {ratio!r}")
-    return max(1, int(ratio * min(in_features, out_features)))
+    return max(1, int(check_ratio(ratio) * min(in_features, out_features)))
 
 
 class FusedLowRankLinear(FormLayer):
@@ -82,11 +100,9 @@ class FusedLowRankLinear(FormLayer):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
-            raise TypeError(f"alpha must be a number or None, got {type(alpha).__name__}")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.alpha = alpha
+        self.alpha = check_alpha(alpha)
         self._build_parameters(form, self._check_rank(rank), bias, device, dtype)
 
     # -- factor description (FormLayer contract) ---------------------------------
@@ -137,6 +153,8 @@ class FusedLowRankLinear(FormLayer):
     def _merge_into_(self, weight, alpha, factors):
         DF.merge_(weight, factors["A"], factors["B"], alpha * self.scale_for(factors["A"].shape[1]))
 
+    _fit_name = "SVD"
+
     def _fit_factors(self, weight, rank):
         A, B = svd_factors(weight, rank, self.scale_for(rank))
         return {"A": A, "B": B}
@@ -150,17 +168,22 @@ class FusedLowRankLinear(FormLayer):
         """Build from an ``nn.Linear`` (or anything with ``weight`` (out, in) and ``bias``).
 
         ``form="lowrank"``: A, B from the truncated SVD of the dense weight (the
-        best rank-``rank`` approximation, √σ split between A and B).
+        best rank-``rank`` approximation, √σ split between A and B); an all-zero
+        weight gets A = 0 and a random B instead (still exactly zero, but
+        trainable: A = B = 0 would never get a gradient).
         ``form="adapter"``: the dense weight becomes W_f with a zero-output adapter.
         ``form="full"``: the dense weight is kept as W.
 
         Raises:
-            TypeError: ``linear`` has no 2-D weight.
-            ValueError: invalid rank or form.
+            TypeError: ``linear`` has no 2-D weight, or its dtype is not floating-point.
+            ValueError: invalid rank or form; a weight with NaN/inf entries (lowrank form).
         """
         weight = getattr(linear, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TypeError(f"from_dense needs a module with a 2-D weight (nn.Linear), got {type(linear).__name__}")
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"from_dense needs a floating-point weight: dtype must be a floating-point dtype, "
+                            f"got {weight.dtype}")
         check_form(form)
         out_features, in_features = weight.shape
         bias = getattr(linear, "bias", None)

@@ -25,13 +25,21 @@ zero; they are returned as zeros, so the spectral ratio of such a layer is
 its reasoning are in :mod:`dynrank.spectra`, which holds the scalar metrics of σ.
 
 All computation runs in float64 on the weights' device, without autograd.
+
+**Non-finite weights.**  A weight with a NaN or infinite entry (a diverged run)
+has no singular values: :func:`singular_values` raises ValueError, and
+:func:`model_metrics` / :func:`layer_metrics` raise ValueError naming the layers
+unless ``nonfinite="nan"``, which gives those layers :class:`LayerMetrics`
+whose every number is NaN (what :class:`~dynrank.RankMonitor` records).
 """
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from ._args import as_names
 from ._forms import FormLayer
 from .linear import FusedLowRankLinear
 from .spectra import (_check_tol, default_tol, effective_rank, entropy_effective_rank, restricted_spectral_ratio,
@@ -39,9 +47,10 @@ from .spectra import (_check_tol, default_tol, effective_rank, entropy_effective
 
 __all__ = ["LayerMetrics", "default_tol", "singular_values", "spectral_ratio", "restricted_spectral_ratio",
            "effective_rank", "entropy_effective_rank", "stable_rank", "layer_metrics", "model_metrics",
-           "monitored_layers", "METHODS"]
+           "monitored_layers", "METHODS", "NONFINITE"]
 
 METHODS = ("auto", "svd", "gram")
+NONFINITE = ("raise", "nan")
 _PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Gram eigenvalues resolve σ down to about sqrt(p·eps64)·σmax ≈ 3e-7·σmax (p = 768);
 # "auto" uses them only when the tolerance sits well above that floor.
@@ -70,6 +79,9 @@ class LayerMetrics:
         entropy_rank: exp of the Shannon entropy of σ/Σσ (Roy & Vetterli 2007).
         stable_rank: ‖W‖²_F / σ²max.
         tol: the relative tolerance used.
+
+    For a layer with non-finite weights measured with ``nonfinite="nan"``, every
+    metric from sigma_max to stable_rank (effective_rank included) is ``math.nan``.
     """
 
     form: str
@@ -117,6 +129,13 @@ def _plan(layer):
     if isinstance(layer, torch.Tensor):
         if layer.dim() < 2:
             raise ValueError(f"a weight tensor must have at least 2 dims, got shape {tuple(layer.shape)}")
+        if not layer.is_floating_point():
+            raise TypeError(f"a weight tensor must be real floating point (singular values of a "
+                            f"{'complex' if layer.is_complex() else 'non-float'} tensor are not supported), "
+                            f"got {layer.dtype}")
+        if layer.numel() == 0:
+            raise ValueError(f"a weight tensor must have no zero-size dimension (an empty matrix has no singular "
+                             f"values), got shape {tuple(layer.shape)}")
         t = layer.detach()
         m, n = t.shape[0], t[0].numel()
         plan = _Plan((m, n), lambda: t.reshape(m, n).double(), min(m, n), t.dtype, "dense", None)
@@ -199,8 +218,14 @@ def _check_method(method):
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
+def _check_nonfinite(nonfinite):
+    if not isinstance(nonfinite, str) or nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
+
+
 def _run_plans(plans, tols, method):
-    """σ (float64, descending, padded with zeros to p) for every plan, batched by shape."""
+    """σ (float64, descending, padded with zeros to p) for every plan, batched by shape; None for
+    a plan whose matrix has a NaN or infinite entry (no singular values; LAPACK would fail on it)."""
     groups = {}
     for i, plan in enumerate(plans):
         groups.setdefault((plan.shape, _choose(method, plan.shape, tols[i])), []).append(i)
@@ -209,10 +234,16 @@ def _run_plans(plans, tols, method):
         per_chunk = max(1, _BATCH_BYTES // (8 * shape[0] * shape[1]))
         for start in range(0, len(idx), per_chunk):
             chunk = idx[start:start + per_chunk]
-            sig = _sigma_batch(torch.stack([plans[i].build() for i in chunk]), how)
-            for row, i in zip(sig, chunk):
-                pad = plans[i].p - row.numel()
-                out[i] = torch.cat([row, row.new_zeros(pad)]) if pad > 0 else row
+            mats = torch.stack([plans[i].build() for i in chunk])
+            finite = torch.isfinite(mats).flatten(1).all(1)
+            if not bool(finite.all()):
+                mats = torch.where(finite[:, None, None], mats, torch.zeros((), dtype=mats.dtype,
+                                                                          device=mats.device))
+            sig = _sigma_batch(mats, how)
+            for row, i, ok in zip(sig, chunk, finite.tolist()):
+                if ok:
+                    pad = plans[i].p - row.numel()
+                    out[i] = torch.cat([row, row.new_zeros(pad)]) if pad > 0 else row
     return out
 
 
@@ -235,7 +266,10 @@ def singular_values(layer, method="auto"):
         p − k exact zeros of a rank-k lowrank product included.
 
     Raises:
-        TypeError: unsupported layer.  ValueError: unknown ``method``.
+        TypeError: unsupported layer; a tensor that is not real floating point
+            (integer, bool or complex).
+        ValueError: unknown ``method``; a tensor with fewer than 2 dims or with
+            no elements; a weight with a NaN or infinite entry.
 
     Example:
         >>> layer = FusedLowRankLinear(32, 16, rank=4)
@@ -246,10 +280,18 @@ def singular_values(layer, method="auto"):
     _check_method(method)
     plan = _plan(layer)
     tol = default_tol(plan.dense_shape, plan.dtype)
-    return _run_plans([plan], [tol], method)[0]
+    sigma = _run_plans([plan], [tol], method)[0]
+    if sigma is None:
+        raise ValueError("the weight has NaN or infinite entries: its singular values are undefined")
+    return sigma
 
 
 def _metrics_from(plan, sigma, tol):
+    if sigma is None:                       # non-finite weight, nonfinite="nan"
+        nan = math.nan
+        return LayerMetrics(form=plan.form, rank=plan.rank, shape=tuple(plan.dense_shape), sigma_max=nan,
+                            sigma_min=nan, spectral_ratio=nan, restricted_spectral_ratio=nan, effective_rank=nan,
+                            entropy_rank=nan, stable_rank=nan, tol=tol)
     p = plan.p
     smax, smin = float(sigma[0]), float(sigma[-1])
     live = p
@@ -265,7 +307,7 @@ def _metrics_from(plan, sigma, tol):
 
 
 @torch.no_grad()
-def layer_metrics(layer, tol=None, method="auto"):
+def layer_metrics(layer, tol=None, method="auto", nonfinite="raise"):
     """All rank metrics of one layer.
 
     Args:
@@ -273,19 +315,22 @@ def layer_metrics(layer, tol=None, method="auto"):
         tol: relative tolerance (default: :func:`default_tol` of the effective
             weight's shape and the stored dtype).
         method: as in :func:`singular_values`.
+        nonfinite: a weight with NaN or infinite entries: ``"raise"`` (ValueError)
+            or ``"nan"`` (every metric NaN).
 
     Returns:
         :class:`LayerMetrics`.
 
     Raises:
-        TypeError: unsupported layer or ``tol``.  ValueError: ``tol`` outside [0, 1), unknown ``method``.
+        TypeError: unsupported layer or ``tol``.  ValueError: ``tol`` outside [0, 1), unknown
+            ``method`` or ``nonfinite``, an empty weight, a non-finite one with ``nonfinite="raise"``.
 
     Example:
         >>> m = layer_metrics(FusedLowRankLinear(32, 16, rank=4))
         >>> m.spectral_ratio, m.effective_rank
         (inf, 4)
     """
-    return model_metrics({"layer": layer}, tol=tol, method=method)["layer"]
+    return model_metrics({"layer": layer}, tol=tol, method=method, nonfinite=nonfinite)["layer"]
 
 
 def monitored_layers(model, layers=None):
@@ -295,14 +340,15 @@ def monitored_layers(model, layers=None):
         model: an ``nn.Module``.
         layers: None — every dynrank layer (FormLayer) and every plain
             ``nn.Linear``/``nn.Conv1d/2d/3d`` not inside a dynrank layer;
-            or a list of module names; or a predicate ``fn(name, module) -> bool``
-            applied to the default set.
+            or module names (one str, or an iterable of str), in that order; or a
+            predicate ``fn(name, module) -> bool`` applied to the default set.
 
     Returns:
-        list of (name, module) in ``named_modules`` order.
+        list of (name, module) in ``named_modules`` order (given names: in their order).
 
     Raises:
-        TypeError: ``model`` is not a module.  ValueError: an unknown name.
+        TypeError: ``model`` is not a module; ``layers`` is none of the above.
+        ValueError: an unknown name.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -319,7 +365,7 @@ def monitored_layers(model, layers=None):
         return found
     if callable(layers):
         return [(n, m) for n, m in found if layers(n, m)]
-    names = list(layers)
+    names = check_layers(layers)
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
@@ -327,8 +373,16 @@ def monitored_layers(model, layers=None):
     return [(n, modules[n]) for n in names]
 
 
+def check_layers(layers):
+    """``layers`` of :func:`monitored_layers` as given: None, a predicate, or a list of names."""
+    if layers is None or callable(layers):
+        return layers
+    return as_names(layers, "layers", "None, module names (a str or an iterable of str) or a predicate "
+                                      "fn(name, module)", item="module names")
+
+
 @torch.no_grad()
-def model_metrics(model, tol=None, method="auto", layers=None):
+def model_metrics(model, tol=None, method="auto", layers=None, nonfinite="raise"):
     """Rank metrics of every monitored layer, with same-shape matrices batched.
 
     Args:
@@ -337,9 +391,14 @@ def model_metrics(model, tol=None, method="auto", layers=None):
         tol: relative tolerance for every layer; default per layer (:func:`default_tol`).
         method: as in :func:`singular_values`.
         layers: passed to :func:`monitored_layers` (ignored for a dict).
+        nonfinite: layers whose weight has NaN or infinite entries: ``"raise"``
+            (ValueError naming them) or ``"nan"`` (their metrics are NaN).
 
     Returns:
         dict name → :class:`LayerMetrics`, in model order.
+
+    Raises:
+        TypeError/ValueError: as :func:`layer_metrics`, for any layer.
 
     Example:
         >>> model = nn.Sequential(FusedLowRankLinear(32, 32, rank=8), nn.ReLU(), nn.Linear(32, 10))
@@ -347,10 +406,15 @@ def model_metrics(model, tol=None, method="auto", layers=None):
         {'0': 8, '2': 10}
     """
     _check_method(method)
+    _check_nonfinite(nonfinite)
     if tol is not None:
         tol = _check_tol(tol)
     pairs = list(model.items()) if isinstance(model, dict) else monitored_layers(model, layers)
     plans = [_plan(layer) for _, layer in pairs]
     tols = [default_tol(p.dense_shape, p.dtype) if tol is None else tol for p in plans]
     sigmas = _run_plans(plans, tols, method)
+    bad = [name for (name, _), sig in zip(pairs, sigmas) if sig is None]
+    if bad and nonfinite == "raise":
+        raise ValueError(f"layers {bad} have NaN or infinite weights: their singular values are undefined "
+                         f"(nonfinite='nan' gives them NaN metrics instead)")
     return {name: _metrics_from(plan, sig, t) for (name, _), plan, sig, t in zip(pairs, plans, sigmas, tols)}

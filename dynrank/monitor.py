@@ -16,21 +16,26 @@ after the clock stops and is reported separately), its form (the form of the
 dynrank layers at the end of the epoch: ``lowrank``/``full``/``adapter``,
 ``mixed`` if they differ, ``dense`` if the model has none), the form mix,
 trainable and total parameter counts, the user's scalars and, per layer, the
-metrics of :func:`dynrank.metrics.layer_metrics`.
+metrics of :func:`dynrank.metrics.layer_metrics`.  A layer whose weights hold
+NaN or inf (a diverged run) gets NaN metrics and a RuntimeWarning; the epoch is
+recorded all the same.
 """
 
 import contextlib
 import json
+import math
 import numbers
 import os
 import time
+import warnings
 from collections.abc import Mapping
 
 import torch
 
 from ._forms import FORMS, FormLayer
 from ._records import decode, encode, read_csv, write_csv
-from .metrics import model_metrics, monitored_layers
+from .metrics import _check_method, check_layers, model_metrics, monitored_layers
+from .spectra import _check_tol
 
 __all__ = ["RankMonitor", "read_csv"]
 
@@ -62,10 +67,11 @@ class RankMonitor:
     Args:
         model: the ``nn.Module`` being trained (None only for loaded runs).
         name: label of the run in plots and files (default ``"run"``).
-        tol: relative tolerance of the rank metrics (default per layer, see
-            :mod:`dynrank.metrics`).
+        tol: relative tolerance of the rank metrics in [0, 1) (default per layer,
+            see :mod:`dynrank.metrics`).
         method: singular-value method (``"auto"``, ``"svd"``, ``"gram"``).
-        layers: which layers to measure (see :func:`dynrank.metrics.monitored_layers`).
+        layers: which layers to measure: None, module names or a predicate
+            (see :func:`dynrank.metrics.monitored_layers`).
         metrics_every: measure layers every this many epochs (1: every epoch).
         scheduler: optional DynamicRankScheduler to :meth:`attach` to.
 
@@ -78,7 +84,8 @@ class RankMonitor:
             change the monitor saw between epochs without a callback).
 
     Raises:
-        TypeError/ValueError: bad arguments.
+        TypeError/ValueError: bad arguments (all checked here, so that no epoch's
+            record is lost to them later).
 
     Example:
         >>> import torch
@@ -98,11 +105,12 @@ class RankMonitor:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(metrics_every, bool) or not isinstance(metrics_every, numbers.Integral) or metrics_every < 1:
             raise ValueError(f"metrics_every must be an int ≥ 1, got {metrics_every!r}")
+        _check_method(method)
         self.model = model
         self.name = str(name)
-        self.tol = tol
+        self.tol = None if tol is None else _check_tol(tol)
         self.method = method
-        self.layers = layers
+        self.layers = check_layers(layers)
         self.metrics_every = int(metrics_every)
         self.records = []
         self.switches = []
@@ -131,7 +139,11 @@ class RankMonitor:
         """Record a form change: ``event = {"epoch", "step", "changes": [(name, old, new), ...]}``."""
         if not isinstance(event, Mapping) or "changes" not in event:
             raise TypeError(f"event must be a dict with 'changes', got {event!r}")
-        changes = [tuple(c) for c in event["changes"]]
+        raw = event["changes"]
+        if isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple)) \
+                or any(isinstance(c, (str, bytes)) or not isinstance(c, (list, tuple)) for c in raw):
+            raise TypeError(f"event['changes'] must be a list of (module_name, old_form, new_form), got {raw!r}")
+        changes = [tuple(c) for c in raw]
         if any(len(c) != 3 for c in changes):
             raise ValueError(f"each change must be (module_name, old_form, new_form), got {changes!r}")
         epoch = event.get("epoch")
@@ -187,14 +199,20 @@ class RankMonitor:
     def end_epoch(self, **scalars):
         """Stop the clock, measure the layers, store the record; returns it.
 
+        The record is stored before the layers are measured: if measuring fails,
+        the epoch stays recorded (with ``layers`` empty) and the error propagates.
+        Layers with NaN or infinite weights get NaN metrics and a RuntimeWarning.
+
         Args:
             **scalars: numbers to log for this epoch (as :meth:`log`).
 
         Raises:
-            RuntimeError: no open epoch.
+            RuntimeError: no open epoch.  TypeError/ValueError: a bad scalar (checked
+                first: the epoch stays open and nothing is recorded, call again).
         """
         if self._open is None:
             raise RuntimeError("no open epoch; call start_epoch() first")
+        checked = self._check_scalars(scalars)
         self._sync()
         wall = time.perf_counter() - self._open.pop("_t0")
         rec, self._open = self._open, None
@@ -206,12 +224,13 @@ class RankMonitor:
         rec.update(form=label, wall_seconds=wall, metrics_seconds=None, form_mix=mix,
                    trainable_params=sum(p.numel() for p in params if p.requires_grad),
                    total_params=sum(p.numel() for p in params), layers={})
-        rec["scalars"].update(self._check_scalars(scalars))
-        if len(self.records) % self.metrics_every == 0:
-            t0 = time.perf_counter()
-            rec["layers"] = self.measure()
-            rec["metrics_seconds"] = time.perf_counter() - t0
+        rec["scalars"].update(checked)
+        measure = len(self.records) % self.metrics_every == 0
         self.records.append(rec)
+        if measure:
+            t0 = time.perf_counter()
+            rec["layers"] = self._measure(rec["epoch"])
+            rec["metrics_seconds"] = time.perf_counter() - t0
         return rec
 
     @contextlib.contextmanager
@@ -229,12 +248,24 @@ class RankMonitor:
         self.end_epoch()
 
     def measure(self):
-        """Metrics of every monitored layer now: dict name → metric dict (no timing, nothing stored)."""
+        """Metrics of every monitored layer now: dict name → metric dict (no timing, nothing stored).
+
+        Layers with NaN or infinite weights get NaN metrics, with a RuntimeWarning naming them.
+        """
+        return self._measure(None)
+
+    def _measure(self, epoch):
         self._require_model()
         modules = dict(self.model.named_modules())
         out = {}
-        for name, m in model_metrics(self.model, tol=self.tol, method=self.method, layers=self.layers).items():
+        for name, m in model_metrics(self.model, tol=self.tol, method=self.method, layers=self.layers,
+                                     nonfinite="nan").items():
             out[name] = dict(type=type(modules[name]).__name__, **m.as_dict())
+        bad = [name for name, m in out.items() if math.isnan(m["sigma_max"])]
+        if bad:
+            when = "" if epoch is None else f" at epoch {epoch}"
+            warnings.warn(f"layers {bad} have NaN or infinite weights{when} (a diverged run?): their rank "
+                          f"metrics are recorded as NaN", RuntimeWarning, stacklevel=3)
         return out
 
     @staticmethod
@@ -291,10 +322,17 @@ class RankMonitor:
         return names
 
     def layer_series(self, metric="spectral_ratio"):
-        """dict layer → (epochs, values) of one per-layer metric (``math.inf`` kept)."""
+        """dict layer → (epochs, values) of one per-layer metric (``math.inf`` kept).
+
+        Raises:
+            ValueError: ``metric`` is not among the recorded per-layer metrics.
+        """
         out = {}
         for r in self.records:
             for name, m in r["layers"].items():
+                if metric not in m:
+                    known = sorted(k for k, v in m.items() if isinstance(v, numbers.Real) and not isinstance(v, bool))
+                    raise ValueError(f"metric {metric!r} is not recorded per layer; recorded: {known}")
                 series = out.setdefault(name, ([], []))
                 series[0].append(r["epoch"])
                 series[1].append(m[metric])
@@ -354,7 +392,8 @@ class RankMonitor:
             RankMonitor without a model (``records`` and ``switches`` filled).
 
         Raises:
-            FileNotFoundError: nothing to read.  ValueError: not a RankMonitor file.
+            FileNotFoundError: nothing to read.  ValueError: not a RankMonitor file, or one
+                missing an entry or column (the message names the file and what is missing).
         """
         stem = _stem(path)
         if os.path.exists(stem + ".json"):
@@ -362,6 +401,13 @@ class RankMonitor:
                 doc = decode(json.load(f))
             if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
                 raise ValueError(f"{stem}.json is not a RankMonitor file")
+            missing = [k for k in ("records", "switches") if k not in doc]
+            if missing:
+                raise ValueError(f"{stem}.json has no {' or '.join(repr(k) for k in missing)} entry; it is not a "
+                                 f"complete RankMonitor file")
+            for key in ("records", "switches"):
+                if not isinstance(doc[key], list) or not all(isinstance(r, dict) for r in doc[key]):
+                    raise ValueError(f"{stem}.json: {key!r} must be a list of dicts, got {doc[key]!r:.80}")
             monitor = cls(None, name=doc.get("name", "run"))
             monitor.records, monitor.switches = doc["records"], doc["switches"]
             return monitor
@@ -374,7 +420,7 @@ class RankMonitor:
         monitor = cls(None, name=os.path.basename(stem))
         fixed = set(_EPOCH_COLUMNS)
         by_epoch = {}
-        for row in read_csv(stem + ".epochs.csv"):
+        for row in _read_csv_with(stem + ".epochs.csv", _EPOCH_COLUMNS):
             rec = {k: row[k] for k in _EPOCH_COLUMNS[:6]}
             rec["form_mix"] = {form: row[f"n_{form}"] for form in FORMS}
             rec["scalars"] = {k: v for k, v in row.items() if k not in fixed and v is not None}
@@ -382,12 +428,15 @@ class RankMonitor:
             by_epoch[rec["epoch"]] = rec
             monitor.records.append(rec)
         if os.path.exists(stem + ".layers.csv"):
-            for row in read_csv(stem + ".layers.csv"):
+            for row in _read_csv_with(stem + ".layers.csv", _LAYER_COLUMNS):
                 m = {k: row[k] for k in _LAYER_COLUMNS[2:] if k not in ("rows", "cols")}
                 m["shape"] = [row["rows"], row["cols"]]
+                if row["epoch"] not in by_epoch:
+                    raise ValueError(f"{stem}.layers.csv has a row for epoch {row['epoch']!r}, which "
+                                     f"{stem}.epochs.csv does not list")
                 by_epoch[row["epoch"]]["layers"][row["layer"]] = m
         if os.path.exists(stem + ".switches.csv"):
-            for row in read_csv(stem + ".switches.csv"):
+            for row in _read_csv_with(stem + ".switches.csv", _SWITCH_COLUMNS):
                 last = monitor.switches[-1] if monitor.switches else None
                 if last is None or (last["epoch"], last["step"]) != (row["epoch"], row["step"]):
                     last = {"epoch": row["epoch"], "step": row["step"], "kind": row["kind"], "changes": [],
@@ -413,6 +462,16 @@ class RankMonitor:
 
 
 # -- file helpers ----------------------------------------------------------------------------
+
+def _read_csv_with(path, columns):
+    """read_csv's rows, after checking that every one of ``columns`` is in the file."""
+    rows = read_csv(path)
+    header = list(rows[0]) if rows else list(columns)
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise ValueError(f"{path} has no column {missing} (columns: {header}); it is not a RankMonitor file")
+    return rows
+
 
 def _stem(path):
     path = os.fspath(path)

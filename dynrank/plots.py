@@ -15,6 +15,9 @@ or as paths to files written by :meth:`~dynrank.RankMonitor.save`.
 
 import math
 import os
+from collections.abc import Mapping
+
+from ._args import as_names
 
 __all__ = ["plot_spectral_ratio", "plot_training_curves"]
 
@@ -44,6 +47,11 @@ def _runs(runs):
     from .monitor import RankMonitor
     if isinstance(runs, (RankMonitor, str, os.PathLike)):
         runs = [runs]
+    try:
+        runs = list(runs)
+    except TypeError:
+        raise TypeError(f"runs must be a RankMonitor, a path to a saved run, or a list of them, got "
+                        f"{type(runs).__name__}") from None
     out = []
     for run in runs:
         if isinstance(run, (str, os.PathLike)):
@@ -54,6 +62,11 @@ def _runs(runs):
     if not out:
         raise ValueError("no runs to plot")
     return out
+
+
+def _names(value, what):
+    """``value`` as a list of names: one str, or an iterable of str."""
+    return as_names(value, what, "a name (str) or a list of names")
 
 
 def _new_figure(ncols, nrows=1, width=5.2, height=3.9):
@@ -104,7 +117,7 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
         path: where to save (PNG by extension); None to only return the figure.
         metric: per-layer metric to plot (``"spectral_ratio"``, or e.g.
             ``"restricted_spectral_ratio"`` for low-rank training, where λ is ∞).
-        layers: layer names to include (default: all measured).
+        layers: layer names to include, one str or a list (default: all measured).
         title: figure title (default names the metric).
         dpi: resolution of the saved image.
 
@@ -112,7 +125,9 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
         ``matplotlib.figure.Figure``.
 
     Raises:
-        ImportError: matplotlib missing.  ValueError: nothing measured.
+        ImportError: matplotlib missing.  TypeError: ``layers`` not names.
+        ValueError: nothing measured; an unknown ``metric``; a name in ``layers`` that
+            no run measured (the message lists the measured ones).
 
     Example:
         >>> import torch
@@ -137,6 +152,13 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
     runs = _runs(runs)
     series = [run.layer_series(metric) for run in runs]
     if layers is not None:
+        layers = _names(layers, "layers")
+        measured = []
+        for s in series:
+            measured += [n for n in s if n not in measured]
+        unknown = [n for n in layers if n not in measured]
+        if unknown:
+            raise ValueError(f"no run measured layers {unknown} (measured: {measured})")
         series = [{n: s[n] for n in layers if n in s} for s in series]
     if not any(series):
         raise ValueError(f"no per-layer {metric!r} values recorded in these runs")
@@ -203,7 +225,7 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
     Args:
         runs: RankMonitors or saved-run paths (one line each, named by ``run.name``).
         path: where to save; None to only return the figure.
-        keys: scalar names to plot (default: every scalar logged by any run).
+        keys: scalar names to plot, one str or a list (default: every scalar logged by any run).
         labels: optional dict scalar name → axis label (e.g. ``{"accuracy": "validation accuracy (%)"}``).
         title: figure title.
         mark_switches: draw each run's switch epochs in its colour.
@@ -213,7 +235,8 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
         ``matplotlib.figure.Figure``.
 
     Raises:
-        ImportError: matplotlib missing.  ValueError: no scalars / unknown key.
+        ImportError: matplotlib missing.  TypeError: ``keys`` not names.
+        ValueError: no scalars; a key no run logged (the message lists the logged ones).
 
     Example: see :func:`plot_spectral_ratio`.
     """
@@ -221,16 +244,17 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
     from matplotlib.ticker import MaxNLocator
 
     runs = _runs(runs)
-    if keys is None:
-        keys = []
-        for run in runs:
-            keys += [k for k in run.scalar_names() if k not in keys]
-    keys = list(keys)
+    logged = []
+    for run in runs:
+        logged += [k for k in run.scalar_names() if k not in logged]
+    keys = list(logged) if keys is None else _names(keys, "keys")
     if not keys:
         raise ValueError("no logged scalars to plot; log some with monitor.log(loss=..., accuracy=...)")
-    unknown = [k for k in keys if not any(k in run.scalar_names() for run in runs)]
+    unknown = [k for k in keys if k not in logged]
     if unknown:
-        raise ValueError(f"no run logged {unknown}")
+        raise ValueError(f"no run logged {unknown} (logged: {logged})")
+    if labels is not None and not isinstance(labels, Mapping):
+        raise TypeError(f"labels must be a dict scalar name → axis label, got {type(labels).__name__}")
     labels = dict(labels or {})
     colors = matplotlib.colormaps["tab10"]
     fig = _new_figure(len(keys))

@@ -34,10 +34,12 @@ W_f), its W in full form — and the weight of every plain ``nn.Linear`` /
 ``nn.Conv1d/2d/3d``.  Biases are never included.
 """
 
+import math
 import numbers
 
 import torch
 
+from ._args import as_names
 from ._forms import FormLayer
 from .metrics import monitored_layers
 
@@ -54,7 +56,16 @@ def _matrix(weight):
         raise TypeError(f"weight must be floating point, got {weight.dtype}")
     if weight.dtype in (torch.float16, torch.bfloat16):
         weight = weight.float()       # a 16-bit Gram loses the deviation from I it measures
-    return weight.reshape(weight.shape[0], -1)
+    # Not reshape(m, -1): a weight with no elements has no inferable second size.
+    return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))
+
+
+def _names(exclude):
+    """``exclude`` as a tuple of module names: one name (a str) or an iterable of names."""
+    if exclude is None:
+        return ()
+    return tuple(as_names(exclude, "exclude", "a module name (str) or an iterable of module names",
+                          item="module names"))
 
 
 def gram_small(weight):
@@ -64,7 +75,11 @@ def gram_small(weight):
         weight: tensor with ≥ 2 dims; 16-bit inputs are computed in float32.
 
     Returns:
-        WᵀW (n × n) if m ≥ n, else WWᵀ (m × m); differentiable.
+        WᵀW (n × n) if m ≥ n, else WWᵀ (m × m); differentiable.  A weight with
+        no elements (m or n = 0) gives the 0 × 0 Gram.
+
+    Raises:
+        TypeError/ValueError: not a floating tensor with ≥ 2 dims.
 
     Example:
         >>> gram_small(torch.randn(10, 3)).shape
@@ -88,7 +103,8 @@ def so_penalty(weight):
         weight: (m, n) matrix or (F, C, kh, kw) kernel (viewed as F × C·kh·kw).
 
     Returns:
-        0-d tensor, differentiable w.r.t. ``weight``.
+        0-d tensor, differentiable w.r.t. ``weight``; 0 for a weight with no
+        elements (its Gram is 0 × 0).
 
     Raises:
         TypeError/ValueError: not a floating tensor with ≥ 2 dims.
@@ -108,7 +124,11 @@ def dso_penalty(weight):
     columns; it is 0 only for square orthogonal W.
 
     Returns:
-        0-d tensor, differentiable w.r.t. ``weight``.
+        0-d tensor, differentiable w.r.t. ``weight``; |m − n| for a weight with
+        no elements (‖−I‖²_F of the non-empty side, as the literal formula).
+
+    Raises:
+        TypeError/ValueError: not a floating tensor with ≥ 2 dims.
 
     Example:
         >>> float(dso_penalty(torch.eye(4)[:, :3]))
@@ -133,41 +153,62 @@ def srip_penalty(weight, n_power_iterations=10, start=None, return_vector=False)
         weight: (m, n) matrix or conv kernel.
         n_power_iterations: int ≥ 1, or None for the exact value from
             ``eigvalsh`` (differentiable; slower for large p).
-        start: optional start vector of length p (warm start); default a
-            fixed-seed Gaussian vector, so results are reproducible.
-        return_vector: also return the final (detached) iterate, to pass as
-            ``start`` next time.
+        start: optional real start vector of length p (warm start); default a
+            fixed-seed Gaussian vector, so results are reproducible.  An
+            all-zero or non-finite start (from which power iteration cannot
+            move) is replaced by that default.
+        return_vector: also return the final (detached) unit iterate, to pass as
+            ``start`` next time.  When M·v = 0 (e.g. an exactly orthogonal W,
+            M = 0) the iterate stays v instead of collapsing to zero.
 
     Returns:
-        0-d tensor ``value``, or ``(value, v)`` with ``return_vector``.
+        0-d tensor ``value``, or ``(value, v)`` with ``return_vector``; 0 for a
+        weight with no elements (p = 0).
 
     Raises:
-        TypeError/ValueError: bad ``weight``, ``n_power_iterations`` or ``start``.
+        TypeError: bad ``weight``, a ``start`` that is not a real tensor.
+        ValueError: bad ``weight`` or ``n_power_iterations``, ``start`` not of shape (p,).
 
     Example:
         >>> W = torch.diag(torch.tensor([2.0, 1.0, 0.5]))
         >>> round(float(srip_penalty(W, n_power_iterations=50)), 6)     # |2² − 1|
         3.0
     """
+    return _srip(weight, n_power_iterations, start, return_vector, check_start=True)
+
+
+def _srip(weight, n_power_iterations, start, return_vector, check_start):
+    """srip_penalty; ``check_start=False`` for the regularizer's own warm starts (unit vectors by
+    construction), which skips the start's host-synchronizing degeneracy check."""
     M = _deviation(weight)
     p = M.shape[0]
     if n_power_iterations is None:
-        value = torch.linalg.eigvalsh(M).abs().max()
+        # The 0 × 0 M of an empty weight has no eigenvalue: its norm is 0.
+        value = torch.linalg.eigvalsh(M).abs().max() if p else M.sum()
         return (value, None) if return_vector else value
     if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral) \
             or n_power_iterations < 1:
         raise ValueError(f"n_power_iterations must be an int ≥ 1 or None, got {n_power_iterations!r}")
+    if start is not None:
+        if not isinstance(start, torch.Tensor) or start.is_complex():
+            got = f"a {start.dtype} tensor" if isinstance(start, torch.Tensor) else type(start).__name__
+            raise TypeError(f"start must be a real tensor of shape ({p},), got {got}")
+        if tuple(start.shape) != (p,):
+            raise ValueError(f"start must be a tensor of shape ({p},), got {tuple(start.shape)}")
+        start = start.detach().to(device=M.device, dtype=M.dtype)
+        if check_start and not bool(torch.isfinite(start).all() & start.any()):
+            start = None           # a degenerate start: power iteration would stay at 0 or NaN
     if start is None:
         gen = torch.Generator().manual_seed(0)
-        start = torch.randn(p, generator=gen, dtype=torch.float64)
-    elif not isinstance(start, torch.Tensor) or tuple(start.shape) != (p,):
-        got = tuple(start.shape) if isinstance(start, torch.Tensor) else type(start).__name__
-        raise ValueError(f"start must be a tensor of shape ({p},), got {got}")
+        start = torch.randn(p, generator=gen, dtype=torch.float64).to(device=M.device, dtype=M.dtype)
     with torch.no_grad():
         Md = M.detach()
-        v = _unit(start.to(device=M.device, dtype=M.dtype))
+        v = _unit(start)
         for _ in range(int(n_power_iterations)):
-            v = _unit(Md @ v)
+            w = Md @ v
+            # M·v = 0 (e.g. M = 0 for an orthogonal W): keep the unit v, whose value 0 is then
+            # exact, rather than a zero vector that would stall every later warm-started call.
+            v = torch.where(w.any(), _unit(w), v)
     value = torch.linalg.vector_norm(M @ v)
     return (value, v) if return_vector else value
 
@@ -177,7 +218,8 @@ def regularized_tensors(model, exclude=()):
 
     Args:
         model: an ``nn.Module``.
-        exclude: module names to skip (e.g. the first conv or the classifier).
+        exclude: module names to skip (e.g. the first conv or the classifier):
+            one name (a str) or an iterable of names.
 
     Returns:
         list of (``"<module>.<param>"``, parameter): factors of lowrank/adapter
@@ -185,10 +227,11 @@ def regularized_tensors(model, exclude=()):
         parameters with ``requires_grad=False`` are left out.
 
     Raises:
-        TypeError: ``model`` is not a module.  ValueError: an unknown name in ``exclude``.
+        TypeError: ``model`` is not a module, ``exclude`` not a name or names.
+        ValueError: an unknown name in ``exclude``.
     """
     layers = monitored_layers(model)
-    exclude = {exclude} if isinstance(exclude, str) else set(exclude)
+    exclude = set(_names(exclude))
     modules = dict(model.named_modules())
     unknown = sorted(n for n in exclude if n not in modules)
     if unknown:
@@ -217,12 +260,16 @@ class OrthogonalityRegularizer:
     call, so it follows ``inflate``/``deflate`` without being rebuilt.
 
     Args:
-        coef: coefficient (paper Table 9: 5e-5 for SO/DSO, 5e-4 for SRIP).
+        coef: coefficient, a finite number ≥ 0 (paper Table 9: 5e-5 for SO/DSO, 5e-4 for SRIP).
         kind: ``"so"``, ``"dso"`` or ``"srip"``.
-        exclude: module names to skip.
+        exclude: module names to skip: one name (a str) or an iterable of names.
         n_power_iterations: SRIP only; iterations per call.  The last vector
             of each tensor is kept and warm-starts the next call (as
             ``torch.nn.utils.spectral_norm`` does), so a few per step suffice.
+
+    Raises:
+        TypeError: a non-number ``coef``, ``exclude`` not a name or names.
+        ValueError: ``coef`` negative, NaN or infinite; unknown ``kind``; bad ``n_power_iterations``.
 
     Example:
         >>> import torch
@@ -235,8 +282,10 @@ class OrthogonalityRegularizer:
     """
 
     def __init__(self, coef, kind="so", exclude=(), n_power_iterations=2):
-        if isinstance(coef, bool) or not isinstance(coef, numbers.Real) or coef < 0:
-            raise ValueError(f"coef must be a non-negative number, got {coef!r}")
+        if isinstance(coef, bool) or not isinstance(coef, numbers.Real):
+            raise TypeError(f"coef must be a finite number >= 0, got {type(coef).__name__} ({coef!r})")
+        if not 0.0 <= coef < math.inf:                  # NaN fails this too
+            raise ValueError(f"coef must be a finite number >= 0, got {coef!r}")
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
         if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral) \
@@ -244,7 +293,7 @@ class OrthogonalityRegularizer:
             raise ValueError(f"n_power_iterations must be an int ≥ 1, got {n_power_iterations!r}")
         self.coef = float(coef)
         self.kind = kind
-        self.exclude = tuple(exclude)
+        self.exclude = _names(exclude)
         self.n_power_iterations = int(n_power_iterations)
         self._vectors = {}
 
@@ -254,11 +303,11 @@ class OrthogonalityRegularizer:
             return so_penalty(weight)
         if self.kind == "dso":
             return dso_penalty(weight)
-        p = min(weight.shape[0], weight[0].numel())
+        p = min(weight.shape[0], math.prod(weight.shape[1:]))
         start = self._vectors.get(name)
         if start is not None and (start.shape[0] != p or start.device != weight.device):
             start = None        # the tensor changed shape or device (a form change)
-        value, v = srip_penalty(weight, self.n_power_iterations, start=start, return_vector=True)
+        value, v = _srip(weight, self.n_power_iterations, start, True, check_start=False)
         self._vectors[name] = v
         return value
 

@@ -11,12 +11,14 @@ LR scheduler attached to it stay as the user built them::
         lr_scheduler.step()
 """
 
+import copy
 import numbers
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ._forms import DEFLATE_INITS, FormLayer
+from ._forms import DEFLATE_INITS, FORMS, FormLayer
 from ._optim import pullback_state, pushforward_state, replace_params
 
 __all__ = ["DynamicRankScheduler", "OPTIMIZER_STATES", "form_layers", "training_state",
@@ -29,6 +31,7 @@ UNITS = ("epoch", "step")
 # trained worse on the MLP in every seed (a mis-estimated second moment lingers
 # for ~1/(1-beta2) steps), so the authors' "reset" stays the default.
 DEFAULT_OPTIMIZER_STATE = "reset"
+_OWN = object()   # DynamicRankScheduler._deflate_rank_for: the scheduler's own deflate_rank
 
 
 def unwrap_model(model):
@@ -53,6 +56,92 @@ def _check_count(value, what, allow_none=True):
     if value < 0:
         raise ValueError(f"{what} must be >= 0, got {value}")
     return int(value)
+
+
+def _check_schedule(unit, inflate, deflate, epochs):
+    """Validated (unit, I, D, epochs), as the constructor takes them."""
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    inflate = _check_count(inflate, f"inflate_{unit}")
+    deflate = _check_count(deflate, f"deflate_{unit}")
+    epochs = _check_count(epochs, "epochs")
+    if inflate is None and deflate is None:
+        raise ValueError(f"give inflate_{unit} and/or deflate_{unit}; both are None")
+    if inflate is not None and deflate is not None and deflate <= inflate:
+        raise ValueError(f"deflate_{unit} must be greater than inflate_{unit} (the full-rank phase is "
+                         f"[I, D)), got I={inflate}, D={deflate}")
+    if epochs is not None:
+        for what, value in ((f"inflate_{unit}", inflate), (f"deflate_{unit}", deflate)):
+            if value is not None and value > epochs:
+                raise ValueError(f"{what} must be in [0, epochs={epochs}], got {value}")
+    return unit, inflate, deflate, epochs
+
+
+def _check_choices(deflate_init, optimizer_state):
+    if deflate_init not in DEFLATE_INITS:
+        raise ValueError(f"deflate_init must be one of {', '.join(DEFLATE_INITS)}, got {deflate_init!r}")
+    if optimizer_state not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer_state must be one of {', '.join(OPTIMIZER_STATES)}, "
+                         f"got {optimizer_state!r}")
+    return deflate_init, optimizer_state
+
+
+def check_sync(model, sync_ranks, process_group):
+    """Validated (sync_ranks, process_group) of a scheduler built on ``model``.
+
+    ``sync_ranks``: a bool, or None (True exactly when ``model`` is a
+    DistributedDataParallel).  ``process_group``: None (the DDP wrapper's group,
+    else WORLD) or a ``torch.distributed.ProcessGroup``; only None where this
+    torch build has no ``torch.distributed``.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+    if sync_ranks is not None and not isinstance(sync_ranks, bool):
+        raise TypeError(f"sync_ranks must be True, False or None, got {type(sync_ranks).__name__} ({sync_ranks!r})")
+    if process_group is not None:
+        dist = torch.distributed
+        group_type = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
+        if group_type is None:
+            raise TypeError(f"process_group must be None (this torch has no torch.distributed), "
+                            f"got {type(process_group).__name__}")
+        if not isinstance(process_group, group_type):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
+                            f"got {type(process_group).__name__} ({process_group!r})")
+    is_ddp = isinstance(model, DistributedDataParallel)
+    if process_group is None and is_ddp:
+        process_group = model.process_group
+    return (is_ddp if sync_ranks is None else sync_ranks), process_group
+
+
+def check_layer_names(given, names, what):
+    """Raise ValueError if the mapping ``given`` names layers not in ``names`` (a list of layer names)."""
+    unknown = [key for key in given if key not in names]
+    if unknown:
+        raise ValueError(f"{what} names unknown layers {sorted(unknown, key=repr)}; the layers are {list(names)}")
+
+
+def check_same_layers(given, names, what):
+    """Raise TypeError unless ``given`` (the state dict's ``what``) is a dict, ValueError unless its keys
+    are exactly ``names``."""
+    if not isinstance(given, Mapping):
+        raise TypeError(f"{what} must be a dict layer name → value, got {type(given).__name__}")
+    extra = sorted((k for k in given if k not in names), key=repr)
+    absent = [n for n in names if n not in given]
+    if extra or absent:
+        raise ValueError(f"saved scheduler manages other layers: only in checkpoint {extra}, only in this model "
+                         f"{absent} (in {what})")
+
+
+def check_finite(layers, what_not):
+    """Raise ValueError naming the first of ``layers`` ((name, layer) pairs) whose weight or factors hold
+    NaN or inf; ``what_not`` ends the message (what was not done)."""
+    for name, layer in layers:
+        tensors = dict(layer.factors())
+        dense = layer._dense()
+        if dense is not None:
+            tensors = {layer.weight_name: dense, **tensors}
+        for key, tensor in tensors.items():
+            if tensor is not None and not tensor.is_meta and not bool(torch.isfinite(tensor.detach()).all()):
+                raise ValueError(f"layer {name!r} has non-finite values in {key}; {what_not}")
 
 
 def _trainable(layer):
@@ -97,19 +186,23 @@ class DynamicRankScheduler:
         optimizer_state: ``"reset"`` or ``"carry"``.
         deflate_rank: adapter rank: None (each layer's rank), an int, a float in
             (0, 1] (a rank ratio, each layer's ``rank_for_ratio``),
-            or a dict name → int/float/None.
+            or a dict name → int/float/None (names of layers the scheduler
+            manages; a layer left out keeps its rank).
         unit: ``"epoch"`` or ``"step"``: what I, D and :meth:`step`'s argument count.
         epochs: optional total number of epochs (steps); I and D must lie in
             [0, epochs] and :meth:`step` rejects later epochs.
-        sync_ranks: broadcast fresh adapter factors from rank 0 after a deflate
-            so all data-parallel ranks stay identical; default: when ``model``
+        sync_ranks: True/False: broadcast fresh adapter factors from rank 0 after a deflate
+            so all data-parallel ranks stay identical; default (None): when ``model``
             is a DistributedDataParallel.  Every rank must call :meth:`step`.
-        process_group: group for that broadcast (default: the DDP wrapper's, or WORLD).
+        process_group: a ``torch.distributed.ProcessGroup`` for that broadcast,
+            or None (the DDP wrapper's, or WORLD).
 
     Raises:
-        TypeError: a non-optimizer, non-int epochs.
-        ValueError: negative epochs, D ≤ I, both None, unknown options, or a
-            model with no dynrank layers.
+        TypeError: a non-module model, a non-optimizer, non-int epochs, a
+            non-bool ``sync_ranks``, a ``process_group`` that is not a ProcessGroup.
+        ValueError: negative epochs, D ≤ I, both None, unknown options, a
+            ``deflate_rank`` invalid for a layer or naming an unknown layer, or
+            a model with no dynrank layers.
 
     Example:
         >>> import torch
@@ -135,51 +228,21 @@ class DynamicRankScheduler:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if unit not in UNITS:
-            raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
-        self.unit = unit
-        self.inflate_epoch = _check_count(inflate_epoch, f"inflate_{unit}")
-        self.deflate_epoch = _check_count(deflate_epoch, f"deflate_{unit}")
-        self.epochs = _check_count(epochs, "epochs")
-        self._check_policy()
-        if deflate_init not in DEFLATE_INITS:
-            raise ValueError(f"deflate_init must be one of {', '.join(DEFLATE_INITS)}, got {deflate_init!r}")
-        if optimizer_state not in OPTIMIZER_STATES:
-            raise ValueError(f"optimizer_state must be one of {', '.join(OPTIMIZER_STATES)}, "
-                             f"got {optimizer_state!r}")
-        self.deflate_init = deflate_init
-        self.optimizer_state = optimizer_state
+        self.unit, self.inflate_epoch, self.deflate_epoch, self.epochs = _check_schedule(
+            unit, inflate_epoch, deflate_epoch, epochs)
+        self.deflate_init, self.optimizer_state = _check_choices(deflate_init, optimizer_state)
         self.model = unwrap_model(model)
         self.optimizer = optimizer
         self._layers = form_layers(self.model)
         if not self._layers:
             raise ValueError("model has no dynrank layers (FusedLowRankLinear, LowRankConv2d): "
                              "convert it first with dynrank.convert_model(model)")
-        self.deflate_rank = deflate_rank
-        for name, layer in self._layers:
-            layer._check_rank(self._deflate_rank_for(name, layer))  # a bad deflate_rank fails now, not at D
-        from torch.nn.parallel import DistributedDataParallel
-        is_ddp = isinstance(model, DistributedDataParallel)
-        self.sync_ranks = is_ddp if sync_ranks is None else bool(sync_ranks)
-        if process_group is None and is_ddp:
-            process_group = model.process_group
-        self.process_group = process_group
+        self.deflate_rank = self._check_deflate_rank(deflate_rank)  # a bad deflate_rank fails now, not at D
+        self.sync_ranks, self.process_group = check_sync(model, sync_ranks, process_group)
         self.last_epoch = None
         self._callbacks = []
 
     # -- policy -------------------------------------------------------------------
-    def _check_policy(self):
-        inflate, deflate, unit = self.inflate_epoch, self.deflate_epoch, self.unit
-        if inflate is None and deflate is None:
-            raise ValueError(f"give inflate_{unit} and/or deflate_{unit}; both are None")
-        if inflate is not None and deflate is not None and deflate <= inflate:
-            raise ValueError(f"deflate_{unit} must be greater than inflate_{unit} (the full-rank phase is "
-                             f"[I, D)), got I={inflate}, D={deflate}")
-        if self.epochs is not None:
-            for what, value in ((f"inflate_{unit}", inflate), (f"deflate_{unit}", deflate)):
-                if value is not None and value > self.epochs:
-                    raise ValueError(f"{what} must be in [0, epochs={self.epochs}], got {value}")
-
     def form_at(self, epoch):
         """Form every layer has at ``epoch``: ``"lowrank"``, ``"full"`` or ``"adapter"``."""
         epoch = _check_count(epoch, self.unit, allow_none=False)
@@ -198,8 +261,8 @@ class DynamicRankScheduler:
         """Dict name → current form."""
         return {name: layer.form for name, layer in self._layers}
 
-    def _deflate_rank_for(self, name, layer):
-        spec = self.deflate_rank
+    def _deflate_rank_for(self, name, layer, spec=_OWN):
+        spec = self.deflate_rank if spec is _OWN else spec
         if isinstance(spec, dict):
             spec = spec.get(name)
         if spec is None:
@@ -213,6 +276,18 @@ class DynamicRankScheduler:
                 raise ValueError(f"a float deflate_rank is a ratio in (0, 1], got {spec}")
             return layer.rank_for_ratio(spec)
         raise TypeError(f"deflate_rank must be an int, a float ratio, a dict or None, got {type(spec).__name__}")
+
+    def _check_deflate_rank(self, spec):
+        """``spec`` validated against every layer (a dict copied); raises TypeError/ValueError."""
+        if isinstance(spec, Mapping):
+            check_layer_names(spec, [name for name, _ in self._layers], "deflate_rank")
+            spec = dict(spec)
+        for name, layer in self._layers:
+            try:
+                layer._check_rank(self._deflate_rank_for(name, layer, spec))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"deflate_rank for layer {name!r}: {e}") from None
+        return spec
 
     # -- callbacks --------------------------------------------------------------------
     def add_callback(self, fn):
@@ -228,7 +303,9 @@ class DynamicRankScheduler:
         return fn
 
     def remove_callback(self, fn):
-        """Stop calling ``fn``."""
+        """Stop calling ``fn``; ValueError if it was not added."""
+        if fn not in self._callbacks:
+            raise ValueError(f"callback {fn!r} was not added to this scheduler")
         self._callbacks.remove(fn)
 
     # -- stepping ------------------------------------------------------------------------
@@ -244,9 +321,13 @@ class DynamicRankScheduler:
             (empty if none; e.g. when called twice for one epoch).
 
         Raises:
+            TypeError: a non-int epoch.
             ValueError: a negative epoch, one past ``epochs``, one earlier than
-                the last call's, or a layer whose form cannot reach the form the
-                epoch requires (a full/adapter layer before I).
+                the last call's, a layer whose form cannot reach the form the
+                epoch requires (a full/adapter layer before I), or a layer due
+                to switch whose weight or factors hold NaN/inf.  Every check
+                runs before the first layer switches, so a failed call changes
+                nothing.
         """
         if epoch is None:
             epoch = 0 if self.last_epoch is None else self.last_epoch + 1
@@ -257,7 +338,8 @@ class DynamicRankScheduler:
             raise ValueError(f"{self.unit}s must not go backwards: got {epoch} after {self.last_epoch}; "
                              f"to resume, build a new scheduler and call load_state_dict")
         target = self.form_at(epoch)
-        changes = self._bring_to({name: target for name, _ in self._layers}, carry=None)
+        changes = self._bring_to({name: target for name, _ in self._layers}, carry=None,
+                                 finite=f"not switching any layer at {self.unit} {epoch}")
         self.last_epoch = epoch
         if changes:
             event = {"epoch": epoch if self.unit == "epoch" else None,
@@ -275,22 +357,26 @@ class DynamicRankScheduler:
                              f"form the model was converted to")
         return paths[(old, new)]
 
-    def _bring_to(self, targets, carry, ranks=None):
+    def _bring_to(self, targets, carry, ranks=None, init=None, finite=None):
+        """Switch every layer to ``targets[name]``.  All plans are made (and, with ``finite`` set, every
+        switching layer checked for NaN/inf) before the first switch."""
         plans = []
         for name, layer in self._layers:
             old, new = layer.form, targets[name]
             if old != new:
                 plans.append((name, layer, old, new, self._path(name, old, new)))
+        if finite is not None:
+            check_finite([(name, layer) for name, layer, *_ in plans], finite)
         changes = []
         for name, layer, old, new, ops in plans:
             for op in ops:
                 rank = None if op == "inflate" else (
                     ranks[name] if ranks is not None else self._deflate_rank_for(name, layer))
-                self._transition(layer, op, rank, carry)
+                self._transition(layer, op, rank, carry, init)
             changes.append((name, old, new))
         return changes
 
-    def _transition(self, layer, op, rank, carry):
+    def _transition(self, layer, op, rank, carry, init=None):
         if carry is None:
             carry = self.optimizer_state == "carry"
         before = _trainable(layer)
@@ -299,7 +385,7 @@ class DynamicRankScheduler:
         if op == "inflate":
             layer.inflate()
         else:
-            layer.deflate(rank=rank, init=self.deflate_init)
+            layer.deflate(rank=rank, init=self.deflate_init if init is None else init)
         after = _trainable(layer)
         before_ids, after_ids = {id(p) for p in before}, {id(p) for p in after}
         removed = [p for p in before if id(p) not in after_ids]
@@ -326,9 +412,64 @@ class DynamicRankScheduler:
         return {"unit": self.unit, "last_epoch": self.last_epoch, "inflate_epoch": self.inflate_epoch,
                 "deflate_epoch": self.deflate_epoch, "epochs": self.epochs,
                 "deflate_init": self.deflate_init, "optimizer_state": self.optimizer_state,
-                "deflate_rank": self.deflate_rank,
+                "deflate_rank": dict(self.deflate_rank) if isinstance(self.deflate_rank, dict) else self.deflate_rank,
                 "forms": {name: layer.form for name, layer in self._layers},
                 "ranks": {name: layer.rank for name, layer in self._layers}}
+
+    _STATE_KEYS = ("unit", "last_epoch", "inflate_epoch", "deflate_epoch", "forms", "ranks")
+    _OPTIONAL_STATE_KEYS = ("epochs", "deflate_init", "optimizer_state", "deflate_rank")
+
+    def _checked_state(self, state_dict):
+        """The policy settings of ``state_dict``, validated as the constructor does, and every layer's
+        form and rank checked against this model; raises before anything is changed."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict from DynamicRankScheduler.state_dict(), "
+                            f"got {type(state_dict).__name__}")
+        missing = [k for k in self._STATE_KEYS if k not in state_dict]
+        if missing:
+            raise ValueError(f"not a DynamicRankScheduler state dict: missing {', '.join(missing)}")
+        known = self._STATE_KEYS + self._OPTIONAL_STATE_KEYS
+        unknown = sorted((k for k in state_dict if k not in known), key=repr)
+        if unknown:
+            raise ValueError(f"not a DynamicRankScheduler state dict: unknown keys {unknown}; "
+                             f"expected {', '.join(known)}")
+        names = [name for name, _ in self._layers]
+        layers = dict(self._layers)
+        try:
+            settings = {key: state_dict.get(key, getattr(self, key)) for key in known
+                        if key not in ("forms", "ranks", "last_epoch")}
+            (settings["unit"], settings["inflate_epoch"], settings["deflate_epoch"],
+             settings["epochs"]) = _check_schedule(settings["unit"], settings["inflate_epoch"],
+                                                   settings["deflate_epoch"], settings["epochs"])
+            settings["deflate_init"], settings["optimizer_state"] = _check_choices(
+                settings["deflate_init"], settings["optimizer_state"])
+            settings["deflate_rank"] = self._check_deflate_rank(settings["deflate_rank"])
+            last = _check_count(state_dict["last_epoch"], "last_epoch")
+            if last is not None and settings["epochs"] is not None and last >= settings["epochs"]:
+                raise ValueError(f"last_epoch must be in [0, epochs={settings['epochs']}), got {last}")
+            settings["last_epoch"] = last
+            forms, ranks = state_dict["forms"], state_dict["ranks"]
+            check_same_layers(forms, names, "forms")
+            check_same_layers(ranks, names, "ranks")
+            checked = {}
+            for name in names:
+                if forms[name] not in FORMS:
+                    raise ValueError(f"forms[{name!r}] must be one of {', '.join(FORMS)}, got {forms[name]!r}")
+                try:
+                    # an int, or a tuple for Tucker-like convs (a saved list comes back as the tuple)
+                    checked[name] = layers[name]._check_rank(ranks[name])
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"ranks[{name!r}] is not a valid rank of layer {name!r}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"invalid DynamicRankScheduler state dict: {e}") from None
+        for name, layer in self._layers:
+            rank, form = checked[name], forms[name]
+            if layer.form != form:
+                self._path(name, layer.form, form)          # raises if the saved form cannot be reached
+            elif form != "full" and layer.rank != rank:
+                raise ValueError(f"layer {name!r} has rank {layer.rank} but the checkpoint has {rank}; "
+                                 f"convert the model with the same rank_ratio")
+        return settings, dict(forms), checked
 
     def load_state_dict(self, state_dict):
         """Restore the policy and bring every layer to its saved form and rank.
@@ -341,43 +482,111 @@ class DynamicRankScheduler:
             optimizer.load_state_dict(ckpt["optimizer"])   # state, matched by position
 
         New parameters are only allocated here (values come from the model's
-        state dict); the global RNG is left untouched, so a restored RNG state
-        stays valid whichever order it is restored in.
+        state dict: a deflate here draws zero-output adapters whatever
+        ``deflate_init``); the global RNG is left untouched, so a restored RNG
+        state stays valid whichever order it is restored in.  The whole state
+        dict is checked before anything changes: a call that raises leaves the
+        layers, the optimizer and the scheduler as they were.
 
         Raises:
-            ValueError: the saved layers differ from this model's, or a saved
-                form/rank cannot be reached from the current one.
+            TypeError: not a dict, or a value of the wrong type (e.g. a float
+                epoch or rank).
+            ValueError: missing or unknown keys, settings the constructor would
+                reject, the saved layers differ from this model's, a rank out
+                of a layer's range, or a saved form/rank that cannot be reached
+                from the current one.
         """
-        missing = [k for k in ("unit", "last_epoch", "inflate_epoch", "deflate_epoch", "forms", "ranks")
-                   if k not in state_dict]
-        if missing:
-            raise ValueError(f"not a DynamicRankScheduler state dict: missing {', '.join(missing)}")
-        names = [name for name, _ in self._layers]
-        saved = list(state_dict["forms"])
-        if sorted(saved) != sorted(names):
-            extra, absent = sorted(set(saved) - set(names)), sorted(set(names) - set(saved))
-            raise ValueError(f"saved scheduler manages other layers: only in checkpoint {extra}, "
-                             f"only in this model {absent}")
-        for name, layer in self._layers:
-            rank, form = state_dict["ranks"][name], state_dict["forms"][name]
-            if layer.form == "lowrank" and form == "lowrank" and layer.rank != rank:
-                raise ValueError(f"layer {name!r} has rank {layer.rank} but the checkpoint has {rank}; "
-                                 f"convert the model with the same rank_ratio")
-        for key in ("unit", "inflate_epoch", "deflate_epoch", "epochs", "deflate_init", "optimizer_state",
-                    "deflate_rank"):
-            if key in state_dict:
-                setattr(self, key, state_dict[key])
+        settings, forms, ranks = self._checked_state(state_dict)
+        last_epoch = settings.pop("last_epoch")
+        for key, value in settings.items():
+            setattr(self, key, value)
         with torch.random.fork_rng(devices=[]):
-            self._bring_to(state_dict["forms"], carry=False, ranks=state_dict["ranks"])
-        self.last_epoch = state_dict["last_epoch"]
+            self._bring_to(forms, carry=False, ranks=ranks, init="zeros")
+        self.last_epoch = last_epoch
+
+
+def _check_training_objects(model, optimizer, scheduler):
+    """TypeError/ValueError unless ``scheduler`` is a dynrank scheduler built on ``model`` and ``optimizer``."""
+    from .inrank import IncrementalRankScheduler
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(scheduler, (DynamicRankScheduler, IncrementalRankScheduler)):
+        raise TypeError(f"scheduler must be a DynamicRankScheduler or IncrementalRankScheduler, "
+                        f"got {type(scheduler).__name__}")
+    if not any(m is scheduler.model for m in unwrap_model(model).modules()):
+        raise ValueError("scheduler was built on another model than the one given")
+    if scheduler.optimizer is not optimizer:
+        raise ValueError("scheduler was built with another optimizer than the one given")
 
 
 def training_state(model, optimizer, scheduler, **extra):
-    """Checkpoint dict: model, optimizer and scheduler state dicts plus ``extra`` items."""
+    """Checkpoint dict: model, optimizer and scheduler state dicts plus ``extra`` items.
+
+    Raises:
+        TypeError / ValueError: not a module, an optimizer and a dynrank
+            scheduler built on those two.
+    """
+    _check_training_objects(model, optimizer, scheduler)
     state = {"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict()}
     state.update(extra)
     return state
+
+
+class _Snapshot:
+    """What :func:`load_training_state` may change, to put back exactly if it fails.
+
+    Kept by reference: the scheduler's attributes, every dynrank layer's
+    attributes and parameter objects (and their ``requires_grad``), the
+    optimizer's attributes, param group dicts, parameter lists and state dicts
+    (loading replaces these; it never writes into their tensors).  Copied to
+    the host: the model's state dict, since a failing ``model.load_state_dict``
+    has already written into some parameters and a form change can write into
+    a frozen weight in place.
+    """
+
+    def __init__(self, model, optimizer, scheduler):
+        self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.scheduler_vars = dict(vars(scheduler))
+        self.layers = []
+        for _, layer in form_layers(model):
+            params = dict(layer._parameters)
+            grads = {name: p.requires_grad for name, p in params.items() if p is not None}
+            self.layers.append((layer, dict(vars(layer)), layer._parameters, params, grads))
+        self.values = {key: (value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor)
+                             else copy.deepcopy(value)) for key, value in model.state_dict().items()}
+        self.optimizer_vars = dict(vars(optimizer))
+        self.groups = [(group, dict(group), group["params"], list(group["params"]))
+                       for group in optimizer.param_groups]
+        self.group_list = list(optimizer.param_groups)
+        self.state = [(p, state, dict(state)) for p, state in optimizer.state.items()]
+
+    def restore(self):
+        """Scheduler, then the model (forms, parameter objects, values), then the optimizer."""
+        vars(self.scheduler).clear()
+        vars(self.scheduler).update(self.scheduler_vars)
+        for layer, attributes, param_dict, params, grads in self.layers:
+            vars(layer).clear()
+            vars(layer).update(attributes)
+            param_dict.clear()
+            param_dict.update(params)
+            for name, flag in grads.items():
+                params[name].requires_grad_(flag)
+        self.module.load_state_dict(self.values)
+        vars(self.optimizer).clear()
+        vars(self.optimizer).update(self.optimizer_vars)
+        for group, items, param_list, params in self.groups:
+            param_list[:] = params
+            group.clear()
+            group.update(items)
+        self.optimizer.param_groups[:] = self.group_list
+        self.optimizer.state.clear()
+        for p, state, items in self.state:
+            state.clear()
+            state.update(items)
+            self.optimizer.state[p] = state
 
 
 def load_training_state(checkpoint, model, optimizer, scheduler):
@@ -386,6 +595,23 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
     Runs the three loads in the only order that works: scheduler (forms and
     optimizer param groups), model (values), optimizer (state).  Returns the
     checkpoint's extra items.
+
+    All or nothing: the scheduler's part is checked in full before anything
+    changes, and if the model's or the optimizer's part then fails to load,
+    the layers (forms, parameter objects and values), the optimizer (param
+    groups and state) and the scheduler are put back as they were before the
+    exception propagates.  For that, loading holds one extra copy of the
+    model's state dict on the host (CPU) while it runs.
+
+    Raises:
+        TypeError: ``checkpoint`` (or one of its three parts) is not a dict, or
+            the model/optimizer/scheduler are not what they should be.
+        ValueError: a part is missing, the scheduler was built on another model
+            or optimizer, the scheduler part is invalid for this model (see
+            :meth:`DynamicRankScheduler.load_state_dict`), or the optimizer
+            part does not fit this optimizer.
+        RuntimeError: the model part does not fit the model (from
+            ``torch.nn.Module.load_state_dict``).
 
     Example:
         >>> import io
@@ -408,7 +634,32 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
         >>> model[0].form
         'full'
     """
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    unwrap_model(model).load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    return {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "scheduler")}
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"checkpoint must be a dict from training_state(...), got {type(checkpoint).__name__}")
+    parts = ("model", "optimizer", "scheduler")
+    missing = [k for k in parts if k not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint must have the keys model, optimizer and scheduler (a training_state(...) "
+                         f"dict), missing {', '.join(missing)}")
+    for key in parts:
+        if not isinstance(checkpoint[key], Mapping):
+            raise TypeError(f"checkpoint[{key!r}] must be a state dict, got {type(checkpoint[key]).__name__}")
+    _check_training_objects(model, optimizer, scheduler)
+    scheduler._checked_state(checkpoint["scheduler"])     # a bad scheduler part fails before any copy
+    module = unwrap_model(model)
+    snapshot = _Snapshot(module, optimizer, scheduler)
+    part = "scheduler"
+    try:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        part = "model"
+        module.load_state_dict(checkpoint["model"])
+        part = "optimizer"
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (KeyError, IndexError, AttributeError, AssertionError) as e:
+        snapshot.restore()
+        raise ValueError(f"checkpoint[{part!r}] does not fit this {part} ({type(e).__name__}: {e}); "
+                         f"nothing was loaded") from e
+    except BaseException:
+        snapshot.restore()
+        raise
+    return {k: v for k, v in checkpoint.items() if k not in parts}

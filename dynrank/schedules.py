@@ -34,52 +34,100 @@ def _check_epochs(epochs):
     return int(epochs)
 
 
+def _sequence(value, what, example):
+    """``value`` as a list; TypeError for a scalar, a string or anything else not iterable."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence {example}, got {type(value).__name__} ({value!r})")
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a sequence {example}, got {type(value).__name__} ({value!r})") from None
+
+
+def _check_threshold(threshold):
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a float in (0, 1), got {type(threshold).__name__} ({threshold!r})")
+    if not 0.0 < threshold < 1.0:                 # NaN fails this too
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    return float(threshold)
+
+
+def _lr_values(lrs, epochs):
+    values = []
+    for i, v in enumerate(_sequence(lrs, "lrs", "of per-epoch learning rates (e.g. [0.1, 0.1, 0.01])")):
+        if isinstance(v, (str, bytes, bool)):
+            raise TypeError(f"lrs must hold numbers, got lrs[{i}] = {v!r} ({type(v).__name__})")
+        try:
+            values.append(float(v))
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"lrs must hold numbers, got lrs[{i}] = {v!r} ({type(v).__name__})") from None
+    if len(values) != epochs:
+        raise ValueError(f"lrs must have one entry per epoch ({epochs}), got {len(values)}")
+    for i, v in enumerate(values):
+        if not 0.0 <= v < math.inf:               # NaN fails this too
+            raise ValueError(f"lrs must be finite, non-negative and not all zero, got lrs[{i}] = {v}")
+    if max(values) <= 0.0:
+        raise ValueError(f"lrs must be finite, non-negative and not all zero, got all {epochs} entries 0")
+    return values
+
+
 def regime_boundary(epochs, milestones=None, lrs=None, threshold=DECAY_THRESHOLD):
     """First epoch of the low-noise regime.
 
     Args:
         epochs: total epochs E.
-        milestones: epochs at which a step schedule decays the LR (first one is used).
-        lrs: per-epoch learning rates (length E), used when ``milestones`` is None.
-        threshold: fraction of the peak LR that marks the low-noise regime
-            (default 1/√10).
+        milestones: epochs at which a step schedule decays the LR, a sequence of
+            increasing ints (the first one is used).
+        lrs: per-epoch learning rates (a sequence of E numbers), used when
+            ``milestones`` is None.
+        threshold: fraction of the peak LR that marks the low-noise regime, in
+            (0, 1) (default 1/√10).
 
     Returns:
         int in [1, E).
 
     Raises:
-        ValueError: neither or both given, milestones out of (0, E), an LR list of
-            the wrong length, non-positive LRs, or no epoch below the threshold.
+        TypeError: non-int epochs or milestones, milestones / lrs that are not
+            sequences (of numbers), a non-number threshold.
+        ValueError: neither or both of milestones and lrs given, milestones out of
+            (0, E), an LR list of the wrong length, a negative, NaN or infinite LR
+            (the message names its index) or all zero, a threshold outside (0, 1),
+            or no epoch after the peak at or below the threshold (the message gives
+            the lowest fraction of the peak reached).
     """
     epochs = _check_epochs(epochs)
-    if (milestones is None) == (lrs is None):
-        raise ValueError("give exactly one of milestones (step schedule) or lrs (per-epoch LR list)")
+    threshold = _check_threshold(threshold)
+    if milestones is None and lrs is None:
+        raise ValueError("give exactly one of milestones (step schedule) or lrs (per-epoch LR list); "
+                         "neither was given")
+    if milestones is not None and lrs is not None:
+        raise ValueError("give exactly one of milestones (step schedule) or lrs (per-epoch LR list); "
+                         "both were given")
     if milestones is not None:
-        ms = list(milestones)
+        ms = _sequence(milestones, "milestones", "of decay epochs (e.g. [100, 150])")
         if not ms:
             raise ValueError("milestones is empty")
-        for m in ms:
+        for i, m in enumerate(ms):
             if isinstance(m, bool) or not isinstance(m, numbers.Integral):
-                raise TypeError(f"milestones must be ints, got {m!r}")
+                raise TypeError(f"milestones must be ints, got milestones[{i}] = {m!r} ({type(m).__name__})")
         if sorted(ms) != ms:
             raise ValueError(f"milestones must be increasing, got {ms}")
         if not 0 < ms[0] < epochs:
             raise ValueError(f"the first milestone must be in (0, {epochs}), got {ms[0]}")
         return int(ms[0])
-    lrs = [float(v) for v in lrs]
-    if len(lrs) != epochs:
-        raise ValueError(f"lrs must have one entry per epoch ({epochs}), got {len(lrs)}")
-    if not all(v >= 0.0 and math.isfinite(v) for v in lrs) or max(lrs) <= 0.0:
-        raise ValueError("lrs must be finite, non-negative and not all zero")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    lrs = _lr_values(lrs, epochs)
     peak_at = max(range(epochs), key=lambda i: lrs[i])
     limit = lrs[peak_at] * threshold * (1 + 1e-9)
     for epoch in range(peak_at + 1, epochs):
         if lrs[epoch] <= limit:
             return epoch
-    raise ValueError(f"the learning rate never falls to {threshold:.3g}× its peak; there is no low-noise "
-                     f"regime to place the full-rank phase around")
+    if peak_at == epochs - 1:
+        lowest = "the peak is the last epoch"
+    else:
+        low_at = min(range(peak_at + 1, epochs), key=lambda i: lrs[i])
+        lowest = f"the lowest after it is {lrs[low_at] / lrs[peak_at]:.3g}× at epoch {low_at}"
+    raise ValueError(f"the learning rate never falls to {threshold:.3g}× its peak ({lrs[peak_at]:.3g} at epoch "
+                     f"{peak_at}; {lowest}); there is no low-noise regime to place the full-rank phase around")
 
 
 def schedule_from_lr(epochs, milestones=None, lrs=None, full_rank_fraction=0.5, granularity=1,
@@ -109,13 +157,14 @@ def schedule_from_lr(epochs, milestones=None, lrs=None, full_rank_fraction=0.5, 
         lrs: per-epoch learning rates (cosine, warm-up, ...).
         full_rank_fraction: φ in (0, 1]; the paper recommends 0.5 (Table 11).
         granularity: round I down to a multiple of this many epochs.
-        threshold: regime boundary for ``lrs`` (fraction of the peak LR).
+        threshold: regime boundary for ``lrs`` (fraction of the peak LR), in (0, 1).
 
     Returns:
         (inflate_epoch, deflate_epoch), 0 ≤ I < D ≤ E.
 
     Raises:
-        ValueError / TypeError: bad epochs, milestones, lrs, φ or granularity.
+        ValueError / TypeError: bad epochs, milestones, lrs, φ, granularity or threshold
+            (see :func:`regime_boundary`).
 
     Example:
         >>> schedule_from_lr(150, milestones=[100, 130], full_rank_fraction=0.5)
@@ -125,7 +174,8 @@ def schedule_from_lr(epochs, milestones=None, lrs=None, full_rank_fraction=0.5, 
     """
     epochs = _check_epochs(epochs)
     if isinstance(full_rank_fraction, bool) or not isinstance(full_rank_fraction, numbers.Real):
-        raise TypeError(f"full_rank_fraction must be a float, got {type(full_rank_fraction).__name__}")
+        raise TypeError(f"full_rank_fraction must be a float, got {type(full_rank_fraction).__name__} "
+                        f"({full_rank_fraction!r})")
     if not 0.0 < full_rank_fraction <= 1.0:
         raise ValueError(f"full_rank_fraction must be in (0, 1], got {full_rank_fraction}")
     if isinstance(granularity, bool) or not isinstance(granularity, numbers.Integral) or granularity < 1:
@@ -147,6 +197,9 @@ def midpoint_schedule(epochs, milestones=None, lrs=None, threshold=DECAY_THRESHO
 
     Returns:
         (inflate_epoch, deflate_epoch).
+
+    Raises:
+        ValueError / TypeError: as :func:`regime_boundary`.
     """
     epochs = _check_epochs(epochs)
     boundary = regime_boundary(epochs, milestones, lrs, threshold)
@@ -164,13 +217,18 @@ def finetune_schedule(epochs, deflate_fraction=0.5):
     Returns:
         (None, deflate_epoch).
 
+    Raises:
+        TypeError: non-int epochs, a non-number fraction.
+        ValueError: epochs < 2, a fraction outside (0, 1).
+
     Example:
         >>> finetune_schedule(10), finetune_schedule(5)
         ((None, 5), (None, 2))
     """
     epochs = _check_epochs(epochs)
     if isinstance(deflate_fraction, bool) or not isinstance(deflate_fraction, numbers.Real):
-        raise TypeError(f"deflate_fraction must be a float, got {type(deflate_fraction).__name__}")
+        raise TypeError(f"deflate_fraction must be a float, got {type(deflate_fraction).__name__} "
+                        f"({deflate_fraction!r})")
     if not 0.0 < deflate_fraction < 1.0:
         raise ValueError(f"deflate_fraction must be in (0, 1), got {deflate_fraction}")
     return None, max(1, int(math.floor(deflate_fraction * epochs)))

@@ -1,8 +1,8 @@
 """Scalar rank metrics of a singular-value vector σ₁ ≥ … ≥ σ_p, and their tolerance.
 
 :mod:`dynrank.metrics` computes σ of a layer's effective weight and applies
-these; they take any 1-D tensor of singular values, e.g. from
-``torch.linalg.svdvals``.
+these; they take any 1-D tensor (or sequence) of singular values, e.g. from
+``torch.linalg.svdvals``: real, finite and ≥ 0, else ValueError/TypeError.
 
 **Tolerance.**  A singular value counts as nonzero when σ > tol·σmax.  The
 default ``tol`` is the numerical-rank rule of LAPACK, numpy and
@@ -34,10 +34,15 @@ def default_tol(shape, dtype):
     Returns:
         float in (0, 1e-2].
 
+    Raises:
+        TypeError: ``dtype`` is not a real floating dtype.
+
     Example:
         >>> default_tol((768, 3072), torch.float32)    # doctest: +ELLIPSIS
         0.000366...
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a real floating torch.dtype (the weight's), got {dtype!r}")
     return min(max(shape) * torch.finfo(dtype).eps, 1e-2)
 
 
@@ -58,9 +63,16 @@ def _as_sigma(sigma):
                             f"{type(sigma).__name__}") from exc
     if sigma.dim() != 1 or sigma.numel() == 0:
         raise ValueError(f"singular values must be a non-empty 1-D tensor, got shape {tuple(sigma.shape)}")
+    if sigma.is_complex():
+        raise TypeError(f"singular values must be real, got a {sigma.dtype} tensor")
     if not sigma.is_floating_point():
         sigma = sigma.double()
-    return sigma.detach()
+    sigma = sigma.detach()
+    bad = ~(torch.isfinite(sigma) & (sigma >= 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"singular values must be finite and ≥ 0, got {float(sigma[i])} at index {i}")
+    return sigma
 
 
 def _resolve_tol(sigma, tol):
@@ -81,7 +93,8 @@ def effective_rank(sigma, tol=None):
         int in [0, p]; 0 for the zero matrix.
 
     Raises:
-        ValueError/TypeError: empty or non-1-D ``sigma``, ``tol`` outside [0, 1).
+        ValueError/TypeError: empty, non-1-D or complex ``sigma``, an entry that is negative, NaN or
+            infinite; ``tol`` outside [0, 1).
 
     Example:
         >>> effective_rank(torch.tensor([3.0, 1.0, 0.0]))

@@ -126,7 +126,8 @@ def merge_(weight, A, B, alpha=1.0, config=None):
             the factors' dtype.
 
     Raises:
-        ValueError: on shapes that do not fit.  Devices and dtypes are the caller's to check
+        ValueError: on shapes that do not fit, or a weight whose elements share memory (an
+            expanded view).  Devices and dtypes are the caller's to check
             (``dynrank.functional.merge_`` and ``conv_merge_`` do).
 
     Example (CUDA tensors, or CPU ones with ``TRITON_INTERPRET=1`` set before triton is imported):
@@ -141,6 +142,9 @@ def merge_(weight, A, B, alpha=1.0, config=None):
         raise ValueError(f"merge_ takes weight (N, K), A (N, R) and B (K, R), got weight {tuple(weight.shape)}, "
                          f"A {tuple(A.shape)} and B {tuple(B.shape)}")
     check_launchable(weight)
+    if any(stride == 0 and size > 1 for stride, size in zip(weight.stride(), weight.shape)):
+        raise ValueError(f"merge_ writes weight in place, so its elements must not share memory, got an "
+                         f"expanded view (shape {tuple(weight.shape)}, strides {weight.stride()})")
     if weight.numel() == 0 or A.shape[1] == 0:
         return weight
     if A.dtype != B.dtype:

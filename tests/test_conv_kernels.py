@@ -1,5 +1,7 @@
 """Conv-kernel merges through Triton (the interpreter on CPU) against float64 references."""
 
+import re
+
 import pytest
 import torch
 
@@ -54,11 +56,13 @@ def test_conv_merge_mixed_operand_dtypes_accumulate_in_fp32():
 
 def test_conv_merge_rejects_bad_shapes():
     W = torch.zeros(6, 2, 3, 3, device=_device())
-    with pytest.raises(ValueError, match="U must have shape"):
+    expected = re.escape("U must have shape (6, q) and V (1·q, 2, 3, 3)")
+    with pytest.raises(ValueError, match=expected + ".*" + re.escape("got U (5, 2) and V (2, 2, 3, 3)")):
         conv_merge_(W, torch.zeros(5, 2, device=W.device), torch.zeros(2, 2, 3, 3, device=W.device))
-    with pytest.raises(ValueError, match="V"):
+    with pytest.raises(ValueError, match=expected + ".*" + re.escape("got U (6, 2) and V (2, 2, 1, 3)")):
         conv_merge_(W, torch.zeros(6, 2, device=W.device), torch.zeros(2, 2, 1, 3, device=W.device))
-    with pytest.raises(ValueError, match="takes weight"):
+    with pytest.raises(ValueError, match=re.escape("takes weight (F, C/g, kh, kw), U (F, q/g) and V (q, C/g, kh, kw)")
+                       + ".*" + re.escape("got weight (2, 3, 3), U (6, 2), V (2, 2, 3, 3)")):
         conv_merge_(W[0], torch.zeros(6, 2, device=W.device), torch.zeros(2, 2, 3, 3, device=W.device))
 
 

@@ -1,5 +1,7 @@
 """convert_model: which modules are replaced, with what rank, and what the summary reports."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -197,21 +199,21 @@ def test_torch_transformer_layer_fast_path_is_disabled():
 
 
 def test_errors():
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
         convert_model("model")
-    with pytest.raises(ValueError, match=r"rank_ratio must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"rank_ratio must be in \(0, 1\], got 1\.5"):
         convert_model(mlp(), rank_ratio=1.5)
-    with pytest.raises(TypeError, match="rank_ratio"):
+    with pytest.raises(TypeError, match=r"rank_ratio must be a float in \(0, 1\], got str"):
         convert_model(mlp(), rank_ratio="half")
-    with pytest.raises(ValueError, match="decomposition"):
+    with pytest.raises(ValueError, match="decomposition must be one of svd, tucker, cp, tkd-cpd, got 'qr'"):
         convert_model(mlp(), decomposition="qr")
-    with pytest.raises(ValueError, match="form"):
+    with pytest.raises(ValueError, match="form must be one of lowrank, full, adapter, got 'sparse'"):
         convert_model(mlp(), form="sparse")
-    with pytest.raises(ValueError, match="init"):
+    with pytest.raises(ValueError, match="init must be one of dense, fresh, got 'zeros'"):
         convert_model(mlp(), init="zeros")
-    with pytest.raises(TypeError, match="include"):
+    with pytest.raises(TypeError, match=r"include must contain only strings.*got \[1, 2\]"):
         convert_model(mlp(), include=[1, 2])
-    with pytest.raises(ValueError, match="nothing to convert"):
+    with pytest.raises(ValueError, match=r"nothing to convert.*\(1 candidates: 1: final classifier\)"):
         convert_model(nn.Sequential(nn.ReLU(), nn.Linear(8, 8)))
 
 
@@ -219,6 +221,214 @@ def test_converting_twice_finds_nothing_and_changes_nothing():
     model = mlp()
     convert_model(model)
     layers = [type(m) for m in model]
-    with pytest.raises(ValueError, match="nothing to convert"):
+    with pytest.raises(ValueError, match=r"nothing to convert.*\(1 candidates: 4: final classifier\)"):
         convert_model(model)
     assert [type(m) for m in model] == layers
+
+
+# -- a call that fails leaves the model as it was ------------------------------------------
+
+def _snapshot(model):
+    return list(model.named_modules(remove_duplicate=False)), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, snapshot):
+    modules, state = snapshot
+    now = list(model.named_modules(remove_duplicate=False))
+    assert [n for n, _ in now] == [n for n, _ in modules]
+    assert all(a is b for (_, a), (_, b) in zip(now, modules))
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("dec", ["cp", "tkd-cpd"])
+def test_a_failing_fit_names_the_layer_and_leaves_the_model_as_it_was(dec, monkeypatch):
+    import numpy as np
+
+    def singular(*args, **kwargs):                   # what ALS raises on a degenerate kernel
+        raise np.linalg.LinAlgError("Singular matrix")
+    monkeypatch.setattr("tensorly.decomposition.parafac", singular)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.Linear(16, 2))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"could not convert '2' \(Conv2d, weight 16×8×3×3, decomposition='{dec}'"
+                                         rf".*Singular matrix.*the model is left as it was"):
+        convert_model(model, decomposition=dec)
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("dec", ["svd", "tucker", "cp", "tkd-cpd"])
+def test_zero_layers_convert_to_an_exact_zero_that_trains(dec):
+    """An all-zero Linear and Conv2d (the fuzzer's case: cp and tkd-cpd raised after the Linear was
+    replaced) convert, in every decomposition, to factors whose product is exactly zero and which all
+    get gradients once the zero factor has moved (all-zero factors would never train)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(12, 12), nn.Conv2d(12, 16, 3, padding=1), nn.Flatten(), nn.Linear(960, 2))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[1].weight.zero_()
+    x = torch.randn(3, 12, 5, 12)
+    expected = model(x).detach()
+    convert_model(model, decomposition=dec)
+    assert isinstance(model[0], FusedLowRankLinear) and type(model[1]).__name__ == "LowRankConv2d"
+    assert torch.equal(model(x), expected)                                  # the product is exactly zero
+    for layer, inp, zero in ((model[0], x, "A"), (model[1], model[0](x).detach(), model[1]._dec.zero_factor)):
+        target = torch.randn_like(layer(inp))
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        for step in range(2):
+            opt.zero_grad()
+            (layer(inp) * target).sum().backward()
+            if step == 0:
+                assert getattr(layer, zero).grad.abs().sum() > 0, zero
+            opt.step()
+        assert all(p.grad.abs().sum() > 0 for p in layer.factors().values()), type(layer).__name__
+
+
+# -- modules registered at several places, tied weights -------------------------------------
+
+def test_a_shared_module_is_converted_once_and_stays_shared():
+    torch.manual_seed(7)
+    lin = nn.Linear(16, 16)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(16, 2))
+    x = torch.randn(5, 16)
+    expected = model(x).detach()
+    summary = convert_model(model, rank_ratio=1.0)
+    assert isinstance(model[0], FusedLowRankLinear) and model[2] is model[0]
+    assert rel_err(model(x), expected) < 1e-5
+    assert summary.converted == ["0"] and len(summary) == 2
+    assert summary.rows[0]["aliases"] == ["2"] and summary.rows[1]["aliases"] == []
+    assert "also at 2" in str(summary)
+    assert summary.params_after == n_params(model)
+
+
+def test_a_module_shared_between_containers_and_matched_by_any_name():
+    lin = nn.Linear(16, 16)
+    model = nn.Sequential()
+    model.add_module("a", nn.Sequential(lin, nn.ReLU()))
+    model.add_module("b", nn.Sequential(nn.Tanh(), lin))
+    model.add_module("head", nn.Linear(16, 2))
+    summary = convert_model(model)
+    assert isinstance(model.a[0], FusedLowRankLinear) and model.b[1] is model.a[0]
+    assert [(r["name"], r["aliases"]) for r in summary.rows] == [("a.0", ["b.1"]), ("head", [])]
+    model = nn.Sequential()
+    model.add_module("a", nn.Sequential(lin, nn.ReLU()))
+    model.add_module("b", nn.Sequential(nn.Tanh(), lin))
+    model.add_module("c", nn.Linear(16, 16))
+    model.add_module("head", nn.Linear(16, 2))
+    summary = convert_model(model, exclude=["b.1"])                       # excluding one place keeps it
+    assert model.a[0] is lin and model.b[1] is lin and summary.converted == ["c"]
+    assert dict(summary.skipped)["a.0"] == "excluded"
+
+
+def test_a_tied_head_stays_dense_and_tied():
+    emb = nn.Embedding(10, 16)
+    head = nn.Linear(16, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, nn.Linear(16, 16), head)
+    summary = convert_model(model, keep_last=False)
+    assert summary.converted == ["1"]
+    assert type(model[2]) is nn.Linear and model[2].weight is model[0].weight
+    assert dict(summary.skipped) == {"2": "weight tied to 0.weight"}
+    assert "weight tied to 0.weight" in str(summary)
+    model = nn.Sequential(emb, nn.Linear(16, 16), head)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"'2' is named in include, but its weight is tied to 0\.weight: the new "
+                                         r"layer would hold its own copy and untie them"):
+        convert_model(model, include=["1", "2"])
+    _assert_unchanged(model, before)
+
+
+# -- include / exclude patterns that match nothing -----------------------------------------
+
+@pytest.mark.parametrize("kwargs, listed", [
+    (dict(exclude=["2 "]), "exclude '2 '"),
+    (dict(include=["0", "nonexistent"]), "include 'nonexistent'"),
+    (dict(include="enc.*", exclude=["1", "dec"]), "include 'enc.*'; exclude 'dec'"),
+])
+def test_patterns_that_match_nothing_raise(kwargs, listed):
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 2))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"these patterns match no nn\.Linear/nn\.Conv2d of the model: "
+                                         rf"{re.escape(listed)} \(.*the model's are: '0', '1', '2', '3'\)"):
+        convert_model(model, **kwargs)
+    _assert_unchanged(model, before)
+
+
+def test_callables_and_attention_internals_count_as_matches():
+    model = Block()
+    summary = convert_model(model, exclude=["attn.out_proj", "ff.2"])      # matches a module kept anyway
+    assert summary.converted == ["ff.0"]
+    with pytest.raises(ValueError, match="nothing to convert"):            # a callable may match nothing
+        convert_model(mlp(), include=lambda name, module: False)
+
+
+# -- frozen layers --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["lowrank", "full"])
+def test_frozen_layers_stay_as_they_were_in_lowrank_and_full_form(form):
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 2))
+    model[0].requires_grad_(False)
+    model[1].bias.requires_grad_(False)                                    # only the bias frozen
+    frozen = model[0]
+    summary = convert_model(model, form=form)
+    assert model[0] is frozen and not frozen.weight.requires_grad and not frozen.bias.requires_grad
+    assert dict(summary.skipped)["0"].startswith("frozen (requires_grad=False")
+    assert summary.converted == ["1", "2"]
+    assert not model[1].bias.requires_grad and model[2].bias.requires_grad
+    assert all(p.requires_grad for n, p in model[1].named_parameters() if n != "bias")
+    assert summary.params_after == n_params(model)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 2))
+    model[0].requires_grad_(False)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"'0' is named in include, but it is frozen .*form='{form}' would make "
+                                         rf"it trainable"):
+        convert_model(model, form=form, include=["0", "1"])
+    _assert_unchanged(model, before)
+
+
+def test_adapter_form_on_a_frozen_model_is_lora():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2))
+    model.requires_grad_(False)
+    x = torch.randn(4, 16)
+    expected = model(x).detach()
+    summary = convert_model(model, rank_ratio=0.25, form="adapter")
+    assert summary.converted == ["0", "2"]
+    for layer in (model[0], model[2]):
+        assert layer.form == "adapter" and not layer.weight.requires_grad and not layer.bias.requires_grad
+        assert layer.A.requires_grad and layer.B.requires_grad
+    assert rel_err(model(x), expected) < 1e-6
+    assert summary.params_after == n_params(model) == 32 * 4 + 16 * 4 + 16 * 4 + 32 * 4
+
+
+# -- meta device and dtypes -----------------------------------------------------------------
+
+@pytest.mark.parametrize("init", ["dense", "fresh"])
+@pytest.mark.parametrize("dec", ["svd", "tucker", "cp", "tkd-cpd"])
+def test_a_meta_model_converts_like_a_real_one(dec, init):
+    torch.manual_seed(9)
+    real = TinyResNet()
+    meta = TinyResNet().to("meta")
+    expected = convert_model(real, decomposition=dec, init=init)
+    summary = convert_model(meta, decomposition=dec, init=init)
+    assert summary.rows == expected.rows and summary.params_after == expected.params_after
+    shapes = {n: (p.shape, p.requires_grad) for n, p in real.named_parameters()}
+    assert {n: (p.shape, p.requires_grad) for n, p in meta.named_parameters()} == shapes
+    assert all(p.is_meta for p in meta.parameters())
+    assert meta(torch.empty(2, 3, 8, 8, device="meta")).shape == (2, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+def test_a_layer_that_is_not_floating_point_is_named(dtype):
+    model = nn.Sequential(nn.Linear(16, 16), nn.Conv2d(4, 16, 3), nn.Linear(16, 2))
+    model[1].weight = nn.Parameter(torch.zeros(16, 4, 3, 3, dtype=dtype), requires_grad=False)
+    before = _snapshot(model)
+    for init in ("dense", "fresh"):
+        with pytest.raises(TypeError, match=rf"could not convert '1' \(Conv2d.*init='{init}'\): dtype must be a "
+                                            rf"floating-point dtype, got {dtype}; the model is left as it was"):
+            convert_model(model, form="adapter", init=init)
+        _assert_unchanged(model, before)
+    linear = nn.Linear(16, 16)
+    linear.weight = nn.Parameter(torch.zeros(16, 16, dtype=dtype), requires_grad=False)
+    with pytest.raises(TypeError, match=rf"from_dense needs a floating-point weight: dtype must be a "
+                                        rf"floating-point dtype, got {dtype}"):
+        FusedLowRankLinear.from_dense(linear, rank=4)

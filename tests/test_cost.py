@@ -1,12 +1,19 @@
 """The paper's Comp. ratio (Eq. 4–6) and the measured wall-clock ratio."""
 
+import math
+import re
+
 import pytest
+import torch
 from torch import nn
 
+from dynrank.conv import LowRankConv2d
 from dynrank.cost import (ParamCounts, comp_ratio, cost_report, epoch_times, form_epochs, layer_param_counts,
                           measured_comp_ratio, param_counts)
 from dynrank.linear import FusedLowRankLinear
 from dynrank.monitor import RankMonitor
+from dynrank.scheduler import DynamicRankScheduler
+from dynrank.schedules import finetune_schedule, midpoint_schedule, schedule_from_lr
 
 
 def resnet20_conv_shapes():
@@ -45,16 +52,55 @@ def test_layer_param_counts():
     assert layer_param_counts((10, 40), rank=4) == (400, 4 * 50)
     assert layer_param_counts((10, 40), rank_ratio=0.25) == (400, 2 * 50)           # int(0.25·10)
     assert layer_param_counts((4, 1, 1, 1), rank_ratio=1.0) == (4, 1 * 1 + 4 * 1)   # capped at min(out, in·kh·kw)
+    # Tucker ranks are (r_in, r_out), as LowRankConv2d's: 1×1 C→r_in, core r_in→r_out, 1×1 r_out→F.
     assert layer_param_counts((32, 16, 3, 3), rank=(8, 4), decomposition="tucker") == \
-        (4608, 16 * 4 + 8 * 4 * 9 + 32 * 8)
-    with pytest.raises(ValueError, match="at most"):
+        (4608, 16 * 8 + 4 * 8 * 9 + 32 * 4)
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 4\], got 5"):
         layer_param_counts((10, 4), rank=5)
-    with pytest.raises(ValueError, match="shape must be"):
+    with pytest.raises(TypeError, match=r"rank must be an int, got float \(2\.5\)"):
+        layer_param_counts((10, 4), rank=2.5)
+    with pytest.raises(ValueError, match=r"shape must be \(out, in\) or \(F, C, kh, kw\) of positive ints, got \(10, 4, 3\)"):
         layer_param_counts((10, 4, 3))
-    with pytest.raises(ValueError, match="decomposition"):
-        layer_param_counts((10, 4, 3, 3), decomposition="cp")
-    with pytest.raises(ValueError, match="rank_ratio"):
+    with pytest.raises(TypeError, match=r"shape must be a tuple \(out, in\) or \(F, C, kh, kw\), got int \(10\)"):
+        layer_param_counts(10)
+    with pytest.raises(ValueError, match="decomposition must be one of svd, tucker, cp, tkd-cpd for a conv shape, "
+                                         "got 'lora'"):
+        layer_param_counts((10, 4, 3, 3), decomposition="lora")
+    with pytest.raises(ValueError, match=r"decomposition must be 'svd' for a linear shape \(out, in\), got 'tucker'"):
+        layer_param_counts((10, 4), decomposition="tucker")
+    with pytest.raises(ValueError, match=r"rank_ratio must be in \(0, 1\], got 0"):
         layer_param_counts((10, 4), rank_ratio=0)
+
+
+CONV_RANKS = {"svd": [1, 5, 27, 32], "tucker": [1, (4, 12), (12, 4), (16, 32), 7],
+              "cp": [1, 5, 30], "tkd-cpd": [1, (4, 3, 6), (6, 5, 2), 3]}
+
+
+@pytest.mark.parametrize("decomposition", sorted(CONV_RANKS))
+def test_layer_param_counts_match_lowrank_conv2d(decomposition):
+    """Counts from a shape equal a real LowRankConv2d's parameters, in the layer's own rank convention."""
+    C, F, kh, kw = 16, 32, 3, 1
+    cases = [dict(rank=r) for r in CONV_RANKS[decomposition]] + [dict(rank_ratio=q) for q in (0.1, 0.5, 1.0)]
+    for case in cases:
+        layer = LowRankConv2d(C, F, (kh, kw), decomposition=decomposition, bias=False, **case)
+        factor_params = sum(p.numel() for p in layer.parameters())
+        rank = case.get("rank")
+        got = layer_param_counts((F, C, kh, kw), rank=rank, rank_ratio=case.get("rank_ratio", 0.5),
+                                 decomposition=decomposition)
+        assert got == (F * C * kh * kw, factor_params), (decomposition, case, layer.rank)
+        assert layer_param_counts((F, C, kh, kw), rank=layer.rank, decomposition=decomposition) == got
+        spec = [{"shape": (F, C, kh, kw), "rank": layer.rank, "decomposition": decomposition}]
+        assert (param_counts(spec).full, param_counts(spec).lowrank) == \
+            (param_counts(nn.Sequential(layer)).full, param_counts(nn.Sequential(layer)).lowrank)
+
+
+@pytest.mark.parametrize("decomposition,rank", [("tucker", (100, 100)), ("tucker", (2, 33)), ("svd", 145),
+                                                ("cp", 10**4), ("tkd-cpd", (4, 10**4, 4)), ("tucker", (2.0, 3))])
+def test_layer_param_counts_refuses_ranks_the_layer_refuses(decomposition, rank):
+    with pytest.raises((TypeError, ValueError)) as layer_error:
+        LowRankConv2d(4, 32, 3, rank=rank, decomposition=decomposition)
+    with pytest.raises(layer_error.type, match=f"^{re.escape(str(layer_error.value))}$"):
+        layer_param_counts((32, 4, 3, 3), rank=rank, decomposition=decomposition)
 
 
 def test_param_counts_from_model_are_form_independent():
@@ -72,21 +118,71 @@ def test_param_counts_from_model_are_form_independent():
         assert [n for n, _, _ in got.layers] == ["0", "2"]
     trainable_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable_adapter == expected.lowrank                       # adapter epochs train d_ρ parameters
-    with pytest.raises(ValueError, match="other_params"):
+    with pytest.raises(ValueError, match="other_params is only for explicit layer lists"):
         param_counts(model, other_params=3)
+
+
+def _scheduler_forms(epochs, inflate, deflate):
+    """Epochs per form as DynamicRankScheduler.form_at gives them (the reference for None's meaning)."""
+    model = nn.Sequential(FusedLowRankLinear(8, 8, 2))
+    scheduler = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), inflate, deflate,
+                                     epochs=epochs)
+    forms = [scheduler.form_at(e) for e in range(epochs)]
+    return {form: forms.count(form) for form in ("lowrank", "full", "adapter")}
+
+
+SCHEDULES = [
+    (150, schedule_from_lr(150, milestones=[100, 130])),
+    (150, schedule_from_lr(150, milestones=[100], full_rank_fraction=0.9)),        # slides back: D = E
+    (40, schedule_from_lr(40, lrs=[0.5 * 0.1 * (1 + math.cos(math.pi * e / 40)) for e in range(40)])),
+    (150, midpoint_schedule(150, milestones=[100])),
+    (10, finetune_schedule(10)),                                                    # (None, 5)
+    (5, finetune_schedule(5)),
+    (3, finetune_schedule(3, deflate_fraction=0.1)),
+    (20, (0, None)), (20, (7, None)),
+]
+
+
+@pytest.mark.parametrize("epochs,schedule", SCHEDULES)
+def test_comp_ratio_reads_every_schedule_function_as_the_scheduler(epochs, schedule):
+    c = ParamCounts(full=1000, lowrank=400, other=0)
+    per_form = _scheduler_forms(epochs, *schedule)
+    assert form_epochs(epochs, *schedule) == per_form
+    expected = (per_form["full"] * 1000 + (per_form["lowrank"] + per_form["adapter"]) * 400) / (epochs * 1000)
+    assert comp_ratio(c, epochs, *schedule) == pytest.approx(expected, rel=1e-15)
+    assert cost_report(c, epochs, *schedule).comp_ratio == pytest.approx(expected, rel=1e-15)
+
+
+def test_comp_ratio_refuses_counts_it_cannot_divide_by():
+    for counts in (ParamCounts(0, 0, 0), nn.ReLU(), nn.Sequential(nn.Linear(3, 3).requires_grad_(False))):
+        with pytest.raises(ValueError, match=r"counts.full \(d, the full model's trainable parameters\) must be > 0 "
+                                             r"to divide by, got 0"):
+            comp_ratio(counts, 10, 2, 5)
+    with pytest.raises(ValueError, match=r"counts.full must be a parameter count \(int ≥ 0\), got -10"):
+        comp_ratio(ParamCounts(full=-10, lowrank=1, other=0), 10, 2, 5)
+    with pytest.raises(ValueError, match=r"counts.lowrank must be a parameter count \(int ≥ 0\), got -1"):
+        comp_ratio(ParamCounts(full=10, lowrank=-1, other=0), 10, 2, 5)
+    with pytest.raises(ValueError, match=r"counts.lowrank must be a parameter count \(int ≥ 0\), got nan"):
+        cost_report(ParamCounts(full=10, lowrank=math.nan, other=0), 10, 2, 5)
+    with pytest.raises(TypeError, match=r"counts.other must be a parameter count \(int ≥ 0\), got str \('5'\)"):
+        comp_ratio(ParamCounts(full=10, lowrank=1, other="5"), 10, 2, 5)
+    with pytest.raises(TypeError, match=r"inflate_epoch must be an int ≥ 0, got float \(2\.5\)"):
+        comp_ratio(ParamCounts(full=10, lowrank=1, other=0), 10, 2.5, 5)
 
 
 def test_comp_ratio_edges_and_errors():
     c = ParamCounts(full=1000, lowrank=400, other=0)
     assert comp_ratio(c, 100, 0, 100) == 1.0                           # full-rank throughout
-    assert comp_ratio(c, 100, None, None) == pytest.approx(0.4)         # low-rank throughout
+    assert comp_ratio(c, 100, None, None) == pytest.approx(0.4)         # low-rank throughout (no scheduler)
+    assert comp_ratio(c, 100, None, 100) == 1.0                        # start full, as the scheduler's None
+    assert comp_ratio(c, 100, None, 40) == pytest.approx((40 * 1000 + 60 * 400) / 100_000)
     assert comp_ratio(c, 100, 30, 30) == pytest.approx(0.4)
     assert comp_ratio(c, 100, 20, None) == pytest.approx((80 * 1000 + 20 * 400) / 100_000)
-    with pytest.raises(ValueError, match="inflate_epoch ≤ deflate_epoch"):
+    with pytest.raises(ValueError, match="need 0 ≤ inflate_epoch ≤ deflate_epoch ≤ epochs, got I=60, D=50, E=100"):
         comp_ratio(c, 100, 60, 50)
-    with pytest.raises(ValueError, match="epochs"):
+    with pytest.raises(ValueError, match="epochs must be an int ≥ 1, got 0"):
         comp_ratio(c, 0, 0, 0)
-    with pytest.raises(TypeError, match="layer specs"):
+    with pytest.raises(TypeError, match="expected an nn.Module or a list of layer specs, got str"):
         param_counts("resnet20")
 
 
@@ -111,17 +207,19 @@ def test_measured_ratio_from_epoch_times():
     baseline = _run([("dense", 20.0), ("dense", 22.0)])
     assert measured_comp_ratio(run, full_epoch_seconds=baseline) == pytest.approx(51.0 / (7 * 21.0))
     assert measured_comp_ratio(run, full_epoch_seconds=25.5) == pytest.approx(51.0 / (7 * 25.5))
-    with pytest.raises(ValueError, match="full-form epoch time"):
+    with pytest.raises(ValueError, match="no full-form epoch time: record full-rank epochs or pass full_epoch_seconds"):
         measured_comp_ratio(_run([("lowrank", 1.0)]))
-    with pytest.raises(ValueError, match="adapter"):
+    with pytest.raises(ValueError, match=r"the schedule needs \['adapter'\] epochs but the run recorded none "
+                                         r"\(recorded: \['full', 'lowrank'\]\)"):
         measured_comp_ratio(_run([("lowrank", 1.0), ("full", 2.0)]), 10, 2, 8)
 
 
 def test_form_epochs_of_each_schedule():
     assert form_epochs(150, 55, 120) == {"lowrank": 55, "full": 65, "adapter": 30}
     assert form_epochs(150, None, None) == {"lowrank": 150, "full": 0, "adapter": 0}      # fixed low rank
+    assert form_epochs(150, None, 75) == {"lowrank": 0, "full": 75, "adapter": 75}        # fine-tuning preset
     assert form_epochs(150, 0, None) == {"lowrank": 0, "full": 150, "adapter": 0}         # full rank
-    with pytest.raises(ValueError, match="inflate_epoch ≤ deflate_epoch"):
+    with pytest.raises(ValueError, match="need 0 ≤ inflate_epoch ≤ deflate_epoch ≤ epochs, got I=120, D=55, E=150"):
         form_epochs(150, 120, 55)
 
 
@@ -134,3 +232,35 @@ def test_cost_report_shows_both():
     text = str(report)
     assert "0.7844" in text and f"{report.measured_ratio:.4f}" in text and "measured" in text
     assert report.lowrank_ratio == pytest.approx(155_170 / 272_762)
+
+
+def test_measured_ratio_refuses_bad_times():
+    run = _run([("lowrank", 1.0), ("full", 2.0), ("adapter", 1.5)])
+    for bad in (-2.0, 0.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match=f"full_epoch_seconds must be a finite number > 0 \\(seconds of one "
+                                             f"full-rank epoch\\), got {bad}"):
+            measured_comp_ratio(run, 3, 1, 2, full_epoch_seconds=bad)
+    with pytest.raises(TypeError, match="full_epoch_seconds must be seconds \\(a number\\) or a full-rank run "
+                                        "\\(a RankMonitor or its records\\), got str"):
+        measured_comp_ratio(run, full_epoch_seconds="20 s")
+    for bad in (-1.0, math.nan, math.inf, "3 s"):
+        records = [{"epoch": 0, "form": "full", "wall_seconds": 2.0}, {"epoch": 1, "form": "full", "wall_seconds": bad}]
+        with pytest.raises(ValueError, match=f"wall_seconds must be a finite number ≥ 0 or None, got "
+                                             f"{re.escape(repr(bad))} in record 1 \\(epoch 1\\)"):
+            measured_comp_ratio(records)
+        with pytest.raises(ValueError, match="wall_seconds must be"):
+            epoch_times(records)
+    # Untimed epochs (wall_seconds None) are left out; with none timed there is no ratio, not a ZeroDivisionError.
+    untimed = [{"form": "full", "wall_seconds": None}]
+    assert epoch_times(untimed) == {}
+    with pytest.raises(ValueError, match=r"the run has no timed epochs \(no record with wall_seconds\)"):
+        measured_comp_ratio(untimed, full_epoch_seconds=2.0)
+    with pytest.raises(ValueError, match="the full-form epochs took 0.0 s on average; a ratio over them is undefined"):
+        measured_comp_ratio(_run([("full", 0.0), ("lowrank", 1.0)]))
+    with pytest.raises(TypeError, match=r"run must be a RankMonitor or its list of epoch records \(dicts\); record 0 "
+                                        r"is float \(1\.0\)"):
+        epoch_times([1.0, 2.0])
+    with pytest.raises(TypeError, match="run must be a RankMonitor or its list of epoch records \\(dicts\\), got str"):
+        measured_comp_ratio("runs/dynamic.json")
+    with pytest.raises(ValueError, match="skip_first must be an int ≥ 0, got -1"):
+        epoch_times(run, skip_first=-1)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import tarfile
 
 import pytest
@@ -21,6 +22,13 @@ def _tgz(path, files):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def _argparse_error(capsys, excinfo, message):
+    """The command exited as argparse does on a usage error (code 2), with exactly this message."""
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}\n" in err, err
 
 
 def _run_files(name, schedule, epochs, finished):
@@ -71,7 +79,7 @@ def test_a_session_is_folded_into_the_results(folder, tmp_path):
     assert {(r["schedule"], r["finished"]) for r in summary["runs"]} == {("full", True), ("lowrank", False)}
 
 
-def test_names_and_refusals(folder, tmp_path):
+def test_names_and_refusals(folder, tmp_path, capsys):
     def bench_json(device):
         path = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
         path.write_text(json.dumps({"machine_info": {"dynrank": {"device_name": device}},
@@ -79,18 +87,22 @@ def test_names_and_refusals(folder, tmp_path):
         return str(path)
     assert folder.bench_folder_name([bench_json("NVIDIA H100 80GB HBM3")]) == "gpu-h100-2026-01-02"
     assert folder.bench_folder_name([bench_json("Some Accelerator")]) == "gpu-some-accelerator-2026-01-02"
-    with pytest.raises(ValueError, match="names its device"):
+    with pytest.raises(ValueError, match="none of the suite JSONs names its device"):
         folder.bench_folder_name([])
     evil = tmp_path / "evil.tgz"
     _tgz(evil, {"../outside.txt": "x"})
-    with pytest.raises(ValueError, match="outside the target folder"):
+    refused = f"{evil}: refusing the path '../outside.txt' (outside the target folder)"
+    with pytest.raises(ValueError, match=re.escape(refused)):
         folder._extract(str(evil), str(tmp_path / "t"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         folder.main([str(tmp_path / "empty"), "--results", str(tmp_path / "r")])
+    _argparse_error(capsys, exit_info, f"nothing to fold in {tmp_path / 'empty'} "
+                                       "(expected bench.tgz, paper.tgz or paper-checkpoints.tgz)")
 
 
-def test_a_run_continued_elsewhere_folds_back_into_its_committed_folder(folder, tmp_path):
+def test_a_run_continued_elsewhere_folds_back_into_its_committed_folder(folder, tmp_path, capsys):
     results, copy = tmp_path / "results", tmp_path / "elsewhere"
     for root, files in ((results, _run_files("lowrank-cp-seed0", "lowrank", 2, False)),
                         (copy, _run_files("lowrank-cp-seed0", "lowrank", 3, True))):
@@ -123,15 +135,20 @@ def test_a_run_continued_elsewhere_folds_back_into_its_committed_folder(folder, 
     # Refusals: a folder that is no committed run, and --run without its note.
     stray = tmp_path / "stray"
     (stray / "lowrank").mkdir(parents=True)
-    with pytest.raises(SystemExit):
+    not_committed = (f"{stray}: no run 'stray' in {runs} to fold it into "
+                     "(expected a copy of a committed run, or --new for a run started elsewhere)")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         folder.main(["--run", str(stray), "--output", str(output), "--note", "x", "--results", str(results)])
-    with pytest.raises(ValueError, match="no run 'stray'"):
+    _argparse_error(capsys, exit_info, not_committed)
+    with pytest.raises(ValueError, match=re.escape(not_committed)):
         folder.fold_run(str(stray), str(results), str(output), "x")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         folder.main(argv)
+    _argparse_error(capsys, exit_info, "--run takes --output and --note and no session folder")
 
 
-def test_a_run_started_elsewhere_folds_in_with_new_under_the_drivers_name(folder, tmp_path):
+def test_a_run_started_elsewhere_folds_in_with_new_under_the_drivers_name(folder, tmp_path, capsys):
     results, elsewhere = tmp_path / "results", tmp_path / "elsewhere"
     name = "dynamic-svd-I1-D2-seed0"
     for file, content in _run_files(name, "dynamic", 2, False).items():
@@ -147,7 +164,9 @@ def test_a_run_started_elsewhere_folds_in_with_new_under_the_drivers_name(folder
     output.write_text("epoch 1\nepoch 2\n")
     argv = ["--run", str(run), "--output", str(output), "--results", str(results), "--note", "started on the CPU"]
     # Without --new there is no committed run to continue.
-    with pytest.raises(ValueError, match="or --new for a run started elsewhere"):
+    with pytest.raises(ValueError, match=re.escape(f"{run}: no run '{name}' in {results / 'cifar10-resnet20'} to fold "
+                                                   "it into (expected a copy of a committed run, or --new for a run "
+                                                   "started elsewhere)")):
         folder.fold_run(str(run), str(results), str(output), "x")
     assert folder.main(argv + ["--new"]) == 0
     runs = results / "cifar10-resnet20"
@@ -156,12 +175,16 @@ def test_a_run_started_elsewhere_folds_in_with_new_under_the_drivers_name(folder
     assert (runs / f"{name}.log").read_text() == "\n# started on the CPU\nepoch 1\nepoch 2\n"
     # A second --new would overwrite the committed run; a folder under another name than the
     # driver's for its settings would hide it from the driver's resume.
-    with pytest.raises(ValueError, match="already committed"):
+    with pytest.raises(ValueError, match=re.escape(f"{run}: {runs / name} is already committed; "
+                                                   "fold a continued copy without --new")):
         folder.fold_run(str(run), str(results), str(output), "x", new=True)
     renamed = elsewhere / "cifar10-resnet20" / "dynamic-svd-seed0"
     run.rename(renamed)
-    with pytest.raises(ValueError, match="names this run dynamic-svd-I1-D2-seed0, not 'dynamic-svd-seed0'"):
+    with pytest.raises(ValueError, match=re.escape(f"{renamed}: the paper driver names this run "
+                                                   "dynamic-svd-I1-D2-seed0, not 'dynamic-svd-seed0'")):
         folder.fold_run(str(renamed), str(results), str(output), "x", new=True)
     assert not (runs / "dynamic-svd-seed0").exists()
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         folder.main(["--new", str(tmp_path)])
+    _argparse_error(capsys, exit_info, "--new goes with --run")

@@ -64,6 +64,8 @@ def test_grow_rank_preserves_function_and_optimizer(alpha, form):
     before = layer(x).detach()
     old_A, old_B = layer.A, layer.B
     m_A, v_A = opt.state[old_A]["exp_avg"].clone(), opt.state[old_A]["exp_avg_sq"].clone()
+    m_B, v_B = opt.state[old_B]["exp_avg"].clone(), opt.state[old_B]["exp_avg_sq"].clone()
+    g_A, g_B = torch.autograd.grad(head(layer(x)).square().mean(), [old_A, old_B])
     old_group = list(opt.param_groups[1]["params"])
     grow_rank_(layer, 7, opt)
     assert layer.rank == 7 and layer.A.shape == (17, 7) and layer.B.shape == (20, 7)
@@ -75,7 +77,25 @@ def test_grow_rank_preserves_function_and_optimizer(alpha, form):
     state = opt.state[layer.A]
     assert rel_err(state["exp_avg"][:, :3], m_A / ratio) < 1e-6
     assert torch.equal(state["exp_avg"][:, 3:], torch.zeros(17, 4))
-    assert torch.allclose(state["exp_avg_sq"][:, 3:], (v_A / ratio ** 2).mean().expand(17, 4))
+    torch.testing.assert_close(state["exp_avg_sq"][:, 3:], (v_A / ratio ** 2).mean().expand(17, 4), rtol=1e-6, atol=0)
+    # Why the old A moments are divided by ratio (first) and ratio² (second): the gradient of
+    # the same loss with respect to the rescaled old A columns is the old gradient / ratio, and
+    # B's old columns keep their gradient.
+    new_g_A, new_g_B = torch.autograd.grad(head(layer(x)).square().mean(), [layer.A, layer.B])
+    assert rel_err(new_g_A[:, :3], g_A / ratio) < 1e-5
+    assert rel_err(new_g_B[:, :3], g_B) < 1e-5
+    torch.testing.assert_close(state["exp_avg_sq"][:, :3], v_A / ratio ** 2, rtol=1e-6, atol=0)  # values ≪ 1
+    if alpha is None:                                         # ratio 1: the old columns are copied
+        assert torch.equal(state["exp_avg_sq"][:, :3], v_A)
+    # B is not rescaled: old columns keep their moments exactly; new columns start with a zero
+    # first moment and the old columns' mean second moment (grow_rank_'s docstring).
+    state_B = opt.state[layer.B]
+    assert state_B["exp_avg"].shape == state_B["exp_avg_sq"].shape == (20, 7)
+    assert torch.equal(state_B["exp_avg"][:, :3], m_B)
+    assert torch.equal(state_B["exp_avg_sq"][:, :3], v_B)
+    assert torch.equal(state_B["exp_avg"][:, 3:], torch.zeros(20, 4))
+    assert torch.equal(state_B["exp_avg_sq"][:, 3:], v_B.mean().expand(20, 4))
+    assert float(state_B["step"]) == 3.0
     assert float(state["step"]) == 3.0
     loss = head(layer(x)).square().mean()
     opt.zero_grad()
@@ -86,13 +106,13 @@ def test_grow_rank_preserves_function_and_optimizer(alpha, form):
 
 def test_grow_rank_errors():
     layer = FusedLowRankLinear(8, 8, rank=4)
-    with pytest.raises(ValueError, match="never shrink"):
+    with pytest.raises(ValueError, match=r"new_rank must be >= the current rank 4 \(ranks never shrink\), got 2"):
         grow_rank_(layer, 2)
-    with pytest.raises(ValueError, match=r"\[1, 8\]"):
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 8\], got 9"):
         grow_rank_(layer, 9)
-    with pytest.raises(TypeError, match="FusedLowRankLinear"):
+    with pytest.raises(TypeError, match="grow_rank_ takes a FusedLowRankLinear, got Linear"):
         grow_rank_(nn.Linear(8, 8), 2)
-    with pytest.raises(ValueError, match="full"):
+    with pytest.raises(ValueError, match="grow_rank_ applies to lowrank or adapter form, the layer is full"):
         grow_rank_(layer.inflate(), 6)
 
 
@@ -166,16 +186,165 @@ def test_state_dict_round_trip():
 def test_bad_arguments():
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="no FusedLowRankLinear"):
+    with pytest.raises(ValueError, match="model has no FusedLowRankLinear in lowrank or adapter form"):
         IncrementalRankScheduler(model, opt)
     convert_model(model)
-    with pytest.raises(ValueError, match="threshold"):
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\), got 1\.5"):
         IncrementalRankScheduler(model, opt, threshold=1.5)
-    with pytest.raises(ValueError, match="buffer"):
+    with pytest.raises(ValueError, match="buffer must be an int >= 1, got 0"):
         IncrementalRankScheduler(model, opt, buffer=0)
-    with pytest.raises(TypeError, match="Optimizer"):
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer, got str"):
         IncrementalRankScheduler(model, "sgd")
     sched = IncrementalRankScheduler(model, opt, init_rank=1, buffer=2)
     sched.step(5)
-    with pytest.raises(ValueError, match="backwards"):
+    with pytest.raises(ValueError, match="steps must not go backwards: got 3 after 5"):
         sched.step(3)
+
+
+# -- failed calls change nothing -------------------------------------------------------------------
+def _run(steps=0, sgd=False, **kwargs):
+    """Two converted layers ("0": 32→32, "1": 32→16) under a scheduler, trained ``steps`` steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 16))
+    convert_model(model, rank_ratio=0.5, init="fresh", keep_last=False)
+    opt = (torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9) if sgd
+           else torch.optim.Adam(model.parameters(), lr=1e-2))
+    settings = dict(init_rank=1, buffer=2, warmup_steps=0, check_every=5)
+    settings.update(kwargs)
+    sched = IncrementalRankScheduler(model, opt, **settings)
+    x, y = teacher_task()
+    for step in range(1, steps + 1):
+        loss = F.mse_loss(model(x)[:, :16], y[:, :16])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step(step)
+    return model, opt, sched
+
+
+def _everything(model, opt, sched):
+    return {"ranks": {n: (m.form, m.rank) for n, m in sched._layers},
+            "params": [(n, p, p.detach().clone()) for n, p in model.named_parameters()],
+            "groups": [list(g["params"]) for g in opt.param_groups],
+            "state": [(p, {k: v.clone() for k, v in s.items()}) for p, s in opt.state.items()],
+            "scheduler": sched.state_dict()}
+
+
+def _assert_unchanged(before, model, opt, sched):
+    now = _everything(model, opt, sched)
+    assert now["ranks"] == before["ranks"]
+    assert [(n, id(p)) for n, p, _ in now["params"]] == [(n, id(p)) for n, p, _ in before["params"]]
+    for (name, _, value), (_, _, old) in zip(now["params"], before["params"]):
+        torch.testing.assert_close(value, old, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert [[id(p) for p in g] for g in now["groups"]] == [[id(p) for p in g] for g in before["groups"]]
+    assert [id(p) for p, _ in now["state"]] == [id(p) for p, _ in before["state"]]
+    for (_, s), (_, old) in zip(now["state"], before["state"]):
+        assert s.keys() == old.keys() and all(torch.equal(s[k], old[k]) for k in s)
+    assert now["scheduler"] == before["scheduler"]
+
+
+def _with(key, name, value):
+    def mutate(state):
+        state[key] = dict(state[key])
+        if value is None:
+            del state[key][name]
+        else:
+            state[key][name] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, error, message", [
+    (_with("ranks", "1", 0), ValueError, r"ranks\['1'\] is not a valid rank of layer '1': rank must be in "
+                                         r"\[1, 16\], got 0"),
+    (_with("ranks", "1", -1), ValueError, r"ranks\['1'\].*got -1"),
+    (_with("ranks", "1", 2.7), TypeError, r"ranks\['1'\].*rank must be an int, got float \(2\.7\)"),
+    (_with("ranks", "1", 17), ValueError, r"ranks\['1'\].*must be in \[1, 16\], got 17"),
+    (_with("ranks", "1", None), ValueError, r"only in this model \['1'\] \(in ranks\)"),
+    (_with("current", "0", 0), ValueError, r"current\['0'\].*got 0"),
+    (_with("max_rank", "typo", 3), ValueError, r"only in checkpoint \['typo'\].*\(in max_rank\)"),
+    (lambda s: s.pop("current"), ValueError, r"missing \['current'\]"),
+    (lambda s: s.update(extra=1), ValueError, r"unknown keys \['extra'\]"),
+    (lambda s: s.update(buffer=0), ValueError, "buffer must be an int >= 1, got 0"),
+    (lambda s: s.update(threshold=2.0), ValueError, r"threshold must be in \(0, 1\), got 2\.0"),
+    (lambda s: s.update(last_step=-1), ValueError, "last_step must be a non-negative int, got -1"),
+    (lambda s: s.update(ranks=[4, 4]), TypeError, "ranks must be a dict layer name → value, got list"),
+], ids=["rank-0", "rank-negative", "rank-float", "rank-too-big", "rank-missing", "current-0", "max-rank-typo",
+        "missing-current", "unknown-key", "buffer", "threshold", "last-step", "ranks-list"])
+def test_load_state_dict_checks_everything_before_resizing(mutate, error, message):
+    state = _run(20)[2].state_dict()
+    assert state["ranks"] != _run()[2].ranks                    # loading it would resize the layers
+    mutate(state)
+    model, opt, sched = _run()
+    before = _everything(model, opt, sched)
+    with pytest.raises(error, match=message):
+        sched.load_state_dict(state)
+    _assert_unchanged(before, model, opt, sched)
+    with pytest.raises(TypeError, match=r"state_dict must be a dict from IncrementalRankScheduler\.state_dict\(\), "
+                                        r"got NoneType"):
+        sched.load_state_dict(None)
+    _assert_unchanged(before, model, opt, sched)
+
+
+def test_step_finds_every_new_rank_before_growing_any():
+    model, opt, sched = _run(4)
+    reference = _run(4)
+    with torch.no_grad():
+        model[1].A[0, 0] = float("inf")
+    before = _everything(model, opt, sched)
+    with pytest.raises(ValueError, match="layer '1' has non-finite values in A; not growing any layer at step 5"):
+        sched.step(5)
+    _assert_unchanged(before, model, opt, sched)
+    with torch.no_grad():
+        model[1].A[0, 0] = reference[0][1].A[0, 0]
+    torch.manual_seed(3)
+    grown = sched.step(5)
+    torch.manual_seed(3)
+    assert grown == reference[2].step(5) and grown                # as if the failed call had not been made
+    for p, q in zip(model.parameters(), reference[0].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_grow_rank_checks_the_optimizer_first():
+    layer = FusedLowRankLinear(8, 8, rank=4)
+    A, B = layer.A, layer.B
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or None, got dict"):
+        grow_rank_(layer, 5, {"lr": 0.1})
+    assert layer.rank == 4 and layer.A is A and layer.B is B
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(max_rank="4"), TypeError, r"max_rank must be an int or None, got str \('4'\)"),
+    (dict(max_rank=2.7), TypeError, r"max_rank must be an int or None, got float \(2\.7\)"),
+    (dict(max_rank=True), TypeError, r"max_rank must be an int or None, got bool \(True\)"),
+    (dict(max_rank=0), ValueError, "max_rank must be >= 1, got 0"),
+    (dict(sync_ranks="no"), TypeError, r"sync_ranks must be True, False or None, got str \('no'\)"),
+    (dict(process_group="x"), TypeError, r"process_group must be a torch\.distributed\.ProcessGroup or None"),
+], ids=["max-rank-str", "max-rank-float", "max-rank-bool", "max-rank-0", "sync-ranks", "process-group"])
+def test_constructor_checks_before_resizing(kwargs, error, message):
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 2))
+    convert_model(model, keep_last=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    A = model[0].A
+    with pytest.raises(error, match=message):
+        IncrementalRankScheduler(model, opt, init_rank=1, buffer=2, **kwargs)
+    assert model[0].A is A and model[0].rank == 8
+    for bad in ("m", None):
+        with pytest.raises(TypeError, match=f"model must be a torch.nn.Module, got {type(bad).__name__}"):
+            IncrementalRankScheduler(bad, opt)
+    assert IncrementalRankScheduler(model, opt, init_rank=1, buffer=2, max_rank=2).max_rank == {"0": 2}
+
+
+def test_load_training_state_is_all_or_nothing_for_incremental_rank():
+    from dynrank.scheduler import load_training_state, training_state
+    source = _run(20, sgd=True)
+    ckpt = training_state(*source)
+    model, opt, sched = _run()                                   # Adam given SGD's state: grown, then fails
+    before = _everything(model, opt, sched)
+    with pytest.raises(ValueError, match=r"checkpoint\['optimizer'\] does not fit this optimizer \(KeyError"):
+        load_training_state(ckpt, model, opt, sched)
+    _assert_unchanged(before, model, opt, sched)
+    model, opt, sched = _run(sgd=True)
+    assert load_training_state(ckpt, model, opt, sched) == {}
+    assert sched.state_dict() == source[2].state_dict()
+    for p, q in zip(model.parameters(), source[0].parameters()):
+        assert torch.equal(p, q) and torch.equal(opt.state[p]["momentum_buffer"], source[1].state[q]["momentum_buffer"])

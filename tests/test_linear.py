@@ -1,5 +1,8 @@
 """FusedLowRankLinear: forms, form changes, state dicts, dispatch and bad input."""
 
+import re
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -56,19 +59,25 @@ def test_forward_and_gradients_every_form(backend, form, dtype, lead):
 
     dy = torch.randn_like(y)
     y.backward(dy)
+    _assert_gradients_match_float64(layer, x, dy, REL_TOL[dtype])
+
+
+def _assert_gradients_match_float64(layer, x, dy, tol):
+    """x's and every trainable parameter's gradient (after ``y.backward(dy)``) against float64
+    autograd through the reference; frozen parameters must have none."""
     xr = x.detach().double().requires_grad_()
     params = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().double() for n, p in layer.named_parameters() if not p.requires_grad}
     allp = {**params, **frozen}
-    if form == "full":
+    if layer.form == "full":
         yr = xr @ allp["weight"].t() + allp["bias"]
     else:
         yr = reference_lowrank_linear(xr, allp.get("weight"), allp["A"], allp["B"], allp["bias"], layer.scale)
     yr.backward(dy.double())
-    assert rel_err(x.grad, xr.grad) < REL_TOL[dtype]
+    assert rel_err(x.grad, xr.grad) < tol
     for name, p in layer.named_parameters():
         if p.requires_grad:
-            assert rel_err(p.grad, params[name].grad) < REL_TOL[dtype], name
+            assert rel_err(p.grad, params[name].grad) < tol, name
         else:
             assert p.grad is None, f"frozen {name} must get no gradient"
 
@@ -104,13 +113,15 @@ def test_autocast_bf16_on_cpu(backend):
         pytest.skip("Triton kernels run on CPU tensors only in the interpreter (off where CUDA is present)")
     layer = FusedLowRankLinear(16, 8, rank=4, form="adapter")
     _randomize_adapter(layer)
-    x = torch.randn(5, 16)
+    x = torch.randn(5, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
-    assert rel_err(y, _reference_forward(layer, x)) < REL_TOL[torch.bfloat16]
-    y.float().sum().backward()
-    assert layer.A.grad is not None and layer.A.grad.dtype == torch.float32
+    assert rel_err(y, _reference_forward(layer, x.detach())) < REL_TOL[torch.bfloat16]
+    dy = torch.randn(y.shape)
+    y.float().backward(dy)
+    assert layer.A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    _assert_gradients_match_float64(layer, x, dy, REL_TOL[torch.bfloat16])
 
 
 # -- form changes --------------------------------------------------------------------
@@ -263,18 +274,50 @@ def test_state_dict_inside_model_after_inflate_loads_into_fresh_lowrank_model():
     assert torch.equal(fresh(x), trained(x))
 
 
+def _bad_state(key, value, saved_form="full", rank=2):
+    src = FusedLowRankLinear(8, 6, rank=rank, form=saved_form)
+    state = src.state_dict()
+    state[key] = value
+    return state
+
+
+@pytest.mark.parametrize("state, message", [
+    (_bad_state("weight", torch.randn(6, 7)), r"weight must have shape \(6, 8\) \(full form\), got \(6, 7\)"),
+    (_bad_state("B", torch.randn(8, 2), "lowrank", 3),
+     r"B must have shape \(8, 3\) \(lowrank form, rank 3\), got \(8, 2\)"),
+    (_bad_state("A", torch.randn(6), "adapter", 3), r"the saved factors \{'A': \(6,\), 'B': \(8, 3\)\} give no valid rank"),
+    (_bad_state("A", torch.randn(6, 7), "lowrank", 3), r"give no valid rank \(rank must be in \[1, 6\], got 7\)"),
+    (_bad_state("bias", torch.randn(5), "lowrank", 3), r"bias must have shape \(6,\) .*got \(5,\)"),
+], ids=["dense", "factor", "1-d factor", "rank too large", "bias"])
+def test_bad_state_dict_leaves_the_layer_as_it_was(state, message):
+    # The form and rank change before torch copies the values: a checkpoint that does not fit must be
+    # refused before anything of the layer is reallocated.
+    layer = FusedLowRankLinear(8, 6, rank=2, form="lowrank")
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match=message + r".*the layer is left as it was \(lowrank form, rank 2\)"):
+        layer.load_state_dict(state)
+    assert layer.form == "lowrank" and layer.rank == 2
+    after = layer.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 # -- torch.compile ---------------------------------------------------------------------
 
-def test_compiles_without_graph_break(backend):
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_compiles_without_graph_break(backend, form):
+    # Compiled, the Triton path's backward is the lowrank_linear_backward custom op, which eager
+    # mode never runs: its gradients are checked here against float64.
     device = _device()
-    layer = FusedLowRankLinear(12, 8, rank=3, form="adapter", device=device)
-    _randomize_adapter(layer)
+    layer = FusedLowRankLinear(12, 8, rank=3, form=form, alpha=6.0, device=device)
+    if form == "adapter":
+        _randomize_adapter(layer)
     x = torch.randn(4, 12, device=device, requires_grad=True)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     y = compiled(x)
     assert rel_err(y, _reference_forward(layer, x.detach())) < REL_TOL[torch.float32]
-    y.sum().backward()
-    assert layer.A.grad is not None and x.grad is not None
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    _assert_gradients_match_float64(layer, x, dy, REL_TOL[torch.float32])
 
 
 # -- bad input ---------------------------------------------------------------------------
@@ -295,8 +338,26 @@ def test_bad_form_and_sizes():
         FusedLowRankLinear(6, 9, rank=2, form="dense")
     with pytest.raises(ValueError, match="in_features must be a positive int"):
         FusedLowRankLinear(0, 9, rank=1)
-    with pytest.raises(TypeError, match="alpha must be a number"):
+    with pytest.raises(TypeError, match=r"alpha must be a number or None, got str \('16'\)"):
         FusedLowRankLinear(6, 9, rank=2, alpha="16")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, "float32"], ids=str)
+def test_dtype_must_be_floating_point(dtype):
+    from dynrank import LowRankConv2d
+    message = rf"dtype must be a floating-point torch.dtype or None, got {re.escape(repr(dtype))}"
+    with pytest.raises(TypeError, match=message):
+        FusedLowRankLinear(6, 9, rank=2, dtype=dtype)
+    with pytest.raises(TypeError, match=message):
+        LowRankConv2d(4, 6, 3, rank=2, dtype=dtype)
+
+
+@pytest.mark.parametrize("alpha", [0, -2.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+def test_alpha_must_be_finite_and_positive(alpha, form):
+    with pytest.raises(ValueError, match=rf"alpha must be a finite number > 0 \(the scale is alpha / rank\), "
+                                         rf"got {alpha!r}"):
+        FusedLowRankLinear(6, 9, rank=2, form=form, alpha=alpha)
 
 
 @pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
@@ -348,6 +409,43 @@ def test_functional_merge_rejects_bad_input(backend):
         F.merge_(W, A.long(), B)
     with pytest.raises(ValueError, match="one device"):
         F.merge_(torch.empty(4, 5, device="meta"), A, B)
+    expanded = torch.zeros(1, 5, device=device).expand(4, 5)
+    with pytest.raises(ValueError, match=r"must not share memory, got an expanded view \(shape \(4, 5\), "
+                                         r"strides \(0, 1\)\)"):
+        F.merge_(expanded, A, B)
+    assert not expanded.any()
+    for alpha, exc, message in (("2", TypeError, r"alpha must be a real number, got str \('2'\)"),
+                                (float("nan"), ValueError, "alpha must be finite, got nan"),
+                                (float("-inf"), ValueError, "alpha must be finite, got -inf")):
+        before = W.clone()
+        with pytest.raises(exc, match=message):
+            F.merge_(W, A, B, alpha)
+        assert torch.equal(W, before)
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+@pytest.mark.parametrize("scale, exc, message", [
+    ("2", TypeError, r"scale must be a real number, got str \('2'\)"),
+    (None, TypeError, r"scale must be a real number, got NoneType \(None\)"),
+    (torch.tensor(2.0), TypeError, r"scale must be a real number, got Tensor"),
+    (1j, TypeError, r"scale must be a real number, got complex \(1j\)"),
+    (float("nan"), ValueError, "scale must be finite, got nan"),
+    (float("inf"), ValueError, "scale must be finite, got inf"),
+], ids=["str", "None", "tensor", "complex", "nan", "inf"])
+def test_functional_lowrank_linear_rejects_a_bad_scale(backend, form, scale, exc, message):
+    device = _device()
+    x, A, B = torch.randn(3, 5, device=device), torch.randn(4, 2, device=device), torch.randn(5, 2, device=device)
+    weight = torch.randn(4, 5, device=device) if form == "adapter" else None
+    with pytest.raises(exc, match=message):
+        F.lowrank_linear(x, weight, A, B, None, scale)
+
+
+def test_functional_lowrank_linear_takes_any_real_scale(backend):
+    device = _device()
+    x, A, B = torch.randn(3, 5, device=device), torch.randn(4, 2, device=device), torch.randn(5, 2, device=device)
+    expected = 2 * (x.double() @ B.double()) @ A.double().t()
+    for scale in (2, np.float64(2.0), np.int32(2)):
+        assert rel_err(F.lowrank_linear(x, None, A, B, None, scale), expected) < REL_TOL[torch.float32]
 
 
 def test_unknown_backend(monkeypatch):

@@ -1,7 +1,7 @@
 """Rank metrics against numpy float64 SVD of the dense effective weight."""
 
-import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -181,9 +181,11 @@ def test_module_with_effective_weight():
     assert layer_metrics(layer).effective_rank == 2 and layer_metrics(layer).spectral_ratio == math.inf
 
 
-def test_lowrank_conv2d_every_form():
+@pytest.mark.parametrize("decomposition", ["svd", "tucker", "cp", "tkd-cpd"])
+def test_lowrank_conv2d_every_form(decomposition):
     conv_mod = pytest.importorskip("dynrank.conv")
-    layer = conv_mod.LowRankConv2d(8, 12, 3, rank=4).double()
+    from dynrank.kernels.conv_merge import reference_kernel
+    layer = conv_mod.LowRankConv2d(8, 12, 3, rank=4, decomposition=decomposition, alpha=6.0).double()
     for step in ("lowrank", "full", "adapter"):
         if step == "full":
             layer.inflate()
@@ -191,13 +193,15 @@ def test_lowrank_conv2d_every_form():
                 layer.weight.add_(0.05 * torch.randn_like(layer.weight))
         if step == "adapter":
             layer.deflate(init="random")
-        # Reference dense kernel: what inflate() merges, on a copy (full form: the weight itself).
-        probe = copy.deepcopy(layer)
-        dense = (probe if step == "full" else probe.inflate()).weight.detach().reshape(12, -1)
-        ref = torch.from_numpy(np_sigma(dense))
+        # Reference dense kernel from the layer's tensors by the kernels' float64 reference merge
+        # (not the layer's own merge, which metrics uses).
+        dense = 0 if step == "lowrank" else layer.weight.detach()
+        if step != "full":
+            factors = {n: f.detach() for n, f in layer.factors().items()}
+            dense = dense + reference_kernel(decomposition, factors, layer.scale)
+        ref = torch.from_numpy(np_sigma(dense.reshape(12, -1)))
         got = singular_values(layer, method="svd")
-        k = 4 if step == "lowrank" else 12
-        assert got.shape == (12,) and rel_err(got[:k], ref[:k]) < 1e-10
+        assert got.shape == (12,) and rel_err(got, ref) < 1e-10
         assert layer_metrics(layer).form == step
 
 
@@ -242,3 +246,78 @@ def test_bad_input_errors():
         singular_values(torch.ones(5))
     with pytest.raises(ValueError, match="rank must be an int"):
         restricted_spectral_ratio(torch.ones(3), 4)
+
+
+def test_tensor_of_the_wrong_kind_is_refused():
+    """Complex σ used to drop the imaginary part with only a warning; integer and empty tensors gave torch errors."""
+    with pytest.raises(TypeError, match=r"a weight tensor must be real floating point \(singular values of a complex "
+                                        r"tensor are not supported\), got torch.complex64"):
+        singular_values(torch.randn(3, 3, dtype=torch.complex64))
+    for dtype in (torch.int64, torch.bool):
+        with pytest.raises(TypeError, match=f"a weight tensor must be real floating point .*non-float.*got {dtype}"):
+            layer_metrics(torch.ones(3, 3, dtype=dtype))
+    for shape in [(0, 3), (3, 0), (4, 0, 3, 3)]:
+        with pytest.raises(ValueError, match=r"a weight tensor must have no zero-size dimension \(an empty matrix has "
+                                             f"no singular values\\), got shape {re.escape(str(shape))}"):
+            singular_values(torch.randn(shape))
+    with pytest.raises(ValueError, match=r"^singular values must be finite and ≥ 0, got nan at index 1$"):
+        effective_rank(torch.tensor([3.0, math.nan, 1.0]))          # was 0: NaN compared False everywhere
+    with pytest.raises(ValueError, match="singular values must be finite and ≥ 0, got -1.0 at index 2"):
+        stable_rank([2.0, 1.0, -1.0])
+    with pytest.raises(ValueError, match="singular values must be finite and ≥ 0, got inf at index 0"):
+        spectral_ratio(torch.tensor([math.inf, 1.0]))
+    with pytest.raises(TypeError, match="singular values must be real, got a torch.complex128 tensor"):
+        entropy_effective_rank(torch.ones(3, dtype=torch.complex128))
+    with pytest.raises(TypeError, match=r"dtype must be a real floating torch.dtype \(the weight's\), got torch.int32"):
+        default_tol((3, 4), torch.int32)
+
+
+def _diverged_model():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), FusedLowRankLinear(8, 8, 3), nn.Linear(8, 8), FusedLowRankLinear(8, 5, 2),
+                          nn.Conv2d(2, 4, 3))
+    with torch.no_grad():
+        model[0].weight[1, 2] = math.nan
+        model[3].A[0, 0] = math.inf                                      # lowrank: the k × k QR path
+        model[4].weight[0, 0, 0, 0] = -math.inf
+    return model
+
+
+@pytest.mark.parametrize("method", ["svd", "gram", "auto"])
+def test_non_finite_weights(method):
+    model = _diverged_model()
+    with pytest.raises(ValueError, match=r"^layers \['0', '3', '4'\] have NaN or infinite weights: their singular "
+                                         r"values are undefined \(nonfinite='nan' gives them NaN metrics instead\)$"):
+        model_metrics(model, method=method)
+    with pytest.raises(ValueError, match="the weight has NaN or infinite entries: its singular values are undefined"):
+        singular_values(model[0], method=method)
+    with pytest.raises(ValueError, match=r"layers \['layer'\] have NaN or infinite weights"):
+        layer_metrics(model[3], method=method)
+    got = model_metrics(model, method=method, nonfinite="nan")
+    assert list(got) == ["0", "1", "2", "3", "4"]
+    numbers = ["sigma_max", "sigma_min", "spectral_ratio", "restricted_spectral_ratio", "effective_rank",
+               "entropy_rank", "stable_rank"]
+    for name, shape in (("0", [8, 6]), ("3", [5, 8]), ("4", [4, 18])):
+        m = got[name].as_dict()
+        assert all(math.isnan(m[k]) for k in numbers), (name, m)
+        assert m["shape"] == shape
+    assert got["3"].form == "lowrank" and got["3"].rank == 2
+    # The finite layers are measured as if alone, against numpy.
+    ref = {"1": np_sigma(dense_of(model[1])), "2": np_sigma(model[2].weight.detach())}
+    for name, sigma in ref.items():
+        assert got[name].as_dict() == layer_metrics(model[int(name)], method=method).as_dict()
+        assert got[name].sigma_max == pytest.approx(sigma[0], rel=1e-10)
+    with pytest.raises(ValueError, match="nonfinite must be one of raise, nan, got 'skip'"):
+        model_metrics(model, nonfinite="skip")
+
+
+def test_layer_names_are_names_not_characters():
+    inner = nn.Sequential(nn.Linear(4, 4))
+    model = nn.Sequential(FusedLowRankLinear(8, 8, 2), nn.ReLU(), nn.Conv2d(3, 8, 3), inner)
+    assert monitored_layers(model, "3.0") == [("3.0", inner[0])]     # was split into '3', '.', '0'
+    assert list(model_metrics(model, layers="3.0")) == ["3.0"]
+    with pytest.raises(TypeError, match=r"layers must be None, module names \(a str or an iterable of str\) or a "
+                                        r"predicate fn\(name, module\), got int \(3\)"):
+        monitored_layers(model, 3)
+    with pytest.raises(TypeError, match=r"layers must hold module names \(str\), got 3 \(int\)"):
+        monitored_layers(model, ["0", 3])

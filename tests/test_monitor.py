@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -107,9 +108,9 @@ def test_scheduler_hook_records_switches():
     with monitor_no_epoch.epoch(7):
         monitor_no_epoch.on_switch({"epoch": None, "step": 123, "changes": [("0", "full", "adapter")]})
     assert monitor_no_epoch.switches[0]["epoch"] == 7 and monitor_no_epoch.switches[0]["step"] == 123
-    with pytest.raises(TypeError, match="add_callback"):
+    with pytest.raises(TypeError, match=r"scheduler must have an add_callback\(fn\) method \(DynamicRankScheduler\), got object"):
         RankMonitor(make_model()).attach(object())
-    with pytest.raises(TypeError, match="changes"):
+    with pytest.raises(TypeError, match=r"event must be a dict with 'changes', got \{'epoch': 1\}"):
         monitor.on_switch({"epoch": 1})
 
 
@@ -127,28 +128,136 @@ def test_switch_detected_without_callback():
 
 def test_log_and_epoch_errors():
     monitor = RankMonitor(make_model())
-    with pytest.raises(RuntimeError, match="no epoch to log"):
+    with pytest.raises(RuntimeError, match=r"no epoch to log to; call start_epoch\(\)"):
         monitor.log(loss=1.0)
-    with pytest.raises(RuntimeError, match="start_epoch"):
+    with pytest.raises(RuntimeError, match=r"no open epoch; call start_epoch\(\) first"):
         monitor.end_epoch()
     monitor.start_epoch(3)
-    with pytest.raises(RuntimeError, match="still open"):
+    with pytest.raises(RuntimeError, match=r"epoch 3 is still open; call end_epoch\(\) first"):
         monitor.start_epoch()
-    with pytest.raises(TypeError, match="must be a number"):
+    with pytest.raises(TypeError, match="scalar 'loss' must be a number, got str"):
         monitor.log(loss="low")
-    with pytest.raises(ValueError, match="clashes"):
+    with pytest.raises(ValueError, match="scalar name 'epoch' clashes with a recorded column"):
         monitor.log(epoch=1.0)
     monitor.log(lr=0.1)
     monitor.end_epoch(loss=2.0)
     assert monitor.records[0]["scalars"] == {"lr": 0.1, "loss": 2.0}
-    with pytest.raises(ValueError, match="boom"):
+    with pytest.raises(ValueError, match="^boom$"):
         with monitor.epoch():
             raise ValueError("boom")
     assert monitor.epochs == [3]                                          # the failed epoch is not recorded
-    with pytest.raises(RuntimeError, match="no model"):
+    with pytest.raises(RuntimeError, match=r"this RankMonitor has no model \(it was loaded from files\)"):
         RankMonitor(None).start_epoch()
-    with pytest.raises(ValueError, match="metrics_every"):
+    with pytest.raises(ValueError, match="metrics_every must be an int ≥ 1, got 0"):
         RankMonitor(make_model(), metrics_every=0)
+
+
+def test_bad_settings_fail_at_construction():
+    """They used to be accepted, and the first end_epoch() raised and dropped that epoch's record."""
+    model = make_model()
+    with pytest.raises(TypeError, match=r"tol must be a float in \[0, 1\), got str \('x'\)"):
+        RankMonitor(model, tol="x")
+    with pytest.raises(ValueError, match=r"tol must be a relative tolerance in \[0, 1\), got nan"):
+        RankMonitor(model, tol=math.nan)
+    with pytest.raises(ValueError, match="method must be one of auto, svd, gram, got 'bogus'"):
+        RankMonitor(model, method="bogus")
+    with pytest.raises(ValueError, match="method must be one of auto, svd, gram, got 'bogus'"):
+        RankMonitor(None, method="bogus")
+    with pytest.raises(TypeError, match=r"layers must be None, module names \(a str or an iterable of str\) or a "
+                                        r"predicate fn\(name, module\), got int \(3\)"):
+        RankMonitor(model, layers=3)
+    monitor = RankMonitor(model, layers="2", tol=1e-3, method="svd")     # one name, not the characters of one
+    with monitor.epoch():
+        pass
+    assert list(monitor.records[0]["layers"]) == ["2"] and monitor.records[0]["layers"]["2"]["tol"] == 1e-3
+
+
+def test_bad_scalar_keeps_the_epoch_open():
+    model = make_model()
+    monitor = RankMonitor(model)
+    monitor.start_epoch(4)
+    with pytest.raises(TypeError, match="scalar 'loss' must be a number, got str"):
+        monitor.end_epoch(loss="low")
+    assert monitor.records == []
+    rec = monitor.end_epoch(loss=0.5)                                   # the epoch was not lost
+    assert monitor.epochs == [4] and rec["scalars"] == {"loss": 0.5} and rec["layers"]
+
+
+def test_diverged_weights_still_record_the_epoch(tmp_path):
+    model, monitor = record_run(epochs=2)
+    with torch.no_grad():
+        model[2].A[0, 0] = math.nan                                     # still lowrank: the factored path
+        model[3].weight[1, 1] = math.inf
+    with pytest.warns(RuntimeWarning, match=r"layers \['2', '3'\] have NaN or infinite weights at epoch 2 \(a "
+                                            r"diverged run\?\): their rank metrics are recorded as NaN"):
+        with monitor.epoch():
+            pass
+    monitor.log(loss=math.nan)
+    assert monitor.epochs == [0, 1, 2]
+    rec = monitor.records[-1]
+    assert rec["form"] == "lowrank" and rec["scalars"]["loss"] != rec["scalars"]["loss"]
+    for name in ("2", "3"):
+        assert all(math.isnan(rec["layers"][name][k]) for k in ("sigma_max", "spectral_ratio", "effective_rank"))
+    # The healthy layer is measured as before, against numpy.
+    dense = model[0].scale * model[0].A.detach().double() @ model[0].B.detach().double().t()
+    sigma = np.linalg.svd(dense.numpy(), compute_uv=False)
+    assert rec["layers"]["0"]["sigma_max"] == pytest.approx(sigma[0], rel=1e-10)
+    assert rec["layers"]["0"]["effective_rank"] == 3
+    loaded = RankMonitor.load(monitor.save(tmp_path / "diverged")["json"])
+    assert math.isnan(loaded.records[-1]["layers"]["2"]["sigma_max"]) and loaded.epochs == [0, 1, 2]
+
+
+def test_failed_measurement_keeps_the_record(monkeypatch):
+    model, monitor = record_run(epochs=1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr("dynrank.monitor.model_metrics", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with monitor.epoch():
+            pass
+    assert monitor.epochs == [0, 1] and monitor.records[-1]["layers"] == {}
+    assert monitor.records[-1]["wall_seconds"] >= 0
+
+
+def test_load_and_read_errors(tmp_path):
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps({"format": "dynrank.RankMonitor", "version": 1, "name": "x", "switches": []}))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} has no 'records' entry; it is not a complete "
+                                         f"RankMonitor file$"):
+        RankMonitor.load(path)
+    path.write_text(json.dumps({"format": "dynrank.RankMonitor", "records": 5, "switches": []}))
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: 'records' must be a list of dicts, got 5"):
+        RankMonitor.load(path)
+    csv_path = tmp_path / "cut.epochs.csv"
+    csv_path.write_text("epoch,form\n0,lowrank\n")
+    with pytest.raises(ValueError, match=f"{re.escape(str(csv_path))} has no column \\['wall_seconds', "):
+        RankMonitor.load(csv_path)
+    _, monitor = record_run(epochs=2)
+    with pytest.raises(ValueError, match=r"metric 'lambda' is not recorded per layer; recorded: \[.*'spectral_ratio'"):
+        monitor.layer_series("lambda")
+    with pytest.raises(TypeError, match=r"event\['changes'\] must be a list of \(module_name, old_form, new_form\), "
+                                        r"got 5"):
+        monitor.on_switch({"epoch": 1, "changes": 5})
+
+
+def test_plot_arguments_checked():
+    pytest.importorskip("matplotlib")
+    from dynrank.plots import plot_spectral_ratio, plot_training_curves
+    _, monitor = record_run(epochs=2)
+    fig = plot_training_curves([monitor], keys="loss")                  # one key, not its characters
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss"]
+    fig = plot_spectral_ratio(monitor, layers="3")
+    assert [line.get_label() for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")][0] == "3"
+    with pytest.raises(ValueError, match=r"^no run measured layers \['fc'\] \(measured: \['0', '2', '3'\]\)$"):
+        plot_spectral_ratio(monitor, layers=["fc", "0"])
+    with pytest.raises(ValueError, match="metric 'lambda' is not recorded per layer"):
+        plot_spectral_ratio(monitor, metric="lambda")
+    with pytest.raises(TypeError, match=r"keys must be a name \(str\) or a list of names, got int \(3\)"):
+        plot_training_curves(monitor, keys=3)
+    with pytest.raises(TypeError, match="runs must be a RankMonitor, a path to a saved run, or a list of them, got "
+                                        "NoneType"):
+        plot_training_curves(None)
 
 
 def test_metrics_every():
@@ -191,7 +300,8 @@ def test_files_written_and_read_back(tmp_path):
     assert [(s["epoch"], s["kind"], s["changes"]) for s in from_csv.switches] == \
         [(s["epoch"], s["kind"], s["changes"]) for s in monitor.switches]
     assert from_csv.scalar("loss") == monitor.scalar("loss")
-    with pytest.raises(FileNotFoundError):
+    stem = re.escape(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=f"no {stem}\\.json or {stem}\\.epochs\\.csv"):
         RankMonitor.load(tmp_path / "missing")
 
 
@@ -234,7 +344,7 @@ def test_plots_written(tmp_path):
     assert width > fig.get_figwidth() * 100 and imread(wide).shape[1] >= width
     assert dict.__getitem__(matplotlib.rcParams, "backend") == backend
     assert had_pyplot or "matplotlib.pyplot" not in sys.modules
-    with pytest.raises(ValueError, match="no run logged"):
+    with pytest.raises(ValueError, match=r"^no run logged \['bleu'\] \(logged: \['loss', 'accuracy'\]\)$"):
         plot_training_curves([dynamic], keys=["bleu"])
 
 

@@ -10,6 +10,8 @@ from torch import nn
 from _helpers import rel_err
 from _scheduling import held, mlp, train_steps
 from dynrank.convert import convert_model
+from dynrank.kernels.conv_merge import reference_kernel
+from dynrank.linear import FusedLowRankLinear
 from dynrank.scheduler import DynamicRankScheduler
 
 
@@ -146,3 +148,83 @@ def test_carry_adam_state_after_both_switches():
         assert float(opt.state[layer.A]["step"]) == 7.0 and opt.state[layer.A]["exp_avg"].abs().sum() > 0
         assert layer.B not in opt.state                      # its pullback is zero: starts empty
     assert all(math.isfinite(v) for v in train_steps(model, opt, x, y))
+
+
+def _reference_merge(layer, factors, scale):
+    """s·merge(factors) in float64 by the kernels' pure-torch references (not the layer's own merge)."""
+    if isinstance(layer, FusedLowRankLinear):
+        return scale * factors["A"] @ factors["B"].t()
+    return reference_kernel(layer.decomposition, factors, scale, layer.groups)
+
+
+def _expected_pushforward(layer, factors, states, key):
+    """Adam's ``key`` for W after inflate: Σ_i s·merge(f_1, .., state_i, .., f_n) for exp_avg; for
+    exp_avg_sq the same with every other factor squared and s² (the uncorrelated-components rule)."""
+    squared = key == "exp_avg_sq"
+    values = {n: f * f if squared else f for n, f in factors.items()}
+    scale = layer.scale ** 2 if squared else layer.scale
+    return sum(_reference_merge(layer, {**values, name: states[name][key]}, scale) for name in factors)
+
+
+def _expected_pullback(layer, factors, weight_state, key):
+    """Adam's ``key`` for each fresh factor after deflate: (∂W/∂f)ᵀ·m_W, and for exp_avg_sq the
+    same Jacobian-transpose product at the squared factors, times s² (s·A·Bᵀ: m_A = s·m_W·B,
+    v_A = s²·v_W·(B∘B))."""
+    squared = key == "exp_avg_sq"
+    leaves = {n: (f * f if squared else f).requires_grad_(True) for n, f in factors.items()}
+    merged = _reference_merge(layer, leaves, layer.scale)
+    grads = torch.autograd.grad(merged, list(leaves.values()), grad_outputs=weight_state, allow_unused=True)
+    return {n: (torch.zeros_like(f) if g is None else g * (layer.scale if squared else 1.0))
+            for (n, f), g in zip(factors.items(), grads)}
+
+
+def _adam_model(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3))
+        convert_model(model, rank_ratio=0.25, alpha=5.0)
+        x = torch.randn(32, 12)
+    else:
+        model = nn.Sequential(nn.Conv2d(4, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 12, 3, stride=2),
+                              nn.Flatten(), nn.Linear(12 * 3 * 3, 3))
+        convert_model(model, rank_ratio=0.5, decomposition=kind, alpha=5.0)
+        x = torch.randn(8, 4, 8, 8)
+    return model.double(), x.double(), torch.randint(0, 3, (x.shape[0],))
+
+
+@pytest.mark.parametrize("kind", ["linear", "svd", "tucker", "cp", "tkd-cpd"])
+def test_carry_adam_moments_follow_the_documented_rules(kind):
+    # Both switches, both of Adam's moments, against the rules of dynrank._optim's docstrings
+    # evaluated by the float64 reference merges; scale != 1 on both sides of each switch.
+    model, x, y = _adam_model(kind)
+    layers = (0, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = DynamicRankScheduler(model, opt, 1, 2, optimizer_state="carry", deflate_init="random")
+    sched.step(0)
+    train_steps(model, opt, x, y, steps=4)
+    expected = {}
+    for i in layers:
+        layer = model[i]
+        assert layer.scale != 1.0
+        factors = {n: f.detach().clone() for n, f in layer.factors().items()}
+        states = {n: opt.state[f] for n, f in layer.factors().items()}
+        expected[i] = {key: _expected_pushforward(layer, factors, states, key) for key in ("exp_avg", "exp_avg_sq")}
+    sched.step(1)
+    for i in layers:
+        state = opt.state[model[i].weight]
+        assert float(state["step"]) == 4.0
+        for key, reference in expected[i].items():
+            assert rel_err(state[key], reference) < 1e-12, key
+    train_steps(model, opt, x, y, steps=2)
+    weight_states = {i: {k: opt.state[model[i].weight][k].clone() for k in ("exp_avg", "exp_avg_sq")} for i in layers}
+    sched.step(2)
+    for i in layers:
+        layer = model[i]
+        assert layer.form == "adapter" and layer.scale != 1.0
+        factors = {n: f.detach().clone() for n, f in layer.factors().items()}
+        for key, m_w in weight_states[i].items():
+            for name, reference in _expected_pullback(layer, factors, m_w, key).items():
+                state = opt.state[layer.factors()[name]]
+                assert float(state["step"]) == 6.0
+                assert reference.abs().sum() > 0, (name, key)
+                assert rel_err(state[key], reference) < 1e-12, (name, key)

@@ -1,5 +1,7 @@
 """SO / DSO / SRIP against their literal formulas and autograd gradients (float64)."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -14,7 +16,7 @@ SHAPES = [(17, 5), (5, 17), (8, 8), (6, 3, 3, 3), (1, 9)]
 
 
 def as_matrix(W):
-    return W.reshape(W.shape[0], -1)
+    return W.reshape(W.shape[0], math.prod(W.shape[1:]))
 
 
 def direct_so_literal(W):
@@ -167,20 +169,103 @@ def test_srip_warm_start_converges_across_calls():
     assert "0.weight" in reg._vectors
 
 
+def test_exclude_is_a_name_or_names():
+    """A str is one module name, never split into characters (module "10" vs modules "1" and "0")."""
+    torch.manual_seed(5)
+    model = nn.Sequential(*[nn.Linear(4 + i % 3, 4 + (i + 1) % 3, bias=False) for i in range(11)]).double()
+    params = dict(model.named_parameters())
+    kept = [f"{i}.weight" for i in range(10)]                             # all but module "10"
+    for cls, fn in ((SoftOrthogonality, so_penalty), (DoubleSoftOrthogonality, dso_penalty)):
+        reg = cls(0.5, exclude="10")
+        assert reg.exclude == ("10",)
+        assert rel_err(reg(model), 0.5 * sum(fn(params[n]) for n in kept)) < TOL64
+        assert rel_err(cls(0.5, exclude=["10"])(model), reg(model)) < TOL64
+    assert [n for n, _ in regularized_tensors(model, exclude="10")] == kept
+    assert SRIP(1.0, exclude=None).exclude == () and SRIP(1.0, exclude=("1", "2")).exclude == ("1", "2")
+    with pytest.raises(TypeError, match=r"exclude must be a module name \(str\) or an iterable of module names, "
+                                        r"got int \(3\)"):
+        SRIP(1.0, exclude=3)
+    with pytest.raises(TypeError, match=r"exclude must hold module names \(str\), got 3 \(int\)"):
+        regularized_tensors(model, exclude=["1", 3])
+
+
+@pytest.mark.parametrize("coef", [math.nan, math.inf, -math.inf, -1.0])
+def test_coef_must_be_finite_and_non_negative(coef):
+    for make in (SoftOrthogonality, DoubleSoftOrthogonality, SRIP, lambda c: OrthogonalityRegularizer(c, "so")):
+        with pytest.raises(ValueError, match=f"^coef must be a finite number >= 0, got {coef}$"):
+            make(coef)
+    with pytest.raises(TypeError, match=r"coef must be a finite number >= 0, got str \('1e-4'\)"):
+        SRIP("1e-4")
+    assert SoftOrthogonality(0).coef == 0.0
+
+
+def _exact_srip(W):
+    """σmax(G − I) of the smaller-side Gram, from torch.linalg in float64."""
+    M = as_matrix(W).double()
+    G = M.t() @ M if M.shape[0] >= M.shape[1] else M @ M.t()
+    return float(torch.linalg.matrix_norm(G - torch.eye(G.shape[0], dtype=G.dtype), ord=2))
+
+
+@pytest.mark.parametrize("start", ["zeros", "nan", "inf"])
+def test_srip_degenerate_start_falls_back_to_the_default(start):
+    W = torch.randn(6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fill = {"zeros": 0.0, "nan": math.nan, "inf": math.inf}[start]
+    value, v = srip_penalty(W, 300, start=torch.full((5,), fill, dtype=torch.float64), return_vector=True)
+    assert float(value) == pytest.approx(_exact_srip(W), rel=1e-12)
+    assert float(torch.linalg.vector_norm(v)) == pytest.approx(1.0, rel=1e-12)
+    assert float(value) == float(srip_penalty(W, 300))                 # exactly the default start
+    assert float(srip_penalty(W.float(), 5, start=torch.zeros(5))) > 0.5 * _exact_srip(W)
+    with pytest.raises(TypeError, match=r"start must be a real tensor of shape \(5,\), got list"):
+        srip_penalty(W, start=[1.0] * 5)
+    with pytest.raises(TypeError, match=r"start must be a real tensor of shape \(5,\), got a torch.complex128 tensor"):
+        srip_penalty(W, start=torch.ones(5, dtype=torch.complex128))
+
+
+def test_srip_warm_start_survives_an_orthogonal_weight():
+    """M = 0 (orthogonal W) used to turn the stored iterate into zeros, and every later call returned 0."""
+    model = nn.Sequential(nn.Linear(5, 5, bias=False).double())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(5, dtype=torch.float64))
+    reg = SRIP(1.0, n_power_iterations=1)
+    assert float(reg(model).detach()) == 0.0
+    assert float(torch.linalg.vector_norm(reg._vectors["0.weight"])) == pytest.approx(1.0, rel=1e-12)
+    with torch.no_grad():
+        model[0].weight.copy_(with_sigma(5, 5, [2.0, 1.2, 1.0, 0.9, 0.5]))
+    values = [float(reg(model).detach()) for _ in range(80)]
+    assert values[-1] == pytest.approx(_exact_srip(model[0].weight.detach()), rel=1e-12)     # 3.0
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (0, 2, 3, 3), (4, 0, 3, 3)])
+def test_empty_weight_has_defined_penalties(shape):
+    """No elements: the Gram on the smaller side is 0 × 0, so SO = SRIP = 0 and DSO = |m − n| — the literal
+    formulas' values (‖WᵀW − I_n‖²_F + ‖WWᵀ − I_m‖²_F = n + 0 for m = 0)."""
+    W = torch.zeros(shape, dtype=torch.float64)
+    m, n = as_matrix(W).shape
+    assert gram_small(W).shape == (0, 0)
+    smaller = direct_so_literal if m >= n else direct_so_rows
+    checks = [(so_penalty, smaller(W)), (dso_penalty, direct_so_literal(W) + direct_so_rows(W)),
+              (lambda w: srip_penalty(w, 3), torch.zeros((), dtype=torch.float64)),
+              (lambda w: srip_penalty(w, None), torch.zeros((), dtype=torch.float64))]
+    for fn, ref in checks:
+        value, grad = grad_of(fn, W)
+        assert float(value) == float(ref) and grad.shape == shape
+    assert float(dso_penalty(W)) == abs(m - n)
+
+
 def test_errors():
-    with pytest.raises(ValueError, match="coef"):
+    with pytest.raises(ValueError, match="coef must be a finite number >= 0, got -1.0"):
         SoftOrthogonality(-1.0)
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="kind must be one of so, dso, srip, got 'l2'"):
         OrthogonalityRegularizer(1.0, kind="l2")
-    with pytest.raises(ValueError, match="not modules"):
+    with pytest.raises(ValueError, match=r"exclude names \['nope'\] are not modules of the model"):
         regularized_tensors(_model(), exclude=["nope"])
-    with pytest.raises(ValueError, match="at least 2 dims"):
+    with pytest.raises(ValueError, match=r"weight must have at least 2 dims.*got shape \(3,\)"):
         so_penalty(torch.ones(3))
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"weight must be a torch\.Tensor, got list"):
         dso_penalty([[1.0]])
-    with pytest.raises(ValueError, match="n_power_iterations"):
+    with pytest.raises(ValueError, match="n_power_iterations must be an int ≥ 1 or None, got 0"):
         srip_penalty(torch.eye(3), n_power_iterations=0)
-    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"start must be a tensor of shape \(3,\), got \(4,\)"):
         srip_penalty(torch.eye(3), start=torch.ones(4))
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module, got str"):
         regularized_tensors("model")

@@ -193,43 +193,43 @@ def test_finetune_preset_starts_full():
 def test_bad_arguments():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="greater than inflate_epoch"):
+    with pytest.raises(ValueError, match=r"deflate_epoch must be greater than inflate_epoch.*got I=5, D=5"):
         DynamicRankScheduler(model, opt, 5, 5)
-    with pytest.raises(ValueError, match="greater than inflate_epoch"):
+    with pytest.raises(ValueError, match=r"deflate_epoch must be greater than inflate_epoch.*got I=5, D=3"):
         DynamicRankScheduler(model, opt, 5, 3)
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match="inflate_epoch must be >= 0, got -1"):
         DynamicRankScheduler(model, opt, -1, 3)
-    with pytest.raises(TypeError, match="int"):
+    with pytest.raises(TypeError, match=r"inflate_epoch must be an int or None, got float \(1\.5\)"):
         DynamicRankScheduler(model, opt, 1.5, 3)
-    with pytest.raises(ValueError, match="both are None"):
+    with pytest.raises(ValueError, match="give inflate_epoch and/or deflate_epoch; both are None"):
         DynamicRankScheduler(model, opt, None, None)
-    with pytest.raises(ValueError, match=r"in \[0, epochs=10\]"):
+    with pytest.raises(ValueError, match=r"deflate_epoch must be in \[0, epochs=10\], got 11"):
         DynamicRankScheduler(model, opt, 2, 11, epochs=10)
-    with pytest.raises(ValueError, match="optimizer_state"):
+    with pytest.raises(ValueError, match="optimizer_state must be one of reset, carry, got 'keep'"):
         DynamicRankScheduler(model, opt, 1, 2, optimizer_state="keep")
-    with pytest.raises(ValueError, match="deflate_init"):
+    with pytest.raises(ValueError, match="deflate_init must be one of zeros, random, svd, got 'ones'"):
         DynamicRankScheduler(model, opt, 1, 2, deflate_init="ones")
-    with pytest.raises(TypeError, match="Optimizer"):
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer, got list"):
         DynamicRankScheduler(model, [opt], 1, 2)
-    with pytest.raises(ValueError, match="no dynrank layers"):
+    with pytest.raises(ValueError, match=r"model has no dynrank layers \(FusedLowRankLinear, LowRankConv2d\)"):
         dense = nn.Linear(4, 4)
         DynamicRankScheduler(dense, torch.optim.SGD(dense.parameters(), lr=0.1), 1, 2)
-    with pytest.raises(ValueError, match="ratio"):
+    with pytest.raises(ValueError, match=r"deflate_rank is a ratio in \(0, 1\], got 1\.5"):
         DynamicRankScheduler(model, opt, 1, 2, deflate_rank=1.5)
-    with pytest.raises(ValueError, match=r"rank must be in \[1, 12\]"):
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 12\], got 13"):
         DynamicRankScheduler(model, opt, 1, 2, deflate_rank=13)
     sched = DynamicRankScheduler(model, opt, 1, 2, epochs=4)
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match="epoch must be >= 0, got -1"):
         sched.step(-1)
-    with pytest.raises(ValueError, match=r"in \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"epoch must be in \[0, 4\), got 4"):
         sched.step(4)
     sched.step(3)
-    with pytest.raises(ValueError, match="backwards"):
+    with pytest.raises(ValueError, match="epochs must not go backwards: got 2 after 3"):
         sched.step(2)
     full = mlp()
     full_opt = torch.optim.SGD(full.parameters(), lr=0.1)
     DynamicRankScheduler(full, full_opt, 0, 5).step(0)
-    with pytest.raises(ValueError, match="never returns to lowrank"):
+    with pytest.raises(ValueError, match=r"layer '0' is in full form and cannot be brought to lowrank form"):
         DynamicRankScheduler(full, full_opt, 2, 5).step(0)
 
 
@@ -425,5 +425,250 @@ def test_load_state_dict_restores_forms_and_optimizer_order():
     other = nn.Sequential(nn.Linear(12, 24), nn.Linear(24, 3))
     convert_model(other, rank_ratio=0.25)
     other_sched = DynamicRankScheduler(other, torch.optim.SGD(other.parameters(), lr=0.1), 1, 2)
-    with pytest.raises(ValueError, match="other layers"):
+    with pytest.raises(ValueError, match=r"saved scheduler manages other layers: only in checkpoint \['2'\], only in this model \[\]"):
         other_sched.load_state_dict(sched.state_dict())
+
+
+# -- failed calls change nothing -------------------------------------------------------------------
+def _everything(model, opt, sched):
+    """What a failed call must leave as it was: forms and ranks, parameter objects and values, the
+    optimizer's groups (parameter objects in order, hyperparameters) and state, the scheduler's state."""
+    return {"forms": {n: (m.form, m.rank) for n, m in sched.layers},
+            "params": [(n, p, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()],
+            "groups": [(list(g["params"]), {k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups],
+            "state": [(p, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()})
+                      for p, s in opt.state.items()],
+            "scheduler": sched.state_dict()}
+
+
+def _assert_unchanged(before, model, opt, sched):
+    now = _everything(model, opt, sched)
+    assert now["forms"] == before["forms"]
+    assert [(n, id(p), g) for n, p, _, g in now["params"]] == [(n, id(p), g) for n, p, _, g in before["params"]]
+    for (name, _, value, _), (_, _, old, _) in zip(now["params"], before["params"]):
+        torch.testing.assert_close(value, old, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert [([id(p) for p in ps], h) for ps, h in now["groups"]] == [([id(p) for p in ps], h)
+                                                                      for ps, h in before["groups"]]
+    assert [id(p) for p, _ in now["state"]] == [id(p) for p, _ in before["state"]]
+    for (_, s), (_, old) in zip(now["state"], before["state"]):
+        _assert_bitwise_equal(s, old)
+    assert now["scheduler"] == before["scheduler"]
+
+
+def _trained(epochs, width=24, opt_factory=None, **kwargs):
+    """An mlp trained through ``epochs`` epochs of a 1/2 (or given) schedule, the same each call."""
+    model = mlp(width=width)
+    opt = (opt_factory or (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)))(model.parameters())
+    sched = DynamicRankScheduler(model, opt, kwargs.pop("inflate", 1), kwargs.pop("deflate", 2), **kwargs)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)
+    for epoch in range(epochs):
+        sched.step(epoch)
+        train_steps(model, opt, x, y, steps=2)
+    return model, opt, sched, (x, y)
+
+
+def _assert_trains_like(model, opt, sched, reference, epoch):
+    """One more epoch on both runs: every parameter and the optimizer state stay bitwise equal."""
+    ref_model, ref_opt, ref_sched, (x, y) = reference
+    changes = [torch.manual_seed(7) and s.step(epoch) for s in (sched, ref_sched)]   # fresh factors alike
+    assert changes[0] == changes[1]
+    assert train_steps(model, opt, x, y, steps=2) == train_steps(ref_model, ref_opt, x, y, steps=2)
+    _assert_bitwise_equal(model.state_dict(), ref_model.state_dict())
+    _assert_bitwise_equal(opt.state_dict(), ref_opt.state_dict())
+
+
+def _bad_state(mutate):
+    state = _trained(3)[2].state_dict()          # both layers in adapter form, rank 6 and 6
+    state["ranks"], state["forms"] = dict(state["ranks"]), dict(state["forms"])
+    mutate(state)
+    return state
+
+
+@pytest.mark.parametrize("decomposition", ["tucker", "tkd-cpd"])
+def test_load_training_state_with_tuple_ranks(decomposition):
+    # Tucker-like convs have tuple ranks; a checkpoint of them (ranks as tuples, or as the lists
+    # a JSON round trip gives) loads into a fresh model at every form.
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                              nn.Flatten(), nn.Linear(8 * 6 * 6, 3))
+        convert_model(model, rank_ratio=0.5, decomposition=decomposition)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, opt, DynamicRankScheduler(model, opt, 1, 2)
+    x, y = torch.randn(4, 4, 6, 6), torch.randint(0, 3, (4,))
+    model, opt, sched = build()
+    for epoch in range(3):
+        sched.step(epoch)
+        train_steps(model, opt, x, y, steps=1)
+        ckpt = training_state(model, opt, sched)
+        ckpt["scheduler"]["ranks"] = {n: list(r) for n, r in ckpt["scheduler"]["ranks"].items()}
+        fresh, fresh_opt, fresh_sched = build()
+        load_training_state(ckpt, fresh, fresh_opt, fresh_sched)
+        assert fresh_sched.forms() == sched.forms()
+        assert [fresh[i].rank for i in (0, 2)] == [model[i].rank for i in (0, 2)]
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("mutate, error, message", [
+    (lambda s: s["ranks"].update({"2": 0}), ValueError, r"ranks\['2'\] is not a valid rank of layer '2': rank must "
+                                                        r"be in \[1, 24\], got 0"),
+    (lambda s: s["ranks"].update({"2": 1000}), ValueError, r"ranks\['2'\].*must be in \[1, 24\], got 1000"),
+    (lambda s: s["ranks"].update({"2": 2.5}), TypeError, r"ranks\['2'\].*rank must be an int, got float \(2\.5\)"),
+    (lambda s: s["ranks"].pop("2"), ValueError, r"manages other layers: only in checkpoint \[\], only in this "
+                                                r"model \['2'\] \(in ranks\)"),
+    (lambda s: s["forms"].update({"2": "dense"}), ValueError,
+     r"forms\['2'\] must be one of lowrank, full, adapter, got 'dense'"),
+    (lambda s: s.update(inflate_epoch="x"), TypeError, r"inflate_epoch must be an int or None, got str \('x'\)"),
+    (lambda s: s.update(unit="bogus"), ValueError, "unit must be one of epoch, step, got 'bogus'"),
+    (lambda s: s.update(last_epoch=-5), ValueError, "last_epoch must be >= 0, got -5"),
+    (lambda s: s.update(epochs=2), ValueError, r"last_epoch must be in \[0, epochs=2\), got 2"),
+    (lambda s: s.update(deflate_epoch=1), ValueError, "deflate_epoch must be greater than inflate_epoch"),
+    (lambda s: s.update(deflate_init="ones"), ValueError, "deflate_init must be one of zeros, random, svd"),
+    (lambda s: s.update(optimizer_state=None), ValueError, "optimizer_state must be one of reset, carry"),
+    (lambda s: s.update(deflate_rank={"typo": 3}), ValueError,
+     r"deflate_rank names unknown layers \['typo'\]; the layers are \['0', '2'\]"),
+    (lambda s: s.update(deflate_rank=0), ValueError, r"deflate_rank for layer '0': rank must be in \[1, 12\], got 0"),
+    (lambda s: s.update(extra=1), ValueError, r"not a DynamicRankScheduler state dict: unknown keys \['extra'\]"),
+    (lambda s: s.pop("forms"), ValueError, "not a DynamicRankScheduler state dict: missing forms"),
+    (lambda s: s.update(ranks=[6, 6]), TypeError, "ranks must be a dict layer name → value, got list"),
+], ids=["rank-0", "rank-1000", "rank-float", "rank-missing", "form", "inflate-str", "unit", "last-negative",
+        "last-past-epochs", "D<=I", "deflate-init", "optimizer-state", "deflate-rank-typo", "deflate-rank-0",
+        "unknown-key", "missing-key", "ranks-list"])
+def test_load_state_dict_checks_everything_before_changing_anything(mutate, error, message):
+    state = _bad_state(mutate)
+    model, opt, sched, _ = _trained(1)                         # lowrank, trained one epoch
+    before = _everything(model, opt, sched)
+    with pytest.raises(error, match=message):
+        sched.load_state_dict(state)
+    _assert_unchanged(before, model, opt, sched)
+    _assert_trains_like(model, opt, sched, _trained(1), 1)     # as if the call had never been made
+
+
+def test_load_state_dict_rejects_non_dicts_and_unreachable_ranks():
+    model, opt, sched, _ = _trained(1)
+    before = _everything(model, opt, sched)
+    with pytest.raises(TypeError, match="state_dict must be a dict from DynamicRankScheduler.state_dict\\(\\), "
+                                        "got NoneType"):
+        sched.load_state_dict(None)
+    _assert_unchanged(before, model, opt, sched)
+    adapter = _trained(3)[2].state_dict()
+    model, opt, sched, _ = _trained(3, deflate_rank=2)          # adapters of rank 2: rank 3 is not reachable
+    before = _everything(model, opt, sched)
+    with pytest.raises(ValueError, match="layer '0' has rank 2 but the checkpoint has 3"):
+        sched.load_state_dict(adapter)
+    _assert_unchanged(before, model, opt, sched)
+
+
+@pytest.mark.parametrize("init", ["svd", "zeros"])
+def test_step_checks_every_layer_before_switching_any(init):
+    model, opt, sched, _ = _trained(2, inflate=0, deflate=3, deflate_init=init)   # full, trained
+    with torch.no_grad():
+        saved = model[2].weight[1, 2].item()
+        model[2].weight[1, 2] = float("nan")
+    before = _everything(model, opt, sched)
+    with pytest.raises(ValueError, match="layer '2' has non-finite values in weight; not switching any layer "
+                                         "at epoch 3"):
+        sched.step(3)
+    _assert_unchanged(before, model, opt, sched)
+    with torch.no_grad():
+        model[2].weight[1, 2] = saved
+    _assert_trains_like(model, opt, sched, _trained(2, inflate=0, deflate=3, deflate_init=init), 3)
+
+
+def test_deflate_rank_names_only_known_layers():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"deflate_rank names unknown layers \['2x', 'typo'\]; the layers are "
+                                         r"\['0', '2'\]"):
+        DynamicRankScheduler(model, opt, 0, 1, deflate_rank={"typo": 3, "2x": 2, "0": 2})
+    spec = {"0": 2}
+    sched = DynamicRankScheduler(model, opt, 0, 1, deflate_rank=spec)
+    spec["0"] = 100                                              # a later edit of the caller's dict is not seen
+    sched.step(1)
+    assert [model[i].rank for i in (0, 2)] == [2, 6]
+
+
+def test_sync_ranks_and_process_group_are_checked():
+    import torch.distributed as dist
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"sync_ranks must be True, False or None, got str \('no'\)"):
+        DynamicRankScheduler(model, opt, 0, 1, sync_ranks="no")
+    with pytest.raises(TypeError, match=r"process_group must be a torch\.distributed\.ProcessGroup or None, "
+                                        r"got str \('x'\)"):
+        DynamicRankScheduler(model, opt, 0, 1, process_group="x")
+    assert DynamicRankScheduler(model, opt, 0, 1, sync_ranks=False).sync_ranks is False
+    if not dist.is_available():
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        sched = DynamicRankScheduler(model, opt, 0, 1, sync_ranks=True, process_group=group)
+        assert sched.process_group is group and sched.step(1)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_remove_callback_names_what_was_not_added():
+    model = mlp()
+    sched = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 0, 1)
+    with pytest.raises(ValueError, match="was not added to this scheduler"):
+        sched.remove_callback(print)
+
+
+# -- load_training_state: all or nothing --------------------------------------------------------------
+def _checkpoint(epochs, **kwargs):
+    model, opt, sched, _ = _trained(epochs, **kwargs)
+    return training_state(model, opt, sched, epoch=epochs - 1)
+
+
+@pytest.mark.parametrize("source, target, error, message", [
+    # another width: the scheduler has inflated every layer when the model's values do not fit
+    (dict(epochs=2, width=20), dict(epochs=1), RuntimeError, r"weight must have shape \(24, 24\)"),
+    # adapter → full writes into the frozen weight in place before the model's values fail to load
+    (dict(epochs=2, width=20), dict(epochs=3), RuntimeError, r"weight must have shape \(24, 24\)"),
+    # Adam given an SGD checkpoint: torch fails in optimizer.load_state_dict after model and scheduler loaded
+    (dict(epochs=2), dict(epochs=1, opt_factory=lambda p: torch.optim.Adam(p, lr=1e-2)), ValueError,
+     r"checkpoint\['optimizer'\] does not fit this optimizer \(KeyError: 'step'\); nothing was loaded"),
+    # a bad scheduler part: checked before anything else
+    (dict(epochs=2, deflate_rank=30), dict(epochs=1), ValueError, r"deflate_rank for layer '0'"),
+], ids=["width-lowrank", "width-adapter", "adam-given-sgd", "bad-scheduler"])
+def test_failed_load_training_state_changes_nothing(source, target, error, message):
+    if "deflate_rank" in source:
+        ckpt = _checkpoint(2)
+        ckpt["scheduler"]["deflate_rank"] = source["deflate_rank"]
+    else:
+        ckpt = _checkpoint(**source)
+    model, opt, sched, _ = _trained(**target)
+    before = _everything(model, opt, sched)
+    with pytest.raises(error, match=message):
+        load_training_state(ckpt, model, opt, sched)
+    _assert_unchanged(before, model, opt, sched)
+    _assert_trains_like(model, opt, sched, _trained(**target), target["epochs"])
+
+
+def test_load_training_state_needs_a_checkpoint_and_matching_objects():
+    model, opt, sched, _ = _trained(1)
+    before = _everything(model, opt, sched)
+    ckpt = _checkpoint(2)
+    with pytest.raises(TypeError, match=r"checkpoint must be a dict from training_state\(\.\.\.\), got str"):
+        load_training_state("ckpt", model, opt, sched)
+    with pytest.raises(ValueError, match="checkpoint must have the keys model, optimizer and scheduler .*"
+                                         "missing optimizer, scheduler"):
+        load_training_state({"model": {}}, model, opt, sched)
+    with pytest.raises(TypeError, match=r"checkpoint\['scheduler'\] must be a state dict, got NoneType"):
+        load_training_state(dict(ckpt, scheduler=None), model, opt, sched)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        training_state("m", opt, sched)
+    with pytest.raises(TypeError, match="scheduler must be a DynamicRankScheduler or IncrementalRankScheduler, "
+                                        "got dict"):
+        load_training_state(ckpt, model, opt, ckpt["scheduler"])
+    other, other_opt, other_sched, _ = _trained(1)
+    with pytest.raises(ValueError, match="scheduler was built on another model than the one given"):
+        load_training_state(ckpt, other, opt, sched)
+    with pytest.raises(ValueError, match="scheduler was built with another optimizer than the one given"):
+        training_state(model, other_opt, sched)
+    _assert_unchanged(before, model, opt, sched)
+    assert load_training_state(ckpt, model, opt, sched) == {"epoch": 1}          # a good load still works
+    _assert_trains_like(model, opt, sched, _trained(2), 2)

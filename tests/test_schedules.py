@@ -113,29 +113,63 @@ def test_finetune_preset_matches_the_glue_settings():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match=r"give exactly one of milestones \(step schedule\) or lrs \(per-epoch LR list\); "
+                                         r"neither was given"):
         schedule_from_lr(100)
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match=r"give exactly one of milestones \(step schedule\) or lrs \(per-epoch LR list\); "
+                                         r"both were given"):
         schedule_from_lr(100, milestones=[50], lrs=[0.1] * 100)
-    with pytest.raises(ValueError, match=r"in \(0, 100\)"):
+    with pytest.raises(ValueError, match=r"the first milestone must be in \(0, 100\), got 100"):
         schedule_from_lr(100, milestones=[100])
-    with pytest.raises(ValueError, match="increasing"):
+    with pytest.raises(ValueError, match=r"milestones must be increasing, got \[60, 50\]"):
         schedule_from_lr(100, milestones=[60, 50])
-    with pytest.raises(ValueError, match="one entry per epoch"):
+    with pytest.raises(ValueError, match=r"lrs must have one entry per epoch \(100\), got 99"):
         schedule_from_lr(100, lrs=[0.1] * 99)
-    with pytest.raises(ValueError, match="never falls"):
+    with pytest.raises(ValueError, match=r"the learning rate never falls to 0\.316× its peak \(0\.1 at epoch 0; the lowest "
+                                         r"after it is 1× at epoch 1\)"):
         schedule_from_lr(100, lrs=[0.1] * 100)
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match=r"lrs must be finite, non-negative and not all zero, got lrs\[1\] = nan"):
         schedule_from_lr(3, lrs=[0.1, float("nan"), 0.0])
-    with pytest.raises(ValueError, match="full_rank_fraction"):
+    with pytest.raises(ValueError, match=r"full_rank_fraction must be in \(0, 1\], got 0\.0"):
         schedule_from_lr(100, milestones=[50], full_rank_fraction=0.0)
-    with pytest.raises(TypeError, match="full_rank_fraction"):
+    with pytest.raises(TypeError, match=r"full_rank_fraction must be a float, got str \('half'\)"):
         schedule_from_lr(100, milestones=[50], full_rank_fraction="half")
-    with pytest.raises(ValueError, match="granularity"):
+    with pytest.raises(ValueError, match="granularity must be a positive int, got 0"):
         schedule_from_lr(100, milestones=[50], granularity=0)
-    with pytest.raises(ValueError, match="epochs must be >= 2"):
+    with pytest.raises(ValueError, match="epochs must be >= 2, got 1"):
         schedule_from_lr(1, milestones=[1])
-    with pytest.raises(TypeError, match="epochs must be an int"):
+    with pytest.raises(TypeError, match=r"epochs must be an int, got float \(100\.0\)"):
         schedule_from_lr(100.0, milestones=[50])
-    with pytest.raises(ValueError, match="deflate_fraction"):
+    with pytest.raises(ValueError, match=r"deflate_fraction must be in \(0, 1\), got 1\.0"):
         finetune_schedule(10, deflate_fraction=1.0)
+
+
+def test_bad_lr_arguments_say_what_broke():
+    with pytest.raises(TypeError, match=r"^threshold must be a float in \(0, 1\), got str \('x'\)$"):
+        schedule_from_lr(4, lrs=[1.0, 1.0, 0.1, 0.1], threshold="x")
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\), got nan"):
+        midpoint_schedule(4, lrs=[1.0, 1.0, 0.1, 0.1], threshold=math.nan)
+    with pytest.raises(TypeError, match=r"^milestones must be a sequence of decay epochs \(e\.g\. \[100, 150\]\), "
+                                        r"got int \(5\)$"):
+        schedule_from_lr(10, milestones=5)
+    with pytest.raises(TypeError, match=r"milestones must be a sequence of decay epochs .*got str \('50'\)"):
+        regime_boundary(100, milestones="50")
+    with pytest.raises(TypeError, match=r"milestones must be ints, got milestones\[1\] = 60\.0 \(float\)"):
+        schedule_from_lr(100, milestones=[50, 60.0])
+    with pytest.raises(TypeError, match=r"lrs must be a sequence of per-epoch learning rates .*got float \(0\.1\)"):
+        schedule_from_lr(3, lrs=0.1)
+    with pytest.raises(TypeError, match=r"lrs must hold numbers, got lrs\[2\] = '0\.01' \(str\)"):
+        schedule_from_lr(3, lrs=[0.1, 0.1, "0.01"])
+    for bad, at in (([0.1, 0.1, -0.01], "lrs\\[2\\] = -0.01"), ([math.inf, 0.1, 0.0], "lrs\\[0\\] = inf"),
+                    ([0.0, 0.0, 0.0], "all 3 entries 0")):
+        with pytest.raises(ValueError, match=f"^lrs must be finite, non-negative and not all zero, got {at}$"):
+            schedule_from_lr(3, lrs=bad)
+    # The lowest fraction of the peak reached after it: 0.4 at epoch 3 (a reference by hand).
+    with pytest.raises(ValueError, match=r"^the learning rate never falls to 0\.316× its peak \(1 at epoch 0; the "
+                                         r"lowest after it is 0\.4× at epoch 3\); there is no low-noise regime"):
+        schedule_from_lr(5, lrs=[1.0, 0.5, 0.6, 0.4, 0.45])
+    with pytest.raises(ValueError, match=r"never falls to 0\.5× its peak \(0\.3 at epoch 2; "
+                                         r"the peak is the last epoch\)"):
+        regime_boundary(3, lrs=[0.1, 0.2, 0.3], threshold=0.5)
+    # Tensors and numpy arrays of LRs still work.
+    assert regime_boundary(4, lrs=torch.tensor([1.0, 1.0, 0.1, 0.1])) == 2

@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+import re
 import tarfile
 import threading
 import zipfile
@@ -133,7 +134,8 @@ def test_pickle_with_code_is_refused(tmp_path):
         def __reduce__(self):
             return (os.system, ("echo owned",))
     (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil()}))
-    with pytest.raises(DataError, match="refusing to unpickle"):
+    refused = f"refusing to unpickle {os.system.__module__}.system: a CIFAR archive holds only numpy arrays"
+    with pytest.raises(DataError, match=re.escape(refused)):
         load_vision("cifar10", str(tmp_path))
 
 
@@ -166,10 +168,35 @@ def test_jpeg_tree_inside_tar_gz(tmp_path):
         assert all(error < (test_x[i].float() - other).abs().mean() for j, other in enumerate(expected) if j != i)
 
 
+def _triangle_downscale(array, n):
+    """float64 antialiased bilinear downscale of axis 0 to n: triangle filter widened by the scale."""
+    m = array.shape[0]
+    scale = m / n
+    source = np.arange(m) + 0.5
+    out = []
+    for i in range(n):
+        w = np.clip(1.0 - np.abs((source - (i + 0.5) * scale) / scale), 0.0, None)
+        out.append(np.tensordot(w / w.sum(), array, axes=(0, 0)))
+    return np.stack(out)
+
+
 def test_tree_images_of_other_size_are_resized(tmp_path):
-    write_image_tree(str(tmp_path), "PNG", per_class=1, size=40)
-    train_x = load_vision("cifar10", str(tmp_path))[0]
-    assert tuple(train_x.shape[1:]) == (3, 32, 32)
+    written = write_image_tree(str(tmp_path), "PNG", per_class=1, size=40)
+    train_x, _, test_x, _, _ = load_vision("cifar10", str(tmp_path))
+    assert tuple(train_x.shape) == (3, 3, 32, 32) and train_x.dtype == torch.uint8
+    for split, loaded in (("train", train_x), ("test", test_x)):
+        for i, (_, array) in enumerate(sorted(written[split], key=lambda e: e[0])):
+            hwc = np.ascontiguousarray(array.transpose(1, 2, 0))
+            # The loader's documented step: PIL bilinear resize of the RGB image. PNG is lossless,
+            # so the loaded values equal the same resize of the array that was written.
+            expected = np.asarray(PIL.fromarray(hwc).resize((32, 32), PIL.BILINEAR)).transpose(2, 0, 1)
+            assert torch.equal(loaded[i], torch.from_numpy(np.ascontiguousarray(expected)))
+            # Independently of PIL: a float64 triangle-filter downscale (rows, then columns). PIL
+            # rounds to uint8 after each of its two passes, each at most 0.5 off (the second pass
+            # is a convex combination, so the first rounding stays within 0.5): at most 1 level.
+            reference = _triangle_downscale(_triangle_downscale(hwc.astype(np.float64), 32).transpose(1, 0, 2), 32)
+            reference = reference.transpose(2, 1, 0)                         # (c, rows, cols)
+            assert np.abs(loaded[i].numpy().astype(np.float64) - reference).max() <= 1.0 + 1e-9
 
 
 def test_cache_returns_the_same_tensors(tmp_path):
@@ -245,7 +272,9 @@ def test_missing_folder_message(tmp_path):
     with pytest.raises(DataError) as err:
         load_vision("cifar10", str(tmp_path / "nowhere"))
     text = str(err.value)
-    assert "does not exist" in text and "cifar-10-batches-py" in text and "train/<class>" in text
+    assert f"data folder {tmp_path / 'nowhere'} does not exist" in text
+    assert f"cifar10 not found (--data-dir {tmp_path / 'nowhere'})" in text
+    assert "cifar-10-batches-py" in text and "train/<class>" in text
     assert "--download" in text
 
 
@@ -253,14 +282,15 @@ def test_folder_without_layout_message(tmp_path):
     (tmp_path / "readme.txt").write_text("nothing here")
     with pytest.raises(DataError) as err:
         load_vision("tiny-imagenet", str(tmp_path))
-    assert "tiny-imagenet not found" in str(err.value) and "wnids.txt" in str(err.value)
+    assert f"tiny-imagenet not found (--data-dir {tmp_path})" in str(err.value) and "wnids.txt" in str(err.value)
 
 
 def test_incomplete_pickled_folder_message(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     write_cifar10_pickles(str(folder))
     os.remove(folder / "data_batch_3")
-    with pytest.raises(DataError, match="data_batch_3 is missing"):
+    with pytest.raises(DataError, match=re.escape(f"{folder / 'data_batch_3'} is missing: "
+                                                  "the pickled cifar10 folder is incomplete")):
         load_vision("cifar10", str(tmp_path))
 
 
@@ -329,7 +359,9 @@ def test_stdlib_corpus_is_deterministic_and_split_per_file():
 
 
 def test_stdlib_corpus_missing_sources(tmp_path):
-    with pytest.raises(DataError, match="ships no .py sources"):
+    with pytest.raises(DataError, match=re.escape(f"the standard-library sources under {tmp_path} are missing or too "
+                                                  f"small (0 of {len(STDLIB_MODULES)} modules, 0 bytes); this "
+                                                  "Python install ships no .py sources")):
         load_stdlib_corpus(stdlib_dir=str(tmp_path))
 
 
@@ -357,5 +389,6 @@ def test_download_failure_is_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         data_module.download("cifar10", str(tmp_path))
     text = str(err.value)
-    assert "cifar-10-python.tar.gz" in text and "network is unreachable" in text and str(tmp_path) in text
+    assert "could not download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (network is unreachable)" in text
+    assert f"put cifar-10-python.tar.gz into {tmp_path}" in text
     assert os.listdir(tmp_path) == []               # no partial file left behind

@@ -42,7 +42,7 @@ DATA_PRESET = {"cifar10": PRESETS["cifar10-resnet20"], "cifar100": PRESETS["cifa
 MODEL_DATA = {"resnet20": "cifar10", "wrn28-10": "cifar100", "resnet50": "tiny-imagenet", "gpt": "stdlib"}
 DATA_MODEL = {data: model for model, data in MODEL_DATA.items()}
 GENERIC = dict(schedule="dynamic", decomposition="svd", seed=0, device="auto", lr_decay=0.1, deflate_init="zeros",
-               optimizer_state="carry", width=1.0, metrics_every=1, context=128, dim=128, depth=2, heads=4,
+               optimizer_state="reset", width=1.0, metrics_every=1, context=128, dim=128, depth=2, heads=4,
                steps_per_epoch=None, dropout=None, data_dir="data", compile=False, compile_mode="default",
                cuda_graphs=False)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
