@@ -13,7 +13,8 @@ and of ResNet50 at 64×64 (stride-1 stem, no max pool: stages at 64/32/16/8)
 and at 224×224 (stages at 56/28/14/7); ResNet50 runs on CUDA only.  On CUDA
 activations and kernels are channels-last in bf16, the layout cuDNN's tensor
 core kernels want.  TFLOP/s is each provider's own work, counted by torch's
-FlopCounterMode on the executed convolutions.
+FlopCounterMode on the executed convolutions.  A test that is not a benchmark
+checks that every provider computes the conv its row claims (against float64).
 """
 
 from dataclasses import dataclass
@@ -118,3 +119,34 @@ def test_conv(benchmark, provider, form, pass_, case):
     benchmark(run)
     flops = common.flops_of(run) if benchmark.enabled else None
     common.finish(benchmark, flops=flops, dtype=case.dtype)
+
+
+@pytest.mark.parametrize("provider,form", PROVIDERS, ids=[f"{p}-{f.replace('/', '-')}" for p, f in PROVIDERS])
+def test_each_provider_computes_its_conv(provider, form):
+    """Not a benchmark: every provider is the conv its row claims (the case's stride and padding, its
+    form's kernel), against ``conv2d`` in float64 with the kernel rebuilt by the kernels' reference
+    merges, and trains exactly the parameters of its form."""
+    from dynrank.kernels.conv_merge import reference_kernel
+
+    case = ConvCase("check", 2, 8, 12, 3, 2, 7, torch.float32)
+    torch.manual_seed(0)
+    layer, params = make_conv(provider, form, case)
+    if provider == "dynrank" and form != "full":
+        with torch.no_grad():
+            for factor in layer.factors().values():
+                factor.normal_(0.0, 0.3)       # the adapter's zeroed factor too: a term the check sees
+        kernel = reference_kernel(layer.decomposition, layer.factors(), layer.scale)
+        if layer.form == "adapter":
+            kernel = kernel + layer.weight.double()
+        expected_params = list(layer.factors().values())
+    else:
+        kernel = layer.weight.double()
+        expected_params = [] if provider == "dense_frozen" else [layer.weight]
+    assert [id(p) for p in params] == [id(p) for p in expected_params]
+    x = torch.randn(case.batch, case.in_channels, case.size, case.size, device=common.DEVICE)
+    expected = nn.functional.conv2d(x.double().cpu(), kernel.detach().cpu(), stride=case.stride,
+                                    padding=case.kernel_size // 2)
+    with torch.no_grad():
+        out = layer(x).double().cpu()
+    assert out.shape == expected.shape
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-5

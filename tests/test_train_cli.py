@@ -51,6 +51,16 @@ def test_presets_are_table_7(preset, expected):
     assert cfg["optimizer"] == "sgd" and cfg["schedule"] == "dynamic"
 
 
+@pytest.mark.parametrize("schedule", ["full", "lowrank"])
+def test_a_one_epoch_single_form_run_needs_no_decay(schedule):
+    # No milestone fits in one epoch; a run without a switch needs none, a dynamic run does.
+    cfg = _config(["--epochs", "1", "--schedule", schedule])
+    assert cfg["epochs"] == 1 and cfg["milestones"] == [] and cfg["schedule"] == schedule
+    with pytest.raises(ValueError, match="without LR milestones there is no decay to place the full-rank phase "
+                                         "around; give --inflate-epoch and --deflate-epoch"):
+        _config(["--epochs", "1", "--schedule", "dynamic"])
+
+
 def test_flags_override_a_preset_and_the_schedule_follows():
     cfg = _config(["--preset", "cifar10-resnet20", "--epochs", "30", "--lr", "0.2"])
     assert cfg["lr"] == 0.2 and cfg["milestones"] == [20, 26]          # decays kept at 100/150, 130/150

@@ -200,6 +200,8 @@ def config_from_args(args):
         inflate, deflate = given["inflate_epoch"], given["deflate_epoch"]
     elif same_schedule and "full_rank_fraction" not in given:
         inflate, deflate = reference["inflate_epoch"], reference["deflate_epoch"]
+    elif not cfg["milestones"] and cfg["schedule"] in ("full", "lowrank"):
+        inflate, deflate = 0, epochs        # a single-form run: no switch to place
     elif not cfg["milestones"]:
         raise ValueError("without LR milestones there is no decay to place the full-rank phase around; "
                          "give --inflate-epoch and --deflate-epoch")
