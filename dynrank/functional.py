@@ -284,7 +284,9 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-    if type(scale) is not float or not math.isfinite(scale):
+    compiling = torch.compiler.is_compiling()
+    if not compiling and (type(scale) is not float or not math.isfinite(scale)):
+        # Traced code skips this: dynamo may pass the scale as a SymFloat.
         scale = _check_scale(scale, "scale")
     device_type = x.device.type
     if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
@@ -293,7 +295,6 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
         x, weight, A, B, bias = (cast(t) for t in (x, weight, A, B, bias))
         with torch.autocast(device_type, enabled=False):
             return lowrank_linear(x, weight, A, B, bias, scale)
-    compiling = torch.compiler.is_compiling()
     if (not compiling and _torch_would_catch(x, weight, A, B, bias)
             and backend_for(x.device, "lowrank_linear", x.dtype) == "torch"):
         try:
@@ -378,7 +379,7 @@ def merge_(weight, A, B, alpha=1.0):
     for name, t in (("weight", weight), ("A", A), ("B", B)):
         if not isinstance(t, Tensor):
             raise TypeError(f"merge_ takes tensors, got {name} of type {type(t).__name__}")
-    if type(alpha) is not float or not math.isfinite(alpha):
+    if not torch.compiler.is_compiling() and (type(alpha) is not float or not math.isfinite(alpha)):
         alpha = _check_scale(alpha, "alpha")
     if torch.is_grad_enabled() and (weight.requires_grad or A.requires_grad or B.requires_grad):
         with torch.no_grad():
@@ -402,7 +403,10 @@ def merge_(weight, A, B, alpha=1.0):
 
 
 def _check_scale(value, name):
-    """A finite real number as float (``lowrank_linear``'s scale, ``merge_``'s alpha)."""
+    """A finite real number as float (``lowrank_linear``'s scale, ``merge_``'s alpha): a Python or
+    numpy number, or a 0-d real tensor (read once, as ``float()`` reads it)."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
     value = float(value)

@@ -319,7 +319,7 @@ class IncrementalRankScheduler:
             self.last_step = int(step)
             return []
         due = [(name, layer) for name, layer in self._layers if layer.rank < self.max_rank[name]]
-        check_finite(due, f"not growing any layer at step {step}")
+        check_finite(due, f"not growing any layer at step {step}", frozen=False)   # growth reads A, B only
         plans = []
         for name, layer in due:
             new_current = explained_rank(_lowrank_singular_values(layer), self.current[name],

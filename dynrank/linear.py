@@ -31,14 +31,15 @@ def check_ratio(ratio, what="rank_ratio"):
 
 
 def check_alpha(alpha):
-    """Validate a scale numerator: None, or a finite number > 0; returns it unchanged."""
+    """Validate a scale numerator: None, or a finite number > 0; returns it as float (so the scale
+    alpha / rank is a Python float, as the layers' forward expects)."""
     if alpha is None:
         return None
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a number or None, got {type(alpha).__name__} ({alpha!r})")
     if not 0.0 < alpha < math.inf:                  # NaN fails this too
         raise ValueError(f"alpha must be a finite number > 0 (the scale is alpha / rank), got {alpha!r}")
-    return alpha
+    return float(alpha)
 
 
 def rank_from_ratio(ratio, in_features, out_features):

@@ -15,6 +15,7 @@ import copy
 import numbers
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -95,8 +96,13 @@ def check_sync(model, sync_ranks, process_group):
     torch build has no ``torch.distributed``.
     """
     from torch.nn.parallel import DistributedDataParallel
-    if sync_ranks is not None and not isinstance(sync_ranks, bool):
-        raise TypeError(f"sync_ranks must be True, False or None, got {type(sync_ranks).__name__} ({sync_ranks!r})")
+    if sync_ranks is not None:
+        # A bool, or a numpy bool / 0 / 1 read as one; not any truthy value ("no" is not False).
+        if isinstance(sync_ranks, np.bool_) or (isinstance(sync_ranks, int) and sync_ranks in (0, 1)):
+            sync_ranks = bool(sync_ranks)
+        if not isinstance(sync_ranks, bool):
+            raise TypeError(f"sync_ranks must be True, False or None, got {type(sync_ranks).__name__} "
+                            f"({sync_ranks!r})")
     if process_group is not None:
         dist = torch.distributed
         group_type = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
@@ -131,17 +137,26 @@ def check_same_layers(given, names, what):
                          f"{absent} (in {what})")
 
 
-def check_finite(layers, what_not):
+def check_finite(layers, what_not, frozen=True):
     """Raise ValueError naming the first of ``layers`` ((name, layer) pairs) whose weight or factors hold
-    NaN or inf; ``what_not`` ends the message (what was not done)."""
+    NaN or inf; ``what_not`` ends the message (what was not done).  ``frozen=False`` skips a frozen
+    dense weight (an adapter's W_f, which training does not change).  One host sync per device."""
+    checked = []
     for name, layer in layers:
         tensors = dict(layer.factors())
         dense = layer._dense()
-        if dense is not None:
+        if dense is not None and (frozen or dense.requires_grad):
             tensors = {layer.weight_name: dense, **tensors}
-        for key, tensor in tensors.items():
-            if tensor is not None and not tensor.is_meta and not bool(torch.isfinite(tensor.detach()).all()):
-                raise ValueError(f"layer {name!r} has non-finite values in {key}; {what_not}")
+        checked += [(name, key, t.detach()) for key, t in tensors.items() if t is not None and not t.is_meta]
+    by_device = {}
+    for i, (_, _, t) in enumerate(checked):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        flags = torch.stack([torch.isfinite(checked[i][2]).all() for i in indices]).tolist()
+        bad = [i for i, ok in zip(indices, flags) if not ok]
+        if bad:
+            name, key, _ = checked[min(bad)]
+            raise ValueError(f"layer {name!r} has non-finite values in {key}; {what_not}")
 
 
 def _trainable(layer):
@@ -467,8 +482,9 @@ class DynamicRankScheduler:
             if layer.form != form:
                 self._path(name, layer.form, form)          # raises if the saved form cannot be reached
             elif form != "full" and layer.rank != rank:
-                raise ValueError(f"layer {name!r} has rank {layer.rank} but the checkpoint has {rank}; "
-                                 f"convert the model with the same rank_ratio")
+                how = ("convert the model with the same rank_ratio" if form == "lowrank" else
+                       "build the scheduler with the saved deflate_rank, or deflate the layer to that rank")
+                raise ValueError(f"layer {name!r} has rank {layer.rank} but the checkpoint has {rank}; {how}")
         return settings, dict(forms), checked
 
     def load_state_dict(self, state_dict):

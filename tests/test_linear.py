@@ -427,11 +427,12 @@ def test_functional_merge_rejects_bad_input(backend):
 @pytest.mark.parametrize("scale, exc, message", [
     ("2", TypeError, r"scale must be a real number, got str \('2'\)"),
     (None, TypeError, r"scale must be a real number, got NoneType \(None\)"),
-    (torch.tensor(2.0), TypeError, r"scale must be a real number, got Tensor"),
+    (torch.tensor([2.0]), TypeError, r"scale must be a real number, got Tensor"),
+    (torch.tensor(1j), TypeError, r"scale must be a real number, got Tensor"),
     (1j, TypeError, r"scale must be a real number, got complex \(1j\)"),
     (float("nan"), ValueError, "scale must be finite, got nan"),
     (float("inf"), ValueError, "scale must be finite, got inf"),
-], ids=["str", "None", "tensor", "complex", "nan", "inf"])
+], ids=["str", "None", "1-d tensor", "complex tensor", "complex", "nan", "inf"])
 def test_functional_lowrank_linear_rejects_a_bad_scale(backend, form, scale, exc, message):
     device = _device()
     x, A, B = torch.randn(3, 5, device=device), torch.randn(4, 2, device=device), torch.randn(5, 2, device=device)
@@ -444,8 +445,42 @@ def test_functional_lowrank_linear_takes_any_real_scale(backend):
     device = _device()
     x, A, B = torch.randn(3, 5, device=device), torch.randn(4, 2, device=device), torch.randn(5, 2, device=device)
     expected = 2 * (x.double() @ B.double()) @ A.double().t()
-    for scale in (2, np.float64(2.0), np.int32(2)):
+    for scale in (2, np.float64(2.0), np.int32(2), torch.tensor(2.0), torch.tensor(2)):
         assert rel_err(F.lowrank_linear(x, None, A, B, None, scale), expected) < REL_TOL[torch.float32]
+
+
+def test_numpy_alpha_gives_a_python_float_scale():
+    layer = FusedLowRankLinear(6, 9, rank=2, alpha=np.float32(8.0))
+    assert type(layer.alpha) is float and type(layer.scale) is float and layer.scale == 4.0
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_functional_compiles_whole_with_changing_scales(backend, form):
+    # Dynamo passes a float argument that changes between calls as a SymFloat; the check of the
+    # scale must not break the graph or fail on it.
+    device = _device()
+    x, A, B = torch.randn(3, 5, device=device), torch.randn(4, 2, device=device), torch.randn(5, 2, device=device)
+    weight = torch.randn(4, 5, device=device) if form == "adapter" else None
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, s: F.lowrank_linear(x, weight, A, B, None, s), backend="aot_eager",
+                             fullgraph=True)
+    for scale in (0.5, 0.25, 3.0):
+        expected = scale * (x.double() @ B.double()) @ A.double().t()
+        if weight is not None:
+            expected = expected + x.double() @ weight.double().t()
+        assert rel_err(compiled(x, scale), expected) < REL_TOL[torch.float32]
+
+
+def test_merge_on_the_torch_engine_compiles_whole_with_changing_alphas(monkeypatch):
+    # The same for merge_'s alpha (the Triton merge is not a custom op: it runs eagerly).
+    monkeypatch.setenv("DYNRANK_BACKEND", "torch")
+    A, B = torch.randn(4, 2), torch.randn(5, 2)
+    torch._dynamo.reset()
+    merged = torch.compile(lambda W, s: F.merge_(W, A, B, s), backend="aot_eager", fullgraph=True)
+    for alpha in (0.5, 0.25, 3.0):
+        W = torch.randn(4, 5)
+        expected = W.double() + alpha * A.double() @ B.double().t()
+        assert rel_err(merged(W, alpha), expected) < REL_TOL[torch.float32]
 
 
 def test_unknown_backend(monkeypatch):

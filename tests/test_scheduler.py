@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -599,6 +600,10 @@ def test_sync_ranks_and_process_group_are_checked():
                                         r"got str \('x'\)"):
         DynamicRankScheduler(model, opt, 0, 1, process_group="x")
     assert DynamicRankScheduler(model, opt, 0, 1, sync_ranks=False).sync_ranks is False
+    for flag, expected in ((np.bool_(True), True), (np.bool_(False), False), (1, True), (0, False)):
+        assert DynamicRankScheduler(model, opt, 0, 1, sync_ranks=flag).sync_ranks is expected
+    with pytest.raises(TypeError, match=r"sync_ranks must be True, False or None, got int \(2\)"):
+        DynamicRankScheduler(model, opt, 0, 1, sync_ranks=2)
     if not dist.is_available():
         return
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
