@@ -50,16 +50,39 @@ __all__ = ["rewrap_ddp", "broadcast_params", "dynrank_params", "allreduce_grads"
 _DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
 
 
+def _active(group, caller):
+    """Whether to communicate: False without a process group, but only for the default ``group=None``.
+
+    An explicitly passed ``group`` must be a ProcessGroup (else TypeError) and needs
+    torch.distributed initialized (else RuntimeError): a wrong group never passes silently.
+    """
+    import torch.distributed as dist
+    available = dist.is_available()
+    if group is not None:
+        if available and not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"{caller}: group must be a torch.distributed.ProcessGroup or None (the default "
+                            f"group), got {type(group).__name__}")
+        if not (available and dist.is_initialized()):
+            raise RuntimeError(f"{caller}: a process group was passed, but torch.distributed is not "
+                               f"{'initialized' if available else 'available'} (call init_process_group first)")
+    return available and dist.is_initialized()
+
+
 def broadcast_params(params, src=0, group=None):
     """Broadcast ``params`` in place from rank ``src`` of ``group`` (no-op without a process group).
 
     Args:
         params: iterable of tensors/parameters, same shapes on every rank.
         src: rank within ``group`` that holds the values to keep.
-        group: process group (default: WORLD).
+        group: process group (default: WORLD; only the default is a no-op when
+            torch.distributed is not initialized).
+
+    Raises:
+        TypeError: ``group`` is neither None nor a ProcessGroup.
+        RuntimeError: ``group`` is given but torch.distributed is not initialized.
     """
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active(group, "broadcast_params"):
         return
     if dist.get_world_size(group) == 1:
         return
@@ -80,10 +103,11 @@ def allreduce_grads(model, group=None):
 
     For dynrank layers kept out of FSDP units (see the module docstring): call
     after ``backward()`` and before ``optimizer.step()``.  Parameters without a
-    gradient (frozen W_f) are skipped.
+    gradient (frozen W_f) are skipped.  An explicit ``group`` is checked as in
+    :func:`broadcast_params` (TypeError / RuntimeError instead of a silent no-op).
     """
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active(group, "allreduce_grads"):
         return
     world = dist.get_world_size(group)
     if world == 1:

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from _helpers import rel_err
 from dynrank.convert import convert_model
-from dynrank.distributed import allreduce_grads, dynrank_params, rewrap_ddp
+from dynrank.distributed import allreduce_grads, broadcast_params, dynrank_params, rewrap_ddp
 from dynrank.scheduler import DynamicRankScheduler
 
 WORLD, EPOCHS, STEPS, INFLATE, DEFLATE = 2, 3, 2, 1, 2
@@ -154,3 +154,25 @@ def test_helpers_without_a_process_group():
     before = model[0].A.grad.clone()
     allreduce_grads(model)              # no process group: nothing to average
     assert torch.equal(model[0].A.grad, before)
+
+
+def test_an_explicit_group_is_checked_without_a_process_group(tmp_path):
+    model = build(seed=0)
+    with pytest.raises(TypeError, match="broadcast_params: group must be a torch.distributed.ProcessGroup or None "
+                                        r"\(the default group\), got object"):
+        broadcast_params([model[0].A], group=object())
+    with pytest.raises(TypeError, match="allreduce_grads: group must be .* got str"):
+        allreduce_grads(model, group="x")
+    # A real group, but no process group initialized any more: an error, not a silent no-op.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        broadcast_params([model[0].A], group=group)             # initialized, one rank: nothing to do
+        with pytest.raises(TypeError, match="got object"):
+            broadcast_params([model[0].A], group=object())
+    finally:
+        dist.destroy_process_group()
+    for call in (lambda: broadcast_params([model[0].A], group=group), lambda: allreduce_grads(model, group=group)):
+        with pytest.raises(RuntimeError, match="a process group was passed, but torch.distributed is not "
+                                               "initialized"):
+            call()

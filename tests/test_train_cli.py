@@ -436,3 +436,168 @@ def test_progress_line_draws_both_bars_and_calls_extra_only_on_redraw():
     silent = io.StringIO()
     ProgressLine(epochs=1, stream=silent).update(0)        # a StringIO is no terminal: nothing drawn
     assert silent.getvalue() == "" and format_seconds(3725) == "1:02:05"
+
+
+# -- run state: output folders, resumes, damaged files ----------------------------------------------
+_TINY_RUN = ["--schedule", "full", "--epochs", "2", "--milestones", "1", "--dim", "16", "--depth", "1", "--heads", "2",
+             "--context", "16", "--batch-size", "4", "--steps-per-epoch", "2", "--warmup-steps", "0"]
+
+
+def _finished_run(folder, *extra):
+    assert cli.main(_TINY_RUN + ["--out", str(folder), *extra]) == 0
+    return folder
+
+
+def _exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("holds", ["config.json", "dynamic/checkpoint.pt"])
+def test_out_refuses_a_folder_that_holds_a_run(tmp_path, capsys, holds):
+    out = tmp_path / "run"
+    (out / os.path.dirname(holds)).mkdir(parents=True, exist_ok=True)
+    (out / holds).write_bytes(b"precious")
+    err = _exit_2(_TINY_RUN + ["--out", str(out)], capsys)
+    assert f"--out {out} already holds a run" in err and f"--resume {out}" in err
+    assert (out / holds).read_bytes() == b"precious"
+
+
+def test_default_run_folders_are_unique_within_a_second(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.time, "strftime", lambda fmt, *a: "20250101-120000")
+    folders = [cli._new_run_dir() for _ in range(3)]
+    assert folders == [os.path.join("runs", "20250101-120000" + s) for s in ("", "-2", "-3")]
+    assert all(os.path.isdir(f) and not os.listdir(f) for f in folders)
+
+
+def test_resume_refuses_a_config_edited_against_the_checkpoint(tmp_path, capsys):
+    out = _finished_run(tmp_path / "run")
+    os.remove(out / "full" / "result.json")                       # as if interrupted
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "lr": 1.0, "epochs": 5}))
+    err = _exit_2(["--resume", str(out)], capsys)
+    assert "config.json differs from the settings" in err and "in epochs, lr;" in err
+    # What a resume may change (how the run executes) passes.
+    (out / "config.json").write_text(json.dumps({**config, "cache_dir": "elsewhere", "device": "cpu"}))
+    assert cli.main(["--resume", str(out)]) == 0
+
+
+def test_a_finished_runs_config_is_not_rewritten_on_resume(tmp_path):
+    out = _finished_run(tmp_path / "run")
+    before = (out / "config.json").read_text()
+    assert cli.main(["--resume", str(out), "--threads", "2", "--cache-dir", "x"]) == 0
+    assert (out / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize("device", ["nonsense", "CPU", "meta"])
+def test_a_bad_device_is_refused_before_anything_is_written(tmp_path, capsys, device):
+    err = _exit_2(_TINY_RUN + ["--device", device, "--out", str(tmp_path / "fresh")], capsys)
+    assert f"--device must be cpu, cuda or cuda:N (lower case), got {device!r}" in err
+    assert not (tmp_path / "fresh").exists()
+    out = _finished_run(tmp_path / "run")
+    os.remove(out / "full" / "result.json")
+    before = (out / "config.json").read_text()
+    assert "--device must be" in _exit_2(["--resume", str(out), "--device", device], capsys)
+    assert (out / "config.json").read_text() == before
+    assert cli.main(["--resume", str(out)]) == 0                    # the run still resumes
+
+
+@pytest.mark.parametrize("name", ["config.json", "full/result.json", "full/checkpoint.pt"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_a_damaged_run_file_is_a_one_line_error_naming_it(tmp_path, capsys, name, damage):
+    out = _finished_run(tmp_path / "run")
+    path = out / name
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": data[:len(data) // 2], "garbage": b"\x80garbage{"}[damage])
+    err = _exit_2(["--resume", str(out)], capsys)
+    assert str(path) in err and "damaged" in err
+
+
+def test_json_files_are_written_by_temp_file_and_rename(tmp_path, monkeypatch):
+    from dynrank.train import loop
+    path = str(tmp_path / "result.json")
+    loop.write_json(path, {"a": 1})
+
+    def broken_dump(obj, handle, **kw):
+        handle.write('{"a": ')
+        raise OSError("disk full")
+    monkeypatch.setattr(loop.json, "dump", broken_dump)
+    with pytest.raises(OSError):
+        loop.write_json(path, {"a": 2})
+    assert json.loads(open(path).read()) == {"a": 1}
+
+
+def test_resume_on_the_cpu_keeps_the_saved_thread_count(tmp_path, monkeypatch, restore_threads):
+    original = _ctrl_c_after(monkeypatch, 1, 0)
+    out = tmp_path / "run"
+    argv = ["--schedule", "lowrank", "--epochs", "3", *TINY_GPT[:-2], "--threads", "2", "--out", str(out)]
+    assert cli.main(argv) == 130
+    monkeypatch.setattr(TextData, "train_batches", original)
+    assert cli.main(["--resume", str(out), "--device", "cpu"]) == 0
+    history = json.loads((out / "lowrank" / "metrics.json").read_text())
+    assert {r["device"] for r in history} == {"cpu (2 threads)"}
+    assert json.loads((out / "config.json").read_text())["threads"] == 2
+
+
+# -- numeric flags and flags a model or schedule would ignore ----------------------------------------
+@pytest.mark.parametrize("argv,message", [
+    (["--epochs", "4", "--milestones", "2,2"], "--milestones must be increasing"),
+    (["--epochs", "4", "--milestones", "3,2"], "--milestones must be increasing"),
+    (["--lr-decay", "0"], "--lr-decay must be a factor in (0, 1]"),
+    (["--lr-decay", "10"], "--lr-decay must be a factor in (0, 1]"),
+    (["--lr-decay", "nan"], "--lr-decay must be"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number ≥ 0"),
+    (["--weight-decay", "nan"], "--weight-decay must be"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be ≥ 0"),
+    (["--steps-per-epoch", "0"], "--steps-per-epoch must be ≥ 1"),
+    (["--threads", "0"], "--threads must be ≥ 1"),
+    (["--metrics-every", "0"], "--metrics-every must be ≥ 1"),
+    (["--model", "resnet20", "--width", "0"], "--width must be a finite number > 0"),
+    (["--model", "resnet20", "--width", "nan"], "--width must be"),
+    (["--depth", "0"], "--depth must be ≥ 1"),
+    (["--dim", "0"], "--dim must be ≥ 1"),
+    (["--heads", "0"], "--heads must be ≥ 1"),
+    (["--context", "0"], "--context must be ≥ 1"),
+    (["--dim", "10", "--heads", "4"], "--dim must be divisible by --heads"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63)"),
+    (["--seed", str(2 ** 63)], "--seed must be in [0, 2**63)"),
+    (["--full-rank-fraction", "0"], "--full-rank-fraction must be in (0, 1]"),
+    (["--model", "resnet20", "--dim", "8"], "--dim is used by --model gpt only"),
+    (["--model", "resnet20", "--steps-per-epoch", "8"], "--steps-per-epoch is used by --model gpt only"),
+    (["--model", "resnet50", "--dropout", "0.1"], "--dropout is used by --model wrn28-10 and gpt only"),
+    (["--width", "0.5"], "--width is used by the vision models"),
+    (["--decomposition", "cp"], "--decomposition is used by the vision models"),
+    (["--full-rank-fraction", "0.3", "--inflate-epoch", "1", "--deflate-epoch", "5"], "give one or the other"),
+    (["--epochs", "4", "--inflate-epoch", "3"],
+     "got I=3, D=3, epochs=4 (D=3 derived by the paper's rule from epochs=4, milestones=[2]; give --deflate-epoch)"),
+])
+def test_out_of_range_and_unused_flags_are_clear_errors(argv, message):
+    with pytest.raises(ValueError) as info:
+        _config(argv)
+    assert message in str(info.value)
+
+
+def test_flags_a_single_form_run_or_no_compile_ignores_are_noted():
+    notes = []
+    args = cli.build_parser().parse_args(["--schedule", "full", "--inflate-epoch", "1", "--deflate-epoch", "4",
+                                          "--no-compile", "--compile-mode", "max-autotune"])
+    cli.config_from_args(args, notes)
+    assert notes == ["note: --schedule full does not switch forms; ignoring --inflate-epoch, --deflate-epoch",
+                     "note: --no-compile; ignoring --compile-mode max-autotune"]
+
+
+def test_a_gpt_batch_larger_than_the_texts_windows_is_a_data_error():
+    from dynrank.train.data import DataError
+    text = torch.zeros(40, dtype=torch.uint8)
+    with pytest.raises(DataError, match="--batch-size 30 is larger than the 23 windows"):
+        TextData(text, text, 16, 30)
+    assert len(TextData(text, text, 16, 23, steps=1)) == 1

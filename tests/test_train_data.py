@@ -180,6 +180,7 @@ def _triangle_downscale(array, n):
     return np.stack(out)
 
 
+@pytest.mark.filterwarnings("ignore:.*were resized to it")
 def test_tree_images_of_other_size_are_resized(tmp_path):
     written = write_image_tree(str(tmp_path), "PNG", per_class=1, size=40)
     train_x, _, test_x, _, _ = load_vision("cifar10", str(tmp_path))
@@ -233,6 +234,139 @@ def test_runs_started_together_share_one_cache(tmp_path, monkeypatch):
     assert errors == [] and len(results) == loaders
     assert os.listdir(tmp_path / "cache") == [next(iter(os.listdir(tmp_path / "cache")))]
     assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(r[:4], results[0][:4]))
+
+
+# -- decoding rules and the decode cache -------------------------------------------------------
+def _write_png(path, array, **kwargs):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    PIL.fromarray(array, **kwargs).save(path, format="PNG")
+
+
+def test_16bit_grey_png_is_scaled_not_clipped(tmp_path):
+    write_image_tree(str(tmp_path), "PNG", classes=("a",), per_class=1)
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 65536, size=(32, 32)).astype(np.uint16)
+    values[0, :4] = [0, 32768, 65535, 128]
+    _write_png(str(tmp_path / "train" / "a" / "0000.png"), values)
+    assert PIL.open(tmp_path / "train" / "a" / "0000.png").mode in ("I;16", "I")
+    train_x, _, _, _, _ = load_vision("cifar10", str(tmp_path))
+    expected = np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert expected[0, :4].tolist() == [0, 128, 255, 0]
+    for channel in range(3):
+        assert torch.equal(train_x[0, channel], torch.from_numpy(expected))
+
+
+def test_transparent_pixels_are_composited_onto_black(tmp_path):
+    write_image_tree(str(tmp_path), "PNG", classes=("a",), per_class=1)
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., :3] = _smooth_image(32, 3).transpose(1, 2, 0)
+    rgba[..., 3] = np.tile(np.array([0, 255, 128, 1], np.uint8), (32, 8))
+    _write_png(str(tmp_path / "train" / "a" / "0000.png"), rgba)
+    palette = PIL.fromarray(np.tile(np.array([0, 1], np.uint8), (32, 16)), "L").convert("P")
+    palette.putpalette([255, 0, 0, 10, 20, 30] + [0] * 762)
+    palette.save(tmp_path / "test" / "a" / "0000.png", format="PNG", transparency=0)    # index 0: hidden red
+    train_x, _, test_x, _, _ = load_vision("cifar10", str(tmp_path))
+    alpha = rgba[..., 3:].astype(np.float64)
+    expected = np.round(rgba[..., :3] * alpha / 255).astype(np.uint8).transpose(2, 0, 1)
+    assert torch.equal(train_x[0], torch.from_numpy(expected))
+    assert test_x[0, :, 0, 0].tolist() == [0, 0, 0] and test_x[0, :, 0, 1].tolist() == [10, 20, 30]
+
+
+def test_other_sizes_are_squashed_with_one_warning(tmp_path):
+    written = write_image_tree(str(tmp_path), "PNG", classes=("a",), per_class=2)
+    wide = np.ascontiguousarray(np.concatenate([written["train"][0][1], written["train"][1][1]], axis=2))   # 32x64
+    _write_png(str(tmp_path / "train" / "a" / "0001.png"), wide.transpose(1, 2, 0))
+    with pytest.warns(UserWarning, match=re.escape("(train): 1 of 2 images were not 32x32 and were resized to it "
+                                                   "(bilinear, aspect ratio not kept)")) as record:
+        train_x, _, test_x, _, _ = load_vision("cifar10", str(tmp_path))
+    assert len([w for w in record if "resized" in str(w.message)]) == 1      # the test split needed none
+    squashed = PIL.fromarray(wide.transpose(1, 2, 0)).resize((32, 32), PIL.BILINEAR)
+    assert torch.equal(train_x[1], torch.from_numpy(np.asarray(squashed).transpose(2, 0, 1).copy()))
+    assert torch.equal(train_x[0], torch.from_numpy(written["train"][0][1]))
+
+
+def _same_times(root, ns=1_600_000_000_000_000_000):
+    for folder, _, files in os.walk(root):
+        for f in files:
+            os.utime(os.path.join(folder, f), ns=(ns, ns))
+
+
+def test_cache_sees_swapped_files_with_equal_timestamps(tmp_path):
+    root = tmp_path / "data"
+    write_image_tree(str(root), "PNG", classes=("a", "b"), per_class=1)
+    noisy = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)     # another file size
+    _write_png(str(root / "train" / "b" / "0000.png"), noisy)
+    _same_times(root)                                    # as extracted from an archive
+    first = load_vision("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    a, b = root / "train" / "a" / "0000.png", root / "train" / "b" / "0000.png"
+    blob_a, blob_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(blob_b)
+    b.write_bytes(blob_a)
+    _same_times(root)
+    second = load_vision("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(second[0][0], first[0][1]) and torch.equal(second[0][1], first[0][0])
+    assert torch.equal(second[0][0], torch.from_numpy(noisy.transpose(2, 0, 1).copy()))
+    assert len(os.listdir(tmp_path / "cache")) == 2
+
+
+def test_corrupt_cache_file_is_rebuilt(tmp_path):
+    write_image_tree(str(tmp_path / "data"), "PNG")
+    cache_dir = tmp_path / "cache"
+    expected = load_vision("cifar10", str(tmp_path / "data"), cache_dir=str(cache_dir))
+    (entry,) = os.listdir(cache_dir)
+    (cache_dir / entry).write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match=re.escape(f"decode cache {cache_dir / entry} is unreadable")):
+        again = load_vision("cifar10", str(tmp_path / "data"), cache_dir=str(cache_dir))
+    assert all(torch.equal(a, b) for a, b in zip(again[:4], expected[:4])) and again[4] == expected[4]
+    assert os.listdir(cache_dir) == [entry]
+    saved = torch.load(cache_dir / entry)            # overwritten with good tensors
+    assert torch.equal(saved["train_x"], expected[0])
+
+
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_unreadable_image_names_the_file(tmp_path, damage):
+    write_image_tree(str(tmp_path), "PNG")
+    bad = tmp_path / "train" / "dog" / "0001.png"
+    if damage == "not an image":
+        bad.write_bytes(b"this is no image")
+        reason = "UnidentifiedImageError"
+    else:
+        _write_png(str(bad), np.random.default_rng(1).integers(0, 256, size=(32, 32, 3), dtype=np.uint8))
+        bad.write_bytes(bad.read_bytes()[:400])
+        reason = "image file is truncated"
+    with pytest.raises(DataError, match=re.escape(f"{bad}: not a readable image (")) as err:
+        load_vision("cifar10", str(tmp_path))
+    assert reason in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["pickled", "tree"])
+def test_truncated_tar_gz_names_the_archive(tmp_path, layout):
+    src = tmp_path / "src"
+    if layout == "pickled":
+        write_cifar10_pickles(str(src / "cifar-10-batches-py"))
+        archive, member = tmp_path / "data" / "cifar-10-python.tar.gz", "cifar-10-batches-py"
+    else:
+        write_image_tree(str(src / "cifar10"), "PNG")
+        archive, member = tmp_path / "data" / "cifar10-png.tar.gz", "cifar10"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / member, arcname=member)
+    archive.write_bytes(archive.read_bytes()[:archive.stat().st_size // 2])
+    with pytest.raises(DataError, match=re.escape(f"{archive}: the archive is damaged or truncated (")):
+        load_vision("cifar10", str(archive.parent))
+
+
+def test_more_classes_than_the_data_set_is_refused_at_load(tmp_path):
+    write_image_tree(str(tmp_path / "tree"), "PNG", classes=[f"c{i:02d}" for i in range(12)], per_class=1)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'tree'}: cifar10 has 10 classes, found 12 (c00, ")):
+        load_vision("cifar10", str(tmp_path / "tree"))
+    folder = tmp_path / "pickled" / "cifar-10-batches-py"
+    x, y, _, _ = write_cifar10_pickles(str(folder))
+    y[3] = 10
+    (folder / "data_batch_1").write_bytes(_pickled(x[:4], y[:4], b"labels"))
+    with pytest.raises(DataError, match=re.escape(f"{folder}: cifar10 labels must be in 0..9, the train split has "
+                                                  "labels 0..10")):
+        load_vision("cifar10", str(tmp_path / "pickled"))
 
 
 # -- Tiny ImageNet -------------------------------------------------------------------------

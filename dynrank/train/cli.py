@@ -10,6 +10,7 @@ data and schedule; see ``dynrank-train --help``.
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -91,33 +92,36 @@ def build_parser():
     g.add_argument("--rank-ratio", type=float,
                    help="ρ, factor rank / weight rank (convs: int(ρ·out_channels), the authors' rule; "
                         "GPT linears: int(ρ·min(in, out)))")
-    g.add_argument("--decomposition", choices=("svd", "tucker", "cp", "tkd-cpd"), help="for convolutions")
+    g.add_argument("--decomposition", choices=("svd", "tucker", "cp", "tkd-cpd"),
+                   help="for convolutions (vision models; the GPT's linears always use svd)")
     g.add_argument("--inflate-epoch", type=int, help="I: lowrank → full")
     g.add_argument("--deflate-epoch", type=int, help="D: full → adapter")
     g.add_argument("--full-rank-fraction", type=float,
-                   help="φ: choose I, D with φ·E full-rank epochs around the first LR decay")
+                   help="φ in (0, 1]: choose I, D with φ·E full-rank epochs around the first LR decay (not with "
+                        "both --inflate-epoch and --deflate-epoch)")
     g.add_argument("--deflate-init", choices=("zeros", "random", "svd"))
     g.add_argument("--optimizer-state", choices=("carry", "reset"), help="optimizer state across a form change")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int)
-    g.add_argument("--milestones", type=_int_list, help="LR decay epochs, e.g. 100,130")
+    g.add_argument("--milestones", type=_int_list, help="LR decay epochs, increasing, e.g. 100,130")
     g.add_argument("--lr", type=float)
-    g.add_argument("--lr-decay", type=float, help="LR factor at each milestone")
+    g.add_argument("--lr-decay", type=float, help="LR factor at each milestone, in (0, 1] (default 0.1)")
     g.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps")
     g.add_argument("--optimizer", choices=("sgd", "adamw"))
     g.add_argument("--batch-size", type=int)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--dropout", type=float, help="WRN / GPT dropout")
-    g.add_argument("--seed", type=int)
-    g = p.add_argument_group("GPT size (--model gpt)")
-    g.add_argument("--dim", type=int)
+    g.add_argument("--dropout", type=float, help="WRN / GPT dropout, in [0, 1) (not for resnet20/resnet50)")
+    g.add_argument("--seed", type=int, help="in [0, 2**63)")
+    g = p.add_argument_group("GPT size (--model gpt only; refused with a vision model)")
+    g.add_argument("--dim", type=int, help="model width, divisible by --heads")
     g.add_argument("--depth", type=int)
     g.add_argument("--heads", type=int)
     g.add_argument("--context", type=int)
-    g.add_argument("--steps-per-epoch", type=int, help="batches per epoch (text; default: one pass)")
+    g.add_argument("--steps-per-epoch", type=int, help="batches per epoch, ≥ 1 (default: one pass)")
     g = p.add_argument_group("running")
-    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available); on --resume the "
+                                    "saved --threads stay unless given")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast (default: on with CUDA; on a CPU with AVX-512 BF16 or AMX it speeds "
                         "conv nets up too, on one without it slows them down several times)")
@@ -131,10 +135,13 @@ def build_parser():
                         "(CUDA and SGD only; not with --compile)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default 1: the built-in models at CPU sizes run fastest on one, "
                         "and the same thread count gives the same losses on every rerun)")
-    g.add_argument("--out", help="output folder (default: runs/<timestamp>)")
-    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its saved settings are used)")
-    g.add_argument("--metrics-every", type=int, help="measure λ every this many epochs")
-    g.add_argument("--width", type=float, help="channel multiplier of vision models (quick tests only)")
+    g.add_argument("--out", help="output folder, which must not hold a run already (continue one with --resume) "
+                                 "(default: a new runs/<timestamp>, suffixed -2, -3, ... if taken)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its saved settings are used; a config.json edited against the "
+                        "checkpoint's settings is refused)")
+    g.add_argument("--metrics-every", type=int, help="measure λ every this many epochs (≥ 1)")
+    g.add_argument("--width", type=float, help="channel multiplier of vision models, > 0 (quick tests only; "
+                                                 "each layer keeps at least 1 channel)")
     p.set_defaults(**{k: None for k in ("compile", "amp", "cuda_graphs")})
     return p
 
@@ -147,14 +154,17 @@ def _explicit(args):
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
-def config_from_args(args):
+def config_from_args(args, notes=None):
     """Resolve flags, preset and per-data-set defaults into one configuration dict.
 
     Order: explicit flags, then ``--preset``, then the defaults of the data
     set (its Table 7 row, or the main job for ``stdlib``), then generic ones.
 
+    Flags the run accepts but does not use (I, D or φ with ``--schedule full``/``lowrank``,
+    ``--compile-mode`` with ``--no-compile``) are named in ``notes`` (a list, when given).
+
     Raises:
-        ValueError: inconsistent settings (message says which).
+        ValueError: inconsistent settings or a value out of range (message says which).
     """
     from ..schedules import schedule_from_lr
     given = _explicit(args)
@@ -187,14 +197,25 @@ def config_from_args(args):
                                     if round(m * epochs / reference["epochs"]) < epochs})
         if not cfg["milestones"] and epochs >= 2:
             cfg["milestones"] = [epochs // 2]
-    for name in ("epochs", "batch_size"):
-        if cfg[name] < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {cfg[name]}")
-    if not 0.0 < cfg["rank_ratio"] <= 1.0:
-        raise ValueError(f"--rank-ratio must be in (0, 1], got {cfg['rank_ratio']}")
+    _check_flags(given, model)
+    unused = []
+    if cfg["schedule"] in ("full", "lowrank"):
+        unused = [k for k in ("inflate_epoch", "deflate_epoch", "full_rank_fraction") if k in given]
+    if given.get("compile") is False and "compile_mode" in given:
+        unused.append("compile_mode")
+    if notes is not None:
+        placed = [_flag(k) for k in unused if k != "compile_mode"]
+        if placed:
+            notes.append(f"note: --schedule {cfg['schedule']} does not switch forms; ignoring {', '.join(placed)}")
+        if "compile_mode" in unused:
+            notes.append(f"note: --no-compile; ignoring --compile-mode {given['compile_mode']}")
+    _check_values(cfg)
     bad = [m for m in cfg["milestones"] if not 0 < m < epochs]
     if bad:
         raise ValueError(f"--milestones must lie in (0, epochs={epochs}), got {cfg['milestones']}")
+    if any(a >= b for a, b in zip(cfg["milestones"], cfg["milestones"][1:])):
+        raise ValueError(f"--milestones must be increasing, each epoch once (a repeated one would cut the LR "
+                         f"twice), got {','.join(map(str, cfg['milestones']))}")
     same_schedule = epochs == reference["epochs"] and cfg["milestones"] == reference["milestones"]
     if "inflate_epoch" in given and "deflate_epoch" in given:
         inflate, deflate = given["inflate_epoch"], given["deflate_epoch"]
@@ -211,13 +232,69 @@ def config_from_args(args):
     cfg["inflate_epoch"] = given.get("inflate_epoch", inflate)
     cfg["deflate_epoch"] = given.get("deflate_epoch", deflate)
     if not 0 <= cfg["inflate_epoch"] < cfg["deflate_epoch"] <= epochs:
+        derived = [f"{name}={cfg[key]}" for name, key in (("I", "inflate_epoch"), ("D", "deflate_epoch"))
+                   if key not in given]
+        how = ""
+        if derived:
+            source = ("the data set's defaults" if same_schedule and "full_rank_fraction" not in given
+                      else f"the paper's rule from epochs={epochs}, milestones={cfg['milestones']}")
+            how = (f" ({' and '.join(derived)} derived by {source}; give "
+                   + " and ".join(f"--{k.replace('_', '-')}" for k in ("inflate_epoch", "deflate_epoch")
+                                  if k not in given) + ")")
         raise ValueError(f"need 0 ≤ inflate epoch < deflate epoch ≤ epochs, got I={cfg['inflate_epoch']}, "
-                         f"D={cfg['deflate_epoch']}, epochs={epochs}")
+                         f"D={cfg['deflate_epoch']}, epochs={epochs}{how}")
     if cfg["deflate_epoch"] == epochs:
         cfg["deflate_epoch"] = None  # stays full to the end
     cfg.pop("preset", None)
     cfg.pop("resume", None)
     return cfg
+
+
+# Which model reads which size flag (build_model, load_data): any other model ignores it.
+GPT_ONLY = ("dim", "depth", "heads", "context", "steps_per_epoch")
+VISION_ONLY = ("width", "decomposition")
+DROPOUT_MODELS = ("wrn28-10", "gpt")
+
+
+def _flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def _check_flags(given, model):
+    """Refuse flags the chosen model or schedule would ignore without a word."""
+    for key in GPT_ONLY if model != "gpt" else VISION_ONLY:
+        if key in given:
+            users = "--model gpt" if model != "gpt" else "the vision models (resnet20, wrn28-10, resnet50)"
+            raise ValueError(f"{_flag(key)} is used by {users} only, not by --model {model}")
+    if "dropout" in given and model not in DROPOUT_MODELS:
+        raise ValueError(f"--dropout is used by --model wrn28-10 and gpt only; {model} has no dropout")
+    if "full_rank_fraction" in given and "inflate_epoch" in given and "deflate_epoch" in given:
+        raise ValueError("--full-rank-fraction chooses I and D, and --inflate-epoch and --deflate-epoch give them; "
+                         "give one or the other")
+
+
+def _check_values(cfg):
+    """Each numeric setting in its range, as a ``--flag must be …, got …`` ValueError."""
+    def need(key, ok, what):
+        value = cfg.get(key)
+        if value is not None and not ok(value):
+            raise ValueError(f"{_flag(key)} must be {what}, got {value}")
+    finite = lambda v: isinstance(v, int) or math.isfinite(v)
+    for key in ("epochs", "batch_size", "steps_per_epoch", "threads", "metrics_every", "dim", "depth", "heads",
+                "context"):
+        need(key, lambda v: v >= 1, "≥ 1")
+    need("rank_ratio", lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+    need("lr", lambda v: finite(v) and v > 0, "a finite number > 0")
+    need("lr_decay", lambda v: finite(v) and 0 < v <= 1, "a factor in (0, 1] (0.1 divides the LR by 10)")
+    need("weight_decay", lambda v: finite(v) and v >= 0, "a finite number ≥ 0")
+    need("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)")
+    need("dropout", lambda v: 0 <= v < 1, "in [0, 1)")
+    need("warmup_steps", lambda v: v >= 0, "≥ 0")
+    need("width", lambda v: finite(v) and v > 0, "a finite number > 0 (channels round to at least 1)")
+    need("full_rank_fraction", lambda v: 0 < v <= 1, "in (0, 1]")
+    need("seed", lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)")
+    if cfg["model"] == "gpt" and cfg["dim"] % cfg["heads"]:
+        raise ValueError(f"--dim must be divisible by --heads, got dim={cfg['dim']}, heads={cfg['heads']}")
 
 
 def _note_resume(saved, cfg):
@@ -233,13 +310,28 @@ def _note_resume(saved, cfg):
             dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), changed=changed)]
 
 
+def _check_device(device):
+    """``device`` ("auto", "cpu", "cuda", "cuda:N") as the device string to train on; ValueError if unusable."""
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N (lower case), got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} asked for CUDA, but torch sees no GPU (torch {torch.__version__})")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def _resolve_device(cfg):
     import torch
-    device = cfg["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for CUDA, but torch sees no GPU (torch {torch.__version__})")
+    device = _check_device(cfg["device"])
     cfg["device"] = device
     cuda = device.startswith("cuda")
     if not cuda:
@@ -262,6 +354,66 @@ def _resolve_device(cfg):
         if cfg["optimizer"] != "sgd":
             raise ValueError(f"--cuda-graphs captures the SGD step; got --optimizer {cfg['optimizer']}")
     return cfg
+
+
+SCHEDULE_DIRS = ("full", "lowrank", "dynamic")
+# Settings a resume may find changed in config.json against the checkpoint's copy: the overrides and
+# what a resume records or re-derives (--device, its AMP default and memory layout, the resumes list).
+RESUME_BOOKKEEPING = (*RESUME_OVERRIDES, "device", "amp", "channels_last", "resumes")
+
+
+def _holds_run(folder):
+    """The first file showing that ``folder`` holds a dynrank-train run, or None."""
+    candidates = [os.path.join(folder, "config.json"), os.path.join(folder, "checkpoint.pt")]
+    for schedule in SCHEDULE_DIRS:
+        candidates += [os.path.join(folder, schedule, name) for name in ("checkpoint.pt", "result.json")]
+    return next((path for path in candidates if os.path.exists(path)), None)
+
+
+def _new_run_dir(root="runs"):
+    """A new, empty ``runs/<timestamp>`` folder, suffixed -2, -3, ... where runs start in the same second."""
+    os.makedirs(root, exist_ok=True)
+    base = os.path.join(root, time.strftime("%Y%m%d-%H%M%S"))
+    for n in range(1, 10000):
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            os.mkdir(path)      # exclusive: of two runs racing for one name, one gets the next suffix
+        except FileExistsError:
+            continue
+        return path
+    raise RuntimeError(f"no free run folder next to {base}")
+
+
+def _check_resume(out_dir, cfg):
+    """Check a run's saved files before a resume; return whether every schedule has finished.
+
+    Each checkpoint holds the settings its run trained with: a config.json edited since in anything
+    but :data:`RESUME_BOOKKEEPING` is refused, naming the keys. Damaged files raise RunFileError.
+    """
+    from .loop import load_checkpoint, read_json
+    schedules = SCHEDULE_DIRS if cfg.get("schedule") == "compare" else (cfg.get("schedule"),)
+    if not all(s in SCHEDULE_DIRS for s in schedules):
+        raise ValueError(f"config.json names an unknown schedule {cfg.get('schedule')!r}")
+    finished = True
+    for schedule in schedules:
+        result = os.path.join(out_dir, schedule, "result.json")
+        if os.path.isfile(result):
+            read_json(result)
+        else:
+            finished = False
+        path = os.path.join(out_dir, schedule, "checkpoint.pt")
+        if not os.path.isfile(path):
+            continue
+        original = load_checkpoint(path).get("config")
+        if not isinstance(original, dict):
+            continue
+        changed = sorted(k for k in set(original) | set(cfg)
+                         if k not in RESUME_BOOKKEEPING and original.get(k, "<absent>") != cfg.get(k, "<absent>"))
+        if changed:
+            raise ValueError(f"config.json differs from the settings {path} was trained with in "
+                             f"{', '.join(changed)}; only {', '.join(_flag(k) for k in ('device', *RESUME_OVERRIDES))} "
+                             f"may change on a resume (as flags). Restore config.json, or start a new run with --out")
+    return finished
 
 
 def load_data(cfg, log=print):
@@ -299,7 +451,7 @@ def run_job(cfg, out_dir, resume=False, log=print):
     """Run the schedules of ``cfg`` into ``out_dir``; print and return the compare table."""
     from ..monitor import RankMonitor
     from .data import DataError
-    from .loop import run_training
+    from .loop import run_training, write_json
     from .report import RunMonitor, compare_table, verdict, write_plots
     try:
         data = load_data(cfg, log)
@@ -322,8 +474,8 @@ def run_job(cfg, out_dir, resume=False, log=print):
     table = compare_table(results, kind=data.kind, converted_layers=converted)
     with open(os.path.join(out_dir, "compare.txt"), "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
-    with open(os.path.join(out_dir, "compare.json"), "w", encoding="utf-8") as handle:
-        json.dump([{k: v for k, v in r.items() if k != "monitor_records"} for r in results], handle, indent=1)
+    write_json(os.path.join(out_dir, "compare.json"), [{k: v for k, v in r.items() if k != "monitor_records"}
+                                                       for r in results])
     monitors = [RankMonitor.load(os.path.join(out_dir, s, "monitor")) for s in schedules]
     paths, note = write_plots(monitors, os.path.join(out_dir, "plots"), kind=data.kind)
     log("\n" + table)
@@ -341,7 +493,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     log = lambda *a: print(*a, flush=True)
     from .data import DataError
-    from .loop import Interrupted
+    from .loop import Interrupted, RunFileError, read_json, write_json
     started = time.perf_counter()
     out_dir = None
     try:
@@ -349,11 +501,15 @@ def main(argv=None):
             config_path = os.path.join(args.resume, "config.json")
             if not os.path.isfile(config_path):
                 parser.error(f"--resume {args.resume}: no config.json there (not a dynrank-train output folder)")
-            with open(config_path, encoding="utf-8") as handle:
-                cfg = json.load(handle)
+            try:
+                cfg = read_json(config_path)
+                finished = _check_resume(args.resume, cfg)
+            except (RunFileError, ValueError) as err:
+                parser.error(f"--resume {args.resume}: {err}")
             saved = dict(cfg)
             if args.device:
-                cfg["device"], cfg["amp"], cfg["threads"] = args.device, None, None
+                # The saved thread count stays (it decides the losses) unless --threads is given.
+                cfg["device"], cfg["amp"] = args.device, None
             for key in RESUME_OVERRIDES:
                 if getattr(args, key) is not None:
                     cfg[key] = getattr(args, key)
@@ -366,11 +522,19 @@ def main(argv=None):
                 log(f"note: --resume uses the saved settings; ignoring {flags}")
             out_dir = args.resume
         else:
+            notes = []
             try:
-                cfg = config_from_args(args)
+                cfg = config_from_args(args, notes)
             except ValueError as err:
                 parser.error(str(err))
-            out_dir = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+            for note in notes:
+                log(note)
+            if args.out:
+                existing = _holds_run(args.out)
+                if existing:
+                    parser.error(f"--out {args.out} already holds a run ({existing}); continue it with "
+                                 f"--resume {args.out}, or choose another --out")
+            finished = False
         try:
             cfg = _resolve_device(cfg)
         except ValueError as err:
@@ -385,13 +549,17 @@ def main(argv=None):
                     f"{CPU_CHANNELS_LAST_MIN_CHANNELS} channels, whose channels-last CPU backward torch gets wrong")
         if args.resume:
             _note_resume(saved, cfg)
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as handle:
-            json.dump(cfg, handle, indent=1)
+        elif args.out:
+            out_dir = args.out
+            os.makedirs(out_dir, exist_ok=True)
+        else:
+            out_dir = _new_run_dir()
+        if not finished:     # a finished run's settings stay as they were
+            write_json(os.path.join(out_dir, "config.json"), cfg)
         log(f"dynrank-train: output in {out_dir}")
         _print_settings(cfg, log)
         _, _, plots = run_job(cfg, out_dir, resume=bool(args.resume), log=log)
-    except DataError as err:
+    except (DataError, RunFileError) as err:
         print(f"dynrank-train: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:

@@ -104,6 +104,11 @@ class TextData:
         if len(train) <= context + 1 or len(val) <= context + 1:
             raise DataError(f"text streams must be longer than context + 1 = {context + 1} bytes, got "
                             f"train {len(train)}, val {len(val)}")
+        windows = len(train) - context - 1
+        if batch_size > windows:
+            raise DataError(f"--batch-size {batch_size} is larger than the {windows} windows of context + 1 = "
+                            f"{context + 1} bytes in the {len(train)}-byte training text; use a smaller "
+                            f"--batch-size or --context")
         self.context = context
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size

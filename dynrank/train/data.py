@@ -16,6 +16,25 @@ Tiny ImageNet
 Image files are decoded with pillow (the optional ``vision`` extra); the
 pickled CIFAR archives need nothing beyond numpy.  Augmentation and
 normalization run in torch on the training device (see :mod:`.augment`).
+
+Decoding rules: every image becomes 8-bit RGB.  16-bit images (pillow modes
+``I;16*`` and ``I``, e.g. 16-bit grey PNGs) are scaled to 8 bits as
+``round(v * 255 / 65535)``; values outside 0..65535 are refused.  Transparent
+pixels (RGBA, LA, PA, or a palette/grey/RGB image with a transparency entry)
+are composited onto black, i.e. each channel is multiplied by alpha/255, so
+their hidden colour never shows.  An image whose size is not the data set's
+(32x32 for CIFAR, 64x64 for Tiny ImageNet) is resized to it, bilinear, without
+keeping the aspect ratio (a 64x32 image is squashed, not cropped); one
+warning per split says how many were resized.  An unreadable image, a damaged
+archive, more classes than the data set has, or a label out of its range
+raise :class:`DataError` naming the file.
+
+Decode cache (``cache_dir``): one file per data set source, keyed by the
+source's path and, for every file under it, its relative path, size and
+modification time in nanoseconds (for an archive: its size and mtime).  A
+change that keeps a file's size and nanosecond mtime is not noticed (contents
+are not hashed); delete the cache file then.  An unreadable cache file is
+decoded again and overwritten, with a warning.
 """
 
 import hashlib
@@ -25,7 +44,9 @@ import pickle
 import tarfile
 import threading
 import urllib.request
+import warnings
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -82,20 +103,58 @@ def _pil():
     return Image
 
 
-def _decode(blob, size):
-    """bytes of one image file → (3, size, size) uint8 array."""
-    image = _pil().open(io.BytesIO(blob)).convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), _pil().BILINEAR)
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _decode_all(blobs, size):
+def _rgb_array(image, name):
+    """A pillow image → (H, W, 3) uint8: 16-bit scaled, transparency composited onto black."""
+    Image = _pil()
+    if image.mode in _SIXTEEN_BIT:
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(f"{name}: a {image.mode} image with values {values.min()}..{values.max()}; "
+                            "expected 8-bit or 16-bit (0..65535) pixels")
+        grey = ((values + 128) // 257).astype(np.uint8)         # round(v * 255 / 65535)
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+        transparent = image.info.get("transparency")
+        if isinstance(transparent, int):
+            rgb[values == transparent] = 0
+        return rgb
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint16)
+        return ((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _decode(blob, size, name="image"):
+    """bytes of one image file → ((3, size, size) uint8 array, whether it was resized)."""
+    Image = _pil()
+    try:
+        with Image.open(io.BytesIO(blob)) as image:
+            image.load()
+            rgb = _rgb_array(image, name)
+            resized = rgb.shape[:2] != (size, size)
+            if resized:
+                rgb = np.asarray(Image.fromarray(rgb, "RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
+    return rgb.transpose(2, 0, 1), resized
+
+
+def _decode_all(blobs, size, names=None, source=None):
     if not blobs:
         return np.zeros((0, 3, size, size), np.uint8)
+    names = names if names is not None else [f"image {i}" for i in range(len(blobs))]
     # pillow releases the GIL while decoding, so threads use every core.
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        return np.stack(list(pool.map(lambda b: _decode(b, size), blobs, chunksize=256)))
+        decoded = list(pool.map(lambda item: _decode(item[0], size, item[1]), zip(blobs, names), chunksize=256))
+    resized = sum(r for _, r in decoded)
+    if resized:
+        warnings.warn(f"{source or 'data'}: {resized} of {len(decoded)} images were not {size}x{size} and were "
+                      f"resized to it (bilinear, aspect ratio not kept)", stacklevel=2)
+    return np.stack([a for a, _ in decoded])
 
 
 def _to_tensors(x, y):
@@ -163,14 +222,17 @@ def _read_pickled_dir(folder, name):
 
 
 def _read_pickled_tar(path, name):
-    with tarfile.open(path) as tar:
-        members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+    try:
+        with tarfile.open(path) as tar:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
 
-        def read(member):
-            if member not in members:
-                raise DataError(f"{path} has no member {member}: is this the {name} archive?")
-            return tar.extractfile(members[member]).read()
-        return _cifar_from_pickles(read, name)
+            def read(member):
+                if member not in members:
+                    raise DataError(f"{path} has no member {member}: is this the {name} archive?")
+                return tar.extractfile(members[member]).read()
+            return _cifar_from_pickles(read, name)
+    except _ARCHIVE_ERRORS as err:
+        raise _damaged(path, err) from None
 
 
 # -- image folders ---------------------------------------------------------------------
@@ -182,8 +244,12 @@ def _split_of(parts):
     return None
 
 
-def _gather_tree(items, size, source):
-    """items: iterable of (path parts, loader) → tensors; classes from the train split."""
+def _gather_tree(items, size, source, name_of=None):
+    """items: iterable of (path parts, loader) → tensors; classes from the train split.
+
+    ``name_of(path)`` names a file in error messages (default: ``source/path``).
+    """
+    name_of = name_of or (lambda path: os.path.join(source, *path.split("/")))
     found = {"train": [], "test": []}
     for parts, load in items:
         if not parts[-1].lower().endswith(_IMAGE_EXT) or len(parts) < 3:
@@ -201,7 +267,8 @@ def _gather_tree(items, size, source):
     out = []
     for split in ("train", "test"):
         entries = sorted(found[split], key=lambda e: e[1])
-        x = _decode_all([load() for _, _, load in entries], size)
+        x = _decode_all([load() for _, _, load in entries], size, [name_of(p) for _, p, _ in entries],
+                        f"{source} ({split})")
         out.extend(_to_tensors(x, [index[c] for c, _, _ in entries]))
     return (*out, classes)
 
@@ -221,34 +288,54 @@ def _read_tree_dir(root, size):
     return _gather_tree(items(), size, root)
 
 
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError)
+
+
+def _damaged(path, err):
+    return DataError(f"{path}: the archive is damaged or truncated ({type(err).__name__}: {err}); "
+                     "download it again")
+
+
 def _read_tree_tar(path, size):
-    with tarfile.open(path) as tar:
-        blobs = [(m.name.split("/"), tar.extractfile(m).read()) for m in tar.getmembers()
-                 if m.isfile() and m.name.lower().endswith(_IMAGE_EXT)]
-    return _gather_tree(((parts, (lambda b=blob: b)) for parts, blob in blobs), size, path)
+    try:
+        with tarfile.open(path) as tar:
+            blobs = [(m.name.split("/"), tar.extractfile(m).read()) for m in tar.getmembers()
+                     if m.isfile() and m.name.lower().endswith(_IMAGE_EXT)]
+    except _ARCHIVE_ERRORS as err:
+        raise _damaged(path, err) from None
+    return _gather_tree(((parts, (lambda b=blob: b)) for parts, blob in blobs), size, path,
+                        name_of=lambda member: f"{path}:{member}")
 
 
 # -- Tiny ImageNet ---------------------------------------------------------------------
-def _tiny_imagenet(listing, read, source):
+def _tiny_imagenet(listing, read, source, name_of=None):
     """``listing``: member names relative to tiny-imagenet-200/; ``read(name)`` → bytes."""
+    name_of = name_of or (lambda member: os.path.join(source, *member.split("/")))
     names = set(listing)
     if "wnids.txt" not in names or "val/val_annotations.txt" not in names:
         return None
     wnids = read("wnids.txt").decode().split()
     index = {w: i for i, w in enumerate(wnids)}
     train = sorted(n for n in names if n.startswith("train/") and n.lower().endswith(".jpeg"))
+    unknown = sorted({n.split("/")[1] for n in train} - set(index))
+    if unknown:
+        raise DataError(f"{source}: train folders {unknown[:5]} are not listed in wnids.txt")
     train_labels = [index[n.split("/")[1]] for n in train]
     annotations = {}
     for line in read("val/val_annotations.txt").decode().splitlines():
         fields = line.split("\t")
         if len(fields) >= 2:
+            if fields[1] not in index:
+                raise DataError(f"{name_of('val/val_annotations.txt')}: class {fields[1]!r} of {fields[0]} "
+                                "is not listed in wnids.txt")
             annotations[fields[0]] = index[fields[1]]
     val = sorted(n for n in names if n.startswith("val/images/") and os.path.basename(n) in annotations)
     if not train or not val:
         raise DataError(f"{source}: Tiny ImageNet layout found but train or val images are missing")
     out = []
     for files, labels in ((train, train_labels), (val, [annotations[os.path.basename(n)] for n in val])):
-        out.extend(_to_tensors(_decode_all([read(n) for n in files], 64), labels))
+        out.extend(_to_tensors(_decode_all([read(n) for n in files], 64, [name_of(n) for n in files],
+                                           f"{source} ({files[0].split('/')[0]})"), labels))
     return (*out, wnids)
 
 
@@ -265,10 +352,14 @@ def _read_tiny_dir(root):
 
 
 def _read_tiny_zip(path):
-    with zipfile.ZipFile(path) as archive:
-        prefix = "tiny-imagenet-200/"
-        listing = [n[len(prefix):] for n in archive.namelist() if n.startswith(prefix) and not n.endswith("/")]
-        return _tiny_imagenet(listing, lambda name: archive.read(prefix + name), path)
+    prefix = "tiny-imagenet-200/"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            listing = [n[len(prefix):] for n in archive.namelist() if n.startswith(prefix) and not n.endswith("/")]
+            return _tiny_imagenet(listing, lambda name: archive.read(prefix + name), path,
+                                  name_of=lambda member: f"{path}:{prefix}{member}")
+    except _ARCHIVE_ERRORS as err:
+        raise _damaged(path, err) from None
 
 
 # -- entry point ------------------------------------------------------------------------
@@ -279,58 +370,105 @@ def _candidates(root, name):
     return [root] + [os.path.join(root, s) for s in subfolders if s]
 
 
-def _locate_and_read(root, name):
+def _sources(root, name):
+    """``(path, read)`` for each place that may hold the data set, in order; ``read()`` → result or None."""
     spec = DATASETS[name]
     for folder in _candidates(root, name):
         if not os.path.isdir(folder):
             continue
         if name == "tiny-imagenet":
             if os.path.isfile(os.path.join(folder, "wnids.txt")):
-                return _read_tiny_dir(folder)
+                yield folder, (lambda f=folder: _read_tiny_dir(f))
             continue
         marker = "data_batch_1" if name == "cifar10" else "train"
         if os.path.isfile(os.path.join(folder, marker)):
-            return _read_pickled_dir(folder, name)
+            yield folder, (lambda f=folder: _read_pickled_dir(f, name))
+            return
         if os.path.isdir(os.path.join(folder, "train")) and any(
                 os.path.isdir(os.path.join(folder, s)) for s in ("test", "val")):
-            result = _read_tree_dir(folder, spec["size"])
-            if result is not None:
-                return result
+            yield folder, (lambda f=folder: _read_tree_dir(f, spec["size"]))
     archive = os.path.join(root, spec["archive"])
     if os.path.isfile(archive):
-        return _read_tiny_zip(archive) if name == "tiny-imagenet" else _read_pickled_tar(archive, name)
+        yield archive, (lambda: _read_tiny_zip(archive) if name == "tiny-imagenet" else _read_pickled_tar(archive, name))
+        return
     if name != "tiny-imagenet":
         for f in sorted(os.listdir(root)):
             token = f.lower().replace("-", "").replace("_", "")
             named = "cifar100" in token if name == "cifar100" else ("cifar10" in token and "cifar100" not in token)
-            if not (named and f.endswith((".tar", ".tar.gz", ".tgz"))):
-                continue
-            result = _read_tree_tar(os.path.join(root, f), spec["size"])
-            if result is not None:
-                return result
-    return None
+            if named and f.endswith((".tar", ".tar.gz", ".tgz")):
+                path = os.path.join(root, f)
+                yield path, (lambda p=path: _read_tree_tar(p, spec["size"]))
 
 
-def _cache_key(root, name):
+def _cache_key(source, name):
+    """Hash of the source's path and of every file under it: relative path, size, mtime in ns."""
     stamp = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        stamp.append((folder, len(files), max((os.path.getmtime(os.path.join(folder, f)) for f in files), default=0)))
-        if len(stamp) > 4096:
-            break
-    return hashlib.sha1(repr((os.path.abspath(root), name, stamp)).encode()).hexdigest()[:16]
+    if os.path.isfile(source):
+        st = os.stat(source)
+        stamp.append(("", st.st_size, st.st_mtime_ns))
+    else:
+        for folder, dirs, files in os.walk(source):
+            dirs.sort()
+            for f in sorted(files):
+                path = os.path.join(folder, f)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                stamp.append((os.path.relpath(path, source), st.st_size, st.st_mtime_ns))
+    digest = hashlib.sha1(repr(("v2", os.path.abspath(source), name)).encode())
+    for entry in stamp:
+        digest.update(repr(entry).encode())
+    return digest.hexdigest()[:16]
+
+
+_CACHED = ("train_x", "train_y", "test_x", "test_y", "classes")
+
+
+def _load_cache(path):
+    """The cached tensors, or None when the file is missing or unreadable (warned about)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        saved = torch.load(path)
+        result = tuple(saved[k] for k in _CACHED)
+        if not all(isinstance(t, torch.Tensor) for t in result[:4]) or not isinstance(result[4], list):
+            raise ValueError("unexpected contents")
+    except Exception as err:    # any damage: decode again and overwrite it
+        reason = (str(err).splitlines() or [""])[0][:80]
+        warnings.warn(f"decode cache {path} is unreadable ({type(err).__name__}: {reason}); decoding the data "
+                      "set again", stacklevel=3)
+        return None
+    return result
+
+
+def _check_classes(name, source, result):
+    """More classes than the data set has, or labels outside 0..classes-1: DataError."""
+    limit = DATASETS[name]["classes"]
+    train_x, train_y, test_x, test_y, classes = result
+    if len(classes) > limit:
+        shown = ", ".join(map(str, classes[:12])) + (", ..." if len(classes) > 12 else "")
+        raise DataError(f"{source}: {name} has {limit} classes, found {len(classes)} ({shown})")
+    for split, y in (("train", train_y), ("test", test_y)):
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= limit):
+            raise DataError(f"{source}: {name} labels must be in 0..{limit - 1}, the {split} split has "
+                            f"labels {int(y.min())}..{int(y.max())}")
 
 
 def load_vision(name, root, cache_dir=None):
     """Load ``name`` from ``root``: returns ``(train_x, train_y, test_x, test_y, classes)``.
 
     ``*_x`` are uint8 tensors (N, 3, H, W), ``*_y`` int64 (N,).  With
-    ``cache_dir`` the decoded tensors are kept there (keyed by the folder's
-    contents), so image trees are decoded once.
+    ``cache_dir`` the decoded tensors are kept there (keyed by each file's
+    relative path, size and mtime, see the module docstring), so image trees
+    are decoded once.  Images are converted to 8-bit RGB and resized to the
+    data set's size as the module docstring describes.
 
     Raises:
         DataError: unknown name, missing folder, or no accepted layout found
-            (the message lists the layouts).
+            (the message lists the layouts); an unreadable image or damaged
+            archive (the message names it); more classes than the data set
+            has or labels out of its range.
     """
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
@@ -338,24 +476,26 @@ def load_vision(name, root, cache_dir=None):
         raise DataError(layouts_help(name, None))
     if not os.path.isdir(root):
         raise DataError(f"data folder {os.path.abspath(root)} does not exist.\n" + layouts_help(name, root))
-    cache = None
-    if cache_dir:
-        cache = os.path.join(cache_dir, f"{name}-{_cache_key(root, name)}.pt")
-        if os.path.isfile(cache):
-            saved = torch.load(cache)
-            return saved["train_x"], saved["train_y"], saved["test_x"], saved["test_y"], saved["classes"]
-    result = _locate_and_read(root, name)
-    if result is None:
-        raise DataError(layouts_help(name, root))
-    train_x, train_y, test_x, test_y, classes = result
-    if cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        # A temporary name of this process's own: runs started together may all decode and write at
-        # once; each rename is atomic and they write the same tensors.
-        tmp = f"{cache}.{os.getpid()}-{threading.get_ident()}.tmp"
-        torch.save(dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes), tmp)
-        os.replace(tmp, cache)
-    return train_x, train_y, test_x, test_y, classes
+    for source, read in _sources(root, name):
+        cache = os.path.join(cache_dir, f"{name}-{_cache_key(source, name)}.pt") if cache_dir else None
+        if cache:
+            saved = _load_cache(cache)
+            if saved is not None:
+                return saved
+        result = read()
+        if result is None:
+            continue
+        _check_classes(name, source, result)
+        train_x, train_y, test_x, test_y, classes = result
+        if cache:
+            os.makedirs(cache_dir, exist_ok=True)
+            # A temporary name of this process's own: runs started together may all decode and write at
+            # once; each rename is atomic and they write the same tensors.
+            tmp = f"{cache}.{os.getpid()}-{threading.get_ident()}.tmp"
+            torch.save(dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes), tmp)
+            os.replace(tmp, cache)
+        return train_x, train_y, test_x, test_y, classes
+    raise DataError(layouts_help(name, root))
 
 
 def download(name, root):

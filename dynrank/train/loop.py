@@ -30,7 +30,8 @@ from .models import EXCLUDE, build_model, count_parameters
 from .progress import ProgressLine
 from .steps import TrainStep
 
-__all__ = ["run_training", "Interrupted", "SCHEDULES", "lr_at", "build_optimizer"]
+__all__ = ["run_training", "Interrupted", "RunFileError", "SCHEDULES", "lr_at", "build_optimizer", "write_atomic",
+           "write_json", "read_json", "load_checkpoint"]
 
 SCHEDULES = ("full", "lowrank", "dynamic")
 CHECKPOINT = "checkpoint.pt"
@@ -43,6 +44,49 @@ class Interrupted(Exception):
     def __init__(self, checkpoint):
         super().__init__(f"interrupted; resumable checkpoint at {checkpoint}")
         self.checkpoint = checkpoint
+
+
+class RunFileError(Exception):
+    """A run's saved file (config.json, result.json, checkpoint.pt) cannot be read; the message names it."""
+
+
+def write_atomic(path, write):
+    """Call ``write(tmp_path)``, then rename the temp file onto ``path``: a crash leaves the old file or the new."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """``obj`` as indented JSON at ``path``, written atomically (temp file + rename)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(obj, handle, indent=1)
+    write_atomic(path, write)
+
+
+def read_json(path, kind=dict):
+    """The JSON object in ``path``; :class:`RunFileError` naming the file if it is damaged."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RunFileError(f"{path} is damaged (not valid JSON: {str(err).splitlines()[0]})") from None
+    if not isinstance(value, kind):
+        raise RunFileError(f"{path} is damaged (expected a JSON {kind.__name__}, got {type(value).__name__})")
+    return value
+
+
+def load_checkpoint(path, device="cpu"):
+    """The checkpoint dict in ``path``; :class:`RunFileError` naming the file if it is damaged."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:   # truncated, empty or garbage files fail in many ways inside torch/pickle
+        raise RunFileError(f"{path} is damaged and cannot be resumed from ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+    if not isinstance(checkpoint, dict) or "epoch" not in checkpoint:
+        raise RunFileError(f"{path} is damaged and cannot be resumed from (not a dynrank-train checkpoint)")
+    return checkpoint
 
 
 class _StopFlag:
@@ -217,9 +261,7 @@ def _set_rng_state(state, device):
 
 
 def _save(path, state):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def cpu_bf16_native():
@@ -251,8 +293,7 @@ def write_metrics(out_dir, history):
     with open(os.path.join(out_dir, "metrics.csv"), "w", encoding="utf-8") as handle:
         handle.write(",".join(keys) + "\n")
         handle.writelines(",".join("" if row.get(k) is None else str(row.get(k)) for k in keys) + "\n" for row in history)
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as handle:
-        json.dump(history, handle, indent=1)
+    write_json(os.path.join(out_dir, "metrics.json"), history)
 
 
 def _epoch_line(cfg, record, kind):
@@ -302,9 +343,9 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     result_path = os.path.join(out_dir, RESULT)
     if resume and os.path.isfile(result_path):
-        with open(result_path, encoding="utf-8") as handle:
-            log(f"[{schedule}] already finished: {result_path}")
-            return json.load(handle)
+        result = read_json(result_path)
+        log(f"[{schedule}] already finished: {result_path}")
+        return result
 
     model, summary = prepare_model(cfg, schedule, data.num_classes, device)
     if summary is not None and not resume:
@@ -327,7 +368,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
     here = device_name(device, channels_last=_channels_last(cfg), bf16=bool(cfg.get("amp")))
 
     if resume and os.path.isfile(ckpt_path):
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+        checkpoint = load_checkpoint(ckpt_path, device)
         if scheduler is not None:
             load_training_state(checkpoint, model, optimizer, scheduler)
             _to_layout(model, cfg)
@@ -427,8 +468,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
     if monitor is not None:
         result["monitor_files"] = monitor.finish(out_dir)
         result["monitor_records"] = monitor.state_dict()["records"]
-    with open(result_path, "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=1)
+    write_json(result_path, result)
     return result
 
 
