@@ -510,11 +510,20 @@ def test_a_bad_device_is_refused_before_anything_is_written(tmp_path, capsys, de
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
 def test_a_damaged_run_file_is_a_one_line_error_naming_it(tmp_path, capsys, name, damage):
     out = _finished_run(tmp_path / "run")
+    if name.endswith("checkpoint.pt"):
+        (out / "full" / "result.json").unlink()   # unfinished: the resume trains from the checkpoint
     path = out / name
     data = path.read_bytes()
     path.write_bytes({"empty": b"", "truncated": data[:len(data) // 2], "garbage": b"\x80garbage{"}[damage])
     err = _exit_2(["--resume", str(out)], capsys)
     assert str(path) in err and "damaged" in err
+
+
+def test_a_finished_schedules_checkpoint_is_not_read_on_resume(tmp_path, capsys):
+    out = _finished_run(tmp_path / "run")
+    (out / "full" / "checkpoint.pt").write_bytes(b"")
+    assert cli.main(["--resume", str(out)]) == 0
+    assert "already finished" in capsys.readouterr().out
 
 
 def test_json_files_are_written_by_temp_file_and_rename(tmp_path, monkeypatch):
@@ -526,9 +535,16 @@ def test_json_files_are_written_by_temp_file_and_rename(tmp_path, monkeypatch):
         handle.write('{"a": ')
         raise OSError("disk full")
     monkeypatch.setattr(loop.json, "dump", broken_dump)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk full"):
         loop.write_json(path, {"a": 2})
     assert json.loads(open(path).read()) == {"a": 1}
+    assert sorted(os.listdir(tmp_path)) == ["result.json"]          # no temp file left behind
+
+
+def test_the_gpts_own_decomposition_may_be_named():
+    assert _config(["--model", "gpt", "--decomposition", "svd"])["decomposition"] == "svd"
+    with pytest.raises(ValueError, match=r"--decomposition is used by the vision models .* only, not by --model gpt"):
+        _config(["--model", "gpt", "--decomposition", "tucker"])
 
 
 def test_resume_on_the_cpu_keeps_the_saved_thread_count(tmp_path, monkeypatch, restore_threads):

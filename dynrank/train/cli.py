@@ -263,6 +263,8 @@ def _flag(key):
 def _check_flags(given, model):
     """Refuse flags the chosen model or schedule would ignore without a word."""
     for key in GPT_ONLY if model != "gpt" else VISION_ONLY:
+        if key == "decomposition" and given.get(key) == "svd":
+            continue                      # the GPT's factorization: asking for it is not a mistake
         if key in given:
             users = "--model gpt" if model != "gpt" else "the vision models (resnet20, wrn28-10, resnet50)"
             raise ValueError(f"{_flag(key)} is used by {users} only, not by --model {model}")
@@ -399,8 +401,8 @@ def _check_resume(out_dir, cfg):
         result = os.path.join(out_dir, schedule, "result.json")
         if os.path.isfile(result):
             read_json(result)
-        else:
-            finished = False
+            continue                      # finished: its checkpoint is not trained from again
+        finished = False
         path = os.path.join(out_dir, schedule, "checkpoint.pt")
         if not os.path.isfile(path):
             continue

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import time
 
 import torch
@@ -51,10 +52,23 @@ class RunFileError(Exception):
 
 
 def write_atomic(path, write):
-    """Call ``write(tmp_path)``, then rename the temp file onto ``path``: a crash leaves the old file or the new."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    """Call ``write(tmp_path)``, then rename the temp file onto ``path``: a crash leaves the old file or the new.
+
+    The temp file is unique (two writers never share it), flushed to disk before the rename, and
+    removed if writing fails.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(handle)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_json(path, obj):
