@@ -135,7 +135,7 @@ def _check_patterns_match(patterns, names):
         if value is None or callable(value):
             continue
         for p in [value] if isinstance(value, str) else value:
-            if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names):
+            if not _matches([p], names, None):
                 unmatched.append(f"{what} {p!r}")
     if unmatched:
         shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")

@@ -21,11 +21,11 @@ import numbers
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
 from ._optim import LINEAR_STATE, SQUARED_STATE, replace_params
 from .linear import FusedLowRankLinear, svd_factors
-from .scheduler import check_finite, check_same_layers, check_sync, unwrap_model
+from .scheduler import (check_finite, check_model_and_optimizer, check_same_layers, check_sync,
+                        unwrap_model)
 
 __all__ = ["IncrementalRankScheduler", "grow_rank_", "explained_rank"]
 
@@ -227,10 +227,7 @@ class IncrementalRankScheduler:
 
     def __init__(self, model, optimizer, init_rank=2, buffer=8, threshold=0.9, warmup_steps=200,
                  check_every=25, max_rank=None, sync_ranks=None, process_group=None):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        check_model_and_optimizer(model, optimizer)
         buffer, threshold, warmup_steps, check_every = _check_settings(buffer, threshold, warmup_steps,
                                                                        check_every)
         if init_rank is not None and (isinstance(init_rank, bool) or not isinstance(init_rank, numbers.Integral)
@@ -404,7 +401,10 @@ class IncrementalRankScheduler:
                 [1, min(in, out)], a managed layer now in full form, or a layer
                 to shrink whose factors hold NaN/inf.
         """
-        settings = self._checked_state(state_dict)
+        self._load_checked(self._checked_state(state_dict))
+
+    def _load_checked(self, settings):
+        """Apply what :meth:`_checked_state` returned; a layer to shrink must still be finite."""
         ranks = settings["ranks"]
         check_finite([(n, m) for n, m in self._layers if ranks[n] < m.rank], "not loading any rank")
         with torch.random.fork_rng(devices=[]):

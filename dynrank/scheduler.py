@@ -87,6 +87,14 @@ def _check_choices(deflate_init, optimizer_state):
     return deflate_init, optimizer_state
 
 
+def check_model_and_optimizer(model, optimizer):
+    """TypeError unless ``model`` is an nn.Module and ``optimizer`` a torch optimizer."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+
 def check_sync(model, sync_ranks, process_group):
     """Validated (sync_ranks, process_group) of a scheduler built on ``model``.
 
@@ -239,10 +247,7 @@ class DynamicRankScheduler:
     def __init__(self, model, optimizer, inflate_epoch, deflate_epoch, deflate_init="zeros",
                  optimizer_state=DEFAULT_OPTIMIZER_STATE, deflate_rank=None, unit="epoch",
                  epochs=None, sync_ranks=None, process_group=None):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        check_model_and_optimizer(model, optimizer)
         self.unit, self.inflate_epoch, self.deflate_epoch, self.epochs = _check_schedule(
             unit, inflate_epoch, deflate_epoch, epochs)
         self.deflate_init, self.optimizer_state = _check_choices(deflate_init, optimizer_state)
@@ -512,7 +517,11 @@ class DynamicRankScheduler:
                 of a layer's range, or a saved form/rank that cannot be reached
                 from the current one.
         """
-        settings, forms, ranks = self._checked_state(state_dict)
+        self._load_checked(self._checked_state(state_dict))
+
+    def _load_checked(self, checked):
+        """Apply what :meth:`_checked_state` returned (nothing left to check)."""
+        settings, forms, ranks = checked
         last_epoch = settings.pop("last_epoch")
         for key, value in settings.items():
             setattr(self, key, value)
@@ -524,10 +533,7 @@ class DynamicRankScheduler:
 def _check_training_objects(model, optimizer, scheduler):
     """TypeError/ValueError unless ``scheduler`` is a dynrank scheduler built on ``model`` and ``optimizer``."""
     from .inrank import IncrementalRankScheduler
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    check_model_and_optimizer(model, optimizer)
     if not isinstance(scheduler, (DynamicRankScheduler, IncrementalRankScheduler)):
         raise TypeError(f"scheduler must be a DynamicRankScheduler or IncrementalRankScheduler, "
                         f"got {type(scheduler).__name__}")
@@ -661,12 +667,12 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
         if not isinstance(checkpoint[key], Mapping):
             raise TypeError(f"checkpoint[{key!r}] must be a state dict, got {type(checkpoint[key]).__name__}")
     _check_training_objects(model, optimizer, scheduler)
-    scheduler._checked_state(checkpoint["scheduler"])     # a bad scheduler part fails before any copy
+    checked = scheduler._checked_state(checkpoint["scheduler"])   # a bad scheduler part fails before any copy
     module = unwrap_model(model)
     snapshot = _Snapshot(module, optimizer, scheduler)
     part = "scheduler"
     try:
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        scheduler._load_checked(checked)
         part = "model"
         module.load_state_dict(checkpoint["model"])
         part = "optimizer"
