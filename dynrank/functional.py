@@ -64,8 +64,16 @@ def check_matches_input(x, name, t):
     if t.device != x.device:
         raise ValueError(f"input is on {x.device} but {name} is on {t.device}; move them to one device")
     if t.dtype != x.dtype:
+        if torch.float64 in (x.dtype, t.dtype) and _autocasting(x.device.type):
+            raise TypeError(f"input has dtype {x.dtype} but {name} has {t.dtype}, and torch.autocast leaves "
+                            f"float64 tensors as they are (as for nn.Linear); cast them to one dtype")
         raise TypeError(f"input has dtype {x.dtype} but {name} has {t.dtype}; cast them to one dtype "
                         f"(or run under torch.autocast)")
+
+
+def _autocasting(device_type):
+    """True while ``torch.autocast`` is on for ``device_type``."""
+    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
 
 
 # ---------------------------------------------------------------------------
@@ -289,12 +297,8 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
         # Traced code skips this: dynamo may pass the scale as a SymFloat.
         scale = _check_scale(scale, "scale")
     device_type = x.device.type
-    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dtype)  # noqa: E731
-        x, weight, A, B, bias = (cast(t) for t in (x, weight, A, B, bias))
-        with torch.autocast(device_type, enabled=False):
-            return lowrank_linear(x, weight, A, B, bias, scale)
+    if _autocasting(device_type):
+        return _autocast_lowrank_linear(x, weight, A, B, bias, scale)
     if (not compiling and _torch_would_catch(x, weight, A, B, bias)
             and backend_for(x.device, "lowrank_linear", x.dtype) == "torch"):
         try:
@@ -306,7 +310,7 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
             raise
     N, K, _ = _check_operands(x, weight, A, B, bias)
     use_torch = backend_for(x.device, "lowrank_linear", x.dtype) == "torch"
-    if use_torch and not compiling:
+    if not compiling and (use_torch or _transformed()):
         return _torch_lowrank_linear(x, weight, A, B, bias, scale)
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
@@ -318,6 +322,25 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
     else:
         y = _EagerLowRankLinear.apply(x2, weight, A, B, bias, float(scale), _triton_engine())
     return y if x.dim() == 2 else y.reshape(*lead, N)
+
+
+def _autocast_lowrank_linear(x, weight, A, B, bias, scale):
+    """``lowrank_linear`` under ``torch.autocast``: cast as for ``nn.Linear``, then run with autocast off.
+
+    Floating-point operands go to the autocast dtype, except float64 ones, which autocast leaves as
+    they are: a float64 layer given a float64 input stays float64, and a float64 operand beside
+    autocast-dtype ones is a mismatch, named while autocast is still on.
+    """
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type)
+    operands = [t if not isinstance(t, Tensor) or not t.is_floating_point() or t.dtype == torch.float64
+                else t.to(dtype) for t in (x, weight, A, B, bias)]
+    x = operands[0]
+    for name, t in zip(("weight", "A", "B", "bias"), operands[1:]):
+        if isinstance(t, Tensor) and x.is_floating_point() and torch.float64 in (x.dtype, t.dtype) and t.dtype != x.dtype:
+            check_matches_input(x, name, t)
+    with torch.autocast(device_type, enabled=False):
+        return lowrank_linear(*operands, scale)
 
 
 def _torch_would_catch(x, weight, A, B, bias):
@@ -336,14 +359,32 @@ def _torch_would_catch(x, weight, A, B, bias):
                                   and not bias.is_meta)))
 
 
+def _transformed():
+    """True under a ``torch.func`` transform (vmap, grad, jvp, jacrev, ...) or ``torch.jit.trace``."""
+    return _functorch_transforms_active() or torch.jit.is_tracing()
+
+
+# Private but long-standing (torch.autograd.Function.apply asks it on every call); absent, no transform runs.
+_functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _autograd_ops(x, weight, A, B, bias, scale):
+    """y = x·weightᵀ + scale·(x·B)·Aᵀ + bias on autograd's own ops, out of place."""
+    xb = x @ B
+    y = torch.nn.functional.linear(xb if scale == 1.0 else xb * scale, A, bias)
+    return y if weight is None else torch.nn.functional.linear(x, weight) + y
+
+
 def _torch_lowrank_linear(x, weight, A, B, bias, scale):
     """``lowrank_linear`` on the torch engine, eager mode, operands not yet checked (see its caller)."""
-    if weight is None:
+    if weight is None or _transformed():
         # The lowrank form runs the same GEMMs fused or not (x·B, then ·Aᵀ; dA, dB and dx from the
         # same products), so autograd's own C++ nodes serve: a Python node costs the host more
-        # than it saves (KERNEL_NOTES.md, v0.3).
-        xb = x @ B
-        return torch.nn.functional.linear(xb if scale == 1.0 else xb * scale, A, bias)
+        # than it saves (KERNEL_NOTES.md, v0.3).  The adapter takes them too under torch.func's
+        # transforms, which have no vmap or jvp rule for its node (and an in-place add cannot take
+        # a batched operand into an unbatched output), and under torch.jit.trace, which records
+        # the node as a Python call that cannot be saved.
+        return _autograd_ops(x, weight, A, B, bias, scale)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):

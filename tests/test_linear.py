@@ -124,6 +124,129 @@ def test_autocast_bf16_on_cpu(backend):
     _assert_gradients_match_float64(layer, x, dy, REL_TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
+def test_float64_layer_stays_float64_under_autocast(backend, form):
+    """As nn.Linear: autocast leaves float64 tensors alone, so a float64 layer computes in float64."""
+    layer = FusedLowRankLinear(16, 8, rank=4, form=form, alpha=6.0, dtype=torch.float64, device=_device())
+    if form == "adapter":
+        _randomize_adapter(layer)
+    x = torch.randn(5, 16, dtype=torch.float64, device=_device())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float64
+    assert rel_err(y, _reference_forward(layer, x)) < REL_TOL[torch.float64]
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
+def test_float64_layer_beside_float32_input_under_autocast_is_named(form):
+    """nn.Linear refuses this pair under autocast (the input is cast, float64 is not); so does the layer, by name."""
+    layer = FusedLowRankLinear(16, 8, rank=4, form=form, dtype=torch.float64)
+    operand = "weight" if form != "lowrank" else "A"
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=re.escape(
+            f"input has dtype torch.bfloat16 but {operand} has torch.float64, and torch.autocast leaves float64 "
+            f"tensors as they are") if form != "full" else re.escape(
+            "input has dtype torch.float32 but weight has torch.float64, and torch.autocast leaves float64")):
+        layer(torch.randn(5, 16))
+
+
+# -- torch.func transforms and tracing ------------------------------------------------
+
+def _float64_function(layer):
+    """The layer's function in float64, as ``f(params, x)`` over its named parameters."""
+    def f(params, x):
+        p = {**{n: t.detach().double() for n, t in layer.named_parameters()}, **params}
+        if layer.form == "full":
+            return x @ p["weight"].t() + p["bias"]
+        return reference_lowrank_linear(x, p.get("weight"), p["A"], p["B"], p["bias"], layer.scale)
+    return f
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
+def test_per_sample_gradients_through_vmap_and_grad(backend, form):
+    """torch.func.vmap(grad(...)) of a loss through the layer (per-sample gradients, as for DP-SGD)
+    against each sample's float64 gradient; the Triton backend's node has no vmap rule either."""
+    layer = FusedLowRankLinear(12, 7, rank=3, form=form, alpha=6.0, device=_device())
+    if form == "adapter":
+        _randomize_adapter(layer)
+    trainable = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
+    x = torch.randn(4, 12, device=_device())
+
+    def loss(params, xi):
+        return (torch.func.functional_call(layer, params, (xi[None],)) ** 2).sum()
+
+    per_sample = torch.vmap(torch.func.grad(loss), in_dims=(None, 0))(trainable, x)
+    f64 = _float64_function(layer)
+    for i in range(x.shape[0]):
+        params = {n: p.double().requires_grad_() for n, p in trainable.items()}
+        (f64(params, x[i:i + 1].double()) ** 2).sum().backward()
+        for name, p in params.items():
+            assert rel_err(per_sample[name][i], p.grad) < REL_TOL[torch.float32], (name, i)
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_vmap_over_the_factors_alone(backend, form):
+    """An ensemble of adapters on one frozen base and one input: only A and B batched, the output
+    batched (an in-place add into the unbatched base output cannot take them)."""
+    layer = FusedLowRankLinear(12, 7, rank=3, form=form, device=_device())
+    stacked = {"A": torch.randn(3, 7, 3, device=_device()), "B": torch.randn(3, 12, 3, device=_device())}
+    x = torch.randn(5, 12, device=_device())
+    y = torch.vmap(lambda p: torch.func.functional_call(layer, p, (x,)))(stacked)
+    f64 = _float64_function(layer)
+    for i in range(3):
+        assert rel_err(y[i], f64({n: t[i].double() for n, t in stacked.items()}, x.double())) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
+def test_jvp_and_jacobian(backend, form):
+    """Forward-mode (jvp) and reverse-mode (jacrev) derivatives in the input against float64."""
+    layer = FusedLowRankLinear(10, 6, rank=3, form=form, alpha=6.0, device=_device())
+    if form == "adapter":
+        _randomize_adapter(layer)
+    x, v = torch.randn(4, 10, device=_device()), torch.randn(4, 10, device=_device())
+    f64 = _float64_function(layer)
+    y, tangent = torch.func.jvp(layer, (x,), (v,))
+    y_ref, tangent_ref = torch.func.jvp(lambda t: f64({}, t), (x.double(),), (v.double(),))
+    assert rel_err(y, y_ref) < REL_TOL[torch.float32]
+    assert rel_err(tangent, tangent_ref) < REL_TOL[torch.float32]
+    jac = torch.func.jacrev(layer)(x)
+    assert rel_err(jac, torch.func.jacrev(lambda t: f64({}, t))(x.double())) < REL_TOL[torch.float32]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
+def test_jit_trace_saves_and_reloads(backend, form):
+    """torch.jit.trace records plain aten ops in every form (its check reruns the module without grad,
+    so the trace must not depend on it), and the saved trace computes the layer's function."""
+    import io
+    layer = FusedLowRankLinear(10, 6, rank=3, form=form, alpha=6.0, device=_device())
+    if form == "adapter":
+        _randomize_adapter(layer)
+    x = torch.randn(4, 10, device=_device())
+    traced = torch.jit.trace(layer, x, check_trace=True, check_inputs=[(torch.randn(3, 10, device=_device()),)])
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x2 = torch.randn(7, 10, device=_device())
+    assert rel_err(loaded(x2), _reference_forward(layer, x2)) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
+def test_torch_export_saves_and_reloads(form):
+    """torch.export with a dynamic batch: the exported program, saved and loaded, computes the layer."""
+    import io
+    layer = FusedLowRankLinear(10, 6, rank=3, form=form, alpha=6.0)
+    if form == "adapter":
+        _randomize_adapter(layer)
+    batch = torch.export.Dim("batch", min=2)
+    program = torch.export.export(layer, (torch.randn(4, 10),), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    x = torch.randn(9, 10)
+    assert rel_err(torch.export.load(buffer).module()(x), _reference_forward(layer, x)) < REL_TOL[torch.float32]
+
+
 # -- form changes --------------------------------------------------------------------
 
 @pytest.mark.parametrize("alpha", [None, 8.0])
