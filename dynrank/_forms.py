@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["FORMS", "DEFLATE_INITS", "FormLayer"]
+__all__ = ["FORMS", "DEFLATE_INITS", "FormLayer", "check_floating_dtype"]
 
 FORMS = ("lowrank", "full", "adapter")
 DEFLATE_INITS = ("zeros", "random", "svd")
@@ -29,6 +29,22 @@ def check_form(form):
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     return form
+
+
+def check_floating_dtype(dtype, allow_none=False, needed_by=""):
+    """``dtype`` where it is a floating-point ``torch.dtype`` (or None, with ``allow_none``).
+
+    Raises:
+        TypeError: ``f"{needed_by}dtype must be a floating-point dtype, got {dtype!r}"`` (with
+            ``allow_none``: "a floating-point torch.dtype or None").  ``needed_by`` says who needs it,
+            e.g. ``"from_dense needs a floating-point kernel: "``.
+    """
+    if dtype is None and allow_none:
+        return None
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        expected = "a floating-point torch.dtype or None" if allow_none else "a floating-point dtype"
+        raise TypeError(f"{needed_by}dtype must be {expected}, got {dtype!r}")
+    return dtype
 
 
 class FormLayer(nn.Module):
@@ -69,8 +85,7 @@ class FormLayer(nn.Module):
         Conv layers (Kaiming-uniform with a = √5, bias U(±1/√fan_in)).
         """
         check_form(form)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        check_floating_dtype(dtype, allow_none=True)
         kw = dict(device=device, dtype=dtype)
         shape = self._dense_shape()
         self.bias = nn.Parameter(torch.empty(shape[0], **kw)) if bias else None

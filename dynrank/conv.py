@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._forms import FormLayer, check_form
+from ._forms import FormLayer, check_floating_dtype, check_form
 from .conv_adapter import (
     _ADAPTERS,
     ADAPTER_STRATEGIES,
@@ -339,9 +339,7 @@ class LowRankConv2d(FormLayer):
             raise TypeError(f"from_dense needs an nn.Conv2d, got {type(conv).__name__}")
         check_form(form)
         weight = conv.weight
-        if not weight.dtype.is_floating_point:
-            raise TypeError(f"from_dense needs a floating-point kernel: dtype must be a floating-point dtype, "
-                            f"got {weight.dtype}")
+        check_floating_dtype(weight.dtype, needed_by=f"from_dense needs a floating-point {cls.weight_kind}: ")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank=rank,
                     decomposition=decomposition, stride=conv.stride, padding=conv.padding,
                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, form=form,
@@ -377,9 +375,14 @@ class LowRankConv2d(FormLayer):
     def _check_input_against(self, x, ref):
         if x.device != ref.device:
             raise ValueError(f"input is on {x.device} but the layer's parameters are on {ref.device}")
-        if x.dtype != ref.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"input has dtype {x.dtype} but the layer's parameters have {ref.dtype}; cast one "
-                            f"of them (or run under torch.autocast)")
+        if x.dtype != ref.dtype:
+            if not torch.is_autocast_enabled(x.device.type):
+                raise TypeError(f"input has dtype {x.dtype} but the layer's parameters have {ref.dtype}; cast one "
+                                f"of them (or run under torch.autocast)")
+            if torch.float64 in (x.dtype, ref.dtype):
+                raise TypeError(f"input has dtype {x.dtype} but the layer's parameters have {ref.dtype}, and "
+                                f"torch.autocast leaves float64 tensors as they are (as for nn.Conv2d); cast one "
+                                f"of them")
 
     def extra_repr(self):
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}",

@@ -6,7 +6,7 @@ import numbers
 import torch
 from torch import nn
 
-from ._forms import FORMS, FormLayer
+from ._forms import FORMS, FormLayer, check_floating_dtype
 from .linear import FusedLowRankLinear, check_alpha, check_ratio, rank_from_ratio
 
 __all__ = ["convert_model", "ConversionSummary", "DECOMPOSITIONS"]
@@ -402,9 +402,7 @@ def _keep_reason(names, places, child, include, exclude, min_features, last_line
 
 
 def _convert_one(child, rank_ratio, decomposition, form, init, alpha):
-    dtype = child.weight.dtype
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    dtype = check_floating_dtype(child.weight.dtype)
     if isinstance(child, nn.Linear):
         out_features, in_features = child.weight.shape
         rank = rank_from_ratio(rank_ratio, in_features, out_features)

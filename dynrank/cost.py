@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._args import check_real
 from ._forms import FormLayer
 from .conv_factorizations import DECOMPOSITIONS, KernelShape, get_factorization
 from .linear import check_rank, check_ratio, rank_from_ratio
@@ -244,9 +245,7 @@ def _counts(counts, rank_ratio=0.5):
     c = counts if isinstance(counts, ParamCounts) else param_counts(counts, rank_ratio)
     for what in ("full", "lowrank", "other"):
         value = getattr(c, what)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"counts.{what} must be a parameter count (int ≥ 0), got {type(value).__name__} "
-                            f"({value!r})")
+        check_real(value, f"counts.{what}", "a parameter count (int ≥ 0)")
         if not 0 <= value < math.inf:
             raise ValueError(f"counts.{what} must be a parameter count (int ≥ 0), got {value!r}")
     if c.full <= 0:
@@ -299,9 +298,10 @@ def _seconds(rec, i):
     seconds = rec.get("wall_seconds")
     if seconds is None:
         return None
-    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0.0 <= seconds < math.inf:
-        where = f"record {i}" + (f" (epoch {rec['epoch']!r})" if "epoch" in rec else "")
-        raise ValueError(f"wall_seconds must be a finite number ≥ 0 or None, got {seconds!r} in {where}")
+    where = f" in record {i}" + (f" (epoch {rec['epoch']!r})" if "epoch" in rec else "")
+    check_real(seconds, "wall_seconds", "a finite number ≥ 0 or None", where)
+    if not 0.0 <= seconds < math.inf:
+        raise ValueError(f"wall_seconds must be a finite number ≥ 0 or None, got {seconds!r}{where}")
     return float(seconds)
 
 
@@ -320,9 +320,9 @@ def epoch_times(run, skip_first=0):
         ``"adapter"``, ``"dense"`` (no dynrank layers) or ``"mixed"``.
 
     Raises:
-        TypeError: ``run`` is not a RankMonitor or a list of record dicts; a non-int ``skip_first``.
-        ValueError: a negative ``skip_first``; a ``wall_seconds`` that is negative, NaN, infinite or
-            not a number.
+        TypeError: ``run`` is not a RankMonitor or a list of record dicts; a non-int ``skip_first``; a
+            ``wall_seconds`` that is not a number (nor None).
+        ValueError: a negative ``skip_first``; a ``wall_seconds`` that is negative, NaN or infinite.
     """
     skip_first = _int(skip_first, "skip_first")
     out, last, since = {}, None, 0
@@ -359,9 +359,10 @@ def measured_comp_ratio(run, epochs=None, inflate_epoch=None, deflate_epoch=None
         float (can exceed 1 when low-rank epochs are slower than full ones).
 
     Raises:
-        TypeError: ``run`` / ``full_epoch_seconds`` of the wrong type.
+        TypeError: ``run`` / ``full_epoch_seconds`` of the wrong type; a ``wall_seconds`` that is not a
+            number (see :func:`epoch_times`).
         ValueError: no full-form epoch time (or one of 0 s), a ``full_epoch_seconds``
-            that is not a finite number > 0, a bad ``wall_seconds`` (see :func:`epoch_times`),
+            that is not a finite number > 0, a negative, NaN or infinite ``wall_seconds``,
             no timed epoch, a needed form has no recorded epoch, or a bad schedule.
     """
     times = epoch_times(run, skip_first)

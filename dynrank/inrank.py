@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ._args import check_real
 from ._optim import LINEAR_STATE, SQUARED_STATE, replace_params
 from .linear import FusedLowRankLinear, svd_factors
 from .scheduler import (check_finite, check_model_and_optimizer, check_same_layers, check_sync,
@@ -169,7 +170,8 @@ def _check_settings(buffer, threshold, warmup_steps, check_every):
                              ("check_every", check_every, 1)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold < 1:
+    check_real(threshold, "threshold", "a float in (0, 1)")
+    if not 0 < threshold < 1:                       # NaN fails this too
         raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
     return int(buffer), float(threshold), int(warmup_steps), int(check_every)
 
@@ -200,8 +202,9 @@ class IncrementalRankScheduler:
             None, as for :class:`~dynrank.DynamicRankScheduler`.
 
     Raises:
-        TypeError: a non-module model, a non-optimizer, a non-int ``max_rank``,
-            a non-bool ``sync_ranks``, a ``process_group`` that is not a ProcessGroup.
+        TypeError: a non-module model, a non-optimizer, a non-int ``max_rank``, a
+            non-number ``threshold``, a non-bool ``sync_ranks``, a ``process_group`` that
+            is not a ProcessGroup.
         ValueError: other bad arguments, no FusedLowRankLinear in
             lowrank/adapter form, or (``init_rank`` below a layer's rank) a layer
             whose factors hold NaN/inf.  All checks run before any layer is resized.

@@ -7,7 +7,8 @@ import torch
 from torch.nn import functional as F
 
 from . import functional as DF
-from ._forms import FormLayer, check_form
+from ._args import check_real
+from ._forms import FormLayer, check_floating_dtype, check_form
 
 __all__ = ["FusedLowRankLinear", "check_alpha", "check_rank", "check_ratio", "rank_from_ratio"]
 
@@ -23,8 +24,7 @@ def check_rank(rank, limit, what="rank"):
 
 def check_ratio(ratio, what="rank_ratio"):
     """Validate a rank ratio ρ in (0, 1]; returns it as float."""
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
-        raise TypeError(f"{what} must be a float in (0, 1], got {type(ratio).__name__} ({ratio!r})")
+    check_real(ratio, what, "a float in (0, 1]")
     if not 0.0 < ratio <= 1.0:                      # NaN fails this too
         raise ValueError(f"{what} must be in (0, 1], got {ratio!r}")
     return float(ratio)
@@ -35,8 +35,7 @@ def check_alpha(alpha):
     alpha / rank is a Python float, as the layers' forward expects)."""
     if alpha is None:
         return None
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"alpha must be a number or None, got {type(alpha).__name__} ({alpha!r})")
+    check_real(alpha, "alpha", "a number or None")
     if not 0.0 < alpha < math.inf:                  # NaN fails this too
         raise ValueError(f"alpha must be a finite number > 0 (the scale is alpha / rank), got {alpha!r}")
     return float(alpha)
@@ -182,9 +181,7 @@ class FusedLowRankLinear(FormLayer):
         weight = getattr(linear, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TypeError(f"from_dense needs a module with a 2-D weight (nn.Linear), got {type(linear).__name__}")
-        if not weight.dtype.is_floating_point:
-            raise TypeError(f"from_dense needs a floating-point weight: dtype must be a floating-point dtype, "
-                            f"got {weight.dtype}")
+        check_floating_dtype(weight.dtype, needed_by=f"from_dense needs a floating-point {cls.weight_kind}: ")
         check_form(form)
         out_features, in_features = weight.shape
         bias = getattr(linear, "bias", None)

@@ -39,7 +39,7 @@ import numbers
 
 import torch
 
-from ._args import as_names
+from ._args import as_names, check_real
 from ._forms import FormLayer
 from .metrics import monitored_layers
 
@@ -282,8 +282,7 @@ class OrthogonalityRegularizer:
     """
 
     def __init__(self, coef, kind="so", exclude=(), n_power_iterations=2):
-        if isinstance(coef, bool) or not isinstance(coef, numbers.Real):
-            raise TypeError(f"coef must be a finite number >= 0, got {type(coef).__name__} ({coef!r})")
+        check_real(coef, "coef", "a finite number >= 0")
         if not 0.0 <= coef < math.inf:                  # NaN fails this too
             raise ValueError(f"coef must be a finite number >= 0, got {coef!r}")
         if kind not in _KINDS:

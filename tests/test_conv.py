@@ -433,6 +433,24 @@ def test_input_on_another_device_or_dtype_is_named(dec, form):
         layer.to("meta")(torch.randn(2, 5, 8, 8, dtype=F64))
 
 
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+@pytest.mark.parametrize("dec", ["svd", "tucker", "cp", "tkd-cpd"])
+def test_float64_under_autocast_as_nn_conv2d(dec, form):
+    """autocast leaves float64 alone, as for nn.Conv2d: a float64 layer and input stay float64 (checked
+    against the layer outside autocast); a float32 input beside it is named, with autocast's part in it."""
+    layer = make(dec, form=form)
+    randomize(layer)
+    x = torch.randn(2, 5, 8, 8, dtype=F64)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert y.dtype == F64 and torch.equal(y, expected)
+        with pytest.raises(TypeError, match=re.escape(
+                "input has dtype torch.float32 but the layer's parameters have torch.float64, and torch.autocast "
+                "leaves float64 tensors as they are")):
+            layer(x.float())
+
+
 def test_a_conv_error_that_is_not_the_inputs_passes_through(monkeypatch):
     layer = make("svd")
 

@@ -243,13 +243,20 @@ def test_measured_ratio_refuses_bad_times():
     with pytest.raises(TypeError, match="full_epoch_seconds must be seconds \\(a number\\) or a full-rank run "
                                         "\\(a RankMonitor or its records\\), got str"):
         measured_comp_ratio(run, full_epoch_seconds="20 s")
-    for bad in (-1.0, math.nan, math.inf, "3 s"):
+    for bad in (-1.0, math.nan, math.inf):
         records = [{"epoch": 0, "form": "full", "wall_seconds": 2.0}, {"epoch": 1, "form": "full", "wall_seconds": bad}]
         with pytest.raises(ValueError, match=f"wall_seconds must be a finite number ≥ 0 or None, got "
                                              f"{re.escape(repr(bad))} in record 1 \\(epoch 1\\)"):
             measured_comp_ratio(records)
         with pytest.raises(ValueError, match="wall_seconds must be"):
             epoch_times(records)
+    # No number at all is a TypeError (a number out of range, a ValueError).
+    records[1]["wall_seconds"] = "3 s"
+    with pytest.raises(TypeError, match=r"wall_seconds must be a finite number ≥ 0 or None, got str \('3 s'\) in "
+                                        r"record 1 \(epoch 1\)"):
+        measured_comp_ratio(records)
+    with pytest.raises(TypeError, match="wall_seconds must be"):
+        epoch_times(records)
     # Untimed epochs (wall_seconds None) are left out; with none timed there is no ratio, not a ZeroDivisionError.
     untimed = [{"form": "full", "wall_seconds": None}]
     assert epoch_times(untimed) == {}

@@ -266,10 +266,12 @@ def _with(key, name, value):
     (lambda s: s.update(extra=1), ValueError, r"unknown keys \['extra'\]"),
     (lambda s: s.update(buffer=0), ValueError, "buffer must be an int >= 1, got 0"),
     (lambda s: s.update(threshold=2.0), ValueError, r"threshold must be in \(0, 1\), got 2\.0"),
+    (lambda s: s.update(threshold="0.9"), TypeError, r"invalid IncrementalRankScheduler state dict: threshold must "
+                                                     r"be a float in \(0, 1\), got str \('0\.9'\)"),
     (lambda s: s.update(last_step=-1), ValueError, "last_step must be a non-negative int, got -1"),
     (lambda s: s.update(ranks=[4, 4]), TypeError, "ranks must be a dict layer name → value, got list"),
 ], ids=["rank-0", "rank-negative", "rank-float", "rank-too-big", "rank-missing", "current-0", "max-rank-typo",
-        "missing-current", "unknown-key", "buffer", "threshold", "last-step", "ranks-list"])
+        "missing-current", "unknown-key", "buffer", "threshold", "threshold-str", "last-step", "ranks-list"])
 def test_load_state_dict_checks_everything_before_resizing(mutate, error, message):
     state = _run(20)[2].state_dict()
     assert state["ranks"] != _run()[2].ranks                    # loading it would resize the layers
