@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ._backend import backend_for
+from .functional import transform_active
 
 __all__ = ["merge_conv_", "merged_kernel"]
 
@@ -79,7 +80,9 @@ def merged_kernel(weight, U, V, alpha, groups):
     ``dynrank::conv_merged_kernel``) and the backward maps the kernel's
     gradient to U and V with two small GEMMs; elsewhere plain torch autograd.
     """
-    if _uses_triton(weight):
+    if _uses_triton(weight) and not transform_active():
+        # (torch.func's transforms and torch.jit.trace take the plain ops: the custom op has no vmap
+        # or forward-mode rule.)
         return _merged_kernel_op(weight, U, V, float(alpha), int(groups))
     U3, V3 = _bmm_operands(U, V, groups)
     return weight + (torch.bmm(U3, V3).reshape(weight.shape) * alpha).to(weight.dtype)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from _helpers import REL_TOL, rel_err
+from _helpers import REL_TOL, kernel_devices, rel_err
 from dynrank.conv import LowRankConv2d, adapter_costs, time_adapter_strategies
 from dynrank.kernels.conv_merge import reference_kernel
 
@@ -449,6 +449,36 @@ def test_float64_under_autocast_as_nn_conv2d(dec, form):
                 "input has dtype torch.float32 but the layer's parameters have torch.float64, and torch.autocast "
                 "leaves float64 tensors as they are")):
             layer(x.float())
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if kernel_devices() else []))
+@pytest.mark.parametrize("form, strategy", [("lowrank", "auto"), ("full", "auto"), ("adapter", "chain"),
+                                            ("adapter", "merged")])
+@pytest.mark.parametrize("dec", ["svd", "tucker", "cp", "tkd-cpd"])
+def test_torch_func_transforms(monkeypatch, backend, dec, form, strategy):
+    """Per-sample gradients (vmap of grad) and jvp in float32 against the float64 layer's plain autograd,
+    sample by sample; the Triton merged kernel's custom op has no vmap or jvp rule and is stepped around."""
+    monkeypatch.setenv("DYNRANK_BACKEND", backend)
+    layer = LowRankConv2d(5, 7, 3, decomposition=dec, rank=RANKS[dec], padding=1, stride=2, form=form,
+                          alpha=2.0, adapter_strategy=strategy)
+    randomize(layer)
+    layer64 = copy.deepcopy(layer).double()
+    trainable = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
+    x, v = torch.randn(3, 5, 7, 6), torch.randn(3, 5, 7, 6)
+
+    def loss(params, xi):
+        return (torch.func.functional_call(layer, params, (xi[None],)) ** 2).sum()
+
+    per_sample = torch.vmap(torch.func.grad(loss), in_dims=(None, 0))(trainable, x)
+    for i in range(x.shape[0]):
+        layer64.zero_grad(set_to_none=True)
+        (layer64(x[i:i + 1].double()) ** 2).sum().backward()
+        for name, p in layer64.named_parameters():
+            if p.requires_grad:
+                assert rel_err(per_sample[name][i], p.grad) < REL_TOL[torch.float32], (name, i)
+    _, tangent = torch.func.jvp(layer, (x,), (v,))
+    _, tangent64 = torch.func.jvp(layer64, (x.double(),), (v.double(),))
+    assert rel_err(tangent, tangent64) < REL_TOL[torch.float32]
 
 
 def test_a_conv_error_that_is_not_the_inputs_passes_through(monkeypatch):
