@@ -1,11 +1,10 @@
 """LowRankConv2d: a drop-in ``nn.Conv2d`` with lowrank / full / adapter forms and four factorizations."""
 
-import numbers
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._args import check_int
 from ._forms import FormLayer, check_floating_dtype, check_form
 from .conv_adapter import (
     _ADAPTERS,
@@ -48,12 +47,18 @@ _FORWARDS = {"full": _forward_full, "lowrank": _forward_lowrank, "adapter": _for
 
 
 def _check_pair(value, name, minimum):
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = (value, value)
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum for v in value)):
-        raise ValueError(f"{name} must be an int ≥ {minimum} or a pair of them, got {value!r}")
-    return tuple(int(v) for v in value)
+    """``value`` (kernel_size, stride, padding, dilation): an int ≥ ``minimum`` or a pair of them, as a pair.
+
+    Raises:
+        TypeError: neither an int nor a tuple/list, or a pair holding a non-int.
+        ValueError: a tuple/list not of length 2, an int below ``minimum``.
+    """
+    expected = f"an int ≥ {minimum} or a pair of them"
+    if not isinstance(value, (tuple, list)):
+        return (check_int(value, name, expected, minimum),) * 2
+    if len(value) != 2:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return tuple(check_int(v, name, expected, minimum, where=f" in {value!r}") for v in value)
 
 
 # ---------------------------------------------------------------------------
@@ -142,7 +147,15 @@ class LowRankConv2d(FormLayer):
         input (N, C, H, W) or (C, H, W) → output (N, F, H_out, W_out) or (F, H_out, W_out).
 
     Raises:
-        ValueError / TypeError: invalid sizes, rank, decomposition, form, padding or strategy.
+        TypeError: a channel count, ``groups``, ``kernel_size``, ``stride``, ``dilation`` or
+            ``padding`` that is not an int or a pair of ints (a float, a str, a bool, None; a numpy
+            integer is an int), a rank of the wrong type, a non-number ``rank_ratio`` or ``alpha``,
+            a ``dtype`` that is not floating-point.
+        ValueError: a channel count or ``groups`` below 1 or not dividing the channels, a pair not
+            of length 2, a kernel size, stride or dilation below 1 or padding below 0, a padding
+            string other than ``"valid"`` and ``"same"`` (or ``"same"`` with a stride other than
+            1), a rank out of the decomposition's bounds, a ratio outside (0, 1], an unknown
+            decomposition, form, padding mode or adapter strategy.
 
     Example:
         >>> conv = LowRankConv2d(16, 32, 3, rank=8, decomposition="tucker", padding=1)
@@ -157,9 +170,9 @@ class LowRankConv2d(FormLayer):
                  padding=0, dilation=1, groups=1, bias=True, form="lowrank", padding_mode="zeros",
                  rank_ratio=None, alpha=None, adapter_strategy="auto", device=None, dtype=None):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        in_channels = check_int(in_channels, "in_channels", "a positive int", 1)
+        out_channels = check_int(out_channels, "out_channels", "a positive int", 1)
+        groups = check_int(groups, "groups", "a positive int", 1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
                              f"divisible by groups ({groups})")
@@ -169,7 +182,7 @@ class LowRankConv2d(FormLayer):
                              f"decomposition={decomposition!r} with groups={groups}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
-        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _check_pair(kernel_size, "kernel_size", 1)
         self.stride = _check_pair(stride, "stride", 1)
         self.dilation = _check_pair(dilation, "dilation", 1)

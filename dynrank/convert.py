@@ -1,11 +1,11 @@
 """convert_model: replace a model's nn.Linear / nn.Conv2d layers by dynrank layers, in place."""
 
 import fnmatch
-import numbers
 
 import torch
 from torch import nn
 
+from ._args import check_int
 from ._forms import FORMS, FormLayer, check_floating_dtype
 from .linear import FusedLowRankLinear, check_alpha, check_ratio, rank_from_ratio
 
@@ -271,10 +271,12 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
         :class:`ConversionSummary`; ``print(summary)`` shows a table.
 
     Raises:
-        TypeError: ``model`` is not an nn.Module, bad include/exclude types, or
+        TypeError: ``model`` is not an nn.Module, a non-number ρ or ``alpha``, a
+            ``min_features`` that is not an int, bad include/exclude types, or
             a layer to convert whose weight is not floating-point (the message
             names the layer).
-        ValueError: ρ outside (0, 1], unknown decomposition/form/init, an
+        ValueError: ρ outside (0, 1], ``alpha`` not a finite number > 0,
+            ``min_features`` below 1, unknown decomposition/form/init, an
             include/exclude name or glob that matches no nn.Linear/nn.Conv2d,
             a tied or (lowrank/full form) frozen layer named exactly in
             ``include``, a fit that fails (e.g. CP on a degenerate kernel, a
@@ -302,8 +304,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    if isinstance(min_features, bool) or not isinstance(min_features, numbers.Integral) or min_features < 1:
-        raise ValueError(f"min_features must be a positive int, got {min_features!r}")
+    min_features = check_int(min_features, "min_features", "a positive int", 1)
     include = _check_patterns(include, "include")
     exclude = _check_patterns(exclude, "exclude")
 

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._args import check_real
+from ._args import check_int, check_real
 from ._forms import FormLayer
 from .conv_factorizations import DECOMPOSITIONS, KernelShape, get_factorization
 from .linear import check_rank, check_ratio, rank_from_ratio
@@ -69,11 +69,7 @@ def _count(shape):
 
 
 def _int(value, what, minimum=0):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be an int ≥ {minimum}, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{what} must be an int ≥ {minimum}, got {value!r}")
-    return int(value)
+    return check_int(value, what, f"an int ≥ {minimum}", minimum)
 
 
 def layer_param_counts(shape, rank=None, rank_ratio=0.5, decomposition="svd"):
@@ -102,8 +98,10 @@ def layer_param_counts(shape, rank=None, rank_ratio=0.5, decomposition="svd"):
         (dense_params, factor_params); biases are not included (they do not change).
 
     Raises:
-        TypeError: a non-int rank or shape entry, a non-number ratio.
-        ValueError: bad shape, a rank out of the layer's bounds, a bad ratio or decomposition.
+        TypeError: a shape that is not a tuple/list, a non-int rank or shape entry (a numpy
+            integer is an int), a non-number ratio.
+        ValueError: a shape not of length 2 or 4 or with an entry below 1, a rank out of the
+            layer's bounds, a bad ratio or decomposition.
 
     Example:
         >>> layer_param_counts((64, 64, 3, 3))          # k = 32
@@ -112,9 +110,10 @@ def layer_param_counts(shape, rank=None, rank_ratio=0.5, decomposition="svd"):
     if not isinstance(shape, (tuple, list, torch.Size)):
         raise TypeError(f"shape must be a tuple (out, in) or (F, C, kh, kw), got {type(shape).__name__} ({shape!r})")
     shape = tuple(shape)
-    if len(shape) not in (2, 4) or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1
-                                       for s in shape):
-        raise ValueError(f"shape must be (out, in) or (F, C, kh, kw) of positive ints, got {shape!r}")
+    expected = "(out, in) or (F, C, kh, kw) of positive ints"
+    if len(shape) not in (2, 4):
+        raise ValueError(f"shape must be {expected}, got {shape!r}")
+    shape = tuple(check_int(s, "shape", expected, 1, where=f" in {shape!r}") for s in shape)
     dense = _count(shape)
     if len(shape) == 2:
         if decomposition != "svd":

@@ -17,12 +17,11 @@ switch (with ``alpha`` set, the old A is rescaled to keep s·A·Bᵀ fixed) and
 the optimizer keeps the old components' state.
 """
 
-import numbers
 from collections.abc import Mapping
 
 import torch
 
-from ._args import check_real
+from ._args import check_int, check_real
 from ._optim import LINEAR_STATE, SQUARED_STATE, replace_params
 from .linear import FusedLowRankLinear, svd_factors
 from .scheduler import (check_finite, check_model_and_optimizer, check_same_layers, check_sync,
@@ -166,14 +165,13 @@ def _truncate_rank_(layer, rank, optimizer=None):
 
 def _check_settings(buffer, threshold, warmup_steps, check_every):
     """Validated (buffer, threshold, warmup_steps, check_every) of an IncrementalRankScheduler."""
-    for what, value, low in (("buffer", buffer, 1), ("warmup_steps", warmup_steps, 0),
-                             ("check_every", check_every, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
+    buffer = check_int(buffer, "buffer", "an int >= 1", 1)
+    warmup_steps = check_int(warmup_steps, "warmup_steps", "an int >= 0", 0)
+    check_every = check_int(check_every, "check_every", "an int >= 1", 1)
     check_real(threshold, "threshold", "a float in (0, 1)")
     if not 0 < threshold < 1:                       # NaN fails this too
         raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
-    return int(buffer), float(threshold), int(warmup_steps), int(check_every)
+    return buffer, float(threshold), warmup_steps, check_every
 
 
 class IncrementalRankScheduler:
@@ -202,10 +200,13 @@ class IncrementalRankScheduler:
             None, as for :class:`~dynrank.DynamicRankScheduler`.
 
     Raises:
-        TypeError: a non-module model, a non-optimizer, a non-int ``max_rank``, a
+        TypeError: a non-module model, a non-optimizer, an ``init_rank``, ``buffer``,
+            ``warmup_steps``, ``check_every`` or ``max_rank`` that is not an int (None
+            allowed for ``init_rank`` and ``max_rank``; a numpy integer is an int), a
             non-number ``threshold``, a non-bool ``sync_ranks``, a ``process_group`` that
             is not a ProcessGroup.
-        ValueError: other bad arguments, no FusedLowRankLinear in
+        ValueError: an int setting out of range (``warmup_steps`` below 0, the others
+            below 1), ``threshold`` outside (0, 1), no FusedLowRankLinear in
             lowrank/adapter form, or (``init_rank`` below a layer's rank) a layer
             whose factors hold NaN/inf.  All checks run before any layer is resized.
 
@@ -233,12 +234,10 @@ class IncrementalRankScheduler:
         check_model_and_optimizer(model, optimizer)
         buffer, threshold, warmup_steps, check_every = _check_settings(buffer, threshold, warmup_steps,
                                                                        check_every)
-        if init_rank is not None and (isinstance(init_rank, bool) or not isinstance(init_rank, numbers.Integral)
-                                      or init_rank < 1):
-            raise ValueError(f"init_rank must be a positive int or None, got {init_rank!r}")
+        if init_rank is not None:
+            init_rank = check_int(init_rank, "init_rank", "a positive int or None", 1)
         if max_rank is not None:
-            if isinstance(max_rank, bool) or not isinstance(max_rank, numbers.Integral):
-                raise TypeError(f"max_rank must be an int or None, got {type(max_rank).__name__} ({max_rank!r})")
+            max_rank = check_int(max_rank, "max_rank", "an int or None")
             if max_rank < 1:
                 raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         sync_ranks, process_group = check_sync(model, sync_ranks, process_group)
@@ -253,14 +252,14 @@ class IncrementalRankScheduler:
         self.max_rank = {}
         for name, layer in self._layers:
             limit = min(layer.in_features, layer.out_features)
-            self.max_rank[name] = limit if max_rank is None else min(int(max_rank), limit)
+            self.max_rank[name] = limit if max_rank is None else min(max_rank, limit)
         self.sync_ranks, self.process_group = sync_ranks, process_group
         self.current, targets = {}, {}
         for name, layer in self._layers:
             if init_rank is None:
                 self.current[name] = max(1, layer.rank - self.buffer)
             else:
-                self.current[name] = min(int(init_rank), self.max_rank[name])
+                self.current[name] = min(init_rank, self.max_rank[name])
                 targets[name] = min(self.current[name] + self.buffer, self.max_rank[name])
         check_finite([(n, m) for n, m in self._layers if targets.get(n, m.rank) < m.rank],
                      "not resizing any layer to its starting rank")
@@ -305,18 +304,17 @@ class IncrementalRankScheduler:
             list of (name, old_rank, new_rank) for the layers that grew.
 
         Raises:
-            ValueError: a negative or non-int step, one earlier than the last,
+            TypeError: a step that is not an int (a float, a str, a bool).
+            ValueError: a negative step, one earlier than the last,
                 or (at a check) a layer whose factors hold NaN/inf; every layer's
                 new rank is found before the first one grows, so a failed call
                 changes nothing.
         """
-        step = self.last_step + 1 if step is None else step
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        step = self.last_step + 1 if step is None else check_int(step, "step", "a non-negative int", 0)
         if step < self.last_step:
             raise ValueError(f"steps must not go backwards: got {step} after {self.last_step}")
         if step < self.warmup_steps or (step - self.warmup_steps) % self.check_every != 0:
-            self.last_step = int(step)
+            self.last_step = step
             return []
         due = [(name, layer) for name, layer in self._layers if layer.rank < self.max_rank[name]]
         check_finite(due, f"not growing any layer at step {step}", frozen=False)   # growth reads A, B only
@@ -326,7 +324,7 @@ class IncrementalRankScheduler:
                                          self.buffer, self.threshold)
             current = max(self.current[name], new_current)
             plans.append((name, layer, current, min(current + self.buffer, self.max_rank[name])))
-        self.last_step = int(step)
+        self.last_step = step
         grown = []
         for name, layer, current, target in plans:
             self.current[name] = current
@@ -367,10 +365,7 @@ class IncrementalRankScheduler:
             settings = dict(zip(("buffer", "threshold", "warmup_steps", "check_every"), _check_settings(
                 state_dict["buffer"], state_dict["threshold"], state_dict["warmup_steps"],
                 state_dict["check_every"])))
-            last = state_dict["last_step"]
-            if isinstance(last, bool) or not isinstance(last, numbers.Integral) or last < 0:
-                raise ValueError(f"last_step must be a non-negative int, got {last!r}")
-            settings["last_step"] = int(last)
+            settings["last_step"] = check_int(state_dict["last_step"], "last_step", "a non-negative int", 0)
             for key in ("ranks", "current", "max_rank"):
                 values = state_dict[key]
                 check_same_layers(values, names, key)

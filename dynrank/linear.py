@@ -1,22 +1,25 @@
 """FusedLowRankLinear: a drop-in ``nn.Linear`` with lowrank / full / adapter forms."""
 
 import math
-import numbers
 
 import torch
 from torch.nn import functional as F
 
 from . import functional as DF
-from ._args import check_real
+from ._args import check_int, check_real
 from ._forms import FormLayer, check_floating_dtype, check_form
 
 __all__ = ["FusedLowRankLinear", "check_alpha", "check_rank", "check_ratio", "rank_from_ratio"]
 
 
 def check_rank(rank, limit, what="rank"):
-    """Validate an integer rank in [1, limit]; returns it as int."""
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-        raise TypeError(f"{what} must be an int, got {type(rank).__name__} ({rank!r})")
+    """Validate an integer rank in [1, limit]; returns it as int.
+
+    Raises:
+        TypeError: a rank that is not an int (a float, a str, a bool, None).
+        ValueError: a rank outside [1, limit].
+    """
+    rank = check_int(rank, what, "an int")
     if not 1 <= rank <= limit:
         raise ValueError(f"{what} must be in [1, {limit}], got {rank}")
     return int(rank)
@@ -85,6 +88,12 @@ class FusedLowRankLinear(FormLayer):
     Shape:
         input (..., in_features) → output (..., out_features).
 
+    Raises:
+        TypeError: a size or ``rank`` that is not an int (a float, a str, a bool, None; a numpy
+            integer is an int), a non-number ``alpha``, a ``dtype`` that is not floating-point.
+        ValueError: a size below 1, ``rank`` outside [1, min(in_features, out_features)],
+            ``alpha`` not a finite number > 0, an unknown ``form``.
+
     Example:
         >>> layer = FusedLowRankLinear(64, 32, rank=8)
         >>> y = layer(torch.randn(4, 10, 64))           # lowrank
@@ -97,11 +106,8 @@ class FusedLowRankLinear(FormLayer):
     def __init__(self, in_features, out_features, rank, bias=True, form="lowrank", alpha=None,
                  device=None, dtype=None):
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = check_int(in_features, "in_features", "a positive int", 1)
+        self.out_features = check_int(out_features, "out_features", "a positive int", 1)
         self.alpha = check_alpha(alpha)
         self._build_parameters(form, self._check_rank(rank), bias, device, dtype)
 

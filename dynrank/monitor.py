@@ -32,6 +32,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ._args import check_int
 from ._forms import FORMS, FormLayer
 from ._records import decode, encode, read_csv, write_csv
 from .metrics import _check_method, check_layers, model_metrics, monitored_layers
@@ -84,8 +85,10 @@ class RankMonitor:
             change the monitor saw between epochs without a callback).
 
     Raises:
-        TypeError/ValueError: bad arguments (all checked here, so that no epoch's
-            record is lost to them later).
+        TypeError: a ``model`` that is not an nn.Module, a ``metrics_every`` that is not
+            an int (a numpy integer is one), other arguments of the wrong type.
+        ValueError: ``metrics_every`` below 1, other bad arguments (all checked here, so
+            that no epoch's record is lost to them later).
 
     Example:
         >>> import torch
@@ -103,15 +106,14 @@ class RankMonitor:
                  scheduler=None):
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(metrics_every, bool) or not isinstance(metrics_every, numbers.Integral) or metrics_every < 1:
-            raise ValueError(f"metrics_every must be an int ≥ 1, got {metrics_every!r}")
+        metrics_every = check_int(metrics_every, "metrics_every", "an int ≥ 1", 1)
         _check_method(method)
         self.model = model
         self.name = str(name)
         self.tol = None if tol is None else _check_tol(tol)
         self.method = method
         self.layers = check_layers(layers)
-        self.metrics_every = int(metrics_every)
+        self.metrics_every = metrics_every
         self.records = []
         self.switches = []
         self._open = None
@@ -184,15 +186,14 @@ class RankMonitor:
 
         Raises:
             RuntimeError: an epoch is already open, or no model.
+            TypeError: an ``epoch`` that is neither an int nor None.
         """
         self._require_model()
         if self._open is not None:
             raise RuntimeError(f"epoch {self._open['epoch']} is still open; call end_epoch() first")
-        epoch = self._next_epoch() if epoch is None else epoch
-        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
-            raise TypeError(f"epoch must be an int, got {type(epoch).__name__}")
-        self._detect(int(epoch))
-        self._open = {"epoch": int(epoch), "scalars": {}}
+        epoch = self._next_epoch() if epoch is None else check_int(epoch, "epoch", "an int or None")
+        self._detect(epoch)
+        self._open = {"epoch": epoch, "scalars": {}}
         self._sync()
         self._open["_t0"] = time.perf_counter()
 

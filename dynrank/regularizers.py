@@ -35,11 +35,10 @@ W_f), its W in full form — and the weight of every plain ``nn.Linear`` /
 """
 
 import math
-import numbers
 
 import torch
 
-from ._args import as_names, check_real
+from ._args import as_names, check_int, check_real
 from ._forms import FormLayer
 from .metrics import monitored_layers
 
@@ -166,8 +165,9 @@ def srip_penalty(weight, n_power_iterations=10, start=None, return_vector=False)
         weight with no elements (p = 0).
 
     Raises:
-        TypeError: bad ``weight``, a ``start`` that is not a real tensor.
-        ValueError: bad ``weight`` or ``n_power_iterations``, ``start`` not of shape (p,).
+        TypeError: bad ``weight``, an ``n_power_iterations`` that is neither an int nor None, a
+            ``start`` that is not a real tensor.
+        ValueError: bad ``weight``, ``n_power_iterations`` below 1, ``start`` not of shape (p,).
 
     Example:
         >>> W = torch.diag(torch.tensor([2.0, 1.0, 0.5]))
@@ -186,9 +186,7 @@ def _srip(weight, n_power_iterations, start, return_vector, check_start):
         # The 0 × 0 M of an empty weight has no eigenvalue: its norm is 0.
         value = torch.linalg.eigvalsh(M).abs().max() if p else M.sum()
         return (value, None) if return_vector else value
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral) \
-            or n_power_iterations < 1:
-        raise ValueError(f"n_power_iterations must be an int ≥ 1 or None, got {n_power_iterations!r}")
+    n_power_iterations = check_int(n_power_iterations, "n_power_iterations", "an int ≥ 1 or None", 1)
     if start is not None:
         if not isinstance(start, torch.Tensor) or start.is_complex():
             got = f"a {start.dtype} tensor" if isinstance(start, torch.Tensor) else type(start).__name__
@@ -204,7 +202,7 @@ def _srip(weight, n_power_iterations, start, return_vector, check_start):
     with torch.no_grad():
         Md = M.detach()
         v = _unit(start)
-        for _ in range(int(n_power_iterations)):
+        for _ in range(n_power_iterations):
             w = Md @ v
             # M·v = 0 (e.g. M = 0 for an orthogonal W): keep the unit v, whose value 0 is then
             # exact, rather than a zero vector that would stall every later warm-started call.
@@ -268,8 +266,9 @@ class OrthogonalityRegularizer:
             ``torch.nn.utils.spectral_norm`` does), so a few per step suffice.
 
     Raises:
-        TypeError: a non-number ``coef``, ``exclude`` not a name or names.
-        ValueError: ``coef`` negative, NaN or infinite; unknown ``kind``; bad ``n_power_iterations``.
+        TypeError: a non-number ``coef``, an ``n_power_iterations`` that is not an int,
+            ``exclude`` not a name or names.
+        ValueError: ``coef`` negative, NaN or infinite; unknown ``kind``; ``n_power_iterations`` below 1.
 
     Example:
         >>> import torch
@@ -287,13 +286,11 @@ class OrthogonalityRegularizer:
             raise ValueError(f"coef must be a finite number >= 0, got {coef!r}")
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
-        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral) \
-                or n_power_iterations < 1:
-            raise ValueError(f"n_power_iterations must be an int ≥ 1, got {n_power_iterations!r}")
+        n_power_iterations = check_int(n_power_iterations, "n_power_iterations", "an int ≥ 1", 1)
         self.coef = float(coef)
         self.kind = kind
         self.exclude = _names(exclude)
-        self.n_power_iterations = int(n_power_iterations)
+        self.n_power_iterations = n_power_iterations
         self._vectors = {}
 
     def penalty(self, name, weight):

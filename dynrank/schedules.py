@@ -21,17 +21,18 @@ refer to — for cosine annealing, epoch ≈ 0.62·E.
 import math
 import numbers
 
+from ._args import check_int
+
 __all__ = ["schedule_from_lr", "regime_boundary", "finetune_schedule", "midpoint_schedule"]
 
 DECAY_THRESHOLD = 10 ** -0.5
 
 
 def _check_epochs(epochs):
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral):
-        raise TypeError(f"epochs must be an int, got {type(epochs).__name__} ({epochs!r})")
+    epochs = check_int(epochs, "epochs", "an int")
     if epochs < 2:
         raise ValueError(f"epochs must be >= 2, got {epochs}")
-    return int(epochs)
+    return epochs
 
 
 def _sequence(value, what, example):
@@ -107,14 +108,12 @@ def regime_boundary(epochs, milestones=None, lrs=None, threshold=DECAY_THRESHOLD
         ms = _sequence(milestones, "milestones", "of decay epochs (e.g. [100, 150])")
         if not ms:
             raise ValueError("milestones is empty")
-        for i, m in enumerate(ms):
-            if isinstance(m, bool) or not isinstance(m, numbers.Integral):
-                raise TypeError(f"milestones must be ints, got milestones[{i}] = {m!r} ({type(m).__name__})")
+        ms = [check_int(m, f"milestones[{i}]", "an int") for i, m in enumerate(ms)]
         if sorted(ms) != ms:
             raise ValueError(f"milestones must be increasing, got {ms}")
         if not 0 < ms[0] < epochs:
             raise ValueError(f"the first milestone must be in (0, {epochs}), got {ms[0]}")
-        return int(ms[0])
+        return ms[0]
     lrs = _lr_values(lrs, epochs)
     peak_at = max(range(epochs), key=lambda i: lrs[i])
     limit = lrs[peak_at] * threshold * (1 + 1e-9)
@@ -163,8 +162,10 @@ def schedule_from_lr(epochs, milestones=None, lrs=None, full_rank_fraction=0.5, 
         (inflate_epoch, deflate_epoch), 0 ≤ I < D ≤ E.
 
     Raises:
-        ValueError / TypeError: bad epochs, milestones, lrs, φ, granularity or threshold
-            (see :func:`regime_boundary`).
+        TypeError: a ``granularity`` that is not an int, a non-number φ; as
+            :func:`regime_boundary` for the other arguments.
+        ValueError: ``granularity`` below 1, φ outside (0, 1]; as
+            :func:`regime_boundary` for the other arguments.
 
     Example:
         >>> schedule_from_lr(150, milestones=[100, 130], full_rank_fraction=0.5)
@@ -178,8 +179,7 @@ def schedule_from_lr(epochs, milestones=None, lrs=None, full_rank_fraction=0.5, 
                         f"({full_rank_fraction!r})")
     if not 0.0 < full_rank_fraction <= 1.0:
         raise ValueError(f"full_rank_fraction must be in (0, 1], got {full_rank_fraction}")
-    if isinstance(granularity, bool) or not isinstance(granularity, numbers.Integral) or granularity < 1:
-        raise ValueError(f"granularity must be a positive int, got {granularity!r}")
+    granularity = check_int(granularity, "granularity", "a positive int", 1)
     boundary = regime_boundary(epochs, milestones, lrs, threshold)
     budget = max(1, min(epochs, int(math.floor(full_rank_fraction * epochs + 0.5))))
     inflate = int(math.floor((boundary - budget / 2) / granularity)) * granularity

@@ -20,6 +20,8 @@ import numbers
 
 import torch
 
+from ._args import check_int
+
 __all__ = ["default_tol", "effective_rank", "spectral_ratio", "restricted_spectral_ratio",
            "entropy_effective_rank", "stable_rank"]
 
@@ -144,11 +146,15 @@ def restricted_spectral_ratio(sigma, rank, tol=None):
 
     Returns:
         float ≥ 1, or ``math.inf`` when σ_rank ≤ tol·σmax.
+
+    Raises:
+        TypeError: a ``rank`` that is not an int (a numpy integer is one); ``sigma`` or ``tol``
+            of the wrong type.
+        ValueError: ``rank`` outside [1, len(sigma)]; ``sigma`` or ``tol`` out of range.
     """
     sigma = _as_sigma(sigma)
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= sigma.numel():
-        raise ValueError(f"rank must be an int in [1, {sigma.numel()}], got {rank!r}")
-    top = torch.sort(sigma, descending=True).values[:int(rank)]
+    rank = check_int(rank, "rank", f"an int in [1, {sigma.numel()}]", 1, sigma.numel())
+    top = torch.sort(sigma, descending=True).values[:rank]
     return spectral_ratio(top, _resolve_tol(sigma, tol))
 
 

@@ -1,8 +1,9 @@
-"""One rule for real-valued arguments, and one check for a layer's floating-point dtype.
+"""One rule for real-valued and whole-number arguments, and one check for a layer's floating-point dtype.
 
 A real-valued argument of the wrong type (str, None where None means nothing, complex, bool, a
 tensor) is a TypeError naming the expected type and what came; a number out of range or not finite
-is a ValueError naming the range and the value.
+is a ValueError naming the range and the value.  A whole-number argument is the same with int for
+number: a float (even 4.0) is of the wrong type, a numpy integer is an int.
 """
 
 import math
@@ -14,12 +15,16 @@ import pytest
 import torch
 from torch import nn
 
-from dynrank import IncrementalRankScheduler, LowRankConv2d, SoftOrthogonality, convert_model
+from dynrank import (SRIP, IncrementalRankScheduler, LowRankConv2d, RankMonitor, SoftOrthogonality, convert_model,
+                     schedule_from_lr)
 from dynrank._forms import check_floating_dtype
-from dynrank.cost import ParamCounts, comp_ratio, epoch_times, layer_param_counts, measured_comp_ratio
-from dynrank._args import check_real
+from dynrank.cost import (ParamCounts, comp_ratio, epoch_times, form_epochs, layer_param_counts, measured_comp_ratio,
+                          param_counts)
+from dynrank._args import check_int, check_real
 from dynrank.linear import FusedLowRankLinear, check_alpha, check_ratio
 from dynrank.metrics import layer_metrics
+from dynrank.regularizers import srip_penalty
+from dynrank.spectra import restricted_spectral_ratio
 
 
 def _inrank(threshold):
@@ -117,6 +122,179 @@ def test_checked_numbers_come_back_as_float_and_the_message_shows_the_value_give
     with pytest.raises(ValueError, match=r"^threshold must be in \(0, 1\), got 1$"):
         _inrank(1)
     assert _inrank(np.float64(0.5)).threshold == 0.5
+
+
+# -- whole-number arguments ----------------------------------------------------------------
+
+def _inrank_with(**settings):
+    model = nn.Sequential(FusedLowRankLinear(8, 8, rank=4))
+    return IncrementalRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), **settings)
+
+
+def _inrank_loading(last_step):
+    sched = _inrank_with(init_rank=1, buffer=2)
+    state = sched.state_dict()
+    state["last_step"] = last_step
+    sched.load_state_dict(state)
+    return sched
+
+
+def _two_linears():
+    return nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+
+
+# name → (call taking the value, expected type words, range words, a value out of range, a value in range,
+# whether None stands for a default)
+INT_ARGUMENTS = {
+    "linear in_features": (lambda v: FusedLowRankLinear(v, 9, rank=2), "in_features must be a positive int",
+                           "in_features must be a positive int", 0, 6, False),
+    "linear out_features": (lambda v: FusedLowRankLinear(6, v, rank=2), "out_features must be a positive int",
+                            "out_features must be a positive int", 0, 9, False),
+    "linear rank": (lambda v: FusedLowRankLinear(6, 9, rank=v), "rank must be an int", "rank must be in [1, 6]",
+                    7, 2, False),
+    "conv in_channels": (lambda v: LowRankConv2d(v, 6, 3, rank=2), "in_channels must be a positive int",
+                         "in_channels must be a positive int", 0, 4, False),
+    "conv out_channels": (lambda v: LowRankConv2d(4, v, 3, rank=2), "out_channels must be a positive int",
+                          "out_channels must be a positive int", 0, 6, False),
+    "conv groups": (lambda v: LowRankConv2d(4, 6, 3, rank=2, groups=v), "groups must be a positive int",
+                    "groups must be a positive int", 0, 2, False),
+    "conv kernel_size": (lambda v: LowRankConv2d(4, 6, v, rank=2), "kernel_size must be an int ≥ 1 or a pair of them",
+                         "kernel_size must be an int ≥ 1 or a pair of them", 0, 3, False),
+    "conv kernel_size pair": (lambda v: LowRankConv2d(4, 6, (3, v), rank=2),
+                              "kernel_size must be an int ≥ 1 or a pair of them",
+                              "kernel_size must be an int ≥ 1 or a pair of them", 0, 3, False),
+    "conv stride": (lambda v: LowRankConv2d(4, 6, 3, rank=2, stride=v), "stride must be an int ≥ 1 or a pair of them",
+                    "stride must be an int ≥ 1 or a pair of them", 0, 2, False),
+    "conv padding": (lambda v: LowRankConv2d(4, 6, 3, rank=2, padding=[v, 1]),
+                     "padding must be an int ≥ 0 or a pair of them", "padding must be an int ≥ 0 or a pair of them",
+                     -1, 1, False),
+    "conv dilation": (lambda v: LowRankConv2d(4, 6, 3, rank=2, dilation=v),
+                      "dilation must be an int ≥ 1 or a pair of them", "dilation must be an int ≥ 1 or a pair of them",
+                      0, 2, False),
+    "convert_model min_features": (lambda v: convert_model(_two_linears(), min_features=v),
+                                   "min_features must be a positive int", "min_features must be a positive int",
+                                   0, 4, False),
+    "srip_penalty n_power_iterations": (lambda v: srip_penalty(torch.eye(3), n_power_iterations=v),
+                                        "n_power_iterations must be an int ≥ 1 or None",
+                                        "n_power_iterations must be an int ≥ 1 or None", 0, 3, True),
+    "regularizer n_power_iterations": (lambda v: SRIP(1.0, n_power_iterations=v),
+                                       "n_power_iterations must be an int ≥ 1", "n_power_iterations must be an int ≥ 1",
+                                       0, 3, False),
+    "inrank buffer": (lambda v: _inrank_with(buffer=v), "buffer must be an int >= 1", "buffer must be an int >= 1",
+                      0, 2, False),
+    "inrank warmup_steps": (lambda v: _inrank_with(warmup_steps=v), "warmup_steps must be an int >= 0",
+                            "warmup_steps must be an int >= 0", -1, 0, False),
+    "inrank check_every": (lambda v: _inrank_with(check_every=v), "check_every must be an int >= 1",
+                           "check_every must be an int >= 1", 0, 5, False),
+    "inrank init_rank": (lambda v: _inrank_with(init_rank=v), "init_rank must be a positive int or None",
+                         "init_rank must be a positive int or None", 0, 2, True),
+    "inrank max_rank": (lambda v: _inrank_with(max_rank=v), "max_rank must be an int or None", "max_rank must be >= 1",
+                        0, 6, True),
+    "inrank step": (lambda v: _inrank_with(warmup_steps=10).step(v), "step must be a non-negative int",
+                    "step must be a non-negative int", -1, 3, True),
+    "inrank last_step": (_inrank_loading, "last_step must be a non-negative int", "last_step must be a non-negative int",
+                         -1, 3, False),
+    "layer_param_counts shape": (lambda v: layer_param_counts((8, v)),
+                                 "shape must be (out, in) or (F, C, kh, kw) of positive ints",
+                                 "shape must be (out, in) or (F, C, kh, kw) of positive ints", 0, 8, False),
+    "param_counts other_params": (lambda v: param_counts([(8, 8)], other_params=v), "other_params must be an int ≥ 0",
+                                  "other_params must be an int ≥ 0", -1, 10, False),
+    "form_epochs epochs": (lambda v: form_epochs(v, 1, 2), "epochs must be an int ≥ 1", "epochs must be an int ≥ 1",
+                           0, 4, False),
+    "epoch_times skip_first": (lambda v: epoch_times([], skip_first=v), "skip_first must be an int ≥ 0",
+                               "skip_first must be an int ≥ 0", -1, 1, False),
+    "monitor metrics_every": (lambda v: RankMonitor(_two_linears(), metrics_every=v),
+                              "metrics_every must be an int ≥ 1", "metrics_every must be an int ≥ 1", 0, 2, False),
+    "schedule epochs": (lambda v: schedule_from_lr(v, milestones=[50]), "epochs must be an int", "epochs must be >= 2",
+                        1, 100, False),
+    "schedule milestones": (lambda v: schedule_from_lr(100, milestones=[v]), "milestones[0] must be an int",
+                            "the first milestone must be in (0, 100)", 0, 50, False),
+    "schedule granularity": (lambda v: schedule_from_lr(150, milestones=[100, 130], granularity=v),
+                             "granularity must be a positive int", "granularity must be a positive int", 0, 5, False),
+    "restricted_spectral_ratio rank": (lambda v: restricted_spectral_ratio(torch.ones(3), v),
+                                       "rank must be an int in [1, 3]", "rank must be an int in [1, 3]", 4, 2, False),
+}
+
+# A str padding is of the right type (for "valid" and "same"): "4" is out of range, tested below.
+WRONG_INT_TYPES = ["4", 4.0, np.float64(4.0), True, np.bool_(True), torch.tensor(4), 4 + 0j]
+
+
+def _int_cases(name_filter=lambda name: True):
+    for name, (*_, none_is_default) in INT_ARGUMENTS.items():
+        for value in WRONG_INT_TYPES + ([] if none_is_default else [None]):
+            if not (name == "conv padding" and isinstance(value, str)):
+                yield pytest.param(name, value, id=f"{name}-{value!r}")
+
+
+@pytest.mark.parametrize("name, value", _int_cases())
+def test_a_whole_number_of_the_wrong_type_is_a_type_error(name, value):
+    call, type_words, *_ = INT_ARGUMENTS[name]
+    with pytest.raises(TypeError, match=re.escape(f"{type_words}, got {type(value).__name__} ({value!r})")):
+        call(value)
+
+
+@pytest.mark.parametrize("name", INT_ARGUMENTS)
+def test_a_whole_number_out_of_range_is_a_value_error(name):
+    call, _, range_words, out_of_range, *_ = INT_ARGUMENTS[name]
+    with pytest.raises(ValueError, match=re.escape(f"{range_words}, got {out_of_range!r}")):
+        call(out_of_range)
+
+
+@pytest.mark.parametrize("name", INT_ARGUMENTS)
+def test_a_numpy_integer_is_a_whole_number(name):
+    call, *_, in_range, _ = INT_ARGUMENTS[name]
+    call(np.int64(in_range))
+    call(np.int32(in_range))
+
+
+def test_checked_whole_numbers_come_back_as_int():
+    layer = FusedLowRankLinear(np.int64(6), np.int32(9), rank=np.int64(2))
+    assert (type(layer.in_features), type(layer.out_features), type(layer.rank)) == (int, int, int)
+    conv = LowRankConv2d(np.int64(4), 6, (np.int64(3), 3), rank=2, stride=np.int16(1), groups=np.int64(2))
+    assert all(type(v) is int for v in (conv.in_channels, conv.groups, *conv.kernel_size, *conv.stride))
+    assert type(SRIP(1.0, n_power_iterations=np.int64(3)).n_power_iterations) is int
+    sched = _inrank_with(buffer=np.int64(2), warmup_steps=np.int64(0), check_every=np.int64(5))
+    assert all(type(v) is int for v in (sched.buffer, sched.warmup_steps, sched.check_every))
+    sched.step(np.int64(3))
+    assert type(sched.last_step) is int and sched.last_step == 3
+
+
+def test_an_epoch_number_must_be_an_int():
+    monitor = RankMonitor(nn.Sequential(FusedLowRankLinear(4, 4, rank=2)))
+    for value in WRONG_INT_TYPES:
+        with pytest.raises(TypeError, match=re.escape(f"epoch must be an int or None, got {type(value).__name__} "
+                                                      f"({value!r})")):
+            monitor.start_epoch(value)
+    monitor.start_epoch(np.int64(3))
+    assert type(monitor.end_epoch()["epoch"]) is int and monitor.epochs == [3]
+
+
+def test_a_padding_string_is_of_the_right_type():
+    with pytest.raises(ValueError, match=r"^padding must be an int, a pair, 'valid' or 'same', got '4'$"):
+        LowRankConv2d(4, 6, 3, rank=2, padding="4")
+    with pytest.raises(ValueError, match=r"^kernel_size must be an int ≥ 1 or a pair of them, got \(3, 3, 3\)$"):
+        LowRankConv2d(4, 6, (3, 3, 3), rank=2)
+
+
+def test_check_int_takes_every_integral_number_and_no_bool():
+    for value in (3, np.int64(3), np.uint8(3)):
+        assert check_int(value, "x", "an int") == 3 and type(check_int(value, "x", "an int")) is int
+    assert check_int(-5, "x", "an int") == -5
+    assert check_int(8, "x", "an int in [1, 8]", 1, 8) == 8
+    with pytest.raises(TypeError, match=r"^x must be an int, got bool \(False\) in y$"):
+        check_int(False, "x", "an int", where=" in y")
+    with pytest.raises(TypeError, match=r"^x must be a positive int, got float \(2\.0\)$"):
+        check_int(2.0, "x", "a positive int", 1)
+    with pytest.raises(ValueError, match=r"^x must be a positive int, got 0 in y$"):
+        check_int(0, "x", "a positive int", 1, where=" in y")
+    with pytest.raises(ValueError, match=r"^x must be an int in \[1, 8\], got 9$"):
+        check_int(9, "x", "an int in [1, 8]", 1, 8)
+
+
+def test_a_wrong_type_in_a_state_dict_names_the_state_dict():
+    with pytest.raises(TypeError, match=r"^invalid IncrementalRankScheduler state dict: last_step must be a "
+                                        r"non-negative int, got float \(3\.0\)$"):
+        _inrank_loading(3.0)
 
 
 # -- the floating-point dtype check -------------------------------------------------------
