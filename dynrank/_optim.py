@@ -9,7 +9,15 @@ scheduler, a grad scaler, the user's own references) keeps working:
   param group they were in and inserts the new ones at the same position, so
   they share that group's hyperparameters and a freshly built optimizer that
   goes through the same changes ends up with the same parameter order (which
-  is what makes ``optimizer.load_state_dict`` work after a resume).
+  is what makes ``optimizer.load_state_dict`` work after a resume).  A
+  one-for-one replacement (rank growth: A, B → wider A, B) keeps each
+  parameter's own group and position, so factors kept in groups of their own
+  (a higher lr for B) stay there.  Fused SGD with momentum cannot step a group
+  where some parameters have a momentum buffer and others none; a new
+  parameter joining such a group starts with a zero buffer, which is what an
+  empty one means unless ``dampening`` is set (then its first step is
+  (1 − dampening)·g instead of g).  L-BFGS keeps one history over all
+  parameters flattened together; a form change starts it afresh.
 - :func:`pushforward_state` / :func:`pullback_state` derive the new
   parameters' state from the old ones (``optimizer_state="carry"``).
 
@@ -53,7 +61,9 @@ def replace_params(optimizer, removed, added, states=None):
 
     The removed parameters leave every param group and their state is dropped;
     the added ones are inserted where the first removed one sat, in the same
-    group (same lr, weight decay, ...).  If the optimizer holds none of the
+    group (same lr, weight decay, ...).  When as many are added as removed and
+    the optimizer holds every removed one, ``added[i]`` takes the place of
+    ``removed[i]`` instead, in its group.  If the optimizer holds none of the
     removed parameters (the user left that layer out of it), nothing is added.
 
     Args:
@@ -68,28 +78,73 @@ def replace_params(optimizer, removed, added, states=None):
     where = _locate(optimizer, removed)
     if where is None:
         return False
-    group_index, position = where
+    _forget_history(optimizer)
     held = optimizer_params(optimizer)
     removed_ids = {id(p) for p in removed}
     fresh = [p for p in added if id(p) not in held or id(p) in removed_ids]
-    for g, group in enumerate(optimizer.param_groups):
-        params = group["params"]
-        if g == group_index:
-            before = [p for p in params[:position] if id(p) not in removed_ids]
-            after = [p for p in params[position:] if id(p) not in removed_ids]
-            params[:] = before + fresh + after
-        elif any(id(p) in removed_ids for p in params):
-            params[:] = [p for p in params if id(p) not in removed_ids]
+    one_for_one = (len(fresh) == len(added) == len(removed) == len(removed_ids)
+                   and all(id(p) in held for p in removed))
+    if one_for_one:
+        swap = {id(old): new for old, new in zip(removed, added)}
+        groups = [g for g, group in enumerate(optimizer.param_groups)
+                  if any(id(p) in swap for p in group["params"])]
+        for g in groups:
+            params = optimizer.param_groups[g]["params"]
+            params[:] = [swap.get(id(p), p) for p in params]
+    else:
+        group_index, position = where
+        groups = [group_index]
+        for g, group in enumerate(optimizer.param_groups):
+            params = group["params"]
+            if g == group_index:
+                before = [p for p in params[:position] if id(p) not in removed_ids]
+                after = [p for p in params[position:] if id(p) not in removed_ids]
+                params[:] = before + fresh + after
+            elif any(id(p) in removed_ids for p in params):
+                params[:] = [p for p in params if id(p) not in removed_ids]
     for p in removed:
         optimizer.state.pop(p, None)
-    for p in added:
-        if states is not None and states.get(p) is not None:
-            optimizer.state[p] = states[p]
-        elif not optimizer.state.get(p):
-            initial = _initial_state(optimizer, group_index, p)
-            if initial:
-                optimizer.state[p] = initial
+    for g in groups:
+        group = optimizer.param_groups[g]
+        joined = [p for p in added if any(p is q for q in group["params"])]
+        for p in joined:
+            if states is not None and states.get(p) is not None:
+                optimizer.state[p] = states[p]
+            elif not optimizer.state.get(p):
+                initial = _initial_state(optimizer, g, p)
+                if initial:
+                    optimizer.state[p] = initial
+        _match_fused_momentum(optimizer, group, joined)
     return True
+
+
+def _forget_history(optimizer):
+    """Start L-BFGS afresh: its history (directions, the last flat gradient) and its cached element
+    count span all parameters flattened together, which a form change reshapes; no part of it carries."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        for p in optimizer.param_groups[0]["params"][:1]:
+            optimizer.state.pop(p, None)
+        optimizer._numel_cache = None
+
+
+def _match_fused_momentum(optimizer, group, joined):
+    """Give ``joined`` parameters a zero momentum buffer where fused SGD needs one.
+
+    Fused SGD decides once per group whether this is the first step (every
+    buffer missing) and fails on a group where only some are missing, as after
+    a form change in a trained group.  With ``dampening`` 0 a zero buffer steps
+    exactly as a missing one.
+    """
+    if not (isinstance(optimizer, torch.optim.SGD) and group.get("fused") and group.get("momentum")):
+        return
+    joined_ids = {id(p) for p in joined}
+    if not any(optimizer.state.get(p, {}).get("momentum_buffer") is not None
+               for p in group["params"] if id(p) not in joined_ids):
+        return
+    for p in joined:
+        state = optimizer.state[p]
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(p)
 
 
 def _initial_state(optimizer, group_index, param):

@@ -9,6 +9,14 @@ LR scheduler attached to it stay as the user built them::
         scheduler.step(epoch)          # forms due at this epoch, optimizer follows
         train_one_epoch(model, optimizer)
         lr_scheduler.step()
+
+Call :meth:`DynamicRankScheduler.step` between optimizer steps (after one
+``optimizer.step()``, before the next ``backward()``): a gradient accumulated
+on a parameter that a switch removes or freezes is dropped with it.  Anything
+else that holds the parameters must be told, since the switch replaces them:
+an EMA or SWA copy of the model (``torch.optim.swa_utils.AveragedModel``)
+switches with it once given to :meth:`DynamicRankScheduler.add_model_copy`,
+and a DDP wrapper is rebuilt (:mod:`dynrank.distributed`).
 """
 
 import copy
@@ -171,6 +179,59 @@ def _trainable(layer):
     return [p for p in layer.parameters() if p.requires_grad]
 
 
+def _switched(layer):
+    """Dict name → the parameters a form change of ``layer`` replaces (its factors, a trainable dense weight)."""
+    params = dict(layer.factors())
+    dense = layer._dense()
+    if dense is not None and dense.requires_grad:
+        params[layer.weight_name] = dense
+    return params
+
+
+def check_one_group(optimizer, layers):
+    """ValueError naming the first of ``layers`` ((name, layer) pairs) whose switched parameters the
+    optimizer holds in more than one param group: a form change puts the layer's new parameters in one
+    group (see :func:`dynrank._optim.replace_params`), and which one would be a silent guess."""
+    group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    for name, layer in layers:
+        where = {key: group_of[id(p)] for key, p in _switched(layer).items() if id(p) in group_of}
+        if len(set(where.values())) > 1:
+            held = ", ".join(f"{key} in group {g}" for key, g in where.items())
+            raise ValueError(f"the optimizer holds layer {name!r}'s parameters in different param groups ({held}); "
+                             f"a form change puts the layer's new parameters in one group, so give "
+                             f"{', '.join(where)} the same group (a bias may sit elsewhere)")
+
+
+def _copy_layers(model_copy):
+    """Dict name → dynrank layer of ``model_copy`` (an AveragedModel is looked into)."""
+    from torch.optim.swa_utils import AveragedModel
+    if not isinstance(model_copy, nn.Module):
+        raise TypeError(f"a model copy must be a torch.nn.Module (e.g. an AveragedModel), "
+                        f"got {type(model_copy).__name__}")
+    return dict(form_layers(model_copy.module if isinstance(model_copy, AveragedModel) else model_copy))
+
+
+@torch.no_grad()
+def _follow(copy_layer, layer, op, init):
+    """Take ``copy_layer`` through the change ``op`` that ``layer`` just went through, drawing no random
+    numbers (the run's RNG stream is the same with or without copies).  Inflate merges the copy's own
+    factors, so it keeps computing its averaged function; deflate freezes its dense weight and starts its
+    factors as the model's, as the model's deflate would have on the copy's weight.  A copy kept out of
+    autograd (every parameter ``requires_grad=False``) stays out."""
+    frozen = not any(p.requires_grad for p in copy_layer.parameters())
+    if op == "inflate":
+        copy_layer.inflate()
+    else:
+        copy_layer._allocate("adapter", layer.rank)
+        factors = copy_layer.factors()
+        for key, value in layer.factors().items():
+            factors[key].copy_(value)
+        if init == "svd":
+            copy_layer._merge_into_(copy_layer._dense().data, -1.0, factors)
+    if frozen:
+        copy_layer.requires_grad_(False)
+
+
 class DynamicRankScheduler:
     """Switch every dynrank layer lowrank → full → adapter at epoch (or step) boundaries.
 
@@ -183,9 +244,12 @@ class DynamicRankScheduler:
 
     Optimizer: after a change, the layer's removed parameters and their state
     leave the optimizer and the new trainable ones take their place in the same
-    param group (same hyperparameters), in place; LR schedulers keep working.
-    A layer the optimizer does not hold is left out of it.  Parameters that
-    stay (biases, BN) are untouched.
+    param group (same hyperparameters), in place; LR schedulers (their
+    ``state_dict`` too) and a ``GradScaler`` keep working.  A layer the
+    optimizer does not hold is left out of it.  Parameters that stay (biases,
+    BN) are untouched.  A parameter that leaves training (factors released by
+    inflate, the dense weight frozen by deflate) loses its ``.grad``, which
+    would otherwise linger in ``clip_grad_norm_(model.parameters())``.
 
     ``optimizer_state``:
         ``"reset"`` (default): new parameters start with empty state (the
@@ -224,8 +288,9 @@ class DynamicRankScheduler:
         TypeError: a non-module model, a non-optimizer, non-int epochs, a
             non-bool ``sync_ranks``, a ``process_group`` that is not a ProcessGroup.
         ValueError: negative epochs, D ≤ I, both None, unknown options, a
-            ``deflate_rank`` invalid for a layer or naming an unknown layer, or
-            a model with no dynrank layers.
+            ``deflate_rank`` invalid for a layer or naming an unknown layer,
+            a model with no dynrank layers, or an optimizer holding one layer's
+            factors in different param groups.
 
     Example:
         >>> import torch
@@ -259,8 +324,10 @@ class DynamicRankScheduler:
                              "convert it first with dynrank.convert_model(model)")
         self.deflate_rank = self._check_deflate_rank(deflate_rank)  # a bad deflate_rank fails now, not at D
         self.sync_ranks, self.process_group = check_sync(model, sync_ranks, process_group)
+        check_one_group(optimizer, self._layers)
         self.last_epoch = None
         self._callbacks = []
+        self._copies = []
 
     # -- policy -------------------------------------------------------------------
     def form_at(self, epoch):
@@ -328,6 +395,72 @@ class DynamicRankScheduler:
             raise ValueError(f"callback {fn!r} was not added to this scheduler")
         self._callbacks.remove(fn)
 
+    # -- copies of the model --------------------------------------------------------------
+    def add_model_copy(self, model_copy):
+        """Switch ``model_copy`` (an EMA or SWA copy of the model) with the model from now on; returns it.
+
+        An averaged copy (``torch.optim.swa_utils.AveragedModel``, or a
+        ``copy.deepcopy`` of the model updated by hand) pairs its parameters
+        with the model's by position, and a switch changes the model's
+        parameter list: its updates then fail on a shape mismatch or, where
+        shapes happen to agree, silently average the wrong tensors.  A copy
+        given here changes form with the model, at the same :meth:`step`:
+        inflate merges the copy's averaged factors into its dense weight (its
+        function is kept); deflate freezes the copy's dense weight and starts
+        its factors as the model's (no random numbers are drawn).
+        :meth:`step` checks every copy's layers against the model's first.
+
+        Checkpoints: save ``model_copy.state_dict()`` beside :func:`training_state`;
+        :meth:`load_state_dict` leaves copies alone, and loading the copy's
+        own state dict gives its layers the saved forms.
+
+        Args:
+            model_copy: an ``nn.Module`` holding the model's dynrank layers under
+                the same names (an ``AveragedModel`` is looked into), in the
+                same forms and ranks, with parameters of its own.
+
+        Raises:
+            TypeError: not an ``nn.Module``.
+            ValueError: the model itself, a copy already added, or one whose
+                layers differ from the model's.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            >>> from dynrank import DynamicRankScheduler, convert_model
+            >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+            >>> _ = convert_model(model, rank_ratio=0.5)
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> scheduler = DynamicRankScheduler(model, optimizer, inflate_epoch=1, deflate_epoch=2)
+            >>> ema = scheduler.add_model_copy(AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99)))
+            >>> _ = scheduler.step(1)
+            >>> model[0].form, ema.module[0].form
+            ('full', 'full')
+        """
+        layers = _copy_layers(model_copy)
+        if any(c is model_copy for c, _ in self._copies):
+            raise ValueError("this model copy was already added to the scheduler")
+        self._check_copy(model_copy, layers)
+        self._copies.append((model_copy, layers))
+        return model_copy
+
+    def _check_copy(self, model_copy, layers):
+        """ValueError unless ``layers`` (a copy's name → layer) match the model's layers and are not theirs."""
+        for name, layer in self._layers:
+            twin = layers.get(name)
+            if twin is None:
+                raise ValueError(f"model copy {type(model_copy).__name__} has no dynrank layer {name!r}; a copy "
+                                 f"must hold the model's dynrank layers under the same names")
+            if twin is layer or any(p is q for p in twin.parameters() for q in layer.parameters()):
+                raise ValueError(f"model copy {type(model_copy).__name__} shares layer {name!r} with the model; give a "
+                                 f"copy (AveragedModel(model) or copy.deepcopy(model)), not the model")
+            ours, theirs = ((type(m).__name__, m.form, m.rank, tuple(m._dense_shape())) for m in (layer, twin))
+            if ours != theirs:
+                raise ValueError(f"model copy {type(model_copy).__name__}: layer {name!r} is (type, form, rank, shape) "
+                                 f"{theirs}, the model's is {ours}; add the copy when it is made, or load its state "
+                                 f"dict saved with the model's")
+
     # -- stepping ------------------------------------------------------------------------
     def step(self, epoch=None):
         """Perform the form changes due at ``epoch`` (call at the start of each epoch).
@@ -345,8 +478,9 @@ class DynamicRankScheduler:
             ValueError: a negative epoch, one past ``epochs``, one earlier than
                 the last call's, a layer whose form cannot reach the form the
                 epoch requires (a full/adapter layer before I), or a layer due
-                to switch whose weight or factors hold NaN/inf.  Every check
-                runs before the first layer switches, so a failed call changes
+                to switch whose weight or factors hold NaN/inf, or a model copy
+                whose layers no longer match the model's.  Every check runs
+                before the first layer switches, so a failed call changes
                 nothing.
         """
         if epoch is None:
@@ -358,8 +492,10 @@ class DynamicRankScheduler:
             raise ValueError(f"{self.unit}s must not go backwards: got {epoch} after {self.last_epoch}; "
                              f"to resume, build a new scheduler and call load_state_dict")
         target = self.form_at(epoch)
+        for model_copy, layers in self._copies:
+            self._check_copy(model_copy, layers)
         changes = self._bring_to({name: target for name, _ in self._layers}, carry=None,
-                                 finite=f"not switching any layer at {self.unit} {epoch}")
+                                 finite=f"not switching any layer at {self.unit} {epoch}", follow=True)
         self.last_epoch = epoch
         if changes:
             event = {"epoch": epoch if self.unit == "epoch" else None,
@@ -377,9 +513,9 @@ class DynamicRankScheduler:
                              f"form the model was converted to")
         return paths[(old, new)]
 
-    def _bring_to(self, targets, carry, ranks=None, init=None, finite=None):
-        """Switch every layer to ``targets[name]``.  All plans are made (and, with ``finite`` set, every
-        switching layer checked for NaN/inf) before the first switch."""
+    def _bring_to(self, targets, carry, ranks=None, init=None, finite=None, follow=False):
+        """Switch every layer to ``targets[name]`` (with ``follow``, the model copies' layers too).  All plans
+        are made (and, with ``finite`` set, every switching layer checked for NaN/inf) before the first switch."""
         plans = []
         for name, layer in self._layers:
             old, new = layer.form, targets[name]
@@ -392,20 +528,22 @@ class DynamicRankScheduler:
             for op in ops:
                 rank = None if op == "inflate" else (
                     ranks[name] if ranks is not None else self._deflate_rank_for(name, layer))
-                self._transition(layer, op, rank, carry, init)
+                copies = [layers[name] for _, layers in self._copies] if follow else []
+                self._transition(layer, op, rank, carry, init, copies)
             changes.append((name, old, new))
         return changes
 
-    def _transition(self, layer, op, rank, carry, init=None):
+    def _transition(self, layer, op, rank, carry, init=None, copies=()):
         if carry is None:
             carry = self.optimizer_state == "carry"
+        init = self.deflate_init if init is None else init
         before = _trainable(layer)
         old_factors = dict(layer.factors())
         old_weight = getattr(layer, layer.weight_name)
         if op == "inflate":
             layer.inflate()
         else:
-            layer.deflate(rank=rank, init=self.deflate_init if init is None else init)
+            layer.deflate(rank=rank, init=init)
         after = _trainable(layer)
         before_ids, after_ids = {id(p) for p in before}, {id(p) for p in after}
         removed = [p for p in before if id(p) not in after_ids]
@@ -413,6 +551,11 @@ class DynamicRankScheduler:
         if op == "deflate" and self.sync_ranks:
             from .distributed import broadcast_params
             broadcast_params(added, group=self.process_group)
+        for copy_layer in copies:
+            _follow(copy_layer, layer, op, init)
+        for p in before:
+            if id(p) not in after_ids:
+                p.grad = None
         states = None
         if carry and op == "inflate":
             weight = getattr(layer, layer.weight_name)
@@ -507,7 +650,8 @@ class DynamicRankScheduler:
         ``deflate_init``); the global RNG is left untouched, so a restored RNG
         state stays valid whichever order it is restored in.  The whole state
         dict is checked before anything changes: a call that raises leaves the
-        layers, the optimizer and the scheduler as they were.
+        layers, the optimizer and the scheduler as they were.  Model copies
+        (:meth:`add_model_copy`) are left alone: load their own state dicts.
 
         Raises:
             TypeError: not a dict, or a value of the wrong type (e.g. a float
