@@ -7,6 +7,7 @@ paper's schedule of switches on a whole model.
 """
 
 from . import cost, distributed, functional, metrics, regularizers
+from .checkpoint import load_training_state, training_state
 from .conv import LowRankConv2d
 from .convert import ConversionSummary, convert_model
 from .distributed import rewrap_ddp
@@ -14,7 +15,7 @@ from .inrank import IncrementalRankScheduler, grow_rank_
 from .linear import FusedLowRankLinear
 from .monitor import RankMonitor
 from .regularizers import SRIP, DoubleSoftOrthogonality, SoftOrthogonality
-from .scheduler import DynamicRankScheduler, load_training_state, training_state
+from .scheduler import DynamicRankScheduler
 from .schedules import finetune_schedule, midpoint_schedule, schedule_from_lr
 
 __version__ = "0.1.0"

@@ -94,7 +94,7 @@ def broadcast_params(params, src=0, group=None):
 
 def dynrank_params(model):
     """Set of every parameter of the model's dynrank layers (for ``fully_shard(ignored_params=...)``)."""
-    from .scheduler import form_layers
+    from ._checks import form_layers
     return {p for _, layer in form_layers(model) for p in layer.parameters()}
 
 
@@ -112,7 +112,7 @@ def allreduce_grads(model, group=None):
     world = dist.get_world_size(group)
     if world == 1:
         return
-    from .scheduler import form_layers
+    from ._checks import form_layers
     grads = [p.grad for _, layer in form_layers(model) for p in layer.parameters() if p.grad is not None]
     for grad in grads:
         dist.all_reduce(grad, group=group)

@@ -22,10 +22,9 @@ from collections.abc import Mapping
 import torch
 
 from ._args import check_int, check_real
+from ._checks import check_finite, check_model_and_optimizer, check_same_layers, check_sync, unwrap_model
 from ._optim import LINEAR_STATE, SQUARED_STATE, replace_params
 from .linear import FusedLowRankLinear, svd_factors
-from .scheduler import (check_finite, check_model_and_optimizer, check_same_layers, check_sync,
-                        unwrap_model)
 
 __all__ = ["IncrementalRankScheduler", "grow_rank_", "explained_rank"]
 

@@ -19,19 +19,18 @@ switches with it once given to :meth:`DynamicRankScheduler.add_model_copy`,
 and a DDP wrapper is rebuilt (:mod:`dynrank.distributed`).
 """
 
-import copy
 import numbers
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
-from ._forms import DEFLATE_INITS, FORMS, FormLayer
+from ._checks import (check_finite, check_layer_names, check_model_and_optimizer, check_one_group,
+                      check_same_layers, check_sync, form_layers, unwrap_model)
+from ._forms import DEFLATE_INITS, FORMS
 from ._optim import pullback_state, pushforward_state, replace_params
 
-__all__ = ["DynamicRankScheduler", "OPTIMIZER_STATES", "form_layers", "training_state",
-           "load_training_state"]
+__all__ = ["DynamicRankScheduler", "OPTIMIZER_STATES", "form_layers"]
 
 OPTIMIZER_STATES = ("reset", "carry")
 UNITS = ("epoch", "step")
@@ -41,19 +40,6 @@ UNITS = ("epoch", "step")
 # for ~1/(1-beta2) steps), so the authors' "reset" stays the default.
 DEFAULT_OPTIMIZER_STATE = "reset"
 _OWN = object()   # DynamicRankScheduler._deflate_rank_for: the scheduler's own deflate_rank
-
-
-def unwrap_model(model):
-    """The user's module inside DistributedDataParallel / DataParallel wrappers."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        model = model.module
-    return model
-
-
-def form_layers(model):
-    """List of (qualified name, layer) for every dynrank layer (FormLayer) in ``model``."""
-    return [(name, m) for name, m in unwrap_model(model).named_modules() if isinstance(m, FormLayer)]
 
 
 def _check_count(value, what, allow_none=True):
@@ -95,111 +81,8 @@ def _check_choices(deflate_init, optimizer_state):
     return deflate_init, optimizer_state
 
 
-def check_model_and_optimizer(model, optimizer):
-    """TypeError unless ``model`` is an nn.Module and ``optimizer`` a torch optimizer."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-
-
-def check_sync(model, sync_ranks, process_group):
-    """Validated (sync_ranks, process_group) of a scheduler built on ``model``.
-
-    ``sync_ranks``: a bool, or None (True exactly when ``model`` is a
-    DistributedDataParallel).  ``process_group``: None (the DDP wrapper's group,
-    else WORLD) or a ``torch.distributed.ProcessGroup``; only None where this
-    torch build has no ``torch.distributed``.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-    if sync_ranks is not None:
-        # A bool, or a numpy bool / 0 / 1 read as one; not any truthy value ("no" is not False).
-        if isinstance(sync_ranks, np.bool_) or (isinstance(sync_ranks, int) and sync_ranks in (0, 1)):
-            sync_ranks = bool(sync_ranks)
-        if not isinstance(sync_ranks, bool):
-            raise TypeError(f"sync_ranks must be True, False or None, got {type(sync_ranks).__name__} "
-                            f"({sync_ranks!r})")
-    if process_group is not None:
-        dist = torch.distributed
-        group_type = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
-        if group_type is None:
-            raise TypeError(f"process_group must be None (this torch has no torch.distributed), "
-                            f"got {type(process_group).__name__}")
-        if not isinstance(process_group, group_type):
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
-                            f"got {type(process_group).__name__} ({process_group!r})")
-    is_ddp = isinstance(model, DistributedDataParallel)
-    if process_group is None and is_ddp:
-        process_group = model.process_group
-    return (is_ddp if sync_ranks is None else sync_ranks), process_group
-
-
-def check_layer_names(given, names, what):
-    """Raise ValueError if the mapping ``given`` names layers not in ``names`` (a list of layer names)."""
-    unknown = [key for key in given if key not in names]
-    if unknown:
-        raise ValueError(f"{what} names unknown layers {sorted(unknown, key=repr)}; the layers are {list(names)}")
-
-
-def check_same_layers(given, names, what):
-    """Raise TypeError unless ``given`` (the state dict's ``what``) is a dict, ValueError unless its keys
-    are exactly ``names``."""
-    if not isinstance(given, Mapping):
-        raise TypeError(f"{what} must be a dict layer name → value, got {type(given).__name__}")
-    extra = sorted((k for k in given if k not in names), key=repr)
-    absent = [n for n in names if n not in given]
-    if extra or absent:
-        raise ValueError(f"saved scheduler manages other layers: only in checkpoint {extra}, only in this model "
-                         f"{absent} (in {what})")
-
-
-def check_finite(layers, what_not, frozen=True):
-    """Raise ValueError naming the first of ``layers`` ((name, layer) pairs) whose weight or factors hold
-    NaN or inf; ``what_not`` ends the message (what was not done).  ``frozen=False`` skips a frozen
-    dense weight (an adapter's W_f, which training does not change).  One host sync per device."""
-    checked = []
-    for name, layer in layers:
-        tensors = dict(layer.factors())
-        dense = layer._dense()
-        if dense is not None and (frozen or dense.requires_grad):
-            tensors = {layer.weight_name: dense, **tensors}
-        checked += [(name, key, t.detach()) for key, t in tensors.items() if t is not None and not t.is_meta]
-    by_device = {}
-    for i, (_, _, t) in enumerate(checked):
-        by_device.setdefault(t.device, []).append(i)
-    for indices in by_device.values():
-        flags = torch.stack([torch.isfinite(checked[i][2]).all() for i in indices]).tolist()
-        bad = [i for i, ok in zip(indices, flags) if not ok]
-        if bad:
-            name, key, _ = checked[min(bad)]
-            raise ValueError(f"layer {name!r} has non-finite values in {key}; {what_not}")
-
-
 def _trainable(layer):
     return [p for p in layer.parameters() if p.requires_grad]
-
-
-def _switched(layer):
-    """Dict name → the parameters a form change of ``layer`` replaces (its factors, a trainable dense weight)."""
-    params = dict(layer.factors())
-    dense = layer._dense()
-    if dense is not None and dense.requires_grad:
-        params[layer.weight_name] = dense
-    return params
-
-
-def check_one_group(optimizer, layers):
-    """ValueError naming the first of ``layers`` ((name, layer) pairs) whose switched parameters the
-    optimizer holds in more than one param group: a form change puts the layer's new parameters in one
-    group (see :func:`dynrank._optim.replace_params`), and which one would be a silent guess."""
-    group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
-    for name, layer in layers:
-        where = {key: group_of[id(p)] for key, p in _switched(layer).items() if id(p) in group_of}
-        if len(set(where.values())) > 1:
-            held = ", ".join(f"{key} in group {g}" for key, g in where.items())
-            raise ValueError(f"the optimizer holds layer {name!r}'s parameters in different param groups ({held}); "
-                             f"a form change puts the layer's new parameters in one group, so give "
-                             f"{', '.join(where)} the same group (a bias may sit elsewhere)")
 
 
 def _copy_layers(model_copy):
@@ -410,7 +293,7 @@ class DynamicRankScheduler:
         its factors as the model's (no random numbers are drawn).
         :meth:`step` checks every copy's layers against the model's first.
 
-        Checkpoints: save ``model_copy.state_dict()`` beside :func:`training_state`;
+        Checkpoints: save ``model_copy.state_dict()`` beside :func:`~dynrank.checkpoint.training_state`;
         :meth:`load_state_dict` leaves copies alone, and loading the copy's
         own state dict gives its layers the saved forms.
 
@@ -672,160 +555,3 @@ class DynamicRankScheduler:
         with torch.random.fork_rng(devices=[]):
             self._bring_to(forms, carry=False, ranks=ranks, init="zeros")
         self.last_epoch = last_epoch
-
-
-def _check_training_objects(model, optimizer, scheduler):
-    """TypeError/ValueError unless ``scheduler`` is a dynrank scheduler built on ``model`` and ``optimizer``."""
-    from .inrank import IncrementalRankScheduler
-    check_model_and_optimizer(model, optimizer)
-    if not isinstance(scheduler, (DynamicRankScheduler, IncrementalRankScheduler)):
-        raise TypeError(f"scheduler must be a DynamicRankScheduler or IncrementalRankScheduler, "
-                        f"got {type(scheduler).__name__}")
-    if not any(m is scheduler.model for m in unwrap_model(model).modules()):
-        raise ValueError("scheduler was built on another model than the one given")
-    if scheduler.optimizer is not optimizer:
-        raise ValueError("scheduler was built with another optimizer than the one given")
-
-
-def training_state(model, optimizer, scheduler, **extra):
-    """Checkpoint dict: model, optimizer and scheduler state dicts plus ``extra`` items.
-
-    Raises:
-        TypeError / ValueError: not a module, an optimizer and a dynrank
-            scheduler built on those two.
-    """
-    _check_training_objects(model, optimizer, scheduler)
-    state = {"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict()}
-    state.update(extra)
-    return state
-
-
-class _Snapshot:
-    """What :func:`load_training_state` may change, to put back exactly if it fails.
-
-    Kept by reference: the scheduler's attributes, every dynrank layer's
-    attributes and parameter objects (and their ``requires_grad``), the
-    optimizer's attributes, param group dicts, parameter lists and state dicts
-    (loading replaces these; it never writes into their tensors).  Copied to
-    the host: the model's state dict, since a failing ``model.load_state_dict``
-    has already written into some parameters and a form change can write into
-    a frozen weight in place.
-    """
-
-    def __init__(self, model, optimizer, scheduler):
-        self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.scheduler_vars = dict(vars(scheduler))
-        self.layers = []
-        for _, layer in form_layers(model):
-            params = dict(layer._parameters)
-            grads = {name: p.requires_grad for name, p in params.items() if p is not None}
-            self.layers.append((layer, dict(vars(layer)), layer._parameters, params, grads))
-        self.values = {key: (value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor)
-                             else copy.deepcopy(value)) for key, value in model.state_dict().items()}
-        self.optimizer_vars = dict(vars(optimizer))
-        self.groups = [(group, dict(group), group["params"], list(group["params"]))
-                       for group in optimizer.param_groups]
-        self.group_list = list(optimizer.param_groups)
-        self.state = [(p, state, dict(state)) for p, state in optimizer.state.items()]
-
-    def restore(self):
-        """Scheduler, then the model (forms, parameter objects, values), then the optimizer."""
-        vars(self.scheduler).clear()
-        vars(self.scheduler).update(self.scheduler_vars)
-        for layer, attributes, param_dict, params, grads in self.layers:
-            vars(layer).clear()
-            vars(layer).update(attributes)
-            param_dict.clear()
-            param_dict.update(params)
-            for name, flag in grads.items():
-                params[name].requires_grad_(flag)
-        self.module.load_state_dict(self.values)
-        vars(self.optimizer).clear()
-        vars(self.optimizer).update(self.optimizer_vars)
-        for group, items, param_list, params in self.groups:
-            param_list[:] = params
-            group.clear()
-            group.update(items)
-        self.optimizer.param_groups[:] = self.group_list
-        self.optimizer.state.clear()
-        for p, state, items in self.state:
-            state.clear()
-            state.update(items)
-            self.optimizer.state[p] = state
-
-
-def load_training_state(checkpoint, model, optimizer, scheduler):
-    """Load a :func:`training_state` checkpoint into a freshly built model, optimizer and scheduler.
-
-    Runs the three loads in the only order that works: scheduler (forms and
-    optimizer param groups), model (values), optimizer (state).  Returns the
-    checkpoint's extra items.
-
-    All or nothing: the scheduler's part is checked in full before anything
-    changes, and if the model's or the optimizer's part then fails to load,
-    the layers (forms, parameter objects and values), the optimizer (param
-    groups and state) and the scheduler are put back as they were before the
-    exception propagates.  For that, loading holds one extra copy of the
-    model's state dict on the host (CPU) while it runs.
-
-    Raises:
-        TypeError: ``checkpoint`` (or one of its three parts) is not a dict, or
-            the model/optimizer/scheduler are not what they should be.
-        ValueError: a part is missing, the scheduler was built on another model
-            or optimizer, the scheduler part is invalid for this model (see
-            :meth:`DynamicRankScheduler.load_state_dict`), or the optimizer
-            part does not fit this optimizer.
-        RuntimeError: the model part does not fit the model (from
-            ``torch.nn.Module.load_state_dict``).
-
-    Example:
-        >>> import io
-        >>> import torch
-        >>> from torch import nn
-        >>> from dynrank import DynamicRankScheduler, convert_model, load_training_state, training_state
-        >>> def build():                                   # the same model, optimizer and schedule each time
-        ...     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-        ...     _ = convert_model(model, rank_ratio=0.5)
-        ...     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        ...     return model, optimizer, DynamicRankScheduler(model, optimizer, 1, 3)
-        >>> model, optimizer, scheduler = build()
-        >>> _ = scheduler.step(1)                            # layer "0" inflated to full
-        >>> saved = io.BytesIO()
-        >>> torch.save(training_state(model, optimizer, scheduler, epoch=1), saved)
-        >>> model, optimizer, scheduler = build()            # a fresh start: layer "0" is lowrank
-        >>> _ = saved.seek(0)
-        >>> load_training_state(torch.load(saved), model, optimizer, scheduler)
-        {'epoch': 1}
-        >>> model[0].form
-        'full'
-    """
-    if not isinstance(checkpoint, Mapping):
-        raise TypeError(f"checkpoint must be a dict from training_state(...), got {type(checkpoint).__name__}")
-    parts = ("model", "optimizer", "scheduler")
-    missing = [k for k in parts if k not in checkpoint]
-    if missing:
-        raise ValueError(f"checkpoint must have the keys model, optimizer and scheduler (a training_state(...) "
-                         f"dict), missing {', '.join(missing)}")
-    for key in parts:
-        if not isinstance(checkpoint[key], Mapping):
-            raise TypeError(f"checkpoint[{key!r}] must be a state dict, got {type(checkpoint[key]).__name__}")
-    _check_training_objects(model, optimizer, scheduler)
-    checked = scheduler._checked_state(checkpoint["scheduler"])   # a bad scheduler part fails before any copy
-    module = unwrap_model(model)
-    snapshot = _Snapshot(module, optimizer, scheduler)
-    part = "scheduler"
-    try:
-        scheduler._load_checked(checked)
-        part = "model"
-        module.load_state_dict(checkpoint["model"])
-        part = "optimizer"
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (KeyError, IndexError, AttributeError, AssertionError) as e:
-        snapshot.restore()
-        raise ValueError(f"checkpoint[{part!r}] does not fit this {part} ({type(e).__name__}: {e}); "
-                         f"nothing was loaded") from e
-    except BaseException:
-        snapshot.restore()
-        raise
-    return {k: v for k, v in checkpoint.items() if k not in parts}

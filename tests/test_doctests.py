@@ -34,8 +34,8 @@ MODULES = [name for name in _modules() if _examples(name)]
 
 
 def test_the_library_has_examples_in_its_main_modules():
-    for name in ("dynrank.linear", "dynrank.conv", "dynrank.scheduler", "dynrank.monitor", "dynrank.cost",
-                 "dynrank.functional", "dynrank.kernels.conv_merge"):
+    for name in ("dynrank.linear", "dynrank.conv", "dynrank.scheduler", "dynrank.checkpoint", "dynrank.monitor",
+                 "dynrank.cost", "dynrank.functional", "dynrank.kernels.conv_merge"):
         assert name in MODULES
 
 

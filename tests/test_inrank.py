@@ -337,7 +337,7 @@ def test_constructor_checks_before_resizing(kwargs, error, message):
 
 
 def test_load_training_state_is_all_or_nothing_for_incremental_rank():
-    from dynrank.scheduler import load_training_state, training_state
+    from dynrank.checkpoint import load_training_state, training_state
     source = _run(20, sgd=True)
     ckpt = training_state(*source)
     model, opt, sched = _run()                                   # Adam given SGD's state: grown, then fails

@@ -13,7 +13,8 @@ from torch.nn import functional as F
 
 from _scheduling import held, mlp, same_set, train_steps, trainable
 from dynrank.convert import convert_model
-from dynrank.scheduler import DynamicRankScheduler, load_training_state, training_state
+from dynrank.checkpoint import load_training_state, training_state
+from dynrank.scheduler import DynamicRankScheduler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -25,8 +25,9 @@ import time
 import torch
 from torch.nn import functional as F
 
+from ..checkpoint import load_training_state, training_state
 from ..convert import convert_model
-from ..scheduler import DynamicRankScheduler, load_training_state, training_state
+from ..scheduler import DynamicRankScheduler
 from .models import EXCLUDE, build_model, count_parameters
 from .progress import ProgressLine
 from .steps import TrainStep

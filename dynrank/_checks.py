@@ -1,0 +1,129 @@
+"""Checks shared by the schedulers and the checkpoint helpers: the layers a model holds, its optimizer,
+rank synchronization, saved layer names, finite values, and param groups."""
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._forms import FormLayer
+
+__all__ = ["unwrap_model", "form_layers", "check_model_and_optimizer", "check_sync", "check_layer_names",
+           "check_same_layers", "check_finite", "check_one_group"]
+
+
+def unwrap_model(model):
+    """The user's module inside DistributedDataParallel / DataParallel wrappers."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    while isinstance(model, (DataParallel, DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def form_layers(model):
+    """List of (qualified name, layer) for every dynrank layer (FormLayer) in ``model``."""
+    return [(name, m) for name, m in unwrap_model(model).named_modules() if isinstance(m, FormLayer)]
+
+
+def check_model_and_optimizer(model, optimizer):
+    """TypeError unless ``model`` is an nn.Module and ``optimizer`` a torch optimizer."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+
+def check_sync(model, sync_ranks, process_group):
+    """Validated (sync_ranks, process_group) of a scheduler built on ``model``.
+
+    ``sync_ranks``: a bool, or None (True exactly when ``model`` is a
+    DistributedDataParallel).  ``process_group``: None (the DDP wrapper's group,
+    else WORLD) or a ``torch.distributed.ProcessGroup``; only None where this
+    torch build has no ``torch.distributed``.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+    if sync_ranks is not None:
+        # A bool, or a numpy bool / 0 / 1 read as one; not any truthy value ("no" is not False).
+        if isinstance(sync_ranks, np.bool_) or (isinstance(sync_ranks, int) and sync_ranks in (0, 1)):
+            sync_ranks = bool(sync_ranks)
+        if not isinstance(sync_ranks, bool):
+            raise TypeError(f"sync_ranks must be True, False or None, got {type(sync_ranks).__name__} "
+                            f"({sync_ranks!r})")
+    if process_group is not None:
+        dist = torch.distributed
+        group_type = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
+        if group_type is None:
+            raise TypeError(f"process_group must be None (this torch has no torch.distributed), "
+                            f"got {type(process_group).__name__}")
+        if not isinstance(process_group, group_type):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
+                            f"got {type(process_group).__name__} ({process_group!r})")
+    is_ddp = isinstance(model, DistributedDataParallel)
+    if process_group is None and is_ddp:
+        process_group = model.process_group
+    return (is_ddp if sync_ranks is None else sync_ranks), process_group
+
+
+def check_layer_names(given, names, what):
+    """Raise ValueError if the mapping ``given`` names layers not in ``names`` (a list of layer names)."""
+    unknown = [key for key in given if key not in names]
+    if unknown:
+        raise ValueError(f"{what} names unknown layers {sorted(unknown, key=repr)}; the layers are {list(names)}")
+
+
+def check_same_layers(given, names, what):
+    """Raise TypeError unless ``given`` (the state dict's ``what``) is a dict, ValueError unless its keys
+    are exactly ``names``."""
+    if not isinstance(given, Mapping):
+        raise TypeError(f"{what} must be a dict layer name → value, got {type(given).__name__}")
+    extra = sorted((k for k in given if k not in names), key=repr)
+    absent = [n for n in names if n not in given]
+    if extra or absent:
+        raise ValueError(f"saved scheduler manages other layers: only in checkpoint {extra}, only in this model "
+                         f"{absent} (in {what})")
+
+
+def check_finite(layers, what_not, frozen=True):
+    """Raise ValueError naming the first of ``layers`` ((name, layer) pairs) whose weight or factors hold
+    NaN or inf; ``what_not`` ends the message (what was not done).  ``frozen=False`` skips a frozen
+    dense weight (an adapter's W_f, which training does not change).  One host sync per device."""
+    checked = []
+    for name, layer in layers:
+        tensors = dict(layer.factors())
+        dense = layer._dense()
+        if dense is not None and (frozen or dense.requires_grad):
+            tensors = {layer.weight_name: dense, **tensors}
+        checked += [(name, key, t.detach()) for key, t in tensors.items() if t is not None and not t.is_meta]
+    by_device = {}
+    for i, (_, _, t) in enumerate(checked):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        flags = torch.stack([torch.isfinite(checked[i][2]).all() for i in indices]).tolist()
+        bad = [i for i, ok in zip(indices, flags) if not ok]
+        if bad:
+            name, key, _ = checked[min(bad)]
+            raise ValueError(f"layer {name!r} has non-finite values in {key}; {what_not}")
+
+
+def _switched(layer):
+    """Dict name → the parameters a form change of ``layer`` replaces (its factors, a trainable dense weight)."""
+    params = dict(layer.factors())
+    dense = layer._dense()
+    if dense is not None and dense.requires_grad:
+        params[layer.weight_name] = dense
+    return params
+
+
+def check_one_group(optimizer, layers):
+    """ValueError naming the first of ``layers`` ((name, layer) pairs) whose switched parameters the
+    optimizer holds in more than one param group: a form change puts the layer's new parameters in one
+    group (see :func:`dynrank._optim.replace_params`), and which one would be a silent guess."""
+    group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    for name, layer in layers:
+        where = {key: group_of[id(p)] for key, p in _switched(layer).items() if id(p) in group_of}
+        if len(set(where.values())) > 1:
+            held = ", ".join(f"{key} in group {g}" for key, g in where.items())
+            raise ValueError(f"the optimizer holds layer {name!r}'s parameters in different param groups ({held}); "
+                             f"a form change puts the layer's new parameters in one group, so give "
+                             f"{', '.join(where)} the same group (a bias may sit elsewhere)")

@@ -1,0 +1,172 @@
+"""Checkpoints of a dynamic-rank run: model, optimizer and scheduler saved together, loaded all or nothing.
+
+A form change replaces parameters, so the three parts load in one order only: the scheduler (forms and
+the optimizer's param groups), the model (values), the optimizer (state).
+"""
+
+import copy
+from collections.abc import Mapping
+
+import torch
+
+from ._checks import check_model_and_optimizer, form_layers, unwrap_model
+from .scheduler import DynamicRankScheduler
+
+__all__ = ["training_state", "load_training_state"]
+
+
+def _check_training_objects(model, optimizer, scheduler):
+    """TypeError/ValueError unless ``scheduler`` is a dynrank scheduler built on ``model`` and ``optimizer``."""
+    from .inrank import IncrementalRankScheduler
+    check_model_and_optimizer(model, optimizer)
+    if not isinstance(scheduler, (DynamicRankScheduler, IncrementalRankScheduler)):
+        raise TypeError(f"scheduler must be a DynamicRankScheduler or IncrementalRankScheduler, "
+                        f"got {type(scheduler).__name__}")
+    if not any(m is scheduler.model for m in unwrap_model(model).modules()):
+        raise ValueError("scheduler was built on another model than the one given")
+    if scheduler.optimizer is not optimizer:
+        raise ValueError("scheduler was built with another optimizer than the one given")
+
+
+def training_state(model, optimizer, scheduler, **extra):
+    """Checkpoint dict: model, optimizer and scheduler state dicts plus ``extra`` items.
+
+    Raises:
+        TypeError / ValueError: not a module, an optimizer and a dynrank
+            scheduler built on those two.
+    """
+    _check_training_objects(model, optimizer, scheduler)
+    state = {"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict()}
+    state.update(extra)
+    return state
+
+
+class _Snapshot:
+    """What :func:`load_training_state` may change, to put back exactly if it fails.
+
+    Kept by reference: the scheduler's attributes, every dynrank layer's
+    attributes and parameter objects (and their ``requires_grad``), the
+    optimizer's attributes, param group dicts, parameter lists and state dicts
+    (loading replaces these; it never writes into their tensors).  Copied to
+    the host: the model's state dict, since a failing ``model.load_state_dict``
+    has already written into some parameters and a form change can write into
+    a frozen weight in place.
+    """
+
+    def __init__(self, model, optimizer, scheduler):
+        self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.scheduler_vars = dict(vars(scheduler))
+        self.layers = []
+        for _, layer in form_layers(model):
+            params = dict(layer._parameters)
+            grads = {name: p.requires_grad for name, p in params.items() if p is not None}
+            self.layers.append((layer, dict(vars(layer)), layer._parameters, params, grads))
+        self.values = {key: (value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor)
+                             else copy.deepcopy(value)) for key, value in model.state_dict().items()}
+        self.optimizer_vars = dict(vars(optimizer))
+        self.groups = [(group, dict(group), group["params"], list(group["params"]))
+                       for group in optimizer.param_groups]
+        self.group_list = list(optimizer.param_groups)
+        self.state = [(p, state, dict(state)) for p, state in optimizer.state.items()]
+
+    def restore(self):
+        """Scheduler, then the model (forms, parameter objects, values), then the optimizer."""
+        vars(self.scheduler).clear()
+        vars(self.scheduler).update(self.scheduler_vars)
+        for layer, attributes, param_dict, params, grads in self.layers:
+            vars(layer).clear()
+            vars(layer).update(attributes)
+            param_dict.clear()
+            param_dict.update(params)
+            for name, flag in grads.items():
+                params[name].requires_grad_(flag)
+        self.module.load_state_dict(self.values)
+        vars(self.optimizer).clear()
+        vars(self.optimizer).update(self.optimizer_vars)
+        for group, items, param_list, params in self.groups:
+            param_list[:] = params
+            group.clear()
+            group.update(items)
+        self.optimizer.param_groups[:] = self.group_list
+        self.optimizer.state.clear()
+        for p, state, items in self.state:
+            state.clear()
+            state.update(items)
+            self.optimizer.state[p] = state
+
+
+def load_training_state(checkpoint, model, optimizer, scheduler):
+    """Load a :func:`training_state` checkpoint into a freshly built model, optimizer and scheduler.
+
+    Runs the three loads in the only order that works: scheduler (forms and
+    optimizer param groups), model (values), optimizer (state).  Returns the
+    checkpoint's extra items.
+
+    All or nothing: the scheduler's part is checked in full before anything
+    changes, and if the model's or the optimizer's part then fails to load,
+    the layers (forms, parameter objects and values), the optimizer (param
+    groups and state) and the scheduler are put back as they were before the
+    exception propagates.  For that, loading holds one extra copy of the
+    model's state dict on the host (CPU) while it runs.
+
+    Raises:
+        TypeError: ``checkpoint`` (or one of its three parts) is not a dict, or
+            the model/optimizer/scheduler are not what they should be.
+        ValueError: a part is missing, the scheduler was built on another model
+            or optimizer, the scheduler part is invalid for this model (see
+            :meth:`DynamicRankScheduler.load_state_dict`), or the optimizer
+            part does not fit this optimizer.
+        RuntimeError: the model part does not fit the model (from
+            ``torch.nn.Module.load_state_dict``).
+
+    Example:
+        >>> import io
+        >>> import torch
+        >>> from torch import nn
+        >>> from dynrank import DynamicRankScheduler, convert_model, load_training_state, training_state
+        >>> def build():                                   # the same model, optimizer and schedule each time
+        ...     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+        ...     _ = convert_model(model, rank_ratio=0.5)
+        ...     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        ...     return model, optimizer, DynamicRankScheduler(model, optimizer, 1, 3)
+        >>> model, optimizer, scheduler = build()
+        >>> _ = scheduler.step(1)                            # layer "0" inflated to full
+        >>> saved = io.BytesIO()
+        >>> torch.save(training_state(model, optimizer, scheduler, epoch=1), saved)
+        >>> model, optimizer, scheduler = build()            # a fresh start: layer "0" is lowrank
+        >>> _ = saved.seek(0)
+        >>> load_training_state(torch.load(saved), model, optimizer, scheduler)
+        {'epoch': 1}
+        >>> model[0].form
+        'full'
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"checkpoint must be a dict from training_state(...), got {type(checkpoint).__name__}")
+    parts = ("model", "optimizer", "scheduler")
+    missing = [k for k in parts if k not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint must have the keys model, optimizer and scheduler (a training_state(...) "
+                         f"dict), missing {', '.join(missing)}")
+    for key in parts:
+        if not isinstance(checkpoint[key], Mapping):
+            raise TypeError(f"checkpoint[{key!r}] must be a state dict, got {type(checkpoint[key]).__name__}")
+    _check_training_objects(model, optimizer, scheduler)
+    checked = scheduler._checked_state(checkpoint["scheduler"])   # a bad scheduler part fails before any copy
+    module = unwrap_model(model)
+    snapshot = _Snapshot(module, optimizer, scheduler)
+    part = "scheduler"
+    try:
+        scheduler._load_checked(checked)
+        part = "model"
+        module.load_state_dict(checkpoint["model"])
+        part = "optimizer"
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (KeyError, IndexError, AttributeError, AssertionError) as e:
+        snapshot.restore()
+        raise ValueError(f"checkpoint[{part!r}] does not fit this {part} ({type(e).__name__}: {e}); "
+                         f"nothing was loaded") from e
+    except BaseException:
+        snapshot.restore()
+        raise
+    return {k: v for k, v in checkpoint.items() if k not in parts}
