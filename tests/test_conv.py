@@ -451,6 +451,8 @@ def test_float64_under_autocast_as_nn_conv2d(dec, form):
             layer(x.float())
 
 
+# torch.func.jvp loads its decompositions through the deprecated torch.jit.script
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if kernel_devices() else []))
 @pytest.mark.parametrize("form, strategy", [("lowrank", "auto"), ("full", "auto"), ("adapter", "chain"),
                                             ("adapter", "merged")])

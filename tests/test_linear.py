@@ -196,6 +196,8 @@ def test_vmap_over_the_factors_alone(backend, form):
         assert rel_err(y[i], f64({n: t[i].double() for n, t in stacked.items()}, x.double())) < REL_TOL[torch.float32]
 
 
+# torch.func.jvp loads its decompositions through the deprecated torch.jit.script
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
 def test_jvp_and_jacobian(backend, form):
     """Forward-mode (jvp) and reverse-mode (jacrev) derivatives in the input against float64."""
