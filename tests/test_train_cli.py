@@ -466,6 +466,18 @@ def test_out_refuses_a_folder_that_holds_a_run(tmp_path, capsys, holds):
     assert (out / holds).read_bytes() == b"precious"
 
 
+def test_out_is_claimed_exclusively(tmp_path, capsys, monkeypatch):
+    """Two runs started together on one --out both pass the holds-a-run check; the one that comes second
+    to creating config.json stops before writing anything."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_bytes(b"the other run's")
+    monkeypatch.setattr(cli, "_holds_run", lambda folder: None)     # the check ran before the other run's claim
+    err = _exit_2(_TINY_RUN + ["--out", str(out)], capsys)
+    assert f"--out {out} was just taken by another run" in err
+    assert (out / "config.json").read_bytes() == b"the other run's" and os.listdir(out) == ["config.json"]
+
+
 def test_default_run_folders_are_unique_within_a_second(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli.time, "strftime", lambda fmt, *a: "20250101-120000")

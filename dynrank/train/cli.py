@@ -372,6 +372,20 @@ def _holds_run(folder):
     return next((path for path in candidates if os.path.exists(path)), None)
 
 
+def _claim_out_dir(folder):
+    """Create ``folder``'s config.json exclusively; False where it exists (another run holds the folder).
+
+    The check of :func:`_holds_run` comes first, with its message; this closes the gap after it, where
+    two runs started together on one ``--out`` would both pass and then write into each other.
+    """
+    os.makedirs(folder, exist_ok=True)
+    try:
+        os.close(os.open(os.path.join(folder, "config.json"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def _new_run_dir(root="runs"):
     """A new, empty ``runs/<timestamp>`` folder, suffixed -2, -3, ... where runs start in the same second."""
     os.makedirs(root, exist_ok=True)
@@ -553,7 +567,9 @@ def main(argv=None):
             _note_resume(saved, cfg)
         elif args.out:
             out_dir = args.out
-            os.makedirs(out_dir, exist_ok=True)
+            if not _claim_out_dir(out_dir):
+                parser.error(f"--out {out_dir} was just taken by another run (it holds a config.json now); "
+                             f"choose another --out")
         else:
             out_dir = _new_run_dir()
         if not finished:     # a finished run's settings stay as they were
