@@ -306,7 +306,30 @@ def test_cache_sees_swapped_files_with_equal_timestamps(tmp_path):
     second = load_vision("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
     assert torch.equal(second[0][0], first[0][1]) and torch.equal(second[0][1], first[0][0])
     assert torch.equal(second[0][0], torch.from_numpy(noisy.transpose(2, 0, 1).copy()))
-    assert len(os.listdir(tmp_path / "cache")) == 2
+    assert len(os.listdir(tmp_path / "cache")) == 1      # the first version's cache removed
+
+
+def test_a_new_cache_removes_only_its_own_sources_older_versions(tmp_path):
+    """Of a source's caches only the newest stays; another source's cache, other data sets' files and the
+    layout before source ids (one file per data set name, source unknown) are told apart."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old_layout = cache / "cifar10-0123456789abcdef.pt"
+    kept = [cache / "cifar100-0123456789abcdef.pt", cache / "notes.txt", cache / "cifar10-0123456789abcdef.pt.bak"]
+    for path in (old_layout, *kept):
+        path.write_bytes(b"x")
+    roots = [tmp_path / "one", tmp_path / "two"]
+    for root in roots:
+        write_image_tree(str(root), "PNG", classes=("a", "b"), per_class=1)
+        load_vision("cifar10", str(root), cache_dir=str(cache))
+    ours = sorted(p for p in os.listdir(cache) if p.startswith("cifar10-") and p.endswith(".pt") and len(p) > 30)
+    assert len(ours) == 2 and not old_layout.exists() and all(p.exists() for p in kept)
+    first = roots[0] / "train" / "a" / "0000.png"                     # a new version of the first source
+    first.with_name("0001.png").write_bytes(first.read_bytes())
+    again = load_vision("cifar10", str(roots[0]), cache_dir=str(cache))
+    now = sorted(p for p in os.listdir(cache) if p.startswith("cifar10-") and p.endswith(".pt") and len(p) > 30)
+    assert len(now) == 2 and len(set(now) & set(ours)) == 1 and len(again[0]) == 3
+    assert all(p.exists() for p in kept)
 
 
 def test_corrupt_cache_file_is_rebuilt(tmp_path):

@@ -34,13 +34,16 @@ source's path and, for every file under it, its relative path, size and
 modification time in nanoseconds (for an archive: its size and mtime).  A
 change that keeps a file's size and nanosecond mtime is not noticed (contents
 are not hashed); delete the cache file then.  An unreadable cache file is
-decoded again and overwritten, with a warning.
+decoded again and overwritten, with a warning.  Writing a source's cache
+removes that source's older versions (and caches of the same data set in the
+layout before source ids).
 """
 
 import hashlib
 import io
 import os
 import pickle
+import re
 import tarfile
 import threading
 import urllib.request
@@ -400,8 +403,13 @@ def _sources(root, name):
                 yield path, (lambda p=path: _read_tree_tar(p, spec["size"]))
 
 
-def _cache_key(source, name):
-    """Hash of the source's path and of every file under it: relative path, size, mtime in ns."""
+def _cache_name(source, name):
+    """``(prefix, file name)`` of ``source``'s decode cache: ``<name>-<source id>-<stamp>.pt``.
+
+    The source id hashes the source's absolute path and the data set's name; the stamp every file
+    under the source: relative path, size and mtime in ns.  The prefix (up to the stamp) is the same
+    for every version of one source.
+    """
     stamp = []
     if os.path.isfile(source):
         st = os.stat(source)
@@ -416,10 +424,26 @@ def _cache_key(source, name):
                 except OSError:
                     continue
                 stamp.append((os.path.relpath(path, source), st.st_size, st.st_mtime_ns))
-    digest = hashlib.sha1(repr(("v2", os.path.abspath(source), name)).encode())
+    digest = hashlib.sha1()
     for entry in stamp:
         digest.update(repr(entry).encode())
-    return digest.hexdigest()[:16]
+    source_id = hashlib.sha1(repr(("v3", os.path.abspath(source), name)).encode()).hexdigest()[:12]
+    prefix = f"{name}-{source_id}-"
+    return prefix, f"{prefix}{digest.hexdigest()[:12]}.pt"
+
+
+def _prune_cache(cache_dir, name, prefix, keep):
+    """Remove the decode caches that ``keep`` replaces: other versions of its source (``prefix``), and
+    caches of ``name`` in the layout before source ids (``<name>-<16 hex>.pt``), whose source is unknown
+    (a source still in use is decoded once more)."""
+    old_layout = re.compile(re.escape(name) + r"-[0-9a-f]{16}\.pt")
+    for entry in os.listdir(cache_dir):
+        stale = (entry.startswith(prefix) and entry.endswith(".pt")) or old_layout.fullmatch(entry)
+        if stale and entry != keep:
+            try:
+                os.remove(os.path.join(cache_dir, entry))
+            except OSError:     # removed by a run started beside this one, or not ours to remove
+                pass
 
 
 _CACHED = ("train_x", "train_y", "test_x", "test_y", "classes")
@@ -477,7 +501,8 @@ def load_vision(name, root, cache_dir=None):
     if not os.path.isdir(root):
         raise DataError(f"data folder {os.path.abspath(root)} does not exist.\n" + layouts_help(name, root))
     for source, read in _sources(root, name):
-        cache = os.path.join(cache_dir, f"{name}-{_cache_key(source, name)}.pt") if cache_dir else None
+        prefix, entry = _cache_name(source, name) if cache_dir else (None, None)
+        cache = os.path.join(cache_dir, entry) if cache_dir else None
         if cache:
             saved = _load_cache(cache)
             if saved is not None:
@@ -494,6 +519,7 @@ def load_vision(name, root, cache_dir=None):
             tmp = f"{cache}.{os.getpid()}-{threading.get_ident()}.tmp"
             torch.save(dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes), tmp)
             os.replace(tmp, cache)
+            _prune_cache(cache_dir, name, prefix, entry)
         return train_x, train_y, test_x, test_y, classes
     raise DataError(layouts_help(name, root))
 
