@@ -1,5 +1,5 @@
 """Checks shared by the schedulers and the checkpoint helpers: the layers a model holds, its optimizer,
-rank synchronization, saved layer names, finite values, and param groups."""
+rank synchronization, saved layer names, finite values, param groups, and model copies (EMA / SWA)."""
 
 from collections.abc import Mapping
 
@@ -10,7 +10,8 @@ from torch import nn
 from ._forms import FormLayer
 
 __all__ = ["unwrap_model", "form_layers", "check_model_and_optimizer", "check_sync", "check_layer_names",
-           "check_same_layers", "check_finite", "check_one_group"]
+           "check_same_layers", "check_finite", "check_one_group", "copy_layers", "check_copy",
+           "check_new_copy"]
 
 
 def unwrap_model(model):
@@ -127,3 +128,43 @@ def check_one_group(optimizer, layers):
             raise ValueError(f"the optimizer holds layer {name!r}'s parameters in different param groups ({held}); "
                              f"a form change puts the layer's new parameters in one group, so give "
                              f"{', '.join(where)} the same group (a bias may sit elsewhere)")
+
+
+def copy_layers(model_copy):
+    """Dict name → dynrank layer of ``model_copy`` (an AveragedModel is looked into); TypeError unless
+    it is an nn.Module."""
+    from torch.optim.swa_utils import AveragedModel
+    if not isinstance(model_copy, nn.Module):
+        raise TypeError(f"a model copy must be a torch.nn.Module (e.g. an AveragedModel), "
+                        f"got {type(model_copy).__name__}")
+    return dict(form_layers(model_copy.module if isinstance(model_copy, AveragedModel) else model_copy))
+
+
+def check_copy(model_copy, layers, model_layers):
+    """ValueError unless ``layers`` (a copy's name → layer) hold every one of ``model_layers`` ((name,
+    layer) pairs a scheduler manages) under its name, with the same type, form, rank and shape, and with
+    parameters of their own."""
+    for name, layer in model_layers:
+        twin = layers.get(name)
+        if twin is None:
+            raise ValueError(f"model copy {type(model_copy).__name__} has no dynrank layer {name!r}; a copy "
+                             f"must hold the model's dynrank layers under the same names")
+        if twin is layer or any(p is q for p in twin.parameters() for q in layer.parameters()):
+            raise ValueError(f"model copy {type(model_copy).__name__} shares layer {name!r} with the model; give a "
+                             f"copy (AveragedModel(model) or copy.deepcopy(model)), not the model")
+        ours, theirs = ((type(m).__name__, m.form, m.rank, tuple(m._dense_shape())) for m in (layer, twin))
+        if ours != theirs:
+            raise ValueError(f"model copy {type(model_copy).__name__}: layer {name!r} is (type, form, rank, shape) "
+                             f"{theirs}, the model's is {ours}; add the copy when it is made, or load its state "
+                             f"dict saved with the model's")
+
+
+def check_new_copy(model_copy, copies, model_layers):
+    """``model_copy``'s layers (:func:`copy_layers`), checked for a scheduler's ``add_model_copy``:
+    TypeError unless an nn.Module, ValueError if it is in ``copies`` ((copy, layers) pairs already
+    added) or fails :func:`check_copy` against ``model_layers``."""
+    layers = copy_layers(model_copy)
+    if any(c is model_copy for c, _ in copies):
+        raise ValueError("this model copy was already added to the scheduler")
+    check_copy(model_copy, layers, model_layers)
+    return layers

@@ -47,6 +47,15 @@ def check_floating_dtype(dtype, allow_none=False, needed_by=""):
     return dtype
 
 
+def _packed(t):
+    """``t`` itself where its elements are laid out in order (row-major, or channels-last for a 4-D
+    tensor), else a row-major copy: a factor made by a transpose or a permutation (an SVD's Vᵀ, a
+    Tucker core) would pass its layout on to its gradients, which L-BFGS views flat."""
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return t
+    return t.contiguous()
+
+
 class FormLayer(nn.Module):
     """Base class of layers with lowrank / full / adapter forms.
 
@@ -135,7 +144,7 @@ class FormLayer(nn.Module):
             setattr(self, name, None)
         self._factor_param_names = tuple(factors)
         for name, value in factors.items():
-            setattr(self, name, nn.Parameter(value, requires_grad=True))
+            setattr(self, name, nn.Parameter(_packed(value), requires_grad=True))
 
     def _become(self, form, weight, factors, rank):
         """Install ``weight`` (tensor or None) and ``factors`` (dict) for ``form``."""

@@ -70,7 +70,8 @@ def replace_params(optimizer, removed, added, states=None):
         optimizer: a ``torch.optim.Optimizer``.
         removed: parameters leaving the optimizer.
         added: parameters joining it, in order.
-        states: optional dict ``param → state dict`` installed for added parameters.
+        states: optional dict ``param → state dict`` installed for added parameters
+            (ignored for L-BFGS, which starts afresh).
 
     Returns:
         True if the optimizer was edited.
@@ -78,7 +79,8 @@ def replace_params(optimizer, removed, added, states=None):
     where = _locate(optimizer, removed)
     if where is None:
         return False
-    _forget_history(optimizer)
+    if _forget_history(optimizer):
+        states = None                  # L-BFGS's "state" is the history just forgotten: none carries
     held = optimizer_params(optimizer)
     removed_ids = {id(p) for p in removed}
     fresh = [p for p in added if id(p) not in held or id(p) in removed_ids]
@@ -120,11 +122,14 @@ def replace_params(optimizer, removed, added, states=None):
 
 def _forget_history(optimizer):
     """Start L-BFGS afresh: its history (directions, the last flat gradient) and its cached element
-    count span all parameters flattened together, which a form change reshapes; no part of it carries."""
-    if isinstance(optimizer, torch.optim.LBFGS):
-        for p in optimizer.param_groups[0]["params"][:1]:
-            optimizer.state.pop(p, None)
-        optimizer._numel_cache = None
+    count span all parameters flattened together, which a form change reshapes; no part of it carries.
+    Returns True for an L-BFGS optimizer."""
+    if not isinstance(optimizer, torch.optim.LBFGS):
+        return False
+    for p in optimizer.param_groups[0]["params"][:1]:
+        optimizer.state.pop(p, None)
+    optimizer._numel_cache = None
+    return True
 
 
 def _match_fused_momentum(optimizer, group, joined):

@@ -15,6 +15,11 @@ never shrink during training.  Growth appends components whose A columns are
 zero and B columns random, so the layer's function is unchanged at the
 switch (with ``alpha`` set, the old A is rescaled to keep s·A·Bᵀ fixed) and
 the optimizer keeps the old components' state.
+
+Growth replaces A and B (one for one, each in its own param group), so
+whatever else holds them must follow: an EMA or SWA copy of the model grows
+with it once given to :meth:`IncrementalRankScheduler.add_model_copy`, and a
+DDP wrapper is rebuilt (:mod:`dynrank.distributed`).
 """
 
 from collections.abc import Mapping
@@ -22,7 +27,8 @@ from collections.abc import Mapping
 import torch
 
 from ._args import check_int, check_real
-from ._checks import check_finite, check_model_and_optimizer, check_same_layers, check_sync, unwrap_model
+from ._checks import (check_copy, check_finite, check_model_and_optimizer, check_new_copy, check_same_layers,
+                      check_sync, unwrap_model)
 from ._optim import LINEAR_STATE, SQUARED_STATE, replace_params
 from .linear import FusedLowRankLinear, svd_factors
 
@@ -89,7 +95,9 @@ def grow_rank_(layer, new_rank, optimizer=None):
     ``optimizer`` is given, the new A and B replace the old ones in place and
     keep their state: old columns as they were (rescaled with A), new columns
     with zero first moments and second moments at the old mean (so Adam's
-    first steps on them are not inflated by a late ``step`` count).
+    first steps on them are not inflated by a late ``step`` count); L-BFGS
+    starts its history afresh.  The replaced A and B lose their ``.grad``
+    (call it between optimizer steps: a pending gradient is dropped with them).
 
     Args:
         layer: FusedLowRankLinear in lowrank or adapter form.
@@ -147,7 +155,30 @@ def grow_rank_(layer, new_rank, optimizer=None):
                 if padded is not None:
                     states[new] = padded
         replace_params(optimizer, [old_A, old_B], [layer.A, layer.B], states)
+    old_A.grad = old_B.grad = None
     return layer
+
+
+@torch.no_grad()
+def _follow_growth(copy_layer, layer):
+    """Grow ``copy_layer`` (a model copy's) to ``layer``'s new rank as ``layer`` just grew, drawing no
+    random numbers (the run's RNG stream is the same with or without copies).
+
+    The copy's old columns stay its own (A rescaled as the model's was), so it keeps computing its
+    averaged function; its new columns are the model's new ones (A's zero, B's fresh), as the average of
+    a component that exists from now on starts at its value.  Parameter names and order are kept, so an
+    AveragedModel pairs the wider A, B with the model's.  A copy kept out of autograd stays out.
+    """
+    old_rank, new_rank = copy_layer.rank, layer.rank
+    frozen = not any(p.requires_grad for p in copy_layer.parameters())
+    ratio = copy_layer.scale_for(old_rank) / copy_layer.scale_for(new_rank)
+    factors = {}
+    for key, r in (("A", ratio), ("B", 1.0)):
+        ours, theirs = getattr(copy_layer, key).detach(), getattr(layer, key).detach()
+        factors[key] = torch.cat([ours * r, theirs[:, old_rank:].to(ours)], dim=1)
+    copy_layer._become(copy_layer.form, copy_layer.weight, factors, new_rank)
+    if frozen:
+        copy_layer.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -160,6 +191,8 @@ def _truncate_rank_(layer, rank, optimizer=None):
     layer._become(layer.form, layer.weight, {"A": A, "B": B}, rank)
     if optimizer is not None:
         replace_params(optimizer, old, [layer.A, layer.B])
+    for p in old:
+        p.grad = None
 
 
 def _check_settings(buffer, threshold, warmup_steps, check_every):
@@ -181,7 +214,14 @@ class IncrementalRankScheduler:
     components (truncated SVD of its current product when that is fewer, zero-
     output padding when more); with ``init_rank=None`` each layer keeps its
     rank and its discovered rank starts at rank − buffer.  Call :meth:`step`
-    after every optimizer step.
+    after every optimizer step (before the next ``backward()``).
+
+    Growth edits the optimizer in place: each wider factor takes the old one's
+    place in its own param group (a B kept in a group of its own, LoRA+-style,
+    stays there), its state padded (see :func:`grow_rank_`), so LR schedulers,
+    a ``GradScaler``, clipping and foreach, fused and L-BFGS optimizers keep
+    working.  An EMA or SWA copy of the model grows with it once given to
+    :meth:`add_model_copy`.
 
     Args:
         model: the model (or a DistributedDataParallel around it).
@@ -267,6 +307,7 @@ class IncrementalRankScheduler:
                 self._resize(layer, targets[name])
         self.last_step = 0
         self._callbacks = []
+        self._copies = []
 
     @property
     def ranks(self):
@@ -281,10 +322,69 @@ class IncrementalRankScheduler:
         self._callbacks.append(fn)
         return fn
 
-    def _resize(self, layer, rank):
+    def add_model_copy(self, model_copy):
+        """Grow ``model_copy`` (an EMA or SWA copy of the model) with the model from now on; returns it.
+
+        An averaged copy (``torch.optim.swa_utils.AveragedModel``, or a
+        ``copy.deepcopy`` of the model updated by hand) pairs its parameters
+        with the model's by position, and growth replaces the model's A and B
+        with wider ones: its updates then fail on a shape mismatch.  A copy
+        given here grows with the model, at the same :meth:`step`: its old
+        components stay its own averages (A rescaled with the model's when
+        ``alpha`` is set), so its function is unchanged, and its new
+        components start as the model's (A's columns zero, B's the model's
+        fresh ones); no random numbers are drawn.  At each check :meth:`step`
+        checks every copy's layers against the model's before any layer grows.
+
+        Checkpoints: save ``model_copy.state_dict()`` beside
+        :func:`~dynrank.checkpoint.training_state`; :meth:`load_state_dict`
+        leaves copies alone, and loading the copy's own state dict gives its
+        layers the saved ranks.
+
+        Args:
+            model_copy: an ``nn.Module`` holding the model's managed layers under
+                the same names (an ``AveragedModel`` is looked into), in the same
+                forms and ranks, with parameters of its own.
+
+        Raises:
+            TypeError: not an ``nn.Module``.
+            ValueError: the model itself (or a copy sharing its layers' parameters),
+                a copy already added, or one whose layers differ from the model's
+                (missing, or of another type, form, rank or shape).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            >>> from dynrank import IncrementalRankScheduler, convert_model
+            >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+            >>> _ = convert_model(model, rank_ratio=0.5)
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> growth = IncrementalRankScheduler(model, optimizer, init_rank=2, buffer=2, warmup_steps=0,
+            ...                                   check_every=1)
+            >>> ema = growth.add_model_copy(AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99)))
+            >>> x = torch.randn(8, 32)
+            >>> def train_step():
+            ...     optimizer.zero_grad(); model(x).square().mean().backward(); optimizer.step()
+            ...     ema.update_parameters(model)
+            >>> train_step()
+            >>> before = ema(x)
+            >>> growth.step()                                    # [(name, old rank, new rank)]
+            [('0', 4, 5)]
+            >>> ema.module[0].rank, torch.allclose(ema(x), before, atol=1e-6)   # same averaged function
+            (5, True)
+            >>> train_step()                                     # the EMA pairs the wider factors
+        """
+        layers = check_new_copy(model_copy, self._copies, self._layers)
+        self._copies.append((model_copy, layers))
+        return model_copy
+
+    def _resize(self, layer, rank, copies=()):
         if rank > layer.rank:
             grow_rank_(layer, rank, self.optimizer)
             self._sync(layer)
+            for copy_layer in copies:
+                _follow_growth(copy_layer, layer)
         elif rank < layer.rank:
             _truncate_rank_(layer, rank, self.optimizer)
 
@@ -304,10 +404,11 @@ class IncrementalRankScheduler:
 
         Raises:
             TypeError: a step that is not an int (a float, a str, a bool).
-            ValueError: a negative step, one earlier than the last,
-                or (at a check) a layer whose factors hold NaN/inf; every layer's
-                new rank is found before the first one grows, so a failed call
-                changes nothing.
+            ValueError: a negative step, one earlier than the last, or (at a
+                check) a layer whose factors hold NaN/inf or a model copy whose
+                layers no longer match the model's; every check runs and every
+                layer's new rank is found before the first one grows, so a failed
+                call changes nothing.
         """
         step = self.last_step + 1 if step is None else check_int(step, "step", "a non-negative int", 0)
         if step < self.last_step:
@@ -315,6 +416,8 @@ class IncrementalRankScheduler:
         if step < self.warmup_steps or (step - self.warmup_steps) % self.check_every != 0:
             self.last_step = step
             return []
+        for model_copy, layers in self._copies:
+            check_copy(model_copy, layers, self._layers)
         due = [(name, layer) for name, layer in self._layers if layer.rank < self.max_rank[name]]
         check_finite(due, f"not growing any layer at step {step}", frozen=False)   # growth reads A, B only
         plans = []
@@ -329,7 +432,7 @@ class IncrementalRankScheduler:
             self.current[name] = current
             if target > layer.rank:
                 old = layer.rank
-                self._resize(layer, target)
+                self._resize(layer, target, [twins[name] for _, twins in self._copies])
                 grown.append((name, old, target))
         if grown:
             forms = dict(self._layers)

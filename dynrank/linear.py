@@ -235,4 +235,5 @@ def svd_factors(weight, rank, scale=1.0):
     root = (S[:rank] / scale).sqrt()
     A = U[:, :rank] * root
     B = Vh[:rank].t() * root
-    return A.to(weight.dtype), B.to(weight.dtype)
+    # Contiguous, as every parameter is (Vh's transpose is column-major, and L-BFGS views gradients flat).
+    return A.to(weight.dtype).contiguous(), B.to(weight.dtype).contiguous()

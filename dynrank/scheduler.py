@@ -23,10 +23,9 @@ import numbers
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
-from ._checks import (check_finite, check_layer_names, check_model_and_optimizer, check_one_group,
-                      check_same_layers, check_sync, form_layers, unwrap_model)
+from ._checks import (check_copy, check_finite, check_layer_names, check_model_and_optimizer, check_new_copy,
+                      check_one_group, check_same_layers, check_sync, form_layers, unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS
 from ._optim import pullback_state, pushforward_state, replace_params
 
@@ -83,15 +82,6 @@ def _check_choices(deflate_init, optimizer_state):
 
 def _trainable(layer):
     return [p for p in layer.parameters() if p.requires_grad]
-
-
-def _copy_layers(model_copy):
-    """Dict name → dynrank layer of ``model_copy`` (an AveragedModel is looked into)."""
-    from torch.optim.swa_utils import AveragedModel
-    if not isinstance(model_copy, nn.Module):
-        raise TypeError(f"a model copy must be a torch.nn.Module (e.g. an AveragedModel), "
-                        f"got {type(model_copy).__name__}")
-    return dict(form_layers(model_copy.module if isinstance(model_copy, AveragedModel) else model_copy))
 
 
 @torch.no_grad()
@@ -321,28 +311,9 @@ class DynamicRankScheduler:
             >>> model[0].form, ema.module[0].form
             ('full', 'full')
         """
-        layers = _copy_layers(model_copy)
-        if any(c is model_copy for c, _ in self._copies):
-            raise ValueError("this model copy was already added to the scheduler")
-        self._check_copy(model_copy, layers)
+        layers = check_new_copy(model_copy, self._copies, self._layers)
         self._copies.append((model_copy, layers))
         return model_copy
-
-    def _check_copy(self, model_copy, layers):
-        """ValueError unless ``layers`` (a copy's name → layer) match the model's layers and are not theirs."""
-        for name, layer in self._layers:
-            twin = layers.get(name)
-            if twin is None:
-                raise ValueError(f"model copy {type(model_copy).__name__} has no dynrank layer {name!r}; a copy "
-                                 f"must hold the model's dynrank layers under the same names")
-            if twin is layer or any(p is q for p in twin.parameters() for q in layer.parameters()):
-                raise ValueError(f"model copy {type(model_copy).__name__} shares layer {name!r} with the model; give a "
-                                 f"copy (AveragedModel(model) or copy.deepcopy(model)), not the model")
-            ours, theirs = ((type(m).__name__, m.form, m.rank, tuple(m._dense_shape())) for m in (layer, twin))
-            if ours != theirs:
-                raise ValueError(f"model copy {type(model_copy).__name__}: layer {name!r} is (type, form, rank, shape) "
-                                 f"{theirs}, the model's is {ours}; add the copy when it is made, or load its state "
-                                 f"dict saved with the model's")
 
     # -- stepping ------------------------------------------------------------------------
     def step(self, epoch=None):
@@ -376,7 +347,7 @@ class DynamicRankScheduler:
                              f"to resume, build a new scheduler and call load_state_dict")
         target = self.form_at(epoch)
         for model_copy, layers in self._copies:
-            self._check_copy(model_copy, layers)
+            check_copy(model_copy, layers, self._layers)
         changes = self._bring_to({name: target for name, _ in self._layers}, carry=None,
                                  finite=f"not switching any layer at {self.unit} {epoch}", follow=True)
         self.last_epoch = epoch

@@ -13,31 +13,17 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 from torch.optim import lr_scheduler as L
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from _helpers import rel_err
-from _scheduling import held, mlp, same_set, trainable
-from dynrank import DynamicRankScheduler, grow_rank_, load_training_state, training_state
-
-
-def _data(dtype=torch.float32):
-    return torch.randn(32, 12, dtype=dtype), torch.randint(0, 3, (32,))
-
-
-def _decay_groups(model, **no_decay):
-    """The usual two groups: weight decay on ≥ 2-D parameters, none on biases."""
-    return [{"params": [p for p in model.parameters() if p.dim() >= 2]},
-            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0, **no_decay}]
-
-
-def _step(model, opt, x, y):
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return loss.item()
+from _scheduling import (amp_step, check_unscaled_gradients, data, decay_groups, ema_reference_update, held,
+                         lbfgs_step, mlp, resume_whole_run, same_set, scaled_backward, scaler_step, sgd_step,
+                         trainable, whole_setup)
+from dynrank import (DynamicRankScheduler, FusedLowRankLinear, LowRankConv2d, grow_rank_, load_training_state,
+                     training_state)
 
 
 # -- LR schedulers ------------------------------------------------------------------------------
@@ -60,11 +46,11 @@ def _lr_run(kind, switches, resume_epoch=None):
     saved and resumed into fresh objects at ``resume_epoch``."""
     def build():
         model = mlp()
-        opt = torch.optim.SGD(_decay_groups(model, lr=0.05), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        opt = torch.optim.SGD(decay_groups(model, lr=0.05), lr=0.1, momentum=0.9, weight_decay=1e-3)
         sched = DynamicRankScheduler(model, opt, 2, 4) if switches else None
         return model, opt, LR_SCHEDULERS[kind](opt), sched
     model, opt, lrs, sched = build()
-    x, y = _data()
+    x, y = data()
     seen = []
     for epoch in range(6):
         if epoch == resume_epoch:
@@ -77,7 +63,7 @@ def _lr_run(kind, switches, resume_epoch=None):
             sched.step(epoch)
         for _ in range(2):
             seen.append([(g["lr"], g["momentum"]) for g in opt.param_groups])
-            _step(model, opt, x, y)
+            sgd_step(model, opt, x, y)
             if kind == "onecycle":
                 lrs.step()
         if kind == "plateau":
@@ -115,16 +101,16 @@ def _optimizer_run(name, impl, policy):
     """Float64 MLP, two param groups, switches at 1 and 2; the final parameters and the group contents."""
     cls, options = OPTIMIZERS[name]
     model = mlp().double()
-    opt = cls(_decay_groups(model), **options, **{impl: True} if impl != "loop" else {"foreach": False})
+    opt = cls(decay_groups(model), **options, **{impl: True} if impl != "loop" else {"foreach": False})
     sched = DynamicRankScheduler(model, opt, 1, 2, optimizer_state=policy)
-    x, y = _data(torch.float64)
+    x, y = data(torch.float64)
     for epoch in range(3):
         sched.step(epoch)
         assert same_set(held(opt), trainable(model))
         assert all(p.dim() >= 2 for p in opt.param_groups[0]["params"])      # switched params stay decayed
         assert all(p.dim() == 1 for p in opt.param_groups[1]["params"])
         for _ in range(2):
-            assert math.isfinite(_step(model, opt, x, y))
+            assert math.isfinite(sgd_step(model, opt, x, y))
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -146,9 +132,9 @@ def test_fused_sgd_zero_buffer_steps_as_the_missing_one():
     model = mlp().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
     sched = DynamicRankScheduler(model, opt, 0, 1, deflate_init="random")
-    x, y = _data(torch.float64)
+    x, y = data(torch.float64)
     sched.step(0)
-    _step(model, opt, x, y)
+    sgd_step(model, opt, x, y)
     sched.step(1)
     factors = {k: v for k, v in model[0].factors().items()}
     assert all(bool((opt.state[f]["momentum_buffer"] == 0).all()) for f in factors.values())
@@ -162,26 +148,30 @@ def test_fused_sgd_zero_buffer_steps_as_the_missing_one():
         assert rel_err(f.detach(), before[k] - 0.1 * grads[k]) < 1e-12
 
 
-def test_lbfgs_starts_afresh_at_each_switch():
-    # L-BFGS's history spans all parameters flattened; after a switch it used to fail on a size
-    # mismatch.  Reference: a fresh L-BFGS built on a copy of the switched model.
-    model = mlp().double()
-    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3, history_size=4)
-    sched = DynamicRankScheduler(model, opt, 1, 2)
-    x, y = _data(torch.float64)
+def _tucker_net():
+    torch.manual_seed(0)
+    return nn.Sequential(LowRankConv2d(3, 6, 3, rank=(2, 3), decomposition="tucker", padding=1), nn.ReLU(),
+                         nn.Flatten(), FusedLowRankLinear(6 * 4 * 4, 3, rank=2))
 
-    def lbfgs_step(net, optimizer):
-        def closure():
-            optimizer.zero_grad()
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            return loss
-        return optimizer.step(closure).item()
+
+@pytest.mark.parametrize("net", ["mlp", "tucker"])
+@pytest.mark.parametrize("deflate_init", ["zeros", "random", "svd"])
+def test_lbfgs_starts_afresh_at_each_switch(net, deflate_init):
+    # L-BFGS's history spans all parameters flattened; after a switch it used to fail on a size
+    # mismatch.  deflate(init="svd") left column-major factors (the SVD's Vᵀ, a Tucker core) whose
+    # gradients L-BFGS could not view flat.  Reference: a fresh L-BFGS built on a copy of the switched model.
+    model = (mlp() if net == "mlp" else _tucker_net()).double()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3, history_size=4)
+    sched = DynamicRankScheduler(model, opt, 1, 2, deflate_init=deflate_init)
+    x, y = data(torch.float64)
+    if net == "tucker":
+        x = torch.randn(32, 3, 4, 4, dtype=torch.float64)
+
     for epoch in range(3):
         sched.step(epoch)
         fresh_model = copy.deepcopy(model)
         fresh = torch.optim.LBFGS(fresh_model.parameters(), lr=0.5, max_iter=3, history_size=4)
-        assert lbfgs_step(model, opt) == lbfgs_step(fresh_model, fresh)
+        assert lbfgs_step(model, opt, x, y) == lbfgs_step(fresh_model, fresh, x, y)
         for a, e in zip(model.parameters(), fresh_model.parameters()):
             assert rel_err(a.detach(), e.detach()) < 1e-12
 
@@ -193,7 +183,7 @@ def test_factors_in_different_param_groups_are_refused():
     opt = torch.optim.SGD([{"params": others}, {"params": [layer.B], "lr": 0.5}], lr=0.1)
     with pytest.raises(ValueError, match=r"layer '0'.*A in group 0, B in group 1"):
         DynamicRankScheduler(model, opt, 1, 2)
-    biases_apart = torch.optim.SGD(_decay_groups(model), lr=0.1)            # a bias elsewhere is fine
+    biases_apart = torch.optim.SGD(decay_groups(model), lr=0.1)            # a bias elsewhere is fine
     DynamicRankScheduler(model, biases_apart, 1, 2)
 
 
@@ -219,9 +209,9 @@ def test_clip_grad_norm_over_the_model_sees_only_trained_gradients_after_a_defla
     model = mlp().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = DynamicRankScheduler(model, opt, 0, 1)
-    x, y = _data(torch.float64)
+    x, y = data(torch.float64)
     sched.step(0)
-    _step(model, opt, x, y)
+    sgd_step(model, opt, x, y)
     sched.step(1)
     for _ in range(2):
         opt.zero_grad(set_to_none=set_to_none)
@@ -239,7 +229,7 @@ def test_switch_drops_gradients_only_of_parameters_that_leave_training():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     sched = DynamicRankScheduler(model, opt, 1, 2)
-    x, y = _data()
+    x, y = data()
     sched.step(0)
     F.cross_entropy(model(x), y).backward()
     released = list(model[0].factors().values())
@@ -255,44 +245,20 @@ def test_switch_drops_gradients_only_of_parameters_that_leave_training():
 
 def _amp_model():
     model = mlp()
-    opt = torch.optim.AdamW(_decay_groups(model), lr=1e-2)
+    opt = torch.optim.AdamW(decay_groups(model), lr=1e-2)
     sched = DynamicRankScheduler(model, opt, 1, 2)
     return model, opt, sched, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
 
 
-def _scaled_backward(model, opt, scaler, x, y):
-    """fp16 autocast forward, zero_grad, then the scaled loss's backward."""
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    scaler.scale(loss).backward()
-
-
 def test_grad_scaler_unscales_and_skips_on_the_new_parameters():
     model, opt, sched, scaler = _amp_model()
-    x, y = _data()
+    x, y = data()
     for epoch in range(3):
         sched.step(epoch)
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward(retain_graph=True)
-        plain = [p.grad.clone() for p in held(opt)]
-        opt.zero_grad()
-        scaler.scale(loss).backward()
-        if epoch == 2:                                           # an overflow in a new adapter factor
-            model[0].A.grad[0, 0] = float("inf")
-        scaler.unscale_(opt)
-        for p, g in zip(held(opt), plain):      # unscaled: the same up to fp16 underflow of the plain one
-            assert p is model[0].A and epoch == 2 or rel_err(p.grad, g) < 2e-3
-        values = [p.detach().clone() for p in model.parameters()]
-        scale = scaler.get_scale()
-        scaler.step(opt)
-        scaler.update()
-        changed = [not torch.equal(p, v) for p, v in zip(model.parameters(), values)]
-        if epoch == 2:
-            assert not any(changed) and scaler.get_scale() == scale / 2
-        else:
+        # epoch 2: an overflow in a new adapter factor
+        check_unscaled_gradients(model, opt, scaler, x, y, overflow=(model[0].A, (0, 0)) if epoch == 2 else None)
+        changed = scaler_step(model, opt, scaler, skipped=epoch == 2)
+        if epoch != 2:
             assert all(c for c, p in zip(changed, model.parameters()) if p.requires_grad)
 
 
@@ -301,11 +267,11 @@ def test_an_overflow_before_a_deflate_does_not_poison_training_after_it():
     # clip_grad_norm_(model.parameters()) then returned NaN at every adapter step and made every
     # gradient NaN after GradScaler's inf check (unscale_ runs before clipping): NaN weights.
     model, opt, sched, scaler = _amp_model()
-    x, y = _data()
+    x, y = data()
     for epoch in range(3):
         sched.step(epoch)
         for step in range(2):
-            _scaled_backward(model, opt, scaler, x, y)
+            scaled_backward(model, opt, scaler, x, y)
             if epoch == 1 and step == 1:
                 model[0].weight.grad[0, 0] = float("inf")
             scaler.unscale_(opt)
@@ -320,12 +286,6 @@ def test_an_overflow_before_a_deflate_does_not_poison_training_after_it():
 
 
 # -- averaged copies --------------------------------------------------------------------------------
-def _ema_reference_update(reference, model, decay):
-    for name, p in model.named_parameters():
-        reference[name] = p.detach().clone() if name not in reference else \
-            decay * reference[name] + (1 - decay) * p.detach()
-
-
 @pytest.mark.parametrize("deflate_init", ["zeros", "svd"])
 def test_ema_copy_follows_the_switches(deflate_init):
     decay = 0.75
@@ -334,7 +294,7 @@ def test_ema_copy_follows_the_switches(deflate_init):
     sched = DynamicRankScheduler(model, opt, 1, 2, deflate_init=deflate_init)
     ema = sched.add_model_copy(AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)).requires_grad_(False))
     reference = {}
-    x, y = _data(torch.float64)
+    x, y = data(torch.float64)
     for epoch in range(3):
         before = ema(x).detach()
         changes = sched.step(epoch)
@@ -351,9 +311,9 @@ def test_ema_copy_follows_the_switches(deflate_init):
                     reference[prefix + "weight"] = reference[prefix + "weight"] - layer.scale * \
                         layer.A.detach() @ layer.B.detach().t()
         for _ in range(2):
-            _step(model, opt, x, y)
+            sgd_step(model, opt, x, y)
             ema.update_parameters(model)
-            _ema_reference_update(reference, model, decay)
+            ema_reference_update(reference, model, decay)
         averaged = dict(ema.module.named_parameters())
         assert sorted(averaged) == sorted(reference)
         for name, value in reference.items():
@@ -390,38 +350,17 @@ def _full_run(resume_epoch=None, with_ema=True):
     """AdamW (two groups) + OneCycleLR + fp16 GradScaler + clipping (+ an EMA copy), switches at 1 and 2."""
     def build():
         model = mlp()
-        opt = torch.optim.AdamW(_decay_groups(model), lr=1e-2, weight_decay=0.1)
-        sched = DynamicRankScheduler(model, opt, 1, 2, optimizer_state="carry")
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
-        if with_ema:
-            sched.add_model_copy(ema)
-        return (model, opt, sched, L.OneCycleLR(opt, 0.02, total_steps=8),
-                torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1), ema)
+        opt = torch.optim.AdamW(decay_groups(model), lr=1e-2, weight_decay=0.1)
+        return whole_setup(model, opt, DynamicRankScheduler(model, opt, 1, 2, optimizer_state="carry"), with_ema)
     model, opt, sched, lrs, scaler, ema = build()
-    x, y = _data()
+    x, y = data()
     for epoch in range(4):
         if epoch == resume_epoch:
-            buffer = io.BytesIO()
-            torch.save(training_state(model, opt, sched, lrs=lrs.state_dict(), scaler=scaler.state_dict(),
-                                      ema=ema.state_dict(), rng=torch.get_rng_state()), buffer)
-            buffer.seek(0)
-            model, opt, sched, lrs, scaler, ema = build()
-            extra = load_training_state(torch.load(buffer), model, opt, sched)
-            lrs.load_state_dict(extra["lrs"])
-            scaler.load_state_dict(extra["scaler"])
-            if with_ema:
-                ema.load_state_dict(extra["ema"])
-            torch.set_rng_state(extra["rng"])                          # the deflate draws fresh factors
+            model, opt, sched, lrs, scaler, ema = resume_whole_run(build, model, opt, sched, lrs, scaler, ema,
+                                                                   with_ema)
         sched.step(epoch)
         for _ in range(2):
-            _scaled_backward(model, opt, scaler, x, y)
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)   # active: the norms are larger
-            scaler.step(opt)
-            scaler.update()
-            lrs.step()
-            if with_ema:
-                ema.update_parameters(model)
+            amp_step(model, opt, scaler, lrs, ema, x, y, with_ema)
     return [t.detach().clone() for t in (*model.parameters(), *ema.parameters())]
 
 

@@ -350,3 +350,21 @@ def test_load_training_state_is_all_or_nothing_for_incremental_rank():
     assert sched.state_dict() == source[2].state_dict()
     for p, q in zip(model.parameters(), source[0].parameters()):
         assert torch.equal(p, q) and torch.equal(opt.state[p]["momentum_buffer"], source[1].state[q]["momentum_buffer"])
+
+
+def test_truncated_and_grown_factors_are_contiguous():
+    # The truncated SVD gave column-major factors (parameters, and so gradients, laid out transposed):
+    # L-BFGS, which views every gradient flat, failed on them.  Truncation happens at construction
+    # (init_rank below a layer's rank) and when loading a smaller saved rank.
+    model = nn.Sequential(nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 2))
+    convert_model(model, rank_ratio=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = IncrementalRankScheduler(model, opt, init_rank=2, buffer=2)           # 12 → 4 components
+    state = sched.state_dict()
+    grow_rank_(model[0], 9, opt)
+    sched.load_state_dict(state)                                                  # 9 → 4 again
+    for layer in (model[0], model[2]):
+        assert layer.rank == 4
+        assert layer.A.is_contiguous() and layer.B.is_contiguous()
+    grow_rank_(model[2], 6, opt)
+    assert model[2].A.is_contiguous() and model[2].B.is_contiguous()
