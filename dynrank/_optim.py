@@ -61,10 +61,11 @@ def replace_params(optimizer, removed, added, states=None):
 
     The removed parameters leave every param group and their state is dropped;
     the added ones are inserted where the first removed one sat, in the same
-    group (same lr, weight decay, ...).  When as many are added as removed and
-    the optimizer holds every removed one, ``added[i]`` takes the place of
-    ``removed[i]`` instead, in its group.  If the optimizer holds none of the
-    removed parameters (the user left that layer out of it), nothing is added.
+    group (same lr, weight decay, ...).  When as many are added as removed,
+    ``added[i]`` takes the place of ``removed[i]`` instead, in its group, and
+    one whose counterpart the optimizer does not hold stays out (a factor the
+    user left out of it).  If the optimizer holds none of the removed
+    parameters (the user left that layer out of it), nothing is added.
 
     Args:
         optimizer: a ``torch.optim.Optimizer``.
@@ -84,10 +85,8 @@ def replace_params(optimizer, removed, added, states=None):
     held = optimizer_params(optimizer)
     removed_ids = {id(p) for p in removed}
     fresh = [p for p in added if id(p) not in held or id(p) in removed_ids]
-    one_for_one = (len(fresh) == len(added) == len(removed) == len(removed_ids)
-                   and all(id(p) in held for p in removed))
-    if one_for_one:
-        swap = {id(old): new for old, new in zip(removed, added)}
+    if len(fresh) == len(added) == len(removed) == len(removed_ids):        # one for one
+        swap = {id(old): new for old, new in zip(removed, added) if id(old) in held}
         groups = [g for g, group in enumerate(optimizer.param_groups)
                   if any(id(p) in swap for p in group["params"])]
         for g in groups:

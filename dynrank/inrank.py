@@ -145,7 +145,7 @@ def grow_rank_(layer, new_rank, optimizer=None):
     fresh = layer._init_factors(extra, True, device=old_A.device, dtype=old_A.dtype)
     A = torch.cat([old_A.detach() * ratio, fresh["A"]], dim=1)
     B = torch.cat([old_B.detach(), fresh["B"]], dim=1)
-    layer._become(layer.form, layer.weight, {"A": A, "B": B}, new_rank)
+    _install(layer, A, B, new_rank, old_A, old_B)
     if optimizer is not None:
         states = {}
         for old, new, r in ((old_A, layer.A, ratio), (old_B, layer.B, 1.0)):
@@ -159,6 +159,14 @@ def grow_rank_(layer, new_rank, optimizer=None):
     return layer
 
 
+def _install(layer, A, B, rank, old_A, old_B):
+    """Make ``A``, ``B`` the layer's factors at ``rank``, each as trainable as the one it replaces (a
+    factor the user froze stays frozen)."""
+    layer._become(layer.form, layer.weight, {"A": A, "B": B}, rank)
+    layer.A.requires_grad_(old_A.requires_grad)
+    layer.B.requires_grad_(old_B.requires_grad)
+
+
 @torch.no_grad()
 def _follow_growth(copy_layer, layer):
     """Grow ``copy_layer`` (a model copy's) to ``layer``'s new rank as ``layer`` just grew, drawing no
@@ -170,15 +178,11 @@ def _follow_growth(copy_layer, layer):
     AveragedModel pairs the wider A, B with the model's.  A copy kept out of autograd stays out.
     """
     old_rank, new_rank = copy_layer.rank, layer.rank
-    frozen = not any(p.requires_grad for p in copy_layer.parameters())
     ratio = copy_layer.scale_for(old_rank) / copy_layer.scale_for(new_rank)
-    factors = {}
-    for key, r in (("A", ratio), ("B", 1.0)):
-        ours, theirs = getattr(copy_layer, key).detach(), getattr(layer, key).detach()
-        factors[key] = torch.cat([ours * r, theirs[:, old_rank:].to(ours)], dim=1)
-    copy_layer._become(copy_layer.form, copy_layer.weight, factors, new_rank)
-    if frozen:
-        copy_layer.requires_grad_(False)
+    old, wide = (copy_layer.A, copy_layer.B), []
+    for ours, theirs, r in zip(old, (layer.A, layer.B), (ratio, 1.0)):
+        wide.append(torch.cat([ours.detach() * r, theirs.detach()[:, old_rank:].to(ours)], dim=1))
+    _install(copy_layer, *wide, new_rank, *old)
 
 
 @torch.no_grad()
@@ -188,7 +192,7 @@ def _truncate_rank_(layer, rank, optimizer=None):
     merged = torch.zeros(layer.out_features, layer.in_features, dtype=layer.A.dtype, device=layer.A.device)
     layer._merge_into_(merged, 1.0, layer.factors())
     A, B = svd_factors(merged, rank, layer.scale_for(rank))
-    layer._become(layer.form, layer.weight, {"A": A, "B": B}, rank)
+    _install(layer, A, B, rank, *old)
     if optimizer is not None:
         replace_params(optimizer, old, [layer.A, layer.B])
     for p in old:

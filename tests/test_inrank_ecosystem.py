@@ -334,3 +334,28 @@ def test_resume_with_the_whole_ecosystem_is_bitwise_identical(resume_step, with_
     actual = _full_run(resume_step, with_ema)
     assert len(actual) == len(expected)
     assert all(a.shape == e.shape and torch.equal(a, e) for a, e in zip(actual, expected))
+
+
+# -- factors the user left out of training ---------------------------------------------------------
+@pytest.mark.parametrize("frozen", ["A", "B"])
+def test_a_frozen_factor_stays_frozen_and_out_of_the_optimizer(frozen):
+    """LoRA-FA style: one factor frozen and left out of the optimizer.  Growth keeps it frozen and out of
+    the optimizer (it was made trainable and added), its old columns as they were (A rescaled with
+    alpha), and the optimizer holds exactly the trainable parameters."""
+    model = _mlp(alpha=4.0)
+    layer = model[0]
+    getattr(layer, frozen).requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    growth = _growth(model, opt, check_every=1)
+    x, y = data()
+    start = getattr(layer, frozen).detach().clone()
+    for _ in range(4):
+        sgd_step(model, opt, x, y)
+        growth.step()
+    assert layer.rank > start.shape[1]                                  # it grew
+    factor = getattr(layer, frozen)
+    assert not factor.requires_grad and all(p is not factor for p in held(opt))
+    scale = layer.scale_for(start.shape[1]) / layer.scale                   # A is rescaled with alpha
+    old_columns = factor.detach()[:, :start.shape[1]]
+    assert rel_err(old_columns, start.double() * (scale if frozen == "A" else 1.0)) < 1e-6   # one rounding per growth
+    assert same_set(held(opt), trainable(model))
