@@ -310,7 +310,7 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
             raise
     N, K, _ = _check_operands(x, weight, A, B, bias)
     use_torch = backend_for(x.device, "lowrank_linear", x.dtype) == "torch"
-    if not compiling and (use_torch or transform_active()):
+    if not compiling and (use_torch or _eager_transform_active()):
         return _torch_lowrank_linear(x, weight, A, B, bias, scale)
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
@@ -362,7 +362,15 @@ def _torch_would_catch(x, weight, A, B, bias):
 def transform_active():
     """True under a ``torch.func`` transform (vmap, grad, jvp, jacrev, ...) or ``torch.jit.trace``,
     in eager mode (False while ``torch.compile`` traces: the custom ops are what it needs)."""
-    return not torch.compiler.is_compiling() and (_functorch_transforms_active() or torch.jit.is_tracing())
+    return not torch.compiler.is_compiling() and _eager_transform_active()
+
+
+def _eager_transform_active():
+    """:func:`transform_active` where the caller knows it runs eagerly (one check less per call)."""
+    return _functorch_transforms_active() or _tracing()
+
+
+_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)   # torch.jit.is_tracing without its Python wrapper
 
 
 # Private but long-standing (torch.autograd.Function.apply asks it on every call); absent, no transform runs.
@@ -378,7 +386,7 @@ def _autograd_ops(x, weight, A, B, bias, scale):
 
 def _torch_lowrank_linear(x, weight, A, B, bias, scale):
     """``lowrank_linear`` on the torch engine, eager mode, operands not yet checked (see its caller)."""
-    if weight is None or transform_active():
+    if weight is None or _eager_transform_active():
         # The lowrank form runs the same GEMMs fused or not (x·B, then ·Aᵀ; dA, dB and dx from the
         # same products), so autograd's own C++ nodes serve: a Python node costs the host more
         # than it saves (KERNEL_NOTES.md, v0.3).  The adapter takes them too under torch.func's
