@@ -17,12 +17,13 @@ from .monitor import RankMonitor
 from .regularizers import SRIP, DoubleSoftOrthogonality, SoftOrthogonality
 from .scheduler import DynamicRankScheduler
 from .schedules import finetune_schedule, midpoint_schedule, schedule_from_lr
+from .unconvert import UnconversionSummary, unconvert_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FusedLowRankLinear", "LowRankConv2d",
-    "convert_model", "ConversionSummary",
+    "convert_model", "ConversionSummary", "unconvert_model", "UnconversionSummary",
     "DynamicRankScheduler", "training_state", "load_training_state",
     "schedule_from_lr", "midpoint_schedule", "finetune_schedule",
     "IncrementalRankScheduler", "grow_rank_",

@@ -21,7 +21,30 @@ def _noop_pre_hook(module, args):
     return None
 
 
-class ConversionSummary:
+class RowSummary:
+    """Rows (one dict per module) and the model's parameter totals: the base of the summaries
+    :func:`convert_model` and :func:`~dynrank.unconvert_model` return."""
+
+    def __init__(self, rows, params_before, params_after):
+        self.rows = rows
+        self.params_before = params_before
+        self.params_after = params_after
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    @staticmethod
+    def _note(row):
+        """The row's note, with the module's other names ("also at ...") where it is shared."""
+        if not row.get("aliases"):
+            return row["note"]
+        return "; ".join(filter(None, [row["note"], "also at " + ", ".join(row["aliases"])]))
+
+
+class ConversionSummary(RowSummary):
     """What :func:`convert_model` did, one row per nn.Linear / nn.Conv2d found.
 
     Attributes:
@@ -36,11 +59,6 @@ class ConversionSummary:
     ``str(summary)`` is a table; ``summary.converted`` / ``summary.skipped``
     list names.
     """
-
-    def __init__(self, rows, params_before, params_after):
-        self.rows = rows
-        self.params_before = params_before
-        self.params_after = params_after
 
     @property
     def converted(self):
@@ -57,39 +75,35 @@ class ConversionSummary:
         """Trainable parameters after / before."""
         return self.params_after / max(self.params_before, 1)
 
-    def __len__(self):
-        return len(self.rows)
-
-    def __iter__(self):
-        return iter(self.rows)
-
     def __str__(self):
         header = ("module", "type", "weight", "rank", "params before", "params after", "note")
         lines = [header]
         for r in self.rows:
             kind = r["type"] if not r["converted"] else f"{r['type']} → {r['new_type']}"
-            note = r["note"]
-            if r.get("aliases"):
-                note = "; ".join(filter(None, [note, "also at " + ", ".join(r["aliases"])]))
             lines.append((r["name"], kind, "×".join(str(s) for s in r["shape"]),
                           "-" if r["rank"] is None else str(r["rank"]), f"{r['params_before']:,}",
-                          f"{r['params_after']:,}", note))
+                          f"{r['params_after']:,}", self._note(r)))
         lines.append(("total (model)", "", "", "", f"{self.params_before:,}", f"{self.params_after:,}",
                       f"{self.ratio:.2f}× trainable, {len(self.converted)} of {len(self.rows)} converted"))
-        widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-        right = {3, 4, 5}
-
-        def fmt(row):
-            cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
-            return "  ".join(cells).rstrip()
-
-        rule = "  ".join("-" * w for w in widths)
-        body = [fmt(row) for row in lines[1:-1]]
-        return "\n".join([fmt(lines[0]), rule, *body, rule, fmt(lines[-1])])
+        return format_table(lines, right={3, 4, 5})
 
     def __repr__(self):
         return (f"ConversionSummary(converted={len(self.converted)}, skipped={len(self.skipped)}, "
                 f"params {self.params_before:,} → {self.params_after:,})")
+
+
+def format_table(lines, right):
+    """A header row, a rule, the body rows, a rule and a total row (``lines``: tuples of str, the first
+    the header, the last the total); the columns whose index is in ``right`` are right-aligned."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+
+    def fmt(row):
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    body = [fmt(row) for row in lines[1:-1]]
+    return "\n".join([fmt(lines[0]), rule, *body, rule, fmt(lines[-1])])
 
 
 def _trainable_count(module):
@@ -352,6 +366,15 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
         raise ValueError("convert_model found nothing to convert: no nn.Linear/nn.Conv2d passed the rules "
                          f"({len(rows)} candidates: " + "; ".join(f"{r['name']}: {r['note']}" for r in rows)
                          + "); adjust include/exclude/min_features/keep_last")
+    swap_in(plans)
+    _guard_transformer_fast_path(model)
+    return ConversionSummary(rows, params_before, _trainable_count(model))
+
+
+def swap_in(plans):
+    """Put each new module at every place of its old one: ``plans`` is a list of (places, new), places a
+    list of (name, parent, attr).  All or nothing: where a setattr raises, every place swapped so far
+    gets its old module back."""
     swapped = []
     try:
         for places, new in plans:
@@ -362,8 +385,6 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
         for parent, attr, old in reversed(swapped):
             setattr(parent, attr, old)
         raise
-    _guard_transformer_fast_path(model)
-    return ConversionSummary(rows, params_before, _trainable_count(model))
 
 
 def _keep_reason(names, places, child, include, exclude, min_features, last_linear, keep_last, owners, form):
@@ -431,4 +452,7 @@ def _guard_transformer_fast_path(model):
                     module._dynrank_fast_path_off = True
         if isinstance(module, nn.TransformerEncoder):
             if any(isinstance(m, FormLayer) for m in module.modules()):
+                if not hasattr(module, "_dynrank_use_nested_tensor"):
+                    # unconvert_model gives it back once no dynrank layer is left
+                    module._dynrank_use_nested_tensor = module.use_nested_tensor
                 module.use_nested_tensor = False

@@ -1,0 +1,412 @@
+"""unconvert_model: dynrank layers back to plain torch modules computing the same function.
+
+Every layer is built in float64 and its own forward is the reference; the plain modules must match it
+to float64 rounding, for every form, both ``lowrank`` choices, every conv decomposition and geometry.
+"""
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from _helpers import REL_TOL, rel_err
+from dynrank import FusedLowRankLinear, LowRankConv2d, UnconversionSummary, convert_model, unconvert_model
+from dynrank._forms import FormLayer
+
+# torch's own note on an even kernel with padding="same" (the layer and nn.Conv2d alike)
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+
+F64 = torch.float64
+TOL = REL_TOL[F64]
+
+# (decomposition, rank): tkd-cpd at (3, 4, 5) fuses its 1×1 pairs, at (1, 2, 1) runs them apart.
+CONFIGS = [("svd", 4), ("tucker", (3, 4)), ("cp", 5), ("tkd-cpd", (3, 4, 5)), ("tkd-cpd", (1, 2, 1))]
+CHAIN_LENGTH = {("svd", 4): 2, ("tucker", (3, 4)): 3, ("cp", 5): 4, ("tkd-cpd", (3, 4, 5)): 4,
+                ("tkd-cpd", (1, 2, 1)): 6}
+GEOMETRIES = {
+    "stride2": dict(kernel_size=3, stride=2, padding=1),
+    "dilation2": dict(kernel_size=3, padding=1, dilation=2),
+    "reflect": dict(kernel_size=3, padding=(2, 1), padding_mode="reflect", stride=(1, 2)),
+    "circular": dict(kernel_size=3, padding=2, dilation=2, padding_mode="circular", stride=2),
+    "replicate-same": dict(kernel_size=(2, 3), padding="same", padding_mode="replicate"),
+    "kernel3x1": dict(kernel_size=(3, 1), padding=(1, 0)),
+    "kernel2x3-same": dict(kernel_size=(2, 3), padding="same"),
+    "groups2": dict(kernel_size=3, padding=1, groups=2, padding_mode="reflect"),
+}
+
+
+def _cases():
+    for (dec, rank) in CONFIGS:
+        for geo, kw in GEOMETRIES.items():
+            if kw.get("groups", 1) > 1 and dec != "svd":
+                continue                             # grouped convs: svd only
+            if rank == (1, 2, 1) and 1 in _pair(kw["kernel_size"]):
+                continue                             # CP rank 2 exceeds a (1, 1, 3, 1) core's limit
+            yield pytest.param(dec, rank, kw, id=f"{dec}-{rank}-{geo}".replace(" ", ""))
+
+
+def _pair(k):
+    return k if isinstance(k, tuple) else (k, k)
+
+
+def conv_layer(dec, rank, form, geometry, dtype=F64, bias=True):
+    """A LowRankConv2d 6→8 whose adapter is non-zero (so a merge that drops it fails)."""
+    layer = LowRankConv2d(6, 8, rank=rank, decomposition=dec, form=form, alpha=2.0, bias=bias, dtype=dtype,
+                          **geometry)
+    with torch.no_grad():
+        for f in layer.factors().values():
+            f.normal_(0.0, 0.5)
+    return layer
+
+
+def linear_layer(form, dtype=F64, bias=True):
+    layer = FusedLowRankLinear(12, 10, rank=3, form=form, alpha=6.0, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        for f in layer.factors().values():
+            f.normal_(0.0, 0.5)
+    return layer
+
+
+def plain_only(model):
+    """Every module of ``model`` is a torch.nn one (no dynrank layer anywhere)."""
+    assert not any(isinstance(m, FormLayer) for m in model.modules())
+    return all(type(m).__module__.startswith("torch.nn.") for m in model.modules())
+
+
+def dense_part(layer, x):
+    """The output of W_f alone (adapter form): the factors must change it."""
+    if isinstance(layer, FusedLowRankLinear):
+        return F.linear(x, layer.weight, layer.bias)
+    pad = layer._padding_amounts()
+    if layer.padding_mode != "zeros":
+        return F.conv2d(F.pad(x, pad, mode=layer.padding_mode), layer.weight, layer.bias, layer.stride, 0,
+                        layer.dilation, layer.groups)
+    return F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def check_same_function(layer, lowrank, x):
+    """Unconvert ``nn.Sequential(layer)``; its output equals the layer's float64 output.  Returns the new module."""
+    if layer.form == "adapter":
+        assert rel_err(dense_part(layer, x), layer(x)) > 1e-2        # the adapter is not a no-op
+    expected = layer(x)
+    model = nn.Sequential(layer)
+    summary = unconvert_model(model, lowrank=lowrank)
+    assert plain_only(model)
+    new = model[0]
+    y = model(x)
+    assert y.dtype == F64 and all(p.dtype == F64 for p in new.parameters())
+    assert rel_err(y, expected) < TOL
+    assert summary.names == ["0"] and summary.rows[0]["form"] == layer.form
+    return new
+
+
+# ---------------------------------------------------------------------------
+# Same function, every form and layout
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lowrank", ["factored", "dense"])
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+def test_linear_every_form(form, lowrank):
+    layer = linear_layer(form)
+    new = check_same_function(layer, lowrank, torch.randn(5, 7, 12, dtype=F64))
+    if form == "lowrank" and lowrank == "factored":
+        assert [type(m) for m in new] == [nn.Linear, nn.Linear]
+        assert new[0].weight.shape == (3, 12) and new[0].bias is None
+        assert new[1].weight.shape == (10, 3) and new[1].bias is layer.bias
+    else:
+        assert type(new) is nn.Linear and new.weight.shape == (10, 12) and new.bias is layer.bias
+
+
+@pytest.mark.parametrize("dec, rank, geometry", list(_cases()))
+def test_conv_lowrank_factored_runs_the_chain(dec, rank, geometry):
+    layer = conv_layer(dec, rank, "lowrank", geometry)
+    new = check_same_function(layer, "factored", torch.randn(2, 6, 9, 10, dtype=F64))
+    assert isinstance(new, nn.Sequential) and all(type(m) is nn.Conv2d for m in new)
+    assert len(new) == CHAIN_LENGTH[(dec, rank)]
+    assert new[-1].bias is layer.bias and all(m.bias is None for m in new[:-1])
+    if geometry.get("groups", 1) > 1:
+        assert new[0].groups == new[1].groups == geometry["groups"]
+    # Unbatched input runs as nn.Conv2d runs it.
+    x = torch.randn(6, 9, 10, dtype=F64)
+    assert new(x).shape == new(x[None]).shape[1:]
+
+
+@pytest.mark.parametrize("form, lowrank", [("lowrank", "dense"), ("adapter", "factored"), ("adapter", "dense")])
+@pytest.mark.parametrize("dec, rank, geometry", list(_cases()))
+def test_conv_dense_and_adapter_merge(dec, rank, geometry, form, lowrank):
+    layer = conv_layer(dec, rank, form, geometry)
+    new = check_same_function(layer, lowrank, torch.randn(2, 6, 9, 10, dtype=F64))
+    assert type(new) is nn.Conv2d
+    geometry = dict(geometry)
+    assert new.kernel_size == _pair(geometry.pop("kernel_size"))
+    for key, value in geometry.items():
+        assert getattr(new, key) == (_pair(value) if key in ("stride", "padding", "dilation")
+                                     and not isinstance(value, str) else value)
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES.values()), ids=list(GEOMETRIES))
+def test_conv_full_form_keeps_its_parameters(geometry):
+    layer = conv_layer("svd", 4, "full", geometry, bias=False)
+    weight = layer.weight
+    new = check_same_function(layer, "factored", torch.randn(2, 6, 9, 10, dtype=F64))
+    assert type(new) is nn.Conv2d and new.weight is weight and new.bias is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "tucker", "tkd-cpd"])
+def test_merge_is_inflates_merge_and_keeps_dtype(kind, dtype):
+    """The merged weight is bitwise what inflate() makes (fp32-accumulated), in the layer's dtype."""
+    if kind == "linear":
+        layer = linear_layer("adapter", dtype)
+    else:
+        layer = conv_layer(kind, (3, 4) if kind == "tucker" else (3, 4, 5), "adapter", GEOMETRIES["stride2"], dtype)
+    inflated = copy.deepcopy(layer).inflate().weight
+    model = nn.Sequential(layer)
+    unconvert_model(model)
+    assert model[0].weight.dtype == dtype and model[0].weight.device == inflated.device
+    assert torch.equal(model[0].weight, inflated)
+    assert not model[0].weight.requires_grad                       # W_f was frozen
+
+
+# ---------------------------------------------------------------------------
+# Gradients, trainability, modes
+# ---------------------------------------------------------------------------
+
+def test_gradients_reach_the_factored_weights_and_match_the_layer():
+    layer = linear_layer("lowrank")
+    x = torch.randn(4, 12, dtype=F64, requires_grad=True)
+    layer(x).square().sum().backward()
+    dx, dbias = x.grad.clone(), layer.bias.grad.clone()
+    x.grad = None
+    layer.bias.grad = None
+    model = nn.Sequential(layer)
+    unconvert_model(model)
+    model(x).square().sum().backward()
+    assert rel_err(x.grad, dx) < TOL and rel_err(model[0][1].bias.grad, dbias) < TOL
+    assert all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_frozen_parts_stay_frozen():
+    # Linear: a frozen B gives a frozen first weight; the bias keeps its flag.
+    layer = linear_layer("lowrank")
+    layer.B.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    model = nn.Sequential(layer)
+    unconvert_model(model)
+    assert not model[0][0].weight.requires_grad and model[0][1].weight.requires_grad
+    assert not model[0][1].bias.requires_grad
+    # Adapter: the merged weight is as frozen as W_f was (a base the user unfroze stays trainable).
+    layer = linear_layer("adapter")
+    layer.weight.requires_grad_(True)
+    model = nn.Sequential(layer)
+    unconvert_model(model)
+    assert model[0].weight.requires_grad
+    # lowrank="dense": trainable where any factor was.
+    layer = linear_layer("lowrank")
+    layer.A.requires_grad_(False)
+    model = nn.Sequential(layer)
+    unconvert_model(model, lowrank="dense")
+    assert model[0].weight.requires_grad
+
+
+@pytest.mark.parametrize("context", ["grad", "no_grad", "inference_mode"])
+def test_fused_factors_are_trainable_where_a_source_is(context):
+    """tkd-cpd fuses core_in·B into one 1×1 conv: it is frozen only when both are; under no_grad or
+    inference_mode the rule holds and the new parameters are ordinary tensors that train."""
+    layer = conv_layer("tkd-cpd", (3, 4, 5), "lowrank", GEOMETRIES["stride2"])
+    layer.core_in.requires_grad_(False)
+    layer.A.requires_grad_(False)
+    layer.core_out.requires_grad_(False)
+    model = nn.Sequential(layer)
+    ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[context]
+    with ctx():
+        unconvert_model(model)
+    head, kh, kw, tail = model[0]
+    assert head.weight.requires_grad                    # B is trainable
+    assert not tail.weight.requires_grad                # A and core_out both frozen
+    assert kh.weight.requires_grad and kw.weight.requires_grad
+    assert not any(p.is_inference() for p in model.parameters())
+    model(torch.randn(1, 6, 5, 5, dtype=F64)).sum().backward()
+    assert head.weight.grad is not None and tail.weight.grad is None
+    # A merged weight too is an ordinary tensor.
+    model = nn.Sequential(linear_layer("adapter"), linear_layer("lowrank"))
+    model[0].weight.requires_grad_(True)
+    with ctx():
+        unconvert_model(model, lowrank="dense")
+    assert not any(p.is_inference() for p in model.parameters())
+    assert model[0].weight.requires_grad and model[1].weight.requires_grad
+
+
+def test_train_and_eval_mode_carry_over():
+    model = nn.Sequential(linear_layer("lowrank"), conv_layer("cp", 5, "lowrank", GEOMETRIES["stride2"]))
+    model[0].eval()
+    unconvert_model(model)
+    assert not any(m.training for m in model[0].modules())
+    assert all(m.training for m in model[1].modules())
+
+
+# ---------------------------------------------------------------------------
+# Whole models: sharing, transformers, plain torch afterwards
+# ---------------------------------------------------------------------------
+
+def test_shared_layers_stay_shared():
+    lin = linear_layer("lowrank")
+    block = nn.Sequential(linear_layer("adapter", bias=False))
+    model = nn.Sequential(lin, nn.Tanh(), nn.Linear(10, 12), block, nn.Linear(10, 12), lin, nn.Linear(10, 12),
+                          block).double()
+    x = torch.randn(3, 12, dtype=F64)
+    expected = model(x)
+    summary = unconvert_model(model)
+    assert model[0] is model[5] and model[3] is model[7] and isinstance(model[0], nn.Sequential)
+    assert type(model[3][0]) is nn.Linear
+    assert rel_err(model(x), expected) < TOL
+    assert [(r["name"], r["aliases"]) for r in summary] == [("0", ["5"]), ("3.0", ["7.0"])]
+    assert "also at 5" in str(summary)
+
+
+def test_convert_then_unconvert_round_trip_and_summary():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2), nn.Flatten(), nn.Linear(8 * 9, 16), nn.ReLU(),
+                          nn.Linear(16, 4)).double()
+    convert_model(model, rank_ratio=0.5, decomposition="tucker", min_features=2)
+    model[2].inflate().deflate(init="random")           # one adapter with a non-zero update
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    expected = model(x)
+    before = sum(p.numel() for p in model.parameters())
+    summary = unconvert_model(model)
+    assert isinstance(summary, UnconversionSummary) and plain_only(model)
+    assert rel_err(model(x), expected) < TOL
+    assert [(r["name"], r["form"], r["new_type"]) for r in summary] == [
+        ("0", "lowrank", "Sequential(3×Conv2d)"), ("2", "adapter", "Conv2d"),
+        ("4", "lowrank", "Sequential(2×Linear)")]
+    assert summary.params_before == before and summary.params_after == sum(p.numel() for p in model.parameters())
+    assert summary.rows[1]["params_after"] == 8 * 8 * 9 + 8
+    table = str(summary)
+    assert "LowRankConv2d → Sequential(3×Conv2d)" in table and "3 dynrank layers → plain torch" in table
+    assert repr(summary).startswith("UnconversionSummary(layers=3")
+
+
+def _count_fused_calls(monkeypatch):
+    calls = []
+    fused = torch._transformer_encoder_layer_fwd
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", counting)
+    return calls
+
+
+@pytest.mark.parametrize("lowrank", ["factored", "dense"])
+def test_transformer_encoder_takes_torchs_fast_path_again(lowrank, monkeypatch):
+    torch.manual_seed(2)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, num_layers=2).eval()
+    assert encoder.use_nested_tensor
+    convert_model(encoder, rank_ratio=0.5, keep_last=False)
+    assert not encoder.use_nested_tensor
+    calls = _count_fused_calls(monkeypatch)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        expected = encoder(x)
+    assert not calls                                         # the guard: converted layers run as modules
+    summary = unconvert_model(encoder, lowrank=lowrank)
+    assert plain_only(encoder) and encoder.use_nested_tensor
+    for enc_layer in encoder.layers:
+        assert type(enc_layer.linear1) is nn.Linear and type(enc_layer.linear2) is nn.Linear
+        assert not enc_layer._forward_pre_hooks and not hasattr(enc_layer, "_dynrank_fast_path_off")
+    if lowrank == "factored":
+        assert all(r["note"].startswith("dense: TransformerEncoderLayer reads") for r in summary)
+    with torch.no_grad():
+        y = encoder(x)
+    assert len(calls) == 2                                   # one fused call per encoder layer
+    assert rel_err(y, expected) < 1e-5
+
+
+def test_unconverted_model_loads_and_runs_without_dynrank(tmp_path):
+    """torch.save(model) loads in a process where dynrank cannot be imported, and gives the same output."""
+    torch.manual_seed(3)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+                                                           batch_first=True), num_layers=1)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1, padding_mode="circular"), nn.Flatten(2),
+                          nn.Linear(16, 8), enc, nn.Linear(8, 8), nn.Linear(8, 2))
+    convert_model(model, rank_ratio=0.5, decomposition="cp", min_features=2)
+    unconvert_model(model)
+    model.eval()
+    x = torch.randn(2, 2, 4, 4)
+    with torch.no_grad():
+        expected = model(x)
+    torch.save({"model": model, "x": x, "y": expected}, tmp_path / "plain.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["dynrank"] = None            # any import of dynrank now fails
+        import torch
+        saved = torch.load({str(tmp_path / "plain.pt")!r}, weights_only=False)
+        with torch.no_grad():
+            y = saved["model"](saved["x"])
+        assert torch.allclose(y, saved["y"], rtol=1e-5, atol=1e-6), (y - saved["y"]).abs().max()
+        assert not any("dynrank" in type(m).__module__ for m in saved["model"].modules())
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_state_dict_is_plain_and_torchscript_compiles():
+    torch.manual_seed(4)
+    mlp = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    convert_model(mlp, rank_ratio=0.25)
+    mlp[2].inflate().deflate(init="random")
+    x = torch.randn(4, 12)
+    expected = mlp(x)
+    unconvert_model(mlp)
+    assert sorted(mlp.state_dict()) == ["0.0.weight", "0.1.bias", "0.1.weight", "2.bias", "2.weight",
+                                        "4.bias", "4.weight"]
+    scripted = torch.jit.script(mlp)
+    assert rel_err(scripted(x), expected) < REL_TOL[torch.float32]
+    conv = nn.Sequential(conv_layer("cp", 5, "lowrank", GEOMETRIES["reflect"], torch.float32))
+    xc = torch.randn(1, 6, 9, 10)
+    expected = conv(xc)
+    unconvert_model(conv)
+    assert rel_err(torch.jit.script(conv)(xc), expected) < REL_TOL[torch.float32]
+
+
+def test_data_parallel_is_unwrapped():
+    model = nn.DataParallel(nn.Sequential(linear_layer("lowrank")))
+    assert unconvert_model(model).names == ["0"]                # named as in the module, not "module.0"
+    assert isinstance(model.module[0], nn.Sequential) and plain_only(model.module)
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+class OddLayer(FormLayer):
+    """A FormLayer subclass unconvert_model does not know."""
+
+
+def test_bad_input_raises_and_leaves_the_model_as_it_was():
+    with pytest.raises(TypeError, match="must be a torch.nn.Module, got dict"):
+        unconvert_model({})
+    model = nn.Sequential(linear_layer("lowrank"))
+    with pytest.raises(ValueError, match="lowrank must be one of 'factored', 'dense', got 'fused'"):
+        unconvert_model(model, lowrank="fused")
+    with pytest.raises(ValueError, match="lowrank must be one of"):
+        unconvert_model(model, lowrank=["dense"])
+    with pytest.raises(ValueError, match="found no dynrank layer"):
+        unconvert_model(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="is itself a dynrank layer"):
+        unconvert_model(linear_layer("full"))
+    first = model[0]
+    model.append(OddLayer())
+    with pytest.raises(TypeError, match="'1' is a OddLayer.*left as it was"):
+        unconvert_model(model)
+    assert model[0] is first and isinstance(model[1], OddLayer)
