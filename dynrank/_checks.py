@@ -108,8 +108,9 @@ def check_finite(layers, what_not, frozen=True):
 
 
 def _switched(layer):
-    """Dict name → the parameters a form change of ``layer`` replaces (its factors, a trainable dense weight)."""
-    params = dict(layer.factors())
+    """Dict name → the trainable parameters a form change of ``layer`` replaces (its factors, its dense
+    weight); a frozen factor trains in no group, so where the optimizer keeps it does not matter."""
+    params = {name: f for name, f in layer.factors().items() if f.requires_grad}
     dense = layer._dense()
     if dense is not None and dense.requires_grad:
         params[layer.weight_name] = dense

@@ -162,20 +162,21 @@ def _scaled_mm(a, b, scale):
     return torch.addmm(_beta0_input(a), a, b, beta=0.0, alpha=scale)
 
 
-def _torch_forward(x, weight, A, B, bias, scale):
+def _torch_forward(x, weight, A, B, bias, scale, in_place=True):
     """The torch engine's forward (cuBLAS on CUDA): (y, xbs), as the kernels' ``lowrank_linear_forward``.
 
     ``y = x·W_fᵀ + bias`` first, then ``xbs = s·x·B`` and ``y += xbs·Aᵀ`` in
-    place.  The big GEMM is the first launch: on a GPU the host's work on the
-    two small ones (and the autograd node's saves after them) then overlaps it
-    instead of delaying it.
+    place (``in_place=False``: the same GEMM, beta = 1, into a new tensor).  The
+    big GEMM is the first launch: on a GPU the host's work on the two small
+    ones (and the autograd node's saves after them) then overlaps it instead
+    of delaying it.
     """
     if weight is None:
         xbs = _scaled_mm(x, B, scale)
         return torch.nn.functional.linear(xbs, A, bias), xbs
     y = torch.nn.functional.linear(x, weight, bias)
     xbs = _scaled_mm(x, B, scale)
-    return y.addmm_(xbs, A.t()), xbs
+    return (y.addmm_(xbs, A.t()) if in_place else torch.addmm(y, xbs, A.t())), xbs
 
 
 def _torch_backward(dy, x, weight, A, B, xbs, scale, needs_dx, needs_dA, needs_dB):
@@ -314,11 +315,13 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
         return _torch_lowrank_linear(x, weight, A, B, bias, scale)
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
-    if compiling:
-        # The torch engine's ops traced as they are (inductor fuses them its own way); the Triton
-        # kernels as the opaque custom op.
-        engine = _torch_forward if use_torch else _lowrank_linear_op
-        y, _ = engine(x2, weight, A, B, bias, float(scale))
+    if compiling and use_torch:
+        # The torch engine's GEMMs traced out of place (inductor fuses them its own way): an in-place
+        # add cannot take a batched adapter term into an unbatched base output when the compiled code
+        # runs a vmap over the factors.
+        y, _ = _torch_forward(x2, weight, A, B, bias, float(scale), in_place=False)
+    elif compiling:
+        y, _ = _lowrank_linear_op(x2, weight, A, B, bias, float(scale))     # the Triton kernels, opaque
     else:
         y = _EagerLowRankLinear.apply(x2, weight, A, B, bias, float(scale), _triton_engine())
     return y if x.dim() == 2 else y.reshape(*lead, N)

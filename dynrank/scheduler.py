@@ -392,6 +392,7 @@ class DynamicRankScheduler:
             carry = self.optimizer_state == "carry"
         init = self.deflate_init if init is None else init
         before = _trainable(layer)
+        every_before = list(layer.parameters())
         old_factors = dict(layer.factors())
         old_weight = getattr(layer, layer.weight_name)
         if op == "inflate":
@@ -400,7 +401,11 @@ class DynamicRankScheduler:
             layer.deflate(rank=rank, init=init)
         after = _trainable(layer)
         before_ids, after_ids = {id(p) for p in before}, {id(p) for p in after}
-        removed = [p for p in before if id(p) not in after_ids]
+        kept = {id(p) for p in layer.parameters()}
+        # Leaving: what trained and no longer does, and a frozen factor the change releases (an
+        # optimizer given model.parameters() holds it too).
+        removed = [p for p in before if id(p) not in after_ids] + [
+            p for p in every_before if not p.requires_grad and id(p) not in kept]
         added = [p for p in after if id(p) not in before_ids]
         if op == "deflate" and self.sync_ranks:
             from .distributed import broadcast_params

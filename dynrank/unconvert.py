@@ -235,7 +235,9 @@ def unconvert_model(model, lowrank="factored"):
     New weights keep the layer's dtype and device and require grad where a
     factor they are made from did; biases are the layer's own Parameters.
     Each module's train/eval mode is the layer's.  A layer registered at
-    several places gets one replacement, put at every place.  Every
+    several places gets one replacement, put at every place; a Parameter
+    shared by two different dynrank layers is shared no more where their
+    new weights are built (lowrank and adapter forms: each gets its own).  Every
     replacement is built before any is swapped in, so a call that raises
     leaves the model as it was.  The guard ``convert_model`` put on
     ``nn.TransformerEncoderLayer``\\ s (a no-op forward pre-hook) is removed

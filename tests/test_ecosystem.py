@@ -185,6 +185,25 @@ def test_factors_in_different_param_groups_are_refused():
         DynamicRankScheduler(model, opt, 1, 2)
     biases_apart = torch.optim.SGD(decay_groups(model), lr=0.1)            # a bias elsewhere is fine
     DynamicRankScheduler(model, biases_apart, 1, 2)
+    layer.B.requires_grad_(False)                                          # so is a frozen factor
+    DynamicRankScheduler(model, opt, 1, 2)
+
+
+def test_a_frozen_factor_the_optimizer_holds_leaves_it_with_its_layer():
+    """SGD(model.parameters()) holds a frozen B too; inflate releases it, and the optimizer must let it
+    go (it stayed for good: memory, and another parameter list than a freshly built optimizer's on
+    resume).  Reference: the optimizer built afresh on the switched model."""
+    model = mlp()
+    model[0].B.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    released = model[0].B
+    sched = DynamicRankScheduler(model, opt, 1, 2)
+    x, y = data()
+    for epoch in range(3):
+        sched.step(epoch)
+        sgd_step(model, opt, x, y)
+        if epoch >= 1:
+            assert all(p is not released for p in held(opt)) and same_set(held(opt), trainable(model))
 
 
 def test_rank_growth_keeps_each_factor_in_its_own_group():

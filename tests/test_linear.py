@@ -196,6 +196,22 @@ def test_vmap_over_the_factors_alone(backend, form):
         assert rel_err(y[i], f64({n: t[i].double() for n, t in stacked.items()}, x.double())) < REL_TOL[torch.float32]
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_vmap_over_the_factors_alone_compiles(form):
+    """The same ensemble under torch.compile (the torch engine's traced GEMMs): the unbatched base
+    output cannot take the batched adapter term in place there either."""
+    layer = FusedLowRankLinear(12, 7, rank=3, form=form, alpha=6.0)
+    stacked = {"A": torch.randn(3, 7, 3), "B": torch.randn(3, 12, 3)}
+    x = torch.randn(5, 12)
+    ensemble = torch.compile(lambda p: torch.vmap(lambda q: torch.func.functional_call(layer, q, (x,)))(p),
+                             backend="aot_eager")
+    y = ensemble(stacked)
+    f64 = _float64_function(layer)
+    for i in range(3):
+        assert rel_err(y[i], f64({n: t[i].double() for n, t in stacked.items()}, x.double())) < REL_TOL[torch.float32]
+
+
 # torch.func.jvp loads its decompositions through the deprecated torch.jit.script
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])

@@ -478,6 +478,28 @@ def test_out_is_claimed_exclusively(tmp_path, capsys, monkeypatch):
     assert (out / "config.json").read_bytes() == b"the other run's" and os.listdir(out) == ["config.json"]
 
 
+def test_out_is_released_when_its_config_cannot_be_written(tmp_path, capsys, monkeypatch):
+    """A run that claims --out and then fails to write config.json (a full disk, say) leaves no empty
+    config.json behind: a retry on the same --out runs, instead of being told the folder holds a run that
+    --resume then calls damaged."""
+    from dynrank.train import loop
+    out = tmp_path / "run"
+    write_json = loop.write_json
+
+    def full_disk(path, obj):
+        if os.path.basename(path) == "config.json":
+            raise OSError(28, "No space left on device")
+        write_json(path, obj)
+
+    monkeypatch.setattr(loop, "write_json", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        cli.main(_TINY_RUN + ["--out", str(out)])
+    assert not (out / "config.json").exists() and cli._holds_run(str(out)) is None
+    monkeypatch.setattr(loop, "write_json", write_json)
+    assert cli.main(_TINY_RUN + ["--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["schedule"] == "full"
+
+
 def test_default_run_folders_are_unique_within_a_second(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli.time, "strftime", lambda fmt, *a: "20250101-120000")

@@ -332,6 +332,23 @@ def test_a_new_cache_removes_only_its_own_sources_older_versions(tmp_path):
     assert all(p.exists() for p in kept)
 
 
+def test_a_cache_removed_while_it_is_read_is_decoded_again_quietly(tmp_path, monkeypatch, recwarn):
+    """A run beside this one may prune the file between the existence check and the load: that is a
+    missing cache, not a damaged one (no warning)."""
+    write_image_tree(str(tmp_path / "data"), "PNG", classes=("a", "b"), per_class=1)
+    expected = load_vision("cifar10", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    loaded = torch.load
+
+    def pruned_meanwhile(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "cache")):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return loaded(path, *args, **kwargs)
+    monkeypatch.setattr(torch, "load", pruned_meanwhile)
+    again = load_vision("cifar10", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    assert all(torch.equal(a, e) for a, e in zip(again[:4], expected[:4])) and again[4] == expected[4]
+    assert not [w for w in recwarn if "decode cache" in str(w.message)]
+
+
 def test_corrupt_cache_file_is_rebuilt(tmp_path):
     write_image_tree(str(tmp_path / "data"), "PNG")
     cache_dir = tmp_path / "cache"

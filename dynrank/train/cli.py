@@ -511,7 +511,7 @@ def main(argv=None):
     from .data import DataError
     from .loop import Interrupted, RunFileError, read_json, write_json
     started = time.perf_counter()
-    out_dir = None
+    out_dir = claimed = None
     try:
         if args.resume:
             config_path = os.path.join(args.resume, "config.json")
@@ -570,10 +570,16 @@ def main(argv=None):
             if not _claim_out_dir(out_dir):
                 parser.error(f"--out {out_dir} was just taken by another run (it holds a config.json now); "
                              f"choose another --out")
+            claimed = os.path.join(out_dir, "config.json")
         else:
             out_dir = _new_run_dir()
         if not finished:     # a finished run's settings stay as they were
-            write_json(os.path.join(out_dir, "config.json"), cfg)
+            try:
+                write_json(os.path.join(out_dir, "config.json"), cfg)
+            except BaseException:
+                if claimed:      # release --out: the empty claim would read as a damaged run to a retry
+                    os.remove(claimed)
+                raise
         log(f"dynrank-train: output in {out_dir}")
         _print_settings(cfg, log)
         _, _, plots = run_job(cfg, out_dir, resume=bool(args.resume), log=log)

@@ -458,6 +458,8 @@ def _load_cache(path):
         result = tuple(saved[k] for k in _CACHED)
         if not all(isinstance(t, torch.Tensor) for t in result[:4]) or not isinstance(result[4], list):
             raise ValueError("unexpected contents")
+    except FileNotFoundError:   # removed since the check by a run beside this one (a newer version's prune)
+        return None
     except Exception as err:    # any damage: decode again and overwrite it
         reason = (str(err).splitlines() or [""])[0][:80]
         warnings.warn(f"decode cache {path} is unreadable ({type(err).__name__}: {reason}); decoding the data "
