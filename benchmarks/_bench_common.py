@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from dynrank._args import check_int
+
 __all__ = [
     "DEVICE", "ON_CUDA", "PASSES", "grid_mode", "sync", "cpu_model", "device_name", "versions", "roofline",
     "describe", "finish", "make_pass", "warm_up", "TIMINGS", "QUEUED_CALLS", "benchmark_queued", "time_pass",
@@ -311,8 +313,7 @@ def benchmark_queued(benchmark, run, config, calls=QUEUED_CALLS, device=DEVICE):
     Returns:
         the rounds timed (0 with ``--benchmark-disable``, where ``run`` is called once).
     """
-    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
-        raise ValueError(f"calls must be a positive int, got {calls!r}")
+    calls = check_int(calls, "calls", "a positive int", 1)
     if config is None or not hasattr(config, "getoption"):
         raise ValueError(f"queued timing needs pytest's config (the pytestconfig fixture), got {config!r}")
     if not benchmark.enabled:

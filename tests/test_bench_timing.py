@@ -7,6 +7,7 @@ timed for real.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,9 +78,11 @@ def common():
         sys.path.remove(str(BENCHMARKS))
 
 
-@pytest.mark.parametrize("calls", [0, -2, 2.0, True, "4"])
-def test_queued_calls_must_be_a_positive_int(common, calls):
-    with pytest.raises(ValueError, match="calls must be a positive int"):
+@pytest.mark.parametrize("calls, error", [(0, ValueError), (-2, ValueError), (2.0, TypeError), (True, TypeError),
+                                          ("4", TypeError)])
+def test_queued_calls_must_be_a_positive_int(common, calls, error):
+    came = re.escape(repr(calls)) if error is ValueError else re.escape(f"{type(calls).__name__} ({calls!r})")
+    with pytest.raises(error, match=f"^calls must be a positive int, got {came}$"):
         common.benchmark_queued(None, lambda: None, None, calls=calls)
 
 

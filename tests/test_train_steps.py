@@ -130,8 +130,11 @@ def test_a_failed_capture_falls_back_to_eager_with_a_note():
 def test_bad_settings_raise_clear_errors():
     model = _model("svd")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="warmup must be ≥ 1"):
+    with pytest.raises(ValueError, match=r"^warmup must be an int ≥ 1 \(the optimizer state must exist before a "
+                                         r"capture\), got 0$"):
         steps.TrainStep(model, optimizer, model, None, 0.0, cuda_graphs=True, warmup=0, graphs=StandInGraphs())
+    with pytest.raises(TypeError, match=r"^warmup must be an int ≥ 1 .*, got str \('2'\)$"):
+        steps.TrainStep(model, optimizer, model, None, 0.0, cuda_graphs=True, warmup="2", graphs=StandInGraphs())
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device, got cpu"):
         steps.TrainStep(model, optimizer, model, None, 0.0, cuda_graphs=True)
 

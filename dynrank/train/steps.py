@@ -24,6 +24,8 @@ capture fail, the run says so and carries on eagerly.
 import torch
 from torch.nn import functional as F
 
+from .._args import check_int
+
 __all__ = ["TrainStep", "loss_and_correct", "CudaGraphs"]
 
 
@@ -91,8 +93,7 @@ class TrainStep:
 
     def __init__(self, model, optimizer, forward, autocast, label_smoothing, cuda_graphs=False, warmup=2,
                  graphs=None, log=print):
-        if warmup < 1:
-            raise ValueError(f"warmup must be ≥ 1 (the optimizer state must exist before a capture), got {warmup}")
+        warmup = check_int(warmup, "warmup", "an int ≥ 1 (the optimizer state must exist before a capture)", 1)
         self.model, self.optimizer, self.forward = model, optimizer, forward
         self.autocast, self.label_smoothing = autocast, label_smoothing
         self.warmup, self.log = warmup, log
