@@ -133,12 +133,21 @@ def check_one_group(optimizer, layers):
 
 def copy_layers(model_copy):
     """Dict name → dynrank layer of ``model_copy`` (an AveragedModel is looked into); TypeError unless
-    it is an nn.Module."""
+    it is an nn.Module, ValueError if it holds a DistributedDataParallel."""
+    from torch.nn.parallel import DistributedDataParallel
     from torch.optim.swa_utils import AveragedModel
     if not isinstance(model_copy, nn.Module):
         raise TypeError(f"a model copy must be a torch.nn.Module (e.g. an AveragedModel), "
                         f"got {type(model_copy).__name__}")
-    return dict(form_layers(model_copy.module if isinstance(model_copy, AveragedModel) else model_copy))
+    inner = model_copy.module if isinstance(model_copy, AveragedModel) else model_copy
+    if isinstance(inner, DistributedDataParallel):
+        # A deep copy of a DDP wrapper builds a second reducer whose hooks and buckets sit on the copy's
+        # parameters as they are now; a form change replaces them and nothing can re-wrap the copy.
+        raise ValueError(f"model copy {type(model_copy).__name__} holds a DistributedDataParallel (its reducer "
+                         f"would keep the parameters a form change replaces); build the copy from the "
+                         f"unwrapped module, AveragedModel(ddp.module), and update it with "
+                         f"update_parameters(ddp) as before")
+    return dict(form_layers(inner))
 
 
 def check_copy(model_copy, layers, model_layers):
@@ -162,8 +171,8 @@ def check_copy(model_copy, layers, model_layers):
 
 def check_new_copy(model_copy, copies, model_layers):
     """``model_copy``'s layers (:func:`copy_layers`), checked for a scheduler's ``add_model_copy``:
-    TypeError unless an nn.Module, ValueError if it is in ``copies`` ((copy, layers) pairs already
-    added) or fails :func:`check_copy` against ``model_layers``."""
+    TypeError unless an nn.Module, ValueError if it holds a DistributedDataParallel, is in ``copies``
+    ((copy, layers) pairs already added) or fails :func:`check_copy` against ``model_layers``."""
     layers = copy_layers(model_copy)
     if any(c is model_copy for c, _ in copies):
         raise ValueError("this model copy was already added to the scheduler")

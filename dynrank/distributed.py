@@ -119,6 +119,35 @@ def allreduce_grads(model, group=None):
         grad.div_(world)
 
 
+def _retire_ddp(ddp_model, why):
+    """Make a DistributedDataParallel whose module lost parameters it was built on refuse to run.
+
+    Its reducer waits for gradients of the parameters it was built on and has no
+    hooks on the new ones: trained on, it would step once on gradients that were
+    never averaged (the ranks drift apart) and then fail with torch's "Expected to
+    have finished reduction" message.  Its autograd hooks are removed and its
+    forward raises a RuntimeError that names the cause and says to re-wrap
+    (:func:`rewrap_ddp` still takes it).
+
+    Args:
+        ddp_model: the stale ``torch.nn.parallel.DistributedDataParallel``.
+        why: what replaced the parameters, for the message (e.g. ``"unconvert_model"``).
+    """
+    def refuse(module, args):
+        raise RuntimeError(f"this DistributedDataParallel was built on parameters that {why} replaced; its "
+                           f"gradient hooks are gone, so wrap the module again before training: "
+                           f"model = dynrank.distributed.rewrap_ddp(model)")
+    _remove_autograd_hooks(ddp_model)
+    ddp_model.register_forward_pre_hook(refuse)
+
+
+def _remove_autograd_hooks(ddp_model):
+    """Take the old reducer's gradient hooks off the parameters (where this torch's DDP can)."""
+    remove_hooks = getattr(ddp_model, "_remove_autograd_hooks", None)
+    if callable(remove_hooks):
+        remove_hooks()
+
+
 def rewrap_ddp(ddp_model, **overrides):
     """Wrap ``ddp_model.module`` in a new DistributedDataParallel after a form change.
 
@@ -164,7 +193,5 @@ def rewrap_ddp(ddp_model, **overrides):
     if bucket_bytes != _DEFAULT_BUCKET_BYTES:
         kwargs["bucket_cap_mb"] = bucket_bytes / (1024 * 1024)
     kwargs.update(overrides)
-    remove_hooks = getattr(ddp_model, "_remove_autograd_hooks", None)
-    if callable(remove_hooks):
-        remove_hooks()
+    _remove_autograd_hooks(ddp_model)
     return DistributedDataParallel(ddp_model.module, **kwargs)

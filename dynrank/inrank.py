@@ -353,8 +353,10 @@ class IncrementalRankScheduler:
         Raises:
             TypeError: not an ``nn.Module``.
             ValueError: the model itself (or a copy sharing its layers' parameters),
-                a copy already added, or one whose layers differ from the model's
-                (missing, or of another type, form, rank or shape).
+                a copy already added, one whose layers differ from the model's
+                (missing, or of another type, form, rank or shape), or one holding a
+                DistributedDataParallel (under DDP, copy the module:
+                ``AveragedModel(ddp.module)``, updated with ``update_parameters(ddp)``).
 
         Example:
             >>> import torch

@@ -294,8 +294,10 @@ class DynamicRankScheduler:
 
         Raises:
             TypeError: not an ``nn.Module``.
-            ValueError: the model itself, a copy already added, or one whose
-                layers differ from the model's.
+            ValueError: the model itself, a copy already added, one whose
+                layers differ from the model's, or one holding a
+                DistributedDataParallel (under DDP, copy the module:
+                ``AveragedModel(ddp.module)``, updated with ``update_parameters(ddp)``).
 
         Example:
             >>> import torch

@@ -204,6 +204,20 @@ def _unguard_transformer_fast_path(model):
             del module._dynrank_use_nested_tensor
 
 
+def _trained(model):
+    return {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def _retire_wrappers(model):
+    """Every DistributedDataParallel around the unconverted module refuses to run (see ``distributed._retire_ddp``)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    from .distributed import _retire_ddp
+    while isinstance(model, (DataParallel, DistributedDataParallel)):
+        if isinstance(model, DistributedDataParallel):
+            _retire_ddp(model, "unconvert_model")
+        model = model.module
+
+
 def unconvert_model(model, lowrank="factored"):
     """Replace every dynrank layer of ``model`` by plain torch modules computing the same function, in place.
 
@@ -245,7 +259,13 @@ def unconvert_model(model, lowrank="factored"):
     torch's fused inference path runs again.  Hooks set on a dynrank layer
     itself do not carry over.  A ``DistributedDataParallel`` or
     ``DataParallel`` model is unwrapped and its module changed; before
-    training further, wrap it again (:func:`dynrank.distributed.rewrap_ddp`).
+    training further, wrap it again: ``model = rewrap_ddp(model)``
+    (:func:`dynrank.distributed.rewrap_ddp`).  A DistributedDataParallel
+    given here whose trainable parameters changed (any layer not in full
+    form) has its gradient hooks removed and refuses to run from then on
+    (RuntimeError naming the cause), instead of stepping once on gradients
+    it never averaged; one built by hand around the module (not passed
+    here) cannot be reached: re-wrap it too.
 
     Args:
         model: an ``nn.Module`` holding dynrank layers; modified in place.
@@ -284,7 +304,7 @@ def unconvert_model(model, lowrank="factored"):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(lowrank, str) or lowrank not in LOWRANK_CHOICES:
         raise ValueError(f"lowrank must be one of {', '.join(map(repr, LOWRANK_CHOICES))}, got {lowrank!r}")
-    model = unwrap_model(model)
+    wrapper, model = model, unwrap_model(model)
     if isinstance(model, FormLayer):
         raise ValueError(f"model is itself a dynrank layer ({type(model).__name__}) and cannot replace itself; "
                          f"wrap it (nn.Sequential(layer)) and unconvert that, or call layer.inflate()")
@@ -295,6 +315,7 @@ def unconvert_model(model, lowrank="factored"):
         raise ValueError(f"unconvert_model found no dynrank layer (FusedLowRankLinear, LowRankConv2d) in this "
                          f"{type(model).__name__}: it is plain torch already, or not the converted model")
     params_before = _count(model)
+    trained_before = _trained(model)
 
     # Build every replacement first: a failure leaves the model as it was.
     rows, plans = [], []
@@ -308,4 +329,6 @@ def unconvert_model(model, lowrank="factored"):
                      "note": note, "aliases": names[1:]})
     swap_in(plans)
     _unguard_transformer_fast_path(model)
+    if _trained(model) != trained_before:
+        _retire_wrappers(wrapper)
     return UnconversionSummary(rows, params_before, _count(model))

@@ -1,5 +1,7 @@
-"""Data-parallel training through both switches: 2 processes on gloo vs one process on the global batch."""
+"""Data-parallel training through both switches and through InRank growth, with an EMA copy and a return
+to plain torch: 2 processes on gloo vs one process on the global batch."""
 
+import copy
 import os
 import time
 
@@ -9,11 +11,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from _helpers import rel_err
 from dynrank.convert import convert_model
 from dynrank.distributed import allreduce_grads, broadcast_params, dynrank_params, rewrap_ddp
+from dynrank.inrank import IncrementalRankScheduler
 from dynrank.scheduler import DynamicRankScheduler
+from dynrank.unconvert import unconvert_model
 
 WORLD, EPOCHS, STEPS, INFLATE, DEFLATE = 2, 3, 2, 1, 2
 BATCH, D_IN, D_OUT = 8, 12, 3
@@ -40,6 +45,28 @@ def make_optimizer(kind, params):
 
 
 SCENARIOS = {"ddp": ("sgd", "carry"), "fsdp": ("adamw", "reset")}
+EMA_DECAY = 0.5            # far from 1, so the copy differs from the model after a few steps
+INRANK = dict(init_rank=1, buffer=2, threshold=0.999, warmup_steps=0, check_every=1)   # grows at most checks
+
+
+def make_ema(model):
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY))
+
+
+def grouped_adamw(named_params):
+    """Weight decay on weights and factors, none on biases: two param groups."""
+    named = list(named_params)
+    return torch.optim.AdamW([{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": 0.1},
+                              {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}],
+                             lr=1e-2)
+
+
+def grads_and_groups(model, optimizer):
+    """Every parameter's gradient (None where it has none) and the param group each one sits in."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {"grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+            "groups": [sorted(names[id(p)] for p in group["params"] if id(p) in names)
+                       for group in optimizer.param_groups]}
 
 
 def full_state(module):
@@ -50,11 +77,13 @@ def full_state(module):
 
 
 def reference_run(scenario):
-    """One process, the whole global batch per step."""
+    """One process, the whole global batch per step; the ddp scenario also keeps an EMA copy, then
+    unconverts the model and trains it one more step."""
     opt_kind, policy = SCENARIOS[scenario]
     model = build(seed=0)
     opt = make_optimizer(opt_kind, model.parameters())
     sched = DynamicRankScheduler(model, opt, INFLATE, DEFLATE, deflate_init="random", optimizer_state=policy)
+    ema = sched.add_model_copy(make_ema(model)) if scenario == "ddp" else None
     xs, ys = batches()
     for epoch in range(EPOCHS):
         sched.step(epoch)
@@ -63,26 +92,132 @@ def reference_run(scenario):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return full_state(model)
+            if ema is not None:
+                ema.update_parameters(model)
+    if ema is None:
+        return {"model": full_state(model)}
+    out = {"model": full_state(model), "ema": full_state(ema.module)}
+    unconvert_model(model)
+    opt.zero_grad(set_to_none=True)
+    F.mse_loss(model(xs[0, 0]), ys[0, 0]).backward()
+    opt.step()
+    return {**out, "plain": full_state(model)}
 
 
-def _ddp_run(rank):
-    opt_kind, policy = SCENARIOS["ddp"]
-    model = build(seed=rank)            # rank 1 starts different: DDP's broadcast must fix it
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer(opt_kind, model.parameters())
-    sched = DynamicRankScheduler(ddp, opt, INFLATE, DEFLATE, deflate_init="random", optimizer_state=policy)
+def reference_buckets_run():
+    """One process: grouped AdamW, gradients zeroed in place (never set to None)."""
+    model = build(seed=0)
+    opt = grouped_adamw(model.named_parameters())
+    sched = DynamicRankScheduler(model, opt, INFLATE, DEFLATE, deflate_init="random")
+    xs, ys = batches()
+    for epoch in range(EPOCHS):
+        sched.step(epoch)
+        for step in range(STEPS):
+            opt.zero_grad(set_to_none=False)
+            F.mse_loss(model(xs[epoch, step]), ys[epoch, step]).backward()
+            opt.step()
+    return {"model": full_state(model), **grads_and_groups(model, opt)}
+
+
+def reference_inrank_run():
+    """One process: InRank growth after every step, with an EMA copy growing along."""
+    model = build(seed=0)
+    opt = make_optimizer("sgd", model.parameters())
+    growth = IncrementalRankScheduler(model, opt, **INRANK)
+    ema = growth.add_model_copy(make_ema(model))
+    xs, ys = batches()
+    grown = []
+    for epoch in range(EPOCHS):
+        for step in range(STEPS):
+            opt.zero_grad(set_to_none=True)
+            F.mse_loss(model(xs[epoch, step]), ys[epoch, step]).backward()
+            opt.step()
+            ema.update_parameters(model)
+            grown += growth.step()
+    return {"model": full_state(model), "ema": full_state(ema.module), "grown": grown}
+
+
+def _shard(xs, ys, epoch, step, rank):
+    return xs[epoch, step].chunk(WORLD)[rank], ys[epoch, step].chunk(WORLD)[rank]
+
+
+def _train_ddp(ddp, sched, opt, rank, set_to_none=True, ema=None):
+    """The README's loop on this rank's half of every batch: ``scheduler.step``, then ``rewrap_ddp`` where
+    it switched; ``ema`` updated from the wrapper after each step.  Returns the last wrapper."""
     xs, ys = batches()
     for epoch in range(EPOCHS):
         if sched.step(epoch):
             ddp = rewrap_ddp(ddp)
         for step in range(STEPS):
-            x, y = xs[epoch, step].chunk(WORLD)[rank], ys[epoch, step].chunk(WORLD)[rank]
-            loss = F.mse_loss(ddp(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            x, y = _shard(xs, ys, epoch, step, rank)
+            opt.zero_grad(set_to_none=set_to_none)
+            F.mse_loss(ddp(x), y).backward()
             opt.step()
-    return full_state(model)
+            if ema is not None:
+                ema.update_parameters(ddp)
+    return ddp
+
+
+def _ddp_run(rank):
+    """The README's recipe: scheduler.step, then rewrap_ddp; an EMA of the unwrapped module switching with
+    it; at the end unconvert_model on the wrapper, whose old self must refuse to train on."""
+    opt_kind, policy = SCENARIOS["ddp"]
+    model = build(seed=rank)            # rank 1 starts different: DDP's broadcast must fix it
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer(opt_kind, model.parameters())
+    sched = DynamicRankScheduler(ddp, opt, INFLATE, DEFLATE, deflate_init="random", optimizer_state=policy)
+    ema = sched.add_model_copy(make_ema(model))
+    ddp = _train_ddp(ddp, sched, opt, rank, ema=ema)
+    out = {"model": full_state(model), "ema": full_state(ema.module)}
+    unconvert_model(ddp)
+    x, y = _shard(*batches(), 0, 0, rank)
+    try:
+        ddp(x)
+        refused = None
+    except RuntimeError as e:
+        refused = str(e)
+    ddp = rewrap_ddp(ddp)
+    opt.zero_grad(set_to_none=True)
+    F.mse_loss(ddp(x), y).backward()
+    opt.step()
+    return {**out, "plain": full_state(model), "refused": refused}
+
+
+def _buckets_run(rank):
+    """Many small buckets holding the gradients (gradient_as_bucket_view), grads zeroed in place, a
+    grouped optimizer: after each rewrap the gradients must still be averaged and the groups kept."""
+    model = build(seed=rank)
+    ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, bucket_cap_mb=0.001)
+    opt = grouped_adamw(ddp.module.named_parameters())
+    sched = DynamicRankScheduler(ddp, opt, INFLATE, DEFLATE, deflate_init="random")
+    _train_ddp(ddp, sched, opt, rank, set_to_none=False)
+    return {"model": full_state(model), **grads_and_groups(model, opt)}
+
+
+def _inrank_run(rank):
+    """InRank growth under DDP: sync_ranks by default; construction resizes the layers, so re-wrap then
+    too, and after every step that grew a layer."""
+    model = build(seed=rank)
+    torch.rand(rank)                    # rank 1's RNG stream differs too: new B columns come from rank 0
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer("sgd", model.parameters())
+    growth = IncrementalRankScheduler(ddp, opt, **INRANK)
+    ddp = rewrap_ddp(ddp)
+    ema = growth.add_model_copy(make_ema(model))
+    xs, ys = batches()
+    grown = []
+    for epoch in range(EPOCHS):
+        for step in range(STEPS):
+            x, y = _shard(xs, ys, epoch, step, rank)
+            opt.zero_grad(set_to_none=True)
+            F.mse_loss(ddp(x), y).backward()
+            opt.step()
+            ema.update_parameters(ddp)
+            changes = growth.step()
+            if changes:
+                grown += changes
+                ddp = rewrap_ddp(ddp)
+    return {"model": full_state(model), "ema": full_state(ema.module), "grown": grown}
 
 
 def _fsdp_run(rank):
@@ -107,15 +242,18 @@ def _fsdp_run(rank):
             loss.backward()
             allreduce_grads(model)
             opt.step()
-    return full_state(model)
+    return {"model": full_state(model)}
+
+
+RUNS = {"ddp": _ddp_run, "fsdp": _fsdp_run, "buckets": _buckets_run, "inrank": _inrank_run}
 
 
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        torch.save(_ddp_run(rank), os.path.join(out_dir, f"ddp{rank}.pt"))
-        torch.save(_fsdp_run(rank), os.path.join(out_dir, f"fsdp{rank}.pt"))
+        for scenario, run in RUNS.items():
+            torch.save(run(rank), os.path.join(out_dir, f"{scenario}{rank}.pt"))
     finally:
         dist.destroy_process_group()
     # torch 2.13's gloo sometimes aborts during interpreter shutdown ("terminate called without an
@@ -124,22 +262,77 @@ def _worker(rank, init_file, out_dir):
     os._exit(0)
 
 
-def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
-    context = mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every scenario of RUNS run once on 2 gloo processes: {scenario: [rank 0's result, rank 1's]}."""
+    out = tmp_path_factory.mktemp("dist")
+    context = mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 120
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.terminate()
             pytest.fail("distributed workers did not finish within 120 s")
+    return {scenario: [torch.load(out / f"{scenario}{r}.pt", weights_only=False) for r in range(WORLD)]
+            for scenario in RUNS}
+
+
+def assert_states_match(ranks, reference, what):
+    """Both ranks' state dicts bitwise equal, and equal to the one-process reference."""
+    assert set(reference) == set(ranks[0]) == set(ranks[1]), what
+    for key in reference:
+        assert torch.equal(ranks[0][key], ranks[1][key]), (what, key)
+        assert rel_err(ranks[0][key], reference[key]) < 1e-5, (what, key)
+
+
+def test_two_gloo_ranks_match_each_other_and_one_process(two_ranks):
     for scenario in ("ddp", "fsdp"):
-        reference = reference_run(scenario)
-        ranks = [torch.load(tmp_path / f"{scenario}{r}.pt") for r in range(WORLD)]
-        assert set(reference) == set(ranks[0]) == set(ranks[1])
+        reference = reference_run(scenario)["model"]
         assert {"0.weight", "0.A", "0.B"} <= set(reference)  # trained into adapter form
-        for key in reference:
-            assert torch.equal(ranks[0][key], ranks[1][key]), (scenario, key)
-            assert rel_err(ranks[0][key], reference[key]) < 1e-5, (scenario, key)
+        assert_states_match([r["model"] for r in two_ranks[scenario]], reference, scenario)
+
+
+def test_an_ema_copy_switches_with_the_ddp_model_on_every_rank(two_ranks):
+    reference = reference_run("ddp")
+    ranks = two_ranks["ddp"]
+    assert {"0.weight", "0.A", "0.B"} <= set(reference["ema"])   # the copy reached adapter form
+    for key in ("0.weight", "0.A"):                 # an average, not the model (100× the tolerance below)
+        assert rel_err(reference["ema"][key], reference["model"][key]) > 1e-3, key
+    assert_states_match([r["ema"] for r in ranks], reference["ema"], "ema")
+
+
+def test_unconvert_model_retires_the_ddp_wrapper_and_a_rewrapped_one_trains_on(two_ranks):
+    reference = reference_run("ddp")["plain"]
+    ranks = two_ranks["ddp"]
+    for r in ranks:        # the old wrapper's first forward refuses (it would step on unaveraged gradients)
+        assert r["refused"] is not None and "unconvert_model replaced" in r["refused"], r["refused"]
+        assert "rewrap_ddp" in r["refused"]
+    assert "0.A" not in reference and "0.0.weight" not in reference and "0.weight" in reference
+    assert_states_match([r["plain"] for r in ranks], reference, "plain")
+
+
+def test_gradients_in_ddp_buckets_and_param_groups_after_each_rewrap(two_ranks):
+    reference = reference_buckets_run()
+    ranks = two_ranks["buckets"]
+    assert_states_match([r["model"] for r in ranks], reference["model"], "buckets")
+    assert reference["grads"]["0.weight"] is None              # the frozen W_f lost its gradient
+    assert all(g is not None for n, g in reference["grads"].items() if n != "0.weight" and n != "2.weight")
+    for r in ranks:
+        assert r["groups"] == reference["groups"]              # new factors in the weights' group
+        assert {n for n, g in r["grads"].items() if g is None} == {n for n, g in reference["grads"].items()
+                                                                   if g is None}
+    assert_states_match([{n: g for n, g in r["grads"].items() if g is not None} for r in ranks],
+                        {n: g for n, g in reference["grads"].items() if g is not None}, "grads")
+
+
+def test_inrank_growth_with_an_ema_copy_under_ddp(two_ranks):
+    reference = reference_inrank_run()
+    ranks = two_ranks["inrank"]
+    assert len(reference["grown"]) >= 2                        # growth happened, more than once
+    assert ranks[0]["grown"] == ranks[1]["grown"] == reference["grown"]
+    assert rel_err(reference["ema"]["0.A"], reference["model"]["0.A"]) > 1e-3
+    assert_states_match([r["model"] for r in ranks], reference["model"], "inrank")
+    assert_states_match([r["ema"] for r in ranks], reference["ema"], "inrank ema")
 
 
 def test_rewrap_ddp_needs_a_ddp_model():
@@ -176,3 +369,53 @@ def test_an_explicit_group_is_checked_without_a_process_group(tmp_path):
         with pytest.raises(RuntimeError, match="a process group was passed, but torch.distributed is not "
                                                "initialized"):
             call()
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A 1-process gloo group, so that a DistributedDataParallel can be built in this process."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_model_copy_holding_the_ddp_wrapper_is_refused(one_rank):
+    model = build(seed=0)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    for make in (lambda opt: DynamicRankScheduler(ddp, opt, INFLATE, DEFLATE),
+                 lambda opt: IncrementalRankScheduler(ddp, opt, **INRANK)):
+        scheduler = make(torch.optim.SGD(model.parameters(), lr=0.1))
+        for copy_of_ddp in (AveragedModel(ddp), copy.deepcopy(ddp)):
+            with pytest.raises(ValueError, match=r"holds a DistributedDataParallel .*build the copy from the "
+                                                 r"unwrapped module, AveragedModel\(ddp.module\)"):
+                scheduler.add_model_copy(copy_of_ddp)
+        ema = scheduler.add_model_copy(make_ema(model))         # the unwrapped module's copy is taken
+        ema.update_parameters(ddp)                               # and updates from the wrapper
+        assert torch.equal(ema.module[0].A, model[0].A)
+        ddp = rewrap_ddp(ddp)
+
+
+def test_unconvert_model_leaves_a_ddp_wrapper_whose_parameters_it_kept(one_rank):
+    model = build(seed=0)
+    for name, layer in model.named_children():
+        if name in ("0", "2"):
+            layer.inflate()                       # full form: unconvert keeps W and bias themselves
+    ddp = nn.parallel.DistributedDataParallel(model)
+    expected = model(torch.ones(2, D_IN))
+    unconvert_model(ddp)
+    assert isinstance(model[0], nn.Linear)
+    for _ in range(2):                            # the same parameters: the wrapper still reduces them all
+        out = ddp(torch.ones(2, D_IN))
+        out.sum().backward()
+    assert torch.allclose(out, expected)
+    assert model[0].weight.grad is not None
+
+
+def test_one_param_group_per_layer_is_checked_through_ddp(one_rank):
+    model = build(seed=0)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    named = dict(ddp.named_parameters())
+    split = torch.optim.SGD([{"params": [named["module.0.A"]]},
+                             {"params": [p for n, p in named.items() if n != "module.0.A"]}], lr=0.1)
+    with pytest.raises(ValueError, match="holds layer '0'.s parameters in different param groups"):
+        DynamicRankScheduler(ddp, split, INFLATE, DEFLATE)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dynrank
 from _helpers import REL_TOL, rel_err
@@ -125,13 +126,14 @@ def test_ddp_block():
     net = _cnn(converted=True)
     ns = {"net": net, "optimizer": torch.optim.SGD(net.parameters(), lr=0.1), "I": 1, "D": 3, "epochs": 4,
           "DistributedDataParallel": nn.parallel.DistributedDataParallel, "DynamicRankScheduler":
-          dynrank.DynamicRankScheduler, "dynrank": dynrank}
+          dynrank.DynamicRankScheduler, "dynrank": dynrank, "AveragedModel": AveragedModel,
+          "get_ema_multi_avg_fn": get_ema_multi_avg_fn, "train_one_epoch": lambda: None}
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         exec(_block(DDP), ns)
         model = ns["model"]
         assert isinstance(model, nn.parallel.DistributedDataParallel) and model.module is net
-        assert _forms(net) == ["adapter"]
+        assert _forms(net) == ["adapter"] and _forms(ns["ema"].module) == ["adapter"]   # the copy switched too
         trained = {id(p) for p in model.parameters() if p.requires_grad}
         assert trained == {id(p) for p in net.parameters() if p.requires_grad}   # the new wrapper sees the adapters
     finally:
