@@ -12,6 +12,13 @@ change the model must be wrapped again.  Two pieces keep every rank identical:
    DistributedDataParallel with the same settings (its construction also
    broadcasts parameters and buffers from rank 0).
 
+A forgotten re-wrap fails loudly: a change that replaces trainable parameters
+(either scheduler, :func:`~dynrank.unconvert_model`) retires the wrapper the
+scheduler was given or :func:`rewrap_ddp` last built — its gradient hooks are
+removed and its forward raises a RuntimeError naming :func:`rewrap_ddp` —
+instead of stepping once on gradients it never averaged.  A wrapper built by
+hand and never passed to dynrank is not known, so not retired.
+
 Loop::
 
     model = DistributedDataParallel(net)
@@ -43,11 +50,18 @@ offer; FSDP1 with ``use_orig_params=False`` additionally cannot hold frozen
 W_f and trainable factors in one flat parameter.
 """
 
+import weakref
+
 import torch
 
 __all__ = ["rewrap_ddp", "broadcast_params", "dynrank_params", "allreduce_grads"]
 
 _DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+
+# id(module) -> the DistributedDataParallel the library last saw around it (a scheduler's constructor,
+# rewrap_ddp).  Kept off the module: a weakref attribute would not pickle (torch.save of the module), and a
+# deepcopy would point at the original's wrapper.  A live wrapper holds its module, so the id is not reused.
+_WRAPPERS = weakref.WeakValueDictionary()
 
 
 def _active(group, caller):
@@ -119,6 +133,33 @@ def allreduce_grads(model, group=None):
         grad.div_(world)
 
 
+def _remember_ddp(model):
+    """Note ``model`` as the current wrapper of the module inside it, if it is a DistributedDataParallel."""
+    from torch.nn.parallel import DistributedDataParallel
+    from ._checks import unwrap_model
+    if isinstance(model, DistributedDataParallel):
+        _WRAPPERS[id(unwrap_model(model))] = model
+
+
+def _retire_stale(model, why):
+    """Retire (:func:`_retire_ddp`) every DistributedDataParallel in ``model``'s wrapper chain and the one
+    the library last saw around the module inside, after ``why`` replaced trainable parameters.
+
+    A wrapper built by hand around the module and never passed to dynrank is not known here.
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    stale = []
+    while isinstance(model, (DataParallel, DistributedDataParallel)):
+        if isinstance(model, DistributedDataParallel):
+            stale.append(model)
+        model = model.module
+    known = _WRAPPERS.pop(id(model), None)
+    if known is not None and all(known is not s for s in stale):
+        stale.append(known)
+    for ddp_model in stale:
+        _retire_ddp(ddp_model, why)
+
+
 def _retire_ddp(ddp_model, why):
     """Make a DistributedDataParallel whose module lost parameters it was built on refuse to run.
 
@@ -132,13 +173,18 @@ def _retire_ddp(ddp_model, why):
     Args:
         ddp_model: the stale ``torch.nn.parallel.DistributedDataParallel``.
         why: what replaced the parameters, for the message (e.g. ``"unconvert_model"``).
+            A wrapper already retired keeps its first message.
     """
+    if getattr(ddp_model, "_dynrank_retired", False):
+        return
+
     def refuse(module, args):
         raise RuntimeError(f"this DistributedDataParallel was built on parameters that {why} replaced; its "
                            f"gradient hooks are gone, so wrap the module again before training: "
                            f"model = dynrank.distributed.rewrap_ddp(model)")
     _remove_autograd_hooks(ddp_model)
     ddp_model.register_forward_pre_hook(refuse)
+    ddp_model._dynrank_retired = True
 
 
 def _remove_autograd_hooks(ddp_model):
@@ -157,7 +203,9 @@ def rewrap_ddp(ddp_model, **overrides):
     ``find_unused_parameters``, ``gradient_as_bucket_view``, ``static_graph``,
     buffer broadcasting and a non-default bucket size.  Communication hooks
     are not copied: register them again on the returned wrapper.  Its
-    construction broadcasts parameters and buffers from rank 0.
+    construction broadcasts parameters and buffers from rank 0.  A wrapper a
+    form change retired is accepted; the new one is the module's current
+    wrapper, which the next form change retires.
 
     Args:
         ddp_model: the current ``torch.nn.parallel.DistributedDataParallel``.
@@ -194,4 +242,6 @@ def rewrap_ddp(ddp_model, **overrides):
         kwargs["bucket_cap_mb"] = bucket_bytes / (1024 * 1024)
     kwargs.update(overrides)
     _remove_autograd_hooks(ddp_model)
-    return DistributedDataParallel(ddp_model.module, **kwargs)
+    new = DistributedDataParallel(ddp_model.module, **kwargs)
+    _remember_ddp(new)
+    return new

@@ -30,6 +30,7 @@ from ._args import check_int, check_real
 from ._checks import (check_copy, check_finite, check_model_and_optimizer, check_new_copy, check_same_layers,
                       check_sync, unwrap_model)
 from ._optim import LINEAR_STATE, SQUARED_STATE, replace_params
+from .distributed import _remember_ddp, _retire_stale
 from .linear import FusedLowRankLinear, svd_factors
 
 __all__ = ["IncrementalRankScheduler", "grow_rank_", "explained_rank"]
@@ -228,7 +229,12 @@ class IncrementalRankScheduler:
     :meth:`add_model_copy`.
 
     Args:
-        model: the model (or a DistributedDataParallel around it).
+        model: the model (or a DistributedDataParallel around it).  A resize
+            (construction, a :meth:`step` that grows, :meth:`load_state_dict`)
+            retires the wrapper given here, or the last one
+            :func:`~dynrank.distributed.rewrap_ddp` built, as
+            :class:`~dynrank.DynamicRankScheduler` does; a wrapper built by
+            hand and never passed to dynrank is left alone.
         optimizer: the ``torch.optim.Optimizer`` training it; edited in place.
         init_rank: discovered rank to start from (InRank: 2), or None.
         buffer: components trained beyond the discovered rank (InRank: 100;
@@ -284,6 +290,7 @@ class IncrementalRankScheduler:
             if max_rank < 1:
                 raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         sync_ranks, process_group = check_sync(model, sync_ranks, process_group)
+        _remember_ddp(model)
         self.model = unwrap_model(model)
         self.optimizer = optimizer
         self.buffer, self.threshold, self.warmup_steps, self.check_every = buffer, threshold, warmup_steps, check_every
@@ -386,13 +393,17 @@ class IncrementalRankScheduler:
         return model_copy
 
     def _resize(self, layer, rank, copies=()):
+        if rank == layer.rank:
+            return
         if rank > layer.rank:
             grow_rank_(layer, rank, self.optimizer)
             self._sync(layer)
             for copy_layer in copies:
                 _follow_growth(copy_layer, layer)
-        elif rank < layer.rank:
+        else:
             _truncate_rank_(layer, rank, self.optimizer)
+        if layer.A.requires_grad or layer.B.requires_grad:   # a DDP wrapper reduces the old ones
+            _retire_stale(self.model, "an IncrementalRankScheduler rank change")
 
     def _sync(self, layer):
         if self.sync_ranks:

@@ -28,6 +28,7 @@ from ._checks import (check_copy, check_finite, check_layer_names, check_model_a
                       check_one_group, check_same_layers, check_sync, form_layers, unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS
 from ._optim import pullback_state, pushforward_state, replace_params
+from .distributed import _remember_ddp, _retire_stale
 
 __all__ = ["DynamicRankScheduler", "OPTIMIZER_STATES", "form_layers"]
 
@@ -138,6 +139,12 @@ class DynamicRankScheduler:
 
     Args:
         model: the model (or a DistributedDataParallel wrapping it) holding dynrank layers.
+            A switch that replaces trainable parameters (:meth:`step`,
+            :meth:`load_state_dict`) retires the wrapper given here, or the
+            last one :func:`~dynrank.distributed.rewrap_ddp` built: its gradient
+            hooks are removed and its forward raises a RuntimeError saying to
+            re-wrap, instead of stepping on gradients it never averaged.  A
+            wrapper built by hand and never passed to dynrank is left alone.
         optimizer: a ``torch.optim.Optimizer`` over the model's parameters.
         inflate_epoch: I, epoch (or step) at which lowrank layers inflate; None: start full.
         deflate_epoch: D > I, epoch (or step) at which full layers deflate; None: never.
@@ -198,6 +205,7 @@ class DynamicRankScheduler:
         self.deflate_rank = self._check_deflate_rank(deflate_rank)  # a bad deflate_rank fails now, not at D
         self.sync_ranks, self.process_group = check_sync(model, sync_ranks, process_group)
         check_one_group(optimizer, self._layers)
+        _remember_ddp(model)
         self.last_epoch = None
         self._callbacks = []
         self._copies = []
@@ -379,14 +387,16 @@ class DynamicRankScheduler:
                 plans.append((name, layer, old, new, self._path(name, old, new)))
         if finite is not None:
             check_finite([(name, layer) for name, layer, *_ in plans], finite)
-        changes = []
+        changes, replaced = [], False
         for name, layer, old, new, ops in plans:
             for op in ops:
                 rank = None if op == "inflate" else (
                     ranks[name] if ranks is not None else self._deflate_rank_for(name, layer))
                 copies = [layers[name] for _, layers in self._copies] if follow else []
-                self._transition(layer, op, rank, carry, init, copies)
+                replaced |= self._transition(layer, op, rank, carry, init, copies)
             changes.append((name, old, new))
+        if replaced:
+            _retire_stale(self.model, "a DynamicRankScheduler form change")
         return changes
 
     def _transition(self, layer, op, rank, carry, init=None, copies=()):
@@ -424,6 +434,7 @@ class DynamicRankScheduler:
         elif carry:
             states = pullback_state(self.optimizer, layer, old_weight, layer.factors())
         replace_params(self.optimizer, removed, added, states)
+        return bool(removed or added)
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self):

@@ -208,16 +208,6 @@ def _trained(model):
     return {id(p) for p in model.parameters() if p.requires_grad}
 
 
-def _retire_wrappers(model):
-    """Every DistributedDataParallel around the unconverted module refuses to run (see ``distributed._retire_ddp``)."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-    from .distributed import _retire_ddp
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        if isinstance(model, DistributedDataParallel):
-            _retire_ddp(model, "unconvert_model")
-        model = model.module
-
-
 def unconvert_model(model, lowrank="factored"):
     """Replace every dynrank layer of ``model`` by plain torch modules computing the same function, in place.
 
@@ -264,8 +254,9 @@ def unconvert_model(model, lowrank="factored"):
     given here whose trainable parameters changed (any layer not in full
     form) has its gradient hooks removed and refuses to run from then on
     (RuntimeError naming the cause), instead of stepping once on gradients
-    it never averaged; one built by hand around the module (not passed
-    here) cannot be reached: re-wrap it too.
+    it never averaged; so does the last wrapper ``rewrap_ddp`` or a
+    scheduler's constructor saw around the module.  One built by hand and
+    never passed to dynrank cannot be reached: re-wrap it too.
 
     Args:
         model: an ``nn.Module`` holding dynrank layers; modified in place.
@@ -330,5 +321,6 @@ def unconvert_model(model, lowrank="factored"):
     swap_in(plans)
     _unguard_transformer_fast_path(model)
     if _trained(model) != trained_before:
-        _retire_wrappers(wrapper)
+        from .distributed import _retire_stale
+        _retire_stale(wrapper, "unconvert_model")
     return UnconversionSummary(rows, params_before, _count(model))

@@ -419,3 +419,82 @@ def test_one_param_group_per_layer_is_checked_through_ddp(one_rank):
                              {"params": [p for n, p in named.items() if n != "module.0.A"]}], lr=0.1)
     with pytest.raises(ValueError, match="holds layer '0'.s parameters in different param groups"):
         DynamicRankScheduler(ddp, split, INFLATE, DEFLATE)
+
+
+def _one_step(model, opt, x):
+    opt.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    opt.step()
+
+
+def test_training_the_stale_wrapper_after_a_switch_raises_naming_rewrap_ddp(one_rank):
+    model = build(seed=0)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(ddp, opt, INFLATE, DEFLATE)
+    x = torch.randn(4, D_IN)
+    assert sched.step(0) == []                    # nothing switched: the wrapper trains on
+    _one_step(ddp, opt, x)
+    assert sched.step(INFLATE)
+    with pytest.raises(RuntimeError, match="a DynamicRankScheduler form change replaced.*rewrap_ddp"):
+        ddp(x)
+    ddp = rewrap_ddp(ddp)                         # the README recipe: the retired wrapper re-wraps
+    _one_step(ddp, opt, x)
+    assert model[0].weight.grad is not None
+    stale = ddp
+    assert sched.step(DEFLATE)                    # the wrapper rewrap_ddp built is known too
+    with pytest.raises(RuntimeError, match="rewrap_ddp"):
+        stale(x)
+    _one_step(rewrap_ddp(stale), opt, x)
+    assert model[0].A.grad is not None
+
+
+def test_inrank_retires_the_wrapper_only_when_a_layer_grew(one_rank):
+    model = build(seed=0)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    growth = IncrementalRankScheduler(ddp, opt, **{**INRANK, "warmup_steps": 2})
+    x = torch.randn(4, D_IN)
+    with pytest.raises(RuntimeError, match="an IncrementalRankScheduler rank change replaced.*rewrap_ddp"):
+        ddp(x)                                    # construction resized the layers
+    ddp = rewrap_ddp(ddp)
+    _one_step(ddp, opt, x)
+    assert growth.step() == []                    # before warmup: no check, nothing retired
+    _one_step(ddp, opt, x)
+    growth.max_rank = {name: layer.rank for name, layer in growth._layers}
+    assert growth.step() == []                    # a check that grows nothing retires nothing
+    _one_step(ddp, opt, x)
+    growth.max_rank = {name: min(layer.in_features, layer.out_features) for name, layer in growth._layers}
+    growth.threshold = 1.0 - 1e-9                 # every singular value counts: the check grows
+    assert growth.step()
+    with pytest.raises(RuntimeError, match="rewrap_ddp"):
+        ddp(x)
+    _one_step(rewrap_ddp(ddp), opt, x)
+
+
+def test_a_wrapper_built_by_hand_is_left_alone(one_rank):
+    model = build(seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(model, opt, INFLATE, DEFLATE, sync_ranks=True)
+    by_hand = nn.parallel.DistributedDataParallel(model)     # never shown to dynrank
+    sched.step(INFLATE)
+    by_hand(torch.randn(4, D_IN))                 # not retired (the documented limit)
+
+
+def test_a_module_that_was_wrapped_still_deepcopies_and_saves(one_rank, tmp_path):
+    model = build(seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    sched = DynamicRankScheduler(ddp, opt, INFLATE, DEFLATE)
+    sched.step(INFLATE)
+    ddp = rewrap_ddp(ddp)
+    twin = copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert set(model.state_dict()) == set(loaded.state_dict()) == set(twin.state_dict())
+    x = torch.randn(4, D_IN)
+    assert torch.equal(loaded(x), model(x)) and torch.equal(twin(x), model(x))
+    # The copy is not the wrapped module: switching a scheduler of the copy leaves ddp alone.
+    twin_sched = DynamicRankScheduler(twin, torch.optim.SGD(twin.parameters(), lr=0.1), INFLATE, DEFLATE)
+    twin_sched.step(DEFLATE)
+    _one_step(ddp, opt, x)
