@@ -47,7 +47,17 @@ def explained_rank(singular_values, current, buffer, threshold):
 
     Returns:
         int: the new discovered rank (≥ ``current``; ``current + buffer − 1`` if none explains enough).
+
+    Raises:
+        TypeError: ``singular_values`` not a real floating-point tensor, ``current`` or ``buffer`` not
+            an int, ``threshold`` not a number.
+        ValueError: ``current`` below 0, ``buffer`` below 1, ``threshold`` outside (0, 1).
     """
+    if not isinstance(singular_values, torch.Tensor) or not singular_values.is_floating_point():
+        came = singular_values.dtype if isinstance(singular_values, torch.Tensor) else type(singular_values).__name__
+        raise TypeError(f"singular_values must be a real floating-point tensor, got {came}")
+    current = check_int(current, "current", "an int >= 0", 0)
+    buffer, threshold, _, _ = _check_settings(buffer, threshold, 0, 1)
     sigma = torch.sort(singular_values.detach().double().flatten(), descending=True).values
     total = sigma.var(unbiased=False)
     upper = min(current + buffer, sigma.numel())

@@ -1,6 +1,7 @@
 """InRank-style incremental rank growth: the rank rule, grow_rank_, and the scheduler."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -37,6 +38,21 @@ def test_explained_rank_matches_definition(sigma, current, buffer, threshold):
     shuffled = torch.tensor(sigma)[torch.randperm(len(sigma))]
     assert explained_rank(shuffled, current, buffer, threshold) == reference_rank(sigma, current, buffer,
                                                                                   threshold)
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (([3.0, 1.0], 1, 2, 0.9), TypeError, "singular_values must be a real floating-point tensor, got list"),
+    ((torch.tensor([3, 1]), 1, 2, 0.9), TypeError,
+     "singular_values must be a real floating-point tensor, got torch.int64"),
+    ((torch.ones(3), 1.0, 2, 0.9), TypeError, "current must be an int >= 0, got float (1.0)"),
+    ((torch.ones(3), -1, 2, 0.9), ValueError, "current must be an int >= 0, got -1"),
+    ((torch.ones(3), 1, 0, 0.9), ValueError, "buffer must be an int >= 1, got 0"),
+    ((torch.ones(3), 1, 2, "0.9"), TypeError, "threshold must be a float in (0, 1), got str ('0.9')"),
+    ((torch.ones(3), 1, 2, 1.0), ValueError, "threshold must be in (0, 1), got 1.0"),
+])
+def test_explained_rank_checks_its_arguments(args, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        explained_rank(*args)
 
 
 def test_explained_rank_finds_a_spectral_gap():
