@@ -33,12 +33,12 @@ autograd) on ``dynrank.kernels.conv_merge`` (the Triton pass).
 
 import contextlib
 import math
-import numbers
 import warnings
 
 import torch
 from torch.nn import functional as F
 
+from ._args import check_int
 from .linear import svd_factors
 
 __all__ = ["DECOMPOSITIONS", "KernelShape", "get_factorization", "run_chain"]
@@ -59,9 +59,7 @@ class KernelShape:
 
 
 def _int_rank(value, what):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} ({value!r})")
-    return int(value)
+    return check_int(value, what, "an int")
 
 
 def _bounded(value, limit, what, why):

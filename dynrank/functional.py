@@ -8,12 +8,12 @@ so ``torch.compile`` treats it as one opaque node instead of breaking the graph.
 """
 
 import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ._args import check_real
 from ._backend import backend_for
 
 __all__ = ["lowrank_linear", "merge_"]
@@ -300,17 +300,19 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
     device_type = x.device.type
     if _autocasting(device_type):
         return _autocast_lowrank_linear(x, weight, A, B, bias, scale)
-    if (not compiling and _torch_would_catch(x, weight, A, B, bias)
-            and backend_for(x.device, "lowrank_linear", x.dtype) == "torch"):
-        try:
-            return _torch_lowrank_linear(x, weight, A, B, bias, scale)
-        except RuntimeError:
-            # torch refused the operands (shapes, dtypes, devices): say which one and why. An error
-            # that is not the operands' (out of memory, say) passes the checks and is raised as it came.
-            _check_operands(x, weight, A, B, bias)
-            raise
+    backend = None      # read once; first only where the cheap guard passes, before the full checks
+    if not compiling and _torch_would_catch(x, weight, A, B, bias):
+        backend = backend_for(x.device, "lowrank_linear", x.dtype)
+        if backend == "torch":
+            try:
+                return _torch_lowrank_linear(x, weight, A, B, bias, scale)
+            except RuntimeError:
+                # torch refused the operands (shapes, dtypes, devices): say which one and why. An error
+                # that is not the operands' (out of memory, say) passes the checks and is raised as it came.
+                _check_operands(x, weight, A, B, bias)
+                raise
     N, K, _ = _check_operands(x, weight, A, B, bias)
-    use_torch = backend_for(x.device, "lowrank_linear", x.dtype) == "torch"
+    use_torch = (backend or backend_for(x.device, "lowrank_linear", x.dtype)) == "torch"
     if not compiling and (use_torch or _eager_transform_active()):
         return _torch_lowrank_linear(x, weight, A, B, bias, scale)
     lead = x.shape[:-1]
@@ -460,9 +462,7 @@ def _check_scale(value, name):
     numpy number, or a 0-d real tensor (read once, as ``float()`` reads it)."""
     if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
-    value = float(value)
+    value = float(check_real(value, name, "a real number"))
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value

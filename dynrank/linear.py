@@ -22,7 +22,7 @@ def check_rank(rank, limit, what="rank"):
     rank = check_int(rank, what, "an int")
     if not 1 <= rank <= limit:
         raise ValueError(f"{what} must be in [1, {limit}], got {rank}")
-    return int(rank)
+    return rank
 
 
 def check_ratio(ratio, what="rank_ratio"):
@@ -235,5 +235,4 @@ def svd_factors(weight, rank, scale=1.0):
     root = (S[:rank] / scale).sqrt()
     A = U[:, :rank] * root
     B = Vh[:rank].t() * root
-    # Contiguous, as every parameter is (Vh's transpose is column-major, and L-BFGS views gradients flat).
-    return A.to(weight.dtype).contiguous(), B.to(weight.dtype).contiguous()
+    return A.to(weight.dtype), B.to(weight.dtype)

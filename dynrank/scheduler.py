@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ._args import check_int
 from ._checks import (check_copy, check_finite, check_layer_names, check_model_and_optimizer, check_new_copy,
                       check_one_group, check_same_layers, check_sync, form_layers, unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS
@@ -45,12 +46,10 @@ _OWN = object()   # DynamicRankScheduler._deflate_rank_for: the scheduler's own 
 def _check_count(value, what, allow_none=True):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be an int{' or None' if allow_none else ''}, "
-                        f"got {type(value).__name__} ({value!r})")
+    value = check_int(value, what, "an int or None" if allow_none else "an int")
     if value < 0:
         raise ValueError(f"{what} must be >= 0, got {value}")
-    return int(value)
+    return value
 
 
 def _check_schedule(unit, inflate, deflate, epochs):

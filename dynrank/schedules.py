@@ -19,9 +19,8 @@ refer to — for cosine annealing, epoch ≈ 0.62·E.
 """
 
 import math
-import numbers
 
-from ._args import check_int
+from ._args import check_int, check_real
 
 __all__ = ["schedule_from_lr", "regime_boundary", "finetune_schedule", "midpoint_schedule"]
 
@@ -46,8 +45,7 @@ def _sequence(value, what, example):
 
 
 def _check_threshold(threshold):
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(f"threshold must be a float in (0, 1), got {type(threshold).__name__} ({threshold!r})")
+    check_real(threshold, "threshold", "a float in (0, 1)")
     if not 0.0 < threshold < 1.0:                 # NaN fails this too
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     return float(threshold)
@@ -174,9 +172,7 @@ def schedule_from_lr(epochs, milestones=None, lrs=None, full_rank_fraction=0.5, 
         (60, 135)
     """
     epochs = _check_epochs(epochs)
-    if isinstance(full_rank_fraction, bool) or not isinstance(full_rank_fraction, numbers.Real):
-        raise TypeError(f"full_rank_fraction must be a float, got {type(full_rank_fraction).__name__} "
-                        f"({full_rank_fraction!r})")
+    check_real(full_rank_fraction, "full_rank_fraction", "a float")
     if not 0.0 < full_rank_fraction <= 1.0:
         raise ValueError(f"full_rank_fraction must be in (0, 1], got {full_rank_fraction}")
     granularity = check_int(granularity, "granularity", "a positive int", 1)
@@ -226,9 +222,7 @@ def finetune_schedule(epochs, deflate_fraction=0.5):
         ((None, 5), (None, 2))
     """
     epochs = _check_epochs(epochs)
-    if isinstance(deflate_fraction, bool) or not isinstance(deflate_fraction, numbers.Real):
-        raise TypeError(f"deflate_fraction must be a float, got {type(deflate_fraction).__name__} "
-                        f"({deflate_fraction!r})")
+    check_real(deflate_fraction, "deflate_fraction", "a float")
     if not 0.0 < deflate_fraction < 1.0:
         raise ValueError(f"deflate_fraction must be in (0, 1), got {deflate_fraction}")
     return None, max(1, int(math.floor(deflate_fraction * epochs)))

@@ -16,11 +16,10 @@ that are "significantly greater than zero" in a looser sense.
 """
 
 import math
-import numbers
 
 import torch
 
-from ._args import check_int
+from ._args import check_int, check_real
 
 __all__ = ["default_tol", "effective_rank", "spectral_ratio", "restricted_spectral_ratio",
            "entropy_effective_rank", "stable_rank"]
@@ -49,8 +48,7 @@ def default_tol(shape, dtype):
 
 
 def _check_tol(tol):
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-        raise TypeError(f"tol must be a float in [0, 1), got {type(tol).__name__} ({tol!r})")
+    check_real(tol, "tol", "a float in [0, 1)")
     if not 0.0 <= tol < 1.0:
         raise ValueError(f"tol must be a relative tolerance in [0, 1), got {tol}")
     return float(tol)
