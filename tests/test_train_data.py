@@ -19,6 +19,7 @@ from dynrank.train.corpus import (
     load_stdlib_corpus,
     stdlib_files,
 )
+from dynrank.train import data as data_module
 from dynrank.train.data import DataError, load_vision
 
 PIL = pytest.importorskip("PIL.Image")
@@ -205,6 +206,23 @@ def test_cache_returns_the_same_tensors(tmp_path):
     first = load_vision("cifar10", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
     assert len(os.listdir(tmp_path / "cache")) == 1
     second = load_vision("cifar10", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    assert all(torch.equal(a, b) for a, b in zip(first[:4], second[:4]))
+
+
+def test_cache_inside_the_data_folder_is_not_part_of_its_key(tmp_path, monkeypatch):
+    # --cache-dir under --data-dir, the tree at the top: the cache file must not change the source's
+    # stamp, or every run decodes again and replaces the cache it has just written.
+    root = tmp_path / "data"
+    write_image_tree(str(root), "PNG", per_class=1)
+    cache = root / ".cache"
+    first = load_vision("cifar10", str(root), cache_dir=str(cache))
+    entries = os.listdir(cache)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again instead of reading the cache")
+    monkeypatch.setattr(data_module, "_decode_all", no_decoding)
+    second = load_vision("cifar10", str(root), cache_dir=str(cache))
+    assert os.listdir(cache) == entries
     assert all(torch.equal(a, b) for a, b in zip(first[:4], second[:4]))
 
 

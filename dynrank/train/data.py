@@ -31,7 +31,8 @@ raise :class:`DataError` naming the file.
 
 Decode cache (``cache_dir``): one file per data set source, keyed by the
 source's path and, for every file under it, its relative path, size and
-modification time in nanoseconds (for an archive: its size and mtime).  A
+modification time in nanoseconds (for an archive: its size and mtime); the
+cache folder itself is left out where it sits inside the source.  A
 change that keeps a file's size and nanosecond mtime is not noticed (contents
 are not hashed); delete the cache file then.  An unreadable cache file is
 decoded again and overwritten, with a warning.  Writing a source's cache
@@ -403,20 +404,21 @@ def _sources(root, name):
                 yield path, (lambda p=path: _read_tree_tar(p, spec["size"]))
 
 
-def _cache_name(source, name):
+def _cache_name(source, name, cache_dir):
     """``(prefix, file name)`` of ``source``'s decode cache: ``<name>-<source id>-<stamp>.pt``.
 
     The source id hashes the source's absolute path and the data set's name; the stamp every file
-    under the source: relative path, size and mtime in ns.  The prefix (up to the stamp) is the same
-    for every version of one source.
+    under the source but those in ``cache_dir`` (which may sit inside it): relative path, size and
+    mtime in ns.  The prefix (up to the stamp) is the same for every version of one source.
     """
     stamp = []
     if os.path.isfile(source):
         st = os.stat(source)
         stamp.append(("", st.st_size, st.st_mtime_ns))
     else:
+        cache_real = os.path.realpath(cache_dir)
         for folder, dirs, files in os.walk(source):
-            dirs.sort()
+            dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(folder, d)) != cache_real)
             for f in sorted(files):
                 path = os.path.join(folder, f)
                 try:
@@ -503,7 +505,7 @@ def load_vision(name, root, cache_dir=None):
     if not os.path.isdir(root):
         raise DataError(f"data folder {os.path.abspath(root)} does not exist.\n" + layouts_help(name, root))
     for source, read in _sources(root, name):
-        prefix, entry = _cache_name(source, name) if cache_dir else (None, None)
+        prefix, entry = _cache_name(source, name, cache_dir) if cache_dir else (None, None)
         cache = os.path.join(cache_dir, entry) if cache_dir else None
         if cache:
             saved = _load_cache(cache)
