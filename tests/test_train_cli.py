@@ -500,6 +500,30 @@ def test_out_is_released_when_its_config_cannot_be_written(tmp_path, capsys, mon
     assert json.loads((out / "config.json").read_text())["schedule"] == "full"
 
 
+@pytest.mark.parametrize("given_out", [True, False])
+def test_ctrl_c_while_the_config_is_written_offers_no_resume(tmp_path, capsys, monkeypatch, given_out):
+    """Nothing can be resumed before config.json is written: the message must not offer --resume, and
+    the folder the run made (or claimed) is left as a retry can use it."""
+    from dynrank.train import loop
+    monkeypatch.chdir(tmp_path)
+    write_json = loop.write_json
+
+    def ctrl_c(path, obj):
+        if os.path.basename(path) == "config.json":
+            raise KeyboardInterrupt
+        write_json(path, obj)
+
+    monkeypatch.setattr(loop, "write_json", ctrl_c)
+    out = tmp_path / "run"
+    assert cli.main(_TINY_RUN + (["--out", str(out)] if given_out else [])) == 130
+    err = capsys.readouterr().err
+    assert "dynrank-train: aborted" in err and "--resume" not in err
+    if given_out:
+        assert os.listdir(out) == [] and cli._holds_run(str(out)) is None
+    else:
+        assert os.listdir(tmp_path / "runs") == []
+
+
 def test_default_run_folders_are_unique_within_a_second(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli.time, "strftime", lambda fmt, *a: "20250101-120000")

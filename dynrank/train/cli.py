@@ -9,6 +9,7 @@ data and schedule; see ``dynrank-train --help``.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -577,8 +578,13 @@ def main(argv=None):
             try:
                 write_json(os.path.join(out_dir, "config.json"), cfg)
             except BaseException:
-                if claimed:      # release --out: the empty claim would read as a damaged run to a retry
-                    os.remove(claimed)
+                if not args.resume:     # nothing of this run is saved: no folder to continue
+                    if claimed:         # release --out: the empty claim would read as a damaged run to a retry
+                        os.remove(claimed)
+                    else:               # the runs/<timestamp> folder made for it, still empty
+                        with contextlib.suppress(OSError):
+                            os.rmdir(out_dir)
+                    out_dir = None
                 raise
         log(f"dynrank-train: output in {out_dir}")
         _print_settings(cfg, log)
