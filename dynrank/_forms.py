@@ -47,13 +47,21 @@ def check_floating_dtype(dtype, allow_none=False, needed_by=""):
     return dtype
 
 
-def _packed(t):
+def _packed(t, memory_format=torch.contiguous_format):
     """``t`` itself where its elements are laid out in order (row-major, or channels-last for a 4-D
     tensor), else a row-major copy: a factor made by a transpose or a permutation (an SVD's Vᵀ, a
-    Tucker core) would pass its layout on to its gradients, which L-BFGS views flat."""
+    Tucker core) would pass its layout on to its gradients, which L-BFGS views flat.  A 4-D ``t``
+    is laid out channels-last where ``memory_format`` says so (the layer's own layout)."""
+    if t.dim() == 4 and memory_format is torch.channels_last:
+        return t.contiguous(memory_format=torch.channels_last)
     if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
         return t
     return t.contiguous()
+
+
+def _is_channels_last(t):
+    """A 4-D tensor laid out channels-last and not also row-major (a 1×1 kernel or one channel is both)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 class FormLayer(nn.Module):
@@ -88,28 +96,42 @@ class FormLayer(nn.Module):
     _factor_param_names = ()
 
     def _build_parameters(self, form, rank, bias, device=None, dtype=None):
-        """Create bias, dense weight and factors for the initial ``form``.
-
-        The dense weight and bias follow PyTorch's default init for Linear and
-        Conv layers (Kaiming-uniform with a = √5, bias U(±1/√fan_in)).
-        """
+        """Create bias, dense weight and factors for the initial ``form``, then :meth:`reset_parameters`."""
         check_form(form)
         check_floating_dtype(dtype, allow_none=True)
         kw = dict(device=device, dtype=dtype)
         shape = self._dense_shape()
         self.bias = nn.Parameter(torch.empty(shape[0], **kw)) if bias else None
         self.register_parameter(self.weight_name, None)
-        self._rank = rank
-        weight = None
-        if form != "lowrank":
-            weight = torch.empty(shape, **kw)
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        factors = {} if form == "full" else self._init_factors(rank, form == "adapter", **kw)
-        if form == "lowrank":
-            self._init_lowrank_(factors, rank)
+        weight = None if form == "lowrank" else torch.empty(shape, **kw)
+        factors = {} if form == "full" else {n: torch.empty(s, **kw) for n, s in self._factor_shapes(rank).items()}
         self._become(form, weight, factors, rank)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Draw the current form's parameters afresh, in place, as construction does (as ``nn.Linear``'s).
+
+        The dense weight (W, or W_f in adapter form) and the bias follow PyTorch's default init for Linear
+        and Conv layers (Kaiming-uniform with a = √5, bias U(±1/√fan_in)); lowrank factors are drawn so the
+        merged weight has that variance, an adapter's so that their product is zero.  From the same RNG
+        state it gives the values a fresh layer of this form and rank gets, so a layer built on the meta
+        device is initialized by ``to_empty(device=...)`` and then this.  The Parameter objects and their
+        ``requires_grad`` stay as they are.
+        """
+        dense = self._dense()
+        if dense is not None:
+            nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        params = self.factors()
+        if params:
+            ref = next(iter(params.values()))
+            fresh = self._init_factors(self._rank, self._form == "adapter", ref.device, ref.dtype)
+            if self._form == "lowrank":
+                self._init_lowrank_(fresh, self._rank)
+            for name, value in fresh.items():
+                params[name].copy_(value)
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(math.prod(shape[1:]))
+            bound = 1.0 / math.sqrt(math.prod(self._dense_shape()[1:]))
             nn.init.uniform_(self.bias, -bound, bound)
 
     # -- form bookkeeping ---------------------------------------------------
@@ -139,27 +161,44 @@ class FormLayer(nn.Module):
         value = self._parameters.get(name, _UNSET)
         return getattr(self, name, None) if value is _UNSET else value
 
-    def _set_factors(self, factors):
+    def _memory_format(self):
+        """``torch.channels_last`` where one of the layer's 4-D parameters is laid out so (a model moved
+        with ``.to(memory_format=torch.channels_last)``), else ``torch.contiguous_format``.  The tensors
+        a form change creates (W, fresh factors) take this layout, so a channels-last model stays so."""
+        if any(p is not None and _is_channels_last(p) for p in self._parameters.values()):
+            return torch.channels_last
+        return torch.contiguous_format
+
+    def _set_factors(self, factors, trainable=True, memory_format=torch.contiguous_format):
         for name in set(self._factor_param_names) | set(self._factor_names(self._rank)):
             setattr(self, name, None)
         self._factor_param_names = tuple(factors)
         for name, value in factors.items():
-            setattr(self, name, nn.Parameter(_packed(value), requires_grad=True))
+            setattr(self, name, nn.Parameter(_packed(value, memory_format), requires_grad=trainable))
 
-    def _become(self, form, weight, factors, rank):
-        """Install ``weight`` (tensor or None) and ``factors`` (dict) for ``form``."""
+    def _trains(self):
+        """Whether any of the layer's parameters but the bias requires grad (W, W_f, the factors).  A layer
+        where none does (``requires_grad_(False)``) stays frozen through a form change."""
+        dense = self._dense()
+        return (dense is not None and dense.requires_grad) or any(f.requires_grad for f in self.factors().values())
+
+    def _become(self, form, weight, factors, rank, trainable=True):
+        """Install ``weight`` (tensor or None) and ``factors`` (dict) for ``form``: the form's trainable
+        parameters (W in full form, the factors otherwise) require grad where ``trainable``, W_f never.
+        New tensors take the layout of the parameters they replace (:meth:`_memory_format`)."""
+        memory_format = self._memory_format()
         self._form = form
         self._rank = rank
         if weight is None:
             setattr(self, self.weight_name, None)
         else:
-            trainable = form == "full"
+            trains = trainable and form == "full"
             if isinstance(weight, nn.Parameter):
-                weight.requires_grad_(trainable)
+                weight.requires_grad_(trains)
                 setattr(self, self.weight_name, weight)
             else:
-                setattr(self, self.weight_name, nn.Parameter(weight, requires_grad=trainable))
-        self._set_factors(factors)
+                setattr(self, self.weight_name, nn.Parameter(_packed(weight, memory_format), requires_grad=trains))
+        self._set_factors(factors, trainable, memory_format)
         self._on_form_change()
 
     def _on_form_change(self):
@@ -214,7 +253,8 @@ class FormLayer(nn.Module):
         """lowrank/adapter → full: W ← W0 + merged factors (W0 = 0 in lowrank, W_f in adapter).
 
         Function-preserving up to rounding; the factors are released.  The merge
-        runs through the fused merge kernel on CUDA.
+        runs through the fused merge kernel on CUDA.  W is trainable unless the
+        layer was frozen: no parameter but the bias requiring grad.
 
         Returns:
             self
@@ -226,6 +266,7 @@ class FormLayer(nn.Module):
             raise RuntimeError(f"{type(self).__name__} is already in full form; inflate applies to "
                                f"lowrank or adapter form")
         ref = self._reference_tensor()
+        trainable = self._trains()
         dense = self._dense()
         if dense is None:
             dense = torch.zeros(self._dense_shape(), device=ref.device, dtype=ref.dtype)
@@ -234,12 +275,16 @@ class FormLayer(nn.Module):
             # Merge into W_f's storage and keep its Parameter object, so anything
             # keyed on it (optimizer state, hooks) follows the layer.
             self._merge_into_(dense.data, 1.0, self.factors())
-        self._become("full", dense, {}, self._rank)
+        self._become("full", dense, {}, self._rank, trainable)
         return self
 
     @torch.no_grad()
     def deflate(self, rank=None, init="zeros"):
         """full → adapter: freeze W as W_f and attach fresh factors of ``rank``.
+
+        The factors are trainable unless the layer was frozen (W not requiring grad):
+        a frozen layer stays frozen.  For LoRA on a frozen layer, set
+        ``requires_grad`` on its factors afterwards.
 
         Args:
             rank: factor rank (default: the layer's rank).
@@ -263,12 +308,13 @@ class FormLayer(nn.Module):
             raise ValueError(f"init must be one of {', '.join(DEFLATE_INITS)}, got {init!r}")
         rank = self._check_rank(self._rank if rank is None else rank)
         weight = self._dense()
+        trainable = self._trains()
         if init == "svd":
             factors = self._fit(weight.detach(), rank)
             self._merge_into_(weight.data, -1.0, factors)
         else:
             factors = self._init_factors(rank, init == "zeros", weight.device, weight.dtype)
-        self._become("adapter", weight, factors, rank)
+        self._become("adapter", weight, factors, rank, trainable)
         return self
 
     # -- state dict across forms ---------------------------------------------
@@ -307,6 +353,9 @@ class FormLayer(nn.Module):
             try:
                 rank = self._check_rank(self._rank_from_state(state_dict, prefix))
             except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:
+                lacking = [n for n in self._factor_names(self._rank) if prefix + n not in state_dict]
+                if lacking:
+                    return None, f"the state dict holds this layer in {form} form but lacks {', '.join(lacking)}"
                 shapes = {n: tuple(state_dict[prefix + n].shape) for n in sorted(self._all_factor_names())
                           if prefix + n in state_dict and isinstance(state_dict[prefix + n], torch.Tensor)}
                 why = f" ({e})" if isinstance(e, (TypeError, ValueError)) else ""
@@ -314,6 +363,13 @@ class FormLayer(nn.Module):
         expected = dict(self._factor_shapes(rank)) if form != "full" else {}
         if form != "lowrank":
             expected[self.weight_name] = tuple(self._dense_shape())
+        if (form, rank) != (self._form, self._rank):
+            # The switch allocates these uninitialized: a dict that lacks one would leave it so.
+            lacking = [name for name in expected if prefix + name not in state_dict]
+            if lacking:
+                where = f"{form} form" + ("" if form == "full" else f" (rank {rank})")
+                return None, (f"the state dict holds this layer in {where} but lacks {', '.join(lacking)}, "
+                              f"which loading it would leave uninitialized")
         if self.bias is not None:
             expected["bias"] = tuple(self.bias.shape)
         wrong = []
@@ -330,8 +386,10 @@ class FormLayer(nn.Module):
 
     @torch.no_grad()
     def _allocate(self, form, rank):
-        """Switch to ``form`` with uninitialized parameters of the right shapes (for loading)."""
+        """Switch to ``form`` with uninitialized parameters of the right shapes (for loading); a frozen
+        layer stays frozen, as ``load_state_dict`` leaves ``requires_grad`` alone."""
         ref = self._reference_tensor()
+        trainable = self._trains()
         kw = dict(device=ref.device, dtype=ref.dtype)
         if form == "full":
             weight, factors = torch.empty(self._dense_shape(), **kw), {}
@@ -341,4 +399,4 @@ class FormLayer(nn.Module):
             if form == "adapter":
                 weight = dense if dense is not None else torch.empty(self._dense_shape(), **kw)
             factors = {n: torch.empty(s, **kw) for n, s in self._factor_shapes(rank).items()}
-        self._become(form, weight, factors, rank)
+        self._become(form, weight, factors, rank, trainable)

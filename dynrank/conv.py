@@ -109,6 +109,11 @@ class LowRankConv2d(FormLayer):
     Glorot-normal.  ``init="svd"`` moves the best fit of W in the layer's
     decomposition (truncated SVD, HOOI Tucker, ALS CP) into the factors and
     keeps W_f = W − fit, so the function is unchanged for every decomposition.
+    A layer moved to ``torch.channels_last`` stays so: the W and factors a form
+    change creates take its layout.  (The one exception: cp and tkd-cpd in
+    lowrank form have only 1-wide or 1-deep kernels, alike in both layouts, so
+    the W ``inflate()`` makes from them is contiguous; ``.to(memory_format=...)``
+    again after it.)
 
     Adapter form, two strategies (``adapter_strategy``):
 

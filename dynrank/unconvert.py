@@ -187,6 +187,8 @@ def _replacement(layer, names, places, lowrank):
             new = _factored_linear(layer)
         else:
             new = _factored_conv(layer)
+        if layer._memory_format() is torch.channels_last:     # a channels-last model stays so
+            new.to(memory_format=torch.channels_last)
     return new.train(layer.training), note
 
 

@@ -157,6 +157,18 @@ def test_conv_full_form_keeps_its_parameters(geometry):
     assert type(new) is nn.Conv2d and new.weight is weight and new.bias is None
 
 
+@pytest.mark.parametrize("lowrank", ["factored", "dense"])
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+@pytest.mark.parametrize("dec, rank", [("svd", 4), ("tucker", (3, 4))])
+def test_a_channels_last_conv_unconverts_channels_last(dec, rank, form, lowrank):
+    layer = conv_layer(dec, rank, form, GEOMETRIES["stride2"]).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 9, 10, dtype=F64).to(memory_format=torch.channels_last)
+    new = check_same_function(layer, lowrank, x)
+    kernels = [p for p in new.parameters() if p.dim() == 4]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    assert any(not p.is_contiguous() for p in kernels)       # not only 1×1 kernels, alike in both layouts
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["linear", "tucker", "tkd-cpd"])
 def test_merge_is_inflates_merge_and_keeps_dtype(kind, dtype):

@@ -205,7 +205,8 @@ def _channels_last(cfg):
 
 def _to_layout(model, cfg):
     """Put ``model``'s convs channels-last where the run trains so, in place (an optimizer keeps its
-    references); parameters made by a form change (inflate, deflate, a restore) are contiguous."""
+    references).  Called again after form changes: a cp or tkd-cpd layer inflated from lowrank form
+    gets a contiguous W (its factors show no layout, see :class:`~dynrank.LowRankConv2d`)."""
     if _channels_last(cfg):
         model.to(memory_format=torch.channels_last)
     return model

@@ -1,0 +1,472 @@
+"""The layers as ordinary nn.Modules whose state users move, copy, save and load.
+
+Deferred init (meta, ``to_empty``, ``reset_parameters``), dtype and memory-format casts, freezing,
+state dicts (``strict=False``, ``assign=True``, ``keep_vars=True``, a dict of another form that lacks a
+tensor), repr, deepcopy and pickling, and the input layouts ``nn.Linear``/``nn.Conv2d`` accept
+(0 tokens, 1-D, 4-D, non-contiguous, stride-0), each in every form against a float64 reference.
+"""
+
+import copy
+import io
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from _helpers import REL_TOL, kernel_devices, rel_err
+from _scheduling import held, mlp, trainable
+from dynrank import FusedLowRankLinear
+from dynrank.conv import LowRankConv2d
+from dynrank.kernels.conv_merge import reference_kernel
+from dynrank.scheduler import DynamicRankScheduler
+
+FORMS = ["lowrank", "full", "adapter"]
+BACKENDS = ["torch"] + (["triton"] if kernel_devices() else [])
+F32 = REL_TOL[torch.float32]
+# (decomposition, rank, adapter strategy): a couple of each.
+CONVS = [("svd", 2, "merged"), ("tucker", (2, 3), "chain"), ("cp", 3, "merged"), ("tkd-cpd", (2, 3, 2), "chain")]
+
+
+@pytest.fixture(params=BACKENDS)
+def device(request, monkeypatch):
+    """Each engine on its device: torch on CPU; Triton on CUDA where present, else interpreted on CPU."""
+    monkeypatch.setenv("DYNRANK_BACKEND", request.param)
+    return "cpu" if request.param == "torch" else kernel_devices()[0]
+
+
+def linear(form="lowrank", **kw):
+    return FusedLowRankLinear(17, 23, rank=4, form=form, alpha=3.0, **kw)
+
+
+def conv(dec="tucker", form="lowrank", **kw):
+    rank, strategy = next((r, s) for d, r, s in CONVS if d == dec)
+    kw.setdefault("adapter_strategy", strategy)
+    return LowRankConv2d(5, 7, 3, rank=rank, decomposition=dec, stride=2, padding=1, form=form, alpha=2.0, **kw)
+
+
+def randomize(layer):
+    """Non-zero factors (an adapter starts with a zero one), so every term of the output counts."""
+    with torch.no_grad():
+        for p in layer.factors().values():
+            p.normal_(0.0, 0.5)
+    return layer
+
+
+def effective(layer, params):
+    """The layer's dense weight from float64 ``params`` (name → tensor), differentiably."""
+    dense = params.get("weight")
+    if layer.form == "full":
+        return dense
+    factors = {n: params[n] for n in layer.factors()}
+    if isinstance(layer, FusedLowRankLinear):
+        delta = layer.scale * factors["A"] @ factors["B"].t()
+    else:
+        delta = reference_kernel(layer.decomposition, factors, layer.scale, layer.groups)
+    return delta if dense is None else dense + delta
+
+
+def reference(layer, x):
+    """float64 output of nn.Linear / nn.Conv2d with the layer's effective weight, and its leaves."""
+    params = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
+    x64 = x.detach().double().requires_grad_()
+    weight, bias = effective(layer, params), params.get("bias")
+    if isinstance(layer, FusedLowRankLinear):
+        y = F.linear(x64, weight, bias)
+    else:
+        y = F.conv2d(x64, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return y, x64, params
+
+
+def check_forward_and_gradients(layer, x, tol=F32):
+    """Output, input gradient and every trainable parameter's gradient against float64 autograd;
+    a frozen parameter gets no gradient."""
+    for p in layer.parameters():
+        p.grad = None
+    x = x.detach().as_strided(x.shape, x.stride()).requires_grad_()   # the same layout, a leaf
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y64, x64, params = reference(layer, x)
+    y64.backward(dy.double())
+    assert y.shape == y64.shape and y.dtype == x.dtype
+    assert rel_err(y, y64) < tol
+    assert rel_err(x.grad, x64.grad) < tol
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.shape == p.shape, name
+            assert rel_err(p.grad, params[name].grad) < tol, name
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+    return y
+
+
+def state(layer):
+    return {k: v.detach().clone() for k, v in layer.state_dict().items()}
+
+
+def assert_same_state(layer, expected):
+    got = layer.state_dict()
+    assert list(got) == list(expected)
+    for k, v in expected.items():
+        assert got[k].dtype == v.dtype and got[k].device == v.device and torch.equal(got[k], v), k
+
+
+def change_form(layer):
+    """One form change from wherever the layer is: lowrank/adapter → full, full → adapter."""
+    return layer.deflate(init="svd") if layer.form == "full" else layer.inflate()
+
+
+def all_forms():
+    return ([pytest.param(linear, form, id=f"linear-{form}") for form in FORMS]
+            + [pytest.param(lambda form, dec=dec, **kw: conv(dec, form, **kw), form, id=f"{dec}-{form}")
+               for dec, _, _ in CONVS for form in FORMS])
+
+
+def input_for(layer, *lead, device="cpu"):
+    if isinstance(layer, FusedLowRankLinear):
+        return torch.randn(*lead, 17, device=device)
+    return torch.randn(*lead, 5, 9, 8, device=device)
+
+
+# -- deferred init: meta, to_empty, reset_parameters ------------------------------------------
+
+@pytest.mark.parametrize("build, form", all_forms())
+@pytest.mark.parametrize("how", ["context", "kwarg"])
+def test_meta_then_to_empty_and_reset_parameters_is_the_eager_layer(build, form, how):
+    """Built on meta (under ``torch.device`` or with ``device=``), ``to_empty`` then ``reset_parameters``
+    gives the very layer an eager build draws from the same seed; the forms then work as usual."""
+    torch.manual_seed(5)
+    eager = build(form)
+    if how == "context":
+        with torch.device("meta"):
+            layer = build(form)
+    else:
+        layer = build(form, device="meta")
+    assert all(p.is_meta for p in layer.parameters())
+    layer.to_empty(device="cpu")
+    params = dict(layer.named_parameters())
+    torch.manual_seed(5)
+    layer.reset_parameters()
+    assert dict(layer.named_parameters()) == params, "reset_parameters works in place"
+    assert_same_state(layer, state(eager))
+    assert [p.requires_grad for p in layer.parameters()] == [p.requires_grad for p in eager.parameters()]
+    randomize(layer)
+    x = input_for(layer, 3)
+    y = check_forward_and_gradients(layer, x)
+    change_form(layer)
+    assert rel_err(layer(x), y.detach()) < F32
+
+
+@pytest.mark.parametrize("build, form", all_forms())
+def test_reset_parameters_redraws_in_place_and_keeps_what_is_frozen(build, form):
+    layer = build(form, dtype=torch.float64)
+    (layer.bias if form == "full" else next(iter(layer.factors().values()))).requires_grad_(False)
+    before, flags, params = state(layer), [p.requires_grad for p in layer.parameters()], list(layer.parameters())
+    torch.manual_seed(9)
+    layer.reset_parameters()
+    assert list(layer.parameters()) == params and [p.requires_grad for p in layer.parameters()] == flags
+    zeroed = {"adapter": "A" if isinstance(layer, FusedLowRankLinear) else layer._dec.zero_factor}.get(form)
+    assert all(not torch.equal(v, before[k]) for k, v in layer.state_dict().items() if k != zeroed)
+    assert all(v.dtype == torch.float64 for v in layer.state_dict().values())
+    torch.manual_seed(9)
+    fresh = build(form, dtype=torch.float64)
+    assert_same_state(layer, state(fresh))
+
+
+# -- dtype and memory-format casts -----------------------------------------------------------
+
+@pytest.mark.parametrize("cast, dtype", [("half", torch.float16), ("bfloat16", torch.bfloat16),
+                                         ("double", torch.float64), ("to", torch.float16)])
+@pytest.mark.parametrize("build, form", all_forms()[:6])      # linear and svd conv
+def test_casts_match_float64_and_survive_form_changes(device, build, form, cast, dtype):
+    layer = randomize(build(form, device=device))
+    if cast == "to":
+        layer.to(dtype)
+    else:
+        getattr(layer, cast)()
+    assert all(p.dtype == dtype for p in layer.parameters())
+    x = input_for(layer, 3, device=device).to(dtype)
+    y = check_forward_and_gradients(layer, x, REL_TOL[dtype])
+    change_form(layer)
+    assert all(p.dtype == dtype for p in layer.parameters())
+    assert rel_err(layer(x), y.detach()) < 2 * REL_TOL[dtype]
+    if layer.form == "full":
+        change_form(layer)                   # on to adapter form
+    randomize(layer)
+    assert all(p.dtype == dtype for p in layer.parameters())
+    check_forward_and_gradients(layer, x, REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("dec", [d for d, _, _ in CONVS])
+@pytest.mark.parametrize("form", FORMS)
+def test_channels_last_conv_matches_float64_in_every_form(dec, form):
+    layer = randomize(conv(dec, form)).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 5, 9, 8).to(memory_format=torch.channels_last)
+    y = check_forward_and_gradients(layer, x)
+    change_form(layer)
+    assert rel_err(layer(x), y.detach()) < F32
+    if layer.form == "full":
+        change_form(randomize(layer))
+    check_forward_and_gradients(randomize(layer), x)
+
+
+def _laid_out(layer, memory_format):
+    return {n: p.is_contiguous(memory_format=memory_format) for n, p in layer.named_parameters() if p.dim() == 4}
+
+
+@pytest.mark.parametrize("dec", [d for d, _, _ in CONVS])
+@pytest.mark.parametrize("form", FORMS)
+def test_form_changes_keep_a_channels_last_layer_channels_last(dec, form):
+    """The W and the factors a form change creates take the layer's layout.  A CP or TKD-CPD layer in
+    lowrank form shows none (every kernel of its chain is 1 wide or 1 channel deep, alike in both
+    layouts): its inflated W comes row-major, as the layer's docstring says."""
+    layer = randomize(conv(dec, form)).to(memory_format=torch.channels_last)
+    assert layer._memory_format() is (torch.contiguous_format if (dec in ("cp", "tkd-cpd") and form == "lowrank")
+                                      else torch.channels_last)
+    for _ in range(3):
+        told = layer._memory_format() is torch.channels_last
+        x = torch.randn(2, 5, 9, 8).to(memory_format=torch.channels_last)
+        y = layer(x).detach()
+        change_form(layer)
+        assert rel_err(layer(x), y) < F32
+        if told:
+            assert all(_laid_out(layer, torch.channels_last).values()), _laid_out(layer, torch.channels_last)
+            assert layer._memory_format() is torch.channels_last
+    plain = conv(dec, form)
+    for _ in range(3):
+        change_form(plain)
+        assert all(_laid_out(plain, torch.contiguous_format).values())
+
+
+# -- a frozen layer stays frozen ------------------------------------------------------------
+
+@pytest.mark.parametrize("build, form", all_forms())
+def test_a_frozen_layer_stays_frozen_through_form_changes(build, form):
+    layer = randomize(build(form, dtype=torch.float64))
+    layer.requires_grad_(False)
+    x = input_for(layer, 2).double()
+    y = layer(x)
+    for _ in range(3):                       # e.g. lowrank → full → adapter → full
+        change_form(layer)
+        assert [n for n, p in layer.named_parameters() if p.requires_grad] == [], layer.form
+        assert rel_err(layer(x), y) < REL_TOL[torch.float64] * 10
+    layer.requires_grad_(True)
+    change_form(layer)
+    expected = {"full": ["weight"], "adapter": list(layer.factors())}[layer.form]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad and n != "bias"] == expected
+
+
+@pytest.mark.parametrize("build", [linear, lambda form: conv("cp", form)], ids=["linear", "conv"])
+def test_a_partly_frozen_layer_trains_its_new_form(build):
+    """Trainable stays trainable: one frozen factor, or a frozen bias, is not a frozen layer."""
+    layer = build("lowrank")
+    next(iter(layer.factors().values())).requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    layer.inflate()
+    assert layer.weight.requires_grad and not layer.bias.requires_grad
+    layer.deflate()
+    assert all(p.requires_grad for p in layer.factors().values()) and not layer.weight.requires_grad
+
+
+def test_the_scheduler_leaves_a_frozen_layer_out_of_training():
+    """A layer frozen after conversion: each switch keeps it frozen, and no parameter of it joins the
+    optimizer (SGD(model.parameters()) holds its frozen factors at first; they leave with them)."""
+    model = mlp()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    at_first = {id(p) for p in model[0].parameters()}
+    sched = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    x = torch.randn(4, 12)
+    y = model[0](x)
+    for epoch, form in enumerate(["lowrank", "full", "adapter"]):
+        sched.step(epoch)
+        assert model[0].form == form and not any(p.requires_grad for p in model[0].parameters()), epoch
+        layer_params = {id(p) for p in model[0].parameters()}
+        assert {id(p) for p in held(opt)} & layer_params <= at_first, epoch
+        assert all(any(p is q for q in held(opt)) for p in trainable(model)), epoch
+        assert rel_err(model[0](x), y) < F32
+
+
+# -- state dicts ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build, form", all_forms())
+def test_state_dict_round_trip_keep_vars_and_strict_false(build, form):
+    src = randomize(build(form))
+    x = input_for(src, 3)
+    expected = src(x)
+    dst = build(form)
+    dst.load_state_dict(src.state_dict(keep_vars=True))
+    assert all(isinstance(v, nn.Parameter) for v in src.state_dict(keep_vars=True).values())
+    assert not any(p is q for p in dst.parameters() for q in src.parameters())   # copied, not shared
+    assert torch.equal(dst(x), expected)
+    # strict=False with a part of the dict: the rest of the layer stays as it was.
+    partial = build(form)
+    before = state(partial)
+    result = partial.load_state_dict({"bias": src.bias.detach()}, strict=False)
+    assert result.unexpected_keys == [] and sorted(result.missing_keys) == sorted(k for k in before if k != "bias")
+    assert torch.equal(partial.bias, src.bias)
+    assert_same_state(partial, {**before, "bias": src.bias.detach()})
+
+
+@pytest.mark.parametrize("saved", FORMS)
+@pytest.mark.parametrize("build, form", all_forms()[:6])      # linear and svd conv
+def test_assign_onto_a_meta_layer_of_any_form(build, form, saved):
+    """The deferred-load recipe: build on meta, ``load_state_dict(sd, assign=True)``: the layer takes the
+    saved form and rank, the dict's tensors themselves, and its form's trainability."""
+    src = randomize(build(saved, dtype=torch.float64))
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    with torch.device("meta"):
+        layer = build(form)
+    layer.load_state_dict(sd, assign=True)
+    assert layer.form == saved and layer.rank == src.rank
+    assert all(p.data_ptr() == sd[n].data_ptr() for n, p in layer.named_parameters())
+    assert [(n, p.requires_grad) for n, p in layer.named_parameters()] == \
+           [(n, p.requires_grad) for n, p in src.named_parameters()]
+    x = input_for(layer, 3).double()
+    assert torch.equal(layer(x), src(x))
+    change_form(layer)
+    assert rel_err(layer(x), src(x)) < REL_TOL[torch.float64] * 10
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("target", ["full", "adapter", "lowrank-rank-3"])
+def test_a_dict_of_another_form_that_lacks_a_tensor_leaves_the_layer_as_it_was(target, strict):
+    """Loading switches the layer to the dict's form and rank first; a dict that lacks one of that form's
+    tensors would leave it uninitialized, so the load is refused (strict or not) before anything changes."""
+    form, rank = (target, 4) if "rank" not in target else ("lowrank", 3)
+    layer = FusedLowRankLinear(17, 23, rank=rank, form=form)
+    before, params = state(layer), dict(layer.named_parameters())
+    sd = FusedLowRankLinear(17, 23, rank=4, form="lowrank").state_dict()
+    del sd["B"]
+    with pytest.raises(RuntimeError, match=re.escape(f"the state dict holds this layer in lowrank form (rank 4) but "
+                                                     f"lacks B") + r".*" + re.escape(
+                                               f"the layer is left as it was ({form} form, rank {rank})")):
+        layer.load_state_dict(sd, strict=strict)
+    assert layer.form == form and layer.rank == rank and dict(layer.named_parameters()) == params
+    assert_same_state(layer, before)
+
+
+@pytest.mark.parametrize("dec", [d for d, _, _ in CONVS])
+def test_a_conv_dict_of_another_form_that_lacks_a_factor_is_refused(dec):
+    layer = conv(dec, "full")
+    before = state(layer)
+    sd = conv(dec, "adapter").state_dict()
+    missing = layer._dec.factor_names[-1]
+    del sd[missing]
+    with pytest.raises(RuntimeError, match=rf"holds this layer in adapter form.* but lacks {missing}.*left as it "
+                                           rf"was \(full form"):
+        layer.load_state_dict(sd, strict=False)
+    assert layer.form == "full"
+    assert_same_state(layer, before)
+
+
+def test_a_dict_of_the_same_form_that_lacks_a_tensor_is_torchs_missing_key():
+    layer = FusedLowRankLinear(17, 23, rank=4)
+    before = state(layer)
+    sd = FusedLowRankLinear(17, 23, rank=4).state_dict()
+    del sd["B"]
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "B"'):
+        layer.load_state_dict(sd)
+    result = layer.load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["B"] and torch.equal(layer.B, before["B"])
+
+
+# -- repr -----------------------------------------------------------------------------------------
+
+def test_repr_names_the_form_and_the_rank():
+    layer = FusedLowRankLinear(17, 23, rank=4, alpha=3.0)
+    assert repr(layer) == ("FusedLowRankLinear(in_features=17, out_features=23, rank=4, form='lowrank', bias=True, "
+                           "alpha=3.0)")
+    layer.inflate()
+    assert "rank=4, form='full'" in repr(layer)
+    layer.deflate(rank=2)
+    assert "rank=2, form='adapter'" in repr(layer)
+    c = LowRankConv2d(5, 7, 3, rank=(2, 3), decomposition="tucker", padding=1, bias=False)
+    assert repr(c) == ("LowRankConv2d(5, 7, kernel_size=(3, 3), decomposition='tucker', rank=(2, 3), "
+                       "form='lowrank', padding=(1, 1), bias=False)")
+    c.inflate().deflate(rank=(1, 2))
+    assert "rank=(1, 2), form='adapter'" in repr(c)
+
+
+# -- deepcopy and pickling ---------------------------------------------------------------------------
+
+def _pickled(layer):
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("build, form", all_forms())
+def test_a_copy_is_independent_of_its_original(build, form, how):
+    layer = randomize(build(form))
+    layer.bias.requires_grad_(False)
+    x = input_for(layer, 2)
+    y = layer(x)
+    before, params = state(layer), dict(layer.named_parameters())
+    twin = copy.deepcopy(layer) if how == "deepcopy" else _pickled(layer)
+    assert type(twin) is type(layer) and twin.form == form and twin.rank == layer.rank
+    assert repr(twin) == repr(layer)
+    assert [(n, p.requires_grad) for n, p in twin.named_parameters()] == \
+           [(n, p.requires_grad) for n, p in layer.named_parameters()]
+    assert torch.equal(twin(x), y)
+    check_forward_and_gradients(twin, x)
+    for _ in range(2):
+        change_form(twin)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)
+    assert layer.form == form and dict(layer.named_parameters()) == params
+    assert all(p.grad is None for p in layer.parameters())
+    assert_same_state(layer, before)
+    assert torch.equal(layer(x), y)
+
+
+# -- inputs of every layout, both engines --------------------------------------------------------
+
+LINEAR_INPUTS = {   # device → input
+    "0 tokens": lambda d: torch.randn(0, 17, device=d),
+    "0 tokens 3-d": lambda d: torch.randn(2, 0, 17, device=d),
+    "1-d": lambda d: torch.randn(17, device=d),
+    "4-d": lambda d: torch.randn(2, 2, 3, 17, device=d),
+    "transposed": lambda d: torch.randn(17, 3, device=d).t(),
+    "strided": lambda d: torch.randn(9, 40, device=d)[::3, 5::2][:, :17],
+    "stride-0 rows": lambda d: torch.randn(1, 17, device=d).expand(3, 17),
+    "stride-0 3-d": lambda d: torch.randn(17, device=d).expand(2, 3, 17),
+}
+
+
+@pytest.mark.parametrize("case", list(LINEAR_INPUTS))
+@pytest.mark.parametrize("form", FORMS)
+def test_linear_input_layouts_match_nn_linear(device, form, case):
+    layer = randomize(linear(form, device=device))
+    x = LINEAR_INPUTS[case](device)
+    y = check_forward_and_gradients(layer, x)
+    assert y.shape == (*x.shape[:-1], 23)
+    if x.numel() == 0:                       # as nn.Linear: zero gradients, not None
+        assert all(torch.count_nonzero(p.grad) == 0 for p in layer.parameters() if p.requires_grad)
+
+
+CONV_INPUTS = {     # device → input
+    "0 images": lambda d: torch.randn(0, 5, 9, 8, device=d),
+    "unbatched": lambda d: torch.randn(5, 9, 8, device=d),
+    "channels-last": lambda d: torch.randn(2, 5, 9, 8, device=d).to(memory_format=torch.channels_last),
+    "transposed": lambda d: torch.randn(2, 5, 8, 9, device=d).transpose(2, 3),
+    "stride-0 batch": lambda d: torch.randn(1, 5, 9, 8, device=d).expand(3, 5, 9, 8),
+    "stride-0 spatial": lambda d: torch.randn(2, 5, 1, 1, device=d).expand(2, 5, 9, 8),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_INPUTS))
+@pytest.mark.parametrize("dec, form", [("svd", "adapter"), ("tucker", "lowrank"), ("cp", "adapter"),
+                                       ("tkd-cpd", "full")])
+def test_conv_input_layouts_match_nn_conv2d(device, dec, form, case):
+    layer = randomize(conv(dec, form, device=device))
+    x = CONV_INPUTS[case](device)
+    y = check_forward_and_gradients(layer, x)
+    assert y.shape[-3:] == (7, 5, 4) and y.shape[:-3] == x.shape[:-3]
+    if x.numel() == 0:
+        assert all(torch.count_nonzero(p.grad) == 0 for p in layer.parameters() if p.requires_grad)
