@@ -170,13 +170,36 @@ def _torch_forward(x, weight, A, B, bias, scale, in_place=True):
     big GEMM is the first launch: on a GPU the host's work on the two small
     ones (and the autograd node's saves after them) then overlaps it instead
     of delaying it.
+
+    Under selective activation checkpointing the add is out of place too: a
+    policy that saves matmuls keeps the dense GEMM's output, hands that very
+    tensor back at the recompute, and refuses one modified after it was saved.
     """
     if weight is None:
         xbs = _scaled_mm(x, B, scale)
         return torch.nn.functional.linear(xbs, A, bias), xbs
     y = torch.nn.functional.linear(x, weight, bias)
     xbs = _scaled_mm(x, B, scale)
-    return (y.addmm_(xbs, A.t()) if in_place else torch.addmm(y, xbs, A.t())), xbs
+    if in_place and not (_dispatch_mode_count() and _caching_mode_active()):
+        return y.addmm_(xbs, A.t()), xbs
+    return torch.addmm(y, xbs, A.t()), xbs
+
+
+# How many Python dispatch modes (TorchDispatchMode) are active: one C call, a fraction of a µs per forward.
+_dispatch_mode_count = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+
+
+def _caching_mode_active():
+    """True while a dispatch mode that keeps op outputs is active: selective activation checkpointing's
+    (``torch.utils.checkpoint``'s ``context_fn=create_selective_checkpoint_contexts(...)``), in its
+    forward and in its recompute.  Where torch names them otherwise, any dispatch mode counts."""
+    from torch.utils import checkpoint
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    caching = tuple(getattr(checkpoint, name, None)
+                    for name in ("_CachingTorchDispatchMode", "_CachedTorchDispatchMode"))
+    if None in caching:
+        return True
+    return any(isinstance(mode, caching) for mode in _get_current_dispatch_mode_stack())
 
 
 def _torch_backward(dy, x, weight, A, B, xbs, scale, needs_dx, needs_dA, needs_dB):
