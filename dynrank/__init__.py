@@ -14,6 +14,7 @@ from .distributed import rewrap_ddp
 from .inrank import IncrementalRankScheduler, grow_rank_
 from .linear import FusedLowRankLinear
 from .monitor import RankMonitor
+from .profiling import FormProfile, profile_forms
 from .regularizers import SRIP, DoubleSoftOrthogonality, SoftOrthogonality
 from .scheduler import DynamicRankScheduler
 from .schedules import finetune_schedule, midpoint_schedule, schedule_from_lr
@@ -27,7 +28,7 @@ __all__ = [
     "DynamicRankScheduler", "training_state", "load_training_state",
     "schedule_from_lr", "midpoint_schedule", "finetune_schedule",
     "IncrementalRankScheduler", "grow_rank_",
-    "RankMonitor", "SoftOrthogonality", "DoubleSoftOrthogonality", "SRIP",
+    "RankMonitor", "profile_forms", "FormProfile", "SoftOrthogonality", "DoubleSoftOrthogonality", "SRIP",
     "rewrap_ddp", "distributed", "functional", "metrics", "regularizers", "cost",
     "__version__",
 ]

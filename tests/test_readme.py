@@ -39,10 +39,11 @@ CONV = "LowRankConv2d(64, 64, 3"
 OWN_MODEL = "schedule_from_lr(150"
 DDP = "DistributedDataParallel(net)"
 MEASURE = "RankMonitor(model"
+PROFILE = "profile_forms(model, step"
 
 
 def test_every_python_block_is_run_here():
-    markers = (QUICKSTART, CONV, OWN_MODEL, DDP, MEASURE)
+    markers = (QUICKSTART, CONV, OWN_MODEL, DDP, MEASURE, PROFILE)
     untested = [code.splitlines()[0] for code in _blocks() if not any(m in code for m in markers)]
     assert not untested, f"README blocks with no test (first lines): {untested}"
 
@@ -159,3 +160,15 @@ def test_measure_block(tmp_path):
     assert [s["kind"] for s in monitor.switches] == ["inflate", "deflate"]
     for name in ("dynamic.json", "dynamic.layers.csv", "lambda.png", "curves.png"):
         assert (tmp_path / "runs" / name).is_file(), name
+
+
+def test_profile_block(capsys):
+    x, y = _batch()
+    model = _cnn(converted=True)
+    ns = {"model": model, "x": x, "y": y, "criterion": nn.CrossEntropyLoss(), "torch": torch, "dynrank": dynrank,
+          "cost_report": dynrank.cost.cost_report}
+    exec(_block(PROFILE), ns)
+    profile = ns["profile"]
+    assert list(profile.seconds) == ["full", "lowrank", "adapter"] and _forms(model) == ["lowrank"]
+    out = capsys.readouterr().out
+    assert f"{profile.comp_ratio(150, 55, 120)}\n" in out and "measured (wall-clock per epoch" in out

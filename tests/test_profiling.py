@@ -1,0 +1,171 @@
+"""profile_forms: one copy per form, the step timed on a fake clock, the model and RNG left alone."""
+
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import dynrank
+from dynrank import profiling
+from dynrank._forms import FormLayer
+from dynrank.cost import cost_report, param_counts
+
+# Seconds one step takes on the fake clock, per form of the copy's layers.
+STEP_SECONDS = {"full": 4.0, "lowrank": 1.0, "adapter": 3.0}
+
+
+def mlp():
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    dynrank.convert_model(model, rank_ratio=0.25, exclude=["4"])
+    return model
+
+
+def convnet():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.Flatten(), nn.Linear(8 * 5 * 5, 3))
+    dynrank.convert_model(model, rank_ratio=0.5, decomposition="tucker", exclude=["4"])
+    return model
+
+
+class FakeClock:
+    """perf_counter for profiling: a step advances it by its form's STEP_SECONDS plus its call number / 64
+    (exact in binary), so each timed value is known."""
+
+    def __init__(self, monkeypatch):
+        self.now, self.calls = 0.0, []
+        monkeypatch.setattr(profiling, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+
+    def step(self, model, x, y):
+        forms = {m.form for m in model.modules() if isinstance(m, FormLayer)}
+        assert len(forms) == 1
+        form = forms.pop()
+        self.calls.append(form)
+
+        def run(model, optimizer):
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return form, run
+
+
+def timed_step(clock, x, y):
+    def step(model, optimizer):
+        form, run = clock.step(model, x, y)
+        run(model, optimizer)
+        clock.now += STEP_SECONDS[form] + len(clock.calls) / 64
+    return step
+
+
+@pytest.mark.parametrize("build, x", [(mlp, torch.randn(5, 12)), (convnet, torch.randn(2, 3, 5, 5))],
+                         ids=["linear", "conv"])
+def test_each_form_is_timed_on_its_own_copy_and_the_model_is_left_alone(monkeypatch, build, x):
+    model = build()
+    y = torch.tensor([0, 1, 2, 0, 1][:len(x)])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    forms_before = [m.form for m in model.modules() if isinstance(m, FormLayer)]
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    clock = FakeClock(monkeypatch)
+    seen = []
+
+    def optimizer(params):
+        params = list(params)
+        seen.append(params)
+        assert not any(p is q for p in params for q in model.parameters())    # the copy's, never the model's
+        return torch.optim.AdamW(params, lr=1e-2)
+
+    lines = []
+    profile = dynrank.profile_forms(model, timed_step(clock, x, y), optimizer, steps=3, warmup=2, log=lines.append)
+    assert clock.calls == ["full"] * 5 + ["lowrank"] * 5 + ["adapter"] * 5
+    for n, form in enumerate(["full", "lowrank", "adapter"]):
+        calls = range(5 * n + 3, 5 * n + 6)          # the 3 timed calls after 2 warm-up ones (1-based)
+        assert profile.seconds[form] == [STEP_SECONDS[form] + c / 64 for c in calls]
+        assert len(lines) == 3 and lines[n].startswith(f"profile_forms: {form}")
+    # the user's model, its forms, values and RNG are as they were
+    assert [m.form for m in model.modules() if isinstance(m, FormLayer)] == forms_before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    # trainable parameters per form: the paper's d and d_rho (an adapter trains what lowrank does)
+    counts = param_counts(model)
+    assert profile.trainable == {"full": counts.full, "lowrank": counts.lowrank, "adapter": counts.lowrank}
+    assert [sum(p.numel() for p in params) for params in seen] == list(profile.trainable.values())
+
+
+def test_ratios_and_a_schedules_cost_come_from_the_means(monkeypatch):
+    model = mlp()
+    clock = FakeClock(monkeypatch)
+    profile = dynrank.profile_forms(model, timed_step(clock, torch.randn(5, 12), torch.arange(5) % 3),
+                                    steps=2, warmup=0, log=None)
+    mean = {f: sum(v) / 2 for f, v in profile.seconds.items()}
+    assert profile.mean("lowrank") == mean["lowrank"] and profile.relative("adapter") == mean["adapter"] / mean["full"]
+    assert profile.median("full") == mean["full"]          # two values: the median is their mean
+    E, I, D = 10, 3, 7
+    expected = (I * mean["lowrank"] + (D - I) * mean["full"] + (E - D) * mean["adapter"]) / (E * mean["full"])
+    assert profile.comp_ratio(E, I, D) == pytest.approx(expected, rel=1e-15)
+    assert cost_report(model, E, I, D, run=profile).measured_ratio == pytest.approx(expected, rel=1e-15)
+    table = str(profile).splitlines()
+    assert table[0] == "step time per form on cpu (2 timed steps each)"
+    assert [row.split()[0] for row in table[3:]] == ["full", "lowrank", "adapter"]
+    assert table[4].split()[4] == f"{mean['lowrank'] / mean['full']:.3f}"
+
+
+def test_a_subset_of_forms_and_a_frozen_layer(monkeypatch):
+    model = mlp()
+    model[2].requires_grad_(False)
+    clock = FakeClock(monkeypatch)
+    profile = dynrank.profile_forms(model, timed_step(clock, torch.randn(5, 12), torch.arange(5) % 3),
+                                    forms=["adapter", "full"], steps=1, warmup=0, log=None)
+    assert list(profile.seconds) == ["adapter", "full"] and clock.calls == ["adapter", "full"]
+    # the frozen 16 → 16 layer stays out in every form (W, factors and bias): layer 0 and the head train
+    assert profile.trainable["full"] == (12 * 16 + 16) + (16 * 3 + 3)
+    assert profile.trainable["adapter"] == (12 + 16) * model[0].rank + 16 + (16 * 3 + 3)
+    with pytest.raises(ValueError, match="form 'lowrank' was not profiled; profiled: adapter, full"):
+        profile.mean("lowrank")
+    # "× full" needs the full form among those profiled
+    only = dynrank.profile_forms(model, timed_step(clock, torch.randn(5, 12), torch.arange(5) % 3),
+                                 forms="lowrank", steps=1, warmup=0, log=None)
+    assert str(only).splitlines()[3].split()[4] == "-"
+
+
+def test_a_wrapped_model_is_profiled_as_its_module(monkeypatch):
+    clock = FakeClock(monkeypatch)
+    profile = dynrank.profile_forms(nn.DataParallel(mlp()), timed_step(clock, torch.randn(5, 12), torch.arange(5) % 3),
+                                    forms=["full"], steps=1, warmup=0, log=None)
+    assert clock.calls == ["full"] and profile.device == "cpu"
+
+
+def _step(model, optimizer):
+    pass
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m: dynrank.profile_forms("model", _step), TypeError, "model must be a torch.nn.Module, got str"),
+    (lambda m: dynrank.profile_forms(nn.Linear(2, 2), _step), ValueError, "no dynrank layers"),
+    (lambda m: dynrank.profile_forms(m, None), TypeError, "step must be callable .* got NoneType"),
+    (lambda m: dynrank.profile_forms(m, _step, optimizer=0.1), TypeError, "optimizer must be callable or None, got float"),
+    (lambda m: dynrank.profile_forms(m, _step, log="print"), TypeError, "log must be callable or None, got str"),
+    (lambda m: dynrank.profile_forms(m, _step, forms=["dense"]), ValueError, "forms must name each of .* got \\['dense'\\]"),
+    (lambda m: dynrank.profile_forms(m, _step, forms=["full", "full"]), ValueError, "at most once"),
+    (lambda m: dynrank.profile_forms(m, _step, forms=[]), ValueError, "at least one, got \\[\\]"),
+    (lambda m: dynrank.profile_forms(m, _step, forms=3), TypeError, "forms must be a form name or an iterable .* got int"),
+    (lambda m: dynrank.profile_forms(m, _step, steps=0), ValueError, "steps must be an int ≥ 1, got 0"),
+    (lambda m: dynrank.profile_forms(m, _step, steps=2.0), TypeError, "steps must be an int ≥ 1, got float"),
+    (lambda m: dynrank.profile_forms(m, _step, warmup=-1), ValueError, "warmup must be an int ≥ 0, got -1"),
+    (lambda m: dynrank.profile_forms(m, _step, optimizer=lambda p: list(p), log=None), TypeError,
+     "optimizer\\(params\\) must return a torch.optim.Optimizer, got list"),
+])
+def test_bad_arguments_are_clear_errors(call, error, message):
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        call(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_parameters_on_two_devices_are_refused():
+    model = mlp()
+    model[4].to("meta")
+    with pytest.raises(ValueError, match="on one device; its parameters are on cpu, meta"):
+        dynrank.profile_forms(model, _step, log=None)
