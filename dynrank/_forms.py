@@ -204,6 +204,32 @@ class FormLayer(nn.Module):
     def _on_form_change(self):
         """Hook for subclasses that choose their forward per form."""
 
+    def _check_switchable(self, what=None):
+        """Raise before a form change (or a rank growth) where a tensor it replaces is reparametrized.
+
+        ``torch.nn.utils.parametrize`` (``parametrizations.spectral_norm``, ``weight_norm``,
+        ``orthogonal``, ...) and the older hook-based ``spectral_norm``/``weight_norm`` move a
+        parameter out of ``_parameters``.  The forward follows them (:meth:`_read`), but a form
+        change releases, replaces or freezes the dense weight and the factors (a growth replaces the
+        factors): it would fail halfway and leave the layer between two forms.  ``what`` names the
+        layer in the message.
+
+        Raises:
+            RuntimeError: naming the reparametrized tensors and how to remove the parametrization.
+        """
+        names = ([self.weight_name] if self._form != "lowrank" else []) + (
+            list(self._factor_names(self._rank)) if self._form != "full" else [])
+        moved = [name for name in names if name not in self._parameters]
+        if moved:
+            one = len(moved) == 1
+            raise RuntimeError(
+                f"{what or type(self).__name__} ({self._form} form, rank {self._rank}) cannot change form or "
+                f"rank: its {', '.join(moved)} {'is' if one else 'are'} reparametrized (torch.nn.utils.parametrize, "
+                f"or the hook-based spectral_norm/weight_norm), and such a change replaces {'it' if one else 'them'}: "
+                f"expected plain parameters. Remove the parametrization first "
+                f"(parametrize.remove_parametrizations(layer, name), remove_spectral_norm, remove_weight_norm) "
+                f"and register it again on the new form's tensors after the change")
+
     def _dense(self):
         return self._read(self.weight_name)
 
@@ -260,11 +286,13 @@ class FormLayer(nn.Module):
             self
 
         Raises:
-            RuntimeError: if the layer is already in full form.
+            RuntimeError: if the layer is already in full form, or its weight or a factor is
+                reparametrized (``torch.nn.utils.parametrize``; nothing is changed).
         """
         if self._form == "full":
             raise RuntimeError(f"{type(self).__name__} is already in full form; inflate applies to "
                                f"lowrank or adapter form")
+        self._check_switchable()
         ref = self._reference_tensor()
         trainable = self._trains()
         dense = self._dense()
@@ -298,7 +326,8 @@ class FormLayer(nn.Module):
             self
 
         Raises:
-            RuntimeError: if the layer is not in full form.
+            RuntimeError: if the layer is not in full form, or its weight is reparametrized
+                (``torch.nn.utils.parametrize``; nothing is changed).
             ValueError: unknown ``init`` or invalid ``rank``.
         """
         if self._form != "full":
@@ -306,6 +335,7 @@ class FormLayer(nn.Module):
                                f"full form (call inflate() first)")
         if init not in DEFLATE_INITS:
             raise ValueError(f"init must be one of {', '.join(DEFLATE_INITS)}, got {init!r}")
+        self._check_switchable()
         rank = self._check_rank(self._rank if rank is None else rank)
         weight = self._dense()
         trainable = self._trains()
@@ -388,6 +418,7 @@ class FormLayer(nn.Module):
     def _allocate(self, form, rank):
         """Switch to ``form`` with uninitialized parameters of the right shapes (for loading); a frozen
         layer stays frozen, as ``load_state_dict`` leaves ``requires_grad`` alone."""
+        self._check_switchable()
         ref = self._reference_tensor()
         trainable = self._trains()
         kw = dict(device=ref.device, dtype=ref.dtype)

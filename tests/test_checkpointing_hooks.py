@@ -615,8 +615,6 @@ def _unreparametrize(layer, name, kind):
         parametrize.remove_parametrizations(layer, name)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the proposed _check_switchable in dynrank/_forms.py and "
-                                       "dynrank/scheduler.py (a form change went halfway and broke the layer)")
 @pytest.mark.parametrize("form, name, kind", REFUSED, ids=["-".join(r).replace(" ", "_") for r in REFUSED])
 def test_a_form_change_refuses_a_reparametrized_tensor_and_changes_nothing(form, name, kind):
     torch.manual_seed(0)
