@@ -190,7 +190,7 @@ def profile_forms(model, step, optimizer=None, forms=("full", "lowrank", "adapte
     make_optimizer = optimizer or (lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9))
     device = _device_of(module)
     seconds, trainable, records = {}, {}, []
-    rng_devices = [device] if device.type == "cuda" else []
+    rng_devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         for form in forms:
             twin = _in_form(module, form)
