@@ -129,7 +129,11 @@ class LowRankConv2d(FormLayer):
       weight gradient in the backward — so large batch·spatial sizes and
       cheap chains favour "chain", small activations and costly chains favour
       "merged".  :attr:`adapter_choice` and :attr:`adapter_choices` show the
-      decisions and their evidence.
+      decisions and their evidence.  Under ``torch.compile`` the cost model
+      decides while tracing (on CUDA too) and nothing is cached: dynamo guards
+      on the decision, so one graph serves every input shape with the same
+      choice (with dynamic shapes, recompiling only where the choice flips),
+      and :attr:`adapter_choices` keeps the eager decisions only.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation,
@@ -248,12 +252,23 @@ class LowRankConv2d(FormLayer):
 
     @property
     def adapter_choices(self):
-        """Dict input key (shape, dtype, device, grad mode, input needs grad) → :class:`AdapterChoice`."""
+        """Dict input key (shape, dtype, device, grad mode, input needs grad) → :class:`AdapterChoice`, for
+        the eager forwards (a compiled one decides while tracing and caches nothing)."""
         return dict(self._adapter_choices)
 
     def _adapter_strategy_for(self, x):
         if self._adapter_strategy != "auto":
             return self._adapter_strategy
+        if torch.compiler.is_compiling():
+            # Traced: the cost model decides, and the cache is left alone.  Filled (or read) inside a
+            # trace, the dict changed under dynamo's guards on it: a second compile at each switch to
+            # adapter form, another per new input shape or eager call's entry, and under dynamic shapes
+            # (SymInt keys, SymFloat costs) a graph break and a recompile at every call.  With symbolic
+            # shapes the comparison below becomes a guard: one graph per choice, for every shape.
+            seconds = adapter_costs(self, x)
+            strategy = "chain" if seconds["chain"] <= seconds["merged"] else "merged"
+            self._last_adapter_choice = strategy
+            return strategy
         key = (tuple(x.shape), x.dtype, str(x.device), torch.is_grad_enabled(), x.requires_grad)
         choice = self._adapter_choices.get(key)
         if choice is None:

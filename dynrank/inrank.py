@@ -238,6 +238,15 @@ class IncrementalRankScheduler:
     working.  An EMA or SWA copy of the model grows with it once given to
     :meth:`add_model_copy`.
 
+    ``torch.compile``: a compiled model follows the growth (same results as eager), but growth
+    changes A's and B's shapes, and dynamo keeps parameter shapes static by default: every step that
+    grows a layer compiles the model anew, and past ``torch._dynamo.config.recompile_limit`` (8) such
+    steps dynamo runs it eagerly from then on (it warns once).  Set
+    ``torch._dynamo.config.force_parameter_static_shapes = False`` before the first compiled call:
+    the first growth then makes the ranks dynamic sizes, and later growth reuses that graph (two
+    compiles in all).  With ``alpha`` set, the scale alpha/rank is a constant of each graph and every
+    growth still recompiles: raise ``recompile_limit`` to the number of growth steps instead.
+
     Args:
         model: the model (or a DistributedDataParallel around it).  A resize
             (construction, a :meth:`step` that grows, :meth:`load_state_dict`)

@@ -136,6 +136,15 @@ class DynamicRankScheduler:
         (benchmarks/optimizer_state_compare.py) "carry" ties "reset" with SGD
         and trains worse with AdamW — hence the default.  See :mod:`dynrank._optim`.
 
+    ``torch.compile``: a model compiled once before training (``torch.compile(model)``, as
+    ``dynrank-train --compile`` does) follows the switches.  dynamo guards on each layer's form and
+    parameters, so the first call after a switch compiles the model anew and no graph of an earlier
+    form runs again.  Every layer switches at the same step, so a run costs one compile per phase
+    (3 for lowrank → full → adapter; a compiled evaluation under ``no_grad`` has graphs of its own),
+    whatever the number of layers.  Layers switched one at a time (by hand, or by several schedulers
+    on parts of the model) make one state each: past ``torch._dynamo.config.recompile_limit`` (8)
+    states dynamo runs the model eagerly from then on (it warns once), so raise the limit there.
+
     Args:
         model: the model (or a DistributedDataParallel wrapping it) holding dynrank layers.
             A switch that replaces trainable parameters (:meth:`step`,
