@@ -135,6 +135,18 @@ class LowRankConv2d(FormLayer):
       choice (with dynamic shapes, recompiling only where the choice flips),
       and :attr:`adapter_choices` keeps the eager decisions only.
 
+    Hooks, checkpointing, parametrizations: as for ``FusedLowRankLinear``.
+    Module hooks stay through form changes; tensor hooks stay with their
+    parameter, which a change may release or replace (the factors at
+    ``inflate`` and ``deflate``, a new W at a lowrank layer's ``inflate``; W
+    is kept through ``deflate`` and an adapter's ``inflate``): register them
+    again after a change.  ``torch.utils.checkpoint`` recomputes every form
+    and adapter strategy exactly; ``"auto"`` decides per input key and grad
+    mode, so a non-reentrant recompute runs the choice its forward made, while
+    reentrant checkpointing, whose forward runs without grad, may recompute
+    with the other strategy (the same function, to rounding).  A form change
+    refuses a reparametrized kernel or factor (``torch.nn.utils.parametrize``).
+
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation,
         groups, bias, padding_mode: as in ``nn.Conv2d`` (padding may be an int,

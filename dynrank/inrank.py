@@ -144,6 +144,7 @@ def grow_rank_(layer, new_rank, optimizer=None):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     if layer.form == "full":
         raise ValueError("grow_rank_ applies to lowrank or adapter form, the layer is full")
+    layer._check_switchable()
     old_rank = layer.rank
     new_rank = layer._check_rank(new_rank)
     if new_rank < old_rank:

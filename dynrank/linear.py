@@ -64,6 +64,24 @@ class FusedLowRankLinear(FormLayer):
     ``adapter``   y = x·W_fᵀ + s·(x·B)·Aᵀ + bias       A, B (W_f frozen)
     ============  ===================================  ================
 
+    Hooks, checkpointing, parametrizations: module hooks (forward, forward-pre,
+    full backward, backward-pre) see the layer's input, output and their
+    gradients in every form and stay through ``inflate``/``deflate`` and the
+    schedulers' switches (the module is the same object).  Tensor hooks
+    (``register_hook``, ``register_post_accumulate_grad_hook``) belong to the
+    parameter: a change drops them with the parameters it releases or replaces
+    (A and B at ``inflate``; a new W at a lowrank layer's ``inflate``; new A
+    and B at ``deflate`` and at a rank growth).  The bias keeps its hooks, and
+    W keeps its own through ``deflate`` (frozen as W_f, they stop firing) and an
+    adapter's ``inflate`` (trained again).  Register hooks on the new
+    parameters after a change, e.g. in ``DynamicRankScheduler.add_callback``.
+    ``torch.utils.checkpoint`` (reentrant or not, ``checkpoint_sequential``,
+    selective policies) recomputes every form exactly.  A
+    ``torch.nn.utils.parametrize`` parametrization of W or a factor is used
+    by the forward and backward, but a form change refuses to replace a
+    reparametrized tensor (RuntimeError): remove it first, register it again
+    after the change.
+
     s = alpha / rank when ``alpha`` is given, else 1.  ``DYNRANK_BACKEND``
     picks the engine (:mod:`dynrank._backend`): the fused Triton kernels, where
     the rank-k term lands in the dense product's accumulator, or torch (cuBLAS

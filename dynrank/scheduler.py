@@ -124,6 +124,16 @@ class DynamicRankScheduler:
     inflate, the dense weight frozen by deflate) loses its ``.grad``, which
     would otherwise linger in ``clip_grad_norm_(model.parameters())``.
 
+    Hooks: a switch keeps every layer module, so module hooks (forward,
+    backward) keep firing; it replaces parameters, and a hook registered on a
+    parameter (``Tensor.register_hook``, ``register_post_accumulate_grad_hook``:
+    per-tensor gradient clipping, an optimizer step in the backward) leaves
+    with it, or stops firing with a weight frozen as W_f.  Register such hooks
+    on the new trainable parameters in a callback (:meth:`add_callback`: it
+    runs after the switch, before the next forward).  A layer whose weight or
+    factor is reparametrized (``torch.nn.utils.parametrize``) is refused
+    before any layer switches.
+
     ``optimizer_state``:
         ``"reset"`` (default): new parameters start with empty state (the
         authors: a fresh SGD per phase).  ``"carry"``: the new parametrization starts
@@ -354,6 +364,9 @@ class DynamicRankScheduler:
                 whose layers no longer match the model's.  Every check runs
                 before the first layer switches, so a failed call changes
                 nothing.
+            RuntimeError: a layer due to switch whose weight or a factor is
+                reparametrized (``torch.nn.utils.parametrize``; checked with the
+                others, before any switch).
         """
         if epoch is None:
             epoch = 0 if self.last_epoch is None else self.last_epoch + 1
@@ -393,6 +406,8 @@ class DynamicRankScheduler:
             old, new = layer.form, targets[name]
             if old != new:
                 plans.append((name, layer, old, new, self._path(name, old, new)))
+        for name, layer, *_ in plans:
+            layer._check_switchable(f"layer {name!r}")
         if finite is not None:
             check_finite([(name, layer) for name, layer, *_ in plans], finite)
         changes, replaced = [], False

@@ -178,8 +178,6 @@ def test_determinism_check_passes_with_the_automatic_adapter_strategy(backend, k
         _check_against_plain_and_float64(model, x, "nonreentrant", determinism_check="default")
 
 
-@pytest.mark.xfail(strict=True, reason="needs the proposed fix in dynrank/conv_adapter.py "
-                                       "(time_adapter_strategies under checkpoint's saved-tensor hooks)")
 def test_timed_adapter_choice_inside_a_checkpointed_forward(monkeypatch):
     """On CUDA, "auto" times both strategies (forward and backward of each) on the first call for an input
     key, which can be inside a checkpointed forward: the trial steps' saved tensors must not count as the
@@ -639,8 +637,6 @@ def test_a_form_change_refuses_a_reparametrized_tensor_and_changes_nothing(form,
     assert rel_err(layer(x), before) < TOL
 
 
-@pytest.mark.xfail(strict=True, reason="needs the proposed _check_switchable in dynrank/_forms.py and "
-                                       "dynrank/scheduler.py (the scheduler switched the layers before it)")
 def test_the_scheduler_refuses_a_reparametrized_layer_before_switching_any():
     torch.manual_seed(0)
     model = nn.Sequential(FusedLowRankLinear(12, 17, 4), nn.ReLU(), FusedLowRankLinear(17, 13, 4), nn.ReLU(),
@@ -656,8 +652,6 @@ def test_the_scheduler_refuses_a_reparametrized_layer_before_switching_any():
     assert [p for group in opt.param_groups for p in group["params"]] == held
 
 
-@pytest.mark.xfail(strict=True, reason="needs the proposed _check_switchable call in dynrank/inrank.py grow_rank_ "
-                                       "(the growth went halfway: rank 6, A gone)")
 def test_rank_growth_refuses_a_reparametrized_factor():
     from dynrank import grow_rank_
     torch.manual_seed(0)
