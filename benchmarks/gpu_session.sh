@@ -177,6 +177,7 @@ start_paper() {   # start_paper BUDGET_SECONDS: the runs, in their own session
 
 NATIVE_TESTS="tests/test_kernels_linear.py tests/test_kernels_compile.py tests/test_linear.py tests/test_conv_kernels.py
     tests/test_conv.py tests/test_scheduler.py tests/test_convert.py tests/test_optimizer_state.py tests/test_train_steps.py
+    tests/test_module_state.py tests/test_checkpointing_hooks.py tests/test_compile_switches.py
     benchmarks/test_bench_linear.py::test_each_provider_computes_its_form"
 
 native_tests() {   # compiled kernels on CUDA, beside the runs (own session: they outlive call 1)
