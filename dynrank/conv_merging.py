@@ -38,7 +38,10 @@ def merge_conv_(weight, U, V, alpha, groups):
         return conv_merge_(weight, U, V, alpha, groups)
     acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
     U3, V3 = _bmm_operands(U.to(acc), V.to(acc), groups)
-    return weight.add_(torch.bmm(U3, V3).reshape(weight.shape).to(weight.dtype), alpha=alpha)
+    # W + alpha·U·V formed in the accumulation dtype and rounded to W's once, as the Triton merge does:
+    # rounding U·V first made a 16-bit kernel inf where only the unscaled product overflows.
+    merged = torch.baddbmm(weight.to(acc).reshape(U3.shape[0], U3.shape[1], -1), U3, V3, alpha=alpha)
+    return weight.copy_(merged.reshape(weight.shape))
 
 
 @torch.library.custom_op("dynrank::conv_merged_kernel", mutates_args=())
@@ -85,4 +88,6 @@ def merged_kernel(weight, U, V, alpha, groups):
         # or forward-mode rule.)
         return _merged_kernel_op(weight, U, V, float(alpha), int(groups))
     U3, V3 = _bmm_operands(U, V, groups)
-    return weight + (torch.bmm(U3, V3).reshape(weight.shape) * alpha).to(weight.dtype)
+    # One baddbmm: W + alpha·U·V rounded once (cuBLAS and CPU GEMMs accumulate 16-bit operands in fp32).
+    W3 = weight.reshape(U3.shape[0], U3.shape[1], -1).to(U3.dtype)
+    return torch.baddbmm(W3, U3, V3, alpha=alpha).reshape(weight.shape).to(weight.dtype)

@@ -477,7 +477,13 @@ def merge_(weight, A, B, alpha=1.0):
         return kernel_merge_(weight, A, B, alpha)
     if A.dtype == weight.dtype == B.dtype:
         return weight.addmm_(A, B.t(), alpha=alpha)
-    return weight.add_(torch.mm(A.float(), B.float().t()).to(weight.dtype), alpha=alpha)
+    # Mixed dtypes: W + alpha·A·Bᵀ formed in fp32 (or wider) and rounded to W's dtype once, as the kernel
+    # and addmm_ do.  Rounding the product first would make a 16-bit W inf where only the unscaled product
+    # overflows (alpha < 1, or W cancelling it).
+    acc = torch.promote_types(torch.promote_types(A.dtype, B.dtype),
+                              torch.promote_types(weight.dtype, torch.float32))
+    merged = torch.mm(A.to(acc), B.to(acc).t())
+    return weight.copy_(merged.mul_(alpha).add_(weight))
 
 
 def _check_scale(value, name):

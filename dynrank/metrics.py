@@ -201,9 +201,15 @@ def _sigma_batch(mats, method):
     if mats.shape[-2] < mats.shape[-1]:
         mats = mats.transpose(-2, -1)           # tall: LAPACK's QR-first path is faster
     if method == "gram":
+        # The Gram matrix squares the entries: float64 weights beyond ~1e154 would overflow it (LAPACK
+        # then fails to converge), below ~1e-154 underflow it (σ = 0).  Each matrix is scaled by a
+        # power of two to a largest entry in [0.5, 1) and σ scaled back: exact, and harmless elsewhere.
+        _, exponent = torch.frexp(mats.abs().amax(dim=(-2, -1)))
+        exponent = exponent.clamp(-1022, 1022)    # 2^±1022 finite; a zero matrix keeps exponent 0
+        mats = torch.ldexp(mats, -exponent[:, None, None])
         gram = mats.transpose(-2, -1) @ mats     # (b, n, n), the smaller side
         eig = torch.linalg.eigvalsh(gram).clamp_min(0.0)
-        return eig.flip(-1).sqrt()
+        return torch.ldexp(eig.flip(-1).sqrt(), exponent[:, None])
     return torch.linalg.svdvals(mats)
 
 
