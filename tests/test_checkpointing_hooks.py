@@ -662,3 +662,53 @@ def test_rank_growth_refuses_a_reparametrized_factor():
     with pytest.raises(RuntimeError, match=r"its B is reparametrized"):
         grow_rank_(layer, 6)
     assert layer.rank == 4 and layer.A.shape == (23, 4) and torch.equal(layer(x), before)
+
+
+def _growth_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedLowRankLinear(12, 17, 8), nn.ReLU(), FusedLowRankLinear(17, 13, 8), nn.ReLU(),
+                          nn.Linear(13, 3))
+    return model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+
+def _snapshot(model, opt):
+    return ([(m.rank, {k: v.detach().clone() for k, v in m.state_dict().items()}) for m in (model[0], model[2])],
+            [p for group in opt.param_groups for p in group["params"]])
+
+
+def _assert_same(model, opt, snap):
+    layers, held = snap
+    for m, (rank, state) in zip((model[0], model[2]), layers):
+        assert m.rank == rank and all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
+    assert [p for group in opt.param_groups for p in group["params"]] == held
+
+
+def test_incremental_rank_scheduler_refuses_a_reparametrized_layer_before_resizing_any():
+    from dynrank import IncrementalRankScheduler
+    # construction: the layers are resized to their starting rank
+    model, opt = _growth_model()
+    orthogonal(model[2], "B")
+    snap = _snapshot(model, opt)
+    with pytest.raises(RuntimeError, match=r"layer '2' .*its B is reparametrized"):
+        IncrementalRankScheduler(model, opt, init_rank=2, buffer=2)
+    _assert_same(model, opt, snap)
+    # a growth step: every layer due is checked before the first grows
+    model, opt = _growth_model()
+    growth = IncrementalRankScheduler(model, opt, init_rank=1, buffer=1, warmup_steps=0, check_every=1)
+    orthogonal(model[2], "B")
+    snap = _snapshot(model, opt)
+    with pytest.raises(RuntimeError, match=r"layer '2' .*its B is reparametrized"):
+        growth.step()
+    _assert_same(model, opt, snap)
+    assert growth.last_step == 0
+    # loading ranks that shrink a layer
+    model, opt = _growth_model()
+    growth = IncrementalRankScheduler(model, opt, init_rank=4, buffer=2)
+    saved = growth.state_dict()
+    model, opt = _growth_model()
+    growth = IncrementalRankScheduler(model, opt, init_rank=6, buffer=2)
+    orthogonal(model[2], "A")
+    snap = _snapshot(model, opt)
+    with pytest.raises(RuntimeError, match=r"layer '2' .*its A is reparametrized"):
+        growth.load_state_dict(saved)
+    _assert_same(model, opt, snap)
