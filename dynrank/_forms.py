@@ -349,12 +349,15 @@ class FormLayer(nn.Module):
 
     # -- state dict across forms ---------------------------------------------
     def _form_in_state(self, state_dict, prefix):
+        """The form a state dict holds this layer in, or None (nothing of it).  Factors without a dense
+        weight read as adapter form where the layer is an adapter (the LoRA habit of saving only the
+        trained tensors: W_f stays), else as lowrank form."""
         has_dense = prefix + self.weight_name in state_dict
         factor_keys = [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]
                        and k[len(prefix):] in self._all_factor_names()]
         if not factor_keys:
             return "full" if has_dense else None
-        return "adapter" if has_dense else "lowrank"
+        return "adapter" if has_dense or self._form == "adapter" else "lowrank"
 
     def _all_factor_names(self):
         return set(self._factor_names(self._rank))
@@ -394,8 +397,10 @@ class FormLayer(nn.Module):
         if form != "lowrank":
             expected[self.weight_name] = tuple(self._dense_shape())
         if (form, rank) != (self._form, self._rank):
-            # The switch allocates these uninitialized: a dict that lacks one would leave it so.
-            lacking = [name for name in expected if prefix + name not in state_dict]
+            # The switch allocates these uninitialized: a dict that lacks one would leave it so.  (An
+            # adapter's new rank keeps its W_f.)
+            kept = {self.weight_name} if form == self._form == "adapter" else set()
+            lacking = [name for name in expected if prefix + name not in state_dict and name not in kept]
             if lacking:
                 where = f"{form} form" + ("" if form == "full" else f" (rank {rank})")
                 return None, (f"the state dict holds this layer in {where} but lacks {', '.join(lacking)}, "

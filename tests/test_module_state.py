@@ -319,6 +319,10 @@ def test_assign_onto_a_meta_layer_of_any_form(build, form, saved):
     sd = {k: v.clone() for k, v in src.state_dict().items()}
     with torch.device("meta"):
         layer = build(form)
+    if (form, saved) == ("adapter", "lowrank"):      # factors alone read as an adapter's trained tensors
+        with pytest.raises(RuntimeError, match='Missing key.*"weight"'):
+            layer.load_state_dict(sd, assign=True)
+        return
     layer.load_state_dict(sd, assign=True)
     assert layer.form == saved and layer.rank == src.rank
     assert all(p.data_ptr() == sd[n].data_ptr() for n, p in layer.named_parameters())
@@ -330,17 +334,45 @@ def test_assign_onto_a_meta_layer_of_any_form(build, form, saved):
     assert rel_err(layer(x), src(x)) < REL_TOL[torch.float64] * 10
 
 
+@pytest.mark.parametrize("build", [linear, lambda form, **kw: conv("tucker", form, **kw)], ids=["linear", "conv"])
+@pytest.mark.parametrize("rank_change", [False, True])
+def test_an_adapters_trained_tensors_load_into_it_and_keep_its_frozen_weight(build, rank_change):
+    """The LoRA habit: save the trained tensors only (factors, bias), load them back with strict=False.
+    The layer stays an adapter with its own W_f (it switched to lowrank form and dropped W_f before);
+    strict loading names the missing W_f."""
+    src = randomize(build("adapter", dtype=torch.float64))
+    if rank_change:
+        src = build("full", dtype=torch.float64)
+        src.deflate(rank=2 if isinstance(src, FusedLowRankLinear) else (2, 2))
+        randomize(src)
+    trained = {k: v.clone() for k, v in src.state_dict().items() if k != "weight"}
+    layer = build("adapter", dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(src.weight)
+    frozen = layer.weight
+    result = layer.load_state_dict(trained, strict=False)
+    assert result.missing_keys == ["weight"] and not result.unexpected_keys
+    assert layer.form == "adapter" and layer.rank == src.rank and layer.weight is frozen
+    assert not frozen.requires_grad
+    x = input_for(layer, 3).double()
+    assert torch.equal(layer(x), src(x))
+    with pytest.raises(RuntimeError, match='Missing key.*"weight"'):
+        build("adapter", dtype=torch.float64).load_state_dict(trained)
+
+
 @pytest.mark.parametrize("strict", [True, False])
-@pytest.mark.parametrize("target", ["full", "adapter", "lowrank-rank-3"])
+@pytest.mark.parametrize("target", ["full", "adapter-rank-3", "lowrank-rank-3"])
 def test_a_dict_of_another_form_that_lacks_a_tensor_leaves_the_layer_as_it_was(target, strict):
     """Loading switches the layer to the dict's form and rank first; a dict that lacks one of that form's
-    tensors would leave it uninitialized, so the load is refused (strict or not) before anything changes."""
-    form, rank = (target, 4) if "rank" not in target else ("lowrank", 3)
+    tensors would leave it uninitialized, so the load is refused (strict or not) before anything changes.
+    (Factors alone read as an adapter's own where the layer is one: a new rank keeps its W_f.)"""
+    form, rank = (target, 4) if "rank" not in target else (target.split("-")[0], 3)
     layer = FusedLowRankLinear(17, 23, rank=rank, form=form)
     before, params = state(layer), dict(layer.named_parameters())
     sd = FusedLowRankLinear(17, 23, rank=4, form="lowrank").state_dict()
     del sd["B"]
-    with pytest.raises(RuntimeError, match=re.escape(f"the state dict holds this layer in lowrank form (rank 4) but "
+    read_as = "adapter" if form == "adapter" else "lowrank"
+    with pytest.raises(RuntimeError, match=re.escape(f"the state dict holds this layer in {read_as} form (rank 4) but "
                                                      f"lacks B") + r".*" + re.escape(
                                                f"the layer is left as it was ({form} form, rank {rank})")):
         layer.load_state_dict(sd, strict=strict)
