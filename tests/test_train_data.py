@@ -209,12 +209,13 @@ def test_cache_returns_the_same_tensors(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first[:4], second[:4]))
 
 
-def test_cache_inside_the_data_folder_is_not_part_of_its_key(tmp_path, monkeypatch):
-    # --cache-dir under --data-dir, the tree at the top: the cache file must not change the source's
-    # stamp, or every run decodes again and replaces the cache it has just written.
+@pytest.mark.parametrize("inside", [".cache", "."])
+def test_cache_inside_the_data_folder_is_not_part_of_its_key(tmp_path, monkeypatch, inside):
+    # --cache-dir under (or equal to) --data-dir, the tree at the top: the cache file must not change the
+    # source's stamp, or every run decodes again and replaces the cache it has just written.
     root = tmp_path / "data"
     write_image_tree(str(root), "PNG", per_class=1)
-    cache = root / ".cache"
+    cache = root / inside
     first = load_vision("cifar10", str(root), cache_dir=str(cache))
     entries = os.listdir(cache)
 

@@ -32,7 +32,7 @@ raise :class:`DataError` naming the file.
 Decode cache (``cache_dir``): one file per data set source, keyed by the
 source's path and, for every file under it, its relative path, size and
 modification time in nanoseconds (for an archive: its size and mtime); the
-cache folder itself is left out where it sits inside the source.  A
+cache folder is left out where it sits inside the source (its cache files, where it is the source).  A
 change that keeps a file's size and nanosecond mtime is not noticed (contents
 are not hashed); delete the cache file then.  An unreadable cache file is
 decoded again and overwritten, with a warning.  Writing a source's cache
@@ -419,6 +419,8 @@ def _cache_name(source, name, cache_dir):
         cache_real = os.path.realpath(cache_dir)
         for folder, dirs, files in os.walk(source):
             dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(folder, d)) != cache_real)
+            if os.path.realpath(folder) == cache_real:        # the cache folder is the source itself
+                files = [f for f in files if not (f.startswith(f"{name}-") and f.endswith((".pt", ".tmp")))]
             for f in sorted(files):
                 path = os.path.join(folder, f)
                 try:
