@@ -297,7 +297,8 @@ class FormLayer(nn.Module):
         trainable = self._trains()
         dense = self._dense()
         if dense is None:
-            dense = torch.zeros(self._dense_shape(), device=ref.device, dtype=ref.dtype)
+            dense = torch.empty(self._dense_shape(), device=ref.device, dtype=ref.dtype,
+                                memory_format=self._memory_format()).zero_()      # the layout it keeps
             self._merge_into_(dense, 1.0, self.factors())
         else:
             # Merge into W_f's storage and keep its Parameter object, so anything

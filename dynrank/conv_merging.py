@@ -39,9 +39,13 @@ def merge_conv_(weight, U, V, alpha, groups):
     acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
     U3, V3 = _bmm_operands(U.to(acc), V.to(acc), groups)
     # W + alpha·U·V formed in the accumulation dtype and rounded to W's once, as the Triton merge does:
-    # rounding U·V first made a 16-bit kernel inf where only the unscaled product overflows.
-    merged = torch.baddbmm(weight.to(acc).reshape(U3.shape[0], U3.shape[1], -1), U3, V3, alpha=alpha)
-    return weight.copy_(merged.reshape(weight.shape))
+    # rounding U·V first made a 16-bit kernel inf where only the unscaled product overflows.  In place
+    # on W itself where W is already in that dtype and row-major (a view), else on one copy of it.
+    W3 = weight.to(acc).reshape(U3.shape[0], U3.shape[1], -1)
+    W3.baddbmm_(U3, V3, alpha=alpha)
+    if W3.dtype != weight.dtype or W3.data_ptr() != weight.data_ptr():
+        weight.copy_(W3.reshape(weight.shape))
+    return weight
 
 
 @torch.library.custom_op("dynrank::conv_merged_kernel", mutates_args=())
@@ -87,7 +91,9 @@ def merged_kernel(weight, U, V, alpha, groups):
         # (torch.func's transforms and torch.jit.trace take the plain ops: the custom op has no vmap
         # or forward-mode rule.)
         return _merged_kernel_op(weight, U, V, float(alpha), int(groups))
-    U3, V3 = _bmm_operands(U, V, groups)
-    # One baddbmm: W + alpha·U·V rounded once (cuBLAS and CPU GEMMs accumulate 16-bit operands in fp32).
-    W3 = weight.reshape(U3.shape[0], U3.shape[1], -1).to(U3.dtype)
+    acc = torch.promote_types(weight.dtype, U.dtype)
+    U3, V3 = _bmm_operands(U.to(acc), V.to(acc), groups)
+    # One baddbmm: W + alpha·U·V rounded once (cuBLAS and CPU GEMMs accumulate 16-bit operands in fp32),
+    # in the wider of W's and the factors' dtypes.
+    W3 = weight.reshape(U3.shape[0], U3.shape[1], -1).to(acc)
     return torch.baddbmm(W3, U3, V3, alpha=alpha).reshape(weight.shape).to(weight.dtype)

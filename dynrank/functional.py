@@ -194,12 +194,17 @@ def _caching_mode_active():
     (``torch.utils.checkpoint``'s ``context_fn=create_selective_checkpoint_contexts(...)``), in its
     forward and in its recompute.  Where torch names them otherwise, any dispatch mode counts."""
     from torch.utils import checkpoint
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
     caching = tuple(getattr(checkpoint, name, None)
                     for name in ("_CachingTorchDispatchMode", "_CachedTorchDispatchMode"))
-    if None in caching:
+    if None in caching or _dispatch_mode_stack is None:
         return True
-    return any(isinstance(mode, caching) for mode in _get_current_dispatch_mode_stack())
+    return any(isinstance(mode, caching) for mode in _dispatch_mode_stack())
+
+
+try:    # private: where a torch release moves it, every dispatch mode counts as a caching one
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_mode_stack
+except ImportError:
+    _dispatch_mode_stack = None
 
 
 def _torch_backward(dy, x, weight, A, B, xbs, scale, needs_dx, needs_dA, needs_dB):
