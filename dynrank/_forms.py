@@ -375,6 +375,11 @@ class FormLayer(nn.Module):
                                   f"{self._rank})")
                 return
             if form != self._form or rank != self._rank:
+                try:
+                    self._check_switchable(f"layer {prefix[:-1]!r}" if prefix else None)
+                except RuntimeError as e:     # into torch's list: the other layers load and it names them all
+                    error_msgs.append(str(e))
+                    return
                 self._allocate(form, rank)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

@@ -20,6 +20,7 @@ and a DDP wrapper is rebuilt (:mod:`dynrank.distributed`).
 """
 
 import numbers
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -226,6 +227,7 @@ class DynamicRankScheduler:
         _remember_ddp(model)
         self.last_epoch = None
         self._callbacks = []
+        self._warned_frozen = set()
         self._copies = []
 
     # -- policy -------------------------------------------------------------------
@@ -382,12 +384,26 @@ class DynamicRankScheduler:
         changes = self._bring_to({name: target for name, _ in self._layers}, carry=None,
                                  finite=f"not switching any layer at {self.unit} {epoch}", follow=True)
         self.last_epoch = epoch
+        self._warn_frozen(changes)
         if changes:
             event = {"epoch": epoch if self.unit == "epoch" else None,
                      "step": epoch if self.unit == "step" else None, "changes": list(changes)}
             for fn in list(self._callbacks):
                 fn(event)
         return changes
+
+    def _warn_frozen(self, changes):
+        """Warn once per layer that switched while frozen: it stays frozen in its new form (a deflate gives
+        it frozen factors), which a user who froze a backbone to train adapters on it may not expect."""
+        layers = dict(self._layers)
+        frozen = [name for name, _, _ in changes
+                  if not layers[name]._trains() and name not in self._warned_frozen]
+        if frozen:
+            self._warned_frozen.update(frozen)
+            warnings.warn(f"layers {', '.join(map(repr, frozen))} switched while frozen (no parameter but the bias "
+                          f"requires grad) and stay frozen in their new form; to train adapters on a frozen "
+                          f"base, call requires_grad_() on the layers' factors after the deflate, or convert "
+                          f"with form='adapter'", stacklevel=3)
 
     def _path(self, name, old, new):
         paths = {("lowrank", "full"): ("inflate",), ("lowrank", "adapter"): ("inflate", "deflate"),

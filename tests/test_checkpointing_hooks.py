@@ -637,6 +637,22 @@ def test_a_form_change_refuses_a_reparametrized_tensor_and_changes_nothing(form,
     assert rel_err(layer(x), before) < TOL
 
 
+def test_a_cross_form_load_into_a_reparametrized_layer_is_in_torchs_error_list():
+    """The refusal reaches load_state_dict's own error list, naming the layer, and that layer is left as it
+    was (torch loads the other layers, as it does with any error in the list)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedLowRankLinear(8, 8, 2, form="full"), FusedLowRankLinear(8, 8, 2))
+    saved = nn.Sequential(FusedLowRankLinear(8, 8, 2), FusedLowRankLinear(8, 8, 2, form="full")).state_dict()
+    orthogonal(model[1], "B")
+    x = torch.randn(3, 8)
+    before = model[1](x).detach()
+    with pytest.raises(RuntimeError, match=r"Error\(s\) in loading state_dict for Sequential(.|\n)*"
+                                           r"layer '1' \(lowrank form, rank 2\) cannot change form or rank: its B"):
+        model.load_state_dict(saved)
+    assert model[1].form == "lowrank" and torch.equal(model[1](x), before)
+    assert model[0].form == "lowrank" and torch.equal(model[0].A, saved["0.A"])
+
+
 def test_the_scheduler_refuses_a_reparametrized_layer_before_switching_any():
     torch.manual_seed(0)
     model = nn.Sequential(FusedLowRankLinear(12, 17, 4), nn.ReLU(), FusedLowRankLinear(17, 13, 4), nn.ReLU(),

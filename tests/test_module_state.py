@@ -9,6 +9,7 @@ tensor), repr, deepcopy and pickling, and the input layouts ``nn.Linear``/``nn.C
 import copy
 import io
 import re
+import warnings
 
 import pytest
 import torch
@@ -281,7 +282,14 @@ def test_the_scheduler_leaves_a_frozen_layer_out_of_training():
     x = torch.randn(4, 12)
     y = model[0](x)
     for epoch, form in enumerate(["lowrank", "full", "adapter"]):
-        sched.step(epoch)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sched.step(epoch)
+        # one warning, at the first switch of the frozen layer, naming it and not the trained one
+        said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+        assert len(said) == (1 if epoch == 1 else 0), said
+        if said:
+            assert said[0].startswith("layers '0' switched while frozen (") and "requires_grad_()" in said[0]
         assert model[0].form == form and not any(p.requires_grad for p in model[0].parameters()), epoch
         layer_params = {id(p) for p in model[0].parameters()}
         assert {id(p) for p in held(opt)} & layer_params <= at_first, epoch
