@@ -107,6 +107,13 @@ def check_finite(layers, what_not, frozen=True):
             raise ValueError(f"layer {name!r} has non-finite values in {key}; {what_not}")
 
 
+def check_switchable(layers):
+    """RuntimeError naming the first of ``layers`` ((name, layer) pairs) with a reparametrized weight or
+    factor (:meth:`FormLayer._check_switchable`), before any of them changes form or rank."""
+    for name, layer in layers:
+        layer._check_switchable(f"layer {name!r}")
+
+
 def _switched(layer):
     """Dict name → the trainable parameters a form change of ``layer`` replaces (its factors, its dense
     weight); a frozen factor trains in no group, so where the optimizer keeps it does not matter."""

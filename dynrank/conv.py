@@ -279,19 +279,19 @@ class LowRankConv2d(FormLayer):
             # shapes the comparison below becomes a guard: one graph per choice, for every shape.
             seconds = adapter_costs(self, x)
             strategy = "chain" if seconds["chain"] <= seconds["merged"] else "merged"
-            self._last_adapter_choice = strategy
-            return strategy
-        key = (tuple(x.shape), x.dtype, str(x.device), torch.is_grad_enabled(), x.requires_grad)
-        choice = self._adapter_choices.get(key)
-        if choice is None:
-            if x.is_cuda and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
-                seconds, method = time_adapter_strategies(self, x), "timing"
-            else:
-                seconds, method = adapter_costs(self, x), "cost model"
-            choice = AdapterChoice(min(seconds, key=seconds.get), method, seconds)
-            self._adapter_choices[key] = choice
-        self._last_adapter_choice = choice.strategy
-        return choice.strategy
+        else:
+            key = (tuple(x.shape), x.dtype, str(x.device), torch.is_grad_enabled(), x.requires_grad)
+            choice = self._adapter_choices.get(key)
+            if choice is None:
+                if x.is_cuda and not torch.cuda.is_current_stream_capturing():
+                    seconds, method = time_adapter_strategies(self, x), "timing"
+                else:
+                    seconds, method = adapter_costs(self, x), "cost model"
+                choice = AdapterChoice(min(seconds, key=seconds.get), method, seconds)
+                self._adapter_choices[key] = choice
+            strategy = choice.strategy
+        self._last_adapter_choice = strategy
+        return strategy
 
     def _on_form_change(self):
         self._run = _FORWARDS[self._form]

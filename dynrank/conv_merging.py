@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._backend import backend_for
-from .functional import transform_active
+from .functional import add_rounded_once_, transform_active
 
 __all__ = ["merge_conv_", "merged_kernel"]
 
@@ -38,14 +38,7 @@ def merge_conv_(weight, U, V, alpha, groups):
         return conv_merge_(weight, U, V, alpha, groups)
     acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
     U3, V3 = _bmm_operands(U.to(acc), V.to(acc), groups)
-    # W + alpha·U·V formed in the accumulation dtype and rounded to W's once, as the Triton merge does:
-    # rounding U·V first made a 16-bit kernel inf where only the unscaled product overflows.  In place
-    # on W itself where W is already in that dtype and row-major (a view), else on one copy of it.
-    W3 = weight.to(acc).reshape(U3.shape[0], U3.shape[1], -1)
-    W3.baddbmm_(U3, V3, alpha=alpha)
-    if W3.dtype != weight.dtype or W3.data_ptr() != weight.data_ptr():
-        weight.copy_(W3.reshape(weight.shape))
-    return weight
+    return add_rounded_once_(weight, acc, (U3.shape[0], U3.shape[1], -1), lambda w: w.baddbmm_(U3, V3, alpha=alpha))
 
 
 @torch.library.custom_op("dynrank::conv_merged_kernel", mutates_args=())

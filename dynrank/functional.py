@@ -193,16 +193,15 @@ def _caching_mode_active():
     """True while a dispatch mode that keeps op outputs is active: selective activation checkpointing's
     (``torch.utils.checkpoint``'s ``context_fn=create_selective_checkpoint_contexts(...)``), in its
     forward and in its recompute.  Where torch names them otherwise, any dispatch mode counts."""
-    from torch.utils import checkpoint
-    caching = tuple(getattr(checkpoint, name, None)
-                    for name in ("_CachingTorchDispatchMode", "_CachedTorchDispatchMode"))
-    if None in caching or _dispatch_mode_stack is None:
+    if _dispatch_mode_stack is None:
         return True
-    return any(isinstance(mode, caching) for mode in _dispatch_mode_stack())
+    return any(isinstance(mode, _CACHING_MODES) for mode in _dispatch_mode_stack())
 
 
-try:    # private: where a torch release moves it, every dispatch mode counts as a caching one
+try:    # private names, resolved once: where a torch release moves them, every dispatch mode counts as caching
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_mode_stack
+    from torch.utils.checkpoint import _CachedTorchDispatchMode, _CachingTorchDispatchMode
+    _CACHING_MODES = (_CachingTorchDispatchMode, _CachedTorchDispatchMode)
 except ImportError:
     _dispatch_mode_stack = None
 
@@ -482,13 +481,25 @@ def merge_(weight, A, B, alpha=1.0):
         return kernel_merge_(weight, A, B, alpha)
     if A.dtype == weight.dtype == B.dtype:
         return weight.addmm_(A, B.t(), alpha=alpha)
-    # Mixed dtypes: W + alpha·A·Bᵀ formed in fp32 (or wider) and rounded to W's dtype once, as the kernel
-    # and addmm_ do.  Rounding the product first would make a 16-bit W inf where only the unscaled product
-    # overflows (alpha < 1, or W cancelling it).
+    # Mixed dtypes: in fp32 (or wider), as the kernel and addmm_ accumulate.
     acc = torch.promote_types(torch.promote_types(A.dtype, B.dtype),
                               torch.promote_types(weight.dtype, torch.float32))
-    merged = torch.mm(A.to(acc), B.to(acc).t())
-    return weight.copy_(merged.mul_(alpha).add_(weight))
+    return add_rounded_once_(weight, acc, weight.shape, lambda w: w.addmm_(A.to(acc), B.to(acc).t(), alpha=alpha))
+
+
+def add_rounded_once_(weight, acc, shape, add_):
+    """``add_(w)`` (an in-place product-add such as ``addmm_``) on ``weight`` in dtype ``acc``, viewed as
+    ``shape``, rounded to ``weight``'s dtype once; returns ``weight``.
+
+    Rounding the product to a 16-bit weight's dtype before the scale and the add would make W inf where
+    only the unscaled product overflows (alpha < 1, or W cancelling it).  In place on ``weight`` itself
+    where it is already in ``acc`` and the view needs no copy, else on one copy written back.
+    """
+    work = weight.to(acc).reshape(shape)
+    add_(work)
+    if work.dtype != weight.dtype or work.data_ptr() != weight.data_ptr():
+        weight.copy_(work.reshape(weight.shape))
+    return weight
 
 
 def _check_scale(value, name):

@@ -28,7 +28,7 @@ import torch
 
 from ._args import check_int, check_real
 from ._checks import (check_copy, check_finite, check_model_and_optimizer, check_new_copy, check_same_layers,
-                      check_sync, unwrap_model)
+                      check_switchable, check_sync, unwrap_model)
 from ._optim import LINEAR_STATE, SQUARED_STATE, replace_params
 from .distributed import _remember_ddp, _retire_stale
 from .linear import FusedLowRankLinear, svd_factors
@@ -197,13 +197,6 @@ def _follow_growth(copy_layer, layer):
     _install(copy_layer, *wide, new_rank, *old)
 
 
-def _check_switchable(layers):
-    """RuntimeError naming the first of ``layers`` ((name, layer) pairs) whose factors are reparametrized,
-    before any of them is resized."""
-    for name, layer in layers:
-        layer._check_switchable(f"layer {name!r}")
-
-
 @torch.no_grad()
 def _truncate_rank_(layer, rank, optimizer=None):
     """Best rank-``rank`` factors of the current product (construction / loading only)."""
@@ -339,7 +332,7 @@ class IncrementalRankScheduler:
             else:
                 self.current[name] = min(init_rank, self.max_rank[name])
                 targets[name] = min(self.current[name] + self.buffer, self.max_rank[name])
-        _check_switchable(self._layers)          # every managed layer: its factors get replaced
+        check_switchable(self._layers)          # every managed layer: its factors get replaced
         check_finite([(n, m) for n, m in self._layers if targets.get(n, m.rank) < m.rank],
                      "not resizing any layer to its starting rank")
         for name, layer in self._layers:
@@ -465,7 +458,7 @@ class IncrementalRankScheduler:
         for model_copy, layers in self._copies:
             check_copy(model_copy, layers, self._layers)
         due = [(name, layer) for name, layer in self._layers if layer.rank < self.max_rank[name]]
-        _check_switchable(due)
+        check_switchable(due)
         check_finite(due, f"not growing any layer at step {step}", frozen=False)   # growth reads A, B only
         plans = []
         for name, layer in due:
@@ -553,7 +546,7 @@ class IncrementalRankScheduler:
     def _load_checked(self, settings):
         """Apply what :meth:`_checked_state` returned; a layer to shrink must still be finite."""
         ranks = settings["ranks"]
-        _check_switchable([(n, m) for n, m in self._layers if ranks[n] != m.rank])
+        check_switchable([(n, m) for n, m in self._layers if ranks[n] != m.rank])
         check_finite([(n, m) for n, m in self._layers if ranks[n] < m.rank], "not loading any rank")
         with torch.random.fork_rng(devices=[]):
             for name, layer in self._layers:

@@ -11,7 +11,7 @@ import copy
 import gc
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,15 +31,19 @@ class FormProfile:
         seconds: form → the timed steps' wall-clock seconds, in order (warm-up steps left out).
         trainable: form → trainable parameters of the model in that form.
         device: where the model's parameters are (as ``str``), e.g. ``"cuda:0"`` or ``"cpu"``.
-        records: one dict per timed step, ``{"form", "step", "wall_seconds"}``: what
-            :func:`~dynrank.cost.measured_comp_ratio` and :func:`~dynrank.cost.cost_report` read as a
-            run (``run=profile``).  Step times stand in for epoch times: a ratio is the same.
     """
 
     seconds: dict
     trainable: dict
     device: str
-    records: list = field(default_factory=list)
+
+    @property
+    def records(self):
+        """One dict per timed step, ``{"form", "step", "wall_seconds"}``: what
+        :func:`~dynrank.cost.measured_comp_ratio` and :func:`~dynrank.cost.cost_report` read as a run
+        (``run=profile``).  Step times stand in for epoch times: a ratio is the same."""
+        return [{"form": form, "step": n, "wall_seconds": t}
+                for form, times in self.seconds.items() for n, t in enumerate(times)]
 
     def median(self, form):
         """Median seconds of one step in ``form``."""
@@ -189,7 +193,7 @@ def profile_forms(model, step, optimizer=None, forms=("full", "lowrank", "adapte
     warmup = check_int(warmup, "warmup", "an int ≥ 0", 0)
     make_optimizer = optimizer or (lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9))
     device = _device_of(module)
-    seconds, trainable, records = {}, {}, []
+    seconds, trainable = {}, {}
     rng_devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         for form in forms:
@@ -208,10 +212,9 @@ def profile_forms(model, step, optimizer=None, forms=("full", "lowrank", "adapte
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
             seconds[form] = times
-            records += [{"form": form, "step": n, "wall_seconds": t} for n, t in enumerate(times)]
             if log is not None:
                 log(f"profile_forms: {form:<7} {steps} steps after {warmup} warm-up, median "
                     f"{1e3 * statistics.median(times):.3f} ms, {trainable[form]:,} trainable parameters")
             del twin, params, opt
             gc.collect()
-    return FormProfile(seconds, trainable, str(device), records)
+    return FormProfile(seconds, trainable, str(device))

@@ -27,7 +27,8 @@ import torch
 
 from ._args import check_int
 from ._checks import (check_copy, check_finite, check_layer_names, check_model_and_optimizer, check_new_copy,
-                      check_one_group, check_same_layers, check_sync, form_layers, unwrap_model)
+                      check_one_group, check_same_layers, check_switchable, check_sync, form_layers,
+                      unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS
 from ._optim import pullback_state, pushforward_state, replace_params
 from .distributed import _remember_ddp, _retire_stale
@@ -422,10 +423,10 @@ class DynamicRankScheduler:
             old, new = layer.form, targets[name]
             if old != new:
                 plans.append((name, layer, old, new, self._path(name, old, new)))
-        for name, layer, *_ in plans:
-            layer._check_switchable(f"layer {name!r}")
+        switching = [(name, layer) for name, layer, *_ in plans]
+        check_switchable(switching)
         if finite is not None:
-            check_finite([(name, layer) for name, layer, *_ in plans], finite)
+            check_finite(switching, finite)
         changes, replaced = [], False
         for name, layer, old, new, ops in plans:
             for op in ops:
