@@ -19,7 +19,8 @@ setup(
     package_dir={"dynrank": "dynrank", "dynrank.kernels": "kernels"},
     install_requires=install_requires,
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4"],
+        # transformers: the tests of GPT-2's Conv1D and of converted transformers models (nothing downloaded)
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.40"],
         "plots": ["matplotlib>=3.5"],
         "vision": ["pillow>=9"],
     },

@@ -7,7 +7,7 @@ from torch import nn
 
 from ._args import check_int
 from ._forms import FORMS, FormLayer, check_floating_dtype
-from .linear import FusedLowRankLinear, check_alpha, check_ratio, rank_from_ratio
+from .linear import FusedLowRankLinear, check_alpha, check_ratio, is_transposed_linear, linear_weight, rank_from_ratio
 
 __all__ = ["convert_model", "ConversionSummary", "DECOMPOSITIONS"]
 
@@ -45,7 +45,7 @@ class RowSummary:
 
 
 class ConversionSummary(RowSummary):
-    """What :func:`convert_model` did, one row per nn.Linear / nn.Conv2d found.
+    """What :func:`convert_model` did, one row per nn.Linear / nn.Conv2d / transformers Conv1D found.
 
     Attributes:
         rows: list of dicts with keys ``name``, ``type``, ``shape`` (weight
@@ -153,13 +153,13 @@ def _check_patterns_match(patterns, names):
                 unmatched.append(f"{what} {p!r}")
     if unmatched:
         shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
-        raise ValueError(f"convert_model: these patterns match no nn.Linear/nn.Conv2d of the model: "
+        raise ValueError(f"convert_model: these patterns match no nn.Linear/nn.Conv2d/Conv1D of the model: "
                          f"{'; '.join(unmatched)} (patterns are full module names or fnmatch globs such as "
                          f"'enc.*'; the model's are: {shown or 'none'})")
 
 
 def _candidates(module, prefix=""):
-    """(name, parent, attr, child) for every place a Linear/Conv2d is registered, repeats included.
+    """(name, parent, attr, child) for every place a Linear/Conv2d/Conv1D is registered, repeats included.
 
     Does not descend into dynrank layers; the leaves inside ``nn.MultiheadAttention``
     come with parent None.  A module registered at several places comes once per place.
@@ -176,7 +176,7 @@ def _candidates(module, prefix=""):
                 if isinstance(leaf, (nn.Linear, nn.Conv2d)):
                     yield f"{name}.{sub}", None, None, leaf
             continue
-        if isinstance(child, (nn.Linear, nn.Conv2d)):
+        if isinstance(child, (nn.Linear, nn.Conv2d)) or is_transposed_linear(child):
             yield name, module, attr, child
         else:
             yield from _candidates(child, name)
@@ -213,8 +213,8 @@ def _weight_shape(child):
 
 
 def _matrix_sides(child):
-    """(rows, cols) of the weight's matrix view: out × in (Linear), out × in·kh·kw (Conv2d)."""
-    shape = _weight_shape(child)
+    """(rows, cols) of the weight's matrix view: out × in (Linear, Conv1D), out × in·kh·kw (Conv2d)."""
+    shape = tuple(linear_weight(child).shape)
     cols = 1
     for s in shape[1:]:
         cols *= s
@@ -235,6 +235,14 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     form, the weight itself in full form, the weight as W_f plus a zero-output
     adapter in adapter form); ``init="fresh"`` builds it with its own
     initialization.  Biases are kept.
+
+    Hugging Face transformers' ``Conv1D`` (the linear layer of GPT-2 and
+    OpenAI GPT, weight stored (in, out)) is converted as a Linear: it becomes
+    a :class:`FusedLowRankLinear` with the transposed weight, computing the
+    same function, and :func:`~dynrank.unconvert_model` gives back a
+    ``Conv1D``.  It is never taken for the final classifier (transformers'
+    heads are ``nn.Linear``).  dynrank recognises the class by name and
+    package, without importing transformers.
 
     Kept dense by default (the choices of the paper's own implementation): 1×1
     convolutions inside a residual shortcut (a module named ``shortcut`` or
@@ -273,8 +281,8 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
             deflate later) or ``"adapter"``.
         include: only modules matching these names/globs (``fnmatch``), or a
             callable ``(name, module) -> bool``; None: all.  A name/glob must
-            match the full name of at least one nn.Linear/nn.Conv2d of the
-            model (a typo raises); a shared module matches by any of its names.
+            match the full name of at least one nn.Linear/nn.Conv2d/Conv1D of
+            the model (a typo raises); a shared module matches by any of its names.
         exclude: modules matching these are kept dense (same rules).
         min_features: smallest side of the weight's matrix view to convert.
         init: ``"dense"`` (from the existing weights) or ``"fresh"``.
@@ -291,7 +299,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
             names the layer).
         ValueError: ρ outside (0, 1], ``alpha`` not a finite number > 0,
             ``min_features`` below 1, unknown decomposition/form/init, an
-            include/exclude name or glob that matches no nn.Linear/nn.Conv2d,
+            include/exclude name or glob that matches no nn.Linear/nn.Conv2d/Conv1D,
             a tied or (lowrank/full form) frozen layer named exactly in
             ``include``, a fit that fails (e.g. CP on a degenerate kernel, a
             NaN weight; the message names the layer and the decomposition), or
@@ -363,7 +371,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
         if form == "lowrank" and row["params_after"] >= row["params_before"]:
             row["note"] = "no parameter saving at this rank"
     if not plans:
-        raise ValueError("convert_model found nothing to convert: no nn.Linear/nn.Conv2d passed the rules "
+        raise ValueError("convert_model found nothing to convert: no nn.Linear/nn.Conv2d/Conv1D passed the rules "
                          f"({len(rows)} candidates: " + "; ".join(f"{r['name']}: {r['note']}" for r in rows)
                          + "); adjust include/exclude/min_features/keep_last")
     swap_in(plans)
@@ -425,13 +433,15 @@ def _keep_reason(names, places, child, include, exclude, min_features, last_line
 
 def _convert_one(child, rank_ratio, decomposition, form, init, alpha):
     dtype = check_floating_dtype(child.weight.dtype)
-    if isinstance(child, nn.Linear):
-        out_features, in_features = child.weight.shape
+    if isinstance(child, nn.Linear) or is_transposed_linear(child):
+        out_features, in_features = linear_weight(child).shape
         rank = rank_from_ratio(rank_ratio, in_features, out_features)
         if init == "dense":
             return FusedLowRankLinear.from_dense(child, rank, form=form, alpha=alpha)
-        return FusedLowRankLinear(in_features, out_features, rank, bias=child.bias is not None, form=form,
-                                  alpha=alpha, device=child.weight.device, dtype=dtype)
+        new = FusedLowRankLinear(in_features, out_features, rank, bias=child.bias is not None, form=form,
+                                 alpha=alpha, device=child.weight.device, dtype=dtype)
+        new._record_dense_type(child)
+        return new
     from .conv import LowRankConv2d
     if init == "dense":
         return LowRankConv2d.from_dense(child, decomposition=decomposition, form=form, rank_ratio=rank_ratio,

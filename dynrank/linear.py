@@ -9,7 +9,28 @@ from . import functional as DF
 from ._args import check_int, check_real
 from ._forms import FormLayer, check_floating_dtype, check_form
 
-__all__ = ["FusedLowRankLinear", "check_alpha", "check_rank", "check_ratio", "rank_from_ratio"]
+__all__ = ["FusedLowRankLinear", "check_alpha", "check_rank", "check_ratio", "is_transposed_linear",
+           "linear_weight", "rank_from_ratio"]
+
+
+def is_transposed_linear(module):
+    """Whether ``module`` is a Hugging Face transformers ``Conv1D`` (or a subclass): the linear layer of
+    GPT-2 and OpenAI GPT, y = x·W + b with its weight stored (in, out), the transpose of nn.Linear's.
+
+    Recognised by class (named ``Conv1D`` and defined in the ``transformers`` package), so dynrank
+    needs no import of transformers.
+    """
+    return any(c.__name__ == "Conv1D" and c.__module__.split(".")[0] == "transformers"
+               for c in type(module).__mro__)
+
+
+def linear_weight(module):
+    """The (out, in) weight of a linear module: ``weight`` itself, or its transposed view for a
+    transformers ``Conv1D`` (see :func:`is_transposed_linear`); None where there is no tensor weight."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    return weight.t() if is_transposed_linear(module) and weight.dim() == 2 else weight
 
 
 def check_rank(rank, limit, what="rank"):
@@ -121,6 +142,10 @@ class FusedLowRankLinear(FormLayer):
         'adapter'
     """
 
+    # The transformers Conv1D class this layer was converted from (``from_dense``), else None:
+    # unconvert_model rebuilds that class.
+    _dense_type = None
+
     def __init__(self, in_features, out_features, rank, bias=True, form="lowrank", alpha=None,
                  device=None, dtype=None):
         super().__init__()
@@ -191,6 +216,11 @@ class FusedLowRankLinear(FormLayer):
     def from_dense(cls, linear, rank, form="lowrank", alpha=None):
         """Build from an ``nn.Linear`` (or anything with ``weight`` (out, in) and ``bias``).
 
+        A Hugging Face transformers ``Conv1D`` (GPT-2's linear layer, weight
+        stored (in, out)) is read through its transpose, so the new layer
+        computes the same function; :func:`~dynrank.unconvert_model` turns
+        the layer back into a ``Conv1D``.
+
         ``form="lowrank"``: A, B from the truncated SVD of the dense weight (the
         best rank-``rank`` approximation, √σ split between A and B); an all-zero
         weight gets A = 0 and a random B instead (still exactly zero, but
@@ -202,8 +232,8 @@ class FusedLowRankLinear(FormLayer):
             TypeError: ``linear`` has no 2-D weight, or its dtype is not floating-point.
             ValueError: invalid rank or form; a weight with NaN/inf entries (lowrank form).
         """
-        weight = getattr(linear, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        weight = linear_weight(linear)
+        if weight is None or weight.dim() != 2:
             raise TypeError(f"from_dense needs a module with a 2-D weight (nn.Linear), got {type(linear).__name__}")
         check_floating_dtype(weight.dtype, needed_by=f"from_dense needs a floating-point {cls.weight_kind}: ")
         check_form(form)
@@ -211,7 +241,13 @@ class FusedLowRankLinear(FormLayer):
         bias = getattr(linear, "bias", None)
         layer = cls(in_features, out_features, rank, bias=bias is not None, form=form, alpha=alpha,
                     device=weight.device, dtype=weight.dtype)
+        layer._record_dense_type(linear)
         return layer._copy_from_dense_(weight, bias)
+
+    def _record_dense_type(self, dense):
+        """Remember that ``dense`` was a transformers ``Conv1D``, for ``unconvert_model`` to rebuild one."""
+        if is_transposed_linear(dense):
+            self._dense_type = type(dense)
 
     # -- forward ------------------------------------------------------------
     def forward(self, x):

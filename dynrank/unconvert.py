@@ -112,7 +112,14 @@ def _dense_weight(layer):
 
 
 def _dense_module(layer):
-    """One nn.Linear / nn.Conv2d computing ``layer``'s function."""
+    """One nn.Linear / nn.Conv2d computing ``layer``'s function; the transformers ``Conv1D`` it was
+    converted from for a layer that was one (its weight (in, out): a transposed copy of W)."""
+    if isinstance(layer, FusedLowRankLinear) and layer._dense_type is not None:
+        with torch.device("meta"):          # nothing is allocated: the parameters are put in below
+            new = layer._dense_type(layer.out_features, layer.in_features)
+        if layer.bias is None:
+            new.bias = None
+        return _with_params(new, _param(_dense_weight(layer).t()), layer.bias)
     if isinstance(layer, FusedLowRankLinear):
         new = _plain(layer.in_features, layer.out_features, bias=layer.bias)
     else:
@@ -221,6 +228,11 @@ def unconvert_model(model, lowrank="factored"):
     - ``full``: an ``nn.Linear`` / ``nn.Conv2d`` (same stride, padding,
       dilation, groups and padding mode) holding the layer's own W and bias
       Parameters (the same objects: an optimizer holding them keeps working).
+      A layer ``convert_model`` or ``from_dense`` made from a transformers
+      ``Conv1D`` becomes a ``Conv1D`` again, so the model loads into its
+      transformers class (``save_pretrained``/``from_pretrained``); its
+      weight is a new Parameter, Wᵀ as a contiguous copy, trainable where W
+      was (an optimizer needs it added), the bias the layer's own.
     - ``adapter``: the same with the merged weight W_f + s·ΔW, computed as
       ``inflate()`` computes it (fp32-accumulated for 16-bit weights) into a
       copy; it is frozen where W_f was (a frozen base stays frozen, as PEFT's

@@ -347,7 +347,7 @@ def test_a_tied_head_stays_dense_and_tied():
 def test_patterns_that_match_nothing_raise(kwargs, listed):
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 2))
     before = _snapshot(model)
-    with pytest.raises(ValueError, match=rf"these patterns match no nn\.Linear/nn\.Conv2d of the model: "
+    with pytest.raises(ValueError, match=rf"these patterns match no nn\.Linear/nn\.Conv2d/Conv1D of the model: "
                                          rf"{re.escape(listed)} \(.*the model's are: '0', '1', '2', '3'\)"):
         convert_model(model, **kwargs)
     _assert_unchanged(model, before)

@@ -1,0 +1,236 @@
+"""Hugging Face transformers models: GPT-2's Conv1D is converted as a linear layer, and converted models
+of the common architectures keep their function, train through the schedule and go back to their own
+class (save_pretrained / from_pretrained).  Tiny configs built in the test: nothing is downloaded."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from _helpers import rel_err
+from dynrank import DynamicRankScheduler, FusedLowRankLinear, convert_model, unconvert_model
+from dynrank.linear import is_transposed_linear
+
+transformers = pytest.importorskip("transformers")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+VOCAB = 50
+SITES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def gpt2(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=VOCAB,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def tokens(seed=1, batch=2, length=12):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def conv1d(nf, nx, seed=0):
+    torch.manual_seed(seed)
+    layer = Conv1D(nf, nx).double()
+    with torch.no_grad():
+        layer.bias.normal_()
+    return layer
+
+
+# -- the layer -----------------------------------------------------------------------------------------
+
+
+def test_conv1d_is_recognised_by_class():
+    class Derived(Conv1D):
+        pass
+
+    class Conv1D_(nn.Module):          # a user's own class of another name
+        pass
+
+    user_conv1d = type("Conv1D", (nn.Module,), {})      # same name, not from transformers
+    assert is_transposed_linear(Conv1D(4, 3)) and is_transposed_linear(Derived(4, 3))
+    assert not is_transposed_linear(Conv1D_()) and not is_transposed_linear(user_conv1d())
+    assert not is_transposed_linear(nn.Linear(3, 4))
+
+
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+@pytest.mark.parametrize("nf, nx", [(12, 12), (20, 12)])
+def test_from_dense_conv1d_computes_its_function(form, nf, nx):
+    """Square included: read as (out, in) without the transpose, a square Conv1D gives a layer that
+    runs and computes x·Wᵀ instead of x·W."""
+    dense = conv1d(nf, nx)
+    layer = FusedLowRankLinear.from_dense(dense, rank=min(nf, nx), form=form)
+    assert (layer.in_features, layer.out_features, layer.form) == (nx, nf, form)
+    x = torch.randn(3, 5, nx, dtype=torch.float64)
+    assert rel_err(layer(x), dense(x)) < 1e-12
+    if form != "lowrank":
+        assert torch.equal(layer.weight, dense.weight.t())
+        assert layer.weight.is_contiguous()
+    assert layer._dense_type is Conv1D
+    assert copy.deepcopy(layer)._dense_type is Conv1D
+
+
+# -- convert_model on GPT-2 ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+def test_convert_gpt2_keeps_its_function(form):
+    model = gpt2()
+    ids = tokens()
+    ref = logits(model, ids)
+    summary = convert_model(model, rank_ratio=1.0, form=form)
+    expected = [f"transformer.h.{i}.{site}" for i in range(2) for site in SITES]
+    assert sorted(summary.converted) == sorted(expected)
+    assert dict(summary.skipped) == {"lm_head": "weight tied to transformer.wte.weight"}
+    rows = {r["name"]: r for r in summary.rows}
+    assert rows["transformer.h.0.attn.c_attn"]["type"] == "Conv1D"
+    assert rows["transformer.h.0.attn.c_attn"]["rank"] == 32          # min(32, 96) at ρ = 1
+    assert "Conv1D → FusedLowRankLinear" in str(summary)
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert (c_attn.in_features, c_attn.out_features, c_attn.form) == (32, 96, form)
+    assert rel_err(logits(model, ids), ref) < 1e-12
+
+
+def test_convert_gpt2_rank_ratio_and_rules():
+    model = gpt2()
+    summary = convert_model(model, rank_ratio=0.25, include="transformer.h.0.*", exclude="*.c_proj")
+    assert sorted(summary.converted) == ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"]
+    assert model.transformer.h[0].mlp.c_fc.rank == 8                   # int(0.25·min(32, 128))
+    assert isinstance(model.transformer.h[1].mlp.c_fc, Conv1D)
+    with pytest.raises(ValueError, match=r"match no nn.Linear/nn.Conv2d/Conv1D.*'transformer\.h\.9\.\*'"):
+        convert_model(gpt2(), include="transformer.h.9.*")
+
+
+def test_convert_conv1d_fresh_init_and_frozen():
+    model = gpt2()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to convert.*frozen"):
+        convert_model(model, form="lowrank")
+    convert_model(model, rank_ratio=0.5, form="adapter", init="fresh")
+    layer = model.transformer.h[1].mlp.c_proj
+    assert layer._dense_type is Conv1D and layer.form == "adapter"
+    assert not layer.weight.requires_grad and layer.A.requires_grad and not layer.bias.requires_grad
+
+
+# -- training through the schedule, and back to transformers --------------------------------------------
+
+
+def test_gpt2_trains_through_the_schedule_and_saves_as_gpt2(tmp_path):
+    """Lowrank → full at epoch 1 → adapter at epoch 2, AdamW steps in each, then unconvert_model: every
+    former Conv1D is a Conv1D with an (in, out) weight, and save_pretrained / from_pretrained give the
+    trained model's logits."""
+    model = gpt2()
+    ids = tokens(seed=2, batch=4)
+    convert_model(model, rank_ratio=0.5)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sched = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    losses = []
+    for epoch in range(3):
+        sched.step(epoch)
+        for _ in range(3):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert model.transformer.h[0].attn.c_attn.form == "adapter"
+    assert losses[-1] < losses[0]
+    model.eval()
+    trained = logits(model, ids)
+
+    summary = unconvert_model(model)
+    assert len(summary) == 8 and {r["new_type"] for r in summary.rows} == {"Conv1D"}
+    for block in model.transformer.h:
+        for site in SITES:
+            layer = block.get_submodule(site)
+            assert type(layer) is Conv1D
+            assert layer.weight.shape == (layer.nx, layer.nf) and layer.weight.is_contiguous()
+    assert rel_err(logits(model, ids), trained) < 1e-12
+
+    model.save_pretrained(tmp_path)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)     # loads float64 on transformers 4 (default dtype) and 5 (saved)
+    try:
+        loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    finally:
+        torch.set_default_dtype(default)
+    assert loaded.transformer.h[0].attn.c_attn.weight.dtype == torch.float64
+    assert rel_err(logits(loaded, ids), trained) < 1e-12
+
+
+@pytest.mark.parametrize("lowrank, kind", [("dense", Conv1D), ("factored", nn.Sequential)])
+def test_unconvert_lowrank_conv1d(lowrank, kind):
+    model = gpt2()
+    convert_model(model, rank_ratio=0.25)
+    ids = tokens()
+    ref = logits(model, ids)
+    unconvert_model(model, lowrank=lowrank)
+    assert isinstance(model.transformer.h[0].mlp.c_fc, kind)
+    assert rel_err(logits(model, ids), ref) < 1e-12
+
+
+def test_unconvert_full_conv1d_weight_trains_where_w_did():
+    model = gpt2()
+    convert_model(model, form="full")
+    layer = model.transformer.h[0].attn.c_attn
+    W, bias = layer.weight, layer.bias
+    unconvert_model(model)
+    new = model.transformer.h[0].attn.c_attn
+    assert new.weight.requires_grad and new.weight is not W and new.bias is bias
+    assert torch.equal(new.weight, W.detach().t())
+    assert new.weight.grad_fn is None and new.weight.is_leaf
+
+
+# -- the other architectures: nn.Linear models -----------------------------------------------------------
+
+
+def _bert():
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def _llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=VOCAB, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def _vit():
+    return transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=8, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+@pytest.mark.parametrize("build, n_converted", [(_bert, 13), (_llama, 14), (_vit, 13)],
+                         ids=["bert", "llama", "vit"])
+def test_linear_models_adapter_keeps_function_and_trains_adapters_only(build, n_converted):
+    torch.manual_seed(0)
+    model = build().double().eval()
+    if build is _vit:
+        inputs = {"pixel_values": torch.randn(2, 3, 16, 16, dtype=torch.float64)}
+    else:
+        inputs = {"input_ids": tokens()}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    for p in model.parameters():
+        p.requires_grad_(False)
+    summary = convert_model(model, rank_ratio=0.25, form="adapter")
+    assert len(summary.converted) == n_converted
+    with torch.no_grad():
+        assert rel_err(model(**inputs).logits, ref) < 1e-12
+    model(**inputs).logits.sum().backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(n.endswith((".A", ".B")) for n in trained)
