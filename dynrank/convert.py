@@ -298,8 +298,10 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
             a layer to convert whose weight is not floating-point (the message
             names the layer).
         ValueError: ρ outside (0, 1], ``alpha`` not a finite number > 0,
-            ``min_features`` below 1, unknown decomposition/form/init, an
-            include/exclude name or glob that matches no nn.Linear/nn.Conv2d/Conv1D,
+            ``min_features`` below 1, a lazy module not yet run
+            (``nn.LazyLinear``), unknown decomposition/form/init, an
+            include/exclude name or glob that matches no
+            nn.Linear/nn.Conv2d/Conv1D,
             a tied or (lowrank/full form) frozen layer named exactly in
             ``include``, a fit that fails (e.g. CP on a degenerate kernel, a
             NaN weight; the message names the layer and the decomposition), or
@@ -329,6 +331,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     min_features = check_int(min_features, "min_features", "a positive int", 1)
     include = _check_patterns(include, "include")
     exclude = _check_patterns(exclude, "exclude")
+    _check_materialized(model)
 
     params_before = _trainable_count(model)
     found = list(_candidates(model))
@@ -377,6 +380,16 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     swap_in(plans)
     _guard_transformer_fast_path(model)
     return ConversionSummary(rows, params_before, _trainable_count(model))
+
+
+def _check_materialized(model):
+    """Raise a ValueError naming the lazy modules (``nn.LazyLinear``, ...) whose parameters have no shape yet."""
+    lazy = [name or type(module).__name__ for name, module in model.named_modules()
+            if any(nn.parameter.is_lazy(p) for p in module._parameters.values() if p is not None)]
+    if lazy:
+        raise ValueError(f"convert_model: {', '.join(map(repr, lazy))} still "
+                         f"{'has' if len(lazy) == 1 else 'have'} uninitialized (lazy) parameters; run the "
+                         f"model once on a dummy batch so they get their shapes, then convert it")
 
 
 def swap_in(plans):

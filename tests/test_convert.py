@@ -432,3 +432,15 @@ def test_a_layer_that_is_not_floating_point_is_named(dtype):
     with pytest.raises(TypeError, match=rf"from_dense needs a floating-point weight: dtype must be a "
                                         rf"floating-point dtype, got {dtype}"):
         FusedLowRankLinear.from_dense(linear, rank=4)
+
+
+def test_lazy_modules_not_yet_run_are_named():
+    model = nn.Sequential(nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, 16), nn.LazyBatchNorm1d())
+    with pytest.raises(ValueError, match=r"convert_model: '0', '3' still have uninitialized \(lazy\) parameters; "
+                                         r"run the model once on a dummy batch"):
+        convert_model(model, keep_last=False)
+    assert isinstance(model[2], nn.Linear) and isinstance(model[0], nn.LazyLinear)
+    x = torch.randn(4, 24)
+    ref = model.eval()(x)                      # materializes both, as the message says
+    assert convert_model(model, rank_ratio=1.0, keep_last=False).converted == ["0", "2"]
+    assert rel_err(model(x), ref) < 1e-5
