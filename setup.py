@@ -19,8 +19,9 @@ setup(
     package_dir={"dynrank": "dynrank", "dynrank.kernels": "kernels"},
     install_requires=install_requires,
     extras_require={
-        # transformers: the tests of GPT-2's Conv1D and of converted transformers models (nothing downloaded)
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.40"],
+        # transformers, accelerate (its Trainer's): the tests of dynrank on transformers models and of
+        # dynrank.hf (tests/test_transformers.py, nothing downloaded)
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.40", "accelerate>=0.26"],
         "plots": ["matplotlib>=3.5"],
         "vision": ["pillow>=9"],
     },

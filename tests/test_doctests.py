@@ -7,6 +7,7 @@ on CUDA, or in Triton's interpreter without it (``conftest.py`` switches it on).
 
 import doctest
 import importlib
+import importlib.util
 import pkgutil
 
 import pytest
@@ -17,12 +18,17 @@ import dynrank.kernels
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
+# Modules that need an optional package (module name → package): left out where it is not installed.
+OPTIONAL = {"dynrank.hf": "transformers"}
+
+
 def _modules():
     names = {"dynrank", "dynrank.kernels"}
     for package in (dynrank, dynrank.kernels):
         names.update(info.name for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
                      if not info.name.endswith(".__main__"))
-    return sorted(names)
+    return sorted(name for name in names
+                  if name not in OPTIONAL or importlib.util.find_spec(OPTIONAL[name]) is not None)
 
 
 def _examples(name):

@@ -234,3 +234,92 @@ def test_linear_models_adapter_keeps_function_and_trains_adapters_only(build, n_
     model(**inputs).logits.sum().backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
     assert trained and all(n.endswith((".A", ".B")) for n in trained)
+
+
+# -- DynamicRankCallback: the schedule inside transformers.Trainer ---------------------------------------
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=32):
+        self.ids = torch.randint(0, VOCAB, (n, 12), generator=torch.Generator().manual_seed(3))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _train(out_dir, callback, resume=None, epochs=4, save="epoch"):
+    """A converted tiny GPT-2 trained by a Trainer (batch 8: 4 optimizer steps per epoch); the model and trainer."""
+    pytest.importorskip("accelerate")
+    model = gpt2(dtype=torch.float32)
+    convert_model(model, rank_ratio=0.5)
+    args = transformers.TrainingArguments(
+        output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=8, learning_rate=1e-2,
+        report_to=[], logging_steps=4, save_strategy=save, use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer
+
+
+def test_callback_runs_the_schedule_in_a_trainer(tmp_path):
+    from dynrank.hf import DynamicRankCallback
+    lines = []
+    callback = DynamicRankCallback(1, 3, log=lines.append)
+    model, trainer = _train(tmp_path, callback, save="no")
+    assert [(count, old, new) for count, _, old, new in callback.changes] == \
+        [(1, "lowrank", "full")] * 8 + [(3, "full", "adapter")] * 8
+    assert lines == ["dynrank: epoch 1: 8 layers lowrank → full", "dynrank: epoch 3: 8 layers full → adapter"]
+    assert callback.scheduler.last_epoch == 3 and callback.scheduler.model is model
+    # The optimizer holds exactly the trainable parameters, and the LR schedule ran on (linear decay).
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+    rates = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert len(rates) == 4 and all(a > b for a, b in zip(rates, rates[1:]))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+
+
+def test_callback_resumes_bitwise_across_the_switches(tmp_path):
+    """Resumed from the checkpoint before the inflate, before the deflate and in the adapter phase, the
+    run ends with the uninterrupted run's weights, bit for bit (the deflate's fresh factors included)."""
+    from dynrank.hf import DynamicRankCallback
+    reference, _ = _train(tmp_path / "full", DynamicRankCallback(1, 2, log=None))
+    expected = reference.state_dict()
+    for step in (4, 8, 12):                          # ends of epochs 0, 1 and 2
+        checkpoint = tmp_path / "full" / f"checkpoint-{step}"
+        resumed, _ = _train(tmp_path / f"from-{step}", DynamicRankCallback(1, 2, log=None), resume=str(checkpoint))
+        state = resumed.state_dict()
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], expected[k]) for k in expected), f"resumed from {checkpoint.name}"
+
+
+def test_callback_by_steps(tmp_path):
+    from dynrank.hf import DynamicRankCallback
+    callback = DynamicRankCallback(5, 10, unit="step", log=None)
+    model, _ = _train(tmp_path, callback, epochs=3, save="no")
+    assert sorted({(count, old, new) for count, _, old, new in callback.changes}) == \
+        [(5, "lowrank", "full"), (10, "full", "adapter")]
+    assert model.transformer.h[1].mlp.c_fc.form == "adapter"
+
+
+def test_callback_refuses_bad_setups():
+    from types import SimpleNamespace
+
+    from dynrank.hf import DynamicRankCallback
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) epoch_unit; it takes deflate_init"):
+        DynamicRankCallback(1, 2, epoch_unit="step")
+    with pytest.raises(ValueError, match="deflate_epoch"):
+        DynamicRankCallback(3, 2)
+    with pytest.raises(TypeError, match="log must be callable or None, got str"):
+        DynamicRankCallback(1, 2, log="stdout")
+    model = gpt2()
+    convert_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="runs on one process.*this Trainer runs 2 processes"):
+        DynamicRankCallback(1, 2).on_train_begin(SimpleNamespace(world_size=2), None, None, model=model,
+                                                  optimizer=optimizer)
+    with pytest.raises(ValueError, match="no dynrank layers"):
+        DynamicRankCallback(1, 2).on_train_begin(SimpleNamespace(world_size=1), None, None, model=gpt2(),
+                                                  optimizer=optimizer)

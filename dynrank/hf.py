@@ -1,0 +1,112 @@
+"""Hugging Face transformers: :class:`DynamicRankCallback` runs a dynamic-rank schedule inside a ``Trainer``.
+
+Import it as ``from dynrank.hf import DynamicRankCallback`` (``import dynrank`` alone never imports
+transformers)::
+
+    convert_model(model, rank_ratio=0.25)
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      callbacks=[DynamicRankCallback(inflate_epoch=1, deflate_epoch=3)])
+    trainer.train()
+
+The callback builds a :class:`~dynrank.DynamicRankScheduler` on the Trainer's own model and optimizer
+when training begins, and steps it before the first optimizer step of every epoch (or of every step,
+``unit="step"``).  The Trainer's LR scheduler keeps working, since the switches edit the optimizer's
+param groups in place.  Trainer checkpoints resume across the switches: the model's state dict holds
+each layer's form, which the load restores, and the switch of a resumed epoch happens after the
+Trainer has restored its RNG state, where the uninterrupted run made it.
+"""
+
+from .scheduler import DEFAULT_OPTIMIZER_STATE, DynamicRankScheduler, _check_choices, _check_schedule
+
+try:
+    from transformers import TrainerCallback
+except ImportError as e:        # pragma: no cover - exercised only without transformers
+    raise ImportError("dynrank.hf needs Hugging Face transformers (pip install transformers); the rest of "
+                      "dynrank works without it") from e
+
+__all__ = ["DynamicRankCallback"]
+
+
+class DynamicRankCallback(TrainerCallback):
+    """A ``transformers.TrainerCallback`` that runs :class:`~dynrank.DynamicRankScheduler` in a ``Trainer``.
+
+    Convert the model first (``dynrank.convert_model``).  At ``on_train_begin``
+    the callback builds the scheduler on the Trainer's model and optimizer;
+    before the first optimizer step of each epoch (``unit="epoch"``: the
+    epoch index is ``int(state.epoch)``) or of each step (``unit="step"``:
+    ``state.global_step``) it calls ``scheduler.step``, which switches the
+    layers due: lowrank → full at ``inflate_epoch``, full → adapter at
+    ``deflate_epoch``.  Switching at the first step rather than at
+    ``on_epoch_begin`` puts the switch of a resumed epoch after the Trainer
+    restores its RNG state, so a deflate draws the same fresh factors as in
+    an uninterrupted run.
+
+    ``resume_from_checkpoint`` works: the Trainer loads the model state dict
+    (each dynrank layer takes the form the dict was saved in), builds the
+    optimizer on those parameters, loads its state, and the new scheduler
+    takes the epoch from ``state``.  Training on several processes (DDP,
+    FSDP, DeepSpeed) is refused at ``on_train_begin``: a switch changes the
+    parameters that the Trainer's wrapper was built on.  One device, or
+    ``nn.DataParallel`` on several GPUs of one process, is fine.
+
+    Args:
+        inflate_epoch, deflate_epoch: the schedule, as for ``DynamicRankScheduler``.
+        log: callable taking one line per switch (``print``, the default), or None.
+        **scheduler_kwargs: ``deflate_init``, ``optimizer_state``,
+            ``deflate_rank``, ``unit``, ``epochs`` of ``DynamicRankScheduler``.
+
+    Attributes:
+        scheduler: the ``DynamicRankScheduler`` (None before training begins):
+            ``callback.scheduler.add_callback(fn)`` after ``on_train_begin``,
+            ``form_at``, ``last_epoch``.
+        changes: every switch so far, as (epoch or step, layer name, old form,
+            new form).
+
+    Raises:
+        TypeError, ValueError: a bad schedule or option, at construction
+            (the scheduler's own checks); at ``on_train_begin``, what the
+            scheduler's constructor raises (a model with no dynrank layer,
+            say) and a ValueError for a multi-process run.
+    """
+
+    _KWARGS = ("deflate_init", "optimizer_state", "deflate_rank", "unit", "epochs")
+
+    def __init__(self, inflate_epoch, deflate_epoch, log=print, **scheduler_kwargs):
+        unknown = sorted(set(scheduler_kwargs) - set(self._KWARGS))
+        if unknown:
+            raise TypeError(f"DynamicRankCallback got unexpected keyword argument(s) {', '.join(unknown)}; "
+                            f"it takes {', '.join(self._KWARGS)} for the scheduler, and log")
+        unit = scheduler_kwargs.get("unit", "epoch")
+        _check_schedule(unit, inflate_epoch, deflate_epoch, scheduler_kwargs.get("epochs"))
+        _check_choices(scheduler_kwargs.get("deflate_init", "zeros"),
+                       scheduler_kwargs.get("optimizer_state", DEFAULT_OPTIMIZER_STATE))
+        self.inflate_epoch, self.deflate_epoch = inflate_epoch, deflate_epoch
+        self.unit = unit
+        if log is not None and not callable(log):
+            raise TypeError(f"log must be callable or None, got {type(log).__name__}")
+        self.log = log
+        self.scheduler_kwargs = scheduler_kwargs
+        self.scheduler = None
+        self.changes = []
+        self._last = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if getattr(args, "world_size", 1) > 1:
+            raise ValueError(f"DynamicRankCallback runs on one process (one device, or nn.DataParallel); this "
+                             f"Trainer runs {args.world_size} processes, whose distributed wrapper would keep "
+                             f"the parameters a switch replaces")
+        self.scheduler = DynamicRankScheduler(model, optimizer, self.inflate_epoch, self.deflate_epoch,
+                                              **self.scheduler_kwargs)
+        self._last = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        count = state.global_step if self.unit == "step" else int((state.epoch or 0) + 1e-6)
+        if count == self._last:
+            return
+        self._last = count
+        changed = self.scheduler.step(count)
+        self.changes.extend((count, *change) for change in changed)
+        if changed and self.log is not None:
+            moves = sorted({f"{old} → {new}" for _, old, new in changed})
+            self.log(f"dynrank: {self.unit} {count}: {len(changed)} layer{'' if len(changed) == 1 else 's'} "
+                     f"{', '.join(moves)}")
