@@ -422,8 +422,13 @@ class FormLayer(nn.Module):
                 wrong.append(f"{name} must be a tensor, got {type(value).__name__}")
             elif tuple(value.shape) != tuple(shape):
                 where = f"{form} form" + ("" if form == "full" else f", rank {rank}")
-                wrong.append(f"{name} must have shape {tuple(shape)} ({where}), got {tuple(value.shape)}")
+                wrong.append(f"{name} must have shape {tuple(shape)} ({where}), got {tuple(value.shape)}"
+                             f"{self._shape_hint(name, tuple(value.shape))}")
         return (rank, None) if not wrong else (None, "; ".join(wrong))
+
+    def _shape_hint(self, name, shape):
+        """What a state dict's wrong ``shape`` for tensor ``name`` likely means ("" where nothing is known)."""
+        return ""
 
     @torch.no_grad()
     def _allocate(self, form, rank):

@@ -240,7 +240,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     OpenAI GPT, weight stored (in, out)) is converted as a Linear: it becomes
     a :class:`FusedLowRankLinear` with the transposed weight, computing the
     same function, and :func:`~dynrank.unconvert_model` gives back a
-    ``Conv1D``.  It is never taken for the final classifier (transformers'
+    ``Conv1D`` (a lowrank layer with ``lowrank="dense"``).  It is never taken for the final classifier (transformers'
     heads are ``nn.Linear``).  dynrank recognises the class by name and
     package, without importing transformers.
 

@@ -16,6 +16,9 @@ each layer's form, which the load restores, and the switch of a resumed epoch ha
 Trainer has restored its RNG state, where the uninterrupted run made it.
 """
 
+import math
+
+from ._forms import FORMS
 from .scheduler import DEFAULT_OPTIMIZER_STATE, DynamicRankScheduler, _check_choices, _check_schedule
 
 try:
@@ -44,10 +47,21 @@ class DynamicRankCallback(TrainerCallback):
     ``resume_from_checkpoint`` works: the Trainer loads the model state dict
     (each dynrank layer takes the form the dict was saved in), builds the
     optimizer on those parameters, loads its state, and the new scheduler
-    takes the epoch from ``state``.  Training on several processes (DDP,
-    FSDP, DeepSpeed) is refused at ``on_train_begin``: a switch changes the
-    parameters that the Trainer's wrapper was built on.  One device, or
-    ``nn.DataParallel`` on several GPUs of one process, is fine.
+    takes the epoch from ``state``.  Resume into a freshly converted model:
+    one the schedule has already switched further is refused (so is a
+    second ``trainer.train()`` on it).  The epoch is the Trainer loop's own
+    (counted from ``on_epoch_begin``), so an ``IterableDataset`` with
+    ``max_steps`` switches where its epochs begin.
+
+    Refused at ``on_train_begin`` (ValueError), before anything changes:
+    training on several processes or under DeepSpeed or FSDP (a switch
+    replaces the parameters the Trainer's wrapper was built on; one device,
+    or ``nn.DataParallel`` on several GPUs of one process, is fine), and
+    ``load_best_model_at_end=True`` where the run has a lowrank phase and
+    reaches the deflate: the Trainer loads the best checkpoint non-strictly,
+    and a lowrank checkpoint's factors loaded into an adapter layer keep its
+    frozen W_f (the adapter-only load), a model that is neither.  Load the
+    checkpoint you choose into a freshly converted model instead.
 
     Args:
         inflate_epoch, deflate_epoch: the schedule, as for ``DynamicRankScheduler``.
@@ -66,7 +80,7 @@ class DynamicRankCallback(TrainerCallback):
         TypeError, ValueError: a bad schedule or option, at construction
             (the scheduler's own checks); at ``on_train_begin``, what the
             scheduler's constructor raises (a model with no dynrank layer,
-            say) and a ValueError for a multi-process run.
+            say) and a ValueError for each refusal above.
     """
 
     _KWARGS = ("deflate_init", "optimizer_state", "deflate_rank", "unit", "epochs")
@@ -95,12 +109,25 @@ class DynamicRankCallback(TrainerCallback):
             raise ValueError(f"DynamicRankCallback runs on one process (one device, or nn.DataParallel); this "
                              f"Trainer runs {args.world_size} processes, whose distributed wrapper would keep "
                              f"the parameters a switch replaces")
-        self.scheduler = DynamicRankScheduler(model, optimizer, self.inflate_epoch, self.deflate_epoch,
-                                              **self.scheduler_kwargs)
-        self._last = None
+        engine = "DeepSpeed" if getattr(args, "deepspeed", None) else "FSDP" if getattr(args, "fsdp", None) else None
+        if engine:
+            raise ValueError(f"DynamicRankCallback cannot run under {engine}: it wraps and shards the parameters "
+                             f"at the start of training, and a switch replaces them; train without it")
+        scheduler = DynamicRankScheduler(model, optimizer, self.inflate_epoch, self.deflate_epoch,
+                                         **self.scheduler_kwargs)
+        start = self._count(state, int((state.epoch or 0) + 1e-6))
+        self._check_start(scheduler, start)
+        self._check_best_model(args, state)
+        self.scheduler = scheduler
+        self._last = self._epoch = None
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # The loop's own epoch index: state.epoch at the first epoch (0, or the resumed one), then one
+        # more per epoch.  state.epoch itself lags behind it for an IterableDataset with max_steps.
+        self._epoch = int((state.epoch or 0) + 1e-6) if self._epoch is None else self._epoch + 1
 
     def on_step_begin(self, args, state, control, **kwargs):
-        count = state.global_step if self.unit == "step" else int((state.epoch or 0) + 1e-6)
+        count = self._count(state, self._epoch if self._epoch is not None else int((state.epoch or 0) + 1e-6))
         if count == self._last:
             return
         self._last = count
@@ -110,3 +137,44 @@ class DynamicRankCallback(TrainerCallback):
             moves = sorted({f"{old} → {new}" for _, old, new in changed})
             self.log(f"dynrank: {self.unit} {count}: {len(changed)} layer{'' if len(changed) == 1 else 's'} "
                      f"{', '.join(moves)}")
+
+    def _count(self, state, epoch):
+        return state.global_step if self.unit == "step" else epoch
+
+    def _check_start(self, scheduler, start):
+        """Refuse, before anything changes, layers already past the form the schedule gives at ``start``."""
+        target = scheduler.form_at(start)
+        ahead = [(name, layer.form) for name, layer in scheduler.layers
+                 if FORMS.index(layer.form) > FORMS.index(target)]
+        if ahead:
+            raise ValueError(
+                f"training starts at {self.unit} {start}, where the schedule has the layers in {target} form, but "
+                f"{len(ahead)} of them are in {ahead[0][1]} form already (e.g. {ahead[0][0]!r}): a second "
+                f"trainer.train() (or auto_find_batch_size restarting training) on a model the schedule has "
+                f"switched, a resume into such a model, or a model converted to a later form than the schedule "
+                f"starts with; train, or resume with trainer.train(resume_from_checkpoint=...), on a freshly "
+                f"converted model")
+
+    def _check_best_model(self, args, state):
+        """Refuse ``load_best_model_at_end`` where the best checkpoint may be lowrank and the model an adapter.
+
+        The Trainer loads it non-strictly, and a dict of factors alone into an adapter layer is an
+        adapter-only load (W_f stays): the layers would be neither the checkpoint nor the last model.
+        """
+        if not getattr(args, "load_best_model_at_end", False):
+            return
+        if self.inflate_epoch in (None, 0) or self.deflate_epoch is None:
+            return                                     # no lowrank phase, or no adapter phase
+        if self.unit == "step":
+            end = getattr(state, "max_steps", None) or 0
+        else:
+            end = math.ceil(getattr(state, "num_train_epochs", None) or args.num_train_epochs)
+        if end and self.deflate_epoch >= end:
+            return                                     # the run ends before the deflate
+        raise ValueError(
+            f"load_best_model_at_end=True with this schedule (lowrank until {self.unit} {self.inflate_epoch}, "
+            f"adapter from {self.deflate_epoch}) could load a checkpoint saved in lowrank form into the "
+            f"adapter-form model; the Trainer loads it non-strictly, which keeps the adapter's frozen weight, "
+            f"so the layers would match neither model. Set load_best_model_at_end=False and load the "
+            f"checkpoint you choose into a freshly converted model (load_state_dict takes each layer's form "
+            f"from it)")

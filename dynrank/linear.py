@@ -219,7 +219,8 @@ class FusedLowRankLinear(FormLayer):
         A Hugging Face transformers ``Conv1D`` (GPT-2's linear layer, weight
         stored (in, out)) is read through its transpose, so the new layer
         computes the same function; :func:`~dynrank.unconvert_model` turns
-        the layer back into a ``Conv1D``.
+        the layer back into a ``Conv1D`` (a lowrank layer with
+        ``lowrank="dense"``).
 
         ``form="lowrank"``: A, B from the truncated SVD of the dense weight (the
         best rank-``rank`` approximation, √σ split between A and B); an all-zero
@@ -243,6 +244,12 @@ class FusedLowRankLinear(FormLayer):
                     device=weight.device, dtype=weight.dtype)
         layer._record_dense_type(linear)
         return layer._copy_from_dense_(weight, bias)
+
+    def _shape_hint(self, name, shape):
+        if self._dense_type is not None and name == "weight" and shape == self._dense_shape()[::-1]:
+            return (f" ({self._dense_type.__name__}'s (in, out) layout: this layer stores W as (out, in); load "
+                    f"such a state dict into the model before convert_model, or transpose it)")
+        return ""
 
     def _record_dense_type(self, dense):
         """Remember that ``dense`` was a transformers ``Conv1D``, for ``unconvert_model`` to rebuild one."""

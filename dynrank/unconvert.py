@@ -117,9 +117,11 @@ def _dense_module(layer):
     if isinstance(layer, FusedLowRankLinear) and layer._dense_type is not None:
         with torch.device("meta"):          # nothing is allocated: the parameters are put in below
             new = layer._dense_type(layer.out_features, layer.in_features)
-        if layer.bias is None:
-            new.bias = None
-        return _with_params(new, _param(_dense_weight(layer).t()), layer.bias)
+        weight = _param(_dense_weight(layer).t())
+        # Conv1D's forward always adds its bias: a layer without one gets a frozen zero bias.
+        bias = layer.bias if layer.bias is not None else nn.Parameter(
+            torch.zeros(layer.out_features, device=weight.device, dtype=weight.dtype), requires_grad=False)
+        return _with_params(new, weight, bias)
     if isinstance(layer, FusedLowRankLinear):
         new = _plain(layer.in_features, layer.out_features, bias=layer.bias)
     else:
@@ -184,6 +186,8 @@ def _replacement(layer, names, places, lowrank):
                    if any(isinstance(parent, t) and attr in a for t, a in _READS_WEIGHT.items())), None)
     dense = layer.form != "lowrank" or lowrank == "dense" or reader is not None
     note = f"dense: {reader}" if reader and layer.form == "lowrank" and lowrank == "factored" else ""
+    if not dense and getattr(layer, "_dense_type", None) is not None:
+        note = f"was a {layer._dense_type.__name__}: lowrank='dense' gives one back"
     # New parameters are ordinary tensors even when the call runs under inference_mode.  The chains'
     # kernels are made with autograd on (inference_mode(False) turns grad mode on, under no_grad too),
     # so each one requires grad exactly where a factor it is made from does.
@@ -229,10 +233,14 @@ def unconvert_model(model, lowrank="factored"):
       dilation, groups and padding mode) holding the layer's own W and bias
       Parameters (the same objects: an optimizer holding them keeps working).
       A layer ``convert_model`` or ``from_dense`` made from a transformers
-      ``Conv1D`` becomes a ``Conv1D`` again, so the model loads into its
+      ``Conv1D`` becomes a ``Conv1D`` again (in full and adapter form, and
+      in lowrank form with ``lowrank="dense"``), so the model loads into its
       transformers class (``save_pretrained``/``from_pretrained``); its
       weight is a new Parameter, Wᵀ as a contiguous copy, trainable where W
-      was (an optimizer needs it added), the bias the layer's own.
+      was (an optimizer needs it added), the bias the layer's own (a frozen
+      zero bias where the layer has none: Conv1D always adds one).  A
+      lowrank layer's default factored chain is two ``nn.Linear``, which
+      the transformers class cannot load.
     - ``adapter``: the same with the merged weight W_f + s·ΔW, computed as
       ``inflate()`` computes it (fp32-accumulated for 16-bit weights) into a
       copy; it is frozen where W_f was (a frozen base stays frozen, as PEFT's

@@ -214,23 +214,38 @@ def _vit():
         patch_size=8, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
-@pytest.mark.parametrize("build, n_converted", [(_bert, 13), (_llama, 14), (_vit, 13)],
-                         ids=["bert", "llama", "vit"])
-def test_linear_models_adapter_keeps_function_and_trains_adapters_only(build, n_converted):
+MODELS = {"bert": (_bert, 13), "llama": (_llama, 14), "vit": (_vit, 13)}
+
+
+def _model_and_inputs(kind):
     torch.manual_seed(0)
-    model = build().double().eval()
-    if build is _vit:
-        inputs = {"pixel_values": torch.randn(2, 3, 16, 16, dtype=torch.float64)}
-    else:
-        inputs = {"input_ids": tokens()}
+    model = MODELS[kind][0]().double().eval()
+    if kind == "vit":
+        return model, {"pixel_values": torch.randn(2, 3, 16, 16, dtype=torch.float64)}
+    return model, {"input_ids": tokens()}
+
+
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_linear_models_keep_their_function_in_each_form(kind, form):
+    """ViT reads its patch embedding's ``projection.weight.dtype``, None in lowrank form: that conv is
+    excluded there (the README says so)."""
+    model, inputs = _model_and_inputs(kind)
     with torch.no_grad():
         ref = model(**inputs).logits
-    for p in model.parameters():
-        p.requires_grad_(False)
-    summary = convert_model(model, rank_ratio=0.25, form="adapter")
-    assert len(summary.converted) == n_converted
+    exclude = "*.patch_embeddings.projection" if kind == "vit" and form == "lowrank" else None
+    summary = convert_model(model, rank_ratio=1.0, form=form, exclude=exclude)
+    assert len(summary.converted) == MODELS[kind][1] - (exclude is not None)
     with torch.no_grad():
         assert rel_err(model(**inputs).logits, ref) < 1e-12
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_linear_models_frozen_train_their_adapters_only(kind):
+    model, inputs = _model_and_inputs(kind)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    convert_model(model, rank_ratio=0.25, form="adapter")
     model(**inputs).logits.sum().backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
     assert trained and all(n.endswith((".A", ".B")) for n in trained)
@@ -250,17 +265,32 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _train(out_dir, callback, resume=None, epochs=4, save="epoch"):
-    """A converted tiny GPT-2 trained by a Trainer (batch 8: 4 optimizer steps per epoch); the model and trainer."""
+class _TokenStream(torch.utils.data.IterableDataset):
+    """The same examples with no length: the Trainer runs it by ``max_steps``."""
+
+    def __init__(self, n):
+        self.data = _Tokens(n)
+
+    def __iter__(self):
+        return (self.data[i] for i in range(len(self.data)))
+
+
+def _trainer(out_dir, callback, epochs=4, save="epoch", data=None, eval_data=None, **arguments):
+    """A Trainer of a converted tiny GPT-2 (batch 8: 4 optimizer steps per epoch of ``_Tokens()``)."""
     pytest.importorskip("accelerate")
     model = gpt2(dtype=torch.float32)
     convert_model(model, rank_ratio=0.5)
     args = transformers.TrainingArguments(
         output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=8, learning_rate=1e-2,
-        report_to=[], logging_steps=4, save_strategy=save, use_cpu=True, seed=0, disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[callback])
+        report_to=[], logging_steps=4, save_strategy=save, use_cpu=True, seed=0, disable_tqdm=True, **arguments)
+    return transformers.Trainer(model=model, args=args, train_dataset=data or _Tokens(), eval_dataset=eval_data,
+                                callbacks=[callback])
+
+
+def _train(out_dir, callback, resume=None, **kwargs):
+    trainer = _trainer(out_dir, callback, **kwargs)
     trainer.train(resume_from_checkpoint=resume)
-    return model, trainer
+    return trainer.model, trainer
 
 
 def test_callback_runs_the_schedule_in_a_trainer(tmp_path):
@@ -323,3 +353,96 @@ def test_callback_refuses_bad_setups():
     with pytest.raises(ValueError, match="no dynrank layers"):
         DynamicRankCallback(1, 2).on_train_begin(SimpleNamespace(world_size=1), None, None, model=gpt2(),
                                                   optimizer=optimizer)
+
+
+def test_callback_switches_where_the_loop_epochs_begin_with_an_iterable_dataset(tmp_path):
+    """16 examples a pass, batch 8: epochs begin at global steps 0, 2 and 4 of max_steps=6, where
+    state.epoch (step / max_steps) would say 0, 0.33 and 0.67."""
+    from dynrank.hf import DynamicRankCallback
+    at = []
+    trainer = None
+
+    def log(line):
+        at.append((trainer.state.global_step, line))
+    callback = DynamicRankCallback(1, 2, log=log)
+    trainer = _trainer(tmp_path, callback, save="no", data=_TokenStream(16), max_steps=6)
+    trainer.train()
+    assert at == [(2, "dynrank: epoch 1: 8 layers lowrank → full"), (4, "dynrank: epoch 2: 8 layers full → adapter")]
+
+
+def test_callback_refuses_a_second_train_call(tmp_path):
+    from dynrank.hf import DynamicRankCallback
+    model, trainer = _train(tmp_path, DynamicRankCallback(1, 2, log=None), epochs=3, save="no")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"training starts at epoch 0, where the schedule has the layers in lowrank "
+                                         r"form, but 8 of them are in adapter form already .*second trainer\.train\(\)"):
+        trainer.train()
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("deflate, refused", [(2, True), (5, False)])
+def test_callback_and_load_best_model_at_end(tmp_path, deflate, refused):
+    """With the deflate inside the run the best checkpoint could be lowrank: refused.  With the run ending
+    in full form, the best checkpoint (the first, by a metric that prefers higher losses) comes back whole:
+    lowrank, with its own factors."""
+    from dynrank.hf import DynamicRankCallback
+    trainer = _trainer(tmp_path, DynamicRankCallback(1, deflate, log=None), epochs=3, eval_strategy="epoch",
+                       load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
+                       eval_data=_Tokens(16))
+    if refused:
+        with pytest.raises(ValueError, match=r"load_best_model_at_end=True with this schedule \(lowrank until epoch "
+                                             r"1, adapter from 2\) could load a checkpoint saved in lowrank form"):
+            trainer.train()
+        assert trainer.model.transformer.h[0].attn.c_attn.form == "lowrank"
+        return
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
+    saved = gpt2(dtype=torch.float32)
+    convert_model(saved, rank_ratio=0.5)
+    from safetensors.torch import load_file
+    saved.load_state_dict(load_file(str(tmp_path / "checkpoint-4" / "model.safetensors")), strict=False)
+    assert trainer.model.transformer.h[0].attn.c_attn.form == "lowrank"
+    expected, state = saved.state_dict(), trainer.model.state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_callback_refuses_deepspeed_and_fsdp():
+    from types import SimpleNamespace
+
+    from dynrank.hf import DynamicRankCallback
+    model = gpt2()
+    convert_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for engine, setting in (("DeepSpeed", {"deepspeed": "ds.json"}), ("FSDP", {"fsdp": ["full_shard"]})):
+        args = SimpleNamespace(world_size=1, **setting)
+        with pytest.raises(ValueError, match=f"cannot run under {engine}"):
+            DynamicRankCallback(1, 2).on_train_begin(args, None, None, model=model, optimizer=optimizer)
+
+
+# -- state dicts and unconversion of Conv1D layers: the details ---------------------------------------------
+
+
+def test_plain_gpt2_state_dict_into_a_converted_model_names_conv1d_layout():
+    plain = gpt2().state_dict()
+    model = gpt2(seed=1)
+    convert_model(model, form="full")
+    with pytest.raises(RuntimeError, match=r"weight must have shape \(96, 32\) \(full form\), got \(32, 96\) "
+                                           r"\(Conv1D's \(in, out\) layout: .*load such a state dict into the model "
+                                           r"before convert_model"):
+        model.load_state_dict(plain)
+
+
+def test_unconvert_conv1d_without_bias_and_the_factored_note():
+    dense = conv1d(20, 12)
+    layer = FusedLowRankLinear.from_dense(dense, rank=4, form="lowrank")
+    layer.bias = None
+    holder = nn.Sequential(layer)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    ref = holder(x)
+    summary = unconvert_model(copy.deepcopy(holder))
+    assert summary.rows[0]["note"] == "was a Conv1D: lowrank='dense' gives one back"
+    unconvert_model(holder, lowrank="dense")
+    new = holder[0]
+    assert type(new) is Conv1D and not new.bias.requires_grad and not new.bias.any()
+    assert rel_err(holder(x), ref) < 1e-12
