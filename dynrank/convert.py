@@ -7,7 +7,8 @@ from torch import nn
 
 from ._args import check_int
 from ._forms import FORMS, FormLayer, check_floating_dtype
-from .linear import FusedLowRankLinear, check_alpha, check_ratio, is_transposed_linear, linear_weight, rank_from_ratio
+from .linear import (FusedLowRankLinear, check_alpha, check_ratio, is_transposed_linear, linear_weight,
+                     rank_from_ratio, transformers_class)
 
 __all__ = ["convert_model", "ConversionSummary", "DECOMPOSITIONS"]
 
@@ -15,6 +16,14 @@ DECOMPOSITIONS = ("svd", "tucker", "cp", "tkd-cpd")
 INITS = ("dense", "fresh")
 # Name components of residual shortcuts (torchvision: "downsample"; CIFAR ResNets: "shortcut").
 SHORTCUT_NAMES = ("shortcut", "downsample")
+# transformers modules whose own forward multiplies by a child layer's weight instead of calling the
+# layer (class name → children): a converted child's low-rank or adapter term would be skipped, silently.
+WEIGHT_READERS = {
+    "MobileBertLMPredictionHead": ("dense",),             # cat([decoder.weight.t(), dense.weight]) in a matmul
+    "MambaMixer": ("x_proj", "dt_proj", "out_proj"),      # dt_proj.weight @ ...; the fused kernel takes all three
+    "FalconMambaMixer": ("x_proj", "dt_proj", "out_proj"),
+    "JambaMambaMixer": ("dt_proj",),
+}
 
 
 def _noop_pre_hook(module, args):
@@ -49,7 +58,7 @@ class ConversionSummary(RowSummary):
 
     Attributes:
         rows: list of dicts with keys ``name``, ``type``, ``shape`` (weight
-            shape), ``rank`` (None if kept dense), ``params_before``,
+            shape, as the module stores it: (in, out) for a Conv1D), ``rank`` (None if kept dense), ``params_before``,
             ``params_after`` (trainable parameters of that module),
             ``converted`` (bool), ``note`` (why it was kept dense),
             ``aliases`` (the module's other names where it is registered at
@@ -182,6 +191,18 @@ def _candidates(module, prefix=""):
             yield from _candidates(child, name)
 
 
+def _weight_readers(model):
+    """id(layer) → why it is kept dense, for the children of the modules in :data:`WEIGHT_READERS`."""
+    readers = {}
+    for module in model.modules():
+        cls = transformers_class(module, WEIGHT_READERS)
+        for attr in WEIGHT_READERS.get(cls, ()):
+            child = module._modules.get(attr)
+            if child is not None:
+                readers.setdefault(id(child), f"{cls} multiplies by {attr}.weight itself (would skip the factors)")
+    return readers
+
+
 def _parameter_owners(model):
     """id(parameter) → [(qualified name, owning module)], one entry per distinct owning module."""
     owners = {}
@@ -251,7 +272,10 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     convolutions, layers whose weight matrix view (out × in, or
     out × in·kh·kw) has a side smaller than ``min_features``, and the
     projections inside ``nn.MultiheadAttention`` (it reads their weights
-    directly).  The first convolution is converted.  A module named exactly
+    directly), and the layers whose weight a transformers module multiplies
+    by itself instead of calling the layer (:data:`WEIGHT_READERS`:
+    MobileBERT's MLM head ``dense``, the Mamba mixers' projections): their
+    factors would be skipped silently.  The first convolution is converted.  A module named exactly
     in ``include`` is converted even when a default rule would keep it.
 
     Always kept dense (named exactly in ``include``, they raise instead): a
@@ -343,6 +367,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     last_linear = next((c for name, parent, _, c in reversed(found)
                         if parent is not None and isinstance(c, nn.Linear)), None)
     owners = _parameter_owners(model)
+    readers = _weight_readers(model)
 
     # Build every replacement first: a failure leaves the model as it was.
     rows, plans = [], []
@@ -353,7 +378,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
                "new_type": None, "aliases": names[1:]}
         rows.append(row)
         reason = _keep_reason(names, places, child, include, exclude, min_features, last_linear, keep_last,
-                              owners, form)
+                              owners, form, readers)
         if reason:
             row["params_after"] = row["params_before"]
             row["note"] = reason
@@ -408,7 +433,8 @@ def swap_in(plans):
         raise
 
 
-def _keep_reason(names, places, child, include, exclude, min_features, last_linear, keep_last, owners, form):
+def _keep_reason(names, places, child, include, exclude, min_features, last_linear, keep_last, owners, form,
+                 readers):
     if any(parent is None for _, parent, _ in places):
         return "inside nn.MultiheadAttention (reads weights directly)"
     if _matches(exclude, names, child):
@@ -432,6 +458,8 @@ def _keep_reason(names, places, child, include, exclude, min_features, last_line
         return "frozen (requires_grad=False; form='adapter' trains an adapter on it)"
     if named:
         return ""
+    if id(child) in readers:
+        return readers[id(child)]
     if isinstance(child, nn.Conv2d):
         if child.groups != 1:
             return "grouped convolution"

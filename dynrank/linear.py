@@ -10,18 +10,20 @@ from ._args import check_int, check_real
 from ._forms import FormLayer, check_floating_dtype, check_form
 
 __all__ = ["FusedLowRankLinear", "check_alpha", "check_rank", "check_ratio", "is_transposed_linear",
-           "linear_weight", "rank_from_ratio"]
+           "linear_weight", "rank_from_ratio", "transformers_class"]
+
+
+def transformers_class(module, names):
+    """The name among ``names`` of a class of ``module`` (its own or a base) defined in Hugging Face's
+    ``transformers`` package, or None: dynrank knows those classes without importing transformers."""
+    return next((c.__name__ for c in type(module).__mro__
+                 if c.__name__ in names and c.__module__.split(".")[0] == "transformers"), None)
 
 
 def is_transposed_linear(module):
     """Whether ``module`` is a Hugging Face transformers ``Conv1D`` (or a subclass): the linear layer of
-    GPT-2 and OpenAI GPT, y = x·W + b with its weight stored (in, out), the transpose of nn.Linear's.
-
-    Recognised by class (named ``Conv1D`` and defined in the ``transformers`` package), so dynrank
-    needs no import of transformers.
-    """
-    return any(c.__name__ == "Conv1D" and c.__module__.split(".")[0] == "transformers"
-               for c in type(module).__mro__)
+    GPT-2 and OpenAI GPT, y = x·W + b with its weight stored (in, out), the transpose of nn.Linear's."""
+    return transformers_class(module, ("Conv1D",)) is not None
 
 
 def linear_weight(module):

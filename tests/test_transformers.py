@@ -214,7 +214,14 @@ def _vit():
         patch_size=8, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
-MODELS = {"bert": (_bert, 13), "llama": (_llama, 14), "vit": (_vit, 13)}
+def _mobilebert():
+    return transformers.MobileBertForMaskedLM(transformers.MobileBertConfig(
+        vocab_size=VOCAB, hidden_size=32, embedding_size=16, intra_bottleneck_size=16, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=32, true_hidden_size=16, num_feedforward_networks=1,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+MODELS = {"bert": (_bert, 13), "llama": (_llama, 14), "vit": (_vit, 13), "mobilebert": (_mobilebert, 20)}
 
 
 def _model_and_inputs(kind):
@@ -233,11 +240,31 @@ def test_linear_models_keep_their_function_in_each_form(kind, form):
     model, inputs = _model_and_inputs(kind)
     with torch.no_grad():
         ref = model(**inputs).logits
-    exclude = "*.patch_embeddings.projection" if kind == "vit" and form == "lowrank" else None
+    exclude = "*patch_embedding*" if kind == "vit" and form == "lowrank" else None
     summary = convert_model(model, rank_ratio=1.0, form=form, exclude=exclude)
     assert len(summary.converted) == MODELS[kind][1] - (exclude is not None)
+    ran = set()
+    for name in summary.converted:          # every converted layer's own forward runs: none is bypassed
+        model.get_submodule(name).register_forward_hook(lambda m, args, out, name=name: ran.add(name))
     with torch.no_grad():
         assert rel_err(model(**inputs).logits, ref) < 1e-12
+    assert ran == set(summary.converted)
+
+
+def test_layers_whose_weight_transformers_reads_stay_dense():
+    """MobileBERT's MLM head multiplies by ``dense.weight`` itself and the Mamba mixers by their
+    projections' weights: converted, their adapters would be skipped.  Named in include, they convert."""
+    model = _mobilebert()
+    summary = convert_model(model)
+    assert dict(summary.skipped)["cls.predictions.dense"] == ("MobileBertLMPredictionHead multiplies by "
+                                                              "dense.weight itself (would skip the factors)")
+    mamba = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32,
+                                                                   num_hidden_layers=2, state_size=4))
+    summary = convert_model(mamba)
+    kept = {name for name, note in summary.skipped if "MambaMixer multiplies" in note}
+    assert kept == {f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in ("x_proj", "dt_proj", "out_proj")}
+    assert sorted(summary.converted) == ["backbone.layers.0.mixer.in_proj", "backbone.layers.1.mixer.in_proj"]
+    assert convert_model(_mobilebert(), include="cls.predictions.dense").converted == ["cls.predictions.dense"]
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
