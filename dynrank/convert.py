@@ -1,6 +1,9 @@
 """convert_model: replace a model's nn.Linear / nn.Conv2d layers by dynrank layers, in place."""
 
 import fnmatch
+import functools
+import inspect
+import re
 
 import torch
 from torch import nn
@@ -191,8 +194,26 @@ def _candidates(module, prefix=""):
             yield from _candidates(child, name)
 
 
-def _weight_readers(model):
-    """id(layer) → why it is kept dense, for the children of the modules in :data:`WEIGHT_READERS`."""
+# ``self.<path>.weight.dtype`` (or ``.device``) in a module's code: it reads the weight of a layer below it.
+_DTYPE_READ = re.compile(r"self\.((?:\w+\.)*\w+)\.weight\.(?:dtype|device)\b")
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype_reads(cls):
+    """The paths below a transformers class whose weight's dtype or device its own code reads, except
+    where it first checks ``isinstance(self.<path>.weight, torch.Tensor)``; () where it has no source."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return ()
+    paths = {m.group(1) for m in _DTYPE_READ.finditer(source)}
+    return tuple(sorted(p for p in paths if f"isinstance(self.{p}.weight, torch.Tensor)" not in source))
+
+
+def _weight_readers(model, form):
+    """id(layer) → why it is kept dense: the children of the modules in :data:`WEIGHT_READERS` (every
+    form), and in lowrank form, where ``weight`` is None, the layers whose weight's dtype or device the
+    code of a transformers module above them reads (ViT's and CLIP's patch embeddings, say)."""
     readers = {}
     for module in model.modules():
         cls = transformers_class(module, WEIGHT_READERS)
@@ -200,6 +221,17 @@ def _weight_readers(model):
             child = module._modules.get(attr)
             if child is not None:
                 readers.setdefault(id(child), f"{cls} multiplies by {attr}.weight itself (would skip the factors)")
+        if form != "lowrank":
+            continue
+        for base in type(module).__mro__:
+            if base.__module__.split(".")[0] != "transformers":
+                continue
+            for path in _dtype_reads(base):
+                try:
+                    child = module.get_submodule(path)
+                except AttributeError:
+                    continue
+                readers.setdefault(id(child), f"{base.__name__} reads {path}.weight.dtype (None in lowrank form)")
     return readers
 
 
@@ -275,7 +307,11 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     directly), and the layers whose weight a transformers module multiplies
     by itself instead of calling the layer (:data:`WEIGHT_READERS`:
     MobileBERT's MLM head ``dense``, the Mamba mixers' projections): their
-    factors would be skipped silently.  The first convolution is converted.  A module named exactly
+    factors would be skipped silently.  In lowrank form, where ``weight``
+    is None, also the layers whose weight's dtype or device the code of a
+    transformers module above them reads (``self.<path>.weight.dtype``
+    in its source, unless guarded by an ``isinstance`` check: ViT's and
+    CLIP's patch embeddings, say).  The first convolution is converted.  A module named exactly
     in ``include`` is converted even when a default rule would keep it.
 
     Always kept dense (named exactly in ``include``, they raise instead): a
@@ -367,7 +403,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     last_linear = next((c for name, parent, _, c in reversed(found)
                         if parent is not None and isinstance(c, nn.Linear)), None)
     owners = _parameter_owners(model)
-    readers = _weight_readers(model)
+    readers = _weight_readers(model, form)
 
     # Build every replacement first: a failure leaves the model as it was.
     rows, plans = [], []

@@ -235,14 +235,17 @@ def _model_and_inputs(kind):
 @pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_linear_models_keep_their_function_in_each_form(kind, form):
-    """ViT reads its patch embedding's ``projection.weight.dtype``, None in lowrank form: that conv is
-    excluded there (the README says so)."""
+    """ViTModel reads its patch embedding's ``projection.weight.dtype``, None in lowrank form: that conv
+    stays dense there, by the rule that reads the transformers classes' code."""
     model, inputs = _model_and_inputs(kind)
     with torch.no_grad():
         ref = model(**inputs).logits
-    exclude = "*patch_embedding*" if kind == "vit" and form == "lowrank" else None
-    summary = convert_model(model, rank_ratio=1.0, form=form, exclude=exclude)
-    assert len(summary.converted) == MODELS[kind][1] - (exclude is not None)
+    summary = convert_model(model, rank_ratio=1.0, form=form)
+    reads = kind == "vit" and form == "lowrank"
+    assert len(summary.converted) == MODELS[kind][1] - reads
+    if reads:
+        assert dict(summary.skipped)["vit.embeddings.patch_embeddings.projection"] == \
+            "ViTModel reads embeddings.patch_embeddings.projection.weight.dtype (None in lowrank form)"
     ran = set()
     for name in summary.converted:          # every converted layer's own forward runs: none is bypassed
         model.get_submodule(name).register_forward_hook(lambda m, args, out, name=name: ran.add(name))
@@ -265,6 +268,26 @@ def test_layers_whose_weight_transformers_reads_stay_dense():
     assert kept == {f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in ("x_proj", "dt_proj", "out_proj")}
     assert sorted(summary.converted) == ["backbone.layers.0.mixer.in_proj", "backbone.layers.1.mixer.in_proj"]
     assert convert_model(_mobilebert(), include="cls.predictions.dense").converted == ["cls.predictions.dense"]
+
+
+def test_dtype_reads_in_transformers_code_are_found_where_unguarded():
+    """CLIP's vision embeddings read ``patch_embedding.weight.dtype``; T5's feed-forward reads
+    ``wo.weight.dtype`` only after ``isinstance(self.wo.weight, torch.Tensor)``, so ``wo`` converts."""
+    from dynrank.convert import _dtype_reads
+    from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+    from transformers.models.t5.modeling_t5 import T5DenseActDense
+    assert _dtype_reads(CLIPVisionEmbeddings) == ("patch_embedding",)
+    assert _dtype_reads(T5DenseActDense) == ()
+    torch.manual_seed(0)
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, dropout_rate=0.0)).double().eval()
+    ids = tokens()
+    with torch.no_grad():
+        ref = t5(input_ids=ids, decoder_input_ids=ids).logits
+    summary = convert_model(t5, rank_ratio=1.0)
+    assert "encoder.block.0.layer.1.DenseReluDense.wo" in summary.converted
+    with torch.no_grad():
+        assert rel_err(t5(input_ids=ids, decoder_input_ids=ids).logits, ref) < 1e-12
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
