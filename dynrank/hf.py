@@ -11,9 +11,9 @@ transformers)::
 The callback builds a :class:`~dynrank.DynamicRankScheduler` on the Trainer's own model and optimizer
 when training begins, and steps it before the first optimizer step of every epoch (or of every step,
 ``unit="step"``).  The Trainer's LR scheduler keeps working, since the switches edit the optimizer's
-param groups in place.  Trainer checkpoints resume across the switches: the model's state dict holds
-each layer's form, which the load restores, and the switch of a resumed epoch happens after the
-Trainer has restored its RNG state, where the uninterrupted run made it.
+param groups in place.  Trainer checkpoints resume across the switches into a freshly converted model:
+each layer takes the form of its tensors in the checkpoint, and the switch of a resumed epoch happens
+after the Trainer has restored its RNG state, where the uninterrupted run made it.
 """
 
 import math
@@ -36,7 +36,7 @@ class DynamicRankCallback(TrainerCallback):
     Convert the model first (``dynrank.convert_model``).  At ``on_train_begin``
     the callback builds the scheduler on the Trainer's model and optimizer;
     before the first optimizer step of each epoch (``unit="epoch"``: the
-    epoch index is ``int(state.epoch)``) or of each step (``unit="step"``:
+    Trainer loop's epoch) or of each step (``unit="step"``:
     ``state.global_step``) it calls ``scheduler.step``, which switches the
     layers due: lowrank → full at ``inflate_epoch``, full → adapter at
     ``deflate_epoch``.  Switching at the first step rather than at
@@ -45,9 +45,9 @@ class DynamicRankCallback(TrainerCallback):
     an uninterrupted run.
 
     ``resume_from_checkpoint`` works: the Trainer loads the model state dict
-    (each dynrank layer takes the form the dict was saved in), builds the
-    optimizer on those parameters, loads its state, and the new scheduler
-    takes the epoch from ``state``.  Resume into a freshly converted model:
+    (each layer of a freshly converted model takes the form its tensors
+    were saved in), builds the optimizer on those parameters, loads its
+    state, and the new scheduler takes the epoch from ``state``.  Resume into a freshly converted model:
     one the schedule has already switched further is refused (so is a
     second ``trainer.train()`` on it).  The epoch is the Trainer loop's own
     (counted from ``on_epoch_begin``), so an ``IterableDataset`` with
