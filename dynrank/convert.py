@@ -61,7 +61,8 @@ class ConversionSummary(RowSummary):
 
     Attributes:
         rows: list of dicts with keys ``name``, ``type``, ``shape`` (weight
-            shape, as the module stores it: (in, out) for a Conv1D), ``rank`` (None if kept dense), ``params_before``,
+            shape, as the module stores it: (in, out) for a Conv1D), ``rank``
+            (None if kept dense), ``params_before``,
             ``params_after`` (trainable parameters of that module),
             ``converted`` (bool), ``note`` (why it was kept dense),
             ``aliases`` (the module's other names where it is registered at
@@ -293,9 +294,10 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     OpenAI GPT, weight stored (in, out)) is converted as a Linear: it becomes
     a :class:`FusedLowRankLinear` with the transposed weight, computing the
     same function, and :func:`~dynrank.unconvert_model` gives back a
-    ``Conv1D`` (a lowrank layer with ``lowrank="dense"``).  It is never taken for the final classifier (transformers'
-    heads are ``nn.Linear``).  dynrank recognises the class by name and
-    package, without importing transformers.
+    ``Conv1D`` (a lowrank layer with ``lowrank="dense"``).  It is never
+    taken for the final classifier (transformers' heads are ``nn.Linear``).
+    dynrank recognises the class by name and package, without importing
+    transformers.
 
     Kept dense by default (the choices of the paper's own implementation): 1×1
     convolutions inside a residual shortcut (a module named ``shortcut`` or
@@ -311,8 +313,9 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     is None, also the layers whose weight's dtype or device the code of a
     transformers module above them reads (``self.<path>.weight.dtype``
     in its source, unless guarded by an ``isinstance`` check: ViT's and
-    CLIP's patch embeddings, say).  The first convolution is converted.  A module named exactly
-    in ``include`` is converted even when a default rule would keep it.
+    CLIP's patch embeddings, say).  The first convolution is converted.  A
+    module named exactly in ``include`` is converted even when a default
+    rule would keep it.
 
     Always kept dense (named exactly in ``include``, they raise instead): a
     layer whose weight (or bias) Parameter is shared with another module (a

@@ -47,9 +47,9 @@ class DynamicRankCallback(TrainerCallback):
     ``resume_from_checkpoint`` works: the Trainer loads the model state dict
     (each layer of a freshly converted model takes the form its tensors
     were saved in), builds the optimizer on those parameters, loads its
-    state, and the new scheduler takes the epoch from ``state``.  Resume into a freshly converted model:
-    one the schedule has already switched further is refused (so is a
-    second ``trainer.train()`` on it).  The epoch is the Trainer loop's own
+    state, and the new scheduler takes the epoch from ``state``.  Resume
+    into a freshly converted model: one the schedule has already switched
+    further is refused (so is a second ``trainer.train()`` on it).  The epoch is the Trainer loop's own
     (counted from ``on_epoch_begin``), so an ``IterableDataset`` with
     ``max_steps`` switches where its epochs begin.
 

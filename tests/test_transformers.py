@@ -417,15 +417,17 @@ def test_callback_switches_where_the_loop_epochs_begin_with_an_iterable_dataset(
     callback = DynamicRankCallback(1, 2, log=log)
     trainer = _trainer(tmp_path, callback, save="no", data=_TokenStream(16), max_steps=6)
     trainer.train()
-    assert at == [(2, "dynrank: epoch 1: 8 layers lowrank → full"), (4, "dynrank: epoch 2: 8 layers full → adapter")]
+    assert at == [(2, "dynrank: epoch 1: 8 layers lowrank → full"),
+                  (4, "dynrank: epoch 2: 8 layers full → adapter")]
 
 
 def test_callback_refuses_a_second_train_call(tmp_path):
     from dynrank.hf import DynamicRankCallback
     model, trainer = _train(tmp_path, DynamicRankCallback(1, 2, log=None), epochs=3, save="no")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"training starts at epoch 0, where the schedule has the layers in lowrank "
-                                         r"form, but 8 of them are in adapter form already .*second trainer\.train\(\)"):
+    with pytest.raises(ValueError, match=r"training starts at epoch 0, where the schedule has the layers in "
+                                         r"lowrank form, but 8 of them are in adapter form already "
+                                         r".*second trainer\.train\(\)"):
         trainer.train()
     state = model.state_dict()
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
