@@ -17,8 +17,11 @@ after the Trainer has restored its RNG state, where the uninterrupted run made i
 """
 
 import math
+import numbers
+import os
 
 from ._forms import FORMS
+from .monitor import _EPOCH_COLUMNS, RankMonitor
 from .scheduler import DEFAULT_OPTIMIZER_STATE, DynamicRankScheduler, _check_choices, _check_schedule
 
 try:
@@ -63,9 +66,22 @@ class DynamicRankCallback(TrainerCallback):
     frozen W_f (the adapter-only load), a model that is neither.  Load the
     checkpoint you choose into a freshly converted model instead.
 
+    With ``monitor=RankMonitor(model)``, the callback runs the monitor too:
+    each epoch is timed from its first step (after its switch) to
+    ``on_epoch_end``, with the mean of the losses the Trainer logged in it
+    (``loss``) and the numbers of each evaluation (``eval_loss``, ...) as
+    scalars; the switches reach it from the scheduler.  So
+    ``monitor.records`` hold the wall time of each epoch by form, and
+    ``dynrank.cost.cost_report(..., run=monitor)`` the measured cost of the
+    schedule.  It is saved into each checkpoint folder
+    (``rank_monitor.json`` and its CSVs), and a resume from
+    ``<output_dir>/checkpoint-<step>`` reads it back, so the records of a
+    resumed run go back to its first epoch.
+
     Args:
         inflate_epoch, deflate_epoch: the schedule, as for ``DynamicRankScheduler``.
         log: callable taking one line per switch (``print``, the default), or None.
+        monitor: a :class:`~dynrank.RankMonitor` of the Trainer's model, or None.
         **scheduler_kwargs: ``deflate_init``, ``optimizer_state``,
             ``deflate_rank``, ``unit``, ``epochs`` of ``DynamicRankScheduler``.
 
@@ -85,11 +101,13 @@ class DynamicRankCallback(TrainerCallback):
 
     _KWARGS = ("deflate_init", "optimizer_state", "deflate_rank", "unit", "epochs")
 
-    def __init__(self, inflate_epoch, deflate_epoch, log=print, **scheduler_kwargs):
+    MONITOR_FILE = "rank_monitor"
+
+    def __init__(self, inflate_epoch, deflate_epoch, log=print, monitor=None, **scheduler_kwargs):
         unknown = sorted(set(scheduler_kwargs) - set(self._KWARGS))
         if unknown:
             raise TypeError(f"DynamicRankCallback got unexpected keyword argument(s) {', '.join(unknown)}; "
-                            f"it takes {', '.join(self._KWARGS)} for the scheduler, and log")
+                            f"it takes {', '.join(self._KWARGS)} for the scheduler, log and monitor")
         unit = scheduler_kwargs.get("unit", "epoch")
         _check_schedule(unit, inflate_epoch, deflate_epoch, scheduler_kwargs.get("epochs"))
         _check_choices(scheduler_kwargs.get("deflate_init", "zeros"),
@@ -99,6 +117,9 @@ class DynamicRankCallback(TrainerCallback):
         if log is not None and not callable(log):
             raise TypeError(f"log must be callable or None, got {type(log).__name__}")
         self.log = log
+        if monitor is not None and not isinstance(monitor, RankMonitor):
+            raise TypeError(f"monitor must be a dynrank.RankMonitor or None, got {type(monitor).__name__}")
+        self.monitor = monitor
         self.scheduler_kwargs = scheduler_kwargs
         self.scheduler = None
         self.changes = []
@@ -118,6 +139,8 @@ class DynamicRankCallback(TrainerCallback):
         start = self._count(state, int((state.epoch or 0) + 1e-6))
         self._check_start(scheduler, start)
         self._check_best_model(args, state)
+        if self.monitor is not None:
+            self._start_monitor(args, state, model, scheduler)
         self.scheduler = scheduler
         self._last = self._epoch = None
 
@@ -137,6 +160,41 @@ class DynamicRankCallback(TrainerCallback):
             moves = sorted({f"{old} → {new}" for _, old, new in changed})
             self.log(f"dynrank: {self.unit} {count}: {len(changed)} layer{'' if len(changed) == 1 else 's'} "
                      f"{', '.join(moves)}")
+        if self.monitor is not None and self.monitor._open is None:
+            # The epoch's clock starts at its first step, after its switch.
+            epoch = self._epoch if self._epoch is not None else int((state.epoch or 0) + 1e-6)
+            self.monitor.start_epoch(epoch)
+            self._losses_from = len(state.log_history)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.monitor is None or self.monitor._open is None:
+            return
+        losses = [h["loss"] for h in state.log_history[self._losses_from:] if _number(h.get("loss"))]
+        self.monitor.end_epoch(**({"loss": sum(losses) / len(losses)} if losses else {}))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.monitor is None or (self.monitor._open is None and not self.monitor.records):
+            return
+        self.monitor.log(**{k: v for k, v in (metrics or {}).items() if _number(v) and k not in _EPOCH_COLUMNS})
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.monitor is not None:
+            self.monitor.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.MONITOR_FILE))
+
+    def _start_monitor(self, args, state, model, scheduler):
+        """Check the monitor watches the Trainer's model, read back its records when resuming from a
+        checkpoint folder that has them, and attach it to ``scheduler``."""
+        monitor = self.monitor
+        if monitor.model is not model:
+            raise ValueError("monitor must be a RankMonitor of the Trainer's model (RankMonitor(model)), got one of "
+                             + ("no model" if monitor.model is None else f"another {type(monitor.model).__name__}"))
+        saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.MONITOR_FILE)
+        if state.global_step > 0 and not monitor.records and os.path.exists(saved + ".json"):
+            loaded = RankMonitor.load(saved)
+            monitor.records, monitor.switches = loaded.records, loaded.switches
+        monitor._open = None
+        monitor._known_forms = monitor._forms()      # a resume's load switched the layers: no "detected" switch
+        monitor.attach(scheduler)
 
     def _count(self, state, epoch):
         return state.global_step if self.unit == "step" else epoch
@@ -178,3 +236,7 @@ class DynamicRankCallback(TrainerCallback):
             f"so the layers would match neither model. Set load_best_model_at_end=False and load the "
             f"checkpoint you choose into a freshly converted model (load_state_dict takes each layer's form "
             f"from it)")
+
+
+def _number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

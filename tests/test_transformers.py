@@ -325,11 +325,16 @@ class _TokenStream(torch.utils.data.IterableDataset):
         return (self.data[i] for i in range(len(self.data)))
 
 
-def _trainer(out_dir, callback, epochs=4, save="epoch", data=None, eval_data=None, **arguments):
-    """A Trainer of a converted tiny GPT-2 (batch 8: 4 optimizer steps per epoch of ``_Tokens()``)."""
-    pytest.importorskip("accelerate")
+def _converted_gpt2():
     model = gpt2(dtype=torch.float32)
     convert_model(model, rank_ratio=0.5)
+    return model
+
+
+def _trainer(out_dir, callback, epochs=4, save="epoch", data=None, eval_data=None, model=None, **arguments):
+    """A Trainer of a converted tiny GPT-2 (batch 8: 4 optimizer steps per epoch of ``_Tokens()``)."""
+    pytest.importorskip("accelerate")
+    model = model or _converted_gpt2()
     args = transformers.TrainingArguments(
         output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=8, learning_rate=1e-2,
         report_to=[], logging_steps=4, save_strategy=save, use_cpu=True, seed=0, disable_tqdm=True, **arguments)
@@ -498,3 +503,65 @@ def test_unconvert_conv1d_without_bias_and_the_factored_note():
     new = holder[0]
     assert type(new) is Conv1D and not new.bias.requires_grad and not new.bias.any()
     assert rel_err(holder(x), ref) < 1e-12
+
+
+# -- DynamicRankCallback with a RankMonitor --------------------------------------------------------------
+
+
+def _monitored_run(out_dir, resume=None):
+    from dynrank import RankMonitor
+    from dynrank.hf import DynamicRankCallback
+    model = _converted_gpt2()
+    monitor = RankMonitor(model, name="gpt2")
+    callback = DynamicRankCallback(1, 2, log=None, monitor=monitor)
+    trainer = _trainer(out_dir, callback, model=model, eval_strategy="epoch", eval_data=_Tokens(16))
+    trainer.train(resume_from_checkpoint=resume)
+    return monitor, trainer, callback
+
+
+def test_callback_runs_a_rank_monitor(tmp_path):
+    monitor, trainer, callback = _monitored_run(tmp_path)
+    assert monitor.epochs == [0, 1, 2, 3]
+    assert [r["form"] for r in monitor.records] == ["lowrank", "full", "adapter", "adapter"]
+    assert [(s["epoch"], s["kind"], s["source"]) for s in monitor.switches] == \
+        [(1, "inflate", "scheduler"), (2, "deflate", "scheduler")]
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]      # one log per epoch (4 steps)
+    assert monitor.scalar("loss") == ([0, 1, 2, 3], logged)
+    evaluated = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert monitor.scalar("eval_loss") == ([0, 1, 2, 3], evaluated)
+    assert all(r["wall_seconds"] > 0 and r["layers"] for r in monitor.records)
+    assert set(callback.scheduler.forms()) <= set(monitor.records[1]["layers"])   # the dense head too
+    from dynrank import RankMonitor
+    saved = RankMonitor.load(str(tmp_path / "checkpoint-8" / "rank_monitor"))
+    assert saved.epochs == [0, 1] and len(saved.switches) == 1
+
+
+def test_callback_monitor_resumes_with_its_records(tmp_path):
+    """Resumed from the checkpoint before the deflate (in the output folder, as resume_from_checkpoint=True
+    finds it), the monitor reads back epochs 0 and 1 and their switch, records 2 and 3 itself, and sees
+    no switch in what the checkpoint's load did."""
+    import shutil
+    full, _, _ = _monitored_run(tmp_path / "full")
+    shutil.copytree(tmp_path / "full" / "checkpoint-8", tmp_path / "again" / "checkpoint-8")
+    resumed, _, _ = _monitored_run(tmp_path / "again", resume=True)
+    assert resumed.epochs == full.epochs == [0, 1, 2, 3]
+    assert [r["form"] for r in resumed.records] == [r["form"] for r in full.records]
+    assert [(s["epoch"], s["kind"]) for s in resumed.switches] == [(1, "inflate"), (2, "deflate")]
+    assert resumed.scalar("loss") == full.scalar("loss")
+
+
+def test_callback_monitor_of_another_model_is_refused():
+    from types import SimpleNamespace
+
+    from dynrank import RankMonitor
+    from dynrank.hf import DynamicRankCallback
+    with pytest.raises(TypeError, match="monitor must be a dynrank.RankMonitor or None, got dict"):
+        DynamicRankCallback(1, 2, monitor={})
+    model = _converted_gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    callback = DynamicRankCallback(1, 2, monitor=RankMonitor(_converted_gpt2()))
+    state = SimpleNamespace(epoch=0, global_step=0)
+    with pytest.raises(ValueError, match="monitor must be a RankMonitor of the Trainer's model"):
+        callback.on_train_begin(SimpleNamespace(world_size=1, output_dir="unused"), state, None, model=model,
+                                optimizer=optimizer)
+    assert callback.scheduler is None
