@@ -196,19 +196,22 @@ def _candidates(module, prefix=""):
 
 
 # ``self.<path>.weight.dtype`` (or ``.device``) in a module's code: it reads the weight of a layer below it.
-_DTYPE_READ = re.compile(r"self\.((?:\w+\.)*\w+)\.weight\.(?:dtype|device)\b")
+# The path may index a container by a number (``self.convs[0].conv``); a variable index is not followed.
+_DTYPE_READ = re.compile(r"self\.((?:\w+(?:\[\d+\])*\.)*\w+(?:\[\d+\])*)\.weight\.(?:dtype|device)\b")
 
 
 @functools.lru_cache(maxsize=None)
 def _dtype_reads(cls):
-    """The paths below a transformers class whose weight's dtype or device its own code reads, except
-    where it first checks ``isinstance(self.<path>.weight, torch.Tensor)``; () where it has no source."""
+    """The paths below a transformers class whose weight's dtype or device its own code reads (indices
+    as path components: ``convs.0.conv``), except where its code also checks
+    ``isinstance(self.<path>.weight, torch.Tensor)``; () where it has no source."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return ()
     paths = {m.group(1) for m in _DTYPE_READ.finditer(source)}
-    return tuple(sorted(p for p in paths if f"isinstance(self.{p}.weight, torch.Tensor)" not in source))
+    return tuple(sorted(re.sub(r"\[(\d+)\]", r".\1", p) for p in paths
+                        if f"isinstance(self.{p}.weight, torch.Tensor)" not in source))
 
 
 def _weight_readers(model, form):

@@ -67,16 +67,20 @@ class DynamicRankCallback(TrainerCallback):
     checkpoint you choose into a freshly converted model instead.
 
     With ``monitor=RankMonitor(model)``, the callback runs the monitor too:
-    each epoch is timed from its first step (after its switch) to
-    ``on_epoch_end``, with the mean of the losses the Trainer logged in it
-    (``loss``) and the numbers of each evaluation (``eval_loss``, ...) as
-    scalars; the switches reach it from the scheduler.  So
+    each epoch is timed from its first step (after its switch) to the end
+    of its last step, before the Trainer logs, evaluates and saves after it
+    (``on_epoch_end`` for an ``IterableDataset`` run by ``max_steps``), with
+    the mean of the training losses logged for it (``loss``; a resume in
+    mid-epoch counts those logged before the checkpoint) and the numbers of
+    each evaluation (``eval_loss``, ...) as scalars; the switches reach it
+    from the scheduler.  So
     ``monitor.records`` hold the wall time of each epoch by form, and
     ``dynrank.cost.cost_report(..., run=monitor)`` the measured cost of the
     schedule.  It is saved into each checkpoint folder
     (``rank_monitor.json`` and its CSVs), and a resume from
     ``<output_dir>/checkpoint-<step>`` reads it back, so the records of a
-    resumed run go back to its first epoch.
+    resumed run go back to its first epoch (an epoch cut by the checkpoint
+    is timed from the resume on).
 
     Args:
         inflate_epoch, deflate_epoch: the schedule, as for ``DynamicRankScheduler``.
@@ -124,6 +128,7 @@ class DynamicRankCallback(TrainerCallback):
         self.scheduler = None
         self.changes = []
         self._last = None
+        self._losses = []
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if getattr(args, "world_size", 1) > 1:
@@ -164,13 +169,30 @@ class DynamicRankCallback(TrainerCallback):
             # The epoch's clock starts at its first step, after its switch.
             epoch = self._epoch if self._epoch is not None else int((state.epoch or 0) + 1e-6)
             self.monitor.start_epoch(epoch)
-            self._losses_from = len(state.log_history)
+            # A resume in the middle of the epoch: the losses logged in it before the checkpoint.
+            self._losses = [h["loss"] for h in state.log_history if _number(h.get("loss"))
+                            and epoch + 1e-6 < h.get("epoch", -1) < epoch + 1 - 1e-6]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # The epoch's last step: close it now, before the Trainer logs, evaluates and saves after it, so
+        # a checkpoint there holds the epoch.  (state.epoch never gets there for an IterableDataset run
+        # by max_steps: on_epoch_end closes those.)
+        if self.monitor is not None and self.monitor._open is not None \
+                and (state.epoch or 0) + 1e-6 >= self.monitor._open["epoch"] + 1:
+            self.monitor.end_epoch()
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.monitor is None or self.monitor._open is None:
+        if self.monitor is not None and self.monitor._open is not None:
+            self.monitor.end_epoch()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # A training loss goes to the open epoch, else to the one just closed: the Trainer logs an
+        # epoch's last loss after its last step.
+        loss = (logs or {}).get("loss")
+        if self.monitor is None or not _number(loss) or (self.monitor._open is None and not self.monitor.records):
             return
-        losses = [h["loss"] for h in state.log_history[self._losses_from:] if _number(h.get("loss"))]
-        self.monitor.end_epoch(**({"loss": sum(losses) / len(losses)} if losses else {}))
+        self._losses.append(loss)
+        self.monitor.log(loss=sum(self._losses) / len(self._losses))
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.monitor is None or (self.monitor._open is None and not self.monitor.records):

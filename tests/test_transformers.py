@@ -270,6 +270,16 @@ def test_layers_whose_weight_transformers_reads_stay_dense():
     assert convert_model(_mobilebert(), include="cls.predictions.dense").converted == ["cls.predictions.dense"]
 
 
+def test_dtype_reads_follow_numbered_indices():
+    from dynrank.convert import _dtype_reads
+
+    class Reader(nn.Module):          # as Florence-2's vision backbone reads its first conv
+        def forward(self, x):
+            return x.to(self.convs[0].conv.weight.dtype) + x.to(self.proj.weight.device)
+
+    assert _dtype_reads(Reader) == ("convs.0.conv", "proj")
+
+
 def test_dtype_reads_in_transformers_code_are_found_where_unguarded():
     """CLIP's vision embeddings read ``patch_embedding.weight.dtype``; T5's feed-forward reads
     ``wo.weight.dtype`` only after ``isinstance(self.wo.weight, torch.Tensor)``, so ``wo`` converts."""
@@ -337,7 +347,8 @@ def _trainer(out_dir, callback, epochs=4, save="epoch", data=None, eval_data=Non
     model = model or _converted_gpt2()
     args = transformers.TrainingArguments(
         output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=8, learning_rate=1e-2,
-        report_to=[], logging_steps=4, save_strategy=save, use_cpu=True, seed=0, disable_tqdm=True, **arguments)
+        report_to=[], save_strategy=save, use_cpu=True, seed=0, disable_tqdm=True,
+        **{"logging_steps": 4, **arguments})
     return transformers.Trainer(model=model, args=args, train_dataset=data or _Tokens(), eval_dataset=eval_data,
                                 callbacks=[callback])
 
@@ -508,13 +519,14 @@ def test_unconvert_conv1d_without_bias_and_the_factored_note():
 # -- DynamicRankCallback with a RankMonitor --------------------------------------------------------------
 
 
-def _monitored_run(out_dir, resume=None):
+def _monitored_run(out_dir, resume=None, **arguments):
     from dynrank import RankMonitor
     from dynrank.hf import DynamicRankCallback
     model = _converted_gpt2()
     monitor = RankMonitor(model, name="gpt2")
     callback = DynamicRankCallback(1, 2, log=None, monitor=monitor)
-    trainer = _trainer(out_dir, callback, model=model, eval_strategy="epoch", eval_data=_Tokens(16))
+    arguments = {"eval_strategy": "epoch", "eval_data": _Tokens(16), **arguments}
+    trainer = _trainer(out_dir, callback, model=model, **arguments)
     trainer.train(resume_from_checkpoint=resume)
     return monitor, trainer, callback
 
@@ -547,6 +559,21 @@ def test_callback_monitor_resumes_with_its_records(tmp_path):
     assert resumed.epochs == full.epochs == [0, 1, 2, 3]
     assert [r["form"] for r in resumed.records] == [r["form"] for r in full.records]
     assert [(s["epoch"], s["kind"]) for s in resumed.switches] == [(1, "inflate"), (2, "deflate")]
+    assert resumed.scalar("loss") == full.scalar("loss")
+
+
+@pytest.mark.parametrize("step", [4, 6], ids=["epoch-boundary", "mid-epoch"])
+def test_callback_monitor_resumes_from_step_checkpoints(tmp_path, step):
+    """Step checkpoints (every 2 steps, a loss logged every step): the one at the end of epoch 0 holds that
+    epoch (the Trainer saves it before on_epoch_end), and a resume in the middle of epoch 1 averages the
+    epoch's losses from before the checkpoint too."""
+    import shutil
+    steps = dict(save="steps", save_steps=2, logging_steps=1, eval_strategy="no", eval_data=None)
+    full, _, _ = _monitored_run(tmp_path / "full", **steps)
+    shutil.copytree(tmp_path / "full" / f"checkpoint-{step}", tmp_path / "again" / f"checkpoint-{step}")
+    resumed, _, _ = _monitored_run(tmp_path / "again", resume=True, **steps)
+    assert resumed.epochs == full.epochs == [0, 1, 2, 3]
+    assert [r["form"] for r in resumed.records] == ["lowrank", "full", "adapter", "adapter"]
     assert resumed.scalar("loss") == full.scalar("loss")
 
 
