@@ -11,7 +11,7 @@ from torch import nn
 from ._args import check_int
 from ._forms import FORMS, FormLayer, check_floating_dtype
 from .linear import (FusedLowRankLinear, check_alpha, check_ratio, is_transposed_linear, linear_weight,
-                     rank_from_ratio, transformers_class)
+                     rank_from_ratio, transformers_bases, transformers_class)
 
 __all__ = ["convert_model", "ConversionSummary", "DECOMPOSITIONS"]
 
@@ -227,9 +227,7 @@ def _weight_readers(model, form):
                 readers.setdefault(id(child), f"{cls} multiplies by {attr}.weight itself (would skip the factors)")
         if form != "lowrank":
             continue
-        for base in type(module).__mro__:
-            if base.__module__.split(".")[0] != "transformers":
-                continue
+        for base in transformers_bases(module):
             for path in _dtype_reads(base):
                 try:
                     child = module.get_submodule(path)

@@ -141,21 +141,21 @@ class DynamicRankCallback(TrainerCallback):
                              f"at the start of training, and a switch replaces them; train without it")
         scheduler = DynamicRankScheduler(model, optimizer, self.inflate_epoch, self.deflate_epoch,
                                          **self.scheduler_kwargs)
-        start = self._count(state, int((state.epoch or 0) + 1e-6))
+        self._last = self._epoch = None
+        start = self._count(state)
         self._check_start(scheduler, start)
         self._check_best_model(args, state)
         if self.monitor is not None:
             self._start_monitor(args, state, model, scheduler)
         self.scheduler = scheduler
-        self._last = self._epoch = None
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # The loop's own epoch index: state.epoch at the first epoch (0, or the resumed one), then one
         # more per epoch.  state.epoch itself lags behind it for an IterableDataset with max_steps.
-        self._epoch = int((state.epoch or 0) + 1e-6) if self._epoch is None else self._epoch + 1
+        self._epoch = self._loop_epoch(state) if self._epoch is None else self._epoch + 1
 
     def on_step_begin(self, args, state, control, **kwargs):
-        count = self._count(state, self._epoch if self._epoch is not None else int((state.epoch or 0) + 1e-6))
+        count = self._count(state)
         if count == self._last:
             return
         self._last = count
@@ -167,7 +167,7 @@ class DynamicRankCallback(TrainerCallback):
                      f"{', '.join(moves)}")
         if self.monitor is not None and self.monitor._open is None:
             # The epoch's clock starts at its first step, after its switch.
-            epoch = self._epoch if self._epoch is not None else int((state.epoch or 0) + 1e-6)
+            epoch = self._loop_epoch(state)
             self.monitor.start_epoch(epoch)
             # A resume in the middle of the epoch: the losses logged in it before the checkpoint.
             self._losses = [h["loss"] for h in state.log_history if _number(h.get("loss"))
@@ -189,19 +189,19 @@ class DynamicRankCallback(TrainerCallback):
         # A training loss goes to the open epoch, else to the one just closed: the Trainer logs an
         # epoch's last loss after its last step.
         loss = (logs or {}).get("loss")
-        if self.monitor is None or not _number(loss) or (self.monitor._open is None and not self.monitor.records):
+        if not _number(loss) or not self._monitor_has_epoch():
             return
         self._losses.append(loss)
         self.monitor.log(loss=sum(self._losses) / len(self._losses))
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.monitor is None or (self.monitor._open is None and not self.monitor.records):
+        if not self._monitor_has_epoch():
             return
         self.monitor.log(**{k: v for k, v in (metrics or {}).items() if _number(v) and k not in _EPOCH_COLUMNS})
 
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is not None:
-            self.monitor.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.MONITOR_FILE))
+            self.monitor.save(self._monitor_stem(args, state))
 
     def _start_monitor(self, args, state, model, scheduler):
         """Check the monitor watches the Trainer's model, read back its records when resuming from a
@@ -210,7 +210,7 @@ class DynamicRankCallback(TrainerCallback):
         if monitor.model is not model:
             raise ValueError("monitor must be a RankMonitor of the Trainer's model (RankMonitor(model)), got one of "
                              + ("no model" if monitor.model is None else f"another {type(monitor.model).__name__}"))
-        saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.MONITOR_FILE)
+        saved = self._monitor_stem(args, state)
         if state.global_step > 0 and not monitor.records and os.path.exists(saved + ".json"):
             loaded = RankMonitor.load(saved)
             monitor.records, monitor.switches = loaded.records, loaded.switches
@@ -218,8 +218,21 @@ class DynamicRankCallback(TrainerCallback):
         monitor._known_forms = monitor._forms()      # a resume's load switched the layers: no "detected" switch
         monitor.attach(scheduler)
 
-    def _count(self, state, epoch):
-        return state.global_step if self.unit == "step" else epoch
+    def _monitor_stem(self, args, state):
+        """Where the monitor goes in the checkpoint folder the Trainer writes at this step."""
+        return os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.MONITOR_FILE)
+
+    def _monitor_has_epoch(self):
+        """Whether there is a monitor and an epoch for RankMonitor.log: the open one, or the last recorded."""
+        return self.monitor is not None and (self.monitor._open is not None or bool(self.monitor.records))
+
+    def _loop_epoch(self, state):
+        """The Trainer loop's epoch: counted from on_epoch_begin, else (before the first) from state.epoch."""
+        return self._epoch if self._epoch is not None else int((state.epoch or 0) + 1e-6)
+
+    def _count(self, state):
+        """What ``scheduler.step`` takes now: the global step (``unit="step"``), else the loop's epoch."""
+        return state.global_step if self.unit == "step" else self._loop_epoch(state)
 
     def _check_start(self, scheduler, start):
         """Refuse, before anything changes, layers already past the form the schedule gives at ``start``."""

@@ -10,14 +10,18 @@ from ._args import check_int, check_real
 from ._forms import FormLayer, check_floating_dtype, check_form
 
 __all__ = ["FusedLowRankLinear", "check_alpha", "check_rank", "check_ratio", "is_transposed_linear",
-           "linear_weight", "rank_from_ratio", "transformers_class"]
+           "linear_weight", "rank_from_ratio", "transformers_bases", "transformers_class"]
+
+
+def transformers_bases(module):
+    """The classes of ``module`` (its own and its bases) defined in Hugging Face's ``transformers``
+    package, most derived first: dynrank knows them without importing transformers."""
+    return [c for c in type(module).__mro__ if c.__module__.split(".")[0] == "transformers"]
 
 
 def transformers_class(module, names):
-    """The name among ``names`` of a class of ``module`` (its own or a base) defined in Hugging Face's
-    ``transformers`` package, or None: dynrank knows those classes without importing transformers."""
-    return next((c.__name__ for c in type(module).__mro__
-                 if c.__name__ in names and c.__module__.split(".")[0] == "transformers"), None)
+    """The name among ``names`` of a class of ``module`` (its own or a base) defined in transformers, or None."""
+    return next((c.__name__ for c in transformers_bases(module) if c.__name__ in names), None)
 
 
 def is_transposed_linear(module):
