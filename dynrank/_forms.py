@@ -10,13 +10,17 @@ and moves between them only through the explicit methods :meth:`inflate`
 (lowrank/adapter → full: W ← W0 + merged factors) and :meth:`deflate`
 (full → adapter: W_f ← W, fresh factors).  Subclasses describe their factors;
 this base class owns the form bookkeeping, the form changes and loading a
-state dict saved in another form.
+state dict saved in another form (for a layer a scheduler manages, that load
+also swaps the new parameters into the scheduler's optimizer:
+:func:`dynrank._optim.follow_load`).
 """
 
 import math
 
 import torch
 from torch import nn
+
+from ._optim import follow_load
 
 __all__ = ["FORMS", "DEFLATE_INITS", "FormLayer", "check_floating_dtype"]
 
@@ -397,7 +401,10 @@ class FormLayer(nn.Module):
                 except RuntimeError as e:     # into torch's list: the other layers load and it names them all
                     error_msgs.append(str(e))
                     return
+                before = [p for p in self.parameters() if p.requires_grad]
+                every_before = list(self.parameters())
                 self._allocate(form, rank)
+                follow_load(self, before, every_before)   # the managing scheduler's optimizer, if any
             key = prefix + self.weight_name
             if form != "lowrank" and isinstance(state_dict.get(key), torch.Tensor):
                 value = self._dense_from_state(state_dict[key])

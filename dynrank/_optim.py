@@ -32,10 +32,12 @@ are copied.  A state holding any other parameter-shaped tensor cannot be
 mapped and the new parameter starts empty, as with ``"reset"``.
 """
 
+import weakref
+
 import torch
 
 __all__ = ["replace_params", "optimizer_params", "pushforward_state", "pullback_state",
-           "LINEAR_STATE", "SQUARED_STATE"]
+           "LINEAR_STATE", "SQUARED_STATE", "manage", "switched_params", "follow_load"]
 
 LINEAR_STATE = frozenset({"momentum_buffer", "exp_avg", "grad_avg"})
 SQUARED_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -117,6 +119,55 @@ def replace_params(optimizer, removed, added, states=None):
                     optimizer.state[p] = initial
         _match_fused_momentum(optimizer, group, joined)
     return True
+
+
+def switched_params(layer, before, every_before):
+    """(removed, added): what a form or rank change of ``layer`` takes out of training and brings in.
+
+    ``before`` are the layer's trainable parameters before the change and ``every_before`` all of them.
+    Leaving: what trained and no longer does, and a frozen parameter the change dropped from the layer
+    (an optimizer given ``model.parameters()`` holds it too).  Joining: what trains now and did not.
+    """
+    after = [p for p in layer.parameters() if p.requires_grad]
+    after_ids, before_ids = {id(p) for p in after}, {id(p) for p in before}
+    kept = {id(p) for p in layer.parameters()}
+    removed = [p for p in before if id(p) not in after_ids] + [
+        p for p in every_before if not p.requires_grad and id(p) not in kept]
+    return removed, [p for p in after if id(p) not in before_ids]
+
+
+# Layer → weak references to (optimizer, model) of the scheduler that manages it (the last one built
+# for it).  A state-dict load that changes a managed layer's form or rank goes through
+# :func:`follow_load`, so the optimizer follows whichever order a training framework loads the model,
+# the optimizer and the scheduler in (Accelerate's load_state loads the scheduler last).
+_MANAGED = weakref.WeakKeyDictionary()
+
+
+def manage(layers, optimizer, model):
+    """Record that ``optimizer`` trains ``layers`` of ``model`` under a scheduler (see :func:`follow_load`)."""
+    entry = (weakref.ref(optimizer), weakref.ref(model))
+    for layer in layers:
+        _MANAGED[layer] = entry
+
+
+def follow_load(layer, before, every_before):
+    """Edit the managing optimizer, if any, after a state-dict load gave ``layer`` new parameters.
+
+    The new ones take the old ones' place (:func:`replace_params`) with no state:
+    the optimizer's own ``load_state_dict`` fills it, matched by position as
+    after the scheduler's switches.  A DistributedDataParallel around the model
+    is retired as after a scheduler's switch.
+    """
+    entry = _MANAGED.get(layer)
+    optimizer = entry[0]() if entry is not None else None
+    if optimizer is None:
+        return
+    removed, added = switched_params(layer, before, every_before)
+    if replace_params(optimizer, removed, added):
+        model = entry[1]()
+        if model is not None:
+            from .distributed import _retire_stale
+            _retire_stale(model, "a state-dict load that changed a layer's form or rank")
 
 
 def _forget_history(optimizer):

@@ -1,7 +1,7 @@
 """Checkpoints of a dynamic-rank run: model, optimizer and scheduler saved together, loaded all or nothing.
 
-A form change replaces parameters, so the three parts load in one order only: the scheduler (forms and
-the optimizer's param groups), the model (values), the optimizer (state).
+A form change replaces parameters, so the optimizer's state loads last, after the scheduler (forms and
+the optimizer's param groups) and the model (values).
 """
 
 import copy
@@ -99,9 +99,9 @@ class _Snapshot:
 def load_training_state(checkpoint, model, optimizer, scheduler):
     """Load a :func:`training_state` checkpoint into a freshly built model, optimizer and scheduler.
 
-    Runs the three loads in the only order that works: scheduler (forms and
-    optimizer param groups), model (values), optimizer (state).  Returns the
-    checkpoint's extra items.
+    Runs the three loads in order: scheduler (forms and optimizer param
+    groups), model (values), optimizer (state).  Returns the checkpoint's
+    extra items.
 
     All or nothing: the scheduler's part is checked in full before anything
     changes, and if the model's or the optimizer's part then fails to load,

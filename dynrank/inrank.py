@@ -29,7 +29,7 @@ import torch
 from ._args import check_int, check_real
 from ._checks import (check_copy, check_finite, check_model_and_optimizer, check_new_copy, check_same_layers,
                       check_switchable, check_sync, unwrap_model)
-from ._optim import LINEAR_STATE, SQUARED_STATE, replace_params
+from ._optim import LINEAR_STATE, SQUARED_STATE, manage, replace_params
 from .distributed import _remember_ddp, _retire_stale
 from .linear import FusedLowRankLinear, svd_factors
 
@@ -338,6 +338,7 @@ class IncrementalRankScheduler:
         for name, layer in self._layers:
             if name in targets:
                 self._resize(layer, targets[name])
+        manage([layer for _, layer in self._layers], optimizer, self.model)
         self.last_step = 0
         self._callbacks = []
         self._copies = []
@@ -530,7 +531,9 @@ class IncrementalRankScheduler:
         """Resize every layer to its saved rank (optimizer edited in place), then restore the counters.
 
         Call it before ``model.load_state_dict`` and ``optimizer.load_state_dict``
-        (same order as :meth:`DynamicRankScheduler.load_state_dict`).  The whole
+        (same order as :meth:`DynamicRankScheduler.load_state_dict`), or after
+        them: a model load that changes a managed layer's rank edits the
+        optimizer in place just as this call would.  The whole
         state dict is checked before any layer is resized: a call that raises
         leaves the layers, the optimizer and the scheduler as they were.
 

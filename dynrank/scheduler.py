@@ -30,7 +30,7 @@ from ._checks import (check_copy, check_finite, check_layer_names, check_model_a
                       check_one_group, check_same_layers, check_switchable, check_sync, form_layers,
                       unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS
-from ._optim import pullback_state, pushforward_state, replace_params
+from ._optim import manage, pullback_state, pushforward_state, replace_params, switched_params
 from .distributed import _remember_ddp, _retire_stale
 
 __all__ = ["DynamicRankScheduler", "OPTIMIZER_STATES", "form_layers"]
@@ -226,6 +226,7 @@ class DynamicRankScheduler:
         self.sync_ranks, self.process_group = check_sync(model, sync_ranks, process_group)
         check_one_group(optimizer, self._layers)
         _remember_ddp(model)
+        manage([layer for _, layer in self._layers], optimizer, self.model)
         self.last_epoch = None
         self._callbacks = []
         self._warned_frozen = set()
@@ -451,19 +452,13 @@ class DynamicRankScheduler:
             layer.inflate()
         else:
             layer.deflate(rank=rank, init=init)
-        after = _trainable(layer)
-        before_ids, after_ids = {id(p) for p in before}, {id(p) for p in after}
-        kept = {id(p) for p in layer.parameters()}
-        # Leaving: what trained and no longer does, and a frozen factor the change releases (an
-        # optimizer given model.parameters() holds it too).
-        removed = [p for p in before if id(p) not in after_ids] + [
-            p for p in every_before if not p.requires_grad and id(p) not in kept]
-        added = [p for p in after if id(p) not in before_ids]
+        removed, added = switched_params(layer, before, every_before)
         if op == "deflate" and self.sync_ranks:
             from .distributed import broadcast_params
             broadcast_params(added, group=self.process_group)
         for copy_layer in copies:
             _follow(copy_layer, layer, op, init)
+        after_ids = {id(p) for p in _trainable(layer)}
         for p in before:
             if id(p) not in after_ids:
                 p.grad = None
@@ -481,8 +476,9 @@ class DynamicRankScheduler:
         """Scheduler state: policy, last epoch, and each layer's form and rank.
 
         Save it with the model's and the optimizer's state dicts; restore with
-        :meth:`load_state_dict` *before* loading those two (or use
-        :func:`load_training_state`, which keeps that order).
+        :meth:`load_state_dict`, before or after loading those two (or use
+        :func:`load_training_state`): whichever of the scheduler and the model
+        loads first switches the layers and edits the optimizer in place.
         """
         return {"unit": self.unit, "last_epoch": self.last_epoch, "inflate_epoch": self.inflate_epoch,
                 "deflate_epoch": self.deflate_epoch, "epochs": self.epochs,
@@ -556,6 +552,11 @@ class DynamicRankScheduler:
             scheduler.load_state_dict(ckpt["scheduler"])   # forms + optimizer param groups
             model.load_state_dict(ckpt["model"])           # values (no reallocation now)
             optimizer.load_state_dict(ckpt["optimizer"])   # state, matched by position
+
+        The model may also load first (Accelerate's ``load_state`` loads the
+        scheduler last): a model load that changes a layer this scheduler
+        manages edits its optimizer the same way, and this call then finds
+        every layer in its saved form.
 
         New parameters are only allocated here (values come from the model's
         state dict: a deflate here draws zero-output adapters whatever

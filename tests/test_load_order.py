@@ -1,0 +1,209 @@
+"""A model load that changes a managed layer's form or rank edits the scheduler's optimizer, so the
+model, the optimizer and the scheduler resume in any load order (Accelerate's ``load_state`` loads the
+model first and the scheduler last).  Before, the model's load gave the layers new parameters while the
+optimizer kept stepping the old ones: the factors stopped training without a word."""
+
+import copy
+import gc
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from _scheduling import data, decay_groups, held, mlp, same_set, trainable
+from dynrank import DynamicRankScheduler
+from dynrank.inrank import IncrementalRankScheduler
+from dynrank.linear import FusedLowRankLinear
+
+EPOCHS, STEPS = 4, 2
+
+
+def _build(seed=0):
+    model = mlp(seed)
+    opt = torch.optim.AdamW(decay_groups(model), lr=1e-2)
+    return model, opt, DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+
+
+def _epoch(model, opt, sched, epoch, x, y):
+    sched.step(epoch)
+    for _ in range(STEPS):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def _state(model, opt):
+    return [t.detach().clone() for t in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def _same(a, b):
+    (params_a, opt_a), (params_b, opt_b) = a, b
+    assert len(params_a) == len(params_b)
+    assert all(p.shape == q.shape and torch.equal(p, q) for p, q in zip(params_a, params_b))
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for key, state in opt_a["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, opt_b["state"][key][name]), (key, name)
+
+
+def _uninterrupted(x, y, checkpoint_after=None):
+    torch.manual_seed(1)
+    model, opt, sched = _build()
+    saved = None
+    for epoch in range(EPOCHS):
+        _epoch(model, opt, sched, epoch, x, y)
+        if epoch == checkpoint_after:
+            saved = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict(), "rng": torch.get_rng_state()})
+    return _state(model, opt), saved
+
+
+@pytest.mark.parametrize("order", [("model", "optimizer", "scheduler"), ("model", "scheduler", "optimizer"),
+                                   ("scheduler", "model", "optimizer")])
+@pytest.mark.parametrize("checkpoint_after", [0, 1, 2])
+def test_any_load_order_resumes_bitwise(order, checkpoint_after):
+    """Checkpoints in lowrank form (after epoch 0), full (1) and adapter (2), loaded into a fresh lowrank
+    model: whichever part loads first, the run ends exactly where the uninterrupted one ends."""
+    x, y = data()
+    expected, saved = _uninterrupted(x, y, checkpoint_after)
+    model, opt, sched = _build(seed=3)
+    loads = {"model": model.load_state_dict, "optimizer": opt.load_state_dict,
+             "scheduler": sched.load_state_dict}
+    for part in order:
+        loads[part](saved[part])
+        if part == "model":
+            # The optimizer holds the layers' new parameters at once, in the old ones' groups.
+            assert same_set(held(opt), trainable(model))
+            assert same_set(opt.param_groups[0]["params"], [p for p in trainable(model) if p.dim() >= 2])
+    torch.set_rng_state(saved["rng"])
+    for epoch in range(checkpoint_after + 1, EPOCHS):
+        _epoch(model, opt, sched, epoch, x, y)
+    _same(_state(model, opt), expected)
+
+
+def test_accelerate_save_state_and_load_state_resume_bitwise(tmp_path):
+    """Accelerate's checkpointing with the scheduler registered: it loads the model, then the
+    optimizer, then the scheduler (custom objects last), and restores the RNG itself."""
+    accelerate = pytest.importorskip("accelerate")
+    x, y = data()
+
+    def run(save_after=None, resume=False):
+        accelerator = accelerate.Accelerator(cpu=True)
+        torch.manual_seed(1)
+        model, opt, _ = _build()
+        model, opt = accelerator.prepare(model, opt)
+        sched = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+        accelerator.register_for_checkpointing(sched)
+        start = 0
+        if resume:
+            accelerator.load_state(str(tmp_path / "ckpt"))
+            start = sched.last_epoch + 1
+            assert sched.forms()["0"] == "adapter" and same_set(held(opt), trainable(model))
+        for epoch in range(start, EPOCHS):
+            _epoch(model, opt, sched, epoch, x, y)
+            if epoch == save_after:
+                accelerator.save_state(str(tmp_path / "ckpt"))
+        return _state(model, opt)
+
+    expected = run(save_after=2)
+    _same(run(resume=True), expected)
+
+
+def test_a_model_load_moves_the_optimizer_along_every_form_change():
+    """Into full, back to lowrank (a load may go where a schedule never goes), then adapter: each time the
+    optimizer holds exactly the trainable parameters, the new ones where the old ones sat, with no state
+    (the optimizer's own load fills it); the old ones' state is gone."""
+    model, opt, sched = _build()
+    x, y = data()
+    _epoch(model, opt, sched, 0, x, y)
+    lowrank = copy.deepcopy(model.state_dict())
+    source, source_opt, source_sched = _build(seed=2)
+    source_sched.step(1)
+    full = copy.deepcopy(source.state_dict())
+    source_sched.step(2)
+    adapter = copy.deepcopy(source.state_dict())
+    for state, form in ((full, "full"), (lowrank, "lowrank"), (adapter, "adapter")):
+        old = {id(p) for p in model[0].parameters()}
+        position = [id(p) for p in opt.param_groups[0]["params"]].index(
+            next(id(p) for p in held(opt) if id(p) in old))
+        model.load_state_dict(state)
+        assert model[0].form == form
+        assert same_set(held(opt), trainable(model))
+        new = [p for p in trainable(model[0]) if p.dim() >= 2]
+        assert any(opt.param_groups[0]["params"][position] is p for p in new)
+        assert not any(p in opt.state for p in new)
+        assert not any(id(p) in old for p in opt.state if p.dim() >= 2)
+        before = [p.detach().clone() for p in new]
+        loss = F.cross_entropy(model(x), y)                                # trains what the model holds
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        assert all(opt.state[p] and not torch.equal(p, q) for p, q in zip(new, before))
+
+
+def test_copies_and_unmanaged_layers_leave_optimizers_alone():
+    """A copy of the model (an EMA) loads switched dicts without touching the optimizer; once the
+    scheduler and its optimizer are gone the layers load as before; a newer scheduler on the same model
+    is the one whose optimizer follows."""
+    model, opt, sched = _build()
+    source, _, source_sched = _build(seed=2)
+    source_sched.step(1)
+    full = copy.deepcopy(source.state_dict())
+    groups = [list(g["params"]) for g in opt.param_groups]
+    ema = copy.deepcopy(model)
+    ema.load_state_dict(full)
+    assert ema[0].form == "full" and [list(g["params"]) for g in opt.param_groups] == groups
+
+    newer_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    newer = DynamicRankScheduler(model, newer_opt, inflate_epoch=1, deflate_epoch=2)
+    model.load_state_dict(full)
+    assert same_set(held(newer_opt), trainable(model))
+    assert [list(g["params"]) for g in opt.param_groups] == groups           # the older one: untouched
+
+    model2, opt2, sched2 = _build()
+    del opt2, sched2
+    gc.collect()
+    model2.load_state_dict(full)
+    assert model2[0].form == "full"
+    del newer
+
+
+def test_incremental_rank_model_load_first_resizes_the_optimizer():
+    """IncrementalRankScheduler: a model load with other ranks swaps the resized factors into the
+    optimizer; the optimizer's and the scheduler's loads after it then resume bitwise."""
+    def run(steps, state=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 16))
+        from dynrank import convert_model
+        convert_model(model, rank_ratio=0.5, init="fresh", keep_last=False)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sched = IncrementalRankScheduler(model, opt, init_rank=1, buffer=2, warmup_steps=0, check_every=5)
+        start = 1
+        if state is not None:
+            model.load_state_dict(state["model"])
+            assert same_set(held(opt), trainable(model))
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start = sched.last_step + 1
+            torch.set_rng_state(state["rng"])             # growth draws new B columns from it
+        gen = torch.Generator().manual_seed(4)
+        x = torch.randn(64, 32, generator=gen)
+        y = torch.randn(64, 16, generator=gen)
+        for step in range(start, steps + 1):
+            loss = F.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step(step)
+        return model, opt, sched
+
+    model, opt, sched = run(12)
+    assert any(isinstance(m, FusedLowRankLinear) and m.rank > 3 for m in model)  # it grew
+    state = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "rng": torch.get_rng_state()})
+    expected = _state(*run(20)[:2])
+    resumed = run(20, state)
+    assert [m.rank for m in resumed[0]] == [m.rank for m in run(20)[0]]
+    _same(_state(*resumed[:2]), expected)
