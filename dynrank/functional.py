@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._args import check_real
 from ._backend import backend_for
@@ -144,9 +145,12 @@ def _beta0_input(a):
 
     ``a.new_zeros(())`` per call costs an allocation and a fill launch, twice per adapter
     forward+backward; under ``torch.compile`` or a CUDA-graph capture a fresh one is made as before
-    (a tensor made during a capture is never filled).
+    (a tensor made during a capture is never filled), and so under a dispatch mode (FakeTensorMode,
+    for shape or memory estimates) or for a tensor subclass: a fake zero kept here would be fed to
+    later real calls.
     """
-    if torch.compiler.is_compiling() or (a.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling() or (a.is_cuda and torch.cuda.is_current_stream_capturing()) \
+            or type(a) not in (torch.Tensor, torch.nn.Parameter) or _get_current_dispatch_mode() is not None:
         return a.new_zeros(())
     key = (a.device, a.dtype)
     zero = _BETA0_INPUTS.get(key)

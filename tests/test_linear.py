@@ -762,3 +762,28 @@ def test_scaled_products_reuse_one_zero_per_device_and_dtype():
         torch.testing.assert_close(F._scaled_mm(a, b, 0.5), 0.5 * (a @ b))
     finally:
         zero.zero_()
+
+
+@pytest.mark.parametrize("allow_real", [False, True])
+def test_a_fake_tensor_run_leaves_no_fake_zero_for_later_real_runs(allow_real):
+    """A dry run under FakeTensorMode (shape or memory estimates) used the cache: a real zero cached
+    before failed the strict mode's run; with allow_non_fake_inputs the run cached a fake zero, and a
+    later real adapter forward with alpha gave a wrong output."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    F._BETA0_INPUTS.clear()
+    torch.manual_seed(0)
+    layer = FusedLowRankLinear(16, 5, rank=2, form="adapter", alpha=4.0, dtype=torch.float64)
+    with torch.no_grad():
+        layer.A.normal_()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    if not allow_real:
+        F._scaled_mm(x, x.t(), 0.5)                               # a real zero cached before
+    with FakeTensorMode(allow_non_fake_inputs=allow_real) as mode:
+        fake = FusedLowRankLinear(8, 6, rank=4, form="adapter", alpha=8.0, dtype=torch.float64)
+        fake_x = mode.from_tensor(torch.randn(2, 8, dtype=torch.float64))
+        assert isinstance(fake(fake_x), FakeTensor)
+    assert all(type(z) is torch.Tensor for z in F._BETA0_INPUTS.values())
+    ref = (x @ (layer.weight + layer.scale * layer.A @ layer.B.t()).t() + layer.bias).detach()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert rel_err(layer(x), ref) < 1e-12
