@@ -18,7 +18,7 @@ from .conv_adapter import (
 )
 from .conv_factorizations import KernelShape, get_factorization
 from .conv_merging import merge_conv_
-from .linear import check_alpha, check_ratio
+from .linear import check_alpha, check_plain_computation, check_ratio
 
 __all__ = ["LowRankConv2d", "ADAPTER_STRATEGIES", "PADDING_MODES", "AdapterChoice", "adapter_costs",
            "adapter_work", "time_adapter_strategies"]
@@ -370,7 +370,9 @@ class LowRankConv2d(FormLayer):
 
         Raises:
             TypeError: ``conv`` is not an ``nn.Conv2d``, or its kernel's dtype is
-                not floating-point.
+                not floating-point; a subclass that overrides ``forward`` or
+                ``_conv_forward`` (timm's ``StdConv2d``; see
+                :func:`~dynrank.linear.own_computation`).
             ValueError: invalid rank, rank_ratio, decomposition or form; a kernel
                 with NaN/inf entries (lowrank form); a CP fit (cp, tkd-cpd) that
                 fails on a degenerate kernel (e.g. constant or one-hot).
@@ -382,6 +384,7 @@ class LowRankConv2d(FormLayer):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_dense needs an nn.Conv2d, got {type(conv).__name__}")
+        check_plain_computation(conv, cls.__name__)
         check_form(form)
         weight = conv.weight
         check_floating_dtype(weight.dtype, needed_by=f"from_dense needs a floating-point {cls.weight_kind}: ")

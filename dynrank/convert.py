@@ -11,7 +11,7 @@ from torch import nn
 from ._args import check_int
 from ._forms import FORMS, FormLayer, check_floating_dtype
 from .linear import (FusedLowRankLinear, check_alpha, check_ratio, is_transposed_linear, linear_weight,
-                     rank_from_ratio, transformers_bases, transformers_class)
+                     own_computation, rank_from_ratio, transformers_bases, transformers_class)
 
 __all__ = ["convert_model", "ConversionSummary", "DECOMPOSITIONS"]
 
@@ -482,6 +482,13 @@ def _keep_reason(names, places, child, include, exclude, min_features, last_line
     if include is not None and not _matches(include, names, child):
         return "not included"
     named = _named_exactly(include, names)
+    method = own_computation(child)
+    if method:
+        if named:
+            raise ValueError(f"convert_model: {names[0]!r} is named in include, but {method} overrides its base's: "
+                             f"the converted layer would compute only the product with its weight; drop it from "
+                             f"include to keep it dense")
+        return f"own computation ({method})"
     tied = _tied_to(child, owners)
     if tied:
         if named:

@@ -3,6 +3,7 @@
 import math
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from . import functional as DF
@@ -10,7 +11,7 @@ from ._args import check_int, check_real
 from ._forms import FormLayer, check_floating_dtype, check_form
 
 __all__ = ["FusedLowRankLinear", "check_alpha", "check_rank", "check_ratio", "is_transposed_linear",
-           "linear_weight", "rank_from_ratio", "transformers_bases", "transformers_class"]
+           "linear_weight", "own_computation", "check_plain_computation", "rank_from_ratio", "transformers_bases", "transformers_class"]
 
 
 def transformers_bases(module):
@@ -22,6 +23,38 @@ def transformers_bases(module):
 def transformers_class(module, names):
     """The name among ``names`` of a class of ``module`` (its own or a base) defined in transformers, or None."""
     return next((c.__name__ for c in transformers_bases(module) if c.__name__ in names), None)
+
+
+# Subclasses in transformers whose own forward computes exactly their base's x·Wᵀ + b.
+_PLAIN_SUBCLASSES = ("FalconLinear",)
+
+
+def own_computation(module):
+    """``"Class.method"`` where the class of an ``nn.Linear``/``nn.Conv2d`` overrides the base's
+    ``forward`` (or ``Conv2d._conv_forward``), else None.  Such a layer computes more than the product
+    with its weight (timm's ``StdConv2d`` standardizes its kernel, a mixture-of-experts router picks its
+    top k, ``Conv2dSame`` pads by the input's size), which a dynrank layer built from its weight would
+    drop.  transformers' ``FalconLinear`` (x·Wᵀ + b, written out) counts as plain."""
+    if isinstance(module, nn.Conv2d):
+        base, methods = nn.Conv2d, ("forward", "_conv_forward")
+    elif isinstance(module, nn.Linear):
+        base, methods = nn.Linear, ("forward",)
+    else:
+        return None
+    cls = type(module)
+    if cls.__name__ in _PLAIN_SUBCLASSES and cls in transformers_bases(module):
+        return None
+    return next((f"{cls.__name__}.{m}" for m in methods if getattr(cls, m) is not getattr(base, m)), None)
+
+
+def check_plain_computation(module, cls_name):
+    """TypeError where :func:`own_computation` finds an overriding method (``from_dense`` of ``cls_name``)."""
+    method = own_computation(module)
+    if method is not None:
+        base = "nn.Conv2d" if isinstance(module, nn.Conv2d) else "nn.Linear"
+        raise TypeError(f"from_dense: {type(module).__name__} overrides {base}.{method.split('.')[1]}, so a "
+                        f"{cls_name} built from its weight would not compute what it computes; keep it dense, "
+                        f"or convert a plain {base}")
 
 
 def is_transposed_linear(module):
@@ -239,12 +272,14 @@ class FusedLowRankLinear(FormLayer):
         ``form="full"``: the dense weight is kept as W.
 
         Raises:
-            TypeError: ``linear`` has no 2-D weight, or its dtype is not floating-point.
+            TypeError: ``linear`` has no 2-D weight, or its dtype is not floating-point; an
+                ``nn.Linear`` subclass that overrides ``forward`` (see :func:`own_computation`).
             ValueError: invalid rank or form; a weight with NaN/inf entries (lowrank form).
         """
         weight = linear_weight(linear)
         if weight is None or weight.dim() != 2:
             raise TypeError(f"from_dense needs a module with a 2-D weight (nn.Linear), got {type(linear).__name__}")
+        check_plain_computation(linear, cls.__name__)
         check_floating_dtype(weight.dtype, needed_by=f"from_dense needs a floating-point {cls.weight_kind}: ")
         check_form(form)
         out_features, in_features = weight.shape

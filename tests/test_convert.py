@@ -444,3 +444,71 @@ def test_lazy_modules_not_yet_run_are_named():
     ref = model.eval()(x)                      # materializes both, as the message says
     assert convert_model(model, rank_ratio=1.0, keep_last=False).converted == ["0", "2"]
     assert rel_err(model(x), ref) < 1e-5
+
+
+# -- subclasses that compute more than the product with their weight ----------------------------------
+class StandardizedConv(nn.Conv2d):
+    """timm's StdConv2d pattern: the kernel standardized per output channel at every call."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class PaddedConv(nn.Conv2d):
+    """Overrides only _conv_forward (a reflect pad of its own)."""
+
+    def _conv_forward(self, x, weight, bias):
+        return nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"), weight, bias, self.stride)
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class PlainLinear(nn.Linear):            # a subclass that keeps nn.Linear's forward (as torch's MHA out_proj)
+    pass
+
+
+def _subclass_net():
+    torch.manual_seed(0)
+    return nn.Sequential(StandardizedConv(3, 16, 3, padding=1), PaddedConv(16, 16, 3), nn.Flatten(),
+                         ScaledLinear(16 * 36, 32), PlainLinear(32, 32), nn.Linear(32, 4)).double()
+
+
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+def test_subclasses_with_their_own_forward_stay_dense(form):
+    """They converted as plain layers and computed without their own forward, without a word (the
+    standardized conv's output changed by ~10): now each stays dense, with its method named."""
+    model = _subclass_net()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    ref = model(x)
+    summary = convert_model(model, form=form, rank_ratio=1.0, min_features=1)
+    notes = dict(summary.skipped)
+    assert notes == {"0": "own computation (StandardizedConv.forward)",
+                     "1": "own computation (PaddedConv._conv_forward)",
+                     "3": "own computation (ScaledLinear.forward)", "5": "final classifier"}
+    assert type(model[0]) is StandardizedConv and type(model[3]) is ScaledLinear
+    assert type(model[4]) is FusedLowRankLinear
+    assert rel_err(model(x), ref) < 1e-12
+
+
+def test_naming_such_a_subclass_or_building_from_it_is_refused():
+    from dynrank import LowRankConv2d
+    model = _subclass_net()
+    with pytest.raises(ValueError, match=r"'3' is named in include, but ScaledLinear\.forward overrides its "
+                                         r"base's: .*drop it from include to keep it dense"):
+        convert_model(model, include=["3", "4"])
+    assert type(model[4]) is PlainLinear                                     # nothing changed
+    for module, cls, message in (
+            (model[0], LowRankConv2d, r"StandardizedConv overrides nn\.Conv2d\.forward, so a LowRankConv2d"),
+            (model[1], LowRankConv2d, r"PaddedConv overrides nn\.Conv2d\._conv_forward"),
+            (model[3], FusedLowRankLinear, r"ScaledLinear overrides nn\.Linear\.forward, so a FusedLowRankLinear "
+                                           r"built from its weight would not compute what it computes")):
+        with pytest.raises(TypeError, match=message):
+            cls.from_dense(module, rank=4)
+    layer = FusedLowRankLinear.from_dense(model[4], rank=32, form="full")
+    x = torch.randn(3, 32, dtype=torch.float64)
+    assert rel_err(layer(x), model[4](x)) < 1e-12

@@ -50,6 +50,22 @@ def conv1d(nf, nx, seed=0):
 # -- the layer -----------------------------------------------------------------------------------------
 
 
+def test_transformers_subclasses_with_their_own_forward():
+    """BiT's weight-standardized conv computes more than the product with its weight and stays dense;
+    Falcon's FalconLinear writes out x·Wᵀ + b and converts."""
+    from transformers.models.bit.modeling_bit import WeightStandardizedConv2d
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+    torch.manual_seed(0)
+    model = nn.Sequential(WeightStandardizedConv2d(3, 16, 3, padding=1), nn.Flatten(),
+                          FalconLinear(16 * 16, 32), nn.Linear(32, 4)).double()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    ref = model(x)
+    summary = convert_model(model, form="full")
+    assert dict(summary.skipped) == {"0": "own computation (WeightStandardizedConv2d.forward)",
+                                     "3": "final classifier"}
+    assert type(model[2]) is FusedLowRankLinear and rel_err(model(x), ref) < 1e-12
+
+
 def test_conv1d_is_recognised_by_class():
     class Derived(Conv1D):
         pass
