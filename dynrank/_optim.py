@@ -58,7 +58,7 @@ def _locate(optimizer, params):
     return None
 
 
-def replace_params(optimizer, removed, added, states=None):
+def replace_params(optimizer, removed, added, states=None, owner=None):
     """Swap ``removed`` for ``added`` in ``optimizer``, in place.
 
     The removed parameters leave every param group and their state is dropped;
@@ -75,6 +75,11 @@ def replace_params(optimizer, removed, added, states=None):
         added: parameters joining it, in order.
         states: optional dict ``param → state dict`` installed for added parameters
             (ignored for L-BFGS, which starts afresh).
+        owner: the module holding ``added`` where ``removed`` were held (the layer, or
+            what replaces it).  An optimizer built from ``named_parameters()`` keeps
+            ``param_names`` in its groups: an added parameter is named after the
+            removed one's module (its name up to the last dot) and its own name in
+            ``owner``, so the names stay those of ``model.named_parameters()``.
 
     Returns:
         True if the optimizer was edited.
@@ -86,6 +91,7 @@ def replace_params(optimizer, removed, added, states=None):
         states = None                  # L-BFGS's "state" is the history just forgotten: none carries
     held = optimizer_params(optimizer)
     removed_ids = {id(p) for p in removed}
+    names = _names_before(optimizer, removed_ids, added, owner)
     fresh = [p for p in added if id(p) not in held or id(p) in removed_ids]
     if len(fresh) == len(added) == len(removed) == len(removed_ids):        # one for one
         swap = {id(old): new for old, new in zip(removed, added) if id(old) in held}
@@ -105,6 +111,8 @@ def replace_params(optimizer, removed, added, states=None):
                 params[:] = before + fresh + after
             elif any(id(p) in removed_ids for p in params):
                 params[:] = [p for p in params if id(p) not in removed_ids]
+    for group, name_of in names:
+        group["param_names"] = [name_of.get(id(p), "") for p in group["params"]]
     for p in removed:
         optimizer.state.pop(p, None)
     for g in groups:
@@ -119,6 +127,24 @@ def replace_params(optimizer, removed, added, states=None):
                     optimizer.state[p] = initial
         _match_fused_momentum(optimizer, group, joined)
     return True
+
+
+def _names_before(optimizer, removed_ids, added, owner):
+    """[(group, id(param) → name)] for the groups that keep ``param_names``: every name they hold now, the
+    added parameters' names derived from a removed one's (see :func:`replace_params`)."""
+    own = {id(p): n for n, p in owner.named_parameters()} if owner is not None else {}
+    result = []
+    for group in optimizer.param_groups:
+        if "param_names" not in group:
+            continue
+        name_of = {id(p): n for p, n in zip(group["params"], group["param_names"])}
+        # Added parameters join only groups that held a removed one.
+        module = next((name_of[i].rpartition(".")[0] for i in removed_ids if i in name_of), None)
+        for p in added:
+            if module is not None and id(p) in own:
+                name_of[id(p)] = f"{module}.{own[id(p)]}" if module else own[id(p)]
+        result.append((group, name_of))
+    return result
 
 
 def switched_params(layer, before, every_before):
@@ -163,7 +189,7 @@ def follow_load(layer, before, every_before):
     if optimizer is None:
         return
     removed, added = switched_params(layer, before, every_before)
-    if replace_params(optimizer, removed, added):
+    if replace_params(optimizer, removed, added, owner=layer):
         model = entry[1]()
         if model is not None:
             from .distributed import _retire_stale

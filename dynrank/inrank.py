@@ -166,7 +166,7 @@ def grow_rank_(layer, new_rank, optimizer=None):
                 padded = _pad_state(state, old, extra, r)
                 if padded is not None:
                     states[new] = padded
-        replace_params(optimizer, [old_A, old_B], [layer.A, layer.B], states)
+        replace_params(optimizer, [old_A, old_B], [layer.A, layer.B], states, owner=layer)
     old_A.grad = old_B.grad = None
     return layer
 
@@ -207,7 +207,7 @@ def _truncate_rank_(layer, rank, optimizer=None):
     A, B = svd_factors(merged, rank, layer.scale_for(rank))
     _install(layer, A, B, rank, *old)
     if optimizer is not None:
-        replace_params(optimizer, old, [layer.A, layer.B])
+        replace_params(optimizer, old, [layer.A, layer.B], owner=layer)
     for p in old:
         p.grad = None
 

@@ -468,7 +468,7 @@ class DynamicRankScheduler:
             states = {weight: pushforward_state(self.optimizer, layer, old_factors, weight)}
         elif carry:
             states = pullback_state(self.optimizer, layer, old_weight, layer.factors())
-        replace_params(self.optimizer, removed, added, states)
+        replace_params(self.optimizer, removed, added, states, owner=layer)
         return bool(removed or added)
 
     # -- checkpoints --------------------------------------------------------------------

@@ -21,9 +21,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from _helpers import rel_err
 from _scheduling import (amp_step, check_unscaled_gradients, data, decay_groups, ema_reference_update, held,
                          lbfgs_step, mlp, resume_whole_run, same_set, scaled_backward, scaler_step, sgd_step,
-                         trainable, whole_setup)
-from dynrank import (DynamicRankScheduler, FusedLowRankLinear, LowRankConv2d, grow_rank_, load_training_state,
-                     training_state)
+                         train_steps, trainable, whole_setup)
+from dynrank import (DynamicRankScheduler, FusedLowRankLinear, LowRankConv2d, convert_model, grow_rank_,
+                     load_training_state, training_state)
 
 
 # -- LR schedulers ------------------------------------------------------------------------------
@@ -391,3 +391,59 @@ def test_resume_with_the_whole_ecosystem_is_bitwise_identical(resume_epoch, with
     actual = _full_run(resume_epoch, with_ema)
     assert len(actual) == len(expected)
     assert all(a.shape == e.shape and torch.equal(a, e) for a, e in zip(actual, expected))
+
+
+
+def _names_match(model, opt):
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        assert group["param_names"] == [names[id(p)] for p in group["params"]]
+
+
+def _named_optimizer(model):
+    named = list(model.named_parameters())
+    return torch.optim.AdamW([{"params": [(n, p) for n, p in named if p.dim() >= 2]},
+                              {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0}], lr=1e-2)
+
+
+def _tiny_cnn(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 3))
+    convert_model(model, rank_ratio=0.5, decomposition="tucker", min_features=1)
+    return model, torch.randn(4, 3, 5, 5), torch.randint(0, 3, (4,))
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_an_optimizer_built_from_named_parameters_keeps_its_names(conv):
+    """torch keeps ``param_names`` in each group of an optimizer built from ``named_parameters()`` and
+    saves them in its state dict: after a switch they named the removed factors ('0.A' where '0.weight'
+    now sat).  Through inflate, deflate, a resume and a model load that switches, in two groups, they
+    stay the model's own."""
+    build = (lambda seed: _tiny_cnn(seed)[0]) if conv else mlp
+    model = build(0)
+    x, y = _tiny_cnn()[1:] if conv else data()
+    opt = _named_optimizer(model)
+    sched = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    saved = {}
+    for epoch in range(3):
+        sched.step(epoch)
+        _names_match(model, opt)
+        train_steps(model, opt, x, y, steps=1)
+        saved[epoch] = copy.deepcopy(training_state(model, opt, sched))
+    assert opt.state_dict()["param_groups"][0]["param_names"] == opt.param_groups[0]["param_names"]
+    again = build(4)
+    again_opt = _named_optimizer(again)
+    load_training_state(saved[2], again, again_opt, DynamicRankScheduler(again, again_opt, 1, 2))
+    _names_match(again, again_opt)
+    other = build(5)
+    other_opt = _named_optimizer(other)
+    DynamicRankScheduler(other, other_opt, inflate_epoch=1, deflate_epoch=2)
+    other.load_state_dict(saved[1]["model"])                       # lowrank → full by the load
+    _names_match(other, other_opt)
+
+
+def test_rank_growth_keeps_param_names():
+    model = mlp()
+    opt = _named_optimizer(model)
+    grow_rank_(model[0], model[0].rank + 2, opt)
+    _names_match(model, opt)
