@@ -107,6 +107,16 @@ def check_finite(layers, what_not, frozen=True):
             raise ValueError(f"layer {name!r} has non-finite values in {key}; {what_not}")
 
 
+def check_not_unconverted(layers, who):
+    """RuntimeError naming the first of ``layers`` ((name, layer) pairs) that :func:`~dynrank.unconvert_model`
+    replaced: ``who`` (a scheduler) would go on switching or resizing a layer the model no longer holds."""
+    gone = next((name for name, layer in layers if getattr(layer, "_unconverted", False)), None)
+    if gone is not None:
+        raise RuntimeError(f"layer {gone!r} was replaced by unconvert_model, so this {who} manages layers the "
+                           f"model no longer holds; train on without it (its optimizer holds the new modules' "
+                           f"parameters), or convert the model again and build a new {who}")
+
+
 def check_switchable(layers):
     """RuntimeError naming the first of ``layers`` ((name, layer) pairs) with a reparametrized weight or
     factor (:meth:`FormLayer._check_switchable`), before any of them changes form or rank."""

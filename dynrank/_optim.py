@@ -37,7 +37,7 @@ import weakref
 import torch
 
 __all__ = ["replace_params", "optimizer_params", "pushforward_state", "pullback_state",
-           "LINEAR_STATE", "SQUARED_STATE", "manage", "switched_params", "follow_load"]
+           "LINEAR_STATE", "SQUARED_STATE", "manage", "switched_params", "follow_load", "follow_unconvert"]
 
 LINEAR_STATE = frozenset({"momentum_buffer", "exp_avg", "grad_avg"})
 SQUARED_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -150,7 +150,8 @@ def _names_before(optimizer, removed_ids, added, owner):
 def switched_params(layer, before, every_before):
     """(removed, added): what a form or rank change of ``layer`` takes out of training and brings in.
 
-    ``before`` are the layer's trainable parameters before the change and ``every_before`` all of them.
+    ``before`` are the layer's trainable parameters before the change and ``every_before`` all of them;
+    ``layer`` holds the parameters after it (the layer itself, or the module that replaced it).
     Leaving: what trained and no longer does, and a frozen parameter the change dropped from the layer
     (an optimizer given ``model.parameters()`` holds it too).  Joining: what trains now and did not.
     """
@@ -194,6 +195,19 @@ def follow_load(layer, before, every_before):
         if model is not None:
             from .distributed import _retire_stale
             _retire_stale(model, "a state-dict load that changed a layer's form or rank")
+
+
+def follow_unconvert(layer, new):
+    """After :func:`~dynrank.unconvert_model` put ``new`` in place of ``layer``: the managing optimizer, if
+    any, trains ``new``'s parameters where the layer's sat (fresh state for new ones), and the layer is
+    managed no more (a scheduler refuses to step it: ``_unconverted``)."""
+    layer._unconverted = True
+    entry = _MANAGED.pop(layer, None)
+    optimizer = entry[0]() if entry is not None else None
+    if optimizer is not None:
+        removed, added = switched_params(new, [p for p in layer.parameters() if p.requires_grad],
+                                         list(layer.parameters()))
+        replace_params(optimizer, removed, added, owner=new)
 
 
 def _forget_history(optimizer):

@@ -27,8 +27,8 @@ from collections.abc import Mapping
 import torch
 
 from ._args import check_int, check_real
-from ._checks import (check_copy, check_finite, check_model_and_optimizer, check_new_copy, check_same_layers,
-                      check_switchable, check_sync, unwrap_model)
+from ._checks import (check_copy, check_finite, check_model_and_optimizer, check_new_copy, check_not_unconverted,
+                      check_same_layers, check_switchable, check_sync, unwrap_model)
 from ._optim import LINEAR_STATE, SQUARED_STATE, manage, replace_params
 from .distributed import _remember_ddp, _retire_stale
 from .linear import FusedLowRankLinear, svd_factors
@@ -450,6 +450,7 @@ class IncrementalRankScheduler:
                 layer's new rank is found before the first one grows, so a failed
                 call changes nothing.
         """
+        check_not_unconverted(self._layers, type(self).__name__)
         step = self.last_step + 1 if step is None else check_int(step, "step", "a non-negative int", 0)
         if step < self.last_step:
             raise ValueError(f"steps must not go backwards: got {step} after {self.last_step}")
@@ -495,6 +496,7 @@ class IncrementalRankScheduler:
 
     def _checked_state(self, state_dict):
         """``state_dict``'s values validated against this model; raises before anything is changed."""
+        check_not_unconverted(self._layers, type(self).__name__)
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict from IncrementalRankScheduler.state_dict(), "
                             f"got {type(state_dict).__name__}")

@@ -27,7 +27,8 @@ import torch
 
 from ._args import check_int
 from ._checks import (check_copy, check_finite, check_layer_names, check_model_and_optimizer, check_new_copy,
-                      check_one_group, check_same_layers, check_switchable, check_sync, form_layers,
+                      check_not_unconverted, check_one_group, check_same_layers, check_switchable, check_sync,
+                      form_layers,
                       unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS
 from ._optim import manage, pullback_state, pushforward_state, replace_params, switched_params
@@ -372,6 +373,7 @@ class DynamicRankScheduler:
                 reparametrized (``torch.nn.utils.parametrize``; checked with the
                 others, before any switch).
         """
+        check_not_unconverted(self._layers, type(self).__name__)
         if epoch is None:
             epoch = 0 if self.last_epoch is None else self.last_epoch + 1
         epoch = _check_count(epoch, self.unit, allow_none=False)
@@ -493,6 +495,7 @@ class DynamicRankScheduler:
     def _checked_state(self, state_dict):
         """The policy settings of ``state_dict``, validated as the constructor does, and every layer's
         form and rank checked against this model; raises before anything is changed."""
+        check_not_unconverted(self._layers, type(self).__name__)
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict from DynamicRankScheduler.state_dict(), "
                             f"got {type(state_dict).__name__}")

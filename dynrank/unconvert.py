@@ -5,6 +5,7 @@ from torch import nn
 
 from ._checks import unwrap_model
 from ._forms import FormLayer
+from ._optim import follow_unconvert
 from .conv import LowRankConv2d
 from .conv_factorizations import _axis
 from .convert import RowSummary, _noop_pre_hook, format_table, swap_in
@@ -269,7 +270,11 @@ def unconvert_model(model, lowrank="factored"):
     ``nn.TransformerEncoderLayer``\\ s (a no-op forward pre-hook) is removed
     and their ``nn.TransformerEncoder``'s ``use_nested_tensor`` set back, so
     torch's fused inference path runs again.  Hooks set on a dynrank layer
-    itself do not carry over.  A ``DistributedDataParallel`` or
+    itself do not carry over.  The optimizer of a scheduler that managed a
+    layer is edited in place: it trains the new module's parameters where the
+    layer's sat (new weights start with fresh state), and that scheduler then
+    refuses to step (RuntimeError); any other optimizer built before this call
+    still holds the lowrank factors: build it again.  A ``DistributedDataParallel`` or
     ``DataParallel`` model is unwrapped and its module changed; before
     training further, wrap it again: ``model = rewrap_ddp(model)``
     (:func:`dynrank.distributed.rewrap_ddp`).  A DistributedDataParallel
@@ -341,6 +346,8 @@ def unconvert_model(model, lowrank="factored"):
                      "new_type": _describe(new), "params_before": _count(layer), "params_after": _count(new),
                      "note": note, "aliases": names[1:]})
     swap_in(plans)
+    for layer, (_, new) in zip((layer for layer, _ in layers.values()), plans):
+        follow_unconvert(layer, new)
     _unguard_transformer_fast_path(model)
     if _trained(model) != trained_before:
         from .distributed import _retire_stale

@@ -422,3 +422,47 @@ def test_bad_input_raises_and_leaves_the_model_as_it_was():
     with pytest.raises(TypeError, match="'1' is a OddLayer.*left as it was"):
         unconvert_model(model)
     assert model[0] is first and isinstance(model[1], OddLayer)
+
+
+# -- an optimizer and a scheduler around the unconverted model ---------------------------------------
+@pytest.mark.parametrize("epoch, form", [(0, "lowrank"), (1, "full"), (2, "adapter")])
+@pytest.mark.parametrize("lowrank", ["factored", "dense"])
+def test_the_schedulers_optimizer_trains_the_unconverted_model(epoch, form, lowrank):
+    """The scheduler's optimizer is edited in place: it holds exactly the new modules' trainable
+    parameters (the lowrank factors' rebuilt weights trained no more before), and every one of them
+    moves at the next step.  The scheduler refuses to step layers the model no longer holds (a full
+    layer's deflate froze the nn.Linear's own weight, the same Parameter, without a word)."""
+    from _scheduling import data, held, mlp, same_set, trainable, train_steps
+    from dynrank import DynamicRankScheduler
+    model = mlp()
+    x, y = data()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    for e in range(epoch + 1):
+        sched.step(e)
+        train_steps(model, opt, x, y, steps=1)
+    assert model[0].form == form
+    unconvert_model(model, lowrank=lowrank)
+    assert same_set(held(opt), trainable(model))
+    before = [p.detach().clone() for p in trainable(model)]
+    train_steps(model, opt, x, y, steps=1)
+    assert all(not torch.equal(p, q) for p, q in zip(trainable(model), before))
+    for call in (lambda: sched.step(epoch + 1), lambda: sched.load_state_dict(sched.state_dict())):
+        with pytest.raises(RuntimeError, match=r"layer '0' was replaced by unconvert_model, so this "
+                                               r"DynamicRankScheduler manages layers the model no longer holds"):
+            call()
+    assert same_set(held(opt), trainable(model))
+
+
+def test_the_incremental_rank_scheduler_refuses_to_grow_unconverted_layers():
+    from _scheduling import held, same_set, trainable
+    from dynrank.inrank import IncrementalRankScheduler
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    convert_model(model, rank_ratio=0.5, keep_last=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = IncrementalRankScheduler(model, opt, init_rank=2, buffer=2, warmup_steps=0, check_every=1)
+    unconvert_model(model)
+    assert same_set(held(opt), trainable(model))
+    with pytest.raises(RuntimeError, match=r"layer '0' was replaced by unconvert_model, so this "
+                                           r"IncrementalRankScheduler"):
+        sched.step(1)
