@@ -107,6 +107,34 @@ def check_finite(layers, what_not, frozen=True):
             raise ValueError(f"layer {name!r} has non-finite values in {key}; {what_not}")
 
 
+def parameter_owners(model):
+    """id(parameter) → [(qualified name, owning module)], one entry per distinct owning module."""
+    owners = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod._parameters.items():
+            if p is None:
+                continue
+            entry = owners.setdefault(id(p), [])
+            if not any(m is mod for _, m in entry):
+                entry.append((f"{mname}.{pname}" if mname else pname, mod))
+    return owners
+
+
+def check_untied(model, layers, who):
+    """ValueError naming the first of ``layers`` ((name, layer) pairs) with a parameter another module of
+    ``model`` also holds (an LM head tied to its embedding): ``who``'s switches would untie them, freeze
+    the other module's tensor (deflate) or write into it (the merges)."""
+    owners = parameter_owners(model)
+    for name, layer in layers:
+        for pname, p in layer._parameters.items():
+            others = [n for n, m in owners.get(id(p), []) if m is not layer] if p is not None else []
+            if others:
+                raise ValueError(f"layer {name!r} shares its {pname} with {', '.join(others)} (tied weights): "
+                                 f"a {who} switching it would untie them, freeze or rewrite the other module's "
+                                 f"tensor; keep that layer dense (convert_model keeps tied layers dense) or "
+                                 f"untie them first")
+
+
 def check_not_unconverted(layers, who):
     """RuntimeError naming the first of ``layers`` ((name, layer) pairs) that :func:`~dynrank.unconvert_model`
     replaced: ``who`` (a scheduler) would go on switching or resizing a layer the model no longer holds."""

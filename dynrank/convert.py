@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._args import check_int
+from ._checks import parameter_owners
 from ._forms import FORMS, FormLayer, check_floating_dtype
 from .linear import (FusedLowRankLinear, check_alpha, check_ratio, is_transposed_linear, linear_weight,
                      own_computation, rank_from_ratio, transformers_bases, transformers_class)
@@ -237,19 +238,6 @@ def _weight_readers(model, form):
     return readers
 
 
-def _parameter_owners(model):
-    """id(parameter) → [(qualified name, owning module)], one entry per distinct owning module."""
-    owners = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod._parameters.items():
-            if p is None:
-                continue
-            entry = owners.setdefault(id(p), [])
-            if not any(m is mod for _, m in entry):
-                entry.append((f"{mname}.{pname}" if mname else pname, mod))
-    return owners
-
-
 def _tied_to(child, owners):
     """(parameter name, other owners' names) of the first parameter of ``child`` that another module
     also holds (a tied LM head), or None."""
@@ -406,7 +394,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
         modules.setdefault(id(child), (child, []))[1].append((name, parent, attr))
     last_linear = next((c for name, parent, _, c in reversed(found)
                         if parent is not None and isinstance(c, nn.Linear)), None)
-    owners = _parameter_owners(model)
+    owners = parameter_owners(model)
     readers = _weight_readers(model, form)
 
     # Build every replacement first: a failure leaves the model as it was.

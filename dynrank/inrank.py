@@ -28,7 +28,7 @@ import torch
 
 from ._args import check_int, check_real
 from ._checks import (check_copy, check_finite, check_model_and_optimizer, check_new_copy, check_not_unconverted,
-                      check_same_layers, check_switchable, check_sync, unwrap_model)
+                      check_same_layers, check_switchable, check_sync, check_untied, unwrap_model)
 from ._optim import LINEAR_STATE, SQUARED_STATE, manage, replace_params
 from .distributed import _remember_ddp, _retire_stale
 from .linear import FusedLowRankLinear, svd_factors
@@ -324,6 +324,7 @@ class IncrementalRankScheduler:
         for name, layer in self._layers:
             limit = min(layer.in_features, layer.out_features)
             self.max_rank[name] = limit if max_rank is None else min(max_rank, limit)
+        check_untied(self.model, self._layers, type(self).__name__)
         self.sync_ranks, self.process_group = sync_ranks, process_group
         self.current, targets = {}, {}
         for name, layer in self._layers:

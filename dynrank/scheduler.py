@@ -28,7 +28,7 @@ import torch
 from ._args import check_int
 from ._checks import (check_copy, check_finite, check_layer_names, check_model_and_optimizer, check_new_copy,
                       check_not_unconverted, check_one_group, check_same_layers, check_switchable, check_sync,
-                      form_layers,
+                      check_untied, form_layers,
                       unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS
 from ._optim import manage, pullback_state, pushforward_state, replace_params, switched_params
@@ -226,6 +226,7 @@ class DynamicRankScheduler:
         self.deflate_rank = self._check_deflate_rank(deflate_rank)  # a bad deflate_rank fails now, not at D
         self.sync_ranks, self.process_group = check_sync(model, sync_ranks, process_group)
         check_one_group(optimizer, self._layers)
+        check_untied(self.model, self._layers, type(self).__name__)
         _remember_ddp(model)
         manage([layer for _, layer in self._layers], optimizer, self.model)
         self.last_epoch = None

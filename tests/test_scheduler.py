@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from _scheduling import held, mlp, same_set, train_steps, trainable
 from dynrank.convert import convert_model
+from dynrank.linear import FusedLowRankLinear
 from dynrank.checkpoint import load_training_state, training_state
 from dynrank.scheduler import DynamicRankScheduler
 
@@ -678,3 +679,33 @@ def test_load_training_state_needs_a_checkpoint_and_matching_objects():
     _assert_unchanged(before, model, opt, sched)
     assert load_training_state(ckpt, model, opt, sched) == {"epoch": 1}          # a good load still works
     _assert_trains_like(model, opt, sched, _trained(2), 2)
+
+
+# -- tied parameters ------------------------------------------------------------------------------
+def test_a_layer_tied_to_another_module_is_refused():
+    """A head built as a dynrank layer and tied to the embedding (nanoGPT's wte.weight = lm_head.weight):
+    the deflate froze the embedding table and an SVD deflate rewrote it, without a word."""
+    from dynrank.inrank import IncrementalRankScheduler
+
+    class TiedLM(nn.Module):
+        def __init__(self, form):
+            super().__init__()
+            self.wte = nn.Embedding(11, 6)
+            self.lm_head = FusedLowRankLinear(6, 11, rank=2, bias=False, form=form)
+            if form == "full":
+                self.wte.weight = self.lm_head.weight
+            else:
+                self.side = FusedLowRankLinear(6, 11, rank=2, bias=False)
+                self.side.A = self.lm_head.A
+
+    model = TiedLM("full")
+    table = model.wte.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"layer 'lm_head' shares its weight with wte\.weight \(tied weights\): a "
+                                         r"DynamicRankScheduler switching it would untie them.*untie them first"):
+        DynamicRankScheduler(model, opt, inflate_epoch=0, deflate_epoch=1, deflate_init="svd")
+    assert model.wte.weight.requires_grad and torch.equal(model.wte.weight, table)
+    model = TiedLM("lowrank")
+    with pytest.raises(ValueError, match=r"layer 'lm_head' shares its A with side\.A \(tied weights\): an? "
+                                         r"IncrementalRankScheduler"):
+        IncrementalRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), init_rank=1)
