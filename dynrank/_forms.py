@@ -352,6 +352,25 @@ class FormLayer(nn.Module):
         self._become("adapter", weight, factors, rank, trainable)
         return self
 
+    # -- torch.fx ------------------------------------------------------------------
+    def _fx_node(self, proxy, trace_through=True):
+        """This layer as one ``call_module`` node of the graph ``torch.fx.symbolic_trace`` records, as
+        FX records the leaf ``nn.Linear``/``nn.Conv2d``: the GraphModule calls this very layer, whose
+        form changes it follows (a graph traced through the forward would keep the form it saw).
+
+        Where the layer is the traced root it cannot be a node of its own graph: None with
+        ``trace_through`` (the caller traces its forward through), else a TypeError.
+        """
+        tracer = proxy.tracer
+        if self is tracer.root:
+            if trace_through:
+                return None
+            raise TypeError(f"torch.fx.symbolic_trace reached the forward of {type(self).__name__} as the traced "
+                            f"root: inside a traced model the layer is recorded as one call_module node (as "
+                            f"nn.Conv2d is), but a root cannot be a node of its own graph; trace a module that "
+                            f"holds it (e.g. nn.Sequential(layer)), or use torch.export.export")
+        return tracer.create_proxy("call_module", tracer.path_of_module(self), (proxy,), {})
+
     # -- state dict across forms ---------------------------------------------
     def _form_in_state(self, state_dict, prefix):
         """The form a state dict holds this layer in, or None (nothing of it).  Factors without a dense

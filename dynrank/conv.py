@@ -18,6 +18,7 @@ from .conv_adapter import (
 )
 from .conv_factorizations import KernelShape, get_factorization
 from .conv_merging import merge_conv_
+from .functional import check_floating_input
 from .linear import check_alpha, check_plain_computation, check_ratio
 
 __all__ = ["LowRankConv2d", "ADAPTER_STRATEGIES", "PADDING_MODES", "AdapterChoice", "adapter_costs",
@@ -59,6 +60,27 @@ def _check_pair(value, name, minimum):
     if len(value) != 2:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return tuple(check_int(v, name, expected, minimum, where=f" in {value!r}") for v in value)
+
+
+def _check_padding(padding):
+    """``padding``: an int ≥ 0, a pair of them, ``"valid"`` or ``"same"``; as a pair (``"valid"``: (0, 0))
+    or ``"same"``.  (Whether ``"same"`` fits the stride is checked by the caller.)
+
+    Raises:
+        TypeError, ValueError: as :func:`_check_pair`; ValueError: a string other than these two.
+    """
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        return (0, 0) if padding == "valid" else padding
+    return _check_pair(padding, "padding", 0)
+
+
+def _check_padding_mode(padding_mode):
+    """``padding_mode``, one of :data:`PADDING_MODES` (else a ValueError naming them)."""
+    if not isinstance(padding_mode, str) or padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
+    return padding_mode
 
 
 # ---------------------------------------------------------------------------
@@ -135,6 +157,17 @@ class LowRankConv2d(FormLayer):
       choice (with dynamic shapes, recompiling only where the choice flips),
       and :attr:`adapter_choices` keeps the eager decisions only.
 
+    Geometry edits apply as for ``nn.Conv2d``: ``stride``, ``padding``, ``dilation`` and
+    ``padding_mode`` may be set after construction (segmentation code's "_nostride_dilate"
+    rewrites them in place) and take effect at the next forward, in every form, and form changes
+    keep the edited function.  Each is checked when set as the constructor checks it, except that
+    ``padding="same"`` beside a stride other than 1 is refused by the next forward (so the two may
+    be edited in either order).
+
+    ``torch.fx.symbolic_trace`` of a model holding the layer records it as one ``call_module`` node,
+    as it does ``nn.Conv2d``: the GraphModule calls the layer itself, whose form changes it follows.
+    (The layer cannot be the traced root itself: trace a module holding it, or use ``torch.export``.)
+
     Hooks, checkpointing, parametrizations: as for ``FusedLowRankLinear``.
     Module hooks stay through form changes; tensor hooks stay with their
     parameter, which a change may release or replace (the factors at
@@ -169,9 +202,9 @@ class LowRankConv2d(FormLayer):
 
     Raises:
         TypeError: a channel count, ``groups``, ``kernel_size``, ``stride``, ``dilation`` or
-            ``padding`` that is not an int or a pair of ints (a float, a str, a bool, None; a numpy
-            integer is an int), a rank of the wrong type, a non-number ``rank_ratio`` or ``alpha``,
-            a ``dtype`` that is not floating-point.
+            ``padding`` (given or set) that is not an int or a pair of ints (a float, a str, a bool,
+            None; a numpy integer is an int), a rank of the wrong type, a non-number ``rank_ratio`` or
+            ``alpha``, a ``dtype`` that is not floating-point.
         ValueError: a channel count or ``groups`` below 1 or not dividing the channels, a pair not
             of length 2, a kernel size, stride or dilation below 1 or padding below 0, a padding
             string other than ``"valid"`` and ``"same"`` (or ``"same"`` with a stride other than
@@ -201,14 +234,16 @@ class LowRankConv2d(FormLayer):
         if groups > 1 and decomposition != "svd":
             raise ValueError(f"groups > 1 is supported for decomposition='svd' only, got "
                              f"decomposition={decomposition!r} with groups={groups}")
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _check_pair(kernel_size, "kernel_size", 1)
-        self.stride = _check_pair(stride, "stride", 1)
-        self.dilation = _check_pair(dilation, "dilation", 1)
-        self.padding = self._check_padding(padding)
-        self.padding_mode = padding_mode
+        # The geometry is settable (see the properties below); set here all at once, then derived.
+        self._stride = _check_pair(stride, "stride", 1)
+        self._dilation = _check_pair(dilation, "dilation", 1)
+        self._padding = _check_padding(padding)
+        if self._padding == "same" and self._stride != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1, got stride={self._stride}")
+        self._padding_mode = _check_padding_mode(padding_mode)
+        self._derive_padding()
         self.decomposition = decomposition
         self.alpha = check_alpha(alpha)
         self.adapter_strategy = adapter_strategy
@@ -220,16 +255,74 @@ class LowRankConv2d(FormLayer):
         self.rank_ratio = rank_ratio
         self._build_parameters(form, self._check_rank(rank), bias, device, dtype)
 
-    def _check_padding(self, padding):
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
-            if padding == "valid":
-                return (0, 0)
-            if self.stride != (1, 1):
-                raise ValueError(f"padding='same' needs stride 1, got stride={self.stride}")
-            return padding
-        return _check_pair(padding, "padding", 0)
+    # -- geometry: settable as nn.Conv2d's, applied from the next forward -----------
+    # Segmentation code rewrites stride, dilation and padding of a trained backbone's convs in place
+    # (torchvision's and PSPNet's "_nostride_dilate").  Each setter checks its value as the
+    # constructor does and derives what the forward reads (``_pad``, ``_conv_padding``), so the
+    # forward pays nothing for it.  padding="same" beside a stride other than 1 is refused by the
+    # next forward (F.conv2d's RuntimeError, as for nn.Conv2d), not by the setter: the two may be
+    # edited in either order.
+    @property
+    def stride(self):
+        """(sh, sw); settable to an int ≥ 1 or a pair of them."""
+        return self._stride
+
+    @stride.setter
+    def stride(self, value):
+        self._stride = _check_pair(value, "stride", 1)
+        self._derive_padding()
+
+    @property
+    def dilation(self):
+        """(dh, dw); settable to an int ≥ 1 or a pair of them."""
+        return self._dilation
+
+    @dilation.setter
+    def dilation(self, value):
+        self._dilation = _check_pair(value, "dilation", 1)
+        self._derive_padding()
+
+    @property
+    def padding(self):
+        """(ph, pw) or ``"same"``; settable to an int ≥ 0, a pair of them, ``"valid"`` (kept as (0, 0))
+        or ``"same"``."""
+        return self._padding
+
+    @padding.setter
+    def padding(self, value):
+        self._padding = _check_padding(value)
+        self._derive_padding()
+
+    @property
+    def padding_mode(self):
+        """``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"`` (settable)."""
+        return self._padding_mode
+
+    @padding_mode.setter
+    def padding_mode(self, value):
+        self._padding_mode = _check_padding_mode(value)
+        self._derive_padding()
+
+    def _derive_padding(self):
+        """Set what the forward reads from the geometry: ``_pad``, the F.pad amounts of a non-zero padding
+        mode (None for zeros), and ``_conv_padding``, the padding every conv of the forward gets.  The
+        adapter strategies chosen so far are dropped: their costs depend on the geometry."""
+        if self._padding_mode == "zeros" or (self._padding == "same" and self._stride != (1, 1)):
+            # Each conv pads itself.  ("same" with a stride: F.conv2d refuses it at the next forward.)
+            self._pad, self._conv_padding = None, self._padding
+        else:
+            # Non-zero padding modes pad once; every conv of the chain then runs unpadded.
+            self._pad, self._conv_padding = self._padding_amounts(), (0, 0)
+        self._adapter_choices = {}
+
+    def __setstate__(self, state):
+        # A layer pickled whole by an older dynrank holds its geometry as plain attributes.
+        old = {k: state.pop(k) for k in ("stride", "dilation", "padding", "padding_mode") if k in state}
+        super().__setstate__(state)
+        for name, value in old.items():
+            self.__dict__["_" + name] = value
+        if old:
+            self._derive_padding()
 
     def _padding_amounts(self):
         """F.pad amounts (left, right, top, bottom) equivalent to ``padding``."""
@@ -297,10 +390,6 @@ class LowRankConv2d(FormLayer):
         self._run = _FORWARDS[self._form]
         self._adapter_choices = {}
         self._last_adapter_choice = None
-        if self.padding_mode == "zeros":
-            self._pad, self._conv_padding = None, self.padding
-        else:
-            self._pad, self._conv_padding = self._padding_amounts(), (0, 0)
 
     # -- factor description (FormLayer contract) ---------------------------------
     def rank_for_ratio(self, ratio):
@@ -398,6 +487,8 @@ class LowRankConv2d(FormLayer):
     # -- forward ------------------------------------------------------------
     def forward(self, x):
         if not isinstance(x, torch.Tensor):
+            if isinstance(x, torch.fx.Proxy):
+                return self._fx_node(x, trace_through=False)
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"input must have shape (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
@@ -409,13 +500,14 @@ class LowRankConv2d(FormLayer):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        if self._pad is not None:
-            # Non-zero padding modes pad once; every conv of the chain then runs unpadded.
-            x = F.pad(x, self._pad, mode=self.padding_mode)
         try:
+            if self._pad is not None:
+                # Non-zero padding modes pad once; every conv of the chain then runs unpadded.
+                x = F.pad(x, self._pad, mode=self._padding_mode)
             y = self._run(self, x)
         except RuntimeError:
-            # torch's convs refuse another device or dtype: name the fault (other errors pass as they came)
+            # torch's pads and convs refuse another device or dtype: name the fault (other errors pass as
+            # they came)
             self._check_input_against(x, ref)
             raise
         return y.squeeze(0) if unbatched else y
@@ -424,6 +516,7 @@ class LowRankConv2d(FormLayer):
         if x.device != ref.device:
             raise ValueError(f"input is on {x.device} but the layer's parameters are on {ref.device}")
         if x.dtype != ref.dtype:
+            check_floating_input(x)
             if not torch.is_autocast_enabled(x.device.type):
                 raise TypeError(f"input has dtype {x.dtype} but the layer's parameters have {ref.dtype}; cast one "
                                 f"of them (or run under torch.autocast)")

@@ -27,12 +27,13 @@ ADAPTER_STRATEGIES = ("auto", "chain", "merged")
 # ---------------------------------------------------------------------------
 
 def _dense_conv(layer, x, weight, bias):
-    return F.conv2d(x, weight, bias, layer.stride, layer._conv_padding, layer.dilation, layer.groups)
+    # The private fields behind the layer's geometry properties: one attribute read each per call.
+    return F.conv2d(x, weight, bias, layer._stride, layer._conv_padding, layer._dilation, layer.groups)
 
 
 def _chain(layer, x, factors, bias):
     steps = layer._dec.steps(factors, layer.scale_for(layer._dec.rank_of(factors)), layer.groups)
-    return run_chain(x, steps, bias, layer.stride, layer._conv_padding, layer.dilation)
+    return run_chain(x, steps, bias, layer._stride, layer._conv_padding, layer._dilation)
 
 
 def _adapter_chain(layer, x, weight, factors, bias):

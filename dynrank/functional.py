@@ -12,7 +12,6 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._args import check_real
 from ._backend import backend_for
@@ -52,19 +51,30 @@ def _check_operands(x, weight, A, B, bias):
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     if x.dim() == 0 or x.shape[-1] != K:
         raise ValueError(f"input must have shape (..., {K}), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+    check_floating_input(x)
     for name, t in (("A", A), ("B", B), ("weight", weight), ("bias", bias)):
         if t is not None:
             check_matches_input(x, name, t)
     return N, K, R
 
 
+def check_floating_input(x):
+    """Raise where the input ``x`` is not floating-point (an integer, bool or complex tensor).
+
+    The one rule for every form of both layers: such an input gets this message rather than a dtype
+    mismatch's "cast them", since ``torch.autocast`` never casts it.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+
+
 def check_matches_input(x, name, t):
-    """Raise where operand ``name`` (tensor ``t``) is not on the input ``x``'s device or dtype."""
+    """Raise where operand ``name`` (tensor ``t``) is not on the input ``x``'s device or dtype (a dtype
+    mismatch with an input that is not floating-point: :func:`check_floating_input`'s message)."""
     if t.device != x.device:
         raise ValueError(f"input is on {x.device} but {name} is on {t.device}; move them to one device")
     if t.dtype != x.dtype:
+        check_floating_input(x)
         if torch.float64 in (x.dtype, t.dtype) and _autocasting(x.device.type):
             raise TypeError(f"input has dtype {x.dtype} but {name} has {t.dtype}, and torch.autocast leaves "
                             f"float64 tensors as they are (as for nn.Linear); cast them to one dtype")
@@ -140,17 +150,21 @@ _lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
 _BETA0_INPUTS = {}
 
 
+def _fake_mode_active():
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 def _beta0_input(a):
     """A 0-dim zero of ``a``'s device and dtype, made once per pair in eager mode.
 
     ``a.new_zeros(())`` per call costs an allocation and a fill launch, twice per adapter
     forward+backward; under ``torch.compile`` or a CUDA-graph capture a fresh one is made as before
-    (a tensor made during a capture is never filled), and so under a dispatch mode (FakeTensorMode,
-    for shape or memory estimates) or for a tensor subclass: a fake zero kept here would be fed to
-    later real calls.
+    (a tensor made during a capture is never filled), and so under a FakeTensorMode (shape or memory
+    estimates) or for a tensor subclass: a fake zero kept here would be fed to later real calls, and
+    a real one to the fake mode's.
     """
     if torch.compiler.is_compiling() or (a.is_cuda and torch.cuda.is_current_stream_capturing()) \
-            or type(a) not in (torch.Tensor, torch.nn.Parameter) or _get_current_dispatch_mode() is not None:
+            or type(a) not in (torch.Tensor, torch.nn.Parameter) or _fake_mode_active():
         return a.new_zeros(())
     key = (a.device, a.dtype)
     zero = _BETA0_INPUTS.get(key)
@@ -313,9 +327,13 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
         (..., out_features) tensor in the input's dtype (the autocast dtype under
         ``torch.autocast``).
 
+    Under ``torch.fx.symbolic_trace`` (an operand is an FX ``Proxy``) the call is recorded as one
+    ``call_function`` node of this function, its parameters as ``get_attr`` nodes.
+
     Raises:
         ValueError: shapes that do not fit, operands on different devices, a scale that is not finite.
-        TypeError: non-tensor operands, mismatched dtypes outside autocast, a scale that is not a number.
+        TypeError: non-tensor operands, an input that is not floating-point, mismatched dtypes outside
+            autocast, a scale that is not a number.
 
     Example:
         >>> x = torch.randn(4, 16); A = torch.randn(8, 2); B = torch.randn(16, 2)
@@ -323,6 +341,9 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
         torch.Size([4, 8])
     """
     if not isinstance(x, Tensor):
+        traced = _fx_node(x, weight, A, B, bias, scale)
+        if traced is not None:
+            return traced
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     compiling = torch.compiler.is_compiling()
     if not compiling and (type(scale) is not float or not math.isfinite(scale)):
@@ -342,7 +363,13 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
                 # that is not the operands' (out of memory, say) passes the checks and is raised as it came.
                 _check_operands(x, weight, A, B, bias)
                 raise
-    N, K, _ = _check_operands(x, weight, A, B, bias)
+    try:
+        N, K, _ = _check_operands(x, weight, A, B, bias)
+    except TypeError:
+        traced = _fx_node(x, weight, A, B, bias, scale)   # an operand (a parametrized weight) traced by FX
+        if traced is not None:
+            return traced
+        raise
     use_torch = (backend or backend_for(x.device, "lowrank_linear", x.dtype)) == "torch"
     if not compiling and (use_torch or _eager_transform_active()):
         return _torch_lowrank_linear(x, weight, A, B, bias, scale)
@@ -358,6 +385,16 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
     else:
         y = _EagerLowRankLinear.apply(x2, weight, A, B, bias, float(scale), _triton_engine())
     return y if x.dim() == 2 else y.reshape(*lead, N)
+
+
+def _fx_node(*operands):
+    """A ``call_function`` node of :func:`lowrank_linear` on ``operands`` where one of them is a
+    ``torch.fx.Proxy`` (``torch.fx.symbolic_trace`` reached the call: the layers' parameters become
+    ``get_attr`` nodes), else None."""
+    proxy = next((t for t in operands if isinstance(t, torch.fx.Proxy)), None)
+    if proxy is None:
+        return None
+    return proxy.tracer.create_proxy("call_function", lowrank_linear, operands, {})
 
 
 def _autocast_lowrank_linear(x, weight, A, B, bias, scale):
@@ -396,17 +433,22 @@ def _torch_would_catch(x, weight, A, B, bias):
 
 
 def transform_active():
-    """True under a ``torch.func`` transform (vmap, grad, jvp, jacrev, ...) or ``torch.jit.trace``,
-    in eager mode (False while ``torch.compile`` traces: the custom ops are what it needs)."""
+    """True under a ``torch.func`` transform (vmap, grad, jvp, jacrev, ...), forward-mode AD
+    (``torch.autograd.forward_ad.dual_level``, ``jacobian(..., strategy="forward-mode")``) or
+    ``torch.jit.trace``, in eager mode (False while ``torch.compile`` traces: the custom ops are what
+    it needs)."""
     return not torch.compiler.is_compiling() and _eager_transform_active()
 
 
 def _eager_transform_active():
     """:func:`transform_active` where the caller knows it runs eagerly (one check less per call)."""
-    return _functorch_transforms_active() or _tracing()
+    return _functorch_transforms_active() or _tracing() or _forward_ad.__dict__.get("_current_level", -1) >= 0
 
 
 _tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)   # torch.jit.is_tracing without its Python wrapper
+# Forward-mode AD: the dual level open now (-1: none), a private module global of torch.autograd.forward_ad;
+# the fused nodes have no jvp, autograd's own ops do.
+_forward_ad = torch.autograd.forward_ad
 
 
 # Private but long-standing (torch.autograd.Function.apply asks it on every call); absent, no transform runs.

@@ -317,6 +317,10 @@ class FusedLowRankLinear(FormLayer):
 
     # -- forward ------------------------------------------------------------
     def forward(self, x):
+        if isinstance(x, torch.fx.Proxy):
+            node = self._fx_node(x)
+            if node is not None:
+                return node
         if self._form == "full":
             weight, bias = self._read("weight"), self._read("bias")
             if isinstance(x, torch.Tensor) and x.is_meta != weight.is_meta:

@@ -765,12 +765,12 @@ def test_scaled_products_reuse_one_zero_per_device_and_dtype():
 
 
 @pytest.mark.parametrize("allow_real", [False, True])
-def test_a_fake_tensor_run_leaves_no_fake_zero_for_later_real_runs(allow_real):
+def test_a_fake_tensor_run_leaves_no_fake_zero_for_later_real_runs(allow_real, monkeypatch):
     """A dry run under FakeTensorMode (shape or memory estimates) used the cache: a real zero cached
     before failed the strict mode's run; with allow_non_fake_inputs the run cached a fake zero, and a
     later real adapter forward with alpha gave a wrong output."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-    F._BETA0_INPUTS.clear()
+    monkeypatch.setattr(F, "_BETA0_INPUTS", {})              # empty here, the process's cache kept
     torch.manual_seed(0)
     layer = FusedLowRankLinear(16, 5, rank=2, form="adapter", alpha=4.0, dtype=torch.float64)
     with torch.no_grad():
