@@ -265,6 +265,46 @@ def test_missing_data_gives_the_clear_message(tmp_path, capsys):
     assert "does not exist" in err and "cifar-10-batches-py" in err and "--download" in err
 
 
+@pytest.mark.parametrize("wrong", ["absent", "a-file", "unreadable"])
+def test_data_that_fails_to_load_leaves_out_free_for_the_corrected_command(tmp_path, capsys, monkeypatch,
+                                                                          wrong, restore_threads):
+    """The data set is loaded before --out is claimed: a wrong --data-dir leaves no config.json there, so
+    the same command with the right --data-dir runs (before, --out then 'held a run', and a --resume
+    ignored the new --data-dir)."""
+    from dynrank.train import data as data_module
+    (tmp_path / "a-file").write_text("not a folder")
+    _write_tiny_cifar10(str(tmp_path / "data" / "cifar-10-batches-py"))
+    load_vision = data_module.load_vision
+    locked = str(tmp_path / "unreadable" / "data_batch_1")
+
+    def permission_denied(name, root, cache_dir=None):     # as for a file its owner alone may read
+        if root.endswith("unreadable"):
+            raise PermissionError(13, "Permission denied", locked)
+        return load_vision(name, root, cache_dir)
+    monkeypatch.setattr(data_module, "load_vision", permission_denied)
+    jobs = []
+
+    def no_training(cfg, out_dir, resume=False, log=print, data=None):    # run_job, stopped before training
+        jobs.append(data)
+        if data is None:
+            cli.load_data(cfg, log)
+        return "", [], []
+    monkeypatch.setattr(cli, "run_job", no_training)
+    out = tmp_path / "run"
+    argv = ["--model", "resnet20", "--width", "0.5", "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"),
+            "--threads", "1", "--out", str(out)]
+    assert cli.main(argv + ["--data-dir", str(tmp_path / wrong)]) == 2
+    err = capsys.readouterr().err
+    assert {"absent": f"data folder {tmp_path / wrong} does not exist.\ncifar10 not found",
+            "a-file": f"data folder {tmp_path / wrong} is not a directory.\ncifar10 not found",
+            "unreadable": f"could not load cifar10: [Errno 13] Permission denied: '{locked}'"}[wrong] in err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert cli.main(argv + ["--data-dir", str(tmp_path / "data")]) == 0
+    assert json.loads((out / "config.json").read_text())["data_dir"] == str(tmp_path / "data")
+    assert jobs[-1].kind == "vision"            # the data loaded before the claim, not loaded again
+
+
 def _state(folder, schedule="dynamic"):
     return torch.load(os.path.join(folder, schedule, "model.pt"))
 
@@ -464,6 +504,25 @@ def test_out_refuses_a_folder_that_holds_a_run(tmp_path, capsys, holds):
     err = _exit_2(_TINY_RUN + ["--out", str(out)], capsys)
     assert f"--out {out} already holds a run" in err and f"--resume {out}" in err
     assert (out / holds).read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("out,message", [
+    ("a-file", "--out {tmp}/a-file is a file, not a directory; choose another --out"),
+    ("a-file/run", "--out {tmp}/a-file/run cannot be made: {tmp}/a-file is a file, not a directory"),
+    (None, "the default output folder runs/<timestamp> cannot be made: {tmp}/runs is a file, not a directory; "
+           "give --out"),
+])
+def test_an_out_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch, out, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ("runs" if out is None else "a-file")).write_text("precious")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data set was loaded")
+    monkeypatch.setattr(cli, "load_data", no_work)
+    err = _exit_2(_TINY_RUN + (["--out", str(tmp_path / out)] if out else []), capsys)
+    assert message.format(tmp=tmp_path) in err
+    assert sorted(os.listdir(tmp_path)) == ["runs" if out is None else "a-file"]
+    assert (tmp_path / ("runs" if out is None else "a-file")).read_text() == "precious"
 
 
 def test_out_is_claimed_exclusively(tmp_path, capsys, monkeypatch):
@@ -667,6 +726,36 @@ def test_flags_a_single_form_run_or_no_compile_ignores_are_noted():
     cli.config_from_args(args, notes)
     assert notes == ["note: --schedule full does not switch forms; ignoring --inflate-epoch, --deflate-epoch",
                      "note: --no-compile; ignoring --compile-mode max-autotune"]
+
+
+@pytest.mark.parametrize("argv,note", [
+    (["--data-dir", "d", "--download", "--cache-dir", "c"],
+     "note: --data stdlib reads Python's own sources (no data folder, no download); ignoring --data-dir d, "
+     "--download, --cache-dir c"),
+    (["--model", "gpt", "--download"],
+     "note: --data stdlib reads Python's own sources (no data folder, no download); ignoring --download"),
+    (["--schedule", "lowrank", "--deflate-init", "svd", "--optimizer-state", "carry"],
+     "note: --schedule lowrank does not switch forms; ignoring --deflate-init svd, --optimizer-state carry"),
+    (["--schedule", "full", "--inflate-epoch", "0", "--deflate-epoch", "2", "--optimizer-state", "reset"],
+     "note: --schedule full does not switch forms; ignoring --inflate-epoch, --deflate-epoch, --optimizer-state reset"),
+    # Used: no note.
+    (["--data", "cifar10", "--data-dir", "d", "--download", "--cache-dir", "c"], None),
+    (["--schedule", "dynamic", "--deflate-init", "svd", "--optimizer-state", "carry"], None),
+    (["--deflate-init", "random"], None),                           # the main job compares, dynamic among them
+])
+def test_data_and_form_change_flags_a_run_ignores_are_noted(argv, note):
+    notes = []
+    cli.config_from_args(cli.build_parser().parse_args(argv), notes)
+    assert notes == ([note] if note else [])
+
+
+def test_the_cli_prints_the_notes(tmp_path, capsys):
+    # --device meta stops the run after the notes, before anything is loaded or written.
+    with pytest.raises(SystemExit):
+        cli.main(_TINY_RUN + ["--data-dir", "d", "--download", "--deflate-init", "svd", "--device", "meta",
+                              "--out", str(tmp_path / "run")])
+    text = capsys.readouterr().out
+    assert "; ignoring --data-dir d, --download\n" in text and "; ignoring --deflate-init svd\n" in text
 
 
 def test_a_gpt_batch_larger_than_the_texts_windows_is_a_data_error():

@@ -471,6 +471,21 @@ def test_missing_folder_message(tmp_path):
     assert "--download" in text
 
 
+def test_a_file_given_as_the_data_folder_is_named_as_one(tmp_path):
+    path = tmp_path / "cifar-10-python.tar.gz"
+    path.write_bytes(b"an archive, given in place of its folder")
+    with pytest.raises(DataError) as err:
+        load_vision("cifar10", str(path))
+    assert f"data folder {path} is not a directory." in str(err.value) and "does not exist" not in str(err.value)
+    # --download into it (or under it) is refused before any network access.
+    for root, message in [(path, f"data folder {path} is not a directory; --download puts cifar-10-python.tar.gz "
+                                 f"into a folder"),
+                          (path / "sub", f"could not make the data folder {path / 'sub'} for --download")]:
+        with pytest.raises(DataError, match=re.escape(message)):
+            data_module.download("cifar10", str(root))
+    assert path.read_bytes() == b"an archive, given in place of its folder"
+
+
 def test_folder_without_layout_message(tmp_path):
     (tmp_path / "readme.txt").write_text("nothing here")
     with pytest.raises(DataError) as err:

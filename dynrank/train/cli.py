@@ -147,7 +147,8 @@ def build_parser():
     return p
 
 
-# How a run executes, not what it computes: a resumed run may change these.
+# How a run executes, not its settings (model, data, schedule): a resumed run may change these.  They
+# may change the arithmetic (--amp's bf16 autocast; another device or thread count rounds differently).
 RESUME_OVERRIDES = ("amp", "threads", "compile", "compile_mode", "cuda_graphs", "cache_dir")
 
 
@@ -161,8 +162,9 @@ def config_from_args(args, notes=None):
     Order: explicit flags, then ``--preset``, then the defaults of the data
     set (its Table 7 row, or the main job for ``stdlib``), then generic ones.
 
-    Flags the run accepts but does not use (I, D or φ with ``--schedule full``/``lowrank``,
-    ``--compile-mode`` with ``--no-compile``) are named in ``notes`` (a list, when given).
+    Flags the run accepts but does not use (see :func:`_unused_notes`: the form-change flags with
+    ``--schedule full``/``lowrank``, the data-folder flags with ``--data stdlib``, ``--compile-mode``
+    with ``--no-compile``) are named in ``notes`` (a list, when given).
 
     Raises:
         ValueError: inconsistent settings or a value out of range (message says which).
@@ -199,17 +201,8 @@ def config_from_args(args, notes=None):
         if not cfg["milestones"] and epochs >= 2:
             cfg["milestones"] = [epochs // 2]
     _check_flags(given, model)
-    unused = []
-    if cfg["schedule"] in ("full", "lowrank"):
-        unused = [k for k in ("inflate_epoch", "deflate_epoch", "full_rank_fraction") if k in given]
-    if given.get("compile") is False and "compile_mode" in given:
-        unused.append("compile_mode")
     if notes is not None:
-        placed = [_flag(k) for k in unused if k != "compile_mode"]
-        if placed:
-            notes.append(f"note: --schedule {cfg['schedule']} does not switch forms; ignoring {', '.join(placed)}")
-        if "compile_mode" in unused:
-            notes.append(f"note: --no-compile; ignoring --compile-mode {given['compile_mode']}")
+        notes.extend(_unused_notes(given, cfg))
     _check_values(cfg)
     bad = [m for m in cfg["milestones"] if not 0 < m < epochs]
     if bad:
@@ -259,6 +252,28 @@ DROPOUT_MODELS = ("wrn28-10", "gpt")
 
 def _flag(key):
     return "--" + key.replace("_", "-")
+
+
+def _ignoring(why, given, keys):
+    """``note: <why>; ignoring --a, --b NAME`` for those of ``keys`` given (a name or path with its value),
+    or None where none is."""
+    flags = [f"{_flag(k)} {given[k]}" if isinstance(given[k], str) else _flag(k)
+             for k in keys if k in given and given[k] is not False]
+    return f"note: {why}; ignoring {', '.join(flags)}" if flags else None
+
+
+def _unused_notes(given, cfg):
+    """A note for each group of flags that ``cfg``'s run accepts but does not use.
+
+    Harmless, so not refused (unlike the flags of :func:`_check_flags`), but not silent either.
+    """
+    rules = ((cfg["schedule"] in ("full", "lowrank"), f"--schedule {cfg['schedule']} does not switch forms",
+              ("inflate_epoch", "deflate_epoch", "full_rank_fraction", "deflate_init", "optimizer_state")),
+             (cfg["data"] == "stdlib", "--data stdlib reads Python's own sources (no data folder, no download)",
+              ("data_dir", "download", "cache_dir")),
+             (given.get("compile") is False, "--no-compile", ("compile_mode",)))
+    notes = (_ignoring(why, given, keys) for applies, why, keys in rules if applies)
+    return [note for note in notes if note]
 
 
 def _check_flags(given, model):
@@ -373,6 +388,17 @@ def _holds_run(folder):
     return next((path for path in candidates if os.path.exists(path)), None)
 
 
+def _file_in_the_way(folder):
+    """The file at or above ``folder`` that keeps it from being a directory, or None."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return None if os.path.isdir(path) else path
+
+
 def _claim_out_dir(folder):
     """Create ``folder``'s config.json exclusively; False where it exists (another run holds the folder).
 
@@ -457,6 +483,19 @@ def load_data(cfg, log=print):
                       num_classes=spec["classes"])
 
 
+def _load_data(cfg, log):
+    """:func:`load_data`, with the data line logged; a data set that cannot be read is a DataError."""
+    from .data import DataError
+    try:
+        data = load_data(cfg, log)
+    except ValueError as err:   # e.g. a batch larger than the data set
+        raise DataError(str(err)) from None
+    except OSError as err:      # e.g. a file it may not read
+        raise DataError(f"could not load {cfg['data']}: {err}") from None
+    log(f"data: {data.describe()}")
+    return data
+
+
 def _print_settings(cfg, log):
     keys = ("model", "data", "schedule", "rank_ratio", "decomposition", "epochs", "milestones", "inflate_epoch",
             "deflate_epoch", "optimizer", "lr", "batch_size", "weight_decay", "label_smoothing", "seed",
@@ -464,17 +503,14 @@ def _print_settings(cfg, log):
     log("settings: " + ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg))
 
 
-def run_job(cfg, out_dir, resume=False, log=print):
-    """Run the schedules of ``cfg`` into ``out_dir``; print and return the compare table."""
+def run_job(cfg, out_dir, resume=False, log=print, data=None):
+    """Run the schedules of ``cfg`` into ``out_dir`` on ``data`` (loaded here when None); print and
+    return the compare table."""
     from ..monitor import RankMonitor
-    from .data import DataError
     from .loop import run_training, write_json
     from .report import RunMonitor, compare_table, verdict, write_plots
-    try:
-        data = load_data(cfg, log)
-    except ValueError as err:   # e.g. a batch larger than the data set
-        raise DataError(str(err)) from None
-    log(f"data: {data.describe()}")
+    if data is None:
+        data = _load_data(cfg, log)
     schedules = ("full", "lowrank", "dynamic") if cfg["schedule"] == "compare" else (cfg["schedule"],)
     results = []
     for schedule in schedules:
@@ -532,11 +568,11 @@ def main(argv=None):
                     cfg[key] = getattr(args, key)
             if args.compile_mode is not None and args.compile is not False:
                 cfg["compile"] = True
-            ignored = sorted(k for k, v in _explicit(args).items()
-                             if k not in ("resume", "device", "download", *RESUME_OVERRIDES) and v is not False)
-            if ignored:
-                flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
-                log(f"note: --resume uses the saved settings; ignoring {flags}")
+            given = _explicit(args)
+            kept = sorted(k for k in given if k not in ("resume", "device", "download", *RESUME_OVERRIDES))
+            note = _ignoring("--resume uses the saved settings", given, kept)
+            if note:
+                log(note)
             out_dir = args.resume
         else:
             notes = []
@@ -547,10 +583,18 @@ def main(argv=None):
             for note in notes:
                 log(note)
             if args.out:
+                blocker = _file_in_the_way(args.out)
+                if blocker:
+                    why = ("is a file" if blocker == os.path.abspath(args.out)
+                           else f"cannot be made: {blocker} is a file")
+                    parser.error(f"--out {args.out} {why}, not a directory; choose another --out")
                 existing = _holds_run(args.out)
                 if existing:
                     parser.error(f"--out {args.out} already holds a run ({existing}); continue it with "
                                  f"--resume {args.out}, or choose another --out")
+            elif _file_in_the_way("runs"):
+                parser.error(f"the default output folder runs/<timestamp> cannot be made: "
+                             f"{os.path.abspath('runs')} is a file, not a directory; give --out")
             finished = False
         try:
             cfg = _resolve_device(cfg)
@@ -564,16 +608,27 @@ def main(argv=None):
             if cfg["model"] != "gpt" and not cfg["channels_last"]:
                 log(f"note: training NCHW, not channels-last: the net has a strided 1x1 conv narrower than "
                     f"{CPU_CHANNELS_LAST_MIN_CHANNELS} channels, whose channels-last CPU backward torch gets wrong")
+        _print_settings(cfg, log)
+        # Loaded before --out is claimed: a data set that cannot be read leaves no folder that a retry
+        # with the right --data-dir would find taken.
+        data = _load_data(cfg, log)
         if args.resume:
             _note_resume(saved, cfg)
         elif args.out:
             out_dir = args.out
-            if not _claim_out_dir(out_dir):
+            try:
+                taken = not _claim_out_dir(out_dir)
+            except OSError as err:      # what the checks above cannot see: no permission, a read-only disk
+                parser.error(f"--out {out_dir} cannot be made ({err}); choose another --out")
+            if taken:
                 parser.error(f"--out {out_dir} was just taken by another run (it holds a config.json now); "
                              f"choose another --out")
             claimed = os.path.join(out_dir, "config.json")
         else:
-            out_dir = _new_run_dir()
+            try:
+                out_dir = _new_run_dir()
+            except OSError as err:
+                parser.error(f"the default output folder runs/<timestamp> cannot be made ({err}); give --out")
         if not finished:     # a finished run's settings stay as they were
             try:
                 write_json(os.path.join(out_dir, "config.json"), cfg)
@@ -587,8 +642,7 @@ def main(argv=None):
                     out_dir = None
                 raise
         log(f"dynrank-train: output in {out_dir}")
-        _print_settings(cfg, log)
-        _, _, plots = run_job(cfg, out_dir, resume=bool(args.resume), log=log)
+        _, _, plots = run_job(cfg, out_dir, resume=bool(args.resume), log=log, data=data)
     except (DataError, RunFileError) as err:
         print(f"dynrank-train: error: {err}", file=sys.stderr)
         return 2

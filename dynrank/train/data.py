@@ -495,8 +495,8 @@ def load_vision(name, root, cache_dir=None):
     data set's size as the module docstring describes.
 
     Raises:
-        DataError: unknown name, missing folder, or no accepted layout found
-            (the message lists the layouts); an unreadable image or damaged
+        DataError: unknown name, missing folder (or a file in its place), or no
+            accepted layout found (the message lists the layouts); an unreadable image or damaged
             archive (the message names it); more classes than the data set
             has or labels out of its range.
     """
@@ -505,7 +505,8 @@ def load_vision(name, root, cache_dir=None):
     if not root:
         raise DataError(layouts_help(name, None))
     if not os.path.isdir(root):
-        raise DataError(f"data folder {os.path.abspath(root)} does not exist.\n" + layouts_help(name, root))
+        what = "is not a directory" if os.path.exists(root) else "does not exist"
+        raise DataError(f"data folder {os.path.abspath(root)} {what}.\n" + layouts_help(name, root))
     for source, read in _sources(root, name):
         prefix, entry = _cache_name(source, name, cache_dir) if cache_dir else (None, None)
         cache = os.path.join(cache_dir, entry) if cache_dir else None
@@ -534,10 +535,17 @@ def download(name, root):
     """Fetch the official archive of ``name`` into ``root`` (checked by MD5); returns its path.
 
     Raises:
-        DataError: the network is unreachable or the file is corrupt.
+        DataError: ``root`` is no folder and cannot be made one, the network is unreachable or the file
+            is corrupt.
     """
     spec = DATASETS[name]
-    os.makedirs(root, exist_ok=True)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"data folder {os.path.abspath(root)} is not a directory; --download puts "
+                        f"{spec['archive']} into a folder")
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as err:          # a file above it, no permission, ...
+        raise DataError(f"could not make the data folder {os.path.abspath(root)} for --download ({err})") from None
     target = os.path.join(root, spec["archive"])
     if os.path.isfile(target):
         return target
