@@ -9,7 +9,9 @@ layers are in lowrank form (rank ratio ρ):
     T_DR = (D − I)·d + (E − (D − I))·d_ρ          (6)
     Comp. = T_DR / T_F
 
-Adapter epochs count as d_ρ: only the factors train, W_f is frozen.  d and d_ρ
+Adapter epochs count as d_ρ: only the factors train, W_f is frozen.  A scheduler's
+``deflate_rank`` other than the lowrank rank gives them a d_ρ of their own
+(:attr:`ParamCounts.adapter`): T_DR = I·d_ρ + (D − I)·d + (E − D)·d_ρ,adapter.  d and d_ρ
 count *every* trainable parameter — BN, biases, the unfactorized shortcut
 convs and classifier — which only changes through the factorized layers:
 d − d_ρ = Σ over factorized layers of (dense weight − factor) parameters.
@@ -56,12 +58,16 @@ class ParamCounts:
         lowrank: d_ρ — factorized layers as factors (lowrank or adapter form).
         other: trainable parameters outside the factorized weights (in both).
         layers: list of (name, dense_params, factor_params) per factorized layer.
+        adapter: d_ρ of the adapter epochs where it differs from ``lowrank`` (a
+            scheduler's ``deflate_rank`` other than the layers' lowrank rank); None:
+            the same as ``lowrank``.
     """
 
     full: int
     lowrank: int
     other: int
     layers: list = field(default_factory=list)
+    adapter: Optional[int] = None
 
 
 def _count(shape):
@@ -133,18 +139,94 @@ def layer_param_counts(shape, rank=None, rank_ratio=0.5, decomposition="svd"):
     return dense, sum(_count(s) for s in factorization.factor_shapes(rank, kshape).values())
 
 
-def _from_model(model):
-    layers, factorized_ids = [], set()
-    for name, module in model.named_modules():
-        if not isinstance(module, FormLayer):
-            continue
+def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
+    """Per-layer counts of ``model``: (layers at the lowrank rank, adapter factor counts, other, unknown).
+
+    A layer's lowrank rank is its rank unless it is in adapter form; then it comes from
+    ``lowrank_ranks``, a ``scheduler`` whose deflate_rank kept the layer's rank, or the last lowrank
+    epoch ``run`` measured; ``unknown`` lists the adapter layers none of them covers (counted at
+    their rank).  The adapter rank is an adapter layer's rank, else the scheduler's deflate rank.
+    """
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, FormLayer)]
+    given = _given_ranks(lowrank_ranks, modules)
+    deflate = _deflate_ranks(scheduler, modules)
+    seen = _lowrank_ranks_seen(run, dict(modules)) if run is not None else {}
+    layers, adapter, unknown, factorized_ids = [], [], [], set()
+    for name, module in modules:
+        lowrank_rank = adapter_rank = module.rank
+        if module.form == "adapter":
+            if name in given:
+                lowrank_rank = given[name]
+            elif name in deflate and deflate[name] is None:
+                pass                                   # the scheduler deflated at the rank the layer had
+            elif name in seen:
+                lowrank_rank = seen[name]
+            else:
+                unknown.append(name)
+        else:
+            if module.form == "lowrank" and name in given and given[name] != module.rank:
+                raise ValueError(f"lowrank_ranks[{name!r}] is {given[name]!r} but layer {name!r} is in lowrank form "
+                                 f"at rank {module.rank!r}")
+            lowrank_rank = given.get(name, module.rank)
+            if deflate.get(name) is not None:
+                adapter_rank = deflate[name]
         dense = _count(module._dense_shape())
-        factored = sum(_count(s) for s in module._factor_shapes(module.rank).values())
-        layers.append((name, dense, factored))
+        layers.append((name, dense, sum(_count(s) for s in module._factor_shapes(lowrank_rank).values())))
+        adapter.append(sum(_count(s) for s in module._factor_shapes(adapter_rank).values()))
         tensors = [module._dense()] + list(module.factors().values())
         factorized_ids.update(id(t) for t in tensors if t is not None)
     other = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in factorized_ids)
-    return layers, other
+    return layers, adapter, other, unknown
+
+
+def _checked_rank(layer, rank, what):
+    try:
+        return layer._check_rank(tuple(rank) if isinstance(rank, list) else rank)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{what} is not a valid rank of the layer: {e}") from None
+
+
+def _given_ranks(lowrank_ranks, modules):
+    """``lowrank_ranks`` checked: a dict layer name → rank of this model's dynrank layers, or None."""
+    if lowrank_ranks is None:
+        return {}
+    if not isinstance(lowrank_ranks, Mapping):
+        raise TypeError(f"lowrank_ranks must be a dict layer name → rank, got {type(lowrank_ranks).__name__}")
+    layers = dict(modules)
+    unknown = [n for n in lowrank_ranks if n not in layers]
+    if unknown:
+        raise ValueError(f"lowrank_ranks names unknown layers {unknown}; the model's dynrank layers are {list(layers)}")
+    return {n: _checked_rank(layers[n], r, f"lowrank_ranks[{n!r}]") for n, r in lowrank_ranks.items()}
+
+
+def _deflate_ranks(scheduler, modules):
+    """Layer name → rank the scheduler deflates it to (None: the layer's rank at the deflate)."""
+    if scheduler is None:
+        return {}
+    from .scheduler import DynamicRankScheduler
+    if not isinstance(scheduler, DynamicRankScheduler):
+        raise TypeError(f"scheduler must be a DynamicRankScheduler, got {type(scheduler).__name__}")
+    names = {id(m): name for name, m in modules}
+    out = {}
+    for own_name, layer in scheduler.layers:
+        if id(layer) in names:
+            spec = scheduler.deflate_rank
+            spec = spec.get(own_name) if isinstance(spec, Mapping) else spec
+            out[names[id(layer)]] = None if spec is None else scheduler._deflate_rank_for(own_name, layer)
+    if modules and not out:
+        raise ValueError("scheduler manages none of this model's dynrank layers; pass the scheduler built on it")
+    return out
+
+
+def _lowrank_ranks_seen(run, layers):
+    """Layer name → rank in the last lowrank-form epoch where ``run`` (a RankMonitor) measured it."""
+    seen = {}
+    for i, rec in enumerate(_records(run)):
+        measured = rec.get("layers")
+        for name, m in (measured.items() if isinstance(measured, Mapping) else ()):
+            if name in layers and isinstance(m, Mapping) and m.get("form") == "lowrank" and "rank" in m:
+                seen[name] = _checked_rank(layers[name], m["rank"], f"the rank of layer {name!r} in run record {i}")
+    return seen
 
 
 def _from_specs(specs, rank_ratio):
@@ -170,7 +252,7 @@ def _from_specs(specs, rank_ratio):
     return layers
 
 
-def param_counts(model_or_layers, rank_ratio=0.5, other_params=0):
+def param_counts(model_or_layers, rank_ratio=0.5, other_params=0, *, lowrank_ranks=None, scheduler=None):
     """d and d_ρ of Eq. 4–6 from a model or from explicit layer shapes.
 
     Args:
@@ -183,12 +265,21 @@ def param_counts(model_or_layers, rank_ratio=0.5, other_params=0):
         rank_ratio: ρ for shape specs without a rank.
         other_params: trainable parameters outside the listed layers (BN,
             biases, unfactorized layers); added to both counts.  Must be 0 for a model.
+        lowrank_ranks: model only: dict layer name → the rank it has in lowrank form,
+            for layers now in adapter form at another rank (a scheduler's ``deflate_rank``).
+        scheduler: model only: the model's DynamicRankScheduler; adapter epochs are
+            counted at its ``deflate_rank`` (``ParamCounts.adapter``), and an adapter
+            layer it deflated at the layer's own rank has that rank in lowrank form.
+            Without it, layers not in adapter form count their adapter epochs at their rank.
 
     Returns:
-        :class:`ParamCounts`.
+        :class:`ParamCounts`.  An adapter-form layer whose lowrank rank neither
+        argument gives counts at its current rank here; :func:`comp_ratio` and
+        :func:`cost_report` refuse such a model instead.
 
     Raises:
-        TypeError/ValueError: bad specs or counts.
+        TypeError/ValueError: bad specs, counts, ``lowrank_ranks`` (unknown layers,
+            invalid ranks) or ``scheduler`` (not one of this model).
 
     Example:
         >>> c = param_counts([(64, 64, 3, 3)], other_params=100)
@@ -200,14 +291,28 @@ def param_counts(model_or_layers, rank_ratio=0.5, other_params=0):
         if other_params:
             raise ValueError("other_params is only for explicit layer lists; a model's other parameters are "
                              "counted from the model")
-        layers, other = _from_model(model_or_layers)
-    elif isinstance(model_or_layers, (list, tuple)):
-        layers, other = _from_specs(model_or_layers, rank_ratio), other_params
+        return _model_counts(model_or_layers, lowrank_ranks, scheduler)[0]
+    if lowrank_ranks is not None or scheduler is not None:
+        raise ValueError("lowrank_ranks and scheduler are only for a model; give a spec's rank in the spec")
+    if isinstance(model_or_layers, (list, tuple)):
+        layers = _from_specs(model_or_layers, rank_ratio)
     else:
         raise TypeError(f"expected an nn.Module or a list of layer specs, got {type(model_or_layers).__name__}")
+    return _param_counts(layers, None, other_params)
+
+
+def _param_counts(layers, adapter_factors, other):
     full = other + sum(d for _, d, _ in layers)
     lowrank = other + sum(f for _, _, f in layers)
-    return ParamCounts(full=full, lowrank=lowrank, other=other, layers=layers)
+    adapter = None if adapter_factors is None else other + sum(adapter_factors)
+    return ParamCounts(full=full, lowrank=lowrank, other=other, layers=layers,
+                       adapter=None if adapter == lowrank else adapter)
+
+
+def _model_counts(model, lowrank_ranks=None, scheduler=None, run=None):
+    """(ParamCounts, names of adapter layers whose lowrank rank is unknown) of a model."""
+    layers, adapter, other, unknown = _from_model(model, lowrank_ranks, scheduler, run)
+    return _param_counts(layers, adapter, other), unknown
 
 
 def _schedule(epochs, inflate_epoch, deflate_epoch):
@@ -240,9 +345,24 @@ def form_epochs(epochs, inflate_epoch, deflate_epoch):
     return {"lowrank": I, "full": D - I, "adapter": E - D}
 
 
-def _counts(counts, rank_ratio=0.5):
-    c = counts if isinstance(counts, ParamCounts) else param_counts(counts, rank_ratio)
-    for what in ("full", "lowrank", "other"):
+def _counts(counts, lowrank_epochs=0, scheduler=None, lowrank_ranks=None, run=None):
+    """Checked ParamCounts of ``counts`` for a schedule with ``lowrank_epochs`` lowrank epochs."""
+    if isinstance(counts, nn.Module):
+        c, unknown = _model_counts(counts, lowrank_ranks, scheduler, run)
+        if unknown and lowrank_epochs:
+            layers = dict(counts.named_modules())
+            raise ValueError(
+                f"layers {unknown} are in adapter form (rank {layers[unknown[0]].rank!r} for {unknown[0]!r}), and the "
+                f"rank they had in lowrank form, which the schedule's {lowrank_epochs} lowrank epochs count, is not "
+                f"known (a scheduler's deflate_rank may have changed it); pass run=monitor (a RankMonitor that "
+                f"measured a lowrank epoch), lowrank_ranks={{name: rank}}, or the scheduler where its deflate_rank "
+                f"kept each layer's rank; or count before training: param_counts(model, scheduler=scheduler)")
+    elif scheduler is not None or lowrank_ranks is not None:
+        raise ValueError("scheduler and lowrank_ranks are only for a model; counts are "
+                         f"{type(counts).__name__}")
+    else:
+        c = counts if isinstance(counts, ParamCounts) else param_counts(counts)
+    for what in ("full", "lowrank", "other") + (("adapter",) if c.adapter is not None else ()):
         value = getattr(c, what)
         check_real(value, f"counts.{what}", "a parameter count (int ≥ 0)")
         if not 0 <= value < math.inf:
@@ -253,31 +373,45 @@ def _counts(counts, rank_ratio=0.5):
     return c
 
 
-def comp_ratio(counts, epochs, inflate_epoch, deflate_epoch):
+def comp_ratio(counts, epochs, inflate_epoch, deflate_epoch, *, scheduler=None, lowrank_ranks=None):
     """The paper's Comp. = T_DR / T_F = ((D − I)·d + (E − (D − I))·d_ρ) / (E·d).
+
+    Where the adapter epochs train another d_ρ than the lowrank ones (``counts.adapter``,
+    a scheduler's ``deflate_rank``): (I·d_ρ + (D − I)·d + (E − D)·d_ρ,adapter) / (E·d).
 
     Args:
         counts: :class:`ParamCounts`, or a model / layer list for :func:`param_counts`.
+            A model is counted with each layer's lowrank rank for the lowrank
+            epochs and its adapter rank for the adapter epochs; after a deflate to
+            another rank its lowrank rank must come from ``lowrank_ranks`` or
+            ``scheduler`` (see :func:`param_counts`), else this raises.
         epochs: E.  inflate_epoch: I (None: start full, as the scheduler reads it).
         deflate_epoch: D (None: stay full to the end); I and D both None: plain
             low-rank training (see :func:`form_epochs`).  Takes the (I, D) of
             :func:`~dynrank.schedule_from_lr`, :func:`~dynrank.midpoint_schedule`
             and :func:`~dynrank.finetune_schedule` as they come.
 
+        scheduler, lowrank_ranks: for a model, see :func:`param_counts`.
+
     Returns:
         float ≥ 0; at most 1 unless d_ρ > d (a rank so high that the factors outweigh W).
 
     Raises:
         TypeError: non-int epochs or counts.  ValueError: unless 0 ≤ I ≤ D ≤ E; negative
-            counts, or d = 0 (nothing to divide by).
+            counts, or d = 0 (nothing to divide by); a model with adapter-form layers
+            whose lowrank rank is unknown while the schedule has lowrank epochs.
 
     Example:
         >>> comp_ratio(ParamCounts(full=272762, lowrank=155170, other=0), 150, 60, 135)   # doctest: +ELLIPSIS
         0.7844...
     """
-    c = _counts(counts)
     E, I, D = _schedule(epochs, inflate_epoch, deflate_epoch)
-    return ((D - I) * c.full + (E - (D - I)) * c.lowrank) / (E * c.full)
+    return _comp(_counts(counts, I, scheduler, lowrank_ranks), E, I, D)
+
+
+def _comp(c, E, I, D):
+    adapter = c.lowrank if c.adapter is None else c.adapter
+    return (I * c.lowrank + (D - I) * c.full + (E - D) * adapter) / (E * c.full)
 
 
 def _records(run, what="run"):
@@ -412,8 +546,9 @@ class CostReport:
     epoch_seconds: dict = field(default_factory=dict)
 
     def __str__(self):
+        adapter = "" if self.counts.adapter is None else f", adapter d_rho={self.counts.adapter:,}"
         lines = [f"schedule E={self.epochs}, I={self.inflate_epoch}, D={self.deflate_epoch}",
-                 f"trainable parameters: full d={self.counts.full:,}, low-rank d_rho={self.counts.lowrank:,}",
+                 f"trainable parameters: full d={self.counts.full:,}, low-rank d_rho={self.counts.lowrank:,}{adapter}",
                  f"Comp. (paper, parameter counts): {self.comp_ratio:.4f}   (low-rank only: {self.lowrank_ratio:.4f})"]
         if self.measured_ratio is not None:
             per = ", ".join(f"{k} {v:.3g} s" for k, v in sorted(self.epoch_seconds.items()))
@@ -421,17 +556,25 @@ class CostReport:
         return "\n".join(lines)
 
 
-def cost_report(counts, epochs, inflate_epoch, deflate_epoch, run=None, full_epoch_seconds=None, skip_first=0):
+def cost_report(counts, epochs, inflate_epoch, deflate_epoch, run=None, full_epoch_seconds=None, skip_first=0, *,
+                scheduler=None, lowrank_ranks=None):
     """Both ratios side by side for one schedule.
 
     Args:
-        counts: :class:`ParamCounts`, a model, or a layer list.
+        counts: :class:`ParamCounts`, a model, or a layer list.  A model after its
+            deflate (as after the training loop) is counted as in :func:`comp_ratio`:
+            the rank each layer had in lowrank form comes from ``lowrank_ranks``,
+            ``scheduler`` or the lowrank epochs ``run`` measured.
         epochs, inflate_epoch, deflate_epoch: E, I, D.
         run: optional RankMonitor whose epoch times give the measured ratio.
         full_epoch_seconds, skip_first: see :func:`measured_comp_ratio`.
+        scheduler, lowrank_ranks: for a model, see :func:`param_counts`.
 
     Returns:
         :class:`CostReport` (``print`` it for a summary).
+
+    Raises:
+        TypeError/ValueError: as :func:`comp_ratio` and :func:`measured_comp_ratio`.
 
     Example:
         >>> c = ParamCounts(full=272762, lowrank=155170, other=0)
@@ -440,9 +583,9 @@ def cost_report(counts, epochs, inflate_epoch, deflate_epoch, run=None, full_epo
         trainable parameters: full d=272,762, low-rank d_rho=155,170
         Comp. (paper, parameter counts): 0.7844   (low-rank only: 0.5689)
     """
-    c = _counts(counts)
     E, I, D = _schedule(epochs, inflate_epoch, deflate_epoch)
-    report = CostReport(E, I, D, c, comp_ratio(c, E, I, D), c.lowrank / c.full)
+    c = _counts(counts, I, scheduler, lowrank_ranks, run)
+    report = CostReport(E, I, D, c, _comp(c, E, I, D), c.lowrank / c.full)
     if run is not None:
         report.measured_ratio = measured_comp_ratio(run, E, I, D, full_epoch_seconds, skip_first)
         report.epoch_seconds = {k: sum(v) / len(v) for k, v in epoch_times(run, skip_first).items() if v}

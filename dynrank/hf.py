@@ -211,11 +211,12 @@ class DynamicRankCallback(TrainerCallback):
             raise ValueError("monitor must be a RankMonitor of the Trainer's model (RankMonitor(model)), got one of "
                              + ("no model" if monitor.model is None else f"another {type(monitor.model).__name__}"))
         saved = self._monitor_stem(args, state)
+        run = monitor
         if state.global_step > 0 and not monitor.records and os.path.exists(saved + ".json"):
-            loaded = RankMonitor.load(saved)
-            monitor.records, monitor.switches = loaded.records, loaded.switches
-        monitor._open = None
-        monitor._known_forms = monitor._forms()      # a resume's load switched the layers: no "detected" switch
+            run = RankMonitor.load(saved)
+        # The files keep no forms: take the model's now, which a resume's load has switched (no "detected"
+        # switch); an epoch left open by an earlier train() is dropped.
+        monitor.load_state_dict(dict(run.state_dict(), forms=None))
         monitor.attach(scheduler)
 
     def _monitor_stem(self, args, state):

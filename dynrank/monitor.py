@@ -11,6 +11,13 @@ Typical loop::
     monitor.save("runs/dynamic")               # runs/dynamic.json + .epochs/.layers/.switches.csv
     monitor.plot_spectral_ratio("runs/dynamic_lambda.png")
 
+Resuming: save ``monitor.state_dict()`` in the checkpoint (e.g.
+``training_state(model, optimizer, scheduler, monitor=monitor.state_dict())``)
+and, after building model, optimizer, scheduler and monitor as at the start and
+restoring them, call ``monitor.load_state_dict(checkpoint["monitor"])``: the
+run goes on with its earlier records and switches, and the forms the layers had
+when it was saved, so the resume's own form changes are no switch.
+
 Each epoch record holds the epoch's wall time (the metric computation runs
 after the clock stops and is reported separately), its form (the form of the
 dynrank layers at the end of the epoch: ``lowrank``/``full``/``adapter``,
@@ -22,6 +29,7 @@ recorded all the same.
 """
 
 import contextlib
+import copy
 import json
 import math
 import numbers
@@ -46,6 +54,11 @@ _EPOCH_COLUMNS = ["epoch", "form", "wall_seconds", "metrics_seconds", "trainable
 _LAYER_COLUMNS = ["epoch", "layer", "type", "form", "rank", "rows", "cols", "sigma_max", "sigma_min",
                   "spectral_ratio", "restricted_spectral_ratio", "effective_rank", "entropy_rank", "stable_rank", "tol"]
 _SWITCH_COLUMNS = ["epoch", "step", "kind", "layer", "old_form", "new_form"]
+_STATE_KEYS = ("records", "switches", "forms")
+# What a record and a switch must hold for the monitor to go on from them (name → type, type name).
+_RECORD_FIELDS = {"epoch": (numbers.Integral, "an int"), "form": (str, "a str"), "scalars": (Mapping, "a dict"),
+                  "layers": (Mapping, "a dict")}
+_SWITCH_FIELDS = {"epoch": (numbers.Integral, "an int"), "kind": (str, "a str"), "changes": ((list, tuple), "a list")}
 
 
 def _kind_of(changes):
@@ -75,6 +88,9 @@ class RankMonitor:
             (see :func:`dynrank.metrics.monitored_layers`).
         metrics_every: measure layers every this many epochs (1: every epoch).
         scheduler: optional DynamicRankScheduler to :meth:`attach` to.
+
+    To resume a run, save :meth:`state_dict` with the checkpoint and give it to
+    :meth:`load_state_dict` of the monitor built anew (see the module docstring).
 
     Attributes:
         records: list of epoch dicts (see module docstring; ``layers`` maps
@@ -339,6 +355,78 @@ class RankMonitor:
                 series[1].append(m[metric])
         return out
 
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self):
+        """The run so far, for a checkpoint: what :meth:`load_state_dict` needs to go on from it.
+
+        Returns:
+            dict with ``"records"`` and ``"switches"`` (copies of the attributes: the
+            recorded epochs, an epoch still open is not in them) and ``"forms"``: dict
+            layer name → form of the dynrank layers as the monitor last saw them, which
+            switch detection compares the next epoch's forms with (None without a model).
+            Plain Python values: ``torch.save``/``torch.load`` (``weights_only`` too) and JSON
+            keep them.
+        """
+        return {"records": copy.deepcopy(self.records), "switches": copy.deepcopy(self.switches),
+                "forms": dict(self._known_forms) if self.model is not None else None}
+
+    def load_state_dict(self, state):
+        """Go on from a run saved by :meth:`state_dict`: its records, switches and layer forms.
+
+        Records and switches replace this monitor's own; an open epoch is discarded.  The next
+        epoch's forms are compared with the saved ``"forms"``, so the forms a resume restores
+        (``load_training_state`` bringing the layers to adapter form) are no switch, and a form
+        change after the save is still detected.  ``"forms"`` None (or absent: a state of
+        ``records`` and ``switches`` only) takes the model's forms now: call it after the
+        model is restored then.
+
+        Args:
+            state: dict from :meth:`state_dict`.
+
+        Raises:
+            TypeError: ``state`` is not a dict, or an entry, record or switch of the wrong type.
+            ValueError: missing or unknown keys, a record or switch lacking a field, a form that is
+                not one of lowrank/full/adapter, or a state of a monitor of other layers (its forms
+                or measured layers are not this model's).  Nothing changes when it raises.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from RankMonitor.state_dict(), got {type(state).__name__}")
+        missing = [k for k in _STATE_KEYS[:2] if k not in state]
+        unknown = sorted((k for k in state if k not in _STATE_KEYS), key=repr)
+        if missing or unknown:
+            raise ValueError(f"state must be a dict from RankMonitor.state_dict() with keys {', '.join(_STATE_KEYS)} "
+                             f"('forms' optional), got keys {sorted(state, key=repr)}")
+        records = _checked_entries(state["records"], "records", _RECORD_FIELDS)
+        switches = _checked_entries(state["switches"], "switches", _SWITCH_FIELDS)
+        forms = state.get("forms")
+        if forms is not None:
+            if not isinstance(forms, Mapping):
+                raise TypeError(f"state['forms'] must be a dict layer name → form or None, got {type(forms).__name__}")
+            bad = {name: form for name, form in forms.items() if not isinstance(name, str) or form not in FORMS}
+            if bad:
+                raise ValueError(f"state['forms'] must map layer names to one of {', '.join(FORMS)}, got {bad}")
+        if self.model is not None:
+            self._check_same_layers(forms, records)
+        self.records, self.switches = copy.deepcopy(records), copy.deepcopy(switches)
+        self._open = None
+        self._known_forms = (dict(forms) if forms is not None else
+                             self._forms() if self.model is not None else {})
+
+    def _check_same_layers(self, forms, records):
+        """Raise ValueError unless a saved state's layers are this model's: its forms name exactly the
+        dynrank layers, its records measure only layers this monitor measures."""
+        if forms is not None:
+            ours = list(self._forms())
+            extra, absent = [n for n in forms if n not in ours], [n for n in ours if n not in forms]
+            if extra or absent:
+                raise ValueError(f"state is of a monitor of other layers: dynrank layers only in the state "
+                                 f"{extra}, only in this monitor's model {absent}")
+        measured = [name for name, _ in monitored_layers(self.model, self.layers)]
+        extra = sorted({n for r in records for n in r["layers"] if n not in measured})
+        if extra:
+            raise ValueError(f"state is of a monitor of other layers: its records measure {extra}, which this "
+                             f"monitor does not measure (it measures {measured})")
+
     # -- files -----------------------------------------------------------------------------
     def save(self, path):
         """Write ``<stem>.json`` (everything) and three CSVs: ``<stem>.epochs.csv``,
@@ -460,6 +548,26 @@ class RankMonitor:
     def __repr__(self):
         return (f"RankMonitor(name={self.name!r}, epochs={len(self.records)}, switches={len(self.switches)}, "
                 f"model={'None' if self.model is None else type(self.model).__name__})")
+
+
+# -- state and file helpers ------------------------------------------------------------------
+
+def _checked_entries(entries, what, fields):
+    """``entries`` (state[what]) as a list, after checking it is a list of dicts holding ``fields``."""
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, (list, tuple)):
+        raise TypeError(f"state[{what!r}] must be a list of dicts, got {type(entries).__name__}")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"state[{what!r}][{i}] must be a dict, got {type(entry).__name__} ({entry!r:.80})")
+        absent = [k for k in fields if k not in entry]
+        if absent:
+            raise ValueError(f"state[{what!r}][{i}] has no {absent}; each of {what} needs {list(fields)}")
+        for key, (kind, expected) in fields.items():
+            value = entry[key]
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise TypeError(f"state[{what!r}][{i}][{key!r}] must be {expected}, got {type(value).__name__} "
+                                f"({value!r:.80})")
+    return list(entries)
 
 
 # -- file helpers ----------------------------------------------------------------------------

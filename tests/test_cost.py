@@ -271,3 +271,83 @@ def test_measured_ratio_refuses_bad_times():
         measured_comp_ratio("runs/dynamic.json")
     with pytest.raises(ValueError, match="skip_first must be an int ≥ 0, got -1"):
         epoch_times(run, skip_first=-1)
+
+
+def _deflate_rank_run(deflate_rank, epochs=10, inflate=3, deflate=7, with_scheduler=False):
+    """A monitored dynamic-rank run of the model below; returns model, scheduler, monitor and the counts
+    taken before training (given the scheduler if ``with_scheduler``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedLowRankLinear(30, 20, 4), nn.BatchNorm1d(20), FusedLowRankLinear(20, 12, 3, bias=False),
+                          nn.Linear(12, 5))
+    scheduler = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), inflate, deflate,
+                                     deflate_rank=deflate_rank)
+    before = param_counts(model, scheduler=scheduler) if with_scheduler else param_counts(model)
+    monitor = RankMonitor(model).attach(scheduler)
+    for epoch in range(epochs):
+        scheduler.step(epoch)
+        with monitor.epoch(epoch):
+            pass
+    return model, scheduler, monitor, before
+
+
+def test_comp_ratio_after_deflate_to_another_rank():
+    """After the loop the layers are adapters at deflate_rank; the lowrank epochs still count the lowrank rank.
+
+    By hand: other = 20 (bias 0) + 40 (BN) + 65 (classifier) = 125; d = 125 + 600 + 240 = 965;
+    lowrank d_ρ = 125 + 4·50 + 3·32 = 421; adapter d_ρ at ranks 2 and 1 = 125 + 2·50 + 1·32 = 257.
+    E=10, I=3, D=7: (3·421 + 4·965 + 3·257) / (10·965).
+    """
+    expected = (3 * 421 + 4 * 965 + 3 * 257) / (10 * 965)
+    model, scheduler, monitor, _ = _deflate_rank_run({"0": 2, "2": 1})
+    assert [layer.form for _, layer in scheduler.layers] == ["adapter", "adapter"]
+    report = cost_report(model, 10, 3, 7, run=monitor)              # README's call, after the loop
+    assert report.comp_ratio == pytest.approx(expected, rel=1e-15)
+    assert (report.counts.full, report.counts.lowrank, report.counts.adapter) == (965, 421, 257)
+    assert "low-rank d_rho=421, adapter d_rho=257" in str(report)
+    before = _deflate_rank_run({"0": 2, "2": 1}, with_scheduler=True)[3]   # counted before training
+    assert (before.full, before.lowrank, before.adapter) == (965, 421, 257)
+    assert comp_ratio(before, 10, 3, 7) == pytest.approx(expected, rel=1e-15)
+    assert comp_ratio(model, 10, 3, 7, lowrank_ranks={"0": 4, "2": 3}) == pytest.approx(expected, rel=1e-15)
+    # Nothing tells the lowrank rank: refused, not counted at the adapter rank.
+    message = r"layers \['0', '2'\] are in adapter form \(rank 2 for '0'\), and the rank they had in lowrank form"
+    with pytest.raises(ValueError, match=message):
+        cost_report(model, 10, 3, 7)
+    with pytest.raises(ValueError, match=message):
+        comp_ratio(model, 10, 3, 7, scheduler=scheduler)           # its deflate_rank changed the rank
+    # No lowrank epochs in the schedule: the adapter rank is all it needs.
+    assert comp_ratio(model, 10, 0, 7) == pytest.approx((7 * 965 + 3 * 257) / (10 * 965), rel=1e-15)
+
+
+def test_comp_ratio_after_deflate_at_the_same_rank():
+    """deflate_rank None keeps each layer's rank: Eq. 6 with one d_ρ, from the scheduler or from the run."""
+    expected = (4 * 965 + 6 * 421) / (10 * 965)
+    model, scheduler, monitor, before = _deflate_rank_run(None)
+    assert cost_report(model, 10, 3, 7, run=monitor).comp_ratio == pytest.approx(expected, rel=1e-15)
+    assert comp_ratio(before, 10, 3, 7) == pytest.approx(expected, rel=1e-15)
+    assert comp_ratio(model, 10, 3, 7, scheduler=scheduler) == pytest.approx(expected, rel=1e-15)
+    assert (param_counts(model, scheduler=scheduler).lowrank, param_counts(model, scheduler=scheduler).adapter) == \
+        (421, None)
+    assert "adapter d_rho" not in str(cost_report(model, 10, 3, 7, run=monitor))
+
+
+def test_lowrank_ranks_and_scheduler_checked():
+    model, scheduler, _, _ = _deflate_rank_run({"0": 2, "2": 1})
+    with pytest.raises(ValueError, match=r"lowrank_ranks names unknown layers \['1'\]; the model's dynrank layers are "
+                                         r"\['0', '2'\]"):
+        comp_ratio(model, 10, 3, 7, lowrank_ranks={"0": 4, "1": 3})
+    with pytest.raises(TypeError, match=r"lowrank_ranks must be a dict layer name → rank, got int"):
+        comp_ratio(model, 10, 3, 7, lowrank_ranks=4)
+    with pytest.raises(ValueError, match=r"lowrank_ranks\['0'\] is not a valid rank of the layer"):
+        comp_ratio(model, 10, 3, 7, lowrank_ranks={"0": 100, "2": 3})
+    with pytest.raises(TypeError, match=r"scheduler must be a DynamicRankScheduler, got str"):
+        param_counts(model, scheduler="scheduler")
+    other = nn.Sequential(FusedLowRankLinear(8, 8, 2))
+    with pytest.raises(ValueError, match="scheduler manages none of this model's dynrank layers"):
+        param_counts(other, scheduler=scheduler)
+    with pytest.raises(ValueError, match="lowrank_ranks and scheduler are only for a model"):
+        param_counts([(8, 8)], lowrank_ranks={"layer0": 2})
+    with pytest.raises(ValueError, match="scheduler and lowrank_ranks are only for a model; counts are ParamCounts"):
+        comp_ratio(ParamCounts(full=10, lowrank=5, other=0), 4, 1, 2, scheduler=scheduler)
+    lowrank = nn.Sequential(FusedLowRankLinear(8, 8, 2))
+    with pytest.raises(ValueError, match=r"lowrank_ranks\['0'\] is 3 but layer '0' is in lowrank form at rank 2"):
+        param_counts(lowrank, lowrank_ranks={"0": 3})

@@ -1,5 +1,6 @@
 """RankMonitor: records, scheduler hook, files written and read back, plots."""
 
+import io
 import json
 import math
 import os
@@ -12,8 +13,11 @@ import pytest
 import torch
 from torch import nn
 
+from dynrank.checkpoint import load_training_state, training_state
+from dynrank.cost import cost_report
 from dynrank.linear import FusedLowRankLinear
 from dynrank.monitor import RankMonitor, read_csv
+from dynrank.scheduler import DynamicRankScheduler
 
 
 class StandInScheduler:
@@ -362,3 +366,153 @@ def test_import_has_no_matplotlib_side_effect():
     code = "import sys, dynrank.monitor, dynrank.plots; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- resuming from a checkpoint ---------------------------------------------------------------------
+
+RESUME_E, RESUME_I, RESUME_D = 7, 2, 4
+
+
+def build_training(attach=True):
+    """Model, optimizer, scheduler and monitor as at the start of a run (README's order), seeded."""
+    torch.manual_seed(0)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = DynamicRankScheduler(model, optimizer, RESUME_I, RESUME_D)
+    monitor = RankMonitor(model, name="dynamic")
+    if attach:
+        monitor.attach(scheduler)
+    return model, optimizer, scheduler, monitor
+
+
+def train_epochs(model, optimizer, scheduler, monitor, epochs):
+    """Deterministic epochs: one full-batch step on a fixed batch, the loss logged."""
+    x = torch.linspace(-1.0, 1.0, 8 * 12).reshape(8, 12)
+    y = torch.arange(8) % 5
+    for epoch in epochs:
+        scheduler.step(epoch)
+        with monitor.epoch(epoch):
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        monitor.log(loss=loss.item())
+
+
+def untimed(records):
+    """Records without their timing fields, the only ones two identical runs may differ in."""
+    return [{k: v for k, v in r.items() if k not in ("wall_seconds", "metrics_seconds")} for r in records]
+
+
+@pytest.mark.parametrize("attach", [True, False], ids=["callback", "detected"])
+@pytest.mark.parametrize("stop", [3, 5])
+def test_resume_from_state_dict_continues_the_uninterrupted_run(tmp_path, attach, stop):
+    """Resumed as README's Checkpoints bullet says, with the monitor's state_dict in the checkpoint, the run
+    ends with the records and switches of a run never interrupted: no switch for the forms the resume
+    restored, the deflate after a resume at epoch 3 still recorded (by callback, or detected without one)."""
+    reference = build_training(attach)
+    train_epochs(*reference, range(RESUME_E))
+    ref_monitor = reference[3]
+    sources = ["scheduler" if attach else "detected"] * 2
+    assert [(s["epoch"], s["kind"], s["source"]) for s in ref_monitor.switches] == \
+        list(zip([RESUME_I, RESUME_D], ["inflate", "deflate"], sources))
+
+    model, optimizer, scheduler, monitor = build_training(attach)
+    train_epochs(model, optimizer, scheduler, monitor, range(stop))
+    buffer = io.BytesIO()
+    torch.save(training_state(model, optimizer, scheduler, monitor=monitor.state_dict()), buffer)
+    monitor.save(tmp_path / "dynamic")
+
+    model, optimizer, scheduler, monitor = build_training(attach)
+    buffer.seek(0)
+    extra = load_training_state(torch.load(buffer), model, optimizer, scheduler)
+    monitor.load_state_dict(extra["monitor"])
+    assert monitor.epochs == list(range(stop))
+    train_epochs(model, optimizer, scheduler, monitor, range(stop, RESUME_E))
+
+    assert monitor.epochs == list(range(RESUME_E))
+    assert untimed(monitor.records) == untimed(ref_monitor.records)
+    assert monitor.switches == ref_monitor.switches
+    monitor.save(tmp_path / "dynamic")
+    assert RankMonitor.load(tmp_path / "dynamic").epochs == list(range(RESUME_E))
+    report = cost_report(model, RESUME_E, RESUME_I, RESUME_D, run=monitor)      # full-form epochs kept
+    assert report.measured_ratio is not None
+
+
+def test_state_dict_is_a_copy_and_carries_the_forms():
+    model, monitor = record_run()
+    state = monitor.state_dict()
+    assert sorted(state) == ["forms", "records", "switches"]
+    assert state["forms"] == {"0": "adapter", "2": "adapter"}
+    assert state["records"] == monitor.records and state["switches"] == monitor.switches
+    state["records"][0]["scalars"]["loss"] = -1.0
+    assert monitor.records[0]["scalars"]["loss"] == 1.0
+    # Loaded into a fresh monitor before its model is restored: the saved forms, not the model's now, are
+    # what the next epoch compares with, so the restore's switch to adapter form is no switch.
+    fresh_model = make_model()
+    fresh = RankMonitor(fresh_model)
+    fresh.load_state_dict(state)
+    state["switches"].clear()
+    assert len(fresh.switches) == 2
+    for i in (0, 2):
+        fresh_model[i].inflate()
+        fresh_model[i].deflate()
+    with fresh.epoch():
+        pass
+    assert fresh.epochs == list(range(7)) and len(fresh.switches) == 2
+    # Without saved forms (an older state of records and switches only), the model's forms now count.
+    legacy_model = make_model()
+    legacy = RankMonitor(legacy_model)
+    legacy.load_state_dict({"records": monitor.records, "switches": monitor.switches})
+    with legacy.epoch():
+        pass
+    assert len(legacy.switches) == 2
+    legacy_model[0].inflate()
+    with legacy.epoch():
+        pass
+    assert [(s["epoch"], s["kind"], s["source"]) for s in legacy.switches[2:]] == [(7, "inflate", "detected")]
+    assert RankMonitor().state_dict() == {"records": [], "switches": [], "forms": None}
+
+
+def test_load_state_dict_refuses_bad_states_and_other_layers():
+    _, monitor = record_run(epochs=3)
+    good = monitor.state_dict()
+    target = RankMonitor(make_model())
+    with target.epoch():
+        pass
+    before = (target.state_dict(), target.records, target.switches)
+
+    def refused(error, match, state, into=target):
+        with pytest.raises(error, match=match):
+            into.load_state_dict(state)
+
+    refused(TypeError, r"state must be a dict from RankMonitor.state_dict\(\), got list", [good])
+    refused(ValueError, r"with keys records, switches, forms \('forms' optional\), got keys \['records'\]",
+            {"records": []})
+    refused(ValueError, r"got keys \['extra', 'forms', 'records', 'switches'\]", dict(good, extra=1))
+    refused(TypeError, r"state\['records'\] must be a list of dicts, got str", dict(good, records="[]"))
+    refused(TypeError, r"state\['switches'\]\[0\] must be a dict, got int", dict(good, switches=[3]))
+    no_epoch = [{k: v for k, v in r.items() if k != "epoch"} for r in good["records"]]
+    refused(ValueError, r"state\['records'\]\[0\] has no \['epoch'\]; each of records needs "
+                        r"\['epoch', 'form', 'scalars', 'layers'\]", dict(good, records=no_epoch))
+    str_epoch = [dict(r, epoch=str(r["epoch"])) for r in good["records"]]
+    refused(TypeError, r"state\['records'\]\[0\]\['epoch'\] must be an int, got str \('0'\)",
+            dict(good, records=str_epoch))
+    refused(TypeError, r"state\['switches'\]\[0\]\['changes'\] must be a list, got str",
+            dict(good, switches=[dict(good["switches"][0], changes="0")]))
+    refused(TypeError, r"state\['forms'\] must be a dict layer name → form or None, got list",
+            dict(good, forms=["full"]))
+    refused(ValueError, r"state\['forms'\] must map layer names to one of lowrank, full, adapter, got "
+                        r"\{'0': 'dense'\}", dict(good, forms={"0": "dense", "2": "full"}))
+    # A monitor of other layers: other dynrank layers, or records of layers this monitor does not measure.
+    refused(ValueError, r"state is of a monitor of other layers: dynrank layers only in the state \['9'\], only in "
+                        r"this monitor's model \['2'\]", dict(good, forms={"0": "full", "9": "full"}))
+    narrow = RankMonitor(make_model(), layers=["0"])
+    refused(ValueError, r"state is of a monitor of other layers: its records measure \['2', '3'\], which this monitor "
+                        r"does not measure \(it measures \['0'\]\)", good, into=narrow)
+    other = nn.Sequential(FusedLowRankLinear(12, 16, 3), nn.ReLU(), nn.Linear(16, 5))
+    refused(ValueError, r"dynrank layers only in the state \['2'\], only in this monitor's model \[\]", good,
+            into=RankMonitor(other))
+    assert (target.state_dict(), target.records, target.switches) == before    # nothing changed
+    target.load_state_dict(good)
+    assert target.epochs == [0, 1, 2]

@@ -49,11 +49,13 @@ class RunMonitor:
         rec["wall_seconds"] = record["train_time"]
 
     def state_dict(self):
-        return {"records": self.monitor.records, "switches": self.monitor.switches}
+        """:meth:`dynrank.RankMonitor.state_dict` of the wrapped monitor, for the checkpoint."""
+        return self.monitor.state_dict()
 
     def load_state_dict(self, state):
-        self.monitor.records = list(state["records"])
-        self.monitor.switches = list(state["switches"])
+        """:meth:`dynrank.RankMonitor.load_state_dict`; a state without ``"forms"`` (an older checkpoint)
+        takes the model's forms now, which the resume has restored before the monitor is built."""
+        self.monitor.load_state_dict(state)
 
     def finish(self, out_dir):
         """Save the monitor's JSON/CSV files into ``out_dir``; returns their paths."""
