@@ -386,23 +386,6 @@ class FormLayer(nn.Module):
     def _all_factor_names(self):
         return set(self._factor_names(self._rank))
 
-    # The dense weight as state dicts hold it: the parameter's own layout unless a subclass keeps
-    # another (a former transformers Conv1D keeps (in, out)).
-    def _dense_state_shape(self):
-        return self._dense_shape()
-
-    def _dense_to_state(self, weight):
-        return weight
-
-    def _dense_from_state(self, value):
-        return value
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        key = prefix + self.weight_name
-        if destination.get(key) is not None:
-            destination[key] = self._dense_to_state(destination[key])
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         form = self._form_in_state(state_dict, prefix)
@@ -424,13 +407,6 @@ class FormLayer(nn.Module):
                 every_before = list(self.parameters())
                 self._allocate(form, rank)
                 follow_load(self, before, every_before)   # the managing scheduler's optimizer, if any
-            key = prefix + self.weight_name
-            if form != "lowrank" and isinstance(state_dict.get(key), torch.Tensor):
-                value = self._dense_from_state(state_dict[key])
-                if value is not state_dict[key]:
-                    if local_metadata.get("assign_to_params_buffers", False):
-                        value = value.contiguous()        # becomes the parameter itself
-                    state_dict = {**state_dict, key: value}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -451,7 +427,7 @@ class FormLayer(nn.Module):
                 return None, f"the saved factors {shapes} give no valid rank{why}"
         expected = dict(self._factor_shapes(rank)) if form != "full" else {}
         if form != "lowrank":
-            expected[self.weight_name] = tuple(self._dense_state_shape())
+            expected[self.weight_name] = tuple(self._dense_shape())
         if (form, rank) != (self._form, self._rank):
             # The switch allocates these uninitialized: a dict that lacks one would leave it so.  (An
             # adapter's new rank keeps its W_f.)

@@ -259,10 +259,7 @@ class FusedLowRankLinear(FormLayer):
         stored (in, out)) is read through its transpose, so the new layer
         computes the same function; :func:`~dynrank.unconvert_model` turns
         the layer back into a ``Conv1D`` (a lowrank layer with
-        ``lowrank="dense"``).  Such a layer keeps W as (out, in) but saves and
-        loads it in the ``Conv1D``'s (in, out) layout, so its state dicts and
-        the ``Conv1D``'s are interchangeable (``state_dict(keep_vars=True)``
-        gives a transposed view of the parameter).
+        ``lowrank="dense"``).
 
         ``form="lowrank"``: A, B from the truncated SVD of the dense weight (the
         best rank-``rank`` approximation, √σ split between A and B); an all-zero
@@ -289,25 +286,10 @@ class FusedLowRankLinear(FormLayer):
         layer._record_dense_type(linear)
         return layer._copy_from_dense_(weight, bias)
 
-    # -- state dicts of a former Conv1D: its (in, out) layout ----------------------
-    # A layer converted from a transformers Conv1D saves and loads its dense weight (W or W_f) as the
-    # Conv1D does, so its state dicts and GPT-2's are interchangeable: a square layer (GPT-2's c_proj)
-    # has no shape that would tell the two layouts apart.  The parameter itself stays (out, in).
-    def _dense_state_shape(self):
-        shape = self._dense_shape()
-        return shape[::-1] if self._dense_type is not None else shape
-
-    def _dense_to_state(self, weight):
-        return weight.t() if self._dense_type is not None else weight
-
-    def _dense_from_state(self, value):
-        return value.t() if self._dense_type is not None else value
-
     def _shape_hint(self, name, shape):
-        if self._dense_type is not None and name == self.weight_name and shape == self._dense_shape():
-            # the shape given is the transpose of the one read: it came as (out, in)
-            return (f" (this layer was a {self._dense_type.__name__} and keeps its (in, out) layout in state "
-                    f"dicts, as GPT-2's checkpoints do; this tensor is (out, in): transpose it)")
+        if self._dense_type is not None and name == "weight" and shape == self._dense_shape()[::-1]:
+            return (f" ({self._dense_type.__name__}'s (in, out) layout: this layer stores W as (out, in); load "
+                    f"such a state dict into the model before convert_model, or transpose it)")
         return ""
 
     def _record_dense_type(self, dense):
