@@ -98,6 +98,9 @@ class FormLayer(nn.Module):
     weight_name = "weight"
     weight_kind = "weight"
     _factor_param_names = ()
+    # The rank the layer last had in lowrank form (None: never lowrank here), for the cost of a schedule's
+    # lowrank epochs after a deflate to another rank (dynrank.cost).
+    _lowrank_rank = None
 
     def _build_parameters(self, form, rank, bias, device=None, dtype=None):
         """Create bias, dense weight and factors for the initial ``form``, then :meth:`reset_parameters`."""
@@ -193,6 +196,8 @@ class FormLayer(nn.Module):
         memory_format = self._memory_format()
         self._form = form
         self._rank = rank
+        if form == "lowrank":
+            self._lowrank_rank = rank
         if weight is None:
             setattr(self, self.weight_name, None)
         else:

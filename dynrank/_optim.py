@@ -165,8 +165,9 @@ def switched_params(layer, before, every_before):
 
 # Layer → weak references to (optimizer, model) of the scheduler that manages it (the last one built
 # for it).  A state-dict load that changes a managed layer's form or rank goes through
-# :func:`follow_load`, so the optimizer follows whichever order a training framework loads the model,
-# the optimizer and the scheduler in (Accelerate's load_state loads the scheduler last).
+# :func:`follow_load`, so the optimizer follows whether a training framework loads the scheduler before
+# or after the model (Accelerate's load_state loads it last).  The optimizer's state must still load
+# after the model: loaded before, it would sit on parameters the model's load then replaces.
 _MANAGED = weakref.WeakKeyDictionary()
 
 

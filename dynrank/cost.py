@@ -143,9 +143,10 @@ def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
     """Per-layer counts of ``model``: (layers at the lowrank rank, adapter factor counts, other, unknown).
 
     A layer's lowrank rank is its rank unless it is in adapter form; then it comes from
-    ``lowrank_ranks``, a ``scheduler`` whose deflate_rank kept the layer's rank, or the last lowrank
-    epoch ``run`` measured; ``unknown`` lists the adapter layers none of them covers (counted at
-    their rank).  The adapter rank is an adapter layer's rank, else the scheduler's deflate rank.
+    ``lowrank_ranks``, a ``scheduler`` whose deflate_rank kept the layer's rank, the last lowrank
+    epoch ``run`` measured, or the rank the layer itself last had in lowrank form (a layer converted
+    or built lowrank in this process); ``unknown`` lists the adapter layers none of them covers
+    (counted at their rank).  The adapter rank is an adapter layer's rank, else the scheduler's deflate rank.
     """
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, FormLayer)]
     given = _given_ranks(lowrank_ranks, modules)
@@ -161,6 +162,8 @@ def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
                 pass                                   # the scheduler deflated at the rank the layer had
             elif name in seen:
                 lowrank_rank = seen[name]
+            elif module._lowrank_rank is not None:
+                lowrank_rank = module._lowrank_rank            # the layer was lowrank at that rank here
             else:
                 unknown.append(name)
         else:

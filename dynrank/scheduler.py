@@ -481,7 +481,10 @@ class DynamicRankScheduler:
         Save it with the model's and the optimizer's state dicts; restore with
         :meth:`load_state_dict`, before or after loading those two (or use
         :func:`load_training_state`): whichever of the scheduler and the model
-        loads first switches the layers and edits the optimizer in place.
+        loads first switches the layers and edits the optimizer in place.  The
+        optimizer's own state must load after the model: it is matched to the
+        parameters by position, and a switch drops the state of the parameters
+        it replaces.
         """
         return {"unit": self.unit, "last_epoch": self.last_epoch, "inflate_epoch": self.inflate_epoch,
                 "deflate_epoch": self.deflate_epoch, "epochs": self.epochs,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dynrank.conv import LowRankConv2d
+from dynrank.convert import convert_model
 from dynrank.cost import (ParamCounts, comp_ratio, cost_report, epoch_times, form_epochs, layer_param_counts,
                           measured_comp_ratio, param_counts)
 from dynrank.linear import FusedLowRankLinear
@@ -308,12 +309,17 @@ def test_comp_ratio_after_deflate_to_another_rank():
     assert (before.full, before.lowrank, before.adapter) == (965, 421, 257)
     assert comp_ratio(before, 10, 3, 7) == pytest.approx(expected, rel=1e-15)
     assert comp_ratio(model, 10, 3, 7, lowrank_ranks={"0": 4, "2": 3}) == pytest.approx(expected, rel=1e-15)
-    # Nothing tells the lowrank rank: refused, not counted at the adapter rank.
-    message = r"layers \['0', '2'\] are in adapter form \(rank 2 for '0'\), and the rank they had in lowrank form"
+    # The layers remember the rank they had in lowrank form: the bare call counts right too.
+    assert cost_report(model, 10, 3, 7).comp_ratio == pytest.approx(expected, rel=1e-15)
+    assert comp_ratio(model, 10, 3, 7, scheduler=scheduler) == pytest.approx(expected, rel=1e-15)
+    # Layers that were never lowrank here (converted straight to adapter form): refused, not counted
+    # at the adapter rank.
+    torch.manual_seed(0)
+    never = nn.Sequential(nn.Linear(30, 20), nn.BatchNorm1d(20), nn.Linear(20, 12, bias=False), nn.Linear(12, 5))
+    convert_model(never, form="adapter", rank_ratio=0.25)
+    message = r"layers \['0', '2'\] are in adapter form \(rank 5 for '0'\), and the rank they had in lowrank form"
     with pytest.raises(ValueError, match=message):
-        cost_report(model, 10, 3, 7)
-    with pytest.raises(ValueError, match=message):
-        comp_ratio(model, 10, 3, 7, scheduler=scheduler)           # its deflate_rank changed the rank
+        cost_report(never, 10, 3, 7)
     # No lowrank epochs in the schedule: the adapter rank is all it needs.
     assert comp_ratio(model, 10, 0, 7) == pytest.approx((7 * 965 + 3 * 257) / (10 * 965), rel=1e-15)
 
@@ -323,6 +329,7 @@ def test_comp_ratio_after_deflate_at_the_same_rank():
     expected = (4 * 965 + 6 * 421) / (10 * 965)
     model, scheduler, monitor, before = _deflate_rank_run(None)
     assert cost_report(model, 10, 3, 7, run=monitor).comp_ratio == pytest.approx(expected, rel=1e-15)
+    assert cost_report(model, 10, 3, 7).comp_ratio == pytest.approx(expected, rel=1e-15)     # the bare call
     assert comp_ratio(before, 10, 3, 7) == pytest.approx(expected, rel=1e-15)
     assert comp_ratio(model, 10, 3, 7, scheduler=scheduler) == pytest.approx(expected, rel=1e-15)
     assert (param_counts(model, scheduler=scheduler).lowrank, param_counts(model, scheduler=scheduler).adapter) == \

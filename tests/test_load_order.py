@@ -1,6 +1,6 @@
 """A model load that changes a managed layer's form or rank edits the scheduler's optimizer, so the
-model, the optimizer and the scheduler resume in any load order (Accelerate's ``load_state`` loads the
-model first and the scheduler last).  Before, the model's load gave the layers new parameters while the
+scheduler may load before or after the model, the optimizer's state after the model (Accelerate's
+``load_state`` loads the model, the optimizer, then the scheduler).  Before, the model's load gave the layers new parameters while the
 optimizer kept stepping the old ones: the factors stopped training without a word."""
 
 import copy
