@@ -410,8 +410,9 @@ class FormLayer(nn.Module):
                     return
                 before = [p for p in self.parameters() if p.requires_grad]
                 every_before = list(self.parameters())
+                old_names = {id(p): n for n, p in self.named_parameters()}
                 self._allocate(form, rank)
-                follow_load(self, before, every_before)   # the managing scheduler's optimizer, if any
+                follow_load(self, before, every_before, old_names)   # the managing scheduler's optimizer
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

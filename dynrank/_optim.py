@@ -58,7 +58,7 @@ def _locate(optimizer, params):
     return None
 
 
-def replace_params(optimizer, removed, added, states=None, owner=None):
+def replace_params(optimizer, removed, added, states=None, owner=None, old_names=None):
     """Swap ``removed`` for ``added`` in ``optimizer``, in place.
 
     The removed parameters leave every param group and their state is dropped;
@@ -77,9 +77,12 @@ def replace_params(optimizer, removed, added, states=None, owner=None):
             (ignored for L-BFGS, which starts afresh).
         owner: the module holding ``added`` where ``removed`` were held (the layer, or
             what replaces it).  An optimizer built from ``named_parameters()`` keeps
-            ``param_names`` in its groups: an added parameter is named after the
-            removed one's module (its name up to the last dot) and its own name in
-            ``owner``, so the names stay those of ``model.named_parameters()``.
+            ``param_names`` in its groups: ``owner``'s parameters are named after the
+            module (a held name less that parameter's own name in ``old_names``) and
+            their own name in ``owner``, so the names stay those of
+            ``model.named_parameters()``; names that are not module paths give an
+            added parameter a removed one's name and its own.
+        old_names: dict id(param) → its name in the module before the change.
 
     Returns:
         True if the optimizer was edited.
@@ -91,7 +94,7 @@ def replace_params(optimizer, removed, added, states=None, owner=None):
         states = None                  # L-BFGS's "state" is the history just forgotten: none carries
     held = optimizer_params(optimizer)
     removed_ids = {id(p) for p in removed}
-    names = _names_before(optimizer, removed_ids, added, owner)
+    names = _names_before(optimizer, removed_ids, owner, old_names)
     fresh = [p for p in added if id(p) not in held or id(p) in removed_ids]
     if len(fresh) == len(added) == len(removed) == len(removed_ids):        # one for one
         swap = {id(old): new for old, new in zip(removed, added) if id(old) in held}
@@ -129,20 +132,24 @@ def replace_params(optimizer, removed, added, states=None, owner=None):
     return True
 
 
-def _names_before(optimizer, removed_ids, added, owner):
-    """[(group, id(param) → name)] for the groups that keep ``param_names``: every name they hold now, the
-    added parameters' names derived from a removed one's (see :func:`replace_params`)."""
-    own = {id(p): n for n, p in owner.named_parameters()} if owner is not None else {}
+def _names_before(optimizer, removed_ids, owner, old_names):
+    """[(group, id(param) → name)] for the groups that keep ``param_names``: every name they hold now,
+    with ``owner``'s parameters renamed (see :func:`replace_params`)."""
+    groups = [g for g in optimizer.param_groups if "param_names" in g]
+    own = {id(p): n for n, p in owner.named_parameters()} if owner is not None and groups else {}
+    named = {id(p): n for g in groups for p, n in zip(g["params"], g["param_names"])}
+    # The module's name: a name the optimizer holds, less the parameter's own name in the old module.
+    module = next((n[:len(n) - len(attr)].rstrip(".") for i, attr in (old_names or {}).items()
+                   for n in [named.get(i)] if n is not None and (n == attr or n.endswith("." + attr))), None)
+    custom = next((named[i] for i in removed_ids if i in named), None)
     result = []
-    for group in optimizer.param_groups:
-        if "param_names" not in group:
-            continue
+    for group in groups:
         name_of = {id(p): n for p, n in zip(group["params"], group["param_names"])}
-        # Added parameters join only groups that held a removed one.
-        module = next((name_of[i].rpartition(".")[0] for i in removed_ids if i in name_of), None)
-        for p in added:
-            if module is not None and id(p) in own:
-                name_of[id(p)] = f"{module}.{own[id(p)]}" if module else own[id(p)]
+        for i, n in own.items():
+            if module is not None:
+                name_of[i] = f"{module}.{n}" if module else n
+            elif custom is not None and i not in name_of:     # names that are not module paths
+                name_of[i] = f"{custom}.{n}"
         result.append((group, name_of))
     return result
 
@@ -178,7 +185,7 @@ def manage(layers, optimizer, model):
         _MANAGED[layer] = entry
 
 
-def follow_load(layer, before, every_before):
+def follow_load(layer, before, every_before, old_names=None):
     """Edit the managing optimizer, if any, after a state-dict load gave ``layer`` new parameters.
 
     The new ones take the old ones' place (:func:`replace_params`) with no state:
@@ -191,7 +198,7 @@ def follow_load(layer, before, every_before):
     if optimizer is None:
         return
     removed, added = switched_params(layer, before, every_before)
-    if replace_params(optimizer, removed, added, owner=layer):
+    if replace_params(optimizer, removed, added, owner=layer, old_names=old_names):
         model = entry[1]()
         if model is not None:
             from .distributed import _retire_stale
@@ -208,7 +215,8 @@ def follow_unconvert(layer, new):
     if optimizer is not None:
         removed, added = switched_params(new, [p for p in layer.parameters() if p.requires_grad],
                                          list(layer.parameters()))
-        replace_params(optimizer, removed, added, owner=new)
+        replace_params(optimizer, removed, added, owner=new,
+                       old_names={id(p): n for n, p in layer.named_parameters()})
 
 
 def _forget_history(optimizer):

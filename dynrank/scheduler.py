@@ -449,6 +449,7 @@ class DynamicRankScheduler:
         init = self.deflate_init if init is None else init
         before = _trainable(layer)
         every_before = list(layer.parameters())
+        old_names = {id(p): n for n, p in layer.named_parameters()}
         old_factors = dict(layer.factors())
         old_weight = getattr(layer, layer.weight_name)
         if op == "inflate":
@@ -471,7 +472,7 @@ class DynamicRankScheduler:
             states = {weight: pushforward_state(self.optimizer, layer, old_factors, weight)}
         elif carry:
             states = pullback_state(self.optimizer, layer, old_weight, layer.factors())
-        replace_params(self.optimizer, removed, added, states, owner=layer)
+        replace_params(self.optimizer, removed, added, states, owner=layer, old_names=old_names)
         return bool(removed or added)
 
     # -- checkpoints --------------------------------------------------------------------

@@ -447,3 +447,25 @@ def test_rank_growth_keeps_param_names():
     opt = _named_optimizer(model)
     grow_rank_(model[0], model[0].rank + 2, opt)
     _names_match(model, opt)
+
+
+@pytest.mark.parametrize("lowrank", ["factored", "dense"])
+def test_param_names_follow_unconvert_model(lowrank):
+    """The kept bias of a factored lowrank layer moves to the chain's last Linear ('0.1.bias'): named
+    so, in its own group, as the new weights are."""
+    from dynrank import unconvert_model
+    model = mlp()
+    opt = _named_optimizer(model)
+    DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    unconvert_model(model, lowrank=lowrank)
+    _names_match(model, opt)
+
+
+def test_names_that_are_not_module_paths_stay_unique():
+    model = mlp()
+    opt = torch.optim.SGD([(f"p{i}", p) for i, p in enumerate(model.parameters())], lr=0.1)
+    sched = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    for epoch in range(3):
+        sched.step(epoch)
+        names = opt.param_groups[0]["param_names"]
+        assert len(set(names)) == len(names) == len(opt.param_groups[0]["params"])
