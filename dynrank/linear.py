@@ -4,6 +4,7 @@ import math
 
 import torch
 from torch import nn
+from torch.fx import Proxy
 from torch.nn import functional as F
 
 from . import functional as DF
@@ -299,7 +300,7 @@ class FusedLowRankLinear(FormLayer):
 
     # -- forward ------------------------------------------------------------
     def forward(self, x):
-        if isinstance(x, torch.fx.Proxy):
+        if isinstance(x, Proxy):
             node = self._fx_node(x)
             if node is not None:
                 return node
