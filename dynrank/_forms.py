@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from ._optim import follow_load
+from ._optim import follow_load, params_before
 
 __all__ = ["FORMS", "DEFLATE_INITS", "FormLayer", "check_floating_dtype"]
 
@@ -408,11 +408,9 @@ class FormLayer(nn.Module):
                 except RuntimeError as e:     # into torch's list: the other layers load and it names them all
                     error_msgs.append(str(e))
                     return
-                before = [p for p in self.parameters() if p.requires_grad]
-                every_before = list(self.parameters())
-                old_names = {id(p): n for n, p in self.named_parameters()}
+                before = params_before(self)
                 self._allocate(form, rank)
-                follow_load(self, before, every_before, old_names)   # the managing scheduler's optimizer
+                follow_load(self, before)            # the managing scheduler's optimizer, if any
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -33,11 +33,13 @@ mapped and the new parameter starts empty, as with ``"reset"``.
 """
 
 import weakref
+from typing import NamedTuple
 
 import torch
 
 __all__ = ["replace_params", "optimizer_params", "pushforward_state", "pullback_state",
-           "LINEAR_STATE", "SQUARED_STATE", "manage", "switched_params", "follow_load", "follow_unconvert"]
+           "LINEAR_STATE", "SQUARED_STATE", "manage", "params_before", "switched_params", "follow_load",
+           "follow_unconvert"]
 
 LINEAR_STATE = frozenset({"momentum_buffer", "exp_avg", "grad_avg"})
 SQUARED_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -154,19 +156,33 @@ def _names_before(optimizer, removed_ids, owner, old_names):
     return result
 
 
-def switched_params(layer, before, every_before):
+class ParamsBefore(NamedTuple):
+    """A module's parameters before a form or rank change (:func:`params_before`)."""
+    trainable: list      # those that require grad
+    every: list          # all of them
+    names: dict          # id(param) → its name in the module
+
+
+def params_before(layer):
+    """What :func:`switched_params` and :func:`replace_params` need of ``layer``, taken before it changes."""
+    named = list(layer.named_parameters())
+    return ParamsBefore([p for _, p in named if p.requires_grad], [p for _, p in named],
+                        {id(p): n for n, p in named})
+
+
+def switched_params(layer, before):
     """(removed, added): what a form or rank change of ``layer`` takes out of training and brings in.
 
-    ``before`` are the layer's trainable parameters before the change and ``every_before`` all of them;
-    ``layer`` holds the parameters after it (the layer itself, or the module that replaced it).
-    Leaving: what trained and no longer does, and a frozen parameter the change dropped from the layer
-    (an optimizer given ``model.parameters()`` holds it too).  Joining: what trains now and did not.
+    ``before`` is :func:`params_before` of the layer before the change; ``layer`` holds the parameters
+    after it (the layer itself, or the module that replaced it).  Leaving: what trained and no longer
+    does, and a frozen parameter the change dropped from the layer (an optimizer given
+    ``model.parameters()`` holds it too).  Joining: what trains now and did not.
     """
     after = [p for p in layer.parameters() if p.requires_grad]
-    after_ids, before_ids = {id(p) for p in after}, {id(p) for p in before}
+    after_ids, before_ids = {id(p) for p in after}, {id(p) for p in before.trainable}
     kept = {id(p) for p in layer.parameters()}
-    removed = [p for p in before if id(p) not in after_ids] + [
-        p for p in every_before if not p.requires_grad and id(p) not in kept]
+    removed = [p for p in before.trainable if id(p) not in after_ids] + [
+        p for p in before.every if not p.requires_grad and id(p) not in kept]
     return removed, [p for p in after if id(p) not in before_ids]
 
 
@@ -185,8 +201,9 @@ def manage(layers, optimizer, model):
         _MANAGED[layer] = entry
 
 
-def follow_load(layer, before, every_before, old_names=None):
-    """Edit the managing optimizer, if any, after a state-dict load gave ``layer`` new parameters.
+def follow_load(layer, before):
+    """Edit the managing optimizer, if any, after a state-dict load gave ``layer`` new parameters
+    (``before``: :func:`params_before` of the layer before the load).
 
     The new ones take the old ones' place (:func:`replace_params`) with no state:
     the optimizer's own ``load_state_dict`` fills it, matched by position as
@@ -197,8 +214,8 @@ def follow_load(layer, before, every_before, old_names=None):
     optimizer = entry[0]() if entry is not None else None
     if optimizer is None:
         return
-    removed, added = switched_params(layer, before, every_before)
-    if replace_params(optimizer, removed, added, owner=layer, old_names=old_names):
+    removed, added = switched_params(layer, before)
+    if replace_params(optimizer, removed, added, owner=layer, old_names=before.names):
         model = entry[1]()
         if model is not None:
             from .distributed import _retire_stale
@@ -213,10 +230,9 @@ def follow_unconvert(layer, new):
     entry = _MANAGED.pop(layer, None)
     optimizer = entry[0]() if entry is not None else None
     if optimizer is not None:
-        removed, added = switched_params(new, [p for p in layer.parameters() if p.requires_grad],
-                                         list(layer.parameters()))
-        replace_params(optimizer, removed, added, owner=new,
-                       old_names={id(p): n for n, p in layer.named_parameters()})
+        before = params_before(layer)
+        removed, added = switched_params(new, before)
+        replace_params(optimizer, removed, added, owner=new, old_names=before.names)
 
 
 def _forget_history(optimizer):

@@ -150,8 +150,13 @@ _lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
 _BETA0_INPUTS = {}
 
 
+# Resolved once: _beta0_input asks on every adapter forward and backward.
+_get_dispatch_mode, _FAKE_MODE = torch._C._get_dispatch_mode, torch._C._TorchDispatchModeKey.FAKE
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
 def _fake_mode_active():
-    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    return _get_dispatch_mode(_FAKE_MODE) is not None
 
 
 def _beta0_input(a):
@@ -164,7 +169,7 @@ def _beta0_input(a):
     a real one to the fake mode's.
     """
     if torch.compiler.is_compiling() or (a.is_cuda and torch.cuda.is_current_stream_capturing()) \
-            or type(a) not in (torch.Tensor, torch.nn.Parameter) or _fake_mode_active():
+            or type(a) not in _PLAIN_TENSORS or _fake_mode_active():
         return a.new_zeros(())
     key = (a.device, a.dtype)
     zero = _BETA0_INPUTS.get(key)

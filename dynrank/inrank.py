@@ -167,7 +167,7 @@ def grow_rank_(layer, new_rank, optimizer=None):
                 if padded is not None:
                     states[new] = padded
         replace_params(optimizer, [old_A, old_B], [layer.A, layer.B], states, owner=layer,
-                       old_names={id(old_A): "A", id(old_B): "B"})
+                       old_names=dict(zip(map(id, (old_A, old_B)), "AB")))
     old_A.grad = old_B.grad = None
     return layer
 
@@ -208,7 +208,7 @@ def _truncate_rank_(layer, rank, optimizer=None):
     A, B = svd_factors(merged, rank, layer.scale_for(rank))
     _install(layer, A, B, rank, *old)
     if optimizer is not None:
-        replace_params(optimizer, old, [layer.A, layer.B], owner=layer, old_names={id(p): n for p, n in zip(old, "AB")})
+        replace_params(optimizer, old, [layer.A, layer.B], owner=layer, old_names=dict(zip(map(id, old), "AB")))
     for p in old:
         p.grad = None
 

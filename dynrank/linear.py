@@ -12,7 +12,8 @@ from ._args import check_int, check_real
 from ._forms import FormLayer, check_floating_dtype, check_form
 
 __all__ = ["FusedLowRankLinear", "check_alpha", "check_rank", "check_ratio", "is_transposed_linear",
-           "linear_weight", "own_computation", "check_plain_computation", "rank_from_ratio", "transformers_bases", "transformers_class"]
+           "linear_weight", "own_computation", "check_plain_computation", "rank_from_ratio", "transformers_bases",
+           "transformers_class"]
 
 
 def transformers_bases(module):

@@ -401,7 +401,8 @@ class RankMonitor:
         forms = state.get("forms")
         if forms is not None:
             if not isinstance(forms, Mapping):
-                raise TypeError(f"state['forms'] must be a dict layer name → form or None, got {type(forms).__name__}")
+                raise TypeError(f"state['forms'] must be a dict layer name → form or None, "
+                                f"got {type(forms).__name__}")
             bad = {name: form for name, form in forms.items() if not isinstance(name, str) or form not in FORMS}
             if bad:
                 raise ValueError(f"state['forms'] must map layer names to one of {', '.join(FORMS)}, got {bad}")

@@ -31,7 +31,7 @@ from ._checks import (check_copy, check_finite, check_layer_names, check_model_a
                       check_untied, form_layers,
                       unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS
-from ._optim import manage, pullback_state, pushforward_state, replace_params, switched_params
+from ._optim import manage, params_before, pullback_state, pushforward_state, replace_params, switched_params
 from .distributed import _remember_ddp, _retire_stale
 
 __all__ = ["DynamicRankScheduler", "OPTIMIZER_STATES", "form_layers"]
@@ -447,23 +447,21 @@ class DynamicRankScheduler:
         if carry is None:
             carry = self.optimizer_state == "carry"
         init = self.deflate_init if init is None else init
-        before = _trainable(layer)
-        every_before = list(layer.parameters())
-        old_names = {id(p): n for n, p in layer.named_parameters()}
+        before = params_before(layer)
         old_factors = dict(layer.factors())
         old_weight = getattr(layer, layer.weight_name)
         if op == "inflate":
             layer.inflate()
         else:
             layer.deflate(rank=rank, init=init)
-        removed, added = switched_params(layer, before, every_before)
+        removed, added = switched_params(layer, before)
         if op == "deflate" and self.sync_ranks:
             from .distributed import broadcast_params
             broadcast_params(added, group=self.process_group)
         for copy_layer in copies:
             _follow(copy_layer, layer, op, init)
         after_ids = {id(p) for p in _trainable(layer)}
-        for p in before:
+        for p in before.trainable:
             if id(p) not in after_ids:
                 p.grad = None
         states = None
@@ -472,7 +470,7 @@ class DynamicRankScheduler:
             states = {weight: pushforward_state(self.optimizer, layer, old_factors, weight)}
         elif carry:
             states = pullback_state(self.optimizer, layer, old_weight, layer.factors())
-        replace_params(self.optimizer, removed, added, states, owner=layer, old_names=old_names)
+        replace_params(self.optimizer, removed, added, states, owner=layer, old_names=before.names)
         return bool(removed or added)
 
     # -- checkpoints --------------------------------------------------------------------
