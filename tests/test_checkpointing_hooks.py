@@ -9,7 +9,9 @@ tensors in every form and keep firing through the switches; tensor hooks belong 
 switch may replace.  ``torch.nn.utils.parametrize`` on a factor or the weight.
 """
 
+import contextlib
 import functools
+import logging
 import warnings
 
 import pytest
@@ -168,13 +170,31 @@ def test_checkpointed_conv_matches_plain_and_float64(monkeypatch, decomposition,
     _check_against_plain_and_float64(model, x, mode)
 
 
+@contextlib.contextmanager
+def _checkpoint_debug():
+    """``torch.utils.checkpoint``'s debug mode, with its op log kept from pytest's log capture.
+
+    The debug mode logs every op to torch's "LoggingTensor" logger, which it makes non-propagating,
+    with arguments that are not format arguments.  pytest 9.2 attaches its capture handlers to every
+    non-propagating logger at the start of each test phase, so from the second such test on they
+    would format those records and raise.  The logger gets a handler list of its own meanwhile; the
+    debug mode adds and removes its own handler there."""
+    logger = logging.getLogger("LoggingTensor")
+    kept, logger.handlers = logger.handlers, []
+    try:
+        with torch.utils.checkpoint.set_checkpoint_debug_enabled(True):
+            yield
+    finally:
+        logger.handlers = kept
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_determinism_check_passes_with_the_automatic_adapter_strategy(backend, kind):
     """Non-reentrant checkpointing compares what the recompute saves with what the forward saved
     (``determinism_check="default"``); the conv's adapter picks its strategy per input key, the same
     for both passes."""
     model, x = _linear_model("adapter") if kind == "linear" else _conv_model("adapter", "tucker")
-    with torch.utils.checkpoint.set_checkpoint_debug_enabled(True):
+    with _checkpoint_debug():
         _check_against_plain_and_float64(model, x, "nonreentrant", determinism_check="default")
 
 

@@ -34,7 +34,10 @@ CONVS = [("svd", 2, "merged"), ("tucker", (2, 3), "chain"), ("cp", 3, "merged"),
 def device(request, monkeypatch):
     """Each engine on its device: torch on CPU; Triton on CUDA where present, else interpreted on CPU."""
     monkeypatch.setenv("DYNRANK_BACKEND", request.param)
-    return "cpu" if request.param == "torch" else kernel_devices()[0]
+    device = "cpu" if request.param == "torch" else kernel_devices()[0]
+    if device == "cuda":   # float32 convs at full precision, as the float32 tolerance is stated for
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    return device
 
 
 def linear(form="lowrank", **kw):

@@ -189,14 +189,30 @@ def _check_unambiguous(name, value, limit):
     assert not ((a > 0.9 * limit) & (a < 1.1 * limit)).any(), f"{name} too close to the overflow threshold"
 
 
+@pytest.fixture
+def fp32_gemm_sums():
+    """On CUDA, cuBLAS may otherwise reduce 16-bit GEMMs in 16 bits: every sum here is meant in fp32.
+
+    torch keeps these flags behind ``torch.backends.cuda.matmul``'s ``__getattr__``/``__setattr__``;
+    pytest 9.2's monkeypatch restores only instance attributes and data descriptors, so it would
+    leave them off and fail at teardown.  They are set and restored here."""
+    matmul = torch.backends.cuda.matmul
+    names = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    kept = {name: getattr(matmul, name) for name in names}
+    for name in names:
+        setattr(matmul, name, False)
+    try:
+        yield
+    finally:
+        for name, value in kept.items():
+            setattr(matmul, name, value)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
-def test_overflow_gives_inf_where_torch_does(backend, form, dtype, monkeypatch):
+def test_overflow_gives_inf_where_torch_does(backend, form, dtype, fp32_gemm_sums):
     """Outputs and gradients are ±inf exactly where the float64 result is beyond the dtype's range and
     where torch's own F.linear in the dtype (with the effective weight) is inf; finite elsewhere."""
-    # On CUDA, cuBLAS may otherwise reduce 16-bit GEMMs in 16 bits: every sum here is meant in fp32.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
     device, limit, scale = _device(), torch.finfo(dtype).max, 1.5
     x, W, A, B, bias, dy = (None if t is None else t.to(dtype).double() for t in _overflow_operands(form, dtype))
     # Intermediates (xbs = s·x·B, dyas = s·dy·A) are stored in the dtype: they must stay in range here.
