@@ -4,8 +4,9 @@
 them where the repository keeps results, so the next session resumes from them:
 
 - ``bench.tgz`` (suite JSONs, report, profile, tile sweeps, engine diagnosis) →
-  ``benchmarks/results/gpu-<device>-<date>/``, named from the JSONs' machine info, with the
-  session's ``tests-cuda.log`` (the native test run) beside them;
+  ``benchmarks/results/gpu-<device>-<date>/``, named from the JSONs' machine info (``-2``, ``-3``
+  for a later session on the same device and day), with the session's ``tests-cuda.log`` (the
+  native test run) beside them;
 - ``paper.tgz`` (run folders without checkpoints) and ``paper-checkpoints.tgz`` (unfinished runs'
   checkpoints) → over ``benchmarks/results/cifar10-resnet20/``; a run that has finished drops
   its old checkpoint, and every run folder keeps only what the repository commits: config.json,
@@ -113,6 +114,29 @@ def bench_folder_name(jsons):
     raise ValueError(f"none of {', '.join(map(os.path.basename, jsons)) or 'the suite JSONs'} names its device")
 
 
+def _session_started(jsons):
+    """The set of start times (``datetime``) the suite JSONs record: one per session."""
+    started = set()
+    for path in jsons:
+        with open(path, encoding="utf-8") as handle:
+            started.add(json.load(handle).get("datetime"))
+    return started
+
+
+def _session_folder(results_dir, name, jsons):
+    """``results_dir/name``, or ``name-2``, ``name-3``, ... where that folder holds another session's
+    suites: a second session on the same device and day must not overwrite the first one's numbers.
+    Folding the same session again reuses its folder."""
+    started, n = _session_started(jsons), 1
+    while True:
+        target = os.path.join(results_dir, name if n == 1 else f"{name}-{n}")
+        held = [os.path.join(target, f) for f in os.listdir(target) if f.endswith(".json")] \
+            if os.path.isdir(target) else []
+        if not held or _session_started(held) & started:
+            return target
+        n += 1
+
+
 def fold(session_dir, results_dir, log=print):
     """Fold the archives found in ``session_dir`` into ``results_dir``; returns the folders written."""
     written = []
@@ -121,7 +145,7 @@ def fold(session_dir, results_dir, log=print):
         staging = os.path.join(results_dir, ".bench-staging")
         names = _extract(bench, staging)
         jsons = sorted(os.path.join(staging, n) for n in names if n.endswith(".json"))
-        target = os.path.join(results_dir, bench_folder_name(jsons))
+        target = _session_folder(results_dir, bench_folder_name(jsons), jsons)
         os.makedirs(target, exist_ok=True)
         for name in names:
             os.replace(os.path.join(staging, name), os.path.join(target, os.path.basename(name)))

@@ -188,3 +188,25 @@ def test_a_run_started_elsewhere_folds_in_with_new_under_the_drivers_name(folder
     with pytest.raises(SystemExit) as exit_info:
         folder.main(["--new", str(tmp_path)])
     _argparse_error(capsys, exit_info, "--new goes with --run")
+
+
+def test_a_second_session_on_the_same_day_gets_its_own_folder(folder, tmp_path):
+    """Folders are named by device and day: a later session that day lands in ``-2``, and folding a
+    session again replaces its own folder's files, not another session's."""
+    results = tmp_path / "results"
+    machine = {"dynrank": {"device_name": "NVIDIA H200", "device": "cuda"}}
+
+    def fold(started, report):
+        session = tmp_path / f"session-{started}-{report}"
+        session.mkdir()
+        _tgz(session / "bench.tgz", {"./linear.json": json.dumps({"machine_info": machine, "datetime": started,
+                                                                  "benchmarks": []}),
+                                     "./report.md": report})
+        assert folder.main([str(session), "--results", str(results)]) == 0
+
+    fold("2026-11-27T01:00:00", "first")
+    fold("2026-11-27T19:00:00", "second")
+    fold("2026-11-27T19:00:00", "second, folded again")
+    assert sorted(p.name for p in results.iterdir()) == ["gpu-h200-2026-11-27", "gpu-h200-2026-11-27-2"]
+    assert (results / "gpu-h200-2026-11-27" / "report.md").read_text() == "first"
+    assert (results / "gpu-h200-2026-11-27-2" / "report.md").read_text() == "second, folded again"
