@@ -17,7 +17,10 @@ than per FLOP.  This script separates the two:
    lowrank ρ = 0.25, the same with the LM head factorized): wall time per step, GPU kernel time
    per step by kind (GEMM, attention, optimizer, the rest) and kernels launched per step, so a
    lowrank step that is not faster than full rank shows whether it is host-bound or which kernels
-   grew.
+   grew;
+5. forward+backward of the lowrank and adapter forms per call and queued (20 calls per
+   synchronize), with the host's CUDA runtime calls of a queued round: a call that waits for the
+   queued work shows there.
 
     python benchmarks/profile_ops.py --out profile.txt      # needs CUDA
     python benchmarks/profile_ops.py --device cpu           # the host time per call only, on a CPU
@@ -246,6 +249,80 @@ def profile_lowrank_kernels(lines, shapes=((8192, 8192, 16), (4096, 4096, 512)),
                          f"{launches:6.1f} kernels")
 
 
+def profile_queued(lines, shapes=((4096, 4096, 512), (8192, 8192, 16)), device=None, calls=20, rounds=3):
+    """Forward+backward of the lowrank and adapter forms, each call synchronized and ``calls`` queued per
+    synchronize, with the host's CUDA runtime calls of one queued round by their host time.
+
+    The linear suite of 2026-11-27 (second H200 session) had dynrank's lowrank form slower queued
+    than synchronized per call (570 against 297 µs at T4096, K = N = 4096, rank 512), where every
+    other provider was as fast or faster queued.  A runtime call that waits for the queued work
+    (a synchronize, a blocking copy, a stream query) would do that: it shows here as a large host
+    time in the runtime rows of dynrank's table and not in unfused torch's.
+    """
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from dynrank import FusedLowRankLinear
+
+    device = torch.device(device or "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    lines.append(f"\nforward+backward per call, synchronized after each call and {calls} queued per synchronize, "
+                 f"{dtype_name(dtype)}, fastest of {rounds} rounds (µs), and the host's CUDA runtime calls of one "
+                 "queued round (µs of host time per call)")
+    for tokens, features, rank in shapes:
+        kw = dict(device=device, dtype=dtype)
+        x = torch.randn(tokens, features, requires_grad=True, **kw)
+        grad = torch.randn(tokens, features, **kw)
+        for form in ("lowrank", "adapter"):
+            layer = FusedLowRankLinear(features, features, rank, form=form, alpha=2.0 * rank, **kw)
+            with torch.no_grad():
+                layer.A.normal_(0, 0.02)
+            up, down = (p.detach().clone().requires_grad_() for p in (layer.A, layer.B.t().contiguous()))
+            scale, weight, bias = layer.scale, layer.weight, layer.bias.detach().clone().requires_grad_()
+
+            def unfused():
+                low = scale * F.linear(F.linear(x, down), up)
+                return low + F.linear(x, weight, bias) if weight is not None else low + bias
+            with torch.no_grad():     # the same function, or the comparison means nothing
+                ref, got = unfused().float(), layer(x).float()
+                if not (got - ref).norm() <= 2e-2 * ref.norm():
+                    raise RuntimeError(f"profile_queued: unfused torch and dynrank's {form} form disagree "
+                                       f"(relative error {((got - ref).norm() / ref.norm()).item():.2e})")
+            tensors = (x, up, down, bias, *layer.parameters())
+            for name, forward in (("unfused torch", unfused), ("dynrank", lambda: layer(x))):
+                def step():
+                    for t in tensors:
+                        t.grad = None
+                    forward().backward(grad)
+
+                def timed(queue):
+                    best = float("inf")
+                    for _ in range(rounds):
+                        sync(device)
+                        start = time.perf_counter()
+                        for _ in range(queue):
+                            step()
+                            if queue == 1:
+                                sync(device)
+                        sync(device)
+                        best = min(best, (time.perf_counter() - start) / queue)
+                    return 1e6 * best
+                for _ in range(3):
+                    step()
+                per_call, queued = timed(1), timed(calls)
+                with profile(activities=activities) as prof:
+                    for _ in range(calls):
+                        step()
+                    sync(device)
+                runtime = sorted(((e.cpu_time_total / calls, e.count / calls, e.key) for e in prof.key_averages()
+                                  if re.match(r"cu[A-Z]|cuda[A-Z]", e.key)), reverse=True)
+                calls_text = ", ".join(f"{key} {t:.1f} ({n:g}×)" for t, n, key in runtime[:5]) or "none"
+                lines.append(f"  T{tokens} K=N={features} r{rank:<4} {form:<8} {name:<14} per call {per_call:8.1f}"
+                             f"  queued {queued:8.1f}  runtime: {calls_text}")
+            del layer
+
+
 def profile_steps(step, device, steps, warmup=3):
     """``step`` run ``warmup`` times, then ``steps`` times under ``torch.profiler``, each timed to its
     end on ``device``: (ms per step by kernel kind, kernels per step, wall seconds per step)."""
@@ -351,7 +428,8 @@ def main(argv=None):
         lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"]
         rounds = args.rounds or 1
         sections = (launch_costs, lambda out: host_per_call(out, rounds=rounds), profile_lowrank_kernels,
-                    lambda out: profile_adapter(out, args.tokens, args.features, args.rank), profile_lm_step)
+                    profile_queued, lambda out: profile_adapter(out, args.tokens, args.features, args.rank),
+                    profile_lm_step)
     for section in sections:
         start = len(lines)
         section(lines)

@@ -163,19 +163,26 @@ def _beta0_input(a):
     """A 0-dim zero of ``a``'s device and dtype, made once per pair in eager mode.
 
     ``a.new_zeros(())`` per call costs an allocation and a fill launch, twice per adapter
-    forward+backward; under ``torch.compile`` or a CUDA-graph capture a fresh one is made as before
-    (a tensor made during a capture is never filled), and so under a FakeTensorMode (shape or memory
-    estimates) or for a tensor subclass: a fake zero kept here would be fed to later real calls, and
-    a real one to the fake mode's.
+    forward+backward.  Under ``torch.compile`` a fresh one is made as before, and so under a
+    FakeTensorMode (shape or memory estimates) or for a tensor subclass: a fake zero kept here
+    would be fed to later real calls, and a real one to the fake mode's.  A zero made during a
+    CUDA-graph capture is never filled, so it is not kept; one kept before serves inside a capture,
+    and the capture status is asked only when none is kept (a CUDA runtime query per call saved).
     """
-    if torch.compiler.is_compiling() or (a.is_cuda and torch.cuda.is_current_stream_capturing()) \
-            or type(a) not in _PLAIN_TENSORS or _fake_mode_active():
+    if torch.compiler.is_compiling() or type(a) not in _PLAIN_TENSORS or _fake_mode_active():
         return a.new_zeros(())
     key = (a.device, a.dtype)
     zero = _BETA0_INPUTS.get(key)
     if zero is None:
-        zero = _BETA0_INPUTS[key] = a.new_zeros(())
+        zero = a.new_zeros(())
+        if not _capturing(a):
+            _BETA0_INPUTS[key] = zero
     return zero
+
+
+def _capturing(a):
+    """Whether ``a`` is a CUDA tensor and its device's current stream is capturing a CUDA graph."""
+    return a.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _scaled_mm(a, b, scale):

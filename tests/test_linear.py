@@ -764,6 +764,25 @@ def test_scaled_products_reuse_one_zero_per_device_and_dtype():
         zero.zero_()
 
 
+def test_the_cached_zero_serves_inside_a_capture_and_none_is_kept_from_one(monkeypatch):
+    """During a CUDA-graph capture a zero made there is never filled, so it is not kept; a zero kept
+    before serves, and the capture status (a CUDA runtime query) is asked only when none is kept."""
+    asked = []
+    monkeypatch.setattr(F, "_capturing", lambda a: asked.append(a) or True)       # as if capturing
+    monkeypatch.setattr(F, "_BETA0_INPUTS", {})
+    a, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(F._scaled_mm(a, b, 0.5), 0.5 * (a @ b))
+    assert len(asked) == 1 and F._BETA0_INPUTS == {}                 # made in the capture: not kept
+    monkeypatch.setattr(F, "_capturing", lambda a: asked.append(a) or False)
+    F._scaled_mm(a, b, 0.5)
+    zero = F._BETA0_INPUTS[(a.device, torch.float64)]
+    assert len(asked) == 2
+    monkeypatch.setattr(F, "_capturing", lambda a: asked.append(a) or True)
+    for _ in range(3):
+        torch.testing.assert_close(F._scaled_mm(a, b, 2.0), 2.0 * (a @ b))
+    assert len(asked) == 2 and F._BETA0_INPUTS[(a.device, torch.float64)] is zero   # kept: not asked
+
+
 @pytest.mark.parametrize("allow_real", [False, True])
 def test_a_fake_tensor_run_leaves_no_fake_zero_for_later_real_runs(allow_real, monkeypatch):
     """A dry run under FakeTensorMode (shape or memory estimates) used the cache: a real zero cached

@@ -63,6 +63,28 @@ def test_lowrank_kernel_profile_on_cpu(profile_ops):
         assert float(row[-4]) > 0 and float(row[-2]) > 0, row
 
 
+def test_queued_profile_on_cpu(profile_ops, monkeypatch):
+    """Each form against unfused torch computing the same function (checked inside), per call and queued."""
+    monkeypatch.setenv("DYNRANK_BACKEND", "torch")
+    lines = []
+    profile_ops.profile_queued(lines, shapes=((8, 16, 2),), device="cpu", calls=3, rounds=2)
+    assert "3 queued per synchronize" in lines[0] and "fastest of 2 rounds" in lines[0]
+    rows = [line.split("  runtime: ")[0].split() for line in lines[1:]]
+    assert [r[:5] for r in rows] == [["T8", "K=N=16", "r2", form, who] for form in ("lowrank", "adapter")
+                                     for who in ("unfused", "dynrank")]
+    for row in rows:
+        assert float(row[row.index("call") + 1]) > 0 and float(row[row.index("queued") + 1]) > 0, row
+    assert all(line.split("  runtime: ")[1] == "none" for line in lines[1:])      # no CUDA runtime on a CPU
+
+
+def test_queued_profile_refuses_a_provider_that_computes_something_else(profile_ops, monkeypatch):
+    from dynrank import FusedLowRankLinear
+    forward = FusedLowRankLinear.forward
+    monkeypatch.setattr(FusedLowRankLinear, "forward", lambda self, x: 2 * forward(self, x))
+    with pytest.raises(RuntimeError, match="unfused torch and dynrank's lowrank form disagree"):
+        profile_ops.profile_queued([], shapes=((8, 16, 2),), device="cpu", calls=2, rounds=1)
+
+
 def test_host_time_per_call_on_cpu(profile_ops, monkeypatch):
     monkeypatch.setenv("DYNRANK_BACKEND", "auto")
     lines = []
