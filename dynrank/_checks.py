@@ -28,11 +28,39 @@ def form_layers(model):
 
 
 def check_model_and_optimizer(model, optimizer):
-    """TypeError unless ``model`` is an nn.Module and ``optimizer`` a torch optimizer."""
+    """TypeError unless ``model`` is an nn.Module and ``optimizer`` a torch optimizer a switch can edit."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_editable_optimizer(optimizer)
+
+
+def check_editable_optimizer(optimizer):
+    """TypeError unless ``optimizer`` is a torch optimizer whose parameters a switch can replace in place.
+
+    ``ZeroRedundancyOptimizer`` is refused: it partitions the parameters across ranks when it is
+    built and steps an inner optimizer of its own, so the parameters a switch puts in its groups
+    would never be stepped.
+    """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    zero = _zero_redundancy_optimizer()
+    if zero is not None and isinstance(optimizer, zero):
+        raise TypeError("optimizer is a ZeroRedundancyOptimizer, which dynrank cannot follow: it partitions "
+                        "the parameters across ranks when built and steps an inner optimizer of its own, so "
+                        "the parameters a form switch adds would never be stepped. Use a plain torch "
+                        "optimizer (under DDP, or FSDP2 with the dynrank layers left out of the sharding: "
+                        "README, Distributed)")
+
+
+def _zero_redundancy_optimizer():
+    """torch's ZeroRedundancyOptimizer class, or None where this torch has no torch.distributed."""
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:
+        return None
+    return ZeroRedundancyOptimizer
 
 
 def check_sync(model, sync_ranks, process_group):

@@ -28,8 +28,10 @@ elementwise second moments (``exp_avg_sq``, ``max_exp_avg_sq``,
 ``square_avg``, Adagrad's ``sum``) map under the assumption that the rank
 components are uncorrelated: (Σ_k a_k b_k)² is replaced by Σ_k a_k² b_k²,
 which keeps them non-negative and of the right scale.  Scalars (``step``)
-are copied.  A state holding any other parameter-shaped tensor cannot be
-mapped and the new parameter starts empty, as with ``"reset"``.
+are copied.  A state holding any other tensor (another parameter-shaped entry, or
+Adafactor's factored ``row_var``/``col_var``) cannot be mapped and the new parameter starts
+empty, as with ``"reset"``; so does centered RMSprop's (its step takes √(square_avg −
+grad_avg²), which moments mapped one by one do not keep real).
 """
 
 import weakref
@@ -43,6 +45,9 @@ __all__ = ["replace_params", "optimizer_params", "pushforward_state", "pullback_
 
 LINEAR_STATE = frozenset({"momentum_buffer", "exp_avg", "grad_avg"})
 SQUARED_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
+# Centered RMSprop steps by √(square_avg − grad_avg²): moments mapped one by one do not keep that real
+# (the first step after a switch was NaN), so its state is not carried.
+CENTERED_PAIR = frozenset({"grad_avg", "square_avg"})
 
 
 def optimizer_params(optimizer):
@@ -292,11 +297,15 @@ def _initial_state(optimizer, group_index, param):
 
 # -- carrying state --------------------------------------------------------------
 def _split_state(state, shape):
-    """Return (tensor entries by name, scalar entries) or None if not carryable."""
+    """Return (tensor entries by name, scalar entries) or None if not carryable.
+
+    A tensor entry of another shape than the parameter's (Adafactor's factored ``row_var`` and
+    ``col_var``) is not carryable: the new parameter has another shape, so it starts empty.
+    """
     tensors, scalars = {}, {}
     for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.shape == shape and value.dim() > 0:
-            if key not in LINEAR_STATE and key not in SQUARED_STATE:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if value.shape != shape or (key not in LINEAR_STATE and key not in SQUARED_STATE):
                 return None
             tensors[key] = value
         elif isinstance(value, torch.Tensor):
@@ -318,7 +327,7 @@ def _old_states(optimizer, params):
             return None
         out[name] = split
     keys = {frozenset(t) for t, _ in out.values()}
-    if len(keys) != 1:
+    if len(keys) != 1 or CENTERED_PAIR <= next(iter(keys)):
         return None
     return out
 

@@ -14,7 +14,8 @@ else r + buffer − 1; the layer then grows to r + buffer components.  Ranks
 never shrink during training.  Growth appends components whose A columns are
 zero and B columns random, so the layer's function is unchanged at the
 switch (with ``alpha`` set, the old A is rescaled to keep s·A·Bᵀ fixed) and
-the optimizer keeps the old components' state.
+the optimizer keeps the old components' state (SGD's momentum, Adam's,
+RMSprop's and Adagrad's entries; other optimizers' state starts afresh).
 
 Growth replaces A and B (one for one, each in its own param group), so
 whatever else holds them must follow: an EMA or SWA copy of the model grows
@@ -27,8 +28,9 @@ from collections.abc import Mapping
 import torch
 
 from ._args import check_int, check_real
-from ._checks import (check_copy, check_finite, check_model_and_optimizer, check_new_copy, check_not_unconverted,
-                      check_same_layers, check_switchable, check_sync, check_untied, unwrap_model)
+from ._checks import (check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer, check_new_copy,
+                      check_not_unconverted, check_same_layers, check_switchable, check_sync, check_untied,
+                      unwrap_model)
 from ._optim import LINEAR_STATE, SQUARED_STATE, manage, replace_params
 from .distributed import _remember_ddp, _retire_stale
 from .linear import FusedLowRankLinear, svd_factors
@@ -79,9 +81,18 @@ def _lowrank_singular_values(layer):
 
 
 def _pad_state(state, param, extra, ratio):
+    """The state of a factor grown by ``extra`` columns, or None (it starts empty).
+
+    Only entries dynrank knows the meaning of are padded (first moments with zeros, second moments
+    with the old mean); a state with any other tensor entry (Adamax's ``exp_inf``, Adadelta's
+    ``acc_delta``, Rprop's ``step_size``, Adafactor's factored ``row_var``/``col_var``) starts empty,
+    as after a reset, rather than with values the optimizer would not have made.
+    """
     out = {}
     for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() == 2:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if value.shape != param.shape or value.dim() != 2:
+                return None
             if key in SQUARED_STATE:
                 value = value / (ratio * ratio)
                 fill = value.mean().expand(value.shape[0], extra)
@@ -106,8 +117,10 @@ def grow_rank_(layer, new_rank, optimizer=None):
     ``optimizer`` is given, the new A and B replace the old ones in place and
     keep their state: old columns as they were (rescaled with A), new columns
     with zero first moments and second moments at the old mean (so Adam's
-    first steps on them are not inflated by a late ``step`` count); L-BFGS
-    starts its history afresh.  The replaced A and B lose their ``.grad``
+    first steps on them are not inflated by a late ``step`` count).  That is
+    SGD's momentum, Adam's, RMSprop's and Adagrad's entries; any other state
+    (Adamax, Adadelta, Rprop, ASGD, Adafactor) starts afresh, as after a
+    reset, and L-BFGS starts its history afresh.  The replaced A and B lose their ``.grad``
     (call it between optimizer steps: a pending gradient is dropped with them).
 
     Args:
@@ -142,6 +155,8 @@ def grow_rank_(layer, new_rank, optimizer=None):
         raise TypeError(f"grow_rank_ takes a FusedLowRankLinear, got {type(layer).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if optimizer is not None:
+        check_editable_optimizer(optimizer)
     if layer.form == "full":
         raise ValueError("grow_rank_ applies to lowrank or adapter form, the layer is full")
     layer._check_switchable()

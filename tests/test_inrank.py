@@ -384,3 +384,32 @@ def test_truncated_and_grown_factors_are_contiguous():
         assert layer.A.is_contiguous() and layer.B.is_contiguous()
     grow_rank_(model[2], 6, opt)
     assert model[2].A.is_contiguous() and model[2].B.is_contiguous()
+
+
+@pytest.mark.parametrize("name, keeps", [
+    ("Adam", True),
+    ("Adafactor", False),    # factored row_var / col_var kept as they were: the next step raised a size mismatch
+    ("Adamax", False),
+])
+def test_growth_keeps_the_state_it_knows_and_starts_the_rest_afresh(name, keeps):
+    """grow_rank_ pads the state entries it knows (Adam's moments); a state with any other tensor entry
+    starts empty, as after a reset, and the next step runs."""
+    torch.manual_seed(0)
+    layer = FusedLowRankLinear(12, 10, 3)
+    opt = getattr(torch.optim, name)(layer.parameters(), lr=1e-2)
+    x = torch.randn(8, 12)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).square().mean().backward()
+        opt.step()
+    grow_rank_(layer, 5, opt)
+    for p in (layer.A, layer.B):
+        state = opt.state.get(p, {})
+        if keeps:
+            assert state["exp_avg"].shape == p.shape and int(state["step"]) == 3, name
+        else:
+            assert not state, name
+    opt.zero_grad()
+    layer(x).square().mean().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in layer.parameters())

@@ -228,3 +228,76 @@ def test_carry_adam_moments_follow_the_documented_rules(kind):
                 assert float(state["step"]) == 6.0
                 assert reference.abs().sum() > 0, (name, key)
                 assert rel_err(state[key], reference) < 1e-12, (name, key)
+
+
+def _full_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3))
+    convert_model(model, rank_ratio=0.25, form="full")
+    return model
+
+
+def _run_through_a_switch(make_opt, switch, policy):
+    """Parameters after 20 steps, the switch, and 20 more steps; and the switched parameters' state."""
+    model = mlp() if switch == "inflate" else _full_mlp()
+    opt = make_opt(model.parameters())
+    sched = DynamicRankScheduler(model, opt, *((1, None) if switch == "inflate" else (None, 1)),
+                                 optimizer_state=policy)
+    x, y = torch.randn(32, 12, generator=torch.Generator().manual_seed(1)), torch.randint(0, 3, (32,))
+    sched.step(0)
+    train_steps(model, opt, x, y, steps=20)
+    sched.step(1)
+    switched = [model[0].weight] if switch == "inflate" else [model[0].A, model[0].B]
+    states = [dict(opt.state.get(p, {})) for p in switched]
+    train_steps(model, opt, x, y, steps=20)
+    return [p.detach().clone() for p in model.parameters()], states
+
+
+@pytest.mark.parametrize("switch", ["inflate", "deflate"])
+@pytest.mark.parametrize("make_opt", [
+    # Centered RMSprop steps by √(square_avg − grad_avg²); moments mapped one by one broke that (NaN
+    # weights at the first step after a deflate).
+    pytest.param(lambda params: torch.optim.RMSprop(params, lr=1e-3, alpha=0.9, centered=True),
+                 id="centered-RMSprop"),
+    # Adafactor's factored row_var / col_var have the old parameter's row and column counts; carried,
+    # the next step raised a size mismatch.
+    pytest.param(lambda params: torch.optim.Adafactor(params, lr=1e-2), id="Adafactor"),
+])
+def test_carry_starts_empty_where_the_state_cannot_be_mapped(switch, make_opt):
+    """``optimizer_state="carry"`` with state it cannot map consistently: the switched parameters start
+    empty, so the run is the ``"reset"`` run bit for bit, and finite."""
+    carried, states = _run_through_a_switch(make_opt, switch, "carry")
+    reset, _ = _run_through_a_switch(make_opt, switch, "reset")
+    assert all(not state for state in states)
+    assert all(torch.isfinite(p).all() for p in carried)
+    assert all(torch.equal(a, b) for a, b in zip(carried, reset))
+
+
+def test_carry_keeps_plain_rmsprop_state():
+    """Plain (uncentered) RMSprop's square_avg is a second moment like Adam's: it is still carried."""
+    _, states = _run_through_a_switch(lambda params: torch.optim.RMSprop(params, lr=1e-3), "inflate", "carry")
+    assert set(states[0]) == {"step", "square_avg"} and bool((states[0]["square_avg"] > 0).any())
+
+
+def test_a_zero_redundancy_optimizer_is_refused():
+    """ZeroRedundancyOptimizer steps an inner, partitioned optimizer: the parameters a switch puts in its
+    groups were never stepped (silently).  The scheduler and grow_rank_ refuse it before anything changes."""
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("this torch has no torch.distributed")
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from dynrank.inrank import IncrementalRankScheduler, grow_rank_
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = mlp()
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1)
+        A = model[0].A
+        for build in (lambda: DynamicRankScheduler(model, opt, 1, 2), lambda: IncrementalRankScheduler(model, opt),
+                      lambda: grow_rank_(model[0], 4, opt)):
+            with pytest.raises(TypeError, match="optimizer is a ZeroRedundancyOptimizer, which dynrank cannot "
+                                                "follow"):
+                build()
+        assert model[0].A is A and model[0].rank == 3
+    finally:
+        dist.destroy_process_group()
