@@ -15,6 +15,7 @@ also swaps the new parameters into the scheduler's optimizer:
 :func:`dynrank._optim.follow_load`).
 """
 
+import functools
 import math
 
 import torch
@@ -68,6 +69,23 @@ def _is_channels_last(t):
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+def outside_inference_mode(method):
+    """Run a form change (or rank growth) outside ``torch.inference_mode``, under ``no_grad``.
+
+    Parameters made inside inference mode are inference tensors: the next training step's backward
+    cannot save them ("Inference tensors cannot be saved for backward"), far from the switch that
+    made them.  ``nn.Linear.load_state_dict`` under inference mode keeps ordinary tensors; so do the
+    switches.
+    """
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return method(*args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():
+            return method(*args, **kwargs)
+    return run
+
+
 class FormLayer(nn.Module):
     """Base class of layers with lowrank / full / adapter forms.
 
@@ -101,6 +119,16 @@ class FormLayer(nn.Module):
     # The rank the layer last had in lowrank form (None: never lowrank here), for the cost of a schedule's
     # lowrank epochs after a deflate to another rank (dynrank.cost).
     _lowrank_rank = None
+
+    def __setattr__(self, name, value):
+        # A weight assigned in lowrank form (``head.weight = emb.weight``, tying the nn.Linear way) was
+        # added to A·Bᵀ by the forward and had the factors merged into it by inflate.
+        if value is not None and name == self.weight_name and self.__dict__.get("_form") == "lowrank":
+            raise ValueError(f"{type(self).__name__} in lowrank form has no {name} (it holds "
+                             f"{', '.join(self._factor_names(self._rank))}); assigning one would add it to the "
+                             f"low-rank product. To give the layer a dense {name} (to tie it, say), call inflate() "
+                             f"first or convert with form='full'")
+        super().__setattr__(name, value)
 
     def _build_parameters(self, form, rank, bias, device=None, dtype=None):
         """Create bias, dense weight and factors for the initial ``form``, then :meth:`reset_parameters`."""
@@ -234,9 +262,10 @@ class FormLayer(nn.Module):
             raise RuntimeError(
                 f"{what or type(self).__name__} ({self._form} form, rank {self._rank}) cannot change form or "
                 f"rank: its {', '.join(moved)} {'is' if one else 'are'} reparametrized (torch.nn.utils.parametrize, "
-                f"or the hook-based spectral_norm/weight_norm), and such a change replaces {'it' if one else 'them'}: "
+                f"the hook-based spectral_norm/weight_norm, or pruned), and such a change replaces {'it' if one else 'them'}: "
                 f"expected plain parameters. Remove the parametrization first "
-                f"(parametrize.remove_parametrizations(layer, name), remove_spectral_norm, remove_weight_norm) "
+                f"(parametrize.remove_parametrizations(layer, name), remove_spectral_norm, remove_weight_norm, "
+                f"prune.remove(layer, name)) "
                 f"and register it again on the new form's tensors after the change")
 
     def _dense(self):
@@ -283,6 +312,7 @@ class FormLayer(nn.Module):
         return self._fit_factors(weight, rank)
 
     # -- form changes -------------------------------------------------------
+    @outside_inference_mode
     @torch.no_grad()
     def inflate(self):
         """lowrank/adapter → full: W ← W0 + merged factors (W0 = 0 in lowrank, W_f in adapter).
@@ -316,6 +346,7 @@ class FormLayer(nn.Module):
         self._become("full", dense, {}, self._rank, trainable)
         return self
 
+    @outside_inference_mode
     @torch.no_grad()
     def deflate(self, rank=None, init="zeros"):
         """full → adapter: freeze W as W_f and attach fresh factors of ``rank``.
@@ -354,6 +385,7 @@ class FormLayer(nn.Module):
             self._merge_into_(weight.data, -1.0, factors)
         else:
             factors = self._init_factors(rank, init == "zeros", weight.device, weight.dtype)
+        weight.grad = None     # W_f is frozen: a gradient W still held would count in clip_grad_norm_ and come back at inflate
         self._become("adapter", weight, factors, rank, trainable)
         return self
 
@@ -393,6 +425,21 @@ class FormLayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # The layer's load_state_dict pre-hooks first, as torch runs them before it reads the dict: a hook
+        # that renames or transposes saved tensors decides the form and rank read below.  torch's own
+        # load then runs without them, so each runs once.
+        hooks = self._load_state_dict_pre_hooks
+        for hook in hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.__dict__["_load_state_dict_pre_hooks"] = {}
+        try:
+            self._load_own_state(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                 error_msgs)
+        finally:
+            self.__dict__["_load_state_dict_pre_hooks"] = hooks
+
+    def _load_own_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                        error_msgs):
         form = self._form_in_state(state_dict, prefix)
         if form is not None:
             rank, problem = self._state_rank_and_problem(state_dict, prefix, form)
@@ -460,6 +507,7 @@ class FormLayer(nn.Module):
         """What a state dict's wrong ``shape`` for tensor ``name`` likely means ("" where nothing is known)."""
         return ""
 
+    @outside_inference_mode
     @torch.no_grad()
     def _allocate(self, form, rank):
         """Switch to ``form`` with uninitialized parameters of the right shapes (for loading); a frozen

@@ -12,7 +12,8 @@ from ._args import check_int
 from ._checks import parameter_owners
 from ._forms import FORMS, FormLayer, check_floating_dtype
 from .linear import (FusedLowRankLinear, check_alpha, check_ratio, is_transposed_linear, linear_weight,
-                     own_computation, rank_from_ratio, transformers_bases, transformers_class)
+                     own_computation, rank_from_ratio, reparametrization, transformers_bases,
+                     transformers_class)
 
 __all__ = ["convert_model", "ConversionSummary", "DECOMPOSITIONS"]
 
@@ -421,6 +422,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
                         f"the model is left as it was") from e
         if new.bias is not None:
             new.bias.requires_grad_(child.bias.requires_grad)
+        new.train(child.training)          # an eval-mode model stays in eval mode
         plans.append((places, new))
         row.update(converted=True, rank=new.rank, params_after=_trainable_count(new),
                    new_type=type(new).__name__)
@@ -477,6 +479,14 @@ def _keep_reason(names, places, child, include, exclude, min_features, last_line
                              f"the converted layer would compute only the product with its weight; drop it from "
                              f"include to keep it dense")
         return f"own computation ({method})"
+    reparam = reparametrization(child)
+    if reparam:
+        if named:
+            raise ValueError(f"convert_model: {names[0]!r} is named in include, but its {reparam}: the converted "
+                             f"layer would hold one value of it and drop the parametrization; remove it first "
+                             f"(parametrize.remove_parametrizations, remove_spectral_norm, remove_weight_norm, "
+                             f"prune.remove), or drop {names[0]!r} from include to keep it dense")
+        return reparam
     tied = _tied_to(child, owners)
     if tied:
         if named:

@@ -31,6 +31,7 @@ from ._args import check_int, check_real
 from ._checks import (check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer, check_new_copy,
                       check_not_unconverted, check_same_layers, check_switchable, check_sync, check_untied,
                       unwrap_model)
+from ._forms import outside_inference_mode
 from ._optim import LINEAR_STATE, SQUARED_STATE, manage, replace_params
 from .distributed import _remember_ddp, _retire_stale
 from .linear import FusedLowRankLinear, svd_factors
@@ -107,6 +108,7 @@ def _pad_state(state, param, extra, ratio):
     return out
 
 
+@outside_inference_mode
 @torch.no_grad()
 def grow_rank_(layer, new_rank, optimizer=None):
     """Grow a FusedLowRankLinear (lowrank or adapter form) to ``new_rank`` components, in place.

@@ -12,8 +12,8 @@ from ._args import check_int, check_real
 from ._forms import FormLayer, check_floating_dtype, check_form
 
 __all__ = ["FusedLowRankLinear", "check_alpha", "check_rank", "check_ratio", "is_transposed_linear",
-           "linear_weight", "own_computation", "check_plain_computation", "rank_from_ratio", "transformers_bases",
-           "transformers_class"]
+           "linear_weight", "own_computation", "reparametrization", "check_plain_computation", "rank_from_ratio",
+           "transformers_bases", "transformers_class"]
 
 
 def transformers_bases(module):
@@ -49,14 +49,45 @@ def own_computation(module):
     return next((f"{cls.__name__}.{m}" for m in methods if getattr(cls, m) is not getattr(base, m)), None)
 
 
+def reparametrization(module):
+    """What reparametrizes a tensor of ``module`` (``"weight is parametrized (_SpectralNorm)"``), else None.
+
+    ``torch.nn.utils.parametrize`` (``parametrizations.spectral_norm``, ``weight_norm``,
+    ``orthogonal``), the older hook-based ``spectral_norm``/``weight_norm`` and ``prune`` compute the
+    weight from other tensors at each call.  A dynrank layer built from the weight would hold one value of it and
+    drop the constraint.
+    """
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(module):
+        kinds = {name: ", ".join(type(p).__name__ for p in plist) for name, plist in module.parametrizations.items()}
+        return "; ".join(f"{name} is parametrized ({kind})" for name, kind in kinds.items())
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    found = []
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (SpectralNorm, WeightNorm)):
+            found.append(f"{hook.name} is reparametrized (hook-based {type(hook).__name__})")
+        elif isinstance(hook, BasePruningMethod):
+            found.append(f"{hook._tensor_name} is pruned ({type(hook).__name__})")
+    return "; ".join(found) or None
+
+
 def check_plain_computation(module, cls_name):
-    """TypeError where :func:`own_computation` finds an overriding method (``from_dense`` of ``cls_name``)."""
+    """TypeError where :func:`own_computation` finds an overriding method, or :func:`reparametrization`
+    a reparametrized tensor (``from_dense`` of ``cls_name``)."""
     method = own_computation(module)
+    base = "nn.Conv2d" if isinstance(module, nn.Conv2d) else "nn.Linear"
     if method is not None:
-        base = "nn.Conv2d" if isinstance(module, nn.Conv2d) else "nn.Linear"
         raise TypeError(f"from_dense: {type(module).__name__} overrides {base}.{method.split('.')[1]}, so a "
                         f"{cls_name} built from its weight would not compute what it computes; keep it dense, "
                         f"or convert a plain {base}")
+    reparam = reparametrization(module)
+    if reparam is not None:
+        raise TypeError(f"from_dense: the {base}'s {reparam}, so a {cls_name} built from its weight would hold "
+                        f"one value of it and drop the parametrization; remove it first "
+                        f"(parametrize.remove_parametrizations(module, name), remove_spectral_norm, "
+                        f"remove_weight_norm, prune.remove), or keep the layer dense")
 
 
 def is_transposed_linear(module):

@@ -183,6 +183,9 @@ def _replacement(layer, names, places, lowrank):
         raise TypeError(f"unconvert_model: {names[0]!r} is a {type(layer).__name__}, a dynrank layer with no "
                         f"plain equivalent known here (FusedLowRankLinear and LowRankConv2d have one); the "
                         f"model is left as it was")
+    # A parametrized weight or factor (spectral_norm, weight_norm, ...) would be baked in and its
+    # constraint dropped (or, on a full-form weight, fail with torch's own message): refused, naming it.
+    layer._check_switchable(f"unconvert_model: {names[0]!r}")
     reader = next((f"{type(parent).__name__} reads {attr}.weight" for _, parent, attr in places
                    if any(isinstance(parent, t) and attr in a for t, a in _READS_WEIGHT.items())), None)
     dense = layer.form != "lowrank" or lowrank == "dense" or reader is not None

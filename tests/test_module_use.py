@@ -1,0 +1,182 @@
+"""The layers and converted models under the module utilities users reach for: load_state_dict pre-hooks,
+inference mode, weight assignment, parametrizations and pruning, eval mode, and gradients at a deflate."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils.parametrizations import spectral_norm
+
+from dynrank import FusedLowRankLinear, LowRankConv2d, convert_model, unconvert_model
+from dynrank.inrank import grow_rank_
+
+F64 = torch.float64
+
+
+def _randomized(layer):
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.5)
+    return layer
+
+
+# -- load_state_dict pre-hooks ----------------------------------------------------------------
+
+def test_a_load_pre_hook_runs_before_the_form_and_rank_are_read():
+    """A hook that renames a checkpoint's factors (U, V → A, B) and one that transposes an (in, out) weight
+    run first, as on nn.Linear: the form and rank loaded are those of the dict they leave."""
+    saved = _randomized(FusedLowRankLinear(8, 6, 3, dtype=F64))
+    renamed = {"U": saved.A.detach().clone(), "V": saved.B.detach().clone(), "bias": saved.bias.detach().clone()}
+    calls = []
+
+    def rename(module, state_dict, prefix, *args):
+        calls.append(prefix)
+        for old, new in (("U", "A"), ("V", "B")):
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+    layer = FusedLowRankLinear(8, 6, 2, dtype=F64)                          # rank 2 before the load
+    layer.register_load_state_dict_pre_hook(rename)
+    model = nn.Sequential(layer)
+    model.load_state_dict({f"0.{k}": v for k, v in renamed.items()})
+    assert calls == ["0."] and layer.rank == 3                            # ran once, before the rank was read
+    x = torch.randn(4, 8, dtype=F64)
+    assert torch.equal(layer(x), saved(x))
+
+    dense = nn.Linear(8, 6, dtype=F64)
+    transposed = {"weight": dense.weight.detach().t().clone(), "bias": dense.bias.detach().clone()}
+
+    def transpose(module, state_dict, prefix, *args):
+        state_dict[prefix + "weight"] = state_dict[prefix + "weight"].t()
+
+    for target in (nn.Linear(8, 6, dtype=F64), FusedLowRankLinear(8, 6, 2, form="full", dtype=F64),
+                   FusedLowRankLinear(8, 6, 2, form="lowrank", dtype=F64)):
+        target.register_load_state_dict_pre_hook(transpose)
+        target.load_state_dict(dict(transposed))
+        assert torch.equal(target(x), dense(x)), type(target).__name__
+
+
+# -- inference mode ---------------------------------------------------------------------------
+
+def _switches():
+    def inflate(layer):
+        layer.inflate()
+
+    def deflate(layer):
+        layer.inflate().deflate(init="svd")
+
+    def load(layer):
+        layer.load_state_dict(FusedLowRankLinear(8, 6, 2, form="full").state_dict())
+
+    def grow(layer):
+        grow_rank_(layer, 4)
+    return [inflate, deflate, load, grow]
+
+
+@pytest.mark.parametrize("switch", _switches(), ids=lambda f: f.__name__)
+def test_a_switch_under_inference_mode_makes_ordinary_parameters(switch):
+    """Parameters made inside inference mode were inference tensors: the next training step's backward
+    failed ("Inference tensors cannot be saved for backward"), far from the switch."""
+    layer = _randomized(FusedLowRankLinear(8, 6, 2))
+    with torch.inference_mode():
+        switch(layer)
+    assert not any(p.is_inference() for p in layer.parameters())
+    x = torch.randn(4, 8)
+    layer(x).square().sum().backward()
+    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+
+
+# -- a weight assigned in lowrank form --------------------------------------------------------
+
+def test_assigning_a_weight_in_lowrank_form_is_refused():
+    """``head.weight = emb.weight`` in lowrank form was added to A·Bᵀ by the forward and had the factors
+    merged into the embedding by inflate.  Refused, naming what to do; in full form it ties as on nn.Linear."""
+    emb = nn.Embedding(6, 8)
+    head = FusedLowRankLinear(8, 6, 2)
+    with pytest.raises(ValueError, match="in lowrank form has no weight.*call inflate\\(\\) first"):
+        head.weight = emb.weight
+    assert head.weight is None and head.form == "lowrank"
+    head.inflate()
+    head.weight = emb.weight
+    x = torch.randn(3, 8)
+    assert torch.equal(head(x), x @ emb.weight.t() + head.bias)
+
+
+# -- deflate and the frozen weight's gradient ---------------------------------------------------
+
+def test_deflate_drops_the_gradient_of_the_weight_it_freezes():
+    """A manual deflate kept W's last gradient on the frozen W_f: clip_grad_norm_(model.parameters())
+    counted it, and inflate revived it as W's gradient."""
+    layer = _randomized(FusedLowRankLinear(8, 6, 2, form="full"))
+    layer(torch.randn(4, 8)).sum().backward()
+    layer.deflate()
+    assert layer.weight.grad is None
+    assert layer.inflate().weight.grad is None
+
+
+# -- parametrizations, pruning --------------------------------------------------------------------
+
+REPARAMETRIZE = {
+    "spectral_norm": (lambda m: spectral_norm(m), "weight is parametrized \\(_SpectralNorm\\)"),
+    "hook_weight_norm": (lambda m: nn.utils.weight_norm(m), "weight is reparametrized \\(hook-based WeightNorm\\)"),
+    "prune": (lambda m: prune.l1_unstructured(m, "weight", 0.3), "weight is pruned \\(L1Unstructured\\)"),
+}
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("kind", list(REPARAMETRIZE))
+def test_convert_keeps_a_reparametrized_layer_dense(kind):
+    """A spectral-normed, weight-normed or pruned layer was converted from one value of its weight, and the
+    constraint was silently gone (σ_max 1.49 → 59,281 after one step).  It stays dense with a note; named in
+    ``include`` it is an error, and ``from_dense`` refuses it."""
+    make, what = REPARAMETRIZE[kind]
+    model = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)        # the hook-based weight_norm is deprecated
+        make(model[0])
+    kept = model[0]
+    summary = convert_model(model, rank_ratio=0.25)
+    assert model[0] is kept and isinstance(model[2], FusedLowRankLinear)
+    assert any(row["name"] == "0" and not row["converted"] and row["note"] for row in summary.rows)
+    assert [row["note"] for row in summary.rows if row["name"] == "0"][0].replace("(", "\\(").replace(")", "\\)") \
+        == what
+    with pytest.raises(ValueError, match=f"'0' is named in include, but its {what}"):
+        convert_model(_reparametrized(kind), rank_ratio=0.25, include=["0"])
+    with pytest.raises(TypeError, match=f"from_dense: the nn.Linear's {what}"):
+        FusedLowRankLinear.from_dense(kept, 4)
+
+
+def _reparametrized(kind):
+    model = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        REPARAMETRIZE[kind][0](model[0])
+    return model
+
+
+@pytest.mark.parametrize("form", ["full", "lowrank"])
+def test_unconvert_refuses_a_reparametrized_layer(form):
+    """unconvert_model on a full-form layer with a parametrized weight failed with torch's "cannot assign
+    'torch.FloatTensor' as parameter 'weight'"; with a parametrized factor it baked the value in and dropped
+    the parametrization silently.  Both refuse, naming the layer and how to remove it; the model is kept."""
+    model = nn.Sequential(FusedLowRankLinear(8, 6, 2, form=form), nn.ReLU())
+    parametrize.register_parametrization(model[0], "weight" if form == "full" else "A", nn.Identity())
+    layer = model[0]
+    with pytest.raises(RuntimeError, match="unconvert_model: '0'.*reparametrized.*remove_parametrizations"):
+        unconvert_model(model)
+    assert model[0] is layer
+
+
+def test_convert_keeps_eval_mode():
+    model = _mlp().eval()
+    convert_model(model, rank_ratio=0.25)
+    assert not any(m.training for m in model.modules())
+    conv = nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    convert_model(conv, rank_ratio=0.5, keep_last=False)
+    assert isinstance(conv[0], LowRankConv2d) and not conv[0].training
