@@ -262,7 +262,8 @@ class FormLayer(nn.Module):
             raise RuntimeError(
                 f"{what or type(self).__name__} ({self._form} form, rank {self._rank}) cannot change form or "
                 f"rank: its {', '.join(moved)} {'is' if one else 'are'} reparametrized (torch.nn.utils.parametrize, "
-                f"the hook-based spectral_norm/weight_norm, or pruned), and such a change replaces {'it' if one else 'them'}: "
+                f"the hook-based spectral_norm/weight_norm, or pruned), and such a change replaces "
+                f"{'it' if one else 'them'}: "
                 f"expected plain parameters. Remove the parametrization first "
                 f"(parametrize.remove_parametrizations(layer, name), remove_spectral_norm, remove_weight_norm, "
                 f"prune.remove(layer, name)) "
@@ -385,7 +386,8 @@ class FormLayer(nn.Module):
             self._merge_into_(weight.data, -1.0, factors)
         else:
             factors = self._init_factors(rank, init == "zeros", weight.device, weight.dtype)
-        weight.grad = None     # W_f is frozen: a gradient W still held would count in clip_grad_norm_ and come back at inflate
+        # W_f is frozen: a gradient W still held would count in clip_grad_norm_ and come back at inflate.
+        weight.grad = None
         self._become("adapter", weight, factors, rank, trainable)
         return self
 
