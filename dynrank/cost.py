@@ -154,6 +154,12 @@ def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
     seen = _lowrank_ranks_seen(run, dict(modules)) if run is not None else {}
     layers, adapter, unknown, factorized_ids = [], [], [], set()
     for name, module in modules:
+        tensors = [module._dense()] + list(module.factors().values())
+        factorized_ids.update(id(t) for t in tensors if t is not None)
+        if not module._trains():                       # frozen (requires_grad_(False)): it stays so in every form
+            layers.append((name, 0, 0))
+            adapter.append(0)
+            continue
         lowrank_rank = adapter_rank = module.rank
         if module.form == "adapter":
             if name in given:
@@ -176,8 +182,6 @@ def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
         dense = _count(module._dense_shape())
         layers.append((name, dense, sum(_count(s) for s in module._factor_shapes(lowrank_rank).values())))
         adapter.append(sum(_count(s) for s in module._factor_shapes(adapter_rank).values()))
-        tensors = [module._dense()] + list(module.factors().values())
-        factorized_ids.update(id(t) for t in tensors if t is not None)
     other = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in factorized_ids)
     return layers, adapter, other, unknown
 
@@ -215,7 +219,9 @@ def _deflate_ranks(scheduler, modules):
         if id(layer) in names:
             spec = scheduler.deflate_rank
             spec = spec.get(own_name) if isinstance(spec, Mapping) else spec
-            out[names[id(layer)]] = None if spec is None else scheduler._deflate_rank_for(own_name, layer)
+            # As the layer's deflate reads it: an int for a Tucker or TKD-CPD conv is a tuple rank.
+            out[names[id(layer)]] = None if spec is None else layer._check_rank(
+                scheduler._deflate_rank_for(own_name, layer))
     if modules and not out:
         raise ValueError("scheduler manages none of this model's dynrank layers; pass the scheduler built on it")
     return out

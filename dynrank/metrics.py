@@ -180,20 +180,38 @@ def _plan_fused_linear(layer):
 
 def _plan_form_layer(layer):
     effective = getattr(layer, "effective_weight", None)
+    bound = None
     if callable(effective):
         weight = effective()
     elif layer.form == "full":
         weight = layer._dense()
     else:
-        # Same merge inflate() performs (FormLayer contract), into a scratch copy.
-        ref = layer._reference_tensor()
-        dense = layer._dense()
-        weight = (torch.zeros(layer._dense_shape(), device=ref.device, dtype=ref.dtype) if dense is None
-                  else dense.detach().clone())
-        layer._merge_into_(weight, 1.0, {k: v.detach() for k, v in layer.factors().items()})
+        # The merge inflate() performs, in float64 (a merge in the storage dtype rounded a bf16 adapter's
+        # smallest singular value 59 % off, and gave a lowrank layer's zero ones as 5e-4).
+        from ._optim import _differentiable_merge
+        ref, dense = layer._reference_tensor(), layer._dense()
+        factors = {k: v.detach().double() for k, v in layer.factors().items()}
+        merged = _differentiable_merge(layer, factors)
+        weight = merged if dense is None else dense.detach().double() + merged
+        bound = _merged_rank_bound(layer, factors)
+        plan = _plan(weight)
+        plan.dtype = ref.dtype                    # the default tolerance follows the storage dtype
+        plan.form, plan.rank, plan.rank_bound = layer.form, layer.rank, bound
+        return plan
     plan = _plan(weight)
     plan.form, plan.rank = layer.form, layer.rank
     return plan
+
+
+def _merged_rank_bound(layer, factors):
+    """An upper bound on the matrix rank of the layer's merged factors: the inner size of its output factor
+    and of its merge U·V over the groups (Tucker (r_in, r_out): r_out; TKD-CPD: min(R, r_out)).  A tuple
+    rank's largest entry, used before, does not bound it."""
+    dec = getattr(layer, "_dec", None)
+    if dec is None or not hasattr(dec, "operands"):
+        return None
+    U, _ = dec.operands(factors)
+    return min(dec.inner_rank(layer.rank), U.shape[1] * layer.groups)
 
 
 def _sigma_batch(mats, method):
@@ -302,8 +320,9 @@ def _metrics_from(plan, sigma, tol):
     smax, smin = float(sigma[0]), float(sigma[-1])
     live = p
     if plan.form == "lowrank" and plan.rank is not None:
-        # Tuple ranks (Tucker convs): the largest entry bounds the matrix rank.
-        bound = max(plan.rank) if isinstance(plan.rank, (tuple, list)) else plan.rank
+        bound = getattr(plan, "rank_bound", None)
+        if bound is None:
+            bound = max(plan.rank) if isinstance(plan.rank, (tuple, list)) else plan.rank
         live = max(1, min(int(bound), p))
     return LayerMetrics(
         form=plan.form, rank=plan.rank, shape=tuple(plan.dense_shape), sigma_max=smax, sigma_min=smin,
@@ -353,7 +372,8 @@ def monitored_layers(model, layers=None):
         list of (name, module) in ``named_modules`` order (given names: in their order).
 
     Raises:
-        TypeError: ``model`` is not a module; ``layers`` is none of the above.
+        TypeError: ``model`` is not a module; ``layers`` is none of the above, or names a module with no
+            weight to measure (an activation, say).
         ValueError: an unknown name.
     """
     if not isinstance(model, nn.Module):
@@ -376,6 +396,13 @@ def monitored_layers(model, layers=None):
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(f"layers {missing} are not modules of the model")
+    # Checked here, so that a RankMonitor fails when built, not at every epoch's end.
+    unmeasurable = [f"{n} ({type(modules[n]).__name__})" for n in names
+                    if not isinstance(modules[n], (FormLayer, *_PLAIN))
+                    and not callable(getattr(modules[n], "effective_weight", None))]
+    if unmeasurable:
+        raise TypeError(f"layers {unmeasurable} have no weight to measure: expected dynrank layers, nn.Linear, "
+                        f"nn.Conv1d/2d/3d or modules with effective_weight()")
     return [(n, modules[n]) for n in names]
 
 

@@ -141,7 +141,7 @@ class RankMonitor:
 
     # -- scheduler hook ------------------------------------------------------------------
     def attach(self, scheduler):
-        """Register :meth:`on_switch` with ``scheduler.add_callback``; returns self.
+        """Register :meth:`on_switch` with ``scheduler.add_callback`` (once per scheduler); returns self.
 
         Raises:
             TypeError: ``scheduler`` has no ``add_callback``.
@@ -150,6 +150,8 @@ class RankMonitor:
         if not callable(add):
             raise TypeError(f"scheduler must have an add_callback(fn) method (DynamicRankScheduler), got "
                             f"{type(scheduler).__name__}")
+        if self.on_switch in getattr(scheduler, "_callbacks", ()):
+            return self                # attached already (RankMonitor(..., scheduler=s) then attach(s)): once
         add(self.on_switch)
         return self
 

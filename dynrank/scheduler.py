@@ -590,4 +590,9 @@ class DynamicRankScheduler:
             setattr(self, key, value)
         with torch.random.fork_rng(devices=[]):
             self._bring_to(forms, carry=False, ranks=ranks, init="zeros")
+        for name, layer in self._layers:
+            if layer.form == "full":
+                # A full-form layer's rank is the one its next deflate takes by default, not a tensor shape:
+                # it comes from the checkpoint, also into a model converted at another rank.
+                layer._rank = ranks[name]
         self.last_epoch = last_epoch

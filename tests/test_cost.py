@@ -358,3 +358,34 @@ def test_lowrank_ranks_and_scheduler_checked():
     lowrank = nn.Sequential(FusedLowRankLinear(8, 8, 2))
     with pytest.raises(ValueError, match=r"lowrank_ranks\['0'\] is 3 but layer '0' is in lowrank form at rank 2"):
         param_counts(lowrank, lowrank_ranks={"0": 3})
+
+
+@pytest.mark.parametrize("decomposition, rank, deflate_rank, adapter_factors", [
+    ("tucker", (4, 8), 4, 8 * 4 + 4 * 4 * 9 + 4 * 16),            # 4 means (4, 4): U_in, core, U_out
+    ("tkd-cpd", (4, 4, 8), 4, 8 * 4 + 4 * (4 + 3 + 3 + 4) + 4 * 16),
+])
+def test_counts_before_training_take_an_int_deflate_rank_as_the_layer_does(decomposition, rank, deflate_rank,
+                                                                           adapter_factors):
+    """param_counts(model, scheduler=...) before any step, the call the cost errors recommend, raised
+    "cannot unpack non-iterable int object" for a Tucker or TKD-CPD conv given an int deflate_rank: the
+    layer reads 4 as (4, 4), the count read it raw.  Counted before and after the deflate alike."""
+    model = nn.Sequential(LowRankConv2d(8, 16, 3, rank=rank, decomposition=decomposition), nn.ReLU())
+    sched = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 2, deflate_rank=deflate_rank)
+    before = param_counts(model, scheduler=sched)
+    assert before.adapter == adapter_factors + 16                   # with the bias, trainable in every form
+    sched.step(0), sched.step(1), sched.step(2)
+    assert model[0].form == "adapter" and param_counts(model, scheduler=sched) == before
+    assert sum(p.numel() for p in model[0].factors().values()) == adapter_factors
+
+
+def test_a_frozen_layer_counts_no_trainable_parameters():
+    """A layer frozen with requires_grad_(False) stays frozen in every form: its weight and factors counted as
+    trainable (d_ρ 1056 and d 2080 for 544 and 1056 trainable) gave Comp. of parameters nothing trains."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedLowRankLinear(32, 32, 8), nn.ReLU(), FusedLowRankLinear(32, 32, 8))
+    model[2].requires_grad_(False)
+    counts = param_counts(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts.lowrank == trainable == 8 * 64 + 32
+    model[0].inflate(), model[2].inflate()
+    assert counts.full == sum(p.numel() for p in model.parameters() if p.requires_grad) == 32 * 32 + 32

@@ -321,3 +321,48 @@ def test_layer_names_are_names_not_characters():
         monitored_layers(model, 3)
     with pytest.raises(TypeError, match=r"layers must hold module names \(str\), got 3 \(int\)"):
         monitored_layers(model, ["0", 3])
+
+
+def _conv_reference_sigma(layer):
+    """Singular values of the layer's effective kernel, merged from float64 copies of its tensors."""
+    import copy
+    ref = copy.deepcopy(layer).double()
+    if ref.form != "full":
+        ref.inflate()
+    W = ref.weight.detach()
+    return torch.linalg.svdvals(W.reshape(W.shape[0], -1))
+
+
+@pytest.mark.parametrize("decomposition, rank", [("tucker", (8, 4)), ("tkd-cpd", (8, 3, 8)), ("tkd-cpd", (4, 8, 4)),
+                                                 ("svd", 4), ("cp", 4)])
+def test_restricted_spectral_ratio_of_a_lowrank_conv_uses_its_true_rank_bound(decomposition, rank):
+    """σ₁/σ_r with r the rank the merged kernel can have: r_out for Tucker, min(R, r_out) for TKD-CPD.  The
+    largest entry of a tuple rank, used before, reached past it and reported ∞ for healthy layers."""
+    from dynrank.conv import LowRankConv2d
+    torch.manual_seed(0)
+    layer = LowRankConv2d(8, 16, 3, rank=rank, decomposition=decomposition, dtype=torch.float64)
+    with torch.no_grad():
+        for p in layer.factors().values():
+            p.normal_()
+    sigma = _conv_reference_sigma(layer)
+    true_rank = int((sigma > sigma[0] * 1e-10).sum())
+    got = layer_metrics(layer).restricted_spectral_ratio
+    assert math.isfinite(got)
+    assert got == pytest.approx(float(sigma[0] / sigma[true_rank - 1]), rel=1e-9)
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+@pytest.mark.parametrize("decomposition", ["svd", "tucker", "cp", "tkd-cpd"])
+def test_conv_metrics_merge_in_float64(form, decomposition):
+    """A bf16 conv's factors were merged in bf16 before the float64 SVD: σ_min of a TKD-CPD adapter came out
+    59 % off, and a lowrank layer's zero singular values as 5e-4.  The merge is float64, as documented."""
+    from dynrank.conv import LowRankConv2d
+    torch.manual_seed(1)
+    rank = {"svd": 4, "tucker": (4, 4), "cp": 4, "tkd-cpd": (4, 4, 4)}[decomposition]
+    layer = LowRankConv2d(8, 16, 3, rank=rank, decomposition=decomposition, form=form, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    sigma = _conv_reference_sigma(layer)
+    got = singular_values(layer)
+    assert torch.allclose(got, sigma.to(got.dtype), rtol=1e-9, atol=1e-12 * float(sigma[0]))

@@ -516,3 +516,21 @@ def test_load_state_dict_refuses_bad_states_and_other_layers():
     assert (target.state_dict(), target.records, target.switches) == before    # nothing changed
     target.load_state_dict(good)
     assert target.epochs == [0, 1, 2]
+
+
+def test_a_named_layer_without_a_weight_is_refused_when_the_monitor_is_built():
+    """``layers=["1"]`` naming a ReLU was accepted, and then every epoch's end raised and stored the epoch with
+    no layers, though the monitor promises its arguments are checked when built."""
+    model = nn.Sequential(FusedLowRankLinear(8, 8, 2), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(TypeError, match=r"layers \['1 \(ReLU\)'\] have no weight to measure"):
+        RankMonitor(model, layers=["1"])
+    assert list(RankMonitor(model, layers=["2", "0"]).layers) == ["2", "0"]      # weighted modules are fine
+
+
+def test_attaching_the_same_scheduler_twice_records_each_switch_once():
+    model = nn.Sequential(FusedLowRankLinear(8, 8, 2), nn.ReLU())
+    sched = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, None)
+    monitor = RankMonitor(model, scheduler=sched)
+    assert monitor.attach(sched) is monitor
+    sched.step(0), sched.step(1)
+    assert len(monitor.switches) == 1

@@ -709,3 +709,29 @@ def test_a_layer_tied_to_another_module_is_refused():
     with pytest.raises(ValueError, match=r"layer 'lm_head' shares its A with side\.A \(tied weights\): an? "
                                          r"IncrementalRankScheduler"):
         IncrementalRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), init_rank=1)
+
+
+def test_a_full_phase_checkpoint_gives_the_layers_its_rank():
+    """A full-form layer's rank is the one its next deflate takes.  A full-phase checkpoint loaded into a model
+    converted at another rank kept the model's, so the resumed run deflated to rank 2 where the uninterrupted
+    one deflated to rank 4."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+
+    def run(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return opt, DynamicRankScheduler(model, opt, 1, 3)
+    model = mlp()                                       # rank_ratio 0.25: ranks 3 and 6
+    opt, sched = run(model)
+    for epoch in range(3):
+        sched.step(epoch)
+        train_steps(model, opt, x, y, steps=1)
+    state = training_state(model, opt, sched)
+    assert sched.state_dict()["forms"]["0"] == "full"
+    fresh = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3))
+    convert_model(fresh, rank_ratio=0.5)                # ranks 6 and 12
+    fresh_opt, fresh_sched = run(fresh)
+    load_training_state(state, fresh, fresh_opt, fresh_sched)
+    assert [fresh[i].rank for i in (0, 2)] == [model[i].rank for i in (0, 2)] == [3, 6]
+    sched.step(3), fresh_sched.step(3)
+    assert [fresh[i].rank for i in (0, 2)] == [model[i].rank for i in (0, 2)]
