@@ -70,16 +70,21 @@ def _is_channels_last(t):
 
 
 def outside_inference_mode(method):
-    """Run a form change (or rank growth) outside ``torch.inference_mode``, under ``no_grad``.
+    """Run a form change (or rank growth, or a scheduler's switches) outside ``torch.inference_mode``,
+    under ``no_grad``.
 
-    Parameters made inside inference mode are inference tensors: the next training step's backward
-    cannot save them ("Inference tensors cannot be saved for backward"), far from the switch that
-    made them.  ``nn.Linear.load_state_dict`` under inference mode keeps ordinary tensors; so do the
-    switches.
+    Parameters (and optimizer state) made inside inference mode are inference tensors: the next
+    training step cannot use them ("Inference tensors cannot be saved for backward"), far from the
+    switch that made them.  ``nn.Linear.load_state_dict`` under inference mode keeps ordinary tensors;
+    so do the switches.  A layer whose parameters are inference tensors already (a model cast under
+    inference mode, for serving) is switched inside inference mode, as before: outside it, those
+    tensors cannot be updated in place.  ``args[0]`` is the layer (or the scheduler).
     """
     @functools.wraps(method)
     def run(*args, **kwargs):
-        if not torch.is_inference_mode_enabled():
+        owner = args[0] if args else None
+        if not torch.is_inference_mode_enabled() or (
+                isinstance(owner, nn.Module) and any(p.is_inference() for p in owner.parameters())):
             return method(*args, **kwargs)
         with torch.inference_mode(False), torch.no_grad():
             return method(*args, **kwargs)
@@ -457,11 +462,16 @@ class FormLayer(nn.Module):
                 except RuntimeError as e:     # into torch's list: the other layers load and it names them all
                     error_msgs.append(str(e))
                     return
-                before = params_before(self)
-                self._allocate(form, rank)
-                follow_load(self, before)            # the managing scheduler's optimizer, if any
+                self._switch_for_load(form, rank)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    @outside_inference_mode
+    def _switch_for_load(self, form, rank):
+        """Allocate ``form`` at ``rank`` for a load; the managing scheduler's optimizer follows, if any."""
+        before = params_before(self)
+        self._allocate(form, rank)
+        follow_load(self, before)
 
     def _state_rank_and_problem(self, state_dict, prefix, form):
         """(rank, None) when the state dict's tensors for this layer have the shapes of ``form`` at the

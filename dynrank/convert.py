@@ -11,8 +11,8 @@ from torch import nn
 from ._args import check_int
 from ._checks import parameter_owners
 from ._forms import FORMS, FormLayer, check_floating_dtype
-from .linear import (FusedLowRankLinear, check_alpha, check_ratio, is_transposed_linear, linear_weight,
-                     own_computation, rank_from_ratio, reparametrization, transformers_bases,
+from .linear import (HOW_TO_REMOVE, FusedLowRankLinear, check_alpha, check_ratio, is_transposed_linear,
+                     linear_weight, own_computation, rank_from_ratio, reparametrization, transformers_bases,
                      transformers_class)
 
 __all__ = ["convert_model", "ConversionSummary", "DECOMPOSITIONS"]
@@ -484,8 +484,7 @@ def _keep_reason(names, places, child, include, exclude, min_features, last_line
         if named:
             raise ValueError(f"convert_model: {names[0]!r} is named in include, but its {reparam}: the converted "
                              f"layer would hold one value of it and drop the parametrization; remove it first "
-                             f"(parametrize.remove_parametrizations, remove_spectral_norm, remove_weight_norm, "
-                             f"prune.remove), or drop {names[0]!r} from include to keep it dense")
+                             f"({HOW_TO_REMOVE}), or drop {names[0]!r} from include to keep it dense")
         return reparam
     tied = _tied_to(child, owners)
     if tied:

@@ -12,8 +12,8 @@ from ._args import check_int, check_real
 from ._forms import FormLayer, check_floating_dtype, check_form
 
 __all__ = ["FusedLowRankLinear", "check_alpha", "check_rank", "check_ratio", "is_transposed_linear",
-           "linear_weight", "own_computation", "reparametrization", "check_plain_computation", "rank_from_ratio",
-           "transformers_bases", "transformers_class"]
+           "linear_weight", "own_computation", "reparametrization", "HOW_TO_REMOVE", "check_plain_computation",
+           "rank_from_ratio", "transformers_bases", "transformers_class"]
 
 
 def transformers_bases(module):
@@ -47,6 +47,11 @@ def own_computation(module):
     if cls.__name__ in _PLAIN_SUBCLASSES and cls in transformers_bases(module):
         return None
     return next((f"{cls.__name__}.{m}" for m in methods if getattr(cls, m) is not getattr(base, m)), None)
+
+
+# How to undo each kind of reparametrization :func:`reparametrization` finds, for the messages that name one.
+HOW_TO_REMOVE = ("parametrize.remove_parametrizations(module, name), remove_spectral_norm, remove_weight_norm, "
+                 "prune.remove")
 
 
 def reparametrization(module):
@@ -85,9 +90,8 @@ def check_plain_computation(module, cls_name):
     reparam = reparametrization(module)
     if reparam is not None:
         raise TypeError(f"from_dense: the {base}'s {reparam}, so a {cls_name} built from its weight would hold "
-                        f"one value of it and drop the parametrization; remove it first "
-                        f"(parametrize.remove_parametrizations(module, name), remove_spectral_norm, "
-                        f"remove_weight_norm, prune.remove), or keep the layer dense")
+                        f"one value of it and drop the parametrization; remove it first ({HOW_TO_REMOVE}), or "
+                        f"keep the layer dense")
 
 
 def is_transposed_linear(module):

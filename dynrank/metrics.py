@@ -192,6 +192,9 @@ def _plan_form_layer(layer):
         ref, dense = layer._reference_tensor(), layer._dense()
         factors = {k: v.detach().double() for k, v in layer.factors().items()}
         merged = _differentiable_merge(layer, factors)
+        if merged is None:        # a FormLayer of another kind: its own merge, into a float64 zero
+            merged = torch.zeros(layer._dense_shape(), device=ref.device, dtype=torch.float64)
+            layer._merge_into_(merged, 1.0, factors)
         weight = merged if dense is None else dense.detach().double() + merged
         bound = _merged_rank_bound(layer, factors)
         plan = _plan(weight)

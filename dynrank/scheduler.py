@@ -30,7 +30,7 @@ from ._checks import (check_copy, check_finite, check_layer_names, check_model_a
                       check_not_unconverted, check_one_group, check_same_layers, check_switchable, check_sync,
                       check_untied, form_layers,
                       unwrap_model)
-from ._forms import DEFLATE_INITS, FORMS
+from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
 from ._optim import manage, params_before, pullback_state, pushforward_state, replace_params, switched_params
 from .distributed import _remember_ddp, _retire_stale
 
@@ -419,6 +419,7 @@ class DynamicRankScheduler:
                              f"form the model was converted to")
         return paths[(old, new)]
 
+    @outside_inference_mode
     def _bring_to(self, targets, carry, ranks=None, init=None, finite=None, follow=False):
         """Switch every layer to ``targets[name]`` (with ``follow``, the model copies' layers too).  All plans
         are made (and, with ``finite`` set, every switching layer checked for NaN/inf) before the first switch."""
@@ -543,10 +544,14 @@ class DynamicRankScheduler:
             rank, form = checked[name], forms[name]
             if layer.form != form:
                 self._path(name, layer.form, form)          # raises if the saved form cannot be reached
-            elif form != "full" and layer.rank != rank:
-                how = ("convert the model with the same rank_ratio" if form == "lowrank" else
-                       "build the scheduler with the saved deflate_rank, or deflate the layer to that rank")
-                raise ValueError(f"layer {name!r} has rank {layer.rank} but the checkpoint has {rank}; {how}")
+            if layer.rank != rank and (form != "adapter" or layer.form == "adapter"):
+                # The switches keep the rank except a deflate, which takes the saved one.  In full form the
+                # rank is the one the next deflate takes by default: a model converted at another rank
+                # would deflate differently from the saved run, so it is refused too.
+                how = ("build the scheduler with the saved deflate_rank, or deflate the layer to that rank"
+                       if form == "adapter" else "convert the model with the same rank_ratio")
+                raise ValueError(f"layer {name!r} has rank {layer.rank} but the checkpoint has {rank}"
+                                 f"{' (the rank its next deflate takes)' if form == 'full' else ''}; {how}")
         return settings, dict(forms), checked
 
     def load_state_dict(self, state_dict):
@@ -590,9 +595,4 @@ class DynamicRankScheduler:
             setattr(self, key, value)
         with torch.random.fork_rng(devices=[]):
             self._bring_to(forms, carry=False, ranks=ranks, init="zeros")
-        for name, layer in self._layers:
-            if layer.form == "full":
-                # A full-form layer's rank is the one its next deflate takes by default, not a tensor shape:
-                # it comes from the checkpoint, also into a model converted at another rank.
-                layer._rank = ranks[name]
         self.last_epoch = last_epoch

@@ -9,7 +9,7 @@ from ._optim import follow_unconvert
 from .conv import LowRankConv2d
 from .conv_factorizations import _axis
 from .convert import RowSummary, _noop_pre_hook, format_table, swap_in
-from .linear import FusedLowRankLinear
+from .linear import HOW_TO_REMOVE, FusedLowRankLinear, reparametrization
 
 __all__ = ["unconvert_model", "UnconversionSummary", "LOWRANK_CHOICES"]
 
@@ -183,9 +183,13 @@ def _replacement(layer, names, places, lowrank):
         raise TypeError(f"unconvert_model: {names[0]!r} is a {type(layer).__name__}, a dynrank layer with no "
                         f"plain equivalent known here (FusedLowRankLinear and LowRankConv2d have one); the "
                         f"model is left as it was")
-    # A parametrized weight or factor (spectral_norm, weight_norm, ...) would be baked in and its
-    # constraint dropped (or, on a full-form weight, fail with torch's own message): refused, naming it.
-    layer._check_switchable(f"unconvert_model: {names[0]!r}")
+    # A parametrized or pruned tensor (spectral_norm, weight_norm, ...; the weight, a factor or the bias)
+    # would be baked in and its constraint dropped, or fail with torch's own message: refused, naming it.
+    reparam = reparametrization(layer)
+    if reparam is not None:
+        raise RuntimeError(f"unconvert_model: {names[0]!r} cannot be unconverted: its {reparam}, and the plain "
+                           f"module would hold one value of it; remove it first ({HOW_TO_REMOVE}) and register "
+                           f"it again on the new module; the model is left as it was")
     reader = next((f"{type(parent).__name__} reads {attr}.weight" for _, parent, attr in places
                    if any(isinstance(parent, t) and attr in a for t, a in _READS_WEIGHT.items())), None)
     dense = layer.form != "lowrank" or lowrank == "dense" or reader is not None

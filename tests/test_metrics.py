@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from _helpers import REL_TOL, rel_err
+from dynrank._forms import FormLayer
 from dynrank.linear import FusedLowRankLinear
 from dynrank.metrics import (default_tol, effective_rank, entropy_effective_rank, layer_metrics, model_metrics,
                              monitored_layers, restricted_spectral_ratio, singular_values, spectral_ratio,
@@ -366,3 +367,46 @@ def test_conv_metrics_merge_in_float64(form, decomposition):
     sigma = _conv_reference_sigma(layer)
     got = singular_values(layer)
     assert torch.allclose(got, sigma.to(got.dtype), rtol=1e-9, atol=1e-12 * float(sigma[0]))
+
+
+class _UVLayer(FormLayer):
+    """A FormLayer of another kind (W0 + U·V, no effective_weight()): measured as what inflate builds."""
+
+    def __init__(self, n, m, rank, form="lowrank"):
+        super().__init__()
+        self.n, self.m = n, m
+        self._build_parameters(form, rank, True, dtype=torch.float64)
+
+    def _factor_names(self, rank):
+        return ("U", "V")
+
+    def _dense_shape(self):
+        return (self.m, self.n)
+
+    def _factor_shapes(self, rank):
+        return {"U": (self.m, rank), "V": (rank, self.n)}
+
+    def _init_factors(self, rank, zero_output, device=None, dtype=None):
+        return {"U": torch.randn(self.m, rank, device=device, dtype=dtype),
+                "V": torch.randn(rank, self.n, device=device, dtype=dtype)}
+
+    def _merge_into_(self, weight, alpha, factors):
+        weight.add_(factors["U"] @ factors["V"], alpha=alpha)
+
+    def _check_rank(self, rank):
+        return int(rank)
+
+    def _init_lowrank_(self, factors, rank):
+        pass
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_a_form_layer_of_another_kind_is_measured_by_its_own_merge(form):
+    torch.manual_seed(0)
+    layer = _UVLayer(12, 10, 3, form=form)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    dense = layer._dense()
+    expected = (0 if dense is None else dense.detach()) + layer.U.detach() @ layer.V.detach()
+    torch.testing.assert_close(singular_values(layer), torch.linalg.svdvals(expected), rtol=1e-12, atol=1e-12)

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.parametrizations import spectral_norm
 
+from _helpers import rel_err
 from dynrank import FusedLowRankLinear, LowRankConv2d, convert_model, unconvert_model
 from dynrank.inrank import grow_rank_
 
@@ -73,6 +74,39 @@ def _switches():
     def grow(layer):
         grow_rank_(layer, 4)
     return [inflate, deflate, load, grow]
+
+
+def test_a_layer_cast_under_inference_mode_still_switches_there():
+    """A model cast under inference mode (for serving) holds inference tensors, which cannot be updated in
+    place outside it: its adapters still merge there, as before, for the linear and the conv."""
+    torch.manual_seed(0)
+    linear = _randomized(FusedLowRankLinear(8, 6, 2, form="adapter"))
+    conv = _randomized(LowRankConv2d(4, 6, 3, rank=2, form="adapter", padding=1))
+    for layer, x in ((linear, torch.randn(3, 8)), (conv, torch.randn(2, 4, 5, 5))):
+        with torch.inference_mode():
+            layer.double()
+            x = x.double()
+            before = layer(x)
+            layer.inflate()
+            assert layer.form == "full" and rel_err(layer(x), before) < 1e-12
+
+
+def test_a_scheduler_switch_under_inference_mode_makes_ordinary_optimizer_state():
+    """The state a carry (or Adagrad's construction-time state) makes at a switch under inference mode was
+    made of inference tensors: the next optimizer.step() failed with "Inplace update to inference tensor"."""
+    from _scheduling import mlp, train_steps
+    from dynrank import DynamicRankScheduler
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = DynamicRankScheduler(model, opt, 1, 2, optimizer_state="carry")
+    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+    for epoch in range(3):
+        with torch.inference_mode():          # an evaluation block around the epoch boundary
+            sched.step(epoch)
+        train_steps(model, opt, x, y, steps=2)
+    assert model[0].form == "adapter"
+    assert not any(t.is_inference() for state in opt.state.values() for t in state.values()
+                   if isinstance(t, torch.Tensor))
 
 
 @pytest.mark.parametrize("switch", _switches(), ids=lambda f: f.__name__)
@@ -160,15 +194,16 @@ def _reparametrized(kind):
     return model
 
 
-@pytest.mark.parametrize("form", ["full", "lowrank"])
-def test_unconvert_refuses_a_reparametrized_layer(form):
-    """unconvert_model on a full-form layer with a parametrized weight failed with torch's "cannot assign
-    'torch.FloatTensor' as parameter 'weight'"; with a parametrized factor it baked the value in and dropped
-    the parametrization silently.  Both refuse, naming the layer and how to remove it; the model is kept."""
+@pytest.mark.parametrize("form, name", [("full", "weight"), ("lowrank", "A"), ("adapter", "bias")])
+def test_unconvert_refuses_a_reparametrized_layer(form, name):
+    """unconvert_model on a layer with a parametrized weight or bias failed with torch's "cannot assign
+    'torch.FloatTensor' as parameter ..."; with a parametrized factor it baked the value in and dropped the
+    parametrization silently.  All refuse, naming the layer and how to remove it; the model is kept."""
     model = nn.Sequential(FusedLowRankLinear(8, 6, 2, form=form), nn.ReLU())
-    parametrize.register_parametrization(model[0], "weight" if form == "full" else "A", nn.Identity())
+    parametrize.register_parametrization(model[0], name, nn.Identity())
     layer = model[0]
-    with pytest.raises(RuntimeError, match="unconvert_model: '0'.*reparametrized.*remove_parametrizations"):
+    with pytest.raises(RuntimeError, match=f"unconvert_model: '0' cannot be unconverted: its {name} is "
+                                           f"parametrized \\(Identity\\).*remove_parametrizations"):
         unconvert_model(model)
     assert model[0] is layer
 

@@ -301,3 +301,16 @@ def test_a_zero_redundancy_optimizer_is_refused():
         assert model[0].A is A and model[0].rank == 3
     finally:
         dist.destroy_process_group()
+
+
+def test_the_zero_redundancy_check_imports_nothing():
+    """The check imported torch.distributed.optim at every scheduler build: about 0.5 s, and a DeprecationWarning
+    (torch.jit.script) that is an error under warnings-as-errors.  An instance implies the module is loaded."""
+    import subprocess
+    import sys
+    code = ("import sys, torch; from torch import nn; from dynrank import DynamicRankScheduler, convert_model\n"
+            "m = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3)); convert_model(m, keep_last=False)\n"
+            "DynamicRankScheduler(m, torch.optim.SGD(m.parameters(), lr=0.1), 1, 2)\n"
+            "assert 'torch.distributed.optim' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

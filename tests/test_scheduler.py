@@ -631,16 +631,18 @@ def _checkpoint(epochs, **kwargs):
 
 
 @pytest.mark.parametrize("source, target, error, message", [
-    # another width: the scheduler has inflated every layer when the model's values do not fit
-    (dict(epochs=2, width=20), dict(epochs=1), RuntimeError, r"weight must have shape \(24, 24\)"),
+    # another width at the same ranks: the scheduler has inflated every layer when the model's values do not fit
+    (dict(epochs=2, width=26), dict(epochs=1), RuntimeError, r"weight must have shape \(24, 24\)"),
     # adapter → full writes into the frozen weight in place before the model's values fail to load
-    (dict(epochs=2, width=20), dict(epochs=3), RuntimeError, r"weight must have shape \(24, 24\)"),
+    (dict(epochs=2, width=26), dict(epochs=3), RuntimeError, r"weight must have shape \(24, 24\)"),
+    # another width at another rank: a full-form layer's rank differs, refused before anything changes
+    (dict(epochs=2, width=20), dict(epochs=1), ValueError, r"layer '2' has rank 6 but the checkpoint has 5"),
     # Adam given an SGD checkpoint: torch fails in optimizer.load_state_dict after model and scheduler loaded
     (dict(epochs=2), dict(epochs=1, opt_factory=lambda p: torch.optim.Adam(p, lr=1e-2)), ValueError,
      r"checkpoint\['optimizer'\] does not fit this optimizer \(KeyError: 'step'\); nothing was loaded"),
     # a bad scheduler part: checked before anything else
     (dict(epochs=2, deflate_rank=30), dict(epochs=1), ValueError, r"deflate_rank for layer '0'"),
-], ids=["width-lowrank", "width-adapter", "adam-given-sgd", "bad-scheduler"])
+], ids=["width-lowrank", "width-adapter", "rank", "adam-given-sgd", "bad-scheduler"])
 def test_failed_load_training_state_changes_nothing(source, target, error, message):
     if "deflate_rank" in source:
         ckpt = _checkpoint(2)
@@ -711,27 +713,36 @@ def test_a_layer_tied_to_another_module_is_refused():
         IncrementalRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), init_rank=1)
 
 
-def test_a_full_phase_checkpoint_gives_the_layers_its_rank():
+def test_a_full_phase_checkpoint_into_a_model_converted_at_another_rank_is_refused():
     """A full-form layer's rank is the one its next deflate takes.  A full-phase checkpoint loaded into a model
-    converted at another rank kept the model's, so the resumed run deflated to rank 2 where the uninterrupted
-    one deflated to rank 4."""
+    converted at another rank was accepted, and the resumed run deflated to rank 6 where the uninterrupted
+    one deflated to rank 3.  Refused as in the other forms (nothing changes); the same conversion resumes."""
     torch.manual_seed(0)
     x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
 
     def run(model):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         return opt, DynamicRankScheduler(model, opt, 1, 3)
-    model = mlp()                                       # rank_ratio 0.25: ranks 3 and 6
+
+    def converted(ratio):
+        model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3))
+        convert_model(model, rank_ratio=ratio)
+        return model
+    model = converted(0.25)                             # ranks 3 and 6
     opt, sched = run(model)
     for epoch in range(3):
         sched.step(epoch)
         train_steps(model, opt, x, y, steps=1)
     state = training_state(model, opt, sched)
     assert sched.state_dict()["forms"]["0"] == "full"
-    fresh = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3))
-    convert_model(fresh, rank_ratio=0.5)                # ranks 6 and 12
-    fresh_opt, fresh_sched = run(fresh)
-    load_training_state(state, fresh, fresh_opt, fresh_sched)
-    assert [fresh[i].rank for i in (0, 2)] == [model[i].rank for i in (0, 2)] == [3, 6]
-    sched.step(3), fresh_sched.step(3)
-    assert [fresh[i].rank for i in (0, 2)] == [model[i].rank for i in (0, 2)]
+    other = converted(0.5)                              # ranks 6 and 12
+    other_opt, other_sched = run(other)
+    with pytest.raises(ValueError, match=r"layer '0' has rank 6 but the checkpoint has 3 \(the rank its next "
+                                         r"deflate takes\); convert the model with the same rank_ratio"):
+        load_training_state(state, other, other_opt, other_sched)
+    assert other[0].form == "lowrank" and other[0].rank == 6
+    same = converted(0.25)
+    same_opt, same_sched = run(same)
+    load_training_state(state, same, same_opt, same_sched)
+    sched.step(3), same_sched.step(3)
+    assert [same[i].rank for i in (0, 2)] == [model[i].rank for i in (0, 2)] == [3, 6]
