@@ -251,3 +251,17 @@ def check_new_copy(model_copy, copies, model_layers):
         raise ValueError("this model copy was already added to the scheduler")
     check_copy(model_copy, layers, model_layers)
     return layers
+
+
+def call_back(callbacks, event):
+    """Call every one of a scheduler's ``callbacks`` with ``event``.  One that raises does not keep the later
+    ones from the event (the switch is done, and a step again would make none); the first error is raised
+    once every callback has run."""
+    error = None
+    for fn in list(callbacks):
+        try:
+            fn(event)
+        except Exception as e:          # raised below, once every callback has had the event
+            error = error or e
+    if error is not None:
+        raise error

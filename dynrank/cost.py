@@ -505,8 +505,13 @@ def measured_comp_ratio(run, epochs=None, inflate_epoch=None, deflate_epoch=None
             number (see :func:`epoch_times`).
         ValueError: no full-form epoch time (or one of 0 s), a ``full_epoch_seconds``
             that is not a finite number > 0, a negative, NaN or infinite ``wall_seconds``,
-            no timed epoch, a needed form has no recorded epoch, or a bad schedule.
+            no timed epoch, a needed form has no recorded epoch, a bad schedule, or
+            ``inflate_epoch``/``deflate_epoch`` without ``epochs``.
     """
+    if epochs is None and (inflate_epoch is not None or deflate_epoch is not None):
+        # Without E the ratio is the run's own, and I and D would be ignored silently.
+        raise ValueError(f"inflate_epoch and deflate_epoch need epochs (the schedule's E), got epochs=None with "
+                         f"inflate_epoch={inflate_epoch!r}, deflate_epoch={deflate_epoch!r}")
     times = epoch_times(run, skip_first)
     mean = {form: sum(v) / len(v) for form, v in times.items() if v}
     if full_epoch_seconds is None:

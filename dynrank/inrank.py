@@ -28,9 +28,9 @@ from collections.abc import Mapping
 import torch
 
 from ._args import check_int, check_real
-from ._checks import (check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer, check_new_copy,
-                      check_not_unconverted, check_same_layers, check_switchable, check_sync, check_untied,
-                      unwrap_model)
+from ._checks import (call_back, check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer,
+                      check_new_copy, check_not_unconverted, check_same_layers, check_switchable, check_sync,
+                      check_untied, unwrap_model)
 from ._forms import outside_inference_mode
 from ._optim import LINEAR_STATE, SQUARED_STATE, manage, replace_params
 from .distributed import _remember_ddp, _retire_stale
@@ -500,8 +500,7 @@ class IncrementalRankScheduler:
             event = {"epoch": None, "step": self.last_step,
                      "changes": [(n, forms[n].form, forms[n].form) for n, _, _ in grown],
                      "rank_changes": list(grown)}
-            for fn in list(self._callbacks):
-                fn(event)
+            call_back(self._callbacks, event)
         return grown
 
     def state_dict(self):

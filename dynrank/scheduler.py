@@ -26,10 +26,9 @@ from collections.abc import Mapping
 import torch
 
 from ._args import check_int
-from ._checks import (check_copy, check_finite, check_layer_names, check_model_and_optimizer, check_new_copy,
-                      check_not_unconverted, check_one_group, check_same_layers, check_switchable, check_sync,
-                      check_untied, form_layers,
-                      unwrap_model)
+from ._checks import (call_back, check_copy, check_finite, check_layer_names, check_model_and_optimizer,
+                      check_new_copy, check_not_unconverted, check_one_group, check_same_layers, check_switchable,
+                      check_sync, check_untied, form_layers, unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
 from ._optim import manage, params_before, pullback_state, pushforward_state, replace_params, switched_params
 from .distributed import _remember_ddp, _retire_stale
@@ -287,7 +286,9 @@ class DynamicRankScheduler:
 
         ``event = {"epoch": int | None, "step": int | None,
         "changes": [(name, old_form, new_form), ...]}`` (``"step"`` is set when
-        ``unit="step"``, ``"epoch"`` otherwise).
+        ``unit="step"``, ``"epoch"`` otherwise).  Callbacks run in the order added;
+        one that raises does not keep the later ones from the event, and
+        :meth:`step` raises the first error once they have all run.
         """
         if not callable(fn):
             raise TypeError(f"callback must be callable, got {type(fn).__name__}")
@@ -393,8 +394,7 @@ class DynamicRankScheduler:
         if changes:
             event = {"epoch": epoch if self.unit == "epoch" else None,
                      "step": epoch if self.unit == "step" else None, "changes": list(changes)}
-            for fn in list(self._callbacks):
-                fn(event)
+            call_back(self._callbacks, event)
         return changes
 
     def _warn_frozen(self, changes):

@@ -389,3 +389,12 @@ def test_a_frozen_layer_counts_no_trainable_parameters():
     assert counts.lowrank == trainable == 8 * 64 + 32
     model[0].inflate(), model[2].inflate()
     assert counts.full == sum(p.numel() for p in model.parameters() if p.requires_grad) == 32 * 32 + 32
+
+
+def test_measured_comp_ratio_refuses_a_schedule_without_its_length():
+    """measured_comp_ratio(run, None, I, D) returned the run's own ratio, silently ignoring I and D."""
+    run = [dict(epoch=e, form=f, wall_seconds=s) for e, (f, s) in enumerate([("lowrank", 1.0), ("lowrank", 1.0),
+                                                                              ("full", 2.0), ("full", 2.0)])]
+    with pytest.raises(ValueError, match="inflate_epoch and deflate_epoch need epochs"):
+        measured_comp_ratio(run, None, 3, 7)
+    assert measured_comp_ratio(run, skip_first=0) == pytest.approx(6.0 / (4 * 2.0))

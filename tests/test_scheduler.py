@@ -746,3 +746,22 @@ def test_a_full_phase_checkpoint_into_a_model_converted_at_another_rank_is_refus
     load_training_state(state, same, same_opt, same_sched)
     sched.step(3), same_sched.step(3)
     assert [same[i].rank for i in (0, 2)] == [model[i].rank for i in (0, 2)] == [3, 6]
+
+
+def test_a_callback_that_raises_does_not_keep_the_later_ones_from_the_switch():
+    """The switch is done when the callbacks run, and stepping again makes none: a later callback skipped
+    after one raised never got the event.  Every one gets it; the first error is raised after them."""
+    model = mlp()
+    sched = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, None)
+    seen = []
+
+    def failing(event):
+        seen.append("failing")
+        raise RuntimeError("callback failed")
+    sched.add_callback(lambda event: seen.append("first"))
+    sched.add_callback(failing)
+    sched.add_callback(lambda event: seen.append("last"))
+    sched.step(0)
+    with pytest.raises(RuntimeError, match="callback failed"):
+        sched.step(1)
+    assert seen == ["first", "failing", "last"] and model[0].form == "full" and sched.last_epoch == 1
