@@ -87,6 +87,24 @@ def _check_padding_mode(padding_mode):
 # The layer
 # ---------------------------------------------------------------------------
 
+# The geometry LowRankConv2d lets users edit as nn.Conv2d's (see the class's geometry section).
+_GEOMETRY = ("stride", "dilation", "padding", "padding_mode")
+
+
+def _geometry(name, check, doc):
+    """A geometry attribute of LowRankConv2d, settable as nn.Conv2d's: ``check`` validates a value as the
+    constructor does, and what the forward reads is derived again (``_derive_padding``)."""
+    attr = "_" + name
+
+    def get(self):
+        return getattr(self, attr)
+
+    def set(self, value):
+        setattr(self, attr, check(value))
+        self._derive_padding()
+    return property(get, set, doc=doc)
+
+
 class LowRankConv2d(FormLayer):
     """2-D convolution whose kernel is factorized, dense, or frozen-dense plus a factorized adapter.
 
@@ -262,46 +280,15 @@ class LowRankConv2d(FormLayer):
     # forward pays nothing for it.  padding="same" beside a stride other than 1 is refused by the
     # next forward (F.conv2d's RuntimeError, as for nn.Conv2d), not by the setter: the two may be
     # edited in either order.
-    @property
-    def stride(self):
-        """(sh, sw); settable to an int ≥ 1 or a pair of them."""
-        return self._stride
-
-    @stride.setter
-    def stride(self, value):
-        self._stride = _check_pair(value, "stride", 1)
-        self._derive_padding()
-
-    @property
-    def dilation(self):
-        """(dh, dw); settable to an int ≥ 1 or a pair of them."""
-        return self._dilation
-
-    @dilation.setter
-    def dilation(self, value):
-        self._dilation = _check_pair(value, "dilation", 1)
-        self._derive_padding()
-
-    @property
-    def padding(self):
-        """(ph, pw) or ``"same"``; settable to an int ≥ 0, a pair of them, ``"valid"`` (kept as (0, 0))
-        or ``"same"``."""
-        return self._padding
-
-    @padding.setter
-    def padding(self, value):
-        self._padding = _check_padding(value)
-        self._derive_padding()
-
-    @property
-    def padding_mode(self):
-        """``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"`` (settable)."""
-        return self._padding_mode
-
-    @padding_mode.setter
-    def padding_mode(self, value):
-        self._padding_mode = _check_padding_mode(value)
-        self._derive_padding()
+    stride = _geometry("stride", lambda value: _check_pair(value, "stride", 1),
+                       """(sh, sw); settable to an int ≥ 1 or a pair of them.""")
+    dilation = _geometry("dilation", lambda value: _check_pair(value, "dilation", 1),
+                         """(dh, dw); settable to an int ≥ 1 or a pair of them.""")
+    padding = _geometry("padding", _check_padding,
+                        """(ph, pw) or ``"same"``; settable to an int ≥ 0, a pair of them, ``"valid"`` (kept as
+        (0, 0)) or ``"same"``.""")
+    padding_mode = _geometry("padding_mode", _check_padding_mode,
+                             """``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"`` (settable).""")
 
     def _derive_padding(self):
         """Set what the forward reads from the geometry: ``_pad``, the F.pad amounts of a non-zero padding
@@ -317,7 +304,7 @@ class LowRankConv2d(FormLayer):
 
     def __setstate__(self, state):
         # A layer pickled whole by an older dynrank holds its geometry as plain attributes.
-        old = {k: state.pop(k) for k in ("stride", "dilation", "padding", "padding_mode") if k in state}
+        old = {k: state.pop(k) for k in _GEOMETRY if k in state}
         super().__setstate__(state)
         for name, value in old.items():
             self.__dict__["_" + name] = value
