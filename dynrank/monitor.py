@@ -205,11 +205,17 @@ class RankMonitor:
         Raises:
             RuntimeError: an epoch is already open, or no model.
             TypeError: an ``epoch`` that is neither an int nor None.
+            ValueError: an ``epoch`` not after the last recorded one (a repeated number would
+                give two records, and two points, for one epoch; a resume continues from
+                ``load_state_dict``'s records).
         """
         self._require_model()
         if self._open is not None:
             raise RuntimeError(f"epoch {self._open['epoch']} is still open; call end_epoch() first")
         epoch = self._next_epoch() if epoch is None else check_int(epoch, "epoch", "an int or None")
+        if self.records and epoch <= self.records[-1]["epoch"]:
+            raise ValueError(f"epoch must come after the last recorded epoch {self.records[-1]['epoch']}, "
+                             f"got {epoch}")
         self._detect(epoch)
         self._open = {"epoch": epoch, "scalars": {}}
         self._sync()

@@ -150,6 +150,13 @@ def test_log_and_epoch_errors():
         with monitor.epoch():
             raise ValueError("boom")
     assert monitor.epochs == [3]                                          # the failed epoch is not recorded
+    for repeated in (3, 2):      # two records for one epoch, or a series going back, would be plotted as such
+        with pytest.raises(ValueError, match=f"epoch must come after the last recorded epoch 3, got {repeated}"):
+            monitor.start_epoch(repeated)
+    assert monitor._open is None and monitor.epochs == [3]
+    monitor.start_epoch(5)                                                # a gap is allowed (metrics_every, a resume)
+    monitor.end_epoch()
+    assert monitor.epochs == [3, 5]
     with pytest.raises(RuntimeError, match=r"this RankMonitor has no model \(it was loaded from files\)"):
         RankMonitor(None).start_epoch()
     with pytest.raises(ValueError, match="metrics_every must be an int ≥ 1, got 0"):
