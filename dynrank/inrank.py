@@ -75,10 +75,18 @@ def explained_rank(singular_values, current, buffer, threshold):
 
 
 def _lowrank_singular_values(layer):
+    """All min(out, in) singular values of the layer's product scale·A·Bᵀ, its zeros included.
+
+    InRank's rule is a variance over the whole spectrum of the active product (the authors' code takes
+    the svdvals of the out×in product), and a variance depends on how many entries it averages: the
+    rank nonzero values alone gave another rank (7 instead of 6 for σᵢ = 0.8ⁱ, current 2, buffer 8).
+    The nonzero ones come from the rank×rank core of the QR factors, the rest are exact zeros.
+    """
     A, B = layer.A.detach().double(), layer.B.detach().double()
     _, ra = torch.linalg.qr(A)
     _, rb = torch.linalg.qr(B)
-    return torch.linalg.svdvals(layer.scale * (ra @ rb.t()))
+    sigma = torch.linalg.svdvals(layer.scale * (ra @ rb.t()))
+    return torch.cat([sigma, sigma.new_zeros(min(A.shape[0], B.shape[0]) - sigma.numel())])
 
 
 def _pad_state(state, param, extra, ratio):
@@ -478,6 +486,7 @@ class IncrementalRankScheduler:
             return []
         for model_copy, layers in self._copies:
             check_copy(model_copy, layers, self._layers)
+        self._check_none_full()
         due = [(name, layer) for name, layer in self._layers if layer.rank < self.max_rank[name]]
         check_switchable(due)
         check_finite(due, f"not growing any layer at step {step}", frozen=False)   # growth reads A, B only
@@ -541,11 +550,15 @@ class IncrementalRankScheduler:
                 settings[key] = checked
         except (TypeError, ValueError) as e:
             raise type(e)(f"invalid IncrementalRankScheduler state dict: {e}") from None
+        self._check_none_full()
+        return settings
+
+    def _check_none_full(self):
+        """ValueError naming the first managed layer inflated since (its factors are gone)."""
         for name, layer in self._layers:
             if layer.form == "full":
                 raise ValueError(f"layer {name!r} is in full form; IncrementalRankScheduler resizes lowrank "
                                  f"and adapter layers only")
-        return settings
 
     def load_state_dict(self, state_dict):
         """Resize every layer to its saved rank (optimizer edited in place), then restore the counters.

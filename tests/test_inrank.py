@@ -60,6 +60,38 @@ def test_explained_rank_finds_a_spectral_gap():
     assert explained_rank(sigma, 1, 10, 0.9) == 4
 
 
+@pytest.mark.parametrize("decay", [0.7, 0.8, 0.85, 0.9])
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_scheduler_applies_the_rule_to_the_whole_spectrum_of_the_product(decay, form):
+    """InRank's rule runs over every singular value of the out×in product, zeros included: the variance
+    depends on how many entries it averages (the layer's rank nonzero ones alone found 7 instead of 6 for
+    σᵢ = 0.8ⁱ, current 2, buffer 8)."""
+    torch.manual_seed(0)
+    layer = FusedLowRankLinear(48, 64, rank=10, form=form, alpha=4.0, dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(64, 10, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(48, 10, dtype=torch.float64))
+    with torch.no_grad():
+        layer.A.copy_(U * decay ** torch.arange(10, dtype=torch.float64))
+        layer.B.copy_(V)
+    product = (layer.scale * layer.A @ layer.B.T).detach().numpy()
+    expected = reference_rank(np.linalg.svd(product, compute_uv=False), 2, 8, 0.9)   # 48 values
+    model = nn.Sequential(layer)
+    sched = IncrementalRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.0), init_rank=None,
+                                     buffer=8, threshold=0.9, warmup_steps=0, check_every=1)
+    assert sched.current["0"] == 2
+    sched.step()
+    assert sched.current["0"] == expected and layer.rank == expected + 8
+
+
+def test_step_refuses_a_layer_inflated_since():
+    model, opt, sched = _run(4)
+    model[1].inflate()
+    with pytest.raises(ValueError, match="layer '1' is in full form; IncrementalRankScheduler resizes lowrank "
+                                         "and adapter layers only"):
+        sched.step(5)
+    assert sched.last_step == 4
+
+
 @pytest.mark.parametrize("alpha", [None, 8.0])
 @pytest.mark.parametrize("form", ["lowrank", "adapter"])
 def test_grow_rank_preserves_function_and_optimizer(alpha, form):
@@ -150,7 +182,7 @@ def test_scheduler_grows_ranks_monotonically_and_learns():
     assert sched.ranks == {"0": 3, "1": 3}
     events, history, losses = [], [sched.ranks], []
     sched.add_callback(events.append)
-    for step in range(1, 201):
+    for step in range(1, 301):
         loss = F.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -167,6 +199,7 @@ def test_scheduler_grows_ranks_monotonically_and_learns():
         assert all(b >= a for a, b in zip(ranks, ranks[1:]))  # never shrinks
         assert ranks[-1] > ranks[0] and ranks[-1] <= 32
     assert events and all(e["rank_changes"] for e in events)
+    assert sched.current == {"0": 6, "1": 6}                  # the rule finds the teacher's rank
     assert losses[-1] < 0.05 * losses[0]
 
 
