@@ -347,8 +347,10 @@ class FormLayer(nn.Module):
             self._merge_into_(dense, 1.0, self.factors())
         else:
             # Merge into W_f's storage and keep its Parameter object, so anything
-            # keyed on it (optimizer state, hooks) follows the layer.
-            self._merge_into_(dense.data, 1.0, self.factors())
+            # keyed on it (optimizer state, hooks) follows the layer.  Not through .data:
+            # the version counter must move, so that a graph which saved W_f refuses its
+            # backward rather than use the merged weight.
+            self._merge_into_(dense, 1.0, self.factors())
         self._become("full", dense, {}, self._rank, trainable)
         return self
 
@@ -388,7 +390,7 @@ class FormLayer(nn.Module):
         trainable = self._trains()
         if init == "svd":
             factors = self._fit(weight.detach(), rank)
-            self._merge_into_(weight.data, -1.0, factors)
+            self._merge_into_(weight, -1.0, factors)
         else:
             factors = self._init_factors(rank, init == "zeros", weight.device, weight.dtype)
         # W_f is frozen: a gradient W still held would count in clip_grad_norm_ and come back at inflate.

@@ -257,7 +257,7 @@ class IncrementalRankScheduler:
     components (truncated SVD of its current product when that is fewer, zero-
     output padding when more); with ``init_rank=None`` each layer keeps its
     rank and its discovered rank starts at rank − buffer.  Call :meth:`step`
-    after every optimizer step (before the next ``backward()``).
+    after every optimizer step (before the next forward).
 
     Growth edits the optimizer in place: each wider factor takes the old one's
     place in its own param group (a B kept in a group of its own, LoRA+-style,

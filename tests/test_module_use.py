@@ -150,6 +150,53 @@ def test_deflate_drops_the_gradient_of_the_weight_it_freezes():
     assert layer.inflate().weight.grad is None
 
 
+
+def _layer(kind, form):
+    """A float64 layer of ``kind`` ("linear", or "conv-<adapter strategy>") in ``form``, and an input."""
+    if kind == "linear":
+        return _randomized(FusedLowRankLinear(8, 6, 2, form=form, dtype=torch.float64)), torch.randn(4, 8,
+                                                                                                   dtype=torch.float64)
+    layer = LowRankConv2d(4, 6, 3, rank=2, padding=1, form=form, adapter_strategy=kind.split("-")[1],
+                          dtype=torch.float64)
+    return _randomized(layer), torch.randn(2, 4, 5, 5, dtype=torch.float64)
+
+
+IN_PLACE_SWITCHES = {"inflate an adapter": ("adapter", lambda m: m.inflate()),
+                     "deflate(init='svd')": ("full", lambda m: m.deflate(init="svd"))}
+
+
+@pytest.mark.parametrize("kind, switch", [(k, s) for k in ("linear", "conv-chain") for s in IN_PLACE_SWITCHES]
+                         + [("conv-merged", "deflate(init='svd')")])
+def test_a_switch_that_merges_in_place_refuses_the_pending_backward(kind, switch):
+    """These switches merge into the dense weight's own storage; through ``.data`` the version counter
+    did not move, and a backward of a forward made before the switch used the new weight: dx was
+    silently wrong (2e3 off for a conv).  Now it is torch's in-place error.  (A conv adapter of the
+    "merged" strategy saves its merged kernel, not W_f: see the next test.)"""
+    form, change = IN_PLACE_SWITCHES[switch]
+    layer, x = _layer(kind, form)
+    loss = layer(x.requires_grad_()).square().sum()
+    change(layer)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("kind, form, change", [
+    *[(k, f, c) for k in ("linear", "conv-chain") for f, c in (("lowrank", lambda m: m.inflate()),
+                                                               ("full", lambda m: m.deflate()))],
+    ("conv-merged", "adapter", lambda m: m.inflate())])
+def test_a_switch_that_replaces_tensors_leaves_the_pending_backward_right(kind, form, change):
+    """inflate from lowrank builds a new W, deflate(init='zeros') only freezes W, a merged-strategy conv
+    adapter saved its own merged kernel: the graph keeps what it saved, and dx is the one of the
+    function the forward computed."""
+    layer, x = _layer(kind, form)
+    x.requires_grad_()
+    (expected,) = torch.autograd.grad(layer(x).square().sum(), x)
+    loss = layer(x).square().sum()
+    change(layer)
+    loss.backward()
+    assert rel_err(x.grad, expected) < 1e-12
+
+
 # -- parametrizations, pruning --------------------------------------------------------------------
 
 REPARAMETRIZE = {
