@@ -10,7 +10,9 @@ import os
 
 import torch
 
-__all__ = ["interpreting", "check_launchable", "launch_device"]
+from .._backend import TRITON_DTYPES     # what the kernels take: fp32 accumulation
+
+__all__ = ["interpreting", "check_launchable", "check_kernel_dtypes", "launch_device"]
 
 
 def interpreting():
@@ -26,6 +28,14 @@ def check_launchable(tensor):
         f"dynrank's Triton kernels need CUDA tensors, got a tensor on {tensor.device}. "
         "To run them on the CPU through Triton's interpreter, set TRITON_INTERPRET=1 before "
         "Python imports triton; otherwise use DYNRANK_BACKEND=torch (the default off CUDA).")
+
+
+def check_kernel_dtypes(op, **tensors):
+    """TypeError naming the first of ``tensors`` (name → tensor) whose dtype the kernels do not take."""
+    for name, t in tensors.items():
+        if t.dtype not in TRITON_DTYPES:
+            raise TypeError(f"{op} takes float32, float16 or bfloat16 tensors (fp32 accumulation), got {name} "
+                            f"of dtype {t.dtype}")
 
 
 def launch_device(tensor):

@@ -24,6 +24,7 @@ kernel with any other layout is merged through a contiguous copy.
 
 import torch
 
+from ._runtime import check_kernel_dtypes
 from .merge import merge_
 
 __all__ = ["conv_merge_", "reference_conv_merge", "reference_svd_kernel", "reference_tucker_kernel",
@@ -58,7 +59,9 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
         ``weight``.
 
     Raises:
-        ValueError: shapes that do not fit or tensors on different devices.
+        ValueError: shapes that do not fit, tensors on different devices, ``groups`` below 1.
+        TypeError: a tensor that is not float32, float16 or bfloat16 (float64 would lose its precision
+            in the fp32 accumulation), ``groups`` that is not an int.
 
     Example (CUDA tensors, or CPU ones with ``TRITON_INTERPRET=1`` set before triton is imported):
         >>> import torch
@@ -68,6 +71,10 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
         >>> conv_merge_(W, torch.ones(4, 2, device=device), torch.ones(2, 3, 3, 3, device=device)).sum().item()
         216.0
     """
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
     if weight.dim() != 4 or U.dim() != 2 or V.dim() != 4:
         raise ValueError(f"conv_merge_ takes weight (F, C/g, kh, kw), U (F, q/g) and V (q, C/g, kh, kw), "
                          f"got weight {tuple(weight.shape)}, U {tuple(U.shape)}, V {tuple(V.shape)}")
@@ -79,6 +86,7 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
                          f"got U {tuple(U.shape)} and V {tuple(V.shape)}")
     if U.device != weight.device or V.device != weight.device:
         raise ValueError(f"weight, U and V must be on one device, got {weight.device}, {U.device}, {V.device}")
+    check_kernel_dtypes("conv_merge_", weight=weight, U=U, V=V)
     W2, order = _matrix_view(weight)
     if W2 is None:
         dense = weight.contiguous()

@@ -66,6 +66,29 @@ def test_conv_merge_rejects_bad_shapes():
         conv_merge_(W[0], torch.zeros(6, 2, device=W.device), torch.zeros(2, 2, 3, 3, device=W.device))
 
 
+
+@pytest.mark.parametrize("which", ["weight", "U", "V"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32], ids=str)
+def test_conv_merge_refuses_dtypes_the_kernel_does_not_take(which, dtype):
+    """float64 went through the fp32 accumulator (1.7e-7 off), an int32 weight took a truncated sum."""
+    operands = {"weight": torch.zeros(4, 3, 3, 3), "U": torch.ones(4, 2), "V": torch.ones(2, 3, 3, 3)}
+    operands = {k: (v.to(dtype) if k == which else v).to(_device()) for k, v in operands.items()}
+    before = operands["weight"].clone()
+    with pytest.raises(TypeError, match=re.escape(f"conv_merge_ takes float32, float16 or bfloat16 tensors "
+                                                  f"(fp32 accumulation), got {which} of dtype {dtype}")):
+        conv_merge_(operands["weight"], operands["U"], operands["V"])
+    assert torch.equal(operands["weight"], before)
+
+
+@pytest.mark.parametrize("groups, error, message", [(0, ValueError, "groups must be >= 1, got 0"),
+                                                    (-2, ValueError, "groups must be >= 1, got -2"),
+                                                    (1.0, TypeError, "groups must be an int, got float"),
+                                                    (True, TypeError, "groups must be an int, got bool")])
+def test_conv_merge_refuses_bad_groups(groups, error, message):
+    W = torch.zeros(4, 3, 3, 3, device=_device())
+    with pytest.raises(error, match=re.escape(message)):
+        conv_merge_(W, torch.ones(4, 2, device=W.device), torch.ones(2, 3, 3, 3, device=W.device), groups=groups)
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dec", list(RANKS))
 def test_inflate_through_triton_matches_reference(triton_backend, dec, dtype):
