@@ -112,6 +112,20 @@ def test_finetune_preset_matches_the_glue_settings():
     assert finetune_schedule(3, deflate_fraction=0.1) == (None, 1)
 
 
+def test_finetune_deflate_epoch_is_the_floor_of_the_decimal_product():
+    """floor(fraction·E) in exact arithmetic: the binary product 0.29 · 100 = 28.999999999999996 gave 28."""
+    from fractions import Fraction
+    for epochs in range(2, 201):
+        for hundredths in range(1, 100):
+            expected = max(1, math.floor(Fraction(hundredths, 100) * epochs))
+            assert finetune_schedule(epochs, hundredths / 100) == (None, expected), (epochs, hundredths)
+        for n in range(1, 6):                              # thirds, sixths: floats just below the fraction
+            for d in (3, 6, 7):
+                if n < d:
+                    expected = max(1, math.floor(Fraction(n, d) * epochs))
+                    assert finetune_schedule(epochs, n / d) == (None, expected), (epochs, n, d)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"give exactly one of milestones \(step schedule\) or lrs \(per-epoch LR list\); "
                                          r"neither was given"):
