@@ -217,7 +217,9 @@ def regularized_tensors(model, exclude=()):
     Args:
         model: an ``nn.Module``.
         exclude: module names to skip (e.g. the first conv or the classifier):
-            one name (a str) or an iterable of names.
+            one name (a str) or an iterable of names.  A name skips that layer, or
+            every layer inside that module (a block, a head): ``"features"`` skips
+            ``features.0`` and ``features.3``.
 
     Returns:
         list of (``"<module>.<param>"``, parameter): factors of lowrank/adapter
@@ -226,7 +228,8 @@ def regularized_tensors(model, exclude=()):
 
     Raises:
         TypeError: ``model`` is not a module, ``exclude`` not a name or names.
-        ValueError: an unknown name in ``exclude``.
+        ValueError: a name in ``exclude`` that is not a module of the model, or one whose
+            module holds no layer the regularizers act on (a ReLU, say: nothing would be skipped).
     """
     layers = monitored_layers(model)
     exclude = set(_names(exclude))
@@ -234,9 +237,18 @@ def regularized_tensors(model, exclude=()):
     unknown = sorted(n for n in exclude if n not in modules)
     if unknown:
         raise ValueError(f"exclude names {unknown} are not modules of the model")
+
+    def inside(name, held):
+        return held == "" or name == held or name.startswith(held + ".")
+
+    empty = sorted(e for e in exclude if not any(inside(name, e) for name, _ in layers))
+    if empty:
+        shown = ", ".join(repr(n) for n, _ in layers[:8]) + (", ..." if len(layers) > 8 else "")
+        raise ValueError(f"exclude names {empty} hold no layer the regularizers act on "
+                         f"(Linear/Conv weights, dynrank layers; the model's are: {shown or 'none'})")
     out = []
     for name, module in layers:
-        if name in exclude:
+        if any(inside(name, e) for e in exclude):
             continue
         if isinstance(module, FormLayer):
             params = {module.weight_name: module._dense()} if module.form == "full" else module.factors()
@@ -260,7 +272,8 @@ class OrthogonalityRegularizer:
     Args:
         coef: coefficient, a finite number ≥ 0 (paper Table 9: 5e-5 for SO/DSO, 5e-4 for SRIP).
         kind: ``"so"``, ``"dso"`` or ``"srip"``.
-        exclude: module names to skip: one name (a str) or an iterable of names.
+        exclude: module names to skip (a layer, or every layer inside a module): one name (a str) or
+            an iterable of names; see :func:`regularized_tensors`.
         n_power_iterations: SRIP only; iterations per call.  The last vector
             of each tensor is kept and warm-starts the next call (as
             ``torch.nn.utils.spectral_norm`` does), so a few per step suffice.

@@ -1,6 +1,7 @@
 """SO / DSO / SRIP against their literal formulas and autograd gradients (float64)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -188,6 +189,27 @@ def test_exclude_is_a_name_or_names():
     with pytest.raises(TypeError, match=r"exclude must hold module names \(str\), got 3 \(int\)"):
         regularized_tensors(model, exclude=["1", 3])
 
+
+
+def test_exclude_names_a_block_and_refuses_a_name_that_skips_nothing():
+    """A block's name was accepted and skipped nothing (the penalty was the same with and without it)."""
+    torch.manual_seed(2)
+    model = nn.Sequential()
+    model.features = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 4, bias=False))
+    model.head = nn.Linear(4, 3, bias=False)
+    model.double()
+    params = dict(model.named_parameters())
+    assert [n for n, _ in regularized_tensors(model, exclude="features")] == ["head.weight"]
+    assert [n for n, _ in regularized_tensors(model, exclude=["features.2", "head"])] == ["features.0.weight"]
+    value = SoftOrthogonality(0.5, exclude="features")(model)
+    assert rel_err(value, 0.5 * so_penalty(params["head.weight"])) < TOL64
+    assert regularized_tensors(model, exclude="") == []                  # the root holds every layer
+    with pytest.raises(ValueError, match=re.escape("exclude names ['features.1'] hold no layer the regularizers "
+                                                   "act on (Linear/Conv weights, dynrank layers; the model's are: "
+                                                   "'features.0', 'features.2', 'head')")):
+        regularized_tensors(model, exclude=["features.1", "head"])
+    with pytest.raises(ValueError, match=re.escape("exclude names ['feature'] are not modules of the model")):
+        SoftOrthogonality(0.5, exclude="feature")(model)
 
 @pytest.mark.parametrize("coef", [math.nan, math.inf, -math.inf, -1.0])
 def test_coef_must_be_finite_and_non_negative(coef):
