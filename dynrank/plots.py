@@ -14,6 +14,7 @@ or as paths to files written by :meth:`~dynrank.RankMonitor.save`.
 """
 
 import math
+import numbers
 import os
 from collections.abc import Mapping
 
@@ -126,7 +127,7 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
 
     Raises:
         ImportError: matplotlib missing.  TypeError: ``layers`` not names.
-        ValueError: nothing measured; an unknown ``metric``; a name in ``layers`` that
+        ValueError: nothing measured; an unknown or non-numeric ``metric``; a name in ``layers`` that
             no run measured (the message lists the measured ones).
 
     Example:
@@ -162,6 +163,11 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
         series = [{n: s[n] for n in layers if n in s} for s in series]
     if not any(series):
         raise ValueError(f"no per-layer {metric!r} values recorded in these runs")
+    wrong = next((v for s in series for _, vals in s.values() for v in vals
+                  if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real))), None)
+    if wrong is not None:
+        raise ValueError(f"metric {metric!r} is not a number per layer (a value is {wrong!r}); plot one of "
+                         f"the numeric metrics, e.g. 'spectral_ratio', 'effective_rank'")
     finite = [v for s in series for _, vals in s.values() for v in vals if v is not None and math.isfinite(v)
               and v > 0]
     top = max(finite) if finite else 10.0

@@ -264,6 +264,11 @@ def test_plot_arguments_checked():
         plot_spectral_ratio(monitor, layers=["fc", "0"])
     with pytest.raises(ValueError, match="metric 'lambda' is not recorded per layer"):
         plot_spectral_ratio(monitor, metric="lambda")
+    for metric, value in (("form", "'lowrank'"), ("shape", r"\[16, 12\]")):   # recorded, not numbers
+        with pytest.raises(ValueError, match=f"metric '{metric}' is not a number per layer \\(a value is {value}\\)"):
+            plot_spectral_ratio(monitor, metric=metric)
+    fig = plot_spectral_ratio(monitor, metric="effective_rank")               # the message's own example
+    assert fig.axes[0].get_lines()
     with pytest.raises(TypeError, match=r"keys must be a name \(str\) or a list of names, got int \(3\)"):
         plot_training_curves(monitor, keys=3)
     with pytest.raises(TypeError, match="runs must be a RankMonitor, a path to a saved run, or a list of them, got "
