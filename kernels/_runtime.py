@@ -10,7 +10,10 @@ import os
 
 import torch
 
-from .._backend import TRITON_DTYPES     # what the kernels take: fp32 accumulation
+# What the kernels take (they accumulate in fp32).  The package stays importable on its own (a
+# top-level ``kernels`` found on sys.path is imported by other libraries' probes), so this is not
+# imported from dynrank._backend, whose TRITON_DTYPES is the same list.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["interpreting", "check_launchable", "check_kernel_dtypes", "launch_device"]
 

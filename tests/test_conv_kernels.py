@@ -80,6 +80,18 @@ def test_conv_merge_refuses_dtypes_the_kernel_does_not_take(which, dtype):
     assert torch.equal(operands["weight"], before)
 
 
+def test_the_kernels_folder_imports_as_a_top_level_package():
+    """transformers probes for the kernels hub package with an import of ``kernels``; from the repository root
+    that finds this folder, and a relative import beyond it made the probe raise inside transformers."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import kernels._runtime as r, torch; print(r.TRITON_DTYPES == (torch.float32, torch.float16, torch.bfloat16))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+
 @pytest.mark.parametrize("groups, error, message", [(0, ValueError, "groups must be >= 1, got 0"),
                                                     (-2, ValueError, "groups must be >= 1, got -2"),
                                                     (1.0, TypeError, "groups must be an int, got float"),
