@@ -66,10 +66,13 @@ def _zero_redundancy_optimizer():
 def check_sync(model, sync_ranks, process_group):
     """Validated (sync_ranks, process_group) of a scheduler built on ``model``.
 
-    ``sync_ranks``: a bool, or None (True exactly when ``model`` is a
-    DistributedDataParallel).  ``process_group``: None (the DDP wrapper's group,
-    else WORLD) or a ``torch.distributed.ProcessGroup``; only None where this
-    torch build has no ``torch.distributed``.
+    ``sync_ranks``: a bool, or None: True when ``model`` is a
+    DistributedDataParallel or torch.distributed is initialized with more than
+    one process in the group (a scheduler given the bare module of a DDP model
+    must still broadcast, else each process derives optimizer state from its own
+    fresh factors), False otherwise.  ``process_group``: None (the DDP wrapper's
+    group, else WORLD) or a ``torch.distributed.ProcessGroup``; only None where
+    this torch build has no ``torch.distributed``.
     """
     from torch.nn.parallel import DistributedDataParallel
     if sync_ranks is not None:
@@ -91,7 +94,11 @@ def check_sync(model, sync_ranks, process_group):
     is_ddp = isinstance(model, DistributedDataParallel)
     if process_group is None and is_ddp:
         process_group = model.process_group
-    return (is_ddp if sync_ranks is None else sync_ranks), process_group
+    if sync_ranks is None:
+        dist = torch.distributed
+        sync_ranks = is_ddp or (dist.is_available() and dist.is_initialized()
+                                and dist.get_world_size(process_group) > 1)
+    return sync_ranks, process_group
 
 
 def check_layer_names(given, names, what):

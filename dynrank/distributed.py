@@ -4,13 +4,14 @@ A form change replaces parameters, and DistributedDataParallel registers its
 gradient hooks and buckets on the parameters it was built with, so after a
 change the model must be wrapped again.  Two pieces keep every rank identical:
 
-1. :class:`~dynrank.DynamicRankScheduler` given the DDP-wrapped model
+1. :class:`~dynrank.DynamicRankScheduler` given the DDP-wrapped model (or,
+   with more than one process, the bare module: ``sync_ranks`` defaults on)
    broadcasts fresh adapter factors from rank 0 right after each deflate
    (before any optimizer state is derived from them), so each rank's
    optimizer holds the same parameters and state.
 2. :func:`rewrap_ddp` removes the old wrapper's hooks and builds a new
    DistributedDataParallel with the same settings (its construction also
-   broadcasts parameters and buffers from rank 0).
+   broadcasts parameters, and buffers unless buffer syncing is off, from rank 0).
 
 A forgotten re-wrap fails loudly: a change that replaces trainable parameters
 (either scheduler, :func:`~dynrank.unconvert_model`) retires the wrapper the
@@ -56,7 +57,8 @@ import torch
 
 __all__ = ["rewrap_ddp", "broadcast_params", "dynrank_params", "allreduce_grads"]
 
-_DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+_MB = 1024 * 1024
+_DEFAULT_BUCKET_BYTES = 25 * _MB
 
 # id(module) -> the DistributedDataParallel the library last saw around it (a scheduler's constructor,
 # rewrap_ddp).  Kept off the module: a weakref attribute would not pickle (torch.save of the module), and a
@@ -188,28 +190,90 @@ def _retire_ddp(ddp_model, why):
 
 
 def _remove_autograd_hooks(ddp_model):
-    """Take the old reducer's gradient hooks off the parameters (where this torch's DDP can)."""
+    """Take the old wrapper's hooks off its module: the reducer's gradient hooks (where this torch's DDP
+    can) and the forward pre-hooks its mixed precision registered (bound to the wrapper, they would feed
+    its reducer from the next forward of the module under a new wrapper)."""
     remove_hooks = getattr(ddp_model, "_remove_autograd_hooks", None)
     if callable(remove_hooks):
         remove_hooks()
+    for module in ddp_model.module.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(hook, "__self__", None) is ddp_model:
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+# Overrides that replace the copied entries of the same setting (torch's two buffer switches; the
+# bucket size, uniform or per bucket; a device mesh, which brings its own process group).
+_SAME_SETTING = {"broadcast_buffers": ("broadcast_buffers", "forward_sync_buffers"),
+                 "forward_sync_buffers": ("broadcast_buffers", "forward_sync_buffers"),
+                 "bucket_cap_mb": ("bucket_cap_mb", "bucket_cap_mb_list"),
+                 "bucket_cap_mb_list": ("bucket_cap_mb", "bucket_cap_mb_list"),
+                 "device_mesh": ("process_group",)}
+
+
+def _ddp_settings(ddp_model, overrides):
+    """The DistributedDataParallel keyword arguments that rebuild ``ddp_model``'s settings, ``overrides``
+    applied (see :func:`rewrap_ddp`)."""
+    kwargs = {"device_ids": ddp_model.device_ids, "output_device": ddp_model.output_device,
+              "dim": ddp_model.dim, "process_group": ddp_model.process_group,
+              "find_unused_parameters": ddp_model.find_unused_parameters,
+              "gradient_as_bucket_view": ddp_model.gradient_as_bucket_view,
+              "static_graph": bool(getattr(ddp_model, "static_graph", False))}
+    # Buffers: torch 2.13 renamed the switch to forward_sync_buffers, but forward_sync_buffers=False still
+    # broadcasts buffers at construction; broadcast_buffers=False (every version) does not, so per-process
+    # buffers stay per process.
+    if not getattr(ddp_model, "forward_sync_buffers", getattr(ddp_model, "broadcast_buffers", True)):
+        kwargs["broadcast_buffers"] = False
+    per_bucket = list(getattr(ddp_model, "bucket_bytes_cap_list", None) or ())
+    if per_bucket:
+        kwargs["bucket_cap_mb_list"] = [cap / _MB for cap in per_bucket]
+    elif getattr(ddp_model, "bucket_bytes_cap", _DEFAULT_BUCKET_BYTES) != _DEFAULT_BUCKET_BYTES:
+        kwargs["bucket_cap_mb"] = ddp_model.bucket_bytes_cap / _MB
+    for name, default in (("mixed_precision", None), ("skip_all_reduce_unused_params", False),
+                          ("batched_grad_copy", False)):
+        value = getattr(ddp_model, name, default)      # absent where this torch has no such setting
+        if value != default:
+            kwargs[name] = value
+    if getattr(ddp_model, "_delay_all_reduce_params", None) and "delay_all_reduce_named_params" not in overrides:
+        raise ValueError("rewrap_ddp cannot carry over delay_all_reduce_named_params (the wrapper keeps "
+                         "neither their names nor param_to_hook_all_reduce, and a form change may have "
+                         "replaced them): pass delay_all_reduce_named_params and param_to_hook_all_reduce "
+                         "to rewrap_ddp")
+    for key in overrides:
+        for copied in _SAME_SETTING.get(key, ()):
+            kwargs.pop(copied, None)
+    kwargs.update(overrides)
+    return kwargs
 
 
 def rewrap_ddp(ddp_model, **overrides):
     """Wrap ``ddp_model.module`` in a new DistributedDataParallel after a form change.
 
-    The old wrapper's autograd hooks are removed (else every backward would also
-    feed its stale reducer) and the new wrapper copies its settings:
-    ``device_ids``, ``output_device``, ``dim``, ``process_group``,
-    ``find_unused_parameters``, ``gradient_as_bucket_view``, ``static_graph``,
-    buffer broadcasting and a non-default bucket size.  Communication hooks
-    are not copied: register them again on the returned wrapper.  Its
-    construction broadcasts parameters and buffers from rank 0.  A wrapper a
-    form change retired is accepted; the new one is the module's current
-    wrapper, which the next form change retires.
+    The old wrapper's autograd hooks (and mixed precision's forward hooks) are
+    removed, else every backward would also feed its stale reducer, and the new
+    wrapper copies its settings: ``device_ids``, ``output_device``, ``dim``,
+    ``process_group`` (a ``device_mesh``'s group), ``find_unused_parameters``,
+    ``gradient_as_bucket_view``, ``static_graph``, ``mixed_precision``,
+    ``skip_all_reduce_unused_params``, ``batched_grad_copy`` (where this torch has
+    them), the bucket sizes (``bucket_cap_mb`` or ``bucket_cap_mb_list``) and
+    buffer syncing: a wrapper that does not sync buffers in forward is rebuilt
+    with ``broadcast_buffers=False``, which also leaves each process's buffers
+    alone at construction.  Not kept by the wrapper, so not copied:
+    ``init_sync`` (the new wrapper syncs at construction unless you pass
+    ``init_sync=False``) and communication hooks (register them again on the
+    returned wrapper).  A wrapper built with ``delay_all_reduce_named_params`` is
+    refused unless that and ``param_to_hook_all_reduce`` are passed again.  Its
+    construction broadcasts parameters (and, unless buffer syncing is off,
+    buffers) from rank 0.  A wrapper a form change retired is accepted; the new
+    one is the module's current wrapper, which the next form change retires.
 
     Args:
         ddp_model: the current ``torch.nn.parallel.DistributedDataParallel``.
-        **overrides: DistributedDataParallel keyword arguments to change.
+        **overrides: DistributedDataParallel keyword arguments to change; one
+            replaces the copied entry of the same setting (``broadcast_buffers``
+            or ``forward_sync_buffers``; ``bucket_cap_mb`` or
+            ``bucket_cap_mb_list``; ``device_mesh`` replaces ``process_group``).
 
     Returns:
         a new DistributedDataParallel around the same module (the module and its
@@ -217,6 +281,8 @@ def rewrap_ddp(ddp_model, **overrides):
 
     Raises:
         TypeError: ``ddp_model`` is not a DistributedDataParallel.
+        ValueError: ``ddp_model`` delays the all-reduce of named parameters and
+            ``delay_all_reduce_named_params`` is not passed again.
 
     Example (in the epoch loop of each process; ``scheduler`` is the
     :class:`~dynrank.DynamicRankScheduler` of the wrapped model)::
@@ -224,24 +290,15 @@ def rewrap_ddp(ddp_model, **overrides):
         if scheduler.step(epoch):
             model = rewrap_ddp(model)
     """
+    import warnings
     from torch.nn.parallel import DistributedDataParallel
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(f"rewrap_ddp takes a DistributedDataParallel, got {type(ddp_model).__name__}")
-    kwargs = {"device_ids": ddp_model.device_ids, "output_device": ddp_model.output_device,
-              "dim": ddp_model.dim, "process_group": ddp_model.process_group,
-              "find_unused_parameters": ddp_model.find_unused_parameters,
-              "gradient_as_bucket_view": ddp_model.gradient_as_bucket_view,
-              "static_graph": bool(getattr(ddp_model, "static_graph", False))}
-    # torch renamed the buffer switch; keep whichever this version has.
-    if hasattr(ddp_model, "forward_sync_buffers"):
-        kwargs["forward_sync_buffers"] = ddp_model.forward_sync_buffers
-    elif hasattr(ddp_model, "broadcast_buffers"):
-        kwargs["broadcast_buffers"] = ddp_model.broadcast_buffers
-    bucket_bytes = getattr(ddp_model, "bucket_bytes_cap", _DEFAULT_BUCKET_BYTES)
-    if bucket_bytes != _DEFAULT_BUCKET_BYTES:
-        kwargs["bucket_cap_mb"] = bucket_bytes / (1024 * 1024)
-    kwargs.update(overrides)
+    kwargs = _ddp_settings(ddp_model, overrides)
     _remove_autograd_hooks(ddp_model)
-    new = DistributedDataParallel(ddp_model.module, **kwargs)
+    with warnings.catch_warnings():
+        if "broadcast_buffers" not in overrides:     # copied, not asked for: no deprecation notice
+            warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        new = DistributedDataParallel(ddp_model.module, **kwargs)
     _remember_ddp(new)
     return new

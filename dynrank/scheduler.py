@@ -183,7 +183,9 @@ class DynamicRankScheduler:
             [0, epochs] and :meth:`step` rejects later epochs.
         sync_ranks: True/False: broadcast fresh adapter factors from rank 0 after a deflate
             so all data-parallel ranks stay identical; default (None): when ``model``
-            is a DistributedDataParallel.  Every rank must call :meth:`step`.
+            is a DistributedDataParallel or torch.distributed is initialized with more
+            than one process in the group (so also for the bare module of a DDP
+            model).  Every rank must call :meth:`step`.
         process_group: a ``torch.distributed.ProcessGroup`` for that broadcast,
             or None (the DDP wrapper's, or WORLD).
 

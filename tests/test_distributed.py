@@ -44,7 +44,7 @@ def make_optimizer(kind, params):
     return torch.optim.AdamW(params, lr=1e-2)
 
 
-SCENARIOS = {"ddp": ("sgd", "carry"), "fsdp": ("adamw", "reset")}
+SCENARIOS = {"ddp": ("sgd", "carry"), "fsdp": ("adamw", "reset"), "bare": ("adamw", "carry")}
 EMA_DECAY = 0.5            # far from 1, so the copy differs from the model after a few steps
 INRANK = dict(init_rank=1, buffer=2, threshold=0.999, warmup_steps=0, check_every=1)   # grows at most checks
 
@@ -220,6 +220,40 @@ def _inrank_run(rank):
     return {"model": full_state(model), "ema": full_state(ema.module), "grown": grown}
 
 
+def _bare_run(rank):
+    """Training under DDP with the scheduler given the bare module and AdamW state carried across the
+    switches: sync_ranks is on by default all the same (2 processes), so every process carries the state
+    of rank 0's fresh factors.  Also the defaults of both schedulers, and an explicit False kept."""
+    opt_kind, policy = SCENARIOS["bare"]
+    other = build(seed=0)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    syncs = [IncrementalRankScheduler(other, other_opt, **INRANK).sync_ranks,
+             DynamicRankScheduler(other, other_opt, INFLATE, DEFLATE, sync_ranks=False).sync_ranks]
+    model = build(seed=rank)            # the processes' RNG streams differ from here on
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer(opt_kind, model.parameters())
+    sched = DynamicRankScheduler(model, opt, INFLATE, DEFLATE, deflate_init="random", optimizer_state=policy)
+    syncs.insert(0, sched.sync_ranks)
+    _train_ddp(ddp, sched, opt, rank)
+    return {"model": full_state(model), "syncs": syncs}
+
+
+def _buffers_run(rank):
+    """DDP(broadcast_buffers=False) keeps each process's BatchNorm statistics; so must rewrap_ddp."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.Linear(16, D_OUT))
+    convert_model(model, rank_ratio=0.25)
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(ddp, opt, INFLATE, DEFLATE)
+    x = torch.randn(BATCH, D_IN, generator=torch.Generator().manual_seed(rank)) + 10 * rank
+    _one_step(ddp, opt, x)
+    before = model[1].running_mean.clone()
+    assert sched.step(INFLATE)
+    ddp = rewrap_ddp(ddp)
+    return {"before": before, "after": model[1].running_mean.clone(), "model": full_state(model)}
+
+
 def _fsdp_run(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -245,7 +279,8 @@ def _fsdp_run(rank):
     return {"model": full_state(model)}
 
 
-RUNS = {"ddp": _ddp_run, "fsdp": _fsdp_run, "buckets": _buckets_run, "inrank": _inrank_run}
+RUNS = {"ddp": _ddp_run, "fsdp": _fsdp_run, "buckets": _buckets_run, "inrank": _inrank_run, "bare": _bare_run,
+        "buffers": _buffers_run}
 
 
 def _worker(rank, init_file, out_dir):
@@ -333,6 +368,24 @@ def test_inrank_growth_with_an_ema_copy_under_ddp(two_ranks):
     assert rel_err(reference["ema"]["0.A"], reference["model"]["0.A"]) > 1e-3
     assert_states_match([r["model"] for r in ranks], reference["model"], "inrank")
     assert_states_match([r["ema"] for r in ranks], reference["ema"], "inrank ema")
+
+
+def test_a_scheduler_of_the_bare_module_under_ddp_broadcasts_by_default(two_ranks):
+    ranks = two_ranks["bare"]
+    reference = reference_run("bare")["model"]
+    assert {"0.weight", "0.A", "0.B"} <= set(reference)
+    assert_states_match([r["model"] for r in ranks], reference, "bare")
+    for r in ranks:                     # both schedulers sync by default, an explicit False stays False
+        assert r["syncs"] == [True, True, False]
+
+
+def test_rewrap_ddp_keeps_buffers_per_process_without_buffer_broadcasting(two_ranks):
+    ranks = two_ranks["buffers"]
+    assert not torch.equal(ranks[0]["before"], ranks[1]["before"])       # each process has its own statistics
+    for r in ranks:
+        assert torch.equal(r["after"], r["before"])
+    params = [{k: v for k, v in r["model"].items() if "running" not in k and "num_batches" not in k} for r in ranks]
+    assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])  # parameters still broadcast
 
 
 def test_rewrap_ddp_needs_a_ddp_model():
@@ -498,3 +551,98 @@ def test_a_module_that_was_wrapped_still_deepcopies_and_saves(one_rank, tmp_path
     twin_sched = DynamicRankScheduler(twin, torch.optim.SGD(twin.parameters(), lr=0.1), INFLATE, DEFLATE)
     twin_sched.step(DEFLATE)
     _one_step(ddp, opt, x)
+
+
+def test_sync_ranks_defaults_off_for_a_bare_module_in_one_process(one_rank):
+    model = build(seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert DynamicRankScheduler(model, opt, INFLATE, DEFLATE).sync_ranks is False      # a group of one
+    assert DynamicRankScheduler(nn.parallel.DistributedDataParallel(model), opt, INFLATE, DEFLATE).sync_ranks
+
+
+def test_sync_ranks_defaults_off_without_a_process_group():
+    model = build(seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert DynamicRankScheduler(model, opt, INFLATE, DEFLATE).sync_ranks is False
+    assert IncrementalRankScheduler(model, opt, **INRANK).sync_ranks is False
+
+
+def _ddp_accepts(*names):
+    import inspect
+    accepted = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return all(name in accepted for name in names)
+
+
+def _mixed_precision():
+    from torch.nn.parallel.distributed import _MixedPrecision
+    return _MixedPrecision(param_dtype=torch.bfloat16)
+
+
+CARRIED = {"buffers": lambda: dict(broadcast_buffers=False),
+           "forward_sync_buffers": lambda: dict(forward_sync_buffers=False),
+           "bucket_cap_mb": lambda: dict(bucket_cap_mb=1),
+           "bucket_cap_mb_list": lambda: dict(bucket_cap_mb_list=[1, 2]),
+           "mixed_precision": lambda: dict(mixed_precision=_mixed_precision()),
+           "skip_all_reduce_unused_params": lambda: dict(skip_all_reduce_unused_params=True,
+                                                         find_unused_parameters=True),
+           "batched_grad_copy": lambda: dict(batched_grad_copy=True),
+           "static_graph": lambda: dict(static_graph=True),
+           "gradient_as_bucket_view": lambda: dict(gradient_as_bucket_view=True)}
+SETTINGS = ("forward_sync_buffers", "broadcast_buffers", "bucket_bytes_cap", "bucket_bytes_cap_list",
+            "mixed_precision", "skip_all_reduce_unused_params", "batched_grad_copy", "static_graph",
+            "find_unused_parameters", "gradient_as_bucket_view")
+
+
+def _settings(ddp):
+    return {name: getattr(ddp, name, None) for name in SETTINGS}
+
+
+def _pre_hooks(model):
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.filterwarnings("ignore:`broadcast_buffers` is deprecated:FutureWarning")
+@pytest.mark.parametrize("case", sorted(CARRIED))
+def test_rewrap_ddp_carries_every_setting(one_rank, case):
+    kwargs = CARRIED[case]()
+    if not _ddp_accepts(*kwargs):
+        pytest.skip(f"this torch's DistributedDataParallel has no {case}")
+    reference = nn.parallel.DistributedDataParallel(build(seed=0), **kwargs)
+    assert _settings(reference) != _settings(nn.parallel.DistributedDataParallel(build(seed=0)))  # not a default
+    model = build(seed=0)
+    ddp = nn.parallel.DistributedDataParallel(model, **kwargs)
+    sched = DynamicRankScheduler(ddp, torch.optim.SGD(model.parameters(), lr=0.1), INFLATE, DEFLATE)
+    hooks = _pre_hooks(model)
+    assert sched.step(INFLATE)
+    new = rewrap_ddp(ddp)
+    assert _settings(new) == _settings(reference)
+    assert _pre_hooks(model) == hooks      # the old wrapper's forward hooks (mixed precision) are gone
+
+
+@pytest.mark.filterwarnings("ignore:`broadcast_buffers` is deprecated:FutureWarning")
+def test_rewrap_ddp_overrides_replace_the_copied_setting(one_rank):
+    model = build(seed=0)
+    DDP = nn.parallel.DistributedDataParallel
+    syncs = lambda ddp: getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers)
+    assert syncs(rewrap_ddp(DDP(model), broadcast_buffers=False)) is False
+    assert syncs(rewrap_ddp(DDP(model, broadcast_buffers=False), broadcast_buffers=True)) is True
+    if _ddp_accepts("forward_sync_buffers"):
+        assert syncs(rewrap_ddp(DDP(model, broadcast_buffers=False), forward_sync_buffers=True)) is True
+    if _ddp_accepts("bucket_cap_mb_list"):
+        mb = 1024 * 1024
+        new = rewrap_ddp(DDP(model, bucket_cap_mb=1), bucket_cap_mb_list=[2, 4])
+        assert list(new.bucket_bytes_cap_list) == [2 * mb, 4 * mb]
+        new = rewrap_ddp(DDP(model, bucket_cap_mb_list=[1, 2]), bucket_cap_mb=3)
+        assert new.bucket_bytes_cap == 3 * mb and not new.bucket_bytes_cap_list
+
+
+def test_rewrap_ddp_refuses_to_drop_delayed_all_reduce(one_rank):
+    model = build(seed=0)
+    delayed = dict(delay_all_reduce_named_params=[("4.bias", model[4].bias)],
+                   param_to_hook_all_reduce=model[0].A)
+    ddp = nn.parallel.DistributedDataParallel(model, **delayed)
+    with pytest.raises(ValueError, match="cannot carry over delay_all_reduce_named_params.*pass "
+                                         "delay_all_reduce_named_params and param_to_hook_all_reduce"):
+        rewrap_ddp(ddp)
+    new = rewrap_ddp(ddp, **delayed)
+    assert new._delay_all_reduce_params == [model[4].bias]
