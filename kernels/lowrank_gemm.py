@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import check_launchable, interpreting, launch_device
+from ._runtime import check_kernel_dtypes, check_launchable, interpreting, launch_device
 
 __all__ = ["lowrank_gemm", "reference_lowrank_gemm"]
 
@@ -173,6 +173,15 @@ def _input_precision(dtype):
     return "tf32"
 
 
+def check_operands(op, N, bias, **operands):
+    """Raise where ``op``'s kernel would read past ``bias`` (not (N,)) or compute in the wrong precision
+    (an operand that is not float32/float16/bfloat16; None operands are absent)."""
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"{op}: bias must have shape ({N},), got {tuple(bias.shape)}")
+    check_kernel_dtypes(op, **{name: t for name, t in operands.items() if t is not None},
+                        **({"bias": bias} if bias is not None else {}))
+
+
 def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta=1.0,
                  out=None, out_dtype=None, config=None):
     """out = alpha·x·wt + beta·u·vt + bias.
@@ -191,6 +200,10 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
 
     All operands are 2-D views with arbitrary strides on one device.  This is
     the internal engine; its callers validate user-facing shapes and dtypes.
+
+    Raises:
+        ValueError: shapes that do not chain, a bias that is not (N,).
+        TypeError: an operand (``out`` included) that is not float32, float16 or bfloat16.
     """
     if (x is None) != (wt is None) or (u is None) != (vt is None):
         raise ValueError("lowrank_gemm needs x with wt and u with vt")
@@ -205,10 +218,12 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
         raise ValueError(f"x·wt shapes do not chain: {tuple(x.shape)} · {tuple(wt.shape)}")
     if u is not None and (u.shape[0] != M or vt.shape != (R, N)):
         raise ValueError(f"u·vt shapes do not match: {tuple(u.shape)} · {tuple(vt.shape)} for ({M}, {N})")
+    check_operands("lowrank_gemm", N, bias, x=x, wt=wt, u=u, vt=vt)
     if out is None:
         out = torch.empty((M, N), device=first.device, dtype=out_dtype or first.dtype)
     elif out.shape != (M, N):
         raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
+    check_kernel_dtypes("lowrank_gemm", out=out)
     if M == 0 or N == 0:
         return out
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import check_launchable, interpreting, launch_device
-from .lowrank_gemm import _cdiv, _grouped_tile
+from .lowrank_gemm import _cdiv, _grouped_tile, check_operands
 
 __all__ = ["lowrank_gemm_tma", "tma_layout"]
 
@@ -105,7 +105,9 @@ def lowrank_gemm_tma(x, wt, u, vt, bias=None, *, alpha=1.0, beta=1.0, config):
         new (M, N) tensor in x's dtype.
 
     Raises:
-        ValueError: shapes that do not chain, or an operand a descriptor cannot read.
+        ValueError: shapes that do not chain, a bias that is not (N,), or an operand a descriptor
+            cannot read.
+        TypeError: an operand that is not float32, float16 or bfloat16.
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -114,6 +116,7 @@ def lowrank_gemm_tma(x, wt, u, vt, bias=None, *, alpha=1.0, beta=1.0, config):
     if wt.shape != (K, N) or u.shape != (M, R):
         raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, wt {tuple(wt.shape)}, u {tuple(u.shape)}, "
                          f"vt {tuple(vt.shape)}")
+    check_operands("lowrank_gemm_tma", N, bias, x=x, wt=wt, u=u, vt=vt)
     x_base, x_t = tma_layout(x)
     u_base, u_t = tma_layout(u)
     if x_t or u_t:

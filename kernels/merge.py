@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import check_launchable, interpreting, launch_device
+from ._runtime import check_kernel_dtypes, check_launchable, interpreting, launch_device
 from .lowrank_gemm import _cdiv, _dot_loop, _fit, _input_precision, _needs_int64
 
 __all__ = ["merge_", "reference_merge"]
@@ -127,8 +127,10 @@ def merge_(weight, A, B, alpha=1.0, config=None):
 
     Raises:
         ValueError: on shapes that do not fit, or a weight whose elements share memory (an
-            expanded view).  Devices and dtypes are the caller's to check
-            (``dynrank.functional.merge_`` and ``conv_merge_`` do).
+            expanded view).  Devices are the caller's to check (``dynrank.functional.merge_``
+            and ``conv_merge_`` do).
+        TypeError: a tensor that is not float32, float16 or bfloat16 (float64 would lose its
+            precision in the fp32 accumulation, an integer weight would take a truncated sum).
 
     Example (CUDA tensors, or CPU ones with ``TRITON_INTERPRET=1`` set before triton is imported):
         >>> device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,6 +144,7 @@ def merge_(weight, A, B, alpha=1.0, config=None):
         raise ValueError(f"merge_ takes weight (N, K), A (N, R) and B (K, R), got weight {tuple(weight.shape)}, "
                          f"A {tuple(A.shape)} and B {tuple(B.shape)}")
     check_launchable(weight)
+    check_kernel_dtypes("merge_", weight=weight, A=A, B=B)
     if any(stride == 0 and size > 1 for stride, size in zip(weight.stride(), weight.shape)):
         raise ValueError(f"merge_ writes weight in place, so its elements must not share memory, got an "
                          f"expanded view (shape {tuple(weight.shape)}, strides {weight.stride()})")

@@ -161,6 +161,50 @@ def test_engine_rejects_bad_shapes(device):
         merge_(torch.randn(4, 5, 1, device=device), torch.randn(4, 2, device=device), torch.randn(5, 2, device=device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32], ids=str)
+def test_engine_refuses_dtypes_the_kernels_do_not_take(device, dtype):
+    """float64 came back as denormal garbage from lowrank_gemm (fp32 loads of float64 memory), NaN from
+    lowrank_linear_forward, at fp32 accuracy from merge_; an int32 weight took a truncated sum."""
+    from dynrank.kernels import lowrank_gemm, lowrank_linear_forward, merge_
+    odd = lambda *shape: torch.ones(*shape, device=device).to(dtype)    # noqa: E731
+    f32 = lambda *shape: torch.ones(*shape, device=device)              # noqa: E731
+    name = str(dtype)
+    with pytest.raises(TypeError, match=re.escape(f"lowrank_gemm takes float32, float16 or bfloat16 tensors "
+                                                  f"(fp32 accumulation), got x of dtype {name}")):
+        lowrank_gemm(odd(4, 5), f32(5, 3))
+    with pytest.raises(TypeError, match=f"got vt of dtype {re.escape(name)}"):
+        lowrank_gemm(u=f32(4, 2), vt=odd(2, 3))
+    with pytest.raises(TypeError, match=f"got out of dtype {re.escape(name)}"):
+        lowrank_gemm(f32(4, 5), f32(5, 3), out=odd(4, 3))
+    with pytest.raises(TypeError, match=f"got bias of dtype {re.escape(name)}"):
+        lowrank_gemm(f32(4, 5), f32(5, 3), bias=odd(3))
+    with pytest.raises(TypeError, match="lowrank_gemm takes float32"):
+        lowrank_linear_forward(odd(4, 6), odd(5, 6), odd(5, 2), odd(6, 2))
+    for which in ("weight", "A", "B"):
+        operands = {"weight": f32(4, 5), "A": f32(4, 2), "B": f32(5, 2)}
+        operands[which] = operands[which].to(dtype)
+        before = operands["weight"].clone()
+        with pytest.raises(TypeError, match=re.escape(f"merge_ takes float32, float16 or bfloat16 tensors "
+                                                      f"(fp32 accumulation), got {which} of dtype {name}")):
+            merge_(operands["weight"], operands["A"], operands["B"], 0.6)
+        assert torch.equal(operands["weight"], before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1,), (4, 8), (9,)])
+def test_engine_refuses_a_bias_that_is_not_one_per_output(device, shape):
+    """The kernels read N bias elements: a (1,) bias gave outputs 9.5e35 off (a read past its end)."""
+    from dynrank.kernels import lowrank_gemm, lowrank_linear_forward
+    x, W = torch.randn(4, 6, device=device), torch.randn(8, 6, device=device)
+    A, B = torch.randn(8, 2, device=device), torch.randn(6, 2, device=device)
+    bias = torch.randn(*shape, device=device)
+    message = re.escape(f"bias must have shape (8,), got {shape}")
+    with pytest.raises(ValueError, match="lowrank_gemm: " + message):
+        lowrank_gemm(x, W.t(), bias=bias)
+    with pytest.raises(ValueError, match=message):
+        lowrank_linear_forward(x, W, A, B, bias)
+
 @pytest.mark.skipif("cuda" not in DEVICES, reason="int64 offsets need > 2**31 elements: CUDA only")
 def test_int64_offsets_past_2_31():
     from dynrank.kernels import lowrank_linear_forward

@@ -1,5 +1,7 @@
 """The experimental TMA-descriptor engine (kernels/lowrank_gemm_tma.py) against the float64 reference."""
 
+import re
+
 import pytest
 import torch
 
@@ -46,3 +48,7 @@ def test_operands_a_descriptor_cannot_read_are_refused():
     x = torch.randn(8, 16, device=device, dtype=torch.float16)
     with pytest.raises(ValueError, match="shapes do not chain"):
         lowrank_gemm_tma(x, x, x, x, config=CONFIG)
+    wt, u, vt = torch.randn(16, 8, device=device, dtype=torch.float16), x, torch.randn(16, 8, device=device,
+                                                                                      dtype=torch.float16)
+    with pytest.raises(ValueError, match=re.escape("lowrank_gemm_tma: bias must have shape (8,), got (1,)")):
+        lowrank_gemm_tma(x, wt, u, vt, torch.ones(1, device=device, dtype=torch.float16), config=CONFIG)
