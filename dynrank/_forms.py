@@ -361,7 +361,9 @@ class FormLayer(nn.Module):
 
         The factors are trainable unless the layer was frozen (W not requiring grad):
         a frozen layer stays frozen.  For LoRA on a frozen layer, set
-        ``requires_grad`` on its factors afterwards.
+        ``requires_grad`` on its factors afterwards.  W's own Parameter becomes W_f
+        (optimizer state and hooks keyed on it follow the layer), so a module that
+        shares it (an embedding tied to this head) is frozen with it: untie first.
 
         Args:
             rank: factor rank (default: the layer's rank).

@@ -37,8 +37,9 @@ _AUTOCAST_DEVICES = _autocast_devices()
 def _check_operands(x, weight, A, B, bias):
     """Validate user-facing operands of lowrank_linear; returns (N, K, R)."""
     for name, t in (("x", x), ("A", A), ("B", B), ("weight", weight), ("bias", bias)):
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if (t is not None or name in ("A", "B")) and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor{'' if name in ('A', 'B') else ' or None'}, "
+                            f"got {type(t).__name__}")
     if A.dim() != 2 or B.dim() != 2:
         raise ValueError(f"A and B must be 2-D, got A {tuple(A.shape)} and B {tuple(B.shape)}")
     N, R = A.shape
@@ -434,11 +435,14 @@ def _torch_would_catch(x, weight, A, B, bias):
     Shapes that do not chain, mismatched dtypes and devices all make a torch op raise, and
     :func:`lowrank_linear` then names the fault with :func:`_check_operands`; these are the mistakes
     torch would accept silently: non-2-D factors (broadcast as batched products), a bias that
-    broadcasts, an integer input multiplied exactly, a meta tensor beside real ones (the product
-    comes back on meta); and a 0-d input, which the adapter's reshape would refuse with an IndexError.
+    broadcasts, a weight whose rows do not match A's (its product broadcast against the low-rank
+    term's on autograd's own ops), an integer input multiplied exactly, a meta tensor beside real
+    ones (the product comes back on meta); and a 0-d input, which the adapter's reshape would
+    refuse with an IndexError.
     """
     return (isinstance(A, Tensor) and isinstance(B, Tensor) and A.dim() == 2 and B.dim() == 2
-            and (weight is None or (isinstance(weight, Tensor) and not weight.is_meta))
+            and (weight is None or (isinstance(weight, Tensor) and not weight.is_meta
+                                    and weight.shape == (A.shape[0], B.shape[0])))
             and x.dim() != 0 and x.is_floating_point() and not (x.is_meta or A.is_meta or B.is_meta)
             and (bias is None or (isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == A.shape[0]
                                   and not bias.is_meta)))

@@ -70,7 +70,7 @@ def reparametrization(module):
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
     found = []
-    for hook in module._forward_pre_hooks.values():
+    for hook in getattr(module, "_forward_pre_hooks", {}).values():     # anything with a weight: no hooks
         if isinstance(hook, (SpectralNorm, WeightNorm)):
             found.append(f"{hook.name} is reparametrized (hook-based {type(hook).__name__})")
         elif isinstance(hook, BasePruningMethod):

@@ -367,6 +367,18 @@ def test_from_dense_full_rank_and_dense_forms_reproduce_layer():
         assert rel_err(layer(x), expected) < 1e-5, form
 
 
+def test_from_dense_takes_anything_with_a_weight_and_bias():
+    """Not only modules, as its docstring says: an object without forward hooks raised an AttributeError."""
+    class Holder:
+        def __init__(self):
+            self.weight = torch.randn(7, 9, dtype=torch.float64)
+            self.bias = torch.randn(7, dtype=torch.float64)
+
+    held = Holder()
+    layer = FusedLowRankLinear.from_dense(held, rank=7, form="lowrank")
+    x = torch.randn(3, 9, dtype=torch.float64)
+    assert rel_err(layer(x), x @ held.weight.t() + held.bias) < 1e-12
+
 def test_from_dense_rejects_non_linear():
     with pytest.raises(TypeError, match="2-D weight"):
         FusedLowRankLinear.from_dense(nn.Conv2d(3, 4, 3), rank=2)

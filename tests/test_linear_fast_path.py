@@ -56,6 +56,8 @@ MISTAKES = [
     ("A on meta", dict(A=torch.empty(N, R, device="meta")), ValueError, "input is on cpu but A is on meta"),
     ("bias on meta", dict(bias=torch.empty(N, device="meta")), ValueError, "input is on cpu but bias is on meta"),
     ("A a list", dict(A=[[1.0] * R] * N), TypeError, "A must be a torch.Tensor, got list"),
+    ("A None", dict(A=None), TypeError, "A must be a torch.Tensor, got NoneType"),   # was an AttributeError
+    ("B None", dict(B=None), TypeError, "B must be a torch.Tensor, got NoneType"),
 ]
 
 
@@ -79,6 +81,25 @@ def test_adapter_weight_mistakes_are_named(changes, message):
     with pytest.raises((ValueError, TypeError), match=message):
         F.lowrank_linear(ops["x"].requires_grad_(), ops["weight"], ops["A"], ops["B"], ops["bias"], 0.5)
 
+
+@pytest.mark.parametrize("transform", ["vmap", "grad", "forward_ad"])
+@pytest.mark.parametrize("changes, message", [
+    (dict(weight=torch.randn(1, K)), rf"weight must have shape \({N}, {K}\), got \(1, {K}\)"),
+    (dict(A=torch.randn(1, R)), rf"weight must have shape \(1, {K}\), got \({N}, {K}\)"),
+], ids=["weight one row", "A one row"])
+def test_mismatched_rows_are_named_under_transforms(transform, changes, message):
+    """torch.func's transforms and forward-mode AD take autograd's own ops, where a (1, K) weight (or a
+    (1, R) A) broadcast against the other term and came back as an output of the wrong function."""
+    ops = _operands(True, **changes)
+    call = lambda x: F.lowrank_linear(x, ops["weight"], ops["A"], ops["B"], ops["bias"], 0.5)  # noqa: E731
+    with pytest.raises(ValueError, match=message):
+        if transform == "vmap":
+            torch.func.vmap(call)(ops["x"])
+        elif transform == "grad":
+            torch.func.grad(lambda x: call(x).sum())(ops["x"])
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                call(torch.autograd.forward_ad.make_dual(ops["x"], torch.ones_like(ops["x"])))
 
 @pytest.mark.parametrize("with_weight", [False, True], ids=["lowrank", "adapter"])
 def test_an_error_that_is_not_the_operands_passes_through(monkeypatch, with_weight):
