@@ -1,8 +1,10 @@
 """dynrank-train end to end at a tiny size: schedules, compare table, files, resume, data errors."""
 
+import csv
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -138,6 +140,24 @@ def test_compare_job_prints_table_and_writes_files(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert sorted(os.listdir(out / "plots")) == ["curves.png", "lambda_dynamic.png", "lambda_full.png",
                                                  "lambda_lowrank.png"]
+
+
+def test_a_full_run_alone_summarizes_lambda_over_the_layers_a_compare_job_factorizes(tmp_path):
+    """The λ column covers the layers the converted runs factorize; a full run's row says the same
+    with or without them in its job (alone it used to take every layer, the dense head included)."""
+    from dynrank.train.loop import factorized_layers
+    argv = ["--epochs", "2", "--milestones", "1", "--inflate-epoch", "0", "--deflate-epoch", "1"] + TINY_GPT
+    assert cli.main(argv + ["--schedule", "compare", "--out", str(tmp_path / "compare")]) == 0
+    assert cli.main(argv + ["--schedule", "full", "--out", str(tmp_path / "alone")]) == 0
+    converted = json.loads((tmp_path / "compare" / "compare.json").read_text())[1]["converted_layers"]
+    assert converted == factorized_layers(_config(argv), 256) and "head" not in converted and len(converted) == 4
+
+    def full_row(folder):
+        rows = (folder / "compare.txt").read_text().splitlines()
+        return next(re.split(r"\s{2,}", row) for row in rows if row.startswith("full "))
+    compared, alone = full_row(tmp_path / "compare"), full_row(tmp_path / "alone")
+    assert compared[1] == alone[1]                      # the same run: the same val loss
+    assert alone[-1].startswith("median ") and alone[-1] == compared[-1]
 
 
 def test_compare_table_times_each_way_of_stepping_apart():
@@ -350,7 +370,7 @@ def test_interrupted_run_resumes_to_the_same_final_state(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("saved", ["named", "older"])
-def test_a_run_resumed_elsewhere_names_the_device_of_each_epoch(tmp_path, monkeypatch, saved):
+def test_a_run_resumed_elsewhere_names_the_device_of_each_epoch(tmp_path, monkeypatch, saved, capsys):
     original = _ctrl_c_after(monkeypatch, 1, 0)
     out = tmp_path / "run"
     assert cli.main(["--schedule", "lowrank", "--epochs", "3", *TINY_GPT, "--out", str(out)]) == 130
@@ -373,11 +393,27 @@ def test_a_run_resumed_elsewhere_names_the_device_of_each_epoch(tmp_path, monkey
     assert "resumes" not in config
     config.update(device="cuda", amp=True, channels_last=True)        # as the run began
     (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
     assert cli.main(["--resume", str(out), "--device", "cpu"]) == 0
+    # The GPU's AMP default gives way to the CPU's, with a note.
+    assert ("note: the run trained with --amp on cuda; on cpu it goes on with that device's default, --no-amp "
+            "(give --amp to keep the run's)\n") in capsys.readouterr().out
     history = json.loads((out / "lowrank" / "metrics.json").read_text())
     assert [r["device"] for r in history] == [before, f"{before}+{cpu}", cpu]
     (resume,) = json.loads((out / "config.json").read_text())["resumes"]
     assert resume["changed"] == {"device": ["cuda", "cpu"], "amp": [True, False], "channels_last": [True, False]}
+
+
+def test_metrics_csv_quotes_a_device_name_with_a_comma(tmp_path):
+    from dynrank.train.loop import write_metrics
+    history = [dict(epoch=0, form="full", lr=0.1, val_bpb=None, device="cpu (1 thread, bf16)"),
+               dict(epoch=1, form="full", lr=0.01, val_bpb=2.5, device="cpu (2 threads, channels-last, bf16)")]
+    write_metrics(str(tmp_path), history)
+    with open(tmp_path / "metrics.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows == [["epoch", "form", "lr", "val_bpb", "device"],
+                    ["0", "full", "0.1", "", "cpu (1 thread, bf16)"],
+                    ["1", "full", "0.01", "2.5", "cpu (2 threads, channels-last, bf16)"]]
 
 
 @pytest.fixture
@@ -415,6 +451,9 @@ def test_cpu_epochs_under_bf16_autocast_say_so(tmp_path, restore_threads, monkey
     assert "without native bf16" not in capsys.readouterr().out
     history = json.loads((out / "lowrank" / "metrics.json").read_text())
     assert [r["device"] for r in history] == ["cpu (1 thread, bf16)"] * 2
+    with open(out / "lowrank" / "metrics.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["device"], None in r) for r in rows] == [("cpu (1 thread, bf16)", False)] * 2
     assert json.loads((out / "config.json").read_text())["amp"] is True
     assert device_name("cpu", 2, channels_last=True, bf16=True) == "cpu (2 threads, channels-last, bf16)"
     assert device_name("cpu", 2) == "cpu (2 threads)"
@@ -674,6 +713,75 @@ def test_resume_on_the_cpu_keeps_the_saved_thread_count(tmp_path, monkeypatch, r
     history = json.loads((out / "lowrank" / "metrics.json").read_text())
     assert {r["device"] for r in history} == {"cpu (2 threads)"}
     assert json.loads((out / "config.json").read_text())["threads"] == 2
+
+
+def test_a_resume_on_the_same_device_type_keeps_the_runs_amp(tmp_path, monkeypatch, capsys, restore_threads):
+    from dynrank.train import loop
+    monkeypatch.setattr(loop, "cpu_bf16_native", lambda: True)
+    original = _ctrl_c_after(monkeypatch, 1, 0)
+    out = tmp_path / "run"
+    assert cli.main(["--schedule", "full", "--epochs", "3", *TINY_GPT, "--amp", "--out", str(out)]) == 130
+    monkeypatch.setattr(TextData, "train_batches", original)
+    capsys.readouterr()
+    assert cli.main(["--resume", str(out), "--device", "cpu"]) == 0
+    assert "note: the run trained with" not in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["amp"] is True and "resumes" not in config
+    history = json.loads((out / "full" / "metrics.json").read_text())
+    assert [r["device"] for r in history] == ["cpu (1 thread, bf16)"] * 3
+    # --no-amp on the resume turns it off, and is recorded.
+    os.remove(out / "full" / "result.json")
+    assert cli.main(["--resume", str(out), "--device", "cpu", "--no-amp"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["amp"] is False and config["resumes"][-1]["changed"] == {"amp": [True, False]}
+
+
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_a_resume_range_checks_its_flags_as_a_new_run_does(tmp_path, capsys, threads, restore_threads):
+    out = _finished_run(tmp_path / "run")
+    os.remove(out / "full" / "result.json")
+    before = (out / "config.json").read_text()
+    err = _exit_2(["--resume", str(out), "--threads", threads], capsys)
+    assert f"--resume {out}: --threads must be ≥ 1, got {threads}" in err
+    assert (out / "config.json").read_text() == before
+
+
+def test_the_largest_seed_trains(tmp_path, restore_threads):
+    # seed * 100_003 + epoch overflowed torch's manual_seed at the first batch, after --out was claimed.
+    out = _finished_run(tmp_path / "run", "--seed", str(2 ** 63 - 1))
+    assert json.loads((out / "config.json").read_text())["seed"] == 2 ** 63 - 1
+    assert len(json.loads((out / "full" / "metrics.json").read_text())) == 2
+
+
+def test_a_relative_data_dir_resumes_from_anywhere_and_a_resume_may_say_where_the_data_moved(
+        tmp_path, monkeypatch, restore_threads):
+    from dynrank.train.augment import VisionData
+    first, second = tmp_path / "first", tmp_path / "second"
+    _write_tiny_cifar10(str(first / "data" / "cifar-10-batches-py"))
+    second.mkdir()
+    monkeypatch.chdir(first)
+    out = tmp_path / "run"
+    original = _ctrl_c_after(monkeypatch, 0, 0, VisionData)
+    assert cli.main(["--model", "resnet20", "--width", "0.5", "--schedule", "full", "--epochs", "3",
+                     "--batch-size", "8", "--data-dir", "data", "--cache-dir", "cache", "--threads", "1",
+                     "--out", str(out)]) == 130
+    config = json.loads((out / "config.json").read_text())
+    assert (config["data_dir"], config["cache_dir"]) == (str(first / "data"), str(first / "cache"))
+    # The data moves; a resume from another folder gives its new place (relative to that folder).
+    os.rename(first / "data", second / "moved")
+    monkeypatch.chdir(second)
+    monkeypatch.setattr(VisionData, "train_batches", original)
+    _ctrl_c_after(monkeypatch, 1, 0, VisionData)
+    assert cli.main(["--resume", str(out), "--data-dir", "moved"]) == 130
+    config = json.loads((out / "config.json").read_text())
+    assert config["data_dir"] == str(second / "moved")
+    assert config["resumes"] == [dict(date=config["resumes"][0]["date"],
+                                      changed={"data_dir": [str(first / "data"), str(second / "moved")]})]
+    # From anywhere else, with no flags: the saved absolute path.
+    monkeypatch.setattr(VisionData, "train_batches", original)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--resume", str(out)]) == 0
+    assert [r["epoch"] for r in json.loads((out / "full" / "metrics.json").read_text())] == [0, 1, 2]
 
 
 # -- numeric flags and flags a model or schedule would ignore ----------------------------------------

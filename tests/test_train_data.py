@@ -169,6 +169,27 @@ def test_jpeg_tree_inside_tar_gz(tmp_path):
         assert all(error < (test_x[i].float() - other).abs().mean() for j, other in enumerate(expected) if j != i)
 
 
+@pytest.mark.parametrize("layout", ["folder", "tar.gz"])
+def test_a_tree_with_both_val_and_test_is_refused_naming_both(tmp_path, layout):
+    """val/ stands in for test/; a tree holding both is refused instead of evaluating on the two merged."""
+    tree = tmp_path / "src" / "cifar10"
+    write_image_tree(str(tree), per_class=1)
+    os.rename(tree / "test", tree / "val")                   # val/ alone is the held-out split
+    assert len(load_vision("cifar10", str(tmp_path / "src"))[2]) == 3
+    write_image_tree(str(tree), per_class=1)                 # now test/ beside it
+    root, test, val = tmp_path / "src", f"{tree}/test", f"{tree}/val"
+    if layout == "tar.gz":
+        root = tmp_path / "data"
+        root.mkdir()
+        with tarfile.open(root / "cifar10-tree.tar.gz", "w:gz") as tar:
+            tar.add(tree, arcname="cifar10")
+        test, val = (f"{root / 'cifar10-tree.tar.gz'}:cifar10/{split}" for split in ("test", "val"))
+    with pytest.raises(DataError) as info:
+        load_vision("cifar10", str(root))
+    assert str(info.value).endswith(f"both {test} and {val} hold images; a run evaluates on one held-out split, "
+                                    f"so keep one of them (rename or move the other out of the data folder)")
+
+
 def _triangle_downscale(array, n):
     """float64 antialiased bilinear downscale of axis 0 to n: triangle filter widened by the scale."""
     m = array.shape[0]
@@ -549,6 +570,27 @@ def test_vision_data_epochs_are_reproducible_and_normalized(recipe):
     if recipe == "cifar":
         assert torch.allclose(val[0][0], expected, atol=1e-4)
     assert sum(len(b[1]) for b in val) == 6
+
+
+def test_epoch_draws_take_every_allowed_seed_and_keep_the_smaller_seeds_draws():
+    """--seed accepts [0, 2**63); seed * 100_003 + epoch is taken modulo 2**63 for the generator, which
+    leaves the draws of a seed whose product fits as they were."""
+    from dynrank.train.augment import epoch_generator
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(8) % 2
+    stream = (torch.arange(400) % 251).to(torch.uint8)
+    for seed in (2 ** 63 - 1, 2 ** 62 + 12345):
+        vision = VisionData(x, y, x[:2], y[:2], (0.5,) * 3, (0.25,) * 3, batch_size=4, seed=seed)
+        text = TextData(stream, stream, context=16, batch_size=4, steps=2, seed=seed)
+        for epoch in (0, 3):
+            reduced = (seed * 100_003 + epoch) % 2 ** 63
+            order = torch.randperm(8, generator=torch.Generator().manual_seed(reduced))
+            assert torch.equal(vision._epoch_draws(epoch)["order"], order)
+            starts = torch.randint(0, 400 - 17, (2, 4), generator=torch.Generator().manual_seed(reduced))
+            assert torch.equal(next(text.train_batches(epoch))[0][:, 0], stream[starts[0]].long())
+    for seed, epoch in ((0, 0), (3, 7), (2 ** 40, 5)):          # products below 2**63: unchanged
+        assert torch.equal(epoch_generator(seed, epoch).get_state(),
+                           torch.Generator().manual_seed(seed * 100_003 + epoch).get_state())
 
 
 # -- the embedded corpus ---------------------------------------------------------------------

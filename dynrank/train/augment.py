@@ -13,7 +13,16 @@ import math
 import torch
 from torch.nn import functional as F
 
-__all__ = ["VisionData", "pad_crop_flip", "resized_crop", "hsv_jitter"]
+__all__ = ["VisionData", "pad_crop_flip", "resized_crop", "hsv_jitter", "epoch_generator"]
+
+
+def epoch_generator(seed, epoch):
+    """The host generator of one epoch's draws: seeded by ``seed * 100_003 + epoch`` modulo 2**63.
+
+    The modulus keeps every seed ``dynrank-train`` accepts (``[0, 2**63)``) within what
+    ``torch.Generator.manual_seed`` takes, and leaves the smaller seeds' draws as they were.
+    """
+    return torch.Generator().manual_seed((seed * 100_003 + epoch) % 2 ** 63)
 
 
 def pad_crop_flip(images, rows, cols, flip, pad=4):
@@ -139,7 +148,7 @@ class VisionData:
         return images
 
     def _epoch_draws(self, epoch):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        generator = epoch_generator(self.seed, epoch)
         n = self.steps * self.batch_size
         draws = {"order": torch.randperm(len(self.train_x), generator=generator)[:n],
                  "flip": torch.rand(n, generator=generator) < 0.5}

@@ -83,7 +83,8 @@ def build_parser():
     g.add_argument("--model", choices=("resnet20", "wrn28-10", "resnet50", "gpt"))
     g.add_argument("--data", choices=("cifar10", "cifar100", "tiny-imagenet", "stdlib"),
                    help="stdlib: Python's own standard-library sources as bytes (no download)")
-    g.add_argument("--data-dir", help="folder holding the data set (default: ./data)")
+    g.add_argument("--data-dir", help="folder holding the data set (default: ./data; saved as an absolute path); "
+                                      "on --resume, where the run's data set is now")
     g.add_argument("--download", action="store_true", help="fetch the official archive into --data-dir")
     g.add_argument("--cache-dir", help="keep decoded image trees here (default: ~/.cache/dynrank)")
     g = p.add_argument_group("schedule")
@@ -122,7 +123,8 @@ def build_parser():
     g.add_argument("--steps-per-epoch", type=int, help="batches per epoch, ≥ 1 (default: one pass)")
     g = p.add_argument_group("running")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available); on --resume the "
-                                    "saved --threads stay unless given")
+                                    "saved --threads and --amp stay unless given (--amp takes the new device's "
+                                    "default where the device type changes, with a note)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction,
                    help="bf16 autocast (default: on with CUDA; on a CPU with AVX-512 BF16 or AMX it speeds "
                         "conv nets up too, on one without it slows them down several times)")
@@ -147,13 +149,26 @@ def build_parser():
     return p
 
 
-# How a run executes, not its settings (model, data, schedule): a resumed run may change these.  They
-# may change the arithmetic (--amp's bf16 autocast; another device or thread count rounds differently).
-RESUME_OVERRIDES = ("amp", "threads", "compile", "compile_mode", "cuda_graphs", "cache_dir")
+# How a run executes and where its data lives, not its settings (model, data, schedule): a resumed run
+# may change these.  They may change the arithmetic (--amp's bf16 autocast; another device or thread
+# count rounds differently); --data-dir is for data that moved, or a run resumed from another folder.
+RESUME_OVERRIDES = ("amp", "threads", "compile", "compile_mode", "cuda_graphs", "cache_dir", "data_dir")
+# Folders a run keeps as absolute paths, so that it resumes from any working directory.
+FOLDERS = ("data_dir", "cache_dir")
 
 
 def _explicit(args):
     return {k: v for k, v in vars(args).items() if v is not None}
+
+
+def _absolute_folders(cfg):
+    """Make the data folders of an image data set's run (:data:`FOLDERS`) absolute, in place (the
+    stdlib text reads none)."""
+    if cfg.get("data") != "stdlib":
+        for key in FOLDERS:
+            if cfg.get(key):
+                cfg[key] = os.path.abspath(cfg[key])
+    return cfg
 
 
 def config_from_args(args, notes=None):
@@ -161,6 +176,9 @@ def config_from_args(args, notes=None):
 
     Order: explicit flags, then ``--preset``, then the defaults of the data
     set (its Table 7 row, or the main job for ``stdlib``), then generic ones.
+
+    The data folders of an image data set (``data_dir``, ``cache_dir``) are stored as absolute paths, so
+    ``--resume`` finds them from any working directory.
 
     Flags the run accepts but does not use (see :func:`_unused_notes`: the form-change flags with
     ``--schedule full``/``lowrank``, the data-folder flags with ``--data stdlib``, ``--compile-mode``
@@ -241,7 +259,7 @@ def config_from_args(args, notes=None):
         cfg["deflate_epoch"] = None  # stays full to the end
     cfg.pop("preset", None)
     cfg.pop("resume", None)
-    return cfg
+    return _absolute_folders(cfg)
 
 
 # Which model reads which size flag (build_model, load_data): any other model ignores it.
@@ -347,6 +365,36 @@ def _check_device(device):
     return device
 
 
+def _default_amp(device):
+    """``--amp``'s default on ``device`` (a checked device string): on with a CUDA GPU that has bf16."""
+    import torch
+    return bool(device.startswith("cuda") and torch.cuda.is_bf16_supported())
+
+
+def _device_type(device):
+    return device.split(":")[0]
+
+
+def _resume_amp(saved, cfg, amp_given):
+    """On a resume to another device type, ``--amp``'s default there, unless ``--amp``/``--no-amp`` was given.
+
+    ``cfg`` is resolved (:func:`_resolve_device`) and keeps the saved setting; a resume on the same
+    device type keeps it (a CPU run's ``--amp`` stays on).  A value chosen on the other type (on by
+    default with CUDA) gives way to the new device's default; a note says so where that changes it.
+    Returns the note or None.
+    """
+    before, after = saved.get("device"), cfg["device"]
+    if amp_given or not before or _device_type(before) == _device_type(after):
+        return None
+    amp = _default_amp(after)
+    if amp == cfg["amp"]:
+        return None
+    cfg["amp"] = amp
+    flag = lambda on: "--amp" if on else "--no-amp"
+    return (f"note: the run trained with {flag(not amp)} on {before}; on {after} it goes on with that device's "
+            f"default, {flag(amp)} (give {flag(not amp)} to keep the run's)")
+
+
 def _resolve_device(cfg):
     import torch
     device = _check_device(cfg["device"])
@@ -357,7 +405,7 @@ def _resolve_device(cfg):
         torch.set_num_threads(threads)
         cfg["threads"] = threads
     if cfg.get("amp") is None:
-        cfg["amp"] = bool(cuda and torch.cuda.is_bf16_supported())
+        cfg["amp"] = _default_amp(device)
     from .loop import trains_channels_last
     cfg["channels_last"] = trains_channels_last(cfg["model"], device, cfg.get("width", 1.0))
     if cuda:
@@ -507,7 +555,7 @@ def run_job(cfg, out_dir, resume=False, log=print, data=None):
     """Run the schedules of ``cfg`` into ``out_dir`` on ``data`` (loaded here when None); print and
     return the compare table."""
     from ..monitor import RankMonitor
-    from .loop import run_training, write_json
+    from .loop import factorized_layers, run_training, write_json
     from .report import RunMonitor, compare_table, verdict, write_plots
     if data is None:
         data = _load_data(cfg, log)
@@ -523,7 +571,10 @@ def run_job(cfg, out_dir, resume=False, log=print, data=None):
             with open(os.path.join(out_dir, schedule, "conversion.txt"), "w", encoding="utf-8") as handle:
                 handle.write(result["conversion"] + "\n")
         results.append(result)
+    # λ is summarized over the layers the converted runs factorize, for a full run alone as well.
     converted = next((r["converted_layers"] for r in results if r.get("converted_layers")), None)
+    if converted is None:
+        converted = factorized_layers(cfg, data.num_classes)
     table = compare_table(results, kind=data.kind, converted_layers=converted)
     with open(os.path.join(out_dir, "compare.txt"), "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
@@ -561,13 +612,19 @@ def main(argv=None):
                 parser.error(f"--resume {args.resume}: {err}")
             saved = dict(cfg)
             if args.device:
-                # The saved thread count stays (it decides the losses) unless --threads is given.
-                cfg["device"], cfg["amp"] = args.device, None
+                # The saved thread count and --amp stay (they decide the losses) unless given; --amp
+                # follows a change of device type, see _resume_amp.
+                cfg["device"] = args.device
             for key in RESUME_OVERRIDES:
                 if getattr(args, key) is not None:
                     cfg[key] = getattr(args, key)
             if args.compile_mode is not None and args.compile is not False:
                 cfg["compile"] = True
+            _absolute_folders(cfg)
+            try:
+                _check_values(cfg)
+            except ValueError as err:
+                parser.error(f"--resume {args.resume}: {err}")
             given = _explicit(args)
             kept = sorted(k for k in given if k not in ("resume", "device", "download", *RESUME_OVERRIDES))
             note = _ignoring("--resume uses the saved settings", given, kept)
@@ -600,6 +657,10 @@ def main(argv=None):
             cfg = _resolve_device(cfg)
         except ValueError as err:
             parser.error(str(err))
+        if args.resume:
+            note = _resume_amp(saved, cfg, amp_given=args.amp is not None)
+            if note:
+                log(note)
         if not cfg["device"].startswith("cuda"):
             from .loop import CPU_CHANNELS_LAST_MIN_CHANNELS, cpu_bf16_native
             if cfg["amp"] and cpu_bf16_native() is False:

@@ -17,6 +17,7 @@ import sysconfig
 
 import torch
 
+from .augment import epoch_generator
 from .data import DataError
 
 __all__ = ["STDLIB_MODULES", "stdlib_files", "load_stdlib_corpus", "TextData"]
@@ -127,7 +128,7 @@ class TextData:
 
     def train_batches(self, epoch, start=0):
         """Yield ``(inputs, targets)`` for batches ``start..steps-1`` of ``epoch``."""
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        generator = epoch_generator(self.seed, epoch)
         starts = torch.randint(0, len(self.train) - self.context - 1, (self.steps, self.batch_size),
                                generator=generator).to(self.device, non_blocking=True)
         for step in range(start, self.steps):

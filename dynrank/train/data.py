@@ -8,7 +8,9 @@ CIFAR-10 / CIFAR-100
       ``test_batch``) or ``cifar-100-python/`` (``train``, ``test``, ``meta``),
       or the unextracted ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``;
     - an image-folder tree ``train/<class>/*.png|jpg`` and ``test/<class>/*``
-      (``val/`` is accepted for ``test/``), extracted or inside a ``.tar``/``.tar.gz``.
+      (``val/`` is accepted in place of ``test/``; a tree with images in both is
+      refused, as a run evaluates on one held-out split), extracted or inside a
+      ``.tar``/``.tar.gz``.
 Tiny ImageNet
     - ``tiny-imagenet-200/`` with ``wnids.txt``, ``train/<wnid>/images/*.JPEG``,
       ``val/images/*.JPEG`` and ``val/val_annotations.txt``, or ``tiny-imagenet-200.zip``.
@@ -241,10 +243,11 @@ def _read_pickled_tar(path, name):
 
 # -- image folders ---------------------------------------------------------------------
 def _split_of(parts):
-    """('train'|'test', class) of a path split in parts, or None."""
+    """(split folder's name, its path, class) of a path split in parts, or None; the name is 'train',
+    'test' or 'val' (the held-out split under its other name)."""
     for i in range(len(parts) - 2, 0, -1):
         if parts[i - 1] in ("train", "test", "val"):
-            return ("train" if parts[i - 1] == "train" else "test"), parts[i]
+            return parts[i - 1], "/".join(parts[:i]), parts[i]
     return None
 
 
@@ -252,15 +255,25 @@ def _gather_tree(items, size, source, name_of=None):
     """items: iterable of (path parts, loader) → tensors; classes from the train split.
 
     ``name_of(path)`` names a file in error messages (default: ``source/path``).
+    The held-out split is ``test/`` or ``val/``; images in both raise :class:`DataError` naming the two
+    folders (a run evaluates on one held-out split, and merging them would mix two).
     """
     name_of = name_of or (lambda path: os.path.join(source, *path.split("/")))
     found = {"train": [], "test": []}
+    held_out = {}                               # 'test' / 'val' → a folder of that name holding images
     for parts, load in items:
         if not parts[-1].lower().endswith(_IMAGE_EXT) or len(parts) < 3:
             continue
         split = _split_of(parts)
         if split is not None:
-            found[split[0]].append((split[1], "/".join(parts), load))
+            name, folder, label = split
+            if name != "train":
+                held_out.setdefault(name, folder)
+            found["train" if name == "train" else "test"].append((label, "/".join(parts), load))
+    if len(held_out) > 1:
+        raise DataError(f"{source}: both {name_of(held_out['test'])} and {name_of(held_out['val'])} hold "
+                        f"images; a run evaluates on one held-out split, so keep one of them (rename or move "
+                        f"the other out of the data folder)")
     if not found["train"] or not found["test"]:
         return None
     classes = sorted({c for c, _, _ in found["train"]})

@@ -25,6 +25,7 @@ import time
 import torch
 from torch.nn import functional as F
 
+from .._records import write_csv
 from ..checkpoint import load_training_state, training_state
 from ..convert import convert_model
 from ..scheduler import DynamicRankScheduler
@@ -33,7 +34,7 @@ from .progress import ProgressLine
 from .steps import TrainStep
 
 __all__ = ["run_training", "Interrupted", "RunFileError", "SCHEDULES", "lr_at", "build_optimizer", "write_atomic",
-           "write_json", "read_json", "load_checkpoint"]
+           "write_json", "read_json", "load_checkpoint", "factorized_layers"]
 
 SCHEDULES = ("full", "lowrank", "dynamic")
 CHECKPOINT = "checkpoint.pt"
@@ -154,17 +155,39 @@ def build_optimizer(model, cfg):
     return torch.optim.SGD(groups, lr=cfg["lr"], momentum=0.9)
 
 
+def _build(cfg, num_classes):
+    return build_model(cfg["model"], num_classes=num_classes, width=cfg.get("width", 1.0),
+                       dropout=cfg.get("dropout"), context=cfg.get("context", 128), dim=cfg.get("dim", 128),
+                       depth=cfg.get("depth", 2), heads=cfg.get("heads", 4))
+
+
+def _factorize(model, cfg, init="dense"):
+    """``convert_model`` as the lowrank and dynamic runs of ``cfg`` apply it; returns its summary."""
+    return convert_model(model, rank_ratio=cfg["rank_ratio"], decomposition=cfg["decomposition"],
+                         form="lowrank", exclude=EXCLUDE[cfg["model"]], init=init)
+
+
 def prepare_model(cfg, schedule, num_classes, device):
     """Seeded model, converted for lowrank/dynamic schedules; returns (model, conversion summary)."""
     torch.manual_seed(cfg["seed"])
-    model = build_model(cfg["model"], num_classes=num_classes, width=cfg.get("width", 1.0),
-                        dropout=cfg.get("dropout"), context=cfg.get("context", 128), dim=cfg.get("dim", 128),
-                        depth=cfg.get("depth", 2), heads=cfg.get("heads", 4))
-    summary = None
-    if schedule != "full":
-        summary = convert_model(model, rank_ratio=cfg["rank_ratio"], decomposition=cfg["decomposition"],
-                                form="lowrank", exclude=EXCLUDE[cfg["model"]])
+    model = _build(cfg, num_classes)
+    summary = _factorize(model, cfg) if schedule != "full" else None
     return _to_layout(model.to(device), cfg), summary
+
+
+def factorized_layers(cfg, num_classes):
+    """Names of the layers the lowrank and dynamic runs of ``cfg`` factorize, as in their results'
+    ``converted_layers``; [] where ``convert_model`` finds nothing to convert.
+
+    Found on the meta device with fresh factors: no memory, no fit.  Which layers are converted
+    does not depend on the weights, so a full-rank run's λ can be summarized over the same layers.
+    """
+    with torch.device("meta"):
+        model = _build(cfg, num_classes)
+        try:
+            return _factorize(model, cfg, init="fresh").converted
+        except ValueError:      # nothing passes convert_model's rules: no layer is factorized
+            return []
 
 
 # torch's CPU backward (oneDNN's AVX2 1x1 kernel) of a channels-last 1×1 conv with stride 2 and
@@ -306,9 +329,8 @@ def write_metrics(out_dir, history):
     if not history:
         return
     keys = list(dict.fromkeys(k for row in history for k in row))   # records from older runs may lack some
-    with open(os.path.join(out_dir, "metrics.csv"), "w", encoding="utf-8") as handle:
-        handle.write(",".join(keys) + "\n")
-        handle.writelines(",".join("" if row.get(k) is None else str(row.get(k)) for k in keys) + "\n" for row in history)
+    # Quoted where needed: a CPU epoch's device, "cpu (1 thread, bf16)", holds a comma.
+    write_csv(os.path.join(out_dir, "metrics.csv"), keys, history)
     write_json(os.path.join(out_dir, "metrics.json"), history)
 
 
