@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._args import check_int
-from ._forms import FormLayer, check_floating_dtype, check_form
+from ._forms import FormLayer, _is_channels_last, check_floating_dtype, check_form
 from .conv_adapter import (
     _ADAPTERS,
     ADAPTER_STRATEGIES,
@@ -469,7 +469,10 @@ class LowRankConv2d(FormLayer):
                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, form=form,
                     padding_mode=conv.padding_mode, rank_ratio=rank_ratio, alpha=alpha,
                     adapter_strategy=adapter_strategy, device=weight.device, dtype=weight.dtype)
-        return layer._copy_from_dense_(weight, conv.bias)
+        layer._copy_from_dense_(weight, conv.bias)
+        if _is_channels_last(weight):          # a channels-last model stays so (as unconvert_model keeps it)
+            layer.to(memory_format=torch.channels_last)
+        return layer
 
     # -- forward ------------------------------------------------------------
     def forward(self, x):

@@ -173,28 +173,30 @@ def _check_patterns_match(patterns, names):
                          f"'enc.*'; the model's are: {shown or 'none'})")
 
 
-def _candidates(module, prefix=""):
+def _candidates(module, prefix="", converted=False):
     """(name, parent, attr, child) for every place a Linear/Conv2d/Conv1D is registered, repeats included.
 
-    Does not descend into dynrank layers; the leaves inside ``nn.MultiheadAttention``
-    come with parent None.  A module registered at several places comes once per place.
+    Does not descend into dynrank layers (with ``converted``, they come too, as places of their own);
+    the leaves inside ``nn.MultiheadAttention`` (``module`` itself one too) come with parent None.  A
+    module registered at several places comes once per place.
     """
+    if isinstance(module, nn.MultiheadAttention):
+        # MHA reads out_proj.weight directly in F.multi_head_attention_forward.
+        for sub, leaf in module.named_modules(remove_duplicate=False):
+            if isinstance(leaf, (nn.Linear, nn.Conv2d)):
+                yield ".".join(n for n in (prefix, sub) if n), None, None, leaf
+        return
     for attr, child in module._modules.items():
         if child is None:
             continue
         name = f"{prefix}.{attr}" if prefix else attr
         if isinstance(child, FormLayer):
-            continue
-        if isinstance(child, nn.MultiheadAttention):
-            # MHA reads out_proj.weight directly in F.multi_head_attention_forward.
-            for sub, leaf in child.named_modules(remove_duplicate=False):
-                if isinstance(leaf, (nn.Linear, nn.Conv2d)):
-                    yield f"{name}.{sub}", None, None, leaf
-            continue
-        if isinstance(child, (nn.Linear, nn.Conv2d)) or is_transposed_linear(child):
+            if converted:
+                yield name, module, attr, child
+        elif isinstance(child, (nn.Linear, nn.Conv2d)) or is_transposed_linear(child):
             yield name, module, attr, child
         else:
-            yield from _candidates(child, name)
+            yield from _candidates(child, name, converted)
 
 
 # ``self.<path>.weight.dtype`` (or ``.device``) in a module's code: it reads the weight of a layer below it.
@@ -324,7 +326,12 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     ``nn.TransformerEncoderLayer``\\ s whose linears are converted get a
     no-op forward pre-hook (and their ``nn.TransformerEncoder`` has
     ``use_nested_tensor`` turned off): torch's fused inference path reads
-    ``linear1.weight`` directly and would skip the low-rank factors.
+    ``linear1.weight`` directly and would skip the low-rank factors.  So
+    convert the module that holds the encoder, not one of its layers: an
+    encoder above ``model`` is out of reach and keeps nesting its input.
+    A converted layer takes over the old one's forward and backward hooks
+    (their handles still remove them); state-dict hooks stay on the old
+    module, being written for its keys.
 
     Args:
         model: any ``nn.Module``; modified in place.
@@ -340,14 +347,16 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
         min_features: smallest side of the weight's matrix view to convert.
         init: ``"dense"`` (from the existing weights) or ``"fresh"``.
         alpha: optional adapter/low-rank scale numerator (s = alpha / rank).
-        keep_last: keep the model's last nn.Linear dense.
+        keep_last: keep the model's last nn.Linear dense (True or False; a
+            head converted by an earlier call is still the last one).
 
     Returns:
         :class:`ConversionSummary`; ``print(summary)`` shows a table.
 
     Raises:
         TypeError: ``model`` is not an nn.Module, a non-number ρ or ``alpha``, a
-            ``min_features`` that is not an int, bad include/exclude types, or
+            ``min_features`` that is not an int, a ``keep_last`` that is not a
+            bool, bad include/exclude types, or
             a layer to convert whose weight is not floating-point (the message
             names the layer).
         ValueError: ρ outside (0, 1], ``alpha`` not a finite number > 0,
@@ -355,8 +364,8 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
             (``nn.LazyLinear``), unknown decomposition/form/init, an
             include/exclude name or glob that matches no
             nn.Linear/nn.Conv2d/Conv1D,
-            a tied or (lowrank/full form) frozen layer named exactly in
-            ``include``, a fit that fails (e.g. CP on a degenerate kernel, a
+            a tied, (lowrank/full form) frozen or nn.MultiheadAttention layer
+            named exactly in ``include``, a model that is itself a layer, a fit that fails (e.g. CP on a degenerate kernel, a
             NaN weight; the message names the layer and the decomposition), or
             nothing to convert.  The model is unchanged whenever it raises.
 
@@ -382,19 +391,28 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     min_features = check_int(min_features, "min_features", "a positive int", 1)
+    if not isinstance(keep_last, bool):
+        raise TypeError(f"keep_last must be True or False, got {type(keep_last).__name__} ({keep_last!r})")
     include = _check_patterns(include, "include")
     exclude = _check_patterns(exclude, "exclude")
     _check_materialized(model)
 
+    if isinstance(model, (nn.Linear, nn.Conv2d, FormLayer)) or is_transposed_linear(model):
+        raise ValueError(f"convert_model converts the layers inside a model, and this model is itself a "
+                         f"{type(model).__name__}: build its dynrank layer with FusedLowRankLinear.from_dense(layer, "
+                         f"rank) (LowRankConv2d.from_dense for a Conv2d), or convert the module that holds it")
     params_before = _trainable_count(model)
-    found = list(_candidates(model))
+    everything = list(_candidates(model, converted=True))
+    found = [place for place in everything if not isinstance(place[3], FormLayer)]
     _check_patterns_match((("include", include), ("exclude", exclude)), [name for name, *_ in found])
     # One entry per distinct module, with every place it is registered at (first place first).
     modules = {}
     for name, parent, attr, child in found:
         modules.setdefault(id(child), (child, []))[1].append((name, parent, attr))
-    last_linear = next((c for name, parent, _, c in reversed(found)
-                        if parent is not None and isinstance(c, nn.Linear)), None)
+    # The classifier is the model's last linear layer, converted already or not (a second call must not
+    # take the layer before a converted head for it).
+    last_linear = next((c for name, parent, _, c in reversed(everything)
+                        if parent is not None and isinstance(c, (nn.Linear, FusedLowRankLinear))), None)
     owners = parameter_owners(model)
     readers = _weight_readers(model, form)
 
@@ -447,10 +465,27 @@ def _check_materialized(model):
                          f"model once on a dummy batch so they get their shapes, then convert it")
 
 
+# The hook registries of a module's calls (forward, backward); the state-dict hooks stay behind, since
+# they are written for the old module's keys.
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
+def _take_call_hooks(new, old):
+    """Move the forward and backward hooks registered on ``old`` to ``new``: the registries themselves, so
+    the handles that registered the hooks still remove them; ``old`` is left with empty ones."""
+    for key in _CALL_HOOKS:
+        if key in old.__dict__:
+            held = old.__dict__[key]
+            new.__dict__[key] = held
+            old.__dict__[key] = type(held)() if isinstance(held, dict) else None
+
+
 def swap_in(plans):
-    """Put each new module at every place of its old one: ``plans`` is a list of (places, new), places a
-    list of (name, parent, attr).  All or nothing: where a setattr raises, every place swapped so far
-    gets its old module back."""
+    """Put each new module at every place of its old one, with the old one's forward and backward hooks:
+    ``plans`` is a list of (places, new), places a list of (name, parent, attr).  All or nothing: where a
+    setattr raises, every place swapped so far gets its old module back."""
+    olds = [places[0][1]._modules[places[0][2]] for places, _ in plans]
     swapped = []
     try:
         for places, new in plans:
@@ -461,11 +496,17 @@ def swap_in(plans):
         for parent, attr, old in reversed(swapped):
             setattr(parent, attr, old)
         raise
+    for (places, new), old in zip(plans, olds):
+        _take_call_hooks(new, old)
 
 
 def _keep_reason(names, places, child, include, exclude, min_features, last_linear, keep_last, owners, form,
                  readers):
     if any(parent is None for _, parent, _ in places):
+        if _named_exactly(include, names):
+            raise ValueError(f"convert_model: {names[0]!r} is named in include, but it is inside "
+                             f"nn.MultiheadAttention, which reads its weight directly: a converted layer there "
+                             f"would never run; drop it from include to keep it dense")
         return "inside nn.MultiheadAttention (reads weights directly)"
     if _matches(exclude, names, child):
         return "excluded"

@@ -512,3 +512,93 @@ def test_naming_such_a_subclass_or_building_from_it_is_refused():
     layer = FusedLowRankLinear.from_dense(model[4], rank=32, form="full")
     x = torch.randn(3, 32, dtype=torch.float64)
     assert rel_err(layer(x), model[4](x)) < 1e-12
+
+
+# -- the model itself, a second call, hooks, layouts -----------------------------------------
+
+def test_a_bare_attention_module_keeps_its_projection_and_a_bare_layer_is_pointed_to_from_dense():
+    """convert_model(nn.MultiheadAttention(...)) converted out_proj, which MHA never calls: the adapter was
+    never in the forward (and lowrank form crashed)."""
+    mha = nn.MultiheadAttention(16, 2)
+    with pytest.raises(ValueError, match=r"nothing to convert.*out_proj: inside nn\.MultiheadAttention"):
+        convert_model(mha, form="adapter", keep_last=False)
+    assert type(mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    for layer, cls in ((nn.Linear(8, 8), "Linear"), (nn.Conv2d(3, 8, 3), "Conv2d")):
+        with pytest.raises(ValueError, match=f"this model is itself a {cls}: build its dynrank layer with "
+                                             r"FusedLowRankLinear\.from_dense"):
+            convert_model(layer)
+
+
+def test_naming_an_attention_projection_in_include_is_refused():
+    model = Block()
+    with pytest.raises(ValueError, match=re.escape("'attn.out_proj' is named in include, but it is inside "
+                                                   "nn.MultiheadAttention")):
+        convert_model(model, include=["attn.out_proj", "ff.0"])
+    assert type(model.ff[0]) is nn.Linear                             # nothing changed
+
+
+def test_a_second_call_still_knows_the_converted_head_is_the_classifier():
+    """The head converted first (include, form='full'), a second call took the layer before it for the
+    final classifier and kept a hidden layer dense."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    convert_model(model, include=["4"], form="full", keep_last=False)
+    summary = convert_model(model)
+    assert summary.converted == ["0", "2"]
+
+
+@pytest.mark.parametrize("value", ["False", 0, None, 1])
+def test_keep_last_must_be_a_bool(value):
+    model = mlp()
+    with pytest.raises(TypeError, match=re.escape(f"keep_last must be True or False, got {type(value).__name__} "
+                                                  f"({value!r})")):
+        convert_model(model, keep_last=value)
+    assert all(type(m) in (nn.Linear, nn.ReLU) for m in model)
+
+
+@pytest.mark.parametrize("form", ["full", "adapter", "lowrank"])
+def test_forward_and_backward_hooks_move_to_the_converted_layer_and_back(form):
+    """They stayed on the replaced module, so a pre-hook that scaled the input was lost and form='full'
+    changed the function."""
+    from dynrank import unconvert_model
+    torch.manual_seed(0)
+    model = mlp().double()
+    x = torch.randn(6, 24, dtype=torch.float64)
+    seen = []
+    pre = model[0].register_forward_pre_hook(lambda m, args: (2.0 * args[0],))
+    post = model[2].register_forward_hook(lambda m, args, out: out + 1.0)
+    back = model[2].register_full_backward_hook(lambda m, gin, gout: seen.append(type(m).__name__))
+    old0 = model[0]
+    reference = model(x.requires_grad_())
+    reference.sum().backward()
+    convert_model(model, form=form, rank_ratio=1.0)
+    assert isinstance(model[0], FusedLowRankLinear) and not old0._forward_pre_hooks
+    out = model(x)
+    assert rel_err(out, reference) < (1e-12 if form == "lowrank" else 1e-15)
+    out.sum().backward()
+    assert seen == ["Linear", "FusedLowRankLinear"]
+    unconvert_model(model, lowrank="dense")
+    assert type(model[2]) is nn.Linear
+    assert rel_err(model(x), reference) < 1e-12                       # the hooks came back with the layers
+    pre.remove()
+    post.remove()
+    back.remove()                                                     # the handles still reach them
+    assert not any(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks for m in model)
+
+
+@pytest.mark.parametrize("dec", ["svd", "tucker", "cp"])
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+def test_a_channels_last_model_stays_channels_last(dec, form):
+    from dynrank.conv import LowRankConv2d
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3)).to(
+        memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
+    convert_model(model, form=form, decomposition=dec)
+    layer = model[0]
+    assert isinstance(layer, LowRankConv2d)
+    four_d = [p for p in layer.parameters() if p.dim() == 4 and p.shape[1] * p.shape[2] * p.shape[3] > 1
+              and p.shape[0] > 1]
+    assert four_d and all(p.is_contiguous(memory_format=torch.channels_last) for p in four_d)
+    if not (dec == "cp" and form == "lowrank"):     # CP's 1×1 and depthwise factors read as either layout
+        assert layer._memory_format() is torch.channels_last
+    assert model(x).shape == (2, 8, 4, 4)
