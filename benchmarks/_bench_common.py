@@ -30,7 +30,7 @@ __all__ = [
     "describe", "finish", "make_pass", "warm_up", "TIMINGS", "QUEUED_CALLS", "benchmark_queued", "time_pass",
     "optional_module", "require_module",
     "compile_enabled", "dtype_name", "flops_of", "env_override", "cuda_only_param", "measured_rooflines",
-    "RESULTS", "triton_forced", "inplace_adapter",
+    "RESULTS", "triton_forced", "inplace_adapter", "prepare_out",
 ]
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,6 +140,24 @@ def require_module(name, why, attr=None):
     if not hasattr(module, attr):
         pytest.skip(f"{name} has no {attr} yet: {why}")
     return getattr(module, attr)
+
+
+def prepare_out(parser, path):
+    """Make ``path`` (a script's ``--out`` file) writable before any work: its folder is created;
+    a path that is a folder, or whose folder is a file or cannot be made, is refused with
+    ``parser.error``.  Scripts that write their table after each section would otherwise spend
+    the first one's (GPU) time and then fail to open the file."""
+    if os.path.isdir(path):
+        parser.error(f"--out {path}: is a folder, expected a file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        parser.error(f"--out {path}: {folder} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--out {path}: cannot create its folder {folder} ({err.strerror})")
+    if not os.access(folder, os.W_OK):
+        parser.error(f"--out {path}: its folder {folder} is not writable")
 
 
 @contextlib.contextmanager

@@ -12,7 +12,10 @@ them where the repository keeps results, so the next session resumes from them:
   its old checkpoint, and every run folder keeps only what the repository commits: config.json,
   metrics, the monitor's CSV tables and result.json without its monitor records (the CSV tables
   hold them), no compare tables, plots or monitor.json;
-- then the paper summary is written again from every run folder.
+- with either of them, the paper summary is written again from every run folder.
+
+A ``bench.tgz`` without a suite JSON that names its device (a bench phase cut off before its first
+suite finished) is refused before anything is folded; so is a folder holding none of the archives.
 
 A run continued elsewhere from a copy of its committed folder (``dynrank-train --resume COPY
 --device cpu ...``) folds back with ``--run COPY``: its settings, epoch records, monitor files,
@@ -35,6 +38,7 @@ import re
 import shutil
 import sys
 import tarfile
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from paper_summary import summarize  # noqa: E402  (before dynrank: it finds the checkout's)
@@ -137,35 +141,53 @@ def _session_folder(results_dir, name, jsons):
         n += 1
 
 
+def _fold_bench(bench, results_dir, log):
+    """Move the files of ``bench`` (bench.tgz) into their session folder under ``results_dir``;
+    returns that folder.  The archive is unpacked into a temporary folder first, so one without a
+    suite JSON naming its device is refused (ValueError) before anything is moved."""
+    os.makedirs(results_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".bench-staging-", dir=results_dir)   # same file system: os.replace
+    try:
+        names = _extract(bench, staging)
+        jsons = sorted(os.path.join(staging, n) for n in names if n.endswith(".json"))
+        if not jsons:
+            found = ", ".join(sorted(map(os.path.basename, names))) or "nothing"
+            raise ValueError(f"{bench}: no suite JSON in it (it holds {found}): a bench phase cut off before its "
+                             "first suite finished; nothing was folded (move it aside to fold the rest)")
+        try:
+            name = bench_folder_name(jsons)
+        except ValueError as err:
+            raise ValueError(f"{bench}: {err}; nothing was folded") from None
+        target = _session_folder(results_dir, name, jsons)
+        os.makedirs(target, exist_ok=True)
+        for member in names:
+            os.replace(os.path.join(staging, member), os.path.join(target, os.path.basename(member)))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"benchmarks: {len(names)} files → {target}")
+    return target
+
+
 def fold(session_dir, results_dir, log=print):
-    """Fold the archives found in ``session_dir`` into ``results_dir``; returns the folders written."""
+    """Fold the archives found in ``session_dir`` into ``results_dir``; returns the folders written,
+    none where the folder holds no archive of a session (nothing is touched then).  A bench.tgz
+    without a suite JSON naming its device raises ValueError before anything is folded."""
     written = []
     bench = os.path.join(session_dir, "bench.tgz")
     if os.path.isfile(bench):
-        staging = os.path.join(results_dir, ".bench-staging")
-        names = _extract(bench, staging)
-        jsons = sorted(os.path.join(staging, n) for n in names if n.endswith(".json"))
-        target = _session_folder(results_dir, bench_folder_name(jsons), jsons)
-        os.makedirs(target, exist_ok=True)
-        for name in names:
-            os.replace(os.path.join(staging, name), os.path.join(target, os.path.basename(name)))
-        for root, dirs, _ in os.walk(staging, topdown=False):
-            for d in dirs:
-                os.rmdir(os.path.join(root, d))
-        os.rmdir(staging)
-        log(f"benchmarks: {len(names)} files → {target}")
+        target = _fold_bench(bench, results_dir, log)
         written.append(target)
         tests_log = os.path.join(session_dir, "tests-cuda.log")
         if os.path.isfile(tests_log):       # the native test run of the same session, kept beside its numbers
             shutil.copyfile(tests_log, os.path.join(target, "tests-cuda.log"))
             log(f"tests-cuda.log → {target}")
     runs = os.path.join(results_dir, PAPER_FOLDER)
-    for name in ("paper.tgz", "paper-checkpoints.tgz"):
-        archive = os.path.join(session_dir, name)
-        if os.path.isfile(archive):
-            names = _extract(archive, results_dir)
-            log(f"{name}: {len(names)} files → {results_dir}")
-    if os.path.isdir(runs):
+    papers = [os.path.join(session_dir, name) for name in ("paper.tgz", "paper-checkpoints.tgz")]
+    papers = [archive for archive in papers if os.path.isfile(archive)]
+    for archive in papers:
+        names = _extract(archive, results_dir)
+        log(f"{os.path.basename(archive)}: {len(names)} files → {results_dir}")
+    if papers and os.path.isdir(runs):      # the run folders are tidied and summarized only when runs came in
         _tidy_runs(runs, log)
         _summarize(runs, log)
         written.append(runs)
@@ -263,7 +285,11 @@ def main(argv=None):
         parser.error("give a session folder, or --run with --output and --note")
     if not os.path.isdir(args.session_dir):
         parser.error(f"no folder {args.session_dir}")
-    if not fold(args.session_dir, args.results):
+    try:
+        written = fold(args.session_dir, args.results)
+    except ValueError as err:
+        parser.error(str(err))
+    if not written:
         parser.error(f"nothing to fold in {args.session_dir} (expected bench.tgz, paper.tgz or paper-checkpoints.tgz)")
     return 0
 

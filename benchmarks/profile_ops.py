@@ -44,7 +44,7 @@ except ImportError:  # run from a checkout without installing
 
 # The suites' helpers (and test_bench_epoch's models), as the suites import them.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import cpu_model, dtype_name, inplace_adapter, sync  # noqa: E402
+from _bench_common import cpu_model, dtype_name, inplace_adapter, prepare_out, sync  # noqa: E402
 
 
 def host_microseconds(fn, calls=2000, device="cuda"):
@@ -403,7 +403,7 @@ def profile_lm_step(lines, device=None, steps=5):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", help="text file for the report (default: print only)")
+    parser.add_argument("--out", help="text file for the report, its folder created if missing (default: print only)")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--features", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
@@ -412,6 +412,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds of the host-time table (default 1 on CUDA, 15 on the CPU)")
     args = parser.parse_args(argv)
+    if args.out:
+        prepare_out(parser, args.out)
     if args.device == "cpu":
         import platform
 

@@ -16,6 +16,9 @@ same session.  The last section checks the speed targets: the linear and merge o
 once per timing (each call to its synchronize, and queued: ``extra_info["timing"]``),
 the GPT-2 step's on eager and on graphed steps.
 
+A file that holds no dynrank result (the empty file a suite that selected nothing leaves, another
+project's JSON) is skipped with a note; where none is left the command fails.
+
 matplotlib is optional: without it the plot is skipped with a note.
 """
 
@@ -25,7 +28,8 @@ import sys
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
-__all__ = ["Row", "combine_runs", "load_rows", "add_ratios", "evaluate_targets", "render_markdown", "plot", "main"]
+__all__ = ["Row", "not_a_dynrank_run", "combine_runs", "load_rows", "add_ratios", "evaluate_targets",
+           "render_markdown", "plot", "main"]
 
 STATS = ("mean", "median", "min")
 
@@ -59,6 +63,25 @@ class Row:
         return moved / self.time / 1e9 if moved and self.time > 0 else None
 
 
+def not_a_dynrank_run(data):
+    """Why the parsed JSON ``data`` is not a pytest-benchmark run of dynrank's suites, or None.
+
+    A dynrank result is an entry of ``benchmarks`` whose ``extra_info`` names its ``suite`` (every
+    suite of benchmarks/ records it); a JSON of another project has none.
+    """
+    if not isinstance(data, dict):
+        return f"not a pytest-benchmark JSON (a JSON {type(data).__name__}, expected an object with 'benchmarks')"
+    benchmarks = data.get("benchmarks")
+    if not isinstance(benchmarks, list):
+        found = ", ".join(map(repr, list(data)[:5])) or "nothing"
+        return f"not a pytest-benchmark JSON (no 'benchmarks' list; its keys: {found})"
+    if not any(isinstance(b, dict) and "suite" in (b.get("extra_info") or {}) for b in benchmarks):
+        machine = "with" if "dynrank" in (data.get("machine_info") or {}) else "without"
+        return (f"no dynrank result (benchmarks: {len(benchmarks)}, none with extra_info['suite']; "
+                f"{machine} machine_info['dynrank'])")
+    return None
+
+
 def combine_runs(runs):
     """One report input from several parsed JSON files (e.g. one per suite).
 
@@ -68,6 +91,10 @@ def combine_runs(runs):
     """
     if not runs:
         raise ValueError("combine_runs needs at least one run")
+    for run in runs:
+        if not isinstance(run, dict):
+            raise TypeError(f"combine_runs takes parsed pytest-benchmark JSON objects (dicts), got a "
+                            f"{type(run).__name__}")
     by_group = OrderedDict()
     devices = []
     for run in runs:
@@ -406,12 +433,19 @@ def main(argv=None):
     for path in args.json:
         try:
             with open(path, encoding="utf-8") as f:
-                runs.append(json.load(f))
+                run = json.load(f)
         except (OSError, ValueError) as err:
             # An empty file is what a suite that selected nothing (or was stopped) leaves.
             print(f"report.py: skipping {path}: not a pytest-benchmark JSON ({err})", file=sys.stderr)
+            continue
+        problem = not_a_dynrank_run(run)
+        if problem:
+            print(f"report.py: skipping {path}: {problem}", file=sys.stderr)
+        else:
+            runs.append(run)
     if not runs:
-        parser.error("none of the files is a pytest-benchmark JSON")
+        parser.error("none of the files is a pytest-benchmark JSON with a dynrank result "
+                     "(pytest benchmarks/ --benchmark-json=FILE writes one)")
     data = combine_runs(runs)
     rows = add_ratios(load_rows(data, args.stat))
     text = render_markdown(data, rows, args.stat)

@@ -24,6 +24,8 @@ try:
     import dynrank  # noqa: F401
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))    # the suites' helpers
+from _bench_common import prepare_out  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the current large-problem config first, then
 # deeper pipelines, Triton's tutorial config for Hopper, and a narrower one.
@@ -121,10 +123,11 @@ def parse_sweep_args(doc, script, argv=None):
     """A sweep script's command line (``--out``, ``--repeats``, ``--dry-run``): (args, device, device name).
 
     ``--dry-run`` sets ``TRITON_INTERPRET=1`` before triton is imported (tiny shapes on the CPU);
-    otherwise CUDA is required.
+    otherwise CUDA is required.  ``--out``'s folder is created (or the path refused) before any work.
     """
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--out", help="markdown file for the table (default: print only)")
+    parser.add_argument("--out",
+                        help="markdown file for the table, its folder created if missing (default: print only)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on the CPU through Triton's interpreter (checks the script, times nothing)")
@@ -132,6 +135,8 @@ def parse_sweep_args(doc, script, argv=None):
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
+    if args.out:
+        prepare_out(parser, args.out)
     if not args.dry_run and not torch.cuda.is_available():
         parser.error(f"{script} times CUDA kernels; torch sees no GPU here (--dry-run checks it on a CPU)")
     if args.dry_run:

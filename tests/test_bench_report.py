@@ -197,6 +197,41 @@ def test_cli_skips_an_empty_file_and_refuses_when_nothing_is_left(report, data, 
     assert "none of the files is a pytest-benchmark JSON" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content,problem", [
+    ([], "not a pytest-benchmark JSON (a JSON list, expected an object with 'benchmarks')"),
+    ({}, "not a pytest-benchmark JSON (no 'benchmarks' list; its keys: nothing)"),
+    ({"machine_info": {}, "version": "5.1"},
+     "not a pytest-benchmark JSON (no 'benchmarks' list; its keys: 'machine_info', 'version')"),
+    ({"machine_info": {"node": "x"}, "benchmarks": [{"name": "test_sort", "group": None, "extra_info": {},
+                                                     "stats": {"mean": 1e-3, "median": 1e-3, "min": 1e-3}}]},
+     "no dynrank result (benchmarks: 1, none with extra_info['suite']; without machine_info['dynrank'])"),
+    ({"machine_info": {"dynrank": {"device": "cpu"}}, "benchmarks": []},
+     "no dynrank result (benchmarks: 0, none with extra_info['suite']; with machine_info['dynrank'])"),
+])
+def test_cli_skips_a_file_without_a_dynrank_result(report, data, tmp_path, capsys, content, problem):
+    """A JSON array, an object that is no pytest-benchmark run, or a run of another project holds no
+    dynrank result: skipped with a note naming the file and what it holds, and refused when alone."""
+    good, odd = tmp_path / "results.json", tmp_path / "odd.json"
+    good.write_text(json.dumps(data), encoding="utf-8")
+    odd.write_text(json.dumps(content), encoding="utf-8")
+    out = tmp_path / "report.md"
+    capsys.readouterr()
+    assert report.main([str(odd), str(good), "--out", str(out)]) == 0
+    assert capsys.readouterr().err == f"report.py: skipping {odd}: {problem}\n"
+    assert f"; {len(data['benchmarks'])} results" in out.read_text(encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(odd)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"report.py: skipping {odd}: {problem}\n" in err
+    assert ("error: none of the files is a pytest-benchmark JSON with a dynrank result "
+            "(pytest benchmarks/ --benchmark-json=FILE writes one)\n") in err
+    assert report.not_a_dynrank_run(content) == problem
+    assert report.not_a_dynrank_run(data) is None
+    with pytest.raises(TypeError, match="combine_runs takes parsed pytest-benchmark JSON objects .dicts., got a list"):
+        report.combine_runs([data, []])
+
+
 def test_cpu_run_is_marked_reference_only(report, data):
     data["machine_info"]["dynrank"]["device"] = "cpu"
     text = report.render_markdown(data, report.add_ratios(report.load_rows(data)))

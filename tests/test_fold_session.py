@@ -210,3 +210,64 @@ def test_a_second_session_on_the_same_day_gets_its_own_folder(folder, tmp_path):
     assert sorted(p.name for p in results.iterdir()) == ["gpu-h200-2026-11-27", "gpu-h200-2026-11-27-2"]
     assert (results / "gpu-h200-2026-11-27" / "report.md").read_text() == "first"
     assert (results / "gpu-h200-2026-11-27-2" / "report.md").read_text() == "second, folded again"
+
+
+def test_a_bench_archive_without_a_suite_is_refused_before_anything_is_folded(folder, tmp_path, capsys):
+    """A bench phase cut off before its first suite returns a bench.tgz without a suite JSON: the
+    fold is refused, naming the archive and what it holds, and leaves nothing behind; the next
+    session's fold then goes through completely."""
+    results = tmp_path / "results"
+    cut = tmp_path / "cut-off"
+    cut.mkdir()
+    _tgz(cut / "bench.tgz", {"./profile.txt": "x\n", "./diagnose.md": "y\n"})
+    (cut / "tests-cuda.log").write_text("1 passed\n")
+    _tgz(cut / "paper.tgz", _run_files("full-seed0", "full", 3, True))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        folder.main([str(cut), "--results", str(results)])
+    _argparse_error(capsys, exit_info, f"{cut / 'bench.tgz'}: no suite JSON in it (it holds diagnose.md, "
+                                       "profile.txt): a bench phase cut off before its first suite finished; "
+                                       "nothing was folded (move it aside to fold the rest)")
+    assert list(results.iterdir()) == []                        # no staging folder, no runs
+    # JSONs that name no device are refused the same way.
+    nameless = tmp_path / "nameless"
+    nameless.mkdir()
+    _tgz(nameless / "bench.tgz", {"./linear.json": json.dumps({"machine_info": {}, "benchmarks": []})})
+    with pytest.raises(ValueError, match=re.escape(f"{nameless / 'bench.tgz'}: none of linear.json names its "
+                                                   "device; nothing was folded")):
+        folder.fold(str(nameless), str(results), log=lambda _: None)
+    assert list(results.iterdir()) == []
+    session = tmp_path / "session"
+    session.mkdir()
+    machine = {"dynrank": {"device_name": "NVIDIA H200", "device": "cuda"}}
+    _tgz(session / "bench.tgz", {"./epoch.json": json.dumps({"machine_info": machine,
+                                                             "datetime": "2026-11-28T01:02:03", "benchmarks": []})})
+    (session / "tests-cuda.log").write_text("345 passed\n")
+    _tgz(session / "paper.tgz", _run_files("full-seed0", "full", 3, True))
+    assert folder.main([str(session), "--results", str(results)]) == 0
+    assert sorted(p.name for p in results.iterdir()) == ["cifar10-resnet20", "gpu-h200-2026-11-28"]
+    assert sorted(p.name for p in (results / "gpu-h200-2026-11-28").iterdir()) == ["epoch.json", "tests-cuda.log"]
+    summary = json.loads((results / "cifar10-resnet20" / "summary.json").read_text())
+    assert [(r["schedule"], r["finished"]) for r in summary["runs"]] == [("full", True)]
+
+
+def test_a_folder_without_archives_folds_nothing(folder, tmp_path, capsys):
+    """An empty or wrong session folder is refused and the committed runs stay as they are (no
+    tidying, no dropped checkpoints, no summary written again)."""
+    results, wrong = tmp_path / "results", tmp_path / "not-the-session"
+    for name, content in _run_files("full-seed0", "full", 3, True).items():
+        path = results / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+    checkpoint = results / "cifar10-resnet20" / "full-seed0" / "full" / "checkpoint.pt"
+    checkpoint.write_bytes(b"state")
+    wrong.mkdir()
+    (wrong / "tests-cuda.log").write_text("1 passed\n")     # no archive beside it
+    before = sorted(str(p.relative_to(results)) for p in results.rglob("*"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        folder.main([str(wrong), "--results", str(results)])
+    _argparse_error(capsys, exit_info, f"nothing to fold in {wrong} "
+                                       "(expected bench.tgz, paper.tgz or paper-checkpoints.tgz)")
+    assert sorted(str(p.relative_to(results)) for p in results.rglob("*")) == before
+    assert checkpoint.read_bytes() == b"state"

@@ -114,6 +114,20 @@ def test_cpu_run_writes_the_host_table(profile_ops, tmp_path):
     assert title.startswith("host time per call") and len(rows) == 14
 
 
+def test_out_is_checked_before_any_section_runs(profile_ops, tmp_path, monkeypatch, capsys):
+    def no_section(*args, **kwargs):
+        raise AssertionError("a section ran before --out was checked")
+    monkeypatch.setattr(profile_ops, "host_per_call", no_section)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)     # the test process keeps its threads
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "host.txt"
+    with pytest.raises(SystemExit) as exit_info:
+        profile_ops.main(["--device", "cpu", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert f"error: --out {out}: {blocker} is a file, not a folder\n" in capsys.readouterr().err
+
+
 def test_adapter_profile_on_cpu(profile_ops, monkeypatch):
     """The adapter's profiler tables: on a CPU the torch path (one autograd node, whose Python
     backward shows in its table) and the same math in place on autograd's own nodes."""

@@ -32,3 +32,25 @@ def test_table_rates_against_the_copy(sweep):
     assert "| 4096×4096 r16 | copy of W | 20.0 µs | 3355 | 100 | - |" in table
     assert "| 4096×4096 r16 | merge kernel 64×128 w8 s2 | 40.0 µs | 1678 | 50 | 0.001 |" in table
     assert "| 4096×4096 r16 | addmm_ (cuBLAS) | - | - | - | - |" in table
+
+
+def test_out_is_checked_before_any_shape_runs(sweep, tmp_path, monkeypatch, capsys):
+    """A bad --out is refused before the first shape is timed; a missing folder is created."""
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("a shape ran before --out was checked")
+    monkeypatch.setattr(sweep, "sweep", no_sweep)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")     # what --dry-run sets; put back afterwards
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out, message in ((blocker / "sweep.md", f"{blocker} is a file, not a folder"),
+                         (tmp_path, "is a folder, expected a file to write")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main(["--dry-run", "--out", str(out)])
+        assert exit_info.value.code == 2
+        assert f"error: --out {out}: {message}\n" in capsys.readouterr().err
+    monkeypatch.setattr(sweep, "sweep", lambda shapes, *args: [(f"{shapes[0][0]}×{shapes[0][1]} r16", "copy of W",
+                                                                None, None)])
+    out = tmp_path / "new" / "folder" / "sweep.md"
+    assert sweep.main(["--dry-run", "--out", str(out)]) == 0
+    assert "| 40×72 r16 | copy of W | - | - | - | - |" in out.read_text(encoding="utf-8")

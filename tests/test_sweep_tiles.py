@@ -35,3 +35,19 @@ def reference_largest_output(sweep):
     bias = torch.randn(48, generator=gen).to(torch.bfloat16)
     y = x.double() @ weight.double().t() + xbs.double() @ A.double().t() + bias.double()
     return y.abs().max().item()
+
+
+def test_out_is_checked_before_any_shape_runs(tmp_path, monkeypatch, capsys):
+    sweep = load_script("benchmarks/sweep_tiles.py", "dynrank_sweep_tiles")
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("a shape ran before --out was checked")
+    monkeypatch.setattr(sweep, "sweep", no_sweep)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")     # what --dry-run sets; put back afterwards
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "sweep.md"
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--dry-run", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert f"error: --out {out}: {blocker} is a file, not a folder\n" in capsys.readouterr().err
