@@ -50,3 +50,18 @@ def load_script(relative_path, module_name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def assert_out_refused_before_work(script, work, argv, out, message, monkeypatch, capsys):
+    """``script.main(argv + ["--out", out])`` exits 2 with ``error: --out <out>: <message>`` before its
+    ``work`` function (monkeypatched to fail if called) runs."""
+    import pytest
+
+    def no_work(*args, **kwargs):
+        raise AssertionError(f"{work} ran before --out was checked")
+    monkeypatch.setattr(script, work, no_work)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([*argv, "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert f"error: --out {out}: {message}\n" in capsys.readouterr().err

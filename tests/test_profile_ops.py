@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from _helpers import load_script
+from _helpers import assert_out_refused_before_work, load_script
 
 
 @pytest.fixture(scope="module")
@@ -115,17 +115,11 @@ def test_cpu_run_writes_the_host_table(profile_ops, tmp_path):
 
 
 def test_out_is_checked_before_any_section_runs(profile_ops, tmp_path, monkeypatch, capsys):
-    def no_section(*args, **kwargs):
-        raise AssertionError("a section ran before --out was checked")
-    monkeypatch.setattr(profile_ops, "host_per_call", no_section)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)     # the test process keeps its threads
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    out = blocker / "host.txt"
-    with pytest.raises(SystemExit) as exit_info:
-        profile_ops.main(["--device", "cpu", "--out", str(out)])
-    assert exit_info.value.code == 2
-    assert f"error: --out {out}: {blocker} is a file, not a folder\n" in capsys.readouterr().err
+    assert_out_refused_before_work(profile_ops, "host_per_call", ["--device", "cpu"], blocker / "host.txt",
+                                   f"{blocker} is a file, not a folder", monkeypatch, capsys)
 
 
 def test_adapter_profile_on_cpu(profile_ops, monkeypatch):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from _helpers import INTERPRETING, load_script
+from _helpers import INTERPRETING, assert_out_refused_before_work, load_script
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="the CPU check runs the kernels through Triton's interpreter")
@@ -39,15 +39,8 @@ def reference_largest_output(sweep):
 
 def test_out_is_checked_before_any_shape_runs(tmp_path, monkeypatch, capsys):
     sweep = load_script("benchmarks/sweep_tiles.py", "dynrank_sweep_tiles")
-
-    def no_sweep(*args, **kwargs):
-        raise AssertionError("a shape ran before --out was checked")
-    monkeypatch.setattr(sweep, "sweep", no_sweep)
     monkeypatch.setenv("TRITON_INTERPRET", "1")     # what --dry-run sets; put back afterwards
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    out = blocker / "sweep.md"
-    with pytest.raises(SystemExit) as exit_info:
-        sweep.main(["--dry-run", "--out", str(out)])
-    assert exit_info.value.code == 2
-    assert f"error: --out {out}: {blocker} is a file, not a folder\n" in capsys.readouterr().err
+    assert_out_refused_before_work(sweep, "sweep", ["--dry-run"], blocker / "sweep.md",
+                                   f"{blocker} is a file, not a folder", monkeypatch, capsys)
