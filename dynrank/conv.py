@@ -174,6 +174,8 @@ class LowRankConv2d(FormLayer):
       on the decision, so one graph serves every input shape with the same
       choice (with dynamic shapes, recompiling only where the choice flips),
       and :attr:`adapter_choices` keeps the eager decisions only.
+      ``torch.export`` with a dynamic dimension cannot keep such a guard: there
+      "auto" takes "merged", whose cost does not grow with the batch.
 
     Geometry edits apply as for ``nn.Conv2d``: ``stride``, ``padding``, ``dilation`` and
     ``padding_mode`` may be set after construction (segmentation code's "_nostride_dilate"
@@ -357,6 +359,10 @@ class LowRankConv2d(FormLayer):
             # adapter form, another per new input shape or eager call's entry, and under dynamic shapes
             # (SymInt keys, SymFloat costs) a graph break and a recompile at every call.  With symbolic
             # shapes the comparison below becomes a guard: one graph per choice, for every shape.
+            if torch.compiler.is_exporting() and not all(isinstance(n, int) for n in x.shape):
+                # torch.export refuses that guard on a dynamic dim: the strategy whose cost does not
+                # grow with the batch (one merge per call), for every size the program will see.
+                return "merged"
             seconds = adapter_costs(self, x)
             strategy = "chain" if seconds["chain"] <= seconds["merged"] else "merged"
         else:

@@ -551,3 +551,25 @@ def test_merged_adapter_builds_its_kernel_in_the_parameters_dtype_under_autocast
     # The same layer in float64 without autocast (checked against nn.Conv2d by the tests above).
     ref = layer64(x.double())
     assert rel_err(y, ref) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
+@pytest.mark.parametrize("dec", ["svd", "tucker"])
+def test_torch_export_with_a_dynamic_batch(dec, form):
+    """In adapter form "auto" compared the strategies' costs at the symbolic batch: a guard that torch.export
+    refuses on a dynamic dim (Constraints violated)."""
+    torch.manual_seed(0)
+    layer = LowRankConv2d(4, 6, 3, rank=2 if dec == "svd" else (2, 3), decomposition=dec, padding=1, form=form)
+    if form == "adapter":
+        with torch.no_grad():
+            for p in layer.factors().values():
+                p.normal_()
+    batch = torch.export.Dim("batch", min=2)
+    program = torch.export.export(layer, (torch.randn(3, 4, 5, 5),), dynamic_shapes=({0: batch},))
+    x = torch.randn(7, 4, 5, 5, dtype=torch.float64)
+    factors = {n: p.detach().double() for n, p in layer.factors().items()}
+    kernel = reference_kernel(dec, factors, layer.scale) if factors else 0.0
+    if layer.weight is not None:
+        kernel = kernel + layer.weight.detach().double()
+    expected = torch.nn.functional.conv2d(x, kernel, layer.bias.detach().double(), padding=1)
+    assert rel_err(program.module()(x.float()), expected) < REL_TOL[torch.float32]
