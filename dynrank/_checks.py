@@ -67,12 +67,15 @@ def check_sync(model, sync_ranks, process_group):
     """Validated (sync_ranks, process_group) of a scheduler built on ``model``.
 
     ``sync_ranks``: a bool, or None: True when ``model`` is a
-    DistributedDataParallel or torch.distributed is initialized with more than
-    one process in the group (a scheduler given the bare module of a DDP model
-    must still broadcast, else each process derives optimizer state from its own
-    fresh factors), False otherwise.  ``process_group``: None (the DDP wrapper's
-    group, else WORLD) or a ``torch.distributed.ProcessGroup``; only None where
-    this torch build has no ``torch.distributed``.
+    DistributedDataParallel or the module inside the one dynrank last saw
+    around it (``rewrap_ddp``, a scheduler's constructor), False without a
+    process group of more than one process.  A bare module in such a group is a
+    ValueError: whether its processes hold replicas (data parallel: the fresh
+    factors must be broadcast, else each process derives optimizer state from
+    its own) or different models (pipeline stages: a broadcast would overwrite
+    them, or hang) cannot be told from here.  ``process_group``: None (the DDP
+    wrapper's group, else WORLD) or a ``torch.distributed.ProcessGroup``; only
+    None where this torch build has no ``torch.distributed``.
     """
     from torch.nn.parallel import DistributedDataParallel
     if sync_ranks is not None:
@@ -91,13 +94,22 @@ def check_sync(model, sync_ranks, process_group):
         if not isinstance(process_group, group_type):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
                             f"got {type(process_group).__name__} ({process_group!r})")
-    is_ddp = isinstance(model, DistributedDataParallel)
-    if process_group is None and is_ddp:
-        process_group = model.process_group
+    from .distributed import _WRAPPERS
+    wrapper = model if isinstance(model, DistributedDataParallel) else _WRAPPERS.get(id(model))
+    if process_group is None and wrapper is not None:
+        process_group = wrapper.process_group
     if sync_ranks is None:
         dist = torch.distributed
-        sync_ranks = is_ddp or (dist.is_available() and dist.is_initialized()
-                                and dist.get_world_size(process_group) > 1)
+        if wrapper is not None:
+            sync_ranks = True
+        elif dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+            raise ValueError(f"sync_ranks: torch.distributed runs {dist.get_world_size(process_group)} processes "
+                             f"and the scheduler was given a bare {type(model).__name__}: pass sync_ranks=True "
+                             f"where every process holds a replica of it (data parallel; or give the scheduler "
+                             f"the DistributedDataParallel model), so fresh factors are broadcast from rank 0, "
+                             f"or sync_ranks=False where the processes train different models or stages")
+        else:
+            sync_ranks = False
     return sync_ranks, process_group
 
 

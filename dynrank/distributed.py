@@ -4,8 +4,9 @@ A form change replaces parameters, and DistributedDataParallel registers its
 gradient hooks and buckets on the parameters it was built with, so after a
 change the model must be wrapped again.  Two pieces keep every rank identical:
 
-1. :class:`~dynrank.DynamicRankScheduler` given the DDP-wrapped model (or,
-   with more than one process, the bare module: ``sync_ranks`` defaults on)
+1. :class:`~dynrank.DynamicRankScheduler` given the DDP-wrapped model (or
+   the bare module with ``sync_ranks=True``; without it a bare module in a
+   group of several processes is refused, since they may hold different models)
    broadcasts fresh adapter factors from rank 0 right after each deflate
    (before any optimizer state is derived from them), so each rank's
    optimizer holds the same parameters and state.

@@ -292,9 +292,9 @@ class IncrementalRankScheduler:
         max_rank: int cap on the trained components (default and upper bound min(in, out)).
         sync_ranks, process_group: broadcast new components from rank 0 under
             data parallelism: True/False (default None: when ``model`` is a
-            DistributedDataParallel or torch.distributed is initialized with more
-            than one process in the group) and a ``torch.distributed.ProcessGroup``
-            or None, as for :class:`~dynrank.DynamicRankScheduler`.
+            DistributedDataParallel; a bare module in a group of several processes
+            must say which) and a ``torch.distributed.ProcessGroup`` or None, as for
+            :class:`~dynrank.DynamicRankScheduler`.
 
     Raises:
         TypeError: a non-module model, a non-optimizer, an ``init_rank``, ``buffer``,

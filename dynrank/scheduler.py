@@ -182,10 +182,11 @@ class DynamicRankScheduler:
         epochs: optional total number of epochs (steps); I and D must lie in
             [0, epochs] and :meth:`step` rejects later epochs.
         sync_ranks: True/False: broadcast fresh adapter factors from rank 0 after a deflate
-            so all data-parallel ranks stay identical; default (None): when ``model``
-            is a DistributedDataParallel or torch.distributed is initialized with more
-            than one process in the group (so also for the bare module of a DDP
-            model).  Every rank must call :meth:`step`.
+            so all data-parallel ranks stay identical; default (None): True when ``model``
+            is a DistributedDataParallel (or the module inside the one ``rewrap_ddp``
+            last built), False without a group of several processes; a bare module in
+            such a group must say which (ValueError: replicas, or different models).
+            Every rank must call :meth:`step`.
         process_group: a ``torch.distributed.ProcessGroup`` for that broadcast,
             or None (the DDP wrapper's, or WORLD).
 
