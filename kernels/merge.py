@@ -175,6 +175,9 @@ def merge_(weight, A, B, alpha=1.0, config=None):
             # Triton's interpreter multiplies bf16 tiles wrongly; fp32 tiles hold bf16 exactly.
             DOT_FP32=interpreted and A.dtype == torch.bfloat16, INPUT_PRECISION=precision, OUTER=outer,
             INDEX_64=_needs_int64(W, A, B), **config)
+    # The kernel writes through the pointer: move the version counter as a torch in-place op would, so a
+    # graph that saved ``weight`` refuses its backward instead of using the merged values.
+    torch.autograd.graph.increment_version(weight)
     return weight
 
 
