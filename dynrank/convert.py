@@ -527,6 +527,13 @@ def _keep_reason(names, places, child, include, exclude, min_features, last_line
                              f"layer would hold one value of it and drop the parametrization; remove it first "
                              f"({HOW_TO_REMOVE}), or drop {names[0]!r} from include to keep it dense")
         return reparam
+    if getattr(child, "activation_post_process", None) is not None:
+        # torch.ao.quantization.prepare's observer: its hook reads this attribute of an nn.Linear/Conv2d.
+        if named:
+            raise ValueError(f"convert_model: {names[0]!r} is named in include, but it is prepared for "
+                             f"quantization (torch.ao.quantization.prepare put an observer on it): convert "
+                             f"before preparing, or drop {names[0]!r} from include to keep it dense")
+        return "prepared for quantization (observer)"
     tied = _tied_to(child, owners)
     if tied:
         if named:

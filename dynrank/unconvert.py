@@ -276,8 +276,9 @@ def unconvert_model(model, lowrank="factored"):
     leaves the model as it was.  The guard ``convert_model`` put on
     ``nn.TransformerEncoderLayer``\\ s (a no-op forward pre-hook) is removed
     and their ``nn.TransformerEncoder``'s ``use_nested_tensor`` set back, so
-    torch's fused inference path runs again.  Hooks set on a dynrank layer
-    itself do not carry over.  The optimizer of a scheduler that managed a
+    torch's fused inference path runs again.  The forward and backward hooks
+    set on a dynrank layer move to its replacement (a factored lowrank layer's
+    ``nn.Sequential``); state-dict hooks stay behind.  The optimizer of a scheduler that managed a
     layer is edited in place: it trains the new module's parameters where the
     layer's sat (new weights start with fresh state), and that scheduler then
     refuses to step (RuntimeError); any other optimizer built before this call

@@ -602,3 +602,25 @@ def test_a_channels_last_model_stays_channels_last(dec, form):
     if not (dec == "cp" and form == "lowrank"):     # CP's 1×1 and depthwise factors read as either layout
         assert layer._memory_format() is torch.channels_last
     assert model(x).shape == (2, 8, 4, 4)
+
+
+def test_a_layer_prepared_for_quantization_stays_dense():
+    """Its observer hook reads activation_post_process, which a dynrank layer does not have: moved with the
+    other hooks, it broke the first forward."""
+    import warnings
+
+    import torch.ao.quantization as quantization
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    model[2].qconfig = quantization.default_qconfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantization.prepare(model, inplace=True)
+    x = torch.randn(5, 32)
+    summary = convert_model(model, form="full")
+    assert summary.converted == ["0"]
+    assert dict(summary.skipped)["2"] == "prepared for quantization (observer)"
+    assert type(model[2]) is nn.Linear and model(x).shape == (5, 4)
+    assert model[2].activation_post_process.min_val.isfinite()        # the observer still sees the layer
+    with pytest.raises(ValueError, match="'2' is named in include, but it is prepared for quantization"):
+        convert_model(model, include=["2"])
