@@ -77,14 +77,16 @@ def outside_inference_mode(method):
     training step cannot use them ("Inference tensors cannot be saved for backward"), far from the
     switch that made them.  ``nn.Linear.load_state_dict`` under inference mode keeps ordinary tensors;
     so do the switches.  A layer whose parameters are inference tensors already (a model cast under
-    inference mode, for serving) is switched inside inference mode, as before: outside it, those
-    tensors cannot be updated in place.  ``args[0]`` is the layer (or the scheduler).
+    inference mode, for serving) is switched inside inference mode, entered if need be: outside it,
+    those tensors cannot be updated in place.  ``args[0]`` is the layer (or the scheduler).
     """
     @functools.wraps(method)
     def run(*args, **kwargs):
         owner = args[0] if args else None
-        if not torch.is_inference_mode_enabled() or (
-                isinstance(owner, nn.Module) and any(p.is_inference() for p in owner.parameters())):
+        if isinstance(owner, nn.Module) and any(p.is_inference() for p in owner.parameters()):
+            with torch.inference_mode():
+                return method(*args, **kwargs)
+        if not torch.is_inference_mode_enabled():
             return method(*args, **kwargs)
         with torch.inference_mode(False), torch.no_grad():
             return method(*args, **kwargs)

@@ -91,6 +91,22 @@ def test_a_layer_cast_under_inference_mode_still_switches_there():
             assert layer.form == "full" and rel_err(layer(x), before) < 1e-12
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv-chain"])
+@pytest.mark.parametrize("form, change", [("adapter", lambda m: m.inflate()),
+                                          ("full", lambda m: m.deflate(init="svd")),
+                                          ("full", lambda m: m.deflate())])
+def test_a_layer_of_inference_tensors_switches_outside_inference_mode_too(kind, form, change):
+    """deflate(init='svd') merges into W itself, which an inference tensor allows only inside inference
+    mode: called outside it, the switch enters it rather than fail."""
+    with torch.inference_mode():
+        layer, x = _layer(kind, form)
+        before = layer(x)
+    change(layer)
+    with torch.inference_mode():
+        assert rel_err(layer(x), before) < 1e-12
+    assert all(p.is_inference() for p in layer.parameters())
+
+
 def test_a_scheduler_switch_under_inference_mode_makes_ordinary_optimizer_state():
     """The state a carry (or Adagrad's construction-time state) makes at a switch under inference mode was
     made of inference tensors: the next optimizer.step() failed with "Inplace update to inference tensor"."""
