@@ -21,8 +21,10 @@ def _bmm_operands(U, V, groups):
     return U.reshape(groups, F_out // groups, qg), V.reshape(groups, qg, -1)
 
 
-def _uses_triton(weight):
-    return backend_for(weight.device, "conv_merge", weight.dtype) == "triton"
+def _uses_triton(weight, U, V):
+    """Whether the merge of U·V into ``weight`` runs the Triton kernel: every operand's dtype counts (a
+    float64 factor beside a float32 kernel takes torch, as ``functional.merge_`` does)."""
+    return backend_for(weight.device, "conv_merge", weight.dtype, U.dtype, V.dtype) == "triton"
 
 
 @torch.no_grad()
@@ -33,7 +35,7 @@ def merge_conv_(weight, U, V, alpha, groups):
     accumulator); otherwise a torch bmm, accumulated in fp32 for 16-bit kernels.  float64 kernels always
     take the torch path.
     """
-    if _uses_triton(weight):
+    if _uses_triton(weight, U, V):
         from .kernels.conv_merge import conv_merge_
         return conv_merge_(weight, U, V, alpha, groups)
     acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
@@ -80,7 +82,7 @@ def merged_kernel(weight, U, V, alpha, groups):
     ``dynrank::conv_merged_kernel``) and the backward maps the kernel's
     gradient to U and V with two small GEMMs; elsewhere plain torch autograd.
     """
-    if _uses_triton(weight) and not transform_active():
+    if _uses_triton(weight, U, V) and not transform_active():
         # (torch.func's transforms and torch.jit.trace take the plain ops: the custom op has no vmap
         # or forward-mode rule.)
         return _merged_kernel_op(weight, U, V, float(alpha), int(groups))

@@ -226,5 +226,6 @@ def finetune_schedule(epochs, deflate_fraction=0.5):
     if not 0.0 < deflate_fraction < 1.0:
         raise ValueError(f"deflate_fraction must be in (0, 1), got {deflate_fraction}")
     # The product in binary floating point falls just below an integer it equals in decimal
-    # (0.29 · 100 = 28.999999999999996): floor past that rounding, not past a real fraction.
-    return None, max(1, int(math.floor(deflate_fraction * epochs + 1e-9)))
+    # (0.29 · 100 = 28.999999999999996): floor past that rounding (relative, for step counts as
+    # large as 10⁸ too), not past a real fraction.
+    return None, max(1, int(math.floor(deflate_fraction * epochs * (1 + 1e-12))))

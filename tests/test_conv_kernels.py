@@ -140,3 +140,16 @@ def test_merged_adapter_through_triton_matches_torch(monkeypatch, dec):
     for name in g0:
         assert rel_err(g1[name], g0[name]) < tol, name
     assert layer.weight.grad is None
+
+
+def test_factors_the_kernel_does_not_take_send_the_merge_to_torch(triton_backend):
+    """The engine was chosen from the kernel's dtype alone: float64 factors beside a float32 kernel reached
+    the Triton launcher's TypeError, where functional.merge_ (every operand's dtype) takes torch."""
+    from dynrank.conv_merging import merge_conv_, merged_kernel
+    device = _device()
+    W = torch.randn(6, 4, 3, 3, device=device)
+    U = torch.randn(6, 2, device=device, dtype=torch.float64)
+    V = torch.randn(2, 4, 3, 3, device=device, dtype=torch.float64)
+    expected = reference_conv_merge(W, U, V, 0.5)
+    assert rel_err(merged_kernel(W, U, V, 0.5, 1), expected) < REL_TOL[torch.float32]
+    assert rel_err(merge_conv_(W.clone(), U, V, 0.5, 1), expected) < REL_TOL[torch.float32]

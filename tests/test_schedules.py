@@ -124,6 +124,8 @@ def test_finetune_deflate_epoch_is_the_floor_of_the_decimal_product():
                 if n < d:
                     expected = max(1, math.floor(Fraction(n, d) * epochs))
                     assert finetune_schedule(epochs, n / d) == (None, expected), (epochs, n, d)
+    for hundredths in (29, 57, 58):                        # steps rather than epochs: an absolute margin fell short
+        assert finetune_schedule(10 ** 8, hundredths / 100) == (None, hundredths * 10 ** 6)
 
 
 def test_bad_arguments():
