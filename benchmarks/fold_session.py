@@ -14,8 +14,9 @@ them where the repository keeps results, so the next session resumes from them:
   hold them), no compare tables, plots or monitor.json;
 - with either of them, the paper summary is written again from every run folder.
 
-A ``bench.tgz`` without a suite JSON that names its device (a bench phase cut off before its first
-suite finished) is refused before anything is folded; so is a folder holding none of the archives.
+An empty suite JSON (a suite cut off at its time limit) is left out with a note.  A ``bench.tgz``
+without a suite JSON that names its device (a bench phase cut off before its first suite finished) is
+refused before anything is folded; so is a folder holding none of the archives.
 
 A run continued elsewhere from a copy of its committed folder (``dynrank-train --resume COPY
 --device cpu ...``) folds back with ``--run COPY``: its settings, epoch records, monitor files,
@@ -104,11 +105,23 @@ def _extract(archive, target):
     return [m.name for m in members if m.isfile()]
 
 
+def _read_suite(path):
+    """The suite JSON at ``path`` as a dict, or None where it is empty or not one: pytest-benchmark opens
+    its ``--benchmark-json`` file at the start, so a suite cut off at its time limit leaves 0 bytes."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def bench_folder_name(jsons):
     """``gpu-<device>-<date>`` from the first suite JSON that names its device (e.g. gpu-h200-2026-11-25)."""
     for path in jsons:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = _read_suite(path)
+        if data is None:
+            continue
         device = ((data.get("machine_info") or {}).get("dynrank") or {}).get("device_name")
         if device:
             model = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", device)
@@ -120,11 +133,7 @@ def bench_folder_name(jsons):
 
 def _session_started(jsons):
     """The set of start times (``datetime``) the suite JSONs record: one per session."""
-    started = set()
-    for path in jsons:
-        with open(path, encoding="utf-8") as handle:
-            started.add(json.load(handle).get("datetime"))
-    return started
+    return {data.get("datetime") for data in map(_read_suite, jsons) if data is not None}
 
 
 def _session_folder(results_dir, name, jsons):
@@ -150,6 +159,12 @@ def _fold_bench(bench, results_dir, log):
     try:
         names = _extract(bench, staging)
         jsons = sorted(os.path.join(staging, n) for n in names if n.endswith(".json"))
+        cut = [path for path in jsons if _read_suite(path) is None]
+        for path in cut:
+            log(f"{bench}: {os.path.basename(path)} is empty or not a suite JSON (a suite cut off at its time "
+                f"limit): not folded")
+        names = [n for n in names if os.path.join(staging, n) not in cut]
+        jsons = [path for path in jsons if path not in cut]
         if not jsons:
             found = ", ".join(sorted(map(os.path.basename, names))) or "nothing"
             raise ValueError(f"{bench}: no suite JSON in it (it holds {found}): a bench phase cut off before its "

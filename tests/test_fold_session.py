@@ -251,6 +251,23 @@ def test_a_bench_archive_without_a_suite_is_refused_before_anything_is_folded(fo
     assert [(r["schedule"], r["finished"]) for r in summary["runs"]] == [("full", True)]
 
 
+def test_a_suite_cut_off_at_its_time_limit_is_left_out_and_the_rest_folded(folder, tmp_path):
+    """pytest-benchmark opens its JSON at the start, so a suite cut at its cap leaves 0 bytes in bench.tgz:
+    sorted first, the fold was refused (Expecting value); sorted later, a bare JSONDecodeError."""
+    machine = {"dynrank": {"device_name": "NVIDIA H200", "device": "cuda"}}
+    suite = json.dumps({"machine_info": machine, "datetime": "2026-11-28T01:02:03", "benchmarks": []})
+    results = tmp_path / "results"
+    session = tmp_path / "session"
+    session.mkdir()
+    _tgz(session / "bench.tgz", {"./conv.json": "", "./epoch.json": suite, "./merge.json": "", "./report.md": "r\n"})
+    notes = []
+    folder.fold(str(session), str(results), log=notes.append)
+    assert sorted(p.name for p in (results / "gpu-h200-2026-11-28").iterdir()) == ["epoch.json", "report.md"]
+    for name in ("conv.json", "merge.json"):
+        assert f"{session / 'bench.tgz'}: {name} is empty or not a suite JSON (a suite cut off at its time " \
+               f"limit): not folded" in notes
+    assert sorted(p.name for p in results.iterdir()) == ["gpu-h200-2026-11-28"]      # no staging left
+
 def test_a_folder_without_archives_folds_nothing(folder, tmp_path, capsys):
     """An empty or wrong session folder is refused and the committed runs stay as they are (no
     tidying, no dropped checkpoints, no summary written again)."""
