@@ -174,7 +174,7 @@ class LowRankConv2d(FormLayer):
       on the decision, so one graph serves every input shape with the same
       choice (with dynamic shapes, recompiling only where the choice flips),
       and :attr:`adapter_choices` keeps the eager decisions only.
-      ``torch.export`` with a dynamic dimension cannot keep such a guard: there
+      ``torch.export`` cannot keep such a guard on a dynamic dimension: there
       "auto" takes "merged", whose cost does not grow with the batch.
 
     Geometry edits apply as for ``nn.Conv2d``: ``stride``, ``padding``, ``dilation`` and
@@ -359,9 +359,10 @@ class LowRankConv2d(FormLayer):
             # adapter form, another per new input shape or eager call's entry, and under dynamic shapes
             # (SymInt keys, SymFloat costs) a graph break and a recompile at every call.  With symbolic
             # shapes the comparison below becomes a guard: one graph per choice, for every shape.
-            if torch.compiler.is_exporting() and not all(isinstance(n, int) for n in x.shape):
-                # torch.export refuses that guard on a dynamic dim: the strategy whose cost does not
-                # grow with the batch (one merge per call), for every size the program will see.
+            if torch.compiler.is_exporting():
+                # torch.export refuses that guard on a dynamic dim (and strict export's dynamo shows a
+                # symbolic size as an int): the strategy whose cost does not grow with the batch (one
+                # merge per call), for every size the program will see.
                 return "merged"
             seconds = adapter_costs(self, x)
             strategy = "chain" if seconds["chain"] <= seconds["merged"] else "merged"

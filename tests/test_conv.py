@@ -553,11 +553,12 @@ def test_merged_adapter_builds_its_kernel_in_the_parameters_dtype_under_autocast
     assert rel_err(y, ref) < REL_TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
 @pytest.mark.parametrize("dec", ["svd", "tucker"])
-def test_torch_export_with_a_dynamic_batch(dec, form):
+def test_torch_export_with_a_dynamic_batch(dec, form, strict):
     """In adapter form "auto" compared the strategies' costs at the symbolic batch: a guard that torch.export
-    refuses on a dynamic dim (Constraints violated)."""
+    refuses on a dynamic dim (Constraints violated), strict (dynamo) or not."""
     torch.manual_seed(0)
     layer = LowRankConv2d(4, 6, 3, rank=2 if dec == "svd" else (2, 3), decomposition=dec, padding=1, form=form)
     if form == "adapter":
@@ -565,7 +566,7 @@ def test_torch_export_with_a_dynamic_batch(dec, form):
             for p in layer.factors().values():
                 p.normal_()
     batch = torch.export.Dim("batch", min=2)
-    program = torch.export.export(layer, (torch.randn(3, 4, 5, 5),), dynamic_shapes=({0: batch},))
+    program = torch.export.export(layer, (torch.randn(3, 4, 5, 5),), dynamic_shapes=({0: batch},), strict=strict)
     x = torch.randn(7, 4, 5, 5, dtype=torch.float64)
     factors = {n: p.detach().double() for n, p in layer.factors().items()}
     kernel = reference_kernel(dec, factors, layer.scale) if factors else 0.0
