@@ -19,6 +19,7 @@ refer to — for cosine annealing, epoch ≈ 0.62·E.
 """
 
 import math
+from fractions import Fraction
 
 from ._args import check_int, check_real
 
@@ -226,6 +227,10 @@ def finetune_schedule(epochs, deflate_fraction=0.5):
     if not 0.0 < deflate_fraction < 1.0:
         raise ValueError(f"deflate_fraction must be in (0, 1), got {deflate_fraction}")
     # The product in binary floating point falls just below an integer it equals in decimal
-    # (0.29 · 100 = 28.999999999999996): floor past that rounding (relative, for step counts as
-    # large as 10⁸ too), not past a real fraction.
-    return None, max(1, int(math.floor(deflate_fraction * epochs * (1 + 1e-12))))
+    # (0.29 · 100 = 28.999999999999996), and a margin past that rounding goes past real fractions at
+    # large step counts: the floor of the exact product of the fraction the float stands for (0.29 is
+    # 29/100, 1/3 is 1/3), read as the simplest fraction that rounds to it.
+    fraction = Fraction(float(deflate_fraction)).limit_denominator(10 ** 9)
+    if float(fraction) != float(deflate_fraction):
+        fraction = Fraction(float(deflate_fraction))
+    return None, max(1, math.floor(fraction * epochs))

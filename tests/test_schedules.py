@@ -1,6 +1,7 @@
 """schedule_from_lr against the paper's settings (appendix Tables 7 and 10) and bad input."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -114,7 +115,6 @@ def test_finetune_preset_matches_the_glue_settings():
 
 def test_finetune_deflate_epoch_is_the_floor_of_the_decimal_product():
     """floor(fraction·E) in exact arithmetic: the binary product 0.29 · 100 = 28.999999999999996 gave 28."""
-    from fractions import Fraction
     for epochs in range(2, 201):
         for hundredths in range(1, 100):
             expected = max(1, math.floor(Fraction(hundredths, 100) * epochs))
@@ -126,6 +126,9 @@ def test_finetune_deflate_epoch_is_the_floor_of_the_decimal_product():
                     assert finetune_schedule(epochs, n / d) == (None, expected), (epochs, n, d)
     for hundredths in (29, 57, 58):                        # steps rather than epochs: an absolute margin fell short
         assert finetune_schedule(10 ** 8, hundredths / 100) == (None, hundredths * 10 ** 6)
+    for fraction, steps in (("0.9999", 100_000_001), ("0.99999", 100_000_001), ("0.999999", 1_000_001)):
+        expected = math.floor(Fraction(fraction) * steps)  # a relative margin went past these by one
+        assert finetune_schedule(steps, float(fraction)) == (None, expected), fraction
 
 
 def test_bad_arguments():
