@@ -15,7 +15,7 @@ Call :meth:`DynamicRankScheduler.step` between optimizer steps (after one
 parameter that a switch removes or freezes is dropped with it, and a switch
 that merges into a weight's own storage (an adapter inflated, a deflate with
 ``init="svd"``) makes the backward of a forward made before it raise torch's
-in-place error where that backward needs the weight.  Anything
+in-place error wherever that forward saved the weight.  Anything
 else that holds the parameters must be told, since the switch replaces them:
 an EMA or SWA copy of the model (``torch.optim.swa_utils.AveragedModel``)
 switches with it once given to :meth:`DynamicRankScheduler.add_model_copy`,
