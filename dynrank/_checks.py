@@ -75,9 +75,9 @@ def check_sync(model, sync_ranks, process_group):
     its own) or different models (pipeline stages: a broadcast would overwrite
     them, or hang) cannot be told from here.  ``process_group``: None (the DDP
     wrapper's group, else WORLD) or a ``torch.distributed.ProcessGroup``; only
-    None where this torch build has no ``torch.distributed``.
+    None where this torch build has no ``torch.distributed``.  A DDP model under
+    ``torch.compile`` or ``nn.DataParallel`` counts as one.
     """
-    from torch.nn.parallel import DistributedDataParallel
     if sync_ranks is not None:
         # A bool, or a numpy bool / 0 / 1 read as one; not any truthy value ("no" is not False).
         if isinstance(sync_ranks, np.bool_) or (isinstance(sync_ranks, int) and sync_ranks in (0, 1)):
@@ -94,8 +94,7 @@ def check_sync(model, sync_ranks, process_group):
         if not isinstance(process_group, group_type):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
                             f"got {type(process_group).__name__} ({process_group!r})")
-    from .distributed import _WRAPPERS
-    wrapper = model if isinstance(model, DistributedDataParallel) else _WRAPPERS.get(id(model))
+    wrapper, inner = _ddp_of(model)
     if process_group is None and wrapper is not None:
         process_group = wrapper.process_group
     if sync_ranks is None:
@@ -103,14 +102,36 @@ def check_sync(model, sync_ranks, process_group):
         if wrapper is not None:
             sync_ranks = True
         elif dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+            given = (f"a bare {type(model).__name__}" if inner is model else
+                     f"a {type(model).__name__} with no DistributedDataParallel inside")
             raise ValueError(f"sync_ranks: torch.distributed runs {dist.get_world_size(process_group)} processes "
-                             f"and the scheduler was given a bare {type(model).__name__}: pass sync_ranks=True "
+                             f"and the scheduler was given {given}: pass sync_ranks=True "
                              f"where every process holds a replica of it (data parallel; or give the scheduler "
                              f"the DistributedDataParallel model), so fresh factors are broadcast from rank 0, "
                              f"or sync_ranks=False where the processes train different models or stages")
         else:
             sync_ranks = False
     return sync_ranks, process_group
+
+
+def _ddp_of(model):
+    """(the DistributedDataParallel that wraps ``model``'s module, or None; the innermost module), looking
+    through torch.compile's and DataParallel's wrappers, and at the wrapper dynrank last saw around a bare
+    module (``rewrap_ddp``, a scheduler's constructor)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    from .distributed import _WRAPPERS
+    inner = model
+    while True:
+        if isinstance(inner, DistributedDataParallel):
+            return inner, inner.module
+        compiled = getattr(inner, "_orig_mod", None)          # torch.compile's OptimizedModule
+        if isinstance(inner, DataParallel):
+            inner = inner.module
+        elif isinstance(compiled, nn.Module):
+            inner = compiled
+        else:
+            return _WRAPPERS.get(id(inner)), inner
 
 
 def check_layer_names(given, names, what):

@@ -576,6 +576,9 @@ def test_sync_ranks_defaults_off_for_a_bare_module_in_one_process(one_rank):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     assert DynamicRankScheduler(model, opt, INFLATE, DEFLATE).sync_ranks is False      # a group of one
     assert DynamicRankScheduler(nn.parallel.DistributedDataParallel(model), opt, INFLATE, DEFLATE).sync_ranks
+    # torch.compile's wrapper around a DDP model was taken for a bare module (refused in a larger group).
+    compiled = torch.compile(nn.parallel.DistributedDataParallel(model))
+    assert DynamicRankScheduler(compiled, opt, INFLATE, DEFLATE).sync_ranks
 
 
 def test_sync_ranks_defaults_off_without_a_process_group():
