@@ -105,6 +105,14 @@ def _geometry(name, check, doc):
     return property(get, set, doc=doc)
 
 
+def _exporting():
+    """Whether ``torch.export`` is tracing.  ``torch.compiler.is_exporting()`` itself reads True under any
+    ``torch.compile`` in torch ≤ 2.11 (dynamo folds it to a constant); the flag export sets is read as
+    it is."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else flag
+
+
 class LowRankConv2d(FormLayer):
     """2-D convolution whose kernel is factorized, dense, or frozen-dense plus a factorized adapter.
 
@@ -359,7 +367,7 @@ class LowRankConv2d(FormLayer):
             # adapter form, another per new input shape or eager call's entry, and under dynamic shapes
             # (SymInt keys, SymFloat costs) a graph break and a recompile at every call.  With symbolic
             # shapes the comparison below becomes a guard: one graph per choice, for every shape.
-            if torch.compiler.is_exporting():
+            if _exporting():
                 # torch.export refuses that guard on a dynamic dim (and strict export's dynamo shows a
                 # symbolic size as an int): the strategy whose cost does not grow with the batch (one
                 # merge per call), for every size the program will see.

@@ -201,6 +201,8 @@ def test_the_triton_merges_refuse_the_pending_backward_too(triton_backend, kind,
     the merged weight (dx 0.67 off for a linear layer, 0.81 for a conv)."""
     form, change = IN_PLACE_SWITCHES[switch]
     layer, x = _layer(kind, form, torch.float32)          # float64 takes the torch engine
+    device = kernel_devices()[0]
+    layer, x = layer.to(device), x.to(device)
     loss = layer(x.requires_grad_()).square().sum()
     change(layer)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):

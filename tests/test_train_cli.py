@@ -706,7 +706,8 @@ def test_the_gpts_own_decomposition_may_be_named():
 def test_resume_on_the_cpu_keeps_the_saved_thread_count(tmp_path, monkeypatch, restore_threads):
     original = _ctrl_c_after(monkeypatch, 1, 0)
     out = tmp_path / "run"
-    argv = ["--schedule", "lowrank", "--epochs", "3", *TINY_GPT[:-2], "--threads", "2", "--out", str(out)]
+    argv = ["--schedule", "lowrank", "--epochs", "3", *TINY_GPT[:-2], "--threads", "2", "--device", "cpu",
+            "--out", str(out)]                         # on a CPU from the start, on a GPU machine too
     assert cli.main(argv) == 130
     monkeypatch.setattr(TextData, "train_batches", original)
     assert cli.main(["--resume", str(out), "--device", "cpu"]) == 0
@@ -720,7 +721,8 @@ def test_a_resume_on_the_same_device_type_keeps_the_runs_amp(tmp_path, monkeypat
     monkeypatch.setattr(loop, "cpu_bf16_native", lambda: True)
     original = _ctrl_c_after(monkeypatch, 1, 0)
     out = tmp_path / "run"
-    assert cli.main(["--schedule", "full", "--epochs", "3", *TINY_GPT, "--amp", "--out", str(out)]) == 130
+    assert cli.main(["--schedule", "full", "--epochs", "3", *TINY_GPT, "--amp", "--device", "cpu",
+                     "--out", str(out)]) == 130
     monkeypatch.setattr(TextData, "train_batches", original)
     capsys.readouterr()
     assert cli.main(["--resume", str(out), "--device", "cpu"]) == 0
