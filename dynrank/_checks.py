@@ -99,12 +99,13 @@ def check_sync(model, sync_ranks, process_group):
         process_group = wrapper.process_group
     if sync_ranks is None:
         dist = torch.distributed
+        size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
         if wrapper is not None:
             sync_ranks = True
-        elif dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+        elif size > 1:
             given = (f"a bare {type(model).__name__}" if inner is model else
                      f"a {type(model).__name__} with no DistributedDataParallel inside")
-            raise ValueError(f"sync_ranks: torch.distributed runs {dist.get_world_size(process_group)} processes "
+            raise ValueError(f"sync_ranks: torch.distributed runs {size} processes "
                              f"and the scheduler was given {given}: pass sync_ranks=True "
                              f"where every process holds a replica of it (data parallel; or give the scheduler "
                              f"the DistributedDataParallel model), so fresh factors are broadcast from rank 0, "

@@ -69,6 +69,12 @@ def _is_channels_last(t):
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+# How to undo each kind of reparametrization (torch.nn.utils.parametrize, the hook-based spectral_norm /
+# weight_norm, prune), for the messages that name one (here, and dynrank.linear.reparametrization's).
+HOW_TO_REMOVE = ("parametrize.remove_parametrizations(module, name), remove_spectral_norm, remove_weight_norm, "
+                 "prune.remove")
+
+
 def outside_inference_mode(method):
     """Run a form change (or rank growth, or a scheduler's switches) outside ``torch.inference_mode``,
     under ``no_grad``.
@@ -271,9 +277,7 @@ class FormLayer(nn.Module):
                 f"rank: its {', '.join(moved)} {'is' if one else 'are'} reparametrized (torch.nn.utils.parametrize, "
                 f"the hook-based spectral_norm/weight_norm, or pruned), and such a change replaces "
                 f"{'it' if one else 'them'}: "
-                f"expected plain parameters. Remove the parametrization first "
-                f"(parametrize.remove_parametrizations(layer, name), remove_spectral_norm, remove_weight_norm, "
-                f"prune.remove(layer, name)) "
+                f"expected plain parameters. Remove the parametrization first ({HOW_TO_REMOVE}) "
                 f"and register it again on the new form's tensors after the change")
 
     def _dense(self):

@@ -32,7 +32,7 @@ from ._checks import (call_back, check_copy, check_editable_optimizer, check_fin
                       check_new_copy, check_not_unconverted, check_same_layers, check_switchable, check_sync,
                       check_untied, unwrap_model)
 from ._forms import outside_inference_mode
-from ._optim import LINEAR_STATE, SQUARED_STATE, manage, replace_params
+from ._optim import SQUARED_STATE, _split_state, manage, replace_params
 from .distributed import _remember_ddp, _retire_stale
 from .linear import FusedLowRankLinear, svd_factors
 
@@ -95,24 +95,21 @@ def _pad_state(state, param, extra, ratio):
     Only entries dynrank knows the meaning of are padded (first moments with zeros, second moments
     with the old mean); a state with any other tensor entry (Adamax's ``exp_inf``, Adadelta's
     ``acc_delta``, Rprop's ``step_size``, Adafactor's factored ``row_var``/``col_var``) starts empty,
-    as after a reset, rather than with values the optimizer would not have made.
+    as after a reset, rather than with values the optimizer would not have made: the entries a switch
+    carries (:func:`dynrank._optim._split_state`).
     """
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            if value.shape != param.shape or value.dim() != 2:
-                return None
-            if key in SQUARED_STATE:
-                value = value / (ratio * ratio)
-                fill = value.mean().expand(value.shape[0], extra)
-            elif key in LINEAR_STATE:
-                value = value / ratio
-                fill = torch.zeros(value.shape[0], extra, dtype=value.dtype, device=value.device)
-            else:
-                return None
-            out[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
-        else:
-            out[key] = value.clone() if isinstance(value, torch.Tensor) else value
+    split = _split_state(state, param.shape)
+    if split is None:
+        return None
+    tensors, out = split
+    for key, value in tensors.items():
+        if key in SQUARED_STATE:
+            value = value / (ratio * ratio)
+            fill = value.mean().expand(value.shape[0], extra)
+        else:                                   # LINEAR_STATE
+            value = value / ratio
+            fill = torch.zeros(value.shape[0], extra, dtype=value.dtype, device=value.device)
+        out[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
     return out
 
 

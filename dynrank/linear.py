@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from . import functional as DF
 from ._args import check_int, check_real
-from ._forms import FormLayer, check_floating_dtype, check_form
+from ._forms import HOW_TO_REMOVE, FormLayer, check_floating_dtype, check_form
 
 __all__ = ["FusedLowRankLinear", "check_alpha", "check_rank", "check_ratio", "is_transposed_linear",
            "linear_weight", "own_computation", "reparametrization", "HOW_TO_REMOVE", "check_plain_computation",
@@ -47,11 +47,6 @@ def own_computation(module):
     if cls.__name__ in _PLAIN_SUBCLASSES and cls in transformers_bases(module):
         return None
     return next((f"{cls.__name__}.{m}" for m in methods if getattr(cls, m) is not getattr(base, m)), None)
-
-
-# How to undo each kind of reparametrization :func:`reparametrization` finds, for the messages that name one.
-HOW_TO_REMOVE = ("parametrize.remove_parametrizations(module, name), remove_spectral_norm, remove_weight_norm, "
-                 "prune.remove")
 
 
 def reparametrization(module):

@@ -121,6 +121,7 @@ class _Plan:
         self.dtype = dtype            # storage dtype, for the default tolerance
         self.form = form
         self.rank = rank
+        self.rank_bound = None        # a bound on the matrix rank of a merged lowrank layer, where known
         self.dense_shape = None       # (m, n) of the effective weight
 
 
@@ -180,7 +181,7 @@ def _plan_fused_linear(layer):
 
 def _plan_form_layer(layer):
     effective = getattr(layer, "effective_weight", None)
-    bound = None
+    storage = bound = None
     if callable(effective):
         weight = effective()
     elif layer.form == "full":
@@ -196,13 +197,11 @@ def _plan_form_layer(layer):
             merged = torch.zeros(layer._dense_shape(), device=ref.device, dtype=torch.float64)
             layer._merge_into_(merged, 1.0, factors)
         weight = merged if dense is None else dense.detach().double() + merged
-        bound = _merged_rank_bound(layer, factors)
-        plan = _plan(weight)
-        plan.dtype = ref.dtype                    # the default tolerance follows the storage dtype
-        plan.form, plan.rank, plan.rank_bound = layer.form, layer.rank, bound
-        return plan
+        storage, bound = ref.dtype, _merged_rank_bound(layer, factors)
     plan = _plan(weight)
-    plan.form, plan.rank = layer.form, layer.rank
+    if storage is not None:
+        plan.dtype = storage                      # the default tolerance follows the storage dtype
+    plan.form, plan.rank, plan.rank_bound = layer.form, layer.rank, bound
     return plan
 
 
@@ -323,7 +322,7 @@ def _metrics_from(plan, sigma, tol):
     smax, smin = float(sigma[0]), float(sigma[-1])
     live = p
     if plan.form == "lowrank" and plan.rank is not None:
-        bound = getattr(plan, "rank_bound", None)
+        bound = plan.rank_bound
         if bound is None:
             bound = max(plan.rank) if isinstance(plan.rank, (tuple, list)) else plan.rank
         live = max(1, min(int(bound), p))
