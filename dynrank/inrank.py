@@ -470,10 +470,11 @@ class IncrementalRankScheduler:
         Raises:
             TypeError: a step that is not an int (a float, a str, a bool).
             ValueError: a negative step, one earlier than the last, or (at a
-                check) a layer whose factors hold NaN/inf or a model copy whose
-                layers no longer match the model's; every check runs and every
-                layer's new rank is found before the first one grows, so a failed
-                call changes nothing.
+                check) a layer whose factors hold NaN/inf or are on the meta
+                device (no values to test), or a model copy whose layers no
+                longer match the model's; every check runs and every layer's new
+                rank is found before the first one grows, so a failed call
+                changes nothing.
         """
         check_not_unconverted(self._layers, type(self).__name__)
         step = self.last_step + 1 if step is None else check_int(step, "step", "a non-negative int", 0)
@@ -487,6 +488,11 @@ class IncrementalRankScheduler:
         self._check_none_full()
         due = [(name, layer) for name, layer in self._layers if layer.rank < self.max_rank[name]]
         check_switchable(due)
+        meta = [name for name, layer in due if layer.A.is_meta or layer.B.is_meta]
+        if meta:
+            raise ValueError(f"layers {meta} hold factors on the meta device, which have no values to test: "
+                             f"materialize them first (to_empty(device=...), then reset_parameters() or "
+                             f"load_state_dict()); not growing any layer at step {step}")
         check_finite(due, f"not growing any layer at step {step}", frozen=False)   # growth reads A, B only
         plans = []
         for name, layer in due:

@@ -71,9 +71,11 @@ class LayerMetrics:
         shape: (m, n).
         sigma_max, sigma_min: largest and smallest of the p = min(m, n) singular values.
         spectral_ratio: λ = σmax/σmin; ``math.inf`` when σmin ≤ tol·σmax.
-        restricted_spectral_ratio: σ₁/σ_r over the r = rank-bound leading
-            singular values (r = factor rank in lowrank form — the largest
-            entry of a tuple rank — and p otherwise) —
+        restricted_spectral_ratio: σ₁/σ_r over the r leading singular values,
+            r the largest matrix rank the factors allow in lowrank form (the
+            rank of a linear, svd or cp layer; Tucker (r_in, r_out):
+            min(r_out, r_in·kh·kw); TKD-CPD (r_in, R, r_out):
+            min(R, r_out, r_in·kh·kw); at most p) and p otherwise —
             finite for a healthy lowrank layer whose λ is ∞ by construction.
         effective_rank: number of σ > tol·σmax.
         entropy_rank: exp of the Shannon entropy of σ/Σσ (Roy & Vetterli 2007).
@@ -206,14 +208,22 @@ def _plan_form_layer(layer):
 
 
 def _merged_rank_bound(layer, factors):
-    """An upper bound on the matrix rank of the layer's merged factors: the inner size of its output factor
-    and of its merge U·V over the groups (Tucker (r_in, r_out): r_out; TKD-CPD: min(R, r_out)).  A tuple
-    rank's largest entry, used before, does not bound it."""
+    """The largest matrix rank the layer's merged factors can have, the bound on both sides of the merge.
+
+    Output side: the inner size of the output factor and of the merge U·V over the groups (Tucker
+    (r_in, r_out): r_out; TKD-CPD (r_in, R, r_out): min(R, r_out)).  Input side: the chain starts with
+    the input factor B, a bh×bw conv C/groups → r_in, and the rest of it spans (kh−bh+1)×(kw−bw+1)
+    taps, so the kernel's matrix factors through r_in·(kh−bh+1)·(kw−bw+1) columns (svd: r; Tucker,
+    CP, TKD-CPD: r_in·kh·kw, below r_out for a small r_in).  A tuple rank's largest entry does not
+    bound it."""
     dec = getattr(layer, "_dec", None)
     if dec is None or not hasattr(dec, "operands"):
         return None
     U, _ = dec.operands(factors)
-    return min(dec.inner_rank(layer.rank), U.shape[1] * layer.groups)
+    B = factors["B"]
+    (kh, kw), (bh, bw) = layer.kernel_size, B.shape[2:]
+    input_side = B.shape[0] * (kh - bh + 1) * (kw - bw + 1)
+    return min(dec.inner_rank(layer.rank), U.shape[1] * layer.groups, input_side)
 
 
 def _sigma_batch(mats, method):
@@ -242,6 +252,21 @@ def _choose(method, shape, tol):
 def _check_method(method):
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+def _check_not_meta(pairs):
+    """Raise ValueError naming the layers of ``pairs`` ((name, layer or tensor)) that hold meta tensors."""
+    def on_meta(layer):
+        if isinstance(layer, torch.Tensor):
+            return layer.is_meta
+        if isinstance(layer, nn.Module):
+            return any(t.is_meta for t in (*layer.parameters(), *layer.buffers()))
+        return False                  # not a layer: _plan's TypeError
+    meta = [f"{name} ({type(layer).__name__})" for name, layer in pairs if on_meta(layer)]
+    if meta:
+        raise ValueError(f"layers {meta} hold tensors on the meta device, which have no values to measure: "
+                         f"materialize them first (to_empty(device=...), then reset_parameters() or "
+                         f"load_state_dict())")
 
 
 def _check_nonfinite(nonfinite):
@@ -295,7 +320,8 @@ def singular_values(layer, method="auto"):
         TypeError: unsupported layer; a tensor that is not real floating point
             (integer, bool or complex).
         ValueError: unknown ``method``; a tensor with fewer than 2 dims or with
-            no elements; a weight with a NaN or infinite entry.
+            no elements; a weight with a NaN or infinite entry; a layer or tensor
+            on the meta device (no values).
 
     Example:
         >>> layer = FusedLowRankLinear(32, 16, rank=4)
@@ -304,6 +330,7 @@ def singular_values(layer, method="auto"):
         (torch.Size([16]), 4)
     """
     _check_method(method)
+    _check_not_meta([("layer", layer)])
     plan = _plan(layer)
     tol = default_tol(plan.dense_shape, plan.dtype)
     sigma = _run_plans([plan], [tol], method)[0]
@@ -350,7 +377,8 @@ def layer_metrics(layer, tol=None, method="auto", nonfinite="raise"):
 
     Raises:
         TypeError: unsupported layer or ``tol``.  ValueError: ``tol`` outside [0, 1), unknown
-            ``method`` or ``nonfinite``, an empty weight, a non-finite one with ``nonfinite="raise"``.
+            ``method`` or ``nonfinite``, an empty weight, a non-finite one with ``nonfinite="raise"``, a
+            layer holding meta tensors (no values: ``to_empty`` and init or load it first).
 
     Example:
         >>> m = layer_metrics(FusedLowRankLinear(32, 16, rank=4))
@@ -445,6 +473,7 @@ def model_metrics(model, tol=None, method="auto", layers=None, nonfinite="raise"
     if tol is not None:
         tol = _check_tol(tol)
     pairs = list(model.items()) if isinstance(model, dict) else monitored_layers(model, layers)
+    _check_not_meta(pairs)
     plans = [_plan(layer) for _, layer in pairs]
     tols = [default_tol(p.dense_shape, p.dtype) if tol is None else tol for p in plans]
     sigmas = _run_plans(plans, tols, method)

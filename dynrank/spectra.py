@@ -112,7 +112,8 @@ def spectral_ratio(sigma, tol=None):
     """λ = σmax / σmin (paper Eq. 1); ``math.inf`` for a rank-deficient matrix.
 
     The matrix counts as rank deficient when σmin ≤ tol·σmax, i.e. when
-    :func:`effective_rank` < p.  λ is never a huge float or NaN.
+    :func:`effective_rank` < p.  Otherwise λ is the quotient in float64 whatever
+    σ's dtype: about 1/tol at most, never NaN nor a 16-bit or float32 overflow.
 
     Args:
         sigma: all p = min(m, n) singular values, zeros included.
@@ -130,7 +131,8 @@ def spectral_ratio(sigma, tol=None):
     smax, smin = sigma.max(), sigma.min()
     if smax <= 0 or smin <= tol * smax:
         return math.inf
-    return float(smax / smin)
+    # In float64: a quotient in σ's dtype rounds (bf16) or overflows (fp16, fp32) where the rank is full.
+    return float(smax) / float(smin)
 
 
 def restricted_spectral_ratio(sigma, rank, tol=None):

@@ -82,6 +82,19 @@ def test_scalar_metrics_against_direct_formulas():
     assert entropy_effective_rank(torch.tensor([5.0, 0.0, 0.0])) == pytest.approx(1.0, abs=1e-15)
 
 
+@pytest.mark.parametrize("values, dtype, tol, rank", [
+    ([3.0, 1.1], torch.bfloat16, None, 2),             # a bf16 quotient: 2.71875
+    ([6e4, 0.01], torch.float16, 1e-9, 2),             # an fp16 quotient overflows to inf
+    ([1e30, 1e-20, 0.0], torch.float32, 0.0, 2)])      # so does an fp32 one
+def test_spectral_ratio_is_the_float64_quotient_of_the_given_values(values, dtype, tol, rank):
+    """λ is taken in float64 whatever σ's dtype, so it is ∞ exactly when the effective rank is below p."""
+    sigma = torch.tensor(values, dtype=dtype)
+    expected = float(sigma[0].double() / sigma[rank - 1].double())
+    assert effective_rank(sigma[:rank], tol) == rank
+    assert spectral_ratio(sigma[:rank], tol) == pytest.approx(expected, rel=1e-15)
+    assert restricted_spectral_ratio(sigma, rank, tol) == pytest.approx(expected, rel=1e-15)
+
+
 def test_tolerance_counts_and_zero_matrix():
     sigma = torch.tensor([1.0, 1e-2, 1e-4, 1e-7], dtype=torch.float64)
     assert effective_rank(sigma, tol=1e-3) == 2
@@ -312,6 +325,30 @@ def test_non_finite_weights(method):
         model_metrics(model, nonfinite="skip")
 
 
+def test_layers_on_the_meta_device_are_refused_by_name():
+    """A meta tensor has no values: the metrics named neither the layer nor the cause (an internal
+    "Tensor.item() cannot be called on meta tensors")."""
+    from dynrank import RankMonitor
+    from dynrank.conv import LowRankConv2d
+    meta = "hold tensors on the meta device, which have no values to measure: materialize them first"
+    for layer in (FusedLowRankLinear(16, 8, 4, device="meta"), FusedLowRankLinear(16, 8, 4, form="adapter",
+                  device="meta"), nn.Linear(4, 4, device="meta"), LowRankConv2d(8, 16, 3, rank=(4, 4),
+                  decomposition="tucker", device="meta")):
+        with pytest.raises(ValueError, match=re.escape(f"layers ['layer ({type(layer).__name__})'] {meta}")):
+            layer_metrics(layer)
+        with pytest.raises(ValueError, match=re.escape(meta)):
+            singular_values(layer)
+    with pytest.raises(ValueError, match=re.escape(f"layers ['layer (Tensor)'] {meta}")):
+        singular_values(torch.empty(4, 4, device="meta"))
+    model = nn.Sequential(nn.Linear(4, 8), FusedLowRankLinear(8, 8, 2, device="meta"), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=re.escape(f"layers ['1 (FusedLowRankLinear)'] {meta}")):
+        model_metrics(model)
+    with pytest.raises(ValueError, match=re.escape(f"layers ['1 (FusedLowRankLinear)'] {meta}")):
+        RankMonitor(model).measure()
+    model[1].to_empty(device="cpu").reset_parameters()
+    assert list(model_metrics(model)) == ["0", "1", "2"]
+
+
 def test_layer_names_are_names_not_characters():
     inner = nn.Sequential(nn.Linear(4, 4))
     model = nn.Sequential(FusedLowRankLinear(8, 8, 2), nn.ReLU(), nn.Conv2d(3, 8, 3), inner)
@@ -334,14 +371,22 @@ def _conv_reference_sigma(layer):
     return torch.linalg.svdvals(W.reshape(W.shape[0], -1))
 
 
-@pytest.mark.parametrize("decomposition, rank", [("tucker", (8, 4)), ("tkd-cpd", (8, 3, 8)), ("tkd-cpd", (4, 8, 4)),
-                                                 ("svd", 4), ("cp", 4)])
-def test_restricted_spectral_ratio_of_a_lowrank_conv_uses_its_true_rank_bound(decomposition, rank):
-    """σ₁/σ_r with r the rank the merged kernel can have: r_out for Tucker, min(R, r_out) for TKD-CPD.  The
-    largest entry of a tuple rank, used before, reached past it and reported ∞ for healthy layers."""
+@pytest.mark.parametrize("channels, k, groups, decomposition, rank", [
+    ((8, 16), 3, 1, "tucker", (8, 4)), ((8, 16), 3, 1, "tkd-cpd", (8, 3, 8)), ((8, 16), 3, 1, "tkd-cpd", (4, 8, 4)),
+    ((8, 16), 3, 1, "svd", 4), ((8, 16), 3, 1, "cp", 4), ((8, 16), 3, 4, "svd", 8),
+    # r_out above r_in·kh·kw: the input side bounds the rank (16 and 18)
+    ((64, 256), 1, 1, "tucker", (16, 64)), ((64, 256), 3, 1, "tucker", (2, 32)),
+    ((64, 256), 1, 1, "tkd-cpd", (16, 16, 64)), ((64, 256), 3, 1, "tkd-cpd", (2, 18, 32)),
+    ((64, 256), 1, 1, "svd", 16), ((64, 256), 1, 1, "cp", 16)])
+def test_restricted_spectral_ratio_of_a_lowrank_conv_uses_its_true_rank_bound(channels, k, groups, decomposition,
+                                                                             rank):
+    """σ₁/σ_r with r the rank the merged kernel can have: min(r_out, r_in·kh·kw) for Tucker,
+    min(R, r_out, r_in·kh·kw) for TKD-CPD.  The largest entry of a tuple rank reached past it, and so did
+    r_out alone: both reported ∞ for healthy layers."""
     from dynrank.conv import LowRankConv2d
     torch.manual_seed(0)
-    layer = LowRankConv2d(8, 16, 3, rank=rank, decomposition=decomposition, dtype=torch.float64)
+    layer = LowRankConv2d(*channels, k, rank=rank, decomposition=decomposition, groups=groups,
+                          dtype=torch.float64)
     with torch.no_grad():
         for p in layer.factors().values():
             p.normal_()
