@@ -1,9 +1,11 @@
 """Loaders of dynrank-train on small archives written here, the corpus, and device-side augmentation."""
 
+import hashlib
 import io
 import os
 import pickle
 import re
+import shutil
 import tarfile
 import threading
 import zipfile
@@ -127,6 +129,22 @@ def test_cifar100_pickles_use_fine_labels(tmp_path):
     assert torch.equal(test_y, torch.from_numpy(ty).long()) and len(classes) == 100
 
 
+@pytest.mark.parametrize("archive", [False, True])
+def test_the_data_sets_own_folder_comes_before_a_tree_at_the_top(tmp_path, archive):
+    """A CIFAR-10 image tree beside cifar-100-python/ (or its archive) is not read as CIFAR-100."""
+    write_image_tree(str(tmp_path / "data"), "PNG", classes=("airplane", "automobile"), per_class=1)
+    assert load_vision("cifar100", str(tmp_path / "data"))[4] == ["airplane", "automobile"]    # the tree alone
+    x, y, _, ty = write_cifar100_pickles(str(tmp_path / "build" / "cifar-100-python"))
+    if archive:
+        with tarfile.open(tmp_path / "data" / "cifar-100-python.tar.gz", "w:gz") as tar:
+            tar.add(tmp_path / "build" / "cifar-100-python", arcname="cifar-100-python")
+    else:
+        os.rename(tmp_path / "build" / "cifar-100-python", tmp_path / "data" / "cifar-100-python")
+    train_x, train_y, _, test_y, classes = load_vision("cifar100", str(tmp_path / "data"))
+    assert torch.equal(train_x, torch.from_numpy(x)) and torch.equal(train_y, torch.from_numpy(y).long())
+    assert torch.equal(test_y, torch.from_numpy(ty).long()) and classes == [f"c{i}" for i in range(100)]
+
+
 def test_pickle_with_code_is_refused(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     write_cifar10_pickles(str(folder))
@@ -188,6 +206,32 @@ def test_a_tree_with_both_val_and_test_is_refused_naming_both(tmp_path, layout):
         load_vision("cifar10", str(root))
     assert str(info.value).endswith(f"both {test} and {val} hold images; a run evaluates on one held-out split, "
                                     f"so keep one of them (rename or move the other out of the data folder)")
+
+
+@pytest.mark.parametrize("linked", ["class folders", "split folders"])
+def test_folders_reached_through_links_are_read(tmp_path, linked):
+    """A tree assembled from links loads as its plain copy does; a link back up the tree is not followed."""
+    store = tmp_path / "store"
+    write_image_tree(str(store), "PNG")
+    expected = load_vision("cifar10", str(store))
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        if linked == "split folders":
+            root.mkdir(exist_ok=True)
+            os.symlink(store / split, root / split)
+        else:                                   # a copy of one class, links to the others
+            shutil.copytree(store / split / "cat", root / split / "cat")
+            for name in ("dog", "frog"):
+                os.symlink(store / split / name, root / split / name)
+    os.symlink(root, store / "train" / "dog" / "loop")                # a cycle, whichever way it is entered
+    loaded = load_vision("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    assert loaded[4] == expected[4] == ["cat", "dog", "frog"]
+    assert all(torch.equal(a, b) for a, b in zip(loaded[:4], expected[:4]))
+    # The cache key sees files under links: a changed image is decoded again.
+    changed = np.random.default_rng(3).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    _write_png(str(store / "train" / "frog" / "0001.png"), changed)
+    again = load_vision("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(again[0][5], torch.from_numpy(changed.transpose(2, 0, 1).copy()))
 
 
 def _triangle_downscale(array, n):
@@ -403,6 +447,29 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path):
     assert torch.equal(saved["train_x"], expected[0])
 
 
+@pytest.mark.parametrize("failure", ["a file in its place", "the writer fails"])
+def test_a_cache_that_cannot_be_written_is_warned_about_and_skipped(tmp_path, monkeypatch, failure):
+    write_image_tree(str(tmp_path / "data"), "PNG", per_class=1)
+    expected = load_vision("cifar10", str(tmp_path / "data"))
+    cache = tmp_path / "cache"
+    if failure == "a file in its place":
+        cache.write_bytes(b"")
+        reason = f"FileExistsError: [Errno 17] File exists: '{cache}'"
+    else:
+        cache.mkdir()
+        reason = "RuntimeError: open file failed with strerror: Permission denied"
+
+        def refused(obj, path):                  # torch's writer on a folder it may not write
+            open(path, "wb").close()
+            raise RuntimeError("open file failed with strerror: Permission denied\nException raised from ...")
+        monkeypatch.setattr(torch, "save", refused)
+    with pytest.warns(UserWarning, match=re.escape(f"decode cache {cache} is not writable ({reason}); "
+                                                   "continuing without it")):
+        loaded = load_vision("cifar10", str(tmp_path / "data"), cache_dir=str(cache))
+    assert all(torch.equal(a, b) for a, b in zip(loaded[:4], expected[:4])) and loaded[4] == expected[4]
+    assert cache.is_file() if failure == "a file in its place" else os.listdir(cache) == []
+
+
 @pytest.mark.parametrize("damage", ["not an image", "truncated"])
 def test_unreadable_image_names_the_file(tmp_path, damage):
     write_image_tree(str(tmp_path), "PNG")
@@ -479,6 +546,22 @@ def test_tiny_imagenet_folder_and_zip(tmp_path):
         assert classes == wnids
         assert tuple(train_x.shape) == (4, 3, 64, 64) and train_y.tolist() == [0, 0, 1, 1]
         assert test_y.tolist() == [1, 0]      # labels from val_annotations.txt, not the file order
+
+
+def test_tiny_imagenet_train_folder_through_a_link(tmp_path):
+    wnids, files = _tiny_files()
+    for name, blob in files.items():
+        for top in ("plain", "linked"):
+            path = tmp_path / top / "tiny-imagenet-200" / name
+            if top == "linked" and name.startswith(f"train/{wnids[1]}/"):
+                path = tmp_path / "store" / name                    # this class lives elsewhere, linked in
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(blob)
+    os.symlink(tmp_path / "store" / "train" / wnids[1], tmp_path / "linked" / "tiny-imagenet-200" / "train" / wnids[1])
+    expected = load_vision("tiny-imagenet", str(tmp_path / "plain"))
+    loaded = load_vision("tiny-imagenet", str(tmp_path / "linked"))
+    assert loaded[1].tolist() == [0, 0, 1, 1]
+    assert all(torch.equal(a, b) for a, b in zip(loaded[:4], expected[:4])) and loaded[4] == expected[4]
 
 
 # -- clear messages ----------------------------------------------------------------------------
@@ -615,6 +698,20 @@ def test_stdlib_corpus_missing_sources(tmp_path):
         load_stdlib_corpus(stdlib_dir=str(tmp_path))
 
 
+def test_stdlib_corpus_max_bytes_bounds_the_total():
+    files = stdlib_files()
+    minimum = len(files) * 68                       # 64 bytes of each file and its two blank lines
+    for max_bytes in (minimum, minimum + len(files) - 1, 10_001):
+        train, val, _ = load_stdlib_corpus(max_bytes=max_bytes)
+        assert max_bytes - len(files) < len(train) + len(val) <= max_bytes
+        with open(files[0], "rb") as f:
+            head = f.read(max_bytes // len(files) - 4)
+        assert bytes(train[:len(head) * 9 // 10].tolist()) == head[:len(head) * 9 // 10]
+    with pytest.raises(ValueError, match=re.escape(f"max_bytes must be at least {minimum} (64 bytes of each of "
+                                                   f"the {len(files)} files and their blank lines), got 1000")):
+        load_stdlib_corpus(max_bytes=1000)
+
+
 def test_text_data_targets_are_inputs_shifted():
     stream = torch.arange(1000) % 251
     data = TextData(stream.to(torch.uint8), stream[:300].to(torch.uint8), context=16, batch_size=4, steps=3, seed=1)
@@ -642,3 +739,33 @@ def test_download_failure_is_a_clear_message(tmp_path, monkeypatch):
     assert "could not download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (network is unreachable)" in text
     assert f"put cifar-10-python.tar.gz into {tmp_path}" in text
     assert os.listdir(tmp_path) == []               # no partial file left behind
+
+
+def test_download_fetches_a_damaged_archive_again(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    x, _, _, _ = write_cifar10_pickles(str(src / "cifar-10-batches-py"))
+    with tarfile.open(src / "official.tar.gz", "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    official = (src / "official.tar.gz").read_bytes()
+    monkeypatch.setitem(data_module.DATASETS["cifar10"], "md5", hashlib.md5(official).hexdigest())
+    fetched = []
+
+    def urlopen(url, timeout):
+        fetched.append(url)
+        return io.BytesIO(official)
+    monkeypatch.setattr(data_module.urllib.request, "urlopen", urlopen)
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    archive.write_bytes(official[:len(official) // 2])            # an interrupted copy
+    with pytest.raises(DataError, match=re.escape(f"; delete {archive} and put an intact copy there, or rerun with "
+                                                  "--download to fetch the official archive")):
+        load_vision("cifar10", str(archive.parent))
+    damaged_md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    with pytest.warns(UserWarning, match=re.escape(f"{archive} has MD5 {damaged_md5}, expected "
+                                                   f"{hashlib.md5(official).hexdigest()} (damaged or not the official "
+                                                   "archive); downloading it again")):
+        assert data_module.download("cifar10", str(archive.parent)) == str(archive)
+    assert archive.read_bytes() == official and len(fetched) == 1
+    assert torch.equal(load_vision("cifar10", str(archive.parent))[0], torch.from_numpy(x))
+    assert data_module.download("cifar10", str(archive.parent)) == str(archive)     # intact: kept, not fetched
+    assert len(fetched) == 1 and sorted(os.listdir(archive.parent)) == ["cifar-10-python.tar.gz"]

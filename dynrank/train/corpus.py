@@ -33,6 +33,8 @@ STDLIB_MODULES = (
 
 VAL_FRACTION = 0.1
 _MIN_BYTES = 200_000
+_SEPARATOR = b"\n\n"
+_MIN_PER_FILE = 64          # bytes of each file kept under ``max_bytes``
 
 
 def stdlib_files(stdlib_dir=None):
@@ -51,22 +53,31 @@ def load_stdlib_corpus(stdlib_dir=None, val_fraction=VAL_FRACTION, max_bytes=Non
     """Read the corpus and split it: returns ``(train, val, files)``.
 
     ``train`` and ``val`` are 1-D uint8 tensors (bytes); files are joined with
-    a blank line.  ``max_bytes`` (for tests) truncates each file so the total
-    stays under it.
+    a blank line.  ``max_bytes`` (for tests) truncates every file to one length
+    so that the total, ``len(train) + len(val)`` with the blank lines, is at
+    most ``max_bytes``; at least 64 bytes of each file are kept.
 
     Raises:
+        ValueError: ``max_bytes`` is below 68 bytes (64 and the blank lines) per file.
         DataError: the standard-library sources are missing (e.g. a stripped
             install that ships only .pyc files).
     """
     files = stdlib_files(stdlib_dir)
-    per_file = None if max_bytes is None else max(64, max_bytes // max(1, len(files)))
+    per_file = None
+    if max_bytes is not None and files:
+        # Each file adds a blank line to both streams.
+        per_file = max_bytes // len(files) - 2 * len(_SEPARATOR)
+        if per_file < _MIN_PER_FILE:
+            minimum = len(files) * (_MIN_PER_FILE + 2 * len(_SEPARATOR))
+            raise ValueError(f"max_bytes must be at least {minimum} ({_MIN_PER_FILE} bytes of each of the "
+                             f"{len(files)} files and their blank lines), got {max_bytes}")
     train_parts, val_parts, total = [], [], 0
     for path in files:
         with open(path, "rb") as handle:
             text = handle.read(per_file) if per_file else handle.read()
         cut = int(len(text) * (1.0 - val_fraction))
-        train_parts.append(text[:cut] + b"\n\n")
-        val_parts.append(text[cut:] + b"\n\n")
+        train_parts.append(text[:cut] + _SEPARATOR)
+        val_parts.append(text[cut:] + _SEPARATOR)
         total += len(text)
     minimum = _MIN_BYTES if max_bytes is None else 0
     if total <= minimum or not files:

@@ -15,6 +15,12 @@ Tiny ImageNet
     - ``tiny-imagenet-200/`` with ``wnids.txt``, ``train/<wnid>/images/*.JPEG``,
       ``val/images/*.JPEG`` and ``val/val_annotations.txt``, or ``tiny-imagenet-200.zip``.
 
+Folders may be symbolic links (a link back to a folder it sits in, a cycle,
+is not entered).  Where a data folder holds several of these, the data set's
+own folders (pickled, or named like ``cifar100/``) and official archive are
+read before an image-folder tree at its top level, which may be another data
+set's.
+
 Image files are decoded with pillow (the optional ``vision`` extra); the
 pickled CIFAR archives need nothing beyond numpy.  Augmentation and
 normalization run in torch on the training device (see :mod:`.augment`).
@@ -37,7 +43,8 @@ modification time in nanoseconds (for an archive: its size and mtime); the
 cache folder is left out where it sits inside the source (its cache files, where it is the source).  A
 change that keeps a file's size and nanosecond mtime is not noticed (contents
 are not hashed); delete the cache file then.  An unreadable cache file is
-decoded again and overwritten, with a warning.  Writing a source's cache
+decoded again and overwritten, with a warning; a cache folder that cannot be
+written is warned about and the run goes on without it.  Writing a source's cache
 removes that source's older versions (and caches of the same data set in the
 layout before source ids).
 """
@@ -295,9 +302,25 @@ def _read_file(path):
         return handle.read()
 
 
+def _walk(top):
+    """``os.walk(top)`` that also enters linked folders; a link to a folder on its own path (a cycle) is
+    not entered, as that folder is walked already."""
+    chains = {top: {os.path.realpath(top)}}      # folder → real paths of it and the folders above it
+    for folder, dirs, files in os.walk(top, followlinks=True):
+        chain = chains.pop(folder)
+        kept = []
+        for d in dirs:
+            real = os.path.realpath(os.path.join(folder, d))
+            if real not in chain:
+                chains[os.path.join(folder, d)] = chain | {real}
+                kept.append(d)
+        dirs[:] = kept
+        yield folder, dirs, files
+
+
 def _read_tree_dir(root, size):
     def items():
-        for folder, _, files in os.walk(root):
+        for folder, _, files in _walk(root):
             rel = os.path.relpath(folder, root).split(os.sep)
             for f in files:
                 path = os.path.join(folder, f)
@@ -309,8 +332,8 @@ _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, O
 
 
 def _damaged(path, err):
-    return DataError(f"{path}: the archive is damaged or truncated ({type(err).__name__}: {err}); "
-                     "download it again")
+    return DataError(f"{path}: the archive is damaged or truncated ({type(err).__name__}: {err}); delete "
+                     f"{path} and put an intact copy there, or rerun with --download to fetch the official archive")
 
 
 def _read_tree_tar(path, size):
@@ -358,7 +381,7 @@ def _tiny_imagenet(listing, read, source, name_of=None):
 
 def _read_tiny_dir(root):
     listing = []
-    for folder, _, files in os.walk(root):
+    for folder, _, files in _walk(root):
         rel = os.path.relpath(folder, root)
         listing.extend(f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}" for f in files)
 
@@ -388,8 +411,14 @@ def _candidates(root, name):
 
 
 def _sources(root, name):
-    """``(path, read)`` for each place that may hold the data set, in order; ``read()`` → result or None."""
+    """``(path, read)`` for each place that may hold the data set, in order; ``read()`` → result or None.
+
+    The order: a pickled folder at ``root``, the data set's named subfolders, its official archive, an
+    image-folder tree at ``root`` itself (last of the folders, as it may be another data set's), then
+    named ``.tar``/``.tar.gz`` trees.
+    """
     spec = DATASETS[name]
+    tree_at_root = None
     for folder in _candidates(root, name):
         if not os.path.isdir(folder):
             continue
@@ -403,11 +432,17 @@ def _sources(root, name):
             return
         if os.path.isdir(os.path.join(folder, "train")) and any(
                 os.path.isdir(os.path.join(folder, s)) for s in ("test", "val")):
-            yield folder, (lambda f=folder: _read_tree_dir(f, spec["size"]))
+            source = folder, (lambda f=folder: _read_tree_dir(f, spec["size"]))
+            if folder == root:
+                tree_at_root = source
+            else:
+                yield source
     archive = os.path.join(root, spec["archive"])
     if os.path.isfile(archive):
         yield archive, (lambda: _read_tiny_zip(archive) if name == "tiny-imagenet" else _read_pickled_tar(archive, name))
         return
+    if tree_at_root is not None:
+        yield tree_at_root
     if name != "tiny-imagenet":
         for f in sorted(os.listdir(root)):
             token = f.lower().replace("-", "").replace("_", "")
@@ -430,7 +465,7 @@ def _cache_name(source, name, cache_dir):
         stamp.append(("", st.st_size, st.st_mtime_ns))
     else:
         cache_real = os.path.realpath(cache_dir)
-        for folder, dirs, files in os.walk(source):
+        for folder, dirs, files in _walk(source):
             dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(folder, d)) != cache_real)
             if os.path.realpath(folder) == cache_real:        # the cache folder is the source itself
                 files = [f for f in files if not (f.startswith(f"{name}-") and f.endswith((".pt", ".tmp")))]
@@ -485,6 +520,28 @@ def _load_cache(path):
     return result
 
 
+def _save_cache(path, tensors):
+    """Write a decode cache file; returns whether it was written.  One that cannot be written is warned
+    about and skipped: the cache only saves time."""
+    # A temporary name of this process's own: runs started together may all decode and write at once;
+    # each rename is atomic and they write the same tensors.
+    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(tensors, tmp)        # a folder it may not write: RuntimeError from torch's file writer
+        os.replace(tmp, path)
+        return True
+    except (OSError, RuntimeError) as err:
+        reason = (str(err).splitlines() or [""])[0]
+        warnings.warn(f"decode cache {os.path.dirname(path)} is not writable ({type(err).__name__}: {reason}); "
+                      "continuing without it", stacklevel=3)
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        return False
+
+
 def _check_classes(name, source, result):
     """More classes than the data set has, or labels outside 0..classes-1: DataError."""
     limit = DATASETS[name]["classes"]
@@ -533,19 +590,26 @@ def load_vision(name, root, cache_dir=None):
         _check_classes(name, source, result)
         train_x, train_y, test_x, test_y, classes = result
         if cache:
-            os.makedirs(cache_dir, exist_ok=True)
-            # A temporary name of this process's own: runs started together may all decode and write at
-            # once; each rename is atomic and they write the same tensors.
-            tmp = f"{cache}.{os.getpid()}-{threading.get_ident()}.tmp"
-            torch.save(dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes), tmp)
-            os.replace(tmp, cache)
-            _prune_cache(cache_dir, name, prefix, entry)
+            if _save_cache(cache, dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+                                       classes=classes)):
+                _prune_cache(cache_dir, name, prefix, entry)
         return train_x, train_y, test_x, test_y, classes
     raise DataError(layouts_help(name, root))
 
 
+def _md5(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def download(name, root):
     """Fetch the official archive of ``name`` into ``root`` (checked by MD5); returns its path.
+
+    An archive already there is kept when its MD5 is the official one, and fetched again (with a
+    warning) when it is not, e.g. a damaged or truncated copy.
 
     Raises:
         DataError: ``root`` is no folder and cannot be made one, the network is unreachable or the file
@@ -561,7 +625,11 @@ def download(name, root):
         raise DataError(f"could not make the data folder {os.path.abspath(root)} for --download ({err})") from None
     target = os.path.join(root, spec["archive"])
     if os.path.isfile(target):
-        return target
+        found = _md5(target)
+        if found == spec["md5"]:
+            return target
+        warnings.warn(f"{target} has MD5 {found}, expected {spec['md5']} (damaged or not the official archive); "
+                      f"downloading it again", stacklevel=2)
     partial = target + ".part"
     try:
         with urllib.request.urlopen(spec["url"], timeout=30) as response, open(partial, "wb") as out:
