@@ -109,13 +109,31 @@ def adapter_work(layer, x):
     conv, and in the backward the dense conv's weight gradient (it feeds ΔW's
     factors) and the two GEMMs of the merge's backward.
 
+    Args:
+        layer: a :class:`~dynrank.LowRankConv2d` in adapter form.
+        x: its input, (N, C, H, W) or unbatched (C, H, W) (costed as N = 1), C the
+            layer's ``in_channels``; only its shape, dtype, device and ``requires_grad``
+            are read (a ``meta`` tensor will do).  With a ``padding_mode`` other than
+            ``"zeros"`` the layer's forward pads its input once, runs every conv
+            unpadded and calls this on that padded input: pass ``x`` padded the same
+            way for the costs the layer's choice records.
+
+    Returns:
+        dict strategy → [multiply-add FLOPs, bytes moved, ops launched] (floats).
+
     Raises:
         RuntimeError: if the layer is not in adapter form.
+        ValueError: ``x`` not 3-D or 4-D, or with another channel count than ``in_channels``.
     """
     if layer.form != "adapter":
         raise RuntimeError(f"adapter_work needs a layer in adapter form, got {layer.form!r}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"input must have shape (N, C, H, W) or (C, H, W), got {tuple(x.shape)}")
+    if x.shape[-3] != layer.in_channels:
+        raise ValueError(f"input must have {layer.in_channels} channels (the layer's in_channels), got "
+                         f"{x.shape[-3]} (shape {tuple(x.shape)})")
     elt = x.element_size()
-    n, _, h, w = x.shape
+    n, _, h, w = x.shape if x.dim() == 4 else (1, *x.shape)
     train = torch.is_grad_enabled()
     dx = train and x.requires_grad
     dense, ho, wo = _conv_work(n, layer.in_channels, h, w, layer.weight.shape, layer.groups, layer.stride,
@@ -154,7 +172,11 @@ def adapter_costs(layer, x):
     """Roofline estimate (seconds) of one adapter step per strategy: {"chain": t, "merged": t}.
 
     t = flops / throughput + bytes / bandwidth + ops · launch cost, with the
-    work from :func:`adapter_work` and the constants of ``x``'s device type.
+    work from :func:`adapter_work` (``x`` as it takes it) and the constants of
+    ``x``'s device type.
+
+    Raises:
+        RuntimeError/ValueError: as :func:`adapter_work`.
     """
     flops_per_s, bytes_per_s, launch = _MACHINE.get(x.device.type, _MACHINE["cpu"])
     return {k: f / flops_per_s + b / bytes_per_s + o * launch for k, (f, b, o) in adapter_work(layer, x).items()}

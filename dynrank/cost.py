@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._args import check_int, check_real
 from ._forms import FormLayer
@@ -57,7 +58,8 @@ class ParamCounts:
         full: d — factorized layers dense (full form).
         lowrank: d_ρ — factorized layers as factors (lowrank or adapter form).
         other: trainable parameters outside the factorized weights (in both).
-        layers: list of (name, dense_params, factor_params) per factorized layer.
+        layers: list of (name, dense_params, factor_params) per factorized layer.  Counted from a
+            model: the trainable parameters the layer has in that form (see :func:`param_counts`).
         adapter: d_ρ of the adapter epochs where it differs from ``lowrank`` (a
             scheduler's ``deflate_rank`` other than the layers' lowrank rank); None:
             the same as ``lowrank``.
@@ -147,18 +149,34 @@ def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
     epoch ``run`` measured, or the rank the layer itself last had in lowrank form (a layer converted
     or built lowrank in this process); ``unknown`` lists the adapter layers none of them covers
     (counted at their rank).  The adapter rank is an adapter layer's rank, else the scheduler's deflate rank.
+
+    The layer's current form counts its real Parameters that require grad (a factor frozen by hand
+    counts nothing; a reparametrized tensor counts the Parameters it is computed from); the other
+    forms count their shapes, all trainable, as a switch leaves them.  A layer ``scheduler`` does not
+    manage keeps its form: its current count in every form.
     """
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, FormLayer)]
     given = _given_ranks(lowrank_ranks, modules)
     deflate = _deflate_ranks(scheduler, modules)
+    unmanaged = [name for name, _ in modules if name not in deflate] if scheduler is not None else []
+    stray = [name for name in given if name in unmanaged]
+    if stray:
+        raise ValueError(f"lowrank_ranks names layers {stray} that the scheduler does not manage; they keep "
+                         f"their form and are counted in it (the scheduler manages {list(deflate)})")
     seen = _lowrank_ranks_seen(run, dict(modules)) if run is not None else {}
     layers, adapter, unknown, factorized_ids = [], [], [], set()
     for name, module in modules:
-        tensors = [module._dense()] + list(module.factors().values())
-        factorized_ids.update(id(t) for t in tensors if t is not None)
+        bias = {id(p) for p in _params_behind(module, "bias")}
+        weights = [p for p in module.parameters() if id(p) not in bias]
+        factorized_ids.update(id(p) for p in weights)
         if not module._trains():                       # frozen (requires_grad_(False)): it stays so in every form
             layers.append((name, 0, 0))
             adapter.append(0)
+            continue
+        now = sum(p.numel() for p in weights if p.requires_grad)
+        if name in unmanaged:
+            layers.append((name, now, now))
+            adapter.append(now)
             continue
         lowrank_rank = adapter_rank = module.rank
         if module.form == "adapter":
@@ -179,11 +197,26 @@ def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
             lowrank_rank = given.get(name, module.rank)
             if deflate.get(name) is not None:
                 adapter_rank = deflate[name]
-        dense = _count(module._dense_shape())
-        layers.append((name, dense, sum(_count(s) for s in module._factor_shapes(lowrank_rank).values())))
-        adapter.append(sum(_count(s) for s in module._factor_shapes(adapter_rank).values()))
+        counts = {"full": _count(module._dense_shape()),
+                  "lowrank": sum(_count(s) for s in module._factor_shapes(lowrank_rank).values()),
+                  "adapter": sum(_count(s) for s in module._factor_shapes(adapter_rank).values())}
+        counts[module.form] = now
+        layers.append((name, counts["full"], counts["lowrank"]))
+        adapter.append(counts["adapter"])
     other = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in factorized_ids)
     return layers, adapter, other, unknown
+
+
+def _params_behind(module, name):
+    """The Parameters ``module``'s tensor ``name`` is: itself, or the ones a reparametrization computes it
+    from (``torch.nn.utils.parametrize``'s originals, the hook-based weight_norm's ``name_g`` and ``name_v``,
+    spectral_norm's and prune's ``name_orig``)."""
+    if module._parameters.get(name) is not None:
+        return [module._parameters[name]]
+    if parametrize.is_parametrized(module, name):
+        return list(module.parametrizations[name].parameters())
+    return [module._parameters[n] for n in (f"{name}_g", f"{name}_v", f"{name}_orig")
+            if module._parameters.get(n) is not None]
 
 
 def _checked_rank(layer, rank, what):
@@ -207,7 +240,8 @@ def _given_ranks(lowrank_ranks, modules):
 
 
 def _deflate_ranks(scheduler, modules):
-    """Layer name → rank the scheduler deflates it to (None: the layer's rank at the deflate)."""
+    """Layer name → rank the scheduler deflates it to (None: the layer's rank at the deflate), for the layers
+    it manages."""
     if scheduler is None:
         return {}
     from .scheduler import DynamicRankScheduler
@@ -266,9 +300,9 @@ def param_counts(model_or_layers, rank_ratio=0.5, other_params=0, *, lowrank_ran
 
     Args:
         model_or_layers: an ``nn.Module`` whose factorized layers are dynrank
-            layers (their own dense and factor shapes are counted, at their
-            current rank; every other trainable parameter goes to ``other``);
-            or a list of layer specs: a weight shape tuple (rank from
+            layers (their own dense weights and factors are counted, at their
+            current rank, as under Returns; every other trainable parameter, and
+            their biases, go to ``other``); or a list of layer specs: a weight shape tuple (rank from
             ``rank_ratio``), a dict ``{"shape", "rank"?, "decomposition"?, "name"?}``,
             or ``{"dense": int, "factored": int}``.
         rank_ratio: ρ for shape specs without a rank.
@@ -279,16 +313,27 @@ def param_counts(model_or_layers, rank_ratio=0.5, other_params=0, *, lowrank_ran
         scheduler: model only: the model's DynamicRankScheduler; adapter epochs are
             counted at its ``deflate_rank`` (``ParamCounts.adapter``), and an adapter
             layer it deflated at the layer's own rank has that rank in lowrank form.
-            Without it, layers not in adapter form count their adapter epochs at their rank.
+            A dynrank layer it does not manage (a scheduler of part of the model)
+            keeps its form through the run: it counts its current trainable
+            parameters in every form.  Without it, every layer follows the schedule,
+            and layers not in adapter form count their adapter epochs at their rank.
 
     Returns:
-        :class:`ParamCounts`.  An adapter-form layer whose lowrank rank neither
-        argument gives counts at its current rank here; :func:`comp_ratio` and
-        :func:`cost_report` refuse such a model instead.
+        :class:`ParamCounts`.  A layer's current form counts the Parameters it has that
+        require grad: a factor frozen by hand (``B.requires_grad_(False)``) counts
+        nothing, a reparametrized weight or factor (``torch.nn.utils.parametrize``,
+        the hook-based ``weight_norm``) the Parameters it is computed from.  Its other
+        forms count their shapes, all trainable, as a switch leaves them (a switch
+        makes every new tensor trainable unless the whole layer is frozen); a layer
+        frozen whole (``requires_grad_(False)``) counts 0 in every form.  An
+        adapter-form layer whose lowrank rank neither argument gives counts at its
+        current rank here; :func:`comp_ratio` and :func:`cost_report` refuse such a
+        model instead.
 
     Raises:
         TypeError/ValueError: bad specs, counts, ``lowrank_ranks`` (unknown layers,
-            invalid ranks) or ``scheduler`` (not one of this model).
+            invalid ranks, layers ``scheduler`` does not manage) or ``scheduler`` (not
+            one of this model).
 
     Example:
         >>> c = param_counts([(64, 64, 3, 3)], other_params=100)

@@ -2,12 +2,14 @@
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations
 
-from dynrank.conv import LowRankConv2d
+from dynrank.conv import LowRankConv2d, adapter_costs, adapter_work
 from dynrank.convert import convert_model
 from dynrank.cost import (ParamCounts, comp_ratio, cost_report, epoch_times, form_epochs, layer_param_counts,
                           measured_comp_ratio, param_counts)
@@ -398,3 +400,100 @@ def test_measured_comp_ratio_refuses_a_schedule_without_its_length():
     with pytest.raises(ValueError, match="inflate_epoch and deflate_epoch need epochs"):
         measured_comp_ratio(run, None, 3, 7)
     assert measured_comp_ratio(run, skip_first=0) == pytest.approx(6.0 / (4 * 2.0))
+
+
+def _trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _monitored_run(model, scheduler, epochs):
+    """Trainable parameters of ``model`` in each epoch of a run that ``scheduler`` drives."""
+    monitor = RankMonitor(model, metrics_every=1000)
+    for epoch in range(epochs):
+        scheduler.step(epoch)
+        with monitor.epoch(epoch):
+            pass
+    return [record["trainable_params"] for record in monitor.records]
+
+
+def test_layers_a_scheduler_does_not_manage_count_in_their_form():
+    """A scheduler built on the backbone leaves the low-rank head lowrank the whole run; the head was counted
+    as following the schedule (dense in the full epochs): Comp. 0.5256 for the run's 0.6058, d 10,432 for the
+    7,360 its full epochs train."""
+    backbone = nn.Sequential(FusedLowRankLinear(32, 64, rank=8), nn.ReLU(), FusedLowRankLinear(64, 64, rank=8))
+    model = nn.Sequential(backbone, nn.ReLU(), FusedLowRankLinear(64, 64, rank=8))
+    scheduler = DynamicRankScheduler(backbone, torch.optim.SGD(model.parameters(), lr=0.1), 2, 4)
+    head = 8 * 128 + 64
+    before = param_counts(model, scheduler=scheduler)
+    assert (before.full, before.lowrank) == (32 * 64 + 64 * 64 + 128 + head, 8 * 96 + 8 * 128 + 128 + head)
+    assert before.layers[-1] == ("2", 8 * 128, 8 * 128)
+    per_epoch = _monitored_run(model, scheduler, 6)
+    assert per_epoch == [before.lowrank] * 2 + [before.full] * 2 + [before.lowrank] * 2
+    expected = sum(per_epoch) / (6 * max(per_epoch))
+    report = cost_report(model, 6, 2, 4, scheduler=scheduler)            # after the run: the backbone in adapter form
+    assert report.counts == before
+    assert report.comp_ratio == pytest.approx(expected, rel=1e-15)
+    assert comp_ratio(before, 6, 2, 4) == pytest.approx(expected, rel=1e-15)
+    with pytest.raises(ValueError, match=r"lowrank_ranks names layers \['2'\] that the scheduler does not manage"):
+        param_counts(model, scheduler=scheduler, lowrank_ranks={"2": 4})
+
+
+def test_a_partly_frozen_layer_counts_only_its_trainable_tensors():
+    """LoRA-FA style, B frozen: param_counts counted B's 512 entries (d_ρ 1,738 for 1,226 trainable) and
+    Comp. 0.5742 for the run's 0.5387.  A switch makes every new tensor trainable: W at the inflate, both
+    adapter factors at the deflate."""
+    model = nn.Sequential(FusedLowRankLinear(64, 64, rank=8), nn.ReLU(), nn.Linear(64, 10))
+    model[0].B.requires_grad_(False)
+    counts = param_counts(model)
+    assert counts.lowrank == _trainable(model) == 8 * 64 + 64 + 650
+    assert (counts.full, counts.adapter) == (64 * 64 + 64 + 650, 8 * 128 + 64 + 650)
+    scheduler = DynamicRankScheduler(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                                            lr=0.1), 2, 4)
+    per_epoch = _monitored_run(model, scheduler, 6)
+    assert per_epoch == [counts.lowrank] * 2 + [counts.full] * 2 + [counts.adapter] * 2
+    assert comp_ratio(counts, 6, 2, 4) == pytest.approx(sum(per_epoch) / (6 * counts.full), rel=1e-15)
+    # In adapter form, W_f frozen and A frozen by hand: only B trains now.
+    model[0].A.requires_grad_(False)
+    assert param_counts(model, scheduler=scheduler).adapter == _trainable(model) == 8 * 64 + 64 + 650
+
+
+def _hook_weight_norm(module, name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)        # deprecated, still in use
+        torch.nn.utils.weight_norm(module, name)
+
+
+@pytest.mark.parametrize("form, name, reparametrize", [
+    ("full", "weight", parametrizations.weight_norm), ("lowrank", "A", parametrizations.weight_norm),
+    ("adapter", "B", parametrizations.weight_norm), ("lowrank", "bias", parametrizations.weight_norm),
+    ("full", "weight", _hook_weight_norm), ("lowrank", "B", _hook_weight_norm),
+])
+def test_a_reparametrized_weight_or_factor_is_counted_once(form, name, reparametrize):
+    """A weight-normed weight or factor was counted as the layer's tensor and again, through its
+    originals, in ``other``: d 544 for a full layer with 288 trainable parameters."""
+    layer = FusedLowRankLinear(16, 12, rank=4, form=form)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(12, 3))
+    reparametrize(layer, name)
+    counts = param_counts(model)
+    # By hand: weight_norm over dim 0 adds a norm per output row (g) beside the direction (v).
+    rows = {"weight": 12, "A": 12, "B": 16, "bias": 12}[name]
+    now = {"full": 16 * 12, "lowrank": 4 * 28, "adapter": 4 * 28}[form] + rows + 12 + 39
+    assert _trainable(model) == now
+    assert {"full": counts.full, "lowrank": counts.lowrank, "adapter": counts.adapter}[form] == now
+    assert counts.other == (12 + rows if name == "bias" else 12) + 39      # the bias (its originals) and the head
+
+
+def test_adapter_costs_take_the_inputs_the_layer_takes():
+    """adapter_costs on an unbatched (C, H, W) input raised "not enough values to unpack"; one with another
+    channel count than the layer's was costed silently."""
+    layer = LowRankConv2d(4, 8, 3, rank=2, form="adapter", padding=1)
+    x = torch.randn(4, 6, 6)
+    layer(x)
+    (key, choice), = layer.adapter_choices.items()
+    assert key[0] == (1, 4, 6, 6) and choice.seconds == adapter_costs(layer, x)
+    assert adapter_work(layer, x) == adapter_work(layer, x.unsqueeze(0))
+    with pytest.raises(ValueError, match=r"input must have 4 channels \(the layer's in_channels\), got 5 "
+                                         r"\(shape \(2, 5, 6, 6\)\)"):
+        adapter_costs(layer, torch.randn(2, 5, 6, 6))
+    with pytest.raises(ValueError, match=r"input must have shape \(N, C, H, W\) or \(C, H, W\), got \(4, 36\)"):
+        adapter_work(layer, torch.randn(4, 36))
