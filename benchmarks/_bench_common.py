@@ -413,9 +413,12 @@ def describe(benchmark, *, suite, group, provider, form=None, pass_=None, dtype,
 def finish(benchmark, *, flops=None, bytes_moved=None, dtype=torch.float32, device=DEVICE):
     """Record the work done per call and, when timed, the derived rates and ceilings.
 
-    ``flops`` / ``bytes_moved`` are the useful work of one call (the same for
-    every provider of a group), so rates compare like with like.  Rates use
-    the mean time; ``report.py`` can recompute them from any statistic.
+    ``flops`` / ``bytes_moved`` are the work of one call: the useful work of
+    the provider's form (the same for every provider of one form; a frozen
+    dense weight's backward has no dW), or the FLOPs :func:`flops_of` counts
+    (conv and epoch suites).  A group can hold several forms, whose work
+    differs.  Rates use the mean time; ``report.py`` can recompute them from
+    any statistic.
     """
     info = benchmark.extra_info
     if flops is not None:
@@ -438,15 +441,31 @@ def finish(benchmark, *, flops=None, bytes_moved=None, dtype=torch.float32, devi
     return mean
 
 
+def _same_work_as(packet):
+    """A FlopCounterMode formula that counts an op as the out-of-place ``packet`` (``aten.addmm``)."""
+    from torch.utils.flop_counter import flop_registry
+
+    formula = flop_registry[packet]
+
+    def count(*args, **kwargs):
+        return formula(*args, **kwargs)
+    count._get_raw = True          # ``formula`` reads the shapes itself
+    return count
+
+
 def flops_of(fn, device=DEVICE):
     """FLOPs of one call of ``fn`` counted by torch's FlopCounterMode.
 
     dynrank's fused Triton ops are opaque to the counter, so the count runs on
-    dynrank's torch path (same math), selected through DYNRANK_BACKEND.
+    dynrank's torch path (same math), selected through DYNRANK_BACKEND.  The
+    counter has no entry for the in-place products that path (and a merge) runs,
+    ``addmm_`` and ``baddbmm_``: they count as ``addmm`` and ``baddbmm``.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with env_override(DYNRANK_BACKEND="torch"), FlopCounterMode(display=False) as counter:
+    aten = torch.ops.aten
+    in_place = {aten.addmm_: _same_work_as(aten.addmm), aten.baddbmm_: _same_work_as(aten.baddbmm)}
+    with env_override(DYNRANK_BACKEND="torch"), FlopCounterMode(display=False, custom_mapping=in_place) as counter:
         fn()
     sync(device)
     return counter.get_total_flops()

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _bench_common import cpu_model  # noqa: E402
+from _bench_common import cpu_model, prepare_out  # noqa: E402
 from dynrank.train.loop import cpu_bf16_native  # noqa: E402
 
 FORMS = ("full", "lowrank-svd", "adapter-svd", "lowrank-tucker", "lowrank-cp", "lowrank-tkd-cpd")
@@ -98,7 +98,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", help="the Markdown report (and .json beside it); default: print only")
+    parser.add_argument("--out", help="the Markdown report (and .json beside it), its folder created if missing; "
+                                      "default: print only")
     args = parser.parse_args(argv)
     unknown = [f for f in args.forms if f not in FORMS]
     if unknown:
@@ -106,6 +107,8 @@ def main(argv=None):
     for name in ("threads", "batch", "steps", "warmup", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be ≥ 1, got {getattr(args, name)}")
+    if args.out:
+        prepare_out(parser, args.out)
     torch.set_num_threads(args.threads)
     info = dict(cpu=cpu_model(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 python=platform.python_version(), threads=args.threads, batch=args.batch, steps=args.steps,
@@ -115,7 +118,6 @@ def main(argv=None):
     report = table(results, WAYS, info)
     print(report)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as handle:
             handle.write(report)
         with open(os.path.splitext(args.out)[0] + ".json", "w", encoding="utf-8") as handle:

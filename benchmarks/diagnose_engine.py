@@ -42,6 +42,9 @@ try:
     import dynrank  # noqa: F401
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _bench_common import prepare_out  # noqa: E402
 
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 TF32_TOL = 5e-3
@@ -138,10 +141,13 @@ def small_grid(dry_run):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=None, help="markdown file written as rows come in")
+    parser.add_argument("--out", default=None,
+                        help="markdown file written as rows come in, its folder created if missing")
     parser.add_argument("--budget-s", type=float, default=50.0, help="stop the shape grid after this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="CPU through the interpreter, two grid shapes")
     args = parser.parse_args(argv)
+    if args.out:
+        prepare_out(parser, args.out)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     from dynrank.kernels._runtime import interpreting
     if device.type == "cpu" and not interpreting():

@@ -29,8 +29,12 @@ from torch.nn import functional as F
 from dynrank.convert import convert_model
 from dynrank.scheduler import DynamicRankScheduler
 
+MODELS = ("mlp", "cnn")     # the teacher-student tasks: MLP on 16-d vectors, CNN on 3×8×8 images
+
 
 def teacher_data(kind, seed, n_train=4096, n_test=2048):
+    if kind not in MODELS:
+        raise ValueError(f"kind must be one of {', '.join(MODELS)}, got {kind!r}")
     g = torch.Generator().manual_seed(10_000 + seed)
     if kind == "mlp":
         x = torch.randn(n_train + n_test, 16, generator=g)
@@ -46,6 +50,8 @@ def teacher_data(kind, seed, n_train=4096, n_test=2048):
 
 
 def student(kind):
+    if kind not in MODELS:
+        raise ValueError(f"kind must be one of {', '.join(MODELS)}, got {kind!r}")
     if kind == "mlp":
         return nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                              nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
@@ -93,18 +99,41 @@ def run(kind, opt_name, policy, seed, epochs, batch=128):
             "after_deflate": epoch_loss[deflate]}
 
 
+def _models(text):
+    """``--models``: a comma-separated list of MODELS."""
+    kinds = text.split(",")
+    unknown = [kind for kind in kinds if kind not in MODELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(MODELS)}, got {text!r}")
+    return kinds
+
+
+def _at_least(low, why=""):
+    """An argparse type: an integer ≥ ``low`` (argparse names the flag)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer ≥ {low}{why}, got {text!r}")
+        return value
+    return parse
+
+
 def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--models", default="mlp,cnn")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--seeds", type=_at_least(1), default=3)
+    parser.add_argument("--epochs", type=_at_least(3, " (lowrank, full and adapter epochs: I = E/3, D = 2E/3)"),
+                        default=12)
+    parser.add_argument("--models", type=_models, default=list(MODELS), help="comma-separated: mlp, cnn")
+    parser.add_argument("--threads", type=_at_least(1), default=1,
                         help="intra-op threads (1: these models are too small to gain from more)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, epochs={args.epochs}, "
           f"seeds={args.seeds}")
@@ -113,7 +142,7 @@ def main():
     print(header)
     print("-" * len(header))
     wins = {}
-    for kind in args.models.split(","):
+    for kind in args.models:
         for opt_name in ("sgd", "adamw"):
             results = {}
             for policy in ("reset", "carry"):

@@ -23,6 +23,7 @@ the full-rank epochs go, summarized in a second table with the final λ of layer
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -70,7 +71,7 @@ def scaled_placement(placement, epochs=None):
     the same fractions of the run, I < D ≤ epochs (a short dry run keeps the study's shape)."""
     if placement is None:
         return None, None
-    if not epochs or epochs == PRESET_EPOCHS:
+    if epochs is None or epochs == PRESET_EPOCHS:
         return placement
     inflate = min(placement[0] * epochs // PRESET_EPOCHS, epochs - 1)
     return inflate, min(max(placement[1] * epochs // PRESET_EPOCHS, inflate + 1), epochs)
@@ -110,7 +111,7 @@ class _Run:
         inflate, deflate = scaled_placement(self.placement, args.epochs)
         return (["--preset", "cifar10-resnet20", "--data-dir", args.data_dir, "--schedule", self.schedule,
                  "--decomposition", self.decomposition, "--seed", str(self.seed), "--out", self.folder] + running
-                + (["--epochs", str(args.epochs)] if args.epochs else [])
+                + (["--epochs", str(args.epochs)] if args.epochs is not None else [])
                 + (["--inflate-epoch", str(inflate), "--deflate-epoch", str(deflate)]
                    if (inflate, deflate) != (None, None) else []) + args.train_args)
 
@@ -208,7 +209,9 @@ def run_all(args, log=print):
     checkpoints at the batch and resumes on a later call), which gives the
     others its share of the GPU (see :func:`choose_stop`); the first
     ``--protect`` unfinished runs are never stopped that way.  At the deadline every run still going is stopped the
-    same way.  Returns 0 when every run finished, 3 when some are left.
+    same way.  ``orchestration.json`` records a call that started runs (a call that
+    starts none keeps the record of the last one that did).  Returns 0 when every
+    run finished, 1 when one failed, 3 when some are left.
     """
     started = time.monotonic()
     deadline = started + args.budget_s
@@ -235,7 +238,8 @@ def run_all(args, log=print):
         typical = statistics.median(rates) if rates else None
         while pending and len(running) < args.parallel and deadline - now > args.min_launch_s:
             run = pending[0]
-            epochs = (args.epochs or PRESET_EPOCHS) - run.epochs_done()   # a resumed run has fewer to go
+            planned = PRESET_EPOCHS if args.epochs is None else args.epochs
+            epochs = planned - run.epochs_done()   # a resumed run has fewer to go
             if typical and typical * epochs > deadline - now:
                 break                         # would not finish: leave the GPU to the others
             pending.pop(0)
@@ -267,13 +271,14 @@ def run_all(args, log=print):
                 f"{r.name} {r.done}ep" + (f" {rate:.2f}s/ep" if (rate := r.seconds_per_epoch()) else "")
                 for r in running))
         time.sleep(args.poll_s)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "orchestration.json"), "w", encoding="utf-8") as handle:
-        # device_name uses the thread count only for a CPU, as the runs' records do.
-        json.dump(dict(environment=environment(args.device, args.threads), parallel=args.parallel,
-                       budget_s=args.budget_s, mps=bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")), events=events,
-                       failed=failed),
-                  handle, indent=1)
+    if any(e["event"] == "start" for e in events):
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "orchestration.json"), "w", encoding="utf-8") as handle:
+            # device_name uses the thread count only for a CPU, as the runs' records do.
+            json.dump(dict(environment=environment(args.device, args.threads), parallel=args.parallel,
+                           budget_s=args.budget_s, mps=bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
+                           events=events, failed=failed),
+                      handle, indent=1)
     if failed:
         return 1
     return 0 if all(r.finished() for r in runs) else 3
@@ -301,28 +306,45 @@ def _wait(running, seconds):
             run.proc.wait()
 
 
+def _at_least(low, kind=int):
+    """An argparse type: a ``kind`` (int, or a finite float) ≥ ``low``; argparse names the flag."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a finite number'} "
+                                             f"≥ {low}, got {text!r}")
+        return value
+    return parse
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="local/data", help="folder holding cifar10-jpeg.tar.gz or CIFAR-10")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "cifar10-resnet20"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run on a CPU device")
-    parser.add_argument("--budget-s", type=float, default=540.0,
+    parser.add_argument("--budget-s", type=_at_least(0, float), default=540.0,
                         help="wall seconds for this call: runs still going then are stopped with a checkpoint")
     parser.add_argument("--deadline-file", default=None,
                         help="file that may hold a new deadline as Unix time, read while running "
                              "(for runs that outlive the call that started them)")
     parser.add_argument("--parallel", type=int, default=1, help="runs sharing the GPU at a time")
-    parser.add_argument("--protect", type=int, default=3,
+    parser.add_argument("--protect", type=_at_least(0), default=3,
                         help="the first this many unfinished runs are never stopped to make room for the others")
     parser.add_argument("--cache-dir", default=None, help="decoded-image cache shared by the runs")
-    parser.add_argument("--grace-s", type=float, default=25.0, help="time a stopped run gets to checkpoint")
-    parser.add_argument("--drop-cooldown-s", type=float, default=20.0,
+    parser.add_argument("--grace-s", type=_at_least(0, float), default=25.0,
+                        help="time a stopped run gets to checkpoint")
+    parser.add_argument("--drop-cooldown-s", type=_at_least(0, float), default=20.0,
                         help="seconds between two stops made to free the GPU")
-    parser.add_argument("--min-launch-s", type=float, default=60.0, help="start no run with less time left")
-    parser.add_argument("--poll-s", type=float, default=2.0)
-    parser.add_argument("--status-every-s", type=float, default=30.0)
-    parser.add_argument("--epochs", type=int, default=None, help="override the preset's 150 (for a dry run)")
+    parser.add_argument("--min-launch-s", type=_at_least(0, float), default=60.0,
+                        help="start no run with less time left")
+    parser.add_argument("--poll-s", type=_at_least(0, float), default=2.0)
+    parser.add_argument("--status-every-s", type=_at_least(0, float), default=30.0)
+    parser.add_argument("--epochs", type=_at_least(1), default=None,
+                        help="override the preset's 150 (for a dry run)")
     parser.add_argument("--runs", nargs="+", type=parse_run, default=[parse_run(r) for r in DEFAULT_RUNS])
     parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                         help="further dynrank-train flags for new runs (last on the line), e.g. --batch-size 8")

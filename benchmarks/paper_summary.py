@@ -3,13 +3,14 @@
 :func:`summarize` reads every run folder under a results folder (finished runs'
 ``result.json``, stopped runs' ``metrics.json``) and writes ``summary.json`` and
 ``summary.md``: accuracy per run and seed, seconds per epoch of each form
-(graphed epochs and epochs run on another device apart), the paper's Comp. and
-the measured ratio, the paper's numbers beside them; λ and training curves of
-the SVD runs under ``plots/``; and, when the placement runs of
+(graphed epochs, and epochs run on another device than most of the runs'
+epochs, apart), the paper's Comp. and the measured ratio, the paper's numbers
+beside them; λ and training curves of the SVD runs under ``plots/``; and, when the placement runs of
 ``benchmarks/paper_cifar10.py`` are there, the Table 2 / Fig. 3 comparison
 with the final λ of the factorized convs 0, 10 and 18.
 """
 
+import collections
 import datetime
 import json
 import os
@@ -231,7 +232,13 @@ def _schedule_name(row):
 
 
 def summarize(out):
-    """Write ``summary.json`` and ``summary.md`` for every run under ``out`` and return the summary."""
+    """Write ``summary.json`` and ``summary.md`` for every run under ``out`` and return the summary.
+
+    Its ``device`` is the one most of the runs' epoch records name (the environment's where none
+    names one); ``environment`` is that of the last driver call that started runs
+    (``orchestration.json``), else this machine's, and the title gives its versions and date only
+    when it names that device.
+    """
     from dynrank.train.report import epoch_seconds, form_label, full_epoch_seconds, measured_comp
     results = _load_runs(out)
     summary = dict(environment=environment())
@@ -239,9 +246,11 @@ def summarize(out):
     if os.path.isfile(orchestration):
         with open(orchestration, encoding="utf-8") as handle:
             summary["orchestration"] = json.load(handle)
-        # The machine the runs ran on, not the one summarizing them.
+        # The machine the last session that started runs ran on, not the one summarizing them.
         summary["environment"] = summary["orchestration"].get("environment") or summary["environment"]
-    home = summary["environment"]["device"]
+    # The device the runs ran on: the one most of their epochs name, else that of the environment.
+    devices = collections.Counter(rec["device"] for r in results for rec in r["history"] if rec.get("device"))
+    home = summary["device"] = devices.most_common(1)[0][0] if devices else summary["environment"]["device"]
     # Median full-rank epoch per way of stepping (device, graphed or not), the first epoch left out.
     full_history = [rec for r in results if r["schedule"] == "full" for rec in r["history"][1:]]
     full_seconds = full_epoch_seconds(full_history, average=statistics.median)
@@ -283,8 +292,9 @@ def summarize(out):
         json.dump(summary, handle, indent=1)
     env = summary["environment"]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"# CIFAR-10 / ResNet20, ρ = 0.5 — {env['device']}, torch {env['torch']}, triton {env['triton']}, "
-             f"{env['date']}", "",
+    # Versions and date are those of the environment's machine: named only when the runs ran there.
+    known = f", torch {env['torch']}, triton {env['triton']}, {env['date']}" if env["device"] == home else ""
+    lines = [f"# CIFAR-10 / ResNet20, ρ = 0.5 — {home}{known}", "",
              "| schedule | decomposition | seed | epochs | acc. % (final) | paper acc. % | s/epoch by form "
              "| Comp. (paper formula) | Comp. measured | paper Comp. |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -313,7 +323,7 @@ def summarize(out):
                                     stretches(spans), f"on {device}")))
              for row in rows for device, spans in row["devices_elsewhere"].items()]
     if moved:
-        lines += ["", f"Epochs not run on the {env['device']} (resumed from its checkpoints elsewhere; timed apart as "
+        lines += ["", f"Epochs not run on the {home} (resumed from its checkpoints elsewhere; timed apart as "
                       f"\"on DEVICE\"): " + "; ".join(moved) + "."]
     lines += ["", "Epochs that replayed CUDA graphs (`--cuda-graphs`) are timed apart as \"(graphs)\". The measured "
                   "Comp. weights the run's mean epoch time per form by its schedule, over E × the full-rank run's "

@@ -25,6 +25,9 @@ than per FLOP.  This script separates the two:
     python benchmarks/profile_ops.py --out profile.txt      # needs CUDA
     python benchmarks/profile_ops.py --device cpu           # the host time per call only, on a CPU
 
+``--tokens``, ``--features`` and ``--rank`` set the shape of section 3 on CUDA, and of the host-time
+table on a CPU; on CUDA that table keeps a shape too small to keep the GPU busy.
+
 Everything printed is also written to ``--out``.
 """
 
@@ -401,37 +404,60 @@ def profile_lm_step(lines, device=None, steps=5):
                  "wall far above it means the step waits on the host)")
 
 
+def _positive(text):
+    """An argparse type: an integer ≥ 1 (argparse names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
+    return value
+
+
+# (tokens, features, rank) where the flags leave them: section 3's adapter on CUDA; the host-time
+# table on a CPU (on CUDA that table keeps its own shape, small enough to leave the GPU idle).
+SHAPE = {"cuda": (4096, 4096, 16), "cpu": (4, 16, 2)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="text file for the report, its folder created if missing (default: print only)")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--features", type=int, default=4096)
-    parser.add_argument("--rank", type=int, default=16)
+    where = "section 3's adapter on CUDA, the host-time table with --device cpu"
+    parser.add_argument("--tokens", type=_positive, default=None,
+                        help=f"tokens T of {where} (default {SHAPE['cuda'][0]} on CUDA, {SHAPE['cpu'][0]} on the CPU)")
+    parser.add_argument("--features", type=_positive, default=None,
+                        help=f"in = out features of {where} (default {SHAPE['cuda'][1]}, {SHAPE['cpu'][1]})")
+    parser.add_argument("--rank", type=_positive, default=None,
+                        help=f"rank of {where} (default {SHAPE['cuda'][2]}, {SHAPE['cpu'][2]})")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: only the host time per call (section 2's first table), one thread")
-    parser.add_argument("--rounds", type=int, default=None,
+    parser.add_argument("--rounds", type=_positive, default=None,
                         help="rounds of the host-time table (default 1 on CUDA, 15 on the CPU)")
     args = parser.parse_args(argv)
+    tokens, features, rank = (default if value is None else value
+                              for value, default in zip((args.tokens, args.features, args.rank), SHAPE[args.device]))
+    if rank > features:
+        parser.error(f"--rank must be at most the features ({features}), got {rank}")
     if args.out:
         prepare_out(parser, args.out)
     if args.device == "cpu":
         import platform
 
         torch.set_num_threads(1)
-        rounds = args.rounds or 15
+        rounds = 15 if args.rounds is None else args.rounds
         lines = [f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, "
                  f"Python {platform.python_version()}, one thread, {datetime.date.today().isoformat()}"]
-        sections = (lambda out: host_per_call(out, tokens=4, features=16, rank=2, device="cpu", calls=1000,
-                                              rounds=rounds),)
+        sections = (lambda out: host_per_call(out, tokens=tokens, features=features, rank=rank, device="cpu",
+                                              calls=1000, rounds=rounds),)
     elif not torch.cuda.is_available():
         parser.error("profile_ops.py profiles CUDA launches; torch sees no GPU here (--device cpu times the host only)")
     else:
         import triton
         lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"]
-        rounds = args.rounds or 1
+        rounds = 1 if args.rounds is None else args.rounds
         sections = (launch_costs, lambda out: host_per_call(out, rounds=rounds), profile_lowrank_kernels,
-                    profile_queued, lambda out: profile_adapter(out, args.tokens, args.features, args.rank),
-                    profile_lm_step)
+                    profile_queued, lambda out: profile_adapter(out, tokens, features, rank), profile_lm_step)
     for section in sections:
         start = len(lines)
         section(lines)

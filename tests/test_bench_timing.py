@@ -111,3 +111,30 @@ def test_time_pass_names_an_unknown_timing(common):
 def test_queued_timing_asks_for_pytests_config(common):
     with pytest.raises(ValueError, match="queued timing needs pytest's config"):
         common.benchmark_queued(None, lambda: None, None)
+
+
+def test_flops_of_counts_the_adapters_in_place_products(common):
+    import torch
+
+    from dynrank import FusedLowRankLinear
+
+    T, K, N, r = 7, 17, 11, 3
+    layer = FusedLowRankLinear(K, N, r, form="adapter", alpha=4.0)
+    with torch.no_grad():
+        layer.A.normal_()
+    x = torch.randn(T, K, requires_grad=True)
+    dense, factors = 2 * T * K * N, 2 * T * r * (K + N)
+    # Forward: x·W_fᵀ, s·x·B, then += (s·x·B)·Aᵀ in place (addmm_).
+    assert common.flops_of(lambda: layer(x)) == dense + factors
+    # Backward: dy·W_f, s·dy·A, += (s·dy·A)·Bᵀ in place, dA and dB (W_f is frozen: no dW).
+    run = common.make_pass("fwd+bwd", lambda: layer(x), [x, *layer.factors().values()])
+    assert common.flops_of(run) == (dense + factors) + (dense + 2 * factors)
+
+
+def test_flops_of_counts_in_place_batched_products(common):
+    import torch
+
+    b, m, k, n = 3, 5, 2, 7
+    w, u, v = torch.randn(b, m, n), torch.randn(b, m, k), torch.randn(b, k, n)
+    assert common.flops_of(lambda: w.baddbmm_(u, v, alpha=0.5)) == 2 * b * m * k * n
+    assert common.flops_of(lambda: w[0].addmm_(u[0], v[0])) == 2 * m * k * n

@@ -2,7 +2,7 @@
 
 import pytest
 
-from _helpers import INTERPRETING, load_script
+from _helpers import INTERPRETING, assert_out_refused_before_work, load_script
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="the CPU check runs the kernels through Triton's interpreter")
 
@@ -37,3 +37,18 @@ def test_a_wrong_kernel_is_reported(diagnose, tmp_path, monkeypatch):
     text = out.read_text()
     assert text.count("| WRONG |") == 8 and "WRONG |" in text.split("Small shapes")[1]
     assert "WRONG: the fault, reproduced |" in text
+
+
+@pytest.mark.parametrize("where", ["folder", "under a file"])
+def test_out_is_refused_before_the_checks(diagnose, tmp_path, monkeypatch, capsys, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out, message = ((tmp_path, "is a folder, expected a file to write") if where == "folder"
+                    else (blocker / "diagnose.md", f"{blocker} is a file, not a folder"))
+    assert_out_refused_before_work(diagnose, "variants", ["--dry-run"], out, message, monkeypatch, capsys)
+
+
+def test_out_folder_is_created(diagnose, tmp_path):
+    out = tmp_path / "new" / "diagnose.md"
+    assert diagnose.main(["--dry-run", "--budget-s", "0", "--out", str(out)]) == 0
+    assert out.read_text().startswith("# GEMM engine diagnosis")

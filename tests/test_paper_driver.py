@@ -55,9 +55,10 @@ def test_parallel_runs_finish_and_are_summarized(driver, data_dir, tmp_path, cap
     # so none is listed as run elsewhere.
     assert orchestration["environment"]["device"] == "cpu (1 thread, channels-last)"
     assert all(r["devices_elsewhere"] == {} for r in rows.values())
-    # A second call finds both runs finished and starts nothing.
+    # A second call finds both runs finished, starts nothing and keeps the first call's record.
+    record = (out / "orchestration.json").read_text()
     assert _main(driver, data_dir, out, "--epochs", "3", "--parallel", "2", "--budget-s", "300") == 0
-    assert json.loads((out / "orchestration.json").read_text())["events"] == []
+    assert (out / "orchestration.json").read_text() == record
     assert "| full | - | 0 | 3 |" in capsys.readouterr().out
 
 
@@ -156,6 +157,46 @@ def test_bad_arguments(driver, capsys):
     with pytest.raises(SystemExit):
         driver.main(["--runs", "dynamic-svd-0"])
     assert "a run is schedule:decomposition:seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--epochs", "0", "an integer ≥ 1"), ("--epochs", "-3", "an integer ≥ 1"),
+    ("--protect", "-1", "an integer ≥ 0"),
+    ("--budget-s", "-1", "a finite number ≥ 0"), ("--grace-s", "nan", "a finite number ≥ 0"),
+    ("--drop-cooldown-s", "-0.5", "a finite number ≥ 0"), ("--min-launch-s", "inf", "a finite number ≥ 0"),
+    ("--poll-s", "-2", "a finite number ≥ 0"), ("--status-every-s", "-1", "a finite number ≥ 0")])
+def test_out_of_range_numbers_are_refused(driver, tmp_path, capsys, flag, value, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        driver.main([flag, value, "--summarize-only", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"error: argument {flag}: expected {expected}, got {value!r}\n" in capsys.readouterr().err
+
+
+def test_a_call_that_starts_nothing_keeps_the_record_and_the_runs_device(driver, tmp_path, capsys):
+    out = tmp_path / "out"
+    history = [dict(epoch=e, form="full", train_time=3.0, val_acc=0.9, device="GPU A") for e in range(3)]
+    _write_run(out, "full-seed0", "full", dict(epochs=3, seed=0, decomposition="svd"), history,
+               result=dict(params=dict(dense=100, converted=50), inflate_epoch=None, deflate_epoch=None))
+    record = json.dumps(dict(environment=dict(date="2026-11-25", device="GPU A", torch="t", triton="tr"),
+                             parallel=9, mps=True, events=[dict(t=0.0, run="full-seed0", event="start")], failed=[]))
+    (out / "orchestration.json").write_text(record)
+    # Its one run is finished: this call starts nothing, and the GPU session's record stays.
+    assert driver.main(["--device", "cpu", "--out", str(out), "--runs", "full:svd:0"]) == 0
+    assert (out / "orchestration.json").read_text() == record
+    text = (out / "summary.md").read_text()
+    assert text.startswith("# CIFAR-10 / ResNet20, ρ = 0.5 — GPU A, torch t, triton tr, 2026-11-25\n")
+    assert "Up to 9 runs shared the GPU at a time (MPS on)" in text
+    # A record of another machine (or none): the runs' own epochs name the device they ran on.
+    (out / "orchestration.json").write_text(json.dumps(dict(
+        environment=dict(date="2026-11-28", device="cpu (1 thread)", torch="c", triton=None), parallel=1, mps=False)))
+    for _ in range(2):
+        summary = driver.summarize(str(out))
+        (row,) = summary["runs"]
+        assert summary["device"] == "GPU A"
+        assert row["seconds_per_epoch"] == {"full": 3.0} and row["devices_elsewhere"] == {}
+        text = (out / "summary.md").read_text()
+        assert text.startswith("# CIFAR-10 / ResNet20, ρ = 0.5 — GPU A\n") and "not run on" not in text
+        (out / "orchestration.json").unlink(missing_ok=True)
 
 
 def test_summary_of_nothing(driver, tmp_path):

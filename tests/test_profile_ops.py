@@ -114,6 +114,34 @@ def test_cpu_run_writes_the_host_table(profile_ops, tmp_path):
     assert title.startswith("host time per call") and len(rows) == 14
 
 
+@pytest.mark.parametrize("flags, shape", [
+    ([], dict(tokens=4, features=16, rank=2, rounds=15)),
+    (["--tokens", "5", "--features", "12", "--rank", "3", "--rounds", "2"],
+     dict(tokens=5, features=12, rank=3, rounds=2)),
+])
+def test_cpu_run_takes_the_shape_and_rounds_asked_for(profile_ops, monkeypatch, flags, shape):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)     # the test process keeps its threads
+    seen = []
+    monkeypatch.setattr(profile_ops, "host_per_call", lambda lines, **kwargs: seen.append(kwargs))
+    assert profile_ops.main(["--device", "cpu", *flags]) == 0
+    assert seen == [dict(shape, device="cpu", calls=1000)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rounds", "0"], "argument --rounds: expected an integer ≥ 1, got '0'"),
+    (["--rounds", "-1"], "argument --rounds: expected an integer ≥ 1, got '-1'"),
+    (["--tokens", "0"], "argument --tokens: expected an integer ≥ 1, got '0'"),
+    (["--features", "8", "--rank", "9"], "--rank must be at most the features (8), got 9"),
+])
+def test_bad_numbers_are_refused_before_any_section_runs(profile_ops, monkeypatch, capsys, flags, message):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(profile_ops, "host_per_call", lambda *args, **kwargs: pytest.fail("a section ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        profile_ops.main(["--device", "cpu", *flags])
+    assert exit_info.value.code == 2
+    assert f"error: {message}\n" in capsys.readouterr().err
+
+
 def test_out_is_checked_before_any_section_runs(profile_ops, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)     # the test process keeps its threads
     blocker = tmp_path / "a-file"
