@@ -8,7 +8,8 @@ switch it at run time:
   torch everywhere else;
 - ``torch``: always plain torch;
 - ``triton``: always Triton; on CPU tensors the kernels run in Triton's
-  interpreter (slow: for testing kernels without a GPU).
+  interpreter (slow: for testing kernels without a GPU).  float64 operands and
+  meta tensors (no data) take torch.
 """
 
 import importlib.util
@@ -84,7 +85,13 @@ def backend_for(device, op, *dtypes):
     """Return ``"triton"`` or ``"torch"`` for ``op`` (one of :data:`OPS`) on ``device``.
 
     ``dtypes`` are the operands' dtypes: one outside :data:`TRITON_DTYPES` (float64) sends the op
-    to torch whatever the backend, since the kernels accumulate in fp32.
+    to torch whatever the backend, since the kernels accumulate in fp32.  So does the meta device:
+    meta tensors hold no data, so there is nothing for a kernel to run on (torch gives the shapes).
+
+    Raises:
+        ValueError: an unknown ``op`` or ``DYNRANK_BACKEND`` value.
+        RuntimeError: ``DYNRANK_BACKEND=triton`` without Triton installed, or on a device other than
+            CUDA, CPU and meta.
     """
     if op not in OPS:
         raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
@@ -95,8 +102,8 @@ def backend_for(device, op, *dtypes):
     elif value == "triton" and not _triton_available():
         raise RuntimeError("DYNRANK_BACKEND=triton but Triton is not installed; "
                            "install triton or use DYNRANK_BACKEND=torch")
-    elif value == "triton" and device.type not in ("cuda", "cpu"):
+    elif value == "triton" and device.type not in ("cuda", "cpu", "meta"):
         raise RuntimeError(f"the Triton backend runs on CUDA or (interpreted) CPU tensors, got {device}")
-    if value == "triton" and any(dtype not in TRITON_DTYPES for dtype in dtypes):
+    if value == "triton" and (device.type == "meta" or any(dtype not in TRITON_DTYPES for dtype in dtypes)):
         return "torch"
     return value

@@ -137,20 +137,37 @@ class FormLayer(nn.Module):
         # A weight assigned in lowrank form (``head.weight = emb.weight``, tying the nn.Linear way) was
         # added to A·Bᵀ by the forward and had the factors merged into it by inflate.
         if value is not None and name == self.weight_name and self.__dict__.get("_form") == "lowrank":
-            raise ValueError(f"{type(self).__name__} in lowrank form has no {name} (it holds "
-                             f"{', '.join(self._factor_names(self._rank))}); assigning one would add it to the "
-                             f"low-rank product. To give the layer a dense {name} (to tie it, say), call inflate() "
-                             f"first or convert with form='full'")
+            self._refuse_weight()
         super().__setattr__(name, value)
 
+    def register_parameter(self, name, param):
+        # The same weight registered directly reaches the forward and inflate as an assigned one.
+        if param is not None and name == self.weight_name and self.__dict__.get("_form") == "lowrank":
+            self._refuse_weight()
+        super().register_parameter(name, param)
+
+    def _refuse_weight(self):
+        """Raise the ValueError for a dense weight given to a lowrank-form layer: assigned, registered
+        (``register_parameter``) or passed in by ``torch.func.functional_call``, which writes ``_parameters``
+        itself (the lowrank forwards check for that one)."""
+        name = self.weight_name
+        raise ValueError(f"{type(self).__name__} in lowrank form has no {name} (it holds "
+                         f"{', '.join(self._factor_names(self._rank))}); giving it one would add it to the "
+                         f"low-rank product. To give the layer a dense {name} (to tie it, say), call inflate() "
+                         f"first or convert with form='full'")
+
     def _build_parameters(self, form, rank, bias, device=None, dtype=None):
-        """Create bias, dense weight and factors for the initial ``form``, then :meth:`reset_parameters`."""
+        """Create dense weight, bias and factors (in this order) for the initial ``form``, then
+        :meth:`reset_parameters`."""
         check_form(form)
         check_floating_dtype(dtype, allow_none=True)
         kw = dict(device=device, dtype=dtype)
         shape = self._dense_shape()
-        self.bias = nn.Parameter(torch.empty(shape[0], **kw)) if bias else None
+        # The weight's slot first, so parameters() and state_dict() list weight, bias, then the factors
+        # (nn.Linear's and nn.Conv2d's order in full form) in every form: optimizer states and flat
+        # parameter vectors are matched by position.
         self.register_parameter(self.weight_name, None)
+        self.bias = nn.Parameter(torch.empty(shape[0], **kw)) if bias else None
         weight = None if form == "lowrank" else torch.empty(shape, **kw)
         factors = {} if form == "full" else {n: torch.empty(s, **kw) for n, s in self._factor_shapes(rank).items()}
         self._become(form, weight, factors, rank)

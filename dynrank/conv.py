@@ -12,6 +12,7 @@ from .conv_adapter import (
     AdapterChoice,
     _chain,
     _dense_conv,
+    _padded_input_costs,
     adapter_costs,
     adapter_work,
     time_adapter_strategies,
@@ -19,7 +20,7 @@ from .conv_adapter import (
 from .conv_factorizations import KernelShape, get_factorization
 from .conv_merging import merge_conv_
 from .functional import check_floating_input
-from .linear import check_alpha, check_plain_computation, check_ratio
+from .linear import check_alpha, check_materialized, check_plain_computation, check_ratio
 
 __all__ = ["LowRankConv2d", "ADAPTER_STRATEGIES", "PADDING_MODES", "AdapterChoice", "adapter_costs",
            "adapter_work", "time_adapter_strategies"]
@@ -36,6 +37,8 @@ def _forward_full(layer, x):
 
 
 def _forward_lowrank(layer, x):
+    if layer._read("weight") is not None:
+        layer._refuse_weight()         # one torch.func.functional_call passed in: refused as an assigned one
     return _chain(layer, x, layer.factors(), layer._read("bias"))
 
 
@@ -372,7 +375,7 @@ class LowRankConv2d(FormLayer):
                 # symbolic size as an int): the strategy whose cost does not grow with the batch (one
                 # merge per call), for every size the program will see.
                 return "merged"
-            seconds = adapter_costs(self, x)
+            seconds = _padded_input_costs(self, x)
             strategy = "chain" if seconds["chain"] <= seconds["merged"] else "merged"
         else:
             key = (tuple(x.shape), x.dtype, str(x.device), torch.is_grad_enabled(), x.requires_grad)
@@ -381,7 +384,7 @@ class LowRankConv2d(FormLayer):
                 if x.is_cuda and not torch.cuda.is_current_stream_capturing():
                     seconds, method = time_adapter_strategies(self, x), "timing"
                 else:
-                    seconds, method = adapter_costs(self, x), "cost model"
+                    seconds, method = _padded_input_costs(self, x), "cost model"
                 choice = AdapterChoice(min(seconds, key=seconds.get), method, seconds)
                 self._adapter_choices[key] = choice
             strategy = choice.strategy
@@ -466,7 +469,8 @@ class LowRankConv2d(FormLayer):
                 :func:`~dynrank.linear.own_computation`).
             ValueError: invalid rank, rank_ratio, decomposition or form; a kernel
                 with NaN/inf entries (lowrank form); a CP fit (cp, tkd-cpd) that
-                fails on a degenerate kernel (e.g. constant or one-hot).
+                fails on a degenerate kernel (e.g. constant or one-hot); an
+                ``nn.LazyConv2d`` not run yet (its kernel has no shape).
 
         Example:
             >>> conv = nn.Conv2d(16, 32, 3, padding=1)
@@ -475,6 +479,7 @@ class LowRankConv2d(FormLayer):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_dense needs an nn.Conv2d, got {type(conv).__name__}")
+        check_materialized(conv, cls.__name__)
         check_plain_computation(conv, cls.__name__)
         check_form(form)
         weight = conv.weight

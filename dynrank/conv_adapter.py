@@ -113,10 +113,9 @@ def adapter_work(layer, x):
         layer: a :class:`~dynrank.LowRankConv2d` in adapter form.
         x: its input, (N, C, H, W) or unbatched (C, H, W) (costed as N = 1), C the
             layer's ``in_channels``; only its shape, dtype, device and ``requires_grad``
-            are read (a ``meta`` tensor will do).  With a ``padding_mode`` other than
-            ``"zeros"`` the layer's forward pads its input once, runs every conv
-            unpadded and calls this on that padded input: pass ``x`` padded the same
-            way for the costs the layer's choice records.
+            are read (a ``meta`` tensor will do).  Unpadded: a ``padding_mode`` other
+            than ``"zeros"`` is costed as the forward runs it (the input padded once,
+            every conv unpadded).
 
     Returns:
         dict strategy → [multiply-add FLOPs, bytes moved, ops launched] (floats).
@@ -132,10 +131,17 @@ def adapter_work(layer, x):
     if x.shape[-3] != layer.in_channels:
         raise ValueError(f"input must have {layer.in_channels} channels (the layer's in_channels), got "
                          f"{x.shape[-3]} (shape {tuple(x.shape)})")
-    elt = x.element_size()
     n, _, h, w = x.shape if x.dim() == 4 else (1, *x.shape)
+    if layer._pad is not None:
+        left, right, top, bottom = layer._pad
+        h, w = h + top + bottom, w + left + right
+    return _step_work(layer, n, h, w, x.element_size(), x.requires_grad)
+
+
+def _step_work(layer, n, h, w, elt, needs_grad):
+    """:func:`adapter_work` of the input the forward's convs see: n×C×h×w, padded where the forward pads."""
     train = torch.is_grad_enabled()
-    dx = train and x.requires_grad
+    dx = train and needs_grad
     dense, ho, wo = _conv_work(n, layer.in_channels, h, w, layer.weight.shape, layer.groups, layer.stride,
                                layer._conv_padding, layer.dilation, elt)
     dense_passes = 1 + (1 if dx else 0)          # forward, input gradient (W_f is frozen)
@@ -178,8 +184,19 @@ def adapter_costs(layer, x):
     Raises:
         RuntimeError/ValueError: as :func:`adapter_work`.
     """
-    flops_per_s, bytes_per_s, launch = _MACHINE.get(x.device.type, _MACHINE["cpu"])
-    return {k: f / flops_per_s + b / bytes_per_s + o * launch for k, (f, b, o) in adapter_work(layer, x).items()}
+    return _seconds(adapter_work(layer, x), x.device.type)
+
+
+def _padded_input_costs(layer, x):
+    """:func:`adapter_costs` of the (N, C, H, W) input the forward's convs see, already padded where the
+    forward pads: the layer's own choice."""
+    n, _, h, w = x.shape
+    return _seconds(_step_work(layer, n, h, w, x.element_size(), x.requires_grad), x.device.type)
+
+
+def _seconds(work, device_type):
+    flops_per_s, bytes_per_s, launch = _MACHINE.get(device_type, _MACHINE["cpu"])
+    return {k: f / flops_per_s + b / bytes_per_s + o * launch for k, (f, b, o) in work.items()}
 
 
 def _sync(device):

@@ -13,7 +13,7 @@ from ._forms import HOW_TO_REMOVE, FormLayer, check_floating_dtype, check_form
 
 __all__ = ["FusedLowRankLinear", "check_alpha", "check_rank", "check_ratio", "is_transposed_linear",
            "linear_weight", "own_computation", "reparametrization", "HOW_TO_REMOVE", "check_plain_computation",
-           "rank_from_ratio", "transformers_bases", "transformers_class"]
+           "check_materialized", "rank_from_ratio", "transformers_bases", "transformers_class"]
 
 
 def transformers_bases(module):
@@ -87,6 +87,15 @@ def check_plain_computation(module, cls_name):
         raise TypeError(f"from_dense: the {base}'s {reparam}, so a {cls_name} built from its weight would hold "
                         f"one value of it and drop the parametrization; remove it first ({HOW_TO_REMOVE}), or "
                         f"keep the layer dense")
+
+
+def check_materialized(module, cls_name):
+    """ValueError where ``module`` still has uninitialized (lazy) parameters: an ``nn.LazyLinear`` or
+    ``nn.LazyConv2d`` not run yet has no shapes to build a ``cls_name`` from (``from_dense``)."""
+    params = module.parameters(recurse=False) if isinstance(module, nn.Module) else ()
+    if any(nn.parameter.is_lazy(p) for p in params):
+        raise ValueError(f"from_dense: the {type(module).__name__} still has uninitialized (lazy) parameters; run "
+                         f"it once on a dummy batch so they get their shapes, then build the {cls_name} from it")
 
 
 def is_transposed_linear(module):
@@ -303,8 +312,10 @@ class FusedLowRankLinear(FormLayer):
         Raises:
             TypeError: ``linear`` has no 2-D weight, or its dtype is not floating-point; an
                 ``nn.Linear`` subclass that overrides ``forward`` (see :func:`own_computation`).
-            ValueError: invalid rank or form; a weight with NaN/inf entries (lowrank form).
+            ValueError: invalid rank or form; a weight with NaN/inf entries (lowrank form); an
+                ``nn.LazyLinear`` not run yet (its parameters have no shape).
         """
+        check_materialized(linear, cls.__name__)
         weight = linear_weight(linear)
         if weight is None or weight.dim() != 2:
             raise TypeError(f"from_dense needs a module with a 2-D weight (nn.Linear), got {type(linear).__name__}")
@@ -344,8 +355,11 @@ class FusedLowRankLinear(FormLayer):
             except (RuntimeError, TypeError):
                 self._check_input(x, weight)  # names the fault where it is the input's
                 raise
+        weight = self._read("weight")
+        if weight is not None and self._form == "lowrank":
+            self._refuse_weight()      # one torch.func.functional_call passed in: refused as an assigned one
         # lowrank_linear checks the input against the factors.
-        return DF.lowrank_linear(x, self._read("weight"), self._read("A"), self._read("B"), self._read("bias"),
+        return DF.lowrank_linear(x, weight, self._read("A"), self._read("B"), self._read("bias"),
                                  self.scale_for(self._rank))
 
     def _check_input(self, x, weight):

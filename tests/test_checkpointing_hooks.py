@@ -207,7 +207,8 @@ def test_timed_adapter_choice_inside_a_checkpointed_forward(monkeypatch):
     if HAS_CUDA:
         model, x = model.cuda(), x.cuda()
     else:
-        monkeypatch.setattr(dynrank.conv, "adapter_costs", lambda layer, inp: time_adapter_strategies(layer, inp, 1))
+        monkeypatch.setattr(dynrank.conv, "_padded_input_costs",
+                            lambda layer, inp: time_adapter_strategies(layer, inp, 1))
     g = torch.randn(model(x).shape, device=x.device)
     for layer in (model[0], model[2]):
         layer.adapter_strategy = "auto"                # forget the choices the call above made

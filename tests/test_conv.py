@@ -219,6 +219,19 @@ def test_from_dense_on_meta_gives_the_shapes(dec, form):
     assert all(p.is_meta for p in layer.parameters())
 
 
+def test_from_dense_of_an_unrun_lazy_conv_says_to_run_it_first():
+    """An nn.LazyConv2d not run yet has in_channels 0: from_dense said "in_channels must be a positive int,
+    got 0"; it names the lazy module and what to do."""
+    lazy = nn.LazyConv2d(7, 3, padding=1, dtype=F64)
+    with pytest.raises(ValueError, match=re.escape("from_dense: the LazyConv2d still has uninitialized (lazy) "
+                                                   "parameters; run it once on a dummy batch")):
+        LowRankConv2d.from_dense(lazy, rank=3)
+    x = torch.randn(2, 5, 6, 6, dtype=F64)
+    lazy(x)
+    layer = LowRankConv2d.from_dense(lazy, rank=3, form="full")
+    assert layer.in_channels == 5 and torch.equal(layer(x), lazy(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.complex128])
 def test_from_dense_refuses_a_kernel_that_is_not_floating_point(dtype):
     conv = nn.Conv2d(5, 7, 3)
@@ -528,6 +541,21 @@ def test_all_meta_forward_gives_the_shape(dec, form, strategy):
     x = torch.randn(2, 5, 8, 8, dtype=F64)
     y = real.to("meta")(x.to("meta"))
     assert y.device.type == "meta" and y.shape == make(dec, form=form, adapter_strategy=strategy)(x).shape
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+@pytest.mark.parametrize("dec", ["svd", "tucker"])
+def test_triton_backend_leaves_meta_layers_to_torch(monkeypatch, dec, form):
+    """With DYNRANK_BACKEND=triton, inflate() of a meta layer raised "the Triton backend runs on CUDA or
+    (interpreted) CPU tensors, got meta": meta tensors hold no data, so torch's ops give the shapes."""
+    from dynrank import _backend
+    monkeypatch.setattr(_backend, "_triton_available", lambda: True)
+    monkeypatch.setenv("DYNRANK_BACKEND", "triton")
+    layer = make(dec, form=form, adapter_strategy="merged").float().to("meta")   # float32: the kernels take it
+    y = layer(torch.empty(2, 5, 8, 8, device="meta"))
+    assert y.is_meta and y.shape == (2, 7, 8, 8)
+    layer.inflate()
+    assert layer.form == "full" and layer.weight.is_meta and layer.weight.shape == (7, 5, 3, 3)
 
 
 def test_merged_adapter_builds_its_kernel_in_the_parameters_dtype_under_autocast(monkeypatch):

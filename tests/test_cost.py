@@ -497,3 +497,23 @@ def test_adapter_costs_take_the_inputs_the_layer_takes():
         adapter_costs(layer, torch.randn(2, 5, 6, 6))
     with pytest.raises(ValueError, match=r"input must have shape \(N, C, H, W\) or \(C, H, W\), got \(4, 36\)"):
         adapter_work(layer, torch.randn(4, 36))
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [1, (2, 1), "same"])
+def test_adapter_costs_pad_as_the_layer_pads(padding_mode, padding):
+    """With a non-zero padding mode the forward pads once and runs every conv unpadded; adapter_costs took
+    the input as unpadded (a 4×4 output for the layer's 6×6), other costs than the layer's choice records."""
+    layer = LowRankConv2d(4, 8, 3, rank=2, form="adapter", padding=padding, padding_mode=padding_mode)
+    zeros = LowRankConv2d(4, 8, 3, rank=2, form="adapter", padding=padding)
+    x = torch.randn(2, 4, 6, 6)
+    for grad in (False, True):
+        layer.adapter_strategy = "auto"                   # forget the choice made
+        with torch.set_grad_enabled(grad):
+            layer(x)
+        (choice,) = layer.adapter_choices.values()
+        with torch.set_grad_enabled(grad):
+            assert choice.seconds == adapter_costs(layer, x)
+            # The same convs as padded the zeros way: the same FLOPs (bytes: the padded input is read).
+            flops = {k: v[0] for k, v in adapter_work(layer, x).items()}
+            assert flops == {k: v[0] for k, v in adapter_work(zeros, x).items()}

@@ -1,5 +1,5 @@
-"""Drop-in behaviour of the layers: geometry edits after construction, torch.fx symbolic tracing, and the
-message for an input that is not floating-point."""
+"""Drop-in behaviour of the layers: parameter order, geometry edits after construction, torch.fx symbolic
+tracing, and the message for an input that is not floating-point."""
 
 import copy
 import io
@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from _helpers import REL_TOL, rel_err
-from dynrank import FusedLowRankLinear
+from dynrank import FusedLowRankLinear, convert_model
 from dynrank.conv import LowRankConv2d
 from dynrank.functional import lowrank_linear
 from dynrank.kernels.conv_merge import reference_kernel
@@ -85,6 +85,58 @@ def check_form_changes_keep_function(layer, x):
         after = check_output(layer, x)
         assert rel_err(after, before) < TOL, step
 
+
+
+# -- parameter order ---------------------------------------------------------------------------------
+
+def test_full_form_lists_parameters_as_the_plain_model_and_resumes_its_optimizer():
+    """Optimizers and flat parameter vectors match parameters by position.  Full form listed (bias, weight)
+    where nn.Linear/nn.Conv2d list (weight, bias): an optimizer state saved with the plain model put each
+    layer's weight moments on its bias (RuntimeError at the first step).  Now it resumes as the plain one."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 6), nn.ReLU(),
+                          nn.Linear(6, 5)).double()
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    optimizer = torch.optim.Adam(plain.parameters(), lr=0.1)
+    plain(x).square().sum().backward()
+    optimizer.step()
+    converted = copy.deepcopy(plain)
+    convert_model(converted, form="full", min_features=1, keep_last=False)
+    assert [type(m) for m in converted if m._parameters] == [LowRankConv2d, FusedLowRankLinear, FusedLowRankLinear]
+    assert [n for n, _ in converted.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert list(converted.state_dict()) == list(plain.state_dict())
+    resumed = torch.optim.Adam(converted.parameters(), lr=0.1)
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))      # as from a checkpoint: its own moments
+    for model, opt in ((plain, optimizer), (converted, resumed)):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+    after = dict(converted.named_parameters())
+    for name, p in plain.named_parameters():
+        assert rel_err(after[name], p) < TOL, name
+    assert rel_err(converted(x), plain(x)) < TOL
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_parameter_order_is_weight_bias_factors_in_every_form(kind, bias):
+    """weight, bias, then the factors, whichever form the layer was built in and through every switch."""
+    def build(form):
+        if kind == "linear":
+            return FusedLowRankLinear(6, 5, 2, bias=bias, form=form)
+        return LowRankConv2d(4, 5, 3, rank=RANKS["tucker"], decomposition="tucker", bias=bias, form=form)
+
+    def expected(layer):
+        names = ["weight"] if layer.form != "lowrank" else []
+        names += ["bias"] if bias else []
+        return names + (list(layer._factor_names(layer.rank)) if layer.form != "full" else [])
+
+    for form in ("lowrank", "full", "adapter"):
+        layer = build(form)
+        for switch in ([] if form == "full" else ["inflate"]) + ["deflate", "inflate", "deflate"]:
+            names = [n for n, _ in layer.named_parameters()]
+            assert names == expected(layer) and list(layer.state_dict()) == names, (form, layer.form, names)
+            getattr(layer, switch)()
 
 # -- geometry edits apply at the next forward, as nn.Conv2d's -------------------------------------
 

@@ -667,6 +667,35 @@ def test_auto_backend_follows_the_measured_table(monkeypatch):
         _backend.backend_for(cuda, "conv")
 
 
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_triton_backend_leaves_meta_tensors_to_torch(monkeypatch, form):
+    """Meta tensors hold no data, so there is nothing for a kernel to run on: with DYNRANK_BACKEND=triton the
+    forward and inflate() of a meta layer raised "the Triton backend runs on CUDA or (interpreted) CPU
+    tensors, got meta".  They run torch's ops, which give the shapes."""
+    from dynrank import _backend
+    monkeypatch.setattr(_backend, "_triton_available", lambda: True)
+    monkeypatch.setenv("DYNRANK_BACKEND", "triton")
+    assert _backend.backend_for(torch.device("meta"), "merge", torch.float32) == "torch"
+    layer = FusedLowRankLinear(6, 9, rank=2, form=form, device="meta")     # float32: a dtype the kernels take
+    y = layer(torch.empty(4, 3, 6, device="meta"))
+    assert y.is_meta and y.shape == (4, 3, 9)
+    layer.inflate()
+    assert layer.form == "full" and layer.weight.is_meta and layer.weight.shape == (9, 6)
+
+
+def test_from_dense_of_an_unrun_lazy_linear_says_to_run_it_first():
+    """An nn.LazyLinear not run yet has no weight shape: from_dense gave torch's "Attempted to use an
+    uninitialized parameter in <method 'dim' ...>"; it names the module and what to do."""
+    lazy = nn.LazyLinear(5)
+    with pytest.raises(ValueError, match=re.escape("from_dense: the LazyLinear still has uninitialized (lazy) "
+                                                   "parameters; run it once on a dummy batch")):
+        FusedLowRankLinear.from_dense(lazy, 2)
+    x = torch.randn(3, 7)
+    lazy(x)
+    layer = FusedLowRankLinear.from_dense(lazy, 5, form="full")
+    assert (layer.in_features, layer.out_features) == (7, 5) and torch.equal(layer(x), lazy(x))
+
+
 def test_adapter_inflate_keeps_the_weight_parameter_object():
     layer = FusedLowRankLinear(10, 7, rank=2, form="adapter")
     _randomize_adapter(layer)

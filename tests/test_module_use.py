@@ -154,6 +154,44 @@ def test_assigning_a_weight_in_lowrank_form_is_refused():
     assert torch.equal(head(x), x @ emb.weight.t() + head.bias)
 
 
+def _lowrank_layer_and_input(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return _randomized(FusedLowRankLinear(8, 6, 2, dtype=F64)), torch.randn(3, 8, dtype=F64)
+    return _randomized(LowRankConv2d(4, 6, 3, rank=2, dtype=F64)), torch.randn(2, 4, 5, 5, dtype=F64)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_weight_given_in_lowrank_form_by_functional_call_is_refused(kind):
+    """torch.func.functional_call writes ``_parameters`` itself, past the assignment's check: the linear
+    layer's forward added the weight to A·Bᵀ (x·(W + A·Bᵀ)ᵀ + b, not nn.Linear's x·Wᵀ + b), the conv's
+    dropped it.  Refused as an assigned weight; the layer's own parameters still run as its forward."""
+    from torch.func import functional_call
+    layer, x = _lowrank_layer_and_input(kind)
+    params = dict(layer.named_parameters())
+    assert torch.equal(functional_call(layer, params, (x,)), layer(x))
+    weight = torch.randn(layer._dense_shape(), dtype=F64)
+    with pytest.raises(ValueError, match="in lowrank form has no weight.*call inflate\\(\\) first"):
+        functional_call(layer, {**params, "weight": weight}, (x,))
+    assert layer.weight is None and layer.form == "lowrank"
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_weight_registered_in_lowrank_form_is_refused(kind):
+    """``register_parameter("weight", P)`` bypasses ``__setattr__``: the forward then added P to the low-rank
+    product and inflate merged the factors into it.  Refused, leaving the layer as it was."""
+    layer, x = _lowrank_layer_and_input(kind)
+    before = layer(x)
+    weight = nn.Parameter(torch.randn(layer._dense_shape(), dtype=F64))
+    with pytest.raises(ValueError, match="in lowrank form has no weight.*call inflate\\(\\) first"):
+        layer.register_parameter("weight", weight)
+    assert layer.weight is None and torch.equal(layer(x), before)
+    layer.inflate()
+    assert rel_err(layer(x), before) < 1e-12          # inflate merged into zeros, not into P
+    layer.register_parameter("weight", weight)          # full form: registered as on nn.Linear
+    assert layer.weight is weight
+
+
 # -- deflate and the frozen weight's gradient ---------------------------------------------------
 
 def test_deflate_drops_the_gradient_of_the_weight_it_freezes():
