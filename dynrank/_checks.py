@@ -11,8 +11,8 @@ from torch import nn
 from ._forms import FormLayer
 
 __all__ = ["unwrap_model", "form_layers", "check_model_and_optimizer", "check_sync", "check_layer_names",
-           "check_same_layers", "check_finite", "check_one_group", "copy_layers", "check_copy",
-           "check_new_copy"]
+           "check_same_layers", "check_finite", "check_one_group", "check_trains_layers", "copy_layers",
+           "check_copy", "check_new_copy"]
 
 
 def unwrap_model(model):
@@ -243,6 +243,26 @@ def check_one_group(optimizer, layers):
             raise ValueError(f"the optimizer holds layer {name!r}'s parameters in different param groups ({held}); "
                              f"a form change puts the layer's new parameters in one group, so give "
                              f"{', '.join(where)} the same group (a bias may sit elsewhere)")
+
+
+def check_trains_layers(optimizer, layers, model):
+    """ValueError if the optimizer holds none of the trainable parameters a form change replaces (W, the
+    factors) of any of ``layers`` ((name, layer) pairs of ``model``) while some has one: an optimizer
+    built before ``convert_model`` holds the replaced modules' tensors, and no layer would ever train.
+    A layer left out of an optimizer that holds another's is fine, as is a model whose layers are frozen."""
+    switched = [p for _, layer in layers for p in _switched(layer).values()]
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not switched or any(id(p) in held for p in switched):
+        return
+    in_model = {id(p) for p in model.parameters()}
+    strays = len(held - in_model)
+    names = [name for name, _ in layers]
+    shown = ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    stale = (f" (it holds {strays} tensors that are not in the model: built before convert_model replaced "
+             f"them?)" if strays else "")
+    raise ValueError(f"the optimizer holds no trainable parameter of the dynrank layers ({shown}), so they would "
+                     f"never train{stale}; build the optimizer after convert_model(model), from "
+                     f"model.parameters() or groups of them")
 
 
 def copy_layers(model_copy):

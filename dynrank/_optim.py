@@ -40,8 +40,8 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["replace_params", "optimizer_params", "pushforward_state", "pullback_state",
-           "LINEAR_STATE", "SQUARED_STATE", "manage", "params_before", "switched_params", "follow_load",
-           "follow_unconvert"]
+           "LINEAR_STATE", "SQUARED_STATE", "manage", "drop_frozen_adapter_params", "params_before",
+           "switched_params", "follow_load", "follow_unconvert"]
 
 LINEAR_STATE = frozenset({"momentum_buffer", "exp_avg", "grad_avg"})
 SQUARED_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -56,29 +56,31 @@ def optimizer_params(optimizer):
 
 
 def _locate(optimizer, params):
-    """(group index, position) of the first of ``params`` held by the optimizer, or None."""
-    wanted = {id(p) for p in params}
-    for g, group in enumerate(optimizer.param_groups):
-        for i, p in enumerate(group["params"]):
-            if id(p) in wanted:
-                return g, i
-    return None
+    """(group index, position) of the first of ``params``, in their order, that the optimizer holds, or None.
+
+    The order is the caller's: :func:`switched_params` lists the parameters that trained first, so new
+    parameters join a trained one's group, not that of a frozen one kept in a group of its own.
+    """
+    where = {id(p): (g, i) for g, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])}
+    return next((where[id(p)] for p in params if id(p) in where), None)
 
 
 def replace_params(optimizer, removed, added, states=None, owner=None, old_names=None):
     """Swap ``removed`` for ``added`` in ``optimizer``, in place.
 
     The removed parameters leave every param group and their state is dropped;
-    the added ones are inserted where the first removed one sat, in the same
-    group (same lr, weight decay, ...).  When as many are added as removed,
-    ``added[i]`` takes the place of ``removed[i]`` instead, in its group, and
-    one whose counterpart the optimizer does not hold stays out (a factor the
-    user left out of it).  If the optimizer holds none of the removed
-    parameters (the user left that layer out of it), nothing is added.
+    the added ones are inserted where the first of ``removed`` (in its order)
+    that the optimizer holds sat, in the same group (same lr, weight decay,
+    ...).  When as many are added as removed, ``added[i]`` takes the place of
+    ``removed[i]`` instead, in its group, and one whose counterpart the
+    optimizer does not hold stays out (a factor the user left out of it).  If
+    the optimizer holds none of the removed parameters (the user left that
+    layer out of it), nothing is added.
 
     Args:
         optimizer: a ``torch.optim.Optimizer``.
-        removed: parameters leaving the optimizer.
+        removed: parameters leaving the optimizer, those that trained first (the
+            first one held decides where ``added`` go).
         added: parameters joining it, in order.
         states: optional dict ``param → state dict`` installed for added parameters
             (ignored for L-BFGS, which starts afresh).
@@ -168,6 +170,22 @@ class ParamsBefore(NamedTuple):
     names: dict          # id(param) → its name in the module
 
 
+def drop_frozen_adapter_params(optimizer, layer):
+    """Take out of ``optimizer`` what a deflate leaves out of it, for ``layer`` already in adapter form:
+    its frozen W_f (a deflate takes W out as it freezes it) and, where the layer does not train, its
+    frozen factors (a switch never adds a frozen parameter).  An optimizer given ``model.parameters()``
+    of a model converted with ``form="adapter"`` then holds what it holds after an inflate and a deflate,
+    so a checkpoint taken after them loads into a freshly built one.  Frozen parameters take no step, so
+    training is unchanged.  Returns True if the optimizer was edited."""
+    if layer.form != "adapter":
+        return False
+    dense = layer._dense()
+    frozen = [] if dense.requires_grad else [dense]
+    if not layer._trains():
+        frozen += list(layer.factors().values())
+    return bool(frozen) and replace_params(optimizer, frozen, [])
+
+
 def params_before(layer):
     """What :func:`switched_params` and :func:`replace_params` need of ``layer``, taken before it changes."""
     named = list(layer.named_parameters())
@@ -180,8 +198,9 @@ def switched_params(layer, before):
 
     ``before`` is :func:`params_before` of the layer before the change; ``layer`` holds the parameters
     after it (the layer itself, or the module that replaced it).  Leaving: what trained and no longer
-    does, and a frozen parameter the change dropped from the layer (an optimizer given
-    ``model.parameters()`` holds it too).  Joining: what trains now and did not.
+    does, then a frozen parameter the change dropped from the layer (an optimizer given
+    ``model.parameters()`` holds it too); in that order, so the new parameters join the group of one
+    that trained (:func:`replace_params`).  Joining: what trains now and did not.
     """
     after = [p for p in layer.parameters() if p.requires_grad]
     after_ids, before_ids = {id(p) for p in after}, {id(p) for p in before.trainable}

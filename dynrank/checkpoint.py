@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 
 from ._checks import check_model_and_optimizer, form_layers, unwrap_model
+from ._optim import LINEAR_STATE, SQUARED_STATE
 from .scheduler import DynamicRankScheduler
 
 __all__ = ["training_state", "load_training_state"]
@@ -96,6 +97,20 @@ class _Snapshot:
             self.optimizer.state[p] = state
 
 
+def _check_state_shapes(optimizer):
+    """ValueError naming the first parameter whose loaded per-element state (momentum, Adam's moments, ...)
+    has another shape than it: ``Optimizer.load_state_dict`` matches state to parameters by position and
+    checks no shape, so a state saved over parameters in another order would fail at the next step, or
+    step with another parameter's moments where the shapes agree."""
+    names = LINEAR_STATE | SQUARED_STATE
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                if key in names and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    raise ValueError(f"the state {key!r} of param_groups[{g}]['params'][{i}] has shape "
+                                     f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+
+
 def load_training_state(checkpoint, model, optimizer, scheduler):
     """Load a :func:`training_state` checkpoint into a freshly built model, optimizer and scheduler.
 
@@ -116,7 +131,9 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
         ValueError: a part is missing, the scheduler was built on another model
             or optimizer, the scheduler part is invalid for this model (see
             :meth:`DynamicRankScheduler.load_state_dict`), or the optimizer
-            part does not fit this optimizer.
+            part does not fit this optimizer (torch's group-size check, or a
+            parameter's momentum or moments of another shape than it: a state
+            saved over parameters in another order).
         RuntimeError: the model part does not fit the model (from
             ``torch.nn.Module.load_state_dict``).
 
@@ -162,10 +179,17 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
         module.load_state_dict(checkpoint["model"])
         part = "optimizer"
         optimizer.load_state_dict(checkpoint["optimizer"])
+        _check_state_shapes(optimizer)
     except (KeyError, IndexError, AttributeError, AssertionError) as e:
         snapshot.restore()
         raise ValueError(f"checkpoint[{part!r}] does not fit this {part} ({type(e).__name__}: {e}); "
                          f"nothing was loaded") from e
+    except ValueError as e:
+        snapshot.restore()
+        if part != "optimizer":
+            raise
+        raise ValueError(f"checkpoint['optimizer'] does not fit this optimizer ({e}); build the optimizer over "
+                         f"the parameters, in the order, the saved run did; nothing was loaded") from e
     except BaseException:
         snapshot.restore()
         raise

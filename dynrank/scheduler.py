@@ -31,9 +31,10 @@ import torch
 from ._args import check_int
 from ._checks import (call_back, check_copy, check_finite, check_layer_names, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_one_group, check_same_layers, check_switchable,
-                      check_sync, check_untied, form_layers, unwrap_model)
+                      check_sync, check_trains_layers, check_untied, form_layers, unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
-from ._optim import manage, params_before, pullback_state, pushforward_state, replace_params, switched_params
+from ._optim import (drop_frozen_adapter_params, manage, params_before, pullback_state, pushforward_state,
+                     replace_params, switched_params)
 from .distributed import _remember_ddp, _retire_stale
 
 __all__ = ["DynamicRankScheduler", "OPTIMIZER_STATES", "form_layers"]
@@ -124,10 +125,17 @@ class DynamicRankScheduler:
     leave the optimizer and the new trainable ones take their place in the same
     param group (same hyperparameters), in place; LR schedulers (their
     ``state_dict`` too) and a ``GradScaler`` keep working.  A layer the
-    optimizer does not hold is left out of it.  Parameters that stay (biases,
-    BN) are untouched.  A parameter that leaves training (factors released by
-    inflate, the dense weight frozen by deflate) loses its ``.grad``, which
-    would otherwise linger in ``clip_grad_norm_(model.parameters())``.
+    optimizer does not hold is left out of it; an optimizer that holds no
+    layer at all (built before ``convert_model``) is refused.  New parameters
+    join the group of the trainable ones they replace, never that of a frozen
+    factor kept apart.  A frozen dense weight W_f leaves the optimizer: at a
+    deflate, and at construction for a layer already in adapter form (with
+    its factors where the layer does not train), so a run converted with
+    ``form="adapter"`` resumes from any checkpoint.  Parameters that stay
+    (biases, BN) are untouched.  A parameter that leaves training (factors
+    released by inflate, the dense weight frozen by deflate) loses its
+    ``.grad``, which would otherwise linger in
+    ``clip_grad_norm_(model.parameters())``.
 
     Hooks: a switch keeps every layer module, so module hooks (forward,
     backward) keep firing; it replaces parameters, and a hook registered on a
@@ -195,8 +203,9 @@ class DynamicRankScheduler:
             non-bool ``sync_ranks``, a ``process_group`` that is not a ProcessGroup.
         ValueError: negative epochs, D ≤ I, both None, unknown options, a
             ``deflate_rank`` invalid for a layer or naming an unknown layer,
-            a model with no dynrank layers, or an optimizer holding one layer's
-            factors in different param groups.
+            a model with no dynrank layers, an optimizer holding one layer's
+            factors in different param groups, or one holding no trainable
+            parameter of any layer (built before ``convert_model``).
 
     Example:
         >>> import torch
@@ -231,8 +240,11 @@ class DynamicRankScheduler:
         self.deflate_rank = self._check_deflate_rank(deflate_rank)  # a bad deflate_rank fails now, not at D
         self.sync_ranks, self.process_group = check_sync(model, sync_ranks, process_group)
         check_one_group(optimizer, self._layers)
+        check_trains_layers(optimizer, self._layers, self.model)
         check_untied(self.model, self._layers, type(self).__name__)
         _remember_ddp(model)
+        for _, layer in self._layers:
+            drop_frozen_adapter_params(optimizer, layer)
         manage([layer for _, layer in self._layers], optimizer, self.model)
         self.last_epoch = None
         self._callbacks = []
@@ -577,8 +589,9 @@ class DynamicRankScheduler:
 
         New parameters are only allocated here (values come from the model's
         state dict: a deflate here draws zero-output adapters whatever
-        ``deflate_init``); the global RNG is left untouched, so a restored RNG
-        state stays valid whichever order it is restored in.  The whole state
+        ``deflate_init``); the global RNG (the CPU's, and that of each CUDA
+        device holding a layer) is left untouched, so a restored RNG state
+        stays valid whichever order it is restored in.  The whole state
         dict is checked before anything changes: a call that raises leaves the
         layers, the optimizer and the scheduler as they were.  Model copies
         (:meth:`add_model_copy`) are left alone: load their own state dicts.
@@ -599,6 +612,9 @@ class DynamicRankScheduler:
         last_epoch = settings.pop("last_epoch")
         for key, value in settings.items():
             setattr(self, key, value)
-        with torch.random.fork_rng(devices=[]):
+        # A deflate draws its fresh factors on the layer's device: fork that device's generator too.
+        cuda = sorted({p.device.index for _, layer in self._layers for p in layer.parameters()
+                       if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
             self._bring_to(forms, carry=False, ranks=ranks, init="zeros")
         self.last_epoch = last_epoch

@@ -1,5 +1,6 @@
 """DynamicRankScheduler: forms per epoch, in-place optimizer surgery, state carry, checkpoints."""
 
+import copy
 import math
 import os
 import subprocess
@@ -657,6 +658,40 @@ def test_failed_load_training_state_changes_nothing(source, target, error, messa
     _assert_trains_like(model, opt, sched, _trained(**target), target["epochs"])
 
 
+def _swap_weight_and_bias_state(ckpt):
+    """The optimizer part as a version that listed a full-form layer's bias before its weight saved it."""
+    state = ckpt["optimizer"]["state"]
+    shapes = {i: s["momentum_buffer"].shape for i, s in state.items()}
+    w = next(i for i, shape in shapes.items() if len(shape) == 2)
+    b = next(i for i, shape in shapes.items() if len(shape) == 1 and shape[0] == shapes[w][0])
+    state[w], state[b] = state[b], state[w]
+
+
+def _drop_a_param(ckpt):
+    ckpt["optimizer"]["param_groups"][0]["params"].pop()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    # Optimizer.load_state_dict matches state to parameters by position and checks no shape: the first
+    # step failed ("output with shape [24] doesn't match the broadcast shape [24, 24]")
+    (_swap_weight_and_bias_state, r"checkpoint\['optimizer'\] does not fit this optimizer \(the state "
+                                  r"'momentum_buffer' of param_groups\[0\]\['params'\]\[\d+\] has shape "
+                                  r"\(\d+,( \d+)?\), the parameter \(\d+,( \d+)?\)\); build the optimizer"),
+    # torch's own message, without saying which part of the checkpoint or that nothing was loaded
+    (_drop_a_param, r"checkpoint\['optimizer'\] does not fit this optimizer \(loaded state dict contains a "
+                    r"parameter group that doesn't match the size of optimizer's group\); .*nothing was loaded"),
+], ids=["state-of-another-shape", "group-size"])
+def test_an_optimizer_part_of_other_parameters_is_refused_and_nothing_changes(mutate, message):
+    ckpt = _checkpoint(2)                       # layer 0 full (inflated at 1), layer 2 lowrank
+    mutate(ckpt)
+    model, opt, sched, _ = _trained(1)
+    before = _everything(model, opt, sched)
+    with pytest.raises(ValueError, match=message):
+        load_training_state(ckpt, model, opt, sched)
+    _assert_unchanged(before, model, opt, sched)
+    _assert_trains_like(model, opt, sched, _trained(1), 1)
+
+
 def test_load_training_state_needs_a_checkpoint_and_matching_objects():
     model, opt, sched, _ = _trained(1)
     before = _everything(model, opt, sched)
@@ -765,3 +800,120 @@ def test_a_callback_that_raises_does_not_keep_the_later_ones_from_the_switch():
     with pytest.raises(RuntimeError, match="callback failed"):
         sched.step(1)
     assert seen == ["first", "failing", "last"] and model[0].form == "full" and sched.last_epoch == 1
+
+
+# -- which parameters the optimizer holds -----------------------------------------------------------
+@pytest.mark.parametrize("switch", ["step", "model load"])
+def test_the_inflated_weight_joins_the_trained_factors_group(switch):
+    """B frozen by hand and kept in a group of its own (lr 0.5), A trained in another (lr 0.01): the W an
+    inflate (or a model load into full form) brings trains in A's group, not in the frozen B's."""
+    model = mlp()
+    layer = model[0]
+    layer.B.requires_grad_(False)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    opt = torch.optim.SGD([{"params": frozen, "lr": 0.5}, {"params": trainable(model), "lr": 0.01}], lr=0.01)
+    sched = DynamicRankScheduler(model, opt, 1, 2)
+    if switch == "step":
+        sched.step(1)
+    else:
+        full = mlp(seed=1)
+        for i in (0, 2):
+            full[i].inflate()
+        model.load_state_dict(full.state_dict())
+    assert layer.form == "full" and layer.weight.requires_grad
+    assert [[p is layer.weight for p in g["params"]].count(True) for g in opt.param_groups] == [0, 1]
+    assert same_set(held(opt), trainable(model))             # the frozen B left with the lowrank form
+
+
+def _adapter_start(seed=0):
+    """A model converted to adapter form, layer "2" then frozen whole, with AdamW given model.parameters()
+    (which holds both W_f and the frozen layer), on the fine-tuning preset: full from 0, adapter from 2."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3))
+    convert_model(model, rank_ratio=0.25, form="adapter")
+    model[2].requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, opt, DynamicRankScheduler(model, opt, None, 2)
+
+
+def _adapter_start_epochs(model, opt, sched, epochs, x, y):
+    for epoch in epochs:
+        sched.step(epoch)
+        train_steps(model, opt, x, y, steps=2)
+
+
+@pytest.mark.filterwarnings("ignore:layers '2' switched while frozen")
+@pytest.mark.parametrize("order", ["load_training_state", ("model", "optimizer", "scheduler"),
+                                   ("model", "scheduler", "optimizer"), ("scheduler", "model", "optimizer")])
+@pytest.mark.parametrize("checkpoint_after", [0, 1, 2, 3])
+def test_a_run_converted_to_adapter_form_resumes_bitwise(order, checkpoint_after):
+    """Started in adapter form: epoch 0 inflates, epoch 2 deflates.  A checkpoint from any epoch, loaded
+    into a freshly built model in adapter form in any order (Accelerate: model, optimizer, scheduler), goes
+    on exactly as the uninterrupted run; the deflate had taken W_f out of the run's optimizer while the
+    fresh one held it, and its optimizer.load_state_dict failed on the group size."""
+    epochs = 5
+    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+    model, opt, sched = _adapter_start()
+    _adapter_start_epochs(model, opt, sched, range(checkpoint_after + 1), x, y)
+    saved = dict(training_state(model, opt, sched), rng=torch.get_rng_state())
+    saved = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in saved.items()}
+    _adapter_start_epochs(model, opt, sched, range(checkpoint_after + 1, epochs), x, y)
+    assert sched.forms() == {"0": "adapter", "2": "adapter"}
+    assert not any(p is model[0].weight for p in held(opt))
+
+    fresh, fresh_opt, fresh_sched = _adapter_start(seed=3)
+    if order == "load_training_state":
+        load_training_state(saved, fresh, fresh_opt, fresh_sched)
+    else:
+        loads = {"model": fresh.load_state_dict, "optimizer": fresh_opt.load_state_dict,
+                 "scheduler": fresh_sched.load_state_dict}
+        for part in order:
+            loads[part](saved[part])
+    torch.set_rng_state(saved["rng"])
+    _adapter_start_epochs(fresh, fresh_opt, fresh_sched, range(checkpoint_after + 1, epochs), x, y)
+    _assert_bitwise_equal(fresh.state_dict(), model.state_dict())
+    _assert_bitwise_equal(fresh_opt.state_dict(), opt.state_dict())
+    assert [[n for n, p in fresh.named_parameters() if any(p is q for q in g["params"])]
+            for g in fresh_opt.param_groups] == [[n for n, p in model.named_parameters()
+                                                  if any(p is q for q in g["params"])] for g in opt.param_groups]
+
+
+def test_an_optimizer_built_before_convert_model_is_refused():
+    """It holds the replaced nn.Linear's tensors and none of the layer's; it was accepted, and the layer
+    never trained in any form."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3))
+    stale = torch.optim.SGD(model.parameters(), lr=0.1)
+    convert_model(model, rank_ratio=0.5)
+    with pytest.raises(ValueError, match=r"the optimizer holds no trainable parameter of the dynrank layers "
+                                         r"\('0'\), so they would never train \(it holds 2 tensors that are not "
+                                         r"in the model.*build the optimizer after convert_model\(model\)"):
+        DynamicRankScheduler(model, stale, 1, 2)
+    # Still accepted: one layer left out, layers frozen whole, and layers whose biases alone train.
+    model = mlp()
+    DynamicRankScheduler(model, torch.optim.SGD(model[2].parameters(), lr=0.1), 1, 2)
+    model[0].requires_grad_(False)
+    model[2].requires_grad_(False)
+    DynamicRankScheduler(model, torch.optim.SGD(model[4].parameters(), lr=0.1), 1, 2)
+    model[0].bias.requires_grad_(True)
+    DynamicRankScheduler(model, torch.optim.SGD([model[0].bias], lr=0.1), 1, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_load_that_deflates_a_cuda_layer_leaves_the_cuda_rng_alone():
+    """The load's deflate draws its fresh factors from the CUDA generator of the layer's device."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = mlp().to(device)
+    sched = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 2)
+    state = copy.deepcopy(sched.state_dict())
+    state.update(last_epoch=2, forms={"0": "adapter", "2": "adapter"})
+    before = torch.cuda.get_rng_state(device)
+    probe = mlp().to(device)
+    probe[0].inflate().deflate()
+    assert not torch.equal(torch.cuda.get_rng_state(device), before)      # a deflate does draw on CUDA
+    before = torch.cuda.get_rng_state(device)
+    cpu_before = torch.get_rng_state()
+    sched.load_state_dict(state)
+    assert sched.forms() == {"0": "adapter", "2": "adapter"}
+    assert torch.equal(torch.cuda.get_rng_state(device), before)
+    assert torch.equal(torch.get_rng_state(), cpu_before)
