@@ -52,6 +52,15 @@ def load_script(relative_path, module_name):
     return module
 
 
+def bad_outs(tmp_path, name):
+    """The two kinds of ``--out`` that ``prepare_out`` refuses, each with its message: "under a file" (the
+    path ``a-file/<name>`` where ``a-file`` is a file) and "folder" (an existing folder)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    return {"under a file": (blocker / name, f"{blocker} is a file, not a folder"),
+            "folder": (tmp_path, "is a folder, expected a file to write")}
+
+
 def assert_out_refused_before_work(script, work, argv, out, message, monkeypatch, capsys):
     """``script.main(argv + ["--out", out])`` exits 2 with ``error: --out <out>: <message>`` before its
     ``work`` function (monkeypatched to fail if called) runs."""

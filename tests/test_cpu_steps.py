@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from _helpers import assert_out_refused_before_work, load_script
+from _helpers import assert_out_refused_before_work, bad_outs, load_script
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,6 @@ def test_the_report_and_its_refusals(cpu_steps, tmp_path, restore_threads, capsy
 
 @pytest.mark.parametrize("where", ["folder", "under a file"])
 def test_out_is_refused_before_the_measurement(cpu_steps, tmp_path, monkeypatch, capsys, where):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    out, message = ((tmp_path, "is a folder, expected a file to write") if where == "folder"
-                    else (blocker / "steps.md", f"{blocker} is a file, not a folder"))
+    out, message = bad_outs(tmp_path, "steps.md")[where]
     assert_out_refused_before_work(cpu_steps, "measure", ["--forms", "full", "--threads", "1"], out, message,
                                    monkeypatch, capsys)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from _helpers import INTERPRETING, assert_out_refused_before_work, load_script
+from _helpers import INTERPRETING, assert_out_refused_before_work, bad_outs, load_script
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="the CPU check runs the kernels through Triton's interpreter")
 
@@ -41,10 +41,7 @@ def test_a_wrong_kernel_is_reported(diagnose, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("where", ["folder", "under a file"])
 def test_out_is_refused_before_the_checks(diagnose, tmp_path, monkeypatch, capsys, where):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    out, message = ((tmp_path, "is a folder, expected a file to write") if where == "folder"
-                    else (blocker / "diagnose.md", f"{blocker} is a file, not a folder"))
+    out, message = bad_outs(tmp_path, "diagnose.md")[where]
     assert_out_refused_before_work(diagnose, "variants", ["--dry-run"], out, message, monkeypatch, capsys)
 
 

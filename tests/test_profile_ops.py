@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from _helpers import assert_out_refused_before_work, load_script
+from _helpers import assert_out_refused_before_work, bad_outs, load_script
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +144,9 @@ def test_bad_numbers_are_refused_before_any_section_runs(profile_ops, monkeypatc
 
 def test_out_is_checked_before_any_section_runs(profile_ops, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)     # the test process keeps its threads
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    assert_out_refused_before_work(profile_ops, "host_per_call", ["--device", "cpu"], blocker / "host.txt",
-                                   f"{blocker} is a file, not a folder", monkeypatch, capsys)
+    out, message = bad_outs(tmp_path, "host.txt")["under a file"]
+    assert_out_refused_before_work(profile_ops, "host_per_call", ["--device", "cpu"], out, message,
+                                   monkeypatch, capsys)
 
 
 def test_adapter_profile_on_cpu(profile_ops, monkeypatch):

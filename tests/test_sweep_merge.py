@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from _helpers import INTERPRETING, assert_out_refused_before_work, load_script
+from _helpers import INTERPRETING, assert_out_refused_before_work, bad_outs, load_script
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,7 @@ def test_table_rates_against_the_copy(sweep):
 def test_out_is_checked_before_any_shape_runs(sweep, tmp_path, monkeypatch, capsys):
     """A bad --out is refused before the first shape is timed; a missing folder is created."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")     # what --dry-run sets; put back afterwards
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    for out, message in ((blocker / "sweep.md", f"{blocker} is a file, not a folder"),
-                         (tmp_path, "is a folder, expected a file to write")):
+    for out, message in bad_outs(tmp_path, "sweep.md").values():
         assert_out_refused_before_work(sweep, "sweep", ["--dry-run"], out, message, monkeypatch, capsys)
     monkeypatch.setattr(sweep, "sweep", lambda shapes, *args: [(f"{shapes[0][0]}×{shapes[0][1]} r16", "copy of W",
                                                                 None, None)])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from _helpers import INTERPRETING, assert_out_refused_before_work, load_script
+from _helpers import INTERPRETING, assert_out_refused_before_work, bad_outs, load_script
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="the CPU check runs the kernels through Triton's interpreter")
@@ -40,7 +40,6 @@ def reference_largest_output(sweep):
 def test_out_is_checked_before_any_shape_runs(tmp_path, monkeypatch, capsys):
     sweep = load_script("benchmarks/sweep_tiles.py", "dynrank_sweep_tiles")
     monkeypatch.setenv("TRITON_INTERPRET", "1")     # what --dry-run sets; put back afterwards
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    assert_out_refused_before_work(sweep, "sweep", ["--dry-run"], blocker / "sweep.md",
-                                   f"{blocker} is a file, not a folder", monkeypatch, capsys)
+    out, message = bad_outs(tmp_path, "sweep.md")["under a file"]
+    assert_out_refused_before_work(sweep, "sweep", ["--dry-run"], out, message,
+                                   monkeypatch, capsys)
