@@ -16,16 +16,21 @@ each layer takes the form of its tensors in the checkpoint, and the switch of a 
 after the Trainer has restored its RNG state, where the uninterrupted run made it.
 """
 
+import json
 import math
 import numbers
 import os
+import warnings
+from collections.abc import Mapping
 
+from ._args import check_int
 from ._forms import FORMS
 from .monitor import _EPOCH_COLUMNS, RankMonitor
 from .scheduler import DEFAULT_OPTIMIZER_STATE, DynamicRankScheduler, _check_choices, _check_schedule
 
 try:
     from transformers import TrainerCallback
+    from transformers.trainer_utils import has_length
 except ImportError as e:        # pragma: no cover - exercised only without transformers
     raise ImportError("dynrank.hf needs Hugging Face transformers (pip install transformers); the rest of "
                       "dynrank works without it") from e
@@ -50,15 +55,38 @@ class DynamicRankCallback(TrainerCallback):
     ``resume_from_checkpoint`` works: the Trainer loads the model state dict
     (each layer of a freshly converted model takes the form its tensors
     were saved in), builds the optimizer on those parameters, loads its
-    state, and the new scheduler takes the epoch from ``state``.  Resume
-    into a freshly converted model: one the schedule has already switched
-    further is refused (so is a second ``trainer.train()`` on it).  The epoch is the Trainer loop's own
-    (counted from ``on_epoch_begin``), so an ``IterableDataset`` with
-    ``max_steps`` switches where its epochs begin.
+    state, and the new scheduler takes the epoch from ``state``.  Each
+    checkpoint folder also gets the scheduler's state and the steps where
+    the epochs began (``dynrank_callback.json``); a resume from
+    ``<output_dir>/checkpoint-<step>`` (as ``resume_from_checkpoint=True``
+    finds it) checks the model against it as
+    :func:`~dynrank.load_training_state` does, so a model converted at
+    another rank is refused, in full form too (the rank its next deflate
+    takes).  A checkpoint without the file (in another folder, or saved by
+    an earlier version) resumes unchecked.  The schedule is the one given
+    to the callback.
 
-    Refused at ``on_train_begin`` (ValueError), before anything changes:
-    training on several processes or under DeepSpeed or FSDP (a switch
-    replaces the parameters the Trainer's wrapper was built on; one device,
+    Resume into a freshly converted model.  The Trainer loads the
+    checkpoint into the model, non-strictly, before any callback runs, so a
+    resume into a model the schedule has already switched further is
+    refused only with the checkpoint's tensors in it (an adapter layer
+    keeps its frozen W_f and takes a lowrank checkpoint's factors): save a
+    trained model before calling ``train(resume_from_checkpoint=...)`` on
+    it.  A second ``trainer.train()`` without a checkpoint is refused
+    before anything changes.
+
+    The epoch is the Trainer loop's own (counted from ``on_epoch_begin``),
+    so an ``IterableDataset`` with ``max_steps`` switches where its epochs
+    begin.  A resume past its first epoch starts the data anew, so one
+    from a checkpoint inside a later epoch (not at its end) is refused
+    while a switch by epoch is still ahead: the epochs after it could not
+    begin where the saved run's did.  Save at the ends of epochs
+    (``save_strategy="epoch"``) or run the schedule by steps.
+
+    Refused at ``on_train_begin`` (ValueError), before the first step (on a
+    resume, after the Trainer has loaded the checkpoint into the model):
+    the resumes above, training on several processes or under DeepSpeed or
+    FSDP (a switch replaces the parameters the Trainer's wrapper was built on; one device,
     or ``nn.DataParallel`` on several GPUs of one process, is fine), and
     ``load_best_model_at_end=True`` where the run has a lowrank phase and
     reaches the deflate: the Trainer loads the best checkpoint non-strictly,
@@ -87,7 +115,9 @@ class DynamicRankCallback(TrainerCallback):
         log: callable taking one line per switch (``print``, the default), or None.
         monitor: a :class:`~dynrank.RankMonitor` of the Trainer's model, or None.
         **scheduler_kwargs: ``deflate_init``, ``optimizer_state``,
-            ``deflate_rank``, ``unit``, ``epochs`` of ``DynamicRankScheduler``.
+            ``deflate_rank``, ``unit``, ``epochs`` of ``DynamicRankScheduler``
+            (a ``deflate_rank`` is checked against the layers when training
+            begins, its type and sign at construction).
 
     Attributes:
         scheduler: the ``DynamicRankScheduler`` (None before training begins):
@@ -98,7 +128,8 @@ class DynamicRankCallback(TrainerCallback):
 
     Raises:
         TypeError, ValueError: a bad schedule or option, at construction
-            (the scheduler's own checks); at ``on_train_begin``, what the
+            (the scheduler's own checks, and a ``deflate_rank`` of the wrong
+            type, below 1 or a ratio past 1); at ``on_train_begin``, what the
             scheduler's constructor raises (a model with no dynrank layer,
             say) and a ValueError for each refusal above.
     """
@@ -106,6 +137,7 @@ class DynamicRankCallback(TrainerCallback):
     _KWARGS = ("deflate_init", "optimizer_state", "deflate_rank", "unit", "epochs")
 
     MONITOR_FILE = "rank_monitor"
+    STATE_FILE = "dynrank_callback.json"
 
     def __init__(self, inflate_epoch, deflate_epoch, log=print, monitor=None, **scheduler_kwargs):
         unknown = sorted(set(scheduler_kwargs) - set(self._KWARGS))
@@ -116,6 +148,7 @@ class DynamicRankCallback(TrainerCallback):
         _check_schedule(unit, inflate_epoch, deflate_epoch, scheduler_kwargs.get("epochs"))
         _check_choices(scheduler_kwargs.get("deflate_init", "zeros"),
                        scheduler_kwargs.get("optimizer_state", DEFAULT_OPTIMIZER_STATE))
+        _check_deflate_rank(scheduler_kwargs.get("deflate_rank"))
         self.inflate_epoch, self.deflate_epoch = inflate_epoch, deflate_epoch
         self.unit = unit
         if log is not None and not callable(log):
@@ -129,6 +162,7 @@ class DynamicRankCallback(TrainerCallback):
         self.changes = []
         self._last = None
         self._losses = []
+        self._begun, self._ended = [], False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if getattr(args, "world_size", 1) > 1:
@@ -143,7 +177,11 @@ class DynamicRankCallback(TrainerCallback):
                                          **self.scheduler_kwargs)
         self._last = self._epoch = None
         start = self._count(state)
-        self._check_start(scheduler, start)
+        resumed = state.global_step > 0
+        self._check_start(scheduler, start, resumed)
+        self._begun, self._ended = [], False
+        if resumed:
+            self._resume(args, state, scheduler, kwargs.get("train_dataloader"))
         self._check_best_model(args, state)
         if self.monitor is not None:
             self._start_monitor(args, state, model, scheduler)
@@ -155,6 +193,12 @@ class DynamicRankCallback(TrainerCallback):
         self._epoch = self._loop_epoch(state) if self._epoch is None else self._epoch + 1
 
     def on_step_begin(self, args, state, control, **kwargs):
+        epoch = self._loop_epoch(state)
+        if not self._begun or self._begun[-1][0] != epoch:
+            # Where the last two epochs began: a streamed run's resume tells from them whether its
+            # checkpoint ends an epoch.
+            self._begun = [*self._begun[-1:], [epoch, state.global_step]]
+            self._ended = False
         count = self._count(state)
         if count == self._last:
             return
@@ -182,6 +226,7 @@ class DynamicRankCallback(TrainerCallback):
             self.monitor.end_epoch()
 
     def on_epoch_end(self, args, state, control, **kwargs):
+        self._ended = True
         if self.monitor is not None and self.monitor._open is not None:
             self.monitor.end_epoch()
 
@@ -200,8 +245,62 @@ class DynamicRankCallback(TrainerCallback):
         self.monitor.log(**{k: v for k, v in (metrics or {}).items() if _number(v) and k not in _EPOCH_COLUMNS})
 
     def on_save(self, args, state, control, **kwargs):
+        folder = self._checkpoint_folder(args, state)
+        # Only into the folder the Trainer wrote (under hyperparameter search it writes elsewhere): a folder
+        # made here would be the latest checkpoint that resume_from_checkpoint=True finds.
+        if self.scheduler is not None and os.path.isdir(folder):
+            saved = {"scheduler": self.scheduler.state_dict(), "epochs_begun": self._begun,
+                     "epoch_ended": self._ended}
+            with open(os.path.join(folder, self.STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(saved, f, indent=1, allow_nan=False)
         if self.monitor is not None:
-            self.monitor.save(self._monitor_stem(args, state))
+            self.monitor.save(os.path.join(folder, self.MONITOR_FILE))
+
+    def _resume(self, args, state, scheduler, dataloader):
+        """Check the model against the scheduler state saved in the checkpoint folder, and take back the
+        epochs begun; refuse a streamed run's resume whose later epochs cannot begin where the saved run's
+        did.  Without the file (a checkpoint saved elsewhere or by an earlier dynrank) nothing is checked."""
+        folder = self._checkpoint_folder(args, state)
+        path = os.path.join(folder, self.STATE_FILE)
+        if not os.path.exists(path):
+            self._begun = [[self._loop_epoch(state), None]]      # where this epoch began is not known
+            if not os.path.isdir(folder):
+                warnings.warn(f"resuming at global step {state.global_step} from a checkpoint outside the output "
+                              f"folder ({folder} does not exist): the schedule's state saved with it "
+                              f"({self.STATE_FILE}) is not read, so the layers' ranks are not checked against the "
+                              f"saved run's (a model converted at another rank_ratio would deflate at another "
+                              f"rank); resume from the checkpoint in output_dir (resume_from_checkpoint=True) to "
+                              f"have them checked", stacklevel=2)
+            return
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("scheduler"), Mapping):
+                raise ValueError("not a file DynamicRankCallback.on_save writes")
+            begun, ended = saved.get("epochs_begun"), saved.get("epoch_ended")
+            if not isinstance(begun, list) or not all(isinstance(b, list) and len(b) == 2 for b in begun) \
+                    or not isinstance(ended, bool):
+                raise ValueError("not a file DynamicRankCallback.on_save writes (epochs_begun, epoch_ended)")
+            # The layers' saved forms and ranks, under the callback's own schedule.
+            scheduler.load_state_dict(dict(scheduler.state_dict(), forms=saved["scheduler"].get("forms"),
+                                           ranks=saved["scheduler"].get("ranks")))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"resuming from {os.path.dirname(path)}: the schedule's state saved there "
+                          f"({self.STATE_FILE}) does not fit this model: {e}. {_LOADED}") from None
+        self._begun, self._ended = begun, ended
+        if not begun or self.unit != "epoch" or dataloader is None or has_length(dataloader):
+            return
+        (epoch, began), previous = begun[-1], (begun[-2][1] if len(begun) == 2 else None)
+        ahead = [e for e in (self.inflate_epoch, self.deflate_epoch) if e is not None and e > epoch]
+        whole = ended or (None not in (began, previous) and state.global_step - began == began - previous)
+        if epoch > 0 and not whole and ahead:
+            raise ValueError(
+                f"resuming an IterableDataset run at global step {state.global_step}, inside epoch {epoch} "
+                f"(begun at step {began}): the Trainer starts the data anew on a resume past the first "
+                f"epoch, so the epochs after this one cannot begin where the saved run's did, and the switch "
+                f"at epoch {ahead[0]} would come at another step. Resume from a checkpoint saved at the end "
+                f"of an epoch (save_strategy=\"epoch\") or in the first, or run the schedule by steps "
+                f"(unit=\"step\"). {_LOADED}")
 
     def _start_monitor(self, args, state, model, scheduler):
         """Check the monitor watches the Trainer's model, read back its records when resuming from a
@@ -210,7 +309,7 @@ class DynamicRankCallback(TrainerCallback):
         if monitor.model is not model:
             raise ValueError("monitor must be a RankMonitor of the Trainer's model (RankMonitor(model)), got one of "
                              + ("no model" if monitor.model is None else f"another {type(monitor.model).__name__}"))
-        saved = self._monitor_stem(args, state)
+        saved = os.path.join(self._checkpoint_folder(args, state), self.MONITOR_FILE)
         run = monitor
         if state.global_step > 0 and not monitor.records and os.path.exists(saved + ".json"):
             run = RankMonitor.load(saved)
@@ -219,9 +318,9 @@ class DynamicRankCallback(TrainerCallback):
         monitor.load_state_dict(dict(run.state_dict(), forms=None))
         monitor.attach(scheduler)
 
-    def _monitor_stem(self, args, state):
-        """Where the monitor goes in the checkpoint folder the Trainer writes at this step."""
-        return os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.MONITOR_FILE)
+    def _checkpoint_folder(self, args, state):
+        """The checkpoint folder the Trainer writes at this step (and resumes from, in the output folder)."""
+        return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
 
     def _monitor_has_epoch(self):
         """Whether there is a monitor and an epoch for RankMonitor.log: the open one, or the last recorded."""
@@ -235,19 +334,26 @@ class DynamicRankCallback(TrainerCallback):
         """What ``scheduler.step`` takes now: the global step (``unit="step"``), else the loop's epoch."""
         return state.global_step if self.unit == "step" else self._loop_epoch(state)
 
-    def _check_start(self, scheduler, start):
-        """Refuse, before anything changes, layers already past the form the schedule gives at ``start``."""
+    def _check_start(self, scheduler, start, resumed):
+        """Refuse layers already past the form the schedule gives at ``start``: before anything changes,
+        or, ``resumed``, after the Trainer has loaded the checkpoint into them."""
         target = scheduler.form_at(start)
         ahead = [(name, layer.form) for name, layer in scheduler.layers
                  if FORMS.index(layer.form) > FORMS.index(target)]
+        if ahead and resumed:
+            raise ValueError(
+                f"training resumes at {self.unit} {start}, where the schedule has the layers in {target} form, "
+                f"but {len(ahead)} of them are in {ahead[0][1]} form (e.g. {ahead[0][0]!r}): a resume into a "
+                f"model the schedule has switched further (a trained one), or one converted to a later form "
+                f"than the schedule has there. Such a model is now neither what it was nor the checkpoint (an "
+                f"adapter layer keeps its frozen weight and takes a lowrank checkpoint's factors). {_LOADED}")
         if ahead:
             raise ValueError(
                 f"training starts at {self.unit} {start}, where the schedule has the layers in {target} form, but "
                 f"{len(ahead)} of them are in {ahead[0][1]} form already (e.g. {ahead[0][0]!r}): a second "
                 f"trainer.train() (or auto_find_batch_size restarting training) on a model the schedule has "
-                f"switched, a resume into such a model, or a model converted to a later form than the schedule "
-                f"starts with; train, or resume with trainer.train(resume_from_checkpoint=...), on a freshly "
-                f"converted model")
+                f"switched, or a model converted to a later form than the schedule starts with; train, or "
+                f"resume with trainer.train(resume_from_checkpoint=...), on a freshly converted model")
 
     def _check_best_model(self, args, state):
         """Refuse ``load_best_model_at_end`` where the best checkpoint may be lowrank and the model an adapter.
@@ -272,6 +378,30 @@ class DynamicRankCallback(TrainerCallback):
             f"so the layers would match neither model. Set load_best_model_at_end=False and load the "
             f"checkpoint you choose into a freshly converted model (load_state_dict takes each layer's form "
             f"from it)")
+
+
+_LOADED = ("The Trainer loads the checkpoint into the model before any callback runs (non-strictly: the tensors "
+           "that fit), so the model now holds the checkpoint's tensors: build and convert a fresh model to resume "
+           "into")
+
+
+def _check_deflate_rank(spec):
+    """TypeError/ValueError for a ``deflate_rank`` no layer takes: of the wrong type, an int below 1, a float
+    ratio outside (0, 1].  The scheduler checks the rest against the layers (a rank above a layer's, an
+    unknown name)."""
+    values = spec.items() if isinstance(spec, Mapping) else [(None, spec)]
+    for name, value in values:
+        what = "deflate_rank" if name is None else f"deflate_rank[{name!r}]"
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{what} must be an int, a float ratio in (0, 1]"
+                            f"{', a dict of them' if name is None else ''} or None, "
+                            f"got {type(value).__name__} ({value!r})")
+        if isinstance(value, numbers.Integral):
+            check_int(value, what, "a rank >= 1 (an int) or a float ratio in (0, 1]", low=1)
+        elif not 0.0 < value <= 1.0:
+            raise ValueError(f"{what} is a float, a rank ratio, which must be in (0, 1], got {value!r}")
 
 
 def _number(value):

@@ -395,16 +395,124 @@ def test_callback_runs_the_schedule_in_a_trainer(tmp_path):
 
 def test_callback_resumes_bitwise_across_the_switches(tmp_path):
     """Resumed from the checkpoint before the inflate, before the deflate and in the adapter phase, the
-    run ends with the uninterrupted run's weights, bit for bit (the deflate's fresh factors included)."""
+    run ends with the uninterrupted run's weights, bit for bit (the deflate's fresh factors included).
+    The checkpoints sit in the resumed run's output folder, where the callback reads its saved state."""
+    import shutil
+
     from dynrank.hf import DynamicRankCallback
     reference, _ = _train(tmp_path / "full", DynamicRankCallback(1, 2, log=None))
     expected = reference.state_dict()
     for step in (4, 8, 12):                          # ends of epochs 0, 1 and 2
-        checkpoint = tmp_path / "full" / f"checkpoint-{step}"
+        checkpoint = tmp_path / f"from-{step}" / f"checkpoint-{step}"
+        shutil.copytree(tmp_path / "full" / checkpoint.name, checkpoint)
         resumed, _ = _train(tmp_path / f"from-{step}", DynamicRankCallback(1, 2, log=None), resume=str(checkpoint))
         state = resumed.state_dict()
         assert state.keys() == expected.keys()
         assert all(torch.equal(state[k], expected[k]) for k in expected), f"resumed from {checkpoint.name}"
+
+
+def test_callback_refuses_a_resume_into_a_model_of_another_rank(tmp_path):
+    """A full-form checkpoint holds no rank: resumed into a model converted at rank_ratio 0.25 (ranks 8), the
+    run would deflate to rank 8 where it deflated to 16.  The callback's own file in the checkpoint folder
+    has the ranks, as load_training_state's checkpoint does, and the resume is refused.  Without the file
+    (an earlier version's checkpoint) it resumes as before; from a checkpoint in another folder it warns."""
+    import json
+    import shutil
+
+    from dynrank.hf import DynamicRankCallback
+    _train(tmp_path / "run", DynamicRankCallback(1, 2, log=None), epochs=3)
+    checkpoint = tmp_path / "run" / "checkpoint-8"                            # end of epoch 1: full form
+    saved = json.loads((checkpoint / "dynrank_callback.json").read_text())["scheduler"]
+    assert set(saved["forms"].values()) == {"full"} and set(saved["ranks"].values()) == {16}
+
+    def resume(out_dir, path):
+        model = gpt2(dtype=torch.float32)
+        convert_model(model, rank_ratio=0.25)
+        callback = DynamicRankCallback(1, 2, log=None)
+        _train(out_dir, callback, resume=str(path), model=model, epochs=3, save="no")
+        return callback
+
+    with pytest.raises(ValueError, match=r"checkpoint-8: the schedule's state saved there \(dynrank_callback\.json\) "
+                                         r"does not fit this model: layer '.*' has rank 8 but the checkpoint has 16 "
+                                         r"\(the rank its next deflate takes\); convert the model with the same "
+                                         r"rank_ratio\. The Trainer loads the checkpoint into the model"):
+        resume(tmp_path / "run", checkpoint)
+    with pytest.warns(UserWarning, match=r"from a checkpoint outside the output folder .* the layers' ranks are not "
+                                         r"checked"):
+        callback = resume(tmp_path / "elsewhere", checkpoint)
+    assert {layer.rank for _, layer in callback.scheduler.layers} == {8}
+    shutil.copytree(checkpoint, tmp_path / "old" / checkpoint.name)
+    (tmp_path / "old" / checkpoint.name / "dynrank_callback.json").unlink()
+    callback = resume(tmp_path / "old", tmp_path / "old" / checkpoint.name)
+    assert callback.scheduler.forms() == dict.fromkeys(saved["forms"], "adapter")
+
+
+def test_callback_refused_resume_says_the_checkpoint_is_loaded(tmp_path):
+    """The Trainer loads the checkpoint before any callback runs: a resume into the trained (adapter-form)
+    model from a lowrank checkpoint is refused with the checkpoint's factors already in its adapters (the
+    non-strict, adapter-only load: W_f stays), and the error says so."""
+    from dynrank.hf import DynamicRankCallback
+    model, trainer = _train(tmp_path, DynamicRankCallback(1, 2, log=None), epochs=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"training resumes at epoch 1, where the schedule has the layers in full "
+                                         r"form, but 8 of them are in adapter form .*The Trainer loads the checkpoint "
+                                         r"into the model before any callback runs .*build and convert a fresh model"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    state, name = model.state_dict(), "transformer.h.0.attn.c_attn"
+    assert model.get_submodule(name).form == "adapter"
+    assert not torch.equal(state[f"{name}.A"], before[f"{name}.A"])
+    assert torch.equal(state[f"{name}.weight"], before[f"{name}.weight"])
+
+
+def test_callback_resumes_an_iterable_dataset_run_where_its_epochs_began(tmp_path):
+    """16 examples a pass, batch 8, max_steps=6: epochs begin at global steps 0, 2 and 4.  On a resume past
+    the first epoch the Trainer starts the data anew, so resumed inside the first epoch, at its end, at
+    the end of the second, or inside the third (no switch ahead) the run switches where the uninterrupted
+    one did; inside the second, where the deflate is still ahead, it is refused (counted from the data's
+    restart, the deflate came a step early), also from a checkpoint of a run that was itself resumed."""
+    import shutil
+
+    from dynrank.hf import DynamicRankCallback
+
+    def run(out_dir, resume=None, save="steps"):
+        switches, trainer = [], None
+        callback = DynamicRankCallback(1, 2, log=lambda line: switches.append((trainer.state.global_step, line)))
+        trainer = _trainer(out_dir, callback, save=save, save_steps=1, data=_TokenStream(16), max_steps=6)
+        trainer.train(resume_from_checkpoint=resume)
+        return switches
+
+    def copied(run_dir, step):
+        shutil.copytree(run_dir / f"checkpoint-{step}", tmp_path / f"{run_dir.name}-{step}" / f"checkpoint-{step}")
+        return tmp_path / f"{run_dir.name}-{step}"
+
+    full = run(tmp_path / "full")
+    assert [step for step, _ in full] == [2, 4]
+    for step in (1, 2, 4, 5):
+        expected = [switch for switch in full if switch[0] >= step]
+        assert run(copied(tmp_path / "full", step), resume=True, save="no" if step > 1 else "steps") == expected
+    refused = r"resuming an IterableDataset run at global step 3, inside epoch 1 \(begun at step 2\).*switch at epoch 2"
+    for run_dir in (tmp_path / "full", tmp_path / "full-1"):
+        with pytest.raises(ValueError, match=refused):
+            run(copied(run_dir, 3), resume=True, save="no")
+
+
+def test_callback_checks_deflate_rank_at_construction():
+    from dynrank.hf import DynamicRankCallback
+    for bad, error, message in [(-1, ValueError, "deflate_rank must be a rank >= 1 .*got -1"),
+                                (0, ValueError, "deflate_rank must be a rank >= 1 .*got 0"),
+                                (1.5, ValueError, r"deflate_rank is a float, a rank ratio, which must be in \(0, 1\], "
+                                                  r"got 1\.5"),
+                                (float("nan"), ValueError, "got nan"),
+                                ("big", TypeError, r"deflate_rank must be an int, a float ratio in \(0, 1\], a dict "
+                                                   r"of them or None, got str \('big'\)"),
+                                (True, TypeError, "got bool"),
+                                ({"transformer.h.0.mlp.c_fc": -2}, ValueError,
+                                 r"deflate_rank\['transformer\.h\.0\.mlp\.c_fc'\] must be a rank >= 1"),
+                                ({"transformer.h.0.mlp.c_fc": {}}, TypeError, "got dict")]:
+        with pytest.raises(error, match=message):
+            DynamicRankCallback(1, 2, deflate_rank=bad)
+    for good in (None, 4, 0.5, 1.0, {"transformer.h.0.mlp.c_fc": None, "transformer.h.1.mlp.c_fc": 0.25}):
+        DynamicRankCallback(1, 2, deflate_rank=good)
 
 
 def test_callback_by_steps(tmp_path):
