@@ -30,7 +30,7 @@ import torch
 from ._args import check_int, check_real
 from ._checks import (call_back, check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_same_layers, check_switchable, check_sync,
-                      check_untied, unwrap_model)
+                      check_trains_layers, check_untied, unwrap_model)
 from ._forms import outside_inference_mode
 from ._optim import SQUARED_STATE, _split_state, manage, replace_params
 from .distributed import _remember_ddp, _retire_stale
@@ -301,8 +301,10 @@ class IncrementalRankScheduler:
             is not a ProcessGroup.
         ValueError: an int setting out of range (``warmup_steps`` below 0, the others
             below 1), ``threshold`` outside (0, 1), no FusedLowRankLinear in
-            lowrank/adapter form, or (``init_rank`` below a layer's rank) a layer
-            whose factors hold NaN/inf.  All checks run before any layer is resized.
+            lowrank/adapter form, an optimizer holding no trainable factor of any
+            layer (built before ``convert_model``), or (``init_rank`` below a
+            layer's rank) a layer whose factors hold NaN/inf.  All checks run
+            before any layer is resized.
 
     Example:
         >>> import torch
@@ -349,6 +351,7 @@ class IncrementalRankScheduler:
             limit = min(layer.in_features, layer.out_features)
             self.max_rank[name] = limit if max_rank is None else min(max_rank, limit)
         check_untied(self.model, self._layers, type(self).__name__)
+        check_trains_layers(optimizer, self._layers, self.model)
         self.sync_ranks, self.process_group = sync_ranks, process_group
         self.current, targets = {}, {}
         for name, layer in self._layers:

@@ -253,6 +253,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="model has no FusedLowRankLinear in lowrank or adapter form"):
         IncrementalRankScheduler(model, opt)
     convert_model(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)             # over the converted layer's factors
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\), got 1\.5"):
         IncrementalRankScheduler(model, opt, threshold=1.5)
     with pytest.raises(ValueError, match="buffer must be an int >= 1, got 0"):
@@ -461,3 +462,20 @@ def test_growth_keeps_the_state_it_knows_and_starts_the_rest_afresh(name, keeps)
     layer(x).square().mean().backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in layer.parameters())
+
+
+def test_an_optimizer_built_before_convert_model_is_refused():
+    """It holds the replaced nn.Linear's tensors and none of the factors: the layers never trained, and
+    each growth added factors to an optimizer that held none of the layer's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3))
+    stale = torch.optim.SGD(model.parameters(), lr=0.1)
+    convert_model(model, rank_ratio=0.5)
+    ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, FusedLowRankLinear)}
+    with pytest.raises(ValueError, match=r"the optimizer holds no trainable parameter of the dynrank layers "
+                                         r"\('0'\), so they would never train \(it holds 2 tensors that are not "
+                                         r"in the model.*build the optimizer after convert_model\(model\)"):
+        IncrementalRankScheduler(model, stale, init_rank=2)
+    assert {name: model.get_submodule(name).rank for name in ranks} == ranks       # nothing resized
+    sched = IncrementalRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), init_rank=2)
+    assert sched.ranks == {"0": 2 + 8}
