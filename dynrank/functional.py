@@ -419,12 +419,14 @@ def _autocast_lowrank_linear(x, weight, A, B, bias, scale):
     """
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type)
+    given = (x, weight, A, B, bias)
     operands = [t if not isinstance(t, Tensor) or not t.is_floating_point() or t.dtype == torch.float64
-                else t.to(dtype) for t in (x, weight, A, B, bias)]
-    x = operands[0]
-    for name, t in zip(("weight", "A", "B", "bias"), operands[1:]):
-        if isinstance(t, Tensor) and x.is_floating_point() and torch.float64 in (x.dtype, t.dtype) and t.dtype != x.dtype:
-            check_matches_input(x, name, t)
+                else t.to(dtype) for t in given]
+    cast = operands[0]
+    for name, t, before in zip(("weight", "A", "B", "bias"), operands[1:], given[1:]):
+        if isinstance(t, Tensor) and cast.is_floating_point() and torch.float64 in (cast.dtype, t.dtype) \
+                and t.dtype != cast.dtype:
+            check_matches_input(x, name, before)     # the dtypes given, not autocast's copies
     with torch.autocast(device_type, enabled=False):
         return lowrank_linear(*operands, scale)
 

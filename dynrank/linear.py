@@ -353,7 +353,7 @@ class FusedLowRankLinear(FormLayer):
             try:
                 return F.linear(x, weight, bias)
             except (RuntimeError, TypeError):
-                self._check_input(x, weight)  # names the fault where it is the input's
+                self._check_input(x, weight, bias)  # names the fault where it is the input's or an operand's
                 raise
         weight = self._read("weight")
         if weight is not None and self._form == "lowrank":
@@ -362,13 +362,20 @@ class FusedLowRankLinear(FormLayer):
         return DF.lowrank_linear(x, weight, self._read("A"), self._read("B"), self._read("bias"),
                                  self.scale_for(self._rank))
 
-    def _check_input(self, x, weight):
-        """Raise the error that names what is wrong with ``x`` for the full form's ``weight``."""
+    def _check_input(self, x, weight, bias=None):
+        """Raise the error that names what is wrong with ``x`` for the full form's ``weight`` and ``bias``
+        (a weight or bias of another shape: one passed in by ``torch.func.functional_call``)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}")
-        DF.check_matches_input(x, "weight", weight)
+        expected = {"weight": (self.out_features, self.in_features), "bias": (self.out_features,)}
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is None:
+                continue
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(t.shape)}")
+            DF.check_matches_input(x, name, t)
 
     def extra_repr(self):
         alpha = "" if self.alpha is None else f", alpha={self.alpha}"

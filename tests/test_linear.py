@@ -139,14 +139,27 @@ def test_float64_layer_stays_float64_under_autocast(backend, form):
 
 @pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
 def test_float64_layer_beside_float32_input_under_autocast_is_named(form):
-    """nn.Linear refuses this pair under autocast (the input is cast, float64 is not); so does the layer, by name."""
+    """nn.Linear refuses this pair under autocast (the input is cast, float64 is not); so does the layer, by name,
+    with the dtype the input was given in (the lowrank and adapter forms named autocast's bfloat16 copy)."""
     layer = FusedLowRankLinear(16, 8, rank=4, form=form, dtype=torch.float64)
     operand = "weight" if form != "lowrank" else "A"
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=re.escape(
-            f"input has dtype torch.bfloat16 but {operand} has torch.float64, and torch.autocast leaves float64 "
-            f"tensors as they are") if form != "full" else re.escape(
-            "input has dtype torch.float32 but weight has torch.float64, and torch.autocast leaves float64")):
+            f"input has dtype torch.float32 but {operand} has torch.float64, and torch.autocast leaves float64 "
+            f"tensors as they are")):
         layer(torch.randn(5, 16))
+
+
+def test_full_form_names_a_bias_or_weight_that_does_not_fit():
+    """torch's own messages named neither ("self and mat2 must have the same dtype", "mat1 and mat2 shapes
+    cannot be multiplied"); the lowrank and adapter forms already named the operand."""
+    layer = FusedLowRankLinear(16, 8, rank=4, form="full")
+    x = torch.randn(5, 16)
+    with pytest.raises(TypeError, match=re.escape("input has dtype torch.float32 but bias has torch.float64")):
+        torch.func.functional_call(layer, {"bias": layer.bias.detach().double()}, (x,))
+    with pytest.raises(ValueError, match=re.escape("weight must have shape (8, 16), got (9, 16)")):
+        torch.func.functional_call(layer, {"weight": torch.randn(9, 16)}, (x,))
+    with pytest.raises(ValueError, match=re.escape("bias must have shape (8,), got (9,)")):
+        torch.func.functional_call(layer, {"bias": torch.randn(9)}, (x,))
 
 
 # -- torch.func transforms and tracing ------------------------------------------------
