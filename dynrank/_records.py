@@ -79,7 +79,10 @@ def read_csv(path, text_columns=_TEXT_COLUMNS):
 
     Empty cells become None, ``inf`` becomes ``math.inf``, integers and floats
     are parsed, ``"8x16"`` becomes ``[8, 16]``; cells of ``text_columns``
-    (layer names such as ``"0"`` or ``"1.10"``, forms) stay strings.
+    (layer names such as ``"0"`` or ``"1.10"``, forms) stay strings.  The
+    default names the text columns of all three files; for an epochs CSV whose
+    logged scalars include one of those names (``"kind"``, say), pass
+    ``text_columns=("form",)``, as :meth:`RankMonitor.load` does.
 
     Returns:
         list of dicts column → value.

@@ -7,6 +7,7 @@ of a layer's *effective* weight as an m × n matrix:
 layer               matrix                                  how σ is computed
 ==================  ======================================  =========================
 ``nn.Linear``       W (out × in)                            dense
+HF ``Conv1D``       Wᵀ (out × in; stored as in × out)       dense
 ``nn.Conv{1,2,3}d`` W reshaped to F × (C/groups·kh·kw)       dense
 FusedLowRankLinear  lowrank: s·A·Bᵀ                         σ(R_A·R_Bᵀ)·|s| from thin
                                                             QR — never dense
@@ -41,7 +42,7 @@ from torch import nn
 
 from ._args import as_names
 from ._forms import FormLayer
-from .linear import FusedLowRankLinear
+from .linear import FusedLowRankLinear, is_transposed_linear, linear_weight
 from .spectra import (_check_tol, default_tol, effective_rank, entropy_effective_rank, restricted_spectral_ratio,
                       spectral_ratio, stable_rank)
 
@@ -65,7 +66,7 @@ class LayerMetrics:
 
     Attributes:
         form: ``"lowrank"``, ``"full"`` or ``"adapter"``; ``"dense"`` for a plain
-            ``nn.Linear``/``nn.Conv*d``.
+            ``nn.Linear``/``nn.Conv*d`` or transformers ``Conv1D``.
         rank: factor rank of a dynrank layer (an int, or a tuple for Tucker
             convs; in full form the rank ``deflate`` would use); None for plain layers.
         shape: (m, n).
@@ -148,13 +149,19 @@ def _plan(layer):
         return _plan_fused_linear(layer)
     if isinstance(layer, FormLayer):
         return _plan_form_layer(layer)
-    if isinstance(layer, _PLAIN):
-        return _plan(layer.weight)
+    if _is_plain(layer):
+        return _plan(linear_weight(layer))
     effective = getattr(layer, "effective_weight", None)
     if callable(effective):
         return _plan(effective())
-    raise TypeError(f"expected a dynrank layer, nn.Linear, nn.Conv1d/2d/3d, a module with effective_weight() "
-                    f"or a weight tensor, got {type(layer).__name__}")
+    raise TypeError(f"expected a dynrank layer, nn.Linear, nn.Conv1d/2d/3d, transformers Conv1D, a module with "
+                    f"effective_weight() or a weight tensor, got {type(layer).__name__}")
+
+
+def _is_plain(module):
+    """Whether ``module`` is a plain (not dynrank) layer measured by its weight: nn.Linear, nn.Conv1d/2d/3d,
+    or transformers' Conv1D (GPT-2's linear layer, measured as the (out, in) transpose of its weight)."""
+    return isinstance(module, _PLAIN) or is_transposed_linear(module)
 
 
 def _plan_fused_linear(layer):
@@ -303,9 +310,9 @@ def singular_values(layer, method="auto"):
     """Singular values of a layer's effective weight, float64, descending.
 
     Args:
-        layer: a dynrank layer (any form), ``nn.Linear``, ``nn.Conv1d/2d/3d``, a
-            module with ``effective_weight()``, or a tensor (≥ 2-D: reshaped to
-            shape[0] × rest).
+        layer: a dynrank layer (any form), ``nn.Linear``, ``nn.Conv1d/2d/3d``,
+            transformers ``Conv1D``, a module with ``effective_weight()``, or a
+            tensor (≥ 2-D: reshaped to shape[0] × rest).
         method: ``"svd"`` (exact ``svdvals``), ``"gram"`` (eigenvalues of the
             smaller Gram matrix, float64; σ below ~1e-7·σmax are not resolved)
             or ``"auto"`` (gram for p ≥ 256 when the default tolerance is
@@ -394,7 +401,7 @@ def monitored_layers(model, layers=None):
     Args:
         model: an ``nn.Module``.
         layers: None — every dynrank layer (FormLayer) and every plain
-            ``nn.Linear``/``nn.Conv1d/2d/3d`` not inside a dynrank layer;
+            ``nn.Linear``/``nn.Conv1d/2d/3d`` or transformers ``Conv1D`` not inside a dynrank layer;
             or module names (one str, or an iterable of str), in that order; or a
             predicate ``fn(name, module) -> bool`` applied to the default set.
 
@@ -415,7 +422,7 @@ def monitored_layers(model, layers=None):
         if isinstance(module, FormLayer):
             inside.append(name)
             found.append((name, module))
-        elif isinstance(module, _PLAIN):
+        elif _is_plain(module):
             found.append((name, module))
     if layers is None:
         return found
@@ -428,11 +435,11 @@ def monitored_layers(model, layers=None):
         raise ValueError(f"layers {missing} are not modules of the model")
     # Checked here, so that a RankMonitor fails when built, not at every epoch's end.
     unmeasurable = [f"{n} ({type(modules[n]).__name__})" for n in names
-                    if not isinstance(modules[n], (FormLayer, *_PLAIN))
+                    if not isinstance(modules[n], FormLayer) and not _is_plain(modules[n])
                     and not callable(getattr(modules[n], "effective_weight", None))]
     if unmeasurable:
         raise TypeError(f"layers {unmeasurable} have no weight to measure: expected dynrank layers, nn.Linear, "
-                        f"nn.Conv1d/2d/3d or modules with effective_weight()")
+                        f"nn.Conv1d/2d/3d, transformers Conv1D or modules with effective_weight()")
     return [(n, modules[n]) for n in names]
 
 

@@ -54,6 +54,10 @@ _EPOCH_COLUMNS = ["epoch", "form", "wall_seconds", "metrics_seconds", "trainable
 _LAYER_COLUMNS = ["epoch", "layer", "type", "form", "rank", "rows", "cols", "sigma_max", "sigma_min",
                   "spectral_ratio", "restricted_spectral_ratio", "effective_rank", "entropy_rank", "stable_rank", "tol"]
 _SWITCH_COLUMNS = ["epoch", "step", "kind", "layer", "old_form", "new_form"]
+_RANK_COLUMNS = ["old_rank", "new_rank"]      # a rank growth's; absent from files of earlier versions
+# The columns that hold text in each CSV; every other cell is a number (a user's scalar may be named "kind").
+_TEXT = {"epochs": ("form",), "layers": ("layer", "type", "form"),
+         "switches": ("kind", "layer", "old_form", "new_form")}
 _STATE_KEYS = ("records", "switches", "forms")
 # What a record and a switch must hold for the monitor to go on from them (name → type, type name).
 _RECORD_FIELDS = {"epoch": (numbers.Integral, "an int"), "form": (str, "a str"), "scalars": (Mapping, "a dict"),
@@ -96,9 +100,14 @@ class RankMonitor:
         records: list of epoch dicts (see module docstring; ``layers`` maps
             layer name → metric dict and is empty in epochs not measured).
         switches: list of ``{"epoch", "step", "kind", "changes", "source"}``;
-            ``kind`` is ``"inflate"``, ``"deflate"`` or both joined by ``+``;
-            ``source`` is ``"scheduler"`` (callback) or ``"detected"`` (a form
-            change the monitor saw between epochs without a callback).
+            ``changes`` lists ``[layer, old_form, new_form]``; ``kind`` is
+            ``"inflate"``, ``"deflate"``, ``"change"`` (any other change: a rank
+            growth of :class:`~dynrank.IncrementalRankScheduler`, whose form stays
+            the same) or several of them joined by ``+``; ``source`` is
+            ``"scheduler"`` (callback) or ``"detected"`` (a form change the monitor
+            saw between epochs without a callback).  A rank growth's switch also
+            holds ``"rank_changes"``: ``[layer, old_rank, new_rank]`` per layer
+            (the switches CSV's ``old_rank``/``new_rank`` columns).
 
     Raises:
         TypeError: a ``model`` that is not an nn.Module, a ``metrics_every`` that is not
@@ -156,7 +165,8 @@ class RankMonitor:
         return self
 
     def on_switch(self, event):
-        """Record a form change: ``event = {"epoch", "step", "changes": [(name, old, new), ...]}``."""
+        """Record a form change: ``event = {"epoch", "step", "changes": [(name, old, new), ...]}``, and
+        ``"rank_changes": [(name, old_rank, new_rank), ...]`` where the event has them (rank growth)."""
         if not isinstance(event, Mapping) or "changes" not in event:
             raise TypeError(f"event must be a dict with 'changes', got {event!r}")
         raw = event["changes"]
@@ -169,8 +179,11 @@ class RankMonitor:
         epoch = event.get("epoch")
         if epoch is None:
             epoch = self._open["epoch"] if self._open is not None else self._next_epoch()
-        self.switches.append({"epoch": int(epoch), "step": event.get("step"), "kind": _kind_of(changes),
-                              "changes": [list(c) for c in changes], "source": "scheduler"})
+        switch = {"epoch": int(epoch), "step": event.get("step"), "kind": _kind_of(changes),
+                  "changes": [list(c) for c in changes], "source": "scheduler"}
+        if event.get("rank_changes"):
+            switch["rank_changes"] = [list(c) for c in event["rank_changes"]]
+        self.switches.append(switch)
         if self.model is not None:
             self._known_forms = self._forms()
 
@@ -474,9 +487,14 @@ class RankMonitor:
                 row = dict(m, epoch=r["epoch"], layer=name, rows=m["shape"][0], cols=m["shape"][1])
                 rows.append(row)
         write_csv(paths["layers"], _LAYER_COLUMNS, rows)
-        rows = [dict(epoch=s["epoch"], step=s["step"], kind=s["kind"], layer=c[0], old_form=c[1], new_form=c[2])
-                for s in self.switches for c in s["changes"]]
-        write_csv(paths["switches"], _SWITCH_COLUMNS, rows)
+        rows = []
+        for s in self.switches:
+            ranks = {c[0]: c[1:] for c in s.get("rank_changes", ())}
+            for c in s["changes"]:
+                old_rank, new_rank = ranks.get(c[0], (None, None))
+                rows.append(dict(epoch=s["epoch"], step=s["step"], kind=s["kind"], layer=c[0], old_form=c[1],
+                                 new_form=c[2], old_rank=old_rank, new_rank=new_rank))
+        write_csv(paths["switches"], _SWITCH_COLUMNS + _RANK_COLUMNS, rows)
         return paths
 
     @classmethod
@@ -518,7 +536,7 @@ class RankMonitor:
         monitor = cls(None, name=os.path.basename(stem))
         fixed = set(_EPOCH_COLUMNS)
         by_epoch = {}
-        for row in _read_csv_with(stem + ".epochs.csv", _EPOCH_COLUMNS):
+        for row in _read_csv_with(stem + ".epochs.csv", _EPOCH_COLUMNS, _TEXT["epochs"]):
             rec = {k: row[k] for k in _EPOCH_COLUMNS[:6]}
             rec["form_mix"] = {form: row[f"n_{form}"] for form in FORMS}
             rec["scalars"] = {k: v for k, v in row.items() if k not in fixed and v is not None}
@@ -526,7 +544,7 @@ class RankMonitor:
             by_epoch[rec["epoch"]] = rec
             monitor.records.append(rec)
         if os.path.exists(stem + ".layers.csv"):
-            for row in _read_csv_with(stem + ".layers.csv", _LAYER_COLUMNS):
+            for row in _read_csv_with(stem + ".layers.csv", _LAYER_COLUMNS, _TEXT["layers"]):
                 m = {k: row[k] for k in _LAYER_COLUMNS[2:] if k not in ("rows", "cols")}
                 m["shape"] = [row["rows"], row["cols"]]
                 if row["epoch"] not in by_epoch:
@@ -534,13 +552,15 @@ class RankMonitor:
                                      f"{stem}.epochs.csv does not list")
                 by_epoch[row["epoch"]]["layers"][row["layer"]] = m
         if os.path.exists(stem + ".switches.csv"):
-            for row in _read_csv_with(stem + ".switches.csv", _SWITCH_COLUMNS):
+            for row in _read_csv_with(stem + ".switches.csv", _SWITCH_COLUMNS, _TEXT["switches"]):
                 last = monitor.switches[-1] if monitor.switches else None
                 if last is None or (last["epoch"], last["step"]) != (row["epoch"], row["step"]):
                     last = {"epoch": row["epoch"], "step": row["step"], "kind": row["kind"], "changes": [],
                             "source": "csv"}
                     monitor.switches.append(last)
                 last["changes"].append([row["layer"], row["old_form"], row["new_form"]])
+                if row.get("old_rank") is not None:
+                    last.setdefault("rank_changes", []).append([row["layer"], row["old_rank"], row["new_rank"]])
         return monitor
 
     # -- plots -----------------------------------------------------------------------------
@@ -581,9 +601,10 @@ def _checked_entries(entries, what, fields):
 
 # -- file helpers ----------------------------------------------------------------------------
 
-def _read_csv_with(path, columns):
-    """read_csv's rows, after checking that every one of ``columns`` is in the file."""
-    rows = read_csv(path)
+def _read_csv_with(path, columns, text_columns):
+    """read_csv's rows (``text_columns`` kept as text), after checking that every one of ``columns`` is in
+    the file."""
+    rows = read_csv(path, text_columns)
     header = list(rows[0]) if rows else list(columns)
     missing = [c for c in columns if c not in header]
     if missing:

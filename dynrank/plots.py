@@ -107,11 +107,13 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
     """λ per layer over epochs, one panel per run, switch epochs marked.
 
     Each layer is one line coloured by its depth (colour bar: input side →
-    output side).  Values that are ``math.inf`` (rank-deficient weights, e.g.
-    every lowrank layer for λ) cannot sit on a log axis: they are drawn as
-    triangles on a dotted "∞" line above the largest finite value, and the
-    legend says so.  Vertical lines mark form switches at epoch − ½ (between
-    the last epoch in the old form and the first in the new).
+    output side), on one scale for all panels: the layer index i of every run
+    has the colour the bar gives i.  Values that are ``math.inf``
+    (rank-deficient weights, e.g. every lowrank layer for λ) cannot sit on a
+    log axis: they are drawn as triangles on a dotted "∞" line above the
+    largest finite value, and the legend says so.  Vertical lines mark form
+    switches at epoch − ½ (between the last epoch in the old form and the
+    first in the new).
 
     Args:
         runs: a RankMonitor, a saved-run path, or a list of them.
@@ -176,11 +178,14 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
     has_inf = any(v is not None and math.isinf(v) for s in series for _, vals in s.values() for v in vals)
     cmap = matplotlib.colormaps["viridis"]
 
+    # One colour scale for every panel, the colour bar's: layer index i has one colour in all runs.
+    most = max(len(s) for s in series)
+    norm = Normalize(0, max(1, most - 1))
+
     fig = _new_figure(len(runs))
     axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
     for ax, run, s in zip(axes, runs, series):
         names = list(s)
-        norm = Normalize(0, max(1, len(names) - 1))
         any_inf = False
         for i, name in enumerate(names):
             epochs, values = s[name]
@@ -212,9 +217,8 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
             labels.append("λ = ∞ (rank-deficient weight), drawn in the grey ∞ band")
         if handles:
             _legend_below(ax, handles, labels)
-    most = max(len(s) for s in series)
     if most > 10:                        # too many layers for a legend: one colour bar for all panels
-        bar = fig.colorbar(ScalarMappable(norm=Normalize(0, most - 1), cmap=cmap), ax=list(axes), pad=0.03,
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), pad=0.03,
                            fraction=0.03)
         bar.set_label("layer index (0 = input side)")
         bar.locator = MaxNLocator(integer=True)
@@ -234,7 +238,8 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
         keys: scalar names to plot, one str or a list (default: every scalar logged by any run).
         labels: optional dict scalar name → axis label (e.g. ``{"accuracy": "validation accuracy (%)"}``).
         title: figure title.
-        mark_switches: draw each run's switch epochs in its colour.
+        mark_switches: draw each run's switch epochs in its colour (one line per epoch and kind; one
+            that several runs share is drawn once, in black).
         dpi: resolution of the saved image.
 
     Returns:
@@ -272,7 +277,9 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
             if epochs:
                 ax.plot(epochs, values, color=colors(i % 10), linewidth=1.4, label=run.name)
             for s in run.switches:
-                shared.setdefault((s["epoch"], s["kind"]), []).append(i)
+                who = shared.setdefault((s["epoch"], s["kind"]), [])
+                if i not in who:        # two switches of one run in one epoch (rank growth) are one run's
+                    who.append(i)
         if mark_switches:
             # One line per (epoch, kind): a switch several runs share is drawn once, in black.
             for (epoch, kind), who in sorted(shared.items()):

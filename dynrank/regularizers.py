@@ -31,15 +31,23 @@ alone would be 3072² floats (38 MB).  Factors A (m × k), B (n × k) cost k² e
 What gets regularized (:func:`regularized_tensors`): the *trainable* weights
 — a dynrank layer's factors in lowrank and adapter form (never the frozen
 W_f), its W in full form — and the weight of every plain ``nn.Linear`` /
-``nn.Conv1d/2d/3d``.  Biases are never included.
+``nn.Conv1d/2d/3d`` and transformers ``Conv1D`` (GPT-2's linear layer; its
+weight is stored (in, out), and every penalty here is the same for Wᵀ as for
+W).  Biases are never included.
+
+**Mixed precision.**  The Grams and the power iteration run in float32 (float64
+for float64 weights) with ``torch.autocast`` switched off for them: under AMP a
+16-bit Gram would lose the deviation from I it measures.
 """
 
 import math
+from collections.abc import Mapping
 
 import torch
 
 from ._args import as_names, check_int, check_real
 from ._forms import FormLayer
+from .conv_adapter import _autocast_off
 from .metrics import monitored_layers
 
 __all__ = ["gram_small", "so_penalty", "dso_penalty", "srip_penalty", "regularized_tensors",
@@ -71,7 +79,8 @@ def gram_small(weight):
     """p × p Gram matrix on the smaller side of ``weight`` viewed as shape[0] × rest.
 
     Args:
-        weight: tensor with ≥ 2 dims; 16-bit inputs are computed in float32.
+        weight: tensor with ≥ 2 dims; 16-bit inputs are computed in float32, also
+            under ``torch.autocast``.
 
     Returns:
         WᵀW (n × n) if m ≥ n, else WWᵀ (m × m); differentiable.  A weight with
@@ -85,7 +94,9 @@ def gram_small(weight):
         torch.Size([3, 3])
     """
     W = _matrix(weight)
-    return W.t() @ W if W.shape[0] >= W.shape[1] else W @ W.t()
+    # Under torch.autocast the matmul would run in 16 bits whatever W's dtype.
+    with _autocast_off(W.device.type):
+        return W.t() @ W if W.shape[0] >= W.shape[1] else W @ W.t()
 
 
 def _deviation(weight):
@@ -158,7 +169,9 @@ def srip_penalty(weight, n_power_iterations=10, start=None, return_vector=False)
             move) is replaced by that default.
         return_vector: also return the final (detached) unit iterate, to pass as
             ``start`` next time.  When M·v = 0 (e.g. an exactly orthogonal W,
-            M = 0) the iterate stays v instead of collapsing to zero.
+            M = 0) or is not finite (a weight with NaN or inf entries, whose
+            value is then NaN or inf) the iterate stays v instead of collapsing
+            to zero or NaN, so a later warm start from it still works.
 
     Returns:
         0-d tensor ``value``, or ``(value, v)`` with ``return_vector``; 0 for a
@@ -199,15 +212,17 @@ def _srip(weight, n_power_iterations, start, return_vector, check_start):
     if start is None:
         gen = torch.Generator().manual_seed(0)
         start = torch.randn(p, generator=gen, dtype=torch.float64).to(device=M.device, dtype=M.dtype)
-    with torch.no_grad():
-        Md = M.detach()
-        v = _unit(start)
-        for _ in range(n_power_iterations):
-            w = Md @ v
-            # M·v = 0 (e.g. M = 0 for an orthogonal W): keep the unit v, whose value 0 is then
-            # exact, rather than a zero vector that would stall every later warm-started call.
-            v = torch.where(w.any(), _unit(w), v)
-    value = torch.linalg.vector_norm(M @ v)
+    with _autocast_off(M.device.type):
+        with torch.no_grad():
+            Md = M.detach()
+            v = _unit(start)
+            for _ in range(n_power_iterations):
+                u = _unit(Md @ v)
+                # M·v = 0 (e.g. M = 0 for an orthogonal W): keep the unit v, whose value 0 is then exact,
+                # rather than a zero vector that would stall every later warm-started call; M·v not
+                # finite (a diverged weight): keep v too, or every later call would be NaN.
+                v = torch.where(u.any() & torch.isfinite(u).all(), u, v)
+        value = torch.linalg.vector_norm(M @ v)
     return (value, v) if return_vector else value
 
 
@@ -223,8 +238,10 @@ def regularized_tensors(model, exclude=()):
 
     Returns:
         list of (``"<module>.<param>"``, parameter): factors of lowrank/adapter
-        dynrank layers, W of full-form ones and plain Linear/Conv weights;
-        parameters with ``requires_grad=False`` are left out.
+        dynrank layers, W of full-form ones and plain Linear/Conv/transformers
+        ``Conv1D`` weights (a Conv1D's as stored, (in, out): its penalties equal
+        those of the (out, in) weight); parameters with ``requires_grad=False``
+        are left out.
 
     Raises:
         TypeError: ``model`` is not a module, ``exclude`` not a name or names.
@@ -278,6 +295,10 @@ class OrthogonalityRegularizer:
             of each tensor is kept and warm-starts the next call (as
             ``torch.nn.utils.spectral_norm`` does), so a few per step suffice.
 
+    SRIP's warm-start vectors are training state: to resume a run as it would have gone on, save
+    :meth:`state_dict` with the checkpoint (``training_state(..., srip=reg.state_dict())``) and give it
+    to :meth:`load_state_dict` of the regularizer built anew.  SO and DSO keep no state (theirs is empty).
+
     Raises:
         TypeError: a non-number ``coef``, an ``n_power_iterations`` that is not an int,
             ``exclude`` not a name or names.
@@ -314,11 +335,65 @@ class OrthogonalityRegularizer:
             return dso_penalty(weight)
         p = min(weight.shape[0], math.prod(weight.shape[1:]))
         start = self._vectors.get(name)
-        if start is not None and (start.shape[0] != p or start.device != weight.device):
-            start = None        # the tensor changed shape or device (a form change)
+        if start is not None and start.shape[0] != p:
+            start = None        # the tensor changed shape (a form change); _srip moves one on another device
         value, v = _srip(weight, self.n_power_iterations, start, True, check_start=False)
         self._vectors[name] = v
         return value
+
+    def state_dict(self):
+        """The warm-start state, for a checkpoint: what :meth:`load_state_dict` needs to go on from it.
+
+        Returns:
+            dict tensor name (as in :func:`regularized_tensors`) → SRIP's last unit vector of that
+            tensor (a detached 1-D tensor of length p = min side), copies; empty for SO and DSO
+            and before the first call.  ``torch.save``/``torch.load`` (``weights_only`` too) keep it.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+            >>> reg = SRIP(5e-4)
+            >>> _ = reg(model)
+            >>> {name: tuple(v.shape) for name, v in reg.state_dict().items()}
+            {'0.weight': (4,)}
+        """
+        return {name: v.detach().clone() for name, v in self._vectors.items()}
+
+    def load_state_dict(self, state):
+        """Go on from the warm-start vectors saved by :meth:`state_dict`; they replace this regularizer's.
+
+        A vector is moved to its tensor's device on the next call; one whose length no longer fits its
+        tensor (a form change since the save) is replaced by the default start there, as in a run.
+
+        Args:
+            state: dict from :meth:`state_dict`.
+
+        Raises:
+            TypeError: ``state`` is not a dict, a name that is not a str, a vector that is not a real
+                floating tensor.
+            ValueError: a vector that is not 1-D, or all zeros or not finite (power iteration cannot
+                move from it); vectors given to an SO or DSO regularizer, which keeps none.  Nothing
+                changes when it raises.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict tensor name → vector from {type(self).__name__}.state_dict(), "
+                            f"got {type(state).__name__}")
+        for name, v in state.items():
+            if not isinstance(name, str):
+                raise TypeError(f"state must map tensor names (str) to vectors, got the key {name!r} "
+                                f"({type(name).__name__})")
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                got = f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise TypeError(f"state[{name!r}] must be a real floating-point tensor, got {got}")
+            if v.dim() != 1:
+                raise ValueError(f"state[{name!r}] must be a 1-D vector, got shape {tuple(v.shape)}")
+            if not bool(torch.isfinite(v).all() & v.any()):
+                raise ValueError(f"state[{name!r}] must be a finite vector that is not all zeros (power "
+                                 f"iteration cannot move from it), got {v.tolist()!r:.80}")
+        if state and self.kind != "srip":
+            raise ValueError(f"a {self.kind!r} regularizer keeps no warm-start vectors, got vectors for "
+                             f"{sorted(state)} (a state of an SRIP regularizer?)")
+        self._vectors = {name: v.detach().clone() for name, v in state.items()}
 
     def __call__(self, model):
         """coef · Σ penalty over :func:`regularized_tensors` (0-d tensor; 0.0 tensor if none)."""

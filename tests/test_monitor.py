@@ -546,3 +546,140 @@ def test_attaching_the_same_scheduler_twice_records_each_switch_once():
     assert monitor.attach(sched) is monitor
     sched.step(0), sched.step(1)
     assert len(monitor.switches) == 1
+
+
+# -- switches of rank growth, plot colours, CSV scalars, transformers Conv1D ---------------------------------
+
+def _growth_event(step, grown):
+    """An event as IncrementalRankScheduler sends it after a rank growth: forms unchanged, ranks grown."""
+    return {"epoch": None, "step": step, "changes": [(name, "lowrank", "lowrank") for name, _, _ in grown],
+            "rank_changes": list(grown)}
+
+
+def test_rank_growth_is_a_change_switch_with_its_ranks(tmp_path):
+    """A rank growth was recorded as kind "change" (undocumented) with its ranks dropped: the switches CSV
+    read "lowrank → lowrank" only."""
+    monitor = RankMonitor(make_model(), name="inrank")
+    with monitor.epoch(0):
+        monitor.on_switch(_growth_event(1, [("0", 3, 5), ("2", 4, 6)]))
+        monitor.on_switch(_growth_event(2, [("0", 5, 7)]))
+    assert [(s["epoch"], s["step"], s["kind"], s["rank_changes"]) for s in monitor.switches] == \
+        [(0, 1, "change", [["0", 3, 5], ["2", 4, 6]]), (0, 2, "change", [["0", 5, 7]])]
+    paths = monitor.save(tmp_path / "inrank")
+    rows = read_csv(paths["switches"])
+    assert [(r["step"], r["layer"], r["old_form"], r["new_form"], r["old_rank"], r["new_rank"]) for r in rows] == \
+        [(1, "0", "lowrank", "lowrank", 3, 5), (1, "2", "lowrank", "lowrank", 4, 6),
+         (2, "0", "lowrank", "lowrank", 5, 7)]
+    assert RankMonitor.load(paths["json"]).switches == monitor.switches
+    os.remove(paths["json"])
+    from_csv = RankMonitor.load(paths["epochs"])
+    assert [(s["step"], s["kind"], s["changes"], s["rank_changes"]) for s in from_csv.switches] == \
+        [(s["step"], s["kind"], s["changes"], s["rank_changes"]) for s in monitor.switches]
+    # A form switch holds no ranks, in the record and in the CSV.
+    _, dynamic = record_run(epochs=3)
+    assert "rank_changes" not in dynamic.switches[0]
+    rows = read_csv(dynamic.save(tmp_path / "dynamic")["switches"])
+    assert rows and all(r["old_rank"] is None and r["new_rank"] is None for r in rows)
+
+
+def test_two_switches_of_one_run_in_one_epoch_are_drawn_as_that_run_s():
+    """Two rank growths of one run in one epoch were drawn as a switch shared by several runs: black,
+    labelled "(inrank, inrank)"."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_rgba
+
+    from dynrank.plots import plot_training_curves
+    runs = []
+    for name in ("inrank", "other"):
+        monitor = RankMonitor(make_model(), name=name)
+        for epoch in range(2):
+            with monitor.epoch(epoch):
+                if epoch == 1:
+                    monitor.on_switch(_growth_event(1, [("0", 3, 5)]))
+                    if name == "inrank":
+                        monitor.on_switch(_growth_event(2, [("2", 4, 6)]))
+            monitor.log(loss=1.0 / (epoch + 1))
+        runs.append(monitor)
+    import matplotlib
+    tab10 = matplotlib.colormaps["tab10"]
+
+    def switch_lines(fig):
+        return [(line.get_label(), to_rgba(line.get_color())) for line in fig.axes[0].get_lines()
+                if line.get_label().startswith("change")]
+
+    assert switch_lines(plot_training_curves([runs[0]])) == [("change before epoch 1 (inrank)", tab10(0))]
+    assert switch_lines(plot_training_curves([runs[1], runs[0]])) == \
+        [("change before epoch 1 (other, inrank)", to_rgba("black"))]
+
+
+def test_spectral_ratio_panels_share_the_colour_bar_s_scale():
+    """Each panel spread the colours over its own layer count while the one colour bar covered the deepest
+    run's: layer 11 of a 12-layer run had the colour the bar gives layer 23."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    from matplotlib.colors import to_rgba
+
+    from dynrank.plots import plot_spectral_ratio
+    runs = []
+    for depth in (12, 24):
+        torch.manual_seed(0)
+        monitor = RankMonitor(nn.Sequential(*[nn.Linear(6, 6) for _ in range(depth)]), name=f"{depth} layers")
+        for epoch in range(2):
+            with monitor.epoch(epoch):
+                pass
+        runs.append(monitor)
+    fig = plot_spectral_ratio(runs)
+    bar = fig.axes[-1]
+    assert bar.get_ylabel() == "layer index (0 = input side)" and bar.get_ylim() == (0.0, 23.0)
+    viridis = matplotlib.colormaps["viridis"]
+    for ax, depth in zip(fig.axes[:2], (12, 24)):
+        colours = [to_rgba(line.get_color()) for line in ax.get_lines()]
+        assert len(colours) == depth                                         # one line per layer, all finite
+        assert colours == [viridis(i / 23) for i in range(depth)]          # the bar's colour of index i
+
+
+def test_scalars_named_like_text_columns_come_back_as_numbers(tmp_path):
+    """A scalar logged as "kind" (or "type", "layer", "old_form", "new_form") came back from the CSVs as a str,
+    and plot_training_curves drew it on a categorical axis."""
+    names = ["type", "kind", "layer", "old_form", "new_form"]
+    monitor = RankMonitor(make_model(), name="run")
+    for epoch in range(3):
+        with monitor.epoch(epoch):
+            pass
+        monitor.log(**{name: (i + 1) * 10.0 ** -epoch for i, name in enumerate(names)}, loss=0.5 / (epoch + 1))
+    paths = monitor.save(tmp_path / "run")
+    os.remove(paths["json"])
+    back = RankMonitor.load(tmp_path / "run")
+    for name in names + ["loss"]:
+        assert back.scalar(name) == monitor.scalar(name)
+        assert all(type(v) is float for v in back.scalar(name)[1])
+    assert [r["form"] for r in back.records] == ["lowrank"] * 3
+    assert [list(r["layers"]) for r in back.records] == [["0", "2", "3"]] * 3
+    assert back.records[0]["layers"]["3"]["type"] == "Linear"
+    pytest.importorskip("matplotlib")
+    from dynrank.plots import plot_training_curves
+    fig = plot_training_curves([back], keys=["kind"])
+    assert list(fig.axes[0].get_lines()[0].get_ydata()) == monitor.scalar("kind")[1]      # numbers, not categories
+
+
+def test_transformers_conv1d_kept_dense_is_monitored():
+    """GPT-2's Conv1D layers that convert_model left dense were not measured: the monitor skipped them."""
+    transformers = pytest.importorskip("transformers")
+    from dynrank import convert_model
+    from dynrank.metrics import layer_metrics
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=8, vocab_size=20, bos_token_id=0,
+                                     eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    convert_model(model, rank_ratio=0.5, exclude=["transformer.h.1.*"])
+    sites = [f"transformer.h.1.{s}" for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    modules = dict(model.named_modules())
+    measured = RankMonitor(model).measure()
+    for site in sites:
+        weight = modules[site].weight.detach()                            # stored (in, out)
+        m = measured[site]
+        assert (m["type"], m["form"], m["rank"], m["shape"]) == ("Conv1D", "dense", None, [weight.shape[1],
+                                                                                          weight.shape[0]])
+        assert m["spectral_ratio"] == pytest.approx(np_ratio(weight.t()), rel=1e-10)
+        assert layer_metrics(modules[site]).shape == (weight.shape[1], weight.shape[0])
+    assert RankMonitor(model, layers=sites[:1]).measure().keys() == {sites[0]}

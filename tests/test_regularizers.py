@@ -291,3 +291,188 @@ def test_errors():
         srip_penalty(torch.eye(3), start=torch.ones(4))
     with pytest.raises(TypeError, match=r"model must be an nn\.Module, got str"):
         regularized_tensors("model")
+
+
+# -- mixed precision, non-finite weights, checkpoints, transformers Conv1D ----------------------------
+
+@pytest.mark.parametrize("shape", [(17, 5), (5, 17), (6, 3, 3, 3)])
+@pytest.mark.parametrize("name,fn", [("so", so_penalty), ("dso", dso_penalty),
+                                     ("srip", lambda w: srip_penalty(w, n_power_iterations=None)),
+                                     ("srip-power", lambda w: srip_penalty(w, n_power_iterations=7))])
+def test_penalties_under_autocast_run_in_float32(shape, name, fn):
+    """Under torch.autocast (AMP: the penalty added to the loss inside the autocast block) the Gram and the
+    power iteration ran in bfloat16: SO of a float32 weight came out 1e-2 off and its gradient was noise."""
+    W64 = torch.randn(*shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 0.4
+    W = W64.float()
+    plain, plain_grad = grad_of(fn, W)
+    W = W.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = fn(W)
+    (grad,) = torch.autograd.grad(value, W)                 # backward outside autocast, as AMP has it
+    assert value.dtype == torch.float32
+    assert torch.equal(value, plain) and torch.equal(grad, plain_grad)
+    if name != "srip-power":                                 # 7 iterations: not converged, no exact reference
+        ref, ref_grad = grad_of(fn, W64)
+        assert rel_err(value, ref) < REL_TOL[torch.float32]
+        assert rel_err(grad, ref_grad) < REL_TOL[torch.float32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gram_small(W).dtype == torch.float32
+        half = fn(W.detach().to(torch.bfloat16))                          # 16-bit weights: float32 too
+    assert torch.equal(half, fn(W.detach().to(torch.bfloat16)))
+
+
+def test_regularizer_under_autocast_equals_the_one_outside():
+    model = _model()
+    for make in (lambda: SoftOrthogonality(0.5), lambda: SRIP(0.5)):
+        outside = make()(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = make()(model)
+        assert inside.dtype == torch.float32 and torch.equal(inside, outside)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_srip_warm_start_survives_non_finite_weights(bad):
+    """One call on a diverged weight stored a NaN warm-start vector, and every later call returned NaN, also
+    after the weights were rolled back to finite ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6, bias=False).double())
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def diverge():
+        with torch.no_grad():
+            model[0].weight[0, 0] = bad
+
+    # Diverged on the first call: after the roll back, the same values as a fresh regularizer.
+    reg, fresh = SRIP(1.0), SRIP(1.0)
+    diverge()
+    assert not math.isfinite(float(reg(model).detach()))
+    model.load_state_dict(good)
+    assert [float(reg(model).detach()) for _ in range(4)] == [float(fresh(model).detach()) for _ in range(4)]
+    # Diverged later: the warm start goes on from the last finite vector, as if the bad step never happened.
+    reg, undisturbed = SRIP(1.0), SRIP(1.0)
+    assert float(reg(model).detach()) == float(undisturbed(model).detach())
+    diverge()
+    assert not math.isfinite(float(reg(model).detach()))
+    model.load_state_dict(good)
+    values = [float(reg(model).detach()) for _ in range(4)]
+    assert all(math.isfinite(v) for v in values)
+    assert values == [float(undisturbed(model).detach()) for _ in range(4)]
+    # The function itself: the returned vector stays the (finite, unit) start.
+    diverge()
+    start = torch.ones(6, dtype=torch.float64)
+    _, v = srip_penalty(model[0].weight, 3, start=start, return_vector=True)
+    assert torch.equal(v, start / start.norm())
+
+
+def _srip_training(reg_state=None):
+    """Model, optimizer, dynamic-rank scheduler and SRIP as at the start of a run, seeded."""
+    from dynrank import DynamicRankScheduler, convert_model
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 4))
+    convert_model(model, rank_ratio=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    return model, optimizer, DynamicRankScheduler(model, optimizer, 2, 4), SRIP(0.1)
+
+
+def _srip_epochs(model, optimizer, scheduler, reg, epochs):
+    x = torch.linspace(-1.0, 1.0, 8 * 12).reshape(8, 12)
+    y = torch.linspace(0.5, -0.5, 8 * 4).reshape(8, 4)
+    for epoch in epochs:
+        scheduler.step(epoch)
+        for _ in range(3):
+            loss = ((model(x) - y) ** 2).mean() + reg(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+@pytest.mark.parametrize("stop", [1, 3, 5])
+def test_srip_state_dict_resumes_the_uninterrupted_run(stop):
+    """SRIP's warm-start vectors had no state_dict: a run resumed from training_state restarted them from the
+    default vector and ended 1e-2 away from the run never interrupted."""
+    import io
+
+    from dynrank.checkpoint import load_training_state, training_state
+    reference = _srip_training()
+    _srip_epochs(*reference, range(6))
+    run = _srip_training()
+    _srip_epochs(*run, range(stop))
+    buffer = io.BytesIO()
+    torch.save(training_state(*run[:3], rng=torch.get_rng_state(), srip=run[3].state_dict()), buffer)
+
+    def resume(load_srip):
+        model, optimizer, scheduler, reg = _srip_training()
+        buffer.seek(0)
+        extra = load_training_state(torch.load(buffer, weights_only=True), model, optimizer, scheduler)
+        torch.set_rng_state(extra["rng"])
+        if load_srip:
+            reg.load_state_dict(extra["srip"])
+        _srip_epochs(model, optimizer, scheduler, reg, range(stop, 6))
+        return model.state_dict()
+
+    expected = reference[0].state_dict()
+    resumed = resume(load_srip=True)
+    assert list(resumed) == list(expected)
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+    cold = resume(load_srip=False)                           # the state matters: without it the run differs
+    assert not all(torch.equal(cold[k], expected[k]) for k in expected)
+
+
+def test_srip_state_dict_is_a_copy_and_load_checks_it():
+    model = _model()
+    reg = SRIP(1.0)
+    reg(model)
+    state = reg.state_dict()
+    assert sorted(state) == sorted(n for n, _ in regularized_tensors(model))
+    assert all(torch.equal(state[n], reg._vectors[n]) and state[n] is not reg._vectors[n] for n in state)
+    assert SoftOrthogonality(1.0).state_dict() == {} and DoubleSoftOrthogonality(1.0).state_dict() == {}
+    other = SRIP(1.0)
+    other.load_state_dict(state)
+    assert float(other(model).detach()) == float(reg(model).detach())
+    target = SRIP(1.0)
+    target.load_state_dict(state)
+
+    def refused(error, match, bad, into=target):
+        with pytest.raises(error, match=match):
+            into.load_state_dict(bad)
+
+    refused(TypeError, r"state must be a dict tensor name → vector from SRIP\.state_dict\(\), got list", [1])
+    refused(TypeError, r"state must map tensor names \(str\) to vectors, got the key 3 \(int\)", {3: torch.ones(2)})
+    refused(TypeError, r"state\['0\.A'\] must be a real floating-point tensor, got list", {"0.A": [1.0]})
+    refused(TypeError, r"state\['0\.A'\] must be a real floating-point tensor, got a torch\.int64 tensor",
+            {"0.A": torch.ones(4, dtype=torch.int64)})
+    refused(ValueError, r"state\['0\.A'\] must be a 1-D vector, got shape \(2, 2\)", {"0.A": torch.ones(2, 2)})
+    for vector in (torch.zeros(4), torch.tensor([1.0, math.nan, 0.0, 0.0])):
+        refused(ValueError, r"state\['0\.A'\] must be a finite vector that is not all zeros", {"0.A": vector})
+    refused(ValueError, r"a 'so' regularizer keeps no warm-start vectors, got vectors for \['0\.A'\]",
+            {"0.A": torch.ones(4)}, into=SoftOrthogonality(1.0))
+    assert all(torch.equal(target._vectors[n], state[n]) for n in state)          # nothing changed
+    SoftOrthogonality(1.0).load_state_dict({})
+
+
+def test_transformers_conv1d_kept_dense_is_regularized():
+    """GPT-2's Conv1D layers that convert_model left dense were skipped: no penalty acted on them."""
+    transformers = pytest.importorskip("transformers")
+    from dynrank import convert_model
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=8, vocab_size=20, bos_token_id=0,
+                                     eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).double()
+    convert_model(model, rank_ratio=0.5, exclude=["transformer.h.1.*"])
+    sites = [f"transformer.h.1.{s}" for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    modules = dict(model.named_modules())
+    got = dict(regularized_tensors(model))
+    for site in sites:
+        assert got[f"{site}.weight"] is modules[site].weight
+    reg = SoftOrthogonality(0.5, exclude=["transformer.h.0", "lm_head"])
+
+    def linear_so(weight):
+        """SO of the (out, in) weight an nn.Linear of the same layer would hold, on its smaller side."""
+        W = weight.t()
+        return direct_so_literal(W) if W.shape[0] >= W.shape[1] else direct_so_rows(W)
+
+    ref = 0.5 * sum(linear_so(modules[s].weight) for s in sites)
+    value = reg(model)
+    assert rel_err(value, ref) < TOL64
+    value.backward()
+    assert all(modules[s].weight.grad is not None and modules[s].weight.grad.abs().max() > 0 for s in sites)
