@@ -142,22 +142,22 @@ def require_module(name, why, attr=None):
     return getattr(module, attr)
 
 
-def prepare_out(parser, path):
-    """Make ``path`` (a script's ``--out`` file) writable before any work: its folder is created;
-    a path that is a folder, or whose folder is a file or cannot be made, is refused with
-    ``parser.error``.  Scripts that write their table after each section would otherwise spend
-    the first one's (GPU) time and then fail to open the file."""
+def prepare_out(parser, path, flag="--out"):
+    """Make ``path`` (a script's ``--out`` file, or the file of another ``flag``) writable before any
+    work: its folder is created; a path that is a folder, or whose folder is a file or cannot be made,
+    is refused with ``parser.error``.  Scripts that write their table after each section would
+    otherwise spend the first one's (GPU) time and then fail to open the file."""
     if os.path.isdir(path):
-        parser.error(f"--out {path}: is a folder, expected a file to write")
+        parser.error(f"{flag} {path}: is a folder, expected a file to write")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.exists(folder) and not os.path.isdir(folder):
-        parser.error(f"--out {path}: {folder} is a file, not a folder")
+        parser.error(f"{flag} {path}: {folder} is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
-        parser.error(f"--out {path}: cannot create its folder {folder} ({err.strerror})")
+        parser.error(f"{flag} {path}: cannot create its folder {folder} ({err.strerror})")
     if not os.access(folder, os.W_OK):
-        parser.error(f"--out {path}: its folder {folder} is not writable")
+        parser.error(f"{flag} {path}: its folder {folder} is not writable")
 
 
 @contextlib.contextmanager

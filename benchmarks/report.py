@@ -24,6 +24,7 @@ matplotlib is optional: without it the plot is skipped with a note.
 
 import argparse
 import json
+import os
 import sys
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -429,6 +430,12 @@ def main(argv=None):
     parser.add_argument("--plot", help="PNG file to write (needs matplotlib)")
     parser.add_argument("--stat", choices=STATS, default="mean", help="statistic for times and rates")
     args = parser.parse_args(argv)
+    if args.out or args.plot:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _bench_common import prepare_out      # imports torch: only where a file is written
+        for flag, path in (("--out", args.out), ("--plot", args.plot)):
+            if path:
+                prepare_out(parser, path, flag)
     runs = []
     for path in args.json:
         try:

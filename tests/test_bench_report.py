@@ -251,3 +251,25 @@ def test_combining_runs_keeps_each_group_from_one_run(report, data):
     other = dict(rerun, machine_info={"dynrank": {"device": "cuda", "device_name": "Other GPU"}})
     text = report.render_markdown(report.combine_runs([data, other]), rows)
     assert "different devices (Test GPU, Other GPU)" in text
+
+
+def test_cli_makes_the_output_folders_and_refuses_bad_ones_before_writing(report, data, tmp_path, capsys):
+    """--out and --plot into a folder that did not exist crashed with FileNotFoundError (after writing the
+    report, for the plot); a bad one is refused before anything is written."""
+    from _helpers import bad_outs
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(data), encoding="utf-8")
+    out = tmp_path / "new" / "report.md"
+    for flag, (bad, message) in (("--out", bad_outs(tmp_path, "report.md")["under a file"]),
+                                 ("--plot", bad_outs(tmp_path, "report.png")["folder"])):
+        argv = [str(results), "--out", str(out), flag, str(bad)]
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            report.main(argv)
+        assert exit_info.value.code == 2
+        assert f"error: {flag} {bad}: {message}\n" in capsys.readouterr().err
+        assert not out.exists()
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "plots" / "report.png"
+    assert report.main([str(results), "--out", str(out), "--plot", str(plot)]) == 0
+    assert out.read_text(encoding="utf-8").startswith("#") and plot.stat().st_size > 0

@@ -874,3 +874,27 @@ def test_a_gpt_batch_larger_than_the_texts_windows_is_a_data_error():
     with pytest.raises(DataError, match="--batch-size 30 is larger than the 23 windows"):
         TextData(text, text, 16, 30)
     assert len(TextData(text, text, 16, 23, steps=1)) == 1
+
+
+def test_a_resume_may_download_the_data_again(tmp_path, monkeypatch, restore_threads):
+    """--download on a resume was dropped without a word, and the data-not-found error then said to pass it."""
+    from dynrank.train import data as train_data
+    from dynrank.train.augment import VisionData
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    _write_tiny_cifar10(str(first / "cifar-10-batches-py"))
+    out = tmp_path / "run"
+    original = _ctrl_c_after(monkeypatch, 0, 0, VisionData)
+    assert cli.main(["--model", "resnet20", "--width", "0.5", "--schedule", "full", "--epochs", "2",
+                     "--batch-size", "8", "--data-dir", str(first), "--cache-dir", str(tmp_path / "cache"),
+                     "--threads", "1", "--out", str(out)]) == 130
+    fetched = []
+
+    def fake_download(name, root):
+        fetched.append((name, root))
+        os.makedirs(root, exist_ok=True)
+        os.rename(first / "cifar-10-batches-py", moved / "cifar-10-batches-py")
+    monkeypatch.setattr(train_data, "download", fake_download)
+    monkeypatch.setattr(VisionData, "train_batches", original)
+    assert cli.main(["--resume", str(out), "--data-dir", str(moved), "--download"]) == 0
+    assert fetched == [("cifar10", str(moved))]
+    assert [r["epoch"] for r in json.loads((out / "full" / "metrics.json").read_text())] == [0, 1]

@@ -620,6 +620,8 @@ def main(argv=None):
                     cfg[key] = getattr(args, key)
             if args.compile_mode is not None and args.compile is not False:
                 cfg["compile"] = True
+            if args.download:          # data that moved (--data-dir) may be fetched again
+                cfg["download"] = True
             _absolute_folders(cfg)
             try:
                 _check_values(cfg)

@@ -10,7 +10,8 @@ CIFAR-10 / CIFAR-100
     - an image-folder tree ``train/<class>/*.png|jpg`` and ``test/<class>/*``
       (``val/`` is accepted in place of ``test/``; a tree with images in both is
       refused, as a run evaluates on one held-out split), extracted or inside a
-      ``.tar``/``.tar.gz``.
+      ``.tar``/``.tar.gz`` whose name holds the data set's (``cifar10-images.tar.gz``;
+      a CIFAR-10 one's must not say ``cifar100``).
 Tiny ImageNet
     - ``tiny-imagenet-200/`` with ``wnids.txt``, ``train/<wnid>/images/*.JPEG``,
       ``val/images/*.JPEG`` and ``val/val_annotations.txt``, or ``tiny-imagenet-200.zip``.
@@ -101,7 +102,8 @@ def layouts_help(name, root):
     else:
         layouts = (f"  {spec['pickled']}/  (the pickled \"python version\" from {spec['url']})\n"
                    f"  {spec['archive']}  (the same, not extracted)\n"
-                   f"  train/<class>/*.png|jpg and test/<class>/*  (an image-folder tree; also inside a .tar.gz)")
+                   f"  train/<class>/*.png|jpg and test/<class>/*  (an image-folder tree; also inside a\n"
+                   f"  .tar/.tar.gz named after the data set, e.g. {name}-images.tar.gz)")
     return (f"{name} not found ({where}). Put one of these in that folder:\n{layouts}\n"
             f"or pass --download to fetch the official archive into it.")
 
