@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ._args import check_int
-from ._checks import parameter_owners
-from ._forms import FORMS, FormLayer, check_floating_dtype
+from ._checks import parameter_owners, unwrap_model
+from ._forms import FORMS, FormLayer, _is_channels_last, check_floating_dtype
 from .linear import (HOW_TO_REMOVE, FusedLowRankLinear, check_alpha, check_ratio, is_transposed_linear,
                      linear_weight, own_computation, rank_from_ratio, reparametrization, transformers_bases,
                      transformers_class)
@@ -331,7 +331,13 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     encoder above ``model`` is out of reach and keeps nesting its input.
     A converted layer takes over the old one's forward and backward hooks
     (their handles still remove them); state-dict hooks stay on the old
-    module, being written for its keys.
+    module, being written for its keys.  A layer holding buffers or modules
+    of its own (a mask, a gate), or whose ``forward`` is replaced on the
+    instance (accelerate's offload hooks), is kept dense: the new layer
+    would drop them.  A DistributedDataParallel (or DataParallel) model is
+    converted inside, and a DDP wrapper is retired as after a form change:
+    re-wrap it (:func:`~dynrank.rewrap_ddp`).  Under ``torch.inference_mode``
+    the new parameters are ordinary tensors, so the model still trains.
 
     Args:
         model: any ``nn.Module``; modified in place.
@@ -395,6 +401,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
         raise TypeError(f"keep_last must be True or False, got {type(keep_last).__name__} ({keep_last!r})")
     include = _check_patterns(include, "include")
     exclude = _check_patterns(exclude, "exclude")
+    wrapper, model = model, unwrap_model(model)
     _check_materialized(model)
 
     if isinstance(model, (nn.Linear, nn.Conv2d, FormLayer)) or is_transposed_linear(model):
@@ -431,7 +438,8 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
             row["note"] = reason
             continue
         try:
-            new = _convert_one(child, rank_ratio, decomposition, form, init, alpha)
+            with torch.inference_mode(False):       # ordinary parameters, under inference_mode too
+                new = _convert_one(child, rank_ratio, decomposition, form, init, alpha)
         except (ValueError, TypeError, torch.linalg.LinAlgError) as e:
             how = f"decomposition={decomposition!r}" if isinstance(child, nn.Conv2d) else "truncated SVD"
             error = TypeError if isinstance(e, TypeError) else ValueError
@@ -446,12 +454,18 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
                    new_type=type(new).__name__)
         if form == "lowrank" and row["params_after"] >= row["params_before"]:
             row["note"] = "no parameter saving at this rank"
+    if not rows:
+        raise ValueError(f"convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this {type(model).__name__} "
+                         f"(a TorchScript or exported module holds none: convert the eager model before scripting "
+                         f"or exporting it)")
     if not plans:
         raise ValueError("convert_model found nothing to convert: no nn.Linear/nn.Conv2d/Conv1D passed the rules "
                          f"({len(rows)} candidates: " + "; ".join(f"{r['name']}: {r['note']}" for r in rows)
                          + "); adjust include/exclude/min_features/keep_last")
     swap_in(plans)
     _guard_transformer_fast_path(model)
+    from .distributed import _retire_stale
+    _retire_stale(wrapper, "convert_model")
     return ConversionSummary(rows, params_before, _trainable_count(model))
 
 
@@ -534,6 +548,12 @@ def _keep_reason(names, places, child, include, exclude, min_features, last_line
                              f"quantization (torch.ao.quantization.prepare put an observer on it): convert "
                              f"before preparing, or drop {names[0]!r} from include to keep it dense")
         return "prepared for quantization (observer)"
+    own = _own_state(child)
+    if own:
+        if named:
+            raise ValueError(f"convert_model: {names[0]!r} is named in include, but it {own}, which the new "
+                             f"layer would drop; drop {names[0]!r} from include to keep it dense")
+        return f"it {own}"
     tied = _tied_to(child, owners)
     if tied:
         if named:
@@ -564,6 +584,18 @@ def _keep_reason(names, places, child, include, exclude, min_features, last_line
     return ""
 
 
+def _own_state(child):
+    """What ``child`` holds beyond a plain layer's weight and bias that a new layer would not carry: buffers,
+    modules of its own, a ``forward`` set on the instance (accelerate's hooks); None if nothing."""
+    held = [f"buffer {n!r}" for n, b in child._buffers.items() if b is not None]
+    held += [f"module {n!r}" for n, m in child._modules.items() if m is not None]
+    if held:
+        return f"holds {', '.join(held)} of its own"
+    if "forward" in vars(child):
+        return "has its forward replaced on the instance (a hook library's wrapper)"
+    return None
+
+
 def _convert_one(child, rank_ratio, decomposition, form, init, alpha):
     dtype = check_floating_dtype(child.weight.dtype)
     if isinstance(child, nn.Linear) or is_transposed_linear(child):
@@ -583,7 +615,10 @@ def _convert_one(child, rank_ratio, decomposition, form, init, alpha):
                         decomposition=decomposition, stride=child.stride, padding=child.padding,
                         dilation=child.dilation, groups=child.groups, bias=child.bias is not None,
                         form=form, padding_mode=child.padding_mode, rank_ratio=rank_ratio, alpha=alpha)
-    return new.to(device=child.weight.device, dtype=dtype)
+    new.to(device=child.weight.device, dtype=dtype)
+    if _is_channels_last(child.weight):        # a channels-last model stays so, as from_dense keeps it
+        new.to(memory_format=torch.channels_last)
+    return new
 
 
 def _guard_transformer_fast_path(model):

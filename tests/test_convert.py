@@ -624,3 +624,58 @@ def test_a_layer_prepared_for_quantization_stays_dense():
     assert model[2].activation_post_process.min_val.isfinite()        # the observer still sees the layer
     with pytest.raises(ValueError, match="'2' is named in include, but it is prepared for quantization"):
         convert_model(model, include=["2"])
+
+
+def test_a_layer_with_state_of_its_own_stays_dense():
+    """A buffer, a child module or a forward set on the instance (accelerate's offload hooks) was dropped
+    with the old layer, without a word: state_dict entries and trainable parameters lost, then a moved
+    forward hook failing on the missing attribute."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16),
+                          nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 4))
+    model[0].register_buffer("mask", torch.ones(16))
+    model[2].gate = nn.Linear(16, 1)
+    plain = model[4].forward
+    model[4].forward = lambda x: plain(x)
+    keys = set(model.state_dict())
+    summary = convert_model(model, rank_ratio=0.5)
+    notes = {r["name"]: r["note"] for r in summary.rows}
+    assert notes["0"] == "it holds buffer 'mask' of its own"
+    assert notes["2"] == "it holds module 'gate' of its own"
+    assert notes["4"] == "it has its forward replaced on the instance (a hook library's wrapper)"
+    assert [type(model[i]) for i in (0, 2, 4, 6)] == [nn.Linear] * 3 + [FusedLowRankLinear]
+    assert keys - set(model.state_dict()) == {"6.weight"}
+    for name, kind in (("0", "buffer 'mask'"), ("2", "module 'gate'")):
+        fresh = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16))
+        fresh[0].register_buffer("mask", torch.ones(16))
+        fresh[1].gate = nn.Linear(16, 1)
+        index = {"0": "0", "2": "1"}[name]
+        with pytest.raises(ValueError, match=rf"'{index}' is named in include, but it holds {kind} of its own"):
+            convert_model(fresh, include=[index])
+
+
+def test_converting_under_inference_mode_gives_a_model_that_trains():
+    """The replacements were inference tensors: the first backward failed far from convert_model."""
+    torch.manual_seed(0)
+    model = mlp()
+    with torch.inference_mode():
+        convert_model(model, rank_ratio=0.5)
+    assert not any(p.is_inference() for p in model.parameters())
+    model(torch.randn(4, model[0].in_features)).sum().backward()
+    assert all(p.grad is not None for p in model[0].parameters())
+
+
+@pytest.mark.parametrize("init", ["dense", "fresh"])
+def test_a_channels_last_conv_stays_channels_last(init):
+    conv = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    conv.to(memory_format=torch.channels_last)
+    convert_model(conv, rank_ratio=0.5, init=init, form="full")
+    assert conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_model_with_no_layer_modules_says_so():
+    """A scripted model holds no nn.Linear modules: the message blamed include/exclude/min_features."""
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match=r"found no nn\.Linear/nn\.Conv2d/Conv1D module in this "
+                                         r"RecursiveScriptModule \(a TorchScript or exported module holds none"):
+        convert_model(scripted)

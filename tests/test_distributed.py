@@ -667,3 +667,17 @@ def test_rewrap_ddp_refuses_to_drop_delayed_all_reduce(one_rank):
         rewrap_ddp(ddp)
     new = rewrap_ddp(ddp, **delayed)
     assert new._delay_all_reduce_params == [model[4].bias]
+
+
+def test_convert_model_of_a_ddp_model_converts_inside_and_retires_the_wrapper(one_rank):
+    """convert_model(ddp) swapped the layers inside and left the wrapper's hooks on the old parameters:
+    the factors' gradients were never averaged (the ranks drifted), and names carried a 'module.' prefix."""
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    summary = convert_model(ddp, rank_ratio=0.5, keep_last=False, include=["0", "2"])
+    assert [r["name"] for r in summary.rows if r["converted"]] == ["0", "2"]
+    with pytest.raises(RuntimeError, match="built on parameters that convert_model replaced"):
+        ddp(torch.randn(4, 12))
+    ddp = rewrap_ddp(ddp)
+    ddp(torch.randn(4, 12)).sum().backward()
+    assert model[0].A.grad is not None
