@@ -168,9 +168,18 @@ _INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
 
 
 def _input_precision(dtype):
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _tf32_matmul():
         return "ieee"
     return "tf32"
+
+
+def _tf32_matmul():
+    """Whether torch lets fp32 matmuls use TF32, set either way torch offers: ``fp32_precision``
+    ("tf32"/"ieee"; torch refuses a read of the older ``allow_tf32`` once it is set) or ``allow_tf32``."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    return torch.backends.cuda.matmul.allow_tf32
 
 
 def check_operands(op, N, bias, **operands):
@@ -202,13 +211,21 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
     the internal engine; its callers validate user-facing shapes and dtypes.
 
     Raises:
-        ValueError: shapes that do not chain, a bias that is not (N,).
-        TypeError: an operand (``out`` included) that is not float32, float16 or bfloat16.
+        ValueError: an operand that is not 2-D, shapes that do not chain, a bias that is not (N,).
+        TypeError: an operand (``out`` included) that is not float32, float16 or bfloat16; the two
+            operands of one product of different dtypes.
     """
     if (x is None) != (wt is None) or (u is None) != (vt is None):
         raise ValueError("lowrank_gemm needs x with wt and u with vt")
     if x is None and u is None:
         raise ValueError("lowrank_gemm needs at least one product (x·wt or u·vt)")
+    for name, t in (("x", x), ("wt", wt), ("u", u), ("vt", vt)):
+        if t is not None and t.dim() != 2:
+            raise ValueError(f"lowrank_gemm: {name} must be 2-D, got shape {tuple(t.shape)}")
+    for (a, b), (ta, tb) in ((("x", "wt"), (x, wt)), (("u", "vt"), (u, vt))):
+        if ta is not None and ta.dtype != tb.dtype:
+            raise TypeError(f"lowrank_gemm: {a} and {b} must have one dtype (one product), got {ta.dtype} "
+                            f"and {tb.dtype}")
     first = x if x is not None else u
     M = first.shape[0]
     N = (wt if wt is not None else vt).shape[1]

@@ -159,6 +159,24 @@ def test_engine_rejects_bad_shapes(device):
         merge_(torch.randn(4, 5, device=device), torch.randn(4, 2, device=device), torch.randn(6, 2, device=device))
     with pytest.raises(ValueError, match=r"weight \(N, K\).*got weight \(4, 5, 1\), A \(4, 2\) and B \(5, 2\)"):
         merge_(torch.randn(4, 5, 1, device=device), torch.randn(4, 2, device=device), torch.randn(5, 2, device=device))
+    # A 1-D operand was an IndexError, mixed dtypes of one product an error inside tl.dot.
+    with pytest.raises(ValueError, match=re.escape("lowrank_gemm: wt must be 2-D, got shape (5,)")):
+        lowrank_gemm(torch.randn(4, 5, device=device), torch.randn(5, device=device))
+    with pytest.raises(TypeError, match=re.escape("lowrank_gemm: x and wt must have one dtype (one product), "
+                                                  "got torch.float32 and torch.float16")):
+        lowrank_gemm(torch.randn(4, 5, device=device), torch.randn(5, 3, device=device).half())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_empty_feature_axis_is_sized(device, monkeypatch):
+    """An N-D input with in_features = 0 could not be reshaped on the Triton engine (the torch engine
+    gives the bias)."""
+    import dynrank.functional as DF
+    monkeypatch.setenv("DYNRANK_BACKEND", "triton")
+    A, B = torch.randn(3, 2, device=device), torch.randn(4, 2, device=device)
+    x = torch.randn(2, 3, 0, device=device)
+    y = DF.lowrank_linear(x, None, A, B[:0], torch.ones(3, device=device), 1.0)
+    assert y.shape == (2, 3, 3) and torch.equal(y, torch.ones(2, 3, 3, device=device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -250,3 +268,26 @@ def test_alpha_zero_drops_the_dense_product(device):
     u, vt = torch.randn(9, 3, device=device), torch.randn(3, 11, device=device)
     out = lowrank_gemm(x, wt, u, vt, alpha=0.0, beta=2.0)
     assert rel_err(out, reference_lowrank_gemm(x, wt, u, vt, alpha=0.0, beta=2.0)) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("setting", ["tf32", "ieee"])
+def test_the_fp32_precision_setting_of_torch_is_read(device, setting, monkeypatch):
+    """torch refuses a read of allow_tf32 once fp32_precision is set: every fp32 launch raised ("mix of
+    the legacy and new APIs") where torch's own matmuls ran."""
+    from dynrank.kernels import lowrank_linear_forward
+    from dynrank.kernels.lowrank_gemm import _input_precision
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision setting")
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = setting
+    try:
+        assert _input_precision(torch.float32) == setting
+        assert _input_precision(torch.bfloat16) == "tf32"          # 16-bit operands: the flag is unused
+        x, weight, A, B, bias = _operands(9, 17, 23, 8, torch.float32, device, True)
+        y, _ = lowrank_linear_forward(x, weight, A, B, bias, 0.75)
+        y_ref = _reference(x, weight, A, B, bias, 0.75, torch.zeros(9, 23, device=device))[0]
+        # TF32 rounds the operands to 10 mantissa bits (2^-11 relative), IEEE fp32 keeps 23.
+        assert rel_err(y, y_ref) < (2e-3 if setting == "tf32" and device != "cpu" else REL_TOL[torch.float32])
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
