@@ -252,7 +252,8 @@ def roofline(device=DEVICE, dtype=torch.float32):
     copy_gbps = 2.0 * numel * 4 / seconds / 1e9
     result = {"peak_tflops": peak_tflops, "copy_gbps": copy_gbps, "matmul_n": n, "copy_bytes": numel * 4}
     if device.type == "cuda" and dtype == torch.float32:
-        result["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        from dynrank.kernels.lowrank_gemm import _tf32_matmul     # either of torch's two settings
+        result["tf32"] = bool(_tf32_matmul())
     return result
 
 
