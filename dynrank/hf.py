@@ -16,11 +16,9 @@ each layer takes the form of its tensors in the checkpoint, and the switch of a 
 after the Trainer has restored its RNG state, where the uninterrupted run made it.
 """
 
-import json
 import math
 import numbers
 import os
-import warnings
 from collections.abc import Mapping
 
 from ._args import check_int
@@ -55,16 +53,18 @@ class DynamicRankCallback(TrainerCallback):
     ``resume_from_checkpoint`` works: the Trainer loads the model state dict
     (each layer of a freshly converted model takes the form its tensors
     were saved in), builds the optimizer on those parameters, loads its
-    state, and the new scheduler takes the epoch from ``state``.  Each
-    checkpoint folder also gets the scheduler's state and the steps where
-    the epochs began (``dynrank_callback.json``); a resume from
-    ``<output_dir>/checkpoint-<step>`` (as ``resume_from_checkpoint=True``
-    finds it) checks the model against it as
+    state, and the new scheduler takes the epoch from ``state``.  The
+    callback keeps the scheduler's state and the steps where the epochs
+    began in ``state.stateful_callbacks["dynrank"]``, so each checkpoint
+    holds them in its ``trainer_state.json``; a resume, from whatever
+    folder, checks the model against the checkpoint it loaded as
     :func:`~dynrank.load_training_state` does, so a model converted at
     another rank is refused, in full form too (the rank its next deflate
-    takes).  A checkpoint without the file (in another folder, or saved by
-    an earlier version) resumes unchecked.  The schedule is the one given
-    to the callback.
+    takes).  A checkpoint without the entry (saved by an earlier version)
+    resumes unchecked.  The schedule is the one given to the callback.
+    (The entry is no callback's class name, so
+    ``restore_callback_states_from_checkpoint=True`` leaves this callback
+    as it is; the Trainer logs that it ignores the entry.)
 
     Resume into a freshly converted model.  The Trainer loads the
     checkpoint into the model, non-strictly, before any callback runs, so a
@@ -137,7 +137,7 @@ class DynamicRankCallback(TrainerCallback):
     _KWARGS = ("deflate_init", "optimizer_state", "deflate_rank", "unit", "epochs")
 
     MONITOR_FILE = "rank_monitor"
-    STATE_FILE = "dynrank_callback.json"
+    STATE_KEY = "dynrank"
 
     def __init__(self, inflate_epoch, deflate_epoch, log=print, monitor=None, **scheduler_kwargs):
         unknown = sorted(set(scheduler_kwargs) - set(self._KWARGS))
@@ -181,7 +181,7 @@ class DynamicRankCallback(TrainerCallback):
         self._check_start(scheduler, start, resumed)
         self._begun, self._ended = [], False
         if resumed:
-            self._resume(args, state, scheduler, kwargs.get("train_dataloader"))
+            self._resume(state, scheduler, kwargs.get("train_dataloader"))
         self._check_best_model(args, state)
         if self.monitor is not None:
             self._start_monitor(args, state, model, scheduler)
@@ -224,11 +224,13 @@ class DynamicRankCallback(TrainerCallback):
         if self.monitor is not None and self.monitor._open is not None \
                 and (state.epoch or 0) + 1e-6 >= self.monitor._open["epoch"] + 1:
             self.monitor.end_epoch()
+        self._keep_state(state)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._ended = True
         if self.monitor is not None and self.monitor._open is not None:
             self.monitor.end_epoch()
+        self._keep_state(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # A training loss goes to the open epoch, else to the one just closed: the Trainer logs an
@@ -245,48 +247,41 @@ class DynamicRankCallback(TrainerCallback):
         self.monitor.log(**{k: v for k, v in (metrics or {}).items() if _number(v) and k not in _EPOCH_COLUMNS})
 
     def on_save(self, args, state, control, **kwargs):
-        folder = self._checkpoint_folder(args, state)
-        # Only into the folder the Trainer wrote (under hyperparameter search it writes elsewhere): a folder
-        # made here would be the latest checkpoint that resume_from_checkpoint=True finds.
-        if self.scheduler is not None and os.path.isdir(folder):
-            saved = {"scheduler": self.scheduler.state_dict(), "epochs_begun": self._begun,
-                     "epoch_ended": self._ended}
-            with open(os.path.join(folder, self.STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump(saved, f, indent=1, allow_nan=False)
         if self.monitor is not None:
-            self.monitor.save(os.path.join(folder, self.MONITOR_FILE))
+            self.monitor.save(os.path.join(self._checkpoint_folder(args, state), self.MONITOR_FILE))
 
-    def _resume(self, args, state, scheduler, dataloader):
-        """Check the model against the scheduler state saved in the checkpoint folder, and take back the
-        epochs begun; refuse a streamed run's resume whose later epochs cannot begin where the saved run's
-        did.  Without the file (a checkpoint saved elsewhere or by an earlier dynrank) nothing is checked."""
-        folder = self._checkpoint_folder(args, state)
-        path = os.path.join(folder, self.STATE_FILE)
-        if not os.path.exists(path):
+    def _keep_state(self, state):
+        """Put the scheduler's state and the epochs begun into ``state.stateful_callbacks``: the Trainer saves
+        the TrainerState, with it, into each checkpoint after ``on_step_end`` or ``on_epoch_end``."""
+        callbacks = getattr(state, "stateful_callbacks", None)
+        if self.scheduler is not None and isinstance(callbacks, dict):
+            callbacks[self.STATE_KEY] = {"scheduler": self.scheduler.state_dict(),
+                                         "epochs_begun": [list(b) for b in self._begun],
+                                         "epoch_ended": self._ended}
+
+    def _resume(self, state, scheduler, dataloader):
+        """Check the model against the scheduler state saved in the checkpoint the Trainer loaded (its
+        TrainerState), and take back the epochs begun; refuse a streamed run's resume whose later epochs
+        cannot begin where the saved run's did.  Without the entry (a checkpoint saved by an earlier
+        dynrank) nothing is checked."""
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(self.STATE_KEY)
+        if saved is None:
             self._begun = [[self._loop_epoch(state), None]]      # where this epoch began is not known
-            if not os.path.isdir(folder):
-                warnings.warn(f"resuming at global step {state.global_step} from a checkpoint outside the output "
-                              f"folder ({folder} does not exist): the schedule's state saved with it "
-                              f"({self.STATE_FILE}) is not read, so the layers' ranks are not checked against the "
-                              f"saved run's (a model converted at another rank_ratio would deflate at another "
-                              f"rank); resume from the checkpoint in output_dir (resume_from_checkpoint=True) to "
-                              f"have them checked", stacklevel=2)
             return
         try:
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
             if not isinstance(saved, Mapping) or not isinstance(saved.get("scheduler"), Mapping):
-                raise ValueError("not a file DynamicRankCallback.on_save writes")
+                raise ValueError("not the state DynamicRankCallback saves")
             begun, ended = saved.get("epochs_begun"), saved.get("epoch_ended")
             if not isinstance(begun, list) or not all(isinstance(b, list) and len(b) == 2 for b in begun) \
                     or not isinstance(ended, bool):
-                raise ValueError("not a file DynamicRankCallback.on_save writes (epochs_begun, epoch_ended)")
+                raise ValueError("not the state DynamicRankCallback saves (epochs_begun, epoch_ended)")
             # The layers' saved forms and ranks, under the callback's own schedule.
             scheduler.load_state_dict(dict(scheduler.state_dict(), forms=saved["scheduler"].get("forms"),
                                            ranks=saved["scheduler"].get("ranks")))
         except (TypeError, ValueError) as e:
-            raise type(e)(f"resuming from {os.path.dirname(path)}: the schedule's state saved there "
-                          f"({self.STATE_FILE}) does not fit this model: {e}. {_LOADED}") from None
+            raise type(e)(f"resuming at global step {state.global_step}: the schedule's state in the checkpoint's "
+                          f"trainer_state.json (stateful_callbacks[{self.STATE_KEY!r}]) does not fit this model: "
+                          f"{e}. {_LOADED}") from None
         self._begun, self._ended = begun, ended
         if not begun or self.unit != "epoch" or dataloader is None or has_length(dataloader):
             return
@@ -319,7 +314,8 @@ class DynamicRankCallback(TrainerCallback):
         monitor.attach(scheduler)
 
     def _checkpoint_folder(self, args, state):
-        """The checkpoint folder the Trainer writes at this step (and resumes from, in the output folder)."""
+        """The checkpoint folder the Trainer writes at this step (and resumes from, in the output folder):
+        where the monitor's files go."""
         return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
 
     def _monitor_has_epoch(self):

@@ -396,55 +396,83 @@ def test_callback_runs_the_schedule_in_a_trainer(tmp_path):
 def test_callback_resumes_bitwise_across_the_switches(tmp_path):
     """Resumed from the checkpoint before the inflate, before the deflate and in the adapter phase, the
     run ends with the uninterrupted run's weights, bit for bit (the deflate's fresh factors included).
-    The checkpoints sit in the resumed run's output folder, where the callback reads its saved state."""
-    import shutil
-
+    The checkpoints stay in the first run's folder, outside the resumed runs' output folders; with
+    restore_callback_states_from_checkpoint=True the Trainer keeps the callback it was given."""
     from dynrank.hf import DynamicRankCallback
     reference, _ = _train(tmp_path / "full", DynamicRankCallback(1, 2, log=None))
     expected = reference.state_dict()
     for step in (4, 8, 12):                          # ends of epochs 0, 1 and 2
-        checkpoint = tmp_path / f"from-{step}" / f"checkpoint-{step}"
-        shutil.copytree(tmp_path / "full" / checkpoint.name, checkpoint)
-        resumed, _ = _train(tmp_path / f"from-{step}", DynamicRankCallback(1, 2, log=None), resume=str(checkpoint))
+        checkpoint = tmp_path / "full" / f"checkpoint-{step}"
+        callback = DynamicRankCallback(1, 2, log=None)
+        resumed, trainer = _train(tmp_path / f"from-{step}", callback, resume=str(checkpoint),
+                                  restore_callback_states_from_checkpoint=step == 8)
+        assert callback in trainer.callback_handler.callbacks and callback.scheduler.model is resumed
         state = resumed.state_dict()
         assert state.keys() == expected.keys()
         assert all(torch.equal(state[k], expected[k]) for k in expected), f"resumed from {checkpoint.name}"
 
 
-def test_callback_refuses_a_resume_into_a_model_of_another_rank(tmp_path):
+def _resume_at_quarter_rank(out_dir, checkpoint, epochs=3, **arguments):
+    """Resume from ``checkpoint`` into a GPT-2 converted at rank_ratio 0.25 (ranks 8), saving nothing."""
+    from dynrank.hf import DynamicRankCallback
+    model = gpt2(dtype=torch.float32)
+    convert_model(model, rank_ratio=0.25)
+    callback = DynamicRankCallback(1, 2, log=None)
+    _train(out_dir, callback, resume=str(checkpoint), model=model, epochs=epochs, save="no", **arguments)
+    return callback, model
+
+
+@pytest.mark.parametrize("restore", [False, True], ids=["plain", "restore-callback-states"])
+def test_callback_refuses_a_resume_into_a_model_of_another_rank(tmp_path, restore):
     """A full-form checkpoint holds no rank: resumed into a model converted at rank_ratio 0.25 (ranks 8), the
-    run would deflate to rank 8 where it deflated to 16.  The callback's own file in the checkpoint folder
-    has the ranks, as load_training_state's checkpoint does, and the resume is refused.  Without the file
-    (an earlier version's checkpoint) it resumes as before; from a checkpoint in another folder it warns."""
+    run would deflate to rank 8 where it deflated to 16.  The callback's state in the checkpoint's
+    trainer_state.json has the ranks, as load_training_state's checkpoint does, and the resume is refused,
+    from whatever folder.  Without that entry (an earlier version's checkpoint) it resumes unchecked and
+    silently."""
     import json
     import shutil
+    import warnings
 
     from dynrank.hf import DynamicRankCallback
     _train(tmp_path / "run", DynamicRankCallback(1, 2, log=None), epochs=3)
     checkpoint = tmp_path / "run" / "checkpoint-8"                            # end of epoch 1: full form
-    saved = json.loads((checkpoint / "dynrank_callback.json").read_text())["scheduler"]
-    assert set(saved["forms"].values()) == {"full"} and set(saved["ranks"].values()) == {16}
+    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = trainer_state["stateful_callbacks"]["dynrank"]
+    assert set(saved["scheduler"]["forms"].values()) == {"full"} and set(saved["scheduler"]["ranks"].values()) == {16}
+    assert saved["epochs_begun"] == [[0, 0], [1, 4]] and saved["epoch_ended"] is True
 
-    def resume(out_dir, path):
-        model = gpt2(dtype=torch.float32)
-        convert_model(model, rank_ratio=0.25)
-        callback = DynamicRankCallback(1, 2, log=None)
-        _train(out_dir, callback, resume=str(path), model=model, epochs=3, save="no")
-        return callback
-
-    with pytest.raises(ValueError, match=r"checkpoint-8: the schedule's state saved there \(dynrank_callback\.json\) "
-                                         r"does not fit this model: layer '.*' has rank 8 but the checkpoint has 16 "
-                                         r"\(the rank its next deflate takes\); convert the model with the same "
-                                         r"rank_ratio\. The Trainer loads the checkpoint into the model"):
-        resume(tmp_path / "run", checkpoint)
-    with pytest.warns(UserWarning, match=r"from a checkpoint outside the output folder .* the layers' ranks are not "
-                                         r"checked"):
-        callback = resume(tmp_path / "elsewhere", checkpoint)
+    flag = {"restore_callback_states_from_checkpoint": restore}
+    with pytest.raises(ValueError, match=r"resuming at global step 8: the schedule's state in the checkpoint's "
+                                         r"trainer_state\.json \(stateful_callbacks\['dynrank'\]\) does not fit "
+                                         r"this model: layer '.*' has rank 8 but the checkpoint has 16 \(the rank "
+                                         r"its next deflate takes\); convert the model with the same rank_ratio\. "
+                                         r"The Trainer loads the checkpoint into the model"):
+        _resume_at_quarter_rank(tmp_path / "elsewhere", checkpoint, **flag)
+    old = tmp_path / "old" / checkpoint.name
+    shutil.copytree(checkpoint, old)
+    del trainer_state["stateful_callbacks"]["dynrank"]
+    (old / "trainer_state.json").write_text(json.dumps(trainer_state))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback, _ = _resume_at_quarter_rank(tmp_path / "elsewhere", old, **flag)
+    assert not [w for w in caught if w.filename.endswith("hf.py")]
+    assert callback.scheduler.forms() == dict.fromkeys(saved["scheduler"]["forms"], "adapter")
     assert {layer.rank for _, layer in callback.scheduler.layers} == {8}
-    shutil.copytree(checkpoint, tmp_path / "old" / checkpoint.name)
-    (tmp_path / "old" / checkpoint.name / "dynrank_callback.json").unlink()
-    callback = resume(tmp_path / "old", tmp_path / "old" / checkpoint.name)
-    assert callback.scheduler.forms() == dict.fromkeys(saved["forms"], "adapter")
+
+
+def test_callback_resume_ignores_a_stale_checkpoint_of_the_same_step_in_output_dir(tmp_path):
+    """A run at rank_ratio 0.25 resumed from its own checkpoint-8 into an output folder holding another run's
+    checkpoint-8 (at rank_ratio 0.5) is checked against the checkpoint it loads, not the one there: it
+    resumes, and ends with its uninterrupted run's weights."""
+    from dynrank.hf import DynamicRankCallback
+    _train(tmp_path / "stale", DynamicRankCallback(1, 2, log=None), epochs=3)
+    quarter = gpt2(dtype=torch.float32)
+    convert_model(quarter, rank_ratio=0.25)
+    _train(tmp_path / "quarter", DynamicRankCallback(1, 2, log=None), model=quarter, epochs=3)
+    _, resumed = _resume_at_quarter_rank(tmp_path / "stale", tmp_path / "quarter" / "checkpoint-8")
+    expected, state = quarter.state_dict(), resumed.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+    assert resumed.transformer.h[0].attn.c_attn.rank == 8
 
 
 def test_callback_refused_resume_says_the_checkpoint_is_loaded(tmp_path):
@@ -469,31 +497,27 @@ def test_callback_resumes_an_iterable_dataset_run_where_its_epochs_began(tmp_pat
     the first epoch the Trainer starts the data anew, so resumed inside the first epoch, at its end, at
     the end of the second, or inside the third (no switch ahead) the run switches where the uninterrupted
     one did; inside the second, where the deflate is still ahead, it is refused (counted from the data's
-    restart, the deflate came a step early), also from a checkpoint of a run that was itself resumed."""
-    import shutil
-
+    restart, the deflate came a step early), also from a checkpoint of a run that was itself resumed.
+    Every resume reads a checkpoint outside its own output folder."""
     from dynrank.hf import DynamicRankCallback
 
     def run(out_dir, resume=None, save="steps"):
         switches, trainer = [], None
         callback = DynamicRankCallback(1, 2, log=lambda line: switches.append((trainer.state.global_step, line)))
         trainer = _trainer(out_dir, callback, save=save, save_steps=1, data=_TokenStream(16), max_steps=6)
-        trainer.train(resume_from_checkpoint=resume)
+        trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
         return switches
-
-    def copied(run_dir, step):
-        shutil.copytree(run_dir / f"checkpoint-{step}", tmp_path / f"{run_dir.name}-{step}" / f"checkpoint-{step}")
-        return tmp_path / f"{run_dir.name}-{step}"
 
     full = run(tmp_path / "full")
     assert [step for step, _ in full] == [2, 4]
     for step in (1, 2, 4, 5):
         expected = [switch for switch in full if switch[0] >= step]
-        assert run(copied(tmp_path / "full", step), resume=True, save="no" if step > 1 else "steps") == expected
+        assert run(tmp_path / f"from-{step}", resume=tmp_path / "full" / f"checkpoint-{step}",
+                   save="no" if step > 1 else "steps") == expected
     refused = r"resuming an IterableDataset run at global step 3, inside epoch 1 \(begun at step 2\).*switch at epoch 2"
-    for run_dir in (tmp_path / "full", tmp_path / "full-1"):
+    for run_dir in (tmp_path / "full", tmp_path / "from-1"):
         with pytest.raises(ValueError, match=refused):
-            run(copied(run_dir, 3), resume=True, save="no")
+            run(tmp_path / "again", resume=run_dir / "checkpoint-3", save="no")
 
 
 def test_callback_checks_deflate_rank_at_construction():
