@@ -892,9 +892,20 @@ def test_a_resume_may_download_the_data_again(tmp_path, monkeypatch, restore_thr
     def fake_download(name, root):
         fetched.append((name, root))
         os.makedirs(root, exist_ok=True)
-        os.rename(first / "cifar-10-batches-py", moved / "cifar-10-batches-py")
+        if not (moved / "cifar-10-batches-py").exists():
+            os.rename(first / "cifar-10-batches-py", moved / "cifar-10-batches-py")
     monkeypatch.setattr(train_data, "download", fake_download)
     monkeypatch.setattr(VisionData, "train_batches", original)
-    assert cli.main(["--resume", str(out), "--data-dir", str(moved), "--download"]) == 0
+    # A resume given --download that dies before its first checkpoint leaves config.json saying so: the
+    # next plain resume was refused ("config.json differs ... in download").
+    def lost(self, at_epoch, start=0):
+        raise RuntimeError("machine lost")
+        yield
+    monkeypatch.setattr(VisionData, "train_batches", lost)
+    with pytest.raises(RuntimeError, match="machine lost"):
+        cli.main(["--resume", str(out), "--data-dir", str(moved), "--download"])
     assert fetched == [("cifar10", str(moved))]
+    monkeypatch.setattr(VisionData, "train_batches", original)
+    assert cli.main(["--resume", str(out)]) == 0
+    assert len(fetched) == 2                                # the saved --download fetches (checks) it again
     assert [r["epoch"] for r in json.loads((out / "full" / "metrics.json").read_text())] == [0, 1]

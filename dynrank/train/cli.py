@@ -424,8 +424,9 @@ def _resolve_device(cfg):
 
 SCHEDULE_DIRS = ("full", "lowrank", "dynamic")
 # Settings a resume may find changed in config.json against the checkpoint's copy: the overrides and
-# what a resume records or re-derives (--device, its AMP default and memory layout, the resumes list).
-RESUME_BOOKKEEPING = (*RESUME_OVERRIDES, "device", "amp", "channels_last", "resumes")
+# what a resume records or re-derives (--device, its AMP default and memory layout, the resumes list,
+# a --download it was given).
+RESUME_BOOKKEEPING = (*RESUME_OVERRIDES, "device", "amp", "channels_last", "resumes", "download")
 
 
 def _holds_run(folder):
