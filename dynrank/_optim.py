@@ -176,14 +176,17 @@ def drop_frozen_adapter_params(optimizer, layer):
     frozen factors (a switch never adds a frozen parameter).  An optimizer given ``model.parameters()``
     of a model converted with ``form="adapter"`` then holds what it holds after an inflate and a deflate,
     so a checkpoint taken after them loads into a freshly built one.  Frozen parameters take no step, so
-    training is unchanged.  Returns True if the optimizer was edited."""
+    training is unchanged.  Returns whether frozen factors the optimizer held were taken out."""
     if layer.form != "adapter":
         return False
     dense = layer._dense()
     frozen = [] if dense.requires_grad else [dense]
-    if not layer._trains():
-        frozen += list(layer.factors().values())
-    return bool(frozen) and replace_params(optimizer, frozen, [])
+    factors = [] if layer._trains() else list(layer.factors().values())
+    held = optimizer_params(optimizer)
+    dropped = any(id(p) in held for p in factors)
+    if frozen or factors:
+        replace_params(optimizer, frozen + factors, [])
+    return dropped
 
 
 def params_before(layer):

@@ -243,8 +243,12 @@ class DynamicRankScheduler:
         check_trains_layers(optimizer, self._layers, self.model)
         check_untied(self.model, self._layers, type(self).__name__)
         _remember_ddp(model)
-        for _, layer in self._layers:
-            drop_frozen_adapter_params(optimizer, layer)
+        dropped = [name for name, layer in self._layers if drop_frozen_adapter_params(optimizer, layer)]
+        if dropped:
+            warnings.warn(f"layers {', '.join(map(repr, dropped))} are frozen adapters (no parameter but the bias "
+                          f"requires grad): their factors leave the optimizer, as a switch leaves a frozen "
+                          f"layer out of it, so unfreezing them later trains nothing; to train them, call "
+                          f"requires_grad_() on their factors before building the scheduler", stacklevel=2)
         manage([layer for _, layer in self._layers], optimizer, self.model)
         self.last_epoch = None
         self._callbacks = []

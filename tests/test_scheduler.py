@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -917,3 +918,26 @@ def test_a_load_that_deflates_a_cuda_layer_leaves_the_cuda_rng_alone():
     assert sched.forms() == {"0": "adapter", "2": "adapter"}
     assert torch.equal(torch.cuda.get_rng_state(device), before)
     assert torch.equal(torch.get_rng_state(), cpu_before)
+
+
+def test_a_frozen_adapter_layers_factors_leave_the_optimizer_with_a_warning():
+    """Built on a model converted to adapter form with one layer frozen whole, the scheduler takes that
+    layer's factors out of the optimizer (a switch would), without a word: unfreezing it later trained
+    nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    convert_model(model, rank_ratio=0.5, form="adapter", keep_last=False)
+    model[2].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"layers '2' are frozen adapters .* their factors leave the optimizer"):
+        DynamicRankScheduler(model, opt, None, 2)
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert not any(id(p) in held for p in (model[2].weight, model[2].A, model[2].B))
+    assert all(id(p) in held for p in (model[0].A, model[0].B))
+    # An optimizer that holds no frozen factor: nothing to say.
+    model[2].requires_grad_(True)
+    model[2].weight.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DynamicRankScheduler(model, opt, None, 2)
