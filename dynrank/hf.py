@@ -24,7 +24,8 @@ from collections.abc import Mapping
 from ._args import check_int
 from ._forms import FORMS
 from .monitor import _EPOCH_COLUMNS, RankMonitor
-from .scheduler import DEFAULT_OPTIMIZER_STATE, DynamicRankScheduler, _check_choices, _check_schedule
+from .scheduler import (DEFAULT_OPTIMIZER_STATE, DynamicRankScheduler, _check_choices, _check_schedule,
+                        check_deflate_rank_value)
 
 try:
     from transformers import TrainerCallback
@@ -390,14 +391,9 @@ def _check_deflate_rank(spec):
         what = "deflate_rank" if name is None else f"deflate_rank[{name!r}]"
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{what} must be an int, a float ratio in (0, 1]"
-                            f"{', a dict of them' if name is None else ''} or None, "
-                            f"got {type(value).__name__} ({value!r})")
+        check_deflate_rank_value(value, what)
         if isinstance(value, numbers.Integral):
             check_int(value, what, "a rank >= 1 (an int) or a float ratio in (0, 1]", low=1)
-        elif not 0.0 < value <= 1.0:
-            raise ValueError(f"{what} is a float, a rank ratio, which must be in (0, 1], got {value!r}")
 
 
 def _number(value):

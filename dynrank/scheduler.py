@@ -37,7 +37,17 @@ from ._optim import (drop_frozen_adapter_params, manage, params_before, pullback
                      replace_params, switched_params)
 from .distributed import _remember_ddp, _retire_stale
 
-__all__ = ["DynamicRankScheduler", "OPTIMIZER_STATES", "form_layers"]
+__all__ = ["DynamicRankScheduler", "OPTIMIZER_STATES", "form_layers", "check_deflate_rank_value"]
+
+
+def check_deflate_rank_value(value, what="deflate_rank"):
+    """TypeError/ValueError for one layer's ``deflate_rank`` of a type no layer takes (not an int or a
+    float, a bool) or a float ratio outside (0, 1]; an int is checked against each layer's rank range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be an int, a float ratio in (0, 1], a dict of them or None, "
+                        f"got {type(value).__name__} ({value!r})")
+    if not isinstance(value, numbers.Integral) and not 0.0 < value <= 1.0:
+        raise ValueError(f"{what} is a float, a rank ratio, which must be in (0, 1], got {value!r}")
 
 OPTIMIZER_STATES = ("reset", "carry")
 UNITS = ("epoch", "step")
@@ -280,15 +290,8 @@ class DynamicRankScheduler:
             spec = spec.get(name)
         if spec is None:
             return layer.rank
-        if isinstance(spec, bool):
-            raise TypeError(f"deflate_rank must be an int, a float ratio, a dict or None, got {spec!r}")
-        if isinstance(spec, numbers.Integral):
-            return int(spec)
-        if isinstance(spec, numbers.Real):
-            if not 0.0 < spec <= 1.0:
-                raise ValueError(f"a float deflate_rank is a ratio in (0, 1], got {spec}")
-            return layer.rank_for_ratio(spec)
-        raise TypeError(f"deflate_rank must be an int, a float ratio, a dict or None, got {type(spec).__name__}")
+        check_deflate_rank_value(spec)
+        return int(spec) if isinstance(spec, numbers.Integral) else layer.rank_for_ratio(spec)
 
     def _check_deflate_rank(self, spec):
         """``spec`` validated against every layer (a dict copied); raises TypeError/ValueError."""

@@ -219,7 +219,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"model has no dynrank layers \(FusedLowRankLinear, LowRankConv2d\)"):
         dense = nn.Linear(4, 4)
         DynamicRankScheduler(dense, torch.optim.SGD(dense.parameters(), lr=0.1), 1, 2)
-    with pytest.raises(ValueError, match=r"deflate_rank is a ratio in \(0, 1\], got 1\.5"):
+    with pytest.raises(ValueError, match=r"deflate_rank is a float, a rank ratio, which must be in \(0, 1\], got 1\.5"):
         DynamicRankScheduler(model, opt, 1, 2, deflate_rank=1.5)
     with pytest.raises(ValueError, match=r"rank must be in \[1, 12\], got 13"):
         DynamicRankScheduler(model, opt, 1, 2, deflate_rank=13)
