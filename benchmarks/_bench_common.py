@@ -12,11 +12,13 @@ Nothing here runs at import time: the roofline is measured lazily, once per
 (device, dtype) per session, and only when benchmarks are actually timed.
 """
 
+import argparse
 import contextlib
 import functools
 import importlib
 import importlib.metadata
 import itertools
+import math
 import os
 import platform
 import time
@@ -30,7 +32,7 @@ __all__ = [
     "describe", "finish", "make_pass", "warm_up", "TIMINGS", "QUEUED_CALLS", "benchmark_queued", "time_pass",
     "optional_module", "require_module",
     "compile_enabled", "dtype_name", "flops_of", "env_override", "cuda_only_param", "measured_rooflines",
-    "RESULTS", "triton_forced", "inplace_adapter", "prepare_out",
+    "RESULTS", "triton_forced", "inplace_adapter", "prepare_out", "at_least",
 ]
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,6 +142,21 @@ def require_module(name, why, attr=None):
     if not hasattr(module, attr):
         pytest.skip(f"{name} has no {attr} yet: {why}")
     return getattr(module, attr)
+
+
+def at_least(low, kind=int, why=""):
+    """An argparse type: a ``kind`` (int, or a finite float) ≥ ``low``; argparse names the flag, ``why``
+    follows the bound in the message."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a finite number'} "
+                                             f"≥ {low}{why}, got {text!r}")
+        return value
+    return parse
 
 
 def prepare_out(parser, path, flag="--out"):

@@ -19,7 +19,9 @@ epoch after each switch (how much the switch disrupts training).
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -28,6 +30,9 @@ from torch.nn import functional as F
 
 from dynrank.convert import convert_model
 from dynrank.scheduler import DynamicRankScheduler
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_common import at_least  # noqa: E402
 
 MODELS = ("mlp", "cnn")     # the teacher-student tasks: MLP on 16-d vectors, CNN on 3×8×8 images
 
@@ -108,30 +113,17 @@ def _models(text):
     return kinds
 
 
-def _at_least(low, why=""):
-    """An argparse type: an integer ≥ ``low`` (argparse names the flag)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer ≥ {low}{why}, got {text!r}")
-        return value
-    return parse
-
-
 def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=_at_least(1), default=3)
-    parser.add_argument("--epochs", type=_at_least(3, " (lowrank, full and adapter epochs: I = E/3, D = 2E/3)"),
+    parser.add_argument("--seeds", type=at_least(1), default=3)
+    parser.add_argument("--epochs", type=at_least(3, why=" (lowrank, full and adapter epochs: I = E/3, D = 2E/3)"),
                         default=12)
     parser.add_argument("--models", type=_models, default=list(MODELS), help="comma-separated: mlp, cnn")
-    parser.add_argument("--threads", type=_at_least(1), default=1,
+    parser.add_argument("--threads", type=at_least(1), default=1,
                         help="intra-op threads (1: these models are too small to gain from more)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -23,7 +23,6 @@ the full-rank epochs go, summarized in a second table with the final λ of layer
 
 import argparse
 import json
-import math
 import os
 import signal
 import statistics
@@ -32,7 +31,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))     # paper_summary (finds the checkout)
-from paper_summary import environment, summarize  # noqa: E402
+from paper_summary import environment, summarize  # noqa: E402  (puts the checkout on sys.path)
+from _bench_common import at_least  # noqa: E402
 
 DEFAULT_RUNS = ([f"{s}:svd:0" for s in ("full", "lowrank", "dynamic")]
                 + [f"{s}:{d}:0" for d in ("tucker", "cp", "tkd-cpd") for s in ("dynamic", "lowrank")]
@@ -306,44 +306,30 @@ def _wait(running, seconds):
             run.proc.wait()
 
 
-def _at_least(low, kind=int):
-    """An argparse type: a ``kind`` (int, or a finite float) ≥ ``low``; argparse names the flag."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or value < low:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a finite number'} "
-                                             f"≥ {low}, got {text!r}")
-        return value
-    return parse
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="local/data", help="folder holding cifar10-jpeg.tar.gz or CIFAR-10")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "cifar10-resnet20"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run on a CPU device")
-    parser.add_argument("--budget-s", type=_at_least(0, float), default=540.0,
+    parser.add_argument("--budget-s", type=at_least(0, float), default=540.0,
                         help="wall seconds for this call: runs still going then are stopped with a checkpoint")
     parser.add_argument("--deadline-file", default=None,
                         help="file that may hold a new deadline as Unix time, read while running "
                              "(for runs that outlive the call that started them)")
     parser.add_argument("--parallel", type=int, default=1, help="runs sharing the GPU at a time")
-    parser.add_argument("--protect", type=_at_least(0), default=3,
+    parser.add_argument("--protect", type=at_least(0), default=3,
                         help="the first this many unfinished runs are never stopped to make room for the others")
     parser.add_argument("--cache-dir", default=None, help="decoded-image cache shared by the runs")
-    parser.add_argument("--grace-s", type=_at_least(0, float), default=25.0,
+    parser.add_argument("--grace-s", type=at_least(0, float), default=25.0,
                         help="time a stopped run gets to checkpoint")
-    parser.add_argument("--drop-cooldown-s", type=_at_least(0, float), default=20.0,
+    parser.add_argument("--drop-cooldown-s", type=at_least(0, float), default=20.0,
                         help="seconds between two stops made to free the GPU")
-    parser.add_argument("--min-launch-s", type=_at_least(0, float), default=60.0,
+    parser.add_argument("--min-launch-s", type=at_least(0, float), default=60.0,
                         help="start no run with less time left")
-    parser.add_argument("--poll-s", type=_at_least(0, float), default=2.0)
-    parser.add_argument("--status-every-s", type=_at_least(0, float), default=30.0)
-    parser.add_argument("--epochs", type=_at_least(1), default=None,
+    parser.add_argument("--poll-s", type=at_least(0, float), default=2.0)
+    parser.add_argument("--status-every-s", type=at_least(0, float), default=30.0)
+    parser.add_argument("--epochs", type=at_least(1), default=None,
                         help="override the preset's 150 (for a dry run)")
     parser.add_argument("--runs", nargs="+", type=parse_run, default=[parse_run(r) for r in DEFAULT_RUNS])
     parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],

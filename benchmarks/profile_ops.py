@@ -47,7 +47,7 @@ except ImportError:  # run from a checkout without installing
 
 # The suites' helpers (and test_bench_epoch's models), as the suites import them.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import cpu_model, dtype_name, inplace_adapter, prepare_out, sync  # noqa: E402
+from _bench_common import at_least, cpu_model, dtype_name, inplace_adapter, prepare_out, sync  # noqa: E402
 
 
 def host_microseconds(fn, calls=2000, device="cuda"):
@@ -404,17 +404,6 @@ def profile_lm_step(lines, device=None, steps=5):
                  "wall far above it means the step waits on the host)")
 
 
-def _positive(text):
-    """An argparse type: an integer ≥ 1 (argparse names the flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
-    return value
-
-
 # (tokens, features, rank) where the flags leave them: section 3's adapter on CUDA; the host-time
 # table on a CPU (on CUDA that table keeps its own shape, small enough to leave the GPU idle).
 SHAPE = {"cuda": (4096, 4096, 16), "cpu": (4, 16, 2)}
@@ -424,15 +413,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="text file for the report, its folder created if missing (default: print only)")
     where = "section 3's adapter on CUDA, the host-time table with --device cpu"
-    parser.add_argument("--tokens", type=_positive, default=None,
+    parser.add_argument("--tokens", type=at_least(1), default=None,
                         help=f"tokens T of {where} (default {SHAPE['cuda'][0]} on CUDA, {SHAPE['cpu'][0]} on the CPU)")
-    parser.add_argument("--features", type=_positive, default=None,
+    parser.add_argument("--features", type=at_least(1), default=None,
                         help=f"in = out features of {where} (default {SHAPE['cuda'][1]}, {SHAPE['cpu'][1]})")
-    parser.add_argument("--rank", type=_positive, default=None,
+    parser.add_argument("--rank", type=at_least(1), default=None,
                         help=f"rank of {where} (default {SHAPE['cuda'][2]}, {SHAPE['cpu'][2]})")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: only the host time per call (section 2's first table), one thread")
-    parser.add_argument("--rounds", type=_positive, default=None,
+    parser.add_argument("--rounds", type=at_least(1), default=None,
                         help="rounds of the host-time table (default 1 on CUDA, 15 on the CPU)")
     args = parser.parse_args(argv)
     tokens, features, rank = (default if value is None else value
