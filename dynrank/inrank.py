@@ -35,6 +35,7 @@ from ._forms import outside_inference_mode
 from ._optim import SQUARED_STATE, _split_state, manage, replace_params
 from .distributed import _remember_ddp, _retire_stale
 from .linear import FusedLowRankLinear, svd_factors
+from .metrics import _check_not_meta
 
 __all__ = ["IncrementalRankScheduler", "grow_rank_", "explained_rank"]
 
@@ -491,11 +492,7 @@ class IncrementalRankScheduler:
         self._check_none_full()
         due = [(name, layer) for name, layer in self._layers if layer.rank < self.max_rank[name]]
         check_switchable(due)
-        meta = [name for name, layer in due if layer.A.is_meta or layer.B.is_meta]
-        if meta:
-            raise ValueError(f"layers {meta} hold factors on the meta device, which have no values to test: "
-                             f"materialize them first (to_empty(device=...), then reset_parameters() or "
-                             f"load_state_dict()); not growing any layer at step {step}")
+        _check_not_meta(due, "test", f"; not growing any layer at step {step}")
         check_finite(due, f"not growing any layer at step {step}", frozen=False)   # growth reads A, B only
         plans = []
         for name, layer in due:

@@ -261,8 +261,9 @@ def _check_method(method):
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
-def _check_not_meta(pairs):
-    """Raise ValueError naming the layers of ``pairs`` ((name, layer or tensor)) that hold meta tensors."""
+def _check_not_meta(pairs, doing="measure", then=""):
+    """Raise ValueError naming the layers of ``pairs`` ((name, layer or tensor)) that hold meta tensors, which
+    have no values to ``doing``; ``then`` ends the message (what the caller leaves undone)."""
     def on_meta(layer):
         if isinstance(layer, torch.Tensor):
             return layer.is_meta
@@ -271,9 +272,9 @@ def _check_not_meta(pairs):
         return False                  # not a layer: _plan's TypeError
     meta = [f"{name} ({type(layer).__name__})" for name, layer in pairs if on_meta(layer)]
     if meta:
-        raise ValueError(f"layers {meta} hold tensors on the meta device, which have no values to measure: "
+        raise ValueError(f"layers {meta} hold tensors on the meta device, which have no values to {doing}: "
                          f"materialize them first (to_empty(device=...), then reset_parameters() or "
-                         f"load_state_dict())")
+                         f"load_state_dict()){then}")
 
 
 def _check_nonfinite(nonfinite):

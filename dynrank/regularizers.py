@@ -207,7 +207,7 @@ def _srip(weight, n_power_iterations, start, return_vector, check_start):
         if tuple(start.shape) != (p,):
             raise ValueError(f"start must be a tensor of shape ({p},), got {tuple(start.shape)}")
         start = start.detach().to(device=M.device, dtype=M.dtype)
-        if check_start and not bool(torch.isfinite(start).all() & start.any()):
+        if check_start and not _moves(start):
             start = None           # a degenerate start: power iteration would stay at 0 or NaN
     if start is None:
         gen = torch.Generator().manual_seed(0)
@@ -224,6 +224,11 @@ def _srip(weight, n_power_iterations, start, return_vector, check_start):
                 v = torch.where(u.any() & torch.isfinite(u).all(), u, v)
         value = torch.linalg.vector_norm(M @ v)
     return (value, v) if return_vector else value
+
+
+def _moves(v):
+    """Whether power iteration can move from ``v``: finite and not all zeros."""
+    return bool(torch.isfinite(v).all() & v.any())
 
 
 def regularized_tensors(model, exclude=()):
@@ -387,7 +392,7 @@ class OrthogonalityRegularizer:
                 raise TypeError(f"state[{name!r}] must be a real floating-point tensor, got {got}")
             if v.dim() != 1:
                 raise ValueError(f"state[{name!r}] must be a 1-D vector, got shape {tuple(v.shape)}")
-            if not bool(torch.isfinite(v).all() & v.any()):
+            if not _moves(v):
                 raise ValueError(f"state[{name!r}] must be a finite vector that is not all zeros (power "
                                  f"iteration cannot move from it), got {v.tolist()!r:.80}")
         if state and self.kind != "srip":

@@ -98,8 +98,8 @@ def test_step_refuses_a_layer_on_the_meta_device():
     model = nn.Sequential(FusedLowRankLinear(16, 8, 4), FusedLowRankLinear(8, 8, 4, device="meta"))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = IncrementalRankScheduler(model, opt, init_rank=None, buffer=2, warmup_steps=0, check_every=1)
-    with pytest.raises(ValueError, match=re.escape("layers ['1'] hold factors on the meta device, which have no "
-                                                   "values to test: materialize them first")):
+    with pytest.raises(ValueError, match=re.escape("layers ['1 (FusedLowRankLinear)'] hold tensors on the meta "
+                                                   "device, which have no values to test: materialize them first")):
         sched.step()
     assert sched.last_step == 0 and sched.ranks == {"0": 4, "1": 4}
     model[1].to_empty(device="cpu").reset_parameters()
