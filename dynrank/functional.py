@@ -387,7 +387,7 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
     if not compiling and (use_torch or _eager_transform_active()):
         return _torch_lowrank_linear(x, weight, A, B, bias, scale)
     lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.flatten(0, -2)        # reshape(-1, K) cannot size it where K = 0
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(lead), K)      # reshape(-1, K) cannot size K = 0
     if compiling and use_torch:
         # The torch engine's GEMMs traced out of place (inductor fuses them its own way): an in-place
         # add cannot take a batched adapter term into an unbatched base output when the compiled code

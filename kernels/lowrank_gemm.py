@@ -222,10 +222,6 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
     for name, t in (("x", x), ("wt", wt), ("u", u), ("vt", vt)):
         if t is not None and t.dim() != 2:
             raise ValueError(f"lowrank_gemm: {name} must be 2-D, got shape {tuple(t.shape)}")
-    for (a, b), (ta, tb) in ((("x", "wt"), (x, wt)), (("u", "vt"), (u, vt))):
-        if ta is not None and ta.dtype != tb.dtype:
-            raise TypeError(f"lowrank_gemm: {a} and {b} must have one dtype (one product), got {ta.dtype} "
-                            f"and {tb.dtype}")
     first = x if x is not None else u
     M = first.shape[0]
     N = (wt if wt is not None else vt).shape[1]
@@ -236,6 +232,10 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
     if u is not None and (u.shape[0] != M or vt.shape != (R, N)):
         raise ValueError(f"u·vt shapes do not match: {tuple(u.shape)} · {tuple(vt.shape)} for ({M}, {N})")
     check_operands("lowrank_gemm", N, bias, x=x, wt=wt, u=u, vt=vt)
+    for (a, b), (ta, tb) in ((("x", "wt"), (x, wt)), (("u", "vt"), (u, vt))):
+        if ta is not None and ta.dtype != tb.dtype:
+            raise TypeError(f"lowrank_gemm: {a} and {b} must have one dtype (one product), got {ta.dtype} "
+                            f"and {tb.dtype}")
     if out is None:
         out = torch.empty((M, N), device=first.device, dtype=out_dtype or first.dtype)
     elif out.shape != (M, N):
