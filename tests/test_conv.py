@@ -602,3 +602,25 @@ def test_torch_export_with_a_dynamic_batch(dec, form, strict):
         kernel = kernel + layer.weight.detach().double()
     expected = torch.nn.functional.conv2d(x, kernel, layer.bias.detach().double(), padding=1)
     assert rel_err(program.module()(x.float()), expected) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("decomposition, rank, r_last", [("svd", 4, 4), ("tucker", (3, 5), 5), ("cp", 4, 4),
+                                                          ("tkd-cpd", (3, 6, 5), 5)])
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_scale_is_alpha_over_the_rank_entering_the_output_conv(decomposition, rank, r_last, form):
+    """s = alpha / r_last, as documented; the other conv tests take their reference's scale from the layer
+    itself, so a wrong one passed them.  The factorized term of a layer with alpha is alpha / r_last times
+    that of the same factors without it (float64)."""
+    torch.manual_seed(0)
+    scaled = LowRankConv2d(6, 8, 3, rank=rank, decomposition=decomposition, padding=1, form=form, alpha=6.0,
+                           dtype=torch.float64)
+    plain = LowRankConv2d(6, 8, 3, rank=rank, decomposition=decomposition, padding=1, form=form,
+                          dtype=torch.float64)
+    for name, t in scaled.factors().items():            # adapters start at zero output: fill them all
+        t.data.normal_()
+    plain.load_state_dict(scaled.state_dict())
+    assert scaled.scale == 6.0 / r_last and plain.scale == 1.0
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    base = torch.nn.functional.conv2d(x, scaled.weight, scaled.bias, padding=1) if form == "adapter" \
+        else scaled.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(scaled(x) - base, 6.0 / r_last * (plain(x) - base), rtol=1e-12, atol=1e-12)

@@ -455,3 +455,15 @@ def test_a_form_layer_of_another_kind_is_measured_by_its_own_merge(form):
     dense = layer._dense()
     expected = (0 if dense is None else dense.detach()) + layer.U.detach() @ layer.V.detach()
     torch.testing.assert_close(singular_values(layer), torch.linalg.svdvals(expected), rtol=1e-12, atol=1e-12)
+
+
+def test_scalar_metrics_take_sigma_in_any_order_and_agree_at_the_tolerance():
+    """σ may come in any order (every other test passed them sorted), and a value exactly at tol·σmax is not
+    counted: the effective rank is below p exactly where λ is ∞."""
+    from dynrank.spectra import effective_rank, restricted_spectral_ratio, spectral_ratio
+    sigma = torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64)
+    assert restricted_spectral_ratio(sigma, 2) == 2.0
+    assert spectral_ratio(sigma) == 4.0 and effective_rank(sigma) == 3
+    at_tol = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    assert effective_rank(at_tol, 0.5) == 1 and spectral_ratio(at_tol, 0.5) == math.inf
+    assert effective_rank(at_tol, 0.49) == 2 and spectral_ratio(at_tol, 0.49) == 2.0

@@ -683,3 +683,27 @@ def test_transformers_conv1d_kept_dense_is_monitored():
         assert m["spectral_ratio"] == pytest.approx(np_ratio(weight.t()), rel=1e-10)
         assert layer_metrics(modules[site]).shape == (weight.shape[1], weight.shape[0])
     assert RankMonitor(model, layers=sites[:1]).measure().keys() == {sites[0]}
+
+
+def test_the_epoch_clock_leaves_the_measurement_out(monkeypatch):
+    """wall_seconds is the epoch's own time and metrics_seconds the measurement's, run after the clock
+    stops: on a clock that the epoch moves by 10 s and the measurement by 3.5 s, exactly those."""
+    import types
+
+    import dynrank.monitor as monitor_module
+    now = [100.0]
+    monkeypatch.setattr(monitor_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    model = make_model()
+    monitor = RankMonitor(model)
+    measure = monitor._measure
+
+    def slow_measure(epoch):
+        now[0] += 3.5
+        return measure(epoch)
+    monkeypatch.setattr(monitor, "_measure", slow_measure)
+    for epoch in range(2):
+        monitor.start_epoch(epoch)
+        now[0] += 10.0
+        rec = monitor.end_epoch()
+        assert (rec["wall_seconds"], rec["metrics_seconds"]) == (10.0, 3.5)
+        assert rec["layers"]
