@@ -10,8 +10,9 @@ from ``Factorization.operands``: in place for ``inflate`` and the SVD deflate
 import torch
 from torch import Tensor
 
+from ._args import check_int
 from ._backend import backend_for
-from .functional import add_rounded_once_, transform_active
+from .functional import _check_scale, add_rounded_once_, check_no_overlap, transform_active
 
 __all__ = ["merge_conv_", "merged_kernel"]
 
@@ -19,6 +20,28 @@ __all__ = ["merge_conv_", "merged_kernel"]
 def _bmm_operands(U, V, groups):
     F_out, qg = U.shape
     return U.reshape(groups, F_out // groups, qg), V.reshape(groups, qg, -1)
+
+
+def _check_conv_merge(weight, U, V, alpha, groups):
+    """Validate :func:`merge_conv_`'s operands on either engine (the torch bmm truncated integer factors,
+    merged a NaN alpha, summed the updates of an expanded kernel's rows); returns ``alpha`` as a float."""
+    for name, t in (("weight", weight), ("U", U), ("V", V)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            got = f"dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"merge_conv_ needs floating-point tensors, got {name} of {got}")
+    groups = check_int(groups, "groups", "an int >= 1", 1)
+    if weight.dim() != 4 or U.dim() != 2 or V.dim() != 4:
+        raise ValueError(f"merge_conv_ takes weight (F, C/g, kh, kw), U (F, q/g) and V (q, C/g, kh, kw), got "
+                         f"weight {tuple(weight.shape)}, U {tuple(U.shape)}, V {tuple(V.shape)}")
+    F_out, qg = U.shape
+    if F_out != weight.shape[0] or F_out % groups or V.shape[0] != qg * groups or V.shape[1:] != weight.shape[1:]:
+        raise ValueError(f"for weight {tuple(weight.shape)} and groups={groups}, U must have shape "
+                         f"({weight.shape[0]}, q) and V ({groups}·q, {', '.join(map(str, weight.shape[1:]))}), "
+                         f"got U {tuple(U.shape)} and V {tuple(V.shape)}")
+    if U.device != weight.device or V.device != weight.device:
+        raise ValueError(f"weight, U and V must be on one device, got {weight.device}, {U.device}, {V.device}")
+    check_no_overlap("merge_conv_", weight)
+    return _check_scale(alpha, "alpha")
 
 
 def _uses_triton(weight, U, V):
@@ -34,7 +57,14 @@ def merge_conv_(weight, U, V, alpha, groups):
     Triton where the backend picks it (one pass over the kernel, fp32
     accumulator); otherwise a torch bmm, accumulated in fp32 for 16-bit kernels.  float64 kernels always
     take the torch path.
+
+    Raises:
+        TypeError: an operand that is not a floating-point tensor, ``groups`` not an int, ``alpha``
+            not a number.
+        ValueError: shapes that do not fit, ``groups`` below 1 or not dividing F and q, operands on
+            different devices, a non-finite ``alpha``, a weight whose elements share memory.
     """
+    alpha = _check_conv_merge(weight, U, V, alpha, groups)
     if _uses_triton(weight, U, V):
         from .kernels.conv_merge import conv_merge_
         return conv_merge_(weight, U, V, alpha, groups)

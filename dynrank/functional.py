@@ -46,6 +46,10 @@ def _check_operands(x, weight, A, B, bias):
     K = B.shape[0]
     if B.shape[1] != R:
         raise ValueError(f"B must have shape ({K}, {R}) to match A {tuple(A.shape)}, got {tuple(B.shape)}")
+    if weight is not None and x.dim() > 0 and x.shape[-1] != K and weight.shape[-1:] == x.shape[-1:]:
+        # The input and the weight agree on the input size; B's rows do not.
+        raise ValueError(f"B must have shape ({x.shape[-1]}, {R}) for an input of shape {tuple(x.shape)}, "
+                         f"got {tuple(B.shape)}")
     if weight is not None and tuple(weight.shape) != (N, K):
         raise ValueError(f"weight must have shape ({N}, {K}), got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
@@ -515,7 +519,7 @@ def merge_(weight, A, B, alpha=1.0):
 
     Raises:
         ValueError: shapes that do not fit, tensors on different devices, a weight whose elements share
-            memory (an expanded view), an alpha that is not finite.
+            memory (an expanded view, an unfold's windows), an alpha that is not finite.
         TypeError: tensors that are not floating point, an alpha that is not a number.
 
     Example:
@@ -533,7 +537,9 @@ def merge_(weight, A, B, alpha=1.0):
     dtypes = (weight.dtype, A.dtype, B.dtype)
     if (A.dtype == weight.dtype == B.dtype and weight.is_floating_point() and A.dim() == 2 and B.dim() == 2
             and not (weight.is_meta or A.is_meta or B.is_meta) and backend_for(weight.device, "merge", *dtypes) == "torch"):
-        # Common case first: torch's addmm_ refuses every other mistake itself (see lowrank_linear).
+        # Common case first: torch's addmm_ refuses every other mistake itself (see lowrank_linear), but
+        # not a weight whose elements overlap (an unfold's windows).
+        check_no_overlap("merge_", weight)
         try:
             return weight.addmm_(A, B.t(), alpha=alpha)
         except RuntimeError:
@@ -569,12 +575,27 @@ def add_rounded_once_(weight, acc, shape, add_):
 def _check_scale(value, name):
     """A finite real number as float (``lowrank_linear``'s scale, ``merge_``'s alpha): a Python or
     numpy number, or a 0-d real tensor (read once, as ``float()`` reads it)."""
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise TypeError(f"{name} is read as a number, so a tensor that requires grad would get no gradient; "
+                        f"pass a float (or detach it), or scale the output yourself to learn it")
     if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
         value = value.item()
     value = float(check_real(value, name, "a real number"))
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def check_no_overlap(op, weight):
+    """ValueError where elements of ``weight``, which ``op`` writes in place, share memory (an expanded
+    view, or an unfold's overlapping windows): each write would land on several elements.  A layout
+    passes when, in increasing stride order, each stride steps past all that the smaller ones reach."""
+    reach = 0
+    for stride, size in sorted((s, n) for s, n in zip(weight.stride(), weight.shape) if n > 1):
+        if stride <= reach:
+            raise ValueError(f"{op} writes weight in place, so its elements must not share memory, got a "
+                             f"view whose elements overlap (shape {tuple(weight.shape)}, strides {weight.stride()})")
+        reach += stride * (size - 1)
 
 
 def _check_merge_operands(weight, A, B):
@@ -590,6 +611,4 @@ def _check_merge_operands(weight, A, B):
     for name, t in (("weight", weight), ("A", A), ("B", B)):
         if not t.is_floating_point():
             raise TypeError(f"merge_ needs floating-point tensors, got {name} of dtype {t.dtype}")
-    if any(stride == 0 and size > 1 for stride, size in zip(weight.stride(), weight.shape)):
-        raise ValueError(f"merge_ writes weight in place, so its elements must not share memory, got an "
-                         f"expanded view (shape {tuple(weight.shape)}, strides {weight.stride()})")
+    check_no_overlap("merge_", weight)

@@ -178,7 +178,8 @@ def schedule_from_lr(epochs, milestones=None, lrs=None, full_rank_fraction=0.5, 
         raise ValueError(f"full_rank_fraction must be in (0, 1], got {full_rank_fraction}")
     granularity = check_int(granularity, "granularity", "a positive int", 1)
     boundary = regime_boundary(epochs, milestones, lrs, threshold)
-    budget = max(1, min(epochs, int(math.floor(full_rank_fraction * epochs + 0.5))))
+    # Half up on the exact product (0.29 · 50 = 14.5 is 14.499999999999998 in binary floating point).
+    budget = max(1, min(epochs, math.floor(_exact(full_rank_fraction) * epochs + Fraction(1, 2))))
     inflate = int(math.floor((boundary - budget / 2) / granularity)) * granularity
     if inflate + budget > epochs:
         inflate = epochs - budget
@@ -230,7 +231,11 @@ def finetune_schedule(epochs, deflate_fraction=0.5):
     # (0.29 · 100 = 28.999999999999996), and a margin past that rounding goes past real fractions at
     # large step counts: the floor of the exact product of the fraction the float stands for (0.29 is
     # 29/100, 1/3 is 1/3), read as the simplest fraction that rounds to it.
-    fraction = Fraction(float(deflate_fraction)).limit_denominator(10 ** 9)
-    if float(fraction) != float(deflate_fraction):
-        fraction = Fraction(float(deflate_fraction))
-    return None, max(1, math.floor(fraction * epochs))
+    return None, max(1, math.floor(_exact(deflate_fraction) * epochs))
+
+
+def _exact(value):
+    """The fraction a float stands for, read as the simplest fraction that rounds to it (0.29 is 29/100,
+    1/3 is 1/3): products with it fall on the integers they equal in decimal."""
+    fraction = Fraction(float(value)).limit_denominator(10 ** 9)
+    return fraction if float(fraction) == float(value) else Fraction(float(value))

@@ -624,3 +624,31 @@ def test_scale_is_alpha_over_the_rank_entering_the_output_conv(decomposition, ra
     base = torch.nn.functional.conv2d(x, scaled.weight, scaled.bias, padding=1) if form == "adapter" \
         else scaled.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(scaled(x) - base, 6.0 / r_last * (plain(x) - base), rtol=1e-12, atol=1e-12)
+
+
+def test_merge_conv_checks_its_operands_on_the_torch_engine(monkeypatch):
+    """The torch bmm took anything: an expanded kernel got the sum of every row's update, integer factors
+    were truncated, a NaN alpha merged in, a groups of 0 or 3 gave ZeroDivisionError or a reshape error.
+    The kernel is left as it was."""
+    from dynrank.conv_merging import merge_conv_
+    monkeypatch.setenv("DYNRANK_BACKEND", "torch")
+    U, V = torch.randn(8, 2), torch.randn(2, 3, 3, 3)
+    expanded = torch.zeros(1, 3, 3, 3).expand(8, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"merge_conv_ writes weight in place, so its elements must not share "
+                                         r"memory"):
+        merge_conv_(expanded, U, V, 1.0, 1)
+    assert not expanded.any()
+    W = torch.zeros(8, 3, 3, 3)
+    cases = [((W.long(), U, V, 1.0, 1), TypeError, "floating-point tensors, got weight of dtype torch.int64"),
+             ((W, U.long(), V, 1.0, 1), TypeError, "got U of dtype torch.int64"),
+             ((W, U, V, float("nan"), 1), ValueError, "alpha must be finite, got nan"),
+             ((W, U, V, 1.0, 0), ValueError, "groups must be"),
+             ((W, U, V, 1.0, 3), ValueError, r"for weight \(8, 3, 3, 3\) and groups=3, U must have shape"),
+             ((W, U, V[:, :2], 1.0, 1), ValueError, r"V \(1·q, 3, 3, 3\)"),
+             ((W[0], U, V, 1.0, 1), ValueError, "merge_conv_ takes weight")]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            merge_conv_(*args)
+    assert not W.any()
+    merge_conv_(W, U, V, 0.5, 1)          # and a good one merges
+    torch.testing.assert_close(W, 0.5 * (U @ V.reshape(2, -1)).reshape(8, 3, 3, 3))

@@ -576,10 +576,19 @@ def test_functional_merge_rejects_bad_input(backend):
     with pytest.raises(ValueError, match="one device"):
         F.merge_(torch.empty(4, 5, device="meta"), A, B)
     expanded = torch.zeros(1, 5, device=device).expand(4, 5)
-    with pytest.raises(ValueError, match=r"must not share memory, got an expanded view \(shape \(4, 5\), "
-                                         r"strides \(0, 1\)\)"):
+    with pytest.raises(ValueError, match=r"must not share memory, got a view whose elements overlap \(shape "
+                                         r"\(4, 5\), strides \(0, 1\)\)"):
         F.merge_(expanded, A, B)
     assert not expanded.any()
+    # An unfold's windows overlap with no zero stride: each write landed on several elements (|W − A·Bᵀ|
+    # reached 3.8); transposed and sliced views still pass.
+    windows = torch.zeros(8, device=device).unfold(0, 5, 1)
+    with pytest.raises(ValueError, match=r"elements overlap \(shape \(4, 5\), strides \(1, 1\)\)"):
+        F.merge_(windows, A, B)
+    assert not windows.any()
+    for view in (torch.zeros(5, 4, device=device).t(), torch.zeros(8, 10, device=device)[::2, 1:6]):
+        F.merge_(view, A, B, 0.5)
+        torch.testing.assert_close(view, 0.5 * A @ B.t())
     for alpha, exc, message in (("2", TypeError, r"alpha must be a real number, got str \('2'\)"),
                                 (float("nan"), ValueError, "alpha must be finite, got nan"),
                                 (float("-inf"), ValueError, "alpha must be finite, got -inf")):
@@ -860,3 +869,21 @@ def test_a_fake_tensor_run_leaves_no_fake_zero_for_later_real_runs(allow_real, m
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
             assert rel_err(layer(x), ref) < 1e-12
+
+
+def test_lowrank_linear_names_b_and_refuses_a_scale_that_would_lose_its_gradient():
+    """A B of the wrong input size was reported as the weight's or the input's fault; a scale tensor that
+    requires grad was read as a number, so it never trained (only torch's generic warning said so)."""
+    x, W, A = torch.randn(3, 8), torch.randn(4, 8), torch.randn(4, 2)
+    with pytest.raises(ValueError, match=re.escape("B must have shape (8, 2) for an input of shape (3, 8), "
+                                                   "got (7, 2)")):
+        F.lowrank_linear(x, W, A, torch.randn(7, 2))           # "weight must have shape (4, 7)" before
+    with pytest.raises(ValueError, match=re.escape("input must have shape (..., 7), got (3, 8)")):
+        F.lowrank_linear(x, None, A, torch.randn(7, 2))        # without a weight, either may be wrong
+    scale = torch.tensor(0.5, requires_grad=True)
+    with pytest.raises(TypeError, match="scale is read as a number, so a tensor that requires grad would get no "
+                                        "gradient"):
+        F.lowrank_linear(x, W, A, torch.randn(8, 2), None, scale)
+    B = torch.randn(8, 2, dtype=torch.float64)
+    y = F.lowrank_linear(x.double(), W.double(), A.double(), B, None, torch.tensor(0.5))     # a plain 0-d tensor
+    torch.testing.assert_close(y, x.double() @ W.double().t() + 0.5 * (x.double() @ B) @ A.double().t())

@@ -192,3 +192,17 @@ def test_bad_lr_arguments_say_what_broke():
         regime_boundary(3, lrs=[0.1, 0.2, 0.3], threshold=0.5)
     # Tensors and numpy arrays of LRs still work.
     assert regime_boundary(4, lrs=torch.tensor([1.0, 1.0, 0.1, 0.1])) == 2
+
+
+def test_schedule_from_lr_rounds_the_exact_half_up():
+    """The budget is round-half-up of φ·E read exactly: 0.29 · 50 = 14.5 is 14.499999999999998 in binary
+    floating point, and came out 14 where 0.27 · 50 = 13.5 came out 14. Checked against Fraction
+    arithmetic on the decimal φ for every E < 120 and φ = k/100."""
+    for epochs in range(2, 120):
+        for k in range(1, 101):
+            phi = k / 100
+            inflate, deflate = schedule_from_lr(epochs, milestones=[epochs // 2], full_rank_fraction=phi)
+            budget = max(1, min(epochs, math.floor(Fraction(k, 100) * epochs + Fraction(1, 2))))
+            assert deflate - inflate == budget, (epochs, phi)
+    assert schedule_from_lr(50, milestones=[30], full_rank_fraction=0.29)[1] - \
+        schedule_from_lr(50, milestones=[30], full_rank_fraction=0.29)[0] == 15
