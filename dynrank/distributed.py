@@ -180,11 +180,16 @@ def _retire_ddp(ddp_model, why):
     """
     if getattr(ddp_model, "_dynrank_retired", False):
         return
+    if why == "rewrap_ddp":
+        message = ("this DistributedDataParallel was replaced by rewrap_ddp, which took its gradient hooks "
+                   "off: train through the wrapper rewrap_ddp returned (model = rewrap_ddp(model))")
+    else:
+        message = (f"this DistributedDataParallel was built on parameters that {why} replaced; its gradient "
+                   f"hooks are gone, so wrap the module again before training: "
+                   f"model = dynrank.distributed.rewrap_ddp(model)")
 
     def refuse(module, args):
-        raise RuntimeError(f"this DistributedDataParallel was built on parameters that {why} replaced; its "
-                           f"gradient hooks are gone, so wrap the module again before training: "
-                           f"model = dynrank.distributed.rewrap_ddp(model)")
+        raise RuntimeError(message)
     _remove_autograd_hooks(ddp_model)
     ddp_model.register_forward_pre_hook(refuse)
     ddp_model._dynrank_retired = True
@@ -268,6 +273,8 @@ def rewrap_ddp(ddp_model, **overrides):
     construction broadcasts parameters (and, unless buffer syncing is off,
     buffers) from rank 0.  A wrapper a form change retired is accepted; the new
     one is the module's current wrapper, which the next form change retires.
+    The old wrapper refuses to run afterwards, naming the returned one: trained
+    on, it would average nothing (``rewrap_ddp(model)`` with the result dropped).
 
     Args:
         ddp_model: the current ``torch.nn.parallel.DistributedDataParallel``.
@@ -296,7 +303,9 @@ def rewrap_ddp(ddp_model, **overrides):
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(f"rewrap_ddp takes a DistributedDataParallel, got {type(ddp_model).__name__}")
     kwargs = _ddp_settings(ddp_model, overrides)
-    _remove_autograd_hooks(ddp_model)
+    # Its hooks come off, and trained on it refuses to run: a `rewrap_ddp(model)` whose result was dropped
+    # would otherwise average nothing.  (One a form change retired keeps its own message.)
+    _retire_ddp(ddp_model, "rewrap_ddp")
     with warnings.catch_warnings():
         if "broadcast_buffers" not in overrides:     # copied, not asked for: no deprecation notice
             warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)

@@ -483,7 +483,8 @@ class DynamicRankScheduler:
         removed, added = switched_params(layer, before)
         if op == "deflate" and self.sync_ranks:
             from .distributed import broadcast_params
-            broadcast_params(added, group=self.process_group)
+            # Every fresh factor, a frozen layer's too (it may be unfrozen for LoRA later).
+            broadcast_params(list(layer.factors().values()), group=self.process_group)
         for copy_layer in copies:
             _follow(copy_layer, layer, op, init)
         after_ids = {id(p) for p in _trainable(layer)}

@@ -681,3 +681,32 @@ def test_convert_model_of_a_ddp_model_converts_inside_and_retires_the_wrapper(on
     ddp = rewrap_ddp(ddp)
     ddp(torch.randn(4, 12)).sum().backward()
     assert model[0].A.grad is not None
+
+
+def test_the_wrapper_rewrap_ddp_replaced_refuses_to_run(one_rank):
+    """rewrap_ddp took the old wrapper's hooks off and left its forward running: `rewrap_ddp(model)` with
+    the result dropped trained on, averaging nothing across the ranks, without a word."""
+    model = build(seed=0)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    new = rewrap_ddp(ddp)
+    with pytest.raises(RuntimeError, match=r"replaced by rewrap_ddp, which took its gradient hooks off: train "
+                                           r"through the wrapper rewrap_ddp returned"):
+        ddp(torch.randn(4, D_IN))
+    new(torch.randn(4, D_IN)).sum().backward()
+    assert rewrap_ddp(ddp) is not None                     # a retired wrapper is still taken
+
+
+def test_sync_ranks_broadcasts_a_frozen_layers_fresh_factors(one_rank, monkeypatch):
+    """Only the trainable new parameters were broadcast after a deflate: a frozen layer's fresh factors
+    (random B) differed across replicas of a bare module, and stayed so once unfrozen for LoRA."""
+    import dynrank.distributed as distributed
+    sent = []
+    monkeypatch.setattr(distributed, "broadcast_params", lambda params, group=None: sent.extend(params))
+    model = build(seed=0)
+    model[0].requires_grad_(False)
+    scheduler = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 2, sync_ranks=True)
+    with pytest.warns(UserWarning, match="switched while frozen"):
+        for epoch in range(3):
+            scheduler.step(epoch)
+    layers = [m for m in model.modules() if hasattr(m, "factors") and m.form == "adapter"]
+    assert layers and {id(p) for m in layers for p in m.factors().values()} <= {id(p) for p in sent}
