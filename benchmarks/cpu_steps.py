@@ -108,7 +108,11 @@ def main(argv=None):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be ≥ 1, got {getattr(args, name)}")
     if args.out:
+        if os.path.splitext(args.out)[1].lower() == ".json":
+            parser.error(f"--out {args.out}: the Markdown report, whose .json goes beside it; give it another "
+                         f"extension (.md)")
         prepare_out(parser, args.out)
+        prepare_out(parser, os.path.splitext(args.out)[0] + ".json", "the JSON beside --out,")
     torch.set_num_threads(args.threads)
     info = dict(cpu=cpu_model(), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 python=platform.python_version(), threads=args.threads, batch=args.batch, steps=args.steps,

@@ -53,8 +53,25 @@ def test_the_report_and_its_refusals(cpu_steps, tmp_path, restore_threads, capsy
         assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("where", ["folder", "under a file"])
+@pytest.mark.parametrize("where", ["folder", "under a file", "a .json report"])
 def test_out_is_refused_before_the_measurement(cpu_steps, tmp_path, monkeypatch, capsys, where):
-    out, message = bad_outs(tmp_path, "steps.md")[where]
+    """A .json --out was overwritten by the JSON the script writes beside it."""
+    if where == "a .json report":
+        out = tmp_path / "steps.json"
+        message = "the Markdown report, whose .json goes beside it; give it another extension (.md)"
+    else:
+        out, message = bad_outs(tmp_path, "steps.md")[where]
     assert_out_refused_before_work(cpu_steps, "measure", ["--forms", "full", "--threads", "1"], out, message,
                                    monkeypatch, capsys)
+
+
+def test_a_folder_where_the_json_goes_is_refused_before_the_measurement(cpu_steps, tmp_path, monkeypatch,
+                                                                          capsys):
+    """It failed with IsADirectoryError after the whole measurement."""
+    (tmp_path / "steps.json").mkdir()
+    monkeypatch.setattr(cpu_steps, "measure", lambda *a, **k: pytest.fail("measured before --out was checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        cpu_steps.main(["--forms", "full", "--threads", "1", "--out", str(tmp_path / "steps.md")])
+    assert exit_info.value.code == 2
+    assert (f"the JSON beside --out, {tmp_path / 'steps.json'}: is a folder, expected a file to write"
+            in capsys.readouterr().err)
