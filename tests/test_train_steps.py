@@ -227,3 +227,21 @@ def test_real_cuda_graphs_match_eager_steps_on_cuda(decomposition, amp, monkeypa
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), **tol)
     for a, b in zip(model.state_dict().values(), eager_model.state_dict().values()):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_a_run_that_starts_at_a_short_batch_graphs_the_full_ones():
+    """A resume at an epoch's short last batch fixed the graphed layout to it: every full batch after it
+    ran eagerly, for the rest of the run, and the epochs were timed as eager ones."""
+    graphs = StandInGraphs()
+    model = _model("svd")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    autocast = lambda cache=True: torch.autocast("cpu", enabled=False, cache_enabled=cache)
+    step = steps.TrainStep(model, optimizer, model, autocast, 0.0, cuda_graphs=True, warmup=1, graphs=graphs)
+    batches = _batches(4, short=3)
+    step(*batches[4], 0.1)                      # the short batch first
+    for x, y in batches[:4]:
+        step(x, y, 0.1)
+    assert (step.captures, step.replays) == (1, 3)      # a warm-up, then the capture's and two more replays
+    _, _, count = step(*batches[4], 0.1)                # a short batch again: eager, the graph kept
+    step(*batches[0], 0.1)
+    assert count == 3 and (step.captures, step.replays) == (1, 4)

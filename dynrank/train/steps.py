@@ -124,7 +124,12 @@ class TrainStep:
         if not self.enabled:
             return self._run(inputs, targets)
         shape = _layout(inputs) + _layout(targets)
-        if self._shape is None:
+        if self._shape is None or (shape != self._shape and inputs.shape[:1] > self._shape[0][:1]):
+            # The graphed layout is the largest batch's: a run resumed at an epoch's short last batch saw
+            # that one first, and would otherwise have run every full batch after it eagerly.
+            if self._shape is not None:
+                self._replay = self._key = self._pending = None
+                self._seen = 0
             self._shape = shape
         if shape != self._shape:       # the short last batch: eager, keeping the graph
             return self._run(inputs, targets)
