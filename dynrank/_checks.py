@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._forms import FormLayer
+from ._optim import optimizer_params
 
 __all__ = ["unwrap_model", "form_layers", "check_model_and_optimizer", "check_sync", "check_layer_names",
            "check_same_layers", "check_finite", "check_one_group", "check_trains_layers", "copy_layers",
@@ -251,7 +252,7 @@ def check_trains_layers(optimizer, layers, model):
     built before ``convert_model`` holds the replaced modules' tensors, and no layer would ever train.
     A layer left out of an optimizer that holds another's is fine, as is a model whose layers are frozen."""
     switched = [p for _, layer in layers for p in _switched(layer).values()]
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    held = optimizer_params(optimizer)
     if not switched or any(id(p) in held for p in switched):
         return
     in_model = {id(p) for p in model.parameters()}

@@ -136,15 +136,17 @@ class FormLayer(nn.Module):
     def __setattr__(self, name, value):
         # A weight assigned in lowrank form (``head.weight = emb.weight``, tying the nn.Linear way) was
         # added to A·Bᵀ by the forward and had the factors merged into it by inflate.
-        if value is not None and name == self.weight_name and self.__dict__.get("_form") == "lowrank":
-            self._refuse_weight()
+        self._refuse_weight_in_lowrank(name, value)
         super().__setattr__(name, value)
 
     def register_parameter(self, name, param):
         # The same weight registered directly reaches the forward and inflate as an assigned one.
-        if param is not None and name == self.weight_name and self.__dict__.get("_form") == "lowrank":
-            self._refuse_weight()
+        self._refuse_weight_in_lowrank(name, param)
         super().register_parameter(name, param)
+
+    def _refuse_weight_in_lowrank(self, name, value):
+        if value is not None and name == self.weight_name and self.__dict__.get("_form") == "lowrank":
+            self._refuse_weight()
 
     def _refuse_weight(self):
         """Raise the ValueError for a dense weight given to a lowrank-form layer: assigned, registered

@@ -6,7 +6,6 @@ depends on batch, spatial size and rank; "auto" times both once per input
 key on CUDA and uses a fitted roofline cost model elsewhere.
 """
 
-import contextlib
 import math
 import time
 
@@ -15,7 +14,7 @@ from torch.nn import functional as F
 
 from .conv_factorizations import _axis, run_chain
 from .conv_merging import merged_kernel
-from .functional import _AUTOCAST_DEVICES
+from .functional import autocast_off
 
 __all__ = ["ADAPTER_STRATEGIES", "AdapterChoice", "adapter_costs", "adapter_work", "time_adapter_strategies"]
 
@@ -45,18 +44,10 @@ def _adapter_merged(layer, x, weight, factors, bias):
     """Strategy "merged": one conv with W_f + ΔW, ΔW merged differentiably for this step."""
     scale = layer.scale_for(layer._dec.rank_of(factors))
     # The merged kernel is built in the parameters' dtype; under autocast only the conv is cast.
-    with _autocast_off(x.device.type):
+    with autocast_off(x.device.type):
         U, V = layer._dec.operands(factors)
         kernel = merged_kernel(weight, U, V, scale, layer.groups)
     return _dense_conv(layer, x, kernel, bias)
-
-
-def _autocast_off(device_type):
-    """A context with autocast off on ``device_type``: a no-op where it is not on, or where the
-    device type has no autocast (``meta``, whose ``torch.autocast`` raises "unsupported scalarType")."""
-    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 _ADAPTERS = {"chain": _adapter_chain, "merged": _adapter_merged}

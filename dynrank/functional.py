@@ -7,6 +7,7 @@ custom ops ``dynrank::lowrank_linear`` and ``dynrank::lowrank_linear_backward``
 so ``torch.compile`` treats it as one opaque node instead of breaking the graph.
 """
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -90,6 +91,12 @@ def check_matches_input(x, name, t):
 def _autocasting(device_type):
     """True while ``torch.autocast`` is on for ``device_type``."""
     return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(device_type):
+    """A context with autocast off on ``device_type``: a no-op where it is not on, or where the
+    device type has no autocast (``meta``, whose ``torch.autocast`` raises "unsupported scalarType")."""
+    return torch.autocast(device_type, enabled=False) if _autocasting(device_type) else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import torch
 
 from ._args import as_names, check_int, check_real
 from ._forms import FormLayer
-from .conv_adapter import _autocast_off
+from .functional import autocast_off
 from .metrics import monitored_layers
 
 __all__ = ["gram_small", "so_penalty", "dso_penalty", "srip_penalty", "regularized_tensors",
@@ -95,7 +95,7 @@ def gram_small(weight):
     """
     W = _matrix(weight)
     # Under torch.autocast the matmul would run in 16 bits whatever W's dtype.
-    with _autocast_off(W.device.type):
+    with autocast_off(W.device.type):
         return W.t() @ W if W.shape[0] >= W.shape[1] else W @ W.t()
 
 
@@ -212,7 +212,7 @@ def _srip(weight, n_power_iterations, start, return_vector, check_start):
     if start is None:
         gen = torch.Generator().manual_seed(0)
         start = torch.randn(p, generator=gen, dtype=torch.float64).to(device=M.device, dtype=M.dtype)
-    with _autocast_off(M.device.type):
+    with autocast_off(M.device.type):
         with torch.no_grad():
             Md = M.detach()
             v = _unit(start)

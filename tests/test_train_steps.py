@@ -101,12 +101,17 @@ def test_graphed_steps_train_exactly_as_eager_steps():
     assert (eager.captures, eager.replays) == (0, 0)
 
 
-def test_a_short_batch_runs_eagerly_and_keeps_the_graph():
-    graphs = StandInGraphs()
+def _graphed_svd_step():
+    """A graphed TrainStep (stand-in captures, one warm-up) of the SVD model under SGD."""
     model = _model("svd")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     autocast = lambda cache=True: torch.autocast("cpu", enabled=False, cache_enabled=cache)
-    step = steps.TrainStep(model, optimizer, model, autocast, 0.0, cuda_graphs=True, warmup=1, graphs=graphs)
+    return steps.TrainStep(model, optimizer, model, autocast, 0.0, cuda_graphs=True, warmup=1,
+                           graphs=StandInGraphs())
+
+
+def test_a_short_batch_runs_eagerly_and_keeps_the_graph():
+    step = _graphed_svd_step()
     batches = _batches(3, short=3)
     for x, y in batches[:2]:
         step(x, y, 0.1)
@@ -232,11 +237,7 @@ def test_real_cuda_graphs_match_eager_steps_on_cuda(decomposition, amp, monkeypa
 def test_a_run_that_starts_at_a_short_batch_graphs_the_full_ones():
     """A resume at an epoch's short last batch fixed the graphed layout to it: every full batch after it
     ran eagerly, for the rest of the run, and the epochs were timed as eager ones."""
-    graphs = StandInGraphs()
-    model = _model("svd")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    autocast = lambda cache=True: torch.autocast("cpu", enabled=False, cache_enabled=cache)
-    step = steps.TrainStep(model, optimizer, model, autocast, 0.0, cuda_graphs=True, warmup=1, graphs=graphs)
+    step = _graphed_svd_step()
     batches = _batches(4, short=3)
     step(*batches[4], 0.1)                      # the short batch first
     for x, y in batches[:4]:
