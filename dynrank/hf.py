@@ -16,9 +16,12 @@ each layer takes the form of its tensors in the checkpoint, and the switch of a 
 after the Trainer has restored its RNG state, where the uninterrupted run made it.
 """
 
+import json
 import math
 import numbers
 import os
+import uuid
+import warnings
 from collections.abc import Mapping
 
 from ._args import check_int
@@ -106,10 +109,15 @@ class DynamicRankCallback(TrainerCallback):
     ``monitor.records`` hold the wall time of each epoch by form, and
     ``dynrank.cost.cost_report(..., run=monitor)`` the measured cost of the
     schedule.  It is saved into each checkpoint folder
-    (``rank_monitor.json`` and its CSVs), and a resume from
-    ``<output_dir>/checkpoint-<step>`` reads it back, so the records of a
-    resumed run go back to its first epoch (an epoch cut by the checkpoint
-    is timed from the resume on).
+    (``rank_monitor.json`` and its CSVs, with ``rank_monitor.run.json``
+    naming the run and step), and a resume reads it back from the folder
+    the Trainer loaded when that is ``<output_dir>/checkpoint-<step>`` (as
+    ``resume_from_checkpoint=True`` finds it) or ``args.resume_from_checkpoint``,
+    so the records of a resumed run go back to its first epoch (an epoch cut
+    by the checkpoint is timed from the resume on).  Files there of another
+    run or step are not read: the monitor then starts with no records, with
+    a warning, unless it was given them before ``train()``
+    (``monitor.load_state_dict(RankMonitor.load(path).state_dict())``).
 
     Args:
         inflate_epoch, deflate_epoch: the schedule, as for ``DynamicRankScheduler``.
@@ -164,6 +172,7 @@ class DynamicRankCallback(TrainerCallback):
         self._last = None
         self._losses = []
         self._begun, self._ended = [], False
+        self._run = self._saved_run = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if getattr(args, "world_size", 1) > 1:
@@ -181,6 +190,7 @@ class DynamicRankCallback(TrainerCallback):
         resumed = state.global_step > 0
         self._check_start(scheduler, start, resumed)
         self._begun, self._ended = [], False
+        self._run, self._saved_run = uuid.uuid4().hex, None
         if resumed:
             self._resume(state, scheduler, kwargs.get("train_dataloader"))
         self._check_best_model(args, state)
@@ -249,7 +259,11 @@ class DynamicRankCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is not None:
-            self.monitor.save(os.path.join(self._checkpoint_folder(args, state), self.MONITOR_FILE))
+            stem = os.path.join(self._checkpoint_folder(args, state), self.MONITOR_FILE)
+            self.monitor.save(stem)
+            # Whose files these are: a resume reads them only for the run and step of the checkpoint it loaded.
+            with open(stem + ".run.json", "w", encoding="utf-8") as f:
+                json.dump({"run": self._run, "global_step": state.global_step}, f)
 
     def _keep_state(self, state):
         """Put the scheduler's state and the epochs begun into ``state.stateful_callbacks``: the Trainer saves
@@ -258,7 +272,7 @@ class DynamicRankCallback(TrainerCallback):
         if self.scheduler is not None and isinstance(callbacks, dict):
             callbacks[self.STATE_KEY] = {"scheduler": self.scheduler.state_dict(),
                                          "epochs_begun": [list(b) for b in self._begun],
-                                         "epoch_ended": self._ended}
+                                         "epoch_ended": self._ended, "run": self._run}
 
     def _resume(self, state, scheduler, dataloader):
         """Check the model against the scheduler state saved in the checkpoint the Trainer loaded (its
@@ -284,6 +298,8 @@ class DynamicRankCallback(TrainerCallback):
                           f"trainer_state.json (stateful_callbacks[{self.STATE_KEY!r}]) does not fit this model: "
                           f"{e}. {_LOADED}") from None
         self._begun, self._ended = begun, ended
+        if isinstance(saved.get("run"), str):
+            self._run = self._saved_run = saved["run"]
         if not begun or self.unit != "epoch" or dataloader is None or has_length(dataloader):
             return
         (epoch, began), previous = begun[-1], (begun[-2][1] if len(begun) == 2 else None)
@@ -305,14 +321,45 @@ class DynamicRankCallback(TrainerCallback):
         if monitor.model is not model:
             raise ValueError("monitor must be a RankMonitor of the Trainer's model (RankMonitor(model)), got one of "
                              + ("no model" if monitor.model is None else f"another {type(monitor.model).__name__}"))
-        saved = os.path.join(self._checkpoint_folder(args, state), self.MONITOR_FILE)
         run = monitor
-        if state.global_step > 0 and not monitor.records and os.path.exists(saved + ".json"):
-            run = RankMonitor.load(saved)
+        if state.global_step > 0 and not monitor.records:
+            saved = self._saved_monitor(args, state)
+            if saved is not None:
+                run = RankMonitor.load(saved)
         # The files keep no forms: take the model's now, which a resume's load has switched (no "detected"
         # switch); an epoch left open by an earlier train() is dropped.
         monitor.load_state_dict(dict(run.state_dict(), forms=None))
         monitor.attach(scheduler)
+
+    def _saved_monitor(self, args, state):
+        """The stem of the monitor's files saved with the checkpoint the Trainer loaded, or None.  No
+        callback hook is told which folder that was: the candidates are ``args.resume_from_checkpoint``
+        and ``<output_dir>/checkpoint-<step>``, and one counts only when its ``.run.json`` names the run
+        and step of the TrainerState loaded (a checkpoint of an earlier dynrank names none: the folder in
+        the output folder is taken as it is)."""
+        folders = [self._checkpoint_folder(args, state)]
+        given = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(given, (str, os.PathLike)):
+            folders.insert(0, os.fspath(given))
+        stems = [os.path.join(folder, self.MONITOR_FILE) for folder in folders]
+        if self._saved_run is None:
+            return stems[-1] if os.path.exists(stems[-1] + ".json") else None
+        for stem in stems:
+            try:
+                with open(stem + ".run.json", encoding="utf-8") as f:
+                    owner = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if owner == {"run": self._saved_run, "global_step": state.global_step} \
+                    and os.path.exists(stem + ".json"):
+                return stem
+        warnings.warn(f"DynamicRankCallback: resuming at global step {state.global_step}, the monitor's records "
+                      f"of the checkpoint loaded were not found ({' or '.join(stems)} hold none of this run "
+                      f"and step: the checkpoint came from another folder?); the monitor starts with no "
+                      f"records. To keep them, load them into it before train(): "
+                      f"monitor.load_state_dict(RankMonitor.load('<checkpoint>/{self.MONITOR_FILE}').state_dict())",
+                      stacklevel=2)
+        return None
 
     def _checkpoint_folder(self, args, state):
         """The checkpoint folder the Trainer writes at this step (and resumes from, in the output folder):

@@ -764,3 +764,23 @@ def test_callback_monitor_of_another_model_is_refused():
         callback.on_train_begin(SimpleNamespace(world_size=1, output_dir="unused"), state, None, model=model,
                                 optimizer=optimizer)
     assert callback.scheduler is None
+
+
+def test_callback_monitor_skips_another_runs_files_of_the_same_step(tmp_path):
+    """Resumed from checkpoint-8 of one run into an output folder holding another run's checkpoint-8 (with
+    its monitor's files), the monitor reads none of them: it warns and records from the resume on; told
+    the folder by args.resume_from_checkpoint, it reads the checkpoint's own records back."""
+    import json
+    ours, _, _ = _monitored_run(tmp_path / "ours")
+    _monitored_run(tmp_path / "other")
+    owner = json.loads((tmp_path / "ours" / "checkpoint-8" / "rank_monitor.run.json").read_text())
+    assert owner["global_step"] == 8 and owner["run"] != \
+        json.loads((tmp_path / "other" / "checkpoint-8" / "rank_monitor.run.json").read_text())["run"]
+    # The other run's files are there, at the same step, beside another run's model.
+    with pytest.warns(UserWarning, match="monitor's records of the checkpoint loaded were not found"):
+        resumed, _, _ = _monitored_run(tmp_path / "other", resume=str(tmp_path / "ours" / "checkpoint-8"))
+    assert resumed.epochs == [2, 3]
+    told, _, _ = _monitored_run(tmp_path / "other", resume=str(tmp_path / "ours" / "checkpoint-8"),
+                                resume_from_checkpoint=str(tmp_path / "ours" / "checkpoint-8"))
+    assert told.epochs == ours.epochs == [0, 1, 2, 3]
+    assert told.scalar("loss") == ours.scalar("loss")
