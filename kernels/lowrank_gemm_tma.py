@@ -105,8 +105,8 @@ def lowrank_gemm_tma(x, wt, u, vt, bias=None, *, alpha=1.0, beta=1.0, config):
         new (M, N) tensor in x's dtype.
 
     Raises:
-        ValueError: shapes that do not chain, a bias that is not (N,), or an operand a descriptor
-            cannot read.
+        ValueError: shapes that do not chain, a bias that is not (N,), an empty size, or an operand a
+            descriptor cannot read.
         TypeError: an operand that is not float32, float16 or bfloat16.
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -117,6 +117,9 @@ def lowrank_gemm_tma(x, wt, u, vt, bias=None, *, alpha=1.0, beta=1.0, config):
         raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, wt {tuple(wt.shape)}, u {tuple(u.shape)}, "
                          f"vt {tuple(vt.shape)}")
     check_operands("lowrank_gemm_tma", N, bias, x=x, wt=wt, u=u, vt=vt)
+    if 0 in (M, K, R, N):
+        raise ValueError(f"lowrank_gemm_tma needs every size positive (a descriptor cannot describe an empty "
+                         f"operand; lowrank_gemm takes these), got M={M}, K={K}, R={R}, N={N}")
     x_base, x_t = tma_layout(x)
     u_base, u_t = tma_layout(u)
     if x_t or u_t:

@@ -1,5 +1,6 @@
 """The experimental TMA-descriptor engine (kernels/lowrank_gemm_tma.py) against the float64 reference."""
 
+import functools
 import re
 
 import pytest
@@ -52,3 +53,13 @@ def test_operands_a_descriptor_cannot_read_are_refused():
                                                                                       dtype=torch.float16)
     with pytest.raises(ValueError, match=re.escape("lowrank_gemm_tma: bias must have shape (8,), got (1,)")):
         lowrank_gemm_tma(x, wt, u, vt, torch.ones(1, device=device, dtype=torch.float16), config=CONFIG)
+
+
+@pytest.mark.parametrize("empty", ["M", "K", "R", "N"])
+def test_an_empty_size_is_refused_by_name(empty):
+    from dynrank.kernels.lowrank_gemm_tma import lowrank_gemm_tma
+    device = _device()
+    M, K, R, N = (0 if name == empty else 16 for name in "MKRN")
+    make = functools.partial(torch.randn, device=device, dtype=torch.float16)
+    with pytest.raises(ValueError, match=f"every size positive.*{empty}=0"):
+        lowrank_gemm_tma(make(M, K), make(K, N), make(M, R), make(R, N), config=CONFIG)
