@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ._optim import follow_load, params_before
+from .functional import without_autocast
 
 __all__ = ["FORMS", "DEFLATE_INITS", "FormLayer", "check_floating_dtype"]
 
@@ -77,7 +78,7 @@ HOW_TO_REMOVE = ("parametrize.remove_parametrizations(module, name), remove_spec
 
 def outside_inference_mode(method):
     """Run a form change (or rank growth, or a scheduler's switches) outside ``torch.inference_mode``,
-    under ``no_grad``.
+    under ``no_grad``, with autocast off (``functional.without_autocast``).
 
     Parameters (and optimizer state) made inside inference mode are inference tensors: the next
     training step cannot use them ("Inference tensors cannot be saved for backward"), far from the
@@ -87,6 +88,7 @@ def outside_inference_mode(method):
     those tensors cannot be updated in place.  ``args[0]`` is the layer (or the scheduler).
     """
     @functools.wraps(method)
+    @without_autocast
     def run(*args, **kwargs):
         owner = args[0] if args else None
         if isinstance(owner, nn.Module) and any(p.is_inference() for p in owner.parameters()):

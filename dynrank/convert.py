@@ -11,6 +11,7 @@ from torch import nn
 from ._args import check_int
 from ._checks import parameter_owners, unwrap_model
 from ._forms import FORMS, FormLayer, _is_channels_last, check_floating_dtype
+from .functional import without_autocast
 from .linear import (HOW_TO_REMOVE, FusedLowRankLinear, check_alpha, check_ratio, is_transposed_linear,
                      linear_weight, own_computation, rank_from_ratio, reparametrization, transformers_bases,
                      transformers_class)
@@ -267,6 +268,7 @@ def _matrix_sides(child):
     return shape[0], cols
 
 
+@without_autocast
 def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", include=None, exclude=None,
                   min_features=8, init="dense", alpha=None, keep_last=True):
     """Replace ``nn.Linear`` and ``nn.Conv2d`` modules of ``model`` by dynrank layers, in place.

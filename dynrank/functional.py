@@ -8,6 +8,7 @@ so ``torch.compile`` treats it as one opaque node instead of breaking the graph.
 """
 
 import contextlib
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -97,6 +98,19 @@ def autocast_off(device_type):
     """A context with autocast off on ``device_type``: a no-op where it is not on, or where the
     device type has no autocast (``meta``, whose ``torch.autocast`` raises "unsupported scalarType")."""
     return torch.autocast(device_type, enabled=False) if _autocasting(device_type) else contextlib.nullcontext()
+
+
+def without_autocast(function):
+    """Run ``function`` with autocast off on every device type where it is on: form changes, their
+    optimizer-state maps and exports compute weights, which are no activations (under autocast a
+    Tucker kernel's einsum, or a factor fit's matmul, ran in 16 bits for a float32 layer)."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in _AUTOCAST_DEVICES:
+                stack.enter_context(autocast_off(device_type))
+            return function(*args, **kwargs)
+    return run
 
 
 # ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from torch import nn
 from ._checks import unwrap_model
 from ._forms import FormLayer
 from ._optim import follow_unconvert
+from .functional import without_autocast
 from .conv import LowRankConv2d
 from .conv_factorizations import _axis
 from .convert import RowSummary, _noop_pre_hook, format_table, swap_in
@@ -229,6 +230,7 @@ def _trained(model):
     return {id(p) for p in model.parameters() if p.requires_grad}
 
 
+@without_autocast
 def unconvert_model(model, lowrank="factored"):
     """Replace every dynrank layer of ``model`` by plain torch modules computing the same function, in place.
 

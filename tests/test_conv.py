@@ -652,3 +652,29 @@ def test_merge_conv_checks_its_operands_on_the_torch_engine(monkeypatch):
     assert not W.any()
     merge_conv_(W, U, V, 0.5, 1)          # and a good one merges
     torch.testing.assert_close(W, 0.5 * (U @ V.reshape(2, -1)).reshape(8, 3, 3, 3))
+
+
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+def test_form_changes_and_unconvert_under_autocast_keep_float32(dec):
+    """inflate, deflate(init="svd") and unconvert_model made inside a bf16 autocast region compute the
+    float32 kernel at float32 precision (Tucker's einsum and TKD-CPD's matmuls ran in bf16: 3e-3 off),
+    against the float64 merge."""
+    from dynrank import unconvert_model
+    torch.manual_seed(0)
+    layer = LowRankConv2d(8, 12, 3, padding=1, rank=RANKS[dec], decomposition=dec, form="adapter")
+    randomize(layer)
+    layer64 = copy.deepcopy(layer).double()
+    factors = {n: f.detach() for n, f in layer64.factors().items()}
+    exact = layer64.weight.detach() + reference_kernel(dec, factors, layer64.scale)
+    exported = nn.Sequential(copy.deepcopy(layer))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.inflate()
+        unconvert_model(exported)
+    assert layer.weight.dtype == exported[0].weight.dtype == torch.float32
+    assert rel_err(layer.weight, exact) < REL_TOL[torch.float32]
+    assert rel_err(exported[0].weight, exact) < REL_TOL[torch.float32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.deflate(init="svd")
+    kept = layer.weight.detach().double() + reference_kernel(
+        dec, {n: f.detach().double() for n, f in layer.factors().items()}, layer.scale)
+    assert rel_err(kept, exact) < REL_TOL[torch.float32]

@@ -314,3 +314,23 @@ def test_the_zero_redundancy_check_imports_nothing():
             "assert 'torch.distributed.optim' not in sys.modules\n")
     done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_carry_deflate_under_autocast_maps_the_momentum_in_the_parameters_dtype():
+    """A float32 model switched inside a bf16 autocast region: the pulled-back momentum is computed in
+    float32 (autocast cast the merge's matmul to bf16: 3e-3 off), against the float64 rule."""
+    torch.manual_seed(0)
+    model, x, y = _float64_model()
+    model = model.float()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = DynamicRankScheduler(model, opt, 0, 1, optimizer_state="carry", deflate_init="random")
+    sched.step(0)
+    train_steps(model, opt, x.float(), y, steps=3)
+    buffers = [opt.state[model[i].weight]["momentum_buffer"].double() for i in (0, 2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sched.step(1)
+    for i, m_w in zip((0, 2), buffers):
+        layer = model[i]
+        assert opt.state[layer.A]["momentum_buffer"].dtype == torch.float32
+        reference_a = layer.scale * m_w @ layer.B.detach().double()
+        assert rel_err(opt.state[layer.A]["momentum_buffer"], reference_a) < 1e-6
