@@ -49,8 +49,15 @@ def explained_rank(singular_values, current, buffer, threshold):
         buffer: how far past ``current`` to look.
         threshold: explained-variance level in (0, 1).
 
+    With ``buffer=1`` the only candidate is ``current`` itself: the rank never grows.
+
+    A spectrum of zero variance has no k explaining it (1 − var(σ − σ_top-k)/var(σ) is 0/0 or −inf):
+    a constant nonzero σ gives ``current + buffer − 1`` as the rule says, but an all-zero σ (nothing
+    learned yet, e.g. a fresh adapter's zero product) gives ``current``: there is nothing to grow for.
+
     Returns:
-        int: the new discovered rank (≥ ``current``; ``current + buffer − 1`` if none explains enough).
+        int: the new discovered rank (≥ ``current``; ``current + buffer − 1``, capped at the number of
+        singular values, if none explains enough; ``current`` for an all-zero spectrum).
 
     Raises:
         TypeError: ``singular_values`` not a real floating-point tensor, ``current`` or ``buffer`` not
@@ -65,8 +72,8 @@ def explained_rank(singular_values, current, buffer, threshold):
     sigma = torch.sort(singular_values.detach().double().flatten(), descending=True).values
     total = sigma.var(unbiased=False)
     upper = min(current + buffer, sigma.numel())
-    if total <= 0:
-        return current
+    if total <= 0:                                  # no k explains a zero-variance spectrum
+        return current if not sigma.any() else max(current, upper - 1)
     for k in range(current, upper):
         tail = sigma.clone()
         tail[:k] = 0.0
@@ -223,12 +230,28 @@ def _follow_growth(copy_layer, layer):
 
 @torch.no_grad()
 def _truncate_rank_(layer, rank, optimizer=None):
-    """Best rank-``rank`` factors of the current product (construction / loading only)."""
+    """Best rank-``rank`` factors of the current product (construction / loading only).
+
+    A component whose singular value is zero (every one of a fresh adapter's zero product, the surplus
+    of a rank-deficient one) would get zero A and B columns, a saddle point that never receives a
+    gradient: it gets the layer's zero-output init instead (A column zero, B column random, as
+    :meth:`FusedLowRankLinear.from_dense` gives an all-zero weight), so the product is the same (up to
+    the rounding of the layer's dtype) and every component trains.  Zero means below σ_max times the
+    layer dtype's eps plus the float64 SVD's own tolerance (``torch.linalg.matrix_rank``'s
+    max(out, in)·eps): the tail of a rank-deficient product held in float32 lies near 0.1·eps·σ_max.
+    """
     layer._check_switchable()
     old = [layer.A, layer.B]
     merged = torch.zeros(layer.out_features, layer.in_features, dtype=layer.A.dtype, device=layer.A.device)
     layer._merge_into_(merged, 1.0, layer.factors())
     A, B = svd_factors(merged, rank, layer.scale_for(rank))
+    if not merged.is_meta:                          # meta factors have no values to test
+        sigma = _lowrank_singular_values(layer)[:rank]
+        floor = torch.finfo(merged.dtype).eps + max(merged.shape) * torch.finfo(torch.float64).eps
+        dead = sigma <= sigma[0] * floor
+        if dead.any():                              # no random numbers drawn otherwise
+            fresh = layer._init_factors(rank, True, device=A.device, dtype=A.dtype)
+            A[:, dead], B[:, dead] = fresh["A"][:, dead], fresh["B"][:, dead]
     _install(layer, A, B, rank, *old)
     if optimizer is not None:
         replace_params(optimizer, old, [layer.A, layer.B], owner=layer, old_names=dict(zip(map(id, old), "AB")))
@@ -254,8 +277,20 @@ class IncrementalRankScheduler:
     form.  At construction each layer is set to ``init_rank + buffer``
     components (truncated SVD of its current product when that is fewer, zero-
     output padding when more); with ``init_rank=None`` each layer keeps its
-    rank and its discovered rank starts at rank − buffer.  Call :meth:`step`
-    after every optimizer step (before the next forward).
+    rank (truncated to ``max_rank`` when above it) and its discovered rank
+    starts at that rank − buffer (at least 1).  In the truncated SVD,
+    components of singular value zero (all of a fresh adapter's, whose
+    product is zero) get the zero-output init rather than zero factors: same
+    product, but they train.  Call :meth:`step` after every optimizer step
+    (before the next forward).
+
+    With ``buffer=1`` nothing ever grows: the rule's only candidate is the
+    discovered rank itself (:func:`explained_rank`).
+
+    The layers must stay in lowrank or adapter form: a check that meets a
+    layer in full form (inflated since, e.g. by a
+    :class:`~dynrank.DynamicRankScheduler`) raises a ValueError.  The two
+    schedulers are not meant to drive one model.
 
     Growth edits the optimizer in place: each wider factor takes the old one's
     place in its own param group (a B kept in a group of its own, LoRA+-style,
@@ -281,13 +316,15 @@ class IncrementalRankScheduler:
             :class:`~dynrank.DynamicRankScheduler` does; a wrapper built by
             hand and never passed to dynrank is left alone.
         optimizer: the ``torch.optim.Optimizer`` training it; edited in place.
-        init_rank: discovered rank to start from (InRank: 2), or None.
+        init_rank: discovered rank to start from (InRank: 2), or None (each
+            layer's rank − buffer, see above).
         buffer: components trained beyond the discovered rank (InRank: 100;
             scale it to your layer widths).
         threshold: explained-variance level in (0, 1) (InRank: 0.9).
         warmup_steps: steps before the first check (InRank: 200).
         check_every: steps between checks (InRank: 25).
-        max_rank: int cap on the trained components (default and upper bound min(in, out)).
+        max_rank: int cap on the trained components (default and upper bound min(in, out));
+            a layer above it is truncated to it at construction, also with ``init_rank=None``.
         sync_ranks, process_group: broadcast new components from rank 0 under
             data parallelism: True/False (default None: when ``model`` is a
             DistributedDataParallel; a bare module in a group of several processes
@@ -357,7 +394,9 @@ class IncrementalRankScheduler:
         self.current, targets = {}, {}
         for name, layer in self._layers:
             if init_rank is None:
-                self.current[name] = max(1, layer.rank - self.buffer)
+                self.current[name] = max(1, min(layer.rank, self.max_rank[name]) - self.buffer)
+                if layer.rank > self.max_rank[name]:
+                    targets[name] = self.max_rank[name]
             else:
                 self.current[name] = min(init_rank, self.max_rank[name])
                 targets[name] = min(self.current[name] + self.buffer, self.max_rank[name])
@@ -465,6 +504,11 @@ class IncrementalRankScheduler:
     def step(self, step=None):
         """Count one optimizer step (or set the count) and grow ranks when a check is due.
 
+        A ``step`` equal to the last count does nothing and returns ``[]``: the
+        check for that count has run (or was not due), so a loop may pass an
+        optimizer-step counter after every micro-batch of gradient accumulation.
+        The count starts at 0, so ``step(0)`` on a new scheduler does nothing.
+
         Args:
             step: number of optimizer steps done so far (default: last + 1).
 
@@ -474,16 +518,18 @@ class IncrementalRankScheduler:
         Raises:
             TypeError: a step that is not an int (a float, a str, a bool).
             ValueError: a negative step, one earlier than the last, or (at a
-                check) a layer whose factors hold NaN/inf or are on the meta
-                device (no values to test), or a model copy whose layers no
-                longer match the model's; every check runs and every layer's new
-                rank is found before the first one grows, so a failed call
-                changes nothing.
+                check) a managed layer now in full form, a layer whose factors
+                hold NaN/inf or are on the meta device (no values to test), or a
+                model copy whose layers no longer match the model's; every check
+                runs and every layer's new rank is found before the first one
+                grows, so a failed call changes nothing.
         """
         check_not_unconverted(self._layers, type(self).__name__)
         step = self.last_step + 1 if step is None else check_int(step, "step", "a non-negative int", 0)
         if step < self.last_step:
             raise ValueError(f"steps must not go backwards: got {step} after {self.last_step}")
+        if step == self.last_step:                  # this count's check has run already
+            return []
         if step < self.warmup_steps or (step - self.warmup_steps) % self.check_every != 0:
             self.last_step = step
             return []
@@ -562,7 +608,9 @@ class IncrementalRankScheduler:
         for name, layer in self._layers:
             if layer.form == "full":
                 raise ValueError(f"layer {name!r} is in full form; IncrementalRankScheduler resizes lowrank "
-                                 f"and adapter layers only")
+                                 f"and adapter layers only: it grows their factors, which an inflate (e.g. a "
+                                 f"DynamicRankScheduler's) took away; the two schedulers are not meant to drive "
+                                 f"one model")
 
     def load_state_dict(self, state_dict):
         """Resize every layer to its saved rank (optimizer edited in place), then restore the counters.

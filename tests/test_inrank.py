@@ -55,6 +55,18 @@ def test_explained_rank_checks_its_arguments(args, error, message):
         explained_rank(*args)
 
 
+@pytest.mark.parametrize("n, current, buffer", [(8, 2, 4), (8, 0, 3), (5, 2, 10), (1, 1, 4), (12, 6, 1)])
+@pytest.mark.parametrize("threshold", [0.5, 0.9])
+def test_explained_rank_on_a_zero_variance_spectrum(n, current, buffer, threshold):
+    """No k explains a spectrum of zero variance (0/0 or −inf in the rule): a constant nonzero σ follows the
+    definition (current + buffer − 1, capped), an all-zero σ keeps ``current`` (nothing learned yet)."""
+    constant = [2.5] * n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = reference_rank(constant, current, buffer, threshold)
+    assert explained_rank(torch.tensor(constant, dtype=torch.float64), current, buffer, threshold) == expected
+    assert explained_rank(torch.zeros(n, dtype=torch.float64), current, buffer, threshold) == current
+
+
 def test_explained_rank_finds_a_spectral_gap():
     sigma = torch.tensor([9.0, 8.0, 7.0, 6.0, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01])
     assert explained_rank(sigma, 1, 10, 0.9) == 4
@@ -83,13 +95,43 @@ def test_scheduler_applies_the_rule_to_the_whole_spectrum_of_the_product(decay, 
     assert sched.current["0"] == expected and layer.rank == expected + 8
 
 
+FULL_LAYER = ("layer '{}' is in full form; IncrementalRankScheduler resizes lowrank and adapter layers only: it "
+              "grows their factors, which an inflate (e.g. a DynamicRankScheduler's) took away; the two schedulers "
+              "are not meant to drive one model")
+
+
 def test_step_refuses_a_layer_inflated_since():
     model, opt, sched = _run(4)
     model[1].inflate()
-    with pytest.raises(ValueError, match="layer '1' is in full form; IncrementalRankScheduler resizes lowrank "
-                                         "and adapter layers only"):
+    with pytest.raises(ValueError, match=re.escape(FULL_LAYER.format("1"))):
         sched.step(5)
     assert sched.last_step == 4
+
+
+def test_step_inside_a_dynamic_rank_schedulers_full_phase_names_the_combination():
+    from dynrank import DynamicRankScheduler
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    convert_model(model, rank_ratio=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    dynamic = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    growth = IncrementalRankScheduler(model, opt, init_rank=2, buffer=2, warmup_steps=0, check_every=1)
+    dynamic.step(1)
+    assert model[0].form == "full"
+    with pytest.raises(ValueError, match=re.escape(FULL_LAYER.format("0"))):
+        growth.step()
+
+
+def test_step_with_the_count_of_the_last_check_does_nothing():
+    """A loop passing an optimizer-step counter after every micro-batch calls step(n) again with the same n:
+    the second call ran the check again and grew the layer a second time at one step."""
+    model, opt, sched = _run(4, init_rank=1, buffer=3, threshold=1 - 1e-9)
+    assert sched.step(5) == [("0", 4, 6), ("1", 4, 6)]
+    before = _everything(model, opt, sched)
+    assert sched.step(5) == []
+    _assert_unchanged(before, model, opt, sched)
+    assert sched.step(6) == [] and sched.step(6) == [] and sched.last_step == 6
+    assert sched.step() == [] and sched.last_step == 7                     # no argument: one more
 
 
 def test_step_refuses_a_layer_on_the_meta_device():
@@ -479,3 +521,98 @@ def test_an_optimizer_built_before_convert_model_is_refused():
     assert {name: model.get_submodule(name).rank for name in ranks} == ranks       # nothing resized
     sched = IncrementalRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), init_rank=2)
     assert sched.ranks == {"0": 2 + 8}
+
+
+# -- truncation at construction ---------------------------------------------------------------------
+def test_a_fresh_adapter_truncated_at_construction_keeps_its_function_and_trains():
+    """With the default settings the constructor truncates each layer to init_rank + buffer components by the
+    SVD of s·A·Bᵀ; a fresh adapter's product is zero, and its SVD factors A = B = 0 are a saddle point that
+    never gets a gradient.  The zero components get the zero-output init (A zero, B random) instead."""
+    def adapter_model():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).double()
+        convert_model(model, rank_ratio=0.5, form="adapter")
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 64, generator=gen, dtype=torch.float64)
+    y = torch.randn(128, 10, generator=gen, dtype=torch.float64)
+
+    def train(model, opt, steps=5):
+        losses = []
+        for _ in range(steps):
+            loss = F.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    model, opt = adapter_model()
+    layer = model[0]
+    before = model(x).detach()
+    IncrementalRankScheduler(model, opt)                                        # init_rank 2, buffer 8
+    assert layer.rank == 10 and layer.form == "adapter"
+    assert torch.equal(model(x), before)                                        # A = 0: same function
+    assert torch.equal(layer.A, torch.zeros(64, 10, dtype=torch.float64))
+    assert torch.linalg.matrix_rank(layer.B) == 10                              # every component trainable
+    glorot = (64 * 10 * 2.0 / (64 + 10)) ** 0.5                                 # E‖B‖_F of the layer's init
+    assert 0.75 < layer.B.norm().item() / glorot < 1.25
+    losses = train(model, opt)
+    reference, reference_opt = adapter_model()                                  # rank 32, no scheduler
+    reference_losses = train(reference, reference_opt)
+    assert layer.A.abs().max() > 0.5 * reference[0].A.abs().max() > 0
+    assert losses[-1] < losses[0] and reference_losses[-1] < reference_losses[0]
+
+
+@pytest.mark.parametrize("alpha", [None, 4.0])
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+@pytest.mark.parametrize("product_rank", [0, 3])
+def test_truncating_a_rank_deficient_product_keeps_every_component_trainable(product_rank, form, alpha):
+    """A product of rank 3 truncated to 10 components: the 7 beyond its rank had singular value 0 (≈1e-16
+    in float64), so their SVD factors were ≈1e-8 and never trained; they now get the zero-output init."""
+    torch.manual_seed(0)
+    layer = FusedLowRankLinear(48, 64, rank=16, form=form, alpha=alpha, dtype=torch.float64)
+    with torch.no_grad():
+        layer.A.copy_(torch.randn(64, product_rank, dtype=torch.float64) @ torch.randn(product_rank, 16,
+                                                                                       dtype=torch.float64))
+    x = torch.randn(32, 48, dtype=torch.float64)
+    before = layer(x).detach()
+    product = (layer.scale * layer.A @ layer.B.T).detach()
+    model = nn.Sequential(layer)
+    IncrementalRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), init_rank=2, buffer=8)
+    assert layer.rank == 10
+    if product_rank:
+        assert rel_err(layer(x), before) < 1e-12
+        assert rel_err(layer.scale * layer.A @ layer.B.T, product) < 1e-12
+    else:
+        assert torch.equal(layer(x), before)
+    assert torch.equal(layer.A[:, product_rank:], torch.zeros(64, 10 - product_rank, dtype=torch.float64))
+    assert layer.B[:, product_rank:].norm(dim=0).min() > 0.5                  # Glorot columns, ‖·‖ ≈ 1.3
+    g_A, = torch.autograd.grad(layer(x).square().sum(), [layer.A])
+    assert g_A[:, product_rank:].norm(dim=0).min() > 1e-3 * g_A.norm()
+
+
+def test_max_rank_caps_the_layers_kept_with_init_rank_none():
+    """init_rank=None keeps each layer's rank and starts its discovered rank at rank − buffer; max_rank was
+    ignored there (a rank-16 layer trained 16 components under max_rank=4, discovered rank 14)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedLowRankLinear(32, 24, rank=16, dtype=torch.float64),
+                          FusedLowRankLinear(24, 24, rank=3, dtype=torch.float64))
+    product = (model[0].A @ model[0].B.T).detach().numpy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = IncrementalRankScheduler(model, opt, init_rank=None, buffer=2, max_rank=4, warmup_steps=0,
+                                     check_every=1)
+    assert sched.max_rank == {"0": 4, "1": 4}
+    assert sched.ranks == {"0": 4, "1": 3} and sched.current == {"0": 2, "1": 1}
+    U, S, Vh = np.linalg.svd(product)
+    best = (U[:, :4] * S[:4]) @ Vh[:4]                                           # best rank-4 approximation
+    assert rel_err(model[0].A @ model[0].B.T, torch.from_numpy(best)) < 1e-12
+    assert any(p is model[0].A for g in opt.param_groups for p in g["params"])
+    x = torch.randn(16, 32, dtype=torch.float64)
+    for _ in range(5):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        sched.step()
+        assert all(rank <= 4 for rank in sched.ranks.values()) and all(c <= 4 for c in sched.current.values())
