@@ -288,9 +288,7 @@ class FormLayer(nn.Module):
         Raises:
             RuntimeError: naming the reparametrized tensors and how to remove the parametrization.
         """
-        names = ([self.weight_name] if self._form != "lowrank" else []) + (
-            list(self._factor_names(self._rank)) if self._form != "full" else [])
-        moved = [name for name in names if name not in self._parameters]
+        moved = self._reparametrized()
         if moved:
             one = len(moved) == 1
             raise RuntimeError(
@@ -300,6 +298,13 @@ class FormLayer(nn.Module):
                 f"{'it' if one else 'them'}: "
                 f"expected plain parameters. Remove the parametrization first ({HOW_TO_REMOVE}) "
                 f"and register it again on the new form's tensors after the change")
+
+    def _reparametrized(self):
+        """Names of the current form's tensors (the dense weight, the factors) that a reparametrization
+        has moved out of ``_parameters`` (see :meth:`_check_switchable`), in order."""
+        names = ([self.weight_name] if self._form != "lowrank" else []) + (
+            list(self._factor_names(self._rank)) if self._form != "full" else [])
+        return [name for name in names if name not in self._parameters]
 
     def _dense(self):
         return self._read(self.weight_name)
@@ -447,16 +452,30 @@ class FormLayer(nn.Module):
         return tracer.create_proxy("call_module", tracer.path_of_module(self), (proxy,), {})
 
     # -- state dict across forms ---------------------------------------------
-    def _form_in_state(self, state_dict, prefix):
+    def _form_in_state(self, state_dict, prefix, held=()):
         """The form a state dict holds this layer in, or None (nothing of it).  Factors without a dense
         weight read as adapter form where the layer is an adapter (the LoRA habit of saving only the
-        trained tensors: W_f stays), else as lowrank form."""
-        has_dense = prefix + self.weight_name in state_dict
+        trained tensors: W_f stays), else as lowrank form.  ``held`` names the reparametrized tensors
+        the dict holds under their reparametrization's keys (:meth:`_held_reparametrized`)."""
+        has_dense = prefix + self.weight_name in state_dict or self.weight_name in held
         factor_keys = [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]
                        and k[len(prefix):] in self._all_factor_names()]
-        if not factor_keys:
+        if not factor_keys and not set(held) & self._all_factor_names():
             return "full" if has_dense else None
         return "adapter" if has_dense or self._form == "adapter" else "lowrank"
+
+    def _held_reparametrized(self, state_dict, prefix, moved):
+        """Those of the reparametrized tensors ``moved`` (:meth:`_reparametrized`) that ``state_dict``
+        holds.  A reparametrized tensor is saved under its reparametrization's keys, never its own name:
+        ``parametrizations.A.original`` (``torch.nn.utils.parametrize``), ``A_orig`` and ``A_u``/``A_v``
+        (hook-based spectral_norm), ``A_g``/``A_v`` (hook-based weight_norm), ``A_orig``/``A_mask`` (prune)."""
+        if not moved:
+            return []
+        plain = {self.weight_name, "bias", *self._all_factor_names()}
+        keys = [k for k, _ in [*self.named_parameters(), *self.named_buffers()] if k not in plain]
+        return [name for name in moved
+                if any(prefix + k in state_dict for k in keys if k.startswith((f"parametrizations.{name}.",
+                                                                                f"{name}_")))]
 
     def _all_factor_names(self):
         return set(self._factor_names(self._rank))
@@ -478,24 +497,38 @@ class FormLayer(nn.Module):
 
     def _load_own_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                         error_msgs):
-        form = self._form_in_state(state_dict, prefix)
+        # A reparametrized tensor cannot switch form or rank: a dict in another form is refused, one in
+        # the layer's own form is torch's to load (the reparametrization's own keys load its tensors).
+        moved = self._reparametrized()
+        form = self._form_in_state(state_dict, prefix, self._held_reparametrized(state_dict, prefix, moved))
         if form is not None:
-            rank, problem = self._state_rank_and_problem(state_dict, prefix, form)
+            rank, problem = self._rank, None
+            if form == self._form or not moved:
+                rank, problem = self._state_rank_and_problem(state_dict, prefix, form, moved)
             if problem is not None:
                 # Nothing of this layer is touched: torch's load_state_dict raises with the message.
                 name = prefix[:-1] or type(self).__name__
-                error_msgs.append(f"{name}: {problem}; the layer is left as it was ({self._form} form, rank "
-                                  f"{self._rank})")
+                self._refuse_load(state_dict, prefix, error_msgs, f"{name}: {problem}; the layer is left as it "
+                                                                  f"was ({self._form} form, rank {self._rank})")
                 return
             if form != self._form or rank != self._rank:
                 try:
                     self._check_switchable(f"layer {prefix[:-1]!r}" if prefix else None)
                 except RuntimeError as e:     # into torch's list: the other layers load and it names them all
-                    error_msgs.append(str(e))
+                    self._refuse_load(state_dict, prefix, error_msgs, str(e))
                     return
                 self._switch_for_load(form, rank)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    @staticmethod
+    def _refuse_load(state_dict, prefix, error_msgs, message):
+        """Add ``message`` to torch's errors and take the keys of the layer's submodules (a parametrization's
+        ``parametrizations.A.original``) out of this load's ``state_dict``, which torch loads into them
+        next: a refused load leaves all of the layer as it was."""
+        error_msgs.append(message)
+        for key in [k for k in state_dict if k.startswith(prefix) and "." in k[len(prefix):]]:
+            del state_dict[key]
 
     @outside_inference_mode
     def _switch_for_load(self, form, rank):
@@ -504,11 +537,16 @@ class FormLayer(nn.Module):
         self._allocate(form, rank)
         follow_load(self, before)
 
-    def _state_rank_and_problem(self, state_dict, prefix, form):
+    def _state_rank_and_problem(self, state_dict, prefix, form, moved=()):
         """(rank, None) when the state dict's tensors for this layer have the shapes of ``form`` at the
-        rank they give, else (None, what is wrong), so a bad checkpoint never half-loads a layer."""
+        rank they give, else (None, what is wrong), so a bad checkpoint never half-loads a layer.
+
+        Where a reparametrized factor (named in ``moved``) is not in the dict under its own name (it is
+        saved under its reparametrization's keys), the rank is the layer's own, and the shapes of the
+        factors the dict holds under their own names are checked against it."""
         rank = self._rank
-        if form != "full":
+        unnamed = [n for n in moved if n in self._all_factor_names() and prefix + n not in state_dict]
+        if form != "full" and not unnamed:
             try:
                 rank = self._check_rank(self._rank_from_state(state_dict, prefix))
             except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:

@@ -495,30 +495,33 @@ class LowRankConv2d(FormLayer):
         return layer
 
     # -- forward ------------------------------------------------------------
-    def forward(self, x):
-        if not isinstance(x, torch.Tensor):
-            if isinstance(x, torch.fx.Proxy):
-                return self._fx_node(x, trace_through=False)
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+    def forward(self, input):
+        """``input`` (N, C, H, W) or (C, H, W) → (N, F, H_out, W_out) or (F, H_out, W_out) in the current
+        form.  The argument is named as ``nn.Conv2d.forward``'s, so ``conv(input=x)`` works before and after
+        ``convert_model``."""
+        if not isinstance(input, torch.Tensor):
+            if isinstance(input, torch.fx.Proxy):
+                return self._fx_node(input, trace_through=False)
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in (3, 4) or input.shape[-3] != self.in_channels:
             raise ValueError(f"input must have shape (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
-                             f"got {tuple(x.shape)}")
+                             f"got {tuple(input.shape)}")
         ref = self._reference_tensor()
-        if x.is_meta != ref.is_meta:
+        if input.is_meta != ref.is_meta:
             # torch's convs mix meta and real tensors silently (the result on one of them)
-            self._check_input_against(x, ref)
-        unbatched = x.dim() == 3
+            self._check_input_against(input, ref)
+        unbatched = input.dim() == 3
         if unbatched:
-            x = x.unsqueeze(0)
+            input = input.unsqueeze(0)
         try:
             if self._pad is not None:
                 # Non-zero padding modes pad once; every conv of the chain then runs unpadded.
-                x = F.pad(x, self._pad, mode=self._padding_mode)
-            y = self._run(self, x)
+                input = F.pad(input, self._pad, mode=self._padding_mode)
+            y = self._run(self, input)
         except RuntimeError:
             # torch's pads and convs refuse another device or dtype: name the fault (other errors pass as
             # they came)
-            self._check_input_against(x, ref)
+            self._check_input_against(input, ref)
             raise
         return y.squeeze(0) if unbatched else y
 

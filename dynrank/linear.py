@@ -179,9 +179,11 @@ class FusedLowRankLinear(FormLayer):
     ``torch.utils.checkpoint`` (reentrant or not, ``checkpoint_sequential``,
     selective policies) recomputes every form exactly.  A
     ``torch.nn.utils.parametrize`` parametrization of W or a factor is used
-    by the forward and backward, but a form change refuses to replace a
-    reparametrized tensor (RuntimeError): remove it first, register it again
-    after the change.
+    by the forward and backward, and the layer's state dict (which saves the
+    tensor under the parametrization's keys) loads back into it; but a form
+    change refuses to replace a reparametrized tensor (RuntimeError), and so
+    does loading a state dict of another form or rank: remove it first,
+    register it again after the change.
 
     s = alpha / rank when ``alpha`` is given, else 1.  ``DYNRANK_BACKEND``
     picks the engine (:mod:`dynrank._backend`): the fused Triton kernels, where
@@ -341,25 +343,27 @@ class FusedLowRankLinear(FormLayer):
             self._dense_type = type(dense)
 
     # -- forward ------------------------------------------------------------
-    def forward(self, x):
-        if isinstance(x, Proxy):
-            node = self._fx_node(x)
+    def forward(self, input):
+        """``input`` (..., in_features) → (..., out_features) in the current form.  The argument is named
+        as ``nn.Linear.forward``'s, so ``layer(input=h)`` works before and after ``convert_model``."""
+        if isinstance(input, Proxy):
+            node = self._fx_node(input)
             if node is not None:
                 return node
         if self._form == "full":
             weight, bias = self._read("weight"), self._read("bias")
-            if isinstance(x, torch.Tensor) and x.is_meta != weight.is_meta:
-                self._check_input(x, weight)   # torch mixes meta and real tensors silently
+            if isinstance(input, torch.Tensor) and input.is_meta != weight.is_meta:
+                self._check_input(input, weight)   # torch mixes meta and real tensors silently
             try:
-                return F.linear(x, weight, bias)
+                return F.linear(input, weight, bias)
             except (RuntimeError, TypeError):
-                self._check_input(x, weight, bias)  # names the fault where it is the input's or an operand's
+                self._check_input(input, weight, bias)  # names the fault where it is the input's or an operand's
                 raise
         weight = self._read("weight")
         if weight is not None and self._form == "lowrank":
             self._refuse_weight()      # one torch.func.functional_call passed in: refused as an assigned one
         # lowrank_linear checks the input against the factors.
-        return DF.lowrank_linear(x, weight, self._read("A"), self._read("B"), self._read("bias"),
+        return DF.lowrank_linear(input, weight, self._read("A"), self._read("B"), self._read("bias"),
                                  self.scale_for(self._rank))
 
     def _check_input(self, x, weight, bias=None):

@@ -1,5 +1,5 @@
-"""Drop-in behaviour of the layers: parameter order, geometry edits after construction, torch.fx symbolic
-tracing, and the message for an input that is not floating-point."""
+"""Drop-in behaviour of the layers: parameter order, geometry edits after construction, the input passed
+by keyword (``input=``), torch.fx symbolic tracing, and the message for an input that is not floating-point."""
 
 import copy
 import io
@@ -340,6 +340,60 @@ def test_fx_tracing_the_conv_itself_says_how_to_proceed():
             "torch.fx.symbolic_trace reached the forward of LowRankConv2d as the traced root")) as info:
         torch.fx.symbolic_trace(layer)
     assert "nn.Sequential(layer)" in str(info.value) and "torch.export" in str(info.value)
+
+
+# -- the input by keyword -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+def test_the_input_passes_by_keyword_as_to_nn_linear_and_nn_conv2d(form):
+    """``nn.Linear.forward`` and ``nn.Conv2d.forward`` name their argument ``input``: ``layer(input=x)``
+    computes what ``layer(x)`` does, in every form."""
+    linear = FusedLowRankLinear(6, 5, 2, form=form, dtype=F64)
+    with torch.no_grad():
+        for p in linear.factors().values():
+            p.normal_()
+    x = torch.randn(3, 6, dtype=F64)
+    weight = linear.weight if form != "lowrank" else torch.zeros(5, 6, dtype=F64)
+    if form != "full":
+        weight = weight + linear.scale * linear.A @ linear.B.t()
+    assert rel_err(linear(x), F.linear(x, weight.detach(), linear.bias.detach())) < TOL
+    assert torch.equal(linear(input=x), linear(x))
+    for dec in DECOMPOSITIONS:
+        conv = make_conv((form, dec, "chain" if form == "adapter" else "auto"), padding=1)
+        image = torch.randn(2, 4, 5, 6, dtype=F64)
+        assert torch.equal(conv(input=image), check_output(conv, image)), dec
+        assert torch.equal(conv(input=image[0]), conv(image[0])), dec          # unbatched
+
+
+class _CallsByKeyword(nn.Module):
+    """Calls its layers as ``self.proj(input=h)``, as public models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, keyword=True):
+        if not keyword:
+            return self.head(self.proj(self.conv(x).mean((2, 3))))
+        h = self.conv(input=x).mean((2, 3))
+        return self.head(input=self.proj(input=h))
+
+
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+def test_a_model_calling_its_layers_by_keyword_runs_after_convert_model(form):
+    torch.manual_seed(0)
+    plain = _CallsByKeyword().double()
+    x = torch.randn(2, 4, 5, 6, dtype=F64)
+    expected = plain(x)
+    converted = copy.deepcopy(plain)
+    convert_model(converted, rank_ratio=0.5, form=form, min_features=1, keep_last=False)
+    assert [type(m) for m in converted.children()] == [LowRankConv2d, FusedLowRankLinear, FusedLowRankLinear]
+    y = converted(x)
+    assert torch.equal(y, converted(x, keyword=False))
+    if form != "lowrank":                       # full and adapter (zero-output adapter) keep the function
+        assert rel_err(y, expected) < TOL
 
 
 # -- an input that is not floating-point -----------------------------------------------------------

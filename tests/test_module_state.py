@@ -2,8 +2,9 @@
 
 Deferred init (meta, ``to_empty``, ``reset_parameters``), dtype and memory-format casts, freezing,
 state dicts (``strict=False``, ``assign=True``, ``keep_vars=True``, a dict of another form that lacks a
-tensor), repr, deepcopy and pickling, and the input layouts ``nn.Linear``/``nn.Conv2d`` accept
-(0 tokens, 1-D, 4-D, non-contiguous, stride-0), each in every form against a float64 reference.
+tensor, a layer with a reparametrized factor), repr, deepcopy and pickling, and the input layouts
+``nn.Linear``/``nn.Conv2d`` accept (0 tokens, 1-D, 4-D, non-contiguous, stride-0), each in every form
+against a float64 reference.
 """
 
 import copy
@@ -15,6 +16,10 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils import spectral_norm as hook_spectral_norm
+from torch.nn.utils import weight_norm as hook_weight_norm
+from torch.nn.utils.parametrizations import spectral_norm
 
 from _helpers import REL_TOL, kernel_devices, rel_err
 from _scheduling import held, mlp, trainable
@@ -414,6 +419,97 @@ def test_a_dict_of_the_same_form_that_lacks_a_tensor_is_torchs_missing_key():
         layer.load_state_dict(sd)
     result = layer.load_state_dict(sd, strict=False)
     assert result.missing_keys == ["B"] and torch.equal(layer.B, before["B"])
+
+
+# -- a reparametrized factor's state dict --------------------------------------------------------------
+
+class _Doubled(nn.Module):
+    def forward(self, t):
+        return 2.0 * t
+
+
+# Each saves A under its own keys (parametrizations.A.original, A_orig/A_u/A_v, A_g/A_v, A_orig/A_mask).
+REPARAMETRIZATIONS = {
+    "parametrize": lambda layer, name: parametrize.register_parametrization(layer, name, _Doubled()),
+    "spectral_norm": lambda layer, name: spectral_norm(layer, name),
+    "hook-spectral_norm": lambda layer, name: hook_spectral_norm(layer, name),
+    "hook-weight_norm": lambda layer, name: hook_weight_norm(layer, name),
+    "prune": lambda layer, name: prune.l1_unstructured(layer, name, amount=0.5),
+}
+LINEAR_AND_SVD_CONV = [pytest.param(linear, id="linear"), pytest.param(lambda form, **kw: conv("svd", form, **kw),
+                                                                         id="conv")]
+
+
+def reparametrized(build, form, kind):
+    """A float64 layer of ``form`` with random factors and A reparametrized by ``kind``, in eval mode
+    (the spectral norms run no power iteration there: one output per state)."""
+    layer = randomize(build(form, dtype=torch.float64)).eval()
+    REPARAMETRIZATIONS[kind](layer, "A")
+    return layer
+
+
+def reparametrized_reference(layer, x):
+    """float64 output of nn.Linear / nn.Conv2d with the effective weight the reparametrized factors give."""
+    tensors = {n: t.detach() for n, t in layer.factors().items()}
+    if layer.weight is not None:
+        tensors["weight"] = layer.weight.detach()
+    weight, bias = effective(layer, tensors), layer.bias.detach()
+    if isinstance(layer, FusedLowRankLinear):
+        return F.linear(x, weight, bias)
+    return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("kind", list(REPARAMETRIZATIONS))
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+@pytest.mark.parametrize("build", LINEAR_AND_SVD_CONV)
+def test_a_layer_with_a_reparametrized_factor_loads_its_own_state_dict(build, form, kind):
+    """A reparametrized factor is saved under its reparametrization's keys, never as ``A``: the dict is
+    the layer's own form and rank, and torch's load (strict) restores it, function included."""
+    layer = reparametrized(build, form, kind)
+    x = input_for(layer, 3).double()
+    expected = layer(x)
+    assert rel_err(expected, reparametrized_reference(layer, x)) < REL_TOL[torch.float64]
+    sd = state(layer)
+    assert "A" not in sd
+    twin = reparametrized(build, form, kind)      # (a deepcopy refuses the hook-based ones' computed A)
+    with torch.no_grad():
+        for t in [*twin.parameters(), *twin.buffers()]:
+            t.add_(torch.rand_like(t) + 0.5)
+    assert not torch.allclose(twin(x), expected)
+    twin.load_state_dict(sd)
+    assert twin.form == form and twin.rank == layer.rank
+    assert_same_state(twin, sd)
+    assert torch.equal(twin(x), expected)
+    layer.load_state_dict(layer.state_dict())
+    assert torch.equal(layer(x), expected)
+    model = nn.Sequential(nn.Identity(), reparametrized(build, form, kind))     # under a prefix
+    model.load_state_dict({f"1.{k}": v for k, v in sd.items()})
+    assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+@pytest.mark.parametrize("build", LINEAR_AND_SVD_CONV)
+def test_a_layer_with_a_reparametrized_factor_refuses_a_dict_of_another_form_or_rank(build, form, strict):
+    """Loading would switch the layer, which would replace the reparametrized factor: refused, the layer
+    left as it was."""
+    layer = reparametrized(build, form, "parametrize")
+    before = state(layer)
+    refused = r"\(" + form + r" form, rank .*\) cannot change form or rank: its A is reparametrized"
+    other_rank = build("full", dtype=torch.float64).deflate(rank=1).state_dict()
+    for sd in (build("full", dtype=torch.float64).state_dict(),
+               {k: v for k, v in other_rank.items() if form == "adapter" or k != "weight"}):   # lowrank: factors
+        with pytest.raises(RuntimeError, match=refused):
+            layer.load_state_dict(sd, strict=strict)
+        assert layer.form == form
+        assert_same_state(layer, before)
+    # The layer's own form and rank, but B of another rank: A's parametrization is left as it was too.
+    original = "parametrizations.A.original"
+    sd = {**before, original: before[original] + 1.0, "B": other_rank["B"]}
+    with pytest.raises(RuntimeError, match=r"B must have shape .*, got "):
+        layer.load_state_dict(sd, strict=strict)
+    assert_same_state(layer, before)
 
 
 # -- repr -----------------------------------------------------------------------------------------
