@@ -14,7 +14,8 @@ scheduler, a grad scaler, the user's own references) keeps working:
   parameter's own group and position, so factors kept in groups of their own
   (a higher lr for B) stay there.  Fused SGD with momentum cannot step a group
   where some parameters have a momentum buffer and others none; a new
-  parameter joining such a group starts with a zero buffer, which is what an
+  parameter joining such a group (one where any parameter has a buffer, a new
+  one's carried buffer included) starts with a zero buffer, which is what an
   empty one means unless ``dampening`` is set (then its first step is
   (1 − dampening)·g instead of g).  L-BFGS keeps one history over all
   parameters flattened together; a form change starts it afresh.
@@ -279,14 +280,15 @@ def _match_fused_momentum(optimizer, group, joined):
 
     Fused SGD decides once per group whether this is the first step (every
     buffer missing) and fails on a group where only some are missing, as after
-    a form change in a trained group.  With ``dampening`` 0 a zero buffer steps
-    exactly as a missing one.
+    a form change in a trained group, or after a carried deflate in a group of
+    the layer's own (one factor's pulled-back buffer is zero and it starts
+    without one, the other carries one).  So any buffer in the group, a joined
+    parameter's included, gives the joined ones without one a zero buffer.
+    With ``dampening`` 0 a zero buffer steps exactly as a missing one.
     """
     if not (isinstance(optimizer, torch.optim.SGD) and group.get("fused") and group.get("momentum")):
         return
-    joined_ids = {id(p) for p in joined}
-    if not any(optimizer.state.get(p, {}).get("momentum_buffer") is not None
-               for p in group["params"] if id(p) not in joined_ids):
+    if not any(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"]):
         return
     for p in joined:
         state = optimizer.state[p]

@@ -97,16 +97,28 @@ class _Snapshot:
             self.optimizer.state[p] = state
 
 
+# The per-element entries of torch's optimizers, each of its parameter's shape: those a switch carries
+# (momentum, Adam's and RMSprop's moments, Adagrad's sum), Adadelta's acc_delta, Adamax's exp_inf, ASGD's
+# ax, Rprop's prev and step_size, and Adafactor's variance (a parameter of under two dimensions).  Their
+# other tensor entries are scalars (step, NAdam's mu_product, ASGD's eta and mu), factored (Adafactor's
+# row_var and col_var) or span all parameters (L-BFGS's flat direction and gradient).  Other optimizers'
+# entries of other names are left unchecked: they may have other shapes by design (an 8-bit optimizer's
+# quantization map and block scales).
+PER_ELEMENT_STATE = LINEAR_STATE | SQUARED_STATE | frozenset(
+    {"acc_delta", "exp_inf", "ax", "prev", "step_size", "variance"})
+
+
 def _check_state_shapes(optimizer):
-    """ValueError naming the first parameter whose loaded per-element state (momentum, Adam's moments, ...)
-    has another shape than it: ``Optimizer.load_state_dict`` matches state to parameters by position and
-    checks no shape, so a state saved over parameters in another order would fail at the next step, or
-    step with another parameter's moments where the shapes agree."""
-    names = LINEAR_STATE | SQUARED_STATE
+    """ValueError naming the first parameter whose loaded per-element state (:data:`PER_ELEMENT_STATE`:
+    momentum, Adam's moments, Rprop's step sizes, ...) has another shape than it: ``Optimizer.load_state_dict``
+    matches state to parameters by position and checks no shape, so a state saved over parameters in another
+    order would fail at the next step, or step with another parameter's moments where the shapes agree.
+    Scalar (0-dim) entries are not compared."""
     for g, group in enumerate(optimizer.param_groups):
         for i, p in enumerate(group["params"]):
             for key, value in optimizer.state.get(p, {}).items():
-                if key in names and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                if (key in PER_ELEMENT_STATE and isinstance(value, torch.Tensor) and value.dim() > 0
+                        and value.shape != p.shape):
                     raise ValueError(f"the state {key!r} of param_groups[{g}]['params'][{i}] has shape "
                                      f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
 
@@ -132,8 +144,9 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
             or optimizer, the scheduler part is invalid for this model (see
             :meth:`DynamicRankScheduler.load_state_dict`), or the optimizer
             part does not fit this optimizer (torch's group-size check, or a
-            parameter's momentum or moments of another shape than it: a state
-            saved over parameters in another order).
+            parameter's per-element state, such as momentum, moments or
+            Rprop's step sizes, of another shape than it: a state saved over
+            parameters in another order).
         RuntimeError: the model part does not fit the model (from
             ``torch.nn.Module.load_state_dict``).
 

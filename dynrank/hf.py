@@ -63,8 +63,8 @@ class DynamicRankCallback(TrainerCallback):
     holds them in its ``trainer_state.json``; a resume, from whatever
     folder, checks the model against the checkpoint it loaded as
     :func:`~dynrank.load_training_state` does, so a model converted at
-    another rank is refused, in full form too (the rank its next deflate
-    takes).  A checkpoint without the entry (saved by an earlier version)
+    another rank is refused, in full form too where the next deflate takes
+    the layer's rank (no ``deflate_rank`` for it).  A checkpoint without the entry (saved by an earlier version)
     resumes unchecked.  The schedule is the one given to the callback.
     (The entry is no callback's class name, so
     ``restore_callback_states_from_checkpoint=True`` leaves this callback

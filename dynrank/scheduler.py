@@ -566,14 +566,19 @@ class DynamicRankScheduler:
                     raise type(e)(f"ranks[{name!r}] is not a valid rank of layer {name!r}: {e}") from None
         except (TypeError, ValueError) as e:
             raise type(e)(f"invalid DynamicRankScheduler state dict: {e}") from None
+        spec = settings["deflate_rank"]
         for name, layer in self._layers:
             rank, form = checked[name], forms[name]
             if layer.form != form:
                 self._path(name, layer.form, form)          # raises if the saved form cannot be reached
-            if layer.rank != rank and (form != "adapter" or layer.form == "adapter"):
-                # The switches keep the rank except a deflate, which takes the saved one.  In full form the
-                # rank is the one the next deflate takes by default: a model converted at another rank
-                # would deflate differently from the saved run, so it is refused too.
+            # The switches keep the rank except a deflate, which takes the saved one.  In full form the rank
+            # is the one the next deflate takes where deflate_rank gives the layer none: a model converted at
+            # another rank would deflate differently from the saved run, so it is refused too.  With a
+            # deflate_rank for the layer its full-form rank is never used (a run rolled back from its adapters,
+            # of that rank, to a full-form checkpoint).
+            own_rank = (spec.get(name) if isinstance(spec, dict) else spec) is None
+            if layer.rank != rank and (form == "lowrank" or (form == "full" and own_rank)
+                                       or (form == "adapter" and layer.form == "adapter")):
                 how = ("build the scheduler with the saved deflate_rank, or deflate the layer to that rank"
                        if form == "adapter" else "convert the model with the same rank_ratio")
                 raise ValueError(f"layer {name!r} has rank {layer.rank} but the checkpoint has {rank}"
@@ -610,7 +615,9 @@ class DynamicRankScheduler:
             ValueError: missing or unknown keys, settings the constructor would
                 reject, the saved layers differ from this model's, a rank out
                 of a layer's range, or a saved form/rank that cannot be reached
-                from the current one.
+                from the current one.  A layer saved in full form is held to
+                its saved rank only where the next deflate takes it (the saved
+                ``deflate_rank`` gives the layer none); else it keeps its own.
         """
         self._load_checked(self._checked_state(state_dict))
 

@@ -8,10 +8,12 @@ import gc
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from _scheduling import data, decay_groups, held, mlp, same_set, trainable
-from dynrank import DynamicRankScheduler
+from dynrank import DynamicRankScheduler, convert_model, load_training_state, training_state
+from dynrank.checkpoint import PER_ELEMENT_STATE
 from dynrank.inrank import IncrementalRankScheduler
 from dynrank.linear import FusedLowRankLinear
 
@@ -207,3 +209,134 @@ def test_incremental_rank_model_load_first_resizes_the_optimizer():
     resumed = run(20, state)
     assert [m.rank for m in resumed[0]] == [m.rank for m in run(20)[0]]
     _same(_state(*resumed[:2]), expected)
+
+
+# -- load_training_state: every per-element state entry is checked against its parameter ----------------
+def _build_for(make_opt, seed=0, bias_first=False):
+    """Model, ``make_opt`` over its parameters and a scheduler inflating at 0; with ``bias_first`` the optimizer
+    lists the classifier's bias before its weight (as dynrank 0.1.0 listed a full-form layer's)."""
+    model = mlp(seed)
+    params = list(model.parameters())
+    if bias_first:
+        params = params[:-2] + params[-2:][::-1]
+    opt = make_opt(params)
+    return model, opt, DynamicRankScheduler(model, opt, inflate_epoch=0, deflate_epoch=2)
+
+
+@pytest.mark.parametrize("make_opt, key", [
+    (lambda p: torch.optim.Rprop(p, lr=1e-2), "prev"),
+    (lambda p: torch.optim.ASGD(p, lr=1e-2), "ax"),
+    (lambda p: torch.optim.Adafactor(p, lr=1e-2), "variance"),
+], ids=["Rprop", "ASGD", "Adafactor"])
+def test_a_state_saved_in_another_order_is_refused_by_any_per_element_entry(make_opt, key):
+    """Only momentum and Adam-style moments were compared: Rprop's, ASGD's and Adafactor's state saved over
+    the parameters in another order loaded without a word, and the next step failed with a bare size mismatch
+    ("The size of tensor a (12) must match the size of tensor b (3)").  Now refused, and the run goes on as
+    if the load had never been tried."""
+    x, y = data()
+    source = _build_for(make_opt, bias_first=True)
+    _epoch(*source, 0, x, y)
+    ckpt = copy.deepcopy(training_state(*source))
+    target, twin = _build_for(make_opt, seed=3), _build_for(make_opt, seed=3)
+    for run in (target, twin):
+        _epoch(*run, 0, x, y)
+    scheduler_state = target[2].state_dict()
+    with pytest.raises(ValueError, match=rf"checkpoint\['optimizer'\] does not fit this optimizer \(the state "
+                                         rf"'{key}' of param_groups\[0\]\['params'\]\[\d+\] has shape \(3,\), the "
+                                         rf"parameter \(3, 24\)\); build the optimizer .*nothing was loaded"):
+        load_training_state(ckpt, *target)
+    assert target[2].state_dict() == scheduler_state
+    _same(_state(*target[:2]), _state(*twin[:2]))
+    for run in (target, twin):
+        torch.manual_seed(1)                            # the deflate at 2 draws fresh factors
+        for epoch in range(1, EPOCHS):
+            _epoch(*run, epoch, x, y)
+    _same(_state(*target[:2]), _state(*twin[:2]))
+
+
+def test_the_per_element_state_names_cover_torchs_optimizers():
+    """Every tensor entry of dim ≥ 1 that a torch optimizer keeps is per-element (in PER_ELEMENT_STATE, of its
+    parameter's shape), or one of the documented exceptions: Adafactor's factored row_var / col_var, L-BFGS's
+    history over all parameters (kept on the first)."""
+    factored = {"row_var", "col_var"}
+    classes = [c for c in vars(torch.optim).values()
+               if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
+    assert {torch.optim.Rprop, torch.optim.ASGD, torch.optim.Adafactor, torch.optim.LBFGS} <= set(classes)
+    for cls in classes:
+        if cls is torch.optim.SparseAdam:              # sparse gradients only; its state is Adam's
+            continue
+        torch.manual_seed(0)
+        shapes = [(4, 3)] if cls.__name__ == "Muon" else [(4, 3), (5,), (2, 3, 4, 5), ()]
+        params = [nn.Parameter(torch.randn(shape)) for shape in shapes]
+        options = {"SGD": dict(momentum=0.9), "RMSprop": dict(momentum=0.9, centered=True),
+                   "Adam": dict(amsgrad=True)}.get(cls.__name__, {})
+        opt = cls(params, lr=1e-2, **options)
+
+        def closure():
+            opt.zero_grad()
+            loss = sum((p * p).sum() for p in params)
+            loss.backward()
+            return loss
+        for _ in range(2):
+            opt.step(closure)
+        for i, p in enumerate(params):
+            for name, value in opt.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                    continue
+                if cls is torch.optim.LBFGS:
+                    assert i == 0 and name not in PER_ELEMENT_STATE, name
+                elif name in factored:
+                    assert cls is torch.optim.Adafactor and value.shape != p.shape, name
+                else:
+                    assert name in PER_ELEMENT_STATE and value.shape == p.shape, (cls.__name__, name)
+
+
+# -- a full-form checkpoint's rank matters only where the next deflate takes it -------------------------
+def _deflating_run(deflate_rank, rank_ratio=0.25):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3))
+    convert_model(model, rank_ratio=rank_ratio)
+    opt = torch.optim.AdamW(decay_groups(model), lr=1e-2)
+    return model, opt, DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2, deflate_rank=deflate_rank)
+
+
+@pytest.mark.parametrize("deflate_rank", [1, 0.5, {"0": 1}], ids=["int", "ratio", "one-layer"])
+def test_a_run_rolls_back_from_its_adapters_to_a_full_form_checkpoint(deflate_rank):
+    """With deflate_rank set the adapters' rank is not the conversion rank, and the rollback was refused:
+    "layer '0' has rank 1 but the checkpoint has 3 (the rank its next deflate takes); convert the model with
+    the same rank_ratio", though it was (and the next deflate takes deflate_rank).  Loaded into the live
+    objects, the full-form checkpoint of epoch 1 now trains on exactly as the run did from there."""
+    x, y = data()
+    run = _deflating_run(deflate_rank)
+    for epoch in range(EPOCHS):
+        _epoch(*run, epoch, x, y)
+        if epoch == 1:
+            saved = copy.deepcopy(training_state(*run, rng=torch.get_rng_state()))
+    assert run[0][0].rank != saved["scheduler"]["ranks"]["0"]            # the adapter's rank is deflate_rank's
+    expected = _state(*run[:2])
+    torch.set_rng_state(load_training_state(saved, *run)["rng"])
+    assert run[2].forms() == {"0": "full", "2": "full"} and run[2].last_epoch == 1
+    for epoch in range(2, EPOCHS):
+        _epoch(*run, epoch, x, y)
+    _same(_state(*run[:2]), expected)
+
+
+def test_a_full_form_checkpoint_at_another_rank_is_refused_where_the_deflate_takes_the_layers_rank():
+    """A model converted at another rank_ratio: layer "0", deflated to deflate_rank's 1, loads; layer "2",
+    which deflate_rank leaves out, would deflate at its own rank, other than the saved run's: refused."""
+    x, y = data()
+    source = _deflating_run({"0": 1})
+    for epoch in range(2):
+        _epoch(*source, epoch, x, y)
+    saved = training_state(*source)
+    target = _deflating_run({"0": 1}, rank_ratio=0.5)
+    ranks = [target[0][i].rank for i in (0, 2)]
+    assert ranks != [source[0][i].rank for i in (0, 2)]
+    with pytest.raises(ValueError, match=rf"layer '2' has rank {ranks[1]} but the checkpoint has "
+                                         rf"{source[0][2].rank} \(the rank its next deflate takes\); convert the "
+                                         rf"model with the same rank_ratio"):
+        load_training_state(saved, *target)
+    assert target[2].forms() == {"0": "lowrank", "2": "lowrank"} and [target[0][i].rank for i in (0, 2)] == ranks
+    saved["scheduler"]["deflate_rank"] = {"0": 1, "2": 2}                  # every layer deflates to a given rank
+    load_training_state(saved, *target)
+    assert target[2].forms() == {"0": "full", "2": "full"}

@@ -334,3 +334,36 @@ def test_carry_deflate_under_autocast_maps_the_momentum_in_the_parameters_dtype(
         assert opt.state[layer.A]["momentum_buffer"].dtype == torch.float32
         reference_a = layer.scale * m_w @ layer.B.detach().double()
         assert rel_err(opt.state[layer.A]["momentum_buffer"], reference_a) < 1e-6
+
+
+def _sgd_through_a_carry_deflate(**impl):
+    """Layer 0's factors in a param group of their own (a per-layer lr), SGD with momentum, a carry deflate
+    with zero-output adapters at 1 and three steps after it; returns the parameters and, just after the
+    deflate, which of group 0's parameters hold a momentum buffer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3))
+    convert_model(model, rank_ratio=0.25)
+    model = model.double()
+    own = [model[0].A, model[0].B]
+    groups = [{"params": own, "lr": 0.05},
+              {"params": [p for p in model.parameters() if all(p is not q for q in own)]}]
+    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, **impl)
+    sched = DynamicRankScheduler(model, opt, 0, 1, optimizer_state="carry", deflate_init="zeros")
+    x, y = torch.randn(32, 12, dtype=torch.float64), torch.randint(0, 3, (32,))
+    sched.step(0)
+    train_steps(model, opt, x, y, steps=2)
+    sched.step(1)
+    buffers = [opt.state.get(p, {}).get("momentum_buffer") is not None for p in opt.param_groups[0]["params"]]
+    train_steps(model, opt, x, y, steps=3)
+    return [p.detach().clone() for p in model.parameters()], buffers
+
+
+def test_fused_sgd_steps_a_group_of_one_layer_after_a_carry_deflate():
+    """The zero deflate carries A a buffer and leaves B's (zero) empty.  In a group holding nothing but the
+    layer's factors, B was given no zero buffer (only a buffer outside the new parameters counted), and fused
+    SGD's first step after the deflate raised a TypeError on the mixed group.  It steps as the for-loop SGD."""
+    loop, loop_buffers = _sgd_through_a_carry_deflate(foreach=False)
+    fused, fused_buffers = _sgd_through_a_carry_deflate(fused=True)
+    assert loop_buffers == [True, False] and fused_buffers == [True, True]
+    for p, q in zip(fused, loop):
+        assert rel_err(p, q) < 1e-13
