@@ -460,7 +460,8 @@ def finish(benchmark, *, flops=None, bytes_moved=None, dtype=torch.float32, devi
 
 
 def _same_work_as(packet):
-    """A FlopCounterMode formula that counts an op as the out-of-place ``packet`` (``aten.addmm``)."""
+    """A FlopCounterMode formula that counts an op as ``packet`` does (``addmm_`` as ``aten.addmm``): both
+    take the same leading arguments."""
     from torch.utils.flop_counter import flop_registry
 
     formula = flop_registry[packet]
@@ -471,19 +472,57 @@ def _same_work_as(packet):
     return count
 
 
+def _grouped_conv_backward():
+    """FlopCounterMode's formula for ``convolution_backward`` with the weight gradient divided by ``groups``.
+
+    Torch's formula counts the input gradient right for a grouped convolution (its channel product comes
+    from the weight, C_out · C_in / groups), but the weight gradient as a convolution of the input with
+    the output gradient over all C_in · C_out channel pairs: ``groups`` times the true work, 32× for a
+    depthwise convolution over 32 channels.  Each term's count is torch's own, so groups = 1 is unchanged.
+    """
+    from torch.utils.flop_counter import flop_registry
+
+    formula = flop_registry[torch.ops.aten.convolution_backward]
+
+    def count(grad_out, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
+              output_mask, out_val=None):
+        args = (grad_out, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups)
+        grad_input = formula(*args, [output_mask[0], False], out_val=out_val)
+        grad_weight = formula(*args, [False, output_mask[1]], out_val=out_val)
+        return grad_input + grad_weight // groups
+    count._get_raw = True          # ``formula`` reads the shapes itself
+    return count
+
+
 def flops_of(fn, device=DEVICE):
     """FLOPs of one call of ``fn`` counted by torch's FlopCounterMode.
 
     dynrank's fused Triton ops are opaque to the counter, so the count runs on
-    dynrank's torch path (same math), selected through DYNRANK_BACKEND.  The
-    counter has no entry for the in-place products that path (and a merge) runs,
-    ``addmm_`` and ``baddbmm_``: they count as ``addmm`` and ``baddbmm``.
+    dynrank's torch path (same math), selected through DYNRANK_BACKEND.  Where
+    the counter's own table is wrong or has no entry, these count instead:
+
+    - the in-place products that path (and a merge) runs, ``addmm_`` and
+      ``baddbmm_``, count as ``addmm`` and ``baddbmm``;
+    - a grouped convolution's backward counts its weight gradient once per group,
+      not ``groups`` times (:func:`_grouped_conv_backward`; CP and TKD-CPD run
+      depthwise convolutions);
+    - the CPU's fused attention, ``_scaled_dot_product_flash_attention_for_cpu``
+      and its backward, count as the CUDA flash kernels do: 4·B·H·L·S·D forward
+      (QKᵀ and the weighted sum of V, causal masking not subtracted), 2.5× that
+      backward, so CPU and GPU rows count one step alike.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
-    in_place = {aten.addmm_: _same_work_as(aten.addmm), aten.baddbmm_: _same_work_as(aten.baddbmm)}
-    with env_override(DYNRANK_BACKEND="torch"), FlopCounterMode(display=False, custom_mapping=in_place) as counter:
+    mapping = {
+        aten.addmm_: _same_work_as(aten.addmm),
+        aten.baddbmm_: _same_work_as(aten.baddbmm),
+        aten.convolution_backward: _grouped_conv_backward(),
+        aten._scaled_dot_product_flash_attention_for_cpu: _same_work_as(aten._scaled_dot_product_flash_attention),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            _same_work_as(aten._scaled_dot_product_flash_attention_backward),
+    }
+    with env_override(DYNRANK_BACKEND="torch"), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     sync(device)
     return counter.get_total_flops()

@@ -16,15 +16,19 @@ them where the repository keeps results, so the next session resumes from them:
 
 An empty suite JSON (a suite cut off at its time limit) is left out with a note.  A ``bench.tgz``
 without a suite JSON that names its device (a bench phase cut off before its first suite finished) is
-refused before anything is folded; so is a folder holding none of the archives.
+refused before anything is folded; so is a folder holding none of the archives, an archive cut short
+(an interrupted copy), and a paper archive whose config.json, metrics.json or result.json is not valid
+JSON.  Each refusal names the archive (and the file in it).
 
 A run continued elsewhere from a copy of its committed folder (``dynrank-train --resume COPY
 --device cpu ...``) folds back with ``--run COPY``: its settings, epoch records, monitor files,
 result and checkpoint replace the committed ones, its console output (``--output``) is appended to
 the run's ``.log`` under a ``--note`` line saying where and how it ran, and the summary is written
-again.  A run started elsewhere that the repository does not hold yet (``dynrank-train --preset
-cifar10-resnet20 --out FOLDER ...`` with the driver's settings) folds in the same way with ``--new``;
-its folder must carry the driver's name for the run its ``config.json`` describes.
+again.  Every JSON it would copy is read first: one that is not valid JSON is refused, named, before
+anything committed is touched.  A run started elsewhere that the repository does not hold yet
+(``dynrank-train --preset cifar10-resnet20 --out FOLDER ...`` with the driver's settings) folds in
+the same way with ``--new``; its folder must carry the driver's name for the run its ``config.json``
+describes.
 
     python benchmarks/fold_session.py DIR_WITH_THE_ARCHIVES [--results benchmarks/results]
     python benchmarks/fold_session.py --run COPY --output OUT.txt --note "resumed on ..."
@@ -40,6 +44,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from paper_summary import summarize  # noqa: E402  (before dynrank: it finds the checkout's)
@@ -50,6 +55,8 @@ from dynrank.train.cli import PRESETS  # noqa: E402
 PAPER_FOLDER = "cifar10-resnet20"
 # What a run folder keeps in the repository, per schedule (no model.pt, plots or compare tables).
 RUN_FILES = ("metrics.csv", "metrics.json", "result.json", "checkpoint.pt")
+# The JSONs a committed run folder keeps, with the type each holds: read before anything is folded.
+RUN_JSONS = {"config.json": dict, "metrics.json": list, "result.json": dict}
 
 
 def _kept(file):
@@ -57,11 +64,28 @@ def _kept(file):
     return file in RUN_FILES or (file.startswith("monitor.") and file.endswith(".csv"))
 
 
+def _parse_json(text, name, expected):
+    """``text`` parsed as JSON holding an ``expected`` (dict or list); ValueError naming ``name`` otherwise."""
+    try:
+        value = json.loads(text)
+    except ValueError as err:           # JSONDecodeError, and UnicodeDecodeError of bytes
+        raise ValueError(f"{name}: not valid JSON ({err})") from None
+    if not isinstance(value, expected):
+        kind = "an object" if expected is dict else "a list"
+        raise ValueError(f"{name}: expected {kind}, got {type(value).__name__}")
+    return value
+
+
+def _read_json(path, expected=dict):
+    """The JSON file at ``path`` (see :func:`_parse_json`); errors name the file."""
+    with open(path, "rb") as handle:
+        return _parse_json(handle.read(), path, expected)
+
+
 def _slim_result(path):
     """Drop ``monitor_records`` from the result.json at ``path``: the monitor's CSV tables beside it
     hold the same records, and they were most of the file (1.3 of 1.7 MB per ResNet20 run)."""
-    with open(path, encoding="utf-8") as handle:
-        result = json.load(handle)
+    result = _read_json(path)
     if "monitor_records" in result:
         del result["monitor_records"]
         with open(path, "w", encoding="utf-8") as handle:
@@ -93,16 +117,49 @@ def _tidy_runs(runs, log):
             log(f"{name}: not committed, dropped {', '.join(dropped)}")
 
 
+def _open_archive(archive):
+    """``archive`` opened, with its file and folder members, each path checked.  getmembers() reads the
+    whole archive, so one cut short (an interrupted copy) or no archive at all is refused here, before
+    anything is taken from it: ValueError naming the archive."""
+    try:
+        tar = tarfile.open(archive)
+        try:
+            members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]
+        except BaseException:
+            tar.close()
+            raise
+    except (tarfile.TarError, EOFError, zlib.error) as err:
+        why = " ".join(str(err).split()) or type(err).__name__     # tarfile lists each method it tried
+        raise ValueError(f"{archive}: not a complete archive ({why}); nothing was folded from it") from None
+    for member in members:
+        parts = os.path.normpath(member.name).split(os.sep)
+        if os.path.isabs(member.name) or ".." in parts:
+            tar.close()
+            raise ValueError(f"{archive}: refusing the path {member.name!r} (outside the target folder)")
+    return tar, members
+
+
 def _extract(archive, target):
-    with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]
-        for member in members:
-            parts = os.path.normpath(member.name).split(os.sep)
-            if os.path.isabs(member.name) or ".." in parts:
-                raise ValueError(f"{archive}: refusing the path {member.name!r} (outside the target folder)")
+    """Unpack ``archive`` into ``target``; returns the names of its files (see :func:`_open_archive`)."""
+    tar, members = _open_archive(archive)
+    with tar:
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(target, members=members, **safe)
     return [m.name for m in members if m.isfile()]
+
+
+def _check_paper_archive(archive):
+    """Refuse ``archive`` (paper.tgz, paper-checkpoints.tgz) before anything is folded where it is cut
+    short or a run folder's JSON in it is not valid: it is unpacked over the committed runs."""
+    tar, members = _open_archive(archive)
+    with tar:
+        for member in members:
+            expected = RUN_JSONS.get(os.path.basename(member.name))
+            if member.isfile() and expected is not None:
+                try:
+                    _parse_json(tar.extractfile(member).read(), f"{archive}: {member.name}", expected)
+                except ValueError as err:
+                    raise ValueError(f"{err}; nothing was folded") from None
 
 
 def _read_suite(path):
@@ -186,9 +243,14 @@ def _fold_bench(bench, results_dir, log):
 def fold(session_dir, results_dir, log=print):
     """Fold the archives found in ``session_dir`` into ``results_dir``; returns the folders written,
     none where the folder holds no archive of a session (nothing is touched then).  A bench.tgz
-    without a suite JSON naming its device raises ValueError before anything is folded."""
+    without a suite JSON naming its device, an archive cut short, or a paper archive with a run's
+    JSON that is not valid raises ValueError naming it before anything is folded."""
     written = []
     bench = os.path.join(session_dir, "bench.tgz")
+    papers = [os.path.join(session_dir, name) for name in ("paper.tgz", "paper-checkpoints.tgz")]
+    papers = [archive for archive in papers if os.path.isfile(archive)]
+    for archive in papers:
+        _check_paper_archive(archive)
     if os.path.isfile(bench):
         target = _fold_bench(bench, results_dir, log)
         written.append(target)
@@ -197,8 +259,6 @@ def fold(session_dir, results_dir, log=print):
             shutil.copyfile(tests_log, os.path.join(target, "tests-cuda.log"))
             log(f"tests-cuda.log → {target}")
     runs = os.path.join(results_dir, PAPER_FOLDER)
-    papers = [os.path.join(session_dir, name) for name in ("paper.tgz", "paper-checkpoints.tgz")]
-    papers = [archive for archive in papers if os.path.isfile(archive)]
     for archive in papers:
         names = _extract(archive, results_dir)
         log(f"{os.path.basename(archive)}: {len(names)} files → {results_dir}")
@@ -234,7 +294,14 @@ def _driver_names(config):
 def fold_run(source, results_dir, output, note, new=False, log=print):
     """Fold ``source``, a copy of a committed run folder trained further elsewhere (or with
     ``new``, a run started elsewhere that is not committed yet), into ``results_dir``; its console
-    ``output`` (a file) goes to the run's log under ``# note``.  Returns the committed folder."""
+    ``output`` (a file) goes to the run's log under ``# note``.  Returns the committed folder.
+
+    Raises:
+        ValueError: naming the file or folder, before anything committed is touched: no committed run
+            to continue (or, with ``new``, one already there), no dynrank-train output folder, a
+            config.json, metrics.json or result.json that is not valid JSON (a copy cut short), or
+            with ``new`` a folder name other than the driver's.
+    """
     name = os.path.basename(os.path.normpath(source))
     runs = os.path.join(results_dir, PAPER_FOLDER)
     target = os.path.join(runs, name)
@@ -247,9 +314,16 @@ def fold_run(source, results_dir, output, note, new=False, log=print):
     if not os.path.isfile(os.path.join(source, "config.json")) or not schedules:
         raise ValueError(f"{source}: expected config.json and a schedule folder with metrics.json "
                          "(a dynrank-train output folder)")
+    try:
+        config = _read_json(os.path.join(source, "config.json"))
+        for schedule in schedules:
+            for file in sorted(os.listdir(os.path.join(source, schedule))):
+                if _kept(file) and file in RUN_JSONS:
+                    _read_json(os.path.join(source, schedule, file), RUN_JSONS[file])
+    except ValueError as err:
+        raise ValueError(f"{err}; nothing was folded") from None
     if new:
-        with open(os.path.join(source, "config.json"), encoding="utf-8") as handle:
-            expected = _driver_names(json.load(handle))
+        expected = _driver_names(config)
         if name not in expected:
             raise ValueError(f"{source}: the paper driver names this run {' or '.join(sorted(expected))}, "
                              f"not {name!r}; rename the folder")

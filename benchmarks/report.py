@@ -17,22 +17,32 @@ once per timing (each call to its synchronize, and queued: ``extra_info["timing"
 the GPT-2 step's on eager and on graphed steps.
 
 A file that holds no dynrank result (the empty file a suite that selected nothing leaves, another
-project's JSON) is skipped with a note; where none is left the command fails.
+project's JSON) is skipped with a note; where none is left the command fails.  A malformed entry of
+a file (not an object, ``stats`` or ``extra_info`` not an object, a statistic or a count that is not
+a number) is skipped with a note naming the file and its index; a null object reads as an empty one.
+With several files, the header lists each file's date, load average and rooflines.
 
 matplotlib is optional: without it the plot is skipped with a note.
 """
 
 import argparse
 import json
+import math
+import numbers
 import os
 import sys
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
-__all__ = ["Row", "not_a_dynrank_run", "combine_runs", "load_rows", "add_ratios", "evaluate_targets",
-           "render_markdown", "plot", "main"]
+__all__ = ["Row", "not_a_dynrank_run", "malformed_entries", "combine_runs", "load_rows", "add_ratios",
+           "evaluate_targets", "render_markdown", "plot", "main"]
 
 STATS = ("mean", "median", "min")
+# extra_info numbers the report divides by or with; each a number or absent/null.
+COUNTS = ("flops", "bytes", "peak_tflops", "copy_gbps", "trainable_params")
+# Entry fields the report reads as names; each a string or absent/null.
+NAMES = ("group", "name")
+INFO_NAMES = ("suite", "provider", "form", "pass")
 
 
 @dataclass
@@ -83,12 +93,67 @@ def not_a_dynrank_run(data):
     return None
 
 
-def combine_runs(runs):
+def _object(value):
+    """``value`` where it is a JSON object, else an empty one (a null or missing part of a JSON)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _entry_problem(bench):
+    """Why the ``benchmarks`` entry ``bench`` cannot be read, or None."""
+    if not isinstance(bench, dict):
+        return f"a JSON {type(bench).__name__}, expected an object"
+    for key in ("stats", "extra_info"):
+        if bench.get(key) is not None and not isinstance(bench[key], dict):
+            return f"{key} is a JSON {type(bench[key]).__name__}, expected an object"
+    stats, extra = _object(bench.get("stats")), _object(bench.get("extra_info"))
+    for key in STATS:
+        if key in stats and not (_is_number(stats[key]) and stats[key] > 0):
+            return f"stats[{key!r}] is {stats[key]!r}, expected a positive number of seconds"
+    for key in COUNTS:
+        if extra.get(key) is not None and not _is_number(extra[key]):
+            return f"extra_info[{key!r}] is {extra[key]!r}, expected a number"
+    for where, keys in ((bench, NAMES), (extra, INFO_NAMES)):
+        for key in keys:
+            if where.get(key) is not None and not isinstance(where[key], str):
+                field_ = key if where is bench else f"extra_info[{key!r}]"
+                return f"{field_} is {where[key]!r}, expected a string"
+    return None
+
+
+def malformed_entries(data):
+    """``(index, problem)`` of each entry of ``data["benchmarks"]`` the report cannot read (``data`` a
+    pytest-benchmark JSON object: see :func:`not_a_dynrank_run`).  Null ``stats`` or ``extra_info``
+    are read as empty: such an entry has no row, and is not malformed."""
+    return [(index, problem) for index, bench in enumerate(data.get("benchmarks") or [])
+            for problem in [_entry_problem(bench)] if problem]
+
+
+def _suites(run):
+    """The suites the entries of ``run`` belong to, in the report's order."""
+    found = {_object(b.get("extra_info")).get("suite") for b in run.get("benchmarks") or [] if isinstance(b, dict)}
+    found.discard(None)
+    return [s for s in SUITE_TITLES if s in found] + sorted(found - set(SUITE_TITLES))
+
+
+def _session(run, label):
+    """What the header says of one file's session: its label, date and dynrank machine info."""
+    return {"label": label, "datetime": run.get("datetime"),
+            "machine": _object(_object(run.get("machine_info")).get("dynrank"))}
+
+
+def combine_runs(runs, names=None):
     """One report input from several parsed JSON files (e.g. one per suite).
 
     Groups never mix runs: where a group appears in several files, the last
     file's rows replace the earlier ones.  ``machine_info`` is the first
-    file's; ``devices`` lists every device seen, so a mixed set is visible.
+    file's; ``devices`` lists every device seen, so a mixed set is visible;
+    ``sessions`` keeps each file's date and dynrank machine info (rooflines,
+    load average) for the header, labelled by ``names`` (one per run, e.g.
+    the file names; default: the suites each run holds).
     """
     if not runs:
         raise ValueError("combine_runs needs at least one run")
@@ -96,19 +161,25 @@ def combine_runs(runs):
         if not isinstance(run, dict):
             raise TypeError(f"combine_runs takes parsed pytest-benchmark JSON objects (dicts), got a "
                             f"{type(run).__name__}")
+    if names is None:
+        names = [", ".join(_suites(run)) or f"run {n}" for n, run in enumerate(runs, 1)]
+    elif len(names) != len(runs):
+        raise ValueError(f"combine_runs takes one name per run ({len(runs)}), got {len(names)}")
     by_group = OrderedDict()
     devices = []
     for run in runs:
-        name = ((run.get("machine_info") or {}).get("dynrank") or {}).get("device_name", "unknown device")
+        name = _object(_object(run.get("machine_info")).get("dynrank")).get("device_name") or "unknown device"
         if name not in devices:
             devices.append(name)
         groups = OrderedDict()
-        for bench in run.get("benchmarks", []):
-            groups.setdefault(bench.get("group") or bench.get("name", "?"), []).append(bench)
+        for bench in run.get("benchmarks") or []:
+            if isinstance(bench, dict):
+                groups.setdefault(bench.get("group") or bench.get("name") or "?", []).append(bench)
         by_group.update(groups)
     combined = dict(runs[0])
     combined["benchmarks"] = [b for members in by_group.values() for b in members]
     combined["devices"] = devices
+    combined["sessions"] = [_session(run, label) for run, label in zip(runs, names)]
     return combined
 
 
@@ -117,13 +188,13 @@ def load_rows(data, stat="mean"):
     if stat not in STATS:
         raise ValueError(f"stat must be one of {', '.join(STATS)}, got {stat!r}")
     rows = []
-    for bench in data.get("benchmarks", []):
-        extra = bench.get("extra_info") or {}
-        stats = bench.get("stats") or {}
+    for bench in data.get("benchmarks") or []:
+        extra = _object(bench.get("extra_info"))
+        stats = _object(bench.get("stats"))
         if stat not in stats:
             continue
-        rows.append(Row(group=bench.get("group") or bench.get("name", "?"), suite=extra.get("suite", "other"),
-                        provider=extra.get("provider", bench.get("name", "?")), form=extra.get("form") or "",
+        rows.append(Row(group=bench.get("group") or bench.get("name") or "?", suite=extra.get("suite") or "other",
+                        provider=extra.get("provider") or bench.get("name") or "?", form=extra.get("form") or "",
                         pass_=extra.get("pass") or "", time=float(stats[stat]), extra=extra))
     return rows
 
@@ -327,24 +398,38 @@ SUITE_TITLES = OrderedDict([
 ])
 
 
+def _session_lines(session, tag):
+    """The header's load-average and roofline lines of one session, ``tag`` after each line's name."""
+    machine, lines = session["machine"], []
+    load = machine.get("load_average_1m")
+    if machine.get("device") == "cpu" and _is_number(load):
+        lines.append(f"- CPU{tag}: {machine.get('num_threads')} torch threads on {machine.get('cpu_count')} cpus, "
+                     f"load average {load:.1f} when the results were saved")
+    for key, value in _object(machine.get("rooflines")).items():
+        value = _object(value)
+        peak, copy = (value.get(k) if _is_number(value.get(k)) else None for k in ("peak_tflops", "copy_gbps"))
+        lines.append(f"- Roofline {key}{tag}: peak matmul {_num(peak)} TFLOP/s, copy {_num(copy)} GB/s")
+    return lines
+
+
 def render_markdown(data, rows, stat="mean"):
-    """The whole report as markdown text (rows must have their ratios)."""
-    machine = (data.get("machine_info") or {}).get("dynrank", {})
-    versions = machine.get("versions", {})
+    """The whole report as markdown text (rows must have their ratios).  ``data`` is one parsed JSON
+    or :func:`combine_runs`' result, whose header lists every file's date, load average and rooflines."""
+    machine = _object(_object(data.get("machine_info")).get("dynrank"))
+    versions = _object(machine.get("versions"))
     device = machine.get("device_name") or machine.get("device") or "unknown device"
+    sessions = data.get("sessions") or [_session(data, "")]
+    several = len(sessions) > 1
     lines = ["# dynrank benchmark report", ""]
     lines.append(f"- Device: {device} (`{machine.get('device', '?')}`), grid `{machine.get('grid', '?')}`")
     lines.append("- Versions: " + (", ".join(f"{k} {v}" for k, v in versions.items() if v) or "unknown"))
-    lines.append(f"- Date: {data.get('datetime', 'unknown')}; statistic: {stat}; {len(rows)} results")
-    if len(data.get("devices", [])) > 1:
+    dates = ", ".join(f"{s['datetime'] or 'unknown'}" + (f" ({s['label']})" if several else "") for s in sessions)
+    lines.append(f"- Date: {dates}; statistic: {stat}; {len(rows)} results")
+    if len(data.get("devices") or []) > 1:
         lines.append("- Warning: these results come from runs on different devices (" + ", ".join(data["devices"])
                      + "); ratios stay within one group of one run")
-    if machine.get("device") == "cpu" and machine.get("load_average_1m") is not None:
-        lines.append(f"- CPU: {machine.get('num_threads')} torch threads on {machine.get('cpu_count')} cpus, "
-                     f"load average {machine['load_average_1m']:.1f} when the results were saved")
-    for key, value in (machine.get("rooflines") or {}).items():
-        lines.append(f"- Roofline {key}: peak matmul {value['peak_tflops']:.3g} TFLOP/s, "
-                     f"copy {value['copy_gbps']:.3g} GB/s")
+    for session in sessions:
+        lines += _session_lines(session, f" ({session['label']})" if several else "")
     lines.append("- Speedup `vs X` = time(X) / time(row) within the group; `step / full` = time(row) / "
                  "time(full form).")
     suites = list(SUITE_TITLES) + sorted({r.suite for r in rows} - set(SUITE_TITLES))
@@ -360,7 +445,7 @@ def render_markdown(data, rows, stat="mean"):
                   "are for reference only.", ""]
     # At small shapes one call's time can be bimodal (host jitter), so the other statistics' readings
     # stand beside the chosen one's; the status is the chosen statistic's.
-    others = [o for o in STATS if o != stat and all(o in b.get("stats", {}) for b in data.get("benchmarks", []))]
+    others = [o for o in STATS if o != stat and all(o in _object(b.get("stats")) for b in data.get("benchmarks") or [])]
     readings = {o: {t["target"]: t["reading"] for t in evaluate_targets(add_ratios(load_rows(data, o)))}
                 for o in others}
     lines += ["| target | required | measured | " + "".join(f"by {o} | " for o in others) + "status |",
@@ -436,7 +521,7 @@ def main(argv=None):
         for flag, path in (("--out", args.out), ("--plot", args.plot)):
             if path:
                 prepare_out(parser, path, flag)
-    runs = []
+    runs, names = [], []
     for path in args.json:
         try:
             with open(path, encoding="utf-8") as f:
@@ -446,14 +531,25 @@ def main(argv=None):
             print(f"report.py: skipping {path}: not a pytest-benchmark JSON ({err})", file=sys.stderr)
             continue
         problem = not_a_dynrank_run(run)
+        if not problem:
+            bad = malformed_entries(run)
+            for index, why in bad:
+                print(f"report.py: {path}: skipping benchmarks[{index}]: {why}", file=sys.stderr)
+            if bad:
+                skipped = {index for index, _ in bad}
+                run = dict(run, benchmarks=[b for i, b in enumerate(run["benchmarks"]) if i not in skipped])
+                problem = not_a_dynrank_run(run)
         if problem:
             print(f"report.py: skipping {path}: {problem}", file=sys.stderr)
         else:
             runs.append(run)
+            names.append(path)
     if not runs:
         parser.error("none of the files is a pytest-benchmark JSON with a dynrank result "
                      "(pytest benchmarks/ --benchmark-json=FILE writes one)")
-    data = combine_runs(runs)
+    if len({os.path.basename(name) for name in names}) == len(names):      # the header's labels
+        names = [os.path.basename(name) for name in names]
+    data = combine_runs(runs, names)
     rows = add_ratios(load_rows(data, args.stat))
     text = render_markdown(data, rows, args.stat)
     if args.out:

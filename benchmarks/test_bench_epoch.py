@@ -26,6 +26,11 @@ autocast with fp32 parameters.  ``extra_info["relative_to_full"]`` is the step
 time over the full form's, when the full form ran earlier in the same session
 (``report.py`` computes it from the JSON in any case); the paper's "Comp."
 column is ``trainable_params`` over the full form's.
+
+The speed target on the GPT-2 step (lowrank ρ = 0.25 over full rank) is stated on the transformer's
+``full`` and ``lowrank-rho0.25`` cases, eager and graphed: they are marked ``bench_target`` and their
+ids end in ``-target``, so ``-m bench_target`` (or ``-k target``) runs the target's step and its
+reference; the ``+head`` case stands beside the target, not in it.
 """
 
 import pytest
@@ -112,11 +117,22 @@ def _provider(form, rank_ratio, decomposition="svd", head=False):
             + ("" if decomposition == "svd" else f"-{decomposition}") + ("+head" if head else ""))
 
 
+def _is_target(model_name, form, rank_ratio, decomposition, head):
+    """Whether the case is one the GPT-2 step target is stated on: the transformer's full step or its
+    lowrank ρ = 0.25 step (linears only; the ``+head`` case is not the target's)."""
+    return (model_name == "transformer" and decomposition == "svd" and not head
+            and (form, rank_ratio) in (("full", None), ("lowrank", 0.25)))
+
+
 def _case(model_name, form, rank_ratio, decomposition="svd", graphed=False, head=False):
     name = f"{model_name}-{_provider(form, rank_ratio, decomposition, head)}"
+    target = _is_target(model_name, form, rank_ratio, decomposition, head)
+    marks = (pytest.mark.bench_target,) if target else ()
+    name += "-target" if target else ""
     if not graphed:
-        return pytest.param(model_name, form, rank_ratio, decomposition, False, head, id=name)
-    marks = () if common.ON_CUDA else (pytest.mark.skip(reason="CUDA graphs need a CUDA device"),)
+        return pytest.param(model_name, form, rank_ratio, decomposition, False, head, id=name, marks=marks)
+    if not common.ON_CUDA:
+        marks += (pytest.mark.skip(reason="CUDA graphs need a CUDA device"),)
     return pytest.param(model_name, form, rank_ratio, decomposition, True, head, id=name + "-cuda_graphs",
                         marks=marks)
 
@@ -148,7 +164,8 @@ def test_training_step(benchmark, model_name, form, rank_ratio, decomposition, g
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     common.describe(
         benchmark, suite="epoch", provider=provider, form=form, pass_="step", dtype=dtype,
-        group=group, shape=cfg, rank=None, rank_ratio=rank_ratio, model=model_name, model_source=source,
+        group=group, shape=cfg, rank=None, target=_is_target(model_name, form, rank_ratio, decomposition, head),
+        rank_ratio=rank_ratio, model=model_name, model_source=source,
         trainable_params=trainable, total_params=sum(p.numel() for p in model.parameters()),
         autocast="bf16" if common.ON_CUDA else None, decomposition=decomposition if form != "full" else None,
         cuda_graphs=graphed, factorized_head=head,

@@ -1,6 +1,9 @@
 """benchmarks/report.py on a small synthetic pytest-benchmark JSON (no timing anywhere)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -273,3 +276,144 @@ def test_cli_makes_the_output_folders_and_refuses_bad_ones_before_writing(report
     plot = tmp_path / "plots" / "report.png"
     assert report.main([str(results), "--out", str(out), "--plot", str(plot)]) == 0
     assert out.read_text(encoding="utf-8").startswith("#") and plot.stat().st_size > 0
+
+
+def _malformed(data, case):
+    """``data`` with the one flaw ``case`` names (the file still holds dynrank results)."""
+    benchmarks, dynrank = data["benchmarks"], data["machine_info"]["dynrank"]
+    if case == "a non-object entry":
+        benchmarks.insert(2, "oops")
+    elif case == "stats null":
+        benchmarks[2]["stats"] = None
+    elif case == "extra_info a list":
+        benchmarks[2]["extra_info"] = ["linear"]
+    elif case == "a statistic that is no number":
+        benchmarks[2]["stats"]["median"] = "fast"
+    elif case == "a count that is no number":
+        benchmarks[2]["extra_info"]["flops"] = "1e9"
+    elif case == "a provider that is no string":
+        benchmarks[2]["extra_info"]["provider"] = 3
+    elif case == "machine_info.dynrank null":
+        data["machine_info"]["dynrank"] = None
+    elif case == "rooflines, versions and a roofline null":
+        dynrank.update(rooflines={"cuda/bfloat16": None}, versions=None)
+    elif case == "a roofline without peak_tflops":
+        del dynrank["rooflines"]["cuda/bfloat16"]["peak_tflops"]
+    return data
+
+
+@pytest.mark.parametrize("case, note", [
+    ("a non-object entry", "a JSON str, expected an object"),
+    ("extra_info a list", "extra_info is a JSON list, expected an object"),
+    ("a statistic that is no number", "stats['median'] is 'fast', expected a positive number of seconds"),
+    ("a count that is no number", "extra_info['flops'] is '1e9', expected a number"),
+    ("a provider that is no string", "extra_info['provider'] is 3, expected a string"),
+])
+def test_cli_skips_a_malformed_entry_naming_the_file_and_index(report, data, tmp_path, capsys, case, note):
+    """One bad entry in a file that passes the dynrank check raised a raw AttributeError, TypeError or
+    ValueError naming neither the file nor the entry; it is skipped, the rest reported."""
+    src, out = tmp_path / "results.json", tmp_path / "report.md"
+    count = len(data["benchmarks"])
+    src.write_text(json.dumps(_malformed(data, case)), encoding="utf-8")
+    capsys.readouterr()
+    assert report.main([str(src), "--out", str(out)]) == 0
+    assert capsys.readouterr().err == f"report.py: {src}: skipping benchmarks[2]: {note}\n"
+    assert report.malformed_entries(json.loads(src.read_text(encoding="utf-8"))) == [(2, note)]
+    kept = count if case == "a non-object entry" else count - 1
+    assert f"; statistic: mean; {kept} results" in out.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("case, header", [
+    ("stats null", ["- Device: Test GPU (`cuda`)", "- Roofline cuda/bfloat16: peak matmul 2 TFLOP/s, copy 1e+03 GB/s"]),
+    ("machine_info.dynrank null", ["- Device: unknown device (`?`), grid `?`", "- Versions: unknown"]),
+    ("rooflines, versions and a roofline null", ["- Versions: unknown",
+                                                 "- Roofline cuda/bfloat16: peak matmul — TFLOP/s, copy — GB/s"]),
+    ("a roofline without peak_tflops", ["- Roofline cuda/bfloat16: peak matmul — TFLOP/s, copy 1e+03 GB/s"]),
+])
+def test_cli_reads_a_null_part_as_empty(report, data, tmp_path, capsys, case, header):
+    """``"stats": null`` (TypeError), ``machine_info.dynrank: null`` (AttributeError) and a roofline without
+    ``peak_tflops`` (KeyError) crashed the report; a null part reads as an empty one, without a note."""
+    src, out = tmp_path / "results.json", tmp_path / "report.md"
+    count = len(data["benchmarks"])
+    src.write_text(json.dumps(_malformed(data, case)), encoding="utf-8")
+    capsys.readouterr()
+    assert report.main([str(src), "--out", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+    text = out.read_text(encoding="utf-8")
+    assert f"; {count - 1 if case == 'stats null' else count} results" in text    # no stats: no row
+    for line in header:
+        assert any(x.startswith(line) for x in text.splitlines()), line
+
+
+def test_a_file_whose_every_dynrank_entry_is_malformed_is_skipped(report, data, tmp_path, capsys):
+    good, bad = tmp_path / "results.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(data), encoding="utf-8")
+    bad.write_text(json.dumps({"machine_info": {}, "benchmarks": [{"extra_info": {"suite": "merge"},
+                                                                   "stats": {"mean": -1.0}}]}), encoding="utf-8")
+    capsys.readouterr()
+    assert report.main([str(bad), str(good), "--out", str(tmp_path / "report.md")]) == 0
+    assert capsys.readouterr().err == (
+        f"report.py: {bad}: skipping benchmarks[0]: stats['mean'] is -1.0, expected a positive number of seconds\n"
+        f"report.py: skipping {bad}: no dynrank result (benchmarks: 0, none with extra_info['suite']; "
+        "without machine_info['dynrank'])\n")
+
+
+def test_a_report_of_several_files_lists_each_files_session(report, data, tmp_path):
+    """One JSON per suite, each session with its own rooflines: the header listed only the first file's
+    date and rooflines, so a merge row's % copy stood against a ceiling the report did not show."""
+    linear = {"machine_info": data["machine_info"], "datetime": data["datetime"],
+              "benchmarks": [b for b in data["benchmarks"] if b["extra_info"]["suite"] == "linear"]}
+    merge_machine = {"dynrank": {"device": "cuda", "device_name": "Test GPU",
+                                 "rooflines": {"cuda/float32": {"peak_tflops": 0.5, "copy_gbps": 900.0},
+                                               "cuda/bfloat16": {"peak_tflops": 2.0, "copy_gbps": 950.0}}}}
+    merge = {"machine_info": merge_machine, "datetime": "2030-01-01T01:00:00",
+             "benchmarks": [b for b in data["benchmarks"] if b["extra_info"]["suite"] == "merge"]}
+    cpu = {"machine_info": {"dynrank": {"device": "cpu", "device_name": "CPU", "load_average_1m": 1.25,
+                                        "num_threads": 1, "cpu_count": 2}},
+           "datetime": "2030-01-02T00:00:00",
+           "benchmarks": [b for b in data["benchmarks"] if b["extra_info"]["suite"] == "epoch"]}
+    paths = []
+    for name, run in (("linear.json", linear), ("merge.json", merge), ("epoch.json", cpu)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(run), encoding="utf-8")
+    out = tmp_path / "report.md"
+    assert report.main([*map(str, paths), "--out", str(out)]) == 0
+    header = out.read_text(encoding="utf-8").split("\n## ")[0].splitlines()
+    assert "- Date: 2030-01-01T00:00:00 (linear.json), 2030-01-01T01:00:00 (merge.json), 2030-01-02T00:00:00 " \
+           f"(epoch.json); statistic: mean; {len(data['benchmarks'])} results" in header
+    assert [line for line in header if line.startswith(("- Roofline", "- CPU"))] == [
+        "- Roofline cuda/bfloat16 (linear.json): peak matmul 2 TFLOP/s, copy 1e+03 GB/s",
+        "- Roofline cuda/float32 (merge.json): peak matmul 0.5 TFLOP/s, copy 900 GB/s",
+        "- Roofline cuda/bfloat16 (merge.json): peak matmul 2 TFLOP/s, copy 950 GB/s",
+        "- CPU (epoch.json): 1 torch threads on 2 cpus, load average 1.2 when the results were saved",
+    ]
+    # Without names, each session is labelled by its suites; one file keeps the header as it was.
+    combined = report.combine_runs([linear, merge])
+    assert [s["label"] for s in combined["sessions"]] == ["linear", "merge"]
+    single = report.render_markdown(report.combine_runs([data]), [])
+    assert "- Date: 2030-01-01T00:00:00; statistic: mean; 0 results" in single
+    assert "- Roofline cuda/bfloat16: peak matmul 2 TFLOP/s, copy 1e+03 GB/s" in single
+    with pytest.raises(ValueError, match=r"combine_runs takes one name per run \(2\), got 1"):
+        report.combine_runs([linear, merge], ["linear.json"])
+
+
+def _collected(*selection):
+    """Ids of the epoch suite's cases that ``selection`` selects (collection only: nothing runs)."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_epoch.py", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", "-W", "error::pytest.PytestUnknownMarkWarning", *selection],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [line.split("::", 1)[1] for line in done.stdout.splitlines() if "::" in line]
+
+
+def test_bench_target_selects_the_gpt2_step_target_and_its_reference():
+    """``-m bench_target`` (and ``-k target``) selected no epoch case, so a session run with it left the
+    transformer step target without data; it takes the full and ρ = 0.25 steps, eager and graphed (the
+    target is the ρ = 0.25 step over the full one), and not the ``+head`` case beside them."""
+    wanted = ["test_training_step[transformer-full-target]",
+              "test_training_step[transformer-lowrank-rho0.25-target]",
+              "test_training_step[transformer-full-target-cuda_graphs]",
+              "test_training_step[transformer-lowrank-rho0.25-target-cuda_graphs]"]
+    assert _collected("-m", "bench_target") == wanted
+    assert _collected("-k", "target") == wanted

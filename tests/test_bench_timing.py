@@ -138,3 +138,55 @@ def test_flops_of_counts_in_place_batched_products(common):
     w, u, v = torch.randn(b, m, n), torch.randn(b, m, k), torch.randn(b, k, n)
     assert common.flops_of(lambda: w.baddbmm_(u, v, alpha=0.5)) == 2 * b * m * k * n
     assert common.flops_of(lambda: w[0].addmm_(u[0], v[0])) == 2 * m * k * n
+
+
+@pytest.mark.parametrize("groups", [1, 4, 12])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_flops_of_counts_a_grouped_convolution_by_hand(common, groups, transposed):
+    """Forward, input gradient and weight gradient each cost 2·N·H·W·F·(C / groups)·k²: torch's own table
+    counts the weight gradient over every channel pair, ``groups`` times too much."""
+    import torch
+    from torch.nn import functional as F
+
+    N, C, F_out, H, W, k = 3, 12, 24, 9, 7, 3
+    x = torch.randn(N, C, H, W, requires_grad=True)
+    if transposed:
+        weight = torch.randn(C, F_out // groups, k, k, requires_grad=True)
+        conv = lambda: F.conv_transpose2d(x, weight, padding=1, groups=groups)       # noqa: E731
+    else:
+        weight = torch.randn(F_out, C // groups, k, k, requires_grad=True)
+        conv = lambda: F.conv2d(x, weight, padding=1, groups=groups)                 # noqa: E731
+    one_pass = 2 * N * H * W * F_out * (C // groups) * k * k      # stride 1, padding 1: H × W out
+    assert common.flops_of(conv) == one_pass
+    assert common.flops_of(common.make_pass("fwd+bwd", conv, [x, weight])) == 3 * one_pass
+    x.requires_grad_(False)           # the weight gradient alone
+    assert common.flops_of(common.make_pass("backward", conv, [weight])) == one_pass
+
+
+def test_flops_of_counts_a_depthwise_factor_as_the_conv_suite_runs_it(common):
+    """A CP factor's (r, 1, 3, 1) depthwise convolution over N × r × H × W: dW is 2·N·H·W·r·3."""
+    import torch
+
+    N, r, H, W = 8, 32, 8, 8
+    x = torch.randn(N, r, H, W)
+    weight = torch.randn(r, 1, 3, 1, requires_grad=True)
+    conv = lambda: torch.nn.functional.conv2d(x, weight, padding=(1, 0), groups=r)  # noqa: E731
+    assert common.flops_of(common.make_pass("backward", conv, [weight])) == 2 * N * H * W * r * 3
+
+
+def test_flops_of_counts_the_cpus_fused_attention_as_cuda_flash(common):
+    """SDPA on the CPU runs ``_scaled_dot_product_flash_attention_for_cpu``: QKᵀ and the weighted sum of V
+    are 4·B·H·L·S·D forward, and the backward five such products (scores again, dV, dP, dQ, dK): 2.5×,
+    as FlopCounterMode counts the CUDA flash kernels.  Causal masking is not subtracted, there either."""
+    import torch
+    from torch.nn import functional as F
+
+    B, heads, L, S, D = 2, 3, 24, 40, 16
+    q = torch.randn(B, heads, L, D, requires_grad=True)
+    k = torch.randn(B, heads, S, D, requires_grad=True)
+    v = torch.randn(B, heads, S, D, requires_grad=True)
+    forward = 4 * B * heads * L * S * D
+    for causal in (False, True):
+        attend = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+        assert common.flops_of(attend) == forward
+        assert common.flops_of(common.make_pass("fwd+bwd", attend, [q, k, v])) == forward + 5 * forward // 2

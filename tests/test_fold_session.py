@@ -288,3 +288,112 @@ def test_a_folder_without_archives_folds_nothing(folder, tmp_path, capsys):
                                        "(expected bench.tgz, paper.tgz or paper-checkpoints.tgz)")
     assert sorted(str(p.relative_to(results)) for p in results.rglob("*")) == before
     assert checkpoint.read_bytes() == b"state"
+
+
+def _tree(root):
+    """Every file under ``root`` with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("broken, content, problem", [
+    ("lowrank/result.json", '{"schedule": "trunc', "not valid JSON (Unterminated string starting at: line 1 column "
+                                                   "14 (char 13))"),
+    ("lowrank/metrics.json", "", "not valid JSON (Expecting value: line 1 column 1 (char 0))"),
+    ("config.json", "[]", "expected an object, got list"),
+])
+def test_a_copy_with_a_broken_json_is_refused_before_the_committed_run_is_touched(folder, tmp_path, capsys, broken,
+                                                                                  content, problem):
+    """A copy's result.json cut short used to be copied over the committed run's files before it was read:
+    the committed config and metrics replaced, the broken result.json in, no log line, no summary."""
+    results, elsewhere = tmp_path / "results", tmp_path / "elsewhere"
+    for root, epochs in ((results, 2), (elsewhere, 3)):
+        for name, text in _run_files("lowrank-cp-seed0", "lowrank", epochs, True).items():
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    copy = elsewhere / "cifar10-resnet20" / "lowrank-cp-seed0"
+    (copy / broken).write_text(content)
+    output = tmp_path / "out.txt"
+    output.write_text("epoch 3\n")
+    before = _tree(results)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        folder.main(["--run", str(copy), "--output", str(output), "--note", "resumed", "--results", str(results)])
+    _argparse_error(capsys, exit_info, f"{copy / broken}: {problem}; nothing was folded")
+    assert _tree(results) == before
+
+
+def test_a_new_run_with_a_broken_config_is_refused_by_name(folder, tmp_path):
+    run = tmp_path / "elsewhere" / "dynamic-svd-I1-D2-seed0"
+    for file, text in _run_files("dynamic-svd-I1-D2-seed0", "dynamic", 2, False).items():
+        path = tmp_path / "elsewhere" / file.split("/", 1)[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (run / "config.json").write_text('{"schedule": ')
+    output = tmp_path / "out.txt"
+    output.write_text("epoch 1\n")
+    results = tmp_path / "results"
+    (results / "cifar10-resnet20").mkdir(parents=True)
+    with pytest.raises(ValueError, match=re.escape(f"{run / 'config.json'}: not valid JSON (Expecting value: line 1 "
+                                                   "column 14 (char 13)); nothing was folded")):
+        folder.fold_run(str(run), str(results), str(output), "x", new=True)
+    assert list((results / "cifar10-resnet20").iterdir()) == []
+
+
+def _committed_run(results):
+    for name, text in _run_files("lowrank-svd-seed0", "lowrank", 2, False).items():
+        path = results / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (results / "cifar10-resnet20" / "lowrank-svd-seed0" / "lowrank" / "checkpoint.pt").write_bytes(b"epoch 2")
+    return _tree(results)
+
+
+def test_an_archive_cut_short_or_empty_is_refused_by_name(folder, tmp_path, capsys):
+    """A truncated paper-checkpoints.tgz raised a bare EOFError, an empty bench.tgz a tarfile.ReadError
+    listing every compression it tried, neither naming the archive."""
+    results = tmp_path / "results"
+    before = _committed_run(results)
+    machine = {"dynrank": {"device_name": "NVIDIA H200", "device": "cuda"}}
+    suite = json.dumps({"machine_info": machine, "datetime": "2026-11-28T01:02:03", "benchmarks": []})
+    session = tmp_path / "session"
+    session.mkdir()
+    _tgz(session / "bench.tgz", {"./epoch.json": suite})
+    _tgz(session / "paper.tgz", _run_files("lowrank-svd-seed0", "lowrank", 3, True))
+    archive = session / "paper-checkpoints.tgz"
+    _tgz(archive, {"cifar10-resnet20/lowrank-svd-seed0/lowrank/checkpoint.pt": bytes(range(256)) * 64})
+    archive.write_bytes(archive.read_bytes()[:-40])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        folder.main([str(session), "--results", str(results)])
+    _argparse_error(capsys, exit_info, f"{archive}: not a complete archive (Compressed file ended before the "
+                                       "end-of-stream marker was reached); nothing was folded from it")
+    assert _tree(results) == before                     # neither bench.tgz nor paper.tgz was folded
+    for name in ("paper.tgz", "paper-checkpoints.tgz"):
+        (session / name).unlink()
+    (session / "bench.tgz").write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(f"{session / 'bench.tgz'}: not a complete archive (file could not "
+                                                   "be opened successfully: - method gz: ReadError('empty file')")):
+        folder.fold(str(session), str(results), log=lambda _: None)
+    assert _tree(results) == before
+
+
+def test_a_paper_archive_with_a_broken_run_json_is_refused_before_anything_is_folded(folder, tmp_path, capsys):
+    """paper.tgz unpacks over the committed runs, and its result.json files are read only after that."""
+    results = tmp_path / "results"
+    before = _committed_run(results)
+    machine = {"dynrank": {"device_name": "NVIDIA H200", "device": "cuda"}}
+    session = tmp_path / "session"
+    session.mkdir()
+    _tgz(session / "bench.tgz", {"./epoch.json": json.dumps({"machine_info": machine, "benchmarks": [],
+                                                             "datetime": "2026-11-28T01:02:03"})})
+    files = _run_files("lowrank-svd-seed0", "lowrank", 3, True)
+    files["cifar10-resnet20/lowrank-svd-seed0/lowrank/result.json"] = '{"history": ['
+    _tgz(session / "paper.tgz", files)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        folder.main([str(session), "--results", str(results)])
+    _argparse_error(capsys, exit_info, f"{session / 'paper.tgz'}: cifar10-resnet20/lowrank-svd-seed0/lowrank/"
+                                       "result.json: not valid JSON (Expecting value: line 1 column 14 (char 13)); "
+                                       "nothing was folded")
+    assert _tree(results) == before
