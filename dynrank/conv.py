@@ -146,7 +146,8 @@ class LowRankConv2d(FormLayer):
 
     Give either ``rank`` or ``rank_ratio`` ρ: as the paper's authors,
     r = max(1, int(ρ·out_channels)), then clipped to each mode's limit (and for
-    svd rounded down to a multiple of groups).  The scale s is alpha/r_last
+    svd rounded down to a multiple of groups, and at least groups: a
+    depthwise conv keeps full rank).  The scale s is alpha/r_last
     (r_last: the rank entering the output 1×1 conv) when ``alpha`` is given,
     else 1.  Only svd supports groups > 1.
 
