@@ -55,6 +55,7 @@ _LAYER_COLUMNS = ["epoch", "layer", "type", "form", "rank", "rows", "cols", "sig
                   "spectral_ratio", "restricted_spectral_ratio", "effective_rank", "entropy_rank", "stable_rank", "tol"]
 _SWITCH_COLUMNS = ["epoch", "step", "kind", "layer", "old_form", "new_form"]
 _RANK_COLUMNS = ["old_rank", "new_rank"]      # a rank growth's; absent from files of earlier versions
+_SWITCH_INDEX = "switch"                      # the row's switch in ``switches``; absent from earlier files
 # The columns that hold text in each CSV; every other cell is a number (a user's scalar may be named "kind").
 _TEXT = {"epochs": ("form",), "layers": ("layer", "type", "form"),
          "switches": ("kind", "layer", "old_form", "new_form")}
@@ -104,10 +105,13 @@ class RankMonitor:
             ``"inflate"``, ``"deflate"``, ``"change"`` (any other change: a rank
             growth of :class:`~dynrank.IncrementalRankScheduler`, whose form stays
             the same) or several of them joined by ``+``; ``source`` is
-            ``"scheduler"`` (callback) or ``"detected"`` (a form change the monitor
-            saw between epochs without a callback).  A rank growth's switch also
-            holds ``"rank_changes"``: ``[layer, old_rank, new_rank]`` per layer
-            (the switches CSV's ``old_rank``/``new_rank`` columns).
+            ``"scheduler"`` (callback), ``"detected"`` (a form change the monitor
+            saw between epochs without a callback) or ``"csv"`` (a run loaded from
+            its CSVs alone, which do not keep the source).  A rank growth's switch
+            also holds ``"rank_changes"``: ``[layer, old_rank, new_rank]`` per layer
+            (the switches CSV's ``old_rank``/``new_rank`` columns).  Layer names
+            are the monitor's own (``named_modules`` of ``model``), those of its
+            records, whatever the scheduler's names (see :meth:`attach`).
 
     Raises:
         TypeError: a ``model`` that is not an nn.Module, a ``metrics_every`` that is not
@@ -150,23 +154,60 @@ class RankMonitor:
 
     # -- scheduler hook ------------------------------------------------------------------
     def attach(self, scheduler):
-        """Register :meth:`on_switch` with ``scheduler.add_callback`` (once per scheduler); returns self.
+        """Have ``scheduler`` report its switches to :meth:`on_switch` (once per scheduler); returns self.
+
+        A scheduler names its layers within its own model (a DDP or DataParallel wrapper
+        taken off, a submodule where it was built on part of the model): its events reach
+        :meth:`on_switch` with each layer renamed to the monitor's name of the same module
+        (``"0"`` of a scheduler of ``model[1]`` is the monitor's ``"1.0"``, ``"0"`` of one
+        given ``DistributedDataParallel(net)`` is ``"module.0"`` where the monitor was given
+        the wrapper too).  A scheduler with no ``model`` attribute (the bare callback
+        protocol), or a monitor with no model, keeps the names as they come.  IncrementalRankScheduler's
+        growth events are renamed the same way, ``rank_changes`` included.
 
         Raises:
             TypeError: ``scheduler`` has no ``add_callback``.
+            ValueError: the scheduler's model holds dynrank layers that are not in the monitor's
+                model (their switches would name layers the monitor neither measures nor knows
+                the form of); to measure part of a model, give the monitor the whole model and
+                ``layers=``.  Nothing is attached then.
         """
         add = getattr(scheduler, "add_callback", None)
         if not callable(add):
             raise TypeError(f"scheduler must have an add_callback(fn) method (DynamicRankScheduler), got "
                             f"{type(scheduler).__name__}")
-        if self.on_switch in getattr(scheduler, "_callbacks", ()):
+        callbacks = getattr(scheduler, "_callbacks", ())
+        if any(isinstance(fn, _SchedulerHook) and fn.monitor is self for fn in callbacks):
             return self                # attached already (RankMonitor(..., scheduler=s) then attach(s)): once
-        add(self.on_switch)
+        add(_SchedulerHook(self, self._names_of(scheduler)))
         return self
+
+    def _names_of(self, scheduler):
+        """dict scheduler's layer name → the monitor's name of that module, by identity (empty: keep names)."""
+        theirs = getattr(scheduler, "model", None)
+        if self.model is None or not isinstance(theirs, torch.nn.Module):
+            return {}
+        ours = {id(m): name for name, m in self.model.named_modules()}
+        names, unseen = {}, []
+        for name, m in theirs.named_modules():
+            if isinstance(m, FormLayer):
+                if id(m) in ours:
+                    names[name] = ours[id(m)]
+                else:
+                    unseen.append(name)
+        if unseen:
+            raise ValueError(f"scheduler's dynrank layers {unseen} are not in the monitor's model "
+                             f"({type(self.model).__name__}): their switches could not be recorded under the "
+                             f"monitor's layers; give the monitor the model that holds them (layers= picks "
+                             f"the ones it measures)")
+        return names
 
     def on_switch(self, event):
         """Record a form change: ``event = {"epoch", "step", "changes": [(name, old, new), ...]}``, and
-        ``"rank_changes": [(name, old_rank, new_rank), ...]`` where the event has them (rank growth)."""
+        ``"rank_changes": [(name, old_rank, new_rank), ...]`` where the event has them (rank growth).
+
+        Names are recorded as they come, so they must be the monitor's own layer names; a
+        scheduler's events reach it through :meth:`attach`, which renames them."""
         if not isinstance(event, Mapping) or "changes" not in event:
             raise TypeError(f"event must be a dict with 'changes', got {event!r}")
         raw = event["changes"]
@@ -460,6 +501,10 @@ class RankMonitor:
         Returns:
             dict kind → path written (``json``, ``epochs``, ``layers``, ``switches``).
 
+        The switches CSV has a row per layer of each switch; its ``switch`` column is the
+        switch's index in :attr:`switches`, which keeps two switches of one epoch apart
+        when the run is loaded from the CSVs alone.
+
         Infinite values are written as ``inf`` in the CSVs and as the string
         ``"inf"`` in the JSON (strict JSON has no infinity).
         """
@@ -488,13 +533,13 @@ class RankMonitor:
                 rows.append(row)
         write_csv(paths["layers"], _LAYER_COLUMNS, rows)
         rows = []
-        for s in self.switches:
+        for index, s in enumerate(self.switches):
             ranks = {c[0]: c[1:] for c in s.get("rank_changes", ())}
             for c in s["changes"]:
                 old_rank, new_rank = ranks.get(c[0], (None, None))
-                rows.append(dict(epoch=s["epoch"], step=s["step"], kind=s["kind"], layer=c[0], old_form=c[1],
-                                 new_form=c[2], old_rank=old_rank, new_rank=new_rank))
-        write_csv(paths["switches"], _SWITCH_COLUMNS + _RANK_COLUMNS, rows)
+                rows.append(dict(switch=index, epoch=s["epoch"], step=s["step"], kind=s["kind"], layer=c[0],
+                                 old_form=c[1], new_form=c[2], old_rank=old_rank, new_rank=new_rank))
+        write_csv(paths["switches"], [_SWITCH_INDEX] + _SWITCH_COLUMNS + _RANK_COLUMNS, rows)
         return paths
 
     @classmethod
@@ -505,7 +550,10 @@ class RankMonitor:
             path: the stem, the ``.json`` file, or any of the three CSVs.
 
         Returns:
-            RankMonitor without a model (``records`` and ``switches`` filled).
+            RankMonitor without a model (``records`` and ``switches`` filled).  Loaded
+            from the CSVs, each switch's ``source`` is ``"csv"``; a switches CSV of an
+            earlier version (no ``switch`` column) starts a new switch where epoch, step
+            or kind change, so two switches of one kind at one epoch come back as one.
 
         Raises:
             FileNotFoundError: nothing to read.  ValueError: not a RankMonitor file, or one
@@ -552,12 +600,14 @@ class RankMonitor:
                                      f"{stem}.epochs.csv does not list")
                 by_epoch[row["epoch"]]["layers"][row["layer"]] = m
         if os.path.exists(stem + ".switches.csv"):
+            last_key = None
             for row in _read_csv_with(stem + ".switches.csv", _SWITCH_COLUMNS, _TEXT["switches"]):
-                last = monitor.switches[-1] if monitor.switches else None
-                if last is None or (last["epoch"], last["step"]) != (row["epoch"], row["step"]):
+                key = row[_SWITCH_INDEX] if _SWITCH_INDEX in row else (row["epoch"], row["step"], row["kind"])
+                if not monitor.switches or key != last_key:
                     last = {"epoch": row["epoch"], "step": row["step"], "kind": row["kind"], "changes": [],
                             "source": "csv"}
                     monitor.switches.append(last)
+                last_key = key
                 last["changes"].append([row["layer"], row["old_form"], row["new_form"]])
                 if row.get("old_rank") is not None:
                     last.setdefault("rank_changes", []).append([row["layer"], row["old_rank"], row["new_rank"]])
@@ -579,7 +629,29 @@ class RankMonitor:
                 f"model={'None' if self.model is None else type(self.model).__name__})")
 
 
-# -- state and file helpers ------------------------------------------------------------------
+# -- scheduler events, state and file helpers -------------------------------------------------
+
+class _SchedulerHook:
+    """The callback :meth:`RankMonitor.attach` gives a scheduler: renames the layers of each event (dict
+    scheduler's name → monitor's, ``names``) and passes it to the monitor's :meth:`~RankMonitor.on_switch`."""
+
+    def __init__(self, monitor, names):
+        self.monitor, self.names = monitor, names
+
+    def __call__(self, event):
+        if isinstance(event, Mapping) and self.names:
+            event = dict(event)
+            for key in ("changes", "rank_changes"):
+                entries = event.get(key)
+                if isinstance(entries, (list, tuple)):      # anything else: on_switch says what is wrong
+                    event[key] = [self._renamed(entry) for entry in entries]
+        self.monitor.on_switch(event)
+
+    def _renamed(self, entry):
+        if isinstance(entry, (list, tuple)) and entry and isinstance(entry[0], str) and entry[0] in self.names:
+            return (self.names[entry[0]], *entry[1:])
+        return entry
+
 
 def _checked_entries(entries, what, fields):
     """``entries`` (state[what]) as a list, after checking it is a list of dicts holding ``fields``."""

@@ -707,3 +707,113 @@ def test_the_epoch_clock_leaves_the_measurement_out(monkeypatch):
         rec = monitor.end_epoch()
         assert (rec["wall_seconds"], rec["metrics_seconds"]) == (10.0, 3.5)
         assert rec["layers"]
+
+
+# -- switches under the monitor's layer names; switches of one epoch kept apart in the CSV --------------------
+
+def _run_epochs(monitor, step, epochs):
+    for epoch in range(epochs):
+        step(epoch)
+        with monitor.epoch(epoch):
+            pass
+
+
+def _changed_layers(monitor):
+    return [(s["epoch"], s["kind"], s["source"], [c[0] for c in s["changes"]]) for s in monitor.switches]
+
+
+def test_switches_of_a_scheduler_on_part_of_the_model_name_the_monitor_s_layers():
+    """A scheduler built on model[1] names its layer "0" (within model[1]); the monitor recorded its
+    switches under "0", the monitor's name of the plain conv that never changed form."""
+    from dynrank import IncrementalRankScheduler, LowRankConv2d
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(LowRankConv2d(4, 8, 3, rank=2), nn.ReLU()))
+    sched = DynamicRankScheduler(model[1], torch.optim.SGD(model[1].parameters(), lr=0.1), 1, 2)
+    monitor = RankMonitor(model).attach(sched)
+    _run_epochs(monitor, sched.step, 3)
+    assert list(monitor.records[-1]["layers"]) == ["0", "1.0"]
+    assert _changed_layers(monitor) == [(1, "inflate", "scheduler", ["1.0"]), (2, "deflate", "scheduler", ["1.0"])]
+    # A rank growth of a scheduler on part of the model: its rank_changes are renamed too.
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sequential(FusedLowRankLinear(16, 16, 8), nn.ReLU()))
+    growth = IncrementalRankScheduler(model[1], torch.optim.SGD(model[1].parameters(), lr=0.1), init_rank=1,
+                                      buffer=2, threshold=1 - 1e-9, warmup_steps=0, check_every=1)
+    monitor = RankMonitor(model).attach(growth)
+    with monitor.epoch(0):
+        grown = growth.step(1)
+    assert grown and [name for name, _, _ in grown] == ["0"]
+    assert monitor.switches == [{"epoch": 0, "step": 1, "kind": "change", "changes": [["1.0", "lowrank", "lowrank"]],
+                                 "source": "scheduler", "rank_changes": [["1.0", *grown[0][1:]]]}]
+    # A scheduler of layers the monitor's model does not hold is refused, and nothing is attached.
+    other = nn.Sequential(FusedLowRankLinear(8, 8, 2))
+    other_sched = DynamicRankScheduler(other, torch.optim.SGD(other.parameters(), lr=0.1), 1, None)
+    monitor = RankMonitor(model)
+    with pytest.raises(ValueError, match=r"scheduler's dynrank layers \['0'\] are not in the monitor's model "
+                                         r"\(Sequential\)"):
+        monitor.attach(other_sched)
+    assert other_sched._callbacks == []
+
+
+def test_switches_of_a_ddp_model_name_the_monitor_s_layers():
+    """README's DDP set-up, one DistributedDataParallel given to both: the scheduler named the switches "0",
+    "2" (within the wrapped module), the monitor measures "module.0", "module.2"."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from dynrank import LowRankConv2d
+    torch.manual_seed(0)
+    net = nn.Sequential(LowRankConv2d(4, 8, 3, rank=2), nn.ReLU(), LowRankConv2d(8, 8, 3, rank=2))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(net)
+        sched = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 2)
+        monitor = RankMonitor(model).attach(sched)
+        _run_epochs(monitor, sched.step, 3)
+    finally:
+        dist.destroy_process_group()
+    assert list(monitor.records[-1]["layers"]) == ["module.0", "module.2"]
+    assert _changed_layers(monitor) == [(1, "inflate", "scheduler", ["module.0", "module.2"]),
+                                        (2, "deflate", "scheduler", ["module.0", "module.2"])]
+
+
+def _without_source(switches):
+    return [{k: v for k, v in s.items() if k != "source"} for s in switches]
+
+
+def test_csv_load_keeps_two_switches_of_one_epoch_apart(tmp_path):
+    """Two schedulers of one model, one deflating and one inflating at epoch 3: loaded from the CSVs alone
+    they became one "deflate" switch holding both changes."""
+    import csv
+
+    from dynrank import LowRankConv2d
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(LowRankConv2d(c, 8, 3, rank=2, padding=1), nn.ReLU()) for c in (4, 8)))
+    first = DynamicRankScheduler(model[0], torch.optim.SGD(model[0].parameters(), lr=0.1), 1, 3)
+    second = DynamicRankScheduler(model[1], torch.optim.SGD(model[1].parameters(), lr=0.1), 3, 5)
+    monitor = RankMonitor(model).attach(first).attach(second)
+    _run_epochs(monitor, lambda epoch: (first.step(epoch), second.step(epoch)), 5)
+    assert [(s["epoch"], s["kind"], s["changes"]) for s in monitor.switches] == \
+        [(1, "inflate", [["0.0", "lowrank", "full"]]), (3, "deflate", [["0.0", "full", "adapter"]]),
+         (3, "inflate", [["1.0", "lowrank", "full"]])]
+    paths = monitor.save(tmp_path / "run")
+    assert _without_source(RankMonitor.load(paths["json"]).switches) == _without_source(monitor.switches)
+    os.remove(paths["json"])
+    from_csv = RankMonitor.load(paths["epochs"])
+    assert _without_source(from_csv.switches) == _without_source(monitor.switches)
+    assert {s["source"] for s in from_csv.switches} == {"csv"}
+    # A switches CSV written before the "switch" column: a new switch where epoch, step or kind change.
+    with open(paths["switches"], newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [row.pop("switch") for row in rows] == ["0", "1", "2"]
+    with open(paths["switches"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert _without_source(RankMonitor.load(paths["epochs"]).switches) == _without_source(monitor.switches)
+    # Two switches of one kind at one epoch (two schedulers inflating together) stay two switches as well.
+    monitor = RankMonitor(make_model())
+    with monitor.epoch(0):
+        monitor.on_switch({"epoch": 0, "step": None, "changes": [("0", "lowrank", "full")]})
+        monitor.on_switch({"epoch": 0, "step": None, "changes": [("2", "lowrank", "full")]})
+    paths = monitor.save(tmp_path / "same_kind")
+    os.remove(paths["json"])
+    assert _without_source(RankMonitor.load(paths["epochs"]).switches) == _without_source(monitor.switches)
