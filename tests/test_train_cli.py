@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +52,28 @@ def test_presets_are_table_7(preset, expected):
     cfg = _config(["--preset", preset])
     assert {k: cfg[k] for k in expected} == expected
     assert cfg["optimizer"] == "sgd" and cfg["schedule"] == "dynamic"
+
+
+@pytest.mark.parametrize("argv,dropout", [
+    (["--model", "resnet20", "--data", "cifar100"], None),        # the data set's row is the WRN's
+    (["--preset", "cifar100-wrn28-10", "--model", "resnet20"], None),
+    (["--model", "resnet50"], None),
+    (["--model", "wrn28-10", "--data", "cifar10"], 0.3),          # build_model's default
+    (["--model", "wrn28-10", "--dropout", "0.1"], 0.1),
+    (["--preset", "cifar100-wrn28-10"], 0.3),
+    ([], 0.0),
+    (["--dropout", "0.2"], 0.2),
+])
+def test_the_config_records_the_dropout_the_model_trains_with(argv, dropout):
+    from dynrank.train.loop import _build
+    from dynrank.train.models import CausalSelfAttention
+    cfg = _config(argv)
+    assert cfg["dropout"] == dropout
+    with torch.device("meta"):
+        model = _build(cfg, 10)
+    used = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    used |= {m.dropout for m in model.modules() if isinstance(m, CausalSelfAttention)}
+    assert used == (set() if dropout is None else {dropout})
 
 
 @pytest.mark.parametrize("schedule", ["full", "lowrank"])
@@ -682,6 +705,149 @@ def test_a_finished_schedules_checkpoint_is_not_read_on_resume(tmp_path, capsys)
     assert "already finished" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("result", ["with settings", "older"])
+def test_resume_refuses_a_config_edited_after_a_finished_schedule(tmp_path, capsys, result):
+    """A compare job stopped before lowrank's first checkpoint: an edited config.json was compared with
+    no checkpoint and taken, and the table then set full at one lr beside the others at another."""
+    out = tmp_path / "run"
+    assert cli.main(["--schedule", "compare", "--epochs", "2", "--milestones", "1", "--inflate-epoch", "0",
+                     "--deflate-epoch", "1", "--out", str(out)] + TINY_GPT) == 0
+    shutil.rmtree(out / "lowrank")
+    shutil.rmtree(out / "dynamic")
+    if result == "older":                   # written before result.json held the settings: the checkpoint's
+        finished = json.loads((out / "full" / "result.json").read_text())
+        finished.pop("config", None)
+        (out / "full" / "result.json").write_text(json.dumps(finished))
+    source = out / "full" / ("result.json" if result == "with settings" else "checkpoint.pt")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "lr": 0.3, "rank_ratio": 0.25}))
+    err = _exit_2(["--resume", str(out)], capsys)
+    assert f"config.json differs from the settings the full run trained with ({source}) in lr, rank_ratio;" in err
+    assert not (out / "lowrank").exists()
+    (out / "config.json").write_text(json.dumps(config))
+    assert cli.main(["--resume", str(out)]) == 0
+    rows = (out / "compare.txt").read_text().splitlines()[2:]
+    assert [row.split()[0] for row in rows] == ["full", "lowrank", "dynamic"]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: {"schedule": "full"}, "is damaged (missing 'model')"),
+    (lambda c: {k: v for k, v in c.items() if k != "lr"}, "is damaged (missing 'lr')"),
+    (lambda c: {k: v for k, v in c.items() if k != "heads"}, "is damaged (missing 'heads')"),
+    (lambda c: {**c, "epochs": "2"}, """is damaged ('epochs' must be an integer, got "2")"""),
+    (lambda c: {**c, "epochs": True}, "is damaged ('epochs' must be an integer, got true)"),
+    (lambda c: {**c, "lr": None}, "is damaged ('lr' must be a number, got null)"),
+    (lambda c: {**c, "milestones": 1}, "is damaged ('milestones' must be a list of integers, got 1)"),
+    (lambda c: {**c, "dropout": "0.1"}, """is damaged ('dropout' must be a number or null, got "0.1")"""),
+    (lambda c: {**c, "model": "vgg16"}, """is damaged ('model' must be one of resnet20, wrn28-10, resnet50, gpt, got "vgg16")"""),
+])
+def test_a_config_json_missing_a_setting_or_holding_a_wrong_type_is_a_one_line_error(tmp_path, capsys, edit,
+                                                                                    message):
+    out = _finished_run(tmp_path / "run")
+    shutil.rmtree(out / "full")                                    # as if stopped before its first checkpoint
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(edit(config)))
+    err = _exit_2(["--resume", str(out)], capsys)
+    assert f"--resume {out}: {out / 'config.json'} {message}\n" in err
+    # Settings read only where present (written before they existed) may be missing.
+    old = {k: v for k, v in config.items() if k not in ("compile_mode", "cuda_graphs", "warmup_steps", "threads")}
+    (out / "config.json").write_text(json.dumps(old))
+    assert cli.main(["--resume", str(out)]) == 0
+
+
+def test_a_run_saved_on_a_gpu_says_how_to_resume_it_on_the_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = _finished_run(tmp_path / "run")
+    os.remove(out / "full" / "result.json")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "device": "cuda", "amp": True}))
+    err = _exit_2(["--resume", str(out)], capsys)
+    assert (f"error: the run was saved with device cuda, but torch sees no GPU (torch {torch.__version__}); "
+            f"continue it on the CPU with --resume {out} --device cpu\n") in err
+    assert "--device cuda asked" not in err
+    # The flag, given, is named as before.
+    assert "error: --device cuda asked for CUDA, but torch sees no GPU" in _exit_2(
+        ["--resume", str(out), "--device", "cuda"], capsys)
+    assert cli.main(["--resume", str(out), "--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize("argv,size", [
+    (["--dim", "4", "--heads", "2"], "--dim 4"),                                  # the main job: compare
+    (["--dim", "4", "--heads", "2", "--schedule", "lowrank"], "--dim 4"),
+    (["--dim", "4", "--heads", "2", "--schedule", "dynamic"], "--dim 4"),
+    (["--data", "cifar10", "--width", "0.1", "--schedule", "compare"], "--width 0.1"),
+    (["--data", "cifar10", "--width", "0.01"], "--width 0.01"),                    # dynamic
+])
+def test_a_size_that_leaves_no_layer_to_factorize_is_refused_before_out_is_claimed(tmp_path, capsys, argv, size):
+    """convert_model found nothing to convert only when lowrank started: a compare job had trained full
+    by then, and died with a traceback (a --resume the same way)."""
+    out = tmp_path / "run"
+    err = _exit_2(argv + ["--out", str(out)], capsys)
+    model = "gpt" if size == "--dim 4" else "resnet20"
+    assert (f"error: {size} leaves no layer of {model} whose weight has both sides ≥ convert_model's "
+            f"min_features=8, so --schedule ") in err
+    assert f"has nothing to factorize; use --schedule full or a larger {size.split()[0]}\n" in err
+    assert not out.exists()
+    if model == "gpt":                      # the dense model factorizes nothing, and trains at that size
+        assert cli.main(TINY_GPT + argv + ["--schedule", "full", "--epochs", "1", "--milestones", "",
+                                           "--out", str(out)]) == 0
+
+
+def test_a_run_saved_with_nothing_to_factorize_is_refused_on_resume(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = TINY_GPT + ["--dim", "4", "--schedule", "compare", "--epochs", "2", "--milestones", "1",
+                       "--inflate-epoch", "0", "--deflate-epoch", "1", "--out", str(out)]
+    # As a run from before the check left it: full trained, then lowrank died in convert_model.
+    monkeypatch.setattr(cli, "_check_factorizable", lambda cfg, resume=False: None, raising=False)
+    with pytest.raises(ValueError, match="convert_model found nothing to convert"):
+        cli.main(argv)
+    monkeypatch.undo()
+    assert (out / "full" / "result.json").is_file()
+    err = _exit_2(["--resume", str(out)], capsys)
+    assert (f"error: --resume {out}: --dim 4 leaves no layer of gpt whose weight has both sides ≥ convert_model's "
+            f"min_features=8, so --schedule compare has nothing to factorize; start a new run (--out) with "
+            f"--schedule full or a larger --dim\n") in err
+
+
+def test_a_run_that_recorded_another_models_dropout_resumes_and_records_its_own(tmp_path, restore_threads):
+    """config.json used to record the data set's dropout, not the model's (0.3 for a ResNet20 on CIFAR-100,
+    which has none; None for the WRN, which trains at 0.3). Such a run resumes as it trained, is not
+    refused against its checkpoints' copies, and goes on with the record corrected."""
+    _write_tiny_cifar10(str(tmp_path / "data" / "cifar-10-batches-py"))
+    out = tmp_path / "run"
+    assert cli.main(["--model", "resnet20", "--width", "0.5", "--schedule", "compare", "--epochs", "1",
+                     "--milestones", "", "--inflate-epoch", "0", "--deflate-epoch", "1", "--batch-size", "8",
+                     "--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"),
+                     "--threads", "1", "--out", str(out)]) == 0
+    straight = _state(out)
+
+    def as_saved_before(path):
+        if path.suffix == ".json":
+            record = json.loads(path.read_text())
+            if path.name == "config.json":
+                record["dropout"] = 0.3
+            else:
+                record.pop("config", None)              # result.json did not hold the settings
+            path.write_text(json.dumps(record))
+        else:
+            checkpoint = torch.load(path, weights_only=False)
+            checkpoint["config"]["dropout"] = 0.3
+            torch.save(checkpoint, path)
+    for name in ("config.json", "full/result.json", "full/checkpoint.pt", "lowrank/checkpoint.pt"):
+        as_saved_before(out / name)
+    os.remove(out / "lowrank" / "result.json")          # stopped after lowrank's last epoch, before dynamic
+    shutil.rmtree(out / "dynamic")
+    assert json.loads((out / "config.json").read_text())["dropout"] == 0.3
+    assert cli.main(["--resume", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["dropout"] is None and "resumes" not in config
+    resumed = _state(out)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # Once more, against the finished full run's checkpoint that still says 0.3.
+    os.remove(out / "dynamic" / "result.json")
+    assert cli.main(["--resume", str(out)]) == 0
+
+
 def test_json_files_are_written_by_temp_file_and_rename(tmp_path, monkeypatch):
     from dynrank.train import loop
     path = str(tmp_path / "result.json")
@@ -848,10 +1014,16 @@ def test_flags_a_single_form_run_or_no_compile_ignores_are_noted():
      "note: --schedule lowrank does not switch forms; ignoring --deflate-init svd, --optimizer-state carry"),
     (["--schedule", "full", "--inflate-epoch", "0", "--deflate-epoch", "2", "--optimizer-state", "reset"],
      "note: --schedule full does not switch forms; ignoring --inflate-epoch, --deflate-epoch, --optimizer-state reset"),
+    (["--schedule", "full", "--rank-ratio", "0.25", "--decomposition", "svd"],
+     "note: --schedule full trains the dense model (no layer is factorized); ignoring --rank-ratio, "
+     "--decomposition svd"),
+    (["--model", "resnet20", "--schedule", "full", "--decomposition", "tucker"],
+     "note: --schedule full trains the dense model (no layer is factorized); ignoring --decomposition tucker"),
     # Used: no note.
     (["--data", "cifar10", "--data-dir", "d", "--download", "--cache-dir", "c"], None),
     (["--schedule", "dynamic", "--deflate-init", "svd", "--optimizer-state", "carry"], None),
     (["--deflate-init", "random"], None),                           # the main job compares, dynamic among them
+    (["--schedule", "lowrank", "--rank-ratio", "0.25", "--decomposition", "svd"], None),
 ])
 def test_data_and_form_change_flags_a_run_ignores_are_noted(argv, note):
     notes = []

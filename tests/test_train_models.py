@@ -9,9 +9,12 @@ from dynrank.convert import convert_model
 from dynrank.train.models import (
     EXCLUDE,
     GPT,
+    MODELS,
+    CausalSelfAttention,
     CifarResNet,
     build_model,
     count_parameters,
+    model_dropout,
     resnet20,
 )
 
@@ -133,6 +136,20 @@ def test_gpt_step_and_causality(schedule):
         a, b = model(tokens), model(changed)
     assert torch.allclose(a[:, :8], b[:, :8], atol=1e-5)    # no position sees the future
     assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("dropout", [None, 0.0, 0.1])
+def test_model_dropout_is_the_dropout_build_model_trains_with(name, dropout):
+    with torch.device("meta"):
+        model = build_model(name, width=0.25, dropout=dropout, context=8, dim=16, depth=1, heads=2)
+    used = {m.p for m in model.modules() if isinstance(m, nn.Dropout)}
+    used |= {m.dropout for m in model.modules() if isinstance(m, CausalSelfAttention)}
+    assert used == ({model_dropout(name, dropout)} - {None})
+    assert (model_dropout(name, dropout) is None) == (name in ("resnet20", "resnet50"))
+    assert model_dropout(name) == {"resnet20": None, "wrn28-10": 0.3, "resnet50": None, "gpt": 0.0}[name]
+    with pytest.raises(ValueError, match="model must be one of"):
+        model_dropout("vgg16")
 
 
 def test_bad_arguments_raise_clear_errors():

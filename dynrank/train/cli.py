@@ -116,7 +116,8 @@ def build_parser():
     g.add_argument("--dropout", type=float, help="WRN / GPT dropout, in [0, 1) (not for resnet20/resnet50)")
     g.add_argument("--seed", type=int, help="in [0, 2**63)")
     g = p.add_argument_group("GPT size (--model gpt only; refused with a vision model)")
-    g.add_argument("--dim", type=int, help="model width, divisible by --heads")
+    g.add_argument("--dim", type=int, help="model width, divisible by --heads (≥ 8 but with --schedule full: "
+                                           "narrower leaves no layer to factorize)")
     g.add_argument("--depth", type=int)
     g.add_argument("--heads", type=int)
     g.add_argument("--context", type=int)
@@ -141,10 +142,11 @@ def build_parser():
     g.add_argument("--out", help="output folder, which must not hold a run already (continue one with --resume) "
                                  "(default: a new runs/<timestamp>, suffixed -2, -3, ... if taken)")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its saved settings are used; a config.json edited against the "
-                        "checkpoint's settings is refused)")
+                        "settings its schedules trained with, finished ones included, is refused)")
     g.add_argument("--metrics-every", type=int, help="measure λ every this many epochs (≥ 1)")
     g.add_argument("--width", type=float, help="channel multiplier of vision models, > 0 (quick tests only; "
-                                                 "each layer keeps at least 1 channel)")
+                                                 "each layer keeps at least 1 channel; one that leaves no layer "
+                                                 "to factorize is refused but with --schedule full)")
     p.set_defaults(**{k: None for k in ("compile", "amp", "cuda_graphs")})
     return p
 
@@ -180,14 +182,20 @@ def config_from_args(args, notes=None):
     The data folders of an image data set (``data_dir``, ``cache_dir``) are stored as absolute paths, so
     ``--resume`` finds them from any working directory.
 
+    ``dropout`` is the one the model trains with (:func:`~dynrank.train.models.model_dropout`): the
+    WRN's 0.3 unless given, None for a model without dropout.
+
     Flags the run accepts but does not use (see :func:`_unused_notes`: the form-change flags with
-    ``--schedule full``/``lowrank``, the data-folder flags with ``--data stdlib``, ``--compile-mode``
-    with ``--no-compile``) are named in ``notes`` (a list, when given).
+    ``--schedule full``/``lowrank``, ``--rank-ratio`` and ``--decomposition`` with ``--schedule full``,
+    the data-folder flags with ``--data stdlib``, ``--compile-mode`` with ``--no-compile``) are named
+    in ``notes`` (a list, when given).
 
     Raises:
-        ValueError: inconsistent settings or a value out of range (message says which).
+        ValueError: inconsistent settings, a value out of range, or a model size that leaves a
+            lowrank or dynamic run no layer to factorize (message says which).
     """
     from ..schedules import schedule_from_lr
+    from .models import model_dropout
     given = _explicit(args)
     preset = PRESETS[given["preset"]] if "preset" in given else {}
     model = given.get("model", preset.get("model"))
@@ -207,6 +215,8 @@ def config_from_args(args, notes=None):
     for key in ("context", "dim", "depth", "heads", "steps_per_epoch"):
         if model != "gpt" and key in base and key not in given:
             cfg[key] = GENERIC[key]
+    # The one the model trains with: the data set's row may be another model's (cifar100's, the WRN's).
+    cfg["dropout"] = model_dropout(model, cfg["dropout"])
     if (model == "gpt") != (data == "stdlib"):
         raise ValueError(f"--model {model} cannot train on --data {data}: the GPT reads the stdlib text, "
                          f"the vision models read cifar10, cifar100 or tiny-imagenet")
@@ -259,6 +269,7 @@ def config_from_args(args, notes=None):
         cfg["deflate_epoch"] = None  # stays full to the end
     cfg.pop("preset", None)
     cfg.pop("resume", None)
+    _check_factorizable(cfg)
     return _absolute_folders(cfg)
 
 
@@ -287,6 +298,8 @@ def _unused_notes(given, cfg):
     """
     rules = ((cfg["schedule"] in ("full", "lowrank"), f"--schedule {cfg['schedule']} does not switch forms",
               ("inflate_epoch", "deflate_epoch", "full_rank_fraction", "deflate_init", "optimizer_state")),
+             (cfg["schedule"] == "full", "--schedule full trains the dense model (no layer is factorized)",
+              ("rank_ratio", "decomposition")),
              (cfg["data"] == "stdlib", "--data stdlib reads Python's own sources (no data folder, no download)",
               ("data_dir", "download", "cache_dir")),
              (given.get("compile") is False, "--no-compile", ("compile_mode",)))
@@ -333,6 +346,78 @@ def _check_values(cfg):
         raise ValueError(f"--dim must be divisible by --heads, got dim={cfg['dim']}, heads={cfg['heads']}")
 
 
+def _check_factorizable(cfg, resume=False):
+    """Refuse a model size that leaves ``cfg``'s lowrank or dynamic runs no layer to factorize, as a
+    ValueError naming the size and ``convert_model``'s min_features.
+
+    ``convert_model`` would find so only when the first converted run starts: in a compare job, after
+    the full run has trained.  ``resume``: the size is a run's saved one, which only a new run changes.
+    """
+    if cfg["schedule"] == "full":
+        return
+    from .data import DATASETS
+    from .loop import MIN_FEATURES, factorized_layers
+    classes = 256 if cfg["data"] == "stdlib" else DATASETS[cfg["data"]]["classes"]
+    if factorized_layers(cfg, classes):
+        return
+    size = "dim" if cfg["model"] == "gpt" else "width"
+    how = "start a new run (--out) with" if resume else "use"
+    raise ValueError(f"{_flag(size)} {cfg.get(size, GENERIC[size]):g} leaves no layer of {cfg['model']} whose weight "
+                     f"has both sides ≥ convert_model's min_features={MIN_FEATURES}, so --schedule "
+                     f"{cfg['schedule']} has nothing to factorize; {how} --schedule full or a larger {_flag(size)}")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What a saved config.json holds: each setting's check and its words.  A resume reads the required
+# ones directly (the GPT's size too, with --model gpt); the others are checked where present.
+_INT, _NUMBER = (_is_int, "an integer"), (_is_number, "a number")
+_TEXT, _BOOL = (lambda v: isinstance(v, str), "a string"), (lambda v: isinstance(v, bool), "true or false")
+_EPOCH_LIST = (lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of integers")
+
+
+def _or_null(kind):
+    return (lambda v: v is None or kind[0](v)), f"{kind[1]} or null"
+
+
+_SAVED_REQUIRED = dict(
+    model=_TEXT, data=_TEXT, schedule=_TEXT, rank_ratio=_NUMBER, decomposition=_TEXT, inflate_epoch=_INT,
+    deflate_epoch=_or_null(_INT), deflate_init=_TEXT, optimizer_state=_TEXT, epochs=_INT, milestones=_EPOCH_LIST,
+    lr=_NUMBER, lr_decay=_NUMBER, optimizer=_TEXT, batch_size=_INT, weight_decay=_NUMBER, label_smoothing=_NUMBER,
+    seed=_INT, metrics_every=_INT, device=_TEXT)
+_SAVED_GPT_SIZE = dict(context=_INT, dim=_INT, depth=_INT, heads=_INT)
+_SAVED_OPTIONAL = dict(
+    warmup_steps=_INT, dropout=_or_null(_NUMBER), width=_NUMBER, steps_per_epoch=_or_null(_INT),
+    threads=_or_null(_INT), amp=_or_null(_BOOL), compile=_BOOL, compile_mode=_TEXT, cuda_graphs=_or_null(_BOOL),
+    channels_last=_BOOL, download=_BOOL, data_dir=_or_null(_TEXT), cache_dir=_or_null(_TEXT),
+    resumes=(lambda v: isinstance(v, list), "a list"))
+
+
+def _check_saved(cfg, path):
+    """Refuse a run's saved settings ``cfg`` (read from ``path``) that miss a setting a resume reads or
+    hold one of the wrong type or an unknown choice, as a one-line RunFileError naming the file and key."""
+    from .loop import RunFileError
+    choices = {action.dest: action.choices for action in build_parser()._actions if action.choices}
+    required = {**_SAVED_REQUIRED, **(_SAVED_GPT_SIZE if cfg.get("model") == "gpt" else {})}
+    for key, (ok, what) in {**required, **_SAVED_GPT_SIZE, **_SAVED_OPTIONAL}.items():
+        if key not in cfg:
+            if key in required:
+                raise RunFileError(f"{path} is damaged (missing {key!r})")
+            continue
+        value = cfg[key]
+        if not ok(value):
+            raise RunFileError(f"{path} is damaged ({key!r} must be {what}, got {json.dumps(value)})")
+        if key in choices and value not in choices[key]:
+            raise RunFileError(f"{path} is damaged ({key!r} must be one of {', '.join(choices[key])}, "
+                               f"got {json.dumps(value)})")
+
+
 def _note_resume(saved, cfg):
     """Keep in ``cfg["resumes"]`` what a resume changed of how the run executes (device, AMP, ...).
 
@@ -346,8 +431,12 @@ def _note_resume(saved, cfg):
             dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), changed=changed)]
 
 
-def _check_device(device):
-    """``device`` ("auto", "cpu", "cuda", "cuda:N") as the device string to train on; ValueError if unusable."""
+def _check_device(device, saved_in=None):
+    """``device`` ("auto", "cpu", "cuda", "cuda:N") as the device string to train on; ValueError if unusable.
+
+    ``saved_in``: the run folder whose saved device this is (a resume without ``--device``); the
+    errors then name the saved device, not a flag, and say how to resume on the CPU.
+    """
     import torch
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -356,12 +445,21 @@ def _check_device(device):
     except (RuntimeError, TypeError):
         parsed = None
     if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N (lower case), got {device!r}")
+        what = f"{os.path.join(saved_in, 'config.json')}'s device" if saved_in else "--device"
+        raise ValueError(f"{what} must be cpu, cuda or cuda:N (lower case), got {device!r}")
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device} asked for CUDA, but torch sees no GPU (torch {torch.__version__})")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s)")
+            problem = f"torch sees no GPU (torch {torch.__version__})"
+        elif parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            problem = f"torch sees {torch.cuda.device_count()} GPU(s)"
+        else:
+            return device
+        if saved_in:
+            raise ValueError(f"the run was saved with device {device}, but {problem}; continue it on the CPU "
+                             f"with --resume {saved_in} --device cpu")
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} asked for CUDA, but {problem}")
+        raise ValueError(f"--device {device}: {problem}")
     return device
 
 
@@ -395,9 +493,9 @@ def _resume_amp(saved, cfg, amp_given):
             f"default, {flag(amp)} (give {flag(not amp)} to keep the run's)")
 
 
-def _resolve_device(cfg):
+def _resolve_device(cfg, saved_in=None):
     import torch
-    device = _check_device(cfg["device"])
+    device = _check_device(cfg["device"], saved_in)
     cfg["device"] = device
     cuda = device.startswith("cuda")
     if not cuda:
@@ -476,33 +574,61 @@ def _new_run_dir(root="runs"):
     raise RuntimeError(f"no free run folder next to {base}")
 
 
+def _trained_settings(out_dir, schedule):
+    """(settings, file) a schedule of the run in ``out_dir`` trained with, or (None, None) before its first
+    checkpoint.
+
+    A finished schedule's result.json holds them (its checkpoint may be gone: it is not trained from
+    again); one written before result.json held them leaves its checkpoint's, where that still loads.
+    An unfinished schedule's checkpoint holds them. Damaged files it must read raise RunFileError.
+    """
+    from .loop import RunFileError, load_checkpoint, read_json
+    result = os.path.join(out_dir, schedule, "result.json")
+    checkpoint = os.path.join(out_dir, schedule, "checkpoint.pt")
+    if os.path.isfile(result):
+        settings = read_json(result).get("config")
+        if settings is not None or not os.path.isfile(checkpoint):
+            return settings, result
+        try:
+            return load_checkpoint(checkpoint).get("config"), checkpoint
+        except RunFileError:      # damaged: finished, so nothing trains from it
+            return None, None
+    if os.path.isfile(checkpoint):
+        return load_checkpoint(checkpoint).get("config"), checkpoint
+    return None, None
+
+
+def _as_trained(settings):
+    """``settings`` as :func:`_check_resume` compares them: the dropout as the model trains with it
+    (a config.json from before the record named it says None for the WRN's 0.3, 0.3 for a ResNet
+    on CIFAR-100, which has none)."""
+    from .models import MODELS, model_dropout
+    if settings.get("model") in MODELS:
+        settings = dict(settings, dropout=model_dropout(settings["model"], settings.get("dropout")))
+    return settings
+
+
 def _check_resume(out_dir, cfg):
     """Check a run's saved files before a resume; return whether every schedule has finished.
 
-    Each checkpoint holds the settings its run trained with: a config.json edited since in anything
-    but :data:`RESUME_BOOKKEEPING` is refused, naming the keys. Damaged files raise RunFileError.
+    Each schedule's result.json or checkpoint holds the settings it trained with (finished ones
+    too: a compare job's rows share theirs): a config.json edited since in anything but
+    :data:`RESUME_BOOKKEEPING` is refused, naming the keys. Damaged files raise RunFileError.
     """
-    from .loop import load_checkpoint, read_json
     schedules = SCHEDULE_DIRS if cfg.get("schedule") == "compare" else (cfg.get("schedule"),)
     if not all(s in SCHEDULE_DIRS for s in schedules):
         raise ValueError(f"config.json names an unknown schedule {cfg.get('schedule')!r}")
-    finished = True
+    finished = all(os.path.isfile(os.path.join(out_dir, s, "result.json")) for s in schedules)
+    current = _as_trained(cfg)
     for schedule in schedules:
-        result = os.path.join(out_dir, schedule, "result.json")
-        if os.path.isfile(result):
-            read_json(result)
-            continue                      # finished: its checkpoint is not trained from again
-        finished = False
-        path = os.path.join(out_dir, schedule, "checkpoint.pt")
-        if not os.path.isfile(path):
-            continue
-        original = load_checkpoint(path).get("config")
+        original, path = _trained_settings(out_dir, schedule)
         if not isinstance(original, dict):
             continue
-        changed = sorted(k for k in set(original) | set(cfg)
-                         if k not in RESUME_BOOKKEEPING and original.get(k, "<absent>") != cfg.get(k, "<absent>"))
+        original = _as_trained(original)
+        changed = sorted(k for k in set(original) | set(current) if k not in RESUME_BOOKKEEPING
+                         and original.get(k, "<absent>") != current.get(k, "<absent>"))
         if changed:
-            raise ValueError(f"config.json differs from the settings {path} was trained with in "
+            raise ValueError(f"config.json differs from the settings the {schedule} run trained with ({path}) in "
                              f"{', '.join(changed)}; only {', '.join(_flag(k) for k in ('device', *RESUME_OVERRIDES))} "
                              f"may change on a resume (as flags). Restore config.json, or start a new run with --out")
     return finished
@@ -579,7 +705,8 @@ def run_job(cfg, out_dir, resume=False, log=print, data=None):
     table = compare_table(results, kind=data.kind, converted_layers=converted)
     with open(os.path.join(out_dir, "compare.txt"), "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
-    write_json(os.path.join(out_dir, "compare.json"), [{k: v for k, v in r.items() if k != "monitor_records"}
+    write_json(os.path.join(out_dir, "compare.json"), [{k: v for k, v in r.items()
+                                                        if k not in ("monitor_records", "config")}
                                                        for r in results])
     monitors = [RankMonitor.load(os.path.join(out_dir, s, "monitor")) for s in schedules]
     paths, note = write_plots(monitors, os.path.join(out_dir, "plots"), kind=data.kind)
@@ -608,9 +735,12 @@ def main(argv=None):
                 parser.error(f"--resume {args.resume}: no config.json there (not a dynrank-train output folder)")
             try:
                 cfg = read_json(config_path)
+                _check_saved(cfg, config_path)
                 finished = _check_resume(args.resume, cfg)
             except (RunFileError, ValueError) as err:
                 parser.error(f"--resume {args.resume}: {err}")
+            # The record names the dropout the model trains with (a run saved before it did may not).
+            cfg = _as_trained(cfg)
             saved = dict(cfg)
             if args.device:
                 # The saved thread count and --amp stay (they decide the losses) unless given; --amp
@@ -626,6 +756,8 @@ def main(argv=None):
             _absolute_folders(cfg)
             try:
                 _check_values(cfg)
+                if not finished:
+                    _check_factorizable(cfg, resume=True)
             except ValueError as err:
                 parser.error(f"--resume {args.resume}: {err}")
             given = _explicit(args)
@@ -657,7 +789,8 @@ def main(argv=None):
                              f"{os.path.abspath('runs')} is a file, not a directory; give --out")
             finished = False
         try:
-            cfg = _resolve_device(cfg)
+            # A resume without --device goes on where the run was saved, and errors say so.
+            cfg = _resolve_device(cfg, saved_in=args.resume if args.resume and not args.device else None)
         except ValueError as err:
             parser.error(str(err))
         if args.resume:

@@ -34,7 +34,7 @@ from .progress import ProgressLine
 from .steps import TrainStep
 
 __all__ = ["run_training", "Interrupted", "RunFileError", "SCHEDULES", "lr_at", "build_optimizer", "write_atomic",
-           "write_json", "read_json", "load_checkpoint", "factorized_layers"]
+           "write_json", "read_json", "load_checkpoint", "factorized_layers", "MIN_FEATURES"]
 
 SCHEDULES = ("full", "lowrank", "dynamic")
 CHECKPOINT = "checkpoint.pt"
@@ -161,10 +161,14 @@ def _build(cfg, num_classes):
                        depth=cfg.get("depth", 2), heads=cfg.get("heads", 4))
 
 
+# convert_model's smallest matrix side to factorize, as the lowrank and dynamic runs apply it.
+MIN_FEATURES = 8
+
+
 def _factorize(model, cfg, init="dense"):
     """``convert_model`` as the lowrank and dynamic runs of ``cfg`` apply it; returns its summary."""
     return convert_model(model, rank_ratio=cfg["rank_ratio"], decomposition=cfg["decomposition"],
-                         form="lowrank", exclude=EXCLUDE[cfg["model"]], init=init)
+                         form="lowrank", exclude=EXCLUDE[cfg["model"]], min_features=MIN_FEATURES, init=init)
 
 
 def prepare_model(cfg, schedule, num_classes, device):
@@ -368,7 +372,9 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
 
     Returns:
         dict with ``schedule``, ``history`` (per-epoch records), ``final``
-        (last record), ``params`` (dense and low-rank counts), ``monitor``.
+        (last record), ``params`` (dense and low-rank counts), ``monitor``, and
+        ``config``, the settings it trained with (also in its result.json, where
+        ``--resume`` compares them with config.json).
 
     Raises:
         Interrupted: after Ctrl-C, once the checkpoint is written.
@@ -502,7 +508,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
                   inflate_epoch=cfg["inflate_epoch"] if schedule == "dynamic" else None,
                   deflate_epoch=cfg["deflate_epoch"] if schedule == "dynamic" else None,
                   conversion=str(summary) if summary else None,
-                  converted_layers=summary.converted if summary else None, out_dir=out_dir)
+                  converted_layers=summary.converted if summary else None, out_dir=out_dir, config=cfg)
     if monitor is not None:
         result["monitor_files"] = monitor.finish(out_dir)
         result["monitor_records"] = monitor.state_dict()["records"]

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = ["CifarResNet", "resnet20", "WideResNet", "wrn28_10", "ResNet50", "GPT", "build_model",
-           "MODELS", "EXCLUDE", "count_parameters", "narrowest_strided_pointwise"]
+           "MODELS", "EXCLUDE", "DROPOUT", "model_dropout", "count_parameters", "narrowest_strided_pointwise"]
 
 MODELS = ("resnet20", "wrn28-10", "resnet50", "gpt")
 
@@ -333,6 +333,29 @@ EXCLUDE = {
 }
 
 
+# The dropout each model trains with when none is given; None: the model has no dropout.
+DROPOUT = {"resnet20": None, "wrn28-10": 0.3, "resnet50": None, "gpt": 0.0}
+
+
+def model_dropout(name, dropout=None):
+    """The dropout probability ``build_model(name, dropout=dropout)`` trains with: ``dropout``, or the
+    model's default (:data:`DROPOUT`) where it is None; None for a model without dropout, whatever
+    ``dropout`` is.
+
+    Raises:
+        ValueError: unknown name.
+
+    Example:
+        >>> model_dropout("wrn28-10"), model_dropout("gpt", 0.1), model_dropout("resnet20", 0.3)
+        (0.3, 0.1, None)
+    """
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
+    if DROPOUT[name] is None:
+        return None
+    return DROPOUT[name] if dropout is None else dropout
+
+
 def build_model(name, num_classes=10, width=1.0, dropout=None, context=128, dim=128, depth=2, heads=4):
     """Build a model by CLI name.
 
@@ -340,21 +363,21 @@ def build_model(name, num_classes=10, width=1.0, dropout=None, context=128, dim=
         name: one of :data:`MODELS`.
         num_classes: classifier outputs (vision models).
         width: channel multiplier (vision models; for tests).
-        dropout: WRN dropout (default 0.3) or GPT dropout (default 0.0).
+        dropout: WRN dropout (default 0.3) or GPT dropout (default 0.0); the other models have
+            none (see :func:`model_dropout`).
         context, dim, depth, heads: GPT size.
 
     Raises:
         ValueError: unknown name.
     """
+    dropout = model_dropout(name, dropout)
     if name == "resnet20":
         return resnet20(num_classes, width)
     if name == "wrn28-10":
-        return wrn28_10(num_classes, 0.3 if dropout is None else dropout, width)
+        return wrn28_10(num_classes, dropout, width)
     if name == "resnet50":
         return ResNet50(num_classes, width)
-    if name == "gpt":
-        return GPT(256, context, dim, depth, heads, 0.0 if dropout is None else dropout)
-    raise ValueError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
+    return GPT(256, context, dim, depth, heads, dropout)
 
 
 def narrowest_strided_pointwise(model):
