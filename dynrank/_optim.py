@@ -253,7 +253,11 @@ def follow_load(layer, before):
 def follow_unconvert(layer, new):
     """After :func:`~dynrank.unconvert_model` put ``new`` in place of ``layer``: the managing optimizer, if
     any, trains ``new``'s parameters where the layer's sat (fresh state for new ones), and the layer is
-    managed no more (a scheduler refuses to step it: ``_unconverted``)."""
+    managed no more (a scheduler refuses to step it: ``_unconverted``).
+
+    The layer then lets go of its weight and factors (:func:`_release_unconverted`): a scheduler, a
+    callback or the user may keep it, and it would otherwise keep W_f, the factors and their gradients
+    alive beside the new module's copies of them."""
     layer._unconverted = True
     entry = _MANAGED.pop(layer, None)
     optimizer = entry[0]() if entry is not None else None
@@ -261,6 +265,37 @@ def follow_unconvert(layer, new):
         before = params_before(layer)
         removed, added = switched_params(new, before)
         replace_params(optimizer, removed, added, owner=new, old_names=before.names)
+    _release_unconverted(layer, new)
+
+
+# What a layer unconvert_model replaced refuses from then on: running, loading a state dict, drawing its
+# released tensors afresh, and every form or rank change (inflate, deflate; _check_switchable opens the
+# others, grow_rank_'s among them).
+_REFUSED_AFTER_UNCONVERT = ("forward", "inflate", "deflate", "_check_switchable", "_load_from_state_dict",
+                            "reset_parameters")
+
+
+def _release_unconverted(layer, new):
+    """Drop ``layer``'s references to its dense weight and factors, and the gradients of those ``new``
+    does not hold, so only tensors ``new`` (or the user) still holds stay alive; its bias, which ``new``
+    holds, stays.  Running the layer, loading into it or changing its form raises a RuntimeError naming
+    unconvert_model from then on, rather than failing on a released tensor."""
+    kept = {id(p) for p in new.parameters()}
+    names = [layer.weight_name, *layer._factor_param_names, *layer._factor_names(layer.rank)]
+    for name in dict.fromkeys(names):
+        param = layer._parameters.get(name)
+        if param is None:
+            continue
+        if id(param) not in kept:
+            param.grad = None
+        layer._parameters[name] = None
+    message = (f"this {type(layer).__name__} was replaced by unconvert_model (by a {type(new).__name__}) "
+               f"and holds no weight or factors any more; use the module the model holds now in its place")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(message)
+    for method in _REFUSED_AFTER_UNCONVERT:
+        layer.__dict__[method] = refuse
 
 
 def _forget_history(optimizer):

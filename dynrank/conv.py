@@ -26,6 +26,10 @@ __all__ = ["LowRankConv2d", "ADAPTER_STRATEGIES", "PADDING_MODES", "AdapterChoic
            "adapter_work", "time_adapter_strategies"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# Adapter strategies "auto" keeps per layer: the decisions for the input keys used last.  Inputs of
+# ever new sizes (multi-scale training, aspect-ratio-preserving detection batches) would otherwise
+# grow every adapter conv's cache for the whole adapter phase.
+ADAPTER_CHOICES_KEPT = 64
 
 
 # ---------------------------------------------------------------------------
@@ -174,7 +178,8 @@ class LowRankConv2d(FormLayer):
       step (one kernel pass; its backward maps the kernel gradient to the
       factors with two small GEMMs);
     - ``"auto"`` (default): decided per layer and per input key (shape, dtype,
-      device, grad mode) on first use and cached: on CUDA by timing one
+      device, grad mode) on first use and cached (the 64 keys used last; one
+      used less recently is decided again when it comes back): on CUDA by timing one
       forward(+backward) of each (:func:`time_adapter_strategies`), elsewhere
       by a FLOP/byte roofline model (:func:`adapter_costs`).  The chain costs
       its extra convs in forward and backward; the merged conv costs the dense
@@ -359,7 +364,8 @@ class LowRankConv2d(FormLayer):
     @property
     def adapter_choices(self):
         """Dict input key (shape, dtype, device, grad mode, input needs grad) → :class:`AdapterChoice`, for
-        the eager forwards (a compiled one decides while tracing and caches nothing)."""
+        the eager forwards (a compiled one decides while tracing and caches nothing): the
+        ``ADAPTER_CHOICES_KEPT`` (64) keys used last, the least recently used first."""
         return dict(self._adapter_choices)
 
     def _adapter_strategy_for(self, x):
@@ -380,14 +386,16 @@ class LowRankConv2d(FormLayer):
             strategy = "chain" if seconds["chain"] <= seconds["merged"] else "merged"
         else:
             key = (tuple(x.shape), x.dtype, str(x.device), torch.is_grad_enabled(), x.requires_grad)
-            choice = self._adapter_choices.get(key)
+            choice = self._adapter_choices.pop(key, None)
             if choice is None:
                 if x.is_cuda and not torch.cuda.is_current_stream_capturing():
                     seconds, method = time_adapter_strategies(self, x), "timing"
                 else:
                     seconds, method = _padded_input_costs(self, x), "cost model"
                 choice = AdapterChoice(min(seconds, key=seconds.get), method, seconds)
-                self._adapter_choices[key] = choice
+                if len(self._adapter_choices) >= ADAPTER_CHOICES_KEPT:      # the least recently used goes
+                    del self._adapter_choices[next(iter(self._adapter_choices))]
+            self._adapter_choices[key] = choice          # re-inserted: the dict's order is the order of use
             strategy = choice.strategy
         self._last_adapter_choice = strategy
         return strategy

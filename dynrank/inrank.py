@@ -437,6 +437,7 @@ class IncrementalRankScheduler:
         components start as the model's (A's columns zero, B's the model's
         fresh ones); no random numbers are drawn.  At each check :meth:`step`
         checks every copy's layers against the model's before any layer grows.
+        The scheduler holds the copy until :meth:`remove_model_copy`.
 
         Checkpoints: save ``model_copy.state_dict()`` beside
         :func:`~dynrank.checkpoint.training_state`; :meth:`load_state_dict`
@@ -482,6 +483,40 @@ class IncrementalRankScheduler:
         layers = check_new_copy(model_copy, self._copies, self._layers)
         self._copies.append((model_copy, layers))
         return model_copy
+
+    def remove_model_copy(self, model_copy):
+        """Stop growing ``model_copy``, a copy given to :meth:`add_model_copy` (the object it returned).
+
+        The scheduler lets go of the copy: from the next :meth:`step` on it is
+        neither checked nor grown, and it keeps the ranks it has.  Drop an EMA
+        or SWA copy here when replacing it, else the scheduler keeps it alive
+        and grows it for the rest of the run.
+
+        Raises:
+            ValueError: ``model_copy`` was not added to this scheduler (or was removed already).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from torch.optim.swa_utils import AveragedModel
+            >>> from dynrank import IncrementalRankScheduler, convert_model
+            >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+            >>> _ = convert_model(model, rank_ratio=0.5)
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> growth = IncrementalRankScheduler(model, optimizer, init_rank=2, buffer=2, warmup_steps=0,
+            ...                                   check_every=1)
+            >>> swa = growth.add_model_copy(AveragedModel(model))
+            >>> growth.remove_model_copy(swa)
+            >>> growth.step()
+            [('0', 4, 5)]
+            >>> model[0].rank, swa.module[0].rank
+            (5, 4)
+        """
+        index = next((i for i, (c, _) in enumerate(self._copies) if c is model_copy), None)
+        if index is None:
+            raise ValueError(f"model copy {type(model_copy).__name__} was not added to this scheduler "
+                             f"(add_model_copy), or was removed already")
+        del self._copies[index]
 
     def _resize(self, layer, rank, copies=()):
         if rank == layer.rank:

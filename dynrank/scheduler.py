@@ -340,6 +340,7 @@ class DynamicRankScheduler:
         function is kept); deflate freezes the copy's dense weight and starts
         its factors as the model's (no random numbers are drawn).
         :meth:`step` checks every copy's layers against the model's first.
+        The scheduler holds the copy until :meth:`remove_model_copy`.
 
         Checkpoints: save ``model_copy.state_dict()`` beside :func:`~dynrank.checkpoint.training_state`;
         :meth:`load_state_dict` leaves copies alone, and loading the copy's
@@ -374,6 +375,38 @@ class DynamicRankScheduler:
         layers = check_new_copy(model_copy, self._copies, self._layers)
         self._copies.append((model_copy, layers))
         return model_copy
+
+    def remove_model_copy(self, model_copy):
+        """Stop switching ``model_copy``, a copy given to :meth:`add_model_copy` (the object it returned).
+
+        The scheduler lets go of the copy: from the next :meth:`step` on it is
+        neither checked nor switched, and it keeps the forms it has.  Drop an
+        EMA or SWA copy here when replacing it (a fresh EMA per phase), else
+        the scheduler keeps it alive and switches it for the rest of the run.
+
+        Raises:
+            ValueError: ``model_copy`` was not added to this scheduler (or was removed already).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from torch.optim.swa_utils import AveragedModel
+            >>> from dynrank import DynamicRankScheduler, convert_model
+            >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+            >>> _ = convert_model(model, rank_ratio=0.5)
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> scheduler = DynamicRankScheduler(model, optimizer, inflate_epoch=1, deflate_epoch=2)
+            >>> swa = scheduler.add_model_copy(AveragedModel(model))
+            >>> scheduler.remove_model_copy(swa)
+            >>> _ = scheduler.step(1)
+            >>> model[0].form, swa.module[0].form
+            ('full', 'lowrank')
+        """
+        index = next((i for i, (c, _) in enumerate(self._copies) if c is model_copy), None)
+        if index is None:
+            raise ValueError(f"model copy {type(model_copy).__name__} was not added to this scheduler "
+                             f"(add_model_copy), or was removed already")
+        del self._copies[index]
 
     # -- stepping ------------------------------------------------------------------------
     def step(self, epoch=None):

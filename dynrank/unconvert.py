@@ -284,7 +284,12 @@ def unconvert_model(model, lowrank="factored"):
     layer is edited in place: it trains the new module's parameters where the
     layer's sat (new weights start with fresh state), and that scheduler then
     refuses to step (RuntimeError); any other optimizer built before this call
-    still holds the lowrank factors: build it again.  A ``DistributedDataParallel`` or
+    still holds the lowrank factors: build it again.  A replaced dynrank layer
+    lets go of its dense weight and factors, and of the gradients of those the
+    new module does not hold (it keeps its bias, the new module's), so a
+    scheduler or a reference kept to it holds no second copy of the weights;
+    calling it, loading into it or changing its form raises a RuntimeError
+    naming unconvert_model from then on.  A ``DistributedDataParallel`` or
     ``DataParallel`` model is unwrapped and its module changed; before
     training further, wrap it again: ``model = rewrap_ddp(model)``
     (:func:`dynrank.distributed.rewrap_ddp`).  A DistributedDataParallel

@@ -372,6 +372,36 @@ def test_auto_strategy_uses_cost_model_on_cpu_and_caches():
     assert layer.adapter_choices == {}
 
 
+def test_auto_strategy_keeps_the_choices_of_the_input_keys_used_last():
+    """Inputs of ever new sizes (multi-scale training) grew every adapter conv's cache without bound: it
+    keeps the ADAPTER_CHOICES_KEPT keys used last, an input seen again counting as a use, and decides an
+    evicted key again from its cost model."""
+    from dynrank.conv import ADAPTER_CHOICES_KEPT
+    assert ADAPTER_CHOICES_KEPT == 64
+    layer = LowRankConv2d(4, 8, 3, rank=2, padding=1, form="adapter", dtype=F64)
+    shapes = [(1, 4, 4 + i // 10, 4 + i % 10) for i in range(100)]
+    key = {s: (s, F64, "cpu", False, False) for s in shapes}
+    with torch.no_grad():
+        for s in shapes:
+            layer(torch.randn(s, dtype=F64))
+            if s == shapes[0]:
+                first = layer.adapter_choices[key[s]]
+        assert list(layer.adapter_choices) == [key[s] for s in shapes[-64:]]
+        kept = layer.adapter_choices
+        layer(torch.randn(shapes[40], dtype=F64))                 # used again: now the most recent
+        layer(torch.randn(1, 4, 30, 30, dtype=F64))               # a new key: the least recent one goes
+    choices = layer.adapter_choices
+    assert len(choices) == 64
+    assert list(choices) == [key[s] for s in shapes[37:40] + shapes[41:] + [shapes[40]]] + [
+        ((1, 4, 30, 30), F64, "cpu", False, False)]
+    assert all(choices[k] is kept[k] for k in list(choices)[:-1])  # kept, not decided again
+    with torch.no_grad():
+        layer(torch.randn(shapes[0], dtype=F64))                  # evicted long ago: decided again, alike
+    again = layer.adapter_choices[key[shapes[0]]]
+    assert list(layer.adapter_choices)[-1] == key[shapes[0]] and len(layer.adapter_choices) == 64
+    assert again is not first and (again.strategy, again.seconds) == (first.strategy, first.seconds)
+
+
 def test_cost_model_follows_measured_preferences():
     # Measured on CPU (torch 2.13, one thread, forward+backward): a 512-channel
     # layer on 8×8 maps runs its CP chain in 82 ms against 131 ms merged; a

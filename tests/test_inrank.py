@@ -616,3 +616,39 @@ def test_max_rank_caps_the_layers_kept_with_init_rank_none():
         opt.step()
         sched.step()
         assert all(rank <= 4 for rank in sched.ranks.values()) and all(c <= 4 for c in sched.current.values())
+
+
+def test_remove_model_copy_stops_growing_the_copy_and_lets_it_go():
+    """add_model_copy could not be undone: a copy the user dropped stayed alive and was checked and grown
+    at every check.  A removed copy keeps its ranks and is freed with the scheduler alive; the copies left
+    grow as before, and the scheduler's state dict is unchanged."""
+    import copy
+    import gc
+    import weakref
+    from torch.optim.swa_utils import AveragedModel
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    convert_model(model, rank_ratio=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    growth = IncrementalRankScheduler(model, opt, init_rank=1, buffer=3, threshold=1 - 1e-9, warmup_steps=0,
+                                      check_every=1)
+    kept = growth.add_model_copy(AveragedModel(model))
+    dropped = growth.add_model_copy(copy.deepcopy(model))
+    state = growth.state_dict()
+    assert growth.remove_model_copy(dropped) is None
+    assert growth.state_dict() == state
+    with pytest.raises(ValueError, match=r"model copy Sequential was not added to this scheduler "
+                                         r"\(add_model_copy\), or was removed already"):
+        growth.remove_model_copy(dropped)
+    with pytest.raises(ValueError, match="model copy AveragedModel was not added to this scheduler"):
+        growth.remove_model_copy(AveragedModel(model))
+    grow_rank_(dropped[0], 5)                       # checked, it would stop the step: it is not
+    assert growth.step(1) == [("0", 4, 6)]
+    assert kept.module[0].rank == 6 and dropped[0].rank == 5
+    gone = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert gone() is None
+    growth.remove_model_copy(kept)
+    (name, old, new), = growth.step(2)
+    assert (name, old) == ("0", 6) and model[0].rank == new > 6 and kept.module[0].rank == 6

@@ -626,6 +626,43 @@ def test_remove_callback_names_what_was_not_added():
         sched.remove_callback(print)
 
 
+def test_remove_model_copy_stops_switching_the_copy_and_lets_it_go():
+    """add_model_copy could not be undone: a copy the user dropped (a fresh EMA per phase) stayed alive,
+    one model copy more per replacement, and was checked and switched at every step.  A removed copy is
+    neither checked nor switched, keeps its forms and is freed with the scheduler alive; the copies left
+    switch as before, and the scheduler's state dict is unchanged."""
+    import gc
+    import weakref
+    from torch.optim.swa_utils import AveragedModel
+    model = mlp()
+    sched = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 2)
+    kept = sched.add_model_copy(AveragedModel(model))
+    dropped = sched.add_model_copy(copy.deepcopy(model))
+    state = sched.state_dict()
+    assert sched.remove_model_copy(dropped) is None
+    assert sched.state_dict() == state
+    with pytest.raises(ValueError, match=r"model copy Sequential was not added to this scheduler "
+                                         r"\(add_model_copy\), or was removed already"):
+        sched.remove_model_copy(dropped)
+    with pytest.raises(ValueError, match="model copy AveragedModel was not added to this scheduler"):
+        sched.remove_model_copy(AveragedModel(model))
+    dropped[2].inflate()                           # checked, it would stop the step: it is not
+    assert sched.step(1) == [("0", "lowrank", "full"), ("2", "lowrank", "full")]
+    assert [kept.module[i].form for i in (0, 2)] == ["full", "full"]
+    assert [dropped[i].form for i in (0, 2)] == ["lowrank", "full"]
+    gone = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert gone() is None
+    again = sched.add_model_copy(copy.deepcopy(model))          # a copy may be added again after a removal
+    sched.step(2)
+    assert [m.module[0].form if isinstance(m, AveragedModel) else m[0].form for m in (kept, again)] == \
+        ["adapter", "adapter"]
+    sched.remove_model_copy(kept)
+    sched.remove_model_copy(again)
+    assert sched.state_dict() == {**state, "last_epoch": 2, "forms": {"0": "adapter", "2": "adapter"}}
+
+
 # -- load_training_state: all or nothing --------------------------------------------------------------
 def _checkpoint(epochs, **kwargs):
     model, opt, sched, _ = _trained(epochs, **kwargs)

@@ -5,9 +5,11 @@ to float64 rounding, for every form, both ``lowrank`` choices, every conv decomp
 """
 
 import copy
+import gc
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -466,3 +468,124 @@ def test_the_incremental_rank_scheduler_refuses_to_grow_unconverted_layers():
     with pytest.raises(RuntimeError, match=r"layer '0' was replaced by unconvert_model, so this "
                                            r"IncrementalRankScheduler"):
         sched.step(1)
+
+
+# -- what the replaced layers keep alive -------------------------------------------------------------
+def _tensor_refs(layers):
+    """Name → weak reference for every parameter of ``layers`` and every gradient they hold."""
+    refs = {}
+    for i, layer in enumerate(layers):
+        for name, p in layer.named_parameters():
+            refs[f"{i}.{name}"] = weakref.ref(p)
+            if p.grad is not None:
+                refs[f"{i}.{name}.grad"] = weakref.ref(p.grad)
+    return refs
+
+
+def _alive(refs):
+    gc.collect()
+    return {name for name, ref in refs.items() if ref() is not None}
+
+
+def _refuses(layer, x):
+    """The replaced ``layer`` refuses to run or change form, naming unconvert_model."""
+    message = rf"this {type(layer).__name__} was replaced by unconvert_model"
+    for call in (lambda: layer(x), lambda: layer.forward(x), layer.inflate, layer.deflate,
+                 lambda: layer.load_state_dict({"weight": torch.zeros(layer._dense_shape(), dtype=F64)},
+                                               strict=False)):
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("epoch, form", [(0, "lowrank"), (1, "full"), (2, "adapter")])
+@pytest.mark.parametrize("lowrank", ["factored", "dense"])
+def test_a_scheduler_keeps_no_tensor_of_the_layers_unconvert_model_replaced(epoch, form, lowrank):
+    """A scheduler holds the layers it manages: after unconvert_model they kept their W_f, their factors
+    and the factors' gradients alive beside the new modules (an adapter's dense weight three times over)
+    for as long as the scheduler lived, though it refuses those layers.  Now only the tensors the new
+    modules hold stay alive (every bias; a full layer's W, the new nn.Linear's own, and their gradients),
+    the model computes the old function and trains, and the old layers refuse to run or switch."""
+    from _scheduling import held, mlp, same_set, train_steps, trainable
+    from dynrank import DynamicRankScheduler
+    model = mlp().double()
+    x, y = torch.randn(32, 12, dtype=F64), torch.randint(0, 3, (32,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    for e in range(epoch + 1):
+        sched.step(e)
+        train_steps(model, opt, x, y, steps=1)
+    old = [model[0], model[2]]
+    assert [layer.form for layer in old] == [form, form]
+    refs = _tensor_refs(old)
+    shared = ["bias", "bias.grad"] + (["weight", "weight.grad"] if form == "full" else [])
+    assert {f"{i}.{n}" for i in (0, 1) for n in shared} <= set(refs)
+    assert form == "full" or {"0.A", "0.A.grad", "0.B", "0.B.grad"} <= set(refs)
+    with torch.no_grad():
+        expected = model(x)
+    unconvert_model(model, lowrank=lowrank)
+    assert _alive(refs) == {f"{i}.{n}" for i in (0, 1) for n in shared}
+    assert rel_err(model(x), expected) < TOL
+    for call in (lambda: sched.step(epoch + 1), lambda: sched.load_state_dict(sched.state_dict())):
+        with pytest.raises(RuntimeError, match=r"layer '0' was replaced by unconvert_model, so this "
+                                               r"DynamicRankScheduler manages layers the model no longer holds"):
+            call()
+    assert sched.forms() == {"0": form, "2": form}
+    for layer in old:
+        _refuses(layer, x)
+    # The new modules train with the scheduler's optimizer.
+    assert same_set(held(opt), trainable(model))
+    before = [p.detach().clone() for p in trainable(model)]
+    train_steps(model, opt, x, y, steps=1)
+    assert all(not torch.equal(p, q) for p, q in zip(trainable(model), before))
+
+
+def test_an_incremental_rank_scheduler_keeps_no_tensor_of_the_layers_unconvert_model_replaced():
+    from _scheduling import train_steps
+    from dynrank.inrank import IncrementalRankScheduler, grow_rank_
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    convert_model(model, rank_ratio=0.5)
+    x, y = torch.randn(32, 16, dtype=F64), torch.randint(0, 3, (32,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    growth = IncrementalRankScheduler(model, opt, init_rank=2, buffer=2, warmup_steps=0, check_every=1)
+    train_steps(model, opt, x, y, steps=2)
+    old = model[0]
+    refs = _tensor_refs([old])
+    assert {"0.A", "0.A.grad", "0.B", "0.B.grad", "0.bias", "0.bias.grad"} <= set(refs)
+    with torch.no_grad():
+        expected = model(x)
+    unconvert_model(model)
+    assert _alive(refs) == {"0.bias", "0.bias.grad"}
+    assert rel_err(model(x), expected) < TOL
+    with pytest.raises(RuntimeError, match=r"layer '0' was replaced by unconvert_model, so this "
+                                           r"IncrementalRankScheduler"):
+        growth.step(1)
+    assert growth.ranks == {"0": 4}
+    _refuses(old, x)
+    with pytest.raises(RuntimeError, match="this FusedLowRankLinear was replaced by unconvert_model"):
+        grow_rank_(old, 5)
+    before = [p.detach().clone() for p in model[0].parameters()]
+    train_steps(model, opt, x, y, steps=1)
+    assert all(not torch.equal(p, q) for p, q in zip(model[0].parameters(), before))
+
+
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_replaced_layer_holds_only_its_bias_and_refuses_to_run(kind, form):
+    """Kept by the user, a replaced layer held all its tensors and their gradients and ran on: it now holds
+    only its bias (the new module's), and a call, a load or a form change raises a RuntimeError naming
+    unconvert_model, not an AttributeError on a released tensor."""
+    layer = linear_layer(form) if kind == "linear" else conv_layer("tucker", (3, 4), form, GEOMETRIES["stride2"])
+    x = torch.randn(2, 12, dtype=F64) if kind == "linear" else torch.randn(2, 6, 9, 10, dtype=F64)
+    layer(x).square().sum().backward()
+    refs = _tensor_refs([layer])
+    expected = layer(x).detach()
+    model = nn.Sequential(layer)
+    unconvert_model(model)
+    new_ids = {id(p) for p in model.parameters()} | {id(p.grad) for p in model.parameters() if p.grad is not None}
+    gc.collect()
+    assert {n for n, r in refs.items() if r() is not None and id(r()) not in new_ids} == set()
+    assert [n for n, _ in layer.named_parameters()] == ["bias"] and any(layer.bias is p for p in model.parameters())
+    assert rel_err(model(x), expected) < TOL
+    _refuses(layer, x)
+    assert layer.form == form and repr(layer)                  # still described, for a message or a log
