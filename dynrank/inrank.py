@@ -36,6 +36,7 @@ from ._optim import SQUARED_STATE, _split_state, manage, replace_params
 from .distributed import _remember_ddp, _retire_stale
 from .linear import FusedLowRankLinear, svd_factors
 from .metrics import _check_not_meta
+from .spectra import _as_sigma
 
 __all__ = ["IncrementalRankScheduler", "grow_rank_", "explained_rank"]
 
@@ -62,11 +63,16 @@ def explained_rank(singular_values, current, buffer, threshold):
     Raises:
         TypeError: ``singular_values`` not a real floating-point tensor, ``current`` or ``buffer`` not
             an int, ``threshold`` not a number.
-        ValueError: ``current`` below 0, ``buffer`` below 1, ``threshold`` outside (0, 1).
+        ValueError: ``singular_values`` not 1-D, on the meta device, or holding a NaN, ±inf or
+            negative value; ``current`` below 0, ``buffer`` below 1, ``threshold`` outside (0, 1).
     """
     if not isinstance(singular_values, torch.Tensor) or not singular_values.is_floating_point():
         came = singular_values.dtype if isinstance(singular_values, torch.Tensor) else type(singular_values).__name__
         raise TypeError(f"singular_values must be a real floating-point tensor, got {came}")
+    if singular_values.dim() != 1:
+        raise ValueError(f"singular_values must be a 1-D tensor, got shape {tuple(singular_values.shape)}")
+    if singular_values.numel():
+        _as_sigma(singular_values)                  # values: not meta, finite, ≥ 0
     current = check_int(current, "current", "an int >= 0", 0)
     buffer, threshold, _, _ = _check_settings(buffer, threshold, 0, 1)
     sigma = torch.sort(singular_values.detach().double().flatten(), descending=True).values
@@ -175,8 +181,8 @@ def grow_rank_(layer, new_rank, optimizer=None):
     if layer.form == "full":
         raise ValueError("grow_rank_ applies to lowrank or adapter form, the layer is full")
     layer._check_switchable()
-    old_rank = layer.rank
-    new_rank = layer._check_rank(new_rank)
+    old_rank, limit = layer.rank, min(layer.in_features, layer.out_features)
+    new_rank = check_int(new_rank, "new_rank", f"an int in [1, {limit}] (min(in_features, out_features))", 1, limit)
     if new_rank < old_rank:
         raise ValueError(f"new_rank must be >= the current rank {old_rank} (ranks never shrink), got {new_rank}")
     if new_rank == old_rank:

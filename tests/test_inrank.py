@@ -213,7 +213,8 @@ def test_grow_rank_errors():
     layer = FusedLowRankLinear(8, 8, rank=4)
     with pytest.raises(ValueError, match=r"new_rank must be >= the current rank 4 \(ranks never shrink\), got 2"):
         grow_rank_(layer, 2)
-    with pytest.raises(ValueError, match=r"rank must be in \[1, 8\], got 9"):
+    with pytest.raises(ValueError, match=r"new_rank must be an int in \[1, 8\] \(min\(in_features, out_features\)\), "
+                                         r"got 9"):
         grow_rank_(layer, 9)
     with pytest.raises(TypeError, match="grow_rank_ takes a FusedLowRankLinear, got Linear"):
         grow_rank_(nn.Linear(8, 8), 2)
@@ -652,3 +653,24 @@ def test_remove_model_copy_stops_growing_the_copy_and_lets_it_go():
     growth.remove_model_copy(kept)
     (name, old, new), = growth.step(2)
     assert (name, old) == ("0", 6) and model[0].rank == new > 6 and kept.module[0].rank == 6
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.tensor([float("nan"), 1.0, 0.5]), "finite and ≥ 0, got nan at index 0"),
+    (torch.tensor([float("inf"), 1.0, 0.5]), "finite and ≥ 0, got inf at index 0"),
+    (torch.tensor([5.0, -1.0, 0.5]), r"finite and ≥ 0, got -1.0 at index 1"),
+    (torch.ones(3, 3), r"singular_values must be a 1-D tensor, got shape \(3, 3\)"),
+    (torch.ones(3, device="meta"), "meta device"),
+], ids=["nan", "inf", "negative", "2-D", "meta"])
+def test_explained_rank_refuses_what_is_no_spectrum(bad, match):
+    """A NaN, ±inf or negative σ, or a matrix, gave the largest growth (current + buffer − 1) without a word."""
+    with pytest.raises(ValueError, match=match):
+        explained_rank(bad, 1, 4, 0.9)
+
+
+@pytest.mark.parametrize("new_rank, error", [(None, TypeError), (3.0, TypeError), (0, ValueError), (99, ValueError)])
+def test_grow_rank_names_new_rank(new_rank, error):
+    layer = FusedLowRankLinear(6, 5, rank=2)
+    with pytest.raises(error, match=r"^new_rank must be an int in \[1, 5\]"):
+        grow_rank_(layer, new_rank)
+    assert layer.rank == 2
