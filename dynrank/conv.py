@@ -417,12 +417,22 @@ class LowRankConv2d(FormLayer):
         return self._dec.check_rank(rank, self._kshape)
 
     def scale_for(self, rank):
+        """Scale s of the factorized term at ``rank`` (an int, or the decomposition's tuple): alpha / r_last,
+        or 1 without ``alpha``.
+
+        Raises:
+            TypeError, ValueError: a ``rank`` this layer's decomposition does not take (as the constructor's).
+        """
+        return self._scale_at(self._check_rank(rank))
+
+    def _scale_at(self, rank):
+        # scale_for without the check, for ranks the layer already holds or checked.
         return 1.0 if self.alpha is None else self.alpha / self._dec.inner_rank(rank)
 
     @property
     def scale(self):
         """Factor s multiplying the factorized term: alpha / r_last, or 1."""
-        return self.scale_for(self._rank)
+        return self._scale_at(self._rank)
 
     def _factor_names(self, rank):
         return self._dec.factor_names
@@ -438,7 +448,7 @@ class LowRankConv2d(FormLayer):
 
     def _merge_into_(self, weight, alpha, factors):
         U, V = self._dec.operands(factors)
-        merge_conv_(weight, U, V, alpha * self.scale_for(self._dec.rank_of(factors)), self.groups)
+        merge_conv_(weight, U, V, alpha * self._scale_at(self._dec.rank_of(factors)), self.groups)
 
     weight_kind = "kernel"
 
@@ -522,17 +532,34 @@ class LowRankConv2d(FormLayer):
         unbatched = input.dim() == 3
         if unbatched:
             input = input.unsqueeze(0)
+        padded = self._pad is None
         try:
             if self._pad is not None:
                 # Non-zero padding modes pad once; every conv of the chain then runs unpadded.
                 input = F.pad(input, self._pad, mode=self._padding_mode)
+                padded = True
             y = self._run(self, input)
         except RuntimeError:
-            # torch's pads and convs refuse another device or dtype: name the fault (other errors pass as
-            # they came)
+            # torch's pads and convs refuse another device or dtype: name the fault; an input smaller than
+            # the kernel is named with the layer's kernel, as nn.Conv2d names it, not a factor's (3 x 1)
+            # (other errors, a pad's among them, pass as they came)
             self._check_input_against(input, ref)
+            if padded:
+                self._check_input_size(input)
             raise
         return y.squeeze(0) if unbatched else y
+
+    def _check_input_size(self, x):
+        """nn.Conv2d's RuntimeError for a (padded, where ``_pad`` applied) input ``x`` smaller than the
+        dilated kernel."""
+        if self._pad is None and self._conv_padding == "same":
+            return
+        pad = (0, 0) if self._pad is not None else self._conv_padding
+        size = [n + 2 * p for n, p in zip(x.shape[-2:], pad)]
+        kernel = [d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation)]
+        if any(n < k for n, k in zip(size, kernel)):
+            raise RuntimeError(f"Calculated padded input size per channel: ({size[0]} x {size[1]}). Kernel size: "
+                               f"({kernel[0]} x {kernel[1]}). Kernel size can't be greater than actual input size")
 
     def _check_input_against(self, x, ref):
         if x.device != ref.device:

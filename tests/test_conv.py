@@ -708,3 +708,31 @@ def test_form_changes_and_unconvert_under_autocast_keep_float32(dec):
     kept = layer.weight.detach().double() + reference_kernel(
         dec, {n: f.detach().double() for n, f in layer.factors().items()}, layer.scale)
     assert rel_err(kept, exact) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+@pytest.mark.parametrize("geometry, size", [
+    (dict(), (2, 2)), (dict(), (5, 2)), (dict(dilation=2, padding=1), (2, 6)),
+    (dict(dilation=2, padding=1, padding_mode="replicate"), (1, 1)), (dict(padding=1, padding_mode="reflect"), (5, 1)),
+], ids=["small", "narrow", "dilated", "replicate", "reflect-pad-refused"])
+def test_an_input_smaller_than_the_kernel_is_named_as_nn_conv2d_names_it(dec, geometry, size):
+    """cp and tkd-cpd named a factor's (3 x 1) kernel and an intermediate size."""
+    conv = nn.Conv2d(4, 6, 3, **geometry)
+    layer = LowRankConv2d(4, 6, 3, rank=RANKS[dec], decomposition=dec, **geometry)
+    x = torch.randn(1, 4, *size)
+    with pytest.raises(RuntimeError) as expected:
+        conv(x)
+    with pytest.raises(RuntimeError) as got:
+        layer(x)
+    assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+def test_scale_for_checks_the_rank_as_the_constructor_does(dec):
+    """scale_for(0) divided by zero, and a negative or fractional rank gave a scale."""
+    layer = LowRankConv2d(8, 8, 3, rank=RANKS[dec], decomposition=dec, alpha=4.0)
+    inner = RANKS[dec] if isinstance(RANKS[dec], int) else RANKS[dec][-1]
+    assert layer.scale_for(RANKS[dec]) == layer.scale == 4.0 / inner
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (None, TypeError)):
+        with pytest.raises(error, match="must be"):
+            layer.scale_for(bad)
