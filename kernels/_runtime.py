@@ -6,6 +6,8 @@ on, every launch runs on the CPU through numpy, CUDA tensors included.
 """
 
 import contextlib
+import math
+import numbers
 import os
 
 import torch
@@ -15,7 +17,11 @@ import torch
 # imported from dynrank._backend, whose TRITON_DTYPES is the same list.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-__all__ = ["interpreting", "check_launchable", "check_kernel_dtypes", "launch_device"]
+# The largest finite float32: the kernels multiply their fp32 accumulators by alpha / scale / beta.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+__all__ = ["interpreting", "check_launchable", "check_kernel_dtypes", "check_tensors", "check_scale",
+           "check_no_overlap", "launch_device"]
 
 
 def interpreting():
@@ -39,6 +45,62 @@ def check_kernel_dtypes(op, **tensors):
         if t.dtype not in TRITON_DTYPES:
             raise TypeError(f"{op} takes float32, float16 or bfloat16 tensors (fp32 accumulation), got {name} "
                             f"of dtype {t.dtype}")
+
+
+def check_tensors(op, optional=(), **tensors):
+    """TypeError naming the first of ``tensors`` (name → value) that is not a tensor, ValueError for a meta
+    tensor (it holds no data for a kernel to read or write).  The names in ``optional`` may be None
+    (an absent operand)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            if t is None and name in optional:
+                continue
+            raise TypeError(f"{op} takes tensors, got {name} of type {type(t).__name__}")
+        if t.is_meta:
+            raise ValueError(f"{op} runs Triton kernels, which need tensors with real data, got {name} on "
+                             f"the meta device")
+
+
+def check_scale(op, name, value):
+    """``value`` as a float, where it is a real number that float32 holds.
+
+    The kernels multiply an fp32 accumulator by it, so NaN, ±inf and a finite value past float32's
+    range (1e300) are ValueErrors; a value of the wrong type (None, str, bool, complex, a list) a
+    TypeError.  A Python or numpy number, or a 0-d real tensor that needs no grad (read once, as
+    ``float()`` reads it).
+    """
+    if type(value) is float and -FLOAT32_MAX <= value <= FLOAT32_MAX:     # the common case: no more checks
+        return value
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad and not value.is_meta
+            and not value.is_complex() and value.dtype != torch.bool):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} ({value!r})")
+    try:
+        number = float(value)
+    except OverflowError:       # an int past float64's range
+        number = math.inf if value > 0 else -math.inf
+    if not math.isfinite(number) and not isinstance(value, numbers.Integral):
+        raise ValueError(f"{op}: {name} must be finite, got {value!r}")
+    if not -FLOAT32_MAX <= number <= FLOAT32_MAX:
+        raise ValueError(f"{op}: {name} must be within float32's range (magnitude at most {FLOAT32_MAX:.4g}): "
+                         f"the kernels compute in fp32, got {value!r}")
+    return number
+
+
+def check_no_overlap(op, name, tensor):
+    """ValueError where elements of ``tensor``, which ``op`` writes, share memory (an expanded view, an
+    unfold's overlapping windows): each write would land on several elements.  A layout passes when,
+    in increasing stride order, each stride steps past all that the smaller ones reach (an empty tensor
+    always does)."""
+    if tensor.numel() == 0:
+        return
+    reach = 0
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n > 1):
+        if stride <= reach:
+            raise ValueError(f"{op} writes {name}, so its elements must not share memory, got a view whose "
+                             f"elements overlap (shape {tuple(tensor.shape)}, strides {tensor.stride()})")
+        reach += stride * (size - 1)
 
 
 def launch_device(tensor):

@@ -22,9 +22,11 @@ permuted to the same column order, which is cheap because V is small.  A
 kernel with any other layout is merged through a contiguous copy.
 """
 
+import numbers
+
 import torch
 
-from ._runtime import check_kernel_dtypes
+from ._runtime import check_kernel_dtypes, check_no_overlap, check_scale, check_tensors
 from .merge import merge_
 
 __all__ = ["conv_merge_", "reference_conv_merge", "reference_svd_kernel", "reference_tucker_kernel",
@@ -52,16 +54,19 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
         weight: (F, C/g, kh, kw) dense kernel, written in place.
         U: (F, q/g) output-side operand.
         V: (q, C/g, kh, kw) input-side operand.
-        alpha: float scale (negative to subtract).
-        groups: g, the convolution's groups; F and q must be multiples of g.
+        alpha: real scale (negative to subtract), finite and within float32's range.
+        groups: g, the convolution's groups (an int or a numpy integer); F and q must be multiples of g.
 
     Returns:
         ``weight``.
 
     Raises:
-        ValueError: shapes that do not fit, tensors on different devices, ``groups`` below 1.
-        TypeError: a tensor that is not float32, float16 or bfloat16 (float64 would lose its precision
-            in the fp32 accumulation), ``groups`` that is not an int.
+        ValueError: shapes that do not fit, tensors on different devices, a meta tensor, a weight whose
+            elements share memory (an expanded view), ``groups`` below 1, an alpha that is not finite
+            or past float32's range.
+        TypeError: an operand that is not a tensor; a tensor that is not float32, float16 or bfloat16
+            (float64 would lose its precision in the fp32 accumulation); ``groups`` that is not an int;
+            an alpha that is not a real number.
 
     Example (CUDA tensors, or CPU ones with ``TRITON_INTERPRET=1`` set before triton is imported):
         >>> import torch
@@ -71,8 +76,11 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
         >>> conv_merge_(W, torch.ones(4, 2, device=device), torch.ones(2, 3, 3, 3, device=device)).sum().item()
         216.0
     """
-    if isinstance(groups, bool) or not isinstance(groups, int):
+    check_tensors("conv_merge_", weight=weight, U=U, V=V)
+    alpha = check_scale("conv_merge_", "alpha", alpha)
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    groups = int(groups)
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     if weight.dim() != 4 or U.dim() != 2 or V.dim() != 4:
@@ -87,6 +95,8 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
     if U.device != weight.device or V.device != weight.device:
         raise ValueError(f"weight, U and V must be on one device, got {weight.device}, {U.device}, {V.device}")
     check_kernel_dtypes("conv_merge_", weight=weight, U=U, V=V)
+    # Before the per-group merges, each of which sees only its own rows.
+    check_no_overlap("conv_merge_", "weight", weight)
     W2, order = _matrix_view(weight)
     if W2 is None:
         dense = weight.contiguous()

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import check_kernel_dtypes, check_launchable, interpreting, launch_device
+from ._runtime import (check_kernel_dtypes, check_launchable, check_no_overlap, check_scale, check_tensors,
+                       interpreting, launch_device)
 
 __all__ = ["lowrank_gemm", "reference_lowrank_gemm"]
 
@@ -191,6 +192,9 @@ def check_operands(op, N, bias, **operands):
                         **({"bias": bias} if bias is not None else {}))
 
 
+_OPERANDS = frozenset(("x", "wt", "u", "vt", "bias", "out"))     # each may be None (absent)
+
+
 def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta=1.0,
                  out=None, out_dtype=None, config=None):
     """out = alpha·x·wt + beta·u·vt + bias.
@@ -199,7 +203,9 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
         x: (M, K) or None; wt: (K, N) or None (both or neither).
         u: (M, R) or None; vt: (R, N) or None (both or neither).
         bias: (N,) or None.
-        out: (M, N) to write into (default: a new tensor); any strides.
+        out: (M, N) to write into (default: a new tensor); any strides whose elements do not share
+            memory (an expanded view is refused, as ``torch.mm`` refuses it).
+        alpha, beta: real scales of the two products, finite and within float32's range.
         out_dtype: dtype of a newly allocated ``out`` (default: dtype of x or u).
         config: tile config of a compiled launch (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
             num_stages), for tuning (``benchmarks/sweep_tiles.py``); default: ``_native_config``.
@@ -211,10 +217,16 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
     the internal engine; its callers validate user-facing shapes and dtypes.
 
     Raises:
-        ValueError: an operand that is not 2-D, shapes that do not chain, a bias that is not (N,).
-        TypeError: an operand (``out`` included) that is not float32, float16 or bfloat16; the two
-            operands of one product of different dtypes.
+        ValueError: an operand that is not 2-D, shapes that do not chain, a bias that is not (N,), an
+            ``out`` whose elements share memory, a meta tensor, an alpha or beta that is not finite or
+            past float32's range.
+        TypeError: an operand that is not a tensor (or None); an operand (``out`` included) that is
+            not float32, float16 or bfloat16; the two operands of one product of different dtypes; an
+            alpha or beta that is not a real number.
     """
+    check_tensors("lowrank_gemm", _OPERANDS, x=x, wt=wt, u=u, vt=vt, bias=bias, out=out)
+    alpha = check_scale("lowrank_gemm", "alpha", alpha)
+    beta = check_scale("lowrank_gemm", "beta", beta)
     if (x is None) != (wt is None) or (u is None) != (vt is None):
         raise ValueError("lowrank_gemm needs x with wt and u with vt")
     if x is None and u is None:
@@ -240,6 +252,8 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
         out = torch.empty((M, N), device=first.device, dtype=out_dtype or first.dtype)
     elif out.shape != (M, N):
         raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
+    else:
+        check_no_overlap("lowrank_gemm", "out", out)
     check_kernel_dtypes("lowrank_gemm", out=out)
     if M == 0 or N == 0:
         return out
@@ -266,7 +280,7 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
     )
     args = (x_, wt_, u_, vt_, bias if bias is not None else dummy, out,
             M, N, K, R, *sx, *sw, *su, *sv, out.stride(0), out.stride(1),
-            float(alpha), float(beta) / float(alpha) if has_x else 0.0, float(beta))
+            alpha, beta / alpha if has_x else 0.0, beta)
 
     if interpreted:
         config = _INTERPRETER_CONFIG

@@ -15,6 +15,7 @@ Backward (W_f frozen, so no weight gradient at all):
 
 import torch
 
+from ._runtime import check_scale, check_tensors
 from .lowrank_gemm import lowrank_gemm
 
 __all__ = ["lowrank_linear_forward", "lowrank_linear_backward", "reference_lowrank_linear"]
@@ -32,17 +33,35 @@ def _skinny_gemm(a, b):
     return lowrank_gemm(a, b)
 
 
+def _check_operands(op, scale, **operands):
+    """``scale`` as a float, once ``operands`` (name → tensor; weight and bias may be None) pass
+    :func:`_runtime.check_tensors` and all but the bias are 2-D (some are transposed here, by name)."""
+    check_tensors(op, ("weight", "bias"), **operands)
+    for name, t in operands.items():
+        if t is not None and name != "bias" and t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
+    return check_scale(op, "scale", scale)
+
+
 def lowrank_linear_forward(x, weight, A, B, bias=None, scale=1.0):
     """Fused forward.
 
     Args:
         x: (M, K) any strides.  weight: (N, K) or None.  A: (N, R).  B: (K, R).
-        bias: (N,) or None.  scale: float multiplying the low-rank term.
+        bias: (N,) or None.  scale: real number multiplying the low-rank term, finite and within
+        float32's range.
 
     Returns:
         (y, xbs): y (M, N) in x's dtype and xbs = scale·x·B (M, R), kept for
         the backward so it is not recomputed.
+
+    Raises:
+        TypeError: an operand that is not a tensor (weight and bias may be None), a scale that is not
+            a real number; the engine's (:func:`lowrank_gemm`) dtype errors.
+        ValueError: an operand other than bias that is not 2-D, a meta tensor, a scale that is not
+            finite or past float32's range; the engine's shape errors.
     """
+    scale = _check_operands("lowrank_linear_forward", scale, x=x, weight=weight, A=A, B=B, bias=bias)
     xbs = lowrank_gemm(x, B, alpha=scale)
     if weight is not None:
         y = lowrank_gemm(x, weight.t(), xbs, A.t(), bias)
@@ -62,7 +81,11 @@ def lowrank_linear_backward(dy, x, weight, A, B, xbs, scale=1.0, needs_dx=True, 
     Returns:
         (dx, dA, dB), each None when not requested.  No gradient is formed for
         ``weight``: it is the frozen W_f.
+
+    Raises:
+        TypeError, ValueError: as :func:`lowrank_linear_forward` (dy, x and xbs must be tensors too).
     """
+    scale = _check_operands("lowrank_linear_backward", scale, dy=dy, x=x, weight=weight, A=A, B=B, xbs=xbs)
     dx = dA = dB = None
     dyas = lowrank_gemm(dy, A, alpha=scale) if (needs_dx or needs_dB) else None
     if needs_dx:

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import check_kernel_dtypes, check_launchable, interpreting, launch_device
+from ._runtime import (check_kernel_dtypes, check_launchable, check_no_overlap, check_scale, check_tensors,
+                       interpreting, launch_device)
 from .lowrank_gemm import _cdiv, _dot_loop, _fit, _input_precision, _needs_int64
 
 __all__ = ["merge_", "reference_merge"]
@@ -120,17 +121,19 @@ def merge_(weight, A, B, alpha=1.0, config=None):
             so the kernel always walks memory in order), written in place.
         A: (N, R).  B: (K, R).  On weight's device; any float dtypes (cast to one dtype for
             the product: A's when B matches it, fp32 otherwise).
-        alpha: float scale (negative to subtract).
+        alpha: real scale (negative to subtract), finite and within float32's range.
         config: tile config of a compiled launch (BLOCK_N, BLOCK_K, BLOCK_R, num_warps,
             num_stages), for tuning; default: ``_merge_config``.  The product's path follows
             the factors' dtype.
 
     Raises:
-        ValueError: on shapes that do not fit, or a weight whose elements share memory (an
-            expanded view).  Devices are the caller's to check (``dynrank.functional.merge_``
+        ValueError: on shapes that do not fit, a weight whose elements share memory (an
+            expanded view, an unfold's windows), a meta tensor, an alpha that is not finite or
+            past float32's range.  Devices are the caller's to check (``dynrank.functional.merge_``
             and ``conv_merge_`` do).
-        TypeError: a tensor that is not float32, float16 or bfloat16 (float64 would lose its
-            precision in the fp32 accumulation, an integer weight would take a truncated sum).
+        TypeError: an operand that is not a tensor; a tensor that is not float32, float16 or
+            bfloat16 (float64 would lose its precision in the fp32 accumulation, an integer weight
+            would take a truncated sum); an alpha that is not a real number.
 
     Example (CUDA tensors, or CPU ones with ``TRITON_INTERPRET=1`` set before triton is imported):
         >>> device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,6 +141,8 @@ def merge_(weight, A, B, alpha=1.0, config=None):
         >>> merge_(W, torch.ones(3, 1, device=device), torch.ones(4, 1, device=device), 0.5).sum().item()
         6.0
     """
+    check_tensors("merge_", weight=weight, A=A, B=B)
+    alpha = check_scale("merge_", "alpha", alpha)
     N, K = weight.shape if weight.dim() == 2 else (None, None)
     if weight.dim() != 2 or A.dim() != 2 or B.dim() != 2 or A.shape[0] != N or B.shape[0] != K \
             or A.shape[1] != B.shape[1]:
@@ -145,9 +150,7 @@ def merge_(weight, A, B, alpha=1.0, config=None):
                          f"A {tuple(A.shape)} and B {tuple(B.shape)}")
     check_launchable(weight)
     check_kernel_dtypes("merge_", weight=weight, A=A, B=B)
-    if any(stride == 0 and size > 1 for stride, size in zip(weight.stride(), weight.shape)):
-        raise ValueError(f"merge_ writes weight in place, so its elements must not share memory, got an "
-                         f"expanded view (shape {tuple(weight.shape)}, strides {weight.stride()})")
+    check_no_overlap("merge_", "weight", weight)
     if weight.numel() == 0 or A.shape[1] == 0:
         return weight
     if A.dtype != B.dtype:
@@ -171,7 +174,7 @@ def merge_(weight, A, B, alpha=1.0, config=None):
     with launch_device(W):
         _merge_kernel[grid](
             W, A, B, N, K, R, W.stride(0), W.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-            float(alpha),
+            alpha,
             # Triton's interpreter multiplies bf16 tiles wrongly; fp32 tiles hold bf16 exactly.
             DOT_FP32=interpreted and A.dtype == torch.bfloat16, INPUT_PRECISION=precision, OUTER=outer,
             INDEX_64=_needs_int64(W, A, B), **config)

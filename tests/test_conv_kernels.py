@@ -101,6 +101,36 @@ def test_conv_merge_refuses_bad_groups(groups, error, message):
     with pytest.raises(error, match=re.escape(message)):
         conv_merge_(W, torch.ones(4, 2, device=W.device), torch.ones(2, 3, 3, 3, device=W.device), groups=groups)
 
+
+def test_conv_merge_takes_numpy_integer_groups():
+    """``groups=np.int64(3)`` was a TypeError, against the package's rule that a numpy integer is an int."""
+    import numpy as np
+    device = _device()
+    weight = torch.randn(6, 2, 3, 3, device=device)
+    U, V = torch.randn(6, 2, device=device), torch.randn(6, 2, 3, 3, device=device)
+    expected = reference_conv_merge(weight, U, V, 0.5, 3)
+    assert conv_merge_(weight, U, V, 0.5, np.int64(3)) is weight
+    assert rel_err(weight, expected) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("layout", ["rows share memory", "windows"])
+def test_conv_merge_refuses_a_weight_whose_elements_overlap(layout):
+    """Each group's merge sees only its own rows: two one-row groups on one row of memory both added into
+    it, and overlapping windows lost adds, without a word."""
+    device = _device()
+    if layout == "rows share memory":
+        storage = torch.zeros(2 * 2 * 2, device=device)
+        weight = storage.as_strided((2, 2, 2, 2), (0, 4, 2, 1))
+    else:
+        storage = torch.zeros(20, device=device)
+        weight = storage.as_strided((2, 2, 2, 2), (1, 4, 2, 1))
+    with pytest.raises(ValueError, match=re.escape(f"conv_merge_ writes weight, so its elements must not share "
+                                                   f"memory, got a view whose elements overlap (shape (2, 2, 2, 2), "
+                                                   f"strides {weight.stride()})")):
+        conv_merge_(weight, torch.ones(2, 1, device=device), torch.ones(2, 2, 2, 2, device=device), 1.0, 2)
+    assert not storage.any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dec", list(RANKS))
 def test_inflate_through_triton_matches_reference(triton_backend, dec, dtype):

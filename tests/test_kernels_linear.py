@@ -291,3 +291,146 @@ def test_the_fp32_precision_setting_of_torch_is_read(device, setting, monkeypatc
         assert rel_err(y, y_ref) < (2e-3 if setting == "tf32" and device != "cpu" else REL_TOL[torch.float32])
     finally:
         torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def _overlapping(base_numel, shape, stride, device):
+    """(storage, view): a view of ``shape`` and ``stride`` over zeros whose elements share memory."""
+    storage = torch.zeros(base_numel, device=device)
+    return storage, storage.as_strided(shape, stride)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["windows", "expanded"])
+def test_merge_refuses_a_weight_whose_elements_overlap(device, layout):
+    """Only a zero stride was refused: for W[i, j] = storage[i + j] the adds that land on shared elements
+    were lost, without a word (dynrank.functional.merge_ and torch's addmm_ refuse the view)."""
+    from dynrank.kernels import merge_
+    storage, W = _overlapping(8, (3, 4), (1, 1) if layout == "windows" else (0, 1), device)
+    with pytest.raises(ValueError, match=re.escape(f"merge_ writes weight, so its elements must not share memory, "
+                                                   f"got a view whose elements overlap (shape (3, 4), strides "
+                                                   f"{W.stride()})")):
+        merge_(W, torch.ones(3, 1, device=device), torch.ones(4, 1, device=device), 1.0)
+    assert torch.equal(storage, torch.zeros(8, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["windows", "expanded"])
+def test_engine_refuses_an_out_whose_elements_overlap(device, layout):
+    """An expanded or overlapping ``out`` was written row over row (4.4 and 5.7 off x·wt); torch.mm refuses it."""
+    from dynrank.kernels import lowrank_gemm, reference_lowrank_gemm
+    x, wt = torch.randn(3, 4, device=device), torch.randn(4, 5, device=device)
+    storage, out = _overlapping(8, (3, 5), (1, 1) if layout == "windows" else (0, 1), device)
+    with pytest.raises(ValueError, match=re.escape(f"lowrank_gemm writes out, so its elements must not share "
+                                                   f"memory, got a view whose elements overlap (shape (3, 5), "
+                                                   f"strides {out.stride()})")):
+        lowrank_gemm(x, wt, out=out)
+    assert torch.equal(storage, torch.zeros(8, device=device))
+    # A strided out whose elements are apart is written through its strides.
+    storage = torch.zeros(5, 7, device=device)
+    out = storage[:, 1:4].t()
+    assert lowrank_gemm(x, wt, out=out) is out
+    assert rel_err(storage[:, 1:4].t(), reference_lowrank_gemm(x, wt)) < REL_TOL[torch.float32]
+
+
+def _entry_points(device):
+    """name → (callable, its keyword arguments): every public launcher of dynrank.kernels, on valid operands."""
+    from dynrank.kernels import conv_merge_, lowrank_gemm, lowrank_linear_backward, lowrank_linear_forward, merge_
+    t = lambda *shape: torch.randn(*shape, device=device)   # noqa: E731
+    return {
+        "lowrank_gemm": (lowrank_gemm, dict(x=t(3, 4), wt=t(4, 5), u=t(3, 2), vt=t(2, 5), bias=t(5), out=t(3, 5),
+                                            alpha=0.5, beta=2.0)),
+        "lowrank_linear_forward": (lowrank_linear_forward, dict(x=t(3, 4), weight=t(5, 4), A=t(5, 2), B=t(4, 2),
+                                                                bias=t(5), scale=0.5)),
+        "lowrank_linear_backward": (lowrank_linear_backward, dict(dy=t(3, 5), x=t(3, 4), weight=t(5, 4), A=t(5, 2),
+                                                                  B=t(4, 2), xbs=t(3, 2), scale=0.5)),
+        "merge_": (merge_, dict(weight=t(5, 4), A=t(5, 2), B=t(4, 2), alpha=0.5)),
+        "conv_merge_": (conv_merge_, dict(weight=t(4, 3, 2, 2), U=t(4, 2), V=t(2, 3, 2, 2), alpha=0.5, groups=1)),
+    }
+
+
+# The operands each op takes as None (absent).
+_OPTIONAL = {"lowrank_gemm": {"x", "wt", "u", "vt", "bias", "out"}, "lowrank_linear_forward": {"weight", "bias"},
+             "lowrank_linear_backward": {"weight"}}
+_SCALES = {"lowrank_gemm": ("alpha", "beta"), "lowrank_linear_forward": ("scale",),
+           "lowrank_linear_backward": ("scale",), "merge_": ("alpha",), "conv_merge_": ("alpha",)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op, wrong", [(op, wrong) for op in _SCALES for wrong in ("None", "list", "ndarray")
+                                       if not (op == "lowrank_gemm" and wrong == "None")])
+def test_kernels_refuse_an_operand_that_is_not_a_tensor(device, op, wrong):
+    """A list, numpy array or None operand was an AttributeError (``'list' object has no attribute 'dim'``).
+    None is refused where the operand is not optional (every operand of lowrank_gemm is)."""
+    import numpy as np
+    fn, kwargs = _entry_points(device)[op]
+    names = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)
+             and not (wrong == "None" and name in _OPTIONAL.get(op, ()))]
+    assert names
+    for name in names:
+        value = {"None": None, "list": kwargs[name].tolist(), "ndarray": np.zeros(tuple(kwargs[name].shape))}[wrong]
+        with pytest.raises(TypeError, match=re.escape(f"{op} takes tensors, got {name} of type "
+                                                      f"{type(value).__name__}")):
+            fn(**{**kwargs, name: value})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", list(_SCALES))
+def test_kernels_refuse_meta_tensors_by_name(device, op):
+    """A meta operand was a NotImplementedError from torch ("Cannot copy out of meta tensor")."""
+    fn, kwargs = _entry_points(device)[op]
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            with pytest.raises(ValueError, match=re.escape(f"{op} runs Triton kernels, which need tensors with "
+                                                           f"real data, got {name} on the meta device")):
+                fn(**{**kwargs, name: value.to("meta")})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op, scale", [(op, s) for op, names in _SCALES.items() for s in names])
+@pytest.mark.parametrize("value, error, message", [
+    (None, TypeError, "must be a real number, got NoneType (None)"),
+    ([1.0], TypeError, "must be a real number, got list ([1.0])"),
+    (True, TypeError, "must be a real number, got bool (True)"),
+    (1j, TypeError, "must be a real number, got complex (1j)"),
+    (float("nan"), ValueError, "must be finite, got nan"),
+    (-float("inf"), ValueError, "must be finite, got -inf"),
+    (1e300, ValueError, "must be within float32's range (magnitude at most 3.403e+38): the kernels compute "
+                        "in fp32, got 1e+300"),
+    (-10 ** 400, ValueError, "must be within float32's range"),
+], ids=["None", "list", "bool", "complex", "nan", "-inf", "1e300", "-10**400"])
+def test_kernels_refuse_a_scale_that_is_not_a_finite_float32(device, op, scale, value, error, message):
+    """None or a list was a bare float() TypeError, NaN / inf went into W in place (functional.merge_ refuses
+    it), 1e300 became inf in the fp32 accumulator.  Nothing is written."""
+    fn, kwargs = _entry_points(device)[op]
+    written = kwargs.get("weight") if op.endswith("merge_") else kwargs.get("out")
+    before = written.clone() if written is not None else None
+    with pytest.raises(error, match=re.escape(f"{op}: {scale} {message}")):
+        fn(**{**kwargs, scale: value})
+    if before is not None:
+        assert torch.equal(written, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["lowrank_gemm", "merge_", "lowrank_linear_forward"])
+def test_kernels_take_numpy_and_0d_tensor_scales_as_floats(device, op):
+    """A numpy number or a 0-d real tensor is the float it holds (as ``float()`` read it)."""
+    import numpy as np
+    fn, kwargs = _entry_points(device)[op]
+    name = _SCALES[op][0]
+    copy = lambda kw: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}  # noqa: E731
+    expected = fn(**copy(kwargs))
+    for value in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5, dtype=torch.float64)):
+        got = fn(**{**copy(kwargs), name: value})
+        assert torch.equal(got[0] if isinstance(got, tuple) else got, expected[0] if isinstance(expected, tuple)
+                           else expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["lowrank_linear_forward", "lowrank_linear_backward"])
+@pytest.mark.parametrize("name", ["weight", "A", "B"])
+def test_linear_kernels_refuse_operands_that_are_not_2d(device, op, name):
+    """A 3-D weight was a RuntimeError from ``t()``; a 1-D B was named ``wt`` by the engine."""
+    fn, kwargs = _entry_points(device)[op]
+    for shape in ((1, *kwargs[name].shape), tuple(kwargs[name].shape[:1])):
+        with pytest.raises(ValueError, match=re.escape(f"{op}: {name} must be 2-D, got shape {shape}")):
+            fn(**{**kwargs, name: torch.randn(shape, device=device)})
