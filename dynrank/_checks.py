@@ -17,7 +17,13 @@ __all__ = ["unwrap_model", "form_layers", "check_model_and_optimizer", "check_sy
 
 
 def unwrap_model(model):
-    """The user's module inside DistributedDataParallel / DataParallel wrappers."""
+    """The user's module inside DistributedDataParallel / DataParallel wrappers.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from torch.nn.parallel import DataParallel, DistributedDataParallel
     while isinstance(model, (DataParallel, DistributedDataParallel)):
         model = model.module
@@ -25,7 +31,11 @@ def unwrap_model(model):
 
 
 def form_layers(model):
-    """List of (qualified name, layer) for every dynrank layer (FormLayer) in ``model``."""
+    """List of (qualified name, layer) for every dynrank layer (FormLayer) in ``model``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
     return [(name, m) for name, m in unwrap_model(model).named_modules() if isinstance(m, FormLayer)]
 
 

@@ -504,7 +504,8 @@ class FormLayer(nn.Module):
         if form is not None:
             rank, problem = self._rank, None
             if form == self._form or not moved:
-                rank, problem = self._state_rank_and_problem(state_dict, prefix, form, moved)
+                assign = local_metadata.get("assign_to_params_buffers", False)
+                rank, problem = self._state_rank_and_problem(state_dict, prefix, form, moved, assign)
             if problem is not None:
                 # Nothing of this layer is touched: torch's load_state_dict raises with the message.
                 name = prefix[:-1] or type(self).__name__
@@ -517,7 +518,22 @@ class FormLayer(nn.Module):
                 except RuntimeError as e:     # into torch's list: the other layers load and it names them all
                     self._refuse_load(state_dict, prefix, error_msgs, str(e))
                     return
+                before, held, failed = params_before(self), self._held_state(), len(error_msgs)
                 self._switch_for_load(form, rank)
+                try:
+                    super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                  unexpected_keys, error_msgs)
+                except BaseException:
+                    self._restore_held_state(held)
+                    raise
+                # A copy torch could not make (the checks above refuse the tensors known to fail): the
+                # layer gets its own parameters back, and the optimizer follows only a load that took.
+                # What the switch kept (the bias, W as W_f) is torch's to load, as nn.Linear's bias is.
+                if len(error_msgs) > failed:
+                    self._restore_held_state(held)
+                else:
+                    self._follow_load(before)
+                return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -532,18 +548,46 @@ class FormLayer(nn.Module):
 
     @outside_inference_mode
     def _switch_for_load(self, form, rank):
-        """Allocate ``form`` at ``rank`` for a load; the managing scheduler's optimizer follows, if any."""
-        before = params_before(self)
+        """Allocate ``form`` at ``rank`` for a load (:meth:`_follow_load` once its tensors are copied in)."""
         self._allocate(form, rank)
+
+    @outside_inference_mode
+    def _follow_load(self, before):
+        """The managing scheduler's optimizer, if any, follows a load that switched the layer (``before``:
+        :func:`~dynrank._optim.params_before` of the layer before the switch)."""
         follow_load(self, before)
 
-    def _state_rank_and_problem(self, state_dict, prefix, form, moved=()):
+    # What a switch for a load changes besides the parameters: restored with them where the load fails.
+    _SWITCHED = ("_form", "_rank", "_lowrank_rank", "_factor_param_names")
+
+    def _held_state(self):
+        """The layer's parameters (objects and ``requires_grad``) and form bookkeeping, for
+        :meth:`_restore_held_state`."""
+        params = dict(self._parameters)
+        return (params, {n: p.requires_grad for n, p in params.items() if p is not None},
+                {k: self.__dict__[k] for k in self._SWITCHED if k in self.__dict__})
+
+    def _restore_held_state(self, held):
+        """Put back what :meth:`_held_state` took: the very Parameter objects, in their order."""
+        params, grads, attrs = held
+        self._parameters.clear()
+        self._parameters.update(params)
+        for name, requires_grad in grads.items():
+            params[name].requires_grad_(requires_grad)
+        for key in self._SWITCHED:
+            self.__dict__.pop(key, None)
+        self.__dict__.update(attrs)
+        self._on_form_change()
+
+    def _state_rank_and_problem(self, state_dict, prefix, form, moved=(), assign=False):
         """(rank, None) when the state dict's tensors for this layer have the shapes of ``form`` at the
         rank they give, else (None, what is wrong), so a bad checkpoint never half-loads a layer.
 
         Where a reparametrized factor (named in ``moved``) is not in the dict under its own name (it is
         saved under its reparametrization's keys), the rank is the layer's own, and the shapes of the
-        factors the dict holds under their own names are checked against it."""
+        factors the dict holds under their own names are checked against it.  Where the load switches
+        form or rank and copies (``assign`` False), a tensor torch cannot copy into the new parameters
+        (sparse, quantized, or meta beside real ones) is wrong too: the copy would fail after the switch."""
         rank = self._rank
         unnamed = [n for n in moved if n in self._all_factor_names() and prefix + n not in state_dict]
         if form != "full" and not unnamed:
@@ -560,7 +604,8 @@ class FormLayer(nn.Module):
         expected = dict(self._factor_shapes(rank)) if form != "full" else {}
         if form != "lowrank":
             expected[self.weight_name] = tuple(self._dense_shape())
-        if (form, rank) != (self._form, self._rank):
+        switching = (form, rank) != (self._form, self._rank)
+        if switching:
             # The switch allocates these uninitialized: a dict that lacks one would leave it so.  (An
             # adapter's new rank keeps its W_f.)
             kept = {self.weight_name} if form == self._form == "adapter" else set()
@@ -582,7 +627,21 @@ class FormLayer(nn.Module):
                 where = f"{form} form" + ("" if form == "full" else f", rank {rank}")
                 wrong.append(f"{name} must have shape {tuple(shape)} ({where}), got {tuple(value.shape)}"
                              f"{self._shape_hint(name, tuple(value.shape))}")
+            elif switching and not assign and (kind := self._uncopyable(value)):
+                where = f"{form} form" + ("" if form == "full" else f", rank {rank}")
+                wrong.append(f"{name} must be a dense tensor with values to load ({where}), got {kind}")
         return (rank, None) if not wrong else (None, "; ".join(wrong))
+
+    def _uncopyable(self, value):
+        """What makes ``value`` a tensor torch cannot copy into the layer's parameters (a sparse or other
+        non-strided layout, a quantized tensor, a meta tensor for a layer with values), else ""."""
+        if value.layout != torch.strided:
+            return f"a {str(value.layout).replace('torch.', '')} tensor"
+        if value.is_quantized:
+            return f"a quantized tensor ({value.dtype})"
+        if value.is_meta and not self._reference_tensor().is_meta:
+            return "a meta tensor (it has no values)"
+        return ""
 
     def _shape_hint(self, name, shape):
         """What a state dict's wrong ``shape`` for tensor ``name`` likely means ("" where nothing is known)."""

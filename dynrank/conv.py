@@ -282,7 +282,7 @@ class LowRankConv2d(FormLayer):
         self._padding_mode = _check_padding_mode(padding_mode)
         self._derive_padding()
         self.decomposition = decomposition
-        self.alpha = check_alpha(alpha)
+        self.alpha = check_alpha(alpha, dtype)
         self.adapter_strategy = adapter_strategy
         self._kshape = KernelShape(self.out_channels, self.in_channels, *self.kernel_size, self.groups)
         if (rank is None) == (rank_ratio is None):

@@ -41,7 +41,8 @@ def _check_conv_merge(weight, U, V, alpha, groups):
     if U.device != weight.device or V.device != weight.device:
         raise ValueError(f"weight, U and V must be on one device, got {weight.device}, {U.device}, {V.device}")
     check_no_overlap("merge_conv_", weight)
-    return _check_scale(alpha, "alpha")
+    applied = torch.float64 if torch.float64 in (weight.dtype, U.dtype, V.dtype) else weight.dtype
+    return _check_scale(alpha, "alpha", applied)
 
 
 def _uses_triton(weight, U, V):

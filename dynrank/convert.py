@@ -146,6 +146,10 @@ def _named_exactly(patterns, names):
 
 
 def _check_patterns(value, what):
+    if isinstance(value, nn.Module):       # callable, but its forward is no filter
+        raise TypeError(f"{what} must be a name/glob, a list of them, a callable (name, module) -> bool or "
+                        f"None, got a {type(value).__name__} module: pass its name in the model (or a "
+                        f"function that picks it)")
     if value is None or callable(value) or isinstance(value, str):
         return value
     try:
@@ -348,7 +352,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
         form: ``"lowrank"`` (training from scratch), ``"full"`` (fine-tuning:
             deflate later) or ``"adapter"``.
         include: only modules matching these names/globs (``fnmatch``), or a
-            callable ``(name, module) -> bool``; None: all.  A name/glob must
+            callable ``(name, module) -> bool`` (not an ``nn.Module``); None: all.  A name/glob must
             match the full name of at least one nn.Linear/nn.Conv2d/Conv1D of
             the model (a typo raises); a shared module matches by any of its names.
         exclude: modules matching these are kept dense (same rules).
@@ -364,12 +368,13 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     Raises:
         TypeError: ``model`` is not an nn.Module, a non-number ρ or ``alpha``, a
             ``min_features`` that is not an int, a ``keep_last`` that is not a
-            bool, bad include/exclude types, or
+            bool, bad include/exclude types (an ``nn.Module`` among them), or
             a layer to convert whose weight is not floating-point (the message
             names the layer).
-        ValueError: ρ outside (0, 1], ``alpha`` not a finite number > 0,
-            ``min_features`` below 1, a lazy module not yet run
-            (``nn.LazyLinear``), unknown decomposition/form/init, an
+        ValueError: ρ outside (0, 1], ``alpha`` not a finite number > 0 (or
+            above float32's largest value, 3.4e38, for a layer that is not
+            float64: the message names the layer), ``min_features`` below 1,
+            a lazy module not yet run (``nn.LazyLinear``), unknown decomposition/form/init, an
             include/exclude name or glob that matches no
             nn.Linear/nn.Conv2d/Conv1D,
             a tied, (lowrank/full form) frozen or nn.MultiheadAttention layer
@@ -391,7 +396,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_ratio(rank_ratio)
-    check_alpha(alpha)
+    check_alpha(alpha, torch.float64)      # a layer's own dtype may limit it more: checked as each is built
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {', '.join(DECOMPOSITIONS)}, got {decomposition!r}")
     if form not in FORMS:

@@ -369,7 +369,8 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
     ``call_function`` node of this function, its parameters as ``get_attr`` nodes.
 
     Raises:
-        ValueError: shapes that do not fit, operands on different devices, a scale that is not finite.
+        ValueError: shapes that do not fit, operands on different devices, a scale that is not finite, or
+            (an input that is not float64) above float32's largest value, 3.4e38, in magnitude.
         TypeError: non-tensor operands, an input that is not floating-point, mismatched dtypes outside
             autocast, a scale that is not a number.
 
@@ -384,9 +385,9 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
             return traced
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     compiling = torch.compiler.is_compiling()
-    if not compiling and (type(scale) is not float or not math.isfinite(scale)):
+    if not compiling and (type(scale) is not float or not -FLOAT32_MAX <= scale <= FLOAT32_MAX):
         # Traced code skips this: dynamo may pass the scale as a SymFloat.
-        scale = _check_scale(scale, "scale")
+        scale = _check_scale(scale, "scale", x.dtype)
     device_type = x.device.type
     if _autocasting(device_type):
         return _autocast_lowrank_linear(x, weight, A, B, bias, scale)
@@ -540,7 +541,8 @@ def merge_(weight, A, B, alpha=1.0):
 
     Raises:
         ValueError: shapes that do not fit, tensors on different devices, a weight whose elements share
-            memory (an expanded view, an unfold's windows), an alpha that is not finite.
+            memory (an expanded view, an unfold's windows), an alpha that is not finite, or (no tensor
+            float64) above float32's largest value, 3.4e38, in magnitude.
         TypeError: tensors that are not floating point, an alpha that is not a number.
 
     Example:
@@ -550,8 +552,10 @@ def merge_(weight, A, B, alpha=1.0):
     for name, t in (("weight", weight), ("A", A), ("B", B)):
         if not isinstance(t, Tensor):
             raise TypeError(f"merge_ takes tensors, got {name} of type {type(t).__name__}")
-    if not torch.compiler.is_compiling() and (type(alpha) is not float or not math.isfinite(alpha)):
-        alpha = _check_scale(alpha, "alpha")
+    if not torch.compiler.is_compiling() and (type(alpha) is not float or not -FLOAT32_MAX <= alpha <= FLOAT32_MAX):
+        # Mixed dtypes add in float64 where one of them is float64 (see below).
+        wide = torch.float64 in (weight.dtype, A.dtype, B.dtype)
+        alpha = _check_scale(alpha, "alpha", torch.float64 if wide else weight.dtype)
     if torch.is_grad_enabled() and (weight.requires_grad or A.requires_grad or B.requires_grad):
         with torch.no_grad():
             return merge_(weight, A, B, alpha)
@@ -593,9 +597,15 @@ def add_rounded_once_(weight, acc, shape, add_):
     return weight
 
 
-def _check_scale(value, name):
+# The largest scale torch applies to float32 and 16-bit tensors: it converts a GEMM's alpha, or a scalar
+# factor, to float32 first (a larger one is a RuntimeError, or inf).  float64 tensors take any finite scale.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_scale(value, name, dtype=None):
     """A finite real number as float (``lowrank_linear``'s scale, ``merge_``'s alpha): a Python or
-    numpy number, or a 0-d real tensor (read once, as ``float()`` reads it)."""
+    numpy number, or a 0-d real tensor (read once, as ``float()`` reads it).  Where ``dtype`` (the
+    dtype that applies it) is given and is not float64, at most :data:`FLOAT32_MAX` in magnitude."""
     if isinstance(value, Tensor) and value.requires_grad:
         raise TypeError(f"{name} is read as a number, so a tensor that requires grad would get no gradient; "
                         f"pass a float (or detach it), or scale the output yourself to learn it")
@@ -604,6 +614,10 @@ def _check_scale(value, name):
     value = float(check_real(value, name, "a real number"))
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if dtype is not None and dtype != torch.float64 and not -FLOAT32_MAX <= value <= FLOAT32_MAX:
+        raise ValueError(f"{name} must be at most {FLOAT32_MAX:.6g} in magnitude (float32's largest value: torch "
+                         f"applies it to {dtype} tensors in float32; float64 ones take any finite {name}), "
+                         f"got {value}")
     return value
 
 

@@ -134,14 +134,29 @@ def check_ratio(ratio, what="rank_ratio"):
     return float(ratio)
 
 
-def check_alpha(alpha):
-    """Validate a scale numerator: None, or a finite number > 0; returns it as float (so the scale
-    alpha / rank is a Python float, as the layers' forward expects)."""
+def check_alpha(alpha, dtype=None):
+    """Validate a scale numerator: None, or a finite number > 0 that a layer of ``dtype`` (None: the
+    default dtype) can apply; returns it as float (so the scale alpha / rank is a Python float, as the
+    layers' forward expects).
+
+    torch applies a scale to float32 and 16-bit tensors in float32, so there alpha is at most float32's
+    largest value (3.4e38; alpha is the scale at rank 1); a float64 layer takes any finite alpha.
+
+    Raises:
+        TypeError: an ``alpha`` that is not a number (a str, a bool, a tensor).
+        ValueError: an ``alpha`` that is not a finite number > 0, or above float32's largest value for
+            a ``dtype`` other than float64.
+    """
     if alpha is None:
         return None
     check_real(alpha, "alpha", "a number or None")
     if not 0.0 < alpha < math.inf:                  # NaN fails this too
         raise ValueError(f"alpha must be a finite number > 0 (the scale is alpha / rank), got {alpha!r}")
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if dtype != torch.float64 and alpha > DF.FLOAT32_MAX:
+        raise ValueError(f"alpha must be at most {DF.FLOAT32_MAX:.6g} (float32's largest value) for a {dtype} "
+                         f"layer: torch applies the scale alpha / rank in float32 (a float64 layer takes any "
+                         f"finite alpha), got {alpha!r}")
     return float(alpha)
 
 
@@ -213,7 +228,8 @@ class FusedLowRankLinear(FormLayer):
         TypeError: a size or ``rank`` that is not an int (a float, a str, a bool, None; a numpy
             integer is an int), a non-number ``alpha``, a ``dtype`` that is not floating-point.
         ValueError: a size below 1, ``rank`` outside [1, min(in_features, out_features)],
-            ``alpha`` not a finite number > 0, an unknown ``form``.
+            ``alpha`` not a finite number > 0 (or, for a ``dtype`` other than float64, above float32's
+            largest value, 3.4e38), an unknown ``form``.
 
     Example:
         >>> layer = FusedLowRankLinear(64, 32, rank=8)
@@ -233,7 +249,7 @@ class FusedLowRankLinear(FormLayer):
         super().__init__()
         self.in_features = check_int(in_features, "in_features", "a positive int", 1)
         self.out_features = check_int(out_features, "out_features", "a positive int", 1)
-        self.alpha = check_alpha(alpha)
+        self.alpha = check_alpha(alpha, dtype)
         self._build_parameters(form, self._check_rank(rank), bias, device, dtype)
 
     # -- factor description (FormLayer contract) ---------------------------------
@@ -241,6 +257,16 @@ class FusedLowRankLinear(FormLayer):
         return check_rank(rank, min(self.in_features, self.out_features))
 
     def scale_for(self, rank):
+        """Scale s of the low-rank term at ``rank``: alpha / rank, or 1 without ``alpha``.
+
+        Raises:
+            TypeError: a ``rank`` that is not an int (a numpy integer is one).
+            ValueError: a ``rank`` below 1.
+        """
+        return self._scale_at(check_int(rank, "rank", "a positive int", 1))
+
+    def _scale_at(self, rank):
+        # scale_for without the check (about a µs), for the forward's own rank.
         return 1.0 if self.alpha is None else self.alpha / rank
 
     def rank_for_ratio(self, ratio):
@@ -250,7 +276,7 @@ class FusedLowRankLinear(FormLayer):
     @property
     def scale(self):
         """Factor s multiplying the low-rank term: alpha / rank, or 1."""
-        return self.scale_for(self._rank)
+        return self._scale_at(self._rank)
 
     def _factor_names(self, rank):
         return ("A", "B")
@@ -364,7 +390,7 @@ class FusedLowRankLinear(FormLayer):
             self._refuse_weight()      # one torch.func.functional_call passed in: refused as an assigned one
         # lowrank_linear checks the input against the factors.
         return DF.lowrank_linear(input, weight, self._read("A"), self._read("B"), self._read("bias"),
-                                 self.scale_for(self._rank))
+                                 self._scale_at(self._rank))
 
     def _check_input(self, x, weight, bias=None):
         """Raise the error that names what is wrong with ``x`` for the full form's ``weight`` and ``bias``

@@ -410,8 +410,8 @@ def monitored_layers(model, layers=None):
         list of (name, module) in ``named_modules`` order (given names: in their order).
 
     Raises:
-        TypeError: ``model`` is not a module; ``layers`` is none of the above, or names a module with no
-            weight to measure (an activation, say).
+        TypeError: ``model`` is not a module; ``layers`` is none of the above (an ``nn.Module`` itself is
+            not a predicate), or names a module with no weight to measure (an activation, say).
         ValueError: an unknown name.
     """
     if not isinstance(model, nn.Module):
@@ -425,11 +425,12 @@ def monitored_layers(model, layers=None):
             found.append((name, module))
         elif _is_plain(module):
             found.append((name, module))
+    layers = check_layers(layers)
     if layers is None:
         return found
     if callable(layers):
         return [(n, m) for n, m in found if layers(n, m)]
-    names = check_layers(layers)
+    names = layers
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
@@ -445,7 +446,14 @@ def monitored_layers(model, layers=None):
 
 
 def check_layers(layers):
-    """``layers`` of :func:`monitored_layers` as given: None, a predicate, or a list of names."""
+    """``layers`` of :func:`monitored_layers` as given: None, a predicate, or a list of names.
+
+    Raises:
+        TypeError: none of these, or an ``nn.Module`` (callable, but its forward is no predicate).
+    """
+    if isinstance(layers, nn.Module):
+        raise TypeError(f"layers must be None, module names (a str or an iterable of str) or a predicate "
+                        f"fn(name, module), got a {type(layers).__name__} module: pass its name in the model")
     if layers is None or callable(layers):
         return layers
     return as_names(layers, "layers", "None, module names (a str or an iterable of str) or a predicate "

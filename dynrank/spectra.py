@@ -2,7 +2,8 @@
 
 :mod:`dynrank.metrics` computes σ of a layer's effective weight and applies
 these; they take any 1-D tensor (or sequence) of singular values, e.g. from
-``torch.linalg.svdvals``: real, finite and ≥ 0, else ValueError/TypeError.
+``torch.linalg.svdvals``: real, finite and ≥ 0, with values (not on the meta device), else
+ValueError/TypeError.
 
 **Tolerance.**  A singular value counts as nonzero when σ > tol·σmax.  The
 default ``tol`` is the numerical-rank rule of LAPACK, numpy and
@@ -29,14 +30,16 @@ def default_tol(shape, dtype):
     """Default relative tolerance max(m, n)·eps(dtype), capped at 1e-2.
 
     Args:
-        shape: (m, n) of the matrix.
+        shape: (m, n) of the matrix, positive ints (a tuple, a list or a ``torch.Size``).
         dtype: floating dtype the weight is stored in.
 
     Returns:
         float in (0, 1e-2].
 
     Raises:
-        TypeError: ``dtype`` is not a real floating dtype.
+        TypeError: ``dtype`` is not a real floating dtype; ``shape`` is not a tuple, list or
+            ``torch.Size``, or holds an entry that is not an int (a numpy integer is one).
+        ValueError: ``shape`` not of length 2, or with an entry below 1.
 
     Example:
         >>> default_tol((768, 3072), torch.float32)    # doctest: +ELLIPSIS
@@ -44,6 +47,12 @@ def default_tol(shape, dtype):
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a real floating torch.dtype (the weight's), got {dtype!r}")
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"shape must be a tuple (m, n), got {type(shape).__name__} ({shape!r})")
+    expected = "(m, n) of positive ints"
+    if len(shape) != 2:
+        raise ValueError(f"shape must be {expected}, got {tuple(shape)!r}")
+    shape = [check_int(n, "shape", expected, 1, where=f" in {tuple(shape)!r}") for n in shape]
     return min(max(shape) * torch.finfo(dtype).eps, 1e-2)
 
 
@@ -63,6 +72,9 @@ def _as_sigma(sigma):
                             f"{type(sigma).__name__}") from exc
     if sigma.dim() != 1 or sigma.numel() == 0:
         raise ValueError(f"singular values must be a non-empty 1-D tensor, got shape {tuple(sigma.shape)}")
+    if sigma.is_meta:
+        raise ValueError("singular values must have values, got a tensor on the meta device (compute them "
+                         "from a materialized weight)")
     if sigma.is_complex():
         raise TypeError(f"singular values must be real, got a {sigma.dtype} tensor")
     if not sigma.is_floating_point():
@@ -93,8 +105,8 @@ def effective_rank(sigma, tol=None):
         int in [0, p]; 0 for the zero matrix.
 
     Raises:
-        ValueError/TypeError: empty, non-1-D or complex ``sigma``, an entry that is negative, NaN or
-            infinite; ``tol`` outside [0, 1).
+        ValueError/TypeError: empty, non-1-D, complex or meta ``sigma``, an entry that is negative, NaN
+            or infinite; ``tol`` outside [0, 1).
 
     Example:
         >>> effective_rank(torch.tensor([3.0, 1.0, 0.0]))

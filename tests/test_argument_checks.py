@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import REL_TOL, rel_err
+
 from dynrank import (SRIP, IncrementalRankScheduler, LowRankConv2d, RankMonitor, SoftOrthogonality, convert_model,
                      schedule_from_lr)
 from dynrank._forms import check_floating_dtype
@@ -22,7 +24,10 @@ from dynrank.cost import (ParamCounts, comp_ratio, epoch_times, form_epochs, lay
                           param_counts)
 from dynrank._args import check_int, check_real
 from dynrank.linear import FusedLowRankLinear, check_alpha, check_ratio
-from dynrank.metrics import layer_metrics
+from dynrank._checks import form_layers
+from dynrank.distributed import dynrank_params
+from dynrank.functional import lowrank_linear, merge_
+from dynrank.metrics import layer_metrics, model_metrics, monitored_layers
 from dynrank.regularizers import srip_penalty
 from dynrank.spectra import restricted_spectral_ratio
 
@@ -152,6 +157,8 @@ INT_ARGUMENTS = {
                             "out_features must be a positive int", 0, 9, False),
     "linear rank": (lambda v: FusedLowRankLinear(6, 9, rank=v), "rank must be an int", "rank must be in [1, 6]",
                     7, 2, False),
+    "linear scale_for rank": (lambda v: FusedLowRankLinear(6, 9, rank=2, alpha=4.0).scale_for(v),
+                              "rank must be a positive int", "rank must be a positive int", 0, 3, False),
     "conv in_channels": (lambda v: LowRankConv2d(v, 6, 3, rank=2), "in_channels must be a positive int",
                          "in_channels must be a positive int", 0, 4, False),
     "conv out_channels": (lambda v: LowRankConv2d(4, v, 3, rank=2), "out_channels must be a positive int",
@@ -291,6 +298,19 @@ def test_check_int_takes_every_integral_number_and_no_bool():
         check_int(9, "x", "an int in [1, 8]", 1, 8)
 
 
+def test_scale_for_takes_a_positive_int_rank():
+    """scale_for checked nothing: rank 0 was a ZeroDivisionError, -1 gave -4.0, 2.5 gave 1.6."""
+    layer = FusedLowRankLinear(6, 9, rank=2, alpha=4.0)
+    assert layer.scale_for(3) == 4.0 / 3 and layer.scale_for(np.int64(4)) == 1.0 and layer.scale == 2.0
+    assert FusedLowRankLinear(6, 9, rank=2).scale_for(5) == 1.0
+    for rank in (-1, 0):
+        with pytest.raises(ValueError, match=rf"^rank must be a positive int, got {rank}$"):
+            layer.scale_for(rank)
+    for layer_alpha in (4.0, None):
+        with pytest.raises(TypeError, match=r"^rank must be a positive int, got float \(2\.5\)$"):
+            FusedLowRankLinear(6, 9, rank=2, alpha=layer_alpha).scale_for(2.5)
+
+
 def test_a_wrong_type_in_a_state_dict_names_the_state_dict():
     with pytest.raises(TypeError, match=r"^invalid IncrementalRankScheduler state dict: last_step must be a "
                                         r"non-negative int, got float \(3\.0\)$"):
@@ -325,3 +345,96 @@ def test_convert_model_checks_the_dtype_before_building_a_layer(init):
     with pytest.raises(TypeError, match=r"could not convert '0' \(Linear.*\): dtype must be a floating-point dtype, "
                                         r"got torch\.int32; the model is left as it was"):
         convert_model(model, form="adapter", init=init)
+
+
+# -- a scale that float32 cannot hold -------------------------------------------------------------
+
+F32_MAX = torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, None], ids=str)
+def test_an_alpha_above_float32s_range_is_refused_below_float64(dtype):
+    """alpha=1e300 passed as finite: the adapter's forward then raised torch's "value cannot be converted
+    to type float without overflow", the lowrank one returned inf.  torch applies a scale to float32 and
+    16-bit tensors in float32."""
+    message = re.escape(f"alpha must be at most {F32_MAX:.6g} (float32's largest value) for a "
+                        f"{dtype or torch.float32} layer")
+    with pytest.raises(ValueError, match=message + r".*got 1e\+300$"):
+        FusedLowRankLinear(6, 5, rank=2, alpha=1e300, dtype=dtype)
+    with pytest.raises(ValueError, match=message):
+        check_alpha(np.float64(1e39), dtype)
+    assert check_alpha(F32_MAX, dtype) == F32_MAX
+
+
+def test_a_float64_layer_takes_an_alpha_above_float32s_range():
+    layer = FusedLowRankLinear(6, 5, rank=2, alpha=1e300, form="full", dtype=torch.float64)
+    layer.deflate(init="random")
+    x = torch.randn(3, 6, dtype=torch.float64)
+    A, B = layer.A.detach(), layer.B.detach()
+    expected = x @ layer.weight.detach().t() + 5e299 * (x @ B) @ A.t() + layer.bias.detach()
+    assert torch.isfinite(expected).all() and layer.scale == 5e299
+    assert rel_err(layer(x) / 1e300, expected / 1e300) < REL_TOL[torch.float64]    # norms of 1e300s overflow
+    # convert_model holds alpha to each layer's dtype, and names the layer it cannot build
+    convert_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)).double(), alpha=1e300)
+    with pytest.raises(ValueError, match=r"could not convert '0' \(Linear.*\): alpha must be at most 3\.40282e\+38 "
+                                         r"\(float32's largest value\) for a torch\.float32 layer.*the model is left "
+                                         r"as it was"):
+        convert_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), alpha=1e300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_a_functional_scale_above_float32s_range_is_refused_below_float64(dtype):
+    """functional.lowrank_linear(scale=1e300) and merge_(alpha=1e300) raised a bare RuntimeError from torch on
+    float32 tensors; float64 ones compute with it."""
+    x, W, A, B = (torch.randn(*shape, dtype=torch.float64) for shape in ((3, 4), (5, 4), (5, 2), (4, 2)))
+    big = -1e300 if dtype == torch.float64 else -2 * F32_MAX
+    if dtype == torch.float64:                        # compared at 1e300 times smaller: their norms overflow
+        y = lowrank_linear(x, W, A, B, scale=big)
+        assert rel_err(y / -big, (x @ W.t() + big * (x @ B) @ A.t()) / -big) < REL_TOL[dtype]
+        assert rel_err(merge_(W.clone(), A, B, alpha=big) / -big, (W + big * A @ B.t()) / -big) < REL_TOL[dtype]
+        return
+    x, W, A, B = (t.to(dtype) for t in (x, W, A, B))
+    for call, name in ((lambda v: lowrank_linear(x, W, A, B, scale=v), "scale"),
+                       (lambda v: lowrank_linear(x, None, A, B, scale=torch.tensor(v, dtype=torch.float64)), "scale"),
+                       (lambda v: merge_(W.clone(), A, B, alpha=v), "alpha")):
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be at most {F32_MAX:.6g} in magnitude (float32's "
+                                                       f"largest value: torch applies it to {dtype} tensors in "
+                                                       f"float32; float64 ones take any finite {name}), got {big}")):
+            call(big)
+    assert torch.isfinite(merge_(W.float().clone(), A.float(), B.float(), alpha=F32_MAX / 1e6)).all()
+
+
+# -- what a model or a filter must be --------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [None, "model", 3, [nn.Linear(4, 4)]], ids=repr)
+def test_dynrank_params_of_something_that_is_not_a_module_is_a_type_error(value):
+    """form_layers (dynrank_params, allreduce_grads, the schedulers) raised an AttributeError from inside."""
+    with pytest.raises(TypeError, match=rf"^model must be a torch\.nn\.Module, got {type(value).__name__}$"):
+        dynrank_params(value)
+    with pytest.raises(TypeError, match=rf"^model must be a torch\.nn\.Module, got {type(value).__name__}$"):
+        form_layers(value)
+    model = nn.Sequential(FusedLowRankLinear(4, 4, rank=2))
+    assert dynrank_params(model) == set(model.parameters())
+
+
+def test_a_module_is_not_a_filter():
+    """A module (callable) given as include/exclude/layers was called as a predicate: "ReLU.forward() takes
+    2 positional arguments but 3 were given"."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    for what in ("include", "exclude"):
+        for value in (nn.ReLU(), model[2], nn.Sequential(nn.Linear(8, 8))):
+            with pytest.raises(TypeError, match=re.escape(f"{what} must be a name/glob, a list of them, a callable "
+                                                          f"(name, module) -> bool or None, got a "
+                                                          f"{type(value).__name__} module: pass its name")):
+                convert_model(model, **{what: value})
+    assert all(type(m) is not FusedLowRankLinear for m in model)                  # left as it was
+    converted = nn.Sequential(FusedLowRankLinear(6, 5, rank=2), nn.ReLU())
+    layers = re.escape("layers must be None, module names (a str or an iterable of str) or a predicate "
+                       "fn(name, module), got a ReLU module: pass its name")
+    for call in (lambda v: model_metrics(converted, layers=v), lambda v: monitored_layers(converted, v),
+                 lambda v: RankMonitor(converted, layers=v)):
+        with pytest.raises(TypeError, match=layers):
+            call(nn.ReLU())
+    assert list(model_metrics(converted, layers=lambda name, m: name == "0")) == ["0"]
+    convert_model(model, include=lambda name, m: name == "2")
+    assert [type(m).__name__ for m in model] == ["Linear", "ReLU", "FusedLowRankLinear", "Linear"]

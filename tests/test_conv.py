@@ -736,3 +736,18 @@ def test_scale_for_checks_the_rank_as_the_constructor_does(dec):
     for bad, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (None, TypeError)):
         with pytest.raises(error, match="must be"):
             layer.scale_for(bad)
+
+
+def test_an_alpha_past_float32s_range_is_refused_where_float32_applies_it():
+    """alpha = 1e300 passed every check, and failed inside torch (or gave inf) at the first forward or merge."""
+    from dynrank.conv_merging import merge_conv_
+    with pytest.raises(ValueError, match="alpha must be at most 3.40282e"):
+        LowRankConv2d(2, 4, 3, rank=2, alpha=1e300)
+    assert LowRankConv2d(2, 4, 3, rank=2, alpha=1e300, dtype=F64).alpha == 1e300
+    W, U, V = torch.zeros(4, 2, 3, 3), torch.randn(4, 2), torch.randn(2, 2, 3, 3)
+    with pytest.raises(ValueError, match="alpha must be at most 3.40282e"):
+        merge_conv_(W, U, V, 1e300, 1)
+    assert not W.any()
+    W64 = W.double()
+    merge_conv_(W64, U.double(), V.double(), 1e-300, 1)           # float64 takes any finite alpha
+    assert rel_err(W64, 1e-300 * torch.einsum("fq,qchw->fchw", U.double(), V.double())) < TOL

@@ -111,6 +111,34 @@ def test_default_tolerance():
     assert layer_metrics(nn.Linear(40, 30)).tol == pytest.approx(40 * torch.finfo(torch.float32).eps)
 
 
+def test_default_tolerance_takes_a_shape_of_two_positive_ints():
+    """A negative shape gave a negative tolerance, a 1-D one a value, and None, an int or a str bare
+    TypeErrors from max()."""
+    eps = torch.finfo(torch.float32).eps
+    for shape in ((np.int64(768), 3072), [768, 3072], torch.Size([768, 3072])):
+        assert default_tol(shape, torch.float32) == pytest.approx(3072 * eps)
+    for shape in (None, 768, "768x3072"):
+        with pytest.raises(TypeError, match=re.escape(f"shape must be a tuple (m, n), got {type(shape).__name__} "
+                                                      f"({shape!r})")):
+            default_tol(shape, torch.float32)
+    with pytest.raises(TypeError, match=re.escape("shape must be (m, n) of positive ints, got float (3.0) in "
+                                                  "(3.0, 4)")):
+        default_tol((3.0, 4), torch.float32)
+    for shape, got in (((-5, -7), "-5 in (-5, -7)"), ((3, 0), "0 in (3, 0)"), ((4,), "(4,)"), ((2, 3, 4), "(2, 3, 4)")):
+        with pytest.raises(ValueError, match=re.escape(f"shape must be (m, n) of positive ints, got {got}")):
+            default_tol(shape, torch.float32)
+
+
+@pytest.mark.parametrize("metric", [effective_rank, spectral_ratio, entropy_effective_rank, stable_rank,
+                                    lambda sigma: restricted_spectral_ratio(sigma, 2)], ids=lambda f: f.__name__)
+def test_singular_values_on_the_meta_device_are_refused(metric):
+    """A meta σ has no values: spectral_ratio and stable_rank raised torch's "Tensor.item() cannot be
+    called on meta tensors"."""
+    with pytest.raises(ValueError, match=re.escape("singular values must have values, got a tensor on the meta "
+                                                   "device")):
+        metric(torch.ones(4, device="meta"))
+
+
 # -- layers -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(17, 5), (5, 17), (64, 123)])

@@ -2,7 +2,7 @@
 
 Deferred init (meta, ``to_empty``, ``reset_parameters``), dtype and memory-format casts, freezing,
 state dicts (``strict=False``, ``assign=True``, ``keep_vars=True``, a dict of another form that lacks a
-tensor, a layer with a reparametrized factor), repr, deepcopy and pickling, and the input layouts
+tensor or holds one torch cannot copy, a layer with a reparametrized factor), repr, deepcopy and pickling, and the input layouts
 ``nn.Linear``/``nn.Conv2d`` accept (0 tokens, 1-D, 4-D, non-contiguous, stride-0), each in every form
 against a float64 reference.
 """
@@ -419,6 +419,132 @@ def test_a_dict_of_the_same_form_that_lacks_a_tensor_is_torchs_missing_key():
         layer.load_state_dict(sd)
     result = layer.load_state_dict(sd, strict=False)
     assert result.missing_keys == ["B"] and torch.equal(layer.B, before["B"])
+
+
+def _svd_conv(form="lowrank", rank=2):
+    return LowRankConv2d(5, 7, 3, rank=rank, decomposition="svd", padding=1, form=form, alpha=2.0)
+
+
+# (layer to load into, the layer whose state dict is saved, the saved tensor made uncopyable)
+SWITCHING_LOADS = {
+    "linear-form": (lambda: linear("lowrank"), lambda: linear("full"), "weight"),
+    "linear-rank": (lambda: linear("lowrank"), lambda: FusedLowRankLinear(17, 23, rank=3, alpha=3.0), "B"),
+    "linear-bias": (lambda: linear("adapter"), lambda: linear("full"), "bias"),
+    "conv-form": (lambda: _svd_conv("lowrank"), lambda: _svd_conv("full"), "weight"),
+    "conv-rank": (lambda: _svd_conv("lowrank"), lambda: _svd_conv("lowrank", rank=3), "A"),
+}
+
+
+def _managed(layer):
+    """``layer`` in a model whose scheduler's Adam holds state for every parameter, that optimizer, an input."""
+    model = nn.Sequential(layer)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    x = input_for(layer, 3)
+    model(x).square().sum().backward()
+    opt.step()
+    return model, opt, x
+
+
+def _optimizer_view(opt):
+    """The optimizer's parameters by identity, group by group, and copies of their state."""
+    return ([[id(p) for p in g["params"]] for g in opt.param_groups],
+            {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()})
+
+
+def _assert_as_it_was(model, opt, params, values, optimizer):
+    """The layer holds the very ``params`` (name, id) with ``values``; the optimizer is ``optimizer``."""
+    layer = model[0]
+    assert [(n, id(p)) for n, p in layer.named_parameters()] == params
+    assert_same_state(layer, values)
+    groups, state_ = _optimizer_view(opt)
+    assert groups == optimizer[0] and state_.keys() == optimizer[1].keys()
+    for key, entries in optimizer[1].items():
+        assert all(torch.equal(state_[key][k], v) for k, v in entries.items())
+
+
+def _uncopyable(kind, t):
+    if kind == "meta":
+        return t.to("meta")
+    if kind == "sparse":
+        return t.to_sparse()
+    with warnings.catch_warnings():             # quantized tensors are deprecated, and still loaded
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)
+
+
+@pytest.mark.parametrize("kind", ["meta", "sparse", "quantized"])
+@pytest.mark.parametrize("case", SWITCHING_LOADS)
+def test_a_tensor_torch_cannot_copy_in_a_dict_of_another_form_or_rank_is_refused_before_the_switch(case, kind):
+    """The load switches the layer first and copies after: a saved tensor torch cannot copy (meta, sparse,
+    quantized) left it switched with uninitialized parameters, and the scheduler's optimizer holding them.
+    It is refused by name before anything changes."""
+    build, saved, key = SWITCHING_LOADS[case]
+    model, opt, x = _managed(build())
+    layer = model[0]
+    form, rank = layer.form, layer.rank
+    params, values, optimizer = [(n, id(p)) for n, p in layer.named_parameters()], state(layer), _optimizer_view(opt)
+    y = model(x).detach()
+    sd = {f"0.{k}": v for k, v in saved().state_dict().items()}
+    sd[f"0.{key}"] = _uncopyable(kind, sd[f"0.{key}"])
+    got = {"meta": "a meta tensor", "sparse": "a sparse_coo tensor", "quantized": "a quantized tensor"}[kind]
+    with pytest.raises(RuntimeError, match=rf"0: {key} must be a dense tensor with values to load .*got {got}.*"
+                                           rf"the layer is left as it was \({form} form, rank {rank}\)"):
+        model.load_state_dict(sd)
+    assert layer.form == form and layer.rank == rank
+    _assert_as_it_was(model, opt, params, values, optimizer)
+    assert torch.equal(model(x), y)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_meta_dict_of_another_form_still_loads_into_a_meta_layer_and_by_assign(assign):
+    """Meta tensors are refused only where they would be copied into values: a meta layer takes them, and
+    ``assign=True`` takes the tensors themselves."""
+    sd = {k: v.to("meta") for k, v in linear("full").state_dict().items()}
+    with torch.device("meta"):
+        layer = linear("lowrank")
+    if assign:
+        layer = linear("lowrank")
+    layer.load_state_dict(sd, assign=assign)
+    assert layer.form == "full" and layer.weight.is_meta and layer.weight.shape == (23, 17)
+
+
+class _FailsToCopy(torch.Tensor):
+    """A tensor whose copy into a parameter fails, though its shape and kind pass every check."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.copy_:
+            raise RuntimeError("this tensor cannot be copied")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("case", SWITCHING_LOADS)
+def test_a_copy_that_fails_after_the_switch_gives_the_layer_its_own_parameters_back(case):
+    """Where torch's copy fails all the same, the layer gets its very parameters back (trainable as they
+    were) and the optimizer is left alone: it follows only a load that took.  The bias, which the switch
+    keeps, is torch's to load, as ``nn.Linear``'s bias is where its weight's copy fails."""
+    build, saved, key = SWITCHING_LOADS[case]
+    model, opt, x = _managed(build())
+    layer = model[0]
+    form, rank = layer.form, layer.rank
+    params, values, optimizer = [(n, id(p)) for n, p in layer.named_parameters()], state(layer), _optimizer_view(opt)
+    grads = [p.requires_grad for p in layer.parameters()]
+    sd = {f"0.{k}": v for k, v in saved().state_dict().items()}
+    sd[f"0.{key}"] = sd[f"0.{key}"].as_subclass(_FailsToCopy)
+    with pytest.raises(RuntimeError, match=rf'While copying the parameter named "0.{key}".*this tensor cannot be '
+                                           rf'copied'):
+        model.load_state_dict(sd)
+    assert layer.form == form and layer.rank == rank
+    assert [p.requires_grad for p in layer.parameters()] == grads
+    if key != "bias":
+        values["bias"] = sd["0.bias"]
+    _assert_as_it_was(model, opt, params, values, optimizer)
+    # The same dict with the tensor made plain loads, and the optimizer follows the switch.
+    sd[f"0.{key}"] = sd[f"0.{key}"].as_subclass(torch.Tensor)
+    model.load_state_dict(sd)
+    assert (layer.form, layer.rank) == (saved().form, saved().rank)
+    assert {id(p) for p in trainable(model)} == {id(p) for p in held(opt)}
 
 
 # -- a reparametrized factor's state dict --------------------------------------------------------------
