@@ -314,6 +314,16 @@ def check_copy(model_copy, layers, model_layers):
                              f"dict saved with the model's")
 
 
+def remove_copy(model_copy, copies):
+    """Take ``model_copy`` (the object a scheduler's ``add_model_copy`` returned) out of ``copies``, the
+    (copy, layers) pairs added; ValueError if it is not there."""
+    index = next((i for i, (c, _) in enumerate(copies) if c is model_copy), None)
+    if index is None:
+        raise ValueError(f"model copy {type(model_copy).__name__} was not added to this scheduler "
+                         f"(add_model_copy), or was removed already")
+    del copies[index]
+
+
 def check_new_copy(model_copy, copies, model_layers):
     """``model_copy``'s layers (:func:`copy_layers`), checked for a scheduler's ``add_model_copy``:
     TypeError unless an nn.Module, ValueError if it holds a DistributedDataParallel, is in ``copies``

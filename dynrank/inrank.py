@@ -30,7 +30,7 @@ import torch
 from ._args import check_int, check_real
 from ._checks import (call_back, check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_same_layers, check_switchable, check_sync,
-                      check_trains_layers, check_untied, unwrap_model)
+                      check_trains_layers, check_untied, remove_copy, unwrap_model)
 from ._forms import outside_inference_mode
 from ._optim import SQUARED_STATE, _split_state, manage, replace_params
 from .distributed import _remember_ddp, _retire_stale
@@ -518,11 +518,7 @@ class IncrementalRankScheduler:
             >>> model[0].rank, swa.module[0].rank
             (5, 4)
         """
-        index = next((i for i, (c, _) in enumerate(self._copies) if c is model_copy), None)
-        if index is None:
-            raise ValueError(f"model copy {type(model_copy).__name__} was not added to this scheduler "
-                             f"(add_model_copy), or was removed already")
-        del self._copies[index]
+        remove_copy(model_copy, self._copies)
 
     def _resize(self, layer, rank, copies=()):
         if rank == layer.rank:

@@ -31,7 +31,7 @@ import torch
 from ._args import check_int
 from ._checks import (call_back, check_copy, check_finite, check_layer_names, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_one_group, check_same_layers, check_switchable,
-                      check_sync, check_trains_layers, check_untied, form_layers, unwrap_model)
+                      check_sync, check_trains_layers, check_untied, form_layers, remove_copy, unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
 from ._optim import (drop_frozen_adapter_params, manage, params_before, pullback_state, pushforward_state,
                      replace_params, switched_params)
@@ -402,11 +402,7 @@ class DynamicRankScheduler:
             >>> model[0].form, swa.module[0].form
             ('full', 'lowrank')
         """
-        index = next((i for i, (c, _) in enumerate(self._copies) if c is model_copy), None)
-        if index is None:
-            raise ValueError(f"model copy {type(model_copy).__name__} was not added to this scheduler "
-                             f"(add_model_copy), or was removed already")
-        del self._copies[index]
+        remove_copy(model_copy, self._copies)
 
     # -- stepping ------------------------------------------------------------------------
     def step(self, epoch=None):
