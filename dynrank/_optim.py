@@ -289,13 +289,21 @@ def _release_unconverted(layer, new):
         if id(param) not in kept:
             param.grad = None
         layer._parameters[name] = None
-    message = (f"this {type(layer).__name__} was replaced by unconvert_model (by a {type(new).__name__}) "
-               f"and holds no weight or factors any more; use the module the model holds now in its place")
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError(message)
+    refuse = _Refusal(f"this {type(layer).__name__} was replaced by unconvert_model (by a {type(new).__name__}) "
+                      f"and holds no weight or factors any more; use the module the model holds now in its place")
     for method in _REFUSED_AFTER_UNCONVERT:
         layer.__dict__[method] = refuse
+
+
+class _Refusal:
+    """A method of a layer unconvert_model replaced: raises its RuntimeError.  A class, not a closure, so
+    the layer (and a scheduler holding it) still pickles."""
+
+    def __init__(self, message):
+        self.message = message
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(self.message)
 
 
 def _forget_history(optimizer):

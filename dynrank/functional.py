@@ -624,13 +624,27 @@ def _check_scale(value, name, dtype=None):
 def check_no_overlap(op, weight):
     """ValueError where elements of ``weight``, which ``op`` writes in place, share memory (an expanded
     view, or an unfold's overlapping windows): each write would land on several elements.  A layout
-    passes when, in increasing stride order, each stride steps past all that the smaller ones reach."""
+    passes at once when, in increasing stride order, each stride steps past all that the smaller ones
+    reach (every dense, permuted or sliced view); any other is checked element by element (an
+    interleaved ``as_strided`` view's offsets may all differ).  ``kernels._runtime.check_no_overlap``
+    is the same rule for the kernels package, which imports without dynrank."""
+    if _elements_overlap(weight):
+        raise ValueError(f"{op} writes weight in place, so its elements must not share memory, got a "
+                         f"view whose elements overlap (shape {tuple(weight.shape)}, strides {weight.stride()})")
+
+
+def _elements_overlap(t):
     reach = 0
-    for stride, size in sorted((s, n) for s, n in zip(weight.stride(), weight.shape) if n > 1):
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
         if stride <= reach:
-            raise ValueError(f"{op} writes weight in place, so its elements must not share memory, got a "
-                             f"view whose elements overlap (shape {tuple(weight.shape)}, strides {weight.stride()})")
+            break
         reach += stride * (size - 1)
+    else:
+        return False
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size) * stride
+    return torch.unique(offsets).numel() < t.numel()
 
 
 def _check_merge_operands(weight, A, B):

@@ -71,7 +71,10 @@ def check_scale(op, name, value):
     """
     if type(value) is float and -FLOAT32_MAX <= value <= FLOAT32_MAX:     # the common case: no more checks
         return value
-    if (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad and not value.is_meta
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        raise TypeError(f"{op}: {name} is read as a number, so a tensor that requires grad would get no "
+                        f"gradient; pass a float (or detach it)")
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_meta
             and not value.is_complex() and value.dtype != torch.bool):
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -90,17 +93,26 @@ def check_scale(op, name, value):
 
 def check_no_overlap(op, name, tensor):
     """ValueError where elements of ``tensor``, which ``op`` writes, share memory (an expanded view, an
-    unfold's overlapping windows): each write would land on several elements.  A layout passes when,
-    in increasing stride order, each stride steps past all that the smaller ones reach (an empty tensor
-    always does)."""
+    unfold's overlapping windows): each write would land on several elements.  A layout passes at once
+    when, in increasing stride order, each stride steps past all that the smaller ones reach (an empty
+    tensor always does); any other is checked element by element (an interleaved ``as_strided`` view's
+    offsets may all differ).  dynrank's ``functional.check_no_overlap`` is the same rule: this package
+    imports without dynrank."""
     if tensor.numel() == 0:
         return
     reach = 0
     for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n > 1):
         if stride <= reach:
-            raise ValueError(f"{op} writes {name}, so its elements must not share memory, got a view whose "
-                             f"elements overlap (shape {tuple(tensor.shape)}, strides {tensor.stride()})")
+            break
         reach += stride * (size - 1)
+    else:
+        return
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(tensor.shape, tensor.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size) * stride
+    if torch.unique(offsets).numel() < tensor.numel():
+        raise ValueError(f"{op} writes {name}, so its elements must not share memory, got a view whose "
+                         f"elements overlap (shape {tuple(tensor.shape)}, strides {tensor.stride()})")
 
 
 def launch_device(tensor):

@@ -311,6 +311,12 @@ def test_merge_refuses_a_weight_whose_elements_overlap(device, layout):
                                                    f"{W.stride()})")):
         merge_(W, torch.ones(3, 1, device=device), torch.ones(4, 1, device=device), 1.0)
     assert torch.equal(storage, torch.zeros(8, device=device))
+    # Interleaved strides whose offsets all differ (2i + 3j) are no overlap: merged through them.
+    storage = torch.zeros(8, device=device)
+    W = storage.as_strided((3, 2), (2, 3))
+    A, B = torch.randn(3, 2, device=device), torch.randn(2, 2, device=device)
+    merge_(W, A, B, 0.5)
+    assert rel_err(W, 0.5 * A.double() @ B.double().t()) < REL_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -397,7 +403,9 @@ def test_kernels_refuse_meta_tensors_by_name(device, op):
     (1e300, ValueError, "must be within float32's range (magnitude at most 3.403e+38): the kernels compute "
                         "in fp32, got 1e+300"),
     (-10 ** 400, ValueError, "must be within float32's range"),
-], ids=["None", "list", "bool", "complex", "nan", "-inf", "1e300", "-10**400"])
+    (torch.tensor(0.5, requires_grad=True), TypeError, "is read as a number, so a tensor that requires grad would "
+                                                       "get no gradient"),
+], ids=["None", "list", "bool", "complex", "nan", "-inf", "1e300", "-10**400", "requires-grad"])
 def test_kernels_refuse_a_scale_that_is_not_a_finite_float32(device, op, scale, value, error, message):
     """None or a list was a bare float() TypeError, NaN / inf went into W in place (functional.merge_ refuses
     it), 1e300 became inf in the fp32 accumulator.  Nothing is written."""

@@ -589,6 +589,11 @@ def test_functional_merge_rejects_bad_input(backend):
     for view in (torch.zeros(5, 4, device=device).t(), torch.zeros(8, 10, device=device)[::2, 1:6]):
         F.merge_(view, A, B, 0.5)
         torch.testing.assert_close(view, 0.5 * A @ B.t())
+    # Interleaved strides whose offsets all differ (row i, column j at 2i + 5j): refused as overlapping.
+    storage = torch.zeros(27, device=device)
+    interleaved = storage.as_strided((4, 5), (2, 5))
+    F.merge_(interleaved, A, B, 0.5)
+    torch.testing.assert_close(interleaved, 0.5 * A @ B.t())
     for alpha, exc, message in (("2", TypeError, r"alpha must be a real number, got str \('2'\)"),
                                 (float("nan"), ValueError, "alpha must be finite, got nan"),
                                 (float("-inf"), ValueError, "alpha must be finite, got -inf")):

@@ -589,3 +589,24 @@ def test_a_replaced_layer_holds_only_its_bias_and_refuses_to_run(kind, form):
     assert rel_err(model(x), expected) < TOL
     _refuses(layer, x)
     assert layer.form == form and repr(layer)                  # still described, for a message or a log
+
+
+def test_a_replaced_layer_and_the_scheduler_holding_it_still_save():
+    """The replaced layer's refusals were closures: torch.save of it, or of a scheduler holding it, failed
+    (Can't pickle local object).  Loaded back, the layer refuses as before."""
+    import io
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    convert_model(model, rank_ratio=0.5, min_features=1)
+    old = model[0]
+    from dynrank import DynamicRankScheduler
+    scheduler = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 2)
+    unconvert_model(model)
+    for thing in (old, scheduler):
+        buffer = io.BytesIO()
+        torch.save(thing, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        layer = loaded if thing is old else loaded._layers[0][1]
+        with pytest.raises(RuntimeError, match="was replaced by unconvert_model"):
+            layer(torch.randn(2, 8))
