@@ -1,7 +1,7 @@
 """InRank-style incremental rank: low-rank layers whose rank grows when their spectrum asks for it.
 
 An alternative to the inflate/deflate schedule with no full-rank phase
-(reference: InRank, Zhao et al.; see ``shared/reference/inrank.md``).  Each
+(reference: Zhao et al., *InRank: Incremental Low-Rank Learning*).  Each
 managed layer keeps a *discovered* rank r and trains r + ``buffer``
 components.  Every ``check_every`` steps after ``warmup_steps``, the singular
 values σ of the layer's low-rank product s·A·Bᵀ (the whole weight in lowrank

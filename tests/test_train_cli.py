@@ -730,6 +730,22 @@ def test_resume_refuses_a_config_edited_after_a_finished_schedule(tmp_path, caps
     assert [row.split()[0] for row in rows] == ["full", "lowrank", "dynamic"]
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: {k: v for k, v in r.items() if k != "schedule"}, "is damaged ('schedule' must be a string, missing)"),
+    (lambda r: {**r, "config": 5}, "is damaged ('config' must be an object, got int)"),
+    (lambda r: {**r, "history": []}, "is damaged ('history' must be a non-empty list of epoch records)"),
+    (lambda r: {**r, "params": None}, "is damaged ('params' must be an object, got NoneType)"),
+], ids=["no schedule", "config 5", "no history", "params null"])
+def test_a_finished_result_json_of_another_shape_is_a_one_line_error(tmp_path, capsys, edit, message):
+    """A result.json that parsed but lacked 'schedule' trained the other schedules, then died at the table
+    (KeyError); one whose 'config' was no object let an edited config.json through."""
+    out = _finished_run(tmp_path / "run")
+    result = out / "full" / "result.json"
+    result.write_text(json.dumps(edit(json.loads(result.read_text()))))
+    err = _exit_2(["--resume", str(out)], capsys)
+    assert f"{result} {message}" in err
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda c: {"schedule": "full"}, "is damaged (missing 'model')"),
     (lambda c: {k: v for k, v in c.items() if k != "lr"}, "is damaged (missing 'lr')"),

@@ -582,11 +582,11 @@ def _trained_settings(out_dir, schedule):
     again); one written before result.json held them leaves its checkpoint's, where that still loads.
     An unfinished schedule's checkpoint holds them. Damaged files it must read raise RunFileError.
     """
-    from .loop import RunFileError, load_checkpoint, read_json
+    from .loop import RunFileError, load_checkpoint, read_result
     result = os.path.join(out_dir, schedule, "result.json")
     checkpoint = os.path.join(out_dir, schedule, "checkpoint.pt")
     if os.path.isfile(result):
-        settings = read_json(result).get("config")
+        settings = read_result(result).get("config")
         if settings is not None or not os.path.isfile(checkpoint):
             return settings, result
         try:

@@ -93,6 +93,25 @@ def read_json(path, kind=dict):
     return value
 
 
+def read_result(path):
+    """A finished run's result.json (:func:`run_training`'s result); :class:`RunFileError` naming the file
+    and the entry where it is damaged or not of that shape (the comparison table and a resume's checks
+    read these entries)."""
+    result = read_json(path)
+    shape = (("schedule", str, "a string"), ("history", list, "a list of epoch records"),
+             ("params", dict, "an object"))
+    for key, kind, what in shape:
+        if not isinstance(result.get(key), kind):
+            got = "missing" if key not in result else f"got {type(result[key]).__name__}"
+            raise RunFileError(f"{path} is damaged ({key!r} must be {what}, {got})")
+    if not result["history"] or not all(isinstance(record, dict) for record in result["history"]):
+        raise RunFileError(f"{path} is damaged ('history' must be a non-empty list of epoch records)")
+    if not isinstance(result.get("config", {}), dict):
+        raise RunFileError(f"{path} is damaged ('config' must be an object, got "
+                           f"{type(result['config']).__name__})")
+    return result
+
+
 def load_checkpoint(path, device="cpu"):
     """The checkpoint dict in ``path``; :class:`RunFileError` naming the file if it is damaged."""
     try:
@@ -387,7 +406,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     result_path = os.path.join(out_dir, RESULT)
     if resume and os.path.isfile(result_path):
-        result = read_json(result_path)
+        result = read_result(result_path)
         log(f"[{schedule}] already finished: {result_path}")
         return result
 
