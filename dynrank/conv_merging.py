@@ -94,11 +94,13 @@ def _merged_setup_context(ctx, inputs, output):
 def _merged_backward(ctx, grad):
     # dW_eff → dU = alpha·dW·Vᵀ, dV = alpha·Uᵀ·dW per group: two small GEMMs
     # (F × q × C/g·kh·kw), cuBLAS is the right engine for them.
+    # U and V of two dtypes meet in the wider one; each gradient comes back in its factor's dtype.
     U, V = ctx.saved_tensors
-    U3, V3 = _bmm_operands(U, V, ctx.groups)
-    G3 = grad.reshape(ctx.groups, U3.shape[1], -1).to(U.dtype)
-    dU = torch.bmm(G3, V3.transpose(1, 2)).reshape(U.shape) * ctx.alpha
-    dV = torch.bmm(U3.transpose(1, 2), G3).reshape(V.shape) * ctx.alpha
+    acc = torch.promote_types(U.dtype, V.dtype)
+    U3, V3 = _bmm_operands(U.to(acc), V.to(acc), ctx.groups)
+    G3 = grad.reshape(ctx.groups, U3.shape[1], -1).to(acc)
+    dU = (torch.bmm(G3, V3.transpose(1, 2)).reshape(U.shape) * ctx.alpha).to(U.dtype)
+    dV = (torch.bmm(U3.transpose(1, 2), G3).reshape(V.shape) * ctx.alpha).to(V.dtype)
     dW = grad if ctx.needs_input_grad[0] else None
     return dW, dU, dV, None, None
 

@@ -183,3 +183,20 @@ def test_factors_the_kernel_does_not_take_send_the_merge_to_torch(triton_backend
     expected = reference_conv_merge(W, U, V, 0.5)
     assert rel_err(merged_kernel(W, U, V, 0.5, 1), expected) < REL_TOL[torch.float32]
     assert rel_err(merge_conv_(W.clone(), U, V, 0.5, 1), expected) < REL_TOL[torch.float32]
+
+
+def test_merged_kernel_backward_takes_factors_of_two_dtypes(triton_backend):
+    """U in float32 and V in bfloat16 (both kernel dtypes, so the Triton op runs): the backward's bmm met the
+    two dtypes and failed.  Each gradient comes back in its factor's dtype, against float64 autograd."""
+    from dynrank.conv_merging import merged_kernel
+    device = _device()
+    W = torch.randn(6, 4, 3, 3, device=device)
+    U = torch.randn(6, 2, device=device).requires_grad_()
+    V = torch.randn(2, 4, 3, 3, device=device, dtype=torch.bfloat16).requires_grad_()
+    G = torch.randn(6, 4, 3, 3, device=device)
+    merged_kernel(W, U, V, 0.5, 1).backward(G)
+    U64, V64 = U.detach().double().requires_grad_(), V.detach().double().requires_grad_()
+    (W.double() + 0.5 * torch.einsum("fq,qchw->fchw", U64, V64)).backward(G.double())
+    assert U.grad.dtype == torch.float32 and V.grad.dtype == torch.bfloat16
+    assert rel_err(U.grad, U64.grad) < REL_TOL[torch.float32]             # computed in fp32, kept in fp32
+    assert rel_err(V.grad, V64.grad) < REL_TOL[torch.bfloat16]
