@@ -13,13 +13,14 @@ from .conv_adapter import (
     _chain,
     _dense_conv,
     _padded_input_costs,
+    _time_strategies,
     adapter_costs,
     adapter_work,
     time_adapter_strategies,
 )
 from .conv_factorizations import KernelShape, get_factorization
 from .conv_merging import merge_conv_
-from .functional import check_floating_input
+from .functional import check_floating_input, transform_active
 from .linear import check_alpha, check_materialized, check_plain_computation, check_ratio
 
 __all__ = ["LowRankConv2d", "ADAPTER_STRATEGIES", "PADDING_MODES", "AdapterChoice", "adapter_costs",
@@ -388,8 +389,10 @@ class LowRankConv2d(FormLayer):
             key = (tuple(x.shape), x.dtype, str(x.device), torch.is_grad_enabled(), x.requires_grad)
             choice = self._adapter_choices.pop(key, None)
             if choice is None:
-                if x.is_cuda and not torch.cuda.is_current_stream_capturing():
-                    seconds, method = time_adapter_strategies(self, x), "timing"
+                # (Timing runs autograd on detached copies: not under a CUDA graph's capture, nor inside a
+                # torch.func transform or a jit trace, which the cost model serves.)
+                if x.is_cuda and not torch.cuda.is_current_stream_capturing() and not transform_active():
+                    seconds, method = _time_strategies(self, x), "timing"
                 else:
                     seconds, method = _padded_input_costs(self, x), "cost model"
                 choice = AdapterChoice(min(seconds, key=seconds.get), method, seconds)

@@ -12,6 +12,7 @@ import time
 import torch
 from torch.nn import functional as F
 
+from ._args import check_int
 from .conv_factorizations import _axis, run_chain
 from .conv_merging import merged_kernel
 from .functional import autocast_off
@@ -89,6 +90,16 @@ def _add(total, work, times=1.0):
         total[i] += times * v
 
 
+def _check_adapter_input(op, layer, x):
+    if layer.form != "adapter":
+        raise RuntimeError(f"{op} needs a layer in adapter form, got {layer.form!r}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"input must have shape (N, C, H, W) or (C, H, W), got {tuple(x.shape)}")
+    if x.shape[-3] != layer.in_channels:
+        raise ValueError(f"input must have {layer.in_channels} channels (the layer's in_channels), got "
+                         f"{x.shape[-3]} (shape {tuple(x.shape)})")
+
+
 def adapter_work(layer, x):
     """Work of one adapter step per strategy: {"chain": [flops, bytes, ops], "merged": [...]}.
 
@@ -115,13 +126,7 @@ def adapter_work(layer, x):
         RuntimeError: if the layer is not in adapter form.
         ValueError: ``x`` not 3-D or 4-D, or with another channel count than ``in_channels``.
     """
-    if layer.form != "adapter":
-        raise RuntimeError(f"adapter_work needs a layer in adapter form, got {layer.form!r}")
-    if x.dim() not in (3, 4):
-        raise ValueError(f"input must have shape (N, C, H, W) or (C, H, W), got {tuple(x.shape)}")
-    if x.shape[-3] != layer.in_channels:
-        raise ValueError(f"input must have {layer.in_channels} channels (the layer's in_channels), got "
-                         f"{x.shape[-3]} (shape {tuple(x.shape)})")
+    _check_adapter_input("adapter_work", layer, x)
     n, _, h, w = x.shape if x.dim() == 4 else (1, *x.shape)
     if layer._pad is not None:
         left, right, top, bottom = layer._pad
@@ -201,13 +206,27 @@ def time_adapter_strategies(layer, x, repeats=3):
     Runs each strategy once to warm up (cuDNN autotuning, kernel compilation),
     then ``repeats`` times, and keeps the fastest.  A step is the forward and,
     when grad mode is on, the backward.  The layer's parameters are used
-    through detached copies, so no ``.grad`` is touched.
+    through detached copies, so no ``.grad`` is touched.  ``x`` is the layer's
+    input, (N, C, H, W) or unbatched (C, H, W), padded as the forward pads it
+    (a ``padding_mode`` other than ``"zeros"``).
 
     Raises:
         RuntimeError: if the layer is not in adapter form.
+        ValueError: ``x`` not 3-D or 4-D, or with another channel count than ``in_channels``.
+        TypeError, ValueError: ``repeats`` not an int ≥ 1.
     """
-    if layer.form != "adapter":
-        raise RuntimeError(f"time_adapter_strategies needs a layer in adapter form, got {layer.form!r}")
+    _check_adapter_input("time_adapter_strategies", layer, x)
+    repeats = check_int(repeats, "repeats", "an int >= 1", 1)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if layer._pad is not None:
+        x = F.pad(x, layer._pad, mode=layer.padding_mode)
+    return _time_strategies(layer, x, repeats)
+
+
+def _time_strategies(layer, x, repeats=3):
+    """:func:`time_adapter_strategies` of the (N, C, H, W) input the forward's convs see (padded where the
+    forward pads): the layer's own timing."""
     train = torch.is_grad_enabled()
     weight = layer.weight.detach()
     factors = {k: p.detach().requires_grad_(train) for k, p in layer.factors().items()}

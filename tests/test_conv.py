@@ -751,3 +751,50 @@ def test_an_alpha_past_float32s_range_is_refused_where_float32_applies_it():
     W64 = W.double()
     merge_conv_(W64, U.double(), V.double(), 1e-300, 1)           # float64 takes any finite alpha
     assert rel_err(W64, 1e-300 * torch.einsum("fq,qchw->fchw", U.double(), V.double())) < TOL
+
+
+def test_auto_adapter_on_cuda_takes_the_cost_model_inside_torch_func(monkeypatch):
+    """On CUDA "auto" timed a new input key with autograd on detached copies, which a torch.func transform
+    refuses (requires_grad_ inside vmap): per-sample gradients of the default layer failed at their first
+    call.  CUDA is stood in for (the two things the choice reads); inside the transform the cost model
+    decides, and the per-sample gradients equal the merged strategy's."""
+    from torch.func import functional_call, grad, vmap
+
+    from dynrank import conv as conv_module
+    timed = []
+    monkeypatch.setattr(conv_module, "_time_strategies", lambda layer, x, repeats=3: timed.append(x.shape) or
+                        {"chain": 1.0, "merged": 2.0})
+    layer = LowRankConv2d(3, 4, 3, padding=1, rank=2, form="adapter", dtype=F64)
+    randomize(layer)
+    params = {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
+    x = torch.randn(5, 3, 6, 6, dtype=F64)
+
+    def per_sample(p, xi):
+        return functional_call(layer, p, (xi[None],)).square().sum()
+
+    reference = copy.deepcopy(layer)
+    reference.adapter_strategy = "merged"
+    expected = vmap(grad(lambda p, xi: functional_call(reference, p, (xi[None],)).square().sum()),
+                    in_dims=(None, 0))(params, x)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    got = vmap(grad(per_sample), in_dims=(None, 0))(params, x)
+    assert timed == [] and layer.adapter_choices[next(iter(layer.adapter_choices))].method == "cost model"
+    for name in expected:
+        assert rel_err(got[name], expected[name]) < TOL, name
+    layer(x)                                                       # eager: timed, as before
+    assert timed == [x.shape]
+
+
+def test_time_adapter_strategies_pads_as_the_layer_pads_and_checks_its_arguments():
+    """With padding_mode="reflect" the strategies were timed on the unpadded input (4x4 outputs for the
+    layer's 6x6; a 2x2 input the layer takes raised the kernel-size error); repeats=0 gave inf."""
+    from dynrank.conv import time_adapter_strategies
+    layer = LowRankConv2d(3, 4, 3, padding=1, padding_mode="reflect", rank=2, form="adapter")
+    for shape in ((2, 3, 6, 6), (1, 3, 2, 2), (3, 2, 2)):
+        seconds = time_adapter_strategies(layer, torch.randn(*shape), repeats=1)
+        assert set(seconds) == {"chain", "merged"} and all(0 < t < float("inf") for t in seconds.values())
+    with pytest.raises(ValueError, match="repeats must be an int >= 1, got 0"):
+        time_adapter_strategies(layer, torch.randn(1, 3, 4, 4), repeats=0)
+    with pytest.raises(ValueError, match="input must have 3 channels"):
+        time_adapter_strategies(layer, torch.randn(1, 5, 4, 4))
