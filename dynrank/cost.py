@@ -28,7 +28,8 @@ shortcut convs only at the two stage transitions has d = 272,474 and gives
 **Measured ratio.**  Parameter counts ignore that an adapter epoch still runs
 the dense W_f forward and backward, and that small low-rank GEMMs run below
 peak.  :func:`measured_comp_ratio` uses the per-form wall-clock epoch times
-that :class:`~dynrank.RankMonitor` records instead.
+that :class:`~dynrank.RankMonitor` records instead (or the step times of
+:func:`~dynrank.profile_forms`, before training).
 """
 
 import math
@@ -151,7 +152,8 @@ def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
     (counted at their rank).  The adapter rank is an adapter layer's rank, else the scheduler's deflate rank.
 
     The layer's current form counts its real Parameters that require grad (a factor frozen by hand
-    counts nothing; a reparametrized tensor counts the Parameters it is computed from); the other
+    counts nothing; a reparametrized tensor counts the Parameters it is computed from; a Parameter
+    shared with an earlier layer, as tied full-form weights are, counts at that layer only); the other
     forms count their shapes, all trainable, as a switch leaves them.  A layer ``scheduler`` does not
     manage keeps its form: its current count in every form.
     """
@@ -168,12 +170,13 @@ def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
     for name, module in modules:
         bias = {id(p) for p in _params_behind(module, "bias")}
         weights = [p for p in module.parameters() if id(p) not in bias]
+        # A Parameter shared with a layer before (tied in full form) trains once: counted at its first layer.
+        now = sum(p.numel() for p in weights if p.requires_grad and id(p) not in factorized_ids)
         factorized_ids.update(id(p) for p in weights)
         if not module._trains():                       # frozen (requires_grad_(False)): it stays so in every form
             layers.append((name, 0, 0))
             adapter.append(0)
             continue
-        now = sum(p.numel() for p in weights if p.requires_grad)
         if name in unmanaged:
             layers.append((name, now, now))
             adapter.append(now)
@@ -322,7 +325,9 @@ def param_counts(model_or_layers, rank_ratio=0.5, other_params=0, *, lowrank_ran
         :class:`ParamCounts`.  A layer's current form counts the Parameters it has that
         require grad: a factor frozen by hand (``B.requires_grad_(False)``) counts
         nothing, a reparametrized weight or factor (``torch.nn.utils.parametrize``,
-        the hook-based ``weight_norm``) the Parameters it is computed from.  Its other
+        the hook-based ``weight_norm``) the Parameters it is computed from, and a
+        Parameter shared by several layers (weights tied in full form) counts once, at
+        the first of them in ``named_modules`` order, as it trains once.  Its other
         forms count their shapes, all trainable, as a switch leaves them (a switch
         makes every new tensor trainable unless the whole layer is frozen); a layer
         frozen whole (``requires_grad_(False)``) counts 0 in every form.  An
@@ -504,7 +509,8 @@ def epoch_times(run, skip_first=0):
 
     Returns:
         dict form → list of seconds; forms are ``"lowrank"``, ``"full"``,
-        ``"adapter"``, ``"dense"`` (no dynrank layers) or ``"mixed"``.
+        ``"adapter"``, ``"dense"`` (no dynrank layers) or ``"mixed"`` (the watched
+        dynrank layers in different forms, see :class:`~dynrank.RankMonitor`).
 
     Raises:
         TypeError: ``run`` is not a RankMonitor or a list of record dicts; a non-int ``skip_first``; a
@@ -522,6 +528,18 @@ def epoch_times(run, skip_first=0):
             continue
         out.setdefault(form, []).append(seconds)
     return out
+
+
+def _mixed_note(run):
+    """What an error about a missing form adds where ``run`` has epochs recorded as ``"mixed"``."""
+    mixed = [rec.get("epoch", i) for i, rec in enumerate(_records(run)) if rec.get("form") == "mixed"]
+    if not mixed:
+        return ""
+    return (f"; its epochs {mixed} are recorded as 'mixed' (the watched dynrank layers in different forms, "
+            f"as with a scheduler of part of the model and the rest in another form) and count as no form: "
+            f"record the run with the scheduler attached to the monitor, or with RankMonitor(model, layers=[the "
+            f"scheduled layers]), so that each epoch has its scheduled layers' form; in records made already, "
+            f"set those epochs' 'form' to the form the scheduled layers had")
 
 
 def measured_comp_ratio(run, epochs=None, inflate_epoch=None, deflate_epoch=None, full_epoch_seconds=None,
@@ -551,7 +569,9 @@ def measured_comp_ratio(run, epochs=None, inflate_epoch=None, deflate_epoch=None
         ValueError: no full-form epoch time (or one of 0 s), a ``full_epoch_seconds``
             that is not a finite number > 0, a negative, NaN or infinite ``wall_seconds``,
             no timed epoch, a needed form has no recorded epoch, a bad schedule, or
-            ``inflate_epoch``/``deflate_epoch`` without ``epochs``.
+            ``inflate_epoch``/``deflate_epoch`` without ``epochs``.  Epochs recorded as
+            ``"mixed"`` stand for no form; where a needed form is missing and the run has
+            them, the message says how to record each epoch under its scheduled form.
     """
     if epochs is None and (inflate_epoch is not None or deflate_epoch is not None):
         # Without E the ratio is the run's own, and I and D would be ignored silently.
@@ -575,7 +595,9 @@ def measured_comp_ratio(run, epochs=None, inflate_epoch=None, deflate_epoch=None
                 if v}
         t_full = base.get("full", base.get("dense"))
     if t_full is None:
-        raise ValueError("no full-form epoch time: record full-rank epochs or pass full_epoch_seconds")
+        base_run = run if full_epoch_seconds is None else full_epoch_seconds
+        raise ValueError(f"no full-form epoch time: record full-rank epochs or pass full_epoch_seconds"
+                         f"{_mixed_note(base_run)}")
     if t_full <= 0.0:
         raise ValueError(f"the full-form epochs took {t_full} s on average; a ratio over them is undefined")
     if epochs is None:
@@ -587,13 +609,25 @@ def measured_comp_ratio(run, epochs=None, inflate_epoch=None, deflate_epoch=None
     t = dict(mean, full=t_full)
     missing = [form for form, n in need.items() if n > 0 and form not in t]
     if missing:
-        raise ValueError(f"the schedule needs {missing} epochs but the run recorded none (recorded: {sorted(mean)})")
+        raise ValueError(f"the schedule needs {missing} epochs but the run recorded none (recorded: {sorted(mean)})"
+                         f"{_mixed_note(run)}")
     return sum(n * t[form] for form, n in need.items() if n > 0) / (sum(need.values()) * t_full)
 
 
 @dataclass
 class CostReport:
-    """The paper's proxy and (optionally) the measured cost of one schedule."""
+    """The paper's proxy and (optionally) the measured cost of one schedule.
+
+    Attributes:
+        epochs, inflate_epoch, deflate_epoch: the schedule E, I, D.
+        counts: the :class:`ParamCounts` behind the ratios.
+        comp_ratio: the paper's Comp. (:func:`comp_ratio`); lowrank_ratio: d_ρ / d.
+        measured_ratio: :func:`measured_comp_ratio` of the run, None without one.
+        epoch_seconds: form → mean wall-clock seconds of the run's records in that form:
+            of one epoch for a :class:`~dynrank.RankMonitor`'s, of one step for a
+            :class:`~dynrank.FormProfile` (``per`` says which).
+        per: ``"epoch"`` or ``"step"``, what one of ``epoch_seconds`` times.
+    """
 
     epochs: int
     inflate_epoch: int
@@ -603,6 +637,7 @@ class CostReport:
     lowrank_ratio: float
     measured_ratio: Optional[float] = None
     epoch_seconds: dict = field(default_factory=dict)
+    per: str = "epoch"
 
     def __str__(self):
         adapter = "" if self.counts.adapter is None else f", adapter d_rho={self.counts.adapter:,}"
@@ -611,7 +646,7 @@ class CostReport:
                  f"Comp. (paper, parameter counts): {self.comp_ratio:.4f}   (low-rank only: {self.lowrank_ratio:.4f})"]
         if self.measured_ratio is not None:
             per = ", ".join(f"{k} {v:.3g} s" for k, v in sorted(self.epoch_seconds.items()))
-            lines.append(f"measured (wall-clock per epoch: {per}): {self.measured_ratio:.4f}")
+            lines.append(f"measured (wall-clock per {self.per}: {per}): {self.measured_ratio:.4f}")
         return "\n".join(lines)
 
 
@@ -625,7 +660,9 @@ def cost_report(counts, epochs, inflate_epoch, deflate_epoch, run=None, full_epo
             the rank each layer had in lowrank form comes from ``lowrank_ranks``,
             ``scheduler`` or the lowrank epochs ``run`` measured.
         epochs, inflate_epoch, deflate_epoch: E, I, D.
-        run: optional RankMonitor whose epoch times give the measured ratio.
+        run: optional RankMonitor whose epoch times give the measured ratio, or a
+            :class:`~dynrank.FormProfile` whose step times do (the report then gives
+            seconds per step).
         full_epoch_seconds, skip_first: see :func:`measured_comp_ratio`.
         scheduler, lowrank_ranks: for a model, see :func:`param_counts`.
 
@@ -648,4 +685,12 @@ def cost_report(counts, epochs, inflate_epoch, deflate_epoch, run=None, full_epo
     if run is not None:
         report.measured_ratio = measured_comp_ratio(run, E, I, D, full_epoch_seconds, skip_first)
         report.epoch_seconds = {k: sum(v) / len(v) for k, v in epoch_times(run, skip_first).items() if v}
+        report.per = _time_unit(run)
     return report
+
+
+def _time_unit(run):
+    """``"step"`` for :func:`~dynrank.profile_forms`' step times (a FormProfile or its records: ``step``,
+    no ``epoch``), else ``"epoch"``."""
+    records = _records(run)
+    return "step" if records and all("step" in r and "epoch" not in r for r in records) else "epoch"

@@ -20,9 +20,10 @@ when it was saved, so the resume's own form changes are no switch.
 
 Each epoch record holds the epoch's wall time (the metric computation runs
 after the clock stops and is reported separately), its form (the form of the
-dynrank layers at the end of the epoch: ``lowrank``/``full``/``adapter``,
-``mixed`` if they differ, ``dense`` if the model has none), the form mix,
-trainable and total parameter counts, the user's scalars and, per layer, the
+watched dynrank layers at the end of the epoch: ``lowrank``/``full``/``adapter``,
+``mixed`` if they differ, ``dense`` if the model has none; see
+:class:`RankMonitor` for which layers are watched), the form mix (every dynrank
+layer), trainable and total parameter counts, the user's scalars and, per layer, the
 metrics of :func:`dynrank.metrics.layer_metrics`.  A layer whose weights hold
 NaN or inf (a diverged run) gets NaN metrics and a RuntimeWarning; the epoch is
 recorded all the same.
@@ -90,16 +91,24 @@ class RankMonitor:
             see :mod:`dynrank.metrics`).
         method: singular-value method (``"auto"``, ``"svd"``, ``"gram"``).
         layers: which layers to measure: None, module names or a predicate
-            (see :func:`dynrank.metrics.monitored_layers`).
+            (see :func:`dynrank.metrics.monitored_layers`); the dynrank layers among them
+            also label each epoch's ``form`` (see below).
         metrics_every: measure layers every this many epochs (1: every epoch).
         scheduler: optional DynamicRankScheduler to :meth:`attach` to.
 
     To resume a run, save :meth:`state_dict` with the checkpoint and give it to
     :meth:`load_state_dict` of the monitor built anew (see the module docstring).
 
+    An epoch's ``form`` is that of the dynrank layers the monitor watches: those among
+    ``layers=``; where it is not given (or names no dynrank layer), those of the schedulers
+    attached (:meth:`attach`), so a scheduler of part of the model labels each epoch with the
+    form it gives its layers and :func:`~dynrank.cost.cost_report` can use the epoch times;
+    without either, every dynrank layer of the model.  ``form_mix`` counts every dynrank layer.
+
     Attributes:
         records: list of epoch dicts (see module docstring; ``layers`` maps
-            layer name → metric dict and is empty in epochs not measured).
+            layer name → metric dict and is empty in epochs not measured; ``form``
+            as said above).
         switches: list of ``{"epoch", "step", "kind", "changes", "source"}``;
             ``changes`` lists ``[layer, old_form, new_form]``; ``kind`` is
             ``"inflate"``, ``"deflate"``, ``"change"`` (any other change: a rank
@@ -145,6 +154,7 @@ class RankMonitor:
         self.metrics_every = metrics_every
         self.records = []
         self.switches = []
+        self._scheduled = []         # the monitor's names of the attached schedulers' layers (label the epochs)
         self._open = None
         self._known_forms = self._forms() if model is not None else {}
         if model is not None:
@@ -165,6 +175,11 @@ class RankMonitor:
         protocol), or a monitor with no model, keeps the names as they come.  IncrementalRankScheduler's
         growth events are renamed the same way, ``rank_changes`` included.
 
+        Where the monitor was built without ``layers=`` (or with no dynrank layer among them), the
+        layers the scheduler manages label each epoch's ``form`` from then on (those of every
+        scheduler attached, together): a scheduler of part of the model gives epochs of its
+        layers' form, not ``"mixed"``.
+
         Raises:
             TypeError: ``scheduler`` has no ``add_callback``.
             ValueError: the scheduler's model holds dynrank layers that are not in the monitor's
@@ -179,7 +194,11 @@ class RankMonitor:
         callbacks = getattr(scheduler, "_callbacks", ())
         if any(isinstance(fn, _SchedulerHook) and fn.monitor is self for fn in callbacks):
             return self                # attached already (RankMonitor(..., scheduler=s) then attach(s)): once
-        add(_SchedulerHook(self, self._names_of(scheduler)))
+        names = self._names_of(scheduler)
+        add(_SchedulerHook(self, names))
+        managed = getattr(scheduler, "layers", None)
+        managed = [n for n, _ in managed] if isinstance(managed, (list, tuple)) else list(names)
+        self._scheduled += [names[n] for n in managed if n in names and names[n] not in self._scheduled]
         return self
 
     def _names_of(self, scheduler):
@@ -240,6 +259,18 @@ class RankMonitor:
     def _forms(self):
         return {name: m.form for name, m in self.model.named_modules() if isinstance(m, FormLayer)}
 
+    def _watched_forms(self):
+        """Forms of the dynrank layers that label an epoch (see the class docstring), in model order."""
+        watched = []
+        if callable(self.layers):
+            modules = dict(self.model.named_modules())
+            watched = [n for n in self._known_forms if n in modules and self.layers(n, modules[n])]
+        elif self.layers is not None:
+            watched = [n for n in self._known_forms if n in self.layers]
+        if not watched:
+            watched = [n for n in self._known_forms if n in self._scheduled]
+        return [self._known_forms[n] for n in (watched or self._known_forms)]
+
     def _detect(self, epoch):
         now = self._forms()
         changes = [(n, self._known_forms[n], f) for n, f in now.items()
@@ -298,7 +329,8 @@ class RankMonitor:
         self._detect(rec["epoch"])
         forms = list(self._known_forms.values())
         mix = {form: forms.count(form) for form in FORMS}
-        label = "dense" if not forms else (forms[0] if len(set(forms)) == 1 else "mixed")
+        watched = set(self._watched_forms())
+        label = "dense" if not forms else (watched.pop() if len(watched) == 1 else "mixed")
         params = list(self.model.parameters())
         rec.update(form=label, wall_seconds=wall, metrics_seconds=None, form_mix=mix,
                    trainable_params=sum(p.numel() for p in params if p.requires_grad),

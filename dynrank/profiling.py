@@ -95,6 +95,25 @@ def _check_forms(forms):
     return forms
 
 
+def _check_reparametrized(model, forms):
+    """Raise ValueError where a dynrank layer with a reparametrized weight or factor would change form.
+
+    A form change replaces the tensors a parametrization is registered on (see
+    ``FormLayer._check_switchable``), and the parametrization's cost is part of the step: such a
+    layer can be profiled in its current form only.
+    """
+    for name, layer in form_layers(model):
+        moved = layer._reparametrized()
+        other = [form for form in forms if form != layer.form]
+        if moved and other:
+            raise ValueError(
+                f"layer {name!r} ({type(layer).__name__}, {layer.form} form) has its {', '.join(moved)} "
+                f"reparametrized (torch.nn.utils.parametrize, the hook-based spectral_norm/weight_norm, or "
+                f"pruned), so it cannot change form and be timed in {other}: pass forms=({layer.form!r},) to "
+                f"time the model as it is, or remove the parametrization to profile the other forms "
+                f"without its cost")
+
+
 def _device_of(model):
     devices = {p.device for p in model.parameters()}
     if len(devices) > 1:
@@ -157,7 +176,11 @@ def profile_forms(model, step, optimizer=None, forms=("full", "lowrank", "adapte
             not an iterable of names, ``steps``/``warmup`` not ints, ``optimizer(params)`` returned no
             torch optimizer.
         ValueError: no dynrank layer in ``model``, an unknown or repeated form, ``steps`` < 1,
-            ``warmup`` < 0, parameters on more than one device.
+            ``warmup`` < 0, parameters on more than one device; a dynrank layer whose weight or
+            factor is reparametrized (``torch.nn.utils.parametrize``, the hook-based
+            ``spectral_norm``/``weight_norm``, pruning) while ``forms`` asks for a form other than
+            its current one: it cannot change form, so it is profiled in its current form only
+            (``forms=(its form,)``), the parametrization's cost included.  Checked before any step.
 
     Example:
         >>> import torch
@@ -191,6 +214,7 @@ def profile_forms(model, step, optimizer=None, forms=("full", "lowrank", "adapte
     forms = _check_forms(forms)
     steps = check_int(steps, "steps", "an int ≥ 1", 1)
     warmup = check_int(warmup, "warmup", "an int ≥ 0", 0)
+    _check_reparametrized(module, forms)
     make_optimizer = optimizer or (lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9))
     device = _device_of(module)
     seconds, trainable = {}, {}

@@ -517,3 +517,60 @@ def test_adapter_costs_pad_as_the_layer_pads(padding_mode, padding):
             # The same convs as padded the zeros way: the same FLOPs (bytes: the padded input is read).
             flops = {k: v[0] for k, v in adapter_work(layer, x).items()}
             assert flops == {k: v[0] for k, v in adapter_work(zeros, x).items()}
+
+
+def test_mixed_epochs_are_named_in_the_errors():
+    """Epochs recorded as "mixed" (a scheduler of part of the model, recorded by every layer) were left
+    unnamed: the error said to record full-rank epochs, which the run had done."""
+    run = _run([("lowrank", 1.0), ("lowrank", 1.0), ("mixed", 3.0), ("mixed", 2.0)])
+    advice = (r"its epochs \[2, 3\] are recorded as 'mixed' \(the watched dynrank layers in different forms, as with "
+              r"a scheduler of part of the model and the rest in another form\) and count as no form: record the run "
+              r"with the scheduler attached to the monitor, or with RankMonitor\(model, layers=\[the scheduled "
+              r"layers\]\)")
+    with pytest.raises(ValueError, match=r"no full-form epoch time: record full-rank epochs or pass "
+                                         r"full_epoch_seconds; " + advice):
+        cost_report(ParamCounts(full=10, lowrank=5, other=0), 6, 2, 4, run=run)
+    with pytest.raises(ValueError, match=r"the schedule needs \['adapter'\] epochs but the run recorded none "
+                                         r"\(recorded: \['lowrank', 'mixed'\]\); " + advice):
+        measured_comp_ratio(run, 6, 2, 4, full_epoch_seconds=1.0)
+    # A full-rank baseline of mixed epochs is named as the run without full epochs.
+    with pytest.raises(ValueError, match=r"no full-form epoch time: .*; its epochs \[0\] are recorded as 'mixed'"):
+        measured_comp_ratio(run, full_epoch_seconds=_run([("mixed", 2.0)]))
+    # Without mixed epochs the messages say no more than before.
+    with pytest.raises(ValueError, match=r"pass full_epoch_seconds$"):
+        measured_comp_ratio(_run([("lowrank", 1.0)]))
+
+
+def test_a_parameter_shared_by_two_layers_is_counted_once():
+    """Two full-form layers tying one weight: d counted it once per layer (580 for the 324 that train)."""
+    model = nn.Sequential(FusedLowRankLinear(16, 16, rank=4, form="full", bias=False), nn.ReLU(),
+                          FusedLowRankLinear(16, 16, rank=4, form="full", bias=False), nn.Linear(16, 4))
+    model[2].weight = model[0].weight
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 16 * 16 + 16 * 4 + 4
+    counts = param_counts(model)
+    assert counts.full == trainable
+    assert counts.layers == [("0", 16 * 16, 4 * 32), ("2", 0, 4 * 32)]     # lowrank: a switch gives each its own
+    assert counts.lowrank == 2 * 4 * 32 + 16 * 4 + 4
+    report = cost_report(model, 10, 0, None)
+    assert report.counts.full == trainable and report.lowrank_ratio == counts.lowrank / trainable
+    assert "full d=324," in str(report)
+
+
+def test_the_report_says_what_its_seconds_are_per():
+    """A profile's per-step seconds were printed as "wall-clock per epoch"."""
+    from dynrank import FormProfile
+    counts = ParamCounts(full=10, lowrank=5, other=0)
+    profile = FormProfile(seconds={"full": [4.0, 4.0], "lowrank": [1.0, 2.0], "adapter": [3.0]},
+                          trainable={"full": 10, "lowrank": 5, "adapter": 5}, device="cpu")
+    expected = (2 * 1.5 + 2 * 4.0 + 2 * 3.0) / (6 * 4.0)
+    for run in (profile, profile.records):
+        report = cost_report(counts, 6, 2, 4, run=run)
+        assert report.per == "step" and report.measured_ratio == pytest.approx(expected, rel=1e-15)
+        assert str(report).splitlines()[-1] == \
+            f"measured (wall-clock per step: adapter 3 s, full 4 s, lowrank 1.5 s): {expected:.4f}"
+    report = cost_report(counts, 6, 2, 4, run=_run([("lowrank", 1.5), ("full", 4.0), ("adapter", 3.0)]))
+    assert report.per == "epoch"
+    assert str(report).splitlines()[-1] == \
+        f"measured (wall-clock per epoch: adapter 3 s, full 4 s, lowrank 1.5 s): {expected:.4f}"
+    assert cost_report(counts, 6, 2, 4).per == "epoch"

@@ -817,3 +817,52 @@ def test_csv_load_keeps_two_switches_of_one_epoch_apart(tmp_path):
     paths = monitor.save(tmp_path / "same_kind")
     os.remove(paths["json"])
     assert _without_source(RankMonitor.load(paths["epochs"]).switches) == _without_source(monitor.switches)
+
+
+# -- the epoch's form: that of the watched layers ------------------------------------------------------------
+
+def _backbone_and_head():
+    """README's scheduler of part of a model: the backbone model[0] is scheduled, the head stays lowrank."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(FusedLowRankLinear(32, 32, rank=4), nn.ReLU()),
+                          FusedLowRankLinear(32, 4, rank=2))
+    scheduler = DynamicRankScheduler(model[0], torch.optim.SGD(model.parameters(), lr=0.1), 2, 4, epochs=6)
+    return model, scheduler
+
+
+def test_a_scheduler_of_part_of_the_model_labels_each_epoch_by_the_scheduled_layers():
+    """Every epoch with the backbone full or adapter was "mixed" (the lowrank head counted too), so
+    cost_report(run=monitor) found no full or adapter epoch and gave no measured ratio."""
+    model, scheduler = _backbone_and_head()
+    x = torch.randn(3, 32)
+    monitors = {"layers=": RankMonitor(model, layers=["0.0"]).attach(scheduler),
+                "predicate": RankMonitor(model, layers=lambda name, m: name.startswith("0.")),
+                "attached": RankMonitor(model, scheduler=scheduler),
+                "head": RankMonitor(model, layers=["1"]).attach(scheduler),       # layers= wins over the scheduler
+                "plain": RankMonitor(model)}                                       # no selection: every layer
+    for epoch in range(6):
+        scheduler.step(epoch)
+        for monitor in monitors.values():
+            with monitor.epoch(epoch):
+                model(x).sum().backward()
+    scheduled = ["lowrank"] * 2 + ["full"] * 2 + ["adapter"] * 2
+    for key in ("layers=", "predicate", "attached"):
+        assert [r["form"] for r in monitors[key].records] == scheduled, key
+    assert [r["form"] for r in monitors["head"].records] == ["lowrank"] * 6
+    assert [r["form"] for r in monitors["plain"].records] == ["lowrank"] * 2 + ["mixed"] * 4
+    assert monitors["layers="].records[2]["form_mix"] == {"lowrank": 1, "full": 1, "adapter": 0}   # every layer
+    # The measured ratio, by hand from the recorded epoch times.
+    for key in ("layers=", "attached"):
+        seconds = [r["wall_seconds"] for r in monitors[key].records]
+        t_lowrank, t_full, t_adapter = (sum(seconds[i:i + 2]) / 2 for i in (0, 2, 4))
+        expected = (2 * t_lowrank + 2 * t_full + 2 * t_adapter) / (6 * t_full)
+        report = cost_report(model, 6, 2, 4, run=monitors[key], scheduler=scheduler)
+        assert report.measured_ratio == pytest.approx(expected, rel=1e-15), key
+        assert report.epoch_seconds == {"lowrank": t_lowrank, "full": t_full, "adapter": t_adapter}
+    # A layers= selection without a dynrank layer labels by every dynrank layer, as without one.
+    model = make_model()
+    monitor = RankMonitor(model, layers=["3"])
+    model[0].inflate()
+    with monitor.epoch():
+        pass
+    assert monitor.records[0]["form"] == "mixed"

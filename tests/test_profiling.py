@@ -1,5 +1,6 @@
 """profile_forms: one copy per form, the step timed on a fake clock, the model and RNG left alone."""
 
+import re
 import types
 
 import pytest
@@ -169,3 +170,29 @@ def test_parameters_on_two_devices_are_refused():
     model[4].to("meta")
     with pytest.raises(ValueError, match="on one device; its parameters are on cpu, meta"):
         dynrank.profile_forms(model, _step, log=None)
+
+
+@pytest.mark.parametrize("form, name", [("full", "weight"), ("lowrank", "A")])
+def test_a_reparametrized_layer_is_profiled_in_its_form_only(monkeypatch, form, name):
+    """A layer under weight_norm raised the copy's form-change RuntimeError, naming neither the layer nor
+    the forms it can be profiled in."""
+    from torch.nn.utils import parametrizations
+    model = mlp()
+    if form == "full":
+        model[0].inflate()
+        model[2].inflate()
+    assert [m.form for m in model.modules() if isinstance(m, FormLayer)] == [form, form]
+    parametrizations.weight_norm(model[2], name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    others = [f for f in ("full", "lowrank", "adapter") if f != form]
+    with pytest.raises(ValueError, match=rf"layer '2' \(ParametrizedFusedLowRankLinear, {form} form\) has its {name} "
+                                         rf"reparametrized .* cannot change form and be timed in "
+                                         rf"{re.escape(repr(others))}: pass forms=\('{form}',\)"):
+        dynrank.profile_forms(model, _step, log=None)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    clock = FakeClock(monkeypatch)
+    profile = dynrank.profile_forms(model, timed_step(clock, torch.randn(5, 12), torch.arange(5) % 3),
+                                    forms=(form,), steps=1, warmup=0, log=None)
+    assert clock.calls == [form] and list(profile.seconds) == [form]
+    # the weight_norm's magnitude and direction train: the model's own trainable parameters
+    assert profile.trainable[form] == sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -171,4 +171,4 @@ def test_profile_block(capsys):
     profile = ns["profile"]
     assert list(profile.seconds) == ["full", "lowrank", "adapter"] and _forms(model) == ["lowrank"]
     out = capsys.readouterr().out
-    assert f"{profile.comp_ratio(150, 55, 120)}\n" in out and "measured (wall-clock per epoch" in out
+    assert f"{profile.comp_ratio(150, 55, 120)}\n" in out and "measured (wall-clock per step" in out
