@@ -442,14 +442,6 @@ def test_an_explicit_group_is_checked_without_a_process_group(tmp_path):
             call()
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    """A 1-process gloo group, so that a DistributedDataParallel can be built in this process."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_a_model_copy_holding_the_ddp_wrapper_is_refused(one_rank):
     model = build(seed=0)
     ddp = nn.parallel.DistributedDataParallel(model)

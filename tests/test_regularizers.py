@@ -441,7 +441,10 @@ def test_srip_state_dict_is_a_copy_and_load_checks_it():
     refused(TypeError, r"state\['0\.A'\] must be a real floating-point tensor, got list", {"0.A": [1.0]})
     refused(TypeError, r"state\['0\.A'\] must be a real floating-point tensor, got a torch\.int64 tensor",
             {"0.A": torch.ones(4, dtype=torch.int64)})
-    refused(ValueError, r"state\['0\.A'\] must be a 1-D vector, got shape \(2, 2\)", {"0.A": torch.ones(2, 2)})
+    refused(ValueError, r"state\['0\.A'\] must be a 1-D vector, or a 2-D tensor of one vector per group, got "
+                        r"shape \(2, 2, 2\)", {"0.A": torch.ones(2, 2, 2)})
+    refused(ValueError, r"state\['0\.A'\] is on the meta device: no values to start from",
+            {"0.A": torch.ones(4, device="meta")})
     for vector in (torch.zeros(4), torch.tensor([1.0, math.nan, 0.0, 0.0])):
         refused(ValueError, r"state\['0\.A'\] must be a finite vector that is not all zeros", {"0.A": vector})
     refused(ValueError, r"a 'so' regularizer keeps no warm-start vectors, got vectors for \['0\.A'\]",
@@ -476,3 +479,267 @@ def test_transformers_conv1d_kept_dense_is_regularized():
     assert rel_err(value, ref) < TOL64
     value.backward()
     assert all(modules[s].weight.grad is not None and modules[s].weight.grad.abs().max() > 0 for s in sites)
+
+
+# -- grouped convs, wrappers, sharded weights, meta models, bad weights --------------------------------
+
+def block_diagonal(kernel, groups):
+    """The matrix a conv with ``groups`` g computes with: the g (F/g) × (C/g·kh·kw) slices of its kernel on the
+    diagonal of an F × C·kh·kw matrix."""
+    return torch.block_diag(*as_matrix(kernel).chunk(groups))
+
+
+def literal(kind, M):
+    """SO (smaller side), DSO or SRIP of the matrix ``M`` by the literal formulas."""
+    m, n = M.shape
+    if kind == "so":
+        return direct_so_literal(M) if m >= n else direct_so_rows(M)
+    if kind == "dso":
+        return direct_so_literal(M) + direct_so_rows(M)
+    G = M.t() @ M if m >= n else M @ M.t()
+    return torch.linalg.matrix_norm(G - torch.eye(G.shape[0], dtype=M.dtype), ord=2)
+
+
+def _grouped_layer(case):
+    """(layer, its groups, the names of its regularized tensors)."""
+    from dynrank import LowRankConv2d
+    torch.manual_seed(11)
+    if case == "conv-depthwise":
+        return nn.Conv2d(16, 16, 3, groups=16, bias=False), 16, ["weight"]
+    if case == "conv-groups4":
+        return nn.Conv2d(8, 12, 3, groups=4), 4, ["weight"]
+    if case == "lowrank-depthwise":
+        return LowRankConv2d(8, 8, 3, rank=8, groups=8), 8, ["B", "A"]
+    layer = LowRankConv2d(16, 24, 3, rank=8, groups=4)
+    form = case.split("-")[-1]
+    if form == "lowrank":
+        return layer, 4, ["B", "A"]
+    layer.inflate()
+    with torch.no_grad():              # not of rank 2 per group: σmax(G_i − I) = 1 would be tied in every group
+        layer.weight.add_(0.2 * torch.randn_like(layer.weight))
+    if form == "full":
+        return layer, 4, ["weight"]
+    layer.deflate(init="random")
+    return layer, 4, ["B", "A"]
+
+
+@pytest.mark.parametrize("kind", ["so", "dso", "srip"])
+@pytest.mark.parametrize("case", ["conv-depthwise", "conv-groups4", "lowrank-depthwise", "svd-groups4-lowrank",
+                                  "svd-groups4-full", "svd-groups4-adapter"])
+def test_grouped_convs_are_penalised_on_their_block_diagonal_weight(kind, case):
+    """A grouped conv was penalised on its stacked kernel (F × C/g·kh·kw), whose Gram adds terms between groups
+    that the layer's block-diagonal weight does not have."""
+    layer, groups, names = _grouped_layer(case)
+    model = nn.Sequential(layer).double()
+    tensors = regularized_tensors(model)
+    assert [n for n, _ in tensors] == [f"0.{n}" for n in names]
+    reg = OrthogonalityRegularizer(0.5, kind, n_power_iterations=500)
+    value = reg(model)
+    value.backward()
+    ref_total, stacked_total = 0.0, 0.0
+    for name, tensor in tensors:
+        ref_value, ref_grad = grad_of(lambda w: literal(kind, block_diagonal(w, groups)), tensor)
+        ref_total = ref_total + ref_value
+        stacked_total = stacked_total + literal(kind, as_matrix(tensor.detach()))
+        tol = TOL64 if kind != "srip" else 1e-10
+        assert rel_err(tensor.grad, 0.5 * ref_grad) < tol, name
+    assert rel_err(value, 0.5 * ref_total) < (TOL64 if kind != "srip" else 1e-10)
+    assert rel_err(stacked_total, ref_total) > 1e-2                       # the stacked kernel's is another value
+    assert [(n, t, g) for n, t, g in regularized_tensors(model, with_groups=True)] == [(n, t, groups)
+                                                                                      for n, t in tensors]
+    if kind == "srip":
+        assert all(tuple(v.shape) == (groups, min(t.shape[0] // groups, t[0].numel()))
+                   for (_, t), v in zip(tensors, reg.state_dict().values()))
+
+
+def test_penalty_functions_take_groups():
+    """The literal formulas on the block-diagonal weight, for the functions and the exact SRIP; a depthwise conv
+    whose weight has orthonormal rows (unit filters) has no SO or SRIP penalty (it had SO ≈ 400 for 64 channels)."""
+    w = torch.randn(64, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    unit = (w / w.norm(dim=1, keepdim=True)).reshape(64, 1, 3, 3)
+    assert float(so_penalty(unit, groups=64)) < 1e-26
+    assert float(dso_penalty(unit, groups=64)) == pytest.approx(64 * 8, rel=1e-13)
+    assert float(srip_penalty(unit, None, groups=64)) < 1e-14
+    assert float(srip_penalty(unit, 3, groups=64)) < 1e-14
+    assert float(so_penalty(unit)) > 100                                    # the stacked kernel's
+    W = torch.randn(12, 2, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.3
+    big = block_diagonal(W, 4)
+    for kind, fn in (("so", so_penalty), ("dso", dso_penalty), ("srip", lambda w, g: srip_penalty(w, None, groups=g))):
+        value, grad = grad_of(lambda w: fn(w, 4), W)
+        ref_value, ref_grad = grad_of(lambda w: literal(kind, block_diagonal(w, 4)), W)
+        assert rel_err(value, ref_value) < TOL64 and rel_err(grad, ref_grad) < 1e-10, kind
+    assert rel_err(literal("so", big), so_penalty(W, groups=4)) < TOL64
+    assert gram_small(W, groups=4).shape == (4, 3, 3)
+    value, v = srip_penalty(W, 300, return_vector=True, groups=4)
+    assert v.shape == (4, 3) and rel_err(value, literal("srip", big)) < 1e-10
+    # A per-block start: a degenerate block falls back to the default start, the others are kept.
+    start = torch.randn(4, 3, dtype=torch.float64)
+    start[1] = 0.0
+    fixed = start.clone()
+    fixed[1] = torch.randn(3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)   # the default
+    assert torch.equal(srip_penalty(W, 2, start=start, groups=4), srip_penalty(W, 2, start=fixed, groups=4))
+    with pytest.raises(ValueError, match=r"start must be a tensor of shape \(4, 3\), got \(3,\)"):
+        srip_penalty(W, start=torch.ones(3), groups=4)
+    with pytest.raises(ValueError, match=r"groups \(5\) must divide the weight's first dim \(its output channels\), "
+                                         r"got shape \(12, 2, 3, 3\)"):
+        so_penalty(W, groups=5)
+    with pytest.raises(TypeError, match=r"groups must be a positive int, got str \('4'\)"):
+        dso_penalty(W, groups="4")
+    with pytest.raises(ValueError, match="groups must be a positive int, got 0"):
+        gram_small(W, groups=0)
+
+
+def test_grouped_srip_state_round_trips():
+    """A grouped conv's SRIP state is one vector per group: saved and loaded, the run goes on as uninterrupted."""
+    import io
+    from dynrank import LowRankConv2d
+
+    def build():
+        torch.manual_seed(4)
+        return nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), LowRankConv2d(8, 12, 3, rank=4, groups=2),
+                             nn.Conv2d(12, 6, 1))
+
+    model, reg = build(), SRIP(1.0, n_power_iterations=1)
+    for _ in range(3):
+        reg(model)
+    state = reg.state_dict()
+    assert {n: tuple(v.shape) for n, v in state.items()} == {"0.weight": (8, 1), "1.B": (2, 2), "1.A": (2, 2),
+                                                              "2.weight": (6,)}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    resumed = SRIP(1.0, n_power_iterations=1)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    going_on = [float(reg(model).detach()) for _ in range(3)]
+    assert [float(resumed(model).detach()) for _ in range(3)] == going_on
+    cold = SRIP(1.0, n_power_iterations=1)                   # without the state: other values
+    assert [float(cold(model).detach()) for _ in range(3)] != going_on
+
+
+def test_srip_state_saved_under_ddp_resumes_bitwise_without_it(one_rank):
+    """Tensor names carried DDP's "module." prefix, while checkpoints unwrap it: a resume without the wrapper
+    ignored the saved vectors silently, and exclude="2" had to be written "module.2"."""
+    from dynrank import DynamicRankScheduler
+    from dynrank.checkpoint import load_training_state, training_state
+    x = torch.linspace(-1.0, 1.0, 8 * 32).reshape(8, 32)
+    y = torch.linspace(0.5, -0.5, 8 * 4).reshape(8, 4)
+
+    def build():
+        torch.manual_seed(0)
+        net = nn.Sequential(FusedLowRankLinear(32, 16, rank=4), nn.ReLU(), nn.Linear(16, 4))
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        return net, optimizer, SRIP(0.1, n_power_iterations=1)
+
+    def steps(model, optimizer, reg, n):
+        for _ in range(n):
+            loss = (model(x) - y).pow(2).mean() + reg(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    net, optimizer, reg = build()
+    DynamicRankScheduler(net, optimizer, 100, 200)
+    steps(net, optimizer, reg, 10)
+    expected = net.state_dict()
+
+    net, optimizer, reg = build()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    scheduler = DynamicRankScheduler(ddp, optimizer, 100, 200)
+    steps(ddp, optimizer, reg, 5)
+    assert [n for n, _ in regularized_tensors(ddp)] == [n for n, _ in regularized_tensors(net)]
+    assert sorted(reg.state_dict()) == ["0.A", "0.B", "2.weight"]
+    assert [n for n, _ in regularized_tensors(ddp, exclude="2")] == ["0.A", "0.B"]
+    assert rel_err(SoftOrthogonality(1.0, exclude="2")(ddp), SoftOrthogonality(1.0, exclude="2")(net)) == 0.0
+    checkpoint = training_state(ddp, optimizer, scheduler, srip=reg.state_dict())
+
+    net, optimizer, reg = build()
+    scheduler = DynamicRankScheduler(net, optimizer, 100, 200)
+    extra = load_training_state(checkpoint, net, optimizer, scheduler)
+    reg.load_state_dict(extra["srip"])
+    steps(net, optimizer, reg, 5)
+    resumed = net.state_dict()
+    assert list(resumed) == list(expected) and all(torch.equal(resumed[k], expected[k]) for k in expected)
+    assert sorted(reg.state_dict()) == ["0.A", "0.B", "2.weight"]
+
+
+def test_loaded_srip_names_that_match_no_tensor_warn_once():
+    model = _model()
+    reg = SRIP(1.0)
+    reg(model)
+    state = reg.state_dict()
+    other = SRIP(1.0)
+    other.load_state_dict({"module." + n: v for n, v in state.items()} | {"0.A": state["0.A"]})
+    with pytest.warns(UserWarning, match=re.escape("SRIP: loaded vectors ['module.0.A', 'module.0.B', ") +
+                      r".* match no tensor it regularizes in the model \(its tensors: '0\.A', '0\.B', "):
+        other(model)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other(model)                                  # once, after the load
+        matching = SRIP(1.0)
+        matching.load_state_dict(state)
+        matching(model)                               # all names match: no warning
+
+
+@pytest.mark.parametrize("kind", ["so", "dso", "srip"])
+def test_regularizers_gather_fsdp2_sharded_weights(one_rank, kind):
+    """Under fully_shard the plain weights of a sharded block are DTensors after its forward: every
+    regularizer failed with "mixed torch.Tensor and DTensor"."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from dynrank.distributed import dynrank_params
+    torch.manual_seed(0)
+    net = nn.Sequential(FusedLowRankLinear(16, 12, rank=4), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(),
+                        nn.Linear(6, 5)).double()
+    reference = copy.deepcopy(net)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    make = lambda: OrthogonalityRegularizer(0.1, kind, n_power_iterations=3)
+    ref_reg = make()
+    ref_value = ref_reg(reference)
+    (reference(x).square().mean() + ref_value).backward()
+    mesh = init_device_mesh("cpu", (1,))
+    fully_shard(net[4], mesh=mesh)
+    fully_shard(net, mesh=mesh, ignored_params=dynrank_params(net))
+    reg = make()
+    out = net(x).square().mean()
+    assert isinstance(net[4].weight, DTensor)
+    value = reg(net)
+    (out + value).backward()
+    assert rel_err(value, ref_value) < TOL64
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        assert rel_err(grad, q.grad) < TOL64, name
+    if kind == "srip":
+        assert all(torch.equal(reg.state_dict()[n], v) for n, v in ref_reg.state_dict().items())
+
+
+def test_srip_on_a_meta_model_keeps_no_vectors():
+    """One call on a model built on the meta device stored meta vectors, and every call after to_empty and
+    reset_parameters failed with "Cannot copy out of meta tensor"."""
+    with torch.device("meta"):
+        model = nn.Sequential(FusedLowRankLinear(16, 12, rank=4), nn.Linear(12, 3))
+    reg = SRIP(5e-4)
+    assert reg(model).is_meta
+    assert reg.state_dict() == {}
+    model.to_empty(device="cpu")
+    for module in model:
+        module.reset_parameters()
+    assert torch.equal(reg(model), SRIP(5e-4)(model))
+    assert all(not v.is_meta for v in reg.state_dict().values()) and len(reg.state_dict()) == 3
+    W = torch.randn(5, 4)                     # a start without values is no start
+    assert torch.equal(srip_penalty(W, 3, start=torch.ones(4, device="meta")), srip_penalty(W, 3))
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (torch.tensor(1.0), ValueError, r"weight must have at least 2 dims \(matrix or conv kernel\), got shape \(\)"),
+    ([[1.0, 0.0], [0.0, 1.0]], TypeError, "weight must be a torch.Tensor, got list"),
+    (torch.ones(2, 2, dtype=torch.int64), TypeError, "weight must be floating point, got torch.int64")])
+def test_srip_penalty_checks_the_weight(bad, error, match):
+    """SRIP.penalty read the weight's shape before checking it: IndexError / AttributeError."""
+    for reg in (SoftOrthogonality(1.0), DoubleSoftOrthogonality(1.0), SRIP(1.0)):
+        with pytest.raises(error, match=match):
+            reg.penalty("w", bad)
