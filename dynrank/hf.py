@@ -20,6 +20,7 @@ import json
 import math
 import numbers
 import os
+import time
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -102,20 +103,31 @@ class DynamicRankCallback(TrainerCallback):
     each epoch is timed from its first step (after its switch) to the end
     of its last step, before the Trainer logs, evaluates and saves after it
     (``on_epoch_end`` for an ``IterableDataset`` run by ``max_steps``), with
-    the mean of the training losses logged for it (``loss``; a resume in
-    mid-epoch counts those logged before the checkpoint) and the numbers of
-    each evaluation (``eval_loss``, ...) as scalars; the switches reach it
-    from the scheduler.  So
+    the mean of the training losses logged for it (``loss``) and the numbers
+    of each evaluation made while training runs (``eval_loss``, ...; an
+    ``evaluate()`` after ``train()``, a test set's, is no epoch's) as
+    scalars; the switches reach it from the scheduler.  So
     ``monitor.records`` hold the wall time of each epoch by form, and
     ``dynrank.cost.cost_report(..., run=monitor)`` the measured cost of the
     schedule.  It is saved into each checkpoint folder
     (``rank_monitor.json`` and its CSVs, with ``rank_monitor.run.json``
-    naming the run and step), and a resume reads it back from the folder
+    naming the run, each ``train()`` its own, and step), and a resume reads
+    it back from the folder
     the Trainer loaded when that is ``<output_dir>/checkpoint-<step>`` (as
     ``resume_from_checkpoint=True`` finds it) or ``args.resume_from_checkpoint``,
-    so the records of a resumed run go back to its first epoch (an epoch cut
-    by the checkpoint is timed from the resume on).  Files there of another
-    run or step are not read: the monitor then starts with no records, with
+    so the records of a resumed run go back to its first epoch.  An epoch
+    cut by the checkpoint is timed from the resume on, with the losses and
+    evaluations the Trainer logged in it before the checkpoint
+    (``state.log_history``).  An epoch that ends only at ``on_epoch_end``
+    (an ``IterableDataset``'s) is still open when the Trainer saves at its
+    last step: ``rank_monitor.run.json`` keeps it as it stands, and a resume
+    from there records it as it stood then (its wall time up to the save,
+    its layers measured on the checkpoint's weights); the monitor's files
+    of that checkpoint alone lack it.
+    Files there of another
+    run or step are not read (a run resumed from a checkpoint into another
+    folder writes under its own name, so its checkpoints are not the first
+    run's): the monitor then starts with no records, with
     a warning, unless it was given them before ``train()``
     (``monitor.load_state_dict(RankMonitor.load(path).state_dict())``).
 
@@ -173,6 +185,7 @@ class DynamicRankCallback(TrainerCallback):
         self._losses = []
         self._begun, self._ended = [], False
         self._run = self._saved_run = None
+        self._training, self._provisional = False, None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if getattr(args, "world_size", 1) > 1:
@@ -190,13 +203,18 @@ class DynamicRankCallback(TrainerCallback):
         resumed = state.global_step > 0
         self._check_start(scheduler, start, resumed)
         self._begun, self._ended = [], False
-        self._run, self._saved_run = uuid.uuid4().hex, None
+        self._run, self._saved_run, self._provisional = uuid.uuid4().hex, None, None
         if resumed:
             self._resume(state, scheduler, kwargs.get("train_dataloader"))
         self._check_best_model(args, state)
         if self.monitor is not None:
             self._start_monitor(args, state, model, scheduler)
         self.scheduler = scheduler
+        self._training = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # An evaluation after training (a test set's) is no epoch's: it leaves the records as they are.
+        self._training = False
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # The loop's own epoch index: state.epoch at the first epoch (0, or the resumed one), then one
@@ -210,6 +228,8 @@ class DynamicRankCallback(TrainerCallback):
             # checkpoint ends an epoch.
             self._begun = [*self._begun[-1:], [epoch, state.global_step]]
             self._ended = False
+        if self._provisional is not None:
+            self._record_provisional(epoch)
         count = self._count(state)
         if count == self._last:
             return
@@ -224,16 +244,16 @@ class DynamicRankCallback(TrainerCallback):
             # The epoch's clock starts at its first step, after its switch.
             epoch = self._loop_epoch(state)
             self.monitor.start_epoch(epoch)
-            # A resume in the middle of the epoch: the losses logged in it before the checkpoint.
-            self._losses = [h["loss"] for h in state.log_history if _number(h.get("loss"))
-                            and epoch + 1e-6 < h.get("epoch", -1) < epoch + 1 - 1e-6]
+            self._relog(state, epoch)
 
     def on_step_end(self, args, state, control, **kwargs):
         # The epoch's last step: close it now, before the Trainer logs, evaluates and saves after it, so
-        # a checkpoint there holds the epoch.  (state.epoch never gets there for an IterableDataset run
-        # by max_steps: on_epoch_end closes those.)
+        # a checkpoint there holds the epoch; the run's last step ends its epoch too, cut short by
+        # max_steps.  (state.epoch never gets to the end of an IterableDataset's epoch: on_epoch_end
+        # closes those, and on_save keeps them as they stand.)
+        last = 0 < (getattr(state, "max_steps", 0) or 0) <= state.global_step
         if self.monitor is not None and self.monitor._open is not None \
-                and (state.epoch or 0) + 1e-6 >= self.monitor._open["epoch"] + 1:
+                and (last or (state.epoch or 0) + 1e-6 >= self.monitor._open["epoch"] + 1):
             self.monitor.end_epoch()
         self._keep_state(state)
 
@@ -259,11 +279,49 @@ class DynamicRankCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is not None:
+            # Whose files these are: a resume reads them only for the run and step of the checkpoint it loaded.
+            owner = {"run": self._run, "global_step": state.global_step}
+            opened = self.monitor._open
+            if opened is not None:
+                # An epoch still open may end at this step (an IterableDataset's ends at on_epoch_end, after
+                # the save): a resume past its end records it as it stands here.
+                owner["open"] = {"epoch": opened["epoch"], "scalars": dict(opened["scalars"]),
+                                 "wall_seconds": time.perf_counter() - opened["_t0"]}
             stem = os.path.join(self._checkpoint_folder(args, state), self.MONITOR_FILE)
             self.monitor.save(stem)
-            # Whose files these are: a resume reads them only for the run and step of the checkpoint it loaded.
             with open(stem + ".run.json", "w", encoding="utf-8") as f:
-                json.dump({"run": self._run, "global_step": state.global_step}, f)
+                json.dump(owner, f)
+
+    def _relog(self, state, epoch):
+        """Log to the monitor what the Trainer logged in ``epoch`` before now, as it did then: on a resume in
+        the middle of the epoch, the mean of the losses and the numbers of each evaluation from before the
+        checkpoint (``state.log_history``).  The entries of the epoch are those after the step where it
+        began (a checkpoint of an earlier dynrank tells none: those within its span of ``state.epoch``)."""
+        began = self._begun[-1][1] if self._begun and self._begun[-1][0] == epoch else None
+        if began is not None:
+            entries = [h for h in state.log_history if h.get("step", -1) > began]
+        else:
+            entries = [h for h in state.log_history if epoch + 1e-6 < h.get("epoch", -1) < epoch + 1 - 1e-6]
+        self._losses = [h["loss"] for h in entries if _number(h.get("loss"))]
+        for h in entries:
+            metrics = {k: v for k, v in h.items() if k.startswith("eval_") and _number(v)}
+            if metrics:
+                self.monitor.log(**metrics)
+        if self._losses:
+            self.monitor.log(loss=sum(self._losses) / len(self._losses))
+
+    def _record_provisional(self, epoch):
+        """At a resume's first step: the epoch left open at the checkpoint (saved by ``on_save``) ended there
+        when the loop is past it now; record it as it stood at the save, measured on the checkpoint's model.
+        Otherwise it goes on, reopened, and is timed from the resume."""
+        saved, self._provisional = self._provisional, None
+        records = self.monitor.records
+        if epoch <= saved["epoch"] or self.monitor._open is not None \
+                or (records and records[-1]["epoch"] >= saved["epoch"]):
+            return
+        self.monitor.start_epoch(saved["epoch"])
+        record = self.monitor.end_epoch(**saved["scalars"])
+        record["wall_seconds"] = saved["wall_seconds"]
 
     def _keep_state(self, state):
         """Put the scheduler's state and the epochs begun into ``state.stateful_callbacks``: the Trainer saves
@@ -299,7 +357,8 @@ class DynamicRankCallback(TrainerCallback):
                           f"{e}. {_LOADED}") from None
         self._begun, self._ended = begun, ended
         if isinstance(saved.get("run"), str):
-            self._run = self._saved_run = saved["run"]
+            # The run that saved the checkpoint, to find its monitor's files; this run writes under its own.
+            self._saved_run = saved["run"]
         if not begun or self.unit != "epoch" or dataloader is None or has_length(dataloader):
             return
         (epoch, began), previous = begun[-1], (begun[-2][1] if len(begun) == 2 else None)
@@ -350,8 +409,9 @@ class DynamicRankCallback(TrainerCallback):
                     owner = json.load(f)
             except (OSError, ValueError):
                 continue
-            if owner == {"run": self._saved_run, "global_step": state.global_step} \
-                    and os.path.exists(stem + ".json"):
+            if isinstance(owner, Mapping) and owner.get("run") == self._saved_run \
+                    and owner.get("global_step") == state.global_step and os.path.exists(stem + ".json"):
+                self._provisional = _open_epoch(owner.get("open"))
                 return stem
         warnings.warn(f"DynamicRankCallback: resuming at global step {state.global_step}, the monitor's records "
                       f"of the checkpoint loaded were not found ({' or '.join(stems)} hold none of this run "
@@ -367,8 +427,10 @@ class DynamicRankCallback(TrainerCallback):
         return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
 
     def _monitor_has_epoch(self):
-        """Whether there is a monitor and an epoch for RankMonitor.log: the open one, or the last recorded."""
-        return self.monitor is not None and (self.monitor._open is not None or bool(self.monitor.records))
+        """Whether there is a monitor and, while training runs, an epoch for RankMonitor.log: the open one, or
+        the last recorded."""
+        return self.monitor is not None and self._training \
+            and (self.monitor._open is not None or bool(self.monitor.records))
 
     def _loop_epoch(self, state):
         """The Trainer loop's epoch: counted from on_epoch_begin, else (before the first) from state.epoch."""
@@ -445,3 +507,13 @@ def _check_deflate_rank(spec):
 
 def _number(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _open_epoch(entry):
+    """The epoch left open at a save, from ``rank_monitor.run.json``'s ``"open"``, or None (none, or not the
+    form ``on_save`` writes)."""
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("epoch"), int) or isinstance(entry["epoch"], bool) \
+            or not _number(entry.get("wall_seconds")) or not isinstance(entry.get("scalars"), Mapping) \
+            or not all(isinstance(k, str) and _number(v) for k, v in entry["scalars"].items()):
+        return None
+    return entry

@@ -784,3 +784,94 @@ def test_callback_monitor_skips_another_runs_files_of_the_same_step(tmp_path):
                                 resume_from_checkpoint=str(tmp_path / "ours" / "checkpoint-8"))
     assert told.epochs == ours.epochs == [0, 1, 2, 3]
     assert told.scalar("loss") == ours.scalar("loss")
+
+
+def test_callback_monitor_keeps_the_epochs_evaluations_from_an_evaluation_after_training(tmp_path):
+    """trainer.evaluate() after train() (a test set) is no epoch's evaluation: the last epoch keeps its own."""
+    monitor, trainer, _ = _monitored_run(tmp_path, epochs=3, save="no")
+    evaluated = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert monitor.scalar("eval_loss") == ([0, 1, 2], evaluated)
+    before = [dict(r["scalars"]) for r in monitor.records]
+    test = trainer.evaluate(eval_dataset=_Tokens(8))
+    assert test["eval_loss"] != evaluated[-1]
+    assert [r["scalars"] for r in monitor.records] == before
+
+
+def test_callback_monitor_tells_a_branch_from_its_run_and_resumes_a_resumed_run(tmp_path):
+    """A run resumed from another's checkpoint writes its checkpoints under its own token: resumed from the
+    branch's checkpoint-8 into the first run's folder (whose checkpoint-8 is the first run's), the monitor
+    reads neither and warns; resumed from a checkpoint of the branch in its own folder, it reads the
+    branch's records back, epoch 0 (before the branch) included."""
+    import json
+    import shutil
+    first, _, _ = _monitored_run(tmp_path / "first")
+    shutil.copytree(tmp_path / "first" / "checkpoint-4", tmp_path / "branch" / "checkpoint-4")
+    branch, _, _ = _monitored_run(tmp_path / "branch", resume=True, max_grad_norm=0.05)
+    assert branch.epochs == [0, 1, 2, 3] and branch.scalar("loss")[1][1] != first.scalar("loss")[1][1]
+    owners = {}
+    for run, step in (("first", 8), ("branch", 8), ("branch", 12)):
+        folder = tmp_path / run / f"checkpoint-{step}"
+        owners[run, step] = json.loads((folder / "rank_monitor.run.json").read_text())["run"]
+        saved = json.loads((folder / "trainer_state.json").read_text())["stateful_callbacks"]["dynrank"]
+        assert saved["run"] == owners[run, step]
+    assert owners["branch", 8] == owners["branch", 12] != owners["first", 8]
+    with pytest.warns(UserWarning, match="monitor's records of the checkpoint loaded were not found"):
+        other, _, _ = _monitored_run(tmp_path / "first", resume=str(tmp_path / "branch" / "checkpoint-8"),
+                                     max_grad_norm=0.05)
+    assert other.epochs == [2, 3]
+    again, _, _ = _monitored_run(tmp_path / "branch", resume=str(tmp_path / "branch" / "checkpoint-12"),
+                                 max_grad_norm=0.05)
+    assert again.epochs == [0, 1, 2, 3]
+    assert again.scalar("loss") == branch.scalar("loss")
+    assert again.scalar("eval_loss") == branch.scalar("eval_loss")
+
+
+def test_callback_monitor_resumed_in_mid_epoch_keeps_what_the_epoch_logged_before(tmp_path):
+    """4 steps an epoch, a loss logged every 3 steps, an evaluation every 5, a checkpoint every 6: resumed
+    from checkpoint-6, in epoch 1 after its evaluation (step 5) and its one loss (step 6), the monitor has
+    the uninterrupted run's numbers for every epoch, epoch 1's evaluation included."""
+    import shutil
+    steps = dict(save="steps", save_steps=6, logging_steps=3, eval_strategy="steps", eval_steps=5)
+    full, _, _ = _monitored_run(tmp_path / "full", **steps)
+    assert {"loss", "eval_loss"} <= set(full.records[1]["scalars"])
+    shutil.copytree(tmp_path / "full" / "checkpoint-6", tmp_path / "again" / "checkpoint-6")
+    resumed, _, _ = _monitored_run(tmp_path / "again", resume=True, **steps)
+    assert resumed.epochs == full.epochs == [0, 1, 2, 3]
+    assert resumed.scalar("loss") == full.scalar("loss")
+    assert resumed.scalar("eval_loss") == full.scalar("eval_loss")
+    assert resumed.records[1]["scalars"] == full.records[1]["scalars"]
+
+
+@pytest.mark.parametrize("step", [1, 2, 4])
+def test_callback_monitor_keeps_an_iterable_dataset_epoch_ended_at_a_step_checkpoint(tmp_path, step):
+    """16 examples a pass, batch 8, max_steps=6: epochs end at steps 2, 4 and 6, each at on_epoch_end,
+    after the Trainer saved the step's checkpoint.  The run's last step closes its epoch before that
+    save; resumed from the checkpoint at the end of epoch 0 or 1, the monitor records that epoch as it
+    stood at the save, measured on the checkpoint's weights; resumed inside epoch 0 it goes on with it."""
+    import shutil
+
+    from dynrank import RankMonitor
+    steps = dict(save="steps", save_steps=1, logging_steps=1, eval_strategy="no", eval_data=None,
+                 data=_TokenStream(16), max_steps=6)
+    full, _, _ = _monitored_run(tmp_path / "full", **steps)
+    assert full.epochs == RankMonitor.load(str(tmp_path / "full" / "checkpoint-6" / "rank_monitor")).epochs == [0, 1, 2]
+    shutil.copytree(tmp_path / "full" / f"checkpoint-{step}", tmp_path / "again" / f"checkpoint-{step}")
+    resumed, _, _ = _monitored_run(tmp_path / "again", resume=True, **steps)
+    assert resumed.epochs == [0, 1, 2]
+    assert [r["form"] for r in resumed.records] == ["lowrank", "full", "adapter"]
+    assert [(s["epoch"], s["kind"]) for s in resumed.switches] == [(1, "inflate"), (2, "deflate")]
+    assert resumed.scalar("loss") == full.scalar("loss")
+    ended = resumed.records[step // 2 - 1] if step % 2 == 0 else None
+    if ended is not None:
+        assert ended["wall_seconds"] > 0
+        assert ended["layers"] == full.records[step // 2 - 1]["layers"]
+
+
+def test_callback_monitor_closes_the_last_epoch_cut_by_max_steps_before_the_final_save(tmp_path):
+    """4 steps an epoch, max_steps=10: the run's last epoch ends at step 10, and checkpoint-10 holds it."""
+    from dynrank import RankMonitor
+    full, _, _ = _monitored_run(tmp_path, save="steps", save_steps=5, eval_strategy="no", eval_data=None,
+                                max_steps=10)
+    saved = RankMonitor.load(str(tmp_path / "checkpoint-10" / "rank_monitor"))
+    assert saved.epochs == full.epochs == [0, 1, 2]
+    assert saved.records[2]["layers"] == full.records[2]["layers"]
