@@ -530,6 +530,7 @@ class IncrementalRankScheduler:
                 _follow_growth(copy_layer, layer)
         else:
             _truncate_rank_(layer, rank, self.optimizer)
+            self._sync(layer)                   # zero components drew fresh B columns
         if layer.A.requires_grad or layer.B.requires_grad:   # a DDP wrapper reduces the old ones
             _retire_stale(self.model, "an IncrementalRankScheduler rank change")
 

@@ -290,8 +290,19 @@ def _fsdp_run(rank):
     return {"model": full_state(model)}
 
 
+def _inrank_adapter_run(rank):
+    """A fresh adapter (product zero) truncated at IncrementalRankScheduler's construction draws random B
+    columns for its zero components; with sync_ranks they are rank 0's on every process."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, 32), nn.Tanh(), nn.Linear(32, D_OUT))
+    convert_model(model, rank_ratio=0.5, form="adapter")
+    torch.rand(rank)                    # the processes' RNG streams differ from here on
+    IncrementalRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), **INRANK, sync_ranks=True)
+    return {"model": full_state(model)}
+
+
 RUNS = {"ddp": _ddp_run, "fsdp": _fsdp_run, "buckets": _buckets_run, "inrank": _inrank_run, "bare": _bare_run,
-        "buffers": _buffers_run}
+        "buffers": _buffers_run, "inrank_adapter": _inrank_adapter_run}
 
 
 def _worker(rank, init_file, out_dir):
@@ -369,6 +380,15 @@ def test_gradients_in_ddp_buckets_and_param_groups_after_each_rewrap(two_ranks):
                                                                    if g is None}
     assert_states_match([{n: g for n, g in r["grads"].items() if g is not None} for r in ranks],
                         {n: g for n, g in reference["grads"].items() if g is not None}, "grads")
+
+
+def test_inrank_construction_syncs_the_components_it_draws(two_ranks):
+    """The truncation at construction drew each process's own B columns and broadcast none (0.94 apart)."""
+    ranks = [r["model"] for r in two_ranks["inrank_adapter"]]
+    assert ranks[0]["0.B"].shape[1] == INRANK["init_rank"] + INRANK["buffer"]
+    assert ranks[0]["0.B"].abs().sum() > 0 and not ranks[0]["0.A"].any()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
 
 
 def test_inrank_growth_with_an_ema_copy_under_ddp(two_ranks):
