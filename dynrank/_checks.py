@@ -16,18 +16,31 @@ __all__ = ["unwrap_model", "form_layers", "check_model_and_optimizer", "check_sy
            "check_copy", "check_new_copy"]
 
 
+def wrapper_chain(model):
+    """``model`` and each module inside it through DistributedDataParallel, DataParallel and torch.compile's
+    wrapper (``_orig_mod``), outermost first; the last is the user's module."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    chain = [model]
+    while True:
+        inner = chain[-1]
+        if isinstance(inner, (DataParallel, DistributedDataParallel)):
+            chain.append(inner.module)
+        elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+            chain.append(inner._orig_mod)
+        else:
+            return chain
+
+
 def unwrap_model(model):
-    """The user's module inside DistributedDataParallel / DataParallel wrappers.
+    """The user's module inside DistributedDataParallel / DataParallel / torch.compile wrappers (so layers
+    are named alike in ``torch.compile(DDP(net))``, ``DDP(net)`` and ``net``).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        model = model.module
-    return model
+    return wrapper_chain(model)[-1]
 
 
 def form_layers(model):
@@ -133,17 +146,11 @@ def _ddp_of(model):
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
     from .distributed import _WRAPPERS
-    inner = model
-    while True:
-        if isinstance(inner, DistributedDataParallel):
-            return inner, inner.module
-        compiled = getattr(inner, "_orig_mod", None)          # torch.compile's OptimizedModule
-        if isinstance(inner, DataParallel):
-            inner = inner.module
-        elif isinstance(compiled, nn.Module):
-            inner = compiled
-        else:
-            return _WRAPPERS.get(id(inner)), inner
+    chain = wrapper_chain(model)
+    ddp = next((m for m in chain if isinstance(m, DistributedDataParallel)), None)
+    if ddp is not None:
+        return ddp, ddp.module
+    return _WRAPPERS.get(id(chain[-1])), chain[-1]
 
 
 def check_layer_names(given, names, what):

@@ -139,9 +139,11 @@ def allreduce_grads(model, group=None):
 def _remember_ddp(model):
     """Note ``model`` as the current wrapper of the module inside it, if it is a DistributedDataParallel."""
     from torch.nn.parallel import DistributedDataParallel
-    from ._checks import unwrap_model
-    if isinstance(model, DistributedDataParallel):
-        _WRAPPERS[id(unwrap_model(model))] = model
+    from ._checks import wrapper_chain
+    chain = wrapper_chain(model)
+    ddp = next((m for m in chain if isinstance(m, DistributedDataParallel)), None)
+    if ddp is not None:
+        _WRAPPERS[id(chain[-1])] = ddp
 
 
 def _retire_stale(model, why):
@@ -150,13 +152,11 @@ def _retire_stale(model, why):
 
     A wrapper built by hand around the module and never passed to dynrank is not known here.
     """
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-    stale = []
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        if isinstance(model, DistributedDataParallel):
-            stale.append(model)
-        model = model.module
-    known = _WRAPPERS.pop(id(model), None)
+    from torch.nn.parallel import DistributedDataParallel
+    from ._checks import wrapper_chain
+    chain = wrapper_chain(model)
+    stale = [m for m in chain if isinstance(m, DistributedDataParallel)]
+    known = _WRAPPERS.pop(id(chain[-1]), None)
     if known is not None and all(known is not s for s in stale):
         stale.append(known)
     for ddp_model in stale:
@@ -288,7 +288,8 @@ def rewrap_ddp(ddp_model, **overrides):
         parameters are not copied; the optimizer stays valid).
 
     Raises:
-        TypeError: ``ddp_model`` is not a DistributedDataParallel.
+        TypeError: ``ddp_model`` is not a DistributedDataParallel (torch.compile's
+            wrapper of one included: re-wrap ``compiled._orig_mod`` and compile the result).
         ValueError: ``ddp_model`` delays the all-reduce of named parameters and
             ``delay_all_reduce_named_params`` is not passed again.
 
@@ -301,6 +302,11 @@ def rewrap_ddp(ddp_model, **overrides):
     import warnings
     from torch.nn.parallel import DistributedDataParallel
     if not isinstance(ddp_model, DistributedDataParallel):
+        inner = getattr(ddp_model, "_orig_mod", None)
+        if isinstance(inner, DistributedDataParallel):
+            raise TypeError("rewrap_ddp takes a DistributedDataParallel, got torch.compile's wrapper of one: "
+                            "re-wrap the one inside and compile the new wrapper again "
+                            "(model = torch.compile(rewrap_ddp(model._orig_mod)))")
         raise TypeError(f"rewrap_ddp takes a DistributedDataParallel, got {type(ddp_model).__name__}")
     kwargs = _ddp_settings(ddp_model, overrides)
     # Its hooks come off, and trained on it refuses to run: a `rewrap_ddp(model)` whose result was dropped

@@ -722,3 +722,25 @@ def test_sync_ranks_broadcasts_a_frozen_layers_fresh_factors(one_rank, monkeypat
             scheduler.step(epoch)
     layers = [m for m in model.modules() if hasattr(m, "factors") and m.form == "adapter"]
     assert layers and {id(p) for m in layers for p in m.factors().values()} <= {id(p) for p in sent}
+
+
+def test_a_compiled_ddp_model_is_named_and_retired_as_its_ddp(one_rank):
+    """torch.compile(DDP(net)): the scheduler named its layers "_orig_mod.module.0" (a checkpoint of it
+    loaded into no other run), and a switch left the DDP inside alive, training on gradients it never
+    averaged.  (The compiled wrapper is never run here: nothing is compiled.)"""
+    from dynrank.checkpoint import training_state
+    model = build(seed=0)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    compiled = torch.compile(ddp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(compiled, opt, INFLATE, DEFLATE)
+    other = build(seed=0)
+    plain = DynamicRankScheduler(other, torch.optim.SGD(other.parameters(), lr=0.1), INFLATE, DEFLATE)
+    assert list(sched.forms()) == list(plain.forms()) == ["0", "2"]
+    assert set(training_state(compiled, opt, sched)["model"]) == set(model.state_dict())
+    assert sched.step(INFLATE)
+    with pytest.raises(RuntimeError, match="DynamicRankScheduler form change.*rewrap_ddp"):
+        ddp(torch.randn(4, D_IN))
+    with pytest.raises(TypeError, match=r"torch.compile's wrapper of one: .*rewrap_ddp\(model._orig_mod\)"):
+        rewrap_ddp(compiled)
+    _one_step(rewrap_ddp(compiled._orig_mod), opt, torch.randn(4, D_IN))
