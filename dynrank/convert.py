@@ -22,10 +22,13 @@ DECOMPOSITIONS = ("svd", "tucker", "cp", "tkd-cpd")
 INITS = ("dense", "fresh")
 # Name components of residual shortcuts (torchvision: "downsample"; CIFAR ResNets: "shortcut").
 SHORTCUT_NAMES = ("shortcut", "downsample")
-# transformers modules whose own forward multiplies by a child layer's weight instead of calling the
-# layer (class name → children): a converted child's low-rank or adapter term would be skipped, silently.
+# transformers modules whose own code multiplies by a child layer's weight instead of calling the layer
+# (class name → children): a converted child's low-rank or adapter term would be skipped, silently.  Most
+# such reads are found in the classes' code (``self.<path>.weight``, :func:`_weight_reads`); these are
+# the ones that read it in a form the search does not see.
 WEIGHT_READERS = {
     "MobileBertLMPredictionHead": ("dense",),             # cat([decoder.weight.t(), dense.weight]) in a matmul
+    "LayoutLMv3Encoder": ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"),   # bias.weight[:, buckets]
     "MambaMixer": ("x_proj", "dt_proj", "out_proj"),      # dt_proj.weight @ ...; the fused kernel takes all three
     "FalconMambaMixer": ("x_proj", "dt_proj", "out_proj"),
     "JambaMambaMixer": ("dt_proj",),
@@ -223,26 +226,83 @@ def _dtype_reads(cls):
                         if f"isinstance(self.{p}.weight, torch.Tensor)" not in source))
 
 
-def _weight_readers(model, form):
-    """id(layer) → why it is kept dense: the children of the modules in :data:`WEIGHT_READERS` (every
-    form), and in lowrank form, where ``weight`` is None, the layers whose weight's dtype or device the
-    code of a transformers module above them reads (ViT's and CLIP's patch embeddings, say)."""
-    readers = {}
+# ``self.<path>.weight`` in a module's code where it computes with the weight (passes it on, indexes it,
+# multiplies by it): not a read of its dtype, device or shape, not an assignment to it.
+_VALUE_READ = re.compile(r"self\.((?:\w+(?:\[\d+\])*\.)*\w+(?:\[\d+\])*)\.weight\b"
+                         r"(?!\s*\.\s*(?:dtype|device|shape|size|data|_is_hf_initialized)\b|\s*=[^=])")
+_GUARD = re.compile(r"isinstance\(\s*self\.((?:\w+(?:\[\d+\])*\.)*\w+(?:\[\d+\])*)\.weight\s*,")
+
+
+def _as_path(path):
+    return re.sub(r"\[(\d+)\]", r".\1", path)
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_reads(cls):
+    """(computed, guarded): the paths below a transformers class whose weight the methods it defines compute
+    with (``self.<path>.weight`` passed to a function, indexed, multiplied; not its dtype, device or shape,
+    an assignment, an ``isinstance`` check, or a method with ``init`` in its name, which runs before any
+    conversion), and those it checks with ``isinstance(self.<path>.weight, ...)``."""
+    computed, guarded = set(), set()
+    for name, method in vars(cls).items():
+        if "init" in name or not inspect.isfunction(method):
+            continue
+        try:
+            source = inspect.getsource(method)
+        except (OSError, TypeError):
+            continue
+        guarded.update(_as_path(m.group(1)) for m in _GUARD.finditer(source))
+        computed.update(_as_path(m.group(1)) for m in _VALUE_READ.finditer(source)
+                        if not source[:m.start()].rstrip().endswith("isinstance("))
+    return tuple(sorted(computed)), tuple(sorted(guarded))
+
+
+def _transformers_reads(model):
+    """(module, its class's name, path, layer, kind) for each layer whose weight the code of a transformers
+    module above it reads: kind ``"computes"`` (:data:`WEIGHT_READERS` and :func:`_weight_reads`),
+    ``"dtype"`` (:func:`_dtype_reads`) or ``"guarded"`` (read only where ``isinstance`` finds a tensor)."""
     for module in model.modules():
         cls = transformers_class(module, WEIGHT_READERS)
         for attr in WEIGHT_READERS.get(cls, ()):
-            child = module._modules.get(attr)
-            if child is not None:
-                readers.setdefault(id(child), f"{cls} multiplies by {attr}.weight itself (would skip the factors)")
-        if form != "lowrank":
-            continue
+            if module._modules.get(attr) is not None:
+                yield module, cls, attr, module._modules[attr], "computes"
         for base in transformers_bases(module):
-            for path in _dtype_reads(base):
-                try:
-                    child = module.get_submodule(path)
-                except AttributeError:
-                    continue
-                readers.setdefault(id(child), f"{base.__name__} reads {path}.weight.dtype (None in lowrank form)")
+            computed, guarded = _weight_reads(base)
+            for kind, paths in (("computes", computed), ("dtype", _dtype_reads(base)), ("guarded", guarded)):
+                for path in paths:
+                    try:
+                        child = module.get_submodule(path)
+                    except AttributeError:
+                        continue
+                    yield module, base.__name__, path, child, kind
+
+
+def _weight_readers(model, form):
+    """id(layer) → why it is kept dense: the layers whose weight the code of a transformers module above them
+    computes with (every form; WavLM's attention, the Mamba mixers, :data:`WEIGHT_READERS`), and in lowrank
+    form, where ``weight`` is None, those whose weight's dtype or device it reads (ViT's and CLIP's patch
+    embeddings, say), and those it reads behind an ``isinstance`` check (T5's ``wo``) where their dtype
+    differs from every other parameter of that module (T5 loaded in float16 keeps ``wo`` in float32 and
+    casts its input to that dtype, a cast a lowrank ``wo`` would skip)."""
+    readers = {}
+    for module, owner, path, child, kind in _transformers_reads(model):
+        weight = getattr(child, "weight", None)
+        if kind == "computes":
+            reason = f"{owner} uses {path}.weight itself (would skip the factors)"
+        elif form != "lowrank":
+            continue
+        elif kind == "dtype":
+            reason = f"{owner} reads {path}.weight.dtype (None in lowrank form)"
+        elif isinstance(weight, torch.Tensor):
+            own = {id(p) for p in child.parameters()}
+            others = {p.dtype for p in module.parameters() if id(p) not in own}
+            if not others or weight.dtype in others:
+                continue
+            reason = (f"{owner} casts its input to {path}.weight.dtype ({str(weight.dtype).split('.')[-1]}, "
+                      f"unlike its other parameters), a cast skipped in lowrank form")
+        else:
+            continue
+        readers.setdefault(id(child), reason)
     return readers
 
 
@@ -304,14 +364,22 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     convolutions, layers whose weight matrix view (out × in, or
     out × in·kh·kw) has a side smaller than ``min_features``, and the
     projections inside ``nn.MultiheadAttention`` (it reads their weights
-    directly), and the layers whose weight a transformers module multiplies
-    by itself instead of calling the layer (:data:`WEIGHT_READERS`:
-    MobileBERT's MLM head ``dense``, the Mamba mixers' projections): their
-    factors would be skipped silently.  In lowrank form, where ``weight``
-    is None, also the layers whose weight's dtype or device the code of a
-    transformers module above them reads (``self.<path>.weight.dtype``
-    in its source, unless guarded by an ``isinstance`` check: ViT's and
-    CLIP's patch embeddings, say).  The first convolution is converted.  A
+    directly), and the layers whose weight a transformers module uses
+    itself instead of calling the layer: their factors would be skipped
+    silently.  These are found in the code of the transformers classes above
+    a layer (``self.<path>.weight`` passed on, indexed or multiplied, outside
+    methods with ``init`` in their name: WavLM's attention projections,
+    LayoutLMv2/v3's relative-position biases, the Mamba mixers' projections)
+    and listed in :data:`WEIGHT_READERS` (MobileBERT's MLM head ``dense``).
+    In lowrank form, where ``weight`` is None, also the layers whose
+    weight's dtype or device the code of a transformers module above them
+    reads (``self.<path>.weight.dtype`` in its source: ViT's and CLIP's
+    patch embeddings, say); where that read is guarded by an
+    ``isinstance(self.<path>.weight, torch.Tensor)`` check (T5's ``wo``),
+    only if the layer's dtype differs from every other parameter of that
+    module (a T5 loaded in float16 keeps ``wo`` in float32 and casts its
+    input to that dtype, a cast a lowrank ``wo`` would skip).  The first
+    convolution is converted.  A
     module named exactly in ``include`` is converted even when a default
     rule would keep it.
 

@@ -9,7 +9,7 @@ from ._optim import follow_unconvert
 from .functional import without_autocast
 from .conv import LowRankConv2d
 from .conv_factorizations import _axis
-from .convert import RowSummary, _noop_pre_hook, format_table, swap_in
+from .convert import RowSummary, _noop_pre_hook, _transformers_reads, format_table, swap_in
 from .linear import HOW_TO_REMOVE, FusedLowRankLinear, reparametrization
 
 __all__ = ["unconvert_model", "UnconversionSummary", "LOWRANK_CHOICES"]
@@ -178,8 +178,8 @@ def _describe(module):
     return f"Sequential({', '.join(kinds)})"
 
 
-def _replacement(layer, names, places, lowrank):
-    """(plain module, note) for ``layer``."""
+def _replacement(layer, names, places, lowrank, readers):
+    """(plain module, note) for ``layer``; ``readers``: id(layer) → which transformers module reads its weight."""
     if not isinstance(layer, (FusedLowRankLinear, LowRankConv2d)):
         raise TypeError(f"unconvert_model: {names[0]!r} is a {type(layer).__name__}, a dynrank layer with no "
                         f"plain equivalent known here (FusedLowRankLinear and LowRankConv2d have one); the "
@@ -192,7 +192,8 @@ def _replacement(layer, names, places, lowrank):
                            f"module would hold one value of it; remove it first ({HOW_TO_REMOVE}) and register "
                            f"it again on the new module; the model is left as it was")
     reader = next((f"{type(parent).__name__} reads {attr}.weight" for _, parent, attr in places
-                   if any(isinstance(parent, t) and attr in a for t, a in _READS_WEIGHT.items())), None)
+                   if any(isinstance(parent, t) and attr in a for t, a in _READS_WEIGHT.items())),
+                  readers.get(id(layer)))
     dense = layer.form != "lowrank" or lowrank == "dense" or reader is not None
     note = f"dense: {reader}" if reader and layer.form == "lowrank" and lowrank == "factored" else ""
     if not dense and getattr(layer, "_dense_type", None) is not None:
@@ -264,8 +265,11 @@ def unconvert_model(model, lowrank="factored"):
       the spatial convs carrying stride, padding, dilation, groups and padding
       mode, the last one the bias.  A layer that torch reads the weight of
       directly (``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer``,
-      ``out_proj`` of an ``nn.MultiheadAttention``) gets one dense module
-      instead (noted in the summary).  With ``lowrank="dense"``: one
+      ``out_proj`` of an ``nn.MultiheadAttention``), or that the code of a
+      transformers module above it reads the weight of (T5's ``wo``, whose
+      feed-forward checks ``isinstance(self.wo.weight, torch.Tensor)``; the
+      layers ``convert_model`` keeps dense for such reads), gets one dense
+      module instead (noted in the summary).  With ``lowrank="dense"``: one
       ``nn.Linear`` / ``nn.Conv2d`` with the rebuilt weight s·ΔW.
 
     New weights keep the layer's dtype and device and require grad where a
@@ -349,12 +353,16 @@ def unconvert_model(model, lowrank="factored"):
                          f"{type(model).__name__}: it is plain torch already, or not the converted model")
     params_before = _count(model)
     trained_before = _trained(model)
+    # A factored chain is an nn.Sequential, which has no weight for a transformers parent to read.
+    readers = {}
+    for _, owner, path, layer, _ in _transformers_reads(model):
+        readers.setdefault(id(layer), f"{owner} reads {path}.weight")
 
     # Build every replacement first: a failure leaves the model as it was.
     rows, plans = [], []
     for layer, places in layers.values():
         names = [name for name, _, _ in places]
-        new, note = _replacement(layer, names, places, lowrank)
+        new, note = _replacement(layer, names, places, lowrank, readers)
         plans.append((places, new))
         rows.append({"name": names[0], "type": type(layer).__name__, "form": layer.form,
                      "shape": tuple(layer._dense_shape()), "rank": None if layer.form == "full" else layer.rank,

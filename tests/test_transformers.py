@@ -275,15 +275,116 @@ def test_layers_whose_weight_transformers_reads_stay_dense():
     projections' weights: converted, their adapters would be skipped.  Named in include, they convert."""
     model = _mobilebert()
     summary = convert_model(model)
-    assert dict(summary.skipped)["cls.predictions.dense"] == ("MobileBertLMPredictionHead multiplies by "
+    assert dict(summary.skipped)["cls.predictions.dense"] == ("MobileBertLMPredictionHead uses "
                                                               "dense.weight itself (would skip the factors)")
     mamba = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32,
                                                                    num_hidden_layers=2, state_size=4))
     summary = convert_model(mamba)
-    kept = {name for name, note in summary.skipped if "MambaMixer multiplies" in note}
+    kept = {name for name, note in summary.skipped if "MambaMixer uses" in note}
     assert kept == {f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in ("x_proj", "dt_proj", "out_proj")}
     assert sorted(summary.converted) == ["backbone.layers.0.mixer.in_proj", "backbone.layers.1.mixer.in_proj"]
     assert convert_model(_mobilebert(), include="cls.predictions.dense").converted == ["cls.predictions.dense"]
+
+
+def _wavlm():
+    torch.manual_seed(0)
+    config = transformers.WavLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
+                                      conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                      num_conv_pos_embedding_groups=2)
+    inputs = {"input_values": torch.randn(2, 800, generator=torch.Generator().manual_seed(1), dtype=torch.float64)}
+    return transformers.WavLMModel(config).double().eval(), inputs, {
+        f"encoder.layers.{i}.attention.{p}": "WavLMAttention" for i in range(2)
+        for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+
+def _layoutlmv3():
+    torch.manual_seed(0)
+    config = transformers.LayoutLMv3Config(vocab_size=VOCAB, hidden_size=48, coordinate_size=8, shape_size=8,
+                                           num_hidden_layers=2, num_attention_heads=8, intermediate_size=64,
+                                           visual_embed=False, max_position_embeddings=64)
+    corner = torch.randint(0, 500, (2, 12, 2), generator=torch.Generator().manual_seed(2))
+    inputs = {"input_ids": tokens(), "bbox": torch.cat([corner, corner + 10], -1)}
+    return transformers.LayoutLMv3Model(config).double().eval(), inputs, {
+        f"encoder.{p}": "LayoutLMv3Encoder" for p in ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias")}
+
+
+@pytest.mark.parametrize("build", [_wavlm, _layoutlmv3], ids=["wavlm", "layoutlmv3"])
+def test_layers_whose_weight_transformers_code_uses_stay_dense(build):
+    """WavLM's attention passes ``q/k/v/out_proj.weight`` to ``F.multi_head_attention_forward`` and
+    LayoutLMv3 indexes its relative-position biases' weights: kept dense, the adapter model computes its
+    own merge (every adapter in the output and trained), and the lowrank model runs."""
+    model, inputs, readers = build()
+    summary = convert_model(model, rank_ratio=0.5, form="adapter")
+    skipped = dict(summary.skipped)
+    for name, owner in readers.items():
+        attr = name.rsplit(".", 1)[1]
+        assert skipped[name] == f"{owner} uses {attr}.weight itself (would skip the factors)"
+    with torch.no_grad():
+        ref = model(**inputs).last_hidden_state
+    torch.manual_seed(1)
+    for layer in model.modules():
+        if isinstance(layer, FusedLowRankLinear):
+            with torch.no_grad():
+                layer.A.normal_(0, 0.3)
+    out = model(**inputs).last_hidden_state
+    out.pow(2).mean().backward()
+    assert rel_err(out, ref) > 1e-3                   # the adapters change the output
+    merged = copy.deepcopy(model)
+    unconvert_model(merged)
+    with torch.no_grad():
+        assert rel_err(out, merged(**inputs).last_hidden_state) < 1e-12
+    assert all(model.get_submodule(name).A.grad is not None for name in summary.converted)
+    lowrank, inputs, _ = build()
+    summary = convert_model(lowrank, rank_ratio=0.5)
+    assert set(readers) <= {name for name, _ in summary.skipped}
+    with torch.no_grad():
+        assert torch.isfinite(lowrank(**inputs).last_hidden_state).all()
+
+
+def _t5(dtype=torch.float64):
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+        decoder_start_token_id=0)).to(dtype).eval()
+
+
+def test_unconverted_lowrank_t5_keeps_wo_a_module_with_a_weight():
+    """T5's feed-forward reads ``wo.weight`` (an ``isinstance`` check): the default factored unconvert
+    gives ``wo`` one dense Linear, and the model runs and generates as the converted one did."""
+    t5 = _t5()
+    convert_model(t5, rank_ratio=0.5)
+    ids = tokens()
+    with torch.no_grad():
+        ref = t5(input_ids=ids, decoder_input_ids=ids).logits
+    ref_generated = t5.generate(ids, max_new_tokens=5, do_sample=False)
+    summary = unconvert_model(t5)
+    wo = "encoder.block.0.layer.1.DenseReluDense.wo"
+    assert type(t5.get_submodule(wo)) is nn.Linear
+    assert dict((r["name"], r["note"]) for r in summary.rows)[wo] == "dense: T5DenseActDense reads wo.weight"
+    assert isinstance(t5.get_submodule("encoder.block.0.layer.1.DenseReluDense.wi"), nn.Sequential)
+    with torch.no_grad():
+        assert rel_err(t5(input_ids=ids, decoder_input_ids=ids).logits, ref) < 1e-12
+    assert torch.equal(t5.generate(ids, max_new_tokens=5, do_sample=False), ref_generated)
+
+
+def test_t5_in_float16_keeps_its_float32_wo_dense_in_lowrank_form():
+    """Loaded in float16, T5 keeps ``wo`` in float32 (``_keep_in_fp32_modules``) and casts its input to
+    ``wo.weight.dtype``: in lowrank form ``wo`` stays dense, and the model runs as before."""
+    t5 = _t5(torch.float16)
+    for module in t5.modules():
+        if isinstance(module, transformers.models.t5.modeling_t5.T5DenseActDense):
+            module.wo.float()
+    ids = tokens()
+    with torch.no_grad():
+        ref = t5(input_ids=ids, decoder_input_ids=ids).logits
+    summary = convert_model(t5, rank_ratio=1.0)
+    wo = "encoder.block.0.layer.1.DenseReluDense.wo"
+    assert dict(summary.skipped)[wo] == ("T5DenseActDense casts its input to wo.weight.dtype (float32, unlike its "
+                                         "other parameters), a cast skipped in lowrank form")
+    assert "encoder.block.0.layer.1.DenseReluDense.wi" in summary.converted
+    with torch.no_grad():
+        assert rel_err(t5(input_ids=ids, decoder_input_ids=ids).logits, ref) < 1e-2
 
 
 def test_dtype_reads_follow_numbered_indices():
