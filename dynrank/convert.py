@@ -226,6 +226,16 @@ def _dtype_reads(cls):
                         if f"isinstance(self.{p}.weight, torch.Tensor)" not in source))
 
 
+def _bloom_reads(module):
+    # Bloom slices these weights only in its tensor-parallel emulation; its usual path calls the layer.
+    return getattr(module, "pretraining_tp", 1) > 1 and bool(getattr(module, "slow_but_exact", False))
+
+
+# Reads of a weight in code that runs only under a module's setting (class name → {path: whether it
+# runs for this module}): the layer is kept dense only where it does.
+CONDITIONAL_READS = {"BloomAttention": {"dense": _bloom_reads}, "BloomMLP": {"dense_4h_to_h": _bloom_reads}}
+
+
 # ``self.<path>.weight`` in a module's code where it computes with the weight (passes it on, indexes it,
 # multiplies by it): not a read of its dtype, device or shape, not an assignment to it.
 _VALUE_READ = re.compile(r"self\.((?:\w+(?:\[\d+\])*\.)*\w+(?:\[\d+\])*)\.weight\b"
@@ -268,6 +278,8 @@ def _transformers_reads(model):
                 yield module, cls, attr, module._modules[attr], "computes"
         for base in transformers_bases(module):
             computed, guarded = _weight_reads(base)
+            conditions = CONDITIONAL_READS.get(base.__name__, {})
+            computed = tuple(p for p in computed if p not in conditions or conditions[p](module))
             for kind, paths in (("computes", computed), ("dtype", _dtype_reads(base)), ("guarded", guarded)):
                 for path in paths:
                     try:

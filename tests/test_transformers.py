@@ -976,3 +976,23 @@ def test_callback_monitor_closes_the_last_epoch_cut_by_max_steps_before_the_fina
     saved = RankMonitor.load(str(tmp_path / "checkpoint-10" / "rank_monitor"))
     assert saved.epochs == full.epochs == [0, 1, 2]
     assert saved.records[2]["layers"] == full.records[2]["layers"]
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["usual", "tp-emulation"])
+def test_bloom_keeps_the_layers_it_slices_dense_only_where_it_slices_them(exact):
+    """Bloom slices ``dense.weight`` and ``dense_4h_to_h.weight`` only with pretraining_tp > 1 and
+    slow_but_exact; its usual path calls the layers, which the code search alone kept dense."""
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4,
+                                      pretraining_tp=2 if exact else 1, slow_but_exact=exact)
+    model = transformers.BloomModel(config).eval()
+    summary = convert_model(model, rank_ratio=0.5)
+    sliced = {"h.0.self_attention.dense": "BloomAttention uses dense.weight itself (would skip the factors)",
+              "h.0.mlp.dense_4h_to_h": "BloomMLP uses dense_4h_to_h.weight itself (would skip the factors)"}
+    skipped = dict(summary.skipped)
+    if exact:
+        assert {name: skipped.get(name) for name in sliced} == sliced
+    else:
+        assert set(sliced) <= set(summary.converted) and "h.0.self_attention.query_key_value" in summary.converted
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens()).last_hidden_state).all()
