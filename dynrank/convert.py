@@ -207,9 +207,16 @@ def _candidates(module, prefix="", converted=False):
             yield from _candidates(child, name, converted)
 
 
+# The path of a layer below a module in its code (``self.<path>.weight``): it may index a container by a
+# number (``self.convs[0].conv``); a variable index is not followed.
+_PATH = r"((?:\w+(?:\[\d+\])*\.)*\w+(?:\[\d+\])*)"
 # ``self.<path>.weight.dtype`` (or ``.device``) in a module's code: it reads the weight of a layer below it.
-# The path may index a container by a number (``self.convs[0].conv``); a variable index is not followed.
-_DTYPE_READ = re.compile(r"self\.((?:\w+(?:\[\d+\])*\.)*\w+(?:\[\d+\])*)\.weight\.(?:dtype|device)\b")
+_DTYPE_READ = re.compile(rf"self\.{_PATH}\.weight\.(?:dtype|device)\b")
+
+
+def _as_path(path):
+    """A code path as a module path: indices as components (``convs[0].conv`` → ``convs.0.conv``)."""
+    return re.sub(r"\[(\d+)\]", r".\1", path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,8 +229,7 @@ def _dtype_reads(cls):
     except (OSError, TypeError):
         return ()
     paths = {m.group(1) for m in _DTYPE_READ.finditer(source)}
-    return tuple(sorted(re.sub(r"\[(\d+)\]", r".\1", p) for p in paths
-                        if f"isinstance(self.{p}.weight, torch.Tensor)" not in source))
+    return tuple(sorted(_as_path(p) for p in paths if f"isinstance(self.{p}.weight, torch.Tensor)" not in source))
 
 
 def _bloom_reads(module):
@@ -238,13 +244,9 @@ CONDITIONAL_READS = {"BloomAttention": {"dense": _bloom_reads}, "BloomMLP": {"de
 
 # ``self.<path>.weight`` in a module's code where it computes with the weight (passes it on, indexes it,
 # multiplies by it): not a read of its dtype, device or shape, not an assignment to it.
-_VALUE_READ = re.compile(r"self\.((?:\w+(?:\[\d+\])*\.)*\w+(?:\[\d+\])*)\.weight\b"
+_VALUE_READ = re.compile(rf"self\.{_PATH}\.weight\b"
                          r"(?!\s*\.\s*(?:dtype|device|shape|size|data|_is_hf_initialized)\b|\s*=[^=])")
-_GUARD = re.compile(r"isinstance\(\s*self\.((?:\w+(?:\[\d+\])*\.)*\w+(?:\[\d+\])*)\.weight\s*,")
-
-
-def _as_path(path):
-    return re.sub(r"\[(\d+)\]", r".\1", path)
+_GUARD = re.compile(rf"isinstance\(\s*self\.{_PATH}\.weight\s*,")
 
 
 @functools.lru_cache(maxsize=None)

@@ -262,11 +262,9 @@ class RankMonitor:
     def _watched_forms(self):
         """Forms of the dynrank layers that label an epoch (see the class docstring), in model order."""
         watched = []
-        if callable(self.layers):
-            modules = dict(self.model.named_modules())
-            watched = [n for n in self._known_forms if n in modules and self.layers(n, modules[n])]
-        elif self.layers is not None:
-            watched = [n for n in self._known_forms if n in self.layers]
+        if self.layers is not None:
+            chosen = {n for n, _ in monitored_layers(self.model, self.layers)}
+            watched = [n for n in self._known_forms if n in chosen]
         if not watched:
             watched = [n for n in self._known_forms if n in self._scheduled]
         return [self._known_forms[n] for n in (watched or self._known_forms)]
