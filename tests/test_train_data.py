@@ -158,6 +158,39 @@ def test_pickle_with_code_is_refused(tmp_path):
         load_vision("cifar10", str(tmp_path))
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda x, y: (x, [*y, 0, 0]), "data_batch_1: expected one integer label per image (4) in b'labels', got "
+                                   "int64 labels of shape (6,)"),
+    (lambda x, y: (x.astype(np.float32) / 255, y), "data_batch_1: expected 8-bit pixels (integers 0..255) in "
+                                                   "b'data', got float32 values"),
+    (lambda x, y: (x[:, :1], y), "data_batch_1: expected rows of 3,072 pixels (3×32×32 per image) in b'data', "
+                                 "got shape (4, 1, 32, 32)"),
+    (lambda x, y: (x, [float(v) for v in y]), "expected one integer label per image (4) in b'labels', got float64"),
+])
+def test_damaged_cifar_batch_is_refused_by_name(tmp_path, damage, message):
+    # Shifted labels or black images would train without a word: each batch file is checked on its own.
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar10_pickles(str(folder))
+    with open(folder / "data_batch_1", "rb") as f:
+        batch = pickle.load(f)
+    x, y = batch[b"data"].reshape(-1, 3, 32, 32), batch[b"labels"]
+    x, y = damage(x, y)
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": x, b"labels": y}, protocol=2))
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_vision("cifar10", str(tmp_path))
+
+
+def test_cifar_test_batch_label_count_is_checked(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar10_pickles(str(folder))
+    with open(folder / "test_batch", "rb") as f:
+        batch = pickle.load(f)
+    batch[b"labels"] = [*batch[b"labels"], 1]
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DataError, match=re.escape("test_batch: expected one integer label per image (6)")):
+        load_vision("cifar10", str(tmp_path))
+
+
 # -- image folders -----------------------------------------------------------------------------
 def test_png_tree_is_lossless_with_classes_sorted(tmp_path):
     written = write_image_tree(str(tmp_path / "cifar10"), "PNG")

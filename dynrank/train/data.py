@@ -207,23 +207,40 @@ def _class_names(read, member, key):
 def _cifar_from_pickles(read, name):
     """``read(member)`` → bytes; members named as in the official archive's folder."""
     if name == "cifar10":
-        train = [_unpickle(read(f"data_batch_{i}")) for i in range(1, 6)]
-        test = [_unpickle(read("test_batch"))]
+        train, test = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
         label_key = b"labels"
         classes = _class_names(read, "batches.meta", b"label_names")
     else:
-        train, test = [_unpickle(read("train"))], [_unpickle(read("test"))]
+        train, test = ["train"], ["test"]
         label_key = b"fine_labels"
         classes = _class_names(read, "meta", b"fine_label_names")
     out = []
-    for parts in (train, test):
-        try:
-            x = np.concatenate([np.asarray(p[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for p in parts])
-            y = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
-        except KeyError as err:
-            raise DataError(f"{name} pickle is missing the entry {err}; is this the {name} archive?") from None
-        out.extend(_to_tensors(x, y))
+    for members in (train, test):
+        images, labels = zip(*(_cifar_batch(_unpickle(read(m)), m, name, label_key) for m in members))
+        out.extend(_to_tensors(np.concatenate(images), np.concatenate(labels)))
     return (*out, classes)
+
+
+def _cifar_batch(batch, member, name, label_key):
+    """One batch file's (images N×3×32×32 uint8, labels N int64), refused unless it holds what the official
+    archive's does: 8-bit pixels, 3,072 of them per image, one label per image."""
+    missing = [key for key in (b"data", label_key) if not isinstance(batch, dict) or key not in batch]
+    if missing:
+        raise DataError(f"{name} pickle {member} is missing the entry {missing[0]!r}; is this the {name} "
+                        f"archive?")
+    data, labels = batch[b"data"], batch[label_key]
+    data, labels = np.asarray(data), np.asarray(labels)
+    if data.dtype.kind not in "ui" or data.size and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"{name} pickle {member}: expected 8-bit pixels (integers 0..255) in b'data', got "
+                        f"{data.dtype} values" + (f" in [{data.min()}, {data.max()}]" if data.size else ""))
+    if data.size % 3072:
+        raise DataError(f"{name} pickle {member}: expected rows of 3,072 pixels (3×32×32 per image) in "
+                        f"b'data', got shape {data.shape}")
+    images = data.astype(np.uint8).reshape(-1, 3, 32, 32)
+    if labels.dtype.kind not in "ui" or labels.shape != (len(images),):
+        raise DataError(f"{name} pickle {member}: expected one integer label per image ({len(images)}) in "
+                        f"{label_key!r}, got {labels.dtype} labels of shape {labels.shape}")
+    return images, labels.astype(np.int64)
 
 
 def _read_pickled_dir(folder, name):
