@@ -196,6 +196,7 @@ class DynamicRankCallback(TrainerCallback):
         if engine:
             raise ValueError(f"DynamicRankCallback cannot run under {engine}: it wraps and shards the parameters "
                              f"at the start of training, and a switch replaces them; train without it")
+        self._check_length(args, state)
         scheduler = DynamicRankScheduler(model, optimizer, self.inflate_epoch, self.deflate_epoch,
                                          **self.scheduler_kwargs)
         self._last = self._epoch = None
@@ -461,6 +462,24 @@ class DynamicRankCallback(TrainerCallback):
                 f"switched, or a model converted to a later form than the schedule starts with; train, or "
                 f"resume with trainer.train(resume_from_checkpoint=...), on a freshly converted model")
 
+    def _run_end(self, args, state):
+        """Where the Trainer's run ends, in the scheduler's unit (0: unknown): its optimizer steps
+        (``unit="step"``), else its epochs."""
+        if self.unit == "step":
+            return getattr(state, "max_steps", None) or 0
+        return math.ceil(getattr(state, "num_train_epochs", None) or args.num_train_epochs)
+
+    def _check_length(self, args, state):
+        """Refuse a run longer than the schedule's ``epochs=``: its last epochs would stop the Trainer with
+        the scheduler's out-of-range error after hours of training."""
+        epochs, end = self.scheduler_kwargs.get("epochs"), self._run_end(args, state)
+        if epochs is not None and end > epochs:
+            what = (f"max_steps={end} optimizer steps" if self.unit == "step"
+                    else f"num_train_epochs={getattr(state, 'num_train_epochs', None) or args.num_train_epochs} "
+                         f"({end} epochs)")
+            raise ValueError(f"DynamicRankCallback(epochs={epochs}) schedules {epochs} {self.unit}s, but this "
+                             f"Trainer runs {what}; give epochs={end} or more (or leave it out)")
+
     def _check_best_model(self, args, state):
         """Refuse ``load_best_model_at_end`` where the best checkpoint may be lowrank and the model an adapter.
 
@@ -471,10 +490,7 @@ class DynamicRankCallback(TrainerCallback):
             return
         if self.inflate_epoch in (None, 0) or self.deflate_epoch is None:
             return                                     # no lowrank phase, or no adapter phase
-        if self.unit == "step":
-            end = getattr(state, "max_steps", None) or 0
-        else:
-            end = math.ceil(getattr(state, "num_train_epochs", None) or args.num_train_epochs)
+        end = self._run_end(args, state)
         if end and self.deflate_epoch >= end:
             return                                     # the run ends before the deflate
         raise ValueError(

@@ -4,6 +4,7 @@ class (save_pretrained / from_pretrained).  Tiny configs built in the test: noth
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -696,6 +697,28 @@ def test_callback_refuses_a_second_train_call(tmp_path):
         trainer.train()
     state = model.state_dict()
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("unit, epochs, arguments, runs", [
+    ("epoch", 3, {}, "num_train_epochs=4 (4 epochs)"),
+    ("step", 6, {"max_steps": 8}, "max_steps=8 optimizer steps")])
+def test_callback_refuses_a_run_longer_than_its_epochs(tmp_path, unit, epochs, arguments, runs):
+    # Refused before the first step, not by the scheduler's range check once the schedule runs out.
+    from dynrank.hf import DynamicRankCallback
+    trainer = _trainer(tmp_path, DynamicRankCallback(1, 2, unit=unit, epochs=epochs, log=None), save="no",
+                       **arguments)
+    with pytest.raises(ValueError, match=re.escape(f"DynamicRankCallback(epochs={epochs}) schedules {epochs} "
+                                                   f"{unit}s, but this Trainer runs {runs}")):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_callback_runs_a_step_schedule_as_long_as_its_epochs(tmp_path):
+    from dynrank.hf import DynamicRankCallback
+    callback = DynamicRankCallback(1, 3, unit="step", epochs=4, log=None)
+    _train(tmp_path, callback, save="no", max_steps=4)
+    assert sorted({(count, old, new) for count, _, old, new in callback.changes}) == \
+        [(1, "lowrank", "full"), (3, "full", "adapter")]
 
 
 @pytest.mark.parametrize("deflate, refused", [(2, True), (5, False)])
