@@ -165,6 +165,14 @@ def test_compare_job_prints_table_and_writes_files(tmp_path, capsys):
                                                  "lambda_lowrank.png"]
 
 
+def test_a_dynamic_run_that_never_deflates_says_so_in_the_table(tmp_path, capsys):
+    # D = epochs: the run stays full to its end; the table read "D=None".
+    out = tmp_path / "run"
+    assert cli.main(["--schedule", "dynamic", "--epochs", "2", "--milestones", "", "--inflate-epoch", "1",
+                     "--deflate-epoch", "2", "--out", str(out)] + TINY_GPT) == 0
+    assert "dynamic (I=1, no deflate)" in (out / "compare.txt").read_text()
+
+
 def test_a_full_run_alone_summarizes_lambda_over_the_layers_a_compare_job_factorizes(tmp_path):
     """The λ column covers the layers the converted runs factorize; a full run's row says the same
     with or without them in its job (alone it used to take every layer, the dense head included)."""

@@ -199,7 +199,8 @@ def compare_table(results, kind="text", converted_layers=None):
         measured_any |= comp is not None
         label = r["schedule"]
         if r["schedule"] == "dynamic":
-            label += f" (I={r['inflate_epoch']}, D={r['deflate_epoch']})"
+            deflate = "no deflate" if r["deflate_epoch"] is None else f"D={r['deflate_epoch']}"
+            label += f" (I={r['inflate_epoch']}, {deflate})"
         elif r["schedule"] == "lowrank":
             label += f" (ρ={r['params']['rank_ratio']:g})"
         rows.append([label, f"{final['val_loss']:.4f}", score,
