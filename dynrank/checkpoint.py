@@ -29,6 +29,17 @@ def _check_training_objects(model, optimizer, scheduler):
         raise ValueError("scheduler was built with another optimizer than the one given")
 
 
+def _check_materialized(module):
+    """ValueError naming the first parameter or buffer of ``module`` on the meta device: it holds no values to
+    load into, nor to put back should the load fail."""
+    for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_meta:
+                raise ValueError(f"the model's {kind} {name!r} is on the meta device (no values to load into): "
+                                 f"call model.to_empty(device=...) before building the optimizer and the "
+                                 f"scheduler on it, then load; nothing was loaded")
+
+
 def training_state(model, optimizer, scheduler, **extra):
     """Checkpoint dict: model, optimizer and scheduler state dicts plus ``extra`` items.
 
@@ -123,6 +134,30 @@ def _check_state_shapes(optimizer):
                                      f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
 
 
+def _group_keys(optimizer):
+    """Per param group: the names of its settings (its keys among the optimizer's ``defaults``: lr, momentum,
+    betas, ...) and all its keys."""
+    return [({k for k in optimizer.defaults if k in group}, set(group)) for group in optimizer.param_groups]
+
+
+def _check_settings(optimizer, keys_before):
+    """ValueError naming the settings of this optimizer that a loaded param group lacks.
+
+    ``Optimizer.load_state_dict`` replaces each group's settings by the saved ones and the optimizer's
+    ``__setstate__`` fills in those its class added over torch versions (SGD's ``nesterov``, Adam's ``fused``,
+    ...), so a group saved by another optimizer class would load and fail the next step (``KeyError:
+    'momentum'``).  A setting the loaded group lacks after that is one this optimizer's step reads and the
+    saved group never had.
+    """
+    for g, (group, (settings, keys)) in enumerate(zip(optimizer.param_groups, keys_before)):
+        missing = sorted(settings - set(group))
+        if missing:
+            others = sorted(set(group) - keys - {"params"})
+            raise ValueError(f"the saved param_groups[{g}] lacks the settings {missing} of this "
+                             f"{type(optimizer).__name__}{f' and has {others} instead' if others else ''} "
+                             f"(saved by another optimizer class?)")
+
+
 def load_training_state(checkpoint, model, optimizer, scheduler):
     """Load a :func:`training_state` checkpoint into a freshly built model, optimizer and scheduler.
 
@@ -141,12 +176,18 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
         TypeError: ``checkpoint`` (or one of its three parts) is not a dict, or
             the model/optimizer/scheduler are not what they should be.
         ValueError: a part is missing, the scheduler was built on another model
-            or optimizer, the scheduler part is invalid for this model (see
-            :meth:`DynamicRankScheduler.load_state_dict`), or the optimizer
-            part does not fit this optimizer (torch's group-size check, or a
-            parameter's per-element state, such as momentum, moments or
-            Rprop's step sizes, of another shape than it: a state saved over
-            parameters in another order).
+            or optimizer, the model has a parameter or buffer on the meta
+            device (call ``model.to_empty(device=...)`` before building the
+            optimizer and scheduler), the scheduler part is invalid for this
+            model (see :meth:`DynamicRankScheduler.load_state_dict`), or the
+            optimizer part does not fit this optimizer (torch's group-size
+            check; a param group that lacks a setting of this optimizer, such
+            as SGD's ``momentum`` in a group AdamW saved: another optimizer
+            class; or a parameter's per-element state, such as momentum,
+            moments or Rprop's step sizes, of another shape than it: a state
+            saved over parameters in another order).  Settings of the same
+            class load with their saved values (lr, momentum, ...), as
+            ``torch.optim.Optimizer.load_state_dict`` loads them.
         RuntimeError: the model part does not fit the model (from
             ``torch.nn.Module.load_state_dict``).
 
@@ -182,9 +223,11 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
         if not isinstance(checkpoint[key], Mapping):
             raise TypeError(f"checkpoint[{key!r}] must be a state dict, got {type(checkpoint[key]).__name__}")
     _check_training_objects(model, optimizer, scheduler)
-    checked = scheduler._checked_state(checkpoint["scheduler"])   # a bad scheduler part fails before any copy
     module = unwrap_model(model)
+    _check_materialized(module)
+    checked = scheduler._checked_state(checkpoint["scheduler"])   # a bad scheduler part fails before any copy
     snapshot = _Snapshot(module, optimizer, scheduler)
+    keys_before = _group_keys(optimizer)
     part = "scheduler"
     try:
         scheduler._load_checked(checked)
@@ -192,6 +235,7 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
         module.load_state_dict(checkpoint["model"])
         part = "optimizer"
         optimizer.load_state_dict(checkpoint["optimizer"])
+        _check_settings(optimizer, keys_before)
         _check_state_shapes(optimizer)
     except (KeyError, IndexError, AttributeError, AssertionError) as e:
         snapshot.restore()
@@ -201,8 +245,8 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
         snapshot.restore()
         if part != "optimizer":
             raise
-        raise ValueError(f"checkpoint['optimizer'] does not fit this optimizer ({e}); build the optimizer over "
-                         f"the parameters, in the order, the saved run did; nothing was loaded") from e
+        raise ValueError(f"checkpoint['optimizer'] does not fit this optimizer ({e}); build the optimizer the "
+                         f"saved run did (its class, over its parameters in its order); nothing was loaded") from e
     except BaseException:
         snapshot.restore()
         raise

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ._args import as_names, check_int
 from ._checks import form_layers, unwrap_model
@@ -127,6 +130,29 @@ def _synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def _hook_computed(model):
+    """``copy.deepcopy`` memo: each tensor that a hook-based ``weight_norm``, ``spectral_norm`` or pruning
+    keeps as its module's attribute, mapped to a detached copy of it.
+
+    Such a tensor is computed from the module's parameters (``weight_g``/``weight_v``, ``weight_orig``) by
+    a forward pre-hook, so after a forward with grad it is no graph leaf, which ``deepcopy`` refuses; the
+    hook computes it again, from the copy's parameters, at the copy's first forward.
+    """
+    memo = {}
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, (WeightNorm, SpectralNorm)):
+                name = hook.name
+            elif isinstance(hook, BasePruningMethod):
+                name = hook._tensor_name
+            else:
+                continue
+            tensor = vars(module).get(name)
+            if isinstance(tensor, torch.Tensor):
+                memo[id(tensor)] = tensor.detach().clone()
+    return memo
+
+
 @torch.no_grad()
 def _in_form(model, form):
     """A copy of ``model`` whose dynrank layers are all in ``form``, at their rank, freshly drawn.
@@ -134,7 +160,7 @@ def _in_form(model, form):
     Values do not matter to a step's time, so every layer is re-allocated and drawn afresh as
     construction draws it (a frozen layer stays frozen), instead of being fitted.
     """
-    twin = copy.deepcopy(model)
+    twin = copy.deepcopy(model, _hook_computed(model))
     for _, layer in form_layers(twin):
         if layer.form != form:
             layer._allocate(form, layer.rank)
@@ -150,7 +176,9 @@ def profile_forms(model, step, optimizer=None, forms=("full", "lowrank", "adapte
     rank; values drawn afresh, the model's own weights are never touched), a fresh optimizer
     ``optimizer(params)`` over the copy's trainable parameters, ``warmup`` untimed calls of
     ``step(copy, opt)``, then ``steps`` timed ones, each up to a device synchronize.  Layers other
-    than dynrank's are copied as they are.  The caller's RNG state (CPU and the model's GPU) is
+    than dynrank's are copied as they are (a weight that a hook-based ``weight_norm``,
+    ``spectral_norm`` or pruning computes is copied detached: its hook computes it again at the
+    copy's first forward).  The caller's RNG state (CPU and the model's GPU) is
     restored afterwards, so profiling leaves a seeded run as it was.  One copy is alive at a time:
     the model's memory is needed once more while it runs.
 

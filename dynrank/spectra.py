@@ -63,10 +63,19 @@ def _check_tol(tol):
     return float(tol)
 
 
+def _given_dtype(values):
+    """float64 for a list or tuple of Python numbers (a Python float is a double, which torch would make its
+    default dtype), else None: a numpy array, numpy scalars or tensors keep their own dtype, whose eps the
+    default tol takes."""
+    if isinstance(values, (list, tuple)) and all(isinstance(x, (int, float)) for x in values):
+        return torch.float64
+    return None
+
+
 def _as_sigma(sigma):
     if not isinstance(sigma, torch.Tensor):
         try:
-            sigma = torch.as_tensor(sigma, dtype=torch.float64)
+            sigma = torch.as_tensor(sigma, dtype=_given_dtype(sigma))
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"singular values must be a 1-D tensor or sequence of numbers, got "
                             f"{type(sigma).__name__}") from exc
@@ -98,8 +107,9 @@ def effective_rank(sigma, tol=None):
 
     Args:
         sigma: 1-D singular values (any order), length p = min(m, n) — zeros included.
-        tol: relative tolerance; default p·eps(sigma.dtype) (use :func:`layer_metrics`
-            for the default based on the stored weight's shape and dtype).
+        tol: relative tolerance; default p·eps(sigma.dtype), a numpy array's own dtype too
+            (float64 for Python floats); use :func:`layer_metrics` for the default based on the
+            stored weight's shape and dtype.
 
     Returns:
         int in [0, p]; 0 for the zero matrix.
@@ -198,4 +208,5 @@ def stable_rank(sigma):
     smax = sigma.abs().max()
     if smax <= 0:
         return 0.0
-    return float((sigma ** 2).sum() / smax ** 2)
+    # Divided before squaring: σ² overflows (σ > 1e154) or underflows (σ < 1e-162) even in float64.
+    return float(((sigma / smax) ** 2).sum())

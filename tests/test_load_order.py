@@ -233,17 +233,23 @@ def test_a_state_saved_in_another_order_is_refused_by_any_per_element_entry(make
     the parameters in another order loaded without a word, and the next step failed with a bare size mismatch
     ("The size of tensor a (12) must match the size of tensor b (3)").  Now refused, and the run goes on as
     if the load had never been tried."""
+    _refused_load_leaves_the_run_as_it_was(
+        _build_for(make_opt, bias_first=True), make_opt,
+        rf"checkpoint\['optimizer'\] does not fit this optimizer \(the state '{key}' of param_groups\[0\]\['params'\]"
+        rf"\[\d+\] has shape \(3,\), the parameter \(3, 24\)\); build the optimizer .*nothing was loaded")
+
+
+def _refused_load_leaves_the_run_as_it_was(source, make_opt, message):
+    """``source``'s checkpoint after an epoch, loaded into a run of ``make_opt`` one epoch in: refused with
+    ``message``, and the run goes on exactly as a twin never given the checkpoint."""
     x, y = data()
-    source = _build_for(make_opt, bias_first=True)
     _epoch(*source, 0, x, y)
     ckpt = copy.deepcopy(training_state(*source))
     target, twin = _build_for(make_opt, seed=3), _build_for(make_opt, seed=3)
     for run in (target, twin):
         _epoch(*run, 0, x, y)
     scheduler_state = target[2].state_dict()
-    with pytest.raises(ValueError, match=rf"checkpoint\['optimizer'\] does not fit this optimizer \(the state "
-                                         rf"'{key}' of param_groups\[0\]\['params'\]\[\d+\] has shape \(3,\), the "
-                                         rf"parameter \(3, 24\)\); build the optimizer .*nothing was loaded"):
+    with pytest.raises(ValueError, match=message):
         load_training_state(ckpt, *target)
     assert target[2].state_dict() == scheduler_state
     _same(_state(*target[:2]), _state(*twin[:2]))
@@ -340,3 +346,93 @@ def test_a_full_form_checkpoint_at_another_rank_is_refused_where_the_deflate_tak
     saved["scheduler"]["deflate_rank"] = {"0": 1, "2": 2}                  # every layer deflates to a given rank
     load_training_state(saved, *target)
     assert target[2].forms() == {"0": "full", "2": "full"}
+
+
+# -- load_training_state: the optimizer's settings, and a model on the meta device ----------------------
+def _sgd(lr=1e-2):
+    return lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9)
+
+
+def _adam(lr=1e-2):
+    return lambda p: torch.optim.Adam(p, lr=lr)
+
+
+def _adamw(lr=1e-2):
+    return lambda p: torch.optim.AdamW(p, lr=lr)
+
+
+@pytest.mark.parametrize("saved_by, make_opt, missing, other", [
+    (_adamw(), _sgd(), "'dampening', 'momentum'", "'betas'"),
+    (_adam(), lambda p: torch.optim.RMSprop(p, lr=1e-2), "'alpha'", "'betas'"),
+    (lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.9), _sgd(), "'dampening'", "'alpha'"),
+], ids=["AdamW-into-SGD", "Adam-into-RMSprop", "RMSprop-into-SGD"])
+def test_an_optimizer_part_saved_by_another_class_is_refused_and_nothing_changes(saved_by, make_opt, missing,
+                                                                                  other):
+    """torch's load replaces each param group's settings by the saved ones: an AdamW checkpoint loaded into
+    an SGD optimizer without a word, its groups carrying betas and eps and no momentum, and the next step
+    failed with KeyError: 'momentum' (the load itself having "succeeded", nothing could roll it back)."""
+    name = type(make_opt(nn.Linear(1, 1).parameters())).__name__
+    _refused_load_leaves_the_run_as_it_was(
+        _build_for(saved_by), make_opt,
+        rf"^checkpoint\['optimizer'\] does not fit this optimizer \(the saved param_groups\[0\] lacks the settings "
+        rf"\[{missing}\] of this {name} and has \[[^]]*{other}[^]]*\] instead \(saved by another optimizer class\?\)\); "
+        rf"build the optimizer the saved run did .*nothing was loaded$")
+
+
+# The settings each class's __setstate__ fills in where a group lacks them (ones torch added over versions).
+_FILLED = {torch.optim.SGD: ("nesterov", "maximize", "foreach", "differentiable", "fused"),
+           torch.optim.Adam: ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"),
+           torch.optim.AdamW: ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+                               "decoupled_weight_decay")}
+
+
+@pytest.mark.parametrize("make_opt", [_sgd, _adam, _adamw], ids=["SGD", "Adam", "AdamW"])
+def test_an_optimizer_part_of_the_same_class_loads_with_its_settings(make_opt):
+    """The settings check refuses only a setting torch's own load leaves missing: a group saved before torch
+    added a setting (its class fills in the default), another lr (the saved one loads, as torch loads it), an
+    LR scheduler's initial_lr on the live groups and not the saved ones.  The resumed run goes on bit for bit
+    as the saved one."""
+    x, y = data()
+    source = _build_for(make_opt())
+    _epoch(*source, 0, x, y)
+    ckpt = copy.deepcopy(training_state(*source))
+    cls = type(source[1])
+    for group in ckpt["optimizer"]["param_groups"]:
+        for key in _FILLED[cls]:
+            group.pop(key, None)
+    target = _build_for(make_opt(lr=5e-2), seed=3)
+    torch.optim.lr_scheduler.StepLR(target[1], step_size=10)             # adds initial_lr to the live groups
+    load_training_state(ckpt, *target)
+    assert type(target[1]) is cls and target[1].param_groups[0]["lr"] == 1e-2
+    assert target[1].param_groups[0].keys() - {"params", "param_names"} == set(target[1].defaults)
+    for run in (source, target):
+        torch.manual_seed(1)
+        for epoch in range(1, EPOCHS):
+            _epoch(*run, epoch, x, y)
+    resumed, expected = _state(*target[:2]), _state(*source[:2])
+    for _, opt_state in (resumed, expected):                  # the filled-in defaults may differ (SGD's fused)
+        for group in opt_state["param_groups"]:
+            for key in (*_FILLED[cls], "initial_lr"):
+                group.pop(key, None)
+    _same(resumed, expected)
+
+
+def test_a_model_on_the_meta_device_is_refused_by_name():
+    """The rollback snapshot copied the model's state dict first: a bare NotImplementedError "Cannot copy out of
+    meta tensor; no data!" naming neither the model nor what to do."""
+    x, y = data()
+    source = _build()
+    _epoch(*source, 0, x, y)
+    ckpt = training_state(*source)
+    with torch.device("meta"):
+        target = _build()
+    with pytest.raises(ValueError, match=r"^the model's parameter '0\.bias' is on the meta device \(no values to "
+                                         r"load into\): call model\.to_empty\(device=\.\.\.\) before building the "
+                                         r"optimizer and the scheduler on it, then load; nothing was loaded$"):
+        load_training_state(ckpt, *target)
+    assert target[2].forms() == {"0": "lowrank", "2": "lowrank"} and not target[1].state
+    model = mlp()
+    model.to("meta").to_empty(device="cpu")                                # materialized, then built on
+    opt = torch.optim.AdamW(decay_groups(model), lr=1e-2)
+    load_training_state(ckpt, model, opt, DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2))
+    _same(_state(model, opt), _state(*source[:2]))

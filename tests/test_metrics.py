@@ -495,3 +495,44 @@ def test_scalar_metrics_take_sigma_in_any_order_and_agree_at_the_tolerance():
     at_tol = torch.tensor([1.0, 0.5], dtype=torch.float64)
     assert effective_rank(at_tol, 0.5) == 1 and spectral_ratio(at_tol, 0.5) == math.inf
     assert effective_rank(at_tol, 0.49) == 2 and spectral_ratio(at_tol, 0.49) == 2.0
+
+
+def test_numpy_singular_values_keep_their_dtype_for_the_default_tolerance():
+    """A numpy float32 σ (or a list of numpy float32 scalars) was made float64 first, so the default tol took
+    float64's eps: effective rank 4 and λ 5.5e7 for a rank-1 float32 matrix plus 1e-6 noise, where the same
+    values as a torch float32 tensor give 1 and ∞."""
+    W = np.outer(np.arange(1, 5), np.arange(1, 7)).astype(np.float32)
+    W += np.float32(1e-6) * np.eye(4, 6, dtype=np.float32)
+    s32 = np.linalg.svd(W, compute_uv=False)
+    assert s32.dtype == np.float32
+    # Reference: the float64 values against p·eps(float32)·σmax, the rule the docstring states.
+    s64 = s32.astype(np.float64)
+    tol32 = len(s32) * float(np.finfo(np.float32).eps)
+    expected_rank = int((s64 > tol32 * s64.max()).sum())
+    assert expected_rank == 1
+    for sigma in (s32, list(s32), torch.from_numpy(s32)):
+        assert effective_rank(sigma) == expected_rank
+        assert spectral_ratio(sigma) == math.inf
+        assert restricted_spectral_ratio(sigma, 2) == math.inf
+    # Python floats are doubles and numpy float64 stays float64: float64's eps, so 1e-10 counts.
+    tol64 = 2 * float(np.finfo(np.float64).eps)
+    assert 1e-10 > tol64
+    for sigma in ([1.0, 1e-10], np.array([1.0, 1e-10]), [np.float64(1.0), np.float64(1e-10)]):
+        assert effective_rank(sigma) == 2
+        assert spectral_ratio(sigma) == pytest.approx(1e10, rel=1e-15)
+    assert effective_rank(np.array([3, 0])) == 1                      # integers are measured as float64
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-170, 1e300])
+def test_stable_rank_does_not_depend_on_the_scale(scale):
+    """stable_rank squared σ before dividing by σmax²: inf/inf or 0/0 = NaN in float64 beyond ~1e154 and below
+    ~1e-162, where the other metrics stay finite."""
+    assert stable_rank(torch.tensor([scale, scale], dtype=torch.float64)) == 2.0
+    assert stable_rank([2.0 * scale, scale, scale]) == pytest.approx(1.5, rel=1e-15)
+    assert stable_rank([1e-323, 5e-324, 5e-324]) == 1.5                 # subnormal: 2, 1 and 1 ulps
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3, dtype=torch.float64)
+    fro, two = np.linalg.norm(layer.weight.detach().numpy(), "fro"), np.linalg.norm(layer.weight.detach().numpy(), 2)
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+    assert layer_metrics(layer).stable_rank == pytest.approx(fro ** 2 / two ** 2, rel=1e-12)

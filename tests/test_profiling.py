@@ -196,3 +196,74 @@ def test_a_reparametrized_layer_is_profiled_in_its_form_only(monkeypatch, form, 
     assert clock.calls == [form] and list(profile.seconds) == [form]
     # the weight_norm's magnitude and direction train: the model's own trainable parameters
     assert profile.trainable[form] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _hook_norm(kind, module):
+    """``module`` under a hook-based reparametrization of its weight; the parameters it is computed from."""
+    if kind == "weight_norm":
+        torch.nn.utils.weight_norm(module)
+        return ["weight_g", "weight_v"]
+    if kind == "spectral_norm":
+        torch.nn.utils.spectral_norm(module)
+        return ["weight_orig"]
+    torch.nn.utils.prune.l1_unstructured(module, "weight", amount=0.5)
+    return ["weight_orig"]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")               # torch.nn.utils.weight_norm is deprecated
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "prune"])
+def test_a_hook_based_weight_norm_on_a_plain_layer_is_copied_and_trains(monkeypatch, kind):
+    """The hook-based weight_norm, spectral_norm and pruning keep the weight they compute as a module
+    attribute, no graph leaf after a forward: the copy raised torch's "Only Tensors created explicitly by the
+    user (graph leaves) support the deepcopy protocol".  Now the copy's hook computes it again from the
+    copy's parameters, which get their gradients, and the model is left alone."""
+    x, y = torch.randn(5, 12), torch.arange(5) % 3
+    clock = FakeClock(monkeypatch)
+    plain = dynrank.profile_forms(mlp(), timed_step(clock, x, y), steps=1, warmup=0, log=None)
+    model = mlp()
+    sources = _hook_norm(kind, model[4])
+    nn.functional.cross_entropy(model(x), y).backward()                  # the computed weight is no leaf now
+    assert model[4].weight.grad_fn is not None
+    weight = model[4].weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    twins = []
+
+    def step(twin, optimizer):
+        timed_step(clock, x, y)(twin, optimizer)
+        twins.append(twin)
+
+    clock.calls.clear()
+    profile = dynrank.profile_forms(model, step, steps=1, warmup=0, log=None)
+    assert clock.calls == ["full", "lowrank", "adapter"]
+    head = sum(getattr(model[4], n).numel() for n in sources) - weight.numel()
+    assert profile.trainable == {form: n + head for form, n in plain.trainable.items()}
+    for twin in twins:                     # the weight was computed from the copy's parameters, which trained
+        assert twin[4].weight.grad_fn is not None
+        for n in sources:
+            assert getattr(twin[4], n) is not getattr(model[4], n) and getattr(twin[4], n).grad is not None
+    assert model[4].weight is weight and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_dynrank_layer_under_hook_based_weight_norm_is_profiled_in_its_form(monkeypatch):
+    """The documented way to profile a dynrank layer under the hook-based weight_norm, forms=("full",),
+    failed in the copy as on a plain layer."""
+    x, y = torch.randn(5, 12), torch.arange(5) % 3
+    model = mlp()
+    model[0].inflate()
+    model[2].inflate()
+    torch.nn.utils.weight_norm(model[0])
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    clock = FakeClock(monkeypatch)
+    twins = []
+
+    def step(twin, optimizer):
+        timed_step(clock, x, y)(twin, optimizer)
+        twins.append(twin)
+
+    profile = dynrank.profile_forms(model, step, forms=("full",), steps=1, warmup=0, log=None)
+    assert clock.calls == ["full"] and list(profile.seconds) == ["full"]
+    assert profile.trainable["full"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert twins[0][0].weight_g.grad is not None and twins[0][0].weight_v.grad is not None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
