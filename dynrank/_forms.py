@@ -117,7 +117,9 @@ class FormLayer(nn.Module):
       ``weight += alpha * merged(factors)``;
     - ``_fit_factors(weight, rank)``: dict of factors whose merged product is
       the best rank-``rank`` approximation of ``weight`` (in the layer's scale;
-      called through :meth:`_fit`, with finite values that are not all zero);
+      called through :meth:`_fit`, with finite values that are not all zero),
+      where a component the fit leaves at zero has the zero-output init, so
+      that it trains;
       ``_fit_name`` and ``weight_kind`` name the fit and the weight in errors;
     - ``_check_rank(rank)``: validated rank (raises ValueError/TypeError);
     - ``_rank_from_state(state_dict, prefix)``: the rank stored in a state dict;
@@ -411,7 +413,8 @@ class FormLayer(nn.Module):
         Raises:
             RuntimeError: if the layer is not in full form, or its weight is reparametrized
                 (``torch.nn.utils.parametrize``; nothing is changed).
-            ValueError: unknown ``init`` or invalid ``rank``.
+            ValueError: unknown ``init`` or invalid ``rank``; with ``init="svd"``, a weight with
+                NaN/inf entries, or a CP fit (cp, tkd-cpd) that fails at every CP rank down to 1.
         """
         if self._form != "full":
             raise RuntimeError(f"{type(self).__name__} is in {self._form} form; deflate applies to "

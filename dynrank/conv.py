@@ -460,7 +460,7 @@ class LowRankConv2d(FormLayer):
         return self.decomposition
 
     def _fit_factors(self, weight, rank):
-        fit = self._dec.fit(weight.detach().double().cpu(), rank, self.scale_for(rank), self.groups)
+        fit = self._dec.fit(weight.detach().double().cpu(), rank, self.scale_for(rank), self.groups, weight.dtype)
         return {k: v.to(device=weight.device, dtype=weight.dtype) for k, v in fit.items()}
 
     def _rank_from_state(self, state_dict, prefix):
@@ -480,7 +480,13 @@ class LowRankConv2d(FormLayer):
         best fit is zero, but all-zero factors never get a gradient) gets the
         zero-output init of ``deflate(init="zeros")`` in every decomposition:
         the output-side factor zero (tucker: the core; tkd-cpd: ``core_out``),
-        the others random.  A kernel on the meta device has no values: the
+        the others random.  So do the components a fit leaves at zero: svd's
+        of singular value zero (a kernel of rank below r/g in a group, e.g. a
+        depthwise conv's all-zero filter), and, where ALS cannot run at the
+        CP rank (a kernel of lower CP rank, e.g. an inflated cp layer's), the
+        components beyond the largest CP rank at which it runs.  (Tucker needs
+        neither: its surplus components keep orthonormal A and B columns beside
+        a zero core slice, and train.)  A kernel on the meta device has no values: the
         factors get the fresh init (shapes only).  ``form="adapter"``: the
         kernel becomes W_f with a zero adapter.  ``form="full"``: W is kept.
 
@@ -491,7 +497,7 @@ class LowRankConv2d(FormLayer):
                 :func:`~dynrank.linear.own_computation`).
             ValueError: invalid rank, rank_ratio, decomposition or form; a kernel
                 with NaN/inf entries (lowrank form); a CP fit (cp, tkd-cpd) that
-                fails on a degenerate kernel (e.g. constant or one-hot); an
+                fails at every CP rank down to 1; an
                 ``nn.LazyConv2d`` not run yet (its kernel has no shape).
 
         Example:

@@ -115,27 +115,45 @@ def _tensorly_numpy():
 
 
 def _parafac(tensor, rank):
-    """CP of a float64 numpy tensor: (weights, [factor (dim, rank) per mode]).
+    """CP of a float64 numpy tensor: (weights (r,), [factor (dim, r) per mode]), r ≤ ``rank``.
+
+    ALS fails (numpy's ``LinAlgError``, e.g. "Singular matrix") where the tensor
+    has too few independent terms for ``rank`` (a kernel of lower CP rank, such as
+    an inflated lowrank cp layer's; a constant or one-hot kernel): the fit is then
+    run at rank − 1, rank − 2, ... and r is the first rank at which it succeeds.
+    The caller gives the rank − r components it lacks the zero-output init
+    (:func:`_pad_cp`).  Each failed try is an ALS run cut short where it met
+    the singular system.
 
     Raises:
-        ValueError: ALS failed (numpy's ``LinAlgError``, e.g. "Singular matrix"):
-            the tensor has too few independent terms for ``rank`` (a constant or
-            one-hot kernel, a kernel that is zero but for a few entries).
+        ValueError: ALS failed at every CP rank from ``rank`` down to 1.
     """
     import numpy as np
     from tensorly.decomposition import parafac
-    try:
-        with _tensorly_numpy():
-            # Line search: ALS on kernels swamps (slow error decrease); it buys a
-            # better fit per second here (kernel 64×64×3×3, rank 32: 0.879 vs 0.881
-            # relative error, 1.8 s vs 1.2 s).
-            cp = parafac(tensor, rank=rank, init="svd", normalize_factors=True, n_iter_max=100, tol=1e-10,
-                         linesearch=True, random_state=0)
-    except np.linalg.LinAlgError as e:
-        raise ValueError(f"the CP fit (ALS) of a {'×'.join(map(str, tensor.shape))} tensor at CP rank {rank} "
-                         f"failed ({e}): the tensor is too degenerate for that rank (e.g. of lower rank); "
-                         f"use a smaller rank, decomposition 'svd' or 'tucker', or a fresh init") from e
-    return cp.weights, cp.factors
+    for r in range(rank, 0, -1):
+        try:
+            with _tensorly_numpy():
+                # Line search: ALS on kernels swamps (slow error decrease); it buys a
+                # better fit per second here (kernel 64×64×3×3, rank 32: 0.879 vs 0.881
+                # relative error, 1.8 s vs 1.2 s).
+                cp = parafac(tensor, rank=r, init="svd", normalize_factors=True, n_iter_max=100, tol=1e-10,
+                             linesearch=True, random_state=0)
+            return cp.weights, cp.factors
+        except np.linalg.LinAlgError as e:
+            error = e
+    raise ValueError(f"the CP fit (ALS) of a {'×'.join(map(str, tensor.shape))} tensor at CP rank {rank} "
+                     f"failed ({error}), and at every lower rank: the tensor is too degenerate for a CP fit; "
+                     f"use decomposition 'svd' or 'tucker', or a fresh init") from error
+
+
+def _pad_cp(factors, fresh):
+    """The CP factors (dim, r) of a fit at a CP rank r below the layer's (:func:`_parafac`), completed
+    with the components r.. of ``fresh``: the layer's zero-output init of the same factors, as its
+    kernels (the output-side one first, (dim, rank, 1, 1) and zero; the others (rank, ...)), so that
+    every component trains."""
+    r = factors[0].shape[1]
+    columns = [_matrix(fresh[0])] + [g.reshape(g.shape[0], -1).t() for g in fresh[1:]]
+    return [torch.cat([f, g[:, r:]], dim=1) for f, g in zip(factors, columns)]
 
 
 def _partial_tucker(tensor, r_out, r_in):
@@ -221,8 +239,14 @@ class Factorization:
         """The chain as a list of (kernel, kind, groups); kind is pointwise/spatial/h/w."""
         raise NotImplementedError
 
-    def fit(self, weight, rank, scale, groups):
-        """Factors (float64, CPU) fitted to the float64 CPU kernel ``weight``."""
+    def fit(self, weight, rank, scale, groups, dtype=None):
+        """Factors (float64, CPU) fitted to the float64 CPU kernel ``weight``.
+
+        ``dtype`` is the dtype the layer holds the kernel in (default float64): its rounding bounds the
+        singular values the svd fit counts as zero.  A component the fit leaves at zero (svd: of
+        singular value zero; cp, tkd-cpd: beyond the CP rank ALS ran at, see :func:`_parafac`) gets
+        the zero-output init (``init_factors``), so that it trains.
+        """
         raise NotImplementedError
 
 
@@ -268,12 +292,16 @@ class SVDConv(Factorization):
         A = factors["A"] if scale == 1.0 else factors["A"] * scale
         return [(factors["B"], "spatial", groups), (A, "pointwise", groups)]
 
-    def fit(self, weight, rank, scale, groups):
+    def fit(self, weight, rank, scale, groups, dtype=None):
         F_out, Cg, kh, kw = weight.shape
         Fg, rg = F_out // groups, rank // groups
+
+        def fresh():      # a group's B columns of the zero-output init (init_factors' B, for one group)
+            return _glorot((rg, Cg, kh, kw), rg, weight.device, weight.dtype).reshape(rg, -1).t()
+
         As, Bs = [], []
         for g in range(groups):
-            A, B = svd_factors(weight[g * Fg:(g + 1) * Fg].reshape(Fg, -1), rg, scale)
+            A, B = svd_factors(weight[g * Fg:(g + 1) * Fg].reshape(Fg, -1), rg, scale, fresh, dtype)
             As.append(A)
             Bs.append(B.t())
         return {"B": torch.cat(Bs).reshape(rank, Cg, kh, kw), "A": torch.cat(As).reshape(F_out, rg, 1, 1)}
@@ -309,7 +337,7 @@ class TuckerConv(Factorization):
         A = factors["A"] if scale == 1.0 else factors["A"] * scale
         return [(factors["B"], "pointwise", 1), (factors["core"], "spatial", 1), (A, "pointwise", 1)]
 
-    def fit(self, weight, rank, scale, groups):
+    def fit(self, weight, rank, scale, groups, dtype=None):
         r_in, r_out = rank
         core, u_out, u_in = _partial_tucker(weight.numpy(), r_out, r_in)
         u_out, u_in = torch.as_tensor(u_out), torch.as_tensor(u_in)
@@ -351,9 +379,12 @@ class CPConv(Factorization):
         return [(factors["B"], "pointwise", 1), (factors["Kh"], "h", factors["Kh"].shape[0]),
                 (factors["Kw"], "w", factors["Kw"].shape[0]), (A, "pointwise", 1)]
 
-    def fit(self, weight, rank, scale, groups):
-        weights, (f_out, f_in, f_h, f_w) = _parafac(weight.numpy(), rank)
-        A, B, Kh, Kw = _spread_cp(weights, [f_out, f_in, f_h, f_w], scale)
+    def fit(self, weight, rank, scale, groups, dtype=None):
+        weights, cp = _parafac(weight.numpy(), rank)
+        A, B, Kh, Kw = _spread_cp(weights, cp, scale)
+        if len(weights) < rank:
+            fresh = self.init_factors(rank, KernelShape(*weight.shape), True, weight.device, weight.dtype)
+            A, B, Kh, Kw = _pad_cp([A, B, Kh, Kw], [fresh[n] for n in ("A", "B", "Kh", "Kw")])
         return {"B": B.t().reshape(rank, -1, 1, 1).contiguous(), "Kh": Kh.t().reshape(rank, 1, -1, 1).contiguous(),
                 "Kw": Kw.t().reshape(rank, 1, 1, -1).contiguous(), "A": A.reshape(-1, rank, 1, 1).contiguous()}
 
@@ -408,11 +439,14 @@ class TKDCPDConv(Factorization):
             tail = [(co, "pointwise", 1), (A, "pointwise", 1)]
         return head + [(Kh, "h", R), (Kw, "w", R)] + tail
 
-    def fit(self, weight, rank, scale, groups):
+    def fit(self, weight, rank, scale, groups, dtype=None):
         r_in, R, r_out = rank
         core, u_out, u_in = _partial_tucker(weight.numpy(), r_out, r_in)
-        weights, (p_out, p_in, f_h, f_w) = _parafac(core, R)
-        co, ci, Kh, Kw = _spread_cp(weights, [p_out, p_in, f_h, f_w], scale)
+        weights, cp = _parafac(core, R)
+        co, ci, Kh, Kw = _spread_cp(weights, cp, scale)
+        if len(weights) < R:
+            fresh = self.init_factors(rank, KernelShape(*weight.shape), True, weight.device, weight.dtype)
+            co, ci, Kh, Kw = _pad_cp([co, ci, Kh, Kw], [fresh[n] for n in ("core_out", "core_in", "Kh", "Kw")])
         u_out, u_in = torch.as_tensor(u_out), torch.as_tensor(u_in)
         return {"B": u_in.t().reshape(r_in, -1, 1, 1).contiguous(),
                 "core_in": ci.t().reshape(R, r_in, 1, 1).contiguous(),

@@ -240,24 +240,17 @@ def _truncate_rank_(layer, rank, optimizer=None):
 
     A component whose singular value is zero (every one of a fresh adapter's zero product, the surplus
     of a rank-deficient one) would get zero A and B columns, a saddle point that never receives a
-    gradient: it gets the layer's zero-output init instead (A column zero, B column random, as
-    :meth:`FusedLowRankLinear.from_dense` gives an all-zero weight), so the product is the same (up to
-    the rounding of the layer's dtype) and every component trains.  Zero means below σ_max times the
-    layer dtype's eps plus the float64 SVD's own tolerance (``torch.linalg.matrix_rank``'s
-    max(out, in)·eps): the tail of a rank-deficient product held in float32 lies near 0.1·eps·σ_max.
+    gradient: it gets the layer's zero-output init instead (A column zero, B column random), so the
+    product is the same (up to the rounding of the layer's dtype) and every component trains.  The
+    SVD fit and its test for zero are :func:`~dynrank.linear.svd_factors`, which ``from_dense`` and
+    ``deflate(init="svd")`` use too.
     """
     layer._check_switchable()
     old = [layer.A, layer.B]
     merged = torch.zeros(layer.out_features, layer.in_features, dtype=layer.A.dtype, device=layer.A.device)
     layer._merge_into_(merged, 1.0, layer.factors())
-    A, B = svd_factors(merged, rank, layer.scale_for(rank))
-    if not merged.is_meta:                          # meta factors have no values to test
-        sigma = _lowrank_singular_values(layer)[:rank]
-        floor = torch.finfo(merged.dtype).eps + max(merged.shape) * torch.finfo(torch.float64).eps
-        dead = sigma <= sigma[0] * floor
-        if dead.any():                              # no random numbers drawn otherwise
-            fresh = layer._init_factors(rank, True, device=A.device, dtype=A.dtype)
-            A[:, dead], B[:, dead] = fresh["A"][:, dead], fresh["B"][:, dead]
+    A, B = svd_factors(merged, rank, layer.scale_for(rank),
+                       fresh=lambda: layer._init_factors(rank, True, device=merged.device, dtype=merged.dtype)["B"])
     _install(layer, A, B, rank, *old)
     if optimizer is not None:
         replace_params(optimizer, old, [layer.A, layer.B], owner=layer, old_names=dict(zip(map(id, old), "AB")))

@@ -313,7 +313,8 @@ class FusedLowRankLinear(FormLayer):
     _fit_name = "SVD"
 
     def _fit_factors(self, weight, rank):
-        A, B = svd_factors(weight, rank, self.scale_for(rank))
+        A, B = svd_factors(weight, rank, self.scale_for(rank),
+                           fresh=lambda: self._init_factors(rank, True, weight.device, weight.dtype)["B"])
         return {"A": A, "B": B}
 
     def _rank_from_state(self, state_dict, prefix):
@@ -331,9 +332,11 @@ class FusedLowRankLinear(FormLayer):
         ``lowrank="dense"``).
 
         ``form="lowrank"``: A, B from the truncated SVD of the dense weight (the
-        best rank-``rank`` approximation, √σ split between A and B); an all-zero
-        weight gets A = 0 and a random B instead (still exactly zero, but
-        trainable: A = B = 0 would never get a gradient).
+        best rank-``rank`` approximation, √σ split between A and B); a component
+        of singular value zero (all of an all-zero weight's, the surplus of a
+        weight of rank below ``rank``) gets an A column of 0 and a random B
+        column instead (the same product, but trainable: A = B = 0 would never
+        get a gradient; see :func:`svd_factors`).
         ``form="adapter"``: the dense weight becomes W_f with a zero-output adapter.
         ``form="full"``: the dense weight is kept as W.
 
@@ -414,14 +417,31 @@ class FusedLowRankLinear(FormLayer):
 
 
 @torch.no_grad()
-def svd_factors(weight, rank, scale=1.0):
+def svd_factors(weight, rank, scale=1.0, fresh=None, dtype=None):
     """Best rank-``rank`` factors of a 2-D ``weight``: scale·A·Bᵀ ≈ weight.
 
-    The SVD runs in float64; √σ goes to each side, so A and B are balanced.
+    The SVD runs in float64; √σ goes to each side, so A and B are balanced.  A component whose
+    singular value is zero (every one of an all-zero weight's, the surplus of a weight of rank below
+    ``rank``) would get zero A and B columns, a saddle point that never receives a gradient: with
+    ``fresh`` it gets the zero-output init instead, A column zero and B column that of ``fresh()``
+    (the layer's random (in, rank) B init, called only where a component is zero, so no random
+    numbers are drawn otherwise).  The product is the same up to the rounding of ``dtype``, and every
+    component trains.  Zero means at most σ_max times ``dtype``'s eps plus the float64 SVD's own
+    tolerance (``torch.linalg.matrix_rank``'s max(out, in)·eps): the tail of a rank-deficient weight
+    held in float32 lies near 0.1·eps·σ_max.  ``dtype`` is the dtype the weight is held in (default:
+    its own; a layer's kernel upcast for the fit gives the layer's).
+
     Returns (A (out, rank), B (in, rank)) in weight's dtype and device.
     """
     U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    root = (S[:rank] / scale).sqrt()
-    A = U[:, :rank] * root
-    B = Vh[:rank].t() * root
-    return A.to(weight.dtype), B.to(weight.dtype)
+    S = S[:rank]
+    root = (S / scale).sqrt()
+    A = (U[:, :rank] * root).to(weight.dtype)
+    B = (Vh[:rank].t() * root).to(weight.dtype)
+    if fresh is not None and not weight.is_meta:        # meta has no values to test
+        eps = torch.finfo(weight.dtype if dtype is None else dtype).eps
+        dead = S <= S[0] * (eps + max(weight.shape) * torch.finfo(torch.float64).eps)
+        if dead.any():
+            A[:, dead] = 0
+            B[:, dead] = fresh().to(B)[:, dead]
+    return A, B

@@ -201,9 +201,125 @@ def test_from_dense_refuses_a_kernel_it_cannot_fit(dec, monkeypatch):
             raise np.linalg.LinAlgError("Singular matrix")
         monkeypatch.setattr("tensorly.decomposition.parafac", singular)
         with pytest.raises(ValueError, match=r"the CP fit \(ALS\) of a .* tensor at CP rank [34] failed \(Singular "
-                                             r"matrix\).*use a smaller rank, decomposition 'svd' or 'tucker'"):
+                                             r"matrix\), and at every lower rank.*use decomposition 'svd' or 'tucker'"):
             LowRankConv2d.from_dense(_dense_conv(torch.randn(7, 5, 3, 3, dtype=F64)), rank=RANKS[dec],
                                      decomposition=dec)
+
+
+def _svd_components(layer, t, name):
+    """Norm of each svd component k's part of ``t``, factor ``name`` or its gradient (A: group k // (r/g),
+    column k % (r/g); B: row k)."""
+    if name == "B":
+        return t.flatten(1).norm(dim=1)
+    rg, Fg = layer.rank // layer.groups, layer.out_channels // layer.groups
+    return torch.stack([t[k // rg * Fg:(k // rg + 1) * Fg, k % rg].norm() for k in range(layer.rank)])
+
+
+@pytest.mark.parametrize("alpha", [None, 4.0])
+@pytest.mark.parametrize("case", ["depthwise, one zero filter", "4 zero filters of 8", "deflate above W's rank"])
+def test_svd_fit_of_a_rank_deficient_kernel_keeps_every_component_trainable(case, alpha):
+    """A component of singular value zero got A = B = 0 (or ≈1e-8 each), a saddle point without gradient, so
+    the layer trained at a lower rank (a depthwise conv's zero filter never trained); it now gets the
+    zero-output init (A zero, B random): the same function, every component trains."""
+    torch.manual_seed(0)
+    if case == "deflate above W's rank":
+        layer = LowRankConv2d(8, 8, 3, rank=2, padding=1, alpha=alpha, dtype=F64)
+        randomize(layer)
+        conv = reference_conv(layer)
+        with torch.no_grad():
+            conv.weight.copy_(layer.inflate().weight)
+            conv.bias.copy_(layer.bias)
+        layer.deflate(rank=6, init="svd")
+        dead = [2, 3, 4, 5]
+    else:
+        groups, rank, dead = (8, 8, [3]) if case.startswith("depthwise") else (1, 6, [4, 5])
+        conv = nn.Conv2d(8, 8, 3, padding=1, groups=groups, dtype=F64)
+        with torch.no_grad():
+            conv.weight[3 if groups > 1 else slice(0, 4)] = 0
+        layer = LowRankConv2d.from_dense(conv, rank=rank, alpha=alpha)
+    live = [k for k in range(layer.rank) if k not in dead]
+    x = torch.randn(2, 8, 6, 6, dtype=F64)
+    y = layer(x)
+    assert rel_err(y, conv(x)) < TOL
+    g_A, g_B = torch.autograd.grad((y * torch.randn_like(y)).sum(), [layer.A, layer.B])
+    g_A, g_B = _svd_components(layer, g_A, "A"), _svd_components(layer, g_B, "B")
+    assert g_A[dead].min() > 1e-3 * g_A[live].max()                    # every component trains
+    assert torch.all(_svd_components(layer, layer.A.detach(), "A")[dead] == 0)   # the zero-output init
+    assert _svd_components(layer, layer.B.detach(), "B")[dead].min() > 0.3
+    assert torch.all(g_B[dead] == 0) and g_B[live].min() > 0
+
+
+def test_svd_fit_of_a_full_rank_kernel_draws_no_random_numbers():
+    """Only zero components draw their B from the RNG: a seeded run's stream is as it was."""
+    layer = LowRankConv2d(8, 8, 3, rank=8, groups=4, dtype=F64)
+    weight = torch.randn(8, 2, 3, 3, dtype=F64)
+    state = torch.get_rng_state()
+    layer._fit(weight, 8)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("dec", ["tucker", "cp", "tkd-cpd"])
+def test_fits_of_a_kernel_with_zero_filters_keep_every_component_trainable(dec):
+    """Tucker's surplus components keep orthonormal A and B columns beside a zero core slice (tkd-cpd: a zero
+    core_out row), as a zero-output init; cp's kernel has a high CP rank: no saddle to repair there."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1, dtype=F64)
+    with torch.no_grad():
+        conv.weight[:4] = 0
+    rank = {"tucker": (6, 6), "cp": 6, "tkd-cpd": (6, 6, 6)}[dec]
+    layer = LowRankConv2d.from_dense(conv, rank=rank, decomposition=dec)
+    x = torch.randn(2, 8, 6, 6, dtype=F64)
+    y = layer(x)
+    grads = torch.autograd.grad((y * torch.randn_like(y)).sum(), list(layer.factors().values()))
+    g = dict(zip(layer.factors(), grads))[layer._dec.zero_factor]      # the factor a zero-output init zeroes
+    for axis in (0, 1):
+        per_slice = g.transpose(0, axis).flatten(1).norm(dim=1)
+        assert per_slice.min() > 1e-3 * per_slice.max()
+
+
+@pytest.mark.parametrize("dec, small, big", [("cp", 1, 8), ("tkd-cpd", (2, 1, 2), (4, 6, 6))])
+def test_deflate_svd_above_the_cp_rank_keeps_the_function(dec, small, big):
+    """An inflated rank-1 cp layer deflated at rank 8 raised "CP fit (ALS) ... failed (Singular matrix)",
+    though an exact fit exists; ALS now runs at the largest CP rank it can (see the next test)."""
+    torch.manual_seed(0)
+    layer = LowRankConv2d(6, 8, 3, rank=small, decomposition=dec, padding=1, dtype=F64)
+    x = torch.randn(2, 6, 5, 5, dtype=F64)
+    y0 = layer(x).detach()
+    layer.inflate().deflate(rank=big, init="svd")
+    assert layer.form == "adapter" and layer.rank == big
+    for strategy in ("chain", "merged"):
+        layer.adapter_strategy = strategy
+        assert rel_err(layer(x), y0) < TOL
+
+
+@pytest.mark.parametrize("dec", ["cp", "tkd-cpd"])
+def test_a_cp_fit_that_fails_at_the_rank_runs_at_a_lower_one_and_pads_with_zero_output(dec, monkeypatch):
+    """Where ALS meets a singular system it runs at a lower CP rank; the components beyond it get the
+    zero-output init (the output-side CP factor zero, the others random), so they train."""
+    import tensorly.decomposition
+    parafac = tensorly.decomposition.parafac
+
+    def singular_above_2(tensor, rank, **kwargs):
+        if rank > 2:
+            raise np.linalg.LinAlgError("Singular matrix")
+        return parafac(tensor, rank, **kwargs)
+
+    torch.manual_seed(0)
+    conv = _dense_conv(torch.randn(7, 5, 3, 3, dtype=F64), padding=1)
+    low = {"cp": 2, "tkd-cpd": (2, 2, 4)}[dec]
+    reference = LowRankConv2d.from_dense(conv, rank=low, decomposition=dec)
+    monkeypatch.setattr("tensorly.decomposition.parafac", singular_above_2)
+    layer = LowRankConv2d.from_dense(conv, rank=RANKS[dec], decomposition=dec)
+    x = torch.randn(2, 5, 6, 6, dtype=F64)
+    assert rel_err(layer(x), reference(x)) < TOL                        # the rank-2 fit, padded with zeros
+    zero, cp_names = {"cp": ("A", ["B", "Kh", "Kw"]), "tkd-cpd": ("core_out", ["core_in", "Kh", "Kw"])}[dec]
+    factors = layer.factors()
+    assert torch.equal(factors[zero][:, :2], reference.factors()[zero])
+    assert torch.count_nonzero(factors[zero][:, 2:]) == 0
+    assert all(factors[n][2:].flatten(1).norm(dim=1).min() > 0.1 for n in cp_names)
+    y = layer(x)
+    g, = torch.autograd.grad((y * torch.randn_like(y)).sum(), [factors[zero]])
+    assert g[:, 2:].flatten(1).norm(dim=0).min() > 1e-3 * g.norm()      # the padded components train
 
 
 @pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])

@@ -594,6 +594,24 @@ def test_truncating_a_rank_deficient_product_keeps_every_component_trainable(pro
     assert g_A[:, product_rank:].norm(dim=0).min() > 1e-3 * g_A.norm()
 
 
+def test_truncating_a_rank_deficient_float32_product_finds_its_zero_components():
+    """In float32 the merged product's tail lies near 0.1·eps·σ_max, under the floor eps·σ_max (plus the float64
+    SVD's tolerance) the shared SVD fit (dynrank.linear.svd_factors) counts as zero."""
+    torch.manual_seed(0)
+    layer = FusedLowRankLinear(48, 64, rank=16)
+    with torch.no_grad():
+        layer.A.copy_(torch.randn(64, 3) @ torch.randn(3, 16))
+    x = torch.randn(32, 48)
+    before = layer(x).detach()
+    model = nn.Sequential(layer)
+    IncrementalRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), init_rank=2, buffer=8)
+    assert layer.rank == 10
+    assert rel_err(layer(x), before) < 1e-5
+    assert torch.equal(layer.A[:, 3:], torch.zeros(64, 7))
+    assert layer.B[:, 3:].norm(dim=0).min() > 0.5
+    assert layer.A[:, :3].norm(dim=0).min() > 0.1
+
+
 def test_max_rank_caps_the_layers_kept_with_init_rank_none():
     """init_rank=None keeps each layer's rank and starts its discovered rank at rank − buffer; max_rank was
     ignored there (a rank-16 layer trained 16 components under max_rank=4, discovered rank 14)."""

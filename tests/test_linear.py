@@ -11,6 +11,7 @@ from _helpers import INTERPRETING, REL_TOL, kernel_devices, rel_err
 from dynrank import FusedLowRankLinear
 from dynrank import functional as F
 from dynrank.kernels import reference_lowrank_linear
+from dynrank.linear import svd_factors
 
 BACKENDS = ["torch"] + (["triton"] if kernel_devices() else [])
 
@@ -368,6 +369,38 @@ def test_from_dense_lowrank_is_best_approximation():
     # √σ split: both factors carry the same column norms.
     assert torch.allclose(layer.A.norm(dim=0), layer.B.norm(dim=0), rtol=1e-4)
     assert torch.equal(layer.bias, dense.bias)
+
+
+@pytest.mark.parametrize("alpha", [None, 4.0])
+@pytest.mark.parametrize("how", ["from_dense", "deflate svd"])
+def test_svd_fit_of_a_rank_deficient_weight_keeps_every_component_trainable(how, alpha):
+    """A weight of rank 3 fitted at rank 10: the 7 components beyond its rank had singular value ≈1e-16 and A, B
+    columns ≈1e-8, a saddle point that never trained; they now get the zero-output init (A zero, B random)."""
+    torch.manual_seed(0)
+    dense = nn.Linear(48, 64, dtype=torch.float64)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(64, 3, dtype=torch.float64) @ torch.randn(3, 48, dtype=torch.float64))
+    if how == "from_dense":
+        layer = FusedLowRankLinear.from_dense(dense, rank=10, alpha=alpha)
+    else:
+        layer = FusedLowRankLinear.from_dense(dense, rank=10, form="full", alpha=alpha).deflate(init="svd")
+        assert layer.form == "adapter"
+    x = torch.randn(32, 48, dtype=torch.float64)
+    y = layer(x)
+    assert rel_err(y, dense(x)) < 1e-12
+    assert torch.equal(layer.A[:, 3:], torch.zeros(64, 7, dtype=torch.float64))
+    assert layer.B[:, 3:].norm(dim=0).min() > 0.5                            # Glorot columns, ‖·‖ ≈ 1.3
+    g_A, = torch.autograd.grad((y * torch.randn_like(y)).sum(), [layer.A])
+    assert g_A[:, 3:].norm(dim=0).min() > 1e-3 * g_A.norm()                  # every component trains
+
+
+def test_svd_fit_of_a_full_rank_weight_draws_no_random_numbers():
+    """Only zero components draw their B from the RNG (a seeded run's stream is as it was)."""
+    def fresh():
+        raise AssertionError("no component of a full-rank weight is zero")
+    weight = torch.randn(15, 20, dtype=torch.float64)
+    A, B = svd_factors(weight, 15, 2.0, fresh)
+    assert rel_err(2.0 * A @ B.t(), weight) < 1e-12
 
 
 def test_from_dense_full_rank_and_dense_forms_reproduce_layer():
