@@ -472,8 +472,11 @@ class DynamicRankCallback(TrainerCallback):
     def _check_length(self, args, state):
         """Refuse a run longer than the schedule's ``epochs=``: its last epochs would stop the Trainer with
         the scheduler's out-of-range error after hours of training."""
-        epochs, end = self.scheduler_kwargs.get("epochs"), self._run_end(args, state)
-        if epochs is not None and end > epochs:
+        epochs = self.scheduler_kwargs.get("epochs")
+        if epochs is None:
+            return
+        end = self._run_end(args, state)
+        if end > epochs:
             what = (f"max_steps={end} optimizer steps" if self.unit == "step"
                     else f"num_train_epochs={getattr(state, 'num_train_epochs', None) or args.num_train_epochs} "
                          f"({end} epochs)")

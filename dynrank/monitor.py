@@ -166,6 +166,10 @@ class RankMonitor:
     def attach(self, scheduler):
         """Have ``scheduler`` report its switches to :meth:`on_switch` (once per scheduler); returns self.
 
+        A scheduler's loaded event (``"loaded": True``: its ``load_state_dict`` bringing the
+        layers to their saved forms on a resume) is not recorded: the saved run recorded that
+        switch, and this monitor's :meth:`load_state_dict` brings it back, in either order.
+
         A scheduler names its layers within its own model (a DDP or DataParallel wrapper
         taken off, a submodule where it was built on part of the model): its events reach
         :meth:`on_switch` with each layer renamed to the monitor's name of the same module
@@ -663,12 +667,16 @@ class RankMonitor:
 
 class _SchedulerHook:
     """The callback :meth:`RankMonitor.attach` gives a scheduler: renames the layers of each event (dict
-    scheduler's name → monitor's, ``names``) and passes it to the monitor's :meth:`~RankMonitor.on_switch`."""
+    scheduler's name → monitor's, ``names``) and passes it to the monitor's :meth:`~RankMonitor.on_switch`.
+    A loaded event (a scheduler's ``load_state_dict`` bringing layers to their saved forms) is no switch:
+    the saved run recorded it, and the monitor's own ``load_state_dict`` brings that record back."""
 
     def __init__(self, monitor, names):
         self.monitor, self.names = monitor, names
 
     def __call__(self, event):
+        if isinstance(event, Mapping) and event.get("loaded"):
+            return
         if isinstance(event, Mapping) and self.names:
             event = dict(event)
             for key in ("changes", "rank_changes"):

@@ -22,8 +22,10 @@ switches with it once given to :meth:`DynamicRankScheduler.add_model_copy`,
 and a DDP wrapper is rebuilt (:mod:`dynrank.distributed`).
 """
 
+import gc
 import numbers
 import warnings
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -57,6 +59,12 @@ UNITS = ("epoch", "step")
 # for ~1/(1-beta2) steps), so the authors' "reset" stays the default.
 DEFAULT_OPTIMIZER_STATE = "reset"
 _OWN = object()   # DynamicRankScheduler._deflate_rank_for: the scheduler's own deflate_rank
+# Layer → weak reference to the DynamicRankScheduler that manages it: the last one built over it.  An
+# earlier one still alive refuses to step or load (two schedulers stepping the same layers on different
+# schedules switched them full ↔ adapter and back every epoch, dropping their optimizer state each time).
+# The newest wins rather than being refused, so a scheduler built again in the place of one still referenced
+# (a notebook cell run again, the Trainer callback's second train()) works; a collected one claims nothing.
+_OWNERS = weakref.WeakKeyDictionary()
 
 
 def _check_count(value, what, allow_none=True):
@@ -94,6 +102,13 @@ def _check_choices(deflate_init, optimizer_state):
         raise ValueError(f"optimizer_state must be one of {', '.join(OPTIMIZER_STATES)}, "
                          f"got {optimizer_state!r}")
     return deflate_init, optimizer_state
+
+
+def _plain(value):
+    """A checked ``deflate_rank`` value (None, an int, a float) as a Python int or float."""
+    if value is None:
+        return None
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _trainable(layer):
@@ -153,9 +168,24 @@ class DynamicRankScheduler:
     per-tensor gradient clipping, an optimizer step in the backward) leaves
     with it, or stops firing with a weight frozen as W_f.  Register such hooks
     on the new trainable parameters in a callback (:meth:`add_callback`: it
-    runs after the switch, before the next forward).  A layer whose weight or
+    runs after the switch, before the next forward).  A resume switches layers
+    too: :meth:`load_state_dict` (and :func:`~dynrank.checkpoint.load_training_state`)
+    calls the callbacks with a loaded event (``"loaded": True``) when it
+    changes a layer's form, so the same callback gives a resumed run its
+    hooks.  A model loaded on its own (``model.load_state_dict`` before the
+    scheduler's load, as Accelerate's ``load_state`` does) replaces the
+    parameters with no event, and the scheduler's load then has nothing to
+    change: there, register the hooks after loading.  A layer whose weight or
     factor is reparametrized (``torch.nn.utils.parametrize``) is refused
     before any layer switches.
+
+    One scheduler per layer: building a second one over a layer (the same
+    model, or part of it) takes the layer from the first, which from then on
+    refuses to step or load while it lives (two would switch the layer back
+    and forth on their two schedules, dropping its optimizer state each time).
+    So a scheduler built again in place of one (a resume in the same process)
+    works whether or not the old one is still referenced.  Schedulers over
+    disjoint parts of one model may share its optimizer.
 
     ``optimizer_state``:
         ``"reset"`` (default): new parameters start with empty state (the
@@ -260,6 +290,8 @@ class DynamicRankScheduler:
                           f"layer out of it, so unfreezing them later trains nothing; to train them, call "
                           f"requires_grad_() on their factors before building the scheduler", stacklevel=2)
         manage([layer for _, layer in self._layers], optimizer, self.model)
+        for _, layer in self._layers:
+            _OWNERS[layer] = weakref.ref(self)
         self.last_epoch = None
         self._callbacks = []
         self._warned_frozen = set()
@@ -284,6 +316,23 @@ class DynamicRankScheduler:
         """Dict name → current form."""
         return {name: layer.form for name, layer in self._layers}
 
+    def _check_owner(self):
+        """ValueError naming the first layer a DynamicRankScheduler built after this one manages (one still
+        alive); a layer no live scheduler holds is this one's again."""
+        for name, layer in self._layers:
+            owner = _OWNERS.get(layer)
+            owner = owner() if owner is not None else None
+            if owner is not None and owner is not self:
+                gc.collect()            # one the user let go of, kept only by a reference cycle, claims nothing
+                owner = _OWNERS[layer]()
+            if owner is None:
+                _OWNERS[layer] = weakref.ref(self)
+            elif owner is not self:
+                raise ValueError(f"layer {name!r} is managed by another DynamicRankScheduler, built over it after "
+                                 f"this one: a layer can be managed by one scheduler (two switch it back and forth, "
+                                 f"dropping its optimizer state each time); step the newer scheduler, or build "
+                                 f"the schedulers of one model over disjoint parts of it")
+
     def _deflate_rank_for(self, name, layer, spec=_OWN):
         spec = self.deflate_rank if spec is _OWN else spec
         if isinstance(spec, dict):
@@ -294,7 +343,9 @@ class DynamicRankScheduler:
         return int(spec) if isinstance(spec, numbers.Integral) else layer.rank_for_ratio(spec)
 
     def _check_deflate_rank(self, spec):
-        """``spec`` validated against every layer (a dict copied); raises TypeError/ValueError."""
+        """``spec`` validated against every layer, as plain Python (a dict copied; a numpy int or float, a
+        dict's values too, made an int or a float, so that ``state_dict()`` loads with
+        ``torch.load(weights_only=True)`` and goes into JSON); raises TypeError/ValueError."""
         if isinstance(spec, Mapping):
             check_layer_names(spec, [name for name, _ in self._layers], "deflate_rank")
             spec = dict(spec)
@@ -303,17 +354,35 @@ class DynamicRankScheduler:
                 layer._check_rank(self._deflate_rank_for(name, layer, spec))
             except (TypeError, ValueError) as e:
                 raise type(e)(f"deflate_rank for layer {name!r}: {e}") from None
-        return spec
+        if isinstance(spec, dict):
+            return {str(name): _plain(value) for name, value in spec.items()}
+        return _plain(spec)
 
     # -- callbacks --------------------------------------------------------------------
     def add_callback(self, fn):
-        """Call ``fn(event)`` after every :meth:`step` that changed forms; returns ``fn``.
+        """Call ``fn(event)`` after every :meth:`step`, or load, that changed forms; returns ``fn``.
 
         ``event = {"epoch": int | None, "step": int | None,
         "changes": [(name, old_form, new_form), ...]}`` (``"step"`` is set when
-        ``unit="step"``, ``"epoch"`` otherwise).  Callbacks run in the order added;
-        one that raises does not keep the later ones from the event, and
-        :meth:`step` raises the first error once they have all run.
+        ``unit="step"``, ``"epoch"`` otherwise).
+
+        A loaded event comes from :meth:`load_state_dict` (or
+        :func:`~dynrank.checkpoint.load_training_state`) bringing layers to
+        their saved forms: it has ``"loaded": True`` besides, the saved last
+        epoch (None if the saved run had not stepped) and the changes the load
+        made.  It is no switch of the schedule (the saved run had that one; a
+        :class:`~dynrank.RankMonitor` records none), but the layers hold new
+        parameters, on which a callback registers its tensor hooks again.  It
+        comes before the model's and the optimizer's values are loaded: read
+        no weight there.  A model loaded on its own (``model.load_state_dict``
+        without the scheduler) replaces parameters with no event; register
+        such hooks after loading it.
+
+        Callbacks run in the order added; one that raises does not keep the
+        later ones from the event, and :meth:`step` or :meth:`load_state_dict`
+        raises the first error once they have all run, its switches done
+        (:func:`~dynrank.checkpoint.load_training_state` then puts everything
+        back, as for any part that fails).
         """
         if not callable(fn):
             raise TypeError(f"callback must be callable, got {type(fn).__name__}")
@@ -421,15 +490,18 @@ class DynamicRankScheduler:
             ValueError: a negative epoch, one past ``epochs``, one earlier than
                 the last call's, a layer whose form cannot reach the form the
                 epoch requires (a full/adapter layer before I), or a layer due
-                to switch whose weight or factors hold NaN/inf, or a model copy
-                whose layers no longer match the model's.  Every check runs
+                to switch whose weight or factors hold NaN/inf, a model copy
+                whose layers no longer match the model's, or a layer that a
+                scheduler built after this one manages.  Every check runs
                 before the first layer switches, so a failed call changes
                 nothing.
             RuntimeError: a layer due to switch whose weight or a factor is
                 reparametrized (``torch.nn.utils.parametrize``; checked with the
                 others, before any switch).
+            Exception: the first one a callback raised (see :meth:`add_callback`).
         """
         check_not_unconverted(self._layers, type(self).__name__)
+        self._check_owner()
         if epoch is None:
             epoch = 0 if self.last_epoch is None else self.last_epoch + 1
         epoch = _check_count(epoch, self.unit, allow_none=False)
@@ -446,9 +518,7 @@ class DynamicRankScheduler:
         self.last_epoch = epoch
         self._warn_frozen(changes)
         if changes:
-            event = {"epoch": epoch if self.unit == "epoch" else None,
-                     "step": epoch if self.unit == "step" else None, "changes": list(changes)}
-            call_back(self._callbacks, event)
+            call_back(self._callbacks, self._event(epoch, changes))
         return changes
 
     def _warn_frozen(self, changes):
@@ -555,6 +625,7 @@ class DynamicRankScheduler:
         """The policy settings of ``state_dict``, validated as the constructor does, and every layer's
         form and rank checked against this model; raises before anything is changed."""
         check_not_unconverted(self._layers, type(self).__name__)
+        self._check_owner()
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict from DynamicRankScheduler.state_dict(), "
                             f"got {type(state_dict).__name__}")
@@ -635,8 +706,13 @@ class DynamicRankScheduler:
         device holding a layer) is left untouched, so a restored RNG state
         stays valid whichever order it is restored in.  The whole state
         dict is checked before anything changes: a call that raises leaves the
-        layers, the optimizer and the scheduler as they were.  Model copies
+        layers, the optimizer and the scheduler as they were (but for an error
+        a callback raised once the load was done).  Model copies
         (:meth:`add_model_copy`) are left alone: load their own state dicts.
+
+        A load that changes a layer's form calls the callbacks with a loaded
+        event (``"loaded": True``, see :meth:`add_callback`): the layer's
+        parameters are new, and a callback registers its tensor hooks on them.
 
         Raises:
             TypeError: not a dict, or a value of the wrong type (e.g. a float
@@ -647,6 +723,8 @@ class DynamicRankScheduler:
                 from the current one.  A layer saved in full form is held to
                 its saved rank only where the next deflate takes it (the saved
                 ``deflate_rank`` gives the layer none); else it keeps its own.
+                A layer that a scheduler built after this one manages.
+            Exception: the first one a callback raised, the load done.
         """
         self._load_checked(self._checked_state(state_dict))
 
@@ -660,5 +738,16 @@ class DynamicRankScheduler:
         cuda = sorted({p.device.index for _, layer in self._layers for p in layer.parameters()
                        if p.device.type == "cuda"})
         with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-            self._bring_to(forms, carry=False, ranks=ranks, init="zeros")
+            changes = self._bring_to(forms, carry=False, ranks=ranks, init="zeros")
         self.last_epoch = last_epoch
+        if changes:
+            # The layers have new parameters: hooks registered on them in a callback must be registered again.
+            call_back(self._callbacks, self._event(last_epoch, changes, loaded=True))
+
+    def _event(self, epoch, changes, loaded=False):
+        """What the callbacks get (see :meth:`add_callback`)."""
+        event = {"epoch": epoch if self.unit == "epoch" else None,
+                 "step": epoch if self.unit == "step" else None, "changes": list(changes)}
+        if loaded:
+            event["loaded"] = True
+        return event

@@ -133,9 +133,13 @@ def schedule_from_lr(epochs, milestones=None, lrs=None, full_rank_fraction=0.5, 
     """(I, D) by the paper's rule: φ·E full-rank epochs straddling the first large LR decay.
 
     With boundary b (see :func:`regime_boundary`) and budget n = round(φ·E):
-    I = b − n/2 rounded down to a multiple of ``granularity``, D = I + n; if D
-    would pass E the window slides back (D = E, I = E − n); if I would fall
-    below 0 it slides forward (I = 0, D = n).
+    I = b − n/2 rounded down to a multiple of ``granularity``, D = I + n; a
+    grid coarser than n/2 can round the window down to end at or before b
+    (E = 150, b = 100, n = 5, ``granularity=5``: (95, 100)), and it then
+    moves up one grid step ((100, 105)), so that D > b whenever
+    ``granularity`` > 1 (with ``granularity=1`` only a one-epoch window,
+    (b − 1, b), ends at b).  If D would pass E the window slides back
+    (D = E, I = E − n); if I would fall below 0 it slides forward (I = 0, D = n).
 
     Against the paper (appendix Table 10, ResNet20/CIFAR-10 E=150, decay at
     100; WRN/CIFAR-100 E=200, decay at 150): CIFAR-100 gives the paper's pair
@@ -154,7 +158,7 @@ def schedule_from_lr(epochs, milestones=None, lrs=None, full_rank_fraction=0.5, 
         milestones: step-schedule decay epochs, or
         lrs: per-epoch learning rates (cosine, warm-up, ...).
         full_rank_fraction: φ in (0, 1]; the paper recommends 0.5 (Table 11).
-        granularity: round I down to a multiple of this many epochs.
+        granularity: round I down to a multiple of this many epochs, at most E.
         threshold: regime boundary for ``lrs`` (fraction of the peak LR), in (0, 1).
 
     Returns:
@@ -163,7 +167,7 @@ def schedule_from_lr(epochs, milestones=None, lrs=None, full_rank_fraction=0.5, 
     Raises:
         TypeError: a ``granularity`` that is not an int, a non-number φ; as
             :func:`regime_boundary` for the other arguments.
-        ValueError: ``granularity`` below 1, φ outside (0, 1]; as
+        ValueError: ``granularity`` below 1 or above E, φ outside (0, 1]; as
             :func:`regime_boundary` for the other arguments.
 
     Example:
@@ -177,10 +181,15 @@ def schedule_from_lr(epochs, milestones=None, lrs=None, full_rank_fraction=0.5, 
     if not 0.0 < full_rank_fraction <= 1.0:
         raise ValueError(f"full_rank_fraction must be in (0, 1], got {full_rank_fraction}")
     granularity = check_int(granularity, "granularity", "a positive int", 1)
+    if granularity > epochs:
+        raise ValueError(f"granularity must be at most epochs ({epochs}): I is rounded down to a multiple of it, "
+                         f"got {granularity}")
     boundary = regime_boundary(epochs, milestones, lrs, threshold)
     # Half up on the exact product (0.29 · 50 = 14.5 is 14.499999999999998 in binary floating point).
     budget = max(1, min(epochs, math.floor(_exact(full_rank_fraction) * epochs + Fraction(1, 2))))
     inflate = int(math.floor((boundary - budget / 2) / granularity)) * granularity
+    if granularity > 1 and inflate + budget <= boundary:
+        inflate += granularity          # rounded down so far that the window ended before the decay
     if inflate + budget > epochs:
         inflate = epochs - budget
     inflate = max(0, inflate)

@@ -1,5 +1,6 @@
 """RankMonitor: records, scheduler hook, files written and read back, plots."""
 
+import copy
 import io
 import json
 import math
@@ -449,6 +450,32 @@ def test_resume_from_state_dict_continues_the_uninterrupted_run(tmp_path, attach
     assert RankMonitor.load(tmp_path / "dynamic").epochs == list(range(RESUME_E))
     report = cost_report(model, RESUME_E, RESUME_I, RESUME_D, run=monitor)      # full-form epochs kept
     assert report.measured_ratio is not None
+
+
+@pytest.mark.parametrize("monitor_first", [True, False], ids=["monitor first", "monitor last"])
+def test_a_resumes_loaded_event_is_not_recorded_again(monitor_first):
+    """The scheduler's load calls its callbacks with a loaded event (its layers have new parameters): the
+    monitor, whose own state holds the switch already, recorded the inflate a second time when it loaded
+    before the scheduler."""
+    reference = build_training()
+    train_epochs(*reference, range(RESUME_E))
+    model, optimizer, scheduler, monitor = build_training()
+    train_epochs(model, optimizer, scheduler, monitor, range(3))
+    saved = copy.deepcopy(training_state(model, optimizer, scheduler, monitor=monitor.state_dict()))
+
+    model, optimizer, scheduler, monitor = build_training()
+    events = []
+    scheduler.add_callback(events.append)
+    if monitor_first:
+        monitor.load_state_dict(saved["monitor"])
+    load_training_state(saved, model, optimizer, scheduler)
+    if not monitor_first:
+        monitor.load_state_dict(saved["monitor"])
+    assert [(e["epoch"], e.get("loaded")) for e in events] == [(2, True)]
+    assert monitor.switches == saved["monitor"]["switches"] and len(monitor.switches) == 1
+    train_epochs(model, optimizer, scheduler, monitor, range(3, RESUME_E))
+    assert monitor.switches == reference[3].switches
+    assert untimed(monitor.records) == untimed(reference[3].records)
 
 
 def test_state_dict_is_a_copy_and_carries_the_forms():

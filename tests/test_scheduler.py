@@ -1,6 +1,8 @@
 """DynamicRankScheduler: forms per epoch, in-place optimizer surgery, state carry, checkpoints."""
 
 import copy
+import io
+import json
 import math
 import os
 import subprocess
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from _scheduling import held, mlp, same_set, train_steps, trainable
+from _scheduling import data, held, mlp, same_set, train_steps, trainable
 from dynrank.convert import convert_model
 from dynrank.linear import FusedLowRankLinear
 from dynrank.checkpoint import load_training_state, training_state
@@ -978,3 +980,167 @@ def test_a_frozen_adapter_layers_factors_leave_the_optimizer_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DynamicRankScheduler(model, opt, None, 2)
+
+
+# -- callbacks on a resume -------------------------------------------------------------------------
+def _clipped_run(seed=0):
+    """float64 MLP whose trainable parameters clip their gradients per tensor: hooks registered at build and,
+    as the class docstring says, on the new parameters in a callback; returns the model, optimizer,
+    scheduler and the events the scheduler gave."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    convert_model(model, rank_ratio=0.25)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = DynamicRankScheduler(model, opt, 1, 3)
+    events = []
+
+    def clip(event=None):
+        if event is not None:
+            events.append(event)
+        for p in model.parameters():
+            if p.requires_grad and not getattr(p, "clipped", False):
+                p.register_hook(lambda grad: grad.clamp(-1e-3, 1e-3))
+                p.clipped = True
+    clip()
+    sched.add_callback(clip)
+    return model, opt, sched, events
+
+
+def _clipped_epoch(model, opt, epoch):
+    generator = torch.Generator().manual_seed(epoch)
+    x = torch.randn(32, 8, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,), generator=generator)
+    train_steps(model, opt, x, y, steps=1)
+
+
+@pytest.mark.parametrize("load", ["load_training_state", "scheduler first"])
+def test_a_resume_calls_the_callbacks_so_per_parameter_hooks_come_back(load):
+    """The load brings layer "0" to full form with a new weight: no callback ran, so the clipping hook the
+    callback registers on it was lost and the resumed run drifted from the uninterrupted one (0.02)."""
+    model, opt, sched, _ = _clipped_run()
+    for epoch in range(4):
+        sched.step(epoch)
+        _clipped_epoch(model, opt, epoch)
+        if epoch == 1:                                  # in full form, right after the inflate
+            saved = copy.deepcopy(training_state(model, opt, sched, rng=torch.get_rng_state()))
+    fresh, fresh_opt, fresh_sched, events = _clipped_run(seed=1)
+    if load == "load_training_state":
+        load_training_state(saved, fresh, fresh_opt, fresh_sched)
+    else:
+        fresh_sched.load_state_dict(saved["scheduler"])
+        fresh.load_state_dict(saved["model"])
+        fresh_opt.load_state_dict(saved["optimizer"])
+    assert events == [{"epoch": 1, "step": None, "changes": [("0", "lowrank", "full")], "loaded": True}]
+    assert fresh[0].weight.clipped
+    torch.set_rng_state(saved["rng"])                   # the deflate draws its adapters
+    for epoch in range(2, 4):
+        fresh_sched.step(epoch)
+        _clipped_epoch(fresh, fresh_opt, epoch)
+    _assert_bitwise_equal(fresh.state_dict(), model.state_dict())
+    assert [e.get("loaded", False) for e in events] == [True, False]          # the deflate at 3: a switch
+
+
+def test_a_load_that_changes_nothing_calls_no_callback_and_a_failing_one_leaves_the_load_done():
+    model, opt, sched, _ = _clipped_run()
+    sched.step(1)
+    state = sched.state_dict()
+    fresh, fresh_opt, fresh_sched, events = _clipped_run(seed=1)
+    fresh_sched.load_state_dict(dict(state, forms={"0": "lowrank"}, last_epoch=0))
+    assert events == []
+    seen = []
+
+    def failing(event):
+        seen.append("failing")
+        raise RuntimeError("callback failed")
+    fresh_sched.add_callback(failing)
+    fresh_sched.add_callback(lambda event: seen.append(event["loaded"]))
+    with pytest.raises(RuntimeError, match="callback failed"):
+        fresh_sched.load_state_dict(state)
+    assert seen == ["failing", True] and len(events) == 1
+    assert fresh[0].form == "full" and fresh_sched.last_epoch == 1
+    assert same_set(held(fresh_opt), trainable(fresh))
+
+
+# -- plain values in the state dict ----------------------------------------------------------------
+@pytest.mark.parametrize("deflate_rank, plain", [(np.int64(2), 2), (np.float64(0.5), 0.5),
+                                                 ({"0": np.int64(3), "2": np.float32(0.5)}, {"0": 3, "2": 0.5})])
+def test_a_numpy_deflate_rank_is_saved_as_plain_python(deflate_rank, plain):
+    """It was kept as numpy: torch.load (weights_only, its default) refused the checkpoint, json.dumps (the
+    Trainer's trainer_state.json) raised."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(model, opt, 1, 2, deflate_rank=deflate_rank)
+    sched.step(2)
+    state = sched.state_dict()
+    assert state["deflate_rank"] == plain
+    values = plain.values() if isinstance(plain, dict) else [plain]
+    saved = state["deflate_rank"].values() if isinstance(plain, dict) else [state["deflate_rank"]]
+    assert [type(v) for v in saved] == [type(v) for v in values]
+    buffer = io.BytesIO()
+    torch.save(training_state(model, opt, sched), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded["scheduler"] == state and json.loads(json.dumps(state)) == state
+    fresh = mlp(seed=1)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    load_training_state(loaded, fresh, fresh_opt, DynamicRankScheduler(fresh, fresh_opt, 1, 2))
+    _assert_bitwise_equal(fresh.state_dict(), model.state_dict())
+
+
+# -- one scheduler per layer -----------------------------------------------------------------------
+def test_a_second_scheduler_over_the_layers_takes_them_from_the_first():
+    """Both stepped, s1 deflated at 4 and s2 inflated again: the layers went full ↔ adapter every epoch,
+    each time dropping their optimizer state, without a word."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    first = DynamicRankScheduler(model, opt, 2, 4)
+    first.step(0)
+    second = DynamicRankScheduler(model, opt, 1, 6)
+    before = _everything(model, opt, first)
+    message = r"layer '0' is managed by another DynamicRankScheduler, built over it after this one: a layer can " \
+              r"be managed by one scheduler"
+    with pytest.raises(ValueError, match=message):
+        first.step(1)
+    with pytest.raises(ValueError, match=message):
+        first.load_state_dict(second.state_dict())
+    _assert_unchanged(before, model, opt, first)
+    assert second.step(1) == [("0", "lowrank", "full"), ("2", "lowrank", "full")]
+    # A part of the model counts too: its scheduler takes layer "2" from the one of the whole model.
+    part = DynamicRankScheduler(model[2:], opt, 1, 3)
+    with pytest.raises(ValueError, match=message.replace("'0'", "'2'")):
+        second.step(2)
+    # A scheduler let go of claims nothing: the one left manages the layers again.
+    del part, second
+    assert first.step(4) == [("0", "full", "adapter"), ("2", "full", "adapter")]
+    assert same_set(held(opt), trainable(model))
+
+
+def test_a_scheduler_built_again_in_place_of_one_still_referenced_works():
+    """A resume in the same process, or a notebook cell run again: the new scheduler is built while the
+    old one is still referenced, and steps and loads as the only one."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(model, opt, 1, 3)
+    sched.step(1)
+    state = sched.state_dict()
+    sched = DynamicRankScheduler(model, opt, 1, 3)
+    sched.load_state_dict(state)
+    assert sched.step(3) == [("0", "full", "adapter"), ("2", "full", "adapter")]
+    assert same_set(held(opt), trainable(model))
+
+
+def test_schedulers_over_disjoint_parts_share_one_optimizer():
+    model = mlp()
+    model[4] = FusedLowRankLinear.from_dense(model[4], rank=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    front = DynamicRankScheduler(model[:3], opt, 1, 3)
+    head = DynamicRankScheduler(model[4:], opt, 2, 4)
+    x, y = data()
+    expected = {0: ("lowrank", "lowrank"), 1: ("full", "lowrank"), 2: ("full", "full"),
+                3: ("adapter", "full"), 4: ("adapter", "adapter")}
+    for epoch, (front_form, head_form) in expected.items():
+        front.step(epoch)
+        head.step(epoch)
+        assert [model[i].form for i in (0, 2, 4)] == [front_form, front_form, head_form]
+        assert same_set(held(opt), trainable(model))
+        train_steps(model, opt, x, y, steps=1)

@@ -206,3 +206,30 @@ def test_schedule_from_lr_rounds_the_exact_half_up():
             assert deflate - inflate == budget, (epochs, phi)
     assert schedule_from_lr(50, milestones=[30], full_rank_fraction=0.29)[1] - \
         schedule_from_lr(50, milestones=[30], full_rank_fraction=0.29)[0] == 15
+
+
+@pytest.mark.parametrize("phi, granularity, expected", [(0.03, 5, (100, 105)), (0.02, 5, (100, 103)),
+                                                        (0.05, 10, (100, 108)), (1 / 150, 5, (100, 101))])
+def test_a_coarse_grid_keeps_the_window_past_the_decay(phi, granularity, expected):
+    """Rounded down to the grid, the whole window came before the decay at 100: (95, 100), (95, 98), (90, 98)."""
+    assert schedule_from_lr(150, milestones=[100, 130], full_rank_fraction=phi, granularity=granularity) == expected
+
+
+@pytest.mark.parametrize("granularity", [2, 5, 10, 25])
+def test_with_a_grid_the_window_always_reaches_past_the_decay(granularity):
+    for epochs in (30, 97, 150, 200):
+        for boundary in range(1, epochs, 7):
+            for hundredths in (1, 2, 3, 5, 8, 13, 30, 50, 90, 100):
+                phi = hundredths / 100
+                inflate, deflate = schedule_from_lr(epochs, milestones=[boundary], full_rank_fraction=phi,
+                                                    granularity=granularity)
+                budget = max(1, min(epochs, math.floor(Fraction(hundredths, 100) * epochs + Fraction(1, 2))))
+                assert 0 <= inflate < deflate <= epochs and deflate - inflate == budget
+                assert deflate > boundary, (epochs, boundary, phi)
+                assert inflate % granularity == 0 or deflate == epochs, (epochs, boundary, phi)
+
+
+def test_a_grid_coarser_than_the_run_is_refused():
+    assert schedule_from_lr(150, milestones=[100], granularity=150) == (75, 150)
+    with pytest.raises(ValueError, match=r"granularity must be at most epochs \(150\).*got 200"):
+        schedule_from_lr(150, milestones=[100], granularity=200)
