@@ -306,10 +306,19 @@ class _Refusal:
         raise RuntimeError(self.message)
 
 
+def _inner(optimizer):
+    """The torch optimizer a wrapper holds (Accelerate's ``AcceleratedOptimizer``, which the Trainer hands
+    its callbacks, keeps it as ``.optimizer``): the one whose class says how it steps."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def _forget_history(optimizer):
     """Start L-BFGS afresh: its history (directions, the last flat gradient) and its cached element
     count span all parameters flattened together, which a form change reshapes; no part of it carries.
     Returns True for an L-BFGS optimizer."""
+    optimizer = _inner(optimizer)
     if not isinstance(optimizer, torch.optim.LBFGS):
         return False
     for p in optimizer.param_groups[0]["params"][:1]:
@@ -329,7 +338,7 @@ def _match_fused_momentum(optimizer, group, joined):
     parameter's included, gives the joined ones without one a zero buffer.
     With ``dampening`` 0 a zero buffer steps exactly as a missing one.
     """
-    if not (isinstance(optimizer, torch.optim.SGD) and group.get("fused") and group.get("momentum")):
+    if not (isinstance(_inner(optimizer), torch.optim.SGD) and group.get("fused") and group.get("momentum")):
         return
     if not any(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"]):
         return
@@ -348,6 +357,7 @@ def _initial_state(optimizer, group_index, param):
     the same class with the group's hyperparameters shows which: first on a
     one-element probe, then, only for such a class, on one of ``param``'s shape.
     """
+    optimizer = _inner(optimizer)
     hyper = {k: v for k, v in optimizer.param_groups[group_index].items() if k != "params"}
 
     def probe(shape):

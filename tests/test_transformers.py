@@ -721,6 +721,29 @@ def test_callback_runs_a_step_schedule_as_long_as_its_epochs(tmp_path):
         [(1, "lowrank", "full"), (3, "full", "adapter")]
 
 
+def test_callback_with_fused_sgd_trains_as_unfused_sgd_across_the_switches(tmp_path):
+    """The Trainer hands callbacks Accelerate's wrapper of the optimizer: the parameters a switch brings
+    got no zero momentum buffer beside the trained ones', and fused SGD failed the next step with a bare
+    TypeError ("expected Tensor as element 1 in argument 2, but got NoneType")."""
+    from dynrank.hf import DynamicRankCallback
+    pytest.importorskip("accelerate")
+    models = []
+    for fused in (True, False):
+        model = _converted_gpt2()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, fused=fused, foreach=False)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(fused)), num_train_epochs=3, per_device_train_batch_size=8,
+            report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(optimizer, None),
+                                       callbacks=[DynamicRankCallback(1, 2, log=None)])
+        trainer.train()
+        assert type(trainer.optimizer) is not torch.optim.SGD      # the wrapper, as the callback saw it
+        models.append(model.state_dict())
+    fused, plain = models
+    assert fused.keys() == plain.keys()
+    assert max(rel_err(fused[k], plain[k]) for k in fused) < 1e-5
+
+
 @pytest.mark.parametrize("deflate, refused", [(2, True), (5, False)])
 def test_callback_and_load_best_model_at_end(tmp_path, deflate, refused):
     """With the deflate inside the run the best checkpoint could be lowrank: refused.  With the run ending
