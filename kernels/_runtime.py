@@ -1,8 +1,9 @@
 """Where a Triton kernel launch runs: compiled on a GPU, or in Triton's interpreter.
 
-Triton chooses between compiled and interpreted kernels when it is imported
-(``TRITON_INTERPRET=1``), so the choice is process-wide: with the interpreter
-on, every launch runs on the CPU through numpy, CUDA tensors included.
+Triton chooses between compiled and interpreted kernels as it decorates them, at import, from
+``TRITON_INTERPRET`` as it is then (its own library functions when triton is imported, these
+kernels when this package is), so the choice is process-wide: with the interpreter on, every
+launch runs on the CPU through numpy, CUDA tensors included.
 """
 
 import contextlib
@@ -21,12 +22,57 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 __all__ = ["interpreting", "check_launchable", "check_kernel_dtypes", "check_tensors", "check_scale",
-           "check_no_overlap", "launch_device"]
+           "check_no_overlap", "check_no_grad_write", "launch_device"]
+
+# (whether Triton made its own library functions interpreter functions, a reader of TRITON_INTERPRET as
+# Triton parses it, Triton's class of compiled functions): resolved on the first launch.
+_TRITON_MODE = None
 
 
-def interpreting():
-    """True when Triton kernels in this process run in the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _triton_mode():
+    global _TRITON_MODE
+    if _TRITON_MODE is None:
+        import triton
+        from triton.runtime.jit import JITFunction
+        knobs = getattr(triton, "knobs", None)      # Triton >= 3.4 takes "1", "true", "on", "yes"
+        if knobs is not None:
+            requested = lambda: knobs.runtime.interpret     # noqa: E731
+        else:
+            requested = lambda: os.environ.get("TRITON_INTERPRET", "0") == "1"     # noqa: E731
+        # A @triton.jit function of Triton's own, decorated when triton was imported.
+        _TRITON_MODE = (not isinstance(triton.language.standard.cdiv, JITFunction), requested, JITFunction)
+    return _TRITON_MODE
+
+
+def _mode(interpreted):
+    return "interpreted" if interpreted else "compiled"
+
+
+def interpreting(kernel=None):
+    """True when Triton kernels in this process run in the interpreter.
+
+    The mode Triton chose, not ``TRITON_INTERPRET`` as it is now: Triton reads the variable as it
+    decorates its functions, at import.  ``kernel`` (a ``@triton.jit`` function about to be launched)
+    must be of the same mode as Triton's own functions, which it calls.
+
+    Raises:
+        RuntimeError: ``TRITON_INTERPRET`` set or unset after triton was imported (the kernels keep
+            the mode of the import), or changed between the imports of triton and of ``kernel``'s
+            module (an interpreted kernel cannot call compiled functions, nor the reverse).
+    """
+    interpreted, requested, jit_function = _triton_mode()
+    restart = ("TRITON_INTERPRET must be set before Python imports triton and dynrank: restart Python with it "
+               "set as you want it")
+    if kernel is not None and isinstance(kernel, jit_function) == interpreted:
+        raise RuntimeError(f"Triton made its own functions {_mode(interpreted)} when triton was imported but "
+                           f"dynrank's kernel {kernel.__name__} {_mode(not interpreted)} when its module was "
+                           f"(TRITON_INTERPRET changed in between); {restart}")
+    if requested() != interpreted:
+        value = os.environ.get("TRITON_INTERPRET")
+        raise RuntimeError(f"TRITON_INTERPRET is {'unset' if value is None else repr(value)} now, but Triton made "
+                           f"its functions {_mode(interpreted)} when triton was imported (it reads the variable "
+                           f"once, at import); {restart}")
+    return interpreted
 
 
 def check_launchable(tensor):
@@ -67,7 +113,9 @@ def check_scale(op, name, value):
     The kernels multiply an fp32 accumulator by it, so NaN, ±inf and a finite value past float32's
     range (1e300) are ValueErrors; a value of the wrong type (None, str, bool, complex, a list) a
     TypeError.  A Python or numpy number, or a 0-d real tensor that needs no grad (read once, as
-    ``float()`` reads it).
+    ``float()`` reads it).  A nonzero value below float32's smallest subnormal (1.4e-45) in magnitude
+    is taken and acts as 0 in fp32, as torch's float32 GEMMs take such an alpha (dynrank's torch
+    engine takes it too, so refusing it here would make the engines disagree).
     """
     if type(value) is float and -FLOAT32_MAX <= value <= FLOAT32_MAX:     # the common case: no more checks
         return value
@@ -113,6 +161,16 @@ def check_no_overlap(op, name, tensor):
     if torch.unique(offsets).numel() < tensor.numel():
         raise ValueError(f"{op} writes {name}, so its elements must not share memory, got a view whose "
                          f"elements overlap (shape {tuple(tensor.shape)}, strides {tensor.stride()})")
+
+
+def check_no_grad_write(op, name, tensor):
+    """RuntimeError where ``op``, which writes ``tensor`` in place through a kernel that autograd does not
+    record, is given a tensor that requires grad while grad mode is on: torch's in-place ops refuse a
+    leaf that requires grad there and record the write on any other, which a kernel cannot.  Under
+    ``torch.no_grad()`` (dynrank's own merges) the write is a plain update of the values."""
+    if tensor.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{op} writes {name} in place, which autograd cannot record, got a {name} that "
+                           f"requires grad with grad mode on; call it under torch.no_grad()")
 
 
 def launch_device(tensor):

@@ -26,7 +26,7 @@ import numbers
 
 import torch
 
-from ._runtime import check_kernel_dtypes, check_no_overlap, check_scale, check_tensors
+from ._runtime import check_kernel_dtypes, check_no_grad_write, check_no_overlap, check_scale, check_tensors
 from .merge import merge_
 
 __all__ = ["conv_merge_", "reference_conv_merge", "reference_svd_kernel", "reference_tucker_kernel",
@@ -51,14 +51,15 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
     """In place ``weight += alpha · U·V`` per group, fp32 accumulation; returns ``weight``.
 
     Args:
-        weight: (F, C/g, kh, kw) dense kernel, written in place.
+        weight: (F, C/g, kh, kw) dense kernel, written in place; it must not require grad while grad
+            mode is on (autograd cannot record the kernel's write).
         U: (F, q/g) output-side operand.
         V: (q, C/g, kh, kw) input-side operand.
         alpha: real scale (negative to subtract), finite and within float32's range.
         groups: g, the convolution's groups (an int or a numpy integer); F and q must be multiples of g.
 
     Returns:
-        ``weight``.
+        ``weight``, unchanged where it is empty or q is 0.
 
     Raises:
         ValueError: shapes that do not fit, tensors on different devices, a meta tensor, a weight whose
@@ -67,6 +68,8 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
         TypeError: an operand that is not a tensor; a tensor that is not float32, float16 or bfloat16
             (float64 would lose its precision in the fp32 accumulation); ``groups`` that is not an int;
             an alpha that is not a real number.
+        RuntimeError: a weight that requires grad while grad mode is on (torch's in-place ops refuse a
+            leaf that requires grad); ``TRITON_INTERPRET`` changed after triton was imported.
 
     Example (CUDA tensors, or CPU ones with ``TRITON_INTERPRET=1`` set before triton is imported):
         >>> import torch
@@ -95,8 +98,13 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
     if U.device != weight.device or V.device != weight.device:
         raise ValueError(f"weight, U and V must be on one device, got {weight.device}, {U.device}, {V.device}")
     check_kernel_dtypes("conv_merge_", weight=weight, U=U, V=V)
+    # Before the copy below, whose copy-back torch would refuse only for some layouts.
+    check_no_grad_write("conv_merge_", "weight", weight)
     # Before the per-group merges, each of which sees only its own rows.
     check_no_overlap("conv_merge_", "weight", weight)
+    if weight.numel() == 0 or qg == 0:
+        # Nothing to add (as merge_); an empty kernel has no matrix view, nor its contiguous copy.
+        return weight
     W2, order = _matrix_view(weight)
     if W2 is None:
         dense = weight.contiguous()

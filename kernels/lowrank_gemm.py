@@ -89,7 +89,9 @@ def _lowrank_gemm_kernel(
     ordered in groups of GROUP_M row-tiles so neighbouring programs share
     column tiles of Wt in L2.  Both products go into one fp32 accumulator: the
     rank term first, rescaled by beta/alpha, then the X·Wt loop, then ×alpha
-    (the host passes beta/alpha; alpha ≠ 0 whenever there is an X).
+    (the host passes beta/alpha; alpha ≠ 0 whenever there is an X, and with both
+    products the host puts the one of larger scale in the X·Wt slot, so
+    |beta/alpha| ≤ 1: see :func:`_product_order`).
     """
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if INDEX_64:   # only where some offset can pass 2**31 elements (the host checks)
@@ -195,17 +197,66 @@ def check_operands(op, N, bias, **operands):
 _OPERANDS = frozenset(("x", "wt", "u", "vt", "bias", "out"))     # each may be None (absent)
 
 
+def check_gemm(op, x, wt, u, vt, bias, alpha, beta, optional=_OPERANDS):
+    """(alpha, beta, M, N, K, R) of ``op``'s launch of out = alpha·x·wt + beta·u·vt + bias, once the
+    operands pass :func:`lowrank_gemm`'s checks (its Raises section, all but ``out``'s); the names in
+    ``optional`` may be None (an absent operand)."""
+    check_tensors(op, optional, x=x, wt=wt, u=u, vt=vt, bias=bias)
+    alpha = check_scale(op, "alpha", alpha)
+    beta = check_scale(op, "beta", beta)
+    if (x is None) != (wt is None) or (u is None) != (vt is None):
+        raise ValueError(f"{op} needs x with wt and u with vt")
+    if x is None and u is None:
+        raise ValueError(f"{op} needs at least one product (x·wt or u·vt)")
+    for name, t in (("x", x), ("wt", wt), ("u", u), ("vt", vt)):
+        if t is not None and t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
+    M = (x if x is not None else u).shape[0]
+    N = (wt if wt is not None else vt).shape[1]
+    K = x.shape[1] if x is not None else 0
+    R = u.shape[1] if u is not None else 0
+    if x is not None and (wt.shape[0] != K or x.shape[0] != M):
+        raise ValueError(f"{op}: x·wt shapes do not chain: {tuple(x.shape)} · {tuple(wt.shape)}")
+    if u is not None and (u.shape[0] != M or vt.shape != (R, N)):
+        raise ValueError(f"{op}: u·vt shapes do not match: {tuple(u.shape)} · {tuple(vt.shape)} for ({M}, {N})")
+    check_operands(op, N, bias, x=x, wt=wt, u=u, vt=vt)
+    for (a, b), (ta, tb) in ((("x", "wt"), (x, wt)), (("u", "vt"), (u, vt))):
+        if ta is not None and ta.dtype != tb.dtype:
+            raise TypeError(f"{op}: {a} and {b} must have one dtype (one product), got {ta.dtype} and {tb.dtype}")
+    if x is not None and u is not None and x.dtype != u.dtype:
+        # The kernel picks its tile precision (tf32 or IEEE, fp32 tiles for bf16 in the interpreter) once.
+        raise TypeError(f"{op}: x·wt and u·vt must have one dtype (the kernel runs both products at one "
+                        f"precision), got {x.dtype} and {u.dtype}")
+    return alpha, beta, M, N, K, R
+
+
+def _product_order(alpha, beta, has_x, has_u):
+    """(swap, (alpha, beta_over_alpha, beta)): the kernel's scalars, and whether the host puts u·vt in
+    the kernel's X·Wt slot and x·wt in its U·Vt slot.
+
+    The kernel scales the U·Vt slot by beta/alpha, adds the X·Wt slot and multiplies the sum by alpha,
+    so its accumulator holds out/alpha.  With both products, the one of larger scale takes the X·Wt slot:
+    the ratio is at most 1 in magnitude and the accumulator no larger than the products (an alpha far
+    below beta gave inf, 1e-20 beside 1e20 or 1e-39 beside 1, and NaN where it rounds to 0 in fp32).
+    """
+    if has_x and has_u and abs(beta) > abs(alpha):
+        return True, (beta, alpha / beta, alpha)
+    return False, (alpha, beta / alpha if has_x else 0.0, beta)
+
+
 def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta=1.0,
                  out=None, out_dtype=None, config=None):
     """out = alpha·x·wt + beta·u·vt + bias.
 
     Args:
         x: (M, K) or None; wt: (K, N) or None (both or neither).
-        u: (M, R) or None; vt: (R, N) or None (both or neither).
+        u: (M, R) or None; vt: (R, N) or None (both or neither).  x, wt, u and vt of one dtype.
         bias: (N,) or None.
         out: (M, N) to write into (default: a new tensor); any strides whose elements do not share
             memory (an expanded view is refused, as ``torch.mm`` refuses it).
-        alpha, beta: real scales of the two products, finite and within float32's range.
+        alpha, beta: real scales of the two products, finite and within float32's range.  Each is
+            applied in fp32, as torch applies a GEMM's alpha to float32 tensors: one below float32's
+            smallest subnormal (1.4e-45) in magnitude acts as 0.
         out_dtype: dtype of a newly allocated ``out`` (default: dtype of x or u).
         config: tile config of a compiled launch (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
             num_stages), for tuning (``benchmarks/sweep_tiles.py``); default: ``_native_config``.
@@ -221,37 +272,18 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
             ``out`` whose elements share memory, a meta tensor, an alpha or beta that is not finite or
             past float32's range.
         TypeError: an operand that is not a tensor (or None); an operand (``out`` included) that is
-            not float32, float16 or bfloat16; the two operands of one product of different dtypes; an
-            alpha or beta that is not a real number.
+            not float32, float16 or bfloat16; x, wt, u and vt not of one dtype (the two operands of one
+            product, or the two products); an alpha or beta that is not a real number.
+        RuntimeError: ``TRITON_INTERPRET`` changed after triton was imported
+            (:func:`_runtime.interpreting`).
     """
-    check_tensors("lowrank_gemm", _OPERANDS, x=x, wt=wt, u=u, vt=vt, bias=bias, out=out)
-    alpha = check_scale("lowrank_gemm", "alpha", alpha)
-    beta = check_scale("lowrank_gemm", "beta", beta)
-    if (x is None) != (wt is None) or (u is None) != (vt is None):
-        raise ValueError("lowrank_gemm needs x with wt and u with vt")
-    if x is None and u is None:
-        raise ValueError("lowrank_gemm needs at least one product (x·wt or u·vt)")
-    for name, t in (("x", x), ("wt", wt), ("u", u), ("vt", vt)):
-        if t is not None and t.dim() != 2:
-            raise ValueError(f"lowrank_gemm: {name} must be 2-D, got shape {tuple(t.shape)}")
+    check_tensors("lowrank_gemm", _OPERANDS, out=out)
+    alpha, beta, M, N, K, R = check_gemm("lowrank_gemm", x, wt, u, vt, bias, alpha, beta)
     first = x if x is not None else u
-    M = first.shape[0]
-    N = (wt if wt is not None else vt).shape[1]
-    K = x.shape[1] if x is not None else 0
-    R = u.shape[1] if u is not None else 0
-    if x is not None and (wt.shape[0] != K or x.shape[0] != M):
-        raise ValueError(f"x·wt shapes do not chain: {tuple(x.shape)} · {tuple(wt.shape)}")
-    if u is not None and (u.shape[0] != M or vt.shape != (R, N)):
-        raise ValueError(f"u·vt shapes do not match: {tuple(u.shape)} · {tuple(vt.shape)} for ({M}, {N})")
-    check_operands("lowrank_gemm", N, bias, x=x, wt=wt, u=u, vt=vt)
-    for (a, b), (ta, tb) in ((("x", "wt"), (x, wt)), (("u", "vt"), (u, vt))):
-        if ta is not None and ta.dtype != tb.dtype:
-            raise TypeError(f"lowrank_gemm: {a} and {b} must have one dtype (one product), got {ta.dtype} "
-                            f"and {tb.dtype}")
     if out is None:
         out = torch.empty((M, N), device=first.device, dtype=out_dtype or first.dtype)
     elif out.shape != (M, N):
-        raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
+        raise ValueError(f"lowrank_gemm: out must have shape ({M}, {N}), got {tuple(out.shape)}")
     else:
         check_no_overlap("lowrank_gemm", "out", out)
     check_kernel_dtypes("lowrank_gemm", out=out)
@@ -268,19 +300,22 @@ def lowrank_gemm(x=None, wt=None, u=None, vt=None, bias=None, *, alpha=1.0, beta
     su = (u.stride(0), u.stride(1)) if u is not None else (0, 0)
     sv = (vt.stride(0), vt.stride(1)) if vt is not None else (0, 0)
     operands = [out] + ([x, wt] if x is not None else []) + ([u, vt] if u is not None else [])
+    interpreted = interpreting(_lowrank_gemm_kernel)
     check_launchable(out)
-    interpreted = interpreting()
     has_x = x is not None and K > 0 and alpha != 0.0
+    has_u = u is not None and R > 0
+    swap, scalars = _product_order(alpha, beta, has_x, has_u)
+    if swap:    # u·vt in the kernel's X·Wt slot, x·wt in its U·Vt slot
+        x_, wt_, u_, vt_, sx, sw, su, sv, K, R = u_, vt_, x_, wt_, su, sv, sx, sw, R, K
     flags = dict(
-        HAS_X=has_x, HAS_U=u is not None and R > 0, HAS_BIAS=bias is not None,
+        HAS_X=has_x, HAS_U=has_u, HAS_BIAS=bias is not None,
         INDEX_64=_needs_int64(*operands),
         # Triton's interpreter multiplies bf16 tiles wrongly; fp32 tiles hold bf16 exactly.
         DOT_FP32=interpreted and first.dtype == torch.bfloat16,
         INPUT_PRECISION=_input_precision(first.dtype),
     )
     args = (x_, wt_, u_, vt_, bias if bias is not None else dummy, out,
-            M, N, K, R, *sx, *sw, *su, *sv, out.stride(0), out.stride(1),
-            alpha, beta / alpha if has_x else 0.0, beta)
+            M, N, K, R, *sx, *sw, *su, *sv, out.stride(0), out.stride(1), *scalars)
 
     if interpreted:
         config = _INTERPRETER_CONFIG

@@ -11,9 +11,10 @@ address generation off the threads.  A transposed view (``W.t()``, ``A.t()``) is
 descriptor of the underlying row-major tensor and transposed in the tile.
 
 Nothing dispatches here yet: ``benchmarks/sweep_tiles.py`` times it beside the pointer engine
-and cuBLAS, and it moves into the engine only if it wins there.  Descriptors need 16-bit
-operands with a unit stride in one dimension, 16-byte aligned data and 16-byte multiples for
-the other stride; :func:`lowrank_gemm_tma` raises ``ValueError`` otherwise.
+and cuBLAS, and it moves into the engine only if it wins there.  Its host checks are the engine's
+(:func:`lowrank_gemm.check_gemm`); descriptors also need 16-bit operands with a unit stride in one
+dimension, 16-byte aligned data and 16-byte multiples for the other stride, and
+:func:`lowrank_gemm_tma` raises ``ValueError`` otherwise.
 """
 
 import torch
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import check_launchable, interpreting, launch_device
-from .lowrank_gemm import _cdiv, _grouped_tile, check_operands
+from .lowrank_gemm import _cdiv, _grouped_tile, _product_order, check_gemm
 
 __all__ = ["lowrank_gemm_tma", "tma_layout"]
 
@@ -98,25 +99,20 @@ def lowrank_gemm_tma(x, wt, u, vt, bias=None, *, alpha=1.0, beta=1.0, config):
 
     Args:
         x: (M, K) row-major.  wt: (K, N), row-major or a transposed view.  u: (M, R) row-major.
-        vt: (R, N), row-major or a transposed view.  bias: (N,) or None.
+        vt: (R, N), row-major or a transposed view.  x, wt, u and vt of one dtype.  bias: (N,) or None.
+        alpha, beta: as :func:`lowrank_gemm`'s.
         config: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages.
 
     Returns:
         new (M, N) tensor in x's dtype.
 
     Raises:
-        ValueError: shapes that do not chain, a bias that is not (N,), an empty size, or an operand a
-            descriptor cannot read.
-        TypeError: an operand that is not float32, float16 or bfloat16.
+        ValueError, TypeError, RuntimeError: as :func:`lowrank_gemm` (the same checks; x, wt, u and vt
+            may not be None); ValueError for an empty size, or an operand a descriptor cannot read.
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    M, K = x.shape
-    R, N = vt.shape
-    if wt.shape != (K, N) or u.shape != (M, R):
-        raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, wt {tuple(wt.shape)}, u {tuple(u.shape)}, "
-                         f"vt {tuple(vt.shape)}")
-    check_operands("lowrank_gemm_tma", N, bias, x=x, wt=wt, u=u, vt=vt)
+    alpha, beta, M, N, K, R = check_gemm("lowrank_gemm_tma", x, wt, u, vt, bias, alpha, beta, optional=("bias",))
     if 0 in (M, K, R, N):
         raise ValueError(f"lowrank_gemm_tma needs every size positive (a descriptor cannot describe an empty "
                          f"operand; lowrank_gemm takes these), got M={M}, K={K}, R={R}, N={N}")
@@ -126,24 +122,26 @@ def lowrank_gemm_tma(x, wt, u, vt, bias=None, *, alpha=1.0, beta=1.0, config):
         raise ValueError("x and u must be row-major for the TMA path")
     w_base, w_t = tma_layout(wt)
     v_base, v_t = tma_layout(vt)
+    interpreted = interpreting(_lowrank_gemm_tma_kernel)
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    check_launchable(out)
+    if bias is not None:
+        bias = bias.contiguous()
+    has_x = alpha != 0.0
+    swap, scalars = _product_order(alpha, beta, has_x, True)
+    if swap:    # u·vt in the kernel's X·Wt slot, x·wt in its U·Vt slot
+        x_base, w_base, w_t, u_base, v_base, v_t, K, R = u_base, v_base, v_t, x_base, w_base, w_t, R, K
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     descriptors = (TensorDescriptor.from_tensor(x_base, [bm, bk]),
                    TensorDescriptor.from_tensor(w_base, [bn, bk] if w_t else [bk, bn]),
                    TensorDescriptor.from_tensor(u_base, [bm, bk]),
                    TensorDescriptor.from_tensor(v_base, [bn, bk] if v_t else [bk, bn]))
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    check_launchable(out)
-    if bias is not None:
-        bias = bias.contiguous()
-    interpreted = interpreting()
-    has_x = K > 0 and alpha != 0.0
     grid = (_cdiv(M, bm) * _cdiv(N, bn),)
-    flags = dict(HAS_X=has_x, HAS_U=R > 0, HAS_BIAS=bias is not None, W_T=w_t, V_T=v_t, DOT_FP32=interpreted,
+    flags = dict(HAS_X=has_x, HAS_U=True, HAS_BIAS=bias is not None, W_T=w_t, V_T=v_t, DOT_FP32=interpreted,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.get("GROUP_M", 8))
     if not interpreted:
         flags.update(num_warps=config["num_warps"], num_stages=config["num_stages"])
-    args = (*descriptors, bias if bias is not None else out, out, M, N, K, R, out.stride(0), out.stride(1),
-            float(alpha), float(beta) / float(alpha) if has_x else 0.0, float(beta))
+    args = (*descriptors, bias if bias is not None else out, out, M, N, K, R, out.stride(0), out.stride(1), *scalars)
     with launch_device(out):
         _lowrank_gemm_tma_kernel[grid](*args, **flags)
     return out

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import (check_kernel_dtypes, check_launchable, check_no_overlap, check_scale, check_tensors,
-                       interpreting, launch_device)
+from ._runtime import (check_kernel_dtypes, check_launchable, check_no_grad_write, check_no_overlap, check_scale,
+                       check_tensors, interpreting, launch_device)
 from .lowrank_gemm import _cdiv, _dot_loop, _fit, _input_precision, _needs_int64
 
 __all__ = ["merge_", "reference_merge"]
@@ -118,9 +118,11 @@ def merge_(weight, A, B, alpha=1.0, config=None):
 
     Args:
         weight: (N, K), any strides (a transposed view is merged as ``weight.T += alpha·B·Aᵀ``,
-            so the kernel always walks memory in order), written in place.
-        A: (N, R).  B: (K, R).  On weight's device; any float dtypes (cast to one dtype for
-            the product: A's when B matches it, fp32 otherwise).
+            so the kernel always walks memory in order), written in place; it must not require grad
+            while grad mode is on (autograd cannot record the kernel's write).
+        A: (N, R).  B: (K, R).  On weight's device; float32, float16 or bfloat16, not necessarily
+            weight's dtype nor each other's (cast to one dtype for the product: A's when B matches
+            it, fp32 otherwise).
         alpha: real scale (negative to subtract), finite and within float32's range.
         config: tile config of a compiled launch (BLOCK_N, BLOCK_K, BLOCK_R, num_warps,
             num_stages), for tuning; default: ``_merge_config``.  The product's path follows
@@ -134,6 +136,9 @@ def merge_(weight, A, B, alpha=1.0, config=None):
         TypeError: an operand that is not a tensor; a tensor that is not float32, float16 or
             bfloat16 (float64 would lose its precision in the fp32 accumulation, an integer weight
             would take a truncated sum); an alpha that is not a real number.
+        RuntimeError: a weight that requires grad while grad mode is on (torch's in-place ops refuse a
+            leaf that requires grad); ``TRITON_INTERPRET`` changed after triton was imported
+            (:func:`_runtime.interpreting`).
 
     Example (CUDA tensors, or CPU ones with ``TRITON_INTERPRET=1`` set before triton is imported):
         >>> device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -148,8 +153,10 @@ def merge_(weight, A, B, alpha=1.0, config=None):
             or A.shape[1] != B.shape[1]:
         raise ValueError(f"merge_ takes weight (N, K), A (N, R) and B (K, R), got weight {tuple(weight.shape)}, "
                          f"A {tuple(A.shape)} and B {tuple(B.shape)}")
+    interpreted = interpreting(_merge_kernel)
     check_launchable(weight)
     check_kernel_dtypes("merge_", weight=weight, A=A, B=B)
+    check_no_grad_write("merge_", "weight", weight)
     check_no_overlap("merge_", "weight", weight)
     if weight.numel() == 0 or A.shape[1] == 0:
         return weight
@@ -162,7 +169,6 @@ def merge_(weight, A, B, alpha=1.0, config=None):
         W, A, B = W.t(), B, A
     N, K = W.shape
     R = A.shape[1]
-    interpreted = interpreting()
     precision = _input_precision(A.dtype)
     # fp32 factors without TF32 take the FMA path (what an IEEE fp32 tl.dot would do, in fewer registers).
     outer = precision == "ieee"

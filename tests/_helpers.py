@@ -74,3 +74,20 @@ def assert_out_refused_before_work(script, work, argv, out, message, monkeypatch
         script.main([*argv, "--out", str(out)])
     assert exit_info.value.code == 2
     assert f"error: --out {out}: {message}\n" in capsys.readouterr().err
+
+
+def assert_grad_write_refused_then_merged(op, merge, weight, expected):
+    """``merge()`` (``op`` writing ``weight``, which requires grad, in place) raises the in-place error with
+    grad mode on and writes nothing; under ``torch.no_grad()`` it returns ``weight`` merged to ``expected``."""
+    import re
+
+    import pytest
+    before = weight.detach().clone()
+    with pytest.raises(RuntimeError, match=re.escape(f"{op} writes weight in place, which autograd cannot record, "
+                                                     f"got a weight that requires grad with grad mode on; call it "
+                                                     f"under torch.no_grad()")):
+        merge()
+    assert torch.equal(weight.detach(), before)
+    with torch.no_grad():
+        assert merge() is weight
+    assert rel_err(weight, expected) < REL_TOL[torch.float32]

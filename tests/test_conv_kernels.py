@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from _helpers import REL_TOL, kernel_devices, rel_err
+from _helpers import REL_TOL, assert_grad_write_refused_then_merged, kernel_devices, rel_err
 from dynrank.conv import LowRankConv2d
 from dynrank.kernels.conv_merge import conv_merge_, reference_conv_merge, reference_kernel
 
@@ -129,6 +129,32 @@ def test_conv_merge_refuses_a_weight_whose_elements_overlap(layout):
                                                    f"strides {weight.stride()})")):
         conv_merge_(weight, torch.ones(2, 1, device=device), torch.ones(2, 2, 2, 2, device=device), 1.0, 2)
     assert not storage.any()
+
+
+@pytest.mark.parametrize("case", ["F=0", "kh=0", "q=0", "q=0 groups=2"])
+def test_conv_merge_leaves_an_empty_kernel_or_rank_0_as_it_is(case):
+    """F = 0 (or kh = 0) recursed until RecursionError (an empty kernel has no matrix view, nor has its
+    contiguous copy), q = 0 was reshape's "ambiguous -1" RuntimeError; merge_ returns such a weight as it is."""
+    device = _device()
+    F_out, Cg, kh, kw, q, groups = {"F=0": (0, 3, 3, 3, 2, 1), "kh=0": (4, 3, 0, 3, 2, 1),
+                                    "q=0": (4, 3, 3, 3, 0, 1), "q=0 groups=2": (4, 3, 3, 3, 0, 2)}[case]
+    weight = torch.randn(F_out, Cg, kh, kw, device=device)
+    before = weight.clone()
+    U, V = torch.randn(F_out, q // groups, device=device), torch.randn(q, Cg, kh, kw, device=device)
+    assert conv_merge_(weight, U, V, 0.5, groups) is weight
+    assert torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_conv_merge_refuses_a_weight_that_requires_grad_in_grad_mode(layout):
+    """A contiguous leaf that requires grad was merged without torch's in-place error (autograd records no
+    kernel write), while a layout merged through a copy raised torch's error from the copy back.  Both are
+    refused now; under torch.no_grad(), as dynrank's merges run, both are merged."""
+    device = _device()
+    leaf = _layout(torch.randn(6, 3, 3, 2, device=device), layout).requires_grad_()
+    U, V = torch.randn(6, 2, device=device), torch.randn(2, 3, 3, 2, device=device)
+    assert_grad_write_refused_then_merged("conv_merge_", lambda: conv_merge_(leaf, U, V, 0.5), leaf,
+                                          reference_conv_merge(leaf.detach(), U, V, 0.5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

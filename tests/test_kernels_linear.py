@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from _helpers import REL_TOL, kernel_devices, rel_err
+from _helpers import REL_TOL, assert_grad_write_refused_then_merged, kernel_devices, rel_err
 
 pytestmark = pytest.mark.skipif(not kernel_devices(), reason="no device can run Triton kernels here")
 
@@ -271,6 +271,94 @@ def test_alpha_zero_drops_the_dense_product(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("alpha, beta", [(1e-20, 1e20), (1e-39, 1.0), (1e-46, 1.0), (-1e-30, 1e10), (1e20, 1e-20),
+                                         (1.0, -1e-46)], ids=str)
+def test_scales_far_apart_match_float64(device, alpha, beta):
+    """The kernel scaled u·vt by beta/alpha and the sum by alpha, both in fp32: an alpha far below beta gave
+    ±inf (1e-20 beside 1e20, 1e-39 beside 1, -1e-30 beside 1e10) or NaN (1e-46, which rounds to 0 in fp32),
+    though both are finite and within float32's range."""
+    from dynrank.kernels import lowrank_gemm, reference_lowrank_gemm
+    x, wt = torch.randn(9, 20, device=device), torch.randn(20, 11, device=device)
+    u, vt = torch.randn(9, 3, device=device), torch.randn(3, 11, device=device)
+    out = lowrank_gemm(x, wt, u, vt, alpha=alpha, beta=beta)
+    assert rel_err(out, reference_lowrank_gemm(x, wt, u, vt, alpha=alpha, beta=beta)) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.float16, torch.float32)], ids=str)
+def test_engine_refuses_products_of_two_dtypes(device, dtypes):
+    """The tile precision was chosen from x's dtype for both products: x·wt in float32 beside u·vt in bfloat16
+    came out 4.8e9 off a result of 4.9 (the interpreter's bf16 tiles); on a GPU one product ran at the other's
+    precision (tf32 or IEEE).  Nothing is written."""
+    from dynrank.kernels import lowrank_gemm
+    x, wt = torch.randn(4, 5, device=device).to(dtypes[0]), torch.randn(5, 3, device=device).to(dtypes[0])
+    u, vt = torch.randn(4, 2, device=device).to(dtypes[1]), torch.randn(2, 3, device=device).to(dtypes[1])
+    out = torch.zeros(4, 3, device=device)
+    with pytest.raises(TypeError, match=re.escape(f"lowrank_gemm: x·wt and u·vt must have one dtype (the kernel "
+                                                  f"runs both products at one precision), got {dtypes[0]} and "
+                                                  f"{dtypes[1]}")):
+        lowrank_gemm(x, wt, u, vt, out=out)
+    assert not out.any()
+
+
+_MODE_SCRIPT = """
+import os, sys
+scenario = sys.argv[1]
+os.environ.pop("TRITON_INTERPRET", None)
+if scenario == "unset after the imports":
+    os.environ["TRITON_INTERPRET"] = "1"
+if scenario == "set between triton and dynrank":
+    import triton
+    os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from dynrank.kernels import lowrank_gemm, merge_
+if scenario == "set after the imports":
+    os.environ["TRITON_INTERPRET"] = "1"
+if scenario == "unset after the imports":
+    del os.environ["TRITON_INTERPRET"]
+for call in (lambda: lowrank_gemm(torch.ones(2, 3), torch.ones(3, 2)),
+             lambda: merge_(torch.zeros(2, 3), torch.ones(2, 1), torch.ones(3, 1))):
+    try:
+        call()
+        print("ran")
+    except Exception as error:
+        print(type(error).__name__, error)
+"""
+
+_RESTART = ("TRITON_INTERPRET must be set before Python imports triton and dynrank: restart Python with it set as "
+            "you want it")
+
+
+def test_triton_interpret_changed_after_import_is_a_clear_error():
+    """Triton fixes compiled or interpreted per function as it decorates it, at import, but the mode was read
+    from TRITON_INTERPRET at every launch: set after the imports (as the CPU error message asked), a launch
+    was "0 active drivers"; set between the imports of triton and dynrank, an InterpreterError; unset after,
+    a message asking to set it.  Each case in a fresh process (the mode is process-wide)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    expected = {
+        "set after the imports": ["TRITON_INTERPRET is '1' now, but Triton made its functions compiled when triton "
+                                  "was imported (it reads the variable once, at import); "] * 2,
+        "unset after the imports": ["TRITON_INTERPRET is unset now, but Triton made its functions interpreted when "
+                                    "triton was imported (it reads the variable once, at import); "] * 2,
+        "set between triton and dynrank": [
+            f"Triton made its own functions compiled when triton was imported but dynrank's kernel {kernel} "
+            f"interpreted when its module was (TRITON_INTERPRET changed in between); "
+            for kernel in ("_lowrank_gemm_kernel", "_merge_kernel")],
+    }
+    runs = {scenario: subprocess.Popen([sys.executable, "-c", _MODE_SCRIPT, scenario], cwd=root, env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for scenario in expected}
+    for scenario, run in runs.items():
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-2000:]
+        assert stdout.splitlines() == [f"RuntimeError {message}{_RESTART}" for message in expected[scenario]], scenario
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("setting", ["tf32", "ieee"])
 def test_the_fp32_precision_setting_of_torch_is_read(device, setting, monkeypatch):
     """torch refuses a read of allow_tf32 once fp32_precision is set: every fp32 launch raised ("mix of
@@ -291,6 +379,20 @@ def test_the_fp32_precision_setting_of_torch_is_read(device, setting, monkeypatc
         assert rel_err(y, y_ref) < (2e-3 if setting == "tf32" and device != "cpu" else REL_TOL[torch.float32])
     finally:
         torch.backends.cuda.matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("view", ["leaf", "transposed leaf"])
+def test_merge_refuses_a_weight_that_requires_grad_in_grad_mode(device, view):
+    """The kernel writes through a pointer, which autograd does not record: a leaf that requires grad was
+    merged without the error torch's addmm_ gives.  Under torch.no_grad(), as dynrank's merges run, it is
+    merged."""
+    from dynrank.kernels import merge_, reference_merge
+    leaf = torch.randn(5, 4, device=device, requires_grad=True)
+    W = leaf if view == "leaf" else leaf.t()
+    A, B = torch.randn(W.shape[0], 2, device=device), torch.randn(W.shape[1], 2, device=device)
+    assert_grad_write_refused_then_merged("merge_", lambda: merge_(W, A, B, 0.5), W,
+                                          reference_merge(W.detach(), A, B, 0.5))
 
 
 def _overlapping(base_numel, shape, stride, device):

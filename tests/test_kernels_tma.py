@@ -63,3 +63,46 @@ def test_an_empty_size_is_refused_by_name(empty):
     make = functools.partial(torch.randn, device=device, dtype=torch.float16)
     with pytest.raises(ValueError, match=f"every size positive.*{empty}=0"):
         lowrank_gemm_tma(make(M, K), make(K, N), make(M, R), make(R, N), config=CONFIG)
+
+
+@pytest.mark.parametrize("alpha, beta", [(1e-20, 1e20), (1e-39, 1.0), (1e-46, 1.0)], ids=str)
+def test_scales_far_apart_match_float64(alpha, beta):
+    """As in the engine, u·vt was scaled by beta/alpha and the sum by alpha, in fp32: ±inf for an alpha far
+    below beta (1e-20 beside 1e20, 1e-39 beside 1), NaN for one that rounds to 0 in fp32 (1e-46)."""
+    from dynrank.kernels import reference_lowrank_gemm
+    from dynrank.kernels.lowrank_gemm_tma import lowrank_gemm_tma
+    device, (M, K, N, R) = _device(), (16, 32, 16, 16)
+    make = lambda *shape: torch.randn(*shape, device=device).to(torch.bfloat16)  # noqa: E731
+    x, wt, u, vt = make(M, K), make(N, K).t(), make(M, R), make(R, N)
+    out = lowrank_gemm_tma(x, wt, u, vt, alpha=alpha, beta=beta, config=CONFIG)
+    assert rel_err(out, reference_lowrank_gemm(x, wt, u, vt, alpha=alpha, beta=beta)) < REL_TOL[torch.bfloat16]
+
+
+# case → (what lowrank_gemm_tma is given in place of valid fp16 operands, the error, its message)
+_HOST_CHECKS = {
+    "nan alpha": (lambda t: dict(alpha=float("nan")), ValueError, "lowrank_gemm_tma: alpha must be finite, got nan"),
+    "1e300 beta": (lambda t: dict(beta=1e300), ValueError, "lowrank_gemm_tma: beta must be within float32's range"),
+    "x fp16, wt bf16": (lambda t: dict(wt=t["wt"].bfloat16()), TypeError,
+                        "lowrank_gemm_tma: x and wt must have one dtype (one product), got torch.float16 and "
+                        "torch.bfloat16"),
+    "u·vt in bf16": (lambda t: dict(u=t["u"].bfloat16(), vt=t["vt"].bfloat16()), TypeError,
+                     "lowrank_gemm_tma: x·wt and u·vt must have one dtype (the kernel runs both products at one "
+                     "precision), got torch.float16 and torch.bfloat16"),
+    "list x": (lambda t: dict(x=t["x"].tolist()), TypeError, "lowrank_gemm_tma takes tensors, got x of type list"),
+    "None u": (lambda t: dict(u=None), TypeError, "lowrank_gemm_tma takes tensors, got u of type NoneType"),
+    "meta vt": (lambda t: dict(vt=t["vt"].to("meta")), ValueError,
+                "lowrank_gemm_tma runs Triton kernels, which need tensors with real data, got vt on the meta device"),
+    "1-D wt": (lambda t: dict(wt=t["wt"][0]), ValueError, "lowrank_gemm_tma: wt must be 2-D, got shape (16,)"),
+}
+
+
+@pytest.mark.parametrize("case", list(_HOST_CHECKS))
+def test_host_checks_are_the_engines(case):
+    """Only shapes, the bias and dtypes one by one were checked: a NaN or 1e300 alpha ran (NaN, ±inf out), a
+    product of fp16 and bf16 was taken, a list operand was an AttributeError."""
+    from dynrank.kernels.lowrank_gemm_tma import lowrank_gemm_tma
+    change, error, message = _HOST_CHECKS[case]
+    make = functools.partial(torch.randn, device=_device(), dtype=torch.float16)
+    operands = dict(x=make(16, 16), wt=make(16, 16), u=make(16, 16), vt=make(16, 16))
+    with pytest.raises(error, match=re.escape(message)):
+        lowrank_gemm_tma(**{**operands, **change(operands)}, config=CONFIG)
