@@ -354,3 +354,11 @@ def call_back(callbacks, event):
             error = error or e
     if error is not None:
         raise error
+
+
+def fork_layer_rngs(layers):
+    """``torch.random.fork_rng`` of the CPU generator and of each CUDA device holding a parameter of
+    ``layers`` ((name, layer) pairs): a load that draws fresh factors there leaves every generator as it
+    was, so a restored RNG state stays valid whichever order it is restored in."""
+    cuda = sorted({p.device.index for _, layer in layers for p in layer.parameters() if p.device.type == "cuda"})
+    return torch.random.fork_rng(devices=cuda, device_type="cuda")

@@ -23,6 +23,7 @@ with it once given to :meth:`IncrementalRankScheduler.add_model_copy`, and a
 DDP wrapper is rebuilt (:mod:`dynrank.distributed`).
 """
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -30,9 +31,10 @@ import torch
 from ._args import check_int, check_real
 from ._checks import (call_back, check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_same_layers, check_switchable, check_sync,
-                      check_trains_layers, check_untied, remove_copy, unwrap_model)
+                      check_trains_layers, check_untied, fork_layer_rngs, remove_copy, unwrap_model)
 from ._forms import outside_inference_mode
 from ._optim import SQUARED_STATE, _split_state, manage, replace_params
+from .conv import LowRankConv2d
 from .distributed import _remember_ddp, _retire_stale
 from .linear import FusedLowRankLinear, svd_factors
 from .metrics import _check_not_meta
@@ -216,6 +218,7 @@ def _install(layer, A, B, rank, old_A, old_B):
     layer.B.requires_grad_(old_B.requires_grad)
 
 
+@outside_inference_mode
 @torch.no_grad()
 def _follow_growth(copy_layer, layer):
     """Grow ``copy_layer`` (a model copy's) to ``layer``'s new rank as ``layer`` just grew, drawing no
@@ -224,7 +227,9 @@ def _follow_growth(copy_layer, layer):
     The copy's old columns stay its own (A rescaled as the model's was), so it keeps computing its
     averaged function; its new columns are the model's new ones (A's zero, B's fresh), as the average of
     a component that exists from now on starts at its value.  Parameter names and order are kept, so an
-    AveragedModel pairs the wider A, B with the model's.  A copy kept out of autograd stays out.
+    AveragedModel pairs the wider A, B with the model's.  A copy kept out of autograd stays out.  Run
+    outside ``torch.inference_mode`` (:func:`~dynrank._forms.outside_inference_mode`), as ``grow_rank_``:
+    the copy's new A and B are ordinary tensors that load and train.
     """
     old_rank, new_rank = copy_layer.rank, layer.rank
     ratio = copy_layer.scale_for(old_rank) / copy_layer.scale_for(new_rank)
@@ -234,6 +239,7 @@ def _follow_growth(copy_layer, layer):
     _install(copy_layer, *wide, new_rank, *old)
 
 
+@outside_inference_mode
 @torch.no_grad()
 def _truncate_rank_(layer, rank, optimizer=None):
     """Best rank-``rank`` factors of the current product (construction / loading only).
@@ -243,7 +249,8 @@ def _truncate_rank_(layer, rank, optimizer=None):
     gradient: it gets the layer's zero-output init instead (A column zero, B column random), so the
     product is the same (up to the rounding of the layer's dtype) and every component trains.  The
     SVD fit and its test for zero are :func:`~dynrank.linear.svd_factors`, which ``from_dense`` and
-    ``deflate(init="svd")`` use too.
+    ``deflate(init="svd")`` use too.  Runs outside ``torch.inference_mode``, as ``grow_rank_``: the new
+    factors are ordinary parameters that train.
     """
     layer._check_switchable()
     old = [layer.A, layer.B]
@@ -273,7 +280,12 @@ class IncrementalRankScheduler:
     """Grow the rank of low-rank layers during training by InRank's explained-variance rule.
 
     Manages every :class:`FusedLowRankLinear` of the model in lowrank or adapter
-    form.  At construction each layer is set to ``init_rank + buffer``
+    form: linear layers only.  A :class:`~dynrank.LowRankConv2d` in lowrank or
+    adapter form (``convert_model`` makes them of a CNN's convolutions) keeps
+    its rank for the whole run, and the constructor warns (``UserWarning``)
+    naming such layers.
+
+    At construction each layer is set to ``init_rank + buffer``
     components (truncated SVD of its current product when that is fewer, zero-
     output padding when more); with ``init_rank=None`` each layer keeps its
     rank (truncated to ``max_rank`` when above it) and its discovered rank
@@ -338,8 +350,10 @@ class IncrementalRankScheduler:
             is not a ProcessGroup.
         ValueError: an int setting out of range (``warmup_steps`` below 0, the others
             below 1), ``threshold`` outside (0, 1), no FusedLowRankLinear in
-            lowrank/adapter form, an optimizer holding no trainable factor of any
-            layer (built before ``convert_model``), or (``init_rank`` below a
+            lowrank/adapter form (the message names the LowRankConv2d layers of
+            a model whose only lowrank/adapter layers are convolutions), an
+            optimizer holding no trainable factor of any layer (built before
+            ``convert_model``), or (``init_rank`` below a
             layer's rank) a layer whose factors hold NaN/inf.  All checks run
             before any layer is resized.
 
@@ -380,6 +394,12 @@ class IncrementalRankScheduler:
         self.buffer, self.threshold, self.warmup_steps, self.check_every = buffer, threshold, warmup_steps, check_every
         self._layers = [(n, m) for n, m in self.model.named_modules()
                         if isinstance(m, FusedLowRankLinear) and m.form != "full"]
+        convs = [n for n, m in self.model.named_modules() if isinstance(m, LowRankConv2d) and m.form != "full"]
+        shown = ", ".join(map(repr, convs[:5])) + (f" and {len(convs) - 5} more" if len(convs) > 5 else "")
+        if not self._layers and convs:
+            raise ValueError(f"model has no FusedLowRankLinear in lowrank or adapter form: IncrementalRankScheduler "
+                             f"grows FusedLowRankLinear layers only, and this model's lowrank/adapter layers are "
+                             f"{len(convs)} LowRankConv2d ({shown})")
         if not self._layers:
             raise ValueError("model has no FusedLowRankLinear in lowrank or adapter form; "
                              "convert it first with dynrank.convert_model(model)")
@@ -409,6 +429,10 @@ class IncrementalRankScheduler:
         self.last_step = 0
         self._callbacks = []
         self._copies = []
+        if convs:
+            warnings.warn(f"IncrementalRankScheduler grows FusedLowRankLinear layers only: the model's {len(convs)} "
+                          f"LowRankConv2d layer(s) in lowrank or adapter form ({shown}) keep their rank",
+                          stacklevel=2)
 
     @property
     def ranks(self):
@@ -416,8 +440,27 @@ class IncrementalRankScheduler:
         return {name: layer.rank for name, layer in self._layers}
 
     def add_callback(self, fn):
-        """Call ``fn(event)`` after a step that grew ranks; ``event`` as for DynamicRankScheduler plus
-        ``"rank_changes": [(name, old_rank, new_rank), ...]``.  Returns ``fn``."""
+        """Call ``fn(event)`` after a :meth:`step` that grew ranks, or a load that resized layers; returns ``fn``.
+
+        ``event = {"epoch": None, "step": int, "changes": [(name, form, form), ...],
+        "rank_changes": [(name, old_rank, new_rank), ...]}``, as for
+        :meth:`DynamicRankScheduler.add_callback` plus the rank changes.
+
+        A loaded event comes from :meth:`load_state_dict` (or
+        :func:`~dynrank.checkpoint.load_training_state`) bringing layers to
+        their saved ranks: it has ``"loaded": True`` besides, the saved step
+        count and the resizes the load made (a rank may go down there).  It is
+        no growth (the saved run had it; a :class:`~dynrank.RankMonitor`
+        records none), but the layers hold new A and B, on which a callback
+        registers its tensor hooks again.  It comes before the model's and the
+        optimizer's values are loaded: read no weight there.
+
+        Callbacks run in the order added; one that raises does not keep the
+        later ones from the event, and :meth:`step` or :meth:`load_state_dict`
+        raises the first error once they have all run, its resizes done
+        (:func:`~dynrank.checkpoint.load_training_state` then puts everything
+        back, as for any part that fails).
+        """
         if not callable(fn):
             raise TypeError(f"callback must be callable, got {type(fn).__name__}")
         self._callbacks.append(fn)
@@ -586,11 +629,7 @@ class IncrementalRankScheduler:
                 self._resize(layer, target, [twins[name] for _, twins in self._copies])
                 grown.append((name, old, target))
         if grown:
-            forms = dict(self._layers)
-            event = {"epoch": None, "step": self.last_step,
-                     "changes": [(n, forms[n].form, forms[n].form) for n, _, _ in grown],
-                     "rank_changes": list(grown)}
-            call_back(self._callbacks, event)
+            call_back(self._callbacks, self._event(grown))
         return grown
 
     def state_dict(self):
@@ -651,7 +690,12 @@ class IncrementalRankScheduler:
         them: a model load that changes a managed layer's rank edits the
         optimizer in place just as this call would.  The whole
         state dict is checked before any layer is resized: a call that raises
-        leaves the layers, the optimizer and the scheduler as they were.
+        leaves the layers, the optimizer and the scheduler as they were (but for
+        an error a callback raised once the load was done).
+
+        A load that resizes a layer calls the callbacks with a loaded event
+        (``"loaded": True``, see :meth:`add_callback`): the layer's A and B are
+        new, and a callback registers its tensor hooks on them.
 
         Raises:
             TypeError: not a dict, or a value of the wrong type (e.g. a float rank).
@@ -659,6 +703,7 @@ class IncrementalRankScheduler:
                 reject, other layers than this model's, a rank outside
                 [1, min(in, out)], a managed layer now in full form, or a layer
                 to shrink whose factors hold NaN/inf.
+            Exception: the first one a callback raised, the load done.
         """
         self._load_checked(self._checked_state(state_dict))
 
@@ -667,9 +712,23 @@ class IncrementalRankScheduler:
         ranks = settings["ranks"]
         check_switchable([(n, m) for n, m in self._layers if ranks[n] != m.rank])
         check_finite([(n, m) for n, m in self._layers if ranks[n] < m.rank], "not loading any rank")
-        with torch.random.fork_rng(devices=[]):
+        resized = [(name, layer.rank, ranks[name]) for name, layer in self._layers if ranks[name] != layer.rank]
+        with fork_layer_rngs(self._layers):             # a truncation draws B columns on the layer's device
             for name, layer in self._layers:
                 self._resize(layer, ranks[name])
         del settings["ranks"]
         for key, value in settings.items():
             setattr(self, key, value)
+        if resized:
+            # The layers have new A and B: hooks registered on them in a callback must be registered again.
+            call_back(self._callbacks, self._event(resized, loaded=True))
+
+    def _event(self, rank_changes, loaded=False):
+        """What the callbacks get (see :meth:`add_callback`)."""
+        forms = dict(self._layers)
+        event = {"epoch": None, "step": self.last_step,
+                 "changes": [(n, forms[n].form, forms[n].form) for n, _, _ in rank_changes],
+                 "rank_changes": list(rank_changes)}
+        if loaded:
+            event["loaded"] = True
+        return event

@@ -167,7 +167,7 @@ class RankMonitor:
         """Have ``scheduler`` report its switches to :meth:`on_switch` (once per scheduler); returns self.
 
         A scheduler's loaded event (``"loaded": True``: its ``load_state_dict`` bringing the
-        layers to their saved forms on a resume) is not recorded: the saved run recorded that
+        layers to their saved forms, or InRank's to their saved ranks, on a resume) is not recorded: the saved run recorded that
         switch, and this monitor's :meth:`load_state_dict` brings it back, in either order.
 
         A scheduler names its layers within its own model (a DDP or DataParallel wrapper

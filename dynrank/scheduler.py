@@ -33,7 +33,8 @@ import torch
 from ._args import check_int
 from ._checks import (call_back, check_copy, check_finite, check_layer_names, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_one_group, check_same_layers, check_switchable,
-                      check_sync, check_trains_layers, check_untied, form_layers, remove_copy, unwrap_model)
+                      check_sync, check_trains_layers, check_untied, fork_layer_rngs, form_layers, remove_copy,
+                      unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
 from ._optim import (drop_frozen_adapter_params, manage, params_before, pullback_state, pushforward_state,
                      replace_params, switched_params)
@@ -735,9 +736,7 @@ class DynamicRankScheduler:
         for key, value in settings.items():
             setattr(self, key, value)
         # A deflate draws its fresh factors on the layer's device: fork that device's generator too.
-        cuda = sorted({p.device.index for _, layer in self._layers for p in layer.parameters()
-                       if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        with fork_layer_rngs(self._layers):
             changes = self._bring_to(forms, carry=False, ranks=ranks, init="zeros")
         self.last_epoch = last_epoch
         if changes:

@@ -2,6 +2,7 @@
 
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -307,6 +308,65 @@ def test_bad_arguments():
     sched.step(5)
     with pytest.raises(ValueError, match="steps must not go backwards: got 3 after 5"):
         sched.step(3)
+
+
+
+# -- LowRankConv2d layers: InRank grows linear layers only -----------------------------------------------
+def _cnn(linear=True, decomposition="svd", form="lowrank", convs=2):
+    """``convs`` 3×3 convs (8 channels), then a hidden Linear (``linear``) and a dense classifier."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(convs):
+        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
+    layers.append(nn.Flatten())
+    layers += [nn.Linear(8 * 4 * 4, 32), nn.ReLU()] if linear else []
+    model = nn.Sequential(*layers, nn.Linear(32 if linear else 8 * 4 * 4, 10))
+    convert_model(model, rank_ratio=0.5, decomposition=decomposition, form=form)
+    return model
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_lowrank_convs_left_at_their_rank_are_named_in_a_warning(form):
+    """The scheduler managed the Linear only; the two lowrank convs kept their ranks with no word."""
+    model = _cnn(form=form)
+    convs = {n: m.rank for n, m in model.named_modules() if type(m).__name__ == "LowRankConv2d"}
+    assert list(convs) == ["0", "2"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"grows FusedLowRankLinear layers only: the model's 2 LowRankConv2d "
+                                         r"layer\(s\) in lowrank or adapter form \('0', '2'\) keep their rank"):
+        growth = IncrementalRankScheduler(model, opt, init_rank=1, buffer=2, threshold=1 - 1e-9, warmup_steps=0,
+                                          check_every=1)
+    x = torch.randn(4, 8, 4, 4)
+    for step in range(1, 3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        assert [name for name, _, _ in growth.step(step)] == ["5"]
+    assert growth.ranks == {"5": 5}
+    assert {n: model.get_submodule(n).rank for n in convs} == convs
+    many = _cnn(convs=7)                                                # the first five, then a count
+    with pytest.warns(UserWarning, match=r"7 LowRankConv2d layer\(s\) in lowrank or adapter form \('0', '2', "
+                                         r"'4', '6', '8' and 2 more\)"):
+        IncrementalRankScheduler(many, torch.optim.SGD(many.parameters(), lr=0.1))
+    plain = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    convert_model(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # no conv, no warning
+        IncrementalRankScheduler(plain, torch.optim.SGD(plain.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "tucker", "cp", "tkd-cpd"])
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_a_model_whose_only_lowrank_layers_are_convs_is_refused_naming_them(decomposition, form):
+    """It said "convert it first with dynrank.convert_model(model)" of a model convert_model had converted."""
+    model = _cnn(linear=False, decomposition=decomposition, form=form)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError) as caught:
+        IncrementalRankScheduler(model, opt)
+    message = str(caught.value)
+    assert re.search(r"IncrementalRankScheduler grows FusedLowRankLinear layers only, and this model's "
+                     r"lowrank/adapter layers are 2 LowRankConv2d \('0', '2'\)$", message), message
+    assert "convert it first" not in message
 
 
 # -- failed calls change nothing -------------------------------------------------------------------

@@ -336,6 +336,118 @@ def test_resume_with_the_whole_ecosystem_is_bitwise_identical(resume_step, with_
     assert all(a.shape == e.shape and torch.equal(a, e) for a, e in zip(actual, expected))
 
 
+
+def _hooked_run(resume_step=None):
+    """Float64 SGD, growth at every check (steps 2, 4, 6), a callback that registers a gradient hook
+    (halving the gradient) on every grown A, as per-tensor clipping or scaling would; optionally resumed
+    with load_training_state (and the RNG state) before ``resume_step``.  Returns the final parameters and
+    the events."""
+    def build():
+        model = _mlp().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        growth = _growth(model, opt, init_rank=1)
+        events = []
+
+        def rehook(event):
+            events.append(event)
+            for name, _, _ in event["rank_changes"]:
+                model.get_submodule(name).A.register_hook(lambda grad: grad / 2)
+        growth.add_callback(rehook)
+        for i in (0, 2):
+            model[i].A.register_hook(lambda grad: grad / 2)
+        return model, opt, growth, events
+    model, opt, growth, events = build()
+    x, y = data(torch.float64)
+    for step in range(7):
+        if step == resume_step:
+            (model, opt, growth, events), extra = save_and_load(build, model, opt, growth, rng=torch.get_rng_state())
+            torch.set_rng_state(extra["rng"])                           # growth draws B columns from it
+        sgd_step(model, opt, x, y)
+        growth.step()
+    assert growth.ranks == {"0": 6, "2": 6}                            # three growths of each layer
+    return [p.detach().clone() for p in model.parameters()], events
+
+
+@pytest.mark.parametrize("resume_step", [3, 5])
+def test_a_resume_calls_the_callbacks_so_hooks_on_the_loaded_factors_come_back(resume_step):
+    """The load replaced A and B with no event: the hooks a callback registers after growth were lost on a
+    resume, and the resumed run trained on whole gradients."""
+    expected, _ = _hooked_run()
+    actual, events = _hooked_run(resume_step)
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected))
+    loaded = {"epoch": None, "step": resume_step, "changes": [("0", "lowrank", "lowrank"), ("2", "lowrank", "lowrank")],
+              "rank_changes": [("0", 3, 3 + resume_step // 2), ("2", 3, 3 + resume_step // 2)], "loaded": True}
+    assert events[0] == loaded and not any("loaded" in e for e in events[1:])
+    # A RankMonitor attached records the growths of the run, not the load.
+    from dynrank import RankMonitor
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    growth = _growth(model, opt, init_rank=1)
+    monitor = RankMonitor(model).attach(growth)
+    growth.load_state_dict({**growth.state_dict(), "ranks": {"0": 5, "2": 4}, "current": {"0": 3, "2": 2},
+                            "last_step": 4})
+    assert growth.ranks == {"0": 5, "2": 4} and monitor.switches == []
+    with monitor.epoch(0):
+        sgd_step(model, opt, *data())
+        assert growth.step(6) == [("0", 5, 6), ("2", 4, 5)]
+    assert [s["rank_changes"] for s in monitor.switches] == [[["0", 5, 6], ["2", 4, 5]]]
+
+
+# -- torch.inference_mode ----------------------------------------------------------------------------
+def _grow_with_an_ema(inference):
+    """One float64 SGD step and EMA update, then a growth (under inference mode if ``inference``), another
+    step and EMA update through the grown factors.  Returns the model, the EMA copy, and the input."""
+    model = _mlp().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    growth = _growth(model, opt, init_rank=1, check_every=1)
+    ema = growth.add_model_copy(AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.75)))
+    x, y = data(torch.float64)
+    sgd_step(model, opt, x, y)
+    ema.update_parameters(model)
+    with torch.inference_mode(inference):
+        assert growth.step() == [("0", 3, 4), ("2", 3, 4)]
+    sgd_step(model, opt, x, y)
+    ema.update_parameters(model)
+    return model, ema, x
+
+
+def test_a_model_copy_grown_under_inference_mode_holds_ordinary_parameters():
+    """The copy's grown A and B were inference tensors: loading the EMA's state dict, or a backward through
+    the EMA, failed."""
+    model, ema, x = _grow_with_an_ema(True)
+    reference_model, reference, _ = _grow_with_an_ema(False)
+    for name, p in ema.named_parameters():
+        assert not p.is_inference() and p.requires_grad, name
+    assert all(torch.equal(p, q) for p, q in zip(ema.parameters(), reference.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference_model.parameters()))
+    ema.load_state_dict({k: v.clone() for k, v in reference.state_dict().items()})
+    for m in (ema, reference):
+        m(x).square().sum().backward()
+    assert torch.equal(ema.module[0].A.grad, reference.module[0].A.grad) and ema.module[0].A.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("when", ["construction", "load"])
+def test_a_truncation_under_inference_mode_gives_ordinary_parameters_that_train(when):
+    """A load (or construction) that lowers a layer's rank left the model's own A and B as inference
+    tensors: the next training step failed ("Inference tensors cannot be saved for backward")."""
+    def truncate(inference):
+        model = _mlp().double()                                         # ranks 3 and 6
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with torch.inference_mode(inference):
+            growth = _growth(model, opt, init_rank=1 if when == "construction" else None)
+            if when == "load":
+                growth.load_state_dict({**growth.state_dict(), "ranks": {"0": 3, "2": 2}, "current": {"0": 1, "2": 1}})
+        assert growth.ranks == {"0": 3, "2": 3 if when == "construction" else 2}
+        x, y = data(torch.float64)
+        sgd_step(model, opt, x, y)
+        return model, opt
+    model, opt = truncate(True)
+    reference, _ = truncate(False)
+    assert not any(p.is_inference() for p in model.parameters())
+    assert same_set(held(opt), trainable(model))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+
+
 # -- factors the user left out of training ---------------------------------------------------------
 @pytest.mark.parametrize("frozen", ["A", "B"])
 def test_a_frozen_factor_stays_frozen_and_out_of_the_optimizer(frozen):
