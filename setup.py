@@ -1,10 +1,8 @@
-import sys
-
 from setuptools import setup
 
-install_requires = ["torch>=2.4", "numpy>=1.24", "tensorly>=0.8"]
-if sys.platform.startswith("linux"):
-    install_requires.append("triton>=3.0")
+# Triton has Linux wheels only; elsewhere the layers run their plain-torch paths.  A marker, not a test
+# of the building machine's platform: a wheel built on Linux must not require triton on macOS.
+install_requires = ["torch>=2.4", "numpy>=1.24", "tensorly>=0.8", "triton>=3.0; sys_platform == 'linux'"]
 
 setup(
     name="dynrank",

@@ -1,8 +1,12 @@
 """Triton kernels of dynrank, installed as ``dynrank.kernels``.
 
-Each op lives in its own module with its host launcher and a plain-torch
-reference.  Users never import this package directly: ``dynrank.functional``
-dispatches to it on CUDA (or on CPU through Triton's interpreter when asked).
+Each op of the engine lives in its own module with its host launcher and a
+plain-torch reference (``lowrank_gemm_tma``, an experimental launcher timed
+beside the engine, has the engine's reference).  Users never import this
+package directly: ``dynrank.functional`` dispatches to it with
+``DYNRANK_BACKEND=triton`` (on CUDA, or on CPU through Triton's interpreter);
+the default ``auto`` keeps cuBLAS/ATen on CUDA for every op, as measured
+(README, "Kernels and dispatch").
 """
 
 from .conv_merge import (conv_merge_, reference_conv_merge, reference_cp_kernel, reference_kernel,
