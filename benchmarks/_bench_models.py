@@ -32,7 +32,8 @@ def resnet20_step(form="full", decomposition="svd", rank_ratio=0.5, batch=128, i
     """(step, model): ``step(lr)`` takes one ResNet20 training step on a fixed random batch, returns its loss.
 
     The step is ``dynrank.train.steps.TrainStep`` (forward, cross-entropy with label smoothing 0.1,
-    backward, SGD with momentum 0.9 and weight decay 1e-4), the one ``dynrank-train`` takes: low-rank
+    backward, SGD with momentum 0.9 and weight decay 1e-4 on the ≥ 2-D parameters only, the optimizer
+    ``dynrank.train.loop.build_optimizer`` builds), the one ``dynrank-train`` takes: low-rank
     forms through ``convert_model`` at ``rank_ratio`` (``init="fresh"``), ``amp`` bf16 autocast as
     under ``--amp`` (the same factory), ``channels_last`` the layout it gives conv nets, ``cuda_graphs``
     one replayed graph per step.  The model, batch and labels depend on ``seed`` only, so two calls
@@ -40,7 +41,7 @@ def resnet20_step(form="full", decomposition="svd", rank_ratio=0.5, batch=128, i
     step's device tensor (a graph's output buffer, valid until the next call).
     """
     from dynrank.convert import convert_model
-    from dynrank.train.loop import _autocast_factory
+    from dynrank.train.loop import _autocast_factory, build_optimizer
     from dynrank.train.steps import TrainStep
 
     device = torch.device(device)
@@ -50,8 +51,7 @@ def resnet20_step(form="full", decomposition="svd", rank_ratio=0.5, batch=128, i
         convert_model(model, rank_ratio=rank_ratio, decomposition=decomposition, form=form, init="fresh")
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=layout)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
-                                weight_decay=1e-4)
+    optimizer = build_optimizer(model, {"optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-4})
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed + 1))
     images = images.to(device).contiguous(memory_format=layout)
     labels = torch.randint(num_classes, (batch,), generator=torch.Generator().manual_seed(seed + 2)).to(device)

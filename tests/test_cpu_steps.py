@@ -1,11 +1,14 @@
 """benchmarks/cpu_steps.py: every way of stepping a ResNet20 on the CPU takes the same step."""
 
+import copy
 import json
 
 import pytest
 import torch
 
 from _helpers import assert_out_refused_before_work, bad_outs, load_script
+from dynrank.train.loop import _autocast_factory, build_optimizer
+from dynrank.train.steps import TrainStep
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +34,23 @@ def test_the_ways_compute_the_same_first_step(cpu_steps):
         assert by_way["channels-last"]["loss"] == pytest.approx(reference, rel=1e-5), form
         assert by_way["channels-last+bf16"]["loss"] == pytest.approx(reference, rel=2e-2), form
         assert all(r["seconds"] > 0 for r in by_way.values())
+
+
+@pytest.mark.parametrize("form", ["full", "lowrank"])
+def test_the_timed_step_is_the_one_dynrank_train_takes(form):
+    """The benchmark's SGD decayed every parameter (BN scales and shifts, biases); dynrank-train's
+    build_optimizer leaves the 1-D ones undecayed."""
+    bench = load_script("benchmarks/_bench_models.py", "dynrank_bench_models")
+    step, model = bench.resnet20_step(form, batch=4, channels_last=False, seed=3)
+    reference = copy.deepcopy(model)
+    optimizer = build_optimizer(reference, {"optimizer": "sgd", "lr": 0.1, "weight_decay": 1e-4})
+    train_step = TrainStep(reference, optimizer, reference, _autocast_factory({}, torch.device("cpu")), 0.1)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    labels = torch.randint(10, (4,), generator=torch.Generator().manual_seed(5))
+    for lr in (0.1, 0.05):      # the second step applies the momentum of the first
+        assert float(step(lr)) == float(train_step(images, labels, lr)[0])
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_the_report_and_its_refusals(cpu_steps, tmp_path, restore_threads, capsys):

@@ -161,3 +161,57 @@ def test_bad_arguments_raise_clear_errors():
         GPT(dim=30, heads=4)
     with pytest.raises(ValueError, match="T ≤ 8"):
         GPT(context=8, dim=16, depth=1, heads=2)(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_gpt_dropout_drops_both_residual_branches():
+    """The attention branch's output projection was added to the residual without dropout, while
+    the MLP branch's was dropped (GPT-2 drops both)."""
+    torch.manual_seed(0)
+    model = GPT(context=8, dim=16, depth=1, heads=2, dropout=0.5).train()
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 8, 16)
+    projected = {}
+    attn.proj.register_forward_hook(lambda module, args, out: projected.__setitem__("out", out))
+    out = attn(x)
+    kept = out != 0
+    # Inverted dropout: each output element is 0 or the projection's over (1 - p).
+    torch.testing.assert_close(out, torch.where(kept, projected["out"] / 0.5, 0.0), rtol=0, atol=0)
+    assert 0 < int(kept.sum()) < kept.numel()
+
+    # In eval mode, and at dropout 0 (the default) in train mode, nothing is dropped and no random
+    # number is drawn: the model computes what the dropout-free model computes.
+    plain = GPT(context=8, dim=16, depth=1, heads=2)
+    plain.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(tokens), plain.eval()(tokens), rtol=0, atol=0)
+        rng = torch.get_rng_state()
+        torch.testing.assert_close(plain.train()(tokens), plain.eval()(tokens), rtol=0, atol=0)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_gpt_default_size_is_unchanged_by_dropout():
+    # dynrank-train's GPT (context 64) has 470,784 parameters, the README's 471k; dropout adds none.
+    counts = {count_parameters(build_model("gpt", context=64, dropout=p)) for p in (0.0, 0.1)}
+    assert counts == {470_784}
+
+
+@pytest.mark.parametrize("build,error,message", [
+    # A bare ZeroDivisionError; a model that built and failed only at forward; a silent 1-channel net;
+    # "cannot convert float NaN to integer".
+    (lambda: GPT(dim=16, heads=0), ValueError, r"^heads must be a positive int, got 0$"),
+    (lambda: GPT(dim=16, heads=-2), ValueError, r"^heads must be a positive int, got -2$"),
+    (lambda: GPT(dim=0, heads=1), ValueError, r"^dim must be a positive int, got 0$"),
+    (lambda: GPT(context=0), ValueError, r"^context must be a positive int, got 0$"),
+    (lambda: GPT(depth=-1), ValueError, r"^depth must be a positive int, got -1$"),
+    (lambda: GPT(heads=2.0), TypeError, r"^heads must be a positive int, got float \(2\.0\)$"),
+    (lambda: resnet20(width=-1), ValueError, r"^width must be a finite number > 0 \(a channel multiplier\), got -1$"),
+    (lambda: resnet20(width=0), ValueError, r"^width must be a finite number > 0 .*, got 0$"),
+    (lambda: resnet20(width=float("nan")), ValueError, r"^width must be a finite number > 0 .*, got nan$"),
+    (lambda: build_model("wrn28-10", width=float("inf")), ValueError, r"^width must be .*, got inf$"),
+    (lambda: build_model("resnet50", width="0.5"), TypeError, r"^width must be .*, got str \('0\.5'\)$"),
+])
+def test_impossible_sizes_are_refused(build, error, message):
+    with torch.device("meta"):
+        with pytest.raises(error, match=message):
+            build()

@@ -9,14 +9,19 @@ So a graphed run that forgot to copy a batch in, to capture again after a form
 change or an LR decay, or to warm up first, fails here against the eager run.
 """
 
+import contextlib
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch.nn import functional as F
 
 from dynrank.convert import convert_model
 from dynrank.train import cli, steps
 from dynrank.train.augment import VisionData
-from dynrank.train.loop import run_training
-from dynrank.train.models import EXCLUDE, resnet20
+from dynrank.train.loop import evaluate, run_training
+from dynrank.train.models import EXCLUDE, GPT, resnet20
 
 
 class StandInGraphs:
@@ -246,3 +251,51 @@ def test_a_run_that_starts_at_a_short_batch_graphs_the_full_ones():
     _, _, count = step(*batches[4], 0.1)                # a short batch again: eager, the graph kept
     step(*batches[0], 0.1)
     assert count == 3 and (step.captures, step.replays) == (1, 4)
+
+
+def _float64_gpt_and_batch():
+    torch.manual_seed(0)
+    model = GPT(context=16, dim=32, depth=1, heads=2).double()
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 256, (4, 17), generator=gen)
+    return model, tokens[:, :-1], tokens[:, 1:]
+
+
+def test_a_float64_step_is_a_float64_step():
+    """The loss cast logits with .float(): a float64 model trained with float32 loss and gradients
+    (relative gradient error 8e-8 where float64 round-off is 1e-15)."""
+    model, inputs, targets = _float64_gpt_and_batch()
+    reference = copy.deepcopy(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    autocast = lambda cache=True: torch.autocast("cpu", enabled=False, cache_enabled=cache)
+    loss, correct, count = steps.TrainStep(model, optimizer, model, autocast, 0.1)(inputs, targets, 0.1)
+
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    logits = reference(inputs)
+    ref_loss = F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1), label_smoothing=0.1)
+    ref_loss.backward()
+    ref_optimizer.step()
+
+    assert loss.dtype == torch.float64 and count == targets.numel()
+    assert int(correct) == int((logits.argmax(-1) == targets).sum())
+    assert abs(loss.item() - ref_loss.item()) <= 1e-13 * ref_loss.item()
+    for (name, p), q, b in zip(model.named_parameters(), reference.parameters(), before):
+        update, ref_update = p.detach() - b, q.detach() - b
+        assert ref_update.norm() > 0, name
+        assert (update - ref_update).norm() <= 1e-12 * ref_update.norm(), name
+
+
+def test_evaluate_keeps_float64_and_lifts_16_bit_logits():
+    model, inputs, targets = _float64_gpt_and_batch()
+    data = SimpleNamespace(device=torch.device("cpu"), val_batches=lambda: [(inputs[:3], targets[:3]),
+                                                                             (inputs[3:], targets[3:])])
+    loss, accuracy = evaluate(model, data, contextlib.nullcontext)
+    with torch.no_grad():
+        logits = model(inputs).reshape(-1, 256)
+    ref_loss = F.cross_entropy(logits, targets.reshape(-1)).item()
+    assert abs(loss - ref_loss) <= 1e-13 * ref_loss
+    assert accuracy == (logits.argmax(-1) == targets.reshape(-1)).double().mean().item()
+    # What the upcast is for: bf16 (autocast) logits give a float32 loss, as before.
+    half, _, _ = steps.loss_and_correct(logits.bfloat16(), targets, 0.0)
+    assert half.dtype == torch.float32

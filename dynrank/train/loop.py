@@ -31,7 +31,7 @@ from ..convert import convert_model
 from ..scheduler import DynamicRankScheduler
 from .models import EXCLUDE, build_model, count_parameters
 from .progress import ProgressLine
-from .steps import TrainStep
+from .steps import TrainStep, upcast_logits
 
 __all__ = ["run_training", "Interrupted", "RunFileError", "SCHEDULES", "lr_at", "build_optimizer", "write_atomic",
            "write_json", "read_json", "load_checkpoint", "factorized_layers", "MIN_FEATURES"]
@@ -267,7 +267,7 @@ def evaluate(model, data, autocast):
     for inputs, targets in data.val_batches():
         with autocast():
             logits = model(inputs)
-        logits = logits.reshape(-1, logits.shape[-1]).float()
+        logits = upcast_logits(logits.reshape(-1, logits.shape[-1]))
         targets = targets.reshape(-1)
         total += F.cross_entropy(logits, targets, reduction="sum")
         correct += (logits.argmax(-1) == targets).sum()

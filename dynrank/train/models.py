@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._args import check_int, check_real
+
 __all__ = ["CifarResNet", "resnet20", "WideResNet", "wrn28_10", "ResNet50", "GPT", "build_model",
            "MODELS", "EXCLUDE", "DROPOUT", "model_dropout", "count_parameters", "narrowest_strided_pointwise"]
 
@@ -27,6 +29,15 @@ MODELS = ("resnet20", "wrn28-10", "resnet50", "gpt")
 
 
 def _scaled(channels, width):
+    """``channels`` times the multiplier ``width``, rounded, at least 1.
+
+    Raises:
+        TypeError, ValueError: ``width`` is not a finite number > 0.
+    """
+    expected = "a finite number > 0 (a channel multiplier)"
+    check_real(width, "width", expected)
+    if not (math.isfinite(width) and width > 0):
+        raise ValueError(f"width must be {expected}, got {width!r}")
     return max(1, round(channels * width))
 
 
@@ -75,10 +86,14 @@ class CifarResNet(nn.Module):
     Args:
         depth: 6n + 2 (20 for ResNet20).
         num_classes: classifier outputs.
-        width: channel multiplier (1.0 → 16/32/64).
+        width: channel multiplier (1.0 → 16/32/64), a finite number > 0; channels round to at least 1.
 
     Shape:
         (N, 3, H, W) → (N, num_classes).
+
+    Raises:
+        ValueError: a depth that is not 6n + 2, a width that is not finite or not > 0.
+        TypeError: a width that is not a real number.
     """
 
     def __init__(self, depth=20, num_classes=10, width=1.0):
@@ -242,19 +257,23 @@ class ResNet50(nn.Module):
 
 # -- GPT ------------------------------------------------------------------------
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention; ``dropout`` on the attention weights and on the output
+    projection (the residual dropout of GPT-2's attention branch)."""
+
     def __init__(self, dim, heads, dropout):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(batch, length, dim))
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(batch, length, dim)))
 
 
 class MLP(nn.Module):
@@ -288,10 +307,15 @@ class GPT(nn.Module):
         vocab_size: 256 for bytes.
         context: maximum sequence length.
         dim, depth, heads: width, number of blocks, attention heads (dim % heads == 0).
-        dropout: residual/attention dropout.
+        dropout: dropout on the attention weights and on both residual branches of every block
+            (the attention and MLP outputs, before they are added), as in GPT-2; none at 0.
 
     Shape:
         (N, T) int64 tokens, T ≤ context → (N, T, vocab_size) logits.
+
+    Raises:
+        ValueError: a size below 1, or dim not divisible by heads.
+        TypeError: a size that is not an int.
 
     Example:
         >>> GPT(context=16, dim=32, depth=1, heads=2)(torch.zeros(2, 16, dtype=torch.long)).shape
@@ -300,6 +324,9 @@ class GPT(nn.Module):
 
     def __init__(self, vocab_size=256, context=128, dim=128, depth=2, heads=4, dropout=0.0):
         super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("context", context), ("dim", dim), ("depth", depth),
+                            ("heads", heads)):
+            check_int(value, name, "a positive int", 1)
         if dim % heads != 0:
             raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
         self.context = context
@@ -368,7 +395,7 @@ def build_model(name, num_classes=10, width=1.0, dropout=None, context=128, dim=
         context, dim, depth, heads: GPT size.
 
     Raises:
-        ValueError: unknown name.
+        ValueError: unknown name, or a size the model refuses (see the model classes).
     """
     dropout = model_dropout(name, dropout)
     if name == "resnet20":

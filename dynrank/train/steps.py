@@ -26,12 +26,25 @@ from torch.nn import functional as F
 
 from .._args import check_int
 
-__all__ = ["TrainStep", "loss_and_correct", "CudaGraphs"]
+__all__ = ["TrainStep", "loss_and_correct", "upcast_logits", "CudaGraphs"]
+
+
+def upcast_logits(logits):
+    """``logits`` in float32 where they are 16-bit floats (bf16/fp16 autocast), else as they are.
+
+    The loss of a float64 model stays float64; a bare ``.float()`` would round it to float32.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        return logits.float()
+    return logits
 
 
 def loss_and_correct(logits, targets, label_smoothing):
-    """Cross-entropy over the flattened batch, number of correct argmax predictions, element count."""
-    logits = logits.reshape(-1, logits.shape[-1]).float()
+    """Cross-entropy over the flattened batch, number of correct argmax predictions, element count.
+
+    16-bit logits are lifted to float32 first (:func:`upcast_logits`); float32 and float64 stay.
+    """
+    logits = upcast_logits(logits.reshape(-1, logits.shape[-1]))
     targets = targets.reshape(-1)
     loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     correct = (logits.argmax(-1) == targets).sum()
