@@ -460,7 +460,9 @@ class LowRankConv2d(FormLayer):
         return self.decomposition
 
     def _fit_factors(self, weight, rank):
-        fit = self._dec.fit(weight.detach().double().cpu(), rank, self.scale_for(rank), self.groups, weight.dtype)
+        # On the CPU, whatever torch's default device is: the fit's code (tensorly's too) creates tensors on it.
+        with torch.device("cpu"):
+            fit = self._dec.fit(weight.detach().double().cpu(), rank, self.scale_for(rank), self.groups, weight.dtype)
         return {k: v.to(device=weight.device, dtype=weight.dtype) for k, v in fit.items()}
 
     def _rank_from_state(self, state_dict, prefix):

@@ -20,6 +20,8 @@ __all__ = ["convert_model", "ConversionSummary", "DECOMPOSITIONS"]
 
 DECOMPOSITIONS = ("svd", "tucker", "cp", "tkd-cpd")
 INITS = ("dense", "fresh")
+# Convolutions convert_model does not convert (named where a model holds only these).
+OTHER_CONVS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Name components of residual shortcuts (torchvision: "downsample"; CIFAR ResNets: "shortcut").
 SHORTCUT_NAMES = ("shortcut", "downsample")
 # transformers modules whose own code multiplies by a child layer's weight instead of calling the layer
@@ -165,20 +167,40 @@ def _check_patterns(value, what):
     return items
 
 
-def _check_patterns_match(patterns, names):
-    """Raise a ValueError for the name/glob patterns (not callables) that match none of ``names``."""
-    unmatched = []
+def _check_patterns_match(patterns, names, converted=()):
+    """Raise a ValueError for the name/glob patterns (not callables) that match none of ``names``, saying so
+    where an include pattern matches only ``converted`` (the dynrank layers an earlier call made; an exclude
+    pattern that does is met: this call leaves them as they are)."""
+    unmatched, done = [], []
     for what, value in patterns:
         if value is None or callable(value):
             continue
         for p in [value] if isinstance(value, str) else value:
-            if not _matches([p], names, None):
+            if _matches([p], names, None):
+                continue
+            hits = [n for n in converted if _matches([p], [n], None)]
+            if not hits:
                 unmatched.append(f"{what} {p!r}")
+            elif what == "include":
+                done.append(f"include {p!r}" if hits == [p] else f"include {p!r} (matching {_shown(hits)})")
+    problems = []
     if unmatched:
-        shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
-        raise ValueError(f"convert_model: these patterns match no nn.Linear/nn.Conv2d/Conv1D of the model: "
-                         f"{'; '.join(unmatched)} (patterns are full module names or fnmatch globs such as "
-                         f"'enc.*'; the model's are: {shown or 'none'})")
+        also = f"; converted already: {_shown(converted)}" if converted else ""
+        problems.append(f"these patterns match no nn.Linear/nn.Conv2d/Conv1D of the model: {'; '.join(unmatched)} "
+                        f"(patterns are full module names or fnmatch globs such as 'enc.*'; the model's are: "
+                        f"{_shown(names) or 'none'}{also})")
+    if done:
+        one = len(done) == 1
+        problems.append(f"{'; '.join(done)} {'names' if one else 'name'} only layers converted already (dynrank "
+                        f"layers an earlier call made); drop {'it' if one else 'them'} from include, or call "
+                        f"unconvert_model(model) first to convert those layers again with other settings")
+    if problems:
+        raise ValueError("convert_model: " + "; and ".join(problems))
+
+
+def _shown(names):
+    """The first eight of ``names``, quoted and joined (", ..." where there are more)."""
+    return ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
 
 
 def _candidates(module, prefix="", converted=False):
@@ -419,12 +441,17 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     encoder above ``model`` is out of reach and keeps nesting its input.
     A converted layer takes over the old one's forward and backward hooks
     (their handles still remove them); state-dict hooks stay on the old
-    module, being written for its keys.  A layer holding buffers or modules
-    of its own (a mask, a gate), or whose ``forward`` is replaced on the
-    instance (accelerate's offload hooks), is kept dense: the new layer
-    would drop them.  A DistributedDataParallel (or DataParallel) model is
-    converted inside, and a DDP wrapper is retired as after a form change:
-    re-wrap it (:func:`~dynrank.rewrap_ddp`).  Under ``torch.inference_mode``
+    module, being written for its keys.  A layer holding parameters other
+    than its weight and bias, buffers or modules of its own (a gate, a
+    mask), or whose ``forward`` is replaced on the instance (accelerate's
+    offload hooks), is kept dense: the new layer would drop them.  Only
+    ``nn.Linear``, ``nn.Conv2d`` and transformers' ``Conv1D`` are converted
+    (not ``nn.Conv1d``, ``nn.Conv3d`` or transposed convolutions).  A second
+    call converts only the layers still dense (a layer an earlier call
+    converted stays as it is); to convert again with other settings, call
+    :func:`~dynrank.unconvert_model` first.  A DistributedDataParallel (or
+    DataParallel) model is converted inside, and a DDP wrapper is retired as
+    after a form change: re-wrap it (:func:`~dynrank.rewrap_ddp`).  Under ``torch.inference_mode``
     the new parameters are ordinary tensors, so the model still trains.
 
     Args:
@@ -436,8 +463,12 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
         include: only modules matching these names/globs (``fnmatch``), or a
             callable ``(name, module) -> bool`` (not an ``nn.Module``); None: all.  A name/glob must
             match the full name of at least one nn.Linear/nn.Conv2d/Conv1D of
-            the model (a typo raises); a shared module matches by any of its names.
-        exclude: modules matching these are kept dense (same rules).
+            the model still dense (a typo raises, and so does one that names
+            only layers an earlier call converted, saying so); a shared module
+            matches by any of its names.
+        exclude: modules matching these are kept dense (same rules, except
+            that naming a layer an earlier call converted is accepted: it stays
+            as it is).
         min_features: smallest side of the weight's matrix view to convert.
         init: ``"dense"`` (from the existing weights) or ``"fresh"``.
         alpha: optional adapter/low-rank scale numerator (s = alpha / rank).
@@ -458,11 +489,15 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
             float64: the message names the layer), ``min_features`` below 1,
             a lazy module not yet run (``nn.LazyLinear``), unknown decomposition/form/init, an
             include/exclude name or glob that matches no
-            nn.Linear/nn.Conv2d/Conv1D,
-            a tied, (lowrank/full form) frozen or nn.MultiheadAttention layer
-            named exactly in ``include``, a model that is itself a layer, a fit that fails (e.g. CP on a degenerate kernel, a
+            nn.Linear/nn.Conv2d/Conv1D (an include one that matches only
+            layers converted already),
+            a tied, (lowrank/full form) frozen or nn.MultiheadAttention layer,
+            or one holding parameters, buffers or modules of its own, named
+            exactly in ``include``, a model that is itself a layer, a fit that fails (e.g. CP on a degenerate kernel, a
             NaN weight; the message names the layer and the decomposition), or
-            nothing to convert.  The model is unchanged whenever it raises.
+            nothing to convert (the message says where the model's layers are
+            all converted already, or its convolutions are of a kind not
+            converted).  The model is unchanged whenever it raises.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
@@ -500,7 +535,8 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     params_before = _trainable_count(model)
     everything = list(_candidates(model, converted=True))
     found = [place for place in everything if not isinstance(place[3], FormLayer)]
-    _check_patterns_match((("include", include), ("exclude", exclude)), [name for name, *_ in found])
+    converted = [name for name, _, _, child in everything if isinstance(child, FormLayer)]
+    _check_patterns_match((("include", include), ("exclude", exclude)), [name for name, *_ in found], converted)
     # One entry per distinct module, with every place it is registered at (first place first).
     modules = {}
     for name, parent, attr, child in found:
@@ -544,9 +580,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
         if form == "lowrank" and row["params_after"] >= row["params_before"]:
             row["note"] = "no parameter saving at this rank"
     if not rows:
-        raise ValueError(f"convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this {type(model).__name__} "
-                         f"(a TorchScript or exported module holds none: convert the eager model before scripting "
-                         f"or exporting it)")
+        raise ValueError(_nothing_found(model, converted))
     if not plans:
         raise ValueError("convert_model found nothing to convert: no nn.Linear/nn.Conv2d/Conv1D passed the rules "
                          f"({len(rows)} candidates: " + "; ".join(f"{r['name']}: {r['note']}" for r in rows)
@@ -556,6 +590,25 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     from .distributed import _retire_stale
     _retire_stale(wrapper, "convert_model")
     return ConversionSummary(rows, params_before, _trainable_count(model))
+
+
+def _nothing_found(model, converted):
+    """The message for a model with no nn.Linear/nn.Conv2d/Conv1D left to convert: its layers are dynrank
+    layers already (``converted``: their names), it holds only convolutions of another kind, or (holding
+    neither) it is most likely a TorchScript or exported module."""
+    kind = type(model).__name__
+    if converted:
+        return (f"convert_model found no nn.Linear/nn.Conv2d/Conv1D left to convert in this {kind}: its layers "
+                f"are dynrank layers already ({_shown(converted)}, converted by an earlier call); call "
+                f"unconvert_model(model) first to convert them again with other settings")
+    others = [f"{name!r} ({type(m).__name__})" for name, m in model.named_modules() if isinstance(m, OTHER_CONVS)]
+    if others:
+        shown = ", ".join(others[:8]) + (", ..." if len(others) > 8 else "")
+        return (f"convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this {kind}; its convolutions "
+                f"({shown}) are of kinds it does not convert: it converts nn.Linear, nn.Conv2d and transformers' "
+                f"Conv1D, not nn.Conv1d, nn.Conv3d or transposed convolutions")
+    return (f"convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this {kind} (a TorchScript or exported "
+            f"module holds none: convert the eager model before scripting or exporting it)")
 
 
 def _check_materialized(model):
@@ -674,9 +727,11 @@ def _keep_reason(names, places, child, include, exclude, min_features, last_line
 
 
 def _own_state(child):
-    """What ``child`` holds beyond a plain layer's weight and bias that a new layer would not carry: buffers,
-    modules of its own, a ``forward`` set on the instance (accelerate's hooks); None if nothing."""
-    held = [f"buffer {n!r}" for n, b in child._buffers.items() if b is not None]
+    """What ``child`` holds beyond a plain layer's weight and bias that a new layer would not carry: parameters
+    (a gate), buffers, modules of its own, a ``forward`` set on the instance (accelerate's hooks); None if
+    nothing."""
+    held = [f"parameter {n!r}" for n, p in child._parameters.items() if p is not None and n not in ("weight", "bias")]
+    held += [f"buffer {n!r}" for n, b in child._buffers.items() if b is not None]
     held += [f"module {n!r}" for n, m in child._modules.items() if m is not None]
     if held:
         return f"holds {', '.join(held)} of its own"
@@ -703,8 +758,8 @@ def _convert_one(child, rank_ratio, decomposition, form, init, alpha):
     new = LowRankConv2d(child.in_channels, child.out_channels, child.kernel_size,
                         decomposition=decomposition, stride=child.stride, padding=child.padding,
                         dilation=child.dilation, groups=child.groups, bias=child.bias is not None,
-                        form=form, padding_mode=child.padding_mode, rank_ratio=rank_ratio, alpha=alpha)
-    new.to(device=child.weight.device, dtype=dtype)
+                        form=form, padding_mode=child.padding_mode, rank_ratio=rank_ratio, alpha=alpha,
+                        device=child.weight.device, dtype=dtype)
     if _is_channels_last(child.weight):        # a channels-last model stays so, as from_dense keeps it
         new.to(memory_format=torch.channels_last)
     return new

@@ -178,6 +178,15 @@ def _describe(module):
     return f"Sequential({', '.join(kinds)})"
 
 
+def _own_state(layer):
+    """The parameters, buffers and modules a user registered on ``layer`` (``"parameter 'gate'"``): those
+    beyond its weight, bias and current factors, which a dynrank layer alone never holds."""
+    plain = {layer.weight_name, "bias", *layer._all_factor_names()}
+    held = [f"parameter {n!r}" for n, p in layer._parameters.items() if p is not None and n not in plain]
+    held += [f"buffer {n!r}" for n, b in layer._buffers.items() if b is not None]
+    return held + [f"module {n!r}" for n, m in layer._modules.items() if m is not None]
+
+
 def _replacement(layer, names, places, lowrank, readers):
     """(plain module, note) for ``layer``; ``readers``: id(layer) → which transformers module reads its weight."""
     if not isinstance(layer, (FusedLowRankLinear, LowRankConv2d)):
@@ -191,6 +200,12 @@ def _replacement(layer, names, places, lowrank, readers):
         raise RuntimeError(f"unconvert_model: {names[0]!r} cannot be unconverted: its {reparam}, and the plain "
                            f"module would hold one value of it; remove it first ({HOW_TO_REMOVE}) and register "
                            f"it again on the new module; the model is left as it was")
+    extra = _own_state(layer)
+    if extra:
+        them = "it" if len(extra) == 1 else "them"
+        raise ValueError(f"unconvert_model: {names[0]!r} ({type(layer).__name__}) holds {', '.join(extra)} of its "
+                         f"own, beyond its weight, factors and bias, which the plain module would drop; move "
+                         f"{them} to another module or delete {them} first; the model is left as it was")
     reader = next((f"{type(parent).__name__} reads {attr}.weight" for _, parent, attr in places
                    if any(isinstance(parent, t) and attr in a for t, a in _READS_WEIGHT.items())),
                   readers.get(id(layer)))
@@ -277,7 +292,10 @@ def unconvert_model(model, lowrank="factored"):
     Each module's train/eval mode is the layer's.  A layer registered at
     several places gets one replacement, put at every place; a Parameter
     shared by two different dynrank layers is shared no more where their
-    new weights are built (lowrank and adapter forms: each gets its own).  Every
+    new weights are built (lowrank and adapter forms: each gets its own).  A
+    dynrank layer holding parameters, buffers or modules of its own (a gate
+    or a mask registered on it) is refused (ValueError): the plain module
+    would drop them.  Every
     replacement is built before any is swapped in, so a call that raises
     leaves the model as it was.  The guard ``convert_model`` put on
     ``nn.TransformerEncoderLayer``\\ s (a no-op forward pre-hook) is removed
@@ -319,7 +337,16 @@ def unconvert_model(model, lowrank="factored"):
             holds no dynrank layer (nothing to do is more likely the wrong
             model than a no-op to pass quietly); ``model`` is itself a
             dynrank layer (it cannot replace itself: ``layer.inflate()``
-            leaves it dense, or wrap it in an ``nn.Sequential`` first).
+            leaves it dense, or wrap it in an ``nn.Sequential`` first); a
+            dynrank layer holds parameters, buffers or modules of its own
+            beyond its weight, factors and bias (a gate, a mask registered on
+            it: the plain module would drop them; the message names the layer
+            and them).
+        RuntimeError: a dynrank layer's weight, factor or bias is
+            reparametrized or pruned (``torch.nn.utils.parametrize``, the
+            hook-based ``spectral_norm``/``weight_norm``, ``prune``).
+
+        The model is unchanged whenever it raises.
 
     Example:
         >>> from dynrank import convert_model

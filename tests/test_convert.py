@@ -654,6 +654,105 @@ def test_a_layer_with_state_of_its_own_stays_dense():
             convert_model(fresh, include=[index])
 
 
+def test_a_layer_with_a_parameter_of_its_own_stays_dense():
+    """A Parameter registered on the layer (a learnable gate a hook multiplies by) was dropped with the old
+    layer: gone from state_dict and parameters(), the table counting fewer, the moved hook failing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 2)).double()
+    model[0].gate = nn.Parameter(torch.rand(16, dtype=torch.float64))
+    model[0].register_forward_hook(lambda module, args, out: out * module.gate)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    expected = model(x)
+    keys = set(model.state_dict())
+    summary = convert_model(model, form="full")
+    assert dict(summary.skipped)["0"] == "it holds parameter 'gate' of its own"
+    assert type(model[0]) is nn.Linear and summary.converted == ["2"]
+    assert set(model.state_dict()) == keys and summary.params_after == summary.params_before == n_params(model)
+    assert torch.equal(model(x), expected)
+    conv = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 1), nn.Flatten(), nn.Linear(16, 2))
+    conv[0].temperature = nn.Parameter(torch.ones(()))
+    summary = convert_model(conv)
+    assert dict(summary.skipped)["0"] == "it holds parameter 'temperature' of its own"
+    assert conv[0].temperature is not None and summary.converted == ["1"]
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="^convert_model: '0' is named in include, but it holds parameter 'gate' "
+                                         "of its own, which the new layer would drop; drop '0' from include to "
+                                         "keep it dense$"):
+        convert_model(model, include=["0"])
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("init", ["dense", "fresh"])
+@pytest.mark.parametrize("dec", ["svd", "tucker", "cp", "tkd-cpd"])
+def test_conversion_does_not_depend_on_the_default_device(dec, init):
+    """Under another default device (meta here; set_default_device("cuda") likewise) the tucker/cp/tkd-cpd
+    fits and every fresh conv were built there: "Cannot copy out of meta tensor" for a CPU model."""
+    def model():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(),
+                             nn.Linear(16 * 9, 16), nn.Linear(16, 2)).double()
+
+    expected = model()
+    torch.manual_seed(4)
+    convert_model(expected, decomposition=dec, init=init)
+    converted = model()
+    torch.manual_seed(4)
+    with torch.device("meta"):
+        summary = convert_model(converted, decomposition=dec, init=init)
+    assert summary.converted == ["0", "2", "4"]
+    assert all(p.device.type == "cpu" and p.dtype == torch.float64 for p in converted.parameters())
+    state, reference = converted.state_dict(), expected.state_dict()
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], v) for k, v in reference.items())
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    assert torch.equal(converted(x), expected(x))
+
+
+def test_a_second_call_on_a_converted_model_says_so():
+    """A model whose layers were all converted was told it held none, as a TorchScript module would."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    convert_model(model, keep_last=False)
+    before = _snapshot(model)
+    message = ("convert_model found no nn.Linear/nn.Conv2d/Conv1D left to convert in this Sequential: its layers "
+               "are dynrank layers already ('0', '2', converted by an earlier call); call unconvert_model(model) "
+               "first to convert them again with other settings")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        convert_model(model, keep_last=False)
+    _assert_unchanged(model, before)
+
+
+def test_a_model_of_other_convolutions_is_told_which_are_converted():
+    """An nn.Conv1d model was told it held no Conv1D module, as a TorchScript module would."""
+    audio = nn.Sequential(nn.Conv1d(16, 32, 3), nn.ReLU(), nn.Conv3d(32, 32, 3), nn.ConvTranspose2d(4, 4, 3))
+    message = ("convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this Sequential; its convolutions "
+               "('0' (Conv1d), '2' (Conv3d), '3' (ConvTranspose2d)) are of kinds it does not convert: it "
+               "converts nn.Linear, nn.Conv2d and transformers' Conv1D, not nn.Conv1d, nn.Conv3d or "
+               "transposed convolutions")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        convert_model(audio)
+
+
+def test_include_naming_a_layer_converted_earlier_says_so():
+    """Such a name was reported as a typo, and missing from the model's names listed."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 2))
+    convert_model(model, include=["0", "1"])
+    before = _snapshot(model)
+    message = ("convert_model: include '0' names only layers converted already (dynrank layers an earlier call "
+               "made); drop it from include, or call unconvert_model(model) first to convert those layers again "
+               "with other settings")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        convert_model(model, include=["0", "2"])
+    message = ("convert_model: these patterns match no nn.Linear/nn.Conv2d/Conv1D of the model: include 'x' "
+               "(patterns are full module names or fnmatch globs such as 'enc.*'; the model's are: '2', '3'; "
+               "converted already: '0', '1'); and include '[01]' (matching '0', '1') names only layers converted "
+               "already (dynrank layers an earlier call made); drop it from include, or call "
+               "unconvert_model(model) first to convert those layers again with other settings")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        convert_model(model, include=["[01]", "x", "2"])
+    _assert_unchanged(model, before)
+    summary = convert_model(model, exclude=["0"])     # an exclude met already: "0" stays as it is
+    assert summary.converted == ["2"] and isinstance(model[0], FusedLowRankLinear)
+
+
 def test_converting_under_inference_mode_gives_a_model_that_trains():
     """The replacements were inference tensors: the first backward failed far from convert_model."""
     torch.manual_seed(0)

@@ -426,6 +426,34 @@ def test_bad_input_raises_and_leaves_the_model_as_it_was():
     assert model[0] is first and isinstance(model[1], OddLayer)
 
 
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+def test_a_layer_holding_state_of_its_own_is_refused(form):
+    """A gate Parameter or a mask buffer registered on a dynrank layer was dropped with it: gone from the
+    state dict, the moved hook then failing on the missing attribute."""
+    model = nn.Sequential(linear_layer(form), conv_layer("tucker", (3, 4), form, GEOMETRIES["stride2"]))
+    model[0].gate = nn.Parameter(torch.full((model[0].out_features,), 0.5, dtype=F64))
+    model[0].register_buffer("prune_mask", torch.ones(model[0].out_features, dtype=F64))
+    layers, state = list(model), {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^unconvert_model: '0' \(FusedLowRankLinear\) holds parameter 'gate', "
+                                         r"buffer 'prune_mask' of its own, beyond its weight, factors and bias, "
+                                         r"which the plain module would drop; move them to another module or "
+                                         r"delete them first; the model is left as it was$"):
+        unconvert_model(model)
+    after = model.state_dict()
+    assert list(model) == layers and after.keys() == state.keys()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    del model[0].gate, model[0].prune_mask
+    model[1].scale_net = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"^unconvert_model: '1' \(LowRankConv2d\) holds module 'scale_net' of "
+                                         r"its own, .* move it to another module or delete it first; the model "
+                                         r"is left as it was$"):
+        unconvert_model(model)
+    assert list(model) == layers
+    del model[1].scale_net
+    unconvert_model(model)
+    assert not any(isinstance(m, FormLayer) for m in model.modules())
+
+
 # -- an optimizer and a scheduler around the unconverted model ---------------------------------------
 @pytest.mark.parametrize("epoch, form", [(0, "lowrank"), (1, "full"), (2, "adapter")])
 @pytest.mark.parametrize("lowrank", ["factored", "dense"])
