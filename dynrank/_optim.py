@@ -21,6 +21,8 @@ scheduler, a grad scaler, the user's own references) keeps working:
   parameters flattened together; a form change starts it afresh.
 - :func:`pushforward_state` / :func:`pullback_state` derive the new
   parameters' state from the old ones (``optimizer_state="carry"``).
+- :func:`clear_state` leaves the optimizer as a newly built one over its
+  current param groups (``optimizer_state="fresh"``).
 
 State entries are carried by kind.  Entries that are linear in the gradient
 (SGD's ``momentum_buffer``, Adam's ``exp_avg``, RMSprop's ``grad_avg``) map
@@ -42,7 +44,7 @@ import torch
 
 __all__ = ["replace_params", "optimizer_params", "pushforward_state", "pullback_state",
            "LINEAR_STATE", "SQUARED_STATE", "manage", "drop_frozen_adapter_params", "params_before",
-           "switched_params", "follow_load", "follow_unconvert"]
+           "switched_params", "follow_load", "follow_unconvert", "clear_state"]
 
 LINEAR_STATE = frozenset({"momentum_buffer", "exp_avg", "grad_avg"})
 SQUARED_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -325,6 +327,27 @@ def _forget_history(optimizer):
         optimizer.state.pop(p, None)
     optimizer._numel_cache = None
     return True
+
+
+def clear_state(optimizer):
+    """Give ``optimizer`` the state a newly built optimizer of its class over its current param groups has.
+
+    Every parameter's state is dropped; a class that creates state at construction (see
+    :func:`_initial_state`) gets it again for each parameter, and L-BFGS forgets its history.  The param
+    groups are kept as they are (lr, momentum, weight decay, an LR scheduler's edits), so an LR
+    scheduler goes on.  No momentum buffer is left, so fused SGD takes its next step as a first one.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` (or a wrapper holding one as ``.optimizer``).
+    """
+    optimizer = _inner(optimizer)
+    _forget_history(optimizer)
+    optimizer.state.clear()
+    for group_index, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            initial = _initial_state(optimizer, group_index, p)
+            if initial:
+                optimizer.state[p] = initial
 
 
 def _match_fused_momentum(optimizer, group, joined):

@@ -1,4 +1,5 @@
-"""optimizer_state="carry": the new parametrization starts from the state the old one implies."""
+"""optimizer_state="carry": the new parametrization starts from the state the old one implies; "fresh": the
+optimizer is left as a newly built one at each switch; "reset": only the new parameters start empty."""
 
 import copy
 import math
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from _helpers import rel_err
-from _scheduling import held, mlp, train_steps
+from _scheduling import data, decay_groups, held, lbfgs_step, mlp, train_steps
 from dynrank.convert import convert_model
 from dynrank.kernels.conv_merge import reference_kernel
 from dynrank.linear import FusedLowRankLinear
@@ -367,3 +368,85 @@ def test_fused_sgd_steps_a_group_of_one_layer_after_a_carry_deflate():
     assert loop_buffers == [True, False] and fused_buffers == [True, True]
     for p, q in zip(fused, loop):
         assert rel_err(p, q) < 1e-13
+
+
+# -- "fresh": a newly built optimizer per phase ------------------------------------------------------
+FRESH_OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+    "sgd-fused": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, fused=True)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2)),
+    "adagrad": (torch.optim.Adagrad, dict(lr=1e-2, initial_accumulator_value=0.1)),   # state made in __init__
+}
+
+
+@pytest.mark.parametrize("policy", ["fresh", "reset"])
+@pytest.mark.parametrize("name", FRESH_OPTIMIZERS)
+def test_fresh_leaves_the_optimizer_as_a_newly_built_one_at_each_switch(name, policy):
+    """Right after the inflate and the deflate, the run steps bit for bit as a newly built optimizer of the
+    class over copies of the same param groups (the decayed lr included) with "fresh"; with "reset" the
+    parameters a switch keeps (biases, the dense classifier) keep their state, and it steps otherwise."""
+    cls, options = FRESH_OPTIMIZERS[name]
+    model = mlp().double()
+    x, y = data(torch.float64)
+    opt = cls(decay_groups(model), **options)
+    lr_sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    sched = DynamicRankScheduler(model, opt, 1, 2, optimizer_state=policy, deflate_init="random")
+    sched.step(0)
+    train_steps(model, opt, x, y, steps=2)
+    for epoch in (1, 2):
+        lr_sched.step()
+        kept = {p: copy.deepcopy(opt.state[p]) for p in model[4].parameters()}
+        assert all(kept.values())                                # the classifier has trained state
+        assert sched.step(epoch)
+        assert [g["lr"] for g in opt.param_groups] == [options["lr"] * 0.5 ** epoch] * 2
+        if policy == "reset":
+            for p, state in kept.items():
+                assert state.keys() == opt.state[p].keys()
+                assert all(torch.equal(v, opt.state[p][k]) if isinstance(v, torch.Tensor) else v == opt.state[p][k]
+                           for k, v in state.items())
+        reference_model, reference_params = copy.deepcopy((model, [g["params"] for g in opt.param_groups]))
+        reference = cls([{**group, "params": params} for group, params in zip(opt.param_groups, reference_params)],
+                        **options)
+        train_steps(model, opt, x, y, steps=2)
+        train_steps(reference_model, reference, x, y, steps=2)
+        same = all(torch.equal(p, q) for p, q in zip(model.parameters(), reference_model.parameters()))
+        assert same == (policy == "fresh"), epoch
+
+
+def test_fresh_lbfgs_steps_as_a_newly_built_one_after_each_switch():
+    model = mlp().double()
+    x, y = data(torch.float64)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3, history_size=4)
+    sched = DynamicRankScheduler(model, opt, 1, 2, optimizer_state="fresh", deflate_init="random")
+    for epoch in range(3):
+        sched.step(epoch)
+        reference_model, params = copy.deepcopy((model, opt.param_groups[0]["params"]))
+        reference = torch.optim.LBFGS(params, lr=0.5, max_iter=3, history_size=4)
+        for _ in range(2):
+            assert lbfgs_step(model, opt, x, y) == lbfgs_step(reference_model, reference, x, y)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference_model.parameters()))
+
+
+def test_fresh_clears_nothing_on_a_load_and_leaves_model_copies_alone():
+    """A load brings the layers to their saved forms and clears no state: the optimizer's saved state, loaded
+    after it, is what the run goes on with.  An EMA copy switches as with "reset"."""
+    model = mlp().double()
+    x, y = data(torch.float64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = DynamicRankScheduler(model, opt, 1, 2, optimizer_state="fresh")
+    ema = sched.add_model_copy(copy.deepcopy(model))
+    for epoch in range(3):
+        sched.step(epoch)
+        train_steps(model, opt, x, y)
+    assert [layer.form for layer in (ema[0], ema[2])] == ["adapter", "adapter"]
+    fresh_model = mlp(seed=3).double()
+    fresh_opt = torch.optim.AdamW(fresh_model.parameters(), lr=1e-2)
+    train_steps(fresh_model, fresh_opt, x, y)                     # state a load must not clear
+    fresh_sched = DynamicRankScheduler(fresh_model, fresh_opt, 1, 2, optimizer_state="fresh")
+    fresh_sched.load_state_dict(sched.state_dict())
+    assert fresh_opt.state[fresh_model[4].weight]["exp_avg"].abs().sum() > 0
+    fresh_model.load_state_dict(model.state_dict())
+    fresh_opt.load_state_dict(copy.deepcopy(opt.state_dict()))     # a copy: it would share the step tensors
+    train_steps(model, opt, x, y)
+    train_steps(fresh_model, fresh_opt, x, y)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh_model.parameters()))

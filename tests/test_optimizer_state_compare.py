@@ -39,7 +39,7 @@ def test_bad_arguments_are_refused_before_training(compare, monkeypatch, capsys,
 def test_the_models_named_are_the_tasks_run(compare, monkeypatch, capsys):
     calls = _no_training(compare, monkeypatch)
     compare.main(["--models", "mlp", "--seeds", "2", "--epochs", "3"])
-    assert {kind for kind, *_ in calls} == {"mlp"} and len(calls) == 2 * 2 * 2     # optimizers × policies × seeds
+    assert {kind for kind, *_ in calls} == {"mlp"} and len(calls) == 2 * 3 * 2     # optimizers × policies × seeds
     assert "mlp/sgd: carry has the lower final train loss in 0 of 2 seeds" in capsys.readouterr().out
     for make in (compare.student, lambda kind: compare.teacher_data(kind, 0)):
         with pytest.raises(ValueError, match="kind must be one of mlp, cnn, got 'mpl'"):

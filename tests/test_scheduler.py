@@ -133,7 +133,7 @@ class _EagerStateOptimizer(torch.optim.Optimizer):
     lambda p: torch.optim.NAdam(p, lr=1e-2),
     lambda p: _EagerStateOptimizer(p),
 ], ids=["sgd", "adamw", "amsgrad", "rmsprop", "adagrad", "asgd", "nadam", "eager-state"])
-@pytest.mark.parametrize("policy", ["reset", "carry"])
+@pytest.mark.parametrize("policy", ["reset", "carry", "fresh"])
 def test_any_optimizer_through_both_switches(opt_factory, policy):
     model = mlp()
     x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
@@ -212,7 +212,7 @@ def test_bad_arguments():
         DynamicRankScheduler(model, opt, None, None)
     with pytest.raises(ValueError, match=r"deflate_epoch must be in \[0, epochs=10\], got 11"):
         DynamicRankScheduler(model, opt, 2, 11, epochs=10)
-    with pytest.raises(ValueError, match="optimizer_state must be one of reset, carry, got 'keep'"):
+    with pytest.raises(ValueError, match="optimizer_state must be one of reset, carry, fresh, got 'keep'"):
         DynamicRankScheduler(model, opt, 1, 2, optimizer_state="keep")
     with pytest.raises(ValueError, match="deflate_init must be one of zeros, random, svd, got 'ones'"):
         DynamicRankScheduler(model, opt, 1, 2, deflate_init="ones")
@@ -390,7 +390,7 @@ def _assert_bitwise_equal(a, b):
             assert a[key] == b[key], key
 
 
-@pytest.mark.parametrize("policy, resume_epochs", [("carry", (1, 3)), ("reset", (2, 4))])
+@pytest.mark.parametrize("policy, resume_epochs", [("carry", (1, 3)), ("reset", (2, 4)), ("fresh", (1, 2, 3, 4))])
 def test_resume_in_a_new_process_is_bitwise_identical(tmp_path, policy, resume_epochs):
     # Checkpoints after epoch 1 (before inflate), 2 (right after inflate), 3
     # (before deflate) and 4 (right after deflate): each resumed run, in a new

@@ -1004,6 +1004,11 @@ def test_a_relative_data_dir_resumes_from_anywhere_and_a_resume_may_say_where_th
     (["--seed", "-1"], "--seed must be in [0, 2**63)"),
     (["--seed", str(2 ** 63)], "--seed must be in [0, 2**63)"),
     (["--full-rank-fraction", "0"], "--full-rank-fraction must be in (0, 1]"),
+    (["--alpha", "0"], "--alpha must be a finite number > 0"),
+    (["--alpha", "-1"], "--alpha must be a finite number > 0"),
+    (["--alpha", "nan"], "--alpha must be a finite number > 0"),
+    (["--alpha", "inf"], "--alpha must be a finite number > 0"),
+    (["--alpha", "1e39"], "--alpha must be a finite number > 0 (at most float32's largest"),
     (["--model", "resnet20", "--dim", "8"], "--dim is used by --model gpt only"),
     (["--model", "resnet20", "--steps-per-epoch", "8"], "--steps-per-epoch is used by --model gpt only"),
     (["--model", "resnet50", "--dropout", "0.1"], "--dropout is used by --model wrn28-10 and gpt only"),
@@ -1043,11 +1048,17 @@ def test_flags_a_single_form_run_or_no_compile_ignores_are_noted():
      "--decomposition svd"),
     (["--model", "resnet20", "--schedule", "full", "--decomposition", "tucker"],
      "note: --schedule full trains the dense model (no layer is factorized); ignoring --decomposition tucker"),
+    (["--schedule", "full", "--alpha", "16"],
+     "note: --schedule full trains the dense model (no layer is factorized); ignoring --alpha"),
+    (["--schedule", "full", "--optimizer-state", "fresh"],
+     "note: --schedule full does not switch forms; ignoring --optimizer-state fresh"),
     # Used: no note.
     (["--data", "cifar10", "--data-dir", "d", "--download", "--cache-dir", "c"], None),
     (["--schedule", "dynamic", "--deflate-init", "svd", "--optimizer-state", "carry"], None),
     (["--deflate-init", "random"], None),                           # the main job compares, dynamic among them
     (["--schedule", "lowrank", "--rank-ratio", "0.25", "--decomposition", "svd"], None),
+    (["--schedule", "lowrank", "--alpha", "16"], None),
+    (["--schedule", "compare", "--alpha", "16", "--optimizer-state", "fresh"], None),
 ])
 def test_data_and_form_change_flags_a_run_ignores_are_noted(argv, note):
     notes = []
@@ -1105,3 +1116,104 @@ def test_a_resume_may_download_the_data_again(tmp_path, monkeypatch, restore_thr
     assert cli.main(["--resume", str(out)]) == 0
     assert len(fetched) == 2                                # the saved --download fetches (checks) it again
     assert [r["epoch"] for r in json.loads((out / "full" / "metrics.json").read_text())] == [0, 1]
+
+
+# -- the adapter scale alpha and the optimizer-state policy -------------------------------------------
+@pytest.mark.parametrize("alpha", [None, 16.0])
+def test_alpha_reaches_the_converted_layers_and_the_config(tmp_path, alpha):
+    """The authors' adapters are scaled by alpha/rank (16 with SVD); --alpha sets it for every factorized
+    layer of a lowrank or dynamic run, and config.json records it (null: scale 1)."""
+    from dynrank import FusedLowRankLinear, LowRankConv2d
+    from dynrank.train.loop import prepare_model
+    given = [] if alpha is None else ["--alpha", "16"]
+    for argv, classes, layer_type in ((["--model", "gpt"] + TINY_GPT, 256, FusedLowRankLinear),
+                                      (["--preset", "cifar10-resnet20", "--width", "0.25"], 10, LowRankConv2d)):
+        cfg = _config(argv + given)
+        assert cfg["alpha"] == alpha
+        model, summary = prepare_model(cfg, "dynamic", classes, torch.device("cpu"))
+        layers = [m for m in model.modules() if isinstance(m, layer_type)]
+        assert len(layers) == len(summary.converted) > 0
+        for layer in layers:
+            assert layer.alpha == alpha
+            layer.inflate().deflate()
+            inner = layer.rank if layer_type is FusedLowRankLinear else layer._dec.inner_rank(layer.rank)
+            assert layer.scale == (1.0 if alpha is None else 16.0 / inner)
+    out = tmp_path / "run"
+    assert cli.main(["--schedule", "dynamic", "--epochs", "2", "--milestones", "1", "--inflate-epoch", "0",
+                     "--deflate-epoch", "1", "--optimizer-state", "fresh", "--out", str(out)] + TINY_GPT + given) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["alpha"] == alpha and config["optimizer_state"] == "fresh"
+    assert json.loads((out / "dynamic" / "result.json").read_text())["config"]["alpha"] == alpha
+
+
+@pytest.mark.parametrize("alpha", ["0", "-1", "nan", "inf"])
+def test_a_bad_alpha_is_refused_before_any_work(tmp_path, capsys, alpha):
+    err = _exit_2(["--schedule", "compare", "--alpha", alpha, "--out", str(tmp_path / "run")] + TINY_GPT, capsys)
+    assert f"--alpha must be a finite number > 0 (at most float32's largest, 3.4e38: the scale at rank 1), " \
+           f"got {float(alpha)}" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_alpha_edited_into_a_config_is_refused_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--schedule", "lowrank", "--epochs", "2", "--milestones", "1", "--out", str(out)] + TINY_GPT
+    assert cli.main(argv) == 0
+    os.remove(out / "lowrank" / "result.json")                    # as if interrupted
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "alpha": 16}))
+    assert "config.json differs from the settings the lowrank run trained with" in _exit_2(["--resume", str(out)],
+                                                                                            capsys)
+
+
+def test_a_run_saved_before_alpha_was_a_setting_resumes_at_scale_one(tmp_path):
+    """config.json, result.json and checkpoints written before --alpha existed have no "alpha": such a run
+    resumes with alpha None (scale 1, as it trained), to the state of a run that never stopped, and is not
+    refused against its finished schedules' records once its config.json names alpha."""
+    argv = ["--schedule", "compare", "--epochs", "2", "--milestones", "1", "--inflate-epoch", "0",
+            "--deflate-epoch", "1"] + TINY_GPT
+    assert cli.main(argv + ["--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "run"
+    assert cli.main(argv + ["--out", str(out)]) == 0
+    os.remove(out / "lowrank" / "result.json")          # stopped after lowrank's last epoch, before dynamic
+    shutil.rmtree(out / "dynamic")
+    for name in ("config.json", "full/result.json", "full/checkpoint.pt", "lowrank/checkpoint.pt"):
+        path = out / name
+        if path.suffix == ".json":
+            record = json.loads(path.read_text())
+            (record if name == "config.json" else record["config"]).pop("alpha")
+            path.write_text(json.dumps(record))
+        else:
+            checkpoint = torch.load(path, weights_only=False)
+            checkpoint["config"].pop("alpha")
+            torch.save(checkpoint, path)
+    assert "alpha" not in json.loads((out / "config.json").read_text())
+    assert cli.main(["--resume", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["alpha"] is None and "resumes" not in config
+    for schedule in ("lowrank", "dynamic"):
+        straight, resumed = _state(tmp_path / "straight", schedule), _state(out, schedule)
+        assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    os.remove(out / "dynamic" / "result.json")          # once more, against records that still lack alpha
+    assert cli.main(["--resume", str(out)]) == 0
+
+
+def test_the_committed_runs_resume_without_an_alpha():
+    """The committed CIFAR-10 runs were saved before --alpha existed: each is read as alpha None, and its
+    config.json passes the resume checks against its schedules' records (read only, nothing written)."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
+                        "cifar10-resnet20")
+    folders = sorted(f for f in os.listdir(root) if os.path.isfile(os.path.join(root, f, "config.json")))
+    assert folders
+    for folder in folders:
+        path = os.path.join(root, folder, "config.json")
+        with open(path, encoding="utf-8") as handle:
+            cfg = json.load(handle)
+        assert "alpha" not in cfg
+        cli._check_saved(cfg, path)
+        cli._check_resume(os.path.join(root, folder), cfg)
+        assert cli._as_trained(cfg)["alpha"] is None
+
+
+def test_the_optimizer_state_flag_takes_fresh():
+    assert _config(["--optimizer-state", "fresh"])["optimizer_state"] == "fresh"
+    assert _config([])["optimizer_state"] == "reset"

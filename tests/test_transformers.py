@@ -641,6 +641,25 @@ def test_callback_checks_deflate_rank_at_construction():
         DynamicRankCallback(1, 2, deflate_rank=good)
 
 
+@pytest.mark.parametrize("policy", ["reset", "fresh"])
+def test_callback_takes_the_optimizer_state_policy(tmp_path, policy):
+    """optimizer_state="fresh" reaches the scheduler: the Trainer's optimizer holds no state right after each
+    switch (AdamW builds it at its first step); with "reset" the parameters a switch keeps (biases, layer
+    norms, embeddings) keep theirs."""
+    from dynrank.hf import DynamicRankCallback
+    callback = DynamicRankCallback(1, 3, log=None, optimizer_state=policy)
+    held = []
+
+    class Watch(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            callback.scheduler.add_callback(lambda event: held.append(len(optimizer.state)))
+    trainer = _trainer(tmp_path, callback, save="no")
+    trainer.add_callback(Watch())
+    trainer.train()
+    assert callback.scheduler.optimizer_state == policy
+    assert len(held) == 2 and all((count == 0) == (policy == "fresh") for count in held), held
+
+
 def test_callback_by_steps(tmp_path):
     from dynrank.hf import DynamicRankCallback
     callback = DynamicRankCallback(5, 10, unit="step", log=None)

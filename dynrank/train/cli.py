@@ -46,8 +46,10 @@ DATA_MODEL = {data: model for model, data in MODEL_DATA.items()}
 GENERIC = dict(schedule="dynamic", decomposition="svd", seed=0, device="auto", lr_decay=0.1, deflate_init="zeros",
                optimizer_state="reset", width=1.0, metrics_every=1, context=128, dim=128, depth=2, heads=4,
                steps_per_epoch=None, dropout=None, data_dir="data", compile=False, compile_mode="default",
-               cuda_graphs=False)
+               cuda_graphs=False, alpha=None)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.finfo(torch.float32).max: the largest --alpha a float32 layer takes (the scale alpha/rank at rank 1).
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 _EPILOG = """\
@@ -102,7 +104,14 @@ def build_parser():
                    help="φ in (0, 1]: choose I, D with φ·E full-rank epochs around the first LR decay (not with "
                         "both --inflate-epoch and --deflate-epoch)")
     g.add_argument("--deflate-init", choices=("zeros", "random", "svd"))
-    g.add_argument("--optimizer-state", choices=("carry", "reset"), help="optimizer state across a form change")
+    g.add_argument("--optimizer-state", choices=("carry", "reset", "fresh"),
+                   help="optimizer state across a form change: reset (default) empties the new parameters' state, "
+                        "the others keep theirs; fresh empties every parameter's, as a new optimizer per phase "
+                        "(the authors' fresh SGD per phase); carry maps the old parameters' state onto the new")
+    g.add_argument("--alpha", type=float,
+                   help="adapter and low-rank scale numerator, the factorized term scaled by alpha/rank (a finite "
+                        "number > 0; default: scale 1). The paper's adapters use alpha 16 with svd; the presets "
+                        "leave it out")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int)
     g.add_argument("--milestones", type=_int_list, help="LR decay epochs, increasing, e.g. 100,130")
@@ -186,9 +195,9 @@ def config_from_args(args, notes=None):
     WRN's 0.3 unless given, None for a model without dropout.
 
     Flags the run accepts but does not use (see :func:`_unused_notes`: the form-change flags with
-    ``--schedule full``/``lowrank``, ``--rank-ratio`` and ``--decomposition`` with ``--schedule full``,
-    the data-folder flags with ``--data stdlib``, ``--compile-mode`` with ``--no-compile``) are named
-    in ``notes`` (a list, when given).
+    ``--schedule full``/``lowrank``, ``--rank-ratio``, ``--decomposition`` and ``--alpha`` with
+    ``--schedule full``, the data-folder flags with ``--data stdlib``, ``--compile-mode`` with
+    ``--no-compile``) are named in ``notes`` (a list, when given).
 
     Raises:
         ValueError: inconsistent settings, a value out of range, or a model size that leaves a
@@ -299,7 +308,7 @@ def _unused_notes(given, cfg):
     rules = ((cfg["schedule"] in ("full", "lowrank"), f"--schedule {cfg['schedule']} does not switch forms",
               ("inflate_epoch", "deflate_epoch", "full_rank_fraction", "deflate_init", "optimizer_state")),
              (cfg["schedule"] == "full", "--schedule full trains the dense model (no layer is factorized)",
-              ("rank_ratio", "decomposition")),
+              ("rank_ratio", "decomposition", "alpha")),
              (cfg["data"] == "stdlib", "--data stdlib reads Python's own sources (no data folder, no download)",
               ("data_dir", "download", "cache_dir")),
              (given.get("compile") is False, "--no-compile", ("compile_mode",)))
@@ -340,6 +349,8 @@ def _check_values(cfg):
     need("dropout", lambda v: 0 <= v < 1, "in [0, 1)")
     need("warmup_steps", lambda v: v >= 0, "≥ 0")
     need("width", lambda v: finite(v) and v > 0, "a finite number > 0 (channels round to at least 1)")
+    need("alpha", lambda v: finite(v) and 0 < v <= FLOAT32_MAX,
+         "a finite number > 0 (at most float32's largest, 3.4e38: the scale at rank 1)")
     need("full_rank_fraction", lambda v: 0 < v <= 1, "in (0, 1]")
     need("seed", lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)")
     if cfg["model"] == "gpt" and cfg["dim"] % cfg["heads"]:
@@ -395,7 +406,7 @@ _SAVED_GPT_SIZE = dict(context=_INT, dim=_INT, depth=_INT, heads=_INT)
 _SAVED_OPTIONAL = dict(
     warmup_steps=_INT, dropout=_or_null(_NUMBER), width=_NUMBER, steps_per_epoch=_or_null(_INT),
     threads=_or_null(_INT), amp=_or_null(_BOOL), compile=_BOOL, compile_mode=_TEXT, cuda_graphs=_or_null(_BOOL),
-    channels_last=_BOOL, download=_BOOL, data_dir=_or_null(_TEXT), cache_dir=_or_null(_TEXT),
+    alpha=_or_null(_NUMBER), channels_last=_BOOL, download=_BOOL, data_dir=_or_null(_TEXT), cache_dir=_or_null(_TEXT),
     resumes=(lambda v: isinstance(v, list), "a list"))
 
 
@@ -601,8 +612,10 @@ def _trained_settings(out_dir, schedule):
 def _as_trained(settings):
     """``settings`` as :func:`_check_resume` compares them: the dropout as the model trains with it
     (a config.json from before the record named it says None for the WRN's 0.3, 0.3 for a ResNet
-    on CIFAR-100, which has none)."""
+    on CIFAR-100, which has none), and ``alpha`` None where a run saved before ``--alpha`` existed
+    has none (its layers trained at scale 1)."""
     from .models import MODELS, model_dropout
+    settings = dict(settings, alpha=settings.get("alpha"))
     if settings.get("model") in MODELS:
         settings = dict(settings, dropout=model_dropout(settings["model"], settings.get("dropout")))
     return settings
@@ -673,7 +686,7 @@ def _load_data(cfg, log):
 
 def _print_settings(cfg, log):
     keys = ("model", "data", "schedule", "rank_ratio", "decomposition", "epochs", "milestones", "inflate_epoch",
-            "deflate_epoch", "optimizer", "lr", "batch_size", "weight_decay", "label_smoothing", "seed",
+            "deflate_epoch", "alpha", "optimizer", "lr", "batch_size", "weight_decay", "label_smoothing", "seed",
             "device", "amp", "threads", "compile", "compile_mode", "cuda_graphs")
     log("settings: " + ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg))
 

@@ -185,9 +185,11 @@ MIN_FEATURES = 8
 
 
 def _factorize(model, cfg, init="dense"):
-    """``convert_model`` as the lowrank and dynamic runs of ``cfg`` apply it; returns its summary."""
+    """``convert_model`` as the lowrank and dynamic runs of ``cfg`` apply it; returns its summary.  A run
+    saved before ``alpha`` was a setting has none: its layers trained at scale 1, as alpha None gives."""
     return convert_model(model, rank_ratio=cfg["rank_ratio"], decomposition=cfg["decomposition"],
-                         form="lowrank", exclude=EXCLUDE[cfg["model"]], min_features=MIN_FEATURES, init=init)
+                         form="lowrank", exclude=EXCLUDE[cfg["model"]], min_features=MIN_FEATURES, init=init,
+                         alpha=cfg.get("alpha"))
 
 
 def prepare_model(cfg, schedule, num_classes, device):
@@ -377,9 +379,9 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
 
     Args:
         cfg: configuration dict (see ``cli.config_from_args``): model, rank_ratio,
-            decomposition, epochs, inflate_epoch, deflate_epoch, milestones, lr,
-            lr_decay, optimizer, weight_decay, label_smoothing, seed, device,
-            amp, compile, compile_mode, ...
+            decomposition, alpha (optional; None: scale 1), epochs, inflate_epoch,
+            deflate_epoch, milestones, lr, lr_decay, optimizer, weight_decay,
+            label_smoothing, seed, device, amp, compile, compile_mode, ...
         schedule: ``"full"``, ``"lowrank"`` or ``"dynamic"``.
         data: a :class:`.augment.VisionData` or :class:`.corpus.TextData`.
         out_dir: folder for checkpoint.pt, metrics.csv/json, result.json, model.pt.
@@ -412,8 +414,9 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
 
     model, summary = prepare_model(cfg, schedule, data.num_classes, device)
     if summary is not None and not resume:
+        alpha = "" if cfg.get("alpha") is None else f", alpha={cfg['alpha']:g}"
         log(f"[{schedule}] factorized {len(summary.converted)} of {len(summary.rows)} layers "
-            f"(ρ={cfg['rank_ratio']:g}, {cfg['decomposition'] if cfg['model'] != 'gpt' else 'svd'}): "
+            f"(ρ={cfg['rank_ratio']:g}, {cfg['decomposition'] if cfg['model'] != 'gpt' else 'svd'}{alpha}): "
             f"{summary.params_before:,} → {summary.params_after:,} trainable parameters")
     dense_params = summary.params_before if summary is not None else count_parameters(model)
     optimizer = build_optimizer(model, cfg)
