@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._args import check_int
 from ._backend import backend_for
-from .functional import _check_scale, add_rounded_once_, check_no_overlap, transform_active
+from .functional import _check_scale, _fake_mode_active, add_rounded_once_, check_no_overlap, transform_active
 
 __all__ = ["merge_conv_", "merged_kernel"]
 
@@ -66,7 +66,8 @@ def merge_conv_(weight, U, V, alpha, groups):
             different devices, a non-finite ``alpha``, a weight whose elements share memory.
     """
     alpha = _check_conv_merge(weight, U, V, alpha, groups)
-    if _uses_triton(weight, U, V):
+    if _uses_triton(weight, U, V) and not _fake_mode_active():
+        # (A kernel cannot launch on a FakeTensorMode's tensors: torch's ops give their shapes.)
         from .kernels.conv_merge import conv_merge_
         return conv_merge_(weight, U, V, alpha, groups)
     acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype

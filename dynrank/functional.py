@@ -194,6 +194,7 @@ def _beta0_input(a):
     would be fed to later real calls, and a real one to the fake mode's.  A zero made during a
     CUDA-graph capture is never filled, so it is not kept; one kept before serves inside a capture,
     and the capture status is asked only when none is kept (a CUDA runtime query per call saved).
+    Nor is one made under a vmap (a batched backward's) kept: it would outlive the vmap.
     """
     if torch.compiler.is_compiling() or type(a) not in _PLAIN_TENSORS or _fake_mode_active():
         return a.new_zeros(())
@@ -201,9 +202,20 @@ def _beta0_input(a):
     zero = _BETA0_INPUTS.get(key)
     if zero is None:
         zero = a.new_zeros(())
-        if not _capturing(a):
+        if not (_capturing(a) or _batched(zero)):
             _BETA0_INPUTS[key] = zero
     return zero
+
+
+def _batched(t):
+    """Whether ``t`` is a vmapped tensor: ``torch.func.vmap``'s, or the older vmap behind batched backwards
+    (``torch.autograd.grad(..., is_grads_batched=True)``, ``jacobian(..., vectorize=True)``)."""
+    return _is_batchedtensor(t) or _is_legacy_batchedtensor(t)
+
+
+# Private functorch queries, resolved once; where a torch release lacks one, no tensor counts as batched by it.
+_is_batchedtensor = getattr(torch._C._functorch, "is_batchedtensor", lambda t: False)
+_is_legacy_batchedtensor = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 def _capturing(a):
@@ -313,6 +325,10 @@ class _EagerLowRankLinear(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("the Triton path of dynrank's low-rank linear has no double backward "
                                "(create_graph=True); set DYNRANK_BACKEND=torch for higher-order gradients")
+        if _batched(dy):
+            # A batched backward (jacobian(..., vectorize=True), autograd.grad(..., is_grads_batched=True)):
+            # the kernels cannot read a vmapped gradient's storage; torch's GEMMs take it.
+            return (*_gradients(ctx, dy, _torch_backward), None)
         return (*_gradients(ctx, dy, ctx.engine_backward), None)
 
 
@@ -385,8 +401,8 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
             return traced
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     compiling = torch.compiler.is_compiling()
-    if not compiling and (type(scale) is not float or not -FLOAT32_MAX <= scale <= FLOAT32_MAX):
-        # Traced code skips this: dynamo may pass the scale as a SymFloat.
+    if type(scale) is not float or not -FLOAT32_MAX <= scale <= FLOAT32_MAX:
+        # Traced as well: dynamo folds these tests for a constant and guards on them for a SymFloat.
         scale = _check_scale(scale, "scale", x.dtype)
     device_type = x.device.type
     if _autocasting(device_type):
@@ -419,8 +435,10 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
         # add cannot take a batched adapter term into an unbatched base output when the compiled code
         # runs a vmap over the factors.
         y, _ = _torch_forward(x2, weight, A, B, bias, float(scale), in_place=False)
-    elif compiling:
-        y, _ = _lowrank_linear_op(x2, weight, A, B, bias, float(scale))     # the Triton kernels, opaque
+    elif compiling or _fake_mode_active():
+        # The Triton kernels, opaque; under a FakeTensorMode (shape or memory estimates) the custom op's
+        # fake implementation runs, since a kernel cannot launch on fake tensors.
+        y, _ = _lowrank_linear_op(x2, weight, A, B, bias, float(scale))
     else:
         y = _EagerLowRankLinear.apply(x2, weight, A, B, bias, float(scale), _triton_engine())
     return y if x.dim() == 2 else y.reshape(*lead, N)
@@ -552,7 +570,7 @@ def merge_(weight, A, B, alpha=1.0):
     for name, t in (("weight", weight), ("A", A), ("B", B)):
         if not isinstance(t, Tensor):
             raise TypeError(f"merge_ takes tensors, got {name} of type {type(t).__name__}")
-    if not torch.compiler.is_compiling() and (type(alpha) is not float or not -FLOAT32_MAX <= alpha <= FLOAT32_MAX):
+    if type(alpha) is not float or not -FLOAT32_MAX <= alpha <= FLOAT32_MAX:
         # Mixed dtypes add in float64 where one of them is float64 (see below).
         wide = torch.float64 in (weight.dtype, A.dtype, B.dtype)
         alpha = _check_scale(alpha, "alpha", torch.float64 if wide else weight.dtype)
@@ -571,7 +589,8 @@ def merge_(weight, A, B, alpha=1.0):
             _check_merge_operands(weight, A, B)
             raise
     _check_merge_operands(weight, A, B)
-    if backend_for(weight.device, "merge", *dtypes) == "triton":
+    if backend_for(weight.device, "merge", *dtypes) == "triton" and not _fake_mode_active():
+        # (A kernel cannot launch on a FakeTensorMode's tensors: torch's ops give their shapes.)
         from .kernels import merge_ as kernel_merge_
         return kernel_merge_(weight, A, B, alpha)
     if A.dtype == weight.dtype == B.dtype:
@@ -592,7 +611,9 @@ def add_rounded_once_(weight, acc, shape, add_):
     """
     work = weight.to(acc).reshape(shape)
     add_(work)
-    if work.dtype != weight.dtype or work.data_ptr() != weight.data_ptr():
+    # In one dtype, reshape gave a view of ``weight`` or (no ``_base``) a copy: asked so, not by comparing
+    # data pointers, which torch.compile cannot trace and a FakeTensorMode warns about.
+    if work.dtype != weight.dtype or work._base is None:
         weight.copy_(work.reshape(weight.shape))
     return weight
 
@@ -605,14 +626,18 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 def _check_scale(value, name, dtype=None):
     """A finite real number as float (``lowrank_linear``'s scale, ``merge_``'s alpha): a Python or
     numpy number, or a 0-d real tensor (read once, as ``float()`` reads it).  Where ``dtype`` (the
-    dtype that applies it) is given and is not float64, at most :data:`FLOAT32_MAX` in magnitude."""
+    dtype that applies it) is given and is not float64, at most :data:`FLOAT32_MAX` in magnitude.
+    Traced by ``torch.compile`` too: a 0-d tensor then comes back unread (its value is data), after
+    the check that it needs no gradient."""
     if isinstance(value, Tensor) and value.requires_grad:
         raise TypeError(f"{name} is read as a number, so a tensor that requires grad would get no gradient; "
                         f"pass a float (or detach it), or scale the output yourself to learn it")
     if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+        if torch.compiler.is_compiling():
+            return value        # its value is data: read here, it would break the graph (or fail under fullgraph)
         value = value.item()
     value = float(check_real(value, name, "a real number"))
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:     # not math.isfinite: torch.compile cannot trace it on a SymFloat
         raise ValueError(f"{name} must be finite, got {value}")
     if dtype is not None and dtype != torch.float64 and not -FLOAT32_MAX <= value <= FLOAT32_MAX:
         raise ValueError(f"{name} must be at most {FLOAT32_MAX:.6g} in magnitude (float32's largest value: torch "

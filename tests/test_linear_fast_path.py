@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from _helpers import REL_TOL, rel_err
+from _helpers import REL_TOL, kernel_devices, rel_err
 from dynrank import FusedLowRankLinear
 from dynrank import _backend
 from dynrank import functional as F
@@ -320,3 +320,93 @@ def test_merge_into_a_parameter_in_grad_mode():
 def test_merge_mistakes_are_named(args, exc, message):
     with pytest.raises(exc, match=message):
         F.merge_(*args)
+
+
+# -- scale and alpha checks under torch.compile ---------------------------------------------------
+
+_SCALE_MISTAKES = [
+    ("scale requires grad", "lowrank_linear", lambda: torch.tensor(0.5, requires_grad=True), TypeError,
+     "scale is read as a number, so a tensor that requires grad would get no gradient"),
+    ("nan scale", "lowrank_linear", lambda: float("nan"), ValueError, "scale must be finite, got nan"),
+    ("inf alpha", "merge_", lambda: float("inf"), ValueError, "alpha must be finite, got inf"),
+    ("nan alpha", "merge_", lambda: float("nan"), ValueError, "alpha must be finite, got nan"),
+    ("alpha requires grad", "merge_", lambda: torch.tensor(0.5, requires_grad=True), TypeError,
+     "alpha is read as a number, so a tensor that requires grad would get no gradient"),
+]
+
+
+@pytest.mark.parametrize("engine", ["torch", "triton"])
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-breaks", "fullgraph"])
+@pytest.mark.parametrize("what, op, make, exc, message", _SCALE_MISTAKES, ids=[m[0] for m in _SCALE_MISTAKES])
+def test_compiled_calls_refuse_the_scales_eager_refuses(monkeypatch, engine, fullgraph, what, op, make, exc, message):
+    """Compiled, the checks were skipped: a scale tensor that requires grad ran and never got a gradient,
+    a NaN scale gave an all-NaN output, a NaN alpha filled the weight with NaN in place.  (Both engines
+    check before dispatch, so no kernel runs here.)"""
+    monkeypatch.setenv("DYNRANK_BACKEND", engine)
+    ops = _operands(True)
+    weight = ops["weight"].clone()
+    if op == "lowrank_linear":
+        call = lambda x, value: F.lowrank_linear(x, weight, ops["A"], ops["B"], ops["bias"], value)
+        first = ops["x"]
+    else:
+        call = lambda w, value: F.merge_(w, ops["A"], ops["B"], value)
+        first = weight
+    with pytest.raises(exc, match=message):
+        call(first, make())
+    torch._dynamo.reset()
+    compiled = torch.compile(call, backend="aot_eager", fullgraph=fullgraph)
+    # Under fullgraph dynamo refuses the frame with its own error, which quotes the check's.
+    with pytest.raises(exc if not fullgraph else Exception, match=message):
+        compiled(first, make())
+    assert torch.equal(weight, ops["weight"])          # merge_ wrote nothing
+
+
+def test_compiled_calls_still_take_a_scale_tensor_without_grad():
+    """Compiled (graph breaks allowed), a 0-d tensor scale or alpha that needs no gradient is read as in eager mode."""
+    ops = _operands(True)
+    x, weight, A, B = ops["x"], ops["weight"], ops["A"], ops["B"]
+    torch._dynamo.reset()
+    y = torch.compile(lambda x, s: F.lowrank_linear(x, weight, A, B, None, s), backend="aot_eager")(x, torch.tensor(0.5))
+    expected = x.double() @ (weight.double() + 0.5 * A.double() @ B.double().t()).t()
+    assert rel_err(y, expected) < REL_TOL[torch.float32]
+    merged = torch.compile(lambda w, s: F.merge_(w, A, B, s), backend="aot_eager")(weight.clone(), torch.tensor(0.5))
+    assert rel_err(merged, weight.double() + 0.5 * A.double() @ B.double().t()) < REL_TOL[torch.float32]
+
+
+# -- batched backward through the Triton path -------------------------------------------------------
+
+@pytest.mark.skipif(not kernel_devices(), reason="no Triton device (CUDA or the interpreter)")
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")    # torch.func.vmap's addmm_ fallback
+@pytest.mark.parametrize("with_weight", [False, True], ids=["lowrank", "adapter"])
+@pytest.mark.parametrize("how", ["jacobian vectorize", "is_grads_batched", "vmap over grad"])
+def test_a_batched_backward_through_the_triton_path(monkeypatch, with_weight, how):
+    """The Triton node handed the vmapped gradient of a batched backward to its kernels, which failed with
+    "Cannot access storage of BatchedTensorImpl"; it now takes torch's GEMMs, as the torch engine does,
+    and keeps no vmapped zero for later calls."""
+    monkeypatch.setenv("DYNRANK_BACKEND", "triton")
+    monkeypatch.setattr(F, "_BETA0_INPUTS", {})
+    device = kernel_devices()[0]
+    ops = {k: (None if v is None else v.to(device)) for k, v in _operands(with_weight).items()}
+    names = [k for k in ("x", "weight", "A", "B", "bias") if ops[k] is not None]
+    leaves = [ops[k].requires_grad_() for k in names]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+
+    def call(operands, function):
+        given = dict(zip(names, operands))
+        return function(given["x"], given.get("weight"), given["A"], given["B"], given["bias"], 0.5)
+
+    if how == "jacobian vectorize":
+        got = torch.autograd.functional.jacobian(lambda *t: call(t, F.lowrank_linear), tuple(leaves), vectorize=True)
+        expected = torch.autograd.functional.jacobian(lambda *t: call(t, reference_lowrank_linear), tuple(leaves64))
+    else:
+        grads = torch.randn(4, T, N, dtype=torch.float64, device=device)
+        y, y64 = call(leaves, F.lowrank_linear), call(leaves64, reference_lowrank_linear)
+        if how == "is_grads_batched":
+            got = torch.autograd.grad(y, leaves, grads.float(), is_grads_batched=True)
+        else:
+            got = torch.func.vmap(lambda g: torch.autograd.grad(y, leaves, g, retain_graph=True))(grads.float())
+        expected = [torch.stack(parts) for parts in zip(*(torch.autograd.grad(y64, leaves64, g, retain_graph=True)
+                                                           for g in grads))]
+    for name, g, e in zip(names, got, expected):
+        assert e.abs().max() > 0 and rel_err(g, e) < REL_TOL[torch.float32], name
+    assert all(not F._batched(zero) for zero in F._BETA0_INPUTS.values())
