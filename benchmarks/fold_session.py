@@ -3,10 +3,11 @@
 ``benchmarks/gpu_session.sh`` returns up to five archives (see benchmarks/README.md).  This puts
 them where the repository keeps results, so the next session resumes from them:
 
-- ``bench.tgz`` (suite JSONs, report, profile, tile sweeps, engine diagnosis) →
-  ``benchmarks/results/gpu-<device>-<date>/``, named from the JSONs' machine info (``-2``, ``-3``
-  for a later session on the same device and day), with the session's ``tests-cuda.log`` (the
-  native test run) beside them;
+- ``bench.tgz`` (suite JSONs and their pytest logs, report, profile, tile sweeps, engine diagnosis,
+  session.json) → ``benchmarks/results/gpu-<device>-<date>/``, named from the JSONs' machine info
+  or, where no suite JSON came back, from session.json (the device and start gpu_session.sh
+  records; ``-2``, ``-3`` for a later session on the same device and day), with the session's
+  ``tests-cuda.log`` (the native test run) beside them;
 - ``paper.tgz`` (run folders without checkpoints) and ``paper-checkpoints.tgz`` (unfinished runs'
   checkpoints) → over ``benchmarks/results/cifar10-resnet20/``; a run that has finished drops
   its old checkpoint, and every run folder keeps only what the repository commits: config.json,
@@ -14,11 +15,12 @@ them where the repository keeps results, so the next session resumes from them:
   hold them), no compare tables, plots or monitor.json;
 - with either of them, the paper summary is written again from every run folder.
 
-An empty suite JSON (a suite cut off at its time limit) is left out with a note.  A ``bench.tgz``
-without a suite JSON that names its device (a bench phase cut off before its first suite finished) is
-refused before anything is folded; so is a folder holding none of the archives, an archive cut short
-(an interrupted copy), and a paper archive whose config.json, metrics.json or result.json is not valid
-JSON.  Each refusal names the archive (and the file in it).
+An empty suite JSON (a suite cut off at its time limit, or one whose benchmarks all failed) is left out
+with a note saying which, as the suite's log tells.  A ``bench.tgz`` in which neither a suite JSON nor
+session.json names the device is refused before anything is folded; so is one holding numbers measured
+on another device than CUDA (torch saw no GPU), a folder holding none of the archives, an archive cut
+short (an interrupted copy), and a paper archive whose config.json, metrics.json or result.json is not
+valid JSON.  Each refusal names the archive (and the file in it).
 
 A run continued elsewhere from a copy of its committed folder (``dynrank-train --resume COPY
 --device cpu ...``) folds back with ``--run COPY``: its settings, epoch records, monitor files,
@@ -53,6 +55,8 @@ from paper_cifar10 import run_dir  # noqa: E402
 from dynrank.train.cli import PRESETS  # noqa: E402
 
 PAPER_FOLDER = "cifar10-resnet20"
+# gpu_session.sh's record of the device and the call's start, in the suite JSONs' layout: no suite.
+SESSION_INFO = "session.json"
 # What a run folder keeps in the repository, per schedule (no model.pt, plots or compare tables).
 RUN_FILES = ("metrics.csv", "metrics.json", "result.json", "checkpoint.pt")
 # The JSONs a committed run folder keeps, with the type each holds: read before anything is folded.
@@ -164,13 +168,45 @@ def _check_paper_archive(archive):
 
 def _read_suite(path):
     """The suite JSON at ``path`` as a dict, or None where it is empty or not one: pytest-benchmark opens
-    its ``--benchmark-json`` file at the start, so a suite cut off at its time limit leaves 0 bytes."""
+    its ``--benchmark-json`` file at the start, so a suite killed at its time limit leaves 0 bytes, and
+    so does one whose benchmarks all failed (see :func:`_why_empty`)."""
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _why_empty(suite_json):
+    """Why the suite that left ``suite_json`` empty wrote nothing, as its pytest log (NAME.log beside
+    it, which gpu_session.sh writes) tells: stopped at its time limit (KeyboardInterrupt, or no final
+    summary line: killed), failed (pytest-benchmark writes nothing when no benchmark succeeded), or
+    no benchmark ran.  Quotes the log's last line."""
+    log = os.path.splitext(suite_json)[0] + ".log"
+    name = os.path.basename(log)
+    if not os.path.isfile(log):
+        return f"cut off at its time limit, or none of its benchmarks succeeded; no {name} came with it"
+    with open(log, encoding="utf-8", errors="replace") as handle:
+        text = handle.read()
+    lines = [line.strip(" =") for line in text.splitlines() if line.strip(" =")]
+    last = lines[-1] if lines else ""
+    if "KeyboardInterrupt" in text or not re.search(r"\bin \d+(\.\d+)?s\b", last):
+        why = "cut off at its time limit"
+    elif re.search(r"\b\d+ (failed|errors?)\b", last):
+        why = "none of its benchmarks succeeded"
+    else:
+        why = "no benchmark ran"
+    return f"{why}: {name} ends {last!r}"
+
+
+def _check_cuda(path):
+    """Refuse (ValueError) the suite JSON or session.json at ``path`` unless it records a CUDA device:
+    numbers measured on the CPU (torch saw no GPU) are no GPU session's."""
+    device = ((_read_suite(path).get("machine_info") or {}).get("dynrank") or {}).get("device")
+    if not (isinstance(device, str) and device.split(":")[0] == "cuda"):
+        raise ValueError(f"{os.path.basename(path)} records the device {device!r}, expected cuda "
+                         "(torch saw no GPU: not a GPU session's numbers)")
 
 
 def bench_folder_name(jsons):
@@ -209,28 +245,33 @@ def _session_folder(results_dir, name, jsons):
 
 def _fold_bench(bench, results_dir, log):
     """Move the files of ``bench`` (bench.tgz) into their session folder under ``results_dir``;
-    returns that folder.  The archive is unpacked into a temporary folder first, so one without a
-    suite JSON naming its device is refused (ValueError) before anything is moved."""
+    returns that folder.  The archive is unpacked into a temporary folder first, so one in which
+    neither a suite JSON nor session.json names the device, or one holding numbers of another
+    device than CUDA, is refused (ValueError) before anything is moved.  Without a suite JSON the
+    session's other files (profile, sweeps, logs) are folded under session.json's name."""
     os.makedirs(results_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".bench-staging-", dir=results_dir)   # same file system: os.replace
     try:
         names = _extract(bench, staging)
-        jsons = sorted(os.path.join(staging, n) for n in names if n.endswith(".json"))
+        paths = [os.path.join(staging, n) for n in names]
+        jsons = sorted(p for p in paths if p.endswith(".json") and os.path.basename(p) != SESSION_INFO)
         cut = [path for path in jsons if _read_suite(path) is None]
         for path in cut:
-            log(f"{bench}: {os.path.basename(path)} is empty or not a suite JSON (a suite cut off at its time "
-                f"limit): not folded")
+            log(f"{bench}: {os.path.basename(path)} is empty or not a suite JSON ({_why_empty(path)}): not folded")
         names = [n for n in names if os.path.join(staging, n) not in cut]
         jsons = [path for path in jsons if path not in cut]
-        if not jsons:
+        described = jsons + [p for p in paths if os.path.basename(p) == SESSION_INFO and _read_suite(p) is not None]
+        if not described:
             found = ", ".join(sorted(map(os.path.basename, names))) or "nothing"
-            raise ValueError(f"{bench}: no suite JSON in it (it holds {found}): a bench phase cut off before its "
-                             "first suite finished; nothing was folded (move it aside to fold the rest)")
+            raise ValueError(f"{bench}: neither a suite JSON nor {SESSION_INFO} in it (it holds {found}); "
+                             "nothing was folded")
         try:
-            name = bench_folder_name(jsons)
+            name = bench_folder_name(described)
+            for path in described:
+                _check_cuda(path)
         except ValueError as err:
             raise ValueError(f"{bench}: {err}; nothing was folded") from None
-        target = _session_folder(results_dir, name, jsons)
+        target = _session_folder(results_dir, name, described)
         os.makedirs(target, exist_ok=True)
         for member in names:
             os.replace(os.path.join(staging, member), os.path.join(target, os.path.basename(member)))
@@ -242,9 +283,10 @@ def _fold_bench(bench, results_dir, log):
 
 def fold(session_dir, results_dir, log=print):
     """Fold the archives found in ``session_dir`` into ``results_dir``; returns the folders written,
-    none where the folder holds no archive of a session (nothing is touched then).  A bench.tgz
-    without a suite JSON naming its device, an archive cut short, or a paper archive with a run's
-    JSON that is not valid raises ValueError naming it before anything is folded."""
+    none where the folder holds no archive of a session (nothing is touched then).  A bench.tgz in
+    which nothing names the device or with numbers of another device than CUDA, an archive cut
+    short, or a paper archive with a run's JSON that is not valid raises ValueError naming it before
+    anything is folded."""
     written = []
     bench = os.path.join(session_dir, "bench.tgz")
     papers = [os.path.join(session_dir, name) for name in ("paper.tgz", "paper-checkpoints.tgz")]

@@ -13,18 +13,35 @@
 # local/whl/tensorly-*.whl (and for PAPER=1 local/data/cifar10-jpeg.tar.gz), git-ignored and
 # carried.  What comes back is under $OUT (at most 8 files): bench.tgz, report.md and, with
 # PAPER=0, tests-cuda.log from call 1; summary.md, paper.tgz, paper.log, paper-checkpoints.tgz and
-# tests-cuda.log from call 2.
+# tests-cuda.log from call 2.  bench.tgz holds the suite JSONs with each suite's pytest output
+# (NAME.log: its failures' tracebacks), the profile, the report, the sweeps and session.json (the
+# device and the call's start, so that a session whose suites all failed still folds).
+#
+# Time, with PAPER=0: the call's SECONDS (CALL_SECONDS) hold setup, the bench phase and the native
+# tests.  The tests are kept TESTS_SECONDS (320 by default: 1562 tests at 2026-11-27-2's 0.196 s a
+# test, with pytest's start), so the bench phase ends BENCH_SECONDS after it starts (225 by default,
+# 270 with BENCH_ALL=1) or CALL_SECONDS - TESTS_SECONDS - 40 after the call starts, whichever comes
+# first (the 40 s: a suite's 15 s grace after its stop, the report and the archive, and the 15 s the
+# tests leave before the call's end).  A call of 560 s thus leaves the bench about 180 s after
+# setup (the profile and the first suites), and BENCH_SECONDS above that changes nothing:
+#
+#   bash benchmarks/gpu_session.sh bench 560
+#
+# Torch must see the GPU: with DEVICE cuda (SESSION_DEVICE, the default) setup stops the call
+# where it does not.
 set -u
 PHASE=${1:?usage: gpu_session.sh bench|collect [seconds]}
 CALL_SECONDS=${2:-300}
 OUT=${OUT:-/tmp/dynrank-out}
-RES=/tmp/dynrank-res
+RES=${SESSION_RES:-/tmp/dynrank-res}
+BENCH_DIR=$RES/bench                # emptied by each bench phase: a rerun on a warm machine packs its own files
 CACHE=/tmp/dynrank-cache
 RUNS=$RES/cifar10-resnet20
 DEADLINE_FILE=/tmp/dynrank-paper-deadline
 DEVICE=${SESSION_DEVICE:-cuda}      # cpu: a dry run of the whole script on a machine without a GPU
 PAPER_ARGS=${PAPER_ARGS:-}          # e.g. "--epochs 2 --train-args --width 0.5" for a dry run
 DATA=${SESSION_DATA:-local/data}
+TESTS_SECONDS=${TESTS_SECONDS:-320} # the native tests' share of a PAPER=0 call (see above)
 mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1 CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
 T0=$(date +%s)
@@ -36,10 +53,21 @@ setup() {
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site local/whl/*.whl >/dev/null \
         || { echo "tensorly install failed"; exit 1; }
     export PYTHONPATH=/tmp/site
-    python3 - <<'EOF'
+    DEVICE=$DEVICE python3 - "$RES/session.json" <<'EOF' || exit 1
+import datetime, json, os, sys
 import torch, triton, tensorly, dynrank, dynrank.kernels
-print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "| torch", torch.__version__, "| triton", triton.__version__,
-      "| cuda", torch.version.cuda, "| cudnn", torch.backends.cudnn.version(), "| tensorly", tensorly.__version__)
+if os.environ["DEVICE"] == "cuda" and not torch.cuda.is_available():
+    sys.exit(f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device: stopping "
+             "(SESSION_DEVICE=cpu runs the script on the CPU as a dry run)")
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+versions = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "tensorly": tensorly.__version__}
+print("device", name, "|", " | ".join(f"{k} {v}" for k, v in versions.items()))
+# The suite JSONs' layout (machine_info["dynrank"], datetime): the fold names the session from it.
+with open(sys.argv[1], "w") as handle:
+    json.dump({"machine_info": {"dynrank": {"device": "cuda" if torch.cuda.is_available() else "cpu",
+                                            "device_name": name, "versions": versions}},
+               "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat()}, handle, indent=1)
 EOF
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv,noheader \
         2>/dev/null
@@ -56,24 +84,36 @@ suite() {   # suite NAME CAP_SECONDS PYTEST_ARGS...: one benchmark file, inside 
     [ "$t" -lt 15 ] && { say "skip $name (no time left)"; return; }
     say "$name (≤ ${t}s)"
     timeout -s INT -k 15 "$t" python3 -m pytest "$@" --benchmark-only --benchmark-warmup=off --benchmark-max-time=0.15 \
-        --benchmark-min-rounds=8 -q -p no:cacheprovider --benchmark-json="$RES/$name.json" 2>&1 | tail -n 2
+        --benchmark-min-rounds=8 -q -p no:cacheprovider --benchmark-json="$BENCH_DIR/$name.json" \
+        > "$BENCH_DIR/$name.log" 2>&1
+    tail -n 2 "$BENCH_DIR/$name.log"
 }
 
 sweep() {   # sweep SCRIPT CAP_SECONDS OUTFILE: a tile sweep script, inside the bench phase's time
     local t; t=$(min "$2" $((BENCH_END - $(date +%s))))
     [ "$t" -lt 15 ] && { say "skip $1 (no time left)"; return; }
     say "$1 (≤ ${t}s)"
-    timeout "$t" python3 "benchmarks/$1" --out "$RES/$3" 2>&1 | tail -n 3
+    timeout "$t" python3 "benchmarks/$1" --out "$BENCH_DIR/$3" > "$BENCH_DIR/${3%.md}.log" 2>&1
+    tail -n 3 "$BENCH_DIR/${3%.md}.log"
 }
 
 bench() {
+    rm -rf "$BENCH_DIR"
+    mkdir -p "$BENCH_DIR"
     [ "${PAPER:-0}" = 1 ] && (decode_cifar > "$RES/decode.log" 2>&1 &)
     BENCH_END=$(($(date +%s) + ${BENCH_SECONDS:-$([ "${BENCH_ALL:-0}" = 1 ] && echo 270 || echo 225)}))
+    # With PAPER=0 the native tests follow in this call: their time is kept from the bench.
+    [ "${PAPER:-0}" = 1 ] || BENCH_END=$(min "$BENCH_END" $((T0 + CALL_SECONDS - TESTS_SECONDS - 40)))
     # The profiler's whole output goes to a file: a pipe into `head` would close early and kill it
     # with SIGPIPE before its later sections (the GPT-2 step breakdown of 2026-11-27 was lost so).
-    say "profile of the launch path and of the GPT-2-small step"
-    timeout 100 python3 benchmarks/profile_ops.py --out "$RES/profile.txt" > "$RES/profile.log" 2>&1
-    tail -n 3 "$RES/profile.log"
+    local t; t=$(min 100 $((BENCH_END - $(date +%s))))
+    if [ "$t" -lt 15 ]; then
+        say "skip the profile (no time left)"
+    else
+        say "profile of the launch path and of the GPT-2-small step (≤ ${t}s)"
+        timeout "$t" python3 benchmarks/profile_ops.py --out "$BENCH_DIR/profile.txt" > "$BENCH_DIR/profile.log" 2>&1
+        tail -n 3 "$BENCH_DIR/profile.log"
+    fi
     # Most needed first: the linear targets, the adapter's forward/backward split (v0.6 launches its
     # big GEMM first: the forward is where that shows), the targets' layers queued, the training steps (graphed too, the
     # transformer's included), the target merges (per call, then queued), the merge kernel's tile configs by GPU time.  The
@@ -92,15 +132,18 @@ bench() {
     sweep sweep_merge.py 60 sweep-merge.md
     if [ "${BENCH_ALL:-0}" = 1 ]; then
         say "engine diagnosis"
-        timeout 60 python3 benchmarks/diagnose_engine.py --out "$RES/diagnose.md" --budget-s 40 2>&1 | tail -n 2
+        timeout 60 python3 benchmarks/diagnose_engine.py --out "$BENCH_DIR/diagnose.md" --budget-s 40 \
+            > "$BENCH_DIR/diagnose.log" 2>&1
+        tail -n 2 "$BENCH_DIR/diagnose.log"
         suite merge 60 benchmarks/test_bench_merge.py
         sweep sweep_tiles.py 50 sweep.md
         suite conv 50 benchmarks/test_bench_conv.py -k "fwd and (resnet20 or 56px)"
     fi
-    python3 benchmarks/report.py "$RES"/*.json --out "$RES/report.md" --plot "$RES/report.png" >/dev/null 2>&1
-    (cd "$RES" && tar -czf "$OUT/bench.tgz" ./*.json report.* profile.txt sweep.md sweep-merge.md diagnose.md \
-        2>/dev/null)
-    cp "$RES/report.md" "$OUT/" 2>/dev/null
+    python3 benchmarks/report.py "$BENCH_DIR"/*.json --out "$BENCH_DIR/report.md" --plot "$BENCH_DIR/report.png" \
+        > "$BENCH_DIR/report.log" 2>&1
+    cp "$RES/session.json" "$BENCH_DIR/"
+    (cd "$BENCH_DIR" && tar -czf "$OUT/bench.tgz" .)
+    cp "$BENCH_DIR/report.md" "$OUT/" 2>/dev/null
     say "benchmarks done"
 }
 
@@ -175,16 +218,21 @@ start_paper() {   # start_paper BUDGET_SECONDS: the runs, in their own session
     echo $! > "$RES/paper.pid"
 }
 
-NATIVE_TESTS="tests/test_kernels_linear.py tests/test_kernels_compile.py tests/test_linear.py tests/test_conv_kernels.py
-    tests/test_conv.py tests/test_scheduler.py tests/test_convert.py tests/test_optimizer_state.py tests/test_train_steps.py
-    tests/test_module_state.py tests/test_checkpointing_hooks.py tests/test_compile_switches.py
-    benchmarks/test_bench_linear.py::test_each_provider_computes_its_form"
+# First the files whose CUDA cases KERNEL_NOTES' plan reads (real CUDA-graph steps, the Triton merges
+# of test_module_use.py, the launchers' checks and fp32_precision cases, the scheduler's load under
+# a CUDA generator, checkpointing's debug mode, the conv "auto" adapter under compile, the TF32 conv
+# layouts, the conv export with a dynamic batch), small files before big ones: a run cut at its time
+# limit loses the rest.  pytest -v names each test in tests-cuda.log as it finishes.
+NATIVE_TESTS="tests/test_train_steps.py tests/test_module_use.py tests/test_kernels_linear.py tests/test_scheduler.py
+    tests/test_checkpointing_hooks.py tests/test_compile_switches.py tests/test_module_state.py tests/test_conv.py
+    tests/test_kernels_compile.py tests/test_linear.py tests/test_conv_kernels.py tests/test_convert.py
+    tests/test_optimizer_state.py benchmarks/test_bench_linear.py::test_each_provider_computes_its_form"
 
 native_tests() {   # compiled kernels on CUDA, beside the runs (own session: they outlive call 1)
     # One process: under pytest-xdist (-n 4, 2026-11-27) three of four workers failed to import
-    # tests/_helpers.py and nothing ran; alone they take about 130 s on the H200 machine.
+    # tests/_helpers.py and nothing ran; alone they took 226 s for 1151 tests on the H200 (2026-11-27-2).
     say "native tests started"
-    (unset DYNRANK_BACKEND; setsid nohup timeout 500 python3 -m pytest -q -p no:xdist -p no:cacheprovider $NATIVE_TESTS \
+    (unset DYNRANK_BACKEND; setsid nohup timeout 500 python3 -m pytest -v -p no:xdist -p no:cacheprovider $NATIVE_TESTS \
         > "$RES/tests-cuda.log" 2>&1 < /dev/null &)
 }
 
@@ -192,7 +240,7 @@ native_tests_now() {   # the same tests in this call, within its time left (PAPE
     local t; t=$(($(left) - 15))
     [ "$t" -lt 30 ] && { say "no time left for the native tests"; return; }
     say "native tests (≤ ${t}s)"
-    (unset DYNRANK_BACKEND; timeout -s INT -k 10 "$t" python3 -m pytest -q -p no:xdist -p no:cacheprovider $NATIVE_TESTS \
+    (unset DYNRANK_BACKEND; timeout -s INT -k 10 "$t" python3 -m pytest -v -p no:xdist -p no:cacheprovider $NATIVE_TESTS \
         > "$RES/tests-cuda.log" 2>&1 < /dev/null)
     tail -n 3 "$RES/tests-cuda.log"
     cp "$RES/tests-cuda.log" "$OUT/"

@@ -213,9 +213,10 @@ def test_a_second_session_on_the_same_day_gets_its_own_folder(folder, tmp_path):
 
 
 def test_a_bench_archive_without_a_suite_is_refused_before_anything_is_folded(folder, tmp_path, capsys):
-    """A bench phase cut off before its first suite returns a bench.tgz without a suite JSON: the
-    fold is refused, naming the archive and what it holds, and leaves nothing behind; the next
-    session's fold then goes through completely."""
+    """A bench.tgz in which nothing names the device (no suite JSON and no session.json, as an older
+    gpu_session.sh packed a bench phase cut off before its first suite): the fold is refused, naming
+    the archive and what it holds, and leaves nothing behind; the next session's fold then goes
+    through completely."""
     results = tmp_path / "results"
     cut = tmp_path / "cut-off"
     cut.mkdir()
@@ -225,9 +226,8 @@ def test_a_bench_archive_without_a_suite_is_refused_before_anything_is_folded(fo
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         folder.main([str(cut), "--results", str(results)])
-    _argparse_error(capsys, exit_info, f"{cut / 'bench.tgz'}: no suite JSON in it (it holds diagnose.md, "
-                                       "profile.txt): a bench phase cut off before its first suite finished; "
-                                       "nothing was folded (move it aside to fold the rest)")
+    _argparse_error(capsys, exit_info, f"{cut / 'bench.tgz'}: neither a suite JSON nor session.json in it (it "
+                                       "holds diagnose.md, profile.txt); nothing was folded")
     assert list(results.iterdir()) == []                        # no staging folder, no runs
     # JSONs that name no device are refused the same way.
     nameless = tmp_path / "nameless"
@@ -263,10 +263,106 @@ def test_a_suite_cut_off_at_its_time_limit_is_left_out_and_the_rest_folded(folde
     notes = []
     folder.fold(str(session), str(results), log=notes.append)
     assert sorted(p.name for p in (results / "gpu-h200-2026-11-28").iterdir()) == ["epoch.json", "report.md"]
-    for name in ("conv.json", "merge.json"):
-        assert f"{session / 'bench.tgz'}: {name} is empty or not a suite JSON (a suite cut off at its time " \
-               f"limit): not folded" in notes
+    for name in ("conv", "merge"):
+        assert f"{session / 'bench.tgz'}: {name}.json is empty or not a suite JSON (cut off at its time limit, " \
+               f"or none of its benchmarks succeeded; no {name}.log came with it): not folded" in notes
     assert sorted(p.name for p in results.iterdir()) == ["gpu-h200-2026-11-28"]      # no staging left
+
+
+def _session_info(device="cuda", name="NVIDIA H200", started="2026-11-29T10:00:00+00:00"):
+    """gpu_session.sh's session.json: the device and the call's start, in the suite JSONs' layout."""
+    return json.dumps({"machine_info": {"dynrank": {"device": device, "device_name": name}}, "datetime": started})
+
+
+def test_an_empty_suite_json_is_explained_by_the_suites_log(folder, tmp_path):
+    """Every benchmark of a suite failing leaves a 0-byte JSON too (pytest-benchmark writes nothing then):
+    the fold called it a suite cut off at its time limit.  The suite's log (gpu_session.sh keeps it beside
+    the JSON) tells which, and is folded with the tracebacks it holds."""
+    machine = {"dynrank": {"device_name": "NVIDIA H200", "device": "cuda"}}
+    suite = json.dumps({"machine_info": machine, "datetime": "2026-11-28T01:02:03", "benchmarks": []})
+    logs = {"merge": "F\n___ test_merge ___\nE   RuntimeError: triton compile failed\n"
+                     "FAILED benchmarks/test_bench_merge.py::test_merge[target] - RuntimeError\n3 failed in 12.34s\n",
+            "linear": "...\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!! KeyboardInterrupt !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+                      "===== 3 passed in 40.10s =====\n",
+            "conv": "....",                                            # killed before pytest's summary
+            "linear_split": "\n=== 12 deselected in 1.02s ===\n"}
+    files = {"./epoch.json": suite, **{f"./{name}.json": "" for name in logs},
+             **{f"./{name}.log": text for name, text in logs.items()}}
+    session, results = tmp_path / "session", tmp_path / "results"
+    session.mkdir()
+    _tgz(session / "bench.tgz", files)
+    notes = []
+    folder.fold(str(session), str(results), log=notes.append)
+    held = results / "gpu-h200-2026-11-28"
+    assert sorted(p.name for p in held.iterdir()) == ["conv.log", "epoch.json", "linear.log", "linear_split.log",
+                                                      "merge.log"]
+    assert "RuntimeError: triton compile failed" in (held / "merge.log").read_text()
+    bench = session / "bench.tgz"
+    assert sorted(note for note in notes if "not folded" in note) == [
+        f"{bench}: conv.json is empty or not a suite JSON (cut off at its time limit: conv.log ends '....'): "
+        "not folded",
+        f"{bench}: linear.json is empty or not a suite JSON (cut off at its time limit: linear.log ends "
+        "'3 passed in 40.10s'): not folded",
+        f"{bench}: linear_split.json is empty or not a suite JSON (no benchmark ran: linear_split.log ends "
+        "'12 deselected in 1.02s'): not folded",
+        f"{bench}: merge.json is empty or not a suite JSON (none of its benchmarks succeeded: merge.log ends "
+        "'3 failed in 12.34s'): not folded"]
+
+
+def test_a_session_whose_suites_all_came_back_empty_still_folds_its_profile_and_tests(folder, tmp_path, capsys):
+    """The profile and the native test log are a session's main outputs: with every suite JSON empty the
+    fold refused bench.tgz, and with it moved aside as advised there was "nothing to fold".  session.json
+    names the folder now; folding the session again reuses it, a later session gets its own."""
+    session, results = tmp_path / "session", tmp_path / "results"
+    session.mkdir()
+    _tgz(session / "bench.tgz", {"./linear.json": "",
+                                 "./linear.log": "E   RuntimeError: no kernel\n1 failed in 3.20s\n",
+                                 "./profile.txt": "queued section\n", "./session.json": _session_info()})
+    (session / "tests-cuda.log").write_text("1562 passed\n")
+    assert folder.main([str(session), "--results", str(results)]) == 0
+    held = results / "gpu-h200-2026-11-29"
+    assert sorted(p.name for p in held.iterdir()) == ["linear.log", "profile.txt", "session.json", "tests-cuda.log"]
+    assert (held / "profile.txt").read_text() == "queued section\n"
+    assert (held / "tests-cuda.log").read_text() == "1562 passed\n"
+    assert "none of its benchmarks succeeded: linear.log ends '1 failed in 3.20s'" in capsys.readouterr().out
+    assert folder.main([str(session), "--results", str(results)]) == 0
+    later = tmp_path / "later"
+    later.mkdir()
+    _tgz(later / "bench.tgz", {"./profile.txt": "later\n",
+                               "./session.json": _session_info(started="2026-11-29T18:00:00")})
+    assert folder.main([str(later), "--results", str(results)]) == 0
+    assert sorted(p.name for p in results.iterdir()) == ["gpu-h200-2026-11-29", "gpu-h200-2026-11-29-2"]
+    assert (results / "gpu-h200-2026-11-29-2" / "profile.txt").read_text() == "later\n"
+
+
+@pytest.mark.parametrize("files, culprit, device", [
+    ({"./linear.json": json.dumps({"machine_info": {"dynrank": {"device": "cpu", "device_name": "Intel Xeon"}},
+                                   "datetime": "2026-11-28T01:02:03", "benchmarks": []}),
+      "./session.json": _session_info()}, "linear.json", "'cpu'"),
+    ({"./profile.txt": "p\n", "./session.json": _session_info(device="cpu", name="cpu")}, "session.json", "'cpu'"),
+    ({"./linear.json": json.dumps({"machine_info": {"dynrank": {"device_name": "NVIDIA H200"}},
+                                   "datetime": "2026-11-28T01:02:03", "benchmarks": []})}, "linear.json", "None"),
+])
+def test_numbers_measured_off_the_gpu_are_refused(folder, tmp_path, files, culprit, device):
+    """A session where torch saw no GPU ran on the CPU, and its numbers were filed as a GPU session's
+    (gpu-cpu-intel-...): a suite JSON or session.json recording another device than CUDA is refused by
+    name before anything is folded."""
+    session, results = tmp_path / "session", tmp_path / "results"
+    session.mkdir()
+    _tgz(session / "bench.tgz", files)
+    (session / "tests-cuda.log").write_text("1 passed\n")
+    _tgz(session / "paper.tgz", _run_files("full-seed0", "full", 3, True))
+    with pytest.raises(ValueError, match=re.escape(f"{session / 'bench.tgz'}: {culprit} records the device {device}, "
+                                                   "expected cuda (torch saw no GPU: not a GPU session's numbers); "
+                                                   "nothing was folded")):
+        folder.fold(str(session), str(results), log=lambda _: None)
+    assert list(results.iterdir()) == []
+    machine = {"dynrank": {"device": "cuda:0", "device_name": "NVIDIA H100"}}
+    suite = {"machine_info": machine, "datetime": "2026-11-28T01:02:03", "benchmarks": []}
+    _tgz(session / "bench.tgz", {"./linear.json": json.dumps(suite)})          # a device index is CUDA too
+    folder.fold(str(session), str(results), log=lambda _: None)
+    assert (results / "gpu-h100-2026-11-28" / "linear.json").is_file()
+
 
 def test_a_folder_without_archives_folds_nothing(folder, tmp_path, capsys):
     """An empty or wrong session folder is refused and the committed runs stay as they are (no
