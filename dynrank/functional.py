@@ -627,14 +627,13 @@ def _check_scale(value, name, dtype=None):
     """A finite real number as float (``lowrank_linear``'s scale, ``merge_``'s alpha): a Python or
     numpy number, or a 0-d real tensor (read once, as ``float()`` reads it).  Where ``dtype`` (the
     dtype that applies it) is given and is not float64, at most :data:`FLOAT32_MAX` in magnitude.
-    Traced by ``torch.compile`` too: a 0-d tensor then comes back unread (its value is data), after
-    the check that it needs no gradient."""
+    Traced by ``torch.compile`` too, a 0-d tensor's value read as in eager (a graph break; under
+    ``fullgraph=True`` dynamo refuses the data-dependent read): unread, a NaN tensor alpha was
+    taken as 1 by the compiled ``addmm_``."""
     if isinstance(value, Tensor) and value.requires_grad:
         raise TypeError(f"{name} is read as a number, so a tensor that requires grad would get no gradient; "
                         f"pass a float (or detach it), or scale the output yourself to learn it")
     if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
-        if torch.compiler.is_compiling():
-            return value        # its value is data: read here, it would break the graph (or fail under fullgraph)
         value = value.item()
     value = float(check_real(value, name, "a real number"))
     if not -math.inf < value < math.inf:     # not math.isfinite: torch.compile cannot trace it on a SymFloat

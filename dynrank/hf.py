@@ -20,6 +20,7 @@ import json
 import math
 import numbers
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -464,10 +465,12 @@ class DynamicRankCallback(TrainerCallback):
 
     def _run_end(self, args, state):
         """Where the Trainer's run ends, in the scheduler's unit (0: unknown): its optimizer steps
-        (``unit="step"``), else its epochs."""
+        (``unit="step"``), else its epochs (unknown for data without a length, whose epochs the Trainer
+        counts as ``sys.maxsize``, the run ending at ``max_steps``)."""
         if self.unit == "step":
             return getattr(state, "max_steps", None) or 0
-        return math.ceil(getattr(state, "num_train_epochs", None) or args.num_train_epochs)
+        epochs = getattr(state, "num_train_epochs", None) or args.num_train_epochs
+        return 0 if epochs >= sys.maxsize else math.ceil(epochs)
 
     def _check_length(self, args, state):
         """Refuse a run longer than the schedule's ``epochs=``: its last epochs would stop the Trainer with

@@ -426,10 +426,13 @@ def svd_factors(weight, rank, scale=1.0, fresh=None, dtype=None):
     ``fresh`` it gets the zero-output init instead, A column zero and B column that of ``fresh()``
     (the layer's random (in, rank) B init, called only where a component is zero, so no random
     numbers are drawn otherwise).  The product is the same up to the rounding of ``dtype``, and every
-    component trains.  Zero means at most σ_max times ``dtype``'s eps plus the float64 SVD's own
-    tolerance (``torch.linalg.matrix_rank``'s max(out, in)·eps): the tail of a rank-deficient weight
-    held in float32 lies near 0.1·eps·σ_max.  ``dtype`` is the dtype the weight is held in (default:
-    its own; a layer's kernel upcast for the fit gives the layer's).
+    component trains.  Zero means at most σ_max times ``dtype``'s eps, capped at float32's, plus the
+    float64 SVD's own tolerance (``torch.linalg.matrix_rank``'s max(out, in)·eps): the tail of a
+    rank-deficient weight held in float32 lies near 0.1·eps·σ_max.  The cap keeps a 16-bit weight's
+    real components: bf16's eps is 0.8 % of σ_max, above the spectrum of most of a layer with one
+    dominant direction, and a small component still trains from √σ on each side.  ``dtype`` is the
+    dtype the weight is held in (default: its own; a layer's kernel upcast for the fit gives the
+    layer's).
 
     Returns (A (out, rank), B (in, rank)) in weight's dtype and device.
     """
@@ -439,7 +442,7 @@ def svd_factors(weight, rank, scale=1.0, fresh=None, dtype=None):
     A = (U[:, :rank] * root).to(weight.dtype)
     B = (Vh[:rank].t() * root).to(weight.dtype)
     if fresh is not None and not weight.is_meta:        # meta has no values to test
-        eps = torch.finfo(weight.dtype if dtype is None else dtype).eps
+        eps = min(torch.finfo(weight.dtype if dtype is None else dtype).eps, torch.finfo(torch.float32).eps)
         dead = S <= S[0] * (eps + max(weight.shape) * torch.finfo(torch.float64).eps)
         if dead.any():
             A[:, dead] = 0

@@ -403,6 +403,26 @@ def test_svd_fit_of_a_full_rank_weight_draws_no_random_numbers():
     assert rel_err(2.0 * A @ B.t(), weight) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_svd_fit_of_a_16_bit_weight_keeps_its_small_real_components(dtype):
+    """A 16-bit weight with one dominant direction (σ₁ ≈ 100, the rest ≤ 0.5): with bf16's eps (0.8 % of
+    σ_max) as the floor of zero, 127 of 128 components were taken as zero and their part of the product
+    dropped.  The floor is capped at float32's eps: the fit is the best rank-128 one, to the dtype's rounding."""
+    torch.manual_seed(0)
+    n, rank = 256, 128
+    W = 100.0 * torch.randn(n, 1) @ torch.randn(1, n) / n + torch.randn(n, n) / n ** 0.5 * 0.25
+    dense = nn.Linear(n, n, bias=False, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(W)
+    U, S, Vh = torch.linalg.svd(dense.weight.double())
+    best = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+    layer = FusedLowRankLinear.from_dense(dense, rank=rank)
+    assert bool((layer.A != 0).any(dim=0).all())                             # no component taken as zero
+    tail = best - (U[:, :1] * S[:1]) @ Vh[:1]                                # the product beyond the top one
+    error = (layer.A.double() @ layer.B.double().t() - best).norm() / tail.norm()
+    assert error < 0.1                                                       # dtype's rounding (bf16: 0.08)
+
+
 def test_from_dense_full_rank_and_dense_forms_reproduce_layer():
     dense = nn.Linear(9, 6)
     x = torch.randn(4, 9)

@@ -361,6 +361,24 @@ def test_compiled_calls_refuse_the_scales_eager_refuses(monkeypatch, engine, ful
     assert torch.equal(weight, ops["weight"])          # merge_ wrote nothing
 
 
+@pytest.mark.parametrize("engine", ["torch", "triton"])
+@pytest.mark.parametrize("op, value", [("lowrank_linear", float("inf")), ("merge_", float("nan"))])
+def test_compiled_calls_read_a_tensor_scale_and_refuse_it_as_eager(monkeypatch, engine, op, value):
+    """A 0-d tensor scale or alpha went unread while compiling: an inf scale gave an inf/NaN output and a
+    NaN alpha merged A·Bᵀ with alpha 1, without a word.  It is read (a graph break) and refused."""
+    monkeypatch.setenv("DYNRANK_BACKEND", engine)
+    ops = _operands(True)
+    weight = ops["weight"].clone()
+    if op == "lowrank_linear":
+        call, first, name = (lambda x, s: F.lowrank_linear(x, weight, ops["A"], ops["B"], None, s)), ops["x"], "scale"
+    else:
+        call, first, name = (lambda w, s: F.merge_(w, ops["A"], ops["B"], s)), weight, "alpha"
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=f"{name} must be finite, got {value}"):
+        torch.compile(call, backend="aot_eager")(first, torch.tensor(value))
+    assert torch.equal(weight, ops["weight"])
+
+
 def test_compiled_calls_still_take_a_scale_tensor_without_grad():
     """Compiled (graph breaks allowed), a 0-d tensor scale or alpha that needs no gradient is read as in eager mode."""
     ops = _operands(True)

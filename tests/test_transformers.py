@@ -690,16 +690,18 @@ def test_callback_refuses_bad_setups():
                                                   optimizer=optimizer)
 
 
-def test_callback_switches_where_the_loop_epochs_begin_with_an_iterable_dataset(tmp_path):
+@pytest.mark.parametrize("epochs", [None, 5])
+def test_callback_switches_where_the_loop_epochs_begin_with_an_iterable_dataset(tmp_path, epochs):
     """16 examples a pass, batch 8: epochs begin at global steps 0, 2 and 4 of max_steps=6, where
-    state.epoch (step / max_steps) would say 0, 0.33 and 0.67."""
+    state.epoch (step / max_steps) would say 0, 0.33 and 0.67.  The run's length in epochs is unknown
+    (the Trainer says sys.maxsize): a schedule's epochs= is not held against it."""
     from dynrank.hf import DynamicRankCallback
     at = []
     trainer = None
 
     def log(line):
         at.append((trainer.state.global_step, line))
-    callback = DynamicRankCallback(1, 2, log=log)
+    callback = DynamicRankCallback(1, 2, log=log, **({} if epochs is None else {"epochs": epochs}))
     trainer = _trainer(tmp_path, callback, save="no", data=_TokenStream(16), max_steps=6)
     trainer.train()
     assert at == [(2, "dynrank: epoch 1: 8 layers lowrank → full"),
