@@ -11,6 +11,7 @@ import torch
 
 from ._checks import check_model_and_optimizer, form_layers, unwrap_model
 from ._optim import LINEAR_STATE, SQUARED_STATE
+from .distributed import _retire_when_done
 from .scheduler import DynamicRankScheduler
 
 __all__ = ["training_state", "load_training_state"]
@@ -170,7 +171,10 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
     the layers (forms, parameter objects and values), the optimizer (param
     groups and state) and the scheduler are put back as they were before the
     exception propagates.  For that, loading holds one extra copy of the
-    model's state dict on the host (CPU) while it runs.
+    model's state dict on the host (CPU) while it runs.  A
+    DistributedDataParallel wrapper that the load's switches make stale (see
+    the scheduler's ``model`` argument) is retired only once the whole load
+    has succeeded; after a failed one it trains on as before.
 
     Raises:
         TypeError: ``checkpoint`` (or one of its three parts) is not a dict, or
@@ -229,25 +233,28 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
     snapshot = _Snapshot(module, optimizer, scheduler)
     keys_before = _group_keys(optimizer)
     part = "scheduler"
-    try:
-        scheduler._load_checked(checked)
-        part = "model"
-        module.load_state_dict(checkpoint["model"])
-        part = "optimizer"
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        _check_settings(optimizer, keys_before)
-        _check_state_shapes(optimizer)
-    except (KeyError, IndexError, AttributeError, AssertionError) as e:
-        snapshot.restore()
-        raise ValueError(f"checkpoint[{part!r}] does not fit this {part} ({type(e).__name__}: {e}); "
-                         f"nothing was loaded") from e
-    except ValueError as e:
-        snapshot.restore()
-        if part != "optimizer":
+    # A switch retires the DDP wrapper it makes stale only once everything has loaded: a failed load puts
+    # the parameters back, and the wrapper with them.
+    with _retire_when_done():
+        try:
+            scheduler._load_checked(checked)
+            part = "model"
+            module.load_state_dict(checkpoint["model"])
+            part = "optimizer"
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            _check_settings(optimizer, keys_before)
+            _check_state_shapes(optimizer)
+        except (KeyError, IndexError, AttributeError, AssertionError) as e:
+            snapshot.restore()
+            raise ValueError(f"checkpoint[{part!r}] does not fit this {part} ({type(e).__name__}: {e}); "
+                             f"nothing was loaded") from e
+        except ValueError as e:
+            snapshot.restore()
+            if part != "optimizer":
+                raise
+            raise ValueError(f"checkpoint['optimizer'] does not fit this optimizer ({e}); build the optimizer the "
+                             f"saved run did (its class, over its parameters in its order); nothing was loaded") from e
+        except BaseException:
+            snapshot.restore()
             raise
-        raise ValueError(f"checkpoint['optimizer'] does not fit this optimizer ({e}); build the optimizer the "
-                         f"saved run did (its class, over its parameters in its order); nothing was loaded") from e
-    except BaseException:
-        snapshot.restore()
-        raise
     return {k: v for k, v in checkpoint.items() if k not in parts}

@@ -7,9 +7,12 @@ change the model must be wrapped again.  Two pieces keep every rank identical:
 1. :class:`~dynrank.DynamicRankScheduler` given the DDP-wrapped model (or
    the bare module with ``sync_ranks=True``; without it a bare module in a
    group of several processes is refused, since they may hold different models)
-   broadcasts fresh adapter factors from rank 0 right after each deflate
-   (before any optimizer state is derived from them), so each rank's
-   optimizer holds the same parameters and state.
+   broadcasts its layers' factors from rank 0 once when it is built
+   (:func:`~dynrank.convert_model` draws some from each process's own RNG:
+   the B columns of components of singular value zero, an adapter's B) and
+   fresh adapter factors right after each deflate (before any optimizer state
+   is derived from them), so each rank's optimizer holds the same parameters
+   and state.
 2. :func:`rewrap_ddp` removes the old wrapper's hooks and builds a new
    DistributedDataParallel with the same settings (its construction also
    broadcasts parameters, and buffers unless buffer syncing is off, from rank 0).
@@ -38,20 +41,24 @@ every unit and replicated, average their gradients yourself::
 
     fully_shard(model.blocks[i]...)   # units that hold no dynrank layer
     fully_shard(model, ignored_params=dynrank_params(model))
-    scheduler = DynamicRankScheduler(model, optimizer, I, D, sync_ranks=True)
+    scheduler = DynamicRankScheduler(model, optimizer, I, D, sync_ranks=True)   # factors from rank 0
     for epoch ...:
         scheduler.step(epoch)         # new factors broadcast from rank 0
         loss.backward()
         allreduce_grads(model)        # dynrank layers' gradients averaged
         optimizer.step()
 
-Parameters created by later form changes are not FSDP's, so they stay plain
+The scheduler's construction is what makes the replicated layers equal (nothing
+else broadcasts them), so build it on every rank before any copy of the model
+(an EMA).  Parameters created by later form changes are not FSDP's, so they stay plain
 replicated tensors too.  Sharding the dynrank layers themselves would need
 un-sharding and re-sharding a unit at each change, which FSDP2 does not
 offer; FSDP1 with ``use_orig_params=False`` additionally cannot hold frozen
 W_f and trainable factors in one flat parameter.
 """
 
+import contextlib
+import sys
 import weakref
 
 import torch
@@ -119,9 +126,15 @@ def allreduce_grads(model, group=None):
     """Average the gradients of the model's dynrank layers over ``group`` (no-op without one).
 
     For dynrank layers kept out of FSDP units (see the module docstring): call
-    after ``backward()`` and before ``optimizer.step()``.  Parameters without a
-    gradient (frozen W_f) are skipped.  An explicit ``group`` is checked as in
-    :func:`broadcast_params` (TypeError / RuntimeError instead of a silent no-op).
+    after ``backward()`` and before ``optimizer.step()``.  Every parameter that
+    requires grad takes part, in the same order on every rank, so each rank
+    makes the same collectives: one a rank left without a gradient (a layer its
+    forward did not use, gradients zeroed with ``set_to_none=True``) counts as
+    zero there and gets the average as a new ``.grad``, as under
+    DistributedDataParallel; one no rank has a gradient for keeps ``None``.
+    Parameters that do not require grad (frozen W_f) are skipped.  An explicit
+    ``group`` is checked as in :func:`broadcast_params` (TypeError /
+    RuntimeError instead of a silent no-op).
     """
     import torch.distributed as dist
     if not _active(group, "allreduce_grads"):
@@ -130,10 +143,25 @@ def allreduce_grads(model, group=None):
     if world == 1:
         return
     from ._checks import form_layers
-    grads = [p.grad for _, layer in form_layers(model) for p in layer.parameters() if p.grad is not None]
-    for grad in grads:
-        dist.all_reduce(grad, group=group)
-        grad.div_(world)
+    params, seen = [], set()
+    for _, layer in form_layers(model):
+        for p in layer.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    if not params:
+        return
+    # Which parameters some rank has a gradient for: one small collective, so a parameter every rank left
+    # unused keeps None (an optimizer skips it) instead of stepping on a zero gradient.
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=params[0].device)
+    dist.all_reduce(used, op=dist.ReduceOp.MAX, group=group)
+    for p, anywhere in zip(params, used.tolist()):
+        if not anywhere:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=group)
+        p.grad.div_(world)
 
 
 def _remember_ddp(model):
@@ -146,9 +174,28 @@ def _remember_ddp(model):
         _WRAPPERS[id(chain[-1])] = ddp
 
 
+def _sync_layers(layers, group=None):
+    """Broadcast the factors of ``layers`` ((name, layer) pairs) from the first rank of ``group``: a
+    scheduler with ``sync_ranks`` does it once when built, since :func:`~dynrank.convert_model` draws
+    some factors from each process's own RNG (the B columns of components of singular value zero, an
+    adapter's B) and nothing else broadcasts layers kept out of FSDP.  Factors FSDP shards (DTensors)
+    and ones on the meta device (no values yet) are left alone."""
+    # A DTensor implies its module is loaded: not imported here (a cost for every scheduler with sync_ranks).
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())
+    factors = [f for _, layer in layers for f in layer.factors().values()
+               if not isinstance(f, dtensor) and not f.is_meta]
+    broadcast_params(factors, group=group)
+
+
+# While load_training_state runs: the wrappers its switches make stale, retired only once the whole load has
+# succeeded (a failed one puts the parameters back, so the wrapper stays the module's and keeps its hooks).
+_PENDING = None
+
+
 def _retire_stale(model, why):
     """Retire (:func:`_retire_ddp`) every DistributedDataParallel in ``model``'s wrapper chain and the one
-    the library last saw around the module inside, after ``why`` replaced trainable parameters.
+    the library last saw around the module inside, after ``why`` replaced trainable parameters; inside
+    :func:`_retire_when_done`, once its block has succeeded.
 
     A wrapper built by hand around the module and never passed to dynrank is not known here.
     """
@@ -156,11 +203,40 @@ def _retire_stale(model, why):
     from ._checks import wrapper_chain
     chain = wrapper_chain(model)
     stale = [m for m in chain if isinstance(m, DistributedDataParallel)]
-    known = _WRAPPERS.pop(id(chain[-1]), None)
+    known = _WRAPPERS.get(id(chain[-1]))
     if known is not None and all(known is not s for s in stale):
         stale.append(known)
     for ddp_model in stale:
-        _retire_ddp(ddp_model, why)
+        if _PENDING is not None:
+            _PENDING.append((ddp_model, chain[-1], why))
+        else:
+            _retire_known(ddp_model, chain[-1], why)
+
+
+def _retire_known(ddp_model, module, why):
+    """:func:`_retire_ddp`, and forget ``ddp_model`` as ``module``'s wrapper if it is the one remembered."""
+    if _WRAPPERS.get(id(module)) is ddp_model:
+        del _WRAPPERS[id(module)]
+    _retire_ddp(ddp_model, why)
+
+
+@contextlib.contextmanager
+def _retire_when_done():
+    """Hold back the retirements :func:`_retire_stale` makes in the block: made when it succeeds, dropped
+    when it raises.  The wrappers are the ones stale when the switch ran, so one built meanwhile (a
+    callback's ``rewrap_ddp``) is kept."""
+    global _PENDING
+    outer, _PENDING = _PENDING, []
+    try:
+        yield
+        pending = _PENDING
+    finally:
+        _PENDING = outer
+    for ddp_model, module, why in pending:
+        if outer is not None:
+            outer.append((ddp_model, module, why))
+        else:
+            _retire_known(ddp_model, module, why)
 
 
 def _retire_ddp(ddp_model, why):

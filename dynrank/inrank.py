@@ -35,7 +35,7 @@ from ._checks import (call_back, check_copy, check_editable_optimizer, check_fin
 from ._forms import outside_inference_mode
 from ._optim import SQUARED_STATE, _split_state, manage, replace_params
 from .conv import LowRankConv2d
-from .distributed import _remember_ddp, _retire_stale
+from .distributed import _remember_ddp, _retire_stale, _sync_layers
 from .linear import FusedLowRankLinear, svd_factors
 from .metrics import _check_not_meta
 from .spectra import _as_sigma
@@ -336,11 +336,13 @@ class IncrementalRankScheduler:
         check_every: steps between checks (InRank: 25).
         max_rank: int cap on the trained components (default and upper bound min(in, out));
             a layer above it is truncated to it at construction, also with ``init_rank=None``.
-        sync_ranks, process_group: broadcast new components from rank 0 under
-            data parallelism: True/False (default None: when ``model`` is a
-            DistributedDataParallel; a bare module in a group of several processes
-            must say which) and a ``torch.distributed.ProcessGroup`` or None, as for
-            :class:`~dynrank.DynamicRankScheduler`.
+        sync_ranks, process_group: broadcast the layers' factors from rank 0
+            here and new components at each growth under data parallelism:
+            True/False (default None: when ``model`` is a DistributedDataParallel;
+            a bare module in a group of several processes must say which) and a
+            ``torch.distributed.ProcessGroup`` or None, as for
+            :class:`~dynrank.DynamicRankScheduler`.  Every rank must build the
+            scheduler and call :meth:`step`.
 
     Raises:
         TypeError: a non-module model, a non-optimizer, an ``init_rank``, ``buffer``,
@@ -422,6 +424,10 @@ class IncrementalRankScheduler:
         check_switchable(self._layers)          # every managed layer: its factors get replaced
         check_finite([(n, m) for n, m in self._layers if targets.get(n, m.rank) < m.rank],
                      "not resizing any layer to its starting rank")
+        if self.sync_ranks:
+            # convert_model drew some factors from each process's own RNG; a resize below syncs its own.
+            _sync_layers([(n, m) for n, m in self._layers if targets.get(n, m.rank) == m.rank],
+                         group=self.process_group)
         for name, layer in self._layers:
             if name in targets:
                 self._resize(layer, targets[name])

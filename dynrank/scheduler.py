@@ -38,7 +38,7 @@ from ._checks import (call_back, check_copy, check_finite, check_layer_names, ch
 from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
 from ._optim import (clear_state, drop_frozen_adapter_params, manage, params_before, pullback_state,
                      pushforward_state, replace_params, switched_params)
-from .distributed import _remember_ddp, _retire_stale
+from .distributed import _remember_ddp, _retire_stale, _sync_layers
 
 __all__ = ["DynamicRankScheduler", "OPTIMIZER_STATES", "form_layers", "check_deflate_rank_value"]
 
@@ -245,12 +245,15 @@ class DynamicRankScheduler:
         unit: ``"epoch"`` or ``"step"``: what I, D and :meth:`step`'s argument count.
         epochs: optional total number of epochs (steps); I and D must lie in
             [0, epochs] and :meth:`step` rejects later epochs.
-        sync_ranks: True/False: broadcast fresh adapter factors from rank 0 after a deflate
-            so all data-parallel ranks stay identical; default (None): True when ``model``
-            is a DistributedDataParallel (or the module inside the one ``rewrap_ddp``
+        sync_ranks: True/False: broadcast the layers' factors from rank 0 once here
+            (:func:`~dynrank.convert_model` draws some from each process's own RNG,
+            and under FSDP2 nothing else broadcasts the layers kept out of it) and
+            fresh adapter factors after each deflate, so all data-parallel ranks stay
+            identical; default (None): True when ``model`` is a
+            DistributedDataParallel (or the module inside the one ``rewrap_ddp``
             last built), False without a group of several processes; a bare module in
             such a group must say which (ValueError: replicas, or different models).
-            Every rank must call :meth:`step`.
+            Every rank must build the scheduler and call :meth:`step`.
         process_group: a ``torch.distributed.ProcessGroup`` for that broadcast,
             or None (the DDP wrapper's, or WORLD).
 
@@ -299,6 +302,8 @@ class DynamicRankScheduler:
         check_trains_layers(optimizer, self._layers, self.model)
         check_untied(self.model, self._layers, type(self).__name__)
         _remember_ddp(model)
+        if self.sync_ranks:
+            _sync_layers(self._layers, group=self.process_group)
         dropped = [name for name, layer in self._layers if drop_frozen_adapter_params(optimizer, layer)]
         if dropped:
             warnings.warn(f"layers {', '.join(map(repr, dropped))} are frozen adapters (no parameter but the bias "

@@ -301,8 +301,93 @@ def _inrank_adapter_run(rank):
     return {"model": full_state(model)}
 
 
+class Experts(nn.Module):
+    """Three dynrank experts of one shape and a dense head; ``use`` names the experts a batch is routed to."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(D_IN, 16) for _ in range(3))
+        self.head = nn.Linear(16, D_OUT)
+
+    def forward(self, x, use):
+        return self.head(sum(self.experts[i](x) for i in use))
+
+
+ROUTES = ([0, 1], [1])       # per rank: expert 0 unused on rank 1, expert 2 on both
+
+
+def build_experts():
+    torch.manual_seed(0)
+    model = Experts().double()
+    convert_model(model, rank_ratio=0.5)
+    return model
+
+
+def expert_batch(rank):
+    return torch.randn(4, D_IN, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+
+
+def expert_grads(model):
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+            if n.startswith("experts.")}
+
+
+def _experts_run(rank):
+    """allreduce_grads with an expert that one rank's batch never reached (its gradient None there)."""
+    model = build_experts()
+    model.zero_grad(set_to_none=True)
+    model(expert_batch(rank), ROUTES[rank]).square().mean().backward()
+    local = expert_grads(model)
+    allreduce_grads(model)
+    return {"local": local, "averaged": expert_grads(model)}
+
+
+def pretrained_mlp():
+    """The same weights on every process, one of rank 2 (its fit has components of singular value zero)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, D_OUT))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model[2].weight.copy_(torch.randn(32, 2, generator=g) @ torch.randn(2, 32, generator=g) / 8)
+    return model
+
+
+def _seeded_run(rank):
+    """convert_model after a per-process seed (dropout, augmentation), then the FSDP2 recipe; and InRank
+    over adapters it does not resize.  The schedulers' construction must make the replicas equal."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    model = pretrained_mlp()
+    torch.manual_seed(1000 + rank)
+    convert_model(model, rank_ratio=0.25)
+    converted = full_state(model)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(model[4], mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params=dynrank_params(model))
+    DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), INFLATE, DEFLATE, sync_ranks=True)
+    with torch.no_grad():
+        out = model(torch.ones(2, D_IN))
+    sharded = pretrained_mlp()          # dynrank layers sharded too (not the recipe): their DTensors are left alone
+    convert_model(sharded, rank_ratio=0.25)
+    fully_shard(sharded, mesh=mesh)
+    DynamicRankScheduler(sharded, torch.optim.SGD(sharded.parameters(), lr=0.1), INFLATE, DEFLATE, sync_ranks=True)
+    adapters = pretrained_mlp()
+    torch.manual_seed(1000 + rank)
+    convert_model(adapters, rank_ratio=0.25, form="adapter")
+    adapters_converted = full_state(adapters)
+    ranks = {name: m.rank for name, m in adapters.named_modules() if hasattr(m, "factors") and m.form == "adapter"}
+    IncrementalRankScheduler(adapters, torch.optim.SGD(adapters.parameters(), lr=0.1), init_rank=ranks["0"] - 1,
+                             buffer=1, max_rank=ranks["0"], sync_ranks=True)
+    return {"converted": converted, "model": full_state(model), "out": out, "ranks": ranks,
+            "sharded_factor": type(sharded[0].A).__name__,
+            "adapters_converted": adapters_converted, "adapters": full_state(adapters),
+            "adapter_ranks": {name: m.rank for name, m in adapters.named_modules()
+                              if hasattr(m, "factors") and m.form == "adapter"}}
+
+
 RUNS = {"ddp": _ddp_run, "fsdp": _fsdp_run, "buckets": _buckets_run, "inrank": _inrank_run, "bare": _bare_run,
-        "buffers": _buffers_run, "inrank_adapter": _inrank_adapter_run}
+        "buffers": _buffers_run, "inrank_adapter": _inrank_adapter_run, "seeded": _seeded_run,
+        "experts": _experts_run}
 
 
 def _worker(rank, init_file, out_dir):
@@ -380,6 +465,44 @@ def test_gradients_in_ddp_buckets_and_param_groups_after_each_rewrap(two_ranks):
                                                                    if g is None}
     assert_states_match([{n: g for n, g in r["grads"].items() if g is not None} for r in ranks],
                         {n: g for n, g in reference["grads"].items() if g is not None}, "grads")
+
+
+def test_allreduce_grads_counts_a_gradient_a_rank_lacks_as_zero(two_ranks):
+    """Each rank all-reduced the gradients it had, paired by position: with an expert unused on rank 1 the
+    ranks made different numbers of collectives (a hang, or one expert's gradient averaged with another's)."""
+    model = build_experts()
+    reference = {}
+    for rank, use in enumerate(ROUTES):
+        model.zero_grad(set_to_none=True)
+        model(expert_batch(rank), use).square().mean().backward()
+        for name, grad in expert_grads(model).items():
+            if grad is not None:
+                reference[name] = reference.get(name, 0) + grad / WORLD
+    ranks = two_ranks["experts"]
+    assert ranks[1]["local"]["experts.0.A"] is None and ranks[0]["local"]["experts.0.A"] is not None
+    assert {n for n, g in ranks[0]["local"].items() if g is not None} == set(reference)
+    for r in ranks:
+        assert r["averaged"]["experts.2.A"] is None           # unused on every rank: no gradient, as under DDP
+        assert {n for n, g in r["averaged"].items() if g is not None} == set(reference)
+        for name, grad in reference.items():
+            assert grad.abs().max() > 0, name
+            assert rel_err(r["averaged"][name], grad) < 1e-12, name
+    assert not torch.equal(ranks[0]["local"]["experts.1.A"], ranks[1]["local"]["experts.1.A"])
+
+
+def test_schedulers_with_sync_ranks_make_the_converted_layers_equal_at_construction(two_ranks):
+    """convert_model draws B columns for components of singular value zero (and an adapter's B) from each
+    process's RNG; under the FSDP2 recipe nothing broadcast them, and the replicas trained apart."""
+    ranks = two_ranks["seeded"]
+    assert not torch.equal(ranks[0]["converted"]["2.B"], ranks[1]["converted"]["2.B"])   # drawn per process
+    assert not torch.equal(ranks[0]["adapters_converted"]["0.B"], ranks[1]["adapters_converted"]["0.B"])
+    assert ranks[0]["adapter_ranks"] == {"0": ranks[0]["ranks"]["0"], "2": ranks[0]["ranks"]["0"]}  # "0" kept
+    for key in ("model", "adapters"):
+        for name in ranks[0][key]:
+            assert torch.equal(ranks[0][key][name], ranks[1][key][name]), (key, name)
+    assert torch.equal(ranks[0]["model"]["2.B"], ranks[0]["converted"]["2.B"])      # rank 0's values
+    assert torch.equal(ranks[0]["out"], ranks[1]["out"])
+    assert ranks[0]["sharded_factor"] == "DTensor"        # a sharded layer's scheduler was built, nothing broadcast
 
 
 def test_inrank_construction_syncs_the_components_it_draws(two_ranks):
@@ -744,3 +867,78 @@ def test_a_compiled_ddp_model_is_named_and_retired_as_its_ddp(one_rank):
     with pytest.raises(TypeError, match=r"torch.compile's wrapper of one: .*rewrap_ddp\(model._orig_mod\)"):
         rewrap_ddp(compiled)
     _one_step(rewrap_ddp(compiled._orig_mod), opt, torch.randn(4, D_IN))
+
+
+class _HoldingOptimizer(torch.optim.Optimizer):
+    """A wrapper as Accelerate's AcceleratedOptimizer: a torch Optimizer that holds the one it steps as
+    ``.optimizer`` and shows its groups and state."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    param_groups = property(lambda self: self.optimizer.param_groups)
+    state = property(lambda self: self.optimizer.state)
+    defaults = property(lambda self: self.optimizer.defaults)
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")   # importing torch.distributed.optim
+def test_a_zero_redundancy_optimizer_inside_a_wrapper_is_refused(one_rank):
+    """Only the optimizer given was tested: AcceleratedOptimizer(ZeroRedundancyOptimizer(...)) was taken, and
+    the parameters a switch added were never stepped (they are not in ZeRO's partition)."""
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    from torch.distributed.optim import PostLocalSGDOptimizer, ZeroRedundancyOptimizer
+    model = build(seed=0)
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1)
+    local_sgd = PostLocalSGDOptimizer(zero, PeriodicModelAverager(period=2))        # holds it as .optim
+    A = model[0].A
+    for wrapped in (_HoldingOptimizer(zero), local_sgd, _HoldingOptimizer(local_sgd)):
+        for make in (lambda opt: DynamicRankScheduler(model, opt, INFLATE, DEFLATE),
+                     lambda opt: IncrementalRankScheduler(model, opt, **INRANK)):
+            with pytest.raises(TypeError, match=rf"optimizer is a ZeroRedundancyOptimizer \(held by the "
+                                                rf"{type(wrapped).__name__} given\), which dynrank cannot follow"):
+                make(wrapped)
+    assert model[0].A is A and model[0].form == "lowrank"
+    plain = _HoldingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))    # a plain one inside is taken
+    DynamicRankScheduler(model, plain, INFLATE, DEFLATE)
+
+
+def test_a_refused_load_leaves_the_ddp_wrapper_training(one_rank):
+    """A load whose optimizer part was refused put the layers back ("nothing was loaded"), but the switches it
+    ran had retired the DDP wrapper for good: it refused to run, and the library forgot it was the module's."""
+    from dynrank.checkpoint import load_training_state, training_state
+    x = torch.randn(4, D_IN)
+
+    def run(kind, **settings):
+        model = build(seed=0)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if kind == "dynamic":
+            return model, ddp, opt, DynamicRankScheduler(ddp, opt, INFLATE, DEFLATE)
+        scheduler = IncrementalRankScheduler(ddp, opt, **{**INRANK, **settings})
+        return model, rewrap_ddp(ddp), opt, scheduler     # construction resized the layers
+
+    for kind, saved_settings, settings in (("dynamic", {}, {}), ("inrank", {"buffer": 3}, {"buffer": 2})):
+        model, ddp, opt, sched = run(kind, **saved_settings)
+        if kind == "dynamic":
+            sched.step(INFLATE)
+            ddp = rewrap_ddp(ddp)
+        _one_step(ddp, opt, x)
+        saved = training_state(ddp, opt, sched)
+        wrong = {**saved, "optimizer": torch.optim.AdamW(model.parameters()).state_dict()}
+        model, ddp, opt, sched = run(kind, **settings)
+        before = ddp(x)
+        layout = [(m.form, m.rank) for m in (model[0], model[2])]
+        with pytest.raises(ValueError, match="nothing was loaded"):
+            load_training_state(wrong, ddp, opt, sched)
+        assert [(m.form, m.rank) for m in (model[0], model[2])] == layout, kind
+        assert torch.equal(ddp(x), before), kind
+        assert DynamicRankScheduler(model, opt, INFLATE, DEFLATE).sync_ranks, kind    # still the module's wrapper
+        model, ddp, opt, sched = run(kind, **settings)
+        load_training_state(saved, ddp, opt, sched)              # a load that succeeds retires it
+        assert [(m.form, m.rank) for m in (model[0], model[2])] != layout, kind
+        with pytest.raises(RuntimeError, match="rewrap_ddp"):
+            ddp(x)
+        _one_step(rewrap_ddp(ddp), opt, x)
