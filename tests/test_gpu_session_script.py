@@ -127,6 +127,15 @@ def test_a_560_s_call_keeps_the_native_tests_time_and_packs_its_own_files(tmp_pa
                "'1 failed in 1.00s')" in note for note in notes), notes
 
 
+def test_bench_all_keeps_the_native_tests_time_too(tmp_path):
+    """With BENCH_ALL=1 the engine diagnosis ran its 60 s past the bench's end, leaving the tests 280 s of
+    the 320 kept for them."""
+    process, out, res, calls = _session(tmp_path, 560, BENCH_ALL="1")
+    assert process.returncode == 0, process.stdout + process.stderr
+    given = [int(t) for t in re.findall(r"native tests \(≤ (\d+)s\)", process.stdout)]
+    assert given and given[0] >= 320, process.stdout
+
+
 def test_setup_stops_where_torch_sees_no_gpu(tmp_path):
     """The call went on with torch on the CPU (setup printed "device cpu") and its numbers were folded as
     a GPU session's.  Runs setup's own check, with the GPU hidden from torch."""
