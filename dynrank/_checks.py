@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._forms import FormLayer
-from ._optim import _inner, optimizer_params
+from ._optim import optimizer_chain, optimizer_params
 
 __all__ = ["unwrap_model", "form_layers", "check_model_and_optimizer", "check_sync", "check_layer_names",
            "check_same_layers", "check_finite", "check_one_group", "check_trains_layers", "copy_layers",
@@ -73,7 +73,7 @@ def check_editable_optimizer(optimizer):
     zero = _zero_redundancy_optimizer()
     if zero is None:
         return
-    held = next((o for o in _wrapped_optimizers(optimizer) if isinstance(o, zero)), None)
+    held = next((o for o in optimizer_chain(optimizer) if isinstance(o, zero)), None)
     if held is not None:
         inside = "" if held is optimizer else f" (held by the {type(optimizer).__name__} given)"
         raise TypeError(f"optimizer is a ZeroRedundancyOptimizer{inside}, which dynrank cannot follow: it "
@@ -81,19 +81,6 @@ def check_editable_optimizer(optimizer):
                         "own, so the parameters a form switch adds would never be stepped. Use a plain torch "
                         "optimizer (under DDP, or FSDP2 with the dynrank layers left out of the sharding: "
                         "README, Distributed)")
-
-
-def _wrapped_optimizers(optimizer):
-    """``optimizer`` and each torch optimizer inside it, outermost first: through ``.optimizer``
-    (:func:`~dynrank._optim._inner`) and ``.optim`` (torch's ``PostLocalSGDOptimizer``)."""
-    chain = [optimizer]
-    while True:
-        inner = _inner(chain[-1])
-        if inner is chain[-1]:
-            inner = getattr(inner, "optim", None)
-        if not isinstance(inner, torch.optim.Optimizer) or any(inner is o for o in chain):
-            return chain
-        chain.append(inner)
 
 
 def _zero_redundancy_optimizer():

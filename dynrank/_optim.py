@@ -44,7 +44,7 @@ import torch
 
 __all__ = ["replace_params", "optimizer_params", "pushforward_state", "pullback_state",
            "LINEAR_STATE", "SQUARED_STATE", "manage", "drop_frozen_adapter_params", "params_before",
-           "switched_params", "follow_load", "follow_unconvert", "clear_state"]
+           "switched_params", "follow_load", "follow_unconvert", "clear_state", "optimizer_chain"]
 
 LINEAR_STATE = frozenset({"momentum_buffer", "exp_avg", "grad_avg"})
 SQUARED_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -308,12 +308,23 @@ class _Refusal:
         raise RuntimeError(self.message)
 
 
+def optimizer_chain(optimizer):
+    """``optimizer`` and each torch optimizer inside it, outermost first: a wrapper holds the one it steps
+    as ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``, which the Trainer hands its callbacks) or
+    ``.optim`` (torch's ``PostLocalSGDOptimizer``; a ``ZeroRedundancyOptimizer``'s local one)."""
+    chain = [optimizer]
+    while True:
+        inner = next((held for held in (getattr(chain[-1], name, None) for name in ("optimizer", "optim"))
+                      if isinstance(held, torch.optim.Optimizer)), None)
+        if inner is None or any(inner is o for o in chain):
+            return chain
+        chain.append(inner)
+
+
 def _inner(optimizer):
-    """The torch optimizer a wrapper holds (Accelerate's ``AcceleratedOptimizer``, which the Trainer hands
-    its callbacks, keeps it as ``.optimizer``): the one whose class says how it steps."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
+    """The innermost torch optimizer of ``optimizer`` (:func:`optimizer_chain`): the one whose class says
+    how it steps."""
+    return optimizer_chain(optimizer)[-1]
 
 
 def _forget_history(optimizer):

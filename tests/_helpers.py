@@ -91,3 +91,24 @@ def assert_grad_write_refused_then_merged(op, merge, weight, expected):
     with torch.no_grad():
         assert merge() is weight
     assert rel_err(weight, expected) < REL_TOL[torch.float32]
+
+
+def holding_optimizer(inner, attribute="optimizer"):
+    """A torch Optimizer that holds ``inner``, the one it steps, as ``attribute`` and shows its groups and
+    state: ``"optimizer"`` as Accelerate's AcceleratedOptimizer, ``"optim"`` as torch's PostLocalSGDOptimizer."""
+
+    class Holding(torch.optim.Optimizer):
+        def __init__(self):
+            setattr(self, attribute, inner)
+
+        param_groups = property(lambda self: inner.param_groups)
+        state = property(lambda self: inner.state)
+        defaults = property(lambda self: inner.defaults)
+
+        def step(self, closure=None):
+            return inner.step(closure)
+
+        def zero_grad(self, set_to_none=True):
+            inner.zero_grad(set_to_none)
+
+    return Holding()

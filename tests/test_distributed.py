@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from _helpers import rel_err
+from _helpers import holding_optimizer, rel_err
 from dynrank.convert import convert_model
 from dynrank.distributed import allreduce_grads, broadcast_params, dynrank_params, rewrap_ddp
 from dynrank.inrank import IncrementalRankScheduler
@@ -869,21 +869,6 @@ def test_a_compiled_ddp_model_is_named_and_retired_as_its_ddp(one_rank):
     _one_step(rewrap_ddp(compiled._orig_mod), opt, torch.randn(4, D_IN))
 
 
-class _HoldingOptimizer(torch.optim.Optimizer):
-    """A wrapper as Accelerate's AcceleratedOptimizer: a torch Optimizer that holds the one it steps as
-    ``.optimizer`` and shows its groups and state."""
-
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-
-    param_groups = property(lambda self: self.optimizer.param_groups)
-    state = property(lambda self: self.optimizer.state)
-    defaults = property(lambda self: self.optimizer.defaults)
-
-    def step(self, closure=None):
-        return self.optimizer.step(closure)
-
-
 @pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")   # importing torch.distributed.optim
 def test_a_zero_redundancy_optimizer_inside_a_wrapper_is_refused(one_rank):
     """Only the optimizer given was tested: AcceleratedOptimizer(ZeroRedundancyOptimizer(...)) was taken, and
@@ -894,14 +879,14 @@ def test_a_zero_redundancy_optimizer_inside_a_wrapper_is_refused(one_rank):
     zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1)
     local_sgd = PostLocalSGDOptimizer(zero, PeriodicModelAverager(period=2))        # holds it as .optim
     A = model[0].A
-    for wrapped in (_HoldingOptimizer(zero), local_sgd, _HoldingOptimizer(local_sgd)):
+    for wrapped in (holding_optimizer(zero), local_sgd, holding_optimizer(local_sgd)):
         for make in (lambda opt: DynamicRankScheduler(model, opt, INFLATE, DEFLATE),
                      lambda opt: IncrementalRankScheduler(model, opt, **INRANK)):
             with pytest.raises(TypeError, match=rf"optimizer is a ZeroRedundancyOptimizer \(held by the "
                                                 rf"{type(wrapped).__name__} given\), which dynrank cannot follow"):
                 make(wrapped)
     assert model[0].A is A and model[0].form == "lowrank"
-    plain = _HoldingOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))    # a plain one inside is taken
+    plain = holding_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))    # a plain one inside is taken
     DynamicRankScheduler(model, plain, INFLATE, DEFLATE)
 
 

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from torch.optim import lr_scheduler as L
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from _helpers import rel_err
+from _helpers import holding_optimizer, rel_err
 from _scheduling import (amp_step, check_unscaled_gradients, data, decay_groups, ema_reference_update, held,
                          lbfgs_step, mlp, resume_whole_run, same_set, scaled_backward, scaler_step, sgd_step,
                          train_steps, trainable, whole_setup)
@@ -146,6 +146,22 @@ def test_fused_sgd_zero_buffer_steps_as_the_missing_one():
     for k, f in factors.items():
         assert grads[k].abs().max() > 0
         assert rel_err(f.detach(), before[k] - 0.1 * grads[k]) < 1e-12
+
+
+def test_fused_sgd_held_as_optim_steps_as_the_bare_one_through_switches():
+    # Form changes saw through .optimizer wrappers only: inside a .optim one, the fused SGD's new factors got no
+    # zero momentum buffer beside the trained parameters' and its next step failed.
+    x, y = data(torch.float64)
+    runs = []
+    for wrap in (False, True):
+        model = mlp().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+        sched = DynamicRankScheduler(model, holding_optimizer(opt, "optim") if wrap else opt, 1, 2, deflate_init="zeros")
+        for epoch in range(3):
+            sched.step(epoch)
+            sgd_step(model, sched.optimizer, x, y)
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
 def _tucker_net():
