@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._checks import check_model_and_optimizer, form_layers, unwrap_model
+from ._checks import call_back, check_model_and_optimizer, form_layers, unwrap_model
 from ._optim import LINEAR_STATE, SQUARED_STATE
 from .distributed import _retire_when_done
 from .scheduler import DynamicRankScheduler
@@ -237,7 +237,7 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
     # the parameters back, and the wrapper with them.
     with _retire_when_done():
         try:
-            scheduler._load_checked(checked)
+            event = scheduler._load_checked(checked, notify=False)
             part = "model"
             module.load_state_dict(checkpoint["model"])
             part = "optimizer"
@@ -257,4 +257,7 @@ def load_training_state(checkpoint, model, optimizer, scheduler):
         except BaseException:
             snapshot.restore()
             raise
+    if event:
+        # Once all has loaded: a callback reads the loaded weights, and an error of its own is its own.
+        call_back(scheduler._callbacks, event)
     return {k: v for k, v in checkpoint.items() if k not in parts}

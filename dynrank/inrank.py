@@ -458,14 +458,15 @@ class IncrementalRankScheduler:
         count and the resizes the load made (a rank may go down there).  It is
         no growth (the saved run had it; a :class:`~dynrank.RankMonitor`
         records none), but the layers hold new A and B, on which a callback
-        registers its tensor hooks again.  It comes before the model's and the
-        optimizer's values are loaded: read no weight there.
+        registers its tensor hooks again.  From :meth:`load_state_dict` it
+        comes before the model's and the optimizer's values are loaded (read no
+        weight there); from ``load_training_state``, once all three parts have.
 
         Callbacks run in the order added; one that raises does not keep the
         later ones from the event, and :meth:`step` or :meth:`load_state_dict`
         raises the first error once they have all run, its resizes done
-        (:func:`~dynrank.checkpoint.load_training_state` then puts everything
-        back, as for any part that fails).
+        (as does :func:`~dynrank.checkpoint.load_training_state`, the whole
+        checkpoint loaded).
         """
         if not callable(fn):
             raise TypeError(f"callback must be callable, got {type(fn).__name__}")
@@ -713,8 +714,10 @@ class IncrementalRankScheduler:
         """
         self._load_checked(self._checked_state(state_dict))
 
-    def _load_checked(self, settings):
-        """Apply what :meth:`_checked_state` returned; a layer to shrink must still be finite."""
+    def _load_checked(self, settings, notify=True):
+        """Apply what :meth:`_checked_state` returned; a layer to shrink must still be finite.  Returns the
+        loaded event (None where no rank changed), which the callbacks get now or, ``notify=False``, from
+        the caller (:func:`~dynrank.checkpoint.load_training_state`, once everything has loaded)."""
         ranks = settings["ranks"]
         check_switchable([(n, m) for n, m in self._layers if ranks[n] != m.rank])
         check_finite([(n, m) for n, m in self._layers if ranks[n] < m.rank], "not loading any rank")
@@ -725,9 +728,11 @@ class IncrementalRankScheduler:
         del settings["ranks"]
         for key, value in settings.items():
             setattr(self, key, value)
-        if resized:
-            # The layers have new A and B: hooks registered on them in a callback must be registered again.
-            call_back(self._callbacks, self._event(resized, loaded=True))
+        # The layers have new A and B: hooks registered on them in a callback must be registered again.
+        event = self._event(resized, loaded=True) if resized else None
+        if event and notify:
+            call_back(self._callbacks, event)
+        return event
 
     def _event(self, rank_changes, loaded=False):
         """What the callbacks get (see :meth:`add_callback`)."""

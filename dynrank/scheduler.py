@@ -393,17 +393,18 @@ class DynamicRankScheduler:
         epoch (None if the saved run had not stepped) and the changes the load
         made.  It is no switch of the schedule (the saved run had that one; a
         :class:`~dynrank.RankMonitor` records none), but the layers hold new
-        parameters, on which a callback registers its tensor hooks again.  It
-        comes before the model's and the optimizer's values are loaded: read
-        no weight there.  A model loaded on its own (``model.load_state_dict``
+        parameters, on which a callback registers its tensor hooks again.
+        From :meth:`load_state_dict` it comes before the model's and the
+        optimizer's values are loaded (read no weight there); from
+        ``load_training_state``, once all three parts have.  A model loaded on its own (``model.load_state_dict``
         without the scheduler) replaces parameters with no event; register
         such hooks after loading it.
 
         Callbacks run in the order added; one that raises does not keep the
         later ones from the event, and :meth:`step` or :meth:`load_state_dict`
         raises the first error once they have all run, its switches done
-        (:func:`~dynrank.checkpoint.load_training_state` then puts everything
-        back, as for any part that fails).
+        (as does :func:`~dynrank.checkpoint.load_training_state`, the whole
+        checkpoint loaded).
         """
         if not callable(fn):
             raise TypeError(f"callback must be callable, got {type(fn).__name__}")
@@ -754,8 +755,10 @@ class DynamicRankScheduler:
         """
         self._load_checked(self._checked_state(state_dict))
 
-    def _load_checked(self, checked):
-        """Apply what :meth:`_checked_state` returned (nothing left to check)."""
+    def _load_checked(self, checked, notify=True):
+        """Apply what :meth:`_checked_state` returned (nothing left to check); returns the loaded event (None
+        where no form changed), which the callbacks get now, or, ``notify=False``, from the caller
+        (:func:`~dynrank.checkpoint.load_training_state`, once everything has loaded)."""
         settings, forms, ranks = checked
         last_epoch = settings.pop("last_epoch")
         for key, value in settings.items():
@@ -764,9 +767,11 @@ class DynamicRankScheduler:
         with fork_layer_rngs(self._layers):
             changes = self._bring_to(forms, carry=False, ranks=ranks, init="zeros")
         self.last_epoch = last_epoch
-        if changes:
-            # The layers have new parameters: hooks registered on them in a callback must be registered again.
-            call_back(self._callbacks, self._event(last_epoch, changes, loaded=True))
+        # The layers have new parameters: hooks registered on them in a callback must be registered again.
+        event = self._event(last_epoch, changes, loaded=True) if changes else None
+        if event and notify:
+            call_back(self._callbacks, event)
+        return event
 
     def _event(self, epoch, changes, loaded=False):
         """What the callbacks get (see :meth:`add_callback`)."""

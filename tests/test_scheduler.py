@@ -1061,6 +1061,27 @@ def test_a_load_that_changes_nothing_calls_no_callback_and_a_failing_one_leaves_
     assert same_set(held(fresh_opt), trainable(fresh))
 
 
+def test_load_training_state_calls_back_once_everything_has_loaded():
+    """The callbacks ran inside the scheduler's part of load_training_state: they saw the weights before the
+    model's values loaded, and a KeyError of a callback's own was reported as "checkpoint['scheduler'] does
+    not fit" and the whole load undone.  They now run once the checkpoint has loaded."""
+    model, opt, sched, _ = _clipped_run()
+    sched.step(1)
+    ckpt = copy.deepcopy(training_state(model, opt, sched))
+    fresh, fresh_opt, fresh_sched, events = _clipped_run(seed=1)
+    seen = []
+
+    def reads_weights(event):
+        seen.append(torch.equal(fresh[0].weight, ckpt["model"]["0.weight"]))
+        raise KeyError("a key of the callback's own")
+    fresh_sched.add_callback(reads_weights)
+    with pytest.raises(KeyError, match="a key of the callback's own"):
+        load_training_state(ckpt, fresh, fresh_opt, fresh_sched)
+    assert seen == [True] and len(events) == 1 and events[0]["loaded"]
+    assert fresh[0].form == "full" and fresh_sched.last_epoch == 1                 # the load stays done
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in fresh.state_dict().items())
+
+
 # -- plain values in the state dict ----------------------------------------------------------------
 @pytest.mark.parametrize("deflate_rank, plain", [(np.int64(2), 2), (np.float64(0.5), 0.5),
                                                  ({"0": np.int64(3), "2": np.float32(0.5)}, {"0": 3, "2": 0.5})])
