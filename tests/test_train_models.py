@@ -210,6 +210,10 @@ def test_gpt_default_size_is_unchanged_by_dropout():
     (lambda: resnet20(width=float("nan")), ValueError, r"^width must be a finite number > 0 .*, got nan$"),
     (lambda: build_model("wrn28-10", width=float("inf")), ValueError, r"^width must be .*, got inf$"),
     (lambda: build_model("resnet50", width="0.5"), TypeError, r"^width must be .*, got str \('0\.5'\)$"),
+    # torch's "Trying to create tensor with negative dimension -1", or a classifier of no outputs.
+    (lambda: resnet20(num_classes=-1), ValueError, r"^num_classes must be a positive int, got -1$"),
+    (lambda: build_model("wrn28-10", num_classes=0), ValueError, r"^num_classes must be a positive int, got 0$"),
+    (lambda: build_model("resnet50", num_classes=2.5), TypeError, r"^num_classes must be a positive int, got float"),
 ])
 def test_impossible_sizes_are_refused(build, error, message):
     with torch.device("meta"):

@@ -98,6 +98,7 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth=20, num_classes=10, width=1.0):
         super().__init__()
+        check_int(num_classes, "num_classes", "a positive int", 1)
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth must be 6n + 2 with n ≥ 1, got {depth}")
         blocks = (depth - 2) // 6
@@ -161,6 +162,7 @@ class WideResNet(nn.Module):
 
     def __init__(self, depth=28, widen=10, num_classes=100, dropout=0.3, width=1.0):
         super().__init__()
+        check_int(num_classes, "num_classes", "a positive int", 1)
         if (depth - 4) % 6 != 0 or depth < 10:
             raise ValueError(f"depth must be 6n + 4 with n ≥ 1, got {depth}")
         blocks = (depth - 4) // 6
@@ -230,6 +232,7 @@ class ResNet50(nn.Module):
 
     def __init__(self, num_classes=200, width=1.0):
         super().__init__()
+        check_int(num_classes, "num_classes", "a positive int", 1)
         stem = _scaled(64, width)
         self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
