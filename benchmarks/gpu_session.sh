@@ -78,10 +78,15 @@ decode_cifar() {   # once per machine: every run then loads the decoded tensors
     python3 -c "from dynrank.train.data import load_vision; load_vision('cifar10', '$DATA', cache_dir='$CACHE')"
 }
 
+step_seconds() {   # step_seconds CAP: the seconds a bench step may run (CAP, or up to the bench's end); fails under 15
+    local t; t=$(min "$1" $((BENCH_END - $(date +%s))))
+    echo "$t"
+    [ "$t" -ge 15 ]
+}
+
 suite() {   # suite NAME CAP_SECONDS PYTEST_ARGS...: one benchmark file, inside the bench phase's time
     local name=$1 cap=$2; shift 2
-    local t; t=$(min "$cap" $((BENCH_END - $(date +%s))))
-    [ "$t" -lt 15 ] && { say "skip $name (no time left)"; return; }
+    local t; t=$(step_seconds "$cap") || { say "skip $name (no time left)"; return; }
     say "$name (≤ ${t}s)"
     timeout -s INT -k 15 "$t" python3 -m pytest "$@" --benchmark-only --benchmark-warmup=off --benchmark-max-time=0.15 \
         --benchmark-min-rounds=8 -q -p no:cacheprovider --benchmark-json="$BENCH_DIR/$name.json" \
@@ -90,8 +95,7 @@ suite() {   # suite NAME CAP_SECONDS PYTEST_ARGS...: one benchmark file, inside 
 }
 
 sweep() {   # sweep SCRIPT CAP_SECONDS OUTFILE: a tile sweep script, inside the bench phase's time
-    local t; t=$(min "$2" $((BENCH_END - $(date +%s))))
-    [ "$t" -lt 15 ] && { say "skip $1 (no time left)"; return; }
+    local t; t=$(step_seconds "$2") || { say "skip $1 (no time left)"; return; }
     say "$1 (≤ ${t}s)"
     timeout "$t" python3 "benchmarks/$1" --out "$BENCH_DIR/$3" > "$BENCH_DIR/${3%.md}.log" 2>&1
     tail -n 3 "$BENCH_DIR/${3%.md}.log"
@@ -106,8 +110,8 @@ bench() {
     [ "${PAPER:-0}" = 1 ] || BENCH_END=$(min "$BENCH_END" $((T0 + CALL_SECONDS - TESTS_SECONDS - 40)))
     # The profiler's whole output goes to a file: a pipe into `head` would close early and kill it
     # with SIGPIPE before its later sections (the GPT-2 step breakdown of 2026-11-27 was lost so).
-    local t; t=$(min 100 $((BENCH_END - $(date +%s))))
-    if [ "$t" -lt 15 ]; then
+    local t
+    if ! t=$(step_seconds 100); then
         say "skip the profile (no time left)"
     else
         say "profile of the launch path and of the GPT-2-small step (≤ ${t}s)"
@@ -131,8 +135,7 @@ bench() {
     [ "${BENCH_ALL:-0}" != 1 ] && suite merge_queued 20 benchmarks/test_bench_merge.py -k "test_merge_queued and target"
     sweep sweep_merge.py 60 sweep-merge.md
     if [ "${BENCH_ALL:-0}" = 1 ]; then
-        local t; t=$(min 60 $((BENCH_END - $(date +%s))))     # within the bench's end, as every step
-        if [ "$t" -lt 15 ]; then
+        if ! t=$(step_seconds 60); then
             say "engine diagnosis skipped (${t}s left of the bench)"
         else
             say "engine diagnosis (≤ ${t}s)"

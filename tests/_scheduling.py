@@ -161,3 +161,24 @@ def check_unscaled_gradients(model, opt, scaler, x, y, overflow=None):
     scaler.unscale_(opt)
     for p, g in zip(held(opt), plain):
         assert (overflow is not None and p is overflow[0]) or rel_err(p.grad, g) < 2e-3
+
+
+def kept_and_removed_copy(scheduler, model):
+    """Give ``scheduler`` two copies of ``model``, an AveragedModel (kept) and a deep copy (removed at once);
+    check that the removal leaves the scheduler's state dict as it was and that removing it again, or a copy
+    never added, is refused.  Returns (kept, removed)."""
+    import copy
+
+    import pytest
+    from torch.optim.swa_utils import AveragedModel
+    kept = scheduler.add_model_copy(AveragedModel(model))
+    removed = scheduler.add_model_copy(copy.deepcopy(model))
+    state = scheduler.state_dict()
+    assert scheduler.remove_model_copy(removed) is None
+    assert scheduler.state_dict() == state
+    with pytest.raises(ValueError, match=r"model copy Sequential was not added to this scheduler "
+                                         r"\(add_model_copy\), or was removed already"):
+        scheduler.remove_model_copy(removed)
+    with pytest.raises(ValueError, match="model copy AveragedModel was not added to this scheduler"):
+        scheduler.remove_model_copy(AveragedModel(model))
+    return kept, removed

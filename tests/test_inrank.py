@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from _helpers import rel_err
+from _scheduling import kept_and_removed_copy
 from dynrank.convert import convert_model
 from dynrank.inrank import IncrementalRankScheduler, explained_rank, grow_rank_
 from dynrank.linear import FusedLowRankLinear
@@ -701,26 +702,15 @@ def test_remove_model_copy_stops_growing_the_copy_and_lets_it_go():
     """add_model_copy could not be undone: a copy the user dropped stayed alive and was checked and grown
     at every check.  A removed copy keeps its ranks and is freed with the scheduler alive; the copies left
     grow as before, and the scheduler's state dict is unchanged."""
-    import copy
     import gc
     import weakref
-    from torch.optim.swa_utils import AveragedModel
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
     convert_model(model, rank_ratio=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     growth = IncrementalRankScheduler(model, opt, init_rank=1, buffer=3, threshold=1 - 1e-9, warmup_steps=0,
                                       check_every=1)
-    kept = growth.add_model_copy(AveragedModel(model))
-    dropped = growth.add_model_copy(copy.deepcopy(model))
-    state = growth.state_dict()
-    assert growth.remove_model_copy(dropped) is None
-    assert growth.state_dict() == state
-    with pytest.raises(ValueError, match=r"model copy Sequential was not added to this scheduler "
-                                         r"\(add_model_copy\), or was removed already"):
-        growth.remove_model_copy(dropped)
-    with pytest.raises(ValueError, match="model copy AveragedModel was not added to this scheduler"):
-        growth.remove_model_copy(AveragedModel(model))
+    kept, dropped = kept_and_removed_copy(growth, model)
     grow_rank_(dropped[0], 5)                       # checked, it would stop the step: it is not
     assert growth.step(1) == [("0", 4, 6)]
     assert kept.module[0].rank == 6 and dropped[0].rank == 5

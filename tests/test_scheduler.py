@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from _scheduling import data, held, mlp, same_set, train_steps, trainable
+from _scheduling import data, held, kept_and_removed_copy, mlp, same_set, train_steps, trainable
 from dynrank.convert import convert_model
 from dynrank.linear import FusedLowRankLinear
 from dynrank.checkpoint import load_training_state, training_state
@@ -638,16 +638,8 @@ def test_remove_model_copy_stops_switching_the_copy_and_lets_it_go():
     from torch.optim.swa_utils import AveragedModel
     model = mlp()
     sched = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 2)
-    kept = sched.add_model_copy(AveragedModel(model))
-    dropped = sched.add_model_copy(copy.deepcopy(model))
     state = sched.state_dict()
-    assert sched.remove_model_copy(dropped) is None
-    assert sched.state_dict() == state
-    with pytest.raises(ValueError, match=r"model copy Sequential was not added to this scheduler "
-                                         r"\(add_model_copy\), or was removed already"):
-        sched.remove_model_copy(dropped)
-    with pytest.raises(ValueError, match="model copy AveragedModel was not added to this scheduler"):
-        sched.remove_model_copy(AveragedModel(model))
+    kept, dropped = kept_and_removed_copy(sched, model)
     dropped[2].inflate()                           # checked, it would stop the step: it is not
     assert sched.step(1) == [("0", "lowrank", "full"), ("2", "lowrank", "full")]
     assert [kept.module[i].form for i in (0, 2)] == ["full", "full"]
