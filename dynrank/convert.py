@@ -198,9 +198,10 @@ def _check_patterns_match(patterns, names, converted=()):
         raise ValueError("convert_model: " + "; and ".join(problems))
 
 
-def _shown(names):
-    """The first eight of ``names``, quoted and joined (", ..." where there are more)."""
-    return ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+def _shown(items, show=repr):
+    """The first eight of ``items`` as ``show`` writes them (quoted names by default), joined (", ..." where
+    there are more)."""
+    return ", ".join(map(show, items[:8])) + (", ..." if len(items) > 8 else "")
 
 
 def _candidates(module, prefix="", converted=False):
@@ -601,9 +602,9 @@ def _nothing_found(model, converted):
         return (f"convert_model found no nn.Linear/nn.Conv2d/Conv1D left to convert in this {kind}: its layers "
                 f"are dynrank layers already ({_shown(converted)}, converted by an earlier call); call "
                 f"unconvert_model(model) first to convert them again with other settings")
-    others = [f"{name!r} ({type(m).__name__})" for name, m in model.named_modules() if isinstance(m, OTHER_CONVS)]
+    others = [(name, m) for name, m in model.named_modules() if isinstance(m, OTHER_CONVS)]
     if others:
-        shown = ", ".join(others[:8]) + (", ..." if len(others) > 8 else "")
+        shown = _shown(others, lambda other: f"{other[0]!r} ({type(other[1]).__name__})")
         return (f"convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this {kind}; its convolutions "
                 f"({shown}) are of kinds it does not convert: it converts nn.Linear, nn.Conv2d and transformers' "
                 f"Conv1D, not nn.Conv1d, nn.Conv3d or transposed convolutions")
@@ -726,13 +727,19 @@ def _keep_reason(names, places, child, include, exclude, min_features, last_line
     return ""
 
 
+def held_state(module, plain):
+    """What is registered on ``module`` beyond its parameters named in ``plain``: ``"parameter 'gate'"``,
+    ``"buffer 'mask'"``, ``"module 'm'"``, one for each other parameter, buffer and child module."""
+    held = [f"parameter {n!r}" for n, p in module._parameters.items() if p is not None and n not in plain]
+    held += [f"buffer {n!r}" for n, b in module._buffers.items() if b is not None]
+    return held + [f"module {n!r}" for n, m in module._modules.items() if m is not None]
+
+
 def _own_state(child):
     """What ``child`` holds beyond a plain layer's weight and bias that a new layer would not carry: parameters
     (a gate), buffers, modules of its own, a ``forward`` set on the instance (accelerate's hooks); None if
     nothing."""
-    held = [f"parameter {n!r}" for n, p in child._parameters.items() if p is not None and n not in ("weight", "bias")]
-    held += [f"buffer {n!r}" for n, b in child._buffers.items() if b is not None]
-    held += [f"module {n!r}" for n, m in child._modules.items() if m is not None]
+    held = held_state(child, ("weight", "bias"))
     if held:
         return f"holds {', '.join(held)} of its own"
     if "forward" in vars(child):

@@ -9,7 +9,7 @@ from ._optim import follow_unconvert
 from .functional import without_autocast
 from .conv import LowRankConv2d
 from .conv_factorizations import _axis
-from .convert import RowSummary, _noop_pre_hook, _transformers_reads, format_table, swap_in
+from .convert import RowSummary, _noop_pre_hook, _transformers_reads, format_table, held_state, swap_in
 from .linear import HOW_TO_REMOVE, FusedLowRankLinear, reparametrization
 
 __all__ = ["unconvert_model", "UnconversionSummary", "LOWRANK_CHOICES"]
@@ -181,10 +181,7 @@ def _describe(module):
 def _own_state(layer):
     """The parameters, buffers and modules a user registered on ``layer`` (``"parameter 'gate'"``): those
     beyond its weight, bias and current factors, which a dynrank layer alone never holds."""
-    plain = {layer.weight_name, "bias", *layer._all_factor_names()}
-    held = [f"parameter {n!r}" for n, p in layer._parameters.items() if p is not None and n not in plain]
-    held += [f"buffer {n!r}" for n, b in layer._buffers.items() if b is not None]
-    return held + [f"module {n!r}" for n, m in layer._modules.items() if m is not None]
+    return held_state(layer, {layer.weight_name, "bias", *layer._all_factor_names()})
 
 
 def _replacement(layer, names, places, lowrank, readers):
