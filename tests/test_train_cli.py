@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from dynrank.schedules import schedule_from_lr
-from dynrank.train import cli
+from dynrank.train import cli, runs
+from dynrank.train import config as train_config
 from dynrank.train.corpus import TextData
 
 
@@ -623,7 +624,7 @@ def test_out_is_released_when_its_config_cannot_be_written(tmp_path, capsys, mon
     monkeypatch.setattr(loop, "write_json", full_disk)
     with pytest.raises(OSError, match="No space left"):
         cli.main(_TINY_RUN + ["--out", str(out)])
-    assert not (out / "config.json").exists() and cli._holds_run(str(out)) is None
+    assert not (out / "config.json").exists() and runs._holds_run(str(out)) is None
     monkeypatch.setattr(loop, "write_json", write_json)
     assert cli.main(_TINY_RUN + ["--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["schedule"] == "full"
@@ -648,15 +649,15 @@ def test_ctrl_c_while_the_config_is_written_offers_no_resume(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "dynrank-train: aborted" in err and "--resume" not in err
     if given_out:
-        assert os.listdir(out) == [] and cli._holds_run(str(out)) is None
+        assert os.listdir(out) == [] and runs._holds_run(str(out)) is None
     else:
         assert os.listdir(tmp_path / "runs") == []
 
 
 def test_default_run_folders_are_unique_within_a_second(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli.time, "strftime", lambda fmt, *a: "20250101-120000")
-    folders = [cli._new_run_dir() for _ in range(3)]
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt, *a: "20250101-120000")
+    folders = [runs._new_run_dir() for _ in range(3)]
     assert folders == [os.path.join("runs", "20250101-120000" + s) for s in ("", "-2", "-3")]
     assert all(os.path.isdir(f) and not os.listdir(f) for f in folders)
 
@@ -822,7 +823,7 @@ def test_a_run_saved_with_nothing_to_factorize_is_refused_on_resume(tmp_path, ca
     argv = TINY_GPT + ["--dim", "4", "--schedule", "compare", "--epochs", "2", "--milestones", "1",
                        "--inflate-epoch", "0", "--deflate-epoch", "1", "--out", str(out)]
     # As a run from before the check left it: full trained, then lowrank died in convert_model.
-    monkeypatch.setattr(cli, "_check_factorizable", lambda cfg, resume=False: None, raising=False)
+    monkeypatch.setattr(train_config, "_check_factorizable", lambda cfg, resume=False: None)
     with pytest.raises(ValueError, match="convert_model found nothing to convert"):
         cli.main(argv)
     monkeypatch.undo()
@@ -1209,9 +1210,9 @@ def test_the_committed_runs_resume_without_an_alpha():
         with open(path, encoding="utf-8") as handle:
             cfg = json.load(handle)
         assert "alpha" not in cfg
-        cli._check_saved(cfg, path)
-        cli._check_resume(os.path.join(root, folder), cfg)
-        assert cli._as_trained(cfg)["alpha"] is None
+        runs._check_saved(cfg, path)
+        runs._check_resume(os.path.join(root, folder), cfg)
+        assert runs._as_trained(cfg)["alpha"] is None
 
 
 def test_the_optimizer_state_flag_takes_fresh():
