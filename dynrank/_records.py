@@ -79,7 +79,8 @@ def read_csv(path, text_columns=_TEXT_COLUMNS):
 
     Empty cells become None, ``inf`` becomes ``math.inf``, integers and floats
     are parsed, ``"8x16"`` becomes ``[8, 16]``; cells of ``text_columns``
-    (layer names such as ``"0"`` or ``"1.10"``, forms) stay strings.  The
+    (layer names such as ``"0"`` or ``"1.10"``, forms) stay strings, an empty
+    one ``""`` (the name of a model that is itself one dynrank layer).  The
     default names the text columns of all three files; for an epochs CSV whose
     logged scalars include one of those names (``"kind"``, say), pass
     ``text_columns=("form",)``, as :meth:`RankMonitor.load` does.
@@ -101,5 +102,5 @@ def read_csv(path, text_columns=_TEXT_COLUMNS):
     """
     text = set(text_columns)
     with open(path, newline="", encoding="utf-8") as f:
-        return [{k: (v if k in text and v != "" else _parse(v)) for k, v in row.items()}
+        return [{k: (v if k in text else _parse(v)) for k, v in row.items()}
                 for row in csv.DictReader(f)]

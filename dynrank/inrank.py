@@ -441,6 +441,11 @@ class IncrementalRankScheduler:
                           stacklevel=2)
 
     @property
+    def layers(self):
+        """List of (name, layer) the scheduler manages."""
+        return list(self._layers)
+
+    @property
     def ranks(self):
         """Dict name → trained components (discovered rank + buffer, capped)."""
         return {name: layer.rank for name, layer in self._layers}

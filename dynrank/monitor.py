@@ -168,7 +168,9 @@ class RankMonitor:
 
         A scheduler's loaded event (``"loaded": True``: its ``load_state_dict`` bringing the
         layers to their saved forms, or InRank's to their saved ranks, on a resume) is not recorded: the saved run recorded that
-        switch, and this monitor's :meth:`load_state_dict` brings it back, in either order.
+        switch, and this monitor's :meth:`load_state_dict` brings it back, in either order.  Nor is it
+        detected at the next epoch: the loaded forms are the ones that epoch's forms are compared with, so
+        a monitor whose state is not loaded records the rest of the run only.
 
         A scheduler names its layers within its own model (a DDP or DataParallel wrapper
         taken off, a submodule where it was built on part of the model): its events reach
@@ -250,6 +252,14 @@ class RankMonitor:
         self.switches.append(switch)
         if self.model is not None:
             self._known_forms = self._forms()
+
+    def _loaded(self, changes):
+        """A scheduler's load brought layers to their saved forms (``changes``: its loaded event's, in the
+        monitor's names): no switch, but the forms the next epoch is compared with.  Where this monitor's
+        state was loaded first, its forms are those saved forms already; a state loaded later replaces them."""
+        for change in changes:
+            if isinstance(change, (list, tuple)) and len(change) == 3 and change[0] in self._known_forms:
+                self._known_forms[change[0]] = change[2]
 
     # -- epochs --------------------------------------------------------------------------
     def _require_model(self):
@@ -669,13 +679,17 @@ class _SchedulerHook:
     """The callback :meth:`RankMonitor.attach` gives a scheduler: renames the layers of each event (dict
     scheduler's name → monitor's, ``names``) and passes it to the monitor's :meth:`~RankMonitor.on_switch`.
     A loaded event (a scheduler's ``load_state_dict`` bringing layers to their saved forms) is no switch:
-    the saved run recorded it, and the monitor's own ``load_state_dict`` brings that record back."""
+    the saved run recorded it, and the monitor's own ``load_state_dict`` brings that record back.  The
+    monitor takes the loaded forms as the ones the next epoch is compared with (:meth:`RankMonitor._loaded`)."""
 
     def __init__(self, monitor, names):
         self.monitor, self.names = monitor, names
 
     def __call__(self, event):
         if isinstance(event, Mapping) and event.get("loaded"):
+            changes = event.get("changes")
+            if isinstance(changes, (list, tuple)):
+                self.monitor._loaded([self._renamed(change) for change in changes])
             return
         if isinstance(event, Mapping) and self.names:
             event = dict(event)

@@ -103,7 +103,7 @@ def _resolve_tol(sigma, tol):
 
 
 def effective_rank(sigma, tol=None):
-    """Number of singular values above ``tol``·σmax.
+    """Number of singular values above ``tol``·σmax, compared in float64 whatever σ's dtype.
 
     Args:
         sigma: 1-D singular values (any order), length p = min(m, n) — zeros included.
@@ -124,6 +124,8 @@ def effective_rank(sigma, tol=None):
     """
     sigma = _as_sigma(sigma)
     tol = _resolve_tol(sigma, tol)
+    # In float64: tol·σmax rounded to σ's dtype (bf16: by up to 0.4 %) would move the threshold.
+    sigma = sigma.double()
     smax = sigma.max()
     if smax <= 0:
         return 0
@@ -150,6 +152,7 @@ def spectral_ratio(sigma, tol=None):
     """
     sigma = _as_sigma(sigma)
     tol = _resolve_tol(sigma, tol)
+    sigma = sigma.double()          # the threshold tol·σmax as in effective_rank
     smax, smin = sigma.max(), sigma.min()
     if smax <= 0 or smin <= tol * smax:
         return math.inf
@@ -189,11 +192,15 @@ def entropy_effective_rank(sigma):
         >>> entropy_effective_rank(torch.ones(5))       # doctest: +ELLIPSIS
         5.0...
     """
-    sigma = _as_sigma(sigma).double().clamp_min(0.0)
-    total = sigma.sum()
-    if total <= 0:
+    sigma = _as_sigma(sigma).double()
+    smax = sigma.max()
+    if smax <= 0:
         return 0.0
-    p = sigma[sigma > 0] / total
+    # Divided by σmax first: Σσ overflows (σ near 1e308) even in float64.  p = 0 is dropped after the
+    # division, where a σ far below σmax (1e-200 beside 1e200) underflows to it: 0·log 0 = 0.
+    q = sigma / smax
+    p = q / q.sum()
+    p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
 
 

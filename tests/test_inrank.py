@@ -742,3 +742,27 @@ def test_grow_rank_names_new_rank(new_rank, error):
     with pytest.raises(error, match=r"^new_rank must be an int in \[1, 5\]"):
         grow_rank_(layer, new_rank)
     assert layer.rank == 2
+
+
+def test_layers_are_the_managed_ones_and_label_a_monitor_s_epochs():
+    """IncrementalRankScheduler had no ``layers`` (DynamicRankScheduler's list of the (name, layer) it
+    manages), so a RankMonitor attached to it labelled each epoch by every dynrank layer: "mixed" for a model
+    whose full-form layer InRank leaves alone, where the managed layer is lowrank."""
+    from dynrank.monitor import RankMonitor
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedLowRankLinear(32, 32, rank=8), nn.ReLU(),
+                          FusedLowRankLinear(32, 32, rank=8, form="full"), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = IncrementalRankScheduler(model, opt, init_rank=2, buffer=2, warmup_steps=0, check_every=1)
+    assert [(name, id(layer)) for name, layer in sched.layers] == [("0", id(model[0]))]
+    assert list(sched.ranks) == [name for name, _ in sched.layers]
+    sched.layers.clear()                                    # a copy: the scheduler's own list is kept
+    assert len(sched.layers) == 1
+    monitor = RankMonitor(model).attach(sched)
+    for epoch in range(2):
+        with monitor.epoch(epoch):
+            model(torch.randn(4, 32)).sum().backward()
+            opt.step()
+            sched.step()
+    assert [r["form"] for r in monitor.records] == ["lowrank", "lowrank"]
+    assert monitor.records[0]["form_mix"] == {"lowrank": 1, "full": 1, "adapter": 0}

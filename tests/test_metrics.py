@@ -536,3 +536,43 @@ def test_stable_rank_does_not_depend_on_the_scale(scale):
     with torch.no_grad():
         layer.weight.mul_(scale)
     assert layer_metrics(layer).stable_rank == pytest.approx(fro ** 2 / two ** 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tol", [None, 1e-2, 1e-3])
+def test_sigma_of_any_dtype_is_compared_with_the_float64_threshold(dtype, tol):
+    """tol·σmax was computed in σ's own dtype: in bf16 the threshold rounded up to 0.0100098 for tol 0.01, so
+    σ = [1, bf16(0.01)] gave rank 1 and λ = ∞ where the same values in float64 give 2 and 99.9, and a random
+    bf16 spectrum lost a value just above the threshold.  The default tol is still p·eps of σ's dtype."""
+    values = np.random.default_rng(0).random(300) * 1e-5
+    sigma = torch.tensor(values, dtype=dtype)
+    # Reference: the same values in float64 against the docstring's rule σ > tol·σmax.
+    exact = sigma.double().numpy()
+    rel = min(len(exact) * torch.finfo(dtype).eps, 1e-2) if tol is None else tol
+    assert effective_rank(sigma, tol) == int((exact > rel * exact.max()).sum())
+    expected_ratio = math.inf if exact.min() <= rel * exact.max() else exact.max() / exact.min()
+    assert spectral_ratio(sigma, tol) == expected_ratio
+    assert restricted_spectral_ratio(sigma, 300, tol) == expected_ratio
+    # Two values, the second the first of σ's dtype above tol: counted, and λ their float64 quotient.
+    t = 1e-2 if tol is None else tol
+    second = torch.tensor(t, dtype=dtype)
+    if float(second) <= t:
+        second = torch.nextafter(second, torch.tensor(1.0, dtype=dtype))
+    pair = torch.stack([torch.ones((), dtype=dtype), second])
+    assert float(pair[1]) > t
+    assert effective_rank(pair, t) == 2
+    assert spectral_ratio(pair, t) == 1.0 / float(pair[1])
+
+
+@pytest.mark.parametrize("sigma, expected", [([1e308, 1e308], 2.0), ([1.5e308, 1e308, 5e307], None),
+                                             ([1e200, 1e-200], 1.0), ([1e200, 1e200, 1e-200], 2.0),
+                                             ([1e-300, 5e-301, 5e-301], None)])
+def test_entropy_effective_rank_does_not_depend_on_the_scale(sigma, expected):
+    """p = σ / Σσ: Σσ overflowed to inf (all p 0) or a ratio underflowed to 0 after dropping σ = 0, and
+    0·log 0 gave NaN for finite float64 σ; the rank depends only on the ratios of σ."""
+    ratios = np.asarray(sigma) / max(sigma)
+    if expected is None:                              # reference: the definition on the ratios, in float64
+        p = ratios / ratios.sum()
+        expected = float(np.exp(-(p * np.log(p)).sum()))
+    assert entropy_effective_rank(torch.tensor(sigma, dtype=torch.float64)) == pytest.approx(expected, rel=1e-15)
+    assert entropy_effective_rank(sigma) == pytest.approx(expected, rel=1e-15)

@@ -893,3 +893,42 @@ def test_a_scheduler_of_part_of_the_model_labels_each_epoch_by_the_scheduled_lay
     with monitor.epoch():
         pass
     assert monitor.records[0]["form"] == "mixed"
+
+
+# -- a resume recorded by a monitor whose state is not loaded ------------------------------------------------
+
+@pytest.mark.parametrize("stop", [3, 5])
+def test_a_monitor_not_loaded_takes_the_forms_a_resume_restores(stop):
+    """A new monitor attached before load_training_state, its own state not loaded (it records the rest of the
+    run only): it dropped the scheduler's loaded event but kept the forms it was built with, so the next epoch
+    detected the restored forms as a switch there (an "inflate" at epoch 3, an "inflate+deflate" at 5)."""
+    reference = build_training()
+    train_epochs(*reference, range(RESUME_E))
+    model, optimizer, scheduler, monitor = build_training()
+    train_epochs(model, optimizer, scheduler, monitor, range(stop))
+    saved = copy.deepcopy(training_state(model, optimizer, scheduler))
+
+    model, optimizer, scheduler, monitor = build_training()
+    load_training_state(saved, model, optimizer, scheduler)
+    train_epochs(model, optimizer, scheduler, monitor, range(stop, RESUME_E))
+    assert monitor.switches == [s for s in reference[3].switches if s["epoch"] >= stop]
+    assert untimed(monitor.records) == untimed(reference[3].records[stop:])
+
+
+def test_a_monitor_whose_model_is_one_layer_keeps_its_name_in_the_csvs(tmp_path):
+    """The one dynrank layer of a monitor given that layer is named "": loaded from the CSVs alone, the
+    empty text cell came back as None, in the layer records and in the switches."""
+    torch.manual_seed(0)
+    layer = FusedLowRankLinear(16, 16, rank=4)
+    scheduler = DynamicRankScheduler(layer, torch.optim.SGD(layer.parameters(), lr=0.1), 1, 2)
+    monitor = RankMonitor(layer).attach(scheduler)
+    _run_epochs(monitor, scheduler.step, 3)
+    assert monitor.layer_names() == [""]
+    assert [c[0] for s in monitor.switches for c in s["changes"]] == ["", ""]
+    paths = monitor.save(tmp_path / "run")
+    assert [row["layer"] for row in read_csv(paths["layers"])] == [""] * 3
+    os.remove(paths["json"])
+    from_csv = RankMonitor.load(paths["epochs"])
+    assert from_csv.layer_names() == [""]
+    assert [list(r["layers"]) for r in from_csv.records] == [[""]] * 3
+    assert _without_source(from_csv.switches) == _without_source(monitor.switches)
