@@ -48,21 +48,42 @@ def _check_operands(x, weight, A, B, bias):
     K = B.shape[0]
     if B.shape[1] != R:
         raise ValueError(f"B must have shape ({K}, {R}) to match A {tuple(A.shape)}, got {tuple(B.shape)}")
-    if weight is not None and x.dim() > 0 and x.shape[-1] != K and weight.shape[-1:] == x.shape[-1:]:
+    in_size = last_size(x)
+    if weight is not None and in_size not in (None, K) and weight.shape[-1:] == (in_size,):
         # The input and the weight agree on the input size; B's rows do not.
-        raise ValueError(f"B must have shape ({x.shape[-1]}, {R}) for an input of shape {tuple(x.shape)}, "
+        raise ValueError(f"B must have shape ({in_size}, {R}) for an input of shape {shape_of(x)}, "
                          f"got {tuple(B.shape)}")
     if weight is not None and tuple(weight.shape) != (N, K):
         raise ValueError(f"weight must have shape ({N}, {K}), got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(f"input must have shape (..., {K}), got {tuple(x.shape)}")
+    if in_size != K:
+        raise ValueError(f"input must have shape (..., {K}), got {shape_of(x)}")
     check_floating_input(x)
     for name, t in (("A", A), ("B", B), ("weight", weight), ("bias", bias)):
         if t is not None:
             check_matches_input(x, name, t)
     return N, K, R
+
+
+def last_size(x):
+    """``x``'s last size; None for a 0-d input, or a nested one (``torch.nested``) whose components differ
+    in it.  Read with ``size(-1)``: a nested tensor of the strided layout has no ``shape``."""
+    if x.dim() == 0:
+        return None
+    if not x.is_nested:
+        return x.shape[-1]
+    try:
+        return x.size(-1)
+    except RuntimeError:
+        return None
+
+
+def shape_of(x):
+    """``x``'s shape for a message: a nested tensor's as its components' shapes."""
+    if x.is_nested:
+        return f"a nested tensor of shapes {[tuple(t.shape) for t in x.unbind()]}"
+    return tuple(x.shape)
 
 
 def check_floating_input(x):
@@ -371,7 +392,8 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
     """y = x·weightᵀ + scale·(x·B)·Aᵀ + bias, fused.
 
     Args:
-        x: (..., in_features) input, any strides.
+        x: (..., in_features) input, any strides; or a nested tensor (``torch.nested``, strided or
+            jagged layout) of such components, computed with ``F.linear`` on either engine.
         weight: (out_features, in_features) dense weight W_f, or None (lowrank form).
         A: (out_features, rank).  B: (in_features, rank).
         bias: (out_features,) or None.
@@ -407,6 +429,12 @@ def lowrank_linear(x, weight, A, B, bias=None, scale=1.0):
     device_type = x.device.type
     if _autocasting(device_type):
         return _autocast_lowrank_linear(x, weight, A, B, bias, scale)
+    if x.is_nested:
+        # A torch.nested input (nn.TransformerEncoder's eval path nests a padded batch), either layout:
+        # F.linear takes it, with autograd, where the engines' reshape to 2-D and x @ B do not, and
+        # the Triton kernels take no nested tensor.
+        _check_operands(x, weight, A, B, bias)
+        return _autograd_ops(x, weight, A, B, bias, scale)
     backend = None      # read once; first only where the cheap guard passes, before the full checks
     if not compiling and _torch_would_catch(x, weight, A, B, bias):
         backend = backend_for(x.device, "lowrank_linear", x.dtype)
@@ -518,8 +546,8 @@ _functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_acti
 
 
 def _autograd_ops(x, weight, A, B, bias, scale):
-    """y = x·weightᵀ + scale·(x·B)·Aᵀ + bias on autograd's own ops, out of place."""
-    xb = x @ B
+    """y = x·weightᵀ + scale·(x·B)·Aᵀ + bias on autograd's own ops, out of place (a nested ``x`` too)."""
+    xb = torch.nn.functional.linear(x, B.t()) if x.is_nested else x @ B
     y = torch.nn.functional.linear(xb if scale == 1.0 else xb * scale, A, bias)
     return y if weight is None else torch.nn.functional.linear(x, weight) + y
 

@@ -95,6 +95,55 @@ def test_non_contiguous_input(backend):
     assert rel_err(layer(x3), _reference_forward(layer, x3)) < REL_TOL[torch.float32]
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning")
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
+def test_nested_input_as_nn_linear_takes_it(backend, form, layout):
+    """A torch.nested input (nn.TransformerEncoder's eval path nests a padded batch), either layout, on
+    either engine: each component's rows as the layer gives them unnested and as float64 gives them, and
+    the gradients of the input and every trainable parameter against float64 on the rows concatenated."""
+    layer = FusedLowRankLinear(13, 9, rank=3, form=form, alpha=6.0)
+    if form == "adapter":
+        _randomize_adapter(layer)
+    parts = [torch.randn(3, 13), torch.randn(1, 13), torch.randn(5, 13)]
+    x = torch.nested.nested_tensor(parts, layout=layout, requires_grad=True)
+    y = layer(x)
+    assert y.is_nested and y.layout == layout
+    plain = nn.functional.linear(torch.cat(parts), layer.weight, layer.bias) if form == "adapter" else None
+    for part, y_part in zip(parts, y.unbind()):
+        assert rel_err(y_part, layer(part)) < REL_TOL[torch.float32]
+        assert rel_err(y_part, _reference_forward(layer, part)) < REL_TOL[torch.float32]
+    if plain is not None:     # the adapter term is there
+        assert rel_err(torch.cat(y.unbind()), plain) > 0.1
+
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xr = torch.cat(parts).double().requires_grad_()
+    params = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
+    if form == "full":
+        yr = xr @ params["weight"].t() + params["bias"]
+    else:
+        yr = reference_lowrank_linear(xr, params.get("weight"), params["A"], params["B"], params["bias"], layer.scale)
+    yr.backward(torch.cat(dy.unbind()).double())
+    assert rel_err(torch.cat(x.grad.unbind()), xr.grad) < REL_TOL[torch.float32]
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p.grad, params[name].grad) < REL_TOL[torch.float32], name
+        else:
+            assert p.grad is None, f"frozen {name} must get no gradient"
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning")
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_nested_input_of_the_wrong_size_is_named(backend, form, layout):
+    layer = FusedLowRankLinear(6, 9, rank=2, form=form)
+    x = torch.nested.nested_tensor([torch.randn(3, 5), torch.randn(2, 5)], layout=layout)
+    with pytest.raises(ValueError, match=re.escape("input must have shape (..., 6), got a nested tensor of "
+                                                   "shapes [(3, 5), (2, 5)]")):
+        layer(x)
+
+
 def test_backends_agree(monkeypatch):
     if len(BACKENDS) < 2:
         pytest.skip("Triton is not available")
