@@ -48,7 +48,13 @@ What gets regularized (:func:`regularized_tensors`): the *trainable* weights
 W_f), its W in full form — and the weight of every plain ``nn.Linear`` /
 ``nn.Conv1d/2d/3d`` and transformers ``Conv1D`` (GPT-2's linear layer; its
 weight is stored (in, out), and every penalty here is the same for Wᵀ as for
-W).  Biases are never included.  Tensors are named as in the model inside a
+W).  Biases are never included.  A Parameter shared by several layers (tied
+weights or factors) is penalised once, under its first name, as
+``model.parameters()`` lists it once; a weight shared with a module the
+regularizers do not act on (an ``nn.Embedding``: GPT-2's LM head, tied to the
+token embedding) is left out — the penalty is on layer weights, not on an
+embedding reached through a tie.  :func:`regularized_tensors` lists the tensors
+a regularizer acts on, by name.  Tensors are named as in the model inside a
 ``DistributedDataParallel``/``DataParallel`` wrapper (``"0.A"``, never
 ``"module.0.A"``), as dynrank's checkpoints name its parameters: ``exclude``
 names and SRIP's saved state are the same with and without the wrapper.
@@ -345,7 +351,8 @@ def regularized_tensors(model, exclude=(), with_groups=False):
         exclude: module names to skip (e.g. the first conv or the classifier):
             one name (a str) or an iterable of names.  A name skips that layer, or
             every layer inside that module (a block, a head): ``"features"`` skips
-            ``features.0`` and ``features.3``.
+            ``features.0`` and ``features.3``.  A module used at several places of
+            the model is one module: any of its names skips it.
         with_groups: also give each tensor's conv ``groups`` (1 but for a grouped
             conv's kernel or svd factors), as (name, tensor, groups) triples.
 
@@ -354,34 +361,55 @@ def regularized_tensors(model, exclude=(), with_groups=False):
         dynrank layers, W of full-form ones and plain Linear/Conv/transformers
         ``Conv1D`` weights (a Conv1D's as stored, (in, out): its penalties equal
         those of the (out, in) weight); parameters with ``requires_grad=False``
-        are left out.
+        are left out.  A Parameter shared by several layers (tied weights or
+        factors) is listed once, under its first name, as ``model.parameters()``
+        lists it; one shared with a module the regularizers do not act on (an
+        ``nn.Embedding``: GPT-2's LM head, tied to the token embedding) is left
+        out: the penalties are on layer weights, not on an embedding reached
+        through a tie.
 
     Raises:
         TypeError: ``model`` is not a module, ``exclude`` not a name or names.
         ValueError: a name in ``exclude`` that is not a module of the model, or one whose
             module holds no layer the regularizers act on (a ReLU, say: nothing would be skipped).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 10))
+        >>> model[2].weight = model[0].weight             # an LM head tied to the embedding
+        >>> [name for name, _ in regularized_tensors(model)]
+        ['1.weight']
     """
+    tensors = _regularized(model, exclude)[1]
+    return tensors if with_groups else [(name, param) for name, param, _ in tensors]
+
+
+def _regularized(model, exclude):
+    """The layers of ``model`` that ``exclude`` leaves, as (name, module), and the tensors of theirs the
+    regularizers act on, as (name, tensor, groups): :func:`regularized_tensors`."""
     if isinstance(model, torch.nn.Module):         # anything else: monitored_layers' TypeError
         model = unwrap_model(model)
     layers = monitored_layers(model)
     exclude = set(_names(exclude))
-    modules = dict(model.named_modules())
+    # Every name of a module used at several places (named_modules() gives its first only).
+    modules = dict(model.named_modules(remove_duplicate=False))
     unknown = sorted(n for n in exclude if n not in modules)
     if unknown:
         raise ValueError(f"exclude names {unknown} are not modules of the model")
-
-    def inside(name, held):
-        return held == "" or name == held or name.startswith(held + ".")
-
-    empty = sorted(e for e in exclude if not any(inside(name, e) for name, _ in layers))
+    skipped = {e: {id(m) for m in modules[e].modules()} for e in exclude}
+    empty = sorted(e for e in exclude if not any(id(layer) in skipped[e] for _, layer in layers))
     if empty:
         shown = ", ".join(repr(n) for n, _ in layers[:8]) + (", ..." if len(layers) > 8 else "")
         raise ValueError(f"exclude names {empty} hold no layer the regularizers act on "
                          f"(Linear/Conv weights, dynrank layers; the model's are: {shown or 'none'})")
-    out = []
+    skipped = set().union(*skipped.values())
+    in_layers = {id(m) for _, layer in layers for m in layer.modules()}
+    # A weight tied to a module that is no layer (an nn.Embedding) is that module's: left out.
+    foreign = {id(p) for m in model.modules() if id(m) not in in_layers for p in m.parameters(recurse=False)}
+    kept, out, seen = [], [], set()
     for name, module in layers:
-        if any(inside(name, e) for e in exclude):
+        if id(module) in skipped:
             continue
+        kept.append((name, module))
         if isinstance(module, FormLayer):
             params = {module.weight_name: module._dense()} if module.form == "full" else module.factors()
         else:
@@ -389,10 +417,20 @@ def regularized_tensors(model, exclude=(), with_groups=False):
         # A dynrank conv's factors run as convs with the layer's groups (only svd allows groups > 1).
         groups = getattr(module, "groups", 1)
         for pname, param in params.items():
-            if param is not None and param.requires_grad:
-                full_name = f"{name}.{pname}" if name else pname
-                out.append((full_name, param, groups) if with_groups else (full_name, param))
-    return out
+            if param is None or not param.requires_grad or id(param) in foreign or id(param) in seen:
+                continue
+            seen.add(id(param))         # a Parameter tied between layers: penalised once, at its first name
+            out.append((f"{name}.{pname}" if name else pname, param, groups))
+    return kept, out
+
+
+def _other_form_names(name, layer):
+    """Names the trainable tensors of ``layer`` (named ``name``) take in its other forms: a dynrank layer's
+    factors in full form, its W in lowrank and adapter form; none for a plain layer."""
+    if not isinstance(layer, FormLayer):
+        return set()
+    others = layer._all_factor_names() if layer.form == "full" else {layer.weight_name}
+    return {f"{name}.{n}" if name else n for n in others}
 
 
 _KINDS = ("so", "dso", "srip")
@@ -402,7 +440,10 @@ class OrthogonalityRegularizer:
     """coef · Σ penalty(W) over a model's trainable weights, as a loss term.
 
     Works in every form: it looks up the current trainable tensors on each
-    call, so it follows ``inflate``/``deflate`` without being rebuilt.
+    call, so it follows ``inflate``/``deflate`` without being rebuilt.  The
+    tensors are those :func:`regularized_tensors` lists (call it to see them):
+    a Parameter tied between layers counts once, and a weight tied to a module
+    that is no layer (an embedding, as GPT-2's LM head is) not at all.
 
     Args:
         coef: coefficient, a finite number ≥ 0 (paper Table 9: 5e-5 for SO/DSO, 5e-4 for SRIP).
@@ -488,8 +529,9 @@ class OrthogonalityRegularizer:
 
         A vector is moved to its tensor's device on the next call; one whose length no longer fits its
         tensor (a form change since the save) is replaced by the default start there, as in a run.  The
-        next call warns of names that match no tensor it regularizes and no layer of the model (their
-        vectors go unused; a form change since the save renames a layer's tensors, which is no mismatch).
+        next call warns of names that match no tensor it regularizes (their vectors go unused): a name
+        is no mismatch if it is that of a tensor it regularizes, or the name a form change gives the
+        trainable tensors of a dynrank layer it regularizes (a form change since the save renames them).
 
         Args:
             state: dict from :meth:`state_dict`.
@@ -528,15 +570,15 @@ class OrthogonalityRegularizer:
     def __call__(self, model):
         """coef · Σ penalty over :func:`regularized_tensors` (0-d tensor; 0.0 tensor if none).
 
-        Warns (the first call after :meth:`load_state_dict`) of loaded names that match no tensor and no
-        layer of the model.
+        Warns (the first call after :meth:`load_state_dict`) of loaded names that match no tensor it
+        regularizes, in this form or another of its layer's.
         """
-        tensors = regularized_tensors(model, self.exclude, with_groups=True)
+        layers, tensors = _regularized(model, self.exclude)
         if self._loaded:
             names = [name for name, _, _ in tensors]
-            # A name of a layer the model has is no mismatch: a form change renames its tensors.
-            modules = dict(unwrap_model(model).named_modules())
-            unused = sorted(n for n in self._loaded.difference(names) if n.rpartition(".")[0] not in modules)
+            # A name a form change gives a layer's tensors is no mismatch: its vector serves after a switch back.
+            known = set(names).union(*(_other_form_names(name, layer) for name, layer in layers))
+            unused = sorted(self._loaded.difference(known))
             if unused:
                 shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
                 warnings.warn(f"{type(self).__name__}: loaded vectors {unused} match no tensor it regularizes in "

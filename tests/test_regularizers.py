@@ -743,3 +743,115 @@ def test_srip_penalty_checks_the_weight(bad, error, match):
     for reg in (SoftOrthogonality(1.0), DoubleSoftOrthogonality(1.0), SRIP(1.0)):
         with pytest.raises(error, match=match):
             reg.penalty("w", bad)
+
+
+def test_weight_tied_to_an_embedding_is_left_out():
+    """A Linear head tied to an nn.Embedding put the embedding under the penalty (GPT-2's tied LM head: 98.9 %
+    of SO), though the penalties are on layer weights."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Embedding(30, 6), nn.Linear(6, 6, bias=False), nn.Linear(6, 30, bias=False)).double()
+    model[2].weight = model[0].weight                                    # the LM head ties the embedding
+    assert [n for n, _ in regularized_tensors(model)] == ["1.weight"]
+    for kind, fn in (("so", so_penalty), ("dso", dso_penalty),
+                     ("srip", lambda w: srip_penalty(w, n_power_iterations=None))):
+        reg = OrthogonalityRegularizer(0.5, kind, n_power_iterations=300)
+        value = reg(model)
+        assert rel_err(value, 0.5 * fn(model[1].weight)) < 1e-10
+        model.zero_grad()
+        value.backward()
+        assert model[0].weight.grad is None and model[1].weight.grad.abs().max() > 0
+        assert sorted(reg.state_dict()) == (["1.weight"] if kind == "srip" else [])
+
+
+def test_gpt2_tied_lm_head_is_left_out():
+    """GPT-2's LM head is tied to the token embedding: 4 projections per block are regularized, not the head."""
+    transformers = pytest.importorskip("transformers")
+    from dynrank import convert_model
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=8, vocab_size=40, bos_token_id=0,
+                                     eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).double()
+    convert_model(model, rank_ratio=0.5, form="full")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    sites = [f"transformer.h.{i}.{s}" for i in range(2) for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                  "mlp.c_proj")]
+    assert [n for n, _ in regularized_tensors(model)] == [f"{s}.weight" for s in sites]
+    value = SoftOrthogonality(0.5)(model)
+    assert rel_err(value, SoftOrthogonality(0.5, exclude="lm_head")(model)) == 0.0
+    value.backward()
+    assert model.transformer.wte.weight.grad is None
+
+
+def test_parameter_tied_between_layers_is_penalised_once():
+    """A weight tied between two layers was listed under both names and penalised twice (SRIP kept two vectors),
+    while model.parameters() lists it once and a module used twice was penalised once."""
+    torch.manual_seed(8)
+    first, second = FusedLowRankLinear(7, 7, 3, form="full"), FusedLowRankLinear(7, 7, 3, form="full")
+    second.weight = first.weight
+    tied = nn.Sequential(first, nn.ReLU(), second, nn.Linear(7, 4, bias=False)).double()
+    with torch.no_grad():              # an eigengap SRIP's power iteration converges over
+        first.weight.copy_(with_sigma(7, 7, [2.0, 1.5, 1.2, 1.0, 0.9, 0.8, 0.7]))
+    lowrank = nn.Sequential(FusedLowRankLinear(9, 5, 3), FusedLowRankLinear(9, 5, 3)).double()
+    lowrank[1].A = lowrank[0].A                                          # one factor tied, the other not
+    for model, names in ((tied, ["0.weight", "3.weight"]), (lowrank, ["0.A", "0.B", "1.B"])):
+        assert [n for n, _ in regularized_tensors(model)] == names
+        params = dict(model.named_parameters())
+        for kind, fn in (("so", so_penalty), ("dso", dso_penalty),
+                         ("srip", lambda w: srip_penalty(w, n_power_iterations=None))):
+            reg = OrthogonalityRegularizer(0.5, kind, n_power_iterations=300)
+            value = reg(model)
+            assert rel_err(value, 0.5 * sum(fn(params[n]) for n in names)) < 1e-10
+            assert sorted(reg.state_dict()) == (sorted(names) if kind == "srip" else [])
+            grads = torch.autograd.grad(value, [params[n] for n in names])
+            refs = torch.autograd.grad(0.5 * sum(fn(params[n]) for n in names), [params[n] for n in names])
+            assert all(rel_err(g, r) < 1e-8 for g, r in zip(grads, refs))
+
+
+def test_exclude_names_any_place_of_a_shared_module():
+    """A module used twice is listed by named_modules() under its first name: exclude= its second name raised
+    "not modules of the model", though model.get_submodule finds it."""
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(4, 4), shared, nn.ReLU(), shared)
+    assert [n for n, _ in regularized_tensors(model)] == ["0.weight", "1.weight"]
+    for name in ("1", "3", ["1", "3"]):
+        assert [n for n, _ in regularized_tensors(model, exclude=name)] == ["0.weight"]
+        assert SoftOrthogonality(1.0, exclude=name)(model) == so_penalty(model[0].weight)
+    block = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    outer = nn.Sequential(block, nn.Linear(4, 4), block)
+    assert [n for n, _ in regularized_tensors(outer, exclude="2")] == ["1.weight"]
+    assert [n for n, _ in regularized_tensors(outer, exclude="2.0")] == ["1.weight"]
+    with pytest.raises(ValueError, match=re.escape("exclude names ['2.1'] hold no layer the regularizers act on")):
+        regularized_tensors(outer, exclude="2.1")
+
+
+@pytest.mark.parametrize("name", ["weight", "nonsense", "0.wieght", "x.weight", "1.weight", "0.bias"])
+def test_loaded_srip_names_under_no_regularized_tensor_warn(name):
+    """A loaded name under any module of the model (the root included: every name without a dot) passed as a
+    layer's, so 'weight' saved from a bare layer, 'nonsense' and '0.wieght' went unused without a warning."""
+    model = nn.Sequential(FusedLowRankLinear(8, 6, 3, form="full"), nn.ReLU(), nn.Linear(6, 4))
+    reg = SRIP(1.0, exclude="2")
+    reg.load_state_dict({name: torch.ones(4)})
+    with pytest.warns(UserWarning, match=re.escape(f"SRIP: loaded vectors [{name!r}] match no tensor it regularizes "
+                                                   "in the model (its tensors: '0.weight';")):
+        reg(model)
+
+
+def test_loaded_srip_names_of_another_form_do_not_warn():
+    """The factors' vectors of a layer now in full form (saved before an inflate) are no mismatch."""
+    import warnings
+    model = nn.Sequential(FusedLowRankLinear(8, 6, 3), nn.ReLU(), nn.Linear(6, 4))
+    saved = SRIP(1.0)
+    saved(model)
+    state = saved.state_dict()
+    assert sorted(state) == ["0.A", "0.B", "2.weight"]
+    model[0].inflate()
+    reg = SRIP(1.0)
+    reg.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg(model)
+        model[0].deflate()                                               # adapter: W's vector is no mismatch
+        again = SRIP(1.0)
+        again.load_state_dict(reg.state_dict())
+        again(model)
+    assert sorted(again.state_dict()) == ["0.A", "0.B", "0.weight", "2.weight"]
