@@ -496,7 +496,12 @@ class LowRankConv2d(FormLayer):
             TypeError: ``conv`` is not an ``nn.Conv2d``, or its kernel's dtype is
                 not floating-point; a subclass that overrides ``forward`` or
                 ``_conv_forward`` (timm's ``StdConv2d``; see
-                :func:`~dynrank.linear.own_computation`).
+                :func:`~dynrank.linear.own_computation`); a reparametrized or
+                pruned kernel or bias (``torch.nn.utils.parametrize``, the
+                hook-based ``weight_norm``/``spectral_norm``,
+                ``torch.nn.utils.prune``; see
+                :func:`~dynrank.linear.reparametrization`): remove it first, or
+                keep the layer dense.
             ValueError: invalid rank, rank_ratio, decomposition or form; a kernel
                 with NaN/inf entries (lowrank form); a CP fit (cp, tkd-cpd) that
                 fails at every CP rank down to 1; an

@@ -72,7 +72,9 @@ class ConversionSummary(RowSummary):
             shape, as the module stores it: (in, out) for a Conv1D), ``rank``
             (None if kept dense), ``params_before``,
             ``params_after`` (trainable parameters of that module),
-            ``converted`` (bool), ``note`` (why it was kept dense),
+            ``converted`` (bool), ``new_type`` (the dynrank layer's class
+            name, ``"FusedLowRankLinear"`` or ``"LowRankConv2d"``; None if
+            kept dense), ``note`` (why it was kept dense),
             ``aliases`` (the module's other names where it is registered at
             several places; one row per module, under its first name).
         params_before, params_after: trainable parameters of the whole model.
@@ -421,6 +423,14 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     rule would keep it.
 
     Always kept dense (named exactly in ``include``, they raise instead): a
+    layer whose class overrides ``forward`` (or ``nn.Conv2d._conv_forward``:
+    timm's ``StdConv2d``, say), since it computes more than the product with
+    its weight; a layer whose weight or bias is reparametrized or pruned
+    (``torch.nn.utils.parametrize``, the hook-based
+    ``weight_norm``/``spectral_norm``, ``torch.nn.utils.prune``), since the
+    new layer would hold one value of it and drop the parametrization; a
+    layer prepared for quantization (an ``activation_post_process`` observer
+    from ``torch.ao.quantization.prepare``); a
     layer whose weight (or bias) Parameter is shared with another module (a
     tied LM head, ``head.weight is embedding.weight``: converting would untie
     it), and in ``"lowrank"``/``"full"`` form a frozen layer
@@ -440,6 +450,9 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     ``linear1.weight`` directly and would skip the low-rank factors.  So
     convert the module that holds the encoder, not one of its layers: an
     encoder above ``model`` is out of reach and keeps nesting its input.
+    Building a :class:`~dynrank.DynamicRankScheduler` applies the same guard
+    to its model, which covers an encoder built around converted layers and
+    dynrank layers put in by hand.
     A converted layer takes over the old one's forward and backward hooks
     (their handles still remove them); state-dict hooks stay on the old
     module, being written for its keys.  A layer holding parameters other
@@ -493,7 +506,10 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
             nn.Linear/nn.Conv2d/Conv1D (an include one that matches only
             layers converted already),
             a tied, (lowrank/full form) frozen or nn.MultiheadAttention layer,
-            or one holding parameters, buffers or modules of its own, named
+            one whose class overrides ``forward``/``_conv_forward``, one
+            reparametrized or pruned, one prepared for quantization, or one
+            holding parameters, buffers or modules of its own (or whose
+            ``forward`` is replaced on the instance), named
             exactly in ``include``, a model that is itself a layer, a fit that fails (e.g. CP on a degenerate kernel, a
             NaN weight; the message names the layer and the decomposition), or
             nothing to convert (the message says where the model's layers are
@@ -770,6 +786,35 @@ def _convert_one(child, rank_ratio, decomposition, form, init, alpha):
     if _is_channels_last(child.weight):        # a channels-last model stays so, as from_dense keeps it
         new.to(memory_format=torch.channels_last)
     return new
+
+
+def guard_attention(model, who):
+    """Make torch's attention modules in ``model`` run its dynrank layers, or refuse the model, for ``who`` (the
+    class name of a scheduler being built on it): its dynrank layers may have been put in by hand (``from_dense``
+    on an existing layer) rather than by :func:`convert_model`, which guards the layers it converts.
+
+    An ``nn.TransformerEncoderLayer`` with a dynrank ``linear1``/``linear2`` gets the no-op forward pre-hook
+    that turns torch's fused inference path off, and an ``nn.TransformerEncoder`` holding a dynrank layer has
+    ``use_nested_tensor`` turned off, as :func:`convert_model` does: that path reads ``linear1.weight``
+    (W_f alone in adapter form, None in lowrank form).  An encoder above ``model`` is out of reach.
+
+    Raises:
+        ValueError: a dynrank layer inside an ``nn.MultiheadAttention`` (its ``out_proj``), which reads the
+            layer's weight directly in every mode: only the full form computes there (the message names the
+            layer); nothing is changed then.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            inside = [(".".join(n for n in (name, sub) if n), m) for sub, m in module.named_modules()
+                      if isinstance(m, FormLayer)]
+            if inside:
+                path, layer = inside[0]
+                raise ValueError(f"{path!r} is a {type(layer).__name__} in {layer.form} form inside "
+                                 f"nn.MultiheadAttention, which reads its weight directly "
+                                 f"(F.multi_head_attention_forward): in lowrank or adapter form its factors would "
+                                 f"never run, so {who} cannot switch or resize it; put an nn.Linear back there "
+                                 f"(convert_model keeps these projections dense)")
+    _guard_transformer_fast_path(model)
 
 
 def _guard_transformer_fast_path(model):

@@ -35,6 +35,7 @@ from ._checks import (call_back, check_copy, check_editable_optimizer, check_fin
 from ._forms import outside_inference_mode
 from ._optim import SQUARED_STATE, _split_state, manage, replace_params
 from .conv import LowRankConv2d
+from .convert import guard_attention
 from .distributed import _remember_ddp, _retire_stale, _sync_layers
 from .linear import FusedLowRankLinear, svd_factors
 from .metrics import _check_not_meta
@@ -411,6 +412,7 @@ class IncrementalRankScheduler:
             self.max_rank[name] = limit if max_rank is None else min(max_rank, limit)
         check_untied(self.model, self._layers, type(self).__name__)
         check_trains_layers(optimizer, self._layers, self.model)
+        guard_attention(self.model, type(self).__name__)
         self.sync_ranks, self.process_group = sync_ranks, process_group
         self.current, targets = {}, {}
         for name, layer in self._layers:

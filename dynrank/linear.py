@@ -342,7 +342,10 @@ class FusedLowRankLinear(FormLayer):
 
         Raises:
             TypeError: ``linear`` has no 2-D weight, or its dtype is not floating-point; an
-                ``nn.Linear`` subclass that overrides ``forward`` (see :func:`own_computation`).
+                ``nn.Linear`` subclass that overrides ``forward`` (see :func:`own_computation`);
+                a reparametrized or pruned weight or bias (``torch.nn.utils.parametrize``, the
+                hook-based ``weight_norm``/``spectral_norm``, ``torch.nn.utils.prune``; see
+                :func:`reparametrization`): remove it first, or keep the layer dense.
             ValueError: invalid rank or form; a weight with NaN/inf entries (lowrank form); an
                 ``nn.LazyLinear`` not run yet (its parameters have no shape).
         """
@@ -400,8 +403,8 @@ class FusedLowRankLinear(FormLayer):
         (a weight or bias of another shape: one passed in by ``torch.func.functional_call``)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+        if DF.last_size(x) != self.in_features:       # a nested input's too, which has no shape
+            raise ValueError(f"input must have shape (..., {self.in_features}), got {DF.shape_of(x)}")
         expected = {"weight": (self.out_features, self.in_features), "bias": (self.out_features,)}
         for name, t in (("weight", weight), ("bias", bias)):
             if t is None:

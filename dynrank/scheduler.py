@@ -38,6 +38,7 @@ from ._checks import (call_back, check_copy, check_finite, check_layer_names, ch
 from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
 from ._optim import (clear_state, drop_frozen_adapter_params, manage, params_before, pullback_state,
                      pushforward_state, replace_params, switched_params)
+from .convert import guard_attention
 from .distributed import _remember_ddp, _retire_stale, _sync_layers
 
 __all__ = ["DynamicRankScheduler", "OPTIMIZER_STATES", "form_layers", "check_deflate_rank_value"]
@@ -181,6 +182,19 @@ class DynamicRankScheduler:
     factor is reparametrized (``torch.nn.utils.parametrize``) is refused
     before any layer switches.
 
+    torch's transformer modules: building the scheduler guards them as
+    :func:`~dynrank.convert_model` does, for dynrank layers put in by hand
+    (``from_dense`` on an existing layer) or wrapped in an encoder after
+    conversion.  An ``nn.TransformerEncoderLayer`` with a dynrank ``linear1``
+    or ``linear2`` gets a no-op forward pre-hook and an
+    ``nn.TransformerEncoder`` holding a dynrank layer has
+    ``use_nested_tensor`` turned off, since torch's fused inference path
+    reads ``linear1.weight`` (W_f alone in adapter form, None in lowrank
+    form); build the scheduler on the module that holds the encoder, not on
+    one of its layers.  A dynrank layer inside an ``nn.MultiheadAttention``
+    (its ``out_proj``) is refused: that module reads the weight directly, so
+    only the full form computes there.
+
     One scheduler per layer: building a second one over a layer (the same
     model, or part of it) takes the layer from the first, which from then on
     refuses to step or load while it lives (two would switch the layer back
@@ -263,8 +277,9 @@ class DynamicRankScheduler:
         ValueError: negative epochs, D ≤ I, both None, unknown options, a
             ``deflate_rank`` invalid for a layer or naming an unknown layer,
             a model with no dynrank layers, an optimizer holding one layer's
-            factors in different param groups, or one holding no trainable
-            parameter of any layer (built before ``convert_model``).
+            factors in different param groups, one holding no trainable
+            parameter of any layer (built before ``convert_model``), or a
+            dynrank layer inside an ``nn.MultiheadAttention`` (the message names it).
 
     Example:
         >>> import torch
@@ -301,6 +316,7 @@ class DynamicRankScheduler:
         check_one_group(optimizer, self._layers)
         check_trains_layers(optimizer, self._layers, self.model)
         check_untied(self.model, self._layers, type(self).__name__)
+        guard_attention(self.model, type(self).__name__)
         _remember_ddp(model)
         if self.sync_ranks:
             _sync_layers(self._layers, group=self.process_group)

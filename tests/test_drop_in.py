@@ -1,5 +1,6 @@
 """Drop-in behaviour of the layers: parameter order, geometry edits after construction, the input passed
-by keyword (``input=``), torch.fx symbolic tracing, and the message for an input that is not floating-point."""
+by keyword (``input=``), torch.fx symbolic tracing, the message for an input that is not floating-point, and
+dynrank layers inside torch's transformer modules."""
 
 import copy
 import io
@@ -11,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from _helpers import REL_TOL, rel_err
-from dynrank import FusedLowRankLinear, convert_model
+from dynrank import DynamicRankScheduler, FusedLowRankLinear, IncrementalRankScheduler, convert_model
 from dynrank.conv import LowRankConv2d
 from dynrank.functional import lowrank_linear
 from dynrank.kernels.conv_merge import reference_kernel
@@ -458,3 +459,71 @@ def test_forward_mode_ad_through_the_conv_layer(config):
     x, t = torch.randn(2, 4, 5, 6, dtype=F64), torch.randn(2, 4, 5, 6, dtype=F64)
     expected = F.conv2d(t, effective_kernel(layer), None, layer.stride, layer.padding, layer.dilation)
     assert rel_err(_tangent(layer, x, t), expected) < TOL
+
+
+# -- dynrank layers inside torch's transformer modules ---------------------------------------------
+
+def _scheduler(model, form, kind="dynamic"):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if kind == "inrank":
+        return IncrementalRankScheduler(model, optimizer)
+    return DynamicRankScheduler(model, optimizer, inflate_epoch=1 if form == "lowrank" else None, deflate_epoch=2)
+
+
+def _without_fast_path(model, *args, **kwargs):
+    """The model's output with torch's fused transformer path off: each layer calls its linears."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return model(*args, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "inrank"])
+@pytest.mark.parametrize("built", ["by hand", "by hand, in an encoder", "convert_model, then an encoder"])
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_the_scheduler_keeps_torch_encoders_off_their_fused_path(form, built, kind):
+    # The fused path and the encoder's nested tensors read linear1.weight: W_f alone in adapter form, None in
+    # lowrank form.  convert_model turns them off for the layers it converts; the scheduler does for the rest.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, dtype=F64)
+    if built.startswith("convert_model"):
+        convert_model(layer, form=form, keep_last=False)
+    else:
+        layer.linear1 = FusedLowRankLinear.from_dense(layer.linear1, rank=4, form=form)
+        layer.linear2 = FusedLowRankLinear.from_dense(layer.linear2, rank=4, form=form)
+    with torch.no_grad():
+        for linear in (layer.linear1, layer.linear2):
+            linear.A.normal_()                  # an adapter that changes the output
+    model = layer if built == "by hand" else nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+    _scheduler(model, form, kind)
+    model.eval()
+    x = torch.randn(3, 5, 16, dtype=F64)
+    pads = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    with torch.no_grad():
+        for kwargs in ({}, {"src_key_padding_mask": pads}):
+            expected = _without_fast_path(model, x, **kwargs)
+            if form == "adapter":
+                plain = copy.deepcopy(model)
+                for linear in plain.modules():
+                    if isinstance(linear, FusedLowRankLinear):
+                        linear.A.zero_()
+                assert rel_err(expected, _without_fast_path(plain, x, **kwargs)) > 1e-2
+            assert rel_err(model(x, **kwargs), expected) < TOL
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "inrank"])
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+def test_the_scheduler_refuses_a_dynrank_layer_inside_multihead_attention(form, kind):
+    # nn.MultiheadAttention computes with out_proj.weight itself: no factor of out_proj would ever run.
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True))
+    attention = model[0].self_attn
+    attention.out_proj = FusedLowRankLinear.from_dense(attention.out_proj, rank=4, form=form)
+    # InRank manages lowrank and adapter layers: a full out_proj beside one it manages is refused too.
+    managed = "lowrank" if kind == "inrank" and form == "full" else form
+    model[0].linear1 = FusedLowRankLinear.from_dense(model[0].linear1, rank=4, form=managed)
+    with pytest.raises(ValueError, match=rf"'0\.self_attn\.out_proj' is a FusedLowRankLinear in {form} form inside "
+                                         rf"nn\.MultiheadAttention, which reads its weight directly"):
+        _scheduler(model, managed, kind)
+    assert not model[0]._forward_pre_hooks      # refused before the encoder layer is guarded

@@ -135,7 +135,7 @@ def test_nested_input_as_nn_linear_takes_it(backend, form, layout):
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning")
 @pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
-@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
 def test_nested_input_of_the_wrong_size_is_named(backend, form, layout):
     layer = FusedLowRankLinear(6, 9, rank=2, form=form)
     x = torch.nested.nested_tensor([torch.randn(3, 5), torch.randn(2, 5)], layout=layout)
