@@ -24,7 +24,8 @@ This script checks that on the GPU, each row against float64:
    the default configs, so a wrong config shows up beyond the one shape the tests hold.
 
 Each row prints as it is done (the file is written as it goes), so a timeout still leaves
-everything measured before it.
+everything measured before it.  A result not within its tolerance, NaN included, counts as wrong,
+and the script exits 1 when any counted row is wrong.
 
     python benchmarks/diagnose_engine.py --out diagnose.md            # CUDA, compiled kernels
     TRITON_INTERPRET=1 python benchmarks/diagnose_engine.py --dry-run # CPU, interpreter, tiny grid
@@ -169,7 +170,7 @@ def main(argv=None):
     emit("| change | config | rel. error | result |\n|---|---|---|---|")
     for label, kwargs, config in variants(device):
         err, tol = _check(**kwargs, config=config)
-        wrong += err >= tol
+        wrong += not err < tol          # not `err >= tol`: a NaN result (False both ways) is wrong too
         shown = "default" if config is None else " ".join(f"{k}={v}" for k, v in config.items() if k != "GROUP_M")
         emit(f"| {label} | {shown} | {err:.2e} | {'ok' if err < tol else 'WRONG'} |")
     err, tol = _check_specialized_m(device)
@@ -184,7 +185,7 @@ def main(argv=None):
             err, _ = _check(x, weight.t(), x @ B * 0.75, A.t(), bias)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
-        wrong += err >= TF32_TOL
+        wrong += not err < TF32_TOL
         emit(f"| input_precision tf32 (allow_tf32) | default | {err:.2e} | {'ok' if err < TF32_TOL else 'WRONG'} |")
 
     emit("\nSmall shapes through the default configs (adapter forward: both products and bias):\n")
@@ -197,7 +198,7 @@ def main(argv=None):
         x, weight, A, B, bias = _operands(M, K, N, R, dtype, device)
         err, tol = _check(x, weight.t(), (x @ B).to(dtype), A.t(), bias)
         done += 1
-        if err >= tol:
+        if not err < tol:
             wrong += 1
             config = _default_config(M, N, dtype) if device.type == "cuda" else {}
             shown = " ".join(f"{k}={v}" for k, v in config.items() if k != "GROUP_M")

@@ -99,7 +99,8 @@ def _slim_result(path):
 def _tidy_runs(runs, log):
     """Keep in each run folder under ``runs`` what the repository commits: config.json and the
     schedule folders' kept files (compare tables, plots, monitor.json and model files go), with
-    slim result.json files."""
+    slim result.json files.  A schedule folder is one holding metrics.json or checkpoint.pt: a run
+    stopped during its first epoch has only its checkpoint, which the next session resumes from."""
     for name in sorted(os.listdir(runs)):
         run = os.path.join(runs, name)
         if name == "plots" or not os.path.isfile(os.path.join(run, "config.json")):
@@ -107,7 +108,8 @@ def _tidy_runs(runs, log):
         dropped = []
         for entry in sorted(os.listdir(run)):
             path = os.path.join(run, entry)
-            if os.path.isdir(path) and os.path.isfile(os.path.join(path, "metrics.json")):
+            if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f))
+                                           for f in ("metrics.json", "checkpoint.pt")):
                 for file in sorted(os.listdir(path)):
                     if not _kept(file):
                         os.remove(os.path.join(path, file))
@@ -339,14 +341,17 @@ def fold_run(source, results_dir, output, note, new=False, log=print):
     ``output`` (a file) goes to the run's log under ``# note``.  Returns the committed folder.
 
     Raises:
-        ValueError: naming the file or folder, before anything committed is touched: no committed run
-            to continue (or, with ``new``, one already there), no dynrank-train output folder, a
-            config.json, metrics.json or result.json that is not valid JSON (a copy cut short), or
-            with ``new`` a folder name other than the driver's.
+        ValueError: naming the file or folder, before anything committed is touched: ``source`` is the
+            committed folder itself, no committed run to continue (or, with ``new``, one already there),
+            no dynrank-train output folder, a config.json, metrics.json or result.json that is not
+            valid JSON (a copy cut short), or with ``new`` a folder name other than the driver's.
     """
     name = os.path.basename(os.path.normpath(source))
     runs = os.path.join(results_dir, PAPER_FOLDER)
     target = os.path.join(runs, name)
+    if os.path.realpath(source) == os.path.realpath(target):
+        raise ValueError(f"{source}: this is the committed run itself; --run takes a copy of the run, "
+                         "trained further elsewhere")
     if new and os.path.exists(target):
         raise ValueError(f"{source}: {target} is already committed; fold a continued copy without --new")
     if not new and not os.path.isdir(target):

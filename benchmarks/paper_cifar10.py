@@ -33,6 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))     # paper_summary (finds the checkout)
 from paper_summary import environment, summarize  # noqa: E402  (puts the checkout on sys.path)
 from _bench_common import at_least  # noqa: E402
+from dynrank.convert import DECOMPOSITIONS  # noqa: E402
 
 DEFAULT_RUNS = ([f"{s}:svd:0" for s in ("full", "lowrank", "dynamic")]
                 + [f"{s}:{d}:0" for d in ("tucker", "cp", "tkd-cpd") for s in ("dynamic", "lowrank")]
@@ -41,7 +42,12 @@ DEFAULT_RUNS = ([f"{s}:svd:0" for s in ("full", "lowrank", "dynamic")]
 
 
 def parse_run(text):
-    """``schedule:decomposition:seed[:I-D]`` → (schedule, decomposition, seed, (I, D) or None)."""
+    """``schedule:decomposition:seed[:I-D]`` → (schedule, decomposition, seed, (I, D) or None).
+
+    Raises:
+        argparse.ArgumentTypeError: a spec of another form, or a decomposition other than
+            dynrank's (svd, tucker, cp, tkd-cpd).
+    """
     parts = text.split(":")
     placement = None
     if len(parts) == 4 and parts[0] == "dynamic":
@@ -53,7 +59,16 @@ def parse_run(text):
         raise argparse.ArgumentTypeError(f"a run is schedule:decomposition:seed, e.g. dynamic:svd:0, or for a "
                                          f"dynamic run with its own full-rank phase dynamic:svd:0:25-75 "
                                          f"(inflate < deflate); got {text!r}")
+    if parts[1] not in DECOMPOSITIONS:
+        raise argparse.ArgumentTypeError(f"a run's decomposition is one of {', '.join(DECOMPOSITIONS)}, "
+                                         f"got {parts[1]!r} in {text!r}")
     return parts[0], parts[1], int(parts[2]), placement
+
+
+def _spec_text(spec):
+    """The ``schedule:decomposition:seed[:I-D]`` of a parsed run spec (see :func:`parse_run`)."""
+    schedule, decomposition, seed, placement = spec
+    return f"{schedule}:{decomposition}:{seed}" + (f":{placement[0]}-{placement[1]}" if placement else "")
 
 
 def run_dir(out, schedule, decomposition, seed, placement=None):
@@ -340,6 +355,15 @@ def main(argv=None):
         parser.error(f"--parallel must be ≥ 1, got {args.parallel}")
     if args.threads < 1:
         parser.error(f"--threads must be ≥ 1, got {args.threads}")
+    folders = {}
+    for spec in args.runs:     # two runs in one folder would train over each other's files
+        folder = run_dir(args.out, *spec)
+        if folder in folders:
+            first = folders[folder]
+            why = " (a full run's folder does not name its decomposition)" if first[1] != spec[1] else ""
+            parser.error(f"--runs {_spec_text(first)} and {_spec_text(spec)} both run in {folder}{why}; "
+                         "give each run once")
+        folders[folder] = spec
     if args.summarize_only and not os.path.isdir(args.out):
         parser.error(f"--summarize-only: no run folder at {args.out}")
     code = 0 if args.summarize_only else run_all(args)

@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sweep_tiles import _median_seconds, parse_sweep_args  # noqa: E402  (shared with the engine sweep)
+from sweep_tiles import _median_seconds, parse_sweep_args, wrong  # noqa: E402  (shared with the engine sweep)
 
 try:
     import dynrank  # noqa: F401
@@ -108,7 +108,7 @@ def main(argv=None):
                 with open(args.out, "w", encoding="utf-8") as handle:
                     handle.write(text + table)
         text += table + "\n"
-        bad += [r for r in rows if r[3] is not None and r[3] > (1e-2 if dtype == torch.bfloat16 else 1e-5)]
+        bad += [r for r in rows if wrong(r[3], 1e-2 if dtype == torch.bfloat16 else 1e-5)]
     print(text)
     return 1 if bad else 0
 

@@ -49,3 +49,19 @@ def test_out_folder_is_created(diagnose, tmp_path):
     out = tmp_path / "new" / "diagnose.md"
     assert diagnose.main(["--dry-run", "--budget-s", "0", "--out", str(out)]) == 0
     assert out.read_text().startswith("# GEMM engine diagnosis")
+
+
+def test_a_nan_result_is_counted_wrong(diagnose, tmp_path, monkeypatch):
+    """A launch that writes NaN (NaN compares False both ways) is wrong in the variants, the grid and the count."""
+    import dynrank.kernels
+    real = dynrank.kernels.lowrank_gemm
+
+    def writes_nan(*args, **kwargs):
+        return real(*args, **kwargs) * float("nan")
+    monkeypatch.setattr(dynrank.kernels, "lowrank_gemm", writes_nan)
+    out = tmp_path / "diagnose.md"
+    assert diagnose.main(["--dry-run", "--out", str(out)]) == 1
+    variants, grid = out.read_text().split("Small shapes")
+    assert variants.count("| nan | WRONG |") == 8
+    assert grid.count("nan WRONG |") == 2
+    assert "10 wrong result(s) in all" in grid

@@ -493,3 +493,38 @@ def test_a_paper_archive_with_a_broken_run_json_is_refused_before_anything_is_fo
                                        "result.json: not valid JSON (Expecting value: line 1 column 14 (char 13)); "
                                        "nothing was folded")
     assert _tree(results) == before
+
+
+def test_a_run_stopped_in_its_first_epoch_keeps_its_checkpoint(folder, tmp_path):
+    """A run stopped before its first epoch ended has config.json and <schedule>/checkpoint.pt, no
+    metrics.json; paper-checkpoints.tgz brings the checkpoint, which the next session resumes from."""
+    session, results = tmp_path / "session", tmp_path / "results"
+    session.mkdir()
+    run = "cifar10-resnet20/lowrank-svd-seed0"
+    config = json.dumps(dict(schedule="lowrank", decomposition="svd", seed=0, epochs=150))
+    _tgz(session / "paper.tgz", {f"{run}/config.json": config, f"{run}/lowrank/monitor.json": "{}",
+                                 f"{run}/stray/monitor.json": "{}"})
+    _tgz(session / "paper-checkpoints.tgz", {f"{run}/lowrank/checkpoint.pt": b"epoch 0, batch 137"})
+    log = []
+    assert folder.fold(str(session), str(results), log=log.append) == [str(results / "cifar10-resnet20")]
+    assert _tree(results / run) == {"config.json": config.encode(), "lowrank/checkpoint.pt": b"epoch 0, batch 137"}
+    assert "lowrank-svd-seed0: not committed, dropped lowrank/monitor.json, stray" in log
+
+
+def test_run_refuses_the_committed_folder_itself(folder, tmp_path, capsys):
+    """--run takes a copy: the committed folder itself (or a link to it) was copied onto itself, a SameFileError."""
+    results = tmp_path / "results"
+    before = _committed_run(results)
+    committed = results / "cifar10-resnet20" / "lowrank-svd-seed0"
+    link = tmp_path / "link" / "lowrank-svd-seed0"
+    link.parent.mkdir()
+    link.symlink_to(committed)
+    output = tmp_path / "out.txt"
+    output.write_text("epoch 3\n")
+    for run in (committed, link):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            folder.main(["--run", str(run), "--output", str(output), "--note", "resumed", "--results", str(results)])
+        _argparse_error(capsys, exit_info, f"{run}: this is the committed run itself; --run takes a copy of the run, "
+                                           "trained further elsewhere")
+        assert _tree(results) == before

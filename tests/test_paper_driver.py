@@ -365,3 +365,27 @@ def test_placement_study_plots_the_accuracy_curves(driver, tmp_path):
     # Without the placement runs there is no study, so no plot.
     os.rename(tmp_path / "dynamic-svd-I1-D2-seed0", tmp_path.parent / "moved-away")
     assert driver.summarize(str(tmp_path))["placement_plot"] is None
+
+
+@pytest.mark.parametrize("runs, first, second, folder, why", [
+    (["full:svd:0", "lowrank:svd:0", "full:tucker:0"], "full:svd:0", "full:tucker:0", "full-seed0",
+     " (a full run's folder does not name its decomposition)"),
+    (["lowrank:svd:0", "lowrank:svd:0"], "lowrank:svd:0", "lowrank:svd:0", "lowrank-svd-seed0", ""),
+    (["dynamic:svd:1:25-75", "dynamic:svd:01:25-75"], "dynamic:svd:1:25-75", "dynamic:svd:1:25-75",
+     "dynamic-svd-I25-D75-seed1", "")])
+def test_two_runs_in_one_folder_are_refused(driver, tmp_path, capsys, monkeypatch, runs, first, second, folder, why):
+    """Both runs used to start at once with the same --out: one failed after training, their logs interleaved."""
+    monkeypatch.setattr(driver.subprocess, "Popen", lambda *a, **k: pytest.fail("a run was started"))
+    with pytest.raises(SystemExit) as exit_info:
+        driver.main(["--device", "cpu", "--out", str(tmp_path), "--runs", *runs])
+    assert exit_info.value.code == 2
+    expected = f"error: --runs {first} and {second} both run in {tmp_path / folder}{why}; give each run once\n"
+    assert expected in capsys.readouterr().err
+
+
+def test_an_unknown_decomposition_is_refused(driver, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        driver.main(["--runs", "full:svd:0", "lowrank:tuker:0", "--summarize-only", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert ("error: argument --runs: a run's decomposition is one of svd, tucker, cp, tkd-cpd, "
+            "got 'tuker' in 'lowrank:tuker:0'\n") in capsys.readouterr().err

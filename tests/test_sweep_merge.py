@@ -44,3 +44,21 @@ def test_out_is_checked_before_any_shape_runs(sweep, tmp_path, monkeypatch, caps
     out = tmp_path / "new" / "folder" / "sweep.md"
     assert sweep.main(["--dry-run", "--out", str(out)]) == 0
     assert "| 40×72 r16 | copy of W | - | - | - | - |" in out.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("error, code", [(1e-6, 0), (1e-2, 1), (float("nan"), 1)])
+def test_a_row_not_within_tolerance_fails_the_run(sweep, monkeypatch, capsys, error, code):
+    """Exit 1 for a merge off by the dtype's tolerance or more, and for NaN (False both ways in a comparison)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")     # what --dry-run sets; put back afterwards
+    monkeypatch.setattr(sweep, "sweep", lambda shapes, *args: [
+        ("40×72 r16", "copy of W", None, None), ("40×72 r16", "merge kernel 64×128 w8 s2", None, error)])
+    assert sweep.main(["--dry-run"]) == code
+    assert f"| 40×72 r16 | merge kernel 64×128 w8 s2 | - | - | - | {error:.2g} |" in capsys.readouterr().out
+
+
+def test_repeats_below_one_are_refused(sweep, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--dry-run", "--repeats", "0"])
+    assert exit_info.value.code == 2
+    assert "error: argument --repeats: expected an integer ≥ 1, got '0'\n" in capsys.readouterr().err

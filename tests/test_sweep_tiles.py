@@ -43,3 +43,24 @@ def test_out_is_checked_before_any_shape_runs(tmp_path, monkeypatch, capsys):
     out, message = bad_outs(tmp_path, "sweep.md")["under a file"]
     assert_out_refused_before_work(sweep, "sweep", ["--dry-run"], out, message,
                                    monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("error, code", [(0.0, 0), (0.49, 0), (0.5, 1), (3.0, 1), (float("nan"), 1)])
+def test_a_row_not_within_tolerance_fails_the_run(tmp_path, monkeypatch, error, code):
+    """Exit 1 for an error of 0.5 or more, and for NaN (a launch that writes NaN compares False both ways)."""
+    sweep = load_script("benchmarks/sweep_tiles.py", "dynrank_sweep_tiles")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")     # what --dry-run sets; put back afterwards
+    monkeypatch.setattr(sweep, "sweep", lambda shapes, *args: [
+        ("T40 K=N=48", "cuBLAS dense x·W_fᵀ", None, None), ("T40 K=N=48", "engine 32×32×16 w4 s2", None, error)])
+    out = tmp_path / "sweep.md"
+    assert sweep.main(["--dry-run", "--out", str(out)]) == code
+    assert f"| T40 K=N=48 | engine 32×32×16 w4 s2 | - | - | - | {error:.3g} |" in out.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("repeats", ["0", "-3"])
+def test_repeats_below_one_are_refused(capsys, repeats):
+    sweep = load_script("benchmarks/sweep_tiles.py", "dynrank_sweep_tiles")
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_sweep_args(sweep.__doc__, "sweep_tiles.py", ["--dry-run", "--repeats", repeats])
+    assert exit_info.value.code == 2
+    assert f"error: argument --repeats: expected an integer ≥ 1, got {repeats!r}\n" in capsys.readouterr().err
