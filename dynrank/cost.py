@@ -189,8 +189,8 @@ def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
                 pass                                   # the scheduler deflated at the rank the layer had
             elif name in seen:
                 lowrank_rank = seen[name]
-            elif module._lowrank_rank is not None:
-                lowrank_rank = module._lowrank_rank            # the layer was lowrank at that rank here
+            elif _known_lowrank_rank(module) is not None:
+                lowrank_rank = _known_lowrank_rank(module)   # the layer was lowrank at that rank here
             else:
                 unknown.append(name)
         else:
@@ -208,6 +208,13 @@ def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
         adapter.append(counts["adapter"])
     other = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in factorized_ids)
     return layers, adapter, other, unknown
+
+
+def _known_lowrank_rank(layer):
+    """The rank ``layer`` has in lowrank form as far as it knows: its rank, unless it is in adapter form;
+    then the rank it last had in lowrank form in this process (None where it had none here, as after a
+    checkpoint load).  :func:`~dynrank.profile_forms` times its lowrank form at this rank too."""
+    return layer._lowrank_rank if layer.form == "adapter" else layer.rank
 
 
 def _params_behind(module, name):
@@ -485,16 +492,32 @@ def _records(run, what="run"):
     return list(records)
 
 
+def _where(rec, i):
+    return f" in record {i}" + (f" (epoch {rec['epoch']!r})" if "epoch" in rec else "")
+
+
 def _seconds(rec, i):
     """The record's wall_seconds: None (not timed), else a finite number ≥ 0."""
     seconds = rec.get("wall_seconds")
     if seconds is None:
         return None
-    where = f" in record {i}" + (f" (epoch {rec['epoch']!r})" if "epoch" in rec else "")
+    where = _where(rec, i)
     check_real(seconds, "wall_seconds", "a finite number ≥ 0 or None", where)
     if not 0.0 <= seconds < math.inf:
         raise ValueError(f"wall_seconds must be a finite number ≥ 0 or None, got {seconds!r}{where}")
     return float(seconds)
+
+
+def _form(rec, i):
+    """A timed record's form: a str (its seconds are grouped and reported under it)."""
+    if "form" not in rec:
+        raise ValueError(f"a timed record needs its 'form' (the form its seconds were timed in, e.g. 'lowrank'), "
+                         f"got none{_where(rec, i)} (keys {sorted(map(str, rec))})")
+    form = rec["form"]
+    if not isinstance(form, str):
+        raise TypeError(f"form must be a str (the form the seconds were timed in, e.g. 'lowrank'), got "
+                        f"{type(form).__name__} ({form!r}){_where(rec, i)}")
+    return form
 
 
 def epoch_times(run, skip_first=0):
@@ -503,7 +526,7 @@ def epoch_times(run, skip_first=0):
     Args:
         run: a :class:`~dynrank.RankMonitor` (live or loaded) or its ``records``
             (dicts with ``"form"`` and ``"wall_seconds"``; epochs whose
-            ``wall_seconds`` is None are left out).
+            ``wall_seconds`` is None are left out, the others need a ``form``).
         skip_first: drop this many epochs after each change of form (warm-up,
             kernel compilation); 0 keeps every epoch (the real cost).
 
@@ -514,8 +537,9 @@ def epoch_times(run, skip_first=0):
 
     Raises:
         TypeError: ``run`` is not a RankMonitor or a list of record dicts; a non-int ``skip_first``; a
-            ``wall_seconds`` that is not a number (nor None).
-        ValueError: a negative ``skip_first``; a ``wall_seconds`` that is negative, NaN or infinite.
+            ``wall_seconds`` that is not a number (nor None); a timed record's ``form`` that is not a str.
+        ValueError: a negative ``skip_first``; a ``wall_seconds`` that is negative, NaN or infinite; a
+            timed record without ``form``.  Each error names the record.
     """
     skip_first = _int(skip_first, "skip_first")
     out, last, since = {}, None, 0
@@ -524,7 +548,10 @@ def epoch_times(run, skip_first=0):
         since = since + 1 if form == last else 1
         last = form
         seconds = _seconds(rec, i)
-        if seconds is None or since <= skip_first:
+        if seconds is None:
+            continue
+        form = _form(rec, i)
+        if since <= skip_first:
             continue
         out.setdefault(form, []).append(seconds)
     return out
@@ -557,7 +584,9 @@ def measured_comp_ratio(run, epochs=None, inflate_epoch=None, deflate_epoch=None
         epochs, inflate_epoch, deflate_epoch: optional schedule E, I, D (None as
             in :func:`form_epochs`).
         full_epoch_seconds: t_full from a separate full-rank run (a finite number
-            > 0, or its RankMonitor); default: this run's full-form epochs.
+            > 0, or its RankMonitor); default: this run's full-form epochs.  A run
+            given here must time what ``run`` times: epochs (a RankMonitor) or steps
+            (a :class:`~dynrank.FormProfile`).
         skip_first: see :func:`epoch_times`.
 
     Returns:
@@ -567,7 +596,8 @@ def measured_comp_ratio(run, epochs=None, inflate_epoch=None, deflate_epoch=None
         TypeError: ``run`` / ``full_epoch_seconds`` of the wrong type; a ``wall_seconds`` that is not a
             number (see :func:`epoch_times`).
         ValueError: no full-form epoch time (or one of 0 s), a ``full_epoch_seconds``
-            that is not a finite number > 0, a negative, NaN or infinite ``wall_seconds``,
+            that is not a finite number > 0 or is a run timing steps where ``run`` times
+            epochs (or the other way round), a negative, NaN or infinite ``wall_seconds``,
             no timed epoch, a needed form has no recorded epoch, a bad schedule, or
             ``inflate_epoch``/``deflate_epoch`` without ``epochs``.  Epochs recorded as
             ``"mixed"`` stand for no form; where a needed form is missing and the run has
@@ -590,6 +620,13 @@ def measured_comp_ratio(run, epochs=None, inflate_epoch=None, deflate_epoch=None
         if not hasattr(full_epoch_seconds, "records") and not isinstance(full_epoch_seconds, (list, tuple)):
             raise TypeError(f"full_epoch_seconds must be seconds (a number) or a full-rank run (a RankMonitor or "
                             f"its records), got {type(full_epoch_seconds).__name__}")
+        run_unit, base_unit = _time_unit(run), _time_unit(_records(full_epoch_seconds, "full_epoch_seconds"))
+        if _records(run) and run_unit != base_unit:
+            # Seconds per step over seconds per epoch: off by the steps per epoch.
+            raise ValueError(f"full_epoch_seconds holds seconds per {base_unit} but run holds seconds per "
+                             f"{run_unit}: pass a full-rank baseline timed per {run_unit} (profile_forms' step "
+                             f"times beside a profile, a RankMonitor's epoch times beside a monitor), or t_full as "
+                             f"seconds per {run_unit}")
         base = {form: sum(v) / len(v)
                 for form, v in epoch_times(_records(full_epoch_seconds, "full_epoch_seconds"), skip_first).items()
                 if v}

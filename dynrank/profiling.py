@@ -7,12 +7,15 @@ give it.  The result reads like a :class:`~dynrank.RankMonitor`'s records, so
 wall-clock cost of a schedule before a single epoch is run.
 """
 
+import contextlib
 import copy
 import gc
+import random
 import statistics
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.prune import BasePruningMethod
@@ -22,6 +25,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from ._args import as_names, check_int
 from ._checks import form_layers, unwrap_model
 from ._forms import FORMS
+from .cost import _known_lowrank_rank
 
 __all__ = ["profile_forms", "FormProfile"]
 
@@ -153,17 +157,33 @@ def _hook_computed(model):
     return memo
 
 
+@contextlib.contextmanager
+def _rng_kept(devices):
+    """Put the global RNG states back on exit: Python's ``random``, numpy's and torch's (CPU and the
+    CUDA ``devices``), any of which a step may draw from (augmentation, sampling)."""
+    python_rng, numpy_rng = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
+
+
 @torch.no_grad()
 def _in_form(model, form):
     """A copy of ``model`` whose dynrank layers are all in ``form``, at their rank, freshly drawn.
 
     Values do not matter to a step's time, so every layer is re-allocated and drawn afresh as
-    construction draws it (a frozen layer stays frozen), instead of being fitted.
+    construction draws it (a frozen layer stays frozen), instead of being fitted.  The lowrank form
+    of a layer in adapter form is at the rank it last had in lowrank form, where it knows it, as
+    :func:`~dynrank.cost.param_counts` counts it (a deflate may have changed the rank).
     """
     twin = copy.deepcopy(model, _hook_computed(model))
     for _, layer in form_layers(twin):
         if layer.form != form:
-            layer._allocate(form, layer.rank)
+            rank = _known_lowrank_rank(layer) if form == "lowrank" else None
+            layer._allocate(form, layer.rank if rank is None else rank)
         layer.reset_parameters()
     return twin
 
@@ -173,13 +193,16 @@ def profile_forms(model, step, optimizer=None, forms=("full", "lowrank", "adapte
     """Time one training step of ``model`` in each form, side by side in one process.
 
     For each form: a deep copy of ``model`` with every dynrank layer in that form (at the layer's
-    rank; values drawn afresh, the model's own weights are never touched), a fresh optimizer
+    rank; in lowrank form, a layer now in adapter form at the rank it last had in lowrank form
+    where it knows it, as :func:`~dynrank.cost.param_counts` counts its lowrank epochs; values
+    drawn afresh, the model's own weights are never touched), a fresh optimizer
     ``optimizer(params)`` over the copy's trainable parameters, ``warmup`` untimed calls of
     ``step(copy, opt)``, then ``steps`` timed ones, each up to a device synchronize.  Layers other
     than dynrank's are copied as they are (a weight that a hook-based ``weight_norm``,
     ``spectral_norm`` or pruning computes is copied detached: its hook computes it again at the
-    copy's first forward).  The caller's RNG state (CPU and the model's GPU) is
-    restored afterwards, so profiling leaves a seeded run as it was.  One copy is alive at a time:
+    copy's first forward).  The caller's RNG states (Python's ``random``, numpy's global one, and
+    torch's on the CPU and the model's GPU) are restored afterwards, so profiling leaves a seeded
+    run as it was, whatever the step draws from.  One copy is alive at a time:
     the model's memory is needed once more while it runs.
 
     Args:
@@ -247,7 +270,7 @@ def profile_forms(model, step, optimizer=None, forms=("full", "lowrank", "adapte
     device = _device_of(module)
     seconds, trainable = {}, {}
     rng_devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
+    with _rng_kept(rng_devices):
         for form in forms:
             twin = _in_form(module, form)
             params = [p for p in twin.parameters() if p.requires_grad]

@@ -574,3 +574,51 @@ def test_the_report_says_what_its_seconds_are_per():
     assert str(report).splitlines()[-1] == \
         f"measured (wall-clock per epoch: adapter 3 s, full 4 s, lowrank 1.5 s): {expected:.4f}"
     assert cost_report(counts, 6, 2, 4).per == "epoch"
+
+
+def test_a_baseline_timing_another_unit_than_the_run_is_refused():
+    """A lowrank run at 7.8 s per epoch (390 steps of 20 ms) over a profile's 40 ms full step gave 195.0,
+    printed as the cost per epoch; the ratio is 0.5."""
+    from dynrank import FormProfile
+    profile = FormProfile(seconds={"full": [0.040] * 3, "lowrank": [0.020] * 3}, trainable={"full": 10, "lowrank": 5},
+                          device="cpu")
+    run = _run([("lowrank", 7.8)] * 3)
+    per_step_over_epoch = (r"full_epoch_seconds holds seconds per step but run holds seconds per epoch: pass a "
+                           r"full-rank baseline timed per epoch .*, or t_full as seconds per epoch$")
+    for baseline in (profile, profile.records):
+        with pytest.raises(ValueError, match=per_step_over_epoch):
+            measured_comp_ratio(run, 150, None, None, full_epoch_seconds=baseline)
+        with pytest.raises(ValueError, match=per_step_over_epoch):
+            cost_report(ParamCounts(10, 5, 0), 150, None, None, run=run, full_epoch_seconds=baseline)
+    with pytest.raises(ValueError, match=r"full_epoch_seconds holds seconds per epoch but run holds seconds per step"):
+        measured_comp_ratio(profile, 150, None, None, full_epoch_seconds=_run([("full", 15.6)]))
+    # Like beside like gives the ratio; an epoch time as a number is taken as it is.
+    baseline = _run([("full", 15.6), ("full", 15.6)])
+    assert measured_comp_ratio(run, 150, None, None, full_epoch_seconds=baseline) == pytest.approx(0.5, rel=1e-15)
+    assert measured_comp_ratio(run, 150, None, None, full_epoch_seconds=15.6) == pytest.approx(0.5, rel=1e-15)
+    fast = FormProfile(seconds={"full": [0.040]}, trainable={"full": 10}, device="cpu")
+    slow = FormProfile(seconds={"lowrank": [0.010, 0.030]}, trainable={"lowrank": 5}, device="cpu")
+    assert measured_comp_ratio(slow, 4, None, None, full_epoch_seconds=fast) == pytest.approx(0.5, rel=1e-15)
+
+
+def test_a_timed_record_without_a_form_is_refused_by_name():
+    """A record without "form" was grouped under None: cost_report computed, then print(report) raised
+    TypeError from sorting None beside the form names."""
+    run = [{"form": "lowrank", "wall_seconds": 1.0}, {"form": "full", "wall_seconds": 4.0},
+           {"form": "adapter", "wall_seconds": 3.0}, {"wall_seconds": 9.0}]
+    missing = re.escape("a timed record needs its 'form' (the form its seconds were timed in, e.g. 'lowrank'), "
+                        "got none in record 3 (keys ['wall_seconds'])")
+    for call in (lambda r: epoch_times(r), lambda r: measured_comp_ratio(r),
+                 lambda r: cost_report(ParamCounts(1000, 600, 0), 10, 3, 7, run=r)):
+        with pytest.raises(ValueError, match=f"^{missing}$"):
+            call(run)
+    run[3] = {"epoch": 5, "form": None, "wall_seconds": 9.0}
+    with pytest.raises(TypeError, match=re.escape("form must be a str (the form the seconds were timed in, e.g. "
+                                                  "'lowrank'), got NoneType (None) in record 3 (epoch 5)") + "$"):
+        cost_report(ParamCounts(1000, 600, 0), 10, 3, 7, run=run)
+    # An untimed record is left out, form or not; the report of the others prints.
+    run[3] = {"epoch": 5, "wall_seconds": None}
+    report = cost_report(ParamCounts(1000, 600, 0), 10, 3, 7, run=run)
+    assert report.measured_ratio == pytest.approx((3 * 1.0 + 4 * 4.0 + 3 * 3.0) / (10 * 4.0), rel=1e-15)
+    assert str(report).splitlines()[-1] == \
+        f"measured (wall-clock per epoch: adapter 3 s, full 4 s, lowrank 1 s): {report.measured_ratio:.4f}"

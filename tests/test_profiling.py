@@ -1,8 +1,10 @@
 """profile_forms: one copy per form, the step timed on a fake clock, the model and RNG left alone."""
 
+import random
 import re
 import types
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from torch import nn
 import dynrank
 from dynrank import profiling
 from dynrank._forms import FormLayer
+from dynrank.linear import FusedLowRankLinear
 from dynrank.cost import cost_report, param_counts
 
 # Seconds one step takes on the fake clock, per form of the copy's layers.
@@ -267,3 +270,62 @@ def test_a_dynrank_layer_under_hook_based_weight_norm_is_profiled_in_its_form(mo
     assert profile.trainable["full"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert twins[0][0].weight_g.grad is not None and twins[0][0].weight_v.grad is not None
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_an_adapter_layer_deflated_at_another_rank_is_timed_lowrank_at_its_lowrank_rank(monkeypatch):
+    """A layer lowrank at rank 4, then deflated to rank 8 (a scheduler's deflate_rank), was timed in lowrank
+    form at rank 8 while param_counts and cost_report count its lowrank epochs at rank 4."""
+    model = mlp()                                  # layer 0: 12 → 16 at rank 3, layer 2: 16 → 16 at rank 4
+    for layer, rank in ((model[0], 1), (model[2], 8)):
+        layer.inflate()
+        layer.deflate(rank=rank)
+    x, y = torch.randn(5, 12), torch.arange(5) % 3
+    clock = FakeClock(monkeypatch)
+    ranks = {}
+
+    def step(twin, optimizer):
+        timed_step(clock, x, y)(twin, optimizer)
+        ranks[twin[0].form] = tuple(m.rank for m in twin.modules() if isinstance(m, FormLayer))
+
+    profile = dynrank.profile_forms(model, step, steps=1, warmup=0, log=None)
+    assert ranks == {"full": (1, 8), "lowrank": (3, 4), "adapter": (1, 8)}
+    head = 16 * 3 + 3
+    assert profile.trainable == {"full": (12 * 16 + 16) + (16 * 16 + 16) + head,
+                                 "lowrank": (3 * 28 + 16) + (4 * 32 + 16) + head,
+                                 "adapter": (1 * 28 + 16) + (8 * 32 + 16) + head}
+    counts = param_counts(model)
+    assert (counts.full, counts.lowrank) == (profile.trainable["full"], profile.trainable["lowrank"])
+    assert cost_report(model, 10, 3, 7, run=profile).counts.lowrank == profile.trainable["lowrank"]
+    assert (model[0].form, model[0].rank, model[2].form, model[2].rank) == ("adapter", 1, "adapter", 8)
+    # A layer that was never lowrank here (built in adapter form) is timed, and counted, at its rank.
+    built = nn.Sequential(FusedLowRankLinear(12, 16, rank=2, form="adapter"), nn.ReLU(), nn.Linear(16, 3))
+    ranks.clear()
+    profile = dynrank.profile_forms(built, step, forms="lowrank", steps=1, warmup=0, log=None)
+    assert ranks["lowrank"] == (2,)
+    assert profile.trainable["lowrank"] == param_counts(built).lowrank == 2 * 28 + 16 + head
+
+
+def test_pythons_and_numpys_rng_are_put_back(monkeypatch):
+    """Only torch's RNG was restored: a step drawing from random or numpy (augmentation) left a seeded run
+    changed after profiling."""
+    model = mlp()
+    x, y = torch.randn(5, 12), torch.arange(5) % 3
+    clock = FakeClock(monkeypatch)
+
+    def step(twin, optimizer):
+        noise = random.random() + float(np.random.rand())
+        timed_step(clock, x + noise, y)(twin, optimizer)
+
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    python_rng, numpy_rng, torch_rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    dynrank.profile_forms(model, step, steps=2, warmup=1, log=None)
+    assert len(clock.calls) == 9
+    assert random.getstate() == python_rng and torch.equal(torch.get_rng_state(), torch_rng)
+    after = np.random.get_state()
+    assert after[0] == numpy_rng[0] and np.array_equal(after[1], numpy_rng[1]) and after[2:] == numpy_rng[2:]
+    # and where the step raises, they are put back too
+    with pytest.raises(ZeroDivisionError):
+        dynrank.profile_forms(model, lambda twin, optimizer: (random.random(), np.random.rand(), 1 / 0), log=None)
+    assert random.getstate() == python_rng and np.array_equal(np.random.get_state()[1], numpy_rng[1])
