@@ -401,6 +401,52 @@ def test_interrupted_run_resumes_to_the_same_final_state(tmp_path, monkeypatch, 
     assert "already finished" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:layers .* have NaN or infinite weights:RuntimeWarning")
+@pytest.mark.parametrize("schedule", ["dynamic", "compare"])
+def test_a_dynamic_run_that_diverges_is_a_one_line_error_and_keeps_its_checkpoint(tmp_path, capsys, schedule,
+                                                                                restore_threads):
+    """The scheduler refuses to switch NaN weights (a ValueError): at lr 1e6 the inflate ended the run, and
+    every --resume, in a traceback; the full and lowrank runs of a compare job finish with NaN."""
+    out = tmp_path / "run"
+    argv = TINY_GPT + ["--schedule", schedule, "--epochs", "3", "--milestones", "2", "--inflate-epoch", "1",
+                       "--deflate-epoch", "2", "--lr", "1e6", "--out", str(out)]
+    message = re.compile(r"dynrank-train: error: the dynamic run diverged by epoch 1 \(train loss nan\): layer "
+                         r"'blocks\.0\.[a-z.]+' has non-finite values in [A-Za-z]+; it cannot switch forms at "
+                         r"epoch 2\. Start a new run \(--out\) with a lower --lr than 1e\+06; a --resume stops "
+                         r"here again\n")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.search(err) and "Traceback" not in err
+    checkpoint = (out / "dynamic" / "checkpoint.pt").read_bytes()
+    assert torch.load(out / "dynamic" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert cli.main(["--resume", str(out)]) == 2
+    assert message.search(capsys.readouterr().err)
+    assert (out / "dynamic" / "checkpoint.pt").read_bytes() == checkpoint
+    if schedule == "compare":           # the dense and fixed low-rank runs finished, with NaN
+        for finished in ("full", "lowrank"):
+            result = json.loads((out / finished / "result.json").read_text())
+            assert np.isnan(result["final"]["train_loss"])
+
+
+def test_only_a_layer_due_to_switch_with_nan_weights_is_a_divergence():
+    from dynrank import DynamicRankScheduler, convert_model
+    from dynrank.train.loop import Diverged, _refuse_diverged
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    convert_model(model, rank_ratio=0.5, form="lowrank", keep_last=False)
+    scheduler = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 2, epochs=3)
+    cfg = dict(lr=0.1)
+    _refuse_diverged(scheduler, 1, "dynamic", cfg, [])             # finite: nothing to say
+    with torch.no_grad():
+        model[1].A[0, 0] = float("nan")
+    _refuse_diverged(scheduler, 0, "dynamic", cfg, [])             # no layer switches at epoch 0
+    with pytest.raises(Diverged, match=r"^the dynamic run diverged: layer '1' has non-finite values in A; it "
+                                       r"cannot switch forms at epoch 2\. Start a new run \(--out\) with a "
+                                       r"lower --lr than 0\.1; a --resume stops here again$"):
+        _refuse_diverged(scheduler, 1, "dynamic", cfg, [])
+    assert scheduler.forms() == {"0": "lowrank", "1": "lowrank"}
+
+
 @pytest.mark.parametrize("saved", ["named", "older"])
 def test_a_run_resumed_elsewhere_names_the_device_of_each_epoch(tmp_path, monkeypatch, saved, capsys):
     original = _ctrl_c_after(monkeypatch, 1, 0)
@@ -506,6 +552,14 @@ def test_module_entry_point_help():
     assert done.returncode == 0
     for flag in ("--preset", "--schedule", "--rank-ratio", "--full-rank-fraction", "--resume", "--download"):
         assert flag in done.stdout
+
+
+def test_the_help_gives_the_gpts_default_steps_per_epoch():
+    # It said "one pass" (844 batches at the main job's size); the GPT takes the main job's 120.
+    help_text = " ".join(cli.build_parser().format_help().split())
+    steps = _config(["--model", "gpt"])["steps_per_epoch"]
+    assert steps == cli.MAIN_JOB["steps_per_epoch"] == 120
+    assert f"batches per epoch, ≥ 1 (default: {steps}, the main job's)" in help_text
 
 
 def test_a_source_checkout_finds_its_kernels_without_an_install():
@@ -780,6 +834,32 @@ def test_a_config_json_missing_a_setting_or_holding_a_wrong_type_is_a_one_line_e
     assert cli.main(["--resume", str(out)]) == 0
 
 
+@pytest.mark.parametrize("edit,message", [
+    ({"inflate_epoch": 5, "deflate_epoch": 1},
+     "'s inflate_epoch and deflate_epoch need 0 ≤ inflate epoch < deflate epoch ≤ epochs, got I=5, D=1, epochs=2"),
+    ({"inflate_epoch": 2, "deflate_epoch": None},
+     "'s inflate_epoch and deflate_epoch need 0 ≤ inflate epoch < deflate epoch ≤ epochs, got I=2, D=null, "
+     "epochs=2"),
+    ({"model": "resnet20"}, "'s model resnet20 cannot train on its data stdlib: the GPT reads the stdlib text"),
+    ({"milestones": [7]}, "'s milestones must lie in (0, epochs=2), got [7]"),
+    ({"milestones": [1, 1], "epochs": 3}, "'s milestones must be increasing, each epoch once"),
+    ({"heads": 3}, "'s dim must be divisible by its heads, got dim=16, heads=3"),
+])
+def test_a_config_json_whose_settings_do_not_fit_together_is_refused_on_resume(tmp_path, capsys, edit, message):
+    """Before the first checkpoint nothing holds the settings to compare config.json with: a resume checked
+    its types and ranges, and an I after D, a model on another's data or a milestone past the last epoch
+    ended in a traceback or was taken."""
+    out = _finished_run(tmp_path / "run")
+    shutil.rmtree(out / "full")                                    # as if stopped before its first checkpoint
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **edit}))
+    err = _exit_2(["--resume", str(out)], capsys)
+    assert f"error: --resume {out}: {out / 'config.json'}{message}" in err
+    assert not (out / "full").exists()
+    (out / "config.json").write_text(json.dumps(config))
+    assert cli.main(["--resume", str(out)]) == 0
+
+
 def test_a_run_saved_on_a_gpu_says_how_to_resume_it_on_the_cpu(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = _finished_run(tmp_path / "run")
@@ -816,6 +896,27 @@ def test_a_size_that_leaves_no_layer_to_factorize_is_refused_before_out_is_claim
     if model == "gpt":                      # the dense model factorizes nothing, and trains at that size
         assert cli.main(TINY_GPT + argv + ["--schedule", "full", "--epochs", "1", "--milestones", "",
                                            "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("argv,got", [
+    (["--model", "resnet20", "--width", "1e12"], "--width must leave every weight of resnet20 small enough for "
+                                                 "torch to build (under 2**63 bytes), got 1e+12; use a smaller "
+                                                 "--width\n"),
+    (["--model", "resnet50", "--width", "1e30", "--schedule", "full"], "got 1e+30; use a smaller --width\n"),
+    (["--model", "wrn28-10", "--width", "1.7e308"], "got 1.7e+308; use a smaller --width\n"),
+    (["--dim", str(10 ** 12), "--heads", "1"], "--dim and --context must leave every weight of gpt small enough "
+                                               "for torch to build (under 2**63 bytes), got dim=1000000000000, "
+                                               "context=64; use a smaller --dim or --context\n"),
+    (["--dim", str(2 ** 62), "--heads", "1", "--schedule", "full"], f"got dim={2 ** 62}, context=64"),
+    (["--context", str(2 ** 63 - 1), "--schedule", "full"], f"got dim=128, context={2 ** 63 - 1}"),
+])
+def test_a_size_too_large_to_build_is_refused_before_out_is_claimed(tmp_path, capsys, argv, got):
+    """Built on the meta device to find the layers to factorize, such a model ended in torch's traceback
+    (RuntimeError, TypeError); with --schedule full, after --out was claimed."""
+    out = tmp_path / "run"
+    err = _exit_2(argv + ["--data-dir", str(tmp_path / "absent"), "--out", str(out)], capsys)
+    assert f"dynrank-train: error: --" in err and got in err
+    assert not out.exists()
 
 
 def test_a_run_saved_with_nothing_to_factorize_is_refused_on_resume(tmp_path, capsys, monkeypatch):
@@ -1212,6 +1313,7 @@ def test_the_committed_runs_resume_without_an_alpha():
         assert "alpha" not in cfg
         runs._check_saved(cfg, path)
         runs._check_resume(os.path.join(root, folder), cfg)
+        train_config._check_settings(cfg, path)
         assert runs._as_trained(cfg)["alpha"] is None
 
 

@@ -13,8 +13,8 @@ import os
 import sys
 import time
 
-from .config import (MAIN_JOB, PRESETS, RESUME_OVERRIDES, _absolute_folders, _check_factorizable, _check_values,
-                     _explicit, _ignoring, build_parser, config_from_args)
+from .config import (MAIN_JOB, PRESETS, RESUME_OVERRIDES, _absolute_folders, _check_factorizable, _check_settings,
+                     _check_values, _explicit, _ignoring, build_parser, config_from_args)
 from .runs import (_as_trained, _check_resume, _check_saved, _claim_out_dir, _file_in_the_way, _holds_run,
                    _new_run_dir, _note_resume)
 
@@ -201,7 +201,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     log = lambda *a: print(*a, flush=True)
     from .data import DataError
-    from .loop import Interrupted, RunFileError, read_json, write_json
+    from .loop import Diverged, Interrupted, RunFileError, read_json, write_json
     started = time.perf_counter()
     out_dir = claimed = None
     try:
@@ -232,6 +232,9 @@ def main(argv=None):
             _absolute_folders(cfg)
             try:
                 _check_values(cfg)
+                # Before the first checkpoint there is nothing to compare config.json with (_check_resume):
+                # its settings must fit together as a new run's do.
+                _check_settings(cfg, saved_in=config_path)
                 if not finished:
                     _check_factorizable(cfg, resume=True)
             except ValueError as err:
@@ -316,7 +319,7 @@ def main(argv=None):
                 raise
         log(f"dynrank-train: output in {out_dir}")
         _, _, plots = run_job(cfg, out_dir, resume=bool(args.resume), log=log, data=data)
-    except (DataError, RunFileError) as err:
+    except (DataError, RunFileError, Diverged) as err:
         print(f"dynrank-train: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:

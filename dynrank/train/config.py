@@ -119,7 +119,7 @@ def build_parser():
     g.add_argument("--depth", type=int)
     g.add_argument("--heads", type=int)
     g.add_argument("--context", type=int)
-    g.add_argument("--steps-per-epoch", type=int, help="batches per epoch, ≥ 1 (default: one pass)")
+    g.add_argument("--steps-per-epoch", type=int, help="batches per epoch, ≥ 1 (default: 120, the main job's)")
     g = p.add_argument_group("running")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available); on --resume the "
                                     "saved --threads and --amp stay unless given (--amp takes the new device's "
@@ -189,8 +189,9 @@ def config_from_args(args, notes=None):
     ``--no-compile``) are named in ``notes`` (a list, when given).
 
     Raises:
-        ValueError: inconsistent settings, a value out of range, or a model size that leaves a
-            lowrank or dynamic run no layer to factorize (message says which).
+        ValueError: settings that do not fit together (:func:`_check_settings`), a value out of range,
+            or a model size too large to build or that leaves a lowrank or dynamic run no layer to
+            factorize (message says which).
     """
     from ..schedules import schedule_from_lr
     from .models import model_dropout
@@ -215,9 +216,6 @@ def config_from_args(args, notes=None):
             cfg[key] = GENERIC[key]
     # The one the model trains with: the data set's row may be another model's (cifar100's, the WRN's).
     cfg["dropout"] = model_dropout(model, cfg["dropout"])
-    if (model == "gpt") != (data == "stdlib"):
-        raise ValueError(f"--model {model} cannot train on --data {data}: the GPT reads the stdlib text, "
-                         f"the vision models read cifar10, cifar100 or tiny-imagenet")
     epochs = cfg["epochs"]
     reference = preset or base
     if "milestones" not in given and epochs != reference["epochs"]:
@@ -230,12 +228,6 @@ def config_from_args(args, notes=None):
     if notes is not None:
         notes.extend(_unused_notes(given, cfg))
     _check_values(cfg)
-    bad = [m for m in cfg["milestones"] if not 0 < m < epochs]
-    if bad:
-        raise ValueError(f"--milestones must lie in (0, epochs={epochs}), got {cfg['milestones']}")
-    if any(a >= b for a, b in zip(cfg["milestones"], cfg["milestones"][1:])):
-        raise ValueError(f"--milestones must be increasing, each epoch once (a repeated one would cut the LR "
-                         f"twice), got {','.join(map(str, cfg['milestones']))}")
     same_schedule = epochs == reference["epochs"] and cfg["milestones"] == reference["milestones"]
     if "inflate_epoch" in given and "deflate_epoch" in given:
         inflate, deflate = given["inflate_epoch"], given["deflate_epoch"]
@@ -247,22 +239,21 @@ def config_from_args(args, notes=None):
         raise ValueError("without LR milestones there is no decay to place the full-rank phase around; "
                          "give --inflate-epoch and --deflate-epoch")
     else:
+        _check_milestones(cfg)      # before schedule_from_lr, whose own errors would name no flag
         inflate, deflate = schedule_from_lr(epochs, milestones=cfg["milestones"],
                                             full_rank_fraction=given.get("full_rank_fraction", 0.5))
     cfg["inflate_epoch"] = given.get("inflate_epoch", inflate)
     cfg["deflate_epoch"] = given.get("deflate_epoch", deflate)
-    if not 0 <= cfg["inflate_epoch"] < cfg["deflate_epoch"] <= epochs:
-        derived = [f"{name}={cfg[key]}" for name, key in (("I", "inflate_epoch"), ("D", "deflate_epoch"))
-                   if key not in given]
-        how = ""
-        if derived:
-            source = ("the data set's defaults" if same_schedule and "full_rank_fraction" not in given
-                      else f"the paper's rule from epochs={epochs}, milestones={cfg['milestones']}")
-            how = (f" ({' and '.join(derived)} derived by {source}; give "
-                   + " and ".join(f"--{k.replace('_', '-')}" for k in ("inflate_epoch", "deflate_epoch")
-                                  if k not in given) + ")")
-        raise ValueError(f"need 0 ≤ inflate epoch < deflate epoch ≤ epochs, got I={cfg['inflate_epoch']}, "
-                         f"D={cfg['deflate_epoch']}, epochs={epochs}{how}")
+    derived = [f"{name}={cfg[key]}" for name, key in (("I", "inflate_epoch"), ("D", "deflate_epoch"))
+               if key not in given]
+    how = ""
+    if derived:
+        source = ("the data set's defaults" if same_schedule and "full_rank_fraction" not in given
+                  else f"the paper's rule from epochs={epochs}, milestones={cfg['milestones']}")
+        how = (f" ({' and '.join(derived)} derived by {source}; give "
+               + " and ".join(f"--{k.replace('_', '-')}" for k in ("inflate_epoch", "deflate_epoch")
+                              if k not in given) + ")")
+    _check_settings(cfg, how=how)
     if cfg["deflate_epoch"] == epochs:
         cfg["deflate_epoch"] = None  # stays full to the end
     cfg.pop("preset", None)
@@ -342,26 +333,76 @@ def _check_values(cfg):
          "a finite number > 0 (at most float32's largest, 3.4e38: the scale at rank 1)")
     need("full_rank_fraction", lambda v: 0 < v <= 1, "in (0, 1]")
     need("seed", lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)")
-    if cfg["model"] == "gpt" and cfg["dim"] % cfg["heads"]:
-        raise ValueError(f"--dim must be divisible by --heads, got dim={cfg['dim']}, heads={cfg['heads']}")
+
+
+def _check_milestones(cfg, saved_in=None):
+    """``cfg``'s LR milestones in (0, epochs) and increasing, as a ValueError (see :func:`_check_settings`)."""
+    epochs, milestones = cfg["epochs"], cfg["milestones"]
+    name = f"{saved_in}'s milestones" if saved_in else "--milestones"
+    if any(not 0 < m < epochs for m in milestones):
+        raise ValueError(f"{name} must lie in (0, epochs={epochs}), got {milestones}")
+    if any(a >= b for a, b in zip(milestones, milestones[1:])):
+        raise ValueError(f"{name} must be increasing, each epoch once (a repeated one would cut the LR "
+                         f"twice), got {','.join(map(str, milestones))}")
+
+
+def _check_settings(cfg, saved_in=None, how=""):
+    """Refuse settings of ``cfg`` that do not fit together (each is in its range: :func:`_check_values`), as
+    a ValueError: a model and data set that do not go together, a GPT whose ``dim`` its ``heads`` do not
+    divide, LR milestones outside (0, epochs) or not increasing, switch epochs outside 0 ≤ I < D ≤ E
+    (``deflate_epoch`` None: E).
+
+    A new run's settings (:func:`config_from_args`) and a resumed run's config.json are checked alike:
+    ``saved_in``, the config.json ``cfg`` was read from, makes the errors name it and its keys rather
+    than flags.  ``how`` ends the I/D error (how a new run derived them).
+    """
+    name = (lambda key: key) if saved_in else _flag
+    whose, its = (f"{saved_in}'s ", "its ") if saved_in else ("", "")
+    model, data, epochs = cfg["model"], cfg["data"], cfg["epochs"]
+    if (model == "gpt") != (data == "stdlib"):
+        raise ValueError(f"{whose}{name('model')} {model} cannot train on {its}{name('data')} {data}: the GPT "
+                         f"reads the stdlib text, the vision models read cifar10, cifar100 or tiny-imagenet")
+    if model == "gpt" and cfg["dim"] % cfg["heads"]:
+        raise ValueError(f"{whose}{name('dim')} must be divisible by {its}{name('heads')}, got dim={cfg['dim']}, "
+                         f"heads={cfg['heads']}")
+    _check_milestones(cfg, saved_in)
+    inflate, deflate = cfg["inflate_epoch"], cfg["deflate_epoch"]
+    if not 0 <= inflate < (epochs if deflate is None else deflate) <= epochs:
+        lead = f"{whose}inflate_epoch and deflate_epoch " if saved_in else ""
+        raise ValueError(f"{lead}need 0 ≤ inflate epoch < deflate epoch ≤ epochs, got I={inflate}, "
+                         f"D={'null' if deflate is None else deflate}, epochs={epochs}{how}")
 
 
 def _check_factorizable(cfg, resume=False):
-    """Refuse a model size that leaves ``cfg``'s lowrank or dynamic runs no layer to factorize, as a
-    ValueError naming the size and ``convert_model``'s min_features.
+    """Refuse a model size too large to build, or one that leaves ``cfg``'s lowrank or dynamic runs no
+    layer to factorize, as a ValueError naming the size (and ``convert_model``'s min_features).
 
-    ``convert_model`` would find so only when the first converted run starts: in a compare job, after
-    the full run has trained.  ``resume``: the size is a run's saved one, which only a new run changes.
+    The model is built on the meta device (no memory, no time).  Torch refuses there a weight of
+    2**63 bytes or more, or a side past int64 (its RuntimeError, TypeError or OverflowError), which
+    is what is caught; a fixed bound on ``--width``, ``--dim`` or ``--context`` could not say so for
+    every model, as their widest weights differ.  ``convert_model`` would find nothing to factorize
+    only when the first converted run starts: in a compare job, after the full run has trained.
+    ``resume``: the size is a run's saved one, which only a new run changes.
     """
-    if cfg["schedule"] == "full":
-        return
+    import torch
     from .data import DATASETS
-    from .loop import MIN_FEATURES, factorized_layers
+    from .loop import MIN_FEATURES, _build, factorized_layers
     classes = 256 if cfg["data"] == "stdlib" else DATASETS[cfg["data"]]["classes"]
-    if factorized_layers(cfg, classes):
-        return
     size = "dim" if cfg["model"] == "gpt" else "width"
+    value = cfg.get(size, GENERIC[size])
     how = "start a new run (--out) with" if resume else "use"
-    raise ValueError(f"{_flag(size)} {cfg.get(size, GENERIC[size]):g} leaves no layer of {cfg['model']} whose weight "
+    try:
+        with torch.device("meta"):
+            _build(cfg, classes)
+    except (RuntimeError, TypeError, OverflowError):
+        if cfg["model"] == "gpt":    # the position embedding is context × dim
+            flags, got = ("--dim", "--context"), f"dim={cfg['dim']}, context={cfg['context']}"
+        else:
+            flags, got = ("--width",), f"{value:g}"
+        raise ValueError(f"{' and '.join(flags)} must leave every weight of {cfg['model']} small enough for torch "
+                         f"to build (under 2**63 bytes), got {got}; {how} a smaller {' or '.join(flags)}") from None
+    if cfg["schedule"] == "full" or factorized_layers(cfg, classes):
+        return
+    raise ValueError(f"{_flag(size)} {value:g} leaves no layer of {cfg['model']} whose weight "
                      f"has both sides ≥ convert_model's min_features={MIN_FEATURES}, so --schedule "
                      f"{cfg['schedule']} has nothing to factorize; {how} --schedule full or a larger {_flag(size)}")

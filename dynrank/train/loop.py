@@ -25,6 +25,7 @@ import time
 import torch
 from torch.nn import functional as F
 
+from .._checks import check_finite
 from .._records import write_csv
 from ..checkpoint import load_training_state, training_state
 from ..convert import convert_model
@@ -33,8 +34,8 @@ from .models import EXCLUDE, build_model, count_parameters
 from .progress import ProgressLine
 from .steps import TrainStep, upcast_logits
 
-__all__ = ["run_training", "Interrupted", "RunFileError", "SCHEDULES", "lr_at", "build_optimizer", "write_atomic",
-           "write_json", "read_json", "load_checkpoint", "factorized_layers", "MIN_FEATURES"]
+__all__ = ["run_training", "Interrupted", "RunFileError", "Diverged", "SCHEDULES", "lr_at", "build_optimizer",
+           "write_atomic", "write_json", "read_json", "load_checkpoint", "factorized_layers", "MIN_FEATURES"]
 
 SCHEDULES = ("full", "lowrank", "dynamic")
 CHECKPOINT = "checkpoint.pt"
@@ -51,6 +52,12 @@ class Interrupted(Exception):
 
 class RunFileError(Exception):
     """A run's saved file (config.json, result.json, checkpoint.pt) cannot be read; the message names it."""
+
+
+class Diverged(Exception):
+    """A dynamic run's weights went NaN/inf before a form change, which the scheduler refuses to make; the
+    message names the run, the layer and the epoch.  The last checkpoint is left as it was (a resume
+    from it stops at the same place)."""
 
 
 def write_atomic(path, write):
@@ -373,6 +380,23 @@ def _epoch_line(cfg, record, kind):
     return text
 
 
+def _refuse_diverged(scheduler, epoch, schedule, cfg, history):
+    """Raise :class:`Diverged` where a layer that ``scheduler.step(epoch)`` would switch holds NaN/inf.
+
+    The scheduler refuses such a switch with a ValueError from ``check_finite``; the same check, made
+    here on the same layers, tells that refusal from the scheduler's other ValueErrors.
+    """
+    target = scheduler.form_at(epoch)
+    due = [(name, layer) for name, layer in scheduler.layers if layer.form != target]
+    try:
+        check_finite(due, f"it cannot switch forms at epoch {epoch + 1}")
+    except ValueError as err:
+        last = (f" by epoch {history[-1]['epoch'] + 1} (train loss {history[-1]['train_loss']:.4g})"
+                if history else "")
+        raise Diverged(f"the {schedule} run diverged{last}: {err}. Start a new run (--out) with a lower --lr "
+                       f"than {cfg['lr']:g}; a --resume stops here again") from None
+
+
 def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_factory=None,
                  progress=None):
     """Train one model under ``schedule`` and return its result dict.
@@ -399,6 +423,8 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
 
     Raises:
         Interrupted: after Ctrl-C, once the checkpoint is written.
+        Diverged: a dynamic run whose weights went NaN/inf before a form change, the last
+            checkpoint (written after the epoch before) kept.
         ValueError: a schedule not in :data:`SCHEDULES`.
     """
     if schedule not in SCHEDULES:
@@ -474,6 +500,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
     with _StopFlag() as flag:
         for epoch in range(start_epoch, cfg["epochs"]):
             if scheduler is not None:
+                _refuse_diverged(scheduler, epoch, schedule, cfg, history)
                 changes = scheduler.step(epoch)
                 if changes:
                     _to_layout(model, cfg)
