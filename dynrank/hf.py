@@ -14,6 +14,8 @@ when training begins, and steps it before the first optimizer step of every epoc
 param groups in place.  Trainer checkpoints resume across the switches into a freshly converted model:
 each layer takes the form of its tensors in the checkpoint, and the switch of a resumed epoch happens
 after the Trainer has restored its RNG state, where the uninterrupted run made it.
+
+InRank's rank growth has a callback of its own, :class:`dynrank.hf_inrank.IncrementalRankCallback`.
 """
 
 import json
@@ -79,15 +81,18 @@ class DynamicRankCallback(TrainerCallback):
     keeps its frozen W_f and takes a lowrank checkpoint's factors): save a
     trained model before calling ``train(resume_from_checkpoint=...)`` on
     it.  A second ``trainer.train()`` without a checkpoint is refused
-    before anything changes.
+    before anything changes where the schedule has switched the model.
 
     The epoch is the Trainer loop's own (counted from ``on_epoch_begin``),
     so an ``IterableDataset`` with ``max_steps`` switches where its epochs
     begin.  A resume past its first epoch starts the data anew, so one
     from a checkpoint inside a later epoch (not at its end) is refused
     while a switch by epoch is still ahead: the epochs after it could not
-    begin where the saved run's did.  Save at the ends of epochs
-    (``save_strategy="epoch"``) or run the schedule by steps.
+    begin where the saved run's did (they begin earlier; a switch whose
+    epoch, with passes of the last one's length, would begin at
+    ``max_steps`` or later even so is not ahead: neither run reaches it).
+    Save at the ends of epochs (``save_strategy="epoch"``) or run the
+    schedule by steps.
 
     Refused at ``on_train_begin`` (ValueError), before the first step (on a
     resume, after the Trainer has loaded the checkpoint into the model):
@@ -105,9 +110,11 @@ class DynamicRankCallback(TrainerCallback):
     of its last step, before the Trainer logs, evaluates and saves after it
     (``on_epoch_end`` for an ``IterableDataset`` run by ``max_steps``), with
     the mean of the training losses logged for it (``loss``) and the numbers
-    of each evaluation made while training runs (``eval_loss``, ...; an
-    ``evaluate()`` after ``train()``, a test set's, is no epoch's) as
-    scalars; the switches reach it from the scheduler.  So
+    of each evaluation made while training runs (``eval_loss``, ...) as
+    scalars; the switches reach it from the scheduler.  Training runs from
+    the first step of a ``train()`` until its loop returns: the evaluation
+    at its start (``eval_on_start``) and an ``evaluate()`` after it, a test
+    set's, are no epoch's, also after a ``train()`` that raised (a Ctrl-C).  So
     ``monitor.records`` hold the wall time of each epoch by form, and
     ``dynrank.cost.cost_report(..., run=monitor)`` the measured cost of the
     schedule.  It is saved into each checkpoint folder
@@ -116,7 +123,11 @@ class DynamicRankCallback(TrainerCallback):
     it back from the folder
     the Trainer loaded when that is ``<output_dir>/checkpoint-<step>`` (as
     ``resume_from_checkpoint=True`` finds it) or ``args.resume_from_checkpoint``,
-    so the records of a resumed run go back to its first epoch.  An epoch
+    so the records of a resumed run go back to its first epoch, as the
+    saved run had them at that step (also where the monitor holds more, from
+    an earlier ``train()`` of this Trainer interrupted after the checkpoint).
+    A ``train()`` from step 0 (a second one, or ``auto_find_batch_size``
+    starting again) starts the monitor with no records.  An epoch
     cut by the checkpoint is timed from the resume on, with the losses and
     evaluations the Trainer logged in it before the checkpoint
     (``state.log_history``).  An epoch that ends only at ``on_epoch_end``
@@ -128,9 +139,10 @@ class DynamicRankCallback(TrainerCallback):
     Files there of another
     run or step are not read (a run resumed from a checkpoint into another
     folder writes under its own name, so its checkpoints are not the first
-    run's): the monitor then starts with no records, with
-    a warning, unless it was given them before ``train()``
-    (``monitor.load_state_dict(RankMonitor.load(path).state_dict())``).
+    run's): the monitor then keeps, with a warning, the records it holds of
+    the epochs before the resumed one and the switches made before the
+    checkpoint's step (none, unless it was given them before ``train()``:
+    ``monitor.load_state_dict(RankMonitor.load(path).state_dict())``).
 
     Args:
         inflate_epoch, deflate_epoch: the schedule, as for ``DynamicRankScheduler``.
@@ -186,17 +198,10 @@ class DynamicRankCallback(TrainerCallback):
         self._losses = []
         self._begun, self._ended = [], False
         self._run = self._saved_run = None
-        self._training, self._provisional = False, None
+        self._loop, self._stepping, self._provisional = None, False, None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if getattr(args, "world_size", 1) > 1:
-            raise ValueError(f"DynamicRankCallback runs on one process (one device, or nn.DataParallel); this "
-                             f"Trainer runs {args.world_size} processes, whose distributed wrapper would keep "
-                             f"the parameters a switch replaces")
-        engine = "DeepSpeed" if getattr(args, "deepspeed", None) else "FSDP" if getattr(args, "fsdp", None) else None
-        if engine:
-            raise ValueError(f"DynamicRankCallback cannot run under {engine}: it wraps and shards the parameters "
-                             f"at the start of training, and a switch replaces them; train without it")
+        _check_one_process(args, type(self).__name__, "a switch")
         self._check_length(args, state)
         scheduler = DynamicRankScheduler(model, optimizer, self.inflate_epoch, self.deflate_epoch,
                                          **self.scheduler_kwargs)
@@ -212,11 +217,13 @@ class DynamicRankCallback(TrainerCallback):
         if self.monitor is not None:
             self._start_monitor(args, state, model, scheduler)
         self.scheduler = scheduler
-        self._training = True
+        # The monitor takes logs and evaluations from this train()'s first step on (one at its start,
+        # eval_on_start's, is no epoch's), and only while its loop runs (see _monitor_has_epoch).
+        self._loop, self._stepping = _loop_key(), False
 
     def on_train_end(self, args, state, control, **kwargs):
         # An evaluation after training (a test set's) is no epoch's: it leaves the records as they are.
-        self._training = False
+        self._loop, self._stepping = None, False
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # The loop's own epoch index: state.epoch at the first epoch (0, or the resumed one), then one
@@ -224,6 +231,7 @@ class DynamicRankCallback(TrainerCallback):
         self._epoch = self._loop_epoch(state) if self._epoch is None else self._epoch + 1
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self._stepping = True
         epoch = self._loop_epoch(state)
         if not self._begun or self._begun[-1][0] != epoch:
             # Where the last two epochs began: a streamed run's resume tells from them whether its
@@ -365,6 +373,14 @@ class DynamicRankCallback(TrainerCallback):
             return
         (epoch, began), previous = begun[-1], (begun[-2][1] if len(begun) == 2 else None)
         ahead = [e for e in (self.inflate_epoch, self.deflate_epoch) if e is not None and e > epoch]
+        max_steps = getattr(state, "max_steps", 0) or 0
+        if None not in (began, previous) and max_steps:
+            # With passes of the last one's length: the data starting anew, the resumed run's next epoch begins
+            # at this step (or where the pass skipped into ends), earlier than the saved run's.  A switch whose
+            # epoch would begin at max_steps or later even so is one neither run reaches.
+            length = began - previous
+            ahead = [e for e in ahead
+                     if max(state.global_step, length) + (e - epoch - 1) * length < max_steps]
         whole = ended or (None not in (began, previous) and state.global_step - began == began - previous)
         if epoch > 0 and not whole and ahead:
             raise ValueError(
@@ -376,28 +392,35 @@ class DynamicRankCallback(TrainerCallback):
                 f"(unit=\"step\"). {_LOADED}")
 
     def _start_monitor(self, args, state, model, scheduler):
-        """Check the monitor watches the Trainer's model, read back its records when resuming from a
-        checkpoint folder that has them, and attach it to ``scheduler``."""
+        """Check the monitor watches the Trainer's model, give it the run's records up to where this train()
+        starts, and attach it to ``scheduler``.
+
+        A resume reads them back from the checkpoint folder that has them: they are the records the saved
+        run had at that step, whatever the monitor holds from an earlier ``train()`` of this Trainer (one
+        interrupted after the checkpoint has recorded more).  Otherwise the monitor keeps what it holds from
+        before this train()'s first step (:func:`_before_start`): records given before a resume, and none
+        for a train() from step 0 (a second one, or ``auto_find_batch_size`` starting again)."""
         monitor = self.monitor
         if monitor.model is not model:
             raise ValueError("monitor must be a RankMonitor of the Trainer's model (RankMonitor(model)), got one of "
                              + ("no model" if monitor.model is None else f"another {type(monitor.model).__name__}"))
-        run = monitor
-        if state.global_step > 0 and not monitor.records:
-            saved = self._saved_monitor(args, state)
+        run = _before_start(monitor.state_dict(), state, self._loop_epoch(state))
+        if state.global_step > 0:
+            saved = self._saved_monitor(args, state, held=bool(run["records"]))
             if saved is not None:
-                run = RankMonitor.load(saved)
+                run = RankMonitor.load(saved).state_dict()
         # The files keep no forms: take the model's now, which a resume's load has switched (no "detected"
         # switch); an epoch left open by an earlier train() is dropped.
-        monitor.load_state_dict(dict(run.state_dict(), forms=None))
+        monitor.load_state_dict(dict(run, forms=None))
         monitor.attach(scheduler)
 
-    def _saved_monitor(self, args, state):
+    def _saved_monitor(self, args, state, held):
         """The stem of the monitor's files saved with the checkpoint the Trainer loaded, or None.  No
         callback hook is told which folder that was: the candidates are ``args.resume_from_checkpoint``
         and ``<output_dir>/checkpoint-<step>``, and one counts only when its ``.run.json`` names the run
         and step of the TrainerState loaded (a checkpoint of an earlier dynrank names none: the folder in
-        the output folder is taken as it is)."""
+        the output folder is taken as it is).  ``held``: whether the monitor keeps records of its own
+        otherwise (the warning says which)."""
         folders = [self._checkpoint_folder(args, state)]
         given = getattr(args, "resume_from_checkpoint", None)
         if isinstance(given, (str, os.PathLike)):
@@ -415,10 +438,12 @@ class DynamicRankCallback(TrainerCallback):
                     and owner.get("global_step") == state.global_step and os.path.exists(stem + ".json"):
                 self._provisional = _open_epoch(owner.get("open"))
                 return stem
+        kept = ("keeps the records it holds of the epochs before this one (given before train(), or an earlier "
+                "train()'s)" if held else "starts with no records")
         warnings.warn(f"DynamicRankCallback: resuming at global step {state.global_step}, the monitor's records "
                       f"of the checkpoint loaded were not found ({' or '.join(stems)} hold none of this run "
-                      f"and step: the checkpoint came from another folder?); the monitor starts with no "
-                      f"records. To keep them, load them into it before train(): "
+                      f"and step: the checkpoint came from another folder?); the monitor {kept}. To keep "
+                      f"the checkpoint's, load them into it before train(): "
                       f"monitor.load_state_dict(RankMonitor.load('<checkpoint>/{self.MONITOR_FILE}').state_dict())",
                       stacklevel=2)
         return None
@@ -430,8 +455,10 @@ class DynamicRankCallback(TrainerCallback):
 
     def _monitor_has_epoch(self):
         """Whether there is a monitor and, while training runs, an epoch for RankMonitor.log: the open one, or
-        the last recorded."""
-        return self.monitor is not None and self._training \
+        the last recorded.  Training runs from this train()'s first step until its loop returns: a log or
+        evaluation outside the loop that called ``on_train_begin`` (``trainer.evaluate()`` after a train()
+        that raised, and so never reached ``on_train_end``) is no epoch's."""
+        return self.monitor is not None and self._stepping and _loop_running(self._loop) \
             and (self.monitor._open is not None or bool(self.monitor.records))
 
     def _loop_epoch(self, state):
@@ -511,6 +538,63 @@ class DynamicRankCallback(TrainerCallback):
 _LOADED = ("The Trainer loads the checkpoint into the model before any callback runs (non-strictly: the tensors "
            "that fit), so the model now holds the checkpoint's tensors: build and convert a fresh model to resume "
            "into")
+
+
+def _check_one_process(args, who, change):
+    """Refuse a Trainer that runs several processes, DeepSpeed or FSDP: their wrappers keep the parameters
+    that ``change`` (what the callback ``who`` does to the layers) replaces."""
+    if getattr(args, "world_size", 1) > 1:
+        raise ValueError(f"{who} runs on one process (one device, or nn.DataParallel); this Trainer runs "
+                         f"{args.world_size} processes, whose distributed wrapper would keep the parameters "
+                         f"{change} replaces")
+    engine = "DeepSpeed" if getattr(args, "deepspeed", None) else "FSDP" if getattr(args, "fsdp", None) else None
+    if engine:
+        raise ValueError(f"{who} cannot run under {engine}: it wraps and shards the parameters at the start of "
+                         f"training, and {change} replaces them; train without it")
+
+
+def _loop_key():
+    """What identifies the frame that called the Trainer's callback handler for the hook now running (at
+    ``on_train_begin``: the Trainer's training loop), for :func:`_loop_running`; None where no handler is on the
+    stack (hooks called by hand).  Its id and code, not the frame: holding it would keep the loop's locals alive
+    after a train() that raised."""
+    frame, handler = sys._getframe(1), False
+    while frame is not None:
+        if frame.f_globals.get("__name__") == TrainerCallback.__module__:
+            handler = True
+        elif handler:
+            return id(frame), frame.f_code
+        frame = frame.f_back
+    return None
+
+
+def _loop_running(key):
+    """Whether the frame ``key`` names (:func:`_loop_key`) is among the callers now.  An id is another live
+    object's only once the frame has returned, so the code is compared too: a frame of the same code with that
+    id is a new call of the Trainer's loop, a new train(), whose ``on_train_begin`` names it.  True for no
+    key."""
+    if key is None:
+        return True
+    frame = sys._getframe(1)
+    while frame is not None:
+        if id(frame) == key[0] and frame.f_code is key[1]:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _before_start(run, state, start):
+    """``run`` (a :meth:`RankMonitor.state_dict`) cut to what came before the step where a train() starts
+    (``state.global_step``, in the loop's epoch ``start``): the records of the epochs before, and the switches
+    made before that step (by epoch at the first step of its epoch, by step at its count)."""
+    inside = (state.epoch or 0) > start + 1e-6         # past the first step of epoch ``start``
+
+    def made(switch):
+        if switch.get("step") is not None:
+            return switch["step"] < state.global_step
+        return switch["epoch"] < start or (switch["epoch"] == start and inside)
+    return dict(run, records=[r for r in run["records"] if r["epoch"] < start],
+                switches=[s for s in run["switches"] if made(s)])
 
 
 def _check_deflate_rank(spec):

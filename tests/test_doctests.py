@@ -19,7 +19,7 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
 # Modules that need an optional package (module name → package): left out where it is not installed.
-OPTIONAL = {"dynrank.hf": "transformers"}
+OPTIONAL = {"dynrank.hf": "transformers", "dynrank.hf_inrank": "transformers"}
 
 
 def _modules():

@@ -1045,6 +1045,219 @@ def test_callback_monitor_closes_the_last_epoch_cut_by_max_steps_before_the_fina
     assert saved.records[2]["layers"] == full.records[2]["layers"]
 
 
+class _Interrupt(transformers.TrainerCallback):
+    """A Ctrl-C once, at the end of optimizer step ``step`` (after the callbacks before it), or in the first
+    batch of the first evaluation (``step=None``)."""
+
+    def __init__(self, step=None):
+        self.step, self.fired = step, False
+
+    def _fire(self):
+        self.fired = True
+        raise KeyboardInterrupt
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.fired and state.global_step == self.step:
+            self._fire()
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if not self.fired and self.step is None:
+            self._fire()
+
+
+def test_callback_monitor_leaves_the_evaluation_at_the_start_of_a_resume_out(tmp_path):
+    """eval_on_start evaluates before the resumed run's first step, on checkpoint-6's weights (inside epoch 1):
+    no epoch's evaluation, so epoch 0 keeps its own numbers, as where the uninterrupted run made none."""
+    import shutil
+    steps = dict(epochs=3, save="steps", save_steps=6, logging_steps=1)
+    full, _, _ = _monitored_run(tmp_path / "full", **steps)
+    shutil.copytree(tmp_path / "full" / "checkpoint-6", tmp_path / "again" / "checkpoint-6")
+    resumed, trainer, _ = _monitored_run(tmp_path / "again", resume=True, eval_on_start=True, **steps)
+    assert len([h for h in trainer.state.log_history if "eval_loss" in h]) == 4    # 3 epochs' and the start's
+    assert resumed.epochs == full.epochs == [0, 1, 2]
+    assert resumed.scalar("eval_loss") == full.scalar("eval_loss")
+    assert resumed.scalar("loss") == full.scalar("loss")
+
+
+def _records(monitor):
+    """A monitor's records and switches without what the clock and the layers' measurements give."""
+    return ([(r["epoch"], r["form"], r["scalars"]) for r in monitor.records],
+            [(s["epoch"], s["kind"], s["source"]) for s in monitor.switches])
+
+
+@pytest.mark.parametrize("step, moved", [(3, False), (3, True), (6, True)],
+                         ids=["epoch-0", "epoch-0-moved", "epoch-1-moved"])
+def test_callback_monitor_goes_on_after_a_train_that_was_interrupted(tmp_path, step, moved):
+    """Ctrl-C at step 7 (epoch 1, after the inflate), then train(resume_from_checkpoint=...) on the same
+    Trainer from checkpoint-3 (inside epoch 0) or checkpoint-6 (inside epoch 1): the monitor, holding epoch 0
+    and the inflate already, ends with the uninterrupted run's records.  It reads the checkpoint's back; where
+    they are not found (the checkpoint moved out of the output folder), it keeps the epochs before the resumed
+    one and the switches made before the checkpoint's step, with a warning."""
+    import shutil
+    full, _, _ = _monitored_run(tmp_path / "full", save="no", logging_steps=1, eval_strategy="no", epochs=3)
+    from dynrank import RankMonitor
+    from dynrank.hf import DynamicRankCallback
+    model = _converted_gpt2()
+    monitor = RankMonitor(model, name="gpt2")
+    trainer = _trainer(tmp_path / "again", DynamicRankCallback(1, 2, log=None, monitor=monitor), model=model,
+                       epochs=3, save="steps", save_steps=3, logging_steps=1)
+    trainer.add_callback(_Interrupt(7))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert monitor.epochs == [0] and len(monitor.switches) == 1
+    checkpoint = tmp_path / "again" / f"checkpoint-{step}"
+    if moved:
+        checkpoint = shutil.move(checkpoint, tmp_path / "moved")
+        with pytest.warns(UserWarning, match="monitor's records of the checkpoint loaded were not found"):
+            trainer.train(resume_from_checkpoint=str(checkpoint))
+    else:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert _records(monitor) == _records(full)
+    assert monitor.epochs == [0, 1, 2]
+
+
+@pytest.mark.parametrize("restart", ["second-train", "auto-find-batch-size"])
+def test_callback_monitor_starts_again_with_a_train_from_step_0(tmp_path, restart):
+    """A second train() of the same Trainer, with nothing switched yet (inflate at epoch 5), and
+    auto_find_batch_size starting the loop again after an out-of-memory error at step 5 (with batch 7: 5 steps
+    an epoch): the monitor records the new run from its epoch 0, as a fresh one."""
+    from dynrank import RankMonitor
+    from dynrank.hf import DynamicRankCallback
+
+    class OutOfMemory(transformers.TrainerCallback):
+        fired = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5 and not self.fired:
+                self.fired = True
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    model = _converted_gpt2()
+    monitor = RankMonitor(model, name="gpt2")
+    callback = DynamicRankCallback(5, 8, log=None, monitor=monitor)
+    if restart == "second-train":
+        trainer = _trainer(tmp_path, callback, model=model, epochs=2, save="no", logging_steps=1)
+        trainer.train()
+        assert monitor.epochs == [0, 1]
+    else:
+        trainer = _trainer(tmp_path, callback, model=model, epochs=2, save="no", logging_steps=1,
+                           auto_find_batch_size=True)
+        trainer.add_callback(OutOfMemory())
+    trainer.train()
+    assert trainer.state.global_step == trainer.state.max_steps == (8 if restart == "second-train" else 10)
+    assert monitor.epochs == [0, 1] and monitor.switches == []
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    steps = len(logged) // 2
+    assert monitor.scalar("loss") == ([0, 1], [sum(logged[:steps]) / steps, sum(logged[steps:]) / steps])
+
+
+@pytest.mark.parametrize("interrupt", [4, None], ids=["at-step-4", "in-its-evaluation"])
+def test_callback_monitor_keeps_an_evaluation_after_an_interrupted_train_out(tmp_path, interrupt):
+    """Ctrl-C at step 4 (the last of epoch 0, after the callback closed it), or in the evaluation after it:
+    train() raised, and never called on_train_end; a test set's trainer.evaluate() after it is no epoch's."""
+    from dynrank import RankMonitor
+    from dynrank.hf import DynamicRankCallback
+    model = _converted_gpt2()
+    monitor = RankMonitor(model, name="gpt2")
+    trainer = _trainer(tmp_path, DynamicRankCallback(1, 2, log=None, monitor=monitor), model=model, save="no",
+                       eval_strategy="epoch", eval_data=_Tokens(16), logging_steps=1)
+    trainer.add_callback(_Interrupt(interrupt))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    before = _records(monitor)
+    assert monitor.epochs == [0] and "loss" in monitor.records[0]["scalars"]
+    test = trainer.evaluate(eval_dataset=_Tokens(8))
+    assert "eval_loss" in test and "eval_loss" not in monitor.records[0]["scalars"]
+    assert _records(monitor) == before
+
+
+def test_callback_resumes_a_streamed_run_past_a_switch_neither_run_reaches(tmp_path):
+    """5 batches a pass, max_steps=7: epochs begin at steps 0 and 5.  Resumed from checkpoint-6, inside epoch
+    1, the data start anew: epoch 2 begins at step 6 and epoch 3 at 11.  A deflate at epoch 3 comes in
+    neither run, and the resume goes on; one at epoch 2 would come in the resumed run only: refused."""
+    from dynrank.hf import DynamicRankCallback
+
+    def run(out_dir, deflate, resume=None):
+        switches = []
+        trainer = _trainer(out_dir, DynamicRankCallback(1, deflate, log=switches.append), data=_TokenStream(40),
+                           max_steps=7, save="steps", save_steps=6)
+        trainer.train(resume_from_checkpoint=resume)
+        return switches, trainer.model
+
+    full, reference = run(tmp_path / "full", 3)
+    assert full == ["dynrank: epoch 1: 8 layers lowrank → full"]
+    switches, resumed = run(tmp_path / "again", 3, resume=str(tmp_path / "full" / "checkpoint-6"))
+    assert switches == [] and {m.form for m in resumed.modules() if isinstance(m, FusedLowRankLinear)} == {"full"}
+    with pytest.raises(ValueError, match=r"inside epoch 1 \(begun at step 5\).*the switch at epoch 2"):
+        run(tmp_path / "refused", 2, resume=str(tmp_path / "full" / "checkpoint-6"))
+
+
+# -- IncrementalRankCallback: InRank's growth inside transformers.Trainer ------------------------------------
+
+
+def _growth_callback(**settings):
+    from dynrank.hf_inrank import IncrementalRankCallback
+    return IncrementalRankCallback(**{"init_rank": 1, "buffer": 2, "threshold": 0.99, "warmup_steps": 0,
+                                      "check_every": 1, "log": None, **settings})
+
+
+def test_inrank_callback_grows_the_ranks_and_resumes_bitwise(tmp_path):
+    """Growth at every step of the uninterrupted run (8 steps, 4 an epoch, a checkpoint every 2).  Resumed from
+    checkpoint-2 and checkpoint-6 (inside epoch 1), the run keeps the grown ranks the Trainer loaded, grows
+    where the uninterrupted run grew, and ends with its weights and scheduler state, bit for bit."""
+    lines = []
+    callback = _growth_callback(log=lines.append)
+    reference, trainer = _train(tmp_path / "full", callback, epochs=2, save="steps", save_steps=2)
+    grown_at = sorted({step for step, _, _, _ in callback.changes})
+    assert grown_at[0] == 1 and grown_at[-1] >= 7
+    assert lines[0] == "dynrank: step 1: 8 layers grew, rank 3 → 4"
+    assert callback.scheduler.optimizer is trainer.optimizer
+    expected = reference.state_dict()
+    for step in (2, 6):
+        resumed_callback = _growth_callback()
+        checkpoint = tmp_path / "full" / f"checkpoint-{step}"
+        resumed, _ = _train(tmp_path / f"from-{step}", resumed_callback, resume=str(checkpoint), epochs=2, save="no")
+        assert resumed_callback.changes == [change for change in callback.changes if change[0] > step]
+        assert resumed_callback.scheduler.state_dict() == callback.scheduler.state_dict()
+        state = resumed.state_dict()
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], expected[k]) for k in expected), f"resumed from checkpoint-{step}"
+
+
+def test_inrank_callback_refuses_a_checkpoint_state_of_other_ranks(tmp_path):
+    """A checkpoint whose saved ranks are not those of the layers the Trainer loaded is refused; one without
+    the callback's state starts InRank at the resume, with a warning."""
+    import json
+    _train(tmp_path / "full", _growth_callback(), epochs=1, save="steps", save_steps=2)
+    folder = tmp_path / "full" / "checkpoint-2"
+    trainer_state = json.loads((folder / "trainer_state.json").read_text())
+    saved = trainer_state["stateful_callbacks"]["dynrank_inrank"]
+    name = next(iter(saved["ranks"]))
+    saved["ranks"][name] += 1
+    (folder / "trainer_state.json").write_text(json.dumps(trainer_state))
+    with pytest.raises(ValueError, match=r"resuming at global step 2: the InRank state in the checkpoint's "
+                                         r"trainer_state.json .* does not fit this model: it has the layers at ranks"):
+        _train(tmp_path / "refused", _growth_callback(), resume=str(folder), epochs=1, save="no")
+    del trainer_state["stateful_callbacks"]["dynrank_inrank"]
+    (folder / "trainer_state.json").write_text(json.dumps(trainer_state))
+    fresh = _growth_callback(init_rank=2)
+    with pytest.warns(UserWarning, match="resuming at global step 2 from a checkpoint without its state"):
+        _train(tmp_path / "fresh", fresh, resume=str(folder), epochs=1, save="no")
+    assert fresh.scheduler.last_step == 4 and min(fresh.scheduler.ranks.values()) >= 4
+
+
+def test_inrank_callback_checks_its_settings_at_construction():
+    from dynrank.hf_inrank import IncrementalRankCallback
+    with pytest.raises(TypeError, match="unexpected keyword argument.*inflate_epoch"):
+        IncrementalRankCallback(inflate_epoch=1)
+    with pytest.raises(ValueError, match="threshold"):
+        IncrementalRankCallback(threshold=1.5)
+    with pytest.raises(TypeError, match="init_rank must be a positive int or None"):
+        IncrementalRankCallback(init_rank=2.0)
+    with pytest.raises(TypeError, match="log must be callable"):
+        IncrementalRankCallback(log="print")
+
+
 @pytest.mark.parametrize("exact", [False, True], ids=["usual", "tp-emulation"])
 def test_bloom_keeps_the_layers_it_slices_dense_only_where_it_slices_them(exact):
     """Bloom slices ``dense.weight`` and ``dense_4h_to_h.weight`` only with pretraining_tp > 1 and

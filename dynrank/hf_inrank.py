@@ -1,0 +1,152 @@
+"""Hugging Face transformers: :class:`IncrementalRankCallback` runs InRank's rank growth inside a ``Trainer``.
+
+Import it as ``from dynrank.hf_inrank import IncrementalRankCallback`` (``import dynrank`` alone never
+imports transformers)::
+
+    convert_model(model, rank_ratio=0.5)
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      callbacks=[IncrementalRankCallback(init_rank=2, buffer=8, warmup_steps=200)])
+    trainer.train()
+"""
+
+import warnings
+from collections.abc import Mapping
+
+from ._args import check_int
+from .hf import _LOADED, TrainerCallback, _check_one_process
+from .inrank import IncrementalRankScheduler, _check_settings
+
+__all__ = ["IncrementalRankCallback"]
+
+
+class IncrementalRankCallback(TrainerCallback):
+    """A ``transformers.TrainerCallback`` that runs :class:`~dynrank.IncrementalRankScheduler` in a ``Trainer``.
+
+    Convert the model first (``dynrank.convert_model``).  At ``on_train_begin`` the callback builds the
+    scheduler on the Trainer's model and optimizer (each managed layer set to ``init_rank + buffer``
+    components), and after every optimizer step (``on_step_end``) it calls ``scheduler.step`` with
+    ``state.global_step``, so ``warmup_steps`` and ``check_every`` count optimizer steps (gradient
+    accumulation's micro-batches are not steps).  The Trainer's LR scheduler keeps working: growth
+    edits the optimizer's param groups in place.
+
+    ``resume_from_checkpoint`` works, bit for bit: the callback keeps the scheduler's state (discovered
+    and trained ranks, the step count) in ``state.stateful_callbacks["dynrank_inrank"]``, so each
+    checkpoint holds it in its ``trainer_state.json``.  The Trainer loads the checkpoint into the model
+    before any callback runs (each layer of a freshly converted model takes the rank of its tensors)
+    and builds the optimizer on it; the resumed scheduler keeps those ranks, where a new one would cut
+    them back to ``init_rank + buffer``, and takes the saved discovered ranks and step count.  The
+    settings are the ones given to the callback.  A layer whose rank is not the saved one (a model of
+    other layers) is refused.  A checkpoint without the entry (a run without this callback) starts
+    InRank at the resume, with a warning.  (The entry is no callback's class name, so
+    ``restore_callback_states_from_checkpoint=True`` leaves this callback as it is.)
+
+    A ``train()`` from step 0 (a second one, or ``auto_find_batch_size`` starting again) starts InRank
+    afresh on the model as it is: each layer back to ``init_rank + buffer`` components, by truncated SVD.
+
+    Args:
+        log: callable taking one line per step that grew layers (``print``, the default), or None.
+        **scheduler_kwargs: ``init_rank``, ``buffer``, ``threshold``, ``warmup_steps``, ``check_every``,
+            ``max_rank`` of ``IncrementalRankScheduler`` (its defaults where left out).
+
+    Attributes:
+        scheduler: the ``IncrementalRankScheduler`` (None before training begins):
+            ``callback.scheduler.add_callback(fn)`` or ``add_model_copy`` after ``on_train_begin``, ``ranks``.
+        changes: every growth so far, as (global step, layer name, old rank, new rank).
+
+    Raises:
+        TypeError, ValueError: an unknown keyword or a setting the scheduler refuses, at construction;
+            at ``on_train_begin``, what the scheduler's constructor raises (a model with no
+            FusedLowRankLinear in lowrank or adapter form, say), a checkpoint's state that does not fit the
+            model, and training on several processes or under DeepSpeed or FSDP (growth replaces the
+            parameters the Trainer's wrapper was built on).
+
+    Example::
+
+        from transformers import Trainer, TrainingArguments
+        from dynrank import convert_model
+        from dynrank.hf_inrank import IncrementalRankCallback
+
+        convert_model(model, rank_ratio=0.5)
+        growth = IncrementalRankCallback(init_rank=2, buffer=8, warmup_steps=200, check_every=25)
+        trainer = Trainer(model=model, args=TrainingArguments("out", save_strategy="steps", save_steps=500),
+                          train_dataset=data, callbacks=[growth])
+        trainer.train()                                   # growth.changes: (step, layer, old rank, new rank)
+        trainer.train(resume_from_checkpoint=True)        # later, into a freshly converted model
+    """
+
+    _KWARGS = ("init_rank", "buffer", "threshold", "warmup_steps", "check_every", "max_rank")
+
+    STATE_KEY = "dynrank_inrank"
+
+    def __init__(self, log=print, **scheduler_kwargs):
+        unknown = sorted(set(scheduler_kwargs) - set(self._KWARGS))
+        if unknown:
+            raise TypeError(f"IncrementalRankCallback got unexpected keyword argument(s) {', '.join(unknown)}; "
+                            f"it takes {', '.join(self._KWARGS)} for the scheduler, and log")
+        # The scheduler's own checks, now rather than when training begins (valid stand-ins for the settings
+        # left out, whose defaults are the scheduler's).
+        given = scheduler_kwargs.get
+        _check_settings(given("buffer", 1), given("threshold", 0.5), given("warmup_steps", 0), given("check_every", 1))
+        for name in ("init_rank", "max_rank"):
+            if given(name) is not None:
+                check_int(given(name), name, "a positive int or None", 1)
+        if log is not None and not callable(log):
+            raise TypeError(f"log must be callable or None, got {type(log).__name__}")
+        self.log = log
+        self.scheduler_kwargs = scheduler_kwargs
+        self.scheduler = None
+        self.changes = []
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        _check_one_process(args, type(self).__name__, "a growth")
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(self.STATE_KEY)
+        if state.global_step > 0 and saved is not None:
+            self.scheduler = self._resume(state, saved, model, optimizer)
+        else:
+            if state.global_step > 0:
+                warnings.warn(f"IncrementalRankCallback: resuming at global step {state.global_step} from a "
+                              f"checkpoint without its state (stateful_callbacks[{self.STATE_KEY!r}] of "
+                              f"trainer_state.json): InRank starts here, each layer cut to init_rank + buffer "
+                              f"components", stacklevel=2)
+            self.scheduler = IncrementalRankScheduler(model, optimizer, **self.scheduler_kwargs)
+        self._keep_state(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # After the optimizer step, before the Trainer saves at this step: the checkpoint holds the growth.
+        grown = self.scheduler.step(state.global_step)
+        self.changes.extend((state.global_step, *change) for change in grown)
+        if grown and self.log is not None:
+            moves = ", ".join(sorted({f"{old} → {new}" for _, old, new in grown}))
+            self.log(f"dynrank: step {state.global_step}: {len(grown)} layer{'' if len(grown) == 1 else 's'} "
+                     f"grew, rank {moves}")
+        self._keep_state(state)
+
+    def _resume(self, state, saved, model, optimizer):
+        """The scheduler of a resume: built keeping the ranks the Trainer loaded into the layers (no
+        ``init_rank``, no cap to cut them by), then given the checkpoint's discovered ranks and step count
+        under the callback's own settings."""
+        scheduler = IncrementalRankScheduler(model, optimizer,
+                                             **dict(self.scheduler_kwargs, init_rank=None, max_rank=None))
+        cap = self.scheduler_kwargs.get("max_rank")
+        try:
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"not the state IncrementalRankCallback saves (a dict), got {type(saved).__name__}")
+            if saved.get("ranks") != scheduler.ranks:
+                raise ValueError(f"it has the layers at ranks {saved.get('ranks')}, the model at {scheduler.ranks}")
+            own = scheduler.state_dict()
+            scheduler.load_state_dict(dict(
+                own, last_step=saved.get("last_step"), current=saved.get("current"), ranks=saved["ranks"],
+                max_rank={name: own["max_rank"][name] if cap is None else min(cap, own["max_rank"][name])
+                          for name in own["max_rank"]}))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"resuming at global step {state.global_step}: the InRank state in the checkpoint's "
+                          f"trainer_state.json (stateful_callbacks[{self.STATE_KEY!r}]) does not fit this model: "
+                          f"{e}. {_LOADED}") from None
+        return scheduler
+
+    def _keep_state(self, state):
+        """Put the scheduler's state into ``state.stateful_callbacks``: the Trainer saves the TrainerState, with
+        it, into each checkpoint after ``on_step_end``."""
+        callbacks = getattr(state, "stateful_callbacks", None)
+        if isinstance(callbacks, dict):
+            callbacks[self.STATE_KEY] = self.scheduler.state_dict()
