@@ -57,17 +57,36 @@ def _packed(t, memory_format=torch.contiguous_format):
     """``t`` itself where its elements are laid out in order (row-major, or channels-last for a 4-D
     tensor), else a row-major copy: a factor made by a transpose or a permutation (an SVD's Vᵀ, a
     Tucker core) would pass its layout on to its gradients, which L-BFGS views flat.  A 4-D ``t``
-    is laid out channels-last where ``memory_format`` says so (the layer's own layout)."""
+    is laid out channels-last where ``memory_format`` says so (the layer's own layout), with the
+    strides that tell it (:func:`_is_channels_last`) where it is 1×1 or one channel deep."""
     if t.dim() == 4 and memory_format is torch.channels_last:
-        return t.contiguous(memory_format=torch.channels_last)
+        # .contiguous() keeps a tensor that is both layouts as it is; .to() gives it channels-last strides
+        if _is_channels_last(t) or t.stride() == _strides(t.shape, torch.channels_last):
+            return t
+        return t.to(memory_format=torch.channels_last)
     if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
         return t
     return t.contiguous()
 
 
+def _strides(shape, memory_format):
+    """The strides of a dense (N, C, H, W) tensor of ``shape`` laid out in ``memory_format``, as torch gives
+    them (a dimension of size 1 or 0 counts as 1 in the products)."""
+    n, c, h, w = (max(size, 1) for size in shape)
+    return (c * h * w, 1, w * c, c) if memory_format is torch.channels_last else (c * h * w, h * w, w, 1)
+
+
 def _is_channels_last(t):
-    """A 4-D tensor laid out channels-last and not also row-major (a 1×1 kernel or one channel is both)."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    """A 4-D tensor laid out channels-last.  A 1×1 kernel or one with one channel is contiguous in both
+    layouts; its layout is in the strides of its size-1 dimensions, which ``.to(memory_format=...)``
+    sets as the layout has them (and every later copy, move or cast keeps): channels-last where they
+    are channels-last's and differ from row-major ones (a 1×1 kernel with one channel has no layout)."""
+    if t.dim() != 4 or not t.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if not t.is_contiguous():
+        return True
+    strides = t.stride()
+    return strides == _strides(t.shape, torch.channels_last) and strides != _strides(t.shape, torch.contiguous_format)
 
 
 # How to undo each kind of reparametrization (torch.nn.utils.parametrize, the hook-based spectral_norm /
@@ -234,8 +253,9 @@ class FormLayer(nn.Module):
 
     def _memory_format(self):
         """``torch.channels_last`` where one of the layer's 4-D parameters is laid out so (a model moved
-        with ``.to(memory_format=torch.channels_last)``), else ``torch.contiguous_format``.  The tensors
-        a form change creates (W, fresh factors) take this layout, so a channels-last model stays so."""
+        with ``.to(memory_format=torch.channels_last)``; a 1×1 or one-channel factor by its strides, see
+        :func:`_is_channels_last`), else ``torch.contiguous_format``.  The tensors a form change creates
+        (W, fresh factors) take this layout, so a channels-last model stays so."""
         if any(p is not None and _is_channels_last(p) for p in self._parameters.values()):
             return torch.channels_last
         return torch.contiguous_format

@@ -84,6 +84,49 @@ def _check_padding(padding):
     return _check_pair(padding, "padding", 0)
 
 
+def _pad_amounts(padding, kernel_size, dilation):
+    """F.pad amounts (left, right, top, bottom) of ``padding`` ((ph, pw) or ``"same"``) for a conv with
+    ``kernel_size`` and ``dilation`` (pairs); ``"same"`` puts an odd pixel on the right and bottom, as torch."""
+    if padding == "same":
+        out = []
+        for k, d in zip(kernel_size[::-1], dilation[::-1]):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return tuple(out)
+    ph, pw = padding
+    return (pw, pw, ph, ph)
+
+
+def _dense_padding(conv):
+    """The padding the ``nn.Conv2d`` ``conv`` applies, as :class:`LowRankConv2d` takes it: ``conv.padding``,
+    except where a padding mode other than ``"zeros"`` pads by other amounts.
+
+    Such a mode pads by ``conv._reversed_padding_repeated_twice``, which ``nn.Conv2d`` derives once, at
+    construction: an edit of ``padding`` or ``dilation`` afterwards (segmentation code's
+    ``_nostride_dilate``) does not reach it, and the conv goes on padding by the old amounts.  Those are
+    what it computes, so where they disagree with ``conv.padding`` they are taken, as (ph, pw).
+
+    Raises:
+        TypeError, ValueError: a ``conv.padding`` the constructor refuses (:func:`_check_padding`).
+        ValueError: amounts that differ between the two sides of a dimension, which ``conv.padding`` does
+            not give and a (ph, pw) padding cannot hold (the message names both).
+    """
+    padding = conv.padding
+    amounts = getattr(conv, "_reversed_padding_repeated_twice", None)
+    if conv.padding_mode == "zeros" or amounts is None:
+        return padding
+    amounts = tuple(amounts)
+    if amounts == _pad_amounts(_check_padding(padding), _check_pair(conv.kernel_size, "kernel_size", 1),
+                               _check_pair(conv.dilation, "dilation", 1)):
+        return padding
+    left, right, top, bottom = amounts
+    if left != right or top != bottom:
+        raise ValueError(f"{type(conv).__name__} with padding_mode={conv.padding_mode!r} pads by {amounts} (left, "
+                         f"right, top, bottom; set when it was built), not by its padding={padding!r}: expected "
+                         f"the same amount on both sides of each dimension, to keep as a padding (ph, pw)")
+    return (top, left)
+
+
 def _check_padding_mode(padding_mode):
     """``padding_mode``, one of :data:`PADDING_MODES` (else a ValueError naming them)."""
     if not isinstance(padding_mode, str) or padding_mode not in PADDING_MODES:
@@ -167,10 +210,10 @@ class LowRankConv2d(FormLayer):
     decomposition (truncated SVD, HOOI Tucker, ALS CP) into the factors and
     keeps W_f = W − fit, so the function is unchanged for every decomposition.
     A layer moved to ``torch.channels_last`` stays so: the W and factors a form
-    change creates take its layout.  (The one exception: cp and tkd-cpd in
-    lowrank form have only 1-wide or 1-deep kernels, alike in both layouts, so
-    the W ``inflate()`` makes from them is contiguous; ``.to(memory_format=...)``
-    again after it.)
+    change creates take its layout.  Factors that are all 1×1 or one channel
+    deep (cp and tkd-cpd, tucker with r_in = 1) are contiguous in both layouts:
+    theirs is read from the strides ``.to(memory_format=...)`` gives their
+    size-1 dimensions, which copies, moves and casts keep.
 
     Adapter form, two strategies (``adapter_strategy``):
 
@@ -333,14 +376,7 @@ class LowRankConv2d(FormLayer):
 
     def _padding_amounts(self):
         """F.pad amounts (left, right, top, bottom) equivalent to ``padding``."""
-        if self.padding == "same":
-            out = []
-            for k, d in zip(self.kernel_size[::-1], self.dilation[::-1]):
-                total = d * (k - 1)
-                out += [total // 2, total - total // 2]
-            return tuple(out)
-        ph, pw = self.padding
-        return (pw, pw, ph, ph)
+        return _pad_amounts(self.padding, self.kernel_size, self.dilation)
 
     @property
     def adapter_strategy(self):
@@ -474,6 +510,11 @@ class LowRankConv2d(FormLayer):
                    adapter_strategy="auto"):
         """Build from an ``nn.Conv2d``, keeping its geometry, padding mode and bias.
 
+        The padding kept is the one the conv applies: with a padding mode other than ``"zeros"``,
+        ``nn.Conv2d`` pads by amounts fixed when it was built, which an edit of ``padding`` or
+        ``dilation`` afterwards (segmentation code's ``_nostride_dilate``) does not change; those
+        amounts are taken where they differ from ``conv.padding``.
+
         ``form="lowrank"``: factors fitted to the dense kernel in float64 with
         tensorly (svd: truncated SVD of the (F, C/g·kh·kw) matrix per group,
         the best rank-r approximation; tucker: HOOI ``partial_tucker`` over the
@@ -505,7 +546,9 @@ class LowRankConv2d(FormLayer):
             ValueError: invalid rank, rank_ratio, decomposition or form; a kernel
                 with NaN/inf entries (lowrank form); a CP fit (cp, tkd-cpd) that
                 fails at every CP rank down to 1; an
-                ``nn.LazyConv2d`` not run yet (its kernel has no shape).
+                ``nn.LazyConv2d`` not run yet (its kernel has no shape); a padding
+                mode other than ``"zeros"`` whose amounts, fixed when the conv was built,
+                differ from ``conv.padding`` and between the two sides of a dimension.
 
         Example:
             >>> conv = nn.Conv2d(16, 32, 3, padding=1)
@@ -520,7 +563,7 @@ class LowRankConv2d(FormLayer):
         weight = conv.weight
         check_floating_dtype(weight.dtype, needed_by=f"from_dense needs a floating-point {cls.weight_kind}: ")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank=rank,
-                    decomposition=decomposition, stride=conv.stride, padding=conv.padding,
+                    decomposition=decomposition, stride=conv.stride, padding=_dense_padding(conv),
                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, form=form,
                     padding_mode=conv.padding_mode, rank_ratio=rank_ratio, alpha=alpha,
                     adapter_strategy=adapter_strategy, device=weight.device, dtype=weight.dtype)

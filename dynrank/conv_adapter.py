@@ -91,6 +91,11 @@ def _add(total, work, times=1.0):
 
 
 def _check_adapter_input(op, layer, x):
+    from .conv import LowRankConv2d
+    if not isinstance(layer, LowRankConv2d):
+        raise TypeError(f"{op} needs a LowRankConv2d in adapter form, got {type(layer).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     if layer.form != "adapter":
         raise RuntimeError(f"{op} needs a layer in adapter form, got {layer.form!r}")
     if x.dim() not in (3, 4):
@@ -123,6 +128,7 @@ def adapter_work(layer, x):
         dict strategy → [multiply-add FLOPs, bytes moved, ops launched] (floats).
 
     Raises:
+        TypeError: ``layer`` not a LowRankConv2d, or ``x`` not a ``torch.Tensor``.
         RuntimeError: if the layer is not in adapter form.
         ValueError: ``x`` not 3-D or 4-D, or with another channel count than ``in_channels``.
     """
@@ -178,8 +184,9 @@ def adapter_costs(layer, x):
     ``x``'s device type.
 
     Raises:
-        RuntimeError/ValueError: as :func:`adapter_work`.
+        TypeError/RuntimeError/ValueError: as :func:`adapter_work`.
     """
+    _check_adapter_input("adapter_costs", layer, x)
     return _seconds(adapter_work(layer, x), x.device.type)
 
 
@@ -211,6 +218,7 @@ def time_adapter_strategies(layer, x, repeats=3):
     (a ``padding_mode`` other than ``"zeros"``).
 
     Raises:
+        TypeError: ``layer`` not a LowRankConv2d, or ``x`` not a ``torch.Tensor``.
         RuntimeError: if the layer is not in adapter form.
         ValueError: ``x`` not 3-D or 4-D, or with another channel count than ``in_channels``.
         TypeError, ValueError: ``repeats`` not an int ≥ 1.

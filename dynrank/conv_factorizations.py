@@ -69,13 +69,14 @@ def _bounded(value, limit, what, why):
 
 
 def _rank_tuple(rank, size, decomposition, names):
-    """An int r → (r,)·size; a tuple/list of ``size`` ints as is."""
+    """An int r → (r,)·size; a tuple/list of ``size`` ints as is.  Anything else (an array, a tensor, a
+    set) is a TypeError, as a tensor is for every whole-number argument (:func:`~dynrank._args.check_int`)."""
+    expected = f"an int or a tuple/list of {size} ints ({', '.join(names)})"
     if isinstance(rank, (tuple, list)):
         if len(rank) != size:
-            raise ValueError(f"rank for decomposition={decomposition!r} must be an int or a "
-                             f"{size}-tuple ({', '.join(names)}), got {tuple(rank)!r}")
+            raise ValueError(f"rank for decomposition={decomposition!r} must be {expected}, got {tuple(rank)!r}")
         return tuple(_int_rank(r, f"rank[{i}] ({names[i]})") for i, r in enumerate(rank))
-    return (_int_rank(rank, "rank"),) * size
+    return (check_int(rank, f"rank for decomposition={decomposition!r}", expected),) * size
 
 
 def cp_rank_limit(dims):

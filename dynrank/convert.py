@@ -511,7 +511,9 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
             holding parameters, buffers or modules of its own (or whose
             ``forward`` is replaced on the instance), named
             exactly in ``include``, a model that is itself a layer, a fit that fails (e.g. CP on a degenerate kernel, a
-            NaN weight; the message names the layer and the decomposition), or
+            NaN weight; the message names the layer and the decomposition), a conv whose padding mode other than
+            ``"zeros"`` pads by amounts no (ph, pw) padding holds (its ``padding`` or ``dilation`` edited after
+            it was built; see :meth:`LowRankConv2d.from_dense`), or
             nothing to convert (the message says where the model's layers are
             all converted already, or its convolutions are of a kind not
             converted).  The model is unchanged whenever it raises.
@@ -774,12 +776,12 @@ def _convert_one(child, rank_ratio, decomposition, form, init, alpha):
                                  alpha=alpha, device=child.weight.device, dtype=dtype)
         new._record_dense_type(child)
         return new
-    from .conv import LowRankConv2d
+    from .conv import LowRankConv2d, _dense_padding
     if init == "dense":
         return LowRankConv2d.from_dense(child, decomposition=decomposition, form=form, rank_ratio=rank_ratio,
                                         alpha=alpha)
     new = LowRankConv2d(child.in_channels, child.out_channels, child.kernel_size,
-                        decomposition=decomposition, stride=child.stride, padding=child.padding,
+                        decomposition=decomposition, stride=child.stride, padding=_dense_padding(child),
                         dilation=child.dilation, groups=child.groups, bias=child.bias is not None,
                         form=form, padding_mode=child.padding_mode, rank_ratio=rank_ratio, alpha=alpha,
                         device=child.weight.device, dtype=dtype)

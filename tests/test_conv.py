@@ -543,7 +543,7 @@ def test_timing_both_strategies_leaves_gradients_alone():
     (dict(rank=8), ValueError, "rank must be in [1, 7]"),
     (dict(rank=(2, 2)), TypeError, "must be an int"),
     (dict(rank=(2, 9), decomposition="tucker"), ValueError, "r_out"),
-    (dict(rank=(2, 2), decomposition="tkd-cpd"), ValueError, "3-tuple"),
+    (dict(rank=(2, 2), decomposition="tkd-cpd"), ValueError, "tuple/list of 3 ints (r_in, cp_rank, r_out)"),
     (dict(rank=10_000, decomposition="cp"), ValueError, "rank must be in"),
     (dict(rank=2.5), TypeError, "must be an int"),
     (dict(rank=2, decomposition="qr"), ValueError, "decomposition must be one of"),
@@ -914,3 +914,119 @@ def test_time_adapter_strategies_pads_as_the_layer_pads_and_checks_its_arguments
         time_adapter_strategies(layer, torch.randn(1, 3, 4, 4), repeats=0)
     with pytest.raises(ValueError, match="input must have 3 channels"):
         time_adapter_strategies(layer, torch.randn(1, 5, 4, 4))
+
+
+# -- a dense conv whose padding was edited in place --------------------------------------
+
+def _edited_conv(in_ch, out_ch, mode, kernel=3, padding=1, to=((2, 2), (2, 2))):
+    """nn.Conv2d as segmentation code's _nostride_dilate leaves it: padding and dilation set after it was built.
+    A padding mode other than zeros goes on padding by the amounts it was built with."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=padding, padding_mode=mode, dtype=F64)
+    conv.padding, conv.dilation = to
+    return conv
+
+
+@pytest.mark.parametrize("form", ["full", "adapter", "lowrank"])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_from_dense_and_convert_model_of_an_edited_padding_compute_what_the_conv_did(mode, form):
+    """With a mode other than zeros, from_dense and convert_model took the edited conv.padding (2, 2), while
+    the conv pads by the (1, 1) it was built with: 9x9 outputs for its 7x7."""
+    import dynrank
+    conv = _edited_conv(4, 6, mode)
+    x = torch.randn(2, 4, 9, 9, dtype=F64)
+    expected = conv(x)
+    layer = LowRankConv2d.from_dense(conv, rank=6, form=form)     # svd at full rank: the kernel itself
+    assert rel_err(layer(x), expected) < TOL
+    model = nn.Sequential(_edited_conv(16, 16, mode))
+    expected = model(x.repeat(1, 4, 1, 1))
+    dynrank.convert_model(model, rank_ratio=1.0, form=form)
+    assert rel_err(model(x.repeat(1, 4, 1, 1)), expected) < TOL
+    model = nn.Sequential(_edited_conv(16, 16, mode))
+    dynrank.convert_model(model, rank_ratio=1.0, form=form, init="fresh")
+    assert model(x.repeat(1, 4, 1, 1)).shape == expected.shape
+    assert model[0].padding == ((2, 2) if mode == "zeros" else (1, 1))
+
+
+def test_from_dense_of_an_edited_same_padding_takes_the_amounts_the_conv_pads_by():
+    """A "same" reflect conv whose dilation is edited pads by the amounts of its old dilation; amounts that
+    differ between a dimension's sides (an even kernel's) cannot be held as a padding and are refused."""
+    conv = _edited_conv(4, 6, "reflect", padding="same", to=("same", (2, 2)))
+    x = torch.randn(2, 4, 9, 9, dtype=F64)
+    layer = LowRankConv2d.from_dense(conv, rank=6, form="full")
+    assert layer.padding == (1, 1) and layer(x).shape == (2, 6, 7, 7)
+    assert rel_err(layer(x), conv(x)) < TOL
+    unedited = _edited_conv(4, 6, "reflect", kernel=2, padding="same", to=("same", (1, 1)))
+    assert LowRankConv2d.from_dense(unedited, rank=6, form="full").padding == "same"
+    conv = _edited_conv(4, 6, "reflect", kernel=2, padding="same", to=("same", (2, 2)))
+    with pytest.raises(ValueError, match=re.escape("padding_mode='reflect' pads by (0, 1, 0, 1) (left, right, top, "
+                                                   "bottom; set when it was built), not by its padding='same'")):
+        LowRankConv2d.from_dense(conv, rank=6, form="full")
+
+
+# -- channels-last through form changes when every factor is 1×1 or one channel deep ----------
+
+@pytest.mark.parametrize("dec, rank", [("tucker", (1, 4)), ("cp", 4), ("tkd-cpd", (1, 2, 3)), ("tkd-cpd", 2)])
+def test_a_channels_last_layer_whose_factors_show_no_layout_stays_channels_last(dec, rank):
+    """Tucker with r_in = 1 (core (r_out, 1, kh, kw), B and A 1×1), cp and tkd-cpd have factors contiguous in
+    both layouts: inflate() and unconvert_model(lowrank="dense") gave a row-major W."""
+    import dynrank
+    from dynrank._forms import _is_channels_last
+    cl = torch.channels_last
+    x = torch.randn(2, 8, 7, 7, dtype=F64)
+    for moved in (True, False):
+        torch.manual_seed(0)
+        layer = LowRankConv2d(8, 8, 3, rank=rank, decomposition=dec, padding=1, dtype=F64)
+        randomize(layer)
+        if moved:
+            layer.to(memory_format=cl)
+        assert all(p.is_contiguous() and p.is_contiguous(memory_format=cl) for p in layer.factors().values())
+        model = nn.Sequential(copy.deepcopy(layer))
+        expected = reference_conv(layer)._conv_forward(x, reference_kernel(dec, layer.factors(), layer.scale),
+                                                       layer.bias)
+        assert rel_err(layer(x), expected) < TOL
+        layer.inflate()
+        assert layer.weight.is_contiguous(memory_format=cl if moved else torch.contiguous_format)
+        assert _is_channels_last(layer.weight) == moved
+        assert rel_err(layer(x), expected) < TOL
+        layer.deflate(rank=rank, init="svd").inflate()       # and through an adapter back to full
+        assert _is_channels_last(layer.weight) == moved and rel_err(layer(x), expected) < TOL
+        dynrank.unconvert_model(model, lowrank="dense")
+        assert type(model[0]) is nn.Conv2d and _is_channels_last(model[0].weight) == moved
+        assert rel_err(model(x), expected) < TOL
+
+
+# -- the adapter cost model's arguments ---------------------------------------------------------
+
+def test_adapter_cost_functions_name_a_layer_or_input_of_the_wrong_type():
+    """A numpy input, an adapter FusedLowRankLinear or a plain nn.Conv2d gave an AttributeError."""
+    from dynrank import FusedLowRankLinear
+    from dynrank.conv import adapter_work
+    layer = LowRankConv2d(4, 6, 3, rank=2, form="adapter")
+    x = torch.randn(1, 4, 5, 5)
+    for fn in (adapter_costs, adapter_work, time_adapter_strategies):
+        with pytest.raises(TypeError, match=r"^input must be a torch\.Tensor, got ndarray$"):
+            fn(layer, x.numpy())
+        for other in (FusedLowRankLinear(4, 6, 2, form="adapter"), nn.Conv2d(4, 6, 3)):
+            with pytest.raises(TypeError, match=rf"^{fn.__name__} needs a LowRankConv2d in adapter form, got "
+                                                rf"{type(other).__name__}$"):
+                fn(other, x)
+    assert set(adapter_costs(layer, x)) == {"chain", "merged"}
+
+
+# -- a rank of the wrong type for a tuple-rank decomposition --------------------------------------
+
+@pytest.mark.parametrize("dec, rank, expected", [
+    ("tucker", np.array([2, 3]), "an int or a tuple/list of 2 ints (r_in, r_out), got ndarray"),
+    ("tucker", torch.tensor([2, 3]), "an int or a tuple/list of 2 ints (r_in, r_out), got Tensor"),
+    ("tucker", "3", "an int or a tuple/list of 2 ints (r_in, r_out), got str ('3')"),
+    ("tkd-cpd", {2, 3, 4}, "an int or a tuple/list of 3 ints (r_in, cp_rank, r_out), got set"),
+])
+def test_a_tuple_rank_decomposition_names_the_tuple_in_its_type_error(dec, rank, expected):
+    """The message said "rank must be an int", hiding that a tuple or list is taken.  An array or a tensor is
+    refused, as for every whole-number argument; its tolist() is taken."""
+    with pytest.raises(TypeError, match=re.escape(f"rank for decomposition={dec!r} must be {expected}")):
+        LowRankConv2d(4, 6, 3, rank=rank, decomposition=dec)
+    if not isinstance(rank, (set, str)):
+        assert LowRankConv2d(4, 6, 3, rank=rank.tolist(), decomposition=dec).rank == (2, 3)
+
