@@ -17,8 +17,10 @@ scheduler, a grad scaler, the user's own references) keeps working:
   parameter joining such a group (one where any parameter has a buffer, a new
   one's carried buffer included) starts with a zero buffer, which is what an
   empty one means unless ``dampening`` is set (then its first step is
-  (1 − dampening)·g instead of g).  L-BFGS keeps one history over all
-  parameters flattened together; a form change starts it afresh.
+  (1 − dampening)·g instead of g: :func:`dampened_zero_buffers` finds such
+  parameters, and ``DynamicRankScheduler.step`` warns).  L-BFGS keeps one
+  history over all parameters flattened together; a form change starts it
+  afresh.
 - :func:`pushforward_state` / :func:`pullback_state` derive the new
   parameters' state from the old ones (``optimizer_state="carry"``).
 - :func:`clear_state` leaves the optimizer as a newly built one over its
@@ -44,7 +46,8 @@ import torch
 
 __all__ = ["replace_params", "optimizer_params", "pushforward_state", "pullback_state",
            "LINEAR_STATE", "SQUARED_STATE", "manage", "drop_frozen_adapter_params", "params_before",
-           "switched_params", "follow_load", "follow_unconvert", "clear_state", "optimizer_chain"]
+           "switched_params", "follow_load", "follow_unconvert", "clear_state", "optimizer_chain",
+           "dampened_zero_buffers"]
 
 LINEAR_STATE = frozenset({"momentum_buffer", "exp_avg", "grad_avg"})
 SQUARED_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -171,49 +174,62 @@ class ParamsBefore(NamedTuple):
     trainable: list      # those that require grad
     every: list          # all of them
     names: dict          # id(param) → its name in the module
+    trains: bool         # whether the layer trained: a parameter but the bias required grad
+    frozen_dense: object  # its frozen W_f (adapter form), or None
 
 
 def drop_frozen_adapter_params(optimizer, layer):
-    """Take out of ``optimizer`` what a deflate leaves out of it, for ``layer`` already in adapter form:
-    its frozen W_f (a deflate takes W out as it freezes it) and, where the layer does not train, its
-    frozen factors (a switch never adds a frozen parameter).  An optimizer given ``model.parameters()``
-    of a model converted with ``form="adapter"`` then holds what it holds after an inflate and a deflate,
-    so a checkpoint taken after them loads into a freshly built one.  Frozen parameters take no step, so
-    training is unchanged.  Returns whether frozen factors the optimizer held were taken out."""
-    if layer.form != "adapter":
-        return False
-    dense = layer._dense()
-    frozen = [] if dense.requires_grad else [dense]
-    factors = [] if layer._trains() else list(layer.factors().values())
-    held = optimizer_params(optimizer)
-    dropped = any(id(p) in held for p in factors)
-    if frozen or factors:
-        replace_params(optimizer, frozen + factors, [])
-    return dropped
+    """Take out of ``optimizer``, for ``layer`` already in adapter form, its frozen W_f (a deflate takes W
+    out as it freezes it).  An optimizer given ``model.parameters()`` of a model converted with
+    ``form="adapter"`` then holds no W_f, as after a deflate, so a checkpoint of such a run loads into a
+    freshly built one.  Its factors stay where they are, frozen or not, as a switch leaves a frozen
+    layer's new ones (:func:`switched_params`): unfrozen later, they train.  A frozen parameter takes no
+    step, so training is unchanged."""
+    dense = _frozen_dense(layer)
+    if dense is not None:
+        replace_params(optimizer, [dense], [])
+
+
+def _frozen_dense(module):
+    """``module``'s W_f where it is a dynrank layer in adapter form and W_f is frozen (as a deflate leaves
+    it), else None: frozen by the form itself, the one parameter of a layer no switch puts in an optimizer."""
+    if getattr(module, "form", None) != "adapter" or not callable(getattr(module, "_dense", None)):
+        return None
+    dense = module._dense()
+    return dense if dense is not None and not dense.requires_grad else None
 
 
 def params_before(layer):
     """What :func:`switched_params` and :func:`replace_params` need of ``layer``, taken before it changes."""
     named = list(layer.named_parameters())
     return ParamsBefore([p for _, p in named if p.requires_grad], [p for _, p in named],
-                        {id(p): n for n, p in named})
+                        {id(p): n for n, p in named}, layer._trains(), _frozen_dense(layer))
 
 
 def switched_params(layer, before):
-    """(removed, added): what a form or rank change of ``layer`` takes out of training and brings in.
+    """(removed, added): what a form or rank change of ``layer`` takes out of the optimizer and puts in.
 
     ``before`` is :func:`params_before` of the layer before the change; ``layer`` holds the parameters
-    after it (the layer itself, or the module that replaced it).  Leaving: what trained and no longer
-    does, then a frozen parameter the change dropped from the layer (an optimizer given
-    ``model.parameters()`` holds it too); in that order, so the new parameters join the group of one
-    that trained (:func:`replace_params`).  Joining: what trains now and did not.
+    after it (the layer itself, or the module that replaced it).  An optimizer may hold every parameter
+    of a layer but a frozen W_f: after the change, those that train, the ones it kept, and, in a layer
+    that did not train (frozen whole, ``requires_grad_(False)``), every new one but W_f, frozen, as torch
+    keeps a frozen parameter it was given (it takes no step, and trains once unfrozen).  A new parameter
+    frozen in a layer that trained is frozen by the form (W_f; an unconverted adapter's merged weight)
+    and stays out.  Leaving: what it may hold no more, those that trained first, so the new parameters
+    join the group of one that trained (:func:`replace_params`); a W_f the layer still holds as its W_f
+    is left as it is.  Joining: what it may hold now and could not before.
     """
-    after = [p for p in layer.parameters() if p.requires_grad]
-    after_ids, before_ids = {id(p) for p in after}, {id(p) for p in before.trainable}
+    form_frozen = _frozen_dense(layer)
+    before_ids = {id(p) for p in before.every}
+    after = [p for p in layer.parameters() if p is not form_frozen
+             and (p.requires_grad or not before.trains or id(p) in before_ids)]
+    after_ids, trained = {id(p) for p in after}, {id(p) for p in before.trainable}
     kept = {id(p) for p in layer.parameters()}
     removed = [p for p in before.trainable if id(p) not in after_ids] + [
-        p for p in before.every if not p.requires_grad and id(p) not in kept]
-    return removed, [p for p in after if id(p) not in before_ids]
+        p for p in before.every if id(p) not in trained and id(p) not in after_ids
+        and (p is not before.frozen_dense or id(p) not in kept)]
+    could = {id(p) for p in before.every if p is not before.frozen_dense}
+    return removed, [p for p in after if id(p) not in could]
 
 
 # Layer → weak references to (optimizer, model) of the scheduler that manages it (the last one built
@@ -380,6 +396,25 @@ def _match_fused_momentum(optimizer, group, joined):
         state = optimizer.state[p]
         if state.get("momentum_buffer") is None:
             state["momentum_buffer"] = torch.zeros_like(p)
+
+
+def dampened_zero_buffers(optimizer, params):
+    """dampening → how many of ``params`` (parameters that joined ``optimizer`` with no state of their
+    own) hold the zero momentum buffer :func:`_match_fused_momentum` gave them in a fused SGD group with
+    ``dampening`` set.  Their first step is (1 − dampening)·lr·g, where a missing buffer (SGD without
+    ``fused``) gives lr·g.  Empty for any other optimizer, and once the state is cleared (``"fresh"``)."""
+    optimizer = _inner(optimizer)
+    if not isinstance(optimizer, torch.optim.SGD):
+        return {}
+    ids = {id(p) for p in params}
+    found = {}
+    for group in optimizer.param_groups:
+        if group.get("fused") and group.get("momentum") and group.get("dampening"):
+            count = sum(1 for p in group["params"]
+                        if id(p) in ids and optimizer.state.get(p, {}).get("momentum_buffer") is not None)
+            if count:
+                found[group["dampening"]] = found.get(group["dampening"], 0) + count
+    return found
 
 
 def _initial_state(optimizer, group_index, param):

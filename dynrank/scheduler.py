@@ -36,8 +36,8 @@ from ._checks import (call_back, check_copy, check_finite, check_layer_names, ch
                       check_sync, check_trains_layers, check_untied, fork_layer_rngs, form_layers, remove_copy,
                       unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
-from ._optim import (clear_state, drop_frozen_adapter_params, manage, params_before, pullback_state,
-                     pushforward_state, replace_params, switched_params)
+from ._optim import (clear_state, dampened_zero_buffers, drop_frozen_adapter_params, manage, params_before,
+                     pullback_state, pushforward_state, replace_params, switched_params)
 from .convert import guard_attention
 from .distributed import _remember_ddp, _retire_stale, _sync_layers
 
@@ -150,15 +150,19 @@ class DynamicRankScheduler:
     deflate) — and is idempotent for one epoch.
 
     Optimizer: after a change, the layer's removed parameters and their state
-    leave the optimizer and the new trainable ones take their place in the same
+    leave the optimizer and the new ones take their place in the same
     param group (same hyperparameters), in place; LR schedulers (their
     ``state_dict`` too) and a ``GradScaler`` keep working.  A layer the
     optimizer does not hold is left out of it; an optimizer that holds no
-    layer at all (built before ``convert_model``) is refused.  New parameters
+    layer at all (built before ``convert_model``) is refused.  A layer
+    switched while frozen (``requires_grad_(False)``; an optimizer given
+    ``model.parameters()`` holds it) gets frozen new parameters, which take
+    the old ones' place all the same: they take no step until unfrozen, as
+    torch treats a frozen parameter it holds.  New parameters
     join the group of the trainable ones they replace, never that of a frozen
     factor kept apart.  A frozen dense weight W_f leaves the optimizer: at a
-    deflate, and at construction for a layer already in adapter form (with
-    its factors where the layer does not train), so a run converted with
+    deflate, and at construction for a layer already in adapter form (its
+    factors stay, frozen or not), so a run converted with
     ``form="adapter"`` resumes from any checkpoint.  Parameters that stay
     (biases, BN) are untouched.  A parameter that leaves training (factors
     released by inflate, the dense weight frozen by deflate) loses its
@@ -205,7 +209,13 @@ class DynamicRankScheduler:
 
     ``optimizer_state``:
         ``"reset"`` (default): the new parameters start with empty state; the
-        others (biases, BN, layers left dense) keep theirs.
+        others (biases, BN, layers left dense) keep theirs.  Fused SGD with
+        momentum steps a param group only where every parameter has a momentum
+        buffer or none has: a new parameter joining a group where others have
+        one gets a zero buffer, which steps as an empty one unless
+        ``dampening`` is set, where its first step is (1 − dampening)·lr·g
+        instead of lr·g (SGD without ``fused`` takes lr·g); :meth:`step` warns
+        where that happens.  ``"fresh"`` leaves no buffer, so it does not.
 
         ``"fresh"``: the authors' fresh SGD per phase.  At a switch made by
         :meth:`step`, once the parameters are replaced, every parameter's
@@ -320,12 +330,8 @@ class DynamicRankScheduler:
         _remember_ddp(model)
         if self.sync_ranks:
             _sync_layers(self._layers, group=self.process_group)
-        dropped = [name for name, layer in self._layers if drop_frozen_adapter_params(optimizer, layer)]
-        if dropped:
-            warnings.warn(f"layers {', '.join(map(repr, dropped))} are frozen adapters (no parameter but the bias "
-                          f"requires grad): their factors leave the optimizer, as a switch leaves a frozen "
-                          f"layer out of it, so unfreezing them later trains nothing; to train them, call "
-                          f"requires_grad_() on their factors before building the scheduler", stacklevel=2)
+        for _, layer in self._layers:
+            drop_frozen_adapter_params(optimizer, layer)
         manage([layer for _, layer in self._layers], optimizer, self.model)
         for _, layer in self._layers:
             _OWNERS[layer] = weakref.ref(self)
@@ -554,12 +560,15 @@ class DynamicRankScheduler:
         target = self.form_at(epoch)
         for model_copy, layers in self._copies:
             check_copy(model_copy, layers, self._layers)
+        joined = []
         changes = self._bring_to({name: target for name, _ in self._layers}, carry=None,
-                                 finite=f"not switching any layer at {self.unit} {epoch}", follow=True)
+                                 finite=f"not switching any layer at {self.unit} {epoch}", follow=True,
+                                 joined=joined)
         if changes and self.optimizer_state == "fresh":
             clear_state(self.optimizer)
         self.last_epoch = epoch
         self._warn_frozen(changes)
+        self._warn_dampened(joined)
         if changes:
             call_back(self._callbacks, self._event(epoch, changes))
         return changes
@@ -573,9 +582,22 @@ class DynamicRankScheduler:
         if frozen:
             self._warned_frozen.update(frozen)
             warnings.warn(f"layers {', '.join(map(repr, frozen))} switched while frozen (no parameter but the bias "
-                          f"requires grad) and stay frozen in their new form; to train adapters on a frozen "
-                          f"base, call requires_grad_() on the layers' factors after the deflate, or convert "
-                          f"with form='adapter'", stacklevel=3)
+                          f"requires grad) and stay frozen in their new form; an optimizer that held their old "
+                          f"parameters holds the new ones in their place (W_f aside), so requires_grad_() on "
+                          f"them trains them (on the layers' factors after the deflate, to train adapters on a "
+                          f"frozen base); one that did not hold them must be given them "
+                          f"(optimizer.add_param_group)", stacklevel=3)
+
+    def _warn_dampened(self, joined):
+        """Warn where fused SGD with ``dampening`` steps parameters that just joined it on a zero momentum
+        buffer (:func:`~dynrank._optim.dampened_zero_buffers`): their first step is scaled by 1 − dampening."""
+        for dampening, count in dampened_zero_buffers(self.optimizer, joined).items():
+            warnings.warn(f"fused SGD with momentum and dampening={dampening:g}: {count} "
+                          f"{'parameter that joined' if count == 1 else 'parameters that joined'} the optimizer "
+                          f"at this switch start with a zero momentum buffer (fused SGD cannot step a param "
+                          f"group where only some parameters have one), so their first step is "
+                          f"{1 - dampening:g}·lr·g, (1 − dampening)·lr·g, where SGD without fused=True takes "
+                          f"lr·g; use SGD without fused, dampening=0, or optimizer_state='fresh'", stacklevel=3)
 
     def _path(self, name, old, new):
         paths = {("lowrank", "full"): ("inflate",), ("lowrank", "adapter"): ("inflate", "deflate"),
@@ -587,9 +609,10 @@ class DynamicRankScheduler:
         return paths[(old, new)]
 
     @outside_inference_mode
-    def _bring_to(self, targets, carry, ranks=None, init=None, finite=None, follow=False):
+    def _bring_to(self, targets, carry, ranks=None, init=None, finite=None, follow=False, joined=None):
         """Switch every layer to ``targets[name]`` (with ``follow``, the model copies' layers too).  All plans
-        are made (and, with ``finite`` set, every switching layer checked for NaN/inf) before the first switch."""
+        are made (and, with ``finite`` set, every switching layer checked for NaN/inf) before the first switch.
+        ``joined``: a list given the parameters that join the optimizer with no state carried to them."""
         plans = []
         for name, layer in self._layers:
             old, new = layer.form, targets[name]
@@ -605,13 +628,13 @@ class DynamicRankScheduler:
                 rank = None if op == "inflate" else (
                     ranks[name] if ranks is not None else self._deflate_rank_for(name, layer))
                 copies = [layers[name] for _, layers in self._copies] if follow else []
-                replaced |= self._transition(layer, op, rank, carry, init, copies)
+                replaced |= self._transition(layer, op, rank, carry, init, copies, joined)
             changes.append((name, old, new))
         if replaced:
             _retire_stale(self.model, "a DynamicRankScheduler form change")
         return changes
 
-    def _transition(self, layer, op, rank, carry, init=None, copies=()):
+    def _transition(self, layer, op, rank, carry, init=None, copies=(), joined=None):
         if carry is None:
             carry = self.optimizer_state == "carry"
         init = self.deflate_init if init is None else init
@@ -639,7 +662,9 @@ class DynamicRankScheduler:
             states = {weight: pushforward_state(self.optimizer, layer, old_factors, weight)}
         elif carry:
             states = pullback_state(self.optimizer, layer, old_weight, layer.factors())
-        replace_params(self.optimizer, removed, added, states, owner=layer, old_names=before.names)
+        if replace_params(self.optimizer, removed, added, states, owner=layer, old_names=before.names) \
+                and joined is not None:
+            joined.extend(p for p in added if not (states and states.get(p) is not None))
         return bool(removed or added)
 
     # -- checkpoints --------------------------------------------------------------------

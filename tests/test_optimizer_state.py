@@ -3,6 +3,7 @@ optimizer is left as a newly built one at each switch; "reset": only the new par
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -450,3 +451,154 @@ def test_fresh_clears_nothing_on_a_load_and_leaves_model_copies_alone():
     train_steps(model, opt, x, y)
     train_steps(fresh_model, fresh_opt, x, y)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh_model.parameters()))
+
+
+# -- a layer switched while frozen ---------------------------------------------------------------------
+def _frozen_switch_run(case, seed=0, frozen=True):
+    """float64 MLP whose layer "0" switches while frozen, with an optimizer given ``model.parameters()``
+    (which holds the frozen layer, as torch allows): ``"deflate"``, a full layer and AdamW on two param
+    groups, adapters wanted on a frozen base; ``"inflate"``, a lowrank layer and SGD with momentum, frozen
+    for a warm-up (``frozen``: still frozen when built; the others train).  Returns (model, optimizer,
+    scheduler)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    convert_model(model, rank_ratio=0.25, form="full" if case == "deflate" else "lowrank")
+    model = model.double()
+    if frozen:
+        model[0].requires_grad_(False)
+    if case == "deflate":
+        opt = torch.optim.AdamW(decay_groups(model), lr=1e-2, weight_decay=0.1)
+        return model, opt, DynamicRankScheduler(model, opt, None, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, opt, DynamicRankScheduler(model, opt, 1, 5)
+
+
+def _unfreeze(model, case):
+    """What the switch warning advises: the factors of the deflated layer, the inflated layer whole."""
+    for p in (model[0].factors().values() if case == "deflate" else model[0].parameters()):
+        p.requires_grad_(True)
+
+
+def _through_the_frozen_switch(case, x, y):
+    """The run up to its frozen switch and the unfreezing: (model, optimizer, scheduler)."""
+    model, opt, sched = _frozen_switch_run(case)
+    sched.step(0)
+    if case == "inflate":                      # the other layers train through the warm-up
+        train_steps(model, opt, x, y, steps=2)
+    with pytest.warns(UserWarning, match=r"layers '0' switched while frozen .* an optimizer that held their "
+                                         r"old parameters holds the new ones in their place \(W_f aside\), so "
+                                         r"requires_grad_\(\) on them trains them"):
+        sched.step(1)
+    return model, opt, sched
+
+
+@pytest.mark.parametrize("case", ["deflate", "inflate"])
+def test_a_layer_switched_while_frozen_trains_once_unfrozen(case):
+    """Its new parameters take the old ones' place in the optimizer, frozen (W_f aside), so unfreezing them
+    (the switch warning's advice, or staged unfreezing) trains them as the same model built in the new form
+    with an optimizer holding them.  They never joined: the factors (W) got gradients and never moved."""
+    x, y = data(torch.float64)
+    model, opt, _ = _through_the_frozen_switch(case, x, y)
+    new = list(model[0].factors().values()) if case == "deflate" else [model[0].weight]
+    assert not any(p.requires_grad for p in model[0].parameters())
+    # In the group the old ones sat in (the ≥ 2-D one of AdamW's two), W_f out.
+    assert all(any(p is q for q in opt.param_groups[0]["params"]) for p in new)
+    assert case == "inflate" or not any(model[0].weight is q for q in held(opt))
+    _unfreeze(model, case)
+    reference = copy.deepcopy(model)
+    if case == "deflate":
+        ref_opt = torch.optim.AdamW(decay_groups(reference), lr=1e-2, weight_decay=0.1)
+    else:                                       # a fresh SGD, with the momentum the other layers had
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+        ref_params = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            if opt.state.get(p):
+                ref_opt.state[ref_params[name]] = copy.deepcopy(opt.state[p])
+    assert not any(ref_opt.state.get(p) for p in reference[0].parameters())
+    before = [p.detach().clone() for p in new]
+    train_steps(model, opt, x, y, steps=5)
+    train_steps(reference, ref_opt, x, y, steps=5)
+    assert all(rel_err(p.detach(), b) > 1e-3 for p, b in zip(new, before))
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert rel_err(p.detach(), q.detach()) < 1e-12, name
+
+
+@pytest.mark.parametrize("case, checkpoint_frozen", [("deflate", True), ("deflate", False), ("inflate", False)])
+def test_a_run_through_a_frozen_switch_resumes_bitwise(case, checkpoint_frozen):
+    """A checkpoint between the frozen switch and the unfreezing (a fresh model frozen as the run's was,
+    unfrozen after the load) or after some training unfrozen goes on exactly as the uninterrupted run."""
+    from _scheduling import save_and_load
+    x, y = data(torch.float64)
+    model, opt, sched = _through_the_frozen_switch(case, x, y)
+    if not checkpoint_frozen:
+        _unfreeze(model, case)
+        train_steps(model, opt, x, y, steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # the fresh model's load switches its frozen layer too
+        (fresh, fresh_opt, fresh_sched), _ = save_and_load(
+            lambda: _frozen_switch_run(case, seed=3, frozen=checkpoint_frozen or case == "deflate"),
+            model, opt, sched)
+    if checkpoint_frozen:
+        _unfreeze(model, case)
+    if case == "deflate":
+        _unfreeze(fresh, case)                      # requires_grad is not in a state dict
+    for run, run_opt, run_sched in ((model, opt, sched), (fresh, fresh_opt, fresh_sched)):
+        for epoch in (2, 3):
+            run_sched.step(epoch)
+            train_steps(run, run_opt, x, y, steps=2)
+    assert [[n for n, p in fresh.named_parameters() if any(p is q for q in g["params"])]
+            for g in fresh_opt.param_groups] == [[n for n, p in model.named_parameters()
+                                                  if any(p is q for q in g["params"])] for g in opt.param_groups]
+    for a, b in ((fresh.state_dict(), model.state_dict()), (fresh_opt.state_dict(), opt.state_dict())):
+        _assert_same(a, b)
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            _assert_same(a[key], b[key])
+        elif isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+# -- fused SGD with dampening --------------------------------------------------------------------------
+def _first_steps_after_an_inflate(impl, policy="reset"):
+    """float64 MLP with SGD(momentum=0.9, dampening=0.5) trained 3 steps in lowrank form, inflated, then one
+    step: (the inflated weights' steps, their gradients, the warnings of the inflate)."""
+    model, x, y = _float64_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5, **{impl: True})
+    sched = DynamicRankScheduler(model, opt, 1, None, optimizer_state=policy)
+    sched.step(0)
+    train_steps(model, opt, x, y, steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sched.step(1)
+    weights = [model[i].weight.detach().clone() for i in (0, 2)]
+    train_steps(model, opt, x, y, steps=1)
+    steps = [w - model[i].weight.detach() for i, w in zip((0, 2), weights)]
+    return steps, [model[i].weight.grad for i in (0, 2)], [str(w.message) for w in caught]
+
+
+def test_fused_sgd_with_dampening_warns_that_the_new_weights_first_step_is_scaled():
+    """Fused SGD needs a buffer on every parameter of a group where one has it: the inflated W gets a zero one,
+    and with dampening its first step is (1 − dampening)·lr·g where SGD without fused takes lr·g (an empty
+    buffer).  The inflate says so, naming the scale; the README promised empty state, and nothing was said."""
+    steps, grads, said = _first_steps_after_an_inflate("foreach")
+    assert not [m for m in said if "dampening" in m]
+    for step, g in zip(steps, grads):
+        assert rel_err(step, 0.1 * g) < 1e-12
+    steps, grads, said = _first_steps_after_an_inflate("fused")
+    assert said == ["fused SGD with momentum and dampening=0.5: 2 parameters that joined the optimizer at this "
+                    "switch start with a zero momentum buffer (fused SGD cannot step a param group where only "
+                    "some parameters have one), so their first step is 0.5·lr·g, (1 − dampening)·lr·g, where SGD "
+                    "without fused=True takes lr·g; use SGD without fused, dampening=0, or optimizer_state='fresh'"]
+    for step, g in zip(steps, grads):
+        assert rel_err(step, 0.5 * 0.1 * g) < 1e-12
+    # "fresh" leaves no buffer: the first step is fused SGD's own, lr·g, and nothing is said.
+    steps, grads, said = _first_steps_after_an_inflate("fused", policy="fresh")
+    assert not [m for m in said if "dampening" in m]
+    for step, g in zip(steps, grads):
+        assert rel_err(step, 0.1 * g) < 1e-12

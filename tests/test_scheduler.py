@@ -951,27 +951,35 @@ def test_a_load_that_deflates_a_cuda_layer_leaves_the_cuda_rng_alone():
     assert torch.equal(torch.get_rng_state(), cpu_before)
 
 
-def test_a_frozen_adapter_layers_factors_leave_the_optimizer_with_a_warning():
-    """Built on a model converted to adapter form with one layer frozen whole, the scheduler takes that
-    layer's factors out of the optimizer (a switch would), without a word: unfreezing it later trained
-    nothing."""
+def test_a_frozen_adapter_layers_factors_stay_held_and_train_once_unfrozen():
+    """Built on a model converted to adapter form with one layer frozen whole, the scheduler takes only
+    W_f out of the optimizer (as a deflate does), without a word: the frozen factors stay held, as a switch
+    keeps a frozen layer's new ones, so unfreezing them later trains them (they used to leave with W_f,
+    and unfreezing trained nothing)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).double()
     convert_model(model, rank_ratio=0.5, form="adapter", keep_last=False)
+    with torch.no_grad():
+        model[2].A.normal_()                    # the adapter's output depends on B too
     model[2].requires_grad_(False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.warns(UserWarning, match=r"layers '2' are frozen adapters .* their factors leave the optimizer"):
-        DynamicRankScheduler(model, opt, None, 2)
-    held = {id(p) for group in opt.param_groups for p in group["params"]}
-    assert not any(id(p) in held for p in (model[2].weight, model[2].A, model[2].B))
-    assert all(id(p) in held for p in (model[0].A, model[0].B))
-    # An optimizer that holds no frozen factor: nothing to say.
-    model[2].requires_grad_(True)
-    model[2].weight.requires_grad_(False)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DynamicRankScheduler(model, opt, None, 2)
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert id(model[2].weight) not in held
+    assert all(id(p) in held for p in (model[2].A, model[2].B, model[0].A, model[0].B))
+    # Unfrozen, the factors train as in an optimizer built on them: one SGD step, by hand in float64.
+    model[2].A.requires_grad_(True)
+    model[2].B.requires_grad_(True)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    A0, B0 = model[2].A.detach().clone(), model[2].B.detach().clone()
+    model(x).square().sum().backward()
+    gA, gB = model[2].A.grad.clone(), model[2].B.grad.clone()
+    opt.step()
+    for param, before, grad in ((model[2].A, A0, gA), (model[2].B, B0, gB)):
+        torch.testing.assert_close(param.detach(), before - 0.1 * grad, rtol=1e-15, atol=1e-15)
+    assert gA.abs().max() > 0 and gB.abs().max() > 0
 
 
 # -- callbacks on a resume -------------------------------------------------------------------------
