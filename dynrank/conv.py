@@ -159,9 +159,13 @@ def _geometry(name, check, doc):
 def _exporting():
     """Whether ``torch.export`` is tracing.  ``torch.compiler.is_exporting()`` itself reads True under any
     ``torch.compile`` in torch ≤ 2.11 (dynamo folds it to a constant); the flag export sets is read as
-    it is."""
+    it is.  An older torch with neither (torch 2.4) says no export: the strategy is then chosen by cost there
+    too, which a dynamic batch size may refuse to trace."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
-    return torch.compiler.is_exporting() if flag is None else flag
+    if flag is not None:
+        return flag
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting()) if is_exporting is not None else False
 
 
 class LowRankConv2d(FormLayer):

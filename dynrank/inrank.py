@@ -318,7 +318,8 @@ class IncrementalRankScheduler:
     ``torch._dynamo.config.force_parameter_static_shapes = False`` before the first compiled call:
     the first growth then makes the ranks dynamic sizes, and later growth reuses that graph (two
     compiles in all).  With ``alpha`` set, the scale alpha/rank is a constant of each graph and every
-    growth still recompiles: raise ``recompile_limit`` to the number of growth steps instead.
+    growth still recompiles: raise ``recompile_limit`` to the number of growth steps instead (torch
+    before 2.7 names it ``cache_size_limit``, a name later versions keep as an alias).
 
     Args:
         model: the model (or a DistributedDataParallel around it).  A resize

@@ -677,6 +677,20 @@ def test_compiles_without_graph_break(form):
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-12, atol=1e-12)
 
 
+def test_a_torch_without_is_exporting_reads_as_no_export(monkeypatch):
+    """torch 2.4 has neither torch.compiler.is_exporting nor the flag export sets: an adapter layer's
+    "auto" strategy asked for it while compiling and failed with AttributeError; it is taken as no export
+    (torch.compile itself reads is_exporting in this torch, so the check is made in eager)."""
+    from dynrank import conv as conv_module
+    monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True, raising=False)
+    assert conv_module._exporting() is True
+    monkeypatch.delattr(torch.compiler, "_is_exporting_flag", raising=False)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert conv_module._exporting() is True
+    monkeypatch.delattr(torch.compiler, "is_exporting")
+    assert conv_module._exporting() is False
+
+
 @pytest.mark.parametrize("strategy", ["chain", "merged"])
 @pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
 @pytest.mark.parametrize("dec", ["svd", "tucker", "cp", "tkd-cpd"])
