@@ -270,8 +270,9 @@ def follow_load(layer, before):
 
 def follow_unconvert(layer, new):
     """After :func:`~dynrank.unconvert_model` put ``new`` in place of ``layer``: the managing optimizer, if
-    any, trains ``new``'s parameters where the layer's sat (fresh state for new ones), and the layer is
-    managed no more (a scheduler refuses to step it: ``_unconverted``).
+    any, trains ``new``'s parameters where the layer's sat (fresh state for new ones), in ``new.parameters()``
+    order (:func:`_in_module_order`), and the layer is managed no more (a scheduler refuses to step it:
+    ``_unconverted``).
 
     The layer then lets go of its weight and factors (:func:`_release_unconverted`): a scheduler, a
     callback or the user may keep it, and it would otherwise keep W_f, the factors and their gradients
@@ -283,7 +284,36 @@ def follow_unconvert(layer, new):
         before = params_before(layer)
         removed, added = switched_params(new, before)
         replace_params(optimizer, removed, added, owner=new, old_names=before.names)
+        _in_module_order(optimizer, new)
     _release_unconverted(layer, new)
+
+
+def _in_module_order(optimizer, module):
+    """Put ``module``'s parameters in each param group of ``optimizer`` in ``module.parameters()`` order, in the
+    places they hold there (``param_names`` follow them, state stays with them).
+
+    A switch inserts new parameters where the old ones sat, so an inflated W follows its layer's bias.  Runs
+    under a scheduler replay the same edits and agree on that order, but an optimizer kept after
+    :func:`~dynrank.unconvert_model` is saved for plain torch, whose optimizer over ``model.parameters()``
+    matches state by position and would put the bias's momentum on the weight.  L-BFGS's history, flat in
+    parameter order, starts afresh where a parameter moves."""
+    order = {id(p): i for i, p in enumerate(module.parameters())}
+    moved = False
+    for group in optimizer.param_groups:
+        params, names = group["params"], group.get("param_names")
+        slots = [i for i, p in enumerate(params) if id(p) in order]
+        ordered = sorted(slots, key=lambda i: order[id(params[i])])
+        if ordered == slots:
+            continue
+        moved = True
+        taken = [params[i] for i in ordered]
+        named = [names[i] for i in ordered] if names is not None else None
+        for k, i in enumerate(slots):
+            params[i] = taken[k]
+            if named is not None:
+                names[i] = named[k]
+    if moved:
+        _forget_history(optimizer)
 
 
 # What a layer unconvert_model replaced refuses from then on: running, loading a state dict, drawing its

@@ -114,6 +114,25 @@ def _plain(value):
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
+def _check_saved_alpha(alphas, name):
+    """TypeError unless a state dict's ``alphas[name]`` (``alphas`` None: a state saved without them) is None
+    or a number."""
+    if alphas is None:
+        return
+    value = alphas[name]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        raise TypeError(f"alphas[{name!r}] must be a number or None, got {type(value).__name__} ({value!r})")
+
+
+def _check_saved_shape(shapes, name):
+    """TypeError unless a state dict's ``shapes[name]`` is a list (or tuple) of ints."""
+    value = shapes[name]
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in value):
+        raise TypeError(f"shapes[{name!r}] must be a list of ints (the layer's dense weight shape), "
+                        f"got {value!r}")
+
+
 def _trainable(layer):
     return [p for p in layer.parameters() if p.requires_grad]
 
@@ -205,7 +224,14 @@ class DynamicRankScheduler:
     and forth on their two schedules, dropping its optimizer state each time).
     So a scheduler built again in place of one (a resume in the same process)
     works whether or not the old one is still referenced.  Schedulers over
-    disjoint parts of one model may share its optimizer.
+    disjoint parts of one model may share its optimizer.  A scheduler manages
+    the dynrank layers its model holds when it is built, under the names they
+    have then: a dynrank layer added to the model since, one removed or
+    swapped for another, or one renamed (a module inserted before it in an
+    ``nn.Sequential``) makes a :meth:`step` due to switch layers, and a
+    load, raise a ValueError naming them; build a new scheduler over the
+    model as it is.  (A layer :func:`~dynrank.unconvert_model` replaced
+    gives its own RuntimeError.)
 
     ``optimizer_state``:
         ``"reset"`` (default): the new parameters start with empty state; the
@@ -245,8 +271,9 @@ class DynamicRankScheduler:
     form runs again.  Every layer switches at the same step, so a run costs one compile per phase
     (3 for lowrank → full → adapter; a compiled evaluation under ``no_grad`` has graphs of its own),
     whatever the number of layers.  Layers switched one at a time (by hand, or by several schedulers
-    on parts of the model) make one state each: past ``torch._dynamo.config.recompile_limit`` (8)
-    states dynamo runs the model eagerly from then on (it warns once), so raise the limit there.
+    on parts of the model) make one state each: past ``torch._dynamo.config.recompile_limit`` (8;
+    ``cache_size_limit`` in torch before 2.7) states dynamo runs the model eagerly from then on (it warns
+    once), so raise the limit there.
 
     Args:
         model: the model (or a DistributedDataParallel wrapping it) holding dynrank layers.
@@ -375,6 +402,24 @@ class DynamicRankScheduler:
                                  f"this one: a layer can be managed by one scheduler (two switch it back and forth, "
                                  f"dropping its optimizer state each time); step the newer scheduler, or build "
                                  f"the schedulers of one model over disjoint parts of it")
+
+    def _check_model_layers(self):
+        """ValueError where the model's dynrank layers are no longer those this scheduler was built over: a
+        layer added to the model since would never switch, one swapped out would switch outside it.  A layer
+        found under another name (a wrapper put around its block since: activation checkpointing, a compiled
+        submodule) is the same layer: events and the state dict keep the name it had at construction."""
+        now = form_layers(self.model)
+        managed = {id(layer) for _, layer in self._layers}
+        held = {id(layer) for _, layer in now}
+        if held == managed:
+            return
+        parts = [f"{what} {', '.join(names)}" for what, names in (
+            ("added", [repr(name) for name, layer in now if id(layer) not in managed]),
+            ("removed", [repr(name) for name, layer in self._layers if id(layer) not in held])) if names]
+        who = type(self).__name__
+        raise ValueError(f"the model's dynrank layers changed since this {who} was built ({'; '.join(parts)}); a "
+                         f"scheduler switches the layers it was built over: build a new {who} over the model as "
+                         f"it is now")
 
     def _deflate_rank_for(self, name, layer, spec=_OWN):
         spec = self.deflate_rank if spec is _OWN else spec
@@ -536,7 +581,10 @@ class DynamicRankScheduler:
             TypeError: a non-int epoch.
             ValueError: a negative epoch, one past ``epochs``, one earlier than
                 the last call's, a layer whose form cannot reach the form the
-                epoch requires (a full/adapter layer before I), or a layer due
+                epoch requires (a full/adapter layer before I), dynrank
+                layers added to the model, removed from it or renamed in it
+                since the scheduler was built (checked where a switch is due;
+                build a new scheduler), a layer due
                 to switch whose weight or factors hold NaN/inf, a model copy
                 whose layers no longer match the model's, or a layer that a
                 scheduler built after this one manages.  Every check runs
@@ -558,6 +606,10 @@ class DynamicRankScheduler:
             raise ValueError(f"{self.unit}s must not go backwards: got {epoch} after {self.last_epoch}; "
                              f"to resume, build a new scheduler and call load_state_dict")
         target = self.form_at(epoch)
+        if any(layer.form != target for _, layer in self._layers):
+            # Only where a switch is due: a step that switches nothing acts on no layer, and walking the whole
+            # model costs about as much as such a step does.
+            self._check_model_layers()
         for model_copy, layers in self._copies:
             check_copy(model_copy, layers, self._layers)
         joined = []
@@ -567,10 +619,14 @@ class DynamicRankScheduler:
         if changes and self.optimizer_state == "fresh":
             clear_state(self.optimizer)
         self.last_epoch = epoch
-        self._warn_frozen(changes)
-        self._warn_dampened(joined)
-        if changes:
-            call_back(self._callbacks, self._event(epoch, changes))
+        try:
+            if changes:
+                call_back(self._callbacks, self._event(epoch, changes))
+        finally:
+            # After the callbacks: under warnings-as-errors (pytest -W error) a warning raised before them would
+            # keep them from a switch already made, and stepping again switches nothing.
+            self._warn_frozen(changes)
+            self._warn_dampened(joined)
         return changes
 
     def _warn_frozen(self, changes):
@@ -669,7 +725,7 @@ class DynamicRankScheduler:
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self):
-        """Scheduler state: policy, last epoch, and each layer's form and rank.
+        """Scheduler state: policy, last epoch, and each layer's form, rank, ``alpha`` and dense weight shape.
 
         Save it with the model's and the optimizer's state dicts; restore with
         :meth:`load_state_dict`, before or after loading those two (or use
@@ -684,16 +740,21 @@ class DynamicRankScheduler:
                 "deflate_init": self.deflate_init, "optimizer_state": self.optimizer_state,
                 "deflate_rank": dict(self.deflate_rank) if isinstance(self.deflate_rank, dict) else self.deflate_rank,
                 "forms": {name: layer.form for name, layer in self._layers},
-                "ranks": {name: layer.rank for name, layer in self._layers}}
+                "ranks": {name: layer.rank for name, layer in self._layers},
+                "alphas": {name: layer.alpha for name, layer in self._layers},
+                "shapes": {name: [int(n) for n in layer._dense_shape()] for name, layer in self._layers}}
 
     _STATE_KEYS = ("unit", "last_epoch", "inflate_epoch", "deflate_epoch", "forms", "ranks")
-    _OPTIONAL_STATE_KEYS = ("epochs", "deflate_init", "optimizer_state", "deflate_rank")
+    # A state saved before "alphas" and "shapes" were kept loads with those unchecked.
+    _OPTIONAL_STATE_KEYS = ("epochs", "deflate_init", "optimizer_state", "deflate_rank", "alphas", "shapes")
+    _LAYER_KEYS = ("forms", "ranks", "alphas", "shapes")
 
     def _checked_state(self, state_dict):
         """The policy settings of ``state_dict``, validated as the constructor does, and every layer's
-        form and rank checked against this model; raises before anything is changed."""
+        form, rank, alpha and shape checked against this model; raises before anything is changed."""
         check_not_unconverted(self._layers, type(self).__name__)
         self._check_owner()
+        self._check_model_layers()
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict from DynamicRankScheduler.state_dict(), "
                             f"got {type(state_dict).__name__}")
@@ -707,9 +768,12 @@ class DynamicRankScheduler:
                              f"expected {', '.join(known)}")
         names = [name for name, _ in self._layers]
         layers = dict(self._layers)
+        shapes = state_dict.get("shapes")
+        if "shapes" in state_dict:
+            self._check_saved_shapes(shapes)   # first: a model of other sizes fails every later check as well
         try:
             settings = {key: state_dict.get(key, getattr(self, key)) for key in known
-                        if key not in ("forms", "ranks", "last_epoch")}
+                        if key not in self._LAYER_KEYS + ("last_epoch",)}
             (settings["unit"], settings["inflate_epoch"], settings["deflate_epoch"],
              settings["epochs"]) = _check_schedule(settings["unit"], settings["inflate_epoch"],
                                                    settings["deflate_epoch"], settings["epochs"])
@@ -721,8 +785,10 @@ class DynamicRankScheduler:
                 raise ValueError(f"last_epoch must be in [0, epochs={settings['epochs']}), got {last}")
             settings["last_epoch"] = last
             forms, ranks = state_dict["forms"], state_dict["ranks"]
-            check_same_layers(forms, names, "forms")
-            check_same_layers(ranks, names, "ranks")
+            alphas = state_dict.get("alphas")
+            for what in ("forms", "ranks", "alphas"):
+                if what in state_dict:
+                    check_same_layers(state_dict[what], names, what)
             checked = {}
             for name in names:
                 if forms[name] not in FORMS:
@@ -732,6 +798,7 @@ class DynamicRankScheduler:
                     checked[name] = layers[name]._check_rank(ranks[name])
                 except (TypeError, ValueError) as e:
                     raise type(e)(f"ranks[{name!r}] is not a valid rank of layer {name!r}: {e}") from None
+                _check_saved_alpha(alphas, name)
         except (TypeError, ValueError) as e:
             raise type(e)(f"invalid DynamicRankScheduler state dict: {e}") from None
         spec = settings["deflate_rank"]
@@ -749,9 +816,34 @@ class DynamicRankScheduler:
                                        or (form == "adapter" and layer.form == "adapter")):
                 how = ("build the scheduler with the saved deflate_rank, or deflate the layer to that rank"
                        if form == "adapter" else "convert the model with the same rank_ratio")
+                if shapes is None:                  # a state saved without shapes cannot tell the two apart
+                    how += ", or the model has other layer sizes than the saved run's"
                 raise ValueError(f"layer {name!r} has rank {layer.rank} but the checkpoint has {rank}"
                                  f"{' (the rank its next deflate takes)' if form == 'full' else ''}; {how}")
+            # The scale alpha / rank multiplies the loaded factors (lowrank, adapter) or the adapters the next
+            # deflate makes: another alpha computes another function, or trains other adapters.
+            if alphas is not None and alphas[name] != layer.alpha and (
+                    form != "full" or settings["deflate_epoch"] is not None):
+                raise ValueError(f"layer {name!r} has alpha {layer.alpha} but the checkpoint has {alphas[name]} "
+                                 f"(the scale is alpha / rank, 1 with alpha None); convert the model with the "
+                                 f"same alpha")
         return settings, dict(forms), checked
+
+    def _check_saved_shapes(self, shapes):
+        """ValueError naming the first layer whose dense weight shape differs from ``shapes`` (a state dict's),
+        or TypeError/ValueError for ``shapes`` that are not a dict layer name → shape of this model's layers."""
+        names = [name for name, _ in self._layers]
+        try:
+            check_same_layers(shapes, names, "shapes")
+            for name in names:
+                _check_saved_shape(shapes, name)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"invalid DynamicRankScheduler state dict: {e}") from None
+        for name, layer in self._layers:
+            if tuple(shapes[name]) != tuple(layer._dense_shape()):
+                raise ValueError(f"layer {name!r} has a {layer.weight_kind} of shape {tuple(layer._dense_shape())} "
+                                 f"but the checkpoint's is {tuple(shapes[name])}: the checkpoint is of a model with "
+                                 f"other layer sizes; build the model the saved run trained")
 
     def load_state_dict(self, state_dict):
         """Restore the policy and bring every layer to its saved form and rank.
@@ -791,6 +883,12 @@ class DynamicRankScheduler:
                 from the current one.  A layer saved in full form is held to
                 its saved rank only where the next deflate takes it (the saved
                 ``deflate_rank`` gives the layer none); else it keeps its own.
+                A layer whose dense weight shape differs from the saved one
+                (a model of other layer sizes; checked first), or whose
+                ``alpha`` does (in full form only where the saved schedule
+                deflates); a state saved before shapes and alphas were kept
+                loads unchecked for them.  Dynrank layers added to the
+                model, removed or renamed since this scheduler was built.
                 A layer that a scheduler built after this one manages.
             Exception: the first one a callback raised, the load done.
         """

@@ -301,7 +301,11 @@ def unconvert_model(model, lowrank="factored"):
     set on a dynrank layer move to its replacement (a factored lowrank layer's
     ``nn.Sequential``); state-dict hooks stay behind.  The optimizer of a scheduler that managed a
     layer is edited in place: it trains the new module's parameters where the
-    layer's sat (new weights start with fresh state), and that scheduler then
+    layer's sat (new weights start with fresh state), in the new module's
+    parameter order (weight before bias), so that its ``state_dict()`` loads
+    into a plain torch optimizer built over the model's trainable parameters
+    in ``model.parameters()`` order (torch matches state by position; a
+    switch puts an inflated weight after its bias), and that scheduler then
     refuses to step (RuntimeError); any other optimizer built before this call
     still holds the lowrank factors: build it again.  A replaced dynrank layer
     lets go of its dense weight and factors, and of the gradients of those the

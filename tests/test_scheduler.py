@@ -539,9 +539,17 @@ def test_load_training_state_with_tuple_ranks(decomposition):
     (lambda s: s.update(extra=1), ValueError, r"not a DynamicRankScheduler state dict: unknown keys \['extra'\]"),
     (lambda s: s.pop("forms"), ValueError, "not a DynamicRankScheduler state dict: missing forms"),
     (lambda s: s.update(ranks=[6, 6]), TypeError, "ranks must be a dict layer name → value, got list"),
+    (lambda s: s["alphas"].update({"2": 8.0}), ValueError, r"layer '2' has alpha None but the checkpoint has 8\.0"),
+    (lambda s: s["alphas"].update({"2": "8"}), TypeError, r"alphas\['2'\] must be a number or None, got str"),
+    (lambda s: s["alphas"].pop("2"), ValueError, r"only in this model \['2'\] \(in alphas\)"),
+    (lambda s: s["shapes"].update({"2": [24, 25]}), ValueError,
+     r"layer '2' has a weight of shape \(24, 24\) but the checkpoint's is \(24, 25\)"),
+    (lambda s: s["shapes"].update({"2": "24x24"}), TypeError, r"shapes\['2'\] must be a list of ints"),
+    (lambda s: s.update(shapes=None), TypeError, "shapes must be a dict layer name → value, got NoneType"),
 ], ids=["rank-0", "rank-1000", "rank-float", "rank-missing", "form", "inflate-str", "unit", "last-negative",
         "last-past-epochs", "D<=I", "deflate-init", "optimizer-state", "deflate-rank-typo", "deflate-rank-0",
-        "unknown-key", "missing-key", "ranks-list"])
+        "unknown-key", "missing-key", "ranks-list", "alpha", "alpha-str", "alpha-missing", "shape", "shape-str",
+        "shapes-none"])
 def test_load_state_dict_checks_everything_before_changing_anything(mutate, error, message):
     state = _bad_state(mutate)
     model, opt, sched, _ = _trained(1)                         # lowrank, trained one epoch
@@ -664,24 +672,36 @@ def _checkpoint(epochs, **kwargs):
 
 
 @pytest.mark.parametrize("source, target, error, message", [
-    # another width at the same ranks: the scheduler has inflated every layer when the model's values do not fit
-    (dict(epochs=2, width=26), dict(epochs=1), RuntimeError, r"weight must have shape \(24, 24\)"),
+    # another width at the same ranks, saved with the layers' shapes: refused before anything changes
+    (dict(epochs=2, width=26), dict(epochs=1), ValueError,
+     r"layer '0' has a weight of shape \(24, 12\) but the checkpoint's is \(26, 12\): the checkpoint is of a "
+     r"model with other layer sizes"),
+    # the same from a state saved without shapes: the scheduler has inflated every layer when the model's values
+    # do not fit
+    (dict(epochs=2, width=26, older=True), dict(epochs=1), RuntimeError, r"weight must have shape \(24, 24\)"),
     # adapter → full writes into the frozen weight in place before the model's values fail to load
-    (dict(epochs=2, width=26), dict(epochs=3), RuntimeError, r"weight must have shape \(24, 24\)"),
-    # another width at another rank: a full-form layer's rank differs, refused before anything changes
-    (dict(epochs=2, width=20), dict(epochs=1), ValueError, r"layer '2' has rank 6 but the checkpoint has 5"),
+    (dict(epochs=2, width=26, older=True), dict(epochs=3), RuntimeError, r"weight must have shape \(24, 24\)"),
+    # another width at another rank, without shapes: a full-form layer's rank differs, refused before anything
+    # changes, and the advice allows for the other sizes
+    (dict(epochs=2, width=20, older=True), dict(epochs=1), ValueError,
+     r"layer '2' has rank 6 but the checkpoint has 5 \(the rank its next deflate takes\); convert the model with "
+     r"the same rank_ratio, or the model has other layer sizes than the saved run's"),
     # Adam given an SGD checkpoint: torch fails in optimizer.load_state_dict after model and scheduler loaded
     (dict(epochs=2), dict(epochs=1, opt_factory=lambda p: torch.optim.Adam(p, lr=1e-2)), ValueError,
      r"checkpoint\['optimizer'\] does not fit this optimizer \(KeyError: 'step'\); nothing was loaded"),
     # a bad scheduler part: checked before anything else
     (dict(epochs=2, deflate_rank=30), dict(epochs=1), ValueError, r"deflate_rank for layer '0'"),
-], ids=["width-lowrank", "width-adapter", "rank", "adam-given-sgd", "bad-scheduler"])
+], ids=["width", "width-lowrank", "width-adapter", "rank", "adam-given-sgd", "bad-scheduler"])
 def test_failed_load_training_state_changes_nothing(source, target, error, message):
+    source = dict(source)
+    older = source.pop("older", False)
     if "deflate_rank" in source:
         ckpt = _checkpoint(2)
         ckpt["scheduler"]["deflate_rank"] = source["deflate_rank"]
     else:
         ckpt = _checkpoint(**source)
+    if older:
+        del ckpt["scheduler"]["shapes"], ckpt["scheduler"]["alphas"]        # a state saved without them
     model, opt, sched, _ = _trained(**target)
     before = _everything(model, opt, sched)
     with pytest.raises(error, match=message):
@@ -1165,3 +1185,198 @@ def test_schedulers_over_disjoint_parts_share_one_optimizer():
         assert [model[i].form for i in (0, 2, 4)] == [front_form, front_form, head_form]
         assert same_set(held(opt), trainable(model))
         train_steps(model, opt, x, y, steps=1)
+
+
+# -- warnings raised as errors ------------------------------------------------------------------------
+def _frozen_first_layer():
+    """A switch of a layer the user froze (its bias aside): the frozen-layer warning."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(model, opt, 1, 2)
+    model[0].requires_grad_(False)
+    model[0].bias.requires_grad_(True)
+    return model, sched, lambda: None, "switched while frozen"
+
+
+def _fused_sgd_with_dampening():
+    """A switch that gives new parameters a zero momentum buffer in fused SGD with dampening: its warning."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5, fused=True)
+    sched = DynamicRankScheduler(model, opt, 1, 2)
+    x, y = data()
+    return model, sched, lambda: (sched.step(0), train_steps(model, opt, x, y, steps=1)), "dampening=0.5"
+
+
+@pytest.mark.parametrize("setup", [_frozen_first_layer, _fused_sgd_with_dampening], ids=["frozen", "dampened"])
+def test_a_warning_raised_as_an_error_comes_after_the_callbacks(setup):
+    """Under warnings-as-errors (pytest -W error) step() raised its warning after the layers switched and
+    before the callbacks ran; stepping again switches nothing, so no callback ever heard of the switch (a
+    tensor hook registered there was lost).  The callbacks run first; the warning follows."""
+    model, sched, before, warning = setup()
+    before()
+    events = []
+    sched.add_callback(events.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=warning):
+            sched.step(1)
+    assert sched.forms() == {"0": "full", "2": "full"} and sched.last_epoch == 1
+    assert events == [{"epoch": 1, "step": None, "changes": [("0", "lowrank", "full"), ("2", "lowrank", "full")]}]
+    assert sched.step(1) == [] and len(events) == 1
+
+
+# -- the model's layers are the ones the scheduler was built over --------------------------------------
+def test_layers_added_or_swapped_after_construction_are_refused():
+    """A dynrank layer put in the model after the scheduler was built never switched (it stayed lowrank through
+    the run, without a word), and one swapped out still did.  A step due to switch and a load refuse, naming
+    them; nothing changes.  A layer only renamed (moved by the insertion) is not named: it is the same layer."""
+    message = r"the model's dynrank layers changed since this DynamicRankScheduler was built \({}\); .*build a new " \
+              r"DynamicRankScheduler over the model as it is now"
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(model, opt, 1, 2)
+    sched.step(0)
+    state = sched.state_dict()
+    model.insert(0, nn.Linear(12, 12))
+    convert_model(model, rank_ratio=0.5, include=["0"])
+    opt.add_param_group({"params": list(model[0].parameters())})
+    assert sched.step(0) == []                     # no switch due: the layers are compared where one is
+    for call in (lambda: sched.step(1), lambda: sched.load_state_dict(state)):
+        with pytest.raises(ValueError, match=message.format(r"added '0'")):
+            call()
+    assert {n: m.form for n, m in model.named_modules() if isinstance(m, FusedLowRankLinear)} == \
+        {"0": "lowrank", "1": "lowrank", "3": "lowrank"} and sched.last_epoch == 0
+    fresh = DynamicRankScheduler(model, opt, 1, 2)                 # the model as it is now
+    assert fresh.step(1) == [("0", "lowrank", "full"), ("1", "lowrank", "full"), ("3", "lowrank", "full")]
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(model, opt, 1, 2)
+    old = model[2]
+    model[2] = FusedLowRankLinear.from_dense(nn.Linear(24, 24), rank=6)   # swapped for another dynrank layer
+    with pytest.raises(ValueError, match=message.format(r"added '2'; removed '2'")):
+        sched.step(1)
+    assert old.form == model[2].form == model[0].form == "lowrank"
+    model[2] = nn.Linear(24, 24)                                           # swapped for a plain one
+    with pytest.raises(ValueError, match=message.format(r"removed '2'")):
+        sched.step(1)
+    assert old.form == model[0].form == "lowrank"
+
+
+def test_a_layer_wrapped_after_construction_switches_under_its_first_name():
+    """A wrapper put around a layer's block after the scheduler was built (activation checkpointing, a
+    compiled submodule) renames the layer in the model; it is the same layer, and switches as the
+    scheduler's own, under the name it had then (a checkpoint of the run loads into a model built as
+    at the start)."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(model, opt, 1, 2)
+    sched.step(0)
+    model[2] = Wrapper(model[2])
+    assert sched.step(1) == [("0", "lowrank", "full"), ("2", "lowrank", "full")]
+    assert model[0].form == model[2].inner.form == "full" and set(sched.state_dict()["forms"]) == {"0", "2"}
+
+
+def test_a_model_unconverted_still_names_unconvert_model():
+    """unconvert_model replaces every layer (the model no longer holds them): the scheduler's own message for
+    that comes first, saying to train on without it."""
+    from dynrank import unconvert_model
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(model, opt, 1, 2)
+    state = sched.state_dict()
+    unconvert_model(model)
+    for call in (lambda: sched.step(1), lambda: sched.load_state_dict(state)):
+        with pytest.raises(RuntimeError, match=r"layer '0' was replaced by unconvert_model, so this "
+                                               r"DynamicRankScheduler manages layers the model no longer holds"):
+            call()
+
+
+# -- alpha and layer sizes in the scheduler's state ------------------------------------------------------
+def _alpha_run(alpha, epoch, deflate_epoch=4):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)).double()
+    convert_model(model, rank_ratio=0.25, alpha=alpha)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = DynamicRankScheduler(model, opt, inflate_epoch=2, deflate_epoch=deflate_epoch)
+    for e in range(epoch + 1):
+        sched.step(e)
+    return model, opt, sched
+
+
+@pytest.mark.parametrize("epoch, form", [(0, "lowrank"), (4, "adapter")])
+def test_a_checkpoint_of_another_alpha_is_refused(epoch, form):
+    """The scale alpha / rank multiplies the loaded factors, and it was in neither the layers' state dict nor
+    the scheduler's: a checkpoint of a model converted with alpha=16 loaded silently into one converted
+    without, which computed another function.  Refused as another rank is; the same alpha resumes exactly,
+    and a state saved without alphas (an earlier version's) loads unchecked."""
+    model, opt, sched = _alpha_run(16.0, epoch)
+    with torch.no_grad():                                            # factors that make the scale matter
+        for name, p in model.named_parameters():
+            if name.endswith((".A", ".B")):
+                p.add_(0.1 * torch.randn_like(p))
+    assert sched.forms()["0"] == form and sched.state_dict()["alphas"] == {"0": 16.0, "2": 16.0}
+    checkpoint = training_state(model, opt, sched)
+    x = torch.randn(8, 12, dtype=torch.float64)
+    other = _alpha_run(None, 0)
+    with pytest.raises(ValueError, match=r"layer '0' has alpha None but the checkpoint has 16\.0 \(the scale is "
+                                         r"alpha / rank, 1 with alpha None\); convert the model with the same alpha"):
+        load_training_state(checkpoint, *other)
+    assert other[2].forms() == {"0": "lowrank", "2": "lowrank"}
+    with torch.no_grad():
+        assert not torch.equal(other[0](x), model(x))           # the function the check keeps from loading
+    same = _alpha_run(16.0, 0)
+    load_training_state(checkpoint, *same)
+    with torch.no_grad():
+        assert torch.equal(same[0](x), model(x))
+    older = copy.deepcopy(checkpoint)
+    del older["scheduler"]["alphas"]
+    load_training_state(older, *_alpha_run(None, 0))
+
+
+def test_a_full_form_checkpoint_that_never_deflates_loads_at_another_alpha():
+    """In full form the scale is used by the adapters of the next deflate only: with none ahead, alpha does
+    not matter and the load goes on."""
+    model, opt, sched = _alpha_run(16.0, 2, deflate_epoch=None)
+    other = _alpha_run(None, 0, deflate_epoch=None)
+    load_training_state(training_state(model, opt, sched), *other)
+    assert other[2].forms() == {"0": "full", "2": "full"}
+    deflating = _alpha_run(16.0, 2)
+    with pytest.raises(ValueError, match=r"layer '0' has alpha None but the checkpoint has 16\.0"):
+        load_training_state(training_state(*deflating), *_alpha_run(None, 0))
+
+
+def test_a_checkpoint_of_other_layer_sizes_names_the_shapes():
+    """A checkpoint whose layer '2' is 24→16 loaded into a model where it is 24→32, both at rank_ratio 0.25, was
+    refused with "layer '2' has rank 6 but the checkpoint has 4; convert the model with the same rank_ratio",
+    which it was.  The state now keeps each layer's dense weight shape and names the shapes first; a state
+    saved without them gets advice that allows for other sizes.  The shapes survive a JSON round trip."""
+    def build(hidden):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+        convert_model(model, rank_ratio=0.25)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, opt, DynamicRankScheduler(model, opt, 1, 2)
+    checkpoint = training_state(*build(16))
+    assert checkpoint["scheduler"]["shapes"] == {"0": [24, 12], "2": [16, 24]}
+    with pytest.raises(ValueError, match=r"layer '2' has a weight of shape \(32, 24\) but the checkpoint's is "
+                                         r"\(16, 24\): the checkpoint is of a model with other layer sizes"):
+        load_training_state(checkpoint, *build(32))
+    older = copy.deepcopy(checkpoint)
+    del older["scheduler"]["shapes"]
+    with pytest.raises(ValueError, match=r"layer '2' has rank 6 but the checkpoint has 4; convert the model with "
+                                         r"the same rank_ratio, or the model has other layer sizes than the saved "
+                                         r"run's"):
+        load_training_state(older, *build(32))
+    checkpoint["scheduler"] = json.loads(json.dumps(checkpoint["scheduler"]))
+    load_training_state(checkpoint, *build(16))

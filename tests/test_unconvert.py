@@ -484,6 +484,77 @@ def test_the_schedulers_optimizer_trains_the_unconverted_model(epoch, form, lowr
     assert same_set(held(opt), trainable(model))
 
 
+@pytest.mark.parametrize("named", [False, True], ids=["params", "named-params"])
+@pytest.mark.parametrize("epoch, form", [(0, "lowrank"), (1, "full"), (2, "adapter")])
+@pytest.mark.parametrize("lowrank", ["factored", "dense"])
+def test_the_kept_optimizer_lists_the_models_order_and_resumes_in_plain_torch(epoch, form, lowrank, named):
+    """A switch puts an inflated W after its layer's bias in the optimizer, and unconvert_model kept that order:
+    saved with the plain model and loaded into SGD(plain.parameters()), the bias's momentum landed on the
+    weight and the first step failed (a factored chain's too).  The kept optimizer now lists the trainable
+    parameters in model.parameters() order, so the plain-torch resume steps exactly as the kept one does."""
+    import io
+    from _scheduling import data, held, mlp, train_steps
+    from dynrank import DynamicRankScheduler
+    model = mlp().double()
+    x, y = data(F64)
+    params = model.named_parameters() if named else model.parameters()
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    sched = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    for e in range(epoch + 1):
+        sched.step(e)
+        train_steps(model, opt, x, y, steps=2)
+    assert model[0].form == form
+    unconvert_model(model, lowrank=lowrank)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert [id(p) for p in held(opt)] == [id(p) for _, p in trained]
+    if named:
+        assert opt.param_groups[0]["param_names"] == [n for n, _ in trained]
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, saved)
+    saved.seek(0)
+    checkpoint = torch.load(saved, weights_only=True)
+    plain = copy.deepcopy(model)                      # plain torch modules only, as a script without dynrank builds
+    plain.load_state_dict(checkpoint["model"])
+    plain_opt = torch.optim.SGD([p for p in plain.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    plain_opt.load_state_dict(checkpoint["optimizer"])
+    assert train_steps(plain, plain_opt, x, y, steps=2) == train_steps(model, opt, x, y, steps=2)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_a_kept_lbfgs_starts_afresh_where_unconvert_reorders_its_parameters():
+    """L-BFGS keeps its history flat over its parameters in order: where unconvert_model puts a full layer's
+    W back before its bias, the history starts afresh, and the kept optimizer steps as a new L-BFGS over
+    model.parameters() does."""
+    from _scheduling import data, held
+    from dynrank import DynamicRankScheduler
+
+    def lbfgs_steps(net, optimizer, steps=2):
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+        for _ in range(steps):
+            optimizer.step(closure)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)).double()
+    # Layer "0" stays dense: L-BFGS keeps its history on its first parameter, which then stays where it is.
+    convert_model(model, rank_ratio=0.25, include=["2"])
+    x, y = data(F64)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3, history_size=4)
+    sched = DynamicRankScheduler(model, opt, inflate_epoch=0, deflate_epoch=None)
+    sched.step(0)
+    lbfgs_steps(model, opt)
+    unconvert_model(model)
+    assert [id(p) for p in held(opt)] == [id(p) for p in model.parameters()]
+    plain = copy.deepcopy(model)
+    lbfgs_steps(plain, torch.optim.LBFGS(plain.parameters(), lr=0.5, max_iter=3, history_size=4))
+    lbfgs_steps(model, opt)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_the_incremental_rank_scheduler_refuses_to_grow_unconverted_layers():
     from _scheduling import held, same_set, trainable
     from dynrank.inrank import IncrementalRankScheduler
