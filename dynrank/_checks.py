@@ -12,7 +12,7 @@ from ._forms import FormLayer
 from ._optim import optimizer_chain, optimizer_params
 
 __all__ = ["unwrap_model", "form_layers", "check_model_and_optimizer", "check_sync", "check_layer_names",
-           "check_same_layers", "check_finite", "check_one_group", "check_trains_layers", "copy_layers",
+           "check_same_layers", "check_finite", "NonFiniteError", "check_one_group", "check_trains_layers", "copy_layers",
            "check_copy", "check_new_copy"]
 
 
@@ -178,10 +178,20 @@ def check_same_layers(given, names, what):
                          f"{absent} (in {what})")
 
 
+class NonFiniteError(ValueError):
+    """:func:`check_finite`'s refusal: layer ``layer`` (its name) holds NaN or inf in its tensor ``tensor``
+    (a run that diverged); a ValueError, told from the others by its class."""
+
+    def __init__(self, message, layer, tensor):
+        super().__init__(message)
+        self.layer, self.tensor = layer, tensor
+
+
 def check_finite(layers, what_not, frozen=True):
-    """Raise ValueError naming the first of ``layers`` ((name, layer) pairs) whose weight or factors hold
-    NaN or inf; ``what_not`` ends the message (what was not done).  ``frozen=False`` skips a frozen
-    dense weight (an adapter's W_f, which training does not change).  One host sync per device."""
+    """Raise :class:`NonFiniteError` (a ValueError) naming the first of ``layers`` ((name, layer) pairs)
+    whose weight or factors hold NaN or inf; ``what_not`` ends the message (what was not done).
+    ``frozen=False`` skips a frozen dense weight (an adapter's W_f, which training does not change).
+    One host sync per device."""
     checked = []
     for name, layer in layers:
         tensors = dict(layer.factors())
@@ -197,7 +207,7 @@ def check_finite(layers, what_not, frozen=True):
         bad = [i for i, ok in zip(indices, flags) if not ok]
         if bad:
             name, key, _ = checked[min(bad)]
-            raise ValueError(f"layer {name!r} has non-finite values in {key}; {what_not}")
+            raise NonFiniteError(f"layer {name!r} has non-finite values in {key}; {what_not}", name, key)
 
 
 def parameter_owners(model):

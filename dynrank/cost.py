@@ -189,8 +189,8 @@ def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
                 pass                                   # the scheduler deflated at the rank the layer had
             elif name in seen:
                 lowrank_rank = seen[name]
-            elif _known_lowrank_rank(module) is not None:
-                lowrank_rank = _known_lowrank_rank(module)   # the layer was lowrank at that rank here
+            elif module._lowrank_rank is not None:
+                lowrank_rank = module._lowrank_rank            # the layer was lowrank at that rank here
             else:
                 unknown.append(name)
         else:
@@ -208,13 +208,6 @@ def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
         adapter.append(counts["adapter"])
     other = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in factorized_ids)
     return layers, adapter, other, unknown
-
-
-def _known_lowrank_rank(layer):
-    """The rank ``layer`` has in lowrank form as far as it knows: its rank, unless it is in adapter form;
-    then the rank it last had in lowrank form in this process (None where it had none here, as after a
-    checkpoint load).  :func:`~dynrank.profile_forms` times its lowrank form at this rank too."""
-    return layer._lowrank_rank if layer.form == "adapter" else layer.rank
 
 
 def _params_behind(module, name):

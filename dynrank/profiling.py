@@ -25,7 +25,6 @@ from torch.nn.utils.weight_norm import WeightNorm
 from ._args import as_names, check_int
 from ._checks import form_layers, unwrap_model
 from ._forms import FORMS
-from .cost import _known_lowrank_rank
 
 __all__ = ["profile_forms", "FormProfile"]
 
@@ -182,8 +181,10 @@ def _in_form(model, form):
     twin = copy.deepcopy(model, _hook_computed(model))
     for _, layer in form_layers(twin):
         if layer.form != form:
-            rank = _known_lowrank_rank(layer) if form == "lowrank" else None
-            layer._allocate(form, layer.rank if rank is None else rank)
+            rank = layer.rank
+            if form == "lowrank" and layer.form == "adapter" and layer._lowrank_rank is not None:
+                rank = layer._lowrank_rank      # the rank it trained lowrank at, as param_counts counts it
+            layer._allocate(form, rank)
         layer.reset_parameters()
     return twin
 

@@ -430,20 +430,25 @@ def test_a_dynamic_run_that_diverges_is_a_one_line_error_and_keeps_its_checkpoin
 
 def test_only_a_layer_due_to_switch_with_nan_weights_is_a_divergence():
     from dynrank import DynamicRankScheduler, convert_model
-    from dynrank.train.loop import Diverged, _refuse_diverged
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
-    convert_model(model, rank_ratio=0.5, form="lowrank", keep_last=False)
-    scheduler = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 2, epochs=3)
+    from dynrank.train.loop import Diverged, _switch
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+        convert_model(model, rank_ratio=0.5, form="lowrank", keep_last=False)
+        return model, DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 2, epochs=3)
+
     cfg = dict(lr=0.1)
-    _refuse_diverged(scheduler, 1, "dynamic", cfg, [])             # finite: nothing to say
+    model, scheduler = build()
+    assert [c[0] for c in _switch(scheduler, 1, "dynamic", cfg, [])] == ["0", "1"]     # finite: it switches
+    model, scheduler = build()
     with torch.no_grad():
         model[1].A[0, 0] = float("nan")
-    _refuse_diverged(scheduler, 0, "dynamic", cfg, [])             # no layer switches at epoch 0
+    assert _switch(scheduler, 0, "dynamic", cfg, []) == []          # no layer switches at epoch 0
     with pytest.raises(Diverged, match=r"^the dynamic run diverged: layer '1' has non-finite values in A; it "
                                        r"cannot switch forms at epoch 2\. Start a new run \(--out\) with a "
                                        r"lower --lr than 0\.1; a --resume stops here again$"):
-        _refuse_diverged(scheduler, 1, "dynamic", cfg, [])
+        _switch(scheduler, 1, "dynamic", cfg, [])
     assert scheduler.forms() == {"0": "lowrank", "1": "lowrank"}
 
 

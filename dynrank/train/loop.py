@@ -25,7 +25,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from .._checks import check_finite
+from .._checks import NonFiniteError
 from .._records import write_csv
 from ..checkpoint import load_training_state, training_state
 from ..convert import convert_model
@@ -380,21 +380,17 @@ def _epoch_line(cfg, record, kind):
     return text
 
 
-def _refuse_diverged(scheduler, epoch, schedule, cfg, history):
-    """Raise :class:`Diverged` where a layer that ``scheduler.step(epoch)`` would switch holds NaN/inf.
-
-    The scheduler refuses such a switch with a ValueError from ``check_finite``; the same check, made
-    here on the same layers, tells that refusal from the scheduler's other ValueErrors.
-    """
-    target = scheduler.form_at(epoch)
-    due = [(name, layer) for name, layer in scheduler.layers if layer.form != target]
+def _switch(scheduler, epoch, schedule, cfg, history):
+    """``scheduler.step(epoch)``; its refusal of a layer due to switch that holds NaN/inf (the run
+    diverged) raised as :class:`Diverged`, naming the run, the layer and the epoch."""
     try:
-        check_finite(due, f"it cannot switch forms at epoch {epoch + 1}")
-    except ValueError as err:
+        return scheduler.step(epoch)
+    except NonFiniteError as err:
         last = (f" by epoch {history[-1]['epoch'] + 1} (train loss {history[-1]['train_loss']:.4g})"
                 if history else "")
-        raise Diverged(f"the {schedule} run diverged{last}: {err}. Start a new run (--out) with a lower --lr "
-                       f"than {cfg['lr']:g}; a --resume stops here again") from None
+        raise Diverged(f"the {schedule} run diverged{last}: layer {err.layer!r} has non-finite values in "
+                       f"{err.tensor}; it cannot switch forms at epoch {epoch + 1}. Start a new run (--out) with "
+                       f"a lower --lr than {cfg['lr']:g}; a --resume stops here again") from None
 
 
 def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_factory=None,
@@ -500,8 +496,7 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
     with _StopFlag() as flag:
         for epoch in range(start_epoch, cfg["epochs"]):
             if scheduler is not None:
-                _refuse_diverged(scheduler, epoch, schedule, cfg, history)
-                changes = scheduler.step(epoch)
+                changes = _switch(scheduler, epoch, schedule, cfg, history)
                 if changes:
                     _to_layout(model, cfg)
                     forms = sorted({new for _, _, new in changes})
