@@ -790,7 +790,7 @@ def _convert_one(child, rank_ratio, decomposition, form, init, alpha):
     return new
 
 
-def guard_attention(model, who):
+def guard_attention(model, who, layers=None):
     """Make torch's attention modules in ``model`` run its dynrank layers, or refuse the model, for ``who`` (the
     class name of a scheduler being built on it): its dynrank layers may have been put in by hand (``from_dense``
     on an existing layer) rather than by :func:`convert_model`, which guards the layers it converts.
@@ -800,15 +800,19 @@ def guard_attention(model, who):
     ``use_nested_tensor`` turned off, as :func:`convert_model` does: that path reads ``linear1.weight``
     (W_f alone in adapter form, None in lowrank form).  An encoder above ``model`` is out of reach.
 
+    ``layers``: the dynrank layers ``who`` manages (all of the model's where None); one it leaves alone in
+    full form computes right inside an attention module.
+
     Raises:
-        ValueError: a dynrank layer inside an ``nn.MultiheadAttention`` (its ``out_proj``), which reads the
-            layer's weight directly in every mode: only the full form computes there (the message names the
-            layer); nothing is changed then.
+        ValueError: a dynrank layer of ``layers`` inside an ``nn.MultiheadAttention`` (its ``out_proj``),
+            which reads the layer's weight directly in every mode: only the full form computes there (the
+            message names the layer); nothing is changed then.
     """
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
+            managed = None if layers is None else {id(layer) for layer in layers}
             inside = [(".".join(n for n in (name, sub) if n), m) for sub, m in module.named_modules()
-                      if isinstance(m, FormLayer)]
+                      if isinstance(m, FormLayer) and (managed is None or id(m) in managed)]
             if inside:
                 path, layer = inside[0]
                 raise ValueError(f"{path!r} is a {type(layer).__name__} in {layer.form} form inside "

@@ -68,11 +68,15 @@ class DynamicRankCallback(TrainerCallback):
     folder, checks the model against the checkpoint it loaded as
     :func:`~dynrank.load_training_state` does, so a model converted at
     another rank is refused, in full form too where the next deflate takes
-    the layer's rank (no ``deflate_rank`` for it).  A checkpoint without the entry (saved by an earlier version)
-    resumes unchecked.  The schedule is the one given to the callback.
+    the layer's rank (no ``deflate_rank`` for it), and so is one converted
+    with another ``alpha`` or of other layer sizes (where the checkpoint
+    records them).  A checkpoint without the entry (saved by an earlier
+    version) resumes unchecked.  The schedule is the one given to the callback.
     (The entry is no callback's class name, so
     ``restore_callback_states_from_checkpoint=True`` leaves this callback
-    as it is; the Trainer logs that it ignores the entry.)
+    as it is, and the Trainer then logs the warning "Checkpoint included
+    callbacks not included in current configuration. Ignoring. (dynrank)":
+    that is expected, the callback reads the entry itself.)
 
     Resume into a freshly converted model.  The Trainer loads the
     checkpoint into the model, non-strictly, before any callback runs, so a
@@ -103,7 +107,11 @@ class DynamicRankCallback(TrainerCallback):
     reaches the deflate: the Trainer loads the best checkpoint non-strictly,
     and a lowrank checkpoint's factors loaded into an adapter layer keep its
     frozen W_f (the adapter-only load), a model that is neither.  Load the
-    checkpoint you choose into a freshly converted model instead.
+    checkpoint you choose into a freshly converted model instead.  Not
+    beside an :class:`~dynrank.hf_inrank.IncrementalRankCallback` on one
+    model either: whichever of the two builds its scheduler second refuses
+    the layers the other's manages (the two schedulers are not meant to
+    drive one model).
 
     With ``monitor=RankMonitor(model)``, the callback runs the monitor too:
     each epoch is timed from its first step (after its switch) to the end
@@ -157,8 +165,11 @@ class DynamicRankCallback(TrainerCallback):
         scheduler: the ``DynamicRankScheduler`` (None before training begins):
             ``callback.scheduler.add_callback(fn)`` after ``on_train_begin``,
             ``form_at``, ``last_epoch``.
-        changes: every switch so far, as (epoch or step, layer name, old form,
-            new form).
+        changes: every switch of the run so far, as (epoch or step, layer
+            name, old form, new form).  A ``train()`` keeps those made before
+            the step it starts at: a resume drops the ones after its checkpoint
+            (an earlier ``train()`` of this Trainer interrupted past it), and a
+            ``train()`` from step 0 starts the list afresh.
 
     Raises:
         TypeError, ValueError: a bad schedule or option, at construction
@@ -217,6 +228,11 @@ class DynamicRankCallback(TrainerCallback):
         if self.monitor is not None:
             self._start_monitor(args, state, model, scheduler)
         self.scheduler = scheduler
+        # The switches made before the step this train() starts at: a resume undoes the later ones (an earlier
+        # train() of this Trainer interrupted after the checkpoint), and a train() from step 0 all of them.
+        by_step = self.unit == "step"
+        self.changes = [change for change in self.changes
+                        if _made_before(state, start, step=change[0] if by_step else None, epoch=change[0])]
         # The monitor takes logs and evaluations from this train()'s first step on (one at its start,
         # eval_on_start's, is no epoch's), and only while its loop runs (see _monitor_has_epoch).
         self._loop, self._stepping = _loop_key(), False
@@ -358,9 +374,11 @@ class DynamicRankCallback(TrainerCallback):
             if not isinstance(begun, list) or not all(isinstance(b, list) and len(b) == 2 for b in begun) \
                     or not isinstance(ended, bool):
                 raise ValueError("not the state DynamicRankCallback saves (epochs_begun, epoch_ended)")
-            # The layers' saved forms and ranks, under the callback's own schedule.
-            scheduler.load_state_dict(dict(scheduler.state_dict(), forms=saved["scheduler"].get("forms"),
-                                           ranks=saved["scheduler"].get("ranks")))
+            # The layers' saved forms and ranks, and their alphas and shapes where saved (checked against the
+            # model's, as load_training_state does), under the callback's own schedule.
+            kept = saved["scheduler"]
+            scheduler.load_state_dict(dict(scheduler.state_dict(), forms=kept.get("forms"), ranks=kept.get("ranks"),
+                                           **{key: kept[key] for key in ("alphas", "shapes") if key in kept}))
         except (TypeError, ValueError) as e:
             raise type(e)(f"resuming at global step {state.global_step}: the schedule's state in the checkpoint's "
                           f"trainer_state.json (stateful_callbacks[{self.STATE_KEY!r}]) does not fit this model: "
@@ -583,18 +601,21 @@ def _loop_running(key):
     return False
 
 
+def _made_before(state, start, step=None, epoch=None):
+    """Whether a switch at ``step`` (by step), else at ``epoch`` (by epoch, made at the first step of its epoch),
+    came before the step where a train() starts (``state.global_step``, in the loop's epoch ``start``)."""
+    if step is not None:
+        return step < state.global_step
+    inside = (state.epoch or 0) > start + 1e-6         # past the first step of epoch ``start``
+    return epoch < start or (epoch == start and inside)
+
+
 def _before_start(run, state, start):
     """``run`` (a :meth:`RankMonitor.state_dict`) cut to what came before the step where a train() starts
     (``state.global_step``, in the loop's epoch ``start``): the records of the epochs before, and the switches
-    made before that step (by epoch at the first step of its epoch, by step at its count)."""
-    inside = (state.epoch or 0) > start + 1e-6         # past the first step of epoch ``start``
-
-    def made(switch):
-        if switch.get("step") is not None:
-            return switch["step"] < state.global_step
-        return switch["epoch"] < start or (switch["epoch"] == start and inside)
+    made before that step (:func:`_made_before`)."""
     return dict(run, records=[r for r in run["records"] if r["epoch"] < start],
-                switches=[s for s in run["switches"] if made(s)])
+                switches=[s for s in run["switches"] if _made_before(state, start, s.get("step"), s["epoch"])])
 
 
 def _check_deflate_rank(spec):

@@ -35,10 +35,19 @@ class IncrementalRankCallback(TrainerCallback):
     before any callback runs (each layer of a freshly converted model takes the rank of its tensors)
     and builds the optimizer on it; the resumed scheduler keeps those ranks, where a new one would cut
     them back to ``init_rank + buffer``, and takes the saved discovered ranks and step count.  The
-    settings are the ones given to the callback.  A layer whose rank is not the saved one (a model of
-    other layers) is refused.  A checkpoint without the entry (a run without this callback) starts
-    InRank at the resume, with a warning.  (The entry is no callback's class name, so
-    ``restore_callback_states_from_checkpoint=True`` leaves this callback as it is.)
+    settings are the ones given to the callback.  Refused: a layer whose rank is not the saved one (a
+    model of other layers), a layer converted with another ``alpha`` or of another shape than the saved
+    one (where the checkpoint records them), and a layer whose rank is above the ``max_rank`` given
+    (ranks never shrink in a run, and cutting it would make another run than the saved one).  A
+    checkpoint without the entry (a run without this callback) starts InRank at the resume, with a
+    warning.  (The entry is no callback's class name, so ``restore_callback_states_from_checkpoint=True``
+    leaves this callback as it is, and the Trainer then logs the warning "Checkpoint included callbacks
+    not included in current configuration. Ignoring. (dynrank_inrank)": that is expected, the callback
+    reads the entry itself.)
+
+    Not beside a :class:`~dynrank.hf.DynamicRankCallback` on one model: whichever of the two builds its
+    scheduler second at ``on_train_begin`` refuses the layers the other's manages (ValueError), before
+    the first step.
 
     A ``train()`` from step 0 (a second one, or ``auto_find_batch_size`` starting again) starts InRank
     afresh on the model as it is: each layer back to ``init_rank + buffer`` components, by truncated SVD.
@@ -51,14 +60,17 @@ class IncrementalRankCallback(TrainerCallback):
     Attributes:
         scheduler: the ``IncrementalRankScheduler`` (None before training begins):
             ``callback.scheduler.add_callback(fn)`` or ``add_model_copy`` after ``on_train_begin``, ``ranks``.
-        changes: every growth so far, as (global step, layer name, old rank, new rank).
+        changes: every growth of the run so far, as (global step, layer name, old rank, new rank).  A
+            ``train()`` keeps those up to the step it starts at: a resume drops the ones after its
+            checkpoint (an earlier ``train()`` of this Trainer interrupted past it), and a ``train()`` from
+            step 0 starts the list afresh.
 
     Raises:
         TypeError, ValueError: an unknown keyword or a setting the scheduler refuses, at construction;
             at ``on_train_begin``, what the scheduler's constructor raises (a model with no
-            FusedLowRankLinear in lowrank or adapter form, say), a checkpoint's state that does not fit the
-            model, and training on several processes or under DeepSpeed or FSDP (growth replaces the
-            parameters the Trainer's wrapper was built on).
+            FusedLowRankLinear in lowrank or adapter form, or layers a DynamicRankCallback's scheduler
+            manages, say), the refused resumes above, and training on several processes or under
+            DeepSpeed or FSDP (growth replaces the parameters the Trainer's wrapper was built on).
 
     Example::
 
@@ -109,6 +121,9 @@ class IncrementalRankCallback(TrainerCallback):
                               f"trainer_state.json): InRank starts here, each layer cut to init_rank + buffer "
                               f"components", stacklevel=2)
             self.scheduler = IncrementalRankScheduler(model, optimizer, **self.scheduler_kwargs)
+        # The growth before the step this train() starts at: a resume undoes the later (an earlier train() of this
+        # Trainer interrupted after the checkpoint), and a train() from step 0 all of it.
+        self.changes = [change for change in self.changes if change[0] <= state.global_step]
         self._keep_state(state)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -124,10 +139,19 @@ class IncrementalRankCallback(TrainerCallback):
     def _resume(self, state, saved, model, optimizer):
         """The scheduler of a resume: built keeping the ranks the Trainer loaded into the layers (no
         ``init_rank``, no cap to cut them by), then given the checkpoint's discovered ranks and step count
-        under the callback's own settings."""
+        under the callback's own settings, and its layers' alphas and shapes (where saved) to check.  A layer
+        above the callback's ``max_rank`` is refused: cutting it would make another run than the saved one."""
         scheduler = IncrementalRankScheduler(model, optimizer,
                                              **dict(self.scheduler_kwargs, init_rank=None, max_rank=None))
         cap = self.scheduler_kwargs.get("max_rank")
+        above = [(name, rank) for name, rank in scheduler.ranks.items() if cap is not None and rank > cap]
+        if above:
+            name, rank = above[0]
+            raise ValueError(f"resuming at global step {state.global_step}: layer {name!r} has rank {rank} in the "
+                             f"checkpoint, above the max_rank={cap} given to IncrementalRankCallback "
+                             f"({len(above)} layer{'s' if len(above) > 1 else ''} above it); ranks never shrink in a "
+                             f"run, and cutting them would make another run than the saved one: resume with "
+                             f"max_rank={max(rank for _, rank in above)} or more, or None. {_LOADED}")
         try:
             if not isinstance(saved, Mapping):
                 raise TypeError(f"not the state IncrementalRankCallback saves (a dict), got {type(saved).__name__}")
@@ -137,7 +161,8 @@ class IncrementalRankCallback(TrainerCallback):
             scheduler.load_state_dict(dict(
                 own, last_step=saved.get("last_step"), current=saved.get("current"), ranks=saved["ranks"],
                 max_rank={name: own["max_rank"][name] if cap is None else min(cap, own["max_rank"][name])
-                          for name in own["max_rank"]}))
+                          for name in own["max_rank"]},
+                **{key: saved[key] for key in ("alphas", "shapes") if key in saved}))
         except (TypeError, ValueError) as e:
             raise type(e)(f"resuming at global step {state.global_step}: the InRank state in the checkpoint's "
                           f"trainer_state.json (stateful_callbacks[{self.STATE_KEY!r}]) does not fit this model: "

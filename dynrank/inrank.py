@@ -24,6 +24,7 @@ DDP wrapper is rebuilt (:mod:`dynrank.distributed`).
 """
 
 import warnings
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -39,6 +40,8 @@ from .convert import guard_attention
 from .distributed import _remember_ddp, _retire_stale, _sync_layers
 from .linear import FusedLowRankLinear, svd_factors
 from .metrics import _check_not_meta
+from .scheduler import (_GROWERS, _alpha_mismatch, _check_layers_held, _check_other_kind, _check_saved_alpha,
+                        _check_saved_shapes)
 from .spectra import _as_sigma
 
 __all__ = ["IncrementalRankScheduler", "grow_rank_", "explained_rank"]
@@ -300,9 +303,16 @@ class IncrementalRankScheduler:
     discovered rank itself (:func:`explained_rank`).
 
     The layers must stay in lowrank or adapter form: a check that meets a
-    layer in full form (inflated since, e.g. by a
-    :class:`~dynrank.DynamicRankScheduler`) raises a ValueError.  The two
-    schedulers are not meant to drive one model.
+    layer in full form (inflated since, by hand) raises a ValueError.  The
+    two schedulers are not meant to drive one model: a layer that a live
+    :class:`~dynrank.DynamicRankScheduler` manages is refused at construction,
+    naming it (and a DynamicRankScheduler refuses this scheduler's layers);
+    let go of the one first.  A scheduler grows the layers the model holds
+    in lowrank or adapter form when it is built, under the names they have
+    then: such a layer added to the model since, or one swapped out, makes
+    the next check (a :meth:`step` where one is due) and a load raise a
+    ValueError naming them; a layer only renamed (a wrapper put around its
+    block) is the same layer.
 
     Growth edits the optimizer in place: each wider factor takes the old one's
     place in its own param group (a B kept in a group of its own, LoRA+-style,
@@ -357,7 +367,8 @@ class IncrementalRankScheduler:
             lowrank/adapter form (the message names the LowRankConv2d layers of
             a model whose only lowrank/adapter layers are convolutions), an
             optimizer holding no trainable factor of any layer (built before
-            ``convert_model``), or (``init_rank`` below a
+            ``convert_model``), layers a live ``DynamicRankScheduler`` manages
+            (named), or (``init_rank`` below a
             layer's rank) a layer whose factors hold NaN/inf.  All checks run
             before any layer is resized.
 
@@ -413,7 +424,8 @@ class IncrementalRankScheduler:
             self.max_rank[name] = limit if max_rank is None else min(max_rank, limit)
         check_untied(self.model, self._layers, type(self).__name__)
         check_trains_layers(optimizer, self._layers, self.model)
-        guard_attention(self.model, type(self).__name__)
+        _check_other_kind(self._layers, growing=True)
+        guard_attention(self.model, type(self).__name__, [layer for _, layer in self._layers])
         self.sync_ranks, self.process_group = sync_ranks, process_group
         self.current, targets = {}, {}
         for name, layer in self._layers:
@@ -438,6 +450,8 @@ class IncrementalRankScheduler:
         self.last_step = 0
         self._callbacks = []
         self._copies = []
+        for _, layer in self._layers:
+            _GROWERS.setdefault(layer, weakref.WeakSet()).add(self)
         if convs:
             warnings.warn(f"IncrementalRankScheduler grows FusedLowRankLinear layers only: the model's {len(convs)} "
                           f"LowRankConv2d layer(s) in lowrank or adapter form ({shown}) keep their rank",
@@ -607,11 +621,13 @@ class IncrementalRankScheduler:
         Raises:
             TypeError: a step that is not an int (a float, a str, a bool).
             ValueError: a negative step, one earlier than the last, or (at a
-                check) a managed layer now in full form, a layer whose factors
-                hold NaN/inf or are on the meta device (no values to test), or a
-                model copy whose layers no longer match the model's; every check
-                runs and every layer's new rank is found before the first one
-                grows, so a failed call changes nothing.
+                check) a FusedLowRankLinear in lowrank or adapter form added to
+                the model or a managed layer swapped out of it since the
+                scheduler was built, a managed layer now in full form, a layer
+                whose factors hold NaN/inf or are on the meta device (no values
+                to test), or a model copy whose layers no longer match the
+                model's; every check runs and every layer's new rank is found
+                before the first one grows, so a failed call changes nothing.
         """
         check_not_unconverted(self._layers, type(self).__name__)
         step = self.last_step + 1 if step is None else check_int(step, "step", "a non-negative int", 0)
@@ -622,6 +638,8 @@ class IncrementalRankScheduler:
         if step < self.warmup_steps or (step - self.warmup_steps) % self.check_every != 0:
             self.last_step = step
             return []
+        # Only where a check is due: most steps check nothing, and walking the model would cost more than they do.
+        self._check_model_layers()
         for model_copy, layers in self._copies:
             check_copy(model_copy, layers, self._layers)
         self._check_none_full()
@@ -648,26 +666,38 @@ class IncrementalRankScheduler:
         return grown
 
     def state_dict(self):
-        """Discovered and trained ranks, the step count and the settings."""
+        """Discovered and trained ranks, the step count, the settings, and each layer's ``alpha`` and dense weight
+        shape (which a load checks against the model's)."""
         return {"last_step": self.last_step, "current": dict(self.current), "ranks": self.ranks,
                 "buffer": self.buffer, "threshold": self.threshold, "warmup_steps": self.warmup_steps,
-                "check_every": self.check_every, "max_rank": dict(self.max_rank)}
+                "check_every": self.check_every, "max_rank": dict(self.max_rank),
+                "alphas": {name: layer.alpha for name, layer in self._layers},
+                "shapes": {name: [int(n) for n in layer._dense_shape()] for name, layer in self._layers}}
 
     _STATE_KEYS = ("last_step", "current", "ranks", "buffer", "threshold", "warmup_steps", "check_every",
                    "max_rank")
+    # A state saved before "alphas" and "shapes" were kept loads with those unchecked.
+    _OPTIONAL_STATE_KEYS = ("alphas", "shapes")
 
     def _checked_state(self, state_dict):
-        """``state_dict``'s values validated against this model; raises before anything is changed."""
+        """``state_dict``'s values validated against this model (each layer's alpha and dense weight shape too,
+        where the state has them); raises before anything is changed."""
         check_not_unconverted(self._layers, type(self).__name__)
+        self._check_model_layers()
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict from IncrementalRankScheduler.state_dict(), "
                             f"got {type(state_dict).__name__}")
+        known = self._STATE_KEYS + self._OPTIONAL_STATE_KEYS
         missing = [k for k in self._STATE_KEYS if k not in state_dict]
-        unknown = sorted((k for k in state_dict if k not in self._STATE_KEYS), key=repr)
+        unknown = sorted((k for k in state_dict if k not in known), key=repr)
         if missing or unknown:
             raise ValueError(f"not an IncrementalRankScheduler state dict: missing {missing}, unknown keys "
-                             f"{unknown}; expected {', '.join(self._STATE_KEYS)}")
+                             f"{unknown}; expected {', '.join(known)}")
         names = [name for name, _ in self._layers]
+        if "shapes" in state_dict:
+            # first: a model of other sizes fails the rank checks as well
+            _check_saved_shapes(self._layers, state_dict["shapes"], "IncrementalRankScheduler")
+        alphas = state_dict.get("alphas")
         try:
             settings = dict(zip(("buffer", "threshold", "warmup_steps", "check_every"), _check_settings(
                 state_dict["buffer"], state_dict["threshold"], state_dict["warmup_steps"],
@@ -683,10 +713,28 @@ class IncrementalRankScheduler:
                     except (TypeError, ValueError) as e:
                         raise type(e)(f"{key}[{name!r}] is not a valid rank of layer {name!r}: {e}") from None
                 settings[key] = checked
+            if alphas is not None:
+                check_same_layers(alphas, names, "alphas")
+                for name in names:
+                    _check_saved_alpha(alphas, name)
         except (TypeError, ValueError) as e:
             raise type(e)(f"invalid IncrementalRankScheduler state dict: {e}") from None
+        # The scale alpha / rank multiplies the factors: another alpha computes another function.
+        for name, layer in self._layers:
+            if alphas is not None and alphas[name] != layer.alpha:
+                raise _alpha_mismatch(name, layer, alphas[name])
         self._check_none_full()
         return settings
+
+    def _check_model_layers(self):
+        """ValueError where the model's FusedLowRankLinear layers in lowrank or adapter form are no longer those
+        this scheduler was built over (one added since never grows, one swapped out grows outside the model).  A
+        managed layer inflated since is still the scheduler's (:meth:`_check_none_full` names it), and one only
+        renamed is the same layer."""
+        managed = {id(layer) for _, layer in self._layers}
+        now = [(name, m) for name, m in self.model.named_modules()
+               if isinstance(m, FusedLowRankLinear) and (m.form != "full" or id(m) in managed)]
+        _check_layers_held(now, self._layers, type(self).__name__, "lowrank/adapter FusedLowRankLinear", "grows")
 
     def _check_none_full(self):
         """ValueError naming the first managed layer inflated since (its factors are gone)."""
@@ -716,8 +764,13 @@ class IncrementalRankScheduler:
             TypeError: not a dict, or a value of the wrong type (e.g. a float rank).
             ValueError: missing or unknown keys, settings the constructor would
                 reject, other layers than this model's, a rank outside
-                [1, min(in, out)], a managed layer now in full form, or a layer
-                to shrink whose factors hold NaN/inf.
+                [1, min(in, out)], a layer whose dense weight shape (checked
+                first) or ``alpha`` differs from the saved one (a state saved
+                before they were kept loads unchecked for them), a
+                FusedLowRankLinear in lowrank or adapter form added to the model
+                or a managed layer swapped out of it since the scheduler was
+                built, a managed layer now in full form, or a layer to shrink
+                whose factors hold NaN/inf.
             Exception: the first one a callback raised, the load done.
         """
         self._load_checked(self._checked_state(state_dict))

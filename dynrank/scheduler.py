@@ -68,6 +68,9 @@ _OWN = object()   # DynamicRankScheduler._deflate_rank_for: the scheduler's own 
 # The newest wins rather than being refused, so a scheduler built again in the place of one still referenced
 # (a notebook cell run again, the Trainer callback's second train()) works; a collected one claims nothing.
 _OWNERS = weakref.WeakKeyDictionary()
+# Layer → the IncrementalRankSchedulers built over it (a WeakSet: one collected claims nothing).  A scheduler of
+# either kind refuses, at construction, a layer a live one of the other kind manages (_check_other_kind).
+_GROWERS = weakref.WeakKeyDictionary()
 
 
 def _check_count(value, what, allow_none=True):
@@ -131,6 +134,75 @@ def _check_saved_shape(shapes, name):
             isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in value):
         raise TypeError(f"shapes[{name!r}] must be a list of ints (the layer's dense weight shape), "
                         f"got {value!r}")
+
+
+def _other_kind(layer, growing):
+    """A live scheduler of the other kind over ``layer``, or None: for an IncrementalRankScheduler (``growing``)
+    the DynamicRankScheduler that owns it, else an IncrementalRankScheduler built over it."""
+    if growing:
+        owner = _OWNERS.get(layer)
+        return owner() if owner is not None else None
+    return next(iter(_GROWERS.get(layer, ())), None)
+
+
+def _check_other_kind(layers, growing):
+    """ValueError naming the layers of ``layers`` (name, layer) that a live scheduler of the other kind manages
+    (see :func:`_other_kind`): an IncrementalRankScheduler grows the factors a DynamicRankScheduler's inflate
+    takes away, and changes the ranks its schedule deflates to and its state holds."""
+    taken = [name for name, layer in layers if _other_kind(layer, growing) is not None]
+    if taken:
+        gc.collect()            # one the user let go of, kept only by a reference cycle, manages nothing
+        taken = [name for name, layer in layers if _other_kind(layer, growing) is not None]
+    if not taken:
+        return
+    who, other = ("IncrementalRankScheduler", "DynamicRankScheduler")[::1 if growing else -1]
+    shown = ", ".join(map(repr, taken[:5])) + (f" and {len(taken) - 5} more" if len(taken) > 5 else "")
+    raise ValueError(f"layer{'s' if len(taken) > 1 else ''} {shown} {'are' if len(taken) > 1 else 'is'} managed by "
+                     f"a live {other}: a DynamicRankScheduler and an IncrementalRankScheduler are not meant to drive "
+                     f"one model (the inflate takes away the factors the growth resizes, and the growth changes the "
+                     f"ranks the schedule deflates to), as a DynamicRankCallback and an IncrementalRankCallback on "
+                     f"one Trainer would; let go of the {other} first (del it, and whatever holds it), or build "
+                     f"the {who} over other layers")
+
+
+def _check_layers_held(now, layers, who, kind, does):
+    """ValueError where ``now`` (the (name, layer) the scheduler ``who`` would manage in the model as it is) are no
+    longer its ``layers``: one added since would never change, one swapped out would change outside the model.  A
+    layer found under another name (a wrapper put around its block since: activation checkpointing, a compiled
+    submodule) is the same layer: events and the state dict keep the name it had at construction."""
+    managed = {id(layer) for _, layer in layers}
+    held = {id(layer) for _, layer in now}
+    if held == managed:
+        return
+    parts = [f"{what} {', '.join(names)}" for what, names in (
+        ("added", [repr(name) for name, layer in now if id(layer) not in managed]),
+        ("removed", [repr(name) for name, layer in layers if id(layer) not in held])) if names]
+    raise ValueError(f"the model's {kind} layers changed since this {who} was built ({'; '.join(parts)}); a "
+                     f"scheduler {does} the layers it was built over: build a new {who} over the model as it is now")
+
+
+def _check_saved_shapes(layers, shapes, who):
+    """ValueError naming the first of ``layers`` whose dense weight shape differs from ``shapes`` (a state dict's of
+    the scheduler ``who``), or TypeError/ValueError for ``shapes`` that are not a dict layer name → shape of
+    these layers."""
+    names = [name for name, _ in layers]
+    try:
+        check_same_layers(shapes, names, "shapes")
+        for name in names:
+            _check_saved_shape(shapes, name)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"invalid {who} state dict: {e}") from None
+    for name, layer in layers:
+        if tuple(shapes[name]) != tuple(layer._dense_shape()):
+            raise ValueError(f"layer {name!r} has a {layer.weight_kind} of shape {tuple(layer._dense_shape())} "
+                             f"but the checkpoint's is {tuple(shapes[name])}: the checkpoint is of a model with "
+                             f"other layer sizes; build the model the saved run trained")
+
+
+def _alpha_mismatch(name, layer, saved):
+    """The ValueError for layer ``name`` whose ``alpha`` is not ``saved``, the checkpoint's."""
+    return ValueError(f"layer {name!r} has alpha {layer.alpha} but the checkpoint has {saved} (the scale is "
+                      f"alpha / rank, 1 with alpha None); convert the model with the same alpha")
 
 
 def _trainable(layer):
@@ -224,13 +296,18 @@ class DynamicRankScheduler:
     and forth on their two schedules, dropping its optimizer state each time).
     So a scheduler built again in place of one (a resume in the same process)
     works whether or not the old one is still referenced.  Schedulers over
-    disjoint parts of one model may share its optimizer.  A scheduler manages
-    the dynrank layers its model holds when it is built, under the names they
-    have then: a dynrank layer added to the model since, one removed or
-    swapped for another, or one renamed (a module inserted before it in an
-    ``nn.Sequential``) makes a :meth:`step` due to switch layers, and a
-    load, raise a ValueError naming them; build a new scheduler over the
-    model as it is.  (A layer :func:`~dynrank.unconvert_model` replaced
+    disjoint parts of one model may share its optimizer.  A layer that a live
+    :class:`~dynrank.IncrementalRankScheduler` manages is refused at
+    construction, naming it (and an IncrementalRankScheduler refuses this
+    scheduler's layers): the inflate takes away the factors InRank grows, so
+    the two are not meant to drive one model; let go of the one first.  A
+    scheduler manages the dynrank layers its model holds when it is built,
+    under the names they have then: a dynrank layer added to the model
+    since, or one removed or swapped for another, makes a :meth:`step` due to
+    switch layers, and a load, raise a ValueError naming them; build a new scheduler over the
+    model as it is.  A layer only renamed (a wrapper put around its block,
+    a module inserted before it in an ``nn.Sequential``) is the same layer,
+    switched and saved under the name it had then.  (A layer :func:`~dynrank.unconvert_model` replaced
     gives its own RuntimeError.)
 
     ``optimizer_state``:
@@ -315,8 +392,9 @@ class DynamicRankScheduler:
             ``deflate_rank`` invalid for a layer or naming an unknown layer,
             a model with no dynrank layers, an optimizer holding one layer's
             factors in different param groups, one holding no trainable
-            parameter of any layer (built before ``convert_model``), or a
-            dynrank layer inside an ``nn.MultiheadAttention`` (the message names it).
+            parameter of any layer (built before ``convert_model``), a
+            dynrank layer inside an ``nn.MultiheadAttention`` (the message names it),
+            or layers a live ``IncrementalRankScheduler`` manages (named).
 
     Example:
         >>> import torch
@@ -353,6 +431,7 @@ class DynamicRankScheduler:
         check_one_group(optimizer, self._layers)
         check_trains_layers(optimizer, self._layers, self.model)
         check_untied(self.model, self._layers, type(self).__name__)
+        _check_other_kind(self._layers, growing=False)
         guard_attention(self.model, type(self).__name__)
         _remember_ddp(model)
         if self.sync_ranks:
@@ -396,6 +475,7 @@ class DynamicRankScheduler:
                 gc.collect()            # one the user let go of, kept only by a reference cycle, claims nothing
                 owner = _OWNERS[layer]()
             if owner is None:
+                _check_other_kind([(name, layer)], growing=False)    # one built while a newer scheduler held it
                 _OWNERS[layer] = weakref.ref(self)
             elif owner is not self:
                 raise ValueError(f"layer {name!r} is managed by another DynamicRankScheduler, built over it after "
@@ -404,22 +484,9 @@ class DynamicRankScheduler:
                                  f"the schedulers of one model over disjoint parts of it")
 
     def _check_model_layers(self):
-        """ValueError where the model's dynrank layers are no longer those this scheduler was built over: a
-        layer added to the model since would never switch, one swapped out would switch outside it.  A layer
-        found under another name (a wrapper put around its block since: activation checkpointing, a compiled
-        submodule) is the same layer: events and the state dict keep the name it had at construction."""
-        now = form_layers(self.model)
-        managed = {id(layer) for _, layer in self._layers}
-        held = {id(layer) for _, layer in now}
-        if held == managed:
-            return
-        parts = [f"{what} {', '.join(names)}" for what, names in (
-            ("added", [repr(name) for name, layer in now if id(layer) not in managed]),
-            ("removed", [repr(name) for name, layer in self._layers if id(layer) not in held])) if names]
-        who = type(self).__name__
-        raise ValueError(f"the model's dynrank layers changed since this {who} was built ({'; '.join(parts)}); a "
-                         f"scheduler switches the layers it was built over: build a new {who} over the model as "
-                         f"it is now")
+        """ValueError where the model's dynrank layers are no longer those this scheduler was built over (see
+        :func:`_check_layers_held`: a layer only renamed is the same layer)."""
+        _check_layers_held(form_layers(self.model), self._layers, type(self).__name__, "dynrank", "switches")
 
     def _deflate_rank_for(self, name, layer, spec=_OWN):
         spec = self.deflate_rank if spec is _OWN else spec
@@ -582,14 +649,15 @@ class DynamicRankScheduler:
             ValueError: a negative epoch, one past ``epochs``, one earlier than
                 the last call's, a layer whose form cannot reach the form the
                 epoch requires (a full/adapter layer before I), dynrank
-                layers added to the model, removed from it or renamed in it
+                layers added to the model or removed from it
                 since the scheduler was built (checked where a switch is due;
                 build a new scheduler), a layer due
                 to switch whose weight or factors hold NaN/inf, a model copy
                 whose layers no longer match the model's, or a layer that a
-                scheduler built after this one manages.  Every check runs
-                before the first layer switches, so a failed call changes
-                nothing.
+                scheduler built after this one manages (once that one is gone,
+                one a live IncrementalRankScheduler built meanwhile manages).
+                Every check runs before the first layer switches, so a failed
+                call changes nothing.
             RuntimeError: a layer due to switch whose weight or a factor is
                 reparametrized (``torch.nn.utils.parametrize``; checked with the
                 others, before any switch).
@@ -619,14 +687,13 @@ class DynamicRankScheduler:
         if changes and self.optimizer_state == "fresh":
             clear_state(self.optimizer)
         self.last_epoch = epoch
-        try:
-            if changes:
-                call_back(self._callbacks, self._event(epoch, changes))
-        finally:
-            # After the callbacks: under warnings-as-errors (pytest -W error) a warning raised before them would
-            # keep them from a switch already made, and stepping again switches nothing.
-            self._warn_frozen(changes)
-            self._warn_dampened(joined)
+        # The callbacks first: under warnings-as-errors (pytest -W error) a warning raised before them would
+        # keep them from a switch already made, and stepping again switches nothing.  A callback that raises
+        # skips the warnings, so its own error is the one seen.
+        if changes:
+            call_back(self._callbacks, self._event(epoch, changes))
+        self._warn_frozen(changes)
+        self._warn_dampened(joined)
         return changes
 
     def _warn_frozen(self, changes):
@@ -770,7 +837,8 @@ class DynamicRankScheduler:
         layers = dict(self._layers)
         shapes = state_dict.get("shapes")
         if "shapes" in state_dict:
-            self._check_saved_shapes(shapes)   # first: a model of other sizes fails every later check as well
+            # first: a model of other sizes fails every later check as well
+            _check_saved_shapes(self._layers, shapes, "DynamicRankScheduler")
         try:
             settings = {key: state_dict.get(key, getattr(self, key)) for key in known
                         if key not in self._LAYER_KEYS + ("last_epoch",)}
@@ -824,26 +892,8 @@ class DynamicRankScheduler:
             # deflate makes: another alpha computes another function, or trains other adapters.
             if alphas is not None and alphas[name] != layer.alpha and (
                     form != "full" or settings["deflate_epoch"] is not None):
-                raise ValueError(f"layer {name!r} has alpha {layer.alpha} but the checkpoint has {alphas[name]} "
-                                 f"(the scale is alpha / rank, 1 with alpha None); convert the model with the "
-                                 f"same alpha")
+                raise _alpha_mismatch(name, layer, alphas[name])
         return settings, dict(forms), checked
-
-    def _check_saved_shapes(self, shapes):
-        """ValueError naming the first layer whose dense weight shape differs from ``shapes`` (a state dict's),
-        or TypeError/ValueError for ``shapes`` that are not a dict layer name → shape of this model's layers."""
-        names = [name for name, _ in self._layers]
-        try:
-            check_same_layers(shapes, names, "shapes")
-            for name in names:
-                _check_saved_shape(shapes, name)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"invalid DynamicRankScheduler state dict: {e}") from None
-        for name, layer in self._layers:
-            if tuple(shapes[name]) != tuple(layer._dense_shape()):
-                raise ValueError(f"layer {name!r} has a {layer.weight_kind} of shape {tuple(layer._dense_shape())} "
-                                 f"but the checkpoint's is {tuple(shapes[name])}: the checkpoint is of a model with "
-                                 f"other layer sizes; build the model the saved run trained")
 
     def load_state_dict(self, state_dict):
         """Restore the policy and bring every layer to its saved form and rank.
@@ -888,8 +938,9 @@ class DynamicRankScheduler:
                 ``alpha`` does (in full form only where the saved schedule
                 deflates); a state saved before shapes and alphas were kept
                 loads unchecked for them.  Dynrank layers added to the
-                model, removed or renamed since this scheduler was built.
-                A layer that a scheduler built after this one manages.
+                model or removed since this scheduler was built.
+                A layer that a scheduler built after this one manages (once that one
+                is gone, one a live IncrementalRankScheduler built meanwhile manages).
             Exception: the first one a callback raised, the load done.
         """
         self._load_checked(self._checked_state(state_dict))

@@ -599,6 +599,7 @@ def test_a_model_copy_holding_the_ddp_wrapper_is_refused(one_rank):
         ema.update_parameters(ddp)                               # and updates from the wrapper
         assert torch.equal(ema.module[0].A, model[0].A)
         ddp = rewrap_ddp(ddp)
+        del scheduler                  # the other kind refuses the layers of a live one
 
 
 def test_unconvert_model_leaves_a_ddp_wrapper_whose_parameters_it_kept(one_rank):
@@ -920,6 +921,7 @@ def test_a_refused_load_leaves_the_ddp_wrapper_training(one_rank):
             load_training_state(wrong, ddp, opt, sched)
         assert [(m.form, m.rank) for m in (model[0], model[2])] == layout, kind
         assert torch.equal(ddp(x), before), kind
+        del sched                      # the other kind refuses the layers of a live one
         assert DynamicRankScheduler(model, opt, INFLATE, DEFLATE).sync_ranks, kind    # still the module's wrapper
         model, ddp, opt, sched = run(kind, **settings)
         load_training_state(saved, ddp, opt, sched)              # a load that succeeds retires it

@@ -520,9 +520,14 @@ def test_the_scheduler_refuses_a_dynrank_layer_inside_multihead_attention(form, 
     model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True))
     attention = model[0].self_attn
     attention.out_proj = FusedLowRankLinear.from_dense(attention.out_proj, rank=4, form=form)
-    # InRank manages lowrank and adapter layers: a full out_proj beside one it manages is refused too.
+    # InRank manages lowrank and adapter layers only: a full out_proj beside one it manages is left alone, and
+    # computes right (the full form is the one that does there).
     managed = "lowrank" if kind == "inrank" and form == "full" else form
     model[0].linear1 = FusedLowRankLinear.from_dense(model[0].linear1, rank=4, form=managed)
+    if kind == "inrank" and form == "full":
+        growth = _scheduler(model, managed, kind)
+        assert [name for name, _ in growth.layers] == ["0.linear1"]
+        return
     with pytest.raises(ValueError, match=rf"'0\.self_attn\.out_proj' is a FusedLowRankLinear in {form} form inside "
                                          rf"nn\.MultiheadAttention, which reads its weight directly"):
         _scheduler(model, managed, kind)

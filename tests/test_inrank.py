@@ -110,18 +110,52 @@ def test_step_refuses_a_layer_inflated_since():
     assert sched.last_step == 4
 
 
-def test_step_inside_a_dynamic_rank_schedulers_full_phase_names_the_combination():
+OTHER_KIND = ("layer '{}' is managed by a live {}: a DynamicRankScheduler and an IncrementalRankScheduler are not "
+              "meant to drive one model")
+
+
+def test_the_two_schedulers_refuse_each_others_layers_at_construction():
+    """Both were accepted over one model: the InRank scheduler's first check after the inflate raised (with the
+    usual warmup, after a whole trained epoch), and before its first check the two resized the same layers
+    without a word.  Whichever is built second refuses, naming the layers and the other scheduler, before any
+    layer changes; once the first is let go of, the second is built.  Disjoint parts of one model are fine."""
     from dynrank import DynamicRankScheduler
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
     convert_model(model, rank_ratio=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    dynamic = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
-    growth = IncrementalRankScheduler(model, opt, init_rank=2, buffer=2, warmup_steps=0, check_every=1)
-    dynamic.step(1)
-    assert model[0].form == "full"
-    with pytest.raises(ValueError, match=re.escape(FULL_LAYER.format("0"))):
-        growth.step()
+    dynamic = DynamicRankScheduler(model[:1], opt, inflate_epoch=1, deflate_epoch=2)
+    A = model[0].A
+    with pytest.raises(ValueError, match=re.escape(OTHER_KIND.format("0", "DynamicRankScheduler")) + r".*let go of the "
+                                         r"DynamicRankScheduler first \(del it, and whatever holds it\)"):
+        IncrementalRankScheduler(model, opt, init_rank=2, buffer=2, warmup_steps=0, check_every=1)
+    assert model[0].A is A and model[0].rank == model[2].rank == 16          # nothing truncated
+    part = IncrementalRankScheduler(model[2:], opt, init_rank=2, buffer=2, warmup_steps=0, check_every=1)
+    assert part.ranks == {"2": 4} and dynamic.step(1) == [("0", "lowrank", "full")]
+    with pytest.raises(ValueError, match=r"^layer '2' is managed by a live IncrementalRankScheduler"):
+        DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    del dynamic, part
+    growth = IncrementalRankScheduler(model, opt, init_rank=2, buffer=2)     # '2' ('0' is full, left alone)
+    with pytest.raises(ValueError, match=re.escape(OTHER_KIND.format("2", "IncrementalRankScheduler"))):
+        DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    assert model[0].form == "full" and model[2].form == "lowrank"
+    again = IncrementalRankScheduler(model, opt, init_rank=2, buffer=2)      # the same kind: as before
+    assert again.ranks == growth.ranks == {"2": 4}
+
+
+def test_a_dynamic_rank_scheduler_taking_its_layers_back_refuses_one_built_meanwhile():
+    """A DynamicRankScheduler whose layers a newer one took manages them again once that one is gone: it must
+    not take them from an IncrementalRankScheduler built in between."""
+    from dynrank import DynamicRankScheduler
+    model, opt, _ = _run()
+    del _
+    first = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    second = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    del second
+    growth = IncrementalRankScheduler(model, opt, init_rank=1, buffer=2)
+    with pytest.raises(ValueError, match=re.escape(OTHER_KIND.format("0", "IncrementalRankScheduler"))):
+        first.step(1)
+    assert {m.form for m in model} == {"lowrank"} and growth.ranks == {"0": 3, "1": 3}
 
 
 def test_step_with_the_count_of_the_last_check_does_nothing():
@@ -766,3 +800,106 @@ def test_layers_are_the_managed_ones_and_label_a_monitor_s_epochs():
             sched.step()
     assert [r["form"] for r in monitor.records] == ["lowrank", "lowrank"]
     assert monitor.records[0]["form_mix"] == {"lowrank": 1, "full": 1, "adapter": 0}
+
+
+# -- alpha and layer sizes in the state; the layers the scheduler was built over ---------------------------
+def _alpha_run(alpha, out=16, steps=6):
+    """Layers "0" (32→32) and "1" (32→``out``) converted with ``alpha``, float64, trained ``steps`` steps with a
+    check every 2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, out)).double()
+    convert_model(model, rank_ratio=0.5, alpha=alpha, init="fresh", keep_last=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = IncrementalRankScheduler(model, opt, init_rank=1, buffer=2, threshold=1 - 1e-9, warmup_steps=0,
+                                     check_every=2)
+    x = torch.randn(64, 32, dtype=torch.float64)
+    for step in range(1, steps + 1):
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step(step)
+    return model, opt, sched
+
+
+def test_a_state_of_another_alpha_or_other_layer_sizes_is_refused():
+    """The scale alpha / rank multiplies the factors, and the state kept neither it nor the layer sizes: a state
+    saved with alpha=16 loaded into a model converted without alpha, which then computed another function with
+    the saved weights, and a state of other layer sizes loaded its ranks.  Refused now, naming the layer and both
+    values, before anything changes; the same alpha loads exactly, also after a JSON round trip, and a state
+    saved without them (an earlier version's) loads unchecked."""
+    import json
+    from dynrank.checkpoint import load_training_state, training_state
+    model, opt, sched = _alpha_run(16.0)
+    state = sched.state_dict()
+    assert state["alphas"] == {"0": 16.0, "1": 16.0} and state["shapes"] == {"0": [32, 32], "1": [16, 32]}
+    assert state["ranks"] != _alpha_run(None, steps=0)[2].ranks                 # a load resizes the layers
+    checkpoint = training_state(model, opt, sched)
+    x = torch.randn(8, 32, dtype=torch.float64)
+    for other, message in ((_alpha_run(None, steps=0), r"layer '0' has alpha None but the checkpoint has 16\.0 \(the "
+                                                      r"scale is alpha / rank, 1 with alpha None\); convert the "
+                                                      r"model with the same alpha"),
+                           (_alpha_run(16.0, out=24, steps=0), r"layer '1' has a weight of shape \(24, 32\) but the "
+                                                               r"checkpoint's is \(16, 32\): the checkpoint is of a "
+                                                               r"model with other layer sizes")):
+        before = _everything(*other)
+        for load in (lambda: other[2].load_state_dict(state), lambda: load_training_state(checkpoint, *other)):
+            with pytest.raises(ValueError, match=message):
+                load()
+            _assert_unchanged(before, *other)
+    same = _alpha_run(16.0, steps=0)
+    same[2].load_state_dict(json.loads(json.dumps(state)))
+    same[0].load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(same[0](x), model(x))
+    older = {k: v for k, v in state.items() if k not in ("alphas", "shapes")}
+    unchecked = _alpha_run(None, steps=0)
+    unchecked[2].load_state_dict(older)
+    unchecked[0].load_state_dict(model.state_dict())
+    with torch.no_grad():                                   # what the check keeps from loading
+        assert rel_err(unchecked[0](x), model(x)) > 0.1
+
+
+def test_layers_added_or_swapped_after_construction_are_refused_at_a_check():
+    """A FusedLowRankLinear put in the model after the scheduler was built never grew (it kept its rank through
+    the run, without a word), and one swapped out still did.  A step where a check is due, and a load, refuse
+    them by name; nothing changes.  A step with no check due does not walk the model.  A full-form layer added
+    is none InRank would grow, and a layer only renamed (a wrapper around it) is the same layer."""
+    message = r"the model's lowrank/adapter FusedLowRankLinear layers changed since this IncrementalRankScheduler " \
+              r"was built \({}\); a scheduler grows the layers it was built over: build a new " \
+              r"IncrementalRankScheduler over the model as it is now"
+    model, opt, sched = _run(3)
+    state = sched.state_dict()
+    model.append(FusedLowRankLinear(16, 16, rank=4))
+    opt.add_param_group({"params": list(model[2].parameters())})
+    assert sched.step(4) == []                                     # no check due at step 4 (every 5)
+    before = _everything(model, opt, sched)
+    for call in (lambda: sched.step(5), lambda: sched.load_state_dict(state)):
+        with pytest.raises(ValueError, match=message.format("added '2'")):
+            call()
+        _assert_unchanged(before, model, opt, sched)
+    model[2] = FusedLowRankLinear(16, 16, rank=4, form="full")     # one InRank leaves alone
+    assert [name for name, _, _ in sched.step(5)] == ["0", "1"]
+
+    model, opt, sched = _run(3)
+    old = model[1]
+    model[1] = FusedLowRankLinear(32, 16, rank=4)
+    with pytest.raises(ValueError, match=message.format("added '1'; removed '1'")):
+        sched.step(5)
+    model[1] = nn.Linear(32, 16)
+    with pytest.raises(ValueError, match=message.format("removed '1'")):
+        sched.step(5)
+    assert old.rank == 3 and model[0].rank == 3
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model, opt, sched = _run(3, threshold=1 - 1e-9)
+    model[1] = Wrapper(model[1])
+    assert sched.step(5) == [("0", 3, 4), ("1", 3, 4)] and model[1].inner.rank == 4
+    assert set(sched.state_dict()["ranks"]) == {"0", "1"}

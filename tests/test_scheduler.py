@@ -1380,3 +1380,22 @@ def test_a_checkpoint_of_other_layer_sizes_names_the_shapes():
         load_training_state(older, *build(32))
     checkpoint["scheduler"] = json.loads(json.dumps(checkpoint["scheduler"]))
     load_training_state(checkpoint, *build(16))
+
+
+def test_a_callback_that_raises_is_the_error_seen_under_warnings_as_errors():
+    """The switch warnings come after the callbacks; a callback that raises skips them, so under
+    warnings-as-errors its own error is the one raised (a warning raised in a finally replaced it)."""
+    model = mlp()
+    model[0].requires_grad_(False)               # its switch warns
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(model, opt, 1, 2)
+    sched.step(0)
+
+    def fails(event):
+        raise KeyError("the callback's own")
+
+    sched.add_callback(fails)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(KeyError, match="the callback's own"):
+            sched.step(1)

@@ -1246,6 +1246,140 @@ def test_inrank_callback_refuses_a_checkpoint_state_of_other_ranks(tmp_path):
     assert fresh.scheduler.last_step == 4 and min(fresh.scheduler.ranks.values()) >= 4
 
 
+@pytest.mark.parametrize("growth_first", [False, True], ids=["dynamic-first", "growth-first"])
+def test_inrank_callback_beside_a_dynamic_rank_callback_is_refused_when_training_begins(tmp_path, growth_first):
+    """Both callbacks were accepted: with a warmup of 100 steps the two schedulers resized the same layers for the
+    whole run without a word (with none, the run stopped at the first check after the inflate, an epoch
+    trained).  The scheduler built second refuses the layers the first manages, at on_train_begin, in either
+    order."""
+    from dynrank.hf import DynamicRankCallback
+    callbacks = [DynamicRankCallback(1, 2, log=None), _growth_callback(warmup_steps=100)]
+    if growth_first:
+        callbacks.reverse()
+    trainer = _trainer(tmp_path, callbacks[0], epochs=3, save="no")
+    trainer.add_callback(callbacks[1])
+    first, other = ("DynamicRankScheduler", "IncrementalRankScheduler")[::-1 if growth_first else 1]
+    with pytest.raises(ValueError, match=rf"^layers 'transformer\.h\.0\.attn\.c_attn', .* and 3 more are managed "
+                                         rf"by a live {first}: a DynamicRankScheduler and an IncrementalRankScheduler "
+                                         rf"are not meant to drive one model .*build the {other} over other layers"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_inrank_callback_refuses_a_resume_above_its_max_rank(tmp_path):
+    """Resumed with max_rank below the checkpoint's ranks, the layers kept their ranks and the scheduler's state
+    said max_rank 4 with layers at 5, in every later checkpoint too.  Refused, naming the layer, its rank and the
+    cap; a cap at the checkpoint's ranks resumes."""
+    import json
+    _train(tmp_path / "full", _growth_callback(), epochs=1, save="steps", save_steps=2)
+    folder = tmp_path / "full" / "checkpoint-2"
+    saved = json.loads((folder / "trainer_state.json").read_text())["stateful_callbacks"]["dynrank_inrank"]
+    name, top = next(iter(saved["ranks"].items()))
+    assert set(saved["ranks"].values()) == {top} and top > 3
+    with pytest.raises(ValueError, match=rf"^resuming at global step 2: layer {re.escape(repr(name))} has rank {top} "
+                                         rf"in the checkpoint, above the max_rank={top - 1} given to "
+                                         rf"IncrementalRankCallback \(8 layers above it\).*resume with "
+                                         rf"max_rank={top} or more, or None"):
+        _train(tmp_path / "refused", _growth_callback(max_rank=top - 1), resume=str(folder), epochs=1, save="no")
+    capped = _growth_callback(max_rank=top)
+    _train(tmp_path / "capped", capped, resume=str(folder), epochs=1, save="no")
+    assert set(capped.scheduler.ranks.values()) == set(capped.scheduler.max_rank.values()) == {top}
+
+
+def _per_step(changes):
+    return {step: sum(1 for change in changes if change[0] == step) for step in sorted({c[0] for c in changes})}
+
+
+def test_inrank_callback_changes_follow_a_resume_on_the_same_trainer_and_a_second_train(tmp_path):
+    """Ctrl-C at step 7, then train(resume_from_checkpoint=checkpoint-4) on the same Trainer: the weights were
+    the uninterrupted run's, but callback.changes kept the growth at steps 5-7 that the resume undid, and listed
+    the resumed run's there again.  It is the uninterrupted run's now; a train() from step 0 starts it afresh."""
+    full = _growth_callback()
+    _train(tmp_path / "full", full, epochs=2, save="no")
+    lines = []
+    growth = _growth_callback(log=lines.append)
+    trainer = _trainer(tmp_path / "again", growth, epochs=2, save="steps", save_steps=2)
+    trainer.add_callback(_Interrupt(7))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert max(step for step, *_ in growth.changes) == 7
+    trainer.train(resume_from_checkpoint=str(tmp_path / "again" / "checkpoint-4"))
+    assert growth.changes == full.changes
+    lines.clear()
+    trainer.train()
+    logged = {int(line.split()[2][:-1]): int(line.split()[3]) for line in lines}   # "dynrank: step 1: 8 layers"
+    assert _per_step(growth.changes) == logged and min(logged) == 1
+
+
+@pytest.mark.parametrize("unit, checkpoint", [("epoch", 4), ("epoch", 6), ("step", 4), ("step", 6)])
+def test_callback_changes_follow_a_resume_on_the_same_trainer(tmp_path, unit, checkpoint):
+    """Ctrl-C at step 7, after the inflate (at epoch 1, or before step 6), then a resume on the same Trainer from
+    checkpoint-4 (before the inflate) or checkpoint-6 (after it): callback.changes listed the inflate twice where
+    the resume made it again.  It is the uninterrupted run's now."""
+    from dynrank.hf import DynamicRankCallback
+    schedule = (1, 2) if unit == "epoch" else (5, 9)
+    full = DynamicRankCallback(*schedule, unit=unit, log=None)
+    _train(tmp_path / "full", full, epochs=3, save="no")
+    assert [count for count, *_ in full.changes] == [schedule[0]] * 8 + [schedule[1]] * 8
+    callback = DynamicRankCallback(*schedule, unit=unit, log=None)
+    trainer = _trainer(tmp_path / "again", callback, epochs=3, save="steps", save_steps=2)
+    trainer.add_callback(_Interrupt(7))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert callback.changes == full.changes[:8]
+    trainer.train(resume_from_checkpoint=str(tmp_path / "again" / f"checkpoint-{checkpoint}"))
+    assert callback.changes == full.changes
+
+
+def _gpt2_with_alpha(alpha):
+    model = gpt2(dtype=torch.float32)
+    convert_model(model, rank_ratio=0.5, alpha=alpha)
+    return model
+
+
+def test_callback_refuses_a_resume_of_another_alpha_or_other_layer_sizes(tmp_path):
+    """The resume loaded the checkpoint's forms and ranks into the scheduler's own state, so the alphas and
+    weight shapes the checkpoint records were never compared: a run converted with alpha=16 resumed into a
+    model converted without, which computes another function with the loaded factors.  Refused as
+    load_training_state refuses it; with the same alpha it resumes."""
+    import json
+    from dynrank.hf import DynamicRankCallback
+    _train(tmp_path / "full", DynamicRankCallback(1, 2, log=None), model=_gpt2_with_alpha(16.0), epochs=2)
+    folder = tmp_path / "full" / "checkpoint-4"
+    prefix = r"^resuming at global step 4: the schedule's state in the checkpoint's trainer_state\.json " \
+             r"\(stateful_callbacks\['dynrank'\]\) does not fit this model: "
+    with pytest.raises(ValueError, match=prefix + r"layer 'transformer\.h\.0\.attn\.c_attn' has alpha None but the "
+                                                  r"checkpoint has 16\.0"):
+        _train(tmp_path / "refused", DynamicRankCallback(1, 2, log=None), resume=str(folder), epochs=2, save="no")
+    trainer_state = json.loads((folder / "trainer_state.json").read_text())
+    shapes = trainer_state["stateful_callbacks"]["dynrank"]["scheduler"]["shapes"]
+    shapes["transformer.h.0.attn.c_attn"] = [96, 16]
+    (folder / "trainer_state.json").write_text(json.dumps(trainer_state))
+    with pytest.raises(ValueError, match=prefix + r"layer 'transformer\.h\.0\.attn\.c_attn' has a weight of shape "
+                                                  r"\(96, 32\) but the checkpoint's is \(96, 16\)"):
+        _train(tmp_path / "resized", DynamicRankCallback(1, 2, log=None), resume=str(folder),
+               model=_gpt2_with_alpha(16.0), epochs=2, save="no")
+    shapes["transformer.h.0.attn.c_attn"] = [96, 32]
+    (folder / "trainer_state.json").write_text(json.dumps(trainer_state))
+    _train(tmp_path / "same", DynamicRankCallback(1, 2, log=None), resume=str(folder), model=_gpt2_with_alpha(16.0),
+           epochs=2, save="no")
+
+
+def test_inrank_callback_refuses_a_resume_of_another_alpha(tmp_path):
+    """The InRank state kept no alpha: a run converted with alpha=16 resumed into a model converted without."""
+    _train(tmp_path / "full", _growth_callback(), model=_gpt2_with_alpha(16.0), epochs=1, save="steps",
+           save_steps=2)
+    folder = tmp_path / "full" / "checkpoint-2"
+    with pytest.raises(ValueError, match=r"^resuming at global step 2: the InRank state in the checkpoint's "
+                                         r"trainer_state\.json .* does not fit this model: layer "
+                                         r"'transformer\.h\.0\.attn\.c_attn' has alpha None but the checkpoint "
+                                         r"has 16\.0"):
+        _train(tmp_path / "refused", _growth_callback(), resume=str(folder), epochs=1, save="no")
+    resumed = _growth_callback()
+    _train(tmp_path / "same", resumed, resume=str(folder), model=_gpt2_with_alpha(16.0), epochs=1, save="no")
+    assert resumed.scheduler.state_dict()["alphas"] == dict.fromkeys(resumed.scheduler.ranks, 16.0)
+
+
 def test_inrank_callback_checks_its_settings_at_construction():
     from dynrank.hf_inrank import IncrementalRankCallback
     with pytest.raises(TypeError, match="unexpected keyword argument.*inflate_epoch"):
