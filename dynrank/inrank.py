@@ -30,6 +30,8 @@ from collections.abc import Mapping
 import torch
 
 from ._args import check_int, check_real
+from ._claims import (_GROWERS, _alpha_mismatch, _check_layers_held, _check_other_kind, _check_saved_alpha,
+                      _check_saved_shapes)
 from ._checks import (call_back, check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_same_layers, check_switchable, check_sync,
                       check_trains_layers, check_untied, fork_layer_rngs, remove_copy, unwrap_model)
@@ -40,8 +42,6 @@ from .convert import guard_attention
 from .distributed import _remember_ddp, _retire_stale, _sync_layers
 from .linear import FusedLowRankLinear, svd_factors
 from .metrics import _check_not_meta
-from .scheduler import (_GROWERS, _alpha_mismatch, _check_layers_held, _check_other_kind, _check_saved_alpha,
-                        _check_saved_shapes)
 from .spectra import _as_sigma
 
 __all__ = ["IncrementalRankScheduler", "grow_rank_", "explained_rank"]

@@ -31,6 +31,8 @@ from collections.abc import Mapping
 import torch
 
 from ._args import check_int
+from ._claims import (_OWNERS, _alpha_mismatch, _check_layers_held, _check_other_kind, _check_saved_alpha,
+                      _check_saved_shapes)
 from ._checks import (call_back, check_copy, check_finite, check_layer_names, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_one_group, check_same_layers, check_switchable,
                       check_sync, check_trains_layers, check_untied, fork_layer_rngs, form_layers, remove_copy,
@@ -62,15 +64,6 @@ UNITS = ("epoch", "step")
 # parameter's state cleared) tied "reset" within seed noise in all four settings.
 DEFAULT_OPTIMIZER_STATE = "reset"
 _OWN = object()   # DynamicRankScheduler._deflate_rank_for: the scheduler's own deflate_rank
-# Layer → weak reference to the DynamicRankScheduler that manages it: the last one built over it.  An
-# earlier one still alive refuses to step or load (two schedulers stepping the same layers on different
-# schedules switched them full ↔ adapter and back every epoch, dropping their optimizer state each time).
-# The newest wins rather than being refused, so a scheduler built again in the place of one still referenced
-# (a notebook cell run again, the Trainer callback's second train()) works; a collected one claims nothing.
-_OWNERS = weakref.WeakKeyDictionary()
-# Layer → the IncrementalRankSchedulers built over it (a WeakSet: one collected claims nothing).  A scheduler of
-# either kind refuses, at construction, a layer a live one of the other kind manages (_check_other_kind).
-_GROWERS = weakref.WeakKeyDictionary()
 
 
 def _check_count(value, what, allow_none=True):
@@ -115,94 +108,6 @@ def _plain(value):
     if value is None:
         return None
     return int(value) if isinstance(value, numbers.Integral) else float(value)
-
-
-def _check_saved_alpha(alphas, name):
-    """TypeError unless a state dict's ``alphas[name]`` (``alphas`` None: a state saved without them) is None
-    or a number."""
-    if alphas is None:
-        return
-    value = alphas[name]
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-        raise TypeError(f"alphas[{name!r}] must be a number or None, got {type(value).__name__} ({value!r})")
-
-
-def _check_saved_shape(shapes, name):
-    """TypeError unless a state dict's ``shapes[name]`` is a list (or tuple) of ints."""
-    value = shapes[name]
-    if not isinstance(value, (list, tuple)) or not all(
-            isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in value):
-        raise TypeError(f"shapes[{name!r}] must be a list of ints (the layer's dense weight shape), "
-                        f"got {value!r}")
-
-
-def _other_kind(layer, growing):
-    """A live scheduler of the other kind over ``layer``, or None: for an IncrementalRankScheduler (``growing``)
-    the DynamicRankScheduler that owns it, else an IncrementalRankScheduler built over it."""
-    if growing:
-        owner = _OWNERS.get(layer)
-        return owner() if owner is not None else None
-    return next(iter(_GROWERS.get(layer, ())), None)
-
-
-def _check_other_kind(layers, growing):
-    """ValueError naming the layers of ``layers`` (name, layer) that a live scheduler of the other kind manages
-    (see :func:`_other_kind`): an IncrementalRankScheduler grows the factors a DynamicRankScheduler's inflate
-    takes away, and changes the ranks its schedule deflates to and its state holds."""
-    taken = [name for name, layer in layers if _other_kind(layer, growing) is not None]
-    if taken:
-        gc.collect()            # one the user let go of, kept only by a reference cycle, manages nothing
-        taken = [name for name, layer in layers if _other_kind(layer, growing) is not None]
-    if not taken:
-        return
-    who, other = ("IncrementalRankScheduler", "DynamicRankScheduler")[::1 if growing else -1]
-    shown = ", ".join(map(repr, taken[:5])) + (f" and {len(taken) - 5} more" if len(taken) > 5 else "")
-    raise ValueError(f"layer{'s' if len(taken) > 1 else ''} {shown} {'are' if len(taken) > 1 else 'is'} managed by "
-                     f"a live {other}: a DynamicRankScheduler and an IncrementalRankScheduler are not meant to drive "
-                     f"one model (the inflate takes away the factors the growth resizes, and the growth changes the "
-                     f"ranks the schedule deflates to), as a DynamicRankCallback and an IncrementalRankCallback on "
-                     f"one Trainer would; let go of the {other} first (del it, and whatever holds it), or build "
-                     f"the {who} over other layers")
-
-
-def _check_layers_held(now, layers, who, kind, does):
-    """ValueError where ``now`` (the (name, layer) the scheduler ``who`` would manage in the model as it is) are no
-    longer its ``layers``: one added since would never change, one swapped out would change outside the model.  A
-    layer found under another name (a wrapper put around its block since: activation checkpointing, a compiled
-    submodule) is the same layer: events and the state dict keep the name it had at construction."""
-    managed = {id(layer) for _, layer in layers}
-    held = {id(layer) for _, layer in now}
-    if held == managed:
-        return
-    parts = [f"{what} {', '.join(names)}" for what, names in (
-        ("added", [repr(name) for name, layer in now if id(layer) not in managed]),
-        ("removed", [repr(name) for name, layer in layers if id(layer) not in held])) if names]
-    raise ValueError(f"the model's {kind} layers changed since this {who} was built ({'; '.join(parts)}); a "
-                     f"scheduler {does} the layers it was built over: build a new {who} over the model as it is now")
-
-
-def _check_saved_shapes(layers, shapes, who):
-    """ValueError naming the first of ``layers`` whose dense weight shape differs from ``shapes`` (a state dict's of
-    the scheduler ``who``), or TypeError/ValueError for ``shapes`` that are not a dict layer name → shape of
-    these layers."""
-    names = [name for name, _ in layers]
-    try:
-        check_same_layers(shapes, names, "shapes")
-        for name in names:
-            _check_saved_shape(shapes, name)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"invalid {who} state dict: {e}") from None
-    for name, layer in layers:
-        if tuple(shapes[name]) != tuple(layer._dense_shape()):
-            raise ValueError(f"layer {name!r} has a {layer.weight_kind} of shape {tuple(layer._dense_shape())} "
-                             f"but the checkpoint's is {tuple(shapes[name])}: the checkpoint is of a model with "
-                             f"other layer sizes; build the model the saved run trained")
-
-
-def _alpha_mismatch(name, layer, saved):
-    """The ValueError for layer ``name`` whose ``alpha`` is not ``saved``, the checkpoint's."""
-    return ValueError(f"layer {name!r} has alpha {layer.alpha} but the checkpoint has {saved} (the scale is "
-                      f"alpha / rank, 1 with alpha None); convert the model with the same alpha")
 
 
 def _trainable(layer):
