@@ -112,3 +112,15 @@ def holding_optimizer(inner, attribute="optimizer"):
             inner.zero_grad(set_to_none)
 
     return Holding()
+
+
+class Wrapper(torch.nn.Module):
+    """A module around ``inner`` that only calls it (as activation checkpointing or a compiled submodule
+    wraps a block): the layers inside get new names, ``inner.`` in front."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from _helpers import rel_err
+from _helpers import Wrapper, rel_err
 from _scheduling import kept_and_removed_copy
 from dynrank.convert import convert_model
 from dynrank.inrank import IncrementalRankScheduler, explained_rank, grow_rank_
@@ -890,14 +890,6 @@ def test_layers_added_or_swapped_after_construction_are_refused_at_a_check():
     with pytest.raises(ValueError, match=message.format("removed '1'")):
         sched.step(5)
     assert old.rank == 3 and model[0].rank == 3
-
-    class Wrapper(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x)
 
     model, opt, sched = _run(3, threshold=1 - 1e-9)
     model[1] = Wrapper(model[1])

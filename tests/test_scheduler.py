@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from _helpers import Wrapper
 from _scheduling import data, held, kept_and_removed_copy, mlp, same_set, train_steps, trainable
 from dynrank.convert import convert_model
 from dynrank.linear import FusedLowRankLinear
@@ -1268,14 +1269,6 @@ def test_a_layer_wrapped_after_construction_switches_under_its_first_name():
     compiled submodule) renames the layer in the model; it is the same layer, and switches as the
     scheduler's own, under the name it had then (a checkpoint of the run loads into a model built as
     at the start)."""
-
-    class Wrapper(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x)
 
     torch.manual_seed(0)
     model = mlp()
