@@ -116,9 +116,12 @@ def _dense_padding(conv):
     if conv.padding_mode == "zeros" or amounts is None:
         return padding
     amounts = tuple(amounts)
-    if amounts == _pad_amounts(_check_padding(padding), _check_pair(conv.kernel_size, "kernel_size", 1),
-                               _check_pair(conv.dilation, "dilation", 1)):
+    same_stride = padding != "same" or _check_pair(conv.stride, "stride", 1) == (1, 1)
+    if same_stride and amounts == _pad_amounts(_check_padding(padding), _check_pair(conv.kernel_size, "kernel_size", 1),
+                                               _check_pair(conv.dilation, "dilation", 1)):
         return padding
+    # Otherwise the fixed amounts, as (ph, pw): "same" beside a stride edited in since too (torch pads by them
+    # and never reads padding, where LowRankConv2d refuses "same" with a stride).
     left, right, top, bottom = amounts
     if left != right or top != bottom:
         raise ValueError(f"{type(conv).__name__} with padding_mode={conv.padding_mode!r} pads by {amounts} (left, "

@@ -978,6 +978,18 @@ def test_from_dense_of_an_edited_same_padding_takes_the_amounts_the_conv_pads_by
         LowRankConv2d.from_dense(conv, rank=6, form="full")
 
 
+def test_from_dense_of_a_same_padded_conv_given_a_stride_takes_the_amounts_it_pads_by():
+    """A "same" reflect conv whose stride is edited to 2 pads by the amounts fixed when it was built, and
+    never reads its padding: from_dense refused it ("padding='same' needs stride 1"); it takes the amounts."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect").double()
+    conv.stride = (2, 2)
+    x = torch.randn(2, 4, 9, 9, dtype=F64)
+    layer = LowRankConv2d.from_dense(conv, rank=6, form="full")
+    assert layer.padding == (1, 1) and layer.stride == (2, 2)
+    assert layer(x).shape == conv(x).shape == (2, 6, 5, 5) and rel_err(layer(x), conv(x)) < TOL
+
+
 # -- channels-last through form changes when every factor is 1×1 or one channel deep ----------
 
 @pytest.mark.parametrize("dec, rank", [("tucker", (1, 4)), ("cp", 4), ("tkd-cpd", (1, 2, 3)), ("tkd-cpd", 2)])
