@@ -182,9 +182,12 @@ class NonFiniteError(ValueError):
     """:func:`check_finite`'s refusal: layer ``layer`` (its name) holds NaN or inf in its tensor ``tensor``
     (a run that diverged); a ValueError, told from the others by its class."""
 
-    def __init__(self, message, layer, tensor):
+    def __init__(self, message, layer=None, tensor=None):
         super().__init__(message)
         self.layer, self.tensor = layer, tensor
+
+    def __reduce__(self):       # pickled (a run in a process pool) and copied with its layer and tensor
+        return type(self), (str(self), self.layer, self.tensor)
 
 
 def check_finite(layers, what_not, frozen=True):

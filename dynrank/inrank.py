@@ -452,6 +452,11 @@ class IncrementalRankScheduler:
         self._copies = []
         for _, layer in self._layers:
             _GROWERS.setdefault(layer, weakref.WeakSet()).add(self)
+        # The model's other FusedLowRankLinear layers (full form now, or another scheduler's), which a deflate
+        # may bring to adapter form later: never this scheduler's, and not "added" since (_check_model_layers).
+        grown = {id(layer) for _, layer in self._layers}
+        self._others = weakref.WeakSet(m for m in self.model.modules()
+                                       if isinstance(m, FusedLowRankLinear) and id(m) not in grown)
         if convs:
             warnings.warn(f"IncrementalRankScheduler grows FusedLowRankLinear layers only: the model's {len(convs)} "
                           f"LowRankConv2d layer(s) in lowrank or adapter form ({shown}) keep their rank",
@@ -730,10 +735,11 @@ class IncrementalRankScheduler:
         """ValueError where the model's FusedLowRankLinear layers in lowrank or adapter form are no longer those
         this scheduler was built over (one added since never grows, one swapped out grows outside the model).  A
         managed layer inflated since is still the scheduler's (:meth:`_check_none_full` names it), and one only
-        renamed is the same layer."""
+        renamed is the same layer.  A layer the model held when it was built and it left alone (in full form
+        then, or another scheduler's) is not added by a deflate since."""
         managed = {id(layer) for _, layer in self._layers}
-        now = [(name, m) for name, m in self.model.named_modules()
-               if isinstance(m, FusedLowRankLinear) and (m.form != "full" or id(m) in managed)]
+        now = [(name, m) for name, m in self.model.named_modules() if isinstance(m, FusedLowRankLinear)
+               and ((m.form != "full" and m not in self._others) or id(m) in managed)]
         _check_layers_held(now, self._layers, type(self).__name__, "lowrank/adapter FusedLowRankLinear", "grows")
 
     def _check_none_full(self):

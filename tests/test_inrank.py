@@ -895,3 +895,22 @@ def test_layers_added_or_swapped_after_construction_are_refused_at_a_check():
     model[1] = Wrapper(model[1])
     assert sched.step(5) == [("0", 3, 4), ("1", 3, 4)] and model[1].inner.rank == 4
     assert set(sched.state_dict()["ranks"]) == {"0", "1"}
+
+
+def test_a_layer_another_scheduler_deflates_is_not_taken_as_added():
+    """A DynamicRankScheduler over one part of the model (full form, deflated at epoch 2) beside an
+    IncrementalRankScheduler over the whole, which grows only the other part's lowrank layer: at the deflate,
+    InRank's next check took the now adapter-form layer for one added since, and stopped the run."""
+    from dynrank import DynamicRankScheduler, convert_model
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"enc": nn.Sequential(nn.Linear(32, 32)), "dec": nn.Sequential(nn.Linear(32, 32))})
+    convert_model(model["enc"], form="full", keep_last=False)
+    convert_model(model["dec"], rank_ratio=0.5, keep_last=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = DynamicRankScheduler(model["enc"], opt, inflate_epoch=None, deflate_epoch=2)
+    growth = IncrementalRankScheduler(model, opt, warmup_steps=0, check_every=1)
+    assert [name for name, _ in growth.layers] == ["dec.0"]
+    for epoch in range(3):
+        schedule.step(epoch)
+        growth.step()
+    assert model["enc"][0].form == "adapter" and [name for name, _ in growth.layers] == ["dec.0"]

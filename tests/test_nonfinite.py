@@ -587,3 +587,18 @@ def test_gram_metrics_of_extreme_but_finite_float64_weights(magnitude):
         assert m.effective_rank == 30 and m.spectral_ratio == pytest.approx(sigma[0] / sigma[-1], rel=1e-6)
     got = model_metrics(nn.Sequential(layer, nn.Linear(30, 30, dtype=torch.float64)), method="gram")
     assert got["0"].sigma_max == pytest.approx(sigma[0], rel=1e-8, abs=0)
+
+
+def test_the_non_finite_refusal_pickles_and_copies_with_its_layer():
+    """check_finite's NonFiniteError failed to unpickle or copy (its __init__ took three arguments, the
+    rebuilt one got one): a diverged run in a process pool ended in BrokenProcessPool, not its error."""
+    import pickle
+    from dynrank._checks import NonFiniteError, check_finite
+    layer = FusedLowRankLinear(6, 5, rank=2)
+    with torch.no_grad():
+        layer.B[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError) as caught:
+        check_finite([("head", layer)], "not switching")
+    for again in (pickle.loads(pickle.dumps(caught.value)), copy.copy(caught.value)):
+        assert type(again) is NonFiniteError and isinstance(again, ValueError)
+        assert (str(again), again.layer, again.tensor) == (str(caught.value), "head", "B")
