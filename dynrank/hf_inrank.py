@@ -12,9 +12,8 @@ imports transformers)::
 import warnings
 from collections.abc import Mapping
 
-from ._args import check_int
 from .hf import _LOADED, TrainerCallback, _check_one_process
-from .inrank import IncrementalRankScheduler, _check_settings
+from .inrank import IncrementalRankScheduler, _check_ranks, _check_settings
 
 __all__ = ["IncrementalRankCallback"]
 
@@ -99,9 +98,7 @@ class IncrementalRankCallback(TrainerCallback):
         # left out, whose defaults are the scheduler's).
         given = scheduler_kwargs.get
         _check_settings(given("buffer", 1), given("threshold", 0.5), given("warmup_steps", 0), given("check_every", 1))
-        for name in ("init_rank", "max_rank"):
-            if given(name) is not None:
-                check_int(given(name), name, "a positive int or None", 1)
+        _check_ranks(given("init_rank"), given("max_rank"))
         if log is not None and not callable(log):
             raise TypeError(f"log must be callable or None, got {type(log).__name__}")
         self.log = log

@@ -280,6 +280,17 @@ def _check_settings(buffer, threshold, warmup_steps, check_every):
     return buffer, float(threshold), warmup_steps, check_every
 
 
+def _check_ranks(init_rank, max_rank):
+    """Validated (init_rank, max_rank) of an IncrementalRankScheduler: each a positive int or None."""
+    if init_rank is not None:
+        init_rank = check_int(init_rank, "init_rank", "a positive int or None", 1)
+    if max_rank is not None:
+        max_rank = check_int(max_rank, "max_rank", "an int or None")
+        if max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    return init_rank, max_rank
+
+
 class IncrementalRankScheduler:
     """Grow the rank of low-rank layers during training by InRank's explained-variance rule.
 
@@ -396,12 +407,7 @@ class IncrementalRankScheduler:
         check_model_and_optimizer(model, optimizer)
         buffer, threshold, warmup_steps, check_every = _check_settings(buffer, threshold, warmup_steps,
                                                                        check_every)
-        if init_rank is not None:
-            init_rank = check_int(init_rank, "init_rank", "a positive int or None", 1)
-        if max_rank is not None:
-            max_rank = check_int(max_rank, "max_rank", "an int or None")
-            if max_rank < 1:
-                raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        init_rank, max_rank = _check_ranks(init_rank, max_rank)
         sync_ranks, process_group = check_sync(model, sync_ranks, process_group)
         _remember_ddp(model)
         self.model = unwrap_model(model)
