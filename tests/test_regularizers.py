@@ -453,14 +453,19 @@ def test_srip_state_dict_is_a_copy_and_load_checks_it():
     SoftOrthogonality(1.0).load_state_dict({})
 
 
+def _tiny_gpt2(vocab_size):
+    """A float64 GPT-2 LM of 2 blocks, width 16, built from its config (nothing downloaded), seeded."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=8, vocab_size=vocab_size,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).double()
+
+
 def test_transformers_conv1d_kept_dense_is_regularized():
     """GPT-2's Conv1D layers that convert_model left dense were skipped: no penalty acted on them."""
-    transformers = pytest.importorskip("transformers")
     from dynrank import convert_model
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=8, vocab_size=20, bos_token_id=0,
-                                     eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(config).double()
+    model = _tiny_gpt2(vocab_size=20)
     convert_model(model, rank_ratio=0.5, exclude=["transformer.h.1.*"])
     sites = [f"transformer.h.1.{s}" for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
     modules = dict(model.named_modules())
@@ -765,12 +770,8 @@ def test_weight_tied_to_an_embedding_is_left_out():
 
 def test_gpt2_tied_lm_head_is_left_out():
     """GPT-2's LM head is tied to the token embedding: 4 projections per block are regularized, not the head."""
-    transformers = pytest.importorskip("transformers")
     from dynrank import convert_model
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=8, vocab_size=40, bos_token_id=0,
-                                     eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(config).double()
+    model = _tiny_gpt2(vocab_size=40)
     convert_model(model, rank_ratio=0.5, form="full")
     assert model.lm_head.weight is model.transformer.wte.weight
     sites = [f"transformer.h.{i}.{s}" for i in range(2) for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",

@@ -455,6 +455,20 @@ def test_a_layer_holding_state_of_its_own_is_refused(form):
 
 
 # -- an optimizer and a scheduler around the unconverted model ---------------------------------------
+def _scheduled_then_unconverted(model, opt, x, y, epoch, form, lowrank, steps):
+    """``model`` trained ``steps`` steps an epoch under a DynamicRankScheduler (I=1, D=2) up to ``epoch``, where
+    its first layer is in ``form``, then unconverted with ``lowrank``; returns the scheduler."""
+    from _scheduling import train_steps
+    from dynrank import DynamicRankScheduler
+    sched = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+    for e in range(epoch + 1):
+        sched.step(e)
+        train_steps(model, opt, x, y, steps=steps)
+    assert model[0].form == form
+    unconvert_model(model, lowrank=lowrank)
+    return sched
+
+
 @pytest.mark.parametrize("epoch, form", [(0, "lowrank"), (1, "full"), (2, "adapter")])
 @pytest.mark.parametrize("lowrank", ["factored", "dense"])
 def test_the_schedulers_optimizer_trains_the_unconverted_model(epoch, form, lowrank):
@@ -463,16 +477,10 @@ def test_the_schedulers_optimizer_trains_the_unconverted_model(epoch, form, lowr
     moves at the next step.  The scheduler refuses to step layers the model no longer holds (a full
     layer's deflate froze the nn.Linear's own weight, the same Parameter, without a word)."""
     from _scheduling import data, held, mlp, same_set, trainable, train_steps
-    from dynrank import DynamicRankScheduler
     model = mlp()
     x, y = data()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
-    for e in range(epoch + 1):
-        sched.step(e)
-        train_steps(model, opt, x, y, steps=1)
-    assert model[0].form == form
-    unconvert_model(model, lowrank=lowrank)
+    sched = _scheduled_then_unconverted(model, opt, x, y, epoch, form, lowrank, steps=1)
     assert same_set(held(opt), trainable(model))
     before = [p.detach().clone() for p in trainable(model)]
     train_steps(model, opt, x, y, steps=1)
@@ -494,17 +502,11 @@ def test_the_kept_optimizer_lists_the_models_order_and_resumes_in_plain_torch(ep
     parameters in model.parameters() order, so the plain-torch resume steps exactly as the kept one does."""
     import io
     from _scheduling import data, held, mlp, train_steps
-    from dynrank import DynamicRankScheduler
     model = mlp().double()
     x, y = data(F64)
     params = model.named_parameters() if named else model.parameters()
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    sched = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
-    for e in range(epoch + 1):
-        sched.step(e)
-        train_steps(model, opt, x, y, steps=2)
-    assert model[0].form == form
-    unconvert_model(model, lowrank=lowrank)
+    _scheduled_then_unconverted(model, opt, x, y, epoch, form, lowrank, steps=2)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert [id(p) for p in held(opt)] == [id(p) for _, p in trained]
     if named:
