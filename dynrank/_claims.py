@@ -19,6 +19,13 @@ _OWNERS = weakref.WeakKeyDictionary()
 _GROWERS = weakref.WeakKeyDictionary()
 
 
+def _layer_record(layers):
+    """The state-dict entries a load checks a model's ``layers`` (name, layer) against: each layer's ``alpha``
+    and dense weight shape (a list, as JSON keeps it)."""
+    return {"alphas": {name: layer.alpha for name, layer in layers},
+            "shapes": {name: [int(n) for n in layer._dense_shape()] for name, layer in layers}}
+
+
 def _check_saved_alpha(alphas, name):
     """TypeError unless a state dict's ``alphas[name]`` (``alphas`` None: a state saved without them) is None
     or a number."""

@@ -31,7 +31,7 @@ import torch
 
 from ._args import check_int, check_real
 from ._claims import (_GROWERS, _alpha_mismatch, _check_layers_held, _check_other_kind, _check_saved_alpha,
-                      _check_saved_shapes)
+                      _check_saved_shapes, _layer_record)
 from ._checks import (call_back, check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_same_layers, check_switchable, check_sync,
                       check_trains_layers, check_untied, fork_layer_rngs, remove_copy, unwrap_model)
@@ -682,8 +682,7 @@ class IncrementalRankScheduler:
         return {"last_step": self.last_step, "current": dict(self.current), "ranks": self.ranks,
                 "buffer": self.buffer, "threshold": self.threshold, "warmup_steps": self.warmup_steps,
                 "check_every": self.check_every, "max_rank": dict(self.max_rank),
-                "alphas": {name: layer.alpha for name, layer in self._layers},
-                "shapes": {name: [int(n) for n in layer._dense_shape()] for name, layer in self._layers}}
+                **_layer_record(self._layers)}
 
     _STATE_KEYS = ("last_step", "current", "ranks", "buffer", "threshold", "warmup_steps", "check_every",
                    "max_rank")

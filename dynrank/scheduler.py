@@ -32,7 +32,7 @@ import torch
 
 from ._args import check_int
 from ._claims import (_OWNERS, _alpha_mismatch, _check_layers_held, _check_other_kind, _check_saved_alpha,
-                      _check_saved_shapes)
+                      _check_saved_shapes, _layer_record)
 from ._checks import (call_back, check_copy, check_finite, check_layer_names, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_one_group, check_same_layers, check_switchable,
                       check_sync, check_trains_layers, check_untied, fork_layer_rngs, form_layers, remove_copy,
@@ -713,8 +713,7 @@ class DynamicRankScheduler:
                 "deflate_rank": dict(self.deflate_rank) if isinstance(self.deflate_rank, dict) else self.deflate_rank,
                 "forms": {name: layer.form for name, layer in self._layers},
                 "ranks": {name: layer.rank for name, layer in self._layers},
-                "alphas": {name: layer.alpha for name, layer in self._layers},
-                "shapes": {name: [int(n) for n in layer._dense_shape()] for name, layer in self._layers}}
+                **_layer_record(self._layers)}
 
     _STATE_KEYS = ("unit", "last_epoch", "inflate_epoch", "deflate_epoch", "forms", "ranks")
     # A state saved before "alphas" and "shapes" were kept loads with those unchecked.
