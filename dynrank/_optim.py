@@ -17,7 +17,7 @@ scheduler, a grad scaler, the user's own references) keeps working:
   parameter joining such a group (one where any parameter has a buffer, a new
   one's carried buffer included) starts with a zero buffer, which is what an
   empty one means unless ``dampening`` is set (then its first step is
-  (1 − dampening)·g instead of g: :func:`dampened_zero_buffers` finds such
+  (1 − dampening)·g instead of g: :func:`replace_params` lists such
   parameters, and ``DynamicRankScheduler.step`` warns).  L-BFGS keeps one
   history over all parameters flattened together; a form change starts it
   afresh.
@@ -46,8 +46,7 @@ import torch
 
 __all__ = ["replace_params", "optimizer_params", "pushforward_state", "pullback_state",
            "LINEAR_STATE", "SQUARED_STATE", "manage", "drop_frozen_adapter_params", "params_before",
-           "switched_params", "follow_load", "follow_unconvert", "clear_state", "optimizer_chain",
-           "dampened_zero_buffers"]
+           "switched_params", "follow_load", "follow_unconvert", "clear_state", "optimizer_chain"]
 
 LINEAR_STATE = frozenset({"momentum_buffer", "exp_avg", "grad_avg"})
 SQUARED_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -71,7 +70,7 @@ def _locate(optimizer, params):
     return next((where[id(p)] for p in params if id(p) in where), None)
 
 
-def replace_params(optimizer, removed, added, states=None, owner=None, old_names=None):
+def replace_params(optimizer, removed, added, states=None, owner=None, old_names=None, zero_filled=None):
     """Swap ``removed`` for ``added`` in ``optimizer``, in place.
 
     The removed parameters leave every param group and their state is dropped;
@@ -98,6 +97,9 @@ def replace_params(optimizer, removed, added, states=None, owner=None, old_names
             ``model.named_parameters()``; names that are not module paths give an
             added parameter a removed one's name and its own.
         old_names: dict id(param) → its name in the module before the change.
+        zero_filled: optional list given ``dampening`` for each added parameter that fused SGD with
+            ``dampening`` set now steps on a zero momentum buffer (:func:`_match_fused_momentum`): its first
+            step is (1 − dampening)·lr·g, where a missing buffer (SGD without ``fused``) gives lr·g.
 
     Returns:
         True if the optimizer was edited.
@@ -143,7 +145,9 @@ def replace_params(optimizer, removed, added, states=None, owner=None, old_names
                 initial = _initial_state(optimizer, g, p)
                 if initial:
                     optimizer.state[p] = initial
-        _match_fused_momentum(optimizer, group, joined)
+        filled = _match_fused_momentum(optimizer, group, joined)
+        if zero_filled is not None and group.get("dampening"):
+            zero_filled.extend(group["dampening"] for _ in filled)
     return True
 
 
@@ -416,35 +420,19 @@ def _match_fused_momentum(optimizer, group, joined):
     the layer's own (one factor's pulled-back buffer is zero and it starts
     without one, the other carries one).  So any buffer in the group, a joined
     parameter's included, gives the joined ones without one a zero buffer.
-    With ``dampening`` 0 a zero buffer steps exactly as a missing one.
+    With ``dampening`` 0 a zero buffer steps exactly as a missing one.  Returns the parameters given one.
     """
     if not (isinstance(_inner(optimizer), torch.optim.SGD) and group.get("fused") and group.get("momentum")):
-        return
+        return []
     if not any(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"]):
-        return
+        return []
+    filled = []
     for p in joined:
         state = optimizer.state[p]
         if state.get("momentum_buffer") is None:
             state["momentum_buffer"] = torch.zeros_like(p)
-
-
-def dampened_zero_buffers(optimizer, params):
-    """dampening → how many of ``params`` (parameters that joined ``optimizer`` with no state of their
-    own) hold the zero momentum buffer :func:`_match_fused_momentum` gave them in a fused SGD group with
-    ``dampening`` set.  Their first step is (1 − dampening)·lr·g, where a missing buffer (SGD without
-    ``fused``) gives lr·g.  Empty for any other optimizer, and once the state is cleared (``"fresh"``)."""
-    optimizer = _inner(optimizer)
-    if not isinstance(optimizer, torch.optim.SGD):
-        return {}
-    ids = {id(p) for p in params}
-    found = {}
-    for group in optimizer.param_groups:
-        if group.get("fused") and group.get("momentum") and group.get("dampening"):
-            count = sum(1 for p in group["params"]
-                        if id(p) in ids and optimizer.state.get(p, {}).get("momentum_buffer") is not None)
-            if count:
-                found[group["dampening"]] = found.get(group["dampening"], 0) + count
-    return found
+            filled.append(p)
+    return filled
 
 
 def _initial_state(optimizer, group_index, param):

@@ -22,6 +22,7 @@ switches with it once given to :meth:`DynamicRankScheduler.add_model_copy`,
 and a DDP wrapper is rebuilt (:mod:`dynrank.distributed`).
 """
 
+import collections
 import gc
 import numbers
 import warnings
@@ -38,8 +39,8 @@ from ._checks import (call_back, check_copy, check_finite, check_layer_names, ch
                       check_sync, check_trains_layers, check_untied, fork_layer_rngs, form_layers, remove_copy,
                       unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
-from ._optim import (clear_state, dampened_zero_buffers, drop_frozen_adapter_params, manage, params_before,
-                     pullback_state, pushforward_state, replace_params, switched_params)
+from ._optim import (clear_state, drop_frozen_adapter_params, manage, params_before, pullback_state,
+                     pushforward_state, replace_params, switched_params)
 from .convert import guard_attention
 from .distributed import _remember_ddp, _retire_stale, _sync_layers
 
@@ -585,12 +586,13 @@ class DynamicRankScheduler:
             self._check_model_layers()
         for model_copy, layers in self._copies:
             check_copy(model_copy, layers, self._layers)
-        joined = []
+        zero_filled = []
         changes = self._bring_to({name: target for name, _ in self._layers}, carry=None,
                                  finite=f"not switching any layer at {self.unit} {epoch}", follow=True,
-                                 joined=joined)
+                                 zero_filled=zero_filled)
         if changes and self.optimizer_state == "fresh":
             clear_state(self.optimizer)
+            zero_filled = []             # no buffer left: each parameter's first step is a first step
         self.last_epoch = epoch
         # The callbacks first: under warnings-as-errors (pytest -W error) a warning raised before them would
         # keep them from a switch already made, and stepping again switches nothing.  A callback that raises
@@ -598,7 +600,7 @@ class DynamicRankScheduler:
         if changes:
             call_back(self._callbacks, self._event(epoch, changes))
         self._warn_frozen(changes)
-        self._warn_dampened(joined)
+        self._warn_dampened(zero_filled)
         return changes
 
     def _warn_frozen(self, changes):
@@ -616,10 +618,11 @@ class DynamicRankScheduler:
                           f"frozen base); one that did not hold them must be given them "
                           f"(optimizer.add_param_group)", stacklevel=3)
 
-    def _warn_dampened(self, joined):
+    def _warn_dampened(self, zero_filled):
         """Warn where fused SGD with ``dampening`` steps parameters that just joined it on a zero momentum
-        buffer (:func:`~dynrank._optim.dampened_zero_buffers`): their first step is scaled by 1 − dampening."""
-        for dampening, count in dampened_zero_buffers(self.optimizer, joined).items():
+        buffer (``zero_filled``: the dampening of each, from :func:`~dynrank._optim.replace_params`): their
+        first step is scaled by 1 − dampening."""
+        for dampening, count in collections.Counter(zero_filled).items():
             warnings.warn(f"fused SGD with momentum and dampening={dampening:g}: {count} "
                           f"{'parameter that joined' if count == 1 else 'parameters that joined'} the optimizer "
                           f"at this switch start with a zero momentum buffer (fused SGD cannot step a param "
@@ -637,10 +640,11 @@ class DynamicRankScheduler:
         return paths[(old, new)]
 
     @outside_inference_mode
-    def _bring_to(self, targets, carry, ranks=None, init=None, finite=None, follow=False, joined=None):
+    def _bring_to(self, targets, carry, ranks=None, init=None, finite=None, follow=False, zero_filled=None):
         """Switch every layer to ``targets[name]`` (with ``follow``, the model copies' layers too).  All plans
         are made (and, with ``finite`` set, every switching layer checked for NaN/inf) before the first switch.
-        ``joined``: a list given the parameters that join the optimizer with no state carried to them."""
+        ``zero_filled``: a list given the dampening of each parameter fused SGD now steps on a zero momentum
+        buffer (:func:`~dynrank._optim.replace_params`)."""
         plans = []
         for name, layer in self._layers:
             old, new = layer.form, targets[name]
@@ -656,13 +660,13 @@ class DynamicRankScheduler:
                 rank = None if op == "inflate" else (
                     ranks[name] if ranks is not None else self._deflate_rank_for(name, layer))
                 copies = [layers[name] for _, layers in self._copies] if follow else []
-                replaced |= self._transition(layer, op, rank, carry, init, copies, joined)
+                replaced |= self._transition(layer, op, rank, carry, init, copies, zero_filled)
             changes.append((name, old, new))
         if replaced:
             _retire_stale(self.model, "a DynamicRankScheduler form change")
         return changes
 
-    def _transition(self, layer, op, rank, carry, init=None, copies=(), joined=None):
+    def _transition(self, layer, op, rank, carry, init=None, copies=(), zero_filled=None):
         if carry is None:
             carry = self.optimizer_state == "carry"
         init = self.deflate_init if init is None else init
@@ -690,9 +694,8 @@ class DynamicRankScheduler:
             states = {weight: pushforward_state(self.optimizer, layer, old_factors, weight)}
         elif carry:
             states = pullback_state(self.optimizer, layer, old_weight, layer.factors())
-        if replace_params(self.optimizer, removed, added, states, owner=layer, old_names=before.names) \
-                and joined is not None:
-            joined.extend(p for p in added if not (states and states.get(p) is not None))
+        replace_params(self.optimizer, removed, added, states, owner=layer, old_names=before.names,
+                       zero_filled=zero_filled)
         return bool(removed or added)
 
     # -- checkpoints --------------------------------------------------------------------
