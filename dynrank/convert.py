@@ -1,9 +1,6 @@
 """convert_model: replace a model's nn.Linear / nn.Conv2d layers by dynrank layers, in place."""
 
 import fnmatch
-import functools
-import inspect
-import re
 
 import torch
 from torch import nn
@@ -11,10 +8,11 @@ from torch import nn
 from ._args import check_int
 from ._checks import parameter_owners, unwrap_model
 from ._forms import FORMS, FormLayer, _is_channels_last, check_floating_dtype
+from ._readers import _guard_transformer_fast_path, _weight_readers
+from ._summary import ConversionSummary, _trainable_count
 from .functional import without_autocast
 from .linear import (HOW_TO_REMOVE, FusedLowRankLinear, check_alpha, check_ratio, is_transposed_linear,
-                     linear_weight, own_computation, rank_from_ratio, reparametrization, transformers_bases,
-                     transformers_class)
+                     linear_weight, own_computation, rank_from_ratio, reparametrization)
 
 __all__ = ["convert_model", "ConversionSummary", "DECOMPOSITIONS"]
 
@@ -24,113 +22,6 @@ INITS = ("dense", "fresh")
 OTHER_CONVS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Name components of residual shortcuts (torchvision: "downsample"; CIFAR ResNets: "shortcut").
 SHORTCUT_NAMES = ("shortcut", "downsample")
-# transformers modules whose own code multiplies by a child layer's weight instead of calling the layer
-# (class name → children): a converted child's low-rank or adapter term would be skipped, silently.  Most
-# such reads are found in the classes' code (``self.<path>.weight``, :func:`_weight_reads`); these are
-# the ones that read it in a form the search does not see.
-WEIGHT_READERS = {
-    "MobileBertLMPredictionHead": ("dense",),             # cat([decoder.weight.t(), dense.weight]) in a matmul
-    "LayoutLMv3Encoder": ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"),   # bias.weight[:, buckets]
-    "MambaMixer": ("x_proj", "dt_proj", "out_proj"),      # dt_proj.weight @ ...; the fused kernel takes all three
-    "FalconMambaMixer": ("x_proj", "dt_proj", "out_proj"),
-    "JambaMambaMixer": ("dt_proj",),
-}
-
-
-def _noop_pre_hook(module, args):
-    return None
-
-
-class RowSummary:
-    """Rows (one dict per module) and the model's parameter totals: the base of the summaries
-    :func:`convert_model` and :func:`~dynrank.unconvert_model` return."""
-
-    def __init__(self, rows, params_before, params_after):
-        self.rows = rows
-        self.params_before = params_before
-        self.params_after = params_after
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __iter__(self):
-        return iter(self.rows)
-
-    @staticmethod
-    def _note(row):
-        """The row's note, with the module's other names ("also at ...") where it is shared."""
-        if not row.get("aliases"):
-            return row["note"]
-        return "; ".join(filter(None, [row["note"], "also at " + ", ".join(row["aliases"])]))
-
-
-class ConversionSummary(RowSummary):
-    """What :func:`convert_model` did, one row per nn.Linear / nn.Conv2d / transformers Conv1D found.
-
-    Attributes:
-        rows: list of dicts with keys ``name``, ``type``, ``shape`` (weight
-            shape, as the module stores it: (in, out) for a Conv1D), ``rank``
-            (None if kept dense), ``params_before``,
-            ``params_after`` (trainable parameters of that module),
-            ``converted`` (bool), ``new_type`` (the dynrank layer's class
-            name, ``"FusedLowRankLinear"`` or ``"LowRankConv2d"``; None if
-            kept dense), ``note`` (why it was kept dense),
-            ``aliases`` (the module's other names where it is registered at
-            several places; one row per module, under its first name).
-        params_before, params_after: trainable parameters of the whole model.
-
-    ``str(summary)`` is a table; ``summary.converted`` / ``summary.skipped``
-    list names.
-    """
-
-    @property
-    def converted(self):
-        """Names of the converted modules."""
-        return [r["name"] for r in self.rows if r["converted"]]
-
-    @property
-    def skipped(self):
-        """(name, reason) of the modules kept dense."""
-        return [(r["name"], r["note"]) for r in self.rows if not r["converted"]]
-
-    @property
-    def ratio(self):
-        """Trainable parameters after / before."""
-        return self.params_after / max(self.params_before, 1)
-
-    def __str__(self):
-        header = ("module", "type", "weight", "rank", "params before", "params after", "note")
-        lines = [header]
-        for r in self.rows:
-            kind = r["type"] if not r["converted"] else f"{r['type']} → {r['new_type']}"
-            lines.append((r["name"], kind, "×".join(str(s) for s in r["shape"]),
-                          "-" if r["rank"] is None else str(r["rank"]), f"{r['params_before']:,}",
-                          f"{r['params_after']:,}", self._note(r)))
-        lines.append(("total (model)", "", "", "", f"{self.params_before:,}", f"{self.params_after:,}",
-                      f"{self.ratio:.2f}× trainable, {len(self.converted)} of {len(self.rows)} converted"))
-        return format_table(lines, right={3, 4, 5})
-
-    def __repr__(self):
-        return (f"ConversionSummary(converted={len(self.converted)}, skipped={len(self.skipped)}, "
-                f"params {self.params_before:,} → {self.params_after:,})")
-
-
-def format_table(lines, right):
-    """A header row, a rule, the body rows, a rule and a total row (``lines``: tuples of str, the first
-    the header, the last the total); the columns whose index is in ``right`` are right-aligned."""
-    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
-
-    def fmt(row):
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        return "  ".join(cells).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    body = [fmt(row) for row in lines[1:-1]]
-    return "\n".join([fmt(lines[0]), rule, *body, rule, fmt(lines[-1])])
-
-
-def _trainable_count(module):
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def _matches(patterns, names, module):
@@ -232,119 +123,6 @@ def _candidates(module, prefix="", converted=False):
             yield from _candidates(child, name, converted)
 
 
-# The path of a layer below a module in its code (``self.<path>.weight``): it may index a container by a
-# number (``self.convs[0].conv``); a variable index is not followed.
-_PATH = r"((?:\w+(?:\[\d+\])*\.)*\w+(?:\[\d+\])*)"
-# ``self.<path>.weight.dtype`` (or ``.device``) in a module's code: it reads the weight of a layer below it.
-_DTYPE_READ = re.compile(rf"self\.{_PATH}\.weight\.(?:dtype|device)\b")
-
-
-def _as_path(path):
-    """A code path as a module path: indices as components (``convs[0].conv`` → ``convs.0.conv``)."""
-    return re.sub(r"\[(\d+)\]", r".\1", path)
-
-
-@functools.lru_cache(maxsize=None)
-def _dtype_reads(cls):
-    """The paths below a transformers class whose weight's dtype or device its own code reads (indices
-    as path components: ``convs.0.conv``), except where its code also checks
-    ``isinstance(self.<path>.weight, torch.Tensor)``; () where it has no source."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return ()
-    paths = {m.group(1) for m in _DTYPE_READ.finditer(source)}
-    return tuple(sorted(_as_path(p) for p in paths if f"isinstance(self.{p}.weight, torch.Tensor)" not in source))
-
-
-def _bloom_reads(module):
-    # Bloom slices these weights only in its tensor-parallel emulation; its usual path calls the layer.
-    return getattr(module, "pretraining_tp", 1) > 1 and bool(getattr(module, "slow_but_exact", False))
-
-
-# Reads of a weight in code that runs only under a module's setting (class name → {path: whether it
-# runs for this module}): the layer is kept dense only where it does.
-CONDITIONAL_READS = {"BloomAttention": {"dense": _bloom_reads}, "BloomMLP": {"dense_4h_to_h": _bloom_reads}}
-
-
-# ``self.<path>.weight`` in a module's code where it computes with the weight (passes it on, indexes it,
-# multiplies by it): not a read of its dtype, device or shape, not an assignment to it.
-_VALUE_READ = re.compile(rf"self\.{_PATH}\.weight\b"
-                         r"(?!\s*\.\s*(?:dtype|device|shape|size|data|_is_hf_initialized)\b|\s*=[^=])")
-_GUARD = re.compile(rf"isinstance\(\s*self\.{_PATH}\.weight\s*,")
-
-
-@functools.lru_cache(maxsize=None)
-def _weight_reads(cls):
-    """(computed, guarded): the paths below a transformers class whose weight the methods it defines compute
-    with (``self.<path>.weight`` passed to a function, indexed, multiplied; not its dtype, device or shape,
-    an assignment, an ``isinstance`` check, or a method with ``init`` in its name, which runs before any
-    conversion), and those it checks with ``isinstance(self.<path>.weight, ...)``."""
-    computed, guarded = set(), set()
-    for name, method in vars(cls).items():
-        if "init" in name or not inspect.isfunction(method):
-            continue
-        try:
-            source = inspect.getsource(method)
-        except (OSError, TypeError):
-            continue
-        guarded.update(_as_path(m.group(1)) for m in _GUARD.finditer(source))
-        computed.update(_as_path(m.group(1)) for m in _VALUE_READ.finditer(source)
-                        if not source[:m.start()].rstrip().endswith("isinstance("))
-    return tuple(sorted(computed)), tuple(sorted(guarded))
-
-
-def _transformers_reads(model):
-    """(module, its class's name, path, layer, kind) for each layer whose weight the code of a transformers
-    module above it reads: kind ``"computes"`` (:data:`WEIGHT_READERS` and :func:`_weight_reads`),
-    ``"dtype"`` (:func:`_dtype_reads`) or ``"guarded"`` (read only where ``isinstance`` finds a tensor)."""
-    for module in model.modules():
-        cls = transformers_class(module, WEIGHT_READERS)
-        for attr in WEIGHT_READERS.get(cls, ()):
-            if module._modules.get(attr) is not None:
-                yield module, cls, attr, module._modules[attr], "computes"
-        for base in transformers_bases(module):
-            computed, guarded = _weight_reads(base)
-            conditions = CONDITIONAL_READS.get(base.__name__, {})
-            computed = tuple(p for p in computed if p not in conditions or conditions[p](module))
-            for kind, paths in (("computes", computed), ("dtype", _dtype_reads(base)), ("guarded", guarded)):
-                for path in paths:
-                    try:
-                        child = module.get_submodule(path)
-                    except AttributeError:
-                        continue
-                    yield module, base.__name__, path, child, kind
-
-
-def _weight_readers(model, form):
-    """id(layer) → why it is kept dense: the layers whose weight the code of a transformers module above them
-    computes with (every form; WavLM's attention, the Mamba mixers, :data:`WEIGHT_READERS`), and in lowrank
-    form, where ``weight`` is None, those whose weight's dtype or device it reads (ViT's and CLIP's patch
-    embeddings, say), and those it reads behind an ``isinstance`` check (T5's ``wo``) where their dtype
-    differs from every other parameter of that module (T5 loaded in float16 keeps ``wo`` in float32 and
-    casts its input to that dtype, a cast a lowrank ``wo`` would skip)."""
-    readers = {}
-    for module, owner, path, child, kind in _transformers_reads(model):
-        weight = getattr(child, "weight", None)
-        if kind == "computes":
-            reason = f"{owner} uses {path}.weight itself (would skip the factors)"
-        elif form != "lowrank":
-            continue
-        elif kind == "dtype":
-            reason = f"{owner} reads {path}.weight.dtype (None in lowrank form)"
-        elif isinstance(weight, torch.Tensor):
-            own = {id(p) for p in child.parameters()}
-            others = {p.dtype for p in module.parameters() if id(p) not in own}
-            if not others or weight.dtype in others:
-                continue
-            reason = (f"{owner} casts its input to {path}.weight.dtype ({str(weight.dtype).split('.')[-1]}, "
-                      f"unlike its other parameters), a cast skipped in lowrank form")
-        else:
-            continue
-        readers.setdefault(id(child), reason)
-    return readers
-
-
 def _tied_to(child, owners):
     """(parameter name, other owners' names) of the first parameter of ``child`` that another module
     also holds (a tied LM head), or None."""
@@ -409,7 +187,7 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
     a layer (``self.<path>.weight`` passed on, indexed or multiplied, outside
     methods with ``init`` in their name: WavLM's attention projections,
     LayoutLMv2/v3's relative-position biases, the Mamba mixers' projections)
-    and listed in :data:`WEIGHT_READERS` (MobileBERT's MLM head ``dense``).
+    and listed in :data:`~dynrank._readers.WEIGHT_READERS` (MobileBERT's MLM head ``dense``).
     In lowrank form, where ``weight`` is None, also the layers whose
     weight's dtype or device the code of a transformers module above them
     reads (``self.<path>.weight.dtype`` in its source: ViT's and CLIP's
@@ -788,51 +566,3 @@ def _convert_one(child, rank_ratio, decomposition, form, init, alpha):
     if _is_channels_last(child.weight):        # a channels-last model stays so, as from_dense keeps it
         new.to(memory_format=torch.channels_last)
     return new
-
-
-def guard_attention(model, who, layers=None):
-    """Make torch's attention modules in ``model`` run its dynrank layers, or refuse the model, for ``who`` (the
-    class name of a scheduler being built on it): its dynrank layers may have been put in by hand (``from_dense``
-    on an existing layer) rather than by :func:`convert_model`, which guards the layers it converts.
-
-    An ``nn.TransformerEncoderLayer`` with a dynrank ``linear1``/``linear2`` gets the no-op forward pre-hook
-    that turns torch's fused inference path off, and an ``nn.TransformerEncoder`` holding a dynrank layer has
-    ``use_nested_tensor`` turned off, as :func:`convert_model` does: that path reads ``linear1.weight``
-    (W_f alone in adapter form, None in lowrank form).  An encoder above ``model`` is out of reach.
-
-    ``layers``: the dynrank layers ``who`` manages (all of the model's where None); one it leaves alone in
-    full form computes right inside an attention module.
-
-    Raises:
-        ValueError: a dynrank layer of ``layers`` inside an ``nn.MultiheadAttention`` (its ``out_proj``),
-            which reads the layer's weight directly in every mode: only the full form computes there (the
-            message names the layer); nothing is changed then.
-    """
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            managed = None if layers is None else {id(layer) for layer in layers}
-            inside = [(".".join(n for n in (name, sub) if n), m) for sub, m in module.named_modules()
-                      if isinstance(m, FormLayer) and (managed is None or id(m) in managed)]
-            if inside:
-                path, layer = inside[0]
-                raise ValueError(f"{path!r} is a {type(layer).__name__} in {layer.form} form inside "
-                                 f"nn.MultiheadAttention, which reads its weight directly "
-                                 f"(F.multi_head_attention_forward): in lowrank or adapter form its factors would "
-                                 f"never run, so {who} cannot switch or resize it; put an nn.Linear back there "
-                                 f"(convert_model keeps these projections dense)")
-    _guard_transformer_fast_path(model)
-
-
-def _guard_transformer_fast_path(model):
-    for module in model.modules():
-        if isinstance(module, nn.TransformerEncoderLayer):
-            if any(isinstance(m, FormLayer) for m in (module.linear1, module.linear2)):
-                if not getattr(module, "_dynrank_fast_path_off", False):
-                    module.register_forward_pre_hook(_noop_pre_hook)
-                    module._dynrank_fast_path_off = True
-        if isinstance(module, nn.TransformerEncoder):
-            if any(isinstance(m, FormLayer) for m in module.modules()):
-                if not hasattr(module, "_dynrank_use_nested_tensor"):
-                    # unconvert_model gives it back once no dynrank layer is left
-                    module._dynrank_use_nested_tensor = module.use_nested_tensor
-                module.use_nested_tensor = False

@@ -37,8 +37,8 @@ from ._checks import (call_back, check_copy, check_editable_optimizer, check_fin
                       check_trains_layers, check_untied, fork_layer_rngs, remove_copy, unwrap_model)
 from ._forms import outside_inference_mode
 from ._optim import SQUARED_STATE, _split_state, manage, replace_params
+from ._readers import guard_attention
 from .conv import LowRankConv2d
-from .convert import guard_attention
 from .distributed import _remember_ddp, _retire_stale, _sync_layers
 from .linear import FusedLowRankLinear, svd_factors
 from .metrics import _check_not_meta

@@ -41,7 +41,7 @@ from ._checks import (call_back, check_copy, check_finite, check_layer_names, ch
 from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
 from ._optim import (clear_state, drop_frozen_adapter_params, manage, params_before, pullback_state,
                      pushforward_state, replace_params, switched_params)
-from .convert import guard_attention
+from ._readers import guard_attention
 from .distributed import _remember_ddp, _retire_stale, _sync_layers
 
 __all__ = ["DynamicRankScheduler", "OPTIMIZER_STATES", "form_layers", "check_deflate_rank_value"]

@@ -6,10 +6,12 @@ from torch import nn
 from ._checks import unwrap_model
 from ._forms import FormLayer
 from ._optim import follow_unconvert
+from ._readers import _noop_pre_hook, _transformers_reads
+from ._summary import RowSummary, format_table
 from .functional import without_autocast
 from .conv import LowRankConv2d
 from .conv_factorizations import _axis
-from .convert import RowSummary, _noop_pre_hook, _transformers_reads, format_table, held_state, swap_in
+from .convert import held_state, swap_in
 from .linear import HOW_TO_REMOVE, FusedLowRankLinear, reparametrization
 
 __all__ = ["unconvert_model", "UnconversionSummary", "LOWRANK_CHOICES"]

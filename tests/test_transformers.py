@@ -389,7 +389,7 @@ def test_t5_in_float16_keeps_its_float32_wo_dense_in_lowrank_form():
 
 
 def test_dtype_reads_follow_numbered_indices():
-    from dynrank.convert import _dtype_reads
+    from dynrank._readers import _dtype_reads
 
     class Reader(nn.Module):          # as Florence-2's vision backbone reads its first conv
         def forward(self, x):
@@ -401,7 +401,7 @@ def test_dtype_reads_follow_numbered_indices():
 def test_dtype_reads_in_transformers_code_are_found_where_unguarded():
     """CLIP's vision embeddings read ``patch_embedding.weight.dtype``; T5's feed-forward reads
     ``wo.weight.dtype`` only after ``isinstance(self.wo.weight, torch.Tensor)``, so ``wo`` converts."""
-    from dynrank.convert import _dtype_reads
+    from dynrank._readers import _dtype_reads
     from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
     from transformers.models.t5.modeling_t5 import T5DenseActDense
     assert _dtype_reads(CLIPVisionEmbeddings) == ("patch_embedding",)
