@@ -480,20 +480,32 @@ def _split_state(state, shape):
 
 
 def _old_states(optimizer, params):
-    """Per-name split states of ``params`` (dict name → param); None if any is missing/odd."""
-    out = {}
+    """Per-name split states of ``params`` (dict name → param); None if any is missing/odd.
+
+    A frozen parameter without state (LoRA-FA's A) never moved: its entries are zeros beside the others'
+    (the scalar entries, Adam's ``step``, are the others'), so W's momentum after an inflate is the part
+    the trained factors give, s·A·m_Bᵀ."""
+    out, still = {}, []
     for name, p in params.items():
         state = optimizer.state.get(p)
         if not state:
-            return None
+            if p.requires_grad:
+                return None
+            still.append(name)
+            continue
         split = _split_state(state, p.shape)
         if split is None:
             return None
         out[name] = split
+    if not out:
+        return None
     keys = {frozenset(t) for t, _ in out.values()}
     if len(keys) != 1 or CENTERED_PAIR <= next(iter(keys)):
         return None
-    return out
+    tensors, scalars = next(iter(out.values()))
+    for name in still:
+        out[name] = ({key: torch.zeros_like(params[name]) for key in tensors}, scalars)
+    return {name: out[name] for name in params}
 
 
 def _differentiable_merge(layer, factors):

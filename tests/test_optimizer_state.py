@@ -62,6 +62,38 @@ def test_carry_inflate_matches_the_lowrank_momentum_to_first_order():
     _assert_inflate_moves_like_the_merged_factors(model, opt, sched)
 
 
+def test_carry_inflate_with_a_frozen_factor_keeps_the_trained_factors_momentum():
+    # LoRA-FA: A frozen by hand, B trained.  A never moved, so W's momentum after the inflate is the part B
+    # gives, s·A·m_Bᵀ (it started empty, losing the lowrank momentum); Adam's moments by the same rule.
+    model, x, y = _float64_model()
+    for i in (0, 2):
+        model[i].A.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = DynamicRankScheduler(model, opt, 1, 3, optimizer_state="carry")
+    sched.step(0)
+    train_steps(model, opt, x, y, steps=4)
+    assert all(model[i].A not in opt.state for i in (0, 2))
+    _assert_inflate_moves_like_the_merged_factors(model, opt, sched)
+
+    model, x, y = _float64_model()
+    for i in (0, 2):
+        model[i].A.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = DynamicRankScheduler(model, opt, 1, 3, optimizer_state="carry")
+    sched.step(0)
+    train_steps(model, opt, x, y, steps=3)
+    before = {i: ({n: f.detach().clone() for n, f in model[i].factors().items()},
+                  {"A": {k: torch.zeros_like(model[i].A) for k in ("exp_avg", "exp_avg_sq")},
+                   "B": {k: v.clone() for k, v in opt.state[model[i].B].items()}}) for i in (0, 2)}
+    sched.step(1)
+    for i, (factors, states) in before.items():
+        state = opt.state[model[i].weight]
+        assert float(state["step"]) == 3.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            expected = _expected_pushforward(model[i], factors, states, key)
+            assert rel_err(state[key], expected) < 1e-12
+
+
 def _train_full_then_deflate(model, x, y, steps):
     """Full-rank SGD steps with momentum, then a carry deflate of layers 0 and 2.
 
