@@ -39,12 +39,14 @@ empty, as with ``"reset"``; so does centered RMSprop's (its step takes √(squar
 grad_avg²), which moments mapped one by one do not keep real).
 """
 
+import collections
+import warnings
 import weakref
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["replace_params", "optimizer_params", "pushforward_state", "pullback_state",
+__all__ = ["replace_params", "warn_dampened", "optimizer_params", "pushforward_state", "pullback_state",
            "LINEAR_STATE", "SQUARED_STATE", "manage", "drop_frozen_adapter_params", "params_before",
            "switched_params", "follow_load", "follow_unconvert", "clear_state", "optimizer_chain"]
 
@@ -149,6 +151,22 @@ def replace_params(optimizer, removed, added, states=None, owner=None, old_names
         if zero_filled is not None and group.get("dampening"):
             zero_filled.extend(group["dampening"] for _ in filled)
     return True
+
+
+def warn_dampened(zero_filled, when, remedy, stacklevel):
+    """Warn where fused SGD with ``dampening`` steps parameters that just joined it on a zero momentum
+    buffer (``zero_filled``: the dampening of each, from :func:`replace_params`): their first step is
+    scaled by 1 − dampening.  ``when`` names the change ("at this switch"), ``remedy`` a way out besides
+    SGD without ``fused`` or ``dampening=0`` (or None)."""
+    others = f", or {remedy}" if remedy else ""
+    for dampening, count in collections.Counter(zero_filled).items():
+        warnings.warn(f"fused SGD with momentum and dampening={dampening:g}: {count} "
+                      f"{'parameter that joined' if count == 1 else 'parameters that joined'} the optimizer "
+                      f"{when} start with a zero momentum buffer (fused SGD cannot step a param "
+                      f"group where only some parameters have one), so their first step is "
+                      f"{1 - dampening:g}·lr·g, (1 − dampening)·lr·g, where SGD without fused=True takes "
+                      f"lr·g; use SGD without fused{',' if remedy else ' or'} dampening=0{others}",
+                      stacklevel=stacklevel + 1)
 
 
 def _names_before(optimizer, removed_ids, owner, old_names):

@@ -36,7 +36,7 @@ from ._checks import (call_back, check_copy, check_editable_optimizer, check_fin
                       check_new_copy, check_not_unconverted, check_same_layers, check_switchable, check_sync,
                       check_trains_layers, check_untied, fork_layer_rngs, remove_copy, unwrap_model)
 from ._forms import outside_inference_mode
-from ._optim import SQUARED_STATE, _split_state, manage, replace_params
+from ._optim import SQUARED_STATE, _split_state, manage, replace_params, warn_dampened
 from ._readers import guard_attention
 from .conv import LowRankConv2d
 from .distributed import _remember_ddp, _retire_stale, _sync_layers
@@ -148,7 +148,10 @@ def grow_rank_(layer, new_rank, optimizer=None):
     SGD's momentum, Adam's, RMSprop's and Adagrad's entries; any other state
     (Adamax, Adadelta, Rprop, ASGD, Adafactor) starts afresh, as after a
     reset, and L-BFGS starts its history afresh.  The replaced A and B lose their ``.grad``
-    (call it between optimizer steps: a pending gradient is dropped with them).
+    (call it between optimizer steps: a pending gradient is dropped with them).  Fused SGD with
+    ``dampening`` gives a factor without a momentum buffer, in a group where others have one, a zero
+    buffer (it cannot step the group otherwise), so its first step is (1 − dampening)·lr·g: a warning
+    says so.
 
     Args:
         layer: FusedLowRankLinear in lowrank or adapter form.
@@ -208,8 +211,10 @@ def grow_rank_(layer, new_rank, optimizer=None):
                 padded = _pad_state(state, old, extra, r)
                 if padded is not None:
                     states[new] = padded
+        zero_filled = []
         replace_params(optimizer, [old_A, old_B], [layer.A, layer.B], states, owner=layer,
-                       old_names=dict(zip(map(id, (old_A, old_B)), "AB")))
+                       old_names=dict(zip(map(id, (old_A, old_B)), "AB")), zero_filled=zero_filled)
+        warn_dampened(zero_filled, f"at this rank growth ({old_rank} → {new_rank})", None, stacklevel=2)
     old_A.grad = old_B.grad = None
     return layer
 

@@ -40,7 +40,7 @@ from ._checks import (call_back, check_copy, check_finite, check_layer_names, ch
                       unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
 from ._optim import (clear_state, drop_frozen_adapter_params, manage, params_before, pullback_state,
-                     pushforward_state, replace_params, switched_params)
+                     pushforward_state, replace_params, switched_params, warn_dampened)
 from ._readers import guard_attention
 from .distributed import _remember_ddp, _retire_stale, _sync_layers
 
@@ -600,7 +600,7 @@ class DynamicRankScheduler:
         if changes:
             call_back(self._callbacks, self._event(epoch, changes))
         self._warn_frozen(changes)
-        self._warn_dampened(zero_filled)
+        warn_dampened(zero_filled, "at this switch", "optimizer_state='fresh'", stacklevel=2)
         return changes
 
     def _warn_frozen(self, changes):
@@ -617,18 +617,6 @@ class DynamicRankScheduler:
                           f"them trains them (on the layers' factors after the deflate, to train adapters on a "
                           f"frozen base); one that did not hold them must be given them "
                           f"(optimizer.add_param_group)", stacklevel=3)
-
-    def _warn_dampened(self, zero_filled):
-        """Warn where fused SGD with ``dampening`` steps parameters that just joined it on a zero momentum
-        buffer (``zero_filled``: the dampening of each, from :func:`~dynrank._optim.replace_params`): their
-        first step is scaled by 1 − dampening."""
-        for dampening, count in collections.Counter(zero_filled).items():
-            warnings.warn(f"fused SGD with momentum and dampening={dampening:g}: {count} "
-                          f"{'parameter that joined' if count == 1 else 'parameters that joined'} the optimizer "
-                          f"at this switch start with a zero momentum buffer (fused SGD cannot step a param "
-                          f"group where only some parameters have one), so their first step is "
-                          f"{1 - dampening:g}·lr·g, (1 − dampening)·lr·g, where SGD without fused=True takes "
-                          f"lr·g; use SGD without fused, dampening=0, or optimizer_state='fresh'", stacklevel=3)
 
     def _path(self, name, old, new):
         paths = {("lowrank", "full"): ("inflate",), ("lowrank", "adapter"): ("inflate", "deflate"),

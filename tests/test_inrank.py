@@ -258,6 +258,38 @@ def test_grow_rank_errors():
         grow_rank_(layer.inflate(), 6)
 
 
+def test_grow_rank_warns_where_fused_sgd_with_dampening_starts_a_factor_on_a_zero_buffer():
+    """Factors without a momentum buffer (frozen until now) beside a bias that has one: fused SGD needs a zero
+    buffer for them, so with dampening their first step is (1 − dampening)·lr·g; grow_rank_ says so, as a
+    switch does."""
+    torch.manual_seed(0)
+    layer = FusedLowRankLinear(8, 6, rank=2).double()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, dampening=0.5, fused=True)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    layer.A.requires_grad_(False)
+    layer.B.requires_grad_(False)
+    layer(x).square().sum().backward()
+    opt.step()
+    layer.A.requires_grad_(True)
+    layer.B.requires_grad_(True)
+    with pytest.warns(UserWarning) as said:
+        grow_rank_(layer, 4, opt)
+    assert [str(w.message) for w in said] == [
+        "fused SGD with momentum and dampening=0.5: 2 parameters that joined the optimizer at this rank growth "
+        "(2 → 4) start with a zero momentum buffer (fused SGD cannot step a param group where only some "
+        "parameters have one), so their first step is 0.5·lr·g, (1 − dampening)·lr·g, where SGD without "
+        "fused=True takes lr·g; use SGD without fused or dampening=0"]
+    B = layer.B.detach().clone()
+    opt.zero_grad()
+    layer(x).square().sum().backward()
+    expected = B - 0.5 * 0.1 * layer.B.grad
+    opt.step()
+    assert rel_err(layer.B.detach(), expected) < 1e-14
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # every factor has a buffer now: nothing to say
+        grow_rank_(layer, 5, opt)
+
+
 def teacher_task(seed=0, d=32, true_rank=6, n=512):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(d, true_rank, generator=g) @ torch.randn(true_rank, d, generator=g) / d ** 0.5
