@@ -1,6 +1,7 @@
 """What both schedulers check of the layers they manage: who manages a layer (one DynamicRankScheduler per
 layer, the newest; the two kinds refuse each other's layers), whether the model still holds the layers a
-scheduler was built over, and a saved state's alphas and weight shapes against the model's layers."""
+scheduler was built over, and a saved state's alphas and weight shapes against the model's layers; and a copied
+or unpickled scheduler's registering again (:class:`_Claiming`)."""
 
 import gc
 import numbers
@@ -8,15 +9,47 @@ import weakref
 
 from ._checks import check_same_layers
 
-# Layer → weak reference to the DynamicRankScheduler that manages it: the last one built over it.  An
+# Layer → weak reference to the DynamicRankScheduler that manages it: the last one built (or copied,
+# :class:`_Claiming`) over it.  An
 # earlier one still alive refuses to step or load (two schedulers stepping the same layers on different
 # schedules switched them full ↔ adapter and back every epoch, dropping their optimizer state each time).
 # The newest wins rather than being refused, so a scheduler built again in the place of one still referenced
 # (a notebook cell run again, the Trainer callback's second train()) works; a collected one claims nothing.
 _OWNERS = weakref.WeakKeyDictionary()
-# Layer → the IncrementalRankSchedulers built over it (a WeakSet: one collected claims nothing).  A scheduler of
-# either kind refuses, at construction, a layer a live one of the other kind manages (_check_other_kind).
+# Layer → the IncrementalRankSchedulers built (or copied) over it (a WeakSet: one collected claims nothing).  A
+# scheduler of either kind refuses, at construction, a layer a live one of the other kind manages (_check_other_kind).
 _GROWERS = weakref.WeakKeyDictionary()
+
+
+class _Claiming:
+    """Base of both schedulers: a scheduler copies and pickles with its model and optimizer.
+
+    A copy (``copy.copy``, ``copy.deepcopy``) or an unpickled scheduler (``torch.save``/``torch.load``) is
+    registered as one built over the model and optimizer it holds (each class's ``_claim``): the optimizer
+    follows a model load that changes a layer's form or rank (:func:`~dynrank._optim.manage`), and the copy
+    claims its layers (the newest DynamicRankScheduler over a layer takes it; the two kinds refuse each
+    other's).  Copied or unpickled with them (``copy.deepcopy({"model": model, "optimizer": optimizer,
+    "scheduler": scheduler})``, or the same dict through ``torch.save``), its model and optimizer are the
+    copies, and the copied run goes on as the original would; a shallow copy holds the same ones.  The
+    registries are module-level weak tables, which no copy fills in by itself.  The attributes named in
+    ``_WEAK_SETS`` (weak sets of layers) go through a copy as lists: a ``WeakSet`` does not pickle, and a
+    deep copy of one would hold the original's layers, not the copy's."""
+
+    _WEAK_SETS = ()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for key in self._WEAK_SETS:
+            state[key] = list(state[key])
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        for key in self._WEAK_SETS:
+            state[key] = weakref.WeakSet(state[key])
+        self.__dict__.update(state)
+        self._copied = True         # named by the refusal of a scheduler a shallow copy took the layers from
+        self._claim()
 
 
 def _layer_record(layers):

@@ -30,8 +30,8 @@ from collections.abc import Mapping
 import torch
 
 from ._args import check_int, check_real
-from ._claims import (_GROWERS, _alpha_mismatch, _check_layers_held, _check_other_kind, _check_saved_alpha,
-                      _check_saved_shapes, _layer_record)
+from ._claims import (_GROWERS, _Claiming, _alpha_mismatch, _check_layers_held, _check_other_kind,
+                      _check_saved_alpha, _check_saved_shapes, _layer_record)
 from ._checks import (call_back, check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_same_layers, check_switchable, check_sync,
                       check_trains_layers, check_untied, fork_layer_rngs, remove_copy, unwrap_model)
@@ -296,7 +296,7 @@ def _check_ranks(init_rank, max_rank):
     return init_rank, max_rank
 
 
-class IncrementalRankScheduler:
+class IncrementalRankScheduler(_Claiming):
     """Grow the rank of low-rank layers during training by InRank's explained-variance rule.
 
     Manages every :class:`FusedLowRankLinear` of the model in lowrank or adapter
@@ -329,6 +329,18 @@ class IncrementalRankScheduler:
     the next check (a :meth:`step` where one is due) and a load raise a
     ValueError naming them; a layer only renamed (a wrapper put around its
     block) is the same layer.
+
+    Copies: a scheduler copies and pickles with its model and optimizer.
+    ``copy.deepcopy({"model": model, "optimizer": optimizer, "scheduler":
+    growth})`` (a forked run), or that dict through ``torch.save`` and
+    ``torch.load(..., weights_only=False)``, gives a scheduler over the copied
+    model and optimizer that acts as one built over them: a model load that
+    resizes a copied layer edits the copied optimizer, its layers refuse a
+    DynamicRankScheduler, the copied model's other layers are left to it as
+    the original's are, and the copied run grows as the original would.  A
+    scheduler copied alone brings copies of its model and optimizer (its
+    ``model`` and ``optimizer``); a shallow copy (``copy.copy``) holds the
+    same ones.
 
     Growth edits the optimizer in place: each wider factor takes the old one's
     place in its own param group (a B kept in a group of its own, LoRA+-style,
@@ -457,12 +469,10 @@ class IncrementalRankScheduler:
         for name, layer in self._layers:
             if name in targets:
                 self._resize(layer, targets[name])
-        manage([layer for _, layer in self._layers], optimizer, self.model)
+        self._claim()
         self.last_step = 0
         self._callbacks = []
         self._copies = []
-        for _, layer in self._layers:
-            _GROWERS.setdefault(layer, weakref.WeakSet()).add(self)
         # The model's other FusedLowRankLinear layers (full form now, or another scheduler's), which a deflate
         # may bring to adapter form later: never this scheduler's, and not "added" since (_check_model_layers).
         grown = {id(layer) for _, layer in self._layers}
@@ -472,6 +482,15 @@ class IncrementalRankScheduler:
             warnings.warn(f"IncrementalRankScheduler grows FusedLowRankLinear layers only: the model's {len(convs)} "
                           f"LowRankConv2d layer(s) in lowrank or adapter form ({shown}) keep their rank",
                           stacklevel=2)
+
+    _WEAK_SETS = ("_others",)
+
+    def _claim(self):
+        """Register the scheduler over its layers, at construction and in a copy (:class:`_Claiming`): its
+        optimizer follows a model load that resizes one, and a DynamicRankScheduler refuses them."""
+        manage([layer for _, layer in self._layers], self.optimizer, self.model)
+        for _, layer in self._layers:
+            _GROWERS.setdefault(layer, weakref.WeakSet()).add(self)
 
     @property
     def layers(self):

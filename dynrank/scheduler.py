@@ -32,8 +32,8 @@ from collections.abc import Mapping
 import torch
 
 from ._args import check_int
-from ._claims import (_OWNERS, _alpha_mismatch, _check_layers_held, _check_other_kind, _check_saved_alpha,
-                      _check_saved_shapes, _layer_record)
+from ._claims import (_OWNERS, _Claiming, _alpha_mismatch, _check_layers_held, _check_other_kind,
+                      _check_saved_alpha, _check_saved_shapes, _layer_record)
 from ._checks import (call_back, check_copy, check_finite, check_layer_names, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_one_group, check_same_layers, check_switchable,
                       check_sync, check_trains_layers, check_untied, fork_layer_rngs, form_layers, remove_copy,
@@ -136,7 +136,7 @@ def _follow(copy_layer, layer, op, init):
         copy_layer.requires_grad_(False)
 
 
-class DynamicRankScheduler:
+class DynamicRankScheduler(_Claiming):
     """Switch every dynrank layer lowrank → full → adapter at epoch (or step) boundaries.
 
     The form each epoch requires (paper Alg. 1): ``lowrank`` before I, ``full``
@@ -215,6 +215,19 @@ class DynamicRankScheduler:
     a module inserted before it in an ``nn.Sequential``) is the same layer,
     switched and saved under the name it had then.  (A layer :func:`~dynrank.unconvert_model` replaced
     gives its own RuntimeError.)
+
+    Copies: a scheduler copies and pickles with its model and optimizer.
+    ``copy.deepcopy({"model": model, "optimizer": optimizer, "scheduler":
+    scheduler})`` (a forked run), or that dict through ``torch.save`` and
+    ``torch.load(..., weights_only=False)``, gives a scheduler over the copied
+    model and optimizer that acts as one built over them: a model load that
+    switches a copied layer edits the copied optimizer, its layers refuse an
+    IncrementalRankScheduler, and the copied run goes on as the original
+    would.  A scheduler copied alone brings copies of its model and optimizer
+    (its ``model`` and ``optimizer``).  A shallow copy (``copy.copy``) holds
+    the same model and optimizer, and takes the layers from the original as
+    a scheduler built over them would: the original then refuses to step or
+    load while the copy lives.
 
     ``optimizer_state``:
         ``"reset"`` (default): the new parameters start with empty state; the
@@ -344,9 +357,7 @@ class DynamicRankScheduler:
             _sync_layers(self._layers, group=self.process_group)
         for _, layer in self._layers:
             drop_frozen_adapter_params(optimizer, layer)
-        manage([layer for _, layer in self._layers], optimizer, self.model)
-        for _, layer in self._layers:
-            _OWNERS[layer] = weakref.ref(self)
+        self._claim()
         self.last_epoch = None
         self._callbacks = []
         self._warned_frozen = set()
@@ -371,9 +382,17 @@ class DynamicRankScheduler:
         """Dict name → current form."""
         return {name: layer.form for name, layer in self._layers}
 
+    def _claim(self):
+        """Register the scheduler over its layers, at construction and in a copy (:class:`_Claiming`): its
+        optimizer follows a model load that switches one, and it takes them from any other
+        DynamicRankScheduler."""
+        manage([layer for _, layer in self._layers], self.optimizer, self.model)
+        for _, layer in self._layers:
+            _OWNERS[layer] = weakref.ref(self)
+
     def _check_owner(self):
-        """ValueError naming the first layer a DynamicRankScheduler built after this one manages (one still
-        alive); a layer no live scheduler holds is this one's again."""
+        """ValueError naming the first layer a DynamicRankScheduler built or copied after this one manages (one
+        still alive); a layer no live scheduler holds is this one's again."""
         for name, layer in self._layers:
             owner = _OWNERS.get(layer)
             owner = owner() if owner is not None else None
@@ -384,8 +403,9 @@ class DynamicRankScheduler:
                 _check_other_kind([(name, layer)], growing=False)    # one built while a newer scheduler held it
                 _OWNERS[layer] = weakref.ref(self)
             elif owner is not self:
-                raise ValueError(f"layer {name!r} is managed by another DynamicRankScheduler, built over it after "
-                                 f"this one: a layer can be managed by one scheduler (two switch it back and forth, "
+                newer = "a copy made" if getattr(owner, "_copied", False) else "built over it"
+                raise ValueError(f"layer {name!r} is managed by another DynamicRankScheduler, {newer} after this "
+                                 f"one: a layer can be managed by one scheduler (two switch it back and forth, "
                                  f"dropping its optimizer state each time); step the newer scheduler, or build "
                                  f"the schedulers of one model over disjoint parts of it")
 
@@ -560,7 +580,7 @@ class DynamicRankScheduler:
                 build a new scheduler), a layer due
                 to switch whose weight or factors hold NaN/inf, a model copy
                 whose layers no longer match the model's, or a layer that a
-                scheduler built after this one manages (once that one is gone,
+                scheduler built or copied after this one manages (once that one is gone,
                 one a live IncrementalRankScheduler built meanwhile manages).
                 Every check runs before the first layer switches, so a failed
                 call changes nothing.
@@ -834,7 +854,7 @@ class DynamicRankScheduler:
                 deflates); a state saved before shapes and alphas were kept
                 loads unchecked for them.  Dynrank layers added to the
                 model or removed since this scheduler was built.
-                A layer that a scheduler built after this one manages (once that one
+                A layer that a scheduler built or copied after this one manages (once that one
                 is gone, one a live IncrementalRankScheduler built meanwhile manages).
             Exception: the first one a callback raised, the load done.
         """
