@@ -158,18 +158,26 @@ class FormLayer(nn.Module):
 
     def __setattr__(self, name, value):
         # A weight assigned in lowrank form (``head.weight = emb.weight``, tying the nn.Linear way) was
-        # added to A·Bᵀ by the forward and had the factors merged into it by inflate.
+        # added to A·Bᵀ by the forward and had the factors merged into it by inflate; a factor assigned in
+        # full form was never read.
         self._refuse_weight_in_lowrank(name, value)
+        self._refuse_factor_in_full(name, value)
         super().__setattr__(name, value)
 
     def register_parameter(self, name, param):
-        # The same weight registered directly reaches the forward and inflate as an assigned one.
+        # The same weight (or factor) registered directly reaches the forward and inflate as an assigned one.
         self._refuse_weight_in_lowrank(name, param)
+        self._refuse_factor_in_full(name, param)
         super().register_parameter(name, param)
 
     def _refuse_weight_in_lowrank(self, name, value):
         if value is not None and name == self.weight_name and self.__dict__.get("_form") == "lowrank":
             self._refuse_weight()
+
+    def _refuse_factor_in_full(self, name, value):
+        state = self.__dict__          # __init__ may set _form before _rank
+        if value is not None and state.get("_form") == "full" and name in self._factor_names(state.get("_rank")):
+            self._refuse_factors((name,))
 
     def _refuse_weight(self):
         """Raise the ValueError for a dense weight given to a lowrank-form layer: assigned, registered
@@ -180,6 +188,21 @@ class FormLayer(nn.Module):
                          f"{', '.join(self._factor_names(self._rank))}); giving it one would add it to the "
                          f"low-rank product. To give the layer a dense {name} (to tie it, say), call inflate() "
                          f"first or convert with form='full'")
+
+    def _refuse_factors(self, given=None):
+        """Raise the ValueError for factors given to a full-form layer, which its forward would leave unused,
+        running on W: assigned, registered, or passed in by ``torch.func.functional_call`` (a parameter dict
+        taken in lowrank or adapter form, say).  functional_call assigns a factor the layer has no slot for
+        in ``_parameters`` (a layer built full), and writes the slots an inflate left itself: the full
+        forwards check those, with one dict read per factor.  ``given``: the factor names given (default:
+        those the layer now holds)."""
+        if given is None:
+            given = [name for name in self._factor_names(self._rank) if self._read(name) is not None]
+        name = self.weight_name
+        raise ValueError(f"{type(self).__name__} in full form has no factors (it holds {name}); the "
+                         f"{', '.join(given)} given would go unused, the layer running on its own {name}. To run "
+                         f"the layer on factors, bring it to the form they were taken in first (deflate(), or "
+                         f"load_state_dict of that form), or pass the full form's {name} instead")
 
     def _build_parameters(self, form, rank, bias, device=None, dtype=None):
         """Create dense weight, bias and factors (in this order) for the initial ``form``, then

@@ -38,6 +38,10 @@ ADAPTER_CHOICES_KEPT = 64
 # ---------------------------------------------------------------------------
 
 def _forward_full(layer, x):
+    params = layer._parameters         # a slot an inflate left, filled by torch.func.functional_call
+    for name in layer._dec.factor_names:
+        if params.get(name) is not None:
+            layer._refuse_factors()    # (the dense conv would drop them)
     return _dense_conv(layer, x, layer._read("weight"), layer._read("bias"))
 
 

@@ -1,6 +1,7 @@
 """The layers and converted models under the module utilities users reach for: load_state_dict pre-hooks,
 inference mode, weight assignment, parametrizations and pruning, eval mode, and gradients at a deflate."""
 
+import re
 import warnings
 
 import pytest
@@ -174,6 +175,58 @@ def test_a_weight_given_in_lowrank_form_by_functional_call_is_refused(kind):
     with pytest.raises(ValueError, match="in lowrank form has no weight.*call inflate\\(\\) first"):
         functional_call(layer, {**params, "weight": weight}, (x,))
     assert layer.weight is None and layer.form == "lowrank"
+
+
+@pytest.mark.parametrize("source", ["lowrank", "adapter", "built full"])
+@pytest.mark.parametrize("kind", ["linear", "svd", "tucker", "cp", "tkd-cpd"])
+def test_factors_given_in_full_form_by_functional_call_are_refused(kind, source):
+    """The mirror of the weight's refusal: a parameter dict taken in lowrank or adapter form (fast weights
+    snapshotted before a scheduler inflated the layer), given to a full-form layer by
+    torch.func.functional_call, ran on the layer's own W and dropped the factors without a word.  Refused,
+    naming what was given, whether the layer was inflated (functional_call fills the factors' slots in
+    ``_parameters``, which the forward reads) or built full (no slots: functional_call assigns them), and
+    so is a factor assigned or registered in full form.  The layer is left as it was; the full form's own
+    dict still runs as the layer, and a weight given runs as x·Wᵀ + b."""
+    from torch.func import functional_call
+
+    def build(form):
+        if kind == "linear":
+            return _randomized(FusedLowRankLinear(8, 6, 2, form=form, dtype=F64))
+        return _randomized(LowRankConv2d(4, 6, 3, rank=2, decomposition=kind, form=form, dtype=F64))
+
+    torch.manual_seed(0)
+    layer = build("lowrank" if source == "built full" else source)
+    x = torch.randn(3, 8, dtype=F64) if kind == "linear" else torch.randn(2, 4, 5, 5, dtype=F64)
+    snapshot = {k: v.detach().clone() for k, v in layer.named_parameters()}
+    names = [n for n in snapshot if n in layer.factors()]
+    if source == "built full":
+        layer = build("full")
+    else:
+        layer.inflate()
+        with torch.no_grad():
+            layer.weight.add_(1.0)             # the full layer trains on: its W no longer matches the snapshot
+    own = dict(layer.named_parameters())
+    held = [(name, id(p)) for name, p in own.items()]
+    before = layer(x)
+    for given in (snapshot, {names[-1]: snapshot[names[-1]]}):
+        named = [n for n in names if n in given][:1 if source == "built full" else None]
+        with pytest.raises(ValueError, match=re.escape(
+                f"in full form has no factors (it holds weight); the {', '.join(named)} given would go unused")):
+            functional_call(layer, given, (x,))
+        assert layer.form == "full" and all(getattr(layer, n) is None for n in names)
+        assert [(name, id(p)) for name, p in layer.named_parameters()] == held and torch.equal(layer(x), before)
+    factor = nn.Parameter(snapshot[names[0]])
+    with pytest.raises(ValueError, match=re.escape(f"the {names[0]} given would go unused")):
+        setattr(layer, names[0], factor)
+    with pytest.raises(ValueError, match="deflate\\(\\)"):
+        layer.register_parameter(names[0], factor)
+    assert [(name, id(p)) for name, p in layer.named_parameters()] == held and torch.equal(layer(x), before)
+    assert torch.equal(functional_call(layer, {k: v.detach().clone() for k, v in own.items()}, (x,)), before)
+    weight = torch.randn(layer._dense_shape(), dtype=F64)
+    expected = (x @ weight.t() + layer.bias if kind == "linear"
+                else torch.nn.functional.conv2d(x, weight, layer.bias))
+    assert rel_err(before, expected) > 0.1
+    assert rel_err(functional_call(layer, {"weight": weight}, (x,)), expected) < 1e-12
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
