@@ -1,7 +1,7 @@
 """What both schedulers check of the layers they manage: who manages a layer (one DynamicRankScheduler per
 layer, the newest; the two kinds refuse each other's layers), whether the model still holds the layers a
-scheduler was built over, and a saved state's alphas and weight shapes against the model's layers; and a copied
-or unpickled scheduler's registering again (:class:`_Claiming`)."""
+scheduler was built over, and a saved state's alphas, weight shapes and conv decompositions against the model's
+layers; and a copied or unpickled scheduler's registering again (:class:`_Claiming`)."""
 
 import gc
 import numbers
@@ -52,11 +52,23 @@ class _Claiming:
         self._claim()
 
 
+# The entries _layer_record adds to both schedulers' state dicts (optional on load: states saved before them
+# load unchecked for them).
+RECORD_KEYS = ("alphas", "shapes", "decompositions")
+
+
 def _layer_record(layers):
-    """The state-dict entries a load checks a model's ``layers`` (name, layer) against: each layer's ``alpha``
-    and dense weight shape (a list, as JSON keeps it)."""
+    """The state-dict entries a load checks a model's ``layers`` (name, layer) against: each layer's ``alpha``,
+    its dense weight shape (a list, as JSON keeps it), and each conv's decomposition."""
     return {"alphas": {name: layer.alpha for name, layer in layers},
-            "shapes": {name: [int(n) for n in layer._dense_shape()] for name, layer in layers}}
+            "shapes": {name: [int(n) for n in layer._dense_shape()] for name, layer in layers},
+            "decompositions": {name: _decomposition(layer) for name, layer in layers
+                               if _decomposition(layer) is not None}}
+
+
+def _decomposition(layer):
+    """A conv layer's decomposition (``"svd"``, ``"tucker"``, ...), None for a layer without one (a linear)."""
+    return getattr(layer, "decomposition", None)
 
 
 def _check_saved_alpha(alphas, name):
@@ -139,6 +151,28 @@ def _check_saved_shapes(layers, shapes, who):
             raise ValueError(f"layer {name!r} has a {layer.weight_kind} of shape {tuple(layer._dense_shape())} "
                              f"but the checkpoint's is {tuple(shapes[name])}: the checkpoint is of a model with "
                              f"other layer sizes; build the model the saved run trained")
+
+
+def _check_saved_decompositions(layers, decompositions, who):
+    """ValueError naming the first of ``layers`` whose decomposition differs from ``decompositions`` (a state dict's
+    of the scheduler ``who``: layer name → decomposition, of the layers that have one), or TypeError/ValueError for
+    ``decompositions`` that are not that.  In every form: a full-form layer's next deflate makes an adapter of its
+    own decomposition, other factors than the saved run's."""
+    convs = [(name, layer) for name, layer in layers if _decomposition(layer) is not None]
+    try:
+        check_same_layers(decompositions, [name for name, _ in convs], "decompositions")
+        for name, _ in convs:
+            value = decompositions[name]
+            if not isinstance(value, str):
+                raise TypeError(f"decompositions[{name!r}] must be a str (the conv layer's decomposition), "
+                                f"got {type(value).__name__} ({value!r})")
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"invalid {who} state dict: {e}") from None
+    for name, layer in convs:
+        if decompositions[name] != layer.decomposition:
+            raise ValueError(f"layer {name!r} has decomposition {layer.decomposition!r} but the checkpoint has "
+                             f"{decompositions[name]!r}: the layer holds, or its next deflate makes, other factors "
+                             f"than the saved run's; convert the model with the same decomposition")
 
 
 def _alpha_mismatch(name, layer, saved):

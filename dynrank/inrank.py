@@ -30,8 +30,8 @@ from collections.abc import Mapping
 import torch
 
 from ._args import check_int, check_real
-from ._claims import (_GROWERS, _Claiming, _alpha_mismatch, _check_layers_held, _check_other_kind,
-                      _check_saved_alpha, _check_saved_shapes, _layer_record)
+from ._claims import (_GROWERS, RECORD_KEYS, _Claiming, _alpha_mismatch, _check_layers_held, _check_other_kind,
+                      _check_saved_alpha, _check_saved_decompositions, _check_saved_shapes, _layer_record)
 from ._checks import (call_back, check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_same_layers, check_switchable, check_sync,
                       check_trains_layers, check_untied, fork_layer_rngs, remove_copy, unwrap_model)
@@ -258,16 +258,18 @@ def _truncate_rank_(layer, rank, optimizer=None):
     gradient: it gets the layer's zero-output init instead (A column zero, B column random), so the
     product is the same (up to the rounding of the layer's dtype) and every component trains.  The
     SVD fit and its test for zero are :func:`~dynrank.linear.svd_factors`, which ``from_dense`` and
-    ``deflate(init="svd")`` use too.  Runs outside ``torch.inference_mode``, as ``grow_rank_``: the new
-    factors are ordinary parameters that train.
+    ``deflate(init="svd")`` use too.  The product is built in float64, and zero is judged by the layer's
+    dtype: held in a 16-bit dtype, a rank-deficient product's rounding would turn its surplus components
+    into noise ones.  Runs outside ``torch.inference_mode``, as ``grow_rank_``: the new factors are
+    ordinary parameters that train.
     """
     layer._check_switchable()
     old = [layer.A, layer.B]
-    merged = torch.zeros(layer.out_features, layer.in_features, dtype=layer.A.dtype, device=layer.A.device)
+    merged = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=layer.A.device)
     layer._merge_into_(merged, 1.0, layer.factors())
-    A, B = svd_factors(merged, rank, layer.scale_for(rank),
-                       fresh=lambda: layer._init_factors(rank, True, device=merged.device, dtype=merged.dtype)["B"])
-    _install(layer, A, B, rank, *old)
+    A, B = svd_factors(merged, rank, layer.scale_for(rank), dtype=layer.A.dtype,
+                       fresh=lambda: layer._init_factors(rank, True, device=merged.device, dtype=layer.A.dtype)["B"])
+    _install(layer, A.to(old[0].dtype), B.to(old[1].dtype), rank, *old)
     if optimizer is not None:
         replace_params(optimizer, old, [layer.A, layer.B], owner=layer, old_names=dict(zip(map(id, old), "AB")))
     for p in old:
@@ -702,7 +704,8 @@ class IncrementalRankScheduler(_Claiming):
 
     def state_dict(self):
         """Discovered and trained ranks, the step count, the settings, and each layer's ``alpha`` and dense weight
-        shape (which a load checks against the model's)."""
+        shape (which a load checks against the model's; the conv decompositions the record shared with
+        DynamicRankScheduler holds are none here: every layer is a linear)."""
         return {"last_step": self.last_step, "current": dict(self.current), "ranks": self.ranks,
                 "buffer": self.buffer, "threshold": self.threshold, "warmup_steps": self.warmup_steps,
                 "check_every": self.check_every, "max_rank": dict(self.max_rank),
@@ -710,8 +713,8 @@ class IncrementalRankScheduler(_Claiming):
 
     _STATE_KEYS = ("last_step", "current", "ranks", "buffer", "threshold", "warmup_steps", "check_every",
                    "max_rank")
-    # A state saved before "alphas" and "shapes" were kept loads with those unchecked.
-    _OPTIONAL_STATE_KEYS = ("alphas", "shapes")
+    # A state saved before "alphas", "shapes" and "decompositions" were kept loads with those unchecked.
+    _OPTIONAL_STATE_KEYS = RECORD_KEYS
 
     def _checked_state(self, state_dict):
         """``state_dict``'s values validated against this model (each layer's alpha and dense weight shape too,
@@ -731,6 +734,8 @@ class IncrementalRankScheduler(_Claiming):
         if "shapes" in state_dict:
             # first: a model of other sizes fails the rank checks as well
             _check_saved_shapes(self._layers, state_dict["shapes"], "IncrementalRankScheduler")
+        if "decompositions" in state_dict:
+            _check_saved_decompositions(self._layers, state_dict["decompositions"], "IncrementalRankScheduler")
         alphas = state_dict.get("alphas")
         try:
             settings = dict(zip(("buffer", "threshold", "warmup_steps", "check_every"), _check_settings(

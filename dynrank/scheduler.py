@@ -32,8 +32,8 @@ from collections.abc import Mapping
 import torch
 
 from ._args import check_int
-from ._claims import (_OWNERS, _Claiming, _alpha_mismatch, _check_layers_held, _check_other_kind,
-                      _check_saved_alpha, _check_saved_shapes, _layer_record)
+from ._claims import (_OWNERS, RECORD_KEYS, _Claiming, _alpha_mismatch, _check_layers_held, _check_other_kind,
+                      _check_saved_alpha, _check_saved_decompositions, _check_saved_shapes, _layer_record)
 from ._checks import (call_back, check_copy, check_finite, check_layer_names, check_model_and_optimizer,
                       check_new_copy, check_not_unconverted, check_one_group, check_same_layers, check_switchable,
                       check_sync, check_trains_layers, check_untied, fork_layer_rngs, form_layers, remove_copy,
@@ -708,7 +708,10 @@ class DynamicRankScheduler(_Claiming):
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self):
-        """Scheduler state: policy, last epoch, and each layer's form, rank, ``alpha`` and dense weight shape.
+        """Scheduler state: policy, last epoch, and each layer's form, rank, ``alpha``, dense weight shape,
+        decomposition (a conv's) and the rank it last had in lowrank form (None: never lowrank in this
+        process), which a load gives the layer back, so that :func:`~dynrank.cost.comp_ratio` counts a
+        resumed run's lowrank epochs at the saved run's rank.
 
         Save it with the model's and the optimizer's state dicts; restore with
         :meth:`load_state_dict`, before or after loading those two (or use
@@ -724,16 +727,20 @@ class DynamicRankScheduler(_Claiming):
                 "deflate_rank": dict(self.deflate_rank) if isinstance(self.deflate_rank, dict) else self.deflate_rank,
                 "forms": {name: layer.form for name, layer in self._layers},
                 "ranks": {name: layer.rank for name, layer in self._layers},
+                "lowrank_ranks": {name: layer._lowrank_rank for name, layer in self._layers},
                 **_layer_record(self._layers)}
 
     _STATE_KEYS = ("unit", "last_epoch", "inflate_epoch", "deflate_epoch", "forms", "ranks")
-    # A state saved before "alphas" and "shapes" were kept loads with those unchecked.
-    _OPTIONAL_STATE_KEYS = ("epochs", "deflate_init", "optimizer_state", "deflate_rank", "alphas", "shapes")
-    _LAYER_KEYS = ("forms", "ranks", "alphas", "shapes")
+    # A state saved before "alphas", "shapes" and "decompositions" were kept loads with those unchecked, and one
+    # saved before "lowrank_ranks" leaves the layers' own.
+    _OPTIONAL_STATE_KEYS = ("epochs", "deflate_init", "optimizer_state", "deflate_rank") + RECORD_KEYS + \
+        ("lowrank_ranks",)
+    _LAYER_KEYS = ("forms", "ranks") + RECORD_KEYS + ("lowrank_ranks",)
 
     def _checked_state(self, state_dict):
         """The policy settings of ``state_dict``, validated as the constructor does, and every layer's
-        form, rank, alpha and shape checked against this model; raises before anything is changed."""
+        form, rank, alpha, shape and decomposition checked against this model; raises before anything is
+        changed."""
         check_not_unconverted(self._layers, type(self).__name__)
         self._check_owner()
         self._check_model_layers()
@@ -754,6 +761,9 @@ class DynamicRankScheduler(_Claiming):
         if "shapes" in state_dict:
             # first: a model of other sizes fails every later check as well
             _check_saved_shapes(self._layers, shapes, "DynamicRankScheduler")
+        if "decompositions" in state_dict:
+            # before the ranks: another decomposition takes ranks of another kind (Tucker's a pair)
+            _check_saved_decompositions(self._layers, state_dict["decompositions"], "DynamicRankScheduler")
         try:
             settings = {key: state_dict.get(key, getattr(self, key)) for key in known
                         if key not in self._LAYER_KEYS + ("last_epoch",)}
@@ -768,11 +778,11 @@ class DynamicRankScheduler(_Claiming):
                 raise ValueError(f"last_epoch must be in [0, epochs={settings['epochs']}), got {last}")
             settings["last_epoch"] = last
             forms, ranks = state_dict["forms"], state_dict["ranks"]
-            alphas = state_dict.get("alphas")
-            for what in ("forms", "ranks", "alphas"):
+            alphas, lowrank_ranks = state_dict.get("alphas"), state_dict.get("lowrank_ranks")
+            for what in ("forms", "ranks", "alphas", "lowrank_ranks"):
                 if what in state_dict:
                     check_same_layers(state_dict[what], names, what)
-            checked = {}
+            checked, lowrank_checked = {}, {}
             for name in names:
                 if forms[name] not in FORMS:
                     raise ValueError(f"forms[{name!r}] must be one of {', '.join(FORMS)}, got {forms[name]!r}")
@@ -782,11 +792,21 @@ class DynamicRankScheduler(_Claiming):
                 except (TypeError, ValueError) as e:
                     raise type(e)(f"ranks[{name!r}] is not a valid rank of layer {name!r}: {e}") from None
                 _check_saved_alpha(alphas, name)
+                if lowrank_ranks is not None:
+                    try:
+                        lowrank_checked[name] = (None if lowrank_ranks[name] is None
+                                                 else layers[name]._check_rank(lowrank_ranks[name]))
+                    except (TypeError, ValueError) as e:
+                        raise type(e)(f"lowrank_ranks[{name!r}] is not a valid rank of layer {name!r} or None: "
+                                      f"{e}") from None
         except (TypeError, ValueError) as e:
             raise type(e)(f"invalid DynamicRankScheduler state dict: {e}") from None
         spec = settings["deflate_rank"]
         for name, layer in self._layers:
             rank, form = checked[name], forms[name]
+            # Compared as saved: a Tucker-like conv reads an int r as (r, r), a rank only another kind of layer
+            # saves (a list from JSON is the tuple).
+            saved_rank = rank if isinstance(ranks[name], (list, tuple)) else ranks[name]
             if layer.form != form:
                 self._path(name, layer.form, form)          # raises if the saved form cannot be reached
             # The switches keep the rank except a deflate, which takes the saved one.  In full form the rank
@@ -795,20 +815,22 @@ class DynamicRankScheduler(_Claiming):
             # deflate_rank for the layer its full-form rank is never used (a run rolled back from its adapters,
             # of that rank, to a full-form checkpoint).
             own_rank = (spec.get(name) if isinstance(spec, dict) else spec) is None
-            if layer.rank != rank and (form == "lowrank" or (form == "full" and own_rank)
-                                       or (form == "adapter" and layer.form == "adapter")):
+            if layer.rank != saved_rank and (form == "lowrank" or (form == "full" and own_rank)
+                                             or (form == "adapter" and layer.form == "adapter")):
                 how = ("build the scheduler with the saved deflate_rank, or deflate the layer to that rank"
                        if form == "adapter" else "convert the model with the same rank_ratio")
                 if shapes is None:                  # a state saved without shapes cannot tell the two apart
                     how += ", or the model has other layer sizes than the saved run's"
-                raise ValueError(f"layer {name!r} has rank {layer.rank} but the checkpoint has {rank}"
+                if isinstance(saved_rank, tuple) != isinstance(layer.rank, tuple):
+                    how += ", or with the saved run's decomposition"
+                raise ValueError(f"layer {name!r} has rank {layer.rank} but the checkpoint has {saved_rank}"
                                  f"{' (the rank its next deflate takes)' if form == 'full' else ''}; {how}")
             # The scale alpha / rank multiplies the loaded factors (lowrank, adapter) or the adapters the next
             # deflate makes: another alpha computes another function, or trains other adapters.
             if alphas is not None and alphas[name] != layer.alpha and (
                     form != "full" or settings["deflate_epoch"] is not None):
                 raise _alpha_mismatch(name, layer, alphas[name])
-        return settings, dict(forms), checked
+        return settings, dict(forms), checked, lowrank_checked
 
     def load_state_dict(self, state_dict):
         """Restore the policy and bring every layer to its saved form and rank.
@@ -835,6 +857,12 @@ class DynamicRankScheduler(_Claiming):
         a callback raised once the load was done).  Model copies
         (:meth:`add_model_copy`) are left alone: load their own state dicts.
 
+        Each layer gets back the rank it last had in lowrank form in the saved
+        run (None where it never was), which the cost of the lowrank epochs
+        reads (:func:`~dynrank.cost.comp_ratio`), also in a model converted at
+        another ``rank_ratio``; a state saved before it was kept leaves the
+        layer's own.
+
         A load that changes a layer's form calls the callbacks with a loaded
         event (``"loaded": True``, see :meth:`add_callback`): the layer's
         parameters are new, and a callback registers its tensor hooks on them.
@@ -851,8 +879,9 @@ class DynamicRankScheduler(_Claiming):
                 A layer whose dense weight shape differs from the saved one
                 (a model of other layer sizes; checked first), or whose
                 ``alpha`` does (in full form only where the saved schedule
-                deflates); a state saved before shapes and alphas were kept
-                loads unchecked for them.  Dynrank layers added to the
+                deflates), or whose decomposition does (a conv, in every
+                form); a state saved before shapes, alphas and
+                decompositions were kept loads unchecked for them.  Dynrank layers added to the
                 model or removed since this scheduler was built.
                 A layer that a scheduler built or copied after this one manages (once that one
                 is gone, one a live IncrementalRankScheduler built meanwhile manages).
@@ -864,13 +893,18 @@ class DynamicRankScheduler(_Claiming):
         """Apply what :meth:`_checked_state` returned (nothing left to check); returns the loaded event (None
         where no form changed), which the callbacks get now, or, ``notify=False``, from the caller
         (:func:`~dynrank.checkpoint.load_training_state`, once everything has loaded)."""
-        settings, forms, ranks = checked
+        settings, forms, ranks, lowrank_ranks = checked
         last_epoch = settings.pop("last_epoch")
         for key, value in settings.items():
             setattr(self, key, value)
         # A deflate draws its fresh factors on the layer's device: fork that device's generator too.
         with fork_layer_rngs(self._layers):
             changes = self._bring_to(forms, carry=False, ranks=ranks, init="zeros")
+        # The saved run's lowrank rank, which the cost of its lowrank epochs reads: a model converted at another
+        # rank_ratio (an adapter-form checkpoint loads into it) knows its own conversion's.
+        for name, layer in self._layers:
+            if name in lowrank_ranks:
+                layer._lowrank_rank = lowrank_ranks[name]
         self.last_epoch = last_epoch
         # The layers have new parameters: hooks registered on them in a callback must be registered again.
         event = self._event(last_epoch, changes, loaded=True) if changes else None

@@ -739,6 +739,24 @@ def test_truncating_a_rank_deficient_float32_product_finds_its_zero_components()
     assert layer.A[:, :3].norm(dim=0).min() > 0.1
 
 
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_truncating_a_rank_deficient_16_bit_product_finds_its_zero_components(dtype, tol):
+    """The product is merged in float64: held in a 16-bit dtype, its rounding gave a rank-3 product a tail near
+    1e-3·σ_max, whose components got noise columns (‖·‖ ≈ 0.01) instead of the zero-output init."""
+    torch.manual_seed(0)
+    layer = FusedLowRankLinear(48, 64, rank=16, dtype=dtype)
+    with torch.no_grad():
+        layer.A[:, 3:] = 0                                      # s·A·Bᵀ has rank 3 exactly
+    product = (layer.scale * layer.A.double() @ layer.B.double().T).detach()
+    model = nn.Sequential(layer)
+    IncrementalRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), init_rank=2, buffer=8)
+    assert layer.rank == 10 and layer.A.dtype == layer.B.dtype == dtype
+    assert rel_err(layer.scale * layer.A.double() @ layer.B.double().T, product) < tol
+    assert torch.equal(layer.A[:, 3:], torch.zeros(64, 7, dtype=dtype))
+    assert layer.B[:, 3:].double().norm(dim=0).min() > 0.5                 # Glorot columns, ‖·‖ ≈ 1.3
+    assert layer.A[:, :3].double().norm(dim=0).min() > 0.1
+
 def test_max_rank_caps_the_layers_kept_with_init_rank_none():
     """init_rank=None keeps each layer's rank and starts its discovered rank at rank − buffer; max_rank was
     ignored there (a rank-16 layer trained 16 components under max_rank=4, discovered rank 14)."""

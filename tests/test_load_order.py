@@ -5,6 +5,7 @@ optimizer kept stepping the old ones: the factors stopped training without a wor
 
 import copy
 import gc
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch.nn import functional as F
 from _scheduling import data, decay_groups, held, mlp, same_set, trainable
 from dynrank import DynamicRankScheduler, convert_model, load_training_state, training_state
 from dynrank.checkpoint import PER_ELEMENT_STATE
+from dynrank.cost import comp_ratio, param_counts
 from dynrank.inrank import IncrementalRankScheduler
 from dynrank.linear import FusedLowRankLinear
 
@@ -346,6 +348,111 @@ def test_a_full_form_checkpoint_at_another_rank_is_refused_where_the_deflate_tak
     saved["scheduler"]["deflate_rank"] = {"0": 1, "2": 2}                  # every layer deflates to a given rank
     load_training_state(saved, *target)
     assert target[2].forms() == {"0": "full", "2": "full"}
+
+
+# -- a conv's decomposition, and the rank a layer last had in lowrank form ------------------------------
+def _conv_run(decomposition, rank_ratio=0.5):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 4))
+    convert_model(model, rank_ratio=rank_ratio, decomposition=decomposition)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, opt, DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+
+
+def _conv_checkpoints(decomposition="svd"):
+    """The run's training_state after epochs 0 (lowrank), 1 (full) and 2 (adapter)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 8, 4, 4, generator=gen), torch.randint(0, 4, (4,), generator=gen)
+    run, saved = _conv_run(decomposition), {}
+    for epoch in range(3):
+        _epoch(*run, epoch, x, y)
+        saved[run[0][0].form] = copy.deepcopy(training_state(*run))
+    return saved
+
+
+@pytest.mark.parametrize("other", ["cp", "tucker", "tkd-cpd"])
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+def test_a_checkpoint_of_another_conv_decomposition_is_refused_in_every_form(form, other):
+    """A full-form checkpoint of an svd run loaded into a cp or Tucker model: its state dict holds only the
+    weight and the bias, and the rank check passed (a Tucker layer reads the saved 8 as its own (8, 8)), so the
+    resumed run's deflate made a cp/Tucker adapter where the saved run made an svd one.  The scheduler's state
+    names each conv's decomposition, and a load refuses another by name, before anything changes."""
+    saved = _conv_checkpoints()[form]
+    assert saved["scheduler"]["decompositions"] == {"0": "svd"}
+    model, opt, sched = _conv_run(other)
+    before = list(model.parameters())
+    message = rf"layer '0' has decomposition '{other}' but the checkpoint has 'svd'.*same decomposition"
+    with pytest.raises(ValueError, match=message):
+        sched.load_state_dict(saved["scheduler"])
+    with pytest.raises(ValueError, match=message):
+        load_training_state(saved, model, opt, sched)
+    assert sched.forms() == {"0": "lowrank"} and all(p is q for p, q in zip(model.parameters(), before))
+    assert len(list(model.parameters())) == len(before)
+
+
+def test_a_saved_int_rank_is_not_a_tucker_layers_pair():
+    """A state saved before the decompositions were kept loads unchecked for them, but its ranks are compared as
+    saved: an svd run's rank 8 is not a Tucker layer's (8, 8), which it reads the int as.  A Tucker run's own
+    state loads, its ranks a pair or (through JSON) a list."""
+    saved = _conv_checkpoints()["full"]
+    del saved["scheduler"]["decompositions"]
+    for other, rank in (("tucker", (8, 8)), ("tkd-cpd", (8, 8, 8))):
+        model, opt, sched = _conv_run(other)
+        with pytest.raises(ValueError, match=rf"layer '0' has rank {re.escape(str(rank))} but the checkpoint has "
+                                             rf"8 \(the rank its next deflate takes\); convert the model with the "
+                                             rf"same rank_ratio, or with the saved run's decomposition"):
+            load_training_state(saved, model, opt, sched)
+        assert sched.forms() == {"0": "lowrank"}
+    own = _conv_checkpoints("tucker")["full"]
+    assert own["scheduler"]["ranks"] == {"0": (8, 8)}
+    own["scheduler"]["ranks"] = {"0": [8, 8]}
+    model, opt, sched = _conv_run("tucker")
+    load_training_state(own, model, opt, sched)
+    assert sched.forms() == {"0": "full"} and model[0].rank == (8, 8)
+
+
+def _adapter_run(rank_ratio):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    convert_model(model, rank_ratio=rank_ratio)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return model, opt, DynamicRankScheduler(model, opt, 2, 4, deflate_rank=2)
+
+
+@pytest.mark.parametrize("order", ["scheduler first", "model first", "load_training_state"])
+def test_a_run_resumed_into_another_rank_ratio_counts_its_lowrank_epochs_at_its_own_rank(order):
+    """An adapter-form checkpoint loads into a model converted at another rank_ratio (the deflate takes the saved
+    ranks), but comp_ratio counted the run's lowrank epochs at the fresh conversion's rank (0.5817 for the saved
+    run's 0.7338).  The scheduler's state keeps the rank each layer last had in lowrank form, and the load gives
+    it back."""
+    E, I, D = 6, 2, 4
+    model, opt, sched = _adapter_run(0.5)
+    expected = comp_ratio(model, E, I, D, scheduler=sched)                # counted before training
+    for epoch in range(E):
+        sched.step(epoch)
+    assert comp_ratio(model, E, I, D) == expected
+    saved = copy.deepcopy(training_state(model, opt, sched))
+    assert saved["scheduler"]["lowrank_ranks"] == {"0": 16, "2": 16}
+    resumed, resumed_opt, resumed_sched = _adapter_run(0.25)
+    assert [resumed[i]._lowrank_rank for i in (0, 2)] == [8, 8]
+    if order == "scheduler first":
+        resumed_sched.load_state_dict(saved["scheduler"])
+        resumed.load_state_dict(saved["model"])
+    elif order == "model first":
+        resumed.load_state_dict(saved["model"])
+        resumed_sched.load_state_dict(saved["scheduler"])
+    else:
+        load_training_state(saved, resumed, resumed_opt, resumed_sched)
+    assert [resumed[i]._lowrank_rank for i in (0, 2)] == [16, 16]
+    assert comp_ratio(resumed, E, I, D) == expected
+    assert param_counts(resumed).lowrank == param_counts(model).lowrank
+    # A state saved before the lowrank ranks were kept leaves the layers' own; a wrong one is refused by name.
+    older, older_opt, older_sched = _adapter_run(0.25)
+    state = {k: v for k, v in saved["scheduler"].items() if k != "lowrank_ranks"}
+    older_sched.load_state_dict(state)
+    assert [older[i]._lowrank_rank for i in (0, 2)] == [8, 8]
+    with pytest.raises(TypeError, match=r"lowrank_ranks\['2'\] is not a valid rank of layer '2' or None: "):
+        older_sched.load_state_dict(dict(state, lowrank_ranks={"0": 16, "2": 16.0}))
 
 
 # -- load_training_state: the optimizer's settings, and a model on the meta device ----------------------
