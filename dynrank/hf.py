@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Mapping
 
 from ._args import check_int
+from ._claims import RECORD_KEYS
 from ._forms import FORMS
 from .monitor import _EPOCH_COLUMNS, RankMonitor
 from .scheduler import (DEFAULT_OPTIMIZER_STATE, DynamicRankScheduler, _check_choices, _check_schedule,
@@ -374,11 +375,11 @@ class DynamicRankCallback(TrainerCallback):
             if not isinstance(begun, list) or not all(isinstance(b, list) and len(b) == 2 for b in begun) \
                     or not isinstance(ended, bool):
                 raise ValueError("not the state DynamicRankCallback saves (epochs_begun, epoch_ended)")
-            # The layers' saved forms and ranks, and their alphas and shapes where saved (checked against the
-            # model's, as load_training_state does), under the callback's own schedule.
+            # The layers' saved forms and ranks, and their alphas, shapes, decompositions and lowrank ranks where
+            # saved (checked against the model's, as load_training_state does), under the callback's own schedule.
             kept = saved["scheduler"]
             scheduler.load_state_dict(dict(scheduler.state_dict(), forms=kept.get("forms"), ranks=kept.get("ranks"),
-                                           **{key: kept[key] for key in ("alphas", "shapes") if key in kept}))
+                                           **{key: kept[key] for key in RECORD_KEYS + ("lowrank_ranks",) if key in kept}))
         except (TypeError, ValueError) as e:
             raise type(e)(f"resuming at global step {state.global_step}: the schedule's state in the checkpoint's "
                           f"trainer_state.json (stateful_callbacks[{self.STATE_KEY!r}]) does not fit this model: "

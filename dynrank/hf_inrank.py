@@ -12,6 +12,7 @@ imports transformers)::
 import warnings
 from collections.abc import Mapping
 
+from ._claims import RECORD_KEYS
 from .hf import _LOADED, TrainerCallback, _check_one_process
 from .inrank import IncrementalRankScheduler, _check_ranks, _check_settings
 
@@ -159,7 +160,7 @@ class IncrementalRankCallback(TrainerCallback):
                 own, last_step=saved.get("last_step"), current=saved.get("current"), ranks=saved["ranks"],
                 max_rank={name: own["max_rank"][name] if cap is None else min(cap, own["max_rank"][name])
                           for name in own["max_rank"]},
-                **{key: saved[key] for key in ("alphas", "shapes") if key in saved}))
+                **{key: saved[key] for key in RECORD_KEYS if key in saved}))
         except (TypeError, ValueError) as e:
             raise type(e)(f"resuming at global step {state.global_step}: the InRank state in the checkpoint's "
                           f"trainer_state.json (stateful_callbacks[{self.STATE_KEY!r}]) does not fit this model: "
