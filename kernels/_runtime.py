@@ -22,7 +22,7 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 __all__ = ["interpreting", "check_launchable", "check_kernel_dtypes", "check_tensors", "check_scale",
-           "check_no_overlap", "check_no_grad_write", "launch_device"]
+           "check_no_overlap", "check_not_aliased", "check_no_grad_write", "launch_device"]
 
 # (whether Triton made its own library functions interpreter functions, a reader of TRITON_INTERPRET as
 # Triton parses it, Triton's class of compiled functions): resolved on the first launch.
@@ -161,6 +161,31 @@ def check_no_overlap(op, name, tensor):
     if torch.unique(offsets).numel() < tensor.numel():
         raise ValueError(f"{op} writes {name}, so its elements must not share memory, got a view whose "
                          f"elements overlap (shape {tuple(tensor.shape)}, strides {tensor.stride()})")
+
+
+def _byte_range(tensor):
+    """[first, last + 1) bytes that ``tensor``'s elements span in memory (empty for an empty tensor)."""
+    start = tensor.data_ptr()
+    if tensor.numel() == 0:
+        return start, start
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return start, start + (last + 1) * tensor.element_size()
+
+
+def check_not_aliased(op, name, tensor, **operands):
+    """ValueError where one of ``operands`` (name → tensor, which ``op`` reads) spans memory that
+    ``tensor`` (which ``op`` writes while it reads them) spans too: a factor that is a view of the
+    weight (``A = W[:, :4]``) would be read after some of its elements were written.  Ranges of
+    bytes, not elements, on one device: interleaved views whose elements differ are refused too."""
+    start, end = _byte_range(tensor)
+    for other_name, other in operands.items():
+        if other.device != tensor.device:
+            continue
+        other_start, other_end = _byte_range(other)
+        if start < other_end and other_start < end:
+            raise ValueError(f"{op} writes {name} while it reads {other_name}, so they must not share memory, "
+                             f"got {other_name} {tuple(other.shape)} in memory that {name} "
+                             f"{tuple(tensor.shape)} spans (pass {other_name}.clone())")
 
 
 def check_no_grad_write(op, name, tensor):

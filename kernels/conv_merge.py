@@ -22,11 +22,13 @@ permuted to the same column order, which is cheap because V is small.  A
 kernel with any other layout is merged through a contiguous copy.
 """
 
+import math
 import numbers
 
 import torch
 
-from ._runtime import check_kernel_dtypes, check_no_grad_write, check_no_overlap, check_scale, check_tensors
+from ._runtime import (check_kernel_dtypes, check_no_grad_write, check_no_overlap, check_not_aliased, check_scale,
+                       check_tensors)
 from .merge import merge_
 
 __all__ = ["conv_merge_", "reference_conv_merge", "reference_svd_kernel", "reference_tucker_kernel",
@@ -63,8 +65,8 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
 
     Raises:
         ValueError: shapes that do not fit, tensors on different devices, a meta tensor, a weight whose
-            elements share memory (an expanded view), ``groups`` below 1, an alpha that is not finite
-            or past float32's range.
+            elements share memory (an expanded view), a U or V within the bytes the weight spans (a
+            view of it), ``groups`` below 1, an alpha that is not finite or past float32's range.
         TypeError: an operand that is not a tensor; a tensor that is not float32, float16 or bfloat16
             (float64 would lose its precision in the fp32 accumulation); ``groups`` that is not an int;
             an alpha that is not a real number.
@@ -102,6 +104,7 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
     check_no_grad_write("conv_merge_", "weight", weight)
     # Before the per-group merges, each of which sees only its own rows.
     check_no_overlap("conv_merge_", "weight", weight)
+    check_not_aliased("conv_merge_", "weight", weight, U=U, V=V)
     if weight.numel() == 0 or qg == 0:
         # Nothing to add (as merge_); an empty kernel has no matrix view, nor its contiguous copy.
         return weight
@@ -122,7 +125,7 @@ def reference_conv_merge(weight, U, V, alpha=1.0, groups=1):
     F_out, qg = U.shape
     Fg = F_out // groups
     U3 = U.double().reshape(groups, Fg, qg)
-    V3 = V.double().reshape(groups, qg, -1)
+    V3 = V.double().reshape(groups, qg, math.prod(V.shape[1:]))     # -1 is no size when q = 0
     return weight.double() + alpha * torch.bmm(U3, V3).reshape(weight.shape)
 
 

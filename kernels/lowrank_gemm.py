@@ -41,12 +41,18 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 @triton.jit
 def _dot_loop(acc, p_a, p_b, size, step_a, step_b, o_k, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+              BLOCK_K: tl.constexpr, INDEX_64: tl.constexpr):
     """acc += A·B over a reduction of ``size``: A tiles (rows, BLOCK_K) at p_a, B tiles (BLOCK_K, cols) at p_b.
 
     ``step_a``/``step_b`` are the strides along the reduction; only that dimension is masked
-    (the caller wraps rows and columns into range).
+    (the caller wraps rows and columns into range).  Under INDEX_64 the caller passes an int64
+    ``o_k`` and the pointer steps are formed in int64.
     """
+    if INDEX_64:
+        # BLOCK_K times an int32 stride need not fit int32.  tl.cast, not .to: a stride of 1 comes
+        # as a constant.
+        step_a = tl.cast(step_a, tl.int64)
+        step_b = tl.cast(step_b, tl.int64)
     for k0 in range(0, size, BLOCK_K):
         m_k = (k0 + o_k) < size
         b_a = tl.load(p_a, mask=m_k[None, :], other=0.0)
@@ -104,12 +110,15 @@ def _lowrank_gemm_kernel(
     r_m = o_m % M
     r_n = o_n % N
     o_k = tl.arange(0, BLOCK_K)
+    if INDEX_64:   # the reduction's index too: a stride that fits int32 comes as int32, and o_k·stride wraps
+        o_k = o_k.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_U:
         p_u = u_ptr + r_m[:, None] * stride_um + o_k[None, :] * stride_ur
         p_v = vt_ptr + o_k[:, None] * stride_vr + r_n[None, :] * stride_vn
-        acc = _dot_loop(acc, p_u, p_v, R, stride_ur, stride_vr, o_k, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+        acc = _dot_loop(acc, p_u, p_v, R, stride_ur, stride_vr, o_k, DOT_FP32, INPUT_PRECISION, BLOCK_K,
+                        INDEX_64)
         if HAS_X:
             acc = acc * beta_over_alpha
         else:
@@ -117,7 +126,8 @@ def _lowrank_gemm_kernel(
     if HAS_X:
         p_x = x_ptr + r_m[:, None] * stride_xm + o_k[None, :] * stride_xk
         p_w = wt_ptr + o_k[:, None] * stride_wk + r_n[None, :] * stride_wn
-        acc = _dot_loop(acc, p_x, p_w, K, stride_xk, stride_wk, o_k, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+        acc = _dot_loop(acc, p_x, p_w, K, stride_xk, stride_wk, o_k, DOT_FP32, INPUT_PRECISION, BLOCK_K,
+                        INDEX_64)
         acc = acc * alpha
     if HAS_BIAS:
         b_bias = tl.load(bias_ptr + r_n)
@@ -128,11 +138,23 @@ def _lowrank_gemm_kernel(
     tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_o)
 
 
+# A tile's indices run up to one tile past a size (pid·BLOCK + arange); a tile is at most 2**20
+# elements, Triton's largest block.
+_INT32_SIZE = 2 ** 31 - 2 ** 20
+
+
 def _needs_int64(*tensors):
-    """True if an element offset of any 2-D operand can reach 2**31 (then the kernel indexes in int64)."""
+    """True if an element offset of any 2-D operand can reach 2**31, or a size comes within a tile of it
+    (then the kernel indexes in int64).
+
+    The largest offset is (rows - 1)·|row stride| + (cols - 1)·|col stride|, reduction axes included;
+    a loop's pointer step (BLOCK_K·stride) is at most that whenever the loop takes a second step.
+    The int32 variant forms larger offsets only in lanes past an edge, which are masked, and in the
+    pointers past a loop's last step, which are never read.
+    """
     for t in tensors:
         (rows, cols), (row_stride, col_stride) = t.shape, t.stride()
-        if (rows - 1) * abs(row_stride) + (cols - 1) * abs(col_stride) >= 2 ** 31:
+        if (rows - 1) * abs(row_stride) + (cols - 1) * abs(col_stride) >= 2 ** 31 or max(rows, cols) > _INT32_SIZE:
             return True
     return False
 

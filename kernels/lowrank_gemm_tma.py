@@ -51,8 +51,11 @@ def _lowrank_gemm_tma_kernel(
     if HAS_X:
         acc = _tma_dot_loop(acc, x_desc, w_desc, off_m, off_n, K, W_T, DOT_FP32, BLOCK_K)
         acc = acc * alpha
-    o_m = off_m + tl.arange(0, BLOCK_M)
-    o_n = off_n + tl.arange(0, BLOCK_N)
+    # The store's offsets in int64: the (M, N) output may pass 2**31 elements, where descriptors (which
+    # read the operands) address in 64 bits and pointers offset by an int32 product would wrap.  Once
+    # per tile, after the loops.
+    o_m = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+    o_n = (off_n + tl.arange(0, BLOCK_N)).to(tl.int64)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o_n, mask=o_n < N, other=0.0).to(tl.float32)[None, :]
     mask = (o_m < M)[:, None] & (o_n < N)[None, :]

@@ -43,6 +43,18 @@ def _check_operands(op, scale, **operands):
     return check_scale(op, "scale", scale)
 
 
+def _check_shapes(op, x, weight, A, B, bias=None, dy=None, xbs=None):
+    """ValueError naming the first operand (None: absent) whose shape does not fit x (M, K) and A (N, R):
+    B (K, R), weight (N, K), bias (N,), dy (M, N), xbs (M, R).  Checked here, not left to the engine:
+    its launches name their own operands (x·wt, u·vt), and dA = dyᵀ·xbs takes an xbs of any rank."""
+    (M, K), (N, R) = x.shape, A.shape
+    for name, t, shape in (("B", B, (K, R)), ("weight", weight, (N, K)), ("bias", bias, (N,)),
+                           ("dy", dy, (M, N)), ("xbs", xbs, (M, R))):
+        if t is not None and t.shape != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)} (for x {tuple(x.shape)} "
+                             f"and A {tuple(A.shape)})")
+
+
 def lowrank_linear_forward(x, weight, A, B, bias=None, scale=1.0):
     """Fused forward.
 
@@ -58,10 +70,11 @@ def lowrank_linear_forward(x, weight, A, B, bias=None, scale=1.0):
     Raises:
         TypeError: an operand that is not a tensor (weight and bias may be None), a scale that is not
             a real number; the engine's (:func:`lowrank_gemm`) dtype errors.
-        ValueError: an operand other than bias that is not 2-D, a meta tensor, a scale that is not
-            finite or past float32's range; the engine's shape errors.
+        ValueError: an operand other than bias that is not 2-D, shapes that do not fit x (M, K) and
+            A (N, R), a meta tensor, a scale that is not finite or past float32's range.
     """
     scale = _check_operands("lowrank_linear_forward", scale, x=x, weight=weight, A=A, B=B, bias=bias)
+    _check_shapes("lowrank_linear_forward", x, weight, A, B, bias)
     xbs = lowrank_gemm(x, B, alpha=scale)
     if weight is not None:
         y = lowrank_gemm(x, weight.t(), xbs, A.t(), bias)
@@ -83,9 +96,11 @@ def lowrank_linear_backward(dy, x, weight, A, B, xbs, scale=1.0, needs_dx=True, 
         ``weight``: it is the frozen W_f.
 
     Raises:
-        TypeError, ValueError: as :func:`lowrank_linear_forward` (dy, x and xbs must be tensors too).
+        TypeError, ValueError: as :func:`lowrank_linear_forward` (dy, x and xbs must be 2-D tensors too,
+            dy of shape (M, N) and xbs (M, R)).
     """
     scale = _check_operands("lowrank_linear_backward", scale, dy=dy, x=x, weight=weight, A=A, B=B, xbs=xbs)
+    _check_shapes("lowrank_linear_backward", x, weight, A, B, dy=dy, xbs=xbs)
     dx = dA = dB = None
     dyas = lowrank_gemm(dy, A, alpha=scale) if (needs_dx or needs_dB) else None
     if needs_dx:

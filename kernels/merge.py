@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import (check_kernel_dtypes, check_launchable, check_no_grad_write, check_no_overlap, check_scale,
-                       check_tensors, interpreting, launch_device)
+from ._runtime import (check_kernel_dtypes, check_launchable, check_no_grad_write, check_no_overlap,
+                       check_not_aliased, check_scale, check_tensors, interpreting, launch_device)
 from .lowrank_gemm import _cdiv, _dot_loop, _fit, _input_precision, _needs_int64
 
 __all__ = ["merge_", "reference_merge"]
@@ -85,9 +85,11 @@ def _merge_kernel(
         # The engine's rank loop; rows and columns past the edge wrap into range (the store masks
         # their results off), so only the rank is masked.
         o_r = tl.arange(0, BLOCK_R)
+        if INDEX_64:   # o_r multiplies the rank strides: int64 as the row and column indices are
+            o_r = o_r.to(tl.int64)
         p_a = a_ptr + (o_n % N)[:, None] * stride_an + o_r[None, :] * stride_ar
         p_b = b_ptr + o_r[:, None] * stride_br + (o_k % K)[None, :] * stride_bk
-        acc = _dot_loop(acc, p_a, p_b, R, stride_ar, stride_br, o_r, DOT_FP32, INPUT_PRECISION, BLOCK_R)
+        acc = _dot_loop(acc, p_a, p_b, R, stride_ar, stride_br, o_r, DOT_FP32, INPUT_PRECISION, BLOCK_R, INDEX_64)
     b_new = b_w.to(tl.float32) + alpha * acc
     tl.store(p_w, b_new.to(w_ptr.dtype.element_ty), mask=m_w)
 
@@ -130,9 +132,11 @@ def merge_(weight, A, B, alpha=1.0, config=None):
 
     Raises:
         ValueError: on shapes that do not fit, a weight whose elements share memory (an
-            expanded view, an unfold's windows), a meta tensor, an alpha that is not finite or
-            past float32's range.  Devices are the caller's to check (``dynrank.functional.merge_``
-            and ``conv_merge_`` do).
+            expanded view, an unfold's windows), an A or B that lies within the bytes the weight
+            spans (a view of it, such as ``weight[:, :R]``, which the kernel would read after
+            writing some of it; also columns beside the weight's in one buffer), a meta tensor, an
+            alpha that is not finite or past float32's range.  Devices are the caller's to check
+            (``dynrank.functional.merge_`` and ``conv_merge_`` do).
         TypeError: an operand that is not a tensor; a tensor that is not float32, float16 or
             bfloat16 (float64 would lose its precision in the fp32 accumulation, an integer weight
             would take a truncated sum); an alpha that is not a real number.
@@ -158,6 +162,7 @@ def merge_(weight, A, B, alpha=1.0, config=None):
     check_kernel_dtypes("merge_", weight=weight, A=A, B=B)
     check_no_grad_write("merge_", "weight", weight)
     check_no_overlap("merge_", "weight", weight)
+    check_not_aliased("merge_", "weight", weight, A=A, B=B)
     if weight.numel() == 0 or A.shape[1] == 0:
         return weight
     if A.dtype != B.dtype:

@@ -134,7 +134,8 @@ def test_conv_merge_refuses_a_weight_whose_elements_overlap(layout):
 @pytest.mark.parametrize("case", ["F=0", "kh=0", "q=0", "q=0 groups=2"])
 def test_conv_merge_leaves_an_empty_kernel_or_rank_0_as_it_is(case):
     """F = 0 (or kh = 0) recursed until RecursionError (an empty kernel has no matrix view, nor has its
-    contiguous copy), q = 0 was reshape's "ambiguous -1" RuntimeError; merge_ returns such a weight as it is."""
+    contiguous copy), q = 0 was reshape's "ambiguous -1" RuntimeError; merge_ returns such a weight as it is.
+    reference_conv_merge raised that RuntimeError for q = 0."""
     device = _device()
     F_out, Cg, kh, kw, q, groups = {"F=0": (0, 3, 3, 3, 2, 1), "kh=0": (4, 3, 0, 3, 2, 1),
                                     "q=0": (4, 3, 3, 3, 0, 1), "q=0 groups=2": (4, 3, 3, 3, 0, 2)}[case]
@@ -143,6 +144,31 @@ def test_conv_merge_leaves_an_empty_kernel_or_rank_0_as_it_is(case):
     U, V = torch.randn(F_out, q // groups, device=device), torch.randn(q, Cg, kh, kw, device=device)
     assert conv_merge_(weight, U, V, 0.5, groups) is weight
     assert torch.equal(weight, before)
+    # Its reference too: reshape's -1 has no size among 0 elements.
+    assert torch.equal(reference_conv_merge(before, U, V, 0.5, groups), before.double())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("operand", ["U", "V"])
+def test_conv_merge_refuses_an_operand_that_shares_memory_with_the_weight(operand, layout):
+    """U or V a view of the weight was read while the kernel wrote it (or, through the copy of a layout
+    with no matrix view, read from the old kernel): refused as merge_ refuses it."""
+    device = _device()
+    weight = _layout(torch.randn(6, 3, 3, 2, device=device), layout)
+    U, V = torch.randn(6, 2, device=device), torch.randn(2, 3, 3, 2, device=device)
+    if operand == "U":
+        U, shape = weight[:, 0, 0, :], (6, 2)
+    else:
+        V, shape = weight[:2], (2, 3, 3, 2)
+    before = weight.clone()
+    with pytest.raises(ValueError, match=re.escape(f"conv_merge_ writes weight while it reads {operand}, so they "
+                                                   f"must not share memory, got {operand} {shape} in memory that "
+                                                   f"weight (6, 3, 3, 2) spans (pass {operand}.clone())")):
+        conv_merge_(weight, U, V, 0.5)
+    assert torch.equal(weight, before)
+    expected = reference_conv_merge(weight, U, V, 0.5)
+    conv_merge_(weight, U.clone(), V.clone(), 0.5)
+    assert rel_err(weight, expected) < REL_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])

@@ -5,7 +5,9 @@ shapes); with CUDA they are compiled natively.  Every case first checks that
 the low-rank term changes the result, so it cannot pass vacuously.
 """
 
+import mmap
 import re
+import sys
 
 import pytest
 import torch
@@ -259,6 +261,92 @@ def test_the_int64_kernel_variant_computes_the_same(device, monkeypatch):
     u, vt = torch.randn(M, R, device=device), torch.randn(R, N, device=device)
     out = lowrank_gemm(x, wt, u, vt, alpha=0.75, beta=-1.5)
     assert rel_err(out, reference_lowrank_gemm(x, wt, u, vt, alpha=0.75, beta=-1.5)) < REL_TOL[torch.float32]
+
+
+def test_int64_indexing_covers_tile_indices_past_a_size():
+    """A tile's indices run up to a tile past its size (pid·BLOCK + arange): a (2**31 - 2**10)-row column
+    whose last offset fits int32 still takes the int64 variant, or its last row tile's indices wrap."""
+    from types import SimpleNamespace
+
+    from dynrank.kernels.lowrank_gemm import _needs_int64
+    view = lambda shape, stride: SimpleNamespace(shape=shape, stride=lambda: stride)  # noqa: E731
+    assert _needs_int64(view((2 ** 31 - 2 ** 10, 1), (1, 1)))
+    assert not _needs_int64(view((2 ** 30, 1), (1, 1)))
+
+
+# Linux's MAP_NORESERVE (its value on x86 and ARM where the mmap module does not name it): the mapping takes
+# no memory until a page is written, so 8 GiB of address space costs the few pages a test writes.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
+def _far_view(shape, strides, dtype=torch.float16):
+    """A CPU tensor of random values with these strides, 2**31 elements into an anonymous mapping: offsets
+    past 2**31 elements in a few kB of memory.  An offset that wraps to -2**31 in int32 reads the zeros
+    below the tensor (a wrong value, not a crash)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux's MAP_NORESERVE")
+    start = 2 ** 31
+    elements = start + sum((n - 1) * s for n, s in zip(shape, strides)) + 1
+    try:
+        buffer = mmap.mmap(-1, elements * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    except OSError as error:    # a strict overcommit policy or an address-space limit
+        pytest.skip(f"cannot map {elements} elements of address space: {error}")
+    view = torch.frombuffer(buffer, dtype=dtype).as_strided(shape, strides, start)   # keeps the buffer alive
+    return view.copy_(torch.randn(shape))
+
+
+@pytest.mark.skipif(DEVICES != ["cpu"], reason="the CPU views need Triton's interpreter")
+@pytest.mark.parametrize("case", ["x column stride", "x column step", "wt row stride", "merge A rank stride",
+                                  "merge B rank step"])
+def test_int64_offsets_along_the_reduction_axis(case):
+    """Under INDEX_64 only the row and column tile indices were int64: index·stride along the reduction
+    (o_k·stride_xk, o_r·stride_ar) and the loop's pointer step BLOCK·stride stayed int32 and wrapped to
+    -2**31, a read 2**31 elements before the operand (a segfault; here, zeros).  The interpreter's tiles
+    have BLOCK_K = 64: K = 3 at stride 2**30 wraps the index product, K = 65 at 2**25 the step."""
+    from dynrank.kernels import lowrank_gemm, merge_, reference_lowrank_gemm, reference_merge
+    from dynrank.kernels.lowrank_gemm import _needs_int64
+    if case.startswith("merge"):
+        N, K, R = 5, 7, 3 if case == "merge A rank stride" else 65
+        stride = 2 ** 30 if case == "merge A rank stride" else 2 ** 25
+        A, B = torch.randn(N, R).half(), torch.randn(K, R).half()
+        if case == "merge A rank stride":
+            A = _far_view((N, R), (1, stride))
+        else:
+            B = _far_view((K, R), (1, stride))
+        weight = torch.randn(N, K)
+        expected = reference_merge(weight, A, B, 0.5)
+        assert _needs_int64(weight, A, B) and rel_err(weight, expected) > 0.1
+        merge_(weight, A, B, 0.5)
+        assert rel_err(weight, expected) < REL_TOL[torch.float16]
+        return
+    M, N = 4, 5
+    K, stride = (65, 2 ** 25) if case == "x column step" else (3, 2 ** 30)
+    if case == "wt row stride":
+        x, wt = torch.randn(M, K).half(), _far_view((K, N), (stride, 1))
+    else:
+        x, wt = _far_view((M, K), (1, stride)), torch.randn(K, N).half()
+    assert _needs_int64(x, wt)
+    out = lowrank_gemm(x, wt)
+    assert rel_err(out, reference_lowrank_gemm(x, wt)) < REL_TOL[torch.float16]
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="reduction strides past 2**31 / BLOCK_K need GiBs: CUDA only")
+@pytest.mark.parametrize("K, stride", [(3, 2 ** 30), (65, 2 ** 25)], ids=["index product", "pointer step"])
+def test_int64_offsets_along_the_reduction_axis_on_cuda(K, stride):
+    """x as the (T, C) view of a (C, T) fp16 activation with T = stride tokens: its column stride times
+    the column (K = 3 at 2**30) or the loop's step BLOCK_K·stride (64·2**25, K = 65 for a second step)
+    reaches 2**31, which int32 offsets wrapped (an illegal access or wrong values)."""
+    from dynrank.kernels import lowrank_linear_forward
+    M, N, R = 8, 16, 4
+    storage = torch.zeros((K - 1) * stride + M, device="cuda", dtype=torch.float16)
+    x = storage.as_strided((M, K), (1, stride))
+    x.copy_(torch.randn(M, K, device="cuda"))
+    weight = torch.randn(N, K, device="cuda", dtype=torch.float16) / K ** 0.5
+    A, B = torch.randn(N, R, device="cuda", dtype=torch.float16), torch.randn(K, R, device="cuda", dtype=torch.float16)
+    y, _ = lowrank_linear_forward(x, weight, A, B)
+    xd = x.double()
+    ref = xd @ weight.double().t() + (xd @ B.double()) @ A.double().t()
+    assert rel_err(y, ref) < REL_TOL[torch.float16]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -544,3 +632,53 @@ def test_linear_kernels_refuse_operands_that_are_not_2d(device, op, name):
     for shape in ((1, *kwargs[name].shape), tuple(kwargs[name].shape[:1])):
         with pytest.raises(ValueError, match=re.escape(f"{op}: {name} must be 2-D, got shape {shape}")):
             fn(**{**kwargs, name: torch.randn(shape, device=device)})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op, name, shape", [
+    ("lowrank_linear_forward", "B", (4, 3)), ("lowrank_linear_forward", "B", (6, 2)),
+    ("lowrank_linear_forward", "weight", (5, 6)), ("lowrank_linear_forward", "bias", (4,)),
+    ("lowrank_linear_backward", "xbs", (3, 5)), ("lowrank_linear_backward", "xbs", (4, 2)),
+    ("lowrank_linear_backward", "dy", (3, 6)), ("lowrank_linear_backward", "dy", (2, 5)),
+    ("lowrank_linear_backward", "B", (4, 3)), ("lowrank_linear_backward", "weight", (6, 4))])
+def test_linear_kernels_name_an_operand_of_the_wrong_shape(device, op, name, shape):
+    """An xbs of another rank came back as a dA of that rank, no error; the other mistakes were reported in
+    the engine's names (``lowrank_gemm: x·wt shapes do not chain`` for a dy of the wrong width)."""
+    fn, kwargs = _entry_points(device)[op]      # x (3, 4) and A (5, 2): M, K, N, R = 3, 4, 5, 2
+    expected = {"B": (4, 2), "weight": (5, 4), "bias": (5,), "dy": (3, 5), "xbs": (3, 2)}[name]
+    with pytest.raises(ValueError, match=re.escape(f"{op}: {name} must have shape {expected}, got {shape} "
+                                                   f"(for x (3, 4) and A (5, 2))")):
+        fn(**{**kwargs, name: torch.randn(shape, device=device)})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("factor", ["A = weight[:, :4]", "B = weight[:4].t()", "A interleaved with weight's rows"])
+def test_merge_refuses_a_factor_that_shares_memory_with_the_weight(device, factor):
+    """A factor that is a view of the weight was read while the kernel wrote it: values off by 28 to 31,
+    without a word."""
+    from dynrank.kernels import merge_, reference_merge
+    weight = torch.randn(10, 13, device=device)
+    A, B = torch.randn(10, 4, device=device), torch.randn(13, 4, device=device)
+    if factor == "A = weight[:, :4]":
+        A, name, shape = weight[:, :4], "A", (10, 4)
+    elif factor == "B = weight[:4].t()":
+        B, name, shape = weight[:4].t(), "B", (13, 4)
+    else:                   # elements apart from the weight's, within the bytes it spans: refused too
+        storage = torch.randn(10, 17, device=device)
+        weight, A, name, shape = storage[:, :13], storage[:, 13:], "A", (10, 4)
+    before = weight.clone()
+    with pytest.raises(ValueError, match=re.escape(f"merge_ writes weight while it reads {name}, so they must not "
+                                                   f"share memory, got {name} {shape} in memory that weight "
+                                                   f"(10, 13) spans (pass {name}.clone())")):
+        merge_(weight, A, B, 0.5)
+    assert torch.equal(weight, before)
+    # The same values as separate tensors merge; so do factors elsewhere in the weight's storage.
+    expected = reference_merge(weight, A, B, 0.5)
+    assert rel_err(weight, expected) > 0.1
+    merge_(weight, A.clone(), B.clone(), 0.5)
+    assert rel_err(weight, expected) < REL_TOL[torch.float32]
+    storage = torch.randn(10 * 13 + 10 * 4 + 13 * 4, device=device)
+    weight, A, B = storage[:130].view(10, 13), storage[130:170].view(10, 4), storage[170:].view(13, 4)
+    expected = reference_merge(weight, A, B, 0.5)
+    merge_(weight, A, B, 0.5)
+    assert rel_err(weight, expected) < REL_TOL[torch.float32]

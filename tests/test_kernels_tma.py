@@ -106,3 +106,20 @@ def test_host_checks_are_the_engines(case):
     operands = dict(x=make(16, 16), wt=make(16, 16), u=make(16, 16), vt=make(16, 16))
     with pytest.raises(error, match=re.escape(message)):
         lowrank_gemm_tma(**{**operands, **change(operands)}, config=CONFIG)
+
+
+@pytest.mark.skipif(not ("cuda" in kernel_devices() and torch.cuda.get_device_capability()[0] >= 9),
+                    reason="an output of 2**31 elements needs 4 GiB and a Hopper GPU")
+def test_an_output_past_2_31_elements_is_stored_through_int64_offsets():
+    """The descriptors read the operands with 64-bit addresses, but the store's offsets o_m·stride_om were
+    int32: rows from 2**16 on of a (2**16 + 32, 2**15) output wrapped (an illegal access or misplaced rows)."""
+    from dynrank.kernels import reference_lowrank_gemm
+    from dynrank.kernels.lowrank_gemm_tma import lowrank_gemm_tma
+    M, K, N, R = 2 ** 16 + 32, 32, 2 ** 15, 16
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    x, wt, u, vt = make(M, K), make(K, N), make(M, R), make(R, N)
+    config = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    out = lowrank_gemm_tma(x, wt, u, vt, alpha=0.5, beta=-1.5, config=config)
+    rows = torch.tensor([0, 2 ** 16 - 1, 2 ** 16, M - 1], device="cuda")
+    ref = reference_lowrank_gemm(x[rows], wt, u[rows], vt, alpha=0.5, beta=-1.5)
+    assert rel_err(out[rows], ref) < REL_TOL[torch.bfloat16]
