@@ -587,7 +587,8 @@ def merge_(weight, A, B, alpha=1.0):
 
     Raises:
         ValueError: shapes that do not fit, tensors on different devices, a weight whose elements share
-            memory (an expanded view, an unfold's windows), an alpha that is not finite, or (no tensor
+            memory (an expanded view, an unfold's windows), a factor in the weight's memory (a view of it
+            such as ``W[:, :r]``: pass a copy), an alpha that is not finite, or (no tensor
             float64) above float32's largest value, 3.4e38, in magnitude.
         TypeError: tensors that are not floating point, an alpha that is not a number.
 
@@ -609,8 +610,9 @@ def merge_(weight, A, B, alpha=1.0):
     if (A.dtype == weight.dtype == B.dtype and weight.is_floating_point() and A.dim() == 2 and B.dim() == 2
             and not (weight.is_meta or A.is_meta or B.is_meta) and backend_for(weight.device, "merge", *dtypes) == "torch"):
         # Common case first: torch's addmm_ refuses every other mistake itself (see lowrank_linear), but
-        # not a weight whose elements overlap (an unfold's windows).
+        # not a weight whose elements overlap (an unfold's windows), nor a factor in the weight's memory.
         check_no_overlap("merge_", weight)
+        _check_not_aliased(weight, A, B)
         try:
             return weight.addmm_(A, B.t(), alpha=alpha)
         except RuntimeError:
@@ -622,11 +624,24 @@ def merge_(weight, A, B, alpha=1.0):
         from .kernels import merge_ as kernel_merge_
         return kernel_merge_(weight, A, B, alpha)
     if A.dtype == weight.dtype == B.dtype:
+        _check_not_aliased(weight, A, B)
         return weight.addmm_(A, B.t(), alpha=alpha)
     # Mixed dtypes: in fp32 (or wider), as the kernel and addmm_ accumulate.
     acc = torch.promote_types(torch.promote_types(A.dtype, B.dtype),
                               torch.promote_types(weight.dtype, torch.float32))
     return add_rounded_once_(weight, acc, weight.shape, lambda w: w.addmm_(A.to(acc), B.to(acc).t(), alpha=alpha))
+
+
+def _check_not_aliased(weight, A, B):
+    """ValueError where A or B lies in ``weight``'s memory (``A = W[:, :r]``): ``addmm_`` reads it after
+    writing some of it, as the kernel would (``kernels.merge_`` refuses it by the same rule).  Skipped where
+    there are no data pointers to compare: traced by ``torch.compile``, under a FakeTensorMode, for a
+    tensor subclass."""
+    if torch.compiler.is_compiling() or _fake_mode_active() or \
+            any(type(t) not in _PLAIN_TENSORS for t in (weight, A, B)):
+        return
+    from .kernels._runtime import check_not_aliased
+    check_not_aliased("merge_", "weight", weight, A=A, B=B)
 
 
 def add_rounded_once_(weight, acc, shape, add_):

@@ -682,3 +682,26 @@ def test_merge_refuses_a_factor_that_shares_memory_with_the_weight(device, facto
     expected = reference_merge(weight, A, B, 0.5)
     merge_(weight, A, B, 0.5)
     assert rel_err(weight, expected) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("factor", ["A = weight[:, :4]", "B = weight[:4].t()"])
+def test_functional_merge_on_the_torch_engine_refuses_a_factor_in_the_weights_memory(torch_backend, factor):
+    """dynrank.functional.merge_ on torch's addmm_ gave wrong values for B = W[:4].t(), without a word; it
+    refuses as the kernel does (float64 takes addmm_ on every engine)."""
+    from dynrank.functional import merge_
+    from dynrank.kernels import reference_merge
+    for dtype in (torch.float32, torch.float64):
+        weight = torch.randn(10, 13, dtype=dtype)
+        A, B = torch.randn(10, 4, dtype=dtype), torch.randn(13, 4, dtype=dtype)
+        if factor == "A = weight[:, :4]":
+            A, name, shape = weight[:, :4], "A", (10, 4)
+        else:
+            B, name, shape = weight[:4].t(), "B", (13, 4)
+        before = weight.clone()
+        with pytest.raises(ValueError, match=re.escape(f"merge_ writes weight while it reads {name}, so they must "
+                                                       f"not share memory, got {name} {shape}")):
+            merge_(weight, A, B, 0.5)
+        assert torch.equal(weight, before)
+        expected = reference_merge(weight, A, B, 0.5)
+        merge_(weight, A.clone(), B.clone(), 0.5)
+        assert rel_err(weight, expected) < REL_TOL[dtype]
