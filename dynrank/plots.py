@@ -247,7 +247,8 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
 
     Raises:
         ImportError: matplotlib missing.  TypeError: ``keys`` not names.
-        ValueError: no scalars; a key no run logged (the message lists the logged ones).
+        ValueError: no scalars logged; an empty ``keys``, or a key no run logged (the message lists the
+            logged ones).
 
     Example: see :func:`plot_spectral_ratio`.
     """
@@ -260,6 +261,8 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
         logged += [k for k in run.scalar_names() if k not in logged]
     keys = list(logged) if keys is None else _names(keys, "keys")
     if not keys:
+        if logged:      # keys=[] given
+            raise ValueError(f"keys is empty; give the scalars to plot (logged: {logged}), or None for all of them")
         raise ValueError("no logged scalars to plot; log some with monitor.log(loss=..., accuracy=...)")
     unknown = [k for k in keys if k not in logged]
     if unknown:

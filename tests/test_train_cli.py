@@ -192,6 +192,25 @@ def test_a_full_run_alone_summarizes_lambda_over_the_layers_a_compare_job_factor
     assert alone[-1].startswith("median ") and alone[-1] == compared[-1]
 
 
+def test_the_lambda_column_names_the_epoch_it_measured_where_that_is_not_the_last(tmp_path):
+    """With --metrics-every 2 and 4 epochs, the dynamic row showed epoch 3's full-rank λ as the run's,
+    its final adapter weights never measured, without a word."""
+    from dynrank.train.report import lambda_summary
+    out = tmp_path / "run"
+    assert cli.main(["--schedule", "dynamic", "--epochs", "4", "--milestones", "2", "--inflate-epoch", "1",
+                     "--deflate-epoch", "3", "--out", str(out)] + TINY_GPT + ["--metrics-every", "2"]) == 0
+    result = json.loads((out / "dynamic" / "result.json").read_text())
+    records, layers = result["monitor_records"], result["converted_layers"]
+    assert [(r["epoch"], r["form"], bool(r["layers"])) for r in records] == [
+        (0, "lowrank", True), (1, "full", False), (2, "full", True), (3, "adapter", False)]
+    at_epoch_3 = lambda_summary(records[:3], layers)             # epoch 3 of 3: the last, no epoch named
+    assert at_epoch_3.startswith("median ") and "epoch" not in at_epoch_3
+    row = (out / "compare.txt").read_text().splitlines()[2]
+    assert row.endswith(f"  {at_epoch_3} (epoch 3 of 4)")
+    every = [dict(r, layers=records[2]["layers"]) for r in records]     # the last epoch measured too
+    assert lambda_summary(every, layers) == at_epoch_3
+
+
 def test_compare_table_times_each_way_of_stepping_apart():
     from dynrank.train.report import compare_table
 
@@ -773,6 +792,61 @@ def test_a_finished_schedules_checkpoint_is_not_read_on_resume(tmp_path, capsys)
     assert "already finished" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_finished_run_whose_monitor_files_are_damaged_resumes_without_plots(tmp_path, capsys, damage):
+    """The RankMonitor files are written in place; a resume whose files were gone or half written ended in
+    a traceback after compare.txt was written again.  Only the plots read them."""
+    out = _finished_run(tmp_path / "run")
+    table = (out / "compare.txt").read_text()
+    stem = out / "full" / "monitor"
+    if damage == "missing":
+        for name in os.listdir(out / "full"):
+            if name.startswith("monitor."):
+                os.remove(out / "full" / name)
+    else:
+        text = (out / "full" / "monitor.json").read_text()
+        (out / "full" / "monitor.json").write_text(text[:len(text) // 2])
+    capsys.readouterr()
+    assert cli.main(["--resume", str(out)]) == 0
+    captured = capsys.readouterr()
+    note = f"plots skipped: the full run's RankMonitor file {stem}.json (or {stem}.epochs.csv) cannot be read ("
+    assert note in captured.out and "Traceback" not in captured.err
+    assert table.strip() in captured.out and (out / "compare.txt").read_text() == table
+
+
+def test_a_finished_vision_run_resumes_without_its_data_set(tmp_path, capsys, restore_threads):
+    """Nothing is left to train: the table and plots come from the run's files, and the data set (loaded
+    first, to no use) was required."""
+    data = tmp_path / "data"
+    _write_tiny_cifar10(str(data / "cifar-10-batches-py"))
+    out = tmp_path / "run"
+    assert cli.main(["--model", "resnet20", "--width", "0.5", "--schedule", "lowrank", "--epochs", "1",
+                     "--batch-size", "8", "--data-dir", str(data), "--cache-dir", str(tmp_path / "cache"),
+                     "--threads", "1", "--out", str(out)]) == 0
+    table = (out / "compare.txt").read_text()
+    shutil.rmtree(data)
+    shutil.rmtree(tmp_path / "cache")
+    capsys.readouterr()
+    assert cli.main(["--resume", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "already finished" in text and "val acc" in text and "data:" not in text
+    assert (out / "compare.txt").read_text() == table
+
+
+def test_a_resume_after_ctrl_c_in_the_last_epoch_says_only_the_results_are_left(tmp_path, monkeypatch, capsys):
+    """The resume said "resuming at epoch 3, batch 1" of a 2-epoch run."""
+    original = _ctrl_c_after(monkeypatch, 1, 1)          # the last batch of the last epoch: the epoch ends
+    out = tmp_path / "run"
+    assert cli.main(_TINY_RUN + ["--out", str(out)]) == 130
+    assert torch.load(out / "full" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    monkeypatch.setattr(TextData, "train_batches", original)
+    capsys.readouterr()
+    assert cli.main(["--resume", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"[full] all 2 epochs trained ({out / 'full' / 'checkpoint.pt'}); writing the results" in text
+    assert "resuming at" not in text and (out / "full" / "result.json").is_file()
+
+
 @pytest.mark.parametrize("result", ["with settings", "older"])
 def test_resume_refuses_a_config_edited_after_a_finished_schedule(tmp_path, capsys, result):
     """A compare job stopped before lowrank's first checkpoint: an edited config.json was compared with
@@ -849,6 +923,8 @@ def test_a_config_json_missing_a_setting_or_holding_a_wrong_type_is_a_one_line_e
     ({"milestones": [7]}, "'s milestones must lie in (0, epochs=2), got [7]"),
     ({"milestones": [1, 1], "epochs": 3}, "'s milestones must be increasing, each epoch once"),
     ({"heads": 3}, "'s dim must be divisible by its heads, got dim=16, heads=3"),
+    ({"metrics_every": 0}, "'s metrics_every must be ≥ 1, got 0"),         # not "--metrics-every", never given
+    ({"lr": -0.1}, "'s lr must be a finite number > 0, got -0.1"),
 ])
 def test_a_config_json_whose_settings_do_not_fit_together_is_refused_on_resume(tmp_path, capsys, edit, message):
     """Before the first checkpoint nothing holds the settings to compare config.json with: a resume checked
@@ -1182,6 +1258,26 @@ def test_the_cli_prints_the_notes(tmp_path, capsys):
     assert "; ignoring --data-dir d, --download\n" in text and "; ignoring --deflate-init svd\n" in text
 
 
+def test_plot_training_curves_with_empty_keys_says_so():
+    """keys=[] said that no scalars were logged, though they were."""
+    pytest.importorskip("matplotlib")
+    from dynrank import FusedLowRankLinear, RankMonitor
+    from dynrank.plots import plot_training_curves
+    run = RankMonitor(torch.nn.Sequential(FusedLowRankLinear(16, 16, rank=4)), name="r")
+    with run.epoch(0):
+        pass
+    run.log(loss=1.0)
+    with pytest.raises(ValueError, match=re.escape("keys is empty; give the scalars to plot (logged: ['loss']), "
+                                                   "or None for all of them")):
+        plot_training_curves([run], keys=[])
+    silent = RankMonitor(torch.nn.Sequential(FusedLowRankLinear(16, 16, rank=4)), name="silent")
+    with silent.epoch(0):
+        pass
+    for keys in (None, []):
+        with pytest.raises(ValueError, match="no logged scalars to plot"):
+            plot_training_curves([silent], keys=keys)
+
+
 def test_a_gpt_batch_larger_than_the_texts_windows_is_a_data_error():
     from dynrank.train.data import DataError
     text = torch.zeros(40, dtype=torch.uint8)
@@ -1221,8 +1317,53 @@ def test_a_resume_may_download_the_data_again(tmp_path, monkeypatch, restore_thr
     assert fetched == [("cifar10", str(moved))]
     monkeypatch.setattr(VisionData, "train_batches", original)
     assert cli.main(["--resume", str(out)]) == 0
-    assert len(fetched) == 2                                # the saved --download fetches (checks) it again
+    assert len(fetched) == 1                                # the data set is there now: nothing to fetch
     assert [r["epoch"] for r in json.loads((out / "full" / "metrics.json").read_text())] == [0, 1]
+
+
+def test_a_run_begun_with_download_resumes_offline_with_its_data_present(tmp_path, monkeypatch, capsys,
+                                                                         restore_threads):
+    """The saved --download fetched the archive again on every resume: with the data set extracted (or
+    moved with --data-dir) and no network, the run could not be resumed, and no flag turned it off."""
+    from dynrank.train import data as train_data
+    from dynrank.train.augment import VisionData
+    from dynrank.train.data import DataError
+    root, out = tmp_path / "data", tmp_path / "run"
+    fetched = []
+
+    def online(name, root):             # the fetch, as the data set extracted from it
+        fetched.append(root)
+        _write_tiny_cifar10(os.path.join(root, "cifar-10-batches-py"))
+
+    def offline(name, root):
+        raise DataError("could not download (Network is unreachable)")
+    monkeypatch.setattr(train_data, "download", online)
+    original = _ctrl_c_after(monkeypatch, 0, 0, VisionData)
+    assert cli.main(["--model", "resnet20", "--width", "0.5", "--schedule", "full", "--epochs", "2",
+                     "--batch-size", "8", "--data-dir", str(root), "--cache-dir", str(tmp_path / "cache"),
+                     "--threads", "1", "--download", "--out", str(out)]) == 130
+    assert fetched == [str(root)] and json.loads((out / "config.json").read_text())["download"] is True
+    monkeypatch.setattr(VisionData, "train_batches", original)
+    monkeypatch.setattr(train_data, "download", offline)
+    capsys.readouterr()
+    assert cli.main(["--resume", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"--download: cifar10 is in {root / 'cifar-10-batches-py'} already; nothing to fetch" in text
+    assert [r["epoch"] for r in json.loads((out / "full" / "metrics.json").read_text())] == [0, 1]
+
+
+def test_download_fetches_only_where_the_data_set_is_not_found_but_as_its_official_archive(tmp_path):
+    """The official archive is left to download(), which checks its MD5 (and fetches a damaged one again)."""
+    from dynrank.train.data import DATASETS
+    root = tmp_path / "data"
+    assert cli._found_elsewhere("cifar10", str(root)) is None                  # no folder yet
+    root.mkdir()
+    assert cli._found_elsewhere("cifar10", str(root)) is None                  # an empty one
+    (root / DATASETS["cifar10"]["archive"]).write_bytes(b"damaged")
+    assert cli._found_elsewhere("cifar10", str(root)) is None                  # the archive: download() checks it
+    _write_tiny_cifar10(str(root / "cifar-10-batches-py"))
+    assert cli._found_elsewhere("cifar10", str(root)) == str(root / "cifar-10-batches-py")
+    assert cli._found_elsewhere("cifar100", str(root)) is None                 # another data set's
 
 
 # -- the adapter scale alpha and the optimizer-state policy -------------------------------------------

@@ -110,8 +110,29 @@ def _resolve_device(cfg, saved_in=None):
     return cfg
 
 
+def _found_elsewhere(name, root):
+    """Where in ``root`` :func:`~.data.load_vision` finds data set ``name`` in another form than its
+    official archive (extracted, an image-folder tree), or None.
+
+    ``--download`` fetches only where this is None: a data set found so is read as it is (a resume with
+    its data present never goes online), and the official archive is left to :func:`~.data.download`,
+    which keeps it when its MD5 is the official one and fetches it again when not.
+    """
+    from .data import DATASETS, _sources
+    if not os.path.isdir(root):
+        return None
+    first = next(_sources(root, name), None)
+    if first is None or first[0] == os.path.join(root, DATASETS[name]["archive"]):
+        return None
+    return first[0]
+
+
 def load_data(cfg, log=print):
-    """The data object for ``cfg`` (TextData or VisionData) on ``cfg['device']``."""
+    """The data object for ``cfg`` (TextData or VisionData) on ``cfg['device']``.
+
+    With ``cfg["download"]`` the official archive is fetched into the data folder unless the data
+    set is found there in another form (:func:`_found_elsewhere`).
+    """
     from .augment import VisionData
     from .data import DATASETS, download, load_vision
     if cfg["data"] == "stdlib":
@@ -121,8 +142,12 @@ def load_data(cfg, log=print):
                         device=cfg["device"], seed=cfg["seed"])
     root = cfg.get("data_dir") or "data"
     if cfg.get("download"):
-        log(f"downloading {cfg['data']} into {root} ...")
-        download(cfg["data"], root)
+        found = _found_elsewhere(cfg["data"], root)
+        if found:
+            log(f"--download: {cfg['data']} is in {found} already; nothing to fetch")
+        else:
+            log(f"downloading {cfg['data']} into {root} ...")
+            download(cfg["data"], root)
     cache = cfg.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "dynrank")
     started = time.perf_counter()
     train_x, train_y, test_x, test_y, classes = load_vision(cfg["data"], root, cache_dir=cache)
@@ -154,15 +179,36 @@ def _print_settings(cfg, log):
     log("settings: " + ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg))
 
 
-def run_job(cfg, out_dir, resume=False, log=print, data=None):
-    """Run the schedules of ``cfg`` into ``out_dir`` on ``data`` (loaded here when None); print and
-    return the compare table."""
+def _saved_monitors(out_dir, schedules):
+    """(RankMonitors the runs saved, None), or (None, a note naming the file) where one is missing or
+    damaged: they are written in place, and only the plots read them (the table comes from the results)."""
     from ..monitor import RankMonitor
-    from .loop import factorized_layers, run_training, write_json
+    monitors = []
+    for schedule in schedules:
+        stem = os.path.join(out_dir, schedule, "monitor")
+        try:
+            monitors.append(RankMonitor.load(stem))
+        except (OSError, ValueError) as err:
+            reason = (str(err).splitlines() or [""])[0]
+            return None, (f"plots skipped: the {schedule} run's RankMonitor file {stem}.json (or "
+                          f"{stem}.epochs.csv) cannot be read ({type(err).__name__}: {reason})")
+    return monitors, None
+
+
+def run_job(cfg, out_dir, resume=False, log=print, data=None):
+    """Run the schedules of ``cfg`` into ``out_dir`` on ``data``; print and return the compare table.
+
+    ``data`` is loaded here when None, unless every schedule has finished (a resume that only writes
+    the table and plots again needs no data set).
+    """
+    from .config import _num_classes
+    from .loop import RESULT, factorized_layers, run_training, write_json
     from .report import RunMonitor, compare_table, verdict, write_plots
-    if data is None:
-        data = _load_data(cfg, log)
     schedules = ("full", "lowrank", "dynamic") if cfg["schedule"] == "compare" else (cfg["schedule"],)
+    finished = resume and all(os.path.isfile(os.path.join(out_dir, s, RESULT)) for s in schedules)
+    if data is None and not finished:
+        data = _load_data(cfg, log)
+    kind = "text" if cfg["data"] == "stdlib" else "vision"
     results = []
     for schedule in schedules:
         log(f"\n== {schedule} ==")
@@ -177,17 +223,19 @@ def run_job(cfg, out_dir, resume=False, log=print, data=None):
     # λ is summarized over the layers the converted runs factorize, for a full run alone as well.
     converted = next((r["converted_layers"] for r in results if r.get("converted_layers")), None)
     if converted is None:
-        converted = factorized_layers(cfg, data.num_classes)
-    table = compare_table(results, kind=data.kind, converted_layers=converted)
+        converted = factorized_layers(cfg, _num_classes(cfg))
+    table = compare_table(results, kind=kind, converted_layers=converted)
     with open(os.path.join(out_dir, "compare.txt"), "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
     write_json(os.path.join(out_dir, "compare.json"), [{k: v for k, v in r.items()
                                                         if k not in ("monitor_records", "config")}
                                                        for r in results])
-    monitors = [RankMonitor.load(os.path.join(out_dir, s, "monitor")) for s in schedules]
-    paths, note = write_plots(monitors, os.path.join(out_dir, "plots"), kind=data.kind)
+    monitors, note = _saved_monitors(out_dir, schedules)
+    paths = []
+    if monitors:
+        paths, note = write_plots(monitors, os.path.join(out_dir, "plots"), kind=kind)
     log("\n" + table)
-    line = verdict(results, data.kind)
+    line = verdict(results, kind)
     if line:
         log(line)
     if note:
@@ -222,16 +270,16 @@ def main(argv=None):
                 # The saved thread count and --amp stay (they decide the losses) unless given; --amp
                 # follows a change of device type, see _resume_amp.
                 cfg["device"] = args.device
-            for key in RESUME_OVERRIDES:
-                if getattr(args, key) is not None:
-                    cfg[key] = getattr(args, key)
+            overrides = {key: getattr(args, key) for key in RESUME_OVERRIDES if getattr(args, key) is not None}
+            cfg.update(overrides)
             if args.compile_mode is not None and args.compile is not False:
                 cfg["compile"] = True
             if args.download:          # data that moved (--data-dir) may be fetched again
                 cfg["download"] = True
             _absolute_folders(cfg)
             try:
-                _check_values(cfg)
+                _check_values(overrides)                        # the flags given, named as flags
+                _check_values(cfg, saved_in=config_path)        # the rest is config.json's
                 # Before the first checkpoint there is nothing to compare config.json with (_check_resume):
                 # its settings must fit together as a new run's do.
                 _check_settings(cfg, saved_in=config_path)
@@ -286,8 +334,9 @@ def main(argv=None):
                     f"{CPU_CHANNELS_LAST_MIN_CHANNELS} channels, whose channels-last CPU backward torch gets wrong")
         _print_settings(cfg, log)
         # Loaded before --out is claimed: a data set that cannot be read leaves no folder that a retry
-        # with the right --data-dir would find taken.
-        data = _load_data(cfg, log)
+        # with the right --data-dir would find taken.  A finished run only writes its table and plots
+        # again, which need no data set.
+        data = None if finished else _load_data(cfg, log)
         if args.resume:
             _note_resume(saved, cfg)
         elif args.out:

@@ -76,7 +76,10 @@ def build_parser():
                    help="stdlib: Python's own standard-library sources as bytes (no download)")
     g.add_argument("--data-dir", help="folder holding the data set (default: ./data; saved as an absolute path); "
                                       "on --resume, where the run's data set is now")
-    g.add_argument("--download", action="store_true", help="fetch the official archive into --data-dir")
+    g.add_argument("--download", action="store_true",
+                   help="fetch the official archive into --data-dir, unless the data set is there in another "
+                        "form (extracted, an image tree); an archive there is fetched again if its MD5 is not "
+                        "the official one")
     g.add_argument("--cache-dir", help="keep decoded image trees here (default: ~/.cache/dynrank)")
     g = p.add_argument_group("schedule")
     g.add_argument("--schedule", choices=("full", "lowrank", "dynamic", "compare"),
@@ -311,12 +314,18 @@ def _check_flags(given, model):
                          "give one or the other")
 
 
-def _check_values(cfg):
-    """Each numeric setting in its range, as a ``--flag must be …, got …`` ValueError."""
+def _check_values(cfg, saved_in=None):
+    """Each numeric setting in its range, as a ``--flag must be …, got …`` ValueError.
+
+    ``saved_in``: the config.json ``cfg`` was read from (a resume), whose name and keys the errors
+    then give instead of flags: ``DIR/config.json's metrics_every must be ≥ 1, got 0``.
+    """
+    name = (lambda key: f"{saved_in}'s {key}") if saved_in else _flag
+
     def need(key, ok, what):
         value = cfg.get(key)
         if value is not None and not ok(value):
-            raise ValueError(f"{_flag(key)} must be {what}, got {value}")
+            raise ValueError(f"{name(key)} must be {what}, got {value}")
     finite = lambda v: isinstance(v, int) or math.isfinite(v)
     for key in ("epochs", "batch_size", "steps_per_epoch", "threads", "metrics_every", "dim", "depth", "heads",
                 "context"):
@@ -373,6 +382,12 @@ def _check_settings(cfg, saved_in=None, how=""):
                          f"D={'null' if deflate is None else deflate}, epochs={epochs}{how}")
 
 
+def _num_classes(cfg):
+    """The classifier size of ``cfg``'s model: the data set's classes, 256 byte values for the stdlib text."""
+    from .data import DATASETS
+    return 256 if cfg["data"] == "stdlib" else DATASETS[cfg["data"]]["classes"]
+
+
 def _check_factorizable(cfg, resume=False):
     """Refuse a model size too large to build, or one that leaves ``cfg``'s lowrank or dynamic runs no
     layer to factorize, as a ValueError naming the size (and ``convert_model``'s min_features).
@@ -385,9 +400,8 @@ def _check_factorizable(cfg, resume=False):
     ``resume``: the size is a run's saved one, which only a new run changes.
     """
     import torch
-    from .data import DATASETS
     from .loop import MIN_FEATURES, _build, factorized_layers
-    classes = 256 if cfg["data"] == "stdlib" else DATASETS[cfg["data"]]["classes"]
+    classes = _num_classes(cfg)
     size = "dim" if cfg["model"] == "gpt" else "width"
     value = cfg.get(size, GENERIC[size])
     how = "start a new run (--out) with" if resume else "use"

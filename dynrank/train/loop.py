@@ -474,7 +474,10 @@ def run_training(cfg, schedule, data, out_dir, log=print, resume=False, monitor_
         _set_rng_state(checkpoint["rng"], device)
         resumed_monitor = checkpoint.get("monitor")
         write_metrics(out_dir, history)   # the files on disk describe the state training goes on from
-        log(f"[{schedule}] resuming at epoch {start_epoch + 1}, batch {start_step + 1} from {ckpt_path}")
+        if start_epoch < cfg["epochs"]:
+            log(f"[{schedule}] resuming at epoch {start_epoch + 1}, batch {start_step + 1} from {ckpt_path}")
+        else:       # stopped after the last epoch's checkpoint: only the results are left to write
+            log(f"[{schedule}] all {cfg['epochs']} epochs trained ({ckpt_path}); writing the results")
 
     # Built after a resume's form changes, so it sees the restored forms as its starting point.
     monitor = monitor_factory(model, scheduler) if monitor_factory else None

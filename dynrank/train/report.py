@@ -69,6 +69,9 @@ def _fmt_lambda(value):
 def lambda_summary(records, layers=None):
     """λ over the given layers at the last measured epoch: ``'median 4.1, max 37'`` or ``'∞ in 12/12'``.
 
+    Where that is not the last recorded epoch (``metrics_every`` skipped the later ones), the text
+    names it, counted from 1 as the training log counts: ``'median 42.2, max 445 (epoch 3 of 4)'``.
+
     Args:
         records: RankMonitor records (``layers`` maps name → metric dict).
         layers: names to include (default: every measured layer).
@@ -77,6 +80,8 @@ def lambda_summary(records, layers=None):
     if not measured:
         return "-"
     metrics = measured[-1]["layers"]
+    last, epochs = measured[-1]["epoch"], records[-1]["epoch"] + 1
+    when = "" if last == records[-1]["epoch"] else f" (epoch {last + 1} of {epochs})"
     names = [n for n in metrics if layers is None or n in layers]
     values = [float(metrics[n]["spectral_ratio"]) for n in names]
     if not values:
@@ -94,7 +99,7 @@ def lambda_summary(records, layers=None):
         if restricted:
             text += f" (σ1/σk median {_fmt_lambda(statistics.median(restricted))})"
         parts.append(text)
-    return "; ".join(parts)
+    return "; ".join(parts) + when
 
 
 def epoch_way(rec):
