@@ -35,7 +35,7 @@ that :class:`~dynrank.RankMonitor` records instead (or the step times of
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -421,11 +421,9 @@ def _counts(counts, lowrank_epochs=0, scheduler=None, lowrank_ranks=None, run=No
                          f"{type(counts).__name__}")
     else:
         c = counts if isinstance(counts, ParamCounts) else param_counts(counts)
-    for what in ("full", "lowrank", "other") + (("adapter",) if c.adapter is not None else ()):
-        value = getattr(c, what)
-        check_real(value, f"counts.{what}", "a parameter count (int ≥ 0)")
-        if not 0 <= value < math.inf:
-            raise ValueError(f"counts.{what} must be a parameter count (int ≥ 0), got {value!r}")
+    # As ints (a numpy integer's ratio would be a numpy float).
+    c = replace(c, **{what: check_int(getattr(c, what), f"counts.{what}", "a parameter count (int ≥ 0)", 0)
+                      for what in ("full", "lowrank", "other") + (("adapter",) if c.adapter is not None else ())})
     if c.full <= 0:
         raise ValueError(f"counts.full (d, the full model's trainable parameters) must be > 0 to divide by, got "
                          f"{c.full} (a model without trainable parameters has no cost ratio)")

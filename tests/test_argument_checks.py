@@ -6,8 +6,10 @@ is a ValueError naming the range and the value.  A whole-number argument is the 
 number: a float (even 4.0) is of the wrong type, a numpy integer is an int.
 """
 
+import functools
 import math
 import re
+import types
 from fractions import Fraction
 
 import numpy as np
@@ -58,9 +60,6 @@ REAL_ARGUMENTS = {
                             "alpha must be a finite number > 0 (the scale is alpha / rank)"),
     "layer_param_counts rank_ratio": (lambda v: layer_param_counts((8, 8), rank_ratio=v),
                                       "rank_ratio must be a float in (0, 1]", "rank_ratio must be in (0, 1]"),
-    "comp_ratio counts": (lambda v: comp_ratio(ParamCounts(full=10, lowrank=v, other=0), 4, 1, 2),
-                          "counts.lowrank must be a parameter count (int ≥ 0)",
-                          "counts.lowrank must be a parameter count (int ≥ 0)"),
     "wall_seconds": (_timed, "wall_seconds must be a finite number ≥ 0 or None",
                      "wall_seconds must be a finite number ≥ 0 or None"),
     "regularizer coef": (SoftOrthogonality, "coef must be a finite number >= 0", "coef must be a finite number >= 0"),
@@ -71,8 +70,8 @@ REAL_ARGUMENTS = {
 
 # Values of the wrong type; None only where it does not stand for a default.
 WRONG_TYPES = ["0.5", 0.5j, True, torch.tensor(0.5)]
-NONE_MEANS_NOTHING = {"convert_model rank_ratio", "layer_param_counts rank_ratio", "comp_ratio counts",
-                      "regularizer coef", "inrank threshold", "linear rank_for_ratio"}
+NONE_MEANS_NOTHING = {"convert_model rank_ratio", "layer_param_counts rank_ratio", "regularizer coef", "inrank threshold",
+                      "linear rank_for_ratio"}
 OUT_OF_RANGE = [-1.0, math.nan, math.inf]
 
 
@@ -151,6 +150,9 @@ def _two_linears():
 # name → (call taking the value, expected type words, range words, a value out of range, a value in range,
 # whether None stands for a default)
 INT_ARGUMENTS = {
+    "comp_ratio counts": (lambda v: comp_ratio(ParamCounts(full=10, lowrank=v, other=0), 4, 1, 2),
+                          "counts.lowrank must be a parameter count (int ≥ 0)",
+                          "counts.lowrank must be a parameter count (int ≥ 0)", -1, 5, False),
     "linear in_features": (lambda v: FusedLowRankLinear(v, 9, rank=2), "in_features must be a positive int",
                            "in_features must be a positive int", 0, 6, False),
     "linear out_features": (lambda v: FusedLowRankLinear(6, v, rank=2), "out_features must be a positive int",
@@ -247,11 +249,39 @@ def test_a_whole_number_out_of_range_is_a_value_error(name):
         call(out_of_range)
 
 
+def _snapshot(obj, seen=None):
+    """Everything ``obj`` holds, down to each value's type (a tensor by its bytes), to compare two results."""
+    seen = {} if seen is None else seen
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, np.generic, torch.dtype, torch.device)):
+        return type(obj), repr(obj)
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        return type(obj), t.dtype, tuple(t.shape), obj.requires_grad, t.numpy().tobytes()
+    if id(obj) in seen:
+        return "seen", seen[id(obj)]
+    seen[id(obj)] = len(seen)
+    if isinstance(obj, dict):
+        return type(obj), [(_snapshot(k, seen), _snapshot(v, seen)) for k, v in obj.items()]
+    if isinstance(obj, (list, tuple)):
+        return type(obj), [_snapshot(v, seen) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return type(obj), sorted(repr(_snapshot(v, seen)) for v in obj)
+    if isinstance(obj, (types.FunctionType, types.MethodType, functools.partial, type)):
+        return type(obj), getattr(obj, "__qualname__", None)
+    if hasattr(obj, "__dict__"):
+        return type(obj), _snapshot(vars(obj), seen)
+    return type(obj), re.sub(r"0x[0-9a-f]+", "0x", repr(obj))
+
+
 @pytest.mark.parametrize("name", INT_ARGUMENTS)
 def test_a_numpy_integer_is_a_whole_number(name):
+    """A numpy integer gives what the same int gives, down to the type of every value kept."""
     call, *_, in_range, _ = INT_ARGUMENTS[name]
-    call(np.int64(in_range))
-    call(np.int32(in_range))
+    results = []
+    for value in (int(in_range), np.int64(in_range), np.int32(in_range)):
+        torch.manual_seed(0)
+        results.append(_snapshot(call(value)))
+    assert results[1] == results[0] and results[2] == results[0]
 
 
 def test_checked_whole_numbers_come_back_as_int():

@@ -4,6 +4,7 @@ import math
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -165,12 +166,28 @@ def test_comp_ratio_refuses_counts_it_cannot_divide_by():
         comp_ratio(ParamCounts(full=-10, lowrank=1, other=0), 10, 2, 5)
     with pytest.raises(ValueError, match=r"counts.lowrank must be a parameter count \(int ≥ 0\), got -1"):
         comp_ratio(ParamCounts(full=10, lowrank=-1, other=0), 10, 2, 5)
-    with pytest.raises(ValueError, match=r"counts.lowrank must be a parameter count \(int ≥ 0\), got nan"):
+    with pytest.raises(TypeError, match=r"counts.lowrank must be a parameter count \(int ≥ 0\), got float \(nan\)"):
         cost_report(ParamCounts(full=10, lowrank=math.nan, other=0), 10, 2, 5)
     with pytest.raises(TypeError, match=r"counts.other must be a parameter count \(int ≥ 0\), got str \('5'\)"):
         comp_ratio(ParamCounts(full=10, lowrank=1, other="5"), 10, 2, 5)
     with pytest.raises(TypeError, match=r"inflate_epoch must be an int ≥ 0, got float \(2\.5\)"):
         comp_ratio(ParamCounts(full=10, lowrank=1, other=0), 10, 2.5, 5)
+
+
+def test_comp_ratio_takes_whole_parameter_counts_only():
+    """A count is a number of parameters: a fraction (or a whole float) is refused as the docstring says, a numpy
+    integer is one."""
+    for what in ("full", "lowrank", "other", "adapter"):
+        counts = dict(full=10, lowrank=5, other=1, adapter=3)
+        for value in (5.25, 5.0, math.inf):
+            counts[what] = value
+            for call in (comp_ratio, cost_report):
+                with pytest.raises(TypeError, match=re.escape(f"counts.{what} must be a parameter count (int ≥ 0), "
+                                                              f"got float ({value!r})")):
+                    call(ParamCounts(**counts), 10, 3, 7)
+    c = ParamCounts(full=np.int64(10), lowrank=np.int32(5), other=np.int64(1), adapter=np.int64(3))
+    assert comp_ratio(c, 10, 3, 7) == (3 * 5 + 4 * 10 + 3 * 3) / (10 * 10)
+    assert cost_report(c, 10, 3, 7).comp_ratio == comp_ratio(c, 10, 3, 7)
 
 
 def test_comp_ratio_edges_and_errors():
