@@ -680,12 +680,40 @@ def test_inrank_retires_the_wrapper_only_when_a_layer_grew(one_rank):
 
 
 def test_a_wrapper_built_by_hand_is_left_alone(one_rank):
-    model = build(seed=0)
+    """The README's limit: a DDP wrapper never passed to dynrank is not retired by a switch.  It runs on
+    and computes the model's function, but its gradient hooks sit on the parameters it was built with:
+    the new full-form weights train on gradients it never averages (a comm hook sees none of them)."""
+    model = build(seed=0).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = DynamicRankScheduler(model, opt, INFLATE, DEFLATE, sync_ranks=True)
     by_hand = nn.parallel.DistributedDataParallel(model)     # never shown to dynrank
-    sched.step(INFLATE)
-    by_hand(torch.randn(4, D_IN))                 # not retired (the documented limit)
+    synced = []
+
+    def record(state, bucket):
+        synced.extend(id(p) for p in bucket.parameters())
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer())
+        return future
+    by_hand.register_comm_hook(None, record)
+    x = torch.randn(4, D_IN, dtype=torch.float64)
+    by_hand(x).square().sum().backward()
+    assert set(synced) == {id(p) for p in model.parameters()}       # before the switch: every gradient
+    with torch.no_grad():
+        before = model(x)
+    opt.zero_grad(set_to_none=True)
+    old = {id(p) for p in model.parameters()}
+    assert sched.step(INFLATE) == [("0", "lowrank", "full"), ("2", "lowrank", "full")]
+    new = [p for p in model.parameters() if id(p) not in old]
+    assert [p.shape for p in new] == [model[0].weight.shape, model[2].weight.shape]
+    local = copy.deepcopy(model)
+    synced.clear()
+    y = by_hand(x)                                # not retired (the documented limit)
+    assert rel_err(y, before) < 1e-12 and torch.equal(y, model(x))
+    y.square().sum().backward()
+    local(x).square().sum().backward()
+    assert not {id(p) for p in new} & set(synced)
+    for (name, p), q in zip(model.named_parameters(), local.parameters()):
+        assert torch.equal(p.grad, q.grad), name
 
 
 def test_a_module_that_was_wrapped_still_deepcopies_and_saves(one_rank, tmp_path):

@@ -1,8 +1,9 @@
 """Non-finite values and overflow: a diverging run behaves as nn.Linear / nn.Conv2d would.
 
 NaN and ±inf in the input, a factor, W or W_f, the bias or the upstream gradient reach the outputs and
-gradients of every form on either engine exactly where the same computation in float64 puts them (the
-Triton kernels' masked loads, zero-filled accumulators and skipped terms must never turn 0·NaN into 0),
+gradients of every form on either engine (the full form, F.linear on both, on the torch one) exactly
+where the same computation in float64 puts them (the Triton kernels' masked loads, zero-filled
+accumulators and skipped terms must never turn 0·NaN into 0),
 and where F.linear / F.conv2d with the effective weight puts them.  fp16 and bf16 overflow gives inf
 exactly where torch's own F.linear does.  The merges never make a non-finite layer finite.  Form changes
 of a diverged layer, the scheduler and the rank metrics either carry the NaN along or refuse with a
@@ -36,6 +37,25 @@ DECOMPOSITIONS = ["svd", "tucker", "cp", "tkd-cpd"]
 def backend(request, monkeypatch):
     monkeypatch.setenv("DYNRANK_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Calls of the linear kernels by name: a case named 'triton' must run them, a 'torch' one must not."""
+    import dynrank.kernels as K
+    calls = {}
+    for name in ("lowrank_linear_forward", "lowrank_linear_backward"):
+        def counted(*args, _kernel=getattr(K, name), _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _kernel(*args, **kwargs)
+        monkeypatch.setattr(K, name, counted)
+    return calls
+
+
+def _engine_cases(cases):
+    """(engine, *case) for every engine, less the full form on Triton: that form always runs F.linear,
+    so a 'triton' case of it would repeat the torch case."""
+    return [(engine, *case) for engine in BACKENDS for case in cases if not (engine == "triton" and case[0] == "full")]
 
 
 @pytest.fixture(autouse=True)
@@ -122,13 +142,15 @@ def _float64_references(layer, x, dy):
     return out
 
 
-LINEAR_CASES = [(form, site) for form in LINEAR_FORMS for site in SITES
-                if not (form == "full" and site in ("A", "B")) and not (form == "lowrank" and site == "weight")]
+LINEAR_CASES = _engine_cases([(form, site) for form in LINEAR_FORMS for site in SITES
+                               if not (form == "full" and site in ("A", "B"))
+                               and not (form == "lowrank" and site == "weight")])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("form, site", LINEAR_CASES, ids=[f"{form}-{site}" for form, site in LINEAR_CASES])
-def test_linear_non_finite_operands_propagate(backend, form, site, dtype):
+@pytest.mark.parametrize("backend, form, site", LINEAR_CASES, ids=["-".join(case) for case in LINEAR_CASES],
+                         indirect=["backend"])
+def test_linear_non_finite_operands_propagate(backend, form, site, dtype, kernel_calls):
     for value in (NAN, INF, -INF):
         layer, x, dy = _linear_case(form, dtype, site, value)
         y = layer(x)
@@ -142,6 +164,8 @@ def test_linear_non_finite_operands_propagate(backend, form, site, dtype):
             _assert_same_nonfinite(got[name], effective[name], f"{form} {site}={value} {name} (effective weight)")
         if layer.weight is not None and not layer.weight.requires_grad:
             assert layer.weight.grad is None
+    runs = 3 if backend == "triton" else 0
+    assert kernel_calls == ({"lowrank_linear_forward": runs, "lowrank_linear_backward": runs} if runs else {})
 
 
 # -- fp16 / bf16 overflow -----------------------------------------------------------------------------
@@ -208,9 +232,13 @@ def fp32_gemm_sums():
             setattr(matmul, name, value)
 
 
+OVERFLOW_CASES = _engine_cases([("lowrank",), ("full",), ("adapter",)])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
-def test_overflow_gives_inf_where_torch_does(backend, form, dtype, fp32_gemm_sums):
+@pytest.mark.parametrize("backend, form", OVERFLOW_CASES, ids=["-".join(case) for case in OVERFLOW_CASES],
+                         indirect=["backend"])
+def test_overflow_gives_inf_where_torch_does(backend, form, dtype, fp32_gemm_sums, kernel_calls):
     """Outputs and gradients are ±inf exactly where the float64 result is beyond the dtype's range and
     where torch's own F.linear in the dtype (with the effective weight) is inf; finite elsewhere."""
     device, limit, scale = _device(), torch.finfo(dtype).max, 1.5
@@ -229,6 +257,8 @@ def test_overflow_gives_inf_where_torch_does(backend, form, dtype, fp32_gemm_sum
     xd = x.to(device, dtype).requires_grad_()
     y = layer(xd)
     y.backward(dy.to(device, dtype))
+    runs = 1 if backend == "triton" else 0
+    assert kernel_calls == ({"lowrank_linear_forward": runs, "lowrank_linear_backward": runs} if runs else {})
     same, _ = _float64_references(layer, xd, dy)
     got = {"y": y, "dx": xd.grad, **{n: p.grad for n, p in layer.named_parameters() if p.requires_grad}}
     inf_somewhere = False

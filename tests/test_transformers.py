@@ -1360,9 +1360,17 @@ def test_callback_refuses_a_resume_of_another_alpha_or_other_layer_sizes(tmp_pat
         _train(tmp_path / "resized", DynamicRankCallback(1, 2, log=None), resume=str(folder),
                model=_gpt2_with_alpha(16.0), epochs=2, save="no")
     shapes["transformer.h.0.attn.c_attn"] = [96, 32]
+    # The rank each layer last had in lowrank form comes back with the rest (the cost of the lowrank epochs
+    # reads it): a saved run whose first layer had rank 3 there.
+    lowrank_ranks = trainer_state["stateful_callbacks"]["dynrank"]["scheduler"]["lowrank_ranks"]
+    assert lowrank_ranks["transformer.h.0.attn.c_attn"] == 16
+    lowrank_ranks["transformer.h.0.attn.c_attn"] = 3
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state))
-    _train(tmp_path / "same", DynamicRankCallback(1, 2, log=None), resume=str(folder), model=_gpt2_with_alpha(16.0),
+    model = _gpt2_with_alpha(16.0)
+    _train(tmp_path / "same", DynamicRankCallback(1, 2, log=None), resume=str(folder), model=model,
            epochs=2, save="no")
+    assert model.get_submodule("transformer.h.0.attn.c_attn")._lowrank_rank == 3
+    assert model.get_submodule("transformer.h.0.attn.c_proj")._lowrank_rank == 16
 
 
 def test_inrank_callback_refuses_a_resume_of_another_alpha(tmp_path):
@@ -1395,18 +1403,27 @@ def test_inrank_callback_checks_its_settings_at_construction():
 @pytest.mark.parametrize("exact", [False, True], ids=["usual", "tp-emulation"])
 def test_bloom_keeps_the_layers_it_slices_dense_only_where_it_slices_them(exact):
     """Bloom slices ``dense.weight`` and ``dense_4h_to_h.weight`` only with pretraining_tp > 1 and
-    slow_but_exact; its usual path calls the layers, which the code search alone kept dense."""
+    slow_but_exact; its usual path calls the layers, which the code search alone kept dense.  Converted
+    in float64 at full rank (random biases, so a bias left out shows too), the model computes what it did."""
     torch.manual_seed(0)
     config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4,
                                       pretraining_tp=2 if exact else 1, slow_but_exact=exact)
-    model = transformers.BloomModel(config).eval()
-    summary = convert_model(model, rank_ratio=0.5)
+    model = transformers.BloomModel(config).double().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.bias.normal_(0, 0.1)
+        ref = model(tokens()).last_hidden_state
+    summary = convert_model(model, rank_ratio=1.0)
     sliced = {"h.0.self_attention.dense": "BloomAttention uses dense.weight itself (would skip the factors)",
               "h.0.mlp.dense_4h_to_h": "BloomMLP uses dense_4h_to_h.weight itself (would skip the factors)"}
     skipped = dict(summary.skipped)
     if exact:
         assert {name: skipped.get(name) for name in sliced} == sliced
+        assert all(type(model.get_submodule(name)) is nn.Linear for name in sliced)
     else:
         assert set(sliced) <= set(summary.converted) and "h.0.self_attention.query_key_value" in summary.converted
+    assert "h.0.mlp.dense_h_to_4h" in summary.converted
+    assert all(type(model.get_submodule(name)) is FusedLowRankLinear for name in summary.converted)
     with torch.no_grad():
-        assert torch.isfinite(model(tokens()).last_hidden_state).all()
+        assert rel_err(model(tokens()).last_hidden_state, ref) < 1e-10
