@@ -337,10 +337,18 @@ def test_layers_whose_weight_transformers_code_uses_stay_dense(build):
         assert rel_err(out, merged(**inputs).last_hidden_state) < 1e-12
     assert all(model.get_submodule(name).A.grad is not None for name in summary.converted)
     lowrank, inputs, _ = build()
+    original = copy.deepcopy(lowrank)
     summary = convert_model(lowrank, rank_ratio=0.5)
     assert set(readers) <= {name for name, _ in summary.skipped}
+    for name in readers:                              # kept as they were
+        assert torch.equal(lowrank.get_submodule(name).weight, original.get_submodule(name).weight)
+    # The lowrank model computes its layers' products: as the model with each one a dense s·A·Bᵀ.
+    merged = copy.deepcopy(lowrank)
+    unconvert_model(merged)
     with torch.no_grad():
-        assert torch.isfinite(lowrank(**inputs).last_hidden_state).all()
+        out = lowrank(**inputs).last_hidden_state
+        assert rel_err(out, merged(**inputs).last_hidden_state) < 1e-12
+        assert rel_err(out, original(**inputs).last_hidden_state) > 1e-3      # rank 0.5 changes it
 
 
 def _t5(dtype=torch.float64):
