@@ -176,7 +176,10 @@ def check_not_aliased(op, name, tensor, **operands):
     """ValueError where one of ``operands`` (name → tensor, which ``op`` reads) spans memory that
     ``tensor`` (which ``op`` writes while it reads them) spans too: a factor that is a view of the
     weight (``A = W[:, :4]``) would be read after some of its elements were written.  Ranges of
-    bytes, not elements, on one device: interleaved views whose elements differ are refused too."""
+    bytes, not elements, on one device: interleaved views whose elements differ are refused too.  Meta
+    tensors hold no memory (their data pointers are all 0): nothing to compare."""
+    if tensor.is_meta:
+        return
     start, end = _byte_range(tensor)
     for other_name, other in operands.items():
         if other.device != tensor.device:
