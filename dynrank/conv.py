@@ -529,16 +529,21 @@ class LowRankConv2d(FormLayer):
         ``form="lowrank"``: factors fitted to the dense kernel in float64 with
         tensorly (svd: truncated SVD of the (F, C/g·kh·kw) matrix per group,
         the best rank-r approximation; tucker: HOOI ``partial_tucker`` over the
-        channel modes; cp: ALS ``parafac``; tkd-cpd: Tucker-2, then ``parafac``
-        of the core), then cast to the kernel's dtype.  An all-zero kernel (its
-        best fit is zero, but all-zero factors never get a gradient) gets the
-        zero-output init of ``deflate(init="zeros")`` in every decomposition:
+        channel modes; cp: ALS ``parafac`` from an SVD start, or, where that
+        start meets a singular system (a Dirac kernel, a 1×1 kernel centred in
+        a 3×3), from a seeded random one at the same rank; tkd-cpd: Tucker-2,
+        then ``parafac`` of the core), then cast to the kernel's dtype (the CP
+        fits are deterministic and leave numpy's global RNG alone).  An
+        all-zero kernel (its best fit is zero, but all-zero factors never get a
+        gradient) gets the zero-output init of ``deflate(init="zeros")`` in every decomposition:
         the output-side factor zero (tucker: the core; tkd-cpd: ``core_out``),
         the others random.  So do the components a fit leaves at zero: svd's
         of singular value zero (a kernel of rank below r/g in a group, e.g. a
-        depthwise conv's all-zero filter), and, where ALS cannot run at the
-        CP rank (a kernel of lower CP rank, e.g. an inflated cp layer's), the
-        components beyond the largest CP rank at which it runs.  (Tucker needs
+        depthwise conv's all-zero filter), and, where ALS meets a singular
+        system from both starts at the CP rank (a kernel of lower CP rank, e.g.
+        an inflated cp layer's), the components beyond the largest CP rank at
+        which it runs, with a UserWarning naming the kernel's shape, the CP
+        rank asked for and the one reached.  (Tucker needs
         neither: its surplus components keep orthonormal A and B columns beside
         a zero core slice, and train.)  A kernel on the meta device has no values: the
         factors get the fresh init (shapes only).  ``form="adapter"``: the
@@ -620,16 +625,24 @@ class LowRankConv2d(FormLayer):
         return y.squeeze(0) if unbatched else y
 
     def _check_input_size(self, x):
-        """nn.Conv2d's RuntimeError for a (padded, where ``_pad`` applied) input ``x`` smaller than the
-        dilated kernel."""
-        if self._pad is None and self._conv_padding == "same":
-            return
-        pad = (0, 0) if self._pad is not None else self._conv_padding
-        size = [n + 2 * p for n, p in zip(x.shape[-2:], pad)]
+        """nn.Conv2d's RuntimeError for a (padded, where ``_pad`` applied) (N, C, H, W) input ``x`` smaller
+        than the dilated kernel (with ``"same"`` padding, one with no rows or columns), or with no rows or
+        columns in a batch that is not empty.  ``"same"`` beside a stride is refused first, as F.conv2d
+        refuses it."""
         kernel = [d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation)]
+        if self._pad is None and self._conv_padding == "same":
+            if self._stride != (1, 1):
+                raise RuntimeError("padding='same' is not supported for strided convolutions")
+            size = [n + k - 1 for n, k in zip(x.shape[-2:], kernel)]      # padded by d·(k − 1) in all
+        else:
+            pad = (0, 0) if self._pad is not None else self._conv_padding
+            size = [n + 2 * p for n, p in zip(x.shape[-2:], pad)]
         if any(n < k for n, k in zip(size, kernel)):
             raise RuntimeError(f"Calculated padded input size per channel: ({size[0]} x {size[1]}). Kernel size: "
                                f"({kernel[0]} x {kernel[1]}). Kernel size can't be greater than actual input size")
+        if x.shape[0] and 0 in x.shape[-2:]:
+            raise RuntimeError(f"Only zero batch or zero channel inputs are supported, but got input shape: "
+                               f"{list(x.shape)}")
 
     def _check_input_against(self, x, ref):
         if x.device != ref.device:

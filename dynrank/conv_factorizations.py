@@ -115,13 +115,18 @@ def _tensorly_numpy():
         yield
 
 
-def _parafac(tensor, rank):
+def _parafac(tensor, rank, what):
     """CP of a float64 numpy tensor: (weights (r,), [factor (dim, r) per mode]), r ≤ ``rank``.
 
-    ALS fails (numpy's ``LinAlgError``, e.g. "Singular matrix") where the tensor
-    has too few independent terms for ``rank`` (a kernel of lower CP rank, such as
-    an inflated lowrank cp layer's; a constant or one-hot kernel): the fit is then
-    run at rank − 1, rank − 2, ... and r is the first rank at which it succeeds.
+    ALS starts from the tensor's SVDs.  That start fails (numpy's ``LinAlgError``,
+    "Singular matrix") on kernels whose modes have low rank although the CP rank
+    is not low: a Dirac (identity) kernel, a 1×1 kernel centred in a 3×3.  ALS
+    is then run again at the same rank from a random start (seeded, so the fit
+    is deterministic; no global RNG is drawn from).  Only where both fail, as for a
+    tensor with too few independent terms for ``rank`` (an inflated lowrank cp
+    layer's kernel, a constant or one-hot kernel), is the fit run at rank − 1,
+    rank − 2, ..., and r is the first rank at which one of the two starts
+    succeeds; a UserWarning naming ``what`` (e.g. "6×6×3×3 kernel") says so.
     The caller gives the rank − r components it lacks the zero-output init
     (:func:`_pad_cp`).  Each failed try is an ALS run cut short where it met
     the singular system.
@@ -132,16 +137,23 @@ def _parafac(tensor, rank):
     import numpy as np
     from tensorly.decomposition import parafac
     for r in range(rank, 0, -1):
-        try:
-            with _tensorly_numpy():
-                # Line search: ALS on kernels swamps (slow error decrease); it buys a
-                # better fit per second here (kernel 64×64×3×3, rank 32: 0.879 vs 0.881
-                # relative error, 1.8 s vs 1.2 s).
-                cp = parafac(tensor, rank=r, init="svd", normalize_factors=True, n_iter_max=100, tol=1e-10,
-                             linesearch=True, random_state=0)
+        for init in ("svd", "random"):
+            try:
+                with _tensorly_numpy():
+                    # Line search: ALS on kernels swamps (slow error decrease); it buys a
+                    # better fit per second here (kernel 64×64×3×3, rank 32: 0.879 vs 0.881
+                    # relative error, 1.8 s vs 1.2 s).
+                    cp = parafac(tensor, rank=r, init=init, normalize_factors=True, n_iter_max=100, tol=1e-10,
+                                 linesearch=True, random_state=0)
+            except np.linalg.LinAlgError as e:
+                error = e
+                continue
+            if r < rank:
+                warnings.warn(f"the CP fit (ALS) of the {what} at CP rank {rank} met a singular system ({error}) "
+                              f"from both an SVD and a random start at every CP rank above {r}: it ran at CP "
+                              f"rank {r}, and the {rank - r} components beyond it get the zero-output init",
+                              UserWarning, stacklevel=2)
             return cp.weights, cp.factors
-        except np.linalg.LinAlgError as e:
-            error = e
     raise ValueError(f"the CP fit (ALS) of a {'×'.join(map(str, tensor.shape))} tensor at CP rank {rank} "
                      f"failed ({error}), and at every lower rank: the tensor is too degenerate for a CP fit; "
                      f"use decomposition 'svd' or 'tucker', or a fresh init") from error
@@ -381,7 +393,7 @@ class CPConv(Factorization):
                 (factors["Kw"], "w", factors["Kw"].shape[0]), (A, "pointwise", 1)]
 
     def fit(self, weight, rank, scale, groups, dtype=None):
-        weights, cp = _parafac(weight.numpy(), rank)
+        weights, cp = _parafac(weight.numpy(), rank, f"{'×'.join(map(str, weight.shape))} kernel")
         A, B, Kh, Kw = _spread_cp(weights, cp, scale)
         if len(weights) < rank:
             fresh = self.init_factors(rank, KernelShape(*weight.shape), True, weight.device, weight.dtype)
@@ -443,7 +455,8 @@ class TKDCPDConv(Factorization):
     def fit(self, weight, rank, scale, groups, dtype=None):
         r_in, R, r_out = rank
         core, u_out, u_in = _partial_tucker(weight.numpy(), r_out, r_in)
-        weights, cp = _parafac(core, R)
+        weights, cp = _parafac(core, R, f"{'×'.join(map(str, core.shape))} Tucker core of the "
+                                        f"{'×'.join(map(str, weight.shape))} kernel")
         co, ci, Kh, Kw = _spread_cp(weights, cp, scale)
         if len(weights) < R:
             fresh = self.init_factors(rank, KernelShape(*weight.shape), True, weight.device, weight.dtype)
@@ -481,7 +494,17 @@ def run_chain(x, steps, bias, stride, padding, dilation):
     steps have no bias, so zero padding commutes with the 1×1 steps before
     the spatial ones: the chain equals one convolution with the merged kernel.
     ``bias`` is added by the last step.
+
+    An empty batch with no rows or no columns is zero-padded first and the
+    chain run unpadded: torch's conv takes it where the padding gives it the
+    kernel's size, which a 1×1 step (or a kh×1 step, on no columns) pads to
+    none of.  (torch refuses such an input in a batch that is not empty, and
+    with ``"same"`` padding at any batch size, too small for the kernel: the
+    chain raises there, as ``nn.Conv2d`` does.)
     """
+    if x.shape[0] == 0 and 0 in x.shape[-2:] and not isinstance(padding, str):
+        ph, pw = padding
+        x, padding = F.pad(x, (pw, pw, ph, ph)), (0, 0)
     last = len(steps) - 1
     for n, (kernel, kind, groups) in enumerate(steps):
         b = bias if n == last else None

@@ -277,6 +277,7 @@ def test_fits_of_a_kernel_with_zero_filters_keep_every_component_trainable(dec):
         assert per_slice.min() > 1e-3 * per_slice.max()
 
 
+@pytest.mark.filterwarnings("ignore:the CP fit \\(ALS\\) of the .* ran at CP rank:UserWarning")   # (the next test)
 @pytest.mark.parametrize("dec, small, big", [("cp", 1, 8), ("tkd-cpd", (2, 1, 2), (4, 6, 6))])
 def test_deflate_svd_above_the_cp_rank_keeps_the_function(dec, small, big):
     """An inflated rank-1 cp layer deflated at rank 8 raised "CP fit (ALS) ... failed (Singular matrix)",
@@ -309,7 +310,10 @@ def test_a_cp_fit_that_fails_at_the_rank_runs_at_a_lower_one_and_pads_with_zero_
     low = {"cp": 2, "tkd-cpd": (2, 2, 4)}[dec]
     reference = LowRankConv2d.from_dense(conv, rank=low, decomposition=dec)
     monkeypatch.setattr("tensorly.decomposition.parafac", singular_above_2)
-    layer = LowRankConv2d.from_dense(conv, rank=RANKS[dec], decomposition=dec)
+    what, asked = {"cp": ("7×5×3×3 kernel", 4), "tkd-cpd": ("4×2×3×3 Tucker core of the 7×5×3×3 kernel", 3)}[dec]
+    with pytest.warns(UserWarning, match=rf"CP fit \(ALS\) of the {what} at CP rank {asked} met a singular system "
+                                         rf"\(Singular matrix\) .* it ran at CP rank 2, and the {asked - 2} components"):
+        layer = LowRankConv2d.from_dense(conv, rank=RANKS[dec], decomposition=dec)
     x = torch.randn(2, 5, 6, 6, dtype=F64)
     assert rel_err(layer(x), reference(x)) < TOL                        # the rank-2 fit, padded with zeros
     zero, cp_names = {"cp": ("A", ["B", "Kh", "Kw"]), "tkd-cpd": ("core_out", ["core_in", "Kh", "Kw"])}[dec]
@@ -320,6 +324,44 @@ def test_a_cp_fit_that_fails_at_the_rank_runs_at_a_lower_one_and_pads_with_zero_
     y = layer(x)
     g, = torch.autograd.grad((y * torch.randn_like(y)).sum(), [factors[zero]])
     assert g[:, 2:].flatten(1).norm(dim=0).min() > 1e-3 * g.norm()      # the padded components train
+
+
+def _dirac_conv(channels):
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False, dtype=F64)
+    nn.init.dirac_(conv.weight)
+    return conv
+
+
+@pytest.mark.parametrize("dec, rank", [("cp", 6), ("tkd-cpd", (6, 6, 6))])
+def test_a_cp_fit_whose_svd_start_fails_starts_again_at_random_at_the_same_rank(dec, rank):
+    """ALS from the SVD start meets "Singular matrix" on a Dirac (identity) kernel at every CP rank above 1,
+    and the fit fell silently to CP rank 1 (output error 0.896), though the kernel has CP rank 6: a seeded
+    random start at the same rank fits it, deterministically, leaving numpy's global RNG alone."""
+    import warnings
+    conv = _dirac_conv(6)
+    x = torch.randn(2, 6, 8, 8, dtype=F64)
+    state = np.random.get_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                # no fall to a lower CP rank
+        layer = LowRankConv2d.from_dense(conv, rank=rank, decomposition=dec)
+        again = LowRankConv2d.from_dense(conv, rank=rank, decomposition=dec)
+    assert rel_err(layer(x), conv(x)) < 1e-5
+    assert all(torch.equal(p, q) for p, q in zip(layer.parameters(), again.parameters()))
+    assert all(a == b if isinstance(a, str) else np.array_equal(a, b) for a, b in zip(np.random.get_state(), state))
+
+
+def test_a_cp_fit_of_a_centred_1x1_kernel_is_as_close_as_the_best_low_rank_matrix():
+    """A 1×1 kernel centred in a 3×3 (as RepVGG-style merges give) is a 6×6 matrix M in the centre tap:
+    its best CP rank-3 fit is M's truncated SVD.  The fit gave kernel error 0.749 against the best 0.321."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, 3, padding=1, bias=False, dtype=F64)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :, 1, 1] = torch.randn(6, 6, dtype=F64)
+    layer = LowRankConv2d.from_dense(conv, rank=3, decomposition="cp")
+    S = torch.linalg.svdvals(conv.weight[:, :, 1, 1].detach())
+    best = (S[3:].norm() / S.norm()).item()
+    assert rel_err(layer.inflate().weight, conv.weight) < best * (1 + 1e-3)
 
 
 @pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
@@ -530,10 +572,37 @@ def test_cost_model_follows_measured_preferences():
     assert costs["merged"] < costs["chain"]
 
 
-def test_timing_both_strategies_leaves_gradients_alone():
+class FakeStrategyClock:
+    """conv_adapter's perf_counter, which only the strategies advance: the k-th call of strategy s takes
+    ``seconds[s][k]`` seconds (the warm-up first; whole numbers, exact in binary), so the times
+    :func:`time_adapter_strategies` returns are known.  ``steps`` records each call's strategy and input."""
+
+    def __init__(self, monkeypatch, seconds):
+        import types
+
+        from dynrank import conv_adapter
+        self.now, self.steps = 0.0, []
+        monkeypatch.setattr(conv_adapter, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+        for name, strategy in list(conv_adapter._ADAPTERS.items()):
+            monkeypatch.setitem(conv_adapter._ADAPTERS, name, self._timed(name, strategy, iter(seconds[name])))
+
+    def _timed(self, name, strategy, seconds):
+        def run(layer, x, *args):
+            self.steps.append((name, x.detach().clone()))
+            self.now += next(seconds)
+            return strategy(layer, x, *args)
+        return run
+
+
+def test_timing_both_strategies_leaves_gradients_alone(monkeypatch):
+    """Each strategy runs a warm-up step, then ``repeats`` timed ones, of which the fastest is kept; the
+    warm-up (here the fastest of all) is not timed.  No ``.grad`` of the layer's is touched."""
+    clock = FakeStrategyClock(monkeypatch, {"chain": [1.0, 3.0, 2.0, 4.0], "merged": [1.0, 6.0, 5.0, 7.0]})
     layer = LowRankConv2d(8, 8, 3, rank=4, padding=1, form="adapter")
-    times = time_adapter_strategies(layer, torch.randn(2, 8, 6, 6), repeats=1)
-    assert set(times) == {"chain", "merged"} and all(t > 0 for t in times.values())
+    x = torch.randn(2, 8, 6, 6)
+    assert time_adapter_strategies(layer, x, repeats=3) == {"chain": 2.0, "merged": 5.0}
+    assert [name for name, _ in clock.steps] == ["chain"] * 4 + ["merged"] * 4
+    assert all(torch.equal(seen, x) for _, seen in clock.steps)
     assert all(p.grad is None for p in layer.parameters())
 
 
@@ -844,17 +913,57 @@ def test_form_changes_and_unconvert_under_autocast_keep_float32(dec):
 @pytest.mark.parametrize("geometry, size", [
     (dict(), (2, 2)), (dict(), (5, 2)), (dict(dilation=2, padding=1), (2, 6)),
     (dict(dilation=2, padding=1, padding_mode="replicate"), (1, 1)), (dict(padding=1, padding_mode="reflect"), (5, 1)),
-], ids=["small", "narrow", "dilated", "replicate", "reflect-pad-refused"])
+    (dict(padding="same"), (0, 6)), (dict(padding="same"), (0, 0, 6)), (dict(padding="same", dilation=(1, 2)), (5, 0)),
+    (dict(padding=(2, 0)), (0, 0, 0)), (dict(padding=2), (0, 6)), (dict(padding=(2, 0)), (0, 6)),
+    (dict(padding="same", stride=2), (0, 6)),
+], ids=["small", "narrow", "dilated", "replicate", "reflect-pad-refused", "same-no-rows", "same-no-rows-empty-batch",
+        "same-dilated-no-columns", "no-columns-unpadded-empty-batch", "no-rows-in-a-batch",
+        "no-rows-padded-in-a-batch", "same-beside-a-stride"])
 def test_an_input_smaller_than_the_kernel_is_named_as_nn_conv2d_names_it(dec, geometry, size):
-    """cp and tkd-cpd named a factor's (3 x 1) kernel and an intermediate size."""
+    """cp and tkd-cpd named a factor's (3 x 1) kernel and an intermediate size; every decomposition but svd
+    named a factor's (1 x 1) kernel for an input with no rows or columns, and a "same" padding's size went
+    unchecked.  ``size`` is (H, W), or (N, H, W) (N = 1 otherwise)."""
+    geometry = dict(geometry)
+    stride = geometry.pop("stride", 1)                    # "same" beside a stride: edited in after construction
     conv = nn.Conv2d(4, 6, 3, **geometry)
     layer = LowRankConv2d(4, 6, 3, rank=RANKS[dec], decomposition=dec, **geometry)
-    x = torch.randn(1, 4, *size)
+    conv.stride, layer.stride = (stride, stride), stride
+    n, h, w = (1, *size) if len(size) == 2 else size
+    x = torch.randn(n, 4, h, w)
     with pytest.raises(RuntimeError) as expected:
         conv(x)
     with pytest.raises(RuntimeError) as got:
         layer(x)
     assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("form, strategy", [("lowrank", "auto"), ("adapter", "chain"), ("adapter", "merged"),
+                                            ("full", "auto")])
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+@pytest.mark.parametrize("geometry, size", [
+    (dict(padding=2), (0, 0)), (dict(padding=(2, 0)), (0, 6)), (dict(padding=(0, 2)), (5, 0)),
+    (dict(padding=3, dilation=2, stride=2), (0, 0)),
+], ids=["no-pixels", "no-rows", "no-columns", "dilated-strided"])
+def test_an_empty_batch_with_no_rows_or_columns_runs_as_nn_conv2d_runs_it(dec, form, strategy, geometry, size):
+    """tucker, cp and tkd-cpd ran their leading 1×1 conv on the unpadded input, which torch refuses with no
+    rows or columns ("padded input size (0 x 0). Kernel size: (1 x 1)"), where nn.Conv2d pads it and returns
+    an empty batch.  The output, the input's and bias's gradients equal nn.Conv2d's, and the factors get a
+    zero gradient, as nn.Conv2d's kernel does."""
+    layer = LowRankConv2d(5, 7, 3, rank=RANKS[dec], decomposition=dec, form=form, adapter_strategy=strategy,
+                          dtype=F64, **geometry)
+    randomize(layer)
+    conv = reference_conv(layer)
+    x = torch.randn(0, 5, *size, dtype=F64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = layer(x), conv(x_ref)
+    assert y.shape == y_ref.shape and y_ref.shape[-2:] != (0, 0)
+    y.sum().backward()
+    y_ref.sum().backward()
+    assert x.grad.shape == x_ref.grad.shape
+    assert torch.equal(layer.bias.grad, conv.bias.grad)
+    trained = [p for p in layer.parameters() if p.requires_grad and p is not layer.bias]
+    assert trained and all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in trained)
+    assert torch.equal(conv.weight.grad, torch.zeros_like(conv.weight))
 
 
 @pytest.mark.parametrize("dec", DECOMPOSITIONS)
@@ -916,14 +1025,21 @@ def test_auto_adapter_on_cuda_takes_the_cost_model_inside_torch_func(monkeypatch
     assert timed == [x.shape]
 
 
-def test_time_adapter_strategies_pads_as_the_layer_pads_and_checks_its_arguments():
+def test_time_adapter_strategies_pads_as_the_layer_pads_and_checks_its_arguments(monkeypatch):
     """With padding_mode="reflect" the strategies were timed on the unpadded input (4x4 outputs for the
-    layer's 6x6; a 2x2 input the layer takes raised the kernel-size error); repeats=0 gave inf."""
-    from dynrank.conv import time_adapter_strategies
+    layer's 6x6; a 2x2 input the layer takes raised the kernel-size error); repeats=0 gave inf.  Each
+    strategy runs on the input padded as the forward pads it (an unbatched one given a batch of 1)."""
+    from torch.nn import functional as F
     layer = LowRankConv2d(3, 4, 3, padding=1, padding_mode="reflect", rank=2, form="adapter")
-    for shape in ((2, 3, 6, 6), (1, 3, 2, 2), (3, 2, 2)):
-        seconds = time_adapter_strategies(layer, torch.randn(*shape), repeats=1)
-        assert set(seconds) == {"chain", "merged"} and all(0 < t < float("inf") for t in seconds.values())
+    shapes = ((2, 3, 6, 6), (1, 3, 2, 2), (3, 2, 2))
+    clock = FakeStrategyClock(monkeypatch, {"chain": [1.0, 3.0] * len(shapes), "merged": [1.0, 2.0] * len(shapes)})
+    for shape in shapes:
+        clock.steps.clear()
+        x = torch.randn(*shape)
+        assert time_adapter_strategies(layer, x, repeats=1) == {"chain": 3.0, "merged": 2.0}
+        padded = F.pad(x.reshape(-1, *x.shape[-3:]), (1, 1, 1, 1), mode="reflect")
+        assert [name for name, _ in clock.steps] == ["chain", "chain", "merged", "merged"]
+        assert all(seen.shape == padded.shape and torch.equal(seen, padded) for _, seen in clock.steps), shape
     with pytest.raises(ValueError, match="repeats must be an int >= 1, got 0"):
         time_adapter_strategies(layer, torch.randn(1, 3, 4, 4), repeats=0)
     with pytest.raises(ValueError, match="input must have 3 channels"):

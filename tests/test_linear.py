@@ -22,6 +22,28 @@ def backend(request, monkeypatch):
     return request.param
 
 
+def with_backends(forms):
+    """(backend, form) cases for a test taking the ``backend`` fixture: every form on torch, and on Triton only
+    the forms with a kernel (the full form is one dense torch op whatever the backend: its Triton case would run
+    the torch case again)."""
+    return pytest.mark.parametrize("backend, form", [(b, f) for b in BACKENDS for f in forms
+                                                     if b == "torch" or f != "full"], indirect=["backend"])
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The names of the Triton entry points (``dynrank.kernels``) the test calls, in order; empty without Triton."""
+    calls = []
+    if "triton" in BACKENDS:
+        import dynrank.kernels as kernels
+        for name in ("lowrank_linear_forward", "lowrank_linear_backward", "merge_"):
+            def spy(*args, _name=name, _entry=getattr(kernels, name), **kwargs):
+                calls.append(_name)
+                return _entry(*args, **kwargs)
+            monkeypatch.setattr(kernels, name, spy)
+    return calls
+
+
 def _device():
     return kernel_devices()[0] if kernel_devices() else "cpu"
 
@@ -43,11 +65,12 @@ def _randomize_adapter(layer):
 
 # -- forward in every form and dtype -----------------------------------------------
 
-@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
+@with_backends(["lowrank", "adapter", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("lead", [(7,), (2, 5)], ids=["2d", "3d"])
-def test_forward_and_gradients_every_form(backend, form, dtype, lead):
-    """Every form and dtype on either engine against float64 (float64 itself on the torch path whatever the backend)."""
+def test_forward_and_gradients_every_form(backend, form, dtype, lead, kernel_calls):
+    """Every form and dtype on either engine against float64.  A float64 layer takes the torch path whatever
+    the backend: its Triton cases check that route (no kernel runs)."""
     device = _device()
     layer = FusedLowRankLinear(33, 17, rank=6, form=form, alpha=12.0, device=device, dtype=dtype)
     if form == "adapter":
@@ -61,6 +84,8 @@ def test_forward_and_gradients_every_form(backend, form, dtype, lead):
     dy = torch.randn_like(y)
     y.backward(dy)
     _assert_gradients_match_float64(layer, x, dy, REL_TOL[dtype])
+    expected = ["lowrank_linear_forward", "lowrank_linear_backward"]
+    assert kernel_calls == (expected if backend == "triton" and dtype != torch.float64 else [])
 
 
 def _assert_gradients_match_float64(layer, x, dy, tol):
@@ -97,8 +122,8 @@ def test_non_contiguous_input(backend):
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning")
 @pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
-@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
-def test_nested_input_as_nn_linear_takes_it(backend, form, layout):
+@with_backends(["lowrank", "adapter", "full"])
+def test_nested_input_as_nn_linear_takes_it(backend, form, layout, kernel_calls):
     """A torch.nested input (nn.TransformerEncoder's eval path nests a padded batch), either layout, on
     either engine: each component's rows as the layer gives them unnested and as float64 gives them, and
     the gradients of the input and every trainable parameter against float64 on the rows concatenated."""
@@ -131,12 +156,14 @@ def test_nested_input_as_nn_linear_takes_it(backend, form, layout):
             assert rel_err(p.grad, params[name].grad) < REL_TOL[torch.float32], name
         else:
             assert p.grad is None, f"frozen {name} must get no gradient"
+    assert bool(kernel_calls) == (backend == "triton")
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning")
 @pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
 @pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
-def test_nested_input_of_the_wrong_size_is_named(backend, form, layout):
+def test_nested_input_of_the_wrong_size_is_named(form, layout):
+    """(Refused before any backend is read: the same code on either.)"""
     layer = FusedLowRankLinear(6, 9, rank=2, form=form)
     x = torch.nested.nested_tensor([torch.randn(3, 5), torch.randn(2, 5)], layout=layout)
     with pytest.raises(ValueError, match=re.escape("input must have shape (..., 6), got a nested tensor of "
@@ -174,9 +201,10 @@ def test_autocast_bf16_on_cpu(backend):
     _assert_gradients_match_float64(layer, x, dy, REL_TOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
-def test_float64_layer_stays_float64_under_autocast(backend, form):
-    """As nn.Linear: autocast leaves float64 tensors alone, so a float64 layer computes in float64."""
+@with_backends(["lowrank", "adapter", "full"])
+def test_float64_layer_stays_float64_under_autocast(backend, form, kernel_calls):
+    """As nn.Linear: autocast leaves float64 tensors alone, so a float64 layer computes in float64 (on the torch
+    path whatever the backend: no kernel runs)."""
     layer = FusedLowRankLinear(16, 8, rank=4, form=form, alpha=6.0, dtype=torch.float64, device=_device())
     if form == "adapter":
         _randomize_adapter(layer)
@@ -185,6 +213,7 @@ def test_float64_layer_stays_float64_under_autocast(backend, form):
         y = layer(x)
     assert y.dtype == torch.float64
     assert rel_err(y, _reference_forward(layer, x)) < REL_TOL[torch.float64]
+    assert kernel_calls == []
 
 
 @pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
@@ -224,10 +253,11 @@ def _float64_function(layer):
     return f
 
 
-@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
-def test_per_sample_gradients_through_vmap_and_grad(backend, form):
+@with_backends(["lowrank", "adapter", "full"])
+def test_per_sample_gradients_through_vmap_and_grad(backend, form, kernel_calls):
     """torch.func.vmap(grad(...)) of a loss through the layer (per-sample gradients, as for DP-SGD)
-    against each sample's float64 gradient; the Triton backend's node has no vmap rule either."""
+    against each sample's float64 gradient; the Triton backend's node has no vmap rule: under a transform
+    the layer takes the torch path whatever the backend (no kernel runs)."""
     layer = FusedLowRankLinear(12, 7, rank=3, form=form, alpha=6.0, device=_device())
     if form == "adapter":
         _randomize_adapter(layer)
@@ -244,12 +274,14 @@ def test_per_sample_gradients_through_vmap_and_grad(backend, form):
         (f64(params, x[i:i + 1].double()) ** 2).sum().backward()
         for name, p in params.items():
             assert rel_err(per_sample[name][i], p.grad) < REL_TOL[torch.float32], (name, i)
+    assert kernel_calls == []
 
 
 @pytest.mark.parametrize("form", ["lowrank", "adapter"])
-def test_vmap_over_the_factors_alone(backend, form):
+def test_vmap_over_the_factors_alone(backend, form, kernel_calls):
     """An ensemble of adapters on one frozen base and one input: only A and B batched, the output
-    batched (an in-place add into the unbatched base output cannot take them)."""
+    batched (an in-place add into the unbatched base output cannot take them); on the torch path whatever
+    the backend, as under every transform."""
     layer = FusedLowRankLinear(12, 7, rank=3, form=form, device=_device())
     stacked = {"A": torch.randn(3, 7, 3, device=_device()), "B": torch.randn(3, 12, 3, device=_device())}
     x = torch.randn(5, 12, device=_device())
@@ -257,6 +289,7 @@ def test_vmap_over_the_factors_alone(backend, form):
     f64 = _float64_function(layer)
     for i in range(3):
         assert rel_err(y[i], f64({n: t[i].double() for n, t in stacked.items()}, x.double())) < REL_TOL[torch.float32]
+    assert kernel_calls == []
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -277,9 +310,10 @@ def test_vmap_over_the_factors_alone_compiles(form):
 
 # torch.func.jvp loads its decompositions through the deprecated torch.jit.script
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
-def test_jvp_and_jacobian(backend, form):
-    """Forward-mode (jvp) and reverse-mode (jacrev) derivatives in the input against float64."""
+@with_backends(["lowrank", "adapter", "full"])
+def test_jvp_and_jacobian(backend, form, kernel_calls):
+    """Forward-mode (jvp) and reverse-mode (jacrev) derivatives in the input against float64 (on the torch
+    path whatever the backend, as under every transform)."""
     layer = FusedLowRankLinear(10, 6, rank=3, form=form, alpha=6.0, device=_device())
     if form == "adapter":
         _randomize_adapter(layer)
@@ -291,10 +325,11 @@ def test_jvp_and_jacobian(backend, form):
     assert rel_err(tangent, tangent_ref) < REL_TOL[torch.float32]
     jac = torch.func.jacrev(layer)(x)
     assert rel_err(jac, torch.func.jacrev(lambda t: f64({}, t))(x.double())) < REL_TOL[torch.float32]
+    assert kernel_calls == []
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
-@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
+@with_backends(["lowrank", "adapter", "full"])
 def test_jit_trace_saves_and_reloads(backend, form):
     """torch.jit.trace records plain aten ops in every form (its check reruns the module without grad,
     so the trace must not depend on it), and the saved trace computes the layer's function."""
@@ -628,8 +663,9 @@ def test_alpha_must_be_finite_and_positive(alpha, form):
         FusedLowRankLinear(6, 9, rank=2, form=form, alpha=alpha)
 
 
-@pytest.mark.parametrize("form", ["lowrank", "adapter", "full"])
+@with_backends(["lowrank", "adapter", "full"])
 def test_wrong_last_dimension(backend, form):
+    """Named on either engine: on Triton by the operand checks before a kernel, on torch after torch refuses it."""
     layer = FusedLowRankLinear(6, 9, rank=2, form=form, device=_device())
     with pytest.raises(ValueError, match=r"input must have shape \(\.\.\., 6\), got \(3, 5\)"):
         layer(torch.randn(3, 5, device=_device()))
@@ -651,9 +687,9 @@ def test_device_mismatch():
 @pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float32, torch.bfloat16, torch.bfloat16),
                                     (torch.float16, torch.float32, torch.float16), (torch.float64,) * 3],
                          ids=["fp32", "bf16-factors-into-fp32", "mixed-into-fp16", "fp64"])
-def test_functional_merge_matches_float64(backend, dtypes):
+def test_functional_merge_matches_float64(backend, dtypes, kernel_calls):
     """``merge_`` on either engine: W += alpha·A·Bᵀ in place, any mix of float dtypes, fp32 products
-    (float64 to float64 precision: it takes the torch path whatever the backend)."""
+    (float64 to float64 precision: it takes the torch path whatever the backend, no kernel runs)."""
     w_dtype, a_dtype, b_dtype = dtypes
     device = _device()
     W = torch.randn(33, 20, device=device).to(w_dtype)
@@ -664,6 +700,7 @@ def test_functional_merge_matches_float64(backend, dtypes):
     ptr = W.data_ptr()
     assert F.merge_(W, A, B, alpha=-0.5) is W and W.data_ptr() == ptr and W.dtype == w_dtype
     assert rel_err(W, expected) < REL_TOL[w_dtype]
+    assert kernel_calls == (["merge_"] if backend == "triton" and torch.float64 not in dtypes else [])
 
 
 def test_functional_merge_rejects_bad_input(backend):
@@ -715,7 +752,8 @@ def test_functional_merge_rejects_bad_input(backend):
     (float("nan"), ValueError, "scale must be finite, got nan"),
     (float("inf"), ValueError, "scale must be finite, got inf"),
 ], ids=["str", "None", "1-d tensor", "complex tensor", "complex", "nan", "inf"])
-def test_functional_lowrank_linear_rejects_a_bad_scale(backend, form, scale, exc, message):
+def test_functional_lowrank_linear_rejects_a_bad_scale(form, scale, exc, message):
+    """(Refused before any backend is read: the same code on either.)"""
     device = _device()
     x, A, B = torch.randn(3, 5, device=device), torch.randn(4, 2, device=device), torch.randn(5, 2, device=device)
     weight = torch.randn(4, 5, device=device) if form == "adapter" else None
