@@ -60,6 +60,21 @@ def _bloom_reads(module):
 CONDITIONAL_READS = {"BloomAttention": {"dense": _bloom_reads}, "BloomMLP": {"dense_4h_to_h": _bloom_reads}}
 
 
+def _rwkv_rescaled(module):
+    """The layers whose weight RWKV's ``_rescale_layers`` divides in place (multiplies back in training) at the
+    first forward after each train/eval switch, where ``config.rescale_every`` > 0: it reaches them through a
+    loop over ``self.blocks``, which the search of the code does not follow."""
+    if getattr(getattr(module, "config", None), "rescale_every", 0) > 0:
+        for i in range(len(getattr(module, "blocks", ()))):
+            yield f"blocks.{i}.attention.output"
+            yield f"blocks.{i}.feed_forward.value"
+
+
+# Modules whose code reaches layers below them by a path the search does not follow (class name → the paths
+# it computes with, for this module).
+DEEP_READS = {"RwkvModel": _rwkv_rescaled}
+
+
 # ``self.<path>.weight`` in a module's code where it computes with the weight (passes it on, indexes it,
 # multiplies by it): not a read of its dtype, device or shape, not an assignment to it.
 _VALUE_READ = re.compile(rf"self\.{_PATH}\.weight\b"
@@ -89,13 +104,20 @@ def _weight_reads(cls):
 
 def _transformers_reads(model):
     """(module, its class's name, path, layer, kind) for each layer whose weight the code of a transformers
-    module above it reads: kind ``"computes"`` (:data:`WEIGHT_READERS` and :func:`_weight_reads`),
+    module above it reads: kind ``"computes"`` (:data:`WEIGHT_READERS`, :data:`DEEP_READS` and
+    :func:`_weight_reads`),
     ``"dtype"`` (:func:`_dtype_reads`) or ``"guarded"`` (read only where ``isinstance`` finds a tensor)."""
     for module in model.modules():
         cls = transformers_class(module, WEIGHT_READERS)
         for attr in WEIGHT_READERS.get(cls, ()):
             if module._modules.get(attr) is not None:
                 yield module, cls, attr, module._modules[attr], "computes"
+        deep = transformers_class(module, DEEP_READS)
+        for path in DEEP_READS[deep](module) if deep else ():
+            try:
+                yield module, deep, path, module.get_submodule(path), "computes"
+            except AttributeError:
+                continue
         for base in transformers_bases(module):
             computed, guarded = _weight_reads(base)
             conditions = CONDITIONAL_READS.get(base.__name__, {})

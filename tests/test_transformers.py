@@ -351,6 +351,36 @@ def test_layers_whose_weight_transformers_code_uses_stay_dense(build):
         assert rel_err(out, original(**inputs).last_hidden_state) > 1e-3      # rank 0.5 changes it
 
 
+@pytest.mark.parametrize("form", ["adapter", "lowrank"])
+def test_rwkv_keeps_the_layers_it_rescales_dense(form):
+    """RwkvModel divides ``attention.output`` and ``feed_forward.value``'s weights in place at the first forward
+    after each train/eval switch (multiplies them back in training), through a loop the code search does not
+    follow: converted, an adapter layer's factors were left unscaled (0.41 off in eval) and a lowrank one
+    raised an AttributeError.  Kept dense, the converted model computes what its merged copy does."""
+    torch.manual_seed(0)
+    config = transformers.RwkvConfig(vocab_size=VOCAB, context_length=16, hidden_size=32, num_hidden_layers=4,
+                                     attention_hidden_size=32, intermediate_size=64, rescale_every=2)
+    model = transformers.RwkvForCausalLM(config).double().train()
+    summary = convert_model(model, rank_ratio=0.5, form=form)
+    skipped = dict(summary.skipped)
+    for i in range(4):
+        for path in ("attention.output", "feed_forward.value"):
+            assert skipped[f"rwkv.blocks.{i}.{path}"] == f"RwkvModel uses blocks.{i}.{path}.weight itself (would " \
+                                                         f"skip the factors)"
+    torch.manual_seed(1)
+    for layer in model.modules():
+        if isinstance(layer, FusedLowRankLinear) and layer.form == "adapter":
+            with torch.no_grad():
+                layer.A.normal_(0, 0.3)
+    merged = copy.deepcopy(model)
+    unconvert_model(merged)
+    ids = tokens()
+    for mode in ("eval", "train", "eval"):          # each switch rescales
+        getattr(model, mode)(), getattr(merged, mode)()
+        with torch.no_grad():
+            assert rel_err(model(ids).logits, merged(ids).logits) < 1e-12
+
+
 def _t5(dtype=torch.float64):
     torch.manual_seed(0)
     return transformers.T5ForConditionalGeneration(transformers.T5Config(
