@@ -133,6 +133,25 @@ def _peft_lora_kwargs(rank):
     return settings
 
 
+def _first_call_without_donated_buffers(compiled):
+    """``compiled`` (a ``torch.compile`` function), compiled at its first call with AOTAutograd's donated
+    buffers off: the "backward" pass replays one graph's backward (``retain_graph=True``), which a backward
+    compiled with donated buffers refuses.  Later calls run the graph compiled then."""
+    config = torch._functorch.config
+    if not hasattr(config, "donated_buffer"):
+        return compiled
+    first = [True]
+
+    def run(*args):
+        if first[0]:
+            with config.patch(donated_buffer=False):
+                out = compiled(*args)
+            first[0] = False
+            return out
+        return compiled(*args)
+    return run
+
+
 def make_linear(provider, form, case, device=common.DEVICE, timed=True):
     """Setup factory: (forward callable of x, trainable parameters) for one provider.
 
@@ -191,7 +210,7 @@ def make_linear(provider, form, case, device=common.DEVICE, timed=True):
         # A fresh cache per shape: dynamo's per-code-object recompile limit
         # would otherwise fall back to eager after a few shapes.
         torch._dynamo.reset()
-        return torch.compile(unfused, dynamic=False), params
+        return _first_call_without_donated_buffers(torch.compile(unfused, dynamic=False)), params
 
     if provider == "peft":
         peft_lora = common.optional_module("peft.tuners.lora")
@@ -285,3 +304,27 @@ def test_each_provider_computes_its_form(provider, form):
     x = torch.randn(case.tokens, case.in_features, device=common.DEVICE)
     layer(x).square().sum().backward()
     assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_the_compiled_provider_replays_its_backward(monkeypatch, tmp_path, form):
+    """Not a benchmark: the "backward" pass replays one graph's backward (``retain_graph=True``), and each
+    replay of the ``torch_compile`` provider gives the unfused function's gradients.  A backward compiled
+    with AOTAutograd's donated buffers refuses the replay ("compiled with non-empty donated buffers"), as
+    one taken from a warm inductor cache did at this shape; the provider compiles without them (a fresh
+    compile here donates none, so this checks the gradients, not that refusal)."""
+    monkeypatch.setenv("DYNRANK_BENCH_COMPILE", "1")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    case = LinearCase(64, 64, 64, 4, torch.float32)
+    grads = {}
+    for provider in ("torch_unfused", "torch_compile"):
+        torch.manual_seed(0)
+        fn, params = make_linear(provider, form, case)
+        x = torch.randn(case.tokens, case.in_features, device=common.DEVICE, requires_grad=True)
+        torch.manual_seed(1)
+        run = common.make_pass("backward", lambda: fn(x), [x, *params])
+        for _ in range(2):
+            run()
+        grads[provider] = [t.grad.double() for t in (x, *params)]
+    for compiled, reference in zip(grads["torch_compile"], grads["torch_unfused"]):
+        assert (compiled - reference).norm() <= 1e-5 * reference.norm()
