@@ -1281,7 +1281,7 @@ def test_plot_training_curves_with_empty_keys_says_so():
 def test_a_gpt_batch_larger_than_the_texts_windows_is_a_data_error():
     from dynrank.train.data import DataError
     text = torch.zeros(40, dtype=torch.uint8)
-    with pytest.raises(DataError, match="--batch-size 30 is larger than the 23 windows"):
+    with pytest.raises(DataError, match="--batch-size 30 is larger than the 24 windows"):
         TextData(text, text, 16, 30)
     assert len(TextData(text, text, 16, 23, steps=1)) == 1
 

@@ -9,6 +9,7 @@ import shutil
 import tarfile
 import threading
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -145,6 +146,30 @@ def test_the_data_sets_own_folder_comes_before_a_tree_at_the_top(tmp_path, archi
     assert torch.equal(test_y, torch.from_numpy(ty).long()) and classes == [f"c{i}" for i in range(100)]
 
 
+def _tar_tree(archive, top, classes, per_class=1):
+    """A .tar.gz holding top/{train,test}/<class>/i.png."""
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "test"):
+            for c, name in enumerate(classes):
+                for i in range(per_class):
+                    blob = _encode(_smooth_image(32, 7 * c + i), "PNG")
+                    info = tarfile.TarInfo(f"{top}/{split}/{name}/{i}.png")
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+
+
+@pytest.mark.parametrize("name, other", [("cifar100", "cifar10"), ("cifar10", "cifar100")])
+def test_the_data_sets_named_image_archive_comes_before_a_tree_at_the_top(tmp_path, name, other):
+    """Another data set's tree at the top of the data folder is not read in place of this data set's
+    image archive beside it (CIFAR-10 read as CIFAR-100, or CIFAR-10 refused for 12 classes)."""
+    top_classes = [f"{other}_{i:02d}" for i in range(12)]
+    write_image_tree(str(tmp_path), "PNG", classes=top_classes, per_class=1)
+    _tar_tree(tmp_path / f"{name}-images.tar.gz", name, ("bird", "cat"))
+    train_x, train_y, _, test_y, classes = load_vision(name, str(tmp_path))
+    assert classes == ["bird", "cat"] and train_y.tolist() == [0, 1] and test_y.tolist() == [0, 1]
+    assert torch.equal(train_x[1], torch.from_numpy(_smooth_image(32, 7)))
+
+
 def test_pickle_with_code_is_refused(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     write_cifar10_pickles(str(folder))
@@ -218,6 +243,84 @@ def test_jpeg_tree_inside_tar_gz(tmp_path):
         error = (test_x[i].float() - reference).abs().mean()
         assert error < 4
         assert all(error < (test_x[i].float() - other).abs().mean() for j, other in enumerate(expected) if j != i)
+
+
+def test_a_tar_reads_links_and_a_names_last_member_as_extraction_does(tmp_path):
+    """Hard-linked and symlinked images are read from their targets, and of two members with one name
+    (an archive updated with tar -u) the last counts: the same tensors as the extracted archive."""
+    tree = tmp_path / "src"
+    images = {n: _smooth_image(32, n) for n in range(6)}
+    for path, n in (("train/cat/0.png", 0), ("train/cat/1.png", 1), ("train/dog/0.png", 2),
+                    ("test/cat/0.png", 3), ("test/dog/0.png", 4)):
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path).write_bytes(_encode(images[n], "PNG"))
+    os.link(tree / "train/cat/0.png", tree / "train/dog/a.png")              # one picture in two classes
+    os.symlink("../cat/1.png", tree / "train/dog/b.png")
+    archive = tmp_path / "data" / "cifar10-images.tar"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tree / "train", arcname="train")
+        tar.add(tree / "test", arcname="test")
+    with tarfile.open(archive) as tar:
+        kinds = {m.name: m.type for m in tar.getmembers()}
+    assert tarfile.LNKTYPE in kinds.values() and kinds["train/dog/b.png"] == tarfile.SYMTYPE
+    (tree / "train/cat/1.png").unlink()                                     # a fixed image, appended
+    (tree / "train/cat/1.png").write_bytes(_encode(images[5], "PNG"))
+    with tarfile.open(archive, "a") as tar:
+        tar.add(tree / "train/cat/1.png", arcname="train/cat/1.png")
+    train_x, train_y, test_x, _, classes = load_vision("cifar10", str(archive.parent))
+    # sorted by path: cat/0, cat/1 (the appended copy), dog/0, dog/a (-> cat/0), dog/b (-> cat/1)
+    expected = np.stack([images[0], images[5], images[2], images[0], images[5]])
+    assert classes == ["cat", "dog"] and train_y.tolist() == [0, 0, 1, 1, 1]
+    assert torch.equal(train_x, torch.from_numpy(expected)) and len(test_x) == 2
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "extracted", filter="data")
+    extracted = load_vision("cifar10", str(tmp_path / "extracted"))
+    assert all(torch.equal(a, b) for a, b in zip(extracted[:4], (train_x, train_y, test_x)))
+
+
+def test_a_tar_link_to_a_file_it_does_not_hold_is_named(tmp_path):
+    archive = tmp_path / "cifar10-images.tar.gz"
+    _tar_tree(archive, "cifar10", ("cat", "dog"))
+    with tarfile.open(archive) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(archive, "w:gz") as tar:
+        for member, blob in members:
+            tar.addfile(member, io.BytesIO(blob))
+        link = tarfile.TarInfo("cifar10/train/dog/1.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../../elsewhere/1.png"
+        tar.addfile(link)
+    with pytest.raises(DataError, match=re.escape(f"{archive}:cifar10/train/dog/1.png links to "
+                                                  "../../../elsewhere/1.png, which is not a file in the archive")):
+        load_vision("cifar10", str(tmp_path))
+
+
+_APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\x00" * 66
+
+
+@pytest.mark.parametrize("layout", ["folder", "tar.gz"])
+def test_hidden_files_and_folders_are_skipped(tmp_path, layout):
+    """macOS's ._name companions (not images) and a hidden folder under train/ (not a class)."""
+    tree = tmp_path / "src" / "cifar10"
+    write_image_tree(str(tree), "PNG", classes=("cat", "dog"), per_class=1)
+    expected = load_vision("cifar10", str(tree))
+    (tree / "train" / "cat" / "._0000.png").write_bytes(_APPLE_DOUBLE)
+    (tree / "test" / "._dog").mkdir()
+    (tree / "test" / "._dog" / "0000.png").write_bytes(_APPLE_DOUBLE)
+    (tree / "train" / ".thumbnails").mkdir()
+    (tree / "train" / ".thumbnails" / "0000.png").write_bytes(_encode(_smooth_image(32, 9), "PNG"))
+    (tree / ".trash" / "train" / "bird").mkdir(parents=True)
+    (tree / ".trash" / "train" / "bird" / "0000.png").write_bytes(_encode(_smooth_image(32, 8), "PNG"))
+    if layout == "tar.gz":
+        (tmp_path / "data").mkdir()
+        with tarfile.open(tmp_path / "data" / "cifar10-images.tar.gz", "w:gz") as tar:
+            tar.add(tree, arcname=".")                   # members ./train/..., as tar -C dir . writes them
+        source = tmp_path / "data"
+    else:
+        source = tree
+    loaded = load_vision("cifar10", str(source))
+    assert loaded[4] == ["cat", "dog"]
+    assert all(torch.equal(a, b) for a, b in zip(loaded[:4], expected[:4]))
 
 
 @pytest.mark.parametrize("layout", ["folder", "tar.gz"])
@@ -353,6 +456,37 @@ def test_runs_started_together_share_one_cache(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(r[:4], results[0][:4]))
 
 
+def test_an_interrupted_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    write_image_tree(str(tmp_path / "data"), "PNG", classes=("a", "b"), per_class=1)
+    save = torch.save
+
+    def save_then_interrupt(obj, path):
+        save(obj, path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        load_vision("cifar10", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_a_new_cache_removes_its_sources_partial_writes_left_by_killed_runs(tmp_path):
+    """.tmp files of the source unchanged for over 10 minutes go; a recent one (a run writing beside this
+    one) and another source's stay."""
+    write_image_tree(str(tmp_path / "data"), "PNG", classes=("a", "b"), per_class=1)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    prefix, entry = data_module._cache_name(str(tmp_path / "data"), "cifar10", str(cache))
+    dead, writing = cache / f"{prefix}0123456789ab.pt.1234-5.tmp", cache / f"{entry}.999-9.tmp"
+    other = cache / "cifar10-0123456789ab-0123456789ab.pt.1234-5.tmp"
+    for path in (dead, writing, other):
+        path.write_bytes(b"x" * 100)
+    hour_ago = os.stat(dead).st_mtime - 3600
+    for path in (dead, other):
+        os.utime(path, (hour_ago, hour_ago))
+    load_vision("cifar10", str(tmp_path / "data"), cache_dir=str(cache))
+    assert sorted(os.listdir(cache)) == sorted([entry, writing.name, other.name])
+
+
 # -- decoding rules and the decode cache -------------------------------------------------------
 def _write_png(path, array, **kwargs):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -387,6 +521,40 @@ def test_transparent_pixels_are_composited_onto_black(tmp_path):
     expected = np.round(rgba[..., :3] * alpha / 255).astype(np.uint8).transpose(2, 0, 1)
     assert torch.equal(train_x[0], torch.from_numpy(expected))
     assert test_x[0, :, 0, 0].tolist() == [0, 0, 0] and test_x[0, :, 0, 1].tolist() == [10, 20, 30]
+
+
+def _png16(array, color_type, trns=None):
+    """A 16-bit PNG written by hand (pillow writes no 16-bit colour): (H, W, C) values 0..65535."""
+    height, width = array.shape[:2]
+    raw = b"".join(b"\0" + np.ascontiguousarray(array[y]).astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, color_type, 0, 0, 0])
+    extra = chunk(b"tRNS", b"".join(int(v).to_bytes(2, "big") for v in trns)) if trns else b""
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + extra + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("key", [(1000, 2000, 3000), (100, 200, 50)])
+def test_16bit_rgb_png_transparent_colour_is_matched_on_the_bytes_read(tmp_path, key):
+    """pillow reads 16-bit colour as each value's high byte; the transparent colour (tRNS) is matched on
+    those bytes, so its pixels are black and opaque pixels keep their colour (also one whose high bytes
+    equal the key's low bytes, and one whose 8-bit values equal a key below 256)."""
+    write_image_tree(str(tmp_path), "PNG", classes=("a",), per_class=1)
+    values = np.random.default_rng(6).integers(0, 65536, size=(32, 32, 3))
+    values[0, 0] = key                                               # transparent
+    values[0, 1] = [59400, 53300, 47200]                             # high bytes = (1000, 2000, 3000)'s low bytes
+    values[0, 2] = [(k % 256) * 256 + 7 for k in key]                # 8-bit values = the key's low bytes
+    values[0, 3] = [k | 0xFF for k in key]                           # the key's block of 256: composited too
+    (tmp_path / "train" / "a" / "0000.png").write_bytes(_png16(values, 2, trns=key))
+    with PIL.open(tmp_path / "train" / "a" / "0000.png") as image:
+        assert image.mode == "RGB" and image.info["transparency"] == key
+    train_x, _, _, _, _ = load_vision("cifar10", str(tmp_path))
+    expected = values >> 8
+    expected[(expected == np.array(key) >> 8).all(axis=2)] = 0
+    assert expected[0, :4].tolist() == [[0, 0, 0], [232, 208, 184], [k % 256 for k in key], [0, 0, 0]]
+    assert torch.equal(train_x[0], torch.from_numpy(expected.astype(np.uint8).transpose(2, 0, 1)))
 
 
 def test_other_sizes_are_squashed_with_one_warning(tmp_path):
@@ -596,6 +764,28 @@ def test_tiny_imagenet_train_folder_through_a_link(tmp_path):
     assert loaded[1].tolist() == [0, 0, 1, 1]
     assert all(torch.equal(a, b) for a, b in zip(loaded[:4], expected[:4])) and loaded[4] == expected[4]
 
+@pytest.mark.parametrize("layout", ["folder", "zip"])
+def test_tiny_imagenet_hidden_files_are_skipped(tmp_path, layout):
+    wnids, files = _tiny_files()
+    hidden = dict(files)
+    hidden[f"train/{wnids[0]}/images/._{wnids[0]}_0.JPEG"] = _APPLE_DOUBLE
+    hidden[f"train/.{wnids[1]}/images/{wnids[1]}_0.JPEG"] = files[f"train/{wnids[1]}/images/{wnids[1]}_0.JPEG"]
+    for top, contents in (("plain", files), ("hidden", hidden)):
+        if layout == "folder":
+            for name, blob in contents.items():
+                path = tmp_path / top / "tiny-imagenet-200" / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(blob)
+        else:
+            (tmp_path / top).mkdir()
+            with zipfile.ZipFile(tmp_path / top / "tiny-imagenet-200.zip", "w") as archive:
+                for name, blob in contents.items():
+                    archive.writestr("tiny-imagenet-200/" + name, blob)
+    expected = load_vision("tiny-imagenet", str(tmp_path / "plain"))
+    loaded = load_vision("tiny-imagenet", str(tmp_path / "hidden"))
+    assert loaded[1].tolist() == [0, 0, 1, 1]
+    assert all(torch.equal(a, b) for a, b in zip(loaded[:4], expected[:4])) and loaded[4] == expected[4]
+
 
 # -- clear messages ----------------------------------------------------------------------------
 def test_missing_folder_message(tmp_path):
@@ -702,7 +892,7 @@ def test_epoch_draws_take_every_allowed_seed_and_keep_the_smaller_seeds_draws():
             reduced = (seed * 100_003 + epoch) % 2 ** 63
             order = torch.randperm(8, generator=torch.Generator().manual_seed(reduced))
             assert torch.equal(vision._epoch_draws(epoch)["order"], order)
-            starts = torch.randint(0, 400 - 17, (2, 4), generator=torch.Generator().manual_seed(reduced))
+            starts = torch.randint(0, 400 - 16, (2, 4), generator=torch.Generator().manual_seed(reduced))
             assert torch.equal(next(text.train_batches(epoch))[0][:, 0], stream[starts[0]].long())
     for seed, epoch in ((0, 0), (3, 7), (2 ** 40, 5)):          # products below 2**63: unchanged
         assert torch.equal(epoch_generator(seed, epoch).get_state(),
@@ -758,6 +948,20 @@ def test_text_data_targets_are_inputs_shifted():
     assert torch.equal(again[0][0], batches[2][0])
     val = list(data.val_batches())
     assert sum(v[0].shape[0] for v in val) == (300 - 1) // 16
+
+
+def test_text_data_draws_every_window_and_counts_them():
+    """A 10-byte stream with context 4 has windows of 5 bytes at starts 0..5; the last one's target is
+    the last byte."""
+    stream = torch.arange(10, dtype=torch.uint8)
+    data = TextData(stream, stream, context=4, batch_size=4, steps=50)
+    starts = {int(x[0]) for epoch in range(2) for inputs, _ in data.train_batches(epoch) for x in inputs}
+    assert starts == set(range(6))
+    one = TextData(stream[:5], stream[:5], context=4, batch_size=1, steps=3)   # exactly one window
+    assert all(torch.equal(y, torch.arange(1, 5)[None]) for _, y in one.train_batches(0))
+    with pytest.raises(DataError, match=re.escape("--batch-size 3 is larger than the 2 windows of context + 1 = 5 "
+                                                  "bytes in the 6-byte training text")):
+        TextData(stream[:6], stream, context=4, batch_size=3)
 
 
 def test_download_failure_is_a_clear_message(tmp_path, monkeypatch):

@@ -93,7 +93,8 @@ class TextData:
     """Byte streams for next-byte prediction, resident on one device.
 
     An epoch is ``steps`` batches of random windows of ``context + 1`` bytes from
-    the training stream; the window starts come from a generator seeded by
+    the training stream (any of its ``len(train) - context`` windows, the last
+    one ending at its last byte); the window starts come from a generator seeded by
     (seed, epoch), made on the host once per epoch, so an epoch is the same
     whether or not the run was resumed.  Validation uses up to ``val_windows``
     fixed, non-overlapping windows of the validation stream.
@@ -113,10 +114,10 @@ class TextData:
 
     def __init__(self, train, val, context, batch_size, steps=None, device="cpu", val_windows=512,
                  seed=0, eval_batch_size=128):
-        if len(train) <= context + 1 or len(val) <= context + 1:
-            raise DataError(f"text streams must be longer than context + 1 = {context + 1} bytes, got "
+        if len(train) < context + 1 or len(val) < context + 1:
+            raise DataError(f"text streams must hold at least context + 1 = {context + 1} bytes, got "
                             f"train {len(train)}, val {len(val)}")
-        windows = len(train) - context - 1
+        windows = len(train) - context             # starts 0..len - context - 1: the last ends at the last byte
         if batch_size > windows:
             raise DataError(f"--batch-size {batch_size} is larger than the {windows} windows of context + 1 = "
                             f"{context + 1} bytes in the {len(train)}-byte training text; use a smaller "
@@ -140,7 +141,7 @@ class TextData:
     def train_batches(self, epoch, start=0):
         """Yield ``(inputs, targets)`` for batches ``start..steps-1`` of ``epoch``."""
         generator = epoch_generator(self.seed, epoch)
-        starts = torch.randint(0, len(self.train) - self.context - 1, (self.steps, self.batch_size),
+        starts = torch.randint(0, len(self.train) - self.context, (self.steps, self.batch_size),
                                generator=generator).to(self.device, non_blocking=True)
         for step in range(start, self.steps):
             window = self.train[starts[step, :, None] + self._offsets].long()

@@ -11,16 +11,19 @@ CIFAR-10 / CIFAR-100
       (``val/`` is accepted in place of ``test/``; a tree with images in both is
       refused, as a run evaluates on one held-out split), extracted or inside a
       ``.tar``/``.tar.gz`` whose name holds the data set's (``cifar10-images.tar.gz``;
-      a CIFAR-10 one's must not say ``cifar100``).
+      a CIFAR-10 one's must not say ``cifar100``).  Hidden files and folders
+      (names starting with a dot, e.g. macOS's ``._0.png``) are skipped.  A tar
+      reads as its extraction would: hard and symbolic links are read from their
+      targets in it, and of members with one name (``tar -u``) the last counts.
 Tiny ImageNet
     - ``tiny-imagenet-200/`` with ``wnids.txt``, ``train/<wnid>/images/*.JPEG``,
       ``val/images/*.JPEG`` and ``val/val_annotations.txt``, or ``tiny-imagenet-200.zip``.
 
 Folders may be symbolic links (a link back to a folder it sits in, a cycle,
 is not entered).  Where a data folder holds several of these, the data set's
-own folders (pickled, or named like ``cifar100/``) and official archive are
-read before an image-folder tree at its top level, which may be another data
-set's.
+own folders (pickled, or named like ``cifar100/``), official archive and
+image-tree archives named after it are read before an image-folder tree at its
+top level, which may be another data set's.
 
 Image files are decoded with pillow (the optional ``vision`` extra); the
 pickled CIFAR archives need nothing beyond numpy.  Augmentation and
@@ -31,8 +34,13 @@ Decoding rules: every image becomes 8-bit RGB.  16-bit images (pillow modes
 ``round(v * 255 / 65535)``; values outside 0..65535 are refused.  Transparent
 pixels (RGBA, LA, PA, or a palette/grey/RGB image with a transparency entry)
 are composited onto black, i.e. each channel is multiplied by alpha/255, so
-their hidden colour never shows.  An image whose size is not the data set's
-(32x32 for CIFAR, 64x64 for Tiny ImageNet) is resized to it, bilinear, without
+their hidden colour never shows.  16-bit colour PNGs (RGB, RGBA, grey with
+alpha) are read by pillow at 8 bits per channel, keeping each value's high
+byte ``v >> 8`` (one above or below ``round(v * 255 / 65535)`` for a quarter
+of the values); the transparent colour of a 16-bit RGB PNG is matched on these
+high bytes, so every pixel whose channels lie in the same blocks of 256 values
+as its own is composited onto black with it.  An image whose size is not the
+data set's (32x32 for CIFAR, 64x64 for Tiny ImageNet) is resized to it, bilinear, without
 keeping the aspect ratio (a 64x32 image is squashed, not cropped); one
 warning per split says how many were resized.  An unreadable image, a damaged
 archive, more classes than the data set has, or a label out of its range
@@ -47,7 +55,9 @@ are not hashed); delete the cache file then.  An unreadable cache file is
 decoded again and overwritten, with a warning; a cache folder that cannot be
 written is warned about and the run goes on without it.  Writing a source's cache
 removes that source's older versions (and caches of the same data set in the
-layout before source ids).
+layout before source ids), and the partial writes (``.tmp``) of runs killed
+while writing it, once unchanged for 10 minutes; an interrupted write (Ctrl-C)
+removes its own.
 """
 
 import hashlib
@@ -57,6 +67,7 @@ import pickle
 import re
 import tarfile
 import threading
+import time
 import urllib.request
 import warnings
 import zipfile
@@ -121,8 +132,19 @@ def _pil():
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _rgb_array(image, name):
-    """A pillow image → (H, W, 3) uint8: 16-bit scaled, transparency composited onto black."""
+def _png_bit_depth(blob):
+    """Bits per channel of a PNG file (its header comes first), or None for other formats."""
+    if blob[:8] == b"\x89PNG\r\n\x1a\n" and blob[12:16] == b"IHDR" and len(blob) > 24:
+        return blob[24]
+    return None
+
+
+def _rgb_array(image, name, bit_depth=None):
+    """A pillow image → (H, W, 3) uint8: 16-bit scaled, transparency composited onto black.
+
+    ``bit_depth``: bits per channel of the file (:func:`_png_bit_depth`); pillow reads 16-bit colour PNGs
+    as 8-bit RGB/RGBA, each value's high byte, and keeps their transparent colour in 16 bits.
+    """
     Image = _pil()
     if image.mode in _SIXTEEN_BIT:
         values = np.asarray(image).astype(np.int64)
@@ -135,7 +157,13 @@ def _rgb_array(image, name):
         if isinstance(transparent, int):
             rgb[values == transparent] = 0
         return rgb
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    transparent = image.info.get("transparency")
+    if image.mode == "RGB" and bit_depth == 16 and isinstance(transparent, tuple):
+        # pillow's convert() would match the 16-bit colour's low bytes against the high bytes it read
+        rgb = np.array(image, dtype=np.uint8)
+        rgb[(rgb == np.asarray(transparent, dtype=np.int64) >> 8).all(axis=2)] = 0
+        return rgb
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or transparent is not None:
         rgba = np.asarray(image.convert("RGBA"), dtype=np.uint16)
         return ((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8)
     if image.mode != "RGB":
@@ -149,7 +177,7 @@ def _decode(blob, size, name="image"):
     try:
         with Image.open(io.BytesIO(blob)) as image:
             image.load()
-            rgb = _rgb_array(image, name)
+            rgb = _rgb_array(image, name, _png_bit_depth(blob))
             resized = rgb.shape[:2] != (size, size)
             if resized:
                 rgb = np.asarray(Image.fromarray(rgb, "RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
@@ -277,9 +305,16 @@ def _split_of(parts):
     return None
 
 
+def _hidden(parts):
+    """Whether a path (split in parts) is hidden: a part starts with a dot, as macOS's ``._name``
+    companions and folders like ``.thumbnails/`` do."""
+    return any(part.startswith(".") and part != "." for part in parts)
+
+
 def _gather_tree(items, size, source, name_of=None):
     """items: iterable of (path parts, loader) → tensors; classes from the train split.
 
+    Hidden files and folders (a part of the path starts with a dot) are skipped.
     ``name_of(path)`` names a file in error messages (default: ``source/path``).
     The held-out split is ``test/`` or ``val/``; images in both raise :class:`DataError` naming the two
     folders (a run evaluates on one held-out split, and merging them would mix two).
@@ -288,7 +323,7 @@ def _gather_tree(items, size, source, name_of=None):
     found = {"train": [], "test": []}
     held_out = {}                               # 'test' / 'val' → a folder of that name holding images
     for parts, load in items:
-        if not parts[-1].lower().endswith(_IMAGE_EXT) or len(parts) < 3:
+        if not parts[-1].lower().endswith(_IMAGE_EXT) or len(parts) < 3 or _hidden(parts):
             continue
         split = _split_of(parts)
         if split is not None:
@@ -356,10 +391,24 @@ def _damaged(path, err):
 
 
 def _read_tree_tar(path, size):
+    """An image-folder tree inside a tar, read as its extraction would be: of members with one name the
+    last counts (``tar -u`` appends a changed file), and a hard or symbolic link is read from its target
+    in the archive.  A link to a file that the archive does not hold raises :class:`DataError`; a link
+    to a folder is skipped."""
     try:
         with tarfile.open(path) as tar:
-            blobs = [(m.name.split("/"), tar.extractfile(m).read()) for m in tar.getmembers()
-                     if m.isfile() and m.name.lower().endswith(_IMAGE_EXT)]
+            last = {m.name: m for m in tar.getmembers()}
+            blobs = []
+            for name, m in last.items():
+                if not (m.isfile() or m.islnk() or m.issym()) or not name.lower().endswith(_IMAGE_EXT):
+                    continue
+                try:
+                    handle = tar.extractfile(m)     # a link: its target's contents
+                except (KeyError, RecursionError):  # the target is missing, or links form a cycle
+                    raise DataError(f"{path}:{name} links to {m.linkname}, which is not a file in the "
+                                    f"archive; archive the linked images themselves (tar --dereference)") from None
+                if handle is not None:
+                    blobs.append((name.split("/"), handle.read()))
     except _ARCHIVE_ERRORS as err:
         raise _damaged(path, err) from None
     return _gather_tree(((parts, (lambda b=blob: b)) for parts, blob in blobs), size, path,
@@ -370,7 +419,7 @@ def _read_tree_tar(path, size):
 def _tiny_imagenet(listing, read, source, name_of=None):
     """``listing``: member names relative to tiny-imagenet-200/; ``read(name)`` → bytes."""
     name_of = name_of or (lambda member: os.path.join(source, *member.split("/")))
-    names = set(listing)
+    names = {n for n in listing if not _hidden(n.split("/"))}
     if "wnids.txt" not in names or "val/val_annotations.txt" not in names:
         return None
     wnids = read("wnids.txt").decode().split()
@@ -432,9 +481,9 @@ def _candidates(root, name):
 def _sources(root, name):
     """``(path, read)`` for each place that may hold the data set, in order; ``read()`` → result or None.
 
-    The order: a pickled folder at ``root``, the data set's named subfolders, its official archive, an
-    image-folder tree at ``root`` itself (last of the folders, as it may be another data set's), then
-    named ``.tar``/``.tar.gz`` trees.
+    The order: a pickled folder at ``root``, the data set's named subfolders, its official archive, the
+    ``.tar``/``.tar.gz`` trees named after it, then an image-folder tree at ``root`` itself (last, as it
+    may be another data set's).
     """
     spec = DATASETS[name]
     tree_at_root = None
@@ -460,8 +509,6 @@ def _sources(root, name):
     if os.path.isfile(archive):
         yield archive, (lambda: _read_tiny_zip(archive) if name == "tiny-imagenet" else _read_pickled_tar(archive, name))
         return
-    if tree_at_root is not None:
-        yield tree_at_root
     if name != "tiny-imagenet":
         for f in sorted(os.listdir(root)):
             token = f.lower().replace("-", "").replace("_", "")
@@ -469,6 +516,8 @@ def _sources(root, name):
             if named and f.endswith((".tar", ".tar.gz", ".tgz")):
                 path = os.path.join(root, f)
                 yield path, (lambda p=path: _read_tree_tar(p, spec["size"]))
+    if tree_at_root is not None:
+        yield tree_at_root
 
 
 def _cache_name(source, name, cache_dir):
@@ -503,13 +552,22 @@ def _cache_name(source, name, cache_dir):
     return prefix, f"{prefix}{digest.hexdigest()[:12]}.pt"
 
 
+_STALE_TMP_S = 600      # a cache write in progress keeps changing its file; one unchanged this long is dead
+
+
 def _prune_cache(cache_dir, name, prefix, keep):
     """Remove the decode caches that ``keep`` replaces: other versions of its source (``prefix``), and
     caches of ``name`` in the layout before source ids (``<name>-<16 hex>.pt``), whose source is unknown
-    (a source still in use is decoded once more)."""
+    (a source still in use is decoded once more); and partial writes of its source (``.tmp``) left by a
+    killed run, unchanged for 10 minutes."""
     old_layout = re.compile(re.escape(name) + r"-[0-9a-f]{16}\.pt")
     for entry in os.listdir(cache_dir):
         stale = (entry.startswith(prefix) and entry.endswith(".pt")) or old_layout.fullmatch(entry)
+        if entry.startswith(prefix) and entry.endswith(".tmp"):
+            try:
+                stale = time.time() - os.stat(os.path.join(cache_dir, entry)).st_mtime > _STALE_TMP_S
+            except OSError:     # renamed or removed since the listing
+                continue
         if stale and entry != keep:
             try:
                 os.remove(os.path.join(cache_dir, entry))
@@ -554,11 +612,12 @@ def _save_cache(path, tensors):
         reason = (str(err).splitlines() or [""])[0]
         warnings.warn(f"decode cache {os.path.dirname(path)} is not writable ({type(err).__name__}: {reason}); "
                       "continuing without it", stacklevel=3)
+        return False
+    finally:                            # a failed or interrupted (Ctrl-C) write leaves no partial file
         try:
             os.remove(tmp)
-        except OSError:
+        except OSError:                 # renamed into place, or never made
             pass
-        return False
 
 
 def _check_classes(name, source, result):
