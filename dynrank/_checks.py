@@ -105,8 +105,11 @@ def check_sync(model, sync_ranks, process_group):
     its own) or different models (pipeline stages: a broadcast would overwrite
     them, or hang) cannot be told from here.  ``process_group``: None (the DDP
     wrapper's group, else WORLD) or a ``torch.distributed.ProcessGroup``; only
-    None where this torch build has no ``torch.distributed``.  A DDP model under
-    ``torch.compile`` or ``nn.DataParallel`` counts as one.
+    None where this torch build has no ``torch.distributed``.  Returned as None
+    where it is the default group (WORLD: a DDP wrapper's unless built with
+    another), which None means to the broadcasts: a ProcessGroup neither copies
+    nor pickles, and a scheduler does both.  A DDP model under ``torch.compile``
+    or ``nn.DataParallel`` counts as one.
     """
     if sync_ranks is not None:
         # A bool, or a numpy bool / 0 / 1 read as one; not any truthy value ("no" is not False).
@@ -142,6 +145,9 @@ def check_sync(model, sync_ranks, process_group):
                              f"or sync_ranks=False where the processes train different models or stages")
         else:
             sync_ranks = False
+    dist = torch.distributed
+    if process_group is not None and dist.is_initialized() and process_group is dist.group.WORLD:
+        process_group = None
     return sync_ranks, process_group
 
 
@@ -249,6 +255,24 @@ def check_not_unconverted(layers, who):
         raise RuntimeError(f"layer {gone!r} was replaced by unconvert_model, so this {who} manages layers the "
                            f"model no longer holds; train on without it (its optimizer holds the new modules' "
                            f"parameters), or convert the model again and build a new {who}")
+
+
+def check_not_sharded(layers, who):
+    """ValueError naming the layers of ``layers`` ((name, layer) pairs) that hold a sharded parameter (a
+    DTensor: ``fully_shard`` over them without ``ignored_params``): ``who`` (a scheduler) replaces a layer's
+    parameters, which FSDP cannot follow, and its checks cannot read a sharded tensor."""
+    # A DTensor implies its module is loaded: not imported here (a cost for every scheduler).
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())
+    sharded = [name for name, layer in layers if any(isinstance(p, dtensor) for p in layer.parameters())]
+    if not sharded:
+        return
+    shown = ", ".join(map(repr, sharded[:5])) + (f" and {len(sharded) - 5} more" if len(sharded) > 5 else "")
+    raise ValueError(f"layer{'s' if len(sharded) > 1 else ''} {shown} {'are' if len(sharded) > 1 else 'is'} "
+                     f"sharded (DTensor parameters: fully_shard over a dynrank layer): a {who} replaces the "
+                     f"layers' parameters, which FSDP cannot follow; keep the dynrank layers out of the "
+                     f"sharding, fully_shard(model, ignored_params=dynrank.distributed.dynrank_params(model)), "
+                     f"build the scheduler with sync_ranks=True and call "
+                     f"dynrank.distributed.allreduce_grads(model) after backward() (README, Distributed)")
 
 
 def check_switchable(layers):

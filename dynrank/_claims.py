@@ -33,7 +33,9 @@ class _Claiming:
     copies, and the copied run goes on as the original would; a shallow copy holds the same ones.  The
     registries are module-level weak tables, which no copy fills in by itself.  The attributes named in
     ``_WEAK_SETS`` (weak sets of layers) go through a copy as lists: a ``WeakSet`` does not pickle, and a
-    deep copy of one would hold the original's layers, not the copy's."""
+    deep copy of one would hold the original's layers, not the copy's.  The ``process_group`` (None for
+    the default group, see :func:`~dynrank._checks.check_sync`) goes through as a :class:`_GroupHandle`: a
+    copy holds the same group, and pickling a scheduler over another group raises a TypeError."""
 
     _WEAK_SETS = ()
 
@@ -41,15 +43,39 @@ class _Claiming:
         state = dict(self.__dict__)
         for key in self._WEAK_SETS:
             state[key] = list(state[key])
+        if state.get("process_group") is not None:
+            state["process_group"] = _GroupHandle(state["process_group"], type(self).__name__)
         return state
 
     def __setstate__(self, state):
         state = dict(state)
         for key in self._WEAK_SETS:
             state[key] = weakref.WeakSet(state[key])
+        if isinstance(state.get("process_group"), _GroupHandle):
+            state["process_group"] = state["process_group"].group
         self.__dict__.update(state)
         self._copied = True         # named by the refusal of a scheduler a shallow copy took the layers from
         self._claim()
+
+
+class _GroupHandle:
+    """A scheduler's process group (other than the default) in its copied state: a deep copy keeps the group
+    itself, since a ProcessGroup is a handle to a live communicator that no copy can duplicate (the copy's
+    broadcasts go to the same processes), and pickling raises a TypeError that says what to do."""
+
+    __slots__ = ("group", "owner")
+
+    def __init__(self, group, owner):
+        self.group, self.owner = group, owner
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        raise TypeError(f"cannot pickle a {self.owner} whose process_group is not the default group: a "
+                        f"ProcessGroup is a handle to a live communicator (copy.deepcopy keeps it); save "
+                        f"dynrank.training_state(model, optimizer, scheduler) instead, and on resume build the "
+                        f"{self.owner} with the process_group again and load_training_state into it")
 
 
 # The entries _layer_record adds to both schedulers' state dicts (optional on load: states saved before them

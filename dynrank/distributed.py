@@ -53,12 +53,12 @@ else broadcasts them), so build it on every rank before any copy of the model
 (an EMA).  Parameters created by later form changes are not FSDP's, so they stay plain
 replicated tensors too.  Sharding the dynrank layers themselves would need
 un-sharding and re-sharding a unit at each change, which FSDP2 does not
-offer; FSDP1 with ``use_orig_params=False`` additionally cannot hold frozen
+offer: both schedulers refuse sharded layers at construction (ValueError
+naming them); FSDP1 with ``use_orig_params=False`` additionally cannot hold frozen
 W_f and trainable factors in one flat parameter.
 """
 
 import contextlib
-import sys
 import weakref
 
 import torch
@@ -178,12 +178,9 @@ def _sync_layers(layers, group=None):
     """Broadcast the factors of ``layers`` ((name, layer) pairs) from the first rank of ``group``: a
     scheduler with ``sync_ranks`` does it once when built, since :func:`~dynrank.convert_model` draws
     some factors from each process's own RNG (the B columns of components of singular value zero, an
-    adapter's B) and nothing else broadcasts layers kept out of FSDP.  Factors FSDP shards (DTensors)
-    and ones on the meta device (no values yet) are left alone."""
-    # A DTensor implies its module is loaded: not imported here (a cost for every scheduler with sync_ranks).
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())
-    factors = [f for _, layer in layers for f in layer.factors().values()
-               if not isinstance(f, dtensor) and not f.is_meta]
+    adapter's B) and nothing else broadcasts layers kept out of FSDP.  Factors on the meta device (no
+    values yet) are left alone; a scheduler refuses layers FSDP sharded before it gets here."""
+    factors = [f for _, layer in layers for f in layer.factors().values() if not f.is_meta]
     broadcast_params(factors, group=group)
 
 

@@ -33,8 +33,8 @@ from ._args import check_int, check_real
 from ._claims import (_GROWERS, RECORD_KEYS, _Claiming, _alpha_mismatch, _check_layers_held, _check_other_kind,
                       _check_saved_alpha, _check_saved_decompositions, _check_saved_shapes, _layer_record)
 from ._checks import (call_back, check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer,
-                      check_new_copy, check_not_unconverted, check_same_layers, check_switchable, check_sync,
-                      check_trains_layers, check_untied, fork_layer_rngs, remove_copy, unwrap_model)
+                      check_new_copy, check_not_sharded, check_not_unconverted, check_same_layers, check_switchable,
+                      check_sync, check_trains_layers, check_untied, fork_layer_rngs, remove_copy, unwrap_model)
 from ._forms import outside_inference_mode
 from ._optim import SQUARED_STATE, _split_state, manage, replace_params, warn_dampened
 from ._readers import guard_attention
@@ -398,9 +398,10 @@ class IncrementalRankScheduler(_Claiming):
             a model whose only lowrank/adapter layers are convolutions), an
             optimizer holding no trainable factor of any layer (built before
             ``convert_model``), layers a live ``DynamicRankScheduler`` manages
-            (named), or (``init_rank`` below a
-            layer's rank) a layer whose factors hold NaN/inf.  All checks run
-            before any layer is resized.
+            (named), layers FSDP sharded (named: keep them out, ``fully_shard(
+            model, ignored_params=dynrank.distributed.dynrank_params(model))``),
+            or (``init_rank`` below a layer's rank) a layer whose factors hold
+            NaN/inf.  All checks run before any layer is resized.
 
     Example:
         >>> import torch
@@ -443,6 +444,7 @@ class IncrementalRankScheduler(_Claiming):
         if not self._layers:
             raise ValueError("model has no FusedLowRankLinear in lowrank or adapter form; "
                              "convert it first with dynrank.convert_model(model)")
+        check_not_sharded(self._layers, type(self).__name__)
         self.max_rank = {}
         for name, layer in self._layers:
             limit = min(layer.in_features, layer.out_features)

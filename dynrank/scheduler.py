@@ -35,9 +35,9 @@ from ._args import check_int
 from ._claims import (_OWNERS, RECORD_KEYS, _Claiming, _alpha_mismatch, _check_layers_held, _check_other_kind,
                       _check_saved_alpha, _check_saved_decompositions, _check_saved_shapes, _layer_record)
 from ._checks import (call_back, check_copy, check_finite, check_layer_names, check_model_and_optimizer,
-                      check_new_copy, check_not_unconverted, check_one_group, check_same_layers, check_switchable,
-                      check_sync, check_trains_layers, check_untied, fork_layer_rngs, form_layers, remove_copy,
-                      unwrap_model)
+                      check_new_copy, check_not_sharded, check_not_unconverted, check_one_group, check_same_layers,
+                      check_switchable, check_sync, check_trains_layers, check_untied, fork_layer_rngs, form_layers,
+                      remove_copy, unwrap_model)
 from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
 from ._optim import (clear_state, drop_frozen_adapter_params, manage, params_before, pullback_state,
                      pushforward_state, replace_params, switched_params, warn_dampened)
@@ -302,7 +302,9 @@ class DynamicRankScheduler(_Claiming):
             such a group must say which (ValueError: replicas, or different models).
             Every rank must build the scheduler and call :meth:`step`.
         process_group: a ``torch.distributed.ProcessGroup`` for that broadcast,
-            or None (the DDP wrapper's, or WORLD).
+            or None (the DDP wrapper's, or WORLD).  The default group is kept as
+            None, so the scheduler copies and pickles; another group is kept by
+            a deep copy, and refused (TypeError) by pickling.
 
     Raises:
         TypeError: a non-module model, a non-optimizer, non-int epochs, a
@@ -313,7 +315,9 @@ class DynamicRankScheduler(_Claiming):
             factors in different param groups, one holding no trainable
             parameter of any layer (built before ``convert_model``), a
             dynrank layer inside an ``nn.MultiheadAttention`` (the message names it),
-            or layers a live ``IncrementalRankScheduler`` manages (named).
+            layers a live ``IncrementalRankScheduler`` manages (named), or layers
+            FSDP sharded (named: keep them out, ``fully_shard(model,
+            ignored_params=dynrank.distributed.dynrank_params(model))``).
 
     Example:
         >>> import torch
@@ -345,6 +349,7 @@ class DynamicRankScheduler(_Claiming):
         if not self._layers:
             raise ValueError("model has no dynrank layers (FusedLowRankLinear, LowRankConv2d): "
                              "convert it first with dynrank.convert_model(model)")
+        check_not_sharded(self._layers, type(self).__name__)
         self.deflate_rank = self._check_deflate_rank(deflate_rank)  # a bad deflate_rank fails now, not at D
         self.sync_ranks, self.process_group = check_sync(model, sync_ranks, process_group)
         check_one_group(optimizer, self._layers)

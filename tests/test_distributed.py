@@ -2,6 +2,7 @@
 to plain torch: 2 processes on gloo vs one process on the global batch."""
 
 import copy
+import io
 import os
 import time
 
@@ -141,11 +142,12 @@ def _shard(xs, ys, epoch, step, rank):
     return xs[epoch, step].chunk(WORLD)[rank], ys[epoch, step].chunk(WORLD)[rank]
 
 
-def _train_ddp(ddp, sched, opt, rank, set_to_none=True, ema=None):
-    """The README's loop on this rank's half of every batch: ``scheduler.step``, then ``rewrap_ddp`` where
-    it switched; ``ema`` updated from the wrapper after each step.  Returns the last wrapper."""
+def _train_ddp(ddp, sched, opt, rank, set_to_none=True, ema=None, epochs=range(EPOCHS)):
+    """The README's loop on this rank's half of every batch of ``epochs``: ``scheduler.step``, then
+    ``rewrap_ddp`` where it switched; ``ema`` updated from the wrapper after each step.  Returns the last
+    wrapper."""
     xs, ys = batches()
-    for epoch in range(EPOCHS):
+    for epoch in epochs:
         if sched.step(epoch):
             ddp = rewrap_ddp(ddp)
         for step in range(STEPS):
@@ -218,6 +220,81 @@ def _inrank_run(rank):
                 grown += changes
                 ddp = rewrap_ddp(ddp)
     return {"model": full_state(model), "ema": full_state(ema.module), "grown": grown}
+
+
+def _grow_ddp(ddp, growth, opt, rank, epochs):
+    """InRank under DDP on this rank's half of every batch of ``epochs``: ``growth.step()`` after each
+    optimizer step, ``rewrap_ddp`` where it grew a layer.  Returns the last wrapper and the growth."""
+    xs, ys = batches()
+    grown = []
+    for epoch in epochs:
+        for step in range(STEPS):
+            x, y = _shard(xs, ys, epoch, step, rank)
+            opt.zero_grad(set_to_none=True)
+            F.mse_loss(ddp(x), y).backward()
+            opt.step()
+            changes = growth.step()
+            if changes:
+                grown += changes
+                ddp = rewrap_ddp(ddp)
+    return ddp, grown
+
+
+def _forks(run):
+    """Copies of ``run`` (wrapper, model, optimizer, scheduler) the README's ways: deep-copied with its DDP
+    wrapper (torch copies one of the default group), and model, optimizer and scheduler through
+    torch.save/torch.load, wrapped again."""
+    buffer = io.BytesIO()
+    torch.save({key: run[key] for key in ("model", "optimizer", "scheduler")}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    return {"deepcopy": copy.deepcopy(run),
+            "torch.save": {**loaded, "ddp": nn.parallel.DistributedDataParallel(loaded["model"])}}
+
+
+def _copies_run(rank):
+    """Both schedulers given the DDP model, their runs forked after the first epoch: each fork goes on
+    through the switches (the growth) as the original does, bit for bit.  A scheduler over a group other
+    than the default: its deep copy broadcasts over the same group, and pickling refuses it."""
+    out = {}
+    model = build(seed=rank)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer("sgd", model.parameters())
+    sched = DynamicRankScheduler(ddp, opt, INFLATE, DEFLATE, deflate_init="random", optimizer_state="carry")
+    ddp = _train_ddp(ddp, sched, opt, rank, epochs=range(INFLATE))
+    run = {"ddp": ddp, "model": model, "optimizer": opt, "scheduler": sched}
+    rng = torch.get_rng_state()         # the deflate draws fresh factors: every fork from the same state
+    for name, fork in {"original": run, **_forks(run)}.items():
+        torch.set_rng_state(rng)
+        _train_ddp(fork["ddp"], fork["scheduler"], fork["optimizer"], rank, epochs=range(INFLATE, EPOCHS))
+        out[name] = full_state(fork["model"])
+    model = build(seed=rank)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer("sgd", model.parameters())
+    growth = IncrementalRankScheduler(ddp, opt, **INRANK)
+    ddp, _ = _grow_ddp(rewrap_ddp(ddp), growth, opt, rank, range(1))
+    run = {"ddp": ddp, "model": model, "optimizer": opt, "scheduler": growth}
+    rng = torch.get_rng_state()         # a growth draws new B columns
+    for name, fork in {"original": run, **_forks(run)}.items():
+        torch.set_rng_state(rng)
+        _, grown = _grow_ddp(fork["ddp"], fork["scheduler"], fork["optimizer"], rank, range(1, EPOCHS))
+        out[f"inrank {name}"] = {"model": full_state(fork["model"]), "grown": grown}
+    group = dist.new_group(list(range(WORLD)))
+    model = build(seed=rank)
+    ddp = nn.parallel.DistributedDataParallel(model, process_group=group)
+    opt = make_optimizer("sgd", model.parameters())
+    sched = DynamicRankScheduler(ddp, opt, INFLATE, DEFLATE, deflate_init="random")
+    twin = copy.deepcopy({"model": model, "optimizer": opt, "scheduler": sched})["scheduler"]
+    try:
+        torch.save(sched, io.BytesIO())
+        out["refused"] = None
+    except TypeError as err:
+        out["refused"] = str(err)
+    torch.rand(rank)                    # the processes' RNG streams differ: the deflate's factors are rank 0's
+    out["group kept"] = twin.process_group is group and copy.copy(twin).process_group is group
+    out["twin changes"] = twin.step(INFLATE) + twin.step(DEFLATE)
+    out["twin"] = full_state(twin.model)
+    return out
 
 
 def _bare_run(rank):
@@ -367,10 +444,17 @@ def _seeded_run(rank):
     DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), INFLATE, DEFLATE, sync_ranks=True)
     with torch.no_grad():
         out = model(torch.ones(2, D_IN))
-    sharded = pretrained_mlp()          # dynrank layers sharded too (not the recipe): their DTensors are left alone
+    sharded = pretrained_mlp()          # dynrank layers sharded too (not the recipe): refused by both kinds
     convert_model(sharded, rank_ratio=0.25)
     fully_shard(sharded, mesh=mesh)
-    DynamicRankScheduler(sharded, torch.optim.SGD(sharded.parameters(), lr=0.1), INFLATE, DEFLATE, sync_ranks=True)
+    refusals = []
+    for make in (lambda opt: DynamicRankScheduler(sharded, opt, INFLATE, DEFLATE, sync_ranks=True),
+                 lambda opt: IncrementalRankScheduler(sharded, opt, init_rank=1, buffer=1, sync_ranks=True)):
+        try:
+            make(torch.optim.SGD(sharded.parameters(), lr=0.1))
+            refusals.append(None)
+        except ValueError as err:
+            refusals.append(str(err))
     adapters = pretrained_mlp()
     torch.manual_seed(1000 + rank)
     convert_model(adapters, rank_ratio=0.25, form="adapter")
@@ -379,7 +463,7 @@ def _seeded_run(rank):
     IncrementalRankScheduler(adapters, torch.optim.SGD(adapters.parameters(), lr=0.1), init_rank=ranks["0"] - 1,
                              buffer=1, max_rank=ranks["0"], sync_ranks=True)
     return {"converted": converted, "model": full_state(model), "out": out, "ranks": ranks,
-            "sharded_factor": type(sharded[0].A).__name__,
+            "sharded_factor": type(sharded[0].A).__name__, "sharded_refusals": refusals,
             "adapters_converted": adapters_converted, "adapters": full_state(adapters),
             "adapter_ranks": {name: m.rank for name, m in adapters.named_modules()
                               if hasattr(m, "factors") and m.form == "adapter"}}
@@ -387,7 +471,7 @@ def _seeded_run(rank):
 
 RUNS = {"ddp": _ddp_run, "fsdp": _fsdp_run, "buckets": _buckets_run, "inrank": _inrank_run, "bare": _bare_run,
         "buffers": _buffers_run, "inrank_adapter": _inrank_adapter_run, "seeded": _seeded_run,
-        "experts": _experts_run}
+        "experts": _experts_run, "copies": _copies_run}
 
 
 def _worker(rank, init_file, out_dir):
@@ -502,7 +586,47 @@ def test_schedulers_with_sync_ranks_make_the_converted_layers_equal_at_construct
             assert torch.equal(ranks[0][key][name], ranks[1][key][name]), (key, name)
     assert torch.equal(ranks[0]["model"]["2.B"], ranks[0]["converted"]["2.B"])      # rank 0's values
     assert torch.equal(ranks[0]["out"], ranks[1]["out"])
-    assert ranks[0]["sharded_factor"] == "DTensor"        # a sharded layer's scheduler was built, nothing broadcast
+
+
+def test_both_schedulers_refuse_dynrank_layers_fsdp_sharded(two_ranks):
+    """fully_shard over the dynrank layers too: accepted, a DynamicRankScheduler crashed at its first switch
+    and an IncrementalRankScheduler at construction, on torch's ".tolist() is not supported for tensor
+    subclasses"; both refuse them at construction, naming the layers and the recipe."""
+    for r in two_ranks["seeded"]:
+        assert r["sharded_factor"] == "DTensor"
+        for who, message in zip(("DynamicRankScheduler", "IncrementalRankScheduler"), r["sharded_refusals"]):
+            assert message is not None and message.startswith(
+                f"layers '0', '2' are sharded (DTensor parameters: fully_shard over a dynrank layer): a {who} "
+                f"replaces the layers' parameters"), message
+            assert "fully_shard(model, ignored_params=dynrank.distributed.dynrank_params(model))" in message
+
+
+def test_a_run_forked_under_ddp_goes_on_as_the_original(two_ranks):
+    """The README's fork of a run, copy.deepcopy or torch.save of model, optimizer and scheduler, raised
+    "cannot pickle 'ProcessGroup'" for a scheduler given the DDP model: it kept the wrapper's group."""
+    ranks = two_ranks["copies"]
+    reference = reference_run("ddp")["model"]           # the original is the ddp scenario without its EMA
+    assert {"0.weight", "0.A", "0.B"} <= set(reference)  # the forks went through both switches
+    for name in ("original", "deepcopy", "torch.save"):
+        assert_states_match([r[name] for r in ranks], reference, name)
+    original = [r["inrank original"] for r in ranks]
+    assert original[0]["grown"] and original[0]["grown"] == original[1]["grown"]       # grew after the fork
+    for name in ("inrank deepcopy", "inrank torch.save"):
+        for r, same in zip(ranks, original):
+            assert r[name]["grown"] == same["grown"], name
+            for key in same["model"]:
+                assert torch.equal(r[name]["model"][key], same["model"][key]), (name, key)
+
+
+def test_a_scheduler_over_another_group_deep_copies_it_and_refuses_to_pickle(two_ranks):
+    ranks = two_ranks["copies"]
+    for r in ranks:
+        assert r["group kept"]
+        assert r["twin changes"] == [(n, "lowrank", "full") for n in "02"] + [(n, "full", "adapter") for n in "02"]
+        assert r["refused"] is not None and r["refused"].startswith(
+            "cannot pickle a DynamicRankScheduler whose process_group is not the default group"), r["refused"]
+    for key in ranks[0]["twin"]:            # the copy broadcast rank 0's fresh adapter factors over the group
+        assert torch.equal(ranks[0]["twin"][key], ranks[1]["twin"][key]), key
 
 
 def test_inrank_construction_syncs_the_components_it_draws(two_ranks):
@@ -733,6 +857,33 @@ def test_a_module_that_was_wrapped_still_deepcopies_and_saves(one_rank, tmp_path
     twin_sched = DynamicRankScheduler(twin, torch.optim.SGD(twin.parameters(), lr=0.1), INFLATE, DEFLATE)
     twin_sched.step(DEFLATE)
     _one_step(ddp, opt, x)
+
+
+def test_a_scheduler_keeps_the_default_group_as_none_and_another_by_reference(one_rank):
+    """Given the DDP model (or the default group by hand), a scheduler kept the wrapper's ProcessGroup,
+    which neither copies nor pickles: copy.deepcopy and torch.save raised "cannot pickle 'ProcessGroup'"."""
+    group = dist.new_group([0])
+    kinds = {"DynamicRankScheduler": lambda model, opt, **kw: DynamicRankScheduler(model, opt, INFLATE, DEFLATE, **kw),
+             "IncrementalRankScheduler": lambda model, opt, **kw: IncrementalRankScheduler(model, opt, **INRANK, **kw)}
+    for kind, make in kinds.items():
+        model = build(seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for given, settings in ((nn.parallel.DistributedDataParallel(model), {}),
+                                (model, {"sync_ranks": True, "process_group": dist.group.WORLD})):
+            scheduler = make(given, opt, **settings)
+            twin = copy.deepcopy({"model": model, "optimizer": opt, "scheduler": scheduler})
+            torch.save({"model": model, "optimizer": opt, "scheduler": scheduler}, io.BytesIO())
+            assert twin["scheduler"].model is twin["model"] and twin["scheduler"].process_group is None
+            assert scheduler.process_group is None and scheduler.sync_ranks, kind
+        scheduler = make(nn.parallel.DistributedDataParallel(model, process_group=group), opt)
+        assert scheduler.process_group is group
+        twin = copy.deepcopy({"model": model, "optimizer": opt, "scheduler": scheduler})
+        assert twin["scheduler"].process_group is group and twin["scheduler"].model is twin["model"]
+        assert copy.copy(scheduler).process_group is group
+        with pytest.raises(TypeError, match=f"cannot pickle a {kind} whose process_group is not the default "
+                                            r"group: .*copy\.deepcopy keeps it\); save dynrank\.training_state"):
+            torch.save({"model": model, "optimizer": opt, "scheduler": scheduler}, io.BytesIO())
+        del scheduler, twin             # the other kind refuses the layers of a live one
 
 
 def test_sync_ranks_defaults_off_for_a_bare_module_in_one_process(one_rank):
