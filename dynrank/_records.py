@@ -1,14 +1,16 @@
 """The record formats of :class:`dynrank.RankMonitor`: JSON with non-finite floats as strings, typed CSV.
 
 JSON has no ``inf`` or ``nan``, so they are written as the strings ``"inf"``,
-``"-inf"`` and ``"nan"`` and read back as floats; CSV cells are written plainly
-(Tucker's rank pairs as ``"8x16"``) and parsed back to int, float, list or None.
+``"-inf"`` and ``"nan"`` and read back as floats in the records' numbers
+(:func:`decode_run`; a layer named ``"inf"`` stays a name); CSV cells are
+written plainly (Tucker's rank pairs as ``"8x16"``) and parsed back to int,
+float, list or None.
 """
 
 import csv
 import math
 
-__all__ = ["read_csv", "encode", "decode", "write_csv"]
+__all__ = ["read_csv", "encode", "decode", "decode_run", "write_csv"]
 
 
 def encode(obj):
@@ -26,7 +28,8 @@ _SPECIAL = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
 def decode(obj):
-    """The inverse of :func:`encode` on what ``json.load`` returns."""
+    """The inverse of :func:`encode` on what ``json.load`` returns: every ``"inf"``/``"-inf"``/``"nan"``
+    string in ``obj`` becomes a float, so ``obj`` must hold no text (names) that may read so."""
     if isinstance(obj, str) and obj in _SPECIAL:
         return _SPECIAL[obj]
     if isinstance(obj, dict):
@@ -34,6 +37,36 @@ def decode(obj):
     if isinstance(obj, list):
         return [decode(v) for v in obj]
     return obj
+
+
+def decode_run(doc):
+    """A RankMonitor JSON document as ``json.load`` returns it, with the numbers of its records decoded
+    (:func:`decode`): their times, counts, scalars and layer metrics.  The text stays as written, so a
+    layer named ``"inf"`` or ``"nan"`` keeps its name: the records' forms and layer types, the switches
+    (layer names, forms, kinds; their epochs, steps and ranks are never non-finite) and the run's name.
+    Entries not of the form :meth:`RankMonitor.save` writes are left as they are (``load`` says what is
+    wrong with them)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("records"), list):
+        return doc
+    return dict(doc, records=[_decode_record(record) for record in doc["records"]])
+
+
+def _decode_record(record):
+    """A record with its numbers decoded; its form, and each layer's type and form, as written."""
+    if not isinstance(record, dict):
+        return record
+    record = _decode_except(record, ("form", "layers"))
+    if isinstance(record.get("layers"), dict):
+        record["layers"] = {name: _decode_except(metrics, ("type", "form"))
+                            for name, metrics in record["layers"].items()}
+    return record
+
+
+def _decode_except(entry, text):
+    """``entry`` (a dict) with the values of its fields decoded, but for those named in ``text``."""
+    if not isinstance(entry, dict):
+        return entry
+    return {key: value if key in text else decode(value) for key, value in entry.items()}
 
 
 def _cell(value):

@@ -139,7 +139,8 @@ class DynamicRankCallback(TrainerCallback):
     starting again) starts the monitor with no records.  An epoch
     cut by the checkpoint is timed from the resume on, with the losses and
     evaluations the Trainer logged in it before the checkpoint
-    (``state.log_history``).  An epoch that ends only at ``on_epoch_end``
+    (``state.log_history``); so is one a run stopped by ``max_steps`` ended
+    at its last step, continued with a larger ``max_steps``.  An epoch that ends only at ``on_epoch_end``
     (an ``IterableDataset``'s) is still open when the Trainer saves at its
     last step: ``rank_monitor.run.json`` keeps it as it stands, and a resume
     from there records it as it stood then (its wall time up to the save,
@@ -261,16 +262,23 @@ class DynamicRankCallback(TrainerCallback):
         if count == self._last:
             return
         self._last = count
+        opening = self.monitor is not None and self.monitor._open is None
+        if opening:
+            # The epoch opens before its switch, which the monitor then records in it (a by-step scheduler's
+            # event names no epoch, and the monitor may hold no record before it: a resume whose files were
+            # not found).
+            epoch = self._loop_epoch(state)
+            self.monitor.start_epoch(epoch)
         changed = self.scheduler.step(count)
         self.changes.extend((count, *change) for change in changed)
         if changed and self.log is not None:
             moves = sorted({f"{old} → {new}" for _, old, new in changed})
             self.log(f"dynrank: {self.unit} {count}: {len(changed)} layer{'' if len(changed) == 1 else 's'} "
                      f"{', '.join(moves)}")
-        if self.monitor is not None and self.monitor._open is None:
+        if opening:
             # The epoch's clock starts at its first step, after its switch.
-            epoch = self._loop_epoch(state)
-            self.monitor.start_epoch(epoch)
+            self.monitor._sync()
+            self.monitor._open["_t0"] = time.perf_counter()
             self._relog(state, epoch)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -416,18 +424,23 @@ class DynamicRankCallback(TrainerCallback):
 
         A resume reads them back from the checkpoint folder that has them: they are the records the saved
         run had at that step, whatever the monitor holds from an earlier ``train()`` of this Trainer (one
-        interrupted after the checkpoint has recorded more).  Otherwise the monitor keeps what it holds from
+        interrupted after the checkpoint has recorded more), less the record of an epoch the checkpoint is
+        inside of (one that run ended at its last step, stopped there by ``max_steps``: this train() goes on
+        with it, timed from the resume on).  Otherwise the monitor keeps what it holds from
         before this train()'s first step (:func:`_before_start`): records given before a resume, and none
         for a train() from step 0 (a second one, or ``auto_find_batch_size`` starting again)."""
         monitor = self.monitor
         if monitor.model is not model:
             raise ValueError("monitor must be a RankMonitor of the Trainer's model (RankMonitor(model)), got one of "
                              + ("no model" if monitor.model is None else f"another {type(monitor.model).__name__}"))
-        run = _before_start(monitor.state_dict(), state, self._loop_epoch(state))
+        start = self._loop_epoch(state)
+        run = _before_start(monitor.state_dict(), state, start)
         if state.global_step > 0:
             saved = self._saved_monitor(args, state, held=bool(run["records"]))
             if saved is not None:
-                run = RankMonitor.load(saved).state_dict()
+                # Cut as well: a run stopped by max_steps inside an epoch closed that epoch at its last step,
+                # and this train() goes on with it.
+                run = _before_start(RankMonitor.load(saved).state_dict(), state, start)
         # The files keep no forms: take the model's now, which a resume's load has switched (no "detected"
         # switch); an epoch left open by an earlier train() is dropped.
         monitor.load_state_dict(dict(run, forms=None))

@@ -43,7 +43,7 @@ import torch
 
 from ._args import check_int
 from ._forms import FORMS, FormLayer
-from ._records import decode, encode, read_csv, write_csv
+from ._records import decode_run, encode, read_csv, write_csv
 from .metrics import _check_method, check_layers, model_metrics, monitored_layers
 from .spectra import _check_tol
 
@@ -550,7 +550,9 @@ class RankMonitor:
         when the run is loaded from the CSVs alone.
 
         Infinite values are written as ``inf`` in the CSVs and as the string
-        ``"inf"`` in the JSON (strict JSON has no infinity).
+        ``"inf"`` in the JSON (strict JSON has no infinity; NaN as ``"nan"``), which
+        :meth:`load` reads back as numbers in the records only: a layer named
+        ``"inf"`` or ``"nan"`` keeps its name.
         """
         stem = _stem(path)
         folder = os.path.dirname(stem)
@@ -606,7 +608,7 @@ class RankMonitor:
         stem = _stem(path)
         if os.path.exists(stem + ".json"):
             with open(stem + ".json", encoding="utf-8") as f:
-                doc = decode(json.load(f))
+                doc = decode_run(json.load(f))
             if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
                 raise ValueError(f"{stem}.json is not a RankMonitor file")
             missing = [k for k in ("records", "switches") if k not in doc]

@@ -932,3 +932,37 @@ def test_a_monitor_whose_model_is_one_layer_keeps_its_name_in_the_csvs(tmp_path)
     assert from_csv.layer_names() == [""]
     assert [list(r["layers"]) for r in from_csv.records] == [[""]] * 3
     assert _without_source(from_csv.switches) == _without_source(monitor.switches)
+
+
+def test_layers_named_inf_and_nan_keep_their_names_in_the_json(tmp_path):
+    """Layers named "inf", "-inf" and "nan" (ModuleDict keys): loaded from the JSON, their names in the switches
+    (a rank growth's ranks too) came back as floats, as the JSON's non-finite numbers do.  The file is written
+    as before (non-finite numbers as those strings), and they still come back as numbers."""
+    torch.manual_seed(0)
+    names = ["inf", "-inf", "nan"]
+    model = nn.ModuleDict({name: FusedLowRankLinear(8, 8, rank=2) for name in names})
+    monitor = RankMonitor(model, name="nan")
+    with monitor.epoch(0):
+        monitor.on_switch(_growth_event(1, [("nan", 2, 3)]))
+    monitor.log(loss=math.nan, accuracy=-math.inf)
+    for name in names:
+        model[name].inflate()
+    with monitor.epoch(1):
+        pass
+    assert [s["changes"] for s in monitor.switches] == \
+        [[["nan", "lowrank", "lowrank"]], [[name, "lowrank", "full"] for name in names]]
+    paths = monitor.save(tmp_path / "run")
+    with open(paths["json"], encoding="utf-8") as f:
+        written = json.load(f)
+    assert written["records"][0]["layers"]["inf"]["spectral_ratio"] == "inf"
+    assert written["records"][0]["scalars"] == {"loss": "nan", "accuracy": "-inf"}
+    loaded = RankMonitor.load(paths["json"])
+    assert loaded.name == "nan"
+    assert loaded.switches == monitor.switches
+    assert all(type(c[0]) is str for s in loaded.switches for c in s["changes"] + s.get("rank_changes", []))
+    assert loaded.layer_names() == names
+    assert [r["layers"] for r in loaded.records] == [r["layers"] for r in monitor.records]
+    assert [loaded.records[0]["layers"][name]["spectral_ratio"] for name in names] == [math.inf] * 3
+    assert math.isnan(loaded.records[0]["scalars"]["loss"]) and loaded.records[0]["scalars"]["accuracy"] == -math.inf
+    assert [r["form"] for r in loaded.records] == ["lowrank", "full"]
+    assert loaded.records[1]["layers"]["nan"]["type"] == "FusedLowRankLinear"

@@ -1083,6 +1083,71 @@ def test_callback_monitor_closes_the_last_epoch_cut_by_max_steps_before_the_fina
     assert saved.records[2]["layers"] == full.records[2]["layers"]
 
 
+def _untimed(monitor):
+    """A monitor's records without their times (the epoch's, the measurement's, the evaluations'), and its
+    switches."""
+    def scalars(record):
+        return {k: v for k, v in record["scalars"].items() if not k.endswith(("_runtime", "_per_second"))}
+
+    return ([dict({k: v for k, v in r.items() if k not in ("wall_seconds", "metrics_seconds")}, scalars=scalars(r))
+             for r in monitor.records], monitor.switches)
+
+
+@pytest.mark.parametrize("go_on", ["fresh-model", "same-trainer", "more-epochs"])
+def test_callback_monitor_goes_on_after_a_run_stopped_by_max_steps_inside_an_epoch(tmp_path, go_on):
+    """4 steps an epoch, a constant learning rate, a loss logged every 2 steps: a run stopped at step 10
+    (max_steps=10, or num_train_epochs=2.5), inside epoch 2, closed that epoch at its last step, and
+    checkpoint-10 holds it.  Continued to step 16 from there (into a fresh model with
+    resume_from_checkpoint=True, on the same Trainer, or with num_train_epochs=4), the monitor goes on with
+    epoch 2, timed from the resume on, and ends with the uninterrupted run's records (but for the times) and
+    switches."""
+    from dynrank import RankMonitor
+    steps = dict(save="steps", save_steps=5, logging_steps=2, lr_scheduler_type="constant")
+    full, _, _ = _monitored_run(tmp_path / "full", max_steps=16, **steps)
+    assert full.epochs == [0, 1, 2, 3]
+    stop, more = (dict(epochs=2.5), dict(epochs=4)) if go_on == "more-epochs" else \
+        (dict(max_steps=10), dict(max_steps=16))
+    cut, trainer, _ = _monitored_run(tmp_path / "again", **stop, **steps)
+    assert trainer.state.global_step == 10 and cut.epochs == [0, 1, 2]
+    assert RankMonitor.load(str(tmp_path / "again" / "checkpoint-10" / "rank_monitor")).epochs == [0, 1, 2]
+    if go_on == "same-trainer":
+        trainer.args.max_steps = 16
+        trainer.train(resume_from_checkpoint=str(tmp_path / "again" / "checkpoint-10"))
+        resumed = cut
+    else:
+        resumed, trainer, _ = _monitored_run(tmp_path / "again", resume=True, **more, **steps)
+    assert trainer.state.global_step == 16
+    assert _untimed(resumed) == _untimed(full)
+
+
+def test_callback_monitor_by_steps_records_a_resumes_first_switch_in_its_epoch(tmp_path):
+    """unit="step", 4 steps an epoch, the inflate at step 4 (the first of epoch 1): resumed from checkpoint-4
+    copied out of the output folder, the monitor warns that the checkpoint's records were not found and
+    records from the resume on, the inflate made at the resume's first step in epoch 1, as the uninterrupted
+    run records it."""
+    import shutil
+
+    from dynrank import RankMonitor
+    from dynrank.hf import DynamicRankCallback
+
+    def run(out_dir, resume=None):
+        model = _converted_gpt2()
+        monitor = RankMonitor(model, name="gpt2")
+        callback = DynamicRankCallback(4, 8, unit="step", log=None, monitor=monitor)
+        _trainer(out_dir, callback, model=model, epochs=3, save="steps", save_steps=4).train(
+            resume_from_checkpoint=resume)
+        return monitor
+
+    full = run(tmp_path / "full")
+    assert [(s["epoch"], s["step"], s["kind"]) for s in full.switches] == [(1, 4, "inflate"), (2, 8, "deflate")]
+    moved = shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "moved")
+    with pytest.warns(UserWarning, match="monitor's records of the checkpoint loaded were not found"):
+        resumed = run(tmp_path / "again", resume=str(moved))
+    assert resumed.epochs == [1, 2]
+    assert resumed.switches == full.switches
+    assert [r["form"] for r in resumed.records] == [r["form"] for r in full.records[1:]] == ["full", "adapter"]
+
+
 class _Interrupt(transformers.TrainerCallback):
     """A Ctrl-C once, at the end of optimizer step ``step`` (after the callbacks before it), or in the first
     batch of the first evaluation (``step=None``)."""
