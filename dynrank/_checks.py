@@ -257,6 +257,17 @@ def check_not_unconverted(layers, who):
                            f"parameters), or convert the model again and build a new {who}")
 
 
+def shown_names(names, limit=5):
+    """``names`` quoted for a message, the first ``limit`` of them: ``"'a', 'b' and 3 more"``."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(map(repr, names[:limit])) + more
+
+
+def layers_are(names):
+    """``"layer 'a' is"`` or ``"layers 'a', 'b' are"``: the subject of a message naming ``names``."""
+    return f"layers {shown_names(names)} are" if len(names) > 1 else f"layer {shown_names(names)} is"
+
+
 def check_not_sharded(layers, who):
     """ValueError naming the layers of ``layers`` ((name, layer) pairs) that hold a sharded parameter (a
     DTensor: ``fully_shard`` over them without ``ignored_params``): ``who`` (a scheduler) replaces a layer's
@@ -266,9 +277,7 @@ def check_not_sharded(layers, who):
     sharded = [name for name, layer in layers if any(isinstance(p, dtensor) for p in layer.parameters())]
     if not sharded:
         return
-    shown = ", ".join(map(repr, sharded[:5])) + (f" and {len(sharded) - 5} more" if len(sharded) > 5 else "")
-    raise ValueError(f"layer{'s' if len(sharded) > 1 else ''} {shown} {'are' if len(sharded) > 1 else 'is'} "
-                     f"sharded (DTensor parameters: fully_shard over a dynrank layer): a {who} replaces the "
+    raise ValueError(f"{layers_are(sharded)} sharded (DTensor parameters: fully_shard over a dynrank layer): a {who} replaces the "
                      f"layers' parameters, which FSDP cannot follow; keep the dynrank layers out of the "
                      f"sharding, fully_shard(model, ignored_params=dynrank.distributed.dynrank_params(model)), "
                      f"build the scheduler with sync_ranks=True and call "
@@ -317,8 +326,7 @@ def check_trains_layers(optimizer, layers, model):
         return
     in_model = {id(p) for p in model.parameters()}
     strays = len(held - in_model)
-    names = [name for name, _ in layers]
-    shown = ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = shown_names([name for name, _ in layers], limit=3)
     stale = (f" (it holds {strays} tensors that are not in the model: built before convert_model replaced "
              f"them?)" if strays else "")
     raise ValueError(f"the optimizer holds no trainable parameter of the dynrank layers ({shown}), so they would "

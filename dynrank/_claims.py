@@ -7,7 +7,7 @@ import gc
 import numbers
 import weakref
 
-from ._checks import check_same_layers
+from ._checks import check_same_layers, layers_are
 
 # Layer → weak reference to the DynamicRankScheduler that manages it: the last one built (or copied,
 # :class:`_Claiming`) over it.  An
@@ -136,9 +136,7 @@ def _check_other_kind(layers, growing):
     if not taken:
         return
     who, other = ("IncrementalRankScheduler", "DynamicRankScheduler")[::1 if growing else -1]
-    shown = ", ".join(map(repr, taken[:5])) + (f" and {len(taken) - 5} more" if len(taken) > 5 else "")
-    raise ValueError(f"layer{'s' if len(taken) > 1 else ''} {shown} {'are' if len(taken) > 1 else 'is'} managed by "
-                     f"a live {other}: a DynamicRankScheduler and an IncrementalRankScheduler are not meant to drive "
+    raise ValueError(f"{layers_are(taken)} managed by a live {other}: a DynamicRankScheduler and an IncrementalRankScheduler are not meant to drive "
                      f"one model (the inflate takes away the factors the growth resizes, and the growth changes the "
                      f"ranks the schedule deflates to), as a DynamicRankCallback and an IncrementalRankCallback on "
                      f"one Trainer would; let go of the {other} first (del it, and whatever holds it), or build "

@@ -34,7 +34,8 @@ from ._claims import (_GROWERS, RECORD_KEYS, _Claiming, _alpha_mismatch, _check_
                       _check_saved_alpha, _check_saved_decompositions, _check_saved_shapes, _layer_record)
 from ._checks import (call_back, check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer,
                       check_new_copy, check_not_sharded, check_not_unconverted, check_same_layers, check_switchable,
-                      check_sync, check_trains_layers, check_untied, fork_layer_rngs, remove_copy, unwrap_model)
+                      check_sync, check_trains_layers, check_untied, fork_layer_rngs, remove_copy, shown_names,
+                      unwrap_model)
 from ._forms import outside_inference_mode
 from ._optim import SQUARED_STATE, _split_state, manage, replace_params, warn_dampened
 from ._readers import guard_attention
@@ -332,17 +333,12 @@ class IncrementalRankScheduler(_Claiming):
     ValueError naming them; a layer only renamed (a wrapper put around its
     block) is the same layer.
 
-    Copies: a scheduler copies and pickles with its model and optimizer.
-    ``copy.deepcopy({"model": model, "optimizer": optimizer, "scheduler":
-    growth})`` (a forked run), or that dict through ``torch.save`` and
-    ``torch.load(..., weights_only=False)``, gives a scheduler over the copied
-    model and optimizer that acts as one built over them: a model load that
-    resizes a copied layer edits the copied optimizer, its layers refuse a
-    DynamicRankScheduler, the copied model's other layers are left to it as
-    the original's are, and the copied run grows as the original would.  A
-    scheduler copied alone brings copies of its model and optimizer (its
-    ``model`` and ``optimizer``); a shallow copy (``copy.copy``) holds the
-    same ones.
+    Copies: as a DynamicRankScheduler's (see there), a scheduler copies and
+    pickles with its model and optimizer and acts as one built over the
+    copies: a model load that resizes a copied layer edits the copied
+    optimizer, the copied layers refuse a DynamicRankScheduler, the copied
+    model's other layers are left to it, and the copied run grows as the
+    original would.
 
     Growth edits the optimizer in place: each wider factor takes the old one's
     place in its own param group (a B kept in a group of its own, LoRA+-style,
@@ -436,11 +432,10 @@ class IncrementalRankScheduler(_Claiming):
         self._layers = [(n, m) for n, m in self.model.named_modules()
                         if isinstance(m, FusedLowRankLinear) and m.form != "full"]
         convs = [n for n, m in self.model.named_modules() if isinstance(m, LowRankConv2d) and m.form != "full"]
-        shown = ", ".join(map(repr, convs[:5])) + (f" and {len(convs) - 5} more" if len(convs) > 5 else "")
         if not self._layers and convs:
             raise ValueError(f"model has no FusedLowRankLinear in lowrank or adapter form: IncrementalRankScheduler "
                              f"grows FusedLowRankLinear layers only, and this model's lowrank/adapter layers are "
-                             f"{len(convs)} LowRankConv2d ({shown})")
+                             f"{len(convs)} LowRankConv2d ({shown_names(convs)})")
         if not self._layers:
             raise ValueError("model has no FusedLowRankLinear in lowrank or adapter form; "
                              "convert it first with dynrank.convert_model(model)")
@@ -484,7 +479,7 @@ class IncrementalRankScheduler(_Claiming):
                                        if isinstance(m, FusedLowRankLinear) and id(m) not in grown)
         if convs:
             warnings.warn(f"IncrementalRankScheduler grows FusedLowRankLinear layers only: the model's {len(convs)} "
-                          f"LowRankConv2d layer(s) in lowrank or adapter form ({shown}) keep their rank",
+                          f"LowRankConv2d layer(s) in lowrank or adapter form ({shown_names(convs)}) keep their rank",
                           stacklevel=2)
 
     _WEAK_SETS = ("_others",)

@@ -93,6 +93,25 @@ def assert_grad_write_refused_then_merged(op, merge, weight, expected):
     assert rel_err(weight, expected) < REL_TOL[torch.float32]
 
 
+def assert_aliased_operand_refused(op, merge, reference, weight, operands, name):
+    """``merge(weight, *operands, 0.5)`` (``op`` writing ``weight`` in place) refuses operand ``name``, which lies
+    in ``weight``'s memory, naming it, and writes nothing; the same values as separate tensors merge to
+    ``reference(weight, *operands, 0.5)``."""
+    import re
+
+    import pytest
+    shape, before = tuple(operands[name].shape), weight.clone()
+    with pytest.raises(ValueError, match=re.escape(f"{op} writes weight while it reads {name}, so they must not "
+                                                   f"share memory, got {name} {shape} in memory that weight "
+                                                   f"{tuple(weight.shape)} spans (pass {name}.clone())")):
+        merge(weight, *operands.values(), 0.5)
+    assert torch.equal(weight, before)
+    expected = reference(weight, *operands.values(), 0.5)
+    assert rel_err(weight, expected) > 0.1                  # a merge that wrote nothing would show
+    merge(weight, *(t.clone() for t in operands.values()), 0.5)
+    assert rel_err(weight, expected) < REL_TOL[torch.float32]
+
+
 def holding_optimizer(inner, attribute="optimizer"):
     """A torch Optimizer that holds ``inner``, the one it steps, as ``attribute`` and shows its groups and
     state: ``"optimizer"`` as Accelerate's AcceleratedOptimizer, ``"optim"`` as torch's PostLocalSGDOptimizer."""
