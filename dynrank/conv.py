@@ -237,10 +237,12 @@ class LowRankConv2d(FormLayer):
       used less recently is decided again when it comes back): on CUDA by timing one
       forward(+backward) of each (:func:`time_adapter_strategies`), elsewhere
       by a FLOP/byte roofline model (:func:`adapter_costs`).  The chain costs
-      its extra convs in forward and backward; the merged conv costs the dense
-      weight gradient in the backward — so large batch·spatial sizes and
-      cheap chains favour "chain", small activations and costly chains favour
-      "merged".  :attr:`adapter_choice` and :attr:`adapter_choices` show the
+      its extra convs in forward and backward (and the bytes of reading x again
+      and adding the two paths); the merged conv costs the dense weight
+      gradient in the backward.  Where FLOPs dominate (many channels, on CUDA)
+      large batch·spatial sizes and cheap chains favour "chain"; where bytes
+      do (a CPU) "merged" wins as batch·spatial size grows and "chain" takes
+      small inputs.  :attr:`adapter_choice` and :attr:`adapter_choices` show the
       decisions and their evidence.  Under ``torch.compile`` the cost model
       decides while tracing (on CUDA too) and nothing is cached: dynamo guards
       on the decision, so one graph serves every input shape with the same
