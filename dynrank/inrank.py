@@ -84,15 +84,18 @@ def explained_rank(singular_values, current, buffer, threshold):
     buffer, threshold, _, _ = _check_settings(buffer, threshold, 0, 1)
     sigma = torch.sort(singular_values.detach().double().flatten(), descending=True).values
     total = sigma.var(unbiased=False)
-    upper = min(current + buffer, sigma.numel())
+    # The candidates k run to current + buffer − 1; past the n singular values every k explains all of σ as
+    # k = n does (σ − σ_top-k is zero), so n is the last one tried.
+    n = sigma.numel()
+    fallback = max(current, min(current + buffer - 1, n))
     if total <= 0:                                  # no k explains a zero-variance spectrum
-        return current if not sigma.any() else max(current, upper - 1)
-    for k in range(current, upper):
+        return current if not sigma.any() else fallback
+    for k in range(current, min(current + buffer, n + 1)):
         tail = sigma.clone()
         tail[:k] = 0.0
         if 1.0 - (tail.var(unbiased=False) / total).item() > threshold:
             return k
-    return max(current, upper - 1)
+    return fallback
 
 
 def _lowrank_singular_values(layer):

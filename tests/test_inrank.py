@@ -19,14 +19,15 @@ from dynrank.linear import FusedLowRankLinear
 
 
 def reference_rank(sigma, current, buffer, threshold):
-    """Straight from the definition, in numpy: smallest k with 1 − var(σ − σ_top-k)/var(σ) > threshold."""
+    """Straight from the definition, in numpy: smallest k in [current, current + buffer) with
+    1 − var(σ − σ_top-k)/var(σ) > threshold (σ_top-k keeps the k largest values: all of σ for k ≥ its size),
+    else current + buffer − 1, at most the spectrum's size (where no k explains it: zero variance)."""
     s = np.sort(np.asarray(sigma, dtype=np.float64))[::-1]
-    upper = min(current + buffer, s.size)
-    for k in range(current, upper):
+    for k in range(current, current + buffer):
         tail = np.where(np.arange(s.size) < k, 0.0, s)
         if 1.0 - tail.var() / s.var() > threshold:
             return k
-    return max(current, upper - 1)
+    return max(current, min(current + buffer - 1, s.size))
 
 
 @pytest.mark.parametrize("sigma, current, buffer", [
@@ -34,6 +35,8 @@ def reference_rank(sigma, current, buffer, threshold):
     ([5.0, 4.0, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.1], 2, 4),
     ([1.0] * 6 + [0.0] * 6, 1, 6),
     (list(np.linspace(3, 0, 17)), 3, 10),
+    ([4.0, 3.0, 2.0, 1.0], 0, 10),                  # the window passes the spectrum's end: k = 4 explains it all
+    ([4.0, 3.0, 2.0, 1.0], 3, 5),
 ])
 @pytest.mark.parametrize("threshold", [0.5, 0.9, 0.99])
 def test_explained_rank_matches_definition(sigma, current, buffer, threshold):
