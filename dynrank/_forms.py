@@ -366,9 +366,17 @@ class FormLayer(nn.Module):
 
         lowrank form: the factors of the best rank-``rank`` fit of ``weight``
         (``_fit_factors``); full and adapter forms: ``weight`` itself as W / W_f.
+        The bias keeps its ``requires_grad``; a frozen ``weight`` gives frozen
+        factors (lowrank) or a frozen W (full), as a switch keeps a frozen layer
+        frozen, while adapter form trains its adapter beside the frozen W_f.
         """
         if bias is not None:
             self.bias.copy_(bias)
+            self.bias.requires_grad_(bias.requires_grad)
+        if not weight.requires_grad and self._form != "adapter":
+            for name, param in self.named_parameters(recurse=False):
+                if name != "bias":
+                    param.requires_grad_(False)
         if self._form == "lowrank":
             for name, value in self._fit(weight.detach(), self._rank).items():
                 getattr(self, name).copy_(value)

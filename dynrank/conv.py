@@ -550,6 +550,8 @@ class LowRankConv2d(FormLayer):
         a zero core slice, and train.)  A kernel on the meta device has no values: the
         factors get the fresh init (shapes only).  ``form="adapter"``: the
         kernel becomes W_f with a zero adapter.  ``form="full"``: W is kept.
+        The bias keeps its ``requires_grad``; a frozen kernel gives frozen
+        factors or a frozen W (adapter form trains its adapter beside it).
 
         Raises:
             TypeError: ``conv`` is not an ``nn.Conv2d``, or its kernel's dtype is

@@ -339,6 +339,8 @@ class FusedLowRankLinear(FormLayer):
         get a gradient; see :func:`svd_factors`).
         ``form="adapter"``: the dense weight becomes W_f with a zero-output adapter.
         ``form="full"``: the dense weight is kept as W.
+        The bias keeps its ``requires_grad``; a frozen weight gives frozen factors or a
+        frozen W (adapter form trains its adapter beside it).
 
         Raises:
             TypeError: ``linear`` has no 2-D weight, or its dtype is not floating-point; an

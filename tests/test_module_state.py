@@ -734,3 +734,21 @@ def test_conv_input_layouts_match_nn_conv2d(device, dec, form, case):
     assert y.shape[-3:] == (7, 5, 4) and y.shape[:-3] == x.shape[:-3]
     if x.numel() == 0:
         assert all(torch.count_nonzero(p.grad) == 0 for p in layer.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+@pytest.mark.parametrize("frozen", ["layer", "bias"])
+def test_from_dense_keeps_what_was_frozen(kind, form, frozen):
+    """A frozen nn.Linear / nn.Conv2d came back trainable (weight, bias and factors); a frozen bias (LoRA
+    style) too.  The bias keeps its requires_grad; a frozen weight gives frozen factors or W, as a switch
+    keeps a frozen layer frozen, and adapter form trains its adapter beside the frozen W_f."""
+    dense = nn.Linear(6, 5) if kind == "linear" else nn.Conv2d(3, 4, 3)
+    (dense if frozen == "layer" else dense.bias).requires_grad_(False)
+    layer = (FusedLowRankLinear if kind == "linear" else LowRankConv2d).from_dense(dense, 2, form=form)
+    trains = {name: p.requires_grad for name, p in layer.named_parameters()}
+    factors = set(layer.factors()) if form != "full" else set()
+    expected = {"bias": False, "weight": frozen == "bias" and form == "full",
+                **{name: frozen == "bias" or form == "adapter" for name in factors}}
+    assert trains == {name: expected[name] for name in trains}
+    assert set(trains) == {"bias"} | factors | ({"weight"} if form != "lowrank" else set())
