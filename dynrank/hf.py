@@ -90,7 +90,10 @@ class DynamicRankCallback(TrainerCallback):
 
     The epoch is the Trainer loop's own (counted from ``on_epoch_begin``),
     so an ``IterableDataset`` with ``max_steps`` switches where its epochs
-    begin.  A resume past its first epoch starts the data anew, so one
+    begin; a resume of one takes its epoch from the checkpoint's saved
+    epochs (``state.epoch`` counts from the Trainer's loop, which a resume
+    starts again at 0, so a resumed run's checkpoints hold one behind the
+    epoch).  A resume past its first epoch starts the data anew, so one
     from a checkpoint inside a later epoch (not at its end) is refused
     while a switch by epoch is still ahead: the epochs after it could not
     begin where the saved run's did (they begin earlier; a switch whose
@@ -212,6 +215,7 @@ class DynamicRankCallback(TrainerCallback):
         self._begun, self._ended = [], False
         self._run = self._saved_run = None
         self._loop, self._stepping, self._provisional = None, False, None
+        self._start = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         _check_one_process(args, type(self).__name__, "a switch")
@@ -219,6 +223,7 @@ class DynamicRankCallback(TrainerCallback):
         scheduler = DynamicRankScheduler(model, optimizer, self.inflate_epoch, self.deflate_epoch,
                                          **self.scheduler_kwargs)
         self._last = self._epoch = None
+        self._start = self._start_epoch(state, kwargs.get("train_dataloader"))
         start = self._count(state)
         resumed = state.global_step > 0
         self._check_start(scheduler, start, resumed)
@@ -232,9 +237,10 @@ class DynamicRankCallback(TrainerCallback):
         self.scheduler = scheduler
         # The switches made before the step this train() starts at: a resume undoes the later ones (an earlier
         # train() of this Trainer interrupted after the checkpoint), and a train() from step 0 all of them.
-        by_step = self.unit == "step"
+        by_step, inside = self.unit == "step", self._inside(state)
         self.changes = [change for change in self.changes
-                        if _made_before(state, start, step=change[0] if by_step else None, epoch=change[0])]
+                        if _made_before(state, self._start, inside, step=change[0] if by_step else None,
+                                        epoch=change[0])]
         # The monitor takes logs and evaluations from this train()'s first step on (one at its start,
         # eval_on_start's, is no epoch's), and only while its loop runs (see _monitor_has_epoch).
         self._loop, self._stepping = _loop_key(), False
@@ -244,8 +250,9 @@ class DynamicRankCallback(TrainerCallback):
         self._loop, self._stepping = None, False
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        # The loop's own epoch index: state.epoch at the first epoch (0, or the resumed one), then one
-        # more per epoch.  state.epoch itself lags behind it for an IterableDataset with max_steps.
+        # The loop's own epoch index: the one this train() starts in at the first epoch (0, or the resumed
+        # one), then one more per epoch.  state.epoch itself lags behind it for an IterableDataset with
+        # max_steps.
         self._epoch = self._loop_epoch(state) if self._epoch is None else self._epoch + 1
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -433,14 +440,14 @@ class DynamicRankCallback(TrainerCallback):
         if monitor.model is not model:
             raise ValueError("monitor must be a RankMonitor of the Trainer's model (RankMonitor(model)), got one of "
                              + ("no model" if monitor.model is None else f"another {type(monitor.model).__name__}"))
-        start = self._loop_epoch(state)
-        run = _before_start(monitor.state_dict(), state, start)
+        start, inside = self._loop_epoch(state), self._inside(state)
+        run = _before_start(monitor.state_dict(), state, start, inside)
         if state.global_step > 0:
             saved = self._saved_monitor(args, state, held=bool(run["records"]))
             if saved is not None:
                 # Cut as well: a run stopped by max_steps inside an epoch closed that epoch at its last step,
                 # and this train() goes on with it.
-                run = _before_start(RankMonitor.load(saved).state_dict(), state, start)
+                run = _before_start(RankMonitor.load(saved).state_dict(), state, start, inside)
         # The files keep no forms: take the model's now, which a resume's load has switched (no "detected"
         # switch); an epoch left open by an earlier train() is dropped.
         monitor.load_state_dict(dict(run, forms=None))
@@ -494,8 +501,39 @@ class DynamicRankCallback(TrainerCallback):
             and (self.monitor._open is not None or bool(self.monitor.records))
 
     def _loop_epoch(self, state):
-        """The Trainer loop's epoch: counted from on_epoch_begin, else (before the first) from state.epoch."""
-        return self._epoch if self._epoch is not None else int((state.epoch or 0) + 1e-6)
+        """The Trainer loop's epoch: counted from on_epoch_begin, else (before the first) the one this train()
+        starts in (:meth:`_start_epoch`; state.epoch's, for hooks called without ``on_train_begin``)."""
+        if self._epoch is not None:
+            return self._epoch
+        return self._start if self._start is not None else int((state.epoch or 0) + 1e-6)
+
+    def _start_epoch(self, state, dataloader):
+        """The loop's epoch where a train() starts: state.epoch's whole part, but on a resume of data without a
+        length (an ``IterableDataset`` run by ``max_steps``) the epoch of the checkpoint's last step, as the
+        callback saved it (``epochs_begun``).  The Trainer counts such a run's state.epoch as its own loop's
+        index plus the steps over ``max_steps``, and its loop starts again at index 0 on a resume (skipping
+        the checkpoint's steps of the data): a checkpoint of a resumed run past its first epoch holds a
+        state.epoch behind the epoch, and one at step ``max_steps`` of a single pass one a whole epoch
+        ahead.  A checkpoint without the entry (an earlier dynrank's) has only state.epoch."""
+        epoch = int((state.epoch or 0) + 1e-6)
+        if state.global_step == 0 or dataloader is None or has_length(dataloader):
+            return epoch
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(self.STATE_KEY)
+        begun = saved.get("epochs_begun") if isinstance(saved, Mapping) else None
+        last = begun[-1] if isinstance(begun, list) and begun else None
+        if isinstance(last, list) and len(last) == 2 and isinstance(last[0], int) and not isinstance(last[0], bool):
+            return last[0]
+        return epoch
+
+    def _inside(self, state):
+        """Whether this train() starts past the first step of the loop's epoch it starts in, where a switch by
+        epoch is made: after the step where that epoch began, as the checkpoint saved it, else (a train() from
+        step 0, a checkpoint of an earlier dynrank) with state.epoch past the epoch's start."""
+        start = self._loop_epoch(state)
+        began = self._begun[-1][1] if self._begun and self._begun[-1][0] == start else None
+        if isinstance(began, int) and not isinstance(began, bool):
+            return state.global_step > began
+        return (state.epoch or 0) > start + 1e-6
 
     def _count(self, state):
         """What ``scheduler.step`` takes now: the global step (``unit="step"``), else the loop's epoch."""
@@ -615,21 +653,22 @@ def _loop_running(key):
     return False
 
 
-def _made_before(state, start, step=None, epoch=None):
+def _made_before(state, start, inside, step=None, epoch=None):
     """Whether a switch at ``step`` (by step), else at ``epoch`` (by epoch, made at the first step of its epoch),
-    came before the step where a train() starts (``state.global_step``, in the loop's epoch ``start``)."""
+    came before the step where a train() starts (``state.global_step``, in the loop's epoch ``start``; ``inside``:
+    past that epoch's first step)."""
     if step is not None:
         return step < state.global_step
-    inside = (state.epoch or 0) > start + 1e-6         # past the first step of epoch ``start``
     return epoch < start or (epoch == start and inside)
 
 
-def _before_start(run, state, start):
+def _before_start(run, state, start, inside):
     """``run`` (a :meth:`RankMonitor.state_dict`) cut to what came before the step where a train() starts
-    (``state.global_step``, in the loop's epoch ``start``): the records of the epochs before, and the switches
-    made before that step (:func:`_made_before`)."""
+    (``state.global_step``, in the loop's epoch ``start``, ``inside`` it past its first step): the records of the
+    epochs before, and the switches made before that step (:func:`_made_before`)."""
     return dict(run, records=[r for r in run["records"] if r["epoch"] < start],
-                switches=[s for s in run["switches"] if _made_before(state, start, s.get("step"), s["epoch"])])
+                switches=[s for s in run["switches"]
+                          if _made_before(state, start, inside, s.get("step"), s["epoch"])])
 
 
 def _check_deflate_rank(spec):

@@ -660,6 +660,47 @@ def test_callback_resumes_an_iterable_dataset_run_where_its_epochs_began(tmp_pat
             run(tmp_path / "again", resume=run_dir / "checkpoint-3", save="no")
 
 
+def test_callback_resumes_a_streamed_run_from_a_checkpoint_of_a_resumed_run(tmp_path):
+    """16 examples a pass, batch 8, max_steps=8, a constant learning rate: epochs begin at steps 0, 2, 4 and
+    6.  A run resumed from checkpoint-4 (the end of epoch 1) saves a state.epoch the Trainer counts from its
+    own loop, which starts again at 0 on a resume: 1.125 at step 5, inside epoch 2.  Resumed from its
+    checkpoint-6 (the end of epoch 2, the deflate at epoch 3 ahead) the run ends with the uninterrupted run's
+    weights and switches, bit for bit; from its checkpoint-5 (inside epoch 2, where the deflate at 2 is made
+    and none is ahead) with those of the resume from the uninterrupted run's checkpoint-5 (both start the
+    data anew).  And 40 examples a pass (5 steps), max_steps=4 (state.epoch 1.0 at the last step, inside
+    epoch 0), continued to max_steps=8: the run inflates where the uninterrupted one did, at step 6."""
+    from dynrank.hf import DynamicRankCallback
+
+    def run(out_dir, deflate, resume=None, examples=16, max_steps=8):
+        callback = DynamicRankCallback(1, deflate, log=None)
+        model, _ = _train(out_dir, callback, resume=None if resume is None else str(resume), save="steps",
+                          save_steps=1, data=_TokenStream(examples), max_steps=max_steps,
+                          lr_scheduler_type="constant")
+        return model.state_dict(), callback.changes
+
+    def same(state, expected):
+        return state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+
+    full, full_changes = run(tmp_path / "full", 3)
+    assert sorted({change[0] for change in full_changes}) == [1, 3]
+    run(tmp_path / "resumed", 3, resume=tmp_path / "full" / "checkpoint-4")
+    state, changes = run(tmp_path / "again", 3, resume=tmp_path / "resumed" / "checkpoint-6")
+    assert same(state, full)
+    assert changes == [change for change in full_changes if change[0] == 3] and len(changes) == 8
+
+    run(tmp_path / "full-2", 2)
+    run(tmp_path / "resumed-2", 2, resume=tmp_path / "full-2" / "checkpoint-4")
+    expected, _ = run(tmp_path / "from-full", 2, resume=tmp_path / "full-2" / "checkpoint-5")
+    state, changes = run(tmp_path / "again-2", 2, resume=tmp_path / "resumed-2" / "checkpoint-5")
+    assert same(state, expected) and changes == []
+
+    full, full_changes = run(tmp_path / "one-pass", 2, examples=40)
+    assert {change[0] for change in full_changes} == {1}
+    run(tmp_path / "cut", 2, examples=40, max_steps=4)
+    state, changes = run(tmp_path / "cut", 2, resume=tmp_path / "cut" / "checkpoint-4", examples=40)
+    assert same(state, full) and changes == full_changes
+
+
 def test_callback_checks_deflate_rank_at_construction():
     from dynrank.hf import DynamicRankCallback
     for bad, error, message in [(-1, ValueError, "deflate_rank must be a rank >= 1 .*got -1"),
@@ -1071,6 +1112,27 @@ def test_callback_monitor_keeps_an_iterable_dataset_epoch_ended_at_a_step_checkp
     if ended is not None:
         assert ended["wall_seconds"] > 0
         assert ended["layers"] == full.records[step // 2 - 1]["layers"]
+
+
+def test_callback_monitor_resumes_a_streamed_run_from_a_checkpoint_of_a_resumed_run(tmp_path):
+    """16 examples a pass, batch 8, max_steps=8: a run resumed from checkpoint-4 (the end of epoch 1) saves
+    state.epoch 1.25 at step 6, the end of epoch 2.  Resumed from there, the monitor keeps the deflate made
+    at epoch 2 and ends with the uninterrupted run's epochs, forms, switches and losses, and the model with
+    its weights."""
+    import shutil
+    steps = dict(save="steps", save_steps=1, logging_steps=1, eval_strategy="no", eval_data=None,
+                 data=_TokenStream(16), max_steps=8)
+    full, trainer, _ = _monitored_run(tmp_path / "full", **steps)
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    _monitored_run(tmp_path / "resumed", resume=True, **steps)
+    shutil.copytree(tmp_path / "resumed" / "checkpoint-6", tmp_path / "again" / "checkpoint-6")
+    resumed, again, _ = _monitored_run(tmp_path / "again", resume=True, **steps)
+    assert resumed.epochs == full.epochs == [0, 1, 2, 3]
+    assert [r["form"] for r in resumed.records] == ["lowrank", "full", "adapter", "adapter"]
+    assert [(s["epoch"], s["kind"]) for s in resumed.switches] == [(1, "inflate"), (2, "deflate")]
+    assert resumed.scalar("loss") == full.scalar("loss")
+    state, expected = again.model.state_dict(), trainer.model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
 
 
 def test_callback_monitor_closes_the_last_epoch_cut_by_max_steps_before_the_final_save(tmp_path):
