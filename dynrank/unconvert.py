@@ -277,7 +277,10 @@ def unconvert_model(model, lowrank="factored"):
       tucker: 1×1, k×k, 1×1; cp: 1×1, depthwise kh×1, depthwise 1×kw, 1×1;
       tkd-cpd: the same with its 1×1 pairs fused where the layer fuses them),
       the spatial convs carrying stride, padding, dilation, groups and padding
-      mode, the last one the bias.  A layer that torch reads the weight of
+      mode, the last one the bias (so a chain that starts with a 1×1 conv,
+      tucker's, cp's, tkd-cpd's, refuses an empty batch with no rows or
+      columns, which ``nn.Conv2d`` and the layer take: padding it first would
+      cost every input the 1×1 convs' work over the border).  A layer that torch reads the weight of
       directly (``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer``,
       ``out_proj`` of an ``nn.MultiheadAttention``), or that the code of a
       transformers module above it reads the weight of (T5's ``wo``, whose
