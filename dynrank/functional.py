@@ -635,9 +635,9 @@ def merge_(weight, A, B, alpha=1.0):
 def _check_not_aliased(weight, A, B):
     """ValueError where A or B lies in ``weight``'s memory (``A = W[:, :r]``): ``addmm_`` reads it after
     writing some of it, as the kernel would (``kernels.merge_`` refuses it by the same rule).  Skipped where
-    there are no data pointers to compare: traced by ``torch.compile``, under a FakeTensorMode, for a
-    tensor subclass."""
-    if torch.compiler.is_compiling() or _fake_mode_active() or \
+    there are no data pointers to compare: traced by ``torch.compile``, under a FakeTensorMode or a
+    ``torch.func`` transform (vmap, grad, functionalize: their wrapped tensors), for a tensor subclass."""
+    if torch.compiler.is_compiling() or _fake_mode_active() or _eager_transform_active() or \
             any(type(t) not in _PLAIN_TENSORS for t in (weight, A, B)):
         return
     from .kernels._runtime import check_not_aliased

@@ -8,6 +8,7 @@ the low-rank term changes the result, so it cannot pass vacuously.
 import mmap
 import re
 import sys
+import warnings
 
 import pytest
 import torch
@@ -697,3 +698,17 @@ def test_functional_merge_on_the_torch_engine_refuses_a_factor_in_the_weights_me
         expected = reference_merge(weight, A, B, 0.5)
         merge_(weight, A.clone(), B.clone(), 0.5)
         assert rel_err(weight, expected) < REL_TOL[dtype]
+
+
+def test_functional_merge_runs_under_vmap_and_functionalize(torch_backend):
+    """The aliasing check read the data pointers of torch.func's wrapped tensors: vmap raised "Cannot access data
+    pointer", functionalize refused separate tensors as sharing memory.  There is nothing to compare there."""
+    from dynrank.functional import merge_
+    W = torch.randn(3, 6, 5, dtype=torch.float64)
+    A, B = torch.randn(3, 6, 2, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)
+    expected = W + A @ B.transpose(1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # torch: no batching rule for addmm_ (a slower fallback)
+        assert rel_err(torch.vmap(merge_)(W.clone(), A, B), expected) < 1e-12
+    merged = torch.func.functionalize(lambda w, a, b: merge_(w.clone(), a, b))(W[0], A[0], B[0])
+    assert rel_err(merged, expected[0]) < 1e-12
