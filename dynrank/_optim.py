@@ -40,6 +40,8 @@ grad_avg²), which moments mapped one by one do not keep real).
 """
 
 import collections
+import os
+import sys
 import warnings
 import weakref
 from typing import NamedTuple
@@ -153,11 +155,22 @@ def replace_params(optimizer, removed, added, states=None, owner=None, old_names
     return True
 
 
-def warn_dampened(zero_filled, when, remedy, stacklevel):
+def _caller_stacklevel():
+    """``warnings.warn``'s stacklevel, for a call in the function that calls this, that names the first frame
+    outside dynrank and torch (whose decorators, ``torch.no_grad()``, add frames of their own): the user's
+    line, however deep the call came from."""
+    internal = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_dampened(zero_filled, when, remedy):
     """Warn where fused SGD with ``dampening`` steps parameters that just joined it on a zero momentum
     buffer (``zero_filled``: the dampening of each, from :func:`replace_params`): their first step is
     scaled by 1 − dampening.  ``when`` names the change ("at this switch"), ``remedy`` a way out besides
-    SGD without ``fused`` or ``dampening=0`` (or None)."""
+    SGD without ``fused`` or ``dampening=0`` (or None).  The warning names the user's line that led to it."""
     others = f", or {remedy}" if remedy else ""
     for dampening, count in collections.Counter(zero_filled).items():
         warnings.warn(f"fused SGD with momentum and dampening={dampening:g}: {count} "
@@ -166,7 +179,7 @@ def warn_dampened(zero_filled, when, remedy, stacklevel):
                       f"group where only some parameters have one), so their first step is "
                       f"{1 - dampening:g}·lr·g, (1 − dampening)·lr·g, where SGD without fused=True takes "
                       f"lr·g; use SGD without fused{',' if remedy else ' or'} dampening=0{others}",
-                      stacklevel=stacklevel + 1)
+                      stacklevel=_caller_stacklevel())
 
 
 def _names_before(optimizer, removed_ids, owner, old_names):

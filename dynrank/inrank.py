@@ -218,7 +218,7 @@ def grow_rank_(layer, new_rank, optimizer=None):
         zero_filled = []
         replace_params(optimizer, [old_A, old_B], [layer.A, layer.B], states, owner=layer,
                        old_names=dict(zip(map(id, (old_A, old_B)), "AB")), zero_filled=zero_filled)
-        warn_dampened(zero_filled, f"at this rank growth ({old_rank} → {new_rank})", None, stacklevel=2)
+        warn_dampened(zero_filled, f"at this rank growth ({old_rank} → {new_rank})", None)
     old_A.grad = old_B.grad = None
     return layer
 

@@ -625,7 +625,7 @@ class DynamicRankScheduler(_Claiming):
         if changes:
             call_back(self._callbacks, self._event(epoch, changes))
         self._warn_frozen(changes)
-        warn_dampened(zero_filled, "at this switch", "optimizer_state='fresh'", stacklevel=2)
+        warn_dampened(zero_filled, "at this switch", "optimizer_state='fresh'")
         return changes
 
     def _warn_frozen(self, changes):
@@ -738,9 +738,10 @@ class DynamicRankScheduler(_Claiming):
     _STATE_KEYS = ("unit", "last_epoch", "inflate_epoch", "deflate_epoch", "forms", "ranks")
     # A state saved before "alphas", "shapes" and "decompositions" were kept loads with those unchecked, and one
     # saved before "lowrank_ranks" leaves the layers' own.
-    _OPTIONAL_STATE_KEYS = ("epochs", "deflate_init", "optimizer_state", "deflate_rank") + RECORD_KEYS + \
-        ("lowrank_ranks",)
-    _LAYER_KEYS = ("forms", "ranks") + RECORD_KEYS + ("lowrank_ranks",)
+    # Each layer's entries besides its form and rank (the Trainer callback passes them through too).
+    _LAYER_RECORD = RECORD_KEYS + ("lowrank_ranks",)
+    _OPTIONAL_STATE_KEYS = ("epochs", "deflate_init", "optimizer_state", "deflate_rank") + _LAYER_RECORD
+    _LAYER_KEYS = ("forms", "ranks") + _LAYER_RECORD
 
     def _checked_state(self, state_dict):
         """The policy settings of ``state_dict``, validated as the constructor does, and every layer's

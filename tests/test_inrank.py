@@ -282,6 +282,7 @@ def test_grow_rank_warns_where_fused_sgd_with_dampening_starts_a_factor_on_a_zer
         "(2 → 4) start with a zero momentum buffer (fused SGD cannot step a param group where only some "
         "parameters have one), so their first step is 0.5·lr·g, (1 − dampening)·lr·g, where SGD without "
         "fused=True takes lr·g; use SGD without fused or dampening=0"]
+    assert said[0].filename == __file__             # the caller's line, not torch.no_grad's wrapper
     B = layer.B.detach().clone()
     opt.zero_grad()
     layer(x).square().sum().backward()
