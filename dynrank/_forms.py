@@ -189,6 +189,14 @@ class FormLayer(nn.Module):
                          f"low-rank product. To give the layer a dense {name} (to tie it, say), call inflate() "
                          f"first or convert with form='full'")
 
+    def _check_no_factors_given(self, names):
+        """In full form: refuse factors that ``torch.func.functional_call`` wrote into the slots an inflate
+        left in ``_parameters`` (the forward would drop them); one dict read per name."""
+        params = self._parameters
+        for name in names:
+            if params.get(name) is not None:
+                self._refuse_factors()
+
     def _refuse_factors(self, given=None):
         """Raise the ValueError for factors given to a full-form layer, which its forward would leave unused,
         running on W: assigned, registered, or passed in by ``torch.func.functional_call`` (a parameter dict

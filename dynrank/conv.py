@@ -38,10 +38,7 @@ ADAPTER_CHOICES_KEPT = 64
 # ---------------------------------------------------------------------------
 
 def _forward_full(layer, x):
-    params = layer._parameters         # a slot an inflate left, filled by torch.func.functional_call
-    for name in layer._dec.factor_names:
-        if params.get(name) is not None:
-            layer._refuse_factors()    # (the dense conv would drop them)
+    layer._check_no_factors_given(layer._dec.factor_names)
     return _dense_conv(layer, x, layer._read("weight"), layer._read("bias"))
 
 

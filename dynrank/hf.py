@@ -29,7 +29,6 @@ import warnings
 from collections.abc import Mapping
 
 from ._args import check_int
-from ._claims import RECORD_KEYS
 from ._forms import FORMS
 from .monitor import _EPOCH_COLUMNS, RankMonitor
 from .scheduler import (DEFAULT_OPTIMIZER_STATE, DynamicRankScheduler, _check_choices, _check_schedule,
@@ -394,7 +393,7 @@ class DynamicRankCallback(TrainerCallback):
             # saved (checked against the model's, as load_training_state does), under the callback's own schedule.
             kept = saved["scheduler"]
             scheduler.load_state_dict(dict(scheduler.state_dict(), forms=kept.get("forms"), ranks=kept.get("ranks"),
-                                           **{key: kept[key] for key in RECORD_KEYS + ("lowrank_ranks",) if key in kept}))
+                                           **{key: kept[key] for key in scheduler._LAYER_RECORD if key in kept}))
         except (TypeError, ValueError) as e:
             raise type(e)(f"resuming at global step {state.global_step}: the schedule's state in the checkpoint's "
                           f"trainer_state.json (stateful_callbacks[{self.STATE_KEY!r}]) does not fit this model: "

@@ -386,9 +386,7 @@ class FusedLowRankLinear(FormLayer):
                 return node
         if self._form == "full":
             weight, bias = self._read("weight"), self._read("bias")
-            params = self._parameters      # a slot an inflate left, filled by torch.func.functional_call
-            if params.get("A") is not None or params.get("B") is not None:
-                self._refuse_factors()     # (F.linear would drop them)
+            self._check_no_factors_given(("A", "B"))
             if isinstance(input, torch.Tensor) and input.is_meta != weight.is_meta:
                 self._check_input(input, weight)   # torch mixes meta and real tensors silently
             try:
