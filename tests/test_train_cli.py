@@ -1364,6 +1364,14 @@ def test_download_fetches_only_where_the_data_set_is_not_found_but_as_its_offici
     _write_tiny_cifar10(str(root / "cifar-10-batches-py"))
     assert cli._found_elsewhere("cifar10", str(root)) == str(root / "cifar-10-batches-py")
     assert cli._found_elsewhere("cifar100", str(root)) is None                 # another data set's
+    # An image tree at the top may be another data set's: cifar100's archive is fetched beside a CIFAR-10
+    # tree there (and read before it), as before --download looked; a tree named after it counts as found.
+    top = tmp_path / "top"
+    for split in ("train", "test"):
+        (top / split / "cat").mkdir(parents=True)
+    assert cli._found_elsewhere("cifar100", str(top)) is None
+    (top / "cifar100-images.tar.gz").write_bytes(b"")
+    assert cli._found_elsewhere("cifar100", str(top)) == str(top / "cifar100-images.tar.gz")
 
 
 # -- the adapter scale alpha and the optimizer-state policy -------------------------------------------

@@ -295,6 +295,24 @@ def test_a_tar_link_to_a_file_it_does_not_hold_is_named(tmp_path):
         load_vision("cifar10", str(tmp_path))
 
 
+def test_a_tar_link_to_a_class_folder_is_named(tmp_path):
+    """A class folder archived as a link to another (without --dereference) held none of its images in the tar:
+    the class was left out, where the extracted tree has it."""
+    archive = tmp_path / "cifar10-images.tar.gz"
+    _tar_tree(archive, "cifar10", ("cat", "dog"))
+    with tarfile.open(archive) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    with tarfile.open(archive, "w:gz") as tar:
+        for member, blob in members:
+            tar.addfile(member, None if blob is None else io.BytesIO(blob))
+        link = tarfile.TarInfo("cifar10/train/bird")
+        link.type, link.linkname = tarfile.SYMTYPE, "dog"
+        tar.addfile(link)
+    with pytest.raises(DataError, match=re.escape(f"{archive}:cifar10/train/bird links to the folder dog, whose "
+                                                  "images a tar holds only once")):
+        load_vision("cifar10", str(tmp_path))
+
+
 _APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\x00" * 66
 
 

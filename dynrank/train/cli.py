@@ -112,11 +112,13 @@ def _resolve_device(cfg, saved_in=None):
 
 def _found_elsewhere(name, root):
     """Where in ``root`` :func:`~.data.load_vision` finds data set ``name`` in another form than its
-    official archive (extracted, an image-folder tree), or None.
+    official archive (extracted, an image-folder tree named after it), or None.
 
     ``--download`` fetches only where this is None: a data set found so is read as it is (a resume with
     its data present never goes online), and the official archive is left to :func:`~.data.download`,
-    which keeps it when its MD5 is the official one and fetches it again when not.
+    which keeps it when its MD5 is the official one and fetches it again when not.  An image-folder tree
+    at ``root`` itself counts as not found: it may be another data set's, which the official archive
+    fetched beside it comes before.
     """
     from .data import DATASETS, _sources
     if not os.path.isdir(root):
@@ -124,6 +126,8 @@ def _found_elsewhere(name, root):
     first = next(_sources(root, name), None)
     if first is None or first[0] == os.path.join(root, DATASETS[name]["archive"]):
         return None
+    if os.path.normpath(first[0]) == os.path.normpath(root) and os.path.isdir(os.path.join(root, "train")):
+        return None                                 # the tree at the top (a pickled folder has a train file)
     return first[0]
 
 

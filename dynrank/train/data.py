@@ -393,13 +393,19 @@ def _damaged(path, err):
 def _read_tree_tar(path, size):
     """An image-folder tree inside a tar, read as its extraction would be: of members with one name the
     last counts (``tar -u`` appends a changed file), and a hard or symbolic link is read from its target
-    in the archive.  A link to a file that the archive does not hold raises :class:`DataError`; a link
-    to a folder is skipped."""
+    in the archive.  A link to a file that the archive does not hold, or to a folder in it (a class
+    folder linked to another: its images would be left out), raises :class:`DataError`."""
     try:
         with tarfile.open(path) as tar:
             last = {m.name: m for m in tar.getmembers()}
             blobs = []
             for name, m in last.items():
+                if m.issym() or m.islnk():
+                    target = m.linkname if m.islnk() else os.path.normpath(
+                        os.path.join(os.path.dirname(name), m.linkname)).replace(os.sep, "/")
+                    if (target in last and last[target].isdir()) or any(n.startswith(target + "/") for n in last):
+                        raise DataError(f"{path}:{name} links to the folder {m.linkname}, whose images a tar "
+                                        f"holds only once; archive the linked folder itself (tar --dereference)")
                 if not (m.isfile() or m.islnk() or m.issym()) or not name.lower().endswith(_IMAGE_EXT):
                     continue
                 try:
