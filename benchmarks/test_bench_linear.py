@@ -305,26 +305,3 @@ def test_each_provider_computes_its_form(provider, form):
     layer(x).square().sum().backward()
     assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
-
-@pytest.mark.parametrize("form", ["lowrank", "adapter"])
-def test_the_compiled_provider_replays_its_backward(monkeypatch, tmp_path, form):
-    """Not a benchmark: the "backward" pass replays one graph's backward (``retain_graph=True``), and each
-    replay of the ``torch_compile`` provider gives the unfused function's gradients.  A backward compiled
-    with AOTAutograd's donated buffers refuses the replay ("compiled with non-empty donated buffers"), as
-    one taken from a warm inductor cache did at this shape; the provider compiles without them (a fresh
-    compile here donates none, so this checks the gradients, not that refusal)."""
-    monkeypatch.setenv("DYNRANK_BENCH_COMPILE", "1")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    case = LinearCase(64, 64, 64, 4, torch.float32)
-    grads = {}
-    for provider in ("torch_unfused", "torch_compile"):
-        torch.manual_seed(0)
-        fn, params = make_linear(provider, form, case)
-        x = torch.randn(case.tokens, case.in_features, device=common.DEVICE, requires_grad=True)
-        torch.manual_seed(1)
-        run = common.make_pass("backward", lambda: fn(x), [x, *params])
-        for _ in range(2):
-            run()
-        grads[provider] = [t.grad.double() for t in (x, *params)]
-    for compiled, reference in zip(grads["torch_compile"], grads["torch_unfused"]):
-        assert (compiled - reference).norm() <= 1e-5 * reference.norm()

@@ -587,8 +587,9 @@ def merge_(weight, A, B, alpha=1.0):
 
     Raises:
         ValueError: shapes that do not fit, tensors on different devices, a weight whose elements share
-            memory (an expanded view, an unfold's windows), a factor in the weight's memory (a view of it
-            such as ``W[:, :r]``: pass a copy), an alpha that is not finite, or (no tensor
+            memory (an expanded view, an unfold's windows), a factor in the bytes the weight spans (a view
+            of it such as ``W[:, :r]``, or columns interleaved with its rows in one buffer: pass a copy),
+            an alpha that is not finite, or (no tensor
             float64) above float32's largest value, 3.4e38, in magnitude.
         TypeError: tensors that are not floating point, an alpha that is not a number.
 
