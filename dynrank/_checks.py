@@ -2,6 +2,7 @@
 rank synchronization, saved layer names, finite values, param groups, and model copies (EMA / SWA)."""
 
 import sys
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -315,14 +316,25 @@ def check_one_group(optimizer, layers):
                              f"{', '.join(where)} the same group (a bias may sit elsewhere)")
 
 
-def check_trains_layers(optimizer, layers, model):
+def check_trains_layers(optimizer, layers, model, who):
     """ValueError if the optimizer holds none of the trainable parameters a form change replaces (W, the
     factors) of any of ``layers`` ((name, layer) pairs of ``model``) while some has one: an optimizer
     built before ``convert_model`` holds the replaced modules' tensors, and no layer would ever train.
-    A layer left out of an optimizer that holds another's is fine, as is a model whose layers are frozen."""
+    A model whose layers are frozen is fine.  A trainable layer left out of an optimizer that holds
+    another's gets a warning (``who`` builds over it): its new parameters after a switch join no optimizer,
+    so one that a second optimizer trains (Muon's matrices beside AdamW's convs) stops training."""
     switched = [p for _, layer in layers for p in _switched(layer).values()]
     held = optimizer_params(optimizer)
-    if not switched or any(id(p) in held for p in switched):
+    if not switched:
+        return
+    if any(id(p) in held for p in switched):
+        left_out = [name for name, layer in layers
+                    if _switched(layer) and not any(id(p) in held for p in _switched(layer).values())]
+        if left_out:
+            warnings.warn(f"{layers_are(left_out)} trainable but not in the optimizer {who} was given: a "
+                          f"switch leaves the new parameters out of every optimizer (one a second optimizer "
+                          f"trains stops training); build one {who} per optimizer over the part it trains "
+                          f"({who}(model.part, its_optimizer, ...)), or freeze them", stacklevel=3)
         return
     in_model = {id(p) for p in model.parameters()}
     strays = len(held - in_model)

@@ -448,7 +448,7 @@ class IncrementalRankScheduler(_Claiming):
             limit = min(layer.in_features, layer.out_features)
             self.max_rank[name] = limit if max_rank is None else min(max_rank, limit)
         check_untied(self.model, self._layers, type(self).__name__)
-        check_trains_layers(optimizer, self._layers, self.model)
+        check_trains_layers(optimizer, self._layers, self.model, "IncrementalRankScheduler")
         _check_other_kind(self._layers, growing=True)
         guard_attention(self.model, type(self).__name__, [layer for _, layer in self._layers])
         self.sync_ranks, self.process_group = sync_ranks, process_group

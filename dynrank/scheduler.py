@@ -353,7 +353,7 @@ class DynamicRankScheduler(_Claiming):
         self.deflate_rank = self._check_deflate_rank(deflate_rank)  # a bad deflate_rank fails now, not at D
         self.sync_ranks, self.process_group = check_sync(model, sync_ranks, process_group)
         check_one_group(optimizer, self._layers)
-        check_trains_layers(optimizer, self._layers, self.model)
+        check_trains_layers(optimizer, self._layers, self.model, "DynamicRankScheduler")
         check_untied(self.model, self._layers, type(self).__name__)
         _check_other_kind(self._layers, growing=False)
         guard_attention(self.model, type(self).__name__)

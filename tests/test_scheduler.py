@@ -80,9 +80,21 @@ def test_new_params_join_the_old_group_in_place():
 
 
 def test_layer_left_out_of_the_optimizer_stays_out():
+    """Left out, with a warning at construction: a second optimizer training it (Muon's matrices beside
+    AdamW's convs) would lose it at the switch, silently."""
     model = mlp()
     opt = torch.optim.SGD(list(model[2].parameters()) + list(model[4].parameters()), lr=0.1)
-    sched = DynamicRankScheduler(model, opt, 1, 2)
+    with pytest.warns(UserWarning, match=r"^layer '0' is trainable but not in the optimizer DynamicRankScheduler "
+                                         r"was given: a switch leaves the new parameters out of every optimizer "
+                                         r"\(one a second optimizer trains stops training\); build one "
+                                         r"DynamicRankScheduler per optimizer over the part it trains") as said:
+        sched = DynamicRankScheduler(model, opt, 1, 2)
+    assert said[0].filename == __file__
+    model[0].requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # a frozen layer out of the optimizer: nothing to say
+        DynamicRankScheduler(model, opt, 1, 2)
+    model[0].requires_grad_(True)
     sched.step(2)
     assert not any(p is q for p in model[0].parameters() for q in held(opt))
     assert same_set(held(opt), list(model[2].factors().values()) + [model[2].bias]
