@@ -372,7 +372,10 @@ def check_copy(model_copy, layers, model_layers):
     for name, layer in model_layers:
         twin = layers.get(name)
         if twin is None:
-            raise ValueError(f"model copy {type(model_copy).__name__} has no dynrank layer {name!r}; a copy "
+            # A wrapper holding the copy as .module (timm's ModelEmaV2/V3) has it there under another name.
+            hint = (f" (it holds {name!r} as 'module.{name}': pass model_copy.module, the copy inside the "
+                    f"wrapper)" if f"module.{name}" in layers else "")
+            raise ValueError(f"model copy {type(model_copy).__name__} has no dynrank layer {name!r}{hint}; a copy "
                              f"must hold the model's dynrank layers under the same names")
         if twin is layer or any(p is q for p in twin.parameters() for q in layer.parameters()):
             raise ValueError(f"model copy {type(model_copy).__name__} shares layer {name!r} with the model; give a "

@@ -10,6 +10,7 @@ hand-computed averages, an uninterrupted run.
 import copy
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -367,6 +368,15 @@ def test_model_copies_are_checked():
         sched.add_model_copy(model)
     with pytest.raises(ValueError, match="no dynrank layer '2'"):
         sched.add_model_copy(copy.deepcopy(model)[:2])
+
+    class EmaWrapper(nn.Module):                       # timm's ModelEmaV2/V3 hold the copy as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+    with pytest.raises(ValueError, match=re.escape("model copy EmaWrapper has no dynrank layer '0' (it holds '0' as "
+                                                   "'module.0': pass model_copy.module, the copy inside the "
+                                                   "wrapper)")):
+        sched.add_model_copy(EmaWrapper(copy.deepcopy(model)))
     late = copy.deepcopy(model)
     late[0].inflate()
     with pytest.raises(ValueError, match=r"layer '0' is .*'full'.*the model's is .*'lowrank'"):
