@@ -820,7 +820,9 @@ class DynamicRankScheduler(_Claiming):
             # another rank would deflate differently from the saved run, so it is refused too.  With a
             # deflate_rank for the layer its full-form rank is never used (a run rolled back from its adapters,
             # of that rank, to a full-form checkpoint).
-            own_rank = (spec.get(name) if isinstance(spec, dict) else spec) is None
+            # Nor where the saved schedule never deflates (a run that ends in full form).
+            own_rank = (spec.get(name) if isinstance(spec, dict) else spec) is None and \
+                settings["deflate_epoch"] is not None
             if layer.rank != saved_rank and (form == "lowrank" or (form == "full" and own_rank)
                                              or (form == "adapter" and layer.form == "adapter")):
                 how = ("build the scheduler with the saved deflate_rank, or deflate the layer to that rank"

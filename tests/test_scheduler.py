@@ -1404,3 +1404,33 @@ def test_a_callback_that_raises_is_the_error_seen_under_warnings_as_errors():
         warnings.simplefilter("error")
         with pytest.raises(KeyError, match="the callback's own"):
             sched.step(1)
+
+
+def test_a_full_form_checkpoint_of_a_run_that_never_deflates_loads_at_another_rank_ratio():
+    """Its full-form rank is used by no deflate: it was refused ("has rank 6 but the checkpoint has 3 (the rank
+    its next deflate takes)"), as another alpha is not.  Resumed into a model converted at ρ = 0.5, the run
+    goes on exactly as the saved one, and the layers keep the saved run's lowrank ranks for its cost."""
+    x, y = data(torch.float64)
+    model = mlp().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = DynamicRankScheduler(model, opt, 1, None)
+    for epoch in range(2):
+        sched.step(epoch)
+        train_steps(model, opt, x, y, steps=2)
+    saved = copy.deepcopy(training_state(model, opt, sched))
+    torch.manual_seed(5)
+    other = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)).double()
+    convert_model(other, rank_ratio=0.5)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.05, momentum=0.9)
+    other_sched = DynamicRankScheduler(other, other_opt, 1, None)
+    load_training_state(saved, other, other_opt, other_sched)
+    assert other_sched.forms() == sched.forms() == {"0": "full", "2": "full"}
+
+    def lowrank_ranks(m):
+        return {name: layer._lowrank_rank for name, layer in m.named_modules() if isinstance(layer, FusedLowRankLinear)}
+    assert lowrank_ranks(other) == lowrank_ranks(model) == {"0": 3, "2": 6}
+    assert other[0].rank == 6                       # the fresh conversion's: no deflate reads it
+    for run in ((model, opt, sched), (other, other_opt, other_sched)):
+        run[2].step(2)
+        train_steps(*run[:2], x, y, steps=2)
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), other.state_dict().values()))
