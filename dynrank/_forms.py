@@ -713,10 +713,13 @@ class FormLayer(nn.Module):
     @torch.no_grad()
     def _allocate(self, form, rank):
         """Switch to ``form`` with uninitialized parameters of the right shapes (for loading); a frozen
-        layer stays frozen, as ``load_state_dict`` leaves ``requires_grad`` alone."""
+        layer stays frozen, as ``load_state_dict`` leaves ``requires_grad`` alone.  A rank change within
+        the form keeps each factor as trainable as the one it replaces (LoRA-FA's A frozen by hand stays
+        frozen), as ``grow_rank_`` does; a form change makes the new parameters as a switch to it does."""
         self._check_switchable()
         ref = self._reference_tensor()
         trainable = self._trains()
+        kept = {n: f.requires_grad for n, f in self.factors().items()} if form == self._form else {}
         kw = dict(device=ref.device, dtype=ref.dtype)
         if form == "full":
             weight, factors = torch.empty(self._dense_shape(), **kw), {}
@@ -727,3 +730,6 @@ class FormLayer(nn.Module):
                 weight = dense if dense is not None else torch.empty(self._dense_shape(), **kw)
             factors = {n: torch.empty(s, **kw) for n, s in self._factor_shapes(rank).items()}
         self._become(form, weight, factors, rank, trainable)
+        for name, factor in self.factors().items():
+            if name in kept:
+                factor.requires_grad_(kept[name])

@@ -10,10 +10,10 @@ scheduler, a grad scaler, the user's own references) keeps working:
   they share that group's hyperparameters and a freshly built optimizer that
   goes through the same changes ends up with the same parameter order (which
   is what makes ``optimizer.load_state_dict`` work after a resume).  A
-  one-for-one replacement (rank growth: A, B → wider A, B) keeps each
-  parameter's own group and position, so factors kept in groups of their own
-  (a higher lr for B) stay there.  Fused SGD with momentum cannot step a group
-  where some parameters have a momentum buffer and others none; a new
+  one-for-one replacement (rank growth: A, B → wider A, B) gives each new
+  parameter the group and position of the old one of its name, so factors
+  kept in groups of their own (a higher lr for B) stay there.  Fused SGD with
+  momentum cannot step a group where some parameters have a momentum buffer and others none; a new
   parameter joining such a group (one where any parameter has a buffer, a new
   one's carried buffer included) starts with a zero buffer, which is what an
   empty one means unless ``dampening`` is set (then its first step is
@@ -74,17 +74,20 @@ def _locate(optimizer, params):
     return next((where[id(p)] for p in params if id(p) in where), None)
 
 
-def replace_params(optimizer, removed, added, states=None, owner=None, old_names=None, zero_filled=None):
+def replace_params(optimizer, removed, added, states=None, owner=None, old_names=None, zero_filled=None,
+                   in_place=True):
     """Swap ``removed`` for ``added`` in ``optimizer``, in place.
 
     The removed parameters leave every param group and their state is dropped;
     the added ones are inserted where the first of ``removed`` (in its order)
     that the optimizer holds sat, in the same group (same lr, weight decay,
-    ...).  When as many are added as removed, ``added[i]`` takes the place of
-    ``removed[i]`` instead, in its group, and one whose counterpart the
-    optimizer does not hold stays out (a factor the user left out of it).  If
-    the optimizer holds none of the removed parameters (the user left that
-    layer out of it), nothing is added.
+    ...).  When as many are added as removed and ``in_place``, each added one
+    takes the place of its counterpart in ``removed`` instead, in its group (the
+    one of the same name, ``old_names`` against ``owner``'s names, where every
+    one has one; else ``removed[i]`` for ``added[i]``), and one whose
+    counterpart the optimizer does not hold stays out (a factor the user left
+    out of it).  If the optimizer holds none of the removed parameters (the
+    user left that layer out of it), nothing is added.
 
     Args:
         optimizer: a ``torch.optim.Optimizer``.
@@ -104,6 +107,8 @@ def replace_params(optimizer, removed, added, states=None, owner=None, old_names
         zero_filled: optional list given ``dampening`` for each added parameter that fused SGD with
             ``dampening`` set now steps on a zero momentum buffer (:func:`_match_fused_momentum`): its first
             step is (1 − dampening)·lr·g, where a missing buffer (SGD without ``fused``) gives lr·g.
+        in_place: False to insert ``added`` where the first held of ``removed`` sat even one for one, as a
+            form change does (lowrank → adapter through full form puts A, B where W sat).
 
     Returns:
         True if the optimizer was edited.
@@ -117,8 +122,8 @@ def replace_params(optimizer, removed, added, states=None, owner=None, old_names
     removed_ids = {id(p) for p in removed}
     names = _names_before(optimizer, removed_ids, owner, old_names)
     fresh = [p for p in added if id(p) not in held or id(p) in removed_ids]
-    if len(fresh) == len(added) == len(removed) == len(removed_ids):        # one for one
-        swap = {id(old): new for old, new in zip(removed, added) if id(old) in held}
+    if in_place and len(fresh) == len(added) == len(removed) == len(removed_ids):        # one for one
+        swap = {id(old): new for old, new in _counterparts(removed, added, owner, old_names) if id(old) in held}
         groups = [g for g, group in enumerate(optimizer.param_groups)
                   if any(id(p) in swap for p in group["params"])]
         for g in groups:
@@ -153,6 +158,21 @@ def replace_params(optimizer, removed, added, states=None, owner=None, old_names
         if zero_filled is not None and group.get("dampening"):
             zero_filled.extend(group["dampening"] for _ in filled)
     return True
+
+
+def _counterparts(removed, added, owner, old_names):
+    """[(removed one, added one)] for a one-for-one replacement: paired by name (``old_names`` against
+    ``owner``'s names) where each name pairs one with one, else by position.  :func:`switched_params`
+    lists the removed ones that trained first, the added ones in module order: a frozen A before a
+    trained B would swap them by position."""
+    if owner is not None and old_names:
+        by_name = {id(p): n for n, p in owner.named_parameters()}
+        new_of = {by_name[id(p)]: p for p in added if id(p) in by_name}
+        pairs = [(old, new_of.get(old_names.get(id(old)))) for old in removed]
+        paired = {id(new) for _, new in pairs if new is not None}
+        if len(new_of) == len(paired) == len(added) == len(pairs):
+            return pairs
+    return list(zip(removed, added))
 
 
 def _caller_stacklevel():
@@ -211,6 +231,7 @@ class ParamsBefore(NamedTuple):
     names: dict          # id(param) → its name in the module
     trains: bool         # whether the layer trained: a parameter but the bias required grad
     frozen_dense: object  # its frozen W_f (adapter form), or None
+    form: object         # its form ("lowrank", "full", "adapter"), or None for another module
 
 
 def drop_frozen_adapter_params(optimizer, layer):
@@ -238,7 +259,8 @@ def params_before(layer):
     """What :func:`switched_params` and :func:`replace_params` need of ``layer``, taken before it changes."""
     named = list(layer.named_parameters())
     return ParamsBefore([p for _, p in named if p.requires_grad], [p for _, p in named],
-                        {id(p): n for n, p in named}, layer._trains(), _frozen_dense(layer))
+                        {id(p): n for n, p in named}, layer._trains(), _frozen_dense(layer),
+                        getattr(layer, "form", None))
 
 
 def switched_params(layer, before):
@@ -250,14 +272,16 @@ def switched_params(layer, before):
     that did not train (frozen whole, ``requires_grad_(False)``), every new one but W_f, frozen, as torch
     keeps a frozen parameter it was given (it takes no step, and trains once unfrozen).  A new parameter
     frozen in a layer that trained is frozen by the form (W_f; an unconverted adapter's merged weight)
-    and stays out.  Leaving: what it may hold no more, those that trained first, so the new parameters
-    join the group of one that trained (:func:`replace_params`); a W_f the layer still holds as its W_f
-    is left as it is.  Joining: what it may hold now and could not before.
+    and stays out, unless it replaces a factor of its name frozen by hand (a rank change keeps LoRA-FA's
+    A frozen): it may take that one's place.  Leaving: what it may hold no more, those that trained
+    first, so the new parameters join the group of one that trained (:func:`replace_params`); a W_f the
+    layer still holds as its W_f is left as it is.  Joining: what it may hold now and could not before.
     """
     form_frozen = _frozen_dense(layer)
     before_ids = {id(p) for p in before.every}
-    after = [p for p in layer.parameters() if p is not form_frozen
-             and (p.requires_grad or not before.trains or id(p) in before_ids)]
+    by_hand = {before.names[id(p)] for p in before.every if not p.requires_grad and p is not before.frozen_dense}
+    after = [p for n, p in layer.named_parameters() if p is not form_frozen
+             and (p.requires_grad or not before.trains or id(p) in before_ids or n in by_hand)]
     after_ids, trained = {id(p) for p in after}, {id(p) for p in before.trainable}
     kept = {id(p) for p in layer.parameters()}
     removed = [p for p in before.trainable if id(p) not in after_ids] + [
@@ -288,15 +312,20 @@ def follow_load(layer, before):
 
     The new ones take the old ones' place (:func:`replace_params`) with no state:
     the optimizer's own ``load_state_dict`` fills it, matched by position as
-    after the scheduler's switches.  A DistributedDataParallel around the model
-    is retired as after a scheduler's switch.
+    after the scheduler's switches.  A rank change swaps each factor for the new
+    one of its name; a form change inserts the new parameters where the first
+    held old one sat, as the scheduler's switches do (lowrank → adapter goes
+    through full form: A, B where W sat), so the group's order is the one a
+    scheduler-first load or the uninterrupted run has.  A DistributedDataParallel
+    around the model is retired as after a scheduler's switch.
     """
     entry = _MANAGED.get(layer)
     optimizer = entry[0]() if entry is not None else None
     if optimizer is None:
         return
     removed, added = switched_params(layer, before)
-    if replace_params(optimizer, removed, added, owner=layer, old_names=before.names):
+    if replace_params(optimizer, removed, added, owner=layer, old_names=before.names,
+                      in_place=before.form == layer.form):
         model = entry[1]()
         if model is not None:
             from .distributed import _retire_stale

@@ -543,3 +543,138 @@ def test_a_model_on_the_meta_device_is_refused_by_name():
     opt = torch.optim.AdamW(decay_groups(model), lr=1e-2)
     load_training_state(ckpt, model, opt, DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2))
     _same(_state(model, opt), _state(*source[:2]))
+
+
+# -- a model load that changes a layer's form or rank, before the scheduler's: the run the scheduler's own
+# switches give (factors frozen by hand, groups of the user's making, the group's order) ------------------
+def _snapshot(model, opt):
+    """What must agree bit for bit, by parameter name: values, ``requires_grad``, the names each param group
+    holds (and its settings), each held parameter's optimizer state."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [([names.get(id(p), "<not in the model>") for p in g["params"]],
+               {k: v for k, v in g.items() if k not in ("params", "param_names")}) for g in opt.param_groups]
+    state = {names.get(id(p), "<not in the model>"): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+             for p, s in opt.state.items()}
+    return ({n: p.detach().clone() for n, p in model.named_parameters()},
+            {n: p.requires_grad for n, p in model.named_parameters()}, groups, state)
+
+
+def _alike(a, b):
+    (values_a, grads_a, groups_a, state_a), (values_b, grads_b, groups_b, state_b) = a, b
+    assert grads_a == grads_b
+    assert groups_a == groups_b
+    assert values_a.keys() == values_b.keys()
+    assert all(values_a[n].shape == values_b[n].shape and torch.equal(values_a[n], values_b[n]) for n in values_a)
+    assert state_a.keys() == state_b.keys()
+    for name, entries in state_a.items():
+        assert entries.keys() == state_b[name].keys(), name
+        for key, value in entries.items():
+            assert torch.equal(value, state_b[name][key]) if torch.is_tensor(value) else value == state_b[name][key], \
+                (name, key)
+
+
+def _resumes_alike(build, train, saved_at, end):
+    """``build(seed)`` → (model, opt, scheduler); ``train(run, start, stop)`` trains steps or epochs
+    [start, stop).  The run saved after ``saved_at`` resumes model first (Accelerate's order: model,
+    optimizer, scheduler) and scheduler first into a fresh build: both are the run at the save, and end
+    where the uninterrupted run ends.  Returns the run's model at the save."""
+    torch.manual_seed(1)
+    run = build(0)
+    train(run, 0, saved_at + 1)
+    at_save = _snapshot(*run[:2])
+    saved = copy.deepcopy({"model": run[0].state_dict(), "optimizer": run[1].state_dict(),
+                           "scheduler": run[2].state_dict(), "rng": torch.get_rng_state()})
+    saved_model = copy.deepcopy(run[0])
+    train(run, saved_at + 1, end)
+    expected = _snapshot(*run[:2])
+    for order in (("model", "optimizer", "scheduler"), ("scheduler", "model", "optimizer")):
+        resumed = build(3)
+        for part in order:
+            # A copy: torch's optimizer load keeps the saved tensors, which the resumed run steps in place.
+            {"model": resumed[0], "optimizer": resumed[1], "scheduler": resumed[2]}[part].load_state_dict(
+                copy.deepcopy(saved[part]))
+        _alike(_snapshot(*resumed[:2]), at_save)
+        torch.set_rng_state(saved["rng"])
+        train(resumed, saved_at + 1, end)
+        _alike(_snapshot(*resumed[:2]), expected)
+    return saved_model
+
+
+def _lora_fa_growing(layout):
+    def build(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        convert_model(model, rank_ratio=0.5)
+        model.double()
+        model[0].A.requires_grad_(False)                                   # LoRA-FA
+        if layout == "trainable":
+            opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        else:
+            rest = [p for n, p in model.named_parameters() if n not in ("0.A", "0.B")]
+            opt = torch.optim.Adam([{"params": rest}, {"params": [model[0].A], "lr": 1e-3},
+                                    {"params": [model[0].B], "lr": 1e-1}], lr=1e-2)
+        return model, opt, IncrementalRankScheduler(model, opt, init_rank=1, buffer=2, warmup_steps=0, check_every=1)
+
+    def train(run, start, stop):
+        model, opt, sched = run
+        gen = torch.Generator().manual_seed(4)
+        x, y = torch.randn(32, 16, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,), generator=gen)
+        for step in range(start + 1, stop + 1):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step(step)
+    return build, train
+
+
+@pytest.mark.parametrize("layout", ["trainable", "groups"])
+def test_a_model_first_load_that_grows_a_lora_fa_layer_keeps_a_frozen_and_each_factor_in_its_group(layout):
+    """A frozen by hand (LoRA-FA), the checkpoint at a grown rank.  The model load's resize gave the new A
+    ``requires_grad=True`` (grow_rank_ keeps it frozen), and the optimizer swapped the factors by position in
+    a list ordered B, A against A, B: over the trainable parameters it trained A with B's Adam state and left
+    B out; with A and B in groups of their own (lr 1e-3 and 1e-1) it put each in the other's group.  Now the
+    model-first resume is the scheduler-first one and the uninterrupted run, bit for bit."""
+    build, train = _lora_fa_growing(layout)
+    saved = _resumes_alike(build, train, saved_at=3, end=6)
+    assert saved[0].rank > build(0)[0][0].rank                            # the load resizes the layer
+    assert not saved[0].A.requires_grad
+
+
+def _adapter_checkpoint(layout):
+    def build(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        convert_model(model, rank_ratio=0.25)
+        model.double()
+        if layout == "A's, then B's":
+            named = sorted(model.named_parameters(), key=lambda item: (item[0].split(".")[-1], item[0]))
+            opt = torch.optim.Adam([p for _, p in named], lr=1e-2)
+        else:
+            model[0].A.requires_grad_(False)                               # LoRA-FA
+            if layout == "lora-fa":
+                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            else:                                                          # A kept in a group of its own, lr 0
+                rest = [p for n, p in model.named_parameters() if n != "0.A"]
+                opt = torch.optim.AdamW([{"params": rest}, {"params": [model[0].A], "lr": 0.0}], lr=1e-2)
+        return model, opt, DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+
+    def train(run, start, stop):
+        gen = torch.Generator().manual_seed(4)
+        x, y = torch.randn(32, 16, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,), generator=gen)
+        for epoch in range(start, stop):
+            _epoch(*run, epoch, x, y)
+    return build, train
+
+
+@pytest.mark.parametrize("layout", ["lora-fa", "lora-fa, A in an lr=0 group", "A's, then B's"])
+def test_a_model_first_load_into_adapter_form_orders_the_optimizer_as_the_schedulers_switches(layout):
+    """An adapter-form checkpoint loaded model first into a lowrank model: the load's lowrank → adapter
+    switch swapped the factors one for one in place, where the run's inflate + deflate put the new A, B side
+    by side where W sat.  LoRA-FA: the new B went into A's place (left out of the optimizer, whose load then
+    failed on a group's size, or into A's lr=0 group); a group of all A's, then all B's: the new factors sat
+    in another order and the optimizer's load gave one layer's Adam moments to another's factor.  Now the
+    model-first resume is the scheduler-first one and the uninterrupted run, bit for bit."""
+    build, train = _adapter_checkpoint(layout)
+    saved = _resumes_alike(build, train, saved_at=2, end=EPOCHS)
+    assert saved[0].form == "adapter" and saved[0].A.requires_grad          # a switch trains all new factors
