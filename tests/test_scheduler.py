@@ -954,9 +954,11 @@ def test_an_optimizer_built_before_convert_model_is_refused():
                                          r"\('0'\), so they would never train \(it holds 2 tensors that are not "
                                          r"in the model.*build the optimizer after convert_model\(model\)"):
         DynamicRankScheduler(model, stale, 1, 2)
-    # Still accepted: one layer left out, layers frozen whole, and layers whose biases alone train.
+    # Still accepted: one layer left out (with a warning), layers frozen whole, and layers whose biases alone
+    # train.
     model = mlp()
-    DynamicRankScheduler(model, torch.optim.SGD(model[2].parameters(), lr=0.1), 1, 2)
+    with pytest.warns(UserWarning, match="layer '0' is trainable but not in the optimizer"):
+        DynamicRankScheduler(model, torch.optim.SGD(model[2].parameters(), lr=0.1), 1, 2)
     model[0].requires_grad_(False)
     model[2].requires_grad_(False)
     DynamicRankScheduler(model, torch.optim.SGD(model[4].parameters(), lr=0.1), 1, 2)
