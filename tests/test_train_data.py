@@ -279,17 +279,23 @@ def test_a_tar_reads_links_and_a_names_last_member_as_extraction_does(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(extracted[:4], (train_x, train_y, test_x)))
 
 
-def test_a_tar_link_to_a_file_it_does_not_hold_is_named(tmp_path):
+def _tar_tree_with_link(tmp_path, name, target):
+    """A CIFAR-10 image tree in a .tar.gz with a symbolic link ``name`` → ``target`` added; its path."""
     archive = tmp_path / "cifar10-images.tar.gz"
     _tar_tree(archive, "cifar10", ("cat", "dog"))
     with tarfile.open(archive) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
     with tarfile.open(archive, "w:gz") as tar:
         for member, blob in members:
-            tar.addfile(member, io.BytesIO(blob))
-        link = tarfile.TarInfo("cifar10/train/dog/1.png")
-        link.type, link.linkname = tarfile.SYMTYPE, "../../../elsewhere/1.png"
+            tar.addfile(member, None if blob is None else io.BytesIO(blob))
+        link = tarfile.TarInfo(name)
+        link.type, link.linkname = tarfile.SYMTYPE, target
         tar.addfile(link)
+    return archive
+
+
+def test_a_tar_link_to_a_file_it_does_not_hold_is_named(tmp_path):
+    archive = _tar_tree_with_link(tmp_path, "cifar10/train/dog/1.png", "../../../elsewhere/1.png")
     with pytest.raises(DataError, match=re.escape(f"{archive}:cifar10/train/dog/1.png links to "
                                                   "../../../elsewhere/1.png, which is not a file in the archive")):
         load_vision("cifar10", str(tmp_path))
@@ -298,16 +304,7 @@ def test_a_tar_link_to_a_file_it_does_not_hold_is_named(tmp_path):
 def test_a_tar_link_to_a_class_folder_is_named(tmp_path):
     """A class folder archived as a link to another (without --dereference) held none of its images in the tar:
     the class was left out, where the extracted tree has it."""
-    archive = tmp_path / "cifar10-images.tar.gz"
-    _tar_tree(archive, "cifar10", ("cat", "dog"))
-    with tarfile.open(archive) as tar:
-        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
-    with tarfile.open(archive, "w:gz") as tar:
-        for member, blob in members:
-            tar.addfile(member, None if blob is None else io.BytesIO(blob))
-        link = tarfile.TarInfo("cifar10/train/bird")
-        link.type, link.linkname = tarfile.SYMTYPE, "dog"
-        tar.addfile(link)
+    archive = _tar_tree_with_link(tmp_path, "cifar10/train/bird", "dog")
     with pytest.raises(DataError, match=re.escape(f"{archive}:cifar10/train/bird links to the folder dog, whose "
                                                   "images a tar holds only once")):
         load_vision("cifar10", str(tmp_path))
