@@ -116,9 +116,10 @@ def versions():
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if ON_CUDA else None,
     }
-    peft_version = _dist_version("peft")
-    if peft_version:
-        info["peft"] = peft_version
+    for optional in ("peft", "tensorly"):          # timed providers where installed (LoRA; the conv merges)
+        version = _dist_version(optional)
+        if version:
+            info[optional] = version
     return info
 
 

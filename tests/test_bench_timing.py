@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from _helpers import load_script
 
@@ -190,3 +191,13 @@ def test_flops_of_counts_the_cpus_fused_attention_as_cuda_flash(common):
         attend = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
         assert common.flops_of(attend) == forward
         assert common.flops_of(common.make_pass("fwd+bwd", attend, [q, k, v])) == forward + 5 * forward // 2
+
+
+def test_versions_record_the_timed_optional_packages(common):
+    """The conv-merge suite times tensorly's reconstruction: its version is recorded beside torch's (it was not;
+    peft's was)."""
+    from importlib.metadata import version
+    import tensorly
+    recorded = common.versions()
+    assert recorded["tensorly"] == version("tensorly") == tensorly.__version__
+    assert recorded["torch"] == torch.__version__
