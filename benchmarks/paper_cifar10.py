@@ -367,6 +367,11 @@ def main(argv=None):
     if args.summarize_only and not os.path.isdir(args.out):
         parser.error(f"--summarize-only: no run folder at {args.out}")
     code = 0 if args.summarize_only else run_all(args)
+    if not os.path.isdir(args.out):
+        # No run started into a new folder: a launch needs more than --min-launch-s of --budget-s left.
+        print(f"no run started, so nothing to summarize in {args.out}: a run is launched only while more than "
+              f"--min-launch-s {args.min_launch_s:g} s of --budget-s {args.budget_s:g} s are left")
+        return 2
     summarize(args.out)
     return code
 

@@ -199,6 +199,17 @@ def test_a_call_that_starts_nothing_keeps_the_record_and_the_runs_device(driver,
         (out / "orchestration.json").unlink(missing_ok=True)
 
 
+def test_a_new_folder_with_a_budget_too_short_to_launch_says_so(driver, tmp_path, capsys):
+    """Nothing started into a new --out: the summary failed with a FileNotFoundError traceback."""
+    out = tmp_path / "new"
+    assert driver.main(["--device", "cpu", "--out", str(out), "--runs", "full:svd:0", "--epochs", "1",
+                        "--budget-s", "5"]) == 2
+    assert not out.exists()
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"no run started, so nothing to summarize in {out}: a run is launched only while more than "
+        f"--min-launch-s 60 s of --budget-s 5 s are left")
+
+
 def test_summary_of_nothing(driver, tmp_path):
     os.makedirs(tmp_path / "empty")
     summary = driver.summarize(str(tmp_path / "empty"))
