@@ -310,6 +310,17 @@ def test_a_tar_link_to_a_class_folder_is_named(tmp_path):
         load_vision("cifar10", str(tmp_path))
 
 
+def test_a_dangling_image_link_in_a_folder_is_named(tmp_path):
+    """A symbolic link to an image that is gone raised a bare FileNotFoundError out of the loader."""
+    tree = tmp_path / "cifar10"
+    write_image_tree(str(tree), "PNG", classes=("cat", "dog"), per_class=1)
+    link = tree / "train" / "cat" / "0009.png"
+    os.symlink(tmp_path / "gone.png", link)
+    with pytest.raises(DataError, match=re.escape(f"{link} is a symbolic link to {tmp_path / 'gone.png'}, which "
+                                                  f"does not exist; restore the image or remove the link")):
+        load_vision("cifar10", str(tree))
+
+
 _APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\x00" * 66
 
 

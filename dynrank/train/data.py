@@ -352,8 +352,14 @@ def _gather_tree(items, size, source, name_of=None):
 
 
 def _read_file(path):
-    with open(path, "rb") as handle:
-        return handle.read()
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        if os.path.islink(path):        # listed, so it exists as a link: its target does not
+            raise DataError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                            f"restore the image or remove the link") from None
+        raise
 
 
 def _walk(top):
