@@ -120,15 +120,11 @@ def _found_elsewhere(name, root):
     at ``root`` itself counts as not found: it may be another data set's, which the official archive
     fetched beside it comes before.
     """
-    from .data import DATASETS, _sources
+    from .data import _sources
     if not os.path.isdir(root):
         return None
-    first = next(_sources(root, name), None)
-    if first is None or first[0] == os.path.join(root, DATASETS[name]["archive"]):
-        return None
-    if os.path.normpath(first[0]) == os.path.normpath(root) and os.path.isdir(os.path.join(root, "train")):
-        return None                                 # the tree at the top (a pickled folder has a train file)
-    return first[0]
+    path, _, settled = next(_sources(root, name), (None, None, False))
+    return path if settled else None
 
 
 def load_data(cfg, log=print):

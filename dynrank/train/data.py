@@ -491,7 +491,9 @@ def _candidates(root, name):
 
 
 def _sources(root, name):
-    """``(path, read)`` for each place that may hold the data set, in order; ``read()`` → result or None.
+    """``(path, read, settled)`` for each place that may hold the data set, in order; ``read()`` → result
+    or None.  ``settled``: the data set is there as it is, no fetch would change it (not its official
+    archive, whose MD5 :func:`download` checks, nor the tree at ``root``, which may be another data set's).
 
     The order: a pickled folder at ``root``, the data set's named subfolders, its official archive, the
     ``.tar``/``.tar.gz`` trees named after it, then an image-folder tree at ``root`` itself (last, as it
@@ -504,22 +506,23 @@ def _sources(root, name):
             continue
         if name == "tiny-imagenet":
             if os.path.isfile(os.path.join(folder, "wnids.txt")):
-                yield folder, (lambda f=folder: _read_tiny_dir(f))
+                yield folder, (lambda f=folder: _read_tiny_dir(f)), True
             continue
         marker = "data_batch_1" if name == "cifar10" else "train"
         if os.path.isfile(os.path.join(folder, marker)):
-            yield folder, (lambda f=folder: _read_pickled_dir(f, name))
+            yield folder, (lambda f=folder: _read_pickled_dir(f, name)), True
             return
         if os.path.isdir(os.path.join(folder, "train")) and any(
                 os.path.isdir(os.path.join(folder, s)) for s in ("test", "val")):
-            source = folder, (lambda f=folder: _read_tree_dir(f, spec["size"]))
+            read = (lambda f=folder: _read_tree_dir(f, spec["size"]))
             if folder == root:
-                tree_at_root = source
+                tree_at_root = folder, read, False
             else:
-                yield source
+                yield folder, read, True
     archive = os.path.join(root, spec["archive"])
     if os.path.isfile(archive):
-        yield archive, (lambda: _read_tiny_zip(archive) if name == "tiny-imagenet" else _read_pickled_tar(archive, name))
+        yield archive, (lambda: _read_tiny_zip(archive) if name == "tiny-imagenet" else _read_pickled_tar(archive, name)), \
+            False
         return
     if name != "tiny-imagenet":
         for f in sorted(os.listdir(root)):
@@ -527,7 +530,7 @@ def _sources(root, name):
             named = "cifar100" in token if name == "cifar100" else ("cifar10" in token and "cifar100" not in token)
             if named and f.endswith((".tar", ".tar.gz", ".tgz")):
                 path = os.path.join(root, f)
-                yield path, (lambda p=path: _read_tree_tar(p, spec["size"]))
+                yield path, (lambda p=path: _read_tree_tar(p, spec["size"])), True
     if tree_at_root is not None:
         yield tree_at_root
 
@@ -667,7 +670,7 @@ def load_vision(name, root, cache_dir=None):
     if not os.path.isdir(root):
         what = "is not a directory" if os.path.exists(root) else "does not exist"
         raise DataError(f"data folder {os.path.abspath(root)} {what}.\n" + layouts_help(name, root))
-    for source, read in _sources(root, name):
+    for source, read, _ in _sources(root, name):
         prefix, entry = _cache_name(source, name, cache_dir) if cache_dir else (None, None)
         cache = os.path.join(cache_dir, entry) if cache_dir else None
         if cache:
