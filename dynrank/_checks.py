@@ -323,13 +323,13 @@ def check_trains_layers(optimizer, layers, model, who):
     A model whose layers are frozen is fine.  A trainable layer left out of an optimizer that holds
     another's gets a warning (``who`` builds over it): its new parameters after a switch join no optimizer,
     so one that a second optimizer trains (Muon's matrices beside AdamW's convs) stops training."""
-    switched = [p for _, layer in layers for p in _switched(layer).values()]
+    per_layer = [(name, list(_switched(layer).values())) for name, layer in layers]
+    switched = [p for _, params in per_layer for p in params]
     held = optimizer_params(optimizer)
     if not switched:
         return
     if any(id(p) in held for p in switched):
-        left_out = [name for name, layer in layers
-                    if _switched(layer) and not any(id(p) in held for p in _switched(layer).values())]
+        left_out = [name for name, params in per_layer if params and not any(id(p) in held for p in params)]
         if left_out:
             warnings.warn(f"{layers_are(left_out)} trainable but not in the optimizer {who} was given: a "
                           f"switch leaves the new parameters out of every optimizer (one a second optimizer "
