@@ -22,7 +22,7 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 __all__ = ["interpreting", "check_launchable", "check_kernel_dtypes", "check_tensors", "check_scale",
-           "check_no_overlap", "check_not_aliased", "check_no_grad_write", "launch_device"]
+           "check_no_overlap", "check_not_aliased", "check_writable", "launch_device"]
 
 # (whether Triton made its own library functions interpreter functions, a reader of TRITON_INTERPRET as
 # Triton parses it, Triton's class of compiled functions): resolved on the first launch.
@@ -191,14 +191,19 @@ def check_not_aliased(op, name, tensor, **operands):
                              f"{tuple(tensor.shape)} spans (pass {other_name}.clone())")
 
 
-def check_no_grad_write(op, name, tensor):
+def check_writable(op, name, tensor):
     """RuntimeError where ``op``, which writes ``tensor`` in place through a kernel that autograd does not
-    record, is given a tensor that requires grad while grad mode is on: torch's in-place ops refuse a
-    leaf that requires grad there and record the write on any other, which a kernel cannot.  Under
-    ``torch.no_grad()`` (dynrank's own merges) the write is a plain update of the values."""
+    record, is given a tensor that torch's own in-place ops would refuse or record: one that requires grad
+    while grad mode is on (torch refuses a leaf there and records the write on any other, which a kernel
+    cannot), or an inference tensor outside ``torch.inference_mode()``.  Under ``torch.no_grad()``
+    (dynrank's own merges) the write is a plain update of the values."""
     if tensor.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(f"{op} writes {name} in place, which autograd cannot record, got a {name} that "
                            f"requires grad with grad mode on; call it under torch.no_grad()")
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{op} writes {name} in place, got an inference tensor (made under "
+                           f"torch.inference_mode()) outside inference mode, where torch allows no in-place "
+                           f"update of it; call it under torch.inference_mode() or pass {name}.clone()")
 
 
 def launch_device(tensor):

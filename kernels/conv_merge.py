@@ -27,7 +27,7 @@ import numbers
 
 import torch
 
-from ._runtime import (check_kernel_dtypes, check_no_grad_write, check_no_overlap, check_not_aliased, check_scale,
+from ._runtime import (check_kernel_dtypes, check_writable, check_no_overlap, check_not_aliased, check_scale,
                        check_tensors)
 from .merge import merge_
 
@@ -101,7 +101,7 @@ def conv_merge_(weight, U, V, alpha=1.0, groups=1):
         raise ValueError(f"weight, U and V must be on one device, got {weight.device}, {U.device}, {V.device}")
     check_kernel_dtypes("conv_merge_", weight=weight, U=U, V=V)
     # Before the copy below, whose copy-back torch would refuse only for some layouts.
-    check_no_grad_write("conv_merge_", "weight", weight)
+    check_writable("conv_merge_", "weight", weight)
     # Before the per-group merges, each of which sees only its own rows.
     check_no_overlap("conv_merge_", "weight", weight)
     check_not_aliased("conv_merge_", "weight", weight, U=U, V=V)

@@ -13,7 +13,7 @@ updates instead, which hold one tile in registers where an IEEE fp32
 ``tl.dot`` holds three.
 
 The kernel is the merge's own rather than the GEMM engine's: 13 arguments and
-7 constexprs to bind instead of the engine's 30 and 10 (Triton's argument
+7 constexprs to bind instead of the engine's 23 and 10 (Triton's argument
 binding is most of a launch's host time, ``benchmarks/KERNEL_NOTES.md``), and
 programs that walk W along its rows in memory order.  The conv-kernel merges
 (``conv_merge.py``) launch it too.
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import (check_kernel_dtypes, check_launchable, check_no_grad_write, check_no_overlap,
+from ._runtime import (check_kernel_dtypes, check_launchable, check_writable, check_no_overlap,
                        check_not_aliased, check_scale, check_tensors, interpreting, launch_device)
 from .lowrank_gemm import _cdiv, _dot_loop, _fit, _input_precision, _needs_int64
 
@@ -160,7 +160,7 @@ def merge_(weight, A, B, alpha=1.0, config=None):
     interpreted = interpreting(_merge_kernel)
     check_launchable(weight)
     check_kernel_dtypes("merge_", weight=weight, A=A, B=B)
-    check_no_grad_write("merge_", "weight", weight)
+    check_writable("merge_", "weight", weight)
     check_no_overlap("merge_", "weight", weight)
     check_not_aliased("merge_", "weight", weight, A=A, B=B)
     if weight.numel() == 0 or A.shape[1] == 0:

@@ -93,6 +93,24 @@ def assert_grad_write_refused_then_merged(op, merge, weight, expected):
     assert rel_err(weight, expected) < REL_TOL[torch.float32]
 
 
+def assert_inference_write_refused_then_merged(op, merge, weight, expected):
+    """``merge()`` (``op`` writing ``weight``, an inference tensor, in place) raises outside
+    ``torch.inference_mode()``, as torch's in-place ops do, and writes nothing; inside it returns ``weight``
+    merged to ``expected``."""
+    import re
+
+    import pytest
+    assert weight.is_inference()
+    before = weight.clone()
+    with pytest.raises(RuntimeError, match=re.escape(f"{op} writes weight in place, got an inference tensor (made "
+                                                     f"under torch.inference_mode()) outside inference mode")):
+        merge()
+    assert torch.equal(weight, before)
+    with torch.inference_mode():
+        assert merge() is weight
+    assert rel_err(weight, expected) < REL_TOL[torch.float32]
+
+
 def assert_aliased_operand_refused(op, merge, reference, weight, operands, name):
     """``merge(weight, *operands, 0.5)`` (``op`` writing ``weight`` in place) refuses operand ``name``, which lies
     in ``weight``'s memory, naming it, and writes nothing; the same values as separate tensors merge to

@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-from _helpers import (REL_TOL, assert_aliased_operand_refused, assert_grad_write_refused_then_merged, kernel_devices,
-                      rel_err)
+from _helpers import (REL_TOL, assert_aliased_operand_refused, assert_grad_write_refused_then_merged,
+                      assert_inference_write_refused_then_merged, kernel_devices, rel_err)
 from dynrank.conv import LowRankConv2d
 from dynrank.kernels.conv_merge import conv_merge_, reference_conv_merge, reference_kernel
 
@@ -175,6 +175,18 @@ def test_conv_merge_refuses_a_weight_that_requires_grad_in_grad_mode(layout):
     U, V = torch.randn(6, 2, device=device), torch.randn(2, 3, 3, 2, device=device)
     assert_grad_write_refused_then_merged("conv_merge_", lambda: conv_merge_(leaf, U, V, 0.5), leaf,
                                           reference_conv_merge(leaf.detach(), U, V, 0.5))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_conv_merge_refuses_an_inference_weight_outside_inference_mode(layout):
+    """A contiguous inference kernel was merged outside inference mode (torch refuses any in-place update of
+    one there), while a layout merged through a copy raised torch's error from the copy back."""
+    device = _device()
+    with torch.inference_mode():
+        weight = _layout(torch.randn(6, 3, 3, 2, device=device), layout)
+        U, V = torch.randn(6, 2, device=device), torch.randn(2, 3, 3, 2, device=device)
+    assert_inference_write_refused_then_merged("conv_merge_", lambda: conv_merge_(weight, U, V, 0.5), weight,
+                                               reference_conv_merge(weight.clone(), U, V, 0.5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

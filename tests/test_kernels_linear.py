@@ -13,8 +13,8 @@ import warnings
 import pytest
 import torch
 
-from _helpers import (REL_TOL, assert_aliased_operand_refused, assert_grad_write_refused_then_merged, kernel_devices,
-                      rel_err)
+from _helpers import (REL_TOL, assert_aliased_operand_refused, assert_grad_write_refused_then_merged,
+                      assert_inference_write_refused_then_merged, kernel_devices, rel_err)
 
 pytestmark = pytest.mark.skipif(not kernel_devices(), reason="no device can run Triton kernels here")
 
@@ -483,6 +483,17 @@ def test_merge_refuses_a_weight_that_requires_grad_in_grad_mode(device, view):
     A, B = torch.randn(W.shape[0], 2, device=device), torch.randn(W.shape[1], 2, device=device)
     assert_grad_write_refused_then_merged("merge_", lambda: merge_(W, A, B, 0.5), W,
                                           reference_merge(W.detach(), A, B, 0.5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_refuses_an_inference_weight_outside_inference_mode(device):
+    """An inference tensor was merged outside inference mode, where torch's addmm_ refuses it."""
+    from dynrank.kernels import merge_, reference_merge
+    with torch.inference_mode():
+        W = torch.randn(5, 4, device=device)
+        A, B = torch.randn(5, 2, device=device), torch.randn(4, 2, device=device)
+    assert_inference_write_refused_then_merged("merge_", lambda: merge_(W, A, B, 0.5), W,
+                                               reference_merge(W.clone(), A, B, 0.5))
 
 
 def _overlapping(base_numel, shape, stride, device):
