@@ -293,8 +293,10 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
             ``"zeros"`` pads by amounts no (ph, pw) padding holds (its ``padding`` or ``dilation`` edited after
             it was built; see :meth:`LowRankConv2d.from_dense`), or
             nothing to convert (the message says where the model's layers are
-            all converted already, or its convolutions are of a kind not
-            converted).  The model is unchanged whenever it raises.
+            all converted already, its convolutions are of a kind not
+            converted, it is a TorchScript or exported module, or else which
+            kinds of modules hold its parameters).  The model is unchanged
+            whenever it raises.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
@@ -391,8 +393,9 @@ def convert_model(model, rank_ratio=0.5, decomposition="svd", form="lowrank", in
 
 def _nothing_found(model, converted):
     """The message for a model with no nn.Linear/nn.Conv2d/Conv1D left to convert: its layers are dynrank
-    layers already (``converted``: their names), it holds only convolutions of another kind, or (holding
-    neither) it is most likely a TorchScript or exported module."""
+    layers already (``converted``: their names), it holds only convolutions of another kind, it is a
+    TorchScript module or a graph torch.export inlined its layers into (their weights plain parameters of the
+    graph), or else the kinds of modules that hold its parameters, none of which converts."""
     kind = type(model).__name__
     if converted:
         return (f"convert_model found no nn.Linear/nn.Conv2d/Conv1D left to convert in this {kind}: its layers "
@@ -404,8 +407,22 @@ def _nothing_found(model, converted):
         return (f"convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this {kind}; its convolutions "
                 f"({shown}) are of kinds it does not convert: it converts nn.Linear, nn.Conv2d and transformers' "
                 f"Conv1D, not nn.Conv1d, nn.Conv3d or transposed convolutions")
-    return (f"convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this {kind} (a TorchScript or exported "
-            f"module holds none: convert the eager model before scripting or exporting it)")
+    holders = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    if any(isinstance(m, torch.jit.ScriptModule) for m in (model, *holders)):
+        return (f"convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this {kind}: a TorchScript module "
+                f"holds none (torch.jit.script and torch.jit.trace make its layers script modules); convert the "
+                f"eager model before scripting or tracing it")
+    if isinstance(model, torch.fx.GraphModule) and all(type(m) is nn.Module or isinstance(m, torch.fx.GraphModule)
+                                                       for m in holders):
+        return (f"convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this {kind}: its parameters are "
+                f"plain parameters of a graph (torch.export's ExportedProgram.module() inlines the layers), "
+                f"which holds no layer module; convert the eager model before exporting it")
+    if not holders:
+        return f"convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this {kind}, which holds no parameters"
+    kinds = list(dict.fromkeys(type(m).__name__ for m in holders))
+    return (f"convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this {kind}: its parameters are in "
+            f"{_shown(kinds, str)} modules, and it converts only nn.Linear, nn.Conv2d and transformers' Conv1D "
+            f"modules (not a weight used directly through F.linear or F.conv2d)")
 
 
 def _check_materialized(model):

@@ -184,6 +184,36 @@ def _sync_layers(layers, group=None):
     broadcast_params(factors, group=group)
 
 
+def _check_same_count(count, what, layers, group=None):
+    """ValueError on every rank of ``group`` where its ranks passed different ``count`` (a scheduler's epoch
+    with ``sync_ranks``): one rank would switch and re-wrap DDP while another does not, and the run would
+    hang in the wrapper's collectives or die inside the backend.  One all_gather of an int, on the device
+    of ``layers`` ((name, layer) pairs) as :func:`_sync_layers` broadcasts them (NCCL needs CUDA); a
+    no-op without a process group of several processes."""
+    import torch.distributed as dist
+    if not _active(group, "DynamicRankScheduler.step"):
+        return
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    device = next((p.device for _, layer in layers for p in layer.parameters() if not p.is_meta),
+                  torch.device("cpu"))
+    mine = torch.tensor([count], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    counts = [int(c) for c in gathered]
+    if len(set(counts)) > 1:
+        rank = dist.get_rank(group)
+        others = counts[:rank] + counts[rank + 1:]
+        low, high = min(others), max(others)
+        passed = f"{what} {low}" if low == high else f"{what}s {low} to {high}"
+        raise ValueError(f"the ranks of the process group passed different {what}s to DynamicRankScheduler.step: "
+                         f"this rank (rank {rank} of {world}) passed {what} {count}, the other "
+                         f"{'rank' if world == 2 else 'ranks'} {passed}; "
+                         f"every rank must step with the same {what} (e.g. ranks resumed from different "
+                         f"checkpoints, or each counting its own {what}s); no layer was switched")
+
+
 # While load_training_state runs: the wrappers its switches make stale, retired only once the whole load has
 # succeeded (a failed one puts the parameters back, so the wrapper stays the module's and keeps its hooks).
 _PENDING = None

@@ -42,7 +42,7 @@ from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
 from ._optim import (clear_state, drop_frozen_adapter_params, manage, params_before, pullback_state,
                      pushforward_state, replace_params, switched_params, warn_dampened)
 from ._readers import guard_attention
-from .distributed import _remember_ddp, _retire_stale, _sync_layers
+from .distributed import _check_same_count, _remember_ddp, _retire_stale, _sync_layers
 
 __all__ = ["DynamicRankScheduler", "OPTIMIZER_STATES", "form_layers", "check_deflate_rank_value"]
 
@@ -300,7 +300,8 @@ class DynamicRankScheduler(_Claiming):
             DistributedDataParallel (or the module inside the one ``rewrap_ddp``
             last built), False without a group of several processes; a bare module in
             such a group must say which (ValueError: replicas, or different models).
-            Every rank must build the scheduler and call :meth:`step`.
+            Every rank must build the scheduler and call :meth:`step` with the same
+            epoch (compared across the ranks where ``unit="epoch"``, see :meth:`step`).
         process_group: a ``torch.distributed.ProcessGroup`` for that broadcast,
             or None (the DDP wrapper's, or WORLD).  The default group is kept as
             None, so the scheduler copies and pickles; another group is kept by
@@ -567,6 +568,13 @@ class DynamicRankScheduler(_Claiming):
         With ``optimizer_state="fresh"``, a call that changes a form then clears the optimizer's state
         (before the callbacks run).
 
+        With ``sync_ranks``, every rank of the process group must pass the same epoch: for
+        ``unit="epoch"`` the ranks compare theirs first (one all_gather of an int) and all raise
+        where they differ, since a rank that switched alone would re-wrap DDP while the others do not,
+        and the run would hang or die inside the backend.  For ``unit="step"`` nothing is compared
+        (a collective at every training step would cost a host sync each): the ranks must agree on
+        the count themselves.
+
         Args:
             epoch: the epoch (or step, with ``unit="step"``) about to run;
                 default: one after the last call (0 on the first).
@@ -577,8 +585,11 @@ class DynamicRankScheduler(_Claiming):
 
         Raises:
             TypeError: a non-int epoch.
-            ValueError: a negative epoch, one past ``epochs``, one earlier than
-                the last call's, a layer whose form cannot reach the form the
+            ValueError: ranks of the process group that passed different epochs
+                (``sync_ranks`` and ``unit="epoch"``; raised on every rank, naming
+                this rank's epoch and the range of the others'), a negative epoch,
+                one past ``epochs``, one earlier than the last call's, a layer
+                whose form cannot reach the form the
                 epoch requires (a full/adapter layer before I), dynrank
                 layers added to the model or removed from it
                 since the scheduler was built (checked where a switch is due;
@@ -599,6 +610,10 @@ class DynamicRankScheduler(_Claiming):
         if epoch is None:
             epoch = 0 if self.last_epoch is None else self.last_epoch + 1
         epoch = _check_count(epoch, self.unit, allow_none=False)
+        if self.sync_ranks and self.unit == "epoch":
+            # Before the checks that read the epoch: a rank refusing its epoch alone would leave the others
+            # waiting in the collective.
+            _check_same_count(epoch, self.unit, self._layers, group=self.process_group)
         if self.epochs is not None and epoch >= self.epochs:
             raise ValueError(f"{self.unit} must be in [0, {self.epochs}), got {epoch}")
         if self.last_epoch is not None and epoch < self.last_epoch:

@@ -774,7 +774,40 @@ def test_a_channels_last_conv_stays_channels_last(init):
 
 def test_a_model_with_no_layer_modules_says_so():
     """A scripted model holds no nn.Linear modules: the message blamed include/exclude/min_features."""
-    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
-    with pytest.raises(ValueError, match=r"found no nn\.Linear/nn\.Conv2d/Conv1D module in this "
-                                         r"RecursiveScriptModule \(a TorchScript or exported module holds none"):
-        convert_model(scripted)
+    eager = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    for scripted in (torch.jit.script(eager), torch.jit.trace(eager, torch.randn(2, 4))):
+        message = (f"convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this {type(scripted).__name__}: "
+                   f"a TorchScript module holds none (torch.jit.script and torch.jit.trace make its layers script "
+                   f"modules); convert the eager model before scripting or tracing it")
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            convert_model(scripted)
+    exported = torch.export.export(eager, (torch.randn(2, 4),)).module()
+    message = ("convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this GraphModule: its parameters are "
+               "plain parameters of a graph (torch.export's ExportedProgram.module() inlines the layers), which "
+               "holds no layer module; convert the eager model before exporting it")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        convert_model(exported)
+
+
+@pytest.mark.parametrize("model, kinds", [
+    (lambda: nn.Sequential(nn.Bilinear(16, 16, 16)), "Bilinear"),
+    (lambda: nn.Sequential(nn.Embedding(10, 16), nn.LSTM(16, 32)), "Embedding, LSTM"),
+    (lambda: torch.fx.symbolic_trace(nn.Sequential(nn.Bilinear(4, 4, 4), nn.ReLU())), "Bilinear")],
+    ids=["bilinear", "embedding_lstm", "fx_traced"])
+def test_an_eager_model_of_other_layers_is_told_which_it_holds(model, kinds):
+    """An eager model of layers that do not convert was told that a TorchScript or exported module holds
+    none, which it is not."""
+    model = model()
+    before = _snapshot(model)
+    message = (f"convert_model found no nn.Linear/nn.Conv2d/Conv1D module in this {type(model).__name__}: its "
+               f"parameters are in {kinds} modules, and it converts only nn.Linear, nn.Conv2d and transformers' "
+               f"Conv1D modules (not a weight used directly through F.linear or F.conv2d)")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        convert_model(model)
+    _assert_unchanged(model, before)
+
+
+def test_a_model_holding_no_parameters_says_so():
+    with pytest.raises(ValueError, match=r"^convert_model found no nn\.Linear/nn\.Conv2d/Conv1D module in this "
+                                         r"Sequential, which holds no parameters$"):
+        convert_model(nn.Sequential(nn.ReLU(), nn.Flatten()))

@@ -469,9 +469,60 @@ def _seeded_run(rank):
                               if hasattr(m, "factors") and m.form == "adapter"}}
 
 
+def _disagree_run(rank):
+    """Rank 1 one epoch behind at the inflate epoch (as after a resume that read another checkpoint there): rank
+    0 switched and re-wrapped alone, and the run hung in DDP's collectives or died inside gloo.  Then the ranks
+    agree and switch; and a by-step scheduler's ranks at different steps, which are not compared."""
+    model = build(seed=rank)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer("sgd", model.parameters())
+    sched = DynamicRankScheduler(ddp, opt, INFLATE, DEFLATE, deflate_init="random")
+    sched.step(0)
+    before = full_state(model)
+    params = [id(p) for group in opt.param_groups for p in group["params"]]
+    try:
+        sched.step(INFLATE - rank)
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    after = full_state(model)
+    out = {"refused": refused, "forms": sched.forms(), "last_epoch": sched.last_epoch,
+           "unchanged": set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before),
+           "same params": params == [id(p) for group in opt.param_groups for p in group["params"]]}
+    out["changes"] = sched.step(INFLATE)
+    ddp = rewrap_ddp(ddp)
+    x, y = _shard(*batches(), INFLATE, 0, rank)
+    opt.zero_grad(set_to_none=True)
+    F.mse_loss(ddp(x), y).backward()
+    opt.step()
+    out["model"] = full_state(model)
+    other = build(seed=0)
+    steps = DynamicRankScheduler(other, torch.optim.SGD(other.parameters(), lr=0.1), 4, None, unit="step",
+                                 sync_ranks=True)
+    try:
+        out["by step"] = steps.step(rank)
+    except ValueError as err:
+        out["by step"] = str(err)
+    return out
+
+
+def reference_disagree_run():
+    """One process, the global batch: the agreeing ranks' switch at INFLATE and one step after it."""
+    model = build(seed=0)
+    opt = make_optimizer("sgd", model.parameters())
+    sched = DynamicRankScheduler(model, opt, INFLATE, DEFLATE, deflate_init="random")
+    sched.step(0)
+    sched.step(INFLATE)
+    xs, ys = batches()
+    opt.zero_grad(set_to_none=True)
+    F.mse_loss(model(xs[INFLATE, 0]), ys[INFLATE, 0]).backward()
+    opt.step()
+    return full_state(model)
+
+
 RUNS = {"ddp": _ddp_run, "fsdp": _fsdp_run, "buckets": _buckets_run, "inrank": _inrank_run, "bare": _bare_run,
         "buffers": _buffers_run, "inrank_adapter": _inrank_adapter_run, "seeded": _seeded_run,
-        "experts": _experts_run, "copies": _copies_run}
+        "experts": _experts_run, "copies": _copies_run, "disagree": _disagree_run}
 
 
 def _worker(rank, init_file, out_dir):
@@ -671,6 +722,30 @@ def test_rewrap_ddp_keeps_buffers_per_process_without_buffer_broadcasting(two_ra
         assert torch.equal(r["after"], r["before"])
     params = [{k: v for k, v in r["model"].items() if "running" not in k and "num_batches" not in k} for r in ranks]
     assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])  # parameters still broadcast
+
+
+def test_ranks_stepping_at_different_epochs_all_refuse_before_any_switch(two_ranks):
+    ranks = two_ranks["disagree"]
+    for rank, (mine, other) in enumerate(((INFLATE, INFLATE - 1), (INFLATE - 1, INFLATE))):
+        r = ranks[rank]
+        assert r["refused"] is not None and r["refused"].startswith(
+            f"the ranks of the process group passed different epochs to DynamicRankScheduler.step: this rank "
+            f"(rank {rank} of 2) passed epoch {mine}, the other rank epoch {other}; every rank must step with "
+            f"the same epoch"), r["refused"]
+        assert r["forms"] == {"0": "lowrank", "2": "lowrank"} and r["last_epoch"] == 0
+        assert r["unchanged"] and r["same params"]
+
+
+def test_ranks_agreeing_after_a_refused_step_switch_and_train_on(two_ranks):
+    ranks = two_ranks["disagree"]
+    for r in ranks:
+        assert r["changes"] == [("0", "lowrank", "full"), ("2", "lowrank", "full")]
+    assert_states_match([r["model"] for r in ranks], reference_disagree_run(), "disagree")
+
+
+def test_a_by_step_scheduler_compares_no_counts_across_ranks(two_ranks):
+    """No collective at every training step: ranks at different steps (nothing due) are not refused."""
+    assert [r["by step"] for r in two_ranks["disagree"]] == [[], []]
 
 
 def test_rewrap_ddp_needs_a_ddp_model():
