@@ -602,22 +602,35 @@ class RankMonitor:
             or kind change, so two switches of one kind at one epoch come back as one.
 
         Raises:
-            FileNotFoundError: nothing to read.  ValueError: not a RankMonitor file, or one
-                missing an entry or column (the message names the file and what is missing).
+            FileNotFoundError: nothing to read.  ValueError: not a RankMonitor file; a JSON that is
+                not valid JSON (empty or cut short: it is written in place; the CSVs beside it are
+                read only once it is moved away); one missing an entry or column; a record or switch
+                lacking a field or holding one of the wrong type (the message names the file and
+                what is wrong).
         """
         stem = _stem(path)
         if os.path.exists(stem + ".json"):
             with open(stem + ".json", encoding="utf-8") as f:
-                doc = decode_run(json.load(f))
+                try:
+                    doc = decode_run(json.load(f))
+                except ValueError as err:           # JSONDecodeError, or bytes that are not UTF-8
+                    beside = (f"; {stem}.epochs.csv and the other CSVs beside it are read once it is moved away"
+                              if os.path.exists(stem + ".epochs.csv") else "")
+                    raise ValueError(f"{stem}.json is not valid JSON ({err}); it is not a complete RankMonitor "
+                                     f"file{beside}") from None
             if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
                 raise ValueError(f"{stem}.json is not a RankMonitor file")
             missing = [k for k in ("records", "switches") if k not in doc]
             if missing:
                 raise ValueError(f"{stem}.json has no {' or '.join(repr(k) for k in missing)} entry; it is not a "
                                  f"complete RankMonitor file")
-            for key in ("records", "switches"):
+            for key, fields in (("records", _RECORD_FIELDS), ("switches", _SWITCH_FIELDS)):
                 if not isinstance(doc[key], list) or not all(isinstance(r, dict) for r in doc[key]):
                     raise ValueError(f"{stem}.json: {key!r} must be a list of dicts, got {doc[key]!r:.80}")
+                try:
+                    _checked_entries(doc[key], key, fields, where=f"{stem}.json")
+                except TypeError as err:            # a field of the wrong type: a damaged file
+                    raise ValueError(str(err)) from None
             monitor = cls(None, name=doc.get("name", "run"))
             monitor.records, monitor.switches = doc["records"], doc["switches"]
             return monitor
@@ -707,20 +720,21 @@ class _SchedulerHook:
         return entry
 
 
-def _checked_entries(entries, what, fields):
-    """``entries`` (state[what]) as a list, after checking it is a list of dicts holding ``fields``."""
+def _checked_entries(entries, what, fields, where="state"):
+    """``entries`` (``where[what]``: a state's, or a file's) as a list, after checking it is a list of dicts
+    holding ``fields``."""
     if isinstance(entries, (str, bytes)) or not isinstance(entries, (list, tuple)):
-        raise TypeError(f"state[{what!r}] must be a list of dicts, got {type(entries).__name__}")
+        raise TypeError(f"{where}[{what!r}] must be a list of dicts, got {type(entries).__name__}")
     for i, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
-            raise TypeError(f"state[{what!r}][{i}] must be a dict, got {type(entry).__name__} ({entry!r:.80})")
+            raise TypeError(f"{where}[{what!r}][{i}] must be a dict, got {type(entry).__name__} ({entry!r:.80})")
         absent = [k for k in fields if k not in entry]
         if absent:
-            raise ValueError(f"state[{what!r}][{i}] has no {absent}; each of {what} needs {list(fields)}")
+            raise ValueError(f"{where}[{what!r}][{i}] has no {absent}; each of {what} needs {list(fields)}")
         for key, (kind, expected) in fields.items():
             value = entry[key]
             if isinstance(value, bool) or not isinstance(value, kind):
-                raise TypeError(f"state[{what!r}][{i}][{key!r}] must be {expected}, got {type(value).__name__} "
+                raise TypeError(f"{where}[{what!r}][{i}][{key!r}] must be {expected}, got {type(value).__name__} "
                                 f"({value!r:.80})")
     return list(entries)
 

@@ -29,6 +29,9 @@ _METRIC_LABELS = {
     "entropy_rank": "entropy effective rank",
     "stable_rank": "stable rank ‖W‖²_F / σ²max",
 }
+# The monitor's epochs count from 0, as scheduler.step(epoch) and the schedule's I and D do.
+_EPOCH_LABEL = "epoch (from 0, as the schedule's I and D)"
+_NOT_FINITE = dict(linestyle="none", marker="x", markersize=7, markeredgewidth=1.6, clip_on=False, zorder=5)
 _SWITCH_STYLE = {"inflate": dict(color="red", linestyle=":"), "deflate": dict(color="darkorange", linestyle="--"),
                  "inflate+deflate": dict(color="purple", linestyle="-."), "change": dict(color="gray", linestyle=":")}
 
@@ -93,6 +96,31 @@ def _legend_below(ax, handles, labels):
     ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, frameon=False)
 
 
+def _points(count):
+    """Line style of a series of ``count`` epochs: every epoch marked, so that one epoch, or a finite value
+    between NaNs, shows; smaller marks on long runs."""
+    return dict(marker=".", markersize=6 if count < 40 else 2.5)
+
+
+def _mark_not_finite(ax, epochs, color):
+    """× on the top edge of the axes at ``epochs``, those whose value has no place on the y axis (NaN, a
+    scalar's ±∞).  Returns whether any was drawn."""
+    if epochs:
+        ax.plot(epochs, [1.0] * len(epochs), color=color, transform=ax.get_xaxis_transform(), **_NOT_FINITE)
+    return bool(epochs)
+
+
+def _pin_epochs(ax, epochs, switch_epochs=()):
+    """The x axis from the first recorded epoch to the last (the switch lines at epoch − ½ included), ½ beyond
+    each end, integer ticks: one epoch, or values that are all NaN, still get an axis of epochs."""
+    from matplotlib.ticker import MaxNLocator
+    xs = list(epochs) + [e - 0.5 for e in switch_epochs]
+    if xs:
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))     # one epoch: one tick, not 0.1 steps
+    ax.set_xlabel(_EPOCH_LABEL)
+
+
 def _mark_switches(ax, run):
     """Vertical lines between the last epoch in the old form and the first in the new."""
     seen = set()
@@ -110,10 +138,14 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
     output side), on one scale for all panels: the layer index i of every run
     has the colour the bar gives i.  Values that are ``math.inf``
     (rank-deficient weights, e.g. every lowrank layer for λ) cannot sit on a
-    log axis: they are drawn as triangles on a dotted "∞" line above the
-    largest finite value, and the legend says so.  Vertical lines mark form
-    switches at epoch − ½ (between the last epoch in the old form and the
-    first in the new).
+    log axis: they are drawn as triangles in a grey "∞" band above the
+    largest finite value, and the legend says so; zeros (σmin of every
+    lowrank layer) likewise in a grey "0" band below the smallest positive
+    value, and NaN (a layer whose weights diverged) as × on the top edge.
+    Every epoch is marked, so a run of one epoch shows.  Vertical lines mark
+    form switches at epoch − ½ (between the last epoch in the old form and the
+    first in the new); the x axis counts epochs from 0, as the schedule's I
+    and D (the recorded epochs, ½ beyond each end).
 
     Args:
         runs: a RankMonitor, a saved-run path, or a list of them.
@@ -175,7 +207,10 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
     top = max(finite) if finite else 10.0
     bottom = min(finite) if finite else 1.0
     ceiling = top * 3.0                  # the "∞" band: clearly above every finite value on a log axis
+    floor = bottom / 3.0                 # the "0" band: clearly below every positive value
     has_inf = any(v is not None and math.isinf(v) for s in series for _, vals in s.values() for v in vals)
+    has_zero = any(v == 0 for s in series for _, vals in s.values() for v in vals)
+    symbol = "λ" if metric == "spectral_ratio" else metric
     cmap = matplotlib.colormaps["viridis"]
 
     # One colour scale for every panel, the colour bar's: layer index i has one colour in all runs.
@@ -186,35 +221,51 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
     axes = fig.subplots(1, len(runs), sharey=True, squeeze=False)[0]
     for ax, run, s in zip(axes, runs, series):
         names = list(s)
-        any_inf = False
+        any_inf = any_zero = any_nan = False
         for i, name in enumerate(names):
             epochs, values = s[name]
             color = cmap(norm(i))
-            shown = [v if v is not None and math.isfinite(v) else math.nan for v in values]
-            ax.plot(epochs, shown, color=color, linewidth=1.2, marker="." if len(epochs) < 40 else None,
-                    label=name if len(names) <= 10 else None)
+            shown = [v if v is not None and math.isfinite(v) and v > 0 else math.nan for v in values]
+            ax.plot(epochs, shown, color=color, linewidth=1.2, label=name if len(names) <= 10 else None,
+                    **_points(len(epochs)))
+            # Each layer gets its own height inside the ∞ and 0 bands so coinciding markers stay visible.
+            step = 2.0 ** (i / max(1, len(names) - 1))
             inf_epochs = [e for e, v in zip(epochs, values) if v is not None and math.isinf(v)]
             if inf_epochs:
                 any_inf = True
-                # Each layer gets its own height inside the ∞ band so coinciding markers stay visible.
-                y = ceiling * 2.0 ** (i / max(1, len(names) - 1))
-                ax.plot(inf_epochs, [y] * len(inf_epochs), linestyle="none", marker="^", markersize=5,
+                ax.plot(inf_epochs, [ceiling * step] * len(inf_epochs), linestyle="none", marker="^", markersize=5,
                         color=color, markeredgecolor="black", markeredgewidth=0.3)
+            zero_epochs = [e for e, v in zip(epochs, values) if v == 0]
+            if zero_epochs:
+                any_zero = True
+                ax.plot(zero_epochs, [floor / step] * len(zero_epochs), linestyle="none", marker="v", markersize=5,
+                        color=color, markeredgecolor="black", markeredgewidth=0.3)
+            nan_epochs = [e for e, v in zip(epochs, values) if v is not None and math.isnan(v)]
+            any_nan = _mark_not_finite(ax, nan_epochs, color) or any_nan
         if any_inf:
             ax.axhspan(ceiling / 1.15, ceiling * 2.3, color="0.92", zorder=0)
             ax.text(1.0, ceiling * 1.4, " ∞", transform=ax.get_yaxis_transform(), va="center", ha="left",
                     fontsize=12)
+        if any_zero:
+            ax.axhspan(floor / 2.3, floor * 1.15, color="0.92", zorder=0)
+            ax.text(1.0, floor / 1.4, " 0", transform=ax.get_yaxis_transform(), va="center", ha="left",
+                    fontsize=12)
         _mark_switches(ax, run)
         ax.set_yscale("log")
-        ax.set_ylim(bottom / 1.5, ceiling * 2.6 if has_inf else top * 1.5)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        ax.set_ylim(floor / 2.6 if has_zero else bottom / 1.5, ceiling * 2.6 if has_inf else top * 1.5)
+        _pin_epochs(ax, run.epochs, [sw["epoch"] for sw in run.switches])
         ax.set_title(f"{run.name}", fontsize=11)
         ax.grid(True, which="major", alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         if any_inf:
             handles.append(Line2D([], [], linestyle="none", marker="^", color="gray", markeredgecolor="black"))
             labels.append("λ = ∞ (rank-deficient weight), drawn in the grey ∞ band")
+        if any_zero:
+            handles.append(Line2D([], [], linestyle="none", marker="v", color="gray", markeredgecolor="black"))
+            labels.append(f"{symbol} = 0, drawn in the grey 0 band")
+        if any_nan:
+            handles.append(Line2D([], [], linestyle="none", marker="x", markeredgewidth=1.6, color="gray"))
+            labels.append(f"{symbol} = NaN (non-finite weights), drawn as × on the top edge")
         if handles:
             _legend_below(ax, handles, labels)
     if most > 10:                        # too many layers for a legend: one colour bar for all panels
@@ -231,6 +282,10 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
 
 def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None, mark_switches=True, dpi=120):
     """Logged scalars of several runs over epochs: one panel per scalar, one line per run.
+
+    Every epoch is marked, so a run of one epoch shows; a value that is NaN or ±∞ (a diverged run) is
+    drawn as × on the top edge of its panel, in its run's colour.  The x axis counts epochs from 0, as
+    the schedule's I and D (the recorded epochs of all runs, ½ beyond each end).
 
     Args:
         runs: RankMonitors or saved-run paths (one line each, named by ``run.name``).
@@ -253,7 +308,7 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
     Example: see :func:`plot_spectral_ratio`.
     """
     matplotlib, _, _ = _matplotlib()
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.lines import Line2D
 
     runs = _runs(runs)
     logged = []
@@ -275,10 +330,14 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for ax, key in zip(axes, keys):
         shared = {}
+        any_bad = False
         for i, run in enumerate(runs):
             epochs, values = run.scalar(key)
             if epochs:
-                ax.plot(epochs, values, color=colors(i % 10), linewidth=1.4, label=run.name)
+                shown = [v if math.isfinite(v) else math.nan for v in values]
+                ax.plot(epochs, shown, color=colors(i % 10), linewidth=1.4, label=run.name, **_points(len(epochs)))
+                bad_epochs = [e for e, v in zip(epochs, values) if not math.isfinite(v)]
+                any_bad = _mark_not_finite(ax, bad_epochs, colors(i % 10)) or any_bad
             for s in run.switches:
                 who = shared.setdefault((s["epoch"], s["kind"]), [])
                 if i not in who:        # two switches of one run in one epoch (rank growth) are one run's
@@ -291,12 +350,16 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
                 names = ", ".join(runs[i].name for i in who)
                 ax.axvline(epoch - 0.5, linewidth=1.2, label=f"{kind} before epoch {epoch} ({names})", **style)
         pretty = labels.get(key, key.replace("_", " "))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        _pin_epochs(ax, [e for run in runs for e in run.epochs],
+                    [epoch for epoch, _ in shared] if mark_switches else ())
         ax.set_ylabel(pretty)
         ax.set_title(f"{pretty} per epoch", fontsize=11)
         ax.grid(True, alpha=0.3)
-        _legend_below(ax, *ax.get_legend_handles_labels())
+        handles, legend = ax.get_legend_handles_labels()
+        if any_bad:
+            handles.append(Line2D([], [], linestyle="none", marker="x", markeredgewidth=1.6, color="gray"))
+            legend.append("NaN or ±∞ (a diverged run), drawn as × on the top edge")
+        _legend_below(ax, handles, legend)
     fig.suptitle(title or "Training curves: " + ", ".join(run.name for run in runs)
                  + (" (vertical lines: rank switches)" if mark_switches and any(r.switches for r in runs) else ""),
                  fontsize=12)

@@ -18,6 +18,7 @@ that are "significantly greater than zero" in a looser sense.
 
 import math
 
+import numpy as np
 import torch
 
 from ._args import check_int, check_real
@@ -73,6 +74,9 @@ def _given_dtype(values):
 
 
 def _as_sigma(sigma):
+    if isinstance(sigma, np.ndarray):
+        # torch takes no negative stride (numpy's σ reversed, s[::-1]): copied to C order where it is not.
+        sigma = np.asarray(sigma, order="C")
     if not isinstance(sigma, torch.Tensor):
         try:
             sigma = torch.as_tensor(sigma, dtype=_given_dtype(sigma))

@@ -523,6 +523,26 @@ def test_numpy_singular_values_keep_their_dtype_for_the_default_tolerance():
     assert effective_rank(np.array([3, 0])) == 1                      # integers are measured as float64
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_reversed_numpy_sigma_is_measured_like_the_sorted_one(dtype):
+    """numpy's σ reversed to ascending order (s[::-1], a negative stride) was refused as "must be a 1-D tensor or
+    sequence of numbers, got ndarray"."""
+    W = np.random.default_rng(0).standard_normal((7, 5)).astype(dtype)
+    s = np.linalg.svd(W, compute_uv=False)
+    ascending = s[::-1]
+    assert ascending.strides[0] < 0 and ascending.dtype == dtype
+    s64 = s.astype(np.float64)                                          # reference: float64 formulas on σ
+    p = s64 / s64.sum()
+    assert spectral_ratio(ascending) == pytest.approx(s64[0] / s64[-1], rel=TOL64)
+    assert effective_rank(ascending) == 5
+    assert restricted_spectral_ratio(ascending, 3) == pytest.approx(s64[0] / s64[2], rel=TOL64)
+    assert entropy_effective_rank(ascending) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=TOL64)
+    assert stable_rank(ascending) == pytest.approx((s64 ** 2).sum() / s64[0] ** 2, rel=TOL64)
+    # The copy keeps the array's shape: a reversed 2-D array is still no σ.
+    with pytest.raises(ValueError, match=r"must be a non-empty 1-D tensor, got shape \(2, 3\)"):
+        spectral_ratio(np.ones((2, 3), dtype=dtype)[:, ::-1])
+
+
 @pytest.mark.parametrize("scale", [1e200, 1e-170, 1e300])
 def test_stable_rank_does_not_depend_on_the_scale(scale):
     """stable_rank squared σ before dividing by σmax²: inf/inf or 0/0 = NaN in float64 beyond ~1e154 and below

@@ -341,7 +341,8 @@ def test_plots_written(tmp_path):
     lam = tmp_path / "lambda.png"
     fig = plot_spectral_ratio([saved, late], lam)
     axes = fig.axes
-    assert axes[0].get_yscale() == "log" and "λ" in axes[0].get_ylabel() and axes[0].get_xlabel() == "epoch"
+    assert axes[0].get_yscale() == "log" and "λ" in axes[0].get_ylabel()
+    assert axes[0].get_xlabel() == "epoch (from 0, as the schedule's I and D)"
     legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
     assert "inflate before epoch 2" in legend and any("∞" in t for t in legend)
     curves = tmp_path / "curves.png"
@@ -966,3 +967,151 @@ def test_layers_named_inf_and_nan_keep_their_names_in_the_json(tmp_path):
     assert math.isnan(loaded.records[0]["scalars"]["loss"]) and loaded.records[0]["scalars"]["accuracy"] == -math.inf
     assert [r["form"] for r in loaded.records] == ["lowrank", "full"]
     assert loaded.records[1]["layers"]["nan"]["type"] == "FusedLowRankLinear"
+
+
+_DAMAGED = [
+    ("a switch without its kind", lambda doc: doc["switches"][0].pop("kind"),
+     r"\['switches'\]\[0\] has no \['kind'\]; each of switches needs \['epoch', 'kind', 'changes'\]"),
+    ("a record without its layers", lambda doc: doc["records"][1].pop("layers"),
+     r"\['records'\]\[1\] has no \['layers'\]; each of records needs \['epoch', 'form', 'scalars', 'layers'\]"),
+    ("a record without its scalars", lambda doc: doc["records"][0].pop("scalars"),
+     r"\['records'\]\[0\] has no \['scalars'\]"),
+    ("layers that are a list", lambda doc: doc["records"][0].__setitem__("layers", []),
+     r"\['records'\]\[0\]\['layers'\] must be a dict, got list \(\[\]\)"),
+    ("scalars that are null", lambda doc: doc["records"][2].__setitem__("scalars", None),
+     r"\['records'\]\[2\]\['scalars'\] must be a dict, got NoneType \(None\)"),
+]
+
+
+@pytest.mark.parametrize("edit,match", [case[1:] for case in _DAMAGED], ids=[case[0] for case in _DAMAGED])
+def test_load_refuses_records_and_switches_lacking_a_field_naming_the_file(tmp_path, edit, match):
+    """load took a JSON whose records or switches lacked a field (or held one of the wrong type); the plots
+    and save() then failed with a bare KeyError, AttributeError or TypeError naming neither file nor entry."""
+    _, monitor = record_run(epochs=3)
+    path = monitor.save(tmp_path / "run")["json"]
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    edit(doc)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+    with pytest.raises(ValueError, match=f"^{re.escape(path)}{match}"):
+        RankMonitor.load(path)
+    pytest.importorskip("matplotlib")
+    from dynrank.plots import plot_spectral_ratio
+    with pytest.raises(ValueError, match=f"^{re.escape(path)}{match}"):
+        plot_spectral_ratio(path)
+
+
+@pytest.mark.parametrize("cut", ["empty", "half"])
+def test_load_of_a_json_cut_short_names_the_file(tmp_path, cut):
+    """An empty or truncated JSON (it is written in place) raised json's bare "Expecting value: line 1 column 1",
+    naming neither the file nor that it is a RankMonitor file."""
+    _, monitor = record_run(epochs=2)
+    paths = monitor.save(tmp_path / "run")
+    with open(paths["json"], encoding="utf-8") as f:
+        text = f.read()
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        f.write("" if cut == "empty" else text[: len(text) // 2])
+    stem = re.escape(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=f"^{stem}\\.json is not valid JSON \\(.+\\); it is not a complete RankMonitor "
+                                         f"file; {stem}\\.epochs\\.csv and the other CSVs beside it are read once it "
+                                         f"is moved away$"):
+        RankMonitor.load(paths["epochs"])
+    os.replace(paths["json"], tmp_path / "moved.json")   # as the message says: the CSVs are read then
+    back = RankMonitor.load(paths["epochs"])
+    assert back.epochs == monitor.epochs and back.scalar("loss") == monitor.scalar("loss")
+    os.replace(tmp_path / "moved.json", paths["json"])
+    os.remove(paths["epochs"])                         # no CSVs beside it: the message points at none
+    with pytest.raises(ValueError, match=f"^{stem}\\.json is not valid JSON \\(.+\\); it is not a complete "
+                                         f"RankMonitor file$"):
+        RankMonitor.load(paths["json"])
+
+
+def _visible_ticks(ax):
+    low, high = ax.get_xlim()
+    return [float(t) for t in ax.get_xticks() if low <= t <= high]
+
+
+def test_one_epoch_and_nan_values_are_drawn_with_marks():
+    """A run of one epoch, or a finite value between NaNs, was a line without markers: nothing drawn, x ticks
+    -0.06 … 0.06.  NaN losses and NaN λ (a diverged run) vanished without a mark."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_rgba
+
+    from dynrank.plots import plot_spectral_ratio, plot_training_curves
+    one = RankMonitor(make_model(), name="one epoch")
+    with one.epoch(0):
+        pass
+    one.log(loss=2.5)
+    fig = plot_training_curves(one)
+    ax = fig.axes[0]
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [0] and list(line.get_ydata()) == [2.5]
+    assert line.get_marker() not in (None, "None", "", " ")                     # one point: drawn by its mark
+    assert ax.get_xlim() == (-0.5, 0.5) and _visible_ticks(ax) == [0.0]
+    assert ax.get_xlabel() == "epoch (from 0, as the schedule's I and D)"
+
+    model = make_model()
+    diverged = RankMonitor(model, name="diverged")
+    losses = [2.5, math.nan, 1.5, math.inf]                                # 1.5: a finite value between non-finite
+    for epoch, loss in enumerate(losses):
+        if epoch == 0:
+            with diverged.epoch(epoch):
+                pass
+            first = model[3].weight.detach().clone()
+        else:
+            with torch.no_grad():
+                model[3].weight.fill_(math.nan)                          # layer "3" diverges from epoch 1
+            with pytest.warns(RuntimeWarning, match=r"layers \['3'\] have NaN or infinite weights"):
+                with diverged.epoch(epoch):
+                    pass
+        diverged.log(loss=loss)
+    fig = plot_training_curves(diverged)
+    ax = fig.axes[0]
+    line, crosses = ax.get_lines()
+    assert line.get_marker() not in (None, "None", "", " ")
+    assert [y for y in line.get_ydata() if math.isfinite(y)] == [2.5, 1.5]
+    assert crosses.get_marker() == "x" and list(crosses.get_xdata()) == [1, 3]
+    assert crosses.get_transform() == ax.get_xaxis_transform() and list(crosses.get_ydata()) == [1.0, 1.0]
+    assert to_rgba(crosses.get_color()) == to_rgba(line.get_color())
+    assert ax.get_xlim() == (-0.5, 3.5) and _visible_ticks(ax) == [0.0, 1.0, 2.0, 3.0]
+    assert "NaN or ±∞ (a diverged run), drawn as × on the top edge" in \
+        [t.get_text() for t in ax.get_legend().get_texts()]
+
+    lam = diverged.layer_series("spectral_ratio")
+    assert lam["3"][1][0] == pytest.approx(np_ratio(first), rel=1e-10)                   # finite at epoch 0,
+    assert all(math.isnan(v) for v in lam["3"][1][1:])                                      # NaN after
+    fig = plot_spectral_ratio(diverged)
+    ax = fig.axes[0]
+    crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [1, 2, 3]
+    layer_3 = next(line for line in ax.get_lines() if line.get_label() == "3")
+    assert to_rgba(crosses[0].get_color()) == to_rgba(layer_3.get_color())
+    assert "λ = NaN (non-finite weights), drawn as × on the top edge" in \
+        [t.get_text() for t in ax.get_legend().get_texts()]
+    assert ax.get_xlim() == (-0.5, 3.5) and ax.get_xlabel() == "epoch (from 0, as the schedule's I and D)"
+
+
+def test_zero_metric_values_are_drawn_in_a_zero_band():
+    """On the log axis zeros vanished (σmin of every lowrank layer is exactly 0): a lowrank run's σmin plot held
+    only a legend, while ∞ had its own band."""
+    pytest.importorskip("matplotlib")
+    from dynrank.plots import plot_spectral_ratio
+    torch.manual_seed(0)
+    monitor = RankMonitor(nn.Sequential(FusedLowRankLinear(16, 16, 4), nn.Linear(16, 16)), name="lowrank")
+    for epoch in range(3):
+        with monitor.epoch(epoch):
+            pass
+    series = monitor.layer_series("sigma_min")
+    reference = np.linalg.svd(monitor.model[1].weight.detach().double().numpy(), compute_uv=False)[-1]
+    assert series["0"][1] == [0.0] * 3                                      # the lowrank layer: exactly 0
+    assert series["1"][1][-1] == pytest.approx(reference, rel=1e-5)         # the dense one: positive
+    fig = plot_spectral_ratio(monitor, metric="sigma_min")
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    zeros = [line for line in ax.get_lines() if line.get_marker() == "v"]
+    assert len(zeros) == 1 and list(zeros[0].get_xdata()) == [0, 1, 2]
+    smallest = min(series["1"][1])
+    assert all(low < y < smallest / 2 for y in zeros[0].get_ydata())         # visible, below every positive value
+    assert "sigma_min = 0, drawn in the grey 0 band" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.get_text() == " 0" for t in ax.texts)
