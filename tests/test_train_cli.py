@@ -759,7 +759,7 @@ def test_a_finished_runs_config_is_not_rewritten_on_resume(tmp_path):
     assert (out / "config.json").read_text() == before
 
 
-@pytest.mark.parametrize("device", ["nonsense", "CPU", "meta"])
+@pytest.mark.parametrize("device", ["nonsense", "CPU", "meta", ""])
 def test_a_bad_device_is_refused_before_anything_is_written(tmp_path, capsys, device):
     err = _exit_2(_TINY_RUN + ["--device", device, "--out", str(tmp_path / "fresh")], capsys)
     assert f"--device must be cpu, cuda or cuda:N (lower case), got {device!r}" in err
@@ -1474,3 +1474,125 @@ def test_the_committed_runs_resume_without_an_alpha():
 def test_the_optimizer_state_flag_takes_fresh():
     assert _config(["--optimizer-state", "fresh"])["optimizer_state"] == "fresh"
     assert _config([])["optimizer_state"] == "reset"
+
+
+@pytest.mark.parametrize("flag,message", [("--resume", "--resume needs a run folder, got ''"),
+                                          ("--out", "--out needs a folder, got ''")])
+def test_an_empty_resume_or_out_is_refused(tmp_path, capsys, monkeypatch, flag, message):
+    """--resume "$RUN" with RUN unset started a new run, and --out "" wrote to runs/<timestamp>."""
+    monkeypatch.chdir(tmp_path)
+    err = _exit_2(_TINY_RUN + [flag, ""], capsys)
+    assert message in err and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv,switch,ignored", [
+    (["--schedule", "full"], ["--inflate-epoch", "9"], "--inflate-epoch"),
+    (["--schedule", "lowrank"], ["--deflate-epoch", "2"], "--deflate-epoch"),
+    (["--schedule", "lowrank"], ["--inflate-epoch", "-1", "--deflate-epoch", "99"], "--inflate-epoch, --deflate-epoch"),
+    (["--preset", "cifar10-resnet20", "--schedule", "full", "--epochs", "10"],
+     ["--inflate-epoch", "55", "--deflate-epoch", "120"], "--inflate-epoch, --deflate-epoch"),
+])
+def test_a_single_form_runs_switch_epochs_are_noted_not_range_checked(argv, switch, ignored):
+    """The I and D a full or lowrank run does not use were range-checked, so the run was refused before
+    its "ignoring" note was printed; it now has the I and D it has without them."""
+    notes = []
+    cfg = cli.config_from_args(cli.build_parser().parse_args(argv + switch), notes)
+    assert notes == [f"note: --schedule {cfg['schedule']} does not switch forms; ignoring {ignored}"]
+    assert cfg == _config(argv)
+    train_config._check_settings(cfg)        # what a resume checks config.json with
+
+
+def test_the_cli_prints_the_note_on_a_single_form_runs_switch_epochs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(_TINY_RUN + ["--inflate-epoch", "5", "--out", str(out)]) == 0
+    assert "note: --schedule full does not switch forms; ignoring --inflate-epoch\n" in capsys.readouterr().out
+    assert cli.main(["--resume", str(out)]) == 0
+
+
+def test_the_lambda_column_sets_nan_aside_as_it_does_infinity():
+    """NaN λ (a diverged layer) went into the median and max, which then depended on the layers' order."""
+    import itertools
+    from dynrank.train.report import lambda_summary
+
+    def records(values, restricted):
+        layers = {f"l{i}": dict(spectral_ratio=v, restricted_spectral_ratio=r)
+                  for i, (v, r) in enumerate(zip(values, restricted))}
+        return [dict(epoch=0, layers=layers)]
+    for order in itertools.permutations([3.0, 5.0, float("nan")]):
+        assert lambda_summary(records(order, order)) == "median 4, max 5; NaN in 1/3"
+    inf, nan = float("inf"), float("nan")
+    values, restricted = [nan, 3.0, inf, 5.0, inf, inf], [nan, 3.0, nan, 5.0, 8.0, 2.0]
+    for order in itertools.permutations(range(6)):
+        summary = lambda_summary(records([values[i] for i in order], [restricted[i] for i in order]))
+        assert summary == "median 4, max 5; ∞ in 3/6 (σ1/σk median 5); NaN in 1/6"
+    assert lambda_summary(records([nan, nan], [nan, nan])) == "NaN in 2/2"
+
+
+def test_monitors_read_back_from_their_csv_files_keep_their_schedules_name(tmp_path, capsys):
+    """With monitor.json gone, every run read from its CSVs was named "monitor": the λ plots of a job
+    overwrote each other in lambda_monitor.png."""
+    out = _finished_run(tmp_path / "run", "--schedule", "compare")
+    for schedule in ("full", "lowrank", "dynamic"):
+        os.remove(out / schedule / "monitor.json")
+    monitors, note = cli._saved_monitors(str(out), ("full", "lowrank", "dynamic"))
+    assert note is None and [m.name for m in monitors] == ["full", "lowrank", "dynamic"]
+    assert all(m.records for m in monitors)
+    pytest.importorskip("matplotlib")
+    shutil.rmtree(out / "plots")
+    assert cli.main(["--resume", str(out)]) == 0
+    assert sorted(os.listdir(out / "plots")) == ["curves.png", "lambda_dynamic.png", "lambda_full.png",
+                                                 "lambda_lowrank.png"]
+
+
+@pytest.mark.parametrize("damage", ["entry the plots cannot read", "switch without kind", "empty csv files"])
+def test_a_finished_run_whose_monitor_files_load_but_are_damaged_resumes_without_plots(tmp_path, capsys,
+                                                                                        monkeypatch, damage):
+    """A file that loads but holds a damaged entry ended the resume in a traceback (KeyError 'kind';
+    ValueError, no spectral_ratio recorded) before the table was printed."""
+    pytest.importorskip("matplotlib")
+    from dynrank import RankMonitor
+    out = _finished_run(tmp_path / "run", "--schedule", "dynamic", "--inflate-epoch", "1", "--deflate-epoch", "2")
+    table = (out / "compare.txt").read_text()
+    stem = out / "dynamic" / "monitor"
+    if damage == "entry the plots cannot read":     # whatever RankMonitor.load lets through
+        def unreadable(self, *args, **kwargs):
+            raise KeyError("kind")
+        monkeypatch.setattr(RankMonitor, "plot_spectral_ratio", unreadable)
+    elif damage == "switch without kind":
+        doc = json.loads((out / "dynamic" / "monitor.json").read_text())
+        assert doc["switches"]
+        for switch in doc["switches"]:
+            del switch["kind"]
+        (out / "dynamic" / "monitor.json").write_text(json.dumps(doc))
+    else:
+        os.remove(out / "dynamic" / "monitor.json")
+        for suffix in (".epochs.csv", ".layers.csv"):
+            (out / "dynamic" / ("monitor" + suffix)).write_text("")
+    capsys.readouterr()
+    assert cli.main(["--resume", str(out)]) == 0
+    captured = capsys.readouterr()
+    note = f"plots skipped: the dynamic run's RankMonitor file {stem}.json (or {stem}.epochs.csv) cannot be "
+    assert note in captured.out and "Traceback" not in captured.err
+    assert captured.out.index(table.strip()) < captured.out.index(note)
+    assert (out / "compare.txt").read_text() == table
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_files_written_by_temp_file_and_rename_get_the_mode_open_gives(tmp_path, umask):
+    """The temp file came from mkstemp, mode 0o600 whatever the umask, and the rename kept it: checkpoint.pt
+    and the JSON files were readable by their owner only, model.pt beside them by everyone."""
+    from dynrank.train import loop
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain", "w", encoding="utf-8") as handle:
+            handle.write("x")
+        loop.write_json(str(tmp_path / "result.json"), {"a": 1})
+        loop.write_json(str(tmp_path / "result.json"), {"a": 2})           # onto an existing file too
+        loop.write_atomic(str(tmp_path / "checkpoint.pt"), lambda tmp: torch.save({"x": 1}, tmp))
+    finally:
+        os.umask(old)
+    mode = lambda name: oct(os.stat(tmp_path / name).st_mode & 0o777)
+    assert mode("plain") == oct(0o666 & ~umask)
+    assert mode("result.json") == mode("checkpoint.pt") == mode("plain")
+    assert json.loads((tmp_path / "result.json").read_text()) == {"a": 2}
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "plain", "result.json"]

@@ -1,5 +1,6 @@
 """Models of dynrank-train: parameter counts against the paper, one training step each."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from dynrank.train.models import (
     MODELS,
     CausalSelfAttention,
     CifarResNet,
+    WideResNet,
     build_model,
     count_parameters,
     model_dropout,
@@ -219,3 +221,32 @@ def test_impossible_sizes_are_refused(build, error, message):
     with torch.device("meta"):
         with pytest.raises(error, match=message):
             build()
+
+
+@pytest.mark.parametrize("build,error,message", [
+    # A widen of 0 or below built a 1-channel net without a word.
+    (lambda: WideResNet(16, 0), ValueError, r"^widen must be a finite number > 0 \(k, the widening factor\), got 0$"),
+    (lambda: WideResNet(16, -10), ValueError, r"^widen must be a finite number > 0 .*, got -10$"),
+    (lambda: WideResNet(16, float("nan")), ValueError, r"^widen must be a finite number > 0 .*, got nan$"),
+    (lambda: WideResNet(16, "10"), TypeError, r"^widen must be a finite number > 0 .*, got str \('10'\)$"),
+    # "'float' object cannot be interpreted as an integer", "unsupported operand type(s) for -".
+    (lambda: CifarResNet(20.0), TypeError, r"^depth must be an int 6n \+ 2 with n ≥ 1, got float \(20\.0\)$"),
+    (lambda: CifarResNet("20"), TypeError, r"^depth must be an int 6n \+ 2 with n ≥ 1, got str \('20'\)$"),
+    (lambda: CifarResNet(2), ValueError, r"^depth must be an int 6n \+ 2 with n ≥ 1, got 2$"),
+    (lambda: WideResNet(28.0), TypeError, r"^depth must be an int 6n \+ 4 with n ≥ 1, got float \(28\.0\)$"),
+    (lambda: WideResNet(None), TypeError, r"^depth must be an int 6n \+ 4 with n ≥ 1, got NoneType \(None\)$"),
+    (lambda: WideResNet(24), ValueError, r"^depth must be 6n \+ 4 with n ≥ 1, got 24$"),
+])
+def test_a_wide_resnets_widen_and_a_resnets_depth_are_checked(build, error, message):
+    with torch.device("meta"):
+        with pytest.raises(error, match=message):
+            build()
+
+
+def test_a_wide_resnets_widen_sets_its_channels():
+    # k scales the three stages' 16/32/64 channels; a fractional k rounds, as width does.
+    with torch.device("meta"):
+        for widen, channels in ((1, [16, 32, 64]), (2.5, [40, 80, 160])):
+            model = WideResNet(10, widen, num_classes=10, width=1.0)
+            assert [stage[0].conv1.out_channels for stage in (model.layer1, model.layer2, model.layer3)] == channels
+        assert WideResNet(np.int64(16), 1).layer1[0].conv1.out_channels == 16      # a numpy int depth too

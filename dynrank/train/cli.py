@@ -179,19 +179,28 @@ def _print_settings(cfg, log):
     log("settings: " + ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg))
 
 
+def _reason(err):
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+
+
 def _saved_monitors(out_dir, schedules):
     """(RankMonitors the runs saved, None), or (None, a note naming the file) where one is missing or
-    damaged: they are written in place, and only the plots read them (the table comes from the results)."""
+    damaged: they are written in place, and only the plots read them (the table comes from the results).
+
+    Each is named after its schedule, which names its plot (``lambda_<schedule>.png``) and its curves:
+    one read from its CSV files (its JSON gone) would be named after the files, ``monitor`` for all.
+    """
     from ..monitor import RankMonitor
     monitors = []
     for schedule in schedules:
         stem = os.path.join(out_dir, schedule, "monitor")
         try:
-            monitors.append(RankMonitor.load(stem))
+            monitor = RankMonitor.load(stem)
         except (OSError, ValueError) as err:
-            reason = (str(err).splitlines() or [""])[0]
             return None, (f"plots skipped: the {schedule} run's RankMonitor file {stem}.json (or "
-                          f"{stem}.epochs.csv) cannot be read ({type(err).__name__}: {reason})")
+                          f"{stem}.epochs.csv) cannot be read ({_reason(err)})")
+        monitor.name = schedule
+        monitors.append(monitor)
     return monitors, None
 
 
@@ -199,7 +208,8 @@ def run_job(cfg, out_dir, resume=False, log=print, data=None):
     """Run the schedules of ``cfg`` into ``out_dir`` on ``data``; print and return the compare table.
 
     ``data`` is loaded here when None, unless every schedule has finished (a resume that only writes
-    the table and plots again needs no data set).
+    the table and plots again needs no data set).  The table is printed before the plots are drawn:
+    RankMonitor files that are missing or damaged leave the plots out, with a note naming them.
     """
     from .config import _num_classes
     from .loop import RESULT, factorized_layers, run_training, write_json
@@ -230,14 +240,21 @@ def run_job(cfg, out_dir, resume=False, log=print, data=None):
     write_json(os.path.join(out_dir, "compare.json"), [{k: v for k, v in r.items()
                                                         if k not in ("monitor_records", "config")}
                                                        for r in results])
-    monitors, note = _saved_monitors(out_dir, schedules)
-    paths = []
-    if monitors:
-        paths, note = write_plots(monitors, os.path.join(out_dir, "plots"), kind=kind)
     log("\n" + table)
     line = verdict(results, kind)
     if line:
         log(line)
+    monitors, note = _saved_monitors(out_dir, schedules)
+    paths = []
+    if monitors:
+        try:
+            paths, note = write_plots(monitors, os.path.join(out_dir, "plots"), kind=kind)
+        except (KeyError, TypeError, ValueError) as err:    # files that load but hold damaged entries
+            stems = [os.path.join(out_dir, s, "monitor") for s in schedules]
+            files = (f"the {schedules[0]} run's RankMonitor file {stems[0]}.json (or {stems[0]}.epochs.csv)"
+                     if len(stems) == 1 else
+                     f"the RankMonitor files {', '.join(s + '.json' for s in stems)} (or their .epochs.csv)")
+            note = f"plots skipped: {files} cannot be plotted ({_reason(err)})"
     if note:
         log(note)
     return table, results, paths
@@ -250,10 +267,15 @@ def main(argv=None):
     log = lambda *a: print(*a, flush=True)
     from .data import DataError
     from .loop import Diverged, Interrupted, RunFileError, read_json, write_json
+    # An empty path (--resume "$RUN" with RUN unset) is a mistake, not the flag left out.
+    if args.resume == "":
+        parser.error("--resume needs a run folder, got ''")
+    if args.out == "":
+        parser.error("--out needs a folder, got ''")
     started = time.perf_counter()
     out_dir = claimed = None
     try:
-        if args.resume:
+        if args.resume is not None:
             config_path = os.path.join(args.resume, "config.json")
             if not os.path.isfile(config_path):
                 parser.error(f"--resume {args.resume}: no config.json there (not a dynrank-train output folder)")
@@ -266,7 +288,7 @@ def main(argv=None):
             # The record names the dropout the model trains with (a run saved before it did may not).
             cfg = _as_trained(cfg)
             saved = dict(cfg)
-            if args.device:
+            if args.device is not None:
                 # The saved thread count and --amp stay (they decide the losses) unless given; --amp
                 # follows a change of device type, see _resume_amp.
                 cfg["device"] = args.device
@@ -301,7 +323,7 @@ def main(argv=None):
                 parser.error(str(err))
             for note in notes:
                 log(note)
-            if args.out:
+            if args.out is not None:
                 blocker = _file_in_the_way(args.out)
                 if blocker:
                     why = ("is a file" if blocker == os.path.abspath(args.out)
@@ -317,10 +339,11 @@ def main(argv=None):
             finished = False
         try:
             # A resume without --device goes on where the run was saved, and errors say so.
-            cfg = _resolve_device(cfg, saved_in=args.resume if args.resume and not args.device else None)
+            resumed_as_saved = args.resume is not None and args.device is None
+            cfg = _resolve_device(cfg, saved_in=args.resume if resumed_as_saved else None)
         except ValueError as err:
             parser.error(str(err))
-        if args.resume:
+        if args.resume is not None:
             note = _resume_amp(saved, cfg, amp_given=args.amp is not None)
             if note:
                 log(note)
@@ -337,9 +360,9 @@ def main(argv=None):
         # with the right --data-dir would find taken.  A finished run only writes its table and plots
         # again, which need no data set.
         data = None if finished else _load_data(cfg, log)
-        if args.resume:
+        if args.resume is not None:
             _note_resume(saved, cfg)
-        elif args.out:
+        elif args.out is not None:
             out_dir = args.out
             try:
                 taken = not _claim_out_dir(out_dir)
@@ -358,7 +381,7 @@ def main(argv=None):
             try:
                 write_json(os.path.join(out_dir, "config.json"), cfg)
             except BaseException:
-                if not args.resume:     # nothing of this run is saved: no folder to continue
+                if args.resume is None:     # nothing of this run is saved: no folder to continue
                     if claimed:         # release --out: the empty claim would read as a damaged run to a retry
                         os.remove(claimed)
                     else:               # the runs/<timestamp> folder made for it, still empty
@@ -367,7 +390,7 @@ def main(argv=None):
                     out_dir = None
                 raise
         log(f"dynrank-train: output in {out_dir}")
-        _, _, plots = run_job(cfg, out_dir, resume=bool(args.resume), log=log, data=data)
+        _, _, plots = run_job(cfg, out_dir, resume=args.resume is not None, log=log, data=data)
     except (DataError, RunFileError, Diverged) as err:
         print(f"dynrank-train: error: {err}", file=sys.stderr)
         return 2

@@ -189,7 +189,9 @@ def config_from_args(args, notes=None):
     Flags the run accepts but does not use (see :func:`_unused_notes`: the form-change flags with
     ``--schedule full``/``lowrank``, ``--rank-ratio``, ``--decomposition`` and ``--alpha`` with
     ``--schedule full``, the data-folder flags with ``--data stdlib``, ``--compile-mode`` with
-    ``--no-compile``) are named in ``notes`` (a list, when given).
+    ``--no-compile``) are named in ``notes`` (a list, when given).  A single-form run's I and D are
+    the ones it has without ``--inflate-epoch``, ``--deflate-epoch`` and ``--full-rank-fraction``:
+    given, they are neither used nor range-checked.
 
     Raises:
         ValueError: settings that do not fit together (:func:`_check_settings`), a value out of range,
@@ -232,9 +234,13 @@ def config_from_args(args, notes=None):
         notes.extend(_unused_notes(given, cfg))
     _check_values(cfg)
     same_schedule = epochs == reference["epochs"] and cfg["milestones"] == reference["milestones"]
-    if "inflate_epoch" in given and "deflate_epoch" in given:
-        inflate, deflate = given["inflate_epoch"], given["deflate_epoch"]
-    elif same_schedule and "full_rank_fraction" not in given:
+    # A single-form run does not switch: the switch flags given are noted (_unused_notes) and left out,
+    # so it records, and is checked with, the I and D it has without them.
+    switch = {key: given[key] for key in ("inflate_epoch", "deflate_epoch", "full_rank_fraction")
+              if key in given and cfg["schedule"] not in ("full", "lowrank")}
+    if "inflate_epoch" in switch and "deflate_epoch" in switch:
+        inflate, deflate = switch["inflate_epoch"], switch["deflate_epoch"]
+    elif same_schedule and "full_rank_fraction" not in switch:
         inflate, deflate = reference["inflate_epoch"], reference["deflate_epoch"]
     elif not cfg["milestones"] and cfg["schedule"] in ("full", "lowrank"):
         inflate, deflate = 0, epochs        # a single-form run: no switch to place
@@ -244,18 +250,18 @@ def config_from_args(args, notes=None):
     else:
         _check_milestones(cfg)      # before schedule_from_lr, whose own errors would name no flag
         inflate, deflate = schedule_from_lr(epochs, milestones=cfg["milestones"],
-                                            full_rank_fraction=given.get("full_rank_fraction", 0.5))
-    cfg["inflate_epoch"] = given.get("inflate_epoch", inflate)
-    cfg["deflate_epoch"] = given.get("deflate_epoch", deflate)
+                                            full_rank_fraction=switch.get("full_rank_fraction", 0.5))
+    cfg["inflate_epoch"] = switch.get("inflate_epoch", inflate)
+    cfg["deflate_epoch"] = switch.get("deflate_epoch", deflate)
     derived = [f"{name}={cfg[key]}" for name, key in (("I", "inflate_epoch"), ("D", "deflate_epoch"))
-               if key not in given]
+               if key not in switch]
     how = ""
     if derived:
-        source = ("the data set's defaults" if same_schedule and "full_rank_fraction" not in given
+        source = ("the data set's defaults" if same_schedule and "full_rank_fraction" not in switch
                   else f"the paper's rule from epochs={epochs}, milestones={cfg['milestones']}")
         how = (f" ({' and '.join(derived)} derived by {source}; give "
                + " and ".join(f"--{k.replace('_', '-')}" for k in ("inflate_epoch", "deflate_epoch")
-                              if k not in given) + ")")
+                              if k not in switch) + ")")
     _check_settings(cfg, how=how)
     if cfg["deflate_epoch"] == epochs:
         cfg["deflate_epoch"] = None  # stays full to the end

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import time
 
 import torch
@@ -60,15 +59,30 @@ class Diverged(Exception):
     from it stops at the same place)."""
 
 
+def _new_temp_file(folder, name):
+    """Create an empty, uniquely named temp file for ``name`` in ``folder``; returns its path.
+
+    It is created as ``open(path, "w")`` creates a file, mode 0o666 less the umask (``mkstemp``'s
+    0o600 would survive the rename: a run's files readable by their owner only, unlike ``model.pt``).
+    """
+    while True:
+        tmp = os.path.join(folder, f".{name}.{os.urandom(6).hex()}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
 def write_atomic(path, write):
     """Call ``write(tmp_path)``, then rename the temp file onto ``path``: a crash leaves the old file or the new.
 
     The temp file is unique (two writers never share it), flushed to disk before the rename, and
-    removed if writing fails.
+    removed if writing fails.  The file gets the mode ``open(path, "w")`` gives a new file: 0o666
+    less the umask.
     """
     folder, name = os.path.split(os.path.abspath(path))
-    handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
+    tmp = _new_temp_file(folder, name)
     try:
         write(tmp)
         with open(tmp, "rb+") as written:

@@ -93,13 +93,14 @@ class CifarResNet(nn.Module):
 
     Raises:
         ValueError: a depth that is not 6n + 2, a width that is not finite or not > 0.
-        TypeError: a width that is not a real number.
+        TypeError: a depth that is not an int, a width that is not a real number.
     """
 
     def __init__(self, depth=20, num_classes=10, width=1.0):
         super().__init__()
         check_int(num_classes, "num_classes", "a positive int", 1)
-        if (depth - 2) % 6 != 0 or depth < 8:
+        depth = check_int(depth, "depth", "an int 6n + 2 with n ≥ 1", 8)
+        if (depth - 2) % 6 != 0:
             raise ValueError(f"depth must be 6n + 2 with n ≥ 1, got {depth}")
         blocks = (depth - 2) // 6
         widths = [_scaled(c, width) for c in (16, 32, 64)]
@@ -156,15 +157,24 @@ class WideResNet(nn.Module):
 
     Args:
         depth: 6n + 4 (28 → 4 blocks per stage).
-        widen: k (10 → 160/320/640 channels).
+        widen: k (10 → 160/320/640 channels), a finite number > 0; channels round to at least 1.
         num_classes, dropout: as named.  width: extra channel multiplier for tests.
+
+    Raises:
+        ValueError: a depth that is not 6n + 4, a widen or width that is not finite or not > 0.
+        TypeError: a depth that is not an int, a widen or width that is not a real number.
     """
 
     def __init__(self, depth=28, widen=10, num_classes=100, dropout=0.3, width=1.0):
         super().__init__()
         check_int(num_classes, "num_classes", "a positive int", 1)
-        if (depth - 4) % 6 != 0 or depth < 10:
+        depth = check_int(depth, "depth", "an int 6n + 4 with n ≥ 1", 10)
+        if (depth - 4) % 6 != 0:
             raise ValueError(f"depth must be 6n + 4 with n ≥ 1, got {depth}")
+        expected = "a finite number > 0 (k, the widening factor)"
+        check_real(widen, "widen", expected)
+        if not (math.isfinite(widen) and widen > 0):
+            raise ValueError(f"widen must be {expected}, got {widen!r}")
         blocks = (depth - 4) // 6
         stem = _scaled(16, width)
         widths = [_scaled(16 * widen, width), _scaled(32 * widen, width), _scaled(64 * widen, width)]

@@ -69,8 +69,10 @@ def _fmt_lambda(value):
 def lambda_summary(records, layers=None):
     """λ over the given layers at the last measured epoch: ``'median 4.1, max 37'`` or ``'∞ in 12/12'``.
 
-    Where that is not the last recorded epoch (``metrics_every`` skipped the later ones), the text
-    names it, counted from 1 as the training log counts: ``'median 42.2, max 445 (epoch 3 of 4)'``.
+    The median and max are of the finite values; layers whose λ is ∞ (σmin = 0) or NaN (a diverged
+    layer) are counted apart: ``'median 4.1, max 37; ∞ in 2/12; NaN in 1/12'``.  Where that is
+    not the last recorded epoch (``metrics_every`` skipped the later ones), the text names it, counted
+    from 1 as the training log counts: ``'median 42.2, max 445 (epoch 3 of 4)'``.
 
     Args:
         records: RankMonitor records (``layers`` maps name → metric dict).
@@ -86,19 +88,23 @@ def lambda_summary(records, layers=None):
     values = [float(metrics[n]["spectral_ratio"]) for n in names]
     if not values:
         return "-"
-    finite = [v for v in values if not math.isinf(v)]
-    infinite = len(values) - len(finite)
+    # NaN is set aside as ∞ is: in a median or max its place in the list would decide the result.
+    finite = [v for v in values if math.isfinite(v)]
+    infinite = sum(map(math.isinf, values))
+    undefined = sum(map(math.isnan, values))
     parts = []
     if finite:
         parts.append(f"median {_fmt_lambda(statistics.median(finite))}, max {_fmt_lambda(max(finite))}")
     if infinite:
         restricted = [float(metrics[n]["restricted_spectral_ratio"]) for n in names
                       if math.isinf(float(metrics[n]["spectral_ratio"]))]
-        restricted = [v for v in restricted if not math.isinf(v)]
+        restricted = [v for v in restricted if math.isfinite(v)]
         text = f"∞ in {infinite}/{len(values)}"
         if restricted:
             text += f" (σ1/σk median {_fmt_lambda(statistics.median(restricted))})"
         parts.append(text)
+    if undefined:
+        parts.append(f"NaN in {undefined}/{len(values)}")
     return "; ".join(parts) + when
 
 
