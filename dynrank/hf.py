@@ -12,12 +12,16 @@ The callback builds a :class:`~dynrank.DynamicRankScheduler` on the Trainer's ow
 when training begins, and steps it before the first optimizer step of every epoch (or of every step,
 ``unit="step"``).  The Trainer's LR scheduler keeps working, since the switches edit the optimizer's
 param groups in place.  Trainer checkpoints resume across the switches into a freshly converted model:
-each layer takes the form of its tensors in the checkpoint, and the switch of a resumed epoch happens
-after the Trainer has restored its RNG state, where the uninterrupted run made it.
+each layer takes the form of its tensors in the checkpoint, and a switch draws its random factors from
+generators seeded by the run's seed and its epoch (or step), the global RNG left as it was: a deflate
+draws what the uninterrupted run drew, whatever drew from the global RNG before it (an epoch-end
+evaluation after a checkpoint, which a resume from that checkpoint skips).
 
 InRank's rank growth has a callback of its own, :class:`dynrank.hf_inrank.IncrementalRankCallback`.
 """
 
+import contextlib
+import hashlib
 import json
 import math
 import numbers
@@ -27,6 +31,8 @@ import time
 import uuid
 import warnings
 from collections.abc import Mapping
+
+import torch
 
 from ._args import check_int
 from ._forms import FORMS
@@ -53,10 +59,10 @@ class DynamicRankCallback(TrainerCallback):
     Trainer loop's epoch) or of each step (``unit="step"``:
     ``state.global_step``) it calls ``scheduler.step``, which switches the
     layers due: lowrank → full at ``inflate_epoch``, full → adapter at
-    ``deflate_epoch``.  Switching at the first step rather than at
-    ``on_epoch_begin`` puts the switch of a resumed epoch after the Trainer
-    restores its RNG state, so a deflate draws the same fresh factors as in
-    an uninterrupted run.
+    ``deflate_epoch``.  A switch draws its random factors from generators
+    seeded by ``args.seed`` and its epoch (or step), the global RNG left as
+    it was, so a deflate draws the same fresh factors as an uninterrupted
+    run, from whatever checkpoint the run resumed.
 
     ``resume_from_checkpoint`` works: the Trainer loads the model state dict
     (each layer of a freshly converted model takes the form its tensors
@@ -275,7 +281,8 @@ class DynamicRankCallback(TrainerCallback):
             # not found).
             epoch = self._loop_epoch(state)
             self.monitor.start_epoch(epoch)
-        changed = self.scheduler.step(count)
+        with _switch_rng(args, count, self.scheduler.model):
+            changed = self.scheduler.step(count)
         self.changes.extend((count, *change) for change in changed)
         if changed and self.log is not None:
             moves = sorted({f"{old} → {new}" for _, old, new in changed})
@@ -607,6 +614,24 @@ class DynamicRankCallback(TrainerCallback):
 _LOADED = ("The Trainer loads the checkpoint into the model before any callback runs (non-strictly: the tensors "
            "that fit), so the model now holds the checkpoint's tensors: build and convert a fresh model to resume "
            "into")
+
+
+@contextlib.contextmanager
+def _switch_rng(args, count, model):
+    """Run a switch's random draws (a deflate's fresh factors) on the CPU and the model's CUDA devices from
+    generators seeded by the run's seed and ``count``, the global RNG state put back after it: the draws
+    then depend on the run and the switch alone.  From the global stream they depended on what drew
+    from it before the switch, which a resumed run need not repeat: a checkpoint at an epoch's last step
+    is saved before the epoch's evaluation, whose DataLoader draws its base seed, and a resume from it
+    skips that evaluation."""
+    digest = hashlib.sha256(f"dynrank switch {getattr(args, 'seed', 0)} {count}".encode()).digest()
+    seed = int.from_bytes(digest[:8], "little") >> 1
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        for index in devices:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 def _check_one_process(args, who, change):

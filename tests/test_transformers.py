@@ -552,6 +552,22 @@ def test_callback_resumes_bitwise_across_the_switches(tmp_path):
         assert all(torch.equal(state[k], expected[k]) for k in expected), f"resumed from {checkpoint.name}"
 
 
+def test_callback_resumes_bitwise_from_a_step_checkpoint_saved_before_an_evaluation(tmp_path):
+    """A checkpoint at an epoch's last step is saved before the epoch's evaluation, which draws from the
+    global RNG (its DataLoader's base seed) and which the resumed run skips: the deflate's fresh B, drawn
+    from that RNG, differed (by up to 0.97).  A switch draws from a generator of the run's seed and its
+    count instead, and leaves the global RNG as it was."""
+    from dynrank.hf import DynamicRankCallback
+    arguments = dict(save="steps", save_steps=4, eval_strategy="epoch", eval_data=_Tokens(8))
+    reference, _ = _train(tmp_path / "full", DynamicRankCallback(1, 2, log=None), epochs=3, **arguments)
+    expected = reference.state_dict()
+    for step in (4, 8):                              # ends of epochs 0 and 1, before their evaluations
+        resumed, _ = _train(tmp_path / f"from-{step}", DynamicRankCallback(1, 2, log=None), epochs=3,
+                            resume=str(tmp_path / "full" / f"checkpoint-{step}"), **arguments)
+        state = resumed.state_dict()
+        assert all(torch.equal(state[k], expected[k]) for k in expected), f"resumed from checkpoint-{step}"
+
+
 def _resume_at_quarter_rank(out_dir, checkpoint, epochs=3, **arguments):
     """Resume from ``checkpoint`` into a GPT-2 converted at rank_ratio 0.25 (ranks 8), saving nothing."""
     from dynrank.hf import DynamicRankCallback
