@@ -152,8 +152,9 @@ class FormLayer(nn.Module):
     weight_name = "weight"
     weight_kind = "weight"
     _factor_param_names = ()
-    # The rank the layer last had in lowrank form (None: never lowrank here), for the cost of a schedule's
-    # lowrank epochs after a deflate to another rank (dynrank.cost).
+    # The rank the layer last had in lowrank form (None: unknown: never lowrank here, or a state dict loaded
+    # it in another form), for the cost of a schedule's lowrank epochs after a deflate to another rank
+    # (dynrank.cost).
     _lowrank_rank = None
 
     def __setattr__(self, name, value):
@@ -610,8 +611,15 @@ class FormLayer(nn.Module):
 
     @outside_inference_mode
     def _switch_for_load(self, form, rank):
-        """Allocate ``form`` at ``rank`` for a load (:meth:`_follow_load` once its tensors are copied in)."""
+        """Allocate ``form`` at ``rank`` for a load (:meth:`_follow_load` once its tensors are copied in).
+
+        The rank the layer last had in lowrank form becomes the loaded factors' rank in lowrank form, and
+        unknown (None) in another form, as for a layer built in that form: the rank the layer had before
+        says nothing of the run that saved the dict.  A scheduler's load gives back the saved run's; without
+        it :func:`~dynrank.cost.comp_ratio` asks for the rank instead of guessing."""
         self._allocate(form, rank)
+        if form != "lowrank":
+            self._lowrank_rank = None
 
     @outside_inference_mode
     def _follow_load(self, before):
@@ -647,7 +655,9 @@ class FormLayer(nn.Module):
 
         Where a reparametrized factor (named in ``moved``) is not in the dict under its own name (it is
         saved under its reparametrization's keys), the rank is the layer's own, and the shapes of the
-        factors the dict holds under their own names are checked against it.  Where the load switches
+        factors the dict holds under their own names are checked against it.  So is a dict in the layer's
+        own form that lacks a factor the rank is read from, where the factors it holds have the shapes of
+        the layer's rank (nothing switches; torch reports the others as missing).  Where the load switches
         form or rank and copies (``assign`` False), a tensor torch cannot copy into the new parameters
         (sparse, quantized, or meta beside real ones) is wrong too: the copy would fail after the switch."""
         rank = self._rank
@@ -657,12 +667,16 @@ class FormLayer(nn.Module):
                 rank = self._check_rank(self._rank_from_state(state_dict, prefix))
             except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:
                 lacking = [n for n in self._factor_names(self._rank) if prefix + n not in state_dict]
-                if lacking:
+                if not lacking:
+                    shapes = {n: tuple(state_dict[prefix + n].shape) for n in sorted(self._all_factor_names())
+                              if prefix + n in state_dict and isinstance(state_dict[prefix + n], torch.Tensor)}
+                    why = f" ({e})" if isinstance(e, (TypeError, ValueError)) else ""
+                    return None, f"the saved factors {shapes} give no valid rank{why}"
+                # The factors held do not name a rank (a linear layer's is A's width, and LoRA-FA saves its
+                # trained B and bias only): where they have the layer's own form and rank, nothing switches,
+                # and torch loads them and reports the rest as missing.
+                if form != self._form or not self._holds_own_rank(state_dict, prefix):
                     return None, f"the state dict holds this layer in {form} form but lacks {', '.join(lacking)}"
-                shapes = {n: tuple(state_dict[prefix + n].shape) for n in sorted(self._all_factor_names())
-                          if prefix + n in state_dict and isinstance(state_dict[prefix + n], torch.Tensor)}
-                why = f" ({e})" if isinstance(e, (TypeError, ValueError)) else ""
-                return None, f"the saved factors {shapes} give no valid rank{why}"
         expected = dict(self._factor_shapes(rank)) if form != "full" else {}
         if form != "lowrank":
             expected[self.weight_name] = tuple(self._dense_shape())
@@ -693,6 +707,13 @@ class FormLayer(nn.Module):
                 where = f"{form} form" + ("" if form == "full" else f", rank {rank}")
                 wrong.append(f"{name} must be a dense tensor with values to load ({where}), got {kind}")
         return (rank, None) if not wrong else (None, "; ".join(wrong))
+
+    def _holds_own_rank(self, state_dict, prefix):
+        """Whether ``state_dict`` holds some of this layer's factors, each a tensor of its shape at the
+        layer's own rank."""
+        held = {n: shape for n, shape in self._factor_shapes(self._rank).items() if prefix + n in state_dict}
+        return bool(held) and all(isinstance(state_dict[prefix + n], torch.Tensor)
+                                  and tuple(state_dict[prefix + n].shape) == tuple(shape) for n, shape in held.items())
 
     def _uncopyable(self, value):
         """What makes ``value`` a tensor torch cannot copy into the layer's parameters (a sparse or other

@@ -101,8 +101,11 @@ def replace_params(optimizer, removed, added, states=None, owner=None, old_names
             ``param_names`` in its groups: ``owner``'s parameters are named after the
             module (a held name less that parameter's own name in ``old_names``) and
             their own name in ``owner``, so the names stay those of
-            ``model.named_parameters()``; names that are not module paths give an
-            added parameter a removed one's name and its own.
+            ``model.named_parameters()``.  Names that are not module paths (each
+            held name of the module's parameters less its own name must give one
+            module) stay as they are, and an added parameter gets a removed one's
+            name, less that one's own name where it ends so, and its own: ``'p1'``
+            (A) gives W ``'p1.weight'``, which gives A ``'p1.A'``.
         old_names: dict id(param) → its name in the module before the change.
         zero_filled: optional list given ``dampening`` for each added parameter that fused SGD with
             ``dampening`` set now steps on a zero momentum buffer (:func:`_match_fused_momentum`): its first
@@ -120,7 +123,7 @@ def replace_params(optimizer, removed, added, states=None, owner=None, old_names
         states = None                  # L-BFGS's "state" is the history just forgotten: none carries
     held = optimizer_params(optimizer)
     removed_ids = {id(p) for p in removed}
-    names = _names_before(optimizer, removed_ids, owner, old_names)
+    names = _names_before(optimizer, removed, owner, old_names)
     fresh = [p for p in added if id(p) not in held or id(p) in removed_ids]
     if in_place and len(fresh) == len(added) == len(removed) == len(removed_ids):        # one for one
         swap = {id(old): new for old, new in _counterparts(removed, added, owner, old_names) if id(old) in held}
@@ -202,16 +205,25 @@ def warn_dampened(zero_filled, when, remedy):
                       stacklevel=_caller_stacklevel())
 
 
-def _names_before(optimizer, removed_ids, owner, old_names):
+def _names_before(optimizer, removed, owner, old_names):
     """[(group, id(param) → name)] for the groups that keep ``param_names``: every name they hold now,
     with ``owner``'s parameters renamed (see :func:`replace_params`)."""
     groups = [g for g in optimizer.param_groups if "param_names" in g]
     own = {id(p): n for n, p in owner.named_parameters()} if owner is not None and groups else {}
     named = {id(p): n for g in groups for p, n in zip(g["params"], g["param_names"])}
-    # The module's name: a name the optimizer holds, less the parameter's own name in the old module.
-    module = next((n[:len(n) - len(attr)].rstrip(".") for i, attr in (old_names or {}).items()
-                   for n in [named.get(i)] if n is not None and (n == attr or n.endswith("." + attr))), None)
-    custom = next((named[i] for i in removed_ids if i in named), None)
+    old_names = old_names or {}
+    # The module's name: each name the optimizer holds for the old module's parameters, less that parameter's
+    # own name there, where they all give the same.  Custom names ('p0' for the bias beside 'p1.weight', which
+    # a switch gave W) are no module paths: only the added parameters are named then.
+    modules = {_module_of(named[i], attr) for i, attr in old_names.items() if i in named}
+    module = next(iter(modules)) if len(modules) == 1 else None
+    # An added parameter's custom name: the first held removed one's, less that one's own name in the module
+    # where it ends so (a name an earlier switch gave), and its own: 'p1' (A) gives W 'p1.weight', which gives
+    # A 'p1.A', as a load that goes from lowrank to adapter form at once names it.
+    custom = next((named[id(p)] for p in removed if id(p) in named), None)
+    attr = next((old_names.get(id(p)) for p in removed if id(p) in named), None)
+    if custom is not None and attr is not None and custom.endswith("." + attr):
+        custom = custom[:-len(attr) - 1]
     result = []
     for group in groups:
         name_of = {id(p): n for p, n in zip(group["params"], group["param_names"])}
@@ -222,6 +234,14 @@ def _names_before(optimizer, removed_ids, owner, old_names):
                 name_of[i] = f"{custom}.{n}"
         result.append((group, name_of))
     return result
+
+
+def _module_of(name, attr):
+    """The module path of a parameter held as ``name`` whose own name in its module is ``attr`` (``"0"`` for
+    ``"0.bias"``, ``""`` for ``"bias"``), or None where ``name`` is no such path."""
+    if name == attr or name.endswith("." + attr):
+        return name[:len(name) - len(attr)].rstrip(".")
+    return None
 
 
 class ParamsBefore(NamedTuple):

@@ -148,7 +148,8 @@ def _from_model(model, lowrank_ranks=None, scheduler=None, run=None):
     A layer's lowrank rank is its rank unless it is in adapter form; then it comes from
     ``lowrank_ranks``, a ``scheduler`` whose deflate_rank kept the layer's rank, the last lowrank
     epoch ``run`` measured, or the rank the layer itself last had in lowrank form (a layer converted
-    or built lowrank in this process); ``unknown`` lists the adapter layers none of them covers
+    or built lowrank in this process, and not loaded into another form since: a scheduler's load gives
+    it the saved run's); ``unknown`` lists the adapter layers none of them covers
     (counted at their rank).  The adapter rank is an adapter layer's rank, else the scheduler's deflate rank.
 
     The layer's current form counts its real Parameters that require grad (a factor frozen by hand
@@ -338,7 +339,9 @@ def param_counts(model_or_layers, rank_ratio=0.5, other_params=0, *, lowrank_ran
     Raises:
         TypeError/ValueError: bad specs, counts, ``lowrank_ranks`` (unknown layers,
             invalid ranks, layers ``scheduler`` does not manage) or ``scheduler`` (not
-            one of this model).
+            one of this model).  One weight shape instead of a list of specs
+            (``param_counts((64, 64, 3, 3))``) is a TypeError that says to wrap it in a
+            list: :func:`layer_param_counts` counts one layer.
 
     Example:
         >>> c = param_counts([(64, 64, 3, 3)], other_params=100)
@@ -354,6 +357,12 @@ def param_counts(model_or_layers, rank_ratio=0.5, other_params=0, *, lowrank_ran
     if lowrank_ranks is not None or scheduler is not None:
         raise ValueError("lowrank_ranks and scheduler are only for a model; give a spec's rank in the spec")
     if isinstance(model_or_layers, (list, tuple)):
+        if model_or_layers and all(isinstance(size, numbers.Integral) and not isinstance(size, bool)
+                                    for size in model_or_layers):
+            # One weight shape, not a list of them: each size would read as a layer spec.
+            shape = tuple(int(size) for size in model_or_layers)
+            raise TypeError(f"param_counts takes a list of layer specs, got one weight shape {shape}: wrap it "
+                            f"in a list, param_counts([{shape}]) (layer_param_counts({shape}) counts one layer)")
         layers = _from_specs(model_or_layers, rank_ratio)
     else:
         raise TypeError(f"expected an nn.Module or a list of layer specs, got {type(model_or_layers).__name__}")
@@ -413,9 +422,10 @@ def _counts(counts, lowrank_epochs=0, scheduler=None, lowrank_ranks=None, run=No
             raise ValueError(
                 f"layers {unknown} are in adapter form (rank {layers[unknown[0]].rank!r} for {unknown[0]!r}), and the "
                 f"rank they had in lowrank form, which the schedule's {lowrank_epochs} lowrank epochs count, is not "
-                f"known (a scheduler's deflate_rank may have changed it); pass run=monitor (a RankMonitor that "
-                f"measured a lowrank epoch), lowrank_ranks={{name: rank}}, or the scheduler where its deflate_rank "
-                f"kept each layer's rank; or count before training: param_counts(model, scheduler=scheduler)")
+                f"known (a scheduler's deflate_rank may have changed it, or a state dict loaded the layer in "
+                f"another form); pass run=monitor (a RankMonitor that measured a lowrank epoch), "
+                f"lowrank_ranks={{name: rank}}, or the scheduler where its deflate_rank kept each layer's rank; or "
+                f"count before training: param_counts(model, scheduler=scheduler)")
     elif scheduler is not None or lowrank_ranks is not None:
         raise ValueError("scheduler and lowrank_ranks are only for a model; counts are "
                          f"{type(counts).__name__}")

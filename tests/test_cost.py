@@ -206,6 +206,19 @@ def test_comp_ratio_edges_and_errors():
         param_counts("resnet20")
 
 
+@pytest.mark.parametrize("shape", [(64, 64, 3, 3), [64, 64, 3, 3], torch.Size([64, 32]), (np.int64(10), 40)])
+def test_param_counts_of_one_shape_says_to_wrap_it_in_a_list(shape):
+    """param_counts takes a list of layer specs; given one shape, as layer_param_counts takes it, it said
+    "layer spec 0 must be a shape tuple or a dict, got int".  A list of shapes is not read as one shape."""
+    dims = tuple(int(size) for size in shape)
+    with pytest.raises(TypeError, match=re.escape(f"param_counts takes a list of layer specs, got one weight shape "
+                                                  f"{dims}: wrap it in a list, param_counts([{dims}])")):
+        param_counts(shape)
+    assert param_counts([shape]).layers == [("layer0", *layer_param_counts(dims))]
+    with pytest.raises(TypeError, match="layer spec 0 must be a shape tuple or a dict, got bool"):
+        param_counts([True])
+
+
 def _run(forms_and_seconds):
     """A RankMonitor filled with given epoch records (no model, no timing)."""
     run = RankMonitor(None, name="synthetic")

@@ -435,14 +435,7 @@ def test_a_run_resumed_into_another_rank_ratio_counts_its_lowrank_epochs_at_its_
     assert saved["scheduler"]["lowrank_ranks"] == {"0": 16, "2": 16}
     resumed, resumed_opt, resumed_sched = _adapter_run(0.25)
     assert [resumed[i]._lowrank_rank for i in (0, 2)] == [8, 8]
-    if order == "scheduler first":
-        resumed_sched.load_state_dict(saved["scheduler"])
-        resumed.load_state_dict(saved["model"])
-    elif order == "model first":
-        resumed.load_state_dict(saved["model"])
-        resumed_sched.load_state_dict(saved["scheduler"])
-    else:
-        load_training_state(saved, resumed, resumed_opt, resumed_sched)
+    _resume(order, saved, resumed, resumed_opt, resumed_sched)
     assert [resumed[i]._lowrank_rank for i in (0, 2)] == [16, 16]
     assert comp_ratio(resumed, E, I, D) == expected
     assert param_counts(resumed).lowrank == param_counts(model).lowrank
@@ -453,6 +446,77 @@ def test_a_run_resumed_into_another_rank_ratio_counts_its_lowrank_epochs_at_its_
     assert [older[i]._lowrank_rank for i in (0, 2)] == [8, 8]
     with pytest.raises(TypeError, match=r"lowrank_ranks\['2'\] is not a valid rank of layer '2' or None: "):
         older_sched.load_state_dict(dict(state, lowrank_ranks={"0": 16, "2": 16.0}))
+
+
+def _resume(order, saved, model, optimizer, scheduler):
+    """Load ``saved`` (a training_state) the way ``order`` names: the model alone, the model or the scheduler
+    first, or through load_training_state."""
+    if order == "model only":
+        model.load_state_dict(saved["model"])
+    elif order == "model first":
+        model.load_state_dict(saved["model"])
+        scheduler.load_state_dict(saved["scheduler"])
+    elif order == "scheduler first":
+        scheduler.load_state_dict(saved["scheduler"])
+        model.load_state_dict(saved["model"])
+    else:
+        load_training_state(saved, model, optimizer, scheduler)
+
+
+def _classifier(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def _classifier_run(seed, rank_ratio=0.5, form="lowrank"):
+    model = _classifier(seed)
+    convert_model(model, rank_ratio=rank_ratio, form=form)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, opt, DynamicRankScheduler(model, opt, 3, 7)
+
+
+@pytest.mark.parametrize("resume", ["model only", "model first", "scheduler first", "load_training_state"])
+def test_a_model_only_load_into_another_form_leaves_the_lowrank_rank_unknown(resume):
+    """A run converted at ρ = 0.25 (layer '0' lowrank at rank 16; E=10, I=3, D=7) saves its adapter-form model.
+    Loaded alone into a model freshly converted at ρ = 0.5, comp_ratio counted the lowrank epochs at the fresh
+    conversion's rank 32 (0.8723 for the run's 0.7445), where a model converted in adapter form refuses to
+    guess.  The load makes the rank unknown, so the cost asks for it; a scheduler's state gives it back."""
+    # By hand: other = 64 (layer 0's bias) + 650 (the classifier, left dense) = 714; d = 714 + 64·64 = 4810;
+    # d_ρ = 714 + 16·(64 + 64) = 2762.  (3 + 3) lowrank and adapter epochs, 4 full ones.
+    expected = (6 * 2762 + 4 * 4810) / (10 * 4810)
+    model, opt, sched = _classifier_run(0, rank_ratio=0.25)
+    for epoch in range(10):
+        sched.step(epoch)
+    assert comp_ratio(model, 10, 3, 7) == pytest.approx(expected, rel=1e-15)
+    saved = copy.deepcopy(training_state(model, opt, sched))
+    resumed, resumed_opt, resumed_sched = _classifier_run(1)
+    assert resumed[0].rank == 32
+    _resume(resume, saved, resumed, resumed_opt, resumed_sched)
+    assert (resumed[0].form, resumed[0].rank) == ("adapter", 16)
+    if resume == "model only":
+        assert resumed[0]._lowrank_rank is None
+        with pytest.raises(ValueError, match=r"layers \['0'\] are in adapter form \(rank 16 for '0'\), and the rank "
+                                             r"they had in lowrank form.* is not known"):
+            comp_ratio(resumed, 10, 3, 7)
+        assert comp_ratio(resumed, 10, 3, 7, lowrank_ranks={"0": 16}) == pytest.approx(expected, rel=1e-15)
+    else:
+        assert resumed[0]._lowrank_rank == 16
+        assert comp_ratio(resumed, 10, 3, 7) == pytest.approx(expected, rel=1e-15)
+
+
+def test_a_load_in_lowrank_form_gives_the_loaded_rank():
+    """A model converted in full form knows no lowrank rank; a lowrank-form dict loaded into it gives the
+    rank of its factors, which the cost of the lowrank epochs reads after a deflate to another rank."""
+    lowrank = _classifier(0)
+    convert_model(lowrank, rank_ratio=0.25)
+    model = _classifier(1)
+    convert_model(model, form="full")
+    assert model[0]._lowrank_rank is None
+    model.load_state_dict(lowrank.state_dict())
+    assert (model[0].form, model[0].rank, model[0]._lowrank_rank) == ("lowrank", 16, 16)
+    model[0].inflate().deflate(rank=8)
+    # By hand as above, the adapter epochs at rank 8: 714 + 8·128 = 1738.
+    assert comp_ratio(model, 10, 3, 7) == pytest.approx((3 * 2762 + 4 * 4810 + 3 * 1738) / (10 * 4810), rel=1e-15)
 
 
 # -- load_training_state: the optimizer's settings, and a model on the meta device ----------------------

@@ -420,6 +420,41 @@ def test_a_dict_of_the_same_form_that_lacks_a_tensor_is_torchs_missing_key():
     assert result.missing_keys == ["B"] and torch.equal(layer.B, before["B"])
 
 
+@pytest.mark.parametrize("form", ["adapter", "lowrank"])
+@pytest.mark.parametrize("build", [pytest.param(linear, id="linear")] + [
+    pytest.param(lambda form, dec=dec, **kw: conv(dec, form, **kw), id=dec) for dec, _, _ in CONVS])
+def test_the_trained_tensors_of_a_layer_with_a_frozen_factor_load_into_it(build, form):
+    """LoRA-FA freezes A and trains the other factors and the bias, which it saves alone.  Loaded back with
+    strict=False into a layer of the same form and rank, they were refused ("lacks A": the rank was read from
+    A).  Nothing switches: they load, and torch reports A (and an adapter's W_f) as missing.  Factors of
+    another rank without A are still refused, and strict loading names A."""
+    src = randomize(build(form, dtype=torch.float64))
+    src.A.requires_grad_(False)
+    trained = {n: p.detach().clone() for n, p in src.named_parameters() if p.requires_grad}
+    layer = build(form, dtype=torch.float64)
+    with torch.no_grad():
+        layer.A.copy_(src.A)
+        if form == "adapter":
+            layer.weight.copy_(src.weight)
+    params, before = dict(layer.named_parameters()), state(layer)
+    x = input_for(layer, 3).double()
+    assert not torch.equal(layer(x), src(x))
+    other = next(n for n in layer.factors() if n != "A")
+    wrong = dict(trained, **{other: trained[other][..., :-1]})
+    with pytest.raises(RuntimeError, match=rf"holds this layer in {form} form but lacks A; the layer is left as "
+                                           rf"it was"):
+        layer.load_state_dict(wrong, strict=False)
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: .*"A"'):
+        build(form, dtype=torch.float64).load_state_dict(trained)
+    assert_same_state(layer, before)
+    result = layer.load_state_dict(trained, strict=False)
+    assert sorted(result.missing_keys) == ["A"] + (["weight"] if form == "adapter" else [])
+    assert not result.unexpected_keys
+    assert (layer.form, layer.rank) == (form, src.rank)
+    assert all(p is params[n] for n, p in layer.named_parameters()) and len(params) == len(list(layer.parameters()))
+    assert torch.equal(layer(x), src(x))
+
+
 def _svd_conv(form="lowrank", rank=2):
     return LowRankConv2d(5, 7, 3, rank=rank, decomposition="svd", padding=1, form=form, alpha=2.0)
 

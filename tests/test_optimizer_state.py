@@ -634,3 +634,43 @@ def test_fused_sgd_with_dampening_warns_that_the_new_weights_first_step_is_scale
     assert not [m for m in said if "dampening" in m]
     for step, g in zip(steps, grads):
         assert rel_err(step, 0.1 * g) < 1e-12
+
+
+def _custom_named_run(seed=0):
+    """The converted MLP under AdamW whose one group names its parameters p0, p1, ... (no module paths)."""
+    model = mlp(seed)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW([{"params": params, "param_names": [f"p{i}" for i in range(len(params))]}], lr=1e-3)
+    return model, opt, DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2)
+
+
+def _names(opt):
+    return opt.param_groups[0]["param_names"]
+
+
+@pytest.mark.parametrize("resume", ["model first", "scheduler first"])
+def test_names_that_are_not_module_paths_stay_on_the_parameters_a_switch_keeps(resume):
+    """With custom param_names, the deflate renamed the biases it keeps ('p0' became 'p1.bias'): it read 'p1.weight',
+    the name the inflate gave W, as a module path.  Kept parameters keep their names; an added one is named after
+    a removed one (less that one's own name where it ends so), as a model-first resume names it."""
+    model, opt, sched = _custom_named_run()
+    bias = model[0].bias
+    assert _names(opt) == [f"p{i}" for i in range(8)]        # layer 0: bias, A, B; layer 2: bias, A, B; the head
+    sched.step(1)
+    assert _names(opt) == ["p0", "p1.weight", "p3", "p4.weight", "p6", "p7"]
+    sched.step(2)
+    expected = ["p0", "p1.A", "p1.B", "p3", "p4.A", "p4.B", "p6", "p7"]
+    assert _names(opt) == expected
+    assert model[0].bias is bias and opt.param_groups[0]["params"][0] is bias
+    saved = copy.deepcopy({"model": model.state_dict(), "scheduler": sched.state_dict()})
+    resumed, resumed_opt, resumed_sched = _custom_named_run(1)
+    if resume == "model first":
+        resumed.load_state_dict(saved["model"])                # lowrank → adapter at once
+        assert _names(resumed_opt) == expected
+        resumed_sched.load_state_dict(saved["scheduler"])
+    else:
+        resumed_sched.load_state_dict(saved["scheduler"])      # through full form
+        resumed.load_state_dict(saved["model"])
+    assert _names(resumed_opt) == expected
+    names = dict(zip(map(id, resumed_opt.param_groups[0]["params"]), _names(resumed_opt)))
+    assert [names[id(p)] for p in (resumed[0].bias, resumed[0].A, resumed[0].B)] == ["p0", "p1.A", "p1.B"]

@@ -304,6 +304,16 @@ def test_an_adapter_layer_deflated_at_another_rank_is_timed_lowrank_at_its_lowra
     assert ranks["lowrank"] == (2,)
     assert profile.trainable["lowrank"] == param_counts(built).lowrank == 2 * 28 + 16 + head
 
+    # One loaded from an adapter-form state dict knows no more: the rank it had in lowrank form before the load
+    # (4 here) is not the run's that saved the dict, which is timed, and counted, at the dict's rank as well.
+    loaded = nn.Sequential(FusedLowRankLinear(12, 16, rank=4), nn.ReLU(), nn.Linear(16, 3))
+    loaded.load_state_dict(built.state_dict())
+    assert (loaded[0].form, loaded[0].rank) == ("adapter", 2)
+    ranks.clear()
+    profile = dynrank.profile_forms(loaded, step, forms="lowrank", steps=1, warmup=0, log=None)
+    assert ranks["lowrank"] == (2,)
+    assert profile.trainable["lowrank"] == param_counts(loaded).lowrank == 2 * 28 + 16 + head
+
 
 def test_pythons_and_numpys_rng_are_put_back(monkeypatch):
     """Only torch's RNG was restored: a step drawing from random or numpy (augmentation) left a seeded run
