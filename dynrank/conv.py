@@ -299,8 +299,9 @@ class LowRankConv2d(FormLayer):
         ValueError: a channel count or ``groups`` below 1 or not dividing the channels, a pair not
             of length 2, a kernel size, stride or dilation below 1 or padding below 0, a padding
             string other than ``"valid"`` and ``"same"`` (or ``"same"`` with a stride other than
-            1), a rank out of the decomposition's bounds, a ratio outside (0, 1], an unknown
-            decomposition, form, padding mode or adapter strategy.
+            1, given to the constructor; set afterwards, the next forward raises ``RuntimeError``,
+            as ``nn.Conv2d``'s does), a rank out of the decomposition's bounds, a ratio outside
+            (0, 1], an unknown decomposition, form, padding mode or adapter strategy.
 
     Example:
         >>> conv = LowRankConv2d(16, 32, 3, rank=8, decomposition="tucker", padding=1)

@@ -54,9 +54,15 @@ def _check_operands(x, weight, A, B, bias):
         raise ValueError(f"B must have shape ({in_size}, {R}) for an input of shape {shape_of(x)}, "
                          f"got {tuple(B.shape)}")
     if weight is not None and tuple(weight.shape) != (N, K):
-        raise ValueError(f"weight must have shape ({N}, {K}), got {tuple(weight.shape)}")
+        if weight.dim() == 2 and weight.shape[1] == K and (bias is None or tuple(bias.shape) == weight.shape[:1]):
+            # The weight (and the bias) agree on the output size; A's rows do not.
+            raise ValueError(f"A must have shape ({weight.shape[0]}, {R}) to match weight {tuple(weight.shape)}, "
+                             f"got {tuple(A.shape)}")
+        raise ValueError(f"weight must have shape ({N}, {K}), got {tuple(weight.shape)} (A {tuple(A.shape)} and "
+                         f"B {tuple(B.shape)} give the output and input sizes)")
     if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)} (A {tuple(A.shape)} gives the "
+                         f"output size)")
     if in_size != K:
         raise ValueError(f"input must have shape (..., {K}), got {shape_of(x)}")
     check_floating_input(x)

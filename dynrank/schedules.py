@@ -77,7 +77,8 @@ def regime_boundary(epochs, milestones=None, lrs=None, threshold=DECAY_THRESHOLD
     Args:
         epochs: total epochs E.
         milestones: epochs at which a step schedule decays the LR, a sequence of
-            increasing ints (the first one is used).
+            increasing ints (the first one is used; later ones, even past E, are
+            not read: a decay the run never reaches changes nothing here).
         lrs: per-epoch learning rates (a sequence of E numbers), used when
             ``milestones`` is None.
         threshold: fraction of the peak LR that marks the low-noise regime, in
@@ -89,8 +90,9 @@ def regime_boundary(epochs, milestones=None, lrs=None, threshold=DECAY_THRESHOLD
     Raises:
         TypeError: non-int epochs or milestones, milestones / lrs that are not
             sequences (of numbers), a non-number threshold.
-        ValueError: neither or both of milestones and lrs given, milestones out of
-            (0, E), an LR list of the wrong length, a negative, NaN or infinite LR
+        ValueError: neither or both of milestones and lrs given, an empty or
+            decreasing milestones list or a first milestone out of (0, E), an LR
+            list of the wrong length, a negative, NaN or infinite LR
             (the message names its index) or all zero, a threshold outside (0, 1),
             or no epoch after the peak at or below the threshold (the message gives
             the lowest fraction of the peak reached).

@@ -1017,14 +1017,21 @@ def test_a_fake_tensor_run_leaves_no_fake_zero_for_later_real_runs(allow_real, m
 
 
 def test_lowrank_linear_names_b_and_refuses_a_scale_that_would_lose_its_gradient():
-    """A B of the wrong input size was reported as the weight's or the input's fault; a scale tensor that
-    requires grad was read as a number, so it never trained (only torch's generic warning said so)."""
+    """A B of the wrong input size was reported as the weight's or the input's fault, an A of the wrong
+    output size as the weight's; a scale tensor that requires grad was read as a number, so it never
+    trained (only torch's generic warning said so)."""
     x, W, A = torch.randn(3, 8), torch.randn(4, 8), torch.randn(4, 2)
     with pytest.raises(ValueError, match=re.escape("B must have shape (8, 2) for an input of shape (3, 8), "
                                                    "got (7, 2)")):
         F.lowrank_linear(x, W, A, torch.randn(7, 2))           # "weight must have shape (4, 7)" before
     with pytest.raises(ValueError, match=re.escape("input must have shape (..., 7), got (3, 8)")):
         F.lowrank_linear(x, None, A, torch.randn(7, 2))        # without a weight, either may be wrong
+    B, bias = torch.randn(8, 2), torch.randn(4)
+    with pytest.raises(ValueError, match=re.escape("A must have shape (4, 2) to match weight (4, 8), got (7, 2)")):
+        F.lowrank_linear(x, W, torch.randn(7, 2), B, bias)     # "weight must have shape (7, 8)" before
+    with pytest.raises(ValueError, match=re.escape("bias must have shape (7,), got (4,) (A (7, 2) gives the "
+                                                   "output size)")):
+        F.lowrank_linear(x, None, torch.randn(7, 2), B, bias)  # without a weight, A or the bias may be wrong
     scale = torch.tensor(0.5, requires_grad=True)
     with pytest.raises(TypeError, match="scale is read as a number, so a tensor that requires grad would get no "
                                         "gradient"):
