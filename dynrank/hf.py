@@ -283,6 +283,8 @@ class DynamicRankCallback(TrainerCallback):
             self.monitor.start_epoch(epoch)
         with _switch_rng(args, count, self.scheduler.model):
             changed = self.scheduler.step(count)
+        if changed:
+            _warn_pending_gradients(self.scheduler.model, state, self.unit, count)
         self.changes.extend((count, *change) for change in changed)
         if changed and self.log is not None:
             moves = sorted({f"{old} → {new}" for _, old, new in changed})
@@ -632,6 +634,19 @@ def _switch_rng(args, count, model):
         for index in devices:
             torch.cuda.default_generators[index].manual_seed(seed)
         yield
+
+
+def _warn_pending_gradients(model, state, unit, count):
+    """Warn where a switch came inside a gradient accumulation: parameters it kept still hold gradients
+    (the Trainer zeroes them after each optimizer step), which the switched layers' new parameters lack.
+    An ``IterableDataset`` pass whose length is not a multiple of ``gradient_accumulation_steps`` carries
+    its trailing micro-batches into the next epoch's first step, where a switch by epoch is made."""
+    if any(p.grad is not None and bool(p.grad.any()) for p in model.parameters()):
+        warnings.warn(f"DynamicRankCallback switched at {unit} {count} (global step {state.global_step}) while "
+                      f"the model held gradients of micro-batches not yet stepped (a data pass whose length is "
+                      f"not a multiple of gradient_accumulation_steps carries them into the next epoch): the "
+                      f"switched layers dropped theirs, the other parameters step with them; make the pass a "
+                      f"multiple of gradient_accumulation_steps", stacklevel=2)
 
 
 def _check_one_process(args, who, change):

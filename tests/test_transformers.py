@@ -568,6 +568,26 @@ def test_callback_resumes_bitwise_from_a_step_checkpoint_saved_before_an_evaluat
         assert all(torch.equal(state[k], expected[k]) for k in expected), f"resumed from checkpoint-{step}"
 
 
+@pytest.mark.parametrize("examples", [40, 32], ids=["pass-of-5-micro-batches", "pass-of-4"])
+def test_callback_warns_of_a_switch_inside_a_gradient_accumulation(tmp_path, examples):
+    """A streamed pass of 5 micro-batches under gradient_accumulation_steps=2 carries its last one's gradient
+    into the next epoch's first step, where the inflate dropped the switched layers' share of it without a
+    word while the other parameters stepped with it.  A pass of 4 leaves nothing pending."""
+    import warnings
+
+    from dynrank.hf import DynamicRankCallback
+    callback = DynamicRankCallback(1, None, log=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(tmp_path, callback, data=_TokenStream(examples), save="no", max_steps=4, gradient_accumulation_steps=2)
+    assert {new for _, _, _, new in callback.changes} == {"full"}
+    pending = [str(w.message) for w in caught if "micro-batches not yet stepped" in str(w.message)]
+    if examples == 40:
+        assert len(pending) == 1 and pending[0].startswith("DynamicRankCallback switched at epoch 1 (global step 2)")
+    else:
+        assert pending == []
+
+
 def _resume_at_quarter_rank(out_dir, checkpoint, epochs=3, **arguments):
     """Resume from ``checkpoint`` into a GPT-2 converted at rank_ratio 0.25 (ranks 8), saving nothing."""
     from dynrank.hf import DynamicRankCallback
