@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from ._forms import FormLayer
-from ._optim import optimizer_chain, optimizer_params
+from ._optim import _caller_stacklevel, optimizer_chain, optimizer_params
 
 __all__ = ["unwrap_model", "form_layers", "check_model_and_optimizer", "check_sync", "check_layer_names",
-           "check_same_layers", "check_finite", "NonFiniteError", "check_one_group", "check_trains_layers", "copy_layers",
-           "check_copy", "check_new_copy"]
+           "check_same_layers", "check_finite", "NonFiniteError", "check_one_group", "check_trains_layers",
+           "check_trains_factors", "copy_layers", "check_copy", "check_new_copy"]
 
 
 def wrapper_chain(model):
@@ -269,6 +269,11 @@ def layers_are(names):
     return f"layers {shown_names(names)} are" if len(names) > 1 else f"layer {shown_names(names)} is"
 
 
+def params_are(names):
+    """``"parameter 'a' is"`` or ``"parameters 'a', 'b' are"``: the subject of a message naming ``names``."""
+    return f"parameters {shown_names(names)} are" if len(names) > 1 else f"parameter {shown_names(names)} is"
+
+
 def check_not_sharded(layers, who):
     """ValueError naming the layers of ``layers`` ((name, layer) pairs) that hold a sharded parameter (a
     DTensor: ``fully_shard`` over them without ``ignored_params``): ``who`` (a scheduler) replaces a layer's
@@ -322,7 +327,9 @@ def check_trains_layers(optimizer, layers, model, who):
     built before ``convert_model`` holds the replaced modules' tensors, and no layer would ever train.
     A model whose layers are frozen is fine.  A trainable layer left out of an optimizer that holds
     another's gets a warning (``who`` builds over it): its new parameters after a switch join no optimizer,
-    so one that a second optimizer trains (Muon's matrices beside AdamW's convs) stops training."""
+    so one that a second optimizer trains (Muon's matrices beside AdamW's convs) stops training.  So does
+    a trainable factor left out of it while the optimizer holds another of its layer's
+    (:func:`check_trains_factors`)."""
     per_layer = [(name, list(_switched(layer).values())) for name, layer in layers]
     switched = [p for _, params in per_layer for p in params]
     held = optimizer_params(optimizer)
@@ -335,6 +342,7 @@ def check_trains_layers(optimizer, layers, model, who):
                           f"switch leaves the new parameters out of every optimizer (one a second optimizer "
                           f"trains stops training); build one {who} per optimizer over the part it trains "
                           f"({who}(model.part, its_optimizer, ...)), or freeze them", stacklevel=3)
+        check_trains_factors(optimizer, layers, who)
         return
     in_model = {id(p) for p in model.parameters()}
     strays = len(held - in_model)
@@ -344,6 +352,27 @@ def check_trains_layers(optimizer, layers, model, who):
     raise ValueError(f"the optimizer holds no trainable parameter of the dynrank layers ({shown}), so they would "
                      f"never train{stale}; build the optimizer after convert_model(model), from "
                      f"model.parameters() or groups of them")
+
+
+def check_trains_factors(optimizer, layers, who):
+    """UserWarning naming each trainable parameter a form change or resize of ``layers`` ((name, layer)
+    pairs; a name "" for a layer on its own) replaces that the optimizer (the one ``who`` was given) does not
+    hold while it holds another of that layer's (A in it, B trained by a second optimizer): its replacement
+    joins the optimizer's group or none, and the second optimizer steps the replaced tensor from then on.
+    The warning names the user's line."""
+    held = optimizer_params(optimizer)
+    left_out = []
+    for name, layer in layers:
+        # A factor that is no leaf (a parametrization's output) is in no optimizer: the switch refuses it.
+        params = {key: p for key, p in _switched(layer).items() if p.is_leaf}
+        if any(id(p) in held for p in params.values()):
+            left_out += [f"{name}.{key}" if name else key for key, p in params.items() if id(p) not in held]
+    if left_out:
+        it, its, new = ("it", "its layer's", "one") if len(left_out) == 1 else ("them", "their layers'", "ones")
+        warnings.warn(f"{params_are(left_out)} trainable but not in the optimizer {who} was given, though that "
+                      f"holds others of {its}: a switch or resize replaces {it} and puts the new {new} in no other "
+                      f"optimizer (one a second optimizer trains stops training); put {it} in the optimizer "
+                      f"{who} was given, or freeze {it}", stacklevel=_caller_stacklevel())
 
 
 def copy_layers(model_copy):

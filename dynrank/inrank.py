@@ -12,10 +12,12 @@ smallest k in [r, r + buffer) whose top-k spectrum explains the spectrum,
 
 else r + buffer − 1; the layer then grows to r + buffer components.  Ranks
 never shrink during training.  Growth appends components whose A columns are
-zero and B columns random, so the layer's function is unchanged at the
-switch (with ``alpha`` set, the old A is rescaled to keep s·A·Bᵀ fixed) and
-the optimizer keeps the old components' state (SGD's momentum, Adam's,
-RMSprop's and Adagrad's entries; other optimizers' state starts afresh).
+zero and B columns random (B columns zero and A columns random where A is
+frozen by hand and B trains, so that they train), so the layer's function is
+unchanged at the switch (with ``alpha`` set, the old A is rescaled to keep
+s·A·Bᵀ fixed) and the optimizer keeps the old components' state (SGD's
+momentum, Adam's, RMSprop's and Adagrad's entries; other optimizers' state
+starts afresh).
 
 Growth replaces A and B (one for one, each in its own param group), so
 whatever else holds them must follow: an EMA or SWA copy of the model grows
@@ -34,8 +36,8 @@ from ._claims import (_GROWERS, RECORD_KEYS, _Claiming, _alpha_mismatch, _check_
                       _check_saved_alpha, _check_saved_decompositions, _check_saved_shapes, _layer_record)
 from ._checks import (call_back, check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer,
                       check_new_copy, check_not_sharded, check_not_unconverted, check_same_layers, check_switchable,
-                      check_sync, check_trains_layers, check_untied, fork_layer_rngs, remove_copy, shown_names,
-                      unwrap_model)
+                      check_sync, check_trains_factors, check_trains_layers, check_untied, fork_layer_rngs,
+                      remove_copy, shown_names, unwrap_model)
 from ._forms import outside_inference_mode
 from ._optim import SQUARED_STATE, _split_state, manage, replace_params, warn_dampened
 from ._readers import guard_attention
@@ -137,14 +139,28 @@ def _pad_state(state, param, extra, ratio):
     return out
 
 
-@outside_inference_mode
-@torch.no_grad()
+def _zero_output_init(layer, rank, device, dtype):
+    """Dict A, B of ``rank`` new components of ``layer`` with a zero product that train: the layer's
+    zero-output init (A columns zero, B columns Glorot-normal), or where A is frozen and B trains the other
+    way round (A columns Glorot-normal, B columns zero): a zero A column that stays frozen gives its B
+    column a zero gradient forever.  With both frozen nothing trains either way: the usual init."""
+    if layer.A.requires_grad or not layer.B.requires_grad:
+        return layer._init_factors(rank, True, device=device, dtype=dtype)
+    A = layer._init_factors(rank, False, device=device, dtype=dtype)["A"]
+    return {"A": A, "B": torch.zeros(layer.in_features, rank, device=device, dtype=dtype)}
+
+
 def grow_rank_(layer, new_rank, optimizer=None):
     """Grow a FusedLowRankLinear (lowrank or adapter form) to ``new_rank`` components, in place.
 
     New components: A columns zero, B columns Glorot-normal (the layer's own
     zero-output init), so the output is unchanged; with ``alpha`` set the old
-    A is multiplied by new_rank/old_rank to keep s·A·Bᵀ fixed.  If
+    A is multiplied by new_rank/old_rank to keep s·A·Bᵀ fixed.  A factor frozen
+    by hand stays frozen; where that is A and B trains, the zero goes to B
+    instead (B columns zero, A columns Glorot-normal), since a zero A column
+    kept frozen would give its B column a zero gradient forever: the new
+    components train and the output is unchanged.  With both factors frozen
+    the new components train no more than the old ones.  If
     ``optimizer`` is given, the new A and B replace the old ones in place and
     keep their state: old columns as they were (rescaled with A), new columns
     with zero first moments and second moments at the old mean (so Adam's
@@ -155,7 +171,9 @@ def grow_rank_(layer, new_rank, optimizer=None):
     (call it between optimizer steps: a pending gradient is dropped with them).  Fused SGD with
     ``dampening`` gives a factor without a momentum buffer, in a group where others have one, a zero
     buffer (it cannot step the group otherwise), so its first step is (1 − dampening)·lr·g: a warning
-    says so.
+    says so.  A trainable factor the optimizer leaves out while it holds the other (B trained by a
+    second optimizer) gets a warning naming it: its replacement joins no optimizer, and the second
+    one steps the old tensor from then on.
 
     Args:
         layer: FusedLowRankLinear in lowrank or adapter form.
@@ -185,6 +203,14 @@ def grow_rank_(layer, new_rank, optimizer=None):
         >>> any(p is layer.A for p in params) and any(p is layer.B for p in params)
         True
     """
+    return _grow_rank_(layer, new_rank, optimizer, "grow_rank_")
+
+
+@outside_inference_mode
+@torch.no_grad()
+def _grow_rank_(layer, new_rank, optimizer, who):
+    """:func:`grow_rank_`; ``who`` names the caller in the warning of a factor the optimizer leaves out, None
+    for a scheduler (it warned when it was built, :func:`~dynrank._checks.check_trains_layers`)."""
     if not isinstance(layer, FusedLowRankLinear):
         raise TypeError(f"grow_rank_ takes a FusedLowRankLinear, got {type(layer).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -200,10 +226,12 @@ def grow_rank_(layer, new_rank, optimizer=None):
         raise ValueError(f"new_rank must be >= the current rank {old_rank} (ranks never shrink), got {new_rank}")
     if new_rank == old_rank:
         return layer
+    if optimizer is not None and who is not None:
+        check_trains_factors(optimizer, [("", layer)], who)
     extra = new_rank - old_rank
     old_A, old_B = layer.A, layer.B
     ratio = layer.scale_for(old_rank) / layer.scale_for(new_rank)
-    fresh = layer._init_factors(extra, True, device=old_A.device, dtype=old_A.dtype)
+    fresh = _zero_output_init(layer, extra, old_A.device, old_A.dtype)
     A = torch.cat([old_A.detach() * ratio, fresh["A"]], dim=1)
     B = torch.cat([old_B.detach(), fresh["B"]], dim=1)
     _install(layer, A, B, new_rank, old_A, old_B)
@@ -238,11 +266,12 @@ def _follow_growth(copy_layer, layer):
     random numbers (the run's RNG stream is the same with or without copies).
 
     The copy's old columns stay its own (A rescaled as the model's was), so it keeps computing its
-    averaged function; its new columns are the model's new ones (A's zero, B's fresh), as the average of
-    a component that exists from now on starts at its value.  Parameter names and order are kept, so an
-    AveragedModel pairs the wider A, B with the model's.  A copy kept out of autograd stays out.  Run
-    outside ``torch.inference_mode`` (:func:`~dynrank._forms.outside_inference_mode`), as ``grow_rank_``:
-    the copy's new A and B are ordinary tensors that load and train.
+    averaged function; its new columns are the model's new ones (one factor's zero, the other's fresh),
+    as the average of a component that exists from now on starts at its value.  Parameter names and
+    order are kept, so an AveragedModel pairs the wider A, B with the model's.  A copy kept out of
+    autograd stays out.  Run outside ``torch.inference_mode``
+    (:func:`~dynrank._forms.outside_inference_mode`), as ``grow_rank_``: the copy's new A and B are
+    ordinary tensors that load and train.
     """
     old_rank, new_rank = copy_layer.rank, layer.rank
     ratio = copy_layer.scale_for(old_rank) / copy_layer.scale_for(new_rank)
@@ -259,7 +288,8 @@ def _truncate_rank_(layer, rank, optimizer=None):
 
     A component whose singular value is zero (every one of a fresh adapter's zero product, the surplus
     of a rank-deficient one) would get zero A and B columns, a saddle point that never receives a
-    gradient: it gets the layer's zero-output init instead (A column zero, B column random), so the
+    gradient: it gets the layer's zero-output init instead (A column zero, B column random; where A is
+    frozen by hand and B trains, B column zero and A column random, as :func:`grow_rank_` gives), so the
     product is the same (up to the rounding of the layer's dtype) and every component trains.  The
     SVD fit and its test for zero are :func:`~dynrank.linear.svd_factors`, which ``from_dense`` and
     ``deflate(init="svd")`` use too.  The product is built in float64, and zero is judged by the layer's
@@ -271,8 +301,14 @@ def _truncate_rank_(layer, rank, optimizer=None):
     old = [layer.A, layer.B]
     merged = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=layer.A.device)
     layer._merge_into_(merged, 1.0, layer.factors())
-    A, B = svd_factors(merged, rank, layer.scale_for(rank), dtype=layer.A.dtype,
-                       fresh=lambda: layer._init_factors(rank, True, device=merged.device, dtype=layer.A.dtype)["B"])
+    scale, dtype = layer.scale_for(rank), layer.A.dtype
+    if layer.A.requires_grad or not layer.B.requires_grad:
+        A, B = svd_factors(merged, rank, scale, dtype=dtype,
+                           fresh=lambda: _zero_output_init(layer, rank, merged.device, dtype)["B"])
+    else:
+        # svd_factors zeroes the first factor's column of a zero component: fit the transpose B·Aᵀ to zero B's.
+        B, A = svd_factors(merged.t(), rank, scale, dtype=dtype,
+                           fresh=lambda: _zero_output_init(layer, rank, merged.device, dtype)["A"])
     _install(layer, A.to(old[0].dtype), B.to(old[1].dtype), rank, *old)
     if optimizer is not None:
         replace_params(optimizer, old, [layer.A, layer.B], owner=layer, old_names=dict(zip(map(id, old), "AB")))
@@ -318,8 +354,10 @@ class IncrementalRankScheduler(_Claiming):
     starts at that rank − buffer (at least 1).  In the truncated SVD,
     components of singular value zero (all of a fresh adapter's, whose
     product is zero) get the zero-output init rather than zero factors: same
-    product, but they train.  Call :meth:`step` after every optimizer step
-    (before the next forward).
+    product, but they train.  Their zero columns, as those of padded and grown
+    components, are A's, or B's where A is frozen by hand and B trains (see
+    :func:`grow_rank_`).  Call :meth:`step` after every optimizer step (before
+    the next forward).
 
     With ``buffer=1`` nothing ever grows: the rule's only candidate is the
     discovered rank itself (:func:`explained_rank`).
@@ -542,10 +580,11 @@ class IncrementalRankScheduler(_Claiming):
         given here grows with the model, at the same :meth:`step`: its old
         components stay its own averages (A rescaled with the model's when
         ``alpha`` is set), so its function is unchanged, and its new
-        components start as the model's (A's columns zero, B's the model's
-        fresh ones); no random numbers are drawn.  At each check :meth:`step`
-        checks every copy's layers against the model's before any layer grows.
-        The scheduler holds the copy until :meth:`remove_model_copy`.
+        components start as the model's (one factor's columns zero, the
+        other's the model's fresh ones); no random numbers are drawn.  At
+        each check :meth:`step` checks every copy's layers against the
+        model's before any layer grows.  The scheduler holds the copy until
+        :meth:`remove_model_copy`.
 
         Checkpoints: save ``model_copy.state_dict()`` beside
         :func:`~dynrank.checkpoint.training_state`; :meth:`load_state_dict`
@@ -626,13 +665,13 @@ class IncrementalRankScheduler(_Claiming):
         if rank == layer.rank:
             return
         if rank > layer.rank:
-            grow_rank_(layer, rank, self.optimizer)
+            _grow_rank_(layer, rank, self.optimizer, None)
             self._sync(layer)
             for copy_layer in copies:
                 _follow_growth(copy_layer, layer)
         else:
             _truncate_rank_(layer, rank, self.optimizer)
-            self._sync(layer)                   # zero components drew fresh B columns
+            self._sync(layer)                   # zero components drew fresh columns
         if layer.A.requires_grad or layer.B.requires_grad:   # a DDP wrapper reduces the old ones
             _retire_stale(self.model, "an IncrementalRankScheduler rank change")
 
@@ -823,7 +862,7 @@ class IncrementalRankScheduler(_Claiming):
         check_switchable([(n, m) for n, m in self._layers if ranks[n] != m.rank])
         check_finite([(n, m) for n, m in self._layers if ranks[n] < m.rank], "not loading any rank")
         resized = [(name, layer.rank, ranks[name]) for name, layer in self._layers if ranks[name] != layer.rank]
-        with fork_layer_rngs(self._layers):             # a truncation draws B columns on the layer's device
+        with fork_layer_rngs(self._layers):             # a truncation draws fresh columns on the layer's device
             for name, layer in self._layers:
                 self._resize(layer, ranks[name])
         del settings["ranks"]

@@ -501,7 +501,8 @@ class OrthogonalityRegularizer:
         if start is not None and tuple(start.shape) != _start_shape(W):
             start = None        # the tensor changed shape (a form change); _srip moves one on another device
         value, v = _srip(W, self.n_power_iterations, start, True, check_start=False)
-        if not v.is_meta:           # a dry run on meta weights: nothing to start from later
+        # A dry run on meta weights has nothing to start from later, and an empty tensor needs no start.
+        if not v.is_meta and v.numel():
             self._vectors[name] = v
         return value
 
@@ -511,8 +512,9 @@ class OrthogonalityRegularizer:
         Returns:
             dict tensor name (as in :func:`regularized_tensors`) → SRIP's last unit vector of that
             tensor (a detached 1-D tensor of length p = min side; for a conv with groups g > 1 a
-            (g, p) tensor, one vector per block), copies; empty for SO and DSO and before the first
-            call.  ``torch.save``/``torch.load`` (``weights_only`` too) keep it.
+            (g, p) tensor, one vector per block), copies; none for a tensor with no elements (p = 0,
+            its penalty is 0); empty for SO and DSO and before the first call.
+            ``torch.save``/``torch.load`` (``weights_only`` too) keep it.
 
         Example:
             >>> import torch

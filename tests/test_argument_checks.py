@@ -10,6 +10,7 @@ import functools
 import math
 import re
 import types
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -19,8 +20,8 @@ from torch import nn
 
 from _helpers import REL_TOL, rel_err
 
-from dynrank import (SRIP, IncrementalRankScheduler, LowRankConv2d, RankMonitor, SoftOrthogonality, convert_model,
-                     schedule_from_lr)
+from dynrank import (SRIP, DynamicRankScheduler, IncrementalRankScheduler, LowRankConv2d, RankMonitor,
+                     SoftOrthogonality, convert_model, schedule_from_lr)
 from dynrank._forms import check_floating_dtype
 from dynrank.cost import (ParamCounts, comp_ratio, epoch_times, form_epochs, layer_param_counts, measured_comp_ratio,
                           param_counts)
@@ -468,3 +469,42 @@ def test_a_module_is_not_a_filter():
     assert list(model_metrics(converted, layers=lambda name, m: name == "0")) == ["0"]
     convert_model(model, include=lambda name, m: name == "2")
     assert [type(m).__name__ for m in model] == ["Linear", "ReLU", "FusedLowRankLinear", "Linear"]
+
+
+def test_a_factor_a_second_optimizer_trains_is_named_by_the_dynamic_rank_scheduler():
+    """Only a layer left out of the optimizer whole was warned of: one holding a layer's A, with its B in a
+    second optimizer, passed, and after the switch the second optimizer stepped the old B.  Each such factor is
+    named now, beside the warning for a whole layer left out (one of each here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedLowRankLinear(16, 16, rank=4), nn.ReLU(), FusedLowRankLinear(16, 8, rank=2),
+                          nn.ReLU(), FusedLowRankLinear(8, 2, rank=2))
+    opt_main = torch.optim.SGD([model[0].A, model[2].A, *model[4].parameters()], lr=0.1)
+    opt_rest = torch.optim.SGD([model[0].B, model[2].B, model[0].bias, model[2].bias], lr=0.1)
+    model[2].B.requires_grad_(False)                # a frozen factor out of the optimizer: nothing to say
+    with pytest.warns(UserWarning) as said:
+        sched = DynamicRankScheduler(model, opt_main, 1, 2)
+    assert [str(w.message) for w in said] == [
+        "parameter '0.B' is trainable but not in the optimizer DynamicRankScheduler was given, though that holds "
+        "others of its layer's: a switch or resize replaces it and puts the new one in no other optimizer (one a "
+        "second optimizer trains stops training); put it in the optimizer DynamicRankScheduler was given, or "
+        "freeze it"]
+    assert said[0].filename == __file__
+    model[2].B.requires_grad_(True)
+    model[2].A.requires_grad_(False)                # a layer whose trainable factor is left out whole
+    with pytest.warns(UserWarning) as said:
+        DynamicRankScheduler(model, opt_main, 1, 2)
+    assert [str(w.message)[:60] for w in said] == [
+        "layer '2' is trainable but not in the optimizer DynamicRankS",
+        "parameter '0.B' is trainable but not in the optimizer Dynami"]
+    model[2].A.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"^parameters '0\.B', '2\.B' are trainable but not in the optimizer "
+                                         r"DynamicRankScheduler was given, though that holds others of their "
+                                         r"layers': a switch or resize replaces them and puts the new ones in no "
+                                         r"other optimizer"):
+        DynamicRankScheduler(model, opt_main, 1, 2)
+    sched.step(1)                                   # inflate: what the warning is about
+    assert not any(p is q for p in opt_rest.param_groups[0]["params"] for q in model.parameters() if q.dim() == 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # every trainable factor held: nothing to say
+        fresh = nn.Sequential(FusedLowRankLinear(16, 16, rank=4))
+        DynamicRankScheduler(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), 1, 2)

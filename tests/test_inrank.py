@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from _helpers import Wrapper, rel_err
+from _helpers import REL_TOL, Wrapper, rel_err
 from _scheduling import kept_and_removed_copy
 from dynrank.convert import convert_model
 from dynrank.inrank import IncrementalRankScheduler, explained_rank, grow_rank_
@@ -968,3 +968,119 @@ def test_a_layer_another_scheduler_deflates_is_not_taken_as_added():
         schedule.step(epoch)
         growth.step()
     assert model["enc"][0].form == "adapter" and [name for name, _ in growth.layers] == ["dec.0"]
+
+
+def _product(layer):
+    """The layer's low-rank product s·A·Bᵀ (out × in), detached."""
+    return layer.scale * layer.A.detach() @ layer.B.detach().t()
+
+
+def _train(layer_or_model, opt, x, y, steps):
+    """``steps`` SGD steps on the mean squared error; returns the trainable factors' gradients of the first."""
+    first = None
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(layer_or_model(x), y).backward()
+        if first is None:
+            first = {p: p.grad.clone() for p in opt.param_groups[0]["params"] if p.grad is not None}
+        opt.step()
+    return first
+
+
+@pytest.mark.parametrize("frozen", ["A", "B"])
+@pytest.mark.parametrize("form, alpha", [("lowrank", None), ("lowrank", 3.0), ("adapter", None)])
+def test_grown_components_train_beside_a_factor_frozen_by_hand(frozen, form, alpha):
+    """With A frozen by hand and B trained, grow_rank_ gave the new components zero A columns that stay frozen:
+    their B columns got a zero gradient forever, and the product kept its rank while layer.rank grew.  The
+    zero now goes on B's side there (random A columns); with B frozen it was on A's, which trains, already."""
+    torch.manual_seed(0)
+    layer = FusedLowRankLinear(16, 12, rank=2, form=form, alpha=alpha, dtype=torch.float64)
+    with torch.no_grad():
+        layer.A.normal_()                           # an adapter starts with a zero A: give it a product
+    trained = "B" if frozen == "A" else "A"
+    getattr(layer, frozen).requires_grad_(False)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    x, y = torch.randn(64, 16, dtype=torch.float64), torch.randn(64, 12, dtype=torch.float64)
+    before = layer(x).detach()
+    reference = x @ _product(layer).t() + layer.bias.detach() + (x @ layer.weight.t() if form == "adapter" else 0)
+    assert rel_err(before, reference) < REL_TOL[torch.float64]
+    grow_rank_(layer, 6, opt)
+    assert layer.rank == 6 and not getattr(layer, frozen).requires_grad and getattr(layer, trained).requires_grad
+    assert rel_err(layer(x), before) < REL_TOL[torch.float64]
+    assert not getattr(layer, trained)[:, 2:].any() and getattr(layer, frozen)[:, 2:].abs().amin() > 0
+    assert torch.linalg.matrix_rank(_product(layer)) == 2
+    grads = _train(layer, opt, x, y, 30)
+    new_columns = grads[getattr(layer, trained)][:, 2:]
+    assert new_columns.abs().amax(0).amin() > 1e-6              # every new component gets a gradient
+    sigma = torch.linalg.svdvals(_product(layer))
+    assert sigma[5] > 1e-3 * sigma[0]                           # and the product's rank rose to 6
+
+
+@pytest.mark.parametrize("frozen", ["A", "B"])
+@pytest.mark.parametrize("case", ["pad", "truncate rank-deficient", "truncate zero adapter"])
+def test_scheduler_resizes_to_components_that_train_beside_a_factor_frozen_by_hand(frozen, case):
+    """IncrementalRankScheduler's padding at construction (rank 2 → 6) and its truncated SVD's components of
+    singular value zero (the surplus of a rank-3 product, all of a fresh adapter's) got zero A columns and
+    random B columns: with A frozen by hand they never trained.  Same function, and now every component trains."""
+    torch.manual_seed(0)
+    rank, form = {"pad": (2, "lowrank"), "truncate rank-deficient": (8, "lowrank"),
+                  "truncate zero adapter": (8, "adapter")}[case]
+    layer = FusedLowRankLinear(16, 16, rank=rank, form=form, dtype=torch.float64)
+    if case == "truncate rank-deficient":
+        with torch.no_grad():
+            layer.A[:, 3:] = 0                      # a product of rank 3
+    model = nn.Sequential(layer)
+    trained = "B" if frozen == "A" else "A"
+    getattr(layer, frozen).requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x, y = torch.randn(64, 16, dtype=torch.float64), torch.randn(64, 16, dtype=torch.float64)
+    before, product = model(x).detach(), _product(layer)
+    IncrementalRankScheduler(model, opt, init_rank=2, buffer=4, warmup_steps=1000)
+    assert layer.rank == 6 and not getattr(layer, frozen).requires_grad and getattr(layer, trained).requires_grad
+    assert rel_err(model(x), before) < REL_TOL[torch.float64]
+    assert (_product(layer) - product).abs().max() <= REL_TOL[torch.float64] * max(product.abs().max(), 1.0)
+    grads = _train(model, opt, x, y, 30)
+    assert grads[getattr(layer, trained)].abs().amax(0).amin() > 1e-6     # every component gets a gradient
+    sigma = torch.linalg.svdvals(_product(layer))
+    assert sigma[5] > 1e-3 * sigma[0]
+
+
+def test_a_factor_left_out_of_the_optimizer_while_the_other_is_in_is_named():
+    """A held by the optimizer given, B trained by a second one (LoRA+-style): a resize replaced B and the second
+    optimizer stepped the old tensor from then on, silently; only a layer left out whole was warned of.  The
+    scheduler (at construction) and grow_rank_ now name the factor; growth under the scheduler says it once."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedLowRankLinear(16, 16, rank=4), nn.ReLU(), nn.Linear(16, 2))
+    layer = model[0]
+    opt_main = torch.optim.SGD([layer.A, layer.bias, *model[2].parameters()], lr=0.1)
+    opt_B = torch.optim.SGD([layer.B], lr=0.1)
+    with pytest.warns(UserWarning) as said:
+        growth = IncrementalRankScheduler(model, opt_main, init_rank=1, buffer=2, threshold=1 - 1e-9,
+                                          warmup_steps=0, check_every=1)
+    assert [str(w.message) for w in said] == [
+        "parameter '0.B' is trainable but not in the optimizer IncrementalRankScheduler was given, though that "
+        "holds others of its layer's: a switch or resize replaces it and puts the new one in no other optimizer "
+        "(one a second optimizer trains stops training); put it in the optimizer IncrementalRankScheduler was "
+        "given, or freeze it"]
+    assert said[0].filename == __file__
+    assert not any(p is layer.B for p in opt_B.param_groups[0]["params"])      # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # growth under the scheduler: said at construction
+        assert growth.step() == [("0", 3, 4)]
+    layer = FusedLowRankLinear(16, 16, rank=2)
+    opt_A = torch.optim.SGD([layer.A, layer.bias], lr=0.1)
+    with pytest.warns(UserWarning, match=r"^parameter 'B' is trainable but not in the optimizer grow_rank_ was "
+                                         r"given, though that holds others of its layer's") as said:
+        grow_rank_(layer, 4, opt_A)
+    assert said[0].filename == __file__
+    for frozen_B in (False, True):
+        layer = FusedLowRankLinear(16, 16, rank=2)
+        layer.B.requires_grad_(not frozen_B)
+        # Nothing to say where the optimizer holds both (B in a group of its own), or leaves out a frozen B.
+        groups = [{"params": [layer.A, layer.bias]}] + ([] if frozen_B else [{"params": [layer.B], "lr": 1.0}])
+        opt = torch.optim.SGD(groups, lr=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            grow_rank_(layer, 3, opt)
+            IncrementalRankScheduler(nn.Sequential(layer), opt, init_rank=2, buffer=2)
+        assert layer.rank == 4 and any(p is layer.A for p in opt.param_groups[0]["params"])

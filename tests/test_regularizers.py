@@ -2,6 +2,7 @@
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -451,6 +452,28 @@ def test_srip_state_dict_is_a_copy_and_load_checks_it():
             {"0.A": torch.ones(4)}, into=SoftOrthogonality(1.0))
     assert all(torch.equal(target._vectors[n], state[n]) for n in state)          # nothing changed
     SoftOrthogonality(1.0).load_state_dict({})
+
+
+def test_srip_state_of_a_model_with_empty_layers_loads_back():
+    """An empty tensor (p = 0, penalty 0) kept an empty vector, which load_state_dict refuses as all zeros: the
+    regularizer's own state could not be restored.  It keeps no vector for it now; the round trip goes on as
+    the uninterrupted regularizer does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(0, 5), nn.Linear(5, 3), nn.Linear(3, 0),
+                          nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(0, 4, 3)).double()
+    reg = SRIP(1.0, n_power_iterations=1)
+    first = float(reg(model).detach())
+    reference = srip_penalty(model[1].weight.detach(), 1) + srip_penalty(model[3].weight.detach(), 1, groups=2)
+    assert first == pytest.approx(float(reference), rel=TOL64)
+    state = reg.state_dict()
+    resumed = SRIP(1.0, n_power_iterations=1)
+    resumed.load_state_dict(state)
+    assert sorted(state) == ["1.weight", "3.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # every loaded name is a tensor's
+        value = resumed(model)
+    expected = float(reg(model).detach())
+    assert float(value.detach()) == expected and expected != first             # the warm start mattered
 
 
 def _tiny_gpt2(vocab_size):
