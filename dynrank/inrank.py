@@ -67,7 +67,8 @@ def explained_rank(singular_values, current, buffer, threshold):
 
     Returns:
         int: the new discovered rank (≥ ``current``; ``current + buffer − 1``, capped at the number of
-        singular values, if none explains enough; ``current`` for an all-zero spectrum).
+        singular values but never below ``current``, if none explains enough; ``current`` for an
+        all-zero or empty spectrum).
 
     Raises:
         TypeError: ``singular_values`` not a real floating-point tensor, ``current`` or ``buffer`` not
@@ -85,6 +86,8 @@ def explained_rank(singular_values, current, buffer, threshold):
     current = check_int(current, "current", "an int >= 0", 0)
     buffer, threshold, _, _ = _check_settings(buffer, threshold, 0, 1)
     sigma = torch.sort(singular_values.detach().double().flatten(), descending=True).values
+    if not sigma.numel():                           # a layer with no rows or columns: nothing to explain
+        return current
     total = sigma.var(unbiased=False)
     # The candidates k run to current + buffer − 1; past the n singular values every k explains all of σ as
     # k = n does (σ − σ_top-k is zero), so n is the last one tried.

@@ -251,7 +251,9 @@ def srip_penalty(weight, n_power_iterations=10, start=None, return_vector=False,
             default.  For ``groups`` g > 1 a (g, p) tensor, a start per block
             (each checked on its own).
         return_vector: also return the final (detached) unit iterate, to pass as
-            ``start`` next time.  When M·v = 0 (e.g. an exactly orthogonal W,
+            ``start`` next time (with ``n_power_iterations=None``, the unit
+            eigenvector of M's eigenvalue of largest magnitude, per block, the
+            iteration's limit; ``start`` is checked but not used).  When M·v = 0 (e.g. an exactly orthogonal W,
             M = 0) or is not finite (a weight with NaN or inf entries, whose
             value is then NaN or inf) the iterate stays v instead of collapsing
             to zero or NaN, so a later warm start from it still works.
@@ -289,11 +291,8 @@ def _srip(W, n_power_iterations, start, return_vector, check_start):
     M = _deviation(W)
     shape = _start_shape(W)
     p = shape[-1]
-    if n_power_iterations is None:
-        # The 0 × 0 M of an empty weight has no eigenvalue: its norm is 0.
-        value = torch.linalg.eigvalsh(M).abs().max() if p else M.sum()
-        return (value, None) if return_vector else value
-    n_power_iterations = check_int(n_power_iterations, "n_power_iterations", "an int ≥ 1 or None", 1)
+    if n_power_iterations is not None:
+        n_power_iterations = check_int(n_power_iterations, "n_power_iterations", "an int ≥ 1 or None", 1)
     if start is not None:
         if not isinstance(start, torch.Tensor) or start.is_complex():
             got = f"a {start.dtype} tensor" if isinstance(start, torch.Tensor) else type(start).__name__
@@ -302,6 +301,19 @@ def _srip(W, n_power_iterations, start, return_vector, check_start):
             raise ValueError(f"start must be a tensor of shape {shape}, got {tuple(start.shape)}")
         if start.is_meta:
             start = None           # no values to start from (a call on a model not yet materialized)
+    if n_power_iterations is None:
+        # The 0 × 0 M of an empty weight has no eigenvalue: its norm is 0.
+        value = torch.linalg.eigvalsh(M).abs().max() if p else M.sum()
+        if not return_vector:
+            return value
+        with torch.no_grad():
+            if not p:
+                return value, M.new_zeros(shape)
+            eigenvalues, vectors = torch.linalg.eigh(M.detach())
+            # Per block, the unit eigenvector of the eigenvalue of largest magnitude: power iteration's limit.
+            top = eigenvalues.abs().argmax(-1)
+            v = torch.take_along_dim(vectors, top[..., None, None], dim=-1).squeeze(-1)
+        return value, v
     default = None
     if start is None or check_start:
         gen = torch.Generator().manual_seed(0)

@@ -72,6 +72,15 @@ def test_explained_rank_on_a_zero_variance_spectrum(n, current, buffer, threshol
     assert explained_rank(torch.zeros(n, dtype=torch.float64), current, buffer, threshold) == current
 
 
+@pytest.mark.parametrize("current", [0, 4])
+def test_explained_rank_of_an_empty_spectrum_keeps_the_current_rank_without_a_warning(current):
+    """An empty σ (a layer with no rows or columns) ran torch's var on nothing, with its RuntimeWarning."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert explained_rank(torch.zeros(0, dtype=torch.float64), current, 3, 0.9) == current
+
+
 def test_explained_rank_finds_a_spectral_gap():
     sigma = torch.tensor([9.0, 8.0, 7.0, 6.0, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01])
     assert explained_rank(sigma, 1, 10, 0.9) == 4

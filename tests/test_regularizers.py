@@ -96,6 +96,35 @@ def test_srip_larger_side_would_be_pinned_at_one():
     assert float(srip_penalty(W, n_power_iterations=None)) == pytest.approx(1.2 ** 2 - 1, rel=1e-12)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_exact_srip_checks_its_start_and_returns_the_top_eigenvector(groups):
+    """With n_power_iterations=None the start was never checked (a str or a wrong shape passed) and the
+    vector came back None, where the docstring promises (value, v) with v a unit vector to start from."""
+    torch.manual_seed(0)
+    W = torch.randn(8, 5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="start must be a real tensor"):
+        srip_penalty(W, n_power_iterations=None, start="abc", groups=groups)
+    with pytest.raises(ValueError, match="start must be a tensor of shape"):
+        srip_penalty(W, n_power_iterations=None, start=torch.ones(99, dtype=torch.float64), groups=groups)
+    value, v = srip_penalty(W, n_power_iterations=None, return_vector=True, groups=groups)
+    blocks = W.reshape(groups, 8 // groups, 5)
+    p = min(8 // groups, 5)
+    assert v.shape == ((p,) if groups == 1 else (groups, p))
+    # Reference in float64 numpy: M = WᵀW − I (or WWᵀ − I, the smaller side) per block.
+    import numpy as np
+    best = 0.0
+    for b, vec in zip(blocks.numpy(), v.reshape(groups, p).numpy()):
+        M = (b.T @ b if b.shape[1] <= b.shape[0] else b @ b.T) - np.eye(p)
+        w, vectors = np.linalg.eigh(M)
+        k = np.abs(w).argmax()
+        assert abs(abs(vec @ vectors[:, k]) - 1) < 1e-12
+        best = max(best, abs(w[k]))
+    assert float(value) == pytest.approx(best, rel=1e-12)
+    # The vector is the limit power iteration reaches from it: a warm start gives the same value.
+    warm = srip_penalty(W, n_power_iterations=1, start=v, groups=groups)
+    assert float(warm) == pytest.approx(best, rel=1e-12)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_zero_on_orthogonal(shape):
     M = torch.randn(*shape, dtype=torch.float64)
