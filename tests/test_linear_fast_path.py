@@ -85,7 +85,7 @@ def test_adapter_weight_mistakes_are_named(changes, message):
 @pytest.mark.parametrize("transform", ["vmap", "grad", "forward_ad"])
 @pytest.mark.parametrize("changes, message", [
     (dict(weight=torch.randn(1, K)), rf"weight must have shape \({N}, {K}\), got \(1, {K}\)"),
-    (dict(A=torch.randn(1, R)), rf"weight must have shape \(1, {K}\), got \({N}, {K}\)"),
+    (dict(A=torch.randn(1, R)), rf"A must have shape \({N}, {R}\) to match weight \({N}, {K}\), got \(1, {R}\)"),
 ], ids=["weight one row", "A one row"])
 def test_mismatched_rows_are_named_under_transforms(transform, changes, message):
     """torch.func's transforms and forward-mode AD take autograd's own ops, where a (1, K) weight (or a
