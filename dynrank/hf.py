@@ -281,7 +281,10 @@ class DynamicRankCallback(TrainerCallback):
             # not found).
             epoch = self._loop_epoch(state)
             self.monitor.start_epoch(epoch)
-        with _switch_rng(args, count, self.scheduler.model):
+        # Seeded only where a switch is due: a step that switches nothing draws nothing, and copying the RNG
+        # states at every step (unit="step") would cost for nothing.
+        due = self.scheduler._switch_due(self.scheduler.form_at(count))
+        with _switch_rng(args, count, self.scheduler.model) if due else contextlib.nullcontext():
             changed = self.scheduler.step(count)
         if changed:
             _warn_pending_gradients(self.scheduler.model, state, self.unit, count)

@@ -379,6 +379,10 @@ class DynamicRankScheduler(_Claiming):
             return "adapter"
         return "full"
 
+    def _switch_due(self, target):
+        """Whether a layer is not in ``target`` form (:meth:`form_at`), so :meth:`step` would switch it."""
+        return any(layer.form != target for _, layer in self._layers)
+
     @property
     def layers(self):
         """List of (name, layer) the scheduler manages."""
@@ -620,7 +624,7 @@ class DynamicRankScheduler(_Claiming):
             raise ValueError(f"{self.unit}s must not go backwards: got {epoch} after {self.last_epoch}; "
                              f"to resume, build a new scheduler and call load_state_dict")
         target = self.form_at(epoch)
-        if any(layer.form != target for _, layer in self._layers):
+        if self._switch_due(target):
             # Only where a switch is due: a step that switches nothing acts on no layer, and walking the whole
             # model costs about as much as such a step does.
             self._check_model_layers()
