@@ -199,6 +199,18 @@ def _check_saved_decompositions(layers, decompositions, who):
                              f"than the saved run's; convert the model with the same decomposition")
 
 
+def _check_saved_record(layers, state_dict, who):
+    """``state_dict``'s (the scheduler ``who``'s) weight shapes, then conv decompositions, checked against ``layers``
+    (:func:`_check_saved_shapes`, :func:`_check_saved_decompositions`), each where the state has it (one saved
+    before it was kept loads unchecked for it).  The shapes first: a model of other sizes fails every later check
+    as well; the decompositions before the caller's rank checks: another decomposition takes ranks of another
+    kind (Tucker's a pair).  The alphas are left to the caller."""
+    if "shapes" in state_dict:
+        _check_saved_shapes(layers, state_dict["shapes"], who)
+    if "decompositions" in state_dict:
+        _check_saved_decompositions(layers, state_dict["decompositions"], who)
+
+
 def _alpha_mismatch(name, layer, saved):
     """The ValueError for layer ``name`` whose ``alpha`` is not ``saved``, the checkpoint's."""
     return ValueError(f"layer {name!r} has alpha {layer.alpha} but the checkpoint has {saved} (the scale is "

@@ -33,7 +33,7 @@ import torch
 
 from ._args import check_int, check_real
 from ._claims import (_GROWERS, RECORD_KEYS, _Claiming, _alpha_mismatch, _check_layers_held, _check_other_kind,
-                      _check_saved_alpha, _check_saved_decompositions, _check_saved_shapes, _layer_record)
+                      _check_saved_alpha, _check_saved_record, _layer_record)
 from ._checks import (call_back, check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer,
                       check_new_copy, check_not_sharded, check_not_unconverted, check_same_layers, check_switchable,
                       check_sync, check_trains_factors, check_trains_layers, check_untied, fork_layer_rngs,
@@ -142,12 +142,18 @@ def _pad_state(state, param, extra, ratio):
     return out
 
 
+def _zeros_A(layer):
+    """Whether new components of ``layer`` get their zero in A (the layer's zero-output init): all but where A is
+    frozen and B trains, since a zero A column that stays frozen gives its B column a zero gradient forever.
+    With both frozen nothing trains either way: the usual init."""
+    return layer.A.requires_grad or not layer.B.requires_grad
+
+
 def _zero_output_init(layer, rank, device, dtype):
     """Dict A, B of ``rank`` new components of ``layer`` with a zero product that train: the layer's
     zero-output init (A columns zero, B columns Glorot-normal), or where A is frozen and B trains the other
-    way round (A columns Glorot-normal, B columns zero): a zero A column that stays frozen gives its B
-    column a zero gradient forever.  With both frozen nothing trains either way: the usual init."""
-    if layer.A.requires_grad or not layer.B.requires_grad:
+    way round (A columns Glorot-normal, B columns zero); see :func:`_zeros_A`."""
+    if _zeros_A(layer):
         return layer._init_factors(rank, True, device=device, dtype=dtype)
     A = layer._init_factors(rank, False, device=device, dtype=dtype)["A"]
     return {"A": A, "B": torch.zeros(layer.in_features, rank, device=device, dtype=dtype)}
@@ -305,7 +311,7 @@ def _truncate_rank_(layer, rank, optimizer=None):
     merged = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64, device=layer.A.device)
     layer._merge_into_(merged, 1.0, layer.factors())
     scale, dtype = layer.scale_for(rank), layer.A.dtype
-    if layer.A.requires_grad or not layer.B.requires_grad:
+    if _zeros_A(layer):
         A, B = svd_factors(merged, rank, scale, dtype=dtype,
                            fresh=lambda: _zero_output_init(layer, rank, merged.device, dtype)["B"])
     else:
@@ -773,11 +779,7 @@ class IncrementalRankScheduler(_Claiming):
             raise ValueError(f"not an IncrementalRankScheduler state dict: missing {missing}, unknown keys "
                              f"{unknown}; expected {', '.join(known)}")
         names = [name for name, _ in self._layers]
-        if "shapes" in state_dict:
-            # first: a model of other sizes fails the rank checks as well
-            _check_saved_shapes(self._layers, state_dict["shapes"], "IncrementalRankScheduler")
-        if "decompositions" in state_dict:
-            _check_saved_decompositions(self._layers, state_dict["decompositions"], "IncrementalRankScheduler")
+        _check_saved_record(self._layers, state_dict, "IncrementalRankScheduler")
         alphas = state_dict.get("alphas")
         try:
             settings = dict(zip(("buffer", "threshold", "warmup_steps", "check_every"), _check_settings(

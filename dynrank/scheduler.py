@@ -22,7 +22,6 @@ switches with it once given to :meth:`DynamicRankScheduler.add_model_copy`,
 and a DDP wrapper is rebuilt (:mod:`dynrank.distributed`).
 """
 
-import collections
 import gc
 import numbers
 import warnings
@@ -33,7 +32,7 @@ import torch
 
 from ._args import check_int
 from ._claims import (_OWNERS, RECORD_KEYS, _Claiming, _alpha_mismatch, _check_layers_held, _check_other_kind,
-                      _check_saved_alpha, _check_saved_decompositions, _check_saved_shapes, _layer_record)
+                      _check_saved_alpha, _check_saved_record, _layer_record)
 from ._checks import (call_back, check_copy, check_finite, check_layer_names, check_model_and_optimizer,
                       check_new_copy, check_not_sharded, check_not_unconverted, check_one_group, check_same_layers,
                       check_switchable, check_sync, check_trains_layers, check_untied, fork_layer_rngs, form_layers,
@@ -782,13 +781,8 @@ class DynamicRankScheduler(_Claiming):
                              f"expected {', '.join(known)}")
         names = [name for name, _ in self._layers]
         layers = dict(self._layers)
+        _check_saved_record(self._layers, state_dict, "DynamicRankScheduler")
         shapes = state_dict.get("shapes")
-        if "shapes" in state_dict:
-            # first: a model of other sizes fails every later check as well
-            _check_saved_shapes(self._layers, shapes, "DynamicRankScheduler")
-        if "decompositions" in state_dict:
-            # before the ranks: another decomposition takes ranks of another kind (Tucker's a pair)
-            _check_saved_decompositions(self._layers, state_dict["decompositions"], "DynamicRankScheduler")
         try:
             settings = {key: state_dict.get(key, getattr(self, key)) for key in known
                         if key not in self._LAYER_KEYS + ("last_epoch",)}

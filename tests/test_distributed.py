@@ -206,25 +206,14 @@ def _inrank_run(rank):
     growth = IncrementalRankScheduler(ddp, opt, **INRANK)
     ddp = rewrap_ddp(ddp)
     ema = growth.add_model_copy(make_ema(model))
-    xs, ys = batches()
-    grown = []
-    for epoch in range(EPOCHS):
-        for step in range(STEPS):
-            x, y = _shard(xs, ys, epoch, step, rank)
-            opt.zero_grad(set_to_none=True)
-            F.mse_loss(ddp(x), y).backward()
-            opt.step()
-            ema.update_parameters(ddp)
-            changes = growth.step()
-            if changes:
-                grown += changes
-                ddp = rewrap_ddp(ddp)
+    _, grown = _grow_ddp(ddp, growth, opt, rank, range(EPOCHS), ema=ema)
     return {"model": full_state(model), "ema": full_state(ema.module), "grown": grown}
 
 
-def _grow_ddp(ddp, growth, opt, rank, epochs):
-    """InRank under DDP on this rank's half of every batch of ``epochs``: ``growth.step()`` after each
-    optimizer step, ``rewrap_ddp`` where it grew a layer.  Returns the last wrapper and the growth."""
+def _grow_ddp(ddp, growth, opt, rank, epochs, ema=None):
+    """InRank under DDP on this rank's half of every batch of ``epochs``: ``ema`` updated from the wrapper
+    after each optimizer step, then ``growth.step()``, ``rewrap_ddp`` where it grew a layer.  Returns the
+    last wrapper and the growth."""
     xs, ys = batches()
     grown = []
     for epoch in epochs:
@@ -233,6 +222,8 @@ def _grow_ddp(ddp, growth, opt, rank, epochs):
             opt.zero_grad(set_to_none=True)
             F.mse_loss(ddp(x), y).backward()
             opt.step()
+            if ema is not None:
+                ema.update_parameters(ddp)
             changes = growth.step()
             if changes:
                 grown += changes

@@ -75,7 +75,6 @@ def test_explained_rank_on_a_zero_variance_spectrum(n, current, buffer, threshol
 @pytest.mark.parametrize("current", [0, 4])
 def test_explained_rank_of_an_empty_spectrum_keeps_the_current_rank_without_a_warning(current):
     """An empty σ (a layer with no rows or columns) ran torch's var on nothing, with its RuntimeWarning."""
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert explained_rank(torch.zeros(0, dtype=torch.float64), current, 3, 0.9) == current
