@@ -451,9 +451,13 @@ def call_back(callbacks, event):
         raise error
 
 
+def cuda_devices(modules):
+    """The indices of the CUDA devices holding a parameter of ``modules``, sorted."""
+    return sorted({p.device.index for module in modules for p in module.parameters() if p.device.type == "cuda"})
+
+
 def fork_layer_rngs(layers):
     """``torch.random.fork_rng`` of the CPU generator and of each CUDA device holding a parameter of
     ``layers`` ((name, layer) pairs): a load that draws fresh factors there leaves every generator as it
     was, so a restored RNG state stays valid whichever order it is restored in."""
-    cuda = sorted({p.device.index for _, layer in layers for p in layer.parameters() if p.device.type == "cuda"})
-    return torch.random.fork_rng(devices=cuda, device_type="cuda")
+    return torch.random.fork_rng(devices=cuda_devices(layer for _, layer in layers), device_type="cuda")

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 import torch
 
 from ._args import check_int
+from ._checks import cuda_devices
 from ._forms import FORMS
 from .monitor import _EPOCH_COLUMNS, RankMonitor
 from .scheduler import (DEFAULT_OPTIMIZER_STATE, DynamicRankScheduler, _check_choices, _check_schedule,
@@ -237,12 +238,13 @@ class DynamicRankCallback(TrainerCallback):
         if resumed:
             self._resume(state, scheduler, kwargs.get("train_dataloader"))
         self._check_best_model(args, state)
+        inside = self._inside(state)
         if self.monitor is not None:
-            self._start_monitor(args, state, model, scheduler)
+            self._start_monitor(args, state, model, scheduler, inside)
         self.scheduler = scheduler
         # The switches made before the step this train() starts at: a resume undoes the later ones (an earlier
         # train() of this Trainer interrupted after the checkpoint), and a train() from step 0 all of them.
-        by_step, inside = self.unit == "step", self._inside(state)
+        by_step = self.unit == "step"
         self.changes = [change for change in self.changes
                         if _made_before(state, self._start, inside, step=change[0] if by_step else None,
                                         epoch=change[0])]
@@ -279,7 +281,6 @@ class DynamicRankCallback(TrainerCallback):
             # The epoch opens before its switch, which the monitor then records in it (a by-step scheduler's
             # event names no epoch, and the monitor may hold no record before it: a resume whose files were
             # not found).
-            epoch = self._loop_epoch(state)
             self.monitor.start_epoch(epoch)
         # Seeded only where a switch is due: a step that switches nothing draws nothing, and copying the RNG
         # states at every step (unit="step") would cost for nothing.
@@ -295,8 +296,7 @@ class DynamicRankCallback(TrainerCallback):
                      f"{', '.join(moves)}")
         if opening:
             # The epoch's clock starts at its first step, after its switch.
-            self.monitor._sync()
-            self.monitor._open["_t0"] = time.perf_counter()
+            self.monitor._start_clock()
             self._relog(state, epoch)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -350,7 +350,7 @@ class DynamicRankCallback(TrainerCallback):
         the middle of the epoch, the mean of the losses and the numbers of each evaluation from before the
         checkpoint (``state.log_history``).  The entries of the epoch are those after the step where it
         began (a checkpoint of an earlier dynrank tells none: those within its span of ``state.epoch``)."""
-        began = self._begun[-1][1] if self._begun and self._begun[-1][0] == epoch else None
+        began = self._began(epoch)
         if began is not None:
             entries = [h for h in state.log_history if h.get("step", -1) > began]
         else:
@@ -436,9 +436,10 @@ class DynamicRankCallback(TrainerCallback):
                 f"of an epoch (save_strategy=\"epoch\") or in the first, or run the schedule by steps "
                 f"(unit=\"step\"). {_LOADED}")
 
-    def _start_monitor(self, args, state, model, scheduler):
+    def _start_monitor(self, args, state, model, scheduler, inside):
         """Check the monitor watches the Trainer's model, give it the run's records up to where this train()
-        starts, and attach it to ``scheduler``.
+        starts (the loop's epoch ``self._start``, ``inside`` it past its first step: :meth:`_inside`), and attach
+        it to ``scheduler``.
 
         A resume reads them back from the checkpoint folder that has them: they are the records the saved
         run had at that step, whatever the monitor holds from an earlier ``train()`` of this Trainer (one
@@ -451,7 +452,7 @@ class DynamicRankCallback(TrainerCallback):
         if monitor.model is not model:
             raise ValueError("monitor must be a RankMonitor of the Trainer's model (RankMonitor(model)), got one of "
                              + ("no model" if monitor.model is None else f"another {type(monitor.model).__name__}"))
-        start, inside = self._loop_epoch(state), self._inside(state)
+        start = self._start
         run = _before_start(monitor.state_dict(), state, start, inside)
         if state.global_step > 0:
             saved = self._saved_monitor(args, state, held=bool(run["records"]))
@@ -541,10 +542,16 @@ class DynamicRankCallback(TrainerCallback):
         epoch is made: after the step where that epoch began, as the checkpoint saved it, else (a train() from
         step 0, a checkpoint of an earlier dynrank) with state.epoch past the epoch's start."""
         start = self._loop_epoch(state)
-        began = self._begun[-1][1] if self._begun and self._begun[-1][0] == start else None
+        began = self._began(start)
         if isinstance(began, int) and not isinstance(began, bool):
             return state.global_step > began
         return (state.epoch or 0) > start + 1e-6
+
+    def _began(self, epoch):
+        """The global step where ``epoch`` began, as ``self._begun`` holds it, or None where ``epoch`` is not the
+        last epoch begun.  The step may be None too: not known (a resume from a checkpoint of an earlier
+        dynrank)."""
+        return self._begun[-1][1] if self._begun and self._begun[-1][0] == epoch else None
 
     def _count(self, state):
         """What ``scheduler.step`` takes now: the global step (``unit="step"``), else the loop's epoch."""
@@ -631,7 +638,7 @@ def _switch_rng(args, count, model):
     skips that evaluation."""
     digest = hashlib.sha256(f"dynrank switch {getattr(args, 'seed', 0)} {count}".encode()).digest()
     seed = int.from_bytes(digest[:8], "little") >> 1
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    devices = cuda_devices([model])
     with torch.random.fork_rng(devices=devices):
         torch.random.default_generator.manual_seed(seed)
         for index in devices:

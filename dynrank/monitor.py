@@ -296,6 +296,11 @@ class RankMonitor:
         if torch.cuda.is_available() and any(p.is_cuda for p in self.model.parameters()):
             torch.cuda.synchronize()     # wall time must include queued GPU work
 
+    def _start_clock(self):
+        """Start the open epoch's clock now, once the GPU work queued before has finished."""
+        self._sync()
+        self._open["_t0"] = time.perf_counter()
+
     def start_epoch(self, epoch=None):
         """Start timing an epoch (default number: previous + 1, starting at 0).
 
@@ -315,8 +320,7 @@ class RankMonitor:
                              f"got {epoch}")
         self._detect(epoch)
         self._open = {"epoch": epoch, "scalars": {}}
-        self._sync()
-        self._open["_t0"] = time.perf_counter()
+        self._start_clock()
 
     def end_epoch(self, **scalars):
         """Stop the clock, measure the layers, store the record; returns it.

@@ -32,6 +32,8 @@ _METRIC_LABELS = {
 # The monitor's epochs count from 0, as scheduler.step(epoch) and the schedule's I and D do.
 _EPOCH_LABEL = "epoch (from 0, as the schedule's I and D)"
 _NOT_FINITE = dict(linestyle="none", marker="x", markersize=7, markeredgewidth=1.6, clip_on=False, zorder=5)
+# The triangles of plot_spectral_ratio's ∞ and 0 bands (▲ and ▼), in the layer's colour.
+_BAND_MARK = dict(linestyle="none", markersize=5, markeredgecolor="black", markeredgewidth=0.3)
 _SWITCH_STYLE = {"inflate": dict(color="red", linestyle=":"), "deflate": dict(color="darkorange", linestyle="--"),
                  "inflate+deflate": dict(color="purple", linestyle="-."), "change": dict(color="gray", linestyle=":")}
 
@@ -110,6 +112,24 @@ def _mark_not_finite(ax, epochs, color):
     return bool(epochs)
 
 
+def _legend_mark(marker, **style):
+    """A legend entry's grey ``marker`` with no line, drawn only in the legend."""
+    from matplotlib.lines import Line2D
+    return Line2D([], [], linestyle="none", marker=marker, color="gray", **style)
+
+
+def _not_finite_key():
+    """The legend entry of :func:`_mark_not_finite`'s ×."""
+    return _legend_mark(_NOT_FINITE["marker"], markeredgewidth=_NOT_FINITE["markeredgewidth"])
+
+
+def _band(ax, low, high, at, text):
+    """A grey band across the axes from ``low`` to ``high`` on the y axis, named ``text`` at height ``at``
+    beside the axes' right edge."""
+    ax.axhspan(low, high, color="0.92", zorder=0)
+    ax.text(1.0, at, text, transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=12)
+
+
 def _pin_epochs(ax, epochs, switch_epochs=()):
     """The x axis from the first recorded epoch to the last (the switch lines at epoch − ½ included), ½ beyond
     each end, integer ticks: one epoch, or values that are all NaN, still get an axis of epochs."""
@@ -181,7 +201,6 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
     matplotlib, _, _ = _matplotlib()
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
-    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     runs = _runs(runs)
@@ -233,23 +252,17 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
             inf_epochs = [e for e, v in zip(epochs, values) if v is not None and math.isinf(v)]
             if inf_epochs:
                 any_inf = True
-                ax.plot(inf_epochs, [ceiling * step] * len(inf_epochs), linestyle="none", marker="^", markersize=5,
-                        color=color, markeredgecolor="black", markeredgewidth=0.3)
+                ax.plot(inf_epochs, [ceiling * step] * len(inf_epochs), marker="^", color=color, **_BAND_MARK)
             zero_epochs = [e for e, v in zip(epochs, values) if v == 0]
             if zero_epochs:
                 any_zero = True
-                ax.plot(zero_epochs, [floor / step] * len(zero_epochs), linestyle="none", marker="v", markersize=5,
-                        color=color, markeredgecolor="black", markeredgewidth=0.3)
+                ax.plot(zero_epochs, [floor / step] * len(zero_epochs), marker="v", color=color, **_BAND_MARK)
             nan_epochs = [e for e, v in zip(epochs, values) if v is not None and math.isnan(v)]
             any_nan = _mark_not_finite(ax, nan_epochs, color) or any_nan
         if any_inf:
-            ax.axhspan(ceiling / 1.15, ceiling * 2.3, color="0.92", zorder=0)
-            ax.text(1.0, ceiling * 1.4, " ∞", transform=ax.get_yaxis_transform(), va="center", ha="left",
-                    fontsize=12)
+            _band(ax, ceiling / 1.15, ceiling * 2.3, ceiling * 1.4, " ∞")
         if any_zero:
-            ax.axhspan(floor / 2.3, floor * 1.15, color="0.92", zorder=0)
-            ax.text(1.0, floor / 1.4, " 0", transform=ax.get_yaxis_transform(), va="center", ha="left",
-                    fontsize=12)
+            _band(ax, floor / 2.3, floor * 1.15, floor / 1.4, " 0")
         _mark_switches(ax, run)
         ax.set_yscale("log")
         ax.set_ylim(floor / 2.6 if has_zero else bottom / 1.5, ceiling * 2.6 if has_inf else top * 1.5)
@@ -258,13 +271,13 @@ def plot_spectral_ratio(runs, path=None, *, metric="spectral_ratio", layers=None
         ax.grid(True, which="major", alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         if any_inf:
-            handles.append(Line2D([], [], linestyle="none", marker="^", color="gray", markeredgecolor="black"))
+            handles.append(_legend_mark("^", markeredgecolor="black"))
             labels.append("λ = ∞ (rank-deficient weight), drawn in the grey ∞ band")
         if any_zero:
-            handles.append(Line2D([], [], linestyle="none", marker="v", color="gray", markeredgecolor="black"))
+            handles.append(_legend_mark("v", markeredgecolor="black"))
             labels.append(f"{symbol} = 0, drawn in the grey 0 band")
         if any_nan:
-            handles.append(Line2D([], [], linestyle="none", marker="x", markeredgewidth=1.6, color="gray"))
+            handles.append(_not_finite_key())
             labels.append(f"{symbol} = NaN (non-finite weights), drawn as × on the top edge")
         if handles:
             _legend_below(ax, handles, labels)
@@ -308,7 +321,6 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
     Example: see :func:`plot_spectral_ratio`.
     """
     matplotlib, _, _ = _matplotlib()
-    from matplotlib.lines import Line2D
 
     runs = _runs(runs)
     logged = []
@@ -357,7 +369,7 @@ def plot_training_curves(runs, path=None, *, keys=None, labels=None, title=None,
         ax.grid(True, alpha=0.3)
         handles, legend = ax.get_legend_handles_labels()
         if any_bad:
-            handles.append(Line2D([], [], linestyle="none", marker="x", markeredgewidth=1.6, color="gray"))
+            handles.append(_not_finite_key())
             legend.append("NaN or ±∞ (a diverged run), drawn as × on the top edge")
         _legend_below(ax, handles, legend)
     fig.suptitle(title or "Training curves: " + ", ".join(run.name for run in runs)
