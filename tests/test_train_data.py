@@ -146,28 +146,20 @@ def test_the_data_sets_own_folder_comes_before_a_tree_at_the_top(tmp_path, archi
     assert torch.equal(test_y, torch.from_numpy(ty).long()) and classes == [f"c{i}" for i in range(100)]
 
 
-def _tar_tree(archive, top, classes, per_class=1):
-    """A .tar.gz holding top/{train,test}/<class>/i.png."""
-    with tarfile.open(archive, "w:gz") as tar:
-        for split in ("train", "test"):
-            for c, name in enumerate(classes):
-                for i in range(per_class):
-                    blob = _encode(_smooth_image(32, 7 * c + i), "PNG")
-                    info = tarfile.TarInfo(f"{top}/{split}/{name}/{i}.png")
-                    info.size = len(blob)
-                    tar.addfile(info, io.BytesIO(blob))
-
-
 @pytest.mark.parametrize("name, other", [("cifar100", "cifar10"), ("cifar10", "cifar100")])
 def test_the_data_sets_named_image_archive_comes_before_a_tree_at_the_top(tmp_path, name, other):
     """Another data set's tree at the top of the data folder is not read in place of this data set's
     image archive beside it (CIFAR-10 read as CIFAR-100, or CIFAR-10 refused for 12 classes)."""
+    root = tmp_path / "data"
     top_classes = [f"{other}_{i:02d}" for i in range(12)]
-    write_image_tree(str(tmp_path), "PNG", classes=top_classes, per_class=1)
-    _tar_tree(tmp_path / f"{name}-images.tar.gz", name, ("bird", "cat"))
-    train_x, train_y, _, test_y, classes = load_vision(name, str(tmp_path))
+    write_image_tree(str(root), "PNG", classes=top_classes, per_class=1)
+    tree = tmp_path / "src" / name
+    written = write_image_tree(str(tree), "PNG", classes=("bird", "cat"), per_class=1)
+    with tarfile.open(root / f"{name}-images.tar.gz", "w:gz") as tar:
+        tar.add(tree, arcname=name)
+    train_x, train_y, _, test_y, classes = load_vision(name, str(root))
     assert classes == ["bird", "cat"] and train_y.tolist() == [0, 1] and test_y.tolist() == [0, 1]
-    assert torch.equal(train_x[1], torch.from_numpy(_smooth_image(32, 7)))
+    assert torch.equal(train_x[1], torch.from_numpy(dict(written["train"])["cat"]))
 
 
 def test_pickle_with_code_is_refused(tmp_path):
@@ -280,14 +272,19 @@ def test_a_tar_reads_links_and_a_names_last_member_as_extraction_does(tmp_path):
 
 
 def _tar_tree_with_link(tmp_path, name, target):
-    """A CIFAR-10 image tree in a .tar.gz with a symbolic link ``name`` → ``target`` added; its path."""
-    archive = tmp_path / "cifar10-images.tar.gz"
-    _tar_tree(archive, "cifar10", ("cat", "dog"))
-    with tarfile.open(archive) as tar:
-        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    """A CIFAR-10 image tree in data/cifar10-images.tar.gz with a symbolic link ``name`` → ``target``
+    added; the archive's path.
+
+    The archive holds the image files and no folder members (as ``tar czf`` given a list of files
+    writes it): a link to a folder is then known by the members under it.
+    """
+    tree = tmp_path / "src" / "cifar10"
+    write_image_tree(str(tree), "PNG", classes=("cat", "dog"), per_class=1)
+    archive = tmp_path / "data" / "cifar10-images.tar.gz"
+    archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tar:
-        for member, blob in members:
-            tar.addfile(member, None if blob is None else io.BytesIO(blob))
+        for path in sorted(tree.rglob("*.png")):
+            tar.add(path, arcname=f"cifar10/{path.relative_to(tree).as_posix()}")
         link = tarfile.TarInfo(name)
         link.type, link.linkname = tarfile.SYMTYPE, target
         tar.addfile(link)
@@ -298,7 +295,7 @@ def test_a_tar_link_to_a_file_it_does_not_hold_is_named(tmp_path):
     archive = _tar_tree_with_link(tmp_path, "cifar10/train/dog/1.png", "../../../elsewhere/1.png")
     with pytest.raises(DataError, match=re.escape(f"{archive}:cifar10/train/dog/1.png links to "
                                                   "../../../elsewhere/1.png, which is not a file in the archive")):
-        load_vision("cifar10", str(tmp_path))
+        load_vision("cifar10", str(archive.parent))
 
 
 def test_a_tar_link_to_a_class_folder_is_named(tmp_path):
@@ -307,7 +304,7 @@ def test_a_tar_link_to_a_class_folder_is_named(tmp_path):
     archive = _tar_tree_with_link(tmp_path, "cifar10/train/bird", "dog")
     with pytest.raises(DataError, match=re.escape(f"{archive}:cifar10/train/bird links to the folder dog, whose "
                                                   "images a tar holds only once")):
-        load_vision("cifar10", str(tmp_path))
+        load_vision("cifar10", str(archive.parent))
 
 
 def test_a_dangling_image_link_in_a_folder_is_named(tmp_path):

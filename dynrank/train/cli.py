@@ -179,8 +179,15 @@ def _print_settings(cfg, log):
     log("settings: " + ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg))
 
 
-def _reason(err):
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+def _plots_skipped(out_dir, schedules, err, failed):
+    """The note that leaves the plots out: ``plots skipped: <files> cannot be <failed> (<err>)``, with
+    ``failed`` "read" or "plotted"; one schedule's RankMonitor file is named with its run, several as a list."""
+    from .data import _reason
+    stems = [os.path.join(out_dir, s, "monitor") for s in schedules]
+    files = (f"the {schedules[0]} run's RankMonitor file {stems[0]}.json (or {stems[0]}.epochs.csv)"
+             if len(stems) == 1 else
+             f"the RankMonitor files {', '.join(s + '.json' for s in stems)} (or their .epochs.csv)")
+    return f"plots skipped: {files} cannot be {failed} ({_reason(err)})"
 
 
 def _saved_monitors(out_dir, schedules):
@@ -193,12 +200,10 @@ def _saved_monitors(out_dir, schedules):
     from ..monitor import RankMonitor
     monitors = []
     for schedule in schedules:
-        stem = os.path.join(out_dir, schedule, "monitor")
         try:
-            monitor = RankMonitor.load(stem)
+            monitor = RankMonitor.load(os.path.join(out_dir, schedule, "monitor"))
         except (OSError, ValueError) as err:
-            return None, (f"plots skipped: the {schedule} run's RankMonitor file {stem}.json (or "
-                          f"{stem}.epochs.csv) cannot be read ({_reason(err)})")
+            return None, _plots_skipped(out_dir, (schedule,), err, "read")
         monitor.name = schedule
         monitors.append(monitor)
     return monitors, None
@@ -207,17 +212,14 @@ def _saved_monitors(out_dir, schedules):
 def run_job(cfg, out_dir, resume=False, log=print, data=None):
     """Run the schedules of ``cfg`` into ``out_dir`` on ``data``; print and return the compare table.
 
-    ``data`` is loaded here when None, unless every schedule has finished (a resume that only writes
-    the table and plots again needs no data set).  The table is printed before the plots are drawn:
-    RankMonitor files that are missing or damaged leave the plots out, with a note naming them.
+    ``data`` is None where every schedule has finished (a resume that only writes the table and plots
+    again needs no data set).  The table is printed before the plots are drawn: RankMonitor files that
+    are missing or damaged leave the plots out, with a note naming them.
     """
     from .config import _num_classes
-    from .loop import RESULT, factorized_layers, run_training, write_json
+    from .loop import factorized_layers, run_training, write_json
     from .report import RunMonitor, compare_table, verdict, write_plots
     schedules = ("full", "lowrank", "dynamic") if cfg["schedule"] == "compare" else (cfg["schedule"],)
-    finished = resume and all(os.path.isfile(os.path.join(out_dir, s, RESULT)) for s in schedules)
-    if data is None and not finished:
-        data = _load_data(cfg, log)
     kind = "text" if cfg["data"] == "stdlib" else "vision"
     results = []
     for schedule in schedules:
@@ -250,11 +252,7 @@ def run_job(cfg, out_dir, resume=False, log=print, data=None):
         try:
             paths, note = write_plots(monitors, os.path.join(out_dir, "plots"), kind=kind)
         except (KeyError, TypeError, ValueError) as err:    # files that load but hold damaged entries
-            stems = [os.path.join(out_dir, s, "monitor") for s in schedules]
-            files = (f"the {schedules[0]} run's RankMonitor file {stems[0]}.json (or {stems[0]}.epochs.csv)"
-                     if len(stems) == 1 else
-                     f"the RankMonitor files {', '.join(s + '.json' for s in stems)} (or their .epochs.csv)")
-            note = f"plots skipped: {files} cannot be plotted ({_reason(err)})"
+            note = _plots_skipped(out_dir, schedules, err, "plotted")
     if note:
         log(note)
     return table, results, paths

@@ -191,7 +191,8 @@ def config_from_args(args, notes=None):
     ``--schedule full``, the data-folder flags with ``--data stdlib``, ``--compile-mode`` with
     ``--no-compile``) are named in ``notes`` (a list, when given).  A single-form run's I and D are
     the ones it has without ``--inflate-epoch``, ``--deflate-epoch`` and ``--full-rank-fraction``:
-    given, they are neither used nor range-checked.
+    given, they are not used, and the two epochs are not range-checked (a ``--full-rank-fraction``
+    outside (0, 1] is still refused, as are the three flags given together).
 
     Raises:
         ValueError: settings that do not fit together (:func:`_check_settings`), a value out of range,

@@ -612,6 +612,11 @@ def _load_cache(path):
     return result
 
 
+def _reason(err):
+    """``err`` in one line, for a message: ``"<type>: <first line of its message>"``."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+
+
 def _save_cache(path, tensors):
     """Write a decode cache file; returns whether it was written.  One that cannot be written is warned
     about and skipped: the cache only saves time."""
@@ -624,8 +629,7 @@ def _save_cache(path, tensors):
         os.replace(tmp, path)
         return True
     except (OSError, RuntimeError) as err:
-        reason = (str(err).splitlines() or [""])[0]
-        warnings.warn(f"decode cache {os.path.dirname(path)} is not writable ({type(err).__name__}: {reason}); "
+        warnings.warn(f"decode cache {os.path.dirname(path)} is not writable ({_reason(err)}); "
                       "continuing without it", stacklevel=3)
         return False
     finally:                            # a failed or interrupted (Ctrl-C) write leaves no partial file

@@ -28,16 +28,21 @@ __all__ = ["CifarResNet", "resnet20", "WideResNet", "wrn28_10", "ResNet50", "GPT
 MODELS = ("resnet20", "wrn28-10", "resnet50", "gpt")
 
 
+def _check_positive(value, what, expected):
+    """Refuse a ``value`` that is not a finite real number > 0: a TypeError (not a real number) or
+    ValueError, each ``f"{what} must be {expected}, got ..."``."""
+    check_real(value, what, expected)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be {expected}, got {value!r}")
+
+
 def _scaled(channels, width):
     """``channels`` times the multiplier ``width``, rounded, at least 1.
 
     Raises:
         TypeError, ValueError: ``width`` is not a finite number > 0.
     """
-    expected = "a finite number > 0 (a channel multiplier)"
-    check_real(width, "width", expected)
-    if not (math.isfinite(width) and width > 0):
-        raise ValueError(f"width must be {expected}, got {width!r}")
+    _check_positive(width, "width", "a finite number > 0 (a channel multiplier)")
     return max(1, round(channels * width))
 
 
@@ -171,10 +176,7 @@ class WideResNet(nn.Module):
         depth = check_int(depth, "depth", "an int 6n + 4 with n ≥ 1", 10)
         if (depth - 4) % 6 != 0:
             raise ValueError(f"depth must be 6n + 4 with n ≥ 1, got {depth}")
-        expected = "a finite number > 0 (k, the widening factor)"
-        check_real(widen, "widen", expected)
-        if not (math.isfinite(widen) and widen > 0):
-            raise ValueError(f"widen must be {expected}, got {widen!r}")
+        _check_positive(widen, "widen", "a finite number > 0 (k, the widening factor)")
         blocks = (depth - 4) // 6
         stem = _scaled(16, width)
         widths = [_scaled(16 * widen, width), _scaled(32 * widen, width), _scaled(64 * widen, width)]
