@@ -147,8 +147,8 @@ def without_autocast(function):
 @torch.library.custom_op("dynrank::lowrank_linear", mutates_args=())
 def _lowrank_linear_op(x: Tensor, weight: Optional[Tensor], A: Tensor, B: Tensor,
                        bias: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
-    from .kernels import lowrank_linear_forward
-    return lowrank_linear_forward(x, weight, A, B, bias, scale)
+    from .kernels.lowrank_linear import _forward
+    return _forward(x, weight, A, B, bias, scale)
 
 
 @_lowrank_linear_op.register_fake
@@ -160,8 +160,8 @@ def _(x, weight, A, B, bias, scale):
 def _lowrank_linear_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], A: Tensor, B: Tensor,
                                 xbs: Tensor, scale: float, needs_dx: bool, needs_dA: bool,
                                 needs_dB: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    from .kernels import lowrank_linear_backward
-    grads = lowrank_linear_backward(dy, x, weight, A, B, xbs, scale, needs_dx, needs_dA, needs_dB)
+    from .kernels.lowrank_linear import _backward
+    grads = _backward(dy, x, weight, A, B, xbs, scale, needs_dx, needs_dA, needs_dB)
     # A custom op returns tensors: a gradient that was not asked for comes back empty.
     return tuple(g if g is not None else dy.new_empty(0) for g in grads)
 
@@ -327,8 +327,10 @@ def _torch_backward(dy, x, weight, A, B, xbs, scale, needs_dx, needs_dA, needs_d
 
 
 def _triton_engine():
-    from .kernels import lowrank_linear_backward, lowrank_linear_forward
-    return lowrank_linear_forward, lowrank_linear_backward
+    """The kernels' forward and backward less their shape checks, which :func:`_check_operands` (the forward's)
+    and autograd (the backward's: the saved tensors, dy of y's shape) have made; the custom ops run them too."""
+    from .kernels.lowrank_linear import _backward, _forward
+    return _forward, _backward
 
 
 class _EagerLowRankLinear(torch.autograd.Function):

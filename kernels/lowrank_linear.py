@@ -73,8 +73,15 @@ def lowrank_linear_forward(x, weight, A, B, bias=None, scale=1.0):
         ValueError: an operand other than bias that is not 2-D, shapes that do not fit x (M, K) and
             A (N, R), a meta tensor, a scale that is not finite or past float32's range.
     """
+    return _forward(x, weight, A, B, bias, scale, check_shapes=True)
+
+
+def _forward(x, weight, A, B, bias, scale, check_shapes=False):
+    """:func:`lowrank_linear_forward`, whose shapes are checked only with ``check_shapes``: dynrank.functional's
+    Triton path, the one caller without it, has checked them (its ``_check_operands``)."""
     scale = _check_operands("lowrank_linear_forward", scale, x=x, weight=weight, A=A, B=B, bias=bias)
-    _check_shapes("lowrank_linear_forward", x, weight, A, B, bias)
+    if check_shapes:
+        _check_shapes("lowrank_linear_forward", x, weight, A, B, bias)
     xbs = lowrank_gemm(x, B, alpha=scale)
     if weight is not None:
         y = lowrank_gemm(x, weight.t(), xbs, A.t(), bias)
@@ -99,8 +106,15 @@ def lowrank_linear_backward(dy, x, weight, A, B, xbs, scale=1.0, needs_dx=True, 
         TypeError, ValueError: as :func:`lowrank_linear_forward` (dy, x and xbs must be 2-D tensors too,
             dy of shape (M, N) and xbs (M, R)).
     """
+    return _backward(dy, x, weight, A, B, xbs, scale, needs_dx, needs_dA, needs_dB, check_shapes=True)
+
+
+def _backward(dy, x, weight, A, B, xbs, scale, needs_dx, needs_dA, needs_dB, check_shapes=False):
+    """:func:`lowrank_linear_backward`, whose shapes are checked only with ``check_shapes``: dynrank.functional's
+    Triton path, the one caller without it, passes the forward's saved tensors and autograd's dy of y's shape."""
     scale = _check_operands("lowrank_linear_backward", scale, dy=dy, x=x, weight=weight, A=A, B=B, xbs=xbs)
-    _check_shapes("lowrank_linear_backward", x, weight, A, B, dy=dy, xbs=xbs)
+    if check_shapes:
+        _check_shapes("lowrank_linear_backward", x, weight, A, B, dy=dy, xbs=xbs)
     dx = dA = dB = None
     dyas = lowrank_gemm(dy, A, alpha=scale) if (needs_dx or needs_dB) else None
     if needs_dx:

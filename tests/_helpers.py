@@ -1,4 +1,4 @@
-"""Shared test helpers: devices for the kernels, per-dtype tolerances, relative error, scripts.
+"""Shared test helpers: devices for the kernels, engine cases, per-dtype tolerances, relative error, scripts.
 
 Imported by the test modules as ``from _helpers import ...`` (not from
 ``conftest``: the benchmark suite has a conftest of its own, and with both
@@ -30,6 +30,16 @@ def kernel_devices():
     if INTERPRETING:
         return ["cpu"]
     return ["cuda"] if HAS_CUDA else []
+
+
+# The engines a test can run dynrank's ops on here: torch always, Triton where its kernels run.
+BACKENDS = ["torch"] + (["triton"] if kernel_devices() else [])
+
+
+def engine_cases(cases):
+    """(engine, *case) for every engine of :data:`BACKENDS`, less the full form (a case's first item) on
+    Triton: that form always runs F.linear, so a 'triton' case of it would repeat the torch case."""
+    return [(engine, *case) for engine in BACKENDS for case in cases if not (engine == "triton" and case[0] == "full")]
 
 
 # Per-dtype tolerances on relative error (Frobenius norm of the difference over
@@ -79,34 +89,32 @@ def assert_out_refused_before_work(script, work, argv, out, message, monkeypatch
 def assert_grad_write_refused_then_merged(op, merge, weight, expected):
     """``merge()`` (``op`` writing ``weight``, which requires grad, in place) raises the in-place error with
     grad mode on and writes nothing; under ``torch.no_grad()`` it returns ``weight`` merged to ``expected``."""
-    import re
-
-    import pytest
-    before = weight.detach().clone()
-    with pytest.raises(RuntimeError, match=re.escape(f"{op} writes weight in place, which autograd cannot record, "
-                                                     f"got a weight that requires grad with grad mode on; call it "
-                                                     f"under torch.no_grad()")):
-        merge()
-    assert torch.equal(weight.detach(), before)
-    with torch.no_grad():
-        assert merge() is weight
-    assert rel_err(weight, expected) < REL_TOL[torch.float32]
+    _assert_write_refused_then_merged(merge, weight, expected, torch.no_grad(),
+                                      f"{op} writes weight in place, which autograd cannot record, got a weight "
+                                      f"that requires grad with grad mode on; call it under torch.no_grad()")
 
 
 def assert_inference_write_refused_then_merged(op, merge, weight, expected):
     """``merge()`` (``op`` writing ``weight``, an inference tensor, in place) raises outside
     ``torch.inference_mode()``, as torch's in-place ops do, and writes nothing; inside it returns ``weight``
     merged to ``expected``."""
+    assert weight.is_inference()
+    _assert_write_refused_then_merged(merge, weight, expected, torch.inference_mode(),
+                                      f"{op} writes weight in place, got an inference tensor (made under "
+                                      f"torch.inference_mode()) outside inference mode")
+
+
+def _assert_write_refused_then_merged(merge, weight, expected, context, message):
+    """``merge()`` raises a RuntimeError with ``message`` and writes nothing to ``weight``; inside ``context``
+    it returns ``weight`` merged to ``expected``."""
     import re
 
     import pytest
-    assert weight.is_inference()
-    before = weight.clone()
-    with pytest.raises(RuntimeError, match=re.escape(f"{op} writes weight in place, got an inference tensor (made "
-                                                     f"under torch.inference_mode()) outside inference mode")):
+    before = weight.detach().clone()
+    with pytest.raises(RuntimeError, match=re.escape(message)):
         merge()
-    assert torch.equal(weight, before)
-    with torch.inference_mode():
+    assert torch.equal(weight.detach(), before)
+    with context:
         assert merge() is weight
     assert rel_err(weight, expected) < REL_TOL[torch.float32]
 
@@ -127,7 +135,7 @@ def assert_aliased_operand_refused(op, merge, reference, weight, operands, name)
     expected = reference(weight, *operands.values(), 0.5)
     assert rel_err(weight, expected) > 0.1                  # a merge that wrote nothing would show
     merge(weight, *(t.clone() for t in operands.values()), 0.5)
-    assert rel_err(weight, expected) < REL_TOL[torch.float32]
+    assert rel_err(weight, expected) < REL_TOL[weight.dtype]
 
 
 def holding_optimizer(inner, attribute="optimizer"):

@@ -26,6 +26,23 @@ def torch_backend(monkeypatch):
     monkeypatch.setenv("DYNRANK_BACKEND", "torch")
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The names of the Triton entry points dynrank.functional calls during the test, in order:
+    ``lowrank_linear_forward``, ``lowrank_linear_backward`` (seen at ``_forward`` and ``_backward``, the entries
+    it calls, which skip the shape checks it has made) and ``merge_``."""
+    import dynrank.kernels as kernels
+    import dynrank.kernels.lowrank_linear as linear
+    calls = []
+    for module, attribute, name in ((linear, "_forward", "lowrank_linear_forward"),
+                                    (linear, "_backward", "lowrank_linear_backward"), (kernels, "merge_", "merge_")):
+        def spy(*args, _entry=getattr(module, attribute), _name=name, **kwargs):
+            calls.append(_name)
+            return _entry(*args, **kwargs)
+        monkeypatch.setattr(module, attribute, spy)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -7,13 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from _helpers import INTERPRETING, REL_TOL, kernel_devices, rel_err
+from _helpers import BACKENDS, INTERPRETING, REL_TOL, engine_cases, kernel_devices, rel_err
 from dynrank import FusedLowRankLinear
 from dynrank import functional as F
 from dynrank.kernels import reference_lowrank_linear
 from dynrank.linear import svd_factors
-
-BACKENDS = ["torch"] + (["triton"] if kernel_devices() else [])
 
 
 @pytest.fixture(params=BACKENDS)
@@ -23,25 +21,9 @@ def backend(request, monkeypatch):
 
 
 def with_backends(forms):
-    """(backend, form) cases for a test taking the ``backend`` fixture: every form on torch, and on Triton only
-    the forms with a kernel (the full form is one dense torch op whatever the backend: its Triton case would run
-    the torch case again)."""
-    return pytest.mark.parametrize("backend, form", [(b, f) for b in BACKENDS for f in forms
-                                                     if b == "torch" or f != "full"], indirect=["backend"])
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """The names of the Triton entry points (``dynrank.kernels``) the test calls, in order; empty without Triton."""
-    calls = []
-    if "triton" in BACKENDS:
-        import dynrank.kernels as kernels
-        for name in ("lowrank_linear_forward", "lowrank_linear_backward", "merge_"):
-            def spy(*args, _name=name, _entry=getattr(kernels, name), **kwargs):
-                calls.append(_name)
-                return _entry(*args, **kwargs)
-            monkeypatch.setattr(kernels, name, spy)
-    return calls
+    """(backend, form) cases (:func:`engine_cases`) for a test taking the ``backend`` fixture: every form on torch,
+    and on Triton only the forms with a kernel."""
+    return pytest.mark.parametrize("backend, form", engine_cases([(form,) for form in forms]), indirect=["backend"])
 
 
 def _device():
