@@ -123,8 +123,7 @@ def outside_inference_mode(method):
 class FormLayer(nn.Module):
     """Base class of layers with lowrank / full / adapter forms.
 
-    Subclasses set ``self._rank`` and ``self._form`` in ``__init__`` (then
-    call :meth:`_become`) and implement:
+    Subclasses implement:
 
     - ``_factor_names(rank)``: names of the factor parameters, in order;
     - ``_dense_shape()``: shape of the dense weight;
@@ -190,23 +189,20 @@ class FormLayer(nn.Module):
                          f"low-rank product. To give the layer a dense {name} (to tie it, say), call inflate() "
                          f"first or convert with form='full'")
 
-    def _check_no_factors_given(self, names):
+    def _check_no_factors_given(self):
         """In full form: refuse factors that ``torch.func.functional_call`` wrote into the slots an inflate
-        left in ``_parameters`` (the forward would drop them); one dict read per name."""
-        params = self._parameters
+        left in ``_parameters`` (the forward would drop them); one dict read per factor name."""
+        params, names = self._parameters, self._factor_names(self._rank)
         for name in names:
             if params.get(name) is not None:
-                self._refuse_factors()
+                self._refuse_factors([n for n in names if params.get(n) is not None])
 
-    def _refuse_factors(self, given=None):
+    def _refuse_factors(self, given):
         """Raise the ValueError for factors given to a full-form layer, which its forward would leave unused,
         running on W: assigned, registered, or passed in by ``torch.func.functional_call`` (a parameter dict
         taken in lowrank or adapter form, say).  functional_call assigns a factor the layer has no slot for
         in ``_parameters`` (a layer built full), and writes the slots an inflate left itself: the full
-        forwards check those, with one dict read per factor.  ``given``: the factor names given (default:
-        those the layer now holds)."""
-        if given is None:
-            given = [name for name in self._factor_names(self._rank) if self._read(name) is not None]
+        forwards check those, with one dict read per factor.  ``given``: the names of the factors given."""
         name = self.weight_name
         raise ValueError(f"{type(self).__name__} in full form has no factors (it holds {name}); the "
                          f"{', '.join(given)} given would go unused, the layer running on its own {name}. To run "
@@ -292,12 +288,14 @@ class FormLayer(nn.Module):
             return torch.channels_last
         return torch.contiguous_format
 
-    def _set_factors(self, factors, trainable=True, memory_format=torch.contiguous_format):
+    def _set_factors(self, factors, trainable, memory_format, kept):
+        """Release the old factors and install ``factors`` in ``memory_format``, each requiring grad as
+        ``kept`` (name → bool) says where it names it, else where ``trainable``."""
         for name in set(self._factor_param_names) | set(self._factor_names(self._rank)):
             setattr(self, name, None)
         self._factor_param_names = tuple(factors)
         for name, value in factors.items():
-            setattr(self, name, nn.Parameter(_packed(value, memory_format), requires_grad=trainable))
+            setattr(self, name, nn.Parameter(_packed(value, memory_format), requires_grad=kept.get(name, trainable)))
 
     def _trains(self):
         """Whether any of the layer's parameters but the bias requires grad (W, W_f, the factors).  A layer
@@ -308,8 +306,13 @@ class FormLayer(nn.Module):
     def _become(self, form, weight, factors, rank, trainable=True):
         """Install ``weight`` (tensor or None) and ``factors`` (dict) for ``form``: the form's trainable
         parameters (W in full form, the factors otherwise) require grad where ``trainable``, W_f never.
-        New tensors take the layout of the parameters they replace (:meth:`_memory_format`)."""
+        Within the form (a rank change), each factor is as trainable as the one of its name it replaces
+        (LoRA-FA's A frozen by hand stays frozen).  New tensors take the layout of the parameters they
+        replace (:meth:`_memory_format`)."""
         memory_format = self._memory_format()
+        # At construction there is no form yet.
+        kept = ({name: f.requires_grad for name, f in self.factors().items()}
+                if form == self.__dict__.get("_form") else {})
         self._form = form
         self._rank = rank
         if form == "lowrank":
@@ -323,7 +326,7 @@ class FormLayer(nn.Module):
                 setattr(self, self.weight_name, weight)
             else:
                 setattr(self, self.weight_name, nn.Parameter(_packed(weight, memory_format), requires_grad=trains))
-        self._set_factors(factors, trainable, memory_format)
+        self._set_factors(factors, trainable, memory_format, kept)
         self._on_form_change()
 
     def _on_form_change(self):
@@ -740,7 +743,6 @@ class FormLayer(nn.Module):
         self._check_switchable()
         ref = self._reference_tensor()
         trainable = self._trains()
-        kept = {n: f.requires_grad for n, f in self.factors().items()} if form == self._form else {}
         kw = dict(device=ref.device, dtype=ref.dtype)
         if form == "full":
             weight, factors = torch.empty(self._dense_shape(), **kw), {}
@@ -751,6 +753,3 @@ class FormLayer(nn.Module):
                 weight = dense if dense is not None else torch.empty(self._dense_shape(), **kw)
             factors = {n: torch.empty(s, **kw) for n, s in self._factor_shapes(rank).items()}
         self._become(form, weight, factors, rank, trainable)
-        for name, factor in self.factors().items():
-            if name in kept:
-                factor.requires_grad_(kept[name])

@@ -123,10 +123,11 @@ def replace_params(optimizer, removed, added, states=None, owner=None, old_names
         states = None                  # L-BFGS's "state" is the history just forgotten: none carries
     held = optimizer_params(optimizer)
     removed_ids = {id(p) for p in removed}
-    names = _names_before(optimizer, removed, owner, old_names)
+    own = {id(p): n for n, p in owner.named_parameters()} if owner is not None else {}
+    names = _names_before(optimizer, removed, own, old_names)
     fresh = [p for p in added if id(p) not in held or id(p) in removed_ids]
     if in_place and len(fresh) == len(added) == len(removed) == len(removed_ids):        # one for one
-        swap = {id(old): new for old, new in _counterparts(removed, added, owner, old_names) if id(old) in held}
+        swap = {id(old): new for old, new in _counterparts(removed, added, own, old_names) if id(old) in held}
         groups = [g for g, group in enumerate(optimizer.param_groups)
                   if any(id(p) in swap for p in group["params"])]
         for g in groups:
@@ -163,14 +164,13 @@ def replace_params(optimizer, removed, added, states=None, owner=None, old_names
     return True
 
 
-def _counterparts(removed, added, owner, old_names):
+def _counterparts(removed, added, own, old_names):
     """[(removed one, added one)] for a one-for-one replacement: paired by name (``old_names`` against
-    ``owner``'s names) where each name pairs one with one, else by position.  :func:`switched_params`
-    lists the removed ones that trained first, the added ones in module order: a frozen A before a
-    trained B would swap them by position."""
-    if owner is not None and old_names:
-        by_name = {id(p): n for n, p in owner.named_parameters()}
-        new_of = {by_name[id(p)]: p for p in added if id(p) in by_name}
+    ``own``, id(param) → name of the owner's parameters) where each name pairs one with one, else by
+    position.  :func:`switched_params` lists the removed ones that trained first, the added ones in module
+    order: a frozen A before a trained B would swap them by position."""
+    if own and old_names:
+        new_of = {own[id(p)]: p for p in added if id(p) in own}
         pairs = [(old, new_of.get(old_names.get(id(old)))) for old in removed]
         paired = {id(new) for _, new in pairs if new is not None}
         if len(new_of) == len(paired) == len(added) == len(pairs):
@@ -205,11 +205,10 @@ def warn_dampened(zero_filled, when, remedy):
                       stacklevel=_caller_stacklevel())
 
 
-def _names_before(optimizer, removed, owner, old_names):
+def _names_before(optimizer, removed, own, old_names):
     """[(group, id(param) → name)] for the groups that keep ``param_names``: every name they hold now,
-    with ``owner``'s parameters renamed (see :func:`replace_params`)."""
+    with the owner's parameters (``own``: id(param) → name in the owner) renamed (see :func:`replace_params`)."""
     groups = [g for g in optimizer.param_groups if "param_names" in g]
-    own = {id(p): n for n, p in owner.named_parameters()} if owner is not None and groups else {}
     named = {id(p): n for g in groups for p, n in zip(g["params"], g["param_names"])}
     old_names = old_names or {}
     # The module's name: each name the optimizer holds for the old module's parameters, less that parameter's
@@ -220,8 +219,7 @@ def _names_before(optimizer, removed, owner, old_names):
     # An added parameter's custom name: the first held removed one's, less that one's own name in the module
     # where it ends so (a name an earlier switch gave), and its own: 'p1' (A) gives W 'p1.weight', which gives
     # A 'p1.A', as a load that goes from lowrank to adapter form at once names it.
-    custom = next((named[id(p)] for p in removed if id(p) in named), None)
-    attr = next((old_names.get(id(p)) for p in removed if id(p) in named), None)
+    custom, attr = next(((named[id(p)], old_names.get(id(p))) for p in removed if id(p) in named), (None, None))
     if custom is not None and attr is not None and custom.endswith("." + attr):
         custom = custom[:-len(attr) - 1]
     result = []
@@ -560,18 +558,17 @@ def _split_state(state, shape):
 
 
 def _old_states(optimizer, params):
-    """Per-name split states of ``params`` (dict name → param); None if any is missing/odd.
+    """Per-name split states of ``params`` (dict name → param), in their order; None if a trainable one's
+    is missing or any is odd, or none has state.
 
-    A frozen parameter without state (LoRA-FA's A) never moved: its entries are zeros beside the others'
-    (the scalar entries, Adam's ``step``, are the others'), so W's momentum after an inflate is the part
-    the trained factors give, s·A·m_Bᵀ."""
-    out, still = {}, []
+    A frozen parameter without state (LoRA-FA's A) never moved: it is left out, its moments zero, so W's
+    momentum after an inflate is the part the trained factors give, s·A·m_Bᵀ."""
+    out = {}
     for name, p in params.items():
         state = optimizer.state.get(p)
         if not state:
             if p.requires_grad:
                 return None
-            still.append(name)
             continue
         split = _split_state(state, p.shape)
         if split is None:
@@ -582,10 +579,7 @@ def _old_states(optimizer, params):
     keys = {frozenset(t) for t, _ in out.values()}
     if len(keys) != 1 or CENTERED_PAIR <= next(iter(keys)):
         return None
-    tensors, scalars = next(iter(out.values()))
-    for name in still:
-        out[name] = ({key: torch.zeros_like(params[name]) for key in tensors}, scalars)
-    return {name: out[name] for name in params}
+    return out
 
 
 def _differentiable_merge(layer, factors):
@@ -635,7 +629,7 @@ def pushforward_state(optimizer, layer, old_factors, new_param):
     for key in first[0]:
         out = torch.zeros_like(new_param)
         squared = key in SQUARED_STATE
-        for name in old_factors:
+        for name in old:        # a frozen factor without state adds nothing
             subs = dict(squares if squared else values)
             subs[name] = old[name][0][key]
             layer._merge_into_(out, scale if squared else 1.0, subs)

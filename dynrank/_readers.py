@@ -12,17 +12,45 @@ from torch import nn
 from ._forms import FormLayer
 from .linear import transformers_bases, transformers_class
 
-# transformers modules whose own code multiplies by a child layer's weight instead of calling the layer
-# (class name → children): a converted child's low-rank or adapter term would be skipped, silently.  Most
-# such reads are found in the classes' code (``self.<path>.weight``, :func:`_weight_reads`); these are
-# the ones that read it in a form the search does not see.
+def _rwkv_rescaled(module):
+    """The layers whose weight RWKV's ``_rescale_layers`` divides in place (multiplies back in training) at the
+    first forward after each train/eval switch, where ``config.rescale_every`` > 0: it reaches them through a
+    loop over ``self.blocks``, which the search of the code does not follow."""
+    if getattr(getattr(module, "config", None), "rescale_every", 0) > 0:
+        for i in range(len(getattr(module, "blocks", ()))):
+            yield f"blocks.{i}.attention.output"
+            yield f"blocks.{i}.feed_forward.value"
+
+
+# transformers modules whose own code multiplies by the weight of a layer below them instead of calling the
+# layer: a converted layer's low-rank or adapter term would be skipped, silently.  Most such reads are found
+# in the classes' code (``self.<path>.weight``, :func:`_weight_reads`); these are the ones that read it in a
+# form the search does not see or reach it by a path it does not follow.  Class name → the names of the
+# children it reads, or a function of the module giving the paths below it that it reads.
 WEIGHT_READERS = {
     "MobileBertLMPredictionHead": ("dense",),             # cat([decoder.weight.t(), dense.weight]) in a matmul
     "LayoutLMv3Encoder": ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"),   # bias.weight[:, buckets]
     "MambaMixer": ("x_proj", "dt_proj", "out_proj"),      # dt_proj.weight @ ...; the fused kernel takes all three
     "FalconMambaMixer": ("x_proj", "dt_proj", "out_proj"),
     "JambaMambaMixer": ("dt_proj",),
+    "RwkvModel": _rwkv_rescaled,
 }
+
+
+def _listed_reads(module, reads):
+    """(path, layer) for each layer below ``module`` that its :data:`WEIGHT_READERS` entry ``reads`` names: each
+    path the entry's function gives that leads to a module (``get_submodule``), or each registered child of a
+    listed name."""
+    if callable(reads):
+        for path in reads(module):
+            try:
+                yield path, module.get_submodule(path)
+            except AttributeError:
+                continue
+    else:
+        for attr in reads:
+            if module._modules.get(attr) is not None:
+                yield attr, module._modules[attr]
 
 
 # The path of a layer below a module in its code (``self.<path>.weight``): it may index a container by a
@@ -60,21 +88,6 @@ def _bloom_reads(module):
 CONDITIONAL_READS = {"BloomAttention": {"dense": _bloom_reads}, "BloomMLP": {"dense_4h_to_h": _bloom_reads}}
 
 
-def _rwkv_rescaled(module):
-    """The layers whose weight RWKV's ``_rescale_layers`` divides in place (multiplies back in training) at the
-    first forward after each train/eval switch, where ``config.rescale_every`` > 0: it reaches them through a
-    loop over ``self.blocks``, which the search of the code does not follow."""
-    if getattr(getattr(module, "config", None), "rescale_every", 0) > 0:
-        for i in range(len(getattr(module, "blocks", ()))):
-            yield f"blocks.{i}.attention.output"
-            yield f"blocks.{i}.feed_forward.value"
-
-
-# Modules whose code reaches layers below them by a path the search does not follow (class name → the paths
-# it computes with, for this module).
-DEEP_READS = {"RwkvModel": _rwkv_rescaled}
-
-
 # ``self.<path>.weight`` in a module's code where it computes with the weight (passes it on, indexes it,
 # multiplies by it): not a read of its dtype, device or shape, not an assignment to it.
 _VALUE_READ = re.compile(rf"self\.{_PATH}\.weight\b"
@@ -104,20 +117,12 @@ def _weight_reads(cls):
 
 def _transformers_reads(model):
     """(module, its class's name, path, layer, kind) for each layer whose weight the code of a transformers
-    module above it reads: kind ``"computes"`` (:data:`WEIGHT_READERS`, :data:`DEEP_READS` and
-    :func:`_weight_reads`),
+    module above it reads: kind ``"computes"`` (:data:`WEIGHT_READERS` and :func:`_weight_reads`),
     ``"dtype"`` (:func:`_dtype_reads`) or ``"guarded"`` (read only where ``isinstance`` finds a tensor)."""
     for module in model.modules():
         cls = transformers_class(module, WEIGHT_READERS)
-        for attr in WEIGHT_READERS.get(cls, ()):
-            if module._modules.get(attr) is not None:
-                yield module, cls, attr, module._modules[attr], "computes"
-        deep = transformers_class(module, DEEP_READS)
-        for path in DEEP_READS[deep](module) if deep else ():
-            try:
-                yield module, deep, path, module.get_submodule(path), "computes"
-            except AttributeError:
-                continue
+        for path, child in _listed_reads(module, WEIGHT_READERS[cls]) if cls else ():
+            yield module, cls, path, child, "computes"
         for base in transformers_bases(module):
             computed, guarded = _weight_reads(base)
             conditions = CONDITIONAL_READS.get(base.__name__, {})

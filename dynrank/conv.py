@@ -38,7 +38,7 @@ ADAPTER_CHOICES_KEPT = 64
 # ---------------------------------------------------------------------------
 
 def _forward_full(layer, x):
-    layer._check_no_factors_given(layer._dec.factor_names)
+    layer._check_no_factors_given()
     return _dense_conv(layer, x, layer._read("weight"), layer._read("bias"))
 
 
@@ -632,13 +632,11 @@ class LowRankConv2d(FormLayer):
         columns in a batch that is not empty.  ``"same"`` beside a stride is refused first, as F.conv2d
         refuses it."""
         kernel = [d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation)]
-        if self._pad is None and self._conv_padding == "same":
-            if self._stride != (1, 1):
-                raise RuntimeError("padding='same' is not supported for strided convolutions")
-            size = [n + k - 1 for n, k in zip(x.shape[-2:], kernel)]      # padded by d·(k − 1) in all
-        else:
-            pad = (0, 0) if self._pad is not None else self._conv_padding
-            size = [n + 2 * p for n, p in zip(x.shape[-2:], pad)]
+        padding = (0, 0) if self._pad is not None else self._conv_padding
+        if padding == "same" and self._stride != (1, 1):
+            raise RuntimeError("padding='same' is not supported for strided convolutions")
+        left, right, top, bottom = _pad_amounts(padding, self.kernel_size, self.dilation)
+        size = [x.shape[-2] + top + bottom, x.shape[-1] + left + right]
         if any(n < k for n, k in zip(size, kernel)):
             raise RuntimeError(f"Calculated padded input size per channel: ({size[0]} x {size[1]}). Kernel size: "
                                f"({kernel[0]} x {kernel[1]}). Kernel size can't be greater than actual input size")

@@ -243,7 +243,7 @@ def _grow_rank_(layer, new_rank, optimizer, who):
     fresh = _zero_output_init(layer, extra, old_A.device, old_A.dtype)
     A = torch.cat([old_A.detach() * ratio, fresh["A"]], dim=1)
     B = torch.cat([old_B.detach(), fresh["B"]], dim=1)
-    _install(layer, A, B, new_rank, old_A, old_B)
+    _install(layer, A, B, new_rank)
     if optimizer is not None:
         states = {}
         for old, new, r in ((old_A, layer.A, ratio), (old_B, layer.B, 1.0)):
@@ -260,12 +260,10 @@ def _grow_rank_(layer, new_rank, optimizer, who):
     return layer
 
 
-def _install(layer, A, B, rank, old_A, old_B):
+def _install(layer, A, B, rank):
     """Make ``A``, ``B`` the layer's factors at ``rank``, each as trainable as the one it replaces (a
-    factor the user froze stays frozen)."""
+    factor the user froze stays frozen: :meth:`~dynrank._forms.FormLayer._become`)."""
     layer._become(layer.form, layer.weight, {"A": A, "B": B}, rank)
-    layer.A.requires_grad_(old_A.requires_grad)
-    layer.B.requires_grad_(old_B.requires_grad)
 
 
 @outside_inference_mode
@@ -287,7 +285,7 @@ def _follow_growth(copy_layer, layer):
     old, wide = (copy_layer.A, copy_layer.B), []
     for ours, theirs, r in zip(old, (layer.A, layer.B), (ratio, 1.0)):
         wide.append(torch.cat([ours.detach() * r, theirs.detach()[:, old_rank:].to(ours)], dim=1))
-    _install(copy_layer, *wide, new_rank, *old)
+    _install(copy_layer, *wide, new_rank)
 
 
 @outside_inference_mode
@@ -318,7 +316,7 @@ def _truncate_rank_(layer, rank, optimizer=None):
         # svd_factors zeroes the first factor's column of a zero component: fit the transpose B·Aᵀ to zero B's.
         B, A = svd_factors(merged.t(), rank, scale, dtype=dtype,
                            fresh=lambda: _zero_output_init(layer, rank, merged.device, dtype)["A"])
-    _install(layer, A.to(old[0].dtype), B.to(old[1].dtype), rank, *old)
+    _install(layer, A.to(old[0].dtype), B.to(old[1].dtype), rank)
     if optimizer is not None:
         replace_params(optimizer, old, [layer.A, layer.B], owner=layer, old_names=dict(zip(map(id, old), "AB")))
     for p in old:

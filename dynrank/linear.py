@@ -386,7 +386,7 @@ class FusedLowRankLinear(FormLayer):
                 return node
         if self._form == "full":
             weight, bias = self._read("weight"), self._read("bias")
-            self._check_no_factors_given(("A", "B"))
+            self._check_no_factors_given()
             if isinstance(input, torch.Tensor) and input.is_meta != weight.is_meta:
                 self._check_input(input, weight)   # torch mixes meta and real tensors silently
             try:
