@@ -605,10 +605,11 @@ def test_a_source_checkout_finds_its_kernels_without_an_install():
     assert not {"dynrank", "tests", "benchmarks", "setup", "kernels"} & set(walked.split("|"))
 
 
-def test_progress_line_draws_both_bars_and_calls_extra_only_on_redraw():
+def test_progress_line_draws_both_bars_and_calls_extra_only_on_redraw(monkeypatch):
     import io
 
     from dynrank.train.progress import ProgressLine, format_seconds
+    monkeypatch.setenv("COLUMNS", "200")        # a terminal wide enough for the whole line
     stream = io.StringIO()
     calls = []
     line = ProgressLine(epochs=2, stream=stream, enabled=True, interval=3600.0)
@@ -625,6 +626,30 @@ def test_progress_line_draws_both_bars_and_calls_extra_only_on_redraw():
     silent = io.StringIO()
     ProgressLine(epochs=1, stream=silent).update(0)        # a StringIO is no terminal: nothing drawn
     assert silent.getvalue() == "" and format_seconds(3725) == "1:02:05"
+
+
+@pytest.mark.parametrize("columns,expected", [
+    (200, "epoch 150/150 [██████████] batch 120/390 [██████··············] 8.0 it/s loss 1.2345 eta 0:34"),
+    (90, "epoch 150/150 batch 120/390 [██████··············] 8.0 it/s loss 1.2345 eta 0:34"),
+    (80, "epoch 150/150 batch 120/390 [██████··············] loss 1.2345 eta 0:34"),
+    (60, "epoch 150/150 batch 120/390 loss 1.2345 eta 0:34"),
+    (40, "epoch 150/150 batch 120/390 loss 1.2345"),
+])
+def test_progress_line_fits_a_narrow_terminal(monkeypatch, columns, expected):
+    """The CIFAR-10 preset's line was 97 columns: on an 80-column terminal it wrapped, and as "\\r" goes back
+    only to the start of the last row, every redraw left a stale row.  The line now stays one column
+    short of the width, leaving out the epoch bar first, then the rate, then the batch bar."""
+    import io
+
+    from dynrank.train import progress
+    clock = iter([100.0, 115.0])            # start_epoch, then 120 batches in 15 s: 8.0 it/s
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setenv("COLUMNS", str(columns))      # what shutil.get_terminal_size reads first
+    stream = io.StringIO()
+    line = progress.ProgressLine(epochs=150, stream=stream, enabled=True, interval=0.0)
+    line.start_epoch(149, batches=390)
+    line.update(119, extra=lambda: "loss 1.2345")
+    assert stream.getvalue() == "\r" + expected and len(expected) <= columns - 1
 
 
 # -- run state: output folders, resumes, damaged files ----------------------------------------------
@@ -795,7 +820,8 @@ def test_a_finished_schedules_checkpoint_is_not_read_on_resume(tmp_path, capsys)
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_a_finished_run_whose_monitor_files_are_damaged_resumes_without_plots(tmp_path, capsys, damage):
     """The RankMonitor files are written in place; a resume whose files were gone or half written ended in
-    a traceback after compare.txt was written again.  Only the plots read them."""
+    a traceback after compare.txt was written again.  Only the plots read them (and the table's λ where a
+    result.json holds no monitor_records)."""
     out = _finished_run(tmp_path / "run")
     table = (out / "compare.txt").read_text()
     stem = out / "full" / "monitor"
@@ -812,6 +838,30 @@ def test_a_finished_run_whose_monitor_files_are_damaged_resumes_without_plots(tm
     note = f"plots skipped: the full run's RankMonitor file {stem}.json (or {stem}.epochs.csv) cannot be read ("
     assert note in captured.out and "Traceback" not in captured.err
     assert table.strip() in captured.out and (out / "compare.txt").read_text() == table
+
+
+@pytest.mark.parametrize("monitor_from", ["json", "csv"])
+def test_a_result_without_monitor_records_takes_lambda_from_its_monitor_files(tmp_path, capsys, monitor_from):
+    """A result.json slimmed of its monitor_records (as benchmarks/fold_session.py leaves them) showed λ as
+    "-" on a resume, although the RankMonitor files beside it hold the same records and the resume read
+    them for the plots."""
+    out = tmp_path / "run"
+    assert cli.main(["--schedule", "compare", "--epochs", "2", "--milestones", "1", "--inflate-epoch", "0",
+                     "--deflate-epoch", "1", "--out", str(out)] + TINY_GPT) == 0
+    table = (out / "compare.txt").read_text()
+    lambdas = [re.split(r"\s{2,}", row)[-1] for row in table.splitlines()[2:]]
+    assert len(lambdas) == 3 and all(cell.startswith(("median ", "∞ in ")) for cell in lambdas)
+    for schedule in ("full", "lowrank", "dynamic"):
+        path = out / schedule / "result.json"
+        result = json.loads(path.read_text())
+        del result["monitor_records"]
+        path.write_text(json.dumps(result))
+        if monitor_from == "csv":
+            os.remove(out / schedule / "monitor.json")
+    capsys.readouterr()
+    assert cli.main(["--resume", str(out)]) == 0
+    assert table.strip() in capsys.readouterr().out
+    assert (out / "compare.txt").read_text() == table
 
 
 def test_a_finished_vision_run_resumes_without_its_data_set(tmp_path, capsys, restore_threads):

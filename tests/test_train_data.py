@@ -901,6 +901,27 @@ def test_vision_data_epochs_are_reproducible_and_normalized(recipe):
     assert sum(len(b[1]) for b in val) == 6
 
 
+@pytest.mark.parametrize("change,error,message", [
+    (dict(batch_size=0), ValueError, "batch_size must be a positive int, got 0"),
+    (dict(batch_size=4.0), TypeError, "batch_size must be a positive int, got float (4.0)"),
+    (dict(eval_batch_size=-1), ValueError, "eval_batch_size must be a positive int or None, got -1"),
+    (dict(test=(0, 0)), ValueError, "test_x must hold at least one image, got an empty test split"),
+    (dict(test=(6, 5)), ValueError, "test_y must hold one label per image of test_x (6), got 5"),
+    (dict(mean=(0.5,)), ValueError, "mean must hold 3 values (one per channel), got [0.5]"),
+    (dict(std=(0.25,) * 4), ValueError, "std must hold 3 values (one per channel), got [0.25, 0.25, 0.25, 0.25]"),
+])
+def test_vision_data_refuses_what_it_cannot_batch_or_evaluate(change, error, message):
+    """These failed late (ZeroDivisionError, a view() or max() RuntimeError), or an empty test split
+    evaluated to loss 0.0 and accuracy 0.0."""
+    x = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    y = torch.arange(8) % 4
+    images, labels = change.pop("test", (6, 6))
+    kwargs = dict(mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=4, num_classes=4)
+    kwargs.update(change)
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        VisionData(x, y, x[:images], y[:labels], **kwargs)
+
+
 def test_epoch_draws_take_every_allowed_seed_and_keep_the_smaller_seeds_draws():
     """--seed accepts [0, 2**63); seed * 100_003 + epoch is taken modulo 2**63 for the generator, which
     leaves the draws of a seed whose product fits as they were."""
@@ -985,6 +1006,36 @@ def test_text_data_draws_every_window_and_counts_them():
     with pytest.raises(DataError, match=re.escape("--batch-size 3 is larger than the 2 windows of context + 1 = 5 "
                                                   "bytes in the 6-byte training text")):
         TextData(stream[:6], stream, context=4, batch_size=3)
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (dict(context=0), ValueError, "context must be a positive int, got 0"),
+    (dict(batch_size=0), ValueError, "batch_size must be a positive int, got 0"),
+    (dict(val_windows=0), ValueError, "val_windows must be a positive int, got 0"),
+    (dict(val_windows=-1), ValueError, "val_windows must be a positive int, got -1"),
+    (dict(eval_batch_size=0), ValueError, "eval_batch_size must be a positive int, got 0"),
+    (dict(context=16.0), TypeError, "context must be a positive int, got float (16.0)"),
+])
+def test_text_data_refuses_arguments_out_of_range(change, error, message):
+    """val_windows=0 evaluated no window and reported val loss 0.0; the others failed late with a
+    ZeroDivisionError, a RuntimeError of arange or a range() ValueError."""
+    stream = (torch.arange(400) % 251).to(torch.uint8)
+    kwargs = dict(context=16, batch_size=4, steps=2)
+    kwargs.update(change)
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        TextData(stream, stream, **kwargs)
+    one = TextData(stream, stream, context=16, batch_size=4, steps=2, val_windows=1, eval_batch_size=1)
+    assert [tuple(inputs.shape) for inputs, _ in one.val_batches()] == [(1, 16)]
+
+
+@pytest.mark.parametrize("val_fraction", [-0.1, 0.0, 1.0, 1.5, float("nan")])
+def test_stdlib_corpus_refuses_a_val_fraction_outside_0_1(val_fraction):
+    """-0.1 held nothing out (val was the blank lines alone) and 1.5 split each file in half, silently."""
+    message = f"val_fraction must be a float in (0, 1), got {val_fraction!r}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_stdlib_corpus(max_bytes=10_001, val_fraction=val_fraction)
+    with pytest.raises(TypeError, match=re.escape("val_fraction must be a float in (0, 1), got str ('0.1')")):
+        load_stdlib_corpus(max_bytes=10_001, val_fraction="0.1")
 
 
 def test_download_failure_is_a_clear_message(tmp_path, monkeypatch):

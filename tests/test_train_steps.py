@@ -286,6 +286,29 @@ def test_a_float64_step_is_a_float64_step():
         assert (update - ref_update).norm() <= 1e-12 * ref_update.norm(), name
 
 
+def test_a_graphed_float64_step_returns_the_float64_loss_of_the_eager_step():
+    """The graph's loss buffer was float32: a replayed step of a float64 model reported its loss rounded
+    to float32 (5.568983173779283 as 5.56898307800293), where the eager step keeps float64."""
+    runs = []
+    for graphed in (False, True):
+        model, _, _ = _float64_gpt_and_batch()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        autocast = lambda cache=True: torch.autocast("cpu", enabled=False, cache_enabled=cache)
+        step = steps.TrainStep(model, optimizer, model, autocast, 0.0, cuda_graphs=graphed, warmup=1,
+                               graphs=StandInGraphs() if graphed else None)
+        gen = torch.Generator().manual_seed(2)
+        losses = []
+        for _ in range(3):
+            tokens = torch.randint(0, 256, (4, 17), generator=gen)
+            loss, _, _ = step(tokens[:, :-1], tokens[:, 1:], 0.1)
+            losses.append(loss.clone())
+        runs.append((step, losses))
+    (_, eager), (graphed_step, graphed) = runs
+    assert (graphed_step.captures, graphed_step.replays) == (1, 2)     # one warm-up, then two replays
+    assert [loss.dtype for loss in eager + graphed] == [torch.float64] * 6
+    assert [loss.item() for loss in graphed] == [loss.item() for loss in eager]
+
+
 def test_evaluate_keeps_float64_and_lifts_16_bit_logits():
     model, inputs, targets = _float64_gpt_and_batch()
     data = SimpleNamespace(device=torch.device("cpu"), val_batches=lambda: [(inputs[:3], targets[:3]),
@@ -299,3 +322,12 @@ def test_evaluate_keeps_float64_and_lifts_16_bit_logits():
     # What the upcast is for: bf16 (autocast) logits give a float32 loss, as before.
     half, _, _ = steps.loss_and_correct(logits.bfloat16(), targets, 0.0)
     assert half.dtype == torch.float32
+
+
+def test_evaluate_refuses_a_split_with_nothing_to_evaluate():
+    """No evaluated target came out as val loss 0.0 and accuracy 0.0."""
+    model, _, _ = _float64_gpt_and_batch()
+    data = SimpleNamespace(device=torch.device("cpu"), val_batches=lambda: [])
+    with pytest.raises(ValueError, match=r"^data\.val_batches\(\) must yield at least one target to evaluate, "
+                                         r"got none from SimpleNamespace$"):
+        evaluate(model, data, contextlib.nullcontext)

@@ -13,6 +13,8 @@ import math
 import torch
 from torch.nn import functional as F
 
+from .._args import check_int
+
 __all__ = ["VisionData", "pad_crop_flip", "resized_crop", "hsv_jitter", "epoch_generator"]
 
 
@@ -96,17 +98,23 @@ class VisionData:
     """Device-resident image classification data with the paper's augmentation.
 
     Args:
-        train_x, test_x: uint8 (N, 3, H, W).  train_y, test_y: int64 (N,).
-        mean, std: per-channel normalization.
-        batch_size: training batch (the last partial batch is dropped).
+        train_x, test_x: uint8 (N, 3, H, W), test_x not empty.  train_y, test_y: int64 (N,).
+        mean, std: per-channel normalization, 3 values each.
+        batch_size: training batch, ≥ 1 (the last partial batch is dropped).
         recipe: ``"cifar"`` (pad-4 crop + flip) or ``"tiny-imagenet"`` (aspect
             [0.8, 1.25], crop of 224/[256, 384] of the side resized to 64,
             flip, HSV jitter hue ±36°, saturation/value ×[0.6, 1.4]; validation:
             central 224/256 crop resized to 64).
         device, channels_last, seed: placement and layout of batches, base seed.
-        eval_batch_size: validation batch (default 2 × batch_size).
+        eval_batch_size: validation batch, ≥ 1 (default 2 × batch_size).
         classes: class names (informational).  num_classes: classifier size
             (default: largest label + 1).
+
+    Raises:
+        TypeError: ``batch_size`` or ``eval_batch_size`` is not an int.
+        ValueError: an unknown ``recipe``, ``batch_size`` below 1 or above the number of training
+            images, ``eval_batch_size`` below 1, an empty test split, images and labels of different
+            lengths, or ``mean``/``std`` not of 3 values.
     """
 
     kind = "vision"
@@ -115,8 +123,21 @@ class VisionData:
                  device="cpu", channels_last=False, seed=0, eval_batch_size=None, classes=None, num_classes=None):
         if recipe not in ("cifar", "tiny-imagenet"):
             raise ValueError(f"recipe must be 'cifar' or 'tiny-imagenet', got {recipe!r}")
+        batch_size = check_int(batch_size, "batch_size", "a positive int", 1)
+        if eval_batch_size is not None:
+            eval_batch_size = check_int(eval_batch_size, "eval_batch_size", "a positive int or None", 1)
         if len(train_x) < batch_size:
             raise ValueError(f"batch_size {batch_size} exceeds the {len(train_x)} training images")
+        if len(test_x) == 0:
+            raise ValueError("test_x must hold at least one image, got an empty test split")
+        for split, images, labels in (("train", train_x, train_y), ("test", test_x, test_y)):
+            if len(images) != len(labels):
+                raise ValueError(f"{split}_y must hold one label per image of {split}_x ({len(images)}), "
+                                 f"got {len(labels)}")
+        for name, values in (("mean", mean), ("std", std)):
+            values = torch.as_tensor(values)
+            if values.shape != (3,):
+                raise ValueError(f"{name} must hold 3 values (one per channel), got {values.tolist()}")
         self.device = torch.device(device)
         self.train_x = train_x.to(self.device)
         self.train_y = train_y.to(self.device)

@@ -192,7 +192,8 @@ def _plots_skipped(out_dir, schedules, err, failed):
 
 def _saved_monitors(out_dir, schedules):
     """(RankMonitors the runs saved, None), or (None, a note naming the file) where one is missing or
-    damaged: they are written in place, and only the plots read them (the table comes from the results).
+    damaged: they are written in place; the plots read them, and the table's λ where a result has no
+    ``monitor_records`` (a result.json slimmed of them).
 
     Each is named after its schedule, which names its plot (``lambda_<schedule>.png``) and its curves:
     one read from its CSV files (its JSON gone) would be named after the files, ``monitor`` for all.
@@ -214,7 +215,8 @@ def run_job(cfg, out_dir, resume=False, log=print, data=None):
 
     ``data`` is None where every schedule has finished (a resume that only writes the table and plots
     again needs no data set).  The table is printed before the plots are drawn: RankMonitor files that
-    are missing or damaged leave the plots out, with a note naming them.
+    are missing or damaged leave the plots out, with a note naming them.  A result without
+    ``monitor_records`` takes them from its run's RankMonitor files, so its λ still shows.
     """
     from .config import _num_classes
     from .loop import factorized_layers, run_training, write_json
@@ -236,6 +238,9 @@ def run_job(cfg, out_dir, resume=False, log=print, data=None):
     converted = next((r["converted_layers"] for r in results if r.get("converted_layers")), None)
     if converted is None:
         converted = factorized_layers(cfg, _num_classes(cfg))
+    monitors, note = _saved_monitors(out_dir, schedules)
+    for result, monitor in zip(results, monitors or ()):
+        result.setdefault("monitor_records", monitor.records)
     table = compare_table(results, kind=kind, converted_layers=converted)
     with open(os.path.join(out_dir, "compare.txt"), "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
@@ -246,7 +251,6 @@ def run_job(cfg, out_dir, resume=False, log=print, data=None):
     line = verdict(results, kind)
     if line:
         log(line)
-    monitors, note = _saved_monitors(out_dir, schedules)
     paths = []
     if monitors:
         try:

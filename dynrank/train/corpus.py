@@ -17,6 +17,7 @@ import sysconfig
 
 import torch
 
+from .._args import check_int, check_real
 from .augment import epoch_generator
 from .data import DataError
 
@@ -55,13 +56,19 @@ def load_stdlib_corpus(stdlib_dir=None, val_fraction=VAL_FRACTION, max_bytes=Non
     ``train`` and ``val`` are 1-D uint8 tensors (bytes); files are joined with
     a blank line.  ``max_bytes`` (for tests) truncates every file to one length
     so that the total, ``len(train) + len(val)`` with the blank lines, is at
-    most ``max_bytes``; at least 64 bytes of each file are kept.
+    most ``max_bytes``; at least 64 bytes of each file are kept.  ``val_fraction``, in (0, 1), is
+    the share of each file's end held out for validation.
 
     Raises:
-        ValueError: ``max_bytes`` is below 68 bytes (64 and the blank lines) per file.
+        TypeError: ``val_fraction`` is not a real number.
+        ValueError: ``val_fraction`` is not in (0, 1), or ``max_bytes`` is below 68 bytes (64 and
+            the blank lines) per file.
         DataError: the standard-library sources are missing (e.g. a stripped
             install that ships only .pyc files).
     """
+    check_real(val_fraction, "val_fraction", "a float in (0, 1)")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be a float in (0, 1), got {val_fraction!r}")
     files = stdlib_files(stdlib_dir)
     per_file = None
     if max_bytes is not None and files:
@@ -101,12 +108,19 @@ class TextData:
 
     Args:
         train, val: 1-D uint8 tensors.
-        context: window length fed to the model.
-        batch_size: windows per batch.
+        context: window length fed to the model (≥ 1).
+        batch_size: windows per batch (≥ 1).
         steps: batches per epoch (default: one pass over the train bytes).
         device: where the streams live.
-        val_windows: at most this many validation windows.  eval_batch_size: windows per eval batch.
+        val_windows: at most this many validation windows (≥ 1).  eval_batch_size: windows per eval
+            batch (≥ 1).
         seed: base seed of the per-epoch window draws.
+
+    Raises:
+        TypeError: ``context``, ``batch_size``, ``val_windows`` or ``eval_batch_size`` is not an int.
+        ValueError: one of them is below 1.
+        DataError: a stream shorter than ``context + 1`` bytes, or fewer training windows than
+            ``batch_size``.
     """
 
     kind = "text"
@@ -114,6 +128,10 @@ class TextData:
 
     def __init__(self, train, val, context, batch_size, steps=None, device="cpu", val_windows=512,
                  seed=0, eval_batch_size=128):
+        context = check_int(context, "context", "a positive int", 1)
+        batch_size = check_int(batch_size, "batch_size", "a positive int", 1)
+        val_windows = check_int(val_windows, "val_windows", "a positive int", 1)
+        eval_batch_size = check_int(eval_batch_size, "eval_batch_size", "a positive int", 1)
         if len(train) < context + 1 or len(val) < context + 1:
             raise DataError(f"text streams must hold at least context + 1 = {context + 1} bytes, got "
                             f"train {len(train)}, val {len(val)}")

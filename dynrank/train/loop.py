@@ -283,7 +283,11 @@ def _to_layout(model, cfg):
 
 @torch.no_grad()
 def evaluate(model, data, autocast):
-    """Mean loss and accuracy over ``data.val_batches()``; one host sync at the end."""
+    """Mean loss and accuracy over ``data.val_batches()``; one host sync at the end.
+
+    Raises:
+        ValueError: ``data.val_batches()`` yielded no targets (there is no mean over nothing).
+    """
     model.eval()
     device = data.device
     total, correct, count = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(3))
@@ -295,7 +299,10 @@ def evaluate(model, data, autocast):
         total += F.cross_entropy(logits, targets, reduction="sum")
         correct += (logits.argmax(-1) == targets).sum()
         count += targets.numel()
-    count = max(count.item(), 1.0)
+    count = count.item()
+    if count == 0:
+        raise ValueError(f"data.val_batches() must yield at least one target to evaluate, got none "
+                         f"from {type(data).__name__}")
     return total.item() / count, correct.item() / count
 
 

@@ -4,10 +4,13 @@ On a terminal the line is redrawn in place (``\\r``) at most a few times per
 second: ``epoch 3/10 [████······] batch 120/390 [██████····] 45.1 it/s
 loss 1.234 eta 0:12``.  Anything extra shown (the running loss) is computed
 only when the line is redrawn, so a GPU run syncs with the host a few times
-per second rather than once per batch.  Off a terminal (logs, tests) nothing
-is drawn; the per-epoch summary lines are printed by the caller.
+per second rather than once per batch.  The line is kept narrower than the
+terminal: a wrapped line would leave a stale row at every redraw, as ``\\r``
+goes back only to the start of its last row.  Off a terminal (logs, tests)
+nothing is drawn; the per-epoch summary lines are printed by the caller.
 """
 
+import shutil
 import sys
 import time
 
@@ -27,8 +30,32 @@ def _bar(fraction, width):
     return "█" * filled + "·" * (width - filled)
 
 
+# The parts left out, in this order, where the whole line does not fit: the least useful first.
+_DROP_ORDER = ("epoch_bar", "rate", "batch_bar")
+
+
+def _fit(parts, width):
+    """``parts`` (name → text) joined by spaces in at most ``width`` columns.
+
+    Parts named in :data:`_DROP_ORDER` are left out one by one until the line fits; a line
+    still too long is cut at ``width``.
+    """
+    parts = dict(parts)
+    text = " ".join(parts.values())
+    for name in _DROP_ORDER:
+        if len(text) <= width:
+            break
+        parts.pop(name, None)
+        text = " ".join(parts.values())
+    return text[:max(width, 1)]
+
+
 class ProgressLine:
     """Draw ``epoch e/E [bar] batch b/B [bar] rate extra eta`` on one terminal line.
+
+    The line fits in the terminal's width less one column (``shutil.get_terminal_size``, 80
+    where it cannot be read): where it would not, the epoch bar is left out first, then the
+    rate, then the batch bar, and what is still too long is cut at the end.
 
     Args:
         epochs: total epochs E.
@@ -65,12 +92,17 @@ class ProgressLine:
         elapsed = now - self._start
         rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
         eta = (self.batches - done) / rate if rate > 0 else 0.0
-        text = (f"epoch {self.epoch + 1}/{self.epochs} [{_bar((self.epoch + done / self.batches) / self.epochs, 10)}] "
-                f"batch {done}/{self.batches} [{_bar(done / self.batches, 20)}] {rate:.1f} it/s")
+        parts = {"epoch": f"epoch {self.epoch + 1}/{self.epochs}",
+                 "epoch_bar": f"[{_bar((self.epoch + done / self.batches) / self.epochs, 10)}]",
+                 "batch": f"batch {done}/{self.batches}", "batch_bar": f"[{_bar(done / self.batches, 20)}]",
+                 "rate": f"{rate:.1f} it/s"}
         if extra is not None:
-            text += f" {extra()}"
-        text += f" eta {format_seconds(eta)}"
-        self.stream.write("\r" + text.ljust(self._width))
+            parts["extra"] = extra()
+        parts["eta"] = f"eta {format_seconds(eta)}"
+        # One column short of the width: a line that fills the last column wraps on some terminals.
+        width = shutil.get_terminal_size(fallback=(80, 24)).columns - 1
+        text = _fit(parts, width)
+        self.stream.write("\r" + text.ljust(min(self._width, width)))
         self.stream.flush()
         self._width = len(text)
 

@@ -101,7 +101,8 @@ class TrainStep:
         log: where the fallback message goes if a capture fails.
 
     The returned ``loss`` and ``correct`` are tensors on the device; with graphs
-    they are the graph's output buffers, valid until the next call.
+    they are the graph's output buffers, valid until the next call, the loss in
+    the dtype an eager step gives it (float64 for a float64 model).
     """
 
     def __init__(self, model, optimizer, forward, autocast, label_smoothing, cuda_graphs=False, warmup=2,
@@ -120,6 +121,7 @@ class TrainStep:
         self._key = None           # (lr, train mode, parameter storage) the current graph was captured for
         self._shape = None         # (inputs, targets) layout every graphed batch must have
         self._pending, self._seen = None, 0
+        self._loss_dtype = None    # of the last warm-up step's loss: the graph's loss buffer keeps it
         self._static = None
 
     def _run(self, inputs, targets, cache=True):
@@ -154,7 +156,9 @@ class TrainStep:
                 self._pending, self._seen = key, 0
             if self._seen < self.warmup:
                 self._seen += 1
-                return self.graphs.warmup(lambda: self._run(inputs, targets))
+                loss, correct, count = self.graphs.warmup(lambda: self._run(inputs, targets))
+                self._loss_dtype = loss.dtype
+                return loss, correct, count
             if not self._capture(inputs, targets, key):
                 return self._run(inputs, targets)
         self._static[0].copy_(inputs)
@@ -165,7 +169,8 @@ class TrainStep:
 
     def _capture(self, inputs, targets, key):
         static_in, static_tg = torch.empty_like(inputs), torch.empty_like(targets)   # filled before each replay
-        out_loss = torch.zeros((), device=inputs.device, dtype=torch.float32)
+        # The eager loss's dtype: a float64 model's loss stays float64 (see upcast_logits).
+        out_loss = torch.zeros((), device=inputs.device, dtype=self._loss_dtype)
         out_correct = torch.zeros((), device=inputs.device, dtype=torch.int64)
 
         def step():
