@@ -1,5 +1,6 @@
 """benchmarks/report.py on a small synthetic pytest-benchmark JSON (no timing anywhere)."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -240,6 +241,87 @@ def test_cpu_run_is_marked_reference_only(report, data):
     text = report.render_markdown(data, report.add_ratios(report.load_rows(data)))
     assert "this run is not on CUDA, so the rows below are for reference only" in text
 
+
+
+def _run_on(data, device, device_name, slower):
+    """``data`` as run on another device (each row's extra_info names it, as the suites record it): its
+    groups prefixed with the device's name, and dynrank's rows and the low-rank steps ``slower`` times slower."""
+    run = copy.deepcopy(data)
+    run["machine_info"]["dynrank"].update(device=device, device_name=device_name, rooflines={})
+    for bench in run["benchmarks"]:
+        bench["group"] = f"{device_name} {bench['group']}"
+        bench["extra_info"].update(device=device, device_name=device_name)
+        if bench["extra_info"]["provider"].startswith(("dynrank", "lowrank")):
+            bench["stats"] = {key: value * slower for key, value in bench["stats"].items()}
+    return run
+
+
+def _target_lines(text):
+    return [line for line in text.split("## Speed targets")[1].splitlines() if line.startswith("| ")]
+
+
+def test_targets_are_judged_on_the_cuda_rows_whatever_the_files_order(report, data, tmp_path, capsys):
+    """Joined to a CPU run, the GPU's targets were judged on the rows of both (the CPU's worst linear reading
+    replaced the GPU's, its transformer step stood for the GPU's when its file came first), and the CPU file
+    first marked the whole section "not on CUDA"."""
+    cpu = _run_on(data, "cpu", "Test CPU", slower=2.0)
+    paths = {}
+    for name, run in (("gpu.json", data), ("cpu.json", cpu)):
+        paths[name] = tmp_path / name
+        paths[name].write_text(json.dumps(run), encoding="utf-8")
+
+    def render(*names):
+        capsys.readouterr()
+        assert report.main([str(paths[name]) for name in names]) == 0
+        return capsys.readouterr().out
+
+    alone = render("gpu.json")
+    cpu_alone = render("cpu.json")
+    assert _target_lines(cpu_alone) != _target_lines(alone)     # the CPU rows would change the verdicts
+    assert "Judged on" not in alone
+    for order in (("gpu.json", "cpu.json"), ("cpu.json", "gpu.json")):
+        text = render(*order)
+        assert _target_lines(text) == _target_lines(alone), order
+        assert "for reference only" not in text
+        assert "Judged on the rows of Test GPU (`cuda`); the rows of Test CPU (`cpu`) are left out." in text
+    rows = report.add_ratios(report.load_rows(report.combine_runs([cpu, data])))
+    assert {t["device"] for t in report.evaluate_targets(rows)} == {"Test GPU (`cuda`)"}
+    # Without a CUDA row they are judged on the CPU's, for reference.
+    assert "this run is not on CUDA, so the rows below are for reference only" in cpu_alone
+    assert {t["device"] for t in report.evaluate_targets(report.add_ratios(report.load_rows(cpu)))} == {
+        "Test CPU (`cpu`)"}
+
+
+def test_targets_are_judged_on_each_cuda_device_on_its_own(report, data):
+    """Two GPUs' rows made one verdict per target (the GPT-2 step: whichever group came first)."""
+    other = _run_on(data, "cuda:1", "Other GPU", slower=1.25)
+    combined = report.combine_runs([data, other])
+    rows = report.add_ratios(report.load_rows(combined))
+    text = report.render_markdown(combined, rows)
+    assert "Judged on the rows of Test GPU (`cuda`) and Other GPU (`cuda:1`), each device on its own." in text
+    assert "| target | device | required | measured | by median | by min | status |" in _target_lines(text)
+    assert ("| transformer training step, lowrank ρ = 0.25, over full rank | Other GPU (`cuda:1`) | ≤ 0.60× | "
+            "0.625× | 0.625× | 0.625× | missed by 4.2 % |") in _target_lines(text)
+    targets = report.evaluate_targets(rows)
+    for device, run in (("Test GPU (`cuda`)", data), ("Other GPU (`cuda:1`)", other)):
+        alone = report.evaluate_targets(report.add_ratios(report.load_rows(run)))
+        assert alone and all(t["device"] == device for t in alone)
+        assert [t for t in targets if t["device"] == device] == alone
+    step = {t["device"]: t["measured"] for t in targets
+            if t["target"] == "transformer training step, lowrank ρ = 0.25, over full rank"}
+    assert step == {"Test GPU (`cuda`)": "0.500×", "Other GPU (`cuda:1`)": "0.625×"}
+
+
+def test_the_transformer_step_target_takes_the_worst_of_several_groups_and_names_it(report, data):
+    """With two transformer groups on one device the target took whichever came first."""
+    larger = "epoch transformer batch16"
+    data["benchmarks"] += [
+        _bench(larger, "epoch", "full", "full", "step", 20e-3, model="transformer", rank_ratio=None),
+        _bench(larger, "epoch", "lowrank-rho0.25", "lowrank", "step", 14e-3, model="transformer", rank_ratio=0.25)]
+    targets = {t["target"]: t for t in report.evaluate_targets(report.add_ratios(report.load_rows(data)))}
+    step = targets["transformer training step, lowrank ρ = 0.25, over full rank"]
+    assert step["reading"] == "0.700×" and step["status"] == "missed by 16.7 %"
+    assert step["measured"] == f"0.700× (worst of 2 groups: {larger})"
 
 def test_combining_runs_keeps_each_group_from_one_run(report, data):
     rerun = {"machine_info": data["machine_info"],
