@@ -15,8 +15,9 @@ Two models, one group each, with every form side by side:
   linears are ``FusedLowRankLinear`` in the form under test, rank
   ρ × min(in, out); embeddings, LayerNorms and the LM head stay dense, except
   in the ``lowrank-rho0.25+head`` case, whose 768 → 50257 head is lowrank at
-  ρ = 0.25 too (the head alone is 29 % of the full step's multiply-adds, so
-  with it dense the ρ = 0.25 step cannot go below about 0.57× of full).  On
+  ρ = 0.25 too (the head alone is 29 % of the full forward's multiply-adds,
+  causal attention counted at half, and with it dense the ρ = 0.25 step still
+  does 0.57× of the full step's multiply-adds).  On
   CUDA the full, ρ = 0.25 and ρ = 0.25 + head steps also run graphed, like
   ResNet20's, with AdamW made capturable.
 

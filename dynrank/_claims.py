@@ -1,13 +1,15 @@
 """What both schedulers check of the layers they manage: who manages a layer (one DynamicRankScheduler per
 layer, the newest; the two kinds refuse each other's layers), whether the model still holds the layers a
-scheduler was built over, and a saved state's alphas, weight shapes and conv decompositions against the model's
-layers; and a copied or unpickled scheduler's registering again (:class:`_Claiming`)."""
+scheduler was built over, and a saved state's alphas, weight shapes and conv decompositions (and, for the
+IncrementalRankScheduler, which changes no form, the forms) against the model's layers; and a copied or
+unpickled scheduler's registering again (:class:`_Claiming`)."""
 
 import gc
 import numbers
 import weakref
 
 from ._checks import check_same_layers, layers_are
+from ._forms import FORMS
 
 # Layer → weak reference to the DynamicRankScheduler that manages it: the last one built (or copied,
 # :class:`_Claiming`) over it.  An
@@ -197,6 +199,27 @@ def _check_saved_decompositions(layers, decompositions, who):
             raise ValueError(f"layer {name!r} has decomposition {layer.decomposition!r} but the checkpoint has "
                              f"{decompositions[name]!r}: the layer holds, or its next deflate makes, other factors "
                              f"than the saved run's; convert the model with the same decomposition")
+
+
+def _check_saved_forms(layers, forms, who):
+    """ValueError naming the first of ``layers`` whose form differs from ``forms`` (a state dict's of the scheduler
+    ``who``, which changes no layer's form: layer name → form), or TypeError/ValueError for ``forms`` that are not
+    that.  The Trainer loads a checkpoint non-strictly: a lowrank checkpoint's factors loaded into an adapter layer
+    leave its frozen W in place, so the layer computes W + A·Bᵀ where the saved run computed A·Bᵀ."""
+    names = [name for name, _ in layers]
+    try:
+        check_same_layers(forms, names, "forms")
+        for name in names:
+            if forms[name] not in FORMS:
+                raise ValueError(f"forms[{name!r}] must be one of {', '.join(FORMS)}, got {forms[name]!r}")
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"invalid {who} state dict: {e}") from None
+    for name, layer in layers:
+        if forms[name] != layer.form:
+            raise ValueError(f"layer {name!r} is in {layer.form} form but the checkpoint has it in {forms[name]} "
+                             f"form: with the saved factors it computes another function than the saved run's, "
+                             f"and {who} changes no layer's form; convert the model to the saved form "
+                             f"(convert_model(..., form={forms[name]!r}))")
 
 
 def _check_saved_record(layers, state_dict, who):

@@ -12,7 +12,6 @@ imports transformers)::
 import warnings
 from collections.abc import Mapping
 
-from ._claims import RECORD_KEYS
 from .hf import _LOADED, TrainerCallback, _check_one_process
 from .inrank import IncrementalRankScheduler, _check_ranks, _check_settings
 
@@ -36,14 +35,16 @@ class IncrementalRankCallback(TrainerCallback):
     and builds the optimizer on it; the resumed scheduler keeps those ranks, where a new one would cut
     them back to ``init_rank + buffer``, and takes the saved discovered ranks and step count.  The
     settings are the ones given to the callback.  Refused: a layer whose rank is not the saved one (a
-    model of other layers), a layer converted with another ``alpha`` or of another shape than the saved
-    one (where the checkpoint records them), and a layer whose rank is above the ``max_rank`` given
-    (ranks never shrink in a run, and cutting it would make another run than the saved one).  A
-    checkpoint without the entry (a run without this callback) starts InRank at the resume, with a
-    warning.  (The entry is no callback's class name, so ``restore_callback_states_from_checkpoint=True``
-    leaves this callback as it is, and the Trainer then logs the warning "Checkpoint included callbacks
-    not included in current configuration. Ignoring. (dynrank_inrank)": that is expected, the callback
-    reads the entry itself.)
+    model of other layers), a layer converted with another ``alpha``, of another shape or in another form
+    than the saved one (where the checkpoint records them: a layer converted in adapter form keeps its
+    frozen weight beside a lowrank run's factors loaded into it), and a layer whose rank is above the
+    ``max_rank`` given (ranks never shrink in a run, and cutting it would make another run than the saved
+    one).  A checkpoint without the entry (a run without this callback) starts InRank at the resume, with
+    a warning: each layer cut to ``init_rank + buffer`` components, or with ``init_rank=None`` keeping the
+    rank it loaded.  (The entry is no callback's class name, so
+    ``restore_callback_states_from_checkpoint=True`` leaves this callback as it is, and the Trainer then
+    logs the warning "Checkpoint included callbacks not included in current configuration. Ignoring.
+    (dynrank_inrank)": that is expected, the callback reads the entry itself.)
 
     Not beside a :class:`~dynrank.hf.DynamicRankCallback` on one model: whichever of the two builds its
     scheduler second at ``on_train_begin`` refuses the layers the other's manages (ValueError), before
@@ -114,10 +115,17 @@ class IncrementalRankCallback(TrainerCallback):
             self.scheduler = self._resume(state, saved, model, optimizer)
         else:
             if state.global_step > 0:
+                settings = self.scheduler_kwargs
+                if "init_rank" in settings and settings["init_rank"] is None:
+                    cap = settings.get("max_rank")
+                    start = ("each layer keeps the rank it loaded"
+                             + ("" if cap is None else f" (cut to max_rank={cap} where above it)")
+                             + ", its discovered rank at that rank − buffer")
+                else:
+                    start = "each layer cut to init_rank + buffer components"
                 warnings.warn(f"IncrementalRankCallback: resuming at global step {state.global_step} from a "
                               f"checkpoint without its state (stateful_callbacks[{self.STATE_KEY!r}] of "
-                              f"trainer_state.json): InRank starts here, each layer cut to init_rank + buffer "
-                              f"components", stacklevel=2)
+                              f"trainer_state.json): InRank starts here, {start}", stacklevel=2)
             self.scheduler = IncrementalRankScheduler(model, optimizer, **self.scheduler_kwargs)
         # The growth before the step this train() starts at: a resume undoes the later (an earlier train() of this
         # Trainer interrupted after the checkpoint), and a train() from step 0 all of it.
@@ -137,8 +145,8 @@ class IncrementalRankCallback(TrainerCallback):
     def _resume(self, state, saved, model, optimizer):
         """The scheduler of a resume: built keeping the ranks the Trainer loaded into the layers (no
         ``init_rank``, no cap to cut them by), then given the checkpoint's discovered ranks and step count
-        under the callback's own settings, and its layers' alphas and shapes (where saved) to check.  A layer
-        above the callback's ``max_rank`` is refused: cutting it would make another run than the saved one."""
+        under the callback's own settings, and its layers' forms, alphas and shapes (where saved) to check.  A
+        layer above the callback's ``max_rank`` is refused: cutting it would make another run than the saved one."""
         scheduler = IncrementalRankScheduler(model, optimizer,
                                              **dict(self.scheduler_kwargs, init_rank=None, max_rank=None))
         cap = self.scheduler_kwargs.get("max_rank")
@@ -160,7 +168,7 @@ class IncrementalRankCallback(TrainerCallback):
                 own, last_step=saved.get("last_step"), current=saved.get("current"), ranks=saved["ranks"],
                 max_rank={name: own["max_rank"][name] if cap is None else min(cap, own["max_rank"][name])
                           for name in own["max_rank"]},
-                **{key: saved[key] for key in RECORD_KEYS if key in saved}))
+                **{key: saved[key] for key in scheduler._LAYER_RECORD if key in saved}))
         except (TypeError, ValueError) as e:
             raise type(e)(f"resuming at global step {state.global_step}: the InRank state in the checkpoint's "
                           f"trainer_state.json (stateful_callbacks[{self.STATE_KEY!r}]) does not fit this model: "

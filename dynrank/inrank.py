@@ -33,7 +33,7 @@ import torch
 
 from ._args import check_int, check_real
 from ._claims import (_GROWERS, RECORD_KEYS, _Claiming, _alpha_mismatch, _check_layers_held, _check_other_kind,
-                      _check_saved_alpha, _check_saved_record, _layer_record)
+                      _check_saved_alpha, _check_saved_forms, _check_saved_record, _layer_record)
 from ._checks import (call_back, check_copy, check_editable_optimizer, check_finite, check_model_and_optimizer,
                       check_new_copy, check_not_sharded, check_not_unconverted, check_same_layers, check_switchable,
                       check_sync, check_trains_factors, check_trains_layers, check_untied, fork_layer_rngs,
@@ -749,22 +749,26 @@ class IncrementalRankScheduler(_Claiming):
         return grown
 
     def state_dict(self):
-        """Discovered and trained ranks, the step count, the settings, and each layer's ``alpha`` and dense weight
-        shape (which a load checks against the model's; the conv decompositions the record shared with
+        """Discovered and trained ranks, the step count, the settings, and each layer's form, ``alpha`` and dense
+        weight shape (which a load checks against the model's; the conv decompositions the record shared with
         DynamicRankScheduler holds are none here: every layer is a linear)."""
         return {"last_step": self.last_step, "current": dict(self.current), "ranks": self.ranks,
+                "forms": {name: layer.form for name, layer in self._layers},
                 "buffer": self.buffer, "threshold": self.threshold, "warmup_steps": self.warmup_steps,
                 "check_every": self.check_every, "max_rank": dict(self.max_rank),
                 **_layer_record(self._layers)}
 
     _STATE_KEYS = ("last_step", "current", "ranks", "buffer", "threshold", "warmup_steps", "check_every",
                    "max_rank")
-    # A state saved before "alphas", "shapes" and "decompositions" were kept loads with those unchecked.
-    _OPTIONAL_STATE_KEYS = RECORD_KEYS
+    # Each layer's entries a load checks against the model's layers (the Trainer callback passes them through
+    # too).  A state saved before "forms", "alphas", "shapes" and "decompositions" were kept loads with those
+    # unchecked.
+    _LAYER_RECORD = RECORD_KEYS + ("forms",)
+    _OPTIONAL_STATE_KEYS = _LAYER_RECORD
 
     def _checked_state(self, state_dict):
-        """``state_dict``'s values validated against this model (each layer's alpha and dense weight shape too,
-        where the state has them); raises before anything is changed."""
+        """``state_dict``'s values validated against this model (each layer's form, alpha and dense weight shape
+        too, where the state has them); raises before anything is changed."""
         check_not_unconverted(self._layers, type(self).__name__)
         self._check_model_layers()
         if not isinstance(state_dict, Mapping):
@@ -805,6 +809,8 @@ class IncrementalRankScheduler(_Claiming):
             if alphas is not None and alphas[name] != layer.alpha:
                 raise _alpha_mismatch(name, layer, alphas[name])
         self._check_none_full()
+        if "forms" in state_dict:
+            _check_saved_forms(self._layers, state_dict["forms"], type(self).__name__)
         return settings
 
     def _check_model_layers(self):
@@ -847,8 +853,8 @@ class IncrementalRankScheduler(_Claiming):
             ValueError: missing or unknown keys, settings the constructor would
                 reject, other layers than this model's, a rank outside
                 [1, min(in, out)], a layer whose dense weight shape (checked
-                first) or ``alpha`` differs from the saved one (a state saved
-                before they were kept loads unchecked for them), a
+                first), ``alpha`` or form differs from the saved one (a state
+                saved before they were kept loads unchecked for them), a
                 FusedLowRankLinear in lowrank or adapter form added to the model
                 or a managed layer swapped out of it since the scheduler was
                 built, a managed layer now in full form, or a layer to shrink

@@ -517,8 +517,14 @@ def _with(key, name, value):
                                                      r"be a float in \(0, 1\), got str \('0\.9'\)"),
     (lambda s: s.update(last_step=-1), ValueError, "last_step must be a non-negative int, got -1"),
     (lambda s: s.update(ranks=[4, 4]), TypeError, "ranks must be a dict layer name → value, got list"),
+    (_with("forms", "1", "dense"), ValueError, r"invalid IncrementalRankScheduler state dict: forms\['1'\] must be "
+                                               r"one of lowrank, full, adapter, got 'dense'"),
+    (_with("forms", "1", None), ValueError, r"only in this model \['1'\] \(in forms\)"),
+    (_with("forms", "1", "adapter"), ValueError, r"layer '1' is in lowrank form but the checkpoint has it in adapter "
+                                                 r"form"),
 ], ids=["rank-0", "rank-negative", "rank-float", "rank-too-big", "rank-missing", "current-0", "max-rank-typo",
-        "missing-current", "unknown-key", "buffer", "threshold", "threshold-str", "last-step", "ranks-list"])
+        "missing-current", "unknown-key", "buffer", "threshold", "threshold-str", "last-step", "ranks-list",
+        "form-unknown", "form-missing", "form-other"])
 def test_load_state_dict_checks_everything_before_resizing(mutate, error, message):
     state = _run(20)[2].state_dict()
     assert state["ranks"] != _run()[2].ranks                    # loading it would resize the layers
@@ -865,12 +871,12 @@ def test_layers_are_the_managed_ones_and_label_a_monitor_s_epochs():
 
 
 # -- alpha and layer sizes in the state; the layers the scheduler was built over ---------------------------
-def _alpha_run(alpha, out=16, steps=6):
-    """Layers "0" (32→32) and "1" (32→``out``) converted with ``alpha``, float64, trained ``steps`` steps with a
-    check every 2."""
+def _alpha_run(alpha, out=16, steps=6, form="lowrank"):
+    """Layers "0" (32→32) and "1" (32→``out``) converted with ``alpha`` to ``form``, float64, trained ``steps``
+    steps with a check every 2."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, out)).double()
-    convert_model(model, rank_ratio=0.5, alpha=alpha, init="fresh", keep_last=False)
+    convert_model(model, rank_ratio=0.5, alpha=alpha, init="fresh", keep_last=False, form=form)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = IncrementalRankScheduler(model, opt, init_rank=1, buffer=2, threshold=1 - 1e-9, warmup_steps=0,
                                      check_every=2)
@@ -918,6 +924,42 @@ def test_a_state_of_another_alpha_or_other_layer_sizes_is_refused():
     unchecked = _alpha_run(None, steps=0)
     unchecked[2].load_state_dict(older)
     unchecked[0].load_state_dict(model.state_dict())
+    with torch.no_grad():                                   # what the check keeps from loading
+        assert rel_err(unchecked[0](x), model(x)) > 0.1
+
+
+def test_a_state_of_another_form_is_refused():
+    """The state kept no form: a lowrank run's state loaded into a model converted in adapter form, whose layers
+    (the model's factors loaded non-strictly, as the Trainer loads a checkpoint) then computed W + A·Bᵀ where the
+    saved run computed A·Bᵀ.  Refused now, naming the layer and both forms, before anything changes; the same
+    form loads exactly, also after a JSON round trip, and a state saved without forms (an earlier version's)
+    loads unchecked."""
+    import json
+    from dynrank.checkpoint import load_training_state, training_state
+    model, opt, sched = _alpha_run(None)
+    state = sched.state_dict()
+    assert state["forms"] == {"0": "lowrank", "1": "lowrank"}
+    assert state["ranks"] != _alpha_run(None, steps=0, form="adapter")[2].ranks      # a load resizes the layers
+    checkpoint = training_state(model, opt, sched)
+    x = torch.randn(8, 32, dtype=torch.float64)
+    other = _alpha_run(None, steps=0, form="adapter")
+    before = _everything(*other)
+    for load in (lambda: other[2].load_state_dict(state), lambda: load_training_state(checkpoint, *other)):
+        with pytest.raises(ValueError, match=r"^layer '0' is in adapter form but the checkpoint has it in lowrank "
+                                             r"form: .*IncrementalRankScheduler changes no layer's form; convert the "
+                                             r"model to the saved form \(convert_model\(\.\.\., form='lowrank'\)\)$"):
+            load()
+        _assert_unchanged(before, *other)
+    same = _alpha_run(None, steps=0)
+    same[2].load_state_dict(json.loads(json.dumps(state)))
+    same[0].load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(same[0](x), model(x))
+    older = {k: v for k, v in state.items() if k != "forms"}
+    unchecked = _alpha_run(None, steps=0, form="adapter")
+    unchecked[2].load_state_dict(older)
+    unchecked[0].load_state_dict(model.state_dict(), strict=False)
+    assert [m.form for m in unchecked[0]] == ["adapter", "adapter"]
     with torch.no_grad():                                   # what the check keeps from loading
         assert rel_err(unchecked[0](x), model(x)) > 0.1
 

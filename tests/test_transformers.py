@@ -1589,6 +1589,67 @@ def test_inrank_callback_refuses_a_resume_of_another_alpha(tmp_path):
     assert resumed.scheduler.state_dict()["alphas"] == dict.fromkeys(resumed.scheduler.ranks, 16.0)
 
 
+def _gpt2_in_form(form):
+    model = gpt2(dtype=torch.float32)
+    convert_model(model, rank_ratio=0.5, form=form)
+    return model
+
+
+def test_inrank_callback_refuses_a_resume_into_a_model_of_another_form(tmp_path):
+    """A lowrank run's checkpoint resumed into a model converted in adapter form: the Trainer's non-strict load
+    left each layer's frozen W beside the saved factors, and training went on computing W + A·Bᵀ where the saved
+    run computed A·Bᵀ.  Refused, naming the layer and both forms, as is that checkpoint's state saved without
+    forms only where it lacks them (no check then); an adapter run's checkpoint, which the Trainer's load
+    switches a lowrank layer to, resumes bit for bit."""
+    import json
+    _train(tmp_path / "lowrank", _growth_callback(), epochs=1, save="steps", save_steps=2)
+    folder = tmp_path / "lowrank" / "checkpoint-2"
+    with pytest.raises(ValueError, match=r"^resuming at global step 2: the InRank state in the checkpoint's "
+                                         r"trainer_state\.json .* does not fit this model: layer "
+                                         r"'transformer\.h\.0\.attn\.c_attn' is in adapter form but the checkpoint "
+                                         r"has it in lowrank form: .*form='lowrank'"):
+        _train(tmp_path / "refused", _growth_callback(), resume=str(folder), model=_gpt2_in_form("adapter"),
+               epochs=1, save="no")
+    trainer_state = json.loads((folder / "trainer_state.json").read_text())
+    del trainer_state["stateful_callbacks"]["dynrank_inrank"]["forms"]              # a state saved without them
+    (folder / "trainer_state.json").write_text(json.dumps(trainer_state))
+    unchecked = _growth_callback()
+    _train(tmp_path / "unchecked", unchecked, resume=str(folder), model=_gpt2_in_form("adapter"), epochs=1,
+           save="no")
+    assert unchecked.scheduler.state_dict()["forms"] == dict.fromkeys(unchecked.scheduler.ranks, "adapter")
+    reference, _ = _train(tmp_path / "adapter", _growth_callback(), model=_gpt2_in_form("adapter"), epochs=1,
+                          save="steps", save_steps=2)
+    resumed, _ = _train(tmp_path / "switched", _growth_callback(), resume=str(tmp_path / "adapter" / "checkpoint-2"),
+                        model=_gpt2_in_form("lowrank"), epochs=1, save="no")
+    expected, state = reference.state_dict(), resumed.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_inrank_callback_warning_of_a_resume_without_its_state_says_what_init_rank_none_keeps(tmp_path):
+    """With init_rank=None the warning said each layer was cut to init_rank + buffer components, where the layers
+    keep the ranks the Trainer loaded (cut to max_rank where above it)."""
+    import json
+    _train(tmp_path / "full", _growth_callback(), epochs=1, save="steps", save_steps=2)
+    folder = tmp_path / "full" / "checkpoint-2"
+    trainer_state = json.loads((folder / "trainer_state.json").read_text())
+    saved = trainer_state["stateful_callbacks"].pop("dynrank_inrank")
+    (folder / "trainer_state.json").write_text(json.dumps(trainer_state))
+    top = max(saved["ranks"].values())
+    prefix = (r"^IncrementalRankCallback: resuming at global step 2 from a checkpoint without its state "
+              r"\(stateful_callbacks\['dynrank_inrank'\] of trainer_state\.json\): InRank starts here, ")
+    for max_rank, kept in ((None, ""), (top - 1, rf" \(cut to max_rank={top - 1} where above it\)")):
+        kept_ranks = _growth_callback(init_rank=None, max_rank=max_rank, warmup_steps=100)
+        with pytest.warns(UserWarning, match=prefix + rf"each layer keeps the rank it loaded{kept}, its discovered "
+                                                      rf"rank at that rank − buffer$"):
+            _train(tmp_path / f"kept-{max_rank}", kept_ranks, resume=str(folder), epochs=1, save="no")
+        assert kept_ranks.scheduler.ranks == {name: min(rank, max_rank or rank)
+                                              for name, rank in saved["ranks"].items()}
+    with pytest.warns(UserWarning, match=prefix + r"each layer cut to init_rank \+ buffer components$"):
+        _train(tmp_path / "cut", _growth_callback(init_rank=1, warmup_steps=100), resume=str(folder), epochs=1,
+               save="no")
+
+
 def test_inrank_callback_checks_its_settings_at_construction():
     from dynrank.hf_inrank import IncrementalRankCallback
     with pytest.raises(TypeError, match="unexpected keyword argument.*inflate_epoch"):
