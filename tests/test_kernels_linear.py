@@ -85,6 +85,21 @@ def test_strided_operands_need_no_copy(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16], ids=str)
+def test_out_dtype_sets_the_dtype_of_a_new_out(device, out_dtype):
+    """fp16 operands into an out of ``out_dtype`` (default: theirs): the fp32 accumulator is cast once, to
+    that dtype, so a float32 out holds the sum to fp32 accuracy, past what an fp16 one can."""
+    from dynrank.kernels import lowrank_gemm, reference_lowrank_gemm
+    x, wt = torch.randn(19, 33, device=device).half(), torch.randn(33, 13, device=device).half()
+    u, vt = torch.randn(19, 3, device=device).half(), torch.randn(3, 13, device=device).half()
+    bias = torch.randn(13, device=device).half()
+    out = lowrank_gemm(x, wt, u, vt, bias, alpha=0.5, beta=-2.0, out_dtype=out_dtype)
+    expected_dtype = out_dtype or torch.float16
+    assert out.dtype == expected_dtype and out.shape == (19, 13)
+    assert rel_err(out, reference_lowrank_gemm(x, wt, u, vt, bias, alpha=0.5, beta=-2.0)) < REL_TOL[expected_dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("alpha", [1.0, -0.5])
 @pytest.mark.parametrize("shape", [(23, 17, 1), (65, 123, 8), (40, 70, 40)], ids=str)
@@ -115,18 +130,23 @@ def test_merge_into_transposed_view(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", ["rank past one rank step", "16-bit factors into fp32", "column-major fp16"])
+@pytest.mark.parametrize("case", ["rank past one rank step", "16-bit factors into fp32", "column-major fp16",
+                                  "fp16 A beside bf16 B", "fp16 A beside fp32 B"])
 def test_merge_rank_loop_mixed_dtypes_and_layouts(device, case):
-    """Ranks that take several BLOCK_R steps, factors narrower than W, and a W stored column-major."""
+    """Ranks that take several BLOCK_R steps, factors narrower than W or of two dtypes (an fp16 A beside a
+    bf16 or fp32 B met in one tile product), and a W stored column-major."""
     from dynrank.kernels import merge_, reference_merge
     N, K = 37, 90
-    R, w_dtype, f_dtype = {"rank past one rank step": (70, torch.float32, torch.float32),
-                           "16-bit factors into fp32": (9, torch.float32, torch.bfloat16),
-                           "column-major fp16": (5, torch.float16, torch.float16)}[case]
+    R, w_dtype, a_dtype, b_dtype = {
+        "rank past one rank step": (70, torch.float32, torch.float32, torch.float32),
+        "16-bit factors into fp32": (9, torch.float32, torch.bfloat16, torch.bfloat16),
+        "column-major fp16": (5, torch.float16, torch.float16, torch.float16),
+        "fp16 A beside bf16 B": (9, torch.float32, torch.float16, torch.bfloat16),
+        "fp16 A beside fp32 B": (9, torch.float32, torch.float16, torch.float32)}[case]
     storage = torch.randn(K, N, device=device).to(w_dtype)
     W = storage.t() if case == "column-major fp16" else storage.t().contiguous()
-    A = torch.randn(N, R, device=device).div(R ** 0.5).to(f_dtype)
-    B = torch.randn(K, R, device=device).to(f_dtype)
+    A = torch.randn(N, R, device=device).div(R ** 0.5).to(a_dtype)
+    B = torch.randn(K, R, device=device).to(b_dtype)
     expected = reference_merge(W, A, B, -0.75)
     assert (A.double() @ B.double().t()).norm() > 0.1 * expected.norm()
     out = merge_(W, A, B, -0.75)
@@ -248,6 +268,8 @@ def test_int64_indexing_is_chosen_by_the_largest_offset():
     assert not _needs_int64(torch.empty(64, 32), view((2 ** 15, 2 ** 16), (2 ** 16, 1)))   # last offset 2**31 - 1
     assert _needs_int64(torch.empty(2, 2), view((2 ** 15 + 1, 2 ** 16), (2 ** 16, 1)))
     assert _needs_int64(view((3, 4), (2 ** 30, 2 ** 29)))                                  # strides alone
+    assert _needs_int64(view((3, 1), (2 ** 30, 1)))                                        # last offset 2**31
+    assert not _needs_int64(view((3, 1), (2 ** 30 - 1, 1)))                                # last offset 2**31 - 2
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -330,6 +352,20 @@ def test_int64_offsets_along_the_reduction_axis(case):
     assert _needs_int64(x, wt)
     out = lowrank_gemm(x, wt)
     assert rel_err(out, reference_lowrank_gemm(x, wt)) < REL_TOL[torch.float16]
+
+
+@pytest.mark.skipif(DEVICES != ["cpu"], reason="the CPU views need Triton's interpreter")
+def test_an_offset_of_exactly_2_31_takes_int64():
+    """2**31 is the first offset int32 cannot hold: x's last row at exactly that offset wraps to -2**31 in
+    int32 and reads the zeros below the tensor.  Each row is checked on its own, so that one stands out."""
+    from dynrank.kernels import lowrank_gemm, reference_lowrank_gemm
+    from dynrank.kernels.lowrank_gemm import _needs_int64
+    x, wt = _far_view((3, 1), (2 ** 30, 1)), torch.randn(1, 4).half()
+    assert _needs_int64(x)
+    out, expected = lowrank_gemm(x, wt), reference_lowrank_gemm(x, wt)
+    assert expected[2].norm() > 0.1                     # a row of zeros would be far off
+    for row in range(3):
+        assert rel_err(out[row], expected[row]) < REL_TOL[torch.float16]
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="reduction strides past 2**31 / BLOCK_K need GiBs: CUDA only")
