@@ -1106,6 +1106,20 @@ def test_from_dense_of_a_same_padded_conv_given_a_stride_takes_the_amounts_it_pa
     assert layer(x).shape == conv(x).shape == (2, 6, 5, 5) and rel_err(layer(x), conv(x)) < TOL
 
 
+@pytest.mark.parametrize("form", ["full", "adapter", "lowrank"])
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_from_dense_of_an_edited_padding_keeps_the_height_and_width_amounts_apart(mode, form):
+    """A conv built with padding (1, 2), then edited to padding (0, 0), goes on padding the height by 1 and
+    the width by 2: taken as (2, 1), an 8x9 input gave 10x9 outputs for the conv's 8x11."""
+    conv = _edited_conv(3, 4, mode, padding=(1, 2), to=((0, 0), (1, 1)))
+    x = torch.randn(2, 3, 8, 9, dtype=F64)
+    expected = conv(x)
+    layer = LowRankConv2d.from_dense(conv, rank=4, form=form)     # svd at full rank: the kernel itself
+    assert layer.padding == (1, 2)
+    assert layer(x).shape == expected.shape == (2, 4, 8, 11)
+    assert rel_err(layer(x), expected) < TOL
+
+
 # -- channels-last through form changes when every factor is 1×1 or one channel deep ----------
 
 @pytest.mark.parametrize("dec, rank", [("tucker", (1, 4)), ("cp", 4), ("tkd-cpd", (1, 2, 3)), ("tkd-cpd", 2)])

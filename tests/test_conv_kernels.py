@@ -239,8 +239,27 @@ def test_factors_the_kernel_does_not_take_send_the_merge_to_torch(triton_backend
     U = torch.randn(6, 2, device=device, dtype=torch.float64)
     V = torch.randn(2, 4, 3, 3, device=device, dtype=torch.float64)
     expected = reference_conv_merge(W, U, V, 0.5)
-    assert rel_err(merged_kernel(W, U, V, 0.5, 1), expected) < REL_TOL[torch.float32]
+    merged = merged_kernel(W, U, V, 0.5, 1)
+    assert merged.dtype == torch.float32
+    assert rel_err(merged, expected) < REL_TOL[torch.float32]
     assert rel_err(merge_conv_(W.clone(), U, V, 0.5, 1), expected) < REL_TOL[torch.float32]
+
+
+def test_merged_kernel_on_torch_rounds_a_16_bit_kernel_plus_float32_factors_once(torch_backend):
+    """A bfloat16 kernel beside float32 factors is merged in float32 and rounded to bfloat16 once, at the end.
+    Integer operands keep every float32 product and sum exact, so the result is the float64 reference rounded
+    to bfloat16 in every entry; factors rounded to the kernel's dtype first change over a third of them."""
+    from dynrank.conv_merging import merged_kernel
+    device = _device()
+    W = torch.randint(-100, 101, (8, 4, 3, 3), device=device).to(torch.bfloat16)
+    U = torch.randint(-1000, 1001, (8, 3), device=device).float()
+    V = torch.randint(-1000, 1001, (3, 4, 3, 3), device=device).float()
+    expected = reference_conv_merge(W, U, V, 0.5)
+    assert not torch.equal(expected, reference_conv_merge(W, U.bfloat16(), V.bfloat16(), 0.5)), \
+        "the factors must not be exact in bfloat16"
+    merged = merged_kernel(W, U, V, 0.5, 1)
+    assert merged.dtype == torch.bfloat16
+    assert torch.equal(merged, expected.to(torch.bfloat16))
 
 
 def test_merged_kernel_backward_takes_factors_of_two_dtypes(triton_backend):
