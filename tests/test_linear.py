@@ -345,6 +345,22 @@ def test_torch_export_saves_and_reloads(form):
     assert rel_err(torch.export.load(buffer).module()(x), _reference_forward(layer, x)) < REL_TOL[torch.float32]
 
 
+# -- initialization ------------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha", [None, 32.0])
+def test_lowrank_init_has_linear_variance(alpha):
+    """s·A·Bᵀ of a fresh lowrank layer has nn.Linear's weight variance 1/(3·in) whatever alpha (alpha 32 at
+    rank 8: s = 4): A's spread is divided by s.  One draw scatters (rank-8 sums), so 100 draws are averaged; the
+    bound is about 5 standard errors of that mean (over 2000 draws: 1.7 %, mean within 0.5 % of 1)."""
+    torch.manual_seed(0)
+    second_moments = []
+    for _ in range(100):
+        layer = FusedLowRankLinear(24, 16, rank=8, alpha=alpha, dtype=torch.float64)
+        second_moments.append((layer.scale * layer.A.detach() @ layer.B.detach().t()).pow(2).mean().item())
+    expected = 1.0 / (3 * 24)                # nn.Linear's default: U(±1/sqrt(in_features))
+    assert abs(np.mean(second_moments) / expected - 1) < 0.09
+
+
 # -- form changes --------------------------------------------------------------------
 
 @pytest.mark.parametrize("alpha", [None, 8.0])
@@ -361,13 +377,18 @@ def test_inflate_preserves_function_and_releases_factors(backend, alpha):
 
 
 @pytest.mark.parametrize("init", ["zeros", "svd"])
-def test_deflate_preserves_function(backend, init):
+@pytest.mark.parametrize("alpha, rank", [(10.0, None), (4.0, 3)], ids=["own-rank", "new-rank"])
+def test_deflate_preserves_function(backend, init, alpha, rank):
+    """At the layer's rank and at another one: the factors are fitted, and W_f formed, at the new rank's
+    scale alpha / rank, not the layer's old one."""
     device = _device()
-    layer = FusedLowRankLinear(26, 19, rank=5, form="full", alpha=10.0, device=device)
+    layer = FusedLowRankLinear(26, 19, rank=5, form="full", alpha=alpha, device=device)
     x = torch.randn(8, 26, device=device)
     before = layer(x).detach()
     W = layer.weight.detach().clone()
-    layer.deflate(init=init)
+    layer.deflate(rank=rank, init=init)
+    kept = 5 if rank is None else rank
+    assert layer.rank == kept and layer.scale == alpha / kept
     assert layer.form == "adapter" and not layer.weight.requires_grad
     assert layer.A.requires_grad and layer.B.requires_grad
     assert rel_err(layer(x), before) < 1e-5
@@ -379,7 +400,7 @@ def test_deflate_preserves_function(backend, init):
         assert layer.A.grad.abs().max() > 0
     else:
         U, S, Vh = torch.linalg.svd(W.double())
-        best = (U[:, :5] * S[:5]) @ Vh[:5]
+        best = (U[:, :kept] * S[:kept]) @ Vh[:kept]
         assert rel_err(delta, best) < 1e-5             # top singular pairs moved into A, B
         assert rel_err(layer.weight.double() + delta, W.double()) < 1e-6
 
@@ -666,21 +687,27 @@ def test_device_mismatch():
         lowrank_linear(torch.empty(3, 6, device="meta"), None, A, B)
 
 
-@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float32, torch.bfloat16, torch.bfloat16),
-                                    (torch.float16, torch.float32, torch.float16), (torch.float64,) * 3],
-                         ids=["fp32", "bf16-factors-into-fp32", "mixed-into-fp16", "fp64"])
-def test_functional_merge_matches_float64(backend, dtypes, kernel_calls):
+@pytest.mark.parametrize("dtypes, alpha", [((torch.float32,) * 3, -0.5),
+                                           ((torch.float32, torch.bfloat16, torch.bfloat16), -0.5),
+                                           ((torch.float16, torch.float32, torch.float16), -0.5),
+                                           ((torch.float64,) * 3, -0.5),
+                                           ((torch.float32, torch.float64, torch.float64), -0.5e300)],
+                         ids=["fp32", "bf16-factors-into-fp32", "mixed-into-fp16", "fp64",
+                              "fp64-factors-into-fp32-alpha-past-fp32"])
+def test_functional_merge_matches_float64(backend, dtypes, alpha, kernel_calls):
     """``merge_`` on either engine: W += alpha·A·Bᵀ in place, any mix of float dtypes, fp32 products
-    (float64 to float64 precision: it takes the torch path whatever the backend, no kernel runs)."""
+    (float64 to float64 precision: it takes the torch path whatever the backend, no kernel runs).  An
+    alpha past float32's range is taken where a factor is float64 (the product is formed in float64):
+    A is scaled by 0.5/|alpha|, so alpha·A·Bᵀ is the same size in every case."""
     w_dtype, a_dtype, b_dtype = dtypes
     device = _device()
     W = torch.randn(33, 20, device=device).to(w_dtype)
-    A = torch.randn(33, 5, device=device).to(a_dtype)
+    A = torch.randn(33, 5, device=device).to(a_dtype) * (0.5 / abs(alpha))
     B = torch.randn(20, 5, device=device).to(b_dtype)
-    expected = W.double() - 0.5 * (A.double() @ B.double().t())
-    assert (A.double() @ B.double().t()).norm() > 0.1 * expected.norm()
+    expected = W.double() + alpha * (A.double() @ B.double().t())
+    assert (alpha * (A.double() @ B.double().t())).norm() > 0.1 * expected.norm()
     ptr = W.data_ptr()
-    assert F.merge_(W, A, B, alpha=-0.5) is W and W.data_ptr() == ptr and W.dtype == w_dtype
+    assert F.merge_(W, A, B, alpha=alpha) is W and W.data_ptr() == ptr and W.dtype == w_dtype
     assert rel_err(W, expected) < REL_TOL[w_dtype]
     assert kernel_calls == (["merge_"] if backend == "triton" and torch.float64 not in dtypes else [])
 
@@ -790,6 +817,22 @@ def test_unknown_backend(monkeypatch):
     layer = FusedLowRankLinear(6, 9, rank=2)
     with pytest.raises(ValueError, match="DYNRANK_BACKEND must be one of auto, torch, triton, got 'cuda'"):
         layer(torch.randn(3, 6))
+
+
+@pytest.mark.parametrize("value, engine", [("Triton", "triton"), (" TORCH\n", "torch"), ("Auto", "auto"),
+                                           ("", "auto"), ("  ", "auto")])
+def test_backend_value_is_read_without_case_or_surrounding_blanks(monkeypatch, value, engine, kernel_calls):
+    """The variable's value is stripped and lower-cased (an empty one is the default, auto), so
+    ``DYNRANK_BACKEND=Triton`` selects the Triton engine and a layer runs on its kernels."""
+    from dynrank import _backend
+    monkeypatch.setenv("DYNRANK_BACKEND", value)
+    assert _backend.requested_backend() == engine
+    if engine == "triton" and not kernel_devices():
+        return
+    layer = FusedLowRankLinear(6, 9, rank=2, alpha=4.0, device=_device())
+    x = torch.randn(3, 6, device=_device())
+    assert rel_err(layer(x), _reference_forward(layer, x)) < REL_TOL[torch.float32]
+    assert kernel_calls == (["lowrank_linear_forward"] if engine == "triton" else [])
 
 
 def test_auto_backend_follows_the_measured_table(monkeypatch):

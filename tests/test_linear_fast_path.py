@@ -45,8 +45,10 @@ MISTAKES = [
     ("input's last dim", dict(x=torch.randn(T, K + 1)), ValueError, rf"input must have shape \(\.\.\., {K}\)"),
     ("B's rank", dict(B=torch.randn(K, R + 1)), ValueError, rf"B must have shape \({K}, {R}\)"),
     ("0-d input", dict(x=torch.tensor(1.0)), ValueError, rf"input must have shape \(\.\.\., {K}\), got \(\)"),
+    ("bias (N, 1)", dict(bias=torch.randn(N, 1)), ValueError, rf"bias must have shape \({N},\), got \({N}, 1\)"),
     # accepted silently by torch:
     ("bias (1,)", dict(bias=torch.randn(1)), ValueError, rf"bias must have shape \({N},\), got \(1,\)"),
+    ("0-d bias", dict(bias=torch.tensor(0.5)), ValueError, rf"bias must have shape \({N},\), got \(\)"),
     ("bias (T, N)", dict(bias=torch.randn(T, N)), ValueError, rf"bias must have shape \({N},\)"),
     ("A 1-D", dict(A=torch.randn(N)), ValueError, "A and B must be 2-D"),
     ("B 3-D", dict(B=torch.randn(2, K, R)), ValueError, "A and B must be 2-D"),
