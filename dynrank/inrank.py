@@ -51,7 +51,7 @@ __all__ = ["IncrementalRankScheduler", "grow_rank_", "explained_rank"]
 
 
 def explained_rank(singular_values, current, buffer, threshold):
-    """InRank's rank rule: smallest k in [current, current+buffer) explaining ``threshold`` of the spectrum.
+    """InRank's rank rule: smallest k in [current, current+buffer) explaining more than ``threshold`` of the spectrum.
 
     Args:
         singular_values: 1-D tensor σ (any order; sorted descending here).

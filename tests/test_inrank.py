@@ -37,6 +37,7 @@ def reference_rank(sigma, current, buffer, threshold):
     (list(np.linspace(3, 0, 17)), 3, 10),
     ([4.0, 3.0, 2.0, 1.0], 0, 10),                  # the window passes the spectrum's end: k = 4 explains it all
     ([4.0, 3.0, 2.0, 1.0], 3, 5),
+    ([2.0, 1.0, 1.0, 0.0], 0, 4),                   # k = 1 explains exactly 0.5, not more: at 0.5 the rank is 2
 ])
 @pytest.mark.parametrize("threshold", [0.5, 0.9, 0.99])
 def test_explained_rank_matches_definition(sigma, current, buffer, threshold):
@@ -339,6 +340,35 @@ def test_scheduler_grows_ranks_monotonically_and_learns():
     assert events and all(e["rank_changes"] for e in events)
     assert all(5 <= c <= 7 for c in sched.current.values())  # near the teacher's rank 6 (5–7 over seeds)
     assert losses[-1] < 0.05 * losses[0]
+
+
+def test_checks_run_at_warmup_steps_then_every_check_every_steps():
+    """warmup_steps counts the steps before the first check: with warmup_steps=5 and check_every=10 the rule runs
+    at steps 5, 15 and 25 (each growing both layers by the rule over the trained spectrum), and the steps between
+    change nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 16)).double()
+    convert_model(model, rank_ratio=0.5, init="fresh", keep_last=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    threshold = 1 - 1e-9
+    sched = IncrementalRankScheduler(model, opt, init_rank=1, buffer=3, threshold=threshold, warmup_steps=5,
+                                     check_every=10)
+    x, y = (t.double() for t in teacher_task())
+    current, ranks, checks = dict(sched.current), dict(sched.ranks), []
+    for step in range(1, 26):
+        _train(model, opt, x, y[:, :16], 1)
+        if step in (5, 15, 25):
+            for name, layer in sched.layers:
+                sigma = np.linalg.svd(_product(layer).numpy(), compute_uv=False)
+                current[name] = max(current[name], reference_rank(sigma, current[name], 3, threshold))
+                ranks[name] = max(ranks[name], min(current[name] + 3, sched.max_rank[name]))
+        before = sched.ranks
+        grown = sched.step(step)
+        assert sched.current == current and sched.ranks == ranks and sched.last_step == step, step
+        assert grown == [(name, before[name], ranks[name]) for name in ranks if ranks[name] > before[name]], step
+        checks += [step] if grown else []
+    assert checks == [5, 15, 25]
+    assert {name: layer.rank for name, layer in sched.layers} == ranks
 
 
 def test_state_dict_round_trip():
@@ -798,6 +828,43 @@ def test_max_rank_caps_the_layers_kept_with_init_rank_none():
         opt.step()
         sched.step()
         assert all(rank <= 4 for rank in sched.ranks.values()) and all(c <= 4 for c in sched.current.values())
+
+
+def test_growth_stops_at_max_rank_where_current_plus_buffer_passes_it():
+    """A check whose discovered rank + buffer passes max_rank grows the layer to max_rank and no further, at that
+    check, at the later ones and after a state_dict round trip; the discovered rank still follows the rule."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)).double()
+        convert_model(model, rank_ratio=0.5)                  # dense init: "0" holds 16 components of its weight
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, opt, IncrementalRankScheduler(model, opt, init_rank=2, buffer=4, threshold=threshold,
+                                                    warmup_steps=0, check_every=1, max_rank=7)
+
+    threshold = 1 - 1e-9
+    model, opt, sched = build()
+    layer = model[0]
+    assert sched.max_rank == {"0": 7} and sched.ranks == {"0": 6} and sched.current == {"0": 2}
+    x, y = torch.randn(64, 32, dtype=torch.float64), torch.randn(64, 10, dtype=torch.float64)
+    current, rank = 2, 6
+    for step in range(1, 5):
+        _train(model, opt, x, y, 1)
+        if rank < 7:                                          # a layer at max_rank is checked no more
+            sigma = np.linalg.svd(_product(layer).numpy(), compute_uv=False)
+            current = max(current, reference_rank(sigma, current, 4, threshold))
+            rank = min(current + 4, 7)
+        grown = sched.step(step)
+        if step == 1:
+            assert grown == [("0", 6, 7)] and current + 4 > 7      # the rule asked for 9 components
+        assert sched.current == {"0": current} and sched.ranks == {"0": rank} and layer.rank == rank <= 7, step
+        assert layer.A.shape == (32, rank) and layer.B.shape == (32, rank)
+    state = sched.state_dict()
+    assert state["ranks"] == {"0": 7} and state["max_rank"] == {"0": 7}
+    other_model, other_opt, other = build()
+    other.load_state_dict(state)
+    assert other.ranks == {"0": 7} and other_model[0].rank == 7 and other.current == sched.current
+    _train(other_model, other_opt, x, y, 1)
+    assert other.step(5) == [] and other.ranks == {"0": 7} and other_model[0].rank == 7
 
 
 def test_remove_model_copy_stops_growing_the_copy_and_lets_it_go():
