@@ -110,6 +110,30 @@ def test_fresh_init_keeps_shapes_not_values():
     assert rel_err(out, expected) > 1e-2
 
 
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+@pytest.mark.parametrize("init", ["dense", "fresh"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_layer_without_bias_stays_without_bias(kind, init, form):
+    """Trainable parameters by hand at ρ = 0.5: the linear 24→40 at rank 12 has factors 12·(24 + 40) = 768 beside
+    a 40·24 = 960 weight, the 40→5 classifier 205; the 3×3 conv 4→16 at rank int(0.5·16) = 8 has factors
+    8·4·9 + 16·8 = 416 beside a 16·4·9 = 576 kernel.  The adapter form trains the factors only."""
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(24, 40, bias=False), nn.ReLU(), nn.Linear(40, 5))
+        dense, factors, rest, x = 960, 768, 205, torch.randn(3, 24)
+    else:
+        model = nn.Sequential(nn.Conv2d(4, 16, 3, bias=False), nn.ReLU())
+        dense, factors, rest, x = 576, 416, 0, torch.randn(2, 4, 6, 6)
+    summary = convert_model(model, rank_ratio=0.5, init=init, form=form)
+    assert summary.converted == ["0"]
+    layer = model[0]
+    assert layer.form == form and layer.bias is None
+    assert "bias" not in dict(layer.named_parameters())
+    expected = (dense if form == "full" else factors) + rest
+    assert n_params(model) == summary.params_after == expected
+    model(x).square().sum().backward()
+    assert sum(p.numel() for p in layer.parameters() if p.grad is not None) == expected - rest
+
+
 def test_include_exclude_globs_and_callables():
     model = nn.Sequential()
     model.add_module("enc", nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)))

@@ -369,6 +369,29 @@ def test_comp_ratio_after_deflate_at_the_same_rank():
     assert "adapter d_rho" not in str(cost_report(model, 10, 3, 7, run=monitor))
 
 
+def test_a_scheduler_keeping_the_rank_counts_adapter_layers_never_lowrank_here():
+    """A run resumed into a model converted straight to adapter form: the layer was never lowrank in this
+    process and no run is given, but a scheduler without deflate_rank deflated it at the rank it has.
+
+    By hand, layer '0' at rank int(0.25·32) = 8: other = 32 (its bias) + 32·10 + 10 (classifier) = 362;
+    d = 362 + 32·32 = 1386; d_ρ = 362 + 8·(32 + 32) = 874.  E=10, I=3, D=7: (3·874 + 4·1386 + 3·874) / (10·1386).
+    """
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    convert_model(model, rank_ratio=0.25, form="adapter")
+    assert (model[0].form, model[0].rank) == ("adapter", 8)
+    assert _trainable(model) == 874                                  # the adapter epochs train d_ρ
+    with pytest.raises(ValueError, match=r"layers \['0'\] are in adapter form \(rank 8 for '0'\), and the rank they "
+                                         r"had in lowrank form"):
+        cost_report(model, 10, 3, 7)                                 # nothing says the lowrank rank
+    scheduler = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 3, 7)
+    expected = (3 * 874 + 4 * 1386 + 3 * 874) / (10 * 1386)
+    counts = param_counts(model, scheduler=scheduler)
+    assert (counts.full, counts.lowrank, counts.other, counts.adapter) == (1386, 874, 362, None)
+    assert counts.layers == [("0", 32 * 32, 8 * 64)]
+    assert comp_ratio(model, 10, 3, 7, scheduler=scheduler) == pytest.approx(expected, rel=1e-15)
+    assert cost_report(model, 10, 3, 7, scheduler=scheduler).comp_ratio == pytest.approx(expected, rel=1e-15)
+
+
 def test_lowrank_ranks_and_scheduler_checked():
     model, scheduler, _, _ = _deflate_rank_run({"0": 2, "2": 1})
     with pytest.raises(ValueError, match=r"lowrank_ranks names unknown layers \['1'\]; the model's dynrank layers are "

@@ -64,6 +64,20 @@ def test_paper_recommended_starting_point():
     assert midpoint_schedule(150, milestones=[100]) == (50, 125)        # §4.3
 
 
+@pytest.mark.parametrize("epochs, boundary, expected", [
+    (151, 100, (50, 125)),         # b + E = 251: D = 125.5 rounded down
+    (150, 101, (50, 125)),         # odd b: I = 50.5 rounded down, and D too
+    (11, 4, (2, 7)),
+    (11, 5, (2, 8)),
+])
+def test_midpoint_schedule_rounds_odd_midpoints_down(epochs, boundary, expected):
+    """I = b // 2 and D = (b + E) // 2 as documented, also where a middle falls between two epochs."""
+    assert expected == (boundary // 2, (boundary + epochs) // 2)
+    assert midpoint_schedule(epochs, milestones=[boundary]) == expected
+    lrs = [0.1 if epoch < boundary else 0.01 for epoch in range(epochs)]
+    assert midpoint_schedule(epochs, lrs=lrs) == expected
+
+
 @pytest.mark.parametrize("epochs, milestones", [(150, [100, 130]), (200, [150, 180]), (90, [30, 60, 80])])
 def test_step_schedule_as_lr_list_gives_the_same_pair(epochs, milestones):
     lrs = lr_list(lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones, 0.1), epochs)
