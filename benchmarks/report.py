@@ -67,9 +67,8 @@ class Row:
 
     @property
     def device(self):
-        """The device the row ran on, named as the header names one: ``NVIDIA H200 (`cuda`)``."""
-        name = self.extra.get("device_name") or self.extra.get("device") or "unknown device"
-        return f"{name} (`{self.extra.get('device') or '?'}`)"
+        """The device the row ran on, named as the header names one (:func:`_device_label`)."""
+        return _device_label(self.extra)
 
     @property
     def tflops(self):
@@ -104,6 +103,13 @@ def not_a_dynrank_run(data):
 def _object(value):
     """``value`` where it is a JSON object, else an empty one (a null or missing part of a JSON)."""
     return value if isinstance(value, dict) else {}
+
+
+def _device_label(info):
+    """The device that ``info`` (an entry's extra_info or a run's ``machine_info["dynrank"]``) names, as the
+    report names one: ``NVIDIA H200 (`cuda`)``."""
+    name = info.get("device_name") or info.get("device") or "unknown device"
+    return f"{name} (`{info.get('device') or '?'}`)"
 
 
 def _is_cuda(device):
@@ -463,11 +469,10 @@ def render_markdown(data, rows, stat="mean"):
     or :func:`combine_runs`' result, whose header lists every file's date, load average and rooflines."""
     machine = _object(_object(data.get("machine_info")).get("dynrank"))
     versions = _object(machine.get("versions"))
-    device = machine.get("device_name") or machine.get("device") or "unknown device"
     sessions = data.get("sessions") or [_session(data, "")]
     several = len(sessions) > 1
     lines = ["# dynrank benchmark report", ""]
-    lines.append(f"- Device: {device} (`{machine.get('device', '?')}`), grid `{machine.get('grid', '?')}`")
+    lines.append(f"- Device: {_device_label(machine)}, grid `{machine.get('grid', '?')}`")
     lines.append("- Versions: " + (", ".join(f"{k} {v}" for k, v in versions.items() if v) or "unknown"))
     dates = ", ".join(f"{s['datetime'] or 'unknown'}" + (f" ({s['label']})" if several else "") for s in sessions)
     lines.append(f"- Date: {dates}; statistic: {stat}; {len(rows)} results")

@@ -118,6 +118,12 @@ def _check_saved_shape(shapes, name):
                         f"got {value!r}")
 
 
+def _check_saved_form(forms, name):
+    """ValueError unless a state dict's ``forms[name]`` is one of :data:`FORMS`."""
+    if forms[name] not in FORMS:
+        raise ValueError(f"forms[{name!r}] must be one of {', '.join(FORMS)}, got {forms[name]!r}")
+
+
 def _other_kind(layer, growing):
     """A live scheduler of the other kind over ``layer``, or None: for an IncrementalRankScheduler (``growing``)
     the DynamicRankScheduler that owns it, else an IncrementalRankScheduler built over it."""
@@ -210,8 +216,7 @@ def _check_saved_forms(layers, forms, who):
     try:
         check_same_layers(forms, names, "forms")
         for name in names:
-            if forms[name] not in FORMS:
-                raise ValueError(f"forms[{name!r}] must be one of {', '.join(FORMS)}, got {forms[name]!r}")
+            _check_saved_form(forms, name)
     except (TypeError, ValueError) as e:
         raise type(e)(f"invalid {who} state dict: {e}") from None
     for name, layer in layers:

@@ -32,12 +32,12 @@ import torch
 
 from ._args import check_int
 from ._claims import (_OWNERS, RECORD_KEYS, _Claiming, _alpha_mismatch, _check_layers_held, _check_other_kind,
-                      _check_saved_alpha, _check_saved_record, _layer_record)
+                      _check_saved_alpha, _check_saved_form, _check_saved_record, _layer_record)
 from ._checks import (call_back, check_copy, check_finite, check_layer_names, check_model_and_optimizer,
                       check_new_copy, check_not_sharded, check_not_unconverted, check_one_group, check_same_layers,
                       check_switchable, check_sync, check_trains_layers, check_untied, fork_layer_rngs, form_layers,
                       remove_copy, unwrap_model)
-from ._forms import DEFLATE_INITS, FORMS, outside_inference_mode
+from ._forms import DEFLATE_INITS, outside_inference_mode
 from ._optim import (clear_state, drop_frozen_adapter_params, manage, params_before, pullback_state,
                      pushforward_state, replace_params, switched_params, warn_dampened)
 from ._readers import guard_attention
@@ -803,8 +803,7 @@ class DynamicRankScheduler(_Claiming):
                     check_same_layers(state_dict[what], names, what)
             checked, lowrank_checked = {}, {}
             for name in names:
-                if forms[name] not in FORMS:
-                    raise ValueError(f"forms[{name!r}] must be one of {', '.join(FORMS)}, got {forms[name]!r}")
+                _check_saved_form(forms, name)
                 try:
                     # an int, or a tuple for Tucker-like convs (a saved list comes back as the tuple)
                     checked[name] = layers[name]._check_rank(ranks[name])

@@ -359,9 +359,8 @@ def test_checks_run_at_warmup_steps_then_every_check_every_steps():
         _train(model, opt, x, y[:, :16], 1)
         if step in (5, 15, 25):
             for name, layer in sched.layers:
-                sigma = np.linalg.svd(_product(layer).numpy(), compute_uv=False)
-                current[name] = max(current[name], reference_rank(sigma, current[name], 3, threshold))
-                ranks[name] = max(ranks[name], min(current[name] + 3, sched.max_rank[name]))
+                current[name], target = _expected_check(layer, current[name], 3, threshold, sched.max_rank[name])
+                ranks[name] = max(ranks[name], target)
         before = sched.ranks
         grown = sched.step(step)
         assert sched.current == current and sched.ranks == ranks and sched.last_step == step, step
@@ -850,9 +849,7 @@ def test_growth_stops_at_max_rank_where_current_plus_buffer_passes_it():
     for step in range(1, 5):
         _train(model, opt, x, y, 1)
         if rank < 7:                                          # a layer at max_rank is checked no more
-            sigma = np.linalg.svd(_product(layer).numpy(), compute_uv=False)
-            current = max(current, reference_rank(sigma, current, 4, threshold))
-            rank = min(current + 4, 7)
+            current, rank = _expected_check(layer, current, 4, threshold, 7)
         grown = sched.step(step)
         if step == 1:
             assert grown == [("0", 6, 7)] and current + 4 > 7      # the rule asked for 9 components
@@ -1090,6 +1087,15 @@ def test_a_layer_another_scheduler_deflates_is_not_taken_as_added():
 def _product(layer):
     """The layer's low-rank product s·A·Bᵀ (out × in), detached."""
     return layer.scale * layer.A.detach() @ layer.B.detach().t()
+
+
+def _expected_check(layer, current, buffer, threshold, max_rank):
+    """A check of ``layer`` by the rule over its product's whole spectrum (:func:`reference_rank`), as the
+    scheduler runs it: the discovered rank (never below ``current``) and the components it asks for,
+    ``current + buffer`` capped at ``max_rank``."""
+    sigma = np.linalg.svd(_product(layer).numpy(), compute_uv=False)
+    current = max(current, reference_rank(sigma, current, buffer, threshold))
+    return current, min(current + buffer, max_rank)
 
 
 def _train(layer_or_model, opt, x, y, steps):

@@ -491,9 +491,10 @@ class _TokenStream(torch.utils.data.IterableDataset):
         return (self.data[i] for i in range(len(self.data)))
 
 
-def _converted_gpt2():
+def _converted_gpt2(**convert_kwargs):
+    """A tiny GPT-2 in float32 converted at rank_ratio 0.5, with ``convert_kwargs`` for :func:`convert_model`."""
     model = gpt2(dtype=torch.float32)
-    convert_model(model, rank_ratio=0.5)
+    convert_model(model, rank_ratio=0.5, **convert_kwargs)
     return model
 
 
@@ -1532,12 +1533,6 @@ def test_callback_changes_follow_a_resume_on_the_same_trainer(tmp_path, unit, ch
     assert callback.changes == full.changes
 
 
-def _gpt2_with_alpha(alpha):
-    model = gpt2(dtype=torch.float32)
-    convert_model(model, rank_ratio=0.5, alpha=alpha)
-    return model
-
-
 def test_callback_refuses_a_resume_of_another_alpha_or_other_layer_sizes(tmp_path):
     """The resume loaded the checkpoint's forms and ranks into the scheduler's own state, so the alphas and
     weight shapes the checkpoint records were never compared: a run converted with alpha=16 resumed into a
@@ -1545,7 +1540,7 @@ def test_callback_refuses_a_resume_of_another_alpha_or_other_layer_sizes(tmp_pat
     load_training_state refuses it; with the same alpha it resumes."""
     import json
     from dynrank.hf import DynamicRankCallback
-    _train(tmp_path / "full", DynamicRankCallback(1, 2, log=None), model=_gpt2_with_alpha(16.0), epochs=2)
+    _train(tmp_path / "full", DynamicRankCallback(1, 2, log=None), model=_converted_gpt2(alpha=16.0), epochs=2)
     folder = tmp_path / "full" / "checkpoint-4"
     prefix = r"^resuming at global step 4: the schedule's state in the checkpoint's trainer_state\.json " \
              r"\(stateful_callbacks\['dynrank'\]\) does not fit this model: "
@@ -1559,7 +1554,7 @@ def test_callback_refuses_a_resume_of_another_alpha_or_other_layer_sizes(tmp_pat
     with pytest.raises(ValueError, match=prefix + r"layer 'transformer\.h\.0\.attn\.c_attn' has a weight of shape "
                                                   r"\(96, 32\) but the checkpoint's is \(96, 16\)"):
         _train(tmp_path / "resized", DynamicRankCallback(1, 2, log=None), resume=str(folder),
-               model=_gpt2_with_alpha(16.0), epochs=2, save="no")
+               model=_converted_gpt2(alpha=16.0), epochs=2, save="no")
     shapes["transformer.h.0.attn.c_attn"] = [96, 32]
     # The rank each layer last had in lowrank form comes back with the rest (the cost of the lowrank epochs
     # reads it): a saved run whose first layer had rank 3 there.
@@ -1567,7 +1562,7 @@ def test_callback_refuses_a_resume_of_another_alpha_or_other_layer_sizes(tmp_pat
     assert lowrank_ranks["transformer.h.0.attn.c_attn"] == 16
     lowrank_ranks["transformer.h.0.attn.c_attn"] = 3
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state))
-    model = _gpt2_with_alpha(16.0)
+    model = _converted_gpt2(alpha=16.0)
     _train(tmp_path / "same", DynamicRankCallback(1, 2, log=None), resume=str(folder), model=model,
            epochs=2, save="no")
     assert model.get_submodule("transformer.h.0.attn.c_attn")._lowrank_rank == 3
@@ -1576,7 +1571,7 @@ def test_callback_refuses_a_resume_of_another_alpha_or_other_layer_sizes(tmp_pat
 
 def test_inrank_callback_refuses_a_resume_of_another_alpha(tmp_path):
     """The InRank state kept no alpha: a run converted with alpha=16 resumed into a model converted without."""
-    _train(tmp_path / "full", _growth_callback(), model=_gpt2_with_alpha(16.0), epochs=1, save="steps",
+    _train(tmp_path / "full", _growth_callback(), model=_converted_gpt2(alpha=16.0), epochs=1, save="steps",
            save_steps=2)
     folder = tmp_path / "full" / "checkpoint-2"
     with pytest.raises(ValueError, match=r"^resuming at global step 2: the InRank state in the checkpoint's "
@@ -1585,14 +1580,8 @@ def test_inrank_callback_refuses_a_resume_of_another_alpha(tmp_path):
                                          r"has 16\.0"):
         _train(tmp_path / "refused", _growth_callback(), resume=str(folder), epochs=1, save="no")
     resumed = _growth_callback()
-    _train(tmp_path / "same", resumed, resume=str(folder), model=_gpt2_with_alpha(16.0), epochs=1, save="no")
+    _train(tmp_path / "same", resumed, resume=str(folder), model=_converted_gpt2(alpha=16.0), epochs=1, save="no")
     assert resumed.scheduler.state_dict()["alphas"] == dict.fromkeys(resumed.scheduler.ranks, 16.0)
-
-
-def _gpt2_in_form(form):
-    model = gpt2(dtype=torch.float32)
-    convert_model(model, rank_ratio=0.5, form=form)
-    return model
 
 
 def test_inrank_callback_refuses_a_resume_into_a_model_of_another_form(tmp_path):
@@ -1608,19 +1597,19 @@ def test_inrank_callback_refuses_a_resume_into_a_model_of_another_form(tmp_path)
                                          r"trainer_state\.json .* does not fit this model: layer "
                                          r"'transformer\.h\.0\.attn\.c_attn' is in adapter form but the checkpoint "
                                          r"has it in lowrank form: .*form='lowrank'"):
-        _train(tmp_path / "refused", _growth_callback(), resume=str(folder), model=_gpt2_in_form("adapter"),
+        _train(tmp_path / "refused", _growth_callback(), resume=str(folder), model=_converted_gpt2(form="adapter"),
                epochs=1, save="no")
     trainer_state = json.loads((folder / "trainer_state.json").read_text())
     del trainer_state["stateful_callbacks"]["dynrank_inrank"]["forms"]              # a state saved without them
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state))
     unchecked = _growth_callback()
-    _train(tmp_path / "unchecked", unchecked, resume=str(folder), model=_gpt2_in_form("adapter"), epochs=1,
+    _train(tmp_path / "unchecked", unchecked, resume=str(folder), model=_converted_gpt2(form="adapter"), epochs=1,
            save="no")
     assert unchecked.scheduler.state_dict()["forms"] == dict.fromkeys(unchecked.scheduler.ranks, "adapter")
-    reference, _ = _train(tmp_path / "adapter", _growth_callback(), model=_gpt2_in_form("adapter"), epochs=1,
+    reference, _ = _train(tmp_path / "adapter", _growth_callback(), model=_converted_gpt2(form="adapter"), epochs=1,
                           save="steps", save_steps=2)
     resumed, _ = _train(tmp_path / "switched", _growth_callback(), resume=str(tmp_path / "adapter" / "checkpoint-2"),
-                        model=_gpt2_in_form("lowrank"), epochs=1, save="no")
+                        epochs=1, save="no")
     expected, state = reference.state_dict(), resumed.state_dict()
     assert state.keys() == expected.keys()
     assert all(torch.equal(state[k], expected[k]) for k in expected)
