@@ -628,28 +628,60 @@ def test_progress_line_draws_both_bars_and_calls_extra_only_on_redraw(monkeypatc
     assert silent.getvalue() == "" and format_seconds(3725) == "1:02:05"
 
 
-@pytest.mark.parametrize("columns,expected", [
-    (200, "epoch 150/150 [██████████] batch 120/390 [██████··············] 8.0 it/s loss 1.2345 eta 0:34"),
-    (90, "epoch 150/150 batch 120/390 [██████··············] 8.0 it/s loss 1.2345 eta 0:34"),
-    (80, "epoch 150/150 batch 120/390 [██████··············] loss 1.2345 eta 0:34"),
-    (60, "epoch 150/150 batch 120/390 loss 1.2345 eta 0:34"),
-    (40, "epoch 150/150 batch 120/390 loss 1.2345"),
-])
+_CIFAR_LINES = {       # the CIFAR-10 preset's line at batch 120 of 390 in the last epoch, by terminal width
+    200: "epoch 150/150 [██████████] batch 120/390 [██████··············] 8.0 it/s loss 1.2345 eta 0:34",
+    90: "epoch 150/150 batch 120/390 [██████··············] 8.0 it/s loss 1.2345 eta 0:34",
+    80: "epoch 150/150 batch 120/390 [██████··············] loss 1.2345 eta 0:34",
+    60: "epoch 150/150 batch 120/390 loss 1.2345 eta 0:34",
+    40: "epoch 150/150 batch 120/390 loss 1.2345",
+}
+
+
+def _draw_cifar_line(monkeypatch, stream):
+    """What a ProgressLine draws on ``stream`` for the line of :data:`_CIFAR_LINES`."""
+    from dynrank.train import progress
+    clock = iter([100.0, 115.0])            # start_epoch, then 120 batches in 15 s: 8.0 it/s
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    line = progress.ProgressLine(epochs=150, stream=stream, enabled=True, interval=0.0)
+    line.start_epoch(149, batches=390)
+    line.update(119, extra=lambda: "loss 1.2345")
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize("columns,expected", _CIFAR_LINES.items())
 def test_progress_line_fits_a_narrow_terminal(monkeypatch, columns, expected):
     """The CIFAR-10 preset's line was 97 columns: on an 80-column terminal it wrapped, and as "\\r" goes back
     only to the start of the last row, every redraw left a stale row.  The line now stays one column
     short of the width, leaving out the epoch bar first, then the rate, then the batch bar."""
     import io
 
-    from dynrank.train import progress
-    clock = iter([100.0, 115.0])            # start_epoch, then 120 batches in 15 s: 8.0 it/s
-    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
-    monkeypatch.setenv("COLUMNS", str(columns))      # what shutil.get_terminal_size reads first
-    stream = io.StringIO()
-    line = progress.ProgressLine(epochs=150, stream=stream, enabled=True, interval=0.0)
-    line.start_epoch(149, batches=390)
-    line.update(119, extra=lambda: "loss 1.2345")
-    assert stream.getvalue() == "\r" + expected and len(expected) <= columns - 1
+    monkeypatch.setenv("COLUMNS", str(columns))      # read before the stream's own terminal size
+    assert _draw_cifar_line(monkeypatch, io.StringIO()) == "\r" + expected and len(expected) <= columns - 1
+
+
+def test_progress_line_measures_the_terminal_it_draws_on(monkeypatch):
+    """The width was read from stdout (shutil.get_terminal_size): with stdout piped (dynrank-train | tee log)
+    the line drawn on a 200-column terminal's stderr was cut to 80 columns.  A stream with no terminal
+    size (no fileno, or not a terminal) still gets 80."""
+    import io
+
+    class OnFd(io.StringIO):
+        def __init__(self, fd):
+            super().__init__()
+            self.fd = fd
+
+        def fileno(self):
+            return self.fd
+
+    def terminal_size(fd):
+        if fd != 2:                                  # stdout (1) is a pipe
+            raise OSError("not a terminal")
+        return os.terminal_size((200, 50))
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(os, "get_terminal_size", terminal_size)
+    assert _draw_cifar_line(monkeypatch, OnFd(2)) == "\r" + _CIFAR_LINES[200]
+    assert _draw_cifar_line(monkeypatch, OnFd(1)) == "\r" + _CIFAR_LINES[80]
+    assert _draw_cifar_line(monkeypatch, io.StringIO()) == "\r" + _CIFAR_LINES[80]
 
 
 # -- run state: output folders, resumes, damaged files ----------------------------------------------
@@ -845,9 +877,7 @@ def test_a_result_without_monitor_records_takes_lambda_from_its_monitor_files(tm
     """A result.json slimmed of its monitor_records (as benchmarks/fold_session.py leaves them) showed λ as
     "-" on a resume, although the RankMonitor files beside it hold the same records and the resume read
     them for the plots."""
-    out = tmp_path / "run"
-    assert cli.main(["--schedule", "compare", "--epochs", "2", "--milestones", "1", "--inflate-epoch", "0",
-                     "--deflate-epoch", "1", "--out", str(out)] + TINY_GPT) == 0
+    out = _finished_run(tmp_path / "run", "--schedule", "compare")
     table = (out / "compare.txt").read_text()
     lambdas = [re.split(r"\s{2,}", row)[-1] for row in table.splitlines()[2:]]
     assert len(lambdas) == 3 and all(cell.startswith(("median ", "∞ in ")) for cell in lambdas)

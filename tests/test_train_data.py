@@ -1024,18 +1024,28 @@ def test_text_data_refuses_arguments_out_of_range(change, error, message):
     kwargs.update(change)
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
         TextData(stream, stream, **kwargs)
+
+
+def test_text_data_takes_one_val_window_in_batches_of_one():
+    """val_windows=1 and eval_batch_size=1, the smallest values accepted, evaluate one window."""
+    stream = (torch.arange(400) % 251).to(torch.uint8)
     one = TextData(stream, stream, context=16, batch_size=4, steps=2, val_windows=1, eval_batch_size=1)
     assert [tuple(inputs.shape) for inputs, _ in one.val_batches()] == [(1, 16)]
 
 
-@pytest.mark.parametrize("val_fraction", [-0.1, 0.0, 1.0, 1.5, float("nan")])
-def test_stdlib_corpus_refuses_a_val_fraction_outside_0_1(val_fraction):
+@pytest.mark.parametrize("val_fraction,error,got", [
+    (-0.1, ValueError, "-0.1"),
+    (0.0, ValueError, "0.0"),
+    (1.0, ValueError, "1.0"),
+    (1.5, ValueError, "1.5"),
+    (float("nan"), ValueError, "nan"),
+    ("0.1", TypeError, "str ('0.1')"),
+])
+def test_stdlib_corpus_refuses_a_val_fraction_outside_0_1(val_fraction, error, got):
     """-0.1 held nothing out (val was the blank lines alone) and 1.5 split each file in half, silently."""
-    message = f"val_fraction must be a float in (0, 1), got {val_fraction!r}"
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+    message = f"val_fraction must be a float in (0, 1), got {got}"
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
         load_stdlib_corpus(max_bytes=10_001, val_fraction=val_fraction)
-    with pytest.raises(TypeError, match=re.escape("val_fraction must be a float in (0, 1), got str ('0.1')")):
-        load_stdlib_corpus(max_bytes=10_001, val_fraction="0.1")
 
 
 def test_download_failure_is_a_clear_message(tmp_path, monkeypatch):

@@ -134,8 +134,8 @@ class VisionData:
             if len(images) != len(labels):
                 raise ValueError(f"{split}_y must hold one label per image of {split}_x ({len(images)}), "
                                  f"got {len(labels)}")
+        mean, std = torch.as_tensor(mean), torch.as_tensor(std)
         for name, values in (("mean", mean), ("std", std)):
-            values = torch.as_tensor(values)
             if values.shape != (3,):
                 raise ValueError(f"{name} must hold 3 values (one per channel), got {values.tolist()}")
         self.device = torch.device(device)
@@ -143,8 +143,8 @@ class VisionData:
         self.train_y = train_y.to(self.device)
         self.test_x = test_x.to(self.device)
         self.test_y = test_y.to(self.device)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.mean = mean.to(self.device).view(1, 3, 1, 1) * 255.0
+        self.std = std.to(self.device).view(1, 3, 1, 1) * 255.0
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.recipe = recipe

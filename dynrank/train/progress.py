@@ -10,7 +10,7 @@ goes back only to the start of its last row.  Off a terminal (logs, tests)
 nothing is drawn; the per-epoch summary lines are printed by the caller.
 """
 
-import shutil
+import os
 import sys
 import time
 
@@ -50,12 +50,33 @@ def _fit(parts, width):
     return text[:max(width, 1)]
 
 
+def _columns(stream):
+    """The width of the terminal ``stream`` is on: ``COLUMNS`` where it is a positive int (read
+    first, as :func:`shutil.get_terminal_size` reads it), else the stream's own terminal size, else 80.
+
+    Not :func:`shutil.get_terminal_size` itself: it measures ``sys.__stdout__``, which is a pipe in
+    ``dynrank-train | tee log`` while the line is drawn on stderr, a terminal maybe wider than 80.
+    """
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):   # no fileno (io.UnsupportedOperation), closed, no terminal
+        columns = 0
+    return columns or 80
+
+
 class ProgressLine:
     """Draw ``epoch e/E [bar] batch b/B [bar] rate extra eta`` on one terminal line.
 
-    The line fits in the terminal's width less one column (``shutil.get_terminal_size``, 80
-    where it cannot be read): where it would not, the epoch bar is left out first, then the
-    rate, then the batch bar, and what is still too long is cut at the end.
+    The line fits in the width less one column of the terminal it is drawn on: ``COLUMNS``
+    where set to a positive int, else the terminal size of ``stream`` (not of stdout, which may
+    be piped), 80 where ``stream`` has none.  Where the line would not fit, the epoch bar is left
+    out first, then the rate, then the batch bar, and what is still too long is cut at the end.
 
     Args:
         epochs: total epochs E.
@@ -100,7 +121,7 @@ class ProgressLine:
             parts["extra"] = extra()
         parts["eta"] = f"eta {format_seconds(eta)}"
         # One column short of the width: a line that fills the last column wraps on some terminals.
-        width = shutil.get_terminal_size(fallback=(80, 24)).columns - 1
+        width = _columns(self.stream) - 1
         text = _fit(parts, width)
         self.stream.write("\r" + text.ljust(min(self._width, width)))
         self.stream.flush()
