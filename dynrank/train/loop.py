@@ -181,7 +181,7 @@ def lr_at(cfg, epoch, step=0, steps_per_epoch=1):
 
 
 def build_optimizer(model, cfg):
-    """SGD with momentum 0.9 (vision, the paper's) or AdamW (GPT); no weight decay on 1-D params.
+    """SGD with momentum 0.9 (vision, the paper's) or AdamW, betas (0.9, 0.95) (GPT); no decay on 1-D params.
 
     Factors and dense weights are ≥ 2-D and share the decayed group, so a
     form change keeps a layer's parameters in the group they came from.
