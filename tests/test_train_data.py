@@ -22,6 +22,7 @@ from dynrank.train.corpus import (
     load_stdlib_corpus,
     stdlib_files,
 )
+from dynrank.train import cli
 from dynrank.train import data as data_module
 from dynrank.train.data import DataError, load_vision
 
@@ -617,6 +618,50 @@ def test_cache_sees_swapped_files_with_equal_timestamps(tmp_path):
     assert len(os.listdir(tmp_path / "cache")) == 1      # the first version's cache removed
 
 
+def _write_bmp(path, array):
+    """An uncompressed BMP of the (H, W, 3) uint8 ``array``: its file size depends on the shape only."""
+    PIL.fromarray(array).save(path, format="BMP")
+
+
+@pytest.mark.parametrize("layout", ["folder", "tar"])
+def test_cache_sees_an_image_rewritten_at_its_size(tmp_path, layout):
+    """Other pixels at the same file size and a new mtime: the new pixels are decoded, not the cached ones."""
+    tree = tmp_path / "tree"
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tree / split / name).mkdir(parents=True)
+            _write_bmp(str(tree / split / name / "0000.bmp"), np.zeros((32, 32, 3), np.uint8))
+    root = tmp_path / "data"
+    root.mkdir()
+
+    def publish():
+        if layout == "tar":                      # same member sizes and member times: the same archive size
+            with tarfile.open(root / "cifar10-images.tar", "w") as tar:
+                for folder, _, files in sorted(os.walk(tree)):
+                    for f in sorted(files):
+                        info = tar.gettarinfo(os.path.join(folder, f), os.path.relpath(os.path.join(folder, f), tree))
+                        info.mtime = 0
+                        with open(os.path.join(folder, f), "rb") as blob:
+                            tar.addfile(info, blob)
+        else:
+            shutil.copytree(tree, root, dirs_exist_ok=True)
+
+    publish()
+    _same_times(root)
+    sizes = {f: os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files}
+    first = load_vision("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(first[0][0], torch.zeros(3, 32, 32, dtype=torch.uint8))
+    changed = np.random.default_rng(4).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    _write_bmp(str(tree / "train" / "a" / "0000.bmp"), changed)
+    publish()
+    _same_times(root, ns=1_600_000_001_000_000_000)
+    assert {f: os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files} == sizes
+    second = load_vision("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(second[0][0], torch.from_numpy(changed.transpose(2, 0, 1).copy()))
+    assert torch.equal(second[0][1], first[0][1])
+    assert len(os.listdir(tmp_path / "cache")) == 1      # the first version's cache removed
+
+
 def test_a_new_cache_removes_only_its_own_sources_older_versions(tmp_path):
     """Of a source's caches only the newest stays; another source's cache, other data sets' files and the
     layout before source ids (one file per data set name, source unknown) are told apart."""
@@ -899,6 +944,38 @@ def test_vision_data_epochs_are_reproducible_and_normalized(recipe):
     if recipe == "cifar":
         assert torch.allclose(val[0][0], expected, atol=1e-4)
     assert sum(len(b[1]) for b in val) == 6
+
+
+# The per-channel mean and standard deviation of each training set's pixels (CIFAR-10, CIFAR-100), and the
+# ImageNet statistics (torchvision's) for Tiny ImageNet.
+PUBLISHED_NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "tiny-imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def test_normalization_constants_are_the_published_ones():
+    assert {name: (spec["mean"], spec["std"]) for name, spec in data_module.DATASETS.items()} == PUBLISHED_NORMALIZATION
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_NORMALIZATION))
+def test_the_cli_normalizes_each_data_set_with_its_constants(tmp_path, monkeypatch, name):
+    """The VisionData that ``cli.load_data`` builds maps a pixel v of channel c to (v/255 − mean_c) / std_c."""
+    size = data_module.DATASETS[name]["size"]
+    levels = torch.tensor([10, 128, 240], dtype=torch.uint8)
+    images = levels.view(1, 3, 1, 1).expand(4, 3, size, size).contiguous()      # one level per channel
+    labels = torch.tensor([0, 1, 0, 1])
+    monkeypatch.setattr(data_module, "load_vision", lambda *args, **kwargs: (images, labels, images[:2],
+                                                                              labels[:2], ["a", "b"]))
+    cfg = dict(data=name, data_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), batch_size=2, device="cpu",
+               channels_last=False, seed=0)
+    data = cli.load_data(cfg, log=lambda line: None)
+    (normalized, _), = data.val_batches()
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in PUBLISHED_NORMALIZATION[name])
+    expected = ((levels.double().view(1, 3, 1, 1) / 255 - mean) / std).expand(2, 3, size, size)
+    assert tuple(normalized.shape) == (2, 3, size, size)
+    assert (normalized.double() - expected).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("change,error,message", [

@@ -1,18 +1,25 @@
-"""Models of dynrank-train: parameter counts against the paper, one training step each."""
+"""Models of dynrank-train: parameter counts against the paper, forwards against functional references,
+initializations, one training step each."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from _helpers import REL_TOL, rel_err
 from dynrank import FusedLowRankLinear
 from dynrank.convert import convert_model
 from dynrank.train.models import (
     EXCLUDE,
     GPT,
     MODELS,
+    Bottleneck,
     CausalSelfAttention,
     CifarResNet,
+    ResNet50,
     WideResNet,
     build_model,
     count_parameters,
@@ -250,3 +257,219 @@ def test_a_wide_resnets_widen_sets_its_channels():
             model = WideResNet(10, widen, num_classes=10, width=1.0)
             assert [stage[0].conv1.out_channels for stage in (model.layer1, model.layer2, model.layer3)] == channels
         assert WideResNet(np.int64(16), 1).layer1[0].conv1.out_channels == 16      # a numpy int depth too
+
+
+def test_width_rounds_every_channel_count_to_the_nearest_int_of_at_least_one():
+    # At width 0.1 rounding and truncation part: 16 · 0.1 = 1.6 is 2 channels, 128 · 0.1 = 12.8 is 13.
+    with torch.device("meta"):
+        model = resnet20(width=0.1)
+        assert model.conv1.out_channels == 2
+        assert [stage[0].conv1.out_channels for stage in (model.layer1, model.layer2, model.layer3)] == [2, 3, 6]
+        model = ResNet50(width=0.1)
+        assert model.conv1.out_channels == 6
+        stages = (model.layer1, model.layer2, model.layer3, model.layer4)
+        assert [stage[0].conv1.out_channels for stage in stages] == [6, 13, 26, 51]
+        assert [stage[0].conv3.out_channels for stage in stages] == [24, 52, 104, 204]
+        model = WideResNet(10, 1, width=0.1)
+        assert model.conv1.out_channels == 2
+        assert [stage[0].conv1.out_channels for stage in (model.layer1, model.layer2, model.layer3)] == [2, 3, 6]
+        # 16 · 0.01 = 0.16 rounds to 0: at least one channel.
+        assert resnet20(width=0.01).conv1.out_channels == 1
+
+
+# -- forward wiring against functional references, float64 --------------------------------
+def _randomize_norms(model, seed=0):
+    """Draw every BatchNorm's scale, shift and running statistics, so that no norm is an identity and the
+    zero-initialized last norms of ResNet-50's branches take part."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=generator))
+                m.bias.copy_(0.3 * torch.randn(c, generator=generator))
+                m.running_mean.copy_(0.3 * torch.randn(c, generator=generator))
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=generator))
+    return model
+
+
+def _batch_norm(x, bn):
+    """Inference BatchNorm: the running statistics, then the affine map."""
+    shape = (1, -1, 1, 1)
+    scale = bn.weight.view(shape) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+    return (x - bn.running_mean.view(shape)) * scale + bn.bias.view(shape)
+
+
+def _classify(x, fc):
+    """Global average pool, then the classifier."""
+    return x.mean(dim=(2, 3)) @ fc.weight.T + fc.bias
+
+
+class _ReLU:
+    """ReLU that records whether it clipped anything, so a reference whose ReLUs never act cannot
+    stand in for one whose ReLUs sit elsewhere."""
+
+    def __init__(self):
+        self.clipped = []
+
+    def __call__(self, x):
+        self.clipped.append(bool((x < 0).any()))
+        return x.clamp_min(0)
+
+
+def _resnet20_reference(model, x, relu):
+    """CifarResNet: ReLU(BN(conv3×3)) stem; blocks conv3×3-BN-ReLU-conv3×3-BN, plus the identity or a
+    1×1-conv + BN projection (first block of each stage), ReLU after the sum; stride 2 in the first
+    block of stages 2 and 3."""
+    x = relu(_batch_norm(F.conv2d(x, model.conv1.weight, padding=1), model.bn1))
+    for s, stage in enumerate((model.layer1, model.layer2, model.layer3)):
+        for b, block in enumerate(stage):
+            stride = 2 if s > 0 and b == 0 else 1
+            out = relu(_batch_norm(F.conv2d(x, block.conv1.weight, stride=stride, padding=1), block.bn1))
+            out = _batch_norm(F.conv2d(out, block.conv2.weight, padding=1), block.bn2)
+            assert (block.shortcut is None) == (b > 0)
+            shortcut = x if b > 0 else _batch_norm(F.conv2d(x, block.shortcut[0].weight, stride=stride),
+                                                   block.shortcut[1])
+            x = relu(out + shortcut)
+    return _classify(x, model.fc)
+
+
+def _wide_resnet_reference(model, x, relu):
+    """WideResNet (pre-activation): conv3×3 stem; blocks BN-ReLU-conv3×3-BN-ReLU-(dropout)-conv3×3 plus
+    the identity, or a 1×1 conv of the pre-activated input where the shape changes; then BN-ReLU."""
+    x = F.conv2d(x, model.conv1.weight, padding=1)
+    for s, stage in enumerate((model.layer1, model.layer2, model.layer3)):
+        for b, block in enumerate(stage):
+            stride = 2 if s > 0 and b == 0 else 1
+            pre = relu(_batch_norm(x, block.bn1))
+            out = F.conv2d(pre, block.conv1.weight, stride=stride, padding=1)
+            out = F.conv2d(relu(_batch_norm(out, block.bn2)), block.conv2.weight, padding=1)
+            assert (block.shortcut is None) == (b > 0)
+            x = out + (x if b > 0 else F.conv2d(pre, block.shortcut.weight, stride=stride))
+    return _classify(relu(_batch_norm(x, model.bn)), model.fc)
+
+
+def _resnet50_reference(model, x, relu):
+    """ResNet50: ReLU(BN(conv3×3)) stem; bottlenecks 1×1-BN-ReLU, 3×3 (the stride)-BN-ReLU, 1×1-BN, plus
+    the identity or a 1×1-conv + BN projection, ReLU after the sum; stride 2 in the first block of
+    stages 2 to 4."""
+    x = relu(_batch_norm(F.conv2d(x, model.conv1.weight, padding=1), model.bn1))
+    for s, stage in enumerate((model.layer1, model.layer2, model.layer3, model.layer4)):
+        for b, block in enumerate(stage):
+            stride = 2 if s > 0 and b == 0 else 1
+            out = relu(_batch_norm(F.conv2d(x, block.conv1.weight), block.bn1))
+            out = relu(_batch_norm(F.conv2d(out, block.conv2.weight, stride=stride, padding=1), block.bn2))
+            out = _batch_norm(F.conv2d(out, block.conv3.weight), block.bn3)
+            assert (block.shortcut is None) == (b > 0)
+            shortcut = x if b > 0 else _batch_norm(F.conv2d(x, block.shortcut[0].weight, stride=stride),
+                                                   block.shortcut[1])
+            x = relu(out + shortcut)
+    return _classify(x, model.fc)
+
+
+@pytest.mark.parametrize("build,reference,size", [
+    (lambda: resnet20(num_classes=10, width=0.25), _resnet20_reference, 16),
+    # Two blocks per stage: a projection and an identity block in each; dropout is off in eval mode.
+    (lambda: WideResNet(16, 2, num_classes=10, dropout=0.3, width=0.25), _wide_resnet_reference, 8),
+    (lambda: ResNet50(num_classes=10, width=0.0625), _resnet50_reference, 8),
+], ids=["resnet20", "wrn", "resnet50"])
+def test_vision_models_compute_their_documented_forward(build, reference, size):
+    model = _randomize_norms(build()).double().eval()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    relu = _ReLU()
+    with torch.no_grad():
+        expected = reference(model, x, relu)
+        actual = model(x)
+    assert relu.clipped and all(relu.clipped)
+    assert actual.dtype == torch.float64 and actual.shape == expected.shape
+    assert rel_err(actual, expected) < REL_TOL[torch.float64]
+
+
+def _layer_norm(x, ln):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def _gpt_reference(model, tokens, heads):
+    """Pre-LN GPT: token plus learned position embeddings; per block x + attn(LN(x)), then
+    x + proj(GELU(fc(LN(x)))) with the exact (erf) GELU; causal softmax attention over heads of
+    dim / heads; a final LN and the head."""
+    batch, length = tokens.shape
+    x = model.embed.weight[tokens] + model.pos[:length]
+    dim = x.shape[-1]
+    future = torch.ones(length, length, dtype=torch.bool).triu(1)
+    for block in model.blocks:
+        h = _layer_norm(x, block.ln1)
+        q, k, v = (h @ block.attn.qkv.weight.T + block.attn.qkv.bias).split(dim, dim=-1)
+        q, k, v = (t.reshape(batch, length, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(dim // heads)).masked_fill(future, float("-inf"))
+        y = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(batch, length, dim)
+        x = x + y @ block.attn.proj.weight.T + block.attn.proj.bias
+        hidden = _layer_norm(x, block.ln2) @ block.mlp.fc.weight.T + block.mlp.fc.bias
+        hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))
+        x = x + hidden @ block.mlp.proj.weight.T + block.mlp.proj.bias
+    x = _layer_norm(x, model.ln)
+    return x @ model.head.weight.T + model.head.bias
+
+
+def test_gpt_computes_its_documented_forward():
+    model = GPT(context=12, dim=32, depth=2, heads=4, dropout=0.1).double().eval()
+    # Norms that are not identities, and residual branches large enough to weigh in the logits.
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("blocks") or name.startswith("ln."):
+                p.add_(0.2 * torch.randn(p.shape, generator=generator, dtype=torch.float64))
+    tokens = torch.randint(0, 256, (3, 11), generator=generator)
+    with torch.no_grad():
+        expected = _gpt_reference(model, tokens, heads=4)
+        actual = model(tokens)
+    assert actual.dtype == torch.float64 and tuple(actual.shape) == (3, 11, 256)
+    assert rel_err(actual, expected) < REL_TOL[torch.float64]
+
+
+# -- documented initializations ---------------------------------------------------------------
+def test_resnet50_blocks_start_as_identities():
+    model = ResNet50(num_classes=10, width=0.0625)
+    blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    assert len(blocks) == 3 + 4 + 6 + 3
+    for block in blocks:
+        # The last BN of every residual branch starts at scale 0 (the other norms at 1): the branch adds 0.
+        assert torch.equal(block.bn3.weight, torch.zeros_like(block.bn3.weight))
+        assert torch.equal(block.bn3.bias, torch.zeros_like(block.bn3.bias))
+        assert torch.equal(block.bn1.weight, torch.ones_like(block.bn1.weight))
+        assert torch.equal(block.bn2.weight, torch.ones_like(block.bn2.weight))
+    # A block without projection passes its (non-negative, post-ReLU) input through unchanged, in
+    # training mode as in eval mode.
+    block = model.layer1[1]
+    assert block.shortcut is None
+    x = torch.rand(2, block.conv1.in_channels, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(block.train()(x), x) and torch.equal(block.eval()(x), x)
+
+
+def _assert_normal_draws(values, std, what):
+    """``values`` look like independent N(0, std²) draws: their mean and standard deviation lie within
+    5 standard errors (std/√n and std/√(2n)) of 0 and ``std``."""
+    values = values.detach().double().flatten()
+    n = values.numel()
+    assert abs(values.mean().item()) < 5 * std / math.sqrt(n), what
+    assert abs(values.std().item() - std) < 5 * std / math.sqrt(2 * n), what
+
+
+def test_gpt_initialization_is_gpt2s():
+    """N(0, 0.02) for the embeddings and linear weights, zero biases; the residual projections (each
+    block's attn.proj and mlp.proj) N(0, 0.02/√(2·depth))."""
+    depth = 3
+    model = GPT(context=64, dim=128, depth=depth, heads=4)
+    _assert_normal_draws(model.embed.weight, 0.02, "embed")
+    _assert_normal_draws(model.pos, 0.02, "pos")
+    projections = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            residual = name.endswith(".proj")
+            projections += [name] if residual else []
+            _assert_normal_draws(m.weight, 0.02 / math.sqrt(2 * depth) if residual else 0.02, name)
+            assert torch.equal(m.bias, torch.zeros_like(m.bias)), name
+    assert projections == [f"blocks.{i}.{branch}.proj" for i in range(depth) for branch in ("attn", "mlp")]
