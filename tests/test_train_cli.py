@@ -415,6 +415,21 @@ def test_interrupted_run_resumes_to_the_same_final_state(tmp_path, monkeypatch, 
     b = json.loads((out / "dynamic" / "metrics.json").read_text())
     assert [(r["form"], r["train_loss"], r["val_loss"]) for r in a] == [(r["form"], r["train_loss"], r["val_loss"])
                                                                        for r in b]
+    # The RankMonitor goes on from the checkpoint's: the epoch before the Ctrl-C and the switch into it
+    # stay on record, in result.json and monitor.json alike (the clocks aside).
+    from dynrank import RankMonitor
+    untimed = lambda records: [{k: v for k, v in r.items() if k not in ("wall_seconds", "metrics_seconds")}
+                               for r in records]
+    monitors = {}
+    for run in (tmp_path / "straight", out):
+        records = json.loads((run / "dynamic" / "result.json").read_text())["monitor_records"]
+        monitors[run] = RankMonitor.load(str(run / "dynamic" / "monitor.json"))
+        assert [r["epoch"] for r in records] == [r["epoch"] for r in monitors[run].records] == [0, 1, 2, 3]
+        assert untimed(records) == untimed(monitors[run].records)
+    straight_monitor, resumed_monitor = monitors[tmp_path / "straight"], monitors[out]
+    assert untimed(resumed_monitor.records) == untimed(straight_monitor.records)
+    assert [(s["epoch"], s["kind"]) for s in resumed_monitor.switches] == [(1, "inflate"), (3, "deflate")]
+    assert resumed_monitor.switches == straight_monitor.switches
     # A finished run is not trained again.
     assert cli.main(["--resume", str(out)]) == 0
     assert "already finished" in capsys.readouterr().out
@@ -807,6 +822,69 @@ def test_resume_refuses_a_config_edited_against_the_checkpoint(tmp_path, capsys)
     # What a resume may change (how the run executes) passes.
     (out / "config.json").write_text(json.dumps({**config, "cache_dir": "elsewhere", "device": "cpu"}))
     assert cli.main(["--resume", str(out)]) == 0
+
+
+# What a resume may find changed in config.json: the flags it takes (--device and the overrides) and what
+# it records or re-derives (the AMP default and memory layout of a device, the resumes list, --download).
+_RESUME_MAY_CHANGE = {"device", "amp", "threads", "compile", "compile_mode", "cuda_graphs", "cache_dir", "data_dir",
+                      "channels_last", "resumes", "download"}
+# Every other setting of a _TINY_RUN's config.json, each with another value its check takes.
+_EDITED_SETTINGS = dict(
+    model="resnet20", data="cifar10", schedule="compare", rank_ratio=0.25, decomposition="tucker", inflate_epoch=1,
+    deflate_epoch=None, deflate_init="svd", optimizer_state="carry", epochs=3, milestones=[], lr=0.01, lr_decay=0.5,
+    optimizer="sgd", batch_size=2, weight_decay=0.0, label_smoothing=0.1, seed=1, metrics_every=2, context=8,
+    dim=8, depth=2, heads=4, warmup_steps=5, dropout=0.1, width=0.5, steps_per_epoch=3, alpha=16.0,
+    out="elsewhere")
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A _TINY_RUN stopped after its last checkpoint (result.json removed), shared: a refused resume
+    writes nothing, and each test edits a copy."""
+    threads = torch.get_num_threads()
+    try:
+        out = _finished_run(tmp_path_factory.mktemp("stopped") / "run", "--threads", "1")
+    finally:
+        torch.set_num_threads(threads)
+    os.remove(out / "full" / "result.json")
+    return out
+
+
+def test_the_settings_a_resume_may_find_changed_are_how_the_run_executes(stopped_run):
+    config = json.loads((stopped_run / "config.json").read_text())
+    assert set(runs.RESUME_BOOKKEEPING) == _RESUME_MAY_CHANGE
+    assert set(config) - _RESUME_MAY_CHANGE == set(_EDITED_SETTINGS)         # each edit below, no setting left out
+
+
+@pytest.mark.parametrize("key", sorted(_EDITED_SETTINGS))
+def test_resume_refuses_a_config_edited_in_any_setting_the_run_trained_with(tmp_path, capsys, stopped_run, key):
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config[key] != _EDITED_SETTINGS[key]
+    (out / "config.json").write_text(json.dumps({**config, key: _EDITED_SETTINGS[key]}))
+    err = _exit_2(["--resume", str(out)], capsys)
+    named = "dropout, model" if key == "model" else key         # a ResNet20 trains without the GPT's dropout 0.0
+    assert (f"config.json differs from the settings the full run trained with ({out / 'full' / 'checkpoint.pt'}) "
+            f"in {named}; only --device, --amp, --threads, --compile, --compile-mode, --cuda-graphs, --cache-dir, "
+            f"--data-dir may change on a resume") in err
+    assert not (out / "full" / "result.json").exists()
+
+
+def test_each_resume_that_changes_how_the_run_executes_adds_its_record(tmp_path, stopped_run, restore_threads):
+    """config.json goes on with the latest settings; ``resumes`` keeps every earlier change, so how the run
+    began stays on record."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    assert json.loads((out / "config.json").read_text())["threads"] == 1
+    assert cli.main(["--resume", str(out), "--threads", "2"]) == 0
+    os.remove(out / "full" / "result.json")
+    assert cli.main(["--resume", str(out), "--threads", "3", "--cache-dir", str(tmp_path / "cache")]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["threads"], config["cache_dir"]) == (3, str(tmp_path / "cache"))
+    assert [r["changed"] for r in config["resumes"]] == [
+        {"threads": [1, 2]}, {"threads": [2, 3], "cache_dir": [None, str(tmp_path / "cache")]}]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", r["date"]) for r in config["resumes"])
 
 
 def test_a_finished_runs_config_is_not_rewritten_on_resume(tmp_path):
