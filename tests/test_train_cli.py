@@ -871,6 +871,20 @@ def test_resume_refuses_a_config_edited_in_any_setting_the_run_trained_with(tmp_
     assert not (out / "full" / "result.json").exists()
 
 
+@pytest.mark.parametrize("schedule", ["lowrank", "dynamic"])
+def test_resume_refuses_a_config_edited_to_a_schedule_the_folder_has_not_run(tmp_path, capsys, stopped_run, schedule):
+    """The full run's saved settings are checked too when the edited config names another schedule, which has
+    no files of its own to compare: a resume would start that run beside the stopped one."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "schedule": schedule}))
+    err = _exit_2(["--resume", str(out)], capsys)
+    assert (f"config.json differs from the settings the full run trained with ({out / 'full' / 'checkpoint.pt'}) "
+            f"in schedule;") in err
+    assert sorted(os.listdir(out)) == sorted(os.listdir(stopped_run))
+
+
 def test_each_resume_that_changes_how_the_run_executes_adds_its_record(tmp_path, stopped_run, restore_threads):
     """config.json goes on with the latest settings; ``resumes`` keeps every earlier change, so how the run
     began stays on record."""

@@ -166,14 +166,16 @@ def _check_resume(out_dir, cfg):
 
     Each schedule's result.json or checkpoint holds the settings it trained with (finished ones
     too: a compare job's rows share theirs): a config.json edited since in anything but
-    :data:`RESUME_BOOKKEEPING` is refused, naming the keys. Damaged files raise RunFileError.
+    :data:`RESUME_BOOKKEEPING` is refused, naming the keys. Every schedule folder with saved
+    settings is checked, not only those the edited config names: a ``full`` run's config edited
+    to ``lowrank`` would start another run beside it. Damaged files raise RunFileError.
     """
     schedules = SCHEDULE_DIRS if cfg.get("schedule") == "compare" else (cfg.get("schedule"),)
     if not all(s in SCHEDULE_DIRS for s in schedules):
         raise ValueError(f"config.json names an unknown schedule {cfg.get('schedule')!r}")
     finished = all(os.path.isfile(os.path.join(out_dir, s, "result.json")) for s in schedules)
     current = _as_trained(cfg)
-    for schedule in schedules:
+    for schedule in SCHEDULE_DIRS:
         original, path = _trained_settings(out_dir, schedule)
         if not isinstance(original, dict):
             continue
