@@ -161,6 +161,24 @@ def test_auto_uses_gram_on_large_layers_accurately():
     assert layer_metrics(lin).spectral_ratio == pytest.approx(float(ref[0] / ref[-1]), rel=1e-8)
 
 
+def test_auto_keeps_svd_on_large_float64_layers_below_the_gram_resolution():
+    """"auto" takes Gram eigenvalues on a large layer only when the default tolerance is ≥ 1e-5: they resolve
+    σ only down to ~sqrt(eps)·σmax, so a float64 layer (tol p·eps64) with σ down to 1e-10 needs the SVD."""
+    p = 260
+    sigma = np.geomspace(1.0, 1e-10, p)
+    lin = nn.Linear(300, p, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(with_sigma(p, 300, sigma))
+    ref = np_sigma(lin.weight.detach())
+    got = singular_values(lin).numpy()                                # auto, p ≥ 256
+    assert np.abs(got / ref - 1).max() < 1e-5
+    m = layer_metrics(lin)
+    assert m.tol == pytest.approx(300 * torch.finfo(torch.float64).eps) and m.tol < 1e-5
+    assert m.sigma_min == pytest.approx(1e-10, rel=1e-4)
+    assert m.effective_rank == p
+    assert m.spectral_ratio == pytest.approx(1e10, rel=1e-4)
+
+
 def test_conv_is_reshaped_to_out_by_rest():
     conv = nn.Conv2d(3, 16, (3, 5))
     ref = np_sigma(conv.weight.detach().reshape(16, 45))
@@ -405,7 +423,9 @@ def _conv_reference_sigma(layer):
     # r_out above r_in·kh·kw: the input side bounds the rank (16 and 18)
     ((64, 256), 1, 1, "tucker", (16, 64)), ((64, 256), 3, 1, "tucker", (2, 32)),
     ((64, 256), 1, 1, "tkd-cpd", (16, 16, 64)), ((64, 256), 3, 1, "tkd-cpd", (2, 18, 32)),
-    ((64, 256), 1, 1, "svd", 16), ((64, 256), 1, 1, "cp", 16)])
+    ((64, 256), 1, 1, "svd", 16), ((64, 256), 1, 1, "cp", 16),
+    # a CP rank past p = min(m, n) = 8 (legal up to 72 here): the ratio is σ₁/σ_p
+    ((16, 8), 3, 1, "cp", 40), ((16, 8), 3, 1, "cp", 72)])
 def test_restricted_spectral_ratio_of_a_lowrank_conv_uses_its_true_rank_bound(channels, k, groups, decomposition,
                                                                              rank):
     """σ₁/σ_r with r the rank the merged kernel can have: min(r_out, r_in·kh·kw) for Tucker,
@@ -440,6 +460,20 @@ def test_conv_metrics_merge_in_float64(form, decomposition):
     sigma = _conv_reference_sigma(layer)
     got = singular_values(layer)
     assert torch.allclose(got, sigma.to(got.dtype), rtol=1e-9, atol=1e-12 * float(sigma[0]))
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+@pytest.mark.parametrize("decomposition", ["svd", "tucker", "cp", "tkd-cpd"])
+def test_conv_default_tolerance_follows_the_storage_dtype(form, decomposition):
+    """The merge is float64, but the default tolerance is that of the stored factors' dtype: with float64's,
+    a float32 layer would count the rounding noise of its factors as rank."""
+    from dynrank.conv import LowRankConv2d
+    rank = {"svd": 4, "tucker": (4, 8), "cp": 4, "tkd-cpd": (4, 4, 8)}[decomposition]
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = LowRankConv2d(8, 16, 3, rank=rank, decomposition=decomposition, form=form, dtype=dtype)
+        m = layer_metrics(layer)
+        assert m.shape == (16, 72) and m.form == form
+        assert m.tol == min(72 * torch.finfo(dtype).eps, 1e-2) == default_tol((16, 72), dtype)
 
 
 class _UVLayer(FormLayer):
@@ -521,6 +555,24 @@ def test_numpy_singular_values_keep_their_dtype_for_the_default_tolerance():
         assert effective_rank(sigma) == 2
         assert spectral_ratio(sigma) == pytest.approx(1e10, rel=1e-15)
     assert effective_rank(np.array([3, 0])) == 1                      # integers are measured as float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_restricted_spectral_ratio_default_tolerance_is_that_of_all_of_sigma(dtype):
+    """The default tol is p·eps of σ's dtype with p = len(σ) (capped at 1e-2), as for effective_rank, not
+    rank·eps: σ₁/σ_rank is ∞ exactly when the effective rank is below rank."""
+    values = [1.0, 1e-2, 1e-5] + [0.0] * 997 if dtype == torch.float32 else list(np.geomspace(1.0, 1e-14, 300))
+    sigma = torch.tensor(values, dtype=dtype)
+    exact = sigma.double().numpy()                     # reference: the rule σ > tol·σmax in float64
+    tol = min(len(exact) * torch.finfo(dtype).eps, 1e-2)
+    live = int((exact > tol * exact.max()).sum())
+    assert effective_rank(sigma) == live and 1 <= live < len(exact)
+    for rank in range(1, len(exact) + 1):
+        got = restricted_spectral_ratio(sigma, rank)
+        if rank > live:
+            assert got == math.inf, rank
+        else:
+            assert got == pytest.approx(exact[0] / exact[rank - 1], rel=1e-15), rank
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
