@@ -881,13 +881,14 @@ def test_callback_with_fused_sgd_trains_as_unfused_sgd_across_the_switches(tmp_p
     assert max(rel_err(fused[k], plain[k]) for k in fused) < 1e-5
 
 
-@pytest.mark.parametrize("deflate, refused", [(2, True), (5, False)])
-def test_callback_and_load_best_model_at_end(tmp_path, deflate, refused):
+@pytest.mark.parametrize("inflate, deflate, refused", [(1, 2, True), (1, 3, False), (1, 5, False), (0, 2, False)])
+def test_callback_and_load_best_model_at_end(tmp_path, inflate, deflate, refused):
     """With the deflate inside the run the best checkpoint could be lowrank: refused.  With the run ending
-    in full form, the best checkpoint (the first, by a metric that prefers higher losses) comes back whole:
-    lowrank, with its own factors."""
+    in full form (3 epochs end before a deflate at epoch 3), the best checkpoint (the first, by a metric that
+    prefers higher losses) comes back whole: lowrank, with its own factors.  Without a lowrank phase
+    (inflate at 0) no checkpoint is lowrank: the adapter-form model takes back the full-form first one."""
     from dynrank.hf import DynamicRankCallback
-    trainer = _trainer(tmp_path, DynamicRankCallback(1, deflate, log=None), epochs=3, eval_strategy="epoch",
+    trainer = _trainer(tmp_path, DynamicRankCallback(inflate, deflate, log=None), epochs=3, eval_strategy="epoch",
                        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
                        eval_data=_Tokens(16))
     if refused:
@@ -902,7 +903,7 @@ def test_callback_and_load_best_model_at_end(tmp_path, deflate, refused):
     convert_model(saved, rank_ratio=0.5)
     from safetensors.torch import load_file
     saved.load_state_dict(load_file(str(tmp_path / "checkpoint-4" / "model.safetensors")), strict=False)
-    assert trainer.model.transformer.h[0].attn.c_attn.form == "lowrank"
+    assert trainer.model.transformer.h[0].attn.c_attn.form == ("full" if inflate == 0 else "lowrank")
     expected, state = saved.state_dict(), trainer.model.state_dict()
     assert all(torch.equal(state[k], expected[k]) for k in expected)
 
@@ -1131,7 +1132,9 @@ def test_callback_monitor_keeps_an_iterable_dataset_epoch_ended_at_a_step_checkp
     """16 examples a pass, batch 8, max_steps=6: epochs end at steps 2, 4 and 6, each at on_epoch_end,
     after the Trainer saved the step's checkpoint.  The run's last step closes its epoch before that
     save; resumed from the checkpoint at the end of epoch 0 or 1, the monitor records that epoch as it
-    stood at the save, measured on the checkpoint's weights; resumed inside epoch 0 it goes on with it."""
+    stood at the save (the wall time rank_monitor.run.json keeps, not the moment of the resume), measured
+    on the checkpoint's weights; resumed inside epoch 0 it goes on with it."""
+    import json
     import shutil
 
     from dynrank import RankMonitor
@@ -1147,7 +1150,9 @@ def test_callback_monitor_keeps_an_iterable_dataset_epoch_ended_at_a_step_checkp
     assert resumed.scalar("loss") == full.scalar("loss")
     ended = resumed.records[step // 2 - 1] if step % 2 == 0 else None
     if ended is not None:
-        assert ended["wall_seconds"] > 0
+        opened = json.loads((tmp_path / "full" / f"checkpoint-{step}" / "rank_monitor.run.json").read_text())["open"]
+        assert opened["epoch"] == ended["epoch"] and opened["wall_seconds"] > 0
+        assert ended["wall_seconds"] == opened["wall_seconds"]
         assert ended["layers"] == full.records[step // 2 - 1]["layers"]
 
 
