@@ -534,15 +534,20 @@ def _worker(rank, init_file, out_dir):
 def two_ranks(tmp_path_factory):
     """Every scenario of RUNS run once on 2 gloo processes: {scenario: [rank 0's result, rank 1's]}."""
     out = tmp_path_factory.mktemp("dist")
-    context = mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=False)
+    _spawn(_worker, WORLD, out)
+    return {scenario: [torch.load(out / f"{scenario}{r}.pt", weights_only=False) for r in range(WORLD)]
+            for scenario in RUNS}
+
+
+def _spawn(worker, processes, out):
+    """Run ``worker(rank, init_file, out_dir)`` on ``processes`` processes; fail the test after 120 s."""
+    context = mp.spawn(worker, args=(str(out / "init"), str(out)), nprocs=processes, join=False)
     deadline = time.monotonic() + 120
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.terminate()
             pytest.fail("distributed workers did not finish within 120 s")
-    return {scenario: [torch.load(out / f"{scenario}{r}.pt", weights_only=False) for r in range(WORLD)]
-            for scenario in RUNS}
 
 
 def assert_states_match(ranks, reference, what):
@@ -737,6 +742,58 @@ def test_ranks_agreeing_after_a_refused_step_switch_and_train_on(two_ranks):
 def test_a_by_step_scheduler_compares_no_counts_across_ranks(two_ranks):
     """No collective at every training step: ranks at different steps (nothing due) are not refused."""
     assert [r["by step"] for r in two_ranks["disagree"]] == [[], []]
+
+
+SUBGROUP = [1, 2]           # a group of 3 processes without global rank 0: group rank ≠ global rank
+
+
+def _subgroup_worker(rank, init_file, out_dir):
+    """broadcast_params and allreduce_grads over SUBGROUP; errors are recorded, so every rank reaches the end."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(SUBGROUP) + 1)
+    try:
+        group = dist.new_group(SUBGROUP)            # every process takes part in making it
+        out = {}
+        model = build(seed=rank)
+        model(torch.randn(4, D_IN, generator=torch.Generator().manual_seed(rank))).square().mean().backward()
+        names = {id(p): n for n, p in model.named_parameters()}
+        grads = lambda: {names[id(p)]: p.grad.clone() for p in dynrank_params(model)}
+        out["local"] = grads()
+        if rank in SUBGROUP:
+            for src in range(len(SUBGROUP)):
+                values = torch.full((3,), 10.0 * rank)
+                try:
+                    broadcast_params([values], src=src, group=group)
+                    out[f"src {src}"] = values
+                except (ValueError, RuntimeError) as err:
+                    out[f"src {src}"] = f"{type(err).__name__}: {err}"
+            allreduce_grads(model, group=group)
+        out["averaged"] = grads()
+        dist.barrier()
+        torch.save(out, os.path.join(out_dir, f"subgroup{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)                         # as _worker: no interpreter shutdown under gloo
+
+
+def test_helpers_over_a_group_without_global_rank_0(tmp_path):
+    """broadcast_params' src is a rank within the group: group rank 0 of [1, 2] is global rank 1."""
+    _spawn(_subgroup_worker, len(SUBGROUP) + 1, tmp_path)
+    ranks = [torch.load(tmp_path / f"subgroup{r}.pt", weights_only=False) for r in range(len(SUBGROUP) + 1)]
+    for src, sender in enumerate(SUBGROUP):
+        for rank in SUBGROUP:
+            received = ranks[rank][f"src {src}"]          # or the error it raised
+            assert isinstance(received, torch.Tensor), (src, rank, received)
+            assert torch.equal(received, torch.full((3,), 10.0 * sender)), (src, rank)
+    assert "src 0" not in ranks[0]
+    local = [ranks[rank]["local"] for rank in SUBGROUP]
+    assert set(local[0]) == {"0.A", "0.B", "0.bias", "2.A", "2.B", "2.bias"}
+    for name in local[0]:
+        assert not torch.equal(local[0][name], local[1][name]), name
+        reference = local[0][name] / len(SUBGROUP) + local[1][name] / len(SUBGROUP)   # rank 0's left out
+        for rank in SUBGROUP:
+            assert rel_err(ranks[rank]["averaged"][name], reference) < 1e-12, (rank, name)
+        assert torch.equal(ranks[0]["averaged"][name], ranks[0]["local"][name]), name
 
 
 def test_rewrap_ddp_needs_a_ddp_model():

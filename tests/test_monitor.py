@@ -119,6 +119,19 @@ def test_scheduler_hook_records_switches():
         monitor.on_switch({"epoch": 1})
 
 
+@pytest.mark.parametrize("changes, kind", [
+    ([("0", "lowrank", "full")], "inflate"),
+    ([("0", "full", "adapter")], "deflate"),
+    ([("0", "lowrank", "adapter")], "inflate+deflate"),          # both switches at once
+    ([("0", "adapter", "lowrank")], "change"),
+    ([("0", "lowrank", "adapter"), ("2", "adapter", "lowrank")], "inflate+deflate+change"),
+])
+def test_a_switch_s_kind_names_each_form_change(changes, kind):
+    monitor = RankMonitor(make_model())
+    monitor.on_switch({"epoch": 3, "changes": changes})
+    assert [(s["epoch"], s["kind"]) for s in monitor.switches] == [(3, kind)]
+
+
 def test_switch_detected_without_callback():
     model = make_model()
     monitor = RankMonitor(model)
@@ -556,6 +569,20 @@ def test_load_state_dict_refuses_bad_states_and_other_layers():
     assert (target.state_dict(), target.records, target.switches) == before    # nothing changed
     target.load_state_dict(good)
     assert target.epochs == [0, 1, 2]
+
+
+def test_load_state_dict_discards_an_open_epoch():
+    _, saved = record_run(epochs=3)
+    state = saved.state_dict()
+    monitor = RankMonitor(make_model())
+    monitor.start_epoch()
+    monitor.load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r"no open epoch; call start_epoch\(\) first"):
+        monitor.end_epoch()
+    assert monitor.epochs == [0, 1, 2] and monitor.records == state["records"]
+    with monitor.epoch():                  # the next epoch follows the loaded ones
+        pass
+    assert monitor.epochs == [0, 1, 2, 3]
 
 
 def test_a_named_layer_without_a_weight_is_refused_when_the_monitor_is_built():

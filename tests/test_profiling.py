@@ -115,6 +115,20 @@ def test_ratios_and_a_schedules_cost_come_from_the_means(monkeypatch):
     assert table[4].split()[4] == f"{mean['lowrank'] / mean['full']:.3f}"
 
 
+def test_ratios_are_of_means_where_the_median_differs():
+    # Skewed full-form times: mean 2, median 1; the low-rank ones have mean = median = 1.
+    profile = profiling.FormProfile(seconds={"full": [1.0, 1.0, 4.0], "lowrank": [1.0, 1.0, 1.0],
+                                             "adapter": [0.5, 1.5, 4.0]},
+                                    trainable={"full": 10, "lowrank": 5, "adapter": 5}, device="cpu")
+    assert (profile.mean("full"), profile.median("full")) == (2.0, 1.0)
+    assert (profile.mean("adapter"), profile.median("adapter")) == (2.0, 1.5)
+    assert profile.relative("lowrank") == 0.5 and profile.relative("adapter") == 1.0
+    E, I, D = 10, 3, 7
+    expected = (I * 1.0 + (D - I) * 2.0 + (E - D) * 2.0) / (E * 2.0)
+    assert profile.comp_ratio(E, I, D) == pytest.approx(expected, rel=1e-15)
+    assert str(profile).splitlines()[4].split()[4] == "0.500"
+
+
 def test_a_subset_of_forms_and_a_frozen_layer(monkeypatch):
     model = mlp()
     model[2].requires_grad_(False)
