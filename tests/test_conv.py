@@ -496,12 +496,14 @@ def test_lowrank_init_has_conv2d_variance(dec):
     # The merged kernel's variance is right in expectation; one draw of a CP
     # kernel scatters widely (few factor entries per term), so average 100 draws.
     # Bounds: about 5 standard errors of that mean (over 2000 draws: 1.4 % svd, 2.2 % tucker,
-    # 5.4 % cp, 8.3 % tkd-cpd, every mean within 2.4 % of 1).
+    # 5.4 % cp, 8.3 % tkd-cpd, every mean within 2.4 % of 1).  alpha is 4·rank (s = 4), so the output
+    # factor's std must carry the 1/s: with s = 1 a missing one would not show.
     bound = {"svd": 0.07, "tucker": 0.1, "cp": 0.25, "tkd-cpd": 0.4}[dec]
     torch.manual_seed(0)
     second_moments = []
     for _ in range(100):
-        layer = LowRankConv2d(12, 16, 3, rank_ratio=0.5, decomposition=dec, alpha=8.0, dtype=F64)
+        layer = LowRankConv2d(12, 16, 3, rank_ratio=0.5, decomposition=dec, alpha=32.0, dtype=F64)
+        assert layer.scale == 4.0
         kernel = reference_kernel(dec, {n: p.detach() for n, p in layer.factors().items()}, layer.scale)
         second_moments.append(kernel.pow(2).mean().item())
     expected = 1.0 / (3 * 12 * 9)            # nn.Conv2d's default: U(±1/sqrt(fan_in))
@@ -572,6 +574,61 @@ def test_cost_model_follows_measured_preferences():
     assert costs["merged"] < costs["chain"]
 
 
+def _conv_pass(n, cin, h, w, cout, cin_per_group, kh, kw, ho, wo, elt):
+    """[multiply-add FLOPs, bytes moved, ops] of one pass of a conv, counted by hand: 2 FLOPs per
+    multiply-add; its input, output and kernel each moved once."""
+    return np.array([2.0 * n * ho * wo * cout * cin_per_group * kh * kw,
+                     elt * (n * cin * h * w + n * cout * ho * wo + cout * cin_per_group * kh * kw), 1.0])
+
+
+def test_adapter_work_and_costs_match_a_hand_count():
+    """adapter_work as its docstring counts it, for an svd adapter 6 → 10 (3×3, stride 2, padding 1, rank 4)
+    on a float32 (2, 6, 9, 7) input, output 5×4: the frozen conv runs forward and, where x needs a
+    gradient, its input-gradient pass; every conv of the chain forward, input gradient (the first one only
+    where x needs it) and weight gradient; the merge, its two backward GEMMs and the dense conv's weight
+    gradient.  adapter_costs is flops / throughput + bytes / bandwidth + ops · launch."""
+    from dynrank.conv import adapter_work
+    from dynrank.conv_adapter import _MACHINE
+    layer = LowRankConv2d(6, 10, 3, rank=4, stride=2, padding=1, form="adapter")
+    n, h, w, ho, wo, elt = 2, 9, 7, 5, 4, 4
+    dense = _conv_pass(n, 6, h, w, 10, 6, 3, 3, ho, wo, elt)           # W_f (10, 6, 3, 3)
+    conv_B = _conv_pass(n, 6, h, w, 4, 6, 3, 3, ho, wo, elt)           # B (4, 6, 3, 3), k×k 6 → 4
+    conv_A = _conv_pass(n, 4, ho, wo, 10, 4, 1, 1, ho, wo, elt)        # A (10, 4, 1, 1), 1×1 4 → 10
+    paths_sum = np.array([0.0, 3.0 * elt * n * 10 * ho * wo, 1.0])     # read both outputs, write the sum
+    merge = np.array([2.0 * 10 * 4 * 6 * 9, elt * (2 * 10 * 6 * 9 + 10 * 4 + 4 * 6 * 9), 2.0])   # W_f + s·U·V
+    expected = {
+        "x needs grad": {"chain": 2 * dense + 2 * paths_sum + 3 * conv_B + 3 * conv_A,
+                         "merged": 3 * merge + 3 * dense},
+        "x needs no grad": {"chain": dense + 2 * paths_sum + 2 * conv_B + 3 * conv_A,
+                            "merged": 3 * merge + 2 * dense},
+        "no grad mode": {"chain": dense + paths_sum + conv_B + conv_A, "merged": merge + dense},
+    }
+    x = torch.randn(n, 6, h, w)
+    works = {"x needs grad": adapter_work(layer, x.requires_grad_()),
+             "x needs no grad": adapter_work(layer, x.detach())}
+    with torch.no_grad():
+        works["no grad mode"] = adapter_work(layer, x)
+    for case, work in works.items():
+        assert set(work) == {"chain", "merged"}, case
+        for strategy, counted in work.items():
+            assert counted == expected[case][strategy].tolist(), (case, strategy)
+    # x needing a gradient adds the input-gradient passes of the convs that read x: the frozen conv's,
+    # and in the chain the first factor conv's.
+    for strategy, read_x in (("chain", dense + conv_B), ("merged", dense)):
+        added = np.array(works["x needs grad"][strategy]) - np.array(works["x needs no grad"][strategy])
+        assert added.tolist() == read_x.tolist(), strategy
+
+    flops_per_s, bytes_per_s, launch = _MACHINE["cpu"]
+    assert launch > 0
+    for x_case in (x, x.detach()):
+        costs = adapter_costs(layer, x_case)
+        work = adapter_work(layer, x_case)
+        assert set(costs) == {"chain", "merged"}
+        for strategy, (flops, moved, ops) in work.items():
+            assert costs[strategy] == pytest.approx(flops / flops_per_s + moved / bytes_per_s + ops * launch,
+                                                    rel=1e-12, abs=0)
+
+
 class FakeStrategyClock:
     """conv_adapter's perf_counter, which only the strategies advance: the k-th call of strategy s takes
     ``seconds[s][k]`` seconds (the warm-up first; whole numbers, exact in binary), so the times
@@ -638,6 +695,38 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, words):
     in_ch, out_ch = kwargs.pop("in_ch", 5), kwargs.pop("out_ch", 7)
     with pytest.raises(error, match=re.escape(words)):
         LowRankConv2d(in_ch, out_ch, 3, **kwargs)
+
+
+# (in_channels, out_channels, kernel_size, groups, decomposition, the largest rank, a rank just past it,
+#  the message's bound and the value it names)
+RANK_LIMITS = [
+    # svd: groups · min(out_channels/groups, in_channels/groups · kh · kw)
+    (5, 7, 3, 1, "svd", 7, 8, "rank must be in [1, 7]", 8),
+    (5, 7, 1, 1, "svd", 5, 6, "rank must be in [1, 5]", 6),
+    (6, 9, 3, 3, "svd", 9, 12, "rank must be in [1, 9]", 12),
+    # tucker: r_in ≤ in_channels, r_out ≤ out_channels
+    (5, 7, 3, 1, "tucker", (5, 7), (6, 7), "r_in (input rank) must be in [1, 5]", 6),
+    (5, 7, 3, 1, "tucker", (5, 7), (5, 8), "r_out (output rank) must be in [1, 7]", 8),
+    # cp: prod(kernel shape) / max(kernel shape); 7·5·3·3 / 7 = 45, 7·5·1·9 / 9 = 35
+    (5, 7, 3, 1, "cp", 45, 46, "rank must be in [1, 45]", 46),
+    (5, 7, (1, 9), 1, "cp", 35, 36, "rank must be in [1, 35]", 36),
+    # tkd-cpd: r_in ≤ in_channels, r_out ≤ out_channels, R ≤ prod(core shape) / max(core shape), the core
+    # (r_out, r_in, kh, kw): 7·5·3·3 / 7 = 45, 2·2·3·3 / 3 = 12
+    (5, 7, 3, 1, "tkd-cpd", (5, 1, 7), (6, 1, 7), "r_in (input rank) must be in [1, 5]", 6),
+    (5, 7, 3, 1, "tkd-cpd", (5, 1, 7), (5, 1, 8), "r_out (output rank) must be in [1, 7]", 8),
+    (5, 7, 3, 1, "tkd-cpd", (5, 45, 7), (5, 46, 7), "cp_rank (CP rank of the core) must be in [1, 45]", 46),
+    (5, 7, 3, 1, "tkd-cpd", (2, 12, 2), (2, 13, 2), "cp_rank (CP rank of the core) must be in [1, 12]", 13),
+]
+
+
+@pytest.mark.parametrize("in_ch, out_ch, kernel_size, groups, dec, largest, past, bound, value", RANK_LIMITS,
+                         ids=[f"{case[4]} rank {case[6]}" for case in RANK_LIMITS])
+def test_each_documented_rank_limit_is_taken_and_one_past_it_refused(in_ch, out_ch, kernel_size, groups, dec,
+                                                                    largest, past, bound, value):
+    layer = LowRankConv2d(in_ch, out_ch, kernel_size, rank=largest, decomposition=dec, groups=groups)
+    assert layer.rank == largest
+    with pytest.raises(ValueError, match=rf"^{re.escape(bound)} \(at most .+\), got {value}$"):
+        LowRankConv2d(in_ch, out_ch, kernel_size, rank=past, decomposition=dec, groups=groups)
 
 
 @pytest.mark.parametrize("ratio, error", [(-1, ValueError), (0, ValueError), (2.5, ValueError),
@@ -808,6 +897,38 @@ def test_merged_adapter_builds_its_kernel_in_the_parameters_dtype_under_autocast
     # The same layer in float64 without autocast (checked against nn.Conv2d by the tests above).
     ref = layer64(x.double())
     assert rel_err(y, ref) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+def test_merge_operands_of_16_bit_factors_are_formed_in_fp32(dec, dtype, monkeypatch):
+    """U and V of 16-bit factors are formed in fp32 (16-bit products of tucker, cp and tkd-cpd factors are
+    off by about 1e-3), so the merged adapter's kernel W_f + s·U·V is rounded to 16 bits once."""
+    from dynrank import conv_adapter
+
+    layer = LowRankConv2d(5, 7, 3, rank=RANKS[dec], decomposition=dec, padding=1, form="adapter", alpha=3.0,
+                          adapter_strategy="merged", dtype=dtype)
+    randomize(layer)
+    factors = layer.factors()
+    U, V = layer._dec.operands(factors)
+    U64, V64 = layer._dec.operands({n: p.detach().double() for n, p in factors.items()})
+    assert U.dtype == V.dtype == torch.float32
+    assert rel_err(U, U64) < REL_TOL[torch.float32] and rel_err(V, V64) < REL_TOL[torch.float32]
+    if dtype != torch.bfloat16:
+        return
+    built = []
+    merged_kernel = conv_adapter.merged_kernel
+    monkeypatch.setattr(conv_adapter, "merged_kernel", lambda *args: built.append(merged_kernel(*args)) or built[-1])
+    x = torch.randn(2, 5, 8, 8, dtype=dtype)
+    y = layer(x)
+    layer64 = copy.deepcopy(layer).double()
+    exact = layer64.weight.detach() + reference_kernel(dec, {n: p.detach() for n, p in layer64.factors().items()},
+                                                       layer64.scale)
+    # Rounded once: the float64 kernel rounded to bf16, but for entries within fp32 precision of a rounding
+    # boundary (bf16 operands put it about 2e-3 off that).
+    assert [k.dtype for k in built] == [dtype]
+    assert rel_err(built[0], exact.to(dtype)) < 1e-3
+    assert rel_err(y, layer64(x.double())) < REL_TOL[dtype]
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
