@@ -1091,6 +1091,9 @@ def test_text_data_draws_every_window_and_counts_them():
     (dict(val_windows=0), ValueError, "val_windows must be a positive int, got 0"),
     (dict(val_windows=-1), ValueError, "val_windows must be a positive int, got -1"),
     (dict(eval_batch_size=0), ValueError, "eval_batch_size must be a positive int, got 0"),
+    (dict(steps=0), ValueError, "steps must be a positive int or None, got 0"),
+    (dict(steps=-2), ValueError, "steps must be a positive int or None, got -2"),
+    (dict(steps=2.0), TypeError, "steps must be a positive int or None, got float (2.0)"),
     (dict(context=16.0), TypeError, "context must be a positive int, got float (16.0)"),
 ])
 def test_text_data_refuses_arguments_out_of_range(change, error, message):

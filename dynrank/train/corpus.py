@@ -110,14 +110,15 @@ class TextData:
         train, val: 1-D uint8 tensors.
         context: window length fed to the model (≥ 1).
         batch_size: windows per batch (≥ 1).
-        steps: batches per epoch (default: one pass over the train bytes).
+        steps: batches per epoch (≥ 1; None: one pass over the train bytes).
         device: where the streams live.
         val_windows: at most this many validation windows (≥ 1).  eval_batch_size: windows per eval
             batch (≥ 1).
         seed: base seed of the per-epoch window draws.
 
     Raises:
-        TypeError: ``context``, ``batch_size``, ``val_windows`` or ``eval_batch_size`` is not an int.
+        TypeError: ``context``, ``batch_size``, ``val_windows``, ``eval_batch_size`` or ``steps`` (where
+            given) is not an int.
         ValueError: one of them is below 1.
         DataError: a stream shorter than ``context + 1`` bytes, or fewer training windows than
             ``batch_size``.
@@ -132,6 +133,8 @@ class TextData:
         batch_size = check_int(batch_size, "batch_size", "a positive int", 1)
         val_windows = check_int(val_windows, "val_windows", "a positive int", 1)
         eval_batch_size = check_int(eval_batch_size, "eval_batch_size", "a positive int", 1)
+        if steps is not None:
+            steps = check_int(steps, "steps", "a positive int or None", 1)
         if len(train) < context + 1 or len(val) < context + 1:
             raise DataError(f"text streams must hold at least context + 1 = {context + 1} bytes, got "
                             f"train {len(train)}, val {len(val)}")
@@ -147,7 +150,7 @@ class TextData:
         self.device = torch.device(device)
         self.train = train.to(self.device)
         self.val = val.to(self.device)
-        self.steps = steps or max(1, len(train) // (batch_size * context))
+        self.steps = steps if steps is not None else max(1, len(train) // (batch_size * context))
         count = min(val_windows, (len(val) - 1) // context)
         starts = torch.arange(count) * ((len(val) - 1 - context) // max(1, count - 1) if count > 1 else 0)
         self._val_index = (starts[:, None] + torch.arange(context + 1)).to(self.device)
