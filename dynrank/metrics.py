@@ -117,9 +117,10 @@ def _scale(layer):
 class _Plan:
     """How to get one layer's singular values: a (lazy) float64 matrix, padded to p."""
 
-    def __init__(self, shape, build, p, dtype, form, rank):
+    def __init__(self, shape, build, p, dtype, form, rank, device):
         self.shape = tuple(shape)     # shape of the matrix ``build`` returns
         self.build = build
+        self.device = device          # where ``build`` puts it: plans are batched per device
         self.p = p                    # number of singular values of the effective weight
         self.dtype = dtype            # storage dtype, for the default tolerance
         self.form = form
@@ -142,7 +143,7 @@ def _plan(layer):
                              f"values), got shape {tuple(layer.shape)}")
         t = layer.detach()
         m, n = t.shape[0], t[0].numel()
-        plan = _Plan((m, n), lambda: t.reshape(m, n).double(), min(m, n), t.dtype, "dense", None)
+        plan = _Plan((m, n), lambda: t.reshape(m, n).double(), min(m, n), t.dtype, "dense", None, t.device)
         plan.dense_shape = (m, n)
         return plan
     if isinstance(layer, FusedLowRankLinear):
@@ -156,6 +157,14 @@ def _plan(layer):
         return _plan(effective())
     raise TypeError(f"expected a dynrank layer, nn.Linear, nn.Conv1d/2d/3d, transformers Conv1D, a module with "
                     f"effective_weight() or a weight tensor, got {type(layer).__name__}")
+
+
+def _plan_named(name, layer):
+    """_plan for the layer ``name`` of a model, which its ValueError names (an empty layer among many)."""
+    try:
+        return _plan(layer)
+    except ValueError as err:
+        raise ValueError(f"layer {name!r}: {err}") from None
 
 
 def _is_plain(module):
@@ -179,11 +188,11 @@ def _plan_fused_linear(layer):
             return (R_A @ R_B.t()) * s
 
         k = A.shape[1]
-        plan = _Plan((k, k), core, p, A.dtype, form, rank)
+        plan = _Plan((k, k), core, p, A.dtype, form, rank, A.device)
     else:
         W, A, B = layer.weight.detach(), layer.A.detach(), layer.B.detach()
         plan = _Plan((m, n), lambda: torch.addmm(W.double(), A.double(), B.double().t(), alpha=s),
-                     p, W.dtype, form, rank)
+                     p, W.dtype, form, rank, W.device)
     plan.form, plan.rank, plan.dense_shape = form, rank, (m, n)
     return plan
 
@@ -287,9 +296,9 @@ def _run_plans(plans, tols, method):
     a plan whose matrix has a NaN or infinite entry (no singular values; LAPACK would fail on it)."""
     groups = {}
     for i, plan in enumerate(plans):
-        groups.setdefault((plan.shape, _choose(method, plan.shape, tols[i])), []).append(i)
+        groups.setdefault((plan.shape, plan.device, _choose(method, plan.shape, tols[i])), []).append(i)
     out = [None] * len(plans)
-    for (shape, how), idx in groups.items():
+    for (shape, _, how), idx in groups.items():
         per_chunk = max(1, _BATCH_BYTES // (8 * shape[0] * shape[1]))
         for start in range(0, len(idx), per_chunk):
             chunk = idx[start:start + per_chunk]
@@ -490,7 +499,7 @@ def model_metrics(model, tol=None, method="auto", layers=None, nonfinite="raise"
         tol = _check_tol(tol)
     pairs = list(model.items()) if isinstance(model, dict) else monitored_layers(model, layers)
     _check_not_meta(pairs)
-    plans = [_plan(layer) for _, layer in pairs]
+    plans = [_plan_named(name, layer) for name, layer in pairs]
     tols = [default_tol(p.dense_shape, p.dtype) if tol is None else tol for p in plans]
     sigmas = _run_plans(plans, tols, method)
     bad = [name for (name, _), sig in zip(pairs, sigmas) if sig is None]

@@ -317,7 +317,8 @@ def _srip(W, n_power_iterations, start, return_vector, check_start):
     default = None
     if start is None or check_start:
         gen = torch.Generator().manual_seed(0)
-        default = torch.randn(p, generator=gen, dtype=torch.float64).to(device=M.device, dtype=M.dtype)
+        # Drawn on the CPU generator's device whatever torch's default device is.
+        default = torch.randn(p, generator=gen, dtype=torch.float64, device="cpu").to(device=M.device, dtype=M.dtype)
         default = default.expand(shape)
     if start is None:
         start = default

@@ -281,6 +281,33 @@ def test_model_metrics_batches_same_shapes_like_single_calls():
         assert batched[name].as_dict() == single.as_dict()
 
 
+def test_model_metrics_batches_per_device(monkeypatch):
+    """Same-shape layers on two devices (a model split over two GPUs) are stacked per device: one stack of
+    both raised "Expected all tensors to be on the same device"."""
+    import dynrank.metrics as metrics_module
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6))
+    plans = [metrics_module._plan(layer) for layer in model]
+    batches = []
+    sigma_batch = metrics_module._sigma_batch
+    monkeypatch.setattr(metrics_module, "_sigma_batch", lambda mats, how: batches.append(len(mats)) or
+                        sigma_batch(mats, how))
+    metrics_module._run_plans(plans, [1e-6] * 3, "svd")
+    assert batches == [3]
+    batches.clear()
+    plans[1].device = torch.device("cuda", 1)     # the device key only: build() still gives a CPU matrix
+    sigmas = metrics_module._run_plans(plans, [1e-6] * 3, "svd")
+    assert sorted(batches) == [1, 2]
+    for layer, sigma in zip(model, sigmas):
+        assert rel_err(sigma, torch.from_numpy(np_sigma(layer.weight.detach()))) < 1e-12
+
+
+def test_model_metrics_names_an_empty_layer():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Sequential(nn.Linear(0, 16), nn.Linear(16, 4)))
+    with pytest.raises(ValueError, match=r"^layer '1\.0': a weight tensor must have no zero-size dimension .*"
+                                         r"got shape \(16, 0\)$"):
+        model_metrics(model)
+
+
 def test_monitored_layers_selection():
     inner = nn.Sequential(nn.Linear(4, 4))
     model = nn.Sequential(FusedLowRankLinear(8, 8, 2), nn.ReLU(), nn.Conv2d(3, 8, 3), inner)

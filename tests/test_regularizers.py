@@ -89,6 +89,25 @@ def test_srip_value_and_gradient(m, n):
         assert rel_err(grad, ref_grad) < 1e-10
 
 
+def test_srip_under_another_default_device():
+    """The default start vector is drawn on the CPU generator's device: under torch.set_default_device("cuda")
+    (here "meta") it was drawn on the default device, which refused the CPU generator or gave no values."""
+    W = with_sigma(6, 4, [1.5, 1.2, 0.9, 0.5])
+    ref = srip_penalty(W, n_power_iterations=50)
+    model = nn.Sequential(nn.Linear(4, 6, dtype=torch.float64))
+    with torch.no_grad():
+        model[0].weight.copy_(W)
+    ref_model = SRIP(1.0)(model)
+    torch.set_default_device("meta")
+    try:
+        value = srip_penalty(W, n_power_iterations=50)
+        value_model = SRIP(1.0)(model)
+    finally:
+        torch.set_default_device("cpu")
+    assert value.device.type == "cpu" and float(value) == float(ref)
+    assert float(value_model) == float(ref_model)
+
+
 def test_srip_larger_side_would_be_pinned_at_one():
     W = with_sigma(4, 12, [1.2, 1.1, 0.9, 0.95])                       # wide: WᵀW is 12 × 12
     big = torch.linalg.matrix_norm(W.t() @ W - torch.eye(12, dtype=W.dtype), ord=2)
