@@ -121,6 +121,10 @@ def check_sync(model, sync_ranks, process_group):
                             f"({sync_ranks!r})")
     if process_group is not None:
         dist = torch.distributed
+        if outside_group(process_group):
+            raise ValueError(f"process_group: this process (global rank {dist.get_rank()}) is not a member of the "
+                             f"group (torch.distributed.new_group returned GroupMember.NON_GROUP_MEMBER here): "
+                             f"build the scheduler over a group this process belongs to")
         group_type = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
         if group_type is None:
             raise TypeError(f"process_group must be None (this torch has no torch.distributed), "
@@ -150,6 +154,14 @@ def check_sync(model, sync_ranks, process_group):
     if process_group is not None and dist.is_initialized() and process_group is dist.group.WORLD:
         process_group = None
     return sync_ranks, process_group
+
+
+def outside_group(group):
+    """Whether ``group`` is what ``torch.distributed.new_group`` returns on a process outside the new group
+    (``GroupMember.NON_GROUP_MEMBER``, an int), where torch's collectives do nothing."""
+    dist = torch.distributed
+    return (isinstance(group, int) and not isinstance(group, bool) and dist.is_available()
+            and dist.is_initialized() and group == dist.GroupMember.NON_GROUP_MEMBER)
 
 
 def _ddp_of(model):
@@ -276,18 +288,31 @@ def params_are(names):
 
 def check_not_sharded(layers, who):
     """ValueError naming the layers of ``layers`` ((name, layer) pairs) that hold a sharded parameter (a
-    DTensor: ``fully_shard`` over them without ``ignored_params``): ``who`` (a scheduler) replaces a layer's
-    parameters, which FSDP cannot follow, and its checks cannot read a sharded tensor."""
+    DTensor: ``fully_shard`` over them without ``ignored_params``) or parameters FSDP1 flattened
+    (``FullyShardedDataParallel`` over them): ``who`` (a scheduler) replaces a layer's parameters, which
+    FSDP cannot follow, and its checks cannot read a sharded tensor."""
     # A DTensor implies its module is loaded: not imported here (a cost for every scheduler).
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())
     sharded = [name for name, layer in layers if any(isinstance(p, dtensor) for p in layer.parameters())]
-    if not sharded:
-        return
-    raise ValueError(f"{layers_are(sharded)} sharded (DTensor parameters: fully_shard over a dynrank layer): a {who} replaces the "
-                     f"layers' parameters, which FSDP cannot follow; keep the dynrank layers out of the "
-                     f"sharding, fully_shard(model, ignored_params=dynrank.distributed.dynrank_params(model)), "
-                     f"build the scheduler with sync_ranks=True and call "
-                     f"dynrank.distributed.allreduce_grads(model) after backward() (README, Distributed)")
+    # FSDP1 (FullyShardedDataParallel) marks the parameters it flattens into a FlatParameter: the layer's
+    # then hold per-process 1-D views (use_orig_params=True) or are taken from it (False).
+    flattened = [name for name, layer in layers if _fsdp1_flattened(layer)]
+    recipe = (f"a {who} replaces the layers' parameters, which FSDP cannot follow; keep the dynrank layers out of "
+              f"the sharding, fully_shard(model, ignored_params=dynrank.distributed.dynrank_params(model)), build "
+              f"the scheduler with sync_ranks=True and call dynrank.distributed.allreduce_grads(model) after "
+              f"backward() (README, Distributed)")
+    if flattened:
+        raise ValueError(f"{layers_are(flattened)} flattened by FullyShardedDataParallel (FSDP1): {recipe}")
+    if sharded:
+        raise ValueError(f"{layers_are(sharded)} sharded (DTensor parameters: fully_shard over a dynrank layer): "
+                         f"{recipe}")
+
+
+def _fsdp1_flattened(layer):
+    """Whether FSDP1 flattened ``layer``'s parameters: it marks them (use_orig_params=True, the layer keeps
+    1-D views), or takes them and leaves plain tensors behind (False: no parameter left, which no form has)."""
+    params = list(layer.parameters())
+    return not params or any(getattr(p, "_fsdp_flattened", False) for p in params)
 
 
 def check_switchable(layers):

@@ -7,8 +7,8 @@ change the model must be wrapped again.  Two pieces keep every rank identical:
 1. :class:`~dynrank.DynamicRankScheduler` given the DDP-wrapped model (or
    the bare module with ``sync_ranks=True``; without it a bare module in a
    group of several processes is refused, since they may hold different models)
-   broadcasts its layers' factors from rank 0 once when it is built
-   (:func:`~dynrank.convert_model` draws some from each process's own RNG:
+   broadcasts its layers' parameters and buffers from rank 0 once when it is built
+   (:func:`~dynrank.convert_model` draws some factors from each process's own RNG:
    the B columns of components of singular value zero, an adapter's B) and
    fresh adapter factors right after each deflate (before any optimizer state
    is derived from them), so each rank's optimizer holds the same parameters
@@ -41,7 +41,7 @@ every unit and replicated, average their gradients yourself::
 
     fully_shard(model.blocks[i]...)   # units that hold no dynrank layer
     fully_shard(model, ignored_params=dynrank_params(model))
-    scheduler = DynamicRankScheduler(model, optimizer, I, D, sync_ranks=True)   # factors from rank 0
+    scheduler = DynamicRankScheduler(model, optimizer, I, D, sync_ranks=True)   # layers from rank 0
     for epoch ...:
         scheduler.step(epoch)         # new factors broadcast from rank 0
         loss.backward()
@@ -54,8 +54,9 @@ else broadcasts them), so build it on every rank before any copy of the model
 replicated tensors too.  Sharding the dynrank layers themselves would need
 un-sharding and re-sharding a unit at each change, which FSDP2 does not
 offer: both schedulers refuse sharded layers at construction (ValueError
-naming them); FSDP1 with ``use_orig_params=False`` additionally cannot hold frozen
-W_f and trainable factors in one flat parameter.
+naming them), and layers FSDP1 (``FullyShardedDataParallel``) flattened likewise;
+FSDP1 with ``use_orig_params=False`` additionally cannot hold frozen W_f and
+trainable factors in one flat parameter.
 """
 
 import contextlib
@@ -75,14 +76,19 @@ _WRAPPERS = weakref.WeakValueDictionary()
 
 
 def _active(group, caller):
-    """Whether to communicate: False without a process group, but only for the default ``group=None``.
+    """Whether to communicate: False without a process group, but only for the default ``group=None``,
+    and False on a process outside ``group`` (what ``new_group`` returns there), as torch's collectives.
 
     An explicitly passed ``group`` must be a ProcessGroup (else TypeError) and needs
     torch.distributed initialized (else RuntimeError): a wrong group never passes silently.
     """
     import torch.distributed as dist
+
+    from ._checks import outside_group
     available = dist.is_available()
     if group is not None:
+        if outside_group(group):
+            return False                # this process is not in the group: torch's collectives do nothing
         if available and not isinstance(group, dist.ProcessGroup):
             raise TypeError(f"{caller}: group must be a torch.distributed.ProcessGroup or None (the default "
                             f"group), got {type(group).__name__}")
@@ -99,7 +105,9 @@ def broadcast_params(params, src=0, group=None):
         params: iterable of tensors/parameters, same shapes on every rank.
         src: rank within ``group`` that holds the values to keep.
         group: process group (default: WORLD; only the default is a no-op when
-            torch.distributed is not initialized).
+            torch.distributed is not initialized).  On a process outside it
+            (``new_group`` returned ``GroupMember.NON_GROUP_MEMBER`` there) a
+            no-op, as torch's collectives.
 
     Raises:
         TypeError: ``group`` is neither None nor a ProcessGroup.
@@ -134,7 +142,7 @@ def allreduce_grads(model, group=None):
     DistributedDataParallel; one no rank has a gradient for keeps ``None``.
     Parameters that do not require grad (frozen W_f) are skipped.  An explicit
     ``group`` is checked as in :func:`broadcast_params` (TypeError /
-    RuntimeError instead of a silent no-op).
+    RuntimeError instead of a silent no-op; a no-op on a process outside it).
     """
     import torch.distributed as dist
     if not _active(group, "allreduce_grads"):
@@ -175,13 +183,14 @@ def _remember_ddp(model):
 
 
 def _sync_layers(layers, group=None):
-    """Broadcast the factors of ``layers`` ((name, layer) pairs) from the first rank of ``group``: a
-    scheduler with ``sync_ranks`` does it once when built, since :func:`~dynrank.convert_model` draws
-    some factors from each process's own RNG (the B columns of components of singular value zero, an
-    adapter's B) and nothing else broadcasts layers kept out of FSDP.  Factors on the meta device (no
-    values yet) are left alone; a scheduler refuses layers FSDP sharded before it gets here."""
-    factors = [f for _, layer in layers for f in layer.factors().values() if not f.is_meta]
-    broadcast_params(factors, group=group)
+    """Broadcast every parameter and buffer of ``layers`` ((name, layer) pairs) from the first rank of
+    ``group``: a scheduler with ``sync_ranks`` does it once when built, since :func:`~dynrank.convert_model`
+    draws some factors from each process's own RNG (the B columns of components of singular value zero, an
+    adapter's B), and nothing else broadcasts layers kept out of FSDP (built from a per-process seed, their
+    biases and W or W_f differ too).  Tensors on the meta device (no values yet) are left alone; a scheduler
+    refuses layers FSDP sharded before it gets here."""
+    tensors = {id(t): t for _, layer in layers for t in (*layer.parameters(), *layer.buffers()) if not t.is_meta}
+    broadcast_params(tensors.values(), group=group)
 
 
 def _check_same_count(count, what, layers, group=None):

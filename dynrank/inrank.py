@@ -422,8 +422,8 @@ class IncrementalRankScheduler(_Claiming):
         check_every: steps between checks (InRank: 25).
         max_rank: int cap on the trained components (default and upper bound min(in, out));
             a layer above it is truncated to it at construction, also with ``init_rank=None``.
-        sync_ranks, process_group: broadcast the layers' factors from rank 0
-            here and new components at each growth under data parallelism:
+        sync_ranks, process_group: broadcast the layers' parameters and buffers from
+            rank 0 here and new components at each growth under data parallelism:
             True/False (default None: when ``model`` is a DistributedDataParallel;
             a bare module in a group of several processes must say which) and a
             ``torch.distributed.ProcessGroup`` or None, as for
@@ -510,9 +510,9 @@ class IncrementalRankScheduler(_Claiming):
         check_finite([(n, m) for n, m in self._layers if targets.get(n, m.rank) < m.rank],
                      "not resizing any layer to its starting rank")
         if self.sync_ranks:
-            # convert_model drew some factors from each process's own RNG; a resize below syncs its own.
-            _sync_layers([(n, m) for n, m in self._layers if targets.get(n, m.rank) == m.rank],
-                         group=self.process_group)
+            # convert_model drew some factors from each process's own RNG (a resize below broadcasts the
+            # factors it draws, but not a bias or W_f, which a per-process seed set apart).
+            _sync_layers(self._layers, group=self.process_group)
         for name, layer in self._layers:
             if name in targets:
                 self._resize(layer, targets[name])

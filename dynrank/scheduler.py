@@ -291,9 +291,10 @@ class DynamicRankScheduler(_Claiming):
         unit: ``"epoch"`` or ``"step"``: what I, D and :meth:`step`'s argument count.
         epochs: optional total number of epochs (steps); I and D must lie in
             [0, epochs] and :meth:`step` rejects later epochs.
-        sync_ranks: True/False: broadcast the layers' factors from rank 0 once here
-            (:func:`~dynrank.convert_model` draws some from each process's own RNG,
-            and under FSDP2 nothing else broadcasts the layers kept out of it) and
+        sync_ranks: True/False: broadcast the layers' parameters and buffers from
+            rank 0 once here (:func:`~dynrank.convert_model` draws some factors from
+            each process's own RNG, and under FSDP2 nothing else broadcasts the layers
+            kept out of it) and
             fresh adapter factors after each deflate, so all data-parallel ranks stay
             identical; default (None): True when ``model`` is a
             DistributedDataParallel (or the module inside the one ``rewrap_ddp``
@@ -302,7 +303,8 @@ class DynamicRankScheduler(_Claiming):
             Every rank must build the scheduler and call :meth:`step` with the same
             epoch (compared across the ranks where ``unit="epoch"``, see :meth:`step`).
         process_group: a ``torch.distributed.ProcessGroup`` for that broadcast,
-            or None (the DDP wrapper's, or WORLD).  The default group is kept as
+            or None (the DDP wrapper's, or WORLD); on a process outside it
+            (``new_group`` returned ``GroupMember.NON_GROUP_MEMBER``), a ValueError.  The default group is kept as
             None, so the scheduler copies and pickles; another group is kept by
             a deep copy, and refused (TypeError) by pickling.
 

@@ -4,6 +4,7 @@ to plain torch: 2 processes on gloo vs one process on the global batch."""
 import copy
 import io
 import os
+import re
 import time
 
 import pytest
@@ -355,7 +356,17 @@ def _fsdp_run(rank):
             loss.backward()
             allreduce_grads(model)
             opt.step()
-    return {"model": full_state(model)}
+    state = full_state(model)
+    # The README's clipping for this recipe, on the last step's gradients (sharded and plain).
+    from torch.distributed.tensor import DTensor
+    full_grad = lambda g: g.full_tensor() if isinstance(g, DTensor) else g
+    with_grad = [p for p in model.parameters() if p.grad is not None]       # not the frozen W_f
+    grads = [full_grad(p.grad).clone() for p in with_grad]
+    max_norm = 0.5 * float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+    namespace = {"model": model, "max_norm": max_norm, "torch": torch}
+    exec(_readme_block("clip_grads_with_norm_"), namespace)
+    return {"model": state, "grads": grads, "max_norm": max_norm, "total": namespace["total"],
+            "clipped": [full_grad(p.grad) for p in with_grad]}
 
 
 def _inrank_adapter_run(rank):
@@ -420,11 +431,35 @@ def pretrained_mlp():
     return model
 
 
+def _readme_block(marker):
+    """The README's one Python block holding ``marker``."""
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme, encoding="utf-8") as f:
+        found = [code for code in re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.S | re.M)
+                 if marker in code]
+    assert len(found) == 1, marker
+    return found[0]
+
+
+def _scheduler_refusals(model):
+    """The ValueError messages of a DynamicRankScheduler and an IncrementalRankScheduler built over ``model``
+    (None for one built)."""
+    refusals = []
+    for make in (lambda opt: DynamicRankScheduler(model, opt, INFLATE, DEFLATE, sync_ranks=True),
+                 lambda opt: IncrementalRankScheduler(model, opt, init_rank=1, buffer=1, sync_ranks=True)):
+        try:
+            make(torch.optim.SGD(model.parameters(), lr=0.1))
+            refusals.append(None)
+        except ValueError as err:
+            refusals.append(str(err))
+    return refusals
+
+
 def _seeded_run(rank):
     """convert_model after a per-process seed (dropout, augmentation), then the FSDP2 recipe; and InRank
     over adapters it does not resize.  The schedulers' construction must make the replicas equal."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
     model = pretrained_mlp()
     torch.manual_seed(1000 + rank)
     convert_model(model, rank_ratio=0.25)
@@ -438,14 +473,15 @@ def _seeded_run(rank):
     sharded = pretrained_mlp()          # dynrank layers sharded too (not the recipe): refused by both kinds
     convert_model(sharded, rank_ratio=0.25)
     fully_shard(sharded, mesh=mesh)
-    refusals = []
-    for make in (lambda opt: DynamicRankScheduler(sharded, opt, INFLATE, DEFLATE, sync_ranks=True),
-                 lambda opt: IncrementalRankScheduler(sharded, opt, init_rank=1, buffer=1, sync_ranks=True)):
-        try:
-            make(torch.optim.SGD(sharded.parameters(), lr=0.1))
-            refusals.append(None)
-        except ValueError as err:
-            refusals.append(str(err))
+    refusals = _scheduler_refusals(sharded)
+    own = build(seed=rank)              # every layer from this process's seed: biases and W apart too
+    own[2].inflate()
+    own_built = full_state(own)
+    DynamicRankScheduler(own, torch.optim.SGD(own.parameters(), lr=0.1), INFLATE, DEFLATE, sync_ranks=True)
+    flattened = pretrained_mlp()        # FSDP1 over the dynrank layers: refused by both kinds
+    convert_model(flattened, rank_ratio=0.25)
+    flat_refusals = [message for orig in (True, False) for message in _scheduler_refusals(
+        FullyShardedDataParallel(copy.deepcopy(flattened), use_orig_params=orig, device_id=torch.device("cpu")))]
     adapters = pretrained_mlp()
     torch.manual_seed(1000 + rank)
     convert_model(adapters, rank_ratio=0.25, form="adapter")
@@ -455,6 +491,7 @@ def _seeded_run(rank):
                              buffer=1, max_rank=ranks["0"], sync_ranks=True)
     return {"converted": converted, "model": full_state(model), "out": out, "ranks": ranks,
             "sharded_factor": type(sharded[0].A).__name__, "sharded_refusals": refusals,
+            "own_built": own_built, "own": full_state(own), "flat_refusals": flat_refusals,
             "adapters_converted": adapters_converted, "adapters": full_state(adapters),
             "adapter_ranks": {name: m.rank for name, m in adapters.named_modules()
                               if hasattr(m, "factors") and m.form == "adapter"}}
@@ -635,6 +672,44 @@ def test_schedulers_with_sync_ranks_make_the_converted_layers_equal_at_construct
     assert torch.equal(ranks[0]["out"], ranks[1]["out"])
 
 
+def test_schedulers_with_sync_ranks_make_layers_of_per_process_seeds_equal(two_ranks):
+    """Only the factors were broadcast: a full layer's W and every bias built from a per-process seed
+    stayed apart, and the replicas trained apart under the FSDP2 recipe."""
+    ranks = two_ranks["seeded"]
+    for name in ("0.bias", "2.weight", "2.bias"):
+        assert not torch.equal(ranks[0]["own_built"][name], ranks[1]["own_built"][name]), name
+    assert not torch.equal(ranks[0]["own"]["4.weight"], ranks[1]["own"]["4.weight"])   # not dynrank's: FSDP's
+    for name, value in ranks[0]["own"].items():
+        if name.startswith("4."):
+            continue
+        assert torch.equal(value, ranks[1]["own"][name]), name
+        assert torch.equal(value, ranks[0]["own_built"][name]), name         # rank 0's values
+
+
+def test_both_schedulers_refuse_dynrank_layers_fsdp1_flattened(two_ranks):
+    """FullyShardedDataParallel (FSDP1) over the dynrank layers was accepted: with use_orig_params=True the
+    layers held per-process 1-D views, and the first switch raised IndexError (or gloo aborted a process in
+    the construction's broadcast of differently sized tensors)."""
+    for r in two_ranks["seeded"]:
+        assert len(r["flat_refusals"]) == 4
+        for who, message in zip(("DynamicRankScheduler", "IncrementalRankScheduler") * 2, r["flat_refusals"]):
+            assert message is not None and message.startswith(
+                f"layers '_fsdp_wrapped_module.0', '_fsdp_wrapped_module.2' are flattened by "
+                f"FullyShardedDataParallel (FSDP1): a {who} replaces the layers' parameters"), message
+            assert "fully_shard(model, ignored_params=dynrank.distributed.dynrank_params(model))" in message
+
+
+def test_the_readme_clipping_of_the_fsdp2_recipe_takes_the_norm_of_every_gradient(two_ranks):
+    """clip_grad_norm_ refuses the recipe's mix of DTensor and plain gradients; the README's block clips
+    by the norm of all of them, the sharded ones over both processes."""
+    for r in two_ranks["fsdp"]:
+        full = torch.linalg.vector_norm(torch.cat([g.flatten() for g in r["grads"]]))
+        assert rel_err(r["total"], full) < 1e-6
+        scale = r["max_norm"] / (float(full) + 1e-6)          # clip_grads_with_norm_'s factor
+        for grad, clipped in zip(r["grads"], r["clipped"]):
+            assert rel_err(clipped, grad * scale) < 1e-6
+
+
 def test_both_schedulers_refuse_dynrank_layers_fsdp_sharded(two_ranks):
     """fully_shard over the dynrank layers too: accepted, a DynamicRankScheduler crashed at its first switch
     and an IncrementalRankScheduler at construction, on torch's ".tolist() is not supported for tensor
@@ -768,6 +843,20 @@ def _subgroup_worker(rank, init_file, out_dir):
                 except (ValueError, RuntimeError) as err:
                     out[f"src {src}"] = f"{type(err).__name__}: {err}"
             allreduce_grads(model, group=group)
+        else:                                       # outside the group: new_group gave an int here
+            values = torch.full((3,), 10.0 * rank)
+            try:
+                broadcast_params([values], group=group)
+                allreduce_grads(model, group=group)
+                out["outside"] = values
+            except (TypeError, ValueError, RuntimeError) as err:
+                out["outside"] = f"{type(err).__name__}: {err}"
+            try:
+                DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 2, sync_ranks=True,
+                                     process_group=group)
+                out["scheduler outside"] = None
+            except (TypeError, ValueError) as err:
+                out["scheduler outside"] = f"{type(err).__name__}: {err}"
         out["averaged"] = grads()
         dist.barrier()
         torch.save(out, os.path.join(out_dir, f"subgroup{rank}.pt"))
@@ -794,6 +883,13 @@ def test_helpers_over_a_group_without_global_rank_0(tmp_path):
         for rank in SUBGROUP:
             assert rel_err(ranks[rank]["averaged"][name], reference) < 1e-12, (rank, name)
         assert torch.equal(ranks[0]["averaged"][name], ranks[0]["local"][name]), name
+    # On a process outside the group the helpers do nothing, as torch's collectives (they raised "got int"),
+    # and a scheduler over it is refused, saying so.
+    assert torch.equal(ranks[0]["outside"], torch.zeros(3)), ranks[0]["outside"]
+    assert ranks[0]["scheduler outside"] == (
+        "ValueError: process_group: this process (global rank 0) is not a member of the group "
+        "(torch.distributed.new_group returned GroupMember.NON_GROUP_MEMBER here): build the scheduler over a "
+        "group this process belongs to")
 
 
 def test_rewrap_ddp_needs_a_ddp_model():
