@@ -75,6 +75,26 @@ def test_linear_rank_is_a_ratio_of_the_smaller_side():
     assert summary.rows[0]["note"] == "no parameter saving at this rank"
 
 
+@pytest.mark.parametrize("init", ["dense", "fresh"])
+def test_a_rank_that_is_not_a_whole_number_is_rounded_down(init):
+    """r = max(1, int(ρ·min(in, out))) for a Linear, max(1, int(ρ·out_channels)) for a Conv2d: at ρ = 0.3 the
+    16→32 and 32→16 linears and the 4→16 conv get int(4.8) = 4, not the nearest whole number 5, the 16→8 conv
+    int(2.4) = 2; at ρ = 0.01 every layer gets rank 1."""
+    def models():
+        return (nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2)),
+                nn.Sequential(nn.Conv2d(4, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3)))
+
+    for rank_ratio, ranks in ((0.3, [4, 4, 4, 2]), (0.01, [1, 1, 1, 1])):
+        linear, conv = models()
+        rows = [row for model in (linear, conv)
+                for row in convert_model(model, rank_ratio=rank_ratio, init=init).rows if row["converted"]]
+        assert [row["name"] for row in rows] == ["0", "2", "0", "2"]
+        assert [linear[0].rank, linear[2].rank, conv[0].rank, conv[2].rank] == ranks
+        assert [row["rank"] for row in rows] == ranks
+        r0, r2 = ranks[:2]
+        assert n_params(linear[0]) == r0 * (16 + 32) + 32 and n_params(linear[2]) == r2 * (32 + 16) + 16
+
+
 def test_summary_prints_a_table():
     model = mlp()
     text = str(convert_model(model, rank_ratio=0.25))
@@ -147,6 +167,60 @@ def test_include_exclude_globs_and_callables():
     model3 = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
     summary3 = convert_model(model3, include=["0", "1"])     # exact name overrides the classifier rule
     assert summary3.converted == ["0", "1"]
+
+
+def test_an_exact_name_matches_that_layer_only_not_the_names_it_begins():
+    """exclude="1" on layers "0" … "11" keeps "1" dense, not "10" and "11" too; include="1" converts "1" alone;
+    "enc" names no layer of a model whose layer is "enc.0" (a glob "enc.*" does)."""
+    def model():
+        return nn.Sequential(*(nn.Linear(16, 16) for _ in range(12)))
+
+    names = [str(i) for i in range(12)]
+    summary = convert_model(model(), exclude="1", keep_last=False)
+    assert summary.skipped == [("1", "excluded")]
+    assert summary.converted == [n for n in names if n != "1"]
+    summary = convert_model(model(), include=["1"])
+    assert summary.converted == ["1"]
+    assert summary.skipped == [(n, "not included") for n in names if n != "1"]
+    enc = nn.Sequential()
+    enc.add_module("enc", nn.Sequential(nn.Linear(16, 16)))
+    enc.add_module("head", nn.Linear(16, 2))
+    before = _snapshot(enc)
+    for kwargs, listed in ((dict(include="enc"), "include 'enc'"), (dict(exclude=["enc"]), "exclude 'enc'")):
+        with pytest.raises(ValueError, match=rf"these patterns match no nn\.Linear/nn\.Conv2d/Conv1D of the model: "
+                                             rf"{listed} \(.*the model's are: 'enc\.0', 'head'\)"):
+            convert_model(enc, **kwargs)
+        _assert_unchanged(enc, before)
+    assert convert_model(enc, include="enc.*").converted == ["enc.0"]
+
+
+def test_a_glob_in_include_leaves_the_rules_that_keep_a_layer_dense_in_force():
+    """Only a layer named exactly in include overrides them: a glob that matches the classifier, a small
+    layer, a 1×1 shortcut or a tied head leaves each dense, with its note, and raises nothing."""
+    def model():
+        m = nn.Sequential()
+        m.add_module("enc", nn.Sequential(nn.Linear(32, 32), nn.Linear(4, 32), nn.Linear(32, 2)))
+        return m
+
+    for include in ("*", "enc.*", ["enc.[0-9]"]):
+        summary = convert_model(model(), include=include)
+        assert summary.converted == ["enc.0"]
+        assert summary.skipped == [("enc.1", "smaller than min_features=8"), ("enc.2", "final classifier")]
+    summary = convert_model(model(), include=["enc.0", "enc.1", "enc.2"])
+    assert summary.converted == ["enc.0", "enc.1", "enc.2"]
+    pytest.importorskip("dynrank.conv")
+    summary = convert_model(TinyResNet(), include="*")
+    assert summary.converted == ["conv1", "layer1.conv1", "layer1.conv2"]
+    assert dict(summary.skipped) == {"layer1.shortcut.0": "1×1 shortcut", "fc": "final classifier"}
+    summary = convert_model(TinyResNet(), include="layer1.*")
+    assert summary.converted == ["layer1.conv1", "layer1.conv2"]
+    assert dict(summary.skipped) == {"conv1": "not included", "layer1.shortcut.0": "1×1 shortcut",
+                                     "fc": "not included"}
+    emb = nn.Embedding(10, 16)
+    head = nn.Linear(16, 10, bias=False)
+    head.weight = emb.weight
+    summary = convert_model(nn.Sequential(emb, nn.Linear(16, 16), head), include="*", keep_last=False)
+    assert summary.converted == ["1"] and dict(summary.skipped) == {"2": "weight tied to 0.weight"}
 
 
 def test_min_features_and_keep_last():
@@ -361,6 +435,27 @@ def test_a_tied_head_stays_dense_and_tied():
     _assert_unchanged(model, before)
 
 
+def test_layers_sharing_a_bias_stay_dense_and_tied():
+    a, b = nn.Linear(16, 16), nn.Linear(16, 16)
+    b.bias = a.bias
+
+    def model():
+        return nn.Sequential(a, nn.ReLU(), b, nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 4))
+
+    shared = model()
+    summary = convert_model(shared)
+    assert summary.converted == ["4"]
+    assert dict(summary.skipped) == {"0": "bias tied to 2.bias", "2": "bias tied to 0.bias", "5": "final classifier"}
+    assert shared[0] is a and shared[2] is b and shared[2].bias is shared[0].bias
+    assert "bias tied to 2.bias" in str(summary)
+    shared = model()
+    before = _snapshot(shared)
+    with pytest.raises(ValueError, match=r"'2' is named in include, but its bias is tied to 0\.bias: the new "
+                                         r"layer would hold its own copy and untie them"):
+        convert_model(shared, include=["2", "4"])
+    _assert_unchanged(shared, before)
+
+
 # -- include / exclude patterns that match nothing -----------------------------------------
 
 @pytest.mark.parametrize("kwargs, listed", [
@@ -422,6 +517,28 @@ def test_adapter_form_on_a_frozen_model_is_lora():
         assert layer.A.requires_grad and layer.B.requires_grad
     assert rel_err(model(x), expected) < 1e-6
     assert summary.params_after == n_params(model) == 32 * 4 + 16 * 4 + 16 * 4 + 32 * 4
+
+
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+@pytest.mark.parametrize("init", ["dense", "fresh"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_frozen_bias_stays_frozen_and_a_trainable_one_trainable(kind, init, form):
+    """Also with init="fresh", where the new layer builds a bias of its own rather than taking the old one."""
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 2))
+        x = torch.randn(3, 16)
+    else:
+        model = nn.Sequential(nn.Conv2d(4, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+        x = torch.randn(2, 4, 6, 6)
+    model[0].bias.requires_grad_(False)
+    summary = convert_model(model, init=init, form=form)
+    assert summary.converted == ["0", "2"]
+    trainable = {"weight"} if form == "full" else {"A", "B"}
+    assert {n for n, p in model[0].named_parameters() if p.requires_grad} == trainable
+    assert {n for n, p in model[2].named_parameters() if p.requires_grad} == trainable | {"bias"}
+    assert summary.params_after == n_params(model)
+    model(x).square().sum().backward()
+    assert model[0].bias.grad is None and model[2].bias.grad.abs().sum() > 0
 
 
 # -- meta device and dtypes -----------------------------------------------------------------
