@@ -992,6 +992,23 @@ def test_a_state_of_another_alpha_or_other_layer_sizes_is_refused():
         assert rel_err(unchecked[0](x), model(x)) > 0.1
 
 
+def test_a_bool_alpha_in_a_saved_state_is_refused():
+    """True == 1 in Python: a state whose alphas read True (a hand-edited file, say) would load into layers
+    converted with alpha=1 as if it held 1.  A bool is not taken for a number: refused, naming the entry,
+    before anything changes; the same state with the numbers loads."""
+    _, _, sched = _alpha_run(1.0)
+    state = sched.state_dict()
+    assert state["alphas"] == {"0": 1.0, "1": 1.0}
+    other = _alpha_run(1.0, steps=0)
+    assert other[2].ranks != sched.ranks                                     # a load resizes the layers
+    before = _everything(*other)
+    with pytest.raises(TypeError, match=r"alphas\['0'\] must be a number or None, got bool \(True\)"):
+        other[2].load_state_dict(dict(state, alphas={name: True for name in state["alphas"]}))
+    _assert_unchanged(before, *other)
+    other[2].load_state_dict(state)
+    assert other[2].ranks == sched.ranks
+
+
 def test_a_state_of_another_form_is_refused():
     """The state kept no form: a lowrank run's state loaded into a model converted in adapter form, whose layers
     (the model's factors loaded non-strictly, as the Trainer loads a checkpoint) then computed W + A·Bᵀ where the

@@ -611,6 +611,28 @@ def _growth_event(step, grown):
             "rank_changes": list(grown)}
 
 
+def test_read_csv_gives_each_cell_its_type(tmp_path):
+    """An integer cell comes back an int (a rank is 3, not 3.0), a float one a float even when whole ("50.0"),
+    "8x16" a list of ints, an empty cell None and "inf"/"-inf"/"nan" floats; text columns stay text, a layer
+    named "10" too.  The epochs, ranks and counts of a saved run read back as ints."""
+    path = tmp_path / "cells.csv"
+    path.write_text("epoch,rank,accuracy,loss,lr,ranks,spectral_ratio,low,odd,layer,form,note\n"
+                    "3,-2,50.0,0.125,1e-3,8x16,inf,-inf,nan,10,lowrank,\n", encoding="utf-8")
+    (row,) = read_csv(path)
+    assert math.isnan(row.pop("odd"))
+    expected = {"epoch": 3, "rank": -2, "accuracy": 50.0, "loss": 0.125, "lr": 1e-3, "ranks": [8, 16],
+                "spectral_ratio": math.inf, "low": -math.inf, "layer": "10", "form": "lowrank", "note": None}
+    assert row == expected
+    assert {k: type(v) for k, v in row.items()} == {k: type(v) for k, v in expected.items()}
+    assert type(row["ranks"][0]) is int
+    _, monitor = record_run(epochs=3)
+    paths = monitor.save(tmp_path / "run")
+    layers, epochs = read_csv(paths["layers"]), read_csv(paths["epochs"])
+    assert len(layers) == 3 * 3 and all(type(r["epoch"]) is int and type(r["rows"]) is int for r in layers)
+    assert [type(r["rank"]) for r in layers] == [int, int, type(None)] * 3          # the dense head has none
+    assert [(type(e["epoch"]), type(e["n_full"]), type(e["accuracy"])) for e in epochs] == [(int, int, float)] * 3
+
+
 def test_rank_growth_is_a_change_switch_with_its_ranks(tmp_path):
     """A rank growth was recorded as kind "change" (undocumented) with its ranks dropped: the switches CSV
     read "lowrank → lowrank" only."""

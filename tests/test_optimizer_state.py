@@ -94,6 +94,40 @@ def test_carry_inflate_with_a_frozen_factor_keeps_the_trained_factors_momentum()
             assert rel_err(state[key], expected) < 1e-12
 
 
+def _inflate_after_training_with_b_frozen(unfreeze):
+    """float64 MLP whose factors B are frozen by hand for 4 SGD-with-momentum steps in lowrank form (B gets no
+    state), then unfrozen (``unfreeze``) or not just before a carry inflate; returns (model, optimizer, the
+    factors and A's momentum at the switch)."""
+    model, x, y = _float64_model()
+    for i in (0, 2):
+        model[i].B.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = DynamicRankScheduler(model, opt, 1, 3, optimizer_state="carry")
+    sched.step(0)
+    train_steps(model, opt, x, y, steps=4)
+    assert all(model[i].B not in opt.state and opt.state[model[i].A] for i in (0, 2))
+    before = {i: (model[i].scale, model[i].A.detach().clone(), model[i].B.detach().clone(),
+                  opt.state[model[i].A]["momentum_buffer"].clone()) for i in (0, 2)}
+    if unfreeze:
+        for i in (0, 2):
+            model[i].B.requires_grad_(True)
+    sched.step(1)
+    return model, opt, before
+
+
+def test_carry_inflate_starts_empty_where_a_trainable_factor_has_no_state():
+    """A factor without state counts as never moved only while it is frozen: B frozen through training keeps
+    A's part of the momentum, s·m_A·Bᵀ; B unfrozen just before the inflate is a trainable factor whose momentum
+    is unknown, so W starts empty (a momentum built from A alone would be a guess)."""
+    model, opt, before = _inflate_after_training_with_b_frozen(unfreeze=False)
+    for i, (scale, A, B, m_a) in before.items():
+        assert rel_err(opt.state[model[i].weight]["momentum_buffer"], scale * m_a @ B.t()) < 1e-12
+    model, opt, _ = _inflate_after_training_with_b_frozen(unfreeze=True)
+    for i in (0, 2):
+        assert model[i].form == "full" and model[i].weight.requires_grad
+        assert not opt.state.get(model[i].weight)
+
+
 def _train_full_then_deflate(model, x, y, steps):
     """Full-rank SGD steps with momentum, then a carry deflate of layers 0 and 2.
 
@@ -262,6 +296,36 @@ def test_carry_adam_moments_follow_the_documented_rules(kind):
                 assert float(state["step"]) == 6.0
                 assert reference.abs().sum() > 0, (name, key)
                 assert rel_err(state[key], reference) < 1e-12, (name, key)
+
+
+@pytest.mark.parametrize("deflate_init", ["svd", "random"])
+def test_carry_deflate_gives_each_factor_a_step_count_of_its_own(deflate_init):
+    """Adapters that are not zero-output: both factors get W's state, its ``step`` included.  Each has a step
+    tensor of its own, so an Adam step counts once for each and the next update is the one Adam takes from the
+    same states held apart (a shared count rose twice per step and skewed the bias correction)."""
+    model, x, y = _float64_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = DynamicRankScheduler(model, opt, 1, 2, optimizer_state="carry", deflate_init=deflate_init)
+    for epoch in (0, 1):
+        sched.step(epoch)
+        train_steps(model, opt, x, y, steps=3)
+    sched.step(2)
+    factors = [p for i in (0, 2) for p in (model[i].A, model[i].B)]
+    steps = [opt.state[p]["step"] for p in factors]
+    assert [float(step) for step in steps] == [6.0] * 4
+    assert len({id(step) for step in steps}) == 4
+    assert all(opt.state[p]["exp_avg"].abs().sum() > 0 for p in factors)
+    reference = copy.deepcopy(model)
+    reference_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        reference_opt.state[q] = copy.deepcopy(opt.state[p])       # one copy per parameter: nothing shared
+    before = [p.detach().clone() for p in factors]
+    train_steps(model, opt, x, y, steps=1)
+    train_steps(reference, reference_opt, x, y, steps=1)
+    assert [float(opt.state[p]["step"]) for p in factors] == [7.0] * 4
+    assert all(rel_err(p.detach(), b) > 1e-6 for p, b in zip(factors, before))
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert rel_err(p.detach(), q.detach()) < 1e-12, name
 
 
 def _full_mlp():

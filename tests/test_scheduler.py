@@ -554,6 +554,8 @@ def test_load_training_state_with_tuple_ranks(decomposition):
     (lambda s: s.update(ranks=[6, 6]), TypeError, "ranks must be a dict layer name → value, got list"),
     (lambda s: s["alphas"].update({"2": 8.0}), ValueError, r"layer '2' has alpha None but the checkpoint has 8\.0"),
     (lambda s: s["alphas"].update({"2": "8"}), TypeError, r"alphas\['2'\] must be a number or None, got str"),
+    (lambda s: s["alphas"].update({"2": True}), TypeError,
+     r"alphas\['2'\] must be a number or None, got bool \(True\)"),
     (lambda s: s["alphas"].pop("2"), ValueError, r"only in this model \['2'\] \(in alphas\)"),
     (lambda s: s["shapes"].update({"2": [24, 25]}), ValueError,
      r"layer '2' has a weight of shape \(24, 24\) but the checkpoint's is \(24, 25\)"),
@@ -561,7 +563,7 @@ def test_load_training_state_with_tuple_ranks(decomposition):
     (lambda s: s.update(shapes=None), TypeError, "shapes must be a dict layer name → value, got NoneType"),
 ], ids=["rank-0", "rank-1000", "rank-float", "rank-missing", "form", "inflate-str", "unit", "last-negative",
         "last-past-epochs", "D<=I", "deflate-init", "optimizer-state", "deflate-rank-typo", "deflate-rank-0",
-        "unknown-key", "missing-key", "ranks-list", "alpha", "alpha-str", "alpha-missing", "shape", "shape-str",
+        "unknown-key", "missing-key", "ranks-list", "alpha", "alpha-str", "alpha-bool", "alpha-missing", "shape", "shape-str",
         "shapes-none"])
 def test_load_state_dict_checks_everything_before_changing_anything(mutate, error, message):
     state = _bad_state(mutate)
@@ -1361,6 +1363,22 @@ def test_a_full_form_checkpoint_that_never_deflates_loads_at_another_alpha():
     deflating = _alpha_run(16.0, 2)
     with pytest.raises(ValueError, match=r"layer '0' has alpha None but the checkpoint has 16\.0"):
         load_training_state(training_state(*deflating), *_alpha_run(None, 0))
+
+
+def test_a_bool_alpha_in_a_saved_state_is_refused():
+    """True == 1 in Python: a state whose alphas read True (a hand-edited file, say) would load into layers
+    converted with alpha=1 as if it held 1.  A bool is not taken for a number: refused, naming the entry,
+    before anything changes; the same state with the numbers loads."""
+    model, opt, sched = _alpha_run(1.0, 4)
+    state = sched.state_dict()
+    assert state["alphas"] == {"0": 1.0, "2": 1.0}
+    other = _alpha_run(1.0, 0)
+    before = _everything(*other)
+    with pytest.raises(TypeError, match=r"alphas\['0'\] must be a number or None, got bool \(True\)"):
+        other[2].load_state_dict(dict(state, alphas={name: True for name in state["alphas"]}))
+    _assert_unchanged(before, *other)
+    other[2].load_state_dict(state)
+    assert other[2].forms() == sched.forms() == {"0": "adapter", "2": "adapter"}
 
 
 def test_a_checkpoint_of_other_layer_sizes_names_the_shapes():
