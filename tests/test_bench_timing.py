@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,6 +103,56 @@ def test_make_pass_synchronizes_only_when_asked(common, monkeypatch):
         assert len(syncs) == 1, pass_
     with pytest.raises(ValueError, match="pass must be one of forward, backward, fwd\\+bwd, got 'both'"):
         common.make_pass("both", lambda: x @ w, [w])
+
+
+@pytest.mark.parametrize("pass_", ["backward", "fwd+bwd"])
+def test_timed_backwards_do_not_accumulate_into_the_leaves(common, pass_):
+    """Every call's backward starts from no gradient, as after ``zero_grad(set_to_none=True)``: after
+    several calls, and after a stale gradient left from outside, each leaf holds one backward's gradient."""
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    run = common.make_pass(pass_, lambda: x @ w, [x, w], synchronize=False)
+    run()
+    once = [x.grad.clone(), w.grad.clone()]
+    assert all(g.abs().sum() > 0 for g in once)
+    x.grad, w.grad = torch.full_like(x, 7.0), torch.full_like(w, 7.0)
+    for _ in range(3):
+        run()
+    assert torch.equal(x.grad, once[0]) and torch.equal(w.grad, once[1])
+
+
+def test_roofline_counts_a_gemms_flops_and_a_copys_read_and_write(common, monkeypatch):
+    """With the clock stubbed: an n × n GEMM is 2·n³ FLOPs (n = 1024 on the CPU), and a copy of 64 MiB moves
+    its bytes twice, read and written."""
+    timed = []
+
+    def best_seconds(fn, device, repeats):
+        timed.append(repeats)
+        return (0.01, 0.004)[len(timed) - 1]       # the GEMM first, then the copy
+    monkeypatch.setattr(common, "_best_seconds", best_seconds)
+    ceilings = common.roofline.__wrapped__(torch.device("cpu"), torch.float32)    # not the session's cache
+    assert timed == [10, 10]
+    assert (ceilings["matmul_n"], ceilings["copy_bytes"]) == (1024, 64 << 20)
+    assert ceilings["peak_tflops"] == pytest.approx(2 * 1024 ** 3 / 0.01 / 1e12, rel=1e-12)
+    assert ceilings["copy_gbps"] == pytest.approx(2 * (64 << 20) / 0.004 / 1e9, rel=1e-12)
+
+
+def test_finish_records_the_rates_and_their_share_of_the_roofline(common, monkeypatch):
+    """1 GFLOP and 50 MB in a mean 1 ms call: 1 TFLOP/s of a 4 TFLOP/s peak (25 %), 50 GB/s of a
+    100 GB/s copy (50 %)."""
+    ceilings = {"peak_tflops": 4.0, "copy_gbps": 100.0}
+    monkeypatch.setattr(common, "roofline", lambda device, dtype: ceilings)
+    monkeypatch.setattr(common, "_ROOFLINE_SEEN", {})
+    timed = SimpleNamespace(extra_info={}, disabled=False, stats=SimpleNamespace(stats=SimpleNamespace(mean=1e-3)))
+    assert common.finish(timed, flops=1e9, bytes_moved=5e7, dtype=torch.float32, device=torch.device("cpu")) == 1e-3
+    info = timed.extra_info
+    assert info == pytest.approx(dict(flops=1e9, bytes=5e7, peak_tflops=4.0, copy_gbps=100.0, tflops=1.0,
+                                      pct_of_peak_tflops=25.0, gbps=50.0, pct_of_copy_gbps=50.0), rel=1e-12)
+    assert common.measured_rooflines() == {"cpu/float32": ceilings}
+    # A disabled benchmark records the work only.
+    untimed = SimpleNamespace(extra_info={}, disabled=True, stats=None)
+    assert common.finish(untimed, flops=1e9, bytes_moved=5e7) is None
+    assert untimed.extra_info == {"flops": 1e9, "bytes": 5e7}
 
 
 def test_time_pass_names_an_unknown_timing(common):

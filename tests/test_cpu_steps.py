@@ -2,6 +2,7 @@
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,6 +35,32 @@ def test_the_ways_compute_the_same_first_step(cpu_steps):
         assert by_way["channels-last"]["loss"] == pytest.approx(reference, rel=1e-5), form
         assert by_way["channels-last+bf16"]["loss"] == pytest.approx(reference, rel=2e-2), form
         assert all(r["seconds"] > 0 for r in by_way.values())
+
+
+def test_a_way_keeps_the_median_step_of_its_best_round_after_the_warm_up(cpu_steps, monkeypatch):
+    """A stand-in step whose clock advances by a set number of seconds per call: with steps=3, warmup=2,
+    repeats=2 the timed calls are each round's 3rd to 5th.  Round 1 times (1, 3, 10) s: median 3, mean
+    4.67; round 2 (4, 4, 4) s.  The way keeps round 1's 3 s and the loss of its first call."""
+    durations = {0: [100.0, 100.0, 1.0, 3.0, 10.0], 1: [100.0, 100.0, 4.0, 4.0, 4.0]}   # per call, per round
+    clock = {"now": 0.0}
+    calls = []
+
+    def make_step(form, way, batch, seed=0):
+        round_ = len(calls)
+        calls.append(0)
+
+        def step():
+            call = calls[round_]
+            clock["now"] += durations[round_][call]
+            calls[round_] += 1
+            return 0.5 + 10 * round_ + call            # the loss names its round and call
+        return step
+    monkeypatch.setattr(cpu_steps, "make_step", make_step)
+    monkeypatch.setattr(cpu_steps, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    results = cpu_steps.measure(forms=("full",), ways=("nchw",), steps=3, warmup=2, repeats=2,
+                                log=lambda line: None)
+    assert calls == [5, 5]                     # 2 warm-up calls (the first one's loss kept) and 3 timed
+    assert results == {"full": {"nchw": {"seconds": 3.0, "loss": 0.5}}}
 
 
 @pytest.mark.parametrize("form", ["full", "lowrank"])
