@@ -286,6 +286,46 @@ def test_a_float64_step_is_a_float64_step():
         assert (update - ref_update).norm() <= 1e-12 * ref_update.norm(), name
 
 
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
+def test_each_step_computes_its_own_gradients(graphed):
+    """Three steps train as three hand-written float64 SGD steps (momentum, weight decay), each on the
+    gradient of its own batch alone: nothing of the step before, nor of the gradients a backward outside
+    the steps left on the parameters, is added in."""
+    lr, momentum, decay = 0.1, 0.9, 1e-4
+    model, _, _ = _float64_gpt_and_batch()
+    functional_model = copy.deepcopy(model)         # the reference's forward, called with its own parameters
+    reference = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():                     # as a backward outside the steps leaves them
+        p.grad = torch.ones_like(p)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=decay)
+    autocast = lambda cache=True: torch.autocast("cpu", enabled=False, cache_enabled=cache)
+    step = steps.TrainStep(model, optimizer, model, autocast, 0.1, cuda_graphs=graphed, warmup=1,
+                           graphs=StandInGraphs() if graphed else None)
+    names = [name for name, _ in model.named_parameters()]
+    buffers = [None] * len(reference)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        tokens = torch.randint(0, 256, (4, 17), generator=gen)
+        before = reference
+        # By hand: the loss at the reference parameters, its gradient, then SGD's update.
+        params = [p.requires_grad_() for p in (q.clone() for q in reference)]
+        logits = torch.func.functional_call(functional_model, dict(zip(names, params)), (tokens[:, :-1],))
+        ref_loss = F.cross_entropy(logits.reshape(-1, 256), tokens[:, 1:].reshape(-1), label_smoothing=0.1)
+        grads = torch.autograd.grad(ref_loss, params)
+        reference = []
+        for i, (p, g) in enumerate(zip(before, grads)):
+            g = g + decay * p
+            buffers[i] = g if buffers[i] is None else momentum * buffers[i] + g
+            reference.append(p - lr * buffers[i])
+        loss, _, _ = step(tokens[:, :-1], tokens[:, 1:], lr)
+        assert abs(loss.item() - ref_loss.item()) <= 1e-13 * ref_loss.item()
+        for name, p, q, b in zip(names, model.parameters(), reference, before):
+            update, ref_update = p.detach() - b, q - b
+            assert ref_update.norm() > 0, name
+            assert (update - ref_update).norm() <= 1e-12 * ref_update.norm(), name
+    assert (step.captures, step.replays) == ((1, 2) if graphed else (0, 0))    # one warm-up, then replays
+
+
 def test_a_graphed_float64_step_returns_the_float64_loss_of_the_eager_step():
     """The graph's loss buffer was float32: a replayed step of a float64 model reported its loss rounded
     to float32 (5.568983173779283 as 5.56898307800293), where the eager step keeps float64."""

@@ -351,15 +351,17 @@ def test_layers_whose_weight_transformers_code_uses_stay_dense(build):
         assert rel_err(out, original(**inputs).last_hidden_state) > 1e-3      # rank 0.5 changes it
 
 
+@pytest.mark.parametrize("rescale_every", [1, 2])
 @pytest.mark.parametrize("form", ["adapter", "lowrank"])
-def test_rwkv_keeps_the_layers_it_rescales_dense(form):
+def test_rwkv_keeps_the_layers_it_rescales_dense(form, rescale_every):
     """RwkvModel divides ``attention.output`` and ``feed_forward.value``'s weights in place at the first forward
     after each train/eval switch (multiplies them back in training), through a loop the code search does not
     follow: converted, an adapter layer's factors were left unscaled (0.41 off in eval) and a lowrank one
-    raised an AttributeError.  Kept dense, the converted model computes what its merged copy does."""
+    raised an AttributeError.  Kept dense, the converted model computes what its merged copy does.  Any
+    ``rescale_every`` > 0 rescales, 1 (every block) included."""
     torch.manual_seed(0)
     config = transformers.RwkvConfig(vocab_size=VOCAB, context_length=16, hidden_size=32, num_hidden_layers=4,
-                                     attention_hidden_size=32, intermediate_size=64, rescale_every=2)
+                                     attention_hidden_size=32, intermediate_size=64, rescale_every=rescale_every)
     model = transformers.RwkvForCausalLM(config).double().train()
     summary = convert_model(model, rank_ratio=0.5, form=form)
     skipped = dict(summary.skipped)
@@ -1656,14 +1658,15 @@ def test_inrank_callback_checks_its_settings_at_construction():
         IncrementalRankCallback(log="print")
 
 
-@pytest.mark.parametrize("exact", [False, True], ids=["usual", "tp-emulation"])
-def test_bloom_keeps_the_layers_it_slices_dense_only_where_it_slices_them(exact):
+@pytest.mark.parametrize("tp,exact", [(1, False), (2, False), (2, True)], ids=["usual", "tp-usual", "tp-emulation"])
+def test_bloom_keeps_the_layers_it_slices_dense_only_where_it_slices_them(tp, exact):
     """Bloom slices ``dense.weight`` and ``dense_4h_to_h.weight`` only with pretraining_tp > 1 and
-    slow_but_exact; its usual path calls the layers, which the code search alone kept dense.  Converted
-    in float64 at full rank (random biases, so a bias left out shows too), the model computes what it did."""
+    slow_but_exact; its usual path (pretraining_tp > 1 without slow_but_exact too) calls the layers, which the
+    code search alone kept dense.  Converted in float64 at full rank (random biases, so a bias left out shows
+    too), the model computes what it did."""
     torch.manual_seed(0)
     config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4,
-                                      pretraining_tp=2 if exact else 1, slow_but_exact=exact)
+                                      pretraining_tp=tp, slow_but_exact=exact)
     model = transformers.BloomModel(config).double().eval()
     with torch.no_grad():
         for module in model.modules():
