@@ -38,6 +38,16 @@ def test_no_arguments_is_the_main_job():
     assert (cfg["inflate_epoch"], cfg["deflate_epoch"]) == schedule_from_lr(cfg["epochs"], cfg["milestones"])
 
 
+@pytest.mark.parametrize("argv,schedule", [
+    (["--epochs", "2"], "compare"), (["--model", "gpt"], "compare"), (["--data", "stdlib", "--seed", "1"], "compare"),
+    (["--model", "resnet20"], "dynamic"), (["--data", "cifar100"], "dynamic"), (["--model", "resnet50"], "dynamic"),
+    (["--epochs", "2", "--schedule", "dynamic"], "dynamic"),
+])
+def test_the_default_schedule_is_compare_on_stdlib_and_dynamic_for_the_vision_models(argv, schedule):
+    """As the README's training command says: every run from the main job's settings compares."""
+    assert _config(argv)["schedule"] == schedule
+
+
 @pytest.mark.parametrize("preset,expected", [
     ("cifar10-resnet20", dict(model="resnet20", data="cifar10", batch_size=128, lr=0.1, epochs=150,
                               milestones=[100, 130], inflate_epoch=55, deflate_epoch=120, weight_decay=1e-4,

@@ -83,8 +83,8 @@ def build_parser():
     g.add_argument("--cache-dir", help="keep decoded image trees here (default: ~/.cache/dynrank)")
     g = p.add_argument_group("schedule")
     g.add_argument("--schedule", choices=("full", "lowrank", "dynamic", "compare"),
-                   help="compare: train full, lowrank and dynamic and print a table (default: dynamic; "
-                        "compare for the main job)")
+                   help="compare: train full, lowrank and dynamic and print a table (default: compare for "
+                        "the GPT on stdlib, the main job's settings; dynamic for the vision models)")
     g.add_argument("--rank-ratio", type=float,
                    help="ρ, factor rank / weight rank (convs: int(ρ·out_channels), the authors' rule; "
                         "GPT linears: int(ρ·min(in, out)))")
