@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import math
 import os
 import pickle
 import re
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynrank.train.augment import VisionData, hsv_jitter, pad_crop_flip
+from dynrank.train.augment import VisionData, hsv_jitter, pad_crop_flip, resized_crop
 from dynrank.train.corpus import (
     STDLIB_MODULES,
     TextData,
@@ -25,6 +26,8 @@ from dynrank.train.corpus import (
 from dynrank.train import cli
 from dynrank.train import data as data_module
 from dynrank.train.data import DataError, load_vision
+
+from _helpers import REL_TOL, rel_err
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -161,6 +164,21 @@ def test_the_data_sets_named_image_archive_comes_before_a_tree_at_the_top(tmp_pa
     train_x, train_y, _, test_y, classes = load_vision(name, str(root))
     assert classes == ["bird", "cat"] and train_y.tolist() == [0, 1] and test_y.tolist() == [0, 1]
     assert torch.equal(train_x[1], torch.from_numpy(dict(written["train"])["cat"]))
+
+
+@pytest.mark.parametrize("archive", ["cifar100-images.tar", "CIFAR-100_png.tar.gz"])
+def test_a_cifar100_image_archive_alone_is_not_read_as_cifar10(tmp_path, archive):
+    """A CIFAR-10 load refuses a folder whose only archive is named after CIFAR-100 (the name holds
+    "cifar10" too), which CIFAR-100 reads."""
+    tree = tmp_path / "src" / "cifar100"
+    write_image_tree(str(tree), "PNG", classes=("apple", "aquarium_fish"), per_class=1)
+    root = tmp_path / "data"
+    root.mkdir()
+    with tarfile.open(root / archive, "w:gz" if archive.endswith(".gz") else "w") as tar:
+        tar.add(tree, arcname="cifar100")
+    assert load_vision("cifar100", str(root))[4] == ["apple", "aquarium_fish"]
+    with pytest.raises(DataError, match=re.escape(f"cifar10 not found (--data-dir {root})")):
+        load_vision("cifar10", str(root))
 
 
 def test_pickle_with_code_is_refused(tmp_path):
@@ -786,8 +804,8 @@ def test_more_classes_than_the_data_set_is_refused_at_load(tmp_path):
 
 
 # -- Tiny ImageNet -------------------------------------------------------------------------
-def _tiny_files():
-    wnids = ["n01443537", "n01629819"]
+def _tiny_files(wnids=("n01443537", "n01629819")):
+    wnids = list(wnids)
     files = {"wnids.txt": "\n".join(wnids).encode()}
     lines = []
     for c, w in enumerate(wnids):
@@ -831,6 +849,31 @@ def test_tiny_imagenet_train_folder_through_a_link(tmp_path):
     loaded = load_vision("tiny-imagenet", str(tmp_path / "linked"))
     assert loaded[1].tolist() == [0, 0, 1, 1]
     assert all(torch.equal(a, b) for a, b in zip(loaded[:4], expected[:4])) and loaded[4] == expected[4]
+
+def test_tiny_imagenet_labels_are_positions_in_an_unsorted_wnids_txt(tmp_path):
+    """The official wnids.txt is not sorted: the classes come in its order and classes[label] is each
+    training image's folder and each validation image's annotated class."""
+    wnids, files = _tiny_files(wnids=("n01629819", "n01443537"))
+    root = tmp_path / "tiny-imagenet-200"
+    for name, blob in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(blob)
+    annotated = dict(line.split("\t")[:2] for line in files["val/val_annotations.txt"].decode().splitlines())
+    owners = {"train": [], "test": []}                # (pillow's decode of a file, the class it belongs to)
+    for name, blob in files.items():
+        if name.endswith(".JPEG"):
+            decoded = torch.from_numpy(np.asarray(PIL.open(io.BytesIO(blob)).convert("RGB")).transpose(2, 0, 1).copy())
+            split, owner = ("train", name.split("/")[1]) if name.startswith("train/") else \
+                ("test", annotated[name.split("/")[-1]])
+            owners[split].append((decoded, owner))
+    train_x, train_y, test_x, test_y, classes = load_vision("tiny-imagenet", str(tmp_path))
+    assert classes == wnids and sorted(set(train_y.tolist())) == [0, 1]
+    for split, images, labels in (("train", train_x, train_y), ("test", test_x, test_y)):
+        assert len(images) == len(owners[split])
+        for image, label in zip(images, labels.tolist()):
+            (owner,) = [o for decoded, o in owners[split] if torch.equal(decoded, image)]
+            assert classes[label] == owner
+
 
 @pytest.mark.parametrize("layout", ["folder", "zip"])
 def test_tiny_imagenet_hidden_files_are_skipped(tmp_path, layout):
@@ -912,6 +955,66 @@ def test_pad_crop_flip_matches_a_loop():
     assert not torch.equal(out[1], images[1])     # the crop really moved the image
 
 
+def _resized_crop_reference(image, scale, aspect, center_x, center_y, flip, size):
+    """float64 reference of one documented crop of ``image`` (C, H, W): a box of half-sides scale·√aspect
+    (width) and scale/√aspect (height), each at most 1, in [-1, 1] coordinates, its centre moved so that the
+    box lies inside the image, sampled bilinearly at the centres of size×size pixels, mirrored if ``flip``."""
+    image = np.asarray(image, dtype=np.float64)
+    _, height, width = image.shape
+    half_w, half_h = min(scale * math.sqrt(aspect), 1.0), min(scale / math.sqrt(aspect), 1.0)
+    center_x = min(max(center_x, -1.0 + half_w), 1.0 - half_w)
+    center_y = min(max(center_y, -1.0 + half_h), 1.0 - half_h)
+
+    def weights(center, half, n):
+        """(size, n): the bilinear weights of the n input pixels for each output pixel along one axis."""
+        position = center + half * ((2 * np.arange(size) + 1) / size - 1)
+        source = np.clip(((position + 1) * n - 1) / 2, 0, n - 1)       # in input pixels, centres at 0..n-1
+        low = np.floor(source).astype(int)
+        high = np.minimum(low + 1, n - 1)
+        out = np.zeros((size, n))
+        np.add.at(out, (np.arange(size), low), 1 - (source - low))
+        np.add.at(out, (np.arange(size), high), source - low)
+        return out
+    out = np.einsum("ih,chw,jw->cij", weights(center_y, half_h, height), image, weights(center_x, half_w, width))
+    return out[:, :, ::-1].copy() if flip else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale, aspect, center_x, center_y, flip", [
+    (0.8, 1.0, 0.1, 0.0, False),
+    (0.8, 1.0, 0.1, 0.0, True),
+    (224 / 384, 1.25, 0.3, -0.6, True),
+    (0.5, 0.8, 1.0, -1.0, True),            # a centre in a corner: the box is moved inside the image
+    (0.6, 1.25, -1.0, 1.0, False),
+    (1.0, 1.25, 0.5, 0.9, False),           # the box's width reaches the image's
+])
+def test_resized_crop_matches_a_float64_reference(dtype, scale, aspect, center_x, center_y, flip):
+    image = torch.rand(3, 13, 11, dtype=torch.float64)
+    out = resized_crop(image[None].to(dtype), torch.tensor([scale], dtype=dtype), torch.tensor([aspect], dtype=dtype),
+                       torch.tensor([center_x], dtype=dtype), torch.tensor([center_y], dtype=dtype),
+                       torch.tensor([flip]), 9)
+    expected = torch.from_numpy(_resized_crop_reference(image.numpy(), scale, aspect, center_x, center_y, flip, 9))
+    assert out.dtype == dtype and tuple(out.shape) == (1, 3, 9, 9)
+    assert rel_err(out[0], expected) < REL_TOL[dtype]
+
+
+def test_resized_crop_mirrors_the_box_and_keeps_it_inside_the_image():
+    images = torch.rand(4, 3, 16, 16, dtype=torch.float64)
+    ones = torch.ones(4, dtype=torch.float64)
+    centers = torch.tensor([0.1, -0.3, 1.0, -1.0], dtype=torch.float64)
+    plain = resized_crop(images, ones * 0.7, ones * 1.1, centers, -centers, torch.zeros(4, dtype=torch.bool), 16)
+    mirrored = resized_crop(images, ones * 0.7, ones * 1.1, centers, -centers, torch.ones(4, dtype=torch.bool), 16)
+    assert rel_err(mirrored, plain.flip(-1)) < REL_TOL[torch.float64]
+    assert rel_err(mirrored, plain) > 0.1                       # the mirror is another image
+    # A centre at the edge gives the crop of the centre that puts the box's side on the image's edge.
+    half = torch.tensor([0.5, 0.4], dtype=torch.float64)        # square boxes: half-side = scale
+    edge = resized_crop(images[:2], half, ones[:2], torch.tensor([1.0, -1.0]).double(),
+                        torch.tensor([-1.0, 1.0]).double(), torch.zeros(2, dtype=torch.bool), 16)
+    inside = resized_crop(images[:2], half, ones[:2], torch.stack([1 - half[0], -1 + half[1]]),
+                          torch.stack([-1 + half[0], 1 - half[1]]), torch.zeros(2, dtype=torch.bool), 16)
+    assert rel_err(edge, inside) < REL_TOL[torch.float64]
+
+
 def test_hsv_jitter_identity_and_hue_turn():
     images = torch.rand(3, 3, 5, 5)
     ones = torch.ones(3)
@@ -944,6 +1047,87 @@ def test_vision_data_epochs_are_reproducible_and_normalized(recipe):
     if recipe == "cifar":
         assert torch.allclose(val[0][0], expected, atol=1e-4)
     assert sum(len(b[1]) for b in val) == 6
+
+
+def test_training_labels_follow_their_images_through_the_shuffle():
+    """Image i is filled with the value 5·i, which survives the crop at the centre pixel: each batch's labels
+    are those of the images in it, every image comes once an epoch, and the order is shuffled."""
+    n = 40
+    y = torch.randperm(n, generator=torch.Generator().manual_seed(1)) % 7
+    x = (torch.arange(n) * 5).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, 16, 16).contiguous()
+    data = VisionData(x, y, x[:4], y[:4], (0.0,) * 3, (1 / 255,) * 3, batch_size=8, seed=2)
+    for epoch in range(2):
+        shown = []
+        for images, labels in data.train_batches(epoch):
+            index = (images[:, 0, 8, 8] / 5).round().long()
+            assert torch.equal(labels, y[index])
+            shown.append(index)
+        shown = torch.cat(shown)
+        assert sorted(shown.tolist()) == list(range(n)) and not torch.equal(shown, torch.arange(n))
+
+
+def test_cifar_epochs_mirror_half_the_images_and_draw_every_crop_offset():
+    """The cifar recipe crops at offsets 0..2·pad = 0..8 in each axis (shifts of up to 4 pixels either
+    way) and mirrors with probability one half: each augmented image is found among the 162 crops and
+    mirrors of the zero-padded image, whose pixels are distinct and nonzero."""
+    size = 8
+    image = (torch.arange(3 * size * size) + 1).view(3, size, size).to(torch.uint8)
+    x = image.expand(64, -1, -1, -1).contiguous()
+    y = torch.arange(64) % 2
+    data = VisionData(x, y, x[:2], y[:2], (0.0,) * 3, (1 / 255,) * 3, batch_size=32, seed=5)
+    padded = torch.nn.functional.pad(image.double(), (4, 4, 4, 4))
+    candidates = [(row, col, flip) for row in range(9) for col in range(9) for flip in (False, True)]
+    crops = torch.stack([padded[:, row:row + size, col:col + size].flip(-1) if flip
+                         else padded[:, row:row + size, col:col + size] for row, col, flip in candidates])
+    found = []
+    for epoch in range(4):
+        for images, _ in data.train_batches(epoch):
+            match = (images.double().round()[:, None] == crops[None]).flatten(2).all(-1)      # (batch, 162)
+            assert match.sum(1).tolist() == [1] * len(images)
+            found += [candidates[i] for i in match.int().argmax(1).tolist()]
+    rows, cols, flips = zip(*found)
+    assert set(rows) == set(cols) == set(range(9))
+    assert 0.4 < sum(flips) / len(flips) < 0.6
+
+
+def test_tiny_imagenet_draws_span_the_documented_ranges():
+    """Aspect ratio in [0.8, 1.25], crop side 224/[256, 384] of the image's, hue ±0.1 turn (±36°),
+    saturation and value ×[0.6, 1.4]: every draw inside, and some near each end."""
+    n = 2000
+    x = torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+    y = torch.zeros(n, dtype=torch.long)
+    data = VisionData(x, y, x[:1], y[:1], (0.5,) * 3, (0.25,) * 3, batch_size=n, recipe="tiny-imagenet")
+    draws = data._epoch_draws(0)
+    for name, low, high in (("aspect", 0.8, 1.25), ("scale", 224 / 384, 224 / 256), ("hue", -0.1, 0.1),
+                            ("sat", 0.6, 1.4), ("val", 0.6, 1.4)):
+        values = draws[name].double()
+        near = 0.02 * (high - low)
+        assert low - 1e-6 <= values.min() < low + near and high - near < values.max() <= high + 1e-6, name
+    assert 0.4 < draws["flip"].double().mean() < 0.6
+
+
+def test_tiny_imagenet_validation_is_the_central_crop_resized():
+    """Validation images are the central 224/256 of the side, resized bilinearly to the data set's size."""
+    x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2])
+    data = VisionData(x, y, x, y, (0.5,) * 3, (0.25,) * 3, batch_size=2, recipe="tiny-imagenet")
+    (images, labels), = data.val_batches()
+    expected = np.stack([_resized_crop_reference(image.numpy(), 224 / 256, 1.0, 0.0, 0.0, False, 16) for image in x])
+    expected = torch.from_numpy((expected / 255 - 0.5) / 0.25)
+    assert torch.equal(labels, y) and tuple(images.shape) == (3, 3, 16, 16)
+    assert rel_err(images, expected) < REL_TOL[torch.float32]
+
+
+def test_vision_data_evaluates_in_batches_of_twice_the_training_batch_by_default():
+    x = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    y = torch.arange(10) % 4
+    default = VisionData(x, y, x, y, (0.5,) * 3, (0.25,) * 3, batch_size=3)
+    given = VisionData(x, y, x, y, (0.5,) * 3, (0.25,) * 3, batch_size=3, eval_batch_size=4)
+    assert default.eval_batch_size == 6 and given.eval_batch_size == 4
+    for data, sizes in ((default, [6, 4]), (given, [4, 4, 2])):
+        batches = list(data.val_batches())
+        assert [len(labels) for _, labels in batches] == sizes
+        assert torch.equal(torch.cat([labels for _, labels in batches]), y)
 
 
 # The per-channel mean and standard deviation of each training set's pixels (CIFAR-10, CIFAR-100), and the
@@ -1106,6 +1290,29 @@ def test_text_data_refuses_arguments_out_of_range(change, error, message):
         TextData(stream, stream, **kwargs)
 
 
+@pytest.mark.parametrize("length, context, val_windows, count", [
+    (1000, 16, 8, 8),
+    (300, 16, 512, 18),
+    (49, 16, 2, 2),
+    (33, 16, 512, 2),
+    (32, 16, 512, 1),           # 16 inputs and a target byte: room for one window
+])
+def test_text_data_val_windows_never_overlap_and_reach_the_stream_end(length, context, val_windows, count):
+    """The fixed validation windows are spread over the whole stream: their inputs never overlap and the
+    last one ends within ``context`` bytes of its end.  Each window is found in the (random) stream."""
+    val = torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(length), dtype=torch.uint8)
+    data = TextData(val, val, context=context, batch_size=1, steps=1, val_windows=val_windows, eval_batch_size=3)
+    every = val.long().unfold(0, context + 1, 1)
+    starts = []
+    for inputs, targets in data.val_batches():
+        for window in torch.cat([inputs, targets[:, -1:]], 1):
+            (start,) = (every == window).all(1).nonzero().flatten().tolist()
+            starts.append(start)
+    assert len(starts) == count and starts[0] == 0
+    assert all(later - earlier >= context for earlier, later in zip(starts, starts[1:]))
+    assert starts[-1] + context >= length - 1 - context
+
+
 def test_text_data_takes_one_val_window_in_batches_of_one():
     """val_windows=1 and eval_batch_size=1, the smallest values accepted, evaluate one window."""
     stream = (torch.arange(400) % 251).to(torch.uint8)
@@ -1128,6 +1335,19 @@ def test_stdlib_corpus_refuses_a_val_fraction_outside_0_1(val_fraction, error, g
         load_stdlib_corpus(max_bytes=10_001, val_fraction=val_fraction)
 
 
+@pytest.mark.parametrize("max_bytes,error,got", [
+    (10_001.0, TypeError, "float (10001.0)"),
+    ("10001", TypeError, "str ('10001')"),
+    (True, TypeError, "bool (True)"),
+    (0, ValueError, "0"),
+])
+def test_stdlib_corpus_refuses_a_max_bytes_that_is_not_a_positive_int(max_bytes, error, got):
+    """A float or str failed inside the file read or the division, with a message naming no argument."""
+    message = f"max_bytes must be a positive int or None, got {got}"
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        load_stdlib_corpus(max_bytes=max_bytes)
+
+
 def test_download_failure_is_a_clear_message(tmp_path, monkeypatch):
     from dynrank.train import data as data_module
 
@@ -1139,6 +1359,16 @@ def test_download_failure_is_a_clear_message(tmp_path, monkeypatch):
     text = str(err.value)
     assert "could not download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (network is unreachable)" in text
     assert f"put cifar-10-python.tar.gz into {tmp_path}" in text
+    assert os.listdir(tmp_path) == []               # no partial file left behind
+
+
+def test_a_download_with_the_wrong_md5_is_refused_and_removed(tmp_path, monkeypatch):
+    fetched = b"an error page, not the archive"
+    monkeypatch.setattr(data_module.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(fetched))
+    official = data_module.DATASETS["cifar10"]["md5"]
+    with pytest.raises(DataError, match=re.escape(f"cifar-10-python.tar.gz downloaded with MD5 "
+                                                  f"{hashlib.md5(fetched).hexdigest()}, expected {official}")):
+        data_module.download("cifar10", str(tmp_path))
     assert os.listdir(tmp_path) == []               # no partial file left behind
 
 

@@ -60,7 +60,7 @@ def load_stdlib_corpus(stdlib_dir=None, val_fraction=VAL_FRACTION, max_bytes=Non
     the share of each file's end held out for validation.
 
     Raises:
-        TypeError: ``val_fraction`` is not a real number.
+        TypeError: ``val_fraction`` is not a real number, or ``max_bytes`` not an int or None.
         ValueError: ``val_fraction`` is not in (0, 1), or ``max_bytes`` is below 68 bytes (64 and
             the blank lines) per file.
         DataError: the standard-library sources are missing (e.g. a stripped
@@ -69,6 +69,8 @@ def load_stdlib_corpus(stdlib_dir=None, val_fraction=VAL_FRACTION, max_bytes=Non
     check_real(val_fraction, "val_fraction", "a float in (0, 1)")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be a float in (0, 1), got {val_fraction!r}")
+    if max_bytes is not None:
+        max_bytes = check_int(max_bytes, "max_bytes", "a positive int or None", 1)
     files = stdlib_files(stdlib_dir)
     per_file = None
     if max_bytes is not None and files:
