@@ -169,3 +169,28 @@ class Wrapper(torch.nn.Module):
 
     def forward(self, x):
         return self.inner(x)
+
+
+def assert_lbfgs_step_like_the_reference(layer, forward, reference_forward, target, moves):
+    """One torch.optim.LBFGS step on ``layer``'s trainable parameters and one on float64 copies of them
+    (``reference_forward(copies)``, a dict name → tensor) give the same parameters, each moved by more
+    than ``moves`` (relative).  L-BFGS views every gradient flat, so a factor of odd strides fails it."""
+    trained = {n: p for n, p in layer.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    reference = {n: p.detach().clone().requires_grad_() for n, p in trained.items()}
+
+    def lbfgs_step(params, run):
+        opt = torch.optim.LBFGS(params, lr=0.5, max_iter=3, history_size=4)
+
+        def closure():
+            opt.zero_grad()
+            loss = (run() - target).square().mean()
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+    lbfgs_step(list(trained.values()), forward)
+    lbfgs_step(list(reference.values()), lambda: reference_forward(reference))
+    for name, p in trained.items():
+        assert rel_err(p, before[name]) > moves, f"the step must move {name}"
+        assert rel_err(p, reference[name]) < REL_TOL[torch.float64], name

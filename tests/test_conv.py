@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from _helpers import REL_TOL, kernel_devices, rel_err
+from _helpers import REL_TOL, assert_lbfgs_step_like_the_reference, kernel_devices, rel_err
 from dynrank.conv import LowRankConv2d, adapter_costs, time_adapter_strategies
 from dynrank.kernels.conv_merge import reference_kernel
 
@@ -399,6 +399,31 @@ def test_from_dense_refuses_a_kernel_that_is_not_floating_point(dtype):
         LowRankConv2d.from_dense(conv, rank=2)
 
 
+@pytest.mark.parametrize("bias_trains", [False, True], ids=["frozen bias", "trained bias"])
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+def test_from_dense_keeps_the_bias_requires_grad(dec, form, bias_trains):
+    """The bias keeps its requires_grad in every form: a frozen one gets no gradient (and stays out of an
+    optimizer that takes the trainable parameters), beside a kernel that trains as its factors (lowrank),
+    as W (full) or through the adapter (adapter)."""
+    # Exact ranks, as in test_from_dense_reproduces_conv_at_full_rank.
+    k, rank = {"svd": (3, 7), "tucker": (3, (5, 7)), "cp": (1, 5), "tkd-cpd": (1, (5, 5, 7))}[dec]
+    conv = _dense_conv(torch.randn(7, 5, k, k, dtype=F64), padding=1)
+    conv.bias.requires_grad_(bias_trains)
+    layer = LowRankConv2d.from_dense(conv, rank=rank, decomposition=dec, form=form)
+    trained = ({"weight"} if form == "full" else set(layer.factors())) | ({"bias"} if bias_trains else set())
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == trained
+    assert torch.equal(layer.bias, conv.bias)
+    x = torch.randn(2, 5, 6, 6, dtype=F64)
+    y = layer(x)
+    assert rel_err(y, conv(x)) < 1e-10
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert {n for n, p in layer.named_parameters() if p.grad is not None} == trained
+    if bias_trains:
+        assert rel_err(layer.bias.grad, dy.sum((0, 2, 3))) < TOL
+
+
 # -- form changes preserve the function ---------------------------------------------------
 
 @pytest.mark.parametrize("init", ["zeros", "svd", "random"])
@@ -442,6 +467,25 @@ def test_round_trip_keeps_function_and_parameters(dec):
     layer.inflate()
     assert layer.weight.data_ptr() == W.data_ptr() and layer.weight.requires_grad   # merged in place
     assert rel_err(layer(x), y2) < TOL
+
+
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+def test_deflate_svd_gives_row_major_factors_that_lbfgs_steps(dec):
+    """The fits hand over permuted or transposed tensors (Tucker's core comes with strides (9, 36, 3, 1)):
+    installed with those strides a factor passes them on to its gradient, which torch.optim.LBFGS views flat
+    ("view size is not compatible").  Every factor is row-major, and an L-BFGS step moves the factors and the
+    bias as the same step on the float64 reference does."""
+    layer = make(dec, form="full").deflate(init="svd")
+    assert all(p.is_contiguous() for p in layer.factors().values())
+    x, target = torch.randn(2, 5, 6, 6, dtype=F64), torch.randn(2, 7, 6, 6, dtype=F64)
+    W = layer.weight.detach().clone()
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == set(layer.factors()) | {"bias"}
+
+    def reference_forward(ref):
+        kernel = W + reference_kernel(dec, {n: p for n, p in ref.items() if n != "bias"}, layer.scale)
+        return reference_conv(layer)._conv_forward(x, kernel, ref["bias"])
+
+    assert_lbfgs_step_like_the_reference(layer, lambda: layer(x), reference_forward, target, moves=1e-2)
 
 
 # -- state dicts across forms -----------------------------------------------------------
@@ -508,6 +552,25 @@ def test_lowrank_init_has_conv2d_variance(dec):
         second_moments.append(kernel.pow(2).mean().item())
     expected = 1.0 / (3 * 12 * 9)            # nn.Conv2d's default: U(±1/sqrt(fan_in))
     assert abs(np.mean(second_moments) / expected - 1) < bound
+
+
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+@pytest.mark.parametrize("dec", DECOMPOSITIONS)
+def test_bias_init_is_nn_conv2ds(dec, form):
+    """The bias is drawn from U(±1/√fan_in) with nn.Conv2d's fan_in, C/groups·kh·kw (a (3, 5) kernel, and
+    for svd 2 groups: 4·15), in every form; in full form, from the same RNG state, the layer gets nn.Conv2d's
+    very kernel and bias."""
+    groups = 2 if dec == "svd" else 1
+    torch.manual_seed(0)
+    layer = LowRankConv2d(8, 64, (3, 5), groups=groups, rank_ratio=0.5, decomposition=dec, form=form, dtype=F64)
+    bound = (8 // groups * 3 * 5) ** -0.5
+    largest = layer.bias.detach().abs().max()
+    # The largest of 64 draws is below 0.9·bound with probability 0.9⁶⁴ ≈ 0.1 %.
+    assert 0.9 * bound < largest <= bound
+    if form == "full":
+        torch.manual_seed(0)
+        conv = nn.Conv2d(8, 64, (3, 5), groups=groups, dtype=F64)
+        assert torch.equal(layer.weight, conv.weight) and torch.equal(layer.bias, conv.bias)
 
 
 # -- adapter strategy choice -----------------------------------------------------------

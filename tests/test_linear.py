@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from _helpers import BACKENDS, INTERPRETING, REL_TOL, engine_cases, kernel_devices, rel_err
+from _helpers import (BACKENDS, INTERPRETING, REL_TOL, assert_lbfgs_step_like_the_reference, engine_cases, kernel_devices,
+                      rel_err)
 from dynrank import FusedLowRankLinear
 from dynrank import functional as F
 from dynrank.kernels import reference_lowrank_linear
@@ -414,6 +415,20 @@ def test_deflate_random_changes_function_and_takes_rank():
     assert rel_err(layer(x), before) > 1e-3
 
 
+def test_deflate_svd_gives_row_major_factors_that_lbfgs_steps():
+    """A is taken from the SVD's transposed factors: installed with those strides it passes them on to its
+    gradient, which torch.optim.LBFGS views flat ("view size is not compatible").  Every factor is row-major,
+    and an L-BFGS step moves A, B and the bias as the same step on the float64 reference does."""
+    layer = FusedLowRankLinear(16, 12, rank=4, form="full", dtype=torch.float64).deflate(init="svd")
+    assert all(p.is_contiguous() for p in layer.factors().values())
+    x, target = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 12, dtype=torch.float64)
+    W = layer.weight.detach().clone()
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"A", "B", "bias"}
+    assert_lbfgs_step_like_the_reference(
+        layer, lambda: layer(x), lambda ref: reference_lowrank_linear(x, W, ref["A"], ref["B"], ref["bias"],
+                                                                      layer.scale), target, moves=1e-3)
+
+
 def test_round_trip_lowrank_full_adapter_full(backend):
     device = _device()
     layer = FusedLowRankLinear(18, 14, rank=4, device=device)
@@ -535,6 +550,28 @@ def test_from_dense_takes_anything_with_a_weight_and_bias():
 def test_from_dense_rejects_non_linear():
     with pytest.raises(TypeError, match="2-D weight"):
         FusedLowRankLinear.from_dense(nn.Conv2d(3, 4, 3), rank=2)
+
+
+@pytest.mark.parametrize("bias_trains", [False, True], ids=["frozen bias", "trained bias"])
+@pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
+def test_from_dense_keeps_the_bias_requires_grad(form, bias_trains):
+    """The bias keeps its requires_grad in every form: a frozen one gets no gradient (and stays out of an
+    optimizer that takes the trainable parameters), beside a weight that trains as its factors (lowrank),
+    as W (full) or through the adapter (adapter)."""
+    dense = nn.Linear(9, 6, dtype=torch.float64)
+    dense.bias.requires_grad_(bias_trains)
+    layer = FusedLowRankLinear.from_dense(dense, rank=6 if form == "lowrank" else 3, form=form)
+    trained = {"full": {"weight"}}.get(form, {"A", "B"}) | ({"bias"} if bias_trains else set())
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == trained
+    assert torch.equal(layer.bias, dense.bias)
+    x = torch.randn(4, 9, dtype=torch.float64)
+    y = layer(x)
+    assert rel_err(y, dense(x)) < REL_TOL[torch.float64]
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert {n for n, p in layer.named_parameters() if p.grad is not None} == trained
+    if bias_trains:
+        assert rel_err(layer.bias.grad, dy.sum(0)) < REL_TOL[torch.float64]
 
 
 # -- state dicts across forms ------------------------------------------------------------
