@@ -366,6 +366,14 @@ def test_model_copies_are_checked():
         sched.add_model_copy({"module": model})
     with pytest.raises(ValueError, match="shares layer '0' with the model"):
         sched.add_model_copy(model)
+    # A shallow copy of a layer is another module holding the very same parameters: an average of it
+    # would be the model itself.
+    with pytest.raises(ValueError, match="model copy Sequential shares layer '0' with the model"):
+        sched.add_model_copy(nn.Sequential(*(copy.copy(m) for m in model)))
+    partly = copy.deepcopy(model)
+    partly[2] = copy.copy(model[2])
+    with pytest.raises(ValueError, match="model copy Sequential shares layer '2' with the model"):
+        sched.add_model_copy(partly)
     with pytest.raises(ValueError, match="no dynrank layer '2'"):
         sched.add_model_copy(copy.deepcopy(model)[:2])
 

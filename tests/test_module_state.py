@@ -466,6 +466,9 @@ SWITCHING_LOADS = {
     "linear-bias": (lambda: linear("adapter"), lambda: linear("full"), "bias"),
     "conv-form": (lambda: _svd_conv("lowrank"), lambda: _svd_conv("full"), "weight"),
     "conv-rank": (lambda: _svd_conv("lowrank"), lambda: _svd_conv("lowrank", rank=3), "A"),
+    # The switch keeps the full form's W as the adapter's frozen W_f: a failed copy must make it trainable again.
+    "linear-freeze": (lambda: linear("full"), lambda: linear("adapter"), "A"),
+    "conv-freeze": (lambda: _svd_conv("full"), lambda: _svd_conv("adapter"), "B"),
 }
 
 
@@ -557,7 +560,8 @@ class _FailsToCopy(torch.Tensor):
 def test_a_copy_that_fails_after_the_switch_gives_the_layer_its_own_parameters_back(case):
     """Where torch's copy fails all the same, the layer gets its very parameters back (trainable as they
     were) and the optimizer is left alone: it follows only a load that took.  The bias, which the switch
-    keeps, is torch's to load, as ``nn.Linear``'s bias is where its weight's copy fails."""
+    keeps, is torch's to load, as ``nn.Linear``'s bias is where its weight's copy fails; so is W where the
+    switch keeps it (full to adapter), and it trains again though the switch had frozen it as W_f."""
     build, saved, key = SWITCHING_LOADS[case]
     model, opt, x = _managed(build())
     layer = model[0]
@@ -571,8 +575,9 @@ def test_a_copy_that_fails_after_the_switch_gives_the_layer_its_own_parameters_b
         model.load_state_dict(sd)
     assert layer.form == form and layer.rank == rank
     assert [p.requires_grad for p in layer.parameters()] == grads
-    if key != "bias":
-        values["bias"] = sd["0.bias"]
+    kept = {"bias"} | ({"weight"} if (form, saved().form) == ("full", "adapter") else set())
+    for name in kept - {key}:
+        values[name] = sd[f"0.{name}"]
     _assert_as_it_was(model, opt, params, values, optimizer)
     # The same dict with the tensor made plain loads, and the optimizer follows the switch.
     sd[f"0.{key}"] = sd[f"0.{key}"].as_subclass(torch.Tensor)

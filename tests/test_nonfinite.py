@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as TF
 
 from _helpers import BACKENDS, REL_TOL, engine_cases, kernel_devices, rel_err
-from _scheduling import mlp, train_steps
+from _scheduling import held, mlp, train_steps
 from dynrank import DynamicRankScheduler, FusedLowRankLinear, LowRankConv2d, RankMonitor
 from dynrank import functional as F
 from dynrank.kernels import reference_kernel, reference_lowrank_linear, reference_merge
@@ -512,6 +512,19 @@ def _assert_snapshot(before, model, opt, sched, monitor):
             torch.testing.assert_close(v, before["state"][pid][k], rtol=0, atol=0, equal_nan=True)
 
 
+def _scheduled_and_trained(model, start=True):
+    """Adam (carrying state), a scheduler inflating at epoch 1 and a monitor attached to it for ``model``,
+    trained 2 steps (after ``step(0)`` where ``start``): (optimizer, scheduler, monitor, (x, y))."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2, optimizer_state="carry")
+    monitor = RankMonitor(model).attach(sched)
+    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+    if start:
+        sched.step(0)
+    train_steps(model, opt, x, y, steps=2)
+    return opt, sched, monitor, (x, y)
+
+
 @pytest.mark.parametrize("where", ["B", "A"])
 def test_scheduler_refuses_to_inflate_a_diverged_model_and_changes_nothing(where):
     """lowrank → full at the inflate epoch with inf in the second layer's factor (the first is healthy):
@@ -519,12 +532,7 @@ def test_scheduler_refuses_to_inflate_a_diverged_model_and_changes_nothing(where
     scheduler and an attached monitor as they were; once the value is repaired the same step switches
     every layer."""
     model = mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sched = DynamicRankScheduler(model, opt, inflate_epoch=1, deflate_epoch=2, optimizer_state="carry")
-    monitor = RankMonitor(model).attach(sched)
-    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
-    sched.step(0)
-    train_steps(model, opt, x, y, steps=2)
+    opt, sched, monitor, (x, y) = _scheduled_and_trained(model)
     with torch.no_grad():
         saved = getattr(model[2], where)[1, 0].item()
         getattr(model[2], where)[1, 0] = INF
@@ -539,6 +547,49 @@ def test_scheduler_refuses_to_inflate_a_diverged_model_and_changes_nothing(where
     assert [s["changes"] for s in monitor.switches] == [[[n, "lowrank", "full"] for n in ("0", "2")]]
     train_steps(model, opt, x, y, steps=1)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_scheduler_refuses_to_inflate_an_adapter_whose_frozen_weight_diverged():
+    """adapter → full at the inflate epoch with NaN in the second layer's frozen W_f, which no optimizer
+    holds: inflating would make it a trainable NaN W, so the step is refused naming the layer and W, and
+    nothing changes; growth (``frozen=False``) reads only A and B, and lets such a layer through."""
+    from dynrank._checks import check_finite
+    model = mlp()
+    for layer in (model[0], model[2]):
+        layer.inflate()
+        layer.deflate()
+    opt, sched, monitor, _ = _scheduled_and_trained(model, start=False)
+    assert not model[2].weight.requires_grad and all(p is not model[2].weight for p in held(opt))
+    with torch.no_grad():
+        saved = model[2].weight[1, 0].item()
+        model[2].weight[1, 0] = NAN
+    assert check_finite([("0", model[0]), ("2", model[2])], "not growing", frozen=False) is None
+    before = _snapshot(model, opt, sched, monitor)
+    with pytest.raises(ValueError, match=r"^layer '2' has non-finite values in weight; not switching any layer "
+                                         r"at epoch 1$") as caught:
+        sched.step(1)
+    assert (caught.value.layer, caught.value.tensor) == ("2", "weight")
+    _assert_snapshot(before, model, opt, sched, monitor)
+    with torch.no_grad():
+        model[2].weight[1, 0] = saved
+    assert sched.step(1) == [(n, "adapter", "full") for n in ("0", "2")]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_scheduler_names_the_first_of_two_diverged_layers():
+    """With NaN in both layers (B of the first, A of the second), the refusal names the first layer in the
+    model's order and its tensor, and nothing changes."""
+    model = mlp()
+    opt, sched, monitor, (x, y) = _scheduled_and_trained(model)
+    with torch.no_grad():
+        model[0].B[1, 0] = NAN
+        model[2].A[0, 1] = NAN
+    before = _snapshot(model, opt, sched, monitor)
+    with pytest.raises(ValueError, match=r"^layer '0' has non-finite values in B; not switching any layer at "
+                                         r"epoch 1$") as caught:
+        sched.step(1)
+    assert (caught.value.layer, caught.value.tensor) == ("0", "B")
+    _assert_snapshot(before, model, opt, sched, monitor)
 
 
 # -- rank metrics and the monitor on a diverged model ----------------------------------------------------
