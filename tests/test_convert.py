@@ -97,14 +97,20 @@ def test_a_rank_that_is_not_a_whole_number_is_rounded_down(init):
 
 def test_summary_prints_a_table():
     model = mlp()
+    before = n_params(model)
     text = str(convert_model(model, rank_ratio=0.25))
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["module", "type", "weight"]
     assert set(lines[1]) <= {"-", " "}
     row = next(line for line in lines if line.startswith("0 "))
     assert "FusedLowRankLinear" in row and "40×24" in row and " 6 " in row    # int(0.25 · 24)
+    # Trainable parameters before (40·24 + 40) and after (6·(24 + 40) + 40), in that order.
+    assert row.split() == ["0", "Linear", "→", "FusedLowRankLinear", "40×24", "6", "1,000", "424"]
     assert "final classifier" in text and lines[-1].startswith("total")
     assert f"{n_params(model):,}" in lines[-1]
+    # Two of the three linears converted, the classifier kept: the totals, the ratio after / before, the count.
+    assert lines[-1].split()[2:] == [f"{before:,}", f"{n_params(model):,}", f"{n_params(model) / before:.2f}×",
+                                     "trainable,", "2", "of", "3", "converted"]
 
 
 @pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])

@@ -239,12 +239,35 @@ def test_measured_ratio_from_epoch_times():
     assert measured_comp_ratio(run, 150, 60, 135) == pytest.approx(expected)
     baseline = _run([("dense", 20.0), ("dense", 22.0)])
     assert measured_comp_ratio(run, full_epoch_seconds=baseline) == pytest.approx(51.0 / (7 * 21.0))
+    # A plain dense run's epochs are its own t_full: its ratio is 1, as run and on a full-rank schedule.
+    assert measured_comp_ratio(baseline) == pytest.approx(1.0, rel=1e-15)
+    assert measured_comp_ratio(baseline, 10, 0, None) == pytest.approx(1.0, rel=1e-15)
     assert measured_comp_ratio(run, full_epoch_seconds=25.5) == pytest.approx(51.0 / (7 * 25.5))
     with pytest.raises(ValueError, match="no full-form epoch time: record full-rank epochs or pass full_epoch_seconds"):
         measured_comp_ratio(_run([("lowrank", 1.0)]))
     with pytest.raises(ValueError, match=r"the schedule needs \['adapter'\] epochs but the run recorded none "
                                          r"\(recorded: \['full', 'lowrank'\]\)"):
         measured_comp_ratio(_run([("lowrank", 1.0), ("full", 2.0)]), 10, 2, 8)
+
+
+def test_skip_first_leaves_out_the_first_epochs_of_the_run_the_baseline_and_the_report():
+    """skip_first drops the first epochs of each form (warm-up, compilation) wherever epoch times are read:
+    in the run, in a full-rank baseline run and in the seconds a report prints beside its ratio."""
+    run = _run([("lowrank", 9.0), ("lowrank", 1.0), ("full", 8.0), ("full", 2.0)])
+    baseline = _run([("full", 50.0), ("full", 2.0)])
+    # By hand: t_lowrank = 1, t_full = 2 once the first epoch of each form is left out.
+    assert measured_comp_ratio(run, skip_first=1) == pytest.approx((1.0 + 2.0) / (2 * 2.0), rel=1e-15)
+    assert measured_comp_ratio(run, 4, None, None, full_epoch_seconds=baseline, skip_first=1) == \
+        pytest.approx(1.0 / 2.0, rel=1e-15)
+    assert measured_comp_ratio(run, 4, None, None, full_epoch_seconds=baseline) == \
+        pytest.approx(5.0 / 26.0, rel=1e-15)                                # every epoch: t = 5 over 26
+    report = cost_report(ParamCounts(full=100, lowrank=50, other=0), 4, 2, 4, run=run, skip_first=1)
+    assert report.measured_ratio == pytest.approx((2 * 1.0 + 2 * 2.0) / (4 * 2.0), rel=1e-15)
+    assert report.epoch_seconds == {"lowrank": 1.0, "full": 2.0}
+    assert str(report).splitlines()[-1] == "measured (wall-clock per epoch: full 2 s, lowrank 1 s): 0.7500"
+    report = cost_report(ParamCounts(full=100, lowrank=50, other=0), 4, 2, 4, run=run)
+    assert report.epoch_seconds == {"lowrank": 5.0, "full": 5.0}
+    assert report.measured_ratio == pytest.approx(1.0, rel=1e-15)
 
 
 def test_form_epochs_of_each_schedule():
@@ -352,8 +375,12 @@ def test_comp_ratio_after_deflate_to_another_rank():
     message = r"layers \['0', '2'\] are in adapter form \(rank 5 for '0'\), and the rank they had in lowrank form"
     with pytest.raises(ValueError, match=message):
         cost_report(never, 10, 3, 7)
-    # No lowrank epochs in the schedule: the adapter rank is all it needs.
+    # No lowrank epochs in the schedule: the adapter rank is all it needs, known or not.  By hand, the
+    # adapters of `never` at ranks int(0.25·20) = 5 and int(0.25·12) = 3: d_ρ = 125 + 5·50 + 3·32 = 471.
     assert comp_ratio(model, 10, 0, 7) == pytest.approx((7 * 965 + 3 * 257) / (10 * 965), rel=1e-15)
+    for inflate_epoch in (0, None):
+        assert comp_ratio(never, 10, inflate_epoch, 7) == pytest.approx((7 * 965 + 3 * 471) / (10 * 965), rel=1e-15)
+        assert cost_report(never, 10, inflate_epoch, 7).counts.lowrank == 471
 
 
 def test_comp_ratio_after_deflate_at_the_same_rank():
@@ -390,6 +417,29 @@ def test_a_scheduler_keeping_the_rank_counts_adapter_layers_never_lowrank_here()
     assert counts.layers == [("0", 32 * 32, 8 * 64)]
     assert comp_ratio(model, 10, 3, 7, scheduler=scheduler) == pytest.approx(expected, rel=1e-15)
     assert cost_report(model, 10, 3, 7, scheduler=scheduler).comp_ratio == pytest.approx(expected, rel=1e-15)
+
+
+def test_a_load_into_another_form_forgets_the_rank_the_layer_had_in_lowrank_form():
+    """A layer trained lowrank at rank 2 here, then loaded from a run's adapter checkpoint at rank 8: the
+    rank 2 says nothing of the rank the saved run trained lowrank at, so a schedule with lowrank epochs
+    asks for it (counted at 2, Comp. was 0.5515).
+
+    By hand: d = 32·32 + 32 = 1056; the adapter at rank 8: d_ρ = 8·64 + 32 = 544; lowrank at the given
+    rank 4: 4·64 + 32 = 288.  E=10, I=3, D=6.
+    """
+    saved = FusedLowRankLinear(32, 32, rank=16, form="full")
+    saved.deflate(rank=8)
+    model = nn.Sequential(FusedLowRankLinear(32, 32, rank=2))
+    model[0].load_state_dict(saved.state_dict())
+    assert (model[0].form, model[0].rank) == ("adapter", 8)
+    message = r"layers \['0'\] are in adapter form \(rank 8 for '0'\), and the rank they had in lowrank form"
+    with pytest.raises(ValueError, match=message):
+        comp_ratio(model, 10, 3, 6)
+    with pytest.raises(ValueError, match=message):
+        cost_report(model, 10, 3, 6)
+    assert comp_ratio(model, 10, 3, 6, lowrank_ranks={"0": 4}) == \
+        pytest.approx((3 * 288 + 3 * 1056 + 4 * 544) / (10 * 1056), rel=1e-15)
+    assert comp_ratio(model, 10, 0, 6) == pytest.approx((6 * 1056 + 4 * 544) / (10 * 1056), rel=1e-15)
 
 
 def test_lowrank_ranks_and_scheduler_checked():

@@ -283,6 +283,7 @@ def test_plot_arguments_checked():
             plot_spectral_ratio(monitor, metric=metric)
     fig = plot_spectral_ratio(monitor, metric="effective_rank")               # the message's own example
     assert fig.axes[0].get_lines()
+    assert fig.axes[0].get_ylabel() == "effective rank (σ > tol·σmax) (log scale)"
     with pytest.raises(TypeError, match=r"keys must be a name \(str\) or a list of names, got int \(3\)"):
         plot_training_curves(monitor, keys=3)
     with pytest.raises(TypeError, match="runs must be a RankMonitor, a path to a saved run, or a list of them, got "
@@ -358,9 +359,21 @@ def test_plots_written(tmp_path):
     assert axes[0].get_xlabel() == "epoch (from 0, as the schedule's I and D)"
     legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
     assert "inflate before epoch 2" in legend and any("∞" in t for t in legend)
+    # Each run's switches between the last epoch in the old form and the first in the new: epoch − ½.
+    for ax, (inflate, deflate) in zip(axes, ((2, 4), (3, 5))):
+        switches = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()
+                    if line.get_label().startswith(("inflate", "deflate"))}
+        assert switches == {f"inflate before epoch {inflate}": [inflate - 0.5] * 2,
+                            f"deflate before epoch {deflate}": [deflate - 0.5] * 2}
     curves = tmp_path / "curves.png"
     fig = plot_training_curves([dynamic, late], curves, keys=["accuracy", "loss"])
     assert [ax.get_ylabel() for ax in fig.axes] == ["accuracy", "loss"]
+    # One line per run, named by the run, through the values it logged.
+    logged = {"accuracy": [50.0 + 5 * epoch for epoch in range(6)], "loss": [1.0 / (epoch + 1) for epoch in range(6)]}
+    for ax, key in zip(fig.axes, ("accuracy", "loss")):
+        lines = [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()
+                 if line.get_marker() == "."]
+        assert lines == [(run.name, list(range(6)), logged[key]) for run in (dynamic, late)]
     for path in (lam, curves):
         assert os.path.getsize(path) > 1000 and _is_png(path)
         image = imread(path)
@@ -1120,6 +1133,9 @@ def test_one_epoch_and_nan_values_are_drawn_with_marks():
     line, crosses = ax.get_lines()
     assert line.get_marker() not in (None, "None", "", " ")
     assert [y for y in line.get_ydata() if math.isfinite(y)] == [2.5, 1.5]
+    assert line.get_label() == "diverged" and list(line.get_xdata()) == [0, 1, 2, 3]
+    # NaN and ∞ leave a gap in the line (an ∞ kept in it would be drawn off the axes).
+    assert [math.isnan(y) for y in line.get_ydata()] == [False, True, False, True]
     assert crosses.get_marker() == "x" and list(crosses.get_xdata()) == [1, 3]
     assert crosses.get_transform() == ax.get_xaxis_transform() and list(crosses.get_ydata()) == [1.0, 1.0]
     assert to_rgba(crosses.get_color()) == to_rgba(line.get_color())
@@ -1157,6 +1173,11 @@ def test_zero_metric_values_are_drawn_in_a_zero_band():
     assert series["1"][1][-1] == pytest.approx(reference, rel=1e-5)         # the dense one: positive
     fig = plot_spectral_ratio(monitor, metric="sigma_min")
     ax = fig.axes[0]
+    assert ax.get_ylabel() == "sigma_min (log scale)"
+    lines = {line.get_label(): line for line in ax.get_lines() if line.get_label() in ("0", "1")}
+    # Zeros have no place on the log axis: a gap in the layer's line (drawn in the 0 band instead).
+    assert [math.isnan(y) for y in lines["0"].get_ydata()] == [True] * 3
+    assert list(lines["1"].get_ydata()) == series["1"][1]
     low, high = ax.get_ylim()
     zeros = [line for line in ax.get_lines() if line.get_marker() == "v"]
     assert len(zeros) == 1 and list(zeros[0].get_xdata()) == [0, 1, 2]
