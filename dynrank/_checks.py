@@ -160,8 +160,8 @@ def outside_group(group):
     """Whether ``group`` is what ``torch.distributed.new_group`` returns on a process outside the new group
     (``GroupMember.NON_GROUP_MEMBER``, an int), where torch's collectives do nothing."""
     dist = torch.distributed
-    return (isinstance(group, int) and not isinstance(group, bool) and dist.is_available()
-            and dist.is_initialized() and group == dist.GroupMember.NON_GROUP_MEMBER)
+    return (isinstance(group, int) and dist.is_available() and dist.is_initialized()
+            and group == dist.GroupMember.NON_GROUP_MEMBER)
 
 
 def _ddp_of(model):

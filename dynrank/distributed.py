@@ -189,8 +189,8 @@ def _sync_layers(layers, group=None):
     adapter's B), and nothing else broadcasts layers kept out of FSDP (built from a per-process seed, their
     biases and W or W_f differ too).  Tensors on the meta device (no values yet) are left alone; a scheduler
     refuses layers FSDP sharded before it gets here."""
-    tensors = {id(t): t for _, layer in layers for t in (*layer.parameters(), *layer.buffers()) if not t.is_meta}
-    broadcast_params(tensors.values(), group=group)
+    broadcast_params([t for _, layer in layers for t in (*layer.parameters(), *layer.buffers()) if not t.is_meta],
+                     group=group)
 
 
 def _check_same_count(count, what, layers, group=None):

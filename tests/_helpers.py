@@ -8,6 +8,7 @@ tests/conftest.py has already set ``TRITON_INTERPRET`` when this is imported.
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -194,3 +195,18 @@ def assert_lbfgs_step_like_the_reference(layer, forward, reference_forward, targ
     for name, p in trained.items():
         assert rel_err(p, before[name]) > moves, f"the step must move {name}"
         assert rel_err(p, reference[name]) < REL_TOL[torch.float64], name
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_blocks():
+    """The README's ```python blocks."""
+    return re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
+
+
+def readme_block(marker):
+    """The README's one ```python block holding ``marker``."""
+    found = [code for code in readme_blocks() if marker in code]
+    assert len(found) == 1, f"expected one README block containing {marker!r}, found {len(found)}"
+    return found[0]

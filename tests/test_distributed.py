@@ -4,7 +4,6 @@ to plain torch: 2 processes on gloo vs one process on the global batch."""
 import copy
 import io
 import os
-import re
 import time
 
 import pytest
@@ -15,12 +14,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from _helpers import holding_optimizer, rel_err
+from _helpers import holding_optimizer, readme_block, rel_err
 from dynrank.convert import convert_model
 from dynrank.distributed import allreduce_grads, broadcast_params, dynrank_params, rewrap_ddp
 from dynrank.inrank import IncrementalRankScheduler
 from dynrank.scheduler import DynamicRankScheduler
 from dynrank.unconvert import unconvert_model
+from test_readme import CLIP
 
 WORLD, EPOCHS, STEPS, INFLATE, DEFLATE = 2, 3, 2, 1, 2
 BATCH, D_IN, D_OUT = 8, 12, 3
@@ -364,7 +364,7 @@ def _fsdp_run(rank):
     grads = [full_grad(p.grad).clone() for p in with_grad]
     max_norm = 0.5 * float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
     namespace = {"model": model, "max_norm": max_norm, "torch": torch}
-    exec(_readme_block("clip_grads_with_norm_"), namespace)
+    exec(readme_block(CLIP), namespace)
     return {"model": state, "grads": grads, "max_norm": max_norm, "total": namespace["total"],
             "clipped": [full_grad(p.grad) for p in with_grad]}
 
@@ -429,16 +429,6 @@ def pretrained_mlp():
     with torch.no_grad():
         model[2].weight.copy_(torch.randn(32, 2, generator=g) @ torch.randn(2, 32, generator=g) / 8)
     return model
-
-
-def _readme_block(marker):
-    """The README's one Python block holding ``marker``."""
-    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-    with open(readme, encoding="utf-8") as f:
-        found = [code for code in re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.S | re.M)
-                 if marker in code]
-    assert len(found) == 1, marker
-    return found[0]
 
 
 def _scheduler_refusals(model):

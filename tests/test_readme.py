@@ -6,9 +6,6 @@ verbatim otherwise, the 150-epoch schedules included (one tiny batch per epoch).
 block of the README must be one of those listed here, so a new example cannot go untested.
 """
 
-import os
-import re
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,22 +13,10 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dynrank
-from _helpers import REL_TOL, rel_err
+from _helpers import REL_TOL, readme_block, readme_blocks, rel_err
 from dynrank._forms import FormLayer
 from dynrank.kernels.conv_merge import reference_kernel
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-
-
-def _blocks():
-    with open(README, encoding="utf-8") as f:
-        return re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.S | re.M)
-
-
-def _block(marker):
-    found = [code for code in _blocks() if marker in code]
-    assert len(found) == 1, f"expected one README block containing {marker!r}, found {len(found)}"
-    return found[0]
 
 
 QUICKSTART = "FusedLowRankLinear(512, 2048, rank=64)"
@@ -45,7 +30,7 @@ CLIP = "clip_grads_with_norm_"          # run on 2 gloo processes by tests/test_
 
 def test_every_python_block_is_run_here():
     markers = (QUICKSTART, CONV, OWN_MODEL, DDP, MEASURE, PROFILE, CLIP)
-    untested = [code.splitlines()[0] for code in _blocks() if not any(m in code for m in markers)]
+    untested = [code.splitlines()[0] for code in readme_blocks() if not any(m in code for m in markers)]
     assert not untested, f"README blocks with no test (first lines): {untested}"
 
 
@@ -73,7 +58,7 @@ def _in_tmp(tmp_path, monkeypatch):
 
 def test_quickstart_block():
     ns = {}
-    exec(_block(QUICKSTART), ns)
+    exec(readme_block(QUICKSTART), ns)
     model = ns["model"]
     assert [model[i].form for i in (0, 2)] == ["adapter", "adapter"]
     x = torch.randn(2, 3, 512)
@@ -93,7 +78,7 @@ def _reference_mlp(model, x):
 
 def test_conv_block():
     ns = {}
-    exec(_block(CONV), ns)
+    exec(readme_block(CONV), ns)
     conv = ns["conv"]
     assert (conv.form, conv.decomposition) == ("adapter", "cp")
     x = torch.randn(2, 64, 6, 6)
@@ -115,7 +100,7 @@ def test_own_model_block(capsys):
         ns["optimizer"].step()
 
     ns["train_one_epoch"] = train_one_epoch
-    exec(_block(OWN_MODEL), ns)
+    exec(readme_block(OWN_MODEL), ns)
     assert (ns["I"], ns["D"]) == (62, 137)             # the values the block's comment shows
     table = capsys.readouterr().out                    # convert_model's summary, printed by the block
     assert table.count("Conv2d → LowRankConv2d") == 2 and "final classifier" in table
@@ -132,7 +117,7 @@ def test_ddp_block():
           "get_ema_multi_avg_fn": get_ema_multi_avg_fn, "train_one_epoch": lambda: None}
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        exec(_block(DDP), ns)
+        exec(readme_block(DDP), ns)
         model = ns["model"]
         assert isinstance(model, nn.parallel.DistributedDataParallel) and model.module is net
         assert _forms(net) == ["adapter"] and _forms(ns["ema"].module) == ["adapter"]   # the copy switched too
@@ -155,7 +140,7 @@ def test_measure_block(tmp_path):
     lowrank.save("runs/lowrank")
     ns = {"model": model, "optimizer": optimizer, "loader": [(x, y)], "criterion": nn.CrossEntropyLoss(),
           "scheduler": dynrank.DynamicRankScheduler(model, optimizer, 55, 120), "val_loss": 1.0, "val_acc": 0.5}
-    exec(_block(MEASURE), ns)
+    exec(readme_block(MEASURE), ns)
     monitor = ns["monitor"]
     assert len(monitor.records) == 150
     assert [s["kind"] for s in monitor.switches] == ["inflate", "deflate"]
@@ -168,7 +153,7 @@ def test_profile_block(capsys):
     model = _cnn(converted=True)
     ns = {"model": model, "x": x, "y": y, "criterion": nn.CrossEntropyLoss(), "torch": torch, "dynrank": dynrank,
           "cost_report": dynrank.cost.cost_report}
-    exec(_block(PROFILE), ns)
+    exec(readme_block(PROFILE), ns)
     profile = ns["profile"]
     assert list(profile.seconds) == ["full", "lowrank", "adapter"] and _forms(model) == ["lowrank"]
     out = capsys.readouterr().out
