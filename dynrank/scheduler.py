@@ -852,6 +852,9 @@ class DynamicRankScheduler(_Claiming):
             if alphas is not None and alphas[name] != layer.alpha and (
                     form != "full" or settings["deflate_epoch"] is not None):
                 raise _alpha_mismatch(name, layer, alphas[name])
+        # A layer the load switches must be switchable (the RuntimeError _bring_to raises), before the
+        # settings are applied.
+        check_switchable([(name, layer) for name, layer in self._layers if layer.form != forms[name]])
         return settings, dict(forms), checked, lowrank_checked
 
     def load_state_dict(self, state_dict):
@@ -907,6 +910,8 @@ class DynamicRankScheduler(_Claiming):
                 model or removed since this scheduler was built.
                 A layer that a scheduler built or copied after this one manages (once that one
                 is gone, one a live IncrementalRankScheduler built meanwhile manages).
+            RuntimeError: a layer the load switches to another form has a
+                reparametrized weight or factor (``torch.nn.utils.parametrize``).
             Exception: the first one a callback raised, the load done.
         """
         self._load_checked(self._checked_state(state_dict))

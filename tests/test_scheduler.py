@@ -590,6 +590,30 @@ def test_load_state_dict_rejects_non_dicts_and_unreachable_ranks():
     _assert_unchanged(before, model, opt, sched)
 
 
+def test_a_load_refused_for_a_reparametrized_layer_changes_no_setting():
+    """A saved state of another schedule whose form a reparametrized layer cannot switch to: the RuntimeError
+    came after the saved settings (inflate/deflate epochs, epochs, deflate_rank) had replaced the scheduler's."""
+    from torch.nn.utils import parametrize
+    source = mlp()
+    source_sched = DynamicRankScheduler(source, torch.optim.SGD(source.parameters(), lr=0.1), 1, 3, epochs=10,
+                                        deflate_rank=2)
+    source_sched.step(1)
+    saved = source_sched.state_dict()                                                          # full form
+    model, opt, sched, _ = _trained(1, inflate=2, deflate=4)                                    # lowrank form
+
+    class Double(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    parametrize.register_parametrization(model[0], "A", Double())
+    before = _everything(model, opt, sched)
+    with pytest.raises(RuntimeError, match=r"^layer '0' \(lowrank form, rank 3\) cannot change form or rank: "
+                                           r"its A is reparametrized"):
+        sched.load_state_dict(saved)
+    assert (sched.inflate_epoch, sched.deflate_epoch, sched.epochs, sched.deflate_rank) == (2, 4, None, None)
+    _assert_unchanged(before, model, opt, sched)
+
+
 @pytest.mark.parametrize("init", ["svd", "zeros"])
 def test_step_checks_every_layer_before_switching_any(init):
     model, opt, sched, _ = _trained(2, inflate=0, deflate=3, deflate_init=init)   # full, trained
