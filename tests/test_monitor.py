@@ -1,6 +1,7 @@
 """RankMonitor: records, scheduler hook, files written and read back, plots."""
 
 import copy
+import csv
 import io
 import json
 import math
@@ -119,6 +120,27 @@ def test_scheduler_hook_records_switches():
         monitor.on_switch({"epoch": 1})
 
 
+def test_a_switch_by_step_between_epochs_belongs_to_the_next_epoch():
+    """A scheduler by steps, stepped at the top of each epoch before the monitor's epoch opens: its switch at
+    step 4 is made before epoch 1 (whose record is full), so it is epoch 1's, not epoch 0's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedLowRankLinear(8, 8, 2))
+    scheduler = DynamicRankScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), 4, None, unit="step")
+    monitor = RankMonitor(model).attach(scheduler)
+    steps_per_epoch = 4
+    for epoch in range(3):
+        scheduler.step(epoch * steps_per_epoch)
+        with monitor.epoch(epoch):
+            pass
+    assert [(r["epoch"], r["form"]) for r in monitor.records] == [(0, "lowrank"), (1, "full"), (2, "full")]
+    assert [(s["epoch"], s["step"], s["kind"], s["source"]) for s in monitor.switches] == \
+        [(1, 4, "inflate", "scheduler")]
+    # Before any epoch was recorded, a switch is the first epoch's.
+    first = RankMonitor(make_model())
+    first.on_switch({"epoch": None, "step": 0, "changes": [("0", "lowrank", "full")]})
+    assert [(s["epoch"], s["step"]) for s in first.switches] == [(0, 0)]
+
+
 @pytest.mark.parametrize("changes, kind", [
     ([("0", "lowrank", "full")], "inflate"),
     ([("0", "full", "adapter")], "deflate"),
@@ -144,6 +166,18 @@ def test_switch_detected_without_callback():
     assert monitor.records[1]["form"] == "mixed"
 
 
+def test_an_epoch_of_a_model_without_dynrank_layers_is_dense(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    monitor = RankMonitor(model)
+    with monitor.epoch(0):
+        pass
+    rec = monitor.records[0]
+    assert rec["form"] == "dense" and rec["form_mix"] == {"lowrank": 0, "full": 0, "adapter": 0}
+    assert [(name, m["form"]) for name, m in rec["layers"].items()] == [("0", "dense"), ("2", "dense")]
+    assert [e["form"] for e in read_csv(monitor.save(tmp_path / "dense")["epochs"])] == ["dense"]
+
+
 def test_log_and_epoch_errors():
     monitor = RankMonitor(make_model())
     with pytest.raises(RuntimeError, match=r"no epoch to log to; call start_epoch\(\)"):
@@ -155,6 +189,10 @@ def test_log_and_epoch_errors():
         monitor.start_epoch()
     with pytest.raises(TypeError, match="scalar 'loss' must be a number, got str"):
         monitor.log(loss="low")
+    for values in ([0.5, 0.6, 0.7], []):
+        with pytest.raises(ValueError, match=rf"scalar 'acc' must be a number or a 1-element tensor, got shape "
+                                             rf"\({len(values)},\)"):
+            monitor.log(acc=torch.tensor(values))
     with pytest.raises(ValueError, match="scalar name 'epoch' clashes with a recorded column"):
         monitor.log(epoch=1.0)
     monitor.log(lr=0.1)
@@ -327,6 +365,7 @@ def test_files_written_and_read_back(tmp_path):
     os.remove(paths["json"])                                           # from the CSVs alone
     from_csv = RankMonitor.load(paths["epochs"])
     assert from_csv.epochs == monitor.epochs
+    assert [r["form_mix"] for r in from_csv.records] == [r["form_mix"] for r in monitor.records]
     assert from_csv.layer_series("spectral_ratio") == monitor.layer_series("spectral_ratio")
     assert [(s["epoch"], s["kind"], s["changes"]) for s in from_csv.switches] == \
         [(s["epoch"], s["kind"], s["changes"]) for s in monitor.switches]
@@ -334,6 +373,29 @@ def test_files_written_and_read_back(tmp_path):
     stem = re.escape(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match=f"no {stem}\\.json or {stem}\\.epochs\\.csv"):
         RankMonitor.load(tmp_path / "missing")
+
+
+def test_a_scalar_of_some_epochs_only_reads_back_over_those_epochs(tmp_path):
+    """An evaluation every 2 epochs: eval_loss is in epochs 1 and 3 only, in memory and read back from the
+    JSON or the CSVs (where the other epochs' cells are empty)."""
+    monitor = RankMonitor(make_model())
+    for epoch in range(4):
+        with monitor.epoch(epoch):
+            pass
+        monitor.log(loss=1.0 / (epoch + 1), **({"eval_loss": 2.0 - epoch} if epoch % 2 else {}))
+    expected = ([1, 3], [1.0, -1.0])
+    assert monitor.scalar("eval_loss") == expected
+    assert monitor.scalar("loss") == ([0, 1, 2, 3], [1.0, 0.5, 1.0 / 3, 0.25])
+    assert monitor.scalar("accuracy") == ([], [])
+    paths = monitor.save(tmp_path / "eval_every_2")
+    assert [e["eval_loss"] for e in read_csv(paths["epochs"])] == [None, 1.0, None, -1.0]
+    from_json = RankMonitor.load(paths["json"])
+    os.remove(paths["json"])
+    from_csv = RankMonitor.load(paths["epochs"])
+    for loaded in (from_json, from_csv):
+        assert loaded.scalar("eval_loss") == expected
+        assert [r["scalars"] for r in loaded.records] == [r["scalars"] for r in monitor.records]
+        assert loaded.scalar_names() == ["loss", "eval_loss"]
 
 
 def _is_png(path):
@@ -518,6 +580,10 @@ def test_state_dict_is_a_copy_and_carries_the_forms():
     fresh_model = make_model()
     fresh = RankMonitor(fresh_model)
     fresh.load_state_dict(state)
+    last_scalars = dict(state["records"][-1]["scalars"])
+    fresh.log(eval_loss=0.25)                          # the resumed run's evaluation of its last epoch
+    assert fresh.records[-1]["scalars"] == dict(last_scalars, eval_loss=0.25)
+    assert state["records"][-1]["scalars"] == last_scalars
     state["switches"].clear()
     assert len(fresh.switches) == 2
     for i in (0, 2):
@@ -869,11 +935,21 @@ def _without_source(switches):
     return [{k: v for k, v in s.items() if k != "source"} for s in switches]
 
 
+def _drop_switch_column(path):
+    """Rewrite a switches CSV as dynrank wrote it before its "switch" column; returns that column's cells."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    dropped = [row.pop("switch") for row in rows]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return dropped
+
+
 def test_csv_load_keeps_two_switches_of_one_epoch_apart(tmp_path):
     """Two schedulers of one model, one deflating and one inflating at epoch 3: loaded from the CSVs alone
     they became one "deflate" switch holding both changes."""
-    import csv
-
     from dynrank import LowRankConv2d
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Sequential(LowRankConv2d(c, 8, 3, rank=2, padding=1), nn.ReLU()) for c in (4, 8)))
@@ -891,14 +967,20 @@ def test_csv_load_keeps_two_switches_of_one_epoch_apart(tmp_path):
     assert _without_source(from_csv.switches) == _without_source(monitor.switches)
     assert {s["source"] for s in from_csv.switches} == {"csv"}
     # A switches CSV written before the "switch" column: a new switch where epoch, step or kind change.
-    with open(paths["switches"], newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    assert [row.pop("switch") for row in rows] == ["0", "1", "2"]
-    with open(paths["switches"], "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    assert _drop_switch_column(paths["switches"]) == ["0", "1", "2"]
     assert _without_source(RankMonitor.load(paths["epochs"]).switches) == _without_source(monitor.switches)
+    # Two rank growths of one epoch at steps 1 and 2 (one kind) stay two switches in such a CSV too.
+    growths = RankMonitor(make_model())
+    with growths.epoch(0):
+        for step, layer in ((1, "0"), (2, "2")):
+            growths.on_switch({"epoch": None, "step": step, "changes": [(layer, "lowrank", "lowrank")],
+                               "rank_changes": [(layer, 3, 4)]})
+    paths = growths.save(tmp_path / "growths")
+    os.remove(paths["json"])
+    assert _drop_switch_column(paths["switches"]) == ["0", "1"]
+    loaded = RankMonitor.load(paths["epochs"]).switches
+    assert [(s["epoch"], s["step"], s["kind"]) for s in loaded] == [(0, 1, "change"), (0, 2, "change")]
+    assert _without_source(loaded) == _without_source(growths.switches)
     # Two switches of one kind at one epoch (two schedulers inflating together) stay two switches as well.
     monitor = RankMonitor(make_model())
     with monitor.epoch(0):
