@@ -415,6 +415,22 @@ def test_deflate_random_changes_function_and_takes_rank():
     assert rel_err(layer(x), before) > 1e-3
 
 
+def test_deflate_drops_the_gradient_the_weight_held():
+    """W becomes the frozen W_f: a gradient it kept would count in ``clip_grad_norm_`` and come back at the
+    next inflate.  The bias keeps its own."""
+    layer = FusedLowRankLinear(12, 10, rank=3, form="full")
+    layer(torch.randn(4, 12)).square().sum().backward()
+    weight, bias_grad = layer.weight, layer.bias.grad.clone()
+    assert weight.grad is not None
+    layer.deflate()
+    assert layer.weight is weight and not weight.requires_grad and weight.grad is None
+    assert torch.equal(layer.bias.grad, bias_grad)
+    total = torch.nn.utils.clip_grad_norm_(layer.parameters(), max_norm=1e9)
+    assert rel_err(total, bias_grad.double().norm()) < REL_TOL[torch.float32]
+    layer.inflate()
+    assert layer.weight is weight and weight.grad is None
+
+
 def test_deflate_svd_gives_row_major_factors_that_lbfgs_steps():
     """A is taken from the SVD's transposed factors: installed with those strides it passes them on to its
     gradient, which torch.optim.LBFGS views flat ("view size is not compatible").  Every factor is row-major,
@@ -456,6 +472,14 @@ def test_form_changes_that_do_not_apply_raise():
     with pytest.raises(ValueError, match=r"rank must be in \[1, 8\]"):
         layer.deflate(rank=9)
     assert layer.form == "full"        # a failed change leaves the layer as it was
+    layer.deflate()
+    _randomize_adapter(layer)          # trained adapters, which a second deflate would throw away
+    factors = layer.factors()
+    trained = {n: f.detach().clone() for n, f in factors.items()}
+    with pytest.raises(RuntimeError, match="is in adapter form; deflate applies to full form"):
+        layer.deflate()
+    assert layer.form == "adapter" and layer.factors() == factors
+    assert all(torch.equal(f, trained[n]) for n, f in factors.items())
 
 
 # -- from_dense -----------------------------------------------------------------------

@@ -277,6 +277,30 @@ def test_a_partly_frozen_layer_trains_its_new_form(build):
     assert all(p.requires_grad for p in layer.factors().values()) and not layer.weight.requires_grad
 
 
+# (layer form, saved form) pairs where the load switches the layer (adapter ← lowrank factors would load as the
+# adapter's own trained tensors), for linear and svd conv
+SWITCHING_FORMS = [pytest.param(build, form, saved, id=f"{case.id}-from-{saved}")
+                   for case in all_forms()[:6] for build, form in [case.values]
+                   for saved in FORMS if saved != form and (form, saved) != ("adapter", "lowrank")]
+
+
+@pytest.mark.parametrize("frozen", ["layer", "all but the bias"])
+@pytest.mark.parametrize("build, form, saved", SWITCHING_FORMS)
+def test_a_frozen_layer_stays_frozen_through_a_load_of_another_form(build, form, saved, frozen):
+    """``load_state_dict`` leaves ``requires_grad`` alone: a frozen layer (a frozen backbone) that a dict of
+    another form switches stays frozen, W and factors alike, a trained bias still trains, and the layer
+    computes the saved one's function."""
+    src = randomize(build(saved, dtype=torch.float64))
+    layer = randomize(build(form, dtype=torch.float64)).requires_grad_(False)
+    if frozen != "layer":
+        layer.bias.requires_grad_(True)
+    layer.load_state_dict(src.state_dict())
+    assert (layer.form, layer.rank) == (saved, src.rank)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ([] if frozen == "layer" else ["bias"])
+    x = input_for(layer, 3).double()
+    assert torch.equal(layer(x), src(x))
+
+
 def test_the_scheduler_keeps_a_frozen_layer_frozen_and_held():
     """A layer frozen after conversion: each switch keeps it frozen, and its new parameters take the old
     ones' place in the optimizer (SGD(model.parameters()) holds its frozen factors at first), W_f aside:
@@ -568,12 +592,13 @@ def test_a_copy_that_fails_after_the_switch_gives_the_layer_its_own_parameters_b
     form, rank = layer.form, layer.rank
     params, values, optimizer = [(n, id(p)) for n, p in layer.named_parameters()], state(layer), _optimizer_view(opt)
     grads = [p.requires_grad for p in layer.parameters()]
+    lowrank_rank = layer._lowrank_rank          # the rank cost reports read for its lowrank epochs
     sd = {f"0.{k}": v for k, v in saved().state_dict().items()}
     sd[f"0.{key}"] = sd[f"0.{key}"].as_subclass(_FailsToCopy)
     with pytest.raises(RuntimeError, match=rf'While copying the parameter named "0.{key}".*this tensor cannot be '
                                            rf'copied'):
         model.load_state_dict(sd)
-    assert layer.form == form and layer.rank == rank
+    assert layer.form == form and layer.rank == rank and layer._lowrank_rank == lowrank_rank
     assert [p.requires_grad for p in layer.parameters()] == grads
     kept = {"bias"} | ({"weight"} if (form, saved().form) == ("full", "adapter") else set())
     for name in kept - {key}:
@@ -651,6 +676,25 @@ def test_a_layer_with_a_reparametrized_factor_loads_its_own_state_dict(build, fo
     model = nn.Sequential(nn.Identity(), reparametrized(build, form, kind))     # under a prefix
     model.load_state_dict({f"1.{k}": v for k, v in sd.items()})
     assert torch.equal(model(x), expected)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("kind", list(REPARAMETRIZATIONS))
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+@pytest.mark.parametrize("build", LINEAR_AND_SVD_CONV)
+def test_a_layer_with_a_reparametrized_factor_refuses_to_inflate(build, form, kind):
+    """``inflate`` releases the factors: with A reparametrized it would fail halfway (or drop the
+    reparametrization) and leave the layer between two forms.  Refused by name, the layer left as it was."""
+    layer = reparametrized(build, form, kind)
+    x = input_for(layer, 3).double()
+    expected = layer(x)
+    before, params = state(layer), [(n, id(p)) for n, p in layer.named_parameters()]
+    with pytest.raises(RuntimeError, match=rf"\({form} form, rank .*\) cannot change form or rank: its A is "
+                                           rf"reparametrized"):
+        layer.inflate()
+    assert layer.form == form and [(n, id(p)) for n, p in layer.named_parameters()] == params
+    assert_same_state(layer, before)
+    assert torch.equal(layer(x), expected)
 
 
 @pytest.mark.parametrize("strict", [True, False])

@@ -106,6 +106,21 @@ def test_warmup_then_cosine_measures_from_the_peak():
     assert boundary > warm
 
 
+@pytest.mark.parametrize("peak, low, threshold", [
+    (0.7, 0.07, 0.1),                              # 0.7 · 0.1 is 0.06999999999999999 in binary
+    (1.3, 1.3 * math.sqrt(10) / 10, None),         # the default 10 ** -0.5, computed another way
+])
+def test_an_lr_at_the_threshold_in_decimal_counts_as_reaching_it(peak, low, threshold):
+    """The boundary is the first epoch after the peak at or below threshold × peak: an LR equal to that
+    product but a rounding step above its binary value counts; one a millionth above does not."""
+    kw = {} if threshold is None else {"threshold": threshold}
+    assert low > peak * (threshold or 10 ** -0.5)  # just above the binary product
+    assert regime_boundary(4, lrs=[peak, peak, low, low], **kw) == 2
+    assert midpoint_schedule(4, lrs=[peak, peak, low, low], **kw) == (1, 3)
+    with pytest.raises(ValueError, match=r"never falls to .* its peak"):
+        regime_boundary(4, lrs=[peak, peak, low * (1 + 1e-6), low * (1 + 1e-6)], **kw)
+
+
 @pytest.mark.parametrize("epochs", [10, 37, 150, 400])
 @pytest.mark.parametrize("phi", [0.05, 0.25, 0.5, 0.8, 1.0])
 @pytest.mark.parametrize("where", [0.2, 0.5, 0.9])
@@ -182,6 +197,9 @@ def test_bad_lr_arguments_say_what_broke():
         schedule_from_lr(4, lrs=[1.0, 1.0, 0.1, 0.1], threshold="x")
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\), got nan"):
         midpoint_schedule(4, lrs=[1.0, 1.0, 0.1, 0.1], threshold=math.nan)
+    for bad in (1.0, 0.0, -0.1, 1.5):              # 1.0: a constant LR would be "at" the threshold at once
+        with pytest.raises(ValueError, match=rf"^threshold must be in \(0, 1\), got {bad}$"):
+            regime_boundary(10, lrs=[0.1] * 10, threshold=bad)
     with pytest.raises(TypeError, match=r"^milestones must be a sequence of decay epochs \(e\.g\. \[100, 150\]\), "
                                         r"got int \(5\)$"):
         schedule_from_lr(10, milestones=5)
