@@ -595,9 +595,16 @@ class DynamicRankCallback(TrainerCallback):
             return
         end = self._run_end(args, state)
         if end > epochs:
-            what = (f"max_steps={end} optimizer steps" if self.unit == "step"
-                    else f"num_train_epochs={getattr(state, 'num_train_epochs', None) or args.num_train_epochs} "
-                         f"({end} epochs)")
+            # Name the argument the Trainer took the epochs from: max_steps overrides num_train_epochs, and a
+            # fractional num_train_epochs runs into one more epoch.
+            by_steps = (getattr(args, "max_steps", 0) or 0) > 0
+            if self.unit == "step":
+                what = (f"max_steps={end} optimizer steps" if by_steps else
+                        f"{end} optimizer steps (num_train_epochs={args.num_train_epochs:g})")
+            elif by_steps:
+                what = f"max_steps={args.max_steps} ({end} epochs)"
+            else:
+                what = f"num_train_epochs={args.num_train_epochs:g} ({end} epochs)"
             raise ValueError(f"DynamicRankCallback(epochs={epochs}) schedules {epochs} {self.unit}s, but this "
                              f"Trainer runs {what}; give epochs={end} or more (or leave it out)")
 

@@ -506,8 +506,8 @@ def _trainer(out_dir, callback, epochs=4, save="epoch", data=None, eval_data=Non
     model = model or _converted_gpt2()
     args = transformers.TrainingArguments(
         output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=8, learning_rate=1e-2,
-        report_to=[], save_strategy=save, use_cpu=True, seed=0, disable_tqdm=True,
-        **{"logging_steps": 4, **arguments})
+        report_to=[], save_strategy=save, use_cpu=True, disable_tqdm=True,
+        **{"logging_steps": 4, "seed": 0, **arguments})
     return transformers.Trainer(model=model, args=args, train_dataset=data or _Tokens(), eval_dataset=eval_data,
                                 callbacks=[callback])
 
@@ -534,6 +534,16 @@ def test_callback_runs_the_schedule_in_a_trainer(tmp_path):
     assert len(rates) == 4 and all(a > b for a, b in zip(rates, rates[1:]))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+def test_callback_logs_the_switch_of_a_single_layer(tmp_path):
+    from dynrank.hf import DynamicRankCallback
+    lines = []
+    model = _converted_gpt2(include="transformer.h.0.mlp.c_fc")
+    _train(tmp_path, DynamicRankCallback(1, None, log=lines.append), model=model, epochs=2, save="no",
+           data=_Tokens(8))
+    assert lines == ["dynrank: epoch 1: 1 layer lowrank → full"]
+    assert model.transformer.h[0].mlp.c_fc.form == "full"
 
 
 def test_callback_resumes_bitwise_across_the_switches(tmp_path):
@@ -778,6 +788,26 @@ def test_callback_takes_the_optimizer_state_policy(tmp_path, policy):
     assert len(held) == 2 and all((count == 0) == (policy == "fresh") for count in held), held
 
 
+def test_callback_deflates_to_fresh_factors_of_the_runs_seed(tmp_path):
+    """Runs of a seed sweep draw their own fresh B at the deflate: the switch's generator is seeded by
+    args.seed as well as the epoch."""
+    from dynrank.hf import DynamicRankCallback
+    drawn = {}
+    for seed in (1, 2):
+        callback = DynamicRankCallback(0, 1, log=None)
+        trainer = _trainer(tmp_path / str(seed), callback, epochs=2, save="no", data=_Tokens(8), seed=seed)
+        layer = trainer.model.transformer.h[0].attn.c_attn
+
+        class Watch(transformers.TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                callback.scheduler.add_callback(
+                    lambda event: drawn.setdefault(seed, layer.B.detach().clone()) if layer.form == "adapter" else None)
+        trainer.add_callback(Watch())
+        trainer.train()
+    assert drawn.keys() == {1, 2} and all(bool(b.any()) for b in drawn.values())
+    assert not torch.equal(drawn[1], drawn[2])
+
+
 def test_callback_by_steps(tmp_path):
     from dynrank.hf import DynamicRankCallback
     callback = DynamicRankCallback(5, 10, unit="step", log=None)
@@ -840,7 +870,10 @@ def test_callback_refuses_a_second_train_call(tmp_path):
 
 @pytest.mark.parametrize("unit, epochs, arguments, runs", [
     ("epoch", 3, {}, "num_train_epochs=4 (4 epochs)"),
-    ("step", 6, {"max_steps": 8}, "max_steps=8 optimizer steps")])
+    ("epoch", 2, {"epochs": 2.5}, "num_train_epochs=2.5 (3 epochs)"),
+    ("epoch", 4, {"max_steps": 20}, "max_steps=20 (5 epochs)"),       # 4 steps an epoch; num_train_epochs=4
+    ("step", 6, {"max_steps": 8}, "max_steps=8 optimizer steps"),
+    ("step", 6, {}, "16 optimizer steps (num_train_epochs=4)")])
 def test_callback_refuses_a_run_longer_than_its_epochs(tmp_path, unit, epochs, arguments, runs):
     # Refused before the first step, not by the scheduler's range check once the schedule runs out.
     from dynrank.hf import DynamicRankCallback
@@ -906,6 +939,38 @@ def test_callback_and_load_best_model_at_end(tmp_path, inflate, deflate, refused
     from safetensors.torch import load_file
     saved.load_state_dict(load_file(str(tmp_path / "checkpoint-4" / "model.safetensors")), strict=False)
     assert trainer.model.transformer.h[0].attn.c_attn.form == ("full" if inflate == 0 else "lowrank")
+    expected, state = saved.state_dict(), trainer.model.state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("unit, deflate, streamed, refused", [
+    ("step", 8, False, False), ("step", 7, False, True), ("epoch", 2, True, True)],
+    ids=["step-deflate-at-max-steps", "step-deflate-inside", "streamed"])
+def test_callback_and_load_best_model_at_end_of_a_run_by_max_steps(tmp_path, unit, deflate, streamed, refused):
+    """max_steps=8, checkpoints and evaluations at steps 4 and 8.  By steps, a deflate at step 8 comes after
+    the last step: the run ends in full form and the best checkpoint (checkpoint-4, lowrank) comes back
+    whole; one at step 7 is inside the run: refused.  With streamed data the run's length in epochs is
+    unknown, so a deflate at epoch 2 may come inside it: refused."""
+    from dynrank.hf import DynamicRankCallback
+    inflate = 4 if unit == "step" else 1
+    trainer = _trainer(tmp_path, DynamicRankCallback(inflate, deflate, unit=unit, log=None), save="steps",
+                       save_steps=4, eval_strategy="steps", eval_steps=4, max_steps=8,
+                       data=_TokenStream(16) if streamed else None, load_best_model_at_end=True,
+                       metric_for_best_model="loss", greater_is_better=True, eval_data=_Tokens(16))
+    if refused:
+        with pytest.raises(ValueError, match=re.escape(f"load_best_model_at_end=True with this schedule (lowrank "
+                                                       f"until {unit} {inflate}, adapter from {deflate})")):
+            trainer.train()
+        assert trainer.state.global_step == 0
+        assert trainer.model.transformer.h[0].attn.c_attn.form == "lowrank"
+        return
+    trainer.train()
+    assert trainer.state.global_step == 8 and trainer.state.best_model_checkpoint.endswith("checkpoint-4")
+    saved = gpt2(dtype=torch.float32)
+    convert_model(saved, rank_ratio=0.5)
+    from safetensors.torch import load_file
+    saved.load_state_dict(load_file(str(tmp_path / "checkpoint-4" / "model.safetensors")), strict=False)
+    assert trainer.model.transformer.h[0].attn.c_attn.form == "lowrank"
     expected, state = saved.state_dict(), trainer.model.state_dict()
     assert all(torch.equal(state[k], expected[k]) for k in expected)
 
@@ -1383,13 +1448,14 @@ def test_callback_monitor_keeps_an_evaluation_after_an_interrupted_train_out(tmp
 def test_callback_resumes_a_streamed_run_past_a_switch_neither_run_reaches(tmp_path):
     """5 batches a pass, max_steps=7: epochs begin at steps 0 and 5.  Resumed from checkpoint-6, inside epoch
     1, the data start anew: epoch 2 begins at step 6 and epoch 3 at 11.  A deflate at epoch 3 comes in
-    neither run, and the resume goes on; one at epoch 2 would come in the resumed run only: refused."""
+    neither run, and the resume goes on; one at epoch 2 would come in the resumed run only: refused.  With
+    max_steps=11 the resumed run's epoch 3 would begin at the run's end exactly: still neither run's."""
     from dynrank.hf import DynamicRankCallback
 
-    def run(out_dir, deflate, resume=None):
+    def run(out_dir, deflate, resume=None, max_steps=7):
         switches = []
         trainer = _trainer(out_dir, DynamicRankCallback(1, deflate, log=switches.append), data=_TokenStream(40),
-                           max_steps=7, save="steps", save_steps=6)
+                           max_steps=max_steps, save="steps", save_steps=6)
         trainer.train(resume_from_checkpoint=resume)
         return switches, trainer.model
 
@@ -1399,6 +1465,32 @@ def test_callback_resumes_a_streamed_run_past_a_switch_neither_run_reaches(tmp_p
     assert switches == [] and {m.form for m in resumed.modules() if isinstance(m, FusedLowRankLinear)} == {"full"}
     with pytest.raises(ValueError, match=r"inside epoch 1 \(begun at step 5\).*the switch at epoch 2"):
         run(tmp_path / "refused", 2, resume=str(tmp_path / "full" / "checkpoint-6"))
+    full, _ = run(tmp_path / "full-11", 3, max_steps=11)
+    assert full == ["dynrank: epoch 1: 8 layers lowrank → full"]
+    switches, resumed = run(tmp_path / "again-11", 3, resume=str(tmp_path / "full-11" / "checkpoint-6"),
+                            max_steps=11)
+    assert switches == [] and {m.form for m in resumed.modules() if isinstance(m, FusedLowRankLinear)} == {"full"}
+
+
+def test_callback_resumes_a_streamed_run_by_steps_from_inside_an_epoch(tmp_path):
+    """By steps a switch does not depend on where the epochs begin: a streamed run (2 batches a pass) resumed
+    from checkpoint-3, inside epoch 1, makes the deflate at step 4 where the uninterrupted run did."""
+    from dynrank.hf import DynamicRankCallback
+
+    def run(out_dir, resume=None):
+        switches, trainer = [], None
+        callback = DynamicRankCallback(
+            2, 4, unit="step", log=lambda line: switches.append((trainer.state.global_step, line)))
+        trainer = _trainer(out_dir, callback, data=_TokenStream(16), max_steps=6, save="steps", save_steps=3)
+        trainer.train(resume_from_checkpoint=resume)
+        return switches, trainer.model
+
+    full, _ = run(tmp_path / "full")
+    assert full == [(2, "dynrank: step 2: 8 layers lowrank → full"),
+                    (4, "dynrank: step 4: 8 layers full → adapter")]
+    switches, resumed = run(tmp_path / "again", resume=str(tmp_path / "full" / "checkpoint-3"))
+    assert switches == full[1:]
+    assert {m.form for m in resumed.modules() if isinstance(m, FusedLowRankLinear)} == {"adapter"}
 
 
 # -- IncrementalRankCallback: InRank's growth inside transformers.Trainer ------------------------------------
