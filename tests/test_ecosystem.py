@@ -329,11 +329,19 @@ def test_ema_copy_follows_the_switches(deflate_init):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = DynamicRankScheduler(model, opt, 1, 2, deflate_init=deflate_init)
     ema = sched.add_model_copy(AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)).requires_grad_(False))
+    twin = mlp().double()                    # the same run without the copy, for the random numbers drawn
+    twin_sched = DynamicRankScheduler(twin, torch.optim.SGD(twin.parameters(), lr=0.1), 1, 2,
+                                      deflate_init=deflate_init)
     reference = {}
     x, y = data(torch.float64)
     for epoch in range(3):
         before = ema(x).detach()
+        rng = torch.get_rng_state()
         changes = sched.step(epoch)
+        after = torch.get_rng_state()
+        torch.set_rng_state(rng)
+        assert twin_sched.step(epoch) == changes
+        assert torch.equal(torch.get_rng_state(), after)              # following draws no random numbers
         if changes:
             assert rel_err(ema(x).detach(), before) < 1e-12             # the copy keeps its function
         for name, old, new in changes:

@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from _helpers import Wrapper
+from _helpers import Wrapper, rel_err
 from _scheduling import data, held, kept_and_removed_copy, mlp, same_set, train_steps, trainable
 from dynrank.convert import convert_model
 from dynrank.linear import FusedLowRankLinear
@@ -191,7 +192,7 @@ def test_step_unit_and_callback_event():
 
 
 def test_deflate_rank_options():
-    for spec, expected in ((2, [2, 2]), (0.5, [6, 12]), ({"0": 3}, [3, 6])):  # ρ·min(in, out)
+    for spec, expected in ((2, [2, 2]), (0.5, [6, 12]), (1.0, [12, 24]), ({"0": 3}, [3, 6])):  # ρ·min(in, out)
         model = mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         DynamicRankScheduler(model, opt, 0, 1, deflate_rank=spec).step(1)
@@ -447,6 +448,35 @@ def test_load_state_dict_restores_forms_and_optimizer_order():
     other_sched = DynamicRankScheduler(other, torch.optim.SGD(other.parameters(), lr=0.1), 1, 2)
     with pytest.raises(ValueError, match=r"saved scheduler manages other layers: only in checkpoint \['2'\], only in this model \[\]"):
         other_sched.load_state_dict(sched.state_dict())
+
+
+def test_load_state_dict_restores_the_saved_run_settings():
+    """A scheduler built with the defaults takes the saved run's deflate_init, epochs, optimizer_state and
+    deflate_rank: it deflates as that run would have (SVD at rank 2) and refuses the epochs past its end."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(model, opt, 1, 3, deflate_init="svd", optimizer_state="carry", deflate_rank=2,
+                                 epochs=5)
+    sched.step(1)
+    fresh = mlp(seed=5)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    fresh_sched = DynamicRankScheduler(fresh, fresh_opt, 1, 3)
+    load_training_state(training_state(model, opt, sched), fresh, fresh_opt, fresh_sched)
+    assert (fresh_sched.deflate_init, fresh_sched.epochs, fresh_sched.optimizer_state, fresh_sched.deflate_rank) \
+        == ("svd", 5, "carry", 2)
+    dense = {i: fresh[i].weight.detach().double().clone() for i in (0, 2)}
+    assert fresh_sched.step(3) == [("0", "full", "adapter"), ("2", "full", "adapter")]
+    for i, W in dense.items():
+        layer = fresh[i]
+        assert layer.rank == 2
+        U, S, Vh = torch.linalg.svd(W)
+        best = (U[:, :2] * S[:2]) @ Vh[:2]
+        delta = layer.scale * layer.A.detach().double() @ layer.B.detach().double().t()
+        assert rel_err(delta, best) < 1e-5                   # top singular pairs, not zero-initialized factors
+        assert rel_err(layer.weight.double() + delta, W) < 1e-6
+    fresh_sched.step(4)
+    with pytest.raises(ValueError, match=re.escape("epoch must be in [0, 5), got 5")):
+        fresh_sched.step(5)
 
 
 # -- failed calls change nothing -------------------------------------------------------------------
@@ -1167,6 +1197,21 @@ def test_a_numpy_deflate_rank_is_saved_as_plain_python(deflate_rank, plain):
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
     load_training_state(loaded, fresh, fresh_opt, DynamicRankScheduler(fresh, fresh_opt, 1, 2))
     _assert_bitwise_equal(fresh.state_dict(), model.state_dict())
+
+
+def test_a_saved_state_shares_no_dict_with_the_scheduler():
+    """Editing a state dict (a fork trying another rank) leaves the running scheduler as it was."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = DynamicRankScheduler(model, opt, 0, 1, deflate_rank={"0": 2})
+    saved = copy.deepcopy(sched.state_dict())
+    state = sched.state_dict()
+    for key in ("deflate_rank", "forms", "ranks", "lowrank_ranks"):
+        state[key]["0"] = 5
+    assert sched.deflate_rank == {"0": 2} and sched.state_dict() == saved
+    sched.step(0)
+    sched.step(1)
+    assert model[0].rank == 2
 
 
 # -- one scheduler per layer -----------------------------------------------------------------------
