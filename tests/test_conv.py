@@ -249,6 +249,45 @@ def test_svd_fit_of_a_rank_deficient_kernel_keeps_every_component_trainable(case
     assert torch.all(g_B[dead] == 0) and g_B[live].min() > 0
 
 
+@pytest.mark.parametrize("dtype, case", [(torch.float32, "inflated rank-2 factors"),
+                                         (torch.float32, "rank 2 and a tail"), (torch.bfloat16, "rank 2 and a tail")],
+                         ids=str)
+def test_svd_deflate_of_a_float32_or_16_bit_kernel_above_its_rank_gives_the_zero_output_init(dtype, case):
+    """Deflating above W's rank: singular values within the kernel's rounding (float32's eps for float32 and
+    16-bit kernels) count as zero, so the surplus components get A = 0 and a fresh B, not near-zero factors
+    of a saddle point.  The tail is an exact 2⁻³⁰ entry in a zero filter of an integer rank-2 kernel (every
+    entry exact in bfloat16), far below float32's resolution and far above float64's."""
+    torch.manual_seed(0)
+    layer = LowRankConv2d(8, 8, 3, rank=2, padding=1, dtype=dtype)
+    if case == "inflated rank-2 factors":
+        randomize(layer)
+        layer.inflate()
+    else:
+        U, V = torch.randint(-2, 3, (8, 2), dtype=F64), torch.randint(-2, 3, (8 * 9, 2), dtype=F64)
+        U[0] = 0
+        kernel = (U @ V.t()).reshape(8, 8, 3, 3)
+        kernel[0, 0, 0, 0] = 2.0 ** -30
+        layer.inflate()
+        with torch.no_grad():
+            layer.weight.copy_(kernel)
+        assert torch.equal(layer.weight.double(), kernel)
+    conv = reference_conv(layer)
+    with torch.no_grad():
+        conv.weight.copy_(layer.weight)
+        conv.bias.copy_(layer.bias)
+    layer.deflate(rank=6, init="svd")
+    dead, live = [2, 3, 4, 5], [0, 1]
+    x = torch.randn(2, 8, 6, 6, dtype=F64)
+    y = layer(x.to(dtype))
+    assert rel_err(y, conv(x)) < REL_TOL[dtype]
+    assert torch.all(_svd_components(layer, layer.A.detach(), "A")[dead] == 0)   # the zero-output init
+    norms_B = _svd_components(layer, layer.B.detach().double(), "B")
+    assert norms_B[dead].min() > 0.3 and norms_B[dead].max() < 3                 # Glorot: about 1
+    g_A = torch.autograd.grad((y.double() * torch.randn_like(y.double())).sum(), layer.A)[0]
+    g_A = _svd_components(layer, g_A.double(), "A")
+    assert g_A[dead].min() > 1e-3 * g_A[live].max()                              # every component trains
+
+
 def test_svd_fit_of_a_full_rank_kernel_draws_no_random_numbers():
     """Only zero components draw their B from the RNG: a seeded run's stream is as it was."""
     layer = LowRankConv2d(8, 8, 3, rank=8, groups=4, dtype=F64)
@@ -532,6 +571,11 @@ def test_rank_ratio_as_the_authors():
     assert LowRankConv2d(3, 16, 3, rank_ratio=0.5, decomposition="tkd-cpd").rank == (3, 8, 8)
     assert LowRankConv2d(16, 16, 1, rank_ratio=0.5).rank == 8
     assert LowRankConv2d(6, 10, 3, rank_ratio=0.5, groups=2).rank == 4     # int(5) → multiple of 2
+    # At least groups: a depthwise conv keeps full rank, and int(0.25·16) = 4 < 8 groups gives 8.
+    assert LowRankConv2d(32, 32, 3, rank_ratio=0.25, groups=32).rank == 32
+    assert LowRankConv2d(16, 16, 3, rank_ratio=0.25, groups=8).rank == 8
+    # An RGB stem 3 → 64: r = 32, the core (32, 3, 3, 3) has CP rank at most 27.
+    assert LowRankConv2d(3, 64, 3, rank_ratio=0.5, decomposition="tkd-cpd").rank == (3, 27, 32)
     assert LowRankConv2d(16, 16, 3, rank=5, decomposition="tucker").rank == (5, 5)
 
 
@@ -552,6 +596,28 @@ def test_lowrank_init_has_conv2d_variance(dec):
         second_moments.append(kernel.pow(2).mean().item())
     expected = 1.0 / (3 * 12 * 9)            # nn.Conv2d's default: U(±1/sqrt(fan_in))
     assert abs(np.mean(second_moments) / expected - 1) < bound
+
+
+@pytest.mark.parametrize("dec, rank", [("svd", 32), ("tucker", (32, 32)), ("cp", 256), ("tkd-cpd", (32, 256, 32))],
+                         ids=DECOMPOSITIONS)
+def test_deflate_random_draws_glorot_normal_factors(dec, rank):
+    """deflate(init="random") draws each factor (o, i, kh, kw) from N(0, 2/((i + fan_out)·kh·kw)), fan_out = o,
+    or 1 for a depthwise Kh/Kw.  Pooled over 8 draws of a 48 → 64 layer, each factor's std is estimated from
+    ≥ 6144 entries (relative standard error ≤ 0.9 %), so a 5 % bound is tight yet far from the scatter."""
+    torch.manual_seed(0)
+    draws = {}
+    for _ in range(8):
+        layer = LowRankConv2d(48, 64, 3, rank=rank, decomposition=dec, form="full", dtype=F64)
+        layer.deflate(init="random")
+        for name, factor in layer.factors().items():
+            draws.setdefault(name, []).append(factor.detach())
+    for name, factors in draws.items():
+        o, i, kh, kw = factors[0].shape
+        fan_out = 1 if name in ("Kh", "Kw") else o
+        expected = (2.0 / ((i + fan_out) * kh * kw)) ** 0.5
+        entries = torch.cat([f.flatten() for f in factors])
+        assert abs(entries.std().item() / expected - 1) < 0.05, name
+        assert abs(entries.mean().item()) < 0.05 * expected, name
 
 
 @pytest.mark.parametrize("form", ["lowrank", "full", "adapter"])
@@ -690,6 +756,63 @@ def test_adapter_work_and_costs_match_a_hand_count():
         for strategy, (flops, moved, ops) in work.items():
             assert costs[strategy] == pytest.approx(flops / flops_per_s + moved / bytes_per_s + ops * launch,
                                                     rel=1e-12, abs=0)
+
+
+# case → (layer, input size (h, w), padded size the convs see (h, w), output size, the chain's convs as
+# [C_in, h, w, C_out, C_in per group, kh, kw, h_out, w_out] of _conv_pass)
+_COUNTED_ADAPTERS = {
+    # 3×3 dilated 3 spans 7×7: 13×11 with padding 1 → 9×7.
+    "dilation 3": (dict(kernel_size=3, rank=4, padding=1, dilation=3), (13, 11), (13, 11), (9, 7),
+                   [(6, 13, 11, 4, 6, 3, 3, 9, 7), (4, 9, 7, 10, 4, 1, 1, 9, 7)]),
+    # 9×7 reflect-padded once by 1 row and 3 columns each side to 11×13; every conv runs unpadded.
+    "reflect padding (1, 3)": (dict(kernel_size=3, rank=4, padding=(1, 3), padding_mode="reflect"), (9, 7),
+                               (11, 13), (9, 11),
+                               [(6, 11, 13, 4, 6, 3, 3, 9, 11), (4, 9, 11, 10, 4, 1, 1, 9, 11)]),
+    # cp: 1×1 6 → 4, depthwise 3×1 (stride 2, padding 1) on the height, depthwise 1×5 (padding 2, dilation 2)
+    # on the width, 1×1 4 → 10: 9×12 → 5×12 → 5×8.
+    "cp, (3, 5) kernel": (dict(kernel_size=(3, 5), rank=4, decomposition="cp", stride=(2, 1), padding=(1, 2),
+                               dilation=(1, 2)), (9, 12), (9, 12), (5, 8),
+                          [(6, 9, 12, 4, 6, 1, 1, 9, 12), (4, 9, 12, 4, 1, 3, 1, 5, 12),
+                           (4, 5, 12, 4, 1, 1, 5, 5, 8), (4, 5, 8, 10, 4, 1, 1, 5, 8)]),
+}
+
+
+@pytest.mark.parametrize("case", list(_COUNTED_ADAPTERS))
+def test_adapter_work_of_dilated_padded_and_separable_layers_matches_a_hand_count(case):
+    """adapter_work as test_adapter_work_and_costs_match_a_hand_count counts it (6 → 10, rank 4, float32 batch
+    of 2), for a dilated kernel, a padding mode that pads the input once (the convs see the padded size) and
+    a cp chain whose depthwise convs step the height and the width apart."""
+    from dynrank.conv import adapter_work
+    from dynrank.conv_adapter import _MACHINE
+    kwargs, (h, w), (hp, wp), (ho, wo), convs = _COUNTED_ADAPTERS[case]
+    layer = LowRankConv2d(6, 10, form="adapter", **kwargs)
+    n, elt, r = 2, 4, 4
+    kh, kw = layer.kernel_size
+    dense = _conv_pass(n, 6, hp, wp, 10, 6, kh, kw, ho, wo, elt)
+    chain = [_conv_pass(n, *conv, elt) for conv in convs]
+    paths_sum = np.array([0.0, 3.0 * elt * n * 10 * ho * wo, 1.0])
+    merge = np.array([2.0 * 10 * r * 6 * kh * kw, elt * (2 * 10 * 6 * kh * kw + 10 * r + r * 6 * kh * kw), 2.0])
+    expected = {
+        "x needs grad": {"chain": 2 * dense + 2 * paths_sum + 3 * sum(chain), "merged": 3 * merge + 3 * dense},
+        "x needs no grad": {"chain": dense + 2 * paths_sum + 3 * sum(chain) - chain[0],
+                            "merged": 3 * merge + 2 * dense},
+        "no grad mode": {"chain": dense + paths_sum + sum(chain), "merged": merge + dense},
+    }
+    x = torch.randn(n, 6, h, w)
+    assert layer(x).shape == (n, 10, ho, wo)
+    works = {"x needs grad": adapter_work(layer, x.requires_grad_()),
+             "x needs no grad": adapter_work(layer, x.detach())}
+    with torch.no_grad():
+        works["no grad mode"] = adapter_work(layer, x)
+    for grad_case, work in works.items():
+        assert set(work) == {"chain", "merged"}, grad_case
+        for strategy, counted in work.items():
+            assert counted == pytest.approx(expected[grad_case][strategy].tolist(), rel=1e-12, abs=0), \
+                (grad_case, strategy)
+    flops_per_s, bytes_per_s, launch = _MACHINE["cpu"]
+    flops, moved, ops = works["x needs grad"]["chain"]
+    assert adapter_costs(layer, x)["chain"] == pytest.approx(flops / flops_per_s + moved / bytes_per_s + ops * launch,
+                                                             rel=1e-12, abs=0)
 
 
 class FakeStrategyClock:

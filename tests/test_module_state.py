@@ -736,6 +736,12 @@ def test_repr_names_the_form_and_the_rank():
                        "form='lowrank', padding=(1, 1), bias=False)")
     c.inflate().deflate(rank=(1, 2))
     assert "rank=(1, 2), form='adapter'" in repr(c)
+    assert repr(FusedLowRankLinear(17, 23, rank=4, bias=False)) == (
+        "FusedLowRankLinear(in_features=17, out_features=23, rank=4, form='lowrank', bias=False)")
+    c = LowRankConv2d(6, 8, 3, rank=4, stride=2, padding=2, dilation=2, groups=2, padding_mode="reflect", alpha=8.0)
+    assert repr(c) == ("LowRankConv2d(6, 8, kernel_size=(3, 3), decomposition='svd', rank=4, form='lowrank', "
+                       "stride=(2, 2), padding=(2, 2), dilation=(2, 2), groups=2, padding_mode='reflect', "
+                       "alpha=8.0)")
 
 
 # -- deepcopy and pickling ---------------------------------------------------------------------------
