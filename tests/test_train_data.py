@@ -1155,6 +1155,7 @@ def test_the_cli_normalizes_each_data_set_with_its_constants(tmp_path, monkeypat
     cfg = dict(data=name, data_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), batch_size=2, device="cpu",
                channels_last=False, seed=0)
     data = cli.load_data(cfg, log=lambda line: None)
+    assert data.recipe == ("tiny-imagenet" if name == "tiny-imagenet" else "cifar")    # and its augmentation
     (normalized, _), = data.val_batches()
     mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in PUBLISHED_NORMALIZATION[name])
     expected = ((levels.double().view(1, 3, 1, 1) / 255 - mean) / std).expand(2, 3, size, size)

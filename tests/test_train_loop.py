@@ -3,6 +3,9 @@
 import contextlib
 import copy
 import json
+import math
+import re
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -10,10 +13,11 @@ import torch
 from torch.nn import functional as F
 
 from _helpers import REL_TOL
-from dynrank.train import cli, loop
+from dynrank.train import cli, corpus, loop
 from dynrank.train.corpus import TextData
 from dynrank.train.loop import build_optimizer, evaluate, lr_at, prepare_model, run_training
-from dynrank.train.models import build_model
+from dynrank.train.models import build_model, count_parameters
+from dynrank.train.report import compare_table
 from test_train_cli import TINY_GPT, _config
 
 
@@ -149,6 +153,49 @@ def test_a_run_steps_and_records_the_lr_of_the_schedule_and_its_rank_ratio(tmp_p
         assert [record["lr"] for record in history] == pytest.approx([0.24, 0.4, 0.04], rel=1e-12)
     saved = json.loads((tmp_path / "result.json").read_text())
     assert result["params"]["rank_ratio"] == saved["params"]["rank_ratio"] == rank_ratio
+
+
+@pytest.mark.parametrize("schedule", ["lowrank", "dynamic"])
+def test_a_converted_run_records_the_dense_count_and_bits_per_byte(tmp_path, schedule):
+    """A lowrank or dynamic run on its own records the dense model's count (what Comp. paper divides by), and
+    bits per byte as the validation loss in nats over ln 2, in its records and the table."""
+    cfg = _tiny_run_config("--schedule", schedule, "--epochs", "2", "--milestones", "1", "--steps-per-epoch", "1")
+    result = run_training(cfg, schedule, _tiny_text(cfg), str(tmp_path), log=lambda *a: None)
+    dense = count_parameters(prepare_model(cfg, "full", 256, "cpu")[0])
+    assert result["params"]["dense"] == dense > result["params"]["converted"]
+    for record in result["history"]:
+        assert record["val_bpb"] == pytest.approx(record["val_loss"] / math.log(2), rel=1e-12)
+    lines = compare_table([result], kind="text").splitlines()
+    header = re.split(r"\s{2,}", lines[0])
+    row = re.split(r"\s{2,}", lines[2])
+    assert row[header.index("val bpb")] == f"{result['history'][-1]['val_loss'] / math.log(2):.4f}"
+
+
+def test_different_seeds_give_different_initial_weights_and_batch_orders(monkeypatch):
+    cfg = dict(_tiny_run_config("--schedule", "full"), seed=5)
+    weights = {seed: prepare_model(dict(cfg, seed=seed), "full", 256, "cpu")[0].state_dict() for seed in (0, 5)}
+    assert torch.equal(prepare_model(cfg, "full", 256, "cpu")[0].state_dict()["embed.weight"],
+                       weights[5]["embed.weight"])                                   # seeded: repeatable
+    assert not torch.equal(weights[0]["embed.weight"], weights[5]["embed.weight"])
+    text = torch.randint(0, 256, (400,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(corpus, "load_stdlib_corpus", lambda *a, **k: (text[:300], text[300:], []))
+    first = {seed: next(cli.load_data(dict(cfg, seed=seed), log=lambda *a: None).train_batches(0))[0]
+             for seed in (0, 5, 5)}
+    assert torch.equal(first[5], next(cli.load_data(cfg, log=lambda *a: None).train_batches(0))[0])
+    assert not torch.equal(first[0], first[5])
+
+
+def test_a_second_ctrl_c_aborts_and_the_handler_is_restored_after_a_run(tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    with loop._StopFlag() as flag:
+        signal.raise_signal(signal.SIGINT)
+        assert flag.stop                                    # the first asks for a stop between batches
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+    cfg = _tiny_run_config("--schedule", "full", "--epochs", "1", "--milestones", "", "--steps-per-epoch", "1")
+    run_training(cfg, "full", _tiny_text(cfg), str(tmp_path), log=lambda *a: None)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # -- derived settings -----------------------------------------------------------------------------

@@ -349,6 +349,36 @@ def _wide_resnet_reference(model, x, relu):
     return _classify(relu(_batch_norm(x, model.bn)), model.fc)
 
 
+
+@pytest.mark.parametrize("block_index", [0, 1], ids=["projection", "identity"])
+def test_a_wide_blocks_dropout_sits_between_its_convs(block_index):
+    """In training, a wide block is conv2(dropout(ReLU(BN(conv1(pre))))) plus its shortcut: the dropout mask
+    falls on conv2's input, not its output."""
+    block = _randomize_norms(WideResNet(16, 2, num_classes=10, dropout=0.5, width=0.25)).double().layer1[block_index]
+    block.eval()
+    block.dropout.train()           # the running statistics, so only the dropout draws
+    x = torch.randn(2, block.bn1.num_features, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    relu = _ReLU()
+    with torch.no_grad():
+        pre = relu(_batch_norm(x, block.bn1))
+        out = F.conv2d(pre, block.conv1.weight, padding=1)
+        torch.manual_seed(0)
+        out = F.conv2d(F.dropout(relu(_batch_norm(out, block.bn2)), 0.5, training=True), block.conv2.weight, padding=1)
+        expected = out + (x if block.shortcut is None else F.conv2d(pre, block.shortcut.weight))
+        torch.manual_seed(0)
+        actual = block(x)
+        undropped = block.eval()(x)
+    assert relu.clipped and all(relu.clipped)
+    assert rel_err(undropped, expected) > 0.1                        # the dropout acts on this input
+    assert rel_err(actual, expected) < REL_TOL[torch.float64]
+
+
+def test_count_parameters_counts_frozen_parameters_unless_trainable_only():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))       # 8 + 3 parameters
+    model[0].weight.requires_grad_(False)                        # 6 of them frozen
+    assert count_parameters(model) == 5
+    assert count_parameters(model, trainable_only=False) == 11
+
 def _resnet50_reference(model, x, relu):
     """ResNet50: ReLU(BN(conv3×3)) stem; bottlenecks 1×1-BN-ReLU, 3×3 (the stride)-BN-ReLU, 1×1-BN, plus
     the identity or a 1×1-conv + BN projection, ReLU after the sum; stride 2 in the first block of

@@ -81,3 +81,17 @@ def test_run_monitor_records_the_training_time_of_an_epoch_without_its_evaluatio
     assert records[0]["scalars"] == dict(train_loss=1.5, train_acc=0.25, val_loss=1.25, val_acc=0.5, lr=0.1)
     with open(monitor.finish(str(tmp_path))["epochs"], newline="", encoding="utf-8") as handle:
         assert [float(row["wall_seconds"]) for row in csv.DictReader(handle)] == [2.0, 3.0]
+
+
+def test_compare_table_labels_each_row_and_gives_the_papers_comp_from_the_parameter_counts():
+    # Every epoch takes 1 s, so each Comp. measured is 1.000 and the Comp. paper column cannot borrow from it.
+    full = _vision_result("full", [("full", 4000)] * 4)
+    lowrank = _vision_result("lowrank", [("lowrank", 1000)] * 4)
+    dynamic = _vision_result("dynamic", [("lowrank", 1000), ("full", 4000), ("full", 4000), ("adapter", 1000)], 1, 3)
+    lines = compare_table([full, lowrank, dynamic], kind="vision").splitlines()
+    header = re.split(r"\s{2,}", lines[0])
+    rows = [re.split(r"\s{2,}", line) for line in lines[2:]]
+    assert [row[0] for row in rows] == ["full", "lowrank (ρ=0.5)", "dynamic (I=1, D=3)"]
+    assert [row[header.index("Comp. measured")] for row in rows] == ["1.000"] * 3
+    # lowrank: 1,000 / 4,000 = 0.25; dynamic: (2·4,000 + 2·1,000) / (4·4,000) = 0.625.
+    assert [row[header.index("Comp. paper")] for row in rows] == ["1.000", "0.250", "0.625"]
