@@ -55,6 +55,7 @@ def test_explained_rank_matches_definition(sigma, current, buffer, threshold):
     ((torch.ones(3), 1, 0, 0.9), ValueError, "buffer must be an int >= 1, got 0"),
     ((torch.ones(3), 1, 2, "0.9"), TypeError, "threshold must be a float in (0, 1), got str ('0.9')"),
     ((torch.ones(3), 1, 2, 1.0), ValueError, "threshold must be in (0, 1), got 1.0"),
+    ((torch.ones(3), 1, 2, 0.0), ValueError, "threshold must be in (0, 1), got 0.0"),
 ])
 def test_explained_rank_checks_its_arguments(args, error, message):
     with pytest.raises(error, match=re.escape(message)):
@@ -182,6 +183,24 @@ def test_step_with_the_count_of_the_last_check_does_nothing():
     assert sched.step() == [] and sched.last_step == 7                     # no argument: one more
 
 
+def test_a_check_keeps_a_layer_grown_by_hand_past_the_rule():
+    """A layer grown by hand past its discovered rank + buffer keeps its rank at a check (ranks never shrink
+    during training): the check finds the discovered rank by the rule, grows nothing and replaces no factor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedLowRankLinear(16, 16, rank=4, dtype=torch.float64))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = IncrementalRankScheduler(model, opt, init_rank=1, buffer=2, threshold=0.5, warmup_steps=0, check_every=1)
+    grow_rank_(model[0], 10, opt)
+    x = torch.randn(8, 16, dtype=torch.float64)
+    _train(model, opt, x, torch.zeros(8, 16, dtype=torch.float64), 1)
+    current, target = _expected_check(model[0], 1, 2, 0.5, sched.max_rank["0"])
+    assert target < 10                                          # the rule alone would ask for fewer components
+    A, B = model[0].A, model[0].B
+    assert sched.step() == []
+    assert model[0].rank == 10 and model[0].A is A and model[0].B is B
+    assert sched.ranks == {"0": 10} and sched.current == {"0": current} and sched.last_step == 1
+
+
 def test_step_refuses_a_layer_on_the_meta_device():
     """A meta layer has no values to test: the check failed inside the rule ("Tensor.item() cannot be called
     on meta tensors") without naming the layer."""
@@ -255,6 +274,22 @@ def test_grow_rank_preserves_function_and_optimizer(alpha, form):
     loss.backward()
     opt.step()
     assert math.isfinite(loss.item())
+
+
+def test_grow_rank_to_the_current_rank_changes_nothing():
+    """Between backward and the optimizer step, a grow_rank_ to the rank the layer has keeps its factors and
+    their gradients: the step then moves A as it would have."""
+    torch.manual_seed(0)
+    layer = FusedLowRankLinear(8, 8, rank=3, dtype=torch.float64)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(4, 8, dtype=torch.float64)).square().sum().backward()
+    A, B, grad_A = layer.A, layer.B, layer.A.grad.clone()
+    expected = A.detach() - 0.1 * grad_A
+    assert grow_rank_(layer, 3, opt) is layer
+    assert layer.A is A and layer.B is B and torch.equal(layer.A.grad, grad_A)
+    opt.step()
+    assert rel_err(layer.A, expected) < REL_TOL[torch.float64]
+    assert rel_err(layer.A, expected + 0.1 * grad_A) > 1e-3        # the step moved A
 
 
 def test_grow_rank_errors():
@@ -399,6 +434,47 @@ def test_state_dict_round_trip():
         assert torch.equal(fresh_opt.state[p]["exp_avg"], opt.state[q]["exp_avg"])
 
 
+def test_state_dict_is_a_snapshot_of_the_scheduler():
+    """A state kept in memory (a best-so-far checkpoint) stays as it was saved while training grows the layers,
+    and editing a returned state changes nothing in the scheduler."""
+    import copy
+    model, opt, sched = _run(threshold=1 - 1e-9, check_every=1)
+    saved = sched.state_dict()
+    kept = copy.deepcopy(saved)
+    x, y = teacher_task()
+    for step in range(1, 4):
+        _train(model, opt, x, y[:, :16], 1)
+        sched.step(step)
+    assert sched.current != kept["current"] and sched.ranks != kept["ranks"]      # the run grew meanwhile
+    assert saved == kept
+    current, max_rank = dict(sched.current), dict(sched.max_rank)
+    edited = sched.state_dict()
+    edited["current"]["0"], edited["max_rank"]["0"], edited["ranks"]["0"] = 1, 2, 2
+    assert sched.current == current and sched.max_rank == max_rank and model[0].rank == sched.ranks["0"] > 2
+
+
+def test_load_state_dict_leaves_the_global_rng_alone():
+    """A load that grows a layer (fresh columns) or truncates one draws from the layers' own generators: a resume
+    that restored the global RNG state first goes on with the saved run's random stream."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(FusedLowRankLinear(16, 16, rank=8), FusedLowRankLinear(16, 12, rank=8))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, opt, IncrementalRankScheduler(model, opt, init_rank=1, buffer=2)
+    model, opt, sched = build()
+    small = sched.state_dict()                                  # ranks 3
+    for layer in model:
+        grow_rank_(layer, 6, opt)
+    grown = sched.state_dict()
+    _, _, fresh = build()
+    for state, ranks in ((grown, {"0": 6, "1": 6}), (small, {"0": 3, "1": 3})):
+        torch.manual_seed(1)
+        rng = torch.get_rng_state()
+        fresh.load_state_dict(state)
+        assert fresh.ranks == ranks
+        assert torch.equal(torch.get_rng_state(), rng)
+
+
 def test_bad_arguments():
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -408,6 +484,8 @@ def test_bad_arguments():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)             # over the converted layer's factors
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\), got 1\.5"):
         IncrementalRankScheduler(model, opt, threshold=1.5)
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\), got 0\.0"):
+        IncrementalRankScheduler(model, opt, threshold=0.0)
     with pytest.raises(ValueError, match="buffer must be an int >= 1, got 0"):
         IncrementalRankScheduler(model, opt, buffer=0)
     with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer, got str"):
@@ -586,6 +664,43 @@ def test_step_finds_every_new_rank_before_growing_any():
     assert grown == reference[2].step(5) and grown                # as if the failed call had not been made
     for p, q in zip(model.parameters(), reference[0].parameters()):
         assert torch.equal(p, q)
+
+
+def test_constructor_refuses_a_non_finite_layer_to_truncate_before_resizing_any():
+    """A layer to truncate at construction whose factors hold NaN is named before any layer is resized."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedLowRankLinear(16, 16, rank=8), FusedLowRankLinear(16, 16, rank=8))
+    with torch.no_grad():
+        model[1].A[0, 0] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    A = model[0].A
+    with pytest.raises(ValueError, match="layer '1' has non-finite values in A; not resizing any layer to its "
+                                         "starting rank"):
+        IncrementalRankScheduler(model, opt, init_rank=1, buffer=2)
+    assert model[0].A is A and [m.rank for m in model] == [8, 8]
+
+
+def test_load_state_dict_refuses_a_non_finite_layer_to_shrink_before_resizing_any():
+    model, opt, sched = _run()
+    state = sched.state_dict()                                  # ranks 3
+    for layer in model:
+        grow_rank_(layer, 8, opt)
+    with torch.no_grad():
+        model[1].A[0, 0] = float("nan")
+    before = _everything(model, opt, sched)
+    with pytest.raises(ValueError, match="layer '1' has non-finite values in A; not loading any rank"):
+        sched.load_state_dict(state)
+    _assert_unchanged(before, model, opt, sched)
+
+
+def test_a_state_without_forms_is_refused_for_a_layer_inflated_since():
+    """A state saved without forms (an earlier version's) still names a managed layer now in full form."""
+    model, opt, sched = _run()
+    state = {k: v for k, v in sched.state_dict().items() if k != "forms"}
+    model[1].inflate()
+    with pytest.raises(ValueError, match=re.escape(FULL_LAYER.format("1"))):
+        sched.load_state_dict(state)
+    assert model[0].rank == 3 and model[1].form == "full"
 
 
 def test_grow_rank_checks_the_optimizer_first():
@@ -827,6 +942,43 @@ def test_max_rank_caps_the_layers_kept_with_init_rank_none():
         opt.step()
         sched.step()
         assert all(rank <= 4 for rank in sched.ranks.values()) and all(c <= 4 for c in sched.current.values())
+
+
+@pytest.mark.parametrize("init_rank, max_rank, current, rank", [(2, 5, 2, 5), (20, 6, 6, 6)])
+def test_max_rank_caps_the_starting_ranks_of_an_init_rank(init_rank, max_rank, current, rank):
+    """max_rank caps every layer: init_rank + buffer past it starts the layer at max_rank (the best rank-max_rank
+    approximation of its product), and an init_rank past it starts the discovered rank at max_rank; the
+    scheduler's state loads into one built alike."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(FusedLowRankLinear(16, 16, rank=8, dtype=torch.float64))
+        product = (model[0].A @ model[0].B.T).detach().numpy()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        return model, product, IncrementalRankScheduler(model, opt, init_rank=init_rank, buffer=8,
+                                                        max_rank=max_rank)
+    model, product, sched = build()
+    assert sched.max_rank == {"0": max_rank}
+    assert sched.current == {"0": current} and sched.ranks == {"0": rank} and model[0].rank == rank
+    U, S, Vh = np.linalg.svd(product)
+    best = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+    assert rel_err(model[0].A @ model[0].B.T, torch.from_numpy(best)) < 1e-12
+    again = build()[2]
+    again.load_state_dict(sched.state_dict())
+    assert again.current == sched.current and again.ranks == sched.ranks
+
+
+def test_max_rank_past_a_layer_s_width_is_capped_at_it():
+    """max_rank's upper bound is min(in, out) per layer: a larger one is capped there, and the state loads."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(FusedLowRankLinear(16, 8, rank=4), FusedLowRankLinear(8, 32, rank=4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        return IncrementalRankScheduler(model, opt, init_rank=1, buffer=2, max_rank=100)
+    sched = build()
+    assert sched.max_rank == {"0": 8, "1": 8} and sched.ranks == {"0": 3, "1": 3}
+    again = build()
+    again.load_state_dict(sched.state_dict())
+    assert again.max_rank == {"0": 8, "1": 8}
 
 
 def test_growth_stops_at_max_rank_where_current_plus_buffer_passes_it():
@@ -1154,6 +1306,23 @@ def test_grown_components_train_beside_a_factor_frozen_by_hand(frozen, form, alp
     assert new_columns.abs().amax(0).amin() > 1e-6              # every new component gets a gradient
     sigma = torch.linalg.svdvals(_product(layer))
     assert sigma[5] > 1e-3 * sigma[0]                           # and the product's rank rose to 6
+
+
+@pytest.mark.parametrize("form", ["lowrank", "adapter"])
+def test_grown_components_of_a_layer_frozen_whole_start_with_zero_A_columns(form):
+    """With both factors frozen the new components are the usual init: zero A columns, random B columns."""
+    torch.manual_seed(0)
+    layer = FusedLowRankLinear(16, 12, rank=2, form=form, dtype=torch.float64)
+    with torch.no_grad():
+        layer.A.normal_()
+    layer.A.requires_grad_(False)
+    layer.B.requires_grad_(False)
+    x = torch.randn(8, 16, dtype=torch.float64)
+    before = layer(x).detach()
+    grow_rank_(layer, 5)
+    assert layer.rank == 5 and not layer.A.requires_grad and not layer.B.requires_grad
+    assert rel_err(layer(x), before) < REL_TOL[torch.float64]
+    assert not layer.A[:, 2:].any() and layer.B[:, 2:].abs().amin() > 0
 
 
 @pytest.mark.parametrize("frozen", ["A", "B"])

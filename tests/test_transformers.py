@@ -1525,6 +1525,24 @@ def test_inrank_callback_grows_the_ranks_and_resumes_bitwise(tmp_path):
         assert all(torch.equal(state[k], expected[k]) for k in expected), f"resumed from checkpoint-{step}"
 
 
+def test_inrank_callback_resumes_the_discovered_ranks_of_layers_capped_by_max_rank(tmp_path):
+    """With max_rank below init_rank + buffer every layer sits at max_rank, and its discovered rank is not its rank
+    − buffer: the resume takes the saved discovered ranks, and ends with the uninterrupted run's weights and
+    scheduler state, bit for bit."""
+    settings = dict(init_rank=2, buffer=4, threshold=0.999, max_rank=4)
+    callback = _growth_callback(**settings)
+    reference, _ = _train(tmp_path / "full", callback, epochs=1, save="steps", save_steps=2)
+    assert set(callback.scheduler.ranks.values()) == {4} and callback.changes == []
+    assert min(callback.scheduler.current.values()) > 1           # a resume that took rank − buffer would find 1
+    resumed_callback = _growth_callback(**settings)
+    resumed, _ = _train(tmp_path / "resumed", resumed_callback, resume=str(tmp_path / "full" / "checkpoint-2"),
+                        epochs=1, save="no")
+    assert resumed_callback.scheduler.state_dict() == callback.scheduler.state_dict()
+    expected, state = reference.state_dict(), resumed.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
 def test_inrank_callback_refuses_a_checkpoint_state_of_other_ranks(tmp_path):
     """A checkpoint whose saved ranks are not those of the layers the Trainer loaded is refused; one without
     the callback's state starts InRank at the resume, with a warning."""
