@@ -101,6 +101,10 @@ def test_flags_override_a_preset_and_the_schedule_follows():
     cfg = _config(["--preset", "cifar10-resnet20", "--epochs", "30", "--lr", "0.2"])
     assert cfg["lr"] == 0.2 and cfg["milestones"] == [20, 26]          # decays kept at 100/150, 130/150
     assert (cfg["inflate_epoch"], cfg["deflate_epoch"]) == schedule_from_lr(30, [20, 26])
+    cfg = _config(["--preset", "cifar10-resnet20", "--milestones", "50,100"])     # Table 7's I/D sit around 100, 130
+    assert (cfg["inflate_epoch"], cfg["deflate_epoch"]) == schedule_from_lr(150, [50, 100]) != (55, 120)
+    cfg = _config(["--preset", "cifar10-resnet20", "--epochs", "4"])   # 100/150 and 130/150 of 4 both round to 3
+    assert cfg["milestones"] == [3]
     cfg = _config(["--data", "cifar10", "--full-rank-fraction", "0.3"])
     assert (cfg["inflate_epoch"], cfg["deflate_epoch"]) == schedule_from_lr(150, [100, 130], full_rank_fraction=0.3)
     cfg = _config(["--model", "wrn28-10", "--inflate-epoch", "10", "--deflate-epoch", "20"])
@@ -134,6 +138,18 @@ def test_compile_mode_reaches_torch_compile_and_a_resume_may_change_it(tmp_path,
     assert json.loads((out / "config.json").read_text())["cache_dir"] == str(tmp_path / "c")
 
 
+def test_compile_mode_on_a_resume_compiles_a_run_begun_without_compile(tmp_path, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: (modes.append(mode), model)[1])
+    out = _finished_run(tmp_path / "run")
+    os.remove(out / "full" / "result.json")          # as if stopped before the end
+    assert modes == []
+    assert cli.main(["--resume", str(out), "--compile-mode", "reduce-overhead"]) == 0
+    assert modes == ["reduce-overhead"]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["compile"], config["compile_mode"]) == (True, "reduce-overhead")
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--inflate-epoch", "5", "--deflate-epoch", "3"], "inflate epoch < deflate epoch"),
     (["--rank-ratio", "1.5"], "rank-ratio must be in"),
@@ -160,6 +176,8 @@ def test_compare_job_prints_table_and_writes_files(tmp_path, capsys):
     assert [row.split()[0] for row in rows] == ["full", "lowrank", "dynamic"]
     assert "Comp. paper" in table and "val bpb" in table and "λ" in table
     assert "fixed low rank: bits per byte" in text and "factorized 4 of 5 layers" in text
+    epochs = [line.split()[1] for line in text.splitlines() if line.startswith("epoch ")]
+    assert epochs == ["1/3", "2/3", "3/3"] * 3
     results = json.loads((out / "compare.json").read_text())
     full, lowrank, dynamic = results
     assert lowrank["final"]["trainable_params"] < full["final"]["trainable_params"]
@@ -443,6 +461,35 @@ def test_interrupted_run_resumes_to_the_same_final_state(tmp_path, monkeypatch, 
     # A finished run is not trained again.
     assert cli.main(["--resume", str(out)]) == 0
     assert "already finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("schedule", ["lowrank", "full"])
+def test_an_interrupted_single_form_run_resumes_to_the_same_final_state(tmp_path, monkeypatch, schedule):
+    argv = ["--schedule", schedule, "--epochs", "3", "--milestones", "2"] + TINY_GPT
+    assert cli.main(argv + ["--out", str(tmp_path / "straight")]) == 0
+    original = _ctrl_c_after(monkeypatch, 1, 0)
+    out = tmp_path / "interrupted"
+    assert cli.main(argv + ["--out", str(out)]) == 130
+    monkeypatch.setattr(TextData, "train_batches", original)
+    assert cli.main(["--resume", str(out)]) == 0
+    straight, resumed = _state(tmp_path / "straight", schedule), _state(out, schedule)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_resumed_epoch_counts_the_training_time_before_the_stop(tmp_path, monkeypatch):
+    original = _ctrl_c_after(monkeypatch, 1, 0)
+    out = tmp_path / "run"
+    assert cli.main(["--schedule", "full", "--epochs", "2", "--milestones", "", "--inflate-epoch", "0",
+                     "--deflate-epoch", "2", *TINY_GPT, "--out", str(out)]) == 130
+    monkeypatch.setattr(TextData, "train_batches", original)
+    path = out / "full" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["partial"]["time"] = 1000.0           # as if the first half of the epoch had run for that long
+    torch.save(checkpoint, path)
+    assert cli.main(["--resume", str(out)]) == 0
+    history = json.loads((out / "full" / "metrics.json").read_text())
+    assert history[0]["train_time"] < 1000.0 <= history[1]["train_time"]
 
 
 @pytest.mark.filterwarnings("ignore:layers .* have NaN or infinite weights:RuntimeWarning")
@@ -944,6 +991,16 @@ def test_a_damaged_run_file_is_a_one_line_error_naming_it(tmp_path, capsys, name
     assert str(path) in err and "damaged" in err
 
 
+def test_a_checkpoint_that_loads_but_is_not_a_runs_is_a_one_line_error_naming_it(tmp_path, capsys):
+    out = _finished_run(tmp_path / "run")
+    (out / "full" / "result.json").unlink()
+    path = out / "full" / "checkpoint.pt"
+    shutil.copy(out / "full" / "model.pt", path)      # a state dict: it loads, but holds no epoch
+    err = _exit_2(["--resume", str(out)], capsys)
+    assert f"{path} is damaged and cannot be resumed from (not a dynrank-train checkpoint)" in err
+    assert "Traceback" not in err
+
+
 def test_a_finished_schedules_checkpoint_is_not_read_on_resume(tmp_path, capsys):
     out = _finished_run(tmp_path / "run")
     (out / "full" / "checkpoint.pt").write_bytes(b"")
@@ -1293,6 +1350,32 @@ def test_a_resume_on_the_same_device_type_keeps_the_runs_amp(tmp_path, monkeypat
     assert config["amp"] is False and config["resumes"][-1]["changed"] == {"amp": [True, False]}
 
 
+def test_a_run_without_threads_trains_on_one_thread(tmp_path, restore_threads):
+    torch.set_num_threads(2)
+    out = tmp_path / "run"
+    argv = ["--schedule", "full", "--epochs", "1", "--milestones", "", "--inflate-epoch", "0", "--deflate-epoch", "1",
+            *TINY_GPT[:-2], "--device", "cpu", "--out", str(out)]
+    assert "--threads" not in argv
+    assert cli.main(argv) == 0
+    assert torch.get_num_threads() == 1
+    assert json.loads((out / "config.json").read_text())["threads"] == 1
+    assert [r["device"] for r in json.loads((out / "full" / "metrics.json").read_text())] == ["cpu (1 thread)"]
+
+
+def test_amp_given_on_a_resume_moved_from_a_gpu_to_the_cpu_stays_on(tmp_path, monkeypatch, capsys, restore_threads):
+    from dynrank.train import loop
+    monkeypatch.setattr(loop, "cpu_bf16_native", lambda: True)
+    out = _finished_run(tmp_path / "run")
+    os.remove(out / "full" / "result.json")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(config, device="cuda", amp=True)))    # as if begun on a GPU
+    capsys.readouterr()
+    assert cli.main(["--resume", str(out), "--device", "cpu", "--amp"]) == 0
+    text = capsys.readouterr().out
+    assert "note: the run trained with" not in text and "ignoring" not in text
+    assert json.loads((out / "config.json").read_text())["amp"] is True
+
+
 @pytest.mark.parametrize("threads", ["0", "-2"])
 def test_a_resume_range_checks_its_flags_as_a_new_run_does(tmp_path, capsys, threads, restore_threads):
     out = _finished_run(tmp_path / "run")
@@ -1369,6 +1452,8 @@ def test_a_relative_data_dir_resumes_from_anywhere_and_a_resume_may_say_where_th
     (["--seed", "-1"], "--seed must be in [0, 2**63)"),
     (["--seed", str(2 ** 63)], "--seed must be in [0, 2**63)"),
     (["--full-rank-fraction", "0"], "--full-rank-fraction must be in (0, 1]"),
+    (["--rank-ratio", "0"], "--rank-ratio must be in (0, 1]"),
+    (["--epochs", "10", "--milestones", "0,5"], "--milestones must lie in"),
     (["--alpha", "0"], "--alpha must be a finite number > 0"),
     (["--alpha", "-1"], "--alpha must be a finite number > 0"),
     (["--alpha", "nan"], "--alpha must be a finite number > 0"),
@@ -1387,6 +1472,13 @@ def test_out_of_range_and_unused_flags_are_clear_errors(argv, message):
     with pytest.raises(ValueError) as info:
         _config(argv)
     assert message in str(info.value)
+
+
+def test_the_ends_of_the_documented_ranges_are_accepted():
+    cfg = _config(["--epochs", "10", "--milestones", "5", "--full-rank-fraction", "1", "--rank-ratio", "1"])
+    assert cfg["full_rank_fraction"] == 1 and cfg["rank_ratio"] == 1
+    assert schedule_from_lr(10, [5], full_rank_fraction=1) == (0, 10)
+    assert (cfg["inflate_epoch"], cfg["deflate_epoch"]) == (0, None)        # full rank throughout, never deflated
 
 
 def test_flags_a_single_form_run_or_no_compile_ignores_are_noted():
