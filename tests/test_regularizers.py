@@ -98,12 +98,9 @@ def test_srip_under_another_default_device():
     with torch.no_grad():
         model[0].weight.copy_(W)
     ref_model = SRIP(1.0)(model)
-    torch.set_default_device("meta")
-    try:
+    with torch.device("meta"):                # as torch.set_default_device("meta"), undone on exit
         value = srip_penalty(W, n_power_iterations=50)
         value_model = SRIP(1.0)(model)
-    finally:
-        torch.set_default_device("cpu")
     assert value.device.type == "cpu" and float(value) == float(ref)
     assert float(value_model) == float(ref_model)
 
