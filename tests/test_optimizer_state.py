@@ -62,26 +62,31 @@ def test_carry_inflate_matches_the_lowrank_momentum_to_first_order():
     _assert_inflate_moves_like_the_merged_factors(model, opt, sched)
 
 
+def _sgd_momentum(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def _trained_with_a_frozen_factor(factor, make_optimizer, steps):
+    """The float64 MLP with ``factor`` ("A" or "B") of layers 0 and 2 frozen by hand, trained ``steps`` steps in
+    lowrank form under a carry scheduler inflating at 1 and deflating at 3: (model, optimizer, scheduler)."""
+    model, x, y = _float64_model()
+    for i in (0, 2):
+        getattr(model[i], factor).requires_grad_(False)
+    opt = make_optimizer(model.parameters())
+    sched = DynamicRankScheduler(model, opt, 1, 3, optimizer_state="carry")
+    sched.step(0)
+    train_steps(model, opt, x, y, steps=steps)
+    return model, opt, sched
+
+
 def test_carry_inflate_with_a_frozen_factor_keeps_the_trained_factors_momentum():
     # LoRA-FA: A frozen by hand, B trained.  A never moved, so W's momentum after the inflate is the part B
     # gives, s·A·m_Bᵀ (it started empty, losing the lowrank momentum); Adam's moments by the same rule.
-    model, x, y = _float64_model()
-    for i in (0, 2):
-        model[i].A.requires_grad_(False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sched = DynamicRankScheduler(model, opt, 1, 3, optimizer_state="carry")
-    sched.step(0)
-    train_steps(model, opt, x, y, steps=4)
+    model, opt, sched = _trained_with_a_frozen_factor("A", _sgd_momentum, steps=4)
     assert all(model[i].A not in opt.state for i in (0, 2))
     _assert_inflate_moves_like_the_merged_factors(model, opt, sched)
 
-    model, x, y = _float64_model()
-    for i in (0, 2):
-        model[i].A.requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sched = DynamicRankScheduler(model, opt, 1, 3, optimizer_state="carry")
-    sched.step(0)
-    train_steps(model, opt, x, y, steps=3)
+    model, opt, sched = _trained_with_a_frozen_factor("A", lambda p: torch.optim.Adam(p, lr=1e-2), steps=3)
     before = {i: ({n: f.detach().clone() for n, f in model[i].factors().items()},
                   {"A": {k: torch.zeros_like(model[i].A) for k in ("exp_avg", "exp_avg_sq")},
                    "B": {k: v.clone() for k, v in opt.state[model[i].B].items()}}) for i in (0, 2)}
@@ -98,13 +103,7 @@ def _inflate_after_training_with_b_frozen(unfreeze):
     """float64 MLP whose factors B are frozen by hand for 4 SGD-with-momentum steps in lowrank form (B gets no
     state), then unfrozen (``unfreeze``) or not just before a carry inflate; returns (model, optimizer, the
     factors and A's momentum at the switch)."""
-    model, x, y = _float64_model()
-    for i in (0, 2):
-        model[i].B.requires_grad_(False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sched = DynamicRankScheduler(model, opt, 1, 3, optimizer_state="carry")
-    sched.step(0)
-    train_steps(model, opt, x, y, steps=4)
+    model, opt, sched = _trained_with_a_frozen_factor("B", _sgd_momentum, steps=4)
     assert all(model[i].B not in opt.state and opt.state[model[i].A] for i in (0, 2))
     before = {i: (model[i].scale, model[i].A.detach().clone(), model[i].B.detach().clone(),
                   opt.state[model[i].A]["momentum_buffer"].clone()) for i in (0, 2)}
