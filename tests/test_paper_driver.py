@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from _helpers import load_script
+from _helpers import README, load_script
 from test_train_cli import _write_tiny_cifar10
 
 # Width 0.5: the narrowest projection shortcut has 8 input channels, so the runs train channels-last
@@ -354,7 +354,7 @@ def _readme_table4():
     ``| schedule (ρ = 0.5, <decomposition>) |``."""
     decompositions = {"SVD": "svd", "Tucker": "tucker", "CP": "cp", "TKD-CPD": "tkd-cpd"}
     schedules = {"full rank": "full", "fixed low rank": "lowrank", "dynamic, (I, D) = (55, 120)": "dynamic"}
-    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").splitlines()
+    lines = README.read_text(encoding="utf-8").splitlines()
     table = {}
     for i, line in enumerate(lines):
         head = re.match(r"\s*\| schedule \(ρ = 0\.5, ([\w-]+)\) \|", line)
